@@ -1,0 +1,448 @@
+//! Map keys and values shared by the enforcer agent and its eBPF programs.
+//!
+//! Every type here is `#[repr(C)]` with explicit padding fields, so user space and the kernel
+//! agree byte for byte (implicit padding makes hash keys differ and is unsound for `aya::Pod`).
+//! The `const` asserts at the bottom pin each size; change a struct and you must bump
+//! [`SCHEMA_VERSION`], because pinned maps of the old layout cannot be reused.
+#![no_std]
+
+/// Version of the map layout. Pins live under `<pin-path>/v{SCHEMA_VERSION}/`.
+pub const SCHEMA_VERSION: u32 = 1;
+
+// ---------------------------------------------------------------------------------------------
+// Map names: used by `#[map(name = ..)]` in the eBPF crate and by the loader.
+// ---------------------------------------------------------------------------------------------
+
+/// ifindex of a pod's host-side veth (u32) -> [`EndpointInfo`].
+pub const MAP_ENDPOINTS: &str = "ENDPOINTS";
+/// Exact IPv4 address ([u8; 4], network order) of a pod or the node -> [`PeerInfo`].
+pub const MAP_PEERS_V4: &str = "PEERS_V4";
+/// Exact IPv6 address ([u8; 16]) of a pod or the node -> [`PeerInfo`].
+pub const MAP_PEERS_V6: &str = "PEERS_V6";
+/// LPM trie of IPv4 CIDR regions (ipBlock cidrs and excepts) -> [`PeerInfo`].
+pub const MAP_CIDRS_V4: &str = "CIDRS_V4";
+/// LPM trie of IPv6 CIDR regions -> [`PeerInfo`].
+pub const MAP_CIDRS_V6: &str = "CIDRS_V6";
+/// [`PolicyKey`] -> [`PolicyValue`]: one entry per allowed (endpoint, direction, peer, port block).
+pub const MAP_POLICY: &str = "POLICY";
+/// LRU [`CtKey`] -> [`CtValue`]: flows already allowed.
+pub const MAP_CONNTRACK: &str = "CONNTRACK";
+/// LRU [`FragKey`] -> [`FragValue`]: first fragments that were allowed.
+pub const MAP_FRAGMENTS: &str = "FRAGMENTS";
+/// Per-CPU array of [`Counter`], indexed by [`counter_index`].
+pub const MAP_COUNTERS: &str = "COUNTERS";
+/// Ring buffer of [`VerdictEvent`].
+pub const MAP_EVENTS: &str = "EVENTS";
+/// Array with one [`Config`] at index 0.
+pub const MAP_CONFIG: &str = "CONFIG";
+
+/// Name of the program attached to the TC ingress hook of a host-side veth, i.e. what the pod
+/// sends (pod egress).
+pub const PROG_FROM_POD: &str = "from_pod";
+/// Name of the program attached to the TC egress hook of a host-side veth, i.e. what the pod
+/// receives (pod ingress).
+pub const PROG_TO_POD: &str = "to_pod";
+
+// ---------------------------------------------------------------------------------------------
+// Default sizes (the agent's flags override them at load time).
+// ---------------------------------------------------------------------------------------------
+
+pub const DEFAULT_MAX_ENDPOINTS: u32 = 1024;
+pub const DEFAULT_PEERS_SIZE: u32 = 65_536;
+pub const DEFAULT_CIDRS_SIZE: u32 = 16_384;
+pub const DEFAULT_POLICY_SIZE: u32 = 262_144;
+pub const DEFAULT_CONNTRACK_SIZE: u32 = 262_144;
+pub const DEFAULT_FRAGMENTS_SIZE: u32 = 8_192;
+pub const DEFAULT_EVENTS_BYTES: u32 = 1 << 20;
+
+// ---------------------------------------------------------------------------------------------
+// Directions, families, protocols.
+// ---------------------------------------------------------------------------------------------
+
+/// Traffic the pod receives (the host veth's TC egress hook).
+pub const DIR_INGRESS: u8 = 0;
+/// Traffic the pod sends (the host veth's TC ingress hook).
+pub const DIR_EGRESS: u8 = 1;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+pub const PROTO_ANY: u8 = 0;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+pub const PROTO_SCTP: u8 = 132;
+
+// ---------------------------------------------------------------------------------------------
+// Identities.
+// ---------------------------------------------------------------------------------------------
+
+/// In a [`PolicyKey`]: any peer.
+pub const IDENTITY_ANY: u32 = 0;
+/// The node itself: always allowed both ways (kubelet probes, the attestation endpoint).
+pub const IDENTITY_HOST: u32 = 1;
+/// An address that is neither a known pod nor inside any ipBlock of any policy.
+pub const IDENTITY_WORLD: u32 = 2;
+/// First identity the compiler hands out.
+pub const IDENTITY_FIRST_ALLOCATED: u32 = 256;
+
+// ---------------------------------------------------------------------------------------------
+// Endpoints.
+// ---------------------------------------------------------------------------------------------
+
+/// Ingress of this endpoint is isolated: new inbound flows need a policy entry.
+pub const EP_INGRESS_ISOLATED: u32 = 1 << 0;
+/// Egress of this endpoint is isolated: new outbound flows need a policy entry.
+pub const EP_EGRESS_ISOLATED: u32 = 1 << 1;
+/// `ipv4` holds the pod's IPv4 address.
+pub const EP_HAS_V4: u32 = 1 << 2;
+/// `ipv6` holds the pod's IPv6 address.
+pub const EP_HAS_V6: u32 = 1 << 3;
+
+/// Bit of [`EndpointInfo::port_masks`] that says entries with protocol [`PROTO_ANY`] exist.
+pub const PORT_MASK_ANY_PROTO: u32 = 1 << 17;
+
+/// One pod, keyed by the ifindex of its host-side veth.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointInfo {
+    /// Small number chosen by the agent (1..max_endpoints): policy key and counter slot.
+    pub id: u32,
+    /// `EP_*` flags.
+    pub flags: u32,
+    /// Policy generation of this endpoint. A conntrack entry made under another epoch is
+    /// re-checked against the current policy, so a revoked flow stops.
+    pub epoch: u32,
+    /// The pod's own identity (reported in events).
+    pub identity: u32,
+    /// Per direction ([`DIR_INGRESS`], [`DIR_EGRESS`]): bit `n` (0..=16) is set when a policy
+    /// entry with `port_prefix_len == n` exists, [`PORT_MASK_ANY_PROTO`] when an any-protocol
+    /// entry exists. The program only looks up the prefix lengths that exist.
+    pub port_masks: [u32; 2],
+    /// The pod's IPv4 address (network order) when `EP_HAS_V4`.
+    pub ipv4: [u8; 4],
+    /// The pod's IPv6 address when `EP_HAS_V6`.
+    pub ipv6: [u8; 16],
+}
+
+impl EndpointInfo {
+    pub const fn isolated(&self, direction: u8) -> bool {
+        let bit = if direction == DIR_INGRESS { EP_INGRESS_ISOLATED } else { EP_EGRESS_ISOLATED };
+        self.flags & bit != 0
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Peers (ipcache).
+// ---------------------------------------------------------------------------------------------
+
+/// What an address resolves to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerInfo {
+    pub identity: u32,
+    /// Reserved for identity facts (e.g. a verified service account); 0 today.
+    pub flags: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Policy.
+// ---------------------------------------------------------------------------------------------
+
+/// One allowed (endpoint, direction, peer identity, protocol, port block).
+///
+/// `port` is in host byte order and masked to its `port_prefix_len` leading bits, so a port
+/// range (`endPort`) compiles to a few aligned blocks, as CIDRs do. `protocol == PROTO_ANY`
+/// only with `port_prefix_len == 0` and `port == 0` (a rule without ports: every protocol).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub endpoint: u32,
+    /// Peer identity, or [`IDENTITY_ANY`].
+    pub identity: u32,
+    pub direction: u8,
+    pub protocol: u8,
+    /// 0 (any port) ..= 16 (exact port).
+    pub port_prefix_len: u8,
+    pub _pad0: u8,
+    pub port: u16,
+    pub _pad1: u16,
+}
+
+impl PolicyKey {
+    /// The key for `port` under a prefix of `len` bits (masking the port).
+    pub const fn new(endpoint: u32, identity: u32, direction: u8, protocol: u8, port: u16, len: u8) -> Self {
+        Self {
+            endpoint,
+            identity,
+            direction,
+            protocol,
+            port_prefix_len: len,
+            _pad0: 0,
+            port: port & port_mask(len),
+            _pad1: 0,
+        }
+    }
+}
+
+/// The mask of the leading `len` bits of a 16-bit port.
+pub const fn port_mask(len: u8) -> u16 {
+    if len == 0 {
+        0
+    } else if len >= 16 {
+        0xffff
+    } else {
+        !(0xffffu16 >> len)
+    }
+}
+
+/// Why an entry exists: the rule that allowed it, reported in events and by `explain`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyValue {
+    /// Rule id chosen by the compiler (0 = none).
+    pub rule: u32,
+    pub _pad: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conntrack.
+// ---------------------------------------------------------------------------------------------
+
+/// A flow as seen at one endpoint, with its two ends ordered so that both directions of the
+/// flow give the same key (`a` <= `b` comparing address then port). IPv4 addresses use the
+/// first 4 bytes of the 16.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtKey {
+    pub endpoint: u32,
+    pub family: u8,
+    pub protocol: u8,
+    pub _pad: u16,
+    pub addr_a: [u8; 16],
+    pub addr_b: [u8; 16],
+    /// Ports (ICMP echo: the identifier in both) in host byte order.
+    pub port_a: u16,
+    pub port_b: u16,
+}
+
+/// The originator of the flow is end `a` of the key.
+pub const CT_ORIGIN_A: u32 = 1 << 0;
+/// The flow was first seen leaving the pod (egress); otherwise entering it.
+pub const CT_ORIGIN_EGRESS: u32 = 1 << 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtValue {
+    /// `bpf_ktime_get_ns` of the last packet.
+    pub last_seen_ns: u64,
+    /// Endpoint epoch under which the flow was last allowed.
+    pub epoch: u32,
+    /// `CT_*` flags.
+    pub flags: u32,
+    /// Rule that allowed the flow (0 when the direction was not isolated).
+    pub rule: u32,
+    pub _pad: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fragments.
+// ---------------------------------------------------------------------------------------------
+
+/// A datagram being fragmented, at one endpoint.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FragKey {
+    pub endpoint: u32,
+    /// IPv4 identification (16 bits) or IPv6 fragment identification.
+    pub id: u32,
+    pub family: u8,
+    pub protocol: u8,
+    pub direction: u8,
+    pub _pad: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FragValue {
+    pub last_seen_ns: u64,
+    pub sport: u16,
+    pub dport: u16,
+    pub rule: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Verdicts, counters and events.
+// ---------------------------------------------------------------------------------------------
+
+/// Why a packet was allowed or dropped. Values below [`REASON_FIRST_DROP`] allow.
+pub mod reason {
+    /// A new flow allowed by a policy entry.
+    pub const ALLOW_POLICY: u8 = 0;
+    /// A later packet of an allowed flow, in the direction of its first packet.
+    pub const ALLOW_ESTABLISHED: u8 = 1;
+    /// A reply of an allowed flow.
+    pub const ALLOW_REPLY: u8 = 2;
+    /// An ICMP error about an allowed flow.
+    pub const ALLOW_RELATED: u8 = 3;
+    /// The direction is not isolated by any policy.
+    pub const ALLOW_NOT_ISOLATED: u8 = 4;
+    /// Traffic between the pod and its node, or the pod and itself.
+    pub const ALLOW_HOST: u8 = 5;
+    /// ARP, IPv6 neighbour discovery and other non-policy traffic.
+    pub const ALLOW_NON_IP: u8 = 6;
+    /// A later fragment whose first fragment was allowed.
+    pub const ALLOW_FRAGMENT: u8 = 7;
+    /// The interface has no endpoint entry (being set up or torn down).
+    pub const ALLOW_UNMANAGED: u8 = 8;
+    /// No policy entry allows the new flow (the direction is isolated).
+    pub const DROP_POLICY: u8 = 9;
+    /// The pod sent a packet with a source address that is not its own.
+    pub const DROP_SPOOFED: u8 = 10;
+    /// A later fragment with no allowed first fragment.
+    pub const DROP_FRAGMENT: u8 = 11;
+    /// Truncated or malformed headers.
+    pub const DROP_MALFORMED: u8 = 12;
+    /// A map was full, so the new flow could not be tracked: fail closed.
+    pub const DROP_MAP_FULL: u8 = 13;
+    /// Identity was required of the peer and it had none.
+    pub const DROP_NO_IDENTITY: u8 = 14;
+    /// An established flow that the current policy no longer allows.
+    pub const DROP_REVOKED: u8 = 15;
+}
+pub const REASON_FIRST_DROP: u8 = reason::DROP_POLICY;
+pub const REASON_COUNT: u32 = 16;
+
+/// Short, stable names of the reasons (metrics labels, flow log).
+pub const REASON_NAMES: [&str; REASON_COUNT as usize] = [
+    "policy",
+    "established",
+    "reply",
+    "related",
+    "not-isolated",
+    "host",
+    "non-ip",
+    "fragment",
+    "unmanaged",
+    "policy-denied",
+    "spoofed",
+    "fragment",
+    "malformed",
+    "map-full",
+    "no-identity",
+    "revoked",
+];
+
+/// Packets and bytes, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Index into [`MAP_COUNTERS`]: `(endpoint * 2 + direction) * REASON_COUNT + reason`.
+/// Endpoint 0 collects packets of interfaces without an endpoint entry.
+pub const fn counter_index(endpoint: u32, direction: u8, reason: u8) -> u32 {
+    (endpoint * 2 + direction as u32) * REASON_COUNT + reason as u32
+}
+
+/// Number of counter slots for `max_endpoints` endpoints (ids 1..max, plus slot 0).
+pub const fn counter_slots(max_endpoints: u32) -> u32 {
+    (max_endpoints + 1) * 2 * REASON_COUNT
+}
+
+/// One verdict, sent on [`MAP_EVENTS`] for every drop and, when [`CONFIG_LOG_ALLOWED`] is
+/// set, for every new allowed flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VerdictEvent {
+    pub timestamp_ns: u64,
+    pub endpoint: u32,
+    pub peer_identity: u32,
+    pub rule: u32,
+    /// Length of the packet.
+    pub bytes: u32,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u8,
+    pub protocol: u8,
+    pub direction: u8,
+    pub reason: u8,
+}
+
+/// Send allow events of new flows too, not only drops.
+pub const CONFIG_LOG_ALLOWED: u32 = 1 << 0;
+
+/// Global settings, index 0 of [`MAP_CONFIG`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    pub flags: u32,
+    pub _pad: u32,
+    /// Idle time after which a TCP conntrack entry no longer counts (ns).
+    pub ct_timeout_tcp_ns: u64,
+    /// Idle time for UDP, SCTP and ICMP entries (ns).
+    pub ct_timeout_other_ns: u64,
+}
+
+pub const DEFAULT_CT_TIMEOUT_TCP_NS: u64 = 6 * 3600 * 1_000_000_000;
+pub const DEFAULT_CT_TIMEOUT_OTHER_NS: u64 = 120 * 1_000_000_000;
+
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<EndpointInfo>() == 44);
+    assert!(size_of::<PeerInfo>() == 8);
+    assert!(size_of::<PolicyKey>() == 16);
+    assert!(size_of::<PolicyValue>() == 8);
+    assert!(size_of::<CtKey>() == 44);
+    assert!(size_of::<CtValue>() == 24);
+    assert!(size_of::<FragKey>() == 44);
+    assert!(size_of::<FragValue>() == 16);
+    assert!(size_of::<Counter>() == 16);
+    assert!(size_of::<VerdictEvent>() == 64);
+    assert!(size_of::<Config>() == 24);
+};
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    use super::*;
+    // SAFETY: every type is #[repr(C)], made of integers and byte arrays, with explicit padding
+    // (the size asserts above rule out implicit padding), so any bit pattern is valid.
+    unsafe impl aya::Pod for EndpointInfo {}
+    unsafe impl aya::Pod for PeerInfo {}
+    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
+    unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for VerdictEvent {}
+    unsafe impl aya::Pod for Config {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_masks() {
+        assert_eq!(port_mask(0), 0);
+        assert_eq!(port_mask(16), 0xffff);
+        assert_eq!(port_mask(12), 0xfff0);
+        assert_eq!(PolicyKey::new(1, 2, DIR_INGRESS, PROTO_TCP, 0x1234, 12).port, 0x1230);
+    }
+
+    #[test]
+    fn counter_slots_cover_every_index() {
+        let max = 4;
+        let last = counter_index(max, DIR_EGRESS, (REASON_COUNT - 1) as u8);
+        assert_eq!(last + 1, counter_slots(max));
+    }
+}

@@ -1,0 +1,68 @@
+//! Peer identity (ipcache) and policy lookups. A bounded number of hash / LPM lookups each:
+//! at most 1 exact + 1 LPM for the peer, at most 2 * 18 hash lookups for the policy.
+
+use aya_ebpf::maps::lpm_trie::Key;
+use enforcer_common::{
+    EndpointInfo, FAMILY_V4, IDENTITY_ANY, IDENTITY_WORLD, PORT_MASK_ANY_PROTO, PROTO_ANY,
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyKey,
+};
+
+use crate::maps::{CIDRS_V4, CIDRS_V6, PEERS_V4, PEERS_V6, POLICY};
+
+/// Identity of `addr`: exact pod/node address first, then the CIDR regions, else world.
+#[inline(always)]
+pub fn peer_identity(family: u8, addr: &[u8; 16]) -> u32 {
+    if family == FAMILY_V4 {
+        let a = [addr[0], addr[1], addr[2], addr[3]];
+        if let Some(p) = PEERS_V4.get_ptr(&a) {
+            return unsafe { (*p).identity };
+        }
+        if let Some(p) = CIDRS_V4.get(&Key::new(32, a)) {
+            return p.identity;
+        }
+    } else {
+        if let Some(p) = PEERS_V6.get_ptr(addr) {
+            return unsafe { (*p).identity };
+        }
+        if let Some(p) = CIDRS_V6.get(&Key::new(128, *addr)) {
+            return p.identity;
+        }
+    }
+    IDENTITY_WORLD
+}
+
+#[inline(always)]
+const fn has_ports(proto: u8) -> bool {
+    matches!(proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP)
+}
+
+/// The rule allowing a new flow of `proto` to destination `port` with a peer of `identity`
+/// in `direction`, if any. Rule 0 is a valid rule id only as "allowed, unnamed".
+#[inline(always)]
+pub fn policy_lookup(ep: &EndpointInfo, identity: u32, direction: u8, proto: u8, port: u16) -> Option<u32> {
+    let masks = if direction == 0 { ep.port_masks[0] } else { ep.port_masks[1] };
+    let mut i = 0;
+    while i < 2 {
+        let id = if i == 0 { identity } else { IDENTITY_ANY };
+        if has_ports(proto) {
+            let mut n: u32 = 17;
+            while n > 0 {
+                n -= 1;
+                if masks & (1 << n) != 0 {
+                    let key = PolicyKey::new(ep.id, id, direction, proto, port, n as u8);
+                    if let Some(v) = POLICY.get_ptr(&key) {
+                        return Some(unsafe { (*v).rule });
+                    }
+                }
+            }
+        }
+        if masks & PORT_MASK_ANY_PROTO != 0 {
+            let key = PolicyKey::new(ep.id, id, direction, PROTO_ANY, 0, 0);
+            if let Some(v) = POLICY.get_ptr(&key) {
+                return Some(unsafe { (*v).rule });
+            }
+        }
+        i += 1;
+    }
+    None
+}

@@ -1,0 +1,70 @@
+//! The maps of the datapath. Names and types come from `enforcer-common`; sizes are the defaults,
+//! which the loader overrides at load time (`EbpfLoader::set_max_entries`).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+};
+use enforcer_common::{
+    Config, Counter, CtKey, CtValue, DEFAULT_CIDRS_SIZE, DEFAULT_CONNTRACK_SIZE,
+    DEFAULT_EVENTS_BYTES, DEFAULT_FRAGMENTS_SIZE, DEFAULT_MAX_ENDPOINTS, DEFAULT_PEERS_SIZE,
+    DEFAULT_POLICY_SIZE, EndpointInfo, FragKey, FragValue, PeerInfo, PolicyKey, PolicyValue,
+    counter_slots,
+};
+
+use crate::parse::{Inner, Packet};
+
+#[map]
+pub static ENDPOINTS: HashMap<u32, EndpointInfo> =
+    HashMap::with_max_entries(DEFAULT_MAX_ENDPOINTS, 0);
+
+#[map]
+pub static PEERS_V4: HashMap<[u8; 4], PeerInfo> = HashMap::with_max_entries(DEFAULT_PEERS_SIZE, 0);
+
+#[map]
+pub static PEERS_V6: HashMap<[u8; 16], PeerInfo> =
+    HashMap::with_max_entries(DEFAULT_PEERS_SIZE, 0);
+
+#[map]
+pub static CIDRS_V4: LpmTrie<[u8; 4], PeerInfo> = LpmTrie::with_max_entries(DEFAULT_CIDRS_SIZE, 0);
+
+#[map]
+pub static CIDRS_V6: LpmTrie<[u8; 16], PeerInfo> =
+    LpmTrie::with_max_entries(DEFAULT_CIDRS_SIZE, 0);
+
+#[map]
+pub static POLICY: HashMap<PolicyKey, PolicyValue> =
+    HashMap::with_max_entries(DEFAULT_POLICY_SIZE, 0);
+
+#[map]
+pub static CONNTRACK: LruHashMap<CtKey, CtValue> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+
+#[map]
+pub static FRAGMENTS: LruHashMap<FragKey, FragValue> =
+    LruHashMap::with_max_entries(DEFAULT_FRAGMENTS_SIZE, 0);
+
+#[map]
+pub static COUNTERS: PerCpuArray<Counter> =
+    PerCpuArray::with_max_entries(counter_slots(DEFAULT_MAX_ENDPOINTS), 0);
+
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_EVENTS_BYTES, 0);
+
+#[map]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// Per-CPU scratch space for the large per-packet structures, which would not fit the 512-byte
+/// BPF stack together. A TC program runs to completion on its CPU without re-entering itself,
+/// so one slot per CPU is enough. Not pinned: private to one loaded object.
+#[repr(C)]
+pub struct Scratch {
+    pub pkt: Packet,
+    pub ep: EndpointInfo,
+    pub ct: CtKey,
+    pub frag: FragKey,
+    pub inner: Inner,
+}
+
+#[map]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);

@@ -1,0 +1,484 @@
+//! The loader: loads the embedded TC programs, pins their maps and links under
+//! `<pin-path>/v{SCHEMA_VERSION}/`, attaches them to host-side veths, and gives typed access to
+//! the maps. All `aya` use of the agent lives in this module.
+//!
+//! Restart/upgrade: maps already pinned are reused (policy and conntrack survive), and a pinned
+//! link is re-pointed at the newly loaded program with `bpf_link_update`, so the hook is never
+//! empty. Dropping a [`Datapath`] detaches nothing: the links stay pinned and keep enforcing.
+
+mod bpffs;
+mod tables;
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
+    },
+    util::KernelVersion,
+};
+use enforcer_common::{
+    CONFIG_LOG_ALLOWED, Config, DEFAULT_CIDRS_SIZE, DEFAULT_CONNTRACK_SIZE, DEFAULT_CT_TIMEOUT_OTHER_NS,
+    DEFAULT_CT_TIMEOUT_TCP_NS, DEFAULT_EVENTS_BYTES, DEFAULT_FRAGMENTS_SIZE, DEFAULT_MAX_ENDPOINTS,
+    DEFAULT_PEERS_SIZE, DEFAULT_POLICY_SIZE, EndpointInfo, MAP_CIDRS_V4, MAP_CIDRS_V6, MAP_CONFIG,
+    MAP_CONNTRACK, MAP_COUNTERS, MAP_ENDPOINTS, MAP_EVENTS, MAP_FRAGMENTS, MAP_PEERS_V4, MAP_PEERS_V6,
+    MAP_POLICY, PROG_FROM_POD, PROG_TO_POD, PeerInfo, PolicyKey, PolicyValue, SCHEMA_VERSION,
+    counter_slots,
+};
+pub use tables::{AsyncEvents, Conntrack, CounterKey, Counters, EventReader, HashTable, LpmAddr, LpmTable};
+
+pub use self::bpffs::{ensure_bpffs, is_bpffs, mount_bpffs};
+
+/// Default pin folder (`--pin-path`).
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/enforcer";
+
+/// Every pinned map.
+const PINNED_MAPS: [&str; 11] = [
+    MAP_ENDPOINTS,
+    MAP_PEERS_V4,
+    MAP_PEERS_V6,
+    MAP_CIDRS_V4,
+    MAP_CIDRS_V6,
+    MAP_POLICY,
+    MAP_CONNTRACK,
+    MAP_FRAGMENTS,
+    MAP_COUNTERS,
+    MAP_EVENTS,
+    MAP_CONFIG,
+];
+
+/// The eBPF object built by `build.rs`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer"));
+
+/// Load-time settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatapathOptions {
+    /// bpffs folder of the pins (`--pin-path`).
+    pub pin_path: PathBuf,
+    /// Endpoint slots (ENDPOINTS size; COUNTERS gets `counter_slots(max_endpoints)`).
+    pub max_endpoints: u32,
+    pub peers_size: u32,
+    pub cidrs_size: u32,
+    pub policy_size: u32,
+    pub conntrack_size: u32,
+    pub fragments_size: u32,
+    /// Ring buffer size in bytes (a power of two, a multiple of the page size).
+    pub events_bytes: u32,
+    /// Send an event for every new allowed flow too.
+    pub log_allowed: bool,
+    pub ct_timeout_tcp: Duration,
+    pub ct_timeout_other: Duration,
+}
+
+impl Default for DatapathOptions {
+    fn default() -> Self {
+        Self {
+            pin_path: PathBuf::from(DEFAULT_PIN_PATH),
+            max_endpoints: DEFAULT_MAX_ENDPOINTS,
+            peers_size: DEFAULT_PEERS_SIZE,
+            cidrs_size: DEFAULT_CIDRS_SIZE,
+            policy_size: DEFAULT_POLICY_SIZE,
+            conntrack_size: DEFAULT_CONNTRACK_SIZE,
+            fragments_size: DEFAULT_FRAGMENTS_SIZE,
+            events_bytes: DEFAULT_EVENTS_BYTES,
+            log_allowed: false,
+            ct_timeout_tcp: Duration::from_nanos(DEFAULT_CT_TIMEOUT_TCP_NS),
+            ct_timeout_other: Duration::from_nanos(DEFAULT_CT_TIMEOUT_OTHER_NS),
+        }
+    }
+}
+
+impl DatapathOptions {
+    /// The [`Config`] these options write into CONFIG.
+    pub fn config(&self) -> Config {
+        Config {
+            flags: if self.log_allowed { CONFIG_LOG_ALLOWED } else { 0 },
+            _pad: 0,
+            ct_timeout_tcp_ns: u64::try_from(self.ct_timeout_tcp.as_nanos()).unwrap_or(u64::MAX),
+            ct_timeout_other_ns: u64::try_from(self.ct_timeout_other.as_nanos()).unwrap_or(u64::MAX),
+        }
+    }
+}
+
+/// One hook of a host-side veth.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// TC ingress: what the pod sends; runs `from_pod`.
+    Ingress,
+    /// TC egress: what the pod receives; runs `to_pod`.
+    Egress,
+}
+
+impl Hook {
+    pub const ALL: [Self; 2] = [Self::Ingress, Self::Egress];
+
+    const fn program(self) -> &'static str {
+        match self {
+            Self::Ingress => PROG_FROM_POD,
+            Self::Egress => PROG_TO_POD,
+        }
+    }
+
+    const fn attach_type(self) -> TcAttachType {
+        match self {
+            Self::Ingress => TcAttachType::Ingress,
+            Self::Egress => TcAttachType::Egress,
+        }
+    }
+
+    const fn suffix(self) -> &'static str {
+        match self {
+            Self::Ingress => "ingress",
+            Self::Egress => "egress",
+        }
+    }
+}
+
+/// `<pin>/v{SCHEMA_VERSION}`.
+pub fn versioned_root(pin_path: &Path) -> PathBuf {
+    pin_path.join(format!("v{SCHEMA_VERSION}"))
+}
+
+/// Pinned link path of `ifindex`'s `hook` under `pin_path`.
+pub fn link_pin(pin_path: &Path, ifindex: u32, hook: Hook) -> PathBuf {
+    versioned_root(pin_path).join("links").join(format!("{ifindex}-{}", hook.suffix()))
+}
+
+/// The loaded programs and their (pinned) maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_path: PathBuf,
+    options: DatapathOptions,
+    tcx: bool,
+    pub endpoints: HashTable<u32, EndpointInfo>,
+    pub peers_v4: HashTable<[u8; 4], PeerInfo>,
+    pub peers_v6: HashTable<[u8; 16], PeerInfo>,
+    pub cidrs_v4: LpmTable<std::net::Ipv4Addr>,
+    pub cidrs_v6: LpmTable<std::net::Ipv6Addr>,
+    pub policy: HashTable<PolicyKey, PolicyValue>,
+    pub conntrack: Conntrack,
+    pub counters: Counters,
+    events: Option<EventReader>,
+    config: Array<MapData, Config>,
+}
+
+fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
+    ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+}
+
+impl Datapath {
+    /// Loads the programs (not yet attached), pins or reuses the maps and writes CONFIG.
+    pub fn open(options: DatapathOptions) -> Result<Self> {
+        if OBJECT.is_empty() {
+            bail!("this build has no eBPF object (built with AYA_BUILD_SKIP): rebuild without it");
+        }
+        ensure_bpffs(&options.pin_path)?;
+        let root = versioned_root(&options.pin_path);
+        let maps_dir = root.join("maps");
+        for dir in [&maps_dir, &root.join("links")] {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        bump_memlock_rlimit();
+
+        let mut loader = EbpfLoader::new();
+        for name in PINNED_MAPS {
+            loader.map_pin_path(name, maps_dir.join(name));
+        }
+        loader
+            .map_max_entries(MAP_ENDPOINTS, options.max_endpoints)
+            .map_max_entries(MAP_PEERS_V4, options.peers_size)
+            .map_max_entries(MAP_PEERS_V6, options.peers_size)
+            .map_max_entries(MAP_CIDRS_V4, options.cidrs_size)
+            .map_max_entries(MAP_CIDRS_V6, options.cidrs_size)
+            .map_max_entries(MAP_POLICY, options.policy_size)
+            .map_max_entries(MAP_CONNTRACK, options.conntrack_size)
+            .map_max_entries(MAP_FRAGMENTS, options.fragments_size)
+            .map_max_entries(MAP_COUNTERS, counter_slots(options.max_endpoints))
+            .map_max_entries(MAP_EVENTS, options.events_bytes);
+        let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
+
+        for hook in Hook::ALL {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(hook.program())
+                .ok_or_else(|| anyhow!("program {} missing from the eBPF object", hook.program()))?
+                .try_into()
+                .with_context(|| format!("program {} is not a classifier", hook.program()))?;
+            prog.load().with_context(|| format!("loading program {} (verifier)", hook.program()))?;
+        }
+
+        let endpoints = HashTable::new(MAP_ENDPOINTS, HashMap::try_from(take(&mut ebpf, MAP_ENDPOINTS)?)?);
+        let peers_v4 = HashTable::new(MAP_PEERS_V4, HashMap::try_from(take(&mut ebpf, MAP_PEERS_V4)?)?);
+        let peers_v6 = HashTable::new(MAP_PEERS_V6, HashMap::try_from(take(&mut ebpf, MAP_PEERS_V6)?)?);
+        let cidrs_v4 = LpmTable::new(MAP_CIDRS_V4, LpmTrie::try_from(take(&mut ebpf, MAP_CIDRS_V4)?)?)?;
+        let cidrs_v6 = LpmTable::new(MAP_CIDRS_V6, LpmTrie::try_from(take(&mut ebpf, MAP_CIDRS_V6)?)?)?;
+        let policy = HashTable::new(MAP_POLICY, HashMap::try_from(take(&mut ebpf, MAP_POLICY)?)?);
+        let conntrack = Conntrack {
+            table: HashTable::new(MAP_CONNTRACK, HashMap::try_from(take(&mut ebpf, MAP_CONNTRACK)?)?),
+        };
+        let counters = Counters {
+            map: PerCpuArray::try_from(take(&mut ebpf, MAP_COUNTERS)?).context("map COUNTERS")?,
+        };
+        let events = EventReader { ring: RingBuf::try_from(take(&mut ebpf, MAP_EVENTS)?).context("map EVENTS")? };
+        let config = Array::try_from(take(&mut ebpf, MAP_CONFIG)?).context("map CONFIG")?;
+
+        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        let mut dp = Self {
+            ebpf,
+            pin_path: options.pin_path.clone(),
+            options,
+            tcx,
+            endpoints,
+            peers_v4,
+            peers_v6,
+            cidrs_v4,
+            cidrs_v6,
+            policy,
+            conntrack,
+            counters,
+            events: Some(events),
+            config,
+        };
+        let cfg = dp.options.config();
+        dp.set_config(&cfg)?;
+        Ok(dp)
+    }
+
+    pub fn options(&self) -> &DatapathOptions {
+        &self.options
+    }
+
+    /// `<pin>/v{SCHEMA_VERSION}`.
+    pub fn root(&self) -> PathBuf {
+        versioned_root(&self.pin_path)
+    }
+
+    /// Writes the global settings.
+    pub fn set_config(&mut self, config: &Config) -> Result<()> {
+        self.config.set(0, config, 0).context("writing map CONFIG")
+    }
+
+    pub fn config(&self) -> Result<Config> {
+        self.config.get(&0, 0).context("reading map CONFIG")
+    }
+
+    /// Takes the verdict-event reader (once).
+    pub fn take_events(&mut self) -> Option<EventReader> {
+        self.events.take()
+    }
+
+    /// A loaded program, for `BPF_PROG_TEST_RUN` (tests and benchmarks).
+    pub fn program(&self, hook: Hook) -> Result<&SchedClassifier> {
+        self.ebpf
+            .program(hook.program())
+            .ok_or_else(|| anyhow!("program {} missing", hook.program()))?
+            .try_into()
+            .with_context(|| format!("program {} is not a classifier", hook.program()))
+    }
+
+    /// Runs `hook`'s program once on `frame` as if it arrived on `ifindex` (which must name a
+    /// device in the calling thread's network namespace). Returns the TC action.
+    pub fn test_run(&self, hook: Hook, ifindex: u32, frame: &[u8]) -> Result<i32> {
+        let ctx = sk_buff_ctx(ifindex);
+        let opts = aya::programs::TestRunOptions { data_in: Some(frame), ctx_in: Some(&ctx), repeat: 1, ..Default::default() };
+        let r = aya::programs::TestRun::test_run(self.program(hook)?, opts)
+            .with_context(|| format!("BPF_PROG_TEST_RUN of {}", hook.program()))?;
+        #[expect(clippy::cast_possible_wrap, reason = "TC actions are small")]
+        Ok(r.return_value as i32)
+    }
+
+    /// Attaches both programs to the host-side veth `ifindex` (in the calling thread's network
+    /// namespace) and pins the links. A link already pinned for it (agent restart or upgrade)
+    /// is re-pointed at this object's programs atomically.
+    pub fn attach(&mut self, ifindex: u32) -> Result<()> {
+        for hook in Hook::ALL {
+            self.attach_hook(ifindex, hook).with_context(|| format!("attaching {} to ifindex {ifindex}", hook.program()))?;
+        }
+        Ok(())
+    }
+
+    fn attach_hook(&mut self, ifindex: u32, hook: Hook) -> Result<()> {
+        let pin = link_pin(&self.pin_path, ifindex, hook);
+        let tcx = self.tcx;
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(hook.program())
+            .ok_or_else(|| anyhow!("program {} missing", hook.program()))?
+            .try_into()?;
+        if pin.exists() {
+            match bpffs::tcx_link_ifindex(&pin) {
+                Ok(i) if i == ifindex => {
+                    let old = PinnedLink::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
+                    let link = SchedClassifierLink::try_from(FdLink::from(old))?;
+                    let id = prog.attach_to_link(link).context("bpf_link_update")?;
+                    // Our fd goes; the pin keeps the link.
+                    drop(prog.take_link(id)?);
+                    return Ok(());
+                }
+                // The device went away (ifindex 0) or the index was reused: the link is defunct.
+                Ok(_) | Err(_) => {
+                    std::fs::remove_file(&pin).with_context(|| format!("removing stale {}", pin.display()))?;
+                }
+            }
+        }
+        let ifname = ifname(ifindex)?;
+        if tcx {
+            let id = prog
+                .attach_with_options(&ifname, hook.attach_type(), TcAttachOptions::TcxOrder(LinkOrder::default()))
+                .context("TCX attach")?;
+            let link: FdLink = prog.take_link(id)?.try_into()?;
+            link.pin(&pin).with_context(|| format!("pinning link at {}", pin.display()))?;
+        } else {
+            // Kernels without TCX: clsact + cls_bpf through netlink with a fixed priority and
+            // handle, so a later attach replaces the filter in place. Netlink filters are not
+            // tied to an fd: forget the link so dropping it does not detach.
+            if let Err(e) = aya::programs::tc::qdisc_add_clsact(&ifname) {
+                let exists = matches!(&e, aya::programs::tc::TcError::AlreadyAttached)
+                    || e.to_string().contains("exists");
+                if !exists {
+                    return Err(e).context("adding clsact qdisc");
+                }
+            }
+            let opts = NlOptions { priority: 1, handle: TcHandle::new(0, 1), classid: None };
+            let id = match SchedClassifierLink::attached(&ifname, hook.attach_type(), 1, TcHandle::new(0, 1), None) {
+                Ok(existing) => prog.attach_to_link(existing).or_else(|_| {
+                    prog.attach_with_options(&ifname, hook.attach_type(), TcAttachOptions::Netlink(opts))
+                }),
+                Err(_) => prog.attach_with_options(&ifname, hook.attach_type(), TcAttachOptions::Netlink(opts)),
+            }
+            .context("netlink attach")?;
+            std::mem::forget(prog.take_link(id)?);
+        }
+        Ok(())
+    }
+
+    /// Re-points every pinned link at this object's programs (after an upgrade); returns the
+    /// ifindexes. Links of devices that are gone are removed.
+    pub fn reattach_all(&mut self) -> Result<Vec<u32>> {
+        let mut done = Vec::new();
+        for ifindex in Self::attached_at(&self.pin_path)? {
+            let live = Hook::ALL
+                .iter()
+                .any(|&h| bpffs::tcx_link_ifindex(&link_pin(&self.pin_path, ifindex, h)).is_ok_and(|i| i == ifindex));
+            if live {
+                self.attach(ifindex)?;
+                done.push(ifindex);
+            } else {
+                self.detach(ifindex)?;
+            }
+        }
+        Ok(done)
+    }
+
+    /// Detaches both programs from `ifindex` (unpins its links).
+    pub fn detach(&mut self, ifindex: u32) -> Result<()> {
+        detach_at(&self.pin_path, ifindex)
+    }
+
+    /// ifindexes with a pinned link, from the pins.
+    pub fn attached(&self) -> Result<Vec<u32>> {
+        Self::attached_at(&self.pin_path)
+    }
+
+    /// ifindexes with a pinned link under `pin_path`.
+    pub fn attached_at(pin_path: &Path) -> Result<Vec<u32>> {
+        let dir = versioned_root(pin_path).join("links");
+        let mut out = Vec::new();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+        };
+        for entry in entries {
+            let name = entry.with_context(|| format!("listing {}", dir.display()))?.file_name();
+            let name = name.to_string_lossy();
+            if let Some((index, _)) = name.split_once('-')
+                && let Ok(index) = index.parse::<u32>()
+                && !out.contains(&index)
+            {
+                out.push(index);
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// Removes everything under `pin_path`: unpins the links (which detaches the programs) and
+    /// the maps of every schema version. Works without loading anything.
+    pub fn cleanup(pin_path: &Path) -> Result<()> {
+        let entries = match std::fs::read_dir(pin_path) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("listing {}", pin_path.display())),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let path = entry.path();
+            if !entry.file_name().to_string_lossy().starts_with('v') || !path.is_dir() {
+                continue;
+            }
+            // Links first, so no program runs on a half-removed set of maps.
+            for sub in ["links", "maps"] {
+                let dir = path.join(sub);
+                if let Ok(files) = std::fs::read_dir(&dir) {
+                    for f in files {
+                        let f = f?.path();
+                        std::fs::remove_file(&f).with_context(|| format!("removing {}", f.display()))?;
+                    }
+                    std::fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
+                }
+            }
+            std::fs::remove_dir(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+        let _ = std::fs::remove_dir(pin_path);
+        Ok(())
+    }
+}
+
+/// Unpins both links of `ifindex` under `pin_path`.
+pub fn detach_at(pin_path: &Path, ifindex: u32) -> Result<()> {
+    for hook in Hook::ALL {
+        let pin = link_pin(pin_path, ifindex, hook);
+        match std::fs::remove_file(&pin) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", pin.display())),
+        }
+    }
+    Ok(())
+}
+
+fn ifname(ifindex: u32) -> Result<String> {
+    let mut buf = [0u8; libc::IF_NAMESIZE];
+    // SAFETY: buf has IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr().cast()) };
+    if p.is_null() {
+        return Err(io::Error::last_os_error()).with_context(|| format!("no interface with ifindex {ifindex}"));
+    }
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    Ok(String::from_utf8_lossy(&buf[..len]).into_owned())
+}
+
+/// A `struct __sk_buff` with only `ifindex` set, as `BPF_PROG_TEST_RUN` accepts for ctx_in.
+fn sk_buff_ctx(ifindex: u32) -> Vec<u8> {
+    // struct __sk_buff: len, pkt_type, mark, queue_mapping, protocol, vlan_present, vlan_tci,
+    // vlan_proto, priority, ingress_ifindex, ifindex (u32 each), ... 192 bytes in all.
+    let mut ctx = vec![0u8; 192];
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (https://lwn.net/Articles/837122/).
+fn bump_memlock_rlimit() {
+    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: valid pointer to a rlimit.
+    let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+}

@@ -1,0 +1,340 @@
+//! Typed views of the pinned maps: [`MapTable`] implementations for the reconciler, conntrack
+//! access, counters and verdict events.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, Ipv6Addr},
+};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{
+    HashMap, MapData, MapError, PerCpuArray, RingBuf,
+    lpm_trie::{Key, LpmTrie},
+};
+use enforcer_common::{Counter, CtKey, CtValue, PeerInfo, REASON_COUNT, VerdictEvent};
+use tokio::io::{Interest, unix::AsyncFd};
+
+use crate::{maps::MapTable, state::Prefix};
+
+fn not_found(e: &MapError) -> bool {
+    matches!(e, MapError::KeyNotFound | MapError::ElementNotFound)
+}
+
+/// A BPF hash map as a [`MapTable`].
+pub struct HashTable<K: aya::Pod, V: aya::Pod> {
+    pub(crate) name: &'static str,
+    pub(crate) map: HashMap<MapData, K, V>,
+}
+
+impl<K: aya::Pod, V: aya::Pod> HashTable<K, V> {
+    pub(crate) fn new(name: &'static str, map: HashMap<MapData, K, V>) -> Self {
+        Self { name, map }
+    }
+
+    /// Every entry (a snapshot; entries may change while iterating).
+    pub fn entries(&self) -> Result<Vec<(K, V)>> {
+        let mut out = Vec::new();
+        for kv in self.map.iter() {
+            match kv {
+                Ok(kv) => out.push(kv),
+                // An entry deleted between `next_key` and `lookup`.
+                Err(e) if not_found(&e) => {}
+                Err(e) => return Err(e).with_context(|| format!("iterating map {}", self.name)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl<K: aya::Pod, V: aya::Pod> MapTable<K, V> for HashTable<K, V> {
+    fn get(&self, key: &K) -> Result<Option<V>> {
+        match self.map.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if not_found(&e) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("looking up map {}", self.name)),
+        }
+    }
+    fn set(&mut self, key: &K, value: &V) -> Result<()> {
+        self.map.insert(key, value, 0).with_context(|| format!("writing map {}", self.name))
+    }
+    fn remove(&mut self, key: &K) -> Result<()> {
+        match self.map.remove(key) {
+            Ok(()) => Ok(()),
+            Err(e) if not_found(&e) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("removing from map {}", self.name)),
+        }
+    }
+    fn keys(&self) -> Result<Vec<K>> {
+        let mut out = Vec::new();
+        for k in self.map.keys() {
+            out.push(k.with_context(|| format!("listing keys of map {}", self.name))?);
+        }
+        Ok(out)
+    }
+}
+
+/// PEERS_V4 with `Ipv4Addr` keys, as `DesiredState` has them.
+impl MapTable<Ipv4Addr, PeerInfo> for HashTable<[u8; 4], PeerInfo> {
+    fn get(&self, key: &Ipv4Addr) -> Result<Option<PeerInfo>> {
+        MapTable::<[u8; 4], PeerInfo>::get(self, &key.octets())
+    }
+    fn set(&mut self, key: &Ipv4Addr, value: &PeerInfo) -> Result<()> {
+        MapTable::<[u8; 4], PeerInfo>::set(self, &key.octets(), value)
+    }
+    fn remove(&mut self, key: &Ipv4Addr) -> Result<()> {
+        MapTable::<[u8; 4], PeerInfo>::remove(self, &key.octets())
+    }
+    fn keys(&self) -> Result<Vec<Ipv4Addr>> {
+        Ok(MapTable::<[u8; 4], PeerInfo>::keys(self)?.into_iter().map(Ipv4Addr::from).collect())
+    }
+}
+
+/// PEERS_V6 with `Ipv6Addr` keys, as `DesiredState` has them.
+impl MapTable<Ipv6Addr, PeerInfo> for HashTable<[u8; 16], PeerInfo> {
+    fn get(&self, key: &Ipv6Addr) -> Result<Option<PeerInfo>> {
+        MapTable::<[u8; 16], PeerInfo>::get(self, &key.octets())
+    }
+    fn set(&mut self, key: &Ipv6Addr, value: &PeerInfo) -> Result<()> {
+        MapTable::<[u8; 16], PeerInfo>::set(self, &key.octets(), value)
+    }
+    fn remove(&mut self, key: &Ipv6Addr) -> Result<()> {
+        MapTable::<[u8; 16], PeerInfo>::remove(self, &key.octets())
+    }
+    fn keys(&self) -> Result<Vec<Ipv6Addr>> {
+        Ok(MapTable::<[u8; 16], PeerInfo>::keys(self)?.into_iter().map(Ipv6Addr::from).collect())
+    }
+}
+
+/// An address type usable as an LPM trie key.
+pub trait LpmAddr: Copy + Ord {
+    type Bytes: aya::Pod;
+    fn to_bytes(self) -> Self::Bytes;
+    fn from_bytes(b: Self::Bytes) -> Self;
+}
+
+impl LpmAddr for Ipv4Addr {
+    type Bytes = [u8; 4];
+    fn to_bytes(self) -> [u8; 4] {
+        self.octets()
+    }
+    fn from_bytes(b: [u8; 4]) -> Self {
+        Self::from(b)
+    }
+}
+
+impl LpmAddr for Ipv6Addr {
+    type Bytes = [u8; 16];
+    fn to_bytes(self) -> [u8; 16] {
+        self.octets()
+    }
+    fn from_bytes(b: [u8; 16]) -> Self {
+        Self::from(b)
+    }
+}
+
+/// A CIDR LPM trie (CIDRS_V4 or CIDRS_V6) keyed by [`Prefix`].
+///
+/// A trie lookup returns the longest match, not the exact entry, so the table keeps the set of
+/// keys present (read once at open, then maintained: the agent is the only writer) to answer
+/// [`MapTable::get`] exactly.
+pub struct LpmTable<A: LpmAddr> {
+    name: &'static str,
+    map: LpmTrie<MapData, A::Bytes, PeerInfo>,
+    present: BTreeSet<Prefix<A>>,
+}
+
+impl<A: LpmAddr> LpmTable<A> {
+    pub(crate) fn new(name: &'static str, map: LpmTrie<MapData, A::Bytes, PeerInfo>) -> Result<Self> {
+        let mut t = Self { name, map, present: BTreeSet::new() };
+        t.present = t.list()?.into_iter().collect();
+        Ok(t)
+    }
+
+    fn list(&self) -> Result<Vec<Prefix<A>>> {
+        let mut out = Vec::new();
+        for k in self.map.keys() {
+            let k = k.with_context(|| format!("listing keys of map {}", self.name))?;
+            #[expect(clippy::cast_possible_truncation, reason = "prefix lengths are <= 128")]
+            out.push(Prefix { addr: A::from_bytes(k.data()), len: k.prefix_len() as u8 });
+        }
+        Ok(out)
+    }
+}
+
+impl<A: LpmAddr> MapTable<Prefix<A>, PeerInfo> for LpmTable<A> {
+    fn get(&self, key: &Prefix<A>) -> Result<Option<PeerInfo>> {
+        // The kernel's lookup is longest-prefix; an exact-entry check needs the key listed.
+        if !self.present.contains(key) {
+            return Ok(None);
+        }
+        let k = Key::new(u32::from(key.len), key.addr.to_bytes());
+        match self.map.get(&k, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if not_found(&e) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("looking up map {}", self.name)),
+        }
+    }
+    fn set(&mut self, key: &Prefix<A>, value: &PeerInfo) -> Result<()> {
+        let k = Key::new(u32::from(key.len), key.addr.to_bytes());
+        self.map.insert(&k, value, 0).with_context(|| format!("writing map {}", self.name))?;
+        self.present.insert(*key);
+        Ok(())
+    }
+    fn remove(&mut self, key: &Prefix<A>) -> Result<()> {
+        let k = Key::new(u32::from(key.len), key.addr.to_bytes());
+        match self.map.remove(&k) {
+            Ok(()) => {}
+            Err(e) if not_found(&e) => {}
+            Err(e) => return Err(e).with_context(|| format!("removing from map {}", self.name)),
+        }
+        self.present.remove(key);
+        Ok(())
+    }
+    fn keys(&self) -> Result<Vec<Prefix<A>>> {
+        self.list()
+    }
+}
+
+/// The LRU conntrack map.
+pub struct Conntrack {
+    pub(crate) table: HashTable<CtKey, CtValue>,
+}
+
+impl Conntrack {
+    /// Number of entries (a walk over the map).
+    pub fn count(&self) -> Result<usize> {
+        Ok(self.table.keys()?.len())
+    }
+
+    pub fn entries(&self) -> Result<Vec<(CtKey, CtValue)>> {
+        self.table.entries()
+    }
+
+    pub fn get(&self, key: &CtKey) -> Result<Option<CtValue>> {
+        self.table.get(key)
+    }
+
+    pub fn remove(&mut self, key: &CtKey) -> Result<()> {
+        self.table.remove(key)
+    }
+
+    /// Deletes every flow of `endpoint` (a pod went away); returns how many.
+    pub fn remove_endpoint(&mut self, endpoint: u32) -> Result<usize> {
+        let keys: Vec<CtKey> = self.table.keys()?.into_iter().filter(|k| k.endpoint == endpoint).collect();
+        for k in &keys {
+            self.table.remove(k)?;
+        }
+        Ok(keys.len())
+    }
+}
+
+/// Per-CPU packet/byte counters.
+pub struct Counters {
+    pub(crate) map: PerCpuArray<MapData, Counter>,
+}
+
+/// `(endpoint id, direction, reason)`.
+pub type CounterKey = (u32, u8, u8);
+
+impl Counters {
+    /// Every non-zero counter, summed over CPUs.
+    pub fn read(&self) -> Result<BTreeMap<CounterKey, Counter>> {
+        let mut out = BTreeMap::new();
+        for (index, values) in self.map.iter().enumerate() {
+            let values = values.context("reading map COUNTERS")?;
+            let mut sum = Counter::default();
+            for v in values.iter() {
+                sum.packets += v.packets;
+                sum.bytes += v.bytes;
+            }
+            if sum.packets == 0 && sum.bytes == 0 {
+                continue;
+            }
+            #[expect(clippy::cast_possible_truncation, reason = "the map has u32 indexes")]
+            let index = index as u32;
+            let reason = (index % REASON_COUNT) as u8;
+            let slot = index / REASON_COUNT;
+            out.insert((slot / 2, (slot % 2) as u8, reason), sum);
+        }
+        Ok(out)
+    }
+
+    /// One counter, summed over CPUs.
+    pub fn get(&self, endpoint: u32, direction: u8, reason: u8) -> Result<Counter> {
+        let values = self
+            .map
+            .get(&enforcer_common::counter_index(endpoint, direction, reason), 0)
+            .context("reading map COUNTERS")?;
+        let mut sum = Counter::default();
+        for v in values.iter() {
+            sum.packets += v.packets;
+            sum.bytes += v.bytes;
+        }
+        Ok(sum)
+    }
+}
+
+/// Reads [`VerdictEvent`]s from the EVENTS ring buffer.
+pub struct EventReader {
+    pub(crate) ring: RingBuf<MapData>,
+}
+
+fn decode(bytes: &[u8]) -> Option<VerdictEvent> {
+    if bytes.len() < std::mem::size_of::<VerdictEvent>() {
+        return None;
+    }
+    // SAFETY: VerdictEvent is a Pod made of integers; the record holds at least its size.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<VerdictEvent>()) })
+}
+
+impl EventReader {
+    /// The next event, if one is waiting.
+    #[expect(clippy::should_implement_trait, reason = "not an Iterator: it can resume after None")]
+    pub fn next(&mut self) -> Option<VerdictEvent> {
+        loop {
+            let item = self.ring.next()?;
+            if let Some(e) = decode(&item) {
+                return Some(e);
+            }
+        }
+    }
+
+    /// Every event waiting now.
+    pub fn drain(&mut self) -> Vec<VerdictEvent> {
+        std::iter::from_fn(|| self.next()).collect()
+    }
+
+    /// An async reader (needs a tokio runtime with IO enabled).
+    pub fn into_async(self) -> Result<AsyncEvents> {
+        // SAFETY: the RingBuf owns its map fd, which stays open and unchanged for as long as the
+        // AsyncFd owns the RingBuf.
+        let fd = unsafe { AsyncFd::register_with_interest(self.ring, Interest::READABLE) }
+            .map_err(|e| anyhow::anyhow!("registering EVENTS with tokio: {e}"))?;
+        Ok(AsyncEvents { fd })
+    }
+}
+
+/// [`EventReader`] driven by epoll through tokio's `AsyncFd`.
+pub struct AsyncEvents {
+    fd: AsyncFd<RingBuf<MapData>>,
+}
+
+impl AsyncEvents {
+    /// Waits until at least one event is available and returns all waiting events.
+    pub async fn next_batch(&mut self) -> Result<Vec<VerdictEvent>> {
+        loop {
+            let mut guard = self.fd.readable_mut().await.context("waiting on EVENTS")?;
+            let ring = guard.get_inner_mut();
+            let mut out = Vec::new();
+            while let Some(item) = ring.next() {
+                if let Some(e) = decode(&item) {
+                    out.push(e);
+                }
+            }
+            guard.clear_ready();
+            if !out.is_empty() {
+                return Ok(out);
+            }
+        }
+    }
+}

@@ -1,0 +1,747 @@
+//! The policy compiler: API objects in, the desired contents of the datapath maps out. Pure: no
+//! IO, no clock, no randomness; number allocation is carried between compiles in
+//! [`Allocations`] so that a change touches only the entries it must.
+//!
+//! Model. Every address the datapath can see resolves to one **identity**, the interned set of
+//! everything a selector or ipBlock can ask about it ([`IdentityKey`]): for a pod address, its
+//! namespace, the namespace's labels, the pod's labels and named container ports; for every
+//! address, the set of ipBlocks (cidr minus excepts) it is in. Membership in every ipBlock is a
+//! function of an address's longest matching prefix among all ipBlock cidrs and excepts, so one
+//! LPM entry per such prefix (its "region") carries it exactly. Pod addresses get exact
+//! entries; node addresses get [`IDENTITY_HOST`]; everything else is [`IDENTITY_WORLD`].
+//! Policy entries then say which identities each local endpoint may talk to, per direction,
+//! protocol and port block.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fmt,
+    net::IpAddr,
+};
+
+use enforcer_common::{
+    DEFAULT_MAX_ENDPOINTS, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6,
+    EP_INGRESS_ISOLATED, EndpointInfo, IDENTITY_ANY, IDENTITY_FIRST_ALLOCATED, IDENTITY_HOST,
+    IDENTITY_WORLD, PORT_MASK_ANY_PROTO, PROTO_ANY, PeerInfo, PolicyKey, PolicyValue,
+};
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Pod;
+
+use super::{
+    model::{Cluster, pod_ips, pod_node},
+    selector::Labels,
+    validate::{
+        Block, NamespaceMatch, ParsedPolicy, Peer, PolicyError, Port, Rule, parse_policy,
+        protocol_number,
+    },
+};
+use crate::state::{DesiredState, EndpointState, PodRef, Prefix, RuleRef};
+
+/// What the compiler needs to know about the node it compiles for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompileOptions {
+    /// `None`: every pod with an address is local (standalone mode). `Some(n)`: pods whose
+    /// `spec.nodeName` is `n`.
+    pub node_name: Option<String>,
+    /// Addresses of the node: they resolve to [`IDENTITY_HOST`], always allowed.
+    pub node_ips: Vec<IpAddr>,
+    /// Endpoint ids are `1..=max_endpoints`.
+    pub max_endpoints: u32,
+}
+
+impl Default for CompileOptions {
+    fn default() -> Self {
+        Self {
+            node_name: None,
+            node_ips: Vec::new(),
+            max_endpoints: DEFAULT_MAX_ENDPOINTS,
+        }
+    }
+}
+
+impl CompileOptions {
+    /// Whether the pod is enforced by this node.
+    pub fn is_local(&self, pod: &Pod) -> bool {
+        self.node_name
+            .as_deref()
+            .is_none_or(|n| pod_node(pod) == Some(n))
+    }
+}
+
+/// The facts about a pod that selectors and named ports can ask about.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodFacts {
+    pub namespace: String,
+    /// Including `kubernetes.io/metadata.name`.
+    pub namespace_labels: Labels,
+    pub labels: Labels,
+    /// `(name, protocol, port)` of the named container ports.
+    pub named_ports: BTreeSet<(String, u8, u16)>,
+}
+
+/// What an identity stands for.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IdentityKey {
+    /// The pod facts, for pod addresses.
+    pub pod: Option<PodFacts>,
+    /// The ipBlocks the address is in (inside the cidr, outside every except).
+    pub blocks: BTreeSet<Block>,
+}
+
+impl IdentityKey {
+    fn is_world(&self) -> bool {
+        self.pod.is_none() && self.blocks.is_empty()
+    }
+}
+
+/// A number pool: the same key keeps its number while it is used in consecutive compiles.
+#[derive(Clone, Debug)]
+struct Pool<K: Ord> {
+    first: u32,
+    last: u32,
+    /// Hand out never-used numbers before freed ones (identities, rules); otherwise the smallest
+    /// free number (endpoints, a small bounded range).
+    prefer_fresh: bool,
+    live: BTreeMap<K, (u32, u64)>,
+    /// Freed number -> the generation that freed it.
+    free: BTreeMap<u32, u64>,
+    next: u32,
+}
+
+impl<K: Ord + Clone> Pool<K> {
+    fn new(first: u32, last: u32, prefer_fresh: bool) -> Self {
+        Self {
+            first,
+            last,
+            prefer_fresh,
+            live: BTreeMap::new(),
+            free: BTreeMap::new(),
+            next: first,
+        }
+    }
+
+    fn get(&mut self, key: &K, generation: u64) -> Option<u32> {
+        if let Some((id, used)) = self.live.get_mut(key) {
+            *used = generation;
+            return Some(*id);
+        }
+        // A number freed in the previous compile may still be in the maps the reconciler has not
+        // finished replacing: reuse it only after one more compile, unless nothing else is left.
+        let settled = self
+            .free
+            .iter()
+            .find(|(_, freed)| **freed + 1 < generation)
+            .map(|(id, _)| *id);
+        let fresh = (self.next <= self.last && self.next >= self.first).then_some(self.next);
+        let any_free = self.free.keys().next().copied();
+        let id = if self.prefer_fresh {
+            fresh.or(settled)
+        } else {
+            settled.or(fresh)
+        }
+        .or(any_free)?;
+        if Some(id) == fresh {
+            self.next = self.next.saturating_add(1);
+        } else {
+            self.free.remove(&id);
+        }
+        self.live.insert(key.clone(), (id, generation));
+        Some(id)
+    }
+
+    fn sweep(&mut self, generation: u64) {
+        let gone: Vec<K> = self
+            .live
+            .iter()
+            .filter(|(_, (_, used))| *used != generation)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            if let Some((id, _)) = self.live.remove(&k) {
+                self.free.insert(id, generation);
+            }
+        }
+    }
+
+    fn lookup(&self, key: &K) -> Option<u32> {
+        self.live.get(key).map(|(id, _)| *id)
+    }
+}
+
+/// Number allocation carried from one compile to the next: identities, endpoint ids and rule
+/// ids stay the same for the same key, and a number is reused for another key only after its
+/// key has been absent from a compile.
+#[derive(Clone, Debug)]
+pub struct Allocations {
+    generation: u64,
+    identities: Pool<IdentityKey>,
+    endpoints: Pool<PodRef>,
+    rules: Pool<RuleRef>,
+}
+
+impl Default for Allocations {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Allocations {
+    pub fn new() -> Self {
+        Self {
+            generation: 0,
+            identities: Pool::new(IDENTITY_FIRST_ALLOCATED, u32::MAX - 1, true),
+            endpoints: Pool::new(1, u32::MAX - 1, false),
+            rules: Pool::new(1, u32::MAX - 1, true),
+        }
+    }
+
+    /// The endpoint id of a pod, if it had one in the last compile.
+    pub fn endpoint_id(&self, pod: &PodRef) -> Option<u32> {
+        self.endpoints.lookup(pod)
+    }
+
+    /// The identity of a key, if it had one in the last compile.
+    pub fn identity(&self, key: &IdentityKey) -> Option<u32> {
+        self.identities.lookup(key)
+    }
+}
+
+/// A problem found while compiling; the rest of the input still compiles.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CompileError {
+    /// The policy is invalid and was left out.
+    Policy(PolicyError),
+    /// A second NetworkPolicy with the same namespace and name was left out.
+    DuplicatePolicy { namespace: String, name: String },
+    /// More local pods than endpoint ids: this pod is not enforced.
+    TooManyEndpoints { pod: PodRef, max: u32 },
+    /// Two pods claim one address: it resolves to `kept`.
+    DuplicateAddress {
+        ip: IpAddr,
+        kept: PodRef,
+        dropped: PodRef,
+    },
+}
+
+impl fmt::Display for CompileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Policy(e) => write!(f, "{e} (policy skipped)"),
+            Self::DuplicatePolicy { namespace, name } => {
+                write!(
+                    f,
+                    "NetworkPolicy {namespace}/{name}: duplicate object skipped"
+                )
+            }
+            Self::TooManyEndpoints { pod, max } => {
+                write!(
+                    f,
+                    "pod {pod}: not enforced, more than {max} local pods (raise the endpoint limit)"
+                )
+            }
+            Self::DuplicateAddress { ip, kept, dropped } => {
+                write!(
+                    f,
+                    "address {ip} is claimed by pods {kept} and {dropped}; it resolves to {kept}"
+                )
+            }
+        }
+    }
+}
+
+/// The result of a compile.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Compiled {
+    pub state: DesiredState,
+    pub errors: Vec<CompileError>,
+    /// What each identity used in `state` stands for.
+    pub identities: BTreeMap<u32, IdentityKey>,
+}
+
+/// Valid policies, deduplicated by namespace/name (first wins) and sorted by it; the errors of
+/// the others. The evaluator and the compiler both use this, so they agree on which objects count.
+pub fn parsed_policies(cluster: &Cluster) -> (Vec<ParsedPolicy>, Vec<CompileError>) {
+    let mut errors = Vec::new();
+    let mut by_name: BTreeMap<(String, String), ParsedPolicy> = BTreeMap::new();
+    let mut seen = BTreeSet::new();
+    for p in &cluster.policies {
+        let key = (
+            super::validate::namespace_of(&p.metadata),
+            p.metadata.name.clone().unwrap_or_default(),
+        );
+        if !seen.insert(key.clone()) {
+            errors.push(CompileError::DuplicatePolicy {
+                namespace: key.0,
+                name: key.1,
+            });
+            continue;
+        }
+        match parse_policy(p) {
+            Ok(parsed) => {
+                by_name.insert(key, parsed);
+            }
+            Err(errs) => errors.extend(errs.into_iter().map(CompileError::Policy)),
+        }
+    }
+    (by_name.into_values().collect(), errors)
+}
+
+/// `(name, protocol, port)` of a pod's named container ports (`spec.containers[].ports[]`);
+/// ports with an unknown protocol or out-of-range number are left out.
+pub fn named_ports(pod: &Pod) -> BTreeSet<(String, u8, u16)> {
+    let mut out = BTreeSet::new();
+    for c in pod.spec.iter().flat_map(|s| &s.containers) {
+        for p in c.ports.iter().flatten() {
+            let (Some(name), Some(proto), Ok(port)) = (
+                p.name.as_ref(),
+                protocol_number(p.protocol.as_deref()),
+                u16::try_from(p.container_port),
+            ) else {
+                continue;
+            };
+            out.insert((name.clone(), proto, port));
+        }
+    }
+    out
+}
+
+/// Splits `lo..=hi` into aligned power-of-two blocks: `(first port, prefix length)`.
+pub fn port_blocks(lo: u16, hi: u16) -> Vec<(u16, u8)> {
+    let mut out = Vec::new();
+    let (mut cur, hi) = (u32::from(lo), u32::from(hi));
+    while cur <= hi {
+        let mut k = if cur == 0 {
+            16
+        } else {
+            cur.trailing_zeros().min(16)
+        };
+        while cur + (1 << k) - 1 > hi {
+            k -= 1;
+        }
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "cur <= hi <= u16::MAX and k <= 16"
+        )]
+        out.push((cur as u16, (16 - k) as u8));
+        cur += 1 << k;
+    }
+    out
+}
+
+fn block_covers_net(block: &Block, net: &IpNet) -> bool {
+    block.cidr.contains(net) && !block.except.iter().any(|e| e.contains(net))
+}
+
+fn peer_matches(peer: &Peer, key: &IdentityKey) -> bool {
+    match peer {
+        Peer::Block(b) => key.blocks.contains(b),
+        Peer::Pods { namespaces, pods } => {
+            let Some(f) = &key.pod else { return false };
+            let ns_ok = match namespaces {
+                NamespaceMatch::Own(ns) => f.namespace == *ns,
+                NamespaceMatch::Selector(s) => s.matches(&f.namespace_labels),
+            };
+            ns_ok && pods.as_ref().is_none_or(|s| s.matches(&f.labels))
+        }
+    }
+}
+
+/// Peers of one rule, resolved: `None` = any peer.
+type PeerIds = Option<Vec<u32>>;
+
+/// Compiles the cluster for one node. Never panics; problems are in `errors`.
+pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations) -> Compiled {
+    alloc.generation += 1;
+    let generation = alloc.generation;
+    alloc.endpoints.last = opts.max_endpoints;
+    let (policies, mut errors) = parsed_policies(cluster);
+
+    // ipBlocks and the prefixes that bound their regions.
+    let blocks: BTreeSet<Block> = policies
+        .iter()
+        .flat_map(|p| p.ingress.iter().chain(p.egress.iter()).flatten())
+        .flat_map(|r| r.peers.iter().flatten())
+        .filter_map(|peer| match peer {
+            Peer::Block(b) => Some(b.clone()),
+            Peer::Pods { .. } => None,
+        })
+        .collect();
+    let prefixes: BTreeSet<IpNet> = blocks
+        .iter()
+        .flat_map(|b| std::iter::once(b.cidr).chain(b.except.iter().copied()))
+        .collect();
+
+    // Pods: facts and the addresses they own.
+    let mut ns_labels: HashMap<String, Labels> = HashMap::new();
+    let pods = cluster.policy_pods();
+    let mut facts: BTreeMap<PodRef, PodFacts> = BTreeMap::new();
+    let mut owner: BTreeMap<IpAddr, PodRef> = BTreeMap::new();
+    for (r, pod) in &pods {
+        let nsl = ns_labels
+            .entry(r.namespace.clone())
+            .or_insert_with(|| cluster.namespace_labels(&r.namespace))
+            .clone();
+        facts.insert(
+            r.clone(),
+            PodFacts {
+                namespace: r.namespace.clone(),
+                namespace_labels: nsl,
+                labels: pod.metadata.labels.clone().unwrap_or_default(),
+                named_ports: named_ports(pod),
+            },
+        );
+        for ip in pod_ips(pod) {
+            if opts.node_ips.contains(&ip) {
+                continue;
+            }
+            match owner.get(&ip) {
+                Some(kept) => errors.push(CompileError::DuplicateAddress {
+                    ip,
+                    kept: kept.clone(),
+                    dropped: r.clone(),
+                }),
+                None => {
+                    owner.insert(ip, r.clone());
+                }
+            }
+        }
+    }
+
+    // Identity keys of every pod address and every region.
+    let blocks_of_ip = |ip: IpAddr| -> BTreeSet<Block> {
+        blocks.iter().filter(|b| b.contains(ip)).cloned().collect()
+    };
+    let addr_keys: BTreeMap<IpAddr, IdentityKey> = owner
+        .iter()
+        .map(|(ip, r)| {
+            (
+                *ip,
+                IdentityKey {
+                    pod: facts.get(r).cloned(),
+                    blocks: blocks_of_ip(*ip),
+                },
+            )
+        })
+        .collect();
+    let region_keys: BTreeMap<IpNet, IdentityKey> = prefixes
+        .iter()
+        .map(|net| {
+            let bs = blocks
+                .iter()
+                .filter(|b| block_covers_net(b, net))
+                .cloned()
+                .collect();
+            (
+                *net,
+                IdentityKey {
+                    pod: None,
+                    blocks: bs,
+                },
+            )
+        })
+        .collect();
+    let all_keys: BTreeSet<&IdentityKey> = addr_keys
+        .values()
+        .chain(region_keys.values())
+        .filter(|k| !k.is_world())
+        .collect();
+    let mut ids: BTreeMap<&IdentityKey, u32> = BTreeMap::new();
+    for k in all_keys {
+        // The pool cannot run dry: it has ~4e9 numbers.
+        let id = alloc
+            .identities
+            .get(k, generation)
+            .unwrap_or(IDENTITY_WORLD);
+        ids.insert(k, id);
+    }
+    let id_of = |k: &IdentityKey| {
+        if k.is_world() {
+            IDENTITY_WORLD
+        } else {
+            ids.get(k).copied().unwrap_or(IDENTITY_WORLD)
+        }
+    };
+
+    let mut state = DesiredState::default();
+    for (ip, k) in &addr_keys {
+        let info = PeerInfo {
+            identity: id_of(k),
+            flags: 0,
+        };
+        match ip {
+            IpAddr::V4(a) => state.peers_v4.insert(*a, info),
+            IpAddr::V6(a) => state.peers_v6.insert(*a, info),
+        };
+    }
+    for ip in &opts.node_ips {
+        let info = PeerInfo {
+            identity: IDENTITY_HOST,
+            flags: 0,
+        };
+        match ip {
+            IpAddr::V4(a) => state.peers_v4.insert(*a, info),
+            IpAddr::V6(a) => state.peers_v6.insert(*a, info),
+        };
+    }
+    // Region entries, shortest first, leaving out those that repeat their nearest ancestor.
+    let mut by_len: Vec<(&IpNet, u32)> = region_keys.iter().map(|(n, k)| (n, id_of(k))).collect();
+    by_len.sort_by_key(|(n, _)| (n.prefix_len(), **n));
+    let mut emitted: Vec<(IpNet, u32)> = Vec::new();
+    for (net, id) in by_len {
+        let parent = emitted
+            .iter()
+            .filter(|(p, _)| p.contains(net))
+            .max_by_key(|(p, _)| p.prefix_len())
+            .map_or(IDENTITY_WORLD, |(_, id)| *id);
+        if parent == id {
+            continue;
+        }
+        emitted.push((*net, id));
+        let info = PeerInfo {
+            identity: id,
+            flags: 0,
+        };
+        match net {
+            IpNet::V4(n) => state.cidrs_v4.insert(
+                Prefix {
+                    addr: n.network(),
+                    len: n.prefix_len(),
+                },
+                info,
+            ),
+            IpNet::V6(n) => state.cidrs_v6.insert(
+                Prefix {
+                    addr: n.network(),
+                    len: n.prefix_len(),
+                },
+                info,
+            ),
+        };
+    }
+
+    // Identities by what they are, for resolving peers.
+    let known: Vec<(u32, &IdentityKey)> = ids.iter().map(|(k, id)| (*id, *k)).collect();
+    let pod_identities: Vec<(u32, &PodFacts)> = known
+        .iter()
+        .filter_map(|(id, k)| k.pod.as_ref().map(|f| (*id, f)))
+        .collect();
+    let resolve = |rule: &Rule| -> PeerIds {
+        rule.peers.as_ref().map(|peers| {
+            known
+                .iter()
+                .filter(|(_, k)| peers.iter().any(|p| peer_matches(p, k)))
+                .map(|(id, _)| *id)
+                .collect()
+        })
+    };
+    // (policy index, direction, rule index) -> resolved peers.
+    let mut resolved: HashMap<(usize, u8, usize), PeerIds> = HashMap::new();
+
+    // Endpoints.
+    for (r, pod) in &pods {
+        if !opts.is_local(pod) {
+            continue;
+        }
+        let Some(eid) = alloc.endpoints.get(r, generation) else {
+            errors.push(CompileError::TooManyEndpoints {
+                pod: r.clone(),
+                max: opts.max_endpoints,
+            });
+            continue;
+        };
+        let Some(f) = facts.get(r) else { continue };
+        let ips = pod_ips(pod);
+        let mut info = EndpointInfo {
+            id: eid,
+            ..Default::default()
+        };
+        if let Some(v4) = ips.iter().find_map(|ip| match ip {
+            IpAddr::V4(a) => Some(*a),
+            IpAddr::V6(_) => None,
+        }) {
+            info.flags |= EP_HAS_V4;
+            info.ipv4 = v4.octets();
+        }
+        if let Some(v6) = ips.iter().find_map(|ip| match ip {
+            IpAddr::V6(a) => Some(*a),
+            IpAddr::V4(_) => None,
+        }) {
+            info.flags |= EP_HAS_V6;
+            info.ipv6 = v6.octets();
+        }
+        info.identity = ips
+            .iter()
+            .find_map(|ip| addr_keys.get(ip).map(id_of))
+            .unwrap_or(IDENTITY_WORLD);
+
+        for dir in [DIR_INGRESS, DIR_EGRESS] {
+            let mut masks = 0u32;
+            for (pi, p) in policies.iter().enumerate() {
+                let rules = if dir == DIR_INGRESS {
+                    &p.ingress
+                } else {
+                    &p.egress
+                };
+                let Some(rules) = rules else { continue };
+                if p.namespace != r.namespace || !p.pod_selector.matches(&f.labels) {
+                    continue;
+                }
+                info.flags |= if dir == DIR_INGRESS {
+                    EP_INGRESS_ISOLATED
+                } else {
+                    EP_EGRESS_ISOLATED
+                };
+                for (ri, rule) in rules.iter().enumerate() {
+                    let peers = resolved
+                        .entry((pi, dir, ri))
+                        .or_insert_with(|| resolve(rule));
+                    let mut keys: Vec<PolicyKey> = Vec::new();
+                    let peer_list: Vec<u32> = peers.clone().unwrap_or_else(|| vec![IDENTITY_ANY]);
+                    let push_all = |proto: u8, port: u16, len: u8, keys: &mut Vec<PolicyKey>| {
+                        keys.extend(
+                            peer_list
+                                .iter()
+                                .map(|id| PolicyKey::new(eid, *id, dir, proto, port, len)),
+                        );
+                    };
+                    match &rule.ports {
+                        None => push_all(PROTO_ANY, 0, 0, &mut keys),
+                        Some(ports) => {
+                            for port in ports {
+                                match port {
+                                    Port::All(proto) => push_all(*proto, 0, 0, &mut keys),
+                                    Port::Range(proto, lo, hi) => {
+                                        for (start, len) in port_blocks(*lo, *hi) {
+                                            push_all(*proto, start, len, &mut keys);
+                                        }
+                                    }
+                                    // Ingress: the port of the destination, i.e. this pod.
+                                    Port::Named(proto, name) if dir == DIR_INGRESS => {
+                                        for (n, pr, num) in &f.named_ports {
+                                            if n == name && pr == proto {
+                                                push_all(*proto, *num, 16, &mut keys);
+                                            }
+                                        }
+                                    }
+                                    // Egress: the port of each peer pod that declares it.
+                                    Port::Named(proto, name) => {
+                                        for (id, pf) in &pod_identities {
+                                            if peers.as_ref().is_some_and(|ps| !ps.contains(id)) {
+                                                continue;
+                                            }
+                                            for (n, pr, num) in &pf.named_ports {
+                                                if n == name && pr == proto {
+                                                    keys.push(PolicyKey::new(
+                                                        eid, *id, dir, *proto, *num, 16,
+                                                    ));
+                                                }
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    if keys.is_empty() {
+                        continue;
+                    }
+                    let rule_ref = RuleRef {
+                        namespace: p.namespace.clone(),
+                        policy: p.name.clone(),
+                        direction: dir,
+                        index: u32::try_from(ri).unwrap_or(u32::MAX),
+                    };
+                    let Some(rule_id) = alloc.rules.get(&rule_ref, generation) else {
+                        continue;
+                    };
+                    state.rules.insert(rule_id, rule_ref);
+                    for k in keys {
+                        masks |= if k.protocol == PROTO_ANY {
+                            PORT_MASK_ANY_PROTO
+                        } else {
+                            1 << k.port_prefix_len
+                        };
+                        state.policy.entry(k).or_insert(PolicyValue {
+                            rule: rule_id,
+                            _pad: 0,
+                        });
+                    }
+                }
+            }
+            info.port_masks[usize::from(dir)] = masks;
+        }
+        state
+            .endpoints
+            .insert(r.clone(), EndpointState { info, ips });
+    }
+
+    alloc.identities.sweep(generation);
+    alloc.endpoints.sweep(generation);
+    alloc.rules.sweep(generation);
+    let identities = ids.into_iter().map(|(k, id)| (id, k.clone())).collect();
+    Compiled {
+        state,
+        errors,
+        identities,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_blocks_cover_exactly() {
+        assert_eq!(port_blocks(80, 80), [(80, 16)]);
+        assert_eq!(port_blocks(0, 65535), [(0, 0)]);
+        assert_eq!(port_blocks(80, 83), [(80, 14)]);
+        assert_eq!(port_blocks(79, 84), [(79, 16), (80, 14), (84, 16)]);
+        assert_eq!(port_blocks(65535, 65535), [(65535, 16)]);
+        for (lo, hi) in [
+            (1u16, 65535u16),
+            (1000, 2000),
+            (32768, 60999),
+            (5, 5),
+            (65534, 65535),
+        ] {
+            let blocks = port_blocks(lo, hi);
+            let mut covered = 0u32;
+            for (start, len) in &blocks {
+                let size = 1u32 << (16 - len);
+                assert_eq!(u32::from(*start) % size, 0, "aligned");
+                covered += size;
+            }
+            assert_eq!(covered, u32::from(hi) - u32::from(lo) + 1);
+            for p in [
+                lo,
+                hi,
+                lo.saturating_sub(1),
+                hi.saturating_add(1),
+                (lo / 2 + hi / 2),
+            ] {
+                let inside = blocks
+                    .iter()
+                    .any(|(s, l)| p & enforcer_common::port_mask(*l) == *s);
+                assert_eq!(inside, (lo..=hi).contains(&p), "{lo}-{hi} port {p}");
+            }
+        }
+    }
+
+    #[test]
+    fn pool_keeps_and_quarantines_numbers() {
+        let mut pool: Pool<&str> = Pool::new(1, 3, false);
+        assert_eq!(pool.get(&"a", 1), Some(1));
+        assert_eq!(pool.get(&"b", 1), Some(2));
+        pool.sweep(1);
+        assert_eq!(pool.get(&"b", 2), Some(2));
+        pool.sweep(2); // a freed at 2
+        assert_eq!(
+            pool.get(&"c", 3),
+            Some(3),
+            "a's number is quarantined for one compile"
+        );
+        assert_eq!(pool.get(&"b", 3), Some(2));
+        pool.sweep(3);
+        assert_eq!(pool.get(&"d", 4), Some(1));
+        assert_eq!(pool.get(&"e", 4), None, "full");
+    }
+}

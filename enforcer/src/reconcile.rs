@@ -1,0 +1,327 @@
+//! Writes a [`DesiredState`] into the datapath without a window: every new or changed entry of
+//! every map first (peers, CIDRs and policy before the endpoint entries that turn isolation on,
+//! endpoint entries before their programs are attached), then stale entries go in the reverse
+//! order. It starts from what the maps hold, so after a restart it adopts the pinned state and
+//! changes only what differs.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, hash_map::DefaultHasher},
+    hash::{Hash, Hasher},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use anyhow::{Context as _, Result};
+use enforcer_common::{EndpointInfo, PeerInfo, PolicyKey, PolicyValue};
+
+use crate::{
+    maps::{MapTable, sync_removals, sync_upserts},
+    routes::Routes,
+    state::{DesiredState, PodRef, Prefix},
+};
+
+/// The kernel side as the reconciler needs it; the datapath module implements it over pinned
+/// aya maps and links, tests over [`crate::maps::FakeTable`]s.
+pub trait Dataplane {
+    fn endpoints(&mut self) -> &mut dyn MapTable<u32, EndpointInfo>;
+    fn peers_v4(&mut self) -> &mut dyn MapTable<Ipv4Addr, PeerInfo>;
+    fn peers_v6(&mut self) -> &mut dyn MapTable<Ipv6Addr, PeerInfo>;
+    fn cidrs_v4(&mut self) -> &mut dyn MapTable<Prefix<Ipv4Addr>, PeerInfo>;
+    fn cidrs_v6(&mut self) -> &mut dyn MapTable<Prefix<Ipv6Addr>, PeerInfo>;
+    fn policy(&mut self) -> &mut dyn MapTable<PolicyKey, PolicyValue>;
+    /// Attach both programs to `ifindex` (replacing older programs atomically).
+    fn attach(&mut self, ifindex: u32) -> Result<()>;
+    /// Detach both programs from `ifindex` (the interface may be gone already).
+    fn detach(&mut self, ifindex: u32) -> Result<()>;
+    /// Interfaces with our programs attached.
+    fn attached(&mut self) -> Result<BTreeSet<u32>>;
+    /// Drop the conntrack and fragment entries of an endpoint id that is going away.
+    fn forget_flows(&mut self, endpoint_id: u32) -> Result<()>;
+}
+
+/// What one reconcile did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Pods whose host interface was not found (yet): retried on the next reconcile.
+    pub pending: Vec<PodRef>,
+    /// Pods that could not be attached, with the error.
+    pub failed: Vec<(PodRef, String)>,
+    pub attached: Vec<u32>,
+    pub detached: Vec<u32>,
+    pub written: usize,
+    pub removed: usize,
+}
+
+impl Report {
+    /// Everything desired is in the kernel.
+    pub fn complete(&self) -> bool {
+        self.pending.is_empty() && self.failed.is_empty()
+    }
+}
+
+/// Keeps what must survive between reconciles: the epoch of each endpoint id and the hash of
+/// what it was computed from, so that only endpoints whose policy changed re-check their flows.
+#[derive(Debug, Default)]
+pub struct Reconciler {
+    epochs: BTreeMap<u32, (u32, u64)>,
+    adopted: bool,
+}
+
+impl Reconciler {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Programs `desired` into `dp`.
+    pub fn apply(&mut self, desired: &DesiredState, dp: &mut dyn Dataplane, routes: &dyn Routes) -> Result<Report> {
+        let mut report = Report::default();
+        if !self.adopted {
+            self.adopt(dp)?;
+        }
+
+        // Where each endpoint lives.
+        let mut endpoints: BTreeMap<u32, EndpointInfo> = BTreeMap::new();
+        let mut owner: BTreeMap<u32, PodRef> = BTreeMap::new();
+        let shared = shared_fingerprint(desired);
+        for (pod, ep) in &desired.endpoints {
+            let mut ifindex = None;
+            for ip in &ep.ips {
+                if let Some(i) = routes.ifindex_for(*ip).with_context(|| format!("route to {ip} of {pod}"))? {
+                    ifindex = Some(i);
+                    break;
+                }
+            }
+            let Some(ifindex) = ifindex else {
+                report.pending.push(pod.clone());
+                continue;
+            };
+            let mut info = ep.info;
+            info.epoch = self.epoch_for(desired, &info, shared);
+            if let Some(other) = owner.insert(ifindex, pod.clone()) {
+                report.failed.push((pod.clone(), format!("interface {ifindex} is also the route of {other}")));
+                continue;
+            }
+            endpoints.insert(ifindex, info);
+        }
+
+        let peers_v4: BTreeMap<_, _> = desired.peers_v4.clone();
+        let peers_v6: BTreeMap<_, _> = desired.peers_v6.clone();
+
+        // 1. Additions and changes, the peers and policy an endpoint needs before the endpoint.
+        report.written += sync_upserts(&peers_v4, dp.peers_v4()).context("writing PEERS_V4")?;
+        report.written += sync_upserts(&peers_v6, dp.peers_v6()).context("writing PEERS_V6")?;
+        report.written += sync_upserts(&desired.cidrs_v4, dp.cidrs_v4()).context("writing CIDRS_V4")?;
+        report.written += sync_upserts(&desired.cidrs_v6, dp.cidrs_v6()).context("writing CIDRS_V6")?;
+        report.written += sync_upserts(&desired.policy, dp.policy()).context("writing POLICY")?;
+        report.written += sync_upserts(&endpoints, dp.endpoints()).context("writing ENDPOINTS")?;
+
+        // 2. Programs on new interfaces (their endpoint entry exists now).
+        let attached = dp.attached().context("listing attached interfaces")?;
+        for (ifindex, pod) in &owner {
+            if !endpoints.contains_key(ifindex) || attached.contains(ifindex) {
+                continue;
+            }
+            match dp.attach(*ifindex) {
+                Ok(()) => report.attached.push(*ifindex),
+                Err(e) => report.failed.push((pod.clone(), format!("attaching to interface {ifindex}: {e:#}"))),
+            }
+        }
+
+        // 3. Removals, in reverse: programs off interfaces that are no longer pods, then entries.
+        for ifindex in attached.iter().filter(|i| !endpoints.contains_key(i)) {
+            dp.detach(*ifindex).with_context(|| format!("detaching from interface {ifindex}"))?;
+            report.detached.push(*ifindex);
+        }
+        let live_ids: BTreeSet<u32> = desired.endpoints.values().map(|e| e.info.id).collect();
+        let gone_ids: Vec<u32> = self.epochs.keys().copied().filter(|id| !live_ids.contains(id)).collect();
+        report.removed += sync_removals(&endpoints, dp.endpoints()).context("removing from ENDPOINTS")?;
+        for id in gone_ids {
+            dp.forget_flows(id).with_context(|| format!("forgetting flows of endpoint {id}"))?;
+            self.epochs.remove(&id);
+        }
+        report.removed += sync_removals(&desired.policy, dp.policy()).context("removing from POLICY")?;
+        report.removed += sync_removals(&desired.cidrs_v6, dp.cidrs_v6()).context("removing from CIDRS_V6")?;
+        report.removed += sync_removals(&desired.cidrs_v4, dp.cidrs_v4()).context("removing from CIDRS_V4")?;
+        report.removed += sync_removals(&peers_v6, dp.peers_v6()).context("removing from PEERS_V6")?;
+        report.removed += sync_removals(&peers_v4, dp.peers_v4()).context("removing from PEERS_V4")?;
+        Ok(report)
+    }
+
+    /// After a restart: continue from the epochs in the pinned endpoint entries, one higher, so
+    /// flows tracked while the agent was away are re-checked against the policy once.
+    fn adopt(&mut self, dp: &mut dyn Dataplane) -> Result<()> {
+        let table = dp.endpoints();
+        for ifindex in table.keys().context("reading pinned ENDPOINTS")? {
+            if let Some(info) = table.get(&ifindex)? {
+                self.epochs.insert(info.id, (info.epoch, 0));
+            }
+        }
+        self.adopted = true;
+        Ok(())
+    }
+
+    /// The epoch an endpoint entry gets: unchanged while what decides its verdicts is unchanged,
+    /// one higher when anything of it changed.
+    fn epoch_for(&mut self, desired: &DesiredState, info: &EndpointInfo, shared: u64) -> u32 {
+        let mut h = DefaultHasher::new();
+        shared.hash(&mut h);
+        let mut bare = *info;
+        bare.epoch = 0;
+        bare.hash(&mut h);
+        let lo = PolicyKey { endpoint: info.id, ..PolicyKey::default() };
+        let hi = PolicyKey { endpoint: info.id + 1, ..PolicyKey::default() };
+        for (k, v) in desired.policy.range(lo..hi) {
+            k.hash(&mut h);
+            v.hash(&mut h);
+        }
+        let fp = h.finish();
+        let entry = self.epochs.entry(info.id).or_insert((0, 0));
+        if entry.1 != fp {
+            *entry = (entry.0.wrapping_add(1), fp);
+        }
+        entry.0
+    }
+}
+
+/// Hash of the maps every endpoint's verdicts depend on (what an address resolves to).
+fn shared_fingerprint(desired: &DesiredState) -> u64 {
+    let mut h = DefaultHasher::new();
+    desired.peers_v4.hash(&mut h);
+    desired.peers_v6.hash(&mut h);
+    desired.cidrs_v4.hash(&mut h);
+    desired.cidrs_v6.hash(&mut h);
+    h.finish()
+}
+
+/// A dataplane of in-memory maps, for tests of everything above the kernel.
+#[derive(Debug, Default)]
+pub struct FakeDataplane {
+    pub endpoints: crate::maps::FakeTable<u32, EndpointInfo>,
+    pub peers_v4: crate::maps::FakeTable<Ipv4Addr, PeerInfo>,
+    pub peers_v6: crate::maps::FakeTable<Ipv6Addr, PeerInfo>,
+    pub cidrs_v4: crate::maps::FakeTable<Prefix<Ipv4Addr>, PeerInfo>,
+    pub cidrs_v6: crate::maps::FakeTable<Prefix<Ipv6Addr>, PeerInfo>,
+    pub policy: crate::maps::FakeTable<PolicyKey, PolicyValue>,
+    pub links: BTreeSet<u32>,
+    pub forgotten: Vec<u32>,
+}
+
+impl Dataplane for FakeDataplane {
+    fn endpoints(&mut self) -> &mut dyn MapTable<u32, EndpointInfo> {
+        &mut self.endpoints
+    }
+    fn peers_v4(&mut self) -> &mut dyn MapTable<Ipv4Addr, PeerInfo> {
+        &mut self.peers_v4
+    }
+    fn peers_v6(&mut self) -> &mut dyn MapTable<Ipv6Addr, PeerInfo> {
+        &mut self.peers_v6
+    }
+    fn cidrs_v4(&mut self) -> &mut dyn MapTable<Prefix<Ipv4Addr>, PeerInfo> {
+        &mut self.cidrs_v4
+    }
+    fn cidrs_v6(&mut self) -> &mut dyn MapTable<Prefix<Ipv6Addr>, PeerInfo> {
+        &mut self.cidrs_v6
+    }
+    fn policy(&mut self) -> &mut dyn MapTable<PolicyKey, PolicyValue> {
+        &mut self.policy
+    }
+    fn attach(&mut self, ifindex: u32) -> Result<()> {
+        self.links.insert(ifindex);
+        Ok(())
+    }
+    fn detach(&mut self, ifindex: u32) -> Result<()> {
+        self.links.remove(&ifindex);
+        Ok(())
+    }
+    fn attached(&mut self) -> Result<BTreeSet<u32>> {
+        Ok(self.links.clone())
+    }
+    fn forget_flows(&mut self, endpoint_id: u32) -> Result<()> {
+        self.forgotten.push(endpoint_id);
+        Ok(())
+    }
+}
+
+/// Routes from a fixed table, for tests.
+#[derive(Debug, Default)]
+pub struct FakeRoutes(pub BTreeMap<IpAddr, u32>);
+
+impl Routes for FakeRoutes {
+    fn ifindex_for(&self, ip: IpAddr) -> Result<Option<u32>> {
+        Ok(self.0.get(&ip).copied())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use enforcer_common::{DIR_INGRESS, EP_HAS_V4, EP_INGRESS_ISOLATED, PROTO_TCP};
+
+    use super::*;
+    use crate::state::EndpointState;
+
+    fn state(policy_port: u16, with_b: bool) -> DesiredState {
+        let mut s = DesiredState::default();
+        let a_ip: Ipv4Addr = "10.0.0.1".parse().unwrap();
+        let info = EndpointInfo { id: 1, flags: EP_INGRESS_ISOLATED | EP_HAS_V4, identity: 300, ipv4: a_ip.octets(), ..Default::default() };
+        s.endpoints.insert(PodRef::new("x", "a"), EndpointState { info, ips: vec![a_ip.into()] });
+        s.peers_v4.insert(a_ip, PeerInfo { identity: 300, flags: 0 });
+        if with_b {
+            let b_ip: Ipv4Addr = "10.0.0.2".parse().unwrap();
+            let info = EndpointInfo { id: 2, flags: EP_HAS_V4, identity: 301, ipv4: b_ip.octets(), ..Default::default() };
+            s.endpoints.insert(PodRef::new("x", "b"), EndpointState { info, ips: vec![b_ip.into()] });
+            s.peers_v4.insert(b_ip, PeerInfo { identity: 301, flags: 0 });
+        }
+        s.policy.insert(PolicyKey::new(1, 301, DIR_INGRESS, PROTO_TCP, policy_port, 16), PolicyValue { rule: 1, _pad: 0 });
+        s
+    }
+
+    fn routes() -> FakeRoutes {
+        FakeRoutes(BTreeMap::from([("10.0.0.1".parse().unwrap(), 11), ("10.0.0.2".parse().unwrap(), 12)]))
+    }
+
+    #[test]
+    fn attaches_writes_and_bumps_epochs_only_on_change() {
+        let mut dp = FakeDataplane::default();
+        let mut r = Reconciler::new();
+        let rep = r.apply(&state(80, true), &mut dp, &routes()).unwrap();
+        assert!(rep.complete());
+        assert_eq!(dp.links, BTreeSet::from([11, 12]));
+        let e1 = dp.endpoints.entries[&11].epoch;
+        let e2 = dp.endpoints.entries[&12].epoch;
+        // Same state: nothing written, epochs unchanged.
+        let rep = r.apply(&state(80, true), &mut dp, &routes()).unwrap();
+        assert_eq!((rep.written, rep.removed), (0, 0));
+        assert_eq!(dp.endpoints.entries[&11].epoch, e1);
+        // Policy of endpoint 1 changes: only its epoch moves.
+        let rep = r.apply(&state(81, true), &mut dp, &routes()).unwrap();
+        assert_eq!((rep.written, rep.removed), (2, 1), "new policy key + endpoint 1 epoch, old key removed");
+        assert_eq!(dp.endpoints.entries[&11].epoch, e1 + 1);
+        assert_eq!(dp.endpoints.entries[&12].epoch, e2);
+    }
+
+    #[test]
+    fn removed_pod_is_detached_and_forgotten_and_missing_route_is_pending() {
+        let mut dp = FakeDataplane::default();
+        let mut r = Reconciler::new();
+        r.apply(&state(80, true), &mut dp, &routes()).unwrap();
+        let rep = r.apply(&state(80, false), &mut dp, &routes()).unwrap();
+        assert_eq!(rep.detached, vec![12]);
+        assert_eq!(dp.forgotten, vec![2]);
+        assert!(!dp.endpoints.entries.contains_key(&12));
+        let rep = r.apply(&state(80, true), &mut dp, &FakeRoutes(BTreeMap::new())).unwrap();
+        assert_eq!(rep.pending.len(), 2);
+        assert!(!rep.complete());
+    }
+
+    #[test]
+    fn restart_adopts_pinned_state_and_rechecks_flows_once() {
+        let mut dp = FakeDataplane::default();
+        Reconciler::new().apply(&state(80, true), &mut dp, &routes()).unwrap();
+        let before = dp.endpoints.entries[&11].epoch;
+        // A new agent process: same desired state, maps as pinned.
+        let mut r = Reconciler::new();
+        let rep = r.apply(&state(80, true), &mut dp, &routes()).unwrap();
+        assert!(rep.attached.is_empty(), "links were adopted, not re-created");
+        assert_eq!(dp.endpoints.entries[&11].epoch, before + 1);
+        assert_eq!(rep.removed, 0);
+    }
+}

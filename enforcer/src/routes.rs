@@ -1,0 +1,118 @@
+//! Finds a pod's host-side interface the way kindnet and Calico lay pods out: by the node's
+//! route to the pod's address (a /32 or /128 via the host end of its veth).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use anyhow::{Context as _, Result};
+
+/// Resolves an address to the ifindex of the interface the node routes it to.
+pub trait Routes {
+    fn ifindex_for(&self, ip: IpAddr) -> Result<Option<u32>>;
+}
+
+/// Routes from the kernel's main table (`/proc/net/route`, `/proc/net/ipv6_route`) of the
+/// network namespace the agent runs in. Only device routes without a gateway count: a pod's
+/// route points at its veth, never through a gateway.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelRoutes;
+
+impl Routes for KernelRoutes {
+    fn ifindex_for(&self, ip: IpAddr) -> Result<Option<u32>> {
+        let iface = match ip {
+            IpAddr::V4(a) => {
+                let table = std::fs::read_to_string("/proc/net/route").context("reading /proc/net/route")?;
+                best_v4(&table, a)
+            }
+            IpAddr::V6(a) => {
+                let table =
+                    std::fs::read_to_string("/proc/net/ipv6_route").context("reading /proc/net/ipv6_route")?;
+                best_v6(&table, a)
+            }
+        };
+        let Some(iface) = iface else { return Ok(None) };
+        Ok(ifindex(&iface))
+    }
+}
+
+/// ifindex of a named interface in the current network namespace.
+pub fn ifindex(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a valid NUL-terminated string.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (idx != 0).then_some(idx)
+}
+
+/// Longest-prefix gateway-less route for `ip` in `/proc/net/route` text.
+fn best_v4(table: &str, ip: Ipv4Addr) -> Option<String> {
+    let ip = u32::from(ip);
+    let mut best: Option<(u32, String)> = None;
+    for line in table.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 8 {
+            continue;
+        }
+        // The kernel prints the network-order address bytes as one little-endian u32.
+        let parse = |s: &str| u32::from_str_radix(s, 16).ok().map(|v| u32::from_be_bytes(v.to_le_bytes()));
+        let (Some(dest), Some(gw), Some(mask)) = (parse(f[1]), parse(f[2]), parse(f[7])) else { continue };
+        if gw != 0 || ip & mask != dest {
+            continue;
+        }
+        let len = mask.count_ones();
+        if best.as_ref().is_none_or(|(l, _)| len > *l) {
+            best = Some((len, f[0].to_string()));
+        }
+    }
+    best.map(|(_, i)| i)
+}
+
+/// Longest-prefix gateway-less route for `ip` in `/proc/net/ipv6_route` text.
+fn best_v6(table: &str, ip: Ipv6Addr) -> Option<String> {
+    let ip = u128::from(ip);
+    let mut best: Option<(u32, String)> = None;
+    for line in table.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 10 {
+            continue;
+        }
+        let (Ok(dest), Ok(len), Ok(gw)) =
+            (u128::from_str_radix(f[0], 16), u32::from_str_radix(f[1], 16), u128::from_str_radix(f[4], 16))
+        else {
+            continue;
+        };
+        if gw != 0 || len > 128 || f[9] == "lo" {
+            continue;
+        }
+        let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+        if ip & mask != dest {
+            continue;
+        }
+        if best.as_ref().is_none_or(|(l, _)| len > *l) {
+            best = Some((len, f[9].to_string()));
+        }
+    }
+    best.map(|(_, i)| i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_the_host_route_of_a_pod() {
+        let t = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                 eth0\t00000000\t0101A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+                 veth0\t0A00F00A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n\
+                 cni0\t0000F00A\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n";
+        assert_eq!(best_v4(t, "10.240.0.10".parse().unwrap()).as_deref(), Some("veth0"));
+        assert_eq!(best_v4(t, "10.240.0.11".parse().unwrap()).as_deref(), Some("cni0"));
+        assert_eq!(best_v4(t, "8.8.8.8".parse().unwrap()), None, "gateway routes never count");
+    }
+
+    #[test]
+    fn picks_the_v6_host_route() {
+        let t = "fd000240000000000000000000000010 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 00000001    veth3\n\
+                 00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000001 00000400 00000001 00000000 00000003     eth0\n";
+        assert_eq!(best_v6(t, "fd00:240::10".parse().unwrap()).as_deref(), Some("veth3"));
+        assert_eq!(best_v6(t, "fd00:240::11".parse().unwrap()), None);
+    }
+}

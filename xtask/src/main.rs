@@ -1,0 +1,80 @@
+//! Developer tasks: `cargo xtask setup | test | demo`. Every task runs `setup` first, so a fresh
+//! clone needs no manual step.
+
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "enforcer developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what builds and tests need: the nightly's rust-src, bpf-linker built against the
+    /// nightly's own LLVM, and the Debian packages the tests use. Idempotent.
+    Setup,
+    /// Build the agent (release, eBPF object embedded).
+    Build,
+    /// Run every test: unit and property tests, BPF_PROG_TEST_RUN suites, netns end-to-end
+    /// suites (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter after `--`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The demo: pods in network namespaces, the real agent, real policy, real drops.
+    Demo,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    setup::setup()?;
+    match cli.task {
+        Task::Setup => Ok(()),
+        Task::Build => build(),
+        Task::Test { args } => {
+            build()?;
+            let mut cmd = cargo();
+            cmd.args(["test", "--release", "--workspace"]).args(&args);
+            status(cmd, "cargo test")
+        }
+        Task::Demo => {
+            build()?;
+            let mut cmd = cargo();
+            cmd.args(["run", "--release", "--quiet", "-p", "enforcer", "--example", "demo"]);
+            status(cmd, "demo")
+        }
+    }
+}
+
+fn build() -> Result<()> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--release", "-p", "enforcer"]);
+    status(cmd, "cargo build --release")
+}
+
+/// `cargo` of the toolchain running xtask, in the workspace root.
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the workspace").to_path_buf()
+}
+
+fn status(mut cmd: Command, what: &str) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("running {what}"))?;
+    if !st.success() {
+        bail!("{what} failed ({st})");
+    }
+    Ok(())
+}
