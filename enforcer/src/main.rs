@@ -1,7 +1,218 @@
-fn main() {
-    let obj = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer"));
-    let mut ebpf = aya::Ebpf::load(obj).unwrap();
-    let p: &mut aya::programs::SchedClassifier = ebpf.program_mut("from_pod").unwrap().try_into().unwrap();
-    p.load().unwrap();
-    println!("loaded {} bytes", obj.len());
+//! The `enforcer` command: the node agent (`run`), the offline tools on the same compiler
+//! (`compile`, `explain`) and `cleanup`.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+use enforcer::{
+    agent::{Agent, View},
+    datapath::{Datapath, DatapathOptions},
+    flowlog::{FlowLog, FlowLogStats},
+    health::{self, Status},
+    offline,
+    policy::compile::CompileOptions,
+    source::ManifestsSource,
+};
+use enforcer_common::{
+    DEFAULT_CONNTRACK_SIZE, DEFAULT_EVENTS_BYTES, DEFAULT_FRAGMENTS_SIZE, DEFAULT_MAX_ENDPOINTS, DEFAULT_PEERS_SIZE,
+    DEFAULT_POLICY_SIZE,
+};
+
+#[derive(Parser)]
+#[command(name = "enforcer", version, about = "eBPF Kubernetes NetworkPolicy enforcer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent: watch the objects, compile them, program the datapath.
+    Run(RunArgs),
+    /// Compile a folder of manifests and print what each pod gets (offline, no root).
+    Compile {
+        /// Folder of Namespace, Pod and NetworkPolicy manifests.
+        dir: PathBuf,
+        /// Also print every map entry.
+        #[arg(long)]
+        entries: bool,
+        /// Compile for this node only (pods with `spec.nodeName`); default: every pod.
+        #[arg(long)]
+        node_name: Option<String>,
+    },
+    /// Explain the verdict of one flow: which policy and rule decided it (offline, no root).
+    Explain {
+        /// Folder of manifests.
+        dir: PathBuf,
+        /// Source: `NAMESPACE/POD` or an IP address.
+        #[arg(long)]
+        from: String,
+        /// Destination: `NAMESPACE/POD` or an IP address.
+        #[arg(long)]
+        to: String,
+        /// Destination port.
+        #[arg(long)]
+        port: u16,
+        /// tcp, udp or sctp.
+        #[arg(long, default_value = "tcp")]
+        protocol: String,
+    },
+    /// Detach every program and remove every pin under --pin-path.
+    Cleanup {
+        #[arg(long, default_value = enforcer::datapath::DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Standalone: read and watch the manifests in this folder instead of the API server.
+    #[arg(long)]
+    manifests: Option<PathBuf>,
+    /// This node's name (pods with this `spec.nodeName` are enforced here).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// bpffs folder for pinned maps and links (mounted when absent under /sys/fs/bpf).
+    #[arg(long, default_value = enforcer::datapath::DEFAULT_PIN_PATH)]
+    pin_path: PathBuf,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, default_value = "127.0.0.1:9901")]
+    health_addr: SocketAddr,
+    /// The node's own addresses (always allowed to and from its pods); default: every address
+    /// on the node's interfaces.
+    #[arg(long = "node-ip")]
+    node_ips: Vec<IpAddr>,
+    /// Log allowed new flows too, not only drops.
+    #[arg(long)]
+    log_allowed: bool,
+    /// Flow log lines per second at most; the rest are counted as rate-limited.
+    #[arg(long, default_value_t = 1000)]
+    flow_log_rate: u32,
+    /// Export packet counters per pod on /metrics.
+    #[arg(long)]
+    per_pod_metrics: bool,
+    /// Pods this node can enforce (ENDPOINTS map size).
+    #[arg(long, default_value_t = DEFAULT_MAX_ENDPOINTS)]
+    max_endpoints: u32,
+    /// Entries of the pod/node address maps.
+    #[arg(long, default_value_t = DEFAULT_PEERS_SIZE)]
+    peers_map_size: u32,
+    /// Entries of the policy map.
+    #[arg(long, default_value_t = DEFAULT_POLICY_SIZE)]
+    policy_map_size: u32,
+    /// Entries of the conntrack map.
+    #[arg(long, default_value_t = DEFAULT_CONNTRACK_SIZE)]
+    conntrack_map_size: u32,
+    /// Entries of the fragments map.
+    #[arg(long, default_value_t = DEFAULT_FRAGMENTS_SIZE)]
+    fragments_map_size: u32,
+    /// Bytes of the verdict event ring buffer.
+    #[arg(long, default_value_t = DEFAULT_EVENTS_BYTES)]
+    events_bytes: u32,
+}
+
+fn main() -> Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).target(env_logger::Target::Stderr).init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::Compile { dir, entries, node_name } => {
+            print!("{}", offline::compile_report(&dir, node_name, entries)?);
+            Ok(())
+        }
+        Command::Explain { dir, from, to, port, protocol } => {
+            print!("{}", offline::explain_report(&dir, &from, &to, port, &protocol)?);
+            Ok(())
+        }
+        Command::Cleanup { pin_path } => {
+            Datapath::cleanup(&pin_path).with_context(|| format!("cleaning up {}", pin_path.display()))?;
+            eprintln!("removed programs and pins under {}", pin_path.display());
+            Ok(())
+        }
+    }
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let Some(dir) = args.manifests.clone() else {
+        bail!("in-cluster mode (kube watchers) is not available in this build yet: use --manifests DIR");
+    };
+    let node_ips = if args.node_ips.is_empty() { offline::local_addresses()? } else { args.node_ips.clone() };
+    log::info!("node addresses: {node_ips:?}");
+    let options = DatapathOptions {
+        pin_path: args.pin_path.clone(),
+        max_endpoints: args.max_endpoints,
+        peers_size: args.peers_map_size,
+        policy_size: args.policy_map_size,
+        conntrack_size: args.conntrack_map_size,
+        fragments_size: args.fragments_map_size,
+        events_bytes: args.events_bytes,
+        log_allowed: args.log_allowed,
+        ..DatapathOptions::default()
+    };
+    let mut datapath = Datapath::open(options).context("opening the datapath")?;
+    let events = datapath.take_events();
+    let datapath = Arc::new(Mutex::new(datapath));
+    let status = Arc::new(Status::default());
+    let view = Arc::new(Mutex::new(View::default()));
+    let flow_stats = Arc::new(FlowLogStats::default());
+    {
+        let s = flow_stats.clone();
+        status.add_renderer(Arc::new(move |o: &mut String| s.render(o)));
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let agent = Agent {
+        source: ManifestsSource::new(dir),
+        compile_options: CompileOptions {
+            node_name: args.node_name.clone(),
+            node_ips,
+            max_endpoints: args.max_endpoints,
+        },
+        datapath,
+        status: status.clone(),
+        view: view.clone(),
+        per_pod_metrics: args.per_pod_metrics,
+    };
+    let loop_stop = stop.clone();
+    let control = std::thread::Builder::new().name("control".into()).spawn(move || agent.run(loop_stop))?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let health = tokio::spawn(health::serve(args.health_addr, status.clone()));
+        if let Some(events) = events {
+            let mut log = FlowLog::new(view, flow_stats, args.flow_log_rate);
+            match events.into_async() {
+                Ok(mut ev) => {
+                    tokio::spawn(async move {
+                        while let Ok(batch) = ev.next_batch().await {
+                            log.log(&batch);
+                        }
+                    });
+                }
+                Err(e) => log::warn!("flow log disabled: {e:#}"),
+            }
+        }
+        log::info!("enforcing; health on http://{}", args.health_addr);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = health => { r.context("health task")??; }
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        anyhow::Ok(())
+    })?;
+    stop.store(true, Ordering::Relaxed);
+    let _ = control.join();
+    std::thread::sleep(Duration::from_millis(10));
+    log::info!("stopped; programs stay attached and pinned (`enforcer cleanup` removes them)");
+    Ok(())
 }

@@ -23,8 +23,9 @@ use crate::{
 /// aya maps and links, tests over [`crate::maps::FakeTable`]s.
 pub trait Dataplane {
     fn endpoints(&mut self) -> &mut dyn MapTable<u32, EndpointInfo>;
-    fn peers_v4(&mut self) -> &mut dyn MapTable<Ipv4Addr, PeerInfo>;
-    fn peers_v6(&mut self) -> &mut dyn MapTable<Ipv6Addr, PeerInfo>;
+    /// Keyed by the address bytes in network order, as the program looks them up.
+    fn peers_v4(&mut self) -> &mut dyn MapTable<[u8; 4], PeerInfo>;
+    fn peers_v6(&mut self) -> &mut dyn MapTable<[u8; 16], PeerInfo>;
     fn cidrs_v4(&mut self) -> &mut dyn MapTable<Prefix<Ipv4Addr>, PeerInfo>;
     fn cidrs_v6(&mut self) -> &mut dyn MapTable<Prefix<Ipv6Addr>, PeerInfo>;
     fn policy(&mut self) -> &mut dyn MapTable<PolicyKey, PolicyValue>;
@@ -103,8 +104,8 @@ impl Reconciler {
             endpoints.insert(ifindex, info);
         }
 
-        let peers_v4: BTreeMap<_, _> = desired.peers_v4.clone();
-        let peers_v6: BTreeMap<_, _> = desired.peers_v6.clone();
+        let peers_v4: BTreeMap<[u8; 4], PeerInfo> = desired.peers_v4.iter().map(|(a, p)| (a.octets(), *p)).collect();
+        let peers_v6: BTreeMap<[u8; 16], PeerInfo> = desired.peers_v6.iter().map(|(a, p)| (a.octets(), *p)).collect();
 
         // 1. Additions and changes, the peers and policy an endpoint needs before the endpoint.
         report.written += sync_upserts(&peers_v4, dp.peers_v4()).context("writing PEERS_V4")?;
@@ -196,8 +197,8 @@ fn shared_fingerprint(desired: &DesiredState) -> u64 {
 #[derive(Debug, Default)]
 pub struct FakeDataplane {
     pub endpoints: crate::maps::FakeTable<u32, EndpointInfo>,
-    pub peers_v4: crate::maps::FakeTable<Ipv4Addr, PeerInfo>,
-    pub peers_v6: crate::maps::FakeTable<Ipv6Addr, PeerInfo>,
+    pub peers_v4: crate::maps::FakeTable<[u8; 4], PeerInfo>,
+    pub peers_v6: crate::maps::FakeTable<[u8; 16], PeerInfo>,
     pub cidrs_v4: crate::maps::FakeTable<Prefix<Ipv4Addr>, PeerInfo>,
     pub cidrs_v6: crate::maps::FakeTable<Prefix<Ipv6Addr>, PeerInfo>,
     pub policy: crate::maps::FakeTable<PolicyKey, PolicyValue>,
@@ -209,10 +210,10 @@ impl Dataplane for FakeDataplane {
     fn endpoints(&mut self) -> &mut dyn MapTable<u32, EndpointInfo> {
         &mut self.endpoints
     }
-    fn peers_v4(&mut self) -> &mut dyn MapTable<Ipv4Addr, PeerInfo> {
+    fn peers_v4(&mut self) -> &mut dyn MapTable<[u8; 4], PeerInfo> {
         &mut self.peers_v4
     }
-    fn peers_v6(&mut self) -> &mut dyn MapTable<Ipv6Addr, PeerInfo> {
+    fn peers_v6(&mut self) -> &mut dyn MapTable<[u8; 16], PeerInfo> {
         &mut self.peers_v6
     }
     fn cidrs_v4(&mut self) -> &mut dyn MapTable<Prefix<Ipv4Addr>, PeerInfo> {

@@ -29,11 +29,14 @@ pub mod verify;
 #[cfg(test)]
 mod tests;
 
-pub use bind::{Bindings, PodDirectory, PodRef, identity_labels};
-pub use jwks::{FileKeySource, Jwks, KeySource, KeySourceError, KeyStore, OidcKeySource};
+pub use bind::{Bindings, PodDirectory, PodRef, check_binding, identity_labels};
+pub use jwks::{
+    ApiGet, FileKeySource, Jwks, JwksError, KeySource, KeySourceError, KeyStore, OidcKeySource,
+    Refresh,
+};
 pub use metrics::IdentityMetrics;
-pub use server::{AttestState, RateLimit, router, serve};
-pub use verify::{Verifier, VerifierConfig};
+pub use server::{AttestState, RateLimit, RateLimiter, router, serve, serve_listener};
+pub use verify::{ConfigError, VerifiedToken, Verifier, VerifierConfig};
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -1,9 +1,16 @@
 //! The input of the compiler: the API objects one node needs, as plain values.
 
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
 use k8s_openapi::api::{
     core::v1::{Namespace, Pod},
     networking::v1::NetworkPolicy,
 };
+
+use crate::state::PodRef;
 
 /// Every object the compiler reads. Sources (the manifests folder, the kube watchers) produce
 /// one of these per change; the compiler never does IO.
@@ -13,13 +20,6 @@ pub struct Cluster {
     pub pods: Vec<Pod>,
     pub policies: Vec<NetworkPolicy>,
 }
-
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
-};
-
-use crate::state::PodRef;
 
 /// The label the API server puts on every namespace.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";

@@ -1,0 +1,192 @@
+//! The agent's control loop: read the source, compile, reconcile, publish status; and the flow
+//! log of verdict events.
+//!
+//! The loop runs on its own thread (the kernel calls are synchronous and quick); the HTTP side
+//! runs on tokio and only reads [`Status`].
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use enforcer_common::REASON_COUNT;
+
+use crate::{
+    datapath::Datapath,
+    health::Status,
+    policy::{
+        compile::{Allocations, CompileOptions, compile},
+        model::Cluster,
+    },
+    reconcile::Reconciler,
+    routes::KernelRoutes,
+    source::{LastGoodPolicies, ManifestsSource},
+    state::DesiredState,
+};
+
+/// How often the source is polled (edits apply within a second).
+const POLL: Duration = Duration::from_millis(100);
+/// How often the kernel state is re-checked without an input change (new veths, retries).
+const RESYNC: Duration = Duration::from_secs(1);
+
+/// The compiled view the agent enforces now, shared with the flow log.
+#[derive(Default)]
+pub struct View {
+    pub state: DesiredState,
+    /// Endpoint id -> pod, identity -> description, for the flow log.
+    pub pods_by_endpoint: BTreeMap<u32, String>,
+    pub pods_by_ip: BTreeMap<IpAddr, String>,
+}
+
+/// Everything the loop needs.
+pub struct Agent {
+    pub source: ManifestsSource,
+    pub compile_options: CompileOptions,
+    pub datapath: Arc<Mutex<Datapath>>,
+    pub status: Arc<Status>,
+    pub view: Arc<Mutex<View>>,
+    /// Export per-pod packet counters on /metrics.
+    pub per_pod_metrics: bool,
+}
+
+impl Agent {
+    /// Runs until `stop` is set.
+    pub fn run(mut self, stop: Arc<std::sync::atomic::AtomicBool>) -> Result<()> {
+        let mut reconciler = Reconciler::new();
+        let mut alloc = Allocations::new();
+        let mut last_good = LastGoodPolicies::default();
+        let mut cluster: Option<Cluster> = None;
+        let mut desired = DesiredState::default();
+        let mut last_sync = Instant::now() - RESYNC;
+        let mut dirty = false;
+        let mut last_counters = Instant::now() - RESYNC;
+        while !stop.load(Ordering::Relaxed) {
+            match self.source.poll() {
+                Ok(Some((mut c, mut problems))) => {
+                    problems.extend(last_good.apply(&mut c));
+                    for p in &problems {
+                        log::warn!("{p}");
+                    }
+                    self.status.input_problems.store(problems.len() as u64, Ordering::Relaxed);
+                    cluster = Some(c);
+                    self.status.ready.store(false, Ordering::Relaxed);
+                    dirty = true;
+                }
+                Ok(None) => {}
+                Err(e) => log::warn!("{e:#}"),
+            }
+            if dirty {
+                if let Some(c) = &cluster {
+                    let started = Instant::now();
+                    let compiled = compile(c, &self.compile_options, &mut alloc);
+                    for e in &compiled.errors {
+                        log::warn!("{e}");
+                    }
+                    desired = compiled.state;
+                    self.publish_view(&desired);
+                    self.reconcile(&mut reconciler, &desired, started);
+                    last_sync = Instant::now();
+                }
+                dirty = false;
+            } else if cluster.is_some() && last_sync.elapsed() >= RESYNC {
+                self.reconcile(&mut reconciler, &desired, Instant::now());
+                last_sync = Instant::now();
+            }
+            if last_counters.elapsed() >= RESYNC {
+                self.publish_counters();
+                last_counters = Instant::now();
+            }
+            std::thread::sleep(POLL);
+        }
+        Ok(())
+    }
+
+    fn reconcile(&self, reconciler: &mut Reconciler, desired: &DesiredState, started: Instant) {
+        let result = match self.datapath.lock() {
+            Ok(mut dp) => reconciler.apply(desired, &mut *dp, &KernelRoutes),
+            Err(_) => return,
+        };
+        match result {
+            Ok(report) => {
+                self.status.observe_reconcile(started.elapsed());
+                for pod in &report.pending {
+                    log::debug!("{pod}: no route to its address yet; retrying");
+                }
+                for (pod, err) in &report.failed {
+                    log::warn!("{pod}: {err}");
+                }
+                if !report.attached.is_empty() || !report.detached.is_empty() || report.written + report.removed > 0 {
+                    log::info!(
+                        "programmed: {} written, {} removed, attached {:?}, detached {:?}, pending {}",
+                        report.written,
+                        report.removed,
+                        report.attached,
+                        report.detached,
+                        report.pending.len()
+                    );
+                }
+                let total = desired.endpoints.len() as u64;
+                let pending = (report.pending.len() + report.failed.len()) as u64;
+                self.status.pods_enforced.store(total.saturating_sub(pending), Ordering::Relaxed);
+                self.status.pods_pending.store(pending, Ordering::Relaxed);
+                self.status.ready.store(report.complete(), Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.status.reconcile_errors.fetch_add(1, Ordering::Relaxed);
+                self.status.ready.store(false, Ordering::Relaxed);
+                log::error!("reconcile failed: {e:#}");
+            }
+        }
+    }
+
+    fn publish_view(&self, desired: &DesiredState) {
+        let mut pods_by_endpoint = BTreeMap::new();
+        let mut pods_by_ip = BTreeMap::new();
+        for (pod, ep) in &desired.endpoints {
+            pods_by_endpoint.insert(ep.info.id, pod.to_string());
+            for ip in &ep.ips {
+                pods_by_ip.insert(*ip, pod.to_string());
+            }
+        }
+        if let Ok(mut v) = self.view.lock() {
+            v.state = desired.clone();
+            v.pods_by_endpoint = pods_by_endpoint;
+            v.pods_by_ip = pods_by_ip;
+        }
+    }
+
+    fn publish_counters(&self) {
+        let Ok(dp) = self.datapath.lock() else { return };
+        let Ok(counters) = dp.counters.read() else { return };
+        let mut by_reason = vec![(0u64, 0u64); REASON_COUNT as usize];
+        let mut per_pod = BTreeMap::new();
+        let view = self.view.lock().ok();
+        for ((endpoint, _dir, reason), c) in counters {
+            if let Some(slot) = by_reason.get_mut(reason as usize) {
+                slot.0 += c.packets;
+                slot.1 += c.bytes;
+            }
+            if self.per_pod_metrics
+                && let Some(pod) = view.as_ref().and_then(|v| v.pods_by_endpoint.get(&endpoint))
+            {
+                let e = per_pod.entry((pod.clone(), reason)).or_insert((0, 0));
+                e.0 += c.packets;
+                e.1 += c.bytes;
+            }
+        }
+        drop(view);
+        self.status.set_packets(by_reason, per_pod);
+        let o = dp.options();
+        let mut maps = vec![
+            ("ENDPOINTS".to_string(), dp.endpoints.entries().map_or(0, |e| e.len()) as u64, u64::from(o.max_endpoints)),
+            ("POLICY".to_string(), dp.policy.entries().map_or(0, |e| e.len()) as u64, u64::from(o.policy_size)),
+            ("PEERS_V4".to_string(), dp.peers_v4.entries().map_or(0, |e| e.len()) as u64, u64::from(o.peers_size)),
+            ("PEERS_V6".to_string(), dp.peers_v6.entries().map_or(0, |e| e.len()) as u64, u64::from(o.peers_size)),
+        ];
+        maps.push(("CONNTRACK".to_string(), dp.conntrack.count().unwrap_or(0) as u64, u64::from(o.conntrack_size)));
+        self.status.set_maps(maps);
+    }
+}

@@ -1,0 +1,224 @@
+//! The programs attached for real, through the loader, to the host-side veths of routed pods in
+//! network namespaces (the kindnet/Calico layout of `enforcer::testbed`), with real TCP and UDP
+//! traffic between pods. Runs as root. Namespaces, links and the private bpffs are removed even
+//! when an assertion fails (RAII guards).
+
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    time::Duration,
+};
+
+use enforcer::{
+    datapath::{Datapath, DatapathOptions, mount_bpffs},
+    maps::MapTable,
+    testbed::{NODE_V4, NODE_V6, Proto, Servers, TestPod, Testbed, enter_netns, in_netns, probe_all},
+};
+use enforcer_common::{
+    DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6, EP_INGRESS_ISOLATED, EndpointInfo,
+    IDENTITY_HOST, PROTO_TCP, PROTO_UDP, PeerInfo, PolicyKey, PolicyValue, reason,
+};
+
+const TAG: &str = "dpn";
+const ID_A: u32 = 1000;
+const ID_B: u32 = 1001;
+const ID_C: u32 = 1002;
+
+/// A bpffs on a temp dir, unmounted and removed on drop.
+struct BpfMount(PathBuf);
+
+impl BpfMount {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("enforcer-netns-test-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        mount_bpffs(&dir).expect("mounting a bpffs (run as root)");
+        Self(dir)
+    }
+}
+
+impl Drop for BpfMount {
+    fn drop(&mut self) {
+        let _ = Datapath::cleanup(&self.0.join("enforcer"));
+        let c = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: valid path.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn ifindex_in(netns: &str, name: &str) -> u32 {
+    let name = std::ffi::CString::new(name).unwrap();
+    in_netns(netns, move || {
+        // SAFETY: valid NUL-terminated name.
+        unsafe { libc::if_nametoindex(name.as_ptr()) }
+    })
+    .unwrap()
+}
+
+fn endpoint(id: u32, identity: u32, flags: u32, pod: &TestPod, masks: [u32; 2]) -> EndpointInfo {
+    EndpointInfo {
+        id,
+        flags: flags | EP_HAS_V4 | if pod.v6.is_some() { EP_HAS_V6 } else { 0 },
+        epoch: 1,
+        identity,
+        port_masks: masks,
+        ipv4: pod.v4.octets(),
+        ipv6: pod.v6.map_or([0; 16], |a| a.octets()),
+    }
+}
+
+fn allow(dp: &mut Datapath, ep: u32, id: u32, dir: u8, proto: u8, port: u16, rule: u32) {
+    dp.policy.set(&PolicyKey::new(ep, id, dir, proto, port, 16), &PolicyValue { rule, _pad: 0 }).unwrap();
+}
+
+type Probe = (String, IpAddr, u16, Proto);
+
+fn check(label: &str, probes: &[(Probe, bool)], failures: &mut Vec<String>) {
+    let list: Vec<Probe> = probes.iter().map(|(p, _)| p.clone()).collect();
+    let got = probe_all(&list, Duration::from_millis(700), 8).unwrap();
+    for ((p, want), got) in probes.iter().zip(got) {
+        if got != *want {
+            failures.push(format!("{label}: {} -> {}:{} {:?}: got {got}, want {want}", p.0, p.1, p.2, p.3));
+        }
+    }
+}
+
+#[test]
+fn enforced_between_routed_veth_pods() {
+    Testbed::cleanup_stale(TAG);
+    let mount = BpfMount::new();
+    let pin = mount.0.join("enforcer");
+    let mut tb = Testbed::new(TAG).unwrap();
+    let a = tb.add_pod("a", "10.241.0.10".parse().unwrap(), Some("fd00:241::10".parse().unwrap())).unwrap();
+    let b = tb.add_pod("b", "10.241.0.11".parse().unwrap(), Some("fd00:241::11".parse().unwrap())).unwrap();
+    let c = tb.add_pod("c", "10.241.0.12".parse().unwrap(), None).unwrap();
+    let _sa = Servers::start(&a, &[80], "a").unwrap();
+    let _sb = Servers::start(&b, &[80, 81], "b").unwrap();
+    let (ia, ib, ic) = (ifindex_in(&tb.node, &a.host_if), ifindex_in(&tb.node, &b.host_if), ifindex_in(&tb.node, &c.host_if));
+    assert!(ia > 1 && ib > 1 && ic > 1);
+
+    let opts = DatapathOptions { pin_path: pin.clone(), max_endpoints: 16, ..Default::default() };
+    let mut dp = Datapath::open(opts).expect("loading the programs");
+
+    // Identities.
+    let peer = |identity| PeerInfo { identity, flags: 0 };
+    for (pod, id) in [(&a, ID_A), (&b, ID_B), (&c, ID_C)] {
+        dp.peers_v4.set(&pod.v4, &peer(id)).unwrap();
+        if let Some(v6) = pod.v6 {
+            dp.peers_v6.set(&v6, &peer(id)).unwrap();
+        }
+    }
+    dp.peers_v4.set(&NODE_V4, &peer(IDENTITY_HOST)).unwrap();
+    dp.peers_v6.set(&NODE_V6, &peer(IDENTITY_HOST)).unwrap();
+    // a: egress isolated, may reach b on TCP/UDP 80. b: ingress isolated, accepts a on TCP/UDP
+    // 80. c: not isolated.
+    let ea = endpoint(1, ID_A, EP_EGRESS_ISOLATED, &a, [0, 1 << 16]);
+    let eb = endpoint(2, ID_B, EP_INGRESS_ISOLATED, &b, [1 << 16, 0]);
+    let ec = endpoint(3, ID_C, 0, &c, [0, 0]);
+    for proto in [PROTO_TCP, PROTO_UDP] {
+        allow(&mut dp, 1, ID_B, DIR_EGRESS, proto, 80, 1);
+        allow(&mut dp, 2, ID_A, DIR_INGRESS, proto, 80, 2);
+    }
+    dp.endpoints.set(&ia, &ea).unwrap();
+    dp.endpoints.set(&ib, &eb).unwrap();
+    dp.endpoints.set(&ic, &ec).unwrap();
+
+    // Attach from a thread inside the node namespace (setns moves only that thread).
+    let node_path = Testbed::netns_path(&tb.node);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            enter_netns(&node_path).unwrap();
+            for i in [ia, ib, ic] {
+                dp.attach(i).unwrap();
+            }
+        })
+        .join()
+        .unwrap();
+    });
+    assert_eq!(dp.attached().unwrap(), {
+        let mut v = vec![ia, ib, ic];
+        v.sort_unstable();
+        v
+    });
+
+    let mut failures = Vec::new();
+    let p = |from: &TestPod, to: IpAddr, port: u16, proto: Proto| (from.netns.clone(), to, port, proto);
+    let b6: IpAddr = b.v6.unwrap().into();
+    let a6: IpAddr = a.v6.unwrap().into();
+    let mut probes = vec![
+        (p(&a, b.v4.into(), 80, Proto::Tcp), true),
+        (p(&a, b.v4.into(), 80, Proto::Udp), true),
+        (p(&a, b6, 80, Proto::Tcp), true),
+        (p(&a, b6, 80, Proto::Udp), true),
+        // a's egress allows only port 80.
+        (p(&a, b.v4.into(), 81, Proto::Tcp), false),
+        (p(&a, b6, 81, Proto::Udp), false),
+        // b's ingress does not allow c.
+        (p(&c, b.v4.into(), 80, Proto::Tcp), false),
+        (p(&c, b.v4.into(), 80, Proto::Udp), false),
+        // a's ingress and b's, c's egress are not isolated.
+        (p(&b, a.v4.into(), 80, Proto::Tcp), true),
+        (p(&b, a6, 80, Proto::Udp), true),
+        (p(&c, a.v4.into(), 80, Proto::Tcp), true),
+    ];
+    check("initial policy", &probes, &mut failures);
+
+    let drops = dp.counters.get(2, DIR_INGRESS, reason::DROP_POLICY).unwrap().packets;
+    let allowed = dp.counters.get(2, DIR_INGRESS, reason::ALLOW_POLICY).unwrap().packets;
+    let replies = dp.counters.get(1, DIR_INGRESS, reason::ALLOW_REPLY).unwrap().packets;
+    let a_drops = dp.counters.get(1, DIR_EGRESS, reason::DROP_POLICY).unwrap().packets;
+    if drops == 0 || allowed == 0 || replies == 0 || a_drops == 0 {
+        failures.push(format!(
+            "counters: b ingress drops {drops}, b ingress allowed {allowed}, a replies {replies}, a egress drops {a_drops}"
+        ));
+    }
+    if dp.conntrack.count().unwrap() == 0 {
+        failures.push("no conntrack entries after allowed flows".into());
+    }
+
+    // Policy change: b no longer accepts TCP from a. The epoch bump revokes tracked flows.
+    dp.policy.remove(&PolicyKey::new(2, ID_A, DIR_INGRESS, PROTO_TCP, 80, 16)).unwrap();
+    dp.endpoints.set(&ib, &EndpointInfo { epoch: 2, ..eb }).unwrap();
+    probes = vec![
+        (p(&a, b.v4.into(), 80, Proto::Tcp), false),
+        (p(&a, b6, 80, Proto::Tcp), false),
+        (p(&a, b.v4.into(), 80, Proto::Udp), true),
+    ];
+    check("after revoking tcp", &probes, &mut failures);
+
+    // Detach b: its isolation no longer applies (c reaches it).
+    dp.detach(ib).unwrap();
+    probes = vec![(p(&c, b.v4.into(), 80, Proto::Tcp), true), (p(&a, b.v4.into(), 81, Proto::Tcp), false)];
+    check("after detaching b", &probes, &mut failures);
+
+    // Restart: a new load reuses the pins and re-points the remaining links.
+    drop(dp);
+    let opts = DatapathOptions { pin_path: pin.clone(), max_endpoints: 16, ..Default::default() };
+    let mut dp = Datapath::open(opts).expect("second load");
+    let reattached = std::thread::scope(|s| {
+        s.spawn(|| {
+            enter_netns(&node_path).unwrap();
+            dp.reattach_all().unwrap()
+        })
+        .join()
+        .unwrap()
+    });
+    let mut want = vec![ia, ic];
+    want.sort_unstable();
+    if reattached != want {
+        failures.push(format!("reattach_all: {reattached:?}, want {want:?}"));
+    }
+    probes = vec![(p(&a, b.v4.into(), 81, Proto::Tcp), false), (p(&a, b.v4.into(), 80, Proto::Udp), true)];
+    check("after restart", &probes, &mut failures);
+
+    drop(dp);
+    Datapath::cleanup(&pin).unwrap();
+    check("after cleanup", &[(p(&a, b.v4.into(), 81, Proto::Tcp), true)], &mut failures);
+
+    let node = tb.node.clone();
+    drop(tb);
+    drop(mount);
+    let list = String::from_utf8(std::process::Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).unwrap();
+    assert!(!list.contains(&node), "node namespace left behind");
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+}
