@@ -370,3 +370,146 @@ pub fn probe_all(probes: &[(String, IpAddr, u16, Proto)], timeout: Duration, par
     let r = results.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
     Ok(r)
 }
+
+/// The agent binary (`target/release/enforcer`, built by `cargo xtask build`), overridable with
+/// `ENFORCER_BIN`.
+pub fn agent_binary() -> Result<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("ENFORCER_BIN") {
+        return Ok(p.into());
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?;
+    let p = root.join("target/release/enforcer");
+    if !p.exists() {
+        bail!("{} is missing: run `cargo build --release` (or `cargo xtask build`) first", p.display());
+    }
+    Ok(p)
+}
+
+/// The real agent running in a testbed's node namespace in standalone mode. Killed on drop.
+pub struct AgentProcess {
+    child: std::process::Child,
+    node: String,
+    pub health: SocketAddr,
+    /// Where its stderr goes (read it when a test fails).
+    pub log: std::path::PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts `enforcer run --manifests DIR` inside the node namespace with `extra` arguments.
+    /// The pins live under `/sys/fs/bpf/enforcer` of the private mount namespace `ip netns exec`
+    /// makes, so they go away with the process.
+    pub fn start(tb: &Testbed, manifests: &std::path::Path, extra: &[&str]) -> Result<Self> {
+        let bin = agent_binary()?;
+        let health: SocketAddr = (Ipv4Addr::LOCALHOST, 9901).into();
+        let log = std::env::temp_dir().join(format!("{}-agent.log", tb.prefix));
+        let log_file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &tb.node])
+            .arg(&bin)
+            .args(["run", "--manifests"])
+            .arg(manifests)
+            .args(["--health-addr", &health.to_string()])
+            .args(extra)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .context("starting the agent")?;
+        Ok(Self { child, node: tb.node.clone(), health, log })
+    }
+
+    /// GETs `path` on the health address from inside the node namespace: (status, body).
+    pub fn get(&self, path: &str) -> Result<(u16, String)> {
+        let (addr, path) = (self.health, path.to_string());
+        in_netns(&self.node, move || http_get(addr, &path))?
+    }
+
+    /// Waits until `/readyz` says ready (the latest state is programmed), or fails after
+    /// `timeout` with the agent's log.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let start = std::time::Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(st) = self.child.try_wait()? {
+                bail!("the agent exited ({st}):\n{}", self.log_text());
+            }
+            if matches!(self.get("/readyz"), Ok((200, _))) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("the agent was not ready after {timeout:?}:\n{}", self.log_text())
+    }
+
+    /// Waits until the agent has seen a change and programmed it: not ready, then ready again
+    /// (or ready for `settle` without going unready, when the change was a no-op).
+    pub fn wait_applied(&mut self, timeout: Duration) -> Result<()> {
+        // The folder is polled every 100 ms; give it time to notice, then wait for ready.
+        std::thread::sleep(Duration::from_millis(300));
+        self.wait_ready(timeout)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits.
+    pub fn stop(mut self) -> Result<()> {
+        // SAFETY: plain kill(2) of our child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        Ok(())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Minimal HTTP/1.0 GET: (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("bad HTTP response")?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Writes a pod manifest for a testbed pod (IP in `status.podIPs`), with named container ports
+/// `serve-<port>-<proto>` for each of `ports` on TCP and UDP, as the upstream model names them.
+pub fn pod_manifest(namespace: &str, pod: &TestPod, labels: &[(&str, &str)], ports: &[u16]) -> String {
+    let mut y = format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {namespace}\n  uid: uid-{namespace}-{}\n  labels:\n", pod.name, pod.name);
+    if labels.is_empty() {
+        y.push_str("    {}\n");
+    }
+    for (k, v) in labels {
+        y.push_str(&format!("    {k}: \"{v}\"\n"));
+    }
+    y.push_str("spec:\n  containers:\n");
+    for p in ports {
+        for proto in ["tcp", "udp"] {
+            y.push_str(&format!(
+                "  - name: cont-{p}-{proto}\n    image: agnhost\n    ports:\n    - containerPort: {p}\n      name: serve-{p}-{proto}\n      protocol: {}\n",
+                proto.to_uppercase()
+            ));
+        }
+    }
+    if ports.is_empty() {
+        y.push_str("  - name: main\n    image: agnhost\n");
+    }
+    y.push_str(&format!("status:\n  phase: Running\n  podIP: {}\n  podIPs:\n  - ip: {}\n", pod.v4, pod.v4));
+    if let Some(v6) = pod.v6 {
+        y.push_str(&format!("  - ip: {v6}\n"));
+    }
+    y
+}

@@ -261,7 +261,13 @@ impl Harness {
         let ep = self.dp.endpoints.get(&ifindex).unwrap().map_or(0, |e| e.id);
         let dir = if hook == Hook::Ingress { DIR_EGRESS } else { DIR_INGRESS };
         let before = self.dp.counters.read().unwrap();
-        let act = self.dp.test_run(hook, ifindex, frame).unwrap();
+        let act = match self.dp.test_run(hook, ifindex, frame) {
+            Ok(a) => a,
+            Err(err) => {
+                self.failures.push(format!("{name}: {err:#}"));
+                return;
+            }
+        };
         let after = self.dp.counters.read().unwrap();
         let mut moved: Vec<(u32, u8, u8)> = after
             .iter()
@@ -306,12 +312,14 @@ fn allow(dp: &mut Datapath, ep: u32, id: u32, dir: u8, proto: u8, port: u16, len
 }
 
 fn setup(pin: &Path) -> Harness {
-    for (name, _) in [("a", 0), ("b", 0), ("c", 0), ("u", 0)] {
-        ip(&["link", "add", name, "type", "dummy"]);
-        ip(&["link", "set", name, "up"]);
+    // Short names like "a" are `ip link` keywords: prefix them.
+    for name in ["a", "b", "c", "u"] {
+        let dev = format!("ep{name}");
+        ip(&["link", "add", "name", &dev, "type", "veth", "peer", "name", &format!("{dev}p")]);
+        ip(&["link", "set", &dev, "up"]);
     }
     let ifs: BTreeMap<&'static str, u32> =
-        ["a", "b", "c", "u"].into_iter().map(|n| (n, ifindex(n))).collect();
+        ["a", "b", "c", "u"].into_iter().map(|n| (n, ifindex(&format!("ep{n}")))).collect();
     let opts = DatapathOptions { pin_path: pin.to_path_buf(), max_endpoints: 16, ..Default::default() };
     let mut dp = Datapath::open(opts).expect("loading the programs");
 
