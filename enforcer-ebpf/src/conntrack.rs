@@ -1,6 +1,8 @@
 //! Conntrack and fragment keys, address helpers.
 
-use enforcer_common::{Config, CtKey, DEFAULT_CT_TIMEOUT_OTHER_NS, DEFAULT_CT_TIMEOUT_TCP_NS, FragKey, PROTO_TCP};
+use enforcer_common::{
+    Config, CtKey, DEFAULT_CT_TIMEOUT_OTHER_NS, DEFAULT_CT_TIMEOUT_TCP_NS, FragKey, PROTO_TCP,
+};
 
 use crate::{maps::CONFIG, parse::Packet};
 
@@ -84,7 +86,11 @@ pub fn timeout(proto: u8) -> u64 {
         None => (0, 0),
     };
     if proto == PROTO_TCP {
-        if tcp == 0 { DEFAULT_CT_TIMEOUT_TCP_NS } else { tcp }
+        if tcp == 0 {
+            DEFAULT_CT_TIMEOUT_TCP_NS
+        } else {
+            tcp
+        }
     } else if other == 0 {
         DEFAULT_CT_TIMEOUT_OTHER_NS
     } else {

@@ -39,8 +39,18 @@ const fn has_ports(proto: u8) -> bool {
 /// The rule allowing a new flow of `proto` to destination `port` with a peer of `identity`
 /// in `direction`, if any. Rule 0 is a valid rule id only as "allowed, unnamed".
 #[inline(always)]
-pub fn policy_lookup(ep: &EndpointInfo, identity: u32, direction: u8, proto: u8, port: u16) -> Option<u32> {
-    let masks = if direction == 0 { ep.port_masks[0] } else { ep.port_masks[1] };
+pub fn policy_lookup(
+    ep: &EndpointInfo,
+    identity: u32,
+    direction: u8,
+    proto: u8,
+    port: u16,
+) -> Option<u32> {
+    let masks = if direction == 0 {
+        ep.port_masks[0]
+    } else {
+        ep.port_masks[1]
+    };
     let mut i = 0;
     while i < 2 {
         let id = if i == 0 { identity } else { IDENTITY_ANY };

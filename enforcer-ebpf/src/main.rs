@@ -22,17 +22,15 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use enforcer_common::{
-    CONFIG_LOG_ALLOWED, CT_ORIGIN_A, CT_ORIGIN_EGRESS, CtValue, DIR_EGRESS, DIR_INGRESS,
-    EP_HAS_V4, EP_HAS_V6, EndpointInfo, FAMILY_V4, FragValue, IDENTITY_HOST, reason,
+    CONFIG_LOG_ALLOWED, CT_ORIGIN_A, CT_ORIGIN_EGRESS, CtValue, DIR_EGRESS, DIR_INGRESS, EP_HAS_V4,
+    EP_HAS_V6, EndpointInfo, FAMILY_V4, FragValue, IDENTITY_HOST, reason,
 };
 
 use crate::{
     conntrack::{addr_eq, config_flags, ct_key, frag_key, timeout},
     lookup::{peer_identity, policy_lookup},
     maps::{CONNTRACK, ENDPOINTS, FRAGMENTS, SCRATCH, Scratch},
-    parse::{
-        FRAG_FIRST, FRAG_LATER, L4_ICMP_ERROR, PARSED_IP, Packet, parse, parse_inner,
-    },
+    parse::{FRAG_FIRST, FRAG_LATER, L4_ICMP_ERROR, PARSED_IP, Packet, parse, parse_inner},
     verdict::{Verdict, count, emit},
 };
 
@@ -121,7 +119,11 @@ fn decide(ctx: &TcContext, s: &mut Scratch, dir: u8) -> Result<Verdict, Error> {
     if dir == DIR_EGRESS && !is_pod_addr(ep, pkt.family, &pkt.src) {
         return Ok(Verdict::new(reason::DROP_SPOOFED));
     }
-    let peer = if dir == DIR_EGRESS { &pkt.dst } else { &pkt.src };
+    let peer = if dir == DIR_EGRESS {
+        &pkt.dst
+    } else {
+        &pkt.src
+    };
     if is_pod_addr(ep, pkt.family, peer) {
         return Ok(Verdict::new(reason::ALLOW_HOST));
     }
@@ -157,7 +159,12 @@ fn decide(ctx: &TcContext, s: &mut Scratch, dir: u8) -> Result<Verdict, Error> {
     track(ctx, s, dir, &mut v, now)?;
     if s.pkt.frag == FRAG_FIRST && !v.is_drop() {
         frag_key(&mut s.frag, s.ep.id, dir, &s.pkt);
-        let value = FragValue { last_seen_ns: now, sport: s.pkt.sport, dport: s.pkt.dport, rule: v.rule };
+        let value = FragValue {
+            last_seen_ns: now,
+            sport: s.pkt.sport,
+            dport: s.pkt.dport,
+            rule: v.rule,
+        };
         // Failing to record only makes the later fragments drop: fail closed.
         let _ = FRAGMENTS.insert(&s.frag, &value, 0);
     }
@@ -166,11 +173,26 @@ fn decide(ctx: &TcContext, s: &mut Scratch, dir: u8) -> Result<Verdict, Error> {
 
 /// Conntrack, then policy for new flows. `v` carries the peer identity in and the verdict out.
 #[inline(always)]
-fn track(ctx: &TcContext, s: &mut Scratch, dir: u8, v: &mut Verdict, now: u64) -> Result<(), Error> {
+fn track(
+    ctx: &TcContext,
+    s: &mut Scratch,
+    dir: u8,
+    v: &mut Verdict,
+    now: u64,
+) -> Result<(), Error> {
     let identity = v.peer_identity;
     if s.pkt.l4 == L4_ICMP_ERROR && parse_inner(ctx, &s.pkt, &mut s.inner) {
         let i = &s.inner;
-        ct_key(&mut s.ct, s.ep.id, s.pkt.family, i.proto, &i.src, i.sport, &i.dst, i.dport);
+        ct_key(
+            &mut s.ct,
+            s.ep.id,
+            s.pkt.family,
+            i.proto,
+            &i.src,
+            i.sport,
+            &i.dst,
+            i.dport,
+        );
         if let Some(e) = CONNTRACK.get_ptr(&s.ct) {
             let e = unsafe { &*e };
             if now.wrapping_sub(e.last_seen_ns) <= timeout(i.proto) {
@@ -183,19 +205,36 @@ fn track(ctx: &TcContext, s: &mut Scratch, dir: u8, v: &mut Verdict, now: u64) -
     }
     let pkt = &s.pkt;
     let ep = &s.ep;
-    let src_is_a = ct_key(&mut s.ct, ep.id, pkt.family, pkt.proto, &pkt.src, pkt.sport, &pkt.dst, pkt.dport);
+    let src_is_a = ct_key(
+        &mut s.ct, ep.id, pkt.family, pkt.proto, &pkt.src, pkt.sport, &pkt.dst, pkt.dport,
+    );
     if let Some(e) = CONNTRACK.get_ptr_mut(&s.ct) {
         let e = unsafe { &mut *e };
         if now.wrapping_sub(e.last_seen_ns) <= timeout(pkt.proto) {
             let forward = src_is_a == (e.flags & CT_ORIGIN_A != 0);
-            v.reason = if forward { reason::ALLOW_ESTABLISHED } else { reason::ALLOW_REPLY };
+            v.reason = if forward {
+                reason::ALLOW_ESTABLISHED
+            } else {
+                reason::ALLOW_REPLY
+            };
             if e.epoch != ep.epoch {
                 // The policy changed since the flow was last allowed: re-check its original
                 // direction, peer and destination port.
-                let odir = if e.flags & CT_ORIGIN_EGRESS != 0 { DIR_EGRESS } else { DIR_INGRESS };
-                let (pod_port, peer_port) =
-                    if dir == DIR_EGRESS { (pkt.sport, pkt.dport) } else { (pkt.dport, pkt.sport) };
-                let oport = if odir == DIR_EGRESS { peer_port } else { pod_port };
+                let odir = if e.flags & CT_ORIGIN_EGRESS != 0 {
+                    DIR_EGRESS
+                } else {
+                    DIR_INGRESS
+                };
+                let (pod_port, peer_port) = if dir == DIR_EGRESS {
+                    (pkt.sport, pkt.dport)
+                } else {
+                    (pkt.dport, pkt.sport)
+                };
+                let oport = if odir == DIR_EGRESS {
+                    peer_port
+                } else {
+                    pod_port
+                };
                 let rule = if ep.isolated(odir) {
                     match policy_lookup(ep, identity, odir, pkt.proto, oport) {
                         Some(rule) => rule,
@@ -240,7 +279,13 @@ fn track(ctx: &TcContext, s: &mut Scratch, dir: u8, v: &mut Verdict, now: u64) -
     if dir == DIR_EGRESS {
         flags |= CT_ORIGIN_EGRESS;
     }
-    let value = CtValue { last_seen_ns: now, epoch: ep.epoch, flags, rule: v.rule, _pad: 0 };
+    let value = CtValue {
+        last_seen_ns: now,
+        epoch: ep.epoch,
+        flags,
+        rule: v.rule,
+        _pad: 0,
+    };
     if CONNTRACK.insert(&s.ct, &value, 0).is_err() {
         return Err(Error::MapFull);
     }

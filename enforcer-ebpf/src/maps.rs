@@ -22,15 +22,13 @@ pub static ENDPOINTS: HashMap<u32, EndpointInfo> =
 pub static PEERS_V4: HashMap<[u8; 4], PeerInfo> = HashMap::with_max_entries(DEFAULT_PEERS_SIZE, 0);
 
 #[map]
-pub static PEERS_V6: HashMap<[u8; 16], PeerInfo> =
-    HashMap::with_max_entries(DEFAULT_PEERS_SIZE, 0);
+pub static PEERS_V6: HashMap<[u8; 16], PeerInfo> = HashMap::with_max_entries(DEFAULT_PEERS_SIZE, 0);
 
 #[map]
 pub static CIDRS_V4: LpmTrie<[u8; 4], PeerInfo> = LpmTrie::with_max_entries(DEFAULT_CIDRS_SIZE, 0);
 
 #[map]
-pub static CIDRS_V6: LpmTrie<[u8; 16], PeerInfo> =
-    LpmTrie::with_max_entries(DEFAULT_CIDRS_SIZE, 0);
+pub static CIDRS_V6: LpmTrie<[u8; 16], PeerInfo> = LpmTrie::with_max_entries(DEFAULT_CIDRS_SIZE, 0);
 
 #[map]
 pub static POLICY: HashMap<PolicyKey, PolicyValue> =

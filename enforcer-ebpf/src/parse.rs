@@ -3,7 +3,9 @@
 //! constant bound.
 
 use aya_ebpf::{cty::c_void, helpers::bpf_skb_load_bytes, programs::TcContext};
-use enforcer_common::{FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+use enforcer_common::{
+    FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+};
 
 /// A header is truncated or inconsistent.
 pub struct Malformed;
@@ -204,7 +206,11 @@ fn parse_v6(ctx: &TcContext, pkt: &mut Packet, len: u32) -> Result<u8, Malformed
                 return Err(Malformed);
             }
             let e: [u8; 2] = load(ctx, off)?;
-            let hl = if nh == 51 { (e[1] as u32 + 2) * 4 } else { (e[1] as u32 + 1) * 8 };
+            let hl = if nh == 51 {
+                (e[1] as u32 + 2) * 4
+            } else {
+                (e[1] as u32 + 1) * 8
+            };
             if off + hl > end {
                 return Err(Malformed);
             }
@@ -261,8 +267,16 @@ fn parse_l4(ctx: &TcContext, pkt: &mut Packet, off: u32, end: u32) -> Result<(),
             }
             let t: [u8; 8] = load(ctx, off)?;
             let v6 = pkt.proto == PROTO_ICMPV6;
-            let echo = if v6 { matches!(t[0], 128 | 129) } else { matches!(t[0], 0 | 8) };
-            let error = if v6 { matches!(t[0], 1..=4) } else { matches!(t[0], 3 | 11 | 12) };
+            let echo = if v6 {
+                matches!(t[0], 128 | 129)
+            } else {
+                matches!(t[0], 0 | 8)
+            };
+            let error = if v6 {
+                matches!(t[0], 1..=4)
+            } else {
+                matches!(t[0], 3 | 11 | 12)
+            };
             if echo {
                 let id = be16(t[4], t[5]);
                 pkt.sport = id;

@@ -4,7 +4,10 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use enforcer_common::{REASON_FIRST_DROP, VerdictEvent, counter_index};
 
-use crate::{maps::{COUNTERS, EVENTS}, parse::Packet};
+use crate::{
+    maps::{COUNTERS, EVENTS},
+    parse::Packet,
+};
 
 /// The decision about one packet.
 #[derive(Clone, Copy)]
@@ -19,7 +22,12 @@ pub struct Verdict {
 impl Verdict {
     #[inline(always)]
     pub const fn new(reason: u8) -> Self {
-        Self { reason, rule: 0, peer_identity: 0, new_flow: false }
+        Self {
+            reason,
+            rule: 0,
+            peer_identity: 0,
+            new_flow: false,
+        }
     }
 
     #[inline(always)]

@@ -23,7 +23,7 @@ use crate::{
     },
     reconcile::Reconciler,
     routes::KernelRoutes,
-    source::{LastGoodPolicies, ManifestsSource},
+    source::{LastGoodPolicies, Source},
     state::DesiredState,
 };
 
@@ -43,13 +43,15 @@ pub struct View {
 
 /// Everything the loop needs.
 pub struct Agent {
-    pub source: ManifestsSource,
+    pub source: Source,
     pub compile_options: CompileOptions,
     pub datapath: Arc<Mutex<Datapath>>,
     pub status: Arc<Status>,
     pub view: Arc<Mutex<View>>,
     /// Export per-pod packet counters on /metrics.
     pub per_pod_metrics: bool,
+    /// Verified workload identities, when attestation is on.
+    pub identity: Option<crate::attestation::Identity>,
 }
 
 impl Agent {
@@ -59,10 +61,20 @@ impl Agent {
         let mut alloc = Allocations::new();
         let mut last_good = LastGoodPolicies::default();
         let mut cluster: Option<Cluster> = None;
+        let mut bindings_seen = u64::MAX;
         let mut desired = DesiredState::default();
         let mut last_sync = Instant::now() - RESYNC;
         let mut dirty = false;
         let mut last_counters = Instant::now() - RESYNC;
+        // After a restart or an upgrade: point the links pinned by the previous process at this
+        // build's programs, atomically. The maps are the pinned ones, so enforcement continues
+        // unchanged until the first reconcile diffs them against the input.
+        if let Ok(mut dp) = self.datapath.lock() {
+            match dp.reattach_all() {
+                Ok(ifs) => log::info!("took over {} pinned interfaces", ifs.len()),
+                Err(e) => log::warn!("taking over pinned links: {e:#}"),
+            }
+        }
         while !stop.load(Ordering::Relaxed) {
             match self.source.poll() {
                 Ok(Some((mut c, mut problems))) => {
@@ -71,6 +83,9 @@ impl Agent {
                         log::warn!("{p}");
                     }
                     self.status.input_problems.store(problems.len() as u64, Ordering::Relaxed);
+                    if let Some(id) = &self.identity {
+                        id.pods.update(&c, &self.compile_options.node_ips);
+                    }
                     cluster = Some(c);
                     self.status.ready.store(false, Ordering::Relaxed);
                     dirty = true;
@@ -78,8 +93,24 @@ impl Agent {
                 Ok(None) => {}
                 Err(e) => log::warn!("{e:#}"),
             }
+            // Identity: expired tokens and gone pods lose their binding; any change of the
+            // bindings recompiles (the flows they allowed are re-checked through the epoch).
+            if let Some(id) = &self.identity {
+                id.sweep();
+                let generation = id.bindings.generation();
+                if generation != bindings_seen {
+                    bindings_seen = generation;
+                    if let Some(c) = &mut cluster {
+                        c.verified = id.verified();
+                        dirty = true;
+                    }
+                }
+            }
             if dirty {
-                if let Some(c) = &cluster {
+                if let Some(c) = &mut cluster {
+                    if let Some(id) = &self.identity {
+                        c.verified = id.verified();
+                    }
                     let started = Instant::now();
                     let compiled = compile(c, &self.compile_options, &mut alloc);
                     for e in &compiled.errors {

@@ -15,3 +15,5 @@ pub mod flowlog;
 pub mod health;
 pub mod offline;
 pub mod source;
+pub mod kube_source;
+pub mod attestation;

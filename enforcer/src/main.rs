@@ -20,7 +20,7 @@ use enforcer::{
     health::{self, Status},
     offline,
     policy::compile::CompileOptions,
-    source::ManifestsSource,
+    source::{ManifestsSource, Source},
 };
 use enforcer_common::{
     DEFAULT_CONNTRACK_SIZE, DEFAULT_EVENTS_BYTES, DEFAULT_FRAGMENTS_SIZE, DEFAULT_MAX_ENDPOINTS, DEFAULT_PEERS_SIZE,
@@ -118,6 +118,23 @@ struct RunArgs {
     /// Bytes of the verdict event ring buffer.
     #[arg(long, default_value_t = DEFAULT_EVENTS_BYTES)]
     events_bytes: u32,
+    /// Every policy's pod and namespace peers must be verified workloads (see also the
+    /// `enforcer.dev/require-identity: "true"` policy annotation).
+    #[arg(long)]
+    require_identity: bool,
+    /// Address of the attestation endpoint (`POST /v1/attest`), served when keys are given.
+    #[arg(long, default_value = "0.0.0.0:9902")]
+    attest_addr: SocketAddr,
+    /// JWKS file with the service-account token signing keys (re-read on change): turns the
+    /// attestation endpoint on in standalone mode.
+    #[arg(long)]
+    jwks: Option<PathBuf>,
+    /// Accepted token issuers (the API server's --service-account-issuer values).
+    #[arg(long = "issuer")]
+    issuers: Vec<String>,
+    /// Accepted token audience.
+    #[arg(long, default_value = "enforcer")]
+    audience: String,
 }
 
 fn main() -> Result<()> {
@@ -142,8 +159,22 @@ fn main() -> Result<()> {
 }
 
 fn run(args: RunArgs) -> Result<()> {
-    let Some(dir) = args.manifests.clone() else {
-        bail!("in-cluster mode (kube watchers) is not available in this build yet: use --manifests DIR");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    // Standalone reads a folder; otherwise the kube watchers feed the same compiler.
+    let (source, kube_task) = match args.manifests.clone() {
+        Some(dir) => (Source::Manifests(ManifestsSource::new(dir)), None),
+        None => {
+            let node = args.node_name.clone().context("in-cluster mode needs --node-name or NODE_NAME")?;
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let client = rt.block_on(kube::Client::try_default()).context("kube client (in-cluster config or KUBECONFIG)")?;
+            let (tx, rx) = tokio::sync::watch::channel(None);
+            let task = rt.spawn(async move {
+                if let Err(e) = enforcer::kube_source::run(client, node, tx).await {
+                    log::error!("kube watchers stopped: {e:#}");
+                }
+            });
+            (Source::Kube(rx), Some(task))
+        }
     };
     let node_ips = if args.node_ips.is_empty() { offline::local_addresses()? } else { args.node_ips.clone() };
     log::info!("node addresses: {node_ips:?}");
@@ -169,25 +200,43 @@ fn run(args: RunArgs) -> Result<()> {
         status.add_renderer(Arc::new(move |o: &mut String| s.render(o)));
     }
 
+    let identity = match &args.jwks {
+        Some(path) => Some(identity_setup(&args, path, &status)?),
+        None => None,
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let agent = Agent {
-        source: ManifestsSource::new(dir),
+        source,
         compile_options: CompileOptions {
             node_name: args.node_name.clone(),
             node_ips,
             max_endpoints: args.max_endpoints,
+            require_identity: args.require_identity,
         },
         datapath,
         status: status.clone(),
         view: view.clone(),
         per_pod_metrics: args.per_pod_metrics,
+        identity: identity.as_ref().map(|(id, _)| id.clone()),
     };
     let loop_stop = stop.clone();
     let control = std::thread::Builder::new().name("control".into()).spawn(move || agent.run(loop_stop))?;
 
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let health = tokio::spawn(health::serve(args.health_addr, status.clone()));
+        if let Some((_, attest)) = identity {
+            attest.keys.clone().spawn_refresher(Duration::from_secs(5));
+            if let Err(e) = attest.keys.refresh().await {
+                log::warn!("loading the token signing keys: {e}");
+            }
+            let addr = args.attest_addr;
+            log::info!("attestation endpoint on http://{addr}/v1/attest");
+            tokio::spawn(async move {
+                if let Err(e) = enforcer::identity::serve(addr, attest).await {
+                    log::error!("attestation endpoint {addr}: {e}");
+                }
+            });
+        }
         if let Some(events) = events {
             let mut log = FlowLog::new(view, flow_stats, args.flow_log_rate);
             match events.into_async() {
@@ -211,8 +260,43 @@ fn run(args: RunArgs) -> Result<()> {
         anyhow::Ok(())
     })?;
     stop.store(true, Ordering::Relaxed);
+    if let Some(t) = kube_task {
+        t.abort();
+    }
     let _ = control.join();
     std::thread::sleep(Duration::from_millis(10));
     log::info!("stopped; programs stay attached and pinned (`enforcer cleanup` removes them)");
     Ok(())
+}
+
+/// The attestation endpoint's parts: keys from `--jwks`, the verifier, the bindings and the
+/// live-pod directory shared with the control loop.
+fn identity_setup(
+    args: &RunArgs,
+    jwks: &std::path::Path,
+    status: &Arc<Status>,
+) -> Result<(enforcer::attestation::Identity, enforcer::identity::AttestState)> {
+    use enforcer::identity::{
+        AttestState, Bindings, FileKeySource, IdentityMetrics, KeyStore, Verifier, VerifierConfig,
+    };
+    if args.issuers.is_empty() {
+        bail!("--jwks needs at least one --issuer (the API server's --service-account-issuer)");
+    }
+    let mut config = VerifierConfig::new(args.issuers.clone());
+    config.audiences = vec![args.audience.clone()];
+    let verifier = Arc::new(Verifier::new(config).context("identity configuration")?);
+    let metrics = Arc::new(IdentityMetrics::default());
+    let keys = Arc::new(
+        KeyStore::new(Arc::new(FileKeySource::new(jwks)))
+            .with_min_refresh_interval(Duration::from_secs(1))
+            .with_metrics(metrics.clone()),
+    );
+    let bindings = Arc::new(Bindings::new());
+    let pods = Arc::new(enforcer::attestation::LivePods::default());
+    {
+        let m = metrics.clone();
+        status.add_renderer(Arc::new(move |o: &mut String| m.render_prometheus(o)));
+    }
+    let attest = AttestState::new(verifier, keys, pods.clone(), bindings.clone(), metrics);
+    Ok((enforcer::attestation::Identity { bindings, pods }, attest))
 }

@@ -22,6 +22,29 @@ use crate::{
 /// One problem to report: where and what.
 pub type Problem = String;
 
+/// Where the cluster comes from: a folder, or the kube watchers (through a watch channel that
+/// stays `None` until every store has listed, so nothing is reconciled before that and the
+/// pinned state keeps enforcing).
+pub enum Source {
+    Manifests(ManifestsSource),
+    Kube(tokio::sync::watch::Receiver<Option<std::sync::Arc<Cluster>>>),
+}
+
+impl Source {
+    /// `Some` when the cluster changed: the cluster and the problems found.
+    pub fn poll(&mut self) -> Result<Option<(Cluster, Vec<Problem>)>> {
+        match self {
+            Self::Manifests(m) => m.poll(),
+            Self::Kube(rx) => {
+                if !rx.has_changed().unwrap_or(false) {
+                    return Ok(None);
+                }
+                Ok(rx.borrow_and_update().as_ref().map(|c| (Cluster::clone(c), Vec::new())))
+            }
+        }
+    }
+}
+
 /// Reads a manifests folder when it changes, keeping the last good version of each file.
 #[derive(Debug)]
 pub struct ManifestsSource {

@@ -399,13 +399,19 @@ impl AgentProcess {
     /// The pins live under `/sys/fs/bpf/enforcer` of the private mount namespace `ip netns exec`
     /// makes, so they go away with the process.
     pub fn start(tb: &Testbed, manifests: &std::path::Path, extra: &[&str]) -> Result<Self> {
-        let bin = agent_binary()?;
+        Self::start_binary(&agent_binary()?, tb, manifests, extra)
+    }
+
+    /// [`AgentProcess::start`] with another agent binary (an upgrade).
+    pub fn start_binary(bin: &std::path::Path, tb: &Testbed, manifests: &std::path::Path, extra: &[&str]) -> Result<Self> {
         let health: SocketAddr = (Ipv4Addr::LOCALHOST, 9901).into();
-        let log = std::env::temp_dir().join(format!("{}-agent.log", tb.prefix));
+        static STARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = STARTS.fetch_add(1, Ordering::SeqCst);
+        let log = std::env::temp_dir().join(format!("{}-agent-{n}.log", tb.prefix));
         let log_file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let child = Command::new("ip")
             .args(["netns", "exec", &tb.node])
-            .arg(&bin)
+            .arg(bin)
             .args(["run", "--manifests"])
             .arg(manifests)
             .args(["--health-addr", &health.to_string()])
@@ -451,6 +457,12 @@ impl AgentProcess {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash or OOM kill would.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Sends SIGTERM and waits.

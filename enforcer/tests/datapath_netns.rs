@@ -3,20 +3,18 @@
 //! traffic between pods. Runs as root. Namespaces, links and the private bpffs are removed even
 //! when an assertion fails (RAII guards).
 
-use std::{
-    net::IpAddr,
-    path::PathBuf,
-    time::Duration,
-};
+use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use enforcer::{
     datapath::{Datapath, DatapathOptions, mount_bpffs},
     maps::MapTable,
-    testbed::{NODE_V4, NODE_V6, Proto, Servers, TestPod, Testbed, enter_netns, in_netns, probe_all},
+    testbed::{
+        NODE_V4, NODE_V6, Proto, Servers, TestPod, Testbed, enter_netns, in_netns, probe_all,
+    },
 };
 use enforcer_common::{
-    DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6, EP_INGRESS_ISOLATED, EndpointInfo,
-    IDENTITY_HOST, PROTO_TCP, PROTO_UDP, PeerInfo, PolicyKey, PolicyValue, reason,
+    DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6, EP_INGRESS_ISOLATED,
+    EndpointInfo, IDENTITY_HOST, PROTO_TCP, PROTO_UDP, PeerInfo, PolicyKey, PolicyValue, reason,
 };
 
 const TAG: &str = "dpn";
@@ -68,7 +66,12 @@ fn endpoint(id: u32, identity: u32, flags: u32, pod: &TestPod, masks: [u32; 2]) 
 }
 
 fn allow(dp: &mut Datapath, ep: u32, id: u32, dir: u8, proto: u8, port: u16, rule: u32) {
-    dp.policy.set(&PolicyKey::new(ep, id, dir, proto, port, 16), &PolicyValue { rule, _pad: 0 }).unwrap();
+    dp.policy
+        .set(
+            &PolicyKey::new(ep, id, dir, proto, port, 16),
+            &PolicyValue { rule, _pad: 0 },
+        )
+        .unwrap();
 }
 
 type Probe = (String, IpAddr, u16, Proto);
@@ -78,7 +81,10 @@ fn check(label: &str, probes: &[(Probe, bool)], failures: &mut Vec<String>) {
     let got = probe_all(&list, Duration::from_millis(700), 8).unwrap();
     for ((p, want), got) in probes.iter().zip(got) {
         if got != *want {
-            failures.push(format!("{label}: {} -> {}:{} {:?}: got {got}, want {want}", p.0, p.1, p.2, p.3));
+            failures.push(format!(
+                "{label}: {} -> {}:{} {:?}: got {got}, want {want}",
+                p.0, p.1, p.2, p.3
+            ));
         }
     }
 }
@@ -89,15 +95,37 @@ fn enforced_between_routed_veth_pods() {
     let mount = BpfMount::new();
     let pin = mount.0.join("enforcer");
     let mut tb = Testbed::new(TAG).unwrap();
-    let a = tb.add_pod("a", "10.241.0.10".parse().unwrap(), Some("fd00:241::10".parse().unwrap())).unwrap();
-    let b = tb.add_pod("b", "10.241.0.11".parse().unwrap(), Some("fd00:241::11".parse().unwrap())).unwrap();
-    let c = tb.add_pod("c", "10.241.0.12".parse().unwrap(), None).unwrap();
+    let a = tb
+        .add_pod(
+            "a",
+            "10.241.0.10".parse().unwrap(),
+            Some("fd00:241::10".parse().unwrap()),
+        )
+        .unwrap();
+    let b = tb
+        .add_pod(
+            "b",
+            "10.241.0.11".parse().unwrap(),
+            Some("fd00:241::11".parse().unwrap()),
+        )
+        .unwrap();
+    let c = tb
+        .add_pod("c", "10.241.0.12".parse().unwrap(), None)
+        .unwrap();
     let _sa = Servers::start(&a, &[80], "a").unwrap();
     let _sb = Servers::start(&b, &[80, 81], "b").unwrap();
-    let (ia, ib, ic) = (ifindex_in(&tb.node, &a.host_if), ifindex_in(&tb.node, &b.host_if), ifindex_in(&tb.node, &c.host_if));
+    let (ia, ib, ic) = (
+        ifindex_in(&tb.node, &a.host_if),
+        ifindex_in(&tb.node, &b.host_if),
+        ifindex_in(&tb.node, &c.host_if),
+    );
     assert!(ia > 1 && ib > 1 && ic > 1);
 
-    let opts = DatapathOptions { pin_path: pin.clone(), max_endpoints: 16, ..Default::default() };
+    let opts = DatapathOptions {
+        pin_path: pin.clone(),
+        max_endpoints: 16,
+        ..Default::default()
+    };
     let mut dp = Datapath::open(opts).expect("loading the programs");
 
     // Identities.
@@ -142,7 +170,8 @@ fn enforced_between_routed_veth_pods() {
     });
 
     let mut failures = Vec::new();
-    let p = |from: &TestPod, to: IpAddr, port: u16, proto: Proto| (from.netns.clone(), to, port, proto);
+    let p =
+        |from: &TestPod, to: IpAddr, port: u16, proto: Proto| (from.netns.clone(), to, port, proto);
     let b6: IpAddr = b.v6.unwrap().into();
     let a6: IpAddr = a.v6.unwrap().into();
     let mut probes = vec![
@@ -163,10 +192,26 @@ fn enforced_between_routed_veth_pods() {
     ];
     check("initial policy", &probes, &mut failures);
 
-    let drops = dp.counters.get(2, DIR_INGRESS, reason::DROP_POLICY).unwrap().packets;
-    let allowed = dp.counters.get(2, DIR_INGRESS, reason::ALLOW_POLICY).unwrap().packets;
-    let replies = dp.counters.get(1, DIR_INGRESS, reason::ALLOW_REPLY).unwrap().packets;
-    let a_drops = dp.counters.get(1, DIR_EGRESS, reason::DROP_POLICY).unwrap().packets;
+    let drops = dp
+        .counters
+        .get(2, DIR_INGRESS, reason::DROP_POLICY)
+        .unwrap()
+        .packets;
+    let allowed = dp
+        .counters
+        .get(2, DIR_INGRESS, reason::ALLOW_POLICY)
+        .unwrap()
+        .packets;
+    let replies = dp
+        .counters
+        .get(1, DIR_INGRESS, reason::ALLOW_REPLY)
+        .unwrap()
+        .packets;
+    let a_drops = dp
+        .counters
+        .get(1, DIR_EGRESS, reason::DROP_POLICY)
+        .unwrap()
+        .packets;
     if drops == 0 || allowed == 0 || replies == 0 || a_drops == 0 {
         failures.push(format!(
             "counters: b ingress drops {drops}, b ingress allowed {allowed}, a replies {replies}, a egress drops {a_drops}"
@@ -177,8 +222,12 @@ fn enforced_between_routed_veth_pods() {
     }
 
     // Policy change: b no longer accepts TCP from a. The epoch bump revokes tracked flows.
-    dp.policy.remove(&PolicyKey::new(2, ID_A, DIR_INGRESS, PROTO_TCP, 80, 16)).unwrap();
-    dp.endpoints.set(&ib, &EndpointInfo { epoch: 2, ..eb }).unwrap();
+    dp.policy
+        .remove(&PolicyKey::new(2, ID_A, DIR_INGRESS, PROTO_TCP, 80, 16))
+        .unwrap();
+    dp.endpoints
+        .set(&ib, &EndpointInfo { epoch: 2, ..eb })
+        .unwrap();
     probes = vec![
         (p(&a, b.v4.into(), 80, Proto::Tcp), false),
         (p(&a, b6, 80, Proto::Tcp), false),
@@ -188,12 +237,19 @@ fn enforced_between_routed_veth_pods() {
 
     // Detach b: its isolation no longer applies (c reaches it).
     dp.detach(ib).unwrap();
-    probes = vec![(p(&c, b.v4.into(), 80, Proto::Tcp), true), (p(&a, b.v4.into(), 81, Proto::Tcp), false)];
+    probes = vec![
+        (p(&c, b.v4.into(), 80, Proto::Tcp), true),
+        (p(&a, b.v4.into(), 81, Proto::Tcp), false),
+    ];
     check("after detaching b", &probes, &mut failures);
 
     // Restart: a new load reuses the pins and re-points the remaining links.
     drop(dp);
-    let opts = DatapathOptions { pin_path: pin.clone(), max_endpoints: 16, ..Default::default() };
+    let opts = DatapathOptions {
+        pin_path: pin.clone(),
+        max_endpoints: 16,
+        ..Default::default()
+    };
     let mut dp = Datapath::open(opts).expect("second load");
     let reattached = std::thread::scope(|s| {
         s.spawn(|| {
@@ -208,17 +264,36 @@ fn enforced_between_routed_veth_pods() {
     if reattached != want {
         failures.push(format!("reattach_all: {reattached:?}, want {want:?}"));
     }
-    probes = vec![(p(&a, b.v4.into(), 81, Proto::Tcp), false), (p(&a, b.v4.into(), 80, Proto::Udp), true)];
+    probes = vec![
+        (p(&a, b.v4.into(), 81, Proto::Tcp), false),
+        (p(&a, b.v4.into(), 80, Proto::Udp), true),
+    ];
     check("after restart", &probes, &mut failures);
 
     drop(dp);
     Datapath::cleanup(&pin).unwrap();
-    check("after cleanup", &[(p(&a, b.v4.into(), 81, Proto::Tcp), true)], &mut failures);
+    check(
+        "after cleanup",
+        &[(p(&a, b.v4.into(), 81, Proto::Tcp), true)],
+        &mut failures,
+    );
 
     let node = tb.node.clone();
     drop(tb);
     drop(mount);
-    let list = String::from_utf8(std::process::Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).unwrap();
+    let list = String::from_utf8(
+        std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
     assert!(!list.contains(&node), "node namespace left behind");
-    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

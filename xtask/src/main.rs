@@ -1,6 +1,7 @@
 //! Developer tasks: `cargo xtask setup | test | demo`. Every task runs `setup` first, so a fresh
 //! clone needs no manual step.
 
+mod kind_e2e;
 mod setup;
 
 use std::process::Command;
@@ -31,6 +32,9 @@ enum Task {
     },
     /// The demo: pods in network namespaces, the real agent, real policy, real drops.
     Demo,
+    /// Build the image, deploy to a kind cluster and check enforcement there (needs Docker,
+    /// kind and kubectl, which this machine lacks: use manifests/Vagrantfile).
+    KindE2e,
 }
 
 fn main() -> Result<()> {
@@ -45,6 +49,7 @@ fn main() -> Result<()> {
             cmd.args(["test", "--release", "--workspace"]).args(&args);
             status(cmd, "cargo test")
         }
+        Task::KindE2e => kind_e2e::kind_e2e(),
         Task::Demo => {
             build()?;
             let mut cmd = cargo();

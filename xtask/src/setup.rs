@@ -10,7 +10,7 @@ use anyhow::{Context as _, Result, bail};
 /// The bpf-linker release built against the nightly's LLVM.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests, the demo and the benchmarks use, by the command they provide.
-const PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("nsenter", "util-linux"), ("mount", "mount")];
+const PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("nsenter", "util-linux"), ("mount", "mount"), ("iperf3", "iperf3"), ("nft", "nftables")];
 
 pub fn setup() -> Result<()> {
     rust_src()?;

@@ -4,7 +4,10 @@
 use std::{
     ffi::CString,
     io,
-    os::{fd::{FromRawFd as _, OwnedFd, AsRawFd as _}, unix::ffi::OsStrExt as _},
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
     path::{Path, PathBuf},
 };
 
@@ -16,7 +19,8 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 pub const SYS_FS_BPF: &str = "/sys/fs/bpf";
 
 fn cstring(path: &Path) -> Result<CString> {
-    CString::new(path.as_os_str().as_bytes()).with_context(|| format!("path {} has a NUL byte", path.display()))
+    CString::new(path.as_os_str().as_bytes())
+        .with_context(|| format!("path {} has a NUL byte", path.display()))
 }
 
 /// Whether `path` (which must exist) is on a bpffs.
@@ -25,9 +29,9 @@ pub fn is_bpffs(path: &Path) -> Result<bool> {
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid NUL-terminated path and a valid out pointer.
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error()).with_context(|| format!("statfs {}", path.display()));
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("statfs {}", path.display()));
     }
-    #[expect(clippy::unnecessary_cast, reason = "f_type is i64 or u32 depending on the libc target")]
     Ok(st.f_type as i64 == BPF_FS_MAGIC)
 }
 
@@ -49,10 +53,17 @@ pub fn mount_bpffs(target: &Path) -> Result<()> {
     let fstype = c"bpf";
     // SAFETY: valid NUL-terminated strings; no data argument.
     let rc = unsafe {
-        libc::mount(fstype.as_ptr(), t.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            fstype.as_ptr(),
+            t.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
-        return Err(io::Error::last_os_error()).with_context(|| format!("mounting bpffs on {}", target.display()));
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("mounting bpffs on {}", target.display()));
     }
     Ok(())
 }
@@ -82,6 +93,7 @@ pub fn ensure_bpffs(pin_path: &Path) -> Result<()> {
 /// `bpf(2)` command numbers from `include/uapi/linux/bpf.h`.
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// Opens a pinned BPF object.
 pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
@@ -91,7 +103,12 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     attr[0] = c.as_ptr() as u64;
     // SAFETY: attr outlives the call and is as large as the kernel reads for this command.
     let fd = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_mut_ptr(), std::mem::size_of_val(&attr) as u32)
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr) as u32,
+        )
     };
     if fd < 0 {
         return Err(io::Error::last_os_error());
@@ -112,10 +129,54 @@ pub fn tcx_link_ifindex(path: &Path) -> io::Result<u32> {
     attr[1] = info.as_mut_ptr() as u64;
     // SAFETY: attr and info outlive the call; info_len bounds what the kernel writes.
     let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, attr.as_mut_ptr(), std::mem::size_of_val(&attr) as u32)
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr) as u32,
+        )
     };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(info[2] as u32)
+}
+
+/// Detaches the pinned link at `path` now (`BPF_LINK_DETACH`), whoever else holds it, then
+/// removes the pin. Releasing the last reference alone detaches only later, from a workqueue.
+pub fn detach_pinned_link(path: &Path) -> io::Result<()> {
+    match obj_get(path) {
+        Ok(fd) => {
+            // union bpf_attr for BPF_LINK_DETACH: { __u32 link_fd; }
+            let mut attr = [0u64; 1];
+            attr[0] = fd.as_raw_fd() as u32 as u64;
+            // SAFETY: attr outlives the call.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    BPF_LINK_DETACH,
+                    attr.as_mut_ptr(),
+                    std::mem::size_of_val(&attr) as u32,
+                )
+            };
+            // EINVAL/ENOLINK: a link that is already defunct or not detachable; unpinning is all
+            // that is left to do.
+            if rc < 0 {
+                let e = io::Error::last_os_error();
+                if !matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL | libc::ENOLINK | libc::EOPNOTSUPP)
+                ) {
+                    return Err(e);
+                }
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(_) => {}
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
 }

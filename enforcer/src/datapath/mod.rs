@@ -27,14 +27,16 @@ use aya::{
     util::KernelVersion,
 };
 use enforcer_common::{
-    CONFIG_LOG_ALLOWED, Config, DEFAULT_CIDRS_SIZE, DEFAULT_CONNTRACK_SIZE, DEFAULT_CT_TIMEOUT_OTHER_NS,
-    DEFAULT_CT_TIMEOUT_TCP_NS, DEFAULT_EVENTS_BYTES, DEFAULT_FRAGMENTS_SIZE, DEFAULT_MAX_ENDPOINTS,
-    DEFAULT_PEERS_SIZE, DEFAULT_POLICY_SIZE, EndpointInfo, MAP_CIDRS_V4, MAP_CIDRS_V6, MAP_CONFIG,
-    MAP_CONNTRACK, MAP_COUNTERS, MAP_ENDPOINTS, MAP_EVENTS, MAP_FRAGMENTS, MAP_PEERS_V4, MAP_PEERS_V6,
-    MAP_POLICY, PROG_FROM_POD, PROG_TO_POD, PeerInfo, PolicyKey, PolicyValue, SCHEMA_VERSION,
-    counter_slots,
+    CONFIG_LOG_ALLOWED, Config, DEFAULT_CIDRS_SIZE, DEFAULT_CONNTRACK_SIZE,
+    DEFAULT_CT_TIMEOUT_OTHER_NS, DEFAULT_CT_TIMEOUT_TCP_NS, DEFAULT_EVENTS_BYTES,
+    DEFAULT_FRAGMENTS_SIZE, DEFAULT_MAX_ENDPOINTS, DEFAULT_PEERS_SIZE, DEFAULT_POLICY_SIZE,
+    EndpointInfo, MAP_CIDRS_V4, MAP_CIDRS_V6, MAP_CONFIG, MAP_CONNTRACK, MAP_COUNTERS,
+    MAP_ENDPOINTS, MAP_EVENTS, MAP_FRAGMENTS, MAP_PEERS_V4, MAP_PEERS_V6, MAP_POLICY,
+    PROG_FROM_POD, PROG_TO_POD, PeerInfo, PolicyKey, PolicyValue, SCHEMA_VERSION, counter_slots,
 };
-pub use tables::{AsyncEvents, Conntrack, CounterKey, Counters, EventReader, HashTable, LpmAddr, LpmTable};
+pub use tables::{
+    AsyncEvents, Conntrack, CounterKey, Counters, EventReader, HashTable, LpmAddr, LpmTable,
+};
 
 pub use self::bpffs::{ensure_bpffs, is_bpffs, mount_bpffs};
 
@@ -101,10 +103,15 @@ impl DatapathOptions {
     /// The [`Config`] these options write into CONFIG.
     pub fn config(&self) -> Config {
         Config {
-            flags: if self.log_allowed { CONFIG_LOG_ALLOWED } else { 0 },
+            flags: if self.log_allowed {
+                CONFIG_LOG_ALLOWED
+            } else {
+                0
+            },
             _pad: 0,
             ct_timeout_tcp_ns: u64::try_from(self.ct_timeout_tcp.as_nanos()).unwrap_or(u64::MAX),
-            ct_timeout_other_ns: u64::try_from(self.ct_timeout_other.as_nanos()).unwrap_or(u64::MAX),
+            ct_timeout_other_ns: u64::try_from(self.ct_timeout_other.as_nanos())
+                .unwrap_or(u64::MAX),
         }
     }
 }
@@ -150,7 +157,9 @@ pub fn versioned_root(pin_path: &Path) -> PathBuf {
 
 /// Pinned link path of `ifindex`'s `hook` under `pin_path`.
 pub fn link_pin(pin_path: &Path, ifindex: u32, hook: Hook) -> PathBuf {
-    versioned_root(pin_path).join("links").join(format!("{ifindex}-{}", hook.suffix()))
+    versioned_root(pin_path)
+        .join("links")
+        .join(format!("{ifindex}-{}", hook.suffix()))
 }
 
 /// The loaded programs and their (pinned) maps.
@@ -172,7 +181,8 @@ pub struct Datapath {
 }
 
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
-    ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+    ebpf.take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
 }
 
 impl Datapath {
@@ -212,22 +222,43 @@ impl Datapath {
                 .ok_or_else(|| anyhow!("program {} missing from the eBPF object", hook.program()))?
                 .try_into()
                 .with_context(|| format!("program {} is not a classifier", hook.program()))?;
-            prog.load().with_context(|| format!("loading program {} (verifier)", hook.program()))?;
+            prog.load()
+                .with_context(|| format!("loading program {} (verifier)", hook.program()))?;
         }
 
-        let endpoints = HashTable::new(MAP_ENDPOINTS, HashMap::try_from(take(&mut ebpf, MAP_ENDPOINTS)?)?);
-        let peers_v4 = HashTable::new(MAP_PEERS_V4, HashMap::try_from(take(&mut ebpf, MAP_PEERS_V4)?)?);
-        let peers_v6 = HashTable::new(MAP_PEERS_V6, HashMap::try_from(take(&mut ebpf, MAP_PEERS_V6)?)?);
-        let cidrs_v4 = LpmTable::new(MAP_CIDRS_V4, LpmTrie::try_from(take(&mut ebpf, MAP_CIDRS_V4)?)?)?;
-        let cidrs_v6 = LpmTable::new(MAP_CIDRS_V6, LpmTrie::try_from(take(&mut ebpf, MAP_CIDRS_V6)?)?)?;
+        let endpoints = HashTable::new(
+            MAP_ENDPOINTS,
+            HashMap::try_from(take(&mut ebpf, MAP_ENDPOINTS)?)?,
+        );
+        let peers_v4 = HashTable::new(
+            MAP_PEERS_V4,
+            HashMap::try_from(take(&mut ebpf, MAP_PEERS_V4)?)?,
+        );
+        let peers_v6 = HashTable::new(
+            MAP_PEERS_V6,
+            HashMap::try_from(take(&mut ebpf, MAP_PEERS_V6)?)?,
+        );
+        let cidrs_v4 = LpmTable::new(
+            MAP_CIDRS_V4,
+            LpmTrie::try_from(take(&mut ebpf, MAP_CIDRS_V4)?)?,
+        )?;
+        let cidrs_v6 = LpmTable::new(
+            MAP_CIDRS_V6,
+            LpmTrie::try_from(take(&mut ebpf, MAP_CIDRS_V6)?)?,
+        )?;
         let policy = HashTable::new(MAP_POLICY, HashMap::try_from(take(&mut ebpf, MAP_POLICY)?)?);
         let conntrack = Conntrack {
-            table: HashTable::new(MAP_CONNTRACK, HashMap::try_from(take(&mut ebpf, MAP_CONNTRACK)?)?),
+            table: HashTable::new(
+                MAP_CONNTRACK,
+                HashMap::try_from(take(&mut ebpf, MAP_CONNTRACK)?)?,
+            ),
         };
         let counters = Counters {
             map: PerCpuArray::try_from(take(&mut ebpf, MAP_COUNTERS)?).context("map COUNTERS")?,
         };
-        let events = EventReader { ring: RingBuf::try_from(take(&mut ebpf, MAP_EVENTS)?).context("map EVENTS")? };
+        let events = EventReader {
+            ring: RingBuf::try_from(take(&mut ebpf, MAP_EVENTS)?).context("map EVENTS")?,
+        };
         let config = Array::try_from(take(&mut ebpf, MAP_CONFIG)?).context("map CONFIG")?;
 
         let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
@@ -288,7 +319,12 @@ impl Datapath {
     /// device in the calling thread's network namespace). Returns the TC action.
     pub fn test_run(&self, hook: Hook, ifindex: u32, frame: &[u8]) -> Result<i32> {
         let ctx = sk_buff_ctx(ifindex);
-        let opts = aya::programs::TestRunOptions { data_in: Some(frame), ctx_in: Some(&ctx), repeat: 1, ..Default::default() };
+        let opts = aya::programs::TestRunOptions {
+            data_in: Some(frame),
+            ctx_in: Some(&ctx),
+            repeat: 1,
+            ..Default::default()
+        };
         let r = aya::programs::TestRun::test_run(self.program(hook)?, opts)
             .with_context(|| format!("BPF_PROG_TEST_RUN of {}", hook.program()))?;
         #[expect(clippy::cast_possible_wrap, reason = "TC actions are small")]
@@ -300,7 +336,8 @@ impl Datapath {
     /// is re-pointed at this object's programs atomically.
     pub fn attach(&mut self, ifindex: u32) -> Result<()> {
         for hook in Hook::ALL {
-            self.attach_hook(ifindex, hook).with_context(|| format!("attaching {} to ifindex {ifindex}", hook.program()))?;
+            self.attach_hook(ifindex, hook)
+                .with_context(|| format!("attaching {} to ifindex {ifindex}", hook.program()))?;
         }
         Ok(())
     }
@@ -316,7 +353,8 @@ impl Datapath {
         if pin.exists() {
             match bpffs::tcx_link_ifindex(&pin) {
                 Ok(i) if i == ifindex => {
-                    let old = PinnedLink::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
+                    let old = PinnedLink::from_pin(&pin)
+                        .with_context(|| format!("opening {}", pin.display()))?;
                     let link = SchedClassifierLink::try_from(FdLink::from(old))?;
                     let id = prog.attach_to_link(link).context("bpf_link_update")?;
                     // Our fd goes; the pin keeps the link.
@@ -325,17 +363,23 @@ impl Datapath {
                 }
                 // The device went away (ifindex 0) or the index was reused: the link is defunct.
                 Ok(_) | Err(_) => {
-                    std::fs::remove_file(&pin).with_context(|| format!("removing stale {}", pin.display()))?;
+                    std::fs::remove_file(&pin)
+                        .with_context(|| format!("removing stale {}", pin.display()))?;
                 }
             }
         }
         let ifname = ifname(ifindex)?;
         if tcx {
             let id = prog
-                .attach_with_options(&ifname, hook.attach_type(), TcAttachOptions::TcxOrder(LinkOrder::default()))
+                .attach_with_options(
+                    &ifname,
+                    hook.attach_type(),
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
                 .context("TCX attach")?;
             let link: FdLink = prog.take_link(id)?.try_into()?;
-            link.pin(&pin).with_context(|| format!("pinning link at {}", pin.display()))?;
+            link.pin(&pin)
+                .with_context(|| format!("pinning link at {}", pin.display()))?;
         } else {
             // Kernels without TCX: clsact + cls_bpf through netlink with a fixed priority and
             // handle, so a later attach replaces the filter in place. Netlink filters are not
@@ -347,12 +391,30 @@ impl Datapath {
                     return Err(e).context("adding clsact qdisc");
                 }
             }
-            let opts = NlOptions { priority: 1, handle: TcHandle::new(0, 1), classid: None };
-            let id = match SchedClassifierLink::attached(&ifname, hook.attach_type(), 1, TcHandle::new(0, 1), None) {
+            let opts = NlOptions {
+                priority: 1,
+                handle: TcHandle::new(0, 1),
+                classid: None,
+            };
+            let id = match SchedClassifierLink::attached(
+                &ifname,
+                hook.attach_type(),
+                1,
+                TcHandle::new(0, 1),
+                None,
+            ) {
                 Ok(existing) => prog.attach_to_link(existing).or_else(|_| {
-                    prog.attach_with_options(&ifname, hook.attach_type(), TcAttachOptions::Netlink(opts))
+                    prog.attach_with_options(
+                        &ifname,
+                        hook.attach_type(),
+                        TcAttachOptions::Netlink(opts),
+                    )
                 }),
-                Err(_) => prog.attach_with_options(&ifname, hook.attach_type(), TcAttachOptions::Netlink(opts)),
+                Err(_) => prog.attach_with_options(
+                    &ifname,
+                    hook.attach_type(),
+                    TcAttachOptions::Netlink(opts),
+                ),
             }
             .context("netlink attach")?;
             std::mem::forget(prog.take_link(id)?);
@@ -365,9 +427,10 @@ impl Datapath {
     pub fn reattach_all(&mut self) -> Result<Vec<u32>> {
         let mut done = Vec::new();
         for ifindex in Self::attached_at(&self.pin_path)? {
-            let live = Hook::ALL
-                .iter()
-                .any(|&h| bpffs::tcx_link_ifindex(&link_pin(&self.pin_path, ifindex, h)).is_ok_and(|i| i == ifindex));
+            let live = Hook::ALL.iter().any(|&h| {
+                bpffs::tcx_link_ifindex(&link_pin(&self.pin_path, ifindex, h))
+                    .is_ok_and(|i| i == ifindex)
+            });
             if live {
                 self.attach(ifindex)?;
                 done.push(ifindex);
@@ -398,7 +461,9 @@ impl Datapath {
             Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
         };
         for entry in entries {
-            let name = entry.with_context(|| format!("listing {}", dir.display()))?.file_name();
+            let name = entry
+                .with_context(|| format!("listing {}", dir.display()))?
+                .file_name();
             let name = name.to_string_lossy();
             if let Some((index, _)) = name.split_once('-')
                 && let Ok(index) = index.parse::<u32>()
@@ -431,9 +496,16 @@ impl Datapath {
                 if let Ok(files) = std::fs::read_dir(&dir) {
                     for f in files {
                         let f = f?.path();
-                        std::fs::remove_file(&f).with_context(|| format!("removing {}", f.display()))?;
+                        if sub == "links" {
+                            bpffs::detach_pinned_link(&f)
+                                .with_context(|| format!("detaching {}", f.display()))?;
+                        } else {
+                            std::fs::remove_file(&f)
+                                .with_context(|| format!("removing {}", f.display()))?;
+                        }
                     }
-                    std::fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
+                    std::fs::remove_dir(&dir)
+                        .with_context(|| format!("removing {}", dir.display()))?;
                 }
             }
             std::fs::remove_dir(&path).with_context(|| format!("removing {}", path.display()))?;
@@ -447,11 +519,7 @@ impl Datapath {
 pub fn detach_at(pin_path: &Path, ifindex: u32) -> Result<()> {
     for hook in Hook::ALL {
         let pin = link_pin(pin_path, ifindex, hook);
-        match std::fs::remove_file(&pin) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("removing {}", pin.display())),
-        }
+        bpffs::detach_pinned_link(&pin).with_context(|| format!("detaching {}", pin.display()))?;
     }
     Ok(())
 }
@@ -461,7 +529,8 @@ fn ifname(ifindex: u32) -> Result<String> {
     // SAFETY: buf has IF_NAMESIZE bytes, as if_indextoname requires.
     let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr().cast()) };
     if p.is_null() {
-        return Err(io::Error::last_os_error()).with_context(|| format!("no interface with ifindex {ifindex}"));
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("no interface with ifindex {ifindex}"));
     }
     let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     Ok(String::from_utf8_lossy(&buf[..len]).into_owned())
@@ -478,7 +547,10 @@ fn sk_buff_ctx(ifindex: u32) -> Vec<u8> {
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (https://lwn.net/Articles/837122/).
 fn bump_memlock_rlimit() {
-    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: valid pointer to a rlimit.
     let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
 }

@@ -55,7 +55,9 @@ impl<K: aya::Pod, V: aya::Pod> MapTable<K, V> for HashTable<K, V> {
         }
     }
     fn set(&mut self, key: &K, value: &V) -> Result<()> {
-        self.map.insert(key, value, 0).with_context(|| format!("writing map {}", self.name))
+        self.map
+            .insert(key, value, 0)
+            .with_context(|| format!("writing map {}", self.name))
     }
     fn remove(&mut self, key: &K) -> Result<()> {
         match self.map.remove(key) {
@@ -85,7 +87,10 @@ impl MapTable<Ipv4Addr, PeerInfo> for HashTable<[u8; 4], PeerInfo> {
         MapTable::<[u8; 4], PeerInfo>::remove(self, &key.octets())
     }
     fn keys(&self) -> Result<Vec<Ipv4Addr>> {
-        Ok(MapTable::<[u8; 4], PeerInfo>::keys(self)?.into_iter().map(Ipv4Addr::from).collect())
+        Ok(MapTable::<[u8; 4], PeerInfo>::keys(self)?
+            .into_iter()
+            .map(Ipv4Addr::from)
+            .collect())
     }
 }
 
@@ -101,7 +106,10 @@ impl MapTable<Ipv6Addr, PeerInfo> for HashTable<[u8; 16], PeerInfo> {
         MapTable::<[u8; 16], PeerInfo>::remove(self, &key.octets())
     }
     fn keys(&self) -> Result<Vec<Ipv6Addr>> {
-        Ok(MapTable::<[u8; 16], PeerInfo>::keys(self)?.into_iter().map(Ipv6Addr::from).collect())
+        Ok(MapTable::<[u8; 16], PeerInfo>::keys(self)?
+            .into_iter()
+            .map(Ipv6Addr::from)
+            .collect())
     }
 }
 
@@ -144,8 +152,15 @@ pub struct LpmTable<A: LpmAddr> {
 }
 
 impl<A: LpmAddr> LpmTable<A> {
-    pub(crate) fn new(name: &'static str, map: LpmTrie<MapData, A::Bytes, PeerInfo>) -> Result<Self> {
-        let mut t = Self { name, map, present: BTreeSet::new() };
+    pub(crate) fn new(
+        name: &'static str,
+        map: LpmTrie<MapData, A::Bytes, PeerInfo>,
+    ) -> Result<Self> {
+        let mut t = Self {
+            name,
+            map,
+            present: BTreeSet::new(),
+        };
         t.present = t.list()?.into_iter().collect();
         Ok(t)
     }
@@ -155,7 +170,10 @@ impl<A: LpmAddr> LpmTable<A> {
         for k in self.map.keys() {
             let k = k.with_context(|| format!("listing keys of map {}", self.name))?;
             #[expect(clippy::cast_possible_truncation, reason = "prefix lengths are <= 128")]
-            out.push(Prefix { addr: A::from_bytes(k.data()), len: k.prefix_len() as u8 });
+            out.push(Prefix {
+                addr: A::from_bytes(k.data()),
+                len: k.prefix_len() as u8,
+            });
         }
         Ok(out)
     }
@@ -176,7 +194,9 @@ impl<A: LpmAddr> MapTable<Prefix<A>, PeerInfo> for LpmTable<A> {
     }
     fn set(&mut self, key: &Prefix<A>, value: &PeerInfo) -> Result<()> {
         let k = Key::new(u32::from(key.len), key.addr.to_bytes());
-        self.map.insert(&k, value, 0).with_context(|| format!("writing map {}", self.name))?;
+        self.map
+            .insert(&k, value, 0)
+            .with_context(|| format!("writing map {}", self.name))?;
         self.present.insert(*key);
         Ok(())
     }
@@ -220,7 +240,12 @@ impl Conntrack {
 
     /// Deletes every flow of `endpoint` (a pod went away); returns how many.
     pub fn remove_endpoint(&mut self, endpoint: u32) -> Result<usize> {
-        let keys: Vec<CtKey> = self.table.keys()?.into_iter().filter(|k| k.endpoint == endpoint).collect();
+        let keys: Vec<CtKey> = self
+            .table
+            .keys()?
+            .into_iter()
+            .filter(|k| k.endpoint == endpoint)
+            .collect();
         for k in &keys {
             self.table.remove(k)?;
         }
@@ -263,7 +288,10 @@ impl Counters {
     pub fn get(&self, endpoint: u32, direction: u8, reason: u8) -> Result<Counter> {
         let values = self
             .map
-            .get(&enforcer_common::counter_index(endpoint, direction, reason), 0)
+            .get(
+                &enforcer_common::counter_index(endpoint, direction, reason),
+                0,
+            )
             .context("reading map COUNTERS")?;
         let mut sum = Counter::default();
         for v in values.iter() {
@@ -289,7 +317,10 @@ fn decode(bytes: &[u8]) -> Option<VerdictEvent> {
 
 impl EventReader {
     /// The next event, if one is waiting.
-    #[expect(clippy::should_implement_trait, reason = "not an Iterator: it can resume after None")]
+    #[expect(
+        clippy::should_implement_trait,
+        reason = "not an Iterator: it can resume after None"
+    )]
     pub fn next(&mut self) -> Option<VerdictEvent> {
         loop {
             let item = self.ring.next()?;

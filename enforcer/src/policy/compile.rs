@@ -46,6 +46,9 @@ pub struct CompileOptions {
     pub node_ips: Vec<IpAddr>,
     /// Endpoint ids are `1..=max_endpoints`.
     pub max_endpoints: u32,
+    /// Every policy's pod and namespace peers must be verified workloads
+    /// (`--require-identity`), as if each carried the require-identity annotation.
+    pub require_identity: bool,
 }
 
 impl Default for CompileOptions {
@@ -54,6 +57,7 @@ impl Default for CompileOptions {
             node_name: None,
             node_ips: Vec::new(),
             max_endpoints: DEFAULT_MAX_ENDPOINTS,
+            require_identity: false,
         }
     }
 }
@@ -76,6 +80,8 @@ pub struct PodFacts {
     pub labels: Labels,
     /// `(name, protocol, port)` of the named container ports.
     pub named_ports: BTreeSet<(String, u8, u16)>,
+    /// The address is bound to a verified identity (its reserved labels are in `labels`).
+    pub verified: bool,
 }
 
 /// What an identity stands for.
@@ -331,11 +337,14 @@ fn block_covers_net(block: &Block, net: &IpNet) -> bool {
     block.cidr.contains(net) && !block.except.iter().any(|e| e.contains(net))
 }
 
-fn peer_matches(peer: &Peer, key: &IdentityKey) -> bool {
+fn peer_matches(peer: &Peer, key: &IdentityKey, require_identity: bool) -> bool {
     match peer {
         Peer::Block(b) => key.blocks.contains(b),
         Peer::Pods { namespaces, pods } => {
             let Some(f) = &key.pod else { return false };
+            if require_identity && !f.verified {
+                return false;
+            }
             let ns_ok = match namespaces {
                 NamespaceMatch::Own(ns) => f.namespace == *ns,
                 NamespaceMatch::Selector(s) => s.matches(&f.namespace_labels),
@@ -387,6 +396,7 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
                 namespace_labels: nsl,
                 labels: pod.metadata.labels.clone().unwrap_or_default(),
                 named_ports: named_ports(pod),
+                verified: false,
             },
         );
         for ip in pod_ips(pod) {
@@ -413,10 +423,18 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
     let addr_keys: BTreeMap<IpAddr, IdentityKey> = owner
         .iter()
         .map(|(ip, r)| {
+            // A verified address adds its identity's reserved labels to the pod's.
+            let pod = facts.get(r).cloned().map(|mut f| {
+                if let Some(extra) = cluster.verified.get(ip) {
+                    f.labels.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+                    f.verified = true;
+                }
+                f
+            });
             (
                 *ip,
                 IdentityKey {
-                    pod: facts.get(r).cloned(),
+                    pod,
                     blocks: blocks_of_ip(*ip),
                 },
             )
@@ -524,11 +542,11 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
         .iter()
         .filter_map(|(id, k)| k.pod.as_ref().map(|f| (*id, f)))
         .collect();
-    let resolve = |rule: &Rule| -> PeerIds {
+    let resolve = |rule: &Rule, require_identity: bool| -> PeerIds {
         rule.peers.as_ref().map(|peers| {
             known
                 .iter()
-                .filter(|(_, k)| peers.iter().any(|p| peer_matches(p, k)))
+                .filter(|(_, k)| peers.iter().any(|p| peer_matches(p, k, require_identity)))
                 .map(|(id, _)| *id)
                 .collect()
         })
@@ -593,7 +611,7 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
                 for (ri, rule) in rules.iter().enumerate() {
                     let peers = resolved
                         .entry((pi, dir, ri))
-                        .or_insert_with(|| resolve(rule));
+                        .or_insert_with(|| resolve(rule, p.require_identity || opts.require_identity));
                     let mut keys: Vec<PolicyKey> = Vec::new();
                     let peer_list: Vec<u32> = peers.clone().unwrap_or_else(|| vec![IDENTITY_ANY]);
                     let push_all = |proto: u8, port: u16, len: u8, keys: &mut Vec<PolicyKey>| {

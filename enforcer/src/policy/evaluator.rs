@@ -51,11 +51,14 @@ pub enum DirVerdict {
     },
     /// Policies (names) isolate the pod for this direction and none of their rules allows it.
     Denied { policies: Vec<String> },
+    /// Denied, but a rule of these isolating policies would allow it if the peer's address
+    /// were bound to a verified identity (they require identity).
+    NoIdentity { policies: Vec<String> },
 }
 
 impl DirVerdict {
     pub fn allowed(&self) -> bool {
-        !matches!(self, Self::Denied { .. })
+        !matches!(self, Self::Denied { .. } | Self::NoIdentity { .. })
     }
 }
 
@@ -115,6 +118,7 @@ fn peer_matches(
     peer: &NetworkPolicyPeer,
     ip: IpAddr,
     peer_pod: Option<&(PodRef, &Pod)>,
+    require_identity: bool,
 ) -> bool {
     // "ipBlock defines policy on a particular IPBlock. If this field is set then neither of the
     // other fields can be." Any address in the cidr and in no except, pods included.
@@ -130,6 +134,14 @@ fn peer_matches(
     let Some((r, pod)) = peer_pod else {
         return false;
     };
+    // enforcer's identity: a policy that requires it matches pod and namespace peers only at
+    // addresses bound to a verified identity, whose reserved labels join the pod's labels.
+    let verified = cluster.verified.get(&ip);
+    if require_identity && verified.is_none() {
+        return false;
+    }
+    let mut labels = pod.metadata.labels.clone().unwrap_or_default();
+    labels.extend(verified.into_iter().flatten().map(|(k, v)| (k.clone(), v.clone())));
     // "namespaceSelector selects namespaces using cluster-scoped labels ... If podSelector is
     // also set, then the NetworkPolicyPeer as a whole selects the pods matching podSelector in
     // the namespaces selected by namespaceSelector. Otherwise it selects all pods in the
@@ -141,7 +153,7 @@ fn peer_matches(
         None => r.namespace == policy_ns,
     };
     let pod_ok = match &peer.pod_selector {
-        Some(s) => selector::matches(s, &pod.metadata.labels.clone().unwrap_or_default()),
+        Some(s) => selector::matches(s, &labels),
         None => true,
     };
     ns_ok && pod_ok
@@ -217,6 +229,7 @@ pub fn direction_verdict(
     let peer_pod = cluster.pod_at(peer_ip, &opts.node_ips);
     let labels = this.metadata.labels.clone().unwrap_or_default();
     let mut isolating = Vec::new();
+    let mut wants_identity = false;
     for policy in policies(cluster) {
         let ns = namespace_of(&policy.metadata);
         let Some(spec) = &policy.spec else { continue };
@@ -233,6 +246,7 @@ pub fn direction_verdict(
         }
         let name = policy.metadata.name.clone().unwrap_or_default();
         isolating.push(format!("{ns}/{name}"));
+        let need = super::model::requires_identity(policy, opts.require_identity);
         // "If this field is empty then this NetworkPolicy does not allow any traffic".
         let rules: Vec<RawRule<'_>> = if ingress {
             spec.ingress
@@ -249,16 +263,23 @@ pub fn direction_verdict(
         };
         for (index, (peers, ports)) in rules.into_iter().enumerate() {
             // "If this field is empty or missing, this rule matches all sources/destinations".
-            let peer_ok = peers.filter(|p| !p.is_empty()).is_none_or(|ps| {
-                ps.iter()
-                    .any(|p| peer_matches(cluster, &ns, p, peer_ip, peer_pod.as_ref()))
-            });
+            let peer_ok_with = |need: bool| {
+                peers.filter(|p| !p.is_empty()).is_none_or(|ps| {
+                    ps.iter().any(|p| {
+                        peer_matches(cluster, &ns, p, peer_ip, peer_pod.as_ref(), need)
+                    })
+                })
+            };
+            let peer_ok = peer_ok_with(need);
             // Named ports are the destination's: this pod on ingress, the peer pod on egress.
             let named_on = if ingress {
                 Some(*this)
             } else {
                 peer_pod.as_ref().map(|(_, p)| *p)
             };
+            if !peer_ok && need && peer_ok_with(false) && ports_match(ports, protocol, port, named_on) {
+                wants_identity = true;
+            }
             if peer_ok && ports_match(ports, protocol, port, named_on) {
                 return DirVerdict::Allowed {
                     namespace: ns,
@@ -270,6 +291,10 @@ pub fn direction_verdict(
     }
     if isolating.is_empty() {
         DirVerdict::NotIsolated
+    } else if wants_identity {
+        DirVerdict::NoIdentity {
+            policies: isolating,
+        }
     } else {
         DirVerdict::Denied {
             policies: isolating,

@@ -139,6 +139,14 @@ impl fmt::Display for DirVerdict {
                     policies.join(", ")
                 )
             }
+            Self::NoIdentity { policies } => {
+                write!(
+                    f,
+                    "denied for want of identity: isolated by policies [{}], which require a \
+                     verified peer; the peer's address is not bound to a verified identity",
+                    policies.join(", ")
+                )
+            }
         }
     }
 }
@@ -209,6 +217,7 @@ mod tests {
                 )]),
                 None,
             )],
+            ..Default::default()
         };
         let opts = CompileOptions {
             node_name: Some("n2".into()),

@@ -19,6 +19,24 @@ pub struct Cluster {
     pub namespaces: Vec<Namespace>,
     pub pods: Vec<Pod>,
     pub policies: Vec<NetworkPolicy>,
+    /// Addresses bound to a verified workload identity (the attestation endpoint), with the
+    /// reserved labels the identity adds to the pod's labels when it is matched as a peer.
+    pub verified: BTreeMap<IpAddr, BTreeMap<String, String>>,
+}
+
+/// A NetworkPolicy annotated `enforcer.dev/require-identity: "true"` matches a pod or namespace
+/// peer only when that peer's address is bound to a verified identity.
+pub const ANNOTATION_REQUIRE_IDENTITY: &str = "enforcer.dev/require-identity";
+
+/// Whether `policy` asks for verified peers (itself, or every policy with `--require-identity`).
+pub fn requires_identity(policy: &NetworkPolicy, require_all: bool) -> bool {
+    require_all
+        || policy
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_REQUIRE_IDENTITY))
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
 }
 
 /// The label the API server puts on every namespace.

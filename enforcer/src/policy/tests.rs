@@ -204,6 +204,7 @@ fn opts() -> CompileOptions {
         node_name: Some("node-a".into()),
         node_ips: vec![ip("10.0.9.1"), ip("fd00::9:1")],
         max_endpoints: 64,
+        require_identity: false,
     }
 }
 
@@ -475,16 +476,39 @@ fn cluster_strategy() -> impl Strategy<Value = Cluster> {
     let policies = (0..4usize)
         .map(strategies::policy_strategy)
         .collect::<Vec<_>>();
-    (strategies::namespaces(), pods, policies, 0..=4usize).prop_map(
-        |(namespaces, pods, mut policies, n)| {
+    // Some addresses are bound to a verified identity, and some policies require one.
+    let pod_ips: Vec<IpAddr> = flow_peers().into_iter().take(14).collect();
+    (
+        strategies::namespaces(),
+        pods,
+        policies,
+        0..=4usize,
+        proptest::collection::vec(proptest::bool::weighted(0.3), 4),
+        proptest::sample::subsequence(pod_ips, 0..8),
+    )
+        .prop_map(|(namespaces, pods, mut policies, n, require, verified_ips)| {
             policies.truncate(n);
+            for (p, r) in policies.iter_mut().zip(require) {
+                if r {
+                    p.metadata.annotations.get_or_insert_with(Default::default).insert(
+                        crate::policy::model::ANNOTATION_REQUIRE_IDENTITY.to_string(),
+                        "true".to_string(),
+                    );
+                }
+            }
+            let verified = verified_ips
+                .into_iter()
+                .map(|ip| {
+                    (ip, std::collections::BTreeMap::from([("enforcer.dev/serviceaccount".to_string(), "sa".to_string())]))
+                })
+                .collect();
             Cluster {
                 namespaces,
                 pods,
                 policies,
+                verified,
             }
-        },
-    )
+        })
 }
 
 fn flows_strategy() -> impl Strategy<Value = Vec<(u8, u16)>> {
@@ -593,6 +617,7 @@ fn base(policies: Vec<NetworkPolicy>) -> Cluster {
             ),
         ],
         policies,
+        ..Default::default()
     }
 }
 
@@ -1245,7 +1270,7 @@ proptest! {
             Some(vec![(Some(vec![block_peer(&cidr, &[except.as_str()]), pods_peer(Some(sel_expr(&value, &op, &[])), None)]), Some(vec![port(Some(&proto), Some(IntOrString::Int(num)), end), port(None, Some(IntOrString::String(name.clone())), end)]))]),
             Some(vec![(None, Some(vec![port(None, Some(IntOrString::Int(num)), end)]))]),
         );
-        let cluster = Cluster { namespaces: vec![namespace(&key, &[(value.as_str(), key.as_str())])], pods: vec![p.clone()], policies: vec![pol] };
+        let cluster = Cluster { namespaces: vec![namespace(&key, &[(value.as_str(), key.as_str())])], pods: vec![p.clone()], policies: vec![pol], ..Default::default() };
         let o = opts();
         let compiled = compile(&cluster, &o, &mut Allocations::new());
         for r in compiled.state.endpoints.keys() {

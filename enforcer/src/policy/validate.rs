@@ -103,6 +103,8 @@ pub struct ParsedPolicy {
     pub ingress: Option<Vec<Rule>>,
     /// Some when the policy affects egress.
     pub egress: Option<Vec<Rule>>,
+    /// Pod and namespace peers must be verified workloads (the policy's annotation).
+    pub require_identity: bool,
 }
 
 /// Namespace of an object: `metadata.namespace`, or `default`.
@@ -288,6 +290,7 @@ pub fn parse_policy(policy: &NetworkPolicy) -> Result<ParsedPolicy, Vec<PolicyEr
         pod_selector,
         ingress: wants_ingress.then_some(ingress_rules),
         egress: wants_egress.then_some(egress_rules),
+        require_identity: super::model::requires_identity(policy, false),
     })
 }
 

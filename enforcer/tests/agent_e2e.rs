@@ -1,0 +1,333 @@
+//! The agent binary end to end in standalone mode, over routed-veth pods in network namespaces:
+//! health endpoints, edits applied within a second, a bad edit keeping the last good state,
+//! pods coming and going, flows revoked by a policy change, and a SIGKILL + restart + upgrade
+//! under traffic without a wrong verdict.
+//!
+//! Needs root and `target/release/enforcer` (`cargo xtask test` builds it).
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use enforcer::testbed::{
+    AgentProcess, Proto, Servers, TestPod, Testbed, enter_netns, in_netns, pod_manifest, probe, run,
+};
+
+const T: Duration = Duration::from_millis(600);
+const READY: Duration = Duration::from_secs(30);
+
+fn ns_yaml() -> &'static str {
+    "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: x\n"
+}
+
+/// Ingress of `pod: b` allowed only from `pod: a` on TCP `port`.
+fn allow_a_to_b(port: u16) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: allow-a-to-b\n  namespace: x\nspec:\n  podSelector:\n    matchLabels:\n      pod: b\n  policyTypes: [Ingress]\n  ingress:\n  - from:\n    - podSelector:\n        matchLabels:\n          pod: a\n    ports:\n    - protocol: TCP\n      port: {port}\n"
+    )
+}
+
+struct Setup {
+    tb: Testbed,
+    dir: tempfile::TempDir,
+    pods: Vec<TestPod>,
+    _servers: Vec<Servers>,
+}
+
+fn setup(tag: &str, names: &[&str]) -> Setup {
+    Testbed::cleanup_stale(tag);
+    let mut tb = Testbed::new(tag).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ns.yaml"), ns_yaml()).unwrap();
+    let mut pods = Vec::new();
+    let mut servers = Vec::new();
+    for (i, n) in names.iter().enumerate() {
+        let pod = tb
+            .add_pod(n, Ipv4Addr::new(10, 241, 0, 10 + i as u8), Some(format!("fd00:241::{}", 10 + i).parse().unwrap()))
+            .unwrap();
+        write_pod(dir.path(), &pod, n);
+        servers.push(Servers::start(&pod, &[80, 81], n).unwrap());
+        pods.push(pod);
+    }
+    Setup { tb, dir, pods, _servers: servers }
+}
+
+fn write_pod(dir: &Path, pod: &TestPod, label: &str) {
+    std::fs::write(dir.join(format!("pod-{}.yaml", pod.name)), pod_manifest("x", pod, &[("pod", label)], &[80, 81])).unwrap();
+}
+
+fn reach(from: &TestPod, to: &TestPod, port: u16) -> bool {
+    probe(&from.netns, IpAddr::V4(to.v4), port, Proto::Tcp, T).unwrap()
+}
+
+fn reach6(from: &TestPod, to: &TestPod, port: u16) -> bool {
+    probe(&from.netns, IpAddr::V6(to.v6.unwrap()), port, Proto::Tcp, T).unwrap()
+}
+
+/// Polls `cond` until true or `timeout`; returns how long it took.
+fn within(timeout: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if cond() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+#[test]
+fn standalone_health_edits_bad_files_and_pod_lifecycle() {
+    let s = setup("e2e-sa", &["a", "b", "c"]);
+    let (a, b, c) = (&s.pods[0], &s.pods[1], &s.pods[2]);
+    let mut agent = AgentProcess::start(&s.tb, s.dir.path(), &[]).unwrap();
+    agent.wait_ready(READY).unwrap();
+    assert_eq!(agent.get("/healthz").unwrap().0, 200);
+    let (code, metrics) = agent.get("/metrics").unwrap();
+    assert_eq!(code, 200);
+    assert!(metrics.contains("enforcer_pods_enforced 3"), "{metrics}");
+
+    // No policy: all pods reach each other, both families.
+    assert!(reach(a, b, 80) && reach(c, b, 80) && reach6(c, b, 81));
+
+    // A policy edit applies within a second.
+    std::fs::write(s.dir.path().join("policy.yaml"), allow_a_to_b(80)).unwrap();
+    let took = within(Duration::from_secs(3), || !reach(c, b, 80)).expect("c -> b denied after the edit");
+    assert!(took < Duration::from_millis(1000) + T, "took {took:?}");
+    agent.wait_ready(READY).unwrap();
+    assert!(reach(a, b, 80), "a -> b:80 allowed");
+    assert!(!reach(a, b, 81), "a -> b:81 denied");
+    assert!(!reach6(c, b, 80), "c -> b denied over IPv6 too");
+    assert!(reach(b, c, 80), "c is not isolated");
+
+    // A broken edit (endPort below port) keeps the last valid version enforced.
+    let broken = allow_a_to_b(81).replace("port: 81\n", "port: 81\n      endPort: 70\n");
+    std::fs::write(s.dir.path().join("policy.yaml"), broken).unwrap();
+    agent.wait_applied(READY).unwrap();
+    assert!(reach(a, b, 80), "old version still allows a -> b:80");
+    assert!(!reach(a, b, 81), "the broken version is not applied");
+    let (_, metrics) = agent.get("/metrics").unwrap();
+    assert!(!metrics.contains("enforcer_input_problems 0"), "problems are reported: {metrics}");
+    assert!(agent.log_text().contains("endPort"), "the error names the field");
+    // A file that does not parse at all: same.
+    std::fs::write(s.dir.path().join("policy.yaml"), "kind: [unclosed").unwrap();
+    agent.wait_applied(READY).unwrap();
+    assert!(reach(a, b, 80) && !reach(c, b, 80), "last good file kept");
+
+    // Relabel: c takes a's label and gains access; a loses it.
+    write_pod(s.dir.path(), c, "a");
+    write_pod(s.dir.path(), a, "z");
+    std::fs::write(s.dir.path().join("policy.yaml"), allow_a_to_b(80)).unwrap();
+    agent.wait_applied(READY).unwrap();
+    assert!(within(Duration::from_secs(2), || reach(c, b, 80)).is_some(), "relabelled c allowed");
+    assert!(!reach(a, b, 80), "relabelled a denied");
+
+    // A pod whose manifest comes before its veth: pending (not ready), then enforced.
+    let mut tb = s.tb;
+    let d_ip = Ipv4Addr::new(10, 241, 0, 20);
+    let d_stub = TestPod { name: "d".into(), netns: String::new(), host_if: String::new(), v4: d_ip, v6: None };
+    write_pod(s.dir.path(), &d_stub, "b");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(agent.get("/readyz").unwrap().0, 503, "a pod without its interface is not programmed yet");
+    let d = tb.add_pod("d", d_ip, None).unwrap();
+    let _sd = Servers::start(&d, &[80], "d").unwrap();
+    agent.wait_ready(READY).unwrap();
+    assert!(!reach(a, &d, 80), "new pod d (pod: b) is isolated");
+    assert!(reach(c, &d, 80), "and allows pod: a");
+
+    // Deleting the pod detaches and forgets it.
+    std::fs::remove_file(s.dir.path().join("pod-d.yaml")).unwrap();
+    agent.wait_applied(READY).unwrap();
+    assert!(within(Duration::from_secs(2), || reach(a, &d, 80)).is_some(), "a deleted pod is no longer enforced");
+    let (_, metrics) = agent.get("/metrics").unwrap();
+    assert!(metrics.contains("enforcer_pods_enforced 3"), "{metrics}");
+
+    // Deleting the policy opens everything again.
+    std::fs::remove_file(s.dir.path().join("policy.yaml")).unwrap();
+    assert!(within(Duration::from_secs(2), || reach(a, b, 80) && reach(a, b, 81)).is_some());
+    agent.stop().unwrap();
+}
+
+/// A line-echo server that keeps connections open (for established flows).
+fn echo_server(pod: &TestPod, port: u16, stop: Arc<AtomicBool>) {
+    let path = Testbed::netns_path(&pod.netns);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        enter_netns(&path).unwrap();
+        let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap();
+        l.set_nonblocking(true).unwrap();
+        tx.send(()).unwrap();
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok((s, _)) = l.accept() {
+                std::thread::spawn(move || {
+                    s.set_nonblocking(false).unwrap();
+                    let mut r = BufReader::new(s.try_clone().unwrap());
+                    let mut w = s;
+                    let mut line = String::new();
+                    while r.read_line(&mut line).is_ok_and(|n| n > 0) {
+                        if w.write_all(line.as_bytes()).is_err() {
+                            break;
+                        }
+                        line.clear();
+                    }
+                });
+            } else {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    });
+    rx.recv().unwrap();
+}
+
+/// A long-lived connection from inside `from`'s namespace.
+struct Conn(TcpStream, BufReader<TcpStream>);
+
+impl Conn {
+    fn open(from: &TestPod, to: SocketAddr) -> Option<Conn> {
+        in_netns(&from.netns, move || {
+            let s = TcpStream::connect_timeout(&to, T).ok()?;
+            s.set_read_timeout(Some(T)).ok()?;
+            Some(Conn(s.try_clone().ok()?, BufReader::new(s)))
+        })
+        .unwrap()
+    }
+    /// One request/response round trip.
+    fn ping(&mut self) -> bool {
+        if self.0.write_all(b"ping\n").is_err() {
+            return false;
+        }
+        let mut line = String::new();
+        matches!(self.1.read_line(&mut line), Ok(n) if n > 0)
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        let _ = self.0.shutdown(Shutdown::Both);
+    }
+}
+
+#[test]
+fn policy_change_revokes_established_flows_it_no_longer_allows() {
+    let s = setup("e2e-rv", &["a", "b"]);
+    let (a, b) = (&s.pods[0], &s.pods[1]);
+    let stop = Arc::new(AtomicBool::new(false));
+    echo_server(b, 7000, stop.clone());
+    std::fs::write(s.dir.path().join("policy.yaml"), allow_a_to_b(7000)).unwrap();
+    let mut agent = AgentProcess::start(&s.tb, s.dir.path(), &[]).unwrap();
+    agent.wait_ready(READY).unwrap();
+    let mut conn = Conn::open(a, (b.v4, 7000).into()).expect("a -> b:7000 allowed");
+    assert!(conn.ping());
+    // An unrelated edit keeps the flow.
+    std::fs::write(s.dir.path().join("other.yaml"), allow_a_to_b(7001).replace("allow-a-to-b", "other")).unwrap();
+    agent.wait_applied(READY).unwrap();
+    assert!(conn.ping(), "a flow still allowed survives a policy change");
+    // Revoking the port cuts the established flow, not only new ones.
+    std::fs::write(s.dir.path().join("policy.yaml"), allow_a_to_b(7002)).unwrap();
+    agent.wait_applied(READY).unwrap();
+    assert!(!conn.ping(), "the revoked flow stops");
+    assert!(Conn::open(a, (b.v4, 7000).into()).is_none(), "and no new one opens");
+    let (_, m) = agent.get("/metrics").unwrap();
+    assert!(m.lines().any(|l| l.contains("reason=\"revoked\"") && !l.ends_with(" 0")), "{m}");
+    stop.store(true, Ordering::Relaxed);
+    agent.stop().unwrap();
+}
+
+/// A bpffs mounted outside /sys (which `ip netns exec` remounts), so pins outlive the agent.
+struct BpfMount(PathBuf);
+
+impl BpfMount {
+    fn new(tag: &str) -> Self {
+        let p = PathBuf::from(format!("/run/enforcer-test-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&p).unwrap();
+        run("mount", &["-t", "bpf", "bpf", p.to_str().unwrap()]).unwrap();
+        Self(p)
+    }
+    fn pin_path(&self) -> String {
+        self.0.join("enforcer").display().to_string()
+    }
+}
+
+impl Drop for BpfMount {
+    fn drop(&mut self) {
+        let _ = run("umount", &[self.0.to_str().unwrap()]);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn sigkill_restart_and_upgrade_keep_enforcing_without_a_wrong_verdict() {
+    let s = setup("e2e-rs", &["a", "b", "c"]);
+    let (a, b, c) = (s.pods[0].clone(), s.pods[1].clone(), s.pods[2].clone());
+    let bpf = BpfMount::new("rs");
+    let pin = bpf.pin_path();
+    let args = ["--pin-path", pin.as_str()];
+    let stop = Arc::new(AtomicBool::new(false));
+    echo_server(&b, 7000, stop.clone());
+    std::fs::write(s.dir.path().join("policy.yaml"), allow_a_to_b(7000)).unwrap();
+    let mut agent = AgentProcess::start(&s.tb, s.dir.path(), &args).unwrap();
+    agent.wait_ready(READY).unwrap();
+
+    // Traffic throughout: an established flow, new allowed connections, new denied ones.
+    let mut conn = Conn::open(&a, (b.v4, 7000).into()).expect("allowed");
+    let wrong = Arc::new(AtomicUsize::new(0));
+    let probes = Arc::new(AtomicUsize::new(0));
+    let looper = {
+        let (stop, wrong, probes, a, b, c) = (stop.clone(), wrong.clone(), probes.clone(), a.clone(), b.clone(), c.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if !reach(&a, &b, 7000) {
+                    wrong.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("wrong verdict: a -> b:7000 denied");
+                }
+                if reach(&c, &b, 7000) {
+                    wrong.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("wrong verdict: c -> b:7000 allowed");
+                }
+                probes.fetch_add(2, Ordering::Relaxed);
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    // Crash.
+    agent.kill();
+    for _ in 0..5 {
+        assert!(conn.ping(), "the established flow works while the agent is down");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Restart: adopts the pins, becomes ready.
+    let mut agent = AgentProcess::start(&s.tb, s.dir.path(), &args).unwrap();
+    agent.wait_ready(READY).unwrap();
+    assert!(conn.ping(), "established flow survives the restart");
+    assert!(agent.log_text().contains("took over 3 pinned interfaces"), "{}", agent.log_text());
+    // Upgrade: another binary takes over the pinned links atomically.
+    let new_bin = std::env::temp_dir().join(format!("enforcer-upgrade-{}", std::process::id()));
+    std::fs::copy(enforcer::testbed::agent_binary().unwrap(), &new_bin).unwrap();
+    agent.stop().unwrap();
+    let mut agent = AgentProcess::start_binary(&new_bin, &s.tb, s.dir.path(), &args).unwrap();
+    agent.wait_ready(READY).unwrap();
+    assert!(agent.log_text().contains("took over 3 pinned interfaces"), "{}", agent.log_text());
+    assert!(conn.ping(), "established flow survives the upgrade");
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    looper.join().unwrap();
+    let _ = std::fs::remove_file(&new_bin);
+    assert!(probes.load(Ordering::Relaxed) >= 10, "the probe loop ran");
+    assert_eq!(wrong.load(Ordering::Relaxed), 0, "no wrong verdict during crash, restart and upgrade");
+    agent.stop().unwrap();
+    // `enforcer cleanup` removes programs and pins: c reaches b again.
+    run(
+        "ip",
+        &["netns", "exec", &s.tb.node, enforcer::testbed::agent_binary().unwrap().to_str().unwrap(), "cleanup", "--pin-path", &pin],
+    )
+    .unwrap();
+    assert!(reach(&c, &b, 7000), "no enforcement after cleanup");
+    assert!(std::fs::read_dir(&pin).map_or(true, |mut d| d.next().is_none()), "pins removed");
+}

@@ -1,0 +1,489 @@
+//! The deployment manifests under `manifests/`: every document parses into its k8s-openapi type
+//! without losing a field (a misspelt field would be silently dropped by the API server too),
+//! and the properties the agent relies on hold: read-only RBAC on exactly pods, namespaces and
+//! network policies; probes; the documented capability set and no privileged container; the
+//! bpffs mount; NODE_NAME; tolerations; the rolling update. The example policies validate,
+//! compile, and give the verdicts their comments promise.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use enforcer::{
+    policy::{
+        compile::{Allocations, CompileOptions, compile},
+        lookup::decide,
+        model::Cluster,
+        validate::validate_policy,
+    },
+    state::PodRef,
+};
+use enforcer_common::{DIR_EGRESS, DIR_INGRESS};
+use k8s_openapi::{
+    api::{
+        apps::v1::DaemonSet,
+        core::v1::{Container, Namespace, Pod, PodIP, PodStatus, ServiceAccount},
+        networking::v1::NetworkPolicy,
+        rbac::v1::{ClusterRole, ClusterRoleBinding},
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::Value;
+
+fn manifests_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests")
+}
+
+fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+    {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            yaml_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            out.push(path);
+        }
+    }
+    out.sort();
+}
+
+/// Every object of every YAML file under `manifests/`, typed.
+#[derive(Default)]
+struct Objects {
+    namespaces: Vec<Namespace>,
+    service_accounts: Vec<ServiceAccount>,
+    cluster_roles: Vec<ClusterRole>,
+    bindings: Vec<ClusterRoleBinding>,
+    daemonsets: Vec<DaemonSet>,
+    pods: Vec<Pod>,
+    policies: Vec<NetworkPolicy>,
+    /// (file, the kind cluster config)
+    kind_configs: Vec<(PathBuf, Value)>,
+    /// Which file each (kind, namespace/name) came from.
+    files: BTreeMap<(String, String), PathBuf>,
+}
+
+/// Deserializes into `T` and checks that serializing it back gives the same document: a field
+/// `T` does not know (a typo) or a value of the wrong type fails here.
+fn typed<T: DeserializeOwned + Serialize>(file: &Path, doc: &Value) -> T {
+    let obj: T =
+        serde_json::from_value(doc.clone()).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    let back = serde_json::to_value(&obj).unwrap();
+    assert_eq!(
+        &back,
+        doc,
+        "{}: fields lost or changed by the typed round trip",
+        file.display()
+    );
+    obj
+}
+
+fn load() -> Objects {
+    let mut files = Vec::new();
+    yaml_files(&manifests_dir(), &mut files);
+    assert!(!files.is_empty(), "no manifests found");
+    let mut o = Objects::default();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let doc: Value = serde::Deserialize::deserialize(doc)
+                .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            if doc.is_null() {
+                continue;
+            }
+            let api_version = doc["apiVersion"].as_str().unwrap_or_default().to_string();
+            let kind = doc["kind"].as_str().unwrap_or_default().to_string();
+            let name = format!(
+                "{}/{}",
+                doc["metadata"]["namespace"].as_str().unwrap_or_default(),
+                doc["metadata"]["name"].as_str().unwrap_or_default()
+            );
+            let previous = o.files.insert((kind.clone(), name.clone()), file.clone());
+            assert!(
+                previous.is_none(),
+                "{kind} {name} defined twice ({})",
+                file.display()
+            );
+            match (api_version.as_str(), kind.as_str()) {
+                ("v1", "Namespace") => o.namespaces.push(typed(&file, &doc)),
+                ("v1", "ServiceAccount") => o.service_accounts.push(typed(&file, &doc)),
+                ("v1", "Pod") => o.pods.push(typed(&file, &doc)),
+                ("rbac.authorization.k8s.io/v1", "ClusterRole") => {
+                    o.cluster_roles.push(typed(&file, &doc))
+                }
+                ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+                    o.bindings.push(typed(&file, &doc))
+                }
+                ("apps/v1", "DaemonSet") => o.daemonsets.push(typed(&file, &doc)),
+                ("networking.k8s.io/v1", "NetworkPolicy") => o.policies.push(typed(&file, &doc)),
+                ("kind.x-k8s.io/v1alpha4", "Cluster") => o.kind_configs.push((file.clone(), doc)),
+                other => panic!("{}: unexpected object {other:?}", file.display()),
+            }
+        }
+    }
+    o
+}
+
+fn agent(o: &Objects) -> (&DaemonSet, &Container) {
+    assert_eq!(o.daemonsets.len(), 1);
+    let ds = &o.daemonsets[0];
+    let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    assert_eq!(pod.containers.len(), 1, "one container: the agent");
+    (ds, &pod.containers[0])
+}
+
+#[test]
+fn every_manifest_parses_into_its_type() {
+    let o = load();
+    assert_eq!(
+        o.namespaces
+            .iter()
+            .filter(|n| n.metadata.name.as_deref() == Some("enforcer-system"))
+            .count(),
+        1
+    );
+    assert_eq!(o.service_accounts.len(), 1);
+    assert_eq!(o.cluster_roles.len(), 1);
+    assert_eq!(o.bindings.len(), 1);
+    assert_eq!(o.daemonsets.len(), 1);
+    assert_eq!(o.kind_configs.len(), 1);
+    // Everything of the agent lives in its namespace.
+    for meta in [&o.service_accounts[0].metadata, &o.daemonsets[0].metadata] {
+        assert_eq!(meta.namespace.as_deref(), Some("enforcer-system"));
+    }
+}
+
+#[test]
+fn rbac_is_read_only_on_exactly_pods_namespaces_and_networkpolicies() {
+    let o = load();
+    let role = &o.cluster_roles[0];
+    let mut granted = BTreeSet::new();
+    for rule in role.rules.as_deref().unwrap_or_default() {
+        let verbs: BTreeSet<&str> = rule.verbs.iter().map(String::as_str).collect();
+        assert_eq!(verbs, BTreeSet::from(["get", "list", "watch"]), "{rule:?}");
+        assert!(
+            rule.non_resource_urls.is_none() && rule.resource_names.is_none(),
+            "{rule:?}"
+        );
+        for group in rule.api_groups.as_deref().unwrap_or_default() {
+            for resource in rule.resources.as_deref().unwrap_or_default() {
+                assert!(
+                    granted.insert((group.as_str(), resource.as_str())),
+                    "{group}/{resource} granted twice"
+                );
+            }
+        }
+    }
+    assert_eq!(
+        granted,
+        BTreeSet::from([
+            ("", "namespaces"),
+            ("", "pods"),
+            ("networking.k8s.io", "networkpolicies")
+        ])
+    );
+    assert!(role.aggregation_rule.is_none());
+
+    // Bound to the agent's service account, which the DaemonSet uses.
+    let binding = &o.bindings[0];
+    assert_eq!(binding.role_ref.kind, "ClusterRole");
+    assert_eq!(binding.role_ref.name, role.metadata.name.clone().unwrap());
+    let sa = &o.service_accounts[0];
+    let subjects = binding.subjects.as_deref().unwrap_or_default();
+    assert_eq!(subjects.len(), 1);
+    assert_eq!(subjects[0].kind, "ServiceAccount");
+    assert_eq!(Some(&subjects[0].name), sa.metadata.name.as_ref());
+    assert_eq!(subjects[0].namespace, sa.metadata.namespace);
+    let (ds, _) = agent(&o);
+    let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    assert_eq!(pod.service_account_name, sa.metadata.name);
+}
+
+#[test]
+fn daemonset_runs_the_agent_unprivileged_with_the_documented_capabilities() {
+    let o = load();
+    let (ds, c) = agent(&o);
+    let spec = ds.spec.as_ref().unwrap();
+    let pod = spec.template.spec.as_ref().unwrap();
+
+    // Every container of every manifest: never privileged.
+    for d in &o.daemonsets {
+        let p = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        for c in p
+            .containers
+            .iter()
+            .chain(p.init_containers.iter().flatten())
+        {
+            let sc = c.security_context.as_ref();
+            assert_ne!(
+                sc.and_then(|s| s.privileged),
+                Some(true),
+                "{} is privileged",
+                c.name
+            );
+        }
+    }
+    let sc = c.security_context.as_ref().expect("securityContext");
+    assert_eq!(sc.privileged, Some(false));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    let caps = sc.capabilities.as_ref().unwrap();
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+    let added: BTreeSet<&str> = caps.add.iter().flatten().map(String::as_str).collect();
+    // BPF: bpf(); NET_ADMIN: TC attach; PERFMON: verifier. No SYS_ADMIN (see daemonset.yaml).
+    assert_eq!(added, BTreeSet::from(["BPF", "NET_ADMIN", "PERFMON"]));
+    assert_eq!(pod.host_network, Some(true));
+    assert_eq!(pod.host_pid, None);
+    assert_eq!(
+        pod.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    assert!(
+        pod.termination_grace_period_seconds
+            .is_some_and(|s| (1..=60).contains(&s))
+    );
+    let res = c.resources.as_ref().unwrap();
+    for key in ["cpu", "memory"] {
+        assert!(
+            res.requests.as_ref().is_some_and(|r| r.contains_key(key)),
+            "request {key}"
+        );
+        assert!(
+            res.limits.as_ref().is_some_and(|r| r.contains_key(key)),
+            "limit {key}"
+        );
+    }
+
+    // Tolerates every taint: an agent on every node.
+    let tolerations = pod.tolerations.as_deref().unwrap_or_default();
+    assert!(
+        tolerations
+            .iter()
+            .any(|t| t.operator.as_deref() == Some("Exists")
+                && t.key.is_none()
+                && t.effect.is_none()),
+        "{tolerations:?}"
+    );
+
+    // One node at a time.
+    let strategy = spec.update_strategy.as_ref().unwrap();
+    assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+    let rolling = strategy.rolling_update.as_ref().unwrap();
+    assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(1)));
+    assert_eq!(rolling.max_surge, Some(IntOrString::Int(0)));
+
+    // The selector selects the template.
+    let selector = spec.selector.match_labels.as_ref().unwrap();
+    let labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .as_ref()
+        .unwrap();
+    assert!(selector.iter().all(|(k, v)| labels.get(k) == Some(v)));
+}
+
+#[test]
+fn daemonset_mounts_bpffs_passes_node_name_and_probes_health() {
+    let o = load();
+    let (ds, c) = agent(&o);
+    let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+
+    // /sys/fs/bpf of the host, mounted at /sys/fs/bpf.
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == "/sys/fs/bpf")
+        .expect("/sys/fs/bpf mounted");
+    assert_ne!(mount.read_only, Some(true));
+    // Bidirectional would need a privileged container; see daemonset.yaml.
+    assert_eq!(mount.mount_propagation.as_deref(), Some("HostToContainer"));
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .unwrap();
+    assert_eq!(
+        volume.host_path.as_ref().map(|h| h.path.as_str()),
+        Some("/sys/fs/bpf")
+    );
+
+    // NODE_NAME from the downward API.
+    let env = c
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "NODE_NAME")
+        .expect("NODE_NAME");
+    let field = env
+        .value_from
+        .as_ref()
+        .and_then(|v| v.field_ref.as_ref())
+        .expect("fieldRef");
+    assert_eq!(field.field_path, "spec.nodeName");
+
+    // `enforcer run` in cluster mode (no --manifests), health on every address, port 9901.
+    let args = c.args.as_deref().unwrap_or_default();
+    assert_eq!(args.first().map(String::as_str), Some("run"));
+    assert!(!args.iter().any(|a| a == "--manifests"));
+    let health = args
+        .iter()
+        .position(|a| a == "--health-addr")
+        .map(|i| args[i + 1].as_str());
+    assert_eq!(health, Some("0.0.0.0:9901"));
+    let pin = args
+        .iter()
+        .position(|a| a == "--pin-path")
+        .map(|i| args[i + 1].as_str());
+    assert!(pin.is_none_or(|p| p.starts_with("/sys/fs/bpf/")), "{pin:?}");
+
+    let port_of = |p: &IntOrString| match p {
+        IntOrString::Int(n) => *n,
+        IntOrString::String(name) => c
+            .ports
+            .iter()
+            .flatten()
+            .find(|cp| cp.name.as_deref() == Some(name))
+            .map(|cp| cp.container_port)
+            .unwrap_or_else(|| panic!("no container port {name}")),
+    };
+    for (probe, path) in [
+        (&c.liveness_probe, "/healthz"),
+        (&c.readiness_probe, "/readyz"),
+    ] {
+        let get = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .unwrap_or_else(|| panic!("{path} probe"));
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(port_of(&get.port), 9901, "{path}");
+    }
+}
+
+#[test]
+fn kind_config_keeps_kindnet() {
+    let o = load();
+    let (file, cfg) = &o.kind_configs[0];
+    assert!(file.ends_with("kind-config.yaml"));
+    assert_eq!(cfg["networking"]["disableDefaultCNI"], Value::Bool(false));
+    let workers = cfg["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["role"] == "worker")
+        .count();
+    assert!(workers >= 2, "cross-node example needs two workers");
+}
+
+/// The example cluster: the example workloads with addresses, the frontend on another node.
+fn example_cluster(o: &Objects) -> Cluster {
+    let examples = |kind: &str, ns: &str, name: &str| {
+        o.files[&(kind.to_string(), format!("{ns}/{name}"))]
+            .parent()
+            .unwrap()
+            .ends_with("examples")
+    };
+    let mut pods = Vec::new();
+    for (i, p) in o.pods.iter().enumerate() {
+        let name = p.metadata.name.clone().unwrap();
+        assert!(examples("Pod", "shop", &name));
+        let mut p = p.clone();
+        let ip = format!("10.244.{}.{}", i + 1, 10 + i);
+        p.spec.as_mut().unwrap().node_name = Some(
+            if name == "frontend" {
+                "node-b"
+            } else {
+                "node-a"
+            }
+            .to_string(),
+        );
+        p.status = Some(PodStatus {
+            phase: Some("Running".into()),
+            pod_ip: Some(ip.clone()),
+            pod_ips: Some(vec![PodIP { ip }]),
+            ..PodStatus::default()
+        });
+        pods.push(p);
+    }
+    Cluster {
+        namespaces: o
+            .namespaces
+            .iter()
+            .filter(|n| n.metadata.name.as_deref() == Some("shop"))
+            .cloned()
+            .collect(),
+        pods,
+        policies: o.policies.clone(),
+        ..Default::default()
+    }
+}
+
+fn ip_of(c: &Cluster, name: &str) -> IpAddr {
+    let p = c
+        .pods
+        .iter()
+        .find(|p| p.metadata.name.as_deref() == Some(name))
+        .unwrap();
+    enforcer::policy::model::pod_ips(p)[0]
+}
+
+#[test]
+fn example_policies_validate_compile_and_mean_what_they_say() {
+    let o = load();
+    let names: BTreeSet<&str> = o
+        .policies
+        .iter()
+        .filter_map(|p| p.metadata.name.as_deref())
+        .collect();
+    assert_eq!(
+        names,
+        BTreeSet::from(["allow-frontend-to-backend", "default-deny"])
+    );
+    for p in &o.policies {
+        validate_policy(p).unwrap_or_else(|e| panic!("{:?}: {e:?}", p.metadata.name));
+    }
+    let cluster = example_cluster(&o);
+    assert_eq!(cluster.pods.len(), 3);
+
+    // For node-a (backend and other), with the frontend a peer on node-b.
+    let opts = CompileOptions {
+        node_name: Some("node-a".into()),
+        ..CompileOptions::default()
+    };
+    let compiled = compile(&cluster, &opts, &mut Allocations::new());
+    assert!(compiled.errors.is_empty(), "{:?}", compiled.errors);
+    let state = &compiled.state;
+    let endpoints: BTreeSet<String> = state.endpoints.keys().map(|p| p.name.clone()).collect();
+    assert_eq!(
+        endpoints,
+        BTreeSet::from(["backend".into(), "other".into()])
+    );
+
+    let backend = PodRef::new("shop", "backend");
+    let other = PodRef::new("shop", "other");
+    let (frontend_ip, other_ip, backend_ip) = (
+        ip_of(&cluster, "frontend"),
+        ip_of(&cluster, "other"),
+        ip_of(&cluster, "backend"),
+    );
+    const TCP: u8 = 6;
+    const UDP: u8 = 17;
+    let allowed = |ep: &PodRef, dir: u8, peer: IpAddr, proto: u8, port: u16| {
+        decide(state, ep, dir, peer, proto, port).allowed
+    };
+    // frontend -> backend: TCP 8080 only.
+    assert!(allowed(&backend, DIR_INGRESS, frontend_ip, TCP, 8080));
+    assert!(!allowed(&backend, DIR_INGRESS, frontend_ip, TCP, 9090));
+    assert!(!allowed(&backend, DIR_INGRESS, frontend_ip, UDP, 8080));
+    // Nobody else reaches the backend, nor (default deny) the other pod.
+    assert!(!allowed(&backend, DIR_INGRESS, other_ip, TCP, 8080));
+    assert!(!allowed(&other, DIR_INGRESS, backend_ip, TCP, 8080));
+    // Egress is not isolated.
+    assert!(allowed(&other, DIR_EGRESS, backend_ip, TCP, 9090));
+}
