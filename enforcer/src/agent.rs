@@ -86,6 +86,9 @@ impl Agent {
                     if let Some(id) = &self.identity {
                         id.pods.update(&c, &self.compile_options.node_ips);
                     }
+                    if cluster.is_none() {
+                        self.restore_endpoint_ids(&c, &mut alloc);
+                    }
                     cluster = Some(c);
                     self.status.ready.store(false, Ordering::Relaxed);
                     dirty = true;
@@ -133,6 +136,30 @@ impl Agent {
             std::thread::sleep(POLL);
         }
         Ok(())
+    }
+
+    /// After a restart: pods keep the endpoint ids of their pinned entries (found by address),
+    /// so their policy keys and conntrack entries stay valid across the restart.
+    fn restore_endpoint_ids(&self, cluster: &Cluster, alloc: &mut Allocations) {
+        let Ok(dp) = self.datapath.lock() else { return };
+        let Ok(pinned) = dp.endpoints.entries() else { return };
+        let mut restored = 0;
+        for (_, info) in pinned {
+            let v4 = (info.flags & enforcer_common::EP_HAS_V4 != 0).then(|| IpAddr::from(info.ipv4));
+            let v6 = (info.flags & enforcer_common::EP_HAS_V6 != 0).then(|| IpAddr::from(info.ipv6));
+            let owner = cluster.pods.iter().find(|p| {
+                let ips = crate::policy::model::pod_ips(p);
+                v4.is_some_and(|a| ips.contains(&a)) || v6.is_some_and(|a| ips.contains(&a))
+            });
+            if let Some(pod) = owner
+                && alloc.reserve_endpoint(&crate::policy::model::pod_ref(pod), info.id)
+            {
+                restored += 1;
+            }
+        }
+        if restored > 0 {
+            log::info!("restored the endpoint ids of {restored} pods from the pinned maps");
+        }
     }
 
     fn reconcile(&self, reconciler: &mut Reconciler, desired: &DesiredState, started: Instant) {

@@ -306,6 +306,7 @@ fn sigkill_restart_and_upgrade_keep_enforcing_without_a_wrong_verdict() {
     let mut agent = AgentProcess::start(&s.tb, s.dir.path(), &args).unwrap();
     agent.wait_ready(READY).unwrap();
     assert!(conn.ping(), "established flow survives the restart");
+    std::thread::sleep(Duration::from_millis(1000));
     assert!(agent.log_text().contains("took over 3 pinned interfaces"), "{}", agent.log_text());
     // Upgrade: another binary takes over the pinned links atomically.
     let new_bin = std::env::temp_dir().join(format!("enforcer-upgrade-{}", std::process::id()));
@@ -319,15 +320,16 @@ fn sigkill_restart_and_upgrade_keep_enforcing_without_a_wrong_verdict() {
     stop.store(true, Ordering::Relaxed);
     looper.join().unwrap();
     let _ = std::fs::remove_file(&new_bin);
-    assert!(probes.load(Ordering::Relaxed) >= 10, "the probe loop ran");
+    assert!(probes.load(Ordering::Relaxed) >= 8, "the probe loop ran");
     assert_eq!(wrong.load(Ordering::Relaxed), 0, "no wrong verdict during crash, restart and upgrade");
     agent.stop().unwrap();
     // `enforcer cleanup` removes programs and pins: c reaches b again.
+    assert!(!reach(&c, &b, 80), "enforced before cleanup");
     run(
         "ip",
         &["netns", "exec", &s.tb.node, enforcer::testbed::agent_binary().unwrap().to_str().unwrap(), "cleanup", "--pin-path", &pin],
     )
     .unwrap();
-    assert!(reach(&c, &b, 7000), "no enforcement after cleanup");
+    assert!(reach(&c, &b, 80), "no enforcement after cleanup");
     assert!(std::fs::read_dir(&pin).map_or(true, |mut d| d.next().is_none()), "pins removed");
 }

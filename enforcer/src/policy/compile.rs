@@ -168,6 +168,24 @@ impl<K: Ord + Clone> Pool<K> {
         }
     }
 
+    /// Gives `key` the number `id` (numbers restored from pinned maps). `false` when either is
+    /// taken or `id` is out of range.
+    fn reserve(&mut self, key: &K, id: u32) -> bool {
+        if id < self.first || id > self.last || self.live.contains_key(key) || self.live.values().any(|(i, _)| *i == id) {
+            return false;
+        }
+        // Numbers skipped over become free (settled), so fresh ones never collide with `id`.
+        while self.next <= id {
+            if self.next != id {
+                self.free.insert(self.next, 0);
+            }
+            self.next += 1;
+        }
+        self.free.remove(&id);
+        self.live.insert(key.clone(), (id, 0));
+        true
+    }
+
     fn lookup(&self, key: &K) -> Option<u32> {
         self.live.get(key).map(|(id, _)| *id)
     }
@@ -203,6 +221,12 @@ impl Allocations {
     /// The endpoint id of a pod, if it had one in the last compile.
     pub fn endpoint_id(&self, pod: &PodRef) -> Option<u32> {
         self.endpoints.lookup(pod)
+    }
+
+    /// Keeps the endpoint id `id` for `pod`, as found in the pinned maps after a restart, so
+    /// its policy keys and tracked flows stay valid. `false` when the pod or the id is taken.
+    pub fn reserve_endpoint(&mut self, pod: &PodRef, id: u32) -> bool {
+        self.endpoints.reserve(pod, id)
     }
 
     /// The identity of a key, if it had one in the last compile.
@@ -706,6 +730,20 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reserved_endpoint_ids_are_kept_and_never_handed_out_twice() {
+        let mut a = Allocations::new();
+        assert!(a.reserve_endpoint(&PodRef::new("x", "b"), 3));
+        assert!(!a.reserve_endpoint(&PodRef::new("x", "c"), 3), "id taken");
+        let g = 1;
+        let ids: Vec<u32> = ["a", "b", "c", "d"].iter().map(|n| a.endpoints.get(&PodRef::new("x", *n), g).unwrap()).collect();
+        assert_eq!(ids[1], 3, "the reserved pod keeps its id");
+        let mut sorted = ids.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 4, "no id handed out twice: {ids:?}");
+    }
 
     #[test]
     fn port_blocks_cover_exactly() {

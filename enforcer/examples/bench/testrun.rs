@@ -1,0 +1,472 @@
+//! Per-packet cost of the real TC programs by `BPF_PROG_TEST_RUN`.
+//!
+//! Runs on a thread that unshares its network namespace (for the ifindex the kernel resolves
+//! from `ctx_in`) with a private bpffs mounted on a temp dir; both go away at the end, also on
+//! failure (guards). Every run goes through the same raw `bpf(BPF_PROG_TEST_RUN)` call, for our
+//! programs and for a hand-assembled empty program (`r0 = 0; exit`), so the floor is measured by
+//! the very same harness.
+
+use std::{
+    net::Ipv4Addr,
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
+    path::PathBuf,
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use enforcer::{
+    datapath::{Datapath, DatapathOptions, Hook, mount_bpffs},
+    maps::MapTable,
+    state::Prefix,
+};
+use enforcer_common::{
+    DIR_INGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_INGRESS_ISOLATED, EndpointInfo, PROTO_TCP,
+    PeerInfo, PolicyKey, PolicyValue, REASON_NAMES, reason,
+};
+use serde::Serialize;
+
+/// Settings of this part.
+#[derive(Clone, Debug, Serialize)]
+pub struct Settings {
+    /// `repeat` of one `BPF_PROG_TEST_RUN` call (the kernel returns the mean ns per run).
+    pub repeat: u32,
+    /// Calls per figure; the figure is their median.
+    pub runs: usize,
+    /// Calls with `repeat = 1` per single-shot figure (new flows); the figure is their median.
+    pub singles: usize,
+    pub entries: Vec<u32>,
+    pub endpoints: Vec<u32>,
+}
+
+/// One (policy entries, endpoints) point.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    /// Filler policy-map entries (besides the 3 the measured flows need).
+    pub entries: u32,
+    pub endpoints: u32,
+    /// Entries actually in the maps.
+    pub policy_map: usize,
+    pub peers_map: usize,
+    pub cidr_map: usize,
+    /// Median ns/run over `runs` calls of `repeat` runs.
+    pub floor_ns: f64,
+    pub established_ns: f64,
+    pub denied_ns: f64,
+    pub unmanaged_ns: f64,
+    /// Median ns of single runs (`repeat = 1`).
+    pub floor_single_ns: f64,
+    pub established_single_ns: f64,
+    pub new_flow_single_ns: f64,
+    pub new_flow_cidr_single_ns: f64,
+    pub denied_single_ns: f64,
+    /// The raw per-call means behind the repeat figures.
+    pub established_runs: Vec<u32>,
+    pub floor_runs: Vec<u32>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Results {
+    pub settings: Settings,
+    pub rows: Vec<Row>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw bpf(2).
+// ---------------------------------------------------------------------------------------------
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+
+#[repr(C, align(8))]
+struct Attr([u8; 128]);
+
+impl Attr {
+    fn new() -> Self {
+        Self([0; 128])
+    }
+    fn u32(&mut self, off: usize, v: u32) {
+        self.0[off..off + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    fn u64(&mut self, off: usize, v: u64) {
+        self.0[off..off + 8].copy_from_slice(&v.to_ne_bytes());
+    }
+    fn get_u32(&self, off: usize) -> u32 {
+        u32::from_ne_bytes(self.0[off..off + 4].try_into().unwrap())
+    }
+}
+
+fn sys_bpf(cmd: libc::c_long, attr: &mut Attr) -> std::io::Result<libc::c_long> {
+    // SAFETY: attr is a 128-byte, 8-aligned bpf_attr that outlives the call; pointers inside it
+    // point to buffers the caller keeps alive.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.0.as_mut_ptr(), attr.0.len()) };
+    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(rc) }
+}
+
+/// Loads `r0 = 0 (TC_ACT_OK); exit` as a SCHED_CLS program: the harness floor.
+fn load_empty_program() -> Result<OwnedFd> {
+    let insns: [u8; 16] = [0xb7, 0, 0, 0, 0, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0];
+    let license = b"GPL\0";
+    let mut a = Attr::new();
+    a.u32(0, BPF_PROG_TYPE_SCHED_CLS);
+    a.u32(4, 2);
+    a.u64(8, insns.as_ptr() as u64);
+    a.u64(16, license.as_ptr() as u64);
+    let fd = sys_bpf(BPF_PROG_LOAD, &mut a).context("BPF_PROG_LOAD of the empty program")?;
+    // SAFETY: the kernel returned a new fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// One `BPF_PROG_TEST_RUN`: (return value, mean ns per run).
+fn test_run(fd: RawFd, data: &[u8], ctx: &[u8], repeat: u32) -> Result<(u32, u32)> {
+    let mut out = vec![0u8; data.len() + 256];
+    let mut a = Attr::new();
+    a.u32(0, fd as u32);
+    a.u32(8, data.len() as u32);
+    a.u32(12, out.len() as u32);
+    a.u64(16, data.as_ptr() as u64);
+    a.u64(24, out.as_mut_ptr() as u64);
+    a.u32(32, repeat);
+    a.u32(40, ctx.len() as u32);
+    a.u64(48, ctx.as_ptr() as u64);
+    sys_bpf(BPF_PROG_TEST_RUN, &mut a).context("BPF_PROG_TEST_RUN")?;
+    Ok((a.get_u32(4), a.get_u32(36)))
+}
+
+/// A `struct __sk_buff` with only `ifindex` set (as the loader's own `test_run` builds it).
+fn sk_buff_ctx(ifindex: u32) -> Vec<u8> {
+    let mut ctx = vec![0u8; 192];
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frames.
+// ---------------------------------------------------------------------------------------------
+
+fn csum(data: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for c in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A 64-byte Ethernet/IPv4/TCP frame (10 bytes of payload).
+fn tcp_frame(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00];
+    let mut ip = vec![0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&50u16.to_be_bytes());
+    ip[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+    ip[6] = 0x40; // DF
+    ip[8] = 64;
+    ip[9] = PROTO_TCP;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    let c = csum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ip);
+    let mut t = vec![0u8; 20];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&dport.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = flags;
+    t[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    f.extend_from_slice(&t);
+    f.extend_from_slice(b"0123456789");
+    f
+}
+
+const SYN: u8 = 0x02;
+const ACK_PSH: u8 = 0x18;
+
+// Addresses and identities of the measured flows.
+const POD: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
+const DENIED: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
+const CIDR_PEER: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 5);
+const ID_CLIENT: u32 = 300;
+const ID_DENIED: u32 = 301;
+const ID_CIDR: u32 = 2000;
+const PORT: u16 = 80;
+const EP: u32 = 1;
+
+// ---------------------------------------------------------------------------------------------
+// Guards.
+// ---------------------------------------------------------------------------------------------
+
+/// A bpffs on a temp dir; unmounted and removed on drop.
+struct BpfMount(PathBuf);
+
+impl BpfMount {
+    fn new() -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("enforcer-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let m = Self(dir);
+        mount_bpffs(&m.0).context("mounting a bpffs (run as root)")?;
+        Ok(m)
+    }
+}
+
+impl Drop for BpfMount {
+    fn drop(&mut self) {
+        let _ = Datapath::cleanup(&self.0.join("enforcer"));
+        if let Ok(c) = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()) {
+            // SAFETY: valid NUL-terminated path.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip").args(args).output().context("running ip")?;
+    if !out.status.success() {
+        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn ifindex(name: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(name)?;
+    // SAFETY: valid NUL-terminated name.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if i == 0 {
+        bail!("no interface {name}");
+    }
+    Ok(i)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+fn median_u32(v: &[u32]) -> f64 {
+    let mut f: Vec<f64> = v.iter().map(|&x| f64::from(x)).collect();
+    median(&mut f)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The measurement.
+// ---------------------------------------------------------------------------------------------
+
+/// Runs the whole part on its own thread (private netns + bpffs).
+pub fn run(settings: Settings) -> Result<Results> {
+    let handle = std::thread::Builder::new().name("testrun".into()).spawn(move || -> Result<Results> {
+        // SAFETY: unshare on this thread only; the namespace and its veth go with the thread.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("unshare(CLONE_NEWNET): run as root");
+        }
+        ip(&["link", "add", "name", "bnch0", "type", "veth", "peer", "name", "bnch0p"])?;
+        ip(&["link", "set", "bnch0", "up"])?;
+        ip(&["link", "set", "lo", "up"])?;
+        let ifx = ifindex("bnch0")?;
+        let unmanaged = ifindex("bnch0p")?;
+        let mount = BpfMount::new()?;
+        let pin = mount.0.join("enforcer");
+        let empty = load_empty_program()?;
+        let mut rows = Vec::new();
+        for &endpoints in &settings.endpoints {
+            for &entries in &settings.entries {
+                eprintln!("  test_run: {entries} entries, {endpoints} endpoints");
+                let row = scenario(&settings, &pin, ifx, unmanaged, empty.as_raw_fd(), entries, endpoints)
+                    .with_context(|| format!("scenario {entries} entries / {endpoints} endpoints"))?;
+                eprintln!(
+                    "    floor {:.0} ns, established {:.0} ns, denied {:.0} ns | single: floor {:.0}, established {:.0}, new {:.0}, new ipBlock {:.0}, denied {:.0}",
+                    row.floor_ns, row.established_ns, row.denied_ns, row.floor_single_ns,
+                    row.established_single_ns, row.new_flow_single_ns, row.new_flow_cidr_single_ns, row.denied_single_ns
+                );
+                rows.push(row);
+            }
+        }
+        drop(mount);
+        Ok(Results { settings, rows })
+    })?;
+    handle.join().map_err(|_| anyhow::anyhow!("test_run thread panicked"))?
+}
+
+fn endpoint(id: u32, ip: Ipv4Addr) -> EndpointInfo {
+    EndpointInfo {
+        id,
+        flags: EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED | EP_HAS_V4,
+        epoch: 1,
+        identity: 256 + id,
+        // Exact-port entries only, in both directions.
+        port_masks: [1 << 16, 1 << 16],
+        ipv4: ip.octets(),
+        ipv6: [0; 16],
+    }
+}
+
+fn allow(dp: &mut Datapath, ep: u32, identity: u32, port: u16, rule: u32) -> Result<()> {
+    dp.policy.set(&PolicyKey::new(ep, identity, DIR_INGRESS, PROTO_TCP, port, 16), &PolicyValue { rule, _pad: 0 })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn scenario(
+    s: &Settings,
+    pin: &std::path::Path,
+    ifx: u32,
+    unmanaged: u32,
+    empty: RawFd,
+    entries: u32,
+    endpoints: u32,
+) -> Result<Row> {
+    let _ = Datapath::cleanup(pin);
+    let opts = DatapathOptions {
+        pin_path: pin.to_path_buf(),
+        max_endpoints: 1024,
+        peers_size: 131_072,
+        policy_size: 262_144,
+        conntrack_size: 262_144,
+        ..Default::default()
+    };
+    let mut dp = Datapath::open(opts).context("loading the programs")?;
+    let mut events = dp.take_events();
+
+    // Endpoints: the measured one on the real device, the others on ifindexes with no device
+    // (the program only looks its own ifindex up).
+    dp.endpoints.set(&ifx, &endpoint(EP, POD))?;
+    for id in 2..=endpoints {
+        let addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 64, 0, 0)) + id);
+        dp.endpoints.set(&(1_000_000 + id), &endpoint(id, addr))?;
+    }
+    // Peers (ipcache, exact addresses): the two clients and `min(entries, 100k)` more.
+    let peer = |identity| PeerInfo { identity, flags: 0 };
+    dp.peers_v4.set(&CLIENT, &peer(ID_CLIENT))?;
+    dp.peers_v4.set(&DENIED, &peer(ID_DENIED))?;
+    let n_peers = entries.min(100_000);
+    for k in 0..n_peers {
+        let addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + k);
+        dp.peers_v4.set(&addr, &peer(1000 + k % 4000))?;
+    }
+    // CIDR regions (LPM): the one of the ipBlock flow and `min(entries / 10, 10k)` more /24s.
+    let n_cidrs = (entries / 10).clamp(1, 10_000);
+    for k in 0..n_cidrs {
+        let addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + (k << 8));
+        dp.cidrs_v4.set(&Prefix { addr, len: 24 }, &peer(ID_CIDR + k % 100))?;
+    }
+    // Policy: the entries the measured flows need, then the fillers spread over the endpoints.
+    allow(&mut dp, EP, ID_CLIENT, PORT, 1)?;
+    allow(&mut dp, EP, ID_CIDR, PORT, 2)?;
+    allow(&mut dp, EP, ID_CLIENT, 443, 3)?;
+    for i in 0..entries {
+        let ep = 1 + i % endpoints;
+        let j = i / endpoints;
+        allow(&mut dp, ep, 1000 + j % 4000, 1024 + (j / 4000) as u16, 10 + i)?;
+    }
+    let policy_map = dp.policy.keys()?.len();
+    let peers_map = MapTable::<[u8; 4], PeerInfo>::keys(&dp.peers_v4)?.len();
+    let cidr_map = n_cidrs as usize;
+
+    let prog = dp.program(Hook::Egress)?; // to_pod: traffic into the pod
+    let fd = prog.fd()?.as_fd().as_raw_fd();
+    let ctx = sk_buff_ctx(ifx);
+    let ctx_unmanaged = sk_buff_ctx(unmanaged);
+    let est = tcp_frame(CLIENT, POD, 40000, PORT, ACK_PSH);
+    let denied = tcp_frame(DENIED, POD, 40000, PORT, ACK_PSH);
+
+    // Check that each frame takes the path it is meant to (by the counter that moves).
+    let reason_of = |dp: &Datapath, frame: &[u8], ctx: &[u8]| -> Result<(u32, u8)> {
+        let before = dp.counters.read()?;
+        let (ret, _) = test_run(fd, frame, ctx, 1)?;
+        let after = dp.counters.read()?;
+        let moved: Vec<_> = after
+            .iter()
+            .filter(|(k, v)| before.get(k).map_or(0, |b| b.packets) != v.packets)
+            .map(|(k, _)| *k)
+            .collect();
+        match moved.as_slice() {
+            [(_, _, r)] => Ok((ret, *r)),
+            other => bail!("expected one counter to move, got {other:?}"),
+        }
+    };
+    let expect = |got: (u32, u8), want_ret: u32, want: u8, what: &str| -> Result<()> {
+        if got != (want_ret, want) {
+            bail!(
+                "{what}: action {} reason {} (want {want_ret} {})",
+                got.0,
+                REASON_NAMES[got.1 as usize],
+                REASON_NAMES[want as usize]
+            );
+        }
+        Ok(())
+    };
+    expect(reason_of(&dp, &est, &ctx)?, 0, reason::ALLOW_POLICY, "first packet")?;
+    expect(reason_of(&dp, &est, &ctx)?, 0, reason::ALLOW_ESTABLISHED, "established")?;
+    expect(reason_of(&dp, &denied, &ctx)?, 2, reason::DROP_POLICY, "denied")?;
+    expect(reason_of(&dp, &est, &ctx_unmanaged)?, 0, reason::ALLOW_UNMANAGED, "unmanaged")?;
+    let probe_new = tcp_frame(CLIENT, POD, 1, PORT, SYN);
+    expect(reason_of(&dp, &probe_new, &ctx)?, 0, reason::ALLOW_POLICY, "new flow")?;
+    let probe_cidr = tcp_frame(CIDR_PEER, POD, 1, PORT, SYN);
+    expect(reason_of(&dp, &probe_cidr, &ctx)?, 0, reason::ALLOW_POLICY, "new flow ipBlock")?;
+    if let Some(ev) = events.as_mut() {
+        ev.drain();
+    }
+
+    // Repeat figures, interleaved so drift hits all of them alike.
+    let (mut floor_runs, mut est_runs, mut denied_runs, mut unmanaged_runs) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..s.runs {
+        floor_runs.push(test_run(empty, &est, &ctx, s.repeat)?.1);
+        est_runs.push(test_run(fd, &est, &ctx, s.repeat)?.1);
+        denied_runs.push(test_run(fd, &denied, &ctx, s.repeat)?.1);
+        if let Some(ev) = events.as_mut() {
+            ev.drain();
+        }
+        unmanaged_runs.push(test_run(fd, &est, &ctx_unmanaged, s.repeat)?.1);
+    }
+
+    // Single-shot figures: a fresh source port per new-flow call, so each one is a conntrack
+    // miss, a policy lookup and a conntrack insert. Interleaved with the floor and the
+    // established flow measured the same way.
+    let (mut f1, mut e1, mut n1, mut c1, mut d1) = (vec![], vec![], vec![], vec![], vec![]);
+    for k in 0..s.singles {
+        let sport = 1024 + (k % 60_000) as u16;
+        let src_cidr = Ipv4Addr::from(u32::from(CIDR_PEER) + (k / 60_000) as u32 * 256);
+        f1.push(f64::from(test_run(empty, &est, &ctx, 1)?.1));
+        e1.push(f64::from(test_run(fd, &est, &ctx, 1)?.1));
+        let new = tcp_frame(CLIENT, POD, sport, PORT, SYN);
+        n1.push(f64::from(test_run(fd, &new, &ctx, 1)?.1));
+        let new_cidr = tcp_frame(src_cidr, POD, sport, PORT, SYN);
+        c1.push(f64::from(test_run(fd, &new_cidr, &ctx, 1)?.1));
+        d1.push(f64::from(test_run(fd, &denied, &ctx, 1)?.1));
+        if k % 1000 == 999
+            && let Some(ev) = events.as_mut()
+        {
+            ev.drain();
+        }
+    }
+    let ct = dp.conntrack.count()?;
+    if ct < s.singles {
+        bail!("only {ct} conntrack entries after {} new flows", s.singles);
+    }
+    drop(dp);
+    let _ = Datapath::cleanup(pin);
+    Ok(Row {
+        entries,
+        endpoints,
+        policy_map,
+        peers_map,
+        cidr_map,
+        floor_ns: median_u32(&floor_runs),
+        established_ns: median_u32(&est_runs),
+        denied_ns: median_u32(&denied_runs),
+        unmanaged_ns: median_u32(&unmanaged_runs),
+        floor_single_ns: median(&mut f1),
+        established_single_ns: median(&mut e1),
+        new_flow_single_ns: median(&mut n1),
+        new_flow_cidr_single_ns: median(&mut c1),
+        denied_single_ns: median(&mut d1),
+        established_runs: est_runs,
+        floor_runs,
+    })
+}
