@@ -3,7 +3,9 @@
 //! the reachability matrix measured with real TCP connections beside what the policies say.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
     path::Path,
     time::Duration,
 };
@@ -16,7 +18,8 @@ use enforcer::{
         evaluator::{Endpoint, verdict},
     },
     state::PodRef,
-    testbed::{AgentProcess, Proto, Servers, TestPod, Testbed, probe_all},
+    identity::testing::TestIssuer,
+    testbed::{AgentProcess, NODE_V4, Proto, Servers, TestPod, Testbed, in_netns, probe_all},
 };
 use enforcer_common::PROTO_TCP;
 
@@ -26,6 +29,8 @@ const PODS: &[(&str, &str, &str, u16)] = &[
     ("backend", "shop", "app: backend", 8080),
     ("database", "shop", "app: database", 5432),
     ("client", "other", "app: client", 80),
+    // Same labels as the frontend, but no token for it: labels are not proof of who talks.
+    ("impostor", "shop", "app: frontend", 80),
 ];
 
 const DEFAULT_DENY: &str = "\
@@ -37,6 +42,31 @@ metadata:
 spec:
   podSelector: {}
   policyTypes: [Ingress]
+";
+
+/// The same allow, but only for the frontend's verified service account.
+const ALLOW_VERIFIED_FRONTEND: &str = "\
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: allow-frontend-to-backend
+  namespace: shop
+  annotations:
+    enforcer.dev/require-identity: \"true\"
+spec:
+  podSelector:
+    matchLabels:
+      app: backend
+  policyTypes: [Ingress]
+  ingress:
+  - from:
+    - podSelector:
+        matchLabels:
+          app: frontend
+          enforcer.dev/serviceaccount: frontend
+    ports:
+    - protocol: TCP
+      port: 8080
 ";
 
 const ALLOW_FRONTEND_TO_BACKEND: &str = "\
@@ -76,17 +106,25 @@ fn main() -> Result<()> {
     let _servers: Vec<Servers> =
         pods.iter().map(|(p, _, port)| Servers::start(p, &[*port], &p.name)).collect::<Result<_>>()?;
 
-    let mut agent = AgentProcess::start(&tb, &dir, &[])?;
+    // A test issuer stands in for the API server: real keys, a real JWKS, real signed tokens.
+    let issuer = TestIssuer::new();
+    let jwks = dir.join("keys").join("jwks.json");
+    std::fs::create_dir_all(jwks.parent().context("keys dir")?)?;
+    std::fs::write(&jwks, issuer.jwks_json())?;
+    let jwks_arg = jwks.display().to_string();
+    let mut agent = AgentProcess::start(&tb, &dir, &["--jwks", &jwks_arg, "--issuer", issuer.issuer()])?;
     agent.wait_ready(Duration::from_secs(30)).context("starting the agent")?;
     println!("\nagent running in the node namespace (standalone, --manifests {})", dir.display());
 
     let mut failures = 0;
-    failures += step(&tb, &mut agent, &dir, &pods, "1. no policy: every pod reaches every pod", None)?;
+    let mut verified = BTreeMap::new();
+    failures += step(&tb, &mut agent, &dir, &pods, &verified, "1. no policy: every pod reaches every pod", None)?;
     failures += step(
         &tb,
         &mut agent,
         &dir,
         &pods,
+        &verified,
         "2. default-deny ingress in namespace shop",
         Some(("default-deny.yaml", DEFAULT_DENY)),
     )?;
@@ -95,16 +133,56 @@ fn main() -> Result<()> {
         &mut agent,
         &dir,
         &pods,
-        "3. allow-frontend-to-backend: frontend may reach backend on TCP 8080 only",
+        &verified,
+        "3. allow-frontend-to-backend: frontend may reach backend on TCP 8080 only \
+         (so may the impostor: it has the frontend's labels)",
         Some(("allow-frontend-to-backend.yaml", ALLOW_FRONTEND_TO_BACKEND)),
     )?;
+    failures += step(
+        &tb,
+        &mut agent,
+        &dir,
+        &pods,
+        &verified,
+        "4. the same policy requiring identity: nobody has proven to be the frontend yet",
+        Some(("allow-frontend-to-backend.yaml", ALLOW_VERIFIED_FRONTEND)),
+    )?;
+    let frontend = &pods[0].0;
+    let token = issuer
+        .token()
+        .namespace("shop")
+        .service_account("frontend", "sa-uid-frontend")
+        .pod("frontend", "uid-shop-frontend")
+        .sign();
+    let (code, body) = attest(frontend, &token)?;
+    println!("\n-- the frontend presents its service-account token to the node's attestation endpoint: {code} {}", body.trim());
+    let impostor = &pods[4].0;
+    let (code, body) = attest(impostor, &token)?;
+    println!("-- the impostor replays the frontend's token from its own address: {code} {}", body.trim());
+    verified.insert(
+        IpAddr::V4(frontend.v4),
+        BTreeMap::from([
+            ("enforcer.dev/serviceaccount".to_string(), "frontend".to_string()),
+            ("enforcer.dev/namespace".to_string(), "shop".to_string()),
+        ]),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    failures += step(
+        &tb,
+        &mut agent,
+        &dir,
+        &pods,
+        &verified,
+        "5. after attestation: the verified frontend reaches the backend, the impostor does not",
+        None,
+    )?;
 
-    println!("\n-- why is client -> backend:8080 dropped? (`enforcer explain`)");
+    println!("\n-- why is impostor -> backend:8080 dropped? (`enforcer explain`)");
     let bin = enforcer::testbed::agent_binary()?;
     let out = std::process::Command::new(bin)
         .args(["explain"])
         .arg(&dir)
-        .args(["--from", "other/client", "--to", "shop/backend", "--port", "8080"])
+        .args(["--from", "shop/impostor", "--to", "shop/backend", "--port", "8080"])
         .output()?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
 
@@ -138,6 +216,7 @@ fn step(
     agent: &mut AgentProcess,
     dir: &Path,
     pods: &[(TestPod, &str, u16)],
+    verified: &BTreeMap<IpAddr, BTreeMap<String, String>>,
     title: &str,
     file: Option<(&str, &str)>,
 ) -> Result<usize> {
@@ -145,7 +224,8 @@ fn step(
         std::fs::write(dir.join(name), text)?;
         agent.wait_applied(Duration::from_secs(10))?;
     }
-    let loaded = manifests::load_dir(dir)?;
+    let mut loaded = manifests::load_dir(dir)?;
+    loaded.cluster.verified = verified.clone();
     let opts = CompileOptions::default();
     let mut probes = Vec::new();
     for (from, _, _) in pods {
@@ -194,7 +274,7 @@ fn step(
 
 fn pod_yaml(ns: &str, pod: &TestPod, labels: &str, port: u16) -> String {
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:\n    {labels}\nspec:\n  containers:\n  - name: main\n    image: demo\n    ports:\n    - containerPort: {port}\n      name: serve\nstatus:\n  phase: Running\n  podIP: {ip}\n  podIPs:\n  - ip: {ip}\n",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  uid: uid-{ns}-{name}\n  labels:\n    {labels}\nspec:\n  containers:\n  - name: main\n    image: demo\n    ports:\n    - containerPort: {port}\n      name: serve\nstatus:\n  phase: Running\n  podIP: {ip}\n  podIPs:\n  - ip: {ip}\n",
         name = pod.name,
         ip = pod.v4
     )
@@ -204,4 +284,20 @@ fn tempdir() -> Result<std::path::PathBuf> {
     let d = std::env::temp_dir().join(format!("enforcer-demo-{}", std::process::id()));
     std::fs::create_dir_all(&d)?;
     Ok(d)
+}
+
+/// POSTs `token` to the node's attestation endpoint from inside `pod`: (status, body).
+fn attest(pod: &TestPod, token: &str) -> Result<(u16, String)> {
+    let token = token.to_string();
+    in_netns(&pod.netns, move || -> Result<(u16, String)> {
+        let addr: SocketAddr = (NODE_V4, 9902).into();
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        write!(s, "POST /v1/attest HTTP/1.1\r\nHost: node\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        Ok((status, body))
+    })?
 }

@@ -65,6 +65,10 @@ enum Command {
         /// tcp, udp or sctp.
         #[arg(long, default_value = "tcp")]
         protocol: String,
+        /// As the agent's --require-identity: pod and namespace peers must be verified
+        /// (offline, no address is verified).
+        #[arg(long)]
+        require_identity: bool,
     },
     /// Detach every program and remove every pin under --pin-path.
     Cleanup {
@@ -125,11 +129,12 @@ struct RunArgs {
     /// Address of the attestation endpoint (`POST /v1/attest`), served when keys are given.
     #[arg(long, default_value = "0.0.0.0:9902")]
     attest_addr: SocketAddr,
-    /// JWKS file with the service-account token signing keys (re-read on change): turns the
-    /// attestation endpoint on in standalone mode.
+    /// JWKS file with the service-account token signing keys (re-read on change). Without it,
+    /// in a cluster, keys come from the API server's OIDC discovery.
     #[arg(long)]
     jwks: Option<PathBuf>,
-    /// Accepted token issuers (the API server's --service-account-issuer values).
+    /// Accepted token issuers (the API server's --service-account-issuer values). Giving one
+    /// (or --jwks) turns the attestation endpoint on.
     #[arg(long = "issuer")]
     issuers: Vec<String>,
     /// Accepted token audience.
@@ -146,8 +151,8 @@ fn main() -> Result<()> {
             print!("{}", offline::compile_report(&dir, node_name, entries)?);
             Ok(())
         }
-        Command::Explain { dir, from, to, port, protocol } => {
-            print!("{}", offline::explain_report(&dir, &from, &to, port, &protocol)?);
+        Command::Explain { dir, from, to, port, protocol, require_identity } => {
+            print!("{}", offline::explain_report(&dir, &from, &to, port, &protocol, require_identity)?);
             Ok(())
         }
         Command::Cleanup { pin_path } => {
@@ -161,6 +166,7 @@ fn main() -> Result<()> {
 fn run(args: RunArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     // Standalone reads a folder; otherwise the kube watchers feed the same compiler.
+    let mut kube_client = None;
     let (source, kube_task) = match args.manifests.clone() {
         Some(dir) => (Source::Manifests(ManifestsSource::new(dir)), None),
         None => {
@@ -168,6 +174,7 @@ fn run(args: RunArgs) -> Result<()> {
             let _ = rustls::crypto::ring::default_provider().install_default();
             let client = rt.block_on(kube::Client::try_default()).context("kube client (in-cluster config or KUBECONFIG)")?;
             let (tx, rx) = tokio::sync::watch::channel(None);
+            kube_client = Some(client.clone());
             let task = rt.spawn(async move {
                 if let Err(e) = enforcer::kube_source::run(client, node, tx).await {
                     log::error!("kube watchers stopped: {e:#}");
@@ -200,9 +207,10 @@ fn run(args: RunArgs) -> Result<()> {
         status.add_renderer(Arc::new(move |o: &mut String| s.render(o)));
     }
 
-    let identity = match &args.jwks {
-        Some(path) => Some(identity_setup(&args, path, &status)?),
-        None => None,
+    let identity = if args.jwks.is_some() || !args.issuers.is_empty() {
+        Some(identity_setup(&args, kube_client.clone(), &status)?)
+    } else {
+        None
     };
     let stop = Arc::new(AtomicBool::new(false));
     let agent = Agent {
@@ -273,21 +281,27 @@ fn run(args: RunArgs) -> Result<()> {
 /// live-pod directory shared with the control loop.
 fn identity_setup(
     args: &RunArgs,
-    jwks: &std::path::Path,
+    kube_client: Option<kube::Client>,
     status: &Arc<Status>,
 ) -> Result<(enforcer::attestation::Identity, enforcer::identity::AttestState)> {
     use enforcer::identity::{
-        AttestState, Bindings, FileKeySource, IdentityMetrics, KeyStore, Verifier, VerifierConfig,
+        AttestState, Bindings, FileKeySource, IdentityMetrics, KeySource, KeyStore, OidcKeySource, Verifier,
+        VerifierConfig,
     };
     if args.issuers.is_empty() {
-        bail!("--jwks needs at least one --issuer (the API server's --service-account-issuer)");
+        bail!("attestation needs at least one --issuer (the API server's --service-account-issuer)");
     }
+    let source: Arc<dyn KeySource> = match (&args.jwks, kube_client) {
+        (Some(path), _) => Arc::new(FileKeySource::new(path)),
+        (None, Some(client)) => Arc::new(OidcKeySource::new(client)),
+        (None, None) => bail!("standalone attestation needs --jwks FILE"),
+    };
     let mut config = VerifierConfig::new(args.issuers.clone());
     config.audiences = vec![args.audience.clone()];
     let verifier = Arc::new(Verifier::new(config).context("identity configuration")?);
     let metrics = Arc::new(IdentityMetrics::default());
     let keys = Arc::new(
-        KeyStore::new(Arc::new(FileKeySource::new(jwks)))
+        KeyStore::new(source)
             .with_min_refresh_interval(Duration::from_secs(1))
             .with_metrics(metrics.clone()),
     );

@@ -131,12 +131,20 @@ pub fn parse_protocol(s: &str) -> Result<u8> {
 }
 
 /// `enforcer explain DIR --from --to --port --protocol`.
-pub fn explain_report(dir: &Path, from: &str, to: &str, port: u16, protocol: &str) -> Result<String> {
+pub fn explain_report(
+    dir: &Path,
+    from: &str,
+    to: &str,
+    port: u16,
+    protocol: &str,
+    require_identity: bool,
+) -> Result<String> {
     let cluster = load(dir)?;
     let from = parse_endpoint(from).context("--from")?;
     let to = parse_endpoint(to).context("--to")?;
     let protocol = parse_protocol(protocol).context("--protocol")?;
-    let e = explain(&cluster, &CompileOptions::default(), &from, &to, protocol, port);
+    let opts = CompileOptions { require_identity, ..CompileOptions::default() };
+    let e = explain(&cluster, &opts, &from, &to, protocol, port);
     Ok(format!("{e}\n"))
 }
 

@@ -46,7 +46,7 @@ fn main() -> Result<()> {
         Task::Test { args } => {
             build()?;
             let mut cmd = cargo();
-            cmd.args(["test", "--release", "--workspace"]).args(&args);
+            cmd.args(["test", "--release"]).args(&args);
             status(cmd, "cargo test")
         }
         Task::KindE2e => kind_e2e::kind_e2e(),

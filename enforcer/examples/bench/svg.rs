@@ -16,6 +16,8 @@ pub struct Chart<'a> {
     pub y_label: &'a str,
     pub log_x: bool,
     pub log_y: bool,
+    /// Tick positions and labels of the x axis, instead of computed ones.
+    pub x_ticks: Option<Vec<(f64, String)>>,
     pub series: Vec<Series>,
 }
 
@@ -97,9 +99,13 @@ impl Chart<'_> {
         // Axes and grid.
         let xt: Vec<f64> = if self.log_x { (x0 as i32..=x1 as i32).map(|e| 10f64.powi(e)).collect() } else { nice_ticks(x0, x1, 6) };
         let yt: Vec<f64> = if self.log_y { (y0 as i32..=y1 as i32).map(|e| 10f64.powi(e)).collect() } else { nice_ticks(y0, y1, 6) };
-        for &v in &xt {
-            let x = px(v);
-            let _ = writeln!(s, r##"<line x1="{x:.1}" y1="{T}" x2="{x:.1}" y2="{:.1}" stroke="#e5e5e5"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"##, H - B, H - B + 18.0, fmt_tick(v));
+        let xt: Vec<(f64, String)> = match &self.x_ticks {
+            Some(t) => t.clone(),
+            None => xt.iter().map(|&v| (v, fmt_tick(v))).collect(),
+        };
+        for (v, label) in &xt {
+            let x = px(*v);
+            let _ = writeln!(s, r##"<line x1="{x:.1}" y1="{T}" x2="{x:.1}" y2="{:.1}" stroke="#e5e5e5"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"##, H - B, H - B + 18.0, esc(label));
         }
         for &v in &yt {
             let y = py(v);

@@ -118,7 +118,7 @@ fn peer_matches(
     peer: &NetworkPolicyPeer,
     ip: IpAddr,
     peer_pod: Option<&(PodRef, &Pod)>,
-    require_identity: bool,
+    identity: IdentityCheck,
 ) -> bool {
     // "ipBlock defines policy on a particular IPBlock. If this field is set then neither of the
     // other fields can be." Any address in the cidr and in no except, pods included.
@@ -137,7 +137,7 @@ fn peer_matches(
     // enforcer's identity: a policy that requires it matches pod and namespace peers only at
     // addresses bound to a verified identity, whose reserved labels join the pod's labels.
     let verified = cluster.verified.get(&ip);
-    if require_identity && verified.is_none() {
+    if identity == IdentityCheck::Required && verified.is_none() {
         return false;
     }
     let mut labels = pod.metadata.labels.clone().unwrap_or_default();
@@ -153,10 +153,36 @@ fn peer_matches(
         None => r.namespace == policy_ns,
     };
     let pod_ok = match &peer.pod_selector {
+        Some(s) if identity == IdentityCheck::AsIfVerified => selector::matches(&without_reserved(s), &labels),
         Some(s) => selector::matches(s, &labels),
         None => true,
     };
     ns_ok && pod_ok
+}
+
+/// How a peer's verified identity counts when matching it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum IdentityCheck {
+    /// Selectors see the reserved labels of a verified address, if any.
+    Optional,
+    /// Only verified addresses match (the policy requires identity).
+    Required,
+    /// As if the address were verified as whatever the selector asks (for explaining a denial
+    /// for want of identity): requirements on reserved labels are left out.
+    AsIfVerified,
+}
+
+/// `s` without its requirements on the reserved `enforcer.dev/` labels.
+fn without_reserved(s: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+    let reserved = |k: &str| k.starts_with("enforcer.dev/");
+    let mut s = s.clone();
+    if let Some(m) = &mut s.match_labels {
+        m.retain(|k, _| !reserved(k));
+    }
+    if let Some(e) = &mut s.match_expressions {
+        e.retain(|r| !reserved(&r.key));
+    }
+    s
 }
 
 /// "ports is a list of ports ... If this field is empty or missing, this rule matches all
@@ -263,21 +289,26 @@ pub fn direction_verdict(
         };
         for (index, (peers, ports)) in rules.into_iter().enumerate() {
             // "If this field is empty or missing, this rule matches all sources/destinations".
-            let peer_ok_with = |need: bool| {
+            let peer_ok_with = |check: IdentityCheck| {
                 peers.filter(|p| !p.is_empty()).is_none_or(|ps| {
                     ps.iter().any(|p| {
-                        peer_matches(cluster, &ns, p, peer_ip, peer_pod.as_ref(), need)
+                        peer_matches(cluster, &ns, p, peer_ip, peer_pod.as_ref(), check)
                     })
                 })
             };
-            let peer_ok = peer_ok_with(need);
+            let peer_ok = peer_ok_with(if need { IdentityCheck::Required } else { IdentityCheck::Optional });
             // Named ports are the destination's: this pod on ingress, the peer pod on egress.
             let named_on = if ingress {
                 Some(*this)
             } else {
                 peer_pod.as_ref().map(|(_, p)| *p)
             };
-            if !peer_ok && need && peer_ok_with(false) && ports_match(ports, protocol, port, named_on) {
+            if !peer_ok
+                && need
+                && !cluster.verified.contains_key(&peer_ip)
+                && peer_ok_with(IdentityCheck::AsIfVerified)
+                && ports_match(ports, protocol, port, named_on)
+            {
                 wants_identity = true;
             }
             if peer_ok && ports_match(ports, protocol, port, named_on) {

@@ -1282,3 +1282,49 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn identity_required_peers_match_only_verified_addresses() {
+    // x/b admits pods `app: a` running as service account `sa-a`, and requires identity.
+    let mut np = policy(
+        "x",
+        "from-verified-a",
+        Some(sel(&[("app", "b")])),
+        None,
+        Some(vec![(
+            Some(vec![pods_peer(None, Some(sel(&[("app", "a"), ("enforcer.dev/serviceaccount", "sa-a")])))]),
+            None,
+        )]),
+        None,
+    );
+    np.metadata.annotations = Some(
+        [(super::model::ANNOTATION_REQUIRE_IDENTITY.to_string(), "true".to_string())].into(),
+    );
+    let mut c = base(vec![np.clone()]);
+    let b = pr("x", "b");
+    let verdict = |c: &Cluster| {
+        evaluator::direction_verdict(c, &opts(), &b, true, ip("10.0.0.1"), PROTO_TCP, 80)
+    };
+    // Labels alone: denied, and explained as a want of identity.
+    assert!(!allowed(&c, &b, DIR_INGRESS, "10.0.0.1", PROTO_TCP, 80));
+    assert!(matches!(verdict(&c), evaluator::DirVerdict::NoIdentity { .. }), "{:?}", verdict(&c));
+    // Verified as another service account: denied, not for want of identity.
+    let sa = |name: &str| std::collections::BTreeMap::from([("enforcer.dev/serviceaccount".to_string(), name.to_string())]);
+    c.verified.insert(ip("10.0.0.1"), sa("sa-other"));
+    assert!(!allowed(&c, &b, DIR_INGRESS, "10.0.0.1", PROTO_TCP, 80));
+    assert!(matches!(verdict(&c), evaluator::DirVerdict::Denied { .. }));
+    // Verified as sa-a, only at the verified address (v4), not at its other one (v6).
+    c.verified.insert(ip("10.0.0.1"), sa("sa-a"));
+    assert!(allowed(&c, &b, DIR_INGRESS, "10.0.0.1", PROTO_TCP, 80));
+    assert!(!allowed(&c, &b, DIR_INGRESS, "fd00::1", PROTO_TCP, 80));
+    // Without the annotation the reserved label still has to match, but --require-identity
+    // makes every policy require it.
+    np.metadata.annotations = None;
+    let mut c2 = base(vec![np]);
+    c2.verified.insert(ip("10.0.0.1"), sa("sa-a"));
+    assert!(allowed(&c2, &b, DIR_INGRESS, "10.0.0.1", PROTO_TCP, 80));
+    let strict = CompileOptions { require_identity: true, ..opts() };
+    let compiled = compile(&c2, &strict, &mut Allocations::new());
+    assert!(!lookup::decide(&compiled.state, &b, DIR_INGRESS, ip("fd00::1"), PROTO_TCP, 80).allowed);
+    assert!(!evaluator::direction_verdict(&c2, &strict, &b, true, ip("fd00::1"), PROTO_TCP, 80).allowed());
+}

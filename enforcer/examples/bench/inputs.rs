@@ -1,0 +1,160 @@
+//! Generated inputs: manifests for the agent, and the same policies as an nftables ruleset laid
+//! out the way iptables-based enforcers (kube-router, Calico iptables) lay theirs out.
+
+use std::{fmt::Write as _, net::Ipv4Addr};
+
+pub const NS: &str = "bench";
+pub const NODE: &str = "bench-node";
+pub const OTHER_NODE: &str = "other-node";
+pub const PORT_IPERF: u16 = 5201;
+/// Connection-rate server (inline handler).
+pub const PORT_CRR: u16 = 7001;
+/// Request/response server (thread per connection).
+pub const PORT_RR: u16 = 7002;
+/// Served, never allowed: tells "programs attached" from "no programs".
+pub const PORT_DENIED: u16 = 7003;
+/// Allowed only while the toggle policy exists (policy-change latency).
+pub const PORT_TOGGLE: u16 = 7100;
+pub const ALLOWED_PORTS: [u16; 3] = [PORT_IPERF, PORT_CRR, PORT_RR];
+/// Remote pods are spread over this many label groups (one identity each).
+pub const GROUPS: usize = 100;
+
+pub fn namespace() -> String {
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NS}\n  labels:\n    kubernetes.io/metadata.name: {NS}\n"
+    )
+}
+
+fn pod(name: &str, ip: Ipv4Addr, node: &str, labels: &[(&str, String)]) -> String {
+    let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}: \"{v}\"")).collect();
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NS}\n  uid: uid-{name}\n  labels: {{{}}}\nspec:\n  nodeName: {node}\n  containers:\n  - name: main\n    image: bench\nstatus:\n  phase: Running\n  podIP: {ip}\n  podIPs:\n  - ip: {ip}\n",
+        labels.join(", ")
+    )
+}
+
+/// A pod of this node (it has a netns and a veth).
+pub fn local_pod(name: &str, ip: Ipv4Addr, role: &str) -> String {
+    pod(name, ip, NODE, &[("role", role.to_string())])
+}
+
+pub fn remote_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 20, 0, 0)) + i as u32 + 1)
+}
+
+/// `n` pods on another node: peers, not endpoints. Pod `i` is in group `g{i % GROUPS}`.
+pub fn remote_pods(n: usize) -> String {
+    let mut s = String::new();
+    for i in 0..n {
+        s.push_str("---\n");
+        s.push_str(&pod(&format!("r{i}"), remote_ip(i), OTHER_NODE, &[("grp", format!("g{}", i % GROUPS))]));
+    }
+    s
+}
+
+/// Port of filler policy `i`.
+pub fn filler_port(i: usize) -> u16 {
+    8000 + ((i / GROUPS) % 1000) as u16
+}
+
+/// `n` filler policies, each selecting the server and allowing one group on one port: one
+/// distinct (peer identity, port) per policy.
+pub fn policies(n: usize) -> String {
+    let mut s = String::with_capacity(n * 300);
+    for i in 0..n {
+        let _ = write!(
+            s,
+            "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: bp-{i}, namespace: {NS}}}\nspec:\n  podSelector: {{matchLabels: {{role: srv}}}}\n  policyTypes: [Ingress]\n  ingress:\n  - from: [{{podSelector: {{matchLabels: {{grp: g{}}}}}}}]\n    ports: [{{protocol: TCP, port: {}}}]\n",
+            i % GROUPS,
+            filler_port(i)
+        );
+    }
+    s
+}
+
+fn ports_yaml(ports: &[u16]) -> String {
+    let p: Vec<String> = ports.iter().map(|p| format!("{{protocol: TCP, port: {p}}}")).collect();
+    format!("[{}]", p.join(", "))
+}
+
+/// The policies the measured traffic needs: the server admits the client on the bench ports;
+/// the client's egress is isolated too and allowed to the server (bench ports and the toggle
+/// port), so both veths run the full path.
+pub fn base_policies() -> String {
+    let mut egress = ALLOWED_PORTS.to_vec();
+    egress.push(PORT_TOGGLE);
+    egress.push(PORT_DENIED);
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: allow-client, namespace: {NS}}}\nspec:\n  podSelector: {{matchLabels: {{role: srv}}}}\n  policyTypes: [Ingress]\n  ingress:\n  - from: [{{podSelector: {{matchLabels: {{role: client}}}}}}]\n    ports: {}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: client-egress, namespace: {NS}}}\nspec:\n  podSelector: {{matchLabels: {{role: client}}}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{{podSelector: {{matchLabels: {{role: srv}}}}}}]\n    ports: {}\n",
+        ports_yaml(&ALLOWED_PORTS),
+        ports_yaml(&egress)
+    )
+}
+
+/// Allows the client to the toggle port while the file exists.
+pub fn toggle_policy() -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: toggle, namespace: {NS}}}\nspec:\n  podSelector: {{matchLabels: {{role: srv}}}}\n  policyTypes: [Ingress]\n  ingress:\n  - from: [{{podSelector: {{matchLabels: {{role: client}}}}}}]\n    ports: {}\n",
+        ports_yaml(&[PORT_TOGGLE])
+    )
+}
+
+pub const NFT_TABLE: &str = "enforcer_bench";
+
+/// The same policies as [`policies`] + [`base_policies`], as nftables rules laid out like
+/// kube-router's iptables chains (KUBE-POD-FW-* per pod, KUBE-NWPLCY-* per policy, ipsets of
+/// the selected peers): established/related first; then per pod and direction a chain that
+/// jumps to every policy chain selecting the pod, each of which marks the packet when one of
+/// its rules matches (peer set + port); unmarked packets are dropped. Every new connection to
+/// the server walks all of its policy chains, as kube-router's do.
+pub fn nft_ruleset(n: usize, remote: usize, client: Ipv4Addr, server: Ipv4Addr) -> String {
+    let mut s = String::with_capacity(n * 200 + remote * 20);
+    let _ = writeln!(s, "table inet {NFT_TABLE} {{");
+    for g in 0..GROUPS {
+        let members: Vec<String> = (0..remote).filter(|i| i % GROUPS == g).map(|i| remote_ip(i).to_string()).collect();
+        let _ = writeln!(s, "  set grp-g{g} {{\n    type ipv4_addr");
+        if !members.is_empty() {
+            let _ = writeln!(s, "    elements = {{ {} }}", members.join(", "));
+        }
+        s.push_str("  }\n");
+    }
+    let _ = writeln!(s, "  set role-client {{\n    type ipv4_addr\n    elements = {{ {client} }}\n  }}");
+    let _ = writeln!(s, "  set role-srv {{\n    type ipv4_addr\n    elements = {{ {server} }}\n  }}");
+    let ports = |p: &[u16]| p.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+    let mut egress = ALLOWED_PORTS.to_vec();
+    egress.push(PORT_TOGGLE);
+    egress.push(PORT_DENIED);
+    // Policy chains.
+    for i in 0..n {
+        let _ = writeln!(
+            s,
+            "  chain nwplcy-bp-{i} {{\n    ip saddr @grp-g{} tcp dport {} meta mark set meta mark | 0x10000\n  }}",
+            i % GROUPS,
+            filler_port(i)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "  chain nwplcy-allow-client {{\n    ip saddr @role-client tcp dport {{ {} }} meta mark set meta mark | 0x10000\n  }}",
+        ports(&ALLOWED_PORTS)
+    );
+    let _ = writeln!(
+        s,
+        "  chain nwplcy-client-egress {{\n    ip daddr @role-srv tcp dport {{ {} }} meta mark set meta mark | 0x10000\n  }}",
+        ports(&egress)
+    );
+    // Per-pod firewall chains.
+    s.push_str("  chain pod-fw-srv-ingress {\n");
+    for i in 0..n {
+        let _ = writeln!(s, "    jump nwplcy-bp-{i}");
+    }
+    s.push_str("    jump nwplcy-allow-client\n    meta mark & 0x10000 != 0x10000 counter drop\n    meta mark set meta mark & 0xfffeffff\n  }\n");
+    s.push_str("  chain pod-fw-cli-egress {\n    jump nwplcy-client-egress\n    meta mark & 0x10000 != 0x10000 counter drop\n    meta mark set meta mark & 0xfffeffff\n  }\n");
+    // The hook.
+    let _ = writeln!(
+        s,
+        "  chain forward {{\n    type filter hook forward priority filter; policy accept;\n    ct state established,related accept\n    ip saddr {client} jump pod-fw-cli-egress\n    ip daddr {server} jump pod-fw-srv-ingress\n  }}"
+    );
+    s.push_str("}\n");
+    s
+}

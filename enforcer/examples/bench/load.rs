@@ -1,0 +1,231 @@
+//! A small load generator: TCP servers in a pod, and TCP_RR / TCP_CRR clients in another, each
+//! on threads that entered the pod's network namespace (no extra processes).
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow};
+use enforcer::testbed::{Testbed, enter_netns, in_netns};
+use serde::Serialize;
+
+/// How a server port handles its connections.
+#[derive(Clone, Copy, Debug)]
+pub enum Mode {
+    /// One connection at a time on the accept thread (connection-rate tests: no thread spawn
+    /// per connection in the measured path).
+    Inline,
+    /// A thread per connection (long request/response connections).
+    Threaded,
+}
+
+/// Echo servers (each read is echoed back) on ports of one pod. Stopped on drop.
+pub struct Servers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+fn echo(mut s: TcpStream) {
+    let _ = s.set_nodelay(true);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut buf = [0u8; 64];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Waits up to 100 ms for the listener to become readable.
+fn readable(l: &TcpListener) -> bool {
+    let mut p = libc::pollfd { fd: l.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut p, 1, 100) > 0 }
+}
+
+impl Servers {
+    pub fn start(netns: &str, ports: &[(u16, Mode)]) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let (tx, rx) = std::sync::mpsc::channel::<Result<()>>();
+        for &(port, mode) in ports {
+            let path = Testbed::netns_path(netns);
+            let (stop, tx) = (stop.clone(), tx.clone());
+            threads.push(std::thread::spawn(move || {
+                let l = enter_netns(&path).and_then(|()| {
+                    TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).with_context(|| format!("bind :{port}"))
+                });
+                let l = match l {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = tx.send(Ok(()));
+                while !stop.load(Ordering::Relaxed) {
+                    if !readable(&l) {
+                        continue;
+                    }
+                    if let Ok((s, _)) = l.accept() {
+                        match mode {
+                            Mode::Inline => echo(s),
+                            Mode::Threaded => {
+                                std::thread::spawn(move || echo(s));
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+        drop(tx);
+        for r in rx.iter().take(ports.len()) {
+            r?;
+        }
+        Ok(Self { stop, threads })
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A measured rate.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Rate {
+    /// Transactions (RR) or connections (CRR) per second.
+    pub per_sec: f64,
+    pub count: u64,
+    pub secs: f64,
+    pub errors: u64,
+    /// TCP segments in + out of the client per transaction (from the pod's /proc/net/snmp).
+    pub segments_per_op: f64,
+}
+
+/// (InSegs, OutSegs) of the calling thread's network namespace.
+fn tcp_segments() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/thread-self/net/snmp").unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("Tcp:")).collect();
+    if lines.len() < 2 {
+        return (0, 0);
+    }
+    let names: Vec<&str> = lines[0].split_whitespace().collect();
+    let vals: Vec<&str> = lines[1].split_whitespace().collect();
+    let get = |n: &str| names.iter().position(|x| *x == n).and_then(|i| vals.get(i)).and_then(|v| v.parse().ok()).unwrap_or(0);
+    (get("InSegs"), get("OutSegs"))
+}
+
+/// TCP_CRR: connect, 1-byte request, 1-byte response, close; one connection at a time.
+pub fn crr(netns: &str, to: SocketAddr, warmup: Duration, dur: Duration) -> Result<Rate> {
+    in_netns(netns, move || -> Result<Rate> {
+        let one = |errors: &mut u64| {
+            let mut b = [1u8; 1];
+            match TcpStream::connect_timeout(&to, Duration::from_secs(1)) {
+                Ok(mut s) => {
+                    let _ = s.set_nodelay(true);
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+                    if s.write_all(&b).is_err() || s.read_exact(&mut b).is_err() {
+                        *errors += 1;
+                        return false;
+                    }
+                    true
+                }
+                Err(_) => {
+                    *errors += 1;
+                    false
+                }
+            }
+        };
+        let mut errors = 0;
+        let end = Instant::now() + warmup;
+        while Instant::now() < end {
+            one(&mut errors);
+        }
+        errors = 0;
+        let (i0, o0) = tcp_segments();
+        let start = Instant::now();
+        let mut count = 0u64;
+        while start.elapsed() < dur {
+            if one(&mut errors) {
+                count += 1;
+            }
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let (i1, o1) = tcp_segments();
+        Ok(Rate {
+            per_sec: count as f64 / secs,
+            count,
+            secs,
+            errors,
+            segments_per_op: (i1 + o1 - i0 - o0) as f64 / count.max(1) as f64,
+        })
+    })?
+}
+
+/// TCP_RR: 1-byte request / 1-byte response over one connection.
+pub fn rr(netns: &str, to: SocketAddr, warmup: Duration, dur: Duration) -> Result<Rate> {
+    in_netns(netns, move || -> Result<Rate> {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2)).with_context(|| format!("connecting to {to}"))?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut b = [7u8; 1];
+        let mut one = |s: &mut TcpStream| -> Result<()> {
+            s.write_all(&b)?;
+            s.read_exact(&mut b)?;
+            Ok(())
+        };
+        let end = Instant::now() + warmup;
+        while Instant::now() < end {
+            one(&mut s)?;
+        }
+        let (i0, o0) = tcp_segments();
+        let start = Instant::now();
+        let mut count = 0u64;
+        while start.elapsed() < dur {
+            one(&mut s)?;
+            count += 1;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let (i1, o1) = tcp_segments();
+        Ok(Rate {
+            per_sec: count as f64 / secs,
+            count,
+            secs,
+            errors: 0,
+            segments_per_op: (i1 + o1 - i0 - o0) as f64 / count.max(1) as f64,
+        })
+    })?
+}
+
+/// Whether a TCP connection + 1-byte echo to `to` succeeds within `timeout`, from the calling
+/// thread's namespace.
+pub fn reachable(to: SocketAddr, timeout: Duration) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&to, timeout) else { return false };
+    let _ = s.set_nodelay(true);
+    let _ = s.set_read_timeout(Some(timeout));
+    let mut b = [1u8; 1];
+    s.write_all(&b).is_ok() && s.read_exact(&mut b).is_ok()
+}
+
+/// [`reachable`] from inside `netns`.
+pub fn reachable_from(netns: &str, to: SocketAddr, timeout: Duration) -> Result<bool> {
+    in_netns(netns, move || reachable(to, timeout)).map_err(|e| anyhow!("{e:#}"))
+}

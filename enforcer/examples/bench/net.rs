@@ -1,0 +1,588 @@
+//! The parts that need pods: throughput, TCP_RR and TCP_CRR with the real agent vs no programs,
+//! the nftables layout at growing rule counts, policy-change latency and agent memory.
+//!
+//! Everything runs on a [`Testbed`] (a node netns and pod netns): deleting it on drop removes
+//! veths, routes and nft tables with the namespaces; the agent, iperf3 and the servers are
+//! stopped by their guards.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use enforcer::testbed::{AgentProcess, NODE_V4, Testbed, in_netns};
+use serde::Serialize;
+
+use crate::{
+    inputs::{self, NODE, PORT_CRR, PORT_DENIED, PORT_IPERF, PORT_RR, PORT_TOGGLE},
+    load::{self, Mode, Rate, Servers},
+};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Settings {
+    pub rounds: usize,
+    pub iperf_secs: u32,
+    pub rate_secs: f64,
+    pub warmup_secs: f64,
+    /// Policy counts of the sweep (ours and nftables).
+    pub rule_counts: Vec<usize>,
+    /// Pods on another node (peers) in every manifest set.
+    pub remote_pods: usize,
+    /// Policies while measuring throughput / RR / CRR and policy-change latency.
+    pub policies: usize,
+    /// Policy changes timed.
+    pub toggles: usize,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Round {
+    pub baseline_gbps: f64,
+    pub enforced_gbps: f64,
+    pub baseline_rr: Rate,
+    pub enforced_rr: Rate,
+    pub baseline_crr: Rate,
+    pub enforced_crr: Rate,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Ratio {
+    pub baseline: f64,
+    pub enforced: f64,
+    pub ratio: f64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SweepRow {
+    pub rules: usize,
+    pub baseline_crr: Rate,
+    pub ours_crr: Rate,
+    pub nft_crr: Rate,
+    /// Time per connection added over the baseline, spread over its packets (segments seen by
+    /// the client), in ns. Ours: two programs per packet (both veths); nft: the forward hook.
+    pub ours_added_ns_per_packet: f64,
+    pub nft_added_ns_per_packet: f64,
+    pub ours_ready_secs: f64,
+    pub nft_load_secs: f64,
+    pub nft_rules: usize,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Latency {
+    pub pods: usize,
+    pub policies: usize,
+    /// File write/remove to the first probe that saw the new verdict, ms.
+    pub allow_ms: Vec<f64>,
+    pub deny_ms: Vec<f64>,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub timeouts: usize,
+    pub probe_timeout_ms: f64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Memory {
+    pub pods: usize,
+    pub policies: usize,
+    pub vm_rss_kib: u64,
+    pub vm_hwm_kib: u64,
+    pub ready_secs: f64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Results {
+    pub rounds: Vec<Round>,
+    pub throughput: Ratio,
+    pub rr: Ratio,
+    pub crr: Ratio,
+    pub sweep: Vec<SweepRow>,
+    pub latency: Option<Latency>,
+    pub memory: Vec<Memory>,
+    pub notes: Vec<String>,
+}
+
+/// Kills a child process (ours, by its pid) on drop.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A temp folder removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Result<Self> {
+        let p = std::env::temp_dir().join(format!("enforcer-bench-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p)?;
+        Ok(Self(p))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Deletes the nft table in the node namespace on drop.
+struct NftGuard(String);
+
+impl Drop for NftGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "exec", &self.0, "nft", "delete", "table", "inet", inputs::NFT_TABLE])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+/// Nearest-rank percentile.
+pub fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut v = v.to_vec();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((p / 100.0) * v.len() as f64).ceil().max(1.0) as usize;
+    v[rank.min(v.len()) - 1]
+}
+
+struct Bed {
+    tb: Testbed,
+    cli: String,
+    srv: String,
+    srv_ip: Ipv4Addr,
+    cli_ip: Ipv4Addr,
+    manifests: TempDir,
+    _servers: Servers,
+    _iperf: ChildGuard,
+}
+
+impl Bed {
+    fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.srv_ip), port)
+    }
+
+    fn reach(&self, port: u16) -> Result<bool> {
+        load::reachable_from(&self.cli, self.addr(port), Duration::from_millis(300))
+    }
+
+    /// Writes the manifests for `policies` filler policies (plus the base ones).
+    fn write_manifests(&self, policies: usize, remote: usize) -> Result<()> {
+        let d = &self.manifests.0;
+        std::fs::write(d.join("00-namespace.yaml"), inputs::namespace())?;
+        let pods = format!(
+            "{}---\n{}",
+            inputs::local_pod("cli", self.cli_ip, "client"),
+            inputs::local_pod("srv", self.srv_ip, "srv")
+        );
+        std::fs::write(d.join("10-pods.yaml"), pods)?;
+        std::fs::write(d.join("11-remote-pods.yaml"), inputs::remote_pods(remote))?;
+        std::fs::write(d.join("20-base-policies.yaml"), inputs::base_policies())?;
+        std::fs::write(d.join("21-policies.yaml"), inputs::policies(policies))?;
+        let _ = std::fs::remove_file(d.join("30-toggle.yaml"));
+        Ok(())
+    }
+
+    /// Starts the agent and waits until it is ready and enforcing (bench ports open, the
+    /// denied port closed).
+    fn start_agent(&self) -> Result<(AgentProcess, f64)> {
+        let t = Instant::now();
+        let mut a = AgentProcess::start(&self.tb, &self.manifests.0, &["--node-name", NODE])?;
+        a.wait_ready(Duration::from_secs(300))?;
+        let ready = t.elapsed().as_secs_f64();
+        let ok = self.reach(PORT_CRR)?;
+        let denied = !self.reach(PORT_DENIED)?;
+        if !ok || !denied {
+            bail!(
+                "agent ready but not enforcing as expected (allowed port reachable: {ok}, denied port blocked: {denied}):\n{}",
+                tail(&a.log_text(), 30)
+            );
+        }
+        Ok((a, ready))
+    }
+
+    /// Checks that no program is left on the path (the denied port is reachable).
+    fn expect_no_programs(&self) -> Result<()> {
+        for _ in 0..40 {
+            if self.reach(PORT_DENIED)? && self.reach(PORT_CRR)? {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("the denied port stays closed without the agent: programs or rules are still attached")
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn iperf_server(netns: &str) -> Result<ChildGuard> {
+    let child = Command::new("ip")
+        .args(["netns", "exec", netns, "iperf3", "-s", "-p", &PORT_IPERF.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting iperf3 -s (cargo xtask setup installs iperf3)")?;
+    Ok(ChildGuard(child))
+}
+
+/// One iperf3 TCP stream: received Gbit/s.
+fn iperf(netns: &str, to: Ipv4Addr, secs: u32) -> Result<f64> {
+    let mut last = String::new();
+    for _ in 0..10 {
+        let out = Command::new("ip")
+            .args(["netns", "exec", netns, "iperf3", "-c", &to.to_string(), "-p", &PORT_IPERF.to_string()])
+            .args(["-t", &secs.to_string(), "-O", "1", "-J"])
+            .stdin(Stdio::null())
+            .output()
+            .context("running iperf3 -c")?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if out.status.success()
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+            && let Some(bps) = v.pointer("/end/sum_received/bits_per_second").and_then(serde_json::Value::as_f64)
+        {
+            return Ok(bps / 1e9);
+        }
+        last = format!("{}{}", text.chars().take(500).collect::<String>(), String::from_utf8_lossy(&out.stderr));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    bail!("iperf3 failed: {last}")
+}
+
+fn rss_kib(pid: u32) -> Result<(u64, u64, String)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string();
+    Ok((field("VmRSS:"), field("VmHWM:"), comm))
+}
+
+fn memory(a: &AgentProcess, pods: usize, policies: usize, ready: f64) -> Result<Memory> {
+    // Let it settle after ready (flow log, metrics, first resync).
+    std::thread::sleep(Duration::from_millis(1500));
+    let (rss, hwm, comm) = rss_kib(a.pid())?;
+    if comm != "enforcer" {
+        bail!("pid {} is {comm:?}, not the agent", a.pid());
+    }
+    Ok(Memory { pods, policies, vm_rss_kib: rss, vm_hwm_kib: hwm, ready_secs: ready })
+}
+
+fn added_ns_per_packet(base: &Rate, other: &Rate) -> f64 {
+    let added_s = 1.0 / other.per_sec - 1.0 / base.per_sec;
+    added_s * 1e9 / base.segments_per_op.max(1.0)
+}
+
+pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
+    Testbed::cleanup_stale("bnch");
+    let mut tb = Testbed::new("bnch")?;
+    let cli_ip = Ipv4Addr::new(10, 10, 1, 1);
+    let srv_ip = Ipv4Addr::new(10, 10, 2, 1);
+    let cli = tb.add_pod("cli", cli_ip, None)?.netns;
+    let srv = tb.add_pod("srv", srv_ip, None)?.netns;
+    // Connection-rate runs open many connections: let the client reuse TIME_WAIT ports.
+    for kv in ["net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=1024 65000"] {
+        enforcer::testbed::run("ip", &["netns", "exec", &cli, "sysctl", "-qw", kv])?;
+    }
+    let servers = Servers::start(
+        &srv,
+        &[(PORT_CRR, Mode::Inline), (PORT_RR, Mode::Threaded), (PORT_DENIED, Mode::Inline), (PORT_TOGGLE, Mode::Inline)],
+    )?;
+    let iperf_guard = iperf_server(&srv)?;
+    let bed = Bed {
+        tb,
+        cli,
+        srv,
+        srv_ip,
+        cli_ip,
+        manifests: TempDir::new("manifests")?,
+        _servers: servers,
+        _iperf: iperf_guard,
+    };
+    let _ = &bed.srv;
+    let warm = Duration::from_secs_f64(s.warmup_secs);
+    let dur = Duration::from_secs_f64(s.rate_secs);
+    let mut res = Results::default();
+
+    // 1. Throughput, TCP_RR, TCP_CRR: no programs vs the agent with `policies` policies, in
+    //    alternating rounds.
+    bed.write_manifests(s.policies, s.remote_pods)?;
+    for round in 0..s.rounds {
+        eprintln!("  round {}: no programs", round + 1);
+        bed.expect_no_programs()?;
+        let mut r = Round {
+            baseline_gbps: iperf(&bed.cli, srv_ip, s.iperf_secs)?,
+            baseline_rr: load::rr(&bed.cli, bed.addr(PORT_RR), warm, dur)?,
+            baseline_crr: load::crr(&bed.cli, bed.addr(PORT_CRR), warm, dur)?,
+            ..Default::default()
+        };
+        eprintln!("  round {}: agent, {} policies, {} remote pods", round + 1, s.policies, s.remote_pods);
+        let (agent, ready) = bed.start_agent()?;
+        r.enforced_gbps = iperf(&bed.cli, srv_ip, s.iperf_secs)?;
+        r.enforced_rr = load::rr(&bed.cli, bed.addr(PORT_RR), warm, dur)?;
+        r.enforced_crr = load::crr(&bed.cli, bed.addr(PORT_CRR), warm, dur)?;
+        if round == 0 {
+            res.memory.push(memory(&agent, s.remote_pods + 2, s.policies + 2, ready)?);
+            // The path really ran our programs: they counted the allowed packets.
+            if let Ok((200, m)) = agent.get("/metrics") {
+                let lines: Vec<&str> = m.lines().filter(|l| l.contains("packets") && !l.starts_with('#')).take(12).collect();
+                res.notes.push(format!("agent /metrics after the enforced round: {}", lines.join(" | ")));
+            }
+        }
+        // Still enforcing after the load (a denied port stays closed).
+        if bed.reach(PORT_DENIED)? {
+            bail!("the denied port opened during the enforced round:\n{}", tail(&agent.log_text(), 30));
+        }
+        drop(agent);
+        eprintln!(
+            "    Gbit/s {:.2} vs {:.2}; RR/s {:.0} vs {:.0}; CRR/s {:.0} vs {:.0}",
+            r.baseline_gbps, r.enforced_gbps, r.baseline_rr.per_sec, r.enforced_rr.per_sec, r.baseline_crr.per_sec, r.enforced_crr.per_sec
+        );
+        res.rounds.push(r);
+        let pick = |f: &dyn Fn(&Round) -> (f64, f64)| {
+            let b = median(&res.rounds.iter().map(|r| f(r).0).collect::<Vec<_>>());
+            let e = median(&res.rounds.iter().map(|r| f(r).1).collect::<Vec<_>>());
+            Ratio { baseline: b, enforced: e, ratio: e / b }
+        };
+        res.throughput = pick(&|r| (r.baseline_gbps, r.enforced_gbps));
+        res.rr = pick(&|r| (r.baseline_rr.per_sec, r.enforced_rr.per_sec));
+        res.crr = pick(&|r| (r.baseline_crr.per_sec, r.enforced_crr.per_sec));
+        log(&res);
+    }
+
+    // 2. Policy change to enforced, at `remote_pods` pods and `policies` policies.
+    bed.expect_no_programs()?;
+    eprintln!("  policy-change latency: {} toggles", s.toggles);
+    bed.write_manifests(s.policies, s.remote_pods)?;
+    {
+        let (agent, _) = bed.start_agent()?;
+        let lat = latency(&bed, s)?;
+        eprintln!("    p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, timeouts {}", lat.p50_ms, lat.p99_ms, lat.max_ms, lat.timeouts);
+        res.latency = Some(lat);
+        drop(agent);
+        let _ = std::fs::remove_file(bed.manifests.0.join("30-toggle.yaml"));
+        log(&res);
+    }
+
+    // 3. The sweep: connection rate at growing policy counts, ours vs the nftables layout.
+    for &n in &s.rule_counts {
+        bed.expect_no_programs()?;
+        eprintln!("  sweep: {n} policies: no programs");
+        let baseline = load::crr(&bed.cli, bed.addr(PORT_CRR), warm, dur)?;
+        eprintln!("  sweep: {n} policies: agent");
+        bed.write_manifests(n, s.remote_pods)?;
+        let (agent, ready) = bed.start_agent()?;
+        let ours = load::crr(&bed.cli, bed.addr(PORT_CRR), warm, dur)?;
+        if n >= 10_000 {
+            res.memory.push(memory(&agent, s.remote_pods + 2, n + 2, ready)?);
+        }
+        drop(agent);
+        bed.expect_no_programs()?;
+        eprintln!("  sweep: {n} policies: nftables");
+        let text = inputs::nft_ruleset(n, s.remote_pods, cli_ip, srv_ip);
+        let file = bed.manifests.0.join(".ruleset.nft");
+        std::fs::write(&file, &text)?;
+        let guard = NftGuard(bed.tb.node.clone());
+        let t = Instant::now();
+        bed.tb.node_exec(&["nft", "-f", &file.to_string_lossy()]).context("loading the nftables ruleset")?;
+        let nft_load = t.elapsed().as_secs_f64();
+        // Short TIME_WAIT tracking, so the conntrack table does not fill during the run.
+        let _ = bed.tb.node_exec(&["sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1"]);
+        if !bed.reach(PORT_CRR)? || bed.reach(PORT_DENIED)? {
+            bail!("the nftables ruleset does not enforce as expected");
+        }
+        let nft = load::crr(&bed.cli, bed.addr(PORT_CRR), warm, dur)?;
+        drop(guard);
+        let row = SweepRow {
+            rules: n,
+            ours_added_ns_per_packet: added_ns_per_packet(&baseline, &ours),
+            nft_added_ns_per_packet: added_ns_per_packet(&baseline, &nft),
+            baseline_crr: baseline,
+            ours_crr: ours,
+            nft_crr: nft,
+            ours_ready_secs: ready,
+            nft_load_secs: nft_load,
+            nft_rules: text.lines().filter(|l| l.trim_start().starts_with("ip ") || l.trim_start().starts_with("jump ")).count(),
+        };
+        eprintln!(
+            "    CRR/s: none {:.0}, ours {:.0}, nft {:.0}; added ns/packet ours {:.0}, nft {:.0}",
+            row.baseline_crr.per_sec, row.ours_crr.per_sec, row.nft_crr.per_sec, row.ours_added_ns_per_packet, row.nft_added_ns_per_packet
+        );
+        res.sweep.push(row);
+        log(&res);
+    }
+    Ok(res)
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Toggles the `toggle` policy `s.toggles` times; each time, from the file write (or removal)
+/// to the first probe from the client that sees the new verdict.
+fn latency(bed: &Bed, s: &Settings) -> Result<Latency> {
+    let dir = bed.manifests.0.clone();
+    let to = bed.addr(PORT_TOGGLE);
+    let toggles = s.toggles;
+    let probe_timeout = Duration::from_millis(3);
+    let (allow, deny, timeouts) = in_netns(&bed.cli, move || -> Result<(Vec<f64>, Vec<f64>, usize)> {
+        let file = dir.join("30-toggle.yaml");
+        let tmp = dir.join(".toggle.tmp");
+        if load::reachable(to, Duration::from_millis(300)) {
+            bail!("the toggle port is open before the toggle policy exists");
+        }
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id()));
+        let (mut allow, mut deny, mut timeouts) = (Vec::new(), Vec::new(), 0);
+        for k in 0..toggles {
+            let want = k % 2 == 0;
+            // A random pause, so writes fall at every phase of the agent's folder polling.
+            std::thread::sleep(Duration::from_millis(150 + rng.next() % 200));
+            let t0 = Instant::now();
+            if want {
+                std::fs::write(&tmp, inputs::toggle_policy())?;
+                std::fs::rename(&tmp, &file)?;
+            } else {
+                std::fs::remove_file(&file)?;
+            }
+            loop {
+                if load::reachable(to, probe_timeout) == want {
+                    let ms = t0.elapsed().as_secs_f64() * 1e3;
+                    if want { allow.push(ms) } else { deny.push(ms) }
+                    break;
+                }
+                if t0.elapsed() > Duration::from_secs(10) {
+                    timeouts += 1;
+                    break;
+                }
+            }
+        }
+        Ok((allow, deny, timeouts))
+    })??;
+    let all: Vec<f64> = allow.iter().chain(deny.iter()).copied().collect();
+    Ok(Latency {
+        pods: s.remote_pods + 2,
+        policies: s.policies + 2,
+        p50_ms: percentile(&all, 50.0),
+        p90_ms: percentile(&all, 90.0),
+        p99_ms: percentile(&all, 99.0),
+        max_ms: all.iter().copied().fold(f64::NAN, f64::max),
+        allow_ms: allow,
+        deny_ms: deny,
+        timeouts,
+        probe_timeout_ms: probe_timeout.as_secs_f64() * 1e3,
+    })
+}
+
+/// Compile time of many policies, pure and in-process.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CompileResult {
+    pub policies: usize,
+    pub pods: usize,
+    pub parse_secs: f64,
+    /// Median of `runs` compiles from fresh allocations.
+    pub compile_secs: f64,
+    pub compile_runs: Vec<f64>,
+    /// A compile reusing the previous allocations (the agent's steady state).
+    pub recompile_secs: f64,
+    pub policy_entries: usize,
+    pub peers: usize,
+    pub endpoints: usize,
+    pub errors: usize,
+    /// The same input with every pod local (1k endpoints).
+    pub all_local_compile_secs: f64,
+    pub all_local_policy_entries: usize,
+    pub all_local_endpoints: usize,
+}
+
+pub fn compile_bench(policies: usize, remote: usize, runs: usize) -> Result<CompileResult> {
+    use enforcer::{
+        manifests,
+        policy::{Allocations, CompileOptions, compile},
+    };
+    let text = format!(
+        "{}---\n{}---\n{}{}---\n{}{}",
+        inputs::namespace(),
+        inputs::local_pod("cli", Ipv4Addr::new(10, 10, 1, 1), "client"),
+        inputs::local_pod("srv", Ipv4Addr::new(10, 10, 2, 1), "srv"),
+        inputs::remote_pods(remote),
+        inputs::base_policies(),
+        inputs::policies(policies),
+    );
+    let t = Instant::now();
+    let mut loaded = manifests::Loaded::default();
+    manifests::load_text(Path::new("bench.yaml"), &text, &mut loaded);
+    manifests::finish(&mut loaded);
+    let parse_secs = t.elapsed().as_secs_f64();
+    if !loaded.errors.is_empty() {
+        bail!("generated manifests do not load: {}", loaded.errors[0]);
+    }
+    let opts = CompileOptions { node_name: Some(NODE.into()), node_ips: vec![IpAddr::V4(NODE_V4)], ..Default::default() };
+    let mut times = Vec::new();
+    let mut last = None;
+    for _ in 0..runs.max(1) {
+        let mut alloc = Allocations::new();
+        let t = Instant::now();
+        let c = compile(&loaded.cluster, &opts, &mut alloc);
+        times.push(t.elapsed().as_secs_f64());
+        last = Some((c, alloc));
+    }
+    let (c, mut alloc) = last.expect("one run");
+    let t = Instant::now();
+    let _ = compile(&loaded.cluster, &opts, &mut alloc);
+    let recompile_secs = t.elapsed().as_secs_f64();
+    let all_opts = CompileOptions { node_name: None, node_ips: vec![IpAddr::V4(NODE_V4)], ..Default::default() };
+    let mut alloc = Allocations::new();
+    let t = Instant::now();
+    let all = compile(&loaded.cluster, &all_opts, &mut alloc);
+    let all_local_compile_secs = t.elapsed().as_secs_f64();
+    Ok(CompileResult {
+        policies: policies + 2,
+        pods: remote + 2,
+        parse_secs,
+        compile_secs: median(&times),
+        compile_runs: times,
+        recompile_secs,
+        policy_entries: c.state.policy.len(),
+        peers: c.state.peers_v4.len() + c.state.peers_v6.len(),
+        endpoints: c.state.endpoints.len(),
+        errors: c.errors.len(),
+        all_local_compile_secs,
+        all_local_policy_entries: all.state.policy.len(),
+        all_local_endpoints: all.state.endpoints.len(),
+    })
+}

@@ -1,0 +1,589 @@
+//! The report: `REPORT.md`, `report.json` and SVG charts, all from the measured results.
+
+use std::{fmt::Write as _, path::Path, process::Command, time::Instant};
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::{
+    net::{self, CompileResult},
+    svg::{Chart, Series},
+    testrun,
+};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Machine {
+    pub kernel: String,
+    pub cpu: String,
+    pub cores: usize,
+    pub memory_mib: u64,
+}
+
+/// One figure beside its target.
+#[derive(Clone, Debug, Serialize)]
+pub struct Figure {
+    pub name: String,
+    pub measured: String,
+    pub value: f64,
+    pub target: String,
+    /// `None`: not measured in this run.
+    pub pass: Option<bool>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub generated: String,
+    pub quick: bool,
+    pub duration_secs: f64,
+    pub machine: Machine,
+    pub figures: Vec<Figure>,
+    pub testrun: Option<testrun::Results>,
+    pub compile: Option<CompileResult>,
+    pub net_settings: Option<net::Settings>,
+    pub net: Option<net::Results>,
+    pub errors: Vec<String>,
+}
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn machine() -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kib: u64 = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Machine {
+        kernel: sh("uname", &["-r"]),
+        cpu,
+        cores: std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+        memory_mib: mem_kib / 1024,
+    }
+}
+
+fn f(v: f64, digits: usize) -> String {
+    if v.is_finite() { format!("{v:.digits$}") } else { "n/a".into() }
+}
+
+fn mark(p: Option<bool>) -> &'static str {
+    match p {
+        Some(true) => "**pass**",
+        Some(false) => "**MISS**",
+        None => "not measured",
+    }
+}
+
+impl Report {
+    pub fn new(quick: bool) -> Self {
+        Self {
+            generated: sh("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]),
+            quick,
+            duration_secs: 0.0,
+            machine: machine(),
+            figures: Vec::new(),
+            testrun: None,
+            compile: None,
+            net_settings: None,
+            net: None,
+            errors: Vec::new(),
+        }
+    }
+
+    fn row(&self, entries: u32, endpoints: u32) -> Option<&testrun::Row> {
+        self.testrun.as_ref()?.rows.iter().find(|r| r.entries == entries && r.endpoints == endpoints)
+    }
+
+    /// The figures beside their targets.
+    fn figures(&self) -> Vec<Figure> {
+        let mut out = Vec::new();
+        let mut fig = |name: &str, measured: String, value: f64, target: &str, pass: Option<bool>| {
+            out.push(Figure { name: name.into(), measured, value, target: target.into(), pass });
+        };
+        if let Some(t) = &self.testrun {
+            let big: Vec<&testrun::Row> = t.rows.iter().filter(|r| r.entries == 100_000).collect();
+            if !big.is_empty() {
+                // Worst over the endpoint counts.
+                let est = big.iter().map(|r| r.established_ns - r.floor_ns).fold(f64::MIN, f64::max);
+                fig(
+                    "Established flow, ns/packet net of the empty-program floor, 100k entries (worst of 1 / 1k endpoints)",
+                    format!("{} ns", f(est, 0)),
+                    est,
+                    "≤ 80 ns",
+                    Some(est <= 80.0),
+                );
+                let new = big.iter().map(|r| r.new_flow_single_ns - r.floor_single_ns).fold(f64::MIN, f64::max);
+                fig(
+                    "New flow (conntrack miss + policy + insert), ns/packet net of the floor, 100k entries",
+                    format!("{} ns", f(new, 0)),
+                    new,
+                    "≤ 250 ns",
+                    Some(new <= 250.0),
+                );
+            }
+            let mut worst: Option<(f64, String)> = None;
+            for ep in &t.settings.endpoints {
+                if let (Some(a), Some(b)) = (self.row(100, *ep), self.row(100_000, *ep)) {
+                    let r = (b.established_ns - b.floor_ns) / (a.established_ns - a.floor_ns);
+                    let gross = b.established_ns / a.established_ns;
+                    let text = format!("{}× net ({}× gross), {ep} endpoint(s)", f(r, 2), f(gross, 2));
+                    if worst.as_ref().is_none_or(|(w, _)| r > *w) {
+                        worst = Some((r, text));
+                    }
+                }
+            }
+            if let Some((r, text)) = worst {
+                fig("Established at 100k entries / at 100 entries (worst)", text, r, "≤ 1.1×", Some(r <= 1.1));
+            }
+        }
+        if let Some(n) = &self.net {
+            if !n.rounds.is_empty() {
+                fig(
+                    "iperf3 TCP throughput, agent with 1k policies / no programs",
+                    format!("{}× ({} vs {} Gbit/s)", f(n.throughput.ratio, 3), f(n.throughput.enforced, 2), f(n.throughput.baseline, 2)),
+                    n.throughput.ratio,
+                    "≥ 0.97×",
+                    Some(n.throughput.ratio >= 0.97),
+                );
+                fig(
+                    "TCP_RR, enforced / no programs",
+                    format!("{}× ({} vs {} /s)", f(n.rr.ratio, 3), f(n.rr.enforced, 0), f(n.rr.baseline, 0)),
+                    n.rr.ratio,
+                    "≥ 0.95×",
+                    Some(n.rr.ratio >= 0.95),
+                );
+                fig(
+                    "TCP_CRR, enforced / no programs",
+                    format!("{}× ({} vs {} /s)", f(n.crr.ratio, 3), f(n.crr.enforced, 0), f(n.crr.baseline, 0)),
+                    n.crr.ratio,
+                    "≥ 0.90×",
+                    Some(n.crr.ratio >= 0.90),
+                );
+            }
+            if let Some(row) = n.sweep.iter().max_by_key(|r| r.rules) {
+                let r = row.ours_crr.per_sec / row.nft_crr.per_sec;
+                fig(
+                    &format!("Connection rate, ours / nftables layout, {} policies", row.rules),
+                    format!("{}× ({} vs {} conn/s)", f(r, 2), f(row.ours_crr.per_sec, 0), f(row.nft_crr.per_sec, 0)),
+                    r,
+                    "≥ 5× at 10k rules",
+                    Some(r >= 5.0 && row.rules >= 10_000),
+                );
+            }
+            if let Some(l) = &n.latency {
+                fig(
+                    &format!("Policy change to enforced, p99 ({} pods, {} policies; p50 {} ms)", l.pods, l.policies, f(l.p50_ms, 1)),
+                    format!("{} ms (n = {}, {} timeouts)", f(l.p99_ms, 1), l.allow_ms.len() + l.deny_ms.len(), l.timeouts),
+                    l.p99_ms,
+                    "≤ 100 ms",
+                    Some(l.p99_ms <= 100.0 && l.timeouts == 0),
+                );
+            }
+            if let Some(m) = n.memory.iter().find(|m| m.policies >= 10_000) {
+                let mib = m.vm_rss_kib as f64 / 1024.0;
+                fig(
+                    &format!("Agent RSS at {} pods / {} policies", m.pods, m.policies),
+                    format!("{} MiB (peak {} MiB)", f(mib, 1), f(m.vm_hwm_kib as f64 / 1024.0, 1)),
+                    mib,
+                    "≤ 64 MiB",
+                    Some(mib <= 64.0),
+                );
+            }
+        }
+        if let Some(c) = &self.compile {
+            fig(
+                &format!("Compile {} policies ({} pods), pure, in-process", c.policies, c.pods),
+                format!("{} s (+ {} s YAML parse)", f(c.compile_secs, 3), f(c.parse_secs, 3)),
+                c.compile_secs,
+                "< 1 s",
+                Some(c.compile_secs < 1.0),
+            );
+        }
+        out
+    }
+
+    pub fn write(&mut self, dir: &Path, started: Instant) -> Result<()> {
+        self.duration_secs = started.elapsed().as_secs_f64();
+        self.figures = self.figures();
+        let charts = self.charts();
+        for (name, svg) in &charts {
+            std::fs::write(dir.join(name), svg)?;
+        }
+        std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(self)?)?;
+        std::fs::write(dir.join("REPORT.md"), self.markdown(&charts))?;
+        Ok(())
+    }
+
+    fn charts(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if let Some(t) = &self.testrun {
+            let labels = |e: u32| match e {
+                0 => "0".to_string(),
+                e if e >= 1000 => format!("{}k", e / 1000),
+                e => e.to_string(),
+            };
+            let xs: Vec<u32> = t.settings.entries.clone();
+            let ticks: Vec<(f64, String)> = xs.iter().enumerate().map(|(i, e)| (i as f64, labels(*e))).collect();
+            let mut series = Vec::new();
+            let colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#7f7f7f"];
+            let mut c = 0;
+            let mut add = |name: String, get: &dyn Fn(&testrun::Row) -> f64, ep: u32, dashed: bool| {
+                let points: Vec<(f64, f64)> = xs
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, e)| t.rows.iter().find(|r| r.entries == *e && r.endpoints == ep).map(|r| (i as f64, get(r))))
+                    .collect();
+                series.push(Series { name, color: colors[c % colors.len()], points, dashed });
+                c += 1;
+            };
+            for &ep in &t.settings.endpoints {
+                add(format!("established, {ep} ep"), &|r| r.established_ns, ep, ep != 1);
+                add(format!("new flow*, {ep} ep"), &|r| r.new_flow_single_ns, ep, ep != 1);
+            }
+            add("denied, 1 ep".into(), &|r| r.denied_single_ns, 1, false);
+            add("empty program".into(), &|r| r.floor_ns, 1, false);
+            add("empty program*".into(), &|r| r.floor_single_ns, 1, true);
+            let chart = Chart {
+                title: "TC program cost per packet (BPF_PROG_TEST_RUN)",
+                x_label: "policy-map entries (* = single-run calls, repeat 1)",
+                y_label: "ns per packet",
+                log_x: false,
+                log_y: false,
+                x_ticks: Some(ticks),
+                series,
+            };
+            out.push(("chart_testrun.svg".to_string(), chart.render()));
+        }
+        if let Some(n) = &self.net
+            && !n.sweep.is_empty()
+        {
+            let pts = |g: &dyn Fn(&net::SweepRow) -> f64| n.sweep.iter().map(|r| (r.rules as f64, g(r))).collect::<Vec<_>>();
+            let chart = Chart {
+                title: "Connection rate (TCP_CRR) vs policies",
+                x_label: "policies (nftables: one policy chain each)",
+                y_label: "connections per second",
+                log_x: true,
+                log_y: false,
+                x_ticks: None,
+                series: vec![
+                    Series { name: "no programs".into(), color: "#7f7f7f", points: pts(&|r| r.baseline_crr.per_sec), dashed: true },
+                    Series { name: "enforcer (eBPF)".into(), color: "#1f77b4", points: pts(&|r| r.ours_crr.per_sec), dashed: false },
+                    Series { name: "nftables layout".into(), color: "#d62728", points: pts(&|r| r.nft_crr.per_sec), dashed: false },
+                ],
+            };
+            out.push(("chart_conn_rate.svg".to_string(), chart.render()));
+            let chart = Chart {
+                title: "Added cost per packet (from TCP_CRR) vs policies",
+                x_label: "policies",
+                y_label: "ns per packet over no programs",
+                log_x: true,
+                log_y: false,
+                x_ticks: None,
+                series: vec![
+                    Series { name: "enforcer (eBPF)".into(), color: "#1f77b4", points: pts(&|r| r.ours_added_ns_per_packet), dashed: false },
+                    Series { name: "nftables layout".into(), color: "#d62728", points: pts(&|r| r.nft_added_ns_per_packet), dashed: false },
+                ],
+            };
+            out.push(("chart_cost_per_packet.svg".to_string(), chart.render()));
+        }
+        if let Some(l) = self.net.as_ref().and_then(|n| n.latency.as_ref()) {
+            let cdf = |v: &[f64]| {
+                let mut v = v.to_vec();
+                v.sort_by(|a, b| a.total_cmp(b));
+                let n = v.len() as f64;
+                v.iter().enumerate().map(|(i, x)| (*x, 100.0 * (i as f64 + 1.0) / n)).collect::<Vec<_>>()
+            };
+            let all: Vec<f64> = l.allow_ms.iter().chain(l.deny_ms.iter()).copied().collect();
+            let chart = Chart {
+                title: "Policy change to enforced (CDF)",
+                x_label: "ms from the file write to the first packet with the new verdict",
+                y_label: "percent of changes",
+                log_x: false,
+                log_y: false,
+                x_ticks: None,
+                series: vec![
+                    Series { name: "all".into(), color: "#333333", points: cdf(&all), dashed: false },
+                    Series { name: "allow (added)".into(), color: "#2ca02c", points: cdf(&l.allow_ms), dashed: true },
+                    Series { name: "deny (removed)".into(), color: "#d62728", points: cdf(&l.deny_ms), dashed: true },
+                ],
+            };
+            out.push(("chart_policy_latency.svg".to_string(), chart.render()));
+        }
+        out
+    }
+
+    fn markdown(&self, charts: &[(String, String)]) -> String {
+        let mut s = String::new();
+        let m = &self.machine;
+        let _ = writeln!(s, "# enforcer benchmark report\n");
+        let _ = writeln!(
+            s,
+            "Written by `cargo xtask bench`{} on {} in {:.0} s. Every figure below was measured by that run; ratios compare runs made in the same run on the same machine. Raw data: [`report.json`](report.json).\n",
+            if self.quick { " --quick" } else { "" },
+            self.generated,
+            self.duration_secs
+        );
+        let _ = writeln!(s, "**Machine:** kernel `{}`, CPU `{}`, {} cores, {} MiB RAM.\n", m.kernel, m.cpu, m.cores, m.memory_mib);
+        if !self.errors.is_empty() {
+            let _ = writeln!(s, "**Parts that failed in this run:**\n");
+            for e in &self.errors {
+                let _ = writeln!(s, "- `{}`", e.replace('\n', " ").replace('`', "'"));
+            }
+            s.push('\n');
+        }
+        let _ = writeln!(s, "## Figures and targets\n\n| figure | measured | target | result |\n|---|---|---|---|");
+        for fg in &self.figures {
+            let _ = writeln!(s, "| {} | {} | {} | {} |", fg.name, fg.measured, fg.target, mark(fg.pass));
+        }
+        s.push('\n');
+        s.push_str(&self.method());
+        if let Some(t) = &self.testrun {
+            let _ = writeln!(s, "## 1. Per-packet cost of the TC programs (BPF_PROG_TEST_RUN)\n");
+            let _ = writeln!(
+                s,
+                "`to_pod` (pod ingress) on a 64-byte TCP/IPv4 frame. Repeat figures: median of {} calls of {} runs each (kernel mean per run). Single figures (`repeat = 1`): median of {} calls. All in ns; \"net\" = minus the empty program measured the same way in the same scenario.\n",
+                t.settings.runs, t.settings.repeat, t.settings.singles
+            );
+            let _ = writeln!(
+                s,
+                "| entries | endpoints | policy / peers / CIDR map | empty prog | established | est. net | denied | unmanaged | empty prog* | established* | **new flow*** | new net* | new flow, ipBlock peer* | denied* |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+            );
+            for r in &t.rows {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} / {} / {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    r.entries,
+                    r.endpoints,
+                    r.policy_map,
+                    r.peers_map,
+                    r.cidr_map,
+                    f(r.floor_ns, 0),
+                    f(r.established_ns, 0),
+                    f(r.established_ns - r.floor_ns, 0),
+                    f(r.denied_ns, 0),
+                    f(r.unmanaged_ns, 0),
+                    f(r.floor_single_ns, 0),
+                    f(r.established_single_ns, 0),
+                    f(r.new_flow_single_ns, 0),
+                    f(r.new_flow_single_ns - r.floor_single_ns, 0),
+                    f(r.new_flow_cidr_single_ns, 0),
+                    f(r.denied_single_ns, 0),
+                );
+            }
+            let _ = writeln!(s, "\n\\* single-run calls (`repeat = 1`): each new-flow call has a fresh source port.\n");
+            if charts.iter().any(|(n, _)| n == "chart_testrun.svg") {
+                let _ = writeln!(s, "![cost per packet](chart_testrun.svg)\n");
+            }
+        }
+        if let Some(n) = &self.net {
+            let _ = writeln!(s, "## 2. Throughput and request rates through two routed-veth pods\n");
+            let _ = writeln!(s, "| round | iperf3 Gbit/s none | enforced | TCP_RR/s none | enforced | TCP_CRR/s none | enforced | segments per RR / CRR |\n|---|---|---|---|---|---|---|---|");
+            for (i, r) in n.rounds.iter().enumerate() {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} | {} | {} | {} / {} |",
+                    i + 1,
+                    f(r.baseline_gbps, 2),
+                    f(r.enforced_gbps, 2),
+                    f(r.baseline_rr.per_sec, 0),
+                    f(r.enforced_rr.per_sec, 0),
+                    f(r.baseline_crr.per_sec, 0),
+                    f(r.enforced_crr.per_sec, 0),
+                    f(r.enforced_rr.segments_per_op, 1),
+                    f(r.enforced_crr.segments_per_op, 1)
+                );
+            }
+            let _ = writeln!(
+                s,
+                "\nMedians: throughput {}×, TCP_RR {}×, TCP_CRR {}× of no programs.\n",
+                f(n.throughput.ratio, 3),
+                f(n.rr.ratio, 3),
+                f(n.crr.ratio, 3)
+            );
+            if !n.sweep.is_empty() {
+                let _ = writeln!(s, "## 3. Ours vs the same policies as nftables rules\n");
+                let _ = writeln!(
+                    s,
+                    "| policies | nft rules (jumps + matches) | CRR/s none | CRR/s ours | CRR/s nftables | ours / nft | added ns/packet ours | added ns/packet nft | agent ready s | nft load s |\n|---|---|---|---|---|---|---|---|---|---|"
+                );
+                for r in &n.sweep {
+                    let _ = writeln!(
+                        s,
+                        "| {} | {} | {} | {} | {} | {}× | {} | {} | {} | {} |",
+                        r.rules,
+                        r.nft_rules,
+                        f(r.baseline_crr.per_sec, 0),
+                        f(r.ours_crr.per_sec, 0),
+                        f(r.nft_crr.per_sec, 0),
+                        f(r.ours_crr.per_sec / r.nft_crr.per_sec, 2),
+                        f(r.ours_added_ns_per_packet, 0),
+                        f(r.nft_added_ns_per_packet, 0),
+                        f(r.ours_ready_secs, 1),
+                        f(r.nft_load_secs, 2)
+                    );
+                }
+                s.push('\n');
+                for c in ["chart_conn_rate.svg", "chart_cost_per_packet.svg"] {
+                    if charts.iter().any(|(n, _)| n == c) {
+                        let _ = writeln!(s, "![{c}]({c})\n");
+                    }
+                }
+            }
+            if let Some(l) = &n.latency {
+                let _ = writeln!(s, "## 4. Policy change to enforced\n");
+                let _ = writeln!(
+                    s,
+                    "{} pods ({} on another node: peers), {} policies. {} changes (allow: {}, deny: {}): p50 {} ms, p90 {} ms, p99 {} ms, max {} ms, {} timeouts (10 s). Probe resolution: a failed probe costs its {} ms connect timeout.\n",
+                    l.pods,
+                    l.pods - 2,
+                    l.policies,
+                    l.allow_ms.len() + l.deny_ms.len(),
+                    l.allow_ms.len(),
+                    l.deny_ms.len(),
+                    f(l.p50_ms, 1),
+                    f(l.p90_ms, 1),
+                    f(l.p99_ms, 1),
+                    f(l.max_ms, 1),
+                    l.timeouts,
+                    f(l.probe_timeout_ms, 0)
+                );
+                if charts.iter().any(|(n, _)| n == "chart_policy_latency.svg") {
+                    let _ = writeln!(s, "![policy latency](chart_policy_latency.svg)\n");
+                }
+            }
+            if !n.memory.is_empty() {
+                let _ = writeln!(s, "## 5. Agent memory\n\n| pods | policies | VmRSS MiB | VmHWM (peak) MiB | start to ready s |\n|---|---|---|---|---|");
+                for mm in &n.memory {
+                    let _ = writeln!(
+                        s,
+                        "| {} | {} | {} | {} | {} |",
+                        mm.pods,
+                        mm.policies,
+                        f(mm.vm_rss_kib as f64 / 1024.0, 1),
+                        f(mm.vm_hwm_kib as f64 / 1024.0, 1),
+                        f(mm.ready_secs, 1)
+                    );
+                }
+                s.push('\n');
+            }
+            if !n.notes.is_empty() {
+                let _ = writeln!(s, "Notes from the run:\n");
+                for note in &n.notes {
+                    let _ = writeln!(s, "- {}", note.replace('|', "/"));
+                }
+                s.push('\n');
+            }
+        }
+        if let Some(c) = &self.compile {
+            let _ = writeln!(s, "## 6. Compile time\n");
+            let _ = writeln!(
+                s,
+                "{} policies, {} pods, compiled for one node: median {} s over {} runs ({}), a recompile with the previous allocations {} s; YAML parse {} s. Output: {} policy entries, {} peer addresses, {} endpoints, {} errors. The same input with every pod local: {} s, {} entries, {} endpoints.\n",
+                c.policies,
+                c.pods,
+                f(c.compile_secs, 3),
+                c.compile_runs.len(),
+                c.compile_runs.iter().map(|x| f(*x, 3)).collect::<Vec<_>>().join(", "),
+                f(c.recompile_secs, 3),
+                f(c.parse_secs, 3),
+                c.policy_entries,
+                c.peers,
+                c.endpoints,
+                c.errors,
+                f(c.all_local_compile_secs, 3),
+                c.all_local_policy_entries,
+                c.all_local_endpoints
+            );
+        }
+        s.push_str(&self.diagnosis());
+        s
+    }
+
+    fn method(&self) -> String {
+        let mut s = String::from("## Method\n\n");
+        s.push_str(
+            "- **Per-packet cost**: the real programs, loaded by the agent's loader into a private netns and bpffs, fed a 64-byte TCP/IPv4 frame with raw `bpf(BPF_PROG_TEST_RUN)`; the *floor* is a hand-assembled SCHED_CLS program (`r0 = 0; exit`) run by the same call on the same frame and ctx. Before timing, each frame's path is checked by the counter it moves (established / policy-denied / unmanaged / new flow). *Established*: the same allowed packet repeated (`repeat` N), so every run after the first is a conntrack hit. *New flow*: `BPF_PROG_TEST_RUN` repeats one packet, so a new flow cannot be repeated; it is timed with `repeat = 1` calls, each with a fresh source port (conntrack miss, peer lookup, policy lookup, conntrack insert), median of many calls, minus the floor measured the same way (single calls include the kernel's timer reads and run cache-colder, so they are compared only with single calls). *Denied* emits a ring-buffer event per drop; in the repeat figure the 1 MiB ring fills after ~14k drops and later drops skip the event, the single figure drains the ring and always emits. Maps: filler policy entries spread over the endpoints (exact ports), as many peer addresses (≤ 100k) and entries/10 CIDR /24s (≤ 10k) in the LPM trie.\n",
+        );
+        s.push_str(
+            "- **Pods**: the testbed's routed-veth layout (node netns, two pods, /32 routes, proxy ARP). *Enforced* = the real agent (`enforcer run --manifests`, `--node-name`) with the client and server pods, 1k pods of another node (peers) and the policies (the server and the client are both isolated, so both veths run the full path); *no programs* = the same path with the agent stopped (checked: a port the policies deny is reachable). iperf3: one TCP stream. TCP_RR: 1-byte request/response over one connection; TCP_CRR: connect, 1-byte request/response, close, one connection at a time; both from a Rust client thread in the client pod to echo servers in the server pod.\n",
+        );
+        s.push_str(
+            "- **nftables layout**: the same policies as an `inet` table in the node netns, laid out like kube-router's iptables chains: `ct state established,related accept` first, then per pod and direction a chain jumping to every policy chain that selects the pod, each matching a peer set (nft set = ipset) and a port and marking the packet; unmarked packets are dropped. Each new connection to the server walks all policy chains. *Added ns per packet*: (1/rate − 1/rate without programs) spread over the TCP segments of a connection counted in the client pod; for ours each packet crosses two programs (both veths), for nft one forward hook.\n",
+        );
+        s.push_str(
+            "- **Policy change**: with the agent enforcing, a policy allowing the client to a port is written (temp file + rename) or removed; a client thread probes that port with fresh connections (3 ms connect timeout) from just before the change until a probe sees the new verdict. Pauses between changes are random, so the writes fall at every phase of the agent's folder polling.\n",
+        );
+        s.push_str("- **Compile**: `enforcer::policy::compile` on the parsed manifests, in-process. **Memory**: `VmRSS` / `VmHWM` of the agent process from `/proc/PID/status`, 1.5 s after `/readyz` turned 200.\n\n");
+        s
+    }
+
+    /// What the misses come from, from the measured figures.
+    fn diagnosis(&self) -> String {
+        let misses: Vec<&Figure> = self.figures.iter().filter(|f| f.pass == Some(false)).collect();
+        let mut s = String::from("## Misses and diagnosis\n\n");
+        if misses.is_empty() {
+            s.push_str("No measured figure missed its target in this run.\n");
+            return s;
+        }
+        for m in misses {
+            let _ = writeln!(s, "- **{}**: {} (target {}). {}", m.name, m.measured, m.target, self.why(&m.name));
+        }
+        s
+    }
+
+    fn why(&self, name: &str) -> String {
+        let mut out = String::new();
+        if name.starts_with("Policy change")
+            && let Some(n) = &self.net
+            && let Some(l) = &n.latency
+        {
+            let _ = write!(
+                out,
+                "The agent learns of a change by polling the manifests folder every 100 ms (`agent.rs` POLL), then re-reads and re-parses every file and recompiles the whole cluster before the map diff; so a change waits 0-100 ms for the poll plus the full reload. Allow changes: p50 {} ms; deny changes: p50 {} ms.",
+                f(percentile_of(&l.allow_ms, 50.0), 1),
+                f(percentile_of(&l.deny_ms, 50.0), 1)
+            );
+            if let Some(c) = &self.compile {
+                let _ = write!(
+                    out,
+                    " For scale, this run parsed {} policies + {} pods in {} s and compiled them in {} s.",
+                    c.policies,
+                    c.pods,
+                    f(c.parse_secs, 3),
+                    f(c.compile_secs, 3)
+                );
+            }
+            out.push_str(" Options for the lead: inotify instead of polling, parse only changed files.");
+        }
+        if name.starts_with("Agent RSS") {
+            out.push_str("See section 5: the peak (VmHWM) vs the settled RSS shows how much is transient (parse + compile of all manifests at once) and how much is held (parsed objects, desired state, map mirrors).");
+        }
+        if name.starts_with("New flow") || name.starts_with("Established") {
+            out.push_str("See section 1: compare the empty-program floor with the established / new-flow rows at each size; growth with entries points at the LPM or hash lookups, a constant excess at the parse/counter/conntrack fixed cost.");
+        }
+        if name.starts_with("TCP_") || name.starts_with("iperf3") {
+            out.push_str("Single-stream loopback-veth figures on a 2-core VM vary by a few percent run to run; compare the per-round values in section 2 (if the rounds disagree in sign, the difference is within noise).");
+        }
+        if name.starts_with("Connection rate") {
+            out.push_str("See section 3.");
+        }
+        out
+    }
+}
+
+fn percentile_of(v: &[f64], p: f64) -> f64 {
+    net::percentile(v, p)
+}
