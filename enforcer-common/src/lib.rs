@@ -33,6 +33,8 @@ pub const MAP_FRAGMENTS: &str = "FRAGMENTS";
 pub const MAP_COUNTERS: &str = "COUNTERS";
 /// Ring buffer of [`VerdictEvent`].
 pub const MAP_EVENTS: &str = "EVENTS";
+/// Per-CPU array with one u64 at index 0: events the full ring buffer could not take.
+pub const MAP_EVENTS_LOST: &str = "EVENTS_LOST";
 /// Array with one [`Config`] at index 0.
 pub const MAP_CONFIG: &str = "CONFIG";
 

@@ -52,6 +52,10 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_EVENTS_BYTES, 0);
 #[map]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
+/// Events lost to a full ring buffer (per CPU, index 0).
+#[map]
+pub static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per-CPU scratch space for the large per-packet structures, which would not fit the 512-byte
 /// BPF stack together. A TC program runs to completion on its CPU without re-entering itself,
 /// so one slot per CPU is enough. Not pinned: private to one loaded object.

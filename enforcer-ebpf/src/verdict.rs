@@ -5,7 +5,7 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use enforcer_common::{REASON_FIRST_DROP, VerdictEvent, counter_index};
 
 use crate::{
-    maps::{COUNTERS, EVENTS},
+    maps::{COUNTERS, EVENTS, EVENTS_LOST},
     parse::Packet,
 };
 
@@ -51,6 +51,10 @@ pub fn count(endpoint: u32, direction: u8, reason: u8, bytes: u32) {
 #[inline(always)]
 pub fn emit(endpoint: u32, direction: u8, pkt: &Packet, v: &Verdict, bytes: u32) {
     let Some(mut entry) = EVENTS.reserve::<VerdictEvent>(0) else {
+        if let Some(lost) = EVENTS_LOST.get_ptr_mut(0) {
+            // Per-CPU slot: no other writer while this program runs on this CPU.
+            unsafe { *lost += 1 };
+        }
         return;
     };
     // Field by field into the reserved record: no 64-byte temporary on the stack.

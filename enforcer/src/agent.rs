@@ -237,6 +237,9 @@ impl Agent {
         }
         drop(view);
         self.status.set_packets(by_reason, per_pod);
+        if let Ok(lost) = dp.events_lost() {
+            self.status.events_lost.store(lost, Ordering::Relaxed);
+        }
         let o = dp.options();
         let mut maps = vec![
             ("ENDPOINTS".to_string(), dp.endpoints.entries().map_or(0, |e| e.len()) as u64, u64::from(o.max_endpoints)),

@@ -32,6 +32,8 @@ pub struct Status {
     pub reconcile_errors: AtomicU64,
     /// Problems in the latest observed input (bad files, invalid policies).
     pub input_problems: AtomicU64,
+    /// Verdict events the datapath could not queue (ring buffer full).
+    pub events_lost: AtomicU64,
     inner: Mutex<Inner>,
 }
 
@@ -104,6 +106,7 @@ impl Status {
         g(&mut o, "enforcer_pods_pending", "Local pods whose interface is not found yet", "gauge", self.pods_pending.load(Ordering::Relaxed));
         g(&mut o, "enforcer_reconciles_total", "Reconciles run", "counter", self.reconciles.load(Ordering::Relaxed));
         g(&mut o, "enforcer_reconcile_errors_total", "Reconciles that failed", "counter", self.reconcile_errors.load(Ordering::Relaxed));
+        g(&mut o, "enforcer_events_lost_total", "Verdict events lost to a full ring buffer", "counter", self.events_lost.load(Ordering::Relaxed));
         g(&mut o, "enforcer_input_problems", "Problems in the latest input (bad files, invalid policies)", "gauge", self.input_problems.load(Ordering::Relaxed));
         let Ok(i) = self.inner.lock() else { return o };
         let _ = writeln!(o, "# HELP enforcer_reconcile_seconds Time to compile and program a change\n# TYPE enforcer_reconcile_seconds histogram");

@@ -70,6 +70,12 @@ enum Command {
         #[arg(long)]
         require_identity: bool,
     },
+    /// The running agent at a glance: readiness, pods, packets by verdict and reason, map fill,
+    /// identity verifications (read from its /metrics).
+    Status {
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        health_addr: SocketAddr,
+    },
     /// Detach every program and remove every pin under --pin-path.
     Cleanup {
         #[arg(long, default_value = enforcer::datapath::DEFAULT_PIN_PATH)]
@@ -153,6 +159,12 @@ fn main() -> Result<()> {
         }
         Command::Explain { dir, from, to, port, protocol, require_identity } => {
             print!("{}", offline::explain_report(&dir, &from, &to, port, &protocol, require_identity)?);
+            Ok(())
+        }
+        Command::Status { health_addr } => {
+            let (_, metrics) = enforcer::testbed::http_get(health_addr, "/metrics")
+                .with_context(|| format!("reading http://{health_addr}/metrics: is the agent running?"))?;
+            print!("{}", offline::status_report(&metrics));
             Ok(())
         }
         Command::Cleanup { pin_path } => {

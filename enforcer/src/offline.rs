@@ -107,6 +107,73 @@ pub fn compile_report(dir: &Path, node_name: Option<String>, entries: bool) -> R
     Ok(o)
 }
 
+/// `enforcer status`: the agent's Prometheus text turned into a short summary.
+pub fn status_report(metrics: &str) -> String {
+    let mut values: Vec<(String, BTreeMap<String, String>, f64)> = Vec::new();
+    for line in metrics.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+        let Some((head, value)) = line.rsplit_once(' ') else { continue };
+        let Ok(value) = value.parse::<f64>() else { continue };
+        let (name, labels) = match head.split_once('{') {
+            Some((n, rest)) => {
+                let labels = rest
+                    .trim_end_matches('}')
+                    .split("\",")
+                    .filter_map(|kv| kv.split_once("=\""))
+                    .map(|(k, v)| (k.to_string(), v.trim_end_matches('"').to_string()))
+                    .collect();
+                (n.to_string(), labels)
+            }
+            None => (head.to_string(), BTreeMap::new()),
+        };
+        values.push((name, labels, value));
+    }
+    let one = |name: &str| values.iter().find(|(n, l, _)| n == name && l.is_empty()).map_or(0.0, |v| v.2);
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "ready: {}   pods enforced: {}   pending: {}   input problems: {}   reconciles: {} ({} failed)",
+        if one("enforcer_ready") > 0.0 { "yes" } else { "NO" },
+        one("enforcer_pods_enforced"),
+        one("enforcer_pods_pending"),
+        one("enforcer_input_problems"),
+        one("enforcer_reconciles_total"),
+        one("enforcer_reconcile_errors_total"),
+    );
+    let _ = writeln!(o, "\npackets by verdict and reason:");
+    for (n, l, v) in values.iter().filter(|(n, _, v)| n == "enforcer_packets_total" && *v > 0.0) {
+        let _ = n;
+        let _ = writeln!(
+            o,
+            "  {:<8} {:<14} {v:>12}",
+            l.get("verdict").map_or("", String::as_str),
+            l.get("reason").map_or("", String::as_str)
+        );
+    }
+    let _ = writeln!(o, "\nmaps (entries, fill):");
+    for (_, l, v) in values.iter().filter(|(n, _, _)| n == "enforcer_map_entries") {
+        let map = l.get("map").cloned().unwrap_or_default();
+        let fill = values
+            .iter()
+            .find(|(n, l2, _)| n == "enforcer_map_fill_ratio" && l2.get("map") == Some(&map))
+            .map_or(0.0, |x| x.2);
+        let _ = writeln!(o, "  {map:<12} {v:>10}  {:>6.2}%", fill * 100.0);
+    }
+    let ids: Vec<_> = values.iter().filter(|(n, _, v)| n == "enforcer_identity_attestations_total" && *v > 0.0).collect();
+    if !ids.is_empty() {
+        let _ = writeln!(o, "\nattestations:");
+        for (_, l, v) in ids {
+            let _ = writeln!(
+                o,
+                "  {:<9} {:<18} {v:>8}",
+                l.get("outcome").map_or("", String::as_str),
+                l.get("reason").map_or("", String::as_str)
+            );
+        }
+    }
+    let _ = writeln!(o, "\nflow events lost: {}", one("enforcer_events_lost_total"));
+    o
+}
+
 /// Parses `NAMESPACE/POD` or an IP address.
 pub fn parse_endpoint(s: &str) -> Result<Endpoint> {
     if let Ok(ip) = s.parse::<IpAddr>() {
@@ -192,6 +259,15 @@ pub fn local_addresses() -> Result<Vec<IpAddr>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_summarises_metrics() {
+        let m = "enforcer_ready 1\nenforcer_pods_enforced 3\nenforcer_packets_total{verdict=\"dropped\",reason=\"policy-denied\"} 7\nenforcer_map_entries{map=\"POLICY\"} 5\nenforcer_map_fill_ratio{map=\"POLICY\"} 0.5\n";
+        let s = status_report(m);
+        assert!(s.contains("ready: yes") && s.contains("pods enforced: 3"), "{s}");
+        assert!(s.contains("dropped") && s.contains("policy-denied") && s.contains('7'), "{s}");
+        assert!(s.contains("POLICY") && s.contains("50.00%"), "{s}");
+    }
 
     #[test]
     fn endpoints_and_protocols_parse() {

@@ -45,6 +45,13 @@ pub struct Round {
     pub enforced_rr: Rate,
     pub baseline_crr: Rate,
     pub enforced_crr: Rate,
+    /// The agent killed, its pinned programs still attached (no agent process competing for
+    /// the CPUs).
+    pub programs_only_gbps: f64,
+    pub programs_only_rr: Rate,
+    pub programs_only_crr: Rate,
+    /// CPU time of the agent process during the enforced measurements, % of one core.
+    pub agent_cpu_pct: f64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -52,6 +59,8 @@ pub struct Ratio {
     pub baseline: f64,
     pub enforced: f64,
     pub ratio: f64,
+    pub programs_only: f64,
+    pub programs_only_ratio: f64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -59,10 +68,13 @@ pub struct SweepRow {
     pub rules: usize,
     pub baseline_crr: Rate,
     pub ours_crr: Rate,
+    /// Agent killed, pinned programs still attached.
+    pub ours_programs_only_crr: Rate,
     pub nft_crr: Rate,
     /// Time per connection added over the baseline, spread over its packets (segments seen by
     /// the client), in ns. Ours: two programs per packet (both veths); nft: the forward hook.
     pub ours_added_ns_per_packet: f64,
+    pub ours_programs_only_added_ns_per_packet: f64,
     pub nft_added_ns_per_packet: f64,
     pub ours_ready_secs: f64,
     pub nft_load_secs: f64,
@@ -82,6 +94,9 @@ pub struct Latency {
     pub max_ms: f64,
     pub timeouts: usize,
     pub probe_timeout_ms: f64,
+    /// Mean of the agent's own `enforcer_reconcile_seconds` (compile + program) over the
+    /// changes, ms, from /metrics.
+    pub reconcile_mean_ms: f64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -103,6 +118,52 @@ pub struct Results {
     pub latency: Option<Latency>,
     pub memory: Vec<Memory>,
     pub notes: Vec<String>,
+}
+
+/// A bpffs mounted on a temp dir in the bench's own mount namespace, for the agent's pins: they
+/// outlive the agent process (which runs in a private mount namespace of `ip netns exec`), so
+/// the programs stay attached after it exits. Cleaned (links detached) and unmounted on drop.
+struct PinMount(PathBuf);
+
+impl PinMount {
+    fn new() -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("enforcer-bench-pins-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let m = Self(dir);
+        enforcer::datapath::mount_bpffs(&m.0)?;
+        Ok(m)
+    }
+    fn pin(&self) -> PathBuf {
+        self.0.join("enforcer")
+    }
+}
+
+impl Drop for PinMount {
+    fn drop(&mut self) {
+        let _ = enforcer::datapath::Datapath::cleanup(&self.pin());
+        if let Ok(c) = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()) {
+            // SAFETY: valid NUL-terminated path.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields after the comm: state is [0]; utime is field 14 of the line, [11] here.
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
 }
 
 /// Kills a child process (ours, by its pid) on drop.
@@ -173,6 +234,7 @@ struct Bed {
     srv_ip: Ipv4Addr,
     cli_ip: Ipv4Addr,
     manifests: TempDir,
+    pins: PinMount,
     _servers: Servers,
     _iperf: ChildGuard,
 }
@@ -207,7 +269,8 @@ impl Bed {
     /// denied port closed).
     fn start_agent(&self) -> Result<(AgentProcess, f64)> {
         let t = Instant::now();
-        let mut a = AgentProcess::start(&self.tb, &self.manifests.0, &["--node-name", NODE])?;
+        let pin = self.pins.pin().to_string_lossy().to_string();
+        let mut a = AgentProcess::start(&self.tb, &self.manifests.0, &["--node-name", NODE, "--pin-path", &pin])?;
         a.wait_ready(Duration::from_secs(300))?;
         let ready = t.elapsed().as_secs_f64();
         let ok = self.reach(PORT_CRR)?;
@@ -219,6 +282,22 @@ impl Bed {
             );
         }
         Ok((a, ready))
+    }
+
+    /// Kills the agent; its pinned programs stay attached (checked).
+    fn kill_agent_keep_programs(&self, a: AgentProcess) -> Result<()> {
+        a.kill();
+        if self.reach(PORT_DENIED)? || !self.reach(PORT_CRR)? {
+            bail!("after the agent exited, its pinned programs do not enforce");
+        }
+        Ok(())
+    }
+
+    /// Stops the agent and removes its programs and pins.
+    fn stop_agent(&self, a: AgentProcess) -> Result<()> {
+        a.kill();
+        enforcer::datapath::Datapath::cleanup(&self.pins.pin())?;
+        self.expect_no_programs()
     }
 
     /// Checks that no program is left on the path (the denied port is reachable).
@@ -324,6 +403,7 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
         srv_ip,
         cli_ip,
         manifests: TempDir::new("manifests")?,
+        pins: PinMount::new()?,
         _servers: servers,
         _iperf: iperf_guard,
     };
@@ -346,9 +426,13 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
         };
         eprintln!("  round {}: agent, {} policies, {} remote pods", round + 1, s.policies, s.remote_pods);
         let (agent, ready) = bed.start_agent()?;
+        let (c0, t0) = (cpu_ticks(agent.pid()), Instant::now());
         r.enforced_gbps = iperf(&bed.cli, srv_ip, s.iperf_secs)?;
         r.enforced_rr = load::rr(&bed.cli, bed.addr(PORT_RR), warm, dur)?;
         r.enforced_crr = load::crr(&bed.cli, bed.addr(PORT_CRR), warm, dur)?;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        r.agent_cpu_pct = (cpu_ticks(agent.pid()) - c0) as f64 / hz / t0.elapsed().as_secs_f64() * 100.0;
         if round == 0 {
             res.memory.push(memory(&agent, s.remote_pods + 2, s.policies + 2, ready)?);
             // The path really ran our programs: they counted the allowed packets.
@@ -361,20 +445,27 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
         if bed.reach(PORT_DENIED)? {
             bail!("the denied port opened during the enforced round:\n{}", tail(&agent.log_text(), 30));
         }
-        drop(agent);
+        eprintln!("  round {}: agent killed, its pinned programs still attached", round + 1);
+        bed.kill_agent_keep_programs(agent)?;
+        r.programs_only_gbps = iperf(&bed.cli, srv_ip, s.iperf_secs)?;
+        r.programs_only_rr = load::rr(&bed.cli, bed.addr(PORT_RR), warm, dur)?;
+        r.programs_only_crr = load::crr(&bed.cli, bed.addr(PORT_CRR), warm, dur)?;
+        enforcer::datapath::Datapath::cleanup(&bed.pins.pin())?;
         eprintln!(
-            "    Gbit/s {:.2} vs {:.2}; RR/s {:.0} vs {:.0}; CRR/s {:.0} vs {:.0}",
-            r.baseline_gbps, r.enforced_gbps, r.baseline_rr.per_sec, r.enforced_rr.per_sec, r.baseline_crr.per_sec, r.enforced_crr.per_sec
+            "    Gbit/s {:.2} / {:.2} / {:.2}; RR/s {:.0} / {:.0} / {:.0}; CRR/s {:.0} / {:.0} / {:.0} (none / agent / programs only); agent CPU {:.0}%",
+            r.baseline_gbps, r.enforced_gbps, r.programs_only_gbps, r.baseline_rr.per_sec, r.enforced_rr.per_sec, r.programs_only_rr.per_sec,
+            r.baseline_crr.per_sec, r.enforced_crr.per_sec, r.programs_only_crr.per_sec, r.agent_cpu_pct
         );
         res.rounds.push(r);
-        let pick = |f: &dyn Fn(&Round) -> (f64, f64)| {
+        let pick = |f: &dyn Fn(&Round) -> (f64, f64, f64)| {
             let b = median(&res.rounds.iter().map(|r| f(r).0).collect::<Vec<_>>());
             let e = median(&res.rounds.iter().map(|r| f(r).1).collect::<Vec<_>>());
-            Ratio { baseline: b, enforced: e, ratio: e / b }
+            let p = median(&res.rounds.iter().map(|r| f(r).2).collect::<Vec<_>>());
+            Ratio { baseline: b, enforced: e, ratio: e / b, programs_only: p, programs_only_ratio: p / b }
         };
-        res.throughput = pick(&|r| (r.baseline_gbps, r.enforced_gbps));
-        res.rr = pick(&|r| (r.baseline_rr.per_sec, r.enforced_rr.per_sec));
-        res.crr = pick(&|r| (r.baseline_crr.per_sec, r.enforced_crr.per_sec));
+        res.throughput = pick(&|r| (r.baseline_gbps, r.enforced_gbps, r.programs_only_gbps));
+        res.rr = pick(&|r| (r.baseline_rr.per_sec, r.enforced_rr.per_sec, r.programs_only_rr.per_sec));
+        res.crr = pick(&|r| (r.baseline_crr.per_sec, r.enforced_crr.per_sec, r.programs_only_crr.per_sec));
         log(&res);
     }
 
@@ -384,10 +475,20 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
     bed.write_manifests(s.policies, s.remote_pods)?;
     {
         let (agent, _) = bed.start_agent()?;
-        let lat = latency(&bed, s)?;
+        let before = agent.get("/metrics").map(|(_, m)| m).unwrap_or_default();
+        let mut lat = latency(&bed, s)?;
+        let after = agent.get("/metrics").map(|(_, m)| m).unwrap_or_default();
+        let (s0, n0) = (metric(&before, "enforcer_reconcile_seconds_sum"), metric(&before, "enforcer_reconcile_seconds_count"));
+        let (s1, n1) = (metric(&after, "enforcer_reconcile_seconds_sum"), metric(&after, "enforcer_reconcile_seconds_count"));
+        lat.reconcile_mean_ms = (s1 - s0) / (n1 - n0) * 1e3;
+        res.notes.push(format!(
+            "policy-change run: the agent's enforcer_reconcile_seconds moved by {} reconciles, {:.3} s in all",
+            n1 - n0,
+            s1 - s0
+        ));
         eprintln!("    p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, timeouts {}", lat.p50_ms, lat.p99_ms, lat.max_ms, lat.timeouts);
         res.latency = Some(lat);
-        drop(agent);
+        bed.stop_agent(agent)?;
         let _ = std::fs::remove_file(bed.manifests.0.join("30-toggle.yaml"));
         log(&res);
     }
@@ -404,7 +505,9 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
         if n >= 10_000 {
             res.memory.push(memory(&agent, s.remote_pods + 2, n + 2, ready)?);
         }
-        drop(agent);
+        bed.kill_agent_keep_programs(agent)?;
+        let ours_po = load::crr(&bed.cli, bed.addr(PORT_CRR), warm, dur)?;
+        enforcer::datapath::Datapath::cleanup(&bed.pins.pin())?;
         bed.expect_no_programs()?;
         eprintln!("  sweep: {n} policies: nftables");
         let text = inputs::nft_ruleset(n, s.remote_pods, cli_ip, srv_ip);
@@ -424,6 +527,8 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
         let row = SweepRow {
             rules: n,
             ours_added_ns_per_packet: added_ns_per_packet(&baseline, &ours),
+            ours_programs_only_added_ns_per_packet: added_ns_per_packet(&baseline, &ours_po),
+            ours_programs_only_crr: ours_po,
             nft_added_ns_per_packet: added_ns_per_packet(&baseline, &nft),
             baseline_crr: baseline,
             ours_crr: ours,
@@ -433,8 +538,9 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
             nft_rules: text.lines().filter(|l| l.trim_start().starts_with("ip ") || l.trim_start().starts_with("jump ")).count(),
         };
         eprintln!(
-            "    CRR/s: none {:.0}, ours {:.0}, nft {:.0}; added ns/packet ours {:.0}, nft {:.0}",
-            row.baseline_crr.per_sec, row.ours_crr.per_sec, row.nft_crr.per_sec, row.ours_added_ns_per_packet, row.nft_added_ns_per_packet
+            "    CRR/s: none {:.0}, ours {:.0} (programs only {:.0}), nft {:.0}; added ns/packet ours {:.0} ({:.0}), nft {:.0}",
+            row.baseline_crr.per_sec, row.ours_crr.per_sec, row.ours_programs_only_crr.per_sec, row.nft_crr.per_sec,
+            row.ours_added_ns_per_packet, row.ours_programs_only_added_ns_per_packet, row.nft_added_ns_per_packet
         );
         res.sweep.push(row);
         log(&res);
@@ -505,6 +611,7 @@ fn latency(bed: &Bed, s: &Settings) -> Result<Latency> {
         deny_ms: deny,
         timeouts,
         probe_timeout_ms: probe_timeout.as_secs_f64() * 1e3,
+        reconcile_mean_ms: f64::NAN,
     })
 }
 

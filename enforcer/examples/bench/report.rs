@@ -280,7 +280,8 @@ impl Report {
                 x_ticks: None,
                 series: vec![
                     Series { name: "no programs".into(), color: "#7f7f7f", points: pts(&|r| r.baseline_crr.per_sec), dashed: true },
-                    Series { name: "enforcer (eBPF)".into(), color: "#1f77b4", points: pts(&|r| r.ours_crr.per_sec), dashed: false },
+                    Series { name: "enforcer, agent".into(), color: "#1f77b4", points: pts(&|r| r.ours_crr.per_sec), dashed: false },
+                    Series { name: "enforcer, programs".into(), color: "#17becf", points: pts(&|r| r.ours_programs_only_crr.per_sec), dashed: true },
                     Series { name: "nftables layout".into(), color: "#d62728", points: pts(&|r| r.nft_crr.per_sec), dashed: false },
                 ],
             };
@@ -293,7 +294,8 @@ impl Report {
                 log_y: false,
                 x_ticks: None,
                 series: vec![
-                    Series { name: "enforcer (eBPF)".into(), color: "#1f77b4", points: pts(&|r| r.ours_added_ns_per_packet), dashed: false },
+                    Series { name: "enforcer, agent".into(), color: "#1f77b4", points: pts(&|r| r.ours_added_ns_per_packet), dashed: false },
+                    Series { name: "enforcer, programs".into(), color: "#17becf", points: pts(&|r| r.ours_programs_only_added_ns_per_packet), dashed: true },
                     Series { name: "nftables layout".into(), color: "#d62728", points: pts(&|r| r.nft_added_ns_per_packet), dashed: false },
                 ],
             };
@@ -384,52 +386,77 @@ impl Report {
                 );
             }
             let _ = writeln!(s, "\n\\* single-run calls (`repeat = 1`): each new-flow call has a fresh source port.\n");
+            if let Some(r) = t.rows.iter().find(|r| !r.breakdown.is_empty()) {
+                let _ = writeln!(
+                    s,
+                    "**Where the established path's time goes** ({} entries, {} endpoint; repeat figures, each path stops one step later than the one above):\n\n| path | ns/packet | step |\n|---|---|---|",
+                    r.entries, r.endpoints
+                );
+                let mut prev = f64::NAN;
+                for (name, v) in &r.breakdown {
+                    let _ = writeln!(s, "| {} | {} | {} |", name, f(*v, 0), if prev.is_finite() { format!("+{}", f(v - prev, 0)) } else { String::new() });
+                    prev = *v;
+                }
+                s.push('\n');
+            }
             if charts.iter().any(|(n, _)| n == "chart_testrun.svg") {
                 let _ = writeln!(s, "![cost per packet](chart_testrun.svg)\n");
             }
         }
         if let Some(n) = &self.net {
             let _ = writeln!(s, "## 2. Throughput and request rates through two routed-veth pods\n");
-            let _ = writeln!(s, "| round | iperf3 Gbit/s none | enforced | TCP_RR/s none | enforced | TCP_CRR/s none | enforced | segments per RR / CRR |\n|---|---|---|---|---|---|---|---|");
+            let _ = writeln!(
+                s,
+                "*none* = no programs; *agent* = the agent running and enforcing; *programs* = the agent killed, its pinned programs still attached and enforcing (no agent process on the CPUs).\n\n| round | iperf3 Gbit/s none / agent / programs | TCP_RR/s none / agent / programs | TCP_CRR/s none / agent / programs | agent CPU % of a core | segments per RR / CRR |\n|---|---|---|---|---|---|"
+            );
             for (i, r) in n.rounds.iter().enumerate() {
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {} | {} | {} | {} | {} | {} / {} |",
+                    "| {} | {} / {} / {} | {} / {} / {} | {} / {} / {} | {} | {} / {} |",
                     i + 1,
                     f(r.baseline_gbps, 2),
                     f(r.enforced_gbps, 2),
+                    f(r.programs_only_gbps, 2),
                     f(r.baseline_rr.per_sec, 0),
                     f(r.enforced_rr.per_sec, 0),
+                    f(r.programs_only_rr.per_sec, 0),
                     f(r.baseline_crr.per_sec, 0),
                     f(r.enforced_crr.per_sec, 0),
+                    f(r.programs_only_crr.per_sec, 0),
+                    f(r.agent_cpu_pct, 1),
                     f(r.enforced_rr.segments_per_op, 1),
                     f(r.enforced_crr.segments_per_op, 1)
                 );
             }
             let _ = writeln!(
                 s,
-                "\nMedians: throughput {}×, TCP_RR {}×, TCP_CRR {}× of no programs.\n",
+                "\nMedians over rounds, agent running: throughput {}×, TCP_RR {}×, TCP_CRR {}× of no programs. Programs only: throughput {}×, TCP_RR {}×, TCP_CRR {}×.\n",
                 f(n.throughput.ratio, 3),
                 f(n.rr.ratio, 3),
-                f(n.crr.ratio, 3)
+                f(n.crr.ratio, 3),
+                f(n.throughput.programs_only_ratio, 3),
+                f(n.rr.programs_only_ratio, 3),
+                f(n.crr.programs_only_ratio, 3)
             );
             if !n.sweep.is_empty() {
                 let _ = writeln!(s, "## 3. Ours vs the same policies as nftables rules\n");
                 let _ = writeln!(
                     s,
-                    "| policies | nft rules (jumps + matches) | CRR/s none | CRR/s ours | CRR/s nftables | ours / nft | added ns/packet ours | added ns/packet nft | agent ready s | nft load s |\n|---|---|---|---|---|---|---|---|---|---|"
+                    "| policies | nft rules (jumps + matches) | CRR/s none | CRR/s ours (agent / programs only) | CRR/s nftables | ours (agent) / nft | added ns/packet ours (agent / programs only) | added ns/packet nft | agent ready s | nft load s |\n|---|---|---|---|---|---|---|---|---|---|"
                 );
                 for r in &n.sweep {
                     let _ = writeln!(
                         s,
-                        "| {} | {} | {} | {} | {} | {}× | {} | {} | {} | {} |",
+                        "| {} | {} | {} | {} / {} | {} | {}× | {} / {} | {} | {} | {} |",
                         r.rules,
                         r.nft_rules,
                         f(r.baseline_crr.per_sec, 0),
                         f(r.ours_crr.per_sec, 0),
+                        f(r.ours_programs_only_crr.per_sec, 0),
                         f(r.nft_crr.per_sec, 0),
                         f(r.ours_crr.per_sec / r.nft_crr.per_sec, 2),
                         f(r.ours_added_ns_per_packet, 0),
+                        f(r.ours_programs_only_added_ns_per_packet, 0),
                         f(r.nft_added_ns_per_packet, 0),
                         f(r.ours_ready_secs, 1),
                         f(r.nft_load_secs, 2)
@@ -446,7 +473,7 @@ impl Report {
                 let _ = writeln!(s, "## 4. Policy change to enforced\n");
                 let _ = writeln!(
                     s,
-                    "{} pods ({} on another node: peers), {} policies. {} changes (allow: {}, deny: {}): p50 {} ms, p90 {} ms, p99 {} ms, max {} ms, {} timeouts (10 s). Probe resolution: a failed probe costs its {} ms connect timeout.\n",
+                    "{} pods ({} on another node: peers), {} policies. {} changes (allow: {}, deny: {}): p50 {} ms, p90 {} ms, p99 {} ms, max {} ms, {} timeouts (10 s). Probe resolution: a failed probe costs its {} ms connect timeout. The agent's own reconcile histogram (compile + program, from its /metrics) averaged {} ms per change.\n",
                     l.pods,
                     l.pods - 2,
                     l.policies,
@@ -458,7 +485,8 @@ impl Report {
                     f(l.p99_ms, 1),
                     f(l.max_ms, 1),
                     l.timeouts,
-                    f(l.probe_timeout_ms, 0)
+                    f(l.probe_timeout_ms, 0),
+                    f(l.reconcile_mean_ms, 1)
                 );
                 if charts.iter().any(|(n, _)| n == "chart_policy_latency.svg") {
                     let _ = writeln!(s, "![policy latency](chart_policy_latency.svg)\n");

@@ -62,6 +62,9 @@ pub struct Row {
     /// The raw per-call means behind the repeat figures.
     pub established_runs: Vec<u32>,
     pub floor_runs: Vec<u32>,
+    /// Where the established path's time goes: the cost of paths that stop earlier and
+    /// earlier (repeat figures, ns), measured in the largest 1-endpoint scenario only.
+    pub breakdown: Vec<(String, f64)>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -189,6 +192,7 @@ const POD: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
 const DENIED: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
 const CIDR_PEER: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 5);
+const HOST: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
 const ID_CLIENT: u32 = 300;
 const ID_DENIED: u32 = 301;
 const ID_CIDR: u32 = 2000;
@@ -269,7 +273,10 @@ pub fn run(settings: Settings) -> Result<Results> {
         ip(&["link", "add", "name", "bnch0", "type", "veth", "peer", "name", "bnch0p"])?;
         ip(&["link", "set", "bnch0", "up"])?;
         ip(&["link", "set", "lo", "up"])?;
+        ip(&["link", "add", "name", "bnch1", "type", "veth", "peer", "name", "bnch1p"])?;
+        ip(&["link", "set", "bnch1", "up"])?;
         let ifx = ifindex("bnch0")?;
+        let open_if = ifindex("bnch1")?;
         let unmanaged = ifindex("bnch0p")?;
         let mount = BpfMount::new()?;
         let pin = mount.0.join("enforcer");
@@ -278,7 +285,8 @@ pub fn run(settings: Settings) -> Result<Results> {
         for &endpoints in &settings.endpoints {
             for &entries in &settings.entries {
                 eprintln!("  test_run: {entries} entries, {endpoints} endpoints");
-                let row = scenario(&settings, &pin, ifx, unmanaged, empty.as_raw_fd(), entries, endpoints)
+                let breakdown = endpoints == 1 && Some(&entries) == settings.entries.iter().max();
+                let row = scenario(&settings, &pin, [ifx, unmanaged, open_if], empty.as_raw_fd(), entries, endpoints, breakdown)
                     .with_context(|| format!("scenario {entries} entries / {endpoints} endpoints"))?;
                 eprintln!(
                     "    floor {:.0} ns, established {:.0} ns, denied {:.0} ns | single: floor {:.0}, established {:.0}, new {:.0}, new ipBlock {:.0}, denied {:.0}",
@@ -315,11 +323,11 @@ fn allow(dp: &mut Datapath, ep: u32, identity: u32, port: u16, rule: u32) -> Res
 fn scenario(
     s: &Settings,
     pin: &std::path::Path,
-    ifx: u32,
-    unmanaged: u32,
+    [ifx, unmanaged, open_if]: [u32; 3],
     empty: RawFd,
     entries: u32,
     endpoints: u32,
+    breakdown: bool,
 ) -> Result<Row> {
     let _ = Datapath::cleanup(pin);
     let opts = DatapathOptions {
@@ -344,6 +352,11 @@ fn scenario(
     let peer = |identity| PeerInfo { identity, flags: 0 };
     dp.peers_v4.set(&CLIENT, &peer(ID_CLIENT))?;
     dp.peers_v4.set(&DENIED, &peer(ID_DENIED))?;
+    dp.peers_v4.set(&HOST, &peer(enforcer_common::IDENTITY_HOST))?;
+    // An endpoint isolated in no direction, for the breakdown (id 1024: not a filler id).
+    let mut open = endpoint(1024, Ipv4Addr::new(10, 0, 0, 2));
+    open.flags = EP_HAS_V4;
+    dp.endpoints.set(&open_if, &open)?;
     let n_peers = entries.min(100_000);
     for k in 0..n_peers {
         let addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + k);
@@ -412,6 +425,40 @@ fn scenario(
     if let Some(ev) = events.as_mut() {
         ev.drain();
     }
+    let mut parts = Vec::new();
+    if breakdown {
+        let arp = {
+            let mut f = vec![0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02, 0, 0, 0, 0, 2, 0x08, 0x06];
+            f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 2, 10, 1, 0, 1, 0, 0, 0, 0, 0, 0, 10, 0, 0, 1]);
+            f.resize(64, 0);
+            f
+        };
+        let selfp = tcp_frame(POD, POD, 40000, PORT, ACK_PSH);
+        let host = tcp_frame(HOST, POD, 40000, PORT, ACK_PSH);
+        let open_frame = tcp_frame(CLIENT, Ipv4Addr::new(10, 0, 0, 2), 40000, PORT, ACK_PSH);
+        let ctx_open = sk_buff_ctx(open_if);
+        expect(reason_of(&dp, &arp, &ctx)?, 0, reason::ALLOW_NON_IP, "arp")?;
+        expect(reason_of(&dp, &selfp, &ctx)?, 0, reason::ALLOW_HOST, "self")?;
+        expect(reason_of(&dp, &host, &ctx)?, 0, reason::ALLOW_HOST, "host")?;
+        expect(reason_of(&dp, &open_frame, &ctx_open)?, 0, reason::ALLOW_NOT_ISOLATED, "not isolated")?;
+        let cases: [(&str, &[u8], &[u8]); 7] = [
+            ("empty program (floor)", &est, &ctx),
+            ("unmanaged ifindex: ENDPOINTS miss + counter", &est, &ctx_unmanaged),
+            ("ARP: + scratch, Ethernet parse", &arp, &ctx),
+            ("pod to itself: + IPv4/TCP parse", &selfp, &ctx),
+            ("from the node: + peer (ipcache) hash lookup", &host, &ctx),
+            ("not isolated: + ktime, isolation check", &open_frame, &ctx_open),
+            ("established: + conntrack (LRU) lookup and update", &est, &ctx),
+        ];
+        for (i, (name, frame, c)) in cases.iter().enumerate() {
+            let mut v = Vec::new();
+            for _ in 0..s.runs {
+                let prog = if i == 0 { empty } else { fd };
+                v.push(test_run(prog, frame, c, s.repeat)?.1);
+            }
+            parts.push((name.to_string(), median_u32(&v)));
+        }
+    }
 
     // Repeat figures, interleaved so drift hits all of them alike.
     let (mut floor_runs, mut est_runs, mut denied_runs, mut unmanaged_runs) = (vec![], vec![], vec![], vec![]);
@@ -468,5 +515,6 @@ fn scenario(
         denied_single_ns: median(&mut d1),
         established_runs: est_runs,
         floor_runs,
+        breakdown: parts,
     })
 }

@@ -301,6 +301,17 @@ impl Datapath {
         self.config.get(&0, 0).context("reading map CONFIG")
     }
 
+    /// Verdict events lost to a full ring buffer since these programs were loaded.
+    pub fn events_lost(&self) -> Result<u64> {
+        let map = self
+            .ebpf
+            .map(enforcer_common::MAP_EVENTS_LOST)
+            .ok_or_else(|| anyhow!("map EVENTS_LOST missing from the eBPF object"))?;
+        let lost: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).context("map EVENTS_LOST")?;
+        let values = lost.get(&0, 0).context("reading map EVENTS_LOST")?;
+        Ok(values.iter().sum())
+    }
+
     /// Takes the verdict-event reader (once).
     pub fn take_events(&mut self) -> Option<EventReader> {
         self.events.take()
