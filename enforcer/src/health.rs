@@ -21,6 +21,9 @@ use enforcer_common::{REASON_COUNT, REASON_FIRST_DROP, REASON_NAMES};
 /// Upper bounds (seconds) of the reconcile latency histogram.
 const BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
 
+/// Appends more metrics to a /metrics page.
+pub type Renderer = Arc<dyn Fn(&mut String) + Send + Sync>;
+
 /// What the agent reports about itself.
 #[derive(Default)]
 pub struct Status {
@@ -50,7 +53,7 @@ struct Inner {
     /// (map, entries, capacity).
     maps: Vec<(String, u64, u64)>,
     /// Extra text appended to /metrics (e.g. identity verifications).
-    extra: Vec<Arc<dyn Fn(&mut String) + Send + Sync>>,
+    extra: Vec<Renderer>,
 }
 
 impl std::fmt::Debug for Status {
@@ -89,7 +92,7 @@ impl Status {
     }
 
     /// Adds a renderer of more metrics.
-    pub fn add_renderer(&self, f: Arc<dyn Fn(&mut String) + Send + Sync>) {
+    pub fn add_renderer(&self, f: Renderer) {
         if let Ok(mut i) = self.inner.lock() {
             i.extra.push(f);
         }

@@ -211,7 +211,7 @@ mod tests {
     fn an_invalid_policy_keeps_its_last_valid_version() {
         let dir = tempfile::tempdir().unwrap();
         let mut lg = LastGoodPolicies::default();
-        let mut load = |text: &str| {
+        let load = |text: &str| {
             let mut l = Loaded::default();
             manifests::load_text(&dir.path().join("p.yaml"), text, &mut l);
             manifests::finish(&mut l);

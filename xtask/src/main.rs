@@ -1,6 +1,7 @@
 //! Developer tasks: `cargo xtask setup | test | demo`. Every task runs `setup` first, so a fresh
 //! clone needs no manual step.
 
+mod bench;
 mod kind_e2e;
 mod setup;
 
@@ -35,6 +36,12 @@ enum Task {
     /// Build the image, deploy to a kind cluster and check enforcement there (needs Docker,
     /// kind and kubectl, which this machine lacks: use manifests/Vagrantfile).
     KindE2e,
+    /// Benchmarks (needs root): writes bench/REPORT.md, bench/report.json and SVG charts.
+    /// Arguments go to the bench example (e.g. `--quick`, `--only testrun,compile,net`).
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -50,6 +57,7 @@ fn main() -> Result<()> {
             status(cmd, "cargo test")
         }
         Task::KindE2e => kind_e2e::kind_e2e(),
+        Task::Bench { args } => bench::bench(&args),
         Task::Demo => {
             build()?;
             let mut cmd = cargo();

@@ -1,0 +1,32 @@
+//! `cargo xtask bench [--quick] [--only PARTS]`: builds the agent and runs the benchmark example
+//! (`enforcer/examples/bench.rs`), which writes `bench/REPORT.md`, `bench/report.json` and SVG
+//! charts. Needs root (BPF, network namespaces).
+
+use std::process::Command;
+
+use anyhow::{Context as _, Result, bail};
+
+/// Builds the agent (the benchmark starts `target/release/enforcer`) and runs the example with
+/// `args` passed through. Call after `setup` (iperf3, nftables).
+pub fn bench(args: &[String]) -> Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?.to_path_buf();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(&cargo)
+        .current_dir(&root)
+        .args(["build", "--release", "-p", "enforcer"])
+        .status()
+        .context("running cargo build")?;
+    if !st.success() {
+        bail!("cargo build --release -p enforcer failed ({st})");
+    }
+    let st = Command::new(&cargo)
+        .current_dir(&root)
+        .args(["run", "--release", "-p", "enforcer", "--example", "bench", "--"])
+        .args(args)
+        .status()
+        .context("running the bench example")?;
+    if !st.success() {
+        bail!("bench failed ({st})");
+    }
+    Ok(())
+}
