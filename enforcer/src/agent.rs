@@ -91,6 +91,7 @@ impl Agent {
                     }
                     cluster = Some(c);
                     self.status.ready.store(false, Ordering::Relaxed);
+                    self.status.observed.fetch_add(1, Ordering::Relaxed);
                     dirty = true;
                 }
                 Ok(None) => {}
@@ -190,6 +191,10 @@ impl Agent {
                 let pending = (report.pending.len() + report.failed.len()) as u64;
                 self.status.pods_enforced.store(total.saturating_sub(pending), Ordering::Relaxed);
                 self.status.pods_pending.store(pending, Ordering::Relaxed);
+                if report.complete() {
+                    let observed = self.status.observed.load(Ordering::Relaxed);
+                    self.status.programmed.store(observed, Ordering::Relaxed);
+                }
                 self.status.ready.store(report.complete(), Ordering::Relaxed);
             }
             Err(e) => {

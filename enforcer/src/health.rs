@@ -35,6 +35,10 @@ pub struct Status {
     pub reconcile_errors: AtomicU64,
     /// Problems in the latest observed input (bad files, invalid policies).
     pub input_problems: AtomicU64,
+    /// Input versions seen (each change of the folder or of the watched objects).
+    pub observed: AtomicU64,
+    /// The latest input version fully programmed into the maps.
+    pub programmed: AtomicU64,
     /// Verdict events the datapath could not queue (ring buffer full).
     pub events_lost: AtomicU64,
     inner: Mutex<Inner>,
@@ -157,10 +161,13 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(s): State<Arc<Status>>) -> impl IntoResponse {
+    // The body names the input version programmed, so a client that just changed the input
+    // can wait for exactly its change.
+    let generation = s.programmed.load(Ordering::Relaxed);
     if s.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready\n")
+        (StatusCode::OK, format!("ready generation={generation}\n"))
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready generation={generation}\n"))
     }
 }
 

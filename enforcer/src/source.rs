@@ -51,21 +51,26 @@ pub struct ManifestsSource {
     dir: PathBuf,
     /// What the folder looked like at the last read: (name, modified, length).
     fingerprint: Vec<(PathBuf, Option<SystemTime>, u64)>,
+    /// What it looked like at the last poll: a change is read once it holds still for one
+    /// poll, so a file caught half-written (truncated, then filled) is never applied.
+    settling: Option<Vec<(PathBuf, Option<SystemTime>, u64)>>,
+    read_once: bool,
     /// Last text of each file that parsed without error.
     good: BTreeMap<PathBuf, String>,
 }
 
 impl ManifestsSource {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into(), fingerprint: Vec::new(), good: BTreeMap::new() }
+        Self { dir: dir.into(), fingerprint: Vec::new(), settling: None, read_once: false, good: BTreeMap::new() }
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// `Some` when the folder changed since the last call (or on the first call): the cluster
-    /// to enforce and the problems found. `Err` only when the folder cannot be listed.
+    /// `Some` when the folder changed since the last read (or on the first read) and has held
+    /// still since the previous call: the cluster to enforce and the problems found. `Err` only
+    /// when the folder cannot be listed.
     pub fn poll(&mut self) -> Result<Option<(Cluster, Vec<Problem>)>> {
         let files = manifest_files(&self.dir)?;
         let fingerprint: Vec<_> = files
@@ -75,9 +80,16 @@ impl ManifestsSource {
                 (f.clone(), md.as_ref().and_then(|m| m.modified().ok()), md.map_or(0, |m| m.len()))
             })
             .collect();
-        if fingerprint == self.fingerprint && !self.fingerprint.is_empty() {
+        if self.read_once && fingerprint == self.fingerprint {
+            self.settling = None;
             return Ok(None);
         }
+        if self.settling.as_ref() != Some(&fingerprint) {
+            self.settling = Some(fingerprint);
+            return Ok(None);
+        }
+        self.settling = None;
+        self.read_once = true;
         self.fingerprint = fingerprint;
         let mut problems = Vec::new();
         let mut chosen: Vec<(PathBuf, String)> = Vec::new();
@@ -188,22 +200,28 @@ mod tests {
     const GOOD: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: deny\n  namespace: x\nspec:\n  podSelector: {}\n  policyTypes: [Ingress]\n";
     const BAD_FIELD: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: deny\n  namespace: x\nspec:\n  podSelector: {}\n  ingress:\n  - ports:\n    - port: 80\n      endPort: 70\n";
 
+    /// Polls until the folder has settled and been read.
+    fn settled(src: &mut ManifestsSource) -> Option<(Cluster, Vec<Problem>)> {
+        assert!(src.poll().unwrap().is_none(), "a change is read only once it holds still");
+        src.poll().unwrap()
+    }
+
     #[test]
     fn a_broken_file_keeps_its_last_good_objects() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("ns.yaml"), NS).unwrap();
         std::fs::write(dir.path().join("p.yaml"), GOOD).unwrap();
         let mut src = ManifestsSource::new(dir.path());
-        let (c, problems) = src.poll().unwrap().unwrap();
+        let (c, problems) = settled(&mut src).unwrap();
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(c.policies.len(), 1);
         assert!(src.poll().unwrap().is_none(), "unchanged folder");
         std::fs::write(dir.path().join("p.yaml"), "kind: [unclosed").unwrap();
-        let (c, problems) = src.poll().unwrap().unwrap();
+        let (c, problems) = settled(&mut src).unwrap();
         assert_eq!(c.policies.len(), 1, "last good policy kept");
         assert!(problems.iter().any(|p| p.contains("p.yaml")), "{problems:?}");
         std::fs::remove_file(dir.path().join("p.yaml")).unwrap();
-        let (c, _) = src.poll().unwrap().unwrap();
+        let (c, _) = settled(&mut src).unwrap();
         assert!(c.policies.is_empty(), "a deleted file is deleted");
     }
 

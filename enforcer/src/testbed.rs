@@ -392,6 +392,8 @@ pub struct AgentProcess {
     pub health: SocketAddr,
     /// Where its stderr goes (read it when a test fails).
     pub log: std::path::PathBuf,
+    /// Input generation programmed at the last wait.
+    seen: u64,
 }
 
 impl AgentProcess {
@@ -422,7 +424,7 @@ impl AgentProcess {
             .stderr(log_file)
             .spawn()
             .context("starting the agent")?;
-        Ok(Self { child, node: tb.node.clone(), health, log })
+        Ok(Self { child, node: tb.node.clone(), health, log, seen: 0 })
     }
 
     /// GETs `path` on the health address from inside the node namespace: (status, body).
@@ -434,25 +436,36 @@ impl AgentProcess {
     /// Waits until `/readyz` says ready (the latest state is programmed), or fails after
     /// `timeout` with the agent's log.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        self.wait_generation(0, timeout)
+    }
+
+    /// Waits until the agent has programmed a newer input than at the last wait: call it after
+    /// changing the manifests folder.
+    pub fn wait_applied(&mut self, timeout: Duration) -> Result<()> {
+        self.wait_generation(self.seen + 1, timeout)
+    }
+
+    /// Waits until `/readyz` is 200 with a programmed generation of at least `min`.
+    fn wait_generation(&mut self, min: u64, timeout: Duration) -> Result<()> {
         let start = std::time::Instant::now();
         while start.elapsed() < timeout {
             if let Some(st) = self.child.try_wait()? {
                 bail!("the agent exited ({st}):\n{}", self.log_text());
             }
-            if matches!(self.get("/readyz"), Ok((200, _))) {
-                return Ok(());
+            if let Ok((200, body)) = self.get("/readyz") {
+                let generation = body
+                    .split("generation=")
+                    .nth(1)
+                    .and_then(|g| g.trim().parse::<u64>().ok())
+                    .unwrap_or(0);
+                if generation >= min {
+                    self.seen = generation;
+                    return Ok(());
+                }
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
-        bail!("the agent was not ready after {timeout:?}:\n{}", self.log_text())
-    }
-
-    /// Waits until the agent has seen a change and programmed it: not ready, then ready again
-    /// (or ready for `settle` without going unready, when the change was a no-op).
-    pub fn wait_applied(&mut self, timeout: Duration) -> Result<()> {
-        // The folder is polled every 100 ms; give it time to notice, then wait for ready.
-        std::thread::sleep(Duration::from_millis(300));
-        self.wait_ready(timeout)
+        bail!("the agent had not programmed input generation {min} after {timeout:?}:\n{}", self.log_text())
     }
 
     pub fn log_text(&self) -> String {

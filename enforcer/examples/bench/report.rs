@@ -580,7 +580,8 @@ impl Report {
         {
             let _ = write!(
                 out,
-                "The agent learns of a change by polling the manifests folder every 100 ms (`agent.rs` POLL), then re-reads and re-parses every file and recompiles the whole cluster before the map diff; so a change waits 0-100 ms for the poll plus the full reload. Allow changes: p50 {} ms; deny changes: p50 {} ms.",
+                "The agent learns of a change by polling the manifests folder every 100 ms (`agent.rs` POLL), then re-reads and re-parses every file and recompiles the whole cluster before the map diff; so a change waits 0-100 ms for the poll plus the full reload. Its own reconcile histogram (compile + program, excluding the poll wait and the parse) averaged {} ms per change here. Allow changes: p50 {} ms; deny changes: p50 {} ms.",
+                f(l.reconcile_mean_ms, 1),
                 f(percentile_of(&l.allow_ms, 50.0), 1),
                 f(percentile_of(&l.deny_ms, 50.0), 1)
             );
@@ -600,10 +601,46 @@ impl Report {
             out.push_str("See section 5: the peak (VmHWM) vs the settled RSS shows how much is transient (parse + compile of all manifests at once) and how much is held (parsed objects, desired state, map mirrors).");
         }
         if name.starts_with("New flow") || name.starts_with("Established") {
-            out.push_str("See section 1: compare the empty-program floor with the established / new-flow rows at each size; growth with entries points at the LPM or hash lookups, a constant excess at the parse/counter/conntrack fixed cost.");
+            if name.contains("100 entries") {
+                out.push_str("The established figures move by ±100 ns between scenarios in no order of size (see the table in section 1 and the per-call values in report.json): run-to-run noise of this VM, not growth with entries. ");
+            }
+            if let Some(r) = self.testrun.as_ref().and_then(|t| t.rows.iter().find(|r| !r.breakdown.is_empty())) {
+                let steps: Vec<String> = r
+                    .breakdown
+                    .windows(2)
+                    .map(|w| format!("{} {:+.0} ns", w[1].0.split(':').next().unwrap_or(""), w[1].1 - w[0].1))
+                    .collect();
+                let _ = write!(
+                    out,
+                    "The cost is flat in entries but high at every size: the breakdown in section 1 ({} entries) gives {}. A bare hash lookup with its counter (unmanaged path) costs {} ns over the floor, close to the research's 25-35 ns, so the harness is comparable; the excess sits in the program's fixed steps: every header read is a `bpf_skb_load_bytes` helper call (3 per TCP/IPv4 packet, roughly 60 ns each here) and the conntrack step (key build + LRU lookup with a 44-byte key + update) costs ~250 ns. ",
+                    r.entries,
+                    steps.join(", "),
+                    r.breakdown.get(1).map_or(f64::NAN, |u| u.1 - r.breakdown[0].1)
+                );
+            }
+            let vuln = |n: &str| std::fs::read_to_string(format!("/sys/devices/system/cpu/vulnerabilities/{n}")).unwrap_or_default().trim().to_string();
+            let _ = write!(
+                out,
+                "This machine's kernel reports spec_rstack_overflow `{}` and spectre_v2 `{}`: every kernel call/return (helpers, map ops) pays for those mitigations, which the empty program never does. Candidate fixes for the lead: direct packet access (`ctx.data()`/`data_end` bounds checks) instead of `bpf_skb_load_bytes`, a smaller conntrack key (IPv4 flows padded to 16-byte addresses today) and fewer helper calls on the established path.",
+                vuln("spec_rstack_overflow"),
+                vuln("spectre_v2")
+            );
         }
         if name.starts_with("TCP_") || name.starts_with("iperf3") {
-            out.push_str("Single-stream loopback-veth figures on a 2-core VM vary by a few percent run to run; compare the per-round values in section 2 (if the rounds disagree in sign, the difference is within noise).");
+            if let Some(n) = &self.net {
+                let cpu: Vec<String> = n.rounds.iter().map(|r| f(r.agent_cpu_pct, 0)).collect();
+                let _ = write!(
+                    out,
+                    "With the agent killed and its programs still attached, the same path gives throughput {}×, TCP_RR {}×, TCP_CRR {}× (section 2); the agent process used {} % of a core during the enforced runs (its folder poll every 100 ms and full map resync every second) on a 2-core machine where client, server and softirq already compete. The programs' own per-packet cost (section 1: several hundred ns on each of the two veths) is the rest: at ~{} segments per TCP_RR transaction that is a few µs of a ~{} µs round trip. ",
+                    f(n.throughput.programs_only_ratio, 3),
+                    f(n.rr.programs_only_ratio, 3),
+                    f(n.crr.programs_only_ratio, 3),
+                    cpu.join(" / "),
+                    n.rounds.first().map_or("n/a".into(), |r| f(r.enforced_rr.segments_per_op, 1)),
+                    f(1e6 / n.rr.baseline, 0)
+                );
+            }
+            out.push_str("Single-stream veth figures on a 2-core VM also vary by several percent run to run: compare the per-round values in section 2 (iperf3 especially: rounds can disagree in sign).");
         }
         if name.starts_with("Connection rate") {
             out.push_str("See section 3.");
