@@ -51,7 +51,10 @@ fn main() -> Result<()> {
         bail!("the benchmarks need root (BPF, network namespaces, mounts)");
     }
     let out = args.out.clone().unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").join("bench")
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace")
+            .join("bench")
     });
     std::fs::create_dir_all(&out)?;
     let want = |p: &str| args.only.is_empty() || args.only.iter().any(|o| o == p);
@@ -79,7 +82,10 @@ fn main() -> Result<()> {
         eprintln!("[bench] compile");
         match net::compile_bench(10_000, 1_000, if quick { 1 } else { 3 }) {
             Ok(r) => {
-                eprintln!("    10k policies: parse {:.3} s, compile {:.3} s, {} entries", r.parse_secs, r.compile_secs, r.policy_entries);
+                eprintln!(
+                    "    10k policies: parse {:.3} s, compile {:.3} s, {} entries",
+                    r.parse_secs, r.compile_secs, r.policy_entries
+                );
                 rep.compile = Some(r);
             }
             Err(e) => rep.errors.push(format!("compile: {e:#}")),
@@ -119,7 +125,11 @@ fn main() -> Result<()> {
         }
         rep.write(&out, started)?;
     }
-    eprintln!("[bench] done in {:.0} s: {}", started.elapsed().as_secs_f64(), out.join("REPORT.md").display());
+    eprintln!(
+        "[bench] done in {:.0} s: {}",
+        started.elapsed().as_secs_f64(),
+        out.join("REPORT.md").display()
+    );
     for e in &rep.errors {
         eprintln!("[bench] part failed: {e}");
     }

@@ -6,25 +6,37 @@ use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
 
-/// Builds the agent (the benchmark starts `target/release/enforcer`) and runs the example with
-/// `args` passed through. Call after `setup` (iperf3, nftables).
+/// Builds the agent (the benchmark starts `target/release/enforcer`) and the example in one
+/// cargo invocation (one feature resolution, so one compile), then runs the example with `args`
+/// passed through. Call after `setup` (iperf3, nftables).
 pub fn bench(args: &[String]) -> Result<()> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?.to_path_buf();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?
+        .to_path_buf();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let st = Command::new(&cargo)
         .current_dir(&root)
-        .args(["build", "--release", "-p", "enforcer"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "enforcer",
+            "--bin",
+            "enforcer",
+            "--example",
+            "bench",
+        ])
         .status()
         .context("running cargo build")?;
     if !st.success() {
-        bail!("cargo build --release -p enforcer failed ({st})");
+        bail!("cargo build --release -p enforcer --bin enforcer --example bench failed ({st})");
     }
-    let st = Command::new(&cargo)
+    let st = Command::new(root.join("target/release/examples/bench"))
         .current_dir(&root)
-        .args(["run", "--release", "-p", "enforcer", "--example", "bench", "--"])
         .args(args)
         .status()
-        .context("running the bench example")?;
+        .context("running target/release/examples/bench")?;
     if !st.success() {
         bail!("bench failed ({st})");
     }

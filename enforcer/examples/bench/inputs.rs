@@ -26,7 +26,10 @@ pub fn namespace() -> String {
 }
 
 fn pod(name: &str, ip: Ipv4Addr, node: &str, labels: &[(&str, String)]) -> String {
-    let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}: \"{v}\"")).collect();
+    let labels: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| format!("{k}: \"{v}\""))
+        .collect();
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NS}\n  uid: uid-{name}\n  labels: {{{}}}\nspec:\n  nodeName: {node}\n  containers:\n  - name: main\n    image: bench\nstatus:\n  phase: Running\n  podIP: {ip}\n  podIPs:\n  - ip: {ip}\n",
         labels.join(", ")
@@ -47,7 +50,12 @@ pub fn remote_pods(n: usize) -> String {
     let mut s = String::new();
     for i in 0..n {
         s.push_str("---\n");
-        s.push_str(&pod(&format!("r{i}"), remote_ip(i), OTHER_NODE, &[("grp", format!("g{}", i % GROUPS))]));
+        s.push_str(&pod(
+            &format!("r{i}"),
+            remote_ip(i),
+            OTHER_NODE,
+            &[("grp", format!("g{}", i % GROUPS))],
+        ));
     }
     s
 }
@@ -73,7 +81,10 @@ pub fn policies(n: usize) -> String {
 }
 
 fn ports_yaml(ports: &[u16]) -> String {
-    let p: Vec<String> = ports.iter().map(|p| format!("{{protocol: TCP, port: {p}}}")).collect();
+    let p: Vec<String> = ports
+        .iter()
+        .map(|p| format!("{{protocol: TCP, port: {p}}}"))
+        .collect();
     format!("[{}]", p.join(", "))
 }
 
@@ -111,15 +122,24 @@ pub fn nft_ruleset(n: usize, remote: usize, client: Ipv4Addr, server: Ipv4Addr) 
     let mut s = String::with_capacity(n * 200 + remote * 20);
     let _ = writeln!(s, "table inet {NFT_TABLE} {{");
     for g in 0..GROUPS {
-        let members: Vec<String> = (0..remote).filter(|i| i % GROUPS == g).map(|i| remote_ip(i).to_string()).collect();
+        let members: Vec<String> = (0..remote)
+            .filter(|i| i % GROUPS == g)
+            .map(|i| remote_ip(i).to_string())
+            .collect();
         let _ = writeln!(s, "  set grp-g{g} {{\n    type ipv4_addr");
         if !members.is_empty() {
             let _ = writeln!(s, "    elements = {{ {} }}", members.join(", "));
         }
         s.push_str("  }\n");
     }
-    let _ = writeln!(s, "  set role-client {{\n    type ipv4_addr\n    elements = {{ {client} }}\n  }}");
-    let _ = writeln!(s, "  set role-srv {{\n    type ipv4_addr\n    elements = {{ {server} }}\n  }}");
+    let _ = writeln!(
+        s,
+        "  set role-client {{\n    type ipv4_addr\n    elements = {{ {client} }}\n  }}"
+    );
+    let _ = writeln!(
+        s,
+        "  set role-srv {{\n    type ipv4_addr\n    elements = {{ {server} }}\n  }}"
+    );
     let ports = |p: &[u16]| p.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
     let mut egress = ALLOWED_PORTS.to_vec();
     egress.push(PORT_TOGGLE);

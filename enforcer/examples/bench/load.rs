@@ -51,7 +51,11 @@ fn echo(mut s: TcpStream) {
 
 /// Waits up to 100 ms for the listener to become readable.
 fn readable(l: &TcpListener) -> bool {
-    let mut p = libc::pollfd { fd: l.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let mut p = libc::pollfd {
+        fd: l.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd.
     unsafe { libc::poll(&mut p, 1, 100) > 0 }
 }
@@ -66,7 +70,8 @@ impl Servers {
             let (stop, tx) = (stop.clone(), tx.clone());
             threads.push(std::thread::spawn(move || {
                 let l = enter_netns(&path).and_then(|()| {
-                    TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).with_context(|| format!("bind :{port}"))
+                    TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
+                        .with_context(|| format!("bind :{port}"))
                 });
                 let l = match l {
                     Ok(l) => l,
@@ -129,7 +134,14 @@ fn tcp_segments() -> (u64, u64) {
     }
     let names: Vec<&str> = lines[0].split_whitespace().collect();
     let vals: Vec<&str> = lines[1].split_whitespace().collect();
-    let get = |n: &str| names.iter().position(|x| *x == n).and_then(|i| vals.get(i)).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let get = |n: &str| {
+        names
+            .iter()
+            .position(|x| *x == n)
+            .and_then(|i| vals.get(i))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
     (get("InSegs"), get("OutSegs"))
 }
 
@@ -183,7 +195,8 @@ pub fn crr(netns: &str, to: SocketAddr, warmup: Duration, dur: Duration) -> Resu
 /// TCP_RR: 1-byte request / 1-byte response over one connection.
 pub fn rr(netns: &str, to: SocketAddr, warmup: Duration, dur: Duration) -> Result<Rate> {
     in_netns(netns, move || -> Result<Rate> {
-        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2)).with_context(|| format!("connecting to {to}"))?;
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2))
+            .with_context(|| format!("connecting to {to}"))?;
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
         let mut b = [7u8; 1];
@@ -218,7 +231,9 @@ pub fn rr(netns: &str, to: SocketAddr, warmup: Duration, dur: Duration) -> Resul
 /// Whether a TCP connection + 1-byte echo to `to` succeeds within `timeout`, from the calling
 /// thread's namespace.
 pub fn reachable(to: SocketAddr, timeout: Duration) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(&to, timeout) else { return false };
+    let Ok(mut s) = TcpStream::connect_timeout(&to, timeout) else {
+        return false;
+    };
     let _ = s.set_nodelay(true);
     let _ = s.set_read_timeout(Some(timeout));
     let mut b = [1u8; 1];

@@ -155,7 +155,8 @@ fn cpu_ticks(pid: u32) -> u64 {
     let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = after.split_whitespace().collect();
     // Fields after the comm: state is [0]; utime is field 14 of the line, [11] here.
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
 }
 
 fn metric(text: &str, name: &str) -> f64 {
@@ -200,7 +201,16 @@ struct NftGuard(String);
 impl Drop for NftGuard {
     fn drop(&mut self) {
         let _ = Command::new("ip")
-            .args(["netns", "exec", &self.0, "nft", "delete", "table", "inet", inputs::NFT_TABLE])
+            .args([
+                "netns",
+                "exec",
+                &self.0,
+                "nft",
+                "delete",
+                "table",
+                "inet",
+                inputs::NFT_TABLE,
+            ])
             .stderr(Stdio::null())
             .status();
     }
@@ -213,7 +223,11 @@ fn median(v: &[f64]) -> f64 {
     }
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 /// Nearest-rank percentile.
@@ -270,7 +284,11 @@ impl Bed {
     fn start_agent(&self) -> Result<(AgentProcess, f64)> {
         let t = Instant::now();
         let pin = self.pins.pin().to_string_lossy().to_string();
-        let mut a = AgentProcess::start(&self.tb, &self.manifests.0, &["--node-name", NODE, "--pin-path", &pin])?;
+        let mut a = AgentProcess::start(
+            &self.tb,
+            &self.manifests.0,
+            &["--node-name", NODE, "--pin-path", &pin],
+        )?;
         a.wait_ready(Duration::from_secs(300))?;
         let ready = t.elapsed().as_secs_f64();
         let ok = self.reach(PORT_CRR)?;
@@ -308,7 +326,9 @@ impl Bed {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        bail!("the denied port stays closed without the agent: programs or rules are still attached")
+        bail!(
+            "the denied port stays closed without the agent: programs or rules are still attached"
+        )
     }
 }
 
@@ -319,7 +339,15 @@ fn tail(s: &str, n: usize) -> String {
 
 fn iperf_server(netns: &str) -> Result<ChildGuard> {
     let child = Command::new("ip")
-        .args(["netns", "exec", netns, "iperf3", "-s", "-p", &PORT_IPERF.to_string()])
+        .args([
+            "netns",
+            "exec",
+            netns,
+            "iperf3",
+            "-s",
+            "-p",
+            &PORT_IPERF.to_string(),
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -333,7 +361,16 @@ fn iperf(netns: &str, to: Ipv4Addr, secs: u32) -> Result<f64> {
     let mut last = String::new();
     for _ in 0..10 {
         let out = Command::new("ip")
-            .args(["netns", "exec", netns, "iperf3", "-c", &to.to_string(), "-p", &PORT_IPERF.to_string()])
+            .args([
+                "netns",
+                "exec",
+                netns,
+                "iperf3",
+                "-c",
+                &to.to_string(),
+                "-p",
+                &PORT_IPERF.to_string(),
+            ])
             .args(["-t", &secs.to_string(), "-O", "1", "-J"])
             .stdin(Stdio::null())
             .output()
@@ -341,11 +378,17 @@ fn iperf(netns: &str, to: Ipv4Addr, secs: u32) -> Result<f64> {
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         if out.status.success()
             && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
-            && let Some(bps) = v.pointer("/end/sum_received/bits_per_second").and_then(serde_json::Value::as_f64)
+            && let Some(bps) = v
+                .pointer("/end/sum_received/bits_per_second")
+                .and_then(serde_json::Value::as_f64)
         {
             return Ok(bps / 1e9);
         }
-        last = format!("{}{}", text.chars().take(500).collect::<String>(), String::from_utf8_lossy(&out.stderr));
+        last = format!(
+            "{}{}",
+            text.chars().take(500).collect::<String>(),
+            String::from_utf8_lossy(&out.stderr)
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
     bail!("iperf3 failed: {last}")
@@ -361,7 +404,10 @@ fn rss_kib(pid: u32) -> Result<(u64, u64, String)> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string();
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
     Ok((field("VmRSS:"), field("VmHWM:"), comm))
 }
 
@@ -372,7 +418,13 @@ fn memory(a: &AgentProcess, pods: usize, policies: usize, ready: f64) -> Result<
     if comm != "enforcer" {
         bail!("pid {} is {comm:?}, not the agent", a.pid());
     }
-    Ok(Memory { pods, policies, vm_rss_kib: rss, vm_hwm_kib: hwm, ready_secs: ready })
+    Ok(Memory {
+        pods,
+        policies,
+        vm_rss_kib: rss,
+        vm_hwm_kib: hwm,
+        ready_secs: ready,
+    })
 }
 
 fn added_ns_per_packet(base: &Rate, other: &Rate) -> f64 {
@@ -388,12 +440,20 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
     let cli = tb.add_pod("cli", cli_ip, None)?.netns;
     let srv = tb.add_pod("srv", srv_ip, None)?.netns;
     // Connection-rate runs open many connections: let the client reuse TIME_WAIT ports.
-    for kv in ["net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=1024 65000"] {
+    for kv in [
+        "net.ipv4.tcp_tw_reuse=1",
+        "net.ipv4.ip_local_port_range=1024 65000",
+    ] {
         enforcer::testbed::run("ip", &["netns", "exec", &cli, "sysctl", "-qw", kv])?;
     }
     let servers = Servers::start(
         &srv,
-        &[(PORT_CRR, Mode::Inline), (PORT_RR, Mode::Threaded), (PORT_DENIED, Mode::Inline), (PORT_TOGGLE, Mode::Inline)],
+        &[
+            (PORT_CRR, Mode::Inline),
+            (PORT_RR, Mode::Threaded),
+            (PORT_DENIED, Mode::Inline),
+            (PORT_TOGGLE, Mode::Inline),
+        ],
     )?;
     let iperf_guard = iperf_server(&srv)?;
     let bed = Bed {
@@ -424,7 +484,12 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
             baseline_crr: load::crr(&bed.cli, bed.addr(PORT_CRR), warm, dur)?,
             ..Default::default()
         };
-        eprintln!("  round {}: agent, {} policies, {} remote pods", round + 1, s.policies, s.remote_pods);
+        eprintln!(
+            "  round {}: agent, {} policies, {} remote pods",
+            round + 1,
+            s.policies,
+            s.remote_pods
+        );
         let (agent, ready) = bed.start_agent()?;
         let (c0, t0) = (cpu_ticks(agent.pid()), Instant::now());
         r.enforced_gbps = iperf(&bed.cli, srv_ip, s.iperf_secs)?;
@@ -432,20 +497,35 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
         r.enforced_crr = load::crr(&bed.cli, bed.addr(PORT_CRR), warm, dur)?;
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        r.agent_cpu_pct = (cpu_ticks(agent.pid()) - c0) as f64 / hz / t0.elapsed().as_secs_f64() * 100.0;
+        r.agent_cpu_pct =
+            (cpu_ticks(agent.pid()) - c0) as f64 / hz / t0.elapsed().as_secs_f64() * 100.0;
         if round == 0 {
-            res.memory.push(memory(&agent, s.remote_pods + 2, s.policies + 2, ready)?);
+            res.memory
+                .push(memory(&agent, s.remote_pods + 2, s.policies + 2, ready)?);
             // The path really ran our programs: they counted the allowed packets.
             if let Ok((200, m)) = agent.get("/metrics") {
-                let lines: Vec<&str> = m.lines().filter(|l| l.contains("packets") && !l.starts_with('#')).take(12).collect();
-                res.notes.push(format!("agent /metrics after the enforced round: {}", lines.join(" | ")));
+                let lines: Vec<&str> = m
+                    .lines()
+                    .filter(|l| l.contains("packets") && !l.starts_with('#'))
+                    .take(12)
+                    .collect();
+                res.notes.push(format!(
+                    "agent /metrics after the enforced round: {}",
+                    lines.join(" | ")
+                ));
             }
         }
         // Still enforcing after the load (a denied port stays closed).
         if bed.reach(PORT_DENIED)? {
-            bail!("the denied port opened during the enforced round:\n{}", tail(&agent.log_text(), 30));
+            bail!(
+                "the denied port opened during the enforced round:\n{}",
+                tail(&agent.log_text(), 30)
+            );
         }
-        eprintln!("  round {}: agent killed, its pinned programs still attached", round + 1);
+        eprintln!(
+            "  round {}: agent killed, its pinned programs still attached",
+            round + 1
+        );
         bed.kill_agent_keep_programs(agent)?;
         r.programs_only_gbps = iperf(&bed.cli, srv_ip, s.iperf_secs)?;
         r.programs_only_rr = load::rr(&bed.cli, bed.addr(PORT_RR), warm, dur)?;
@@ -453,19 +533,45 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
         enforcer::datapath::Datapath::cleanup(&bed.pins.pin())?;
         eprintln!(
             "    Gbit/s {:.2} / {:.2} / {:.2}; RR/s {:.0} / {:.0} / {:.0}; CRR/s {:.0} / {:.0} / {:.0} (none / agent / programs only); agent CPU {:.0}%",
-            r.baseline_gbps, r.enforced_gbps, r.programs_only_gbps, r.baseline_rr.per_sec, r.enforced_rr.per_sec, r.programs_only_rr.per_sec,
-            r.baseline_crr.per_sec, r.enforced_crr.per_sec, r.programs_only_crr.per_sec, r.agent_cpu_pct
+            r.baseline_gbps,
+            r.enforced_gbps,
+            r.programs_only_gbps,
+            r.baseline_rr.per_sec,
+            r.enforced_rr.per_sec,
+            r.programs_only_rr.per_sec,
+            r.baseline_crr.per_sec,
+            r.enforced_crr.per_sec,
+            r.programs_only_crr.per_sec,
+            r.agent_cpu_pct
         );
         res.rounds.push(r);
         let pick = |f: &dyn Fn(&Round) -> (f64, f64, f64)| {
             let b = median(&res.rounds.iter().map(|r| f(r).0).collect::<Vec<_>>());
             let e = median(&res.rounds.iter().map(|r| f(r).1).collect::<Vec<_>>());
             let p = median(&res.rounds.iter().map(|r| f(r).2).collect::<Vec<_>>());
-            Ratio { baseline: b, enforced: e, ratio: e / b, programs_only: p, programs_only_ratio: p / b }
+            Ratio {
+                baseline: b,
+                enforced: e,
+                ratio: e / b,
+                programs_only: p,
+                programs_only_ratio: p / b,
+            }
         };
         res.throughput = pick(&|r| (r.baseline_gbps, r.enforced_gbps, r.programs_only_gbps));
-        res.rr = pick(&|r| (r.baseline_rr.per_sec, r.enforced_rr.per_sec, r.programs_only_rr.per_sec));
-        res.crr = pick(&|r| (r.baseline_crr.per_sec, r.enforced_crr.per_sec, r.programs_only_crr.per_sec));
+        res.rr = pick(&|r| {
+            (
+                r.baseline_rr.per_sec,
+                r.enforced_rr.per_sec,
+                r.programs_only_rr.per_sec,
+            )
+        });
+        res.crr = pick(&|r| {
+            (
+                r.baseline_crr.per_sec,
+                r.enforced_crr.per_sec,
+                r.programs_only_crr.per_sec,
+            )
+        });
         log(&res);
     }
 
@@ -478,15 +584,24 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
         let before = agent.get("/metrics").map(|(_, m)| m).unwrap_or_default();
         let mut lat = latency(&bed, s)?;
         let after = agent.get("/metrics").map(|(_, m)| m).unwrap_or_default();
-        let (s0, n0) = (metric(&before, "enforcer_reconcile_seconds_sum"), metric(&before, "enforcer_reconcile_seconds_count"));
-        let (s1, n1) = (metric(&after, "enforcer_reconcile_seconds_sum"), metric(&after, "enforcer_reconcile_seconds_count"));
+        let (s0, n0) = (
+            metric(&before, "enforcer_reconcile_seconds_sum"),
+            metric(&before, "enforcer_reconcile_seconds_count"),
+        );
+        let (s1, n1) = (
+            metric(&after, "enforcer_reconcile_seconds_sum"),
+            metric(&after, "enforcer_reconcile_seconds_count"),
+        );
         lat.reconcile_mean_ms = (s1 - s0) / (n1 - n0) * 1e3;
         res.notes.push(format!(
             "policy-change run: the agent's enforcer_reconcile_seconds moved by {} reconciles, {:.3} s in all",
             n1 - n0,
             s1 - s0
         ));
-        eprintln!("    p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, timeouts {}", lat.p50_ms, lat.p99_ms, lat.max_ms, lat.timeouts);
+        eprintln!(
+            "    p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, timeouts {}",
+            lat.p50_ms, lat.p99_ms, lat.max_ms, lat.timeouts
+        );
         res.latency = Some(lat);
         bed.stop_agent(agent)?;
         let _ = std::fs::remove_file(bed.manifests.0.join("30-toggle.yaml"));
@@ -503,7 +618,8 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
         let (agent, ready) = bed.start_agent()?;
         let ours = load::crr(&bed.cli, bed.addr(PORT_CRR), warm, dur)?;
         if n >= 10_000 {
-            res.memory.push(memory(&agent, s.remote_pods + 2, n + 2, ready)?);
+            res.memory
+                .push(memory(&agent, s.remote_pods + 2, n + 2, ready)?);
         }
         bed.kill_agent_keep_programs(agent)?;
         let ours_po = load::crr(&bed.cli, bed.addr(PORT_CRR), warm, dur)?;
@@ -515,10 +631,16 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
         std::fs::write(&file, &text)?;
         let guard = NftGuard(bed.tb.node.clone());
         let t = Instant::now();
-        bed.tb.node_exec(&["nft", "-f", &file.to_string_lossy()]).context("loading the nftables ruleset")?;
+        bed.tb
+            .node_exec(&["nft", "-f", &file.to_string_lossy()])
+            .context("loading the nftables ruleset")?;
         let nft_load = t.elapsed().as_secs_f64();
         // Short TIME_WAIT tracking, so the conntrack table does not fill during the run.
-        let _ = bed.tb.node_exec(&["sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1"]);
+        let _ = bed.tb.node_exec(&[
+            "sysctl",
+            "-qw",
+            "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1",
+        ]);
         if !bed.reach(PORT_CRR)? || bed.reach(PORT_DENIED)? {
             bail!("the nftables ruleset does not enforce as expected");
         }
@@ -535,12 +657,22 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
             nft_crr: nft,
             ours_ready_secs: ready,
             nft_load_secs: nft_load,
-            nft_rules: text.lines().filter(|l| l.trim_start().starts_with("ip ") || l.trim_start().starts_with("jump ")).count(),
+            nft_rules: text
+                .lines()
+                .filter(|l| {
+                    l.trim_start().starts_with("ip ") || l.trim_start().starts_with("jump ")
+                })
+                .count(),
         };
         eprintln!(
             "    CRR/s: none {:.0}, ours {:.0} (programs only {:.0}), nft {:.0}; added ns/packet ours {:.0} ({:.0}), nft {:.0}",
-            row.baseline_crr.per_sec, row.ours_crr.per_sec, row.ours_programs_only_crr.per_sec, row.nft_crr.per_sec,
-            row.ours_added_ns_per_packet, row.ours_programs_only_added_ns_per_packet, row.nft_added_ns_per_packet
+            row.baseline_crr.per_sec,
+            row.ours_crr.per_sec,
+            row.ours_programs_only_crr.per_sec,
+            row.nft_crr.per_sec,
+            row.ours_added_ns_per_packet,
+            row.ours_programs_only_added_ns_per_packet,
+            row.nft_added_ns_per_packet
         );
         res.sweep.push(row);
         log(&res);
@@ -566,39 +698,44 @@ fn latency(bed: &Bed, s: &Settings) -> Result<Latency> {
     let to = bed.addr(PORT_TOGGLE);
     let toggles = s.toggles;
     let probe_timeout = Duration::from_millis(3);
-    let (allow, deny, timeouts) = in_netns(&bed.cli, move || -> Result<(Vec<f64>, Vec<f64>, usize)> {
-        let file = dir.join("30-toggle.yaml");
-        let tmp = dir.join(".toggle.tmp");
-        if load::reachable(to, Duration::from_millis(300)) {
-            bail!("the toggle port is open before the toggle policy exists");
-        }
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id()));
-        let (mut allow, mut deny, mut timeouts) = (Vec::new(), Vec::new(), 0);
-        for k in 0..toggles {
-            let want = k % 2 == 0;
-            // A random pause, so writes fall at every phase of the agent's folder polling.
-            std::thread::sleep(Duration::from_millis(150 + rng.next() % 200));
-            let t0 = Instant::now();
-            if want {
-                std::fs::write(&tmp, inputs::toggle_policy())?;
-                std::fs::rename(&tmp, &file)?;
-            } else {
-                std::fs::remove_file(&file)?;
+    let (allow, deny, timeouts) =
+        in_netns(&bed.cli, move || -> Result<(Vec<f64>, Vec<f64>, usize)> {
+            let file = dir.join("30-toggle.yaml");
+            let tmp = dir.join(".toggle.tmp");
+            if load::reachable(to, Duration::from_millis(300)) {
+                bail!("the toggle port is open before the toggle policy exists");
             }
-            loop {
-                if load::reachable(to, probe_timeout) == want {
-                    let ms = t0.elapsed().as_secs_f64() * 1e3;
-                    if want { allow.push(ms) } else { deny.push(ms) }
-                    break;
+            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id()));
+            let (mut allow, mut deny, mut timeouts) = (Vec::new(), Vec::new(), 0);
+            for k in 0..toggles {
+                let want = k % 2 == 0;
+                // A random pause, so writes fall at every phase of the agent's folder polling.
+                std::thread::sleep(Duration::from_millis(150 + rng.next() % 200));
+                let t0 = Instant::now();
+                if want {
+                    std::fs::write(&tmp, inputs::toggle_policy())?;
+                    std::fs::rename(&tmp, &file)?;
+                } else {
+                    std::fs::remove_file(&file)?;
                 }
-                if t0.elapsed() > Duration::from_secs(10) {
-                    timeouts += 1;
-                    break;
+                loop {
+                    if load::reachable(to, probe_timeout) == want {
+                        let ms = t0.elapsed().as_secs_f64() * 1e3;
+                        if want {
+                            allow.push(ms)
+                        } else {
+                            deny.push(ms)
+                        }
+                        break;
+                    }
+                    if t0.elapsed() > Duration::from_secs(10) {
+                        timeouts += 1;
+                        break;
+                    }
                 }
             }
-        }
-        Ok((allow, deny, timeouts))
-    })??;
+            Ok((allow, deny, timeouts))
+        })??;
     let all: Vec<f64> = allow.iter().chain(deny.iter()).copied().collect();
     Ok(Latency {
         pods: s.remote_pods + 2,
@@ -658,7 +795,11 @@ pub fn compile_bench(policies: usize, remote: usize, runs: usize) -> Result<Comp
     if !loaded.errors.is_empty() {
         bail!("generated manifests do not load: {}", loaded.errors[0]);
     }
-    let opts = CompileOptions { node_name: Some(NODE.into()), node_ips: vec![IpAddr::V4(NODE_V4)], ..Default::default() };
+    let opts = CompileOptions {
+        node_name: Some(NODE.into()),
+        node_ips: vec![IpAddr::V4(NODE_V4)],
+        ..Default::default()
+    };
     let mut times = Vec::new();
     let mut last = None;
     for _ in 0..runs.max(1) {
@@ -672,7 +813,11 @@ pub fn compile_bench(policies: usize, remote: usize, runs: usize) -> Result<Comp
     let t = Instant::now();
     let _ = compile(&loaded.cluster, &opts, &mut alloc);
     let recompile_secs = t.elapsed().as_secs_f64();
-    let all_opts = CompileOptions { node_name: None, node_ips: vec![IpAddr::V4(NODE_V4)], ..Default::default() };
+    let all_opts = CompileOptions {
+        node_name: None,
+        node_ips: vec![IpAddr::V4(NODE_V4)],
+        ..Default::default()
+    };
     let mut alloc = Allocations::new();
     let t = Instant::now();
     let all = compile(&loaded.cluster, &all_opts, &mut alloc);

@@ -103,7 +103,11 @@ fn sys_bpf(cmd: libc::c_long, attr: &mut Attr) -> std::io::Result<libc::c_long> 
     // SAFETY: attr is a 128-byte, 8-aligned bpf_attr that outlives the call; pointers inside it
     // point to buffers the caller keeps alive.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.0.as_mut_ptr(), attr.0.len()) };
-    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(rc) }
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
 }
 
 /// Loads `r0 = 0 (TC_ACT_OK); exit` as a SCHED_CLS program: the harness floor.
@@ -228,9 +232,16 @@ impl Drop for BpfMount {
 }
 
 fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip").args(args).output().context("running ip")?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip")?;
     if !out.status.success() {
-        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -251,7 +262,11 @@ fn median(v: &mut [f64]) -> f64 {
     }
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 fn median_u32(v: &[u32]) -> f64 {
@@ -299,7 +314,9 @@ pub fn run(settings: Settings) -> Result<Results> {
         drop(mount);
         Ok(Results { settings, rows })
     })?;
-    handle.join().map_err(|_| anyhow::anyhow!("test_run thread panicked"))?
+    handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("test_run thread panicked"))?
 }
 
 fn endpoint(id: u32, ip: Ipv4Addr) -> EndpointInfo {
@@ -316,7 +333,10 @@ fn endpoint(id: u32, ip: Ipv4Addr) -> EndpointInfo {
 }
 
 fn allow(dp: &mut Datapath, ep: u32, identity: u32, port: u16, rule: u32) -> Result<()> {
-    dp.policy.set(&PolicyKey::new(ep, identity, DIR_INGRESS, PROTO_TCP, port, 16), &PolicyValue { rule, _pad: 0 })
+    dp.policy.set(
+        &PolicyKey::new(ep, identity, DIR_INGRESS, PROTO_TCP, port, 16),
+        &PolicyValue { rule, _pad: 0 },
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -352,7 +372,8 @@ fn scenario(
     let peer = |identity| PeerInfo { identity, flags: 0 };
     dp.peers_v4.set(&CLIENT, &peer(ID_CLIENT))?;
     dp.peers_v4.set(&DENIED, &peer(ID_DENIED))?;
-    dp.peers_v4.set(&HOST, &peer(enforcer_common::IDENTITY_HOST))?;
+    dp.peers_v4
+        .set(&HOST, &peer(enforcer_common::IDENTITY_HOST))?;
     // An endpoint isolated in no direction, for the breakdown (id 1024: not a filler id).
     let mut open = endpoint(1024, Ipv4Addr::new(10, 0, 0, 2));
     open.flags = EP_HAS_V4;
@@ -366,7 +387,8 @@ fn scenario(
     let n_cidrs = (entries / 10).clamp(1, 10_000);
     for k in 0..n_cidrs {
         let addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + (k << 8));
-        dp.cidrs_v4.set(&Prefix { addr, len: 24 }, &peer(ID_CIDR + k % 100))?;
+        dp.cidrs_v4
+            .set(&Prefix { addr, len: 24 }, &peer(ID_CIDR + k % 100))?;
     }
     // Policy: the entries the measured flows need, then the fillers spread over the endpoints.
     allow(&mut dp, EP, ID_CLIENT, PORT, 1)?;
@@ -375,7 +397,13 @@ fn scenario(
     for i in 0..entries {
         let ep = 1 + i % endpoints;
         let j = i / endpoints;
-        allow(&mut dp, ep, 1000 + j % 4000, 1024 + (j / 4000) as u16, 10 + i)?;
+        allow(
+            &mut dp,
+            ep,
+            1000 + j % 4000,
+            1024 + (j / 4000) as u16,
+            10 + i,
+        )?;
     }
     let policy_map = dp.policy.keys()?.len();
     let peers_map = MapTable::<[u8; 4], PeerInfo>::keys(&dp.peers_v4)?.len();
@@ -414,22 +442,57 @@ fn scenario(
         }
         Ok(())
     };
-    expect(reason_of(&dp, &est, &ctx)?, 0, reason::ALLOW_POLICY, "first packet")?;
-    expect(reason_of(&dp, &est, &ctx)?, 0, reason::ALLOW_ESTABLISHED, "established")?;
-    expect(reason_of(&dp, &denied, &ctx)?, 2, reason::DROP_POLICY, "denied")?;
-    expect(reason_of(&dp, &est, &ctx_unmanaged)?, 0, reason::ALLOW_UNMANAGED, "unmanaged")?;
+    expect(
+        reason_of(&dp, &est, &ctx)?,
+        0,
+        reason::ALLOW_POLICY,
+        "first packet",
+    )?;
+    expect(
+        reason_of(&dp, &est, &ctx)?,
+        0,
+        reason::ALLOW_ESTABLISHED,
+        "established",
+    )?;
+    expect(
+        reason_of(&dp, &denied, &ctx)?,
+        2,
+        reason::DROP_POLICY,
+        "denied",
+    )?;
+    expect(
+        reason_of(&dp, &est, &ctx_unmanaged)?,
+        0,
+        reason::ALLOW_UNMANAGED,
+        "unmanaged",
+    )?;
     let probe_new = tcp_frame(CLIENT, POD, 1, PORT, SYN);
-    expect(reason_of(&dp, &probe_new, &ctx)?, 0, reason::ALLOW_POLICY, "new flow")?;
+    expect(
+        reason_of(&dp, &probe_new, &ctx)?,
+        0,
+        reason::ALLOW_POLICY,
+        "new flow",
+    )?;
     let probe_cidr = tcp_frame(CIDR_PEER, POD, 1, PORT, SYN);
-    expect(reason_of(&dp, &probe_cidr, &ctx)?, 0, reason::ALLOW_POLICY, "new flow ipBlock")?;
+    expect(
+        reason_of(&dp, &probe_cidr, &ctx)?,
+        0,
+        reason::ALLOW_POLICY,
+        "new flow ipBlock",
+    )?;
     if let Some(ev) = events.as_mut() {
         ev.drain();
     }
     let mut parts = Vec::new();
     if breakdown {
         let arp = {
-            let mut f = vec![0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02, 0, 0, 0, 0, 2, 0x08, 0x06];
-            f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 2, 10, 1, 0, 1, 0, 0, 0, 0, 0, 0, 10, 0, 0, 1]);
+            let mut f = vec![
+                0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02, 0, 0, 0, 0, 2, 0x08, 0x06,
+            ];
+            f.extend_from_slice(&[
+                0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 2, 10, 1, 0, 1, 0, 0, 0, 0, 0, 0, 10, 0, 0,
+                1,
+            ]);
             f.resize(64, 0);
             f
         };
@@ -440,15 +503,32 @@ fn scenario(
         expect(reason_of(&dp, &arp, &ctx)?, 0, reason::ALLOW_NON_IP, "arp")?;
         expect(reason_of(&dp, &selfp, &ctx)?, 0, reason::ALLOW_HOST, "self")?;
         expect(reason_of(&dp, &host, &ctx)?, 0, reason::ALLOW_HOST, "host")?;
-        expect(reason_of(&dp, &open_frame, &ctx_open)?, 0, reason::ALLOW_NOT_ISOLATED, "not isolated")?;
+        expect(
+            reason_of(&dp, &open_frame, &ctx_open)?,
+            0,
+            reason::ALLOW_NOT_ISOLATED,
+            "not isolated",
+        )?;
         let cases: [(&str, &[u8], &[u8]); 7] = [
             ("empty program (floor)", &est, &ctx),
-            ("unmanaged ifindex: ENDPOINTS miss + counter", &est, &ctx_unmanaged),
+            (
+                "unmanaged ifindex: ENDPOINTS miss + counter",
+                &est,
+                &ctx_unmanaged,
+            ),
             ("ARP: + scratch, Ethernet parse", &arp, &ctx),
             ("pod to itself: + IPv4/TCP parse", &selfp, &ctx),
             ("from the node: + peer (ipcache) hash lookup", &host, &ctx),
-            ("not isolated: + ktime, isolation check", &open_frame, &ctx_open),
-            ("established: + conntrack (LRU) lookup and update", &est, &ctx),
+            (
+                "not isolated: + ktime, isolation check",
+                &open_frame,
+                &ctx_open,
+            ),
+            (
+                "established: + conntrack (LRU) lookup and update",
+                &est,
+                &ctx,
+            ),
         ];
         for (i, (name, frame, c)) in cases.iter().enumerate() {
             let mut v = Vec::new();
@@ -461,7 +541,8 @@ fn scenario(
     }
 
     // Repeat figures, interleaved so drift hits all of them alike.
-    let (mut floor_runs, mut est_runs, mut denied_runs, mut unmanaged_runs) = (vec![], vec![], vec![], vec![]);
+    let (mut floor_runs, mut est_runs, mut denied_runs, mut unmanaged_runs) =
+        (vec![], vec![], vec![], vec![]);
     for _ in 0..s.runs {
         floor_runs.push(test_run(empty, &est, &ctx, s.repeat)?.1);
         est_runs.push(test_run(fd, &est, &ctx, s.repeat)?.1);
