@@ -233,6 +233,11 @@ pub struct CtKey {
 pub const CT_ORIGIN_A: u32 = 1 << 0;
 /// The flow was first seen leaving the pod (egress); otherwise entering it.
 pub const CT_ORIGIN_EGRESS: u32 = 1 << 1;
+/// A policy change revoked the flow: a tombstone. Every packet of it, from either side, is
+/// dropped as revoked until it has been silent for the non-TCP timeout (or a later policy
+/// allows it again), so neither a retransmission nor the other side's packets can re-open it
+/// as a new flow of a direction that is not isolated.
+pub const CT_REVOKED: u32 = 1 << 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]

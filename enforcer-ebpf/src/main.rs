@@ -22,8 +22,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use enforcer_common::{
-    CONFIG_LOG_ALLOWED, CT_ORIGIN_A, CT_ORIGIN_EGRESS, CtValue, DIR_EGRESS, DIR_INGRESS, EP_HAS_V4,
-    EP_HAS_V6, EndpointInfo, FAMILY_V4, FragValue, IDENTITY_HOST, reason,
+    CONFIG_LOG_ALLOWED, CT_ORIGIN_A, CT_ORIGIN_EGRESS, CT_REVOKED, CtValue, DIR_EGRESS, DIR_INGRESS, EP_HAS_V4,
+    EP_HAS_V6, EndpointInfo, FAMILY_V4, FragValue, IDENTITY_HOST, PROTO_UDP, reason,
 };
 
 use crate::{
@@ -195,7 +195,7 @@ fn track(
         );
         if let Some(e) = CONNTRACK.get_ptr(&s.ct) {
             let e = unsafe { &*e };
-            if now.wrapping_sub(e.last_seen_ns) <= timeout(i.proto) {
+            if e.flags & CT_REVOKED == 0 && now.wrapping_sub(e.last_seen_ns) <= timeout(i.proto) {
                 v.reason = reason::ALLOW_RELATED;
                 v.rule = e.rule;
                 return Ok(());
@@ -210,7 +210,13 @@ fn track(
     );
     if let Some(e) = CONNTRACK.get_ptr_mut(&s.ct) {
         let e = unsafe { &mut *e };
-        if now.wrapping_sub(e.last_seen_ns) <= timeout(pkt.proto) {
+        // A tombstone lives for the non-TCP timeout of silence, whatever the protocol.
+        let limit = if e.flags & CT_REVOKED != 0 {
+            timeout(PROTO_UDP)
+        } else {
+            timeout(pkt.proto)
+        };
+        if now.wrapping_sub(e.last_seen_ns) <= limit {
             let forward = src_is_a == (e.flags & CT_ORIGIN_A != 0);
             v.reason = if forward {
                 reason::ALLOW_ESTABLISHED
@@ -239,7 +245,12 @@ fn track(
                     match policy_lookup(ep, identity, odir, pkt.proto, oport) {
                         Some(rule) => rule,
                         None => {
-                            let _ = CONNTRACK.remove(&s.ct);
+                            // Keep a tombstone rather than forget the flow: forgotten, a
+                            // packet from the side that is not isolated would open it again.
+                            e.flags |= CT_REVOKED;
+                            e.epoch = ep.epoch;
+                            e.rule = 0;
+                            e.last_seen_ns = now;
                             v.reason = reason::DROP_REVOKED;
                             v.rule = 0;
                             return Ok(());
@@ -248,10 +259,15 @@ fn track(
                 } else {
                     0
                 };
+                e.flags &= !CT_REVOKED;
                 e.epoch = ep.epoch;
                 e.rule = rule;
             }
             e.last_seen_ns = now;
+            if e.flags & CT_REVOKED != 0 {
+                v.reason = reason::DROP_REVOKED;
+                return Ok(());
+            }
             v.rule = e.rule;
             return Ok(());
         }

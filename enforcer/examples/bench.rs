@@ -36,7 +36,8 @@ struct Args {
     /// A smaller, faster run (fewer repeats, shorter traffic runs).
     #[arg(long)]
     quick: bool,
-    /// Only these parts (comma-separated): testrun, net, compile.
+    /// Only these parts (comma-separated): testrun, compile, net (= traffic, latency, sweep),
+    /// or one section of net: traffic, latency (with agent memory), sweep.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Output folder (default: `bench/` in the workspace).
@@ -93,10 +94,11 @@ fn main() -> Result<()> {
         rep.write(&out, started)?;
     }
 
-    if want("net") {
+    let net_part = |p: &str| want("net") || args.only.iter().any(|o| o == p);
+    if net_part("traffic") || net_part("latency") || net_part("sweep") {
         eprintln!("[bench] pods in netns");
         let settings = net::Settings {
-            rounds: if quick { 1 } else { 2 },
+            rounds: if quick { 1 } else { 4 },
             iperf_secs: if quick { 3 } else { 6 },
             rate_secs: if quick { 2.0 } else { 4.0 },
             warmup_secs: if quick { 0.3 } else { 0.5 },
@@ -104,6 +106,9 @@ fn main() -> Result<()> {
             remote_pods: 1_000,
             policies: 1_000,
             toggles: if quick { 16 } else { 60 },
+            traffic: net_part("traffic"),
+            latency: net_part("latency"),
+            sweep: net_part("sweep"),
         };
         rep.net_settings = Some(settings.clone());
         let out2 = out.clone();

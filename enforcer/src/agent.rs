@@ -31,11 +31,17 @@ use crate::{
 const POLL: Duration = Duration::from_millis(100);
 /// How often the kernel state is re-checked without an input change (new veths, retries).
 const RESYNC: Duration = Duration::from_secs(1);
+/// How often a resync compares every map entry with the kernel rather than with what this
+/// process wrote (repairs drift made behind the agent's back).
+const VERIFY_KERNEL: Duration = Duration::from_secs(60);
+/// How often conntrack is counted for its fill ratio (a walk over the whole LRU map).
+const COUNT_CONNTRACK: Duration = Duration::from_secs(30);
 
 /// The compiled view the agent enforces now, shared with the flow log.
 #[derive(Default)]
 pub struct View {
-    pub state: DesiredState,
+    /// What each rule id of the policy map stands for.
+    pub rules: BTreeMap<u32, crate::state::RuleRef>,
     /// Endpoint id -> pod, identity -> description, for the flow log.
     pub pods_by_endpoint: BTreeMap<u32, String>,
     pub pods_by_ip: BTreeMap<IpAddr, String>,
@@ -66,6 +72,9 @@ impl Agent {
         let mut last_sync = Instant::now() - RESYNC;
         let mut dirty = false;
         let mut last_counters = Instant::now() - RESYNC;
+        let mut last_verify = Instant::now();
+        let mut last_ct_count: Option<Instant> = None;
+        let mut ct_entries = 0u64;
         // After a restart or an upgrade: point the links pinned by the previous process at this
         // build's programs, atomically. The maps are the pinned ones, so enforcement continues
         // unchanged until the first reconcile diffs them against the input.
@@ -124,17 +133,29 @@ impl Agent {
                     self.publish_view(&desired);
                     self.reconcile(&mut reconciler, &desired, started);
                     last_sync = Instant::now();
+                    release_free_memory();
                 }
                 dirty = false;
             } else if cluster.is_some() && last_sync.elapsed() >= RESYNC {
+                if last_verify.elapsed() >= VERIFY_KERNEL {
+                    reconciler.verify_kernel();
+                    last_verify = Instant::now();
+                }
                 self.reconcile(&mut reconciler, &desired, Instant::now());
                 last_sync = Instant::now();
             }
             if last_counters.elapsed() >= RESYNC {
-                self.publish_counters();
+                if last_ct_count.is_none_or(|t| t.elapsed() >= COUNT_CONNTRACK) {
+                    if let Ok(dp) = self.datapath.lock() {
+                        ct_entries = dp.conntrack.count().unwrap_or(0) as u64;
+                    }
+                    last_ct_count = Some(Instant::now());
+                }
+                self.publish_counters(&reconciler, ct_entries);
                 last_counters = Instant::now();
             }
-            std::thread::sleep(POLL);
+            // Wakes early when the source has news (a file written into the folder).
+            self.source.wait(POLL);
         }
         Ok(())
     }
@@ -164,9 +185,10 @@ impl Agent {
     }
 
     fn reconcile(&self, reconciler: &mut Reconciler, desired: &DesiredState, started: Instant) {
-        let result = match self.datapath.lock() {
-            Ok(mut dp) => reconciler.apply(desired, &mut *dp, &KernelRoutes),
-            Err(_) => return,
+        let result = match (KernelRoutes::read(), self.datapath.lock()) {
+            (Ok(routes), Ok(mut dp)) => reconciler.apply(desired, &mut *dp, &routes),
+            (Err(e), _) => Err(e),
+            (_, Err(_)) => return,
         };
         match result {
             Ok(report) => {
@@ -215,13 +237,13 @@ impl Agent {
             }
         }
         if let Ok(mut v) = self.view.lock() {
-            v.state = desired.clone();
+            v.rules = desired.rules.clone();
             v.pods_by_endpoint = pods_by_endpoint;
             v.pods_by_ip = pods_by_ip;
         }
     }
 
-    fn publish_counters(&self) {
+    fn publish_counters(&self, reconciler: &Reconciler, ct_entries: u64) {
         let Ok(dp) = self.datapath.lock() else { return };
         let Ok(counters) = dp.counters.read() else { return };
         let mut by_reason = vec![(0u64, 0u64); REASON_COUNT as usize];
@@ -246,13 +268,31 @@ impl Agent {
             self.status.events_lost.store(lost, Ordering::Relaxed);
         }
         let o = dp.options();
-        let mut maps = vec![
-            ("ENDPOINTS".to_string(), dp.endpoints.entries().map_or(0, |e| e.len()) as u64, u64::from(o.max_endpoints)),
-            ("POLICY".to_string(), dp.policy.entries().map_or(0, |e| e.len()) as u64, u64::from(o.policy_size)),
-            ("PEERS_V4".to_string(), dp.peers_v4.entries().map_or(0, |e| e.len()) as u64, u64::from(o.peers_size)),
-            ("PEERS_V6".to_string(), dp.peers_v6.entries().map_or(0, |e| e.len()) as u64, u64::from(o.peers_size)),
-        ];
-        maps.push(("CONNTRACK".to_string(), dp.conntrack.count().unwrap_or(0) as u64, u64::from(o.conntrack_size)));
+        let capacity = |name: &str| match name {
+            "ENDPOINTS" => o.max_endpoints,
+            "POLICY" => o.policy_size,
+            "CIDRS_V4" | "CIDRS_V6" => o.cidrs_size,
+            _ => o.peers_size,
+        };
+        // What the reconciler wrote is what the maps hold: no walk over 100k entries a second.
+        let mut maps: Vec<(String, u64, u64)> = reconciler
+            .written_sizes()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(name, n)| (name.to_string(), n as u64, u64::from(capacity(name))))
+            .collect();
+        maps.push(("CONNTRACK".to_string(), ct_entries, u64::from(o.conntrack_size)));
         self.status.set_maps(maps);
+    }
+}
+
+/// Hands the heap pages freed by a parse and compile back to the kernel. glibc keeps freed
+/// memory in its arenas, so without this the resident size stays at the peak of the largest
+/// recompile (all manifests parsed, the whole cluster compiled) for the agent's lifetime.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

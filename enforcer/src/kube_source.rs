@@ -213,12 +213,13 @@ pub fn snapshot(ns: &Store<Namespace>, pods: &Store<Pod>, pols: &Store<NetworkPo
     }
 }
 
-fn sorted<K>(store: &Store<K>) -> Vec<K>
+/// The Store's objects, shared with it (no copy of each object per snapshot).
+fn sorted<K>(store: &Store<K>) -> Vec<Arc<K>>
 where
     K: Resource + Clone + 'static,
     K::DynamicType: Eq + Hash + Clone,
 {
-    let mut objects: Vec<K> = store.state().iter().map(|o| K::clone(o)).collect();
+    let mut objects: Vec<Arc<K>> = store.state();
     objects.sort_by(|a, b| sort_key(a.meta()).cmp(&sort_key(b.meta())));
     objects
 }
@@ -311,6 +312,8 @@ mod tests {
     //! request fails the test instead of hanging it.
 
     use std::collections::BTreeMap;
+
+    use crate::policy::model::shared;
 
     use http::{Request, Response, StatusCode};
     use kube::client::Body;
@@ -1205,12 +1208,7 @@ mod tests {
         // With a node-local view only, the peer would be unknown: the all-pods reflector is
         // what makes cross-node podSelector peers work.
         let local_only = Cluster {
-            pods: c
-                .pods
-                .iter()
-                .filter(|p| pod_node(p) == Some(NODE))
-                .cloned()
-                .collect(),
+            pods: c.pods.iter().filter(|p| pod_node(p) == Some(NODE)).cloned().collect(),
             ..Cluster::clone(&c)
         };
         let compiled = compile(&local_only, &opts, &mut Allocations::new());
@@ -1265,7 +1263,7 @@ mod tests {
         trim_pod(&mut p);
         trim_pod(&mut host);
         let cluster = Cluster {
-            pods: vec![p.clone(), host],
+            pods: shared(vec![p.clone(), host]),
             ..Cluster::default()
         };
         // The host-network pod stays out of policy after trimming, the other stays in.

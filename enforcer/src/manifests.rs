@@ -7,6 +7,7 @@ use std::{
     collections::BTreeSet,
     fmt,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use anyhow::Context as _;
@@ -207,25 +208,28 @@ fn load_value(
         };
     match kind.as_str() {
         "Namespace" => match typed::<Namespace>(v) {
-            Ok(o) => {
+            Ok(mut o) => {
+                label_namespace(&mut o);
                 if first(loaded, &o.metadata) {
-                    loaded.cluster.namespaces.push(o);
+                    loaded.cluster.namespaces.push(Arc::new(o));
                 }
             }
             Err(m) => fail(loaded, m),
         },
         "Pod" => match typed::<Pod>(v) {
-            Ok(o) => {
+            Ok(mut o) => {
+                o.metadata.namespace.get_or_insert_with(|| "default".into());
                 if first(loaded, &o.metadata) {
-                    loaded.cluster.pods.push(o);
+                    loaded.cluster.pods.push(Arc::new(o));
                 }
             }
             Err(m) => fail(loaded, m),
         },
         "NetworkPolicy" => match typed::<NetworkPolicy>(v) {
-            Ok(o) => {
+            Ok(mut o) => {
+                o.metadata.namespace.get_or_insert_with(|| "default".into());
                 if first(loaded, &o.metadata) {
-                    loaded.cluster.policies.push(o);
+                    loaded.cluster.policies.push(Arc::new(o));
                 }
             }
             Err(m) => fail(loaded, m),
@@ -249,15 +253,57 @@ fn load_value(
     }
 }
 
+/// Appends the objects of `part` (one file, loaded on its own) to `into`, as if the file had
+/// been loaded into `into` directly: an object already defined by an earlier file is reported
+/// and left out. Call [`finish`] after the last file.
+pub fn merge(file: &Path, part: &Loaded, into: &mut Loaded) {
+    into.errors.extend(part.errors.iter().cloned());
+    into.ignored.extend(part.ignored.iter().cloned());
+    let first = |into: &mut Loaded, kind: &str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+        let ns = if kind == "Namespace" { String::new() } else { crate::policy::validate::namespace_of(meta) };
+        let name = meta.name.clone().unwrap_or_default();
+        let object = if ns.is_empty() { format!("{kind} {name}") } else { format!("{kind} {ns}/{name}") };
+        into.seen.insert((kind.to_string(), ns, name)) || {
+            into.errors.push(FileError {
+                file: file.to_path_buf(),
+                document: None,
+                object: Some(object),
+                message: "defined more than once; the first definition is used".into(),
+            });
+            false
+        }
+    };
+    for o in &part.cluster.namespaces {
+        if first(into, "Namespace", &o.metadata) {
+            into.cluster.namespaces.push(o.clone());
+        }
+    }
+    for o in &part.cluster.pods {
+        if first(into, "Pod", &o.metadata) {
+            into.cluster.pods.push(o.clone());
+        }
+    }
+    for o in &part.cluster.policies {
+        if first(into, "NetworkPolicy", &o.metadata) {
+            into.cluster.policies.push(o.clone());
+        }
+    }
+}
+
 /// After loading: default namespaces to `default`, give every namespace the API server's
 /// `kubernetes.io/metadata.name` label, and create the namespaces that are used but not declared.
 pub fn finish(loaded: &mut Loaded) {
     let c = &mut loaded.cluster;
+    // Objects are normalised as they load; these only touch (and so copy) one that is not.
     for p in &mut c.pods {
-        p.metadata.namespace.get_or_insert_with(|| "default".into());
+        if p.metadata.namespace.is_none() {
+            Arc::make_mut(p).metadata.namespace = Some("default".into());
+        }
     }
     for p in &mut c.policies {
-        p.metadata.namespace.get_or_insert_with(|| "default".into());
+        if p.metadata.namespace.is_none() {
+            Arc::make_mut(p).metadata.namespace = Some("default".into());
+        }
     }
     let declared: BTreeSet<String> = c
         .namespaces
@@ -272,21 +318,32 @@ pub fn finish(loaded: &mut Loaded) {
         .filter_map(|m| m.namespace.clone())
         .collect();
     for ns in used.difference(&declared) {
-        c.namespaces.push(Namespace {
+        let mut n = Namespace {
             metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
                 name: Some(ns.clone()),
                 ..Default::default()
             },
             ..Default::default()
-        });
+        };
+        label_namespace(&mut n);
+        c.namespaces.push(Arc::new(n));
     }
     for n in &mut c.namespaces {
-        let name = n.metadata.name.clone().unwrap_or_default();
-        n.metadata
-            .labels
-            .get_or_insert_with(Default::default)
-            .insert(NAMESPACE_NAME_LABEL.into(), name);
+        let name = n.metadata.name.as_deref().unwrap_or_default();
+        let labelled = n.metadata.labels.as_ref().and_then(|l| l.get(NAMESPACE_NAME_LABEL)).map(String::as_str);
+        if labelled != Some(name) {
+            label_namespace(Arc::make_mut(n));
+        }
     }
+}
+
+/// Gives a namespace the `kubernetes.io/metadata.name` label the API server sets.
+fn label_namespace(n: &mut Namespace) {
+    let name = n.metadata.name.clone().unwrap_or_default();
+    n.metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert(NAMESPACE_NAME_LABEL.into(), name);
 }
 
 #[cfg(test)]
@@ -348,8 +405,7 @@ spec:
         let pods: Vec<_> = c
             .pods
             .iter()
-            .map(crate::policy::model::pod_ref)
-            .map(|r| r.to_string())
+            .map(|p| crate::policy::model::pod_ref(p).to_string())
             .collect();
         assert_eq!(pods, ["x/a", "default/b"]);
         assert_eq!(c.policies.len(), 1);

@@ -21,19 +21,25 @@ pub trait MapTable<K, V> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FakeTable<K: Ord, V> {
     pub entries: BTreeMap<K, V>,
+    /// Make every `set` fail (a full map, a kernel error), to test what a failure leaves behind.
+    pub fail_writes: bool,
+    /// `get` + `keys` calls so far: what a kernel would have been asked.
+    pub reads: std::cell::Cell<usize>,
 }
 
 impl<K: Ord, V> Default for FakeTable<K, V> {
     fn default() -> Self {
-        Self { entries: BTreeMap::new() }
+        Self { entries: BTreeMap::new(), fail_writes: false, reads: std::cell::Cell::new(0) }
     }
 }
 
 impl<K: Ord + Clone, V: Clone> MapTable<K, V> for FakeTable<K, V> {
     fn get(&self, key: &K) -> Result<Option<V>> {
+        self.reads.set(self.reads.get() + 1);
         Ok(self.entries.get(key).cloned())
     }
     fn set(&mut self, key: &K, value: &V) -> Result<()> {
+        anyhow::ensure!(!self.fail_writes, "write refused");
         self.entries.insert(key.clone(), value.clone());
         Ok(())
     }
@@ -42,6 +48,7 @@ impl<K: Ord + Clone, V: Clone> MapTable<K, V> for FakeTable<K, V> {
         Ok(())
     }
     fn keys(&self) -> Result<Vec<K>> {
+        self.reads.set(self.reads.get() + 1);
         Ok(self.entries.keys().cloned().collect())
     }
 }
@@ -86,6 +93,40 @@ where
         }
     }
     Ok(removed)
+}
+
+/// First half of a sync against `written`, what this process last wrote to `table`: writes the
+/// desired entries that are missing or different there, without reading the kernel.
+pub fn diff_upserts<K, V, T>(desired: &BTreeMap<K, V>, written: &BTreeMap<K, V>, table: &mut T) -> Result<usize>
+where
+    K: Ord,
+    V: PartialEq,
+    T: MapTable<K, V> + ?Sized,
+{
+    let mut n = 0;
+    for (k, v) in desired {
+        if written.get(k) != Some(v) {
+            table.set(k, v)?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Second half of a sync against `written`: removes what was written and is no longer desired.
+pub fn diff_removals<K, V, T>(desired: &BTreeMap<K, V>, written: &BTreeMap<K, V>, table: &mut T) -> Result<usize>
+where
+    K: Ord,
+    T: MapTable<K, V> + ?Sized,
+{
+    let mut n = 0;
+    for k in written.keys() {
+        if !desired.contains_key(k) {
+            table.remove(k)?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 #[cfg(test)]

@@ -3,6 +3,12 @@
 //! endpoint entries before their programs are attached), then stale entries go in the reverse
 //! order. It starts from what the maps hold, so after a restart it adopts the pinned state and
 //! changes only what differs.
+//!
+//! After one full comparison with the kernel it keeps a shadow of what it wrote and diffs the
+//! next desired state against that, in memory: a policy change costs syscalls for the entries
+//! that change, not for the 100k that do not. Any failed write drops the shadow (the next apply
+//! compares with the kernel again), and [`Reconciler::verify_kernel`] forces such a comparison
+//! now and then, to repair drift made behind the agent's back.
 
 use std::{
     collections::{BTreeMap, BTreeSet, hash_map::DefaultHasher},
@@ -14,7 +20,7 @@ use anyhow::{Context as _, Result};
 use enforcer_common::{EndpointInfo, PeerInfo, PolicyKey, PolicyValue};
 
 use crate::{
-    maps::{MapTable, sync_removals, sync_upserts},
+    maps::{MapTable, diff_removals, diff_upserts, sync_removals, sync_upserts},
     routes::Routes,
     state::{DesiredState, PodRef, Prefix},
 };
@@ -65,11 +71,66 @@ impl Report {
 pub struct Reconciler {
     epochs: BTreeMap<u32, (u32, u64)>,
     adopted: bool,
+    /// What the maps hold, as of the last apply that succeeded; `None` until the first one, after
+    /// a failure and after [`Reconciler::verify_kernel`].
+    shadow: Option<Shadow>,
+}
+
+/// The map contents this process last wrote, keyed as in the kernel.
+#[derive(Debug, Default)]
+struct Shadow {
+    endpoints: BTreeMap<u32, EndpointInfo>,
+    peers_v4: BTreeMap<[u8; 4], PeerInfo>,
+    peers_v6: BTreeMap<[u8; 16], PeerInfo>,
+    cidrs_v4: BTreeMap<Prefix<Ipv4Addr>, PeerInfo>,
+    cidrs_v6: BTreeMap<Prefix<Ipv6Addr>, PeerInfo>,
+    policy: BTreeMap<PolicyKey, PolicyValue>,
+}
+
+/// Phase 1 for one map: against the shadow when there is one, else against the kernel.
+macro_rules! upserts {
+    ($shadow:expr, $field:ident, $desired:expr, $table:expr, $name:literal) => {
+        match &$shadow {
+            Some(s) => diff_upserts($desired, &s.$field, $table),
+            None => sync_upserts($desired, $table),
+        }
+        .context(concat!("writing ", $name))?
+    };
+}
+
+/// Phase 3 for one map, the same way.
+macro_rules! removals {
+    ($shadow:expr, $field:ident, $desired:expr, $table:expr, $name:literal) => {
+        match &$shadow {
+            Some(s) => diff_removals($desired, &s.$field, $table),
+            None => sync_removals($desired, $table),
+        }
+        .context(concat!("removing from ", $name))?
+    };
 }
 
 impl Reconciler {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Makes the next apply compare every entry with the kernel instead of the shadow.
+    pub fn verify_kernel(&mut self) {
+        self.shadow = None;
+    }
+
+    /// Entries per map as last written (name, entries), once an apply has succeeded: the map
+    /// fill the metrics report, without walking the kernel maps.
+    pub fn written_sizes(&self) -> Option<Vec<(&'static str, usize)>> {
+        let s = self.shadow.as_ref()?;
+        Some(vec![
+            ("ENDPOINTS", s.endpoints.len()),
+            ("POLICY", s.policy.len()),
+            ("PEERS_V4", s.peers_v4.len()),
+            ("PEERS_V6", s.peers_v6.len()),
+            ("CIDRS_V4", s.cidrs_v4.len()),
+            ("CIDRS_V6", s.cidrs_v6.len()),
+        ])
     }
 
     /// Programs `desired` into `dp`.
@@ -107,13 +168,17 @@ impl Reconciler {
         let peers_v4: BTreeMap<[u8; 4], PeerInfo> = desired.peers_v4.iter().map(|(a, p)| (a.octets(), *p)).collect();
         let peers_v6: BTreeMap<[u8; 16], PeerInfo> = desired.peers_v6.iter().map(|(a, p)| (a.octets(), *p)).collect();
 
+        // Taken out while writing: an error below leaves it `None`, so the next apply compares
+        // with the kernel.
+        let shadow = self.shadow.take();
+
         // 1. Additions and changes, the peers and policy an endpoint needs before the endpoint.
-        report.written += sync_upserts(&peers_v4, dp.peers_v4()).context("writing PEERS_V4")?;
-        report.written += sync_upserts(&peers_v6, dp.peers_v6()).context("writing PEERS_V6")?;
-        report.written += sync_upserts(&desired.cidrs_v4, dp.cidrs_v4()).context("writing CIDRS_V4")?;
-        report.written += sync_upserts(&desired.cidrs_v6, dp.cidrs_v6()).context("writing CIDRS_V6")?;
-        report.written += sync_upserts(&desired.policy, dp.policy()).context("writing POLICY")?;
-        report.written += sync_upserts(&endpoints, dp.endpoints()).context("writing ENDPOINTS")?;
+        report.written += upserts!(shadow, peers_v4, &peers_v4, dp.peers_v4(), "PEERS_V4");
+        report.written += upserts!(shadow, peers_v6, &peers_v6, dp.peers_v6(), "PEERS_V6");
+        report.written += upserts!(shadow, cidrs_v4, &desired.cidrs_v4, dp.cidrs_v4(), "CIDRS_V4");
+        report.written += upserts!(shadow, cidrs_v6, &desired.cidrs_v6, dp.cidrs_v6(), "CIDRS_V6");
+        report.written += upserts!(shadow, policy, &desired.policy, dp.policy(), "POLICY");
+        report.written += upserts!(shadow, endpoints, &endpoints, dp.endpoints(), "ENDPOINTS");
 
         // 2. Programs on new interfaces (their endpoint entry exists now).
         let attached = dp.attached().context("listing attached interfaces")?;
@@ -134,16 +199,24 @@ impl Reconciler {
         }
         let live_ids: BTreeSet<u32> = desired.endpoints.values().map(|e| e.info.id).collect();
         let gone_ids: Vec<u32> = self.epochs.keys().copied().filter(|id| !live_ids.contains(id)).collect();
-        report.removed += sync_removals(&endpoints, dp.endpoints()).context("removing from ENDPOINTS")?;
+        report.removed += removals!(shadow, endpoints, &endpoints, dp.endpoints(), "ENDPOINTS");
         for id in gone_ids {
             dp.forget_flows(id).with_context(|| format!("forgetting flows of endpoint {id}"))?;
             self.epochs.remove(&id);
         }
-        report.removed += sync_removals(&desired.policy, dp.policy()).context("removing from POLICY")?;
-        report.removed += sync_removals(&desired.cidrs_v6, dp.cidrs_v6()).context("removing from CIDRS_V6")?;
-        report.removed += sync_removals(&desired.cidrs_v4, dp.cidrs_v4()).context("removing from CIDRS_V4")?;
-        report.removed += sync_removals(&peers_v6, dp.peers_v6()).context("removing from PEERS_V6")?;
-        report.removed += sync_removals(&peers_v4, dp.peers_v4()).context("removing from PEERS_V4")?;
+        report.removed += removals!(shadow, policy, &desired.policy, dp.policy(), "POLICY");
+        report.removed += removals!(shadow, cidrs_v6, &desired.cidrs_v6, dp.cidrs_v6(), "CIDRS_V6");
+        report.removed += removals!(shadow, cidrs_v4, &desired.cidrs_v4, dp.cidrs_v4(), "CIDRS_V4");
+        report.removed += removals!(shadow, peers_v6, &peers_v6, dp.peers_v6(), "PEERS_V6");
+        report.removed += removals!(shadow, peers_v4, &peers_v4, dp.peers_v4(), "PEERS_V4");
+        self.shadow = Some(Shadow {
+            endpoints,
+            peers_v4,
+            peers_v6,
+            cidrs_v4: desired.cidrs_v4.clone(),
+            cidrs_v6: desired.cidrs_v6.clone(),
+            policy: desired.policy.clone(),
+        });
         Ok(report)
     }
 
@@ -324,5 +397,42 @@ mod tests {
         assert!(rep.attached.is_empty(), "links were adopted, not re-created");
         assert_eq!(dp.endpoints.entries[&11].epoch, before + 1);
         assert_eq!(rep.removed, 0);
+    }
+
+    #[test]
+    fn later_applies_diff_against_the_shadow_and_verify_kernel_repairs_drift() {
+        let mut dp = FakeDataplane::default();
+        let mut r = Reconciler::new();
+        r.apply(&state(80, true), &mut dp, &routes()).unwrap();
+        let reads = dp.policy.reads.get();
+        let rep = r.apply(&state(81, true), &mut dp, &routes()).unwrap();
+        assert_eq!((rep.written, rep.removed), (2, 1));
+        assert_eq!(dp.policy.reads.get(), reads, "a change is diffed in memory, not read back");
+        // Drift behind the agent's back: unseen until the kernel is verified, then repaired.
+        let key = PolicyKey::new(1, 301, DIR_INGRESS, PROTO_TCP, 81, 16);
+        dp.policy.entries.remove(&key);
+        dp.policy.entries.insert(PolicyKey::new(9, 9, DIR_INGRESS, PROTO_TCP, 9, 16), PolicyValue { rule: 9, _pad: 0 });
+        let rep = r.apply(&state(81, true), &mut dp, &routes()).unwrap();
+        assert_eq!((rep.written, rep.removed), (0, 0));
+        r.verify_kernel();
+        let rep = r.apply(&state(81, true), &mut dp, &routes()).unwrap();
+        assert_eq!((rep.written, rep.removed), (1, 1));
+        assert_eq!(dp.policy.entries, state(81, true).policy);
+    }
+
+    #[test]
+    fn a_failed_write_makes_the_next_apply_compare_with_the_kernel() {
+        let mut dp = FakeDataplane::default();
+        let mut r = Reconciler::new();
+        r.apply(&state(80, true), &mut dp, &routes()).unwrap();
+        dp.policy.fail_writes = true;
+        assert!(r.apply(&state(81, true), &mut dp, &routes()).is_err());
+        assert!(dp.policy.entries.contains_key(&PolicyKey::new(1, 301, DIR_INGRESS, PROTO_TCP, 80, 16)), "nothing removed");
+        assert!(r.written_sizes().is_none(), "shadow dropped");
+        dp.policy.fail_writes = false;
+        let reads = dp.policy.reads.get();
+        r.apply(&state(81, true), &mut dp, &routes()).unwrap();
+        assert!(dp.policy.reads.get() > reads, "compared with the kernel");
+        assert_eq!(dp.policy.entries, state(81, true).policy);
     }
 }

@@ -11,23 +11,29 @@ pub trait Routes {
 }
 
 /// Routes from the kernel's main table (`/proc/net/route`, `/proc/net/ipv6_route`) of the
-/// network namespace the agent runs in. Only device routes without a gateway count: a pod's
-/// route points at its veth, never through a gateway.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct KernelRoutes;
+/// network namespace the agent runs in, read once per [`KernelRoutes::read`] (a reconcile
+/// resolves every pod against one snapshot, not one read of the tables per pod). Only device
+/// routes without a gateway count: a pod's route points at its veth, never through a gateway.
+#[derive(Clone, Debug, Default)]
+pub struct KernelRoutes {
+    v4: String,
+    v6: String,
+}
+
+impl KernelRoutes {
+    /// A snapshot of both tables (a missing IPv6 table reads as empty).
+    pub fn read() -> Result<Self> {
+        let v4 = std::fs::read_to_string("/proc/net/route").context("reading /proc/net/route")?;
+        let v6 = std::fs::read_to_string("/proc/net/ipv6_route").unwrap_or_default();
+        Ok(Self { v4, v6 })
+    }
+}
 
 impl Routes for KernelRoutes {
     fn ifindex_for(&self, ip: IpAddr) -> Result<Option<u32>> {
         let iface = match ip {
-            IpAddr::V4(a) => {
-                let table = std::fs::read_to_string("/proc/net/route").context("reading /proc/net/route")?;
-                best_v4(&table, a)
-            }
-            IpAddr::V6(a) => {
-                let table =
-                    std::fs::read_to_string("/proc/net/ipv6_route").context("reading /proc/net/ipv6_route")?;
-                best_v6(&table, a)
-            }
+            IpAddr::V4(a) => best_v4(&self.v4, a),
+            IpAddr::V6(a) => best_v6(&self.v6, a),
         };
         let Some(iface) = iface else { return Ok(None) };
         Ok(ifindex(&iface))

@@ -6,9 +6,9 @@
 //! broken edit never opens or closes traffic it does not name.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
-    time::SystemTime,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
@@ -31,6 +31,14 @@ pub enum Source {
 }
 
 impl Source {
+    /// Waits up to `timeout` for news: returns early when the manifests folder changes.
+    pub fn wait(&mut self, timeout: Duration) {
+        match self {
+            Self::Manifests(m) => m.wait(timeout),
+            Self::Kube(_) => std::thread::sleep(timeout),
+        }
+    }
+
     /// `Some` when the cluster changed: the cluster and the problems found.
     pub fn poll(&mut self) -> Result<Option<(Cluster, Vec<Problem>)>> {
         match self {
@@ -45,90 +53,317 @@ impl Source {
     }
 }
 
+/// How often the folder is scanned when no event says it changed: the safety net for missed
+/// events and for filesystems without inotify.
+const SCAN_WITHOUT_EVENTS: Duration = Duration::from_secs(1);
+
+/// A file inotify says is still open for writing is read by the hold-still rule only after its
+/// content held still this long (a writer that never closes it still gets applied).
+const SETTLE_OPEN_WRITER: Duration = Duration::from_secs(2);
+
+/// What identifies one version of a file: inode, size, change and modification times.
+type Fingerprint = (u64, u64, i64, i64, i64, i64);
+
+fn fingerprint(path: &Path) -> Option<Fingerprint> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()))
+}
+
+/// One file as last read.
+#[derive(Debug)]
+struct FileState {
+    fingerprint: Option<Fingerprint>,
+    /// Its objects as of the last version that loaded without error.
+    good: Option<Loaded>,
+    /// Problems of the version read last.
+    problems: Vec<Problem>,
+}
+
 /// Reads a manifests folder when it changes, keeping the last good version of each file.
+///
+/// Only files that changed are read and parsed again. A changed file is read once it is
+/// complete: inotify saw it closed after writing or renamed into the folder (the way
+/// `kubectl`-style tools and ConfigMap mounts replace files), or, failing that, it held still
+/// from one scan to the next, so a file caught half-written is never applied.
 #[derive(Debug)]
 pub struct ManifestsSource {
     dir: PathBuf,
-    /// What the folder looked like at the last read: (name, modified, length).
-    fingerprint: Vec<(PathBuf, Option<SystemTime>, u64)>,
-    /// What it looked like at the last poll: a change is read once it holds still for one
-    /// poll, so a file caught half-written (truncated, then filled) is never applied.
-    settling: Option<Vec<(PathBuf, Option<SystemTime>, u64)>>,
+    watch: Option<DirWatch>,
+    files: BTreeMap<PathBuf, FileState>,
+    /// Fingerprints at the previous scan and since when each was seen, for the hold-still rule.
+    previous_scan: BTreeMap<PathBuf, (Option<Fingerprint>, Instant)>,
+    /// Names inotify saw closed after writing or moved in, since they were last read.
+    complete: BTreeSet<PathBuf>,
+    /// Names inotify saw created or modified and not yet closed.
+    writing: BTreeSet<PathBuf>,
+    /// Scan at the next poll: an event arrived, or a change is waiting to hold still.
+    rescan: bool,
+    last_scan: Option<Instant>,
     read_once: bool,
-    /// Last text of each file that parsed without error.
-    good: BTreeMap<PathBuf, String>,
 }
 
 impl ManifestsSource {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into(), fingerprint: Vec::new(), settling: None, read_once: false, good: BTreeMap::new() }
+        let dir = dir.into();
+        let watch = match DirWatch::new(&dir) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                log::warn!("cannot watch {} with inotify ({e}); scanning it every second", dir.display());
+                None
+            }
+        };
+        Self {
+            dir,
+            watch,
+            files: BTreeMap::new(),
+            previous_scan: BTreeMap::new(),
+            complete: BTreeSet::new(),
+            writing: BTreeSet::new(),
+            rescan: true,
+            last_scan: None,
+            read_once: false,
+        }
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// `Some` when the folder changed since the last read (or on the first read) and has held
-    /// still since the previous call: the cluster to enforce and the problems found. `Err` only
-    /// when the folder cannot be listed.
-    pub fn poll(&mut self) -> Result<Option<(Cluster, Vec<Problem>)>> {
-        let files = manifest_files(&self.dir)?;
-        let fingerprint: Vec<_> = files
-            .iter()
-            .map(|f| {
-                let md = std::fs::metadata(f).ok();
-                (f.clone(), md.as_ref().and_then(|m| m.modified().ok()), md.map_or(0, |m| m.len()))
-            })
-            .collect();
-        if self.read_once && fingerprint == self.fingerprint {
-            self.settling = None;
-            return Ok(None);
-        }
-        if self.settling.as_ref() != Some(&fingerprint) {
-            self.settling = Some(fingerprint);
-            return Ok(None);
-        }
-        self.settling = None;
-        self.read_once = true;
-        self.fingerprint = fingerprint;
-        let mut problems = Vec::new();
-        let mut chosen: Vec<(PathBuf, String)> = Vec::new();
-        for file in &files {
-            let text = match std::fs::read_to_string(file) {
-                Ok(t) => t,
-                Err(e) => {
-                    problems.push(format!("{}: cannot read: {e}", file.display()));
-                    if let Some(old) = self.good.get(file) {
-                        chosen.push((file.clone(), old.clone()));
+    /// Waits up to `timeout` for the folder to change (returns early on an inotify event).
+    pub fn wait(&mut self, timeout: Duration) {
+        let Some(w) = &self.watch else {
+            std::thread::sleep(timeout);
+            return;
+        };
+        match w.wait(timeout) {
+            Ok(events) => {
+                for (name, kind) in events {
+                    log::trace!("inotify: {name:?} {kind:?}");
+                    self.rescan = true;
+                    let Some(name) = name else { continue };
+                    let path = self.dir.join(name);
+                    match kind {
+                        WatchEvent::Writing => {
+                            self.complete.remove(&path);
+                            self.writing.insert(path);
+                        }
+                        WatchEvent::Complete => {
+                            self.writing.remove(&path);
+                            self.complete.insert(path);
+                        }
+                        WatchEvent::Gone => {
+                            self.writing.remove(&path);
+                            self.complete.remove(&path);
+                        }
+                        WatchEvent::Other => {}
                     }
-                    continue;
-                }
-            };
-            let mut scratch = Loaded::default();
-            manifests::load_text(file, &text, &mut scratch);
-            if scratch.errors.is_empty() {
-                self.good.insert(file.clone(), text.clone());
-                chosen.push((file.clone(), text));
-            } else {
-                problems.extend(scratch.errors.iter().map(FileError::to_string));
-                match self.good.get(file) {
-                    Some(old) => {
-                        problems.push(format!("{}: keeping its last good version", file.display()));
-                        chosen.push((file.clone(), old.clone()));
-                    }
-                    None => problems.push(format!("{}: not applied (no earlier good version)", file.display())),
                 }
             }
+            Err(e) => {
+                log::warn!("inotify on {}: {e}; scanning it every second", self.dir.display());
+                self.watch = None;
+            }
+        }
+    }
+
+    /// `Some` when the folder changed since the last read (or on the first read): the cluster
+    /// to enforce and the problems found. `Err` only when the folder cannot be listed.
+    pub fn poll(&mut self) -> Result<Option<(Cluster, Vec<Problem>)>> {
+        let due = self.rescan
+            || self.watch.is_none()
+            || self.last_scan.is_none_or(|t| t.elapsed() >= SCAN_WITHOUT_EVENTS);
+        if !due {
+            return Ok(None);
+        }
+        self.rescan = false;
+        self.last_scan = Some(Instant::now());
+        let now = Instant::now();
+        let mut scan: BTreeMap<PathBuf, (Option<Fingerprint>, Instant)> = BTreeMap::new();
+        for f in manifest_files(&self.dir)? {
+            let fp = fingerprint(&f);
+            let since = match self.previous_scan.get(&f) {
+                Some((old, since)) if *old == fp => *since,
+                _ => now,
+            };
+            scan.insert(f, (fp, since));
+        }
+        let mut changed = false;
+        for (file, (fp, since)) in &scan {
+            if self.files.get(file).is_some_and(|s| s.fingerprint == *fp) {
+                continue;
+            }
+            let is_complete = self.complete.contains(file) && !self.writing.contains(file);
+            let held_still = *since < now
+                && (!self.writing.contains(file) || now.duration_since(*since) >= SETTLE_OPEN_WRITER);
+            if !is_complete && !held_still {
+                // Look again at the next poll.
+                self.rescan = true;
+                continue;
+            }
+            log::debug!(
+                "reading {} ({})",
+                file.display(),
+                if is_complete { "closed or moved in" } else { "held still" }
+            );
+            self.complete.remove(file);
+            self.writing.remove(file);
+            self.read_file(file, *fp);
+            changed = true;
         }
         // Files that were deleted are deleted, not kept.
-        self.good.retain(|f, _| files.contains(f));
+        let before = self.files.len();
+        self.files.retain(|f, _| scan.contains_key(f));
+        changed |= self.files.len() != before;
+        self.previous_scan = scan;
+        if !changed && self.read_once {
+            return Ok(None);
+        }
+        if self.rescan && !self.read_once {
+            // The first read waits until every file is complete.
+            return Ok(None);
+        }
+        self.read_once = true;
+        let mut problems = Vec::new();
         let mut loaded = Loaded::default();
-        for (file, text) in &chosen {
-            manifests::load_text(file, text, &mut loaded);
+        for (file, state) in &self.files {
+            problems.extend(state.problems.iter().cloned());
+            if let Some(good) = &state.good {
+                manifests::merge(file, good, &mut loaded);
+            }
         }
         manifests::finish(&mut loaded);
         problems.extend(loaded.errors.iter().map(FileError::to_string));
         Ok(Some((loaded.cluster, problems)))
+    }
+
+    /// Reads and parses one file; a version that does not load keeps the last good one.
+    fn read_file(&mut self, file: &Path, fingerprint: Option<Fingerprint>) {
+        let state = self.files.entry(file.to_path_buf()).or_insert(FileState {
+            fingerprint: None,
+            good: None,
+            problems: Vec::new(),
+        });
+        state.fingerprint = fingerprint;
+        state.problems.clear();
+        let mut problems = Vec::new();
+        match std::fs::read_to_string(file) {
+            Ok(text) => {
+                let mut part = Loaded::default();
+                manifests::load_text(file, &text, &mut part);
+                if part.errors.is_empty() {
+                    state.good = Some(part);
+                } else {
+                    problems.extend(part.errors.iter().map(FileError::to_string));
+                }
+            }
+            Err(e) => problems.push(format!("{}: cannot read: {e}", file.display())),
+        }
+        if !problems.is_empty() {
+            if state.good.is_some() {
+                problems.push(format!("{}: keeping its last good version", file.display()));
+            } else {
+                problems.push(format!("{}: not applied (no earlier good version)", file.display()));
+            }
+        }
+        state.problems = problems;
+    }
+}
+
+/// What an inotify event says about one name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WatchEvent {
+    /// Created or modified: being written.
+    Writing,
+    /// Closed after writing, or renamed into the folder.
+    Complete,
+    /// Deleted or renamed away.
+    Gone,
+    /// Anything else (attributes, queue overflow): worth a scan.
+    Other,
+}
+
+/// An inotify watch on one folder.
+#[derive(Debug)]
+struct DirWatch {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl DirWatch {
+    fn new(dir: &Path) -> std::io::Result<Self> {
+        use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+        // SAFETY: plain syscall; the fd is owned below.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor nobody else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+        let mask = libc::IN_CLOSE_WRITE
+            | libc::IN_MOVED_TO
+            | libc::IN_MOVED_FROM
+            | libc::IN_CREATE
+            | libc::IN_DELETE
+            | libc::IN_MODIFY
+            | libc::IN_ATTRIB
+            | libc::IN_DELETE_SELF
+            | libc::IN_MOVE_SELF;
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: valid fd and NUL-terminated path.
+        if unsafe { libc::inotify_add_watch(fd.as_raw_fd(), path.as_ptr(), mask) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self { fd })
+    }
+
+    /// Waits up to `timeout` for events and returns them (name, what happened).
+    fn wait(&self, timeout: Duration) -> std::io::Result<Vec<(Option<std::ffi::OsString>, WatchEvent)>> {
+        use std::os::{fd::AsRawFd as _, unix::ffi::OsStrExt as _};
+        let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            return if e.kind() == std::io::ErrorKind::Interrupted { Ok(Vec::new()) } else { Err(e) };
+        }
+        let mut out = Vec::new();
+        let mut buf = [0u8; 8192];
+        loop {
+            // SAFETY: reads into a buffer of the given size.
+            let len = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if len <= 0 {
+                let e = std::io::Error::last_os_error();
+                if len == 0 || e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::Interrupted {
+                    return Ok(out);
+                }
+                return Err(e);
+            }
+            let len = usize::try_from(len).unwrap_or(0);
+            let mut at = 0;
+            // struct inotify_event { int wd; u32 mask; u32 cookie; u32 len; char name[len]; }
+            while at + 16 <= len {
+                let word = |i: usize| u32::from_ne_bytes([buf[at + i], buf[at + i + 1], buf[at + i + 2], buf[at + i + 3]]);
+                let mask = word(4);
+                let name_len = word(12) as usize;
+                let name_end = (at + 16 + name_len).min(len);
+                let raw = &buf[at + 16..name_end];
+                let raw = &raw[..raw.iter().position(|b| *b == 0).unwrap_or(raw.len())];
+                let name = (!raw.is_empty()).then(|| std::ffi::OsStr::from_bytes(raw).to_os_string());
+                let kind = if mask & (libc::IN_CLOSE_WRITE | libc::IN_MOVED_TO) != 0 {
+                    WatchEvent::Complete
+                } else if mask & (libc::IN_DELETE | libc::IN_MOVED_FROM) != 0 {
+                    WatchEvent::Gone
+                } else if mask & (libc::IN_CREATE | libc::IN_MODIFY) != 0 {
+                    WatchEvent::Writing
+                } else {
+                    WatchEvent::Other
+                };
+                out.push((name, kind));
+                at += 16 + name_len;
+            }
+        }
     }
 }
 
@@ -150,7 +385,7 @@ fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// never was valid), and remembers valid ones. Returns the problems.
 #[derive(Debug, Default)]
 pub struct LastGoodPolicies {
-    good: BTreeMap<(String, String), NetworkPolicy>,
+    good: BTreeMap<(String, String), std::sync::Arc<NetworkPolicy>>,
 }
 
 impl LastGoodPolicies {
@@ -164,6 +399,11 @@ impl LastGoodPolicies {
                 p.metadata.name.clone().unwrap_or_default(),
             );
             present.insert(key.clone());
+            if self.good.get(&key).is_some_and(|old| std::sync::Arc::ptr_eq(old, &p)) {
+                // The very object validated before (sources share unchanged objects).
+                out.push(p);
+                continue;
+            }
             match validate_policy(&p) {
                 Ok(()) => {
                     self.good.insert(key, p.clone());
@@ -200,10 +440,15 @@ mod tests {
     const GOOD: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: deny\n  namespace: x\nspec:\n  podSelector: {}\n  policyTypes: [Ingress]\n";
     const BAD_FIELD: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: deny\n  namespace: x\nspec:\n  podSelector: {}\n  ingress:\n  - ports:\n    - port: 80\n      endPort: 70\n";
 
-    /// Polls until the folder has settled and been read.
-    fn settled(src: &mut ManifestsSource) -> Option<(Cluster, Vec<Problem>)> {
-        assert!(src.poll().unwrap().is_none(), "a change is read only once it holds still");
-        src.poll().unwrap()
+    /// Waits for the next read of the folder, the way the agent does.
+    fn next(src: &mut ManifestsSource) -> (Cluster, Vec<Problem>) {
+        for _ in 0..100 {
+            src.wait(Duration::from_millis(50));
+            if let Some(r) = src.poll().unwrap() {
+                return r;
+            }
+        }
+        panic!("the folder was not read within 5 s");
     }
 
     #[test]
@@ -212,17 +457,69 @@ mod tests {
         std::fs::write(dir.path().join("ns.yaml"), NS).unwrap();
         std::fs::write(dir.path().join("p.yaml"), GOOD).unwrap();
         let mut src = ManifestsSource::new(dir.path());
-        let (c, problems) = settled(&mut src).unwrap();
+        let (c, problems) = next(&mut src);
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(c.policies.len(), 1);
+        src.wait(Duration::from_millis(50));
         assert!(src.poll().unwrap().is_none(), "unchanged folder");
         std::fs::write(dir.path().join("p.yaml"), "kind: [unclosed").unwrap();
-        let (c, problems) = settled(&mut src).unwrap();
+        let (c, problems) = next(&mut src);
         assert_eq!(c.policies.len(), 1, "last good policy kept");
         assert!(problems.iter().any(|p| p.contains("p.yaml")), "{problems:?}");
         std::fs::remove_file(dir.path().join("p.yaml")).unwrap();
-        let (c, _) = settled(&mut src).unwrap();
+        let (c, _) = next(&mut src);
         assert!(c.policies.is_empty(), "a deleted file is deleted");
+    }
+
+    #[test]
+    fn a_file_is_read_when_closed_or_renamed_in_and_not_while_open() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ns.yaml"), NS).unwrap();
+        let mut src = ManifestsSource::new(dir.path());
+        let (c, _) = next(&mut src);
+        assert!(c.policies.is_empty());
+        // Written in place and closed: read at the first poll after the event, no settling.
+        std::fs::write(dir.path().join("p.yaml"), GOOD).unwrap();
+        src.wait(Duration::from_millis(500));
+        let (c, _) = src.poll().unwrap().expect("read right after the close");
+        assert_eq!(c.policies.len(), 1);
+        // A writer that keeps the file open: not read while open (within the settle time) ...
+        let other = GOOD.replace("name: deny", "name: other");
+        let mut f = std::fs::File::create(dir.path().join("q.yaml")).unwrap();
+        f.write_all(other.as_bytes()).unwrap();
+        f.flush().unwrap();
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_millis(600) {
+            src.wait(Duration::from_millis(50));
+            assert!(src.poll().unwrap().is_none(), "a file still open for writing was read");
+        }
+        // ... and read as soon as it is closed.
+        drop(f);
+        let (c, _) = next(&mut src);
+        assert_eq!(c.policies.len(), 2);
+        // Temp file + rename, the atomic way: read at once.
+        let tmp = dir.path().join(".r.yaml.tmp");
+        std::fs::write(&tmp, GOOD.replace("name: deny", "name: third")).unwrap();
+        std::fs::rename(&tmp, dir.path().join("r.yaml")).unwrap();
+        src.wait(Duration::from_millis(500));
+        let (c, _) = match src.poll().unwrap() {
+            Some(r) => r,
+            None => next(&mut src),
+        };
+        assert_eq!(c.policies.len(), 3);
+    }
+
+    #[test]
+    fn duplicates_across_files_are_reported_and_the_first_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), format!("{NS}---\n{GOOD}")).unwrap();
+        std::fs::write(dir.path().join("b.yaml"), GOOD.replace("Ingress", "Egress")).unwrap();
+        let mut src = ManifestsSource::new(dir.path());
+        let (c, problems) = next(&mut src);
+        assert_eq!(c.policies.len(), 1);
+        assert_eq!(c.policies[0].spec.as_ref().unwrap().policy_types.as_deref(), Some(&["Ingress".to_string()][..]));
+        assert!(problems.iter().any(|p| p.contains("b.yaml") && p.contains("more than once")), "{problems:?}");
     }
 
     #[test]

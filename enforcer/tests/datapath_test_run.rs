@@ -1373,11 +1373,31 @@ fn epoch_cases(h: &mut Harness) {
         SHOT,
         DROP_REVOKED,
     );
+    // The revoked flow stays a tombstone: the pod's own retransmitted reply (its egress is
+    // not isolated) must not re-open it as a new egress flow that the peer's packets then
+    // ride on as replies.
     h.case(
-        "epoch: revoked flow is gone",
+        "epoch: revoked flow's retransmitted reply stays dropped",
+        "a",
+        e,
+        &ipv4(A4, B4, PROTO_TCP, &tcp(80, 45000)),
+        SHOT,
+        DROP_REVOKED,
+    );
+    h.case(
+        "epoch: revoked flow stays dropped from the peer",
         "a",
         i,
         &ipv4(B4, A4, PROTO_TCP, &tcp(45000, 80)),
+        SHOT,
+        DROP_REVOKED,
+    );
+    // A new connection (another source port) to the revoked port is judged by policy as ever.
+    h.case(
+        "epoch: new flow to the revoked port denied by policy",
+        "a",
+        i,
+        &ipv4(B4, A4, PROTO_TCP, &tcp(45002, 80)),
         SHOT,
         DROP_POLICY,
     );
@@ -1414,10 +1434,18 @@ fn epoch_cases(h: &mut Harness) {
     allow(&mut h.dp, EP_A, ID_B, DIR_INGRESS, PROTO_TCP, 80, 16, 10);
     h.set_epoch("a", 3);
     h.case(
-        "epoch: allowed again",
+        "epoch: a tombstoned flow the policy allows again resumes",
         "a",
         i,
         &ipv4(B4, A4, PROTO_TCP, &tcp(45000, 80)),
+        OK,
+        ALLOW_ESTABLISHED,
+    );
+    h.case(
+        "epoch: allowed again",
+        "a",
+        i,
+        &ipv4(B4, A4, PROTO_TCP, &tcp(45003, 80)),
         OK,
         ALLOW_POLICY,
     );
@@ -1555,6 +1583,12 @@ fn datapath_verdicts_by_test_run() {
         epoch_cases(&mut h);
         event_cases(&mut h);
         restart_cases(&mut h, &pin);
+        // The agent reads the counters in batches; they must equal a slot-by-slot read.
+        let batched = h.dp.counters.read_batched().expect("BPF_MAP_LOOKUP_BATCH on COUNTERS");
+        let each = h.dp.counters.read_each().unwrap();
+        assert_eq!(batched.len(), each.len());
+        assert!(batched == each, "batched counter read differs from a slot-by-slot read");
+        assert!(each.iter().filter(|c| c.packets > 0).count() > 5, "the cases moved counters");
         let result = (h.cases, std::mem::take(&mut h.failures));
         drop(h);
         Datapath::cleanup(&pin).unwrap();

@@ -417,9 +417,10 @@ fn example_cluster(o: &Objects) -> Cluster {
             .iter()
             .filter(|n| n.metadata.name.as_deref() == Some("shop"))
             .cloned()
+            .map(std::sync::Arc::new)
             .collect(),
-        pods,
-        policies: o.policies.clone(),
+        pods: enforcer::policy::model::shared(pods),
+        policies: o.policies.iter().cloned().map(std::sync::Arc::new).collect(),
         ..Default::default()
     }
 }

@@ -35,6 +35,11 @@ pub struct Settings {
     pub policies: usize,
     /// Policy changes timed.
     pub toggles: usize,
+    /// Which sections run: traffic rounds, policy-change latency (with agent memory at the
+    /// largest rule count), the sweep against nftables.
+    pub traffic: bool,
+    pub latency: bool,
+    pub sweep: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -475,15 +480,22 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
     // 1. Throughput, TCP_RR, TCP_CRR: no programs vs the agent with `policies` policies, in
     //    alternating rounds.
     bed.write_manifests(s.policies, s.remote_pods)?;
-    for round in 0..s.rounds {
-        eprintln!("  round {}: no programs", round + 1);
-        bed.expect_no_programs()?;
-        let mut r = Round {
-            baseline_gbps: iperf(&bed.cli, srv_ip, s.iperf_secs)?,
-            baseline_rr: load::rr(&bed.cli, bed.addr(PORT_RR), warm, dur)?,
-            baseline_crr: load::crr(&bed.cli, bed.addr(PORT_CRR), warm, dur)?,
-            ..Default::default()
+    for round in 0..s.rounds.max(1) * usize::from(s.traffic) {
+        // Odd rounds measure no programs last, so the order of the runs does not favour a side
+        // (TIME_WAIT sockets, caches, a neighbour's load drifting over the run).
+        let none_first = round % 2 == 0;
+        let mut r = Round::default();
+        let measure_none = |r: &mut Round| -> Result<()> {
+            eprintln!("  round {}: no programs", round + 1);
+            bed.expect_no_programs()?;
+            r.baseline_gbps = iperf(&bed.cli, srv_ip, s.iperf_secs)?;
+            r.baseline_rr = load::rr(&bed.cli, bed.addr(PORT_RR), warm, dur)?;
+            r.baseline_crr = load::crr(&bed.cli, bed.addr(PORT_CRR), warm, dur)?;
+            Ok(())
         };
+        if none_first {
+            measure_none(&mut r)?;
+        }
         eprintln!(
             "  round {}: agent, {} policies, {} remote pods",
             round + 1,
@@ -531,6 +543,9 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
         r.programs_only_rr = load::rr(&bed.cli, bed.addr(PORT_RR), warm, dur)?;
         r.programs_only_crr = load::crr(&bed.cli, bed.addr(PORT_CRR), warm, dur)?;
         enforcer::datapath::Datapath::cleanup(&bed.pins.pin())?;
+        if !none_first {
+            measure_none(&mut r)?;
+        }
         eprintln!(
             "    Gbit/s {:.2} / {:.2} / {:.2}; RR/s {:.0} / {:.0} / {:.0}; CRR/s {:.0} / {:.0} / {:.0} (none / agent / programs only); agent CPU {:.0}%",
             r.baseline_gbps,
@@ -576,10 +591,10 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
     }
 
     // 2. Policy change to enforced, at `remote_pods` pods and `policies` policies.
-    bed.expect_no_programs()?;
-    eprintln!("  policy-change latency: {} toggles", s.toggles);
-    bed.write_manifests(s.policies, s.remote_pods)?;
-    {
+    if s.latency {
+        bed.expect_no_programs()?;
+        eprintln!("  policy-change latency: {} toggles", s.toggles);
+        bed.write_manifests(s.policies, s.remote_pods)?;
         let (agent, _) = bed.start_agent()?;
         let before = agent.get("/metrics").map(|(_, m)| m).unwrap_or_default();
         let mut lat = latency(&bed, s)?;
@@ -606,10 +621,20 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
         bed.stop_agent(agent)?;
         let _ = std::fs::remove_file(bed.manifests.0.join("30-toggle.yaml"));
         log(&res);
+        if !s.sweep
+            && let Some(&n) = s.rule_counts.iter().max()
+        {
+            // The memory figure the sweep would take at its largest rule count.
+            bed.write_manifests(n, s.remote_pods)?;
+            let (agent, ready) = bed.start_agent()?;
+            res.memory.push(memory(&agent, s.remote_pods + 2, n + 2, ready)?);
+            bed.stop_agent(agent)?;
+            log(&res);
+        }
     }
 
     // 3. The sweep: connection rate at growing policy counts, ours vs the nftables layout.
-    for &n in &s.rule_counts {
+    for &n in s.rule_counts.iter().filter(|_| s.sweep) {
         bed.expect_no_programs()?;
         eprintln!("  sweep: {n} policies: no programs");
         let baseline = load::crr(&bed.cli, bed.addr(PORT_CRR), warm, dur)?;

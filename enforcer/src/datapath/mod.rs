@@ -253,8 +253,15 @@ impl Datapath {
                 HashMap::try_from(take(&mut ebpf, MAP_CONNTRACK)?)?,
             ),
         };
+        let counters_map = take(&mut ebpf, MAP_COUNTERS)?;
+        let counters_fd = match &counters_map {
+            Map::PerCpuArray(data) => std::os::fd::AsFd::as_fd(data.fd()).try_clone_to_owned().ok(),
+            _ => None,
+        };
         let counters = Counters {
-            map: PerCpuArray::try_from(take(&mut ebpf, MAP_COUNTERS)?).context("map COUNTERS")?,
+            map: PerCpuArray::try_from(counters_map).context("map COUNTERS")?,
+            fd: counters_fd,
+            slots: counter_slots(options.max_endpoints),
         };
         let events = EventReader {
             ring: RingBuf::try_from(take(&mut ebpf, MAP_EVENTS)?).context("map EVENTS")?,

@@ -256,22 +256,31 @@ impl Conntrack {
 /// Per-CPU packet/byte counters.
 pub struct Counters {
     pub(crate) map: PerCpuArray<MapData, Counter>,
+    /// A second descriptor of the same map, for `BPF_MAP_LOOKUP_BATCH`.
+    pub(crate) fd: Option<std::os::fd::OwnedFd>,
+    pub(crate) slots: u32,
 }
 
 /// `(endpoint id, direction, reason)`.
 pub type CounterKey = (u32, u8, u8);
 
+/// Slots read per `BPF_MAP_LOOKUP_BATCH` call.
+const BATCH: u32 = 4096;
+
 impl Counters {
-    /// Every non-zero counter, summed over CPUs.
+    /// Every non-zero counter, summed over CPUs. One `BPF_MAP_LOOKUP_BATCH` call per 4096
+    /// slots (the agent reads them every second; a lookup per slot would be 33k syscalls at
+    /// the default 1024 endpoints), or a lookup per slot on kernels without batch lookups.
     pub fn read(&self) -> Result<BTreeMap<CounterKey, Counter>> {
-        let mut out = BTreeMap::new();
-        for (index, values) in self.map.iter().enumerate() {
-            let values = values.context("reading map COUNTERS")?;
-            let mut sum = Counter::default();
-            for v in values.iter() {
-                sum.packets += v.packets;
-                sum.bytes += v.bytes;
+        let sums = match self.read_batched() {
+            Ok(s) => s,
+            Err(e) => {
+                log::debug!("batched read of COUNTERS failed ({e}); reading slot by slot");
+                self.read_each()?
             }
+        };
+        let mut out = BTreeMap::new();
+        for (index, sum) in sums.into_iter().enumerate() {
             if sum.packets == 0 && sum.bytes == 0 {
                 continue;
             }
@@ -282,6 +291,88 @@ impl Counters {
             out.insert((slot / 2, (slot % 2) as u8, reason), sum);
         }
         Ok(out)
+    }
+
+    /// Sums per slot, one lookup per slot.
+    pub fn read_each(&self) -> Result<Vec<Counter>> {
+        let mut out = Vec::with_capacity(self.slots as usize);
+        for values in self.map.iter() {
+            let values = values.context("reading map COUNTERS")?;
+            let mut sum = Counter::default();
+            for v in values.iter() {
+                sum.packets += v.packets;
+                sum.bytes += v.bytes;
+            }
+            out.push(sum);
+        }
+        Ok(out)
+    }
+
+    /// Sums per slot through `BPF_MAP_LOOKUP_BATCH` (Linux 5.6+).
+    pub fn read_batched(&self) -> std::io::Result<Vec<Counter>> {
+        use std::os::fd::AsRawFd as _;
+        let fd = self.fd.as_ref().ok_or_else(|| std::io::Error::other("no descriptor"))?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        // Per-CPU values come as one 8-byte-aligned value per possible CPU.
+        let stride = std::mem::size_of::<Counter>().next_multiple_of(8);
+        let mut out = Vec::with_capacity(self.slots as usize);
+        let mut keys = vec![0u32; BATCH as usize];
+        let mut values = vec![0u8; BATCH as usize * cpus * stride];
+        let mut in_batch = 0u32;
+        let mut out_batch = 0u32;
+        let mut first = true;
+        loop {
+            let mut attr = BatchAttr {
+                in_batch: if first { 0 } else { std::ptr::from_ref(&in_batch) as u64 },
+                out_batch: std::ptr::from_mut(&mut out_batch) as u64,
+                keys: keys.as_mut_ptr() as u64,
+                values: values.as_mut_ptr() as u64,
+                count: BATCH,
+                map_fd: u32::try_from(fd.as_raw_fd()).map_err(std::io::Error::other)?,
+                elem_flags: 0,
+                flags: 0,
+            };
+            // SAFETY: the attr points at buffers sized for `count` keys and values, which
+            // outlive the call; the kernel writes at most `count` of each.
+            let ret = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    BPF_MAP_LOOKUP_BATCH,
+                    std::ptr::from_mut(&mut attr),
+                    std::mem::size_of::<BatchAttr>(),
+                )
+            };
+            let done = if ret < 0 {
+                let e = std::io::Error::last_os_error();
+                // ENOENT: the last chunk (its `count` elements are valid).
+                if e.raw_os_error() != Some(libc::ENOENT) {
+                    return Err(e);
+                }
+                true
+            } else {
+                false
+            };
+            for i in 0..attr.count as usize {
+                let mut sum = Counter::default();
+                for cpu in 0..cpus {
+                    let at = (i * cpus + cpu) * stride;
+                    let bytes = &values[at..at + std::mem::size_of::<Counter>()];
+                    // SAFETY: `Counter` is plain integers (repr(C)), `bytes` holds one.
+                    let v: Counter = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+                    sum.packets += v.packets;
+                    sum.bytes += v.bytes;
+                }
+                if keys[i] as usize != out.len() {
+                    return Err(std::io::Error::other("batch returned slots out of order"));
+                }
+                out.push(sum);
+            }
+            if done || out.len() >= self.slots as usize {
+                return Ok(out);
+            }
+            in_batch = out_batch;
+            first = false;
+        }
     }
 
     /// One counter, summed over CPUs.
@@ -368,4 +459,19 @@ impl AsyncEvents {
             }
         }
     }
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
 }

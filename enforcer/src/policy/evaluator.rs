@@ -77,6 +77,7 @@ fn policies(cluster: &Cluster) -> Vec<&NetworkPolicy> {
     let mut out: Vec<&NetworkPolicy> = cluster
         .policies
         .iter()
+        .map(|p| &**p)
         .filter(|p| {
             seen.insert((
                 namespace_of(&p.metadata),

@@ -193,6 +193,7 @@ impl fmt::Display for Explanation {
 
 #[cfg(test)]
 mod tests {
+    use crate::policy::model::shared;
     use enforcer_common::{PROTO_TCP, PROTO_UDP};
 
     use super::*;
@@ -201,12 +202,12 @@ mod tests {
     #[test]
     fn explains_each_side() {
         let cluster = Cluster {
-            namespaces: vec![namespace("x", &[])],
-            pods: vec![
+            namespaces: shared(vec![namespace("x", &[])]),
+            pods: shared(vec![
                 pod("x", "a", &[("app", "a")], &["10.0.0.1"], "n1", &[]),
                 pod("x", "b", &[("app", "b")], &["10.0.0.2"], "n2", &[]),
-            ],
-            policies: vec![policy(
+            ]),
+            policies: shared(vec![policy(
                 "x",
                 "allow-a",
                 Some(sel(&[("app", "b")])),
@@ -216,7 +217,7 @@ mod tests {
                     Some(vec![tcp(80)]),
                 )]),
                 None,
-            )],
+            )]),
             ..Default::default()
         };
         let opts = CompileOptions {

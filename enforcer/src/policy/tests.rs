@@ -1,6 +1,7 @@
 //! Tests of the compiler against the reference evaluator: property tests over random clusters
 //! and flows, and one focused test per semantic point.
 
+use crate::policy::model::shared;
 use std::net::IpAddr;
 
 use enforcer_common::{
@@ -503,9 +504,9 @@ fn cluster_strategy() -> impl Strategy<Value = Cluster> {
                 })
                 .collect();
             Cluster {
-                namespaces,
-                pods,
-                policies,
+                namespaces: shared(namespaces),
+                pods: shared(pods),
+                policies: shared(policies),
                 verified,
             }
         })
@@ -559,7 +560,7 @@ proptest! {
         prop_assert_eq!(&first.state, &fresh.state, "a fresh allocation gives the same numbers");
         // A policy in a namespace without pods, without ipBlocks.
         let mut more = cluster.clone();
-        more.policies.push(policy("empty", "unrelated", None, None, Some(vec![(None, None)]), None));
+        more.policies.push(policy("empty", "unrelated", None, None, Some(vec![(None, None)]), None).into());
         let after = compile(&more, &o, &mut alloc);
         prop_assert_eq!(&first.state, &after.state);
         // Removing a pod keeps every other endpoint id and peer identity.
@@ -586,11 +587,11 @@ fn pr(ns: &str, name: &str) -> PodRef {
 /// namespaces x {team: blue}, y {team: red}.
 fn base(policies: Vec<NetworkPolicy>) -> Cluster {
     Cluster {
-        namespaces: vec![
+        namespaces: shared(vec![
             namespace("x", &[("team", "blue")]),
             namespace("y", &[("team", "red")]),
-        ],
-        pods: vec![
+        ]),
+        pods: shared(vec![
             pod(
                 "x",
                 "a",
@@ -615,8 +616,8 @@ fn base(policies: Vec<NetworkPolicy>) -> Cluster {
                 "node-b",
                 &[("http", "TCP", 81)],
             ),
-        ],
-        policies,
+        ]),
+        policies: shared(policies),
         ..Default::default()
     }
 }
@@ -1136,7 +1137,7 @@ fn skipped_pods_and_invalid_policies() {
     done.status.as_mut().unwrap().phase = Some("Failed".into());
     let mut no_ip = pod("x", "n", &[], &[], "node-a", &[]);
     no_ip.status.as_mut().unwrap().pod_ip = None;
-    c.pods.extend([host, done, no_ip]);
+    c.pods.extend(shared([host, done, no_ip]));
     let compiled = compile(&c, &opts(), &mut Allocations::new());
     assert_eq!(
         compiled.state.endpoints.keys().cloned().collect::<Vec<_>>(),
@@ -1270,7 +1271,7 @@ proptest! {
             Some(vec![(Some(vec![block_peer(&cidr, &[except.as_str()]), pods_peer(Some(sel_expr(&value, &op, &[])), None)]), Some(vec![port(Some(&proto), Some(IntOrString::Int(num)), end), port(None, Some(IntOrString::String(name.clone())), end)]))]),
             Some(vec![(None, Some(vec![port(None, Some(IntOrString::Int(num)), end)]))]),
         );
-        let cluster = Cluster { namespaces: vec![namespace(&key, &[(value.as_str(), key.as_str())])], pods: vec![p.clone()], policies: vec![pol], ..Default::default() };
+        let cluster = Cluster { namespaces: shared(vec![namespace(&key, &[(value.as_str(), key.as_str())])]), pods: shared(vec![p.clone()]), policies: shared(vec![pol]), ..Default::default() };
         let o = opts();
         let compiled = compile(&cluster, &o, &mut Allocations::new());
         for r in compiled.state.endpoints.keys() {
