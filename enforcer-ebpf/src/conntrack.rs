@@ -96,10 +96,12 @@ pub fn timeout(cfg: Option<&Config>, proto: u8) -> u64 {
     }
 }
 
-/// Whether an entry last seen at `last_seen` is still live at `now`.
+/// Whether an entry last seen at `last_seen` is still live at `now`. A stamp ahead of `now` (one
+/// taken by the precise clock of an older program, which runs up to a tick ahead of the coarse
+/// one) counts as just seen.
 #[inline(always)]
 pub fn fresh(now: u64, last_seen: u64, timeout: u64) -> bool {
-    now.wrapping_sub(last_seen) <= timeout
+    now.saturating_sub(last_seen) <= timeout
 }
 
 /// Global flags from CONFIG.

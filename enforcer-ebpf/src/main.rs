@@ -19,7 +19,7 @@ mod verdict;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_ktime_get_ns,
+    helpers::bpf_ktime_get_coarse_ns,
     macros::classifier,
     programs::TcContext,
 };
@@ -99,6 +99,14 @@ fn process(ctx: &TcContext, direction: u8) -> i32 {
     if v.is_drop() { TC_ACT_SHOT } else { TC_ACT_OK }
 }
 
+/// The time stamp of conntrack and fragment entries: CLOCK_MONOTONIC at tick resolution, which is
+/// plenty for idle timeouts of seconds to hours and cheaper than `bpf_ktime_get_ns` (no clock
+/// source read). Verdict events keep the precise clock.
+#[inline(always)]
+fn clock() -> u64 {
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
 #[inline(always)]
 fn is_pod_addr(ep: &EndpointInfo, family: u8, addr: &[u8; 16]) -> bool {
     if family == FAMILY_V4 {
@@ -153,7 +161,7 @@ fn decide(
             return Ok(v);
         }
     }
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = clock();
 
     if pkt.frag == FRAG_LATER {
         frag_key(&mut s.frag, ep.id, dir, &s.pkt);
@@ -284,7 +292,10 @@ fn track(
                 e.epoch = ep.epoch;
                 e.rule = rule;
             }
-            e.last_seen_ns = now;
+            // The coarse clock moves once a tick: most packets need not dirty the entry.
+            if e.last_seen_ns != now {
+                e.last_seen_ns = now;
+            }
             v.rule = e.rule;
             return Ok(());
         }
