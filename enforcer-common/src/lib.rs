@@ -242,7 +242,7 @@ pub const CT_REVOKED: u32 = 1 << 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CtValue {
-    /// `bpf_ktime_get_ns` of the last packet.
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC, tick resolution) of the last packet.
     pub last_seen_ns: u64,
     /// Endpoint epoch under which the flow was last allowed.
     pub epoch: u32,

@@ -4,31 +4,30 @@ use enforcer_common::{
     Config, CtKey, DEFAULT_CT_TIMEOUT_OTHER_NS, DEFAULT_CT_TIMEOUT_TCP_NS, FragKey, PROTO_TCP,
 };
 
-use crate::{maps::CONFIG, parse::Packet};
+use crate::{
+    mem::{copy16, word},
+    parse::Packet,
+};
 
-#[inline(always)]
-fn words(a: &[u8; 16]) -> (u64, u64) {
-    let hi = u64::from_be_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]);
-    let lo = u64::from_be_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]);
-    (hi, lo)
-}
-
-/// Byte-wise equality of two addresses (no memcmp in BPF).
+/// Byte-wise equality of two addresses (no memcmp in BPF), a word at a time.
 #[inline(always)]
 pub fn addr_eq(a: &[u8; 16], b: &[u8; 16]) -> bool {
-    words(a) == words(b)
+    (word(a, 0) ^ word(b, 0)) | (word(a, 1) ^ word(b, 1)) | (word(a, 2) ^ word(b, 2))
+        | (word(a, 3) ^ word(b, 3))
+        == 0
 }
 
-/// `(a, pa) <= (b, pb)`, comparing address bytes then port.
+/// `(a, pa) <= (b, pb)`, comparing address bytes then port (big-endian words compare as bytes).
 #[inline(always)]
 fn end_le(a: &[u8; 16], pa: u16, b: &[u8; 16], pb: u16) -> bool {
-    let (ah, al) = words(a);
-    let (bh, bl) = words(b);
-    if ah != bh {
-        return ah < bh;
-    }
-    if al != bl {
-        return al < bl;
+    let mut i = 0;
+    while i < 4 {
+        let x = u32::from_be(word(a, i));
+        let y = u32::from_be(word(b, i));
+        if x != y {
+            return x < y;
+        }
+        i += 1;
     }
     pa <= pb
 }
@@ -53,13 +52,13 @@ pub fn ct_key(
     key.protocol = proto;
     key._pad = 0;
     if src_is_a {
-        key.addr_a = *src;
-        key.addr_b = *dst;
+        copy16(&mut key.addr_a, src);
+        copy16(&mut key.addr_b, dst);
         key.port_a = sport;
         key.port_b = dport;
     } else {
-        key.addr_a = *dst;
-        key.addr_b = *src;
+        copy16(&mut key.addr_a, dst);
+        copy16(&mut key.addr_b, src);
         key.port_a = dport;
         key.port_b = sport;
     }
@@ -74,13 +73,12 @@ pub fn frag_key(key: &mut FragKey, endpoint: u32, direction: u8, pkt: &Packet) {
     key.protocol = pkt.proto;
     key.direction = direction;
     key._pad = 0;
-    key.src = pkt.src;
-    key.dst = pkt.dst;
+    copy16(&mut key.src, &pkt.src);
+    copy16(&mut key.dst, &pkt.dst);
 }
 /// Idle timeout of a flow of `proto` (ns). A CONFIG of zeros means the defaults.
 #[inline(always)]
-pub fn timeout(proto: u8) -> u64 {
-    let cfg: Option<&Config> = CONFIG.get(0);
+pub fn timeout(cfg: Option<&Config>, proto: u8) -> u64 {
     let (tcp, other) = match cfg {
         Some(c) => (c.ct_timeout_tcp_ns, c.ct_timeout_other_ns),
         None => (0, 0),
@@ -98,10 +96,18 @@ pub fn timeout(proto: u8) -> u64 {
     }
 }
 
+/// Whether an entry last seen at `last_seen` is still live at `now`. A stamp ahead of `now` (one
+/// taken by the precise clock of an older program, which runs up to a tick ahead of the coarse
+/// one) counts as just seen.
+#[inline(always)]
+pub fn fresh(now: u64, last_seen: u64, timeout: u64) -> bool {
+    now.saturating_sub(last_seen) <= timeout
+}
+
 /// Global flags from CONFIG.
 #[inline(always)]
-pub fn config_flags() -> u32 {
-    match CONFIG.get(0) {
+pub fn config_flags(cfg: Option<&Config>) -> u32 {
+    match cfg {
         Some(c) => c.flags,
         None => 0,
     }

@@ -1,10 +1,12 @@
 //! Peer identity (ipcache) and policy lookups. A bounded number of hash / LPM lookups each:
 //! at most 1 exact + 1 LPM for the peer, at most 2 * 18 hash lookups for the policy.
 
+use core::{mem::MaybeUninit, ptr::write_volatile};
+
 use aya_ebpf::maps::lpm_trie::Key;
 use enforcer_common::{
     EndpointInfo, FAMILY_V4, IDENTITY_ANY, IDENTITY_WORLD, PORT_MASK_ANY_PROTO, PROTO_ANY,
-    PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyKey,
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyKey, port_mask,
 };
 
 use crate::maps::{CIDRS_V4, CIDRS_V6, PEERS_V4, PEERS_V6, POLICY};
@@ -29,6 +31,37 @@ pub fn peer_identity(family: u8, addr: &[u8; 16]) -> u32 {
         }
     }
     IDENTITY_WORLD
+}
+
+/// `PolicyKey::new(..)` as four word stores. Built as a struct literal, its zero padding becomes
+/// a `memset` call, which the BPF backend makes a byte loop.
+#[inline(always)]
+fn policy_key(
+    key: &mut MaybeUninit<PolicyKey>,
+    endpoint: u32,
+    identity: u32,
+    direction: u8,
+    protocol: u8,
+    port: u16,
+    len: u8,
+) -> &PolicyKey {
+    const {
+        assert!(core::mem::offset_of!(PolicyKey, identity) == 4);
+        assert!(core::mem::offset_of!(PolicyKey, direction) == 8);
+        assert!(core::mem::offset_of!(PolicyKey, protocol) == 9);
+        assert!(core::mem::offset_of!(PolicyKey, port_prefix_len) == 10);
+        assert!(core::mem::offset_of!(PolicyKey, port) == 12);
+        assert!(core::mem::size_of::<PolicyKey>() == 16);
+    };
+    let w = key.as_mut_ptr() as *mut u32;
+    let port = (port & port_mask(len)).to_ne_bytes();
+    unsafe {
+        write_volatile(w, endpoint);
+        write_volatile(w.add(1), identity);
+        write_volatile(w.add(2), u32::from_ne_bytes([direction, protocol, len, 0]));
+        write_volatile(w.add(3), u32::from_ne_bytes([port[0], port[1], 0, 0]));
+        key.assume_init_ref()
+    }
 }
 
 #[inline(always)]
@@ -59,16 +92,18 @@ pub fn policy_lookup(
             while n > 0 {
                 n -= 1;
                 if masks & (1 << n) != 0 {
-                    let key = PolicyKey::new(ep.id, id, direction, proto, port, n as u8);
-                    if let Some(v) = POLICY.get_ptr(&key) {
+                    let mut key = MaybeUninit::uninit();
+                    let key = policy_key(&mut key, ep.id, id, direction, proto, port, n as u8);
+                    if let Some(v) = POLICY.get_ptr(key) {
                         return Some(unsafe { (*v).rule });
                     }
                 }
             }
         }
         if masks & PORT_MASK_ANY_PROTO != 0 {
-            let key = PolicyKey::new(ep.id, id, direction, PROTO_ANY, 0, 0);
-            if let Some(v) = POLICY.get_ptr(&key) {
+            let mut key = MaybeUninit::uninit();
+            let key = policy_key(&mut key, ep.id, id, direction, PROTO_ANY, 0, 0);
+            if let Some(v) = POLICY.get_ptr(key) {
                 return Some(unsafe { (*v).rule });
             }
         }

@@ -2,7 +2,8 @@
 //! - `from_pod` at the TC ingress hook: what the pod sends (pod egress, `DIR_EGRESS`);
 //! - `to_pod` at the TC egress hook: what the pod receives (pod ingress, `DIR_INGRESS`).
 //!
-//! Per packet: endpoint, parse, anti-spoofing, peer identity, fragments, conntrack, policy.
+//! Per packet: endpoint, parse, anti-spoofing, then conntrack (established flows stop there)
+//! and, for new flows, peer identity and policy; see [`decide`] for the exact order.
 //! Every packet bumps one counter; every drop (and, when asked, every new allowed flow) sends a
 //! `VerdictEvent`. Every error path maps to a deliberate verdict with its own reason: nothing
 //! fails open silently.
@@ -12,24 +13,26 @@
 mod conntrack;
 mod lookup;
 mod maps;
+mod mem;
 mod parse;
 mod verdict;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_ktime_get_ns,
+    helpers::bpf_ktime_get_coarse_ns,
     macros::classifier,
     programs::TcContext,
 };
 use enforcer_common::{
-    CONFIG_LOG_ALLOWED, CT_ORIGIN_A, CT_ORIGIN_EGRESS, CT_REVOKED, CtValue, DIR_EGRESS, DIR_INGRESS, EP_HAS_V4,
-    EP_HAS_V6, EndpointInfo, FAMILY_V4, FragValue, IDENTITY_HOST, PROTO_UDP, reason,
+    CONFIG_LOG_ALLOWED, CT_ORIGIN_A, CT_ORIGIN_EGRESS, CT_REVOKED, Config, CtValue, DIR_EGRESS,
+    DIR_INGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6, EP_INGRESS_ISOLATED, EndpointInfo,
+    FAMILY_V4, FragValue, IDENTITY_HOST, PROTO_UDP, reason,
 };
 
 use crate::{
-    conntrack::{addr_eq, config_flags, ct_key, frag_key, timeout},
+    conntrack::{addr_eq, config_flags, ct_key, frag_key, fresh, timeout},
     lookup::{peer_identity, policy_lookup},
-    maps::{CONNTRACK, ENDPOINTS, FRAGMENTS, SCRATCH, Scratch},
+    maps::{CONFIG, CONNTRACK, ENDPOINTS, FRAGMENTS, SCRATCH, Scratch},
     parse::{FRAG_FIRST, FRAG_LATER, L4_ICMP_ERROR, PARSED_IP, Packet, parse, parse_inner},
     verdict::{Verdict, count, emit},
 };
@@ -75,24 +78,33 @@ fn process(ctx: &TcContext, direction: u8) -> i32 {
         count(0, direction, reason::ALLOW_UNMANAGED, bytes);
         return TC_ACT_OK;
     };
+    // Read in place: no per-packet copy of the entry.
+    let ep = unsafe { &*ep };
     let Some(s) = SCRATCH.get_ptr_mut(0) else {
         // Cannot happen (a one-slot per-CPU array); fail closed, counted as malformed.
-        let id = unsafe { (*ep).id };
-        count(id, direction, reason::DROP_MALFORMED, bytes);
+        count(ep.id, direction, reason::DROP_MALFORMED, bytes);
         return TC_ACT_SHOT;
     };
     let s = unsafe { &mut *s };
-    s.ep = unsafe { *ep };
-    s.pkt = Packet::zeroed();
-    let v = match decide(ctx, s, direction) {
+    s.pkt.clear();
+    let cfg = CONFIG.get(0);
+    let v = match decide(ctx, ep, s, direction, cfg) {
         Ok(v) => v,
         Err(e) => Verdict::new(e.reason()),
     };
-    count(s.ep.id, direction, v.reason, bytes);
-    if v.is_drop() || (v.new_flow && config_flags() & CONFIG_LOG_ALLOWED != 0) {
-        emit(s.ep.id, direction, &s.pkt, &v, bytes);
+    count(ep.id, direction, v.reason, bytes);
+    if v.is_drop() || (v.new_flow && config_flags(cfg) & CONFIG_LOG_ALLOWED != 0) {
+        emit(ep.id, direction, &s.pkt, &v, bytes);
     }
     if v.is_drop() { TC_ACT_SHOT } else { TC_ACT_OK }
+}
+
+/// The time stamp of conntrack and fragment entries: CLOCK_MONOTONIC at tick resolution, which is
+/// plenty for idle timeouts of seconds to hours and cheaper than `bpf_ktime_get_ns` (no clock
+/// source read). Verdict events keep the precise clock.
+#[inline(always)]
+fn clock() -> u64 {
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 #[inline(always)]
@@ -108,35 +120,51 @@ fn is_pod_addr(ep: &EndpointInfo, family: u8, addr: &[u8; 16]) -> bool {
     }
 }
 
+/// The peer's address: the destination of what the pod sends, the source of what it receives.
 #[inline(always)]
-fn decide(ctx: &TcContext, s: &mut Scratch, dir: u8) -> Result<Verdict, Error> {
+fn peer_addr(pkt: &Packet, dir: u8) -> &[u8; 16] {
+    if dir == DIR_EGRESS { &pkt.dst } else { &pkt.src }
+}
+
+/// Order of the checks: parse, anti-spoofing, the pod itself, then
+/// - the fast path (an isolated endpoint, a whole datagram or first fragment, not an ICMP error):
+///   conntrack first, so an established flow needs no peer (ipcache) lookup; the identity is
+///   looked up only for a new flow, an epoch re-check or a drop. A node/host peer is never
+///   tracked, so its packets miss conntrack and come out as `ALLOW_HOST` there;
+/// - otherwise the peer identity first (node/host peers allowed), then later fragments,
+///   endpoints isolated in no direction, related ICMP errors and conntrack.
+#[inline(always)]
+fn decide(
+    ctx: &TcContext,
+    ep: &EndpointInfo,
+    s: &mut Scratch,
+    dir: u8,
+    cfg: Option<&Config>,
+) -> Result<Verdict, Error> {
     if parse(ctx, &mut s.pkt)? != PARSED_IP {
         return Ok(Verdict::new(reason::ALLOW_NON_IP));
     }
-    let ep = &s.ep;
     let pkt = &s.pkt;
     // Anti-spoofing: the pod may only send from its own address.
     if dir == DIR_EGRESS && !is_pod_addr(ep, pkt.family, &pkt.src) {
         return Ok(Verdict::new(reason::DROP_SPOOFED));
     }
-    let peer = if dir == DIR_EGRESS {
-        &pkt.dst
-    } else {
-        &pkt.src
-    };
-    if is_pod_addr(ep, pkt.family, peer) {
+    if is_pod_addr(ep, pkt.family, peer_addr(pkt, dir)) {
         return Ok(Verdict::new(reason::ALLOW_HOST));
     }
-    let identity = peer_identity(pkt.family, peer);
+    let isolated = ep.flags & (EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED) != 0;
     let mut v = Verdict::new(reason::ALLOW_HOST);
-    v.peer_identity = identity;
-    if identity == IDENTITY_HOST {
-        return Ok(v);
+    let fast = isolated && pkt.frag != FRAG_LATER && pkt.l4 != L4_ICMP_ERROR;
+    if !fast {
+        v.peer_identity = peer_identity(pkt.family, peer_addr(pkt, dir));
+        if v.peer_identity == IDENTITY_HOST {
+            return Ok(v);
+        }
     }
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = clock();
 
     if pkt.frag == FRAG_LATER {
-        frag_key(&mut s.frag, s.ep.id, dir, &s.pkt);
+        frag_key(&mut s.frag, ep.id, dir, &s.pkt);
         v.reason = reason::DROP_FRAGMENT;
         if let Some(f) = FRAGMENTS.get_ptr_mut(&s.frag) {
             let f = unsafe { &mut *f };
@@ -145,20 +173,20 @@ fn decide(ctx: &TcContext, s: &mut Scratch, dir: u8) -> Result<Verdict, Error> {
             v.rule = f.rule;
             s.pkt.sport = f.sport;
             s.pkt.dport = f.dport;
-        } else if !s.ep.isolated(dir) {
+        } else if !ep.isolated(dir) {
             // Any first fragment would be allowed here as a new flow: nothing to bypass.
             v.reason = reason::ALLOW_NOT_ISOLATED;
         }
         return Ok(v);
     }
-    if !ep.isolated(DIR_INGRESS) && !ep.isolated(DIR_EGRESS) {
+    if !isolated {
         v.reason = reason::ALLOW_NOT_ISOLATED;
         return Ok(v);
     }
 
-    track(ctx, s, dir, &mut v, now)?;
-    if s.pkt.frag == FRAG_FIRST && !v.is_drop() {
-        frag_key(&mut s.frag, s.ep.id, dir, &s.pkt);
+    track(ctx, ep, s, dir, &mut v, now, fast, cfg)?;
+    if s.pkt.frag == FRAG_FIRST && !v.is_drop() && v.reason != reason::ALLOW_HOST {
+        frag_key(&mut s.frag, ep.id, dir, &s.pkt);
         let value = FragValue {
             last_seen_ns: now,
             sport: s.pkt.sport,
@@ -171,21 +199,25 @@ fn decide(ctx: &TcContext, s: &mut Scratch, dir: u8) -> Result<Verdict, Error> {
     Ok(v)
 }
 
-/// Conntrack, then policy for new flows. `v` carries the peer identity in and the verdict out.
+/// Conntrack, then policy for new flows. `v` carries the verdict out, and the peer identity in
+/// when `!fast` (on the fast path it is looked up here when needed).
 #[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "the state of one decision")]
 fn track(
     ctx: &TcContext,
+    ep: &EndpointInfo,
     s: &mut Scratch,
     dir: u8,
     v: &mut Verdict,
     now: u64,
+    fast: bool,
+    cfg: Option<&Config>,
 ) -> Result<(), Error> {
-    let identity = v.peer_identity;
     if s.pkt.l4 == L4_ICMP_ERROR && parse_inner(ctx, &s.pkt, &mut s.inner) {
         let i = &s.inner;
         ct_key(
             &mut s.ct,
-            s.ep.id,
+            ep.id,
             s.pkt.family,
             i.proto,
             &i.src,
@@ -195,7 +227,7 @@ fn track(
         );
         if let Some(e) = CONNTRACK.get_ptr(&s.ct) {
             let e = unsafe { &*e };
-            if e.flags & CT_REVOKED == 0 && now.wrapping_sub(e.last_seen_ns) <= timeout(i.proto) {
+            if e.flags & CT_REVOKED == 0 && fresh(now, e.last_seen_ns, timeout(cfg, i.proto)) {
                 v.reason = reason::ALLOW_RELATED;
                 v.rule = e.rule;
                 return Ok(());
@@ -204,19 +236,15 @@ fn track(
         // Not about a tracked flow: judged as a new ICMP flow below.
     }
     let pkt = &s.pkt;
-    let ep = &s.ep;
     let src_is_a = ct_key(
         &mut s.ct, ep.id, pkt.family, pkt.proto, &pkt.src, pkt.sport, &pkt.dst, pkt.dport,
     );
     if let Some(e) = CONNTRACK.get_ptr_mut(&s.ct) {
         let e = unsafe { &mut *e };
         // A tombstone lives for the non-TCP timeout of silence, whatever the protocol.
-        let limit = if e.flags & CT_REVOKED != 0 {
-            timeout(PROTO_UDP)
-        } else {
-            timeout(pkt.proto)
-        };
-        if now.wrapping_sub(e.last_seen_ns) <= limit {
+        let revoked = e.flags & CT_REVOKED != 0;
+        let limit = timeout(cfg, if revoked { PROTO_UDP } else { pkt.proto });
+        if fresh(now, e.last_seen_ns, limit) {
             let forward = src_is_a == (e.flags & CT_ORIGIN_A != 0);
             v.reason = if forward {
                 reason::ALLOW_ESTABLISHED
@@ -226,6 +254,16 @@ fn track(
             if e.epoch != ep.epoch {
                 // The policy changed since the flow was last allowed: re-check its original
                 // direction, peer and destination port.
+                if fast {
+                    v.peer_identity = peer_identity(pkt.family, peer_addr(pkt, dir));
+                    if v.peer_identity == IDENTITY_HOST {
+                        // Became the node's address: allowed, and no longer tracked.
+                        let _ = CONNTRACK.remove(&s.ct);
+                        v.reason = reason::ALLOW_HOST;
+                        v.rule = 0;
+                        return Ok(());
+                    }
+                }
                 let odir = if e.flags & CT_ORIGIN_EGRESS != 0 {
                     DIR_EGRESS
                 } else {
@@ -242,11 +280,13 @@ fn track(
                     pod_port
                 };
                 let rule = if ep.isolated(odir) {
-                    match policy_lookup(ep, identity, odir, pkt.proto, oport) {
+                    match policy_lookup(ep, v.peer_identity, odir, pkt.proto, oport) {
                         Some(rule) => rule,
                         None => {
                             // Keep a tombstone rather than forget the flow: forgotten, a
-                            // packet from the side that is not isolated would open it again.
+                            // packet from a side that is not isolated (a retransmission) would
+                            // open it again as a new flow, and the other side's packets would
+                            // pass as its replies.
                             e.flags |= CT_REVOKED;
                             e.epoch = ep.epoch;
                             e.rule = 0;
@@ -263,7 +303,10 @@ fn track(
                 e.epoch = ep.epoch;
                 e.rule = rule;
             }
-            e.last_seen_ns = now;
+            // The coarse clock moves once a tick: most packets need not dirty the entry.
+            if e.last_seen_ns != now {
+                e.last_seen_ns = now;
+            }
             if e.flags & CT_REVOKED != 0 {
                 v.reason = reason::DROP_REVOKED;
                 return Ok(());
@@ -274,8 +317,14 @@ fn track(
     }
 
     // A new flow.
+    if fast {
+        v.peer_identity = peer_identity(pkt.family, peer_addr(pkt, dir));
+        if v.peer_identity == IDENTITY_HOST {
+            return Ok(());
+        }
+    }
     if ep.isolated(dir) {
-        match policy_lookup(ep, identity, dir, pkt.proto, pkt.dport) {
+        match policy_lookup(ep, v.peer_identity, dir, pkt.proto, pkt.dport) {
             Some(rule) => {
                 v.reason = reason::ALLOW_POLICY;
                 v.rule = rule;

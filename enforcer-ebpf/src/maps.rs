@@ -62,7 +62,6 @@ pub static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[repr(C)]
 pub struct Scratch {
     pub pkt: Packet,
-    pub ep: EndpointInfo,
     pub ct: CtKey,
     pub frag: FragKey,
     pub inner: Inner,

@@ -1,11 +1,17 @@
-//! Header parsing. Every read goes through `bpf_skb_load_bytes` (`TcContext::load`) with a
-//! constant length, so non-linear skbs work and no read can leave the packet; every loop has a
-//! constant bound.
+//! Header parsing. Each header is read by direct packet access when it lies in the skb's linear
+//! area (the common case: one bounds check, no helper call), else through `bpf_skb_load_bytes`
+//! (non-linear skbs), which also fails when the frame is too short. Both give the same bytes, so
+//! a truncated header is malformed either way; every loop has a constant bound.
+
+use core::mem::MaybeUninit;
 
 use aya_ebpf::{cty::c_void, helpers::bpf_skb_load_bytes, programs::TcContext};
+
 use enforcer_common::{
     FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
 };
+
+use crate::mem::{zero_words, zero16};
 
 /// A header is truncated or inconsistent.
 pub struct Malformed;
@@ -40,8 +46,10 @@ pub const PARSED_NON_IP: u8 = 1;
 /// IPv6 neighbour discovery, router solicitation/advertisement, redirect, MLD.
 pub const PARSED_ND: u8 = 2;
 
-/// The facts of one packet the decision needs. IPv4 addresses use the first 4 bytes.
+/// The facts of one packet the decision needs. IPv4 addresses use the first 4 bytes. Aligned so
+/// that the addresses move by words ([`crate::mem`]) and the whole zeroes in 6 stores.
 #[derive(Clone, Copy)]
+#[repr(C, align(8))]
 pub struct Packet {
     pub src: [u8; 16],
     pub dst: [u8; 16],
@@ -57,19 +65,11 @@ pub struct Packet {
 }
 
 impl Packet {
-    pub const fn zeroed() -> Self {
-        Self {
-            src: [0; 16],
-            dst: [0; 16],
-            frag_id: 0,
-            l4_off: 0,
-            sport: 0,
-            dport: 0,
-            family: 0,
-            proto: 0,
-            frag: FRAG_NONE,
-            l4: L4_OTHER,
-        }
+    /// Resets every field (what the parse of a new packet starts from).
+    #[inline(always)]
+    pub fn clear(&mut self) {
+        const { assert!(FRAG_NONE == 0 && L4_OTHER == 0) };
+        zero_words(self);
     }
 }
 
@@ -78,35 +78,77 @@ fn be16(b0: u8, b1: u8) -> u16 {
     ((b0 as u16) << 8) | b1 as u16
 }
 
-#[inline(always)]
-fn load<T>(ctx: &TcContext, off: u32) -> Result<T, Malformed> {
-    ctx.load::<T>(off as usize).map_err(|_| Malformed)
+/// Deepest frame offset read by direct packet access; deeper headers (long IPv6 extension
+/// chains) go through `bpf_skb_load_bytes`. It also bounds the offset for the verifier.
+const MAX_DIRECT_OFF: u32 = 1024;
+
+/// `N` bytes of the frame, read in place or copied into a caller's buffer.
+#[derive(Clone, Copy)]
+struct Hdr(*const u8);
+
+impl Hdr {
+    #[inline(always)]
+    fn u8(self, i: usize) -> u8 {
+        unsafe { *self.0.add(i) }
+    }
+
+    #[inline(always)]
+    fn be16(self, i: usize) -> u16 {
+        be16(self.u8(i), self.u8(i + 1))
+    }
+
+    /// Copies the 16 bytes at `i` (an IPv6 address).
+    #[inline(always)]
+    fn addr16(self, i: usize, dst: &mut [u8; 16]) {
+        let mut k = 0;
+        while k < 16 {
+            dst[k] = self.u8(i + k);
+            k += 1;
+        }
+    }
 }
 
-/// Reads `size_of::<T>()` bytes at `off` straight into `dst` (which may live in a map value),
-/// keeping large headers off the 512-byte BPF stack.
+/// The `N` bytes at `off`: a pointer into the linear packet data when they are there (direct
+/// access, bounds checked as the verifier wants), else `buf` filled by `bpf_skb_load_bytes`.
+/// `Malformed` when the frame ends before `off + N`.
 #[inline(always)]
-pub fn load_into<T>(ctx: &TcContext, off: u32, dst: &mut T) -> Result<(), Malformed> {
+fn header<const N: usize>(
+    ctx: &TcContext,
+    off: u32,
+    buf: &mut MaybeUninit<[u8; N]>,
+) -> Result<Hdr, Malformed> {
+    if off < MAX_DIRECT_OFF {
+        let p = ctx.data() + off as usize;
+        if p + N <= ctx.data_end() {
+            return Ok(Hdr(p as *const u8));
+        }
+    }
     let ret = unsafe {
         bpf_skb_load_bytes(
             ctx.skb.skb as *const c_void,
             off,
-            dst as *mut T as *mut c_void,
-            core::mem::size_of::<T>() as u32,
+            buf.as_mut_ptr() as *mut c_void,
+            N as u32,
         )
     };
-    if ret == 0 { Ok(()) } else { Err(Malformed) }
+    if ret == 0 {
+        Ok(Hdr(buf.as_ptr() as *const u8))
+    } else {
+        Err(Malformed)
+    }
 }
 
-/// Parses the frame into `pkt`; returns one of the `PARSED_*` values.
+/// Parses the frame into `pkt` (which the caller has zeroed); returns one of the `PARSED_*`
+/// values.
 #[inline(always)]
 pub fn parse(ctx: &TcContext, pkt: &mut Packet) -> Result<u8, Malformed> {
     let len = ctx.len();
     if len < ETH_HLEN {
         return Err(Malformed);
     }
-    let proto: [u8; 2] = load(ctx, 12)?;
-    match be16(proto[0], proto[1]) {
+    let mut buf = MaybeUninit::<[u8; 2]>::uninit();
+    let proto = header(ctx, 12, &mut buf)?.be16(0);
+    match proto {
         ETH_P_IP => parse_v4(ctx, pkt, len),
         ETH_P_IPV6 => parse_v6(ctx, pkt, len),
         _ => Ok(PARSED_NON_IP),
@@ -115,32 +157,33 @@ pub fn parse(ctx: &TcContext, pkt: &mut Packet) -> Result<u8, Malformed> {
 
 #[inline(always)]
 fn parse_v4(ctx: &TcContext, pkt: &mut Packet, len: u32) -> Result<u8, Malformed> {
-    let h: [u8; 20] = load(ctx, ETH_HLEN)?;
-    if h[0] >> 4 != 4 {
+    let mut buf = MaybeUninit::<[u8; 20]>::uninit();
+    let h = header(ctx, ETH_HLEN, &mut buf)?;
+    let b0 = h.u8(0);
+    if b0 >> 4 != 4 {
         return Err(Malformed);
     }
-    let hlen = ((h[0] & 0x0f) as u32) * 4;
+    let hlen = ((b0 & 0x0f) as u32) * 4;
     if hlen < 20 {
         return Err(Malformed);
     }
-    let total = be16(h[2], h[3]) as u32;
+    let total = h.be16(2) as u32;
     if total < hlen || total > len - ETH_HLEN {
         return Err(Malformed);
     }
     pkt.family = FAMILY_V4;
-    pkt.proto = h[9];
-    pkt.src = [0; 16];
-    pkt.dst = [0; 16];
-    pkt.src[0] = h[12];
-    pkt.src[1] = h[13];
-    pkt.src[2] = h[14];
-    pkt.src[3] = h[15];
-    pkt.dst[0] = h[16];
-    pkt.dst[1] = h[17];
-    pkt.dst[2] = h[18];
-    pkt.dst[3] = h[19];
-    pkt.frag_id = be16(h[4], h[5]) as u32;
-    let frag = be16(h[6], h[7]);
+    pkt.proto = h.u8(9);
+    // The other 12 bytes of each address stay zero (the caller zeroed `pkt`).
+    pkt.src[0] = h.u8(12);
+    pkt.src[1] = h.u8(13);
+    pkt.src[2] = h.u8(14);
+    pkt.src[3] = h.u8(15);
+    pkt.dst[0] = h.u8(16);
+    pkt.dst[1] = h.u8(17);
+    pkt.dst[2] = h.u8(18);
+    pkt.dst[3] = h.u8(19);
+    pkt.frag_id = h.be16(4) as u32;
+    let frag = h.be16(6);
     let more = frag & 0x2000 != 0;
     let offset = frag & 0x1fff;
     if offset != 0 {
@@ -163,19 +206,20 @@ const fn is_ext_header(nh: u8) -> bool {
 
 #[inline(always)]
 fn parse_v6(ctx: &TcContext, pkt: &mut Packet, len: u32) -> Result<u8, Malformed> {
-    let h: [u8; 8] = load(ctx, ETH_HLEN)?;
-    if h[0] >> 4 != 6 {
+    let mut buf = MaybeUninit::<[u8; 40]>::uninit();
+    let h = header(ctx, ETH_HLEN, &mut buf)?;
+    if h.u8(0) >> 4 != 6 {
         return Err(Malformed);
     }
-    let payload = be16(h[4], h[5]) as u32;
+    let payload = h.be16(4) as u32;
     let end = ETH_HLEN + 40 + payload;
     if end > len {
         return Err(Malformed);
     }
     pkt.family = FAMILY_V6;
-    load_into(ctx, ETH_HLEN + 8, &mut pkt.src)?;
-    load_into(ctx, ETH_HLEN + 24, &mut pkt.dst)?;
-    let mut nh = h[6];
+    h.addr16(8, &mut pkt.src);
+    h.addr16(24, &mut pkt.dst);
+    let mut nh = h.u8(6);
     let mut off = ETH_HLEN + 40;
     let mut i = 0;
     while i < MAX_EXT_HEADERS {
@@ -186,12 +230,13 @@ fn parse_v6(ctx: &TcContext, pkt: &mut Packet, len: u32) -> Result<u8, Malformed
             if off + 8 > end {
                 return Err(Malformed);
             }
-            let f: [u8; 8] = load(ctx, off)?;
-            let fo = be16(f[2], f[3]);
+            let mut fb = MaybeUninit::<[u8; 8]>::uninit();
+            let f = header(ctx, off, &mut fb)?;
+            let fo = f.be16(2);
             let offset = fo >> 3;
             let more = fo & 1 != 0;
-            pkt.frag_id = u32::from_be_bytes([f[4], f[5], f[6], f[7]]);
-            nh = f[0];
+            pkt.frag_id = u32::from_be_bytes([f.u8(4), f.u8(5), f.u8(6), f.u8(7)]);
+            nh = f.u8(0);
             off += 8;
             if offset != 0 {
                 pkt.frag = FRAG_LATER;
@@ -205,16 +250,17 @@ fn parse_v6(ctx: &TcContext, pkt: &mut Packet, len: u32) -> Result<u8, Malformed
             if off + 2 > end {
                 return Err(Malformed);
             }
-            let e: [u8; 2] = load(ctx, off)?;
+            let mut eb = MaybeUninit::<[u8; 2]>::uninit();
+            let e = header(ctx, off, &mut eb)?;
             let hl = if nh == 51 {
-                (e[1] as u32 + 2) * 4
+                (e.u8(1) as u32 + 2) * 4
             } else {
-                (e[1] as u32 + 1) * 8
+                (e.u8(1) as u32 + 1) * 8
             };
             if off + hl > end {
                 return Err(Malformed);
             }
-            nh = e[0];
+            nh = e.u8(0);
             off += hl;
         }
         i += 1;
@@ -223,19 +269,16 @@ fn parse_v6(ctx: &TcContext, pkt: &mut Packet, len: u32) -> Result<u8, Malformed
         return Err(Malformed);
     }
     pkt.proto = nh;
-    parse_l4(ctx, pkt, off, end)?;
-    if nh == PROTO_ICMPV6 {
-        let t: [u8; 1] = load(ctx, off)?;
-        if matches!(t[0], 130..=137 | 143) {
-            return Ok(PARSED_ND);
-        }
+    if parse_l4(ctx, pkt, off, end)? {
+        return Ok(PARSED_ND);
     }
     Ok(PARSED_IP)
 }
 
-/// Reads the L4 header at `off` (the IP datagram ends at `end`).
+/// Reads the L4 header at `off` (the IP datagram ends at `end`). `true` for an ICMPv6 neighbour
+/// discovery, router or MLD message.
 #[inline(always)]
-fn parse_l4(ctx: &TcContext, pkt: &mut Packet, off: u32, end: u32) -> Result<(), Malformed> {
+fn parse_l4(ctx: &TcContext, pkt: &mut Packet, off: u32, end: u32) -> Result<bool, Malformed> {
     pkt.l4_off = off;
     let avail = end - off;
     match pkt.proto {
@@ -243,12 +286,13 @@ fn parse_l4(ctx: &TcContext, pkt: &mut Packet, off: u32, end: u32) -> Result<(),
             if avail < 20 {
                 return Err(Malformed);
             }
-            let t: [u8; 14] = load(ctx, off)?;
-            if t[12] >> 4 < 5 {
+            let mut buf = MaybeUninit::<[u8; 14]>::uninit();
+            let t = header(ctx, off, &mut buf)?;
+            if t.u8(12) >> 4 < 5 {
                 return Err(Malformed);
             }
-            pkt.sport = be16(t[0], t[1]);
-            pkt.dport = be16(t[2], t[3]);
+            pkt.sport = t.be16(0);
+            pkt.dport = t.be16(2);
             pkt.l4 = L4_PORTS;
         }
         PROTO_UDP | PROTO_SCTP => {
@@ -256,44 +300,49 @@ fn parse_l4(ctx: &TcContext, pkt: &mut Packet, off: u32, end: u32) -> Result<(),
             if avail < need {
                 return Err(Malformed);
             }
-            let t: [u8; 4] = load(ctx, off)?;
-            pkt.sport = be16(t[0], t[1]);
-            pkt.dport = be16(t[2], t[3]);
+            let mut buf = MaybeUninit::<[u8; 4]>::uninit();
+            let t = header(ctx, off, &mut buf)?;
+            pkt.sport = t.be16(0);
+            pkt.dport = t.be16(2);
             pkt.l4 = L4_PORTS;
         }
         PROTO_ICMP | PROTO_ICMPV6 => {
             if avail < 8 {
                 return Err(Malformed);
             }
-            let t: [u8; 8] = load(ctx, off)?;
+            let mut buf = MaybeUninit::<[u8; 8]>::uninit();
+            let t = header(ctx, off, &mut buf)?;
+            let ty = t.u8(0);
             let v6 = pkt.proto == PROTO_ICMPV6;
             let echo = if v6 {
-                matches!(t[0], 128 | 129)
+                matches!(ty, 128 | 129)
             } else {
-                matches!(t[0], 0 | 8)
+                matches!(ty, 0 | 8)
             };
             let error = if v6 {
-                matches!(t[0], 1..=4)
+                matches!(ty, 1..=4)
             } else {
-                matches!(t[0], 3 | 11 | 12)
+                matches!(ty, 3 | 11 | 12)
             };
             if echo {
-                let id = be16(t[4], t[5]);
+                let id = t.be16(4);
                 pkt.sport = id;
                 pkt.dport = id;
                 pkt.l4 = L4_ECHO;
             } else if error {
                 pkt.l4 = L4_ICMP_ERROR;
             }
+            return Ok(v6 && matches!(ty, 130..=137 | 143));
         }
         _ => {}
     }
-    Ok(())
+    Ok(false)
 }
 
 /// The flow an ICMP error is about: its inner header, as the packet that caused the error
-/// carried it.
+/// carried it. Aligned for [`crate::mem`].
 #[derive(Clone, Copy)]
+#[repr(C, align(8))]
 pub struct Inner {
     pub src: [u8; 16],
     pub dst: [u8; 16],
@@ -312,51 +361,55 @@ pub fn parse_inner(ctx: &TcContext, pkt: &Packet, inner: &mut Inner) -> bool {
 #[inline(always)]
 fn parse_inner_impl(ctx: &TcContext, pkt: &Packet, inner: &mut Inner) -> Result<(), Malformed> {
     let off = pkt.l4_off + 8;
-    inner.src = [0; 16];
-    inner.dst = [0; 16];
-    let h: [u8; 8] = load(ctx, off)?;
+    zero16(&mut inner.src);
+    zero16(&mut inner.dst);
     let l4_off;
     if pkt.family == FAMILY_V4 {
-        if h[0] >> 4 != 4 || h[0] & 0x0f < 5 {
+        let mut buf = MaybeUninit::<[u8; 20]>::uninit();
+        let h = header(ctx, off, &mut buf)?;
+        let b0 = h.u8(0);
+        if b0 >> 4 != 4 || b0 & 0x0f < 5 {
             return Err(Malformed);
         }
-        let p: [u8; 1] = load(ctx, off + 9)?;
-        inner.proto = p[0];
-        let a: [u8; 8] = load(ctx, off + 12)?;
-        inner.src[0] = a[0];
-        inner.src[1] = a[1];
-        inner.src[2] = a[2];
-        inner.src[3] = a[3];
-        inner.dst[0] = a[4];
-        inner.dst[1] = a[5];
-        inner.dst[2] = a[6];
-        inner.dst[3] = a[7];
-        l4_off = off + ((h[0] & 0x0f) as u32) * 4;
+        inner.proto = h.u8(9);
+        inner.src[0] = h.u8(12);
+        inner.src[1] = h.u8(13);
+        inner.src[2] = h.u8(14);
+        inner.src[3] = h.u8(15);
+        inner.dst[0] = h.u8(16);
+        inner.dst[1] = h.u8(17);
+        inner.dst[2] = h.u8(18);
+        inner.dst[3] = h.u8(19);
+        l4_off = off + ((b0 & 0x0f) as u32) * 4;
     } else {
-        if h[0] >> 4 != 6 {
+        let mut buf = MaybeUninit::<[u8; 40]>::uninit();
+        let h = header(ctx, off, &mut buf)?;
+        if h.u8(0) >> 4 != 6 {
             return Err(Malformed);
         }
-        inner.proto = h[6];
-        load_into(ctx, off + 8, &mut inner.src)?;
-        load_into(ctx, off + 24, &mut inner.dst)?;
+        inner.proto = h.u8(6);
+        h.addr16(8, &mut inner.src);
+        h.addr16(24, &mut inner.dst);
         l4_off = off + 40;
     }
-    let t: [u8; 8] = load(ctx, l4_off)?;
+    let mut buf = MaybeUninit::<[u8; 8]>::uninit();
+    let t = header(ctx, l4_off, &mut buf)?;
     match inner.proto {
         PROTO_TCP | PROTO_UDP | PROTO_SCTP => {
-            inner.sport = be16(t[0], t[1]);
-            inner.dport = be16(t[2], t[3]);
+            inner.sport = t.be16(0);
+            inner.dport = t.be16(2);
         }
         PROTO_ICMP | PROTO_ICMPV6 => {
+            let ty = t.u8(0);
             let echo = if inner.proto == PROTO_ICMPV6 {
-                matches!(t[0], 128 | 129)
+                matches!(ty, 128 | 129)
             } else {
-                matches!(t[0], 0 | 8)
+                matches!(ty, 0 | 8)
             };
             if !echo {
                 return Err(Malformed);
             }
-            let id = be16(t[4], t[5]);
+            let id = t.be16(4);
             inner.sport = id;
             inner.dport = id;
         }

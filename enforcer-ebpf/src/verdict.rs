@@ -6,6 +6,7 @@ use enforcer_common::{REASON_FIRST_DROP, VerdictEvent, counter_index};
 
 use crate::{
     maps::{COUNTERS, EVENTS, EVENTS_LOST},
+    mem::copy16,
     parse::Packet,
 };
 
@@ -65,8 +66,8 @@ pub fn emit(endpoint: u32, direction: u8, pkt: &Packet, v: &Verdict, bytes: u32)
         (*e).peer_identity = v.peer_identity;
         (*e).rule = v.rule;
         (*e).bytes = bytes;
-        (*e).src = pkt.src;
-        (*e).dst = pkt.dst;
+        copy16(&mut (*e).src, &pkt.src);
+        copy16(&mut (*e).dst, &pkt.dst);
         (*e).sport = pkt.sport;
         (*e).dport = pkt.dport;
         (*e).family = pkt.family;

@@ -599,6 +599,21 @@ impl Report {
                     prev = *v;
                 }
                 s.push('\n');
+                if !r.other_paths.is_empty() {
+                    let base = r
+                        .breakdown
+                        .iter()
+                        .find(|(n, _)| n.starts_with("pod to itself"))
+                        .map_or(f64::NAN, |(_, v)| *v);
+                    let _ = writeln!(
+                        s,
+                        "Paths that leave it after the parse (step: from \"pod to itself\"):\n\n| path | ns/packet | step |\n|---|---|---|"
+                    );
+                    for (name, v) in &r.other_paths {
+                        let _ = writeln!(s, "| {} | {} | +{} |", name, f(*v, 0), f(v - base, 0));
+                    }
+                    s.push('\n');
+                }
             }
             if charts.iter().any(|(n, _)| n == "chart_testrun.svg") {
                 let _ = writeln!(s, "![cost per packet](chart_testrun.svg)\n");
