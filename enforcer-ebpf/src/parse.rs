@@ -86,6 +86,20 @@ const MAX_DIRECT_OFF: u32 = 1024;
 #[derive(Clone, Copy)]
 struct Hdr(*const u8);
 
+/// Copies the source and destination of the IPv4 header `h` into the first 4 bytes of each.
+#[inline(always)]
+fn v4_addrs(h: Hdr, src: &mut [u8; 16], dst: &mut [u8; 16]) {
+    // Spelled out: byte stores, never a copy loop.
+    src[0] = h.u8(12);
+    src[1] = h.u8(13);
+    src[2] = h.u8(14);
+    src[3] = h.u8(15);
+    dst[0] = h.u8(16);
+    dst[1] = h.u8(17);
+    dst[2] = h.u8(18);
+    dst[3] = h.u8(19);
+}
+
 impl Hdr {
     #[inline(always)]
     fn u8(self, i: usize) -> u8 {
@@ -174,14 +188,7 @@ fn parse_v4(ctx: &TcContext, pkt: &mut Packet, len: u32) -> Result<u8, Malformed
     pkt.family = FAMILY_V4;
     pkt.proto = h.u8(9);
     // The other 12 bytes of each address stay zero (the caller zeroed `pkt`).
-    pkt.src[0] = h.u8(12);
-    pkt.src[1] = h.u8(13);
-    pkt.src[2] = h.u8(14);
-    pkt.src[3] = h.u8(15);
-    pkt.dst[0] = h.u8(16);
-    pkt.dst[1] = h.u8(17);
-    pkt.dst[2] = h.u8(18);
-    pkt.dst[3] = h.u8(19);
+    v4_addrs(h, &mut pkt.src, &mut pkt.dst);
     pkt.frag_id = h.be16(4) as u32;
     let frag = h.be16(6);
     let more = frag & 0x2000 != 0;
@@ -372,14 +379,7 @@ fn parse_inner_impl(ctx: &TcContext, pkt: &Packet, inner: &mut Inner) -> Result<
             return Err(Malformed);
         }
         inner.proto = h.u8(9);
-        inner.src[0] = h.u8(12);
-        inner.src[1] = h.u8(13);
-        inner.src[2] = h.u8(14);
-        inner.src[3] = h.u8(15);
-        inner.dst[0] = h.u8(16);
-        inner.dst[1] = h.u8(17);
-        inner.dst[2] = h.u8(18);
-        inner.dst[3] = h.u8(19);
+        v4_addrs(h, &mut inner.src, &mut inner.dst);
         l4_off = off + ((b0 & 0x0f) as u32) * 4;
     } else {
         let mut buf = MaybeUninit::<[u8; 40]>::uninit();
