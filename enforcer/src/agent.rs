@@ -40,8 +40,8 @@ const COUNT_CONNTRACK: Duration = Duration::from_secs(30);
 /// The compiled view the agent enforces now, shared with the flow log.
 #[derive(Default)]
 pub struct View {
-    /// What each rule id of the policy map stands for.
-    pub rules: BTreeMap<u32, crate::state::RuleRef>,
+    /// The state enforced now (shared with the control loop, not copied).
+    pub state: Arc<DesiredState>,
     /// Endpoint id -> pod, identity -> description, for the flow log.
     pub pods_by_endpoint: BTreeMap<u32, String>,
     pub pods_by_ip: BTreeMap<IpAddr, String>,
@@ -68,7 +68,7 @@ impl Agent {
         let mut last_good = LastGoodPolicies::default();
         let mut cluster: Option<Cluster> = None;
         let mut bindings_seen = u64::MAX;
-        let mut desired = DesiredState::default();
+        let mut desired = Arc::new(DesiredState::default());
         let mut last_sync = Instant::now() - RESYNC;
         let mut dirty = false;
         let mut last_counters = Instant::now() - RESYNC;
@@ -129,7 +129,7 @@ impl Agent {
                     for e in &compiled.errors {
                         log::warn!("{e}");
                     }
-                    desired = compiled.state;
+                    desired = Arc::new(compiled.state);
                     self.publish_view(&desired);
                     self.reconcile(&mut reconciler, &desired, started);
                     last_sync = Instant::now();
@@ -227,7 +227,7 @@ impl Agent {
         }
     }
 
-    fn publish_view(&self, desired: &DesiredState) {
+    fn publish_view(&self, desired: &Arc<DesiredState>) {
         let mut pods_by_endpoint = BTreeMap::new();
         let mut pods_by_ip = BTreeMap::new();
         for (pod, ep) in &desired.endpoints {
@@ -237,7 +237,7 @@ impl Agent {
             }
         }
         if let Ok(mut v) = self.view.lock() {
-            v.rules = desired.rules.clone();
+            v.state = Arc::clone(desired);
             v.pods_by_endpoint = pods_by_endpoint;
             v.pods_by_ip = pods_by_ip;
         }

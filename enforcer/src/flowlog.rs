@@ -75,7 +75,7 @@ impl FlowLog {
         let (src, dst) = addrs(e);
         let view = self.view.lock().ok();
         let name = |ip: IpAddr| view.as_ref().and_then(|v| v.pods_by_ip.get(&ip).cloned());
-        let rule = view.as_ref().and_then(|v| v.rules.get(&e.rule).map(ToString::to_string));
+        let rule = view.as_ref().and_then(|v| v.state.rules.get(&e.rule).map(ToString::to_string));
         let reason = REASON_NAMES.get(e.reason as usize).copied().unwrap_or("unknown");
         let time = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

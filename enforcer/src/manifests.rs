@@ -58,6 +58,14 @@ pub struct Loaded {
     seen: BTreeSet<(String, String, String)>,
 }
 
+impl Loaded {
+    /// Drops the bookkeeping of names seen, once nothing more is loaded into this `Loaded` (a
+    /// file kept for later merges holds only its objects).
+    pub fn forget_seen(&mut self) {
+        self.seen = BTreeSet::new();
+    }
+}
+
 fn is_manifest(path: &Path) -> bool {
     let hidden = path
         .file_name()

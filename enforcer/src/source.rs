@@ -252,6 +252,7 @@ impl ManifestsSource {
                 let mut part = Loaded::default();
                 manifests::load_text(file, &text, &mut part);
                 if part.errors.is_empty() {
+                    part.forget_seen();
                     state.good = Some(part);
                 } else {
                     problems.extend(part.errors.iter().map(FileError::to_string));

@@ -352,7 +352,7 @@ impl Counters {
             } else {
                 false
             };
-            for i in 0..attr.count as usize {
+            for (i, key) in keys.iter().take(attr.count as usize).enumerate() {
                 let mut sum = Counter::default();
                 for cpu in 0..cpus {
                     let at = (i * cpus + cpu) * stride;
@@ -362,7 +362,7 @@ impl Counters {
                     sum.packets += v.packets;
                     sum.bytes += v.bytes;
                 }
-                if keys[i] as usize != out.len() {
+                if *key as usize != out.len() {
                     return Err(std::io::Error::other("batch returned slots out of order"));
                 }
                 out.push(sum);
