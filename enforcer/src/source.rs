@@ -132,10 +132,17 @@ impl ManifestsSource {
 
     /// Waits up to `timeout` for the folder to change (returns early on an inotify event).
     pub fn wait(&mut self, timeout: Duration) {
-        let Some(w) = &self.watch else {
+        if self.watch.is_none() {
             std::thread::sleep(timeout);
             return;
-        };
+        }
+        self.take_events(timeout);
+    }
+
+    /// Takes the pending inotify events (waiting up to `timeout` for the first) into `writing`
+    /// and `complete`.
+    fn take_events(&mut self, timeout: Duration) {
+        let Some(w) = &self.watch else { return };
         match w.wait(timeout) {
             Ok(events) => {
                 for (name, kind) in events {
@@ -188,6 +195,8 @@ impl ManifestsSource {
             };
             scan.insert(f, (fp, since));
         }
+        // Events up to this moment: a write that began since the last wait is seen here.
+        self.take_events(Duration::ZERO);
         let mut changed = false;
         for (file, (fp, since)) in &scan {
             if self.files.get(file).is_some_and(|s| s.fingerprint == *fp) {
@@ -206,9 +215,18 @@ impl ManifestsSource {
                 file.display(),
                 if is_complete { "closed or moved in" } else { "held still" }
             );
+            let was_writing = self.writing.contains(file);
+            let text = std::fs::read_to_string(file);
+            // A write that began while we read would leave us half a file: the events and the
+            // fingerprint after the read say so, and the file is read again once complete.
+            self.take_events(Duration::ZERO);
+            if (!was_writing && self.writing.contains(file)) || fingerprint(file) != *fp {
+                self.rescan = true;
+                continue;
+            }
             self.complete.remove(file);
             self.writing.remove(file);
-            self.read_file(file, *fp);
+            self.load_file(file, *fp, text);
             changed = true;
         }
         // Files that were deleted are deleted, not kept.
@@ -237,8 +255,8 @@ impl ManifestsSource {
         Ok(Some((loaded.cluster, problems)))
     }
 
-    /// Reads and parses one file; a version that does not load keeps the last good one.
-    fn read_file(&mut self, file: &Path, fingerprint: Option<Fingerprint>) {
+    /// Parses one file's text; a version that does not load keeps the last good one.
+    fn load_file(&mut self, file: &Path, fingerprint: Option<Fingerprint>, text: std::io::Result<String>) {
         let state = self.files.entry(file.to_path_buf()).or_insert(FileState {
             fingerprint: None,
             good: None,
@@ -247,7 +265,7 @@ impl ManifestsSource {
         state.fingerprint = fingerprint;
         state.problems.clear();
         let mut problems = Vec::new();
-        match std::fs::read_to_string(file) {
+        match text {
             Ok(text) => {
                 let mut part = Loaded::default();
                 manifests::load_text(file, &text, &mut part);
