@@ -27,7 +27,8 @@ use crate::{
     state::DesiredState,
 };
 
-/// How often the source is polled (edits apply within a second).
+/// Longest wait for news from the source between turns of the loop (a manifests folder wakes it
+/// early through inotify); also the pace of identity sweeps and the resync check.
 const POLL: Duration = Duration::from_millis(100);
 /// How often the kernel state is re-checked without an input change (new veths, retries).
 const RESYNC: Duration = Duration::from_secs(1);
