@@ -7,7 +7,7 @@
 #![no_std]
 
 /// Version of the map layout. Pins live under `<pin-path>/v{SCHEMA_VERSION}/`.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 // ---------------------------------------------------------------------------------------------
 // Map names: used by `#[map(name = ..)]` in the eBPF crate and by the loader.
@@ -25,8 +25,11 @@ pub const MAP_CIDRS_V4: &str = "CIDRS_V4";
 pub const MAP_CIDRS_V6: &str = "CIDRS_V6";
 /// [`PolicyKey`] -> [`PolicyValue`]: one entry per allowed (endpoint, direction, peer, port block).
 pub const MAP_POLICY: &str = "POLICY";
-/// LRU [`CtKey`] -> [`CtValue`]: flows already allowed.
-pub const MAP_CONNTRACK: &str = "CONNTRACK";
+/// LRU [`CtKeyV4`] -> [`CtValue`]: IPv4 flows already allowed. A key of its own, 20 bytes
+/// instead of 44, because the established path hashes and compares it on every packet.
+pub const MAP_CONNTRACK_V4: &str = "CONNTRACK_V4";
+/// LRU [`CtKey`] -> [`CtValue`]: IPv6 flows already allowed.
+pub const MAP_CONNTRACK_V6: &str = "CONNTRACK_V6";
 /// LRU [`FragKey`] -> [`FragValue`]: first fragments that were allowed.
 pub const MAP_FRAGMENTS: &str = "FRAGMENTS";
 /// Per-CPU array of [`Counter`], indexed by [`counter_index`].
@@ -229,6 +232,56 @@ pub struct CtKey {
     pub port_b: u16,
 }
 
+/// [`CtKey`] of an IPv4 flow, as the IPv4 conntrack map holds it: same ordering of the ends,
+/// 4-byte addresses (network order), every field word-aligned so the kernel hashes it as five
+/// 32-bit words.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtKeyV4 {
+    pub endpoint: u32,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+    pub addr_a: [u8; 4],
+    pub addr_b: [u8; 4],
+    pub port_a: u16,
+    pub port_b: u16,
+}
+
+impl CtKeyV4 {
+    /// The family-neutral form (addresses in the first 4 of 16 bytes).
+    pub fn to_key(&self) -> CtKey {
+        let mut addr_a = [0u8; 16];
+        let mut addr_b = [0u8; 16];
+        addr_a[..4].copy_from_slice(&self.addr_a);
+        addr_b[..4].copy_from_slice(&self.addr_b);
+        CtKey {
+            endpoint: self.endpoint,
+            family: FAMILY_V4,
+            protocol: self.protocol,
+            _pad: 0,
+            addr_a,
+            addr_b,
+            port_a: self.port_a,
+            port_b: self.port_b,
+        }
+    }
+}
+
+impl CtKey {
+    /// The IPv4 map's key of an IPv4 flow; `None` for IPv6.
+    pub fn to_v4(&self) -> Option<CtKeyV4> {
+        (self.family == FAMILY_V4).then(|| CtKeyV4 {
+            endpoint: self.endpoint,
+            protocol: self.protocol,
+            _pad: [0; 3],
+            addr_a: [self.addr_a[0], self.addr_a[1], self.addr_a[2], self.addr_a[3]],
+            addr_b: [self.addr_b[0], self.addr_b[1], self.addr_b[2], self.addr_b[3]],
+            port_a: self.port_a,
+            port_b: self.port_b,
+        })
+    }
+}
+
 /// The originator of the flow is end `a` of the key.
 pub const CT_ORIGIN_A: u32 = 1 << 0;
 /// The flow was first seen leaving the pod (egress); otherwise entering it.
@@ -408,6 +461,7 @@ const _: () = {
     assert!(size_of::<PolicyKey>() == 16);
     assert!(size_of::<PolicyValue>() == 8);
     assert!(size_of::<CtKey>() == 44);
+    assert!(size_of::<CtKeyV4>() == 20);
     assert!(size_of::<CtValue>() == 24);
     assert!(size_of::<FragKey>() == 44);
     assert!(size_of::<FragValue>() == 16);
@@ -426,6 +480,7 @@ mod pod_impls {
     unsafe impl aya::Pod for PolicyKey {}
     unsafe impl aya::Pod for PolicyValue {}
     unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtKeyV4 {}
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragValue {}

@@ -1,10 +1,14 @@
 //! Conntrack and fragment keys, address helpers.
 
+use core::ptr::write_volatile;
+
 use enforcer_common::{
-    Config, CtKey, DEFAULT_CT_TIMEOUT_OTHER_NS, DEFAULT_CT_TIMEOUT_TCP_NS, FragKey, PROTO_TCP,
+    Config, CtKey, CtKeyV4, CtValue, DEFAULT_CT_TIMEOUT_OTHER_NS, DEFAULT_CT_TIMEOUT_TCP_NS,
+    FAMILY_V4, FragKey, PROTO_TCP,
 };
 
 use crate::{
+    maps::{CONNTRACK_V4, CONNTRACK_V6},
     mem::{copy16, word},
     parse::Packet,
 };
@@ -32,12 +36,22 @@ fn end_le(a: &[u8; 16], pa: u16, b: &[u8; 16], pb: u16) -> bool {
     pa <= pb
 }
 
-/// Writes into `key` the normalized key of the flow `src:sport -> dst:dport` at `endpoint`;
+/// The conntrack key of the packet at hand, in the form of its family's map: IPv4 flows live in
+/// `CONNTRACK_V4` under a 20-byte key (hashed and compared on every packet of an established
+/// flow), IPv6 flows in `CONNTRACK_V6` under the 44-byte [`CtKey`].
+#[repr(C)]
+pub struct CtKeys {
+    pub v4: CtKeyV4,
+    pub v6: CtKey,
+    pub family: u8,
+}
+
+/// Writes into `keys` the normalized key of the flow `src:sport -> dst:dport` at `endpoint`;
 /// returns whether `src` is end `a` of the key.
 #[inline(always)]
 #[expect(clippy::too_many_arguments, reason = "a flow tuple")]
 pub fn ct_key(
-    key: &mut CtKey,
+    keys: &mut CtKeys,
     endpoint: u32,
     family: u8,
     proto: u8,
@@ -46,6 +60,20 @@ pub fn ct_key(
     dst: &[u8; 16],
     dport: u16,
 ) -> bool {
+    keys.family = family;
+    if family == FAMILY_V4 {
+        let (s, d) = (word(src, 0), word(dst, 0));
+        let (hs, hd) = (u32::from_be(s), u32::from_be(d));
+        let src_is_a = hs < hd || (hs == hd && sport <= dport);
+        let (a, b, pa, pb) = if src_is_a {
+            (s, d, sport, dport)
+        } else {
+            (d, s, dport, sport)
+        };
+        v4_key(&mut keys.v4, endpoint, proto, a, b, pa, pb);
+        return src_is_a;
+    }
+    let key = &mut keys.v6;
     let src_is_a = end_le(src, sport, dst, dport);
     key.endpoint = endpoint;
     key.family = family;
@@ -63,6 +91,58 @@ pub fn ct_key(
         key.port_b = sport;
     }
     src_is_a
+}
+
+/// `CtKeyV4` as five word stores (a struct literal's zero padding would become a `memset`).
+#[inline(always)]
+fn v4_key(key: &mut CtKeyV4, endpoint: u32, proto: u8, a: u32, b: u32, pa: u16, pb: u16) {
+    const {
+        assert!(core::mem::offset_of!(CtKeyV4, protocol) == 4);
+        assert!(core::mem::offset_of!(CtKeyV4, addr_a) == 8);
+        assert!(core::mem::offset_of!(CtKeyV4, addr_b) == 12);
+        assert!(core::mem::offset_of!(CtKeyV4, port_a) == 16);
+        assert!(core::mem::offset_of!(CtKeyV4, port_b) == 18);
+        assert!(core::mem::size_of::<CtKeyV4>() == 20);
+    };
+    let w = key as *mut CtKeyV4 as *mut u32;
+    let (pa, pb) = (pa.to_ne_bytes(), pb.to_ne_bytes());
+    unsafe {
+        write_volatile(w, endpoint);
+        write_volatile(w.add(1), u32::from_ne_bytes([proto, 0, 0, 0]));
+        write_volatile(w.add(2), a);
+        write_volatile(w.add(3), b);
+        write_volatile(w.add(4), u32::from_ne_bytes([pa[0], pa[1], pb[0], pb[1]]));
+    }
+}
+
+/// The entry of the flow whose key `ct_key` wrote last, if any.
+#[inline(always)]
+pub fn ct_lookup(keys: &CtKeys) -> Option<*mut CtValue> {
+    if keys.family == FAMILY_V4 {
+        CONNTRACK_V4.get_ptr_mut(&keys.v4)
+    } else {
+        CONNTRACK_V6.get_ptr_mut(&keys.v6)
+    }
+}
+
+/// Records the flow of `keys`; `Err` when the map would not take it.
+#[inline(always)]
+pub fn ct_insert(keys: &CtKeys, value: &CtValue) -> Result<(), i32> {
+    if keys.family == FAMILY_V4 {
+        CONNTRACK_V4.insert(&keys.v4, value, 0)
+    } else {
+        CONNTRACK_V6.insert(&keys.v6, value, 0)
+    }
+}
+
+/// Forgets the flow of `keys`.
+#[inline(always)]
+pub fn ct_remove(keys: &CtKeys) {
+    let _ = if keys.family == FAMILY_V4 {
+        CONNTRACK_V4.remove(&keys.v4)
+    } else {
+        CONNTRACK_V6.remove(&keys.v6)
+    };
 }
 
 #[inline(always)]

@@ -30,9 +30,11 @@ use enforcer_common::{
 };
 
 use crate::{
-    conntrack::{addr_eq, config_flags, ct_key, frag_key, fresh, timeout},
+    conntrack::{
+        addr_eq, config_flags, ct_insert, ct_key, ct_lookup, ct_remove, frag_key, fresh, timeout,
+    },
     lookup::{peer_identity, policy_lookup},
-    maps::{CONFIG, CONNTRACK, ENDPOINTS, FRAGMENTS, SCRATCH, Scratch},
+    maps::{CONFIG, ENDPOINTS, FRAGMENTS, SCRATCH, Scratch},
     parse::{FRAG_FIRST, FRAG_LATER, L4_ICMP_ERROR, PARSED_IP, Packet, parse, parse_inner},
     verdict::{Verdict, count, emit},
 };
@@ -225,7 +227,7 @@ fn track(
             &i.dst,
             i.dport,
         );
-        if let Some(e) = CONNTRACK.get_ptr(&s.ct) {
+        if let Some(e) = ct_lookup(&s.ct) {
             let e = unsafe { &*e };
             if e.flags & CT_REVOKED == 0 && fresh(now, e.last_seen_ns, timeout(cfg, i.proto)) {
                 v.reason = reason::ALLOW_RELATED;
@@ -239,7 +241,7 @@ fn track(
     let src_is_a = ct_key(
         &mut s.ct, ep.id, pkt.family, pkt.proto, &pkt.src, pkt.sport, &pkt.dst, pkt.dport,
     );
-    if let Some(e) = CONNTRACK.get_ptr_mut(&s.ct) {
+    if let Some(e) = ct_lookup(&s.ct) {
         let e = unsafe { &mut *e };
         // A tombstone lives for the non-TCP timeout of silence, whatever the protocol.
         let revoked = e.flags & CT_REVOKED != 0;
@@ -258,7 +260,7 @@ fn track(
                     v.peer_identity = peer_identity(pkt.family, peer_addr(pkt, dir));
                     if v.peer_identity == IDENTITY_HOST {
                         // Became the node's address: allowed, and no longer tracked.
-                        let _ = CONNTRACK.remove(&s.ct);
+                        ct_remove(&s.ct);
                         v.reason = reason::ALLOW_HOST;
                         v.rule = 0;
                         return Ok(());
@@ -351,7 +353,7 @@ fn track(
         rule: v.rule,
         _pad: 0,
     };
-    if CONNTRACK.insert(&s.ct, &value, 0).is_err() {
+    if ct_insert(&s.ct, &value).is_err() {
         return Err(Error::MapFull);
     }
     v.new_flow = true;

@@ -6,13 +6,16 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use enforcer_common::{
-    Config, Counter, CtKey, CtValue, DEFAULT_CIDRS_SIZE, DEFAULT_CONNTRACK_SIZE,
+    Config, Counter, CtKey, CtKeyV4, CtValue, DEFAULT_CIDRS_SIZE, DEFAULT_CONNTRACK_SIZE,
     DEFAULT_EVENTS_BYTES, DEFAULT_FRAGMENTS_SIZE, DEFAULT_MAX_ENDPOINTS, DEFAULT_PEERS_SIZE,
     DEFAULT_POLICY_SIZE, EndpointInfo, FragKey, FragValue, PeerInfo, PolicyKey, PolicyValue,
     counter_slots,
 };
 
-use crate::parse::{Inner, Packet};
+use crate::{
+    conntrack::CtKeys,
+    parse::{Inner, Packet},
+};
 
 #[map]
 pub static ENDPOINTS: HashMap<u32, EndpointInfo> =
@@ -35,7 +38,11 @@ pub static POLICY: HashMap<PolicyKey, PolicyValue> =
     HashMap::with_max_entries(DEFAULT_POLICY_SIZE, 0);
 
 #[map]
-pub static CONNTRACK: LruHashMap<CtKey, CtValue> =
+pub static CONNTRACK_V4: LruHashMap<CtKeyV4, CtValue> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+
+#[map]
+pub static CONNTRACK_V6: LruHashMap<CtKey, CtValue> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
 
 #[map]
@@ -62,7 +69,7 @@ pub static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[repr(C)]
 pub struct Scratch {
     pub pkt: Packet,
-    pub ct: CtKey,
+    pub ct: CtKeys,
     pub frag: FragKey,
     pub inner: Inner,
 }

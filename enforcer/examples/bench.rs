@@ -67,8 +67,10 @@ fn main() -> Result<()> {
         eprintln!("[bench] BPF_PROG_TEST_RUN");
         let settings = testrun::Settings {
             repeat: if quick { 200_000 } else { 1_000_000 },
-            runs: if quick { 3 } else { 7 },
-            singles: if quick { 5_000 } else { 20_000 },
+            runs: if quick { 3 } else { 5 },
+            singles: if quick { 5_000 } else { 8_000 },
+            new_repeat: if quick { 5_000 } else { 10_000 },
+            passes: if quick { 1 } else { 3 },
             entries: vec![0, 100, 1_000, 100_000],
             endpoints: vec![1, 1_000],
         };

@@ -75,7 +75,7 @@ impl Agent {
         let mut last_counters = Instant::now() - RESYNC;
         let mut last_verify = Instant::now();
         let mut last_ct_count: Option<Instant> = None;
-        let mut ct_entries = 0u64;
+        let mut ct_entries = (0u64, 0u64);
         // After a restart or an upgrade: point the links pinned by the previous process at this
         // build's programs, atomically. The maps are the pinned ones, so enforcement continues
         // unchanged until the first reconcile diffs them against the input.
@@ -148,7 +148,8 @@ impl Agent {
             if last_counters.elapsed() >= RESYNC {
                 if last_ct_count.is_none_or(|t| t.elapsed() >= COUNT_CONNTRACK) {
                     if let Ok(dp) = self.datapath.lock() {
-                        ct_entries = dp.conntrack.count().unwrap_or(0) as u64;
+                        let (v4, v6) = dp.conntrack.count_by_family().unwrap_or((0, 0));
+                        ct_entries = (v4 as u64, v6 as u64);
                     }
                     last_ct_count = Some(Instant::now());
                 }
@@ -244,7 +245,7 @@ impl Agent {
         }
     }
 
-    fn publish_counters(&self, reconciler: &Reconciler, ct_entries: u64) {
+    fn publish_counters(&self, reconciler: &Reconciler, ct_entries: (u64, u64)) {
         let Ok(dp) = self.datapath.lock() else { return };
         let Ok(counters) = dp.counters.read() else { return };
         let mut by_reason = vec![(0u64, 0u64); REASON_COUNT as usize];
@@ -282,7 +283,8 @@ impl Agent {
             .into_iter()
             .map(|(name, n)| (name.to_string(), n as u64, u64::from(capacity(name))))
             .collect();
-        maps.push(("CONNTRACK".to_string(), ct_entries, u64::from(o.conntrack_size)));
+        maps.push(("CONNTRACK_V4".to_string(), ct_entries.0, u64::from(o.conntrack_size)));
+        maps.push(("CONNTRACK_V6".to_string(), ct_entries.1, u64::from(o.conntrack_size)));
         self.status.set_maps(maps);
     }
 }

@@ -119,7 +119,7 @@ struct RunArgs {
     /// Entries of the policy map.
     #[arg(long, default_value_t = DEFAULT_POLICY_SIZE)]
     policy_map_size: u32,
-    /// Entries of the conntrack map.
+    /// Entries of each conntrack map (one for IPv4 flows, one for IPv6 flows).
     #[arg(long, default_value_t = DEFAULT_CONNTRACK_SIZE)]
     conntrack_map_size: u32,
     /// Entries of the fragments map.

@@ -17,7 +17,7 @@ use enforcer::{
     state::Prefix,
 };
 use enforcer_common::{
-    CONFIG_LOG_ALLOWED, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6,
+    CONFIG_LOG_ALLOWED, CT_REVOKED, CtKey, DIR_EGRESS, FAMILY_V4, FAMILY_V6, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6,
     EP_INGRESS_ISOLATED, EndpointInfo, IDENTITY_ANY, IDENTITY_HOST, PORT_MASK_ANY_PROTO, PROTO_ANY,
     PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerInfo, PolicyKey, PolicyValue, REASON_NAMES, reason::*,
 };
@@ -855,6 +855,7 @@ fn run_cases(h: &mut Harness) {
         OK,
         ALLOW_POLICY,
     );
+    ct_key_layout(h);
 
     // --- ICMP echo ---
     h.case(
@@ -1453,6 +1454,39 @@ fn epoch_cases(h: &mut Harness) {
     if n == 0 {
         h.failures
             .push("conntrack.remove_endpoint(C) removed nothing".into());
+    }
+}
+
+/// The flows just allowed sit in their family's conntrack map under exactly the key the agent
+/// builds (ends ordered by address, then port): the programs and `Conntrack` agree byte for byte.
+fn ct_key_layout(h: &mut Harness) {
+    fn key(family: u8, proto: u8, a: &[u8], pa: u16, b: &[u8], pb: u16) -> CtKey {
+        let (mut addr_a, mut addr_b) = ([0u8; 16], [0u8; 16]);
+        addr_a[..a.len()].copy_from_slice(a);
+        addr_b[..b.len()].copy_from_slice(b);
+        CtKey { endpoint: EP_A, family, protocol: proto, _pad: 0, addr_a, addr_b, port_a: pa, port_b: pb }
+    }
+    // A4 (10.0.0.1) < B4 and A6 < B6: the pod's address is end a in both.
+    let flows = [
+        ("v4 tcp 80 <- 40000", key(FAMILY_V4, PROTO_TCP, &A4.octets(), 80, &B4.octets(), 40000)),
+        ("v6 tcp 80 <- 40000", key(FAMILY_V6, PROTO_TCP, &A6.octets(), 80, &B6.octets(), 40000)),
+        ("v6 tcp 42000 -> 5432", key(FAMILY_V6, PROTO_TCP, &A6.octets(), 42000, &B6.octets(), 5432)),
+    ];
+    for (what, k) in flows {
+        match h.dp.conntrack.get(&k) {
+            Ok(Some(v)) if v.flags & CT_REVOKED == 0 => {}
+            other => h.failures.push(format!("conntrack key of {what}: {other:?} for {k:?}")),
+        }
+    }
+    let (v4, v6) = h.dp.conntrack.count_by_family().unwrap();
+    if v4 == 0 || v6 == 0 {
+        h.failures.push(format!("conntrack entries by family: {v4} IPv4, {v6} IPv6"));
+    }
+    let listed = h.dp.conntrack.entries().unwrap();
+    if listed.len() != v4 + v6
+        || listed.iter().filter(|(k, _)| k.family == FAMILY_V4).count() != v4
+    {
+        h.failures.push(format!("conntrack entries() lists {} for {v4} + {v6}", listed.len()));
     }
 }
 

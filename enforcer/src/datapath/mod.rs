@@ -30,7 +30,7 @@ use enforcer_common::{
     CONFIG_LOG_ALLOWED, Config, DEFAULT_CIDRS_SIZE, DEFAULT_CONNTRACK_SIZE,
     DEFAULT_CT_TIMEOUT_OTHER_NS, DEFAULT_CT_TIMEOUT_TCP_NS, DEFAULT_EVENTS_BYTES,
     DEFAULT_FRAGMENTS_SIZE, DEFAULT_MAX_ENDPOINTS, DEFAULT_PEERS_SIZE, DEFAULT_POLICY_SIZE,
-    EndpointInfo, MAP_CIDRS_V4, MAP_CIDRS_V6, MAP_CONFIG, MAP_CONNTRACK, MAP_COUNTERS,
+    EndpointInfo, MAP_CIDRS_V4, MAP_CIDRS_V6, MAP_CONFIG, MAP_CONNTRACK_V4, MAP_CONNTRACK_V6, MAP_COUNTERS,
     MAP_ENDPOINTS, MAP_EVENTS, MAP_FRAGMENTS, MAP_PEERS_V4, MAP_PEERS_V6, MAP_POLICY,
     PROG_FROM_POD, PROG_TO_POD, PeerInfo, PolicyKey, PolicyValue, SCHEMA_VERSION, counter_slots,
 };
@@ -44,14 +44,15 @@ pub use self::bpffs::{ensure_bpffs, is_bpffs, mount_bpffs};
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/enforcer";
 
 /// Every pinned map.
-const PINNED_MAPS: [&str; 11] = [
+const PINNED_MAPS: [&str; 12] = [
     MAP_ENDPOINTS,
     MAP_PEERS_V4,
     MAP_PEERS_V6,
     MAP_CIDRS_V4,
     MAP_CIDRS_V6,
     MAP_POLICY,
-    MAP_CONNTRACK,
+    MAP_CONNTRACK_V4,
+    MAP_CONNTRACK_V6,
     MAP_FRAGMENTS,
     MAP_COUNTERS,
     MAP_EVENTS,
@@ -210,7 +211,8 @@ impl Datapath {
             .map_max_entries(MAP_CIDRS_V4, options.cidrs_size)
             .map_max_entries(MAP_CIDRS_V6, options.cidrs_size)
             .map_max_entries(MAP_POLICY, options.policy_size)
-            .map_max_entries(MAP_CONNTRACK, options.conntrack_size)
+            .map_max_entries(MAP_CONNTRACK_V4, options.conntrack_size)
+            .map_max_entries(MAP_CONNTRACK_V6, options.conntrack_size)
             .map_max_entries(MAP_FRAGMENTS, options.fragments_size)
             .map_max_entries(MAP_COUNTERS, counter_slots(options.max_endpoints))
             .map_max_entries(MAP_EVENTS, options.events_bytes);
@@ -248,9 +250,13 @@ impl Datapath {
         )?;
         let policy = HashTable::new(MAP_POLICY, HashMap::try_from(take(&mut ebpf, MAP_POLICY)?)?);
         let conntrack = Conntrack {
-            table: HashTable::new(
-                MAP_CONNTRACK,
-                HashMap::try_from(take(&mut ebpf, MAP_CONNTRACK)?)?,
+            v4: HashTable::new(
+                MAP_CONNTRACK_V4,
+                HashMap::try_from(take(&mut ebpf, MAP_CONNTRACK_V4)?)?,
+            ),
+            v6: HashTable::new(
+                MAP_CONNTRACK_V6,
+                HashMap::try_from(take(&mut ebpf, MAP_CONNTRACK_V6)?)?,
             ),
         };
         let counters_map = take(&mut ebpf, MAP_COUNTERS)?;

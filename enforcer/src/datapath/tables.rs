@@ -11,7 +11,7 @@ use aya::maps::{
     HashMap, MapData, MapError, PerCpuArray, RingBuf,
     lpm_trie::{Key, LpmTrie},
 };
-use enforcer_common::{Counter, CtKey, CtValue, PeerInfo, REASON_COUNT, VerdictEvent};
+use enforcer_common::{Counter, CtKey, CtKeyV4, CtValue, PeerInfo, REASON_COUNT, VerdictEvent};
 use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::{maps::MapTable, state::Prefix};
@@ -215,41 +215,71 @@ impl<A: LpmAddr> MapTable<Prefix<A>, PeerInfo> for LpmTable<A> {
     }
 }
 
-/// The LRU conntrack map.
+/// The LRU conntrack maps: IPv4 flows under their short key, IPv6 flows under [`CtKey`]. Seen
+/// from here as one table of [`CtKey`]s (IPv4 addresses in the first 4 bytes).
 pub struct Conntrack {
-    pub(crate) table: HashTable<CtKey, CtValue>,
+    pub(crate) v4: HashTable<CtKeyV4, CtValue>,
+    pub(crate) v6: HashTable<CtKey, CtValue>,
 }
 
 impl Conntrack {
-    /// Number of entries (a walk over the map).
+    /// Number of entries (a walk over both maps).
     pub fn count(&self) -> Result<usize> {
-        Ok(self.table.keys()?.len())
+        let (v4, v6) = self.count_by_family()?;
+        Ok(v4 + v6)
+    }
+
+    /// Entries of the IPv4 map and of the IPv6 map (each a walk).
+    pub fn count_by_family(&self) -> Result<(usize, usize)> {
+        Ok((self.v4.keys()?.len(), self.v6.keys()?.len()))
     }
 
     pub fn entries(&self) -> Result<Vec<(CtKey, CtValue)>> {
-        self.table.entries()
+        let mut out: Vec<(CtKey, CtValue)> = self
+            .v4
+            .entries()?
+            .into_iter()
+            .map(|(k, v)| (k.to_key(), v))
+            .collect();
+        out.extend(self.v6.entries()?);
+        Ok(out)
     }
 
     pub fn get(&self, key: &CtKey) -> Result<Option<CtValue>> {
-        self.table.get(key)
+        match key.to_v4() {
+            Some(k) => self.v4.get(&k),
+            None => self.v6.get(key),
+        }
     }
 
     pub fn remove(&mut self, key: &CtKey) -> Result<()> {
-        self.table.remove(key)
+        match key.to_v4() {
+            Some(k) => self.v4.remove(&k),
+            None => self.v6.remove(key),
+        }
     }
 
     /// Deletes every flow of `endpoint` (a pod went away); returns how many.
     pub fn remove_endpoint(&mut self, endpoint: u32) -> Result<usize> {
-        let keys: Vec<CtKey> = self
-            .table
+        let v4: Vec<CtKeyV4> = self
+            .v4
             .keys()?
             .into_iter()
             .filter(|k| k.endpoint == endpoint)
             .collect();
-        for k in &keys {
-            self.table.remove(k)?;
+        for k in &v4 {
+            self.v4.remove(k)?;
         }
-        Ok(keys.len())
+        let v6: Vec<CtKey> = self
+            .v6
+            .keys()?
+            .into_iter()
+            .filter(|k| k.endpoint == endpoint)
+            .collect();
+        for k in &v6 {
+            self.v6.remove(k)?;
+        }
+        Ok(v4.len() + v6.len())
     }
 }
 
