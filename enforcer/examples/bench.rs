@@ -111,6 +111,9 @@ fn main() -> Result<()> {
             traffic: net_part("traffic"),
             latency: net_part("latency"),
             sweep: net_part("sweep"),
+            pairs: if quick { 1 } else { 3 },
+            pair_iperf_secs: 2,
+            pair_rate_secs: if quick { 1.0 } else { 1.5 },
         };
         rep.net_settings = Some(settings.clone());
         let out2 = out.clone();

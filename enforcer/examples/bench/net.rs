@@ -40,6 +40,32 @@ pub struct Settings {
     pub traffic: bool,
     pub latency: bool,
     pub sweep: bool,
+    /// Pairs per round of short back-to-back runs without and with our programs (the agent's
+    /// pinned maps, the agent gone), and their lengths.
+    pub pairs: usize,
+    pub pair_iperf_secs: u32,
+    pub pair_rate_secs: f64,
+}
+
+/// One pair: the same short iperf3 / TCP_RR / TCP_CRR runs with no programs and with our
+/// programs attached, one right after the other (order alternating between pairs).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Pair {
+    pub none_gbps: f64,
+    pub programs_gbps: f64,
+    pub none_rr: f64,
+    pub programs_rr: f64,
+    pub none_crr: f64,
+    pub programs_crr: f64,
+}
+
+/// Medians over all pairs of the per-pair ratio programs / none.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Paired {
+    pub pairs: usize,
+    pub throughput: f64,
+    pub rr: f64,
+    pub crr: f64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -119,6 +145,8 @@ pub struct Results {
     pub throughput: Ratio,
     pub rr: Ratio,
     pub crr: Ratio,
+    pub pairs: Vec<Pair>,
+    pub paired: Option<Paired>,
     pub sweep: Vec<SweepRow>,
     pub latency: Option<Latency>,
     pub memory: Vec<Memory>,
@@ -542,6 +570,25 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
         r.programs_only_gbps = iperf(&bed.cli, srv_ip, s.iperf_secs)?;
         r.programs_only_rr = load::rr(&bed.cli, bed.addr(PORT_RR), warm, dur)?;
         r.programs_only_crr = load::crr(&bed.cli, bed.addr(PORT_CRR), warm, dur)?;
+        for k in 0..s.pairs {
+            let p = pair(&bed, s, (round + k) % 2 == 0)?;
+            eprintln!(
+                "    pair: Gbit/s {:.2} / {:.2}; RR/s {:.0} / {:.0}; CRR/s {:.0} / {:.0} (none / programs)",
+                p.none_gbps, p.programs_gbps, p.none_rr, p.programs_rr, p.none_crr, p.programs_crr
+            );
+            res.pairs.push(p);
+        }
+        if !res.pairs.is_empty() {
+            let ratio = |f: &dyn Fn(&Pair) -> (f64, f64)| {
+                median(&res.pairs.iter().map(|p| f(p).1 / f(p).0).collect::<Vec<_>>())
+            };
+            res.paired = Some(Paired {
+                pairs: res.pairs.len(),
+                throughput: ratio(&|p| (p.none_gbps, p.programs_gbps)),
+                rr: ratio(&|p| (p.none_rr, p.programs_rr)),
+                crr: ratio(&|p| (p.none_crr, p.programs_crr)),
+            });
+        }
         enforcer::datapath::Datapath::cleanup(&bed.pins.pin())?;
         if !none_first {
             measure_none(&mut r)?;
@@ -703,6 +750,69 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
         log(&res);
     }
     Ok(res)
+}
+
+/// One pair of short runs, with our programs attached to the pods' veths first or second.
+/// On entry the agent's programs are attached (the agent gone); so they are on return. Each
+/// state is checked before it is measured: the denied port is closed with the programs and
+/// open without them.
+fn pair(bed: &Bed, s: &Settings, programs_first: bool) -> Result<Pair> {
+    let pin = bed.pins.pin();
+    let veths = enforcer::datapath::Datapath::attached_at(&pin)?;
+    if veths.len() != 2 {
+        bail!("expected our programs on the 2 pod veths, found them on {veths:?}");
+    }
+    let dur = Duration::from_secs_f64(s.pair_rate_secs);
+    let warm = Duration::from_secs_f64(s.warmup_secs);
+    let attach = || -> Result<()> {
+        let (pin, veths) = (pin.clone(), veths.clone());
+        in_netns(&bed.tb.node, move || -> Result<()> {
+            let mut dp =
+                enforcer::datapath::Datapath::open(enforcer::datapath::DatapathOptions {
+                    pin_path: pin,
+                    ..Default::default()
+                })?;
+            for v in veths {
+                dp.attach(v)?;
+            }
+            Ok(())
+        })?
+    };
+    let measure = |programs: bool| -> Result<(f64, f64, f64)> {
+        if programs {
+            attach()?;
+            if bed.reach(PORT_DENIED)? || !bed.reach(PORT_CRR)? {
+                bail!("re-attached programs do not enforce");
+            }
+        } else {
+            for &v in &veths {
+                enforcer::datapath::detach_at(&pin, v)?;
+            }
+            bed.expect_no_programs()?;
+        }
+        Ok((
+            iperf(&bed.cli, bed.srv_ip, s.pair_iperf_secs)?,
+            load::rr(&bed.cli, bed.addr(PORT_RR), warm, dur)?.per_sec,
+            load::crr(&bed.cli, bed.addr(PORT_CRR), warm, dur)?.per_sec,
+        ))
+    };
+    let (a, b) = if programs_first {
+        let p = measure(true)?;
+        let n = measure(false)?;
+        attach()?; // as found
+        (n, p)
+    } else {
+        let n = measure(false)?;
+        (n, measure(true)?)
+    };
+    Ok(Pair {
+        none_gbps: a.0,
+        programs_gbps: b.0,
+        none_rr: a.1,
+        programs_rr: b.1,
+        none_crr: a.2,
+        programs_crr: b.2,
+    })
 }
 
 struct Rng(u64);
