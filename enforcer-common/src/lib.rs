@@ -502,6 +502,29 @@ mod tests {
     }
 
     #[test]
+    fn ipv4_conntrack_keys_convert_both_ways() {
+        let mut addr_a = [0u8; 16];
+        let mut addr_b = [0u8; 16];
+        addr_a[..4].copy_from_slice(&[10, 0, 0, 1]);
+        addr_b[..4].copy_from_slice(&[10, 0, 0, 2]);
+        let k = CtKey {
+            endpoint: 7,
+            family: FAMILY_V4,
+            protocol: PROTO_TCP,
+            _pad: 0,
+            addr_a,
+            addr_b,
+            port_a: 80,
+            port_b: 40000,
+        };
+        let v4 = k.to_v4().expect("an IPv4 key");
+        assert_eq!(v4.addr_a, [10, 0, 0, 1]);
+        assert_eq!((v4.endpoint, v4.protocol, v4.port_a, v4.port_b), (7, PROTO_TCP, 80, 40000));
+        assert_eq!(v4.to_key(), k);
+        assert_eq!(CtKey { family: FAMILY_V6, ..k }.to_v4(), None);
+    }
+
+    #[test]
     fn counter_slots_cover_every_index() {
         let max = 4;
         let last = counter_index(max, DIR_EGRESS, (REASON_COUNT - 1) as u8);

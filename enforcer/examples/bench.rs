@@ -68,9 +68,9 @@ fn main() -> Result<()> {
         let settings = testrun::Settings {
             repeat: if quick { 200_000 } else { 1_000_000 },
             runs: if quick { 3 } else { 5 },
-            singles: if quick { 5_000 } else { 8_000 },
+            singles: 5_000,
             new_repeat: if quick { 5_000 } else { 10_000 },
-            passes: if quick { 1 } else { 3 },
+            passes: if quick { 1 } else { 5 },
             entries: vec![0, 100, 1_000, 100_000],
             endpoints: vec![1, 1_000],
         };

@@ -404,11 +404,19 @@ pub fn run(settings: Settings) -> Result<Results> {
         let mount = BpfMount::new()?;
         let pin = mount.0.join("enforcer");
         let empty = load_empty_program()?;
-        let mut passes: Vec<Vec<Row>> = Vec::new();
+        let scenarios: Vec<(u32, u32)> = settings
+            .endpoints
+            .iter()
+            .flat_map(|&ep| settings.entries.iter().map(move |&en| (ep, en)))
+            .collect();
+        let mut passes: Vec<Vec<Row>> = vec![Vec::new(); scenarios.len()];
         for pass in 0..settings.passes.max(1) {
-            let mut i = 0;
-            for &endpoints in &settings.endpoints {
-                for &entries in &settings.entries {
+            // Each pass starts at another scenario, so a slow phase that recurs with the
+            // period of a pass does not land on the same scenario every time.
+            for k in 0..scenarios.len() {
+                let i = (k + pass * 3) % scenarios.len();
+                let (endpoints, entries) = scenarios[i];
+                {
                     eprintln!("  test_run pass {}: {entries} entries, {endpoints} endpoints", pass + 1);
                     let breakdown = endpoints == 1 && Some(&entries) == settings.entries.iter().max();
                     let got = scenario(&settings, &pin, [ifx, unmanaged, open_if], empty.as_raw_fd(), entries, endpoints, breakdown)
@@ -421,11 +429,7 @@ pub fn run(settings: Settings) -> Result<Results> {
                         row.new_flow_cidr_ns, row.floor_single_ns, row.established_single_ns,
                         row.new_flow_single_ns, row.denied_single_ns
                     );
-                    match passes.get_mut(i) {
-                        Some(p) => p.push(row),
-                        None => passes.push(vec![row]),
-                    }
-                    i += 1;
+                    passes[i].push(row);
                 }
             }
         }
