@@ -19,7 +19,8 @@ fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow!("no parent for {}", ebpf.manifest_path))?
         .as_str();
     let out_dir = std::env::var("OUT_DIR").context("OUT_DIR")?;
-    let skip = std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let skip =
+        std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
         // Pure unit tests (compiler, identity) need no programs; an empty object makes loading
         // fail with a clear error instead of failing the build.
@@ -29,7 +30,11 @@ fn main() -> anyhow::Result<()> {
         }
     }
     aya_build::build_ebpf(
-        [Package { name: ebpf.name.as_str(), root_dir, ..Default::default() }],
+        [Package {
+            name: ebpf.name.as_str(),
+            root_dir,
+            ..Default::default()
+        }],
         Toolchain::default(),
     )
 }

@@ -7,7 +7,7 @@
 #![no_std]
 
 /// Version of the map layout. Pins live under `<pin-path>/v{SCHEMA_VERSION}/`.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 1;
 
 // ---------------------------------------------------------------------------------------------
 // Map names: used by `#[map(name = ..)]` in the eBPF crate and by the loader.
@@ -28,8 +28,11 @@ pub const MAP_POLICY: &str = "POLICY";
 /// LRU [`CtKeyV4`] -> [`CtValue`]: IPv4 flows already allowed. A key of its own, 20 bytes
 /// instead of 44, because the established path hashes and compares it on every packet.
 pub const MAP_CONNTRACK_V4: &str = "CONNTRACK_V4";
-/// LRU [`CtKey`] -> [`CtValue`]: IPv6 flows already allowed.
-pub const MAP_CONNTRACK_V6: &str = "CONNTRACK_V6";
+/// LRU [`CtKey`] -> [`CtValue`]: IPv6 flows already allowed. It keeps the name of the map that
+/// held both families before `CONNTRACK_V4` existed, so an upgraded agent reuses the pinned
+/// map as it is (same key and value) and moves the IPv4 flows it finds there to
+/// `CONNTRACK_V4`: the layout stays at version 1 and no flow is lost across the upgrade.
+pub const MAP_CONNTRACK_V6: &str = "CONNTRACK";
 /// LRU [`FragKey`] -> [`FragValue`]: first fragments that were allowed.
 pub const MAP_FRAGMENTS: &str = "FRAGMENTS";
 /// Per-CPU array of [`Counter`], indexed by [`counter_index`].
@@ -133,7 +136,11 @@ pub struct EndpointInfo {
 
 impl EndpointInfo {
     pub const fn isolated(&self, direction: u8) -> bool {
-        let bit = if direction == DIR_INGRESS { EP_INGRESS_ISOLATED } else { EP_EGRESS_ISOLATED };
+        let bit = if direction == DIR_INGRESS {
+            EP_INGRESS_ISOLATED
+        } else {
+            EP_EGRESS_ISOLATED
+        };
         self.flags & bit != 0
     }
 }
@@ -177,7 +184,14 @@ pub struct PolicyKey {
 
 impl PolicyKey {
     /// The key for `port` under a prefix of `len` bits (masking the port).
-    pub const fn new(endpoint: u32, identity: u32, direction: u8, protocol: u8, port: u16, len: u8) -> Self {
+    pub const fn new(
+        endpoint: u32,
+        identity: u32,
+        direction: u8,
+        protocol: u8,
+        port: u16,
+        len: u8,
+    ) -> Self {
         Self {
             endpoint,
             identity,
@@ -274,8 +288,18 @@ impl CtKey {
             endpoint: self.endpoint,
             protocol: self.protocol,
             _pad: [0; 3],
-            addr_a: [self.addr_a[0], self.addr_a[1], self.addr_a[2], self.addr_a[3]],
-            addr_b: [self.addr_b[0], self.addr_b[1], self.addr_b[2], self.addr_b[3]],
+            addr_a: [
+                self.addr_a[0],
+                self.addr_a[1],
+                self.addr_a[2],
+                self.addr_a[3],
+            ],
+            addr_b: [
+                self.addr_b[0],
+                self.addr_b[1],
+                self.addr_b[2],
+                self.addr_b[3],
+            ],
             port_a: self.port_a,
             port_b: self.port_b,
         })
@@ -498,7 +522,10 @@ mod tests {
         assert_eq!(port_mask(0), 0);
         assert_eq!(port_mask(16), 0xffff);
         assert_eq!(port_mask(12), 0xfff0);
-        assert_eq!(PolicyKey::new(1, 2, DIR_INGRESS, PROTO_TCP, 0x1234, 12).port, 0x1230);
+        assert_eq!(
+            PolicyKey::new(1, 2, DIR_INGRESS, PROTO_TCP, 0x1234, 12).port,
+            0x1230
+        );
     }
 
     #[test]
@@ -519,9 +546,19 @@ mod tests {
         };
         let v4 = k.to_v4().expect("an IPv4 key");
         assert_eq!(v4.addr_a, [10, 0, 0, 1]);
-        assert_eq!((v4.endpoint, v4.protocol, v4.port_a, v4.port_b), (7, PROTO_TCP, 80, 40000));
+        assert_eq!(
+            (v4.endpoint, v4.protocol, v4.port_a, v4.port_b),
+            (7, PROTO_TCP, 80, 40000)
+        );
         assert_eq!(v4.to_key(), k);
-        assert_eq!(CtKey { family: FAMILY_V6, ..k }.to_v4(), None);
+        assert_eq!(
+            CtKey {
+                family: FAMILY_V6,
+                ..k
+            }
+            .to_v4(),
+            None
+        );
     }
 
     #[test]

@@ -16,7 +16,9 @@ use crate::{
 /// Byte-wise equality of two addresses (no memcmp in BPF), a word at a time.
 #[inline(always)]
 pub fn addr_eq(a: &[u8; 16], b: &[u8; 16]) -> bool {
-    (word(a, 0) ^ word(b, 0)) | (word(a, 1) ^ word(b, 1)) | (word(a, 2) ^ word(b, 2))
+    (word(a, 0) ^ word(b, 0))
+        | (word(a, 1) ^ word(b, 1))
+        | (word(a, 2) ^ word(b, 2))
         | (word(a, 3) ^ word(b, 3))
         == 0
 }

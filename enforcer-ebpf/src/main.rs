@@ -125,7 +125,11 @@ fn is_pod_addr(ep: &EndpointInfo, family: u8, addr: &[u8; 16]) -> bool {
 /// The peer's address: the destination of what the pod sends, the source of what it receives.
 #[inline(always)]
 fn peer_addr(pkt: &Packet, dir: u8) -> &[u8; 16] {
-    if dir == DIR_EGRESS { &pkt.dst } else { &pkt.src }
+    if dir == DIR_EGRESS {
+        &pkt.dst
+    } else {
+        &pkt.src
+    }
 }
 
 /// Order of the checks: parse, anti-spoofing, the pod itself, then

@@ -41,7 +41,7 @@ pub static POLICY: HashMap<PolicyKey, PolicyValue> =
 pub static CONNTRACK_V4: LruHashMap<CtKeyV4, CtValue> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
 
-#[map]
+#[map(name = "CONNTRACK")]
 pub static CONNTRACK_V6: LruHashMap<CtKey, CtValue> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
 

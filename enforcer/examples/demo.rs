@@ -12,13 +12,13 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use enforcer::{
+    identity::testing::TestIssuer,
     manifests,
     policy::{
         compile::CompileOptions,
         evaluator::{Endpoint, verdict},
     },
     state::PodRef,
-    identity::testing::TestIssuer,
     testbed::{AgentProcess, NODE_V4, Proto, Servers, TestPod, Testbed, in_netns, probe_all},
 };
 use enforcer_common::PROTO_TCP;
@@ -98,13 +98,24 @@ fn main() -> Result<()> {
     let mut pods = Vec::new();
     for (i, (name, ns, labels, port)) in PODS.iter().enumerate() {
         let pod = tb.add_pod(name, Ipv4Addr::new(10, 244, 1, 10 + i as u8), None)?;
-        std::fs::write(dir.join(format!("pod-{name}.yaml")), pod_yaml(ns, &pod, labels, *port))?;
-        println!("  pod {ns}/{name:<9} {}  serves TCP {port}  ({labels})", pod.v4);
+        std::fs::write(
+            dir.join(format!("pod-{name}.yaml")),
+            pod_yaml(ns, &pod, labels, *port),
+        )?;
+        println!(
+            "  pod {ns}/{name:<9} {}  serves TCP {port}  ({labels})",
+            pod.v4
+        );
         pods.push((pod, *ns, *port));
     }
-    std::fs::write(dir.join("namespaces.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: other\n")?;
-    let _servers: Vec<Servers> =
-        pods.iter().map(|(p, _, port)| Servers::start(p, &[*port], &p.name)).collect::<Result<_>>()?;
+    std::fs::write(
+        dir.join("namespaces.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: other\n",
+    )?;
+    let _servers: Vec<Servers> = pods
+        .iter()
+        .map(|(p, _, port)| Servers::start(p, &[*port], &p.name))
+        .collect::<Result<_>>()?;
 
     // A test issuer stands in for the API server: real keys, a real JWKS, real signed tokens.
     let issuer = TestIssuer::new();
@@ -112,13 +123,30 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(jwks.parent().context("keys dir")?)?;
     std::fs::write(&jwks, issuer.jwks_json())?;
     let jwks_arg = jwks.display().to_string();
-    let mut agent = AgentProcess::start(&tb, &dir, &["--jwks", &jwks_arg, "--issuer", issuer.issuer()])?;
-    agent.wait_ready(Duration::from_secs(30)).context("starting the agent")?;
-    println!("\nagent running in the node namespace (standalone, --manifests {})", dir.display());
+    let mut agent = AgentProcess::start(
+        &tb,
+        &dir,
+        &["--jwks", &jwks_arg, "--issuer", issuer.issuer()],
+    )?;
+    agent
+        .wait_ready(Duration::from_secs(30))
+        .context("starting the agent")?;
+    println!(
+        "\nagent running in the node namespace (standalone, --manifests {})",
+        dir.display()
+    );
 
     let mut failures = 0;
     let mut verified = BTreeMap::new();
-    failures += step(&tb, &mut agent, &dir, &pods, &verified, "1. no policy: every pod reaches every pod", None)?;
+    failures += step(
+        &tb,
+        &mut agent,
+        &dir,
+        &pods,
+        &verified,
+        "1. no policy: every pod reaches every pod",
+        None,
+    )?;
     failures += step(
         &tb,
         &mut agent,
@@ -155,14 +183,23 @@ fn main() -> Result<()> {
         .pod("frontend", "uid-shop-frontend")
         .sign();
     let (code, body) = attest(frontend, &token)?;
-    println!("\n-- the frontend presents its service-account token to the node's attestation endpoint: {code} {}", body.trim());
+    println!(
+        "\n-- the frontend presents its service-account token to the node's attestation endpoint: {code} {}",
+        body.trim()
+    );
     let impostor = &pods[4].0;
     let (code, body) = attest(impostor, &token)?;
-    println!("-- the impostor replays the frontend's token from its own address: {code} {}", body.trim());
+    println!(
+        "-- the impostor replays the frontend's token from its own address: {code} {}",
+        body.trim()
+    );
     verified.insert(
         IpAddr::V4(frontend.v4),
         BTreeMap::from([
-            ("enforcer.dev/serviceaccount".to_string(), "frontend".to_string()),
+            (
+                "enforcer.dev/serviceaccount".to_string(),
+                "frontend".to_string(),
+            ),
             ("enforcer.dev/namespace".to_string(), "shop".to_string()),
         ]),
     );
@@ -182,19 +219,31 @@ fn main() -> Result<()> {
     let out = std::process::Command::new(bin)
         .args(["explain"])
         .arg(&dir)
-        .args(["--from", "shop/impostor", "--to", "shop/backend", "--port", "8080"])
+        .args([
+            "--from",
+            "shop/impostor",
+            "--to",
+            "shop/backend",
+            "--port",
+            "8080",
+        ])
         .output()?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
 
     println!("\n-- flow log (drops, from the agent's ring buffer), last lines:");
     let log = agent.log_text();
-    let drops: Vec<&str> = log.lines().filter(|l| l.starts_with('{') && l.contains("\"dropped\"")).collect();
+    let drops: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with('{') && l.contains("\"dropped\""))
+        .collect();
     for l in drops.iter().rev().take(3).rev() {
         println!("  {l}");
     }
     let (_, metrics) = agent.get("/metrics")?;
     println!("\n-- /metrics (drops by reason):");
-    for l in metrics.lines().filter(|l| l.starts_with("enforcer_packets_total") && l.contains("dropped") && !l.ends_with(" 0")) {
+    for l in metrics.lines().filter(|l| {
+        l.starts_with("enforcer_packets_total") && l.contains("dropped") && !l.ends_with(" 0")
+    }) {
         println!("  {l}");
     }
 
@@ -260,7 +309,11 @@ fn step(
                     bad += 1;
                 }
                 let mark = if got { "allowed" } else { "DROPPED" };
-                if got == want { mark.to_string() } else { format!("{mark}(!)") }
+                if got == want {
+                    mark.to_string()
+                } else {
+                    format!("{mark}(!)")
+                }
             };
             print!("{cell:>15}");
         }
@@ -293,11 +346,21 @@ fn attest(pod: &TestPod, token: &str) -> Result<(u16, String)> {
         let addr: SocketAddr = (NODE_V4, 9902).into();
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
         s.set_read_timeout(Some(Duration::from_secs(3)))?;
-        write!(s, "POST /v1/attest HTTP/1.1\r\nHost: node\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+        write!(
+            s,
+            "POST /v1/attest HTTP/1.1\r\nHost: node\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )?;
         let mut text = String::new();
         let _ = s.read_to_string(&mut text);
-        let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
         Ok((status, body))
     })?
 }

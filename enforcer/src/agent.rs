@@ -92,7 +92,9 @@ impl Agent {
                     for p in &problems {
                         log::warn!("{p}");
                     }
-                    self.status.input_problems.store(problems.len() as u64, Ordering::Relaxed);
+                    self.status
+                        .input_problems
+                        .store(problems.len() as u64, Ordering::Relaxed);
                     if let Some(id) = &self.identity {
                         id.pods.update(&c, &self.compile_options.node_ips);
                     }
@@ -166,11 +168,15 @@ impl Agent {
     /// so their policy keys and conntrack entries stay valid across the restart.
     fn restore_endpoint_ids(&self, cluster: &Cluster, alloc: &mut Allocations) {
         let Ok(dp) = self.datapath.lock() else { return };
-        let Ok(pinned) = dp.endpoints.entries() else { return };
+        let Ok(pinned) = dp.endpoints.entries() else {
+            return;
+        };
         let mut restored = 0;
         for (_, info) in pinned {
-            let v4 = (info.flags & enforcer_common::EP_HAS_V4 != 0).then(|| IpAddr::from(info.ipv4));
-            let v6 = (info.flags & enforcer_common::EP_HAS_V6 != 0).then(|| IpAddr::from(info.ipv6));
+            let v4 =
+                (info.flags & enforcer_common::EP_HAS_V4 != 0).then(|| IpAddr::from(info.ipv4));
+            let v6 =
+                (info.flags & enforcer_common::EP_HAS_V6 != 0).then(|| IpAddr::from(info.ipv6));
             let owner = cluster.pods.iter().find(|p| {
                 let ips = crate::policy::model::pod_ips(p);
                 v4.is_some_and(|a| ips.contains(&a)) || v6.is_some_and(|a| ips.contains(&a))
@@ -201,7 +207,10 @@ impl Agent {
                 for (pod, err) in &report.failed {
                     log::warn!("{pod}: {err}");
                 }
-                if !report.attached.is_empty() || !report.detached.is_empty() || report.written + report.removed > 0 {
+                if !report.attached.is_empty()
+                    || !report.detached.is_empty()
+                    || report.written + report.removed > 0
+                {
                     log::info!(
                         "programmed: {} written, {} removed, attached {:?}, detached {:?}, pending {}",
                         report.written,
@@ -213,13 +222,17 @@ impl Agent {
                 }
                 let total = desired.endpoints.len() as u64;
                 let pending = (report.pending.len() + report.failed.len()) as u64;
-                self.status.pods_enforced.store(total.saturating_sub(pending), Ordering::Relaxed);
+                self.status
+                    .pods_enforced
+                    .store(total.saturating_sub(pending), Ordering::Relaxed);
                 self.status.pods_pending.store(pending, Ordering::Relaxed);
                 if report.complete() {
                     let observed = self.status.observed.load(Ordering::Relaxed);
                     self.status.programmed.store(observed, Ordering::Relaxed);
                 }
-                self.status.ready.store(report.complete(), Ordering::Relaxed);
+                self.status
+                    .ready
+                    .store(report.complete(), Ordering::Relaxed);
             }
             Err(e) => {
                 self.status.reconcile_errors.fetch_add(1, Ordering::Relaxed);
@@ -247,7 +260,9 @@ impl Agent {
 
     fn publish_counters(&self, reconciler: &Reconciler, ct_entries: (u64, u64)) {
         let Ok(dp) = self.datapath.lock() else { return };
-        let Ok(counters) = dp.counters.read() else { return };
+        let Ok(counters) = dp.counters.read() else {
+            return;
+        };
         let mut by_reason = vec![(0u64, 0u64); REASON_COUNT as usize];
         let mut per_pod = BTreeMap::new();
         let view = self.view.lock().ok();
@@ -257,7 +272,9 @@ impl Agent {
                 slot.1 += c.bytes;
             }
             if self.per_pod_metrics
-                && let Some(pod) = view.as_ref().and_then(|v| v.pods_by_endpoint.get(&endpoint))
+                && let Some(pod) = view
+                    .as_ref()
+                    .and_then(|v| v.pods_by_endpoint.get(&endpoint))
             {
                 let e = per_pod.entry((pod.clone(), reason)).or_insert((0, 0));
                 e.0 += c.packets;
@@ -283,8 +300,16 @@ impl Agent {
             .into_iter()
             .map(|(name, n)| (name.to_string(), n as u64, u64::from(capacity(name))))
             .collect();
-        maps.push(("CONNTRACK_V4".to_string(), ct_entries.0, u64::from(o.conntrack_size)));
-        maps.push(("CONNTRACK_V6".to_string(), ct_entries.1, u64::from(o.conntrack_size)));
+        maps.push((
+            "CONNTRACK_V4".to_string(),
+            ct_entries.0,
+            u64::from(o.conntrack_size),
+        ));
+        maps.push((
+            "CONNTRACK_V6".to_string(),
+            ct_entries.1,
+            u64::from(o.conntrack_size),
+        ));
         self.status.set_maps(maps);
     }
 }

@@ -35,7 +35,11 @@ impl LivePods {
             if uid.is_empty() {
                 continue;
             }
-            let id = identity::PodRef { namespace: r.namespace.clone(), name: r.name.clone(), uid: uid.clone() };
+            let id = identity::PodRef {
+                namespace: r.namespace.clone(),
+                name: r.name.clone(),
+                uid: uid.clone(),
+            };
             for ip in pod_ips(pod).into_iter().filter(|ip| !node_ips.contains(ip)) {
                 next.by_ip.insert(ip, id.clone());
             }
@@ -52,7 +56,12 @@ impl PodDirectory for LivePods {
         self.inner.read().ok()?.by_ip.get(&ip).cloned()
     }
     fn pod_uid(&self, namespace: &str, name: &str) -> Option<String> {
-        self.inner.read().ok()?.uid.get(&(namespace.to_string(), name.to_string())).cloned()
+        self.inner
+            .read()
+            .ok()?
+            .uid
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned()
     }
 }
 
@@ -66,7 +75,10 @@ pub struct Identity {
 impl Identity {
     /// Drops bindings whose token expired or whose pod is gone; returns whether any went.
     pub fn sweep(&self) -> bool {
-        !self.bindings.sweep(&*self.pods, identity::unix_now()).is_empty()
+        !self
+            .bindings
+            .sweep(&*self.pods, identity::unix_now())
+            .is_empty()
     }
 
     /// The verified addresses with their reserved labels, for [`Cluster::verified`].

@@ -11,9 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use enforcer_common::{
-    DIR_INGRESS, FAMILY_V4, REASON_FIRST_DROP, REASON_NAMES, VerdictEvent,
-};
+use enforcer_common::{DIR_INGRESS, FAMILY_V4, REASON_FIRST_DROP, REASON_NAMES, VerdictEvent};
 use serde_json::json;
 
 use crate::{agent::View, policy::explain::protocol_label};
@@ -48,7 +46,13 @@ pub struct FlowLog {
 
 impl FlowLog {
     pub fn new(view: Arc<Mutex<View>>, stats: Arc<FlowLogStats>, per_second: u32) -> Self {
-        Self { view, stats, per_second, window: Instant::now(), in_window: 0 }
+        Self {
+            view,
+            stats,
+            per_second,
+            window: Instant::now(),
+            in_window: 0,
+        }
     }
 
     /// Logs a batch of events to stdout.
@@ -75,8 +79,13 @@ impl FlowLog {
         let (src, dst) = addrs(e);
         let view = self.view.lock().ok();
         let name = |ip: IpAddr| view.as_ref().and_then(|v| v.pods_by_ip.get(&ip).cloned());
-        let rule = view.as_ref().and_then(|v| v.state.rules.get(&e.rule).map(ToString::to_string));
-        let reason = REASON_NAMES.get(e.reason as usize).copied().unwrap_or("unknown");
+        let rule = view
+            .as_ref()
+            .and_then(|v| v.state.rules.get(&e.rule).map(ToString::to_string));
+        let reason = REASON_NAMES
+            .get(e.reason as usize)
+            .copied()
+            .unwrap_or("unknown");
         let time = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
@@ -105,7 +114,10 @@ fn addrs(e: &VerdictEvent) -> (IpAddr, IpAddr) {
         let a = |b: &[u8; 16]| IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]));
         (a(&e.src), a(&e.dst))
     } else {
-        (IpAddr::V6(Ipv6Addr::from(e.src)), IpAddr::V6(Ipv6Addr::from(e.dst)))
+        (
+            IpAddr::V6(Ipv6Addr::from(e.src)),
+            IpAddr::V6(Ipv6Addr::from(e.dst)),
+        )
     }
 }
 
@@ -118,10 +130,21 @@ mod tests {
     #[test]
     fn a_drop_becomes_a_json_line_and_floods_are_limited() {
         let view = Arc::new(Mutex::new(View::default()));
-        view.lock().unwrap().pods_by_ip.insert("10.0.0.1".parse().unwrap(), "x/a".into());
+        view.lock()
+            .unwrap()
+            .pods_by_ip
+            .insert("10.0.0.1".parse().unwrap(), "x/a".into());
         let stats = Arc::new(FlowLogStats::default());
         let mut log = FlowLog::new(view, stats.clone(), 2);
-        let mut e = VerdictEvent { family: FAMILY_V4, protocol: PROTO_TCP, direction: DIR_EGRESS, reason: reason::DROP_POLICY, sport: 4000, dport: 80, ..Default::default() };
+        let mut e = VerdictEvent {
+            family: FAMILY_V4,
+            protocol: PROTO_TCP,
+            direction: DIR_EGRESS,
+            reason: reason::DROP_POLICY,
+            sport: 4000,
+            dport: 80,
+            ..Default::default()
+        };
         e.src[..4].copy_from_slice(&[10, 0, 0, 1]);
         e.dst[..4].copy_from_slice(&[10, 0, 0, 2]);
         let l = log.line(&e);

@@ -62,7 +62,9 @@ struct Inner {
 
 impl std::fmt::Debug for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Status").field("ready", &self.ready).finish_non_exhaustive()
+        f.debug_struct("Status")
+            .field("ready", &self.ready)
+            .finish_non_exhaustive()
     }
 }
 
@@ -81,7 +83,11 @@ impl Status {
     }
 
     /// Replaces the packet counters (index = reason) and the per-pod breakdown.
-    pub fn set_packets(&self, by_reason: Vec<(u64, u64)>, per_pod: BTreeMap<(String, u8), (u64, u64)>) {
+    pub fn set_packets(
+        &self,
+        by_reason: Vec<(u64, u64)>,
+        per_pod: BTreeMap<(String, u8), (u64, u64)>,
+    ) {
         if let Ok(mut i) = self.inner.lock() {
             i.packets = by_reason;
             i.per_pod = per_pod;
@@ -108,45 +114,142 @@ impl Status {
         let g = |o: &mut String, name: &str, help: &str, kind: &str, v: u64| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
         };
-        g(&mut o, "enforcer_ready", "1 when the latest observed state is programmed", "gauge", u64::from(self.ready.load(Ordering::Relaxed)));
-        g(&mut o, "enforcer_pods_enforced", "Pods with programs attached", "gauge", self.pods_enforced.load(Ordering::Relaxed));
-        g(&mut o, "enforcer_pods_pending", "Local pods whose interface is not found yet", "gauge", self.pods_pending.load(Ordering::Relaxed));
-        g(&mut o, "enforcer_reconciles_total", "Reconciles run", "counter", self.reconciles.load(Ordering::Relaxed));
-        g(&mut o, "enforcer_reconcile_errors_total", "Reconciles that failed", "counter", self.reconcile_errors.load(Ordering::Relaxed));
-        g(&mut o, "enforcer_events_lost_total", "Verdict events lost to a full ring buffer", "counter", self.events_lost.load(Ordering::Relaxed));
-        g(&mut o, "enforcer_input_problems", "Problems in the latest input (bad files, invalid policies)", "gauge", self.input_problems.load(Ordering::Relaxed));
+        g(
+            &mut o,
+            "enforcer_ready",
+            "1 when the latest observed state is programmed",
+            "gauge",
+            u64::from(self.ready.load(Ordering::Relaxed)),
+        );
+        g(
+            &mut o,
+            "enforcer_pods_enforced",
+            "Pods with programs attached",
+            "gauge",
+            self.pods_enforced.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "enforcer_pods_pending",
+            "Local pods whose interface is not found yet",
+            "gauge",
+            self.pods_pending.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "enforcer_reconciles_total",
+            "Reconciles run",
+            "counter",
+            self.reconciles.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "enforcer_reconcile_errors_total",
+            "Reconciles that failed",
+            "counter",
+            self.reconcile_errors.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "enforcer_events_lost_total",
+            "Verdict events lost to a full ring buffer",
+            "counter",
+            self.events_lost.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
+            "enforcer_input_problems",
+            "Problems in the latest input (bad files, invalid policies)",
+            "gauge",
+            self.input_problems.load(Ordering::Relaxed),
+        );
         let Ok(i) = self.inner.lock() else { return o };
-        let _ = writeln!(o, "# HELP enforcer_reconcile_seconds Time to compile and program a change\n# TYPE enforcer_reconcile_seconds histogram");
+        let _ = writeln!(
+            o,
+            "# HELP enforcer_reconcile_seconds Time to compile and program a change\n# TYPE enforcer_reconcile_seconds histogram"
+        );
         for (b, le) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(o, "enforcer_reconcile_seconds_bucket{{le=\"{le}\"}} {}", i.buckets[b]);
+            let _ = writeln!(
+                o,
+                "enforcer_reconcile_seconds_bucket{{le=\"{le}\"}} {}",
+                i.buckets[b]
+            );
         }
-        let _ = writeln!(o, "enforcer_reconcile_seconds_bucket{{le=\"+Inf\"}} {}", i.count);
-        let _ = writeln!(o, "enforcer_reconcile_seconds_sum {}\nenforcer_reconcile_seconds_count {}", i.sum, i.count);
-        let _ = writeln!(o, "# HELP enforcer_packets_total Packets by verdict and reason\n# TYPE enforcer_packets_total counter");
+        let _ = writeln!(
+            o,
+            "enforcer_reconcile_seconds_bucket{{le=\"+Inf\"}} {}",
+            i.count
+        );
+        let _ = writeln!(
+            o,
+            "enforcer_reconcile_seconds_sum {}\nenforcer_reconcile_seconds_count {}",
+            i.sum, i.count
+        );
+        let _ = writeln!(
+            o,
+            "# HELP enforcer_packets_total Packets by verdict and reason\n# TYPE enforcer_packets_total counter"
+        );
         let mut bytes = String::new();
         for reason in 0..REASON_COUNT as u8 {
             let (p, b) = i.packets.get(reason as usize).copied().unwrap_or_default();
-            let verdict = if reason >= REASON_FIRST_DROP { "dropped" } else { "allowed" };
+            let verdict = if reason >= REASON_FIRST_DROP {
+                "dropped"
+            } else {
+                "allowed"
+            };
             let name = REASON_NAMES[reason as usize];
-            let _ = writeln!(o, "enforcer_packets_total{{verdict=\"{verdict}\",reason=\"{name}\"}} {p}");
-            let _ = writeln!(bytes, "enforcer_bytes_total{{verdict=\"{verdict}\",reason=\"{name}\"}} {b}");
+            let _ = writeln!(
+                o,
+                "enforcer_packets_total{{verdict=\"{verdict}\",reason=\"{name}\"}} {p}"
+            );
+            let _ = writeln!(
+                bytes,
+                "enforcer_bytes_total{{verdict=\"{verdict}\",reason=\"{name}\"}} {b}"
+            );
         }
-        let _ = writeln!(o, "# HELP enforcer_bytes_total Bytes by verdict and reason\n# TYPE enforcer_bytes_total counter\n{}", bytes.trim_end());
+        let _ = writeln!(
+            o,
+            "# HELP enforcer_bytes_total Bytes by verdict and reason\n# TYPE enforcer_bytes_total counter\n{}",
+            bytes.trim_end()
+        );
         if !i.per_pod.is_empty() {
-            let _ = writeln!(o, "# HELP enforcer_pod_packets_total Packets by pod, verdict and reason\n# TYPE enforcer_pod_packets_total counter");
+            let _ = writeln!(
+                o,
+                "# HELP enforcer_pod_packets_total Packets by pod, verdict and reason\n# TYPE enforcer_pod_packets_total counter"
+            );
             for ((pod, reason), (p, _)) in &i.per_pod {
-                let verdict = if *reason >= REASON_FIRST_DROP { "dropped" } else { "allowed" };
-                let name = REASON_NAMES.get(*reason as usize).copied().unwrap_or("unknown");
-                let _ = writeln!(o, "enforcer_pod_packets_total{{pod=\"{pod}\",verdict=\"{verdict}\",reason=\"{name}\"}} {p}");
+                let verdict = if *reason >= REASON_FIRST_DROP {
+                    "dropped"
+                } else {
+                    "allowed"
+                };
+                let name = REASON_NAMES
+                    .get(*reason as usize)
+                    .copied()
+                    .unwrap_or("unknown");
+                let _ = writeln!(
+                    o,
+                    "enforcer_pod_packets_total{{pod=\"{pod}\",verdict=\"{verdict}\",reason=\"{name}\"}} {p}"
+                );
             }
         }
-        let _ = writeln!(o, "# HELP enforcer_map_entries Entries in a datapath map\n# TYPE enforcer_map_entries gauge");
+        let _ = writeln!(
+            o,
+            "# HELP enforcer_map_entries Entries in a datapath map\n# TYPE enforcer_map_entries gauge"
+        );
         for (m, n, _) in &i.maps {
             let _ = writeln!(o, "enforcer_map_entries{{map=\"{m}\"}} {n}");
         }
-        let _ = writeln!(o, "# HELP enforcer_map_fill_ratio Entries over capacity\n# TYPE enforcer_map_fill_ratio gauge");
+        let _ = writeln!(
+            o,
+            "# HELP enforcer_map_fill_ratio Entries over capacity\n# TYPE enforcer_map_fill_ratio gauge"
+        );
         for (m, n, cap) in &i.maps {
-            let ratio = if *cap == 0 { 0.0 } else { *n as f64 / *cap as f64 };
+            let ratio = if *cap == 0 {
+                0.0
+            } else {
+                *n as f64 / *cap as f64
+            };
             let _ = writeln!(o, "enforcer_map_fill_ratio{{map=\"{m}\"}} {ratio}");
         }
         for f in &i.extra {
@@ -167,7 +270,10 @@ async fn readyz(State(s): State<Arc<Status>>) -> impl IntoResponse {
     if s.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, format!("ready generation={generation}\n"))
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready generation={generation}\n"))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready generation={generation}\n"),
+        )
     }
 }
 
@@ -186,8 +292,12 @@ pub fn router(status: Arc<Status>) -> Router {
 
 /// Serves the health endpoints until the task is dropped.
 pub async fn serve(addr: SocketAddr, status: Arc<Status>) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding --health-addr {addr}"))?;
-    axum::serve(listener, router(status)).await.context("health server")
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding --health-addr {addr}"))?;
+    axum::serve(listener, router(status))
+        .await
+        .context("health server")
 }
 
 #[cfg(test)]
@@ -203,8 +313,17 @@ mod tests {
         s.set_packets(packets, BTreeMap::new());
         s.set_maps(vec![("POLICY".into(), 5, 10)]);
         let t = s.render();
-        assert!(t.contains("enforcer_packets_total{verdict=\"dropped\",reason=\"policy-denied\"} 7"), "{t}");
-        assert!(t.contains("enforcer_reconcile_seconds_bucket{le=\"0.005\"} 1"), "{t}");
-        assert!(t.contains("enforcer_map_fill_ratio{map=\"POLICY\"} 0.5"), "{t}");
+        assert!(
+            t.contains("enforcer_packets_total{verdict=\"dropped\",reason=\"policy-denied\"} 7"),
+            "{t}"
+        );
+        assert!(
+            t.contains("enforcer_reconcile_seconds_bucket{le=\"0.005\"} 1"),
+            "{t}"
+        );
+        assert!(
+            t.contains("enforcer_map_fill_ratio{map=\"POLICY\"} 0.5"),
+            "{t}"
+        );
     }
 }

@@ -1208,7 +1208,12 @@ mod tests {
         // With a node-local view only, the peer would be unknown: the all-pods reflector is
         // what makes cross-node podSelector peers work.
         let local_only = Cluster {
-            pods: c.pods.iter().filter(|p| pod_node(p) == Some(NODE)).cloned().collect(),
+            pods: c
+                .pods
+                .iter()
+                .filter(|p| pod_node(p) == Some(NODE))
+                .cloned()
+                .collect(),
             ..Cluster::clone(&c)
         };
         let compiled = compile(&local_only, &opts, &mut Allocations::new());

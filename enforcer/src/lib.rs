@@ -9,8 +9,8 @@
 
 pub mod agent;
 pub mod attestation;
-pub mod dataplane;
 pub mod datapath;
+pub mod dataplane;
 pub mod flowlog;
 pub mod health;
 pub mod identity;

@@ -23,12 +23,16 @@ use enforcer::{
     source::{ManifestsSource, Source},
 };
 use enforcer_common::{
-    DEFAULT_CONNTRACK_SIZE, DEFAULT_EVENTS_BYTES, DEFAULT_FRAGMENTS_SIZE, DEFAULT_MAX_ENDPOINTS, DEFAULT_PEERS_SIZE,
-    DEFAULT_POLICY_SIZE,
+    DEFAULT_CONNTRACK_SIZE, DEFAULT_EVENTS_BYTES, DEFAULT_FRAGMENTS_SIZE, DEFAULT_MAX_ENDPOINTS,
+    DEFAULT_PEERS_SIZE, DEFAULT_POLICY_SIZE,
 };
 
 #[derive(Parser)]
-#[command(name = "enforcer", version, about = "eBPF Kubernetes NetworkPolicy enforcer")]
+#[command(
+    name = "enforcer",
+    version,
+    about = "eBPF Kubernetes NetworkPolicy enforcer"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -149,26 +153,45 @@ struct RunArgs {
 }
 
 fn main() -> Result<()> {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).target(env_logger::Target::Stderr).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .target(env_logger::Target::Stderr)
+        .init();
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(args),
-        Command::Compile { dir, entries, node_name } => {
+        Command::Compile {
+            dir,
+            entries,
+            node_name,
+        } => {
             print!("{}", offline::compile_report(&dir, node_name, entries)?);
             Ok(())
         }
-        Command::Explain { dir, from, to, port, protocol, require_identity } => {
-            print!("{}", offline::explain_report(&dir, &from, &to, port, &protocol, require_identity)?);
+        Command::Explain {
+            dir,
+            from,
+            to,
+            port,
+            protocol,
+            require_identity,
+        } => {
+            print!(
+                "{}",
+                offline::explain_report(&dir, &from, &to, port, &protocol, require_identity)?
+            );
             Ok(())
         }
         Command::Status { health_addr } => {
-            let (_, metrics) = enforcer::testbed::http_get(health_addr, "/metrics")
-                .with_context(|| format!("reading http://{health_addr}/metrics: is the agent running?"))?;
+            let (_, metrics) =
+                enforcer::testbed::http_get(health_addr, "/metrics").with_context(|| {
+                    format!("reading http://{health_addr}/metrics: is the agent running?")
+                })?;
             print!("{}", offline::status_report(&metrics));
             Ok(())
         }
         Command::Cleanup { pin_path } => {
-            Datapath::cleanup(&pin_path).with_context(|| format!("cleaning up {}", pin_path.display()))?;
+            Datapath::cleanup(&pin_path)
+                .with_context(|| format!("cleaning up {}", pin_path.display()))?;
             eprintln!("removed programs and pins under {}", pin_path.display());
             Ok(())
         }
@@ -176,15 +199,23 @@ fn main() -> Result<()> {
 }
 
 fn run(args: RunArgs) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     // Standalone reads a folder; otherwise the kube watchers feed the same compiler.
     let mut kube_client = None;
     let (source, kube_task) = match args.manifests.clone() {
         Some(dir) => (Source::Manifests(ManifestsSource::new(dir)), None),
         None => {
-            let node = args.node_name.clone().context("in-cluster mode needs --node-name or NODE_NAME")?;
+            let node = args
+                .node_name
+                .clone()
+                .context("in-cluster mode needs --node-name or NODE_NAME")?;
             let _ = rustls::crypto::ring::default_provider().install_default();
-            let client = rt.block_on(kube::Client::try_default()).context("kube client (in-cluster config or KUBECONFIG)")?;
+            let client = rt
+                .block_on(kube::Client::try_default())
+                .context("kube client (in-cluster config or KUBECONFIG)")?;
             let (tx, rx) = tokio::sync::watch::channel(None);
             kube_client = Some(client.clone());
             let task = rt.spawn(async move {
@@ -195,7 +226,11 @@ fn run(args: RunArgs) -> Result<()> {
             (Source::Kube(rx), Some(task))
         }
     };
-    let node_ips = if args.node_ips.is_empty() { offline::local_addresses()? } else { args.node_ips.clone() };
+    let node_ips = if args.node_ips.is_empty() {
+        offline::local_addresses()?
+    } else {
+        args.node_ips.clone()
+    };
     log::info!("node addresses: {node_ips:?}");
     let options = DatapathOptions {
         pin_path: args.pin_path.clone(),
@@ -240,7 +275,9 @@ fn run(args: RunArgs) -> Result<()> {
         identity: identity.as_ref().map(|(id, _)| id.clone()),
     };
     let loop_stop = stop.clone();
-    let control = std::thread::Builder::new().name("control".into()).spawn(move || agent.run(loop_stop))?;
+    let control = std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || agent.run(loop_stop))?;
 
     rt.block_on(async move {
         let health = tokio::spawn(health::serve(args.health_addr, status.clone()));
@@ -295,13 +332,18 @@ fn identity_setup(
     args: &RunArgs,
     kube_client: Option<kube::Client>,
     status: &Arc<Status>,
-) -> Result<(enforcer::attestation::Identity, enforcer::identity::AttestState)> {
+) -> Result<(
+    enforcer::attestation::Identity,
+    enforcer::identity::AttestState,
+)> {
     use enforcer::identity::{
-        AttestState, Bindings, FileKeySource, IdentityMetrics, KeySource, KeyStore, OidcKeySource, Verifier,
-        VerifierConfig,
+        AttestState, Bindings, FileKeySource, IdentityMetrics, KeySource, KeyStore, OidcKeySource,
+        Verifier, VerifierConfig,
     };
     if args.issuers.is_empty() {
-        bail!("attestation needs at least one --issuer (the API server's --service-account-issuer)");
+        bail!(
+            "attestation needs at least one --issuer (the API server's --service-account-issuer)"
+        );
     }
     let source: Arc<dyn KeySource> = match (&args.jwks, kube_client) {
         (Some(path), _) => Arc::new(FileKeySource::new(path)),

@@ -267,20 +267,31 @@ fn load_value(
 pub fn merge(file: &Path, part: &Loaded, into: &mut Loaded) {
     into.errors.extend(part.errors.iter().cloned());
     into.ignored.extend(part.ignored.iter().cloned());
-    let first = |into: &mut Loaded, kind: &str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
-        let ns = if kind == "Namespace" { String::new() } else { crate::policy::validate::namespace_of(meta) };
-        let name = meta.name.clone().unwrap_or_default();
-        let object = if ns.is_empty() { format!("{kind} {name}") } else { format!("{kind} {ns}/{name}") };
-        into.seen.insert((kind.to_string(), ns, name)) || {
-            into.errors.push(FileError {
-                file: file.to_path_buf(),
-                document: None,
-                object: Some(object),
-                message: "defined more than once; the first definition is used".into(),
-            });
-            false
-        }
-    };
+    let first =
+        |into: &mut Loaded,
+         kind: &str,
+         meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+            let ns = if kind == "Namespace" {
+                String::new()
+            } else {
+                crate::policy::validate::namespace_of(meta)
+            };
+            let name = meta.name.clone().unwrap_or_default();
+            let object = if ns.is_empty() {
+                format!("{kind} {name}")
+            } else {
+                format!("{kind} {ns}/{name}")
+            };
+            into.seen.insert((kind.to_string(), ns, name)) || {
+                into.errors.push(FileError {
+                    file: file.to_path_buf(),
+                    document: None,
+                    object: Some(object),
+                    message: "defined more than once; the first definition is used".into(),
+                });
+                false
+            }
+        };
     for o in &part.cluster.namespaces {
         if first(into, "Namespace", &o.metadata) {
             into.cluster.namespaces.push(o.clone());
@@ -338,7 +349,12 @@ pub fn finish(loaded: &mut Loaded) {
     }
     for n in &mut c.namespaces {
         let name = n.metadata.name.as_deref().unwrap_or_default();
-        let labelled = n.metadata.labels.as_ref().and_then(|l| l.get(NAMESPACE_NAME_LABEL)).map(String::as_str);
+        let labelled = n
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(NAMESPACE_NAME_LABEL))
+            .map(String::as_str);
         if labelled != Some(name) {
             label_namespace(Arc::make_mut(n));
         }

@@ -29,7 +29,11 @@ pub struct FakeTable<K: Ord, V> {
 
 impl<K: Ord, V> Default for FakeTable<K, V> {
     fn default() -> Self {
-        Self { entries: BTreeMap::new(), fail_writes: false, reads: std::cell::Cell::new(0) }
+        Self {
+            entries: BTreeMap::new(),
+            fail_writes: false,
+            reads: std::cell::Cell::new(0),
+        }
     }
 }
 
@@ -97,7 +101,11 @@ where
 
 /// First half of a sync against `written`, what this process last wrote to `table`: writes the
 /// desired entries that are missing or different there, without reading the kernel.
-pub fn diff_upserts<K, V, T>(desired: &BTreeMap<K, V>, written: &BTreeMap<K, V>, table: &mut T) -> Result<usize>
+pub fn diff_upserts<K, V, T>(
+    desired: &BTreeMap<K, V>,
+    written: &BTreeMap<K, V>,
+    table: &mut T,
+) -> Result<usize>
 where
     K: Ord,
     V: PartialEq,
@@ -114,7 +122,11 @@ where
 }
 
 /// Second half of a sync against `written`: removes what was written and is no longer desired.
-pub fn diff_removals<K, V, T>(desired: &BTreeMap<K, V>, written: &BTreeMap<K, V>, table: &mut T) -> Result<usize>
+pub fn diff_removals<K, V, T>(
+    desired: &BTreeMap<K, V>,
+    written: &BTreeMap<K, V>,
+    table: &mut T,
+) -> Result<usize>
 where
     K: Ord,
     T: MapTable<K, V> + ?Sized,

@@ -35,7 +35,10 @@ fn load(dir: &Path) -> Result<Cluster> {
 /// `enforcer compile DIR`: per pod, what is enforced; with `entries`, every map entry.
 pub fn compile_report(dir: &Path, node_name: Option<String>, entries: bool) -> Result<String> {
     let cluster = load(dir)?;
-    let opts = CompileOptions { node_name, ..CompileOptions::default() };
+    let opts = CompileOptions {
+        node_name,
+        ..CompileOptions::default()
+    };
     let compiled = compile(&cluster, &opts, &mut Allocations::new());
     for e in &compiled.errors {
         eprintln!("warning: {e}");
@@ -54,17 +57,37 @@ pub fn compile_report(dir: &Path, node_name: Option<String>, entries: bool) -> R
     );
     for (pod, ep) in &s.endpoints {
         let ips: Vec<String> = ep.ips.iter().map(ToString::to_string).collect();
-        let _ = writeln!(o, "\n{pod} ({}) endpoint {} identity {}", ips.join(", "), ep.info.id, ep.info.identity);
+        let _ = writeln!(
+            o,
+            "\n{pod} ({}) endpoint {} identity {}",
+            ips.join(", "),
+            ep.info.id,
+            ep.info.identity
+        );
         for dir in [DIR_INGRESS, DIR_EGRESS] {
-            let name = if dir == DIR_INGRESS { "ingress" } else { "egress" };
+            let name = if dir == DIR_INGRESS {
+                "ingress"
+            } else {
+                "egress"
+            };
             if !ep.info.isolated(dir) {
-                let _ = writeln!(o, "  {name}: not isolated (no policy selects it for {name})");
+                let _ = writeln!(
+                    o,
+                    "  {name}: not isolated (no policy selects it for {name})"
+                );
                 continue;
             }
             let mut rules: BTreeMap<String, usize> = BTreeMap::new();
-            for (k, v) in s.policy.iter().filter(|(k, _)| k.endpoint == ep.info.id && k.direction == dir) {
+            for (k, v) in s
+                .policy
+                .iter()
+                .filter(|(k, _)| k.endpoint == ep.info.id && k.direction == dir)
+            {
                 let _ = k;
-                let r = s.rules.get(&v.rule).map_or_else(|| format!("rule {}", v.rule), ToString::to_string);
+                let r = s
+                    .rules
+                    .get(&v.rule)
+                    .map_or_else(|| format!("rule {}", v.rule), ToString::to_string);
                 *rules.entry(r).or_default() += 1;
             }
             if rules.is_empty() {
@@ -95,13 +118,35 @@ pub fn compile_report(dir: &Path, node_name: Option<String>, entries: bool) -> R
         for (c, p) in &s.cidrs_v6 {
             let _ = writeln!(o, "  {}/{} -> identity {}", c.addr, c.len, p.identity);
         }
-        let _ = writeln!(o, "\npolicy entries (endpoint, direction, peer identity, protocol, port/prefix -> rule):");
+        let _ = writeln!(
+            o,
+            "\npolicy entries (endpoint, direction, peer identity, protocol, port/prefix -> rule):"
+        );
         for (k, v) in &s.policy {
-            let dir = if k.direction == DIR_INGRESS { "ingress" } else { "egress" };
-            let peer = if k.identity == 0 { "any".to_string() } else { k.identity.to_string() };
-            let proto = if k.protocol == 0 { "any".to_string() } else { protocol_label(k.protocol) };
-            let rule = s.rules.get(&v.rule).map_or_else(|| v.rule.to_string(), ToString::to_string);
-            let _ = writeln!(o, "  {} {dir} {peer} {proto} {}/{} -> {rule}", k.endpoint, k.port, k.port_prefix_len);
+            let dir = if k.direction == DIR_INGRESS {
+                "ingress"
+            } else {
+                "egress"
+            };
+            let peer = if k.identity == 0 {
+                "any".to_string()
+            } else {
+                k.identity.to_string()
+            };
+            let proto = if k.protocol == 0 {
+                "any".to_string()
+            } else {
+                protocol_label(k.protocol)
+            };
+            let rule = s
+                .rules
+                .get(&v.rule)
+                .map_or_else(|| v.rule.to_string(), ToString::to_string);
+            let _ = writeln!(
+                o,
+                "  {} {dir} {peer} {proto} {}/{} -> {rule}",
+                k.endpoint, k.port, k.port_prefix_len
+            );
         }
     }
     Ok(o)
@@ -110,9 +155,16 @@ pub fn compile_report(dir: &Path, node_name: Option<String>, entries: bool) -> R
 /// `enforcer status`: the agent's Prometheus text turned into a short summary.
 pub fn status_report(metrics: &str) -> String {
     let mut values: Vec<(String, BTreeMap<String, String>, f64)> = Vec::new();
-    for line in metrics.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
-        let Some((head, value)) = line.rsplit_once(' ') else { continue };
-        let Ok(value) = value.parse::<f64>() else { continue };
+    for line in metrics
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        let Some((head, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
         let (name, labels) = match head.split_once('{') {
             Some((n, rest)) => {
                 let labels = rest
@@ -127,12 +179,21 @@ pub fn status_report(metrics: &str) -> String {
         };
         values.push((name, labels, value));
     }
-    let one = |name: &str| values.iter().find(|(n, l, _)| n == name && l.is_empty()).map_or(0.0, |v| v.2);
+    let one = |name: &str| {
+        values
+            .iter()
+            .find(|(n, l, _)| n == name && l.is_empty())
+            .map_or(0.0, |v| v.2)
+    };
     let mut o = String::new();
     let _ = writeln!(
         o,
         "ready: {}   pods enforced: {}   pending: {}   input problems: {}   reconciles: {} ({} failed)",
-        if one("enforcer_ready") > 0.0 { "yes" } else { "NO" },
+        if one("enforcer_ready") > 0.0 {
+            "yes"
+        } else {
+            "NO"
+        },
         one("enforcer_pods_enforced"),
         one("enforcer_pods_pending"),
         one("enforcer_input_problems"),
@@ -140,7 +201,10 @@ pub fn status_report(metrics: &str) -> String {
         one("enforcer_reconcile_errors_total"),
     );
     let _ = writeln!(o, "\npackets by verdict and reason:");
-    for (n, l, v) in values.iter().filter(|(n, _, v)| n == "enforcer_packets_total" && *v > 0.0) {
+    for (n, l, v) in values
+        .iter()
+        .filter(|(n, _, v)| n == "enforcer_packets_total" && *v > 0.0)
+    {
         let _ = n;
         let _ = writeln!(
             o,
@@ -150,7 +214,10 @@ pub fn status_report(metrics: &str) -> String {
         );
     }
     let _ = writeln!(o, "\nmaps (entries, fill):");
-    for (_, l, v) in values.iter().filter(|(n, _, _)| n == "enforcer_map_entries") {
+    for (_, l, v) in values
+        .iter()
+        .filter(|(n, _, _)| n == "enforcer_map_entries")
+    {
         let map = l.get("map").cloned().unwrap_or_default();
         let fill = values
             .iter()
@@ -158,7 +225,10 @@ pub fn status_report(metrics: &str) -> String {
             .map_or(0.0, |x| x.2);
         let _ = writeln!(o, "  {map:<12} {v:>10}  {:>6.2}%", fill * 100.0);
     }
-    let ids: Vec<_> = values.iter().filter(|(n, _, v)| n == "enforcer_identity_attestations_total" && *v > 0.0).collect();
+    let ids: Vec<_> = values
+        .iter()
+        .filter(|(n, _, v)| n == "enforcer_identity_attestations_total" && *v > 0.0)
+        .collect();
     if !ids.is_empty() {
         let _ = writeln!(o, "\nattestations:");
         for (_, l, v) in ids {
@@ -170,7 +240,11 @@ pub fn status_report(metrics: &str) -> String {
             );
         }
     }
-    let _ = writeln!(o, "\nflow events lost: {}", one("enforcer_events_lost_total"));
+    let _ = writeln!(
+        o,
+        "\nflow events lost: {}",
+        one("enforcer_events_lost_total")
+    );
     o
 }
 
@@ -210,7 +284,10 @@ pub fn explain_report(
     let from = parse_endpoint(from).context("--from")?;
     let to = parse_endpoint(to).context("--to")?;
     let protocol = parse_protocol(protocol).context("--protocol")?;
-    let opts = CompileOptions { require_identity, ..CompileOptions::default() };
+    let opts = CompileOptions {
+        require_identity,
+        ..CompileOptions::default()
+    };
     let e = explain(&cluster, &opts, &from, &to, protocol, port);
     Ok(format!("{e}\n"))
 }
@@ -264,15 +341,26 @@ mod tests {
     fn status_summarises_metrics() {
         let m = "enforcer_ready 1\nenforcer_pods_enforced 3\nenforcer_packets_total{verdict=\"dropped\",reason=\"policy-denied\"} 7\nenforcer_map_entries{map=\"POLICY\"} 5\nenforcer_map_fill_ratio{map=\"POLICY\"} 0.5\n";
         let s = status_report(m);
-        assert!(s.contains("ready: yes") && s.contains("pods enforced: 3"), "{s}");
-        assert!(s.contains("dropped") && s.contains("policy-denied") && s.contains('7'), "{s}");
+        assert!(
+            s.contains("ready: yes") && s.contains("pods enforced: 3"),
+            "{s}"
+        );
+        assert!(
+            s.contains("dropped") && s.contains("policy-denied") && s.contains('7'),
+            "{s}"
+        );
         assert!(s.contains("POLICY") && s.contains("50.00%"), "{s}");
     }
 
     #[test]
     fn endpoints_and_protocols_parse() {
-        assert!(matches!(parse_endpoint("x/a").unwrap(), Endpoint::Pod(p) if p == PodRef::new("x", "a")));
-        assert!(matches!(parse_endpoint("10.0.0.1").unwrap(), Endpoint::Ip(_)));
+        assert!(
+            matches!(parse_endpoint("x/a").unwrap(), Endpoint::Pod(p) if p == PodRef::new("x", "a"))
+        );
+        assert!(matches!(
+            parse_endpoint("10.0.0.1").unwrap(),
+            Endpoint::Ip(_)
+        ));
         assert!(parse_endpoint("nope").is_err());
         assert_eq!(parse_protocol("UDP").unwrap(), PROTO_UDP);
         assert!(parse_protocol("icmp").is_err());

@@ -134,7 +134,12 @@ impl Reconciler {
     }
 
     /// Programs `desired` into `dp`.
-    pub fn apply(&mut self, desired: &DesiredState, dp: &mut dyn Dataplane, routes: &dyn Routes) -> Result<Report> {
+    pub fn apply(
+        &mut self,
+        desired: &DesiredState,
+        dp: &mut dyn Dataplane,
+        routes: &dyn Routes,
+    ) -> Result<Report> {
         let mut report = Report::default();
         if !self.adopted {
             self.adopt(dp)?;
@@ -147,7 +152,10 @@ impl Reconciler {
         for (pod, ep) in &desired.endpoints {
             let mut ifindex = None;
             for ip in &ep.ips {
-                if let Some(i) = routes.ifindex_for(*ip).with_context(|| format!("route to {ip} of {pod}"))? {
+                if let Some(i) = routes
+                    .ifindex_for(*ip)
+                    .with_context(|| format!("route to {ip} of {pod}"))?
+                {
                     ifindex = Some(i);
                     break;
                 }
@@ -159,14 +167,25 @@ impl Reconciler {
             let mut info = ep.info;
             info.epoch = self.epoch_for(desired, &info, shared);
             if let Some(other) = owner.insert(ifindex, pod.clone()) {
-                report.failed.push((pod.clone(), format!("interface {ifindex} is also the route of {other}")));
+                report.failed.push((
+                    pod.clone(),
+                    format!("interface {ifindex} is also the route of {other}"),
+                ));
                 continue;
             }
             endpoints.insert(ifindex, info);
         }
 
-        let peers_v4: BTreeMap<[u8; 4], PeerInfo> = desired.peers_v4.iter().map(|(a, p)| (a.octets(), *p)).collect();
-        let peers_v6: BTreeMap<[u8; 16], PeerInfo> = desired.peers_v6.iter().map(|(a, p)| (a.octets(), *p)).collect();
+        let peers_v4: BTreeMap<[u8; 4], PeerInfo> = desired
+            .peers_v4
+            .iter()
+            .map(|(a, p)| (a.octets(), *p))
+            .collect();
+        let peers_v6: BTreeMap<[u8; 16], PeerInfo> = desired
+            .peers_v6
+            .iter()
+            .map(|(a, p)| (a.octets(), *p))
+            .collect();
 
         // Taken out while writing: an error below leaves it `None`, so the next apply compares
         // with the kernel.
@@ -175,8 +194,20 @@ impl Reconciler {
         // 1. Additions and changes, the peers and policy an endpoint needs before the endpoint.
         report.written += upserts!(shadow, peers_v4, &peers_v4, dp.peers_v4(), "PEERS_V4");
         report.written += upserts!(shadow, peers_v6, &peers_v6, dp.peers_v6(), "PEERS_V6");
-        report.written += upserts!(shadow, cidrs_v4, &desired.cidrs_v4, dp.cidrs_v4(), "CIDRS_V4");
-        report.written += upserts!(shadow, cidrs_v6, &desired.cidrs_v6, dp.cidrs_v6(), "CIDRS_V6");
+        report.written += upserts!(
+            shadow,
+            cidrs_v4,
+            &desired.cidrs_v4,
+            dp.cidrs_v4(),
+            "CIDRS_V4"
+        );
+        report.written += upserts!(
+            shadow,
+            cidrs_v6,
+            &desired.cidrs_v6,
+            dp.cidrs_v6(),
+            "CIDRS_V6"
+        );
         report.written += upserts!(shadow, policy, &desired.policy, dp.policy(), "POLICY");
         report.written += upserts!(shadow, endpoints, &endpoints, dp.endpoints(), "ENDPOINTS");
 
@@ -188,25 +219,47 @@ impl Reconciler {
             }
             match dp.attach(*ifindex) {
                 Ok(()) => report.attached.push(*ifindex),
-                Err(e) => report.failed.push((pod.clone(), format!("attaching to interface {ifindex}: {e:#}"))),
+                Err(e) => report.failed.push((
+                    pod.clone(),
+                    format!("attaching to interface {ifindex}: {e:#}"),
+                )),
             }
         }
 
         // 3. Removals, in reverse: programs off interfaces that are no longer pods, then entries.
         for ifindex in attached.iter().filter(|i| !endpoints.contains_key(i)) {
-            dp.detach(*ifindex).with_context(|| format!("detaching from interface {ifindex}"))?;
+            dp.detach(*ifindex)
+                .with_context(|| format!("detaching from interface {ifindex}"))?;
             report.detached.push(*ifindex);
         }
         let live_ids: BTreeSet<u32> = desired.endpoints.values().map(|e| e.info.id).collect();
-        let gone_ids: Vec<u32> = self.epochs.keys().copied().filter(|id| !live_ids.contains(id)).collect();
+        let gone_ids: Vec<u32> = self
+            .epochs
+            .keys()
+            .copied()
+            .filter(|id| !live_ids.contains(id))
+            .collect();
         report.removed += removals!(shadow, endpoints, &endpoints, dp.endpoints(), "ENDPOINTS");
         for id in gone_ids {
-            dp.forget_flows(id).with_context(|| format!("forgetting flows of endpoint {id}"))?;
+            dp.forget_flows(id)
+                .with_context(|| format!("forgetting flows of endpoint {id}"))?;
             self.epochs.remove(&id);
         }
         report.removed += removals!(shadow, policy, &desired.policy, dp.policy(), "POLICY");
-        report.removed += removals!(shadow, cidrs_v6, &desired.cidrs_v6, dp.cidrs_v6(), "CIDRS_V6");
-        report.removed += removals!(shadow, cidrs_v4, &desired.cidrs_v4, dp.cidrs_v4(), "CIDRS_V4");
+        report.removed += removals!(
+            shadow,
+            cidrs_v6,
+            &desired.cidrs_v6,
+            dp.cidrs_v6(),
+            "CIDRS_V6"
+        );
+        report.removed += removals!(
+            shadow,
+            cidrs_v4,
+            &desired.cidrs_v4,
+            dp.cidrs_v4(),
+            "CIDRS_V4"
+        );
         report.removed += removals!(shadow, peers_v6, &peers_v6, dp.peers_v6(), "PEERS_V6");
         report.removed += removals!(shadow, peers_v4, &peers_v4, dp.peers_v4(), "PEERS_V4");
         self.shadow = Some(Shadow {
@@ -241,8 +294,14 @@ impl Reconciler {
         let mut bare = *info;
         bare.epoch = 0;
         bare.hash(&mut h);
-        let lo = PolicyKey { endpoint: info.id, ..PolicyKey::default() };
-        let hi = PolicyKey { endpoint: info.id + 1, ..PolicyKey::default() };
+        let lo = PolicyKey {
+            endpoint: info.id,
+            ..PolicyKey::default()
+        };
+        let hi = PolicyKey {
+            endpoint: info.id + 1,
+            ..PolicyKey::default()
+        };
         for (k, v) in desired.policy.range(lo..hi) {
             k.hash(&mut h);
             v.hash(&mut h);
@@ -335,21 +394,63 @@ mod tests {
     fn state(policy_port: u16, with_b: bool) -> DesiredState {
         let mut s = DesiredState::default();
         let a_ip: Ipv4Addr = "10.0.0.1".parse().unwrap();
-        let info = EndpointInfo { id: 1, flags: EP_INGRESS_ISOLATED | EP_HAS_V4, identity: 300, ipv4: a_ip.octets(), ..Default::default() };
-        s.endpoints.insert(PodRef::new("x", "a"), EndpointState { info, ips: vec![a_ip.into()] });
-        s.peers_v4.insert(a_ip, PeerInfo { identity: 300, flags: 0 });
+        let info = EndpointInfo {
+            id: 1,
+            flags: EP_INGRESS_ISOLATED | EP_HAS_V4,
+            identity: 300,
+            ipv4: a_ip.octets(),
+            ..Default::default()
+        };
+        s.endpoints.insert(
+            PodRef::new("x", "a"),
+            EndpointState {
+                info,
+                ips: vec![a_ip.into()],
+            },
+        );
+        s.peers_v4.insert(
+            a_ip,
+            PeerInfo {
+                identity: 300,
+                flags: 0,
+            },
+        );
         if with_b {
             let b_ip: Ipv4Addr = "10.0.0.2".parse().unwrap();
-            let info = EndpointInfo { id: 2, flags: EP_HAS_V4, identity: 301, ipv4: b_ip.octets(), ..Default::default() };
-            s.endpoints.insert(PodRef::new("x", "b"), EndpointState { info, ips: vec![b_ip.into()] });
-            s.peers_v4.insert(b_ip, PeerInfo { identity: 301, flags: 0 });
+            let info = EndpointInfo {
+                id: 2,
+                flags: EP_HAS_V4,
+                identity: 301,
+                ipv4: b_ip.octets(),
+                ..Default::default()
+            };
+            s.endpoints.insert(
+                PodRef::new("x", "b"),
+                EndpointState {
+                    info,
+                    ips: vec![b_ip.into()],
+                },
+            );
+            s.peers_v4.insert(
+                b_ip,
+                PeerInfo {
+                    identity: 301,
+                    flags: 0,
+                },
+            );
         }
-        s.policy.insert(PolicyKey::new(1, 301, DIR_INGRESS, PROTO_TCP, policy_port, 16), PolicyValue { rule: 1, _pad: 0 });
+        s.policy.insert(
+            PolicyKey::new(1, 301, DIR_INGRESS, PROTO_TCP, policy_port, 16),
+            PolicyValue { rule: 1, _pad: 0 },
+        );
         s
     }
 
     fn routes() -> FakeRoutes {
-        FakeRoutes(BTreeMap::from([("10.0.0.1".parse().unwrap(), 11), ("10.0.0.2".parse().unwrap(), 12)]))
+        FakeRoutes(BTreeMap::from([
+            ("10.0.0.1".parse().unwrap(), 11),
+            ("10.0.0.2".parse().unwrap(), 12),
+        ]))
     }
 
     #[test]
@@ -367,7 +468,11 @@ mod tests {
         assert_eq!(dp.endpoints.entries[&11].epoch, e1);
         // Policy of endpoint 1 changes: only its epoch moves.
         let rep = r.apply(&state(81, true), &mut dp, &routes()).unwrap();
-        assert_eq!((rep.written, rep.removed), (2, 1), "new policy key + endpoint 1 epoch, old key removed");
+        assert_eq!(
+            (rep.written, rep.removed),
+            (2, 1),
+            "new policy key + endpoint 1 epoch, old key removed"
+        );
         assert_eq!(dp.endpoints.entries[&11].epoch, e1 + 1);
         assert_eq!(dp.endpoints.entries[&12].epoch, e2);
     }
@@ -381,7 +486,9 @@ mod tests {
         assert_eq!(rep.detached, vec![12]);
         assert_eq!(dp.forgotten, vec![2]);
         assert!(!dp.endpoints.entries.contains_key(&12));
-        let rep = r.apply(&state(80, true), &mut dp, &FakeRoutes(BTreeMap::new())).unwrap();
+        let rep = r
+            .apply(&state(80, true), &mut dp, &FakeRoutes(BTreeMap::new()))
+            .unwrap();
         assert_eq!(rep.pending.len(), 2);
         assert!(!rep.complete());
     }
@@ -389,12 +496,17 @@ mod tests {
     #[test]
     fn restart_adopts_pinned_state_and_rechecks_flows_once() {
         let mut dp = FakeDataplane::default();
-        Reconciler::new().apply(&state(80, true), &mut dp, &routes()).unwrap();
+        Reconciler::new()
+            .apply(&state(80, true), &mut dp, &routes())
+            .unwrap();
         let before = dp.endpoints.entries[&11].epoch;
         // A new agent process: same desired state, maps as pinned.
         let mut r = Reconciler::new();
         let rep = r.apply(&state(80, true), &mut dp, &routes()).unwrap();
-        assert!(rep.attached.is_empty(), "links were adopted, not re-created");
+        assert!(
+            rep.attached.is_empty(),
+            "links were adopted, not re-created"
+        );
         assert_eq!(dp.endpoints.entries[&11].epoch, before + 1);
         assert_eq!(rep.removed, 0);
     }
@@ -407,11 +519,18 @@ mod tests {
         let reads = dp.policy.reads.get();
         let rep = r.apply(&state(81, true), &mut dp, &routes()).unwrap();
         assert_eq!((rep.written, rep.removed), (2, 1));
-        assert_eq!(dp.policy.reads.get(), reads, "a change is diffed in memory, not read back");
+        assert_eq!(
+            dp.policy.reads.get(),
+            reads,
+            "a change is diffed in memory, not read back"
+        );
         // Drift behind the agent's back: unseen until the kernel is verified, then repaired.
         let key = PolicyKey::new(1, 301, DIR_INGRESS, PROTO_TCP, 81, 16);
         dp.policy.entries.remove(&key);
-        dp.policy.entries.insert(PolicyKey::new(9, 9, DIR_INGRESS, PROTO_TCP, 9, 16), PolicyValue { rule: 9, _pad: 0 });
+        dp.policy.entries.insert(
+            PolicyKey::new(9, 9, DIR_INGRESS, PROTO_TCP, 9, 16),
+            PolicyValue { rule: 9, _pad: 0 },
+        );
         let rep = r.apply(&state(81, true), &mut dp, &routes()).unwrap();
         assert_eq!((rep.written, rep.removed), (0, 0));
         r.verify_kernel();
@@ -427,7 +546,12 @@ mod tests {
         r.apply(&state(80, true), &mut dp, &routes()).unwrap();
         dp.policy.fail_writes = true;
         assert!(r.apply(&state(81, true), &mut dp, &routes()).is_err());
-        assert!(dp.policy.entries.contains_key(&PolicyKey::new(1, 301, DIR_INGRESS, PROTO_TCP, 80, 16)), "nothing removed");
+        assert!(
+            dp.policy
+                .entries
+                .contains_key(&PolicyKey::new(1, 301, DIR_INGRESS, PROTO_TCP, 80, 16)),
+            "nothing removed"
+        );
         assert!(r.written_sizes().is_none(), "shadow dropped");
         dp.policy.fail_writes = false;
         let reads = dp.policy.reads.get();

@@ -58,8 +58,14 @@ fn best_v4(table: &str, ip: Ipv4Addr) -> Option<String> {
             continue;
         }
         // The kernel prints the network-order address bytes as one little-endian u32.
-        let parse = |s: &str| u32::from_str_radix(s, 16).ok().map(|v| u32::from_be_bytes(v.to_le_bytes()));
-        let (Some(dest), Some(gw), Some(mask)) = (parse(f[1]), parse(f[2]), parse(f[7])) else { continue };
+        let parse = |s: &str| {
+            u32::from_str_radix(s, 16)
+                .ok()
+                .map(|v| u32::from_be_bytes(v.to_le_bytes()))
+        };
+        let (Some(dest), Some(gw), Some(mask)) = (parse(f[1]), parse(f[2]), parse(f[7])) else {
+            continue;
+        };
         if gw != 0 || ip & mask != dest {
             continue;
         }
@@ -80,15 +86,21 @@ fn best_v6(table: &str, ip: Ipv6Addr) -> Option<String> {
         if f.len() < 10 {
             continue;
         }
-        let (Ok(dest), Ok(len), Ok(gw)) =
-            (u128::from_str_radix(f[0], 16), u32::from_str_radix(f[1], 16), u128::from_str_radix(f[4], 16))
-        else {
+        let (Ok(dest), Ok(len), Ok(gw)) = (
+            u128::from_str_radix(f[0], 16),
+            u32::from_str_radix(f[1], 16),
+            u128::from_str_radix(f[4], 16),
+        ) else {
             continue;
         };
         if gw != 0 || len > 128 || f[9] == "lo" {
             continue;
         }
-        let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+        let mask = if len == 0 {
+            0
+        } else {
+            u128::MAX << (128 - len)
+        };
         if ip & mask != dest {
             continue;
         }
@@ -109,16 +121,29 @@ mod tests {
                  eth0\t00000000\t0101A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
                  veth0\t0A00F00A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n\
                  cni0\t0000F00A\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n";
-        assert_eq!(best_v4(t, "10.240.0.10".parse().unwrap()).as_deref(), Some("veth0"));
-        assert_eq!(best_v4(t, "10.240.0.11".parse().unwrap()).as_deref(), Some("cni0"));
-        assert_eq!(best_v4(t, "8.8.8.8".parse().unwrap()), None, "gateway routes never count");
+        assert_eq!(
+            best_v4(t, "10.240.0.10".parse().unwrap()).as_deref(),
+            Some("veth0")
+        );
+        assert_eq!(
+            best_v4(t, "10.240.0.11".parse().unwrap()).as_deref(),
+            Some("cni0")
+        );
+        assert_eq!(
+            best_v4(t, "8.8.8.8".parse().unwrap()),
+            None,
+            "gateway routes never count"
+        );
     }
 
     #[test]
     fn picks_the_v6_host_route() {
         let t = "fd000240000000000000000000000010 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 00000001    veth3\n\
                  00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000001 00000400 00000001 00000000 00000003     eth0\n";
-        assert_eq!(best_v6(t, "fd00:240::10".parse().unwrap()).as_deref(), Some("veth3"));
+        assert_eq!(
+            best_v6(t, "fd00:240::10".parse().unwrap()).as_deref(),
+            Some("veth3")
+        );
         assert_eq!(best_v6(t, "fd00:240::11".parse().unwrap()), None);
     }
 }

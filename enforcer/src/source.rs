@@ -47,7 +47,10 @@ impl Source {
                 if !rx.has_changed().unwrap_or(false) {
                     return Ok(None);
                 }
-                Ok(rx.borrow_and_update().as_ref().map(|c| (Cluster::clone(c), Vec::new())))
+                Ok(rx
+                    .borrow_and_update()
+                    .as_ref()
+                    .map(|c| (Cluster::clone(c), Vec::new())))
             }
         }
     }
@@ -67,7 +70,14 @@ type Fingerprint = (u64, u64, i64, i64, i64, i64);
 fn fingerprint(path: &Path) -> Option<Fingerprint> {
     use std::os::unix::fs::MetadataExt as _;
     let m = std::fs::metadata(path).ok()?;
-    Some((m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()))
+    Some((
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+    ))
 }
 
 /// One file as last read.
@@ -109,7 +119,10 @@ impl ManifestsSource {
         let watch = match DirWatch::new(&dir) {
             Ok(w) => Some(w),
             Err(e) => {
-                log::warn!("cannot watch {} with inotify ({e}); scanning it every second", dir.display());
+                log::warn!(
+                    "cannot watch {} with inotify ({e}); scanning it every second",
+                    dir.display()
+                );
                 None
             }
         };
@@ -168,7 +181,10 @@ impl ManifestsSource {
                 }
             }
             Err(e) => {
-                log::warn!("inotify on {}: {e}; scanning it every second", self.dir.display());
+                log::warn!(
+                    "inotify on {}: {e}; scanning it every second",
+                    self.dir.display()
+                );
                 self.watch = None;
             }
         }
@@ -179,7 +195,9 @@ impl ManifestsSource {
     pub fn poll(&mut self) -> Result<Option<(Cluster, Vec<Problem>)>> {
         let due = self.rescan
             || self.watch.is_none()
-            || self.last_scan.is_none_or(|t| t.elapsed() >= SCAN_WITHOUT_EVENTS);
+            || self
+                .last_scan
+                .is_none_or(|t| t.elapsed() >= SCAN_WITHOUT_EVENTS);
         if !due {
             return Ok(None);
         }
@@ -204,7 +222,8 @@ impl ManifestsSource {
             }
             let is_complete = self.complete.contains(file) && !self.writing.contains(file);
             let held_still = *since < now
-                && (!self.writing.contains(file) || now.duration_since(*since) >= SETTLE_OPEN_WRITER);
+                && (!self.writing.contains(file)
+                    || now.duration_since(*since) >= SETTLE_OPEN_WRITER);
             if !is_complete && !held_still {
                 // Look again at the next poll.
                 self.rescan = true;
@@ -213,7 +232,11 @@ impl ManifestsSource {
             log::debug!(
                 "reading {} ({})",
                 file.display(),
-                if is_complete { "closed or moved in" } else { "held still" }
+                if is_complete {
+                    "closed or moved in"
+                } else {
+                    "held still"
+                }
             );
             let was_writing = self.writing.contains(file);
             let text = std::fs::read_to_string(file);
@@ -256,7 +279,12 @@ impl ManifestsSource {
     }
 
     /// Parses one file's text; a version that does not load keeps the last good one.
-    fn load_file(&mut self, file: &Path, fingerprint: Option<Fingerprint>, text: std::io::Result<String>) {
+    fn load_file(
+        &mut self,
+        file: &Path,
+        fingerprint: Option<Fingerprint>,
+        text: std::io::Result<String>,
+    ) {
         let state = self.files.entry(file.to_path_buf()).or_insert(FileState {
             fingerprint: None,
             good: None,
@@ -282,7 +310,10 @@ impl ManifestsSource {
             if state.good.is_some() {
                 problems.push(format!("{}: keeping its last good version", file.display()));
             } else {
-                problems.push(format!("{}: not applied (no earlier good version)", file.display()));
+                problems.push(format!(
+                    "{}: not applied (no earlier good version)",
+                    file.display()
+                ));
             }
         }
         state.problems = problems;
@@ -318,7 +349,8 @@ impl DirWatch {
         }
         // SAFETY: a fresh descriptor nobody else owns.
         let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-        let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+        let path =
+            std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
         let mask = libc::IN_CLOSE_WRITE
             | libc::IN_MOVED_TO
             | libc::IN_MOVED_FROM
@@ -337,24 +369,39 @@ impl DirWatch {
     }
 
     /// Waits up to `timeout` for events and returns them (name, what happened).
-    fn wait(&self, timeout: Duration) -> std::io::Result<Vec<(Option<std::ffi::OsString>, WatchEvent)>> {
+    fn wait(
+        &self,
+        timeout: Duration,
+    ) -> std::io::Result<Vec<(Option<std::ffi::OsString>, WatchEvent)>> {
         use std::os::{fd::AsRawFd as _, unix::ffi::OsStrExt as _};
-        let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
         // SAFETY: one valid pollfd.
         let n = unsafe { libc::poll(&mut pfd, 1, ms) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
-            return if e.kind() == std::io::ErrorKind::Interrupted { Ok(Vec::new()) } else { Err(e) };
+            return if e.kind() == std::io::ErrorKind::Interrupted {
+                Ok(Vec::new())
+            } else {
+                Err(e)
+            };
         }
         let mut out = Vec::new();
         let mut buf = [0u8; 8192];
         loop {
             // SAFETY: reads into a buffer of the given size.
-            let len = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            let len =
+                unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
             if len <= 0 {
                 let e = std::io::Error::last_os_error();
-                if len == 0 || e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::Interrupted {
+                if len == 0
+                    || e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::Interrupted
+                {
                     return Ok(out);
                 }
                 return Err(e);
@@ -363,13 +410,21 @@ impl DirWatch {
             let mut at = 0;
             // struct inotify_event { int wd; u32 mask; u32 cookie; u32 len; char name[len]; }
             while at + 16 <= len {
-                let word = |i: usize| u32::from_ne_bytes([buf[at + i], buf[at + i + 1], buf[at + i + 2], buf[at + i + 3]]);
+                let word = |i: usize| {
+                    u32::from_ne_bytes([
+                        buf[at + i],
+                        buf[at + i + 1],
+                        buf[at + i + 2],
+                        buf[at + i + 3],
+                    ])
+                };
                 let mask = word(4);
                 let name_len = word(12) as usize;
                 let name_end = (at + 16 + name_len).min(len);
                 let raw = &buf[at + 16..name_end];
                 let raw = &raw[..raw.iter().position(|b| *b == 0).unwrap_or(raw.len())];
-                let name = (!raw.is_empty()).then(|| std::ffi::OsStr::from_bytes(raw).to_os_string());
+                let name =
+                    (!raw.is_empty()).then(|| std::ffi::OsStr::from_bytes(raw).to_os_string());
                 let kind = if mask & (libc::IN_CLOSE_WRITE | libc::IN_MOVED_TO) != 0 {
                     WatchEvent::Complete
                 } else if mask & (libc::IN_DELETE | libc::IN_MOVED_FROM) != 0 {
@@ -414,11 +469,18 @@ impl LastGoodPolicies {
         let mut present = std::collections::BTreeSet::new();
         for p in cluster.policies.drain(..) {
             let key = (
-                p.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+                p.metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".into()),
                 p.metadata.name.clone().unwrap_or_default(),
             );
             present.insert(key.clone());
-            if self.good.get(&key).is_some_and(|old| std::sync::Arc::ptr_eq(old, &p)) {
+            if self
+                .good
+                .get(&key)
+                .is_some_and(|old| std::sync::Arc::ptr_eq(old, &p))
+            {
                 // The very object validated before (sources share unchanged objects).
                 out.push(p);
                 continue;
@@ -440,7 +502,9 @@ impl LastGoodPolicies {
                             ));
                             out.push(old.clone());
                         }
-                        None => problems.push(format!("NetworkPolicy {}/{}: not applied", key.0, key.1)),
+                        None => {
+                            problems.push(format!("NetworkPolicy {}/{}: not applied", key.0, key.1))
+                        }
                     }
                 }
             }
@@ -484,7 +548,10 @@ mod tests {
         std::fs::write(dir.path().join("p.yaml"), "kind: [unclosed").unwrap();
         let (c, problems) = next(&mut src);
         assert_eq!(c.policies.len(), 1, "last good policy kept");
-        assert!(problems.iter().any(|p| p.contains("p.yaml")), "{problems:?}");
+        assert!(
+            problems.iter().any(|p| p.contains("p.yaml")),
+            "{problems:?}"
+        );
         std::fs::remove_file(dir.path().join("p.yaml")).unwrap();
         let (c, _) = next(&mut src);
         assert!(c.policies.is_empty(), "a deleted file is deleted");
@@ -511,7 +578,10 @@ mod tests {
         let started = Instant::now();
         while started.elapsed() < Duration::from_millis(600) {
             src.wait(Duration::from_millis(50));
-            assert!(src.poll().unwrap().is_none(), "a file still open for writing was read");
+            assert!(
+                src.poll().unwrap().is_none(),
+                "a file still open for writing was read"
+            );
         }
         // ... and read as soon as it is closed.
         drop(f);
@@ -537,8 +607,16 @@ mod tests {
         let mut src = ManifestsSource::new(dir.path());
         let (c, problems) = next(&mut src);
         assert_eq!(c.policies.len(), 1);
-        assert_eq!(c.policies[0].spec.as_ref().unwrap().policy_types.as_deref(), Some(&["Ingress".to_string()][..]));
-        assert!(problems.iter().any(|p| p.contains("b.yaml") && p.contains("more than once")), "{problems:?}");
+        assert_eq!(
+            c.policies[0].spec.as_ref().unwrap().policy_types.as_deref(),
+            Some(&["Ingress".to_string()][..])
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("b.yaml") && p.contains("more than once")),
+            "{problems:?}"
+        );
     }
 
     #[test]
@@ -555,8 +633,14 @@ mod tests {
         assert!(lg.apply(&mut c).is_empty());
         let mut c = load(BAD_FIELD);
         let problems = lg.apply(&mut c);
-        assert!(problems.iter().any(|p| p.contains("endPort")), "{problems:?}");
+        assert!(
+            problems.iter().any(|p| p.contains("endPort")),
+            "{problems:?}"
+        );
         assert_eq!(c.policies.len(), 1);
-        assert!(c.policies[0].spec.as_ref().unwrap().ingress.is_none(), "the old version is enforced");
+        assert!(
+            c.policies[0].spec.as_ref().unwrap().ingress.is_none(),
+            "the old version is enforced"
+        );
     }
 }

@@ -19,7 +19,10 @@ pub struct PodRef {
 
 impl PodRef {
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self { namespace: namespace.into(), name: name.into() }
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
     }
 }
 
@@ -58,8 +61,16 @@ pub struct RuleRef {
 
 impl fmt::Display for RuleRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let dir = if self.direction == enforcer_common::DIR_INGRESS { "ingress" } else { "egress" };
-        write!(f, "{}/{} {}[{}]", self.namespace, self.policy, dir, self.index)
+        let dir = if self.direction == enforcer_common::DIR_INGRESS {
+            "ingress"
+        } else {
+            "egress"
+        };
+        write!(
+            f,
+            "{}/{} {}[{}]",
+            self.namespace, self.policy, dir, self.index
+        )
     }
 }
 

@@ -40,7 +40,11 @@ pub fn run(cmd: &str, args: &[&str]) -> Result<()> {
         .output()
         .with_context(|| format!("running {cmd}"))?;
     if !out.status.success() {
-        bail!("{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -84,13 +88,34 @@ impl Testbed {
         let node = format!("{prefix}-node");
         let _ = ip(&["netns", "del", &node]);
         ip(&["netns", "add", &node]).context("creating the node namespace")?;
-        let tb = Self { prefix, node, pods: Vec::new(), next_if: 0 };
+        let tb = Self {
+            prefix,
+            node,
+            pods: Vec::new(),
+            next_if: 0,
+        };
         tb.node_exec(&["ip", "link", "set", "lo", "up"])?;
         // The node address sits on lo (no dummy module needed); pods reach it by their route.
         tb.node_exec(&["ip", "addr", "add", &format!("{NODE_V4}/32"), "dev", "lo"])?;
         // Pods' default gateway: a node-local address, so the node answers their ARP for it.
-        tb.node_exec(&["ip", "addr", "add", &format!("{GATEWAY_V4}/32"), "dev", "lo"])?;
-        tb.node_exec(&["ip", "-6", "addr", "add", &format!("{NODE_V6}/128"), "dev", "lo", "nodad"])?;
+        tb.node_exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{GATEWAY_V4}/32"),
+            "dev",
+            "lo",
+        ])?;
+        tb.node_exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{NODE_V6}/128"),
+            "dev",
+            "lo",
+            "nodad",
+        ])?;
         for (k, v) in [
             ("net.ipv4.ip_forward", "1"),
             ("net.ipv6.conf.all.forwarding", "1"),
@@ -116,7 +141,13 @@ impl Testbed {
         self.next_if += 1;
         let _ = ip(&["netns", "del", &netns]);
         ip(&["netns", "add", &netns]).with_context(|| format!("creating pod namespace {netns}"))?;
-        let pod = TestPod { name: name.to_string(), netns: netns.clone(), host_if: host_if.clone(), v4, v6 };
+        let pod = TestPod {
+            name: name.to_string(),
+            netns: netns.clone(),
+            host_if: host_if.clone(),
+            v4,
+            v6,
+        };
         // Register now, so Drop cleans up even if the rest fails.
         self.pods.push(pod.clone());
         let pexec = |args: &[&str]| -> Result<()> {
@@ -125,20 +156,58 @@ impl Testbed {
             ip(&full)
         };
         // Create the pair in the node namespace, then move the pod end.
-        self.node_exec(&["ip", "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+        self.node_exec(&[
+            "ip", "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns,
+        ])?;
         pexec(&["ip", "link", "set", "lo", "up"])?;
         pexec(&["ip", "link", "set", "eth0", "up"])?;
         pexec(&["ip", "addr", "add", &format!("{v4}/32"), "dev", "eth0"])?;
-        pexec(&["ip", "route", "add", GATEWAY_V4, "dev", "eth0", "scope", "link"])?;
-        pexec(&["ip", "route", "add", "default", "via", GATEWAY_V4, "dev", "eth0"])?;
+        pexec(&[
+            "ip", "route", "add", GATEWAY_V4, "dev", "eth0", "scope", "link",
+        ])?;
+        pexec(&[
+            "ip", "route", "add", "default", "via", GATEWAY_V4, "dev", "eth0",
+        ])?;
         self.node_exec(&["ip", "link", "set", &host_if, "up"])?;
-        self.node_exec(&["sysctl", "-qw", &format!("net.ipv4.conf.{host_if}.proxy_arp=1")])?;
+        self.node_exec(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.conf.{host_if}.proxy_arp=1"),
+        ])?;
         self.node_exec(&["ip", "route", "add", &format!("{v4}/32"), "dev", &host_if])?;
         if let Some(v6) = v6 {
-            pexec(&["ip", "-6", "addr", "add", &format!("{v6}/128"), "dev", "eth0", "nodad"])?;
-            pexec(&["ip", "-6", "route", "add", "default", "via", GATEWAY_V6, "dev", "eth0"])?;
-            self.node_exec(&["ip", "-6", "addr", "add", &format!("{GATEWAY_V6}/64"), "dev", &host_if, "nodad"])?;
-            self.node_exec(&["ip", "-6", "route", "add", &format!("{v6}/128"), "dev", &host_if])?;
+            pexec(&[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &format!("{v6}/128"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            pexec(&[
+                "ip", "-6", "route", "add", "default", "via", GATEWAY_V6, "dev", "eth0",
+            ])?;
+            self.node_exec(&[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &format!("{GATEWAY_V6}/64"),
+                "dev",
+                &host_if,
+                "nodad",
+            ])?;
+            self.node_exec(&[
+                "ip",
+                "-6",
+                "route",
+                "add",
+                &format!("{v6}/128"),
+                "dev",
+                &host_if,
+            ])?;
         }
         Ok(pod)
     }
@@ -162,12 +231,19 @@ impl Testbed {
 
     /// Deletes namespaces left by earlier testbeds with `tag` whose process is gone.
     pub fn cleanup_stale(tag: &str) {
-        let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
+        let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+            return;
+        };
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             let name = line.split_whitespace().next().unwrap_or("");
-            let Some(rest) = name.strip_prefix(&format!("{tag}-")) else { continue };
+            let Some(rest) = name.strip_prefix(&format!("{tag}-")) else {
+                continue;
+            };
             let pid = rest.split('-').next().unwrap_or("");
-            if pid.parse::<u32>().is_ok_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists()) {
+            if pid
+                .parse::<u32>()
+                .is_ok_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+            {
                 let _ = ip(&["netns", "del", name]);
             }
         }
@@ -182,13 +258,18 @@ impl Drop for Testbed {
 
 /// Runs `f` on a new thread that has entered network namespace `netns` (only that thread moves:
 /// `setns` acts on the calling thread).
-pub fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+pub fn in_netns<T: Send + 'static>(
+    netns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
     let path = Testbed::netns_path(netns);
     let handle = std::thread::spawn(move || -> Result<T> {
         enter_netns(&path)?;
         Ok(f())
     });
-    handle.join().map_err(|_| anyhow::anyhow!("thread in {netns} panicked"))?
+    handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in {netns} panicked"))?
 }
 
 /// Moves the calling thread into the network namespace at `path`.
@@ -247,11 +328,18 @@ impl Servers {
     }
 }
 
-fn serve_tcp(bind: SocketAddr, reply: &str, stop: &AtomicBool, ready: &std::sync::mpsc::Sender<Result<()>>) {
+fn serve_tcp(
+    bind: SocketAddr,
+    reply: &str,
+    stop: &AtomicBool,
+    ready: &std::sync::mpsc::Sender<Result<()>>,
+) {
     let listener = match TcpListener::bind(bind) {
         Ok(l) => l,
         Err(e) => {
-            let _ = ready.send(Err(anyhow::Error::new(e).context(format!("tcp bind {bind}"))));
+            let _ = ready.send(Err(
+                anyhow::Error::new(e).context(format!("tcp bind {bind}"))
+            ));
             return;
         }
     };
@@ -275,11 +363,18 @@ fn serve_tcp(bind: SocketAddr, reply: &str, stop: &AtomicBool, ready: &std::sync
     }
 }
 
-fn serve_udp(bind: SocketAddr, reply: &str, stop: &AtomicBool, ready: &std::sync::mpsc::Sender<Result<()>>) {
+fn serve_udp(
+    bind: SocketAddr,
+    reply: &str,
+    stop: &AtomicBool,
+    ready: &std::sync::mpsc::Sender<Result<()>>,
+) {
     let sock = match UdpSocket::bind(bind) {
         Ok(s) => s,
         Err(e) => {
-            let _ = ready.send(Err(anyhow::Error::new(e).context(format!("udp bind {bind}"))));
+            let _ = ready.send(Err(
+                anyhow::Error::new(e).context(format!("udp bind {bind}"))
+            ));
             return;
         }
     };
@@ -321,7 +416,9 @@ pub fn probe_here(to: IpAddr, port: u16, proto: Proto, timeout: Duration) -> boo
     let mut buf = [0u8; 256];
     match proto {
         Proto::Tcp => {
-            let Ok(mut s) = TcpStream::connect_timeout(&addr, timeout) else { return false };
+            let Ok(mut s) = TcpStream::connect_timeout(&addr, timeout) else {
+                return false;
+            };
             let _ = s.set_read_timeout(Some(timeout));
             if s.write_all(b"hello\n").is_err() {
                 return false;
@@ -329,9 +426,14 @@ pub fn probe_here(to: IpAddr, port: u16, proto: Proto, timeout: Duration) -> boo
             matches!(s.read(&mut buf), Ok(n) if n > 0)
         }
         Proto::Udp => {
-            let bind: SocketAddr =
-                if to.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
-            let Ok(s) = UdpSocket::bind(bind) else { return false };
+            let bind: SocketAddr = if to.is_ipv4() {
+                (Ipv4Addr::UNSPECIFIED, 0).into()
+            } else {
+                (Ipv6Addr::UNSPECIFIED, 0).into()
+            };
+            let Ok(s) = UdpSocket::bind(bind) else {
+                return false;
+            };
             let _ = s.set_read_timeout(Some(timeout));
             if s.send_to(b"hostname\n", addr).is_err() {
                 return false;
@@ -343,7 +445,11 @@ pub fn probe_here(to: IpAddr, port: u16, proto: Proto, timeout: Duration) -> boo
 
 /// Runs many probes concurrently, each on its own thread in its source namespace. Returns the
 /// results in the order of `probes` (source netns, destination, port, protocol).
-pub fn probe_all(probes: &[(String, IpAddr, u16, Proto)], timeout: Duration, parallel: usize) -> Result<Vec<bool>> {
+pub fn probe_all(
+    probes: &[(String, IpAddr, u16, Proto)],
+    timeout: Duration,
+    parallel: usize,
+) -> Result<Vec<bool>> {
     let results = Arc::new(std::sync::Mutex::new(vec![false; probes.len()]));
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let probes = Arc::new(probes.to_vec());
@@ -354,7 +460,9 @@ pub fn probe_all(probes: &[(String, IpAddr, u16, Proto)], timeout: Duration, par
             let mut current_ns = String::new();
             loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
-                let Some((ns, to, port, proto)) = probes.get(i) else { return Ok(()) };
+                let Some((ns, to, port, proto)) = probes.get(i) else {
+                    return Ok(());
+                };
                 if *ns != current_ns {
                     enter_netns(&Testbed::netns_path(ns))?;
                     current_ns = ns.clone();
@@ -365,9 +473,13 @@ pub fn probe_all(probes: &[(String, IpAddr, u16, Proto)], timeout: Duration, par
         }));
     }
     for w in workers {
-        w.join().map_err(|_| anyhow::anyhow!("probe worker panicked"))??;
+        w.join()
+            .map_err(|_| anyhow::anyhow!("probe worker panicked"))??;
     }
-    let r = results.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
+    let r = results
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .clone();
     Ok(r)
 }
 
@@ -377,10 +489,15 @@ pub fn agent_binary() -> Result<std::path::PathBuf> {
     if let Some(p) = std::env::var_os("ENFORCER_BIN") {
         return Ok(p.into());
     }
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?;
     let p = root.join("target/release/enforcer");
     if !p.exists() {
-        bail!("{} is missing: run `cargo build --release` (or `cargo xtask build`) first", p.display());
+        bail!(
+            "{} is missing: run `cargo build --release` (or `cargo xtask build`) first",
+            p.display()
+        );
     }
     Ok(p)
 }
@@ -405,12 +522,18 @@ impl AgentProcess {
     }
 
     /// [`AgentProcess::start`] with another agent binary (an upgrade).
-    pub fn start_binary(bin: &std::path::Path, tb: &Testbed, manifests: &std::path::Path, extra: &[&str]) -> Result<Self> {
+    pub fn start_binary(
+        bin: &std::path::Path,
+        tb: &Testbed,
+        manifests: &std::path::Path,
+        extra: &[&str],
+    ) -> Result<Self> {
         let health: SocketAddr = (Ipv4Addr::LOCALHOST, 9901).into();
         static STARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = STARTS.fetch_add(1, Ordering::SeqCst);
         let log = std::env::temp_dir().join(format!("{}-agent-{n}.log", tb.prefix));
-        let log_file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let log_file =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let child = Command::new("ip")
             .args(["netns", "exec", &tb.node])
             .arg(bin)
@@ -418,13 +541,22 @@ impl AgentProcess {
             .arg(manifests)
             .args(["--health-addr", &health.to_string()])
             .args(extra)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
             .spawn()
             .context("starting the agent")?;
-        Ok(Self { child, node: tb.node.clone(), health, log, seen: 0 })
+        Ok(Self {
+            child,
+            node: tb.node.clone(),
+            health,
+            log,
+            seen: 0,
+        })
     }
 
     /// GETs `path` on the health address from inside the node namespace: (status, body).
@@ -465,7 +597,10 @@ impl AgentProcess {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        bail!("the agent had not programmed input generation {min} after {timeout:?}:\n{}", self.log_text())
+        bail!(
+            "the agent had not programmed input generation {min} after {timeout:?}:\n{}",
+            self.log_text()
+        )
     }
 
     pub fn log_text(&self) -> String {
@@ -505,15 +640,30 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n")?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
-    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("bad HTTP response")?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("bad HTTP response")?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
 /// Writes a pod manifest for a testbed pod (IP in `status.podIPs`), with named container ports
 /// `serve-<port>-<proto>` for each of `ports` on TCP and UDP, as the upstream model names them.
-pub fn pod_manifest(namespace: &str, pod: &TestPod, labels: &[(&str, &str)], ports: &[u16]) -> String {
-    let mut y = format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {namespace}\n  uid: uid-{namespace}-{}\n  labels:\n", pod.name, pod.name);
+pub fn pod_manifest(
+    namespace: &str,
+    pod: &TestPod,
+    labels: &[(&str, &str)],
+    ports: &[u16],
+) -> String {
+    let mut y = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {namespace}\n  uid: uid-{namespace}-{}\n  labels:\n",
+        pod.name, pod.name
+    );
     if labels.is_empty() {
         y.push_str("    {}\n");
     }
@@ -532,7 +682,10 @@ pub fn pod_manifest(namespace: &str, pod: &TestPod, labels: &[(&str, &str)], por
     if ports.is_empty() {
         y.push_str("  - name: main\n    image: agnhost\n");
     }
-    y.push_str(&format!("status:\n  phase: Running\n  podIP: {}\n  podIPs:\n  - ip: {}\n", pod.v4, pod.v4));
+    y.push_str(&format!(
+        "status:\n  phase: Running\n  podIP: {}\n  podIPs:\n  - ip: {}\n",
+        pod.v4, pod.v4
+    ));
     if let Some(v6) = pod.v6 {
         y.push_str(&format!("  - ip: {v6}\n"));
     }

@@ -50,17 +50,30 @@ fn setup(tag: &str, names: &[&str]) -> Setup {
     let mut servers = Vec::new();
     for (i, n) in names.iter().enumerate() {
         let pod = tb
-            .add_pod(n, Ipv4Addr::new(10, 241, 0, 10 + i as u8), Some(format!("fd00:241::{}", 10 + i).parse().unwrap()))
+            .add_pod(
+                n,
+                Ipv4Addr::new(10, 241, 0, 10 + i as u8),
+                Some(format!("fd00:241::{}", 10 + i).parse().unwrap()),
+            )
             .unwrap();
         write_pod(dir.path(), &pod, n);
         servers.push(Servers::start(&pod, &[80, 81], n).unwrap());
         pods.push(pod);
     }
-    Setup { tb, dir, pods, _servers: servers }
+    Setup {
+        tb,
+        dir,
+        pods,
+        _servers: servers,
+    }
 }
 
 fn write_pod(dir: &Path, pod: &TestPod, label: &str) {
-    std::fs::write(dir.join(format!("pod-{}.yaml", pod.name)), pod_manifest("x", pod, &[("pod", label)], &[80, 81])).unwrap();
+    std::fs::write(
+        dir.join(format!("pod-{}.yaml", pod.name)),
+        pod_manifest("x", pod, &[("pod", label)], &[80, 81]),
+    )
+    .unwrap();
 }
 
 fn reach(from: &TestPod, to: &TestPod, port: u16) -> bool {
@@ -99,7 +112,8 @@ fn standalone_health_edits_bad_files_and_pod_lifecycle() {
 
     // A policy edit applies within a second.
     std::fs::write(s.dir.path().join("policy.yaml"), allow_a_to_b(80)).unwrap();
-    let took = within(Duration::from_secs(3), || !reach(c, b, 80)).expect("c -> b denied after the edit");
+    let took =
+        within(Duration::from_secs(3), || !reach(c, b, 80)).expect("c -> b denied after the edit");
     assert!(took < Duration::from_millis(1000) + T, "took {took:?}");
     agent.wait_ready(READY).unwrap();
     assert!(reach(a, b, 80), "a -> b:80 allowed");
@@ -114,8 +128,14 @@ fn standalone_health_edits_bad_files_and_pod_lifecycle() {
     assert!(reach(a, b, 80), "old version still allows a -> b:80");
     assert!(!reach(a, b, 81), "the broken version is not applied");
     let (_, metrics) = agent.get("/metrics").unwrap();
-    assert!(!metrics.contains("enforcer_input_problems 0"), "problems are reported: {metrics}");
-    assert!(agent.log_text().contains("endPort"), "the error names the field");
+    assert!(
+        !metrics.contains("enforcer_input_problems 0"),
+        "problems are reported: {metrics}"
+    );
+    assert!(
+        agent.log_text().contains("endPort"),
+        "the error names the field"
+    );
     // A file that does not parse at all: same.
     std::fs::write(s.dir.path().join("policy.yaml"), "kind: [unclosed").unwrap();
     agent.wait_applied(READY).unwrap();
@@ -126,16 +146,29 @@ fn standalone_health_edits_bad_files_and_pod_lifecycle() {
     write_pod(s.dir.path(), a, "z");
     std::fs::write(s.dir.path().join("policy.yaml"), allow_a_to_b(80)).unwrap();
     agent.wait_applied(READY).unwrap();
-    assert!(within(Duration::from_secs(2), || reach(c, b, 80)).is_some(), "relabelled c allowed");
+    assert!(
+        within(Duration::from_secs(2), || reach(c, b, 80)).is_some(),
+        "relabelled c allowed"
+    );
     assert!(!reach(a, b, 80), "relabelled a denied");
 
     // A pod whose manifest comes before its veth: pending (not ready), then enforced.
     let mut tb = s.tb;
     let d_ip = Ipv4Addr::new(10, 241, 0, 20);
-    let d_stub = TestPod { name: "d".into(), netns: String::new(), host_if: String::new(), v4: d_ip, v6: None };
+    let d_stub = TestPod {
+        name: "d".into(),
+        netns: String::new(),
+        host_if: String::new(),
+        v4: d_ip,
+        v6: None,
+    };
     write_pod(s.dir.path(), &d_stub, "b");
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(agent.get("/readyz").unwrap().0, 503, "a pod without its interface is not programmed yet");
+    assert_eq!(
+        agent.get("/readyz").unwrap().0,
+        503,
+        "a pod without its interface is not programmed yet"
+    );
     let d = tb.add_pod("d", d_ip, None).unwrap();
     let _sd = Servers::start(&d, &[80], "d").unwrap();
     agent.wait_ready(READY).unwrap();
@@ -145,13 +178,20 @@ fn standalone_health_edits_bad_files_and_pod_lifecycle() {
     // Deleting the pod detaches and forgets it.
     std::fs::remove_file(s.dir.path().join("pod-d.yaml")).unwrap();
     agent.wait_applied(READY).unwrap();
-    assert!(within(Duration::from_secs(2), || reach(a, &d, 80)).is_some(), "a deleted pod is no longer enforced");
+    assert!(
+        within(Duration::from_secs(2), || reach(a, &d, 80)).is_some(),
+        "a deleted pod is no longer enforced"
+    );
     let (_, metrics) = agent.get("/metrics").unwrap();
     assert!(metrics.contains("enforcer_pods_enforced 3"), "{metrics}");
 
     // Deleting the policy opens everything again.
     std::fs::remove_file(s.dir.path().join("policy.yaml")).unwrap();
-    assert!(within(Duration::from_secs(2), || reach(a, b, 80) && reach(a, b, 81)).is_some());
+    assert!(
+        within(Duration::from_secs(2), || reach(a, b, 80)
+            && reach(a, b, 81))
+        .is_some()
+    );
     agent.stop().unwrap();
 }
 
@@ -226,7 +266,11 @@ fn policy_change_revokes_established_flows_it_no_longer_allows() {
     let mut conn = Conn::open(a, (b.v4, 7000).into()).expect("a -> b:7000 allowed");
     assert!(conn.ping());
     // An unrelated edit keeps the flow.
-    std::fs::write(s.dir.path().join("other.yaml"), allow_a_to_b(7001).replace("allow-a-to-b", "other")).unwrap();
+    std::fs::write(
+        s.dir.path().join("other.yaml"),
+        allow_a_to_b(7001).replace("allow-a-to-b", "other"),
+    )
+    .unwrap();
     agent.wait_applied(READY).unwrap();
     assert!(conn.ping(), "a flow still allowed survives a policy change");
     // Revoking the port cuts the established flow, not only new ones.
@@ -235,10 +279,21 @@ fn policy_change_revokes_established_flows_it_no_longer_allows() {
     // The ping is dropped and retransmitted; b retransmits its unacknowledged last reply too.
     // Neither may re-open the flow (b's egress is not isolated: a forgotten flow would be
     // re-tracked from b's side, and a's packets would pass as its replies).
-    assert!(!conn.ping(), "the revoked flow stops:\n{}", agent.log_text());
-    assert!(Conn::open(a, (b.v4, 7000).into()).is_none(), "and no new one opens");
+    assert!(
+        !conn.ping(),
+        "the revoked flow stops:\n{}",
+        agent.log_text()
+    );
+    assert!(
+        Conn::open(a, (b.v4, 7000).into()).is_none(),
+        "and no new one opens"
+    );
     let (_, m) = agent.get("/metrics").unwrap();
-    assert!(m.lines().any(|l| l.contains("reason=\"revoked\"") && !l.ends_with(" 0")), "{m}");
+    assert!(
+        m.lines()
+            .any(|l| l.contains("reason=\"revoked\"") && !l.ends_with(" 0")),
+        "{m}"
+    );
     stop.store(true, Ordering::Relaxed);
     agent.stop().unwrap();
 }
@@ -283,7 +338,14 @@ fn sigkill_restart_and_upgrade_keep_enforcing_without_a_wrong_verdict() {
     let wrong = Arc::new(AtomicUsize::new(0));
     let probes = Arc::new(AtomicUsize::new(0));
     let looper = {
-        let (stop, wrong, probes, a, b, c) = (stop.clone(), wrong.clone(), probes.clone(), a.clone(), b.clone(), c.clone());
+        let (stop, wrong, probes, a, b, c) = (
+            stop.clone(),
+            wrong.clone(),
+            probes.clone(),
+            a.clone(),
+            b.clone(),
+            c.clone(),
+        );
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 if !reach(&a, &b, 7000) {
@@ -302,7 +364,10 @@ fn sigkill_restart_and_upgrade_keep_enforcing_without_a_wrong_verdict() {
     // Crash.
     agent.kill();
     for _ in 0..5 {
-        assert!(conn.ping(), "the established flow works while the agent is down");
+        assert!(
+            conn.ping(),
+            "the established flow works while the agent is down"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     // Restart: adopts the pins, becomes ready.
@@ -310,29 +375,52 @@ fn sigkill_restart_and_upgrade_keep_enforcing_without_a_wrong_verdict() {
     agent.wait_ready(READY).unwrap();
     assert!(conn.ping(), "established flow survives the restart");
     std::thread::sleep(Duration::from_millis(1000));
-    assert!(agent.log_text().contains("took over 3 pinned interfaces"), "{}", agent.log_text());
+    assert!(
+        agent.log_text().contains("took over 3 pinned interfaces"),
+        "{}",
+        agent.log_text()
+    );
     // Upgrade: another binary takes over the pinned links atomically.
     let new_bin = std::env::temp_dir().join(format!("enforcer-upgrade-{}", std::process::id()));
     std::fs::copy(enforcer::testbed::agent_binary().unwrap(), &new_bin).unwrap();
     agent.stop().unwrap();
     let mut agent = AgentProcess::start_binary(&new_bin, &s.tb, s.dir.path(), &args).unwrap();
     agent.wait_ready(READY).unwrap();
-    assert!(agent.log_text().contains("took over 3 pinned interfaces"), "{}", agent.log_text());
+    assert!(
+        agent.log_text().contains("took over 3 pinned interfaces"),
+        "{}",
+        agent.log_text()
+    );
     assert!(conn.ping(), "established flow survives the upgrade");
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
     looper.join().unwrap();
     let _ = std::fs::remove_file(&new_bin);
     assert!(probes.load(Ordering::Relaxed) >= 8, "the probe loop ran");
-    assert_eq!(wrong.load(Ordering::Relaxed), 0, "no wrong verdict during crash, restart and upgrade");
+    assert_eq!(
+        wrong.load(Ordering::Relaxed),
+        0,
+        "no wrong verdict during crash, restart and upgrade"
+    );
     agent.stop().unwrap();
     // `enforcer cleanup` removes programs and pins: c reaches b again.
     assert!(!reach(&c, &b, 80), "enforced before cleanup");
     run(
         "ip",
-        &["netns", "exec", &s.tb.node, enforcer::testbed::agent_binary().unwrap().to_str().unwrap(), "cleanup", "--pin-path", &pin],
+        &[
+            "netns",
+            "exec",
+            &s.tb.node,
+            enforcer::testbed::agent_binary().unwrap().to_str().unwrap(),
+            "cleanup",
+            "--pin-path",
+            &pin,
+        ],
     )
     .unwrap();
     assert!(reach(&c, &b, 80), "no enforcement after cleanup");
-    assert!(std::fs::read_dir(&pin).map_or(true, |mut d| d.next().is_none()), "pins removed");
+    assert!(
+        std::fs::read_dir(&pin).map_or(true, |mut d| d.next().is_none()),
+        "pins removed"
+    );
 }

@@ -17,9 +17,10 @@ use enforcer::{
     state::Prefix,
 };
 use enforcer_common::{
-    CONFIG_LOG_ALLOWED, CT_REVOKED, CtKey, DIR_EGRESS, FAMILY_V4, FAMILY_V6, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6,
-    EP_INGRESS_ISOLATED, EndpointInfo, IDENTITY_ANY, IDENTITY_HOST, PORT_MASK_ANY_PROTO, PROTO_ANY,
-    PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerInfo, PolicyKey, PolicyValue, REASON_NAMES, reason::*,
+    CONFIG_LOG_ALLOWED, CT_REVOKED, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED,
+    EP_HAS_V4, EP_HAS_V6, EP_INGRESS_ISOLATED, EndpointInfo, FAMILY_V4, FAMILY_V6, IDENTITY_ANY,
+    IDENTITY_HOST, MAP_CONNTRACK_V6, PORT_MASK_ANY_PROTO, PROTO_ANY, PROTO_SCTP, PROTO_TCP,
+    PROTO_UDP, PeerInfo, PolicyKey, PolicyValue, REASON_NAMES, SCHEMA_VERSION, reason::*,
 };
 
 const OK: i32 = 0; // TC_ACT_OK
@@ -1464,29 +1465,59 @@ fn ct_key_layout(h: &mut Harness) {
         let (mut addr_a, mut addr_b) = ([0u8; 16], [0u8; 16]);
         addr_a[..a.len()].copy_from_slice(a);
         addr_b[..b.len()].copy_from_slice(b);
-        CtKey { endpoint: EP_A, family, protocol: proto, _pad: 0, addr_a, addr_b, port_a: pa, port_b: pb }
+        CtKey {
+            endpoint: EP_A,
+            family,
+            protocol: proto,
+            _pad: 0,
+            addr_a,
+            addr_b,
+            port_a: pa,
+            port_b: pb,
+        }
     }
     // A4 (10.0.0.1) < B4 and A6 < B6: the pod's address is end a in both.
     let flows = [
-        ("v4 tcp 80 <- 40000", key(FAMILY_V4, PROTO_TCP, &A4.octets(), 80, &B4.octets(), 40000)),
-        ("v6 tcp 80 <- 40000", key(FAMILY_V6, PROTO_TCP, &A6.octets(), 80, &B6.octets(), 40000)),
-        ("v6 tcp 42000 -> 5432", key(FAMILY_V6, PROTO_TCP, &A6.octets(), 42000, &B6.octets(), 5432)),
+        (
+            "v4 tcp 80 <- 40000",
+            key(FAMILY_V4, PROTO_TCP, &A4.octets(), 80, &B4.octets(), 40000),
+        ),
+        (
+            "v6 tcp 80 <- 40000",
+            key(FAMILY_V6, PROTO_TCP, &A6.octets(), 80, &B6.octets(), 40000),
+        ),
+        (
+            "v6 tcp 42000 -> 5432",
+            key(
+                FAMILY_V6,
+                PROTO_TCP,
+                &A6.octets(),
+                42000,
+                &B6.octets(),
+                5432,
+            ),
+        ),
     ];
     for (what, k) in flows {
         match h.dp.conntrack.get(&k) {
             Ok(Some(v)) if v.flags & CT_REVOKED == 0 => {}
-            other => h.failures.push(format!("conntrack key of {what}: {other:?} for {k:?}")),
+            other => h
+                .failures
+                .push(format!("conntrack key of {what}: {other:?} for {k:?}")),
         }
     }
     let (v4, v6) = h.dp.conntrack.count_by_family().unwrap();
     if v4 == 0 || v6 == 0 {
-        h.failures.push(format!("conntrack entries by family: {v4} IPv4, {v6} IPv6"));
+        h.failures
+            .push(format!("conntrack entries by family: {v4} IPv4, {v6} IPv6"));
     }
     let listed = h.dp.conntrack.entries().unwrap();
-    if listed.len() != v4 + v6
-        || listed.iter().filter(|(k, _)| k.family == FAMILY_V4).count() != v4
+    if listed.len() != v4 + v6 || listed.iter().filter(|(k, _)| k.family == FAMILY_V4).count() != v4
     {
-        h.failures.push(format!("conntrack entries() lists {} for {v4} + {v6}", listed.len()));
+        h.failures.push(format!(
+            "conntrack entries() lists {} for {v4} + {v6}",
+            listed.len()
+        ));
     }
 }
 
@@ -1567,6 +1598,23 @@ fn event_cases(h: &mut Harness) {
 
 /// Restart: a second load reuses the pinned maps (policy and conntrack survive).
 fn restart_cases(h: &mut Harness, pin: &Path) {
+    // An older agent kept IPv4 flows in `CONNTRACK` beside the IPv6 ones: move the established
+    // flow there, as its programs would have recorded it. The new load must move it back to
+    // `CONNTRACK_V4`, where the programs look for it (checked by the packet below).
+    let flow =
+        h.dp.conntrack
+            .entries()
+            .unwrap()
+            .into_iter()
+            .find(|(k, _)| k.family == FAMILY_V4 && k.port_a == 80 && k.port_b == 45000)
+            .expect("the established tcp flow 45000 -> 80");
+    h.dp.conntrack.remove(&flow.0).unwrap();
+    let legacy_path = pin.join(format!("v{SCHEMA_VERSION}/maps/{MAP_CONNTRACK_V6}"));
+    let legacy = || -> aya::maps::HashMap<aya::maps::MapData, CtKey, CtValue> {
+        let data = aya::maps::MapData::from_pin(&legacy_path).expect("pinned CONNTRACK");
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("an LRU hash")
+    };
+    legacy().insert(flow.0, flow.1, 0).unwrap();
     let before = h.dp.conntrack.count().unwrap();
     let opts = DatapathOptions {
         pin_path: pin.to_path_buf(),
@@ -1596,6 +1644,16 @@ fn restart_cases(h: &mut Harness, pin: &Path) {
         h.failures
             .push("restart: established flow dropped by the new programs".into());
     }
+    let left = legacy()
+        .keys()
+        .filter(|k| k.as_ref().is_ok_and(|k| k.family == FAMILY_V4))
+        .count();
+    if left != 0 || dp2.conntrack.get(&flow.0).unwrap().is_none() {
+        h.failures.push(format!(
+            "restart: {left} IPv4 flows left in {MAP_CONNTRACK_V6}, the moved one in CONNTRACK_V4: {:?}",
+            dp2.conntrack.get(&flow.0)
+        ));
+    }
     h.cases += 1;
 }
 
@@ -1618,11 +1676,20 @@ fn datapath_verdicts_by_test_run() {
         event_cases(&mut h);
         restart_cases(&mut h, &pin);
         // The agent reads the counters in batches; they must equal a slot-by-slot read.
-        let batched = h.dp.counters.read_batched().expect("BPF_MAP_LOOKUP_BATCH on COUNTERS");
+        let batched =
+            h.dp.counters
+                .read_batched()
+                .expect("BPF_MAP_LOOKUP_BATCH on COUNTERS");
         let each = h.dp.counters.read_each().unwrap();
         assert_eq!(batched.len(), each.len());
-        assert!(batched == each, "batched counter read differs from a slot-by-slot read");
-        assert!(each.iter().filter(|c| c.packets > 0).count() > 5, "the cases moved counters");
+        assert!(
+            batched == each,
+            "batched counter read differs from a slot-by-slot read"
+        );
+        assert!(
+            each.iter().filter(|c| c.packets > 0).count() > 5,
+            "the cases moved counters"
+        );
         let result = (h.cases, std::mem::take(&mut h.failures));
         drop(h);
         Datapath::cleanup(&pin).unwrap();

@@ -420,7 +420,12 @@ fn example_cluster(o: &Objects) -> Cluster {
             .map(std::sync::Arc::new)
             .collect(),
         pods: enforcer::policy::model::shared(pods),
-        policies: o.policies.iter().cloned().map(std::sync::Arc::new).collect(),
+        policies: o
+            .policies
+            .iter()
+            .cloned()
+            .map(std::sync::Arc::new)
+            .collect(),
         ..Default::default()
     }
 }

@@ -61,7 +61,15 @@ fn main() -> Result<()> {
         Task::Demo => {
             build()?;
             let mut cmd = cargo();
-            cmd.args(["run", "--release", "--quiet", "-p", "enforcer", "--example", "demo"]);
+            cmd.args([
+                "run",
+                "--release",
+                "--quiet",
+                "-p",
+                "enforcer",
+                "--example",
+                "demo",
+            ]);
             status(cmd, "demo")
         }
     }
@@ -81,7 +89,10 @@ fn cargo() -> Command {
 }
 
 fn workspace_root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the workspace").to_path_buf()
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is in the workspace")
+        .to_path_buf()
 }
 
 fn status(mut cmd: Command, what: &str) -> Result<()> {

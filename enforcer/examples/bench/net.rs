@@ -580,7 +580,12 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
         }
         if !res.pairs.is_empty() {
             let ratio = |f: &dyn Fn(&Pair) -> (f64, f64)| {
-                median(&res.pairs.iter().map(|p| f(p).1 / f(p).0).collect::<Vec<_>>())
+                median(
+                    &res.pairs
+                        .iter()
+                        .map(|p| f(p).1 / f(p).0)
+                        .collect::<Vec<_>>(),
+                )
             };
             res.paired = Some(Paired {
                 pairs: res.pairs.len(),
@@ -674,7 +679,8 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
             // The memory figure the sweep would take at its largest rule count.
             bed.write_manifests(n, s.remote_pods)?;
             let (agent, ready) = bed.start_agent()?;
-            res.memory.push(memory(&agent, s.remote_pods + 2, n + 2, ready)?);
+            res.memory
+                .push(memory(&agent, s.remote_pods + 2, n + 2, ready)?);
             bed.stop_agent(agent)?;
             log(&res);
         }
@@ -767,11 +773,10 @@ fn pair(bed: &Bed, s: &Settings, programs_first: bool) -> Result<Pair> {
     let attach = || -> Result<()> {
         let (pin, veths) = (pin.clone(), veths.clone());
         in_netns(&bed.tb.node, move || -> Result<()> {
-            let mut dp =
-                enforcer::datapath::Datapath::open(enforcer::datapath::DatapathOptions {
-                    pin_path: pin,
-                    ..Default::default()
-                })?;
+            let mut dp = enforcer::datapath::Datapath::open(enforcer::datapath::DatapathOptions {
+                pin_path: pin,
+                ..Default::default()
+            })?;
             for v in veths {
                 dp.attach(v)?;
             }

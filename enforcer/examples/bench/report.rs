@@ -82,7 +82,10 @@ fn machine() -> Machine {
 }
 
 fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_string()
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 fn f(v: f64, digits: usize) -> String {
@@ -196,7 +199,10 @@ impl Report {
                 // back to back) when there are any; the round medians otherwise.
                 let (what, tp, rr, crr) = match &n.paired {
                     Some(p) => (
-                        format!("our programs with the agent's 1k-policy maps / no programs, median of {} back-to-back pairs", p.pairs),
+                        format!(
+                            "our programs with the agent's 1k-policy maps / no programs, median of {} back-to-back pairs",
+                            p.pairs
+                        ),
                         p.throughput,
                         p.rr,
                         p.crr,
@@ -553,8 +559,12 @@ impl Report {
             let _ = writeln!(
                 s,
                 "`to_pod` (pod ingress) on a 64-byte TCP/IPv4 frame, {} passes over the scenarios; each figure is the lowest of the passes' medians. Per pass: established, denied, unmanaged and their floor are the median of {} calls of {} runs each (kernel mean per run); new flows the median of {} calls of {} runs through the fresh-port harness (every run a new flow), beside the harness's own floor; single figures (`repeat = 1`) the median of {} calls. All in ns; \"net\" = minus the floor measured the same way in the same scenario.\n",
-                t.settings.passes, t.settings.runs, t.settings.repeat, t.settings.runs,
-                t.settings.new_repeat, t.settings.singles
+                t.settings.passes,
+                t.settings.runs,
+                t.settings.repeat,
+                t.settings.runs,
+                t.settings.new_repeat,
+                t.settings.singles
             );
             let _ = writeln!(
                 s,
@@ -673,7 +683,12 @@ impl Report {
                     s,
                     "**Back-to-back pairs** (agent gone, its pinned maps kept): in each pair the same short runs (iperf3 {} s, TCP_RR and TCP_CRR {} s each) with no programs and with our programs re-attached to both veths, one right after the other, the order alternating; each state checked first by the port the policies deny. Other work on the machine comes in phases of seconds, so a pair sees one phase where rounds a minute long see several. Medians of the per-pair ratios over {} pairs: **throughput {}×, TCP_RR {}×, TCP_CRR {}×**.\n\n| pair | iperf3 Gbit/s none / programs | TCP_RR/s none / programs | TCP_CRR/s none / programs |\n|---|---|---|---|",
                     self.net_settings.as_ref().map_or(0, |x| x.pair_iperf_secs),
-                    f(self.net_settings.as_ref().map_or(f64::NAN, |x| x.pair_rate_secs), 1),
+                    f(
+                        self.net_settings
+                            .as_ref()
+                            .map_or(f64::NAN, |x| x.pair_rate_secs),
+                        1
+                    ),
                     p.pairs,
                     f(p.throughput, 3),
                     f(p.rr, 3),

@@ -164,7 +164,10 @@ fn load_sched_cls(insns: &[[u8; 8]], what: &str) -> Result<OwnedFd> {
     a.u64(32, log.as_mut_ptr() as u64);
     let fd = sys_bpf(BPF_PROG_LOAD, &mut a).with_context(|| {
         let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
-        format!("BPF_PROG_LOAD of {what}: {}", String::from_utf8_lossy(&log[..end]))
+        format!(
+            "BPF_PROG_LOAD of {what}: {}",
+            String::from_utf8_lossy(&log[..end])
+        )
     })?;
     // SAFETY: the kernel returned a new fd we own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
@@ -202,22 +205,22 @@ fn set_tail(array: RawFd, prog: RawFd) -> Result<()> {
 fn load_fresh_port_harness(array: RawFd) -> Result<OwnedFd> {
     const SPORT: i16 = 14 + 20;
     let insns = [
-        insn(0xbf, 6, 1, 0, 0),            // r6 = r1 (ctx)
-        insn(0x61, 2, 1, 76, 0),           // r2 = skb->data
-        insn(0x61, 3, 1, 80, 0),           // r3 = skb->data_end
-        insn(0xbf, 4, 2, 0, 0),            // r4 = r2
-        insn(0x07, 4, 0, 0, 36),           // r4 += 36
-        insn(0x2d, 4, 3, 3, 0),            // if r4 > r3 goto tail
-        insn(0x69, 5, 2, SPORT, 0),        // r5 = *(u16 *)(r2 + 34)
-        insn(0x07, 5, 0, 0, 1),            // r5 += 1
-        insn(0x6b, 2, 5, SPORT, 0),        // *(u16 *)(r2 + 34) = r5
-        insn(0xbf, 1, 6, 0, 0),            // tail: r1 = r6
-        insn(0x18, 2, 1, 0, array),        // r2 = the prog array (BPF_PSEUDO_MAP_FD)
+        insn(0xbf, 6, 1, 0, 0),     // r6 = r1 (ctx)
+        insn(0x61, 2, 1, 76, 0),    // r2 = skb->data
+        insn(0x61, 3, 1, 80, 0),    // r3 = skb->data_end
+        insn(0xbf, 4, 2, 0, 0),     // r4 = r2
+        insn(0x07, 4, 0, 0, 36),    // r4 += 36
+        insn(0x2d, 4, 3, 3, 0),     // if r4 > r3 goto tail
+        insn(0x69, 5, 2, SPORT, 0), // r5 = *(u16 *)(r2 + 34)
+        insn(0x07, 5, 0, 0, 1),     // r5 += 1
+        insn(0x6b, 2, 5, SPORT, 0), // *(u16 *)(r2 + 34) = r5
+        insn(0xbf, 1, 6, 0, 0),     // tail: r1 = r6
+        insn(0x18, 2, 1, 0, array), // r2 = the prog array (BPF_PSEUDO_MAP_FD)
         insn(0, 0, 0, 0, 0),
-        insn(0xb7, 3, 0, 0, 0),            // r3 = 0
-        insn(0x85, 0, 0, 0, 12),           // bpf_tail_call(r1, r2, r3)
-        insn(0xb7, 0, 0, 0, 0),            // r0 = 0 (only if the slot is empty)
-        insn(0x95, 0, 0, 0, 0),            // exit
+        insn(0xb7, 3, 0, 0, 0),  // r3 = 0
+        insn(0x85, 0, 0, 0, 12), // bpf_tail_call(r1, r2, r3)
+        insn(0xb7, 0, 0, 0, 0),  // r0 = 0 (only if the slot is empty)
+        insn(0x95, 0, 0, 0, 0),  // exit
     ];
     load_sched_cls(&insns, "the new-flow harness")
 }
@@ -490,9 +493,7 @@ impl Samples {
     fn row(&self) -> Row {
         let m = |v: &Vec<f64>| median(&mut v.clone());
         let named = |v: &Vec<(String, Vec<u32>)>| {
-            v.iter()
-                .map(|(n, r)| (n.clone(), median_u32(r)))
-                .collect()
+            v.iter().map(|(n, r)| (n.clone(), median_u32(r))).collect()
         };
         Row {
             entries: self.entries,
@@ -750,7 +751,11 @@ fn scenario(
                 &ctx_unmanaged,
             ),
             ("ARP: + ENDPOINTS hit, scratch, Ethernet parse", &arp, &ctx),
-            ("pod to itself: + IPv4/TCP parse, address checks", &selfp, &ctx),
+            (
+                "pod to itself: + IPv4/TCP parse, address checks",
+                &selfp,
+                &ctx,
+            ),
             (
                 "established: + clock, conntrack (LRU) lookup and update",
                 &est,

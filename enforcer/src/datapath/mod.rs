@@ -30,8 +30,8 @@ use enforcer_common::{
     CONFIG_LOG_ALLOWED, Config, DEFAULT_CIDRS_SIZE, DEFAULT_CONNTRACK_SIZE,
     DEFAULT_CT_TIMEOUT_OTHER_NS, DEFAULT_CT_TIMEOUT_TCP_NS, DEFAULT_EVENTS_BYTES,
     DEFAULT_FRAGMENTS_SIZE, DEFAULT_MAX_ENDPOINTS, DEFAULT_PEERS_SIZE, DEFAULT_POLICY_SIZE,
-    EndpointInfo, MAP_CIDRS_V4, MAP_CIDRS_V6, MAP_CONFIG, MAP_CONNTRACK_V4, MAP_CONNTRACK_V6, MAP_COUNTERS,
-    MAP_ENDPOINTS, MAP_EVENTS, MAP_FRAGMENTS, MAP_PEERS_V4, MAP_PEERS_V6, MAP_POLICY,
+    EndpointInfo, MAP_CIDRS_V4, MAP_CIDRS_V6, MAP_CONFIG, MAP_CONNTRACK_V4, MAP_CONNTRACK_V6,
+    MAP_COUNTERS, MAP_ENDPOINTS, MAP_EVENTS, MAP_FRAGMENTS, MAP_PEERS_V4, MAP_PEERS_V6, MAP_POLICY,
     PROG_FROM_POD, PROG_TO_POD, PeerInfo, PolicyKey, PolicyValue, SCHEMA_VERSION, counter_slots,
 };
 pub use tables::{
@@ -261,7 +261,9 @@ impl Datapath {
         };
         let counters_map = take(&mut ebpf, MAP_COUNTERS)?;
         let counters_fd = match &counters_map {
-            Map::PerCpuArray(data) => std::os::fd::AsFd::as_fd(data.fd()).try_clone_to_owned().ok(),
+            Map::PerCpuArray(data) => std::os::fd::AsFd::as_fd(data.fd())
+                .try_clone_to_owned()
+                .ok(),
             _ => None,
         };
         let counters = Counters {
@@ -293,6 +295,7 @@ impl Datapath {
         };
         let cfg = dp.options.config();
         dp.set_config(&cfg)?;
+        dp.migrate_conntrack();
         Ok(dp)
     }
 
@@ -320,7 +323,8 @@ impl Datapath {
             .ebpf
             .map(enforcer_common::MAP_EVENTS_LOST)
             .ok_or_else(|| anyhow!("map EVENTS_LOST missing from the eBPF object"))?;
-        let lost: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).context("map EVENTS_LOST")?;
+        let lost: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).context("map EVENTS_LOST")?;
         let values = lost.get(&0, 0).context("reading map EVENTS_LOST")?;
         Ok(values.iter().sum())
     }
@@ -446,6 +450,18 @@ impl Datapath {
         Ok(())
     }
 
+    /// Moves IPv4 flows left in the IPv6 conntrack map by an older agent's programs to the IPv4
+    /// map. Runs at load and again once the pinned links run this object's programs (the old
+    /// programs may record flows until then). Failing only costs those flows a new policy
+    /// check, so it is logged, not fatal.
+    pub fn migrate_conntrack(&mut self) {
+        match self.conntrack.migrate_v4() {
+            Ok(0) => {}
+            Ok(n) => log::info!("moved {n} IPv4 flows of an older agent to {MAP_CONNTRACK_V4}"),
+            Err(e) => log::warn!("moving IPv4 flows to {MAP_CONNTRACK_V4}: {e:#}"),
+        }
+    }
+
     /// Re-points every pinned link at this object's programs (after an upgrade); returns the
     /// ifindexes. Links of devices that are gone are removed.
     pub fn reattach_all(&mut self) -> Result<Vec<u32>> {
@@ -462,6 +478,7 @@ impl Datapath {
                 self.detach(ifindex)?;
             }
         }
+        self.migrate_conntrack();
         Ok(done)
     }
 

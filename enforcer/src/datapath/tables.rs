@@ -11,7 +11,9 @@ use aya::maps::{
     HashMap, MapData, MapError, PerCpuArray, RingBuf,
     lpm_trie::{Key, LpmTrie},
 };
-use enforcer_common::{Counter, CtKey, CtKeyV4, CtValue, PeerInfo, REASON_COUNT, VerdictEvent};
+use enforcer_common::{
+    Counter, CtKey, CtKeyV4, CtValue, FAMILY_V6, PeerInfo, REASON_COUNT, VerdictEvent,
+};
 use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::{maps::MapTable, state::Prefix};
@@ -259,6 +261,25 @@ impl Conntrack {
         }
     }
 
+    /// Moves the IPv4 flows an older agent recorded in the IPv6 map (which then held both
+    /// families) to the IPv4 map, where the programs look them up now; returns how many.
+    /// Each is written to its new place before it leaves the old one.
+    pub fn migrate_v4(&mut self) -> Result<usize> {
+        let legacy: Vec<(CtKey, CtValue)> = self
+            .v6
+            .entries()?
+            .into_iter()
+            .filter(|(k, _)| k.family != FAMILY_V6)
+            .collect();
+        for (k, v) in &legacy {
+            if let Some(k4) = k.to_v4() {
+                self.v4.set(&k4, v)?;
+            }
+            self.v6.remove(k)?;
+        }
+        Ok(legacy.len())
+    }
+
     /// Deletes every flow of `endpoint` (a pod went away); returns how many.
     pub fn remove_endpoint(&mut self, endpoint: u32) -> Result<usize> {
         let v4: Vec<CtKeyV4> = self
@@ -341,7 +362,10 @@ impl Counters {
     /// Sums per slot through `BPF_MAP_LOOKUP_BATCH` (Linux 5.6+).
     pub fn read_batched(&self) -> std::io::Result<Vec<Counter>> {
         use std::os::fd::AsRawFd as _;
-        let fd = self.fd.as_ref().ok_or_else(|| std::io::Error::other("no descriptor"))?;
+        let fd = self
+            .fd
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("no descriptor"))?;
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
         // Per-CPU values come as one 8-byte-aligned value per possible CPU.
         let stride = std::mem::size_of::<Counter>().next_multiple_of(8);
@@ -353,7 +377,11 @@ impl Counters {
         let mut first = true;
         loop {
             let mut attr = BatchAttr {
-                in_batch: if first { 0 } else { std::ptr::from_ref(&in_batch) as u64 },
+                in_batch: if first {
+                    0
+                } else {
+                    std::ptr::from_ref(&in_batch) as u64
+                },
                 out_batch: std::ptr::from_mut(&mut out_batch) as u64,
                 keys: keys.as_mut_ptr() as u64,
                 values: values.as_mut_ptr() as u64,

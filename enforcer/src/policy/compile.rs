@@ -171,7 +171,11 @@ impl<K: Ord + Clone> Pool<K> {
     /// Gives `key` the number `id` (numbers restored from pinned maps). `false` when either is
     /// taken or `id` is out of range.
     fn reserve(&mut self, key: &K, id: u32) -> bool {
-        if id < self.first || id > self.last || self.live.contains_key(key) || self.live.values().any(|(i, _)| *i == id) {
+        if id < self.first
+            || id > self.last
+            || self.live.contains_key(key)
+            || self.live.values().any(|(i, _)| *i == id)
+        {
             return false;
         }
         // Numbers skipped over become free (settled), so fresh ones never collide with `id`.
@@ -450,7 +454,8 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
             // A verified address adds its identity's reserved labels to the pod's.
             let pod = facts.get(r).cloned().map(|mut f| {
                 if let Some(extra) = cluster.verified.get(ip) {
-                    f.labels.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+                    f.labels
+                        .extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
                     f.verified = true;
                 }
                 f
@@ -633,9 +638,9 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
                     EP_EGRESS_ISOLATED
                 };
                 for (ri, rule) in rules.iter().enumerate() {
-                    let peers = resolved
-                        .entry((pi, dir, ri))
-                        .or_insert_with(|| resolve(rule, p.require_identity || opts.require_identity));
+                    let peers = resolved.entry((pi, dir, ri)).or_insert_with(|| {
+                        resolve(rule, p.require_identity || opts.require_identity)
+                    });
                     let mut keys: Vec<PolicyKey> = Vec::new();
                     let peer_list: Vec<u32> = peers.clone().unwrap_or_else(|| vec![IDENTITY_ANY]);
                     let push_all = |proto: u8, port: u16, len: u8, keys: &mut Vec<PolicyKey>| {
@@ -737,7 +742,10 @@ mod tests {
         assert!(a.reserve_endpoint(&PodRef::new("x", "b"), 3));
         assert!(!a.reserve_endpoint(&PodRef::new("x", "c"), 3), "id taken");
         let g = 1;
-        let ids: Vec<u32> = ["a", "b", "c", "d"].iter().map(|n| a.endpoints.get(&PodRef::new("x", *n), g).unwrap()).collect();
+        let ids: Vec<u32> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|n| a.endpoints.get(&PodRef::new("x", *n), g).unwrap())
+            .collect();
         assert_eq!(ids[1], 3, "the reserved pod keeps its id");
         let mut sorted = ids.clone();
         sorted.sort_unstable();

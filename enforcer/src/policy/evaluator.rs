@@ -142,7 +142,12 @@ fn peer_matches(
         return false;
     }
     let mut labels = pod.metadata.labels.clone().unwrap_or_default();
-    labels.extend(verified.into_iter().flatten().map(|(k, v)| (k.clone(), v.clone())));
+    labels.extend(
+        verified
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.clone())),
+    );
     // "namespaceSelector selects namespaces using cluster-scoped labels ... If podSelector is
     // also set, then the NetworkPolicyPeer as a whole selects the pods matching podSelector in
     // the namespaces selected by namespaceSelector. Otherwise it selects all pods in the
@@ -154,7 +159,9 @@ fn peer_matches(
         None => r.namespace == policy_ns,
     };
     let pod_ok = match &peer.pod_selector {
-        Some(s) if identity == IdentityCheck::AsIfVerified => selector::matches(&without_reserved(s), &labels),
+        Some(s) if identity == IdentityCheck::AsIfVerified => {
+            selector::matches(&without_reserved(s), &labels)
+        }
         Some(s) => selector::matches(s, &labels),
         None => true,
     };
@@ -174,7 +181,9 @@ enum IdentityCheck {
 }
 
 /// `s` without its requirements on the reserved `enforcer.dev/` labels.
-fn without_reserved(s: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+fn without_reserved(
+    s: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
     let reserved = |k: &str| k.starts_with("enforcer.dev/");
     let mut s = s.clone();
     if let Some(m) = &mut s.match_labels {
@@ -292,12 +301,15 @@ pub fn direction_verdict(
             // "If this field is empty or missing, this rule matches all sources/destinations".
             let peer_ok_with = |check: IdentityCheck| {
                 peers.filter(|p| !p.is_empty()).is_none_or(|ps| {
-                    ps.iter().any(|p| {
-                        peer_matches(cluster, &ns, p, peer_ip, peer_pod.as_ref(), check)
-                    })
+                    ps.iter()
+                        .any(|p| peer_matches(cluster, &ns, p, peer_ip, peer_pod.as_ref(), check))
                 })
             };
-            let peer_ok = peer_ok_with(if need { IdentityCheck::Required } else { IdentityCheck::Optional });
+            let peer_ok = peer_ok_with(if need {
+                IdentityCheck::Required
+            } else {
+                IdentityCheck::Optional
+            });
             // Named ports are the destination's: this pod on ingress, the peer pod on egress.
             let named_on = if ingress {
                 Some(*this)

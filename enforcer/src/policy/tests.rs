@@ -487,29 +487,40 @@ fn cluster_strategy() -> impl Strategy<Value = Cluster> {
         proptest::collection::vec(proptest::bool::weighted(0.3), 4),
         proptest::sample::subsequence(pod_ips, 0..8),
     )
-        .prop_map(|(namespaces, pods, mut policies, n, require, verified_ips)| {
-            policies.truncate(n);
-            for (p, r) in policies.iter_mut().zip(require) {
-                if r {
-                    p.metadata.annotations.get_or_insert_with(Default::default).insert(
-                        crate::policy::model::ANNOTATION_REQUIRE_IDENTITY.to_string(),
-                        "true".to_string(),
-                    );
+        .prop_map(
+            |(namespaces, pods, mut policies, n, require, verified_ips)| {
+                policies.truncate(n);
+                for (p, r) in policies.iter_mut().zip(require) {
+                    if r {
+                        p.metadata
+                            .annotations
+                            .get_or_insert_with(Default::default)
+                            .insert(
+                                crate::policy::model::ANNOTATION_REQUIRE_IDENTITY.to_string(),
+                                "true".to_string(),
+                            );
+                    }
                 }
-            }
-            let verified = verified_ips
-                .into_iter()
-                .map(|ip| {
-                    (ip, std::collections::BTreeMap::from([("enforcer.dev/serviceaccount".to_string(), "sa".to_string())]))
-                })
-                .collect();
-            Cluster {
-                namespaces: shared(namespaces),
-                pods: shared(pods),
-                policies: shared(policies),
-                verified,
-            }
-        })
+                let verified = verified_ips
+                    .into_iter()
+                    .map(|ip| {
+                        (
+                            ip,
+                            std::collections::BTreeMap::from([(
+                                "enforcer.dev/serviceaccount".to_string(),
+                                "sa".to_string(),
+                            )]),
+                        )
+                    })
+                    .collect();
+                Cluster {
+                    namespaces: shared(namespaces),
+                    pods: shared(pods),
+                    policies: shared(policies),
+                    verified,
+                }
+            },
+        )
 }
 
 fn flows_strategy() -> impl Strategy<Value = Vec<(u8, u16)>> {
@@ -1293,13 +1304,23 @@ fn identity_required_peers_match_only_verified_addresses() {
         Some(sel(&[("app", "b")])),
         None,
         Some(vec![(
-            Some(vec![pods_peer(None, Some(sel(&[("app", "a"), ("enforcer.dev/serviceaccount", "sa-a")])))]),
+            Some(vec![pods_peer(
+                None,
+                Some(sel(&[
+                    ("app", "a"),
+                    ("enforcer.dev/serviceaccount", "sa-a"),
+                ])),
+            )]),
             None,
         )]),
         None,
     );
     np.metadata.annotations = Some(
-        [(super::model::ANNOTATION_REQUIRE_IDENTITY.to_string(), "true".to_string())].into(),
+        [(
+            super::model::ANNOTATION_REQUIRE_IDENTITY.to_string(),
+            "true".to_string(),
+        )]
+        .into(),
     );
     let mut c = base(vec![np.clone()]);
     let b = pr("x", "b");
@@ -1308,9 +1329,18 @@ fn identity_required_peers_match_only_verified_addresses() {
     };
     // Labels alone: denied, and explained as a want of identity.
     assert!(!allowed(&c, &b, DIR_INGRESS, "10.0.0.1", PROTO_TCP, 80));
-    assert!(matches!(verdict(&c), evaluator::DirVerdict::NoIdentity { .. }), "{:?}", verdict(&c));
+    assert!(
+        matches!(verdict(&c), evaluator::DirVerdict::NoIdentity { .. }),
+        "{:?}",
+        verdict(&c)
+    );
     // Verified as another service account: denied, not for want of identity.
-    let sa = |name: &str| std::collections::BTreeMap::from([("enforcer.dev/serviceaccount".to_string(), name.to_string())]);
+    let sa = |name: &str| {
+        std::collections::BTreeMap::from([(
+            "enforcer.dev/serviceaccount".to_string(),
+            name.to_string(),
+        )])
+    };
     c.verified.insert(ip("10.0.0.1"), sa("sa-other"));
     assert!(!allowed(&c, &b, DIR_INGRESS, "10.0.0.1", PROTO_TCP, 80));
     assert!(matches!(verdict(&c), evaluator::DirVerdict::Denied { .. }));
@@ -1324,8 +1354,24 @@ fn identity_required_peers_match_only_verified_addresses() {
     let mut c2 = base(vec![np]);
     c2.verified.insert(ip("10.0.0.1"), sa("sa-a"));
     assert!(allowed(&c2, &b, DIR_INGRESS, "10.0.0.1", PROTO_TCP, 80));
-    let strict = CompileOptions { require_identity: true, ..opts() };
+    let strict = CompileOptions {
+        require_identity: true,
+        ..opts()
+    };
     let compiled = compile(&c2, &strict, &mut Allocations::new());
-    assert!(!lookup::decide(&compiled.state, &b, DIR_INGRESS, ip("fd00::1"), PROTO_TCP, 80).allowed);
-    assert!(!evaluator::direction_verdict(&c2, &strict, &b, true, ip("fd00::1"), PROTO_TCP, 80).allowed());
+    assert!(
+        !lookup::decide(
+            &compiled.state,
+            &b,
+            DIR_INGRESS,
+            ip("fd00::1"),
+            PROTO_TCP,
+            80
+        )
+        .allowed
+    );
+    assert!(
+        !evaluator::direction_verdict(&c2, &strict, &b, true, ip("fd00::1"), PROTO_TCP, 80)
+            .allowed()
+    );
 }
