@@ -565,6 +565,19 @@ impl AgentProcess {
         in_netns(&self.node, move || http_get(addr, &path))?
     }
 
+    /// `/metrics` once `holds` is true of it, or its last text after `timeout`: packet counters
+    /// are published once a second, so a packet just sent may not show in the next scrape.
+    pub fn metrics_until(&self, timeout: Duration, holds: impl Fn(&str) -> bool) -> String {
+        let start = std::time::Instant::now();
+        loop {
+            let text = self.get("/metrics").map(|(_, t)| t).unwrap_or_default();
+            if holds(&text) || start.elapsed() >= timeout {
+                return text;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Waits until `/readyz` says ready (the latest state is programmed), or fails after
     /// `timeout` with the agent's log.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {

@@ -288,12 +288,12 @@ fn policy_change_revokes_established_flows_it_no_longer_allows() {
         Conn::open(a, (b.v4, 7000).into()).is_none(),
         "and no new one opens"
     );
-    let (_, m) = agent.get("/metrics").unwrap();
-    assert!(
+    let revoked_counted = |m: &str| {
         m.lines()
-            .any(|l| l.contains("reason=\"revoked\"") && !l.ends_with(" 0")),
-        "{m}"
-    );
+            .any(|l| l.contains("reason=\"revoked\"") && !l.ends_with(" 0"))
+    };
+    let m = agent.metrics_until(Duration::from_secs(3), revoked_counted);
+    assert!(revoked_counted(&m), "{m}");
     stop.store(true, Ordering::Relaxed);
     agent.stop().unwrap();
 }

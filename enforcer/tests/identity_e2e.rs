@@ -179,12 +179,12 @@ fn only_attested_workloads_match_identity_requiring_policy() {
     })
     .unwrap();
     assert!(!spoofed, "a spoofed source address gets nothing");
-    let (_, m) = agent.get("/metrics").unwrap();
-    assert!(
+    let spoof_counted = |m: &str| {
         m.lines()
-            .any(|l| l.contains("reason=\"spoofed\"") && !l.ends_with(" 0")),
-        "{m}"
-    );
+            .any(|l| l.contains("reason=\"spoofed\"") && !l.ends_with(" 0"))
+    };
+    let m = agent.metrics_until(Duration::from_secs(3), spoof_counted);
+    assert!(spoof_counted(&m), "{m}");
     assert!(
         m.contains("enforcer_identity_attestations_total{outcome=\"accepted\",reason=\"ok\"} 1"),
         "{m}"

@@ -124,6 +124,7 @@ pub struct Latency {
     pub p99_ms: f64,
     pub max_ms: f64,
     pub timeouts: usize,
+    /// How long a probe may take to connect before it counts as dropped, ms.
     pub probe_timeout_ms: f64,
     /// Mean of the agent's own `enforcer_reconcile_seconds` (compile + program) over the
     /// changes, ms, from /metrics.
@@ -837,7 +838,7 @@ fn latency(bed: &Bed, s: &Settings) -> Result<Latency> {
     let dir = bed.manifests.0.clone();
     let to = bed.addr(PORT_TOGGLE);
     let toggles = s.toggles;
-    let probe_timeout = Duration::from_millis(3);
+    let probe_patience = Duration::from_millis(50);
     let (allow, deny, timeouts) =
         in_netns(&bed.cli, move || -> Result<(Vec<f64>, Vec<f64>, usize)> {
             let file = dir.join("30-toggle.yaml");
@@ -858,20 +859,23 @@ fn latency(bed: &Bed, s: &Settings) -> Result<Latency> {
                 } else {
                     std::fs::remove_file(&file)?;
                 }
-                loop {
-                    if load::reachable(to, probe_timeout) == want {
-                        let ms = t0.elapsed().as_secs_f64() * 1e3;
-                        if want {
-                            allow.push(ms)
-                        } else {
-                            deny.push(ms)
-                        }
-                        break;
+                let SocketAddr::V4(to4) = to else {
+                    bail!("the toggle port has an IPv4 address");
+                };
+                let every = Duration::from_millis(1);
+                match load::first_verdict(
+                    to4,
+                    want,
+                    t0,
+                    every,
+                    probe_patience,
+                    Duration::from_secs(10),
+                )? {
+                    Some(sent) => {
+                        let ms = sent.as_secs_f64() * 1e3;
+                        if want { allow.push(ms) } else { deny.push(ms) }
                     }
-                    if t0.elapsed() > Duration::from_secs(10) {
-                        timeouts += 1;
-                        break;
-                    }
+                    None => timeouts += 1,
                 }
             }
             Ok((allow, deny, timeouts))
@@ -887,7 +891,7 @@ fn latency(bed: &Bed, s: &Settings) -> Result<Latency> {
         allow_ms: allow,
         deny_ms: deny,
         timeouts,
-        probe_timeout_ms: probe_timeout.as_secs_f64() * 1e3,
+        probe_timeout_ms: probe_patience.as_secs_f64() * 1e3,
         reconcile_mean_ms: f64::NAN,
     })
 }

@@ -744,7 +744,7 @@ impl Report {
                 let _ = writeln!(s, "## 4. Policy change to enforced\n");
                 let _ = writeln!(
                     s,
-                    "{} pods ({} on another node: peers), {} policies. {} changes (allow: {}, deny: {}): p50 {} ms, p90 {} ms, p99 {} ms, max {} ms, {} timeouts (10 s). Probe resolution: a failed probe costs its {} ms connect timeout. The agent's own reconcile histogram (compile + program, from its /metrics) averaged {} ms per change.\n",
+                    "{} pods ({} on another node: peers), {} policies. {} changes (allow: {}, deny: {}): p50 {} ms, p90 {} ms, p99 {} ms, max {} ms, {} timeouts (10 s). Probes: one new connection every 1 ms; one not connected after {} ms counts as dropped. The agent's own reconcile histogram (compile + program, from its /metrics) averaged {} ms per change.\n",
                     l.pods,
                     l.pods - 2,
                     l.policies,
@@ -830,7 +830,7 @@ impl Report {
             "- **nftables layout**: the same policies as an `inet` table in the node netns, laid out like kube-router's iptables chains: `ct state established,related accept` first, then per pod and direction a chain jumping to every policy chain that selects the pod, each matching a peer set (nft set = ipset) and a port and marking the packet; unmarked packets are dropped. Each new connection to the server walks all policy chains. *Added ns per packet*: (1/rate − 1/rate without programs) spread over the TCP segments of a connection counted in the client pod; for ours each packet crosses two programs (both veths), for nft one forward hook.\n",
         );
         s.push_str(
-            "- **Policy change**: with the agent enforcing, a policy allowing the client to a port is written (temp file + rename) or removed; a client thread probes that port with fresh connections (3 ms connect timeout) from just before the change until a probe sees the new verdict. Pauses between changes are random, so the writes fall at every phase of the agent's control loop (1 s resync, counters).\n",
+            "- **Policy change**: with the agent enforcing, a policy allowing the client to a port is written (temp file + rename) or removed; from the client a train of probes, a new non-blocking connection every 1 ms, each judged by its SYN: allowed when it connects, dropped when it has not connected 50 ms after it was sent (a dropped SYN is retransmitted only after 1 s). The latency is the send time of the first probe, in the order sent, that met the new verdict: the first packet that saw it, however long its handshake then took. Pauses between changes are random, so the writes fall at every phase of the agent's control loop (1 s resync, counters).\n",
         );
         s.push_str("- **Compile**: `enforcer::policy::compile` on the parsed manifests, in-process. **Memory**: `VmRSS` / `VmHWM` of the agent process from `/proc/PID/status`, 1.5 s after `/readyz` turned 200.\n\n");
         s
