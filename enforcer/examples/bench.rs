@@ -20,12 +20,16 @@ mod load;
 mod net;
 #[path = "bench/report.rs"]
 mod report;
+#[path = "bench/steal.rs"]
+mod steal;
 #[path = "bench/svg.rs"]
 mod svg;
 #[path = "bench/testrun.rs"]
 mod testrun;
 
 use std::{path::PathBuf, time::Instant};
+
+use steal::CpuTimes;
 
 use anyhow::{Result, bail};
 use clap::Parser;
@@ -43,6 +47,12 @@ struct Args {
     /// Output folder (default: `bench/` in the workspace).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Traffic rounds (default 4, 1 with --quick).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Back-to-back pairs per traffic round (default 5, 1 with --quick).
+    #[arg(long)]
+    pairs: Option<usize>,
 }
 
 fn main() -> Result<()> {
@@ -65,6 +75,7 @@ fn main() -> Result<()> {
 
     if want("testrun") {
         eprintln!("[bench] BPF_PROG_TEST_RUN");
+        let cpu = CpuTimes::now();
         let settings = testrun::Settings {
             repeat: if quick { 200_000 } else { 1_000_000 },
             runs: if quick { 3 } else { 5 },
@@ -78,6 +89,8 @@ fn main() -> Result<()> {
             Ok(r) => rep.testrun = Some(r),
             Err(e) => rep.errors.push(format!("testrun: {e:#}")),
         }
+        rep.steal_by_part
+            .push(("testrun".into(), CpuTimes::now().stolen_since(&cpu)));
         rep.write(&out, started)?;
     }
 
@@ -99,8 +112,9 @@ fn main() -> Result<()> {
     let net_part = |p: &str| want("net") || args.only.iter().any(|o| o == p);
     if net_part("traffic") || net_part("latency") || net_part("sweep") {
         eprintln!("[bench] pods in netns");
+        let cpu = CpuTimes::now();
         let settings = net::Settings {
-            rounds: if quick { 1 } else { 4 },
+            rounds: args.rounds.unwrap_or(if quick { 1 } else { 4 }),
             iperf_secs: if quick { 3 } else { 6 },
             rate_secs: if quick { 2.0 } else { 4.0 },
             warmup_secs: if quick { 0.3 } else { 0.5 },
@@ -111,7 +125,7 @@ fn main() -> Result<()> {
             traffic: net_part("traffic"),
             latency: net_part("latency"),
             sweep: net_part("sweep"),
-            pairs: if quick { 1 } else { 3 },
+            pairs: args.pairs.unwrap_or(if quick { 1 } else { 5 }),
             pair_iperf_secs: 2,
             pair_rate_secs: if quick { 1.0 } else { 1.5 },
         };
@@ -133,6 +147,8 @@ fn main() -> Result<()> {
                 rep.errors.push(format!("net: {e:#}"));
             }
         }
+        rep.steal_by_part
+            .push(("pods in netns".into(), CpuTimes::now().stolen_since(&cpu)));
         rep.write(&out, started)?;
     }
     eprintln!(

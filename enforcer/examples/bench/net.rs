@@ -19,6 +19,7 @@ use serde::Serialize;
 use crate::{
     inputs::{self, NODE, PORT_CRR, PORT_DENIED, PORT_IPERF, PORT_RR, PORT_TOGGLE},
     load::{self, Mode, Rate, Servers},
+    steal::CpuTimes,
 };
 
 #[derive(Clone, Debug, Serialize)]
@@ -57,6 +58,9 @@ pub struct Pair {
     pub programs_rr: f64,
     pub none_crr: f64,
     pub programs_crr: f64,
+    /// Share of CPU time the hypervisor stole during each half (see `steal`).
+    pub none_steal: f64,
+    pub programs_steal: f64,
 }
 
 /// Medians over all pairs of the per-pair ratio programs / none.
@@ -784,7 +788,7 @@ fn pair(bed: &Bed, s: &Settings, programs_first: bool) -> Result<Pair> {
             Ok(())
         })?
     };
-    let measure = |programs: bool| -> Result<(f64, f64, f64)> {
+    let measure = |programs: bool| -> Result<(f64, f64, f64, f64)> {
         if programs {
             attach()?;
             if bed.reach(PORT_DENIED)? || !bed.reach(PORT_CRR)? {
@@ -796,11 +800,11 @@ fn pair(bed: &Bed, s: &Settings, programs_first: bool) -> Result<Pair> {
             }
             bed.expect_no_programs()?;
         }
-        Ok((
-            iperf(&bed.cli, bed.srv_ip, s.pair_iperf_secs)?,
-            load::rr(&bed.cli, bed.addr(PORT_RR), warm, dur)?.per_sec,
-            load::crr(&bed.cli, bed.addr(PORT_CRR), warm, dur)?.per_sec,
-        ))
+        let t0 = CpuTimes::now();
+        let gbps = iperf(&bed.cli, bed.srv_ip, s.pair_iperf_secs)?;
+        let rr = load::rr(&bed.cli, bed.addr(PORT_RR), warm, dur)?.per_sec;
+        let crr = load::crr(&bed.cli, bed.addr(PORT_CRR), warm, dur)?.per_sec;
+        Ok((gbps, rr, crr, CpuTimes::now().stolen_since(&t0)))
     };
     let (a, b) = if programs_first {
         let p = measure(true)?;
@@ -818,6 +822,8 @@ fn pair(bed: &Bed, s: &Settings, programs_first: bool) -> Result<Pair> {
         programs_rr: b.1,
         none_crr: a.2,
         programs_crr: b.2,
+        none_steal: a.3,
+        programs_steal: b.3,
     })
 }
 

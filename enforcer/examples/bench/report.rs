@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::{
     net::{self, CompileResult},
+    steal::CpuTimes,
     svg::{Chart, Series},
     testrun,
 };
@@ -21,6 +22,10 @@ pub struct Machine {
     /// on the machine skews the traffic figures.
     pub loadavg_start: String,
     pub loadavg_end: String,
+    /// Share of CPU time the hypervisor stole over the whole run.
+    pub steal_share: f64,
+    #[serde(skip)]
+    pub cpu_start: CpuTimes,
 }
 
 /// One figure beside its target.
@@ -46,6 +51,8 @@ pub struct Report {
     pub net_settings: Option<net::Settings>,
     pub net: Option<net::Results>,
     pub errors: Vec<String>,
+    /// Share of CPU time stolen by the hypervisor during each part of the run.
+    pub steal_by_part: Vec<(String, f64)>,
 }
 
 fn sh(cmd: &str, args: &[&str]) -> String {
@@ -78,6 +85,8 @@ fn machine() -> Machine {
         memory_mib: mem_kib / 1024,
         loadavg_start: loadavg(),
         loadavg_end: String::new(),
+        steal_share: 0.0,
+        cpu_start: CpuTimes::now(),
     }
 }
 
@@ -117,6 +126,7 @@ impl Report {
             net_settings: None,
             net: None,
             errors: Vec::new(),
+            steal_by_part: Vec::new(),
         }
     }
 
@@ -318,6 +328,7 @@ impl Report {
     pub fn write(&mut self, dir: &Path, started: Instant) -> Result<()> {
         self.duration_secs = started.elapsed().as_secs_f64();
         self.machine.loadavg_end = loadavg();
+        self.machine.steal_share = CpuTimes::now().stolen_since(&self.machine.cpu_start);
         self.figures = self.figures();
         let charts = self.charts();
         for (name, svg) in &charts {
@@ -525,8 +536,18 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "**Machine:** kernel `{}`, CPU `{}`, {} cores, {} MiB RAM. `/proc/loadavg` at the start `{}`, at the end `{}` (the machine is shared: other work competing for the 2 cores skews the traffic figures).\n",
-            m.kernel, m.cpu, m.cores, m.memory_mib, m.loadavg_start, m.loadavg_end
+            "**Machine:** kernel `{}`, CPU `{}`, {} cores, {} MiB RAM. `/proc/loadavg` at the start `{}`, at the end `{}`. The machine is a shared VM: the hypervisor gave {:.1} % of its CPU time in this run to other guests (`steal` in `/proc/stat`{}), and such competition skews the traffic figures most.\n",
+            m.kernel,
+            m.cpu,
+            m.cores,
+            m.memory_mib,
+            m.loadavg_start,
+            m.loadavg_end,
+            m.steal_share * 100.0,
+            self.steal_by_part
+                .iter()
+                .map(|(part, share)| format!("; {part} {:.1} %", share * 100.0))
+                .collect::<String>()
         );
         if !self.errors.is_empty() {
             let _ = writeln!(s, "**Parts that failed in this run:**\n");
@@ -681,7 +702,7 @@ impl Report {
             if let Some(p) = &n.paired {
                 let _ = writeln!(
                     s,
-                    "**Back-to-back pairs** (agent gone, its pinned maps kept): in each pair the same short runs (iperf3 {} s, TCP_RR and TCP_CRR {} s each) with no programs and with our programs re-attached to both veths, one right after the other, the order alternating; each state checked first by the port the policies deny. Other work on the machine comes in phases of seconds, so a pair sees one phase where rounds a minute long see several. Medians of the per-pair ratios over {} pairs: **throughput {}×, TCP_RR {}×, TCP_CRR {}×**.\n\n| pair | iperf3 Gbit/s none / programs | TCP_RR/s none / programs | TCP_CRR/s none / programs |\n|---|---|---|---|",
+                    "**Back-to-back pairs** (agent gone, its pinned maps kept): in each pair the same short runs (iperf3 {} s, TCP_RR and TCP_CRR {} s each) with no programs and with our programs re-attached to both veths, one right after the other, the order alternating; each state checked first by the port the policies deny. Other work on the machine comes in phases of seconds, so a pair sees one phase where rounds a minute long see several. Medians of the per-pair ratios over {} pairs: **throughput {}×, TCP_RR {}×, TCP_CRR {}×**.\n\n| pair | iperf3 Gbit/s none / programs | TCP_RR/s none / programs | TCP_CRR/s none / programs | CPU stolen % none / programs |\n|---|---|---|---|---|",
                     self.net_settings.as_ref().map_or(0, |x| x.pair_iperf_secs),
                     f(
                         self.net_settings
@@ -697,14 +718,16 @@ impl Report {
                 for (i, q) in n.pairs.iter().enumerate() {
                     let _ = writeln!(
                         s,
-                        "| {} | {} / {} | {} / {} | {} / {} |",
+                        "| {} | {} / {} | {} / {} | {} / {} | {} / {} |",
                         i + 1,
                         f(q.none_gbps, 2),
                         f(q.programs_gbps, 2),
                         f(q.none_rr, 0),
                         f(q.programs_rr, 0),
                         f(q.none_crr, 0),
-                        f(q.programs_crr, 0)
+                        f(q.programs_crr, 0),
+                        f(q.none_steal * 100.0, 1),
+                        f(q.programs_steal * 100.0, 1)
                     );
                 }
                 s.push('\n');
