@@ -48,19 +48,24 @@ pub struct Settings {
     pub pair_rate_secs: f64,
 }
 
-/// One pair: the same short iperf3 / TCP_RR / TCP_CRR runs with no programs and with our
-/// programs attached, one right after the other (order alternating between pairs).
+/// One pair: the same short iperf3 / TCP_RR / TCP_CRR runs with no programs, the empty
+/// program and our programs, one right after the other (order reversed every other pair).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Pair {
-    pub none_gbps: f64,
-    pub programs_gbps: f64,
-    pub none_rr: f64,
-    pub programs_rr: f64,
-    pub none_crr: f64,
-    pub programs_crr: f64,
-    /// Share of CPU time the hypervisor stole during each half (see `steal`).
-    pub none_steal: f64,
-    pub programs_steal: f64,
+    pub none: Sample,
+    /// The empty program on our hooks.
+    pub empty: Sample,
+    pub programs: Sample,
+}
+
+/// Iperf3 Gbit/s, TCP_RR/s and TCP_CRR/s of one state of a pair, and the share of CPU time
+/// the hypervisor stole meanwhile (see `steal`).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Sample {
+    pub gbps: f64,
+    pub rr: f64,
+    pub crr: f64,
+    pub steal: f64,
 }
 
 /// Medians over all pairs of the per-pair ratio programs / none.
@@ -70,6 +75,10 @@ pub struct Paired {
     pub throughput: f64,
     pub rr: f64,
     pub crr: f64,
+    /// The same for the empty program on our hooks / no programs: what the hooks cost.
+    pub empty_throughput: f64,
+    pub empty_rr: f64,
+    pub empty_crr: f64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -254,7 +263,7 @@ impl Drop for NftGuard {
     }
 }
 
-fn median(v: &[f64]) -> f64 {
+pub fn median(v: &[f64]) -> f64 {
     let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
     if v.is_empty() {
         return f64::NAN;
@@ -578,8 +587,16 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
         for k in 0..s.pairs {
             let p = pair(&bed, s, (round + k) % 2 == 0)?;
             eprintln!(
-                "    pair: Gbit/s {:.2} / {:.2}; RR/s {:.0} / {:.0}; CRR/s {:.0} / {:.0} (none / programs)",
-                p.none_gbps, p.programs_gbps, p.none_rr, p.programs_rr, p.none_crr, p.programs_crr
+                "    pair: Gbit/s {:.2} / {:.2} / {:.2}; RR/s {:.0} / {:.0} / {:.0}; CRR/s {:.0} / {:.0} / {:.0} (none / empty program / ours)",
+                p.none.gbps,
+                p.empty.gbps,
+                p.programs.gbps,
+                p.none.rr,
+                p.empty.rr,
+                p.programs.rr,
+                p.none.crr,
+                p.empty.crr,
+                p.programs.crr
             );
             res.pairs.push(p);
         }
@@ -594,9 +611,12 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
             };
             res.paired = Some(Paired {
                 pairs: res.pairs.len(),
-                throughput: ratio(&|p| (p.none_gbps, p.programs_gbps)),
-                rr: ratio(&|p| (p.none_rr, p.programs_rr)),
-                crr: ratio(&|p| (p.none_crr, p.programs_crr)),
+                throughput: ratio(&|p| (p.none.gbps, p.programs.gbps)),
+                rr: ratio(&|p| (p.none.rr, p.programs.rr)),
+                crr: ratio(&|p| (p.none.crr, p.programs.crr)),
+                empty_throughput: ratio(&|p| (p.none.gbps, p.empty.gbps)),
+                empty_rr: ratio(&|p| (p.none.rr, p.empty.rr)),
+                empty_crr: ratio(&|p| (p.none.crr, p.empty.crr)),
             });
         }
         enforcer::datapath::Datapath::cleanup(&bed.pins.pin())?;
@@ -763,10 +783,21 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
     Ok(res)
 }
 
-/// One pair of short runs, with our programs attached to the pods' veths first or second.
-/// On entry the agent's programs are attached (the agent gone); so they are on return. Each
-/// state is checked before it is measured: the denied port is closed with the programs and
-/// open without them.
+/// What is on the pods' veths during one run of a pair.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hooks {
+    /// Nothing.
+    None,
+    /// The empty program (`r0 = 0; exit`) on the hooks ours use: the cost of the hooks.
+    Empty,
+    /// Our programs on the agent's pinned maps.
+    Programs,
+}
+
+/// One pair of short runs: no programs and our programs, with the empty program on the same
+/// hooks between them; the order is reversed when `programs_first`. On entry the agent's
+/// programs are attached (the agent gone); so they are on return. Each state is checked before
+/// it is measured: the denied port is closed with our programs and open without them.
 fn pair(bed: &Bed, s: &Settings, programs_first: bool) -> Result<Pair> {
     let pin = bed.pins.pin();
     let veths = enforcer::datapath::Datapath::attached_at(&pin)?;
@@ -788,8 +819,9 @@ fn pair(bed: &Bed, s: &Settings, programs_first: bool) -> Result<Pair> {
             Ok(())
         })?
     };
-    let measure = |programs: bool| -> Result<(f64, f64, f64, f64)> {
-        if programs {
+    let measure = |hooks: Hooks| -> Result<Sample> {
+        let mut _empty_links = Vec::new();
+        if hooks == Hooks::Programs {
             attach()?;
             if bed.reach(PORT_DENIED)? || !bed.reach(PORT_CRR)? {
                 bail!("re-attached programs do not enforce");
@@ -798,32 +830,38 @@ fn pair(bed: &Bed, s: &Settings, programs_first: bool) -> Result<Pair> {
             for &v in &veths {
                 enforcer::datapath::detach_at(&pin, v)?;
             }
+            if hooks == Hooks::Empty {
+                let v = veths.clone();
+                _empty_links = in_netns(&bed.tb.node, move || crate::testrun::attach_empty(&v))??;
+            }
             bed.expect_no_programs()?;
         }
         let t0 = CpuTimes::now();
         let gbps = iperf(&bed.cli, bed.srv_ip, s.pair_iperf_secs)?;
         let rr = load::rr(&bed.cli, bed.addr(PORT_RR), warm, dur)?.per_sec;
         let crr = load::crr(&bed.cli, bed.addr(PORT_CRR), warm, dur)?.per_sec;
-        Ok((gbps, rr, crr, CpuTimes::now().stolen_since(&t0)))
+        Ok(Sample {
+            gbps,
+            rr,
+            crr,
+            steal: CpuTimes::now().stolen_since(&t0),
+        })
     };
-    let (a, b) = if programs_first {
-        let p = measure(true)?;
-        let n = measure(false)?;
+    let (none, empty, programs) = if programs_first {
+        let p = measure(Hooks::Programs)?;
+        let e = measure(Hooks::Empty)?;
+        let n = measure(Hooks::None)?;
         attach()?; // as found
-        (n, p)
+        (n, e, p)
     } else {
-        let n = measure(false)?;
-        (n, measure(true)?)
+        let n = measure(Hooks::None)?;
+        let e = measure(Hooks::Empty)?;
+        (n, e, measure(Hooks::Programs)?)
     };
     Ok(Pair {
-        none_gbps: a.0,
-        programs_gbps: b.0,
-        none_rr: a.1,
-        programs_rr: b.1,
-        none_crr: a.2,
-        programs_crr: b.2,
-        none_steal: a.3,
-        programs_steal: b.3,
+        none,
+        empty,
+        programs,
     })
 }
 

@@ -136,6 +136,31 @@ fn load_empty_program() -> Result<OwnedFd> {
     )
 }
 
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_TCX_INGRESS: u32 = 46;
+const BPF_TCX_EGRESS: u32 = 47;
+
+/// The empty program on the TCX ingress and egress hooks of each interface (ifindices of the
+/// caller's netns), where our programs sit: the cost of running any TC program there, beside
+/// ours. Dropping the returned links detaches it.
+pub fn attach_empty(ifindices: &[u32]) -> Result<Vec<OwnedFd>> {
+    let prog = load_empty_program()?;
+    let mut links = Vec::new();
+    for &ifindex in ifindices {
+        for attach_type in [BPF_TCX_INGRESS, BPF_TCX_EGRESS] {
+            let mut a = Attr::new();
+            a.u32(0, prog.as_raw_fd() as u32);
+            a.u32(4, ifindex);
+            a.u32(8, attach_type);
+            let fd = sys_bpf(BPF_LINK_CREATE, &mut a)
+                .with_context(|| format!("attaching the empty program to ifindex {ifindex}"))?;
+            // SAFETY: the kernel returned a new fd we own.
+            links.push(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
+        }
+    }
+    Ok(links)
+}
+
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_TYPE_PROG_ARRAY: u32 = 3;
