@@ -161,6 +161,7 @@ pub struct Results {
     pub crr: Ratio,
     pub pairs: Vec<Pair>,
     pub paired: Option<Paired>,
+    pub real_cost: Option<RealCost>,
     pub sweep: Vec<SweepRow>,
     pub latency: Option<Latency>,
     pub memory: Vec<Memory>,
@@ -600,6 +601,14 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
             );
             res.pairs.push(p);
         }
+        if round == 0 && s.pairs > 0 {
+            let c = real_cost(&bed, s)?;
+            eprintln!(
+                "    real path, ns per program run (kernel stats): ours {:.0} (RR) / {:.0} (iperf3), empty program {:.0} / {:.0}; ours JIT {} bytes",
+                c.ours_rr_ns, c.ours_iperf_ns, c.empty_rr_ns, c.empty_iperf_ns, c.ours_jited_bytes
+            );
+            res.real_cost = Some(c);
+        }
         if !res.pairs.is_empty() {
             let ratio = |f: &dyn Fn(&Pair) -> (f64, f64)| {
                 median(
@@ -820,7 +829,7 @@ fn pair(bed: &Bed, s: &Settings, programs_first: bool) -> Result<Pair> {
         })?
     };
     let measure = |hooks: Hooks| -> Result<Sample> {
-        let mut _empty_links = Vec::new();
+        let mut _empty = None;
         if hooks == Hooks::Programs {
             attach()?;
             if bed.reach(PORT_DENIED)? || !bed.reach(PORT_CRR)? {
@@ -832,7 +841,9 @@ fn pair(bed: &Bed, s: &Settings, programs_first: bool) -> Result<Pair> {
             }
             if hooks == Hooks::Empty {
                 let v = veths.clone();
-                _empty_links = in_netns(&bed.tb.node, move || crate::testrun::attach_empty(&v))??;
+                _empty = Some(in_netns(&bed.tb.node, move || {
+                    crate::testrun::attach_empty(&v)
+                })??);
             }
             bed.expect_no_programs()?;
         }
@@ -863,6 +874,95 @@ fn pair(bed: &Bed, s: &Settings, programs_first: bool) -> Result<Pair> {
         empty,
         programs,
     })
+}
+
+/// Nanoseconds per program run on the real path, by the kernel's own run-time statistics: ours
+/// and the empty program on the same hooks, under TCP_RR and under iperf3 traffic.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RealCost {
+    pub ours_rr_ns: f64,
+    pub ours_iperf_ns: f64,
+    pub empty_rr_ns: f64,
+    pub empty_iperf_ns: f64,
+    /// JIT-compiled size of our programs (`from_pod` + `to_pod`), bytes.
+    pub ours_jited_bytes: u32,
+}
+
+/// Measures `RealCost`. On entry and on return our programs are attached (the agent gone).
+/// Stats are on only here: they add two clock reads to every run, which the empty program's
+/// figure shows.
+fn real_cost(bed: &Bed, s: &Settings) -> Result<RealCost> {
+    use crate::testrun::{ProgStats, attach_empty, enable_run_stats, linked_prog, prog_stats};
+    let pin = bed.pins.pin();
+    let veths = enforcer::datapath::Datapath::attached_at(&pin)?;
+    let mut ours = Vec::new();
+    let mut ids = Vec::new();
+    for &v in &veths {
+        for hook in enforcer::datapath::Hook::ALL {
+            let prog = linked_prog(&enforcer::datapath::link_pin(&pin, v, hook))?;
+            let id = prog_stats(&prog)?.id;
+            if !ids.contains(&id) {
+                ids.push(id);
+                ours.push(prog);
+            }
+        }
+    }
+    let dur = Duration::from_secs_f64(s.pair_rate_secs);
+    let warm = Duration::from_secs_f64(s.warmup_secs);
+    let total = |progs: &[&std::os::fd::OwnedFd]| -> Result<ProgStats> {
+        let mut t = ProgStats::default();
+        for p in progs {
+            let x = prog_stats(p)?;
+            t.run_time_ns += x.run_time_ns;
+            t.run_cnt += x.run_cnt;
+            t.jited_bytes += x.jited_bytes;
+        }
+        Ok(t)
+    };
+    let per_run = |progs: &[&std::os::fd::OwnedFd], run: &dyn Fn() -> Result<()>| -> Result<f64> {
+        let a = total(progs)?;
+        run()?;
+        let b = total(progs)?;
+        let runs = b.run_cnt.saturating_sub(a.run_cnt);
+        if runs == 0 {
+            bail!("the programs did not run");
+        }
+        Ok(b.run_time_ns.saturating_sub(a.run_time_ns) as f64 / runs as f64)
+    };
+    let rr = || load::rr(&bed.cli, bed.addr(PORT_RR), warm, dur).map(|_| ());
+    let tcp = || iperf(&bed.cli, bed.srv_ip, s.pair_iperf_secs).map(|_| ());
+    let _stats = enable_run_stats()?;
+    let refs: Vec<&std::os::fd::OwnedFd> = ours.iter().collect();
+    let mut out = RealCost {
+        ours_rr_ns: per_run(&refs, &rr)?,
+        ours_iperf_ns: per_run(&refs, &tcp)?,
+        ours_jited_bytes: total(&refs)?.jited_bytes,
+        ..RealCost::default()
+    };
+    for &v in &veths {
+        enforcer::datapath::detach_at(&pin, v)?;
+    }
+    {
+        let v = veths.clone();
+        let empty = in_netns(&bed.tb.node, move || attach_empty(&v))??;
+        bed.expect_no_programs()?;
+        out.empty_rr_ns = per_run(&[&empty.prog], &rr)?;
+        out.empty_iperf_ns = per_run(&[&empty.prog], &tcp)?;
+    }
+    in_netns(&bed.tb.node, move || -> Result<()> {
+        let mut dp = enforcer::datapath::Datapath::open(enforcer::datapath::DatapathOptions {
+            pin_path: pin,
+            ..Default::default()
+        })?;
+        for v in veths {
+            dp.attach(v)?;
+        }
+        Ok(())
+    })??;
+    if bed.reach(PORT_DENIED)? || !bed.reach(PORT_CRR)? {
+        bail!("re-attached programs do not enforce");
+    }
+    Ok(out)
 }
 
 struct Rng(u64);

@@ -7,9 +7,10 @@
 //! the very same harness.
 
 use std::{
+    ffi::CString,
     net::Ipv4Addr,
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Command,
 };
 
@@ -142,8 +143,13 @@ const BPF_TCX_EGRESS: u32 = 47;
 
 /// The empty program on the TCX ingress and egress hooks of each interface (ifindices of the
 /// caller's netns), where our programs sit: the cost of running any TC program there, beside
-/// ours. Dropping the returned links detaches it.
-pub fn attach_empty(ifindices: &[u32]) -> Result<Vec<OwnedFd>> {
+/// ours. Dropping it detaches the program.
+pub struct EmptyHooks {
+    pub prog: OwnedFd,
+    _links: Vec<OwnedFd>,
+}
+
+pub fn attach_empty(ifindices: &[u32]) -> Result<EmptyHooks> {
     let prog = load_empty_program()?;
     let mut links = Vec::new();
     for &ifindex in ifindices {
@@ -158,7 +164,74 @@ pub fn attach_empty(ifindices: &[u32]) -> Result<Vec<OwnedFd>> {
             links.push(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
         }
     }
-    Ok(links)
+    Ok(EmptyHooks {
+        prog,
+        _links: links,
+    })
+}
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_ENABLE_STATS: libc::c_long = 32;
+
+/// Turns on the kernel's per-program run time and count (`BPF_STATS_RUN_TIME`) while the fd
+/// lives. It adds two clock reads to every program run, so it is never on while the headline
+/// figures are measured.
+pub fn enable_run_stats() -> Result<OwnedFd> {
+    let mut a = Attr::new(); // type 0 = BPF_STATS_RUN_TIME
+    let fd = sys_bpf(BPF_ENABLE_STATS, &mut a).context("BPF_ENABLE_STATS")?;
+    // SAFETY: the kernel returned a new fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// The program behind a pinned link.
+pub fn linked_prog(link_pin: &Path) -> Result<OwnedFd> {
+    let path = CString::new(link_pin.as_os_str().as_encoded_bytes())?;
+    let mut a = Attr::new();
+    a.u64(0, path.as_ptr() as u64);
+    let link = sys_bpf(BPF_OBJ_GET, &mut a)
+        .with_context(|| format!("opening the pinned link {}", link_pin.display()))?;
+    // SAFETY: the kernel returned a new fd we own.
+    let link = unsafe { OwnedFd::from_raw_fd(link as RawFd) };
+    let mut info = [0u64; 8]; // struct bpf_link_info: type, id, prog_id, ...
+    obj_info(link.as_raw_fd(), &mut info)?;
+    let prog_id = (info[1] & 0xffff_ffff) as u32;
+    let mut a = Attr::new();
+    a.u32(0, prog_id);
+    let fd = sys_bpf(BPF_PROG_GET_FD_BY_ID, &mut a)
+        .with_context(|| format!("opening program {prog_id}"))?;
+    // SAFETY: the kernel returned a new fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// A program's run statistics and JIT size.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProgStats {
+    pub id: u32,
+    pub run_time_ns: u64,
+    pub run_cnt: u64,
+    pub jited_bytes: u32,
+}
+
+pub fn prog_stats(prog: &OwnedFd) -> Result<ProgStats> {
+    let mut info = [0u64; 30]; // struct bpf_prog_info (240 bytes)
+    obj_info(prog.as_raw_fd(), &mut info)?;
+    Ok(ProgStats {
+        id: (info[0] >> 32) as u32,
+        run_time_ns: info[192 / 8],
+        run_cnt: info[200 / 8],
+        jited_bytes: (info[16 / 8] & 0xffff_ffff) as u32,
+    })
+}
+
+fn obj_info(fd: RawFd, buf: &mut [u64]) -> Result<()> {
+    let mut a = Attr::new();
+    a.u32(0, fd as u32);
+    a.u32(4, (buf.len() * 8) as u32);
+    a.u64(8, buf.as_mut_ptr() as u64);
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a).context("BPF_OBJ_GET_INFO_BY_FD")?;
+    Ok(())
 }
 
 const BPF_MAP_CREATE: libc::c_long = 0;
