@@ -1067,7 +1067,7 @@ fn real_cost_text(c: &net::RealCost, warm: Option<f64>) -> String {
         )
     });
     format!(
-        "on the pods' veths our programs took {} ns per run under TCP_RR and {} ns under iperf3, the empty program on the same hooks {} and {} ns (its figure is the hook and the statistics' own clock reads), so our work costs about {} ns per run there{}. Between two packets the CPU runs the TCP stack and the applications, which evict our {} bytes of JIT code and the map entries we touch: on the real path each run pays cache misses the test-run loop does not, which is what the throughput and request-rate ratios see.",
+        "on the pods' veths our programs took {} ns per run under TCP_RR and {} ns under iperf3, the empty program on the same hooks {} and {} ns (its figure is the hook and the statistics' own clock reads), so our work costs about {} ns per run there{}. Between two packets the CPU runs the TCP stack and the applications, which evict our {} bytes of JIT code and the map entries we touch: on the real path each run pays cache misses the test-run loop does not, and that cost, not the test-run figure, is what the throughput and request-rate ratios carry.",
         f(c.ours_rr_ns, 0),
         f(c.ours_iperf_ns, 0),
         f(c.empty_rr_ns, 0),
