@@ -366,6 +366,21 @@ impl Bed {
         self.expect_no_programs()
     }
 
+    /// Attaches our programs again to `veths`, on the agent's pinned maps (the agent gone).
+    fn reattach(&self, veths: &[u32]) -> Result<()> {
+        let (pin, veths) = (self.pins.pin(), veths.to_vec());
+        in_netns(&self.tb.node, move || -> Result<()> {
+            let mut dp = enforcer::datapath::Datapath::open(enforcer::datapath::DatapathOptions {
+                pin_path: pin,
+                ..Default::default()
+            })?;
+            for v in veths {
+                dp.attach(v)?;
+            }
+            Ok(())
+        })?
+    }
+
     /// Checks that no program is left on the path (the denied port is reachable).
     fn expect_no_programs(&self) -> Result<()> {
         for _ in 0..40 {
@@ -815,19 +830,7 @@ fn pair(bed: &Bed, s: &Settings, programs_first: bool) -> Result<Pair> {
     }
     let dur = Duration::from_secs_f64(s.pair_rate_secs);
     let warm = Duration::from_secs_f64(s.warmup_secs);
-    let attach = || -> Result<()> {
-        let (pin, veths) = (pin.clone(), veths.clone());
-        in_netns(&bed.tb.node, move || -> Result<()> {
-            let mut dp = enforcer::datapath::Datapath::open(enforcer::datapath::DatapathOptions {
-                pin_path: pin,
-                ..Default::default()
-            })?;
-            for v in veths {
-                dp.attach(v)?;
-            }
-            Ok(())
-        })?
-    };
+    let attach = || bed.reattach(&veths);
     let measure = |hooks: Hooks| -> Result<Sample> {
         let mut _empty = None;
         if hooks == Hooks::Programs {
@@ -949,16 +952,7 @@ fn real_cost(bed: &Bed, s: &Settings) -> Result<RealCost> {
         out.empty_rr_ns = per_run(&[&empty.prog], &rr)?;
         out.empty_iperf_ns = per_run(&[&empty.prog], &tcp)?;
     }
-    in_netns(&bed.tb.node, move || -> Result<()> {
-        let mut dp = enforcer::datapath::Datapath::open(enforcer::datapath::DatapathOptions {
-            pin_path: pin,
-            ..Default::default()
-        })?;
-        for v in veths {
-            dp.attach(v)?;
-        }
-        Ok(())
-    })??;
+    bed.reattach(&veths)?;
     if bed.reach(PORT_DENIED)? || !bed.reach(PORT_CRR)? {
         bail!("re-attached programs do not enforce");
     }
