@@ -25,6 +25,11 @@ pub enum Mode {
     Inline,
     /// A thread per connection (long request/response connections).
     Threaded,
+    /// Accepted and closed at once (probes that only need the handshake). Never waits on a
+    /// peer: a probe whose RST the policy drops (its flow revoked mid-close) would otherwise
+    /// hold an echo loop until its read timeout while the accept queue fills, and every probe
+    /// after it would look dropped.
+    Handshake,
 }
 
 /// Echo servers (each read is echoed back) on ports of one pod. Stopped on drop.
@@ -88,6 +93,7 @@ impl Servers {
                     if let Ok((s, _)) = l.accept() {
                         match mode {
                             Mode::Inline => echo(s),
+                            Mode::Handshake => drop(s),
                             Mode::Threaded => {
                                 std::thread::spawn(move || echo(s));
                             }
