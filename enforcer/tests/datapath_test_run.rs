@@ -17,10 +17,11 @@ use enforcer::{
     state::Prefix,
 };
 use enforcer_common::{
-    CONFIG_LOG_ALLOWED, CT_REVOKED, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED,
-    EP_HAS_V4, EP_HAS_V6, EP_INGRESS_ISOLATED, EndpointInfo, FAMILY_V4, FAMILY_V6, IDENTITY_ANY,
-    IDENTITY_HOST, MAP_CONNTRACK_V6, PORT_MASK_ANY_PROTO, PROTO_ANY, PROTO_SCTP, PROTO_TCP,
-    PROTO_UDP, PeerInfo, PolicyKey, PolicyValue, REASON_NAMES, SCHEMA_VERSION, reason::*,
+    CONFIG_LOG_ALLOWED, CT_REVOKED, CtKey, CtKeyV4, CtValue, DIR_EGRESS, DIR_INGRESS,
+    EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6, EP_INGRESS_ISOLATED, EndpointInfo, FAMILY_V4,
+    FAMILY_V6, IDENTITY_ANY, IDENTITY_HOST, MAP_CONNTRACK_V4, MAP_CONNTRACK_V6,
+    PORT_MASK_ANY_PROTO, PROTO_ANY, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerInfo, PolicyKey,
+    PolicyValue, REASON_NAMES, SCHEMA_VERSION, reason::*,
 };
 
 const OK: i32 = 0; // TC_ACT_OK
@@ -1657,6 +1658,100 @@ fn restart_cases(h: &mut Harness, pin: &Path) {
     h.cases += 1;
 }
 
+/// The agent counts conntrack in batches (on a thread of its own): the batched count must equal
+/// a walk of the keys, across several batches of both maps.
+fn conntrack_count_cases(h: &mut Harness, pin: &Path) {
+    let open = |name: &str| {
+        let path = pin.join(format!("v{SCHEMA_VERSION}/maps/{name}"));
+        aya::maps::MapData::from_pin(&path).unwrap_or_else(|e| panic!("pinned {name}: {e}"))
+    };
+    let mut v4 = aya::maps::HashMap::<_, CtKeyV4, CtValue>::try_from(aya::maps::Map::LruHashMap(
+        open(MAP_CONNTRACK_V4),
+    ))
+    .expect("CONNTRACK_V4 is an LRU hash");
+    let mut v6 = aya::maps::HashMap::<_, CtKey, CtValue>::try_from(aya::maps::Map::LruHashMap(
+        open(MAP_CONNTRACK_V6),
+    ))
+    .expect("CONNTRACK_V6 is an LRU hash");
+    let counter =
+        h.dp.conntrack
+            .counter()
+            .expect("second descriptors of conntrack");
+    let walked = |h: &Harness| {
+        let all = h.dp.conntrack.entries().unwrap();
+        let n4 = all.iter().filter(|(k, _)| k.family == FAMILY_V4).count();
+        (n4, all.len() - n4)
+    };
+    let before = walked(h);
+    // More than two batches (4096 entries each) of IPv4 flows, one and a bit of IPv6 flows.
+    let (add4, add6) = (9_000usize, 4_500usize);
+    let value = CtValue::default();
+    for i in 0..add4 {
+        let k = CtKeyV4 {
+            endpoint: 900,
+            protocol: PROTO_UDP,
+            _pad: [0; 3],
+            addr_a: [10, 99, (i >> 8) as u8, i as u8],
+            addr_b: [10, 98, 0, 1],
+            port_a: 1000 + i as u16,
+            port_b: 53,
+        };
+        v4.insert(k, value, 0).unwrap();
+    }
+    for i in 0..add6 {
+        let mut a = [0u8; 16];
+        a[0] = 0xfd;
+        a[14] = (i >> 8) as u8;
+        a[15] = i as u8;
+        let k = CtKey {
+            endpoint: 900,
+            family: FAMILY_V6,
+            protocol: PROTO_UDP,
+            _pad: 0,
+            addr_a: a,
+            addr_b: [0xfd; 16],
+            port_a: 1000 + i as u16,
+            port_b: 53,
+        };
+        v6.insert(k, value, 0).unwrap();
+    }
+    let want = (before.0 + add4, before.1 + add6);
+    let batched = counter.count().expect("BPF_MAP_LOOKUP_BATCH on conntrack");
+    let by_family = h.dp.conntrack.count_by_family().unwrap();
+    let walk = walked(h);
+    h.cases += 1;
+    if batched != want || by_family != want || walk != want {
+        h.failures.push(format!(
+            "conntrack count: batched {batched:?}, count_by_family {by_family:?}, walk {walk:?}, want {want:?}"
+        ));
+    }
+    // A counter works from another thread (the agent's counting thread).
+    let from_thread = std::thread::spawn(move || counter.count().unwrap())
+        .join()
+        .unwrap();
+    if from_thread != want {
+        h.failures.push(format!(
+            "conntrack count from another thread: {from_thread:?}, want {want:?}"
+        ));
+    }
+    v4.keys()
+        .filter_map(Result::ok)
+        .filter(|k| k.endpoint == 900)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .for_each(|k| v4.remove(&k).unwrap());
+    v6.keys()
+        .filter_map(Result::ok)
+        .filter(|k| k.endpoint == 900)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .for_each(|k| v6.remove(&k).unwrap());
+    if h.dp.conntrack.count_by_family().unwrap() != before {
+        h.failures
+            .push("conntrack: the added flows were not removed".into());
+    }
+}
+
 #[test]
 fn datapath_verdicts_by_test_run() {
     let handle = std::thread::spawn(|| {
@@ -1675,6 +1770,7 @@ fn datapath_verdicts_by_test_run() {
         epoch_cases(&mut h);
         event_cases(&mut h);
         restart_cases(&mut h, &pin);
+        conntrack_count_cases(&mut h, &pin);
         // The agent reads the counters in batches; they must equal a slot-by-slot read.
         let batched =
             h.dp.counters

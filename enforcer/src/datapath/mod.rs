@@ -35,7 +35,8 @@ use enforcer_common::{
     PROG_FROM_POD, PROG_TO_POD, PeerInfo, PolicyKey, PolicyValue, SCHEMA_VERSION, counter_slots,
 };
 pub use tables::{
-    AsyncEvents, Conntrack, CounterKey, Counters, EventReader, HashTable, LpmAddr, LpmTable,
+    AsyncEvents, Conntrack, ConntrackCounter, CounterKey, Counters, EventReader, HashTable,
+    LpmAddr, LpmTable,
 };
 
 pub use self::bpffs::{ensure_bpffs, is_bpffs, mount_bpffs};
@@ -181,6 +182,17 @@ pub struct Datapath {
     config: Array<MapData, Config>,
 }
 
+/// A second descriptor of `map`, for the raw batch calls aya does not offer.
+fn second_fd(map: &Map) -> Option<std::os::fd::OwnedFd> {
+    let data = match map {
+        Map::PerCpuArray(d) | Map::HashMap(d) | Map::LruHashMap(d) => d,
+        _ => return None,
+    };
+    std::os::fd::AsFd::as_fd(data.fd())
+        .try_clone_to_owned()
+        .ok()
+}
+
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
     ebpf.take_map(name)
         .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
@@ -249,23 +261,21 @@ impl Datapath {
             LpmTrie::try_from(take(&mut ebpf, MAP_CIDRS_V6)?)?,
         )?;
         let policy = HashTable::new(MAP_POLICY, HashMap::try_from(take(&mut ebpf, MAP_POLICY)?)?);
-        let conntrack = Conntrack {
-            v4: HashTable::new(
-                MAP_CONNTRACK_V4,
-                HashMap::try_from(take(&mut ebpf, MAP_CONNTRACK_V4)?)?,
-            ),
-            v6: HashTable::new(
-                MAP_CONNTRACK_V6,
-                HashMap::try_from(take(&mut ebpf, MAP_CONNTRACK_V6)?)?,
-            ),
-        };
-        let counters_map = take(&mut ebpf, MAP_COUNTERS)?;
-        let counters_fd = match &counters_map {
-            Map::PerCpuArray(data) => std::os::fd::AsFd::as_fd(data.fd())
-                .try_clone_to_owned()
-                .ok(),
+        let (ct_v4, ct_v6) = (
+            take(&mut ebpf, MAP_CONNTRACK_V4)?,
+            take(&mut ebpf, MAP_CONNTRACK_V6)?,
+        );
+        let counter = match (second_fd(&ct_v4), second_fd(&ct_v6)) {
+            (Some(v4), Some(v6)) => Some(ConntrackCounter { v4, v6 }),
             _ => None,
         };
+        let conntrack = Conntrack {
+            v4: HashTable::new(MAP_CONNTRACK_V4, HashMap::try_from(ct_v4)?),
+            v6: HashTable::new(MAP_CONNTRACK_V6, HashMap::try_from(ct_v6)?),
+            counter,
+        };
+        let counters_map = take(&mut ebpf, MAP_COUNTERS)?;
+        let counters_fd = second_fd(&counters_map);
         let counters = Counters {
             map: PerCpuArray::try_from(counters_map).context("map COUNTERS")?,
             fd: counters_fd,

@@ -222,18 +222,37 @@ impl<A: LpmAddr> MapTable<Prefix<A>, PeerInfo> for LpmTable<A> {
 pub struct Conntrack {
     pub(crate) v4: HashTable<CtKeyV4, CtValue>,
     pub(crate) v6: HashTable<CtKey, CtValue>,
+    /// Second descriptors of the two maps, for batched counts (none if cloning failed).
+    pub(crate) counter: Option<ConntrackCounter>,
 }
 
 impl Conntrack {
-    /// Number of entries (a walk over both maps).
+    /// Number of entries in both maps.
     pub fn count(&self) -> Result<usize> {
         let (v4, v6) = self.count_by_family()?;
         Ok(v4 + v6)
     }
 
-    /// Entries of the IPv4 map and of the IPv6 map (each a walk).
+    /// Entries of the IPv4 map and of the IPv6 map: batched, or a key walk on kernels without
+    /// batch lookups.
     pub fn count_by_family(&self) -> Result<(usize, usize)> {
+        if let Some(c) = &self.counter {
+            match c.count() {
+                Ok(n) => return Ok(n),
+                Err(e) => log::debug!("batched conntrack count failed ({e}); walking the keys"),
+            }
+        }
         Ok((self.v4.keys()?.len(), self.v6.keys()?.len()))
+    }
+
+    /// A counter of its own (new descriptors of the same maps), for a thread other than the
+    /// one that owns the datapath: a count never holds up policy programming.
+    pub fn counter(&self) -> Option<ConntrackCounter> {
+        let c = self.counter.as_ref()?;
+        Some(ConntrackCounter {
+            v4: c.v4.try_clone().ok()?,
+            v6: c.v6.try_clone().ok()?,
+        })
     }
 
     pub fn entries(&self) -> Result<Vec<(CtKey, CtValue)>> {
@@ -520,6 +539,96 @@ impl AsyncEvents {
 }
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// Counts the IPv4 and IPv6 conntrack maps through `BPF_MAP_LOOKUP_BATCH`: a few calls of
+/// thousands of entries each, about half the time of the key walk (a `get_next_key` call per
+/// entry; ~0.27 s at a full 262k-flow map here), and usable from a thread of its own.
+pub struct ConntrackCounter {
+    pub(crate) v4: std::os::fd::OwnedFd,
+    pub(crate) v6: std::os::fd::OwnedFd,
+}
+
+impl ConntrackCounter {
+    pub fn count(&self) -> std::io::Result<(usize, usize)> {
+        use std::os::fd::AsFd as _;
+        Ok((
+            count_batched(
+                self.v4.as_fd(),
+                std::mem::size_of::<CtKeyV4>(),
+                std::mem::size_of::<CtValue>(),
+            )?,
+            count_batched(
+                self.v6.as_fd(),
+                std::mem::size_of::<CtKey>(),
+                std::mem::size_of::<CtValue>(),
+            )?,
+        ))
+    }
+}
+
+/// Entries of the hash map `fd` (keys of `key_size`, values of `value_size` bytes), read in
+/// batches. A snapshot only in the loose sense of any walk: entries may come and go meanwhile.
+fn count_batched(
+    fd: std::os::fd::BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd as _;
+    let map_fd = u32::try_from(fd.as_raw_fd()).map_err(std::io::Error::other)?;
+    let mut batch = BATCH as usize;
+    let mut keys = vec![0u8; batch * key_size];
+    let mut values = vec![0u8; batch * value_size];
+    // Hash maps page with a bucket index (a u32).
+    let mut in_batch = 0u32;
+    let mut out_batch = 0u32;
+    let mut first = true;
+    let mut total = 0usize;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                std::ptr::from_ref(&in_batch) as u64
+            },
+            out_batch: std::ptr::from_mut(&mut out_batch) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: u32::try_from(batch).map_err(std::io::Error::other)?,
+            map_fd,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: the attr points at buffers sized for `count` keys and values, which outlive
+        // the call; the kernel writes at most `count` of each and a u32 to `out_batch`.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                std::ptr::from_mut(&mut attr),
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        if ret < 0 {
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                // The last chunk: its `count` entries are valid.
+                Some(libc::ENOENT) => return Ok(total + attr.count as usize),
+                // One bucket holds more entries than a batch: retry the same bucket with room
+                // for it.
+                Some(libc::ENOSPC) if batch < 1 << 20 => {
+                    batch *= 2;
+                    keys.resize(batch * key_size, 0);
+                    values.resize(batch * value_size, 0);
+                    continue;
+                }
+                _ => return Err(e),
+            }
+        }
+        total += attr.count as usize;
+        in_batch = out_batch;
+        first = false;
+    }
+}
 
 /// The `batch` member of `union bpf_attr`.
 #[repr(C)]
