@@ -70,6 +70,12 @@ pub struct Row {
     pub new_flow_cidr_ns: f64,
     pub new_flow_runs: Vec<u32>,
     pub harness_floor_runs: Vec<u32>,
+    /// The kernel's share of a new flow, through the same harness: a hand-assembled program
+    /// that only builds the flow's 20-byte key from the frame, misses it in an LRU hash of the
+    /// conntrack's shape (20-byte key, 24-byte value, 262,144 entries) and inserts it. No
+    /// program that tracks flows in the kernel's LRU hash goes below it.
+    pub ct_floor_ns: f64,
+    pub ct_floor_runs: Vec<u32>,
     /// Median ns of single runs (`repeat = 1`).
     pub floor_single_ns: f64,
     pub established_single_ns: f64,
@@ -323,6 +329,62 @@ fn load_fresh_port_harness(array: RawFd) -> Result<OwnedFd> {
     load_sched_cls(&insns, "the new-flow harness")
 }
 
+const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+
+/// An LRU hash of the IPv4 conntrack map's shape, for [`load_ct_floor`].
+fn ct_shaped_lru() -> Result<OwnedFd> {
+    let mut a = Attr::new();
+    a.u32(0, BPF_MAP_TYPE_LRU_HASH);
+    a.u32(4, std::mem::size_of::<enforcer_common::CtKeyV4>() as u32);
+    a.u32(8, std::mem::size_of::<enforcer_common::CtValue>() as u32);
+    a.u32(12, enforcer_common::DEFAULT_CONNTRACK_SIZE);
+    let fd = sys_bpf(BPF_MAP_CREATE, &mut a).context("BPF_MAP_CREATE of an LRU hash")?;
+    // SAFETY: the kernel returned a new fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// The kernel's floor of a new flow: a hand-assembled SCHED_CLS program that builds a 20-byte
+/// flow key from the frame's addresses and ports (direct packet access, five word stores),
+/// looks it up in `map` and, on the miss, inserts a zeroed value: the two map operations our
+/// programs do for every new flow, with nothing of ours around them.
+fn load_ct_floor(map: RawFd) -> Result<OwnedFd> {
+    let insns = [
+        insn(0x61, 2, 1, 76, 0),   // 0: r2 = skb->data
+        insn(0x61, 3, 1, 80, 0),   // 1: r3 = skb->data_end
+        insn(0xbf, 4, 2, 0, 0),    // 2: r4 = r2
+        insn(0x07, 4, 0, 0, 38),   // 3: r4 += 38 (Ethernet + IPv4 + ports)
+        insn(0x2d, 4, 3, 25, 0),   // 4: if r4 > r3 goto out
+        insn(0x62, 10, 0, -24, 1), // 5: key.endpoint = 1
+        insn(0x62, 10, 0, -20, 6), // 6: key.protocol = TCP
+        insn(0x61, 5, 2, 26, 0),   // 7: r5 = source address
+        insn(0x63, 10, 5, -16, 0), // 8: key.addr_a = r5
+        insn(0x61, 5, 2, 30, 0),   // 9: r5 = destination address
+        insn(0x63, 10, 5, -12, 0), // 10: key.addr_b = r5
+        insn(0x61, 5, 2, 34, 0),   // 11: r5 = both ports
+        insn(0x63, 10, 5, -8, 0),  // 12: key ports = r5
+        insn(0x18, 1, 1, 0, map),  // 13: r1 = map (BPF_PSEUDO_MAP_FD)
+        insn(0, 0, 0, 0, 0),       // 14
+        insn(0xbf, 2, 10, 0, 0),   // 15: r2 = r10
+        insn(0x07, 2, 0, 0, -24),  // 16: r2 += -24 (&key)
+        insn(0x85, 0, 0, 0, 1),    // 17: r0 = bpf_map_lookup_elem(r1, r2)
+        insn(0x55, 0, 0, 11, 0),   // 18: if r0 != 0 goto out
+        insn(0x7a, 10, 0, -48, 0), // 19: value = 0 (24 bytes)
+        insn(0x7a, 10, 0, -40, 0), // 20
+        insn(0x7a, 10, 0, -32, 0), // 21
+        insn(0x18, 1, 1, 0, map),  // 22: r1 = map
+        insn(0, 0, 0, 0, 0),       // 23
+        insn(0xbf, 2, 10, 0, 0),   // 24: r2 = r10
+        insn(0x07, 2, 0, 0, -24),  // 25: r2 += -24 (&key)
+        insn(0xbf, 3, 10, 0, 0),   // 26: r3 = r10
+        insn(0x07, 3, 0, 0, -48),  // 27: r3 += -48 (&value)
+        insn(0xb7, 4, 0, 0, 0),    // 28: r4 = BPF_ANY
+        insn(0x85, 0, 0, 0, 2),    // 29: bpf_map_update_elem(r1, r2, r3, r4)
+        insn(0xb7, 0, 0, 0, 0),    // 30: out: r0 = 0
+        insn(0x95, 0, 0, 0, 0),    // 31: exit
+    ];
+    load_sched_cls(&insns, "the conntrack floor program")
+}
+
 /// One `BPF_PROG_TEST_RUN`: (return value, mean ns per run).
 fn test_run(fd: RawFd, data: &[u8], ctx: &[u8], repeat: u32) -> Result<(u32, u32)> {
     let mut out = vec![0u8; data.len() + 256];
@@ -525,8 +587,8 @@ pub fn run(settings: Settings) -> Result<Results> {
                     let row = got.row();
                     drop(got);
                     eprintln!(
-                        "    floor {:.0} ns, established {:.0} ns, denied {:.0} ns, harness {:.0} ns, new {:.0} ns, new ipBlock {:.0} ns | single: floor {:.0}, established {:.0}, new {:.0}, denied {:.0}",
-                        row.floor_ns, row.established_ns, row.denied_ns, row.harness_floor_ns, row.new_flow_ns,
+                        "    floor {:.0} ns, established {:.0} ns, denied {:.0} ns, harness {:.0} ns, kernel ct {:.0} ns, new {:.0} ns, new ipBlock {:.0} ns | single: floor {:.0}, established {:.0}, new {:.0}, denied {:.0}",
+                        row.floor_ns, row.established_ns, row.denied_ns, row.harness_floor_ns, row.ct_floor_ns, row.new_flow_ns,
                         row.new_flow_cidr_ns, row.floor_single_ns, row.established_single_ns,
                         row.new_flow_single_ns, row.denied_single_ns
                     );
@@ -575,6 +637,7 @@ struct Samples {
     denied: Vec<u32>,
     unmanaged: Vec<u32>,
     harness: Vec<u32>,
+    ct_floor: Vec<u32>,
     new: Vec<u32>,
     new_cidr: Vec<u32>,
     f1: Vec<f64>,
@@ -609,6 +672,8 @@ impl Samples {
             new_flow_cidr_ns: median_u32(&self.new_cidr),
             new_flow_runs: self.new.clone(),
             harness_floor_runs: self.harness.clone(),
+            ct_floor_ns: median_u32(&self.ct_floor),
+            ct_floor_runs: self.ct_floor.clone(),
             floor_single_ns: m(&self.f1),
             established_single_ns: m(&self.e1),
             new_flow_single_ns: m(&self.n1),
@@ -634,6 +699,7 @@ fn best_of(passes: &[Row]) -> Row {
             (&mut out.denied_ns, r.denied_ns),
             (&mut out.unmanaged_ns, r.unmanaged_ns),
             (&mut out.harness_floor_ns, r.harness_floor_ns),
+            (&mut out.ct_floor_ns, r.ct_floor_ns),
             (&mut out.new_flow_ns, r.new_flow_ns),
             (&mut out.new_flow_cidr_ns, r.new_flow_cidr_ns),
             (&mut out.floor_single_ns, r.floor_single_ns),
@@ -647,6 +713,7 @@ fn best_of(passes: &[Row]) -> Row {
         for (a, b) in [
             (&mut out.new_flow_runs, &r.new_flow_runs),
             (&mut out.harness_floor_runs, &r.harness_floor_runs),
+            (&mut out.ct_floor_runs, &r.ct_floor_runs),
             (&mut out.established_runs, &r.established_runs),
             (&mut out.floor_runs, &r.floor_runs),
         ] {
@@ -908,7 +975,10 @@ fn scenario(
     // ours must move the new-flow counter by exactly `new_repeat`: every run was a new flow.
     let array = prog_array()?;
     let harness = load_fresh_port_harness(array.as_raw_fd())?;
-    let (mut harness_runs, mut new_runs, mut cidr_runs) = (vec![], vec![], vec![]);
+    let ct_map = ct_shaped_lru()?;
+    let ct_floor = load_ct_floor(ct_map.as_raw_fd())?;
+    let (mut harness_runs, mut new_runs, mut cidr_runs, mut ct_runs) =
+        (vec![], vec![], vec![], vec![]);
     let policy_allowed = |dp: &Datapath| -> Result<u64> {
         Ok(dp
             .counters
@@ -920,6 +990,9 @@ fn scenario(
         let frame = tcp_frame(harness_client(j), POD, 1, PORT, SYN);
         set_tail(array.as_raw_fd(), empty)?;
         harness_runs.push(test_run(harness.as_raw_fd(), &frame, &ctx, s.new_repeat)?.1);
+        // Its own map: every run a miss and an insert, as for ours.
+        set_tail(array.as_raw_fd(), ct_floor.as_raw_fd())?;
+        ct_runs.push(test_run(harness.as_raw_fd(), &frame, &ctx, s.new_repeat)?.1);
         set_tail(array.as_raw_fd(), fd)?;
         for (src, runs) in [
             (harness_client(j), &mut new_runs),
@@ -975,6 +1048,7 @@ fn scenario(
         denied: denied_runs,
         unmanaged: unmanaged_runs,
         harness: harness_runs,
+        ct_floor: ct_runs,
         new: new_runs,
         new_cidr: cidr_runs,
         f1,
