@@ -571,13 +571,35 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
         .iter()
         .filter_map(|(id, k)| k.pod.as_ref().map(|f| (*id, f)))
         .collect();
-    let resolve = |rule: &Rule, require_identity: bool| -> PeerIds {
+    // Selector cache: each distinct peer is matched against the identities once and shared by
+    // every rule that names it (Cilium's SelectorCache does the same); policies repeat peers,
+    // and matching is the compile's inner loop (rules x identities).
+    // Indexed by `require_identity`.
+    let mut peer_hits: [HashMap<Peer, Vec<usize>>; 2] = Default::default();
+    let mut resolve = |rule: &Rule, require_identity: bool| -> PeerIds {
         rule.peers.as_ref().map(|peers| {
-            known
-                .iter()
-                .filter(|(_, k)| peers.iter().any(|p| peer_matches(p, k, require_identity)))
-                .map(|(id, _)| *id)
-                .collect()
+            // Indexes into `known`, ascending: the ids come out in `known`'s order.
+            let mut hits: Vec<usize> = Vec::new();
+            let cache = &mut peer_hits[usize::from(require_identity)];
+            for p in peers {
+                if let Some(of_peer) = cache.get(p) {
+                    hits.extend_from_slice(of_peer);
+                    continue;
+                }
+                let of_peer: Vec<usize> = known
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (_, k))| peer_matches(p, k, require_identity))
+                    .map(|(i, _)| i)
+                    .collect();
+                hits.extend_from_slice(&of_peer);
+                cache.insert(p.clone(), of_peer);
+            }
+            if peers.len() > 1 {
+                hits.sort_unstable();
+                hits.dedup();
+            }
+            hits.into_iter().map(|i| known[i].0).collect()
         })
     };
     // (policy index, direction, rule index) -> resolved peers.
