@@ -1,6 +1,6 @@
 //! Conntrack and fragment keys, address helpers.
 
-use core::ptr::write_volatile;
+use core::{mem::MaybeUninit, ptr::write_volatile};
 
 use enforcer_common::{
     Config, CtKey, CtKeyV4, CtValue, DEFAULT_CT_TIMEOUT_OTHER_NS, DEFAULT_CT_TIMEOUT_TCP_NS,
@@ -64,16 +64,15 @@ pub fn ct_key(
 ) -> bool {
     keys.family = family;
     if family == FAMILY_V4 {
-        let (s, d) = (word(src, 0), word(dst, 0));
-        let (hs, hd) = (u32::from_be(s), u32::from_be(d));
-        let src_is_a = hs < hd || (hs == hd && sport <= dport);
-        let (a, b, pa, pb) = if src_is_a {
-            (s, d, sport, dport)
-        } else {
-            (d, s, dport, sport)
-        };
-        v4_key(&mut keys.v4, endpoint, proto, a, b, pa, pb);
-        return src_is_a;
+        return v4_flow(
+            &mut keys.v4,
+            endpoint,
+            proto,
+            word(src, 0),
+            sport,
+            word(dst, 0),
+            dport,
+        );
     }
     let key = &mut keys.v6;
     let src_is_a = end_le(src, sport, dst, dport);
@@ -93,6 +92,46 @@ pub fn ct_key(
         key.port_b = sport;
     }
     src_is_a
+}
+
+/// The normalized IPv4 key of `src:sport -> dst:dport` (addresses in network order, as in the
+/// packet) into `key`; returns whether `src` is end `a`.
+#[inline(always)]
+fn v4_flow(
+    key: &mut CtKeyV4,
+    endpoint: u32,
+    proto: u8,
+    s: u32,
+    sport: u16,
+    d: u32,
+    dport: u16,
+) -> bool {
+    let (hs, hd) = (u32::from_be(s), u32::from_be(d));
+    let src_is_a = hs < hd || (hs == hd && sport <= dport);
+    let (a, b, pa, pb) = if src_is_a {
+        (s, d, sport, dport)
+    } else {
+        (d, s, dport, sport)
+    };
+    v4_key(key, endpoint, proto, a, b, pa, pb);
+    src_is_a
+}
+
+/// [`ct_key`] for the fast path: the IPv4 key alone, in a caller's (stack) slot.
+#[inline(always)]
+pub fn ct_key_v4(
+    key: &mut MaybeUninit<CtKeyV4>,
+    endpoint: u32,
+    proto: u8,
+    src: u32,
+    sport: u16,
+    dst: u32,
+    dport: u16,
+) -> (&CtKeyV4, bool) {
+    // SAFETY: `v4_flow` writes all 20 bytes (five words) before the reference is used.
+    let k = unsafe { &mut *key.as_mut_ptr() };
+    let src_is_a = v4_flow(k, endpoint, proto, src, sport, dst, dport);
+    (k, src_is_a)
 }
 
 /// `CtKeyV4` as five word stores (a struct literal's zero padding would become a `memset`).

@@ -2,7 +2,9 @@
 //! - `from_pod` at the TC ingress hook: what the pod sends (pod egress, `DIR_EGRESS`);
 //! - `to_pod` at the TC egress hook: what the pod receives (pod ingress, `DIR_INGRESS`).
 //!
-//! Per packet: endpoint, parse, anti-spoofing, then conntrack (established flows stop there)
+//! Per packet: endpoint, then the established-flow fast path ([`fastpath`]: a plain IPv4
+//! TCP/UDP packet of an allowed flow stops there); otherwise parse, anti-spoofing, then conntrack
+//! (established flows stop there)
 //! and, for new flows, peer identity and policy; see [`decide`] for the exact order.
 //! Every packet bumps one counter; every drop (and, when asked, every new allowed flow) sends a
 //! `VerdictEvent`. Every error path maps to a deliberate verdict with its own reason: nothing
@@ -11,6 +13,7 @@
 #![no_main]
 
 mod conntrack;
+mod fastpath;
 mod lookup;
 mod maps;
 mod mem;
@@ -33,6 +36,7 @@ use crate::{
     conntrack::{
         addr_eq, config_flags, ct_insert, ct_key, ct_lookup, ct_remove, frag_key, fresh, timeout,
     },
+    fastpath::{Fast, established_v4},
     lookup::{peer_identity, policy_lookup},
     maps::{CONFIG, ENDPOINTS, FRAGMENTS, SCRATCH, Scratch},
     parse::{FRAG_FIRST, FRAG_LATER, L4_ICMP_ERROR, PARSED_IP, Packet, parse, parse_inner},
@@ -82,6 +86,16 @@ fn process(ctx: &TcContext, direction: u8) -> i32 {
     };
     // Read in place: no per-packet copy of the entry.
     let ep = unsafe { &*ep };
+    let cfg = CONFIG.get(0);
+    let now = clock();
+    let known_miss = match established_v4(ctx, ep, direction, now, cfg) {
+        Fast::Allowed(reason) => {
+            count(ep.id, direction, reason, bytes);
+            return TC_ACT_OK;
+        }
+        Fast::Missed => true,
+        Fast::Other => false,
+    };
     let Some(s) = SCRATCH.get_ptr_mut(0) else {
         // Cannot happen (a one-slot per-CPU array); fail closed, counted as malformed.
         count(ep.id, direction, reason::DROP_MALFORMED, bytes);
@@ -89,8 +103,7 @@ fn process(ctx: &TcContext, direction: u8) -> i32 {
     };
     let s = unsafe { &mut *s };
     s.pkt.clear();
-    let cfg = CONFIG.get(0);
-    let v = match decide(ctx, ep, s, direction, cfg) {
+    let v = match decide(ctx, ep, s, direction, cfg, now, known_miss) {
         Ok(v) => v,
         Err(e) => Verdict::new(e.reason()),
     };
@@ -146,6 +159,8 @@ fn decide(
     s: &mut Scratch,
     dir: u8,
     cfg: Option<&Config>,
+    now: u64,
+    known_miss: bool,
 ) -> Result<Verdict, Error> {
     if parse(ctx, &mut s.pkt)? != PARSED_IP {
         return Ok(Verdict::new(reason::ALLOW_NON_IP));
@@ -167,8 +182,6 @@ fn decide(
             return Ok(v);
         }
     }
-    let now = clock();
-
     if pkt.frag == FRAG_LATER {
         frag_key(&mut s.frag, ep.id, dir, &s.pkt);
         v.reason = reason::DROP_FRAGMENT;
@@ -190,7 +203,7 @@ fn decide(
         return Ok(v);
     }
 
-    track(ctx, ep, s, dir, &mut v, now, fast, cfg)?;
+    track(ctx, ep, s, dir, &mut v, now, fast, cfg, known_miss)?;
     if s.pkt.frag == FRAG_FIRST && !v.is_drop() && v.reason != reason::ALLOW_HOST {
         frag_key(&mut s.frag, ep.id, dir, &s.pkt);
         let value = FragValue {
@@ -218,6 +231,7 @@ fn track(
     now: u64,
     fast: bool,
     cfg: Option<&Config>,
+    known_miss: bool,
 ) -> Result<(), Error> {
     if s.pkt.l4 == L4_ICMP_ERROR && parse_inner(ctx, &s.pkt, &mut s.inner) {
         let i = &s.inner;
@@ -245,7 +259,9 @@ fn track(
     let src_is_a = ct_key(
         &mut s.ct, ep.id, pkt.family, pkt.proto, &pkt.src, pkt.sport, &pkt.dst, pkt.dport,
     );
-    if let Some(e) = ct_lookup(&s.ct) {
+    // The fast path has just missed this very key: no second lookup.
+    let found = if known_miss { None } else { ct_lookup(&s.ct) };
+    if let Some(e) = found {
         let e = unsafe { &mut *e };
         // A tombstone lives for the non-TCP timeout of silence, whatever the protocol.
         let revoked = e.flags & CT_REVOKED != 0;

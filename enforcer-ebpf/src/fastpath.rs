@@ -1,0 +1,114 @@
+//! The established-flow fast path: a plain IPv4 TCP or UDP packet of a flow conntrack already
+//! allows, judged from a few header words read in place and one conntrack lookup. It touches no
+//! scratch space and none of the general parser's code, so on the real path (where the stack
+//! and the applications evict our code and data between two packets) the common packet pays for
+//! a small, contiguous piece of the program.
+//!
+//! It only ever answers "established" or "reply", and only when the full path would give the
+//! same answer for the same packet: anything else (IPv6, IP options, fragments, other protocols,
+//! a header the full parser would call malformed, a spoofed or self-addressed packet, a flow
+//! conntrack does not hold, a stale, revoked or re-check-due entry) goes to the full path
+//! unchanged. [`Fast::Missed`] tells the full path that the lookup it would make has just missed.
+
+use aya_ebpf::programs::TcContext;
+use enforcer_common::{
+    CT_ORIGIN_A, CT_REVOKED, Config, CtKeyV4, DIR_EGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4,
+    EP_INGRESS_ISOLATED, EndpointInfo, PROTO_TCP, PROTO_UDP, reason,
+};
+
+use crate::{
+    conntrack::{ct_key_v4, fresh, timeout},
+    maps::CONNTRACK_V4,
+};
+
+/// What the fast path found.
+pub enum Fast {
+    /// Allowed as an established flow (`reason` is `ALLOW_ESTABLISHED` or `ALLOW_REPLY`).
+    Allowed(u8),
+    /// A plain IPv4 TCP/UDP packet whose flow key is not in conntrack.
+    Missed,
+    /// Not for the fast path.
+    Other,
+}
+
+const ETH_HLEN: usize = 14;
+/// Ethernet, a 20-byte IPv4 header and the 4 port bytes.
+const MIN_LINEAR: usize = ETH_HLEN + 20 + 4;
+
+#[inline(always)]
+fn be16(p: *const u8, i: usize) -> u16 {
+    unsafe { u16::from_be_bytes([*p.add(i), *p.add(i + 1)]) }
+}
+
+#[inline(always)]
+pub fn established_v4(
+    ctx: &TcContext,
+    ep: &EndpointInfo,
+    dir: u8,
+    now: u64,
+    cfg: Option<&Config>,
+) -> Fast {
+    if ep.flags & EP_HAS_V4 == 0 || ep.flags & (EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED) == 0 {
+        return Fast::Other;
+    }
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + MIN_LINEAR > end {
+        return Fast::Other;
+    }
+    let p = data as *const u8;
+    let len = ctx.len() as usize;
+    // IPv4 without options, not a fragment (no MF, offset 0).
+    if be16(p, 12) != 0x0800 || unsafe { *p.add(ETH_HLEN) } != 0x45 {
+        return Fast::Other;
+    }
+    let ip = unsafe { p.add(ETH_HLEN) };
+    let total = be16(ip, 2) as usize;
+    if be16(ip, 6) & 0x3fff != 0 || total > len - ETH_HLEN {
+        return Fast::Other;
+    }
+    let proto = unsafe { *ip.add(9) };
+    // The full parser's minimum for each (a shorter datagram is malformed there).
+    let need = match proto {
+        PROTO_TCP => 20 + 20,
+        PROTO_UDP => 20 + 8,
+        _ => return Fast::Other,
+    };
+    if total < need {
+        return Fast::Other;
+    }
+    if proto == PROTO_TCP {
+        // Data offset below 5 words is malformed there; it sits past MIN_LINEAR.
+        if data + ETH_HLEN + 20 + 13 > end || unsafe { *ip.add(20 + 12) } >> 4 < 5 {
+            return Fast::Other;
+        }
+    }
+    let word = |i: usize| unsafe { core::ptr::read_unaligned(ip.add(i) as *const u32) };
+    let (src, dst) = (word(12), word(16));
+    let own = u32::from_ne_bytes(ep.ipv4);
+    // Spoofed (pod egress from another address) or to/from the pod itself: the full path.
+    if (dir == DIR_EGRESS && src != own) || (if dir == DIR_EGRESS { dst } else { src }) == own {
+        return Fast::Other;
+    }
+    let (sport, dport) = (be16(ip, 20), be16(ip, 22));
+    let mut key = core::mem::MaybeUninit::<CtKeyV4>::uninit();
+    let (key, src_is_a) = ct_key_v4(&mut key, ep.id, proto, src, sport, dst, dport);
+    let Some(e) = CONNTRACK_V4.get_ptr_mut(key) else {
+        return Fast::Missed;
+    };
+    let e = unsafe { &mut *e };
+    if e.flags & CT_REVOKED != 0
+        || e.epoch != ep.epoch
+        || !fresh(now, e.last_seen_ns, timeout(cfg, proto))
+    {
+        return Fast::Other;
+    }
+    // The coarse clock moves once a tick: most packets need not dirty the entry.
+    if e.last_seen_ns != now {
+        e.last_seen_ns = now;
+    }
+    Fast::Allowed(if src_is_a == (e.flags & CT_ORIGIN_A != 0) {
+        reason::ALLOW_ESTABLISHED
+    } else {
+        reason::ALLOW_REPLY
+    })
+}
