@@ -907,23 +907,23 @@ fn scenario(
             reason::ALLOW_NOT_ISOLATED,
             "not isolated",
         )?;
-        // The established path, in the programs' order: each frame stops one step later.
-        let cases: [(&str, &[u8], &[u8]); 5] = [
+        // The full path, in the programs' order: each frame stops one step later. (An
+        // established flow leaves earlier, at the fast path: listed with the other paths.)
+        let cases: [(&str, &[u8], &[u8]); 4] = [
             ("empty program (floor)", &est, &ctx),
             (
                 "unmanaged ifindex: ENDPOINTS miss + counter",
                 &est,
                 &ctx_unmanaged,
             ),
-            ("ARP: + ENDPOINTS hit, scratch, Ethernet parse", &arp, &ctx),
             (
-                "pod to itself: + IPv4/TCP parse, address checks",
-                &selfp,
+                "ARP: + ENDPOINTS hit, clock, fast-path ethertype check, scratch, Ethernet parse",
+                &arp,
                 &ctx,
             ),
             (
-                "established: + clock, conntrack (LRU) lookup and update",
-                &est,
+                "pod to itself: + fast-path IPv4 checks, then the full IPv4/TCP parse, address checks",
+                &selfp,
                 &ctx,
             ),
         ];
@@ -935,10 +935,16 @@ fn scenario(
             }
             parts.push((name.to_string(), v));
         }
-        // Paths that leave it after the parse (compared with "pod to itself").
-        let others: [(&str, &[u8], &[u8]); 2] = [
+        // Paths that leave it elsewhere: the fast path before the parse (compared with the
+        // unmanaged path), the others after it (compared with "pod to itself").
+        let others: [(&str, &[u8], &[u8]); 3] = [
             (
-                "from the node: clock, conntrack miss, then peer (ipcache) lookup",
+                "established, fast path: ENDPOINTS hit, clock, IPv4/TCP header words in place, conntrack (LRU) lookup and update",
+                &est,
+                &ctx,
+            ),
+            (
+                "from the node: fast-path conntrack miss, full parse, then peer (ipcache) lookup",
                 &host,
                 &ctx,
             ),
