@@ -380,7 +380,7 @@ impl Counters {
 
     /// Sums per slot through `BPF_MAP_LOOKUP_BATCH` (Linux 5.6+).
     pub fn read_batched(&self) -> std::io::Result<Vec<Counter>> {
-        use std::os::fd::AsRawFd as _;
+        use std::os::fd::AsFd as _;
         let fd = self
             .fd
             .as_ref()
@@ -389,47 +389,19 @@ impl Counters {
         // Per-CPU values come as one 8-byte-aligned value per possible CPU.
         let stride = std::mem::size_of::<Counter>().next_multiple_of(8);
         let mut out = Vec::with_capacity(self.slots as usize);
-        let mut keys = vec![0u32; BATCH as usize];
+        let mut keys = vec![0u8; BATCH as usize * 4];
         let mut values = vec![0u8; BATCH as usize * cpus * stride];
-        let mut in_batch = 0u32;
-        let mut out_batch = 0u32;
-        let mut first = true;
+        let mut resume = None;
         loop {
-            let mut attr = BatchAttr {
-                in_batch: if first {
-                    0
-                } else {
-                    std::ptr::from_ref(&in_batch) as u64
-                },
-                out_batch: std::ptr::from_mut(&mut out_batch) as u64,
-                keys: keys.as_mut_ptr() as u64,
-                values: values.as_mut_ptr() as u64,
-                count: BATCH,
-                map_fd: u32::try_from(fd.as_raw_fd()).map_err(std::io::Error::other)?,
-                elem_flags: 0,
-                flags: 0,
-            };
-            // SAFETY: the attr points at buffers sized for `count` keys and values, which
-            // outlive the call; the kernel writes at most `count` of each.
-            let ret = unsafe {
-                libc::syscall(
-                    libc::SYS_bpf,
-                    BPF_MAP_LOOKUP_BATCH,
-                    std::ptr::from_mut(&mut attr),
-                    std::mem::size_of::<BatchAttr>(),
-                )
-            };
-            let done = if ret < 0 {
-                let e = std::io::Error::last_os_error();
-                // ENOENT: the last chunk (its `count` elements are valid).
-                if e.raw_os_error() != Some(libc::ENOENT) {
-                    return Err(e);
-                }
-                true
-            } else {
-                false
-            };
-            for (i, key) in keys.iter().take(attr.count as usize).enumerate() {
+            let (n, next) =
+                lookup_batch(fd.as_fd(), resume, &mut keys, 4, &mut values, cpus * stride)?;
+            for i in 0..n {
+                let key = u32::from_ne_bytes([
+                    keys[i * 4],
+                    keys[i * 4 + 1],
+                    keys[i * 4 + 2],
+                    keys[i * 4 + 3],
+                ]);
                 let mut sum = Counter::default();
                 for cpu in 0..cpus {
                     let at = (i * cpus + cpu) * stride;
@@ -439,16 +411,15 @@ impl Counters {
                     sum.packets += v.packets;
                     sum.bytes += v.bytes;
                 }
-                if *key as usize != out.len() {
+                if key as usize != out.len() {
                     return Err(std::io::Error::other("batch returned slots out of order"));
                 }
                 out.push(sum);
             }
-            if done || out.len() >= self.slots as usize {
-                return Ok(out);
+            match next {
+                Some(at) if out.len() < self.slots as usize => resume = Some(at),
+                _ => return Ok(out),
             }
-            in_batch = out_batch;
-            first = false;
         }
     }
 
@@ -573,61 +544,81 @@ fn count_batched(
     key_size: usize,
     value_size: usize,
 ) -> std::io::Result<usize> {
-    use std::os::fd::AsRawFd as _;
-    let map_fd = u32::try_from(fd.as_raw_fd()).map_err(std::io::Error::other)?;
     let mut batch = BATCH as usize;
     let mut keys = vec![0u8; batch * key_size];
     let mut values = vec![0u8; batch * value_size];
-    // Hash maps page with a bucket index (a u32).
-    let mut in_batch = 0u32;
-    let mut out_batch = 0u32;
-    let mut first = true;
+    let mut resume = None;
     let mut total = 0usize;
     loop {
-        let mut attr = BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                std::ptr::from_ref(&in_batch) as u64
-            },
-            out_batch: std::ptr::from_mut(&mut out_batch) as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: u32::try_from(batch).map_err(std::io::Error::other)?,
-            map_fd,
-            elem_flags: 0,
-            flags: 0,
-        };
-        // SAFETY: the attr points at buffers sized for `count` keys and values, which outlive
-        // the call; the kernel writes at most `count` of each and a u32 to `out_batch`.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                std::ptr::from_mut(&mut attr),
-                std::mem::size_of::<BatchAttr>(),
-            )
-        };
-        if ret < 0 {
-            let e = std::io::Error::last_os_error();
-            match e.raw_os_error() {
-                // The last chunk: its `count` entries are valid.
-                Some(libc::ENOENT) => return Ok(total + attr.count as usize),
-                // One bucket holds more entries than a batch: retry the same bucket with room
-                // for it.
-                Some(libc::ENOSPC) if batch < 1 << 20 => {
-                    batch *= 2;
-                    keys.resize(batch * key_size, 0);
-                    values.resize(batch * value_size, 0);
-                    continue;
+        match lookup_batch(fd, resume, &mut keys, key_size, &mut values, value_size) {
+            Ok((n, next)) => {
+                total += n;
+                match next {
+                    Some(at) => resume = Some(at),
+                    None => return Ok(total),
                 }
-                _ => return Err(e),
             }
+            // One bucket holds more entries than a batch: retry the same bucket with room for
+            // it.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && batch < 1 << 20 => {
+                batch *= 2;
+                keys.resize(batch * key_size, 0);
+                values.resize(batch * value_size, 0);
+            }
+            Err(e) => return Err(e),
         }
-        total += attr.count as usize;
-        in_batch = out_batch;
-        first = false;
     }
+}
+
+/// One `BPF_MAP_LOOKUP_BATCH` call: as many entries as `keys` and `values` hold (`key_size` and
+/// `value_size` bytes each), from the start of the map or from the position `resume` an earlier
+/// call returned. Returns how many came and where to resume (`None`: the map is done). Hash maps
+/// use a bucket index as the position, arrays a key: both a u32.
+fn lookup_batch(
+    fd: std::os::fd::BorrowedFd<'_>,
+    resume: Option<u32>,
+    keys: &mut [u8],
+    key_size: usize,
+    values: &mut [u8],
+    value_size: usize,
+) -> std::io::Result<(usize, Option<u32>)> {
+    use std::os::fd::AsRawFd as _;
+    let count = (keys.len() / key_size).min(values.len() / value_size);
+    let in_batch = resume.unwrap_or(0);
+    let mut out_batch = 0u32;
+    let mut attr = BatchAttr {
+        in_batch: if resume.is_some() {
+            std::ptr::from_ref(&in_batch) as u64
+        } else {
+            0
+        },
+        out_batch: std::ptr::from_mut(&mut out_batch) as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count: u32::try_from(count).map_err(std::io::Error::other)?,
+        map_fd: u32::try_from(fd.as_raw_fd()).map_err(std::io::Error::other)?,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: the attr points at buffers holding `count` keys and values, which outlive the
+    // call; the kernel writes at most `count` of each and a u32 to `out_batch`.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_BATCH,
+            std::ptr::from_mut(&mut attr),
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if ret < 0 {
+        let e = std::io::Error::last_os_error();
+        // ENOENT: the last chunk (its `count` entries are valid).
+        if e.raw_os_error() == Some(libc::ENOENT) {
+            return Ok((attr.count as usize, None));
+        }
+        return Err(e);
+    }
+    Ok((attr.count as usize, Some(out_batch)))
 }
 
 /// The `batch` member of `union bpf_attr`.
