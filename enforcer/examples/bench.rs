@@ -84,6 +84,8 @@ fn main() -> Result<()> {
             passes: if quick { 1 } else { 5 },
             entries: vec![0, 100, 1_000, 100_000],
             endpoints: vec![1, 1_000],
+            pair_rounds: if quick { 40 } else { 200 },
+            pair_repeat: 100_000,
         };
         match testrun::run(settings) {
             Ok(r) => rep.testrun = Some(r),

@@ -193,7 +193,37 @@ impl Report {
                 );
             }
             let mut worst: Option<(f64, String)> = None;
-            for ep in &t.settings.endpoints {
+            // The paired measurement decides when the run has it: the scenario passes measure
+            // the two entry counts seconds apart, in different phases of the host.
+            for p in &t.flatness {
+                let text = format!(
+                    "{}× net, {} endpoint(s): median of {} rounds with both datapaths side by side ({} / {} ns net); scenario passes: {}",
+                    f(p.ratio, 2),
+                    p.endpoints,
+                    p.calls.len(),
+                    f(p.high_ns - p.floor_ns, 0),
+                    f(p.low_ns - p.floor_ns, 0),
+                    match (self.row(p.low, p.endpoints), self.row(p.high, p.endpoints)) {
+                        (Some(a), Some(b)) => format!(
+                            "{}×",
+                            f(
+                                (b.established_ns - b.floor_ns) / (a.established_ns - a.floor_ns),
+                                2
+                            )
+                        ),
+                        _ => "-".into(),
+                    }
+                );
+                if worst.as_ref().is_none_or(|(w, _)| p.ratio > *w) {
+                    worst = Some((p.ratio, text));
+                }
+            }
+            for ep in t
+                .settings
+                .endpoints
+                .iter()
+                .filter(|_| t.flatness.is_empty())
+            {
                 if let (Some(a), Some(b)) = (self.row(100, *ep), self.row(100_000, *ep)) {
                     let r = (b.established_ns - b.floor_ns) / (a.established_ns - a.floor_ns);
                     let gross = b.established_ns / a.established_ns;
@@ -635,6 +665,30 @@ impl Report {
                 s,
                 "\n\\* single-run calls (`repeat = 1`, a fresh source port per new-flow call): they include the kernel's timer reads and run cache-colder than repeats, so they are shown for reference and compared only with each other.\n"
             );
+            if !t.flatness.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "**Flatness, side by side**: the datapaths with {} and with {} filler entries loaded at once; each round times the floor, both established flows (order alternating) and the floor again, {} runs per call; the ratio is the median over the rounds of (high - floor) / (low - floor), so a phase of other work on the host lands on both sides of a round alike.\n\n| endpoints | rounds | floor | {} entries | {} entries | net ratio |\n|---|---|---|---|---|---|",
+                    t.flatness[0].low,
+                    t.flatness[0].high,
+                    t.settings.pair_repeat,
+                    t.flatness[0].low,
+                    t.flatness[0].high
+                );
+                for p in &t.flatness {
+                    let _ = writeln!(
+                        s,
+                        "| {} | {} | {} | {} | {} | {}× |",
+                        p.endpoints,
+                        p.calls.len(),
+                        f(p.floor_ns, 0),
+                        f(p.low_ns, 0),
+                        f(p.high_ns, 0),
+                        f(p.ratio, 2)
+                    );
+                }
+                s.push('\n');
+            }
             if let Some(r) = t.rows.iter().find(|r| !r.breakdown.is_empty()) {
                 let _ = writeln!(
                     s,
@@ -880,7 +934,7 @@ impl Report {
     fn method(&self) -> String {
         let mut s = String::from("## Method\n\n");
         s.push_str(
-            "- **Per-packet cost**: the real programs, loaded by the agent's loader into a private netns and bpffs, fed a 64-byte TCP/IPv4 frame with raw `bpf(BPF_PROG_TEST_RUN)`; the *floor* is a hand-assembled SCHED_CLS program (`r0 = 0; exit`) run by the same call on the same frame and ctx. Before timing, each frame's path is checked by the counter it moves (established / policy-denied / unmanaged / new flow). *Established*: the same allowed packet repeated (`repeat` N), so every run after the first is a conntrack hit. *New flow*: `BPF_PROG_TEST_RUN` repeats one packet, so a hand-assembled *fresh-port harness* runs instead: it adds one to the frame's TCP source port in place and tail-calls our program, so each of its runs is a new flow (conntrack miss, peer lookup, policy lookup, conntrack insert into the default 262,144-entry LRU map), each call from a client address of its own; every call must move the new-flow counter by exactly its run count. Its floor is the same harness tail-calling the empty program. *Kernel CT miss + insert*: the same harness tail-calling a hand-assembled program that only builds the flow's 20-byte key from the frame, misses it in an LRU hash of the IPv4 conntrack's shape (20-byte key, 24-byte value, 262,144 entries) and inserts it: the part of a new flow that is the kernel's map code on a key it has never seen (a cold bucket and a cold element), which no design that tracks flows in a kernel hash map goes below. *Passes*: the scenarios are measured in several passes; other work on the machine only adds time and comes in phases of seconds, so each figure is the lowest of the passes' medians (all calls are in `report.json`). *Denied* emits a ring-buffer event per drop; in the repeat figure the 1 MiB ring fills after ~14k drops and later drops skip the event, the single figure drains the ring and always emits. Maps: filler policy entries spread over the endpoints (exact ports), as many peer addresses (≤ 100k) and entries/10 CIDR /24s (≤ 10k) in the LPM trie.\n",
+            "- **Per-packet cost**: the real programs, loaded by the agent's loader into a private netns and bpffs, fed a 64-byte TCP/IPv4 frame with raw `bpf(BPF_PROG_TEST_RUN)`; the *floor* is a hand-assembled SCHED_CLS program (`r0 = 0; exit`) run by the same call on the same frame and ctx. Before timing, each frame's path is checked by the counter it moves (established / policy-denied / unmanaged / new flow). *Established*: the same allowed packet repeated (`repeat` N), so every run after the first is a conntrack hit. *New flow*: `BPF_PROG_TEST_RUN` repeats one packet, so a hand-assembled *fresh-port harness* runs instead: it adds one to the frame's TCP source port in place and tail-calls our program, so each of its runs is a new flow (conntrack miss, peer lookup, policy lookup, conntrack insert into the default 262,144-entry LRU map), each call from a client address of its own; every call must move the new-flow counter by exactly its run count. Its floor is the same harness tail-calling the empty program. *Kernel CT miss + insert*: the same harness tail-calling a hand-assembled program that only builds the flow's 20-byte key from the frame, misses it in an LRU hash of the IPv4 conntrack's shape (20-byte key, 24-byte value, 262,144 entries) and inserts it: the part of a new flow that is the kernel's map code on a key it has never seen (a cold bucket and a cold element), which no design that tracks flows in a kernel hash map goes below. *Passes*: the scenarios are measured in several passes; other work on the machine only adds time and comes in phases of seconds, so each figure is the lowest of the passes' medians (all calls are in `report.json`). *Flatness* (established at the most entries over the fewest) is measured apart, pairwise: both datapaths loaded side by side, their calls alternated with the floor's in many short rounds, the median of the rounds' ratios; the passes' figures sit seconds apart and swing with the host's phases (the floor itself moves ~1.5× between them here). *Denied* emits a ring-buffer event per drop; in the repeat figure the 1 MiB ring fills after ~14k drops and later drops skip the event, the single figure drains the ring and always emits. Maps: filler policy entries spread over the endpoints (exact ports), as many peer addresses (≤ 100k) and entries/10 CIDR /24s (≤ 10k) in the LPM trie.\n",
         );
         s.push_str(
             "- **Pods**: the testbed's routed-veth layout (node netns, two pods, /32 routes, proxy ARP). *Enforced* = the real agent (`enforcer run --manifests`, `--node-name`) with the client and server pods, 1k pods of another node (peers) and the policies (the server and the client are both isolated, so both veths run the full path); *no programs* = the same path with the agent stopped (checked: a port the policies deny is reachable). iperf3: one TCP stream. TCP_RR: 1-byte request/response over one connection; TCP_CRR: connect, 1-byte request/response, close, one connection at a time; both from a Rust client thread in the client pod to echo servers in the server pod.\n",

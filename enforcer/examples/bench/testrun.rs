@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use enforcer::{
-    datapath::{Datapath, DatapathOptions, Hook, mount_bpffs},
+    datapath::{Datapath, DatapathOptions, EventReader, Hook, mount_bpffs},
     maps::MapTable,
     state::Prefix,
 };
@@ -42,6 +42,10 @@ pub struct Settings {
     pub passes: usize,
     pub entries: Vec<u32>,
     pub endpoints: Vec<u32>,
+    /// Rounds of the paired flatness measurement (per endpoint count), and `repeat` of each of
+    /// its calls: many short rounds, so few of them straddle a change of phase on the host.
+    pub pair_rounds: usize,
+    pub pair_repeat: u32,
 }
 
 /// One (policy entries, endpoints) point.
@@ -96,6 +100,27 @@ pub struct Row {
 pub struct Results {
     pub settings: Settings,
     pub rows: Vec<Row>,
+    /// The established path at the most entries against the fewest (above none), measured
+    /// pairwise, per endpoint count.
+    pub flatness: Vec<Flatness>,
+}
+
+/// The established path with `high` filler entries against `low`, both datapaths loaded side by
+/// side and their calls alternated with the floor's within each round, so a phase of other work
+/// on the machine lands on both alike (the scenario passes measure them seconds apart).
+#[derive(Clone, Debug, Serialize)]
+pub struct Flatness {
+    pub endpoints: u32,
+    pub low: u32,
+    pub high: u32,
+    /// Median over the rounds of (high - floor) / (low - floor).
+    pub ratio: f64,
+    /// Medians over the rounds, ns/run.
+    pub floor_ns: f64,
+    pub low_ns: f64,
+    pub high_ns: f64,
+    /// Per round: (floor, low, high), ns/run.
+    pub calls: Vec<(u32, u32, u32)>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -596,13 +621,105 @@ pub fn run(settings: Settings) -> Result<Results> {
                 }
             }
         }
+        let mut flatness = Vec::new();
+        let low = settings.entries.iter().copied().filter(|&e| e > 0).min();
+        let high = settings.entries.iter().copied().max();
+        if let (Some(low), Some(high)) = (low, high)
+            && low < high
+        {
+            for &endpoints in &settings.endpoints {
+                eprintln!("  test_run flatness: {low} vs {high} entries, {endpoints} endpoints, side by side");
+                let got = flatness_pair(&settings, &mount.0, [ifx, unmanaged, open_if], empty.as_raw_fd(), (low, high), endpoints)
+                    .with_context(|| format!("flatness {low} / {high} entries, {endpoints} endpoints"))?;
+                eprintln!(
+                    "    floor {:.0} ns, {low} entries {:.0} ns, {high} entries {:.0} ns: {:.2}x net",
+                    got.floor_ns, got.low_ns, got.high_ns, got.ratio
+                );
+                flatness.push(got);
+            }
+        }
         drop(mount);
         let rows = passes.iter().map(|p| best_of(p)).collect();
-        Ok(Results { settings, rows })
+        Ok(Results { settings, rows, flatness })
     })?;
     handle
         .join()
         .map_err(|_| anyhow::anyhow!("test_run thread panicked"))?
+}
+
+/// The paired flatness measurement (see [`Flatness`]): two datapaths in their own pin folders,
+/// one round = the floor, both established flows (their order alternating) and the floor again.
+fn flatness_pair(
+    s: &Settings,
+    bpffs: &Path,
+    ifaces: [u32; 3],
+    empty: RawFd,
+    (low, high): (u32, u32),
+    endpoints: u32,
+) -> Result<Flatness> {
+    let pins = [bpffs.join("flat-low"), bpffs.join("flat-high")];
+    let result = (|| -> Result<Flatness> {
+        let a = load(s, &pins[0], ifaces, low, endpoints)?;
+        let b = load(s, &pins[1], ifaces, high, endpoints)?;
+        let ctx = sk_buff_ctx(ifaces[0]);
+        let est = tcp_frame(CLIENT, POD, 40000, PORT, ACK_PSH);
+        for l in [&a, &b] {
+            expect(
+                reason_of(&l.dp, l.fd, &est, &ctx)?,
+                0,
+                reason::ALLOW_ESTABLISHED,
+                "established",
+            )?;
+        }
+        let mut calls = Vec::with_capacity(s.pair_rounds);
+        let mut ratios = Vec::with_capacity(s.pair_rounds);
+        for round in 0..s.pair_rounds {
+            let f1 = test_run(empty, &est, &ctx, s.pair_repeat)?.1;
+            let (x, y) = if round % 2 == 0 {
+                (a.fd, b.fd)
+            } else {
+                (b.fd, a.fd)
+            };
+            let first = test_run(x, &est, &ctx, s.pair_repeat)?.1;
+            let second = test_run(y, &est, &ctx, s.pair_repeat)?.1;
+            let f2 = test_run(empty, &est, &ctx, s.pair_repeat)?.1;
+            let (lo, hi) = if round % 2 == 0 {
+                (first, second)
+            } else {
+                (second, first)
+            };
+            let floor = f1.min(f2);
+            calls.push((floor, lo, hi));
+            if lo > floor {
+                ratios.push(f64::from(hi.saturating_sub(floor)) / f64::from(lo - floor));
+            }
+        }
+        if ratios.is_empty() {
+            bail!("no round measured the {low}-entry path above the floor");
+        }
+        let col = |i: usize| -> f64 {
+            median(
+                &mut calls
+                    .iter()
+                    .map(|c| f64::from([c.0, c.1, c.2][i]))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        Ok(Flatness {
+            endpoints,
+            low,
+            high,
+            ratio: median(&mut ratios),
+            floor_ns: col(0),
+            low_ns: col(1),
+            high_ns: col(2),
+            calls,
+        })
+    })();
+    for p in &pins {
+        let _ = Datapath::cleanup(p);
+    }
+    result
 }
 
 fn endpoint(id: u32, ip: Ipv4Addr) -> EndpointInfo {
@@ -732,16 +849,53 @@ fn best_of(passes: &[Row]) -> Row {
     out
 }
 
-#[allow(clippy::too_many_arguments)]
-fn scenario(
+/// A scenario's datapath: loaded by the agent's loader, filled, and every measured frame's path
+/// checked by the counter it moves.
+struct Loaded {
+    dp: Datapath,
+    events: Option<EventReader>,
+    /// `to_pod` (owned by `dp`).
+    fd: RawFd,
+    policy_map: usize,
+    peers_map: usize,
+    cidr_map: usize,
+}
+
+/// The reason of the one counter `frame` moves through `fd`, with the program's action.
+fn reason_of(dp: &Datapath, fd: RawFd, frame: &[u8], ctx: &[u8]) -> Result<(u32, u8)> {
+    let before = dp.counters.read()?;
+    let (ret, _) = test_run(fd, frame, ctx, 1)?;
+    let after = dp.counters.read()?;
+    let moved: Vec<_> = after
+        .iter()
+        .filter(|(k, v)| before.get(k).map_or(0, |b| b.packets) != v.packets)
+        .map(|(k, _)| *k)
+        .collect();
+    match moved.as_slice() {
+        [(_, _, r)] => Ok((ret, *r)),
+        other => bail!("expected one counter to move, got {other:?}"),
+    }
+}
+
+fn expect(got: (u32, u8), want_ret: u32, want: u8, what: &str) -> Result<()> {
+    if got != (want_ret, want) {
+        bail!(
+            "{what}: action {} reason {} (want {want_ret} {})",
+            got.0,
+            REASON_NAMES[got.1 as usize],
+            REASON_NAMES[want as usize]
+        );
+    }
+    Ok(())
+}
+
+fn load(
     s: &Settings,
     pin: &std::path::Path,
     [ifx, unmanaged, open_if]: [u32; 3],
-    empty: RawFd,
     entries: u32,
     endpoints: u32,
-    breakdown: bool,
-) -> Result<Samples> {
+) -> Result<Loaded> {
     let _ = Datapath::cleanup(pin);
     let opts = DatapathOptions {
         pin_path: pin.to_path_buf(),
@@ -813,66 +967,40 @@ fn scenario(
     let est = tcp_frame(CLIENT, POD, 40000, PORT, ACK_PSH);
     let denied = tcp_frame(DENIED, POD, 40000, PORT, ACK_PSH);
 
-    // Check that each frame takes the path it is meant to (by the counter that moves).
-    let reason_of = |dp: &Datapath, frame: &[u8], ctx: &[u8]| -> Result<(u32, u8)> {
-        let before = dp.counters.read()?;
-        let (ret, _) = test_run(fd, frame, ctx, 1)?;
-        let after = dp.counters.read()?;
-        let moved: Vec<_> = after
-            .iter()
-            .filter(|(k, v)| before.get(k).map_or(0, |b| b.packets) != v.packets)
-            .map(|(k, _)| *k)
-            .collect();
-        match moved.as_slice() {
-            [(_, _, r)] => Ok((ret, *r)),
-            other => bail!("expected one counter to move, got {other:?}"),
-        }
-    };
-    let expect = |got: (u32, u8), want_ret: u32, want: u8, what: &str| -> Result<()> {
-        if got != (want_ret, want) {
-            bail!(
-                "{what}: action {} reason {} (want {want_ret} {})",
-                got.0,
-                REASON_NAMES[got.1 as usize],
-                REASON_NAMES[want as usize]
-            );
-        }
-        Ok(())
-    };
     expect(
-        reason_of(&dp, &est, &ctx)?,
+        reason_of(&dp, fd, &est, &ctx)?,
         0,
         reason::ALLOW_POLICY,
         "first packet",
     )?;
     expect(
-        reason_of(&dp, &est, &ctx)?,
+        reason_of(&dp, fd, &est, &ctx)?,
         0,
         reason::ALLOW_ESTABLISHED,
         "established",
     )?;
     expect(
-        reason_of(&dp, &denied, &ctx)?,
+        reason_of(&dp, fd, &denied, &ctx)?,
         2,
         reason::DROP_POLICY,
         "denied",
     )?;
     expect(
-        reason_of(&dp, &est, &ctx_unmanaged)?,
+        reason_of(&dp, fd, &est, &ctx_unmanaged)?,
         0,
         reason::ALLOW_UNMANAGED,
         "unmanaged",
     )?;
     let probe_new = tcp_frame(CLIENT, POD, 1, PORT, SYN);
     expect(
-        reason_of(&dp, &probe_new, &ctx)?,
+        reason_of(&dp, fd, &probe_new, &ctx)?,
         0,
         reason::ALLOW_POLICY,
         "new flow",
     )?;
     let probe_cidr = tcp_frame(CIDR_PEER, POD, 1, PORT, SYN);
     expect(
-        reason_of(&dp, &probe_cidr, &ctx)?,
+        reason_of(&dp, fd, &probe_cidr, &ctx)?,
         0,
         reason::ALLOW_POLICY,
         "new flow ipBlock",
@@ -880,6 +1008,38 @@ fn scenario(
     if let Some(ev) = events.as_mut() {
         ev.drain();
     }
+    Ok(Loaded {
+        dp,
+        events,
+        fd,
+        policy_map,
+        peers_map,
+        cidr_map,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn scenario(
+    s: &Settings,
+    pin: &std::path::Path,
+    [ifx, unmanaged, open_if]: [u32; 3],
+    empty: RawFd,
+    entries: u32,
+    endpoints: u32,
+    breakdown: bool,
+) -> Result<Samples> {
+    let Loaded {
+        dp,
+        mut events,
+        fd,
+        policy_map,
+        peers_map,
+        cidr_map,
+    } = load(s, pin, [ifx, unmanaged, open_if], entries, endpoints)?;
+    let ctx = sk_buff_ctx(ifx);
+    let ctx_unmanaged = sk_buff_ctx(unmanaged);
+    let est = tcp_frame(CLIENT, POD, 40000, PORT, ACK_PSH);
+    let denied = tcp_frame(DENIED, POD, 40000, PORT, ACK_PSH);
     let mut parts = Vec::new();
     let mut other_paths = Vec::new();
     if breakdown {
@@ -898,11 +1058,26 @@ fn scenario(
         let host = tcp_frame(HOST, POD, 40000, PORT, ACK_PSH);
         let open_frame = tcp_frame(CLIENT, Ipv4Addr::new(10, 0, 0, 2), 40000, PORT, ACK_PSH);
         let ctx_open = sk_buff_ctx(open_if);
-        expect(reason_of(&dp, &arp, &ctx)?, 0, reason::ALLOW_NON_IP, "arp")?;
-        expect(reason_of(&dp, &selfp, &ctx)?, 0, reason::ALLOW_HOST, "self")?;
-        expect(reason_of(&dp, &host, &ctx)?, 0, reason::ALLOW_HOST, "host")?;
         expect(
-            reason_of(&dp, &open_frame, &ctx_open)?,
+            reason_of(&dp, fd, &arp, &ctx)?,
+            0,
+            reason::ALLOW_NON_IP,
+            "arp",
+        )?;
+        expect(
+            reason_of(&dp, fd, &selfp, &ctx)?,
+            0,
+            reason::ALLOW_HOST,
+            "self",
+        )?;
+        expect(
+            reason_of(&dp, fd, &host, &ctx)?,
+            0,
+            reason::ALLOW_HOST,
+            "host",
+        )?;
+        expect(
+            reason_of(&dp, fd, &open_frame, &ctx_open)?,
             0,
             reason::ALLOW_NOT_ISOLATED,
             "not isolated",
