@@ -123,6 +123,11 @@ struct RunArgs {
     /// Entries of the policy map.
     #[arg(long, default_value_t = DEFAULT_POLICY_SIZE)]
     policy_map_size: u32,
+    /// How the programs hook each pod's veth: `tcx` links (kernel 6.6+), `tc` (clsact +
+    /// cls_bpf filters, for older kernels), or `auto` (TCX where the kernel has it). Switching
+    /// modes across a restart moves every hook to the new kind without a gap.
+    #[arg(long, default_value_t = enforcer::datapath::AttachMode::Auto)]
+    attach_mode: enforcer::datapath::AttachMode,
     /// Entries of each conntrack map (one for IPv4 flows, one for IPv6 flows).
     #[arg(long, default_value_t = DEFAULT_CONNTRACK_SIZE)]
     conntrack_map_size: u32,
@@ -241,6 +246,7 @@ fn run(args: RunArgs) -> Result<()> {
         fragments_size: args.fragments_map_size,
         events_bytes: args.events_bytes,
         log_allowed: args.log_allowed,
+        attach: args.attach_mode,
         ..DatapathOptions::default()
     };
     let mut datapath = Datapath::open(options).context("opening the datapath")?;

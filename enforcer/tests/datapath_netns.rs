@@ -6,7 +6,7 @@
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use enforcer::{
-    datapath::{Datapath, DatapathOptions, mount_bpffs},
+    datapath::{AttachMode, Datapath, DatapathOptions, Hook, link_pin, mount_bpffs},
     maps::MapTable,
     testbed::{
         NODE_V4, NODE_V6, Proto, Servers, TestPod, Testbed, enter_netns, in_netns, probe_all,
@@ -17,7 +17,6 @@ use enforcer_common::{
     EndpointInfo, IDENTITY_HOST, PROTO_TCP, PROTO_UDP, PeerInfo, PolicyKey, PolicyValue, reason,
 };
 
-const TAG: &str = "dpn";
 const ID_A: u32 = 1000;
 const ID_B: u32 = 1001;
 const ID_C: u32 = 1002;
@@ -26,8 +25,9 @@ const ID_C: u32 = 1002;
 struct BpfMount(PathBuf);
 
 impl BpfMount {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!("enforcer-netns-test-{}", std::process::id()));
+    fn new(tag: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("enforcer-netns-test-{tag}-{}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
         mount_bpffs(&dir).expect("mounting a bpffs (run as root)");
         Self(dir)
@@ -89,12 +89,62 @@ fn check(label: &str, probes: &[(Probe, bool)], failures: &mut Vec<String>) {
     }
 }
 
+/// Runs `f` on a thread inside network namespace `path` (setns moves only that thread).
+fn in_node<T: Send>(path: &str, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            enter_netns(path).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+/// The names of the tc (cls_bpf) filters on `dev`'s `hook` in namespace `netns`, as `tc` shows
+/// them.
+fn tc_filters(netns: &str, dev: &str, hook: Hook) -> String {
+    let dir = match hook {
+        Hook::Ingress => "ingress",
+        Hook::Egress => "egress",
+    };
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", netns, "tc", "filter", "show", "dev", dev, dir,
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Which kinds of hook `dev` (ifindex `ifindex`) has: (TCX links pinned, tc filters present).
+fn hooks_of(pin: &std::path::Path, netns: &str, dev: &str, ifindex: u32) -> (bool, bool) {
+    let tcx = Hook::ALL
+        .iter()
+        .all(|&h| link_pin(pin, ifindex, h).exists());
+    let tc = tc_filters(netns, dev, Hook::Ingress).contains("from_pod")
+        && tc_filters(netns, dev, Hook::Egress).contains("to_pod");
+    (tcx, tc)
+}
+
 #[test]
 fn enforced_between_routed_veth_pods() {
-    Testbed::cleanup_stale(TAG);
-    let mount = BpfMount::new();
+    enforced_with(AttachMode::Tcx, AttachMode::Tc, "dpn");
+}
+
+/// The same with tc (clsact) filters, as on kernels without TCX; the restart moves to TCX links.
+#[test]
+fn enforced_with_tc_filters() {
+    enforced_with(AttachMode::Tc, AttachMode::Tcx, "dpt");
+}
+
+/// Pods a, b, c with policy, attached in `mode`; detaching, a restart that attaches in `then`
+/// (every hook moves to the other kind), and cleanup, each checked with real traffic.
+fn enforced_with(mode: AttachMode, then: AttachMode, tag: &str) {
+    Testbed::cleanup_stale(tag);
+    let mount = BpfMount::new(tag);
     let pin = mount.0.join("enforcer");
-    let mut tb = Testbed::new(TAG).unwrap();
+    let mut tb = Testbed::new(tag).unwrap();
     let a = tb
         .add_pod(
             "a",
@@ -124,6 +174,7 @@ fn enforced_between_routed_veth_pods() {
     let opts = DatapathOptions {
         pin_path: pin.clone(),
         max_endpoints: 16,
+        attach: mode,
         ..Default::default()
     };
     let mut dp = Datapath::open(opts).expect("loading the programs");
@@ -151,23 +202,27 @@ fn enforced_between_routed_veth_pods() {
     dp.endpoints.set(&ib, &eb).unwrap();
     dp.endpoints.set(&ic, &ec).unwrap();
 
-    // Attach from a thread inside the node namespace (setns moves only that thread).
+    // Attach from a thread inside the node namespace (netlink and ifindexes are per namespace).
     let node_path = Testbed::netns_path(&tb.node);
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            enter_netns(&node_path).unwrap();
-            for i in [ia, ib, ic] {
-                dp.attach(i).unwrap();
-            }
-        })
-        .join()
-        .unwrap();
+    in_node(&node_path, || {
+        for i in [ia, ib, ic] {
+            dp.attach(i).unwrap();
+        }
     });
     assert_eq!(dp.attached().unwrap(), {
         let mut v = vec![ia, ib, ic];
         v.sort_unstable();
         v
     });
+    let want_kind = |m: AttachMode| (m == AttachMode::Tcx, m == AttachMode::Tc);
+    for (pod, i) in [(&a, ia), (&b, ib), (&c, ic)] {
+        assert_eq!(
+            hooks_of(&pin, &tb.node, &pod.host_if, i),
+            want_kind(mode),
+            "{} hooks after attaching in {mode} mode: (TCX, tc)",
+            pod.host_if
+        );
+    }
 
     let mut failures = Vec::new();
     let p =
@@ -236,33 +291,43 @@ fn enforced_between_routed_veth_pods() {
     check("after revoking tcp", &probes, &mut failures);
 
     // Detach b: its isolation no longer applies (c reaches it).
-    dp.detach(ib).unwrap();
+    in_node(&node_path, || dp.detach(ib).unwrap());
+    if hooks_of(&pin, &tb.node, &b.host_if, ib) != (false, false) {
+        failures.push(format!("{} still hooked after detach", b.host_if));
+    }
     probes = vec![
         (p(&c, b.v4.into(), 80, Proto::Tcp), true),
         (p(&a, b.v4.into(), 81, Proto::Tcp), false),
     ];
     check("after detaching b", &probes, &mut failures);
 
-    // Restart: a new load reuses the pins and re-points the remaining links.
+    // Restart in the other mode: a new load reuses the pins and moves the remaining hooks to
+    // the other kind (the new one first, so no hook is ever empty).
     drop(dp);
     let opts = DatapathOptions {
         pin_path: pin.clone(),
         max_endpoints: 16,
+        attach: then,
         ..Default::default()
     };
     let mut dp = Datapath::open(opts).expect("second load");
-    let reattached = std::thread::scope(|s| {
-        s.spawn(|| {
-            enter_netns(&node_path).unwrap();
-            dp.reattach_all().unwrap()
-        })
-        .join()
-        .unwrap()
-    });
+    let reattached = in_node(&node_path, || dp.reattach_all().unwrap());
     let mut want = vec![ia, ic];
     want.sort_unstable();
     if reattached != want {
         failures.push(format!("reattach_all: {reattached:?}, want {want:?}"));
+    }
+    for (pod, i) in [(&a, ia), (&c, ic)] {
+        let got = hooks_of(&pin, &tb.node, &pod.host_if, i);
+        if got != want_kind(then) {
+            failures.push(format!(
+                "{} hooks after the restart in {then} mode: (TCX, tc) = {got:?}",
+                pod.host_if
+            ));
+        }
+    }
+    if dp.attached().unwrap() != want {
+        failures.push(format!("attached after the restart: {:?}", dp.attached()));
     }
     probes = vec![
         (p(&a, b.v4.into(), 81, Proto::Tcp), false),
@@ -271,7 +336,12 @@ fn enforced_between_routed_veth_pods() {
     check("after restart", &probes, &mut failures);
 
     drop(dp);
-    Datapath::cleanup(&pin).unwrap();
+    in_node(&node_path, || Datapath::cleanup(&pin).unwrap());
+    for (pod, i) in [(&a, ia), (&c, ic)] {
+        if hooks_of(&pin, &tb.node, &pod.host_if, i) != (false, false) {
+            failures.push(format!("{} still hooked after cleanup", pod.host_if));
+        }
+    }
     check(
         "after cleanup",
         &[(p(&a, b.v4.into(), 81, Proto::Tcp), true)],

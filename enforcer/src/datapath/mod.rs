@@ -6,6 +6,7 @@
 //! link is re-pointed at the newly loaded program with `bpf_link_update`, so the hook is never
 //! empty. Dropping a [`Datapath`] detaches nothing: the links stay pinned and keep enforcing.
 
+mod attach;
 mod bpffs;
 mod tables;
 
@@ -24,7 +25,6 @@ use aya::{
         links::{FdLink, PinnedLink},
         tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
     },
-    util::KernelVersion,
 };
 use enforcer_common::{
     CONFIG_LOG_ALLOWED, Config, DEFAULT_CIDRS_SIZE, DEFAULT_CONNTRACK_SIZE,
@@ -39,6 +39,7 @@ pub use tables::{
     LpmAddr, LpmTable,
 };
 
+pub use self::attach::AttachMode;
 pub use self::bpffs::{ensure_bpffs, is_bpffs, mount_bpffs};
 
 /// Default pin folder (`--pin-path`).
@@ -81,6 +82,8 @@ pub struct DatapathOptions {
     pub log_allowed: bool,
     pub ct_timeout_tcp: Duration,
     pub ct_timeout_other: Duration,
+    /// TCX links or tc (clsact) filters (`--attach-mode`).
+    pub attach: AttachMode,
 }
 
 impl Default for DatapathOptions {
@@ -95,6 +98,7 @@ impl Default for DatapathOptions {
             fragments_size: DEFAULT_FRAGMENTS_SIZE,
             events_bytes: DEFAULT_EVENTS_BYTES,
             log_allowed: false,
+            attach: AttachMode::Auto,
             ct_timeout_tcp: Duration::from_nanos(DEFAULT_CT_TIMEOUT_TCP_NS),
             ct_timeout_other: Duration::from_nanos(DEFAULT_CT_TIMEOUT_OTHER_NS),
         }
@@ -286,7 +290,16 @@ impl Datapath {
         };
         let config = Array::try_from(take(&mut ebpf, MAP_CONFIG)?).context("map CONFIG")?;
 
-        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        let tcx = options.attach.uses_tcx();
+        log::debug!(
+            "attach mode {}: {}",
+            options.attach,
+            if tcx {
+                "TCX links"
+            } else {
+                "tc (clsact) filters"
+            }
+        );
         let mut dp = Self {
             ebpf,
             pin_path: options.pin_path.clone(),
@@ -380,18 +393,43 @@ impl Datapath {
         Ok(())
     }
 
+    /// Attaches `hook` the way this load's mode says, then removes an attachment of the other
+    /// kind an earlier agent left (after the new one, so the hook is never empty).
     fn attach_hook(&mut self, ifindex: u32, hook: Hook) -> Result<()> {
         let pin = link_pin(&self.pin_path, ifindex, hook);
-        let tcx = self.tcx;
-        let prog: &mut SchedClassifier = self
+        let marker = attach::tc_marker(&self.pin_path, ifindex, hook);
+        if self.tcx {
+            self.attach_tcx(ifindex, hook, &pin)?;
+            if marker.exists() {
+                attach::tc_detach(&marker, ifindex, hook)
+                    .context("removing the tc filter of an earlier attach")?;
+            }
+        } else {
+            self.attach_tc(ifindex, hook)?;
+            attach::record_tc(&marker)?;
+            if pin.exists() {
+                bpffs::detach_pinned_link(&pin)
+                    .with_context(|| format!("detaching the earlier {}", pin.display()))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn program_mut(&mut self, hook: Hook) -> Result<&mut SchedClassifier> {
+        Ok(self
             .ebpf
             .program_mut(hook.program())
             .ok_or_else(|| anyhow!("program {} missing", hook.program()))?
-            .try_into()?;
+            .try_into()?)
+    }
+
+    /// A TCX link, pinned at `pin`; a live pinned link of this device is re-pointed in place.
+    fn attach_tcx(&mut self, ifindex: u32, hook: Hook, pin: &Path) -> Result<()> {
+        let prog = self.program_mut(hook)?;
         if pin.exists() {
-            match bpffs::tcx_link_ifindex(&pin) {
+            match bpffs::tcx_link_ifindex(pin) {
                 Ok(i) if i == ifindex => {
-                    let old = PinnedLink::from_pin(&pin)
+                    let old = PinnedLink::from_pin(pin)
                         .with_context(|| format!("opening {}", pin.display()))?;
                     let link = SchedClassifierLink::try_from(FdLink::from(old))?;
                     let id = prog.attach_to_link(link).context("bpf_link_update")?;
@@ -401,62 +439,66 @@ impl Datapath {
                 }
                 // The device went away (ifindex 0) or the index was reused: the link is defunct.
                 Ok(_) | Err(_) => {
-                    std::fs::remove_file(&pin)
+                    std::fs::remove_file(pin)
                         .with_context(|| format!("removing stale {}", pin.display()))?;
                 }
             }
         }
         let ifname = ifname(ifindex)?;
-        if tcx {
-            let id = prog
-                .attach_with_options(
-                    &ifname,
-                    hook.attach_type(),
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
-                .context("TCX attach")?;
-            let link: FdLink = prog.take_link(id)?.try_into()?;
-            link.pin(&pin)
-                .with_context(|| format!("pinning link at {}", pin.display()))?;
-        } else {
-            // Kernels without TCX: clsact + cls_bpf through netlink with a fixed priority and
-            // handle, so a later attach replaces the filter in place. Netlink filters are not
-            // tied to an fd: forget the link so dropping it does not detach.
-            if let Err(e) = aya::programs::tc::qdisc_add_clsact(&ifname) {
-                let exists = matches!(&e, aya::programs::tc::TcError::AlreadyAttached)
-                    || e.to_string().contains("exists");
-                if !exists {
-                    return Err(e).context("adding clsact qdisc");
-                }
-            }
-            let opts = NlOptions {
-                priority: 1,
-                handle: TcHandle::new(0, 1),
-                classid: None,
-            };
-            let id = match SchedClassifierLink::attached(
+        let id = prog
+            .attach_with_options(
                 &ifname,
                 hook.attach_type(),
-                1,
-                TcHandle::new(0, 1),
-                None,
-            ) {
-                Ok(existing) => prog.attach_to_link(existing).or_else(|_| {
-                    prog.attach_with_options(
-                        &ifname,
-                        hook.attach_type(),
-                        TcAttachOptions::Netlink(opts),
-                    )
-                }),
-                Err(_) => prog.attach_with_options(
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .context("TCX attach")?;
+        let link: FdLink = prog.take_link(id)?.try_into()?;
+        link.pin(pin)
+            .with_context(|| format!("pinning link at {}", pin.display()))?;
+        Ok(())
+    }
+
+    /// clsact + cls_bpf through netlink with a fixed priority and handle, so a later attach
+    /// replaces the filter in place. Netlink filters are not tied to an fd: the link is
+    /// forgotten so dropping it does not detach.
+    fn attach_tc(&mut self, ifindex: u32, hook: Hook) -> Result<()> {
+        let ifname = ifname(ifindex)?;
+        let prog = self.program_mut(hook)?;
+        // The device's qdisc is there from the other hook or an earlier agent: netlink says
+        // EEXIST, below aya's own error.
+        if let Err(e) = aya::programs::tc::qdisc_add_clsact(&ifname)
+            && !matches!(&e, aya::programs::tc::TcError::AlreadyAttached)
+            && !caused_by_errno(&e, libc::EEXIST)
+        {
+            return Err(e).context("adding clsact qdisc");
+        }
+        let opts = NlOptions {
+            priority: 1,
+            handle: TcHandle::new(0, 1),
+            classid: None,
+        };
+        let id = match SchedClassifierLink::attached(
+            &ifname,
+            hook.attach_type(),
+            1,
+            TcHandle::new(0, 1),
+            None,
+        ) {
+            Ok(existing) => prog.attach_to_link(existing).or_else(|_| {
+                prog.attach_with_options(
                     &ifname,
                     hook.attach_type(),
                     TcAttachOptions::Netlink(opts),
-                ),
-            }
-            .context("netlink attach")?;
-            std::mem::forget(prog.take_link(id)?);
+                )
+            }),
+            Err(_) => prog.attach_with_options(
+                &ifname,
+                hook.attach_type(),
+                TcAttachOptions::Netlink(opts),
+            ),
         }
+        .context("netlink attach")?;
+        std::mem::forget(prog.take_link(id)?);
         Ok(())
     }
 
@@ -477,9 +519,12 @@ impl Datapath {
     pub fn reattach_all(&mut self) -> Result<Vec<u32>> {
         let mut done = Vec::new();
         for ifindex in Self::attached_at(&self.pin_path)? {
+            // A TCX link knows its device; a tc record only that a device had the index.
             let live = Hook::ALL.iter().any(|&h| {
                 bpffs::tcx_link_ifindex(&link_pin(&self.pin_path, ifindex, h))
                     .is_ok_and(|i| i == ifindex)
+                    || (attach::tc_marker(&self.pin_path, ifindex, h).exists()
+                        && ifname(ifindex).is_ok())
             });
             if live {
                 self.attach(ifindex)?;
@@ -527,8 +572,9 @@ impl Datapath {
         Ok(out)
     }
 
-    /// Removes everything under `pin_path`: unpins the links (which detaches the programs) and
-    /// the maps of every schema version. Works without loading anything.
+    /// Removes everything under `pin_path`: unpins the links (which detaches the programs),
+    /// removes the recorded tc filters (from the calling thread's network namespace) and the
+    /// maps of every schema version. Works without loading anything.
     pub fn cleanup(pin_path: &Path) -> Result<()> {
         let entries = match std::fs::read_dir(pin_path) {
             Ok(e) => e,
@@ -547,7 +593,12 @@ impl Datapath {
                 if let Ok(files) = std::fs::read_dir(&dir) {
                     for f in files {
                         let f = f?.path();
-                        if sub == "links" {
+                        let tc = f
+                            .file_name()
+                            .and_then(|n| attach::parse_tc_marker(&n.to_string_lossy()));
+                        if let (Some((ifindex, hook)), true) = (tc, sub == "links") {
+                            attach::tc_detach(&f, ifindex, hook)?;
+                        } else if sub == "links" {
                             bpffs::detach_pinned_link(&f)
                                 .with_context(|| format!("detaching {}", f.display()))?;
                         } else {
@@ -566,13 +617,32 @@ impl Datapath {
     }
 }
 
-/// Unpins both links of `ifindex` under `pin_path`.
+/// Detaches both hooks of `ifindex` under `pin_path`: unpins its TCX links, removes its tc
+/// filters (from the calling thread's network namespace) and their records.
 pub fn detach_at(pin_path: &Path, ifindex: u32) -> Result<()> {
     for hook in Hook::ALL {
         let pin = link_pin(pin_path, ifindex, hook);
         bpffs::detach_pinned_link(&pin).with_context(|| format!("detaching {}", pin.display()))?;
+        let marker = attach::tc_marker(pin_path, ifindex, hook);
+        if marker.exists() {
+            attach::tc_detach(&marker, ifindex, hook)?;
+        }
     }
     Ok(())
+}
+
+/// Whether `errno` is somewhere in `e`'s chain of causes.
+fn caused_by_errno(e: &(dyn std::error::Error + 'static), errno: i32) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(errno))
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 fn ifname(ifindex: u32) -> Result<String> {
