@@ -50,7 +50,7 @@ struct Args {
     /// Traffic rounds (default 4, 1 with --quick).
     #[arg(long)]
     rounds: Option<usize>,
-    /// Back-to-back pairs per traffic round (default 5, 1 with --quick).
+    /// Back-to-back pairs per traffic round (default 8, 1 with --quick).
     #[arg(long)]
     pairs: Option<usize>,
 }
@@ -123,11 +123,11 @@ fn main() -> Result<()> {
             rule_counts: vec![10, 1_000, 10_000],
             remote_pods: 1_000,
             policies: 1_000,
-            toggles: if quick { 16 } else { 60 },
+            toggles: if quick { 16 } else { 200 },
             traffic: net_part("traffic"),
             latency: net_part("latency"),
             sweep: net_part("sweep"),
-            pairs: args.pairs.unwrap_or(if quick { 1 } else { 5 }),
+            pairs: args.pairs.unwrap_or(if quick { 1 } else { 8 }),
             pair_iperf_secs: 2,
             pair_rate_secs: if quick { 1.0 } else { 1.5 },
         };

@@ -819,9 +819,12 @@ enum Hooks {
 }
 
 /// One pair of short runs: no programs and our programs, with the empty program on the same
-/// hooks between them; the order is reversed when `programs_first`. On entry the agent's
-/// programs are attached (the agent gone); so they are on return. Each state is checked before
-/// it is measured: the denied port is closed with our programs and open without them.
+/// hooks between them; the order is reversed when `programs_first`. Each measure (iperf3,
+/// TCP_RR, TCP_CRR) runs in the three states back to back before the next measure, so the
+/// runs a ratio compares sit seconds apart, not a whole pair: the host's phases of contention
+/// last seconds. On entry the agent's programs are attached (the agent gone); so they are on
+/// return. Each state is checked every time it is entered: the denied port is closed with our
+/// programs and open without them.
 fn pair(bed: &Bed, s: &Settings, programs_first: bool) -> Result<Pair> {
     let pin = bed.pins.pin();
     let veths = enforcer::datapath::Datapath::attached_at(&pin)?;
@@ -830,11 +833,16 @@ fn pair(bed: &Bed, s: &Settings, programs_first: bool) -> Result<Pair> {
     }
     let dur = Duration::from_secs_f64(s.pair_rate_secs);
     let warm = Duration::from_secs_f64(s.warmup_secs);
-    let attach = || bed.reattach(&veths);
-    let measure = |hooks: Hooks| -> Result<Sample> {
-        let mut _empty = None;
+    // Our programs are on the hooks now.
+    let mut current = Some(Hooks::Programs);
+    let mut empty: Option<crate::testrun::EmptyHooks> = None;
+    let mut enter = |hooks: Hooks, current: &mut Option<Hooks>| -> Result<()> {
+        if *current == Some(hooks) {
+            return Ok(());
+        }
+        empty = None; // detaches the empty program
         if hooks == Hooks::Programs {
-            attach()?;
+            bed.reattach(&veths)?;
             if bed.reach(PORT_DENIED)? || !bed.reach(PORT_CRR)? {
                 bail!("re-attached programs do not enforce");
             }
@@ -844,39 +852,44 @@ fn pair(bed: &Bed, s: &Settings, programs_first: bool) -> Result<Pair> {
             }
             if hooks == Hooks::Empty {
                 let v = veths.clone();
-                _empty = Some(in_netns(&bed.tb.node, move || {
+                empty = Some(in_netns(&bed.tb.node, move || {
                     crate::testrun::attach_empty(&v)
                 })??);
             }
             bed.expect_no_programs()?;
         }
-        let t0 = CpuTimes::now();
-        let gbps = iperf(&bed.cli, bed.srv_ip, s.pair_iperf_secs)?;
-        let rr = load::rr(&bed.cli, bed.addr(PORT_RR), warm, dur)?.per_sec;
-        let crr = load::crr(&bed.cli, bed.addr(PORT_CRR), warm, dur)?.per_sec;
-        Ok(Sample {
-            gbps,
-            rr,
-            crr,
-            steal: CpuTimes::now().stolen_since(&t0),
-        })
+        *current = Some(hooks);
+        Ok(())
     };
-    let (none, empty, programs) = if programs_first {
-        let p = measure(Hooks::Programs)?;
-        let e = measure(Hooks::Empty)?;
-        let n = measure(Hooks::None)?;
-        attach()?; // as found
-        (n, e, p)
+    let order = if programs_first {
+        [Hooks::Programs, Hooks::Empty, Hooks::None]
     } else {
-        let n = measure(Hooks::None)?;
-        let e = measure(Hooks::Empty)?;
-        (n, e, measure(Hooks::Programs)?)
+        [Hooks::None, Hooks::Empty, Hooks::Programs]
     };
-    Ok(Pair {
-        none,
-        empty,
-        programs,
-    })
+    let mut out = Pair::default();
+    let mut stolen = [0.0f64; 3];
+    for measure in 0..3 {
+        for hooks in order {
+            enter(hooks, &mut current)?;
+            let t0 = CpuTimes::now();
+            let sample = match hooks {
+                Hooks::None => &mut out.none,
+                Hooks::Empty => &mut out.empty,
+                Hooks::Programs => &mut out.programs,
+            };
+            match measure {
+                0 => sample.gbps = iperf(&bed.cli, bed.srv_ip, s.pair_iperf_secs)?,
+                1 => sample.rr = load::rr(&bed.cli, bed.addr(PORT_RR), warm, dur)?.per_sec,
+                _ => sample.crr = load::crr(&bed.cli, bed.addr(PORT_CRR), warm, dur)?.per_sec,
+            }
+            stolen[hooks as usize] += CpuTimes::now().stolen_since(&t0) / 3.0;
+        }
+    }
+    enter(Hooks::Programs, &mut current)?; // as found
+    out.none.steal = stolen[Hooks::None as usize];
+    out.empty.steal = stolen[Hooks::Empty as usize];
+    out.programs.steal = stolen[Hooks::Programs as usize];
+    Ok(out)
 }
 
 /// Nanoseconds per program run on the real path, by the kernel's own run-time statistics: ours
