@@ -80,6 +80,11 @@ pub struct Row {
     /// program that tracks flows in the kernel's LRU hash goes below it.
     pub ct_floor_ns: f64,
     pub ct_floor_runs: Vec<u32>,
+    /// The same fresh key written to one slot of a plain array instead (a hashed index into
+    /// 262,144 32-byte slots, compared and overwritten; no locks, no chain, no allocation):
+    /// what a flow table touching one cold cache line per new flow would pay here.
+    pub slot_floor_ns: f64,
+    pub slot_floor_runs: Vec<u32>,
     /// Median ns of single runs (`repeat = 1`).
     pub floor_single_ns: f64,
     pub established_single_ns: f64,
@@ -127,6 +132,7 @@ pub struct Flatness {
 // Raw bpf(2).
 // ---------------------------------------------------------------------------------------------
 
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
@@ -408,6 +414,95 @@ fn load_ct_floor(map: RawFd) -> Result<OwnedFd> {
         insn(0x95, 0, 0, 0, 0),    // 31: exit
     ];
     load_sched_cls(&insns, "the conntrack floor program")
+}
+
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+/// Slots of [`slot_array`], a power of two (the probe masks its hash with `SLOTS - 1`).
+const SLOTS: u32 = 1 << 18;
+
+/// A plain array of 32-byte slots, for [`load_slot_floor`].
+fn slot_array() -> Result<OwnedFd> {
+    let mut a = Attr::new();
+    a.u32(0, BPF_MAP_TYPE_ARRAY);
+    a.u32(4, 4);
+    a.u32(8, 32);
+    a.u32(12, SLOTS);
+    let fd = sys_bpf(BPF_MAP_CREATE, &mut a).context("BPF_MAP_CREATE of an array")?;
+    // SAFETY: the kernel returned a new fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// The floor of a flow table that touches one cache line per new flow: a hand-assembled
+/// SCHED_CLS program that hashes the frame's addresses and ports (multiply and xor) to a slot
+/// of `map` (an array: the verifier inlines the lookup), compares the slot's 12-byte key and,
+/// on a mismatch, writes the key and a value word. No locks, no chain, no allocation: the
+/// cost is the cold slot.
+fn load_slot_floor(map: RawFd) -> Result<OwnedFd> {
+    let insns = [
+        insn(0x61, 2, 1, 76, 0),                 // 0: r2 = skb->data
+        insn(0x61, 3, 1, 80, 0),                 // 1: r3 = skb->data_end
+        insn(0xbf, 4, 2, 0, 0),                  // 2: r4 = r2
+        insn(0x07, 4, 0, 0, 38),                 // 3: r4 += 38 (Ethernet + IPv4 + ports)
+        insn(0x2d, 4, 3, 30, 0),                 // 4: if r4 > r3 goto out
+        insn(0x61, 6, 2, 26, 0),                 // 5: r6 = source address
+        insn(0x61, 7, 2, 30, 0),                 // 6: r7 = destination address
+        insn(0x61, 8, 2, 34, 0),                 // 7: r8 = both ports
+        insn(0xbf, 5, 7, 0, 0),                  // 8: r5 = r7
+        insn(0x27, 5, 0, 0, 0x05eb_ca6b),        // 9: r5 *= k1
+        insn(0xaf, 5, 6, 0, 0),                  // 10: r5 ^= r6
+        insn(0xbf, 9, 8, 0, 0),                  // 11: r9 = r8
+        insn(0x27, 9, 0, 0, 0x02b2_ae35),        // 12: r9 *= k2
+        insn(0xaf, 5, 9, 0, 0),                  // 13: r5 ^= r9
+        insn(0x27, 5, 0, 0, 0x1e37_79b1),        // 14: r5 *= k3
+        insn(0x77, 5, 0, 0, 20),                 // 15: r5 >>= 20
+        insn(0x57, 5, 0, 0, (SLOTS - 1) as i32), // 16: r5 &= SLOTS - 1
+        insn(0x63, 10, 5, -4, 0),                // 17: index = r5
+        insn(0x18, 1, 1, 0, map),                // 18: r1 = map (BPF_PSEUDO_MAP_FD)
+        insn(0, 0, 0, 0, 0),                     // 19
+        insn(0xbf, 2, 10, 0, 0),                 // 20: r2 = r10
+        insn(0x07, 2, 0, 0, -4),                 // 21: r2 += -4 (&index)
+        insn(0x85, 0, 0, 0, 1),                  // 22: r0 = bpf_map_lookup_elem(r1, r2)
+        insn(0x15, 0, 0, 11, 0),                 // 23: if r0 == 0 goto out
+        insn(0x61, 4, 0, 0, 0),                  // 24: r4 = slot.addr_a
+        insn(0x5d, 4, 6, 5, 0),                  // 25: if r4 != r6 goto write
+        insn(0x61, 4, 0, 4, 0),                  // 26: r4 = slot.addr_b
+        insn(0x5d, 4, 7, 3, 0),                  // 27: if r4 != r7 goto write
+        insn(0x61, 4, 0, 8, 0),                  // 28: r4 = slot.ports
+        insn(0x5d, 4, 8, 1, 0),                  // 29: if r4 != r8 goto write
+        insn(0x05, 0, 0, 4, 0),                  // 30: goto out (a hit)
+        insn(0x63, 0, 6, 0, 0),                  // 31: write: slot.addr_a = r6
+        insn(0x63, 0, 7, 4, 0),                  // 32: slot.addr_b = r7
+        insn(0x63, 0, 8, 8, 0),                  // 33: slot.ports = r8
+        insn(0x7a, 0, 0, 16, 1),                 // 34: slot.value = 1
+        insn(0xb7, 0, 0, 0, 0),                  // 35: out: r0 = 0
+        insn(0x95, 0, 0, 0, 0),                  // 36: exit
+    ];
+    load_sched_cls(&insns, "the one-slot flow table floor program")
+}
+
+/// Checks that [`load_slot_floor`] stored the key of the last run of a harness call on `frame`
+/// (`runs` runs) in the slot its hash names: the probe did the work it is timed for.
+fn check_slot(map: RawFd, frame: &[u8], runs: u32) -> Result<()> {
+    let word = |o: usize| u32::from_le_bytes([frame[o], frame[o + 1], frame[o + 2], frame[o + 3]]);
+    // The harness adds one to the little-endian u16 at the source port, once per run.
+    let sport = u16::from_le_bytes([frame[34], frame[35]]).wrapping_add(runs as u16);
+    let [p0, p1] = sport.to_le_bytes();
+    let ports = u32::from_le_bytes([p0, p1, frame[36], frame[37]]);
+    let (a, b) = (u64::from(word(26)), u64::from(word(30)));
+    let h = (b.wrapping_mul(0x05eb_ca6b) ^ a ^ u64::from(ports).wrapping_mul(0x02b2_ae35))
+        .wrapping_mul(0x1e37_79b1);
+    let index = ((h >> 20) as u32) & (SLOTS - 1);
+    let mut slot = [0u8; 32];
+    let mut attr = Attr::new();
+    attr.u32(0, map as u32);
+    attr.u64(8, &index as *const u32 as u64);
+    attr.u64(16, slot.as_mut_ptr() as u64);
+    sys_bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).context("reading the probe's slot")?;
+    let got = |o: usize| u32::from_le_bytes([slot[o], slot[o + 1], slot[o + 2], slot[o + 3]]);
+    if (got(0), got(4), got(8)) != (word(26), word(30), ports) {
+        bail!("the one-slot probe did not store the last key in slot {index}");
+    }
+    Ok(())
 }
 
 /// One `BPF_PROG_TEST_RUN`: (return value, mean ns per run).
@@ -755,6 +850,7 @@ struct Samples {
     unmanaged: Vec<u32>,
     harness: Vec<u32>,
     ct_floor: Vec<u32>,
+    slot_floor: Vec<u32>,
     new: Vec<u32>,
     new_cidr: Vec<u32>,
     f1: Vec<f64>,
@@ -791,6 +887,8 @@ impl Samples {
             harness_floor_runs: self.harness.clone(),
             ct_floor_ns: median_u32(&self.ct_floor),
             ct_floor_runs: self.ct_floor.clone(),
+            slot_floor_ns: median_u32(&self.slot_floor),
+            slot_floor_runs: self.slot_floor.clone(),
             floor_single_ns: m(&self.f1),
             established_single_ns: m(&self.e1),
             new_flow_single_ns: m(&self.n1),
@@ -817,6 +915,7 @@ fn best_of(passes: &[Row]) -> Row {
             (&mut out.unmanaged_ns, r.unmanaged_ns),
             (&mut out.harness_floor_ns, r.harness_floor_ns),
             (&mut out.ct_floor_ns, r.ct_floor_ns),
+            (&mut out.slot_floor_ns, r.slot_floor_ns),
             (&mut out.new_flow_ns, r.new_flow_ns),
             (&mut out.new_flow_cidr_ns, r.new_flow_cidr_ns),
             (&mut out.floor_single_ns, r.floor_single_ns),
@@ -831,6 +930,7 @@ fn best_of(passes: &[Row]) -> Row {
             (&mut out.new_flow_runs, &r.new_flow_runs),
             (&mut out.harness_floor_runs, &r.harness_floor_runs),
             (&mut out.ct_floor_runs, &r.ct_floor_runs),
+            (&mut out.slot_floor_runs, &r.slot_floor_runs),
             (&mut out.established_runs, &r.established_runs),
             (&mut out.floor_runs, &r.floor_runs),
         ] {
@@ -1158,8 +1258,10 @@ fn scenario(
     let harness = load_fresh_port_harness(array.as_raw_fd())?;
     let ct_map = ct_shaped_lru()?;
     let ct_floor = load_ct_floor(ct_map.as_raw_fd())?;
-    let (mut harness_runs, mut new_runs, mut cidr_runs, mut ct_runs) =
-        (vec![], vec![], vec![], vec![]);
+    let slots = slot_array()?;
+    let slot_floor = load_slot_floor(slots.as_raw_fd())?;
+    let (mut harness_runs, mut new_runs, mut cidr_runs, mut ct_runs, mut slot_runs) =
+        (vec![], vec![], vec![], vec![], vec![]);
     let policy_allowed = |dp: &Datapath| -> Result<u64> {
         Ok(dp
             .counters
@@ -1174,6 +1276,9 @@ fn scenario(
         // Its own map: every run a miss and an insert, as for ours.
         set_tail(array.as_raw_fd(), ct_floor.as_raw_fd())?;
         ct_runs.push(test_run(harness.as_raw_fd(), &frame, &ctx, s.new_repeat)?.1);
+        set_tail(array.as_raw_fd(), slot_floor.as_raw_fd())?;
+        slot_runs.push(test_run(harness.as_raw_fd(), &frame, &ctx, s.new_repeat)?.1);
+        check_slot(slots.as_raw_fd(), &frame, s.new_repeat)?;
         set_tail(array.as_raw_fd(), fd)?;
         for (src, runs) in [
             (harness_client(j), &mut new_runs),
@@ -1230,6 +1335,7 @@ fn scenario(
         unmanaged: unmanaged_runs,
         harness: harness_runs,
         ct_floor: ct_runs,
+        slot_floor: slot_runs,
         new: new_runs,
         new_cidr: cidr_runs,
         f1,
