@@ -1,7 +1,7 @@
 //! The agent binary end to end in standalone mode, over routed-veth pods in network namespaces:
 //! health endpoints, edits applied within a second, a bad edit keeping the last good state,
 //! pods coming and going, flows revoked by a policy change, and a SIGKILL + restart + upgrade
-//! under traffic without a wrong verdict.
+//! under traffic without a wrong verdict (with TCX links, and with tc filters upgraded to TCX).
 //!
 //! Needs root and `target/release/enforcer` (`cargo xtask test` builds it).
 
@@ -322,16 +322,46 @@ impl Drop for BpfMount {
 
 #[test]
 fn sigkill_restart_and_upgrade_keep_enforcing_without_a_wrong_verdict() {
-    let s = setup("e2e-rs", &["a", "b", "c"]);
+    crash_restart_upgrade("rs", "auto", "auto");
+}
+
+/// The same with tc (clsact) filters, as on kernels without TCX; the upgrade switches to TCX
+/// links under traffic.
+#[test]
+fn tc_filters_through_crash_restart_and_an_upgrade_to_tcx() {
+    crash_restart_upgrade("rt", "tc", "tcx");
+}
+
+/// Whether `pod`'s host-side veth has our tc (cls_bpf) filter on its egress hook.
+fn has_tc_filter(tb: &Testbed, pod: &TestPod) -> bool {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &tb.node, "tc", "filter", "show", "dev"])
+        .args([pod.host_if.as_str(), "egress"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).contains("to_pod")
+}
+
+/// Traffic throughout an agent in `mode` that is SIGKILLed and restarted, then upgraded to
+/// another binary running in `upgrade_mode`: no wrong verdict, the established flow survives,
+/// and `enforcer cleanup` removes everything.
+fn crash_restart_upgrade(tag: &str, mode: &str, upgrade_mode: &str) {
+    let s = setup(&format!("e2e-{tag}"), &["a", "b", "c"]);
     let (a, b, c) = (s.pods[0].clone(), s.pods[1].clone(), s.pods[2].clone());
-    let bpf = BpfMount::new("rs");
+    let bpf = BpfMount::new(tag);
     let pin = bpf.pin_path();
-    let args = ["--pin-path", pin.as_str()];
+    let args = ["--pin-path", pin.as_str(), "--attach-mode", mode];
+    let upgrade_args = ["--pin-path", pin.as_str(), "--attach-mode", upgrade_mode];
     let stop = Arc::new(AtomicBool::new(false));
     echo_server(&b, 7000, stop.clone());
     std::fs::write(s.dir.path().join("policy.yaml"), allow_a_to_b(7000)).unwrap();
     let mut agent = AgentProcess::start(&s.tb, s.dir.path(), &args).unwrap();
     agent.wait_ready(READY).unwrap();
+    assert_eq!(
+        has_tc_filter(&s.tb, &b),
+        mode == "tc",
+        "tc filter on b's veth in {mode} mode"
+    );
 
     // Traffic throughout: an established flow, new allowed connections, new denied ones.
     let mut conn = Conn::open(&a, (b.v4, 7000).into()).expect("allowed");
@@ -381,10 +411,12 @@ fn sigkill_restart_and_upgrade_keep_enforcing_without_a_wrong_verdict() {
         agent.log_text()
     );
     // Upgrade: another binary takes over the pinned links atomically.
-    let new_bin = std::env::temp_dir().join(format!("enforcer-upgrade-{}", std::process::id()));
+    let new_bin =
+        std::env::temp_dir().join(format!("enforcer-upgrade-{tag}-{}", std::process::id()));
     std::fs::copy(enforcer::testbed::agent_binary().unwrap(), &new_bin).unwrap();
     agent.stop().unwrap();
-    let mut agent = AgentProcess::start_binary(&new_bin, &s.tb, s.dir.path(), &args).unwrap();
+    let mut agent =
+        AgentProcess::start_binary(&new_bin, &s.tb, s.dir.path(), &upgrade_args).unwrap();
     agent.wait_ready(READY).unwrap();
     assert!(
         agent.log_text().contains("took over 3 pinned interfaces"),
@@ -392,6 +424,11 @@ fn sigkill_restart_and_upgrade_keep_enforcing_without_a_wrong_verdict() {
         agent.log_text()
     );
     assert!(conn.ping(), "established flow survives the upgrade");
+    assert_eq!(
+        has_tc_filter(&s.tb, &b),
+        upgrade_mode == "tc",
+        "tc filter on b's veth after the upgrade to {upgrade_mode} mode"
+    );
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
     looper.join().unwrap();
