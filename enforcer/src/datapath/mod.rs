@@ -593,14 +593,13 @@ impl Datapath {
                 if let Ok(files) = std::fs::read_dir(&dir) {
                     for f in files {
                         let f = f?.path();
-                        let tc = f
-                            .file_name()
-                            .and_then(|n| attach::parse_tc_marker(&n.to_string_lossy()));
-                        if let (Some((ifindex, hook)), true) = (tc, sub == "links") {
-                            attach::tc_detach(&f, ifindex, hook)?;
-                        } else if sub == "links" {
-                            bpffs::detach_pinned_link(&f)
-                                .with_context(|| format!("detaching {}", f.display()))?;
+                        if sub == "links" {
+                            let name = f.file_name().unwrap_or_default().to_string_lossy();
+                            match attach::parse_tc_marker(&name) {
+                                Some((ifindex, hook)) => attach::tc_detach(&f, ifindex, hook)?,
+                                None => bpffs::detach_pinned_link(&f)
+                                    .with_context(|| format!("detaching {}", f.display()))?,
+                            }
                         } else {
                             std::fs::remove_file(&f)
                                 .with_context(|| format!("removing {}", f.display()))?;
