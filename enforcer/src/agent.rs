@@ -18,7 +18,7 @@ use anyhow::Result;
 use enforcer_common::REASON_COUNT;
 
 use crate::{
-    datapath::{ConntrackCounter, Datapath},
+    datapath::{ConntrackCounter, CounterKey, CounterReader, Datapath},
     health::Status,
     policy::{
         compile::{Allocations, CompileOptions, compile},
@@ -87,6 +87,15 @@ impl Agent {
             .ok()
             .and_then(|dp| dp.conntrack.counter());
         let _counting = counter.map(|c| CtCounts::spawn(&ct_counts, c, &stop));
+        // Packet counters are read on a thread of their own where the kernel has batch lookups.
+        let reader = self
+            .datapath
+            .lock()
+            .ok()
+            .and_then(|dp| dp.counters.reader());
+        let packets_elsewhere = reader
+            .and_then(|r| self.spawn_packet_counting(r, &stop))
+            .is_some();
         // After a restart or an upgrade: point the links pinned by the previous process at this
         // build's programs, atomically. The maps are the pinned ones, so enforcement continues
         // unchanged until the first reconcile diffs them against the input.
@@ -169,7 +178,7 @@ impl Agent {
                     }
                     last_ct_count = Some(Instant::now());
                 }
-                self.publish_counters(&reconciler, ct_counts.load());
+                self.publish_counters(&reconciler, ct_counts.load(), !packets_elsewhere);
                 last_counters = Instant::now();
             }
             // Wakes early when the source has news (a file written into the folder).
@@ -272,31 +281,13 @@ impl Agent {
         }
     }
 
-    fn publish_counters(&self, reconciler: &Reconciler, ct_entries: (u64, u64)) {
+    /// Publishes `/metrics` gauges: map fill and lost events, and the packet counters unless a
+    /// thread of their own does ([`Agent::spawn_packet_counting`]).
+    fn publish_counters(&self, reconciler: &Reconciler, ct_entries: (u64, u64), packets: bool) {
         let Ok(dp) = self.datapath.lock() else { return };
-        let Ok(counters) = dp.counters.read() else {
-            return;
-        };
-        let mut by_reason = vec![(0u64, 0u64); REASON_COUNT as usize];
-        let mut per_pod = BTreeMap::new();
-        let view = self.view.lock().ok();
-        for ((endpoint, _dir, reason), c) in counters {
-            if let Some(slot) = by_reason.get_mut(reason as usize) {
-                slot.0 += c.packets;
-                slot.1 += c.bytes;
-            }
-            if self.per_pod_metrics
-                && let Some(pod) = view
-                    .as_ref()
-                    .and_then(|v| v.pods_by_endpoint.get(&endpoint))
-            {
-                let e = per_pod.entry((pod.clone(), reason)).or_insert((0, 0));
-                e.0 += c.packets;
-                e.1 += c.bytes;
-            }
+        if packets && let Ok(counters) = dp.counters.read() {
+            publish_packets(&self.status, &self.view, self.per_pod_metrics, counters);
         }
-        drop(view);
-        self.status.set_packets(by_reason, per_pod);
         if let Ok(lost) = dp.events_lost() {
             self.status.events_lost.store(lost, Ordering::Relaxed);
         }
@@ -326,6 +317,69 @@ impl Agent {
         ));
         self.status.set_maps(maps);
     }
+}
+
+impl Agent {
+    /// Reads the packet counters every `RESYNC` on a thread of its own, through its own
+    /// descriptor: a read of every slot takes milliseconds, and on the control loop it would
+    /// delay any policy change that arrived meanwhile. `None` when the thread did not start.
+    fn spawn_packet_counting(
+        &self,
+        reader: CounterReader,
+        stop: &Arc<AtomicBool>,
+    ) -> Option<std::thread::JoinHandle<()>> {
+        let (status, view, stop) = (
+            Arc::clone(&self.status),
+            Arc::clone(&self.view),
+            Arc::clone(stop),
+        );
+        let per_pod = self.per_pod_metrics;
+        std::thread::Builder::new()
+            .name("packet-count".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match reader.read() {
+                        Ok(counters) => publish_packets(&status, &view, per_pod, counters),
+                        Err(e) => log::debug!("reading COUNTERS: {e}"),
+                    }
+                    let next = Instant::now() + RESYNC;
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < next {
+                        std::thread::sleep(POLL);
+                    }
+                }
+            })
+            .map_err(|e| log::warn!("starting the packet counter: {e}; the control loop counts"))
+            .ok()
+    }
+}
+
+/// Packets and bytes by reason, and per pod when asked, from one read of the counters.
+fn publish_packets(
+    status: &Status,
+    view: &Mutex<View>,
+    per_pod_metrics: bool,
+    counters: BTreeMap<CounterKey, enforcer_common::Counter>,
+) {
+    let mut by_reason = vec![(0u64, 0u64); REASON_COUNT as usize];
+    let mut per_pod = BTreeMap::new();
+    let view = view.lock().ok();
+    for ((endpoint, _dir, reason), c) in counters {
+        if let Some(slot) = by_reason.get_mut(reason as usize) {
+            slot.0 += c.packets;
+            slot.1 += c.bytes;
+        }
+        if per_pod_metrics
+            && let Some(pod) = view
+                .as_ref()
+                .and_then(|v| v.pods_by_endpoint.get(&endpoint))
+        {
+            let e = per_pod.entry((pod.clone(), reason)).or_insert((0, 0));
+            e.0 += c.packets;
+            e.1 += c.bytes;
+        }
+    }
+    drop(view);
+    status.set_packets(by_reason, per_pod);
 }
 
 /// The conntrack entry counts (IPv4, IPv6) for the fill ratios on /metrics.

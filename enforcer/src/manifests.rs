@@ -261,52 +261,61 @@ fn load_value(
     }
 }
 
-/// Appends the objects of `part` (one file, loaded on its own) to `into`, as if the file had
-/// been loaded into `into` directly: an object already defined by an earlier file is reported
-/// and left out. Call [`finish`] after the last file.
-pub fn merge(file: &Path, part: &Loaded, into: &mut Loaded) {
-    into.errors.extend(part.errors.iter().cloned());
-    into.ignored.extend(part.ignored.iter().cloned());
-    let first =
-        |into: &mut Loaded,
-         kind: &str,
-         meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+/// Merges files loaded on their own, in order, as if they had been loaded into one [`Loaded`]:
+/// an object already defined by an earlier file is reported and left out. Call [`finish`] after.
+///
+/// Runs for every object on every change of any file, so names are compared borrowed, and the
+/// objects themselves are shared, not copied.
+pub fn merge_all<'a>(parts: impl IntoIterator<Item = (&'a Path, &'a Loaded)>) -> Loaded {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    let mut into = Loaded::default();
+    let mut seen: std::collections::HashSet<(&str, &str, &str)> = std::collections::HashSet::new();
+    for (file, part) in parts {
+        into.errors.extend(part.errors.iter().cloned());
+        into.ignored.extend(part.ignored.iter().cloned());
+        let mut first = |errors: &mut Vec<FileError>, kind: &'static str, meta: &'a ObjectMeta| {
             let ns = if kind == "Namespace" {
-                String::new()
+                ""
             } else {
-                crate::policy::validate::namespace_of(meta)
+                meta.namespace
+                    .as_deref()
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or("default")
             };
-            let name = meta.name.clone().unwrap_or_default();
-            let object = if ns.is_empty() {
-                format!("{kind} {name}")
-            } else {
-                format!("{kind} {ns}/{name}")
-            };
-            into.seen.insert((kind.to_string(), ns, name)) || {
-                into.errors.push(FileError {
-                    file: file.to_path_buf(),
-                    document: None,
-                    object: Some(object),
-                    message: "defined more than once; the first definition is used".into(),
-                });
-                false
+            let name = meta.name.as_deref().unwrap_or_default();
+            if seen.insert((kind, ns, name)) {
+                return true;
             }
+            errors.push(FileError {
+                file: file.to_path_buf(),
+                document: None,
+                object: Some(if ns.is_empty() {
+                    format!("{kind} {name}")
+                } else {
+                    format!("{kind} {ns}/{name}")
+                }),
+                message: "defined more than once; the first definition is used".into(),
+            });
+            false
         };
-    for o in &part.cluster.namespaces {
-        if first(into, "Namespace", &o.metadata) {
-            into.cluster.namespaces.push(o.clone());
+        let c = &mut into.cluster;
+        for o in &part.cluster.namespaces {
+            if first(&mut into.errors, "Namespace", &o.metadata) {
+                c.namespaces.push(Arc::clone(o));
+            }
+        }
+        for o in &part.cluster.pods {
+            if first(&mut into.errors, "Pod", &o.metadata) {
+                c.pods.push(Arc::clone(o));
+            }
+        }
+        for o in &part.cluster.policies {
+            if first(&mut into.errors, "NetworkPolicy", &o.metadata) {
+                c.policies.push(Arc::clone(o));
+            }
         }
     }
-    for o in &part.cluster.pods {
-        if first(into, "Pod", &o.metadata) {
-            into.cluster.pods.push(o.clone());
-        }
-    }
-    for o in &part.cluster.policies {
-        if first(into, "NetworkPolicy", &o.metadata) {
-            into.cluster.policies.push(o.clone());
-        }
-    }
+    into
 }
 
 /// After loading: default namespaces to `default`, give every namespace the API server's

@@ -102,7 +102,7 @@ pub fn compile_report(dir: &Path, node_name: Option<String>, entries: bool) -> R
     }
     if entries {
         let _ = writeln!(o, "\nidentities:");
-        for (id, key) in &compiled.identities {
+        for (id, key) in compiled.identities.iter() {
             let _ = writeln!(o, "  {id}: {key:?}");
         }
         let _ = writeln!(o, "\naddresses:");

@@ -265,14 +265,16 @@ impl ManifestsSource {
             return Ok(None);
         }
         self.read_once = true;
-        let mut problems = Vec::new();
-        let mut loaded = Loaded::default();
-        for (file, state) in &self.files {
-            problems.extend(state.problems.iter().cloned());
-            if let Some(good) = &state.good {
-                manifests::merge(file, good, &mut loaded);
-            }
-        }
+        let mut problems: Vec<Problem> = self
+            .files
+            .values()
+            .flat_map(|state| state.problems.iter().cloned())
+            .collect();
+        let mut loaded = manifests::merge_all(
+            self.files
+                .iter()
+                .filter_map(|(file, state)| Some((file.as_path(), state.good.as_ref()?))),
+        );
         manifests::finish(&mut loaded);
         problems.extend(loaded.errors.iter().map(FileError::to_string));
         Ok(Some((loaded.cluster, problems)))
@@ -459,57 +461,56 @@ fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// never was valid), and remembers valid ones. Returns the problems.
 #[derive(Debug, Default)]
 pub struct LastGoodPolicies {
-    good: BTreeMap<(String, String), std::sync::Arc<NetworkPolicy>>,
+    /// namespace -> name -> (last valid version, the apply that last saw the name). Nested so
+    /// that lookups borrow the names: this runs for every policy on every change.
+    good: BTreeMap<String, BTreeMap<String, (std::sync::Arc<NetworkPolicy>, u64)>>,
+    applies: u64,
 }
 
 impl LastGoodPolicies {
     pub fn apply(&mut self, cluster: &mut Cluster) -> Vec<Problem> {
+        self.applies += 1;
+        let now = self.applies;
         let mut problems = Vec::new();
         let mut out = Vec::with_capacity(cluster.policies.len());
-        let mut present = std::collections::BTreeSet::new();
         for p in cluster.policies.drain(..) {
-            let key = (
-                p.metadata
-                    .namespace
-                    .clone()
-                    .unwrap_or_else(|| "default".into()),
-                p.metadata.name.clone().unwrap_or_default(),
-            );
-            present.insert(key.clone());
-            if self
-                .good
-                .get(&key)
-                .is_some_and(|old| std::sync::Arc::ptr_eq(old, &p))
-            {
-                // The very object validated before (sources share unchanged objects).
-                out.push(p);
-                continue;
+            let ns = p.metadata.namespace.as_deref().unwrap_or("default");
+            let name = p.metadata.name.as_deref().unwrap_or_default();
+            let known = self.good.get_mut(ns).and_then(|names| names.get_mut(name));
+            if let Some((old, seen)) = known {
+                *seen = now;
+                if std::sync::Arc::ptr_eq(old, &p) {
+                    // The very object validated before (sources share unchanged objects).
+                    out.push(p);
+                    continue;
+                }
             }
             match validate_policy(&p) {
                 Ok(()) => {
-                    self.good.insert(key, p.clone());
+                    self.good
+                        .entry(ns.to_string())
+                        .or_default()
+                        .insert(name.to_string(), (p.clone(), now));
                     out.push(p);
                 }
                 Err(errors) => {
-                    for e in errors {
-                        problems.push(e.to_string());
-                    }
-                    match self.good.get(&key) {
-                        Some(old) => {
+                    problems.extend(errors.iter().map(ToString::to_string));
+                    match self.good.get(ns).and_then(|names| names.get(name)) {
+                        Some((old, _)) => {
                             problems.push(format!(
-                                "NetworkPolicy {}/{}: keeping its last valid version",
-                                key.0, key.1
+                                "NetworkPolicy {ns}/{name}: keeping its last valid version"
                             ));
                             out.push(old.clone());
                         }
-                        None => {
-                            problems.push(format!("NetworkPolicy {}/{}: not applied", key.0, key.1))
-                        }
+                        None => problems.push(format!("NetworkPolicy {ns}/{name}: not applied")),
                     }
                 }
             }
         }
-        self.good.retain(|k, _| present.contains(k));
+        self.good.retain(|_, names| {
+            names.retain(|_, (_, seen)| *seen == now);
+            !names.is_empty()
+        });
         cluster.policies = out;
         problems
     }

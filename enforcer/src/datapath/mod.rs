@@ -35,8 +35,8 @@ use enforcer_common::{
     PROG_FROM_POD, PROG_TO_POD, PeerInfo, PolicyKey, PolicyValue, SCHEMA_VERSION, counter_slots,
 };
 pub use tables::{
-    AsyncEvents, Conntrack, ConntrackCounter, CounterKey, Counters, EventReader, HashTable,
-    LpmAddr, LpmTable,
+    AsyncEvents, Conntrack, ConntrackCounter, CounterKey, CounterReader, Counters, EventReader,
+    HashTable, LpmAddr, LpmTable,
 };
 
 pub use self::attach::AttachMode;

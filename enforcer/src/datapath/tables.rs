@@ -349,18 +349,18 @@ impl Counters {
                 self.read_each()?
             }
         };
-        let mut out = BTreeMap::new();
-        for (index, sum) in sums.into_iter().enumerate() {
-            if sum.packets == 0 && sum.bytes == 0 {
-                continue;
-            }
-            #[expect(clippy::cast_possible_truncation, reason = "the map has u32 indexes")]
-            let index = index as u32;
-            let reason = (index % REASON_COUNT) as u8;
-            let slot = index / REASON_COUNT;
-            out.insert((slot / 2, (slot % 2) as u8, reason), sum);
-        }
-        Ok(out)
+        Ok(by_key(sums))
+    }
+
+    /// A descriptor of its own for reading on another thread, without the datapath lock; `None`
+    /// without batch lookups (then [`Counters::read`] it is).
+    pub fn reader(&self) -> Option<CounterReader> {
+        let reader = CounterReader {
+            fd: self.fd.as_ref()?.try_clone().ok()?,
+            slots: self.slots,
+        };
+        reader.read().ok()?;
+        Some(reader)
     }
 
     /// Sums per slot, one lookup per slot.
@@ -385,42 +385,7 @@ impl Counters {
             .fd
             .as_ref()
             .ok_or_else(|| std::io::Error::other("no descriptor"))?;
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
-        // Per-CPU values come as one 8-byte-aligned value per possible CPU.
-        let stride = std::mem::size_of::<Counter>().next_multiple_of(8);
-        let mut out = Vec::with_capacity(self.slots as usize);
-        let mut keys = vec![0u8; BATCH as usize * 4];
-        let mut values = vec![0u8; BATCH as usize * cpus * stride];
-        let mut resume = None;
-        loop {
-            let (n, next) =
-                lookup_batch(fd.as_fd(), resume, &mut keys, 4, &mut values, cpus * stride)?;
-            for i in 0..n {
-                let key = u32::from_ne_bytes([
-                    keys[i * 4],
-                    keys[i * 4 + 1],
-                    keys[i * 4 + 2],
-                    keys[i * 4 + 3],
-                ]);
-                let mut sum = Counter::default();
-                for cpu in 0..cpus {
-                    let at = (i * cpus + cpu) * stride;
-                    let bytes = &values[at..at + std::mem::size_of::<Counter>()];
-                    // SAFETY: `Counter` is plain integers (repr(C)), `bytes` holds one.
-                    let v: Counter = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-                    sum.packets += v.packets;
-                    sum.bytes += v.bytes;
-                }
-                if key as usize != out.len() {
-                    return Err(std::io::Error::other("batch returned slots out of order"));
-                }
-                out.push(sum);
-            }
-            match next {
-                Some(at) if out.len() < self.slots as usize => resume = Some(at),
-                _ => return Ok(out),
-            }
-        }
+        read_batched(fd.as_fd(), self.slots)
     }
 
     /// One counter, summed over CPUs.
@@ -510,6 +475,77 @@ impl AsyncEvents {
 }
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// Every non-zero counter by `(endpoint, direction, reason)`, from the per-slot sums.
+fn by_key(sums: Vec<Counter>) -> BTreeMap<CounterKey, Counter> {
+    let mut out = BTreeMap::new();
+    for (index, sum) in sums.into_iter().enumerate() {
+        if sum.packets == 0 && sum.bytes == 0 {
+            continue;
+        }
+        #[expect(clippy::cast_possible_truncation, reason = "the map has u32 indexes")]
+        let index = index as u32;
+        let reason = (index % REASON_COUNT) as u8;
+        let slot = index / REASON_COUNT;
+        out.insert((slot / 2, (slot % 2) as u8, reason), sum);
+    }
+    out
+}
+
+/// Sums per slot over CPUs, `BATCH` slots per `BPF_MAP_LOOKUP_BATCH` call.
+fn read_batched(fd: std::os::fd::BorrowedFd<'_>, slots: u32) -> std::io::Result<Vec<Counter>> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    // Per-CPU values come as one 8-byte-aligned value per possible CPU.
+    let stride = std::mem::size_of::<Counter>().next_multiple_of(8);
+    let mut out = Vec::with_capacity(slots as usize);
+    let mut keys = vec![0u8; BATCH as usize * 4];
+    let mut values = vec![0u8; BATCH as usize * cpus * stride];
+    let mut resume = None;
+    loop {
+        let (n, next) = lookup_batch(fd, resume, &mut keys, 4, &mut values, cpus * stride)?;
+        for i in 0..n {
+            let key = u32::from_ne_bytes([
+                keys[i * 4],
+                keys[i * 4 + 1],
+                keys[i * 4 + 2],
+                keys[i * 4 + 3],
+            ]);
+            let mut sum = Counter::default();
+            for cpu in 0..cpus {
+                let at = (i * cpus + cpu) * stride;
+                let bytes = &values[at..at + std::mem::size_of::<Counter>()];
+                // SAFETY: `Counter` is plain integers (repr(C)), `bytes` holds one.
+                let v: Counter = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+                sum.packets += v.packets;
+                sum.bytes += v.bytes;
+            }
+            if key as usize != out.len() {
+                return Err(std::io::Error::other("batch returned slots out of order"));
+            }
+            out.push(sum);
+        }
+        match next {
+            Some(at) if out.len() < slots as usize => resume = Some(at),
+            _ => return Ok(out),
+        }
+    }
+}
+
+/// Reads COUNTERS through a descriptor of its own ([`Counters::reader`]): the agent's metrics
+/// thread reads a second's worth of counters (33k slots x CPUs) without holding the datapath
+/// lock, so the read never delays a policy change.
+pub struct CounterReader {
+    fd: std::os::fd::OwnedFd,
+    slots: u32,
+}
+
+impl CounterReader {
+    /// Every non-zero counter, summed over CPUs.
+    pub fn read(&self) -> std::io::Result<BTreeMap<CounterKey, Counter>> {
+        use std::os::fd::AsFd as _;
+        Ok(by_key(read_batched(self.fd.as_fd(), self.slots)?))
+    }
+}
 
 /// Counts the IPv4 and IPv6 conntrack maps through `BPF_MAP_LOOKUP_BATCH`: a few calls of
 /// thousands of entries each, about half the time of the key walk (a `get_next_key` call per

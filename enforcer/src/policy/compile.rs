@@ -16,6 +16,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     net::IpAddr,
+    sync::Arc,
 };
 
 use enforcer_common::{
@@ -24,14 +25,14 @@ use enforcer_common::{
     IDENTITY_WORLD, PORT_MASK_ANY_PROTO, PROTO_ANY, PeerInfo, PolicyKey, PolicyValue,
 };
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 
 use super::{
-    model::{Cluster, pod_ips, pod_node},
+    memo::{Memo, PodDerived, PolicyFacts},
+    model::{Cluster, pod_node},
     selector::Labels,
     validate::{
-        Block, NamespaceMatch, ParsedPolicy, Peer, PolicyError, Port, Rule, parse_policy,
-        protocol_number,
+        Block, NamespaceMatch, ParsedPolicy, Peer, PolicyError, Port, Rule, protocol_number,
     },
 };
 use crate::state::{DesiredState, EndpointState, PodRef, Prefix, RuleRef};
@@ -190,6 +191,14 @@ impl<K: Ord + Clone> Pool<K> {
         true
     }
 
+    /// Marks every live number used in `generation` (a compile that reuses the previous one's
+    /// keys).
+    fn touch_all(&mut self, generation: u64) {
+        for (_, used) in self.live.values_mut() {
+            *used = generation;
+        }
+    }
+
     fn lookup(&self, key: &K) -> Option<u32> {
         self.live.get(key).map(|(id, _)| *id)
     }
@@ -204,6 +213,7 @@ pub struct Allocations {
     identities: Pool<IdentityKey>,
     endpoints: Pool<PodRef>,
     rules: Pool<RuleRef>,
+    memo: Memo,
 }
 
 impl Default for Allocations {
@@ -219,6 +229,7 @@ impl Allocations {
             identities: Pool::new(IDENTITY_FIRST_ALLOCATED, u32::MAX - 1, true),
             endpoints: Pool::new(1, u32::MAX - 1, false),
             rules: Pool::new(1, u32::MAX - 1, true),
+            memo: Memo::default(),
         }
     }
 
@@ -288,35 +299,61 @@ pub struct Compiled {
     pub state: DesiredState,
     pub errors: Vec<CompileError>,
     /// What each identity used in `state` stands for.
-    pub identities: BTreeMap<u32, IdentityKey>,
+    pub identities: Arc<BTreeMap<u32, IdentityKey>>,
 }
 
-/// Valid policies, deduplicated by namespace/name (first wins) and sorted by it; the errors of
-/// the others. The evaluator and the compiler both use this, so they agree on which objects count.
-pub fn parsed_policies(cluster: &Cluster) -> (Vec<ParsedPolicy>, Vec<CompileError>) {
+/// Policies deduplicated by namespace/name (first wins) and sorted by it, each parsed once per
+/// object ([`Memo`]), with the errors of the invalid and duplicate ones. The evaluator counts the
+/// same objects. Only [`PolicyFacts::Valid`] ones are returned.
+fn parsed_policies(
+    cluster: &Cluster,
+    memo: &mut Memo,
+    generation: u64,
+) -> (Vec<Arc<PolicyFacts>>, Vec<CompileError>) {
+    let mut facts: Vec<Arc<PolicyFacts>> = cluster
+        .policies
+        .iter()
+        .map(|p| memo.policy(p, generation))
+        .collect();
+    // Stable: among duplicates the first object stays first.
+    facts.sort_by(|a, b| a.key().cmp(&b.key()));
+    let mut out = Vec::with_capacity(facts.len());
     let mut errors = Vec::new();
-    let mut by_name: BTreeMap<(String, String), ParsedPolicy> = BTreeMap::new();
-    let mut seen = BTreeSet::new();
-    for p in &cluster.policies {
-        let key = (
-            super::validate::namespace_of(&p.metadata),
-            p.metadata.name.clone().unwrap_or_default(),
-        );
-        if !seen.insert(key.clone()) {
+    for (i, f) in facts.iter().enumerate() {
+        if i > 0 && facts[i - 1].key() == f.key() {
+            let (namespace, name) = f.key();
             errors.push(CompileError::DuplicatePolicy {
-                namespace: key.0,
-                name: key.1,
+                namespace: namespace.to_string(),
+                name: name.to_string(),
             });
             continue;
         }
-        match parse_policy(p) {
-            Ok(parsed) => {
-                by_name.insert(key, parsed);
+        match &**f {
+            PolicyFacts::Valid(_) => out.push(Arc::clone(f)),
+            PolicyFacts::Invalid(_, errs) => {
+                errors.extend(errs.iter().cloned().map(CompileError::Policy));
             }
-            Err(errs) => errors.extend(errs.into_iter().map(CompileError::Policy)),
         }
     }
-    (by_name.into_values().collect(), errors)
+    (out, errors)
+}
+
+/// The pods that take part in policy, one per `PodRef` (the first object of a name wins),
+/// ordered by `PodRef`: [`Cluster::policy_pods`], from the memo.
+fn policy_pods<'c>(
+    cluster: &'c Cluster,
+    memo: &mut Memo,
+    generation: u64,
+) -> Vec<(Arc<PodDerived>, &'c Pod)> {
+    let mut all: Vec<(Arc<PodDerived>, &Pod)> = cluster
+        .pods
+        .iter()
+        .map(|p| (memo.pod(p, generation), &**p))
+        .collect();
+    all.sort_by(|a, b| a.0.r.cmp(&b.0.r));
+    all.dedup_by(|later, first| later.0.r == first.0.r);
+    all.retain(|(d, _)| d.policy_pod);
+    all
 }
 
 /// `(name, protocol, port)` of a pod's named container ports (`spec.containers[].ports[]`);
@@ -385,54 +422,87 @@ fn peer_matches(peer: &Peer, key: &IdentityKey, require_identity: bool) -> bool 
 /// Peers of one rule, resolved: `None` = any peer.
 type PeerIds = Option<Vec<u32>>;
 
-/// Compiles the cluster for one node. Never panics; problems are in `errors`.
-pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations) -> Compiled {
-    alloc.generation += 1;
-    let generation = alloc.generation;
-    alloc.endpoints.last = opts.max_endpoints;
-    let (policies, mut errors) = parsed_policies(cluster);
+/// What the identity stage reads: compared with the previous compile's to reuse its result.
+/// The objects are held, so an address cannot be reused by another object meanwhile.
+pub(super) struct StageInput {
+    pods: Vec<Arc<Pod>>,
+    namespaces: Vec<Arc<Namespace>>,
+    verified: BTreeMap<IpAddr, BTreeMap<String, String>>,
+    blocks: BTreeSet<Block>,
+    node_ips: Vec<IpAddr>,
+}
 
-    // ipBlocks and the prefixes that bound their regions.
-    let blocks: BTreeSet<Block> = policies
-        .iter()
-        .flat_map(|p| p.ingress.iter().chain(p.egress.iter()).flatten())
-        .flat_map(|r| r.peers.iter().flatten())
-        .filter_map(|peer| match peer {
-            Peer::Block(b) => Some(b.clone()),
-            Peer::Pods { .. } => None,
-        })
-        .collect();
-    let prefixes: BTreeSet<IpNet> = blocks
+impl PartialEq for StageInput {
+    fn eq(&self, o: &Self) -> bool {
+        // By address first; by content when a source made a new but equal object (the
+        // manifests folder creates the namespaces that are used but not declared on each read).
+        fn same<T: PartialEq>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y) || x == y)
+        }
+        same(&self.pods, &o.pods)
+            && same(&self.namespaces, &o.namespaces)
+            && self.verified == o.verified
+            && self.blocks == o.blocks
+            && self.node_ips == o.node_ips
+    }
+}
+
+/// Everything known about addresses: which pod owns each, the identity each resolves to, and
+/// the peer and region entries. It depends on pods, namespaces, verified addresses, ipBlocks and
+/// node addresses only, so a change to policies alone reuses it (most of a compile at 1k pods).
+#[derive(Default)]
+pub(super) struct IdentityStage {
+    facts: BTreeMap<PodRef, PodFacts>,
+    /// The identity of each pod address.
+    addr_ids: BTreeMap<IpAddr, u32>,
+    /// Every identity in use but world and host, with what it stands for.
+    identities: Arc<BTreeMap<u32, IdentityKey>>,
+    peers_v4: BTreeMap<std::net::Ipv4Addr, PeerInfo>,
+    peers_v6: BTreeMap<std::net::Ipv6Addr, PeerInfo>,
+    cidrs_v4: BTreeMap<Prefix<std::net::Ipv4Addr>, PeerInfo>,
+    cidrs_v6: BTreeMap<Prefix<std::net::Ipv6Addr>, PeerInfo>,
+    errors: Vec<CompileError>,
+}
+
+fn identity_stage(
+    cluster: &Cluster,
+    pods: &[(Arc<PodDerived>, &Pod)],
+    input: &StageInput,
+    identities: &mut Pool<IdentityKey>,
+    generation: u64,
+) -> IdentityStage {
+    let mut stage = IdentityStage::default();
+    let prefixes: BTreeSet<IpNet> = input
+        .blocks
         .iter()
         .flat_map(|b| std::iter::once(b.cidr).chain(b.except.iter().copied()))
         .collect();
 
     // Pods: facts and the addresses they own.
     let mut ns_labels: HashMap<String, Labels> = HashMap::new();
-    let pods = cluster.policy_pods();
-    let mut facts: BTreeMap<PodRef, PodFacts> = BTreeMap::new();
     let mut owner: BTreeMap<IpAddr, PodRef> = BTreeMap::new();
-    for (r, pod) in &pods {
+    for (d, pod) in pods {
+        let r = &d.r;
         let nsl = ns_labels
             .entry(r.namespace.clone())
             .or_insert_with(|| cluster.namespace_labels(&r.namespace))
             .clone();
-        facts.insert(
+        stage.facts.insert(
             r.clone(),
             PodFacts {
                 namespace: r.namespace.clone(),
                 namespace_labels: nsl,
                 labels: pod.metadata.labels.clone().unwrap_or_default(),
-                named_ports: named_ports(pod),
+                named_ports: d.named_ports.clone(),
                 verified: false,
             },
         );
-        for ip in pod_ips(pod) {
-            if opts.node_ips.contains(&ip) {
+        for &ip in &d.ips {
+            if input.node_ips.contains(&ip) {
                 continue;
             }
             match owner.get(&ip) {
-                Some(kept) => errors.push(CompileError::DuplicateAddress {
+                Some(kept) => stage.errors.push(CompileError::DuplicateAddress {
                     ip,
                     kept: kept.clone(),
                     dropped: r.clone(),
@@ -446,14 +516,19 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
 
     // Identity keys of every pod address and every region.
     let blocks_of_ip = |ip: IpAddr| -> BTreeSet<Block> {
-        blocks.iter().filter(|b| b.contains(ip)).cloned().collect()
+        input
+            .blocks
+            .iter()
+            .filter(|b| b.contains(ip))
+            .cloned()
+            .collect()
     };
     let addr_keys: BTreeMap<IpAddr, IdentityKey> = owner
         .iter()
         .map(|(ip, r)| {
             // A verified address adds its identity's reserved labels to the pod's.
-            let pod = facts.get(r).cloned().map(|mut f| {
-                if let Some(extra) = cluster.verified.get(ip) {
+            let pod = stage.facts.get(r).cloned().map(|mut f| {
+                if let Some(extra) = input.verified.get(ip) {
                     f.labels
                         .extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
                     f.verified = true;
@@ -472,7 +547,8 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
     let region_keys: BTreeMap<IpNet, IdentityKey> = prefixes
         .iter()
         .map(|net| {
-            let bs = blocks
+            let bs = input
+                .blocks
                 .iter()
                 .filter(|b| block_covers_net(b, net))
                 .cloned()
@@ -494,10 +570,7 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
     let mut ids: BTreeMap<&IdentityKey, u32> = BTreeMap::new();
     for k in all_keys {
         // The pool cannot run dry: it has ~4e9 numbers.
-        let id = alloc
-            .identities
-            .get(k, generation)
-            .unwrap_or(IDENTITY_WORLD);
+        let id = identities.get(k, generation).unwrap_or(IDENTITY_WORLD);
         ids.insert(k, id);
     }
     let id_of = |k: &IdentityKey| {
@@ -508,25 +581,25 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
         }
     };
 
-    let mut state = DesiredState::default();
     for (ip, k) in &addr_keys {
         let info = PeerInfo {
             identity: id_of(k),
             flags: 0,
         };
+        stage.addr_ids.insert(*ip, info.identity);
         match ip {
-            IpAddr::V4(a) => state.peers_v4.insert(*a, info),
-            IpAddr::V6(a) => state.peers_v6.insert(*a, info),
+            IpAddr::V4(a) => stage.peers_v4.insert(*a, info),
+            IpAddr::V6(a) => stage.peers_v6.insert(*a, info),
         };
     }
-    for ip in &opts.node_ips {
+    for ip in &input.node_ips {
         let info = PeerInfo {
             identity: IDENTITY_HOST,
             flags: 0,
         };
         match ip {
-            IpAddr::V4(a) => state.peers_v4.insert(*a, info),
-            IpAddr::V6(a) => state.peers_v6.insert(*a, info),
+            IpAddr::V4(a) => stage.peers_v4.insert(*a, info),
+            IpAddr::V6(a) => stage.peers_v6.insert(*a, info),
         };
     }
     // Region entries, shortest first, leaving out those that repeat their nearest ancestor.
@@ -548,14 +621,14 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
             flags: 0,
         };
         match net {
-            IpNet::V4(n) => state.cidrs_v4.insert(
+            IpNet::V4(n) => stage.cidrs_v4.insert(
                 Prefix {
                     addr: n.network(),
                     len: n.prefix_len(),
                 },
                 info,
             ),
-            IpNet::V6(n) => state.cidrs_v6.insert(
+            IpNet::V6(n) => stage.cidrs_v6.insert(
                 Prefix {
                     addr: n.network(),
                     len: n.prefix_len(),
@@ -565,8 +638,65 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
         };
     }
 
+    stage.identities = Arc::new(ids.into_iter().map(|(k, id)| (id, k.clone())).collect());
+    stage
+}
+
+/// Compiles the cluster for one node. Never panics; problems are in `errors`.
+pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations) -> Compiled {
+    alloc.generation += 1;
+    let generation = alloc.generation;
+    alloc.endpoints.last = opts.max_endpoints;
+    let (valid, mut errors) = parsed_policies(cluster, &mut alloc.memo, generation);
+    let policies: Vec<&ParsedPolicy> = valid.iter().filter_map(|f| f.valid()).collect();
+
+    // ipBlocks: the only input of the identity stage that comes from policies.
+    let blocks: BTreeSet<Block> = policies
+        .iter()
+        .flat_map(|p| p.ingress.iter().chain(p.egress.iter()).flatten())
+        .flat_map(|r| r.peers.iter().flatten())
+        .filter_map(|peer| match peer {
+            Peer::Block(b) => Some(b.clone()),
+            Peer::Pods { .. } => None,
+        })
+        .collect();
+    let pods = policy_pods(cluster, &mut alloc.memo, generation);
+    let input = StageInput {
+        pods: cluster.pods.clone(),
+        namespaces: cluster.namespaces.clone(),
+        verified: cluster.verified.clone(),
+        blocks,
+        node_ips: opts.node_ips.clone(),
+    };
+    // Reusable only straight after the compile that made it: then the identity pool holds
+    // exactly its keys, with its numbers.
+    let stage = match alloc.memo.stage.take() {
+        Some((prev, stage, made)) if made + 1 == generation && prev == input => {
+            alloc.identities.touch_all(generation);
+            stage
+        }
+        _ => Arc::new(identity_stage(
+            cluster,
+            &pods,
+            &input,
+            &mut alloc.identities,
+            generation,
+        )),
+    };
+    alloc.memo.stage = Some((input, Arc::clone(&stage), generation));
+    errors.extend(stage.errors.iter().cloned());
+    let facts = &stage.facts;
+    let mut state = DesiredState {
+        peers_v4: stage.peers_v4.clone(),
+        peers_v6: stage.peers_v6.clone(),
+        cidrs_v4: stage.cidrs_v4.clone(),
+        cidrs_v6: stage.cidrs_v6.clone(),
+        ..DesiredState::default()
+    };
+    let id_of_addr = |ip: &IpAddr| stage.addr_ids.get(ip).copied();
+
     // Identities by what they are, for resolving peers.
-    let known: Vec<(u32, &IdentityKey)> = ids.iter().map(|(k, id)| (*id, *k)).collect();
+    let known: Vec<(u32, &IdentityKey)> = stage.identities.iter().map(|(id, k)| (*id, k)).collect();
     let pod_identities: Vec<(u32, &PodFacts)> = known
         .iter()
         .filter_map(|(id, k)| k.pod.as_ref().map(|f| (*id, f)))
@@ -606,7 +736,8 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
     let mut resolved: HashMap<(usize, u8, usize), PeerIds> = HashMap::new();
 
     // Endpoints.
-    for (r, pod) in &pods {
+    for (d, pod) in &pods {
+        let r = &d.r;
         if !opts.is_local(pod) {
             continue;
         }
@@ -618,7 +749,7 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
             continue;
         };
         let Some(f) = facts.get(r) else { continue };
-        let ips = pod_ips(pod);
+        let ips = d.ips.clone();
         let mut info = EndpointInfo {
             id: eid,
             ..Default::default()
@@ -637,10 +768,7 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
             info.flags |= EP_HAS_V6;
             info.ipv6 = v6.octets();
         }
-        info.identity = ips
-            .iter()
-            .find_map(|ip| addr_keys.get(ip).map(id_of))
-            .unwrap_or(IDENTITY_WORLD);
+        info.identity = ips.iter().find_map(id_of_addr).unwrap_or(IDENTITY_WORLD);
 
         for dir in [DIR_INGRESS, DIR_EGRESS] {
             let mut masks = 0u32;
@@ -746,17 +874,109 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
     alloc.identities.sweep(generation);
     alloc.endpoints.sweep(generation);
     alloc.rules.sweep(generation);
-    let identities = ids.into_iter().map(|(k, id)| (id, k.clone())).collect();
+    alloc.memo.sweep(generation);
     Compiled {
         state,
         errors,
-        identities,
+        identities: Arc::clone(&stage.identities),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::{model::shared, tests::fixtures::*};
+
+    fn stage_of(a: &Allocations) -> *const IdentityStage {
+        a.memo
+            .stage
+            .as_ref()
+            .map_or(std::ptr::null(), |(_, s, _)| Arc::as_ptr(s))
+    }
+
+    /// What the memo saves is real: an unchanged policy is not parsed again, the identity stage
+    /// is reused across a policy-only change and rebuilt when a pod, a namespace or an ipBlock
+    /// changes, and a gone object's entry is dropped.
+    #[test]
+    fn unchanged_objects_are_not_derived_again() {
+        let opts = CompileOptions::default();
+        let allow = |name: &str, peer| {
+            policy(
+                "x",
+                name,
+                None,
+                None,
+                Some(vec![(Some(vec![peer]), Some(vec![tcp(80)]))]),
+                None,
+            )
+        };
+        let mut c = Cluster {
+            namespaces: shared([namespace("x", &[])]),
+            pods: shared([
+                pod("x", "a", &[("app", "a")], &["10.0.0.1"], "n", &[]),
+                pod("x", "b", &[("app", "b")], &["10.0.0.2"], "n", &[]),
+            ]),
+            policies: shared([allow("p", pods_peer(None, Some(sel(&[("app", "b")]))))]),
+            verified: BTreeMap::new(),
+        };
+        let mut a = Allocations::new();
+        let first = compile(&c, &opts, &mut a);
+        let stage = stage_of(&a);
+        let parsed = Arc::as_ptr(&a.memo.policy(&c.policies[0], a.generation));
+
+        // Only a policy added: the same stage, the old policy's parse reused.
+        c.policies.push(Arc::new(allow(
+            "q",
+            pods_peer(None, Some(sel(&[("app", "a")]))),
+        )));
+        let second = compile(&c, &opts, &mut a);
+        assert_eq!(stage_of(&a), stage, "policy-only change reuses the stage");
+        assert_eq!(
+            Arc::as_ptr(&a.memo.policy(&c.policies[0], a.generation)),
+            parsed,
+            "unchanged policy not parsed again"
+        );
+        assert_eq!(second.identities, first.identities);
+        assert!(second.state.policy.len() > first.state.policy.len());
+
+        // A pod relabelled (a new object): the stage is rebuilt, identities follow the labels.
+        c.pods[1] = Arc::new(pod("x", "b", &[("app", "c")], &["10.0.0.2"], "n", &[]));
+        let third = compile(&c, &opts, &mut a);
+        assert_ne!(stage_of(&a), stage, "pod change rebuilds the stage");
+        assert_ne!(third.identities, second.identities);
+        let fresh = compile(&c, &opts, &mut Allocations::new());
+        assert_eq!(third.state.policy.len(), fresh.state.policy.len());
+
+        // An ipBlock appears: rebuilt again (regions and address keys depend on it).
+        let stage = stage_of(&a);
+        c.policies.push(Arc::new(allow(
+            "r",
+            block_peer("10.0.0.0/24", &["10.0.0.2/32"]),
+        )));
+        let fourth = compile(&c, &opts, &mut a);
+        assert_ne!(stage_of(&a), stage, "new ipBlock rebuilds the stage");
+        assert!(!fourth.state.cidrs_v4.is_empty());
+
+        // A namespace relabelled: rebuilt.
+        let stage = stage_of(&a);
+        c.namespaces = shared([namespace("x", &[("team", "blue")])]);
+        compile(&c, &opts, &mut a);
+        assert_ne!(stage_of(&a), stage, "namespace change rebuilds the stage");
+
+        // Removed objects leave the memo at the end of the compile.
+        c.policies.truncate(1);
+        compile(&c, &opts, &mut a);
+        assert_eq!(a.memo.policies_len(), 1);
+        c.pods.truncate(1);
+        compile(&c, &opts, &mut a);
+        assert_eq!(a.memo.pods_len(), 1);
+
+        // A compile skipped in between (allocations cloned from an older state): never reused.
+        let stage = stage_of(&a);
+        let mut older = a.clone();
+        compile(&c, &opts, &mut older);
+        assert_ne!(stage_of(&older), stage);
+    }
 
     #[test]
     fn reserved_endpoint_ids_are_kept_and_never_handed_out_twice() {

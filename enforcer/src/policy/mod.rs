@@ -4,6 +4,7 @@ pub mod compile;
 pub mod evaluator;
 pub mod explain;
 pub mod lookup;
+mod memo;
 pub mod model;
 pub mod selector;
 pub mod validate;

@@ -131,6 +131,8 @@ impl Selector {
         if errors.is_empty() {
             requirements.sort();
             requirements.dedup();
+            // Parsed selectors are kept for the life of their policy (see `policy::memo`).
+            requirements.shrink_to_fit();
             Ok(Self { requirements })
         } else {
             Err(errors)

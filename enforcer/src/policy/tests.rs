@@ -218,6 +218,18 @@ fn check_agreement(
     flows: &[(u8, u16)],
 ) {
     let compiled = compile(cluster, opts, &mut Allocations::new());
+    check_compiled(&compiled, cluster, opts, peers, flows);
+}
+
+/// Asserts that `compiled` (of `cluster`) and the evaluator agree on every given flow at every
+/// local endpoint, both directions.
+fn check_compiled(
+    compiled: &super::Compiled,
+    cluster: &Cluster,
+    opts: &CompileOptions,
+    peers: &[IpAddr],
+    flows: &[(u8, u16)],
+) {
     for ep in compiled.state.endpoints.keys() {
         for &dir in &[DIR_INGRESS, DIR_EGRESS] {
             for &peer in peers {
@@ -558,6 +570,35 @@ proptest! {
             o.node_name = None;
         }
         check_agreement(&cluster, &o, &flow_peers(), &flows);
+    }
+
+    /// The agent compiles every change with the `Allocations` of the previous compile, which
+    /// reuses what it derived from unchanged objects (`memo.rs`): a sequence of clusters that
+    /// share some objects and replace others must compile to the evaluator's verdicts each time,
+    /// exactly like fresh compiles.
+    #[test]
+    fn carried_compiles_of_changing_clusters_agree_with_the_evaluator(
+        a in cluster_strategy(),
+        b in cluster_strategy(),
+        flows in flows_strategy(),
+        split in 0..8usize,
+    ) {
+        let o = opts();
+        // Mixes: a's pods with b's policies (only policies change, as in most updates), then
+        // some of b's pods with a's namespaces and verified addresses, then back to a.
+        let policies_changed = Cluster { policies: b.policies.clone(), ..a.clone() };
+        let mut pods_changed = a.clone();
+        pods_changed.pods = b.pods.iter().take(split).chain(a.pods.iter().skip(split)).cloned().collect();
+        let steps = [a.clone(), policies_changed, pods_changed, b.clone(), b.clone(), a.clone()];
+        let mut alloc = Allocations::new();
+        for c in &steps {
+            let compiled = compile(c, &o, &mut alloc);
+            check_compiled(&compiled, c, &o, &flow_peers(), &flows);
+            let fresh = compile(c, &o, &mut Allocations::new());
+            prop_assert_eq!(&compiled.errors, &fresh.errors);
+            prop_assert_eq!(compiled.state.endpoints.len(), fresh.state.endpoints.len());
+            prop_assert_eq!(compiled.state.policy.len(), fresh.state.policy.len());
+        }
     }
 
     #[test]

@@ -243,21 +243,26 @@ pub fn parse_policy(policy: &NetworkPolicy) -> Result<ParsedPolicy, Vec<PolicyEr
             .enumerate()
             .map(|(i, (peers, ports))| {
                 let base = format!("spec.{dir}[{i}]");
+                // Exact capacities: a parsed policy is kept as long as its object (memo.rs).
                 let peers = peers.filter(|p| !p.is_empty()).map(|peers| {
-                    peers
+                    let mut v: Vec<Peer> = peers
                         .iter()
                         .enumerate()
                         .filter_map(|(j, p)| {
                             parse_peer(cx, &format!("{base}.{peer_field}[{j}]"), p, &namespace)
                         })
-                        .collect()
+                        .collect();
+                    v.shrink_to_fit();
+                    v
                 });
                 let ports = ports.filter(|p| !p.is_empty()).map(|ports| {
-                    ports
+                    let mut v: Vec<Port> = ports
                         .iter()
                         .enumerate()
                         .filter_map(|(j, p)| parse_port(cx, &format!("{base}.ports[{j}]"), p))
-                        .collect()
+                        .collect();
+                    v.shrink_to_fit();
+                    v
                 });
                 Rule { peers, ports }
             })

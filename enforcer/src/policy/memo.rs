@@ -1,0 +1,145 @@
+//! What the compiler derives from a single API object, kept from one compile to the next.
+//!
+//! The agent recompiles the whole cluster on every change, but a change replaces only a few
+//! objects: the rest are the same `Arc`s as last time, so their parsed form is reused instead of
+//! parsed again (parsing 1k policies was a quarter of a compile). An entry holds a clone of its
+//! object's `Arc`, so the address it is keyed by cannot be reused by another object while the
+//! entry lives; entries whose object left the input are dropped at the end of each compile.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::IpAddr,
+    sync::Arc,
+};
+
+use k8s_openapi::api::{core::v1::Pod, networking::v1::NetworkPolicy};
+
+use super::{
+    compile::{IdentityStage, StageInput, named_ports},
+    model::{pod_ips, pod_is_policy_pod, pod_ref},
+    validate::{ParsedPolicy, PolicyError, namespace_of, parse_policy},
+};
+use crate::state::PodRef;
+
+/// A policy's parse result.
+pub(super) enum PolicyFacts {
+    Valid(ParsedPolicy),
+    /// `(namespace, name)` and what is wrong.
+    Invalid((String, String), Vec<PolicyError>),
+}
+
+impl PolicyFacts {
+    pub fn valid(&self) -> Option<&ParsedPolicy> {
+        match self {
+            Self::Valid(p) => Some(p),
+            Self::Invalid(..) => None,
+        }
+    }
+
+    /// `(namespace, name)`: duplicates are found by it.
+    pub fn key(&self) -> (&str, &str) {
+        match self {
+            Self::Valid(p) => (&p.namespace, &p.name),
+            Self::Invalid((ns, name), _) => (ns, name),
+        }
+    }
+}
+
+/// What the compiler reads of a pod, apart from its labels and node.
+pub(super) struct PodDerived {
+    pub r: PodRef,
+    pub policy_pod: bool,
+    pub ips: Vec<IpAddr>,
+    pub named_ports: BTreeSet<(String, u8, u16)>,
+}
+
+struct Entry<O, D> {
+    /// Keeps the object alive, and with it the address the entry is keyed by.
+    _object: Arc<O>,
+    derived: Arc<D>,
+    used: u64,
+}
+
+/// Keyed by the object's address (`Arc::as_ptr`).
+#[derive(Default)]
+pub(super) struct Memo {
+    policies: HashMap<usize, Entry<NetworkPolicy, PolicyFacts>>,
+    pods: HashMap<usize, Entry<Pod, PodDerived>>,
+    /// The last compile's identity stage, its input and generation.
+    pub stage: Option<(StageInput, Arc<IdentityStage>, u64)>,
+}
+
+impl Clone for Memo {
+    /// A clone starts empty: the memo only saves work, it never changes a result.
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl std::fmt::Debug for Memo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Memo")
+            .field("policies", &self.policies.len())
+            .field("pods", &self.pods.len())
+            .finish()
+    }
+}
+
+fn derive<O, D>(
+    map: &mut HashMap<usize, Entry<O, D>>,
+    object: &Arc<O>,
+    generation: u64,
+    make: impl FnOnce(&O) -> D,
+) -> Arc<D> {
+    let e = map
+        .entry(Arc::as_ptr(object) as usize)
+        .or_insert_with(|| Entry {
+            _object: Arc::clone(object),
+            derived: Arc::new(make(object)),
+            used: generation,
+        });
+    e.used = generation;
+    Arc::clone(&e.derived)
+}
+
+impl Memo {
+    pub fn policy(&mut self, p: &Arc<NetworkPolicy>, generation: u64) -> Arc<PolicyFacts> {
+        derive(&mut self.policies, p, generation, |p| {
+            match parse_policy(p) {
+                Ok(parsed) => PolicyFacts::Valid(parsed),
+                Err(errors) => PolicyFacts::Invalid(
+                    (
+                        namespace_of(&p.metadata),
+                        p.metadata.name.clone().unwrap_or_default(),
+                    ),
+                    errors,
+                ),
+            }
+        })
+    }
+
+    pub fn pod(&mut self, p: &Arc<Pod>, generation: u64) -> Arc<PodDerived> {
+        derive(&mut self.pods, p, generation, |p| PodDerived {
+            r: pod_ref(p),
+            policy_pod: pod_is_policy_pod(p),
+            ips: pod_ips(p),
+            named_ports: named_ports(p),
+        })
+    }
+
+    #[cfg(test)]
+    pub fn policies_len(&self) -> usize {
+        self.policies.len()
+    }
+
+    #[cfg(test)]
+    pub fn pods_len(&self) -> usize {
+        self.pods.len()
+    }
+
+    /// Drops the entries of objects that were not in the compile of `generation`.
+    pub fn sweep(&mut self, generation: u64) {
+        self.policies.retain(|_, e| e.used == generation);
+        self.pods.retain(|_, e| e.used == generation);
+    }
+}
