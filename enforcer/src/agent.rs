@@ -149,6 +149,7 @@ impl Agent {
                     }
                     let started = Instant::now();
                     let compiled = compile(c, &self.compile_options, &mut alloc);
+                    self.status.observe_compile(started.elapsed());
                     for e in &compiled.errors {
                         log::warn!("{e}");
                     }

@@ -18,8 +18,38 @@ use anyhow::{Context as _, Result};
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use enforcer_common::{REASON_COUNT, REASON_FIRST_DROP, REASON_NAMES};
 
-/// Upper bounds (seconds) of the reconcile latency histogram.
+/// Upper bounds (seconds) of the latency histograms.
 const BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
+
+/// A latency histogram in Prometheus' cumulative form.
+#[derive(Default)]
+struct Histogram {
+    buckets: [u64; BUCKETS.len()],
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, took: Duration) {
+        let s = took.as_secs_f64();
+        for (b, le) in BUCKETS.iter().enumerate() {
+            if s <= *le {
+                self.buckets[b] += 1;
+            }
+        }
+        self.sum += s;
+        self.count += 1;
+    }
+
+    fn render(&self, o: &mut String, name: &str, help: &str) {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (b, le) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(o, "{name}_bucket{{le=\"{le}\"}} {}", self.buckets[b]);
+        }
+        let _ = writeln!(o, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(o, "{name}_sum {}\n{name}_count {}", self.sum, self.count);
+    }
+}
 
 /// Appends more metrics to a /metrics page.
 pub type Renderer = Arc<dyn Fn(&mut String) + Send + Sync>;
@@ -46,10 +76,10 @@ pub struct Status {
 
 #[derive(Default)]
 struct Inner {
-    /// Reconcile latency histogram: bucket counts, sum, count.
-    buckets: [u64; BUCKETS.len()],
-    sum: f64,
-    count: u64,
+    /// Compile and program, per change.
+    reconcile: Histogram,
+    /// The compile alone, per change (its part of `reconcile`).
+    compile: Histogram,
     /// Packets and bytes by reason (index = reason), summed over endpoints and directions.
     packets: Vec<(u64, u64)>,
     /// Per pod (when asked), by (pod, reason).
@@ -71,15 +101,17 @@ impl std::fmt::Debug for Status {
 impl Status {
     pub fn observe_reconcile(&self, took: Duration) {
         self.reconciles.fetch_add(1, Ordering::Relaxed);
-        let s = took.as_secs_f64();
-        let Ok(mut i) = self.inner.lock() else { return };
-        for (b, le) in BUCKETS.iter().enumerate() {
-            if s <= *le {
-                i.buckets[b] += 1;
-            }
+        if let Ok(mut i) = self.inner.lock() {
+            i.reconcile.observe(took);
         }
-        i.sum += s;
-        i.count += 1;
+    }
+
+    /// The compile of a change, apart: with the reconcile histogram it says whether a slow
+    /// change was slow to compile or to program.
+    pub fn observe_compile(&self, took: Duration) {
+        if let Ok(mut i) = self.inner.lock() {
+            i.compile.observe(took);
+        }
     }
 
     /// Replaces the packet counters (index = reason) and the per-pod breakdown.
@@ -164,26 +196,15 @@ impl Status {
             self.input_problems.load(Ordering::Relaxed),
         );
         let Ok(i) = self.inner.lock() else { return o };
-        let _ = writeln!(
-            o,
-            "# HELP enforcer_reconcile_seconds Time to compile and program a change\n# TYPE enforcer_reconcile_seconds histogram"
+        i.reconcile.render(
+            &mut o,
+            "enforcer_reconcile_seconds",
+            "Time to compile and program a change",
         );
-        for (b, le) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                o,
-                "enforcer_reconcile_seconds_bucket{{le=\"{le}\"}} {}",
-                i.buckets[b]
-            );
-        }
-        let _ = writeln!(
-            o,
-            "enforcer_reconcile_seconds_bucket{{le=\"+Inf\"}} {}",
-            i.count
-        );
-        let _ = writeln!(
-            o,
-            "enforcer_reconcile_seconds_sum {}\nenforcer_reconcile_seconds_count {}",
-            i.sum, i.count
+        i.compile.render(
+            &mut o,
+            "enforcer_compile_seconds",
+            "Time to compile a change (part of enforcer_reconcile_seconds)",
         );
         let _ = writeln!(
             o,
@@ -308,6 +329,7 @@ mod tests {
     fn renders_prometheus_text() {
         let s = Status::default();
         s.observe_reconcile(Duration::from_millis(3));
+        s.observe_compile(Duration::from_millis(30));
         let mut packets = vec![(0, 0); REASON_COUNT as usize];
         packets[enforcer_common::reason::DROP_POLICY as usize] = (7, 700);
         s.set_packets(packets, BTreeMap::new());
@@ -319,6 +341,18 @@ mod tests {
         );
         assert!(
             t.contains("enforcer_reconcile_seconds_bucket{le=\"0.005\"} 1"),
+            "{t}"
+        );
+        assert!(
+            t.contains("enforcer_reconcile_seconds_bucket{le=\"0.0025\"} 0"),
+            "{t}"
+        );
+        assert!(
+            t.contains("enforcer_compile_seconds_bucket{le=\"0.025\"} 0")
+                && t.contains("enforcer_compile_seconds_bucket{le=\"0.05\"} 1")
+                && t.contains(
+                    "enforcer_compile_seconds_sum 0.03\nenforcer_compile_seconds_count 1"
+                ),
             "{t}"
         );
         assert!(

@@ -200,6 +200,17 @@ pub fn status_report(metrics: &str) -> String {
         one("enforcer_reconciles_total"),
         one("enforcer_reconcile_errors_total"),
     );
+    let mean_ms = |h: &str| {
+        let n = one(&format!("{h}_count"));
+        (n > 0.0).then(|| one(&format!("{h}_sum")) / n * 1e3)
+    };
+    if let Some(all) = mean_ms("enforcer_reconcile_seconds") {
+        let _ = writeln!(
+            o,
+            "per change, mean: {all:.1} ms to compile and program, of which {:.1} ms compiling",
+            mean_ms("enforcer_compile_seconds").unwrap_or(f64::NAN)
+        );
+    }
     let _ = writeln!(o, "\npackets by verdict and reason:");
     for (n, l, v) in values
         .iter()
@@ -339,8 +350,14 @@ mod tests {
 
     #[test]
     fn status_summarises_metrics() {
-        let m = "enforcer_ready 1\nenforcer_pods_enforced 3\nenforcer_packets_total{verdict=\"dropped\",reason=\"policy-denied\"} 7\nenforcer_map_entries{map=\"POLICY\"} 5\nenforcer_map_fill_ratio{map=\"POLICY\"} 0.5\n";
+        let m = "enforcer_ready 1\nenforcer_pods_enforced 3\nenforcer_packets_total{verdict=\"dropped\",reason=\"policy-denied\"} 7\nenforcer_map_entries{map=\"POLICY\"} 5\nenforcer_map_fill_ratio{map=\"POLICY\"} 0.5\nenforcer_reconcile_seconds_sum 0.04\nenforcer_reconcile_seconds_count 4\nenforcer_compile_seconds_sum 0.012\nenforcer_compile_seconds_count 4\n";
         let s = status_report(m);
+        assert!(
+            s.contains(
+                "per change, mean: 10.0 ms to compile and program, of which 3.0 ms compiling"
+            ),
+            "{s}"
+        );
         assert!(
             s.contains("ready: yes") && s.contains("pods enforced: 3"),
             "{s}"

@@ -142,6 +142,8 @@ pub struct Latency {
     /// Mean of the agent's own `enforcer_reconcile_seconds` (compile + program) over the
     /// changes, ms, from /metrics.
     pub reconcile_mean_ms: f64,
+    /// Mean of its `enforcer_compile_seconds` (the compile part), ms.
+    pub compile_mean_ms: f64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -709,6 +711,8 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
             metric(&after, "enforcer_reconcile_seconds_count"),
         );
         lat.reconcile_mean_ms = (s1 - s0) / (n1 - n0) * 1e3;
+        let compile_sum = |m: &str| metric(m, "enforcer_compile_seconds_sum");
+        lat.compile_mean_ms = (compile_sum(&after) - compile_sum(&before)) / (n1 - n0) * 1e3;
         res.notes.push(format!(
             "policy-change run: the agent's enforcer_reconcile_seconds moved by {} reconciles, {:.3} s in all",
             n1 - n0,
@@ -1044,6 +1048,7 @@ fn latency(bed: &Bed, s: &Settings) -> Result<Latency> {
         timeouts,
         probe_timeout_ms: probe_patience.as_secs_f64() * 1e3,
         reconcile_mean_ms: f64::NAN,
+        compile_mean_ms: f64::NAN,
     })
 }
 
