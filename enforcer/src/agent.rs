@@ -282,6 +282,47 @@ impl Agent {
         }
     }
 
+    /// Reads the packet counters every `RESYNC` on a thread of its own, through its own
+    /// descriptor: a read of every slot takes milliseconds, and on the control loop it would
+    /// delay any policy change that arrived meanwhile. `None` when the thread did not start.
+    fn spawn_packet_counting(
+        &self,
+        reader: CounterReader,
+        stop: &Arc<AtomicBool>,
+    ) -> Option<std::thread::JoinHandle<()>> {
+        let (status, view, stop) = (
+            Arc::clone(&self.status),
+            Arc::clone(&self.view),
+            Arc::clone(stop),
+        );
+        let per_pod = self.per_pod_metrics;
+        std::thread::Builder::new()
+            .name("packet-count".into())
+            .spawn(move || {
+                let mut failing = false;
+                while !stop.load(Ordering::Relaxed) {
+                    match reader.read() {
+                        Ok(counters) => {
+                            failing = false;
+                            publish_packets(&status, &view, per_pod, counters);
+                        }
+                        // Loud once, then quiet until it recovers: /metrics keeps the last read.
+                        Err(e) if !failing => {
+                            failing = true;
+                            log::warn!("reading COUNTERS: {e}; packet metrics are stale");
+                        }
+                        Err(e) => log::debug!("reading COUNTERS: {e}"),
+                    }
+                    let next = Instant::now() + RESYNC;
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < next {
+                        std::thread::sleep(POLL);
+                    }
+                }
+            })
+            .map_err(|e| log::warn!("starting the packet counter: {e}; the control loop counts"))
+            .ok()
+    }
+
     /// Publishes `/metrics` gauges: map fill and lost events, and the packet counters unless a
     /// thread of their own does ([`Agent::spawn_packet_counting`]).
     fn publish_counters(&self, reconciler: &Reconciler, ct_entries: (u64, u64), packets: bool) {
@@ -317,40 +358,6 @@ impl Agent {
             u64::from(o.conntrack_size),
         ));
         self.status.set_maps(maps);
-    }
-}
-
-impl Agent {
-    /// Reads the packet counters every `RESYNC` on a thread of its own, through its own
-    /// descriptor: a read of every slot takes milliseconds, and on the control loop it would
-    /// delay any policy change that arrived meanwhile. `None` when the thread did not start.
-    fn spawn_packet_counting(
-        &self,
-        reader: CounterReader,
-        stop: &Arc<AtomicBool>,
-    ) -> Option<std::thread::JoinHandle<()>> {
-        let (status, view, stop) = (
-            Arc::clone(&self.status),
-            Arc::clone(&self.view),
-            Arc::clone(stop),
-        );
-        let per_pod = self.per_pod_metrics;
-        std::thread::Builder::new()
-            .name("packet-count".into())
-            .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match reader.read() {
-                        Ok(counters) => publish_packets(&status, &view, per_pod, counters),
-                        Err(e) => log::debug!("reading COUNTERS: {e}"),
-                    }
-                    let next = Instant::now() + RESYNC;
-                    while !stop.load(Ordering::Relaxed) && Instant::now() < next {
-                        std::thread::sleep(POLL);
-                    }
-                }
-            })
-            .map_err(|e| log::warn!("starting the packet counter: {e}; the control loop counts"))
-            .ok()
     }
 }
 
