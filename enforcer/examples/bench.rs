@@ -14,6 +14,8 @@
 
 #[path = "bench/inputs.rs"]
 mod inputs;
+#[path = "bench/interleave.rs"]
+mod interleave;
 #[path = "bench/load.rs"]
 mod load;
 #[path = "bench/net.rs"]
@@ -50,7 +52,7 @@ struct Args {
     /// Traffic rounds (default 4, 1 with --quick).
     #[arg(long)]
     rounds: Option<usize>,
-    /// Back-to-back pairs per traffic round (default 8, 1 with --quick).
+    /// Interleaved runs per traffic round (default 4, 1 with --quick).
     #[arg(long)]
     pairs: Option<usize>,
 }
@@ -127,7 +129,13 @@ fn main() -> Result<()> {
             traffic: net_part("traffic"),
             latency: net_part("latency"),
             sweep: net_part("sweep"),
-            pairs: args.pairs.unwrap_or(if quick { 1 } else { 8 }),
+            pairs: args.pairs.unwrap_or(if quick { 1 } else { 4 }),
+            windows: interleave::Windows {
+                window_secs: 0.25,
+                settle_secs: 0.02,
+                cycles: if quick { 6 } else { 12 },
+                warmup_secs: 0.3,
+            },
             pair_iperf_secs: 2,
             pair_rate_secs: if quick { 1.0 } else { 1.5 },
         };

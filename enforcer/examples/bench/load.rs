@@ -7,7 +7,7 @@ use std::{
     os::fd::AsRawFd,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -151,39 +151,50 @@ fn tcp_segments() -> (u64, u64) {
     (get("InSegs"), get("OutSegs"))
 }
 
+/// One TCP_CRR transaction: connect, 1-byte request, 1-byte response, close.
+fn crr_once(to: SocketAddr) -> bool {
+    let mut b = [1u8; 1];
+    let Ok(mut s) = TcpStream::connect_timeout(&to, Duration::from_secs(1)) else {
+        return false;
+    };
+    let _ = s.set_nodelay(true);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    s.write_all(&b).is_ok() && s.read_exact(&mut b).is_ok()
+}
+
+/// The connection of a TCP_RR load.
+fn rr_connect(to: SocketAddr) -> Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&to, Duration::from_secs(2))
+        .with_context(|| format!("connecting to {to}"))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    Ok(s)
+}
+
+/// One TCP_RR transaction: 1-byte request, 1-byte response.
+fn rr_once(s: &mut TcpStream) -> Result<()> {
+    let mut b = [7u8; 1];
+    s.write_all(&b)?;
+    s.read_exact(&mut b)?;
+    Ok(())
+}
+
 /// TCP_CRR: connect, 1-byte request, 1-byte response, close; one connection at a time.
 pub fn crr(netns: &str, to: SocketAddr, warmup: Duration, dur: Duration) -> Result<Rate> {
     in_netns(netns, move || -> Result<Rate> {
-        let one = |errors: &mut u64| {
-            let mut b = [1u8; 1];
-            match TcpStream::connect_timeout(&to, Duration::from_secs(1)) {
-                Ok(mut s) => {
-                    let _ = s.set_nodelay(true);
-                    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-                    if s.write_all(&b).is_err() || s.read_exact(&mut b).is_err() {
-                        *errors += 1;
-                        return false;
-                    }
-                    true
-                }
-                Err(_) => {
-                    *errors += 1;
-                    false
-                }
-            }
-        };
-        let mut errors = 0;
         let end = Instant::now() + warmup;
         while Instant::now() < end {
-            one(&mut errors);
+            crr_once(to);
         }
-        errors = 0;
+        let mut errors = 0;
         let (i0, o0) = tcp_segments();
         let start = Instant::now();
         let mut count = 0u64;
         while start.elapsed() < dur {
-            if one(&mut errors) {
+            if crr_once(to) {
                 count += 1;
+            } else {
+                errors += 1;
             }
         }
         let secs = start.elapsed().as_secs_f64();
@@ -201,25 +212,16 @@ pub fn crr(netns: &str, to: SocketAddr, warmup: Duration, dur: Duration) -> Resu
 /// TCP_RR: 1-byte request / 1-byte response over one connection.
 pub fn rr(netns: &str, to: SocketAddr, warmup: Duration, dur: Duration) -> Result<Rate> {
     in_netns(netns, move || -> Result<Rate> {
-        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2))
-            .with_context(|| format!("connecting to {to}"))?;
-        s.set_nodelay(true)?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        let mut b = [7u8; 1];
-        let mut one = |s: &mut TcpStream| -> Result<()> {
-            s.write_all(&b)?;
-            s.read_exact(&mut b)?;
-            Ok(())
-        };
+        let mut s = rr_connect(to)?;
         let end = Instant::now() + warmup;
         while Instant::now() < end {
-            one(&mut s)?;
+            rr_once(&mut s)?;
         }
         let (i0, o0) = tcp_segments();
         let start = Instant::now();
         let mut count = 0u64;
         while start.elapsed() < dur {
-            one(&mut s)?;
+            rr_once(&mut s)?;
             count += 1;
         }
         let secs = start.elapsed().as_secs_f64();
@@ -232,6 +234,90 @@ pub fn rr(netns: &str, to: SocketAddr, warmup: Duration, dur: Duration) -> Resul
             segments_per_op: (i1 + o1 - i0 - o0) as f64 / count.max(1) as f64,
         })
     })?
+}
+
+/// Which transactions a [`Background`] load repeats.
+#[derive(Clone, Copy, Debug)]
+pub enum Kind {
+    Rr,
+    Crr,
+}
+
+/// A TCP_RR or TCP_CRR load that runs until stopped, on a thread in the client pod, counting
+/// its completed transactions where another thread can read them at any instant (the windows
+/// of an interleaved measurement).
+pub struct Background {
+    count: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<u64>>>,
+}
+
+impl Background {
+    pub fn start(kind: Kind, netns: &str, to: SocketAddr) -> Result<Self> {
+        let (count, stop) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let path = Testbed::netns_path(netns);
+        let (c, st) = (count.clone(), stop.clone());
+        let thread = std::thread::spawn(move || -> Result<u64> {
+            enter_netns(&path)?;
+            let mut errors = 0u64;
+            match kind {
+                Kind::Rr => {
+                    let mut s = rr_connect(to)?;
+                    while !st.load(Ordering::Relaxed) {
+                        rr_once(&mut s).context("TCP_RR transaction")?;
+                        c.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Kind::Crr => {
+                    while !st.load(Ordering::Relaxed) {
+                        if crr_once(to) {
+                            c.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            errors += 1;
+                        }
+                    }
+                }
+            }
+            Ok(errors)
+        });
+        Ok(Self {
+            count,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Transactions completed so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Whether the load thread has ended (an error: it runs until stopped).
+    pub fn ended(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Stops the load; the transactions that failed (CRR) or its error.
+    pub fn finish(mut self) -> Result<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(anyhow!("the load thread panicked")),
+            None => Ok(0),
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Whether a TCP connection + 1-byte echo to `to` succeeds within `timeout`, from the calling

@@ -13,13 +13,13 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use enforcer::testbed::{AgentProcess, NODE_V4, Testbed, in_netns};
+use enforcer::testbed::{AgentProcess, NODE_V4, Testbed, enter_netns, in_netns};
 use serde::Serialize;
 
 use crate::{
     inputs::{self, NODE, PORT_CRR, PORT_DENIED, PORT_IPERF, PORT_RR, PORT_TOGGLE},
+    interleave::{self, Cycle, Hooks, STATES, Switch, Windows},
     load::{self, Mode, Rate, Servers},
-    steal::CpuTimes,
 };
 
 #[derive(Clone, Debug, Serialize)]
@@ -41,24 +41,31 @@ pub struct Settings {
     pub traffic: bool,
     pub latency: bool,
     pub sweep: bool,
-    /// Pairs per round of short back-to-back runs without and with our programs (the agent's
-    /// pinned maps, the agent gone), and their lengths.
+    /// Interleaved runs per round (see [`Pair`]), and their windows.
     pub pairs: usize,
+    pub windows: Windows,
+    /// Run lengths of the real-path cost measurement (per-program run-time statistics).
     pub pair_iperf_secs: u32,
     pub pair_rate_secs: f64,
 }
 
-/// One pair: the same short iperf3 / TCP_RR / TCP_CRR runs with no programs, the empty
-/// program and our programs, one right after the other (order reversed every other pair).
+/// One interleaved run (the agent gone, our programs on its pinned maps): for each measure
+/// (iperf3, TCP_RR, TCP_CRR) one continuous load under which the hooks switch between no
+/// programs, the empty program and ours in cycles of three short windows (see `interleave`).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Pair {
+    /// Means over the cycles.
     pub none: Sample,
     /// The empty program on our hooks.
     pub empty: Sample,
     pub programs: Sample,
+    /// Every cycle: Gbit/s, TCP_RR/s, TCP_CRR/s.
+    pub gbps: Vec<Cycle>,
+    pub rr: Vec<Cycle>,
+    pub crr: Vec<Cycle>,
 }
 
-/// Iperf3 Gbit/s, TCP_RR/s and TCP_CRR/s of one state of a pair, and the share of CPU time
+/// Iperf3 Gbit/s, TCP_RR/s and TCP_CRR/s of one state of a run, and the share of CPU time
 /// the hypervisor stole meanwhile (see `steal`).
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct Sample {
@@ -68,17 +75,77 @@ pub struct Sample {
     pub steal: f64,
 }
 
-/// Medians over all pairs of the per-pair ratio programs / none.
+/// A ratio to no programs over the cycles of all runs: the median of the per-cycle ratios and
+/// its standard error (1.25 sd / sqrt(n), the median's for a normal spread). Taken over the
+/// *quiet* cycles (no CPU time stolen by the hypervisor in any of their three windows) when
+/// there are at least [`MIN_QUIET`]: a window that lost CPU to another guest is not comparable
+/// with one that did not, whatever was on the hooks (steal does not depend on them).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct CycleRatio {
+    pub median: f64,
+    pub se: f64,
+    /// Cycles the median is over, and whether they are the quiet ones.
+    pub n: usize,
+    pub quiet: bool,
+    /// The median over all cycles, quiet or not.
+    pub all: f64,
+}
+
+pub const MIN_QUIET: usize = 12;
+
+impl CycleRatio {
+    fn of(cycles: &[&Cycle], state: Hooks) -> Self {
+        let ratios = |v: &[&&Cycle]| v.iter().map(|c| c.ratio(state)).collect::<Vec<f64>>();
+        let all: Vec<&&Cycle> = cycles.iter().collect();
+        let quiet: Vec<&&Cycle> = cycles
+            .iter()
+            .filter(|c| c.steal.iter().all(|s| *s == 0.0))
+            .collect();
+        let is_quiet = quiet.len() >= MIN_QUIET;
+        let r = ratios(if is_quiet { &quiet } else { &all });
+        let n = r.len() as f64;
+        let mean = r.iter().sum::<f64>() / n;
+        let sd = (r.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0)).sqrt();
+        Self {
+            median: median(&r),
+            se: 1.25 * sd / n.sqrt(),
+            n: r.len(),
+            quiet: is_quiet,
+            all: median(&ratios(&all)),
+        }
+    }
+}
+
+/// Ours / no programs and the empty program / no programs, over every cycle of every run.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Paired {
     pub pairs: usize,
-    pub throughput: f64,
-    pub rr: f64,
-    pub crr: f64,
-    /// The same for the empty program on our hooks / no programs: what the hooks cost.
-    pub empty_throughput: f64,
-    pub empty_rr: f64,
-    pub empty_crr: f64,
+    /// Cycles per measure, over all runs.
+    pub cycles: usize,
+    pub throughput: CycleRatio,
+    pub rr: CycleRatio,
+    pub crr: CycleRatio,
+    /// What the hooks cost: the empty program on them / no programs.
+    pub empty_throughput: CycleRatio,
+    pub empty_rr: CycleRatio,
+    pub empty_crr: CycleRatio,
+}
+
+impl Paired {
+    fn of(pairs: &[Pair]) -> Self {
+        let all = |f: fn(&Pair) -> &Vec<Cycle>| pairs.iter().flat_map(f).collect::<Vec<_>>();
+        let (gbps, rr, crr) = (all(|p| &p.gbps), all(|p| &p.rr), all(|p| &p.crr));
+        Self {
+            pairs: pairs.len(),
+            cycles: rr.len(),
+            throughput: CycleRatio::of(&gbps, Hooks::Ours),
+            rr: CycleRatio::of(&rr, Hooks::Ours),
+            crr: CycleRatio::of(&crr, Hooks::Ours),
+            empty_throughput: CycleRatio::of(&gbps, Hooks::Empty),
+            empty_rr: CycleRatio::of(&rr, Hooks::Empty),
+            empty_crr: CycleRatio::of(&crr, Hooks::Empty),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -300,7 +367,7 @@ struct Bed {
     manifests: TempDir,
     pins: PinMount,
     _servers: Servers,
-    _iperf: ChildGuard,
+    iperf: ChildGuard,
 }
 
 impl Bed {
@@ -530,7 +597,7 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
         manifests: TempDir::new("manifests")?,
         pins: PinMount::new()?,
         _servers: servers,
-        _iperf: iperf_guard,
+        iperf: iperf_guard,
     };
     let _ = &bed.srv;
     let warm = Duration::from_secs_f64(s.warmup_secs);
@@ -603,7 +670,7 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
         r.programs_only_rr = load::rr(&bed.cli, bed.addr(PORT_RR), warm, dur)?;
         r.programs_only_crr = load::crr(&bed.cli, bed.addr(PORT_CRR), warm, dur)?;
         for k in 0..s.pairs {
-            let p = pair(&bed, s, (round + k) % 2 == 0)?;
+            let p = pair(&bed, s, round * s.pairs + k)?;
             eprintln!(
                 "    pair: Gbit/s {:.2} / {:.2} / {:.2}; RR/s {:.0} / {:.0} / {:.0}; CRR/s {:.0} / {:.0} / {:.0} (none / empty program / ours)",
                 p.none.gbps,
@@ -627,23 +694,7 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
             res.real_cost = Some(c);
         }
         if !res.pairs.is_empty() {
-            let ratio = |f: &dyn Fn(&Pair) -> (f64, f64)| {
-                median(
-                    &res.pairs
-                        .iter()
-                        .map(|p| f(p).1 / f(p).0)
-                        .collect::<Vec<_>>(),
-                )
-            };
-            res.paired = Some(Paired {
-                pairs: res.pairs.len(),
-                throughput: ratio(&|p| (p.none.gbps, p.programs.gbps)),
-                rr: ratio(&|p| (p.none.rr, p.programs.rr)),
-                crr: ratio(&|p| (p.none.crr, p.programs.crr)),
-                empty_throughput: ratio(&|p| (p.none.gbps, p.empty.gbps)),
-                empty_rr: ratio(&|p| (p.none.rr, p.empty.rr)),
-                empty_crr: ratio(&|p| (p.none.crr, p.empty.crr)),
-            });
+            res.paired = Some(Paired::of(&res.pairs));
         }
         enforcer::datapath::Datapath::cleanup(&bed.pins.pin())?;
         if !none_first {
@@ -811,89 +862,152 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
     Ok(res)
 }
 
-/// What is on the pods' veths during one run of a pair.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Hooks {
-    /// Nothing.
-    None,
-    /// The empty program (`r0 = 0; exit`) on the hooks ours use: the cost of the hooks.
-    Empty,
-    /// Our programs on the agent's pinned maps.
-    Programs,
-}
-
-/// One pair of short runs: no programs and our programs, with the empty program on the same
-/// hooks between them; the order is reversed when `programs_first`. Each measure (iperf3,
-/// TCP_RR, TCP_CRR) runs in the three states back to back before the next measure, so the
-/// runs a ratio compares sit seconds apart, not a whole pair: the host's phases of contention
-/// last seconds. On entry the agent's programs are attached (the agent gone); so they are on
-/// return. Each state is checked every time it is entered: the denied port is closed with our
-/// programs and open without them.
-fn pair(bed: &Bed, s: &Settings, programs_first: bool) -> Result<Pair> {
+/// One interleaved run (see [`Pair`]); `offset` rotates the order of the states. On entry the
+/// agent's programs are attached (the agent gone); so they are on return. Each state is checked
+/// before the loads: the port the policies deny is closed with our programs only.
+fn pair(bed: &Bed, s: &Settings, offset: usize) -> Result<Pair> {
     let pin = bed.pins.pin();
     let veths = enforcer::datapath::Datapath::attached_at(&pin)?;
     if veths.len() != 2 {
         bail!("expected our programs on the 2 pod veths, found them on {veths:?}");
     }
-    let dur = Duration::from_secs_f64(s.pair_rate_secs);
-    let warm = Duration::from_secs_f64(s.warmup_secs);
-    // Our programs are on the hooks now.
-    let mut current = Some(Hooks::Programs);
-    let mut empty: Option<crate::testrun::EmptyHooks> = None;
-    let mut enter = |hooks: Hooks, current: &mut Option<Hooks>| -> Result<()> {
-        if *current == Some(hooks) {
-            return Ok(());
-        }
-        empty = None; // detaches the empty program
-        if hooks == Hooks::Programs {
-            bed.reattach(&veths)?;
-            if bed.reach(PORT_DENIED)? || !bed.reach(PORT_CRR)? {
-                bail!("re-attached programs do not enforce");
-            }
-        } else {
-            for &v in &veths {
-                enforcer::datapath::detach_at(&pin, v)?;
-            }
-            if hooks == Hooks::Empty {
-                let v = veths.clone();
-                empty = Some(in_netns(&bed.tb.node, move || {
-                    crate::testrun::attach_empty(&v)
-                })??);
-            }
-            bed.expect_no_programs()?;
-        }
-        *current = Some(hooks);
-        Ok(())
+    let w = &s.windows;
+    let mut out = std::thread::scope(|scope| {
+        scope
+            .spawn(|| -> Result<Pair> {
+                enter_netns(&Testbed::netns_path(&bed.tb.node))?;
+                let mut sw = Switch::take_over(&pin, &veths)?;
+                for state in STATES {
+                    sw.set(state)?;
+                    let (denied, open) = (bed.reach(PORT_DENIED)?, bed.reach(PORT_CRR)?);
+                    if !open || denied == (state == Hooks::Ours) {
+                        bail!(
+                            "{state:?} hooks: the allowed port is {}, the denied one {}",
+                            if open { "open" } else { "closed" },
+                            if denied { "open" } else { "closed" }
+                        );
+                    }
+                }
+                let mut p = Pair::default();
+                let server = bed.iperf.0.id();
+                let client = iperf_client(&bed.cli, bed.srv_ip, server)?;
+                p.gbps = interleave::cycles(
+                    &mut sw,
+                    w,
+                    offset,
+                    &|| interleave::rx_bytes(server),
+                    &|| client.alive(),
+                )?;
+                client.stop();
+                for c in &mut p.gbps {
+                    c.rate = c.rate.map(|bytes| bytes * 8.0 / 1e9);
+                }
+                for (kind, port, cycles) in [
+                    (load::Kind::Rr, PORT_RR, &mut p.rr),
+                    (load::Kind::Crr, PORT_CRR, &mut p.crr),
+                ] {
+                    let bg = load::Background::start(kind, &bed.cli, bed.addr(port))?;
+                    let alive = || {
+                        if bg.ended() {
+                            bail!("the {kind:?} load ended before it was stopped");
+                        }
+                        Ok(())
+                    };
+                    *cycles =
+                        interleave::cycles(&mut sw, w, offset + 1, &|| Ok(bg.count()), &alive)?;
+                    bg.finish()?;
+                }
+                Ok(p)
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the interleaving thread panicked"))?
+    })?;
+    bed.reattach(&veths)?;
+    if bed.reach(PORT_DENIED)? || !bed.reach(PORT_CRR)? {
+        bail!("re-attached programs do not enforce");
+    }
+    let mean = |v: &[Cycle], state: Hooks, steal: bool| {
+        v.iter()
+            .map(|c| {
+                if steal {
+                    c.steal[state as usize]
+                } else {
+                    c.rate[state as usize]
+                }
+            })
+            .sum::<f64>()
+            / v.len().max(1) as f64
     };
-    let order = if programs_first {
-        [Hooks::Programs, Hooks::Empty, Hooks::None]
-    } else {
-        [Hooks::None, Hooks::Empty, Hooks::Programs]
-    };
-    let mut out = Pair::default();
-    let mut stolen = [0.0f64; 3];
-    for measure in 0..3 {
-        for hooks in order {
-            enter(hooks, &mut current)?;
-            let t0 = CpuTimes::now();
-            let sample = match hooks {
-                Hooks::None => &mut out.none,
-                Hooks::Empty => &mut out.empty,
-                Hooks::Programs => &mut out.programs,
-            };
-            match measure {
-                0 => sample.gbps = iperf(&bed.cli, bed.srv_ip, s.pair_iperf_secs)?,
-                1 => sample.rr = load::rr(&bed.cli, bed.addr(PORT_RR), warm, dur)?.per_sec,
-                _ => sample.crr = load::crr(&bed.cli, bed.addr(PORT_CRR), warm, dur)?.per_sec,
-            }
-            stolen[hooks as usize] += CpuTimes::now().stolen_since(&t0) / 3.0;
+    for state in STATES {
+        let sample = Sample {
+            gbps: mean(&out.gbps, state, false),
+            rr: mean(&out.rr, state, false),
+            crr: mean(&out.crr, state, false),
+            steal: (mean(&out.gbps, state, true)
+                + mean(&out.rr, state, true)
+                + mean(&out.crr, state, true))
+                / 3.0,
+        };
+        match state {
+            Hooks::None => out.none = sample,
+            Hooks::Empty => out.empty = sample,
+            Hooks::Ours => out.programs = sample,
         }
     }
-    enter(Hooks::Programs, &mut current)?; // as found
-    out.none.steal = stolen[Hooks::None as usize];
-    out.empty.steal = stolen[Hooks::Empty as usize];
-    out.programs.steal = stolen[Hooks::Programs as usize];
     Ok(out)
+}
+
+/// A long iperf3 stream from `netns` to the server (process `server`), stopped on drop.
+struct IperfClient(ChildGuard);
+
+/// Starts [`IperfClient`], retrying while the server is still busy with the previous test,
+/// until the server's pod is receiving.
+fn iperf_client(netns: &str, to: Ipv4Addr, server: u32) -> Result<IperfClient> {
+    for _ in 0..10 {
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns, "iperf3", "-c", &to.to_string()])
+            .args(["-p", &PORT_IPERF.to_string(), "-t", "3600"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting iperf3 -c")?;
+        let c = IperfClient(ChildGuard(child));
+        let before = interleave::rx_bytes(server)?;
+        std::thread::sleep(Duration::from_millis(300));
+        if c.alive().is_ok() && interleave::rx_bytes(server)? > before + 1_000_000 {
+            return Ok(c);
+        }
+        drop(c);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    bail!("iperf3 -c to {to} did not start a stream in 10 tries")
+}
+
+impl IperfClient {
+    fn alive(&self) -> Result<()> {
+        // Exited but not reaped (we hold it): state Z.
+        let pid = self.0.0.id();
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true);
+        if zombie {
+            bail!("the iperf3 client exited during the windows");
+        }
+        Ok(())
+    }
+
+    /// Ends the stream with SIGINT (the client then closes the test cleanly, so the server is
+    /// free for the next one).
+    fn stop(self) {
+        // SAFETY: kill with a pid we spawned and have not reaped.
+        unsafe { libc::kill(self.0.0.id() as libc::pid_t, libc::SIGINT) };
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Nanoseconds per program run on the real path, by the kernel's own run-time statistics: ours

@@ -167,7 +167,7 @@ fn sys_bpf(cmd: libc::c_long, attr: &mut Attr) -> std::io::Result<libc::c_long> 
 }
 
 /// Loads `r0 = 0 (TC_ACT_OK); exit` as a SCHED_CLS program: the harness floor.
-fn load_empty_program() -> Result<OwnedFd> {
+pub fn load_empty_program() -> Result<OwnedFd> {
     load_sched_cls(
         &[insn(0xb7, 0, 0, 0, 0), insn(0x95, 0, 0, 0, 0)],
         "the empty program",
@@ -175,8 +175,8 @@ fn load_empty_program() -> Result<OwnedFd> {
 }
 
 const BPF_LINK_CREATE: libc::c_long = 28;
-const BPF_TCX_INGRESS: u32 = 46;
-const BPF_TCX_EGRESS: u32 = 47;
+pub const BPF_TCX_INGRESS: u32 = 46;
+pub const BPF_TCX_EGRESS: u32 = 47;
 
 /// The empty program on the TCX ingress and egress hooks of each interface (ifindices of the
 /// caller's netns), where our programs sit: the cost of running any TC program there, beside
@@ -191,20 +191,29 @@ pub fn attach_empty(ifindices: &[u32]) -> Result<EmptyHooks> {
     let mut links = Vec::new();
     for &ifindex in ifindices {
         for attach_type in [BPF_TCX_INGRESS, BPF_TCX_EGRESS] {
-            let mut a = Attr::new();
-            a.u32(0, prog.as_raw_fd() as u32);
-            a.u32(4, ifindex);
-            a.u32(8, attach_type);
-            let fd = sys_bpf(BPF_LINK_CREATE, &mut a)
-                .with_context(|| format!("attaching the empty program to ifindex {ifindex}"))?;
-            // SAFETY: the kernel returned a new fd we own.
-            links.push(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
+            links.push(
+                tcx_link(prog.as_raw_fd(), ifindex, attach_type)
+                    .context("attaching the empty program")?,
+            );
         }
     }
     Ok(EmptyHooks {
         prog,
         _links: links,
     })
+}
+
+/// Attaches `prog` to the TCX hook `attach_type` of `ifindex` (in the calling thread's netns)
+/// with a link of its own: closing the returned fd detaches it.
+pub fn tcx_link(prog: RawFd, ifindex: u32, attach_type: u32) -> Result<OwnedFd> {
+    let mut a = Attr::new();
+    a.u32(0, prog as u32);
+    a.u32(4, ifindex);
+    a.u32(8, attach_type);
+    let fd = sys_bpf(BPF_LINK_CREATE, &mut a)
+        .with_context(|| format!("BPF_LINK_CREATE on ifindex {ifindex}"))?;
+    // SAFETY: the kernel returned a new fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 const BPF_OBJ_GET: libc::c_long = 7;
