@@ -642,6 +642,191 @@ fn identity_stage(
     stage
 }
 
+/// A local endpoint of one compile.
+struct Local<'a> {
+    r: &'a PodRef,
+    facts: &'a PodFacts,
+    info: EndpointInfo,
+    ips: Vec<IpAddr>,
+}
+
+/// What one policy gives the local endpoints: the (endpoint, direction) pairs it isolates and
+/// its policy entries, each with the index of its rule, in endpoint, direction, rule order.
+/// Endpoints are indexes into the compile's local endpoints; the keys carry their ids.
+#[derive(Debug, Default)]
+pub(super) struct PolicyOut {
+    isolates: Box<[(u32, u8)]>,
+    entries: Box<[OutEntry]>,
+}
+
+#[derive(Debug)]
+struct OutEntry {
+    endpoint: u32,
+    rule: u32,
+    key: PolicyKey,
+}
+
+/// The input [`PolicyOut`]s depend on besides their policy: compared with the last compile's
+/// to reuse them. The stage is held, so its address cannot be reused meanwhile.
+pub(super) struct OutputsKey {
+    stage: Arc<IdentityStage>,
+    endpoints: Vec<(PodRef, u32)>,
+    require_identity: bool,
+}
+
+impl PartialEq for OutputsKey {
+    fn eq(&self, o: &Self) -> bool {
+        Arc::ptr_eq(&self.stage, &o.stage)
+            && self.endpoints == o.endpoints
+            && self.require_identity == o.require_identity
+    }
+}
+
+/// Resolves rule peers to identities. Each distinct peer is matched against the identities
+/// once and shared by every rule that names it (Cilium's SelectorCache does the same): policies
+/// repeat peers, and matching is the compile's inner loop (rules x identities).
+struct PeerResolver<'s> {
+    known: Vec<(u32, &'s IdentityKey)>,
+    /// The pod identities, for named egress ports.
+    pods: Vec<(u32, &'s PodFacts)>,
+    /// Indexes into `known` of each peer's matches, per `require_identity`.
+    hits: [HashMap<Peer, Vec<usize>>; 2],
+}
+
+impl<'s> PeerResolver<'s> {
+    fn new(identities: &'s BTreeMap<u32, IdentityKey>) -> Self {
+        let known: Vec<(u32, &IdentityKey)> = identities.iter().map(|(id, k)| (*id, k)).collect();
+        let pods = known
+            .iter()
+            .filter_map(|(id, k)| k.pod.as_ref().map(|f| (*id, f)))
+            .collect();
+        Self {
+            known,
+            pods,
+            hits: Default::default(),
+        }
+    }
+
+    fn resolve(&mut self, rule: &Rule, require_identity: bool) -> PeerIds {
+        rule.peers.as_ref().map(|peers| {
+            // Indexes into `known`, ascending: the ids come out in `known`'s order.
+            let mut hits: Vec<usize> = Vec::new();
+            let cache = &mut self.hits[usize::from(require_identity)];
+            for p in peers {
+                if let Some(of_peer) = cache.get(p) {
+                    hits.extend_from_slice(of_peer);
+                    continue;
+                }
+                let of_peer: Vec<usize> = self
+                    .known
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (_, k))| peer_matches(p, k, require_identity))
+                    .map(|(i, _)| i)
+                    .collect();
+                hits.extend_from_slice(&of_peer);
+                cache.insert(p.clone(), of_peer);
+            }
+            if peers.len() > 1 {
+                hits.sort_unstable();
+                hits.dedup();
+            }
+            hits.into_iter().map(|i| self.known[i].0).collect()
+        })
+    }
+}
+
+/// What policy `p` gives the local endpoints (see [`PolicyOut`]).
+fn contributions(
+    p: &ParsedPolicy,
+    locals: &[Local<'_>],
+    resolver: &mut PeerResolver<'_>,
+    require_identity: bool,
+) -> PolicyOut {
+    let mut isolates = Vec::new();
+    let mut entries = Vec::new();
+    // Peers per (direction, rule): resolved once for all endpoints.
+    let mut resolved: HashMap<(u8, usize), PeerIds> = HashMap::new();
+    for (li, l) in locals.iter().enumerate() {
+        if p.namespace != l.r.namespace || !p.pod_selector.matches(&l.facts.labels) {
+            continue;
+        }
+        let (li, eid) = (u32::try_from(li).unwrap_or(u32::MAX), l.info.id);
+        for dir in [DIR_INGRESS, DIR_EGRESS] {
+            let rules = if dir == DIR_INGRESS {
+                &p.ingress
+            } else {
+                &p.egress
+            };
+            let Some(rules) = rules else { continue };
+            isolates.push((li, dir));
+            for (ri, rule) in rules.iter().enumerate() {
+                let peers = resolved
+                    .entry((dir, ri))
+                    .or_insert_with(|| resolver.resolve(rule, require_identity));
+                let rule = u32::try_from(ri).unwrap_or(u32::MAX);
+                let any = [IDENTITY_ANY];
+                let peer_list: &[u32] = peers.as_deref().unwrap_or(&any);
+                let mut keys: Vec<PolicyKey> = Vec::new();
+                let push_all = |proto: u8, port: u16, len: u8, keys: &mut Vec<PolicyKey>| {
+                    keys.extend(
+                        peer_list
+                            .iter()
+                            .map(|id| PolicyKey::new(eid, *id, dir, proto, port, len)),
+                    );
+                };
+                match &rules[ri].ports {
+                    None => push_all(PROTO_ANY, 0, 0, &mut keys),
+                    Some(ports) => {
+                        for port in ports {
+                            match port {
+                                Port::All(proto) => push_all(*proto, 0, 0, &mut keys),
+                                Port::Range(proto, lo, hi) => {
+                                    for (start, len) in port_blocks(*lo, *hi) {
+                                        push_all(*proto, start, len, &mut keys);
+                                    }
+                                }
+                                // Ingress: the port of the destination, i.e. this pod.
+                                Port::Named(proto, name) if dir == DIR_INGRESS => {
+                                    for (n, pr, num) in &l.facts.named_ports {
+                                        if n == name && pr == proto {
+                                            push_all(*proto, *num, 16, &mut keys);
+                                        }
+                                    }
+                                }
+                                // Egress: the port of each peer pod that declares it.
+                                Port::Named(proto, name) => {
+                                    for (id, pf) in &resolver.pods {
+                                        if peers.as_ref().is_some_and(|ps| !ps.contains(id)) {
+                                            continue;
+                                        }
+                                        for (n, pr, num) in &pf.named_ports {
+                                            if n == name && pr == proto {
+                                                keys.push(PolicyKey::new(
+                                                    eid, *id, dir, *proto, *num, 16,
+                                                ));
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                entries.extend(keys.into_iter().map(|key| OutEntry {
+                    endpoint: li,
+                    rule,
+                    key,
+                }));
+            }
+        }
+    }
+    PolicyOut {
+        isolates: isolates.into_boxed_slice(),
+        entries: entries.into_boxed_slice(),
+    }
+}
+
 /// Compiles the cluster for one node. Never panics; problems are in `errors`.
 pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations) -> Compiled {
     alloc.generation += 1;
@@ -695,47 +880,8 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
     };
     let id_of_addr = |ip: &IpAddr| stage.addr_ids.get(ip).copied();
 
-    // Identities by what they are, for resolving peers.
-    let known: Vec<(u32, &IdentityKey)> = stage.identities.iter().map(|(id, k)| (*id, k)).collect();
-    let pod_identities: Vec<(u32, &PodFacts)> = known
-        .iter()
-        .filter_map(|(id, k)| k.pod.as_ref().map(|f| (*id, f)))
-        .collect();
-    // Selector cache: each distinct peer is matched against the identities once and shared by
-    // every rule that names it (Cilium's SelectorCache does the same); policies repeat peers,
-    // and matching is the compile's inner loop (rules x identities).
-    // Indexed by `require_identity`.
-    let mut peer_hits: [HashMap<Peer, Vec<usize>>; 2] = Default::default();
-    let mut resolve = |rule: &Rule, require_identity: bool| -> PeerIds {
-        rule.peers.as_ref().map(|peers| {
-            // Indexes into `known`, ascending: the ids come out in `known`'s order.
-            let mut hits: Vec<usize> = Vec::new();
-            let cache = &mut peer_hits[usize::from(require_identity)];
-            for p in peers {
-                if let Some(of_peer) = cache.get(p) {
-                    hits.extend_from_slice(of_peer);
-                    continue;
-                }
-                let of_peer: Vec<usize> = known
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, (_, k))| peer_matches(p, k, require_identity))
-                    .map(|(i, _)| i)
-                    .collect();
-                hits.extend_from_slice(&of_peer);
-                cache.insert(p.clone(), of_peer);
-            }
-            if peers.len() > 1 {
-                hits.sort_unstable();
-                hits.dedup();
-            }
-            hits.into_iter().map(|i| known[i].0).collect()
-        })
-    };
-    // (policy index, direction, rule index) -> resolved peers.
-    let mut resolved: HashMap<(usize, u8, usize), PeerIds> = HashMap::new();
-
-    // Endpoints.
+    // Local endpoints, in pod order.
+    let mut locals: Vec<Local<'_>> = Vec::new();
     for (d, pod) in &pods {
         let r = &d.r;
         if !opts.is_local(pod) {
@@ -769,106 +915,92 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
             info.ipv6 = v6.octets();
         }
         info.identity = ips.iter().find_map(id_of_addr).unwrap_or(IDENTITY_WORLD);
+        locals.push(Local {
+            r,
+            facts: f,
+            info,
+            ips,
+        });
+    }
 
-        for dir in [DIR_INGRESS, DIR_EGRESS] {
-            let mut masks = 0u32;
-            for (pi, p) in policies.iter().enumerate() {
-                let rules = if dir == DIR_INGRESS {
-                    &p.ingress
-                } else {
-                    &p.egress
-                };
-                let Some(rules) = rules else { continue };
-                if p.namespace != r.namespace || !p.pod_selector.matches(&f.labels) {
-                    continue;
-                }
-                info.flags |= if dir == DIR_INGRESS {
+    // Each policy's contribution depends on the policy, the identity stage and the local
+    // endpoints only: the last compile's are reused while the latter two are unchanged.
+    alloc.memo.outputs_for(OutputsKey {
+        stage: Arc::clone(&stage),
+        endpoints: locals.iter().map(|l| (l.r.clone(), l.info.id)).collect(),
+        require_identity: opts.require_identity,
+    });
+    let mut resolver: Option<PeerResolver<'_>> = None;
+    let mut masks = vec![[0u32; 2]; locals.len()];
+    // Policies in order, so the first policy's rule wins a key two policies give (as the
+    // evaluator's "first allowing rule" does); numbering a rule only when it gives an entry.
+    for facts in &valid {
+        let Some(p) = facts.valid() else { continue };
+        let out = alloc.memo.output(facts, generation, |_| {
+            contributions(
+                p,
+                &locals,
+                resolver.get_or_insert_with(|| PeerResolver::new(&stage.identities)),
+                p.require_identity || opts.require_identity,
+            )
+        });
+        for &(li, dir) in &out.isolates {
+            if let Some(l) = locals.get_mut(li as usize) {
+                l.info.flags |= if dir == DIR_INGRESS {
                     EP_INGRESS_ISOLATED
                 } else {
                     EP_EGRESS_ISOLATED
                 };
-                for (ri, rule) in rules.iter().enumerate() {
-                    let peers = resolved.entry((pi, dir, ri)).or_insert_with(|| {
-                        resolve(rule, p.require_identity || opts.require_identity)
-                    });
-                    let mut keys: Vec<PolicyKey> = Vec::new();
-                    let peer_list: Vec<u32> = peers.clone().unwrap_or_else(|| vec![IDENTITY_ANY]);
-                    let push_all = |proto: u8, port: u16, len: u8, keys: &mut Vec<PolicyKey>| {
-                        keys.extend(
-                            peer_list
-                                .iter()
-                                .map(|id| PolicyKey::new(eid, *id, dir, proto, port, len)),
-                        );
-                    };
-                    match &rule.ports {
-                        None => push_all(PROTO_ANY, 0, 0, &mut keys),
-                        Some(ports) => {
-                            for port in ports {
-                                match port {
-                                    Port::All(proto) => push_all(*proto, 0, 0, &mut keys),
-                                    Port::Range(proto, lo, hi) => {
-                                        for (start, len) in port_blocks(*lo, *hi) {
-                                            push_all(*proto, start, len, &mut keys);
-                                        }
-                                    }
-                                    // Ingress: the port of the destination, i.e. this pod.
-                                    Port::Named(proto, name) if dir == DIR_INGRESS => {
-                                        for (n, pr, num) in &f.named_ports {
-                                            if n == name && pr == proto {
-                                                push_all(*proto, *num, 16, &mut keys);
-                                            }
-                                        }
-                                    }
-                                    // Egress: the port of each peer pod that declares it.
-                                    Port::Named(proto, name) => {
-                                        for (id, pf) in &pod_identities {
-                                            if peers.as_ref().is_some_and(|ps| !ps.contains(id)) {
-                                                continue;
-                                            }
-                                            for (n, pr, num) in &pf.named_ports {
-                                                if n == name && pr == proto {
-                                                    keys.push(PolicyKey::new(
-                                                        eid, *id, dir, *proto, *num, 16,
-                                                    ));
-                                                }
-                                            }
-                                        }
-                                    }
-                                }
-                            }
-                        }
-                    }
-                    if keys.is_empty() {
-                        continue;
-                    }
+            }
+        }
+        let mut rule_ids: Vec<((u8, u32), Option<u32>)> = Vec::new();
+        for e in &out.entries {
+            let (dir, ri) = (e.key.direction, e.rule);
+            let rule_id = match rule_ids.iter().find(|(k, _)| *k == (dir, ri)) {
+                Some((_, id)) => *id,
+                None => {
                     let rule_ref = RuleRef {
                         namespace: p.namespace.clone(),
                         policy: p.name.clone(),
                         direction: dir,
-                        index: u32::try_from(ri).unwrap_or(u32::MAX),
+                        index: ri,
                     };
-                    let Some(rule_id) = alloc.rules.get(&rule_ref, generation) else {
-                        continue;
-                    };
-                    state.rules.insert(rule_id, rule_ref);
-                    for k in keys {
-                        masks |= if k.protocol == PROTO_ANY {
-                            PORT_MASK_ANY_PROTO
-                        } else {
-                            1 << k.port_prefix_len
-                        };
-                        state.policy.entry(k).or_insert(PolicyValue {
-                            rule: rule_id,
-                            _pad: 0,
-                        });
+                    let id = alloc.rules.get(&rule_ref, generation);
+                    if let Some(id) = id {
+                        state.rules.insert(id, rule_ref);
                     }
+                    rule_ids.push(((dir, ri), id));
+                    id
                 }
-            }
-            info.port_masks[usize::from(dir)] = masks;
+            };
+            let (Some(rule_id), Some(mask)) = (
+                rule_id,
+                masks
+                    .get_mut(e.endpoint as usize)
+                    .and_then(|m| m.get_mut(usize::from(dir))),
+            ) else {
+                continue;
+            };
+            *mask |= if e.key.protocol == PROTO_ANY {
+                PORT_MASK_ANY_PROTO
+            } else {
+                1 << e.key.port_prefix_len
+            };
+            state.policy.entry(e.key).or_insert(PolicyValue {
+                rule: rule_id,
+                _pad: 0,
+            });
         }
-        state
-            .endpoints
-            .insert(r.clone(), EndpointState { info, ips });
+    }
+    for (mut l, m) in locals.into_iter().zip(masks) {
+        l.info.port_masks = m;
+        state.endpoints.insert(
+            l.r.clone(),
+            EndpointState {
+                info: l.info,
+                ips: l.ips,
+            },
+        );
     }
 
     alloc.identities.sweep(generation);
@@ -886,6 +1018,7 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
 mod tests {
     use super::*;
     use crate::policy::{model::shared, tests::fixtures::*};
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
 
     fn stage_of(a: &Allocations) -> *const IdentityStage {
         a.memo
@@ -923,6 +1056,13 @@ mod tests {
         let first = compile(&c, &opts, &mut a);
         let stage = stage_of(&a);
         let parsed = Arc::as_ptr(&a.memo.policy(&c.policies[0], a.generation));
+        let output = |a: &mut Allocations, p: &Arc<NetworkPolicy>| {
+            let facts = a.memo.policy(p, a.generation);
+            a.memo
+                .output_of(&facts)
+                .expect("a valid policy's contribution is kept")
+        };
+        let out = output(&mut a, &c.policies[0]);
 
         // Only a policy added: the same stage, the old policy's parse reused.
         c.policies.push(Arc::new(allow(
@@ -936,6 +1076,10 @@ mod tests {
             parsed,
             "unchanged policy not parsed again"
         );
+        assert!(
+            Arc::ptr_eq(&output(&mut a, &c.policies[0]), &out),
+            "unchanged policy's contribution reused"
+        );
         assert_eq!(second.identities, first.identities);
         assert!(second.state.policy.len() > first.state.policy.len());
 
@@ -943,9 +1087,33 @@ mod tests {
         c.pods[1] = Arc::new(pod("x", "b", &[("app", "c")], &["10.0.0.2"], "n", &[]));
         let third = compile(&c, &opts, &mut a);
         assert_ne!(stage_of(&a), stage, "pod change rebuilds the stage");
+        assert!(
+            !Arc::ptr_eq(&output(&mut a, &c.policies[0]), &out),
+            "a new stage makes every contribution again"
+        );
         assert_ne!(third.identities, second.identities);
         let fresh = compile(&c, &opts, &mut Allocations::new());
         assert_eq!(third.state.policy.len(), fresh.state.policy.len());
+
+        // Another option (--require-identity): contributions made again. Nothing is verified,
+        // so the strict compile has no entries where the same cluster has some.
+        let out = output(&mut a, &c.policies[0]);
+        let strict = CompileOptions {
+            require_identity: true,
+            ..opts.clone()
+        };
+        let carried = compile(&c, &strict, &mut a);
+        assert!(!Arc::ptr_eq(&output(&mut a, &c.policies[0]), &out));
+        assert!(!third.state.policy.is_empty());
+        assert!(carried.state.policy.is_empty());
+        assert!(
+            compile(&c, &strict, &mut Allocations::new())
+                .state
+                .policy
+                .is_empty()
+        );
+        let back = compile(&c, &opts, &mut a);
+        assert_eq!(back.state.policy.len(), third.state.policy.len());
 
         // An ipBlock appears: rebuilt again (regions and address keys depend on it).
         let stage = stage_of(&a);

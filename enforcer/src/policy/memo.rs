@@ -7,7 +7,8 @@
 //! entry lives; entries whose object left the input are dropped at the end of each compile.
 //! It also keeps the last compile's identity stage ([`IdentityStage`]), which a compile reuses
 //! when the stage's whole input (pods, namespaces, verified addresses, ipBlocks, node
-//! addresses) is unchanged. The memo only saves work: a compile gives the same result with it
+//! addresses) is unchanged, and what each policy contributes to the local endpoints, reused
+//! while that stage and the local endpoints are unchanged. The memo only saves work: a compile gives the same result with it
 //! as without it (tested against fresh compiles and the reference evaluator).
 
 use std::{
@@ -19,7 +20,7 @@ use std::{
 use k8s_openapi::api::{core::v1::Pod, networking::v1::NetworkPolicy};
 
 use super::{
-    compile::{IdentityStage, StageInput, named_ports},
+    compile::{IdentityStage, OutputsKey, PolicyOut, StageInput, named_ports},
     model::{pod_ips, pod_is_policy_pod, pod_ref},
     validate::{ParsedPolicy, PolicyError, namespace_of, parse_policy},
 };
@@ -71,6 +72,10 @@ pub(super) struct Memo {
     pods: HashMap<usize, Entry<Pod, PodDerived>>,
     /// The last compile's identity stage, its input and generation.
     pub stage: Option<(StageInput, Arc<IdentityStage>, u64)>,
+    /// Each valid policy's contribution to the local endpoints (keyed by its parse result,
+    /// which is per object), valid for `outputs_key`.
+    outputs: HashMap<usize, Entry<PolicyFacts, PolicyOut>>,
+    outputs_key: Option<OutputsKey>,
 }
 
 impl Clone for Memo {
@@ -85,6 +90,7 @@ impl std::fmt::Debug for Memo {
         f.debug_struct("Memo")
             .field("policies", &self.policies.len())
             .field("pods", &self.pods.len())
+            .field("outputs", &self.outputs.len())
             .finish()
     }
 }
@@ -131,6 +137,32 @@ impl Memo {
         })
     }
 
+    /// Keeps the policy contributions only if they were made for `key`.
+    pub fn outputs_for(&mut self, key: OutputsKey) {
+        if self.outputs_key.as_ref() != Some(&key) {
+            self.outputs.clear();
+        }
+        self.outputs_key = Some(key);
+    }
+
+    /// Policy `p`'s contribution, made by `make` unless kept from the last compile.
+    pub fn output(
+        &mut self,
+        p: &Arc<PolicyFacts>,
+        generation: u64,
+        make: impl FnOnce(&PolicyFacts) -> PolicyOut,
+    ) -> Arc<PolicyOut> {
+        derive(&mut self.outputs, p, generation, make)
+    }
+
+    /// The kept contribution of policy `p`, if any (held: its address is not reused).
+    #[cfg(test)]
+    pub fn output_of(&self, p: &Arc<PolicyFacts>) -> Option<Arc<PolicyOut>> {
+        self.outputs
+            .get(&(Arc::as_ptr(p) as usize))
+            .map(|e| Arc::clone(&e.derived))
+    }
+
     #[cfg(test)]
     pub fn policies_len(&self) -> usize {
         self.policies.len()
@@ -145,5 +177,6 @@ impl Memo {
     pub fn sweep(&mut self, generation: u64) {
         self.policies.retain(|_, e| e.used == generation);
         self.pods.retain(|_, e| e.used == generation);
+        self.outputs.retain(|_, e| e.used == generation);
     }
 }

@@ -585,11 +585,13 @@ proptest! {
     ) {
         let o = opts();
         // Mixes: a's pods with b's policies (only policies change, as in most updates), then
-        // some of b's pods with a's namespaces and verified addresses, then back to a.
+        // b (pods, namespaces and verified addresses change under the same policies), then
+        // some of b's pods with a's namespaces, verified addresses and policies, then a (pods
+        // change again under the same policies), then a again (nothing changes).
         let policies_changed = Cluster { policies: b.policies.clone(), ..a.clone() };
         let mut pods_changed = a.clone();
         pods_changed.pods = b.pods.iter().take(split).chain(a.pods.iter().skip(split)).cloned().collect();
-        let steps = [a.clone(), policies_changed, pods_changed, b.clone(), b.clone(), a.clone()];
+        let steps = [a.clone(), policies_changed, b.clone(), pods_changed, a.clone(), a.clone()];
         let mut alloc = Allocations::new();
         for c in &steps {
             let compiled = compile(c, &o, &mut alloc);
