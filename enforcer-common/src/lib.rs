@@ -43,6 +43,10 @@ pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_EVENTS_LOST: &str = "EVENTS_LOST";
 /// Array with one [`Config`] at index 0.
 pub const MAP_CONFIG: &str = "CONFIG";
+/// Mmapable array of [`ENDPOINT_SLOT_COUNT`] [`EndpointSlot`]s, direct-mapped by
+/// [`endpoint_slot`]: what the established-flow path needs of an endpoint, readable without a
+/// hash lookup. A cache of [`MAP_ENDPOINTS`], which stays authoritative.
+pub const MAP_ENDPOINT_SLOTS: &str = "ENDPOINT_SLOTS";
 
 /// Name of the program attached to the TC ingress hook of a host-side veth, i.e. what the pod
 /// sends (pod egress).
@@ -142,6 +146,65 @@ impl EndpointInfo {
             EP_EGRESS_ISOLATED
         };
         self.flags & bit != 0
+    }
+}
+
+/// Slots of [`MAP_ENDPOINT_SLOTS`] (a power of two: the slot is the ifindex's low bits).
+pub const ENDPOINT_SLOT_COUNT: u32 = 4096;
+
+/// The slot of `ifindex` in [`MAP_ENDPOINT_SLOTS`].
+pub const fn endpoint_slot(ifindex: u32) -> u32 {
+    ifindex & (ENDPOINT_SLOT_COUNT - 1)
+}
+
+/// What the established-flow path reads of an endpoint, copied from its [`EndpointInfo`] into
+/// its slot so the common packet needs no ENDPOINTS hash lookup (three dependent cache misses
+/// on the real path, before conntrack's own three).
+///
+/// The agent writes slots through a shared mapping of the array, as a sequence lock: the
+/// first word (`ifindex | seq << 32`) gets an odd `seq`, then the fields, then the new ifindex
+/// with the next even `seq`. A program uses a slot only when the first word names its ifindex
+/// with an even `seq` and reads the same before and after the fields; anything else (a free
+/// slot, another ifindex in it, a write in progress) sends it to ENDPOINTS.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointSlot {
+    /// ifindex of the host-side veth this slot describes; 0 when free.
+    pub ifindex: u32,
+    /// Sequence: odd while the agent writes the slot.
+    pub seq: u32,
+    /// [`EndpointInfo::id`].
+    pub id: u32,
+    /// [`EndpointInfo::flags`].
+    pub flags: u32,
+    /// [`EndpointInfo::epoch`].
+    pub epoch: u32,
+    /// [`EndpointInfo::ipv4`].
+    pub ipv4: [u8; 4],
+    pub _pad: [u32; 2],
+}
+
+impl EndpointSlot {
+    /// The slot that describes `info` at `ifindex` (sequence 0: the writer sets it).
+    pub const fn of(ifindex: u32, info: &EndpointInfo) -> Self {
+        Self {
+            ifindex,
+            seq: 0,
+            id: info.id,
+            flags: info.flags,
+            epoch: info.epoch,
+            ipv4: info.ipv4,
+            _pad: [0; 2],
+        }
+    }
+
+    /// Same endpoint, same fields (the sequence aside).
+    pub const fn same_as(&self, o: &Self) -> bool {
+        self.ifindex == o.ifindex
+            && self.id == o.id
+            && self.flags == o.flags
+            && self.epoch == o.epoch
+            && u32::from_ne_bytes(self.ipv4) == u32::from_ne_bytes(o.ipv4)
     }
 }
 
@@ -492,6 +555,9 @@ const _: () = {
     assert!(size_of::<Counter>() == 16);
     assert!(size_of::<VerdictEvent>() == 64);
     assert!(size_of::<Config>() == 24);
+    // Two slots a cache line, never one across two (the mmapable array is page-aligned).
+    assert!(size_of::<EndpointSlot>() == 32);
+    assert!(ENDPOINT_SLOT_COUNT.is_power_of_two());
 };
 
 #[cfg(feature = "user")]
@@ -511,6 +577,7 @@ mod pod_impls {
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for VerdictEvent {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for EndpointSlot {}
 }
 
 #[cfg(test)]

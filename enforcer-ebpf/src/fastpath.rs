@@ -10,16 +10,71 @@
 //! conntrack does not hold, a stale, revoked or re-check-due entry) goes to the full path
 //! unchanged. [`Fast::Missed`] tells the full path that the lookup it would make has just missed.
 
+use core::ptr::read_volatile;
+
 use aya_ebpf::programs::TcContext;
 use enforcer_common::{
     CT_ORIGIN_A, CT_REVOKED, Config, CtKeyV4, DIR_EGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4,
-    EP_INGRESS_ISOLATED, EndpointInfo, PROTO_TCP, PROTO_UDP, reason,
+    EP_INGRESS_ISOLATED, EndpointInfo, EndpointSlot, PROTO_TCP, PROTO_UDP, endpoint_slot, reason,
 };
 
 use crate::{
     conntrack::{ct_key_v4, fresh, timeout},
-    maps::CONNTRACK_V4,
+    maps::{CONNTRACK_V4, ENDPOINT_SLOTS},
 };
+
+/// What the fast path needs of the endpoint: from its slot or from its ENDPOINTS entry.
+#[derive(Clone, Copy)]
+pub struct FastEp {
+    pub id: u32,
+    pub flags: u32,
+    pub epoch: u32,
+    /// The pod's IPv4 address as the packet carries it (network order).
+    pub ipv4: u32,
+}
+
+impl FastEp {
+    #[inline(always)]
+    pub fn of(ep: &EndpointInfo) -> Self {
+        Self {
+            id: ep.id,
+            flags: ep.flags,
+            epoch: ep.epoch,
+            ipv4: u32::from_ne_bytes(ep.ipv4),
+        }
+    }
+}
+
+/// The endpoint at `ifindex` from its slot of `ENDPOINT_SLOTS`: one array element, no hash, so
+/// the conntrack lookup that follows waits on one cache miss instead of three. `None` when the
+/// slot describes another ifindex, is free, or is being written (odd sequence, or a first word
+/// that changed while the fields were read): ENDPOINTS then decides, as it always may.
+///
+/// The two reads of the first word bracket the field reads in program order; the JIT keeps
+/// that order and x86-64 does not reorder loads with loads, which is why the agent fills slots
+/// on x86-64 only (elsewhere every slot stays free).
+#[inline(always)]
+pub fn slot_endpoint(ifindex: u32) -> Option<FastEp> {
+    let s: *const EndpointSlot = ENDPOINT_SLOTS.get_ptr(endpoint_slot(ifindex))?;
+    let head = s as *const u64;
+    // SAFETY: a pointer to a 32-byte, 8-aligned element of an array map (page-aligned values).
+    unsafe {
+        let h = read_volatile(head);
+        if h as u32 != ifindex || (h >> 32) & 1 != 0 {
+            return None;
+        }
+        let ep = FastEp {
+            id: read_volatile(&(*s).id),
+            flags: read_volatile(&(*s).flags),
+            epoch: read_volatile(&(*s).epoch),
+            ipv4: read_volatile(&(*s).ipv4 as *const [u8; 4] as *const u32),
+        };
+        if read_volatile(head) != h {
+            return None;
+        }
+        Some(ep)
+    }
+}
 
 /// What the fast path found.
 pub enum Fast {
@@ -43,7 +98,7 @@ fn be16(p: *const u8, i: usize) -> u16 {
 #[inline(always)]
 pub fn established_v4(
     ctx: &TcContext,
-    ep: &EndpointInfo,
+    ep: &FastEp,
     dir: u8,
     now: u64,
     cfg: Option<&Config>,
@@ -84,7 +139,7 @@ pub fn established_v4(
     }
     let word = |i: usize| unsafe { core::ptr::read_unaligned(ip.add(i) as *const u32) };
     let (src, dst) = (word(12), word(16));
-    let own = u32::from_ne_bytes(ep.ipv4);
+    let own = ep.ipv4;
     // Spoofed (pod egress from another address) or to/from the pod itself: the full path.
     if (dir == DIR_EGRESS && src != own) || (if dir == DIR_EGRESS { dst } else { src }) == own {
         return Fast::Other;
@@ -96,14 +151,16 @@ pub fn established_v4(
         return Fast::Missed;
     };
     let e = unsafe { &mut *e };
-    if e.flags & CT_REVOKED != 0
-        || e.epoch != ep.epoch
-        || !fresh(now, e.last_seen_ns, timeout(cfg, proto))
-    {
+    if e.flags & CT_REVOKED != 0 || e.epoch != ep.epoch {
         return Fast::Other;
     }
-    // The coarse clock moves once a tick: most packets need not dirty the entry.
-    if e.last_seen_ns != now {
+    // The coarse clock moves once a tick: most packets come in the tick of the flow's last one,
+    // which cannot be idle too long, and need neither CONFIG's timeouts (a cache line) nor a
+    // write to the entry.
+    if now > e.last_seen_ns {
+        if !fresh(now, e.last_seen_ns, timeout(cfg, proto)) {
+            return Fast::Other;
+        }
         e.last_seen_ns = now;
     }
     Fast::Allowed(if src_is_a == (e.flags & CT_ORIGIN_A != 0) {

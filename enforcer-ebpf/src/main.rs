@@ -2,7 +2,8 @@
 //! - `from_pod` at the TC ingress hook: what the pod sends (pod egress, `DIR_EGRESS`);
 //! - `to_pod` at the TC egress hook: what the pod receives (pod ingress, `DIR_INGRESS`).
 //!
-//! Per packet: endpoint, then the established-flow fast path ([`fastpath`]: a plain IPv4
+//! Per packet: endpoint (its slot of `ENDPOINT_SLOTS`, else its ENDPOINTS entry), then the
+//! established-flow fast path ([`fastpath`]: a plain IPv4
 //! TCP/UDP packet of an allowed flow stops there); otherwise parse, anti-spoofing, conntrack
 //! (other established flows stop there) and, for new flows, peer identity and policy; see
 //! [`decide`] for the exact order.
@@ -36,7 +37,7 @@ use crate::{
     conntrack::{
         addr_eq, config_flags, ct_insert, ct_key, ct_lookup, ct_remove, frag_key, fresh, timeout,
     },
-    fastpath::{Fast, established_v4},
+    fastpath::{Fast, FastEp, established_v4, slot_endpoint},
     lookup::{peer_identity, policy_lookup},
     maps::{CONFIG, ENDPOINTS, FRAGMENTS, SCRATCH, Scratch},
     parse::{FRAG_FIRST, FRAG_LATER, L4_ICMP_ERROR, PARSED_IP, Packet, parse, parse_inner},
@@ -80,22 +81,39 @@ impl From<parse::Malformed> for Error {
 fn process(ctx: &TcContext, direction: u8) -> i32 {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let bytes = ctx.len();
-    let Some(ep) = ENDPOINTS.get_ptr(&ifindex) else {
-        count(0, direction, reason::ALLOW_UNMANAGED, bytes);
-        return TC_ACT_OK;
-    };
-    // Read in place: no per-packet copy of the entry.
-    let ep = unsafe { &*ep };
     let cfg = CONFIG.get(0);
     let now = clock();
-    let known_miss = match established_v4(ctx, ep, direction, now, cfg) {
+    // The endpoint from its slot when it has one (the common case), else from ENDPOINTS.
+    let (fast, mut entry) = match slot_endpoint(ifindex) {
+        Some(f) => (f, None),
+        None => {
+            let Some(ep) = ENDPOINTS.get_ptr(&ifindex) else {
+                count(0, direction, reason::ALLOW_UNMANAGED, bytes);
+                return TC_ACT_OK;
+            };
+            (FastEp::of(unsafe { &*ep }), Some(ep))
+        }
+    };
+    let missed = match established_v4(ctx, &fast, direction, now, cfg) {
         Fast::Allowed(reason) => {
-            count(ep.id, direction, reason, bytes);
+            count(fast.id, direction, reason, bytes);
             return TC_ACT_OK;
         }
         Fast::Missed => true,
         Fast::Other => false,
     };
+    // The rest reads the authoritative entry (in place: no per-packet copy). A slot can only
+    // lag it by the few microseconds of an agent write; the entry wins.
+    if entry.is_none() {
+        entry = ENDPOINTS.get_ptr(&ifindex);
+    }
+    let Some(ep) = entry else {
+        count(0, direction, reason::ALLOW_UNMANAGED, bytes);
+        return TC_ACT_OK;
+    };
+    let ep = unsafe { &*ep };
+    // The miss holds for the key the full path would build only if the slot had the same id.
+    let known_miss = missed && fast.id == ep.id;
     let Some(s) = SCRATCH.get_ptr_mut(0) else {
         // Cannot happen (a one-slot per-CPU array); fail closed, counted as malformed.
         count(ep.id, direction, reason::DROP_MALFORMED, bytes);

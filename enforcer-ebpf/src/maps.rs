@@ -8,8 +8,8 @@ use aya_ebpf::{
 use enforcer_common::{
     Config, Counter, CtKey, CtKeyV4, CtValue, DEFAULT_CIDRS_SIZE, DEFAULT_CONNTRACK_SIZE,
     DEFAULT_EVENTS_BYTES, DEFAULT_FRAGMENTS_SIZE, DEFAULT_MAX_ENDPOINTS, DEFAULT_PEERS_SIZE,
-    DEFAULT_POLICY_SIZE, EndpointInfo, FragKey, FragValue, PeerInfo, PolicyKey, PolicyValue,
-    counter_slots,
+    DEFAULT_POLICY_SIZE, ENDPOINT_SLOT_COUNT, EndpointInfo, EndpointSlot, FragKey, FragValue,
+    PeerInfo, PolicyKey, PolicyValue, counter_slots,
 };
 
 use crate::{
@@ -20,6 +20,15 @@ use crate::{
 #[map]
 pub static ENDPOINTS: HashMap<u32, EndpointInfo> =
     HashMap::with_max_entries(DEFAULT_MAX_ENDPOINTS, 0);
+
+/// The established path's copy of ENDPOINTS, direct-mapped by ifindex (see `EndpointSlot`).
+/// Mmapable: the agent writes it through a shared mapping, word by word, as a sequence lock.
+#[map]
+pub static ENDPOINT_SLOTS: Array<EndpointSlot> =
+    Array::with_max_entries(ENDPOINT_SLOT_COUNT, BPF_F_MMAPABLE);
+
+/// `BPF_F_MMAPABLE` (uapi `bpf.h`).
+const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 #[map]
 pub static PEERS_V4: HashMap<[u8; 4], PeerInfo> = HashMap::with_max_entries(DEFAULT_PEERS_SIZE, 0);

@@ -1459,6 +1459,251 @@ fn epoch_cases(h: &mut Harness) {
     }
 }
 
+/// The established path reads an endpoint from its slot of ENDPOINT_SLOTS: a stale slot with
+/// an even sequence is believed (which shows the programs use it), a half-written one or one
+/// that names another ifindex is not (ENDPOINTS decides), and an endpoint whose slot another
+/// ifindex owns is judged through ENDPOINTS.
+fn slot_cases(h: &mut Harness) {
+    use enforcer::datapath::slots::SLOTS_SUPPORTED;
+    use enforcer_common::{ENDPOINT_SLOT_COUNT, endpoint_slot};
+    if !SLOTS_SUPPORTED {
+        return;
+    }
+    let (i, a) = (Hook::Egress, h.ifs["a"]);
+    let flow = |sport| ipv4(B4, A4, PROTO_TCP, &tcp(sport, 80));
+    for sport in [45200, 45201] {
+        h.case("slot: flow opens", "a", i, &flow(sport), OK, ALLOW_POLICY);
+        h.case(
+            "slot: flow established",
+            "a",
+            i,
+            &flow(sport),
+            OK,
+            ALLOW_ESTABLISHED,
+        );
+    }
+    let fresh = h.dp.endpoints.slots().slot_of(a);
+    if fresh.ifindex != a || fresh.id != EP_A || fresh.seq & 1 != 0 {
+        h.failures
+            .push(format!("slot: A's slot does not mirror it: {fresh:?}"));
+    }
+    // Revoke port 80 under a new epoch; the agent's write moves the slot along.
+    h.dp.policy
+        .remove(&PolicyKey::new(EP_A, ID_B, DIR_INGRESS, PROTO_TCP, 80, 16))
+        .unwrap();
+    let epoch = h.eps[&a].epoch + 1;
+    h.set_epoch("a", epoch);
+    if h.dp.endpoints.slots().slot_of(a).epoch != epoch {
+        h.failures
+            .push("slot: the epoch write did not reach the slot".into());
+    }
+    // The slot as it was before: believed, so the revoked flow still passes.
+    let slot = endpoint_slot(a);
+    h.dp.endpoints.slots().memory().write(slot, &fresh);
+    h.case(
+        "slot: a stale slot is what the programs read",
+        "a",
+        i,
+        &flow(45200),
+        OK,
+        ALLOW_ESTABLISHED,
+    );
+    // Half-written (odd sequence): ENDPOINTS decides.
+    let seq = h.dp.endpoints.slots().memory().read(slot).seq;
+    h.dp.endpoints.slots().memory().write_head(slot, a, seq + 1);
+    h.case(
+        "slot: a half-written slot is not read",
+        "a",
+        i,
+        &flow(45200),
+        SHOT,
+        DROP_REVOKED,
+    );
+    // Another ifindex in it: ENDPOINTS decides.
+    let mem = h.dp.endpoints.slots().memory();
+    mem.write(slot, &fresh);
+    mem.write_head(slot, a + ENDPOINT_SLOT_COUNT, mem.read(slot).seq);
+    h.case(
+        "slot: another ifindex's slot is not read",
+        "a",
+        i,
+        &flow(45201),
+        SHOT,
+        DROP_REVOKED,
+    );
+    // The agent's next write puts the right slot back.
+    allow(&mut h.dp, EP_A, ID_B, DIR_INGRESS, PROTO_TCP, 80, 16, 10);
+    h.set_epoch("a", epoch + 1);
+    let now = h.dp.endpoints.slots().slot_of(a);
+    if now.ifindex != a || now.epoch != epoch + 1 || now.seq & 1 != 0 {
+        h.failures.push(format!("slot: not rewritten: {now:?}"));
+    }
+    h.case(
+        "slot: flow back after re-allow",
+        "a",
+        i,
+        &flow(45202),
+        OK,
+        ALLOW_POLICY,
+    );
+    h.case(
+        "slot: and established",
+        "a",
+        i,
+        &flow(45202),
+        OK,
+        ALLOW_ESTABLISHED,
+    );
+
+    // A veth whose ifindex shares A's slot: A keeps the slot, D is judged through ENDPOINTS.
+    const EP_D: u32 = 4;
+    const D4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 4);
+    let d = a + ENDPOINT_SLOT_COUNT;
+    ip(&[
+        "link",
+        "add",
+        "name",
+        "epd",
+        "index",
+        &d.to_string(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "epdp",
+    ]);
+    ip(&["link", "set", "epd", "up"]);
+    h.ifs.insert("d", d);
+    let info = endpoint(EP_D, EP_INGRESS_ISOLATED, D4, None, [1 << 16, 0]);
+    h.dp.endpoints.set(&d, &info).unwrap();
+    h.eps.insert(d, info);
+    allow(&mut h.dp, EP_D, ID_B, DIR_INGRESS, PROTO_TCP, 80, 16, 40);
+    if h.dp.endpoints.slots().slot_of(d).ifindex != a {
+        h.failures
+            .push("slot: the lower ifindex lost the shared slot".into());
+    }
+    let to_d = ipv4(B4, D4, PROTO_TCP, &tcp(45300, 80));
+    h.case(
+        "slot: shared-slot endpoint, new flow",
+        "d",
+        i,
+        &to_d,
+        OK,
+        ALLOW_POLICY,
+    );
+    h.case(
+        "slot: shared-slot endpoint, established",
+        "d",
+        i,
+        &to_d,
+        OK,
+        ALLOW_ESTABLISHED,
+    );
+    h.case(
+        "slot: shared-slot endpoint, denied port",
+        "d",
+        i,
+        &ipv4(B4, D4, PROTO_TCP, &tcp(45301, 81)),
+        SHOT,
+        DROP_POLICY,
+    );
+    h.case(
+        "slot: slot owner unaffected",
+        "a",
+        i,
+        &flow(45202),
+        OK,
+        ALLOW_ESTABLISHED,
+    );
+    // A goes: D takes the slot and keeps its flow.
+    let info_a = h.eps[&a];
+    h.dp.endpoints.remove(&a).unwrap();
+    if h.dp.endpoints.slots().slot_of(d).ifindex != d {
+        h.failures
+            .push("slot: the shared slot did not pass to the remaining ifindex".into());
+    }
+    h.case(
+        "slot: shared-slot endpoint, through its slot now",
+        "d",
+        i,
+        &to_d,
+        OK,
+        ALLOW_ESTABLISHED,
+    );
+    h.dp.endpoints.set(&a, &info_a).unwrap();
+    h.dp.endpoints.remove(&d).unwrap();
+    h.eps.remove(&d);
+    ip(&["link", "del", "epd"]);
+    h.ifs.remove("d");
+}
+
+/// Idle timeouts from CONFIG: a flow seen within its timeout stays established (and its stamp
+/// moves on), one idle longer is judged as a new flow again (a reply of it is then dropped by
+/// policy).
+fn idle_cases(h: &mut Harness) {
+    use std::time::Duration;
+    let (i, e) = (Hook::Egress, Hook::Ingress);
+    let timeout = Duration::from_secs(1);
+    let mut cfg = h.dp.config().unwrap();
+    cfg.ct_timeout_tcp_ns = timeout.as_nanos() as u64;
+    cfg.ct_timeout_other_ns = timeout.as_nanos() as u64;
+    h.dp.set_config(&cfg).unwrap();
+    let to_a = ipv4(B4, A4, PROTO_TCP, &tcp(45500, 80));
+    let reply = ipv4(A4, B4, PROTO_TCP, &tcp(80, 45500));
+    let stamp = |h: &Harness| {
+        h.dp.conntrack
+            .entries()
+            .unwrap()
+            .into_iter()
+            .find(|(k, _)| k.endpoint == EP_A && k.protocol == PROTO_TCP && k.port_b == 45500)
+            .map(|(_, v)| v.last_seen_ns)
+    };
+    h.case("idle: flow opens", "a", i, &to_a, OK, ALLOW_POLICY);
+    let first = stamp(h);
+    std::thread::sleep(Duration::from_millis(100));
+    h.case(
+        "idle: a reply within the timeout",
+        "a",
+        e,
+        &reply,
+        OK,
+        ALLOW_REPLY,
+    );
+    let second = stamp(h);
+    if first.is_none() || second <= first {
+        h.failures.push(format!(
+            "idle: stamp did not move on: {first:?} then {second:?}"
+        ));
+    }
+    std::thread::sleep(timeout + Duration::from_millis(500));
+    h.case(
+        "idle: an idle flow's reply is a new flow, denied",
+        "a",
+        e,
+        &reply,
+        SHOT,
+        DROP_POLICY,
+    );
+    h.case(
+        "idle: the peer opens it again",
+        "a",
+        i,
+        &to_a,
+        OK,
+        ALLOW_POLICY,
+    );
+    h.case(
+        "idle: and its reply passes",
+        "a",
+        e,
+        &reply,
+        OK,
+        ALLOW_REPLY,
+    );
+    let defaults = h.dp.options().config();
+    h.dp.set_config(&defaults).unwrap();
+}
+
 /// The flows just allowed sit in their family's conntrack map under exactly the key the agent
 /// builds (ends ordered by address, then port): the programs and `Conntrack` agree byte for byte.
 fn ct_key_layout(h: &mut Harness) {
@@ -1768,6 +2013,8 @@ fn datapath_verdicts_by_test_run() {
         let mut h = setup(&pin);
         run_cases(&mut h);
         epoch_cases(&mut h);
+        slot_cases(&mut h);
+        idle_cases(&mut h);
         event_cases(&mut h);
         restart_cases(&mut h, &pin);
         conntrack_count_cases(&mut h, &pin);

@@ -8,6 +8,7 @@
 
 mod attach;
 mod bpffs;
+pub mod slots;
 mod tables;
 
 use std::{
@@ -30,13 +31,14 @@ use enforcer_common::{
     CONFIG_LOG_ALLOWED, Config, DEFAULT_CIDRS_SIZE, DEFAULT_CONNTRACK_SIZE,
     DEFAULT_CT_TIMEOUT_OTHER_NS, DEFAULT_CT_TIMEOUT_TCP_NS, DEFAULT_EVENTS_BYTES,
     DEFAULT_FRAGMENTS_SIZE, DEFAULT_MAX_ENDPOINTS, DEFAULT_PEERS_SIZE, DEFAULT_POLICY_SIZE,
-    EndpointInfo, MAP_CIDRS_V4, MAP_CIDRS_V6, MAP_CONFIG, MAP_CONNTRACK_V4, MAP_CONNTRACK_V6,
-    MAP_COUNTERS, MAP_ENDPOINTS, MAP_EVENTS, MAP_FRAGMENTS, MAP_PEERS_V4, MAP_PEERS_V6, MAP_POLICY,
-    PROG_FROM_POD, PROG_TO_POD, PeerInfo, PolicyKey, PolicyValue, SCHEMA_VERSION, counter_slots,
+    MAP_CIDRS_V4, MAP_CIDRS_V6, MAP_CONFIG, MAP_CONNTRACK_V4, MAP_CONNTRACK_V6, MAP_COUNTERS,
+    MAP_ENDPOINT_SLOTS, MAP_ENDPOINTS, MAP_EVENTS, MAP_FRAGMENTS, MAP_PEERS_V4, MAP_PEERS_V6,
+    MAP_POLICY, PROG_FROM_POD, PROG_TO_POD, PeerInfo, PolicyKey, PolicyValue, SCHEMA_VERSION,
+    counter_slots,
 };
 pub use tables::{
-    AsyncEvents, Conntrack, ConntrackCounter, CounterKey, CounterReader, Counters, EventReader,
-    HashTable, LpmAddr, LpmTable,
+    AsyncEvents, Conntrack, ConntrackCounter, CounterKey, CounterReader, Counters, EndpointTable,
+    EventReader, HashTable, LpmAddr, LpmTable,
 };
 
 pub use self::attach::AttachMode;
@@ -46,8 +48,9 @@ pub use self::bpffs::{ensure_bpffs, is_bpffs, mount_bpffs};
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/enforcer";
 
 /// Every pinned map.
-const PINNED_MAPS: [&str; 12] = [
+const PINNED_MAPS: [&str; 13] = [
     MAP_ENDPOINTS,
+    MAP_ENDPOINT_SLOTS,
     MAP_PEERS_V4,
     MAP_PEERS_V6,
     MAP_CIDRS_V4,
@@ -174,7 +177,7 @@ pub struct Datapath {
     pin_path: PathBuf,
     options: DatapathOptions,
     tcx: bool,
-    pub endpoints: HashTable<u32, EndpointInfo>,
+    pub endpoints: EndpointTable,
     pub peers_v4: HashTable<[u8; 4], PeerInfo>,
     pub peers_v6: HashTable<[u8; 16], PeerInfo>,
     pub cidrs_v4: LpmTable<std::net::Ipv4Addr>,
@@ -244,10 +247,25 @@ impl Datapath {
                 .with_context(|| format!("loading program {} (verifier)", hook.program()))?;
         }
 
-        let endpoints = HashTable::new(
+        let endpoints_hash = HashTable::new(
             MAP_ENDPOINTS,
             HashMap::try_from(take(&mut ebpf, MAP_ENDPOINTS)?)?,
         );
+        let slots_map = take(&mut ebpf, MAP_ENDPOINT_SLOTS)?;
+        let Map::Array(slots_data) = &slots_map else {
+            bail!("map {MAP_ENDPOINT_SLOTS} is not an array");
+        };
+        let slot_memory = slots::SlotMemory::map(std::os::fd::AsFd::as_fd(slots_data.fd()))?;
+        let endpoints = EndpointTable {
+            slots: slots::SlotSync::new(
+                slot_memory,
+                slots::SLOTS_SUPPORTED,
+                endpoints_hash
+                    .entries()
+                    .context("reading ENDPOINTS to fill its slots")?,
+            ),
+            hash: endpoints_hash,
+        };
         let peers_v4 = HashTable::new(
             MAP_PEERS_V4,
             HashMap::try_from(take(&mut ebpf, MAP_PEERS_V4)?)?,

@@ -12,10 +12,11 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use enforcer_common::{
-    Counter, CtKey, CtKeyV4, CtValue, FAMILY_V6, PeerInfo, REASON_COUNT, VerdictEvent,
+    Counter, CtKey, CtKeyV4, CtValue, EndpointInfo, FAMILY_V6, PeerInfo, REASON_COUNT, VerdictEvent,
 };
 use tokio::io::{Interest, unix::AsyncFd};
 
+use super::slots::SlotSync;
 use crate::{maps::MapTable, state::Prefix};
 
 fn not_found(e: &MapError) -> bool {
@@ -74,6 +75,42 @@ impl<K: aya::Pod, V: aya::Pod> MapTable<K, V> for HashTable<K, V> {
             out.push(k.with_context(|| format!("listing keys of map {}", self.name))?);
         }
         Ok(out)
+    }
+}
+
+/// ENDPOINTS, and the slots that mirror it for the established path (see [`super::slots`]):
+/// a write lands in ENDPOINTS, then in the slot; a removal clears the slot, then ENDPOINTS.
+pub struct EndpointTable {
+    pub(crate) hash: HashTable<u32, EndpointInfo>,
+    pub(crate) slots: SlotSync,
+}
+
+impl EndpointTable {
+    pub fn entries(&self) -> Result<Vec<(u32, EndpointInfo)>> {
+        self.hash.entries()
+    }
+
+    /// The slots, e.g. to see which endpoint one mirrors.
+    pub fn slots(&self) -> &SlotSync {
+        &self.slots
+    }
+}
+
+impl MapTable<u32, EndpointInfo> for EndpointTable {
+    fn get(&self, key: &u32) -> Result<Option<EndpointInfo>> {
+        self.hash.get(key)
+    }
+    fn set(&mut self, key: &u32, value: &EndpointInfo) -> Result<()> {
+        self.hash.set(key, value)?;
+        self.slots.written(*key, value);
+        Ok(())
+    }
+    fn remove(&mut self, key: &u32) -> Result<()> {
+        self.slots.removing(*key);
+        self.hash.remove(key)
+    }
+    fn keys(&self) -> Result<Vec<u32>> {
+        self.hash.keys()
     }
 }
 
