@@ -1196,12 +1196,12 @@ fn scenario(
         let cases: [(&str, &[u8], &[u8]); 4] = [
             ("empty program (floor)", &est, &ctx),
             (
-                "unmanaged ifindex: ENDPOINTS miss + counter",
+                "unmanaged ifindex: endpoint slot and ENDPOINTS miss + counter",
                 &est,
                 &ctx_unmanaged,
             ),
             (
-                "ARP: + ENDPOINTS hit, clock, fast-path ethertype check, scratch, Ethernet parse",
+                "ARP: + slot hit, clock, fast-path ethertype check, ENDPOINTS hit, scratch, Ethernet parse",
                 &arp,
                 &ctx,
             ),
@@ -1223,7 +1223,7 @@ fn scenario(
         // unmanaged path), the others after it (compared with "pod to itself").
         let others: [(&str, &[u8], &[u8]); 3] = [
             (
-                "established, fast path: ENDPOINTS hit, clock, IPv4/TCP header words in place, conntrack (LRU) lookup and update",
+                "established, fast path: endpoint slot, clock, IPv4/TCP header words in place, conntrack (LRU) lookup",
                 &est,
                 &ctx,
             ),
