@@ -347,6 +347,12 @@ impl Agent {
             .into_iter()
             .map(|(name, n)| (name.to_string(), n as u64, u64::from(capacity(name))))
             .collect();
+        // Endpoints in ENDPOINTS but not here share a slot: their packets take the hash path.
+        maps.push((
+            enforcer_common::MAP_ENDPOINT_SLOTS.to_string(),
+            dp.endpoints.slots().filled() as u64,
+            u64::from(enforcer_common::ENDPOINT_SLOT_COUNT),
+        ));
         maps.push((
             "CONNTRACK_V4".to_string(),
             ct_entries.0,

@@ -184,6 +184,12 @@ fn standalone_health_edits_bad_files_and_pod_lifecycle() {
     );
     let (_, metrics) = agent.get("/metrics").unwrap();
     assert!(metrics.contains("enforcer_pods_enforced 3"), "{metrics}");
+    // Every enforced pod's veth has its endpoint slot (the fast path's copy of ENDPOINTS).
+    if enforcer::datapath::slots::SLOTS_SUPPORTED {
+        let slots = "enforcer_map_entries{map=\"ENDPOINT_SLOTS\"} 3";
+        let m = agent.metrics_until(Duration::from_secs(5), |m| m.contains(slots));
+        assert!(m.contains(slots), "{m}");
+    }
 
     // Deleting the policy opens everything again.
     std::fs::remove_file(s.dir.path().join("policy.yaml")).unwrap();
