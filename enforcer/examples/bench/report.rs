@@ -1088,7 +1088,7 @@ impl Report {
                     .collect();
                 let _ = write!(
                     out,
-                    "The breakdown in section 1 ({} entries) gives {}; a bare hash lookup with its counter (unmanaged path) costs {} ns over the floor. ",
+                    "The breakdown in section 1 ({} entries) gives {}; the unmanaged path (a free endpoint slot, an ENDPOINTS miss and its counter) costs {} ns over the floor. ",
                     r.entries,
                     steps.join(", "),
                     r.breakdown
