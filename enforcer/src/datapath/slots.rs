@@ -42,6 +42,8 @@ pub struct SlotMemory {
 // SAFETY: the memory is owned by this value (heap) or by the mapping it unmaps on drop; all
 // access goes through atomics.
 unsafe impl Send for SlotMemory {}
+// SAFETY: as above: shared access is atomic loads and stores only.
+unsafe impl Sync for SlotMemory {}
 
 impl SlotMemory {
     /// Maps the array behind `fd` (an `ENDPOINT_SLOTS` map created `BPF_F_MMAPABLE`).
@@ -131,6 +133,25 @@ impl SlotMemory {
         );
         let even = odd.wrapping_add(1);
         head.store(v.ifindex as u64 | (even as u64) << 32, Ordering::Release);
+    }
+
+    /// The fields of `index` as the programs take them: `(id, flags, epoch, ipv4)` when the
+    /// slot names `ifindex` with an even sequence that did not change while the fields were read.
+    pub fn read_consistent(&self, index: u32, ifindex: u32) -> Option<(u32, u32, u32, [u8; 4])> {
+        let head = self.head(index);
+        let h = head.load(Ordering::Acquire);
+        if h as u32 != ifindex || (h >> 32) & 1 != 0 {
+            return None;
+        }
+        let w = |f| self.word(index, f).load(Ordering::Relaxed);
+        let v = (
+            w(core::mem::offset_of!(EndpointSlot, id)),
+            w(core::mem::offset_of!(EndpointSlot, flags)),
+            w(core::mem::offset_of!(EndpointSlot, epoch)),
+            w(core::mem::offset_of!(EndpointSlot, ipv4)).to_ne_bytes(),
+        );
+        fence(Ordering::Acquire);
+        (head.load(Ordering::Relaxed) == h).then_some(v)
     }
 
     /// Writes the first word alone, as a writer that stopped half-way would leave it: for
@@ -314,6 +335,65 @@ mod tests {
         let mut s = SlotSync::new(mem, false, [(3, info(3, 1))]);
         s.written(8, &info(8, 1));
         assert_eq!(s.filled(), 0);
+    }
+
+    /// A writer flipping a slot between two endpoints' fields as fast as it can, a reader on
+    /// another thread reading it the way the programs do: the reader gets one or the other,
+    /// never a mix of the two (the check fails when the writer stores a field before marking
+    /// the slot odd).
+    #[test]
+    fn a_reader_never_sees_a_mix_of_two_writes() {
+        use std::sync::{
+            Arc,
+            atomic::{AtomicBool, Ordering::Relaxed},
+        };
+        let mem = Arc::new(SlotMemory::heap());
+        let x = EndpointSlot::of(5, &info(1, 1));
+        let mut y = EndpointSlot::of(5, &info(2, 2));
+        y.flags = 0;
+        let as_read = |s: &EndpointSlot| (s.id, s.flags, s.epoch, s.ipv4);
+        let (vx, vy) = (as_read(&x), as_read(&y));
+        mem.write(0, &x);
+        let stop = Arc::new(AtomicBool::new(false));
+        let writes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let writer = {
+            let (mem, stop, writes) = (mem.clone(), stop.clone(), writes.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Relaxed) {
+                    mem.write(0, if n.is_multiple_of(2) { &y } else { &x });
+                    n += 1;
+                    writes.store(n, Relaxed);
+                    // A gap between writes, as between two agent writes: without it a reader
+                    // on the other core would rarely find the slot at rest at all.
+                    for _ in 0..8 {
+                        std::hint::spin_loop();
+                    }
+                }
+            })
+        };
+        // Read while the writer runs: until it has written 3M times and we have read 3M
+        // times, or 5 s.
+        let start = std::time::Instant::now();
+        let (mut reads, mut mixed, mut tries) = (0u64, 0u64, 0u64);
+        while (tries < 3_000_000 || writes.load(Relaxed) < 3_000_000)
+            && start.elapsed() < std::time::Duration::from_secs(5)
+        {
+            tries += 1;
+            if writes.load(Relaxed) == 0 {
+                continue;
+            }
+            if let Some(v) = mem.read_consistent(0, 5) {
+                reads += 1;
+                if v != vx && v != vy {
+                    mixed += 1;
+                }
+            }
+        }
+        stop.store(true, Relaxed);
+        writer.join().unwrap();
+        assert!(reads > 0, "the reader never got a consistent slot");
+        assert_eq!(mixed, 0, "{mixed} of {reads} reads mixed two writes");
     }
 
     #[test]
