@@ -3,10 +3,9 @@
 //! - `to_pod` at the TC egress hook: what the pod receives (pod ingress, `DIR_INGRESS`).
 //!
 //! Per packet: endpoint (its slot of `ENDPOINT_SLOTS`, else its ENDPOINTS entry), then the
-//! established-flow fast path ([`fastpath`]: a plain IPv4
-//! TCP/UDP packet of an allowed flow stops there); otherwise parse, anti-spoofing, conntrack
-//! (other established flows stop there) and, for new flows, peer identity and policy; see
-//! [`decide`] for the exact order.
+//! established-flow fast path ([`fastpath`]: a plain IPv4 TCP/UDP packet of an allowed flow
+//! stops there); otherwise parse, anti-spoofing, conntrack (other established flows stop there)
+//! and, for new flows, peer identity and policy; see [`decide`] for the exact order.
 //! Every packet bumps one counter; every drop (and, when asked, every new allowed flow) sends a
 //! `VerdictEvent`. Every error path maps to a deliberate verdict with its own reason: nothing
 //! fails open silently.
