@@ -197,15 +197,6 @@ impl EndpointSlot {
             _pad: [0; 2],
         }
     }
-
-    /// Same endpoint, same fields (the sequence aside).
-    pub const fn same_as(&self, o: &Self) -> bool {
-        self.ifindex == o.ifindex
-            && self.id == o.id
-            && self.flags == o.flags
-            && self.epoch == o.epoch
-            && u32::from_ne_bytes(self.ipv4) == u32::from_ne_bytes(o.ipv4)
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

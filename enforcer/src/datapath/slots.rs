@@ -138,20 +138,14 @@ impl SlotMemory {
     /// The fields of `index` as the programs take them: `(id, flags, epoch, ipv4)` when the
     /// slot names `ifindex` with an even sequence that did not change while the fields were read.
     pub fn read_consistent(&self, index: u32, ifindex: u32) -> Option<(u32, u32, u32, [u8; 4])> {
-        let head = self.head(index);
-        let h = head.load(Ordering::Acquire);
-        if h as u32 != ifindex || (h >> 32) & 1 != 0 {
+        let v = self.read(index);
+        if v.ifindex != ifindex || v.seq & 1 != 0 {
             return None;
         }
-        let w = |f| self.word(index, f).load(Ordering::Relaxed);
-        let v = (
-            w(core::mem::offset_of!(EndpointSlot, id)),
-            w(core::mem::offset_of!(EndpointSlot, flags)),
-            w(core::mem::offset_of!(EndpointSlot, epoch)),
-            w(core::mem::offset_of!(EndpointSlot, ipv4)).to_ne_bytes(),
-        );
         fence(Ordering::Acquire);
-        (head.load(Ordering::Relaxed) == h).then_some(v)
+        let again = self.head(index).load(Ordering::Relaxed);
+        (again == v.ifindex as u64 | (v.seq as u64) << 32)
+            .then_some((v.id, v.flags, v.epoch, v.ipv4))
     }
 
     /// Writes the first word alone, as a writer that stopped half-way would leave it: for
@@ -254,7 +248,8 @@ impl SlotSync {
     fn sync(&mut self, slot: u32) {
         let want = self.wanted(slot);
         let cur = self.mem.read(slot);
-        if cur.seq & 1 == 1 || !cur.same_as(&want) {
+        // `want` has sequence 0: compare everything but the sequence.
+        if cur.seq & 1 == 1 || (EndpointSlot { seq: 0, ..cur }) != want {
             self.mem.write(slot, &want);
         }
     }
