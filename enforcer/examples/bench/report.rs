@@ -689,12 +689,12 @@ impl Report {
             );
             let _ = writeln!(
                 s,
-                "| entries | endpoints | policy / peers / CIDR map | empty prog | established | est. net | denied | unmanaged | harness floor | kernel CT miss + insert (net) | one-slot table (net) | **new flow** | new net | new flow, ipBlock peer | empty prog* | established* | new flow* | denied* |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+                "| entries | endpoints | policy / peers / CIDR map | empty prog | established | est. net | denied | unmanaged | harness floor | kernel CT miss + insert (net) | the same, plain hash (net) | one-slot table (net) | **new flow** | new net | new flow, ipBlock peer | empty prog* | established* | new flow* | denied* |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
             );
             for r in &t.rows {
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {} / {} / {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} ({}) | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {} | {} | {} / {} / {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} ({}) | {} ({}) | {} | {} | {} | {} | {} | {} | {} |",
                     r.entries,
                     r.endpoints,
                     r.policy_map,
@@ -708,6 +708,8 @@ impl Report {
                     f(r.harness_floor_ns, 0),
                     f(r.ct_floor_ns, 0),
                     f(r.ct_floor_ns - r.harness_floor_ns, 0),
+                    f(r.ct_hash_floor_ns, 0),
+                    f(r.ct_hash_floor_ns - r.harness_floor_ns, 0),
                     f(r.slot_floor_ns, 0),
                     f(r.slot_floor_ns - r.harness_floor_ns, 0),
                     f(r.new_flow_ns, 0),
@@ -990,7 +992,7 @@ impl Report {
     fn method(&self) -> String {
         let mut s = String::from("## Method\n\n");
         s.push_str(
-            "- **Per-packet cost**: the real programs, loaded by the agent's loader into a private netns and bpffs, fed a 64-byte TCP/IPv4 frame with raw `bpf(BPF_PROG_TEST_RUN)`; the *floor* is a hand-assembled SCHED_CLS program (`r0 = 0; exit`) run by the same call on the same frame and ctx. Before timing, each frame's path is checked by the counter it moves (established / policy-denied / unmanaged / new flow). *Established*: the same allowed packet repeated (`repeat` N), so every run after the first is a conntrack hit. *New flow*: `BPF_PROG_TEST_RUN` repeats one packet, so a hand-assembled *fresh-port harness* runs instead: it adds one to the frame's TCP source port in place and tail-calls our program, so each of its runs is a new flow (conntrack miss, peer lookup, policy lookup, conntrack insert into the default 262,144-entry LRU map), each call from a client address of its own; every call must move the new-flow counter by exactly its run count. Its floor is the same harness tail-calling the empty program. *Kernel CT miss + insert*: the same harness tail-calling a hand-assembled program that only builds the flow's 20-byte key from the frame, misses it in an LRU hash of the IPv4 conntrack's shape (20-byte key, 24-byte value, 262,144 entries) and inserts it: the part of a new flow that is the kernel's map code on a key it has never seen (a cold bucket and a cold element), which no design that tracks flows in a kernel hash map goes below. *One-slot table*: the same harness tail-calling a program that hashes the key to one 32-byte slot of a 262,144-slot array (the lookup inlined by the verifier), compares it and writes it: the cost of one cold cache line per new flow, the floor of a flow table designed around it (checked: the last key is in its slot). *Passes*: the scenarios are measured in several passes; other work on the machine only adds time and comes in phases of seconds, so each figure is the lowest of the passes' medians (all calls are in `report.json`). *Flatness* (established at the most entries over the fewest) is measured apart, pairwise: both datapaths loaded side by side, their calls alternated with the floor's in many short rounds, the median of the rounds' ratios; the passes' figures sit seconds apart and swing with the host's phases (the floor itself moves ~1.5× between them here). *Denied* emits a ring-buffer event per drop; in the repeat figure the 1 MiB ring fills after ~14k drops and later drops skip the event, the single figure drains the ring and always emits. Maps: filler policy entries spread over the endpoints (exact ports), as many peer addresses (≤ 100k) and entries/10 CIDR /24s (≤ 10k) in the LPM trie.\n",
+            "- **Per-packet cost**: the real programs, loaded by the agent's loader into a private netns and bpffs, fed a 64-byte TCP/IPv4 frame with raw `bpf(BPF_PROG_TEST_RUN)`; the *floor* is a hand-assembled SCHED_CLS program (`r0 = 0; exit`) run by the same call on the same frame and ctx. Before timing, each frame's path is checked by the counter it moves (established / policy-denied / unmanaged / new flow). *Established*: the same allowed packet repeated (`repeat` N), so every run after the first is a conntrack hit. *New flow*: `BPF_PROG_TEST_RUN` repeats one packet, so a hand-assembled *fresh-port harness* runs instead: it adds one to the frame's TCP source port in place and tail-calls our program, so each of its runs is a new flow (conntrack miss, peer lookup, policy lookup, conntrack insert into the default 262,144-entry LRU map), each call from a client address of its own; every call must move the new-flow counter by exactly its run count. Its floor is the same harness tail-calling the empty program. *Kernel CT miss + insert*: the same harness tail-calling a hand-assembled program that only builds the flow's 20-byte key from the frame, misses it in an LRU hash of the IPv4 conntrack's shape (20-byte key, 24-byte value, 262,144 entries) and inserts it, its map filled between timed calls with the keys of the ipBlock-peer call ours also takes, so each timed call meets the fill ours met: the part of a new flow that is the kernel's map code on a key it has never seen (a cold bucket and a cold element), which no design that tracks flows in an LRU hash goes below. *The same, plain hash*: that program and fill on a preallocated `BPF_MAP_TYPE_HASH` of the same shape (no LRU lists; such a table fills up unless the agent sweeps it). *One-slot table*: the same harness tail-calling a program that hashes the key to one 32-byte slot of a 262,144-slot array (the lookup inlined by the verifier), compares it and writes it: the cost of one cold cache line per new flow, the floor of a flow table designed around it (checked: the last key is in its slot). *Passes*: the scenarios are measured in several passes; other work on the machine only adds time and comes in phases of seconds, so each figure is the lowest of the passes' medians (all calls are in `report.json`). *Flatness* (established at the most entries over the fewest) is measured apart, pairwise: both datapaths loaded side by side, their calls alternated with the floor's in many short rounds, the median of the rounds' ratios; the passes' figures sit seconds apart and swing with the host's phases (the floor itself moves ~1.5× between them here). *Denied* emits a ring-buffer event per drop; in the repeat figure the 1 MiB ring fills after ~14k drops and later drops skip the event, the single figure drains the ring and always emits. Maps: filler policy entries spread over the endpoints (exact ports), as many peer addresses (≤ 100k) and entries/10 CIDR /24s (≤ 10k) in the LPM trie.\n",
         );
         s.push_str(
             "- **Pods**: the testbed's routed-veth layout (node netns, two pods, /32 routes, proxy ARP). *Enforced* = the real agent (`enforcer run --manifests`, `--node-name`) with the client and server pods, 1k pods of another node (peers) and the policies (the server and the client are both isolated, so both veths run the full path); *no programs* = the same path with the agent stopped (checked: a port the policies deny is reachable). iperf3: one TCP stream. TCP_RR: 1-byte request/response over one connection; TCP_CRR: connect, 1-byte request/response, close, one connection at a time; both from a Rust client thread in the client pod to echo servers in the server pod. The headline ratios come from *interleaved windows* (section 2): one continuous load while the hooks switch between no programs, the empty program and ours every quarter second, each window's rate read from a counter; the rounds (minutes apart) are shown beside them.\n",
@@ -1109,6 +1111,7 @@ impl Report {
                         let new = r.new_flow_ns - r.harness_floor_ns;
                         let kernel = r.ct_floor_ns - r.harness_floor_ns;
                         let slot = r.slot_floor_ns - r.harness_floor_ns;
+                        let plain = r.ct_hash_floor_ns - r.harness_floor_ns;
                         let _ = write!(
                             out,
                             "Measured alone through the same harness, the kernel's LRU-hash miss and insert of the fresh key take {} ns of these {} ns ({} endpoint(s)); ours beyond it (endpoint lookup, parse, peer and policy lookups, counter) is {} ns. {}",
@@ -1121,6 +1124,12 @@ impl Report {
                             } else {
                                 ""
                             }
+                        );
+                        let _ = write!(
+                            out,
+                            "A preallocated plain hash of the same shape (no LRU lists, so a table that fills up unless the agent sweeps it) took {} ns for the same work: about {} ns a new flow with ours as it is. ",
+                            f(plain, 0),
+                            f(plain + new - kernel, 0)
                         );
                         let _ = write!(
                             out,
