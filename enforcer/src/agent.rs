@@ -119,7 +119,10 @@ impl Agent {
                         id.pods.update(&c, &self.compile_options.node_ips);
                     }
                     if cluster.is_none() {
-                        self.restore_endpoint_ids(&c, &mut alloc);
+                        if let Some(id) = &self.identity {
+                            c.verified = id.verified();
+                        }
+                        self.restore_numbers(&c, &mut alloc);
                     }
                     cluster = Some(c);
                     self.status.ready.store(false, Ordering::Relaxed);
@@ -189,7 +192,28 @@ impl Agent {
     }
 
     /// After a restart: pods keep the endpoint ids of their pinned entries (found by address),
-    /// so their policy keys and conntrack entries stay valid across the restart.
+    /// so their policy keys and conntrack entries stay valid across the restart; then the
+    /// identities and rules keep their pinned numbers ([`Allocations::restore`]), so the first
+    /// reconcile rewrites only what changed while the agent was away.
+    fn restore_numbers(&self, cluster: &Cluster, alloc: &mut Allocations) {
+        self.restore_endpoint_ids(cluster, alloc);
+        let pinned = match self.datapath.lock() {
+            Ok(mut dp) => crate::reconcile::read_pinned(&mut *dp),
+            Err(_) => return,
+        };
+        match pinned {
+            Ok(pinned) => {
+                let (identities, rules) = alloc.restore(cluster, &self.compile_options, &pinned);
+                if identities + rules > 0 {
+                    log::info!(
+                        "restored the numbers of {identities} identities and {rules} rules from the pinned maps"
+                    );
+                }
+            }
+            Err(e) => log::warn!("reading the pinned maps to keep their numbering: {e:#}"),
+        }
+    }
+
     fn restore_endpoint_ids(&self, cluster: &Cluster, alloc: &mut Allocations) {
         let Ok(dp) = self.datapath.lock() else { return };
         let Ok(pinned) = dp.endpoints.entries() else {

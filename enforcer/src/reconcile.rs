@@ -1,7 +1,7 @@
 //! Writes a [`DesiredState`] into the datapath without a window: every new or changed entry of
-//! every map first (peers, CIDRs and policy before the endpoint entries that turn isolation on,
-//! endpoint entries before their programs are attached), then stale entries go in the reverse
-//! order. It starts from what the maps hold, so after a restart it adopts the pinned state and
+//! every map first (policy before the peers and CIDRs that resolve addresses to its identities,
+//! all before the endpoint entries that turn isolation on, endpoint entries before their
+//! programs are attached), then stale entries go in the reverse order. It starts from what the maps hold, so after a restart it adopts the pinned state and
 //! changes only what differs.
 //!
 //! After one full comparison with the kernel it keeps a shadow of what it wrote and diffs the
@@ -24,6 +24,38 @@ use crate::{
     routes::Routes,
     state::{DesiredState, PodRef, Prefix},
 };
+
+/// The identities, regions and policy entries the pinned maps hold, as a [`DesiredState`]
+/// (endpoints and rule names left empty): what a restarted agent restores its numbering from.
+pub fn read_pinned(dp: &mut dyn Dataplane) -> Result<DesiredState> {
+    fn all<K: Ord + Clone, V>(t: &dyn MapTable<K, V>, name: &str) -> Result<BTreeMap<K, V>> {
+        let mut out = BTreeMap::new();
+        for k in t.keys().with_context(|| format!("listing pinned {name}"))? {
+            // An entry removed between the listing and the read is simply not there.
+            if let Some(v) = t
+                .get(&k)
+                .with_context(|| format!("reading pinned {name}"))?
+            {
+                out.insert(k, v);
+            }
+        }
+        Ok(out)
+    }
+    Ok(DesiredState {
+        peers_v4: all(dp.peers_v4(), "PEERS_V4")?
+            .into_iter()
+            .map(|(a, p)| (Ipv4Addr::from(a), p))
+            .collect(),
+        peers_v6: all(dp.peers_v6(), "PEERS_V6")?
+            .into_iter()
+            .map(|(a, p)| (Ipv6Addr::from(a), p))
+            .collect(),
+        cidrs_v4: all(dp.cidrs_v4(), "CIDRS_V4")?,
+        cidrs_v6: all(dp.cidrs_v6(), "CIDRS_V6")?,
+        policy: all(dp.policy(), "POLICY")?,
+        ..DesiredState::default()
+    })
+}
 
 /// The kernel side as the reconciler needs it; the datapath module implements it over pinned
 /// aya maps and links, tests over [`crate::maps::FakeTable`]s.
@@ -191,7 +223,10 @@ impl Reconciler {
         // with the kernel.
         let shadow = self.shadow.take();
 
-        // 1. Additions and changes, the peers and policy an endpoint needs before the endpoint.
+        // 1. Additions and changes: the policy entries of an identity before any address
+        //    resolves to it (a relabeled pod never meets its new identity without its rules),
+        //    all before the endpoint entries that turn isolation on.
+        report.written += upserts!(shadow, policy, &desired.policy, dp.policy(), "POLICY");
         report.written += upserts!(shadow, peers_v4, &peers_v4, dp.peers_v4(), "PEERS_V4");
         report.written += upserts!(shadow, peers_v6, &peers_v6, dp.peers_v6(), "PEERS_V6");
         report.written += upserts!(
@@ -208,7 +243,6 @@ impl Reconciler {
             dp.cidrs_v6(),
             "CIDRS_V6"
         );
-        report.written += upserts!(shadow, policy, &desired.policy, dp.policy(), "POLICY");
         report.written += upserts!(shadow, endpoints, &endpoints, dp.endpoints(), "ENDPOINTS");
 
         // 2. Programs on new interfaces (their endpoint entry exists now).
@@ -245,7 +279,7 @@ impl Reconciler {
                 .with_context(|| format!("forgetting flows of endpoint {id}"))?;
             self.epochs.remove(&id);
         }
-        report.removed += removals!(shadow, policy, &desired.policy, dp.policy(), "POLICY");
+        // Addresses leave an identity before its rules go.
         report.removed += removals!(
             shadow,
             cidrs_v6,
@@ -262,6 +296,7 @@ impl Reconciler {
         );
         report.removed += removals!(shadow, peers_v6, &peers_v6, dp.peers_v6(), "PEERS_V6");
         report.removed += removals!(shadow, peers_v4, &peers_v4, dp.peers_v4(), "PEERS_V4");
+        report.removed += removals!(shadow, policy, &desired.policy, dp.policy(), "POLICY");
         self.shadow = Some(Shadow {
             endpoints,
             peers_v4,
@@ -491,6 +526,257 @@ mod tests {
             .unwrap();
         assert_eq!(rep.pending.len(), 2);
         assert!(!rep.complete());
+    }
+
+    /// One write the reconciler made, as the program would see it take effect.
+    #[derive(Clone, Debug)]
+    enum Step {
+        Endpoint(u32, Option<EndpointInfo>),
+        Peer4([u8; 4], Option<PeerInfo>),
+        Cidr4(Prefix<Ipv4Addr>, Option<PeerInfo>),
+        Policy(PolicyKey, Option<PolicyValue>),
+        Other,
+    }
+
+    /// A [`FakeTable`](crate::maps::FakeTable) that logs every write, in order.
+    struct Recorded<K: Ord, V> {
+        table: crate::maps::FakeTable<K, V>,
+        log: std::rc::Rc<std::cell::RefCell<Vec<Step>>>,
+        step: fn(&K, Option<&V>) -> Step,
+    }
+
+    impl<K: Ord + Clone, V: Clone> MapTable<K, V> for Recorded<K, V> {
+        fn get(&self, key: &K) -> Result<Option<V>> {
+            self.table.get(key)
+        }
+        fn set(&mut self, key: &K, value: &V) -> Result<()> {
+            self.table.set(key, value)?;
+            self.log.borrow_mut().push((self.step)(key, Some(value)));
+            Ok(())
+        }
+        fn remove(&mut self, key: &K) -> Result<()> {
+            self.table.remove(key)?;
+            self.log.borrow_mut().push((self.step)(key, None));
+            Ok(())
+        }
+        fn keys(&self) -> Result<Vec<K>> {
+            self.table.keys()
+        }
+    }
+
+    struct RecordingDataplane {
+        endpoints: Recorded<u32, EndpointInfo>,
+        peers_v4: Recorded<[u8; 4], PeerInfo>,
+        peers_v6: Recorded<[u8; 16], PeerInfo>,
+        cidrs_v4: Recorded<Prefix<Ipv4Addr>, PeerInfo>,
+        cidrs_v6: Recorded<Prefix<Ipv6Addr>, PeerInfo>,
+        policy: Recorded<PolicyKey, PolicyValue>,
+        links: BTreeSet<u32>,
+        log: std::rc::Rc<std::cell::RefCell<Vec<Step>>>,
+    }
+
+    impl RecordingDataplane {
+        fn new() -> Self {
+            let log = std::rc::Rc::default();
+            fn rec<K: Ord, V>(
+                log: &std::rc::Rc<std::cell::RefCell<Vec<Step>>>,
+                step: fn(&K, Option<&V>) -> Step,
+            ) -> Recorded<K, V> {
+                Recorded {
+                    table: crate::maps::FakeTable::default(),
+                    log: log.clone(),
+                    step,
+                }
+            }
+            Self {
+                endpoints: rec(&log, |k, v| Step::Endpoint(*k, v.copied())),
+                peers_v4: rec(&log, |k, v| Step::Peer4(*k, v.copied())),
+                peers_v6: rec(&log, |_, _| Step::Other),
+                cidrs_v4: rec(&log, |k, v| Step::Cidr4(*k, v.copied())),
+                cidrs_v6: rec(&log, |_, _| Step::Other),
+                policy: rec(&log, |k, v| Step::Policy(*k, v.copied())),
+                links: BTreeSet::new(),
+                log,
+            }
+        }
+    }
+
+    impl Dataplane for RecordingDataplane {
+        fn endpoints(&mut self) -> &mut dyn MapTable<u32, EndpointInfo> {
+            &mut self.endpoints
+        }
+        fn peers_v4(&mut self) -> &mut dyn MapTable<[u8; 4], PeerInfo> {
+            &mut self.peers_v4
+        }
+        fn peers_v6(&mut self) -> &mut dyn MapTable<[u8; 16], PeerInfo> {
+            &mut self.peers_v6
+        }
+        fn cidrs_v4(&mut self) -> &mut dyn MapTable<Prefix<Ipv4Addr>, PeerInfo> {
+            &mut self.cidrs_v4
+        }
+        fn cidrs_v6(&mut self) -> &mut dyn MapTable<Prefix<Ipv6Addr>, PeerInfo> {
+            &mut self.cidrs_v6
+        }
+        fn policy(&mut self) -> &mut dyn MapTable<PolicyKey, PolicyValue> {
+            &mut self.policy
+        }
+        fn attach(&mut self, ifindex: u32) -> Result<()> {
+            self.links.insert(ifindex);
+            Ok(())
+        }
+        fn detach(&mut self, ifindex: u32) -> Result<()> {
+            self.links.remove(&ifindex);
+            Ok(())
+        }
+        fn attached(&mut self) -> Result<BTreeSet<u32>> {
+            Ok(self.links.clone())
+        }
+        fn forget_flows(&mut self, _: u32) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// What the datapath holds, as a [`DesiredState`] the map-level `decide` reads (x/a on
+    /// interface 11).
+    fn as_state(dp: &RecordingDataplane) -> DesiredState {
+        let mut s = DesiredState::default();
+        for (ifindex, info) in &dp.endpoints.table.entries {
+            assert_eq!(*ifindex, 11);
+            s.endpoints.insert(
+                PodRef::new("x", "a"),
+                EndpointState {
+                    info: *info,
+                    ips: vec![Ipv4Addr::from(info.ipv4).into()],
+                },
+            );
+        }
+        for (a, p) in &dp.peers_v4.table.entries {
+            s.peers_v4.insert(Ipv4Addr::from(*a), *p);
+        }
+        s.cidrs_v4 = dp.cidrs_v4.table.entries.clone();
+        s.policy = dp.policy.table.entries.clone();
+        s
+    }
+
+    /// x/a (endpoint 1) admits TCP/80 from the identities in `allowed`; `peers` and `regions`
+    /// give the identities of addresses and /prefixes.
+    fn admits(allowed: &[u32], peers: &[(&str, u32)], regions: &[(&str, u8, u32)]) -> DesiredState {
+        let mut s = state(80, false);
+        s.policy.clear();
+        for ep in s.endpoints.values_mut() {
+            // Exact ports: the program probes the full 16-bit prefix.
+            ep.info.port_masks[usize::from(DIR_INGRESS)] = 1 << 16;
+        }
+        for id in allowed {
+            s.policy.insert(
+                PolicyKey::new(1, *id, DIR_INGRESS, PROTO_TCP, 80, 16),
+                PolicyValue { rule: *id, _pad: 0 },
+            );
+        }
+        for (a, id) in peers {
+            let info = PeerInfo {
+                identity: *id,
+                flags: 0,
+            };
+            s.peers_v4.insert(a.parse().unwrap(), info);
+        }
+        for (a, len, id) in regions {
+            let info = PeerInfo {
+                identity: *id,
+                flags: 0,
+            };
+            s.cidrs_v4.insert(
+                Prefix {
+                    addr: a.parse().unwrap(),
+                    len: *len,
+                },
+                info,
+            );
+        }
+        s
+    }
+
+    /// Replays every write of a change one at a time: each probe's verdict in every state in
+    /// between is its verdict before or after the change, and where both are the same, that.
+    #[test]
+    fn no_state_in_between_judges_a_flow_as_neither_side_does() {
+        use crate::policy::lookup::decide;
+        let a = PodRef::new("x", "a");
+        let probes = ["10.0.0.2", "10.0.0.3", "10.0.9.5", "10.0.200.1", "10.9.0.1"];
+        let cases = [
+            (
+                "relabel: 10.0.0.2 moves to a new identity, admitted under both",
+                admits(&[301], &[("10.0.0.2", 301), ("10.0.0.3", 303)], &[]),
+                admits(&[302], &[("10.0.0.2", 302), ("10.0.0.3", 303)], &[]),
+            ),
+            (
+                "an ipBlock widened: 10.0.9.0/24 replaced by 10.0.0.0/16, admitted under both",
+                admits(&[400], &[("10.0.0.3", 303)], &[("10.0.9.0", 24, 400)]),
+                admits(&[401], &[("10.0.0.3", 303)], &[("10.0.0.0", 16, 401)]),
+            ),
+            (
+                "a relabel out of the admitted identity",
+                admits(&[301], &[("10.0.0.2", 301), ("10.0.0.3", 301)], &[]),
+                admits(&[301], &[("10.0.0.2", 302), ("10.0.0.3", 301)], &[]),
+            ),
+        ];
+        for (what, old, new) in cases {
+            let mut dp = RecordingDataplane::new();
+            let mut r = Reconciler::new();
+            r.apply(&old, &mut dp, &routes()).unwrap();
+            let mut now = as_state(&dp);
+            dp.log.borrow_mut().clear();
+            r.apply(&new, &mut dp, &routes()).unwrap();
+            let steps = dp.log.borrow().clone();
+            assert!(!steps.is_empty(), "{what}: the change wrote nothing");
+            let verdict = |s: &DesiredState, p: &str| {
+                decide(s, &a, DIR_INGRESS, p.parse().unwrap(), PROTO_TCP, 80).allowed
+            };
+            assert!(
+                probes.iter().any(|p| verdict(&old, p) && verdict(&new, p))
+                    && probes
+                        .iter()
+                        .any(|p| !verdict(&old, p) && !verdict(&new, p)),
+                "{what}: some probe is admitted, and some refused, on both sides"
+            );
+            for (i, step) in steps.iter().enumerate() {
+                match step {
+                    Step::Endpoint(ifindex, info) => {
+                        assert_eq!(*ifindex, 11, "x/a's interface");
+                        match info {
+                            Some(info) => now.endpoints.get_mut(&a).unwrap().info = *info,
+                            None => drop(now.endpoints.remove(&a)),
+                        }
+                    }
+                    Step::Peer4(k, v) => match v {
+                        Some(v) => drop(now.peers_v4.insert(Ipv4Addr::from(*k), *v)),
+                        None => drop(now.peers_v4.remove(&Ipv4Addr::from(*k))),
+                    },
+                    Step::Cidr4(k, v) => match v {
+                        Some(v) => drop(now.cidrs_v4.insert(*k, *v)),
+                        None => drop(now.cidrs_v4.remove(k)),
+                    },
+                    Step::Policy(k, v) => match v {
+                        Some(v) => drop(now.policy.insert(*k, *v)),
+                        None => drop(now.policy.remove(k)),
+                    },
+                    Step::Other => {}
+                }
+                for p in probes {
+                    let (before, after, between) =
+                        (verdict(&old, p), verdict(&new, p), verdict(&now, p));
+                    assert!(
+                        between == before || between == after,
+                        "{what}: after write {i} ({step:?}) {p} -> x/a:80 is {between}, before {before}, after {after}"
+                    );
+                }
+            }
+            assert_eq!(
+                as_state(&dp).policy,
+                new.policy,
+                "{what}: ends at the new state"
+            );
+        }
     }
 
     #[test]

@@ -361,6 +361,14 @@ fn crash_restart_upgrade(tag: &str, mode: &str, upgrade_mode: &str) {
     let stop = Arc::new(AtomicBool::new(false));
     echo_server(&b, 7000, stop.clone());
     std::fs::write(s.dir.path().join("policy.yaml"), allow_a_to_b(7000)).unwrap();
+    // A policy gone before the crash whose ipBlock region's identity sorted before the pods':
+    // numbered afresh at the restart, theirs would all move.
+    let gone = s.dir.path().join("policy-gone.yaml");
+    std::fs::write(
+        &gone,
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: gone\n  namespace: x\nspec:\n  podSelector:\n    matchLabels:\n      pod: b\n  policyTypes: [Ingress]\n  ingress:\n  - from:\n    - ipBlock:\n        cidr: 10.99.0.0/16\n    ports:\n    - protocol: TCP\n      port: 9999\n",
+    )
+    .unwrap();
     let mut agent = AgentProcess::start(&s.tb, s.dir.path(), &args).unwrap();
     agent.wait_ready(READY).unwrap();
     assert_eq!(
@@ -368,6 +376,7 @@ fn crash_restart_upgrade(tag: &str, mode: &str, upgrade_mode: &str) {
         mode == "tc",
         "tc filter on b's veth in {mode} mode"
     );
+    std::fs::remove_file(&gone).unwrap();
 
     // Traffic throughout: an established flow, new allowed connections, new denied ones.
     let mut conn = Conn::open(&a, (b.v4, 7000).into()).expect("allowed");
@@ -413,6 +422,22 @@ fn crash_restart_upgrade(tag: &str, mode: &str, upgrade_mode: &str) {
     std::thread::sleep(Duration::from_millis(1000));
     assert!(
         agent.log_text().contains("took over 3 pinned interfaces"),
+        "{}",
+        agent.log_text()
+    );
+    // a, b and c keep the identity numbers the pinned maps gave them, so the first reconcile
+    // writes only the three endpoint entries (their epochs move: flows are re-checked once).
+    assert!(
+        agent
+            .log_text()
+            .contains("restored the numbers of 3 identities"),
+        "{}",
+        agent.log_text()
+    );
+    assert!(
+        agent
+            .log_text()
+            .contains("programmed: 3 written, 0 removed"),
         "{}",
         agent.log_text()
     );

@@ -179,16 +179,55 @@ impl<K: Ord + Clone> Pool<K> {
         {
             return false;
         }
-        // Numbers skipped over become free (settled), so fresh ones never collide with `id`.
+        self.skip_past(id);
+        self.free.remove(&id);
+        self.live.insert(key.clone(), (id, 0));
+        true
+    }
+
+    /// [`Pool::reserve`] of many pairs at once (a key or number given twice keeps its first
+    /// pair); how many were taken.
+    fn reserve_all(&mut self, pairs: impl IntoIterator<Item = (K, u32)>) -> usize {
+        let mut taken: BTreeSet<u32> = self.live.values().map(|(i, _)| *i).collect();
+        let mut n = 0;
+        for (key, id) in pairs {
+            if id < self.first
+                || id > self.last
+                || self.live.contains_key(&key)
+                || !taken.insert(id)
+            {
+                continue;
+            }
+            self.skip_past(id);
+            self.free.remove(&id);
+            self.live.insert(key, (id, 0));
+            n += 1;
+        }
+        n
+    }
+
+    /// Fresh numbers start above `id` from now on. In a pool that prefers fresh numbers the
+    /// skipped ones are not recorded (they would be reused only once ~4e9 are spent, and a
+    /// long-lived agent's numbers run high); elsewhere they become free (settled).
+    fn skip_past(&mut self, id: u32) {
+        if self.prefer_fresh {
+            self.next = self.next.max(id.saturating_add(1));
+            return;
+        }
         while self.next <= id {
             if self.next != id {
                 self.free.insert(self.next, 0);
             }
             self.next += 1;
         }
-        self.free.remove(&id);
-        self.live.insert(key.clone(), (id, 0));
-        true
+    }
+
+    /// The key holding each number.
+    fn by_number(&self) -> BTreeMap<u32, K> {
+        self.live
+            .iter()
+            .map(|(k, (id, _))| (*id, k.clone()))
+            .collect()
     }
 
     /// Marks every live number used in `generation` (a compile that reuses the previous one's
@@ -248,6 +287,95 @@ impl Allocations {
     pub fn identity(&self, key: &IdentityKey) -> Option<u32> {
         self.identities.lookup(key)
     }
+
+    /// After a restart: gives the identities and rules of `cluster` the numbers `pinned` (what
+    /// the pinned maps hold) gave them, and keeps every other pinned number out of fresh hands.
+    /// Numbered afresh, an identity could take a number the pinned maps still use for another
+    /// (their policy entries then apply to its addresses until the reconciler replaces them),
+    /// and a moved number makes flows re-checked mid-update. A number is restored when every
+    /// address or region (policy key, for rules) a trial compile gives it carried one and the
+    /// same pinned number, which no other number claims. Returns (identities, rules) restored.
+    pub fn restore(
+        &mut self,
+        cluster: &Cluster,
+        opts: &CompileOptions,
+        pinned: &DesiredState,
+    ) -> (usize, usize) {
+        let mut trial = self.clone();
+        let fresh = compile(cluster, opts, &mut trial).state;
+        let identity = |p: &PeerInfo| p.identity;
+        let pairs = paired(&fresh.peers_v4, &pinned.peers_v4, identity)
+            .chain(paired(&fresh.peers_v6, &pinned.peers_v6, identity))
+            .chain(paired(&fresh.cidrs_v4, &pinned.cidrs_v4, identity))
+            .chain(paired(&fresh.cidrs_v6, &pinned.cidrs_v6, identity));
+        let keys = trial.identities.by_number();
+        let identities = self.identities.reserve_all(
+            renumbering(pairs, IDENTITY_FIRST_ALLOCATED)
+                .into_iter()
+                .filter_map(|(new, old)| Some((keys.get(&new)?.clone(), old))),
+        );
+        let pinned_ids = pinned
+            .peers_v4
+            .values()
+            .chain(pinned.peers_v6.values())
+            .chain(pinned.cidrs_v4.values())
+            .chain(pinned.cidrs_v6.values())
+            .map(|p| p.identity)
+            .max();
+        if let Some(max) = pinned_ids.filter(|m| *m >= IDENTITY_FIRST_ALLOCATED) {
+            self.identities.skip_past(max);
+        }
+
+        // Policy keys carry identities: with those restored, they match the pinned keys.
+        let mut trial = self.clone();
+        let fresh = compile(cluster, opts, &mut trial).state;
+        let keys = trial.rules.by_number();
+        let rules = self.rules.reserve_all(
+            renumbering(paired(&fresh.policy, &pinned.policy, |v| v.rule), 1)
+                .into_iter()
+                .filter_map(|(new, old)| Some((keys.get(&new)?.clone(), old))),
+        );
+        if let Some(max) = pinned.policy.values().map(|v| v.rule).max() {
+            self.rules.skip_past(max);
+        }
+        (identities, rules)
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn renumbering_for_tests(pairs: &[(u32, u32)]) -> Vec<(u32, u32)> {
+    renumbering(pairs.iter().copied(), IDENTITY_FIRST_ALLOCATED)
+        .into_iter()
+        .collect()
+}
+
+/// (number now, pinned number) of every key both maps have.
+fn paired<'a, K: Ord, V>(
+    now: &'a BTreeMap<K, V>,
+    pinned: &'a BTreeMap<K, V>,
+    number: impl Fn(&V) -> u32 + 'a,
+) -> impl Iterator<Item = (u32, u32)> + 'a {
+    now.iter()
+        .filter_map(move |(k, v)| Some((number(v), number(pinned.get(k)?))))
+}
+
+/// Fresh number -> pinned number, for the fresh numbers (from `first` on) whose every pair
+/// names one pinned number that no other fresh number names.
+fn renumbering(pairs: impl Iterator<Item = (u32, u32)>, first: u32) -> BTreeMap<u32, u32> {
+    let mut to: BTreeMap<u32, Option<u32>> = BTreeMap::new();
+    for (new, old) in pairs.filter(|(n, o)| *n >= first && *o >= first) {
+        let e = to.entry(new).or_insert(Some(old));
+        if *e != Some(old) {
+            *e = None;
+        }
+    }
+    let mut claims: BTreeMap<u32, usize> = BTreeMap::new();
+    for old in to.values().flatten() {
+        *claims.entry(*old).or_default() += 1;
+    }
+    to.into_iter()
+        .filter_map(|(new, old)| old.filter(|o| claims[o] == 1).map(|o| (new, o)))
+        .collect()
 }
 
 /// A problem found while compiling; the rest of the input still compiles.

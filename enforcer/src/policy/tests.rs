@@ -2,7 +2,7 @@
 //! and flows, and one focused test per semantic point.
 
 use crate::policy::model::shared;
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::Arc};
 
 use enforcer_common::{
     DIR_EGRESS, DIR_INGRESS, IDENTITY_HOST, IDENTITY_WORLD, PROTO_ICMP, PROTO_SCTP, PROTO_TCP,
@@ -1417,4 +1417,137 @@ fn identity_required_peers_match_only_verified_addresses() {
         !evaluator::direction_verdict(&c2, &strict, &b, true, ip("fd00::1"), PROTO_TCP, 80)
             .allowed()
     );
+}
+
+/// An agent restarted after a history of changes numbers the same cluster as the pinned maps
+/// do, once it restores from them: a fresh numbering would differ, and a number the maps use for
+/// another identity would lend that identity's policy entries to new addresses mid-update.
+#[test]
+fn restart_restores_identity_and_rule_numbers() {
+    let from = |name: &str, app: &str, port: i32| {
+        policy(
+            "x",
+            name,
+            Some(sel(&[("app", "a")])),
+            None,
+            Some(vec![(
+                Some(vec![pods_peer(Some(sel(&[])), Some(sel(&[("app", app)])))]),
+                Some(vec![tcp(port)]),
+            )]),
+            None,
+        )
+    };
+    let block = policy(
+        "x",
+        "blk",
+        Some(sel(&[("app", "b")])),
+        None,
+        Some(vec![(Some(vec![block_peer("10.0.9.0/24", &[])]), None)]),
+        None,
+    );
+    let c = base(vec![
+        from("from-b", "b", 80),
+        from("from-a", "a", 81),
+        block.clone(),
+    ]);
+    // Earlier: a pod and a policy that sort first, since gone; identities and rules were
+    // numbered around them.
+    let mut early = base(vec![from("aaa", "zzz", 90), block, from("from-a", "a", 81)]);
+    early.pods.push(Arc::new(pod(
+        "x",
+        "old",
+        &[("app", "0")],
+        &["10.0.0.7"],
+        "n",
+        &[],
+    )));
+    let mut running = Allocations::new();
+    compile(&early, &opts(), &mut running);
+    compile(&c, &opts(), &mut running);
+    let pinned = compile(&c, &opts(), &mut running).state;
+    let fresh = compile(&c, &opts(), &mut Allocations::new()).state;
+    assert_ne!(
+        fresh.peers_v4, pinned.peers_v4,
+        "the history must have moved the numbers"
+    );
+    assert_ne!(
+        fresh.policy, pinned.policy,
+        "the history must have moved the rule ids"
+    );
+
+    let mut restarted = Allocations::new();
+    for (pod, ep) in &pinned.endpoints {
+        assert!(restarted.reserve_endpoint(pod, ep.info.id));
+    }
+    let (identities, rules) = restarted.restore(&c, &opts(), &pinned);
+    assert!(
+        identities >= 4 && rules >= 3,
+        "restored {identities} identities, {rules} rules"
+    );
+    let again = compile(&c, &opts(), &mut restarted).state;
+    assert_eq!(again.peers_v4, pinned.peers_v4);
+    assert_eq!(again.peers_v6, pinned.peers_v6);
+    assert_eq!(again.cidrs_v4, pinned.cidrs_v4);
+    assert_eq!(again.policy, pinned.policy);
+    assert_eq!(again.rules, pinned.rules);
+
+    // A new pod of a known identity shares its number.
+    let mut more = c.clone();
+    more.pods.push(Arc::new(pod(
+        "x",
+        "new",
+        &[("app", "b")],
+        &["10.0.0.9"],
+        "n",
+        &[("http", "TCP", 8080)],
+    )));
+    let next = compile(&more, &opts(), &mut restarted).state;
+    assert_eq!(
+        next.peers_v4[&"10.0.0.9".parse().unwrap()],
+        pinned.peers_v4[&"10.0.0.2".parse().unwrap()]
+    );
+
+    // Restarted into a cluster without y/a (the highest pinned number): nothing new takes its
+    // number, which the pinned maps still use until the first reconcile removes it.
+    let max_pinned = pinned.peers_v4.values().map(|p| p.identity).max().unwrap();
+    assert_eq!(
+        pinned.peers_v4[&"10.0.1.1".parse().unwrap()].identity,
+        max_pinned
+    );
+    let mut without = c.clone();
+    without
+        .pods
+        .retain(|p| p.metadata.namespace.as_deref() != Some("y"));
+    without.pods.push(Arc::new(pod(
+        "x",
+        "q",
+        &[("app", "q")],
+        &["10.0.0.8"],
+        "n",
+        &[],
+    )));
+    let mut restarted = Allocations::new();
+    for (pod, ep) in &pinned.endpoints {
+        restarted.reserve_endpoint(pod, ep.info.id);
+    }
+    restarted.restore(&without, &opts(), &pinned);
+    let after = compile(&without, &opts(), &mut restarted).state;
+    assert_eq!(
+        after.peers_v4[&"10.0.0.2".parse().unwrap()],
+        pinned.peers_v4[&"10.0.0.2".parse().unwrap()]
+    );
+    assert!(after.peers_v4[&"10.0.0.8".parse().unwrap()].identity > max_pinned);
+}
+
+/// Only unambiguous renumberings are restored.
+#[test]
+fn restore_skips_ambiguous_numbers() {
+    let r = super::compile::renumbering_for_tests;
+    assert_eq!(r(&[(300, 400), (301, 401)]), vec![(300, 400), (301, 401)]);
+    // One fresh number, two pinned ones: the addresses were split; neither is kept.
+    assert_eq!(r(&[(300, 400), (300, 401), (301, 402)]), vec![(301, 402)]);
+    // Two fresh numbers claim one pinned number: neither gets it.
+    assert_eq!(r(&[(300, 400), (301, 400), (302, 402)]), vec![(302, 402)]);
+    // Reserved numbers (host, world) are never renumbered.
+    assert_eq!(r(&[(2, 400), (300, 1)]), vec![]);
 }
