@@ -229,8 +229,9 @@ const EP_C: u32 = 3;
 struct BpfMount(PathBuf);
 
 impl BpfMount {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!("enforcer-dp-test-{}", std::process::id()));
+    fn new(tag: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("enforcer-dp-test-{tag}-{}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
         mount_bpffs(&dir).expect("mounting a bpffs (run as root)");
         Self(dir)
@@ -2008,7 +2009,7 @@ fn datapath_verdicts_by_test_run() {
             0,
             "unshare(CLONE_NEWNET): run as root"
         );
-        let mount = BpfMount::new();
+        let mount = BpfMount::new("verdicts");
         let pin = mount.0.join("enforcer");
         let mut h = setup(&pin);
         run_cases(&mut h);
@@ -2049,4 +2050,138 @@ fn datapath_verdicts_by_test_run() {
     );
     assert!(cases >= 40, "only {cases} cases");
     eprintln!("{cases} cases passed");
+}
+
+/// Creates a preallocated plain hash (`BPF_MAP_TYPE_HASH`) of `entries` and pins it at `path`.
+fn pin_plain_hash(path: &Path, key_size: usize, value_size: usize, entries: u32) {
+    use std::os::unix::ffi::OsStrExt as _;
+    let mut attr = [0u8; 128];
+    for (off, v) in [
+        (0, 1u32),
+        (4, key_size as u32),
+        (8, value_size as u32),
+        (12, entries),
+    ] {
+        attr[off..off + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    // SAFETY: BPF_MAP_CREATE (0) reads the attr, which outlives the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, attr.as_ptr(), attr.len()) };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let mut attr = [0u8; 128];
+    attr[..8].copy_from_slice(&(c.as_ptr() as u64).to_ne_bytes());
+    attr[8..12].copy_from_slice(&(fd as u32).to_ne_bytes());
+    // SAFETY: BPF_OBJ_PIN (6) reads the path and fd, both alive during the call.
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, 6, attr.as_ptr(), attr.len()) };
+    assert_eq!(ret, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    // SAFETY: our fd; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
+}
+
+/// A conntrack map that takes no more flows: a new flow is dropped (fail closed) with its own
+/// reason and event, tracked flows go on, and the flow opens once there is room. The LRU map
+/// evicts rather than refuse, so a plain hash of four entries is pinned in its place before the
+/// load (the loader reuses a pinned map as it finds it): the same programs, whose insert fails.
+#[test]
+fn a_full_conntrack_refuses_new_flows_and_keeps_tracked_ones() {
+    const ENTRIES: u16 = 4;
+    let handle = std::thread::spawn(|| {
+        // SAFETY: unshare on the calling thread.
+        assert_eq!(
+            unsafe { libc::unshare(libc::CLONE_NEWNET) },
+            0,
+            "unshare(CLONE_NEWNET): run as root"
+        );
+        let mount = BpfMount::new("map-full");
+        let pin = mount.0.join("enforcer");
+        let maps = pin.join(format!("v{SCHEMA_VERSION}/maps"));
+        std::fs::create_dir_all(&maps).unwrap();
+        pin_plain_hash(
+            &maps.join(MAP_CONNTRACK_V4),
+            std::mem::size_of::<CtKeyV4>(),
+            std::mem::size_of::<CtValue>(),
+            u32::from(ENTRIES),
+        );
+        let mut h = setup(&pin);
+        let mut events = h.dp.take_events().expect("event reader");
+        let _ = events.drain();
+        let new = |port: u16| ipv4(WORLD4, A4, PROTO_TCP, &tcp(port, 8001));
+        for k in 0..ENTRIES {
+            h.case(
+                "map full: new flows fill conntrack",
+                "a",
+                Hook::Egress,
+                &new(47000 + k),
+                OK,
+                ALLOW_POLICY,
+            );
+        }
+        h.case(
+            "map full: one more new flow is dropped",
+            "a",
+            Hook::Egress,
+            &new(47100),
+            SHOT,
+            DROP_MAP_FULL,
+        );
+        let got = events.drain();
+        if !(got.len() == 1
+            && got[0].reason == DROP_MAP_FULL
+            && got[0].endpoint == EP_A
+            && got[0].sport == 47100
+            && got[0].dport == 8001)
+        {
+            h.failures
+                .push(format!("map full: one event with its reason, got {got:?}"));
+        }
+        h.case(
+            "map full: a tracked flow goes on",
+            "a",
+            Hook::Egress,
+            &new(47001),
+            OK,
+            ALLOW_ESTABLISHED,
+        );
+        h.case(
+            "map full: and its replies",
+            "a",
+            Hook::Ingress,
+            &ipv4(A4, WORLD4, PROTO_TCP, &tcp(8001, 47001)),
+            OK,
+            ALLOW_REPLY,
+        );
+        // Room again: the refused flow opens.
+        let gone =
+            h.dp.conntrack
+                .entries()
+                .unwrap()
+                .into_iter()
+                .find(|(k, _)| k.port_a == 47003 || k.port_b == 47003)
+                .expect("the flow from port 47003");
+        h.dp.conntrack.remove(&gone.0).unwrap();
+        h.case(
+            "map full: with room, the new flow opens",
+            "a",
+            Hook::Egress,
+            &new(47100),
+            OK,
+            ALLOW_POLICY,
+        );
+        let result = (h.cases, std::mem::take(&mut h.failures));
+        drop(h);
+        Datapath::cleanup(&pin).unwrap();
+        drop(mount);
+        result
+    });
+    let (cases, failures) = handle.join().expect("test thread panicked");
+    assert!(
+        failures.is_empty(),
+        "{} of {cases} cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
