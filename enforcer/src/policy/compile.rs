@@ -294,13 +294,23 @@ impl Allocations {
     /// (their policy entries then apply to its addresses until the reconciler replaces them),
     /// and a moved number makes flows re-checked mid-update. A number is restored when every
     /// address or region (policy key, for rules) a trial compile gives it carried one and the
-    /// same pinned number, which no other number claims. Returns (identities, rules) restored.
+    /// same pinned number, which no other number claims. Returns (identities, rules) restored;
+    /// costs one compile, none on a first start (nothing pinned).
     pub fn restore(
         &mut self,
         cluster: &Cluster,
         opts: &CompileOptions,
         pinned: &DesiredState,
     ) -> (usize, usize) {
+        let nothing_pinned = pinned.peers_v4.is_empty()
+            && pinned.peers_v6.is_empty()
+            && pinned.cidrs_v4.is_empty()
+            && pinned.cidrs_v6.is_empty()
+            && pinned.policy.is_empty();
+        if nothing_pinned {
+            // A first start: no trial compiles.
+            return (0, 0);
+        }
         let mut trial = self.clone();
         let fresh = compile(cluster, opts, &mut trial).state;
         let identity = |p: &PeerInfo| p.identity;
@@ -308,11 +318,11 @@ impl Allocations {
             .chain(paired(&fresh.peers_v6, &pinned.peers_v6, identity))
             .chain(paired(&fresh.cidrs_v4, &pinned.cidrs_v4, identity))
             .chain(paired(&fresh.cidrs_v6, &pinned.cidrs_v6, identity));
+        let ids = renumbering(pairs, IDENTITY_FIRST_ALLOCATED);
         let keys = trial.identities.by_number();
         let identities = self.identities.reserve_all(
-            renumbering(pairs, IDENTITY_FIRST_ALLOCATED)
-                .into_iter()
-                .filter_map(|(new, old)| Some((keys.get(&new)?.clone(), old))),
+            ids.iter()
+                .filter_map(|(new, old)| Some((keys.get(new)?.clone(), *old))),
         );
         let pinned_ids = pinned
             .peers_v4
@@ -326,12 +336,22 @@ impl Allocations {
             self.identities.skip_past(max);
         }
 
-        // Policy keys carry identities: with those restored, they match the pinned keys.
-        let mut trial = self.clone();
-        let fresh = compile(cluster, opts, &mut trial).state;
+        // Rules: the trial's policy keys, their identities renumbered as just restored, are
+        // the pinned keys of the same rules (rule numbers do not depend on identity numbers).
+        let as_pinned = |k: &PolicyKey| {
+            let mut k = *k;
+            if k.identity >= IDENTITY_FIRST_ALLOCATED {
+                k.identity = *ids.get(&k.identity)?;
+            }
+            Some(k)
+        };
+        let rule_pairs = fresh
+            .policy
+            .iter()
+            .filter_map(|(k, v)| Some((v.rule, pinned.policy.get(&as_pinned(k)?)?.rule)));
         let keys = trial.rules.by_number();
         let rules = self.rules.reserve_all(
-            renumbering(paired(&fresh.policy, &pinned.policy, |v| v.rule), 1)
+            renumbering(rule_pairs, 1)
                 .into_iter()
                 .filter_map(|(new, old)| Some((keys.get(&new)?.clone(), old))),
         );
