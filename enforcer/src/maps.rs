@@ -25,6 +25,24 @@ pub struct FakeTable<K: Ord, V> {
     pub fail_writes: bool,
     /// `get` + `keys` calls so far: what a kernel would have been asked.
     pub reads: std::cell::Cell<usize>,
+    /// When set, every write is logged here, stamped from the clock: tables sharing one clock
+    /// give the order of writes across maps, for tests that replay a change write by write.
+    pub journal: Option<Journal<K, V>>,
+}
+
+/// The writes of one [`FakeTable`]: (sequence number, key, value or `None` for a removal).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Journal<K, V> {
+    pub clock: std::rc::Rc<std::cell::Cell<usize>>,
+    pub writes: Vec<(usize, K, Option<V>)>,
+}
+
+impl<K, V> Journal<K, V> {
+    fn log(&mut self, key: K, value: Option<V>) {
+        let n = self.clock.get();
+        self.clock.set(n + 1);
+        self.writes.push((n, key, value));
+    }
 }
 
 impl<K: Ord, V> Default for FakeTable<K, V> {
@@ -33,6 +51,7 @@ impl<K: Ord, V> Default for FakeTable<K, V> {
             entries: BTreeMap::new(),
             fail_writes: false,
             reads: std::cell::Cell::new(0),
+            journal: None,
         }
     }
 }
@@ -45,10 +64,16 @@ impl<K: Ord + Clone, V: Clone> MapTable<K, V> for FakeTable<K, V> {
     fn set(&mut self, key: &K, value: &V) -> Result<()> {
         anyhow::ensure!(!self.fail_writes, "write refused");
         self.entries.insert(key.clone(), value.clone());
+        if let Some(j) = &mut self.journal {
+            j.log(key.clone(), Some(value.clone()));
+        }
         Ok(())
     }
     fn remove(&mut self, key: &K) -> Result<()> {
         self.entries.remove(key);
+        if let Some(j) = &mut self.journal {
+            j.log(key.clone(), None);
+        }
         Ok(())
     }
     fn keys(&self) -> Result<Vec<K>> {

@@ -373,6 +373,31 @@ pub struct FakeDataplane {
     pub forgotten: Vec<u32>,
 }
 
+impl FakeDataplane {
+    /// Logs every write from now on, in one order across all maps (see [`FakeTable::journal`]),
+    /// dropping what was logged before.
+    ///
+    /// [`FakeTable::journal`]: crate::maps::FakeTable::journal
+    pub fn start_journal(&mut self) {
+        let clock = std::rc::Rc::default();
+        fn on<K: Ord, V>(
+            t: &mut crate::maps::FakeTable<K, V>,
+            clock: &std::rc::Rc<std::cell::Cell<usize>>,
+        ) {
+            t.journal = Some(crate::maps::Journal {
+                clock: clock.clone(),
+                writes: Vec::new(),
+            });
+        }
+        on(&mut self.endpoints, &clock);
+        on(&mut self.peers_v4, &clock);
+        on(&mut self.peers_v6, &clock);
+        on(&mut self.cidrs_v4, &clock);
+        on(&mut self.cidrs_v6, &clock);
+        on(&mut self.policy, &clock);
+    }
+}
+
 impl Dataplane for FakeDataplane {
     fn endpoints(&mut self) -> &mut dyn MapTable<u32, EndpointInfo> {
         &mut self.endpoints
@@ -538,109 +563,33 @@ mod tests {
         Other,
     }
 
-    /// A [`FakeTable`](crate::maps::FakeTable) that logs every write, in order.
-    struct Recorded<K: Ord, V> {
-        table: crate::maps::FakeTable<K, V>,
-        log: std::rc::Rc<std::cell::RefCell<Vec<Step>>>,
-        step: fn(&K, Option<&V>) -> Step,
-    }
-
-    impl<K: Ord + Clone, V: Clone> MapTable<K, V> for Recorded<K, V> {
-        fn get(&self, key: &K) -> Result<Option<V>> {
-            self.table.get(key)
+    /// The journaled writes of `dp`, in the order they happened.
+    fn steps(dp: &FakeDataplane) -> Vec<Step> {
+        fn of<K: Ord + Copy, V: Copy>(
+            t: &crate::maps::FakeTable<K, V>,
+            step: impl Fn(K, Option<V>) -> Step,
+        ) -> Vec<(usize, Step)> {
+            let j = t.journal.as_ref().expect("journal started");
+            j.writes
+                .iter()
+                .map(|(n, k, v)| (*n, step(*k, *v)))
+                .collect()
         }
-        fn set(&mut self, key: &K, value: &V) -> Result<()> {
-            self.table.set(key, value)?;
-            self.log.borrow_mut().push((self.step)(key, Some(value)));
-            Ok(())
-        }
-        fn remove(&mut self, key: &K) -> Result<()> {
-            self.table.remove(key)?;
-            self.log.borrow_mut().push((self.step)(key, None));
-            Ok(())
-        }
-        fn keys(&self) -> Result<Vec<K>> {
-            self.table.keys()
-        }
-    }
-
-    struct RecordingDataplane {
-        endpoints: Recorded<u32, EndpointInfo>,
-        peers_v4: Recorded<[u8; 4], PeerInfo>,
-        peers_v6: Recorded<[u8; 16], PeerInfo>,
-        cidrs_v4: Recorded<Prefix<Ipv4Addr>, PeerInfo>,
-        cidrs_v6: Recorded<Prefix<Ipv6Addr>, PeerInfo>,
-        policy: Recorded<PolicyKey, PolicyValue>,
-        links: BTreeSet<u32>,
-        log: std::rc::Rc<std::cell::RefCell<Vec<Step>>>,
-    }
-
-    impl RecordingDataplane {
-        fn new() -> Self {
-            let log = std::rc::Rc::default();
-            fn rec<K: Ord, V>(
-                log: &std::rc::Rc<std::cell::RefCell<Vec<Step>>>,
-                step: fn(&K, Option<&V>) -> Step,
-            ) -> Recorded<K, V> {
-                Recorded {
-                    table: crate::maps::FakeTable::default(),
-                    log: log.clone(),
-                    step,
-                }
-            }
-            Self {
-                endpoints: rec(&log, |k, v| Step::Endpoint(*k, v.copied())),
-                peers_v4: rec(&log, |k, v| Step::Peer4(*k, v.copied())),
-                peers_v6: rec(&log, |_, _| Step::Other),
-                cidrs_v4: rec(&log, |k, v| Step::Cidr4(*k, v.copied())),
-                cidrs_v6: rec(&log, |_, _| Step::Other),
-                policy: rec(&log, |k, v| Step::Policy(*k, v.copied())),
-                links: BTreeSet::new(),
-                log,
-            }
-        }
-    }
-
-    impl Dataplane for RecordingDataplane {
-        fn endpoints(&mut self) -> &mut dyn MapTable<u32, EndpointInfo> {
-            &mut self.endpoints
-        }
-        fn peers_v4(&mut self) -> &mut dyn MapTable<[u8; 4], PeerInfo> {
-            &mut self.peers_v4
-        }
-        fn peers_v6(&mut self) -> &mut dyn MapTable<[u8; 16], PeerInfo> {
-            &mut self.peers_v6
-        }
-        fn cidrs_v4(&mut self) -> &mut dyn MapTable<Prefix<Ipv4Addr>, PeerInfo> {
-            &mut self.cidrs_v4
-        }
-        fn cidrs_v6(&mut self) -> &mut dyn MapTable<Prefix<Ipv6Addr>, PeerInfo> {
-            &mut self.cidrs_v6
-        }
-        fn policy(&mut self) -> &mut dyn MapTable<PolicyKey, PolicyValue> {
-            &mut self.policy
-        }
-        fn attach(&mut self, ifindex: u32) -> Result<()> {
-            self.links.insert(ifindex);
-            Ok(())
-        }
-        fn detach(&mut self, ifindex: u32) -> Result<()> {
-            self.links.remove(&ifindex);
-            Ok(())
-        }
-        fn attached(&mut self) -> Result<BTreeSet<u32>> {
-            Ok(self.links.clone())
-        }
-        fn forget_flows(&mut self, _: u32) -> Result<()> {
-            Ok(())
-        }
+        let mut all = of(&dp.endpoints, Step::Endpoint);
+        all.extend(of(&dp.peers_v4, Step::Peer4));
+        all.extend(of(&dp.peers_v6, |_, _| Step::Other));
+        all.extend(of(&dp.cidrs_v4, Step::Cidr4));
+        all.extend(of(&dp.cidrs_v6, |_, _| Step::Other));
+        all.extend(of(&dp.policy, Step::Policy));
+        all.sort_by_key(|(n, _)| *n);
+        all.into_iter().map(|(_, s)| s).collect()
     }
 
     /// What the datapath holds, as a [`DesiredState`] the map-level `decide` reads (x/a on
     /// interface 11).
-    fn as_state(dp: &RecordingDataplane) -> DesiredState {
+    fn as_state(dp: &FakeDataplane) -> DesiredState {
         let mut s = DesiredState::default();
-        for (ifindex, info) in &dp.endpoints.table.entries {
+        for (ifindex, info) in &dp.endpoints.entries {
             assert_eq!(*ifindex, 11);
             s.endpoints.insert(
                 PodRef::new("x", "a"),
@@ -650,11 +599,11 @@ mod tests {
                 },
             );
         }
-        for (a, p) in &dp.peers_v4.table.entries {
+        for (a, p) in &dp.peers_v4.entries {
             s.peers_v4.insert(Ipv4Addr::from(*a), *p);
         }
-        s.cidrs_v4 = dp.cidrs_v4.table.entries.clone();
-        s.policy = dp.policy.table.entries.clone();
+        s.cidrs_v4 = dp.cidrs_v4.entries.clone();
+        s.policy = dp.policy.entries.clone();
         s
     }
 
@@ -721,13 +670,13 @@ mod tests {
             ),
         ];
         for (what, old, new) in cases {
-            let mut dp = RecordingDataplane::new();
+            let mut dp = FakeDataplane::default();
             let mut r = Reconciler::new();
             r.apply(&old, &mut dp, &routes()).unwrap();
             let mut now = as_state(&dp);
-            dp.log.borrow_mut().clear();
+            dp.start_journal();
             r.apply(&new, &mut dp, &routes()).unwrap();
-            let steps = dp.log.borrow().clone();
+            let steps = steps(&dp);
             assert!(!steps.is_empty(), "{what}: the change wrote nothing");
             let verdict = |s: &DesiredState, p: &str| {
                 decide(s, &a, DIR_INGRESS, p.parse().unwrap(), PROTO_TCP, 80).allowed

@@ -1998,42 +1998,26 @@ fn conntrack_count_cases(h: &mut Harness, pin: &Path) {
     }
 }
 
-#[test]
-fn datapath_verdicts_by_test_run() {
-    let handle = std::thread::spawn(|| {
-        // A private network namespace for this thread only (and the `ip` it spawns); it goes
-        // away with its dummy links when the thread ends.
-        // SAFETY: unshare on the calling thread.
+/// Runs `body` on a harness in a private network namespace with a private bpffs (both go away
+/// with the thread, as the dummy links in it do), after `prepare` saw the pin folder; cleans the
+/// pins up and fails the test with every failed case. Returns the number of cases.
+fn in_private_netns(
+    tag: &'static str,
+    prepare: impl FnOnce(&Path) + Send + 'static,
+    body: impl FnOnce(&mut Harness, &Path) + Send + 'static,
+) -> usize {
+    let handle = std::thread::spawn(move || {
+        // SAFETY: unshare on the calling thread (and the `ip` it spawns).
         assert_eq!(
             unsafe { libc::unshare(libc::CLONE_NEWNET) },
             0,
             "unshare(CLONE_NEWNET): run as root"
         );
-        let mount = BpfMount::new("verdicts");
+        let mount = BpfMount::new(tag);
         let pin = mount.0.join("enforcer");
+        prepare(&pin);
         let mut h = setup(&pin);
-        run_cases(&mut h);
-        epoch_cases(&mut h);
-        slot_cases(&mut h);
-        idle_cases(&mut h);
-        event_cases(&mut h);
-        restart_cases(&mut h, &pin);
-        conntrack_count_cases(&mut h, &pin);
-        // The agent reads the counters in batches; they must equal a slot-by-slot read.
-        let batched =
-            h.dp.counters
-                .read_batched()
-                .expect("BPF_MAP_LOOKUP_BATCH on COUNTERS");
-        let each = h.dp.counters.read_each().unwrap();
-        assert_eq!(batched.len(), each.len());
-        assert!(
-            batched == each,
-            "batched counter read differs from a slot-by-slot read"
-        );
-        assert!(
-            each.iter().filter(|c| c.packets > 0).count() > 5,
-            "the cases moved counters"
-        );
+        body(&mut h, &pin);
         let result = (h.cases, std::mem::take(&mut h.failures));
         drop(h);
         Datapath::cleanup(&pin).unwrap();
@@ -2047,6 +2031,39 @@ fn datapath_verdicts_by_test_run() {
         "{} of {cases} cases failed:\n{}",
         failures.len(),
         failures.join("\n")
+    );
+    cases
+}
+
+#[test]
+fn datapath_verdicts_by_test_run() {
+    let cases = in_private_netns(
+        "verdicts",
+        |_| {},
+        |h, pin| {
+            run_cases(h);
+            epoch_cases(h);
+            slot_cases(h);
+            idle_cases(h);
+            event_cases(h);
+            restart_cases(h, pin);
+            conntrack_count_cases(h, pin);
+            // The agent reads the counters in batches; they must equal a slot-by-slot read.
+            let batched =
+                h.dp.counters
+                    .read_batched()
+                    .expect("BPF_MAP_LOOKUP_BATCH on COUNTERS");
+            let each = h.dp.counters.read_each().unwrap();
+            assert_eq!(batched.len(), each.len());
+            assert!(
+                batched == each,
+                "batched counter read differs from a slot-by-slot read"
+            );
+            assert!(
+                each.iter().filter(|c| c.packets > 0).count() > 5,
+                "the cases moved counters"
+            );
+        },
     );
     assert!(cases >= 40, "only {cases} cases");
     eprintln!("{cases} cases passed");
@@ -2089,15 +2106,7 @@ fn pin_plain_hash(path: &Path, key_size: usize, value_size: usize, entries: u32)
 #[test]
 fn a_full_conntrack_refuses_new_flows_and_keeps_tracked_ones() {
     const ENTRIES: u16 = 4;
-    let handle = std::thread::spawn(|| {
-        // SAFETY: unshare on the calling thread.
-        assert_eq!(
-            unsafe { libc::unshare(libc::CLONE_NEWNET) },
-            0,
-            "unshare(CLONE_NEWNET): run as root"
-        );
-        let mount = BpfMount::new("map-full");
-        let pin = mount.0.join("enforcer");
+    let prepare = |pin: &Path| {
         let maps = pin.join(format!("v{SCHEMA_VERSION}/maps"));
         std::fs::create_dir_all(&maps).unwrap();
         pin_plain_hash(
@@ -2106,7 +2115,8 @@ fn a_full_conntrack_refuses_new_flows_and_keeps_tracked_ones() {
             std::mem::size_of::<CtValue>(),
             u32::from(ENTRIES),
         );
-        let mut h = setup(&pin);
+    };
+    in_private_netns("map-full", prepare, |h, _| {
         let mut events = h.dp.take_events().expect("event reader");
         let _ = events.drain();
         let new = |port: u16| ipv4(WORLD4, A4, PROTO_TCP, &tcp(port, 8001));
@@ -2171,17 +2181,5 @@ fn a_full_conntrack_refuses_new_flows_and_keeps_tracked_ones() {
             OK,
             ALLOW_POLICY,
         );
-        let result = (h.cases, std::mem::take(&mut h.failures));
-        drop(h);
-        Datapath::cleanup(&pin).unwrap();
-        drop(mount);
-        result
     });
-    let (cases, failures) = handle.join().expect("test thread panicked");
-    assert!(
-        failures.is_empty(),
-        "{} of {cases} cases failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
 }
