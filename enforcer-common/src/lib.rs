@@ -157,7 +157,7 @@ pub const fn endpoint_slot(ifindex: u32) -> u32 {
     ifindex & (ENDPOINT_SLOT_COUNT - 1)
 }
 
-/// What the established-flow path reads of an endpoint, copied from its [`EndpointInfo`] into
+/// What the fast path (established flows, and new ones a policy allows) reads of an endpoint, copied from its [`EndpointInfo`] into
 /// its slot so the common packet needs no ENDPOINTS hash lookup (three dependent cache misses
 /// on the real path, before conntrack's own three).
 ///
@@ -181,7 +181,9 @@ pub struct EndpointSlot {
     pub epoch: u32,
     /// [`EndpointInfo::ipv4`].
     pub ipv4: [u8; 4],
-    pub _pad: [u32; 2],
+    /// [`EndpointInfo::port_masks`]: which policy keys a new flow probes. Zero in a slot an
+    /// older agent wrote: no probe finds anything, and the full path decides from ENDPOINTS.
+    pub port_masks: [u32; 2],
 }
 
 impl EndpointSlot {
@@ -194,7 +196,7 @@ impl EndpointSlot {
             flags: info.flags,
             epoch: info.epoch,
             ipv4: info.ipv4,
-            _pad: [0; 2],
+            port_masks: info.port_masks,
         }
     }
 }

@@ -1,25 +1,29 @@
-//! The established-flow fast path: a plain IPv4 TCP or UDP packet of a flow conntrack already
-//! allows, judged from a few header words read in place and one conntrack lookup. It touches no
-//! scratch space and none of the general parser's code, so on the real path (where the stack
-//! and the applications evict our code and data between two packets) the common packet pays for
-//! a small, contiguous piece of the program.
+//! The fast path: a plain IPv4 TCP or UDP packet of a flow conntrack already allows, judged from
+//! a few header words read in place and one conntrack lookup; and, on a conntrack miss, a new
+//! flow a policy allows, judged from the same words with the peer and policy lookups and tracked.
+//! It touches no scratch space and none of the general parser's code, so on the real path (where
+//! the stack and the applications evict our code and data between two packets) the common
+//! packet pays for a small, contiguous piece of the program.
 //!
-//! It only ever answers "established" or "reply", and only when the full path would give the
-//! same answer for the same packet: anything else (IPv6, IP options, fragments, other protocols,
-//! a header the full parser would call malformed, a spoofed or self-addressed packet, a flow
-//! conntrack does not hold, a stale, revoked or re-check-due entry) goes to the full path
-//! unchanged. [`Fast::Missed`] tells the full path that the lookup it would make has just missed.
+//! It only ever answers "established", "reply" or "allowed by policy", and only when the full
+//! path would give the same answer for the same packet: anything else (IPv6, IP options,
+//! fragments, other protocols, a header the full parser would call malformed, a spoofed or
+//! self-addressed packet, a stale, revoked or re-check-due entry, a new flow of a direction no
+//! policy isolates, from the node, denied, logged, or whose insert failed) goes to the full path
+//! unchanged, with what was already looked up ([`Known`]), so no lookup is made twice.
 
 use core::ptr::read_volatile;
 
 use aya_ebpf::programs::TcContext;
 use enforcer_common::{
-    CT_ORIGIN_A, CT_REVOKED, Config, CtKeyV4, DIR_EGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4,
-    EP_INGRESS_ISOLATED, EndpointInfo, EndpointSlot, PROTO_TCP, PROTO_UDP, endpoint_slot, reason,
+    CONFIG_LOG_ALLOWED, CT_ORIGIN_A, CT_ORIGIN_EGRESS, CT_REVOKED, Config, CtKeyV4, CtValue,
+    DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_INGRESS_ISOLATED, EndpointInfo,
+    EndpointSlot, IDENTITY_ANY, IDENTITY_HOST, PROTO_TCP, PROTO_UDP, endpoint_slot, reason,
 };
 
 use crate::{
-    conntrack::{ct_key_v4, fresh, timeout},
+    conntrack::{config_flags, ct_key_v4, fresh, timeout},
+    lookup::{peer_identity_v4, policy_lookup},
     maps::{CONNTRACK_V4, ENDPOINT_SLOTS},
 };
 
@@ -31,6 +35,7 @@ pub struct FastEp {
     pub epoch: u32,
     /// The pod's IPv4 address as the packet carries it (network order).
     pub ipv4: u32,
+    pub port_masks: [u32; 2],
 }
 
 impl FastEp {
@@ -41,7 +46,28 @@ impl FastEp {
             flags: ep.flags,
             epoch: ep.epoch,
             ipv4: u32::from_ne_bytes(ep.ipv4),
+            port_masks: ep.port_masks,
         }
+    }
+
+    /// Whether what the fast path found with this copy holds for `ep`: same endpoint, same
+    /// isolation and the same policy keys to probe (a slot can lag its entry by an agent write).
+    #[inline(always)]
+    pub fn decides_as(&self, ep: &EndpointInfo) -> bool {
+        self.id == ep.id
+            && self.flags == ep.flags
+            && self.port_masks[0] == ep.port_masks[0]
+            && self.port_masks[1] == ep.port_masks[1]
+    }
+
+    #[inline(always)]
+    fn isolated(&self, dir: u8) -> bool {
+        let bit = if dir == DIR_INGRESS {
+            EP_INGRESS_ISOLATED
+        } else {
+            EP_EGRESS_ISOLATED
+        };
+        self.flags & bit != 0
     }
 }
 
@@ -68,6 +94,10 @@ pub fn slot_endpoint(ifindex: u32) -> Option<FastEp> {
             flags: read_volatile(&(*s).flags),
             epoch: read_volatile(&(*s).epoch),
             ipv4: read_volatile(&(*s).ipv4 as *const [u8; 4] as *const u32),
+            port_masks: [
+                read_volatile(&(*s).port_masks[0]),
+                read_volatile(&(*s).port_masks[1]),
+            ],
         };
         if read_volatile(head) != h {
             return None;
@@ -78,12 +108,34 @@ pub fn slot_endpoint(ifindex: u32) -> Option<FastEp> {
 
 /// What the fast path found.
 pub enum Fast {
-    /// Allowed as an established flow (`reason` is `ALLOW_ESTABLISHED` or `ALLOW_REPLY`).
+    /// Allowed: an established flow (`ALLOW_ESTABLISHED` or `ALLOW_REPLY`), or a new one a
+    /// policy allows, now tracked (`ALLOW_POLICY`).
     Allowed(u8),
-    /// A plain IPv4 TCP/UDP packet whose flow key is not in conntrack.
+    /// A plain IPv4 TCP/UDP packet whose flow key is not in conntrack and that the fast path
+    /// did not admit as a new flow; what it looked up is in the caller's [`Known`].
     Missed,
     /// Not for the fast path.
     Other,
+}
+
+/// What the fast path looked up for a new flow it left to the full path: valid there for the
+/// key that path builds when the endpoint it reads [`FastEp::decides_as`] the one used here.
+#[derive(Clone, Copy)]
+pub struct Known {
+    /// The conntrack lookup of the flow's key missed.
+    pub ct_miss: bool,
+    /// The peer's identity, [`IDENTITY_ANY`] when not looked up.
+    pub peer: u32,
+    /// The policy lookup for the peer found no rule.
+    pub denied: bool,
+}
+
+impl Known {
+    pub const NOTHING: Known = Known {
+        ct_miss: false,
+        peer: IDENTITY_ANY,
+        denied: false,
+    };
 }
 
 const ETH_HLEN: usize = 14;
@@ -102,6 +154,7 @@ pub fn established_v4(
     dir: u8,
     now: u64,
     cfg: Option<&Config>,
+    known: &mut Known,
 ) -> Fast {
     if ep.flags & EP_HAS_V4 == 0 || ep.flags & (EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED) == 0 {
         return Fast::Other;
@@ -148,7 +201,8 @@ pub fn established_v4(
     let mut key = core::mem::MaybeUninit::<CtKeyV4>::uninit();
     let (key, src_is_a) = ct_key_v4(&mut key, ep.id, proto, src, sport, dst, dport);
     let Some(e) = CONNTRACK_V4.get_ptr_mut(key) else {
-        return Fast::Missed;
+        let peer = if dir == DIR_EGRESS { dst } else { src };
+        return new_v4(ep, key, src_is_a, dir, proto, peer, dport, now, cfg, known);
     };
     let e = unsafe { &mut *e };
     if e.flags & CT_REVOKED != 0 || e.epoch != ep.epoch {
@@ -168,4 +222,54 @@ pub fn established_v4(
     } else {
         reason::ALLOW_REPLY
     })
+}
+
+/// A new flow: allowed and tracked here when the direction is isolated, a policy allows the
+/// peer, and the flow is not to be logged (the event needs the full path's parsed packet);
+/// anything else goes to the full path with what was found.
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "a flow tuple")]
+fn new_v4(
+    ep: &FastEp,
+    key: &CtKeyV4,
+    src_is_a: bool,
+    dir: u8,
+    proto: u8,
+    peer: u32,
+    dport: u16,
+    now: u64,
+    cfg: Option<&Config>,
+    known: &mut Known,
+) -> Fast {
+    known.ct_miss = true;
+    if !ep.isolated(dir) || config_flags(cfg) & CONFIG_LOG_ALLOWED != 0 {
+        return Fast::Missed;
+    }
+    known.peer = peer_identity_v4(peer.to_ne_bytes());
+    if known.peer == IDENTITY_HOST {
+        return Fast::Missed;
+    }
+    let Some(rule) = policy_lookup(ep.id, &ep.port_masks, known.peer, dir, proto, dport) else {
+        known.denied = true;
+        return Fast::Missed;
+    };
+    let mut flags = 0;
+    if src_is_a {
+        flags |= CT_ORIGIN_A;
+    }
+    if dir == DIR_EGRESS {
+        flags |= CT_ORIGIN_EGRESS;
+    }
+    let value = CtValue {
+        last_seen_ns: now,
+        epoch: ep.epoch,
+        flags,
+        rule,
+        _pad: 0,
+    };
+    if CONNTRACK_V4.insert(key, &value, 0).is_err() {
+        // The full path tries again and fails closed, with the event.
+        return Fast::Missed;
+    }
+    Fast::Allowed(reason::ALLOW_POLICY)
 }

@@ -5,8 +5,8 @@ use core::{mem::MaybeUninit, ptr::write_volatile};
 
 use aya_ebpf::maps::lpm_trie::Key;
 use enforcer_common::{
-    EndpointInfo, FAMILY_V4, IDENTITY_ANY, IDENTITY_WORLD, PORT_MASK_ANY_PROTO, PROTO_ANY,
-    PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyKey, port_mask,
+    FAMILY_V4, IDENTITY_ANY, IDENTITY_WORLD, PORT_MASK_ANY_PROTO, PROTO_ANY, PROTO_SCTP, PROTO_TCP,
+    PROTO_UDP, PolicyKey, port_mask,
 };
 
 use crate::maps::{CIDRS_V4, CIDRS_V6, PEERS_V4, PEERS_V6, POLICY};
@@ -15,13 +15,7 @@ use crate::maps::{CIDRS_V4, CIDRS_V6, PEERS_V4, PEERS_V6, POLICY};
 #[inline(always)]
 pub fn peer_identity(family: u8, addr: &[u8; 16]) -> u32 {
     if family == FAMILY_V4 {
-        let a = [addr[0], addr[1], addr[2], addr[3]];
-        if let Some(p) = PEERS_V4.get_ptr(&a) {
-            return unsafe { (*p).identity };
-        }
-        if let Some(p) = CIDRS_V4.get(&Key::new(32, a)) {
-            return p.identity;
-        }
+        return peer_identity_v4([addr[0], addr[1], addr[2], addr[3]]);
     } else {
         if let Some(p) = PEERS_V6.get_ptr(addr) {
             return unsafe { (*p).identity };
@@ -29,6 +23,18 @@ pub fn peer_identity(family: u8, addr: &[u8; 16]) -> u32 {
         if let Some(p) = CIDRS_V6.get(&Key::new(128, *addr)) {
             return p.identity;
         }
+    }
+    IDENTITY_WORLD
+}
+
+/// [`peer_identity`] of an IPv4 address (network order).
+#[inline(always)]
+pub fn peer_identity_v4(a: [u8; 4]) -> u32 {
+    if let Some(p) = PEERS_V4.get_ptr(&a) {
+        return unsafe { (*p).identity };
+    }
+    if let Some(p) = CIDRS_V4.get(&Key::new(32, a)) {
+        return p.identity;
     }
     IDENTITY_WORLD
 }
@@ -70,19 +76,21 @@ const fn has_ports(proto: u8) -> bool {
 }
 
 /// The rule allowing a new flow of `proto` to destination `port` with a peer of `identity`
-/// in `direction`, if any. Rule 0 is a valid rule id only as "allowed, unnamed".
+/// in `direction` at endpoint `endpoint`, whose `port_masks` are given, if any. Rule 0 is a
+/// valid rule id only as "allowed, unnamed".
 #[inline(always)]
 pub fn policy_lookup(
-    ep: &EndpointInfo,
+    endpoint: u32,
+    port_masks: &[u32; 2],
     identity: u32,
     direction: u8,
     proto: u8,
     port: u16,
 ) -> Option<u32> {
     let masks = if direction == 0 {
-        ep.port_masks[0]
+        port_masks[0]
     } else {
-        ep.port_masks[1]
+        port_masks[1]
     };
     let mut i = 0;
     while i < 2 {
@@ -93,7 +101,7 @@ pub fn policy_lookup(
                 n -= 1;
                 if masks & (1 << n) != 0 {
                     let mut key = MaybeUninit::uninit();
-                    let key = policy_key(&mut key, ep.id, id, direction, proto, port, n as u8);
+                    let key = policy_key(&mut key, endpoint, id, direction, proto, port, n as u8);
                     if let Some(v) = POLICY.get_ptr(key) {
                         return Some(unsafe { (*v).rule });
                     }
@@ -102,7 +110,7 @@ pub fn policy_lookup(
         }
         if masks & PORT_MASK_ANY_PROTO != 0 {
             let mut key = MaybeUninit::uninit();
-            let key = policy_key(&mut key, ep.id, id, direction, PROTO_ANY, 0, 0);
+            let key = policy_key(&mut key, endpoint, id, direction, PROTO_ANY, 0, 0);
             if let Some(v) = POLICY.get_ptr(key) {
                 return Some(unsafe { (*v).rule });
             }

@@ -3,9 +3,10 @@
 //! - `to_pod` at the TC egress hook: what the pod receives (pod ingress, `DIR_INGRESS`).
 //!
 //! Per packet: endpoint (its slot of `ENDPOINT_SLOTS`, else its ENDPOINTS entry), then the
-//! established-flow fast path ([`fastpath`]: a plain IPv4 TCP/UDP packet of an allowed flow
-//! stops there); otherwise parse, anti-spoofing, conntrack (other established flows stop there)
-//! and, for new flows, peer identity and policy; see [`decide`] for the exact order.
+//! fast path ([`fastpath`]: a plain IPv4 TCP/UDP packet of an allowed flow, or the first of a new
+//! flow a policy allows, stops there); otherwise parse, anti-spoofing, conntrack (other
+//! established flows stop there) and, for new flows, peer identity and policy, reusing what the
+//! fast path already looked up; see [`decide`] for the exact order.
 //! Every packet bumps one counter; every drop (and, when asked, every new allowed flow) sends a
 //! `VerdictEvent`. Every error path maps to a deliberate verdict with its own reason: nothing
 //! fails open silently.
@@ -29,14 +30,14 @@ use aya_ebpf::{
 use enforcer_common::{
     CONFIG_LOG_ALLOWED, CT_ORIGIN_A, CT_ORIGIN_EGRESS, CT_REVOKED, Config, CtValue, DIR_EGRESS,
     DIR_INGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6, EP_INGRESS_ISOLATED, EndpointInfo,
-    FAMILY_V4, FragValue, IDENTITY_HOST, PROTO_UDP, reason,
+    FAMILY_V4, FragValue, IDENTITY_ANY, IDENTITY_HOST, PROTO_UDP, reason,
 };
 
 use crate::{
     conntrack::{
         addr_eq, config_flags, ct_insert, ct_key, ct_lookup, ct_remove, frag_key, fresh, timeout,
     },
-    fastpath::{Fast, FastEp, established_v4, slot_endpoint},
+    fastpath::{Fast, FastEp, Known, established_v4, slot_endpoint},
     lookup::{peer_identity, policy_lookup},
     maps::{CONFIG, ENDPOINTS, FRAGMENTS, SCRATCH, Scratch},
     parse::{FRAG_FIRST, FRAG_LATER, L4_ICMP_ERROR, PARSED_IP, Packet, parse, parse_inner},
@@ -93,14 +94,11 @@ fn process(ctx: &TcContext, direction: u8) -> i32 {
             (FastEp::of(unsafe { &*ep }), Some(ep))
         }
     };
-    let missed = match established_v4(ctx, &fast, direction, now, cfg) {
-        Fast::Allowed(reason) => {
-            count(fast.id, direction, reason, bytes);
-            return TC_ACT_OK;
-        }
-        Fast::Missed => true,
-        Fast::Other => false,
-    };
+    let mut known = Known::NOTHING;
+    if let Fast::Allowed(reason) = established_v4(ctx, &fast, direction, now, cfg, &mut known) {
+        count(fast.id, direction, reason, bytes);
+        return TC_ACT_OK;
+    }
     // The rest reads the authoritative entry (in place: no per-packet copy). A slot can only
     // lag it by the few microseconds of an agent write; the entry wins.
     if entry.is_none() {
@@ -111,8 +109,12 @@ fn process(ctx: &TcContext, direction: u8) -> i32 {
         return TC_ACT_OK;
     };
     let ep = unsafe { &*ep };
-    // The miss holds for the key the full path would build only if the slot had the same id.
-    let known_miss = missed && fast.id == ep.id;
+    // What the fast path found holds only if the slot decides as the entry does.
+    let known = if fast.decides_as(ep) {
+        known
+    } else {
+        Known::NOTHING
+    };
     let Some(s) = SCRATCH.get_ptr_mut(0) else {
         // Cannot happen (a one-slot per-CPU array); fail closed, counted as malformed.
         count(ep.id, direction, reason::DROP_MALFORMED, bytes);
@@ -120,7 +122,7 @@ fn process(ctx: &TcContext, direction: u8) -> i32 {
     };
     let s = unsafe { &mut *s };
     s.pkt.clear();
-    let v = match decide(ctx, ep, s, direction, cfg, now, known_miss) {
+    let v = match decide(ctx, ep, s, direction, cfg, now, known) {
         Ok(v) => v,
         Err(e) => Verdict::new(e.reason()),
     };
@@ -177,7 +179,7 @@ fn decide(
     dir: u8,
     cfg: Option<&Config>,
     now: u64,
-    known_miss: bool,
+    known: Known,
 ) -> Result<Verdict, Error> {
     if parse(ctx, &mut s.pkt)? != PARSED_IP {
         return Ok(Verdict::new(reason::ALLOW_NON_IP));
@@ -220,7 +222,7 @@ fn decide(
         return Ok(v);
     }
 
-    track(ctx, ep, s, dir, &mut v, now, fast, cfg, known_miss)?;
+    track(ctx, ep, s, dir, &mut v, now, fast, cfg, known)?;
     if s.pkt.frag == FRAG_FIRST && !v.is_drop() && v.reason != reason::ALLOW_HOST {
         frag_key(&mut s.frag, ep.id, dir, &s.pkt);
         let value = FragValue {
@@ -248,7 +250,7 @@ fn track(
     now: u64,
     fast: bool,
     cfg: Option<&Config>,
-    known_miss: bool,
+    known: Known,
 ) -> Result<(), Error> {
     if s.pkt.l4 == L4_ICMP_ERROR && parse_inner(ctx, &s.pkt, &mut s.inner) {
         let i = &s.inner;
@@ -277,7 +279,11 @@ fn track(
         &mut s.ct, ep.id, pkt.family, pkt.proto, &pkt.src, pkt.sport, &pkt.dst, pkt.dport,
     );
     // The fast path has just missed this very key: no second lookup.
-    let found = if known_miss { None } else { ct_lookup(&s.ct) };
+    let found = if known.ct_miss {
+        None
+    } else {
+        ct_lookup(&s.ct)
+    };
     if let Some(e) = found {
         let e = unsafe { &mut *e };
         // A tombstone lives for the non-TCP timeout of silence, whatever the protocol.
@@ -319,7 +325,14 @@ fn track(
                     pod_port
                 };
                 let rule = if ep.isolated(odir) {
-                    match policy_lookup(ep, v.peer_identity, odir, pkt.proto, oport) {
+                    match policy_lookup(
+                        ep.id,
+                        &ep.port_masks,
+                        v.peer_identity,
+                        odir,
+                        pkt.proto,
+                        oport,
+                    ) {
                         Some(rule) => rule,
                         None => {
                             // Keep a tombstone rather than forget the flow: forgotten, a
@@ -357,13 +370,29 @@ fn track(
 
     // A new flow.
     if fast {
-        v.peer_identity = peer_identity(pkt.family, peer_addr(pkt, dir));
+        v.peer_identity = if known.peer != IDENTITY_ANY {
+            known.peer
+        } else {
+            peer_identity(pkt.family, peer_addr(pkt, dir))
+        };
         if v.peer_identity == IDENTITY_HOST {
             return Ok(());
         }
     }
     if ep.isolated(dir) {
-        match policy_lookup(ep, v.peer_identity, dir, pkt.proto, pkt.dport) {
+        let rule = if known.denied {
+            None
+        } else {
+            policy_lookup(
+                ep.id,
+                &ep.port_masks,
+                v.peer_identity,
+                dir,
+                pkt.proto,
+                pkt.dport,
+            )
+        };
+        match rule {
             Some(rule) => {
                 v.reason = reason::ALLOW_POLICY;
                 v.rule = rule;

@@ -1556,6 +1556,46 @@ fn slot_cases(h: &mut Harness) {
         ALLOW_ESTABLISHED,
     );
 
+    // New flows too are judged from the slot: with the policy keys it lists (the entry, written
+    // a moment later, lists none), the slot's probe finds the rule and the flow opens.
+    let with = h.dp.endpoints.slots().slot_of(a);
+    let entry = h.eps[&a];
+    let mut bare = entry;
+    bare.port_masks = [0, 0];
+    h.dp.endpoints.set(&a, &bare).unwrap();
+    h.dp.endpoints.slots().memory().write(slot, &with);
+    h.case(
+        "slot: a new flow is judged from the slot's policy keys",
+        "a",
+        i,
+        &flow(45203),
+        OK,
+        ALLOW_POLICY,
+    );
+    // A slot listing no policy keys (as an older agent wrote them) where the entry lists some:
+    // its empty probe is not taken for a denial; ENDPOINTS decides.
+    h.dp.endpoints.set(&a, &entry).unwrap();
+    let mut older = with;
+    older.port_masks = [0, 0];
+    h.dp.endpoints.slots().memory().write(slot, &older);
+    h.case(
+        "slot: a slot without policy keys does not deny a new flow",
+        "a",
+        i,
+        &flow(45204),
+        OK,
+        ALLOW_POLICY,
+    );
+    h.case(
+        "slot: which is tracked",
+        "a",
+        i,
+        &flow(45204),
+        OK,
+        ALLOW_ESTABLISHED,
+    );
+    h.dp.endpoints.slots().memory().write(slot, &with);
+
     // A veth whose ifindex shares A's slot: A keeps the slot, D is judged through ENDPOINTS.
     const EP_D: u32 = 4;
     const D4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 4);

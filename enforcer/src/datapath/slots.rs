@@ -110,7 +110,10 @@ impl SlotMemory {
             flags: w(core::mem::offset_of!(EndpointSlot, flags)),
             epoch: w(core::mem::offset_of!(EndpointSlot, epoch)),
             ipv4: w(core::mem::offset_of!(EndpointSlot, ipv4)).to_ne_bytes(),
-            _pad: [0; 2],
+            port_masks: [
+                w(core::mem::offset_of!(EndpointSlot, port_masks)),
+                w(core::mem::offset_of!(EndpointSlot, port_masks) + 4),
+            ],
         }
     }
 
@@ -131,21 +134,28 @@ impl SlotMemory {
             core::mem::offset_of!(EndpointSlot, ipv4),
             u32::from_ne_bytes(v.ipv4),
         );
+        set(
+            core::mem::offset_of!(EndpointSlot, port_masks),
+            v.port_masks[0],
+        );
+        set(
+            core::mem::offset_of!(EndpointSlot, port_masks) + 4,
+            v.port_masks[1],
+        );
         let even = odd.wrapping_add(1);
         head.store(v.ifindex as u64 | (even as u64) << 32, Ordering::Release);
     }
 
-    /// The fields of `index` as the programs take them: `(id, flags, epoch, ipv4)` when the
-    /// slot names `ifindex` with an even sequence that did not change while the fields were read.
-    pub fn read_consistent(&self, index: u32, ifindex: u32) -> Option<(u32, u32, u32, [u8; 4])> {
+    /// The slot of `index` as the programs take it: when it names `ifindex` with an even
+    /// sequence that did not change while the fields were read.
+    pub fn read_consistent(&self, index: u32, ifindex: u32) -> Option<EndpointSlot> {
         let v = self.read(index);
         if v.ifindex != ifindex || v.seq & 1 != 0 {
             return None;
         }
         fence(Ordering::Acquire);
         let again = self.head(index).load(Ordering::Relaxed);
-        (again == v.ifindex as u64 | (v.seq as u64) << 32)
-            .then_some((v.id, v.flags, v.epoch, v.ipv4))
+        (again == v.ifindex as u64 | (v.seq as u64) << 32).then_some(v)
     }
 
     /// Writes the first word alone, as a writer that stopped half-way would leave it: for
@@ -346,8 +356,7 @@ mod tests {
         let x = EndpointSlot::of(5, &info(1, 1));
         let mut y = EndpointSlot::of(5, &info(2, 2));
         y.flags = 0;
-        let as_read = |s: &EndpointSlot| (s.id, s.flags, s.epoch, s.ipv4);
-        let (vx, vy) = (as_read(&x), as_read(&y));
+        y.port_masks = [7, 9];
         mem.write(0, &x);
         let stop = Arc::new(AtomicBool::new(false));
         let writes = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -380,7 +389,8 @@ mod tests {
             }
             if let Some(v) = mem.read_consistent(0, 5) {
                 reads += 1;
-                if v != vx && v != vy {
+                let v = EndpointSlot { seq: 0, ..v };
+                if v != x && v != y {
                     mixed += 1;
                 }
             }
