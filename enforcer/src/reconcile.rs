@@ -180,6 +180,8 @@ impl Reconciler {
         // Where each endpoint lives.
         let mut endpoints: BTreeMap<u32, EndpointInfo> = BTreeMap::new();
         let mut owner: BTreeMap<u32, PodRef> = BTreeMap::new();
+        // Endpoints whose epoch moves in this apply.
+        let mut moved: Vec<u32> = Vec::new();
         let shared = shared_fingerprint(desired);
         for (pod, ep) in &desired.endpoints {
             let mut ifindex = None;
@@ -197,6 +199,7 @@ impl Reconciler {
                 continue;
             };
             let mut info = ep.info;
+            let before = self.epochs.get(&info.id).map(|e| e.0);
             info.epoch = self.epoch_for(desired, &info, shared);
             if let Some(other) = owner.insert(ifindex, pod.clone()) {
                 report.failed.push((
@@ -204,6 +207,9 @@ impl Reconciler {
                     format!("interface {ifindex} is also the route of {other}"),
                 ));
                 continue;
+            }
+            if before != Some(info.epoch) {
+                moved.push(ifindex);
             }
             endpoints.insert(ifindex, info);
         }
@@ -280,6 +286,7 @@ impl Reconciler {
             self.epochs.remove(&id);
         }
         // Addresses leave an identity before its rules go.
+        let removed_before = report.removed;
         report.removed += removals!(
             shadow,
             cidrs_v6,
@@ -297,6 +304,25 @@ impl Reconciler {
         report.removed += removals!(shadow, peers_v6, &peers_v6, dp.peers_v6(), "PEERS_V6");
         report.removed += removals!(shadow, peers_v4, &peers_v4, dp.peers_v4(), "PEERS_V4");
         report.removed += removals!(shadow, policy, &desired.policy, dp.policy(), "POLICY");
+
+        // 4. A flow judged between the endpoint writes and the removals may have met an entry
+        //    that is gone now, and carries the new epoch: when anything was removed, the moved
+        //    epochs move once more, so such flows are re-checked against what is left.
+        if report.removed > removed_before {
+            for ifindex in &moved {
+                let Some(info) = endpoints.get_mut(ifindex) else {
+                    continue;
+                };
+                info.epoch = info.epoch.wrapping_add(1);
+                if let Some(e) = self.epochs.get_mut(&info.id) {
+                    e.0 = info.epoch;
+                }
+                dp.endpoints()
+                    .set(ifindex, info)
+                    .with_context(|| format!("writing ENDPOINTS {ifindex} after the removals"))?;
+                report.written += 1;
+            }
+        }
         self.shadow = Some(Shadow {
             endpoints,
             peers_v4,
@@ -526,14 +552,15 @@ mod tests {
         let rep = r.apply(&state(80, true), &mut dp, &routes()).unwrap();
         assert_eq!((rep.written, rep.removed), (0, 0));
         assert_eq!(dp.endpoints.entries[&11].epoch, e1);
-        // Policy of endpoint 1 changes: only its epoch moves.
+        // Policy of endpoint 1 changes: only its epoch moves, before the old key's removal and
+        // once more after it.
         let rep = r.apply(&state(81, true), &mut dp, &routes()).unwrap();
         assert_eq!(
             (rep.written, rep.removed),
-            (2, 1),
-            "new policy key + endpoint 1 epoch, old key removed"
+            (3, 1),
+            "new policy key + endpoint 1 epoch twice, old key removed"
         );
-        assert_eq!(dp.endpoints.entries[&11].epoch, e1 + 1);
+        assert_eq!(dp.endpoints.entries[&11].epoch, e1 + 2);
         assert_eq!(dp.endpoints.entries[&12].epoch, e2);
     }
 
@@ -647,6 +674,8 @@ mod tests {
 
     /// Replays every write of a change one at a time: each probe's verdict in every state in
     /// between is its verdict before or after the change, and where both are the same, that.
+    /// A state in between that shows the final epoch judges as the final state does: conntrack
+    /// keeps a verdict made under the current epoch without a re-check.
     #[test]
     fn no_state_in_between_judges_a_flow_as_neither_side_does() {
         use crate::policy::lookup::decide;
@@ -668,6 +697,11 @@ mod tests {
                 admits(&[301], &[("10.0.0.2", 301), ("10.0.0.3", 301)], &[]),
                 admits(&[301], &[("10.0.0.2", 302), ("10.0.0.3", 301)], &[]),
             ),
+            (
+                "a rule removed: 10.0.0.3's identity is no longer admitted",
+                admits(&[301, 303], &[("10.0.0.2", 301), ("10.0.0.3", 303)], &[]),
+                admits(&[301], &[("10.0.0.2", 301), ("10.0.0.3", 303)], &[]),
+            ),
         ];
         for (what, old, new) in cases {
             let mut dp = FakeDataplane::default();
@@ -677,6 +711,7 @@ mod tests {
             dp.start_journal();
             r.apply(&new, &mut dp, &routes()).unwrap();
             let steps = steps(&dp);
+            let final_epoch = dp.endpoints.entries[&11].epoch;
             assert!(!steps.is_empty(), "{what}: the change wrote nothing");
             let verdict = |s: &DesiredState, p: &str| {
                 decide(s, &a, DIR_INGRESS, p.parse().unwrap(), PROTO_TCP, 80).allowed
@@ -711,12 +746,17 @@ mod tests {
                     },
                     Step::Other => {}
                 }
+                let epoch = now.endpoints.get(&a).map(|e| e.info.epoch);
                 for p in probes {
                     let (before, after, between) =
                         (verdict(&old, p), verdict(&new, p), verdict(&now, p));
                     assert!(
                         between == before || between == after,
                         "{what}: after write {i} ({step:?}) {p} -> x/a:80 is {between}, before {before}, after {after}"
+                    );
+                    assert!(
+                        epoch != Some(final_epoch) || between == after,
+                        "{what}: after write {i} ({step:?}) {p} -> x/a:80 is {between} under the final epoch, finally {after}: a flow judged now is never re-checked"
                     );
                 }
             }
@@ -753,7 +793,7 @@ mod tests {
         r.apply(&state(80, true), &mut dp, &routes()).unwrap();
         let reads = dp.policy.reads.get();
         let rep = r.apply(&state(81, true), &mut dp, &routes()).unwrap();
-        assert_eq!((rep.written, rep.removed), (2, 1));
+        assert_eq!((rep.written, rep.removed), (3, 1));
         assert_eq!(
             dp.policy.reads.get(),
             reads,
