@@ -1,15 +1,16 @@
 //! The fast path: a plain IPv4 TCP or UDP packet of a flow conntrack already allows, judged from
-//! a few header words read in place and one conntrack lookup; and, on a conntrack miss, a new
-//! flow a policy allows, judged from the same words with the peer and policy lookups and tracked.
+//! a few header words read in place and one conntrack lookup; on a conntrack miss, a packet from
+//! or to the node (the peer lookup) and the first of a new flow a policy allows (the peer and
+//! policy lookups, then tracked), judged from the same words.
 //! It touches no scratch space and none of the general parser's code, so on the real path (where
 //! the stack and the applications evict our code and data between two packets) the common
 //! packet pays for a small, contiguous piece of the program.
 //!
-//! It only ever answers "established", "reply" or "allowed by policy", and only when the full
-//! path would give the same answer for the same packet: anything else (IPv6, IP options,
-//! fragments, other protocols, a header the full parser would call malformed, a spoofed or
-//! self-addressed packet, a stale, revoked or re-check-due entry, a new flow of a direction no
-//! policy isolates, from the node, denied, logged, or whose insert failed) goes to the full path
+//! It only ever answers "established", "reply", "allowed by policy" or "the node", and only
+//! when the full path would give the same answer for the same packet: anything else (IPv6, IP
+//! options, fragments, other protocols, a header the full parser would call malformed, a spoofed
+//! or self-addressed packet, a stale, revoked or re-check-due entry, a new flow of a direction
+//! no policy isolates, denied, logged, or whose insert failed) goes to the full path
 //! unchanged, with what was already looked up ([`Known`]), so no lookup is made twice.
 
 use core::ptr::read_volatile;
@@ -108,8 +109,8 @@ pub fn slot_endpoint(ifindex: u32) -> Option<FastEp> {
 
 /// What the fast path found.
 pub enum Fast {
-    /// Allowed: an established flow (`ALLOW_ESTABLISHED` or `ALLOW_REPLY`), or a new one a
-    /// policy allows, now tracked (`ALLOW_POLICY`).
+    /// Allowed: an established flow (`ALLOW_ESTABLISHED` or `ALLOW_REPLY`), a new one a policy
+    /// allows, now tracked (`ALLOW_POLICY`), or a peer on the node (`ALLOW_HOST`, untracked).
     Allowed(u8),
     /// A plain IPv4 TCP/UDP packet whose flow key is not in conntrack and that the fast path
     /// did not admit as a new flow; what it looked up is in the caller's [`Known`].
@@ -224,9 +225,11 @@ pub fn established_v4(
     })
 }
 
-/// A new flow: allowed and tracked here when the direction is isolated, a policy allows the
-/// peer, and the flow is not to be logged (the event needs the full path's parsed packet);
-/// anything else goes to the full path with what was found.
+/// A flow conntrack does not hold: a peer on the node is allowed here, untracked (kubelet
+/// probes: every packet of theirs comes this way); a new flow is allowed and tracked here when
+/// the direction is isolated, a policy allows the peer, and the flow is not to be logged (the
+/// event needs the full path's parsed packet); anything else goes to the full path with what
+/// was found.
 #[inline(always)]
 #[expect(clippy::too_many_arguments, reason = "a flow tuple")]
 fn new_v4(
@@ -242,11 +245,11 @@ fn new_v4(
     known: &mut Known,
 ) -> Fast {
     known.ct_miss = true;
-    if !ep.isolated(dir) || config_flags(cfg) & CONFIG_LOG_ALLOWED != 0 {
-        return Fast::Missed;
-    }
     known.peer = peer_identity_v4(peer.to_ne_bytes());
     if known.peer == IDENTITY_HOST {
+        return Fast::Allowed(reason::ALLOW_HOST);
+    }
+    if !ep.isolated(dir) || config_flags(cfg) & CONFIG_LOG_ALLOWED != 0 {
         return Fast::Missed;
     }
     let Some(rule) = policy_lookup(ep.id, &ep.port_masks, known.peer, dir, proto, dport) else {

@@ -569,6 +569,22 @@ fn run_cases(h: &mut Harness) {
         ALLOW_HOST,
     );
     h.case(
+        "from host identity again: never tracked",
+        "a",
+        i,
+        &ipv4(HOST4, A4, PROTO_TCP, &tcp(1000, 8080)),
+        OK,
+        ALLOW_HOST,
+    );
+    h.case(
+        "reply to host identity: never tracked",
+        "a",
+        e,
+        &ipv4(A4, HOST4, PROTO_TCP, &tcp(8080, 1000)),
+        OK,
+        ALLOW_HOST,
+    );
+    h.case(
         "to itself",
         "a",
         e,

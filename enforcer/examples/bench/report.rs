@@ -780,10 +780,10 @@ impl Report {
                     };
                     let _ = writeln!(
                         s,
-                        "Paths that leave it elsewhere (step: the fast path's from \"unmanaged ifindex\", the others' from \"pod to itself\"):\n\n| path | ns/packet | step |\n|---|---|---|"
+                        "Paths that leave it elsewhere (step: the fast path's from \"unmanaged ifindex\", the full path's from \"pod to itself\"):\n\n| path | ns/packet | step |\n|---|---|---|"
                     );
                     for (name, v) in &r.other_paths {
-                        let base = if name.starts_with("established") {
+                        let base = if name.contains("fast path:") {
                             step_of("unmanaged")
                         } else {
                             step_of("pod to itself")

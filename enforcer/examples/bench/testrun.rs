@@ -1241,7 +1241,7 @@ fn scenario(
                 &ctx,
             ),
             (
-                "from the node: fast-path conntrack miss and peer (ipcache) lookup, then the full parse",
+                "from the node, fast path: conntrack miss, peer (ipcache) lookup, untracked",
                 &host,
                 &ctx,
             ),
