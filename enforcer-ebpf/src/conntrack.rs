@@ -3,8 +3,8 @@
 use core::{mem::MaybeUninit, ptr::write_volatile};
 
 use enforcer_common::{
-    Config, CtKey, CtKeyV4, CtValue, DEFAULT_CT_TIMEOUT_OTHER_NS, DEFAULT_CT_TIMEOUT_TCP_NS,
-    FAMILY_V4, FragKey, PROTO_TCP,
+    CT_ORIGIN_A, CT_ORIGIN_EGRESS, Config, CtKey, CtKeyV4, CtValue, DEFAULT_CT_TIMEOUT_OTHER_NS,
+    DEFAULT_CT_TIMEOUT_TCP_NS, DIR_EGRESS, FAMILY_V4, FragKey, PROTO_TCP,
 };
 
 use crate::{
@@ -197,6 +197,26 @@ pub fn frag_key(key: &mut FragKey, endpoint: u32, direction: u8, pkt: &Packet) {
     copy16(&mut key.src, &pkt.src);
     copy16(&mut key.dst, &pkt.dst);
 }
+/// The entry of a flow allowed now: opened from end `a` of its key when `src_is_a`, in the
+/// endpoint's direction `dir`, under its policy `epoch`, by `rule`.
+#[inline(always)]
+pub fn new_entry(src_is_a: bool, dir: u8, now: u64, epoch: u32, rule: u32) -> CtValue {
+    let mut flags = 0;
+    if src_is_a {
+        flags |= CT_ORIGIN_A;
+    }
+    if dir == DIR_EGRESS {
+        flags |= CT_ORIGIN_EGRESS;
+    }
+    CtValue {
+        last_seen_ns: now,
+        epoch,
+        flags,
+        rule,
+        _pad: 0,
+    }
+}
+
 /// Idle timeout of a flow of `proto` (ns). A CONFIG of zeros means the defaults.
 #[inline(always)]
 pub fn timeout(cfg: Option<&Config>, proto: u8) -> u64 {

@@ -17,13 +17,13 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::programs::TcContext;
 use enforcer_common::{
-    CONFIG_LOG_ALLOWED, CT_ORIGIN_A, CT_ORIGIN_EGRESS, CT_REVOKED, Config, CtKeyV4, CtValue,
-    DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_INGRESS_ISOLATED, EndpointInfo,
-    EndpointSlot, IDENTITY_ANY, IDENTITY_HOST, PROTO_TCP, PROTO_UDP, endpoint_slot, reason,
+    CONFIG_LOG_ALLOWED, CT_ORIGIN_A, CT_REVOKED, Config, CtKeyV4, DIR_EGRESS, DIR_INGRESS,
+    EP_EGRESS_ISOLATED, EP_HAS_V4, EP_INGRESS_ISOLATED, EndpointInfo, EndpointSlot, IDENTITY_ANY,
+    IDENTITY_HOST, PROTO_TCP, PROTO_UDP, endpoint_slot, reason,
 };
 
 use crate::{
-    conntrack::{config_flags, ct_key_v4, fresh, timeout},
+    conntrack::{config_flags, ct_key_v4, fresh, new_entry, timeout},
     lookup::{peer_identity_v4, policy_lookup},
     maps::{CONNTRACK_V4, ENDPOINT_SLOTS},
 };
@@ -256,20 +256,7 @@ fn new_v4(
         known.denied = true;
         return Fast::Missed;
     };
-    let mut flags = 0;
-    if src_is_a {
-        flags |= CT_ORIGIN_A;
-    }
-    if dir == DIR_EGRESS {
-        flags |= CT_ORIGIN_EGRESS;
-    }
-    let value = CtValue {
-        last_seen_ns: now,
-        epoch: ep.epoch,
-        flags,
-        rule,
-        _pad: 0,
-    };
+    let value = new_entry(src_is_a, dir, now, ep.epoch, rule);
     if CONNTRACK_V4.insert(key, &value, 0).is_err() {
         // The full path tries again and fails closed, with the event.
         return Fast::Missed;

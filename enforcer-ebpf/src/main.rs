@@ -28,14 +28,15 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use enforcer_common::{
-    CONFIG_LOG_ALLOWED, CT_ORIGIN_A, CT_ORIGIN_EGRESS, CT_REVOKED, Config, CtValue, DIR_EGRESS,
-    DIR_INGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6, EP_INGRESS_ISOLATED, EndpointInfo,
-    FAMILY_V4, FragValue, IDENTITY_ANY, IDENTITY_HOST, PROTO_UDP, reason,
+    CONFIG_LOG_ALLOWED, CT_ORIGIN_A, CT_ORIGIN_EGRESS, CT_REVOKED, Config, DIR_EGRESS, DIR_INGRESS,
+    EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6, EP_INGRESS_ISOLATED, EndpointInfo, FAMILY_V4,
+    FragValue, IDENTITY_ANY, IDENTITY_HOST, PROTO_UDP, reason,
 };
 
 use crate::{
     conntrack::{
-        addr_eq, config_flags, ct_insert, ct_key, ct_lookup, ct_remove, frag_key, fresh, timeout,
+        addr_eq, config_flags, ct_insert, ct_key, ct_lookup, ct_remove, frag_key, fresh, new_entry,
+        timeout,
     },
     fastpath::{Fast, FastEp, Known, established_v4, slot_endpoint},
     lookup::{peer_identity, policy_lookup},
@@ -405,20 +406,7 @@ fn track(
     } else {
         v.reason = reason::ALLOW_NOT_ISOLATED;
     }
-    let mut flags = 0;
-    if src_is_a {
-        flags |= CT_ORIGIN_A;
-    }
-    if dir == DIR_EGRESS {
-        flags |= CT_ORIGIN_EGRESS;
-    }
-    let value = CtValue {
-        last_seen_ns: now,
-        epoch: ep.epoch,
-        flags,
-        rule: v.rule,
-        _pad: 0,
-    };
+    let value = new_entry(src_is_a, dir, now, ep.epoch, v.rule);
     if ct_insert(&s.ct, &value).is_err() {
         return Err(Error::MapFull);
     }
