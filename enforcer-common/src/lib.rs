@@ -140,13 +140,18 @@ pub struct EndpointInfo {
 
 impl EndpointInfo {
     pub const fn isolated(&self, direction: u8) -> bool {
-        let bit = if direction == DIR_INGRESS {
-            EP_INGRESS_ISOLATED
-        } else {
-            EP_EGRESS_ISOLATED
-        };
-        self.flags & bit != 0
+        isolated_in(self.flags, direction)
     }
+}
+
+/// Whether endpoint `flags` isolate `direction` (a policy selects the pod for it).
+pub const fn isolated_in(flags: u32, direction: u8) -> bool {
+    let bit = if direction == DIR_INGRESS {
+        EP_INGRESS_ISOLATED
+    } else {
+        EP_EGRESS_ISOLATED
+    };
+    flags & bit != 0
 }
 
 /// Slots of [`MAP_ENDPOINT_SLOTS`] (a power of two: the slot is the ifindex's low bits).

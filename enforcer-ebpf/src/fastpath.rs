@@ -17,9 +17,9 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::programs::TcContext;
 use enforcer_common::{
-    CONFIG_LOG_ALLOWED, CT_ORIGIN_A, CT_REVOKED, Config, CtKeyV4, DIR_EGRESS, DIR_INGRESS,
-    EP_EGRESS_ISOLATED, EP_HAS_V4, EP_INGRESS_ISOLATED, EndpointInfo, EndpointSlot, IDENTITY_ANY,
-    IDENTITY_HOST, PROTO_TCP, PROTO_UDP, endpoint_slot, reason,
+    CONFIG_LOG_ALLOWED, CT_ORIGIN_A, CT_REVOKED, Config, CtKeyV4, DIR_EGRESS, EP_EGRESS_ISOLATED,
+    EP_HAS_V4, EP_INGRESS_ISOLATED, EndpointInfo, EndpointSlot, IDENTITY_ANY, IDENTITY_HOST,
+    PROTO_TCP, PROTO_UDP, endpoint_slot, isolated_in, reason,
 };
 
 use crate::{
@@ -59,16 +59,6 @@ impl FastEp {
             && self.flags == ep.flags
             && self.port_masks[0] == ep.port_masks[0]
             && self.port_masks[1] == ep.port_masks[1]
-    }
-
-    #[inline(always)]
-    fn isolated(&self, dir: u8) -> bool {
-        let bit = if dir == DIR_INGRESS {
-            EP_INGRESS_ISOLATED
-        } else {
-            EP_EGRESS_ISOLATED
-        };
-        self.flags & bit != 0
     }
 }
 
@@ -249,7 +239,7 @@ fn new_v4(
     if known.peer == IDENTITY_HOST {
         return Fast::Allowed(reason::ALLOW_HOST);
     }
-    if !ep.isolated(dir) || config_flags(cfg) & CONFIG_LOG_ALLOWED != 0 {
+    if !isolated_in(ep.flags, dir) || config_flags(cfg) & CONFIG_LOG_ALLOWED != 0 {
         return Fast::Missed;
     }
     let Some(rule) = policy_lookup(ep.id, &ep.port_masks, known.peer, dir, proto, dport) else {
