@@ -162,9 +162,9 @@ pub const fn endpoint_slot(ifindex: u32) -> u32 {
     ifindex & (ENDPOINT_SLOT_COUNT - 1)
 }
 
-/// What the fast path (established flows, and new ones a policy allows) reads of an endpoint, copied from its [`EndpointInfo`] into
-/// its slot so the common packet needs no ENDPOINTS hash lookup (three dependent cache misses
-/// on the real path, before conntrack's own three).
+/// What the fast path (established flows, and new ones a policy allows) reads of an endpoint,
+/// copied from its [`EndpointInfo`] into its slot so the common packet needs no ENDPOINTS hash
+/// lookup (three dependent cache misses on the real path, before conntrack's own three).
 ///
 /// The agent writes slots through a shared mapping of the array, as a sequence lock: the
 /// first word (`ifindex | seq << 32`) gets an odd `seq`, then the fields, then the new ifindex

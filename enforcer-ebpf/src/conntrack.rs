@@ -197,6 +197,7 @@ pub fn frag_key(key: &mut FragKey, endpoint: u32, direction: u8, pkt: &Packet) {
     copy16(&mut key.src, &pkt.src);
     copy16(&mut key.dst, &pkt.dst);
 }
+
 /// The entry of a flow allowed now: opened from end `a` of its key when `src_is_a`, in the
 /// endpoint's direction `dir`, under its policy `epoch`, by `rule`.
 #[inline(always)]

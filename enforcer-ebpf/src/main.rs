@@ -3,8 +3,8 @@
 //! - `to_pod` at the TC egress hook: what the pod receives (pod ingress, `DIR_INGRESS`).
 //!
 //! Per packet: endpoint (its slot of `ENDPOINT_SLOTS`, else its ENDPOINTS entry), then the
-//! fast path ([`fastpath`]: a plain IPv4 TCP/UDP packet of an allowed flow, or the first of a new
-//! flow a policy allows, stops there); otherwise parse, anti-spoofing, conntrack (other
+//! fast path ([`fastpath`]: a plain IPv4 TCP/UDP packet of an allowed flow, the first of a new
+//! flow a policy allows, or one from or to the node, stops there); otherwise parse, anti-spoofing, conntrack (other
 //! established flows stop there) and, for new flows, peer identity and policy, reusing what the
 //! fast path already looked up; see [`decide`] for the exact order.
 //! Every packet bumps one counter; every drop (and, when asked, every new allowed flow) sends a
