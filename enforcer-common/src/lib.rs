@@ -47,6 +47,9 @@ pub const MAP_CONFIG: &str = "CONFIG";
 /// [`endpoint_slot`]: what the established-flow path needs of an endpoint, readable without a
 /// hash lookup. A cache of [`MAP_ENDPOINTS`], which stays authoritative.
 pub const MAP_ENDPOINT_SLOTS: &str = "ENDPOINT_SLOTS";
+/// Mmapable array of [`FlowBucket`]s: the IPv4 flow table in front of [`MAP_CONNTRACK_V4`]
+/// (see [`FlowBucket`]).
+pub const MAP_FLOWS_V4: &str = "FLOWS_V4";
 
 /// Name of the program attached to the TC ingress hook of a host-side veth, i.e. what the pod
 /// sends (pod egress).
@@ -392,6 +395,139 @@ pub struct CtValue {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The IPv4 flow table.
+// ---------------------------------------------------------------------------------------------
+
+/// Ways of a [`FlowBucket`].
+pub const FLOW_WAYS: usize = 2;
+/// `FlowWay::last_seen` is the coarse clock in units of 2^24 ns (16.8 ms): a 32-bit stamp
+/// compared as a signed difference wraps only after 1.1 years of silence.
+pub const FLOW_TIME_SHIFT: u32 = 24;
+/// Bits 0-7 of a way's `meta`: the protocol; 0 marks a free way.
+pub const FLOW_PROTO_MASK: u32 = 0xff;
+/// Bits 8-15 of a way's `meta`: the flow's `CT_*` flags.
+pub const FLOW_FLAGS_SHIFT: u32 = 8;
+/// Bits 16-29 of way 0's `meta`: the bucket's sequence, moved by every change of the bucket.
+pub const FLOW_SEQ_SHIFT: u32 = 16;
+pub const FLOW_SEQ_MASK: u32 = 0x3fff << FLOW_SEQ_SHIFT;
+/// Bit 30 of way 0's `meta`: a flow of this bucket went to `CONNTRACK_V4` (the bucket was
+/// full), so a miss here must look there too. Sticky.
+pub const FLOW_OVERFLOW: u32 = 1 << 30;
+/// Bit 31 of way 0's `meta`: the bucket lock, taken by compare-and-swap by whoever changes the
+/// bucket (a program or the agent).
+pub const FLOW_LOCK: u32 = 1 << 31;
+/// The bits of way 0's `meta` that belong to the bucket, not to the way.
+pub const FLOW_CONTROL: u32 = FLOW_SEQ_MASK | FLOW_OVERFLOW | FLOW_LOCK;
+
+/// One IPv4 flow of a [`FlowBucket`]: the [`CtKeyV4`] without its padding and a [`CtValue`]
+/// in 16 bytes, so that two share a cache line.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowWay {
+    pub endpoint: u32,
+    pub addr_a: [u8; 4],
+    pub addr_b: [u8; 4],
+    pub port_a: u16,
+    pub port_b: u16,
+    /// Protocol (0 = free) and `CT_*` flags; in way 0 also the bucket's control bits
+    /// ([`FLOW_CONTROL`]).
+    pub meta: u32,
+    pub epoch: u32,
+    pub rule: u32,
+    /// `last_seen_ns >> FLOW_TIME_SHIFT`, truncated to 32 bits.
+    pub last_seen: u32,
+}
+
+/// A bucket of the IPv4 flow table: one 64-byte cache line (the mmapable array's values start
+/// page-aligned), so a new flow costs one cold line where the LRU hash costs two (bucket and
+/// element) plus its locks and lists.
+///
+/// Concurrency: whoever changes a bucket takes [`FLOW_LOCK`] in way 0's `meta` by
+/// compare-and-swap, writes, and releases it with the sequence moved on. Readers take no lock:
+/// they read way 0's `meta`, the ways, then `meta` again, and trust what they read only when
+/// the lock was free and the sequence unchanged; otherwise they read again under the lock. A
+/// flow is never in two ways of a bucket: an insert looks for the key under the lock first.
+/// Only x86-64 keeps the readers' loads in program order, so the agent enables the table
+/// there only (the programs' `FLOW_BUCKETS` is 0 elsewhere, and IPv4 flows live in
+/// [`MAP_CONNTRACK_V4`] alone).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowBucket {
+    pub ways: [FlowWay; FLOW_WAYS],
+}
+
+impl FlowWay {
+    /// The way's flow as a [`CtKeyV4`] (meaningful when the way is not free).
+    pub fn key(&self) -> CtKeyV4 {
+        CtKeyV4 {
+            endpoint: self.endpoint,
+            protocol: (self.meta & FLOW_PROTO_MASK) as u8,
+            _pad: [0; 3],
+            addr_a: self.addr_a,
+            addr_b: self.addr_b,
+            port_a: self.port_a,
+            port_b: self.port_b,
+        }
+    }
+
+    /// The way's entry as a [`CtValue`], its stamp widened against `now_ns` (a stamp ahead of
+    /// `now_ns` reads as `now_ns`).
+    pub fn value(&self, now_ns: u64) -> CtValue {
+        CtValue {
+            last_seen_ns: flow_stamp_ns(self.last_seen, now_ns),
+            epoch: self.epoch,
+            flags: (self.meta >> FLOW_FLAGS_SHIFT) & 0xff,
+            rule: self.rule,
+            _pad: 0,
+        }
+    }
+}
+
+/// The 32-bit stamp of `ns`.
+#[inline(always)]
+pub const fn flow_stamp(ns: u64) -> u32 {
+    (ns >> FLOW_TIME_SHIFT) as u32
+}
+
+/// `stamp` widened to ns against `now_ns`: the start of its tick, or `now_ns` when it is ahead.
+#[inline(always)]
+pub const fn flow_stamp_ns(stamp: u32, now_ns: u64) -> u64 {
+    let age = flow_stamp(now_ns).wrapping_sub(stamp) as i32;
+    if age <= 0 {
+        now_ns
+    } else {
+        now_ns.saturating_sub((age as u64) << FLOW_TIME_SHIFT)
+    }
+}
+
+/// The bucket of `key` in a table of `buckets`: a multiply-xorshift mix of its five words,
+/// computed the same way by the programs and the agent.
+#[inline(always)]
+pub const fn flow_bucket(key: &CtKeyV4, buckets: u32) -> u32 {
+    let words = [
+        key.endpoint,
+        key.protocol as u32,
+        u32::from_le_bytes(key.addr_a),
+        u32::from_le_bytes(key.addr_b),
+        (key.port_a as u32) << 16 | key.port_b as u32,
+    ];
+    let mut h: u32 = 0x811c_9dc5;
+    let mut i = 0;
+    while i < words.len() {
+        h = (h ^ words[i]).wrapping_mul(0x0100_0193).rotate_left(13);
+        i += 1;
+    }
+    // murmur3's finalizer: every input bit moves every output bit.
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    // Onto 0..buckets by a multiply and a shift (no division on the packet path).
+    ((h as u64 * buckets as u64) >> 32) as u32
+}
+
+// ---------------------------------------------------------------------------------------------
 // Fragments.
 // ---------------------------------------------------------------------------------------------
 
@@ -523,6 +659,10 @@ pub struct VerdictEvent {
 
 /// Send allow events of new flows too, not only drops.
 pub const CONFIG_LOG_ALLOWED: u32 = 1 << 0;
+/// On a miss in `FLOWS_V4`, look in `CONNTRACK_V4` whatever the bucket says: set while flows
+/// recorded by programs that did not know `FLOWS_V4` may still be in `CONNTRACK_V4` unmarked
+/// (an upgrade), cleared once every such flow's bucket is marked [`FLOW_OVERFLOW`].
+pub const CONFIG_CT_LRU_ALL: u32 = 1 << 1;
 
 /// Global settings, index 0 of [`MAP_CONFIG`].
 #[repr(C)]
@@ -555,6 +695,9 @@ const _: () = {
     assert!(size_of::<Config>() == 24);
     // Two slots a cache line, never one across two (the mmapable array is page-aligned).
     assert!(size_of::<EndpointSlot>() == 32);
+    // Two ways a cache line; buckets never straddle two (page-aligned values).
+    assert!(size_of::<FlowWay>() == 32);
+    assert!(size_of::<FlowBucket>() == 64);
     assert!(ENDPOINT_SLOT_COUNT.is_power_of_two());
 };
 
@@ -576,6 +719,7 @@ mod pod_impls {
     unsafe impl aya::Pod for VerdictEvent {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for EndpointSlot {}
+    unsafe impl aya::Pod for FlowBucket {}
 }
 
 #[cfg(test)]

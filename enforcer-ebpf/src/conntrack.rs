@@ -3,11 +3,12 @@
 use core::{mem::MaybeUninit, ptr::write_volatile};
 
 use enforcer_common::{
-    CT_ORIGIN_A, CT_ORIGIN_EGRESS, Config, CtKey, CtKeyV4, CtValue, DEFAULT_CT_TIMEOUT_OTHER_NS,
+    CONFIG_CT_LRU_ALL, CT_ORIGIN_A, CT_ORIGIN_EGRESS, Config, CtKey, CtKeyV4, CtValue, DEFAULT_CT_TIMEOUT_OTHER_NS,
     DEFAULT_CT_TIMEOUT_TCP_NS, DIR_EGRESS, FAMILY_V4, FragKey, PROTO_TCP,
 };
 
 use crate::{
+    flows::{self, Insert, Lookup, Snap},
     maps::{CONNTRACK_V4, CONNTRACK_V6},
     mem::{copy16, word},
     parse::Packet,
@@ -156,19 +157,120 @@ fn v4_key(key: &mut CtKeyV4, endpoint: u32, proto: u8, a: u32, b: u32, pa: u16, 
     }
 }
 
-/// The entry of the flow whose key `ct_key` wrote last, if any.
-#[inline(always)]
-pub fn ct_lookup(keys: &CtKeys) -> Option<*mut CtValue> {
-    if keys.family == FAMILY_V4 {
-        CONNTRACK_V4.get_ptr_mut(&keys.v4)
-    } else {
-        CONNTRACK_V6.get_ptr_mut(&keys.v6)
+/// An entry found by [`ct_lookup`]: a copy of it, and where it lives.
+pub struct CtHit {
+    pub value: CtValue,
+    /// Its way of `FLOWS_V4` (`snap.way` null when it lives in an LRU map).
+    snap: Snap,
+    /// Its element of `CONNTRACK_V4` / `CONNTRACK_V6`, when it lives there.
+    lru: *mut CtValue,
+}
+
+impl CtHit {
+    pub const fn new() -> Self {
+        CtHit {
+            value: CtValue {
+                last_seen_ns: 0,
+                epoch: 0,
+                flags: 0,
+                rule: 0,
+                _pad: 0,
+            },
+            snap: Snap::new(),
+            lru: core::ptr::null_mut(),
+        }
+    }
+
+    /// Marks the flow seen at `now` (a lone store, skipped within the clock's tick).
+    #[inline(always)]
+    pub fn touch(&self, now: u64) {
+        if !self.lru.is_null() {
+            // SAFETY: an element of an LRU map, valid for the rest of the program run.
+            unsafe {
+                if (*self.lru).last_seen_ns != now {
+                    (*self.lru).last_seen_ns = now;
+                }
+            }
+        } else {
+            self.snap.touch(now);
+        }
+    }
+
+    /// Writes `self.value` back to the flow of `keys` (all fields at once for `FLOWS_V4`).
+    #[inline(always)]
+    pub fn store(&self, keys: &CtKeys) {
+        if !self.lru.is_null() {
+            let v = &self.value;
+            // SAFETY: as in `touch`.
+            unsafe {
+                (*self.lru).flags = v.flags;
+                (*self.lru).epoch = v.epoch;
+                (*self.lru).rule = v.rule;
+                (*self.lru).last_seen_ns = v.last_seen_ns;
+            }
+        } else {
+            // Gone or locked: the flow keeps its old epoch, so its next packet is re-checked.
+            flows::update(&keys.v4, flows::buckets(), &self.value);
+        }
     }
 }
 
-/// Records the flow of `keys`; `Err` when the map would not take it.
+/// What [`ct_lookup`] found.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum CtFound {
+    Yes,
+    No,
+    /// The flow's `FLOWS_V4` bucket stayed locked: unknown.
+    Busy,
+}
+
+/// Whether IPv4 flows of `keys` live in `FLOWS_V4` (first).
 #[inline(always)]
-pub fn ct_insert(keys: &CtKeys, value: &CtValue) -> Result<(), i32> {
+fn in_table(keys: &CtKeys) -> bool {
+    keys.family == FAMILY_V4 && flows::buckets() != 0
+}
+
+/// Looks up the flow whose key `ct_key` wrote last, into `hit`.
+#[inline(always)]
+pub fn ct_lookup(keys: &CtKeys, now: u64, cfg: Option<&Config>, hit: &mut CtHit) -> CtFound {
+    if in_table(keys) {
+        match flows::lookup(&keys.v4, flows::buckets(), &mut hit.snap) {
+            Lookup::Found => {
+                hit.value = hit.snap.value(now);
+                return CtFound::Yes;
+            }
+            Lookup::Busy => return CtFound::Busy,
+            Lookup::Missing if config_flags(cfg) & CONFIG_CT_LRU_ALL == 0 => return CtFound::No,
+            Lookup::Missing | Lookup::Overflowed => {}
+        }
+        hit.snap.way = core::ptr::null_mut();
+    }
+    let e = if keys.family == FAMILY_V4 {
+        CONNTRACK_V4.get_ptr_mut(&keys.v4)
+    } else {
+        CONNTRACK_V6.get_ptr_mut(&keys.v6)
+    };
+    match e {
+        Some(e) => {
+            hit.lru = e;
+            // SAFETY: an element of an LRU map.
+            hit.value = unsafe { *e };
+            CtFound::Yes
+        }
+        None => CtFound::No,
+    }
+}
+
+/// Records the flow of `keys`; `Err` when the maps would not take it.
+#[inline(always)]
+pub fn ct_insert(keys: &CtKeys, value: &CtValue, now: u64, cfg: Option<&Config>) -> Result<(), i32> {
+    if in_table(keys) {
+        match flows::insert(&keys.v4, flows::buckets(), value, now, cfg) {
+            Insert::Stored => return Ok(()),
+            Insert::Busy => return Err(-1),
+            Insert::Spill => {}
+        }
+    }
     if keys.family == FAMILY_V4 {
         CONNTRACK_V4.insert(&keys.v4, value, 0)
     } else {
@@ -176,9 +278,12 @@ pub fn ct_insert(keys: &CtKeys, value: &CtValue) -> Result<(), i32> {
     }
 }
 
-/// Forgets the flow of `keys`.
+/// Forgets the flow of `keys`, wherever it lives.
 #[inline(always)]
 pub fn ct_remove(keys: &CtKeys) {
+    if in_table(keys) {
+        flows::remove(&keys.v4, flows::buckets());
+    }
     let _ = if keys.family == FAMILY_V4 {
         CONNTRACK_V4.remove(&keys.v4)
     } else {

@@ -17,13 +17,14 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::programs::TcContext;
 use enforcer_common::{
-    CONFIG_LOG_ALLOWED, CT_ORIGIN_A, CT_REVOKED, Config, CtKeyV4, DIR_EGRESS, EP_EGRESS_ISOLATED,
+    CONFIG_CT_LRU_ALL, CONFIG_LOG_ALLOWED, CT_ORIGIN_A, CT_REVOKED, Config, CtKeyV4, DIR_EGRESS, EP_EGRESS_ISOLATED,
     EP_HAS_V4, EP_INGRESS_ISOLATED, EndpointInfo, EndpointSlot, IDENTITY_ANY, IDENTITY_HOST,
-    PROTO_TCP, PROTO_UDP, endpoint_slot, isolated_in, reason,
+    PROTO_TCP, PROTO_UDP, endpoint_slot, flow_stamp, flow_stamp_ns, isolated_in, reason,
 };
 
 use crate::{
     conntrack::{config_flags, ct_key_v4, fresh, new_entry, timeout},
+    flows::{self, Insert, Lookup, Snap},
     lookup::{peer_identity_v4, policy_lookup},
     maps::{CONNTRACK_V4, ENDPOINT_SLOTS},
 };
@@ -191,8 +192,38 @@ pub fn established_v4(
     let (sport, dport) = (be16(ip, 20), be16(ip, 22));
     let mut key = core::mem::MaybeUninit::<CtKeyV4>::uninit();
     let (key, src_is_a) = ct_key_v4(&mut key, ep.id, proto, src, sport, dst, dport);
+    let peer = if dir == DIR_EGRESS { dst } else { src };
+    let n = flows::buckets();
+    if n != 0 {
+        let mut snap = Snap::new();
+        match flows::lookup(key, n, &mut snap) {
+            Lookup::Found => {
+                if snap.flags & CT_REVOKED != 0 || snap.epoch != ep.epoch {
+                    return Fast::Other;
+                }
+                // As below: within the tick of the last packet, no timeouts and no store.
+                if flow_stamp(now) != snap.last_seen {
+                    let seen = flow_stamp_ns(snap.last_seen, now);
+                    if !fresh(now, seen, timeout(cfg, proto)) {
+                        return Fast::Other;
+                    }
+                    snap.touch(now);
+                }
+                return Fast::Allowed(if src_is_a == (snap.flags & CT_ORIGIN_A != 0) {
+                    reason::ALLOW_ESTABLISHED
+                } else {
+                    reason::ALLOW_REPLY
+                });
+            }
+            Lookup::Busy => return Fast::Other,
+            Lookup::Missing if config_flags(cfg) & CONFIG_CT_LRU_ALL == 0 => {
+                return new_v4(ep, key, src_is_a, dir, proto, peer, dport, now, cfg, known);
+            }
+            // The flow may be in the LRU map behind the table.
+            Lookup::Missing | Lookup::Overflowed => {}
+        }
+    }
     let Some(e) = CONNTRACK_V4.get_ptr_mut(key) else {
-        let peer = if dir == DIR_EGRESS { dst } else { src };
         return new_v4(ep, key, src_is_a, dir, proto, peer, dport, now, cfg, known);
     };
     let e = unsafe { &mut *e };
@@ -247,6 +278,15 @@ fn new_v4(
         return Fast::Missed;
     };
     let value = new_entry(src_is_a, dir, now, ep.epoch, rule);
+    let n = flows::buckets();
+    if n != 0 {
+        match flows::insert(key, n, &value, now, cfg) {
+            Insert::Stored => return Fast::Allowed(reason::ALLOW_POLICY),
+            // The full path tries again.
+            Insert::Busy => return Fast::Missed,
+            Insert::Spill => {}
+        }
+    }
     if CONNTRACK_V4.insert(key, &value, 0).is_err() {
         // The full path tries again and fails closed, with the event.
         return Fast::Missed;

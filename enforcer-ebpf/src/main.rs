@@ -11,10 +11,13 @@
 //! `VerdictEvent`. Every error path maps to a deliberate verdict with its own reason: nothing
 //! fails open silently.
 #![no_std]
+#![feature(core_intrinsics)]
+#![allow(internal_features, reason = "the compare-and-swap of crate::flows (no 32-bit or CAS atomics on this target)")]
 #![no_main]
 
 mod conntrack;
 mod fastpath;
+mod flows;
 mod lookup;
 mod maps;
 mod mem;
@@ -35,7 +38,7 @@ use enforcer_common::{
 
 use crate::{
     conntrack::{
-        addr_eq, config_flags, ct_insert, ct_key, ct_lookup, ct_remove, frag_key, fresh, new_entry,
+        CtFound, CtHit, addr_eq, config_flags, ct_insert, ct_key, ct_lookup, ct_remove, frag_key, fresh, new_entry,
         timeout,
     },
     fastpath::{Fast, FastEp, Known, established_v4, slot_endpoint},
@@ -265,8 +268,9 @@ fn track(
             &i.dst,
             i.dport,
         );
-        if let Some(e) = ct_lookup(&s.ct) {
-            let e = unsafe { &*e };
+        let mut hit = CtHit::new();
+        if ct_lookup(&s.ct, now, cfg, &mut hit) == CtFound::Yes {
+            let e = &hit.value;
             if e.flags & CT_REVOKED == 0 && fresh(now, e.last_seen_ns, timeout(cfg, i.proto)) {
                 v.reason = reason::ALLOW_RELATED;
                 v.rule = e.rule;
@@ -280,13 +284,17 @@ fn track(
         &mut s.ct, ep.id, pkt.family, pkt.proto, &pkt.src, pkt.sport, &pkt.dst, pkt.dport,
     );
     // The fast path has just missed this very key: no second lookup.
+    let mut hit = CtHit::new();
     let found = if known.ct_miss {
-        None
+        CtFound::No
     } else {
-        ct_lookup(&s.ct)
+        ct_lookup(&s.ct, now, cfg, &mut hit)
     };
-    if let Some(e) = found {
-        let e = unsafe { &mut *e };
+    if found == CtFound::Busy {
+        return Err(Error::MapFull);
+    }
+    if found == CtFound::Yes {
+        let e = &mut hit.value;
         // A tombstone lives for the non-TCP timeout of silence, whatever the protocol.
         let revoked = e.flags & CT_REVOKED != 0;
         let limit = timeout(cfg, if revoked { PROTO_UDP } else { pkt.proto });
@@ -344,6 +352,7 @@ fn track(
                             e.epoch = ep.epoch;
                             e.rule = 0;
                             e.last_seen_ns = now;
+                            hit.store(&s.ct);
                             v.reason = reason::DROP_REVOKED;
                             v.rule = 0;
                             return Ok(());
@@ -355,11 +364,13 @@ fn track(
                 e.flags &= !CT_REVOKED;
                 e.epoch = ep.epoch;
                 e.rule = rule;
-            }
-            // The coarse clock moves once a tick: most packets need not dirty the entry.
-            if e.last_seen_ns != now {
                 e.last_seen_ns = now;
+                hit.store(&s.ct);
+            } else {
+                // The coarse clock moves once a tick: most packets need not dirty the entry.
+                hit.touch(now);
             }
+            let e = &hit.value;
             if e.flags & CT_REVOKED != 0 {
                 v.reason = reason::DROP_REVOKED;
                 return Ok(());
@@ -407,7 +418,7 @@ fn track(
         v.reason = reason::ALLOW_NOT_ISOLATED;
     }
     let value = new_entry(src_is_a, dir, now, ep.epoch, v.rule);
-    if ct_insert(&s.ct, &value).is_err() {
+    if ct_insert(&s.ct, &value, now, cfg).is_err() {
         return Err(Error::MapFull);
     }
     v.new_flow = true;

@@ -8,7 +8,7 @@ use aya_ebpf::{
 use enforcer_common::{
     Config, Counter, CtKey, CtKeyV4, CtValue, DEFAULT_CIDRS_SIZE, DEFAULT_CONNTRACK_SIZE,
     DEFAULT_EVENTS_BYTES, DEFAULT_FRAGMENTS_SIZE, DEFAULT_MAX_ENDPOINTS, DEFAULT_PEERS_SIZE,
-    DEFAULT_POLICY_SIZE, ENDPOINT_SLOT_COUNT, EndpointInfo, EndpointSlot, FragKey, FragValue,
+    DEFAULT_POLICY_SIZE, ENDPOINT_SLOT_COUNT, EndpointInfo, EndpointSlot, FlowBucket, FragKey, FragValue,
     PeerInfo, PolicyKey, PolicyValue, counter_slots,
 };
 
@@ -46,6 +46,13 @@ pub static CIDRS_V6: LpmTrie<[u8; 16], PeerInfo> = LpmTrie::with_max_entries(DEF
 pub static POLICY: HashMap<PolicyKey, PolicyValue> =
     HashMap::with_max_entries(DEFAULT_POLICY_SIZE, 0);
 
+/// IPv4 flows (see `crate::flows`); mmapable, so its values start page-aligned and each
+/// 64-byte bucket is one cache line, and the agent writes buckets under their lock.
+#[map]
+pub static FLOWS_V4: Array<FlowBucket> =
+    Array::with_max_entries(DEFAULT_CONNTRACK_SIZE, BPF_F_MMAPABLE);
+
+/// IPv4 flows whose `FLOWS_V4` bucket was full (and all of them while the table is off).
 #[map]
 pub static CONNTRACK_V4: LruHashMap<CtKeyV4, CtValue> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);

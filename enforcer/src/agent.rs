@@ -18,7 +18,7 @@ use anyhow::Result;
 use enforcer_common::REASON_COUNT;
 
 use crate::{
-    datapath::{ConntrackCounter, CounterKey, CounterReader, Datapath},
+    datapath::{ConntrackCounter, CounterKey, CounterReader, CtCount, Datapath},
     health::Status,
     policy::{
         compile::{Allocations, CompileOptions, compile},
@@ -177,8 +177,7 @@ impl Agent {
                     && last_ct_count.is_none_or(|t| t.elapsed() >= COUNT_CONNTRACK)
                 {
                     if let Ok(dp) = self.datapath.lock() {
-                        let (v4, v6) = dp.conntrack.count_by_family().unwrap_or((0, 0));
-                        ct_counts.store(v4, v6);
+                        ct_counts.store(dp.conntrack.count_by_map().unwrap_or_default());
                     }
                     last_ct_count = Some(Instant::now());
                 }
@@ -349,7 +348,7 @@ impl Agent {
 
     /// Publishes `/metrics` gauges: map fill and lost events, and the packet counters unless a
     /// thread of their own does ([`Agent::spawn_packet_counting`]).
-    fn publish_counters(&self, reconciler: &Reconciler, ct_entries: (u64, u64), packets: bool) {
+    fn publish_counters(&self, reconciler: &Reconciler, ct_entries: CtCount, packets: bool) {
         let Ok(dp) = self.datapath.lock() else { return };
         if packets && let Ok(counters) = dp.counters.read() {
             publish_packets(&self.status, &self.view, self.per_pod_metrics, counters);
@@ -377,14 +376,21 @@ impl Agent {
             dp.endpoints.slots().filled() as u64,
             u64::from(enforcer_common::ENDPOINT_SLOT_COUNT),
         ));
+        if let Some(f) = dp.conntrack.flow_table() {
+            maps.push((
+                enforcer_common::MAP_FLOWS_V4.to_string(),
+                ct_entries.flows as u64,
+                f.capacity(),
+            ));
+        }
         maps.push((
             "CONNTRACK_V4".to_string(),
-            ct_entries.0,
+            ct_entries.v4 as u64,
             u64::from(o.conntrack_size),
         ));
         maps.push((
             "CONNTRACK_V6".to_string(),
-            ct_entries.1,
+            ct_entries.v6 as u64,
             u64::from(o.conntrack_size),
         ));
         self.status.set_maps(maps);
@@ -423,6 +429,7 @@ fn publish_packets(
 /// The conntrack entry counts (IPv4, IPv6) for the fill ratios on /metrics.
 #[derive(Default)]
 struct CtCounts {
+    flows: AtomicU64,
     v4: AtomicU64,
     v6: AtomicU64,
     /// The counting thread counts in batches; otherwise the control loop walks the keys.
@@ -430,16 +437,19 @@ struct CtCounts {
 }
 
 impl CtCounts {
-    fn store(&self, v4: usize, v6: usize) {
-        self.v4.store(v4 as u64, Ordering::Relaxed);
-        self.v6.store(v6 as u64, Ordering::Relaxed);
+    fn store(&self, c: CtCount) {
+        self.flows.store(c.flows as u64, Ordering::Relaxed);
+        self.v4.store(c.v4 as u64, Ordering::Relaxed);
+        self.v6.store(c.v6 as u64, Ordering::Relaxed);
     }
 
-    fn load(&self) -> (u64, u64) {
-        (
-            self.v4.load(Ordering::Relaxed),
-            self.v6.load(Ordering::Relaxed),
-        )
+    fn load(&self) -> CtCount {
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed) as usize;
+        CtCount {
+            flows: n(&self.flows),
+            v4: n(&self.v4),
+            v6: n(&self.v6),
+        }
     }
 
     /// Counts every `COUNT_CONNTRACK` on a thread of its own, through its own descriptors: a
@@ -457,9 +467,9 @@ impl CtCounts {
             move || {
                 while !stop.load(Ordering::Relaxed) {
                     match counter.count() {
-                        Ok((v4, v6)) => counts.store(v4, v6),
+                        Ok(c) => counts.store(c),
                         Err(e) => {
-                            log::warn!("counting conntrack in batches: {e}; walking it instead");
+                            log::warn!("counting conntrack in batches: {e:#}; walking it instead");
                             counts.batched.store(false, Ordering::Relaxed);
                             return;
                         }

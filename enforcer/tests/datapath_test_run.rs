@@ -12,14 +12,14 @@ use std::{
 };
 
 use enforcer::{
-    datapath::{Datapath, DatapathOptions, Hook, mount_bpffs},
+    datapath::{CtCount, Datapath, DatapathOptions, Hook, mount_bpffs},
     maps::MapTable,
     state::Prefix,
 };
 use enforcer_common::{
-    CONFIG_LOG_ALLOWED, CT_REVOKED, CtKey, CtKeyV4, CtValue, DIR_EGRESS, DIR_INGRESS,
+    CONFIG_CT_LRU_ALL, CONFIG_LOG_ALLOWED, CT_REVOKED, CtKey, CtKeyV4, CtValue, DIR_EGRESS, DIR_INGRESS,
     EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6, EP_INGRESS_ISOLATED, EndpointInfo, FAMILY_V4,
-    FAMILY_V6, IDENTITY_ANY, IDENTITY_HOST, MAP_CONNTRACK_V4, MAP_CONNTRACK_V6,
+    FAMILY_V6, IDENTITY_ANY, IDENTITY_HOST, MAP_CONNTRACK_V4, MAP_CONNTRACK_V6, MAP_FLOWS_V4, FlowBucket,
     PORT_MASK_ANY_PROTO, PROTO_ANY, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerInfo, PolicyKey,
     PolicyValue, REASON_NAMES, SCHEMA_VERSION, reason::*,
 };
@@ -1809,10 +1809,16 @@ fn ct_key_layout(h: &mut Harness) {
                 .push(format!("conntrack key of {what}: {other:?} for {k:?}")),
         }
     }
-    let (v4, v6) = h.dp.conntrack.count_by_family().unwrap();
+    let c = h.dp.conntrack.count_by_map().unwrap();
+    let (v4, v6) = (c.flows + c.v4, c.v6);
     if v4 == 0 || v6 == 0 {
         h.failures
             .push(format!("conntrack entries by family: {v4} IPv4, {v6} IPv6"));
+    }
+    // With the flow table on, IPv4 flows live there (none of these buckets is full).
+    if h.dp.conntrack.flow_table().is_some() && (c.flows == 0 || c.v4 != 0) {
+        h.failures
+            .push(format!("IPv4 flows not in FLOWS_V4: {c:?}"));
     }
     let listed = h.dp.conntrack.entries().unwrap();
     if listed.len() != v4 + v6 || listed.iter().filter(|(k, _)| k.family == FAMILY_V4).count() != v4
@@ -1960,6 +1966,91 @@ fn restart_cases(h: &mut Harness, pin: &Path) {
     h.cases += 1;
 }
 
+/// An upgrade from programs that kept every IPv4 flow in `CONNTRACK_V4`: a flow they left
+/// there, in no `FLOWS_V4` bucket, must stay established through the new load (the programs
+/// look there on every miss until the agent settles), and after it (its bucket marked
+/// overflowed), never taken for a new flow.
+fn upgrade_cases(h: &mut Harness, pin: &Path) {
+    if h.dp.conntrack.flow_table().is_none() {
+        return;
+    }
+    let fwd = ipv4(WORLD4, A4, PROTO_TCP, &tcp(46500, 8001));
+    h.case("upgrade: a new flow", "a", Hook::Egress, &fwd, OK, ALLOW_POLICY);
+    let flow =
+        h.dp.conntrack
+            .entries()
+            .unwrap()
+            .into_iter()
+            .find(|(k, _)| k.port_a == 46500 || k.port_b == 46500)
+            .expect("the flow from port 46500");
+    let k4 = flow.0.to_v4().expect("an IPv4 flow");
+    // As programs without the table recorded it.
+    h.dp.conntrack.remove(&flow.0).unwrap();
+    let path = pin.join(format!("v{SCHEMA_VERSION}/maps/{MAP_CONNTRACK_V4}"));
+    let mut lru = aya::maps::HashMap::<_, CtKeyV4, CtValue>::try_from(aya::maps::Map::LruHashMap(
+        aya::maps::MapData::from_pin(&path).expect("pinned CONNTRACK_V4"),
+    ))
+    .expect("an LRU hash");
+    lru.insert(k4, flow.1, 0).unwrap();
+    let opts = DatapathOptions {
+        pin_path: pin.to_path_buf(),
+        max_endpoints: 16,
+        ..Default::default()
+    };
+    let new = Datapath::open(opts).expect("the upgrade's load");
+    let old = std::mem::replace(&mut h.dp, new);
+    h.cases += 1;
+    if h.dp.config().unwrap().flags & CONFIG_CT_LRU_ALL == 0 {
+        h.failures
+            .push("upgrade: CONFIG does not send misses to CONNTRACK_V4".into());
+    }
+    h.case(
+        "upgrade: a flow in CONNTRACK_V4 alone goes on",
+        "a",
+        Hook::Egress,
+        &fwd,
+        OK,
+        ALLOW_ESTABLISHED,
+    );
+    h.dp.settle_conntrack().unwrap();
+    h.cases += 1;
+    if h.dp.config().unwrap().flags & CONFIG_CT_LRU_ALL != 0 {
+        h.failures.push("upgrade: settling left CONFIG_CT_LRU_ALL".into());
+    }
+    h.case(
+        "upgrade: settled, found through its bucket's mark",
+        "a",
+        Hook::Egress,
+        &fwd,
+        OK,
+        ALLOW_ESTABLISHED,
+    );
+    h.case(
+        "upgrade: settled, and its replies",
+        "a",
+        Hook::Ingress,
+        &ipv4(A4, WORLD4, PROTO_TCP, &tcp(8001, 46500)),
+        OK,
+        ALLOW_REPLY,
+    );
+    // Never recorded twice: still in CONNTRACK_V4 only.
+    h.cases += 1;
+    let in_table = h
+        .dp
+        .conntrack
+        .flow_table()
+        .unwrap()
+        .get(&k4, enforcer::datapath::flows::now_ns())
+        .unwrap();
+    if in_table.is_some() || lru.get(&k4, 0).is_err() {
+        h.failures.push(format!(
+            "upgrade: the flow is in FLOWS_V4 ({in_table:?}) or gone from CONNTRACK_V4"
+        ));
+    }
+    h.dp.conntrack.remove(&flow.0).unwrap();
+    drop(std::mem::replace(&mut h.dp, old));
+}
+
 /// The agent counts conntrack in batches (on a thread of its own): the batched count must equal
 /// a walk of the keys, across several batches of both maps.
 fn conntrack_count_cases(h: &mut Harness, pin: &Path) {
@@ -2018,8 +2109,9 @@ fn conntrack_count_cases(h: &mut Harness, pin: &Path) {
         v6.insert(k, value, 0).unwrap();
     }
     let want = (before.0 + add4, before.1 + add6);
-    let batched = counter.count().expect("BPF_MAP_LOOKUP_BATCH on conntrack");
-    let by_family = h.dp.conntrack.count_by_family().unwrap();
+    let by_family = |c: CtCount| (c.flows + c.v4, c.v6);
+    let batched = by_family(counter.count().expect("BPF_MAP_LOOKUP_BATCH on conntrack"));
+    let by_family = by_family(h.dp.conntrack.count_by_map().unwrap());
     let walk = walked(h);
     h.cases += 1;
     if batched != want || by_family != want || walk != want {
@@ -2031,6 +2123,7 @@ fn conntrack_count_cases(h: &mut Harness, pin: &Path) {
     let from_thread = std::thread::spawn(move || counter.count().unwrap())
         .join()
         .unwrap();
+    let from_thread = (from_thread.flows + from_thread.v4, from_thread.v6);
     if from_thread != want {
         h.failures.push(format!(
             "conntrack count from another thread: {from_thread:?}, want {want:?}"
@@ -2048,7 +2141,7 @@ fn conntrack_count_cases(h: &mut Harness, pin: &Path) {
         .collect::<Vec<_>>()
         .into_iter()
         .for_each(|k| v6.remove(&k).unwrap());
-    if h.dp.conntrack.count_by_family().unwrap() != before {
+    if walked(h) != before {
         h.failures
             .push("conntrack: the added flows were not removed".into());
     }
@@ -2103,6 +2196,7 @@ fn datapath_verdicts_by_test_run() {
             idle_cases(h);
             event_cases(h);
             restart_cases(h, pin);
+            upgrade_cases(h, pin);
             conntrack_count_cases(h, pin);
             // The agent reads the counters in batches; they must equal a slot-by-slot read.
             let batched =
@@ -2127,13 +2221,30 @@ fn datapath_verdicts_by_test_run() {
 
 /// Creates a preallocated plain hash (`BPF_MAP_TYPE_HASH`) of `entries` and pins it at `path`.
 fn pin_plain_hash(path: &Path, key_size: usize, value_size: usize, entries: u32) {
+    pin_map(path, BPF_MAP_TYPE_HASH, key_size, value_size, entries, 0);
+}
+
+const BPF_MAP_TYPE_HASH: u32 = 1;
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// Creates a map of `map_type` and pins it at `path`.
+fn pin_map(
+    path: &Path,
+    map_type: u32,
+    key_size: usize,
+    value_size: usize,
+    entries: u32,
+    flags: u32,
+) {
     use std::os::unix::ffi::OsStrExt as _;
     let mut attr = [0u8; 128];
     for (off, v) in [
-        (0, 1u32),
+        (0, map_type),
         (4, key_size as u32),
         (8, value_size as u32),
         (12, entries),
+        (16, flags),
     ] {
         attr[off..off + 4].copy_from_slice(&v.to_ne_bytes());
     }
@@ -2155,10 +2266,12 @@ fn pin_plain_hash(path: &Path, key_size: usize, value_size: usize, entries: u32)
     unsafe { libc::close(fd as i32) };
 }
 
-/// A conntrack map that takes no more flows: a new flow is dropped (fail closed) with its own
+/// A conntrack that takes no more flows: a new flow is dropped (fail closed) with its own
 /// reason and event, tracked flows go on, and the flow opens once there is room. The LRU map
 /// evicts rather than refuse, so a plain hash of four entries is pinned in its place before the
 /// load (the loader reuses a pinned map as it finds it): the same programs, whose insert fails.
+/// With the flow table on, a one-bucket `FLOWS_V4` is pinned too: its two ways fill first,
+/// then the bucket overflows into the hash, whose flows are found through the overflow mark.
 #[test]
 fn a_full_conntrack_refuses_new_flows_and_keeps_tracked_ones() {
     const ENTRIES: u16 = 4;
@@ -2171,12 +2284,24 @@ fn a_full_conntrack_refuses_new_flows_and_keeps_tracked_ones() {
             std::mem::size_of::<CtValue>(),
             u32::from(ENTRIES),
         );
+        pin_map(
+            &maps.join(MAP_FLOWS_V4),
+            BPF_MAP_TYPE_ARRAY,
+            4,
+            std::mem::size_of::<FlowBucket>(),
+            1,
+            BPF_F_MMAPABLE,
+        );
     };
     in_private_netns("map-full", prepare, |h, _| {
         let mut events = h.dp.take_events().expect("event reader");
         let _ = events.drain();
         let new = |port: u16| ipv4(WORLD4, A4, PROTO_TCP, &tcp(port, 8001));
-        for k in 0..ENTRIES {
+        let ways = match h.dp.conntrack.flow_table() {
+            Some(t) => t.capacity() as u16,
+            None => 0,
+        };
+        for k in 0..ways + ENTRIES {
             h.case(
                 "map full: new flows fill conntrack",
                 "a",
@@ -2204,30 +2329,40 @@ fn a_full_conntrack_refuses_new_flows_and_keeps_tracked_ones() {
             h.failures
                 .push(format!("map full: one event with its reason, got {got:?}"));
         }
-        h.case(
-            "map full: a tracked flow goes on",
-            "a",
-            Hook::Egress,
-            &new(47001),
-            OK,
-            ALLOW_ESTABLISHED,
-        );
-        h.case(
-            "map full: and its replies",
-            "a",
-            Hook::Ingress,
-            &ipv4(A4, WORLD4, PROTO_TCP, &tcp(8001, 47001)),
-            OK,
-            ALLOW_REPLY,
-        );
+        // The first flows (in the table when it is on) and the last (in the hash behind it).
+        for port in [47001, 47000 + ways + ENTRIES - 1] {
+            h.case(
+                "map full: a tracked flow goes on",
+                "a",
+                Hook::Egress,
+                &new(port),
+                OK,
+                ALLOW_ESTABLISHED,
+            );
+            h.case(
+                "map full: and its replies",
+                "a",
+                Hook::Ingress,
+                &ipv4(A4, WORLD4, PROTO_TCP, &tcp(8001, port)),
+                OK,
+                ALLOW_REPLY,
+            );
+        }
+        let c = h.dp.conntrack.count_by_map().unwrap();
+        h.cases += 1;
+        if (c.flows, c.v4) != (usize::from(ways), usize::from(ENTRIES)) {
+            h.failures.push(format!(
+                "map full: {c:?}, want {ways} flows in the table and {ENTRIES} behind it"
+            ));
+        }
         // Room again: the refused flow opens.
         let gone =
             h.dp.conntrack
                 .entries()
                 .unwrap()
                 .into_iter()
-                .find(|(k, _)| k.port_a == 47003 || k.port_b == 47003)
-                .expect("the flow from port 47003");
+                .find(|(k, _)| k.port_a == 47000 + ways + 1 || k.port_b == 47000 + ways + 1)
+                .expect("a flow in the hash");
         h.dp.conntrack.remove(&gone.0).unwrap();
         h.case(
             "map full: with room, the new flow opens",
@@ -2237,5 +2372,110 @@ fn a_full_conntrack_refuses_new_flows_and_keeps_tracked_ones() {
             OK,
             ALLOW_POLICY,
         );
+    });
+}
+
+/// Two CPUs opening flows into one `FLOWS_V4` bucket at once, while the agent takes the same
+/// bucket's lock over and over: every flow a program allowed is recorded exactly once (in the
+/// bucket or, the bucket full, behind it), none is recorded twice, and a flow a program could
+/// not record (the lock held too long) was dropped, not let through untracked.
+#[test]
+fn concurrent_writers_of_one_bucket_lose_and_duplicate_nothing() {
+    const PER_THREAD: u16 = 400;
+    let prepare = |pin: &Path| {
+        let maps = pin.join(format!("v{SCHEMA_VERSION}/maps"));
+        std::fs::create_dir_all(&maps).unwrap();
+        pin_map(
+            &maps.join(MAP_FLOWS_V4),
+            BPF_MAP_TYPE_ARRAY,
+            4,
+            std::mem::size_of::<FlowBucket>(),
+            1,
+            BPF_F_MMAPABLE,
+        );
+    };
+    in_private_netns("flows-race", prepare, |h, _| {
+        let Some(table) = h.dp.conntrack.flow_table() else {
+            return;
+        };
+        let ifindex = h.ifs["a"];
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let dp = &h.dp;
+        let (verdicts, locks) = std::thread::scope(|s| {
+            let writers: Vec<_> = (0..2u16)
+                .map(|t| {
+                    s.spawn(move || {
+                        (0..PER_THREAD)
+                            .map(|i| {
+                                let port = 20_000 + t * 10_000 + i;
+                                let frame = ipv4(WORLD4, A4, PROTO_TCP, &tcp(port, 8001));
+                                (port, dp.test_run(Hook::Egress, ifindex, &frame).unwrap())
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            let agent = s.spawn(|| {
+                let mut n = 0u64;
+                let absent = CtKeyV4 {
+                    endpoint: 999,
+                    protocol: PROTO_UDP,
+                    ..Default::default()
+                };
+                table
+                    .with_memory(|m| {
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            m.mark_overflow(&absent);
+                            m.remove(&absent);
+                            n += 1;
+                        }
+                    })
+                    .unwrap();
+                n
+            });
+            let v: Vec<(u16, i32)> = writers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap())
+                .collect();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            (v, agent.join().unwrap())
+        });
+        h.cases += 1;
+        eprintln!(
+            "concurrent writers: {} of {} new flows allowed, the agent took the lock {locks} times",
+            verdicts.iter().filter(|(_, a)| *a == OK).count(),
+            verdicts.len()
+        );
+        let entries = h.dp.conntrack.entries().unwrap();
+        let recorded = |port: u16| {
+            entries
+                .iter()
+                .filter(|(k, _)| k.endpoint == EP_A && (k.port_a == port || k.port_b == port))
+                .count()
+        };
+        let allowed = verdicts.iter().filter(|(_, a)| *a == OK).count();
+        let c = h.dp.conntrack.count_by_map().unwrap();
+        let mut bad: Vec<String> = verdicts
+            .iter()
+            .filter(|&&(port, act)| recorded(port) != usize::from(act == OK))
+            .map(|(port, act)| format!("port {port}: action {act}, recorded {}", recorded(*port)))
+            .collect();
+        if c.flows + c.v4 != allowed || c.flows != 2 {
+            bad.push(format!("{allowed} allowed, maps hold {c:?}"));
+        }
+        let bucket = table.with_memory(|m| m.read(0)).unwrap();
+        if bucket.ways[0].key() == bucket.ways[1].key() {
+            bad.push(format!("one flow in both ways: {bucket:?}"));
+        }
+        if allowed * 10 < verdicts.len() * 9 || locks == 0 {
+            bad.push(format!(
+                "{allowed} of {} allowed, the agent locked {locks} times",
+                verdicts.len()
+            ));
+        }
+        if !bad.is_empty() {
+            h.failures
+                .push(format!("concurrent writers: {}", bad.join("; ")));
+        }
     });
 }

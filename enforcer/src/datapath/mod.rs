@@ -8,6 +8,7 @@
 
 mod attach;
 mod bpffs;
+pub mod flows;
 pub mod slots;
 mod tables;
 
@@ -28,16 +29,16 @@ use aya::{
     },
 };
 use enforcer_common::{
-    CONFIG_LOG_ALLOWED, Config, DEFAULT_CIDRS_SIZE, DEFAULT_CONNTRACK_SIZE,
+    CONFIG_CT_LRU_ALL, CONFIG_LOG_ALLOWED, Config, DEFAULT_CIDRS_SIZE, DEFAULT_CONNTRACK_SIZE,
     DEFAULT_CT_TIMEOUT_OTHER_NS, DEFAULT_CT_TIMEOUT_TCP_NS, DEFAULT_EVENTS_BYTES,
     DEFAULT_FRAGMENTS_SIZE, DEFAULT_MAX_ENDPOINTS, DEFAULT_PEERS_SIZE, DEFAULT_POLICY_SIZE,
     MAP_CIDRS_V4, MAP_CIDRS_V6, MAP_CONFIG, MAP_CONNTRACK_V4, MAP_CONNTRACK_V6, MAP_COUNTERS,
-    MAP_ENDPOINT_SLOTS, MAP_ENDPOINTS, MAP_EVENTS, MAP_FRAGMENTS, MAP_PEERS_V4, MAP_PEERS_V6,
+    MAP_ENDPOINT_SLOTS, MAP_ENDPOINTS, MAP_EVENTS, MAP_FLOWS_V4, MAP_FRAGMENTS, MAP_PEERS_V4, MAP_PEERS_V6,
     MAP_POLICY, PROG_FROM_POD, PROG_TO_POD, PeerInfo, PolicyKey, PolicyValue, SCHEMA_VERSION,
     counter_slots,
 };
 pub use tables::{
-    AsyncEvents, Conntrack, ConntrackCounter, CounterKey, CounterReader, Counters, EndpointTable,
+    AsyncEvents, Conntrack, ConntrackCounter, CtCount, CounterKey, CounterReader, Counters, EndpointTable,
     EventReader, HashTable, LpmAddr, LpmTable,
 };
 
@@ -48,7 +49,7 @@ pub use self::bpffs::{ensure_bpffs, is_bpffs, mount_bpffs};
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/enforcer";
 
 /// Every pinned map.
-const PINNED_MAPS: [&str; 13] = [
+const PINNED_MAPS: [&str; 14] = [
     MAP_ENDPOINTS,
     MAP_ENDPOINT_SLOTS,
     MAP_PEERS_V4,
@@ -56,6 +57,7 @@ const PINNED_MAPS: [&str; 13] = [
     MAP_CIDRS_V4,
     MAP_CIDRS_V6,
     MAP_POLICY,
+    MAP_FLOWS_V4,
     MAP_CONNTRACK_V4,
     MAP_CONNTRACK_V6,
     MAP_FRAGMENTS,
@@ -87,6 +89,9 @@ pub struct DatapathOptions {
     pub ct_timeout_other: Duration,
     /// TCX links or tc (clsact) filters (`--attach-mode`).
     pub attach: AttachMode,
+    /// Keep IPv4 flows in the `FLOWS_V4` table (`conntrack_size` buckets of two flows) in front
+    /// of `CONNTRACK_V4`. x86-64 only: see [`enforcer_common::FlowBucket`].
+    pub flow_table: bool,
 }
 
 impl Default for DatapathOptions {
@@ -102,6 +107,7 @@ impl Default for DatapathOptions {
             events_bytes: DEFAULT_EVENTS_BYTES,
             log_allowed: false,
             attach: AttachMode::Auto,
+            flow_table: slots::SLOTS_SUPPORTED,
             ct_timeout_tcp: Duration::from_nanos(DEFAULT_CT_TIMEOUT_TCP_NS),
             ct_timeout_other: Duration::from_nanos(DEFAULT_CT_TIMEOUT_OTHER_NS),
         }
@@ -187,6 +193,10 @@ pub struct Datapath {
     pub counters: Counters,
     events: Option<EventReader>,
     config: Array<MapData, Config>,
+    /// Programs look in `CONNTRACK_V4` on every `FLOWS_V4` miss ([`CONFIG_CT_LRU_ALL`]): until
+    /// [`Datapath::reattach_all`] has replaced every program that might have recorded flows
+    /// there without marking their buckets.
+    lru_all: bool,
 }
 
 /// A second descriptor of `map`, for the raw batch calls aya does not offer.
@@ -219,11 +229,26 @@ impl Datapath {
         }
         bump_memlock_rlimit();
 
+        // The table's size is the pinned one's when reused: the programs must agree with the map.
+        let buckets = if options.flow_table {
+            let pin = maps_dir.join(MAP_FLOWS_V4);
+            match MapData::from_pin(&pin) {
+                Ok(m) => m
+                    .info()
+                    .with_context(|| format!("reading {}", pin.display()))?
+                    .max_entries(),
+                Err(_) => options.conntrack_size.max(1),
+            }
+        } else {
+            0
+        };
         let mut loader = EbpfLoader::new();
         for name in PINNED_MAPS {
             loader.map_pin_path(name, maps_dir.join(name));
         }
         loader
+            .override_global("FLOW_BUCKETS", &buckets, true)
+            .map_max_entries(MAP_FLOWS_V4, buckets.max(1))
             .map_max_entries(MAP_ENDPOINTS, options.max_endpoints)
             .map_max_entries(MAP_PEERS_V4, options.peers_size)
             .map_max_entries(MAP_PEERS_V6, options.peers_size)
@@ -287,11 +312,31 @@ impl Datapath {
             take(&mut ebpf, MAP_CONNTRACK_V4)?,
             take(&mut ebpf, MAP_CONNTRACK_V6)?,
         );
+        let flows_map = take(&mut ebpf, MAP_FLOWS_V4)?;
+        let flows = if buckets > 0 {
+            let Map::Array(data) = &flows_map else {
+                bail!("map {MAP_FLOWS_V4} is not an array");
+            };
+            let fd = std::os::fd::AsFd::as_fd(data.fd())
+                .try_clone_to_owned()
+                .with_context(|| format!("duplicating the descriptor of {MAP_FLOWS_V4}"))?;
+            Some(flows::FlowTable::new(fd, buckets))
+        } else {
+            None
+        };
         let counter = match (second_fd(&ct_v4), second_fd(&ct_v6)) {
-            (Some(v4), Some(v6)) => Some(ConntrackCounter { v4, v6 }),
+            (Some(v4), Some(v6)) => Some(ConntrackCounter {
+                flows: match &flows {
+                    Some(f) => Some(f.try_clone()?),
+                    None => None,
+                },
+                v4,
+                v6,
+            }),
             _ => None,
         };
         let conntrack = Conntrack {
+            flows,
             v4: HashTable::new(MAP_CONNTRACK_V4, HashMap::try_from(ct_v4)?),
             v6: HashTable::new(MAP_CONNTRACK_V6, HashMap::try_from(ct_v6)?),
             counter,
@@ -318,7 +363,19 @@ impl Datapath {
                 "tc (clsact) filters"
             }
         );
+        // Programs of an older build may still run on pinned links, or have left IPv4 flows in
+        // CONNTRACK_V4 that no FLOWS_V4 bucket points at.
+        let lru_all = conntrack.flows.is_some()
+            && (conntrack.v4.map.keys().next().is_some()
+                || !Self::attached_at(&options.pin_path)?.is_empty());
+        if let Some(f) = &conntrack.flows {
+            let n = f.with_memory(|m| m.unstick())?;
+            if n > 0 {
+                log::warn!("freed {n} {MAP_FLOWS_V4} bucket locks left held by a dead agent");
+            }
+        }
         let mut dp = Self {
+            lru_all,
             ebpf,
             pin_path: options.pin_path.clone(),
             options,
@@ -349,8 +406,12 @@ impl Datapath {
         versioned_root(&self.pin_path)
     }
 
-    /// Writes the global settings.
+    /// Writes the global settings (with [`CONFIG_CT_LRU_ALL`] while it is due).
     pub fn set_config(&mut self, config: &Config) -> Result<()> {
+        let mut config = *config;
+        if self.lru_all {
+            config.flags |= CONFIG_CT_LRU_ALL;
+        }
         self.config.set(0, config, 0).context("writing map CONFIG")
     }
 
@@ -552,7 +613,26 @@ impl Datapath {
             }
         }
         self.migrate_conntrack();
+        self.settle_conntrack()?;
         Ok(done)
+    }
+
+    /// Once every pinned link runs this build's programs: points the `FLOWS_V4` bucket of
+    /// every flow in `CONNTRACK_V4` there ([`FLOW_OVERFLOW`](enforcer_common::FLOW_OVERFLOW)),
+    /// then lets the programs look in `CONNTRACK_V4` only on such buckets again.
+    pub fn settle_conntrack(&mut self) -> Result<()> {
+        if !self.lru_all {
+            return Ok(());
+        }
+        let n = self
+            .conntrack
+            .mark_lru_flows()
+            .context("marking the buckets of the flows in CONNTRACK_V4")?;
+        self.lru_all = false;
+        let cfg = self.options.config();
+        self.set_config(&cfg)?;
+        log::info!("{MAP_FLOWS_V4}: {n} flows of earlier programs stay in {MAP_CONNTRACK_V4}");
+        Ok(())
     }
 
     /// Detaches both programs from `ifindex` (unpins its links).

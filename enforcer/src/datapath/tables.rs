@@ -16,7 +16,7 @@ use enforcer_common::{
 };
 use tokio::io::{Interest, unix::AsyncFd};
 
-use super::slots::SlotSync;
+use super::{flows::FlowTable, slots::SlotSync};
 use crate::{maps::MapTable, state::Prefix};
 
 fn not_found(e: &MapError) -> bool {
@@ -254,32 +254,57 @@ impl<A: LpmAddr> MapTable<Prefix<A>, PeerInfo> for LpmTable<A> {
     }
 }
 
-/// The LRU conntrack maps: IPv4 flows under their short key, IPv6 flows under [`CtKey`]. Seen
-/// from here as one table of [`CtKey`]s (IPv4 addresses in the first 4 bytes).
+/// Conntrack: the IPv4 flow table (`FLOWS_V4`, when on) and the LRU maps, IPv4 flows under
+/// their short key (those of full table buckets, or all of them with the table off), IPv6
+/// flows under [`CtKey`]. Seen from here as one table of [`CtKey`]s (IPv4 addresses in the
+/// first 4 bytes).
 pub struct Conntrack {
+    pub(crate) flows: Option<FlowTable>,
     pub(crate) v4: HashTable<CtKeyV4, CtValue>,
     pub(crate) v6: HashTable<CtKey, CtValue>,
-    /// Second descriptors of the two maps, for batched counts (none if cloning failed).
+    /// Second descriptors of the maps, for batched counts (none if cloning failed).
     pub(crate) counter: Option<ConntrackCounter>,
 }
 
+/// Flows held, by map.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtCount {
+    /// In `FLOWS_V4`.
+    pub flows: usize,
+    /// In `CONNTRACK_V4`.
+    pub v4: usize,
+    /// In `CONNTRACK_V6`.
+    pub v6: usize,
+}
+
+impl CtCount {
+    pub fn total(&self) -> usize {
+        self.flows + self.v4 + self.v6
+    }
+}
+
 impl Conntrack {
-    /// Number of entries in both maps.
+    /// Flows in all maps.
     pub fn count(&self) -> Result<usize> {
-        let (v4, v6) = self.count_by_family()?;
-        Ok(v4 + v6)
+        Ok(self.count_by_map()?.total())
     }
 
-    /// Entries of the IPv4 map and of the IPv6 map: batched, or a key walk on kernels without
-    /// batch lookups.
-    pub fn count_by_family(&self) -> Result<(usize, usize)> {
+    /// Flows of each map: batched, or a key walk on kernels without batch lookups.
+    pub fn count_by_map(&self) -> Result<CtCount> {
         if let Some(c) = &self.counter {
             match c.count() {
                 Ok(n) => return Ok(n),
-                Err(e) => log::debug!("batched conntrack count failed ({e}); walking the keys"),
+                Err(e) => log::debug!("batched conntrack count failed ({e:#}); walking the keys"),
             }
         }
-        Ok((self.v4.keys()?.len(), self.v6.keys()?.len()))
+        Ok(CtCount {
+            flows: match &self.flows {
+                Some(f) => f.count()?,
+                None => 0,
+            },
+            v4: self.v4.keys()?.len(),
+            v6: self.v6.keys()?.len(),
+        })
     }
 
     /// A counter of its own (new descriptors of the same maps), for a thread other than the
@@ -287,34 +312,90 @@ impl Conntrack {
     pub fn counter(&self) -> Option<ConntrackCounter> {
         let c = self.counter.as_ref()?;
         Some(ConntrackCounter {
+            flows: match &c.flows {
+                Some(f) => Some(f.try_clone().ok()?),
+                None => None,
+            },
             v4: c.v4.try_clone().ok()?,
             v6: c.v6.try_clone().ok()?,
         })
     }
 
+    /// The IPv4 flow table, when the programs use it.
+    pub fn flow_table(&self) -> Option<&FlowTable> {
+        self.flows.as_ref()
+    }
+
+    /// Every flow; one the table and an LRU map both hold (the table's is the one the
+    /// programs read) is listed once, from the table.
     pub fn entries(&self) -> Result<Vec<(CtKey, CtValue)>> {
-        let mut out: Vec<(CtKey, CtValue)> = self
-            .v4
-            .entries()?
-            .into_iter()
-            .map(|(k, v)| (k.to_key(), v))
-            .collect();
+        let mut out: Vec<(CtKey, CtValue)> = Vec::new();
+        let mut seen = BTreeSet::new();
+        if let Some(f) = &self.flows {
+            for (k, v) in f.entries(super::flows::now_ns())? {
+                seen.insert(k);
+                out.push((k.to_key(), v));
+            }
+        }
+        out.extend(
+            self.v4
+                .entries()?
+                .into_iter()
+                .filter(|(k, _)| !seen.contains(k))
+                .map(|(k, v)| (k.to_key(), v)),
+        );
         out.extend(self.v6.entries()?);
         Ok(out)
     }
 
     pub fn get(&self, key: &CtKey) -> Result<Option<CtValue>> {
         match key.to_v4() {
-            Some(k) => self.v4.get(&k),
+            Some(k) => {
+                if let Some(f) = &self.flows
+                    && let Some(v) = f.get(&k, super::flows::now_ns())?
+                {
+                    return Ok(Some(v));
+                }
+                self.v4.get(&k)
+            }
             None => self.v6.get(key),
         }
     }
 
     pub fn remove(&mut self, key: &CtKey) -> Result<()> {
         match key.to_v4() {
-            Some(k) => self.v4.remove(&k),
+            Some(k) => {
+                let in_table = match &self.flows {
+                    Some(f) => f.with_memory(|m| m.remove(&k))?,
+                    None => false,
+                };
+                if in_table {
+                    // A copy in CONNTRACK_V4 (left by older programs) goes too, if any.
+                    let _ = self.v4.remove(&k);
+                    return Ok(());
+                }
+                self.v4.remove(&k)
+            }
             None => self.v6.remove(key),
         }
+    }
+
+    /// Marks the table bucket of every flow in `CONNTRACK_V4` overflowed, so the programs look
+    /// for it there: after an upgrade from programs that did not know the table, once none of
+    /// them runs any more. Returns how many flows.
+    pub fn mark_lru_flows(&self) -> Result<usize> {
+        let Some(f) = &self.flows else {
+            return Ok(0);
+        };
+        let keys = self.v4.keys()?;
+        if !keys.is_empty() {
+            f.with_memory(|m| {
+                for k in &keys {
+                    m.mark_overflow(k);
+                }
+            })?;
+        }
+        Ok(keys.len())
     }
 
     /// Moves the IPv4 flows an older agent recorded in the IPv6 map (which then held both
@@ -327,10 +408,20 @@ impl Conntrack {
             .into_iter()
             .filter(|(k, _)| k.family != FAMILY_V6)
             .collect();
-        for (k, v) in &legacy {
-            if let Some(k4) = k.to_v4() {
-                self.v4.set(&k4, v)?;
-            }
+        let moved: Vec<(CtKeyV4, CtValue)> = legacy
+            .iter()
+            .filter_map(|(k, v)| Some((k.to_v4()?, *v)))
+            .collect();
+        for (k4, v) in &moved {
+            self.v4.set(k4, v)?;
+        }
+        // Their buckets point the programs at CONNTRACK_V4 before they leave the old map.
+        if let Some(f) = &self.flows
+            && !moved.is_empty()
+        {
+            f.with_memory(|m| moved.iter().for_each(|(k, _)| m.mark_overflow(k)))?;
+        }
+        for (k, _) in &legacy {
             self.v6.remove(k)?;
         }
         Ok(legacy.len())
@@ -338,6 +429,10 @@ impl Conntrack {
 
     /// Deletes every flow of `endpoint` (a pod went away); returns how many.
     pub fn remove_endpoint(&mut self, endpoint: u32) -> Result<usize> {
+        let in_table = match &self.flows {
+            Some(f) => f.with_memory(|m| m.remove_where(|k| k.endpoint == endpoint))?,
+            None => 0,
+        };
         let v4: Vec<CtKeyV4> = self
             .v4
             .keys()?
@@ -356,7 +451,7 @@ impl Conntrack {
         for k in &v6 {
             self.v6.remove(k)?;
         }
-        Ok(v4.len() + v6.len())
+        Ok(in_table + v4.len() + v6.len())
     }
 }
 
@@ -588,25 +683,30 @@ impl CounterReader {
 /// thousands of entries each, about half the time of the key walk (a `get_next_key` call per
 /// entry; ~0.27 s at a full 262k-flow map here), and usable from a thread of its own.
 pub struct ConntrackCounter {
+    pub(crate) flows: Option<FlowTable>,
     pub(crate) v4: std::os::fd::OwnedFd,
     pub(crate) v6: std::os::fd::OwnedFd,
 }
 
 impl ConntrackCounter {
-    pub fn count(&self) -> std::io::Result<(usize, usize)> {
+    pub fn count(&self) -> Result<CtCount> {
         use std::os::fd::AsFd as _;
-        Ok((
-            count_batched(
+        Ok(CtCount {
+            flows: match &self.flows {
+                Some(f) => f.count()?,
+                None => 0,
+            },
+            v4: count_batched(
                 self.v4.as_fd(),
                 std::mem::size_of::<CtKeyV4>(),
                 std::mem::size_of::<CtValue>(),
             )?,
-            count_batched(
+            v6: count_batched(
                 self.v6.as_fd(),
                 std::mem::size_of::<CtKey>(),
                 std::mem::size_of::<CtValue>(),
             )?,
-        ))
+        })
     }
 }
 
@@ -642,6 +742,58 @@ fn count_batched(
         }
     }
 }
+
+/// [`lookup_batch`] for other modules of the loader.
+pub(super) fn lookup_batch_raw(
+    fd: std::os::fd::BorrowedFd<'_>,
+    resume: Option<u32>,
+    keys: &mut [u8],
+    key_size: usize,
+    values: &mut [u8],
+    value_size: usize,
+) -> std::io::Result<(usize, Option<u32>)> {
+    lookup_batch(fd, resume, keys, key_size, values, value_size)
+}
+
+/// One `BPF_MAP_LOOKUP_ELEM` of `key` into `value` (plain-old-data types of the map's sizes).
+pub(super) fn lookup_raw<K: aya::Pod, V: aya::Pod>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    key: &K,
+    value: &mut V,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    #[repr(C)]
+    struct ElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let mut attr = ElemAttr {
+        map_fd: u32::try_from(fd.as_raw_fd()).map_err(std::io::Error::other)?,
+        _pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        value: std::ptr::from_mut(value) as u64,
+        flags: 0,
+    };
+    // SAFETY: key and value point at values of the map's key and value sizes (the caller's
+    // types), which outlive the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_ELEM,
+            std::ptr::from_mut(&mut attr),
+            std::mem::size_of::<ElemAttr>(),
+        )
+    };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 
 /// One `BPF_MAP_LOOKUP_BATCH` call: as many entries as `keys` and `values` hold (`key_size` and
 /// `value_size` bytes each), from the start of the map or from the position `resume` an earlier

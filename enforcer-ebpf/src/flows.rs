@@ -1,0 +1,351 @@
+//! The IPv4 flow table (`FLOWS_V4`, see [`FlowBucket`]): where IPv4 flows live, with
+//! `CONNTRACK_V4` (the kernel's LRU hash) behind it for the flows of full buckets.
+//!
+//! A new flow in the LRU hash costs a cold hash bucket, a cold element taken from the LRU's
+//! lists, and their locks; here it costs the one cold cache line of its bucket. Readers take no
+//! lock (see [`FlowBucket`] for the protocol); writers hold the bucket's lock for a few stores.
+
+use core::{
+    ptr::{read_volatile, write_volatile},
+    intrinsics::{AtomicOrdering, atomic_cxchg},
+};
+
+use enforcer_common::{
+    CT_REVOKED, Config, CtKeyV4, CtValue, FLOW_CONTROL, FLOW_FLAGS_SHIFT, FLOW_LOCK,
+    FLOW_OVERFLOW, FLOW_PROTO_MASK, FLOW_SEQ_MASK, FLOW_SEQ_SHIFT, FlowBucket, FlowWay, PROTO_UDP,
+    flow_bucket, flow_stamp, flow_stamp_ns,
+};
+
+use crate::{
+    conntrack::{fresh, timeout},
+    maps::FLOWS_V4,
+};
+
+/// Buckets of `FLOWS_V4`, set by the loader (`.rodata`, so the verifier and the JIT see a
+/// constant); 0 = the table is off and IPv4 flows live in `CONNTRACK_V4` alone.
+#[unsafe(no_mangle)]
+static FLOW_BUCKETS: u32 = 0;
+
+/// The table's bucket count, 0 when off.
+#[inline(always)]
+pub fn buckets() -> u32 {
+    // SAFETY: a plain read of a global the loader fills in.
+    unsafe { read_volatile(&FLOW_BUCKETS) }
+}
+
+/// Tries at the bucket lock before giving up (a holder keeps it for a few stores).
+const LOCK_TRIES: u32 = 16;
+
+/// What a lookup found.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// In the table; the entry is in the caller's [`Snap`].
+    Found,
+    /// Not in the table, and its bucket never overflowed: not tracked at all.
+    Missing,
+    /// Not in the table, but its bucket overflowed: `CONNTRACK_V4` may hold it.
+    Overflowed,
+    /// The bucket stayed locked: nothing could be read.
+    Busy,
+}
+
+/// What an insert did.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Insert {
+    Stored,
+    /// The bucket is full of live flows; it is now marked [`FLOW_OVERFLOW`] and the flow
+    /// belongs in `CONNTRACK_V4`.
+    Spill,
+    Busy,
+}
+
+/// A flow as read from its way: a consistent snapshot, and where it lives (for stamping it).
+pub struct Snap {
+    pub way: *mut FlowWay,
+    pub flags: u32,
+    pub epoch: u32,
+    pub rule: u32,
+    pub last_seen: u32,
+}
+
+impl Snap {
+    pub const fn new() -> Self {
+        Snap {
+            way: core::ptr::null_mut(),
+            flags: 0,
+            epoch: 0,
+            rule: 0,
+            last_seen: 0,
+        }
+    }
+
+    /// The entry as a [`CtValue`] at `now`.
+    #[inline(always)]
+    pub fn value(&self, now: u64) -> CtValue {
+        CtValue {
+            last_seen_ns: flow_stamp_ns(self.last_seen, now),
+            epoch: self.epoch,
+            flags: self.flags,
+            rule: self.rule,
+            _pad: 0,
+        }
+    }
+
+    /// Stamps the flow as seen at `now`: a lone store, with no lock. Should the way have been
+    /// freed or given to another flow meanwhile, the store only makes a live entry look seen
+    /// now, or a free way carry a stamp it ignores.
+    #[inline(always)]
+    pub fn touch(&self, now: u64) {
+        let s = flow_stamp(now);
+        if s != self.last_seen && !self.way.is_null() {
+            // SAFETY: `way` points into a map value that outlives the program run.
+            unsafe { write_volatile(&mut (*self.way).last_seen, s) };
+        }
+    }
+}
+
+/// Way 0 of the bucket of `key`.
+#[inline(always)]
+fn bucket(key: &CtKeyV4, n: u32) -> Option<*mut FlowWay> {
+    let b: *mut FlowBucket = FLOWS_V4.get_ptr_mut(flow_bucket(key, n))?;
+    Some(b as *mut FlowWay)
+}
+
+/// Whether way `w` (whose `meta` is `meta`) holds `key`. A free way (protocol 0) never does:
+/// no tracked protocol is 0.
+#[inline(always)]
+fn holds(w: *const FlowWay, meta: u32, key: &CtKeyV4) -> bool {
+    let k = key as *const CtKeyV4 as *const u32;
+    let ww = w as *const u32;
+    // SAFETY: 32 bytes of a map value and a 20-byte key, both 4-aligned.
+    unsafe {
+        (meta & FLOW_PROTO_MASK) == (read_volatile(k.add(1)) & FLOW_PROTO_MASK)
+            && (read_volatile(ww) ^ read_volatile(k))
+                | (read_volatile(ww.add(1)) ^ read_volatile(k.add(2)))
+                | (read_volatile(ww.add(2)) ^ read_volatile(k.add(3)))
+                | (read_volatile(ww.add(3)) ^ read_volatile(k.add(4)))
+                == 0
+    }
+}
+
+/// Copies way `w` (with `meta`) into `snap`.
+#[inline(always)]
+fn copy(w: *mut FlowWay, meta: u32, snap: &mut Snap) {
+    snap.way = w;
+    snap.flags = (meta >> FLOW_FLAGS_SHIFT) & 0xff;
+    // SAFETY: fields of a map value.
+    unsafe {
+        snap.epoch = read_volatile(&(*w).epoch);
+        snap.rule = read_volatile(&(*w).rule);
+        snap.last_seen = read_volatile(&(*w).last_seen);
+    }
+}
+
+/// Looks `key` up in the bucket whose way 0 is `w0` and whose control word is `m0`.
+#[inline(always)]
+fn scan(w0: *mut FlowWay, m0: u32, key: &CtKeyV4, snap: &mut Snap) -> Lookup {
+    if holds(w0, m0, key) {
+        copy(w0, m0, snap);
+        return Lookup::Found;
+    }
+    // SAFETY: way 1 of the same 64-byte value.
+    let w1 = unsafe { w0.add(1) };
+    let m1 = unsafe { read_volatile(&(*w1).meta) };
+    if holds(w1, m1, key) {
+        copy(w1, m1, snap);
+        return Lookup::Found;
+    }
+    if m0 & FLOW_OVERFLOW != 0 {
+        Lookup::Overflowed
+    } else {
+        Lookup::Missing
+    }
+}
+
+/// Compare-and-swap of way 0's `meta` and `epoch` as one 64-bit word (meta in the low half):
+/// the target's only compare-and-swap (`BPF_CMPXCHG`) with a width Rust emits. Way 0's epoch
+/// only changes under the lock, so a swap that expects the epoch just read fails only when the
+/// control bits moved.
+#[inline(always)]
+fn swap_control(w0: *mut FlowWay, old: u64, new: u64) -> bool {
+    const { assert!(core::mem::offset_of!(FlowWay, meta) == 16) };
+    const { assert!(core::mem::offset_of!(FlowWay, epoch) == 20) };
+    // SAFETY: an 8-aligned pair of words of a map value (page-aligned values, 64-byte buckets),
+    // shared with other CPUs and the agent, which access way 0's meta atomically or with single
+    // aligned loads and stores.
+    unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::Acquire }, { AtomicOrdering::Relaxed }>(
+            &mut (*w0).meta as *mut u32 as *mut u64,
+            old,
+            new,
+        )
+        .1
+    }
+}
+
+/// Takes the bucket lock; returns way 0's `meta` as it was (unlocked), or `None` after
+/// [`LOCK_TRIES`] tries.
+#[inline(always)]
+fn lock(w0: *mut FlowWay) -> Option<u32> {
+    let mut i = 0;
+    while i < LOCK_TRIES {
+        let pair = unsafe { read_volatile(&(*w0).meta as *const u32 as *const u64) };
+        let cur = pair as u32;
+        if cur & FLOW_LOCK == 0
+            && swap_control(w0, pair, pair | u64::from(FLOW_LOCK))
+        {
+            return Some(cur);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Releases the lock with way 0's `meta` set to `m0` (its control bits as taken, plus any of
+/// `extra`), the sequence moved on when the bucket `changed`. A plain store: the holder alone
+/// writes the word.
+#[inline(always)]
+fn unlock(w0: *mut FlowWay, m0: u32, extra: u32, changed: bool) {
+    let mut m = (m0 & !FLOW_LOCK) | extra;
+    if changed {
+        let seq = (m0 & FLOW_SEQ_MASK).wrapping_add(1 << FLOW_SEQ_SHIFT) & FLOW_SEQ_MASK;
+        m = (m & !FLOW_SEQ_MASK) | seq;
+    }
+    // SAFETY: way 0's meta, an aligned word of a map value.
+    unsafe { write_volatile(&mut (*w0).meta, m) };
+}
+
+/// Looks `key` up in a table of `n` buckets, without a lock unless the bucket is being written.
+#[inline(always)]
+pub fn lookup(key: &CtKeyV4, n: u32, snap: &mut Snap) -> Lookup {
+    let Some(w0) = bucket(key, n) else {
+        return Lookup::Overflowed;
+    };
+    let m0 = unsafe { read_volatile(&(*w0).meta) };
+    if m0 & FLOW_LOCK == 0 {
+        let found = scan(w0, m0, key, snap);
+        let again = unsafe { read_volatile(&(*w0).meta) };
+        if (again ^ m0) & (FLOW_LOCK | FLOW_SEQ_MASK) == 0 {
+            return found;
+        }
+    }
+    // Being written: read under the lock.
+    let Some(m0) = lock(w0) else {
+        return Lookup::Busy;
+    };
+    let found = scan(w0, m0, key, snap);
+    unlock(w0, m0, 0, false);
+    found
+}
+
+/// Whether way `w` (with `meta`) may be given to a new flow: free, or idle past its timeout (a
+/// tombstone's being the non-TCP one, as in the full path).
+#[inline(always)]
+fn reusable(w: *mut FlowWay, meta: u32, now: u64, cfg: Option<&Config>) -> bool {
+    let proto = (meta & FLOW_PROTO_MASK) as u8;
+    if proto == 0 {
+        return true;
+    }
+    let revoked = (meta >> FLOW_FLAGS_SHIFT) & CT_REVOKED != 0;
+    let stamp = unsafe { read_volatile(&(*w).last_seen) };
+    !fresh(
+        now,
+        flow_stamp_ns(stamp, now),
+        timeout(cfg, if revoked { PROTO_UDP } else { proto }),
+    )
+}
+
+/// Writes `key` and `v` into way `w` (lock held); returns the way's new low `meta` bits.
+#[inline(always)]
+fn fill(w: *mut FlowWay, key: &CtKeyV4, v: &CtValue) -> u32 {
+    let k = key as *const CtKeyV4 as *const u32;
+    let ww = w as *mut u32;
+    // SAFETY: a 32-byte way of a map value and a 20-byte key, both 4-aligned.
+    unsafe {
+        write_volatile(ww, read_volatile(k));
+        write_volatile(ww.add(1), read_volatile(k.add(2)));
+        write_volatile(ww.add(2), read_volatile(k.add(3)));
+        write_volatile(ww.add(3), read_volatile(k.add(4)));
+        write_volatile(&mut (*w).epoch, v.epoch);
+        write_volatile(&mut (*w).rule, v.rule);
+        write_volatile(&mut (*w).last_seen, flow_stamp(v.last_seen_ns));
+        (read_volatile(k.add(1)) & FLOW_PROTO_MASK) | (v.flags & 0xff) << FLOW_FLAGS_SHIFT
+    }
+}
+
+/// Records `v` for `key`: in the way that holds it already, else in a free or expired way;
+/// with both ways live, marks the bucket overflowed and leaves the flow to `CONNTRACK_V4`.
+#[inline(always)]
+pub fn insert(key: &CtKeyV4, n: u32, v: &CtValue, now: u64, cfg: Option<&Config>) -> Insert {
+    let Some(w0) = bucket(key, n) else {
+        return Insert::Spill;
+    };
+    let Some(m0) = lock(w0) else {
+        return Insert::Busy;
+    };
+    let w1 = unsafe { w0.add(1) };
+    let m1 = unsafe { read_volatile(&(*w1).meta) };
+    // A flow is never in both ways: its own way first.
+    let own1 = holds(w1, m1, key);
+    if !own1 && (holds(w0, m0, key) || reusable(w0, m0, now, cfg)) {
+        let low = fill(w0, key, v);
+        unlock(w0, (m0 & FLOW_CONTROL) | low, 0, true);
+        return Insert::Stored;
+    }
+    if own1 || reusable(w1, m1, now, cfg) {
+        let low = fill(w1, key, v);
+        unsafe { write_volatile(&mut (*w1).meta, low) };
+        unlock(w0, m0, 0, true);
+        return Insert::Stored;
+    }
+    unlock(w0, m0, FLOW_OVERFLOW, m0 & FLOW_OVERFLOW == 0);
+    Insert::Spill
+}
+
+/// Rewrites the entry of `key` (a re-check under a new policy epoch): its flags, epoch, rule
+/// and stamp at once, under the lock, so no reader sees half of it. False if it is gone.
+#[inline(always)]
+pub fn update(key: &CtKeyV4, n: u32, v: &CtValue) -> bool {
+    let Some(w0) = bucket(key, n) else {
+        return false;
+    };
+    let Some(m0) = lock(w0) else {
+        return false;
+    };
+    let w1 = unsafe { w0.add(1) };
+    let m1 = unsafe { read_volatile(&(*w1).meta) };
+    if holds(w0, m0, key) {
+        let low = fill(w0, key, v);
+        unlock(w0, (m0 & FLOW_CONTROL) | low, 0, true);
+        return true;
+    }
+    if holds(w1, m1, key) {
+        let low = fill(w1, key, v);
+        unsafe { write_volatile(&mut (*w1).meta, low) };
+        unlock(w0, m0, 0, true);
+        return true;
+    }
+    unlock(w0, m0, 0, false);
+    false
+}
+
+/// Frees the way of `key`, if any.
+#[inline(always)]
+pub fn remove(key: &CtKeyV4, n: u32) {
+    let Some(w0) = bucket(key, n) else {
+        return;
+    };
+    let Some(m0) = lock(w0) else {
+        return;
+    };
+    let w1 = unsafe { w0.add(1) };
+    let m1 = unsafe { read_volatile(&(*w1).meta) };
+    if holds(w0, m0, key) {
+        unlock(w0, m0 & FLOW_CONTROL, 0, true);
+    } else if holds(w1, m1, key) {
+        unsafe { write_volatile(&mut (*w1).meta, 0) };
+        unlock(w0, m0, 0, true);
+    } else {
+        unlock(w0, m0, 0, false);
+    }
+}

@@ -1,0 +1,533 @@
+//! `FLOWS_V4` from the agent's side: the IPv4 flow table the programs keep in front of
+//! `CONNTRACK_V4` (see [`FlowBucket`] for the layout and the locking).
+//!
+//! Reads (counts, listings) go through `BPF_MAP_LOOKUP_BATCH`, a copy per bucket, and never map
+//! the table into the agent's memory. Writes (forgetting flows, marking buckets overflowed)
+//! take each bucket's lock exactly as the programs do, through a shared mapping made for the
+//! occasion and dropped after it, so the agent's resident size never carries the table.
+
+use std::{
+    os::fd::{AsFd, AsRawFd as _, BorrowedFd, OwnedFd},
+    ptr::NonNull,
+    sync::atomic::{AtomicU32, AtomicU64, Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use enforcer_common::{
+    CtKeyV4, CtValue, FLOW_CONTROL, FLOW_LOCK, FLOW_OVERFLOW, FLOW_PROTO_MASK, FLOW_SEQ_MASK,
+    FLOW_SEQ_SHIFT, FLOW_WAYS, FlowBucket, FlowWay, MAP_FLOWS_V4, flow_bucket,
+};
+
+/// The table: a descriptor of the map and its bucket count.
+pub struct FlowTable {
+    fd: OwnedFd,
+    buckets: u32,
+}
+
+impl FlowTable {
+    pub fn new(fd: OwnedFd, buckets: u32) -> Self {
+        Self { fd, buckets }
+    }
+
+    pub fn buckets(&self) -> u32 {
+        self.buckets
+    }
+
+    /// Ways in the table (two per bucket).
+    pub fn capacity(&self) -> u64 {
+        u64::from(self.buckets) * FLOW_WAYS as u64
+    }
+
+    /// A second table over a new descriptor of the same map (for a thread of its own).
+    pub fn try_clone(&self) -> Result<Self> {
+        Ok(Self {
+            fd: self.fd.try_clone().context("duplicating the FLOWS_V4 descriptor")?,
+            buckets: self.buckets,
+        })
+    }
+
+    /// Every bucket, copied in batches. Each copy is the kernel's memcpy of a bucket the
+    /// programs may be writing: good for counts and listings, never for a decision.
+    pub fn read_all(&self) -> Result<Vec<FlowBucket>> {
+        let mut out = Vec::with_capacity(self.buckets as usize);
+        let per = BATCH.min(self.buckets.max(1)) as usize;
+        let mut keys = vec![0u8; per * 4];
+        let mut values = vec![0u8; per * size_of::<FlowBucket>()];
+        let mut resume = None;
+        loop {
+            let (n, next) = super::tables::lookup_batch_raw(
+                self.fd.as_fd(),
+                resume,
+                &mut keys,
+                4,
+                &mut values,
+                size_of::<FlowBucket>(),
+            )
+            .with_context(|| format!("reading {MAP_FLOWS_V4}"))?;
+            for chunk in values.chunks_exact(size_of::<FlowBucket>()).take(n) {
+                // SAFETY: FlowBucket is plain old data of exactly this size.
+                out.push(unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast()) });
+            }
+            match next {
+                Some(at) => resume = Some(at),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// Flows held (ways in use, live or idle).
+    pub fn count(&self) -> Result<usize> {
+        Ok(self
+            .read_all()?
+            .iter()
+            .flat_map(|b| b.ways.iter())
+            .filter(|w| w.meta & FLOW_PROTO_MASK != 0)
+            .count())
+    }
+
+    /// Every flow, its stamp widened against `now_ns` (the programs' clock).
+    pub fn entries(&self, now_ns: u64) -> Result<Vec<(CtKeyV4, CtValue)>> {
+        Ok(self
+            .read_all()?
+            .iter()
+            .flat_map(|b| b.ways.iter())
+            .filter(|w| w.meta & FLOW_PROTO_MASK != 0)
+            .map(|w| (w.key(), w.value(now_ns)))
+            .collect())
+    }
+
+    /// The flow of `key`, if the table holds it.
+    pub fn get(&self, key: &CtKeyV4, now_ns: u64) -> Result<Option<CtValue>> {
+        let index = flow_bucket(key, self.buckets);
+        let mut bucket = FlowBucket::default();
+        super::tables::lookup_raw(self.fd.as_fd(), &index, &mut bucket)
+            .with_context(|| format!("reading bucket {index} of {MAP_FLOWS_V4}"))?;
+        Ok(bucket
+            .ways
+            .iter()
+            .find(|w| w.meta & FLOW_PROTO_MASK != 0 && w.key() == normalized(key))
+            .map(|w| w.value(now_ns)))
+    }
+
+    /// Runs `f` on the table's memory, mapped for the call.
+    pub fn with_memory<R>(&self, f: impl FnOnce(&FlowMemory) -> R) -> Result<R> {
+        let mem = FlowMemory::map(self.fd.as_fd(), self.buckets)?;
+        Ok(f(&mem))
+    }
+}
+
+/// `key` as a way gives it back (no padding bytes).
+fn normalized(key: &CtKeyV4) -> CtKeyV4 {
+    CtKeyV4 { _pad: [0; 3], ..*key }
+}
+
+/// Buckets per `BPF_MAP_LOOKUP_BATCH` call (256 KiB of values).
+const BATCH: u32 = 4096;
+
+/// Where the buckets live: the map's pages, or plain memory in tests.
+enum Backing {
+    Mmap(usize),
+    Heap(#[allow(dead_code, reason = "owns the memory `ptr` points into")] Box<[u64]>),
+}
+
+/// The table as memory the agent writes under the buckets' locks.
+pub struct FlowMemory {
+    ptr: NonNull<FlowBucket>,
+    buckets: u32,
+    backing: Backing,
+}
+
+// SAFETY: the memory is owned by this value (heap) or by the mapping it unmaps on drop; shared
+// access is atomic loads, stores and compare-and-swaps under the buckets' locks.
+unsafe impl Send for FlowMemory {}
+// SAFETY: as above.
+unsafe impl Sync for FlowMemory {}
+
+impl Drop for FlowMemory {
+    fn drop(&mut self) {
+        if let Backing::Mmap(len) = self.backing {
+            // SAFETY: the mapping made in `map`, of `len` bytes, unused from here on.
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), len) };
+        }
+    }
+}
+
+/// Spins at a bucket lock before yielding the CPU (a program holds it for a few stores).
+const SPINS: u32 = 1_000;
+/// A lock still held, with the same sequence, this long after it was first seen is left by an
+/// agent that died holding it: programs hold it for nanoseconds.
+const STUCK: Duration = Duration::from_millis(20);
+
+impl FlowMemory {
+    /// Maps `buckets` buckets of the (mmapable) map behind `fd`.
+    pub fn map(fd: BorrowedFd<'_>, buckets: u32) -> Result<Self> {
+        let len = (buckets as usize * size_of::<FlowBucket>()).next_multiple_of(page_size());
+        // SAFETY: a fresh shared mapping of `len` bytes of the map; checked below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            bail!(
+                "mapping {MAP_FLOWS_V4} into memory: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(Self {
+            ptr: NonNull::new(p.cast()).context("mmap returned null")?,
+            buckets,
+            backing: Backing::Mmap(len),
+        })
+    }
+
+    /// `buckets` empty buckets in plain memory, for tests.
+    pub fn heap(buckets: u32) -> Self {
+        let mut b = vec![0u64; buckets as usize * size_of::<FlowBucket>() / 8].into_boxed_slice();
+        let ptr = NonNull::new(b.as_mut_ptr().cast()).expect("a box is non-null");
+        Self {
+            ptr,
+            buckets,
+            backing: Backing::Heap(b),
+        }
+    }
+
+    fn way(&self, bucket: u32, way: usize) -> *mut FlowWay {
+        assert!(bucket < self.buckets && way < FLOW_WAYS);
+        // SAFETY: in bounds (asserted) of the memory this value maps or owns.
+        unsafe { self.ptr.as_ptr().add(bucket as usize).cast::<FlowWay>().add(way) }
+    }
+
+    fn word(&self, bucket: u32, way: usize, field: usize) -> &AtomicU32 {
+        // SAFETY: a 4-aligned field of a way.
+        unsafe { AtomicU32::from_ptr(self.way(bucket, way).cast::<u8>().add(field).cast()) }
+    }
+
+    fn meta(&self, bucket: u32, way: usize) -> &AtomicU32 {
+        self.word(bucket, way, std::mem::offset_of!(FlowWay, meta))
+    }
+
+    /// Way 0's `meta` and `epoch`, the word the programs compare-and-swap.
+    fn control(&self, bucket: u32) -> &AtomicU64 {
+        // SAFETY: 8-aligned (offset 16 of a 64-byte bucket at a page or u64 base).
+        unsafe {
+            AtomicU64::from_ptr(
+                self.way(bucket, 0)
+                    .cast::<u8>()
+                    .add(std::mem::offset_of!(FlowWay, meta))
+                    .cast(),
+            )
+        }
+    }
+
+    /// Takes `bucket`'s lock; returns way 0's `meta` as it was.
+    fn lock(&self, bucket: u32) -> u32 {
+        let c = self.control(bucket);
+        let mut spins = 0;
+        loop {
+            let pair = c.load(Ordering::Relaxed);
+            if pair as u32 & FLOW_LOCK == 0
+                && c.compare_exchange(
+                    pair,
+                    pair | u64::from(FLOW_LOCK),
+                    Ordering::Acquire,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+            {
+                return pair as u32;
+            }
+            spins += 1;
+            if spins % SPINS == 0 {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    /// Releases `bucket`'s lock with way 0's `meta` = `m0` (as taken) plus `extra`, the sequence
+    /// moved on when the bucket `changed`.
+    fn unlock(&self, bucket: u32, m0: u32, extra: u32, changed: bool) {
+        let mut m = (m0 & !FLOW_LOCK) | extra;
+        if changed {
+            let seq = (m0 & FLOW_SEQ_MASK).wrapping_add(1 << FLOW_SEQ_SHIFT) & FLOW_SEQ_MASK;
+            m = (m & !FLOW_SEQ_MASK) | seq;
+        }
+        self.meta(bucket, 0).store(m, Ordering::Release);
+    }
+
+    /// The key way `way` of `bucket` holds (read under the lock), `None` if free.
+    fn key_at(&self, bucket: u32, way: usize, meta: u32) -> Option<CtKeyV4> {
+        if meta & FLOW_PROTO_MASK == 0 {
+            return None;
+        }
+        let w = |f| self.word(bucket, way, f).load(Ordering::Relaxed);
+        let ports = w(std::mem::offset_of!(FlowWay, port_a)).to_ne_bytes();
+        Some(CtKeyV4 {
+            endpoint: w(std::mem::offset_of!(FlowWay, endpoint)),
+            protocol: (meta & FLOW_PROTO_MASK) as u8,
+            _pad: [0; 3],
+            addr_a: w(std::mem::offset_of!(FlowWay, addr_a)).to_ne_bytes(),
+            addr_b: w(std::mem::offset_of!(FlowWay, addr_b)).to_ne_bytes(),
+            port_a: u16::from_ne_bytes([ports[0], ports[1]]),
+            port_b: u16::from_ne_bytes([ports[2], ports[3]]),
+        })
+    }
+
+    /// Frees, under `bucket`'s lock, every way whose key `drop` picks; returns how many.
+    fn free_in(&self, bucket: u32, drop: &impl Fn(&CtKeyV4) -> bool) -> usize {
+        let m0 = self.lock(bucket);
+        let m1 = self.meta(bucket, 1).load(Ordering::Relaxed);
+        let mut new0 = m0;
+        let mut freed = 0;
+        if self.key_at(bucket, 1, m1).is_some_and(|k| drop(&k)) {
+            self.meta(bucket, 1).store(0, Ordering::Relaxed);
+            freed += 1;
+        }
+        if self.key_at(bucket, 0, m0).is_some_and(|k| drop(&k)) {
+            new0 = m0 & FLOW_CONTROL;
+            freed += 1;
+        }
+        self.unlock(bucket, new0, 0, freed > 0);
+        freed
+    }
+
+    /// Forgets the flow of `key`; returns whether the table held it.
+    pub fn remove(&self, key: &CtKeyV4) -> bool {
+        let key = normalized(key);
+        self.free_in(flow_bucket(&key, self.buckets), &|k| *k == key) > 0
+    }
+
+    /// Forgets every flow `drop` picks (a whole pass over the table); returns how many.
+    pub fn remove_where(&self, drop: impl Fn(&CtKeyV4) -> bool) -> usize {
+        let mut n = 0;
+        for b in 0..self.buckets {
+            // Unlocked peek first: most buckets hold nothing to drop, and need no lock.
+            let any = (0..FLOW_WAYS).any(|w| {
+                let m = self.meta(b, w).load(Ordering::Acquire);
+                self.key_at(b, w, m).is_some_and(|k| drop(&k))
+            });
+            if any {
+                n += self.free_in(b, &drop);
+            }
+        }
+        n
+    }
+
+    /// Marks the bucket of `key` overflowed: a program that misses there looks in
+    /// `CONNTRACK_V4` too (where `key` lives).
+    pub fn mark_overflow(&self, key: &CtKeyV4) {
+        let b = flow_bucket(key, self.buckets);
+        let m0 = self.lock(b);
+        self.unlock(b, m0, FLOW_OVERFLOW, m0 & FLOW_OVERFLOW == 0);
+    }
+
+    /// Frees the bucket locks an agent left held when it died mid-write: a lock seen held,
+    /// then held with the same sequence [`STUCK`] later. Returns how many.
+    pub fn unstick(&self) -> usize {
+        let held: Vec<(u32, u32)> = (0..self.buckets)
+            .filter_map(|b| {
+                let m = self.meta(b, 0).load(Ordering::Acquire);
+                (m & FLOW_LOCK != 0).then_some((b, m))
+            })
+            .collect();
+        if held.is_empty() {
+            return 0;
+        }
+        std::thread::sleep(STUCK);
+        let mut n = 0;
+        for (b, m) in held {
+            // Only if nobody moved it meanwhile: then nobody holds it.
+            let c = self.meta(b, 0);
+            let seq = (m & FLOW_SEQ_MASK).wrapping_add(1 << FLOW_SEQ_SHIFT) & FLOW_SEQ_MASK;
+            let freed = (m & !FLOW_LOCK & !FLOW_SEQ_MASK) | seq;
+            if c.compare_exchange(m, freed, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Bucket `b` as it is now (fields read one by one: consistent only when nobody writes).
+    pub fn read(&self, b: u32) -> FlowBucket {
+        let mut out = FlowBucket::default();
+        for (i, w) in out.ways.iter_mut().enumerate() {
+            // SAFETY: a way of the table, read as plain data (tests and diagnostics only).
+            *w = unsafe { std::ptr::read_volatile(self.way(b, i)) };
+        }
+        out
+    }
+
+    /// Writes `way` into way `i` of `b` under the lock, as a program's insert would (tests).
+    pub fn write(&self, b: u32, i: usize, way: &FlowWay) {
+        let m0 = self.lock(b);
+        let set = |f, x: u32| self.word(b, i, f).store(x, Ordering::Relaxed);
+        set(std::mem::offset_of!(FlowWay, endpoint), way.endpoint);
+        set(
+            std::mem::offset_of!(FlowWay, addr_a),
+            u32::from_ne_bytes(way.addr_a),
+        );
+        set(
+            std::mem::offset_of!(FlowWay, addr_b),
+            u32::from_ne_bytes(way.addr_b),
+        );
+        let (a, bb) = (way.port_a.to_ne_bytes(), way.port_b.to_ne_bytes());
+        set(
+            std::mem::offset_of!(FlowWay, port_a),
+            u32::from_ne_bytes([a[0], a[1], bb[0], bb[1]]),
+        );
+        set(std::mem::offset_of!(FlowWay, epoch), way.epoch);
+        set(std::mem::offset_of!(FlowWay, rule), way.rule);
+        set(std::mem::offset_of!(FlowWay, last_seen), way.last_seen);
+        let low = way.meta & !FLOW_CONTROL;
+        if i == 0 {
+            self.unlock(b, (m0 & FLOW_CONTROL) | low, 0, true);
+        } else {
+            self.meta(b, i).store(low, Ordering::Relaxed);
+            self.unlock(b, m0, 0, true);
+        }
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
+}
+
+/// The programs' clock (`bpf_ktime_get_coarse_ns`: CLOCK_MONOTONIC at tick resolution).
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use enforcer_common::{CT_ORIGIN_A, PROTO_TCP, PROTO_UDP, flow_stamp};
+
+    fn key(endpoint: u32, port: u16) -> CtKeyV4 {
+        CtKeyV4 {
+            endpoint,
+            protocol: PROTO_TCP,
+            _pad: [0; 3],
+            addr_a: [10, 0, 0, 1],
+            addr_b: [10, 0, 0, 2],
+            port_a: port,
+            port_b: 80,
+        }
+    }
+
+    fn way_of(k: &CtKeyV4, flags: u32) -> FlowWay {
+        FlowWay {
+            endpoint: k.endpoint,
+            addr_a: k.addr_a,
+            addr_b: k.addr_b,
+            port_a: k.port_a,
+            port_b: k.port_b,
+            meta: u32::from(k.protocol) | flags << 8,
+            epoch: 7,
+            rule: 9,
+            last_seen: flow_stamp(5 << 30),
+        }
+    }
+
+    /// Two keys of the same bucket (of `buckets`), found by trying ports.
+    fn colliding(buckets: u32) -> (CtKeyV4, CtKeyV4) {
+        let a = key(1, 1000);
+        let b = (1001..u16::MAX)
+            .map(|p| key(1, p))
+            .find(|k| flow_bucket(k, buckets) == flow_bucket(&a, buckets))
+            .expect("a colliding port");
+        (a, b)
+    }
+
+    #[test]
+    fn writes_move_the_sequence_and_keep_the_control_bits() {
+        let mem = FlowMemory::heap(8);
+        let (a, b) = colliding(8);
+        let bucket = flow_bucket(&a, 8);
+        mem.mark_overflow(&a);
+        let m = mem.meta(bucket, 0).load(Ordering::Relaxed);
+        assert_eq!(m & FLOW_OVERFLOW, FLOW_OVERFLOW);
+        assert_eq!(m & FLOW_LOCK, 0);
+        let seq = m & FLOW_SEQ_MASK;
+        mem.write(bucket, 0, &way_of(&a, CT_ORIGIN_A));
+        mem.write(bucket, 1, &way_of(&b, 0));
+        let after = mem.read(bucket);
+        assert_eq!(after.ways[0].key(), a);
+        assert_eq!(after.ways[1].key(), b);
+        assert_eq!(after.ways[0].meta & FLOW_OVERFLOW, FLOW_OVERFLOW, "overflow kept");
+        assert_eq!(after.ways[0].meta & FLOW_LOCK, 0, "unlocked");
+        assert_eq!(
+            after.ways[0].meta & FLOW_SEQ_MASK,
+            (seq + (2 << FLOW_SEQ_SHIFT)) & FLOW_SEQ_MASK,
+            "two writes, two steps"
+        );
+        assert_eq!(after.ways[0].value(5 << 30).flags, CT_ORIGIN_A);
+    }
+
+    #[test]
+    fn remove_frees_only_its_flow() {
+        let mem = FlowMemory::heap(8);
+        let (a, b) = colliding(8);
+        let bucket = flow_bucket(&a, 8);
+        mem.write(bucket, 0, &way_of(&a, 0));
+        mem.write(bucket, 1, &way_of(&b, 0));
+        let mut other = a;
+        other.protocol = PROTO_UDP;
+        assert!(!mem.remove(&other), "another protocol is another flow");
+        assert!(mem.remove(&a));
+        let after = mem.read(bucket);
+        assert_eq!(after.ways[0].meta & FLOW_PROTO_MASK, 0, "way 0 free");
+        assert_eq!(after.ways[1].key(), b, "way 1 kept");
+        assert!(!mem.remove(&a), "already gone");
+        assert_eq!(mem.remove_where(|k| k.endpoint == 1), 1);
+        assert_eq!(mem.read(bucket).ways[1].meta & FLOW_PROTO_MASK, 0);
+    }
+
+    #[test]
+    fn a_lock_left_held_is_freed_and_a_moving_one_is_not() {
+        let mem = FlowMemory::heap(4);
+        let m0 = mem.lock(2);
+        assert_eq!(mem.unstick(), 1, "held with no holder");
+        let m = mem.meta(2, 0).load(Ordering::Relaxed);
+        assert_eq!(m & FLOW_LOCK, 0);
+        assert_ne!(m & FLOW_SEQ_MASK, m0 & FLOW_SEQ_MASK, "readers see it moved");
+        // A holder that finishes while unstick waits: the lock is not taken from under it.
+        let _ = mem.lock(3);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(STUCK / 4);
+                let m = mem.meta(3, 0).load(Ordering::Relaxed);
+                mem.unlock(3, m, 0, true);
+                let _ = mem.lock(3);
+            });
+            assert_eq!(mem.unstick(), 0, "it moved: someone holds it");
+        });
+    }
+
+    #[test]
+    fn buckets_spread_flows() {
+        // A port scan from one client: no bucket may take much more than its share.
+        let n = 1 << 12;
+        let mut load = vec![0u32; n as usize];
+        for p in 0..(4 * n) {
+            load[flow_bucket(&key(3, p as u16), n) as usize] += 1;
+        }
+        assert!(load.iter().all(|&l| l <= 16), "max {:?}", load.iter().max());
+    }
+}
