@@ -403,21 +403,30 @@ pub const FLOW_WAYS: usize = 2;
 /// `FlowWay::last_seen` is the coarse clock in units of 2^24 ns (16.8 ms): a 32-bit stamp
 /// compared as a signed difference wraps only after 1.1 years of silence.
 pub const FLOW_TIME_SHIFT: u32 = 24;
-/// Bits 0-7 of a way's `meta`: the protocol; 0 marks a free way.
+/// Bits 0-7 of a way's `meta`: the flow's protocol.
 pub const FLOW_PROTO_MASK: u32 = 0xff;
 /// Bits 8-15 of a way's `meta`: the flow's `CT_*` flags.
 pub const FLOW_FLAGS_SHIFT: u32 = 8;
-/// Bits 16-29 of way 0's `meta`: the bucket's sequence, moved by every change of the bucket.
+/// Bits 16-27 of way 0's `meta`: the bucket's sequence, moved by every change of its ways.
 pub const FLOW_SEQ_SHIFT: u32 = 16;
-pub const FLOW_SEQ_MASK: u32 = 0x3fff << FLOW_SEQ_SHIFT;
+pub const FLOW_SEQ_MASK: u32 = 0xfff << FLOW_SEQ_SHIFT;
+/// Bit 28 + i of way 0's `meta`: way i holds a flow (else it is free, whatever it holds).
+pub const FLOW_LIVE0: u32 = 1 << 28;
+pub const FLOW_LIVE1: u32 = 1 << 29;
 /// Bit 30 of way 0's `meta`: a flow of this bucket went to `CONNTRACK_V4` (the bucket was
 /// full), so a miss here must look there too. Sticky.
 pub const FLOW_OVERFLOW: u32 = 1 << 30;
-/// Bit 31 of way 0's `meta`: the bucket lock, taken by compare-and-swap by whoever changes the
-/// bucket (a program or the agent).
+/// Bit 31 of way 0's `meta`: the bucket lock, taken by compare-and-swap by a program that
+/// writes the bucket's ways.
 pub const FLOW_LOCK: u32 = 1 << 31;
 /// The bits of way 0's `meta` that belong to the bucket, not to the way.
-pub const FLOW_CONTROL: u32 = FLOW_SEQ_MASK | FLOW_OVERFLOW | FLOW_LOCK;
+pub const FLOW_CONTROL: u32 = FLOW_SEQ_MASK | FLOW_LIVE0 | FLOW_LIVE1 | FLOW_OVERFLOW | FLOW_LOCK;
+
+/// The [`FLOW_LIVE0`] / [`FLOW_LIVE1`] bit of way `i`.
+#[inline(always)]
+pub const fn flow_live(i: usize) -> u32 {
+    FLOW_LIVE0 << i
+}
 
 /// One IPv4 flow of a [`FlowBucket`]: the [`CtKeyV4`] without its padding and a [`CtValue`]
 /// in 16 bytes, so that two share a cache line.
@@ -429,8 +438,7 @@ pub struct FlowWay {
     pub addr_b: [u8; 4],
     pub port_a: u16,
     pub port_b: u16,
-    /// Protocol (0 = free) and `CT_*` flags; in way 0 also the bucket's control bits
-    /// ([`FLOW_CONTROL`]).
+    /// Protocol and `CT_*` flags; in way 0 also the bucket's control bits ([`FLOW_CONTROL`]).
     pub meta: u32,
     pub epoch: u32,
     pub rule: u32,
@@ -442,11 +450,15 @@ pub struct FlowWay {
 /// page-aligned), so a new flow costs one cold line where the LRU hash costs two (bucket and
 /// element) plus its locks and lists.
 ///
-/// Concurrency: whoever changes a bucket takes [`FLOW_LOCK`] in way 0's `meta` by
+/// Concurrency: a program that writes a bucket's ways takes [`FLOW_LOCK`] in way 0's `meta` by
 /// compare-and-swap, writes, and releases it with the sequence moved on. Readers take no lock:
 /// they read way 0's `meta`, the ways, then `meta` again, and trust what they read only when
 /// the lock was free and the sequence unchanged; otherwise they read again under the lock. A
 /// flow is never in two ways of a bucket: an insert looks for the key under the lock first.
+/// The agent never takes the lock (a preempted agent would stall the programs): it frees ways
+/// and marks buckets overflowed with one compare-and-swap of way 0's `meta` that expects the
+/// lock free and the sequence it read, so it changes nothing a program is writing or wrote
+/// since.
 /// Only x86-64 keeps the readers' loads in program order, so the agent enables the table
 /// there only (the programs' `FLOW_BUCKETS` is 0 elsewhere, and IPv4 flows live in
 /// [`MAP_CONNTRACK_V4`] alone).
@@ -457,7 +469,7 @@ pub struct FlowBucket {
 }
 
 impl FlowWay {
-    /// The way's flow as a [`CtKeyV4`] (meaningful when the way is not free).
+    /// The way's flow as a [`CtKeyV4`] (meaningful when the way is live).
     pub fn key(&self) -> CtKeyV4 {
         CtKeyV4 {
             endpoint: self.endpoint,
@@ -480,6 +492,18 @@ impl FlowWay {
             rule: self.rule,
             _pad: 0,
         }
+    }
+}
+
+impl FlowBucket {
+    /// The ways that hold a flow.
+    pub fn live(&self) -> impl Iterator<Item = &FlowWay> {
+        let control = self.ways[0].meta;
+        self.ways
+            .iter()
+            .enumerate()
+            .filter(move |(i, _)| control & flow_live(*i) != 0)
+            .map(|(_, w)| w)
     }
 }
 

@@ -11,9 +11,9 @@ use core::{
 };
 
 use enforcer_common::{
-    CT_REVOKED, Config, CtKeyV4, CtValue, FLOW_CONTROL, FLOW_FLAGS_SHIFT, FLOW_LOCK,
-    FLOW_OVERFLOW, FLOW_PROTO_MASK, FLOW_SEQ_MASK, FLOW_SEQ_SHIFT, FlowBucket, FlowWay, PROTO_UDP,
-    flow_bucket, flow_stamp, flow_stamp_ns,
+    CT_REVOKED, Config, CtKeyV4, CtValue, FLOW_CONTROL, FLOW_FLAGS_SHIFT, FLOW_LIVE0, FLOW_LIVE1,
+    FLOW_LOCK, FLOW_OVERFLOW, FLOW_PROTO_MASK, FLOW_SEQ_MASK, FLOW_SEQ_SHIFT, FlowBucket, FlowWay,
+    PROTO_UDP, flow_bucket, flow_stamp, flow_stamp_ns,
 };
 
 use crate::{
@@ -111,15 +111,14 @@ fn bucket(key: &CtKeyV4, n: u32) -> Option<*mut FlowWay> {
     Some(b as *mut FlowWay)
 }
 
-/// Whether way `w` (whose `meta` is `meta`) holds `key`. A free way (protocol 0) never does:
-/// no tracked protocol is 0.
+/// Whether way `w` (whose `meta` is `meta`, live when `live`) holds `key`.
 #[inline(always)]
-fn holds(w: *const FlowWay, meta: u32, key: &CtKeyV4) -> bool {
+fn holds(w: *const FlowWay, meta: u32, live: bool, key: &CtKeyV4) -> bool {
     let k = key as *const CtKeyV4 as *const u32;
     let ww = w as *const u32;
     // SAFETY: 32 bytes of a map value and a 20-byte key, both 4-aligned.
     unsafe {
-        (meta & FLOW_PROTO_MASK) == (read_volatile(k.add(1)) & FLOW_PROTO_MASK)
+        live && (meta & FLOW_PROTO_MASK) == (read_volatile(k.add(1)) & FLOW_PROTO_MASK)
             && (read_volatile(ww) ^ read_volatile(k))
                 | (read_volatile(ww.add(1)) ^ read_volatile(k.add(2)))
                 | (read_volatile(ww.add(2)) ^ read_volatile(k.add(3)))
@@ -144,14 +143,14 @@ fn copy(w: *mut FlowWay, meta: u32, snap: &mut Snap) {
 /// Looks `key` up in the bucket whose way 0 is `w0` and whose control word is `m0`.
 #[inline(always)]
 fn scan(w0: *mut FlowWay, m0: u32, key: &CtKeyV4, snap: &mut Snap) -> Lookup {
-    if holds(w0, m0, key) {
+    if holds(w0, m0, m0 & FLOW_LIVE0 != 0, key) {
         copy(w0, m0, snap);
         return Lookup::Found;
     }
     // SAFETY: way 1 of the same 64-byte value.
     let w1 = unsafe { w0.add(1) };
     let m1 = unsafe { read_volatile(&(*w1).meta) };
-    if holds(w1, m1, key) {
+    if holds(w1, m1, m0 & FLOW_LIVE1 != 0, key) {
         copy(w1, m1, snap);
         return Lookup::Found;
     }
@@ -184,7 +183,7 @@ fn swap_control(w0: *mut FlowWay, old: u64, new: u64) -> bool {
 }
 
 /// Takes the bucket lock; returns way 0's `meta` as it was (unlocked), or `None` after
-/// [`LOCK_TRIES`] tries.
+/// [`LOCK_TRIES`] tries (another CPU's program holds it for a few stores).
 #[inline(always)]
 fn lock(w0: *mut FlowWay) -> Option<u32> {
     let mut i = 0;
@@ -202,8 +201,8 @@ fn lock(w0: *mut FlowWay) -> Option<u32> {
 }
 
 /// Releases the lock with way 0's `meta` set to `m0` (its control bits as taken, plus any of
-/// `extra`), the sequence moved on when the bucket `changed`. A plain store: the holder alone
-/// writes the word.
+/// `extra`), the sequence moved on when the bucket `changed`. A plain store: while the lock is
+/// held nobody else writes the word (the agent's compare-and-swap expects it free).
 #[inline(always)]
 fn unlock(w0: *mut FlowWay, m0: u32, extra: u32, changed: bool) {
     let mut m = (m0 & !FLOW_LOCK) | extra;
@@ -238,14 +237,14 @@ pub fn lookup(key: &CtKeyV4, n: u32, snap: &mut Snap) -> Lookup {
     found
 }
 
-/// Whether way `w` (with `meta`) may be given to a new flow: free, or idle past its timeout (a
-/// tombstone's being the non-TCP one, as in the full path).
+/// Whether way `w` (with `meta`, live when `live`) may be given to a new flow: free, or idle
+/// past its timeout (a tombstone's being the non-TCP one, as in the full path).
 #[inline(always)]
-fn reusable(w: *mut FlowWay, meta: u32, now: u64, cfg: Option<&Config>) -> bool {
-    let proto = (meta & FLOW_PROTO_MASK) as u8;
-    if proto == 0 {
+fn reusable(w: *mut FlowWay, meta: u32, live: bool, now: u64, cfg: Option<&Config>) -> bool {
+    if !live {
         return true;
     }
+    let proto = (meta & FLOW_PROTO_MASK) as u8;
     let revoked = (meta >> FLOW_FLAGS_SHIFT) & CT_REVOKED != 0;
     let stamp = unsafe { read_volatile(&(*w).last_seen) };
     !fresh(
@@ -285,17 +284,18 @@ pub fn insert(key: &CtKeyV4, n: u32, v: &CtValue, now: u64, cfg: Option<&Config>
     };
     let w1 = unsafe { w0.add(1) };
     let m1 = unsafe { read_volatile(&(*w1).meta) };
+    let (live0, live1) = (m0 & FLOW_LIVE0 != 0, m0 & FLOW_LIVE1 != 0);
     // A flow is never in both ways: its own way first.
-    let own1 = holds(w1, m1, key);
-    if !own1 && (holds(w0, m0, key) || reusable(w0, m0, now, cfg)) {
+    let own1 = holds(w1, m1, live1, key);
+    if !own1 && (holds(w0, m0, live0, key) || reusable(w0, m0, live0, now, cfg)) {
         let low = fill(w0, key, v);
-        unlock(w0, (m0 & FLOW_CONTROL) | low, 0, true);
+        unlock(w0, (m0 & FLOW_CONTROL) | FLOW_LIVE0 | low, 0, true);
         return Insert::Stored;
     }
-    if own1 || reusable(w1, m1, now, cfg) {
+    if own1 || reusable(w1, m1, live1, now, cfg) {
         let low = fill(w1, key, v);
         unsafe { write_volatile(&mut (*w1).meta, low) };
-        unlock(w0, m0, 0, true);
+        unlock(w0, m0 | FLOW_LIVE1, 0, true);
         return Insert::Stored;
     }
     unlock(w0, m0, FLOW_OVERFLOW, m0 & FLOW_OVERFLOW == 0);
@@ -314,12 +314,12 @@ pub fn update(key: &CtKeyV4, n: u32, v: &CtValue) -> bool {
     };
     let w1 = unsafe { w0.add(1) };
     let m1 = unsafe { read_volatile(&(*w1).meta) };
-    if holds(w0, m0, key) {
+    if holds(w0, m0, m0 & FLOW_LIVE0 != 0, key) {
         let low = fill(w0, key, v);
         unlock(w0, (m0 & FLOW_CONTROL) | low, 0, true);
         return true;
     }
-    if holds(w1, m1, key) {
+    if holds(w1, m1, m0 & FLOW_LIVE1 != 0, key) {
         let low = fill(w1, key, v);
         unsafe { write_volatile(&mut (*w1).meta, low) };
         unlock(w0, m0, 0, true);
@@ -340,11 +340,10 @@ pub fn remove(key: &CtKeyV4, n: u32) {
     };
     let w1 = unsafe { w0.add(1) };
     let m1 = unsafe { read_volatile(&(*w1).meta) };
-    if holds(w0, m0, key) {
-        unlock(w0, m0 & FLOW_CONTROL, 0, true);
-    } else if holds(w1, m1, key) {
-        unsafe { write_volatile(&mut (*w1).meta, 0) };
-        unlock(w0, m0, 0, true);
+    if holds(w0, m0, m0 & FLOW_LIVE0 != 0, key) {
+        unlock(w0, m0 & !FLOW_LIVE0, 0, true);
+    } else if holds(w1, m1, m0 & FLOW_LIVE1 != 0, key) {
+        unlock(w0, m0 & !FLOW_LIVE1, 0, true);
     } else {
         unlock(w0, m0, 0, false);
     }

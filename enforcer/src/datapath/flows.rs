@@ -2,21 +2,21 @@
 //! `CONNTRACK_V4` (see [`FlowBucket`] for the layout and the locking).
 //!
 //! Reads (counts, listings) go through `BPF_MAP_LOOKUP_BATCH`, a copy per bucket, and never map
-//! the table into the agent's memory. Writes (forgetting flows, marking buckets overflowed)
-//! take each bucket's lock exactly as the programs do, through a shared mapping made for the
-//! occasion and dropped after it, so the agent's resident size never carries the table.
+//! the table into the agent's memory. Writes (forgetting flows, marking buckets overflowed) are
+//! one compare-and-swap of a bucket's control word each, through a shared mapping made for the
+//! occasion and dropped after it, so the agent's resident size never carries the table. The
+//! agent never holds a bucket lock: preempted while holding one, it would stall the programs.
 
 use std::{
     os::fd::{AsFd, AsRawFd as _, BorrowedFd, OwnedFd},
     ptr::NonNull,
     sync::atomic::{AtomicU32, AtomicU64, Ordering},
-    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
 use enforcer_common::{
-    CtKeyV4, CtValue, FLOW_CONTROL, FLOW_LOCK, FLOW_OVERFLOW, FLOW_PROTO_MASK, FLOW_SEQ_MASK,
-    FLOW_SEQ_SHIFT, FLOW_WAYS, FlowBucket, FlowWay, MAP_FLOWS_V4, flow_bucket,
+    CtKeyV4, CtValue, FLOW_LOCK, FLOW_OVERFLOW, FLOW_PROTO_MASK, FLOW_SEQ_MASK, FLOW_SEQ_SHIFT,
+    FLOW_WAYS, FlowBucket, FlowWay, MAP_FLOWS_V4, flow_bucket, flow_live,
 };
 
 /// The table: a descriptor of the map and its bucket count.
@@ -78,12 +78,7 @@ impl FlowTable {
 
     /// Flows held (ways in use, live or idle).
     pub fn count(&self) -> Result<usize> {
-        Ok(self
-            .read_all()?
-            .iter()
-            .flat_map(|b| b.ways.iter())
-            .filter(|w| w.meta & FLOW_PROTO_MASK != 0)
-            .count())
+        Ok(self.read_all()?.iter().map(|b| b.live().count()).sum())
     }
 
     /// Every flow, its stamp widened against `now_ns` (the programs' clock).
@@ -91,8 +86,7 @@ impl FlowTable {
         Ok(self
             .read_all()?
             .iter()
-            .flat_map(|b| b.ways.iter())
-            .filter(|w| w.meta & FLOW_PROTO_MASK != 0)
+            .flat_map(|b| b.live())
             .map(|w| (w.key(), w.value(now_ns)))
             .collect())
     }
@@ -104,9 +98,8 @@ impl FlowTable {
         super::tables::lookup_raw(self.fd.as_fd(), &index, &mut bucket)
             .with_context(|| format!("reading bucket {index} of {MAP_FLOWS_V4}"))?;
         Ok(bucket
-            .ways
-            .iter()
-            .find(|w| w.meta & FLOW_PROTO_MASK != 0 && w.key() == normalized(key))
+            .live()
+            .find(|w| w.key() == normalized(key))
             .map(|w| w.value(now_ns)))
     }
 
@@ -153,11 +146,8 @@ impl Drop for FlowMemory {
     }
 }
 
-/// Spins at a bucket lock before yielding the CPU (a program holds it for a few stores).
+/// Spins at a bucket a program holds before yielding the CPU (it holds it for a few stores).
 const SPINS: u32 = 1_000;
-/// A lock still held, with the same sequence, this long after it was first seen is left by an
-/// agent that died holding it: programs hold it for nanoseconds.
-const STUCK: Duration = Duration::from_millis(20);
 
 impl FlowMemory {
     /// Maps `buckets` buckets of the (mmapable) map behind `fd`.
@@ -226,22 +216,26 @@ impl FlowMemory {
         }
     }
 
-    /// Takes `bucket`'s lock; returns way 0's `meta` as it was.
-    fn lock(&self, bucket: u32) -> u32 {
+    /// Replaces `bucket`'s control word (way 0's `meta`) by what `change` makes of it, with one
+    /// compare-and-swap that expects the lock free and the word as read: nothing a program
+    /// writes, or wrote since `change` looked at the ways, is overwritten. `change` returns
+    /// `None` for no change. Returns whether it changed the word.
+    fn swap_control(&self, bucket: u32, change: impl Fn(u32) -> Option<u32>) -> bool {
         let c = self.control(bucket);
-        let mut spins = 0;
+        let mut spins = 0u32;
         loop {
-            let pair = c.load(Ordering::Relaxed);
-            if pair as u32 & FLOW_LOCK == 0
-                && c.compare_exchange(
-                    pair,
-                    pair | u64::from(FLOW_LOCK),
-                    Ordering::Acquire,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-            {
-                return pair as u32;
+            let pair = c.load(Ordering::Acquire);
+            let m0 = pair as u32;
+            if m0 & FLOW_LOCK == 0 {
+                let Some(new) = change(m0) else {
+                    return false;
+                };
+                let next = (pair & !0xffff_ffff) | u64::from(new);
+                if c.compare_exchange(pair, next, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    return true;
+                }
             }
             spins += 1;
             if spins % SPINS == 0 {
@@ -252,27 +246,16 @@ impl FlowMemory {
         }
     }
 
-    /// Releases `bucket`'s lock with way 0's `meta` = `m0` (as taken) plus `extra`, the sequence
-    /// moved on when the bucket `changed`.
-    fn unlock(&self, bucket: u32, m0: u32, extra: u32, changed: bool) {
-        let mut m = (m0 & !FLOW_LOCK) | extra;
-        if changed {
-            let seq = (m0 & FLOW_SEQ_MASK).wrapping_add(1 << FLOW_SEQ_SHIFT) & FLOW_SEQ_MASK;
-            m = (m & !FLOW_SEQ_MASK) | seq;
-        }
-        self.meta(bucket, 0).store(m, Ordering::Release);
-    }
-
-    /// The key way `way` of `bucket` holds (read under the lock), `None` if free.
-    fn key_at(&self, bucket: u32, way: usize, meta: u32) -> Option<CtKeyV4> {
-        if meta & FLOW_PROTO_MASK == 0 {
+    /// The key way `way` of `bucket` holds when way 0's `meta` is `m0`, `None` if free.
+    fn key_at(&self, bucket: u32, way: usize, m0: u32) -> Option<CtKeyV4> {
+        if m0 & flow_live(way) == 0 {
             return None;
         }
         let w = |f| self.word(bucket, way, f).load(Ordering::Relaxed);
         let ports = w(std::mem::offset_of!(FlowWay, port_a)).to_ne_bytes();
         Some(CtKeyV4 {
             endpoint: w(std::mem::offset_of!(FlowWay, endpoint)),
-            protocol: (meta & FLOW_PROTO_MASK) as u8,
+            protocol: (self.meta(bucket, way).load(Ordering::Relaxed) & FLOW_PROTO_MASK) as u8,
             _pad: [0; 3],
             addr_a: w(std::mem::offset_of!(FlowWay, addr_a)).to_ne_bytes(),
             addr_b: w(std::mem::offset_of!(FlowWay, addr_b)).to_ne_bytes(),
@@ -281,22 +264,21 @@ impl FlowMemory {
         })
     }
 
-    /// Frees, under `bucket`'s lock, every way whose key `drop` picks; returns how many.
+    /// Frees every way of `bucket` whose key `drop` picks; returns how many.
     fn free_in(&self, bucket: u32, drop: &impl Fn(&CtKeyV4) -> bool) -> usize {
-        let m0 = self.lock(bucket);
-        let m1 = self.meta(bucket, 1).load(Ordering::Relaxed);
-        let mut new0 = m0;
-        let mut freed = 0;
-        if self.key_at(bucket, 1, m1).is_some_and(|k| drop(&k)) {
-            self.meta(bucket, 1).store(0, Ordering::Relaxed);
-            freed += 1;
-        }
-        if self.key_at(bucket, 0, m0).is_some_and(|k| drop(&k)) {
-            new0 = m0 & FLOW_CONTROL;
-            freed += 1;
-        }
-        self.unlock(bucket, new0, 0, freed > 0);
-        freed
+        let freed = std::cell::Cell::new(0);
+        self.swap_control(bucket, |m0| {
+            let picked: Vec<usize> = (0..FLOW_WAYS)
+                .filter(|&i| self.key_at(bucket, i, m0).is_some_and(|k| drop(&k)))
+                .collect();
+            freed.set(picked.len());
+            if picked.is_empty() {
+                return None;
+            }
+            let cleared = picked.iter().fold(m0, |m, &i| m & !flow_live(i));
+            Some(next_seq(cleared))
+        });
+        freed.get()
     }
 
     /// Forgets the flow of `key`; returns whether the table held it.
@@ -307,54 +289,14 @@ impl FlowMemory {
 
     /// Forgets every flow `drop` picks (a whole pass over the table); returns how many.
     pub fn remove_where(&self, drop: impl Fn(&CtKeyV4) -> bool) -> usize {
-        let mut n = 0;
-        for b in 0..self.buckets {
-            // Unlocked peek first: most buckets hold nothing to drop, and need no lock.
-            let any = (0..FLOW_WAYS).any(|w| {
-                let m = self.meta(b, w).load(Ordering::Acquire);
-                self.key_at(b, w, m).is_some_and(|k| drop(&k))
-            });
-            if any {
-                n += self.free_in(b, &drop);
-            }
-        }
-        n
+        (0..self.buckets).map(|b| self.free_in(b, &drop)).sum()
     }
 
     /// Marks the bucket of `key` overflowed: a program that misses there looks in
     /// `CONNTRACK_V4` too (where `key` lives).
     pub fn mark_overflow(&self, key: &CtKeyV4) {
         let b = flow_bucket(key, self.buckets);
-        let m0 = self.lock(b);
-        self.unlock(b, m0, FLOW_OVERFLOW, m0 & FLOW_OVERFLOW == 0);
-    }
-
-    /// Frees the bucket locks an agent left held when it died mid-write: a lock seen held,
-    /// then held with the same sequence [`STUCK`] later. Returns how many.
-    pub fn unstick(&self) -> usize {
-        let held: Vec<(u32, u32)> = (0..self.buckets)
-            .filter_map(|b| {
-                let m = self.meta(b, 0).load(Ordering::Acquire);
-                (m & FLOW_LOCK != 0).then_some((b, m))
-            })
-            .collect();
-        if held.is_empty() {
-            return 0;
-        }
-        std::thread::sleep(STUCK);
-        let mut n = 0;
-        for (b, m) in held {
-            // Only if nobody moved it meanwhile: then nobody holds it.
-            let c = self.meta(b, 0);
-            let seq = (m & FLOW_SEQ_MASK).wrapping_add(1 << FLOW_SEQ_SHIFT) & FLOW_SEQ_MASK;
-            let freed = (m & !FLOW_LOCK & !FLOW_SEQ_MASK) | seq;
-            if c.compare_exchange(m, freed, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-            {
-                n += 1;
-            }
-        }
-        n
+        self.swap_control(b, |m0| (m0 & FLOW_OVERFLOW == 0).then_some(m0 | FLOW_OVERFLOW));
     }
 
     /// Bucket `b` as it is now (fields read one by one: consistent only when nobody writes).
@@ -367,9 +309,26 @@ impl FlowMemory {
         out
     }
 
-    /// Writes `way` into way `i` of `b` under the lock, as a program's insert would (tests).
+    /// Writes `way` into way `i` of `b` as a program's insert does: under the bucket lock,
+    /// the sequence moved on (tests of the agent's side).
+    #[cfg(test)]
     pub fn write(&self, b: u32, i: usize, way: &FlowWay) {
-        let m0 = self.lock(b);
+        let c = self.control(b);
+        let pair = loop {
+            let pair = c.load(Ordering::Acquire);
+            if pair as u32 & FLOW_LOCK == 0
+                && c.compare_exchange(
+                    pair,
+                    pair | u64::from(FLOW_LOCK),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+            {
+                break pair;
+            }
+        };
+        let m0 = pair as u32;
         let set = |f, x: u32| self.word(b, i, f).store(x, Ordering::Relaxed);
         set(std::mem::offset_of!(FlowWay, endpoint), way.endpoint);
         set(
@@ -388,14 +347,22 @@ impl FlowMemory {
         set(std::mem::offset_of!(FlowWay, epoch), way.epoch);
         set(std::mem::offset_of!(FlowWay, rule), way.rule);
         set(std::mem::offset_of!(FlowWay, last_seen), way.last_seen);
-        let low = way.meta & !FLOW_CONTROL;
-        if i == 0 {
-            self.unlock(b, (m0 & FLOW_CONTROL) | low, 0, true);
+        let low = way.meta & 0xffff;
+        let m = if i == 0 {
+            (m0 & !0xffff) | low
         } else {
             self.meta(b, i).store(low, Ordering::Relaxed);
-            self.unlock(b, m0, 0, true);
-        }
+            m0
+        };
+        self.meta(b, 0)
+            .store(next_seq(m | flow_live(i)), Ordering::Release);
     }
+}
+
+/// `m0` with the sequence moved on.
+fn next_seq(m0: u32) -> u32 {
+    let seq = (m0 & FLOW_SEQ_MASK).wrapping_add(1 << FLOW_SEQ_SHIFT) & FLOW_SEQ_MASK;
+    (m0 & !FLOW_SEQ_MASK) | seq
 }
 
 fn page_size() -> usize {
@@ -456,28 +423,27 @@ mod tests {
     }
 
     #[test]
-    fn writes_move_the_sequence_and_keep_the_control_bits() {
+    fn the_agent_keeps_the_control_bits_and_moves_the_sequence_when_it_frees() {
         let mem = FlowMemory::heap(8);
         let (a, b) = colliding(8);
         let bucket = flow_bucket(&a, 8);
+        mem.write(bucket, 0, &way_of(&a, CT_ORIGIN_A));
+        mem.write(bucket, 1, &way_of(&b, 0));
         mem.mark_overflow(&a);
         let m = mem.meta(bucket, 0).load(Ordering::Relaxed);
         assert_eq!(m & FLOW_OVERFLOW, FLOW_OVERFLOW);
-        assert_eq!(m & FLOW_LOCK, 0);
-        let seq = m & FLOW_SEQ_MASK;
-        mem.write(bucket, 0, &way_of(&a, CT_ORIGIN_A));
-        mem.write(bucket, 1, &way_of(&b, 0));
-        let after = mem.read(bucket);
-        assert_eq!(after.ways[0].key(), a);
-        assert_eq!(after.ways[1].key(), b);
-        assert_eq!(after.ways[0].meta & FLOW_OVERFLOW, FLOW_OVERFLOW, "overflow kept");
-        assert_eq!(after.ways[0].meta & FLOW_LOCK, 0, "unlocked");
-        assert_eq!(
-            after.ways[0].meta & FLOW_SEQ_MASK,
-            (seq + (2 << FLOW_SEQ_SHIFT)) & FLOW_SEQ_MASK,
-            "two writes, two steps"
+        let live: Vec<CtKeyV4> = mem.read(bucket).live().map(FlowWay::key).collect();
+        assert_eq!(live, vec![a, b], "marking frees nothing");
+        assert!(mem.remove(&b));
+        let after = mem.meta(bucket, 0).load(Ordering::Relaxed);
+        assert_eq!(after & FLOW_OVERFLOW, FLOW_OVERFLOW, "overflow kept");
+        assert_eq!(after & FLOW_LOCK, 0);
+        assert_ne!(
+            after & FLOW_SEQ_MASK,
+            m & FLOW_SEQ_MASK,
+            "a reader mid-read sees the bucket changed"
         );
-        assert_eq!(after.ways[0].value(5 << 30).flags, CT_ORIGIN_A);
+        assert_eq!(mem.read(bucket).ways[0].value(5 << 30).flags, CT_ORIGIN_A);
     }
 
     #[test]
@@ -492,32 +458,47 @@ mod tests {
         assert!(!mem.remove(&other), "another protocol is another flow");
         assert!(mem.remove(&a));
         let after = mem.read(bucket);
-        assert_eq!(after.ways[0].meta & FLOW_PROTO_MASK, 0, "way 0 free");
-        assert_eq!(after.ways[1].key(), b, "way 1 kept");
+        let live: Vec<CtKeyV4> = after.live().map(FlowWay::key).collect();
+        assert_eq!(live, vec![b], "way 0 free, way 1 kept");
         assert!(!mem.remove(&a), "already gone");
         assert_eq!(mem.remove_where(|k| k.endpoint == 1), 1);
-        assert_eq!(mem.read(bucket).ways[1].meta & FLOW_PROTO_MASK, 0);
+        assert_eq!(mem.read(bucket).live().count(), 0);
     }
 
     #[test]
-    fn a_lock_left_held_is_freed_and_a_moving_one_is_not() {
+    fn the_agent_waits_for_a_program_holding_the_lock_and_keeps_its_write() {
         let mem = FlowMemory::heap(4);
-        let m0 = mem.lock(2);
-        assert_eq!(mem.unstick(), 1, "held with no holder");
-        let m = mem.meta(2, 0).load(Ordering::Relaxed);
-        assert_eq!(m & FLOW_LOCK, 0);
-        assert_ne!(m & FLOW_SEQ_MASK, m0 & FLOW_SEQ_MASK, "readers see it moved");
-        // A holder that finishes while unstick waits: the lock is not taken from under it.
-        let _ = mem.lock(3);
+        let (a, b) = colliding(4);
+        let bucket = flow_bucket(&a, 4);
+        mem.write(bucket, 0, &way_of(&a, 0));
+        // A program holds the bucket: the agent's change waits, then lands on top of what the
+        // program wrote (way 1), never over it.
+        let c = mem.control(bucket);
+        c.fetch_or(u64::from(FLOW_LOCK), Ordering::AcqRel);
         std::thread::scope(|s| {
-            s.spawn(|| {
-                std::thread::sleep(STUCK / 4);
-                let m = mem.meta(3, 0).load(Ordering::Relaxed);
-                mem.unlock(3, m, 0, true);
-                let _ = mem.lock(3);
-            });
-            assert_eq!(mem.unstick(), 0, "it moved: someone holds it");
+            let agent = s.spawn(|| mem.remove(&a));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            assert!(!agent.is_finished(), "the agent waited for the lock");
+            // The program's write: way 1, then release with the sequence moved on.
+            let w = way_of(&b, 0);
+            let set = |f, x: u32| mem.word(bucket, 1, f).store(x, Ordering::Relaxed);
+            set(std::mem::offset_of!(FlowWay, endpoint), w.endpoint);
+            set(std::mem::offset_of!(FlowWay, addr_a), u32::from_ne_bytes(w.addr_a));
+            set(std::mem::offset_of!(FlowWay, addr_b), u32::from_ne_bytes(w.addr_b));
+            let (p, q) = (w.port_a.to_ne_bytes(), w.port_b.to_ne_bytes());
+            set(
+                std::mem::offset_of!(FlowWay, port_a),
+                u32::from_ne_bytes([p[0], p[1], q[0], q[1]]),
+            );
+            mem.meta(bucket, 1).store(w.meta, Ordering::Relaxed);
+            let m0 = mem.meta(bucket, 0).load(Ordering::Relaxed);
+            mem.meta(bucket, 0)
+                .store(next_seq((m0 & !FLOW_LOCK) | flow_live(1)), Ordering::Release);
+            assert!(agent.join().unwrap(), "then removed its flow");
         });
+        let after = mem.read(bucket);
+        let live: Vec<CtKeyV4> = after.live().map(FlowWay::key).collect();
+        assert_eq!(live, vec![b], "way 0 freed, the program's way 1 kept");
     }
 
     #[test]

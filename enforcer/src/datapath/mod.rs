@@ -368,12 +368,6 @@ impl Datapath {
         let lru_all = conntrack.flows.is_some()
             && (conntrack.v4.map.keys().next().is_some()
                 || !Self::attached_at(&options.pin_path)?.is_empty());
-        if let Some(f) = &conntrack.flows {
-            let n = f.with_memory(|m| m.unstick())?;
-            if n > 0 {
-                log::warn!("freed {n} {MAP_FLOWS_V4} bucket locks left held by a dead agent");
-            }
-        }
         let mut dp = Self {
             lru_all,
             ebpf,
