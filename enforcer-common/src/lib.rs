@@ -524,30 +524,21 @@ pub const fn flow_stamp_ns(stamp: u32, now_ns: u64) -> u64 {
     }
 }
 
-/// The bucket of `key` in a table of `buckets`: a multiply-xorshift mix of its five words,
-/// computed the same way by the programs and the agent.
+/// The bucket of `key` in a table of `buckets`, computed the same way by the programs and the
+/// agent: each word multiplied by its own odd constant (independent multiplies, so the
+/// bucket's address is ready a few cycles after the key: it gates the one cold load of a new
+/// flow), folded, then a xorshift-multiply finalizer so that every input bit moves the high
+/// bits, which a multiply-and-shift maps onto `0..buckets` (no division).
 #[inline(always)]
 pub const fn flow_bucket(key: &CtKeyV4, buckets: u32) -> u32 {
-    let words = [
-        key.endpoint,
-        key.protocol as u32,
-        u32::from_le_bytes(key.addr_a),
-        u32::from_le_bytes(key.addr_b),
-        (key.port_a as u32) << 16 | key.port_b as u32,
-    ];
-    let mut h: u32 = 0x811c_9dc5;
-    let mut i = 0;
-    while i < words.len() {
-        h = (h ^ words[i]).wrapping_mul(0x0100_0193).rotate_left(13);
-        i += 1;
-    }
-    // murmur3's finalizer: every input bit moves every output bit.
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^= h >> 16;
-    // Onto 0..buckets by a multiply and a shift (no division on the packet path).
+    let a = u32::from_le_bytes(key.addr_a).wrapping_mul(0x9e37_79b1);
+    let b = u32::from_le_bytes(key.addr_b).wrapping_mul(0x85eb_ca77);
+    let p = ((key.port_a as u32) << 16 | key.port_b as u32).wrapping_mul(0xc2b2_ae3d);
+    let e = (key.endpoint ^ (key.protocol as u32) << 24).wrapping_mul(0x27d4_eb2f);
+    let mut h = (a ^ b) ^ (p ^ e);
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x2c1b_3c6d);
+    h ^= h >> 12;
     ((h as u64 * buckets as u64) >> 32) as u32
 }
 

@@ -1,10 +1,12 @@
-//! Conntrack and fragment keys, address helpers.
+//! Conntrack (the IPv4 flow table of [`crate::flows`] first, then the LRU maps) and fragment
+//! keys, address helpers.
 
 use core::{mem::MaybeUninit, ptr::write_volatile};
 
 use enforcer_common::{
-    CONFIG_CT_LRU_ALL, CT_ORIGIN_A, CT_ORIGIN_EGRESS, Config, CtKey, CtKeyV4, CtValue, DEFAULT_CT_TIMEOUT_OTHER_NS,
-    DEFAULT_CT_TIMEOUT_TCP_NS, DIR_EGRESS, FAMILY_V4, FragKey, PROTO_TCP,
+    CONFIG_CT_LRU_ALL, CT_ORIGIN_A, CT_ORIGIN_EGRESS, Config, CtKey, CtKeyV4, CtValue,
+    DEFAULT_CT_TIMEOUT_OTHER_NS, DEFAULT_CT_TIMEOUT_TCP_NS, DIR_EGRESS, FAMILY_V4, FragKey,
+    PROTO_TCP,
 };
 
 use crate::{
@@ -263,7 +265,12 @@ pub fn ct_lookup(keys: &CtKeys, now: u64, cfg: Option<&Config>, hit: &mut CtHit)
 
 /// Records the flow of `keys`; `Err` when the maps would not take it.
 #[inline(always)]
-pub fn ct_insert(keys: &CtKeys, value: &CtValue, now: u64, cfg: Option<&Config>) -> Result<(), i32> {
+pub fn ct_insert(
+    keys: &CtKeys,
+    value: &CtValue,
+    now: u64,
+    cfg: Option<&Config>,
+) -> Result<(), i32> {
     if in_table(keys) {
         match flows::insert(&keys.v4, flows::buckets(), value, now, cfg) {
             Insert::Stored => return Ok(()),

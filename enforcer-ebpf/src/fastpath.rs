@@ -17,9 +17,10 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::programs::TcContext;
 use enforcer_common::{
-    CONFIG_CT_LRU_ALL, CONFIG_LOG_ALLOWED, CT_ORIGIN_A, CT_REVOKED, Config, CtKeyV4, DIR_EGRESS, EP_EGRESS_ISOLATED,
-    EP_HAS_V4, EP_INGRESS_ISOLATED, EndpointInfo, EndpointSlot, IDENTITY_ANY, IDENTITY_HOST,
-    PROTO_TCP, PROTO_UDP, endpoint_slot, flow_stamp, flow_stamp_ns, isolated_in, reason,
+    CONFIG_CT_LRU_ALL, CONFIG_LOG_ALLOWED, CT_ORIGIN_A, CT_REVOKED, Config, CtKeyV4, DIR_EGRESS,
+    EP_EGRESS_ISOLATED, EP_HAS_V4, EP_INGRESS_ISOLATED, EndpointInfo, EndpointSlot, IDENTITY_ANY,
+    IDENTITY_HOST, PROTO_TCP, PROTO_UDP, endpoint_slot, flow_stamp, flow_stamp_ns, isolated_in,
+    reason,
 };
 
 use crate::{

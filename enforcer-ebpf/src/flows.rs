@@ -6,8 +6,8 @@
 //! lock (see [`FlowBucket`] for the protocol); writers hold the bucket's lock for a few stores.
 
 use core::{
-    ptr::{read_volatile, write_volatile},
     intrinsics::{AtomicOrdering, atomic_cxchg},
+    ptr::{read_volatile, write_volatile},
 };
 
 use enforcer_common::{
@@ -190,9 +190,7 @@ fn lock(w0: *mut FlowWay) -> Option<u32> {
     while i < LOCK_TRIES {
         let pair = unsafe { read_volatile(&(*w0).meta as *const u32 as *const u64) };
         let cur = pair as u32;
-        if cur & FLOW_LOCK == 0
-            && swap_control(w0, pair, pair | u64::from(FLOW_LOCK))
-        {
+        if cur & FLOW_LOCK == 0 && swap_control(w0, pair, pair | u64::from(FLOW_LOCK)) {
             return Some(cur);
         }
         i += 1;

@@ -12,7 +12,10 @@
 //! fails open silently.
 #![no_std]
 #![feature(core_intrinsics)]
-#![allow(internal_features, reason = "the compare-and-swap of crate::flows (no 32-bit or CAS atomics on this target)")]
+#![allow(
+    internal_features,
+    reason = "the compare-and-swap of crate::flows (no 32-bit or CAS atomics on this target)"
+)]
 #![no_main]
 
 mod conntrack;
@@ -38,8 +41,8 @@ use enforcer_common::{
 
 use crate::{
     conntrack::{
-        CtFound, CtHit, addr_eq, config_flags, ct_insert, ct_key, ct_lookup, ct_remove, frag_key, fresh, new_entry,
-        timeout,
+        CtFound, CtHit, addr_eq, config_flags, ct_insert, ct_key, ct_lookup, ct_remove, frag_key,
+        fresh, new_entry, timeout,
     },
     fastpath::{Fast, FastEp, Known, established_v4, slot_endpoint},
     lookup::{peer_identity, policy_lookup},

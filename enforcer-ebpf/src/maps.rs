@@ -8,8 +8,8 @@ use aya_ebpf::{
 use enforcer_common::{
     Config, Counter, CtKey, CtKeyV4, CtValue, DEFAULT_CIDRS_SIZE, DEFAULT_CONNTRACK_SIZE,
     DEFAULT_EVENTS_BYTES, DEFAULT_FRAGMENTS_SIZE, DEFAULT_MAX_ENDPOINTS, DEFAULT_PEERS_SIZE,
-    DEFAULT_POLICY_SIZE, ENDPOINT_SLOT_COUNT, EndpointInfo, EndpointSlot, FlowBucket, FragKey, FragValue,
-    PeerInfo, PolicyKey, PolicyValue, counter_slots,
+    DEFAULT_POLICY_SIZE, ENDPOINT_SLOT_COUNT, EndpointInfo, EndpointSlot, FlowBucket, FragKey,
+    FragValue, PeerInfo, PolicyKey, PolicyValue, counter_slots,
 };
 
 use crate::{

@@ -128,7 +128,9 @@ struct RunArgs {
     /// modes across a restart moves every hook to the new kind without a gap.
     #[arg(long, default_value_t = enforcer::datapath::AttachMode::Auto)]
     attach_mode: enforcer::datapath::AttachMode,
-    /// Entries of each conntrack map (one for IPv4 flows, one for IPv6 flows).
+    /// Entries of each LRU conntrack map (one for IPv4 flows, one for IPv6 flows); on x86-64
+    /// also the buckets (of two flows each, 64 bytes) of the IPv4 flow table in front of the
+    /// IPv4 map, which then holds only the flows of full buckets.
     #[arg(long, default_value_t = DEFAULT_CONNTRACK_SIZE)]
     conntrack_map_size: u32,
     /// Entries of the fragments map.

@@ -17,11 +17,11 @@ use enforcer::{
     state::Prefix,
 };
 use enforcer_common::{
-    CONFIG_CT_LRU_ALL, CONFIG_LOG_ALLOWED, CT_REVOKED, CtKey, CtKeyV4, CtValue, DIR_EGRESS, DIR_INGRESS,
-    EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6, EP_INGRESS_ISOLATED, EndpointInfo, FAMILY_V4,
-    FAMILY_V6, IDENTITY_ANY, IDENTITY_HOST, MAP_CONNTRACK_V4, MAP_CONNTRACK_V6, MAP_FLOWS_V4, FlowBucket,
-    PORT_MASK_ANY_PROTO, PROTO_ANY, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerInfo, PolicyKey,
-    PolicyValue, REASON_NAMES, SCHEMA_VERSION, reason::*,
+    CONFIG_CT_LRU_ALL, CONFIG_LOG_ALLOWED, CT_REVOKED, CtKey, CtKeyV4, CtValue, DIR_EGRESS,
+    DIR_INGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6, EP_INGRESS_ISOLATED, EndpointInfo,
+    FAMILY_V4, FAMILY_V6, FlowBucket, IDENTITY_ANY, IDENTITY_HOST, MAP_CONNTRACK_V4,
+    MAP_CONNTRACK_V6, MAP_FLOWS_V4, PORT_MASK_ANY_PROTO, PROTO_ANY, PROTO_SCTP, PROTO_TCP,
+    PROTO_UDP, PeerInfo, PolicyKey, PolicyValue, REASON_NAMES, SCHEMA_VERSION, reason::*,
 };
 
 const OK: i32 = 0; // TC_ACT_OK
@@ -1975,7 +1975,14 @@ fn upgrade_cases(h: &mut Harness, pin: &Path) {
         return;
     }
     let fwd = ipv4(WORLD4, A4, PROTO_TCP, &tcp(46500, 8001));
-    h.case("upgrade: a new flow", "a", Hook::Egress, &fwd, OK, ALLOW_POLICY);
+    h.case(
+        "upgrade: a new flow",
+        "a",
+        Hook::Egress,
+        &fwd,
+        OK,
+        ALLOW_POLICY,
+    );
     let flow =
         h.dp.conntrack
             .entries()
@@ -2015,7 +2022,8 @@ fn upgrade_cases(h: &mut Harness, pin: &Path) {
     h.dp.settle_conntrack().unwrap();
     h.cases += 1;
     if h.dp.config().unwrap().flags & CONFIG_CT_LRU_ALL != 0 {
-        h.failures.push("upgrade: settling left CONFIG_CT_LRU_ALL".into());
+        h.failures
+            .push("upgrade: settling left CONFIG_CT_LRU_ALL".into());
     }
     h.case(
         "upgrade: settled, found through its bucket's mark",
@@ -2035,13 +2043,12 @@ fn upgrade_cases(h: &mut Harness, pin: &Path) {
     );
     // Never recorded twice: still in CONNTRACK_V4 only.
     h.cases += 1;
-    let in_table = h
-        .dp
-        .conntrack
-        .flow_table()
-        .unwrap()
-        .get(&k4, enforcer::datapath::flows::now_ns())
-        .unwrap();
+    let in_table =
+        h.dp.conntrack
+            .flow_table()
+            .unwrap()
+            .get(&k4, enforcer::datapath::flows::now_ns())
+            .unwrap();
     if in_table.is_some() || lru.get(&k4, 0).is_err() {
         h.failures.push(format!(
             "upgrade: the flow is in FLOWS_V4 ({in_table:?}) or gone from CONNTRACK_V4"

@@ -42,7 +42,10 @@ impl FlowTable {
     /// A second table over a new descriptor of the same map (for a thread of its own).
     pub fn try_clone(&self) -> Result<Self> {
         Ok(Self {
-            fd: self.fd.try_clone().context("duplicating the FLOWS_V4 descriptor")?,
+            fd: self
+                .fd
+                .try_clone()
+                .context("duplicating the FLOWS_V4 descriptor")?,
             buckets: self.buckets,
         })
     }
@@ -112,7 +115,10 @@ impl FlowTable {
 
 /// `key` as a way gives it back (no padding bytes).
 fn normalized(key: &CtKeyV4) -> CtKeyV4 {
-    CtKeyV4 { _pad: [0; 3], ..*key }
+    CtKeyV4 {
+        _pad: [0; 3],
+        ..*key
+    }
 }
 
 /// Buckets per `BPF_MAP_LOOKUP_BATCH` call (256 KiB of values).
@@ -191,7 +197,13 @@ impl FlowMemory {
     fn way(&self, bucket: u32, way: usize) -> *mut FlowWay {
         assert!(bucket < self.buckets && way < FLOW_WAYS);
         // SAFETY: in bounds (asserted) of the memory this value maps or owns.
-        unsafe { self.ptr.as_ptr().add(bucket as usize).cast::<FlowWay>().add(way) }
+        unsafe {
+            self.ptr
+                .as_ptr()
+                .add(bucket as usize)
+                .cast::<FlowWay>()
+                .add(way)
+        }
     }
 
     fn word(&self, bucket: u32, way: usize, field: usize) -> &AtomicU32 {
@@ -296,7 +308,9 @@ impl FlowMemory {
     /// `CONNTRACK_V4` too (where `key` lives).
     pub fn mark_overflow(&self, key: &CtKeyV4) {
         let b = flow_bucket(key, self.buckets);
-        self.swap_control(b, |m0| (m0 & FLOW_OVERFLOW == 0).then_some(m0 | FLOW_OVERFLOW));
+        self.swap_control(b, |m0| {
+            (m0 & FLOW_OVERFLOW == 0).then_some(m0 | FLOW_OVERFLOW)
+        });
     }
 
     /// Bucket `b` as it is now (fields read one by one: consistent only when nobody writes).
@@ -483,8 +497,14 @@ mod tests {
             let w = way_of(&b, 0);
             let set = |f, x: u32| mem.word(bucket, 1, f).store(x, Ordering::Relaxed);
             set(std::mem::offset_of!(FlowWay, endpoint), w.endpoint);
-            set(std::mem::offset_of!(FlowWay, addr_a), u32::from_ne_bytes(w.addr_a));
-            set(std::mem::offset_of!(FlowWay, addr_b), u32::from_ne_bytes(w.addr_b));
+            set(
+                std::mem::offset_of!(FlowWay, addr_a),
+                u32::from_ne_bytes(w.addr_a),
+            );
+            set(
+                std::mem::offset_of!(FlowWay, addr_b),
+                u32::from_ne_bytes(w.addr_b),
+            );
             let (p, q) = (w.port_a.to_ne_bytes(), w.port_b.to_ne_bytes());
             set(
                 std::mem::offset_of!(FlowWay, port_a),
@@ -492,8 +512,10 @@ mod tests {
             );
             mem.meta(bucket, 1).store(w.meta, Ordering::Relaxed);
             let m0 = mem.meta(bucket, 0).load(Ordering::Relaxed);
-            mem.meta(bucket, 0)
-                .store(next_seq((m0 & !FLOW_LOCK) | flow_live(1)), Ordering::Release);
+            mem.meta(bucket, 0).store(
+                next_seq((m0 & !FLOW_LOCK) | flow_live(1)),
+                Ordering::Release,
+            );
             assert!(agent.join().unwrap(), "then removed its flow");
         });
         let after = mem.read(bucket);

@@ -33,13 +33,13 @@ use enforcer_common::{
     DEFAULT_CT_TIMEOUT_OTHER_NS, DEFAULT_CT_TIMEOUT_TCP_NS, DEFAULT_EVENTS_BYTES,
     DEFAULT_FRAGMENTS_SIZE, DEFAULT_MAX_ENDPOINTS, DEFAULT_PEERS_SIZE, DEFAULT_POLICY_SIZE,
     MAP_CIDRS_V4, MAP_CIDRS_V6, MAP_CONFIG, MAP_CONNTRACK_V4, MAP_CONNTRACK_V6, MAP_COUNTERS,
-    MAP_ENDPOINT_SLOTS, MAP_ENDPOINTS, MAP_EVENTS, MAP_FLOWS_V4, MAP_FRAGMENTS, MAP_PEERS_V4, MAP_PEERS_V6,
-    MAP_POLICY, PROG_FROM_POD, PROG_TO_POD, PeerInfo, PolicyKey, PolicyValue, SCHEMA_VERSION,
-    counter_slots,
+    MAP_ENDPOINT_SLOTS, MAP_ENDPOINTS, MAP_EVENTS, MAP_FLOWS_V4, MAP_FRAGMENTS, MAP_PEERS_V4,
+    MAP_PEERS_V6, MAP_POLICY, PROG_FROM_POD, PROG_TO_POD, PeerInfo, PolicyKey, PolicyValue,
+    SCHEMA_VERSION, counter_slots,
 };
 pub use tables::{
-    AsyncEvents, Conntrack, ConntrackCounter, CtCount, CounterKey, CounterReader, Counters, EndpointTable,
-    EventReader, HashTable, LpmAddr, LpmTable,
+    AsyncEvents, Conntrack, ConntrackCounter, CounterKey, CounterReader, Counters, CtCount,
+    EndpointTable, EventReader, HashTable, LpmAddr, LpmTable,
 };
 
 pub use self::attach::AttachMode;
