@@ -272,7 +272,7 @@ pub fn ct_insert(
     cfg: Option<&Config>,
 ) -> Result<(), i32> {
     if in_table(keys) {
-        match flows::insert(&keys.v4, flows::buckets(), value, now, cfg) {
+        match flows::insert_slow(&keys.v4, flows::buckets(), value, now, cfg) {
             Insert::Stored => return Ok(()),
             Insert::Busy => return Err(-1),
             Insert::Spill => {}

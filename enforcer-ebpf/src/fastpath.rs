@@ -195,7 +195,9 @@ pub fn established_v4(
     let (key, src_is_a) = ct_key_v4(&mut key, ep.id, proto, src, sport, dst, dport);
     let peer = if dir == DIR_EGRESS { dst } else { src };
     let n = flows::buckets();
-    if n != 0 {
+    // With the table on, the LRU map behind it is looked at only for an overflowed bucket (or
+    // while flows of older programs may sit there unmarked).
+    let in_lru = if n != 0 {
         let mut snap = Snap::new();
         match flows::lookup(key, n, &mut snap) {
             Lookup::Found => {
@@ -217,14 +219,19 @@ pub fn established_v4(
                 });
             }
             Lookup::Busy => return Fast::Other,
-            Lookup::Missing if config_flags(cfg) & CONFIG_CT_LRU_ALL == 0 => {
-                return new_v4(ep, key, src_is_a, dir, proto, peer, dport, now, cfg, known);
-            }
-            // The flow may be in the LRU map behind the table.
-            Lookup::Missing | Lookup::Overflowed => {}
+            Lookup::Missing => config_flags(cfg) & CONFIG_CT_LRU_ALL != 0,
+            Lookup::Overflowed => true,
         }
-    }
-    let Some(e) = CONNTRACK_V4.get_ptr_mut(key) else {
+    } else {
+        true
+    };
+    // One call of the new-flow path (it is inlined: one copy of it).
+    let e = if in_lru {
+        CONNTRACK_V4.get_ptr_mut(key)
+    } else {
+        None
+    };
+    let Some(e) = e else {
         return new_v4(ep, key, src_is_a, dir, proto, peer, dport, now, cfg, known);
     };
     let e = unsafe { &mut *e };

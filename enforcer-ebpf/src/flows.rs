@@ -300,9 +300,15 @@ pub fn insert(key: &CtKeyV4, n: u32, v: &CtValue, now: u64, cfg: Option<&Config>
     Insert::Spill
 }
 
+/// [`insert`] out of line, for the full path (the fast path inlines its own).
+#[inline(never)]
+pub fn insert_slow(key: &CtKeyV4, n: u32, v: &CtValue, now: u64, cfg: Option<&Config>) -> Insert {
+    insert(key, n, v, now, cfg)
+}
+
 /// Rewrites the entry of `key` (a re-check under a new policy epoch): its flags, epoch, rule
 /// and stamp at once, under the lock, so no reader sees half of it. False if it is gone.
-#[inline(always)]
+#[inline(never)]
 pub fn update(key: &CtKeyV4, n: u32, v: &CtValue) -> bool {
     let Some(w0) = bucket(key, n) else {
         return false;
@@ -328,7 +334,7 @@ pub fn update(key: &CtKeyV4, n: u32, v: &CtValue) -> bool {
 }
 
 /// Frees the way of `key`, if any.
-#[inline(always)]
+#[inline(never)]
 pub fn remove(key: &CtKeyV4, n: u32) {
     let Some(w0) = bucket(key, n) else {
         return;

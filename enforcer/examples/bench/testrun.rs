@@ -1236,7 +1236,7 @@ fn scenario(
         // unmanaged path), the others after it (compared with "pod to itself").
         let others: [(&str, &[u8], &[u8]); 3] = [
             (
-                "established, fast path: endpoint slot, clock, IPv4/TCP header words in place, conntrack (LRU) lookup",
+                "established, fast path: endpoint slot, clock, IPv4/TCP header words in place, conntrack (flow table) lookup",
                 &est,
                 &ctx,
             ),

@@ -50,9 +50,10 @@ impl FlowTable {
         })
     }
 
-    /// Every bucket, copied in batches. Each copy is the kernel's memcpy of a bucket the
-    /// programs may be writing: good for counts and listings, never for a decision.
-    pub fn read_all(&self) -> Result<Vec<FlowBucket>> {
+    /// Every bucket with its index, copied in batches. Each copy is the kernel's memcpy of a
+    /// bucket the programs may be writing: good for counts, listings and finding what to change
+    /// (under the compare-and-swap that checks it), never for a decision.
+    pub fn read_all(&self) -> Result<Vec<(u32, FlowBucket)>> {
         let mut out = Vec::with_capacity(self.buckets as usize);
         let per = BATCH.min(self.buckets.max(1)) as usize;
         let mut keys = vec![0u8; per * 4];
@@ -68,9 +69,15 @@ impl FlowTable {
                 size_of::<FlowBucket>(),
             )
             .with_context(|| format!("reading {MAP_FLOWS_V4}"))?;
-            for chunk in values.chunks_exact(size_of::<FlowBucket>()).take(n) {
+            let found = keys
+                .chunks_exact(4)
+                .zip(values.chunks_exact(size_of::<FlowBucket>()));
+            for (key, value) in found.take(n) {
+                let index = u32::from_ne_bytes([key[0], key[1], key[2], key[3]]);
                 // SAFETY: FlowBucket is plain old data of exactly this size.
-                out.push(unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast()) });
+                out.push((index, unsafe {
+                    std::ptr::read_unaligned(value.as_ptr().cast())
+                }));
             }
             match next {
                 Some(at) => resume = Some(at),
@@ -81,7 +88,7 @@ impl FlowTable {
 
     /// Flows held (ways in use, live or idle).
     pub fn count(&self) -> Result<usize> {
-        Ok(self.read_all()?.iter().map(|b| b.live().count()).sum())
+        Ok(self.read_all()?.iter().map(|(_, b)| b.live().count()).sum())
     }
 
     /// Every flow, its stamp widened against `now_ns` (the programs' clock).
@@ -89,7 +96,7 @@ impl FlowTable {
         Ok(self
             .read_all()?
             .iter()
-            .flat_map(|b| b.live())
+            .flat_map(|(_, b)| b.live())
             .map(|w| (w.key(), w.value(now_ns)))
             .collect())
     }
@@ -104,6 +111,21 @@ impl FlowTable {
             .live()
             .find(|w| w.key() == normalized(key))
             .map(|w| w.value(now_ns)))
+    }
+
+    /// Forgets every flow `drop` picks; returns how many. The buckets that hold one are found
+    /// in a batched read, so only their pages are mapped in and written.
+    pub fn remove_where(&self, drop: impl Fn(&CtKeyV4) -> bool) -> Result<usize> {
+        let holding: Vec<u32> = self
+            .read_all()?
+            .iter()
+            .filter(|(_, b)| b.live().any(|w| drop(&w.key())))
+            .map(|&(i, _)| i)
+            .collect();
+        if holding.is_empty() {
+            return Ok(0);
+        }
+        self.with_memory(|m| holding.iter().map(|&b| m.free_in(b, &drop)).sum())
     }
 
     /// Runs `f` on the table's memory, mapped for the call.
@@ -250,7 +272,7 @@ impl FlowMemory {
                 }
             }
             spins += 1;
-            if spins % SPINS == 0 {
+            if spins.is_multiple_of(SPINS) {
                 std::thread::yield_now();
             } else {
                 std::hint::spin_loop();

@@ -430,7 +430,7 @@ impl Conntrack {
     /// Deletes every flow of `endpoint` (a pod went away); returns how many.
     pub fn remove_endpoint(&mut self, endpoint: u32) -> Result<usize> {
         let in_table = match &self.flows {
-            Some(f) => f.with_memory(|m| m.remove_where(|k| k.endpoint == endpoint))?,
+            Some(f) => f.remove_where(|k| k.endpoint == endpoint)?,
             None => 0,
         };
         let v4: Vec<CtKeyV4> = self
