@@ -321,11 +321,6 @@ impl FlowMemory {
         self.free_in(flow_bucket(&key, self.buckets), &|k| *k == key) > 0
     }
 
-    /// Forgets every flow `drop` picks (a whole pass over the table); returns how many.
-    pub fn remove_where(&self, drop: impl Fn(&CtKeyV4) -> bool) -> usize {
-        (0..self.buckets).map(|b| self.free_in(b, &drop)).sum()
-    }
-
     /// Marks the bucket of `key` overflowed: a program that misses there looks in
     /// `CONNTRACK_V4` too (where `key` lives).
     pub fn mark_overflow(&self, key: &CtKeyV4) {
@@ -343,6 +338,33 @@ impl FlowMemory {
             *w = unsafe { std::ptr::read_volatile(self.way(b, i)) };
         }
         out
+    }
+
+    /// The stores of a write of `way` into way `i` of `b` (its key and value words, and way
+    /// 1's `meta`), the lock held (tests).
+    #[cfg(test)]
+    fn store_way(&self, b: u32, i: usize, way: &FlowWay) {
+        let set = |f, x: u32| self.word(b, i, f).store(x, Ordering::Relaxed);
+        set(std::mem::offset_of!(FlowWay, endpoint), way.endpoint);
+        set(
+            std::mem::offset_of!(FlowWay, addr_a),
+            u32::from_ne_bytes(way.addr_a),
+        );
+        set(
+            std::mem::offset_of!(FlowWay, addr_b),
+            u32::from_ne_bytes(way.addr_b),
+        );
+        let (a, bb) = (way.port_a.to_ne_bytes(), way.port_b.to_ne_bytes());
+        set(
+            std::mem::offset_of!(FlowWay, port_a),
+            u32::from_ne_bytes([a[0], a[1], bb[0], bb[1]]),
+        );
+        set(std::mem::offset_of!(FlowWay, epoch), way.epoch);
+        set(std::mem::offset_of!(FlowWay, rule), way.rule);
+        set(std::mem::offset_of!(FlowWay, last_seen), way.last_seen);
+        if i != 0 {
+            self.meta(b, i).store(way.meta & 0xffff, Ordering::Relaxed);
+        }
     }
 
     /// Writes `way` into way `i` of `b` as a program's insert does: under the bucket lock,
@@ -365,31 +387,9 @@ impl FlowMemory {
             }
         };
         let m0 = pair as u32;
-        let set = |f, x: u32| self.word(b, i, f).store(x, Ordering::Relaxed);
-        set(std::mem::offset_of!(FlowWay, endpoint), way.endpoint);
-        set(
-            std::mem::offset_of!(FlowWay, addr_a),
-            u32::from_ne_bytes(way.addr_a),
-        );
-        set(
-            std::mem::offset_of!(FlowWay, addr_b),
-            u32::from_ne_bytes(way.addr_b),
-        );
-        let (a, bb) = (way.port_a.to_ne_bytes(), way.port_b.to_ne_bytes());
-        set(
-            std::mem::offset_of!(FlowWay, port_a),
-            u32::from_ne_bytes([a[0], a[1], bb[0], bb[1]]),
-        );
-        set(std::mem::offset_of!(FlowWay, epoch), way.epoch);
-        set(std::mem::offset_of!(FlowWay, rule), way.rule);
-        set(std::mem::offset_of!(FlowWay, last_seen), way.last_seen);
+        self.store_way(b, i, way);
         let low = way.meta & 0xffff;
-        let m = if i == 0 {
-            (m0 & !0xffff) | low
-        } else {
-            self.meta(b, i).store(low, Ordering::Relaxed);
-            m0
-        };
+        let m = if i == 0 { (m0 & !0xffff) | low } else { m0 };
         self.meta(b, 0)
             .store(next_seq(m | flow_live(i)), Ordering::Release);
     }
@@ -497,7 +497,7 @@ mod tests {
         let live: Vec<CtKeyV4> = after.live().map(FlowWay::key).collect();
         assert_eq!(live, vec![b], "way 0 free, way 1 kept");
         assert!(!mem.remove(&a), "already gone");
-        assert_eq!(mem.remove_where(|k| k.endpoint == 1), 1);
+        assert_eq!(mem.free_in(bucket, &|k: &CtKeyV4| k.endpoint == 1), 1);
         assert_eq!(mem.read(bucket).live().count(), 0);
     }
 
@@ -516,23 +516,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(20));
             assert!(!agent.is_finished(), "the agent waited for the lock");
             // The program's write: way 1, then release with the sequence moved on.
-            let w = way_of(&b, 0);
-            let set = |f, x: u32| mem.word(bucket, 1, f).store(x, Ordering::Relaxed);
-            set(std::mem::offset_of!(FlowWay, endpoint), w.endpoint);
-            set(
-                std::mem::offset_of!(FlowWay, addr_a),
-                u32::from_ne_bytes(w.addr_a),
-            );
-            set(
-                std::mem::offset_of!(FlowWay, addr_b),
-                u32::from_ne_bytes(w.addr_b),
-            );
-            let (p, q) = (w.port_a.to_ne_bytes(), w.port_b.to_ne_bytes());
-            set(
-                std::mem::offset_of!(FlowWay, port_a),
-                u32::from_ne_bytes([p[0], p[1], q[0], q[1]]),
-            );
-            mem.meta(bucket, 1).store(w.meta, Ordering::Relaxed);
+            mem.store_way(bucket, 1, &way_of(&b, 0));
             let m0 = mem.meta(bucket, 0).load(Ordering::Relaxed);
             mem.meta(bucket, 0).store(
                 next_seq((m0 & !FLOW_LOCK) | flow_live(1)),
