@@ -2235,6 +2235,19 @@ const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
+/// Pins a `FLOWS_V4` of one bucket in `maps` before the load (the loader takes its size): every
+/// IPv4 flow meets in that bucket's two ways.
+fn pin_one_bucket_flow_table(maps: &Path) {
+    pin_map(
+        &maps.join(MAP_FLOWS_V4),
+        BPF_MAP_TYPE_ARRAY,
+        4,
+        std::mem::size_of::<FlowBucket>(),
+        1,
+        BPF_F_MMAPABLE,
+    );
+}
+
 /// Creates a map of `map_type` and pins it at `path`.
 fn pin_map(
     path: &Path,
@@ -2291,14 +2304,7 @@ fn a_full_conntrack_refuses_new_flows_and_keeps_tracked_ones() {
             std::mem::size_of::<CtValue>(),
             u32::from(ENTRIES),
         );
-        pin_map(
-            &maps.join(MAP_FLOWS_V4),
-            BPF_MAP_TYPE_ARRAY,
-            4,
-            std::mem::size_of::<FlowBucket>(),
-            1,
-            BPF_F_MMAPABLE,
-        );
+        pin_one_bucket_flow_table(&maps);
     };
     in_private_netns("map-full", prepare, |h, _| {
         let mut events = h.dp.take_events().expect("event reader");
@@ -2393,14 +2399,7 @@ fn concurrent_writers_of_one_bucket_lose_and_duplicate_nothing() {
     let prepare = |pin: &Path| {
         let maps = pin.join(format!("v{SCHEMA_VERSION}/maps"));
         std::fs::create_dir_all(&maps).unwrap();
-        pin_map(
-            &maps.join(MAP_FLOWS_V4),
-            BPF_MAP_TYPE_ARRAY,
-            4,
-            std::mem::size_of::<FlowBucket>(),
-            1,
-            BPF_F_MMAPABLE,
-        );
+        pin_one_bucket_flow_table(&maps);
     };
     in_private_netns("flows-race", prepare, |h, _| {
         let Some(table) = h.dp.conntrack.flow_table() else {

@@ -8,12 +8,12 @@
 //! agent never holds a bucket lock: preempted while holding one, it would stall the programs.
 
 use std::{
-    os::fd::{AsFd, AsRawFd as _, BorrowedFd, OwnedFd},
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
     ptr::NonNull,
     sync::atomic::{AtomicU32, AtomicU64, Ordering},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use enforcer_common::{
     CtKeyV4, CtValue, FLOW_LOCK, FLOW_OVERFLOW, FLOW_PROTO_MASK, FLOW_SEQ_MASK, FLOW_SEQ_SHIFT,
     FLOW_WAYS, FlowBucket, FlowWay, MAP_FLOWS_V4, flow_bucket, flow_live,
@@ -181,25 +181,8 @@ impl FlowMemory {
     /// Maps `buckets` buckets of the (mmapable) map behind `fd`.
     pub fn map(fd: BorrowedFd<'_>, buckets: u32) -> Result<Self> {
         let len = (buckets as usize * size_of::<FlowBucket>()).next_multiple_of(page_size());
-        // SAFETY: a fresh shared mapping of `len` bytes of the map; checked below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            bail!(
-                "mapping {MAP_FLOWS_V4} into memory: {}",
-                std::io::Error::last_os_error()
-            );
-        }
         Ok(Self {
-            ptr: NonNull::new(p.cast()).context("mmap returned null")?,
+            ptr: super::map_shared(fd, len, MAP_FLOWS_V4)?.cast(),
             buckets,
             backing: Backing::Mmap(len),
         })

@@ -199,6 +199,35 @@ pub struct Datapath {
     lru_all: bool,
 }
 
+/// A shared, writable mapping of the first `len` bytes of the mmapable map `name` behind `fd`
+/// (the agent's way to write what the programs read under a lock or sequence); the caller
+/// unmaps it.
+fn map_shared(
+    fd: std::os::fd::BorrowedFd<'_>,
+    len: usize,
+    name: &str,
+) -> Result<std::ptr::NonNull<u8>> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: a fresh shared mapping of `len` bytes of the map; checked below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        bail!(
+            "mapping {name} into memory: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    std::ptr::NonNull::new(p.cast()).context("mmap returned null")
+}
+
 /// A second descriptor of `map`, for the raw batch calls aya does not offer.
 fn second_fd(map: &Map) -> Option<std::os::fd::OwnedFd> {
     let data = match map {

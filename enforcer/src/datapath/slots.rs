@@ -19,7 +19,7 @@ use std::{
     sync::atomic::{AtomicU32, AtomicU64, Ordering, fence},
 };
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use enforcer_common::{ENDPOINT_SLOT_COUNT, EndpointInfo, EndpointSlot, endpoint_slot};
 
 /// Whether this machine may fill slots (see the module doc).
@@ -48,27 +48,9 @@ unsafe impl Sync for SlotMemory {}
 impl SlotMemory {
     /// Maps the array behind `fd` (an `ENDPOINT_SLOTS` map created `BPF_F_MMAPABLE`).
     pub fn map(fd: std::os::fd::BorrowedFd<'_>) -> Result<Self> {
-        use std::os::fd::AsRawFd;
-        // SAFETY: a fresh shared mapping of LEN bytes of the map; checked below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                LEN,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            bail!(
-                "mapping {} into memory: {}",
-                enforcer_common::MAP_ENDPOINT_SLOTS,
-                std::io::Error::last_os_error()
-            );
-        }
+        let p = super::map_shared(fd, LEN, enforcer_common::MAP_ENDPOINT_SLOTS)?;
         Ok(Self {
-            ptr: NonNull::new(p.cast()).expect("mmap returned a non-null address"),
+            ptr: p.cast(),
             backing: Backing::Mmap,
         })
     }
