@@ -182,20 +182,45 @@ fn swap_control(w0: *mut FlowWay, old: u64, new: u64) -> bool {
     }
 }
 
+/// One try at the bucket lock: way 0's `meta` as it was (unlocked) when taken.
+#[inline(always)]
+fn try_lock(w0: *mut FlowWay) -> Option<u32> {
+    // SAFETY: way 0's meta and epoch, an 8-aligned pair of words of a map value.
+    let pair = unsafe { read_volatile(&(*w0).meta as *const u32 as *const u64) };
+    let cur = pair as u32;
+    if cur & FLOW_LOCK == 0 && swap_control(w0, pair, pair | u64::from(FLOW_LOCK)) {
+        Some(cur)
+    } else {
+        None
+    }
+}
+
+/// What [`lock_retry`] returns when the lock stayed taken (no `meta` has bit 32).
+const LOCK_FAILED: u64 = 1 << 32;
+
+/// The tries after the first, out of line: a contended bucket is rare, and the loop (which
+/// LLVM unrolls) would otherwise sit in every inlined path that takes the lock.
+#[inline(never)]
+fn lock_retry(w0: *mut FlowWay) -> u64 {
+    let mut i = 1;
+    while i < LOCK_TRIES {
+        if let Some(m) = try_lock(w0) {
+            return u64::from(m);
+        }
+        i += 1;
+    }
+    LOCK_FAILED
+}
+
 /// Takes the bucket lock; returns way 0's `meta` as it was (unlocked), or `None` after
 /// [`LOCK_TRIES`] tries (another CPU's program holds it for a few stores).
 #[inline(always)]
 fn lock(w0: *mut FlowWay) -> Option<u32> {
-    let mut i = 0;
-    while i < LOCK_TRIES {
-        let pair = unsafe { read_volatile(&(*w0).meta as *const u32 as *const u64) };
-        let cur = pair as u32;
-        if cur & FLOW_LOCK == 0 && swap_control(w0, pair, pair | u64::from(FLOW_LOCK)) {
-            return Some(cur);
-        }
-        i += 1;
+    if let Some(m) = try_lock(w0) {
+        return Some(m);
     }
-    None
+    let m = lock_retry(w0);
+    if m == LOCK_FAILED { None } else { Some(m as u32) }
 }
 
 /// Releases the lock with way 0's `meta` set to `m0` (its control bits as taken, plus any of
@@ -226,13 +251,55 @@ pub fn lookup(key: &CtKeyV4, n: u32, snap: &mut Snap) -> Lookup {
             return found;
         }
     }
-    // Being written: read under the lock.
-    let Some(m0) = lock(w0) else {
-        return Lookup::Busy;
+    // Being written: find the way under the lock, out of line; copy it here, lock still held
+    // (a callee storing into the caller's `snap` would make the verifier lose track of the
+    // caller's stack).
+    let r = find_locked(w0, key);
+    let m0 = r as u32;
+    let w = match (r >> 32) as u32 {
+        LOCKED_WAY0 => w0,
+        // SAFETY: way 1 of the same 64-byte value.
+        LOCKED_WAY1 => unsafe { w0.add(1) },
+        LOCKED_OVERFLOWED => return Lookup::Overflowed,
+        LOCKED_MISSING => return Lookup::Missing,
+        _ => return Lookup::Busy,
     };
-    let found = scan(w0, m0, key, snap);
+    // Flags sit below the lock bit: way 0's `meta` gives them as well as way 1's.
+    copy(w, unsafe { read_volatile(&(*w).meta) }, snap);
     unlock(w0, m0, 0, false);
-    found
+    Lookup::Found
+}
+
+const LOCKED_WAY0: u32 = 0;
+const LOCKED_WAY1: u32 = 1;
+const LOCKED_MISSING: u32 = 2;
+const LOCKED_OVERFLOWED: u32 = 3;
+const LOCKED_BUSY: u32 = 4;
+
+/// [`lookup`] of a bucket being written: takes its lock and finds the way of `key`. Returns
+/// the outcome in the high half and way 0's `meta` as taken in the low half; when a way holds
+/// the key the lock is still held, for the caller to copy it and release with that `meta`.
+#[inline(never)]
+fn find_locked(w0: *mut FlowWay, key: &CtKeyV4) -> u64 {
+    let Some(m0) = lock(w0) else {
+        return u64::from(LOCKED_BUSY) << 32;
+    };
+    // SAFETY: way 1 of the same 64-byte value.
+    let w1 = unsafe { w0.add(1) };
+    let m1 = unsafe { read_volatile(&(*w1).meta) };
+    let way = if holds(w0, m0, m0 & FLOW_LIVE0 != 0, key) {
+        LOCKED_WAY0
+    } else if holds(w1, m1, m0 & FLOW_LIVE1 != 0, key) {
+        LOCKED_WAY1
+    } else {
+        unlock(w0, m0, 0, false);
+        if m0 & FLOW_OVERFLOW != 0 {
+            LOCKED_OVERFLOWED
+        } else {
+            LOCKED_MISSING
+        }
+    };
+    u64::from(way) << 32 | u64::from(m0)
 }
 
 /// Whether way `w` (with `meta`, live when `live`) may be given to a new flow: free, or idle
