@@ -129,8 +129,8 @@ struct RunArgs {
     #[arg(long, default_value_t = enforcer::datapath::AttachMode::Auto)]
     attach_mode: enforcer::datapath::AttachMode,
     /// Entries of each LRU conntrack map (one for IPv4 flows, one for IPv6 flows); on x86-64
-    /// also the buckets (of two flows each, 64 bytes) of the IPv4 flow table in front of the
-    /// IPv4 map, which then holds only the flows of full buckets.
+    /// also the flows of the IPv4 flow table in front of the IPv4 map (half as many buckets of
+    /// two flows, 64 bytes each), which then holds only the flows of full buckets.
     #[arg(long, default_value_t = DEFAULT_CONNTRACK_SIZE)]
     conntrack_map_size: u32,
     /// Entries of the fragments map.

@@ -89,7 +89,7 @@ pub struct DatapathOptions {
     pub ct_timeout_other: Duration,
     /// TCX links or tc (clsact) filters (`--attach-mode`).
     pub attach: AttachMode,
-    /// Keep IPv4 flows in the `FLOWS_V4` table (`conntrack_size` buckets of two flows) in front
+    /// Keep IPv4 flows in the `FLOWS_V4` table (`conntrack_size` flows, two per bucket) in front
     /// of `CONNTRACK_V4`. x86-64 only: see [`enforcer_common::FlowBucket`].
     pub flow_table: bool,
 }
@@ -266,7 +266,7 @@ impl Datapath {
                     .info()
                     .with_context(|| format!("reading {}", pin.display()))?
                     .max_entries(),
-                Err(_) => options.conntrack_size.max(1),
+                Err(_) => flows::buckets_for(options.conntrack_size),
             }
         } else {
             0
