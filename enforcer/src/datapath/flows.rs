@@ -58,11 +58,11 @@ impl FlowTable {
         })
     }
 
-    /// Every bucket with its index, copied in batches. Each copy is the kernel's memcpy of a
+    /// Runs `f` on every bucket with its index, copied in batches of [`BATCH`] (the table is
+    /// never held whole: 8 MiB at the default size). Each copy is the kernel's memcpy of a
     /// bucket the programs may be writing: good for counts, listings and finding what to change
     /// (under the compare-and-swap that checks it), never for a decision.
-    pub fn read_all(&self) -> Result<Vec<(u32, FlowBucket)>> {
-        let mut out = Vec::with_capacity(self.buckets as usize);
+    pub fn for_each(&self, mut f: impl FnMut(u32, &FlowBucket)) -> Result<()> {
         let per = BATCH.min(self.buckets.max(1)) as usize;
         let mut keys = vec![0u8; per * 4];
         let mut values = vec![0u8; per * size_of::<FlowBucket>()];
@@ -83,30 +83,28 @@ impl FlowTable {
             for (key, value) in found.take(n) {
                 let index = u32::from_ne_bytes([key[0], key[1], key[2], key[3]]);
                 // SAFETY: FlowBucket is plain old data of exactly this size.
-                out.push((index, unsafe {
-                    std::ptr::read_unaligned(value.as_ptr().cast())
-                }));
+                let bucket: FlowBucket = unsafe { std::ptr::read_unaligned(value.as_ptr().cast()) };
+                f(index, &bucket);
             }
             match next {
                 Some(at) => resume = Some(at),
-                None => return Ok(out),
+                None => return Ok(()),
             }
         }
     }
 
     /// Flows held (ways in use, live or idle).
     pub fn count(&self) -> Result<usize> {
-        Ok(self.read_all()?.iter().map(|(_, b)| b.live().count()).sum())
+        let mut n = 0;
+        self.for_each(|_, b| n += b.live().count())?;
+        Ok(n)
     }
 
     /// Every flow, its stamp widened against `now_ns` (the programs' clock).
     pub fn entries(&self, now_ns: u64) -> Result<Vec<(CtKeyV4, CtValue)>> {
-        Ok(self
-            .read_all()?
-            .iter()
-            .flat_map(|(_, b)| b.live())
-            .map(|w| (w.key(), w.value(now_ns)))
-            .collect())
+        let mut out = Vec::new();
+        self.for_each(|_, b| out.extend(b.live().map(|w| (w.key(), w.value(now_ns)))))?;
+        Ok(out)
     }
 
     /// The flow of `key`, if the table holds it.
@@ -124,12 +122,12 @@ impl FlowTable {
     /// Forgets every flow `drop` picks; returns how many. The buckets that hold one are found
     /// in a batched read, so only their pages are mapped in and written.
     pub fn remove_where(&self, drop: impl Fn(&CtKeyV4) -> bool) -> Result<usize> {
-        let holding: Vec<u32> = self
-            .read_all()?
-            .iter()
-            .filter(|(_, b)| b.live().any(|w| drop(&w.key())))
-            .map(|&(i, _)| i)
-            .collect();
+        let mut holding = Vec::new();
+        self.for_each(|i, b| {
+            if b.live().any(|w| drop(&w.key())) {
+                holding.push(i);
+            }
+        })?;
         if holding.is_empty() {
             return Ok(0);
         }
