@@ -220,7 +220,11 @@ fn lock(w0: *mut FlowWay) -> Option<u32> {
         return Some(m);
     }
     let m = lock_retry(w0);
-    if m == LOCK_FAILED { None } else { Some(m as u32) }
+    if m == LOCK_FAILED {
+        None
+    } else {
+        Some(m as u32)
+    }
 }
 
 /// Releases the lock with way 0's `meta` set to `m0` (its control bits as taken, plus any of
