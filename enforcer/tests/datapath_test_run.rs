@@ -19,9 +19,10 @@ use enforcer::{
 use enforcer_common::{
     CONFIG_CT_LRU_ALL, CONFIG_LOG_ALLOWED, CT_REVOKED, CtKey, CtKeyV4, CtValue, DIR_EGRESS,
     DIR_INGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6, EP_INGRESS_ISOLATED, EndpointInfo,
-    FAMILY_V4, FAMILY_V6, FlowBucket, IDENTITY_ANY, IDENTITY_HOST, MAP_CONNTRACK_V4,
-    MAP_CONNTRACK_V6, MAP_FLOWS_V4, PORT_MASK_ANY_PROTO, PROTO_ANY, PROTO_SCTP, PROTO_TCP,
-    PROTO_UDP, PeerInfo, PolicyKey, PolicyValue, REASON_NAMES, SCHEMA_VERSION, reason::*,
+    FAMILY_V4, FAMILY_V6, FLOW_LOCK, FlowBucket, FlowWay, IDENTITY_ANY, IDENTITY_HOST,
+    MAP_CONNTRACK_V4, MAP_CONNTRACK_V6, MAP_FLOWS_V4, PORT_MASK_ANY_PROTO, PROTO_ANY, PROTO_SCTP,
+    PROTO_TCP, PROTO_UDP, PeerInfo, PolicyKey, PolicyValue, REASON_NAMES, SCHEMA_VERSION,
+    reason::*,
 };
 
 const OK: i32 = 0; // TC_ACT_OK
@@ -2248,6 +2249,64 @@ fn pin_one_bucket_flow_table(maps: &Path) {
     );
 }
 
+/// Bucket 0's lock of the pinned `FLOWS_V4` at `path`, taken as a program takes it (the lock
+/// bit of way 0's `meta`, by compare-and-swap) and held until dropped.
+struct BucketLock {
+    page: *mut libc::c_void,
+}
+
+impl BucketLock {
+    fn hold(path: &Path) -> Self {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let map = aya::maps::MapData::from_pin(path).expect("the pinned FLOWS_V4");
+        // SAFETY: a shared mapping of the map's first page (its first buckets), checked below.
+        let page = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(
+            page,
+            libc::MAP_FAILED,
+            "mmap FLOWS_V4: {}",
+            std::io::Error::last_os_error()
+        );
+        let lock = Self { page };
+        let prev = lock
+            .control()
+            .fetch_or(FLOW_LOCK, std::sync::atomic::Ordering::AcqRel);
+        assert_eq!(prev & FLOW_LOCK, 0, "bucket 0 was already locked");
+        lock
+    }
+
+    fn control(&self) -> &std::sync::atomic::AtomicU32 {
+        // SAFETY: way 0's `meta` of bucket 0, 4-aligned in the mapped page, which lives as long
+        // as `self`; programs access it atomically or with aligned loads and stores.
+        unsafe {
+            std::sync::atomic::AtomicU32::from_ptr(
+                self.page
+                    .cast::<u8>()
+                    .add(std::mem::offset_of!(FlowWay, meta))
+                    .cast(),
+            )
+        }
+    }
+}
+
+impl Drop for BucketLock {
+    fn drop(&mut self) {
+        self.control()
+            .fetch_and(!FLOW_LOCK, std::sync::atomic::Ordering::AcqRel);
+        // SAFETY: the mapping made in `hold`, no longer referenced.
+        unsafe { libc::munmap(self.page, 4096) };
+    }
+}
+
 /// Creates a map of `map_type` and pins it at `path`.
 fn pin_map(
     path: &Path,
@@ -2306,7 +2365,7 @@ fn a_full_conntrack_refuses_new_flows_and_keeps_tracked_ones() {
         );
         pin_one_bucket_flow_table(&maps);
     };
-    in_private_netns("map-full", prepare, |h, _| {
+    in_private_netns("map-full", prepare, |h, pin| {
         let mut events = h.dp.take_events().expect("event reader");
         let _ = events.drain();
         let new = |port: u16| ipv4(WORLD4, A4, PROTO_TCP, &tcp(port, 8001));
@@ -2360,6 +2419,39 @@ fn a_full_conntrack_refuses_new_flows_and_keeps_tracked_ones() {
                 OK,
                 ALLOW_REPLY,
             );
+        }
+        if ways > 0 {
+            // The bucket held locked (as by another CPU's program, stalled): its flows can be
+            // neither read nor recorded, so their packets are dropped as map-full, never let
+            // through unjudged; released, the flow goes on.
+            let lock =
+                BucketLock::hold(&pin.join(format!("v{SCHEMA_VERSION}/maps/{MAP_FLOWS_V4}")));
+            h.case(
+                "locked bucket: a tracked flow's packet is dropped",
+                "a",
+                Hook::Egress,
+                &new(47001),
+                SHOT,
+                DROP_MAP_FULL,
+            );
+            h.case(
+                "locked bucket: and its reply",
+                "a",
+                Hook::Ingress,
+                &ipv4(A4, WORLD4, PROTO_TCP, &tcp(8001, 47001)),
+                SHOT,
+                DROP_MAP_FULL,
+            );
+            drop(lock);
+            h.case(
+                "locked bucket: released, the flow goes on",
+                "a",
+                Hook::Egress,
+                &new(47001),
+                OK,
+                ALLOW_ESTABLISHED,
+            );
+            let _ = events.drain();
         }
         let c = h.dp.conntrack.count_by_map().unwrap();
         h.cases += 1;
