@@ -50,6 +50,9 @@ pub const MAP_ENDPOINT_SLOTS: &str = "ENDPOINT_SLOTS";
 /// Mmapable array of [`FlowBucket`]s: the IPv4 flow table in front of [`MAP_CONNTRACK_V4`]
 /// (see [`FlowBucket`]).
 pub const MAP_FLOWS_V4: &str = "FLOWS_V4";
+/// Mmapable array of [`PeerBucket`]s: a cache of [`MAP_PEERS_V4`] the programs read with one
+/// load instead of a hash lookup (see [`PeerBucket`]). `PEERS_V4` stays authoritative.
+pub const MAP_PEER_SLOTS: &str = "PEER_SLOTS";
 
 /// Name of the program attached to the TC ingress hook of a host-side veth, i.e. what the pod
 /// sends (pod egress).
@@ -220,6 +223,57 @@ pub struct PeerInfo {
     pub identity: u32,
     /// Reserved for identity facts (e.g. a verified service account); 0 today.
     pub flags: u32,
+}
+
+/// Two cached [`MAP_PEERS_V4`] entries whose addresses hash to this bucket ([`peer_bucket`]):
+/// each way one 64-bit word, [`peer_way`] (address in the low half, identity in the high
+/// half), 0 when free. The agent writes a way with one aligned 64-bit store, and the programs
+/// read it with one load, so a way is never seen half-written on any 64-bit machine: no lock
+/// and no sequence. A way holds an address only with the identity `PEERS_V4` gives it (the
+/// agent writes `PEERS_V4` first, and clears the way before removing the entry), and an address
+/// in no way is looked up in `PEERS_V4` as before: a way can only save the hash lookup, never
+/// change an answer. Of the addresses of one bucket, the two lowest hold its ways.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PeerBucket {
+    pub ways: [u64; 2],
+}
+
+/// The way word of `addr` (network order) with `identity`; never 0 for an identity other than
+/// [`IDENTITY_ANY`], which no peer has.
+#[inline(always)]
+pub const fn peer_way(addr: [u8; 4], identity: u32) -> u64 {
+    u32::from_ne_bytes(addr) as u64 | (identity as u64) << 32
+}
+
+/// The identity a way word gives `addr`, if it holds `addr` (a free way holds nothing).
+#[inline(always)]
+pub const fn peer_way_identity(way: u64, addr: [u8; 4]) -> Option<u32> {
+    let identity = (way >> 32) as u32;
+    if way as u32 == u32::from_ne_bytes(addr) && identity != IDENTITY_ANY {
+        Some(identity)
+    } else {
+        None
+    }
+}
+
+/// The bucket of `addr` among `buckets`, computed the same way by the programs and the agent:
+/// a xorshift-multiply mix (pod addresses differ in their low bits, which must reach the high
+/// bits), mapped onto `0..buckets` by a multiply and a shift.
+#[inline(always)]
+pub const fn peer_bucket(addr: [u8; 4], buckets: u32) -> u32 {
+    let mut h = u32::from_ne_bytes(addr).wrapping_mul(0x9e37_79b1);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    ((h as u64 * buckets as u64) >> 32) as u32
+}
+
+/// Buckets of [`MAP_PEER_SLOTS`] for a `PEERS_V4` of `peers` entries: two ways a bucket, a
+/// bucket per address, so at most ~10 % of a full map's addresses find both ways of their
+/// bucket taken (and keep the hash lookup). 16 bytes per possible peer.
+pub const fn peer_buckets_for(peers: u32) -> u32 {
+    if peers == 0 { 1 } else { peers }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -714,6 +768,8 @@ const _: () = {
     assert!(size_of::<FlowWay>() == 32);
     assert!(size_of::<FlowBucket>() == 64);
     assert!(ENDPOINT_SLOT_COUNT.is_power_of_two());
+    // Four buckets a cache line, never one across two (page-aligned values).
+    assert!(size_of::<PeerBucket>() == 16);
 };
 
 #[cfg(feature = "user")]
@@ -735,11 +791,45 @@ mod pod_impls {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for EndpointSlot {}
     unsafe impl aya::Pod for FlowBucket {}
+    unsafe impl aya::Pod for PeerBucket {}
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_ways_hold_one_address_and_free_ways_none() {
+        let a = [10, 0, 0, 7];
+        let w = peer_way(a, 300);
+        assert_eq!(peer_way_identity(w, a), Some(300));
+        assert_eq!(peer_way_identity(w, [10, 0, 0, 8]), None);
+        // A free way does not hold 0.0.0.0 (a packet from no address yet).
+        assert_eq!(peer_way_identity(0, [0, 0, 0, 0]), None);
+        assert_eq!(
+            peer_way_identity(peer_way(a, IDENTITY_HOST), a),
+            Some(IDENTITY_HOST)
+        );
+    }
+
+    #[test]
+    fn peer_buckets_are_in_range_and_spread_a_pod_cidr() {
+        for n in [1, 3, 1000, 65_536] {
+            let mut used = [0u32; 1000];
+            for i in 0..4096u32 {
+                let [_, _, c, d] = i.to_be_bytes();
+                let b = peer_bucket([10, 244, c, d], n);
+                assert!(b < n);
+                if n == 1000 {
+                    used[b as usize] += 1;
+                }
+            }
+            if n == 1000 {
+                // 4096 consecutive addresses over 1000 buckets: about 4 each, none piled up.
+                assert!(used.iter().all(|&u| u <= 16), "{used:?}");
+            }
+        }
+    }
 
     #[test]
     fn port_masks() {

@@ -1,15 +1,24 @@
-//! Peer identity (ipcache) and policy lookups. A bounded number of hash / LPM lookups each:
-//! at most 1 exact + 1 LPM for the peer, at most 2 * 18 hash lookups for the policy.
+//! Peer identity (ipcache) and policy lookups. A bounded number of lookups each: for the peer
+//! one `PEER_SLOTS` bucket (IPv4), then at most 1 exact + 1 LPM; for the policy at most 2 * 18
+//! hash lookups.
 
-use core::{mem::MaybeUninit, ptr::write_volatile};
+use core::{
+    mem::MaybeUninit,
+    ptr::{read_volatile, write_volatile},
+};
 
 use aya_ebpf::maps::lpm_trie::Key;
 use enforcer_common::{
     FAMILY_V4, IDENTITY_ANY, IDENTITY_WORLD, PORT_MASK_ANY_PROTO, PROTO_ANY, PROTO_SCTP, PROTO_TCP,
-    PROTO_UDP, PolicyKey, port_mask,
+    PROTO_UDP, PolicyKey, peer_bucket, peer_way_identity, port_mask,
 };
 
-use crate::maps::{CIDRS_V4, CIDRS_V6, PEERS_V4, PEERS_V6, POLICY};
+use crate::maps::{CIDRS_V4, CIDRS_V6, PEER_SLOTS, PEERS_V4, PEERS_V6, POLICY};
+
+/// Buckets of `PEER_SLOTS`, set by the loader (`.rodata`: a constant to the verifier and the
+/// JIT); 0 = no cache, every address is looked up in `PEERS_V4`.
+#[unsafe(no_mangle)]
+static PEER_BUCKETS: u32 = 0;
 
 /// Identity of `addr`: exact pod/node address first, then the CIDR regions, else world.
 #[inline(always)]
@@ -27,9 +36,25 @@ pub fn peer_identity(family: u8, addr: &[u8; 16]) -> u32 {
     IDENTITY_WORLD
 }
 
-/// [`peer_identity`] of an IPv4 address (network order).
+/// [`peer_identity`] of an IPv4 address (network order): its `PEER_SLOTS` way when it has
+/// one (one load of a line shared by four buckets), else `PEERS_V4`, then the CIDR regions.
 #[inline(always)]
 pub fn peer_identity_v4(a: [u8; 4]) -> u32 {
+    // SAFETY: a plain read of a global the loader fills in.
+    let n = unsafe { read_volatile(&PEER_BUCKETS) };
+    if n != 0
+        && let Some(b) = PEER_SLOTS.get_ptr(peer_bucket(a, n))
+    {
+        // SAFETY: two aligned words of a map value, each read with one load (the agent stores
+        // each with one store).
+        let (w0, w1) = unsafe { (read_volatile(&(*b).ways[0]), read_volatile(&(*b).ways[1])) };
+        if let Some(id) = peer_way_identity(w0, a) {
+            return id;
+        }
+        if let Some(id) = peer_way_identity(w1, a) {
+            return id;
+        }
+    }
     if let Some(p) = PEERS_V4.get_ptr(&a) {
         return unsafe { (*p).identity };
     }

@@ -9,7 +9,7 @@ use enforcer_common::{
     Config, Counter, CtKey, CtKeyV4, CtValue, DEFAULT_CIDRS_SIZE, DEFAULT_CONNTRACK_SIZE,
     DEFAULT_EVENTS_BYTES, DEFAULT_FRAGMENTS_SIZE, DEFAULT_MAX_ENDPOINTS, DEFAULT_PEERS_SIZE,
     DEFAULT_POLICY_SIZE, ENDPOINT_SLOT_COUNT, EndpointInfo, EndpointSlot, FlowBucket, FragKey,
-    FragValue, PeerInfo, PolicyKey, PolicyValue, counter_slots,
+    FragValue, PeerBucket, PeerInfo, PolicyKey, PolicyValue, counter_slots,
 };
 
 use crate::{
@@ -32,6 +32,12 @@ const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 #[map]
 pub static PEERS_V4: HashMap<[u8; 4], PeerInfo> = HashMap::with_max_entries(DEFAULT_PEERS_SIZE, 0);
+
+/// A cache of PEERS_V4 (see `PeerBucket`): one load per address instead of a hash lookup.
+/// Mmapable: the agent writes its ways through a shared mapping.
+#[map]
+pub static PEER_SLOTS: Array<PeerBucket> =
+    Array::with_max_entries(DEFAULT_PEERS_SIZE, BPF_F_MMAPABLE);
 
 #[map]
 pub static PEERS_V6: HashMap<[u8; 16], PeerInfo> = HashMap::with_max_entries(DEFAULT_PEERS_SIZE, 0);

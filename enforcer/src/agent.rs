@@ -376,6 +376,12 @@ impl Agent {
             dp.endpoints.slots().filled() as u64,
             u64::from(enforcer_common::ENDPOINT_SLOT_COUNT),
         ));
+        // PEERS_V4 entries not here are addresses whose cache bucket is full: a hash lookup.
+        maps.push((
+            enforcer_common::MAP_PEER_SLOTS.to_string(),
+            dp.peers_v4.slots().filled() as u64,
+            2 * u64::from(dp.peers_v4.slots().memory().buckets()),
+        ));
         if let Some(f) = dp.conntrack.flow_table() {
             maps.push((
                 enforcer_common::MAP_FLOWS_V4.to_string(),

@@ -117,7 +117,8 @@ struct RunArgs {
     /// Pods this node can enforce (ENDPOINTS map size).
     #[arg(long, default_value_t = DEFAULT_MAX_ENDPOINTS)]
     max_endpoints: u32,
-    /// Entries of the pod/node address maps.
+    /// Entries of the pod/node address maps; also the buckets of `PEER_SLOTS`, their IPv4
+    /// cache (16 bytes each, two addresses a bucket).
     #[arg(long, default_value_t = DEFAULT_PEERS_SIZE)]
     peers_map_size: u32,
     /// Entries of the policy map.

@@ -190,6 +190,15 @@ fn standalone_health_edits_bad_files_and_pod_lifecycle() {
         let m = agent.metrics_until(Duration::from_secs(5), |m| m.contains(slots));
         assert!(m.contains(slots), "{m}");
     }
+    // Every pod and node address is in the peer cache (a handful of addresses: no bucket full).
+    let entries = |m: &str, map: &str| -> Option<u64> {
+        let key = format!("enforcer_map_entries{{map=\"{map}\"}} ");
+        m.lines()
+            .find_map(|l| l.strip_prefix(key.as_str())?.parse().ok())
+    };
+    let peers = entries(&metrics, "PEERS_V4");
+    assert!(peers.is_some_and(|n| n >= 4), "{metrics}");
+    assert_eq!(entries(&metrics, "PEER_SLOTS"), peers, "{metrics}");
 
     // Deleting the policy opens everything again.
     std::fs::remove_file(s.dir.path().join("policy.yaml")).unwrap();

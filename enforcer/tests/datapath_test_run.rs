@@ -1695,6 +1695,139 @@ fn slot_cases(h: &mut Harness) {
     h.ifs.remove("d");
 }
 
+/// `PEER_SLOTS`, the cache of PEERS_V4: the programs take a peer's identity from its way,
+/// only for the address the way names, and ask PEERS_V4 for an address in no way; the agent's
+/// writes and removals keep the ways equal to PEERS_V4.
+fn peer_cache_cases(h: &mut Harness) {
+    use enforcer_common::{peer_bucket, peer_way};
+    let i = Hook::Egress;
+    // A allows ID_B on TCP 80 (slot_cases re-allowed it); every case is a new flow.
+    let from = |src: Ipv4Addr, sport| ipv4(src, A4, PROTO_TCP, &tcp(sport, 80));
+    let cached = |h: &Harness, addr: Ipv4Addr| {
+        h.dp.peers_v4
+            .slots()
+            .bucket(addr.octets())
+            .iter()
+            .find_map(|&w| enforcer_common::peer_way_identity(w, addr.octets()))
+    };
+    if cached(h, B4) != Some(ID_B) {
+        h.failures
+            .push("peer cache: B's address is not cached with its identity".into());
+    }
+    // An address PEERS_V4 does not know, given B's identity by its way alone: allowed, so the
+    // programs read the way.
+    let x = Ipv4Addr::new(10, 77, 0, 1);
+    let buckets = h.dp.peers_v4.slots().memory().buckets();
+    let bx = peer_bucket(x.octets(), buckets);
+    let mem = h.dp.peers_v4.slots().memory();
+    let saved = mem.read(bx);
+    mem.write(bx, 1, peer_way(x.octets(), ID_B));
+    h.case(
+        "peer cache: a way's identity is the peer's",
+        "a",
+        i,
+        &from(x, 46000),
+        OK,
+        ALLOW_POLICY,
+    );
+    // The same way holding another address says nothing about this one: world, denied.
+    let mem = h.dp.peers_v4.slots().memory();
+    mem.write(bx, 1, peer_way([10, 77, 0, 2], ID_B));
+    h.case(
+        "peer cache: a way of another address is not taken",
+        "a",
+        i,
+        &from(x, 46001),
+        SHOT,
+        DROP_POLICY,
+    );
+    let mem = h.dp.peers_v4.slots().memory();
+    mem.write(bx, 0, saved[0]);
+    mem.write(bx, 1, saved[1]);
+
+    // Through the agent: written, re-identified and removed, the way follows PEERS_V4.
+    let peer = |identity| PeerInfo { identity, flags: 0 };
+    h.dp.peers_v4.set(&x, &peer(ID_B)).unwrap();
+    if cached(h, x) != Some(ID_B) {
+        h.failures
+            .push("peer cache: a written peer is not cached".into());
+    }
+    h.case(
+        "peer cache: written peer",
+        "a",
+        i,
+        &from(x, 46002),
+        OK,
+        ALLOW_POLICY,
+    );
+    h.dp.peers_v4.set(&x, &peer(999)).unwrap();
+    h.case(
+        "peer cache: re-identified peer",
+        "a",
+        i,
+        &from(x, 46003),
+        SHOT,
+        DROP_POLICY,
+    );
+    h.dp.peers_v4.set(&x, &peer(ID_B)).unwrap();
+    h.dp.peers_v4.remove(&x).unwrap();
+    if cached(h, x).is_some() {
+        h.failures
+            .push("peer cache: a removed peer is still cached".into());
+    }
+    h.case(
+        "peer cache: removed peer",
+        "a",
+        i,
+        &from(x, 46004),
+        SHOT,
+        DROP_POLICY,
+    );
+
+    // Three addresses of one bucket: the two lowest are cached, the third is not, and is
+    // judged from PEERS_V4 all the same.
+    let mut by = BTreeMap::<u32, Vec<Ipv4Addr>>::new();
+    let three = (0..65_536u32)
+        .map(|k| Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 78, 0, 0)) + k))
+        .find_map(|addr| {
+            let v = by.entry(peer_bucket(addr.octets(), buckets)).or_default();
+            v.push(addr);
+            (v.len() == 3).then(|| v.clone())
+        })
+        .expect("65536 addresses share buckets");
+    for addr in &three {
+        h.dp.peers_v4.set(addr, &peer(ID_B)).unwrap();
+    }
+    let held: Vec<bool> = three
+        .iter()
+        .map(|&addr| cached(h, addr).is_some())
+        .collect();
+    if held != [true, true, false] {
+        h.failures.push(format!(
+            "peer cache: ways of a full bucket {three:?}: cached {held:?}, want the two lowest"
+        ));
+    }
+    for (k, addr) in three.iter().enumerate() {
+        h.case(
+            "peer cache: addresses of a full bucket",
+            "a",
+            i,
+            &from(*addr, 46010 + k as u16),
+            OK,
+            ALLOW_POLICY,
+        );
+    }
+    // The lowest goes: the third takes its way.
+    h.dp.peers_v4.remove(&three[0]).unwrap();
+    if cached(h, three[2]) != Some(ID_B) || cached(h, three[0]).is_some() {
+        h.failures
+            .push("peer cache: a freed way did not pass to the address left out".into());
+    }
+    for addr in &three[1..] {
+        h.dp.peers_v4.remove(addr).unwrap();
+    }
+}
+
 /// Idle timeouts from CONFIG: a flow seen within its timeout stays established (and its stamp
 /// moves on), one idle longer is judged as a new flow again (a reply of it is then dropped by
 /// policy).
@@ -2201,6 +2334,7 @@ fn datapath_verdicts_by_test_run() {
             run_cases(h);
             epoch_cases(h);
             slot_cases(h);
+            peer_cache_cases(h);
             idle_cases(h);
             event_cases(h);
             restart_cases(h, pin);

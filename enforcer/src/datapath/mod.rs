@@ -9,6 +9,7 @@
 mod attach;
 mod bpffs;
 pub mod flows;
+pub mod peer_slots;
 pub mod slots;
 mod tables;
 
@@ -33,13 +34,13 @@ use enforcer_common::{
     DEFAULT_CT_TIMEOUT_OTHER_NS, DEFAULT_CT_TIMEOUT_TCP_NS, DEFAULT_EVENTS_BYTES,
     DEFAULT_FRAGMENTS_SIZE, DEFAULT_MAX_ENDPOINTS, DEFAULT_PEERS_SIZE, DEFAULT_POLICY_SIZE,
     MAP_CIDRS_V4, MAP_CIDRS_V6, MAP_CONFIG, MAP_CONNTRACK_V4, MAP_CONNTRACK_V6, MAP_COUNTERS,
-    MAP_ENDPOINT_SLOTS, MAP_ENDPOINTS, MAP_EVENTS, MAP_FLOWS_V4, MAP_FRAGMENTS, MAP_PEERS_V4,
-    MAP_PEERS_V6, MAP_POLICY, PROG_FROM_POD, PROG_TO_POD, PeerInfo, PolicyKey, PolicyValue,
-    SCHEMA_VERSION, counter_slots,
+    MAP_ENDPOINT_SLOTS, MAP_ENDPOINTS, MAP_EVENTS, MAP_FLOWS_V4, MAP_FRAGMENTS, MAP_PEER_SLOTS,
+    MAP_PEERS_V4, MAP_PEERS_V6, MAP_POLICY, PROG_FROM_POD, PROG_TO_POD, PeerInfo, PolicyKey,
+    PolicyValue, SCHEMA_VERSION, counter_slots, peer_buckets_for,
 };
 pub use tables::{
     AsyncEvents, Conntrack, ConntrackCounter, CounterKey, CounterReader, Counters, CtCount,
-    EndpointTable, EventReader, HashTable, LpmAddr, LpmTable,
+    EndpointTable, EventReader, HashTable, LpmAddr, LpmTable, PeerTable,
 };
 
 pub use self::attach::AttachMode;
@@ -49,10 +50,11 @@ pub use self::bpffs::{ensure_bpffs, is_bpffs, mount_bpffs};
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/enforcer";
 
 /// Every pinned map.
-const PINNED_MAPS: [&str; 14] = [
+const PINNED_MAPS: [&str; 15] = [
     MAP_ENDPOINTS,
     MAP_ENDPOINT_SLOTS,
     MAP_PEERS_V4,
+    MAP_PEER_SLOTS,
     MAP_PEERS_V6,
     MAP_CIDRS_V4,
     MAP_CIDRS_V6,
@@ -184,7 +186,7 @@ pub struct Datapath {
     options: DatapathOptions,
     tcx: bool,
     pub endpoints: EndpointTable,
-    pub peers_v4: HashTable<[u8; 4], PeerInfo>,
+    pub peers_v4: PeerTable,
     pub peers_v6: HashTable<[u8; 16], PeerInfo>,
     pub cidrs_v4: LpmTable<std::net::Ipv4Addr>,
     pub cidrs_v6: LpmTable<std::net::Ipv6Addr>,
@@ -239,6 +241,19 @@ fn second_fd(map: &Map) -> Option<std::os::fd::OwnedFd> {
         .ok()
 }
 
+/// `max_entries` of the map pinned as `name` in `maps_dir`, if one is.
+fn pinned_entries(maps_dir: &Path, name: &str) -> Result<Option<u32>> {
+    let pin = maps_dir.join(name);
+    match MapData::from_pin(&pin) {
+        Ok(m) => Ok(Some(
+            m.info()
+                .with_context(|| format!("reading {}", pin.display()))?
+                .max_entries(),
+        )),
+        Err(_) => Ok(None),
+    }
+}
+
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
     ebpf.take_map(name)
         .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
@@ -258,25 +273,24 @@ impl Datapath {
         }
         bump_memlock_rlimit();
 
-        // The table's size is the pinned one's when reused: the programs must agree with the map.
+        // The sizes the programs are built for are the pinned maps' when reused: the programs
+        // must agree with the maps (a pinned one keeps its size, whatever the flags say now).
         let buckets = if options.flow_table {
-            let pin = maps_dir.join(MAP_FLOWS_V4);
-            match MapData::from_pin(&pin) {
-                Ok(m) => m
-                    .info()
-                    .with_context(|| format!("reading {}", pin.display()))?
-                    .max_entries(),
-                Err(_) => flows::buckets_for(options.conntrack_size),
-            }
+            pinned_entries(&maps_dir, MAP_FLOWS_V4)?
+                .unwrap_or_else(|| flows::buckets_for(options.conntrack_size))
         } else {
             0
         };
+        let peer_buckets = pinned_entries(&maps_dir, MAP_PEER_SLOTS)?
+            .unwrap_or_else(|| peer_buckets_for(options.peers_size));
         let mut loader = EbpfLoader::new();
         for name in PINNED_MAPS {
             loader.map_pin_path(name, maps_dir.join(name));
         }
         loader
             .override_global("FLOW_BUCKETS", &buckets, true)
+            .override_global("PEER_BUCKETS", &peer_buckets, true)
+            .map_max_entries(MAP_PEER_SLOTS, peer_buckets)
             .map_max_entries(MAP_FLOWS_V4, buckets.max(1))
             .map_max_entries(MAP_ENDPOINTS, options.max_endpoints)
             .map_max_entries(MAP_PEERS_V4, options.peers_size)
@@ -320,10 +334,26 @@ impl Datapath {
             ),
             hash: endpoints_hash,
         };
-        let peers_v4 = HashTable::new(
+        let peers_hash = HashTable::new(
             MAP_PEERS_V4,
             HashMap::try_from(take(&mut ebpf, MAP_PEERS_V4)?)?,
         );
+        let peer_slots_map = take(&mut ebpf, MAP_PEER_SLOTS)?;
+        let Map::Array(peer_slots_data) = &peer_slots_map else {
+            bail!("map {MAP_PEER_SLOTS} is not an array");
+        };
+        let peers_v4 = PeerTable {
+            slots: peer_slots::PeerSlotSync::new(
+                peer_slots::PeerSlotMemory::map(
+                    std::os::fd::AsFd::as_fd(peer_slots_data.fd()),
+                    peer_buckets,
+                )?,
+                peers_hash
+                    .entries()
+                    .context("reading PEERS_V4 to fill its cache")?,
+            ),
+            hash: peers_hash,
+        };
         let peers_v6 = HashTable::new(
             MAP_PEERS_V6,
             HashMap::try_from(take(&mut ebpf, MAP_PEERS_V6)?)?,

@@ -16,7 +16,7 @@ use enforcer_common::{
 };
 use tokio::io::{Interest, unix::AsyncFd};
 
-use super::{flows::FlowTable, slots::SlotSync};
+use super::{flows::FlowTable, peer_slots::PeerSlotSync, slots::SlotSync};
 use crate::{maps::MapTable, state::Prefix};
 
 fn not_found(e: &MapError) -> bool {
@@ -114,8 +114,44 @@ impl MapTable<u32, EndpointInfo> for EndpointTable {
     }
 }
 
+/// PEERS_V4, and the buckets of `PEER_SLOTS` that cache it (see [`super::peer_slots`]): a
+/// write lands in PEERS_V4, then in its way; a removal clears the way, then PEERS_V4.
+pub struct PeerTable {
+    pub(crate) hash: HashTable<[u8; 4], PeerInfo>,
+    pub(crate) slots: PeerSlotSync,
+}
+
+impl PeerTable {
+    pub fn entries(&self) -> Result<Vec<([u8; 4], PeerInfo)>> {
+        self.hash.entries()
+    }
+
+    /// The cache, e.g. to see which addresses it holds.
+    pub fn slots(&self) -> &PeerSlotSync {
+        &self.slots
+    }
+}
+
+impl MapTable<[u8; 4], PeerInfo> for PeerTable {
+    fn get(&self, key: &[u8; 4]) -> Result<Option<PeerInfo>> {
+        self.hash.get(key)
+    }
+    fn set(&mut self, key: &[u8; 4], value: &PeerInfo) -> Result<()> {
+        self.hash.set(key, value)?;
+        self.slots.written(*key, value);
+        Ok(())
+    }
+    fn remove(&mut self, key: &[u8; 4]) -> Result<()> {
+        self.slots.removing(*key);
+        self.hash.remove(key)
+    }
+    fn keys(&self) -> Result<Vec<[u8; 4]>> {
+        self.hash.keys()
+    }
+}
+
 /// PEERS_V4 with `Ipv4Addr` keys, as `DesiredState` has them.
-impl MapTable<Ipv4Addr, PeerInfo> for HashTable<[u8; 4], PeerInfo> {
+impl MapTable<Ipv4Addr, PeerInfo> for PeerTable {
     fn get(&self, key: &Ipv4Addr) -> Result<Option<PeerInfo>> {
         MapTable::<[u8; 4], PeerInfo>::get(self, &key.octets())
     }
