@@ -197,8 +197,8 @@ pub fn established_v4(
     let n = flows::buckets();
     // With the table on, the LRU map behind it is looked at only for an overflowed bucket (or
     // while flows of older programs may sit there unmarked).
+    let mut snap = Snap::new();
     let in_lru = if n != 0 {
-        let mut snap = Snap::new();
         match flows::lookup(key, n, &mut snap) {
             Lookup::Found => {
                 if snap.flags & CT_REVOKED != 0 || snap.epoch != ep.epoch {
@@ -232,7 +232,9 @@ pub fn established_v4(
         None
     };
     let Some(e) = e else {
-        return new_v4(ep, key, src_is_a, dir, proto, peer, dport, now, cfg, known);
+        return new_v4(
+            ep, key, &snap, src_is_a, dir, proto, peer, dport, now, cfg, known,
+        );
     };
     let e = unsafe { &mut *e };
     if e.flags & CT_REVOKED != 0 || e.epoch != ep.epoch {
@@ -264,6 +266,7 @@ pub fn established_v4(
 fn new_v4(
     ep: &FastEp,
     key: &CtKeyV4,
+    snap: &Snap,
     src_is_a: bool,
     dir: u8,
     proto: u8,
@@ -288,7 +291,7 @@ fn new_v4(
     let value = new_entry(src_is_a, dir, now, ep.epoch, rule);
     let n = flows::buckets();
     if n != 0 {
-        match flows::insert(key, n, &value, now, cfg) {
+        match flows::insert_missing(key, snap, n, &value, now, cfg) {
             Insert::Stored => return Fast::Allowed(reason::ALLOW_POLICY),
             // The full path tries again.
             Insert::Busy => return Fast::Missed,

@@ -66,6 +66,11 @@ pub struct Snap {
     pub epoch: u32,
     pub rule: u32,
     pub last_seen: u32,
+    /// After a miss ([`Lookup::Missing`], [`Lookup::Overflowed`]) read without the lock: the
+    /// bucket, and its control pair
+    /// (way 0's `meta` and `epoch`) as read, for [`insert_missing`]; `u32::MAX` otherwise.
+    pub bucket: u32,
+    pub pair: u64,
 }
 
 impl Snap {
@@ -76,6 +81,8 @@ impl Snap {
             epoch: 0,
             rule: 0,
             last_seen: 0,
+            bucket: u32::MAX,
+            pair: 0,
         }
     }
 
@@ -107,8 +114,21 @@ impl Snap {
 /// Way 0 of the bucket of `key`.
 #[inline(always)]
 fn bucket(key: &CtKeyV4, n: u32) -> Option<*mut FlowWay> {
-    let b: *mut FlowBucket = FLOWS_V4.get_ptr_mut(flow_bucket(key, n))?;
+    bucket_at(flow_bucket(key, n))
+}
+
+/// Way 0 of bucket `index`.
+#[inline(always)]
+fn bucket_at(index: u32) -> Option<*mut FlowWay> {
+    let b: *mut FlowBucket = FLOWS_V4.get_ptr_mut(index)?;
     Some(b as *mut FlowWay)
+}
+
+/// Way 0's `meta` and `epoch` as one 64-bit word (meta in the low half), read with one load.
+#[inline(always)]
+fn control_pair(w0: *mut FlowWay) -> u64 {
+    // SAFETY: way 0's meta and epoch, an 8-aligned pair of words of a map value.
+    unsafe { read_volatile(&(*w0).meta as *const u32 as *const u64) }
 }
 
 /// Whether way `w` (whose `meta` is `meta`, live when `live`) holds `key`.
@@ -185,8 +205,7 @@ fn swap_control(w0: *mut FlowWay, old: u64, new: u64) -> bool {
 /// One try at the bucket lock: way 0's `meta` as it was (unlocked) when taken.
 #[inline(always)]
 fn try_lock(w0: *mut FlowWay) -> Option<u32> {
-    // SAFETY: way 0's meta and epoch, an 8-aligned pair of words of a map value.
-    let pair = unsafe { read_volatile(&(*w0).meta as *const u32 as *const u64) };
+    let pair = control_pair(w0);
     let cur = pair as u32;
     if cur & FLOW_LOCK == 0 && swap_control(w0, pair, pair | u64::from(FLOW_LOCK)) {
         Some(cur)
@@ -244,14 +263,20 @@ fn unlock(w0: *mut FlowWay, m0: u32, extra: u32, changed: bool) {
 /// Looks `key` up in a table of `n` buckets, without a lock unless the bucket is being written.
 #[inline(always)]
 pub fn lookup(key: &CtKeyV4, n: u32, snap: &mut Snap) -> Lookup {
-    let Some(w0) = bucket(key, n) else {
+    let index = flow_bucket(key, n);
+    let Some(w0) = bucket_at(index) else {
         return Lookup::Overflowed;
     };
-    let m0 = unsafe { read_volatile(&(*w0).meta) };
+    let pair = control_pair(w0);
+    let m0 = pair as u32;
     if m0 & FLOW_LOCK == 0 {
         let found = scan(w0, m0, key, snap);
         let again = unsafe { read_volatile(&(*w0).meta) };
         if (again ^ m0) & (FLOW_LOCK | FLOW_SEQ_MASK) == 0 {
+            if found != Lookup::Found {
+                snap.bucket = index;
+                snap.pair = pair;
+            }
             return found;
         }
     }
@@ -353,15 +378,63 @@ pub fn insert(key: &CtKeyV4, n: u32, v: &CtValue, now: u64, cfg: Option<&Config>
     };
     let w1 = unsafe { w0.add(1) };
     let m1 = unsafe { read_volatile(&(*w1).meta) };
-    let (live0, live1) = (m0 & FLOW_LIVE0 != 0, m0 & FLOW_LIVE1 != 0);
     // A flow is never in both ways: its own way first.
-    let own1 = holds(w1, m1, live1, key);
-    if !own1 && (holds(w0, m0, live0, key) || reusable(w0, m0, live0, now, cfg)) {
+    if holds(w0, m0, m0 & FLOW_LIVE0 != 0, key) {
         let low = fill(w0, key, v);
         unlock(w0, (m0 & FLOW_CONTROL) | FLOW_LIVE0 | low, 0, true);
         return Insert::Stored;
     }
-    if own1 || reusable(w1, m1, live1, now, cfg) {
+    if holds(w1, m1, m0 & FLOW_LIVE1 != 0, key) {
+        let low = fill(w1, key, v);
+        unsafe { write_volatile(&mut (*w1).meta, low) };
+        unlock(w0, m0 | FLOW_LIVE1, 0, true);
+        return Insert::Stored;
+    }
+    place(w0, m0, key, v, now, cfg)
+}
+
+/// [`insert`] of a flow that [`lookup`] has just found missing (`snap` from that lookup):
+/// when the bucket's control pair is still the one the lookup read, taking the lock with it
+/// proves no way was written since (every write moves the sequence on under the lock), so
+/// the ways need no second look for the key, and the bucket no second hash. Otherwise, a
+/// plain [`insert`].
+#[inline(always)]
+pub fn insert_missing(
+    key: &CtKeyV4,
+    snap: &Snap,
+    n: u32,
+    v: &CtValue,
+    now: u64,
+    cfg: Option<&Config>,
+) -> Insert {
+    if snap.bucket != u32::MAX
+        && let Some(w0) = bucket_at(snap.bucket)
+        && swap_control(w0, snap.pair, snap.pair | u64::from(FLOW_LOCK))
+    {
+        return place(w0, snap.pair as u32, key, v, now, cfg);
+    }
+    insert(key, n, v, now, cfg)
+}
+
+/// Puts `key` (in neither way) into a free or expired way of the bucket whose way 0 is `w0`,
+/// locked with `meta` `m0`, and releases it; with both ways live, marks the bucket overflowed.
+#[inline(always)]
+fn place(
+    w0: *mut FlowWay,
+    m0: u32,
+    key: &CtKeyV4,
+    v: &CtValue,
+    now: u64,
+    cfg: Option<&Config>,
+) -> Insert {
+    if reusable(w0, m0, m0 & FLOW_LIVE0 != 0, now, cfg) {
+        let low = fill(w0, key, v);
+        unlock(w0, (m0 & FLOW_CONTROL) | FLOW_LIVE0 | low, 0, true);
+        return Insert::Stored;
+    }
+    let w1 = unsafe { w0.add(1) };
+    let m1 = unsafe { read_volatile(&(*w1).meta) };
+    if reusable(w1, m1, m0 & FLOW_LIVE1 != 0, now, cfg) {
         let low = fill(w1, key, v);
         unsafe { write_volatile(&mut (*w1).meta, low) };
         unlock(w0, m0 | FLOW_LIVE1, 0, true);
