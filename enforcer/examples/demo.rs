@@ -11,17 +11,17 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use enforcer::{
-    identity::testing::TestIssuer,
-    manifests,
-    policy::{
-        compile::CompileOptions,
-        evaluator::{Endpoint, verdict},
-    },
-    state::PodRef,
-    testbed::{AgentProcess, NODE_V4, Proto, Servers, TestPod, Testbed, in_netns, probe_all},
-};
+use enforcer::source::manifests;
 use enforcer_common::PROTO_TCP;
+use enforcer_policy::{
+    compile::CompileOptions,
+    evaluator::{Endpoint, verdict},
+    state::PodRef,
+};
+use enforcer_testkit::{
+    issuer::TestIssuer,
+    netns::{AgentProcess, NODE_V4, Proto, Servers, TestPod, Testbed, in_netns, probe_all},
+};
 
 /// (pod, namespace, labels, serving port)
 const PODS: &[(&str, &str, &str, u16)] = &[
@@ -215,7 +215,7 @@ fn main() -> Result<()> {
     )?;
 
     println!("\n-- why is impostor -> backend:8080 dropped? (`enforcer explain`)");
-    let bin = enforcer::testbed::agent_binary()?;
+    let bin = enforcer_testkit::netns::agent_binary()?;
     let out = std::process::Command::new(bin)
         .args(["explain"])
         .arg(&dir)

@@ -1,26 +1,17 @@
-//! enforcer: an eBPF Kubernetes NetworkPolicy enforcer. The binary (`main.rs`) is a thin CLI over
-//! these modules.
+//! enforcer: an eBPF Kubernetes NetworkPolicy enforcer. The node agent and its command line; the
+//! pure NetworkPolicy semantics live in `enforcer_policy`, the programs in `enforcer-ebpf`.
 //!
-//! Data flows one way: a source (`source` for a manifests folder, `kube_source` for the API
-//! server) yields a `policy::model::Cluster`; the pure compiler (`policy`) turns it into a
-//! `state::DesiredState`; the `reconcile`r writes that into the `datapath` maps through the
-//! `maps::MapTable` seam, adding before removing. `agent` runs that loop; `health`, `flowlog`
-//! and `identity`/`attestation` serve what operators and workloads see.
+//! The pipeline, one folder a step:
+//! [`source`] (a manifests folder or the API server) → cluster snapshot
+//! (`enforcer_policy::model::Cluster`) → compile (pure, `enforcer_policy`) → desired state
+//! (`enforcer_policy::state::DesiredState`) → [`reconcile`] (diff, through the kernel seam) →
+//! [`datapath`] (pinned maps, attached programs) → events ([`observe`]: flow log, metrics,
+//! health). [`agent`] runs the loop; [`identity`] verifies workloads; [`cli`] is the command.
 
 pub mod agent;
-pub mod attestation;
+pub mod cli;
 pub mod datapath;
-pub mod dataplane;
-pub mod flowlog;
-pub mod health;
 pub mod identity;
-pub mod kube_source;
-pub mod manifests;
-pub mod maps;
-pub mod offline;
-pub mod policy;
+pub mod observe;
 pub mod reconcile;
-pub mod routes;
 pub mod source;
-pub mod state;
-pub mod testbed;

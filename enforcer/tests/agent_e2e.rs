@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use enforcer::testbed::{
+use enforcer_testkit::netns::{
     AgentProcess, Proto, Servers, TestPod, Testbed, enter_netns, in_netns, pod_manifest, probe, run,
 };
 
@@ -453,7 +453,7 @@ fn crash_restart_upgrade(tag: &str, mode: &str, upgrade_mode: &str) {
     // Upgrade: another binary takes over the pinned links atomically.
     let new_bin =
         std::env::temp_dir().join(format!("enforcer-upgrade-{tag}-{}", std::process::id()));
-    std::fs::copy(enforcer::testbed::agent_binary().unwrap(), &new_bin).unwrap();
+    std::fs::copy(enforcer_testkit::netns::agent_binary().unwrap(), &new_bin).unwrap();
     agent.stop().unwrap();
     let mut agent =
         AgentProcess::start_binary(&new_bin, &s.tb, s.dir.path(), &upgrade_args).unwrap();
@@ -488,7 +488,10 @@ fn crash_restart_upgrade(tag: &str, mode: &str, upgrade_mode: &str) {
             "netns",
             "exec",
             &s.tb.node,
-            enforcer::testbed::agent_binary().unwrap().to_str().unwrap(),
+            enforcer_testkit::netns::agent_binary()
+                .unwrap()
+                .to_str()
+                .unwrap(),
             "cleanup",
             "--pin-path",
             &pin,

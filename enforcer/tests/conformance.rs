@@ -29,7 +29,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use enforcer::testbed::{AgentProcess, Proto, Servers, Testbed, agent_binary, probe_all};
+use enforcer_testkit::netns::{AgentProcess, Proto, Servers, Testbed, agent_binary, probe_all};
 use serde_json::{Map, Value, json};
 
 const TAG: &str = "npc";

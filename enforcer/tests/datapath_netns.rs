@@ -1,5 +1,5 @@
 //! The programs attached for real, through the loader, to the host-side veths of routed pods in
-//! network namespaces (the kindnet/Calico layout of `enforcer::testbed`), with real TCP and UDP
+//! network namespaces (the kindnet/Calico layout of `enforcer_testkit::netns`), with real TCP and UDP
 //! traffic between pods. Runs as root. Namespaces, links and the private bpffs are removed even
 //! when an assertion fails (RAII guards).
 
@@ -7,14 +7,14 @@ use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use enforcer::{
     datapath::{AttachMode, Datapath, DatapathOptions, Hook, link_pin, mount_bpffs},
-    maps::MapTable,
-    testbed::{
-        NODE_V4, NODE_V6, Proto, Servers, TestPod, Testbed, enter_netns, in_netns, probe_all,
-    },
+    reconcile::MapTable,
 };
 use enforcer_common::{
     DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6, EP_INGRESS_ISOLATED,
     EndpointInfo, IDENTITY_HOST, PROTO_TCP, PROTO_UDP, PeerInfo, PolicyKey, PolicyValue, reason,
+};
+use enforcer_testkit::netns::{
+    NODE_V4, NODE_V6, Proto, Servers, TestPod, Testbed, enter_netns, in_netns, probe_all,
 };
 
 const ID_A: u32 = 1000;

@@ -13,8 +13,7 @@ use std::{
 
 use enforcer::{
     datapath::{CtCount, Datapath, DatapathOptions, Hook, mount_bpffs},
-    maps::MapTable,
-    state::Prefix,
+    reconcile::MapTable,
 };
 use enforcer_common::{
     CONFIG_CT_LRU_ALL, CONFIG_LOG_ALLOWED, CT_REVOKED, CtKey, CtKeyV4, CtValue, DIR_EGRESS,
@@ -24,6 +23,7 @@ use enforcer_common::{
     PROTO_TCP, PROTO_UDP, PeerInfo, PolicyKey, PolicyValue, REASON_NAMES, SCHEMA_VERSION,
     reason::*,
 };
+use enforcer_policy::state::Prefix;
 
 const OK: i32 = 0; // TC_ACT_OK
 const SHOT: i32 = 2; // TC_ACT_SHOT

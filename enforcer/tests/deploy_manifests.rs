@@ -11,16 +11,14 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use enforcer::{
-    policy::{
-        compile::{Allocations, CompileOptions, compile},
-        lookup::decide,
-        model::Cluster,
-        validate::validate_policy,
-    },
-    state::PodRef,
-};
 use enforcer_common::{DIR_EGRESS, DIR_INGRESS};
+use enforcer_policy::{
+    compile::{Allocations, CompileOptions, compile},
+    decision::decide,
+    model::Cluster,
+    state::PodRef,
+    validate::validate_policy,
+};
 use k8s_openapi::{
     api::{
         apps::v1::DaemonSet,
@@ -419,7 +417,7 @@ fn example_cluster(o: &Objects) -> Cluster {
             .cloned()
             .map(std::sync::Arc::new)
             .collect(),
-        pods: enforcer::policy::model::shared(pods),
+        pods: enforcer_policy::model::shared(pods),
         policies: o
             .policies
             .iter()
@@ -436,7 +434,7 @@ fn ip_of(c: &Cluster, name: &str) -> IpAddr {
         .iter()
         .find(|p| p.metadata.name.as_deref() == Some(name))
         .unwrap();
-    enforcer::policy::model::pod_ips(p)[0]
+    enforcer_policy::model::pod_ips(p)[0]
 }
 
 #[test]

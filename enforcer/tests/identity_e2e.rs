@@ -10,9 +10,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use enforcer::{
-    identity::{testing::TestIssuer, testing::TestKey, unix_now},
-    testbed::{
+use enforcer::identity::unix_now;
+use enforcer_testkit::{
+    issuer::{TestIssuer, TestKey},
+    netns::{
         AgentProcess, NODE_V4, Proto, Servers, TestPod, Testbed, in_netns, pod_manifest, probe, run,
     },
 };

@@ -3,7 +3,7 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use enforcer::testbed::{NODE_V4, Proto, Servers, Testbed, probe};
+use enforcer_testkit::netns::{NODE_V4, Proto, Servers, Testbed, probe};
 
 #[test]
 fn routed_veth_pods_reach_each_other_and_clean_up() {

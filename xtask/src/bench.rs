@@ -1,13 +1,13 @@
-//! `cargo xtask bench [--quick] [--only PARTS]`: builds the agent and runs the benchmark example
-//! (`enforcer/examples/bench.rs`), which writes `bench/REPORT.md`, `bench/report.json` and SVG
+//! `cargo xtask bench [--quick] [--only PARTS]`: builds the agent and runs the benchmark crate
+//! (`bench/`), which writes `bench/REPORT.md`, `bench/report.json` and SVG
 //! charts. Needs root (BPF, network namespaces).
 
 use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
 
-/// Builds the agent (the benchmark starts `target/release/enforcer`) and the example in one
-/// cargo invocation (one feature resolution, so one compile), then runs the example with `args`
+/// Builds the agent (the benchmark starts `target/release/enforcer`) and the benchmark in one
+/// cargo invocation (one feature resolution, so one compile), then runs it with `args`
 /// passed through. Call after `setup` (iperf3, nftables).
 pub fn bench(args: &[String]) -> Result<()> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -24,19 +24,19 @@ pub fn bench(args: &[String]) -> Result<()> {
             "enforcer",
             "--bin",
             "enforcer",
-            "--example",
-            "bench",
+            "-p",
+            "enforcer-bench",
         ])
         .status()
         .context("running cargo build")?;
     if !st.success() {
-        bail!("cargo build --release -p enforcer --bin enforcer --example bench failed ({st})");
+        bail!("cargo build --release -p enforcer --bin enforcer -p enforcer-bench failed ({st})");
     }
-    let st = Command::new(root.join("target/release/examples/bench"))
+    let st = Command::new(root.join("target/release/enforcer-bench"))
         .current_dir(&root)
         .args(args)
         .status()
-        .context("running target/release/examples/bench")?;
+        .context("running target/release/enforcer-bench")?;
     if !st.success() {
         bail!("bench failed ({st})");
     }

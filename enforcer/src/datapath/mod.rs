@@ -10,6 +10,8 @@ mod attach;
 mod bpffs;
 pub mod flows;
 pub mod peer_slots;
+pub mod routes;
+mod seam;
 pub mod slots;
 mod tables;
 

@@ -17,7 +17,9 @@ use enforcer_common::{
 use tokio::io::{Interest, unix::AsyncFd};
 
 use super::{flows::FlowTable, peer_slots::PeerSlotSync, slots::SlotSync};
-use crate::{maps::MapTable, state::Prefix};
+use enforcer_policy::state::Prefix;
+
+use crate::reconcile::MapTable;
 
 fn not_found(e: &MapError) -> bool {
     matches!(e, MapError::KeyNotFound | MapError::ElementNotFound)

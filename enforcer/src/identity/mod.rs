@@ -16,13 +16,15 @@
 //! Every rejection carries a stable [`Reason`] (counted in [`IdentityMetrics`], logged without
 //! the token). Tokens are never logged, echoed or put into error values.
 //!
-//! [`testing`] is a real test issuer (RSA-2048 / P-256 keys generated at runtime, a real JWKS,
+//! `testing` (tests and the `testkit` feature only) is a real test issuer (RSA-2048 / P-256 keys generated at runtime, a real JWKS,
 //! API-server-shaped tokens) used by unit tests, end-to-end tests and the demo.
 
+pub mod attestation;
 pub mod bind;
 pub mod jwks;
 pub mod metrics;
 pub mod server;
+#[cfg(any(test, feature = "testkit"))]
 pub mod testing;
 pub mod verify;
 

@@ -1,0 +1,163 @@
+//! `cargo xtask bench` (or `cargo run --release -p enforcer-bench -- [--quick]`):
+//! measures the enforcer and writes `bench/REPORT.md`, `bench/report.json` and SVG charts.
+//!
+//! Parts (all figures are measured by this run; ratios come from the same run and machine):
+//! - `testrun`: ns per packet of the real TC programs by `BPF_PROG_TEST_RUN`, beside a
+//!   hand-assembled empty program measured by the same harness, at 0 / 100 / 1k / 100k policy
+//!   entries and 1 / 1k endpoints.
+//! - `net`: routed-veth pods in netns; iperf3, TCP_RR and TCP_CRR with the real agent vs no
+//!   programs; policy-change latency; agent memory; connection rate vs the same policies as an
+//!   nftables ruleset (iptables-enforcer layout) at growing rule counts.
+//! - `compile`: the pure compiler on 10k policies.
+//!
+//! Needs root. Cleans up every netns, mount and nft table it creates (guards), also on failure.
+
+mod inputs;
+mod interleave;
+mod load;
+mod net;
+mod report;
+mod steal;
+mod svg;
+mod testrun;
+
+use std::{path::PathBuf, time::Instant};
+
+use steal::CpuTimes;
+
+use anyhow::{Result, bail};
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(about = "enforcer benchmarks: writes bench/REPORT.md and bench/report.json")]
+struct Args {
+    /// A smaller, faster run (fewer repeats, shorter traffic runs).
+    #[arg(long)]
+    quick: bool,
+    /// Only these parts (comma-separated): testrun, compile, net (= traffic, latency, sweep),
+    /// or one section of net: traffic, latency (with agent memory), sweep.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Output folder (default: `bench/` in the workspace).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Traffic rounds (default 4, 1 with --quick).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Interleaved runs per traffic round (default 4, 1 with --quick).
+    #[arg(long)]
+    pairs: Option<usize>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the benchmarks need root (BPF, network namespaces, mounts)");
+    }
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    std::fs::create_dir_all(&out)?;
+    let want = |p: &str| args.only.is_empty() || args.only.iter().any(|o| o == p);
+    let quick = args.quick;
+    let started = Instant::now();
+    let mut rep = report::Report::new(quick);
+
+    if want("testrun") {
+        eprintln!("[bench] BPF_PROG_TEST_RUN");
+        let cpu = CpuTimes::now();
+        let settings = testrun::Settings {
+            repeat: if quick { 200_000 } else { 1_000_000 },
+            runs: if quick { 3 } else { 5 },
+            singles: 5_000,
+            new_repeat: if quick { 5_000 } else { 10_000 },
+            passes: if quick { 1 } else { 5 },
+            entries: vec![0, 100, 1_000, 100_000],
+            endpoints: vec![1, 1_000],
+            pair_rounds: if quick { 40 } else { 200 },
+            pair_repeat: 100_000,
+        };
+        match testrun::run(settings) {
+            Ok(r) => rep.testrun = Some(r),
+            Err(e) => rep.errors.push(format!("testrun: {e:#}")),
+        }
+        rep.steal_by_part
+            .push(("testrun".into(), CpuTimes::now().stolen_since(&cpu)));
+        rep.write(&out, started)?;
+    }
+
+    if want("compile") {
+        eprintln!("[bench] compile");
+        match net::compile_bench(10_000, 1_000, if quick { 1 } else { 3 }) {
+            Ok(r) => {
+                eprintln!(
+                    "    10k policies: parse {:.3} s, compile {:.3} s, {} entries",
+                    r.parse_secs, r.compile_secs, r.policy_entries
+                );
+                rep.compile = Some(r);
+            }
+            Err(e) => rep.errors.push(format!("compile: {e:#}")),
+        }
+        rep.write(&out, started)?;
+    }
+
+    let net_part = |p: &str| want("net") || args.only.iter().any(|o| o == p);
+    if net_part("traffic") || net_part("latency") || net_part("sweep") {
+        eprintln!("[bench] pods in netns");
+        let cpu = CpuTimes::now();
+        let settings = net::Settings {
+            rounds: args.rounds.unwrap_or(if quick { 1 } else { 4 }),
+            iperf_secs: if quick { 3 } else { 6 },
+            rate_secs: if quick { 2.0 } else { 4.0 },
+            warmup_secs: if quick { 0.3 } else { 0.5 },
+            rule_counts: vec![10, 1_000, 10_000],
+            remote_pods: 1_000,
+            policies: 1_000,
+            toggles: if quick { 16 } else { 200 },
+            traffic: net_part("traffic"),
+            latency: net_part("latency"),
+            sweep: net_part("sweep"),
+            pairs: args.pairs.unwrap_or(if quick { 1 } else { 4 }),
+            windows: interleave::Windows {
+                window_secs: 0.25,
+                settle_secs: 0.02,
+                cycles: if quick { 6 } else { 12 },
+                warmup_secs: 0.3,
+            },
+            pair_iperf_secs: 2,
+            pair_rate_secs: if quick { 1.0 } else { 1.5 },
+        };
+        rep.net_settings = Some(settings.clone());
+        let out2 = out.clone();
+        let mut last: Option<net::Results> = None;
+        let base = rep.clone();
+        let mut partial = |r: &net::Results| {
+            last = Some(r.clone());
+            let mut tmp = base.clone();
+            tmp.net = Some(r.clone());
+            let _ = tmp.write(&out2, started);
+        };
+        let result = net::run(&settings, &mut partial);
+        match result {
+            Ok(r) => rep.net = Some(r),
+            Err(e) => {
+                rep.net = last;
+                rep.errors.push(format!("net: {e:#}"));
+            }
+        }
+        rep.steal_by_part
+            .push(("pods in netns".into(), CpuTimes::now().stolen_since(&cpu)));
+        rep.write(&out, started)?;
+    }
+    eprintln!(
+        "[bench] done in {:.0} s: {}",
+        started.elapsed().as_secs_f64(),
+        out.join("REPORT.md").display()
+    );
+    for e in &rep.errors {
+        eprintln!("[bench] part failed: {e}");
+    }
+    Ok(())
+}

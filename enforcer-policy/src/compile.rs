@@ -1,0 +1,1358 @@
+//! The policy compiler: API objects in, the desired contents of the datapath maps out. Pure: no
+//! IO, no clock, no randomness; number allocation is carried between compiles in
+//! [`Allocations`] so that a change touches only the entries it must.
+//!
+//! Model. Every address the datapath can see resolves to one **identity**, the interned set of
+//! everything a selector or ipBlock can ask about it ([`IdentityKey`]): for a pod address, its
+//! namespace, the namespace's labels, the pod's labels and named container ports; for every
+//! address, the set of ipBlocks (cidr minus excepts) it is in. Membership in every ipBlock is a
+//! function of an address's longest matching prefix among all ipBlock cidrs and excepts, so one
+//! LPM entry per such prefix (its "region") carries it exactly. Pod addresses get exact
+//! entries; node addresses get [`IDENTITY_HOST`]; everything else is [`IDENTITY_WORLD`].
+//! Policy entries then say which identities each local endpoint may talk to, per direction,
+//! protocol and port block.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fmt,
+    net::IpAddr,
+    sync::Arc,
+};
+
+use crate::cidr::Cidr;
+use enforcer_common::{
+    DEFAULT_MAX_ENDPOINTS, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6,
+    EP_INGRESS_ISOLATED, EndpointInfo, IDENTITY_ANY, IDENTITY_FIRST_ALLOCATED, IDENTITY_HOST,
+    IDENTITY_WORLD, PORT_MASK_ANY_PROTO, PROTO_ANY, PeerInfo, PolicyKey, PolicyValue,
+};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+
+use super::{
+    memo::{Memo, PodDerived, PolicyFacts},
+    model::{Cluster, pod_node},
+    selector::Labels,
+    validate::{
+        Block, NamespaceMatch, ParsedPolicy, Peer, PolicyError, Port, Rule, protocol_number,
+    },
+};
+use crate::state::{DesiredState, EndpointState, PodRef, Prefix, RuleRef};
+
+/// What the compiler needs to know about the node it compiles for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompileOptions {
+    /// `None`: every pod with an address is local (standalone mode). `Some(n)`: pods whose
+    /// `spec.nodeName` is `n`.
+    pub node_name: Option<String>,
+    /// Addresses of the node: they resolve to [`IDENTITY_HOST`], always allowed.
+    pub node_ips: Vec<IpAddr>,
+    /// Endpoint ids are `1..=max_endpoints`.
+    pub max_endpoints: u32,
+    /// Every policy's pod and namespace peers must be verified workloads
+    /// (`--require-identity`), as if each carried the require-identity annotation.
+    pub require_identity: bool,
+}
+
+impl Default for CompileOptions {
+    fn default() -> Self {
+        Self {
+            node_name: None,
+            node_ips: Vec::new(),
+            max_endpoints: DEFAULT_MAX_ENDPOINTS,
+            require_identity: false,
+        }
+    }
+}
+
+impl CompileOptions {
+    /// Whether the pod is enforced by this node.
+    pub fn is_local(&self, pod: &Pod) -> bool {
+        self.node_name
+            .as_deref()
+            .is_none_or(|n| pod_node(pod) == Some(n))
+    }
+}
+
+/// The facts about a pod that selectors and named ports can ask about.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodFacts {
+    pub namespace: String,
+    /// Including `kubernetes.io/metadata.name`.
+    pub namespace_labels: Labels,
+    pub labels: Labels,
+    /// `(name, protocol, port)` of the named container ports.
+    pub named_ports: BTreeSet<(String, u8, u16)>,
+    /// The address is bound to a verified identity (its reserved labels are in `labels`).
+    pub verified: bool,
+}
+
+/// What an identity stands for.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IdentityKey {
+    /// The pod facts, for pod addresses.
+    pub pod: Option<PodFacts>,
+    /// The ipBlocks the address is in (inside the cidr, outside every except).
+    pub blocks: BTreeSet<Block>,
+}
+
+impl IdentityKey {
+    fn is_world(&self) -> bool {
+        self.pod.is_none() && self.blocks.is_empty()
+    }
+}
+
+/// A number pool: the same key keeps its number while it is used in consecutive compiles.
+#[derive(Clone, Debug)]
+struct Pool<K: Ord> {
+    first: u32,
+    last: u32,
+    /// Hand out never-used numbers before freed ones (identities, rules); otherwise the smallest
+    /// free number (endpoints, a small bounded range).
+    prefer_fresh: bool,
+    live: BTreeMap<K, (u32, u64)>,
+    /// Freed number -> the generation that freed it.
+    free: BTreeMap<u32, u64>,
+    next: u32,
+}
+
+impl<K: Ord + Clone> Pool<K> {
+    fn new(first: u32, last: u32, prefer_fresh: bool) -> Self {
+        Self {
+            first,
+            last,
+            prefer_fresh,
+            live: BTreeMap::new(),
+            free: BTreeMap::new(),
+            next: first,
+        }
+    }
+
+    fn get(&mut self, key: &K, generation: u64) -> Option<u32> {
+        if let Some((id, used)) = self.live.get_mut(key) {
+            *used = generation;
+            return Some(*id);
+        }
+        // A number freed in the previous compile may still be in the maps the reconciler has not
+        // finished replacing: reuse it only after one more compile, unless nothing else is left.
+        let settled = self
+            .free
+            .iter()
+            .find(|(_, freed)| **freed + 1 < generation)
+            .map(|(id, _)| *id);
+        let fresh = (self.next <= self.last && self.next >= self.first).then_some(self.next);
+        let any_free = self.free.keys().next().copied();
+        let id = if self.prefer_fresh {
+            fresh.or(settled)
+        } else {
+            settled.or(fresh)
+        }
+        .or(any_free)?;
+        if Some(id) == fresh {
+            self.next = self.next.saturating_add(1);
+        } else {
+            self.free.remove(&id);
+        }
+        self.live.insert(key.clone(), (id, generation));
+        Some(id)
+    }
+
+    fn sweep(&mut self, generation: u64) {
+        let gone: Vec<K> = self
+            .live
+            .iter()
+            .filter(|(_, (_, used))| *used != generation)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            if let Some((id, _)) = self.live.remove(&k) {
+                self.free.insert(id, generation);
+            }
+        }
+    }
+
+    /// Gives `key` the number `id` (numbers restored from pinned maps). `false` when either is
+    /// taken or `id` is out of range.
+    fn reserve(&mut self, key: &K, id: u32) -> bool {
+        if id < self.first
+            || id > self.last
+            || self.live.contains_key(key)
+            || self.live.values().any(|(i, _)| *i == id)
+        {
+            return false;
+        }
+        self.skip_past(id);
+        self.free.remove(&id);
+        self.live.insert(key.clone(), (id, 0));
+        true
+    }
+
+    /// [`Pool::reserve`] of many pairs at once (a key or number given twice keeps its first
+    /// pair); how many were taken.
+    fn reserve_all(&mut self, pairs: impl IntoIterator<Item = (K, u32)>) -> usize {
+        let mut taken: BTreeSet<u32> = self.live.values().map(|(i, _)| *i).collect();
+        let mut n = 0;
+        for (key, id) in pairs {
+            if id < self.first
+                || id > self.last
+                || self.live.contains_key(&key)
+                || !taken.insert(id)
+            {
+                continue;
+            }
+            self.skip_past(id);
+            self.free.remove(&id);
+            self.live.insert(key, (id, 0));
+            n += 1;
+        }
+        n
+    }
+
+    /// Fresh numbers start above `id` from now on. In a pool that prefers fresh numbers the
+    /// skipped ones are not recorded (they would be reused only once ~4e9 are spent, and a
+    /// long-lived agent's numbers run high); elsewhere they become free (settled).
+    fn skip_past(&mut self, id: u32) {
+        if self.prefer_fresh {
+            self.next = self.next.max(id.saturating_add(1));
+            return;
+        }
+        while self.next <= id {
+            if self.next != id {
+                self.free.insert(self.next, 0);
+            }
+            self.next += 1;
+        }
+    }
+
+    /// The key holding each number.
+    fn by_number(&self) -> BTreeMap<u32, K> {
+        self.live
+            .iter()
+            .map(|(k, (id, _))| (*id, k.clone()))
+            .collect()
+    }
+
+    /// Marks every live number used in `generation` (a compile that reuses the previous one's
+    /// keys).
+    fn touch_all(&mut self, generation: u64) {
+        for (_, used) in self.live.values_mut() {
+            *used = generation;
+        }
+    }
+
+    fn lookup(&self, key: &K) -> Option<u32> {
+        self.live.get(key).map(|(id, _)| *id)
+    }
+}
+
+/// Number allocation carried from one compile to the next: identities, endpoint ids and rule
+/// ids stay the same for the same key, and a number is reused for another key only after its
+/// key has been absent from a compile.
+#[derive(Clone, Debug)]
+pub struct Allocations {
+    generation: u64,
+    identities: Pool<IdentityKey>,
+    endpoints: Pool<PodRef>,
+    rules: Pool<RuleRef>,
+    memo: Memo,
+}
+
+impl Default for Allocations {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Allocations {
+    pub fn new() -> Self {
+        Self {
+            generation: 0,
+            identities: Pool::new(IDENTITY_FIRST_ALLOCATED, u32::MAX - 1, true),
+            endpoints: Pool::new(1, u32::MAX - 1, false),
+            rules: Pool::new(1, u32::MAX - 1, true),
+            memo: Memo::default(),
+        }
+    }
+
+    /// The endpoint id of a pod, if it had one in the last compile.
+    pub fn endpoint_id(&self, pod: &PodRef) -> Option<u32> {
+        self.endpoints.lookup(pod)
+    }
+
+    /// Keeps the endpoint id `id` for `pod`, as found in the pinned maps after a restart, so
+    /// its policy keys and tracked flows stay valid. `false` when the pod or the id is taken.
+    pub fn reserve_endpoint(&mut self, pod: &PodRef, id: u32) -> bool {
+        self.endpoints.reserve(pod, id)
+    }
+
+    /// The identity of a key, if it had one in the last compile.
+    pub fn identity(&self, key: &IdentityKey) -> Option<u32> {
+        self.identities.lookup(key)
+    }
+
+    /// After a restart: gives the identities and rules of `cluster` the numbers `pinned` (what
+    /// the pinned maps hold) gave them, and keeps every other pinned number out of fresh hands.
+    /// Numbered afresh, an identity could take a number the pinned maps still use for another
+    /// (their policy entries then apply to its addresses until the reconciler replaces them),
+    /// and a moved number makes flows re-checked mid-update. A number is restored when every
+    /// address or region (policy key, for rules) a trial compile gives it carried one and the
+    /// same pinned number, which no other number claims. Returns (identities, rules) restored;
+    /// costs one compile, none on a first start (nothing pinned).
+    pub fn restore(
+        &mut self,
+        cluster: &Cluster,
+        opts: &CompileOptions,
+        pinned: &DesiredState,
+    ) -> (usize, usize) {
+        let nothing_pinned = pinned.peers_v4.is_empty()
+            && pinned.peers_v6.is_empty()
+            && pinned.cidrs_v4.is_empty()
+            && pinned.cidrs_v6.is_empty()
+            && pinned.policy.is_empty();
+        if nothing_pinned {
+            // A first start: no trial compiles.
+            return (0, 0);
+        }
+        let mut trial = self.clone();
+        let fresh = compile(cluster, opts, &mut trial).state;
+        let identity = |p: &PeerInfo| p.identity;
+        let pairs = paired(&fresh.peers_v4, &pinned.peers_v4, identity)
+            .chain(paired(&fresh.peers_v6, &pinned.peers_v6, identity))
+            .chain(paired(&fresh.cidrs_v4, &pinned.cidrs_v4, identity))
+            .chain(paired(&fresh.cidrs_v6, &pinned.cidrs_v6, identity));
+        let ids = renumbering(pairs, IDENTITY_FIRST_ALLOCATED);
+        let keys = trial.identities.by_number();
+        let identities = self.identities.reserve_all(
+            ids.iter()
+                .filter_map(|(new, old)| Some((keys.get(new)?.clone(), *old))),
+        );
+        let pinned_ids = pinned
+            .peers_v4
+            .values()
+            .chain(pinned.peers_v6.values())
+            .chain(pinned.cidrs_v4.values())
+            .chain(pinned.cidrs_v6.values())
+            .map(|p| p.identity)
+            .max();
+        if let Some(max) = pinned_ids.filter(|m| *m >= IDENTITY_FIRST_ALLOCATED) {
+            self.identities.skip_past(max);
+        }
+
+        // Rules: the trial's policy keys, their identities renumbered as just restored, are
+        // the pinned keys of the same rules (rule numbers do not depend on identity numbers).
+        let as_pinned = |k: &PolicyKey| {
+            let mut k = *k;
+            if k.identity >= IDENTITY_FIRST_ALLOCATED {
+                k.identity = *ids.get(&k.identity)?;
+            }
+            Some(k)
+        };
+        let rule_pairs = fresh
+            .policy
+            .iter()
+            .filter_map(|(k, v)| Some((v.rule, pinned.policy.get(&as_pinned(k)?)?.rule)));
+        let keys = trial.rules.by_number();
+        let rules = self.rules.reserve_all(
+            renumbering(rule_pairs, 1)
+                .into_iter()
+                .filter_map(|(new, old)| Some((keys.get(&new)?.clone(), old))),
+        );
+        if let Some(max) = pinned.policy.values().map(|v| v.rule).max() {
+            self.rules.skip_past(max);
+        }
+        (identities, rules)
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn renumbering_for_tests(pairs: &[(u32, u32)]) -> Vec<(u32, u32)> {
+    renumbering(pairs.iter().copied(), IDENTITY_FIRST_ALLOCATED)
+        .into_iter()
+        .collect()
+}
+
+/// (number now, pinned number) of every key both maps have.
+fn paired<'a, K: Ord, V>(
+    now: &'a BTreeMap<K, V>,
+    pinned: &'a BTreeMap<K, V>,
+    number: impl Fn(&V) -> u32 + 'a,
+) -> impl Iterator<Item = (u32, u32)> + 'a {
+    now.iter()
+        .filter_map(move |(k, v)| Some((number(v), number(pinned.get(k)?))))
+}
+
+/// Fresh number -> pinned number, for the fresh numbers (from `first` on) whose every pair
+/// names one pinned number that no other fresh number names.
+fn renumbering(pairs: impl Iterator<Item = (u32, u32)>, first: u32) -> BTreeMap<u32, u32> {
+    let mut to: BTreeMap<u32, Option<u32>> = BTreeMap::new();
+    for (new, old) in pairs.filter(|(n, o)| *n >= first && *o >= first) {
+        let e = to.entry(new).or_insert(Some(old));
+        if *e != Some(old) {
+            *e = None;
+        }
+    }
+    let mut claims: BTreeMap<u32, usize> = BTreeMap::new();
+    for old in to.values().flatten() {
+        *claims.entry(*old).or_default() += 1;
+    }
+    to.into_iter()
+        .filter_map(|(new, old)| old.filter(|o| claims[o] == 1).map(|o| (new, o)))
+        .collect()
+}
+
+/// A problem found while compiling; the rest of the input still compiles.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CompileError {
+    /// The policy is invalid and was left out.
+    Policy(PolicyError),
+    /// A second NetworkPolicy with the same namespace and name was left out.
+    DuplicatePolicy { namespace: String, name: String },
+    /// More local pods than endpoint ids: this pod is not enforced.
+    TooManyEndpoints { pod: PodRef, max: u32 },
+    /// Two pods claim one address: it resolves to `kept`.
+    DuplicateAddress {
+        ip: IpAddr,
+        kept: PodRef,
+        dropped: PodRef,
+    },
+}
+
+impl fmt::Display for CompileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Policy(e) => write!(f, "{e} (policy skipped)"),
+            Self::DuplicatePolicy { namespace, name } => {
+                write!(
+                    f,
+                    "NetworkPolicy {namespace}/{name}: duplicate object skipped"
+                )
+            }
+            Self::TooManyEndpoints { pod, max } => {
+                write!(
+                    f,
+                    "pod {pod}: not enforced, more than {max} local pods (raise the endpoint limit)"
+                )
+            }
+            Self::DuplicateAddress { ip, kept, dropped } => {
+                write!(
+                    f,
+                    "address {ip} is claimed by pods {kept} and {dropped}; it resolves to {kept}"
+                )
+            }
+        }
+    }
+}
+
+/// The result of a compile.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Compiled {
+    pub state: DesiredState,
+    pub errors: Vec<CompileError>,
+    /// What each identity used in `state` stands for.
+    pub identities: Arc<BTreeMap<u32, IdentityKey>>,
+}
+
+/// Policies deduplicated by namespace/name (first wins) and sorted by it, each parsed once per
+/// object ([`Memo`]), with the errors of the invalid and duplicate ones. The evaluator counts the
+/// same objects. Only [`PolicyFacts::Valid`] ones are returned.
+fn parsed_policies(
+    cluster: &Cluster,
+    memo: &mut Memo,
+    generation: u64,
+) -> (Vec<Arc<PolicyFacts>>, Vec<CompileError>) {
+    let mut facts: Vec<Arc<PolicyFacts>> = cluster
+        .policies
+        .iter()
+        .map(|p| memo.policy(p, generation))
+        .collect();
+    // Stable: among duplicates the first object stays first.
+    facts.sort_by(|a, b| a.key().cmp(&b.key()));
+    let mut out = Vec::with_capacity(facts.len());
+    let mut errors = Vec::new();
+    for (i, f) in facts.iter().enumerate() {
+        if i > 0 && facts[i - 1].key() == f.key() {
+            let (namespace, name) = f.key();
+            errors.push(CompileError::DuplicatePolicy {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+            });
+            continue;
+        }
+        match &**f {
+            PolicyFacts::Valid(_) => out.push(Arc::clone(f)),
+            PolicyFacts::Invalid(_, errs) => {
+                errors.extend(errs.iter().cloned().map(CompileError::Policy));
+            }
+        }
+    }
+    (out, errors)
+}
+
+/// The pods that take part in policy, one per `PodRef` (the first object of a name wins),
+/// ordered by `PodRef`: [`Cluster::policy_pods`], from the memo.
+fn policy_pods<'c>(
+    cluster: &'c Cluster,
+    memo: &mut Memo,
+    generation: u64,
+) -> Vec<(Arc<PodDerived>, &'c Pod)> {
+    let mut all: Vec<(Arc<PodDerived>, &Pod)> = cluster
+        .pods
+        .iter()
+        .map(|p| (memo.pod(p, generation), &**p))
+        .collect();
+    all.sort_by(|a, b| a.0.r.cmp(&b.0.r));
+    all.dedup_by(|later, first| later.0.r == first.0.r);
+    all.retain(|(d, _)| d.policy_pod);
+    all
+}
+
+/// `(name, protocol, port)` of a pod's named container ports (`spec.containers[].ports[]`);
+/// ports with an unknown protocol or out-of-range number are left out.
+pub fn named_ports(pod: &Pod) -> BTreeSet<(String, u8, u16)> {
+    let mut out = BTreeSet::new();
+    for c in pod.spec.iter().flat_map(|s| &s.containers) {
+        for p in c.ports.iter().flatten() {
+            let (Some(name), Some(proto), Ok(port)) = (
+                p.name.as_ref(),
+                protocol_number(p.protocol.as_deref()),
+                u16::try_from(p.container_port),
+            ) else {
+                continue;
+            };
+            out.insert((name.clone(), proto, port));
+        }
+    }
+    out
+}
+
+/// Splits `lo..=hi` into aligned power-of-two blocks: `(first port, prefix length)`.
+pub fn port_blocks(lo: u16, hi: u16) -> Vec<(u16, u8)> {
+    let mut out = Vec::new();
+    let (mut cur, hi) = (u32::from(lo), u32::from(hi));
+    while cur <= hi {
+        let mut k = if cur == 0 {
+            16
+        } else {
+            cur.trailing_zeros().min(16)
+        };
+        while cur + (1 << k) - 1 > hi {
+            k -= 1;
+        }
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "cur <= hi <= u16::MAX and k <= 16"
+        )]
+        out.push((cur as u16, (16 - k) as u8));
+        cur += 1 << k;
+    }
+    out
+}
+
+fn block_covers_net(block: &Block, net: &Cidr) -> bool {
+    block.cidr.covers(net) && !block.except.iter().any(|e| e.covers(net))
+}
+
+fn peer_matches(peer: &Peer, key: &IdentityKey, require_identity: bool) -> bool {
+    match peer {
+        Peer::Block(b) => key.blocks.contains(b),
+        Peer::Pods { namespaces, pods } => {
+            let Some(f) = &key.pod else { return false };
+            if require_identity && !f.verified {
+                return false;
+            }
+            let ns_ok = match namespaces {
+                NamespaceMatch::Own(ns) => f.namespace == *ns,
+                NamespaceMatch::Selector(s) => s.matches(&f.namespace_labels),
+            };
+            ns_ok && pods.as_ref().is_none_or(|s| s.matches(&f.labels))
+        }
+    }
+}
+
+/// Peers of one rule, resolved: `None` = any peer.
+type PeerIds = Option<Vec<u32>>;
+
+/// What the identity stage reads: compared with the previous compile's to reuse its result.
+/// The objects are held, so an address cannot be reused by another object meanwhile.
+pub(super) struct StageInput {
+    pods: Vec<Arc<Pod>>,
+    namespaces: Vec<Arc<Namespace>>,
+    verified: BTreeMap<IpAddr, BTreeMap<String, String>>,
+    blocks: BTreeSet<Block>,
+    node_ips: Vec<IpAddr>,
+}
+
+impl PartialEq for StageInput {
+    fn eq(&self, o: &Self) -> bool {
+        // By address first; by content when a source made a new but equal object (the
+        // manifests folder creates the namespaces that are used but not declared on each read).
+        fn same<T: PartialEq>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y) || x == y)
+        }
+        same(&self.pods, &o.pods)
+            && same(&self.namespaces, &o.namespaces)
+            && self.verified == o.verified
+            && self.blocks == o.blocks
+            && self.node_ips == o.node_ips
+    }
+}
+
+/// Everything known about addresses: which pod owns each, the identity each resolves to, and
+/// the peer and region entries. It depends on pods, namespaces, verified addresses, ipBlocks and
+/// node addresses only, so a change to policies alone reuses it (most of a compile at 1k pods).
+#[derive(Default)]
+pub(super) struct IdentityStage {
+    facts: BTreeMap<PodRef, PodFacts>,
+    /// The identity of each pod address.
+    addr_ids: BTreeMap<IpAddr, u32>,
+    /// Every identity in use but world and host, with what it stands for.
+    identities: Arc<BTreeMap<u32, IdentityKey>>,
+    peers_v4: BTreeMap<std::net::Ipv4Addr, PeerInfo>,
+    peers_v6: BTreeMap<std::net::Ipv6Addr, PeerInfo>,
+    cidrs_v4: BTreeMap<Prefix<std::net::Ipv4Addr>, PeerInfo>,
+    cidrs_v6: BTreeMap<Prefix<std::net::Ipv6Addr>, PeerInfo>,
+    errors: Vec<CompileError>,
+}
+
+fn identity_stage(
+    cluster: &Cluster,
+    pods: &[(Arc<PodDerived>, &Pod)],
+    input: &StageInput,
+    identities: &mut Pool<IdentityKey>,
+    generation: u64,
+) -> IdentityStage {
+    let mut stage = IdentityStage::default();
+    let prefixes: BTreeSet<Cidr> = input
+        .blocks
+        .iter()
+        .flat_map(|b| std::iter::once(b.cidr).chain(b.except.iter().copied()))
+        .collect();
+
+    // Pods: facts and the addresses they own.
+    let mut ns_labels: HashMap<String, Labels> = HashMap::new();
+    let mut owner: BTreeMap<IpAddr, PodRef> = BTreeMap::new();
+    for (d, pod) in pods {
+        let r = &d.r;
+        let nsl = ns_labels
+            .entry(r.namespace.clone())
+            .or_insert_with(|| cluster.namespace_labels(&r.namespace))
+            .clone();
+        stage.facts.insert(
+            r.clone(),
+            PodFacts {
+                namespace: r.namespace.clone(),
+                namespace_labels: nsl,
+                labels: pod.metadata.labels.clone().unwrap_or_default(),
+                named_ports: d.named_ports.clone(),
+                verified: false,
+            },
+        );
+        for &ip in &d.ips {
+            if input.node_ips.contains(&ip) {
+                continue;
+            }
+            match owner.get(&ip) {
+                Some(kept) => stage.errors.push(CompileError::DuplicateAddress {
+                    ip,
+                    kept: kept.clone(),
+                    dropped: r.clone(),
+                }),
+                None => {
+                    owner.insert(ip, r.clone());
+                }
+            }
+        }
+    }
+
+    // Identity keys of every pod address and every region.
+    let blocks_of_ip = |ip: IpAddr| -> BTreeSet<Block> {
+        input
+            .blocks
+            .iter()
+            .filter(|b| b.contains(ip))
+            .cloned()
+            .collect()
+    };
+    let addr_keys: BTreeMap<IpAddr, IdentityKey> = owner
+        .iter()
+        .map(|(ip, r)| {
+            // A verified address adds its identity's reserved labels to the pod's.
+            let pod = stage.facts.get(r).cloned().map(|mut f| {
+                if let Some(extra) = input.verified.get(ip) {
+                    f.labels
+                        .extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+                    f.verified = true;
+                }
+                f
+            });
+            (
+                *ip,
+                IdentityKey {
+                    pod,
+                    blocks: blocks_of_ip(*ip),
+                },
+            )
+        })
+        .collect();
+    let region_keys: BTreeMap<Cidr, IdentityKey> = prefixes
+        .iter()
+        .map(|net| {
+            let bs = input
+                .blocks
+                .iter()
+                .filter(|b| block_covers_net(b, net))
+                .cloned()
+                .collect();
+            (
+                *net,
+                IdentityKey {
+                    pod: None,
+                    blocks: bs,
+                },
+            )
+        })
+        .collect();
+    let all_keys: BTreeSet<&IdentityKey> = addr_keys
+        .values()
+        .chain(region_keys.values())
+        .filter(|k| !k.is_world())
+        .collect();
+    let mut ids: BTreeMap<&IdentityKey, u32> = BTreeMap::new();
+    for k in all_keys {
+        // The pool cannot run dry: it has ~4e9 numbers.
+        let id = identities.get(k, generation).unwrap_or(IDENTITY_WORLD);
+        ids.insert(k, id);
+    }
+    let id_of = |k: &IdentityKey| {
+        if k.is_world() {
+            IDENTITY_WORLD
+        } else {
+            ids.get(k).copied().unwrap_or(IDENTITY_WORLD)
+        }
+    };
+
+    for (ip, k) in &addr_keys {
+        let info = PeerInfo {
+            identity: id_of(k),
+            flags: 0,
+        };
+        stage.addr_ids.insert(*ip, info.identity);
+        match ip {
+            IpAddr::V4(a) => stage.peers_v4.insert(*a, info),
+            IpAddr::V6(a) => stage.peers_v6.insert(*a, info),
+        };
+    }
+    for ip in &input.node_ips {
+        let info = PeerInfo {
+            identity: IDENTITY_HOST,
+            flags: 0,
+        };
+        match ip {
+            IpAddr::V4(a) => stage.peers_v4.insert(*a, info),
+            IpAddr::V6(a) => stage.peers_v6.insert(*a, info),
+        };
+    }
+    // Region entries, shortest first, leaving out those that repeat their nearest ancestor.
+    let mut by_len: Vec<(&Cidr, u32)> = region_keys.iter().map(|(n, k)| (n, id_of(k))).collect();
+    by_len.sort_by_key(|(n, _)| (n.prefix_len(), **n));
+    let mut emitted: Vec<(Cidr, u32)> = Vec::new();
+    for (net, id) in by_len {
+        let parent = emitted
+            .iter()
+            .filter(|(p, _)| p.covers(net))
+            .max_by_key(|(p, _)| p.prefix_len())
+            .map_or(IDENTITY_WORLD, |(_, id)| *id);
+        if parent == id {
+            continue;
+        }
+        emitted.push((*net, id));
+        let info = PeerInfo {
+            identity: id,
+            flags: 0,
+        };
+        let len = net.prefix_len();
+        match net.network() {
+            IpAddr::V4(addr) => stage.cidrs_v4.insert(Prefix { addr, len }, info),
+            IpAddr::V6(addr) => stage.cidrs_v6.insert(Prefix { addr, len }, info),
+        };
+    }
+
+    stage.identities = Arc::new(ids.into_iter().map(|(k, id)| (id, k.clone())).collect());
+    stage
+}
+
+/// A local endpoint of one compile.
+struct Local<'a> {
+    r: &'a PodRef,
+    facts: &'a PodFacts,
+    info: EndpointInfo,
+    ips: Vec<IpAddr>,
+}
+
+/// What one policy gives the local endpoints: the (endpoint, direction) pairs it isolates and
+/// its policy entries, each with the index of its rule, in endpoint, direction, rule order.
+/// Endpoints are indexes into the compile's local endpoints; the keys carry their ids.
+#[derive(Debug, Default)]
+pub(super) struct PolicyOut {
+    isolates: Box<[(u32, u8)]>,
+    entries: Box<[OutEntry]>,
+}
+
+#[derive(Debug)]
+struct OutEntry {
+    endpoint: u32,
+    rule: u32,
+    key: PolicyKey,
+}
+
+/// The input [`PolicyOut`]s depend on besides their policy: compared with the last compile's
+/// to reuse them. The stage is held, so its address cannot be reused meanwhile.
+pub(super) struct OutputsKey {
+    stage: Arc<IdentityStage>,
+    endpoints: Vec<(PodRef, u32)>,
+    require_identity: bool,
+}
+
+impl PartialEq for OutputsKey {
+    fn eq(&self, o: &Self) -> bool {
+        Arc::ptr_eq(&self.stage, &o.stage)
+            && self.endpoints == o.endpoints
+            && self.require_identity == o.require_identity
+    }
+}
+
+/// Resolves rule peers to identities. Each distinct peer is matched against the identities
+/// once and shared by every rule that names it (Cilium's SelectorCache does the same): policies
+/// repeat peers, and matching is the compile's inner loop (rules x identities).
+struct PeerResolver<'s> {
+    known: Vec<(u32, &'s IdentityKey)>,
+    /// The pod identities, for named egress ports.
+    pods: Vec<(u32, &'s PodFacts)>,
+    /// Indexes into `known` of each peer's matches, per `require_identity`.
+    hits: [HashMap<Peer, Vec<usize>>; 2],
+}
+
+impl<'s> PeerResolver<'s> {
+    fn new(identities: &'s BTreeMap<u32, IdentityKey>) -> Self {
+        let known: Vec<(u32, &IdentityKey)> = identities.iter().map(|(id, k)| (*id, k)).collect();
+        let pods = known
+            .iter()
+            .filter_map(|(id, k)| k.pod.as_ref().map(|f| (*id, f)))
+            .collect();
+        Self {
+            known,
+            pods,
+            hits: Default::default(),
+        }
+    }
+
+    fn resolve(&mut self, rule: &Rule, require_identity: bool) -> PeerIds {
+        rule.peers.as_ref().map(|peers| {
+            // Indexes into `known`, ascending: the ids come out in `known`'s order.
+            let mut hits: Vec<usize> = Vec::new();
+            let cache = &mut self.hits[usize::from(require_identity)];
+            for p in peers {
+                if let Some(of_peer) = cache.get(p) {
+                    hits.extend_from_slice(of_peer);
+                    continue;
+                }
+                let of_peer: Vec<usize> = self
+                    .known
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (_, k))| peer_matches(p, k, require_identity))
+                    .map(|(i, _)| i)
+                    .collect();
+                hits.extend_from_slice(&of_peer);
+                cache.insert(p.clone(), of_peer);
+            }
+            if peers.len() > 1 {
+                hits.sort_unstable();
+                hits.dedup();
+            }
+            hits.into_iter().map(|i| self.known[i].0).collect()
+        })
+    }
+}
+
+/// What policy `p` gives the local endpoints (see [`PolicyOut`]).
+fn contributions(
+    p: &ParsedPolicy,
+    locals: &[Local<'_>],
+    resolver: &mut PeerResolver<'_>,
+    require_identity: bool,
+) -> PolicyOut {
+    let mut isolates = Vec::new();
+    let mut entries = Vec::new();
+    // Peers per (direction, rule): resolved once for all endpoints.
+    let mut resolved: HashMap<(u8, usize), PeerIds> = HashMap::new();
+    for (li, l) in locals.iter().enumerate() {
+        if p.namespace != l.r.namespace || !p.pod_selector.matches(&l.facts.labels) {
+            continue;
+        }
+        let (li, eid) = (u32::try_from(li).unwrap_or(u32::MAX), l.info.id);
+        for dir in [DIR_INGRESS, DIR_EGRESS] {
+            let rules = if dir == DIR_INGRESS {
+                &p.ingress
+            } else {
+                &p.egress
+            };
+            let Some(rules) = rules else { continue };
+            isolates.push((li, dir));
+            for (ri, rule) in rules.iter().enumerate() {
+                let peers = resolved
+                    .entry((dir, ri))
+                    .or_insert_with(|| resolver.resolve(rule, require_identity));
+                let rule = u32::try_from(ri).unwrap_or(u32::MAX);
+                let any = [IDENTITY_ANY];
+                let peer_list: &[u32] = peers.as_deref().unwrap_or(&any);
+                let mut keys: Vec<PolicyKey> = Vec::new();
+                let push_all = |proto: u8, port: u16, len: u8, keys: &mut Vec<PolicyKey>| {
+                    keys.extend(
+                        peer_list
+                            .iter()
+                            .map(|id| PolicyKey::new(eid, *id, dir, proto, port, len)),
+                    );
+                };
+                match &rules[ri].ports {
+                    None => push_all(PROTO_ANY, 0, 0, &mut keys),
+                    Some(ports) => {
+                        for port in ports {
+                            match port {
+                                Port::All(proto) => push_all(*proto, 0, 0, &mut keys),
+                                Port::Range(proto, lo, hi) => {
+                                    for (start, len) in port_blocks(*lo, *hi) {
+                                        push_all(*proto, start, len, &mut keys);
+                                    }
+                                }
+                                // Ingress: the port of the destination, i.e. this pod.
+                                Port::Named(proto, name) if dir == DIR_INGRESS => {
+                                    for (n, pr, num) in &l.facts.named_ports {
+                                        if n == name && pr == proto {
+                                            push_all(*proto, *num, 16, &mut keys);
+                                        }
+                                    }
+                                }
+                                // Egress: the port of each peer pod that declares it.
+                                Port::Named(proto, name) => {
+                                    for (id, pf) in &resolver.pods {
+                                        if peers.as_ref().is_some_and(|ps| !ps.contains(id)) {
+                                            continue;
+                                        }
+                                        for (n, pr, num) in &pf.named_ports {
+                                            if n == name && pr == proto {
+                                                keys.push(PolicyKey::new(
+                                                    eid, *id, dir, *proto, *num, 16,
+                                                ));
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                entries.extend(keys.into_iter().map(|key| OutEntry {
+                    endpoint: li,
+                    rule,
+                    key,
+                }));
+            }
+        }
+    }
+    PolicyOut {
+        isolates: isolates.into_boxed_slice(),
+        entries: entries.into_boxed_slice(),
+    }
+}
+
+/// Compiles the cluster for one node. Never panics; problems are in `errors`.
+pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations) -> Compiled {
+    alloc.generation += 1;
+    let generation = alloc.generation;
+    alloc.endpoints.last = opts.max_endpoints;
+    let (valid, mut errors) = parsed_policies(cluster, &mut alloc.memo, generation);
+    let policies: Vec<&ParsedPolicy> = valid.iter().filter_map(|f| f.valid()).collect();
+
+    // ipBlocks: the only input of the identity stage that comes from policies.
+    let blocks: BTreeSet<Block> = policies
+        .iter()
+        .flat_map(|p| p.ingress.iter().chain(p.egress.iter()).flatten())
+        .flat_map(|r| r.peers.iter().flatten())
+        .filter_map(|peer| match peer {
+            Peer::Block(b) => Some(b.clone()),
+            Peer::Pods { .. } => None,
+        })
+        .collect();
+    let pods = policy_pods(cluster, &mut alloc.memo, generation);
+    let input = StageInput {
+        pods: cluster.pods.clone(),
+        namespaces: cluster.namespaces.clone(),
+        verified: cluster.verified.clone(),
+        blocks,
+        node_ips: opts.node_ips.clone(),
+    };
+    // Reusable only straight after the compile that made it: then the identity pool holds
+    // exactly its keys, with its numbers.
+    let stage = match alloc.memo.stage.take() {
+        Some((prev, stage, made)) if made + 1 == generation && prev == input => {
+            alloc.identities.touch_all(generation);
+            stage
+        }
+        _ => Arc::new(identity_stage(
+            cluster,
+            &pods,
+            &input,
+            &mut alloc.identities,
+            generation,
+        )),
+    };
+    alloc.memo.stage = Some((input, Arc::clone(&stage), generation));
+    errors.extend(stage.errors.iter().cloned());
+    let facts = &stage.facts;
+    let mut state = DesiredState {
+        peers_v4: stage.peers_v4.clone(),
+        peers_v6: stage.peers_v6.clone(),
+        cidrs_v4: stage.cidrs_v4.clone(),
+        cidrs_v6: stage.cidrs_v6.clone(),
+        ..DesiredState::default()
+    };
+    let id_of_addr = |ip: &IpAddr| stage.addr_ids.get(ip).copied();
+
+    // Local endpoints, in pod order.
+    let mut locals: Vec<Local<'_>> = Vec::new();
+    for (d, pod) in &pods {
+        let r = &d.r;
+        if !opts.is_local(pod) {
+            continue;
+        }
+        let Some(eid) = alloc.endpoints.get(r, generation) else {
+            errors.push(CompileError::TooManyEndpoints {
+                pod: r.clone(),
+                max: opts.max_endpoints,
+            });
+            continue;
+        };
+        let Some(f) = facts.get(r) else { continue };
+        let ips = d.ips.clone();
+        let mut info = EndpointInfo {
+            id: eid,
+            ..Default::default()
+        };
+        if let Some(v4) = ips.iter().find_map(|ip| match ip {
+            IpAddr::V4(a) => Some(*a),
+            IpAddr::V6(_) => None,
+        }) {
+            info.flags |= EP_HAS_V4;
+            info.ipv4 = v4.octets();
+        }
+        if let Some(v6) = ips.iter().find_map(|ip| match ip {
+            IpAddr::V6(a) => Some(*a),
+            IpAddr::V4(_) => None,
+        }) {
+            info.flags |= EP_HAS_V6;
+            info.ipv6 = v6.octets();
+        }
+        info.identity = ips.iter().find_map(id_of_addr).unwrap_or(IDENTITY_WORLD);
+        locals.push(Local {
+            r,
+            facts: f,
+            info,
+            ips,
+        });
+    }
+
+    // Each policy's contribution depends on the policy, the identity stage and the local
+    // endpoints only: the last compile's are reused while the latter two are unchanged.
+    alloc.memo.outputs_for(OutputsKey {
+        stage: Arc::clone(&stage),
+        endpoints: locals.iter().map(|l| (l.r.clone(), l.info.id)).collect(),
+        require_identity: opts.require_identity,
+    });
+    let mut resolver: Option<PeerResolver<'_>> = None;
+    let mut masks = vec![[0u32; 2]; locals.len()];
+    // Policies in order, so the first policy's rule wins a key two policies give (as the
+    // evaluator's "first allowing rule" does); numbering a rule only when it gives an entry.
+    for facts in &valid {
+        let Some(p) = facts.valid() else { continue };
+        let out = alloc.memo.output(facts, generation, |_| {
+            contributions(
+                p,
+                &locals,
+                resolver.get_or_insert_with(|| PeerResolver::new(&stage.identities)),
+                p.require_identity || opts.require_identity,
+            )
+        });
+        for &(li, dir) in &out.isolates {
+            if let Some(l) = locals.get_mut(li as usize) {
+                l.info.flags |= if dir == DIR_INGRESS {
+                    EP_INGRESS_ISOLATED
+                } else {
+                    EP_EGRESS_ISOLATED
+                };
+            }
+        }
+        let mut rule_ids: Vec<((u8, u32), Option<u32>)> = Vec::new();
+        for e in &out.entries {
+            let (dir, ri) = (e.key.direction, e.rule);
+            let rule_id = match rule_ids.iter().find(|(k, _)| *k == (dir, ri)) {
+                Some((_, id)) => *id,
+                None => {
+                    let rule_ref = RuleRef {
+                        namespace: p.namespace.clone(),
+                        policy: p.name.clone(),
+                        direction: dir,
+                        index: ri,
+                    };
+                    let id = alloc.rules.get(&rule_ref, generation);
+                    if let Some(id) = id {
+                        state.rules.insert(id, rule_ref);
+                    }
+                    rule_ids.push(((dir, ri), id));
+                    id
+                }
+            };
+            let (Some(rule_id), Some(mask)) = (
+                rule_id,
+                masks
+                    .get_mut(e.endpoint as usize)
+                    .and_then(|m| m.get_mut(usize::from(dir))),
+            ) else {
+                continue;
+            };
+            *mask |= if e.key.protocol == PROTO_ANY {
+                PORT_MASK_ANY_PROTO
+            } else {
+                1 << e.key.port_prefix_len
+            };
+            state.policy.entry(e.key).or_insert(PolicyValue {
+                rule: rule_id,
+                _pad: 0,
+            });
+        }
+    }
+    for (mut l, m) in locals.into_iter().zip(masks) {
+        l.info.port_masks = m;
+        state.endpoints.insert(
+            l.r.clone(),
+            EndpointState {
+                info: l.info,
+                ips: l.ips,
+            },
+        );
+    }
+
+    alloc.identities.sweep(generation);
+    alloc.endpoints.sweep(generation);
+    alloc.rules.sweep(generation);
+    alloc.memo.sweep(generation);
+    Compiled {
+        state,
+        errors,
+        identities: Arc::clone(&stage.identities),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{model::shared, tests::fixtures::*};
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+
+    fn stage_of(a: &Allocations) -> *const IdentityStage {
+        a.memo
+            .stage
+            .as_ref()
+            .map_or(std::ptr::null(), |(_, s, _)| Arc::as_ptr(s))
+    }
+
+    /// What the memo saves is real: an unchanged policy is not parsed again, the identity stage
+    /// is reused across a policy-only change and rebuilt when a pod, a namespace or an ipBlock
+    /// changes, and a gone object's entry is dropped.
+    #[test]
+    fn unchanged_objects_are_not_derived_again() {
+        let opts = CompileOptions::default();
+        let allow = |name: &str, peer| {
+            policy(
+                "x",
+                name,
+                None,
+                None,
+                Some(vec![(Some(vec![peer]), Some(vec![tcp(80)]))]),
+                None,
+            )
+        };
+        let mut c = Cluster {
+            namespaces: shared([namespace("x", &[])]),
+            pods: shared([
+                pod("x", "a", &[("app", "a")], &["10.0.0.1"], "n", &[]),
+                pod("x", "b", &[("app", "b")], &["10.0.0.2"], "n", &[]),
+            ]),
+            policies: shared([allow("p", pods_peer(None, Some(sel(&[("app", "b")]))))]),
+            verified: BTreeMap::new(),
+        };
+        let mut a = Allocations::new();
+        let first = compile(&c, &opts, &mut a);
+        let stage = stage_of(&a);
+        let parsed = Arc::as_ptr(&a.memo.policy(&c.policies[0], a.generation));
+        let output = |a: &mut Allocations, p: &Arc<NetworkPolicy>| {
+            let facts = a.memo.policy(p, a.generation);
+            a.memo
+                .output_of(&facts)
+                .expect("a valid policy's contribution is kept")
+        };
+        let out = output(&mut a, &c.policies[0]);
+
+        // Only a policy added: the same stage, the old policy's parse reused.
+        c.policies.push(Arc::new(allow(
+            "q",
+            pods_peer(None, Some(sel(&[("app", "a")]))),
+        )));
+        let second = compile(&c, &opts, &mut a);
+        assert_eq!(stage_of(&a), stage, "policy-only change reuses the stage");
+        assert_eq!(
+            Arc::as_ptr(&a.memo.policy(&c.policies[0], a.generation)),
+            parsed,
+            "unchanged policy not parsed again"
+        );
+        assert!(
+            Arc::ptr_eq(&output(&mut a, &c.policies[0]), &out),
+            "unchanged policy's contribution reused"
+        );
+        assert_eq!(second.identities, first.identities);
+        assert!(second.state.policy.len() > first.state.policy.len());
+
+        // A pod relabelled (a new object): the stage is rebuilt, identities follow the labels.
+        c.pods[1] = Arc::new(pod("x", "b", &[("app", "c")], &["10.0.0.2"], "n", &[]));
+        let third = compile(&c, &opts, &mut a);
+        assert_ne!(stage_of(&a), stage, "pod change rebuilds the stage");
+        assert!(
+            !Arc::ptr_eq(&output(&mut a, &c.policies[0]), &out),
+            "a new stage makes every contribution again"
+        );
+        assert_ne!(third.identities, second.identities);
+        let fresh = compile(&c, &opts, &mut Allocations::new());
+        assert_eq!(third.state.policy.len(), fresh.state.policy.len());
+
+        // Another option (--require-identity): contributions made again. Nothing is verified,
+        // so the strict compile has no entries where the same cluster has some.
+        let out = output(&mut a, &c.policies[0]);
+        let strict = CompileOptions {
+            require_identity: true,
+            ..opts.clone()
+        };
+        let carried = compile(&c, &strict, &mut a);
+        assert!(!Arc::ptr_eq(&output(&mut a, &c.policies[0]), &out));
+        assert!(!third.state.policy.is_empty());
+        assert!(carried.state.policy.is_empty());
+        assert!(
+            compile(&c, &strict, &mut Allocations::new())
+                .state
+                .policy
+                .is_empty()
+        );
+        let back = compile(&c, &opts, &mut a);
+        assert_eq!(back.state.policy.len(), third.state.policy.len());
+
+        // An ipBlock appears: rebuilt again (regions and address keys depend on it).
+        let stage = stage_of(&a);
+        c.policies.push(Arc::new(allow(
+            "r",
+            block_peer("10.0.0.0/24", &["10.0.0.2/32"]),
+        )));
+        let fourth = compile(&c, &opts, &mut a);
+        assert_ne!(stage_of(&a), stage, "new ipBlock rebuilds the stage");
+        assert!(!fourth.state.cidrs_v4.is_empty());
+
+        // A namespace relabelled: rebuilt.
+        let stage = stage_of(&a);
+        c.namespaces = shared([namespace("x", &[("team", "blue")])]);
+        compile(&c, &opts, &mut a);
+        assert_ne!(stage_of(&a), stage, "namespace change rebuilds the stage");
+
+        // Removed objects leave the memo at the end of the compile.
+        c.policies.truncate(1);
+        compile(&c, &opts, &mut a);
+        assert_eq!(a.memo.policies_len(), 1);
+        c.pods.truncate(1);
+        compile(&c, &opts, &mut a);
+        assert_eq!(a.memo.pods_len(), 1);
+
+        // A compile skipped in between (allocations cloned from an older state): never reused.
+        let stage = stage_of(&a);
+        let mut older = a.clone();
+        compile(&c, &opts, &mut older);
+        assert_ne!(stage_of(&older), stage);
+    }
+
+    #[test]
+    fn reserved_endpoint_ids_are_kept_and_never_handed_out_twice() {
+        let mut a = Allocations::new();
+        assert!(a.reserve_endpoint(&PodRef::new("x", "b"), 3));
+        assert!(!a.reserve_endpoint(&PodRef::new("x", "c"), 3), "id taken");
+        let g = 1;
+        let ids: Vec<u32> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|n| a.endpoints.get(&PodRef::new("x", *n), g).unwrap())
+            .collect();
+        assert_eq!(ids[1], 3, "the reserved pod keeps its id");
+        let mut sorted = ids.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 4, "no id handed out twice: {ids:?}");
+    }
+
+    #[test]
+    fn port_blocks_cover_exactly() {
+        assert_eq!(port_blocks(80, 80), [(80, 16)]);
+        assert_eq!(port_blocks(0, 65535), [(0, 0)]);
+        assert_eq!(port_blocks(80, 83), [(80, 14)]);
+        assert_eq!(port_blocks(79, 84), [(79, 16), (80, 14), (84, 16)]);
+        assert_eq!(port_blocks(65535, 65535), [(65535, 16)]);
+        for (lo, hi) in [
+            (1u16, 65535u16),
+            (1000, 2000),
+            (32768, 60999),
+            (5, 5),
+            (65534, 65535),
+        ] {
+            let blocks = port_blocks(lo, hi);
+            let mut covered = 0u32;
+            for (start, len) in &blocks {
+                let size = 1u32 << (16 - len);
+                assert_eq!(u32::from(*start) % size, 0, "aligned");
+                covered += size;
+            }
+            assert_eq!(covered, u32::from(hi) - u32::from(lo) + 1);
+            for p in [
+                lo,
+                hi,
+                lo.saturating_sub(1),
+                hi.saturating_add(1),
+                (lo / 2 + hi / 2),
+            ] {
+                let inside = blocks
+                    .iter()
+                    .any(|(s, l)| p & enforcer_common::port_mask(*l) == *s);
+                assert_eq!(inside, (lo..=hi).contains(&p), "{lo}-{hi} port {p}");
+            }
+        }
+    }
+
+    #[test]
+    fn pool_keeps_and_quarantines_numbers() {
+        let mut pool: Pool<&str> = Pool::new(1, 3, false);
+        assert_eq!(pool.get(&"a", 1), Some(1));
+        assert_eq!(pool.get(&"b", 1), Some(2));
+        pool.sweep(1);
+        assert_eq!(pool.get(&"b", 2), Some(2));
+        pool.sweep(2); // a freed at 2
+        assert_eq!(
+            pool.get(&"c", 3),
+            Some(3),
+            "a's number is quarantined for one compile"
+        );
+        assert_eq!(pool.get(&"b", 3), Some(2));
+        pool.sweep(3);
+        assert_eq!(pool.get(&"d", 4), Some(1));
+        assert_eq!(pool.get(&"e", 4), None, "full");
+    }
+}

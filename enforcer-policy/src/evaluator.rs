@@ -1,0 +1,438 @@
+//! The reference evaluator: NetworkPolicy semantics written straight from the API text, over
+//! the API objects, with no identities, no maps and no precomputation. It is slow on purpose and
+//! is the oracle the compiler is tested against (and what `explain` reports).
+//!
+//! Shared with the compiler, on purpose, are only the object-level facts: which objects are
+//! valid ([`validate_policy`]), which pods take part ([`Cluster::policy_pods`]), the pod that
+//! owns an address and a namespace's labels. Everything about what a rule means is here.
+
+use std::net::IpAddr;
+
+use enforcer_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+use k8s_openapi::{
+    api::{
+        core::v1::Pod,
+        networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort},
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+
+use super::{
+    compile::CompileOptions,
+    model::{Cluster, pod_ips},
+    selector,
+    validate::{RawRule, namespace_of, parse_cidr, validate_policy},
+};
+use crate::state::PodRef;
+
+/// One end of a flow.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Endpoint {
+    Pod(PodRef),
+    Ip(IpAddr),
+}
+
+/// The verdict of one direction (ingress at the destination pod, egress at the source pod).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DirVerdict {
+    /// The pod takes no part in policy (unknown, host-network, terminated or without address).
+    NotEnforced,
+    /// The peer is the pod itself.
+    SelfTraffic,
+    /// The peer is the node.
+    Host,
+    /// No policy selects the pod for this direction.
+    NotIsolated,
+    /// The first rule (policies ordered by namespace/name, rules by index) that allows it.
+    Allowed {
+        namespace: String,
+        policy: String,
+        index: usize,
+    },
+    /// Policies (names) isolate the pod for this direction and none of their rules allows it.
+    Denied { policies: Vec<String> },
+    /// Denied, but a rule of these isolating policies would allow it if the peer's address
+    /// were bound to a verified identity (they require identity).
+    NoIdentity { policies: Vec<String> },
+}
+
+impl DirVerdict {
+    pub fn allowed(&self) -> bool {
+        !matches!(self, Self::Denied { .. } | Self::NoIdentity { .. })
+    }
+}
+
+fn protocol_name(protocol: u8) -> Option<&'static str> {
+    match protocol {
+        PROTO_TCP => Some("TCP"),
+        PROTO_UDP => Some("UDP"),
+        PROTO_SCTP => Some("SCTP"),
+        _ => None,
+    }
+}
+
+/// The valid policies, first object of each namespace/name, ordered by namespace/name.
+fn policies(cluster: &Cluster) -> Vec<&NetworkPolicy> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out: Vec<&NetworkPolicy> = cluster
+        .policies
+        .iter()
+        .map(|p| &**p)
+        .filter(|p| {
+            seen.insert((
+                namespace_of(&p.metadata),
+                p.metadata.name.clone().unwrap_or_default(),
+            ))
+        })
+        .filter(|p| validate_policy(p).is_ok())
+        .collect();
+    out.sort_by_key(|p| {
+        (
+            namespace_of(&p.metadata),
+            p.metadata.name.clone().unwrap_or_default(),
+        )
+    });
+    out
+}
+
+/// "policyTypes ... If this field is not specified, it will default based on the existence of
+/// ingress or egress rules; policies that contain an egress section are assumed to affect
+/// egress, and all policies (whether or not they contain an ingress section) are assumed to
+/// affect ingress."
+fn affects(policy: &NetworkPolicy, ingress: bool) -> bool {
+    let Some(spec) = &policy.spec else {
+        return false;
+    };
+    match &spec.policy_types {
+        Some(types) if !types.is_empty() => types
+            .iter()
+            .any(|t| t == if ingress { "Ingress" } else { "Egress" }),
+        _ => ingress || spec.egress.as_ref().is_some_and(|e| !e.is_empty()),
+    }
+}
+
+/// "NetworkPolicyPeer describes a peer to allow traffic to/from. Only certain combinations of
+/// fields are allowed."
+fn peer_matches(
+    cluster: &Cluster,
+    policy_ns: &str,
+    peer: &NetworkPolicyPeer,
+    ip: IpAddr,
+    peer_pod: Option<&(PodRef, &Pod)>,
+    identity: IdentityCheck,
+) -> bool {
+    // "ipBlock defines policy on a particular IPBlock. If this field is set then neither of the
+    // other fields can be." Any address in the cidr and in no except, pods included.
+    if let Some(block) = &peer.ip_block {
+        let in_cidr = parse_cidr(&block.cidr).is_ok_and(|c| c.contains(ip));
+        let in_except = block
+            .except
+            .iter()
+            .flatten()
+            .any(|e| parse_cidr(e).is_ok_and(|c| c.contains(ip)));
+        return in_cidr && !in_except;
+    }
+    let Some((r, pod)) = peer_pod else {
+        return false;
+    };
+    // enforcer's identity: a policy that requires it matches pod and namespace peers only at
+    // addresses bound to a verified identity, whose reserved labels join the pod's labels.
+    let verified = cluster.verified.get(&ip);
+    if identity == IdentityCheck::Required && verified.is_none() {
+        return false;
+    }
+    let mut labels = pod.metadata.labels.clone().unwrap_or_default();
+    labels.extend(
+        verified
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.clone())),
+    );
+    // "namespaceSelector selects namespaces using cluster-scoped labels ... If podSelector is
+    // also set, then the NetworkPolicyPeer as a whole selects the pods matching podSelector in
+    // the namespaces selected by namespaceSelector. Otherwise it selects all pods in the
+    // namespaces selected by namespaceSelector."
+    // "podSelector ... If namespaceSelector is also set, then [AND]. Otherwise it selects the
+    // pods matching podSelector in the policy's own namespace."
+    let ns_ok = match &peer.namespace_selector {
+        Some(s) => selector::matches(s, &cluster.namespace_labels(&r.namespace)),
+        None => r.namespace == policy_ns,
+    };
+    let pod_ok = match &peer.pod_selector {
+        Some(s) if identity == IdentityCheck::AsIfVerified => {
+            selector::matches(&without_reserved(s), &labels)
+        }
+        Some(s) => selector::matches(s, &labels),
+        None => true,
+    };
+    ns_ok && pod_ok
+}
+
+/// How a peer's verified identity counts when matching it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum IdentityCheck {
+    /// Selectors see the reserved labels of a verified address, if any.
+    Optional,
+    /// Only verified addresses match (the policy requires identity).
+    Required,
+    /// As if the address were verified as whatever the selector asks (for explaining a denial
+    /// for want of identity): requirements on reserved labels are left out.
+    AsIfVerified,
+}
+
+/// `s` without its requirements on the reserved `enforcer.dev/` labels.
+fn without_reserved(
+    s: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+    let reserved = |k: &str| k.starts_with("enforcer.dev/");
+    let mut s = s.clone();
+    if let Some(m) = &mut s.match_labels {
+        m.retain(|k, _| !reserved(k));
+    }
+    if let Some(e) = &mut s.match_expressions {
+        e.retain(|r| !reserved(&r.key));
+    }
+    s
+}
+
+/// "ports is a list of ports ... If this field is empty or missing, this rule matches all
+/// ports. If this field is present and contains at least one item, then this rule allows
+/// traffic only if the traffic matches at least one port in the list." `named_on` is the pod
+/// whose container ports name the port: the destination.
+fn ports_match(
+    ports: Option<&Vec<NetworkPolicyPort>>,
+    protocol: u8,
+    port: u16,
+    named_on: Option<&Pod>,
+) -> bool {
+    let Some(ports) = ports.filter(|p| !p.is_empty()) else {
+        return true;
+    };
+    let Some(flow_proto) = protocol_name(protocol) else {
+        return false;
+    };
+    ports.iter().any(|p| {
+        // "protocol ... If not specified, this field defaults to TCP."
+        let proto = p.protocol.as_deref().unwrap_or("TCP");
+        if proto != flow_proto {
+            return false;
+        }
+        match &p.port {
+            // "If this field is not provided, this matches all port names and numbers."
+            None => true,
+            // "If endPort is set, ... indicates that the range of ports from port to endPort
+            // if set, inclusive, should be allowed by the policy."
+            Some(IntOrString::Int(n)) => {
+                let end = p.end_port.unwrap_or(*n);
+                *n <= i32::from(port) && i32::from(port) <= end
+            }
+            // "port ... This can either be a numerical or named port on a pod."
+            Some(IntOrString::String(name)) => named_on.is_some_and(|pod| {
+                pod.spec
+                    .iter()
+                    .flat_map(|s| &s.containers)
+                    .flat_map(|c| c.ports.iter().flatten())
+                    .any(|cp| {
+                        cp.name.as_deref() == Some(name.as_str())
+                            && cp.protocol.as_deref().unwrap_or("TCP") == proto
+                            && cp.container_port == i32::from(port)
+                    })
+            }),
+        }
+    })
+}
+
+/// The verdict for traffic at `pod` in one direction with the peer at `peer_ip`.
+pub fn direction_verdict(
+    cluster: &Cluster,
+    opts: &CompileOptions,
+    pod: &PodRef,
+    ingress: bool,
+    peer_ip: IpAddr,
+    protocol: u8,
+    port: u16,
+) -> DirVerdict {
+    let pods = cluster.policy_pods();
+    let Some((_, this)) = pods.iter().find(|(r, _)| r == pod) else {
+        return DirVerdict::NotEnforced;
+    };
+    if pod_ips(this).contains(&peer_ip) {
+        return DirVerdict::SelfTraffic;
+    }
+    if opts.node_ips.contains(&peer_ip) {
+        return DirVerdict::Host;
+    }
+    let peer_pod = cluster.pod_at(peer_ip, &opts.node_ips);
+    let labels = this.metadata.labels.clone().unwrap_or_default();
+    let mut isolating = Vec::new();
+    let mut wants_identity = false;
+    for policy in policies(cluster) {
+        let ns = namespace_of(&policy.metadata);
+        let Some(spec) = &policy.spec else { continue };
+        // A policy applies to the pods its podSelector selects in its own namespace.
+        if ns != pod.namespace || !affects(policy, ingress) {
+            continue;
+        }
+        if !spec
+            .pod_selector
+            .as_ref()
+            .is_none_or(|s| selector::matches(s, &labels))
+        {
+            continue;
+        }
+        let name = policy.metadata.name.clone().unwrap_or_default();
+        isolating.push(format!("{ns}/{name}"));
+        let need = super::model::requires_identity(policy, opts.require_identity);
+        // "If this field is empty then this NetworkPolicy does not allow any traffic".
+        let rules: Vec<RawRule<'_>> = if ingress {
+            spec.ingress
+                .iter()
+                .flatten()
+                .map(|r| (r.from.as_ref(), r.ports.as_ref()))
+                .collect()
+        } else {
+            spec.egress
+                .iter()
+                .flatten()
+                .map(|r| (r.to.as_ref(), r.ports.as_ref()))
+                .collect()
+        };
+        for (index, (peers, ports)) in rules.into_iter().enumerate() {
+            // "If this field is empty or missing, this rule matches all sources/destinations".
+            let peer_ok_with = |check: IdentityCheck| {
+                peers.filter(|p| !p.is_empty()).is_none_or(|ps| {
+                    ps.iter()
+                        .any(|p| peer_matches(cluster, &ns, p, peer_ip, peer_pod.as_ref(), check))
+                })
+            };
+            let peer_ok = peer_ok_with(if need {
+                IdentityCheck::Required
+            } else {
+                IdentityCheck::Optional
+            });
+            // Named ports are the destination's: this pod on ingress, the peer pod on egress.
+            let named_on = if ingress {
+                Some(*this)
+            } else {
+                peer_pod.as_ref().map(|(_, p)| *p)
+            };
+            if !peer_ok
+                && need
+                && !cluster.verified.contains_key(&peer_ip)
+                && peer_ok_with(IdentityCheck::AsIfVerified)
+                && ports_match(ports, protocol, port, named_on)
+            {
+                wants_identity = true;
+            }
+            if peer_ok && ports_match(ports, protocol, port, named_on) {
+                return DirVerdict::Allowed {
+                    namespace: ns,
+                    policy: name,
+                    index,
+                };
+            }
+        }
+    }
+    if isolating.is_empty() {
+        DirVerdict::NotIsolated
+    } else if wants_identity {
+        DirVerdict::NoIdentity {
+            policies: isolating,
+        }
+    } else {
+        DirVerdict::Denied {
+            policies: isolating,
+        }
+    }
+}
+
+/// Ingress at `dst` of traffic from `src`.
+pub fn ingress_allows(
+    cluster: &Cluster,
+    opts: &CompileOptions,
+    dst: &PodRef,
+    src: IpAddr,
+    protocol: u8,
+    port: u16,
+) -> bool {
+    direction_verdict(cluster, opts, dst, true, src, protocol, port).allowed()
+}
+
+/// Egress at `src` of traffic to `dst`.
+pub fn egress_allows(
+    cluster: &Cluster,
+    opts: &CompileOptions,
+    src: &PodRef,
+    dst: IpAddr,
+    protocol: u8,
+    port: u16,
+) -> bool {
+    direction_verdict(cluster, opts, src, false, dst, protocol, port).allowed()
+}
+
+/// A flow with both ends resolved to an address (and a pod, when the address is a pod's).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResolvedFlow {
+    pub src_pod: Option<PodRef>,
+    pub src: IpAddr,
+    pub dst_pod: Option<PodRef>,
+    pub dst: IpAddr,
+}
+
+/// Picks the addresses of a flow: a pod end uses its address of the other end's family (IPv4
+/// first when both ends are dual-stack). `None` when the ends share no family or a pod is unknown.
+pub fn resolve_flow(
+    cluster: &Cluster,
+    opts: &CompileOptions,
+    from: &Endpoint,
+    to: &Endpoint,
+) -> Option<ResolvedFlow> {
+    let pods = cluster.policy_pods();
+    let addrs = |e: &Endpoint| -> Option<Vec<IpAddr>> {
+        match e {
+            Endpoint::Ip(ip) => Some(vec![*ip]),
+            Endpoint::Pod(r) => pods.iter().find(|(p, _)| p == r).map(|(_, p)| pod_ips(p)),
+        }
+    };
+    let (fa, ta) = (addrs(from)?, addrs(to)?);
+    let pick = |v4: bool| {
+        let f = fa.iter().find(|a| a.is_ipv4() == v4)?;
+        let t = ta.iter().find(|a| a.is_ipv4() == v4)?;
+        Some((*f, *t))
+    };
+    let (src, dst) = pick(true).or_else(|| pick(false))?;
+    let pod_of = |e: &Endpoint, ip: IpAddr| match e {
+        Endpoint::Pod(r) => Some(r.clone()),
+        Endpoint::Ip(_) => cluster.pod_at(ip, &opts.node_ips).map(|(r, _)| r),
+    };
+    Some(ResolvedFlow {
+        src_pod: pod_of(from, src),
+        src,
+        dst_pod: pod_of(to, dst),
+        dst,
+    })
+}
+
+/// Whether the flow is allowed: egress of the source (when it is a pod) and ingress of the
+/// destination (when it is a pod) must both allow it. Unresolvable flows are not allowed.
+pub fn verdict(
+    cluster: &Cluster,
+    opts: &CompileOptions,
+    from: &Endpoint,
+    to: &Endpoint,
+    protocol: u8,
+    port: u16,
+) -> bool {
+    let Some(f) = resolve_flow(cluster, opts, from, to) else {
+        return false;
+    };
+    let egress = f
+        .src_pod
+        .as_ref()
+        .is_none_or(|p| egress_allows(cluster, opts, p, f.dst, protocol, port));
+    let ingress = f
+        .dst_pod
+        .as_ref()
+        .is_none_or(|p| ingress_allows(cluster, opts, p, f.src, protocol, port));
+    egress && ingress
+}

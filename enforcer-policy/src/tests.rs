@@ -1,0 +1,1553 @@
+//! Tests of the compiler against the reference evaluator: property tests over random clusters
+//! and flows, and one focused test per semantic point.
+
+use crate::model::shared;
+use std::{net::IpAddr, sync::Arc};
+
+use enforcer_common::{
+    DIR_EGRESS, DIR_INGRESS, IDENTITY_HOST, IDENTITY_WORLD, PROTO_ICMP, PROTO_SCTP, PROTO_TCP,
+    PROTO_UDP,
+};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use proptest::prelude::*;
+
+use super::{
+    compile::{Allocations, CompileError, CompileOptions, compile},
+    decision::{self, Reason},
+    evaluator::{self, Endpoint},
+    model::Cluster,
+};
+use crate::state::PodRef;
+
+/// Builders for test objects.
+pub(crate) mod fixtures {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::{
+        api::{
+            core::v1::{Container, ContainerPort, Namespace, Pod, PodIP, PodSpec, PodStatus},
+            networking::v1::{
+                IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule,
+                NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+            },
+        },
+        apimachinery::pkg::{
+            apis::meta::v1::{LabelSelector, LabelSelectorRequirement, ObjectMeta},
+            util::intstr::IntOrString,
+        },
+    };
+
+    pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    pub fn namespace(name: &str, l: &[(&str, &str)]) -> Namespace {
+        Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                labels: Some(labels(l)),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    /// A running pod on `node` with `ips` and named ports `(name, protocol, port)`.
+    pub fn pod(
+        ns: &str,
+        name: &str,
+        l: &[(&str, &str)],
+        ips: &[&str],
+        node: &str,
+        ports: &[(&str, &str, i32)],
+    ) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(ns.into()),
+                labels: Some(labels(l)),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some(node.into()),
+                containers: vec![Container {
+                    name: "c".into(),
+                    ports: Some(
+                        ports
+                            .iter()
+                            .map(|(n, p, num)| ContainerPort {
+                                name: Some(n.to_string()),
+                                protocol: Some(p.to_string()),
+                                container_port: *num,
+                                ..Default::default()
+                            })
+                            .collect(),
+                    ),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            status: Some(PodStatus {
+                phase: Some("Running".into()),
+                pod_ip: ips.first().map(|s| s.to_string()),
+                pod_ips: Some(ips.iter().map(|s| PodIP { ip: s.to_string() }).collect()),
+                ..Default::default()
+            }),
+        }
+    }
+
+    pub fn sel(ml: &[(&str, &str)]) -> LabelSelector {
+        LabelSelector {
+            match_labels: Some(labels(ml)),
+            match_expressions: None,
+        }
+    }
+
+    pub fn sel_expr(key: &str, op: &str, values: &[&str]) -> LabelSelector {
+        LabelSelector {
+            match_labels: None,
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: key.into(),
+                operator: op.into(),
+                values: (!values.is_empty())
+                    .then(|| values.iter().map(|s| s.to_string()).collect()),
+            }]),
+        }
+    }
+
+    pub fn pods_peer(ns: Option<LabelSelector>, pods: Option<LabelSelector>) -> NetworkPolicyPeer {
+        NetworkPolicyPeer {
+            namespace_selector: ns,
+            pod_selector: pods,
+            ip_block: None,
+        }
+    }
+
+    pub fn block_peer(cidr: &str, except: &[&str]) -> NetworkPolicyPeer {
+        NetworkPolicyPeer {
+            ip_block: Some(IPBlock {
+                cidr: cidr.into(),
+                except: (!except.is_empty())
+                    .then(|| except.iter().map(|s| s.to_string()).collect()),
+            }),
+            ..Default::default()
+        }
+    }
+
+    pub fn port(
+        proto: Option<&str>,
+        port: Option<IntOrString>,
+        end: Option<i32>,
+    ) -> NetworkPolicyPort {
+        NetworkPolicyPort {
+            protocol: proto.map(Into::into),
+            port,
+            end_port: end,
+        }
+    }
+
+    pub fn tcp(n: i32) -> NetworkPolicyPort {
+        port(None, Some(IntOrString::Int(n)), None)
+    }
+
+    pub fn named(proto: Option<&str>, name: &str) -> NetworkPolicyPort {
+        port(proto, Some(IntOrString::String(name.into())), None)
+    }
+
+    pub type RuleSpec = (
+        Option<Vec<NetworkPolicyPeer>>,
+        Option<Vec<NetworkPolicyPort>>,
+    );
+
+    pub fn policy(
+        ns: &str,
+        name: &str,
+        pod_selector: Option<LabelSelector>,
+        types: Option<&[&str]>,
+        ingress: Option<Vec<RuleSpec>>,
+        egress: Option<Vec<RuleSpec>>,
+    ) -> NetworkPolicy {
+        NetworkPolicy {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(ns.into()),
+                ..Default::default()
+            },
+            spec: Some(NetworkPolicySpec {
+                pod_selector,
+                policy_types: types.map(|t| t.iter().map(|s| s.to_string()).collect()),
+                ingress: ingress.map(|rs| {
+                    rs.into_iter()
+                        .map(|(from, ports)| NetworkPolicyIngressRule { from, ports })
+                        .collect()
+                }),
+                egress: egress.map(|rs| {
+                    rs.into_iter()
+                        .map(|(to, ports)| NetworkPolicyEgressRule { to, ports })
+                        .collect()
+                }),
+            }),
+        }
+    }
+}
+
+use fixtures::*;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn opts() -> CompileOptions {
+    CompileOptions {
+        node_name: Some("node-a".into()),
+        node_ips: vec![ip("10.0.9.1"), ip("fd00::9:1")],
+        max_endpoints: 64,
+        require_identity: false,
+    }
+}
+
+/// Asserts that the compiled lookup and the evaluator agree on every given flow at every local
+/// endpoint, both directions.
+fn check_agreement(
+    cluster: &Cluster,
+    opts: &CompileOptions,
+    peers: &[IpAddr],
+    flows: &[(u8, u16)],
+) {
+    let compiled = compile(cluster, opts, &mut Allocations::new());
+    check_compiled(&compiled, cluster, opts, peers, flows);
+}
+
+/// Asserts that `compiled` (of `cluster`) and the evaluator agree on every given flow at every
+/// local endpoint, both directions.
+fn check_compiled(
+    compiled: &super::Compiled,
+    cluster: &Cluster,
+    opts: &CompileOptions,
+    peers: &[IpAddr],
+    flows: &[(u8, u16)],
+) {
+    for ep in compiled.state.endpoints.keys() {
+        for &dir in &[DIR_INGRESS, DIR_EGRESS] {
+            for &peer in peers {
+                for &(proto, port) in flows {
+                    let d = decision::decide(&compiled.state, ep, dir, peer, proto, port);
+                    let v = evaluator::direction_verdict(
+                        cluster,
+                        opts,
+                        ep,
+                        dir == DIR_INGRESS,
+                        peer,
+                        proto,
+                        port,
+                    );
+                    assert_eq!(
+                        d.allowed,
+                        v.allowed(),
+                        "endpoint {ep} dir {dir} peer {peer} proto {proto} port {port}: lookup {d:?} evaluator {v:?}\nstate: {:#?}",
+                        compiled.state
+                    );
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Property tests.
+// ---------------------------------------------------------------------------------------------
+
+const KEYS: [&str; 3] = ["a", "b", "c"];
+const VALUES: [&str; 2] = ["1", "2"];
+
+mod strategies {
+    use k8s_openapi::{
+        api::{
+            core::v1::{Namespace, Pod},
+            networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort},
+        },
+        apimachinery::pkg::{
+            apis::meta::v1::{LabelSelector, LabelSelectorRequirement},
+            util::intstr::IntOrString,
+        },
+    };
+    use proptest::{collection::vec, option, prelude::*, sample::select};
+
+    use super::{KEYS, VALUES, fixtures::*};
+
+    pub fn label_pairs() -> impl Strategy<Value = Vec<(&'static str, &'static str)>> {
+        vec((select(&KEYS[..]), select(&VALUES[..])), 0..3)
+    }
+
+    pub fn selector() -> impl Strategy<Value = LabelSelector> {
+        let expr = (select(&KEYS[..]), 0..5usize, vec(select(&VALUES[..]), 0..3)).prop_map(
+            |(k, op, vals)| {
+                let op = ["In", "NotIn", "Exists", "DoesNotExist", "In"][op];
+                let values = match op {
+                    "In" | "NotIn" if vals.is_empty() => Some(vec!["1".to_string()]),
+                    "In" | "NotIn" => Some(vals.iter().map(|s| s.to_string()).collect()),
+                    _ => None,
+                };
+                LabelSelectorRequirement {
+                    key: k.into(),
+                    operator: op.into(),
+                    values,
+                }
+            },
+        );
+        (option::of(label_pairs()), option::of(vec(expr, 0..3))).prop_map(|(ml, me)| {
+            LabelSelector {
+                match_labels: ml.map(|l| labels(&l)),
+                match_expressions: me,
+            }
+        })
+    }
+
+    /// A selector that is rarely invalid (an unknown operator), to exercise skipping.
+    pub fn maybe_bad_selector() -> impl Strategy<Value = LabelSelector> {
+        prop_oneof![
+            20 => selector(),
+            1 => Just(sel_expr("a", "Bogus", &["1"])),
+        ]
+    }
+
+    const CIDRS: [&str; 9] = [
+        "10.0.0.0/16",
+        "10.0.1.0/24",
+        "10.0.0.0/8",
+        "0.0.0.0/0",
+        "10.0.1.11/32",
+        "10.0.2.77/20",
+        "fd00::/64",
+        "::/0",
+        "192.168.0.0/16",
+    ];
+    const EXCEPTS: [&str; 10] = [
+        "10.0.1.0/24",
+        "10.0.0.0/24",
+        "10.0.2.0/25",
+        "10.0.1.11/32",
+        "10.0.0.10/32",
+        "10.0.9.0/24",
+        "10.0.0.0/12",
+        "fd00::11/128",
+        "fd00::/100",
+        "192.168.1.0/24",
+    ];
+
+    pub fn peer() -> impl Strategy<Value = NetworkPolicyPeer> {
+        prop_oneof![
+            (select(&CIDRS[..]), vec(select(&EXCEPTS[..]), 0..3)).prop_map(|(c, ex)| {
+                let cidr = super::super::validate::parse_cidr(c).unwrap();
+                let ex: Vec<&str> = ex
+                    .into_iter()
+                    .filter(|e| {
+                        let e = super::super::validate::parse_cidr(e).unwrap();
+                        cidr.covers(&e) && e.prefix_len() > cidr.prefix_len()
+                    })
+                    .collect();
+                block_peer(c, &ex)
+            }),
+            (option::of(maybe_bad_selector()), option::of(selector())).prop_map(
+                |(ns, pods)| match (ns, pods) {
+                    (None, None) => pods_peer(None, Some(LabelSelector::default())),
+                    (ns, pods) => pods_peer(ns, pods),
+                }
+            ),
+        ]
+    }
+
+    pub fn port() -> impl Strategy<Value = NetworkPolicyPort> {
+        let proto = option::of(select(&["TCP", "UDP", "SCTP"][..]));
+        let num = select(&[53, 80, 81, 1000, 8080][..]);
+        let spec = prop_oneof![
+            Just((None, None)),
+            num.clone().prop_map(|n| (Some(IntOrString::Int(n)), None)),
+            (num, 0..1100i32).prop_map(|(n, d)| (Some(IntOrString::Int(n)), Some(n + d))),
+            select(&["http", "dns", "web", "nope"][..])
+                .prop_map(|s| (Some(IntOrString::String(s.into())), None)),
+        ];
+        (proto, spec).prop_map(|(proto, (port, end))| super::fixtures::port(proto, port, end))
+    }
+
+    pub fn rule() -> impl Strategy<Value = RuleSpec> {
+        (option::of(vec(peer(), 0..3)), option::of(vec(port(), 0..3)))
+    }
+
+    pub fn policy_strategy(i: usize) -> impl Strategy<Value = NetworkPolicy> {
+        let types = prop_oneof![
+            Just(None),
+            Just(Some(vec!["Ingress"])),
+            Just(Some(vec!["Egress"])),
+            Just(Some(vec!["Ingress", "Egress"])),
+            Just(Some(vec![])),
+        ];
+        (
+            select(&["x", "y", "z"][..]),
+            option::of(maybe_bad_selector()),
+            types,
+            option::of(vec(rule(), 0..3)),
+            option::of(vec(rule(), 0..3)),
+        )
+            .prop_map(move |(ns, sel, types, ing, eg)| {
+                policy(ns, &format!("p{i}"), sel, types.as_deref(), ing, eg)
+            })
+    }
+
+    pub fn namespaces() -> impl Strategy<Value = Vec<Namespace>> {
+        (label_pairs(), label_pairs(), any::<bool>()).prop_map(|(lx, ly, declare_y)| {
+            let mut v = vec![namespace("x", &lx)];
+            if declare_y {
+                v.push(namespace("y", &ly));
+            }
+            v
+        })
+    }
+
+    const NAMED: [(&str, &str, i32); 6] = [
+        ("http", "TCP", 80),
+        ("http", "TCP", 8080),
+        ("dns", "UDP", 53),
+        ("web", "TCP", 81),
+        ("web", "SCTP", 80),
+        ("dns", "TCP", 53),
+    ];
+
+    /// Pod `i`: 10.0.(i % 3).(10 + i), sometimes also fd00::(10 + i); on node-a or node-b; now
+    /// and then host-network, finished or without address.
+    pub fn pod_strategy(i: usize) -> impl Strategy<Value = Pod> {
+        (
+            select(&["x", "y", "z"][..]),
+            label_pairs(),
+            0..4u8,
+            any::<bool>(),
+            vec(select(&NAMED[..]), 0..3),
+            0..12u8,
+        )
+            .prop_map(move |(ns, l, stack, remote, ports, kind)| {
+                let v4 = format!("10.0.{}.{}", i % 3, 10 + i);
+                let v6 = format!("fd00::{}", 10 + i);
+                let ips: Vec<&str> = match stack {
+                    0 => vec![v6.as_str()],
+                    1 => vec![v4.as_str(), v6.as_str()],
+                    _ => vec![v4.as_str()],
+                };
+                let mut p = pod(
+                    ns,
+                    &format!("pod{i}"),
+                    &l,
+                    &ips,
+                    if remote { "node-b" } else { "node-a" },
+                    &ports,
+                );
+                match kind {
+                    0 => p.spec.as_mut().unwrap().host_network = Some(true),
+                    1 => p.status.as_mut().unwrap().phase = Some("Succeeded".into()),
+                    2 => p.status = None,
+                    _ => {}
+                }
+                p
+            })
+    }
+}
+
+fn flow_peers() -> Vec<IpAddr> {
+    let mut v: Vec<IpAddr> = (0..7)
+        .map(|i| ip(&format!("10.0.{}.{}", i % 3, 10 + i)))
+        .collect();
+    v.extend((0..7).map(|i| ip(&format!("fd00::{}", 10 + i))));
+    v.extend(
+        [
+            "10.0.9.1",
+            "fd00::9:1",
+            "10.0.9.7",
+            "10.0.1.200",
+            "10.0.2.1",
+            "10.0.2.200",
+            "10.0.200.1",
+            "10.1.0.1",
+            "10.16.0.1",
+            "192.168.1.1",
+            "192.168.7.7",
+            "8.8.8.8",
+            "fd00::1:0:0",
+            "2001:db8::1",
+        ]
+        .iter()
+        .map(|s| ip(s)),
+    );
+    v
+}
+
+fn cluster_strategy() -> impl Strategy<Value = Cluster> {
+    let pods = (0..7usize)
+        .map(strategies::pod_strategy)
+        .collect::<Vec<_>>();
+    let policies = (0..4usize)
+        .map(strategies::policy_strategy)
+        .collect::<Vec<_>>();
+    // Some addresses are bound to a verified identity, and some policies require one.
+    let pod_ips: Vec<IpAddr> = flow_peers().into_iter().take(14).collect();
+    (
+        strategies::namespaces(),
+        pods,
+        policies,
+        0..=4usize,
+        proptest::collection::vec(proptest::bool::weighted(0.3), 4),
+        proptest::sample::subsequence(pod_ips, 0..8),
+    )
+        .prop_map(
+            |(namespaces, pods, mut policies, n, require, verified_ips)| {
+                policies.truncate(n);
+                for (p, r) in policies.iter_mut().zip(require) {
+                    if r {
+                        p.metadata
+                            .annotations
+                            .get_or_insert_with(Default::default)
+                            .insert(
+                                crate::model::ANNOTATION_REQUIRE_IDENTITY.to_string(),
+                                "true".to_string(),
+                            );
+                    }
+                }
+                let verified = verified_ips
+                    .into_iter()
+                    .map(|ip| {
+                        (
+                            ip,
+                            std::collections::BTreeMap::from([(
+                                "enforcer.dev/serviceaccount".to_string(),
+                                "sa".to_string(),
+                            )]),
+                        )
+                    })
+                    .collect();
+                Cluster {
+                    namespaces: shared(namespaces),
+                    pods: shared(pods),
+                    policies: shared(policies),
+                    verified,
+                }
+            },
+        )
+}
+
+fn flows_strategy() -> impl Strategy<Value = Vec<(u8, u16)>> {
+    proptest::collection::vec(
+        (
+            proptest::sample::select(
+                &[PROTO_TCP, PROTO_TCP, PROTO_UDP, PROTO_SCTP, PROTO_ICMP][..],
+            ),
+            proptest::sample::select(&[53u16, 80, 81, 82, 1000, 1500, 8080, 8081, 2000][..]),
+        ),
+        2,
+    )
+    .prop_map(|mut extra| {
+        // Every named port's number and protocol, plus a few others.
+        extra.extend([
+            (PROTO_TCP, 80),
+            (PROTO_TCP, 8080),
+            (PROTO_UDP, 53),
+            (PROTO_TCP, 53),
+            (PROTO_TCP, 81),
+            (PROTO_SCTP, 80),
+            (PROTO_ICMP, 0),
+        ]);
+        extra
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    #[test]
+    fn compiled_lookup_equals_evaluator(cluster in cluster_strategy(), flows in flows_strategy(), standalone in any::<bool>()) {
+        let mut o = opts();
+        if standalone {
+            o.node_name = None;
+        }
+        check_agreement(&cluster, &o, &flow_peers(), &flows);
+    }
+
+    /// The agent compiles every change with the `Allocations` of the previous compile, which
+    /// reuses what it derived from unchanged objects (`memo.rs`): a sequence of clusters that
+    /// share some objects and replace others must compile to the evaluator's verdicts each time,
+    /// exactly like fresh compiles.
+    #[test]
+    fn carried_compiles_of_changing_clusters_agree_with_the_evaluator(
+        a in cluster_strategy(),
+        b in cluster_strategy(),
+        flows in flows_strategy(),
+        split in 0..8usize,
+    ) {
+        let o = opts();
+        // Mixes: a's pods with b's policies (only policies change, as in most updates), then
+        // b (pods, namespaces and verified addresses change under the same policies), then
+        // some of b's pods with a's namespaces, verified addresses and policies, then a (pods
+        // change again under the same policies), then a again (nothing changes).
+        let policies_changed = Cluster { policies: b.policies.clone(), ..a.clone() };
+        let mut pods_changed = a.clone();
+        pods_changed.pods = b.pods.iter().take(split).chain(a.pods.iter().skip(split)).cloned().collect();
+        let steps = [a.clone(), policies_changed, b.clone(), pods_changed, a.clone(), a.clone()];
+        let mut alloc = Allocations::new();
+        for c in &steps {
+            let compiled = compile(c, &o, &mut alloc);
+            check_compiled(&compiled, c, &o, &flow_peers(), &flows);
+            let fresh = compile(c, &o, &mut Allocations::new());
+            prop_assert_eq!(&compiled.errors, &fresh.errors);
+            prop_assert_eq!(compiled.state.endpoints.len(), fresh.state.endpoints.len());
+            prop_assert_eq!(compiled.state.policy.len(), fresh.state.policy.len());
+        }
+    }
+
+    #[test]
+    fn recompile_is_identical_and_unrelated_policy_is_stable(cluster in cluster_strategy()) {
+        let o = opts();
+        let mut alloc = Allocations::new();
+        let first = compile(&cluster, &o, &mut alloc);
+        let again = compile(&cluster, &o, &mut alloc);
+        prop_assert_eq!(&first.state, &again.state);
+        let fresh = compile(&cluster, &o, &mut Allocations::new());
+        prop_assert_eq!(&first.state, &fresh.state, "a fresh allocation gives the same numbers");
+        // A policy in a namespace without pods, without ipBlocks.
+        let mut more = cluster.clone();
+        more.policies.push(policy("empty", "unrelated", None, None, Some(vec![(None, None)]), None).into());
+        let after = compile(&more, &o, &mut alloc);
+        prop_assert_eq!(&first.state, &after.state);
+        // Removing a pod keeps every other endpoint id and peer identity.
+        if let Some(victim) = first.state.endpoints.keys().next().cloned() {
+            let mut fewer = cluster.clone();
+            fewer.pods.retain(|p| super::model::pod_ref(p) != victim);
+            let later = compile(&fewer, &o, &mut alloc);
+            for (r, ep) in &later.state.endpoints {
+                prop_assert_eq!(ep.info.id, first.state.endpoints[r].info.id);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Focused tests, one per semantic point. Each checks the evaluator and the compiled lookup.
+// ---------------------------------------------------------------------------------------------
+
+fn pr(ns: &str, name: &str) -> PodRef {
+    PodRef::new(ns, name)
+}
+
+/// x/a (10.0.0.1, app=a, port http=80), x/b (10.0.0.2, app=b), y/a (10.0.1.1, app=a, remote),
+/// namespaces x {team: blue}, y {team: red}.
+fn base(policies: Vec<NetworkPolicy>) -> Cluster {
+    Cluster {
+        namespaces: shared(vec![
+            namespace("x", &[("team", "blue")]),
+            namespace("y", &[("team", "red")]),
+        ]),
+        pods: shared(vec![
+            pod(
+                "x",
+                "a",
+                &[("app", "a")],
+                &["10.0.0.1", "fd00::1"],
+                "node-a",
+                &[("http", "TCP", 80), ("dns", "UDP", 53)],
+            ),
+            pod(
+                "x",
+                "b",
+                &[("app", "b")],
+                &["10.0.0.2"],
+                "node-a",
+                &[("http", "TCP", 8080)],
+            ),
+            pod(
+                "y",
+                "a",
+                &[("app", "a")],
+                &["10.0.1.1"],
+                "node-b",
+                &[("http", "TCP", 81)],
+            ),
+        ]),
+        policies: shared(policies),
+        ..Default::default()
+    }
+}
+
+/// Both oracles for one direction at `pod`; they must agree, and the result is returned.
+fn allowed(cluster: &Cluster, pod: &PodRef, dir: u8, peer: &str, proto: u8, port: u16) -> bool {
+    let o = opts();
+    let compiled = compile(cluster, &o, &mut Allocations::new());
+    let d = decision::decide(&compiled.state, pod, dir, ip(peer), proto, port);
+    let v =
+        evaluator::direction_verdict(cluster, &o, pod, dir == DIR_INGRESS, ip(peer), proto, port);
+    assert_eq!(
+        d.allowed,
+        v.allowed(),
+        "{pod} {dir} {peer} {proto}/{port}: {d:?} vs {v:?}"
+    );
+    d.allowed
+}
+
+const ALL_PEERS: [&str; 6] = [
+    "10.0.0.2", "10.0.1.1", "8.8.8.8", "10.0.0.1", "10.0.9.1", "fd00::5",
+];
+
+#[test]
+fn no_policy_means_not_isolated() {
+    let c = base(vec![]);
+    for p in ALL_PEERS {
+        assert!(allowed(&c, &pr("x", "a"), DIR_INGRESS, p, PROTO_TCP, 80));
+        assert!(allowed(&c, &pr("x", "a"), DIR_EGRESS, p, PROTO_UDP, 9));
+    }
+    let compiled = compile(&c, &opts(), &mut Allocations::new());
+    assert!(compiled.state.policy.is_empty());
+    assert_eq!(compiled.state.endpoints.len(), 2, "y/a is on another node");
+    assert_eq!(compiled.state.peers_v4.len(), 4, "three pods and the node");
+    assert_eq!(
+        compiled.state.peers_v4[&"10.0.9.1".parse().unwrap()].identity,
+        IDENTITY_HOST
+    );
+}
+
+#[test]
+fn deny_all_ingress_but_self_and_host() {
+    let c = base(vec![policy(
+        "x",
+        "deny",
+        Some(sel(&[])),
+        Some(&["Ingress"]),
+        None,
+        None,
+    )]);
+    let a = pr("x", "a");
+    assert!(!allowed(&c, &a, DIR_INGRESS, "10.0.0.2", PROTO_TCP, 80));
+    assert!(!allowed(&c, &a, DIR_INGRESS, "8.8.8.8", PROTO_ICMP, 0));
+    assert!(
+        allowed(&c, &a, DIR_INGRESS, "10.0.0.1", PROTO_TCP, 80),
+        "self"
+    );
+    assert!(
+        allowed(&c, &a, DIR_INGRESS, "10.0.9.1", PROTO_TCP, 80),
+        "host"
+    );
+    assert!(
+        allowed(&c, &a, DIR_EGRESS, "10.0.0.2", PROTO_TCP, 80),
+        "egress not isolated"
+    );
+    let compiled = compile(&c, &opts(), &mut Allocations::new());
+    let d = decision::decide(
+        &compiled.state,
+        &a,
+        DIR_INGRESS,
+        ip("10.0.0.2"),
+        PROTO_TCP,
+        80,
+    );
+    assert_eq!(d.reason, Reason::Denied);
+}
+
+#[test]
+fn pod_selector_alone_is_own_namespace() {
+    let c = base(vec![policy(
+        "x",
+        "p",
+        Some(sel(&[("app", "b")])),
+        None,
+        Some(vec![(
+            Some(vec![pods_peer(None, Some(sel(&[("app", "a")])))]),
+            None,
+        )]),
+        None,
+    )]);
+    let b = pr("x", "b");
+    assert!(
+        allowed(&c, &b, DIR_INGRESS, "10.0.0.1", PROTO_TCP, 80),
+        "x/a"
+    );
+    assert!(
+        allowed(&c, &b, DIR_INGRESS, "fd00::1", PROTO_UDP, 5),
+        "x/a over v6"
+    );
+    assert!(
+        !allowed(&c, &b, DIR_INGRESS, "10.0.1.1", PROTO_TCP, 80),
+        "y/a has the label but another namespace"
+    );
+    assert!(
+        allowed(&c, &pr("x", "a"), DIR_INGRESS, "10.0.1.1", PROTO_TCP, 80),
+        "x/a is not selected"
+    );
+}
+
+#[test]
+fn namespace_selector_alone_and_anded_with_pod_selector() {
+    let ns_only = base(vec![policy(
+        "x",
+        "p",
+        None,
+        None,
+        Some(vec![(
+            Some(vec![pods_peer(Some(sel(&[("team", "red")])), None)]),
+            None,
+        )]),
+        None,
+    )]);
+    let b = pr("x", "b");
+    assert!(allowed(
+        &ns_only,
+        &b,
+        DIR_INGRESS,
+        "10.0.1.1",
+        PROTO_TCP,
+        80
+    ));
+    assert!(!allowed(
+        &ns_only,
+        &b,
+        DIR_INGRESS,
+        "10.0.0.1",
+        PROTO_TCP,
+        80
+    ));
+    let anded = base(vec![policy(
+        "x",
+        "p",
+        None,
+        None,
+        Some(vec![(
+            Some(vec![pods_peer(Some(sel(&[])), Some(sel(&[("app", "b")])))]),
+            None,
+        )]),
+        None,
+    )]);
+    let a = pr("x", "a");
+    assert!(allowed(&anded, &a, DIR_INGRESS, "10.0.0.2", PROTO_TCP, 80));
+    assert!(!allowed(&anded, &a, DIR_INGRESS, "10.0.1.1", PROTO_TCP, 80));
+    // The automatic name label selects namespaces, declared or not.
+    let by_name = base(vec![policy(
+        "x",
+        "p",
+        None,
+        None,
+        Some(vec![(
+            Some(vec![pods_peer(
+                Some(sel(&[("kubernetes.io/metadata.name", "y")])),
+                None,
+            )]),
+            None,
+        )]),
+        None,
+    )]);
+    assert!(allowed(
+        &by_name,
+        &a,
+        DIR_INGRESS,
+        "10.0.1.1",
+        PROTO_TCP,
+        80
+    ));
+    assert!(!allowed(
+        &by_name,
+        &a,
+        DIR_INGRESS,
+        "10.0.0.2",
+        PROTO_TCP,
+        80
+    ));
+}
+
+#[test]
+fn ip_block_with_except_includes_pod_addresses() {
+    let c = base(vec![policy(
+        "x",
+        "p",
+        Some(sel(&[("app", "a")])),
+        Some(&["Egress"]),
+        None,
+        Some(vec![(
+            Some(vec![block_peer("10.0.0.0/16", &["10.0.1.0/24"])]),
+            None,
+        )]),
+    )]);
+    let a = pr("x", "a");
+    assert!(
+        allowed(&c, &a, DIR_EGRESS, "10.0.0.2", PROTO_TCP, 80),
+        "pod inside the block"
+    );
+    assert!(
+        allowed(&c, &a, DIR_EGRESS, "10.0.200.9", PROTO_TCP, 80),
+        "non-pod inside"
+    );
+    assert!(
+        !allowed(&c, &a, DIR_EGRESS, "10.0.1.1", PROTO_TCP, 80),
+        "pod in the except"
+    );
+    assert!(
+        !allowed(&c, &a, DIR_EGRESS, "10.0.1.99", PROTO_TCP, 80),
+        "except"
+    );
+    assert!(
+        !allowed(&c, &a, DIR_EGRESS, "8.8.8.8", PROTO_TCP, 80),
+        "outside"
+    );
+    assert!(
+        !allowed(&c, &a, DIR_EGRESS, "fd00::2", PROTO_TCP, 80),
+        "other family"
+    );
+    assert!(
+        allowed(&c, &a, DIR_INGRESS, "8.8.8.8", PROTO_TCP, 80),
+        "ingress not isolated (policyTypes)"
+    );
+    let compiled = compile(&c, &opts(), &mut Allocations::new());
+    assert_eq!(
+        decision::resolve_peer(&compiled.state, ip("8.8.8.8")),
+        IDENTITY_WORLD
+    );
+    assert_eq!(
+        decision::resolve_peer(&compiled.state, ip("10.0.1.99")),
+        IDENTITY_WORLD,
+        "the except region is world again"
+    );
+}
+
+#[test]
+fn host_bits_in_cidr_are_masked() {
+    // Upstream sends `<pod ip>/4`.
+    let c = base(vec![policy(
+        "x",
+        "p",
+        Some(sel(&[("app", "a")])),
+        Some(&["Ingress"]),
+        Some(vec![(
+            Some(vec![block_peer("10.0.0.2/4", &["10.0.0.2/32"])]),
+            None,
+        )]),
+        None,
+    )]);
+    let a = pr("x", "a");
+    assert!(
+        compile(&c, &opts(), &mut Allocations::new())
+            .errors
+            .is_empty()
+    );
+    assert!(allowed(&c, &a, DIR_INGRESS, "10.0.1.1", PROTO_TCP, 80));
+    assert!(allowed(&c, &a, DIR_INGRESS, "15.1.1.1", PROTO_TCP, 80));
+    assert!(!allowed(&c, &a, DIR_INGRESS, "10.0.0.2", PROTO_TCP, 80));
+    assert!(!allowed(&c, &a, DIR_INGRESS, "16.0.0.1", PROTO_TCP, 80));
+}
+
+#[test]
+fn ports_protocols_and_end_port() {
+    let c = base(vec![policy(
+        "x",
+        "p",
+        Some(sel(&[("app", "a")])),
+        None,
+        Some(vec![(
+            None,
+            Some(vec![
+                tcp(80),
+                port(
+                    Some("UDP"),
+                    Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1000)),
+                    Some(2000),
+                ),
+                port(Some("SCTP"), None, None),
+            ]),
+        )]),
+        None,
+    )]);
+    let a = pr("x", "a");
+    let p = "8.8.8.8";
+    assert!(allowed(&c, &a, DIR_INGRESS, p, PROTO_TCP, 80));
+    assert!(!allowed(&c, &a, DIR_INGRESS, p, PROTO_TCP, 81));
+    assert!(!allowed(&c, &a, DIR_INGRESS, p, PROTO_UDP, 80));
+    assert!(allowed(&c, &a, DIR_INGRESS, p, PROTO_UDP, 1000));
+    assert!(allowed(&c, &a, DIR_INGRESS, p, PROTO_UDP, 1500));
+    assert!(allowed(&c, &a, DIR_INGRESS, p, PROTO_UDP, 2000));
+    assert!(!allowed(&c, &a, DIR_INGRESS, p, PROTO_UDP, 2001));
+    assert!(!allowed(&c, &a, DIR_INGRESS, p, PROTO_UDP, 999));
+    assert!(allowed(&c, &a, DIR_INGRESS, p, PROTO_SCTP, 9));
+    assert!(
+        !allowed(&c, &a, DIR_INGRESS, p, PROTO_ICMP, 0),
+        "ports given: ICMP does not match"
+    );
+    let compiled = compile(&c, &opts(), &mut Allocations::new());
+    let ep = &compiled.state.endpoints[&a];
+    assert_eq!(
+        ep.info.port_masks[usize::from(DIR_INGRESS)] & enforcer_common::PORT_MASK_ANY_PROTO,
+        0
+    );
+    assert_ne!(ep.info.port_masks[usize::from(DIR_INGRESS)] & (1 << 16), 0);
+    assert_ne!(
+        ep.info.port_masks[usize::from(DIR_INGRESS)] & 1,
+        0,
+        "SCTP any port"
+    );
+    // Empty ports: any protocol, ICMP included.
+    let any = base(vec![policy(
+        "x",
+        "p",
+        None,
+        None,
+        Some(vec![(None, Some(vec![]))]),
+        None,
+    )]);
+    assert!(allowed(&any, &a, DIR_INGRESS, p, PROTO_ICMP, 0));
+    assert!(allowed(&any, &a, DIR_INGRESS, p, 47, 0));
+}
+
+#[test]
+fn named_ports_ingress_resolve_on_the_destination() {
+    let c = base(vec![policy(
+        "x",
+        "p",
+        None,
+        None,
+        Some(vec![(None, Some(vec![named(None, "http")]))]),
+        None,
+    )]);
+    assert!(allowed(
+        &c,
+        &pr("x", "a"),
+        DIR_INGRESS,
+        "8.8.8.8",
+        PROTO_TCP,
+        80
+    ));
+    assert!(!allowed(
+        &c,
+        &pr("x", "a"),
+        DIR_INGRESS,
+        "8.8.8.8",
+        PROTO_TCP,
+        8080
+    ));
+    assert!(allowed(
+        &c,
+        &pr("x", "b"),
+        DIR_INGRESS,
+        "8.8.8.8",
+        PROTO_TCP,
+        8080
+    ));
+    assert!(!allowed(
+        &c,
+        &pr("x", "b"),
+        DIR_INGRESS,
+        "8.8.8.8",
+        PROTO_TCP,
+        80
+    ));
+    let udp = base(vec![policy(
+        "x",
+        "p",
+        None,
+        None,
+        Some(vec![(None, Some(vec![named(None, "dns")]))]),
+        None,
+    )]);
+    assert!(
+        !allowed(&udp, &pr("x", "a"), DIR_INGRESS, "8.8.8.8", PROTO_UDP, 53),
+        "dns is UDP, the rule TCP"
+    );
+    let udp = base(vec![policy(
+        "x",
+        "p",
+        None,
+        None,
+        Some(vec![(None, Some(vec![named(Some("UDP"), "dns")]))]),
+        None,
+    )]);
+    assert!(allowed(
+        &udp,
+        &pr("x", "a"),
+        DIR_INGRESS,
+        "8.8.8.8",
+        PROTO_UDP,
+        53
+    ));
+}
+
+#[test]
+fn named_ports_egress_resolve_on_each_peer_pod() {
+    let c = base(vec![policy(
+        "x",
+        "p",
+        None,
+        Some(&["Egress"]),
+        None,
+        Some(vec![(None, Some(vec![named(None, "http")]))]),
+    )]);
+    let a = pr("x", "a");
+    assert!(
+        allowed(&c, &a, DIR_EGRESS, "10.0.0.2", PROTO_TCP, 8080),
+        "x/b declares http=8080"
+    );
+    assert!(!allowed(&c, &a, DIR_EGRESS, "10.0.0.2", PROTO_TCP, 80));
+    assert!(
+        allowed(&c, &a, DIR_EGRESS, "10.0.1.1", PROTO_TCP, 81),
+        "remote pods count"
+    );
+    assert!(
+        !allowed(&c, &a, DIR_EGRESS, "8.8.8.8", PROTO_TCP, 80),
+        "not a pod: no named port"
+    );
+    let block = base(vec![policy(
+        "x",
+        "p",
+        None,
+        Some(&["Egress"]),
+        None,
+        Some(vec![(
+            Some(vec![block_peer("10.0.0.0/24", &[])]),
+            Some(vec![named(None, "http")]),
+        )]),
+    )]);
+    assert!(allowed(&block, &a, DIR_EGRESS, "10.0.0.2", PROTO_TCP, 8080));
+    assert!(
+        !allowed(&block, &a, DIR_EGRESS, "10.0.1.1", PROTO_TCP, 81),
+        "pod outside the block"
+    );
+    assert!(!allowed(
+        &block,
+        &a,
+        DIR_EGRESS,
+        "10.0.0.99",
+        PROTO_TCP,
+        8080
+    ));
+}
+
+#[test]
+fn policy_types_and_union() {
+    // An egress-only policy does not isolate ingress; two policies add up.
+    let c = base(vec![
+        policy(
+            "x",
+            "eg",
+            None,
+            Some(&["Egress"]),
+            None,
+            Some(vec![(
+                Some(vec![pods_peer(None, Some(sel(&[("app", "b")])))]),
+                None,
+            )]),
+        ),
+        policy(
+            "x",
+            "eg2",
+            Some(sel(&[("app", "a")])),
+            None,
+            None,
+            Some(vec![(None, Some(vec![tcp(53)]))]),
+        ),
+    ]);
+    let a = pr("x", "a");
+    assert!(allowed(&c, &a, DIR_EGRESS, "10.0.0.2", PROTO_UDP, 1));
+    assert!(
+        allowed(&c, &a, DIR_EGRESS, "8.8.8.8", PROTO_TCP, 53),
+        "from eg2"
+    );
+    assert!(!allowed(&c, &a, DIR_EGRESS, "8.8.8.8", PROTO_UDP, 53));
+    assert!(
+        !allowed(&c, &a, DIR_INGRESS, "8.8.8.8", PROTO_TCP, 80),
+        "eg2 has no policyTypes: Ingress with no rules"
+    );
+    assert!(
+        allowed(&c, &pr("x", "b"), DIR_INGRESS, "8.8.8.8", PROTO_TCP, 80),
+        "eg is Egress only"
+    );
+    // Egress rules listed but only Ingress in policyTypes: egress not isolated.
+    let c = base(vec![policy(
+        "x",
+        "p",
+        None,
+        Some(&["Ingress"]),
+        None,
+        Some(vec![(None, Some(vec![tcp(1)]))]),
+    )]);
+    assert!(allowed(&c, &a, DIR_EGRESS, "8.8.8.8", PROTO_TCP, 80));
+}
+
+#[test]
+fn skipped_pods_and_invalid_policies() {
+    let mut c = base(vec![
+        policy("x", "deny", None, Some(&["Ingress", "Egress"]), None, None),
+        policy(
+            "x",
+            "bad",
+            None,
+            None,
+            Some(vec![(None, Some(vec![port(Some("ICMP"), None, None)]))]),
+            None,
+        ),
+    ]);
+    let mut host = pod("x", "h", &[], &["10.0.9.1"], "node-a", &[]);
+    host.spec.as_mut().unwrap().host_network = Some(true);
+    let mut done = pod("x", "d", &[], &["10.0.0.7"], "node-a", &[]);
+    done.status.as_mut().unwrap().phase = Some("Failed".into());
+    let mut no_ip = pod("x", "n", &[], &[], "node-a", &[]);
+    no_ip.status.as_mut().unwrap().pod_ip = None;
+    c.pods.extend(shared([host, done, no_ip]));
+    let compiled = compile(&c, &opts(), &mut Allocations::new());
+    assert_eq!(
+        compiled.state.endpoints.keys().cloned().collect::<Vec<_>>(),
+        [pr("x", "a"), pr("x", "b")]
+    );
+    assert!(
+        matches!(&compiled.errors[..], [CompileError::Policy(e)] if e.field == "spec.ingress[0].ports[0].protocol")
+    );
+    assert!(
+        !compiled
+            .state
+            .peers_v4
+            .contains_key(&"10.0.0.7".parse().unwrap())
+    );
+    assert!(!allowed(
+        &c,
+        &pr("x", "a"),
+        DIR_EGRESS,
+        "10.0.0.2",
+        PROTO_TCP,
+        80
+    ));
+    assert!(allowed(
+        &c,
+        &pr("x", "a"),
+        DIR_EGRESS,
+        "10.0.9.1",
+        PROTO_TCP,
+        80
+    ));
+}
+
+#[test]
+fn endpoint_limit_and_stable_ids() {
+    let c = base(vec![]);
+    let mut o = opts();
+    o.max_endpoints = 1;
+    let compiled = compile(&c, &o, &mut Allocations::new());
+    assert_eq!(compiled.state.endpoints.len(), 1);
+    assert!(matches!(
+        &compiled.errors[..],
+        [CompileError::TooManyEndpoints { .. }]
+    ));
+    // Ids survive other pods coming and going.
+    let mut alloc = Allocations::new();
+    let first = compile(&c, &opts(), &mut alloc);
+    let b_id = first.state.endpoints[&pr("x", "b")].info.id;
+    let mut without_a = c.clone();
+    without_a.pods.remove(0);
+    let second = compile(&without_a, &opts(), &mut alloc);
+    assert_eq!(second.state.endpoints[&pr("x", "b")].info.id, b_id);
+    let third = compile(&c, &opts(), &mut alloc);
+    assert_eq!(third.state.endpoints[&pr("x", "b")].info.id, b_id);
+    assert_ne!(third.state.endpoints[&pr("x", "a")].info.id, b_id);
+}
+
+#[test]
+fn combined_verdict() {
+    let c = base(vec![
+        policy(
+            "x",
+            "in",
+            Some(sel(&[("app", "b")])),
+            None,
+            Some(vec![(
+                Some(vec![pods_peer(None, Some(sel(&[("app", "a")])))]),
+                None,
+            )]),
+            None,
+        ),
+        policy(
+            "x",
+            "out",
+            Some(sel(&[("app", "a")])),
+            Some(&["Egress"]),
+            None,
+            Some(vec![(None, Some(vec![tcp(80)]))]),
+        ),
+    ]);
+    let o = opts();
+    let (a, b) = (Endpoint::Pod(pr("x", "a")), Endpoint::Pod(pr("x", "b")));
+    assert!(evaluator::verdict(&c, &o, &a, &b, PROTO_TCP, 80));
+    assert!(
+        !evaluator::verdict(&c, &o, &a, &b, PROTO_TCP, 81),
+        "egress of x/a"
+    );
+    assert!(
+        !evaluator::verdict(&c, &o, &Endpoint::Ip(ip("8.8.8.8")), &b, PROTO_TCP, 80),
+        "ingress of x/b"
+    );
+    assert!(
+        evaluator::verdict(&c, &o, &Endpoint::Ip(ip("10.0.9.1")), &b, PROTO_TCP, 80),
+        "host"
+    );
+    assert!(evaluator::verdict(&c, &o, &b, &b, PROTO_TCP, 80), "self");
+    assert!(evaluator::verdict(
+        &c,
+        &o,
+        &b,
+        &Endpoint::Ip(ip("8.8.8.8")),
+        PROTO_TCP,
+        80
+    ));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Arbitrary strings in every free-text field: compile, evaluate and explain never panic.
+    #[test]
+    fn garbage_never_panics(
+        cidr in "\\PC{0,20}|[0-9./:a-f]{0,24}",
+        except in "\\PC{0,20}|[0-9./:a-f]{0,24}",
+        op in "\\PC{0,8}|In|NotIn|Exists",
+        key in "\\PC{0,12}",
+        value in "\\PC{0,12}",
+        proto in "\\PC{0,5}|TCP|UDP",
+        name in "\\PC{0,16}",
+        num in any::<i32>(),
+        end in proptest::option::of(any::<i32>()),
+        pod_ip in "\\PC{0,20}|[0-9./:a-f]{0,24}",
+    ) {
+        use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+        let mut p = pod("x", "a", &[(key.as_str(), value.as_str())], &[pod_ip.as_str(), "10.0.0.1"], "node-a", &[(name.as_str(), proto.as_str(), num)]);
+        p.metadata.namespace = Some(key.clone());
+        let pol = policy(
+            &key,
+            &name,
+            Some(sel_expr(&key, &op, &[value.as_str()])),
+            Some(&[proto.as_str(), "Egress"]),
+            Some(vec![(Some(vec![block_peer(&cidr, &[except.as_str()]), pods_peer(Some(sel_expr(&value, &op, &[])), None)]), Some(vec![port(Some(&proto), Some(IntOrString::Int(num)), end), port(None, Some(IntOrString::String(name.clone())), end)]))]),
+            Some(vec![(None, Some(vec![port(None, Some(IntOrString::Int(num)), end)]))]),
+        );
+        let cluster = Cluster { namespaces: shared(vec![namespace(&key, &[(value.as_str(), key.as_str())])]), pods: shared(vec![p.clone()]), policies: shared(vec![pol]), ..Default::default() };
+        let o = opts();
+        let compiled = compile(&cluster, &o, &mut Allocations::new());
+        for r in compiled.state.endpoints.keys() {
+            let _ = decision::decide(&compiled.state, r, DIR_EGRESS, ip("10.0.0.2"), PROTO_TCP, 80);
+            let _ = super::explain::explain(&cluster, &o, &Endpoint::Pod(r.clone()), &Endpoint::Ip(ip("10.0.0.2")), PROTO_TCP, 80).to_string();
+        }
+        for e in &compiled.errors {
+            let _ = e.to_string();
+        }
+    }
+}
+
+#[test]
+fn identity_required_peers_match_only_verified_addresses() {
+    // x/b admits pods `app: a` running as service account `sa-a`, and requires identity.
+    let mut np = policy(
+        "x",
+        "from-verified-a",
+        Some(sel(&[("app", "b")])),
+        None,
+        Some(vec![(
+            Some(vec![pods_peer(
+                None,
+                Some(sel(&[
+                    ("app", "a"),
+                    ("enforcer.dev/serviceaccount", "sa-a"),
+                ])),
+            )]),
+            None,
+        )]),
+        None,
+    );
+    np.metadata.annotations = Some(
+        [(
+            super::model::ANNOTATION_REQUIRE_IDENTITY.to_string(),
+            "true".to_string(),
+        )]
+        .into(),
+    );
+    let mut c = base(vec![np.clone()]);
+    let b = pr("x", "b");
+    let verdict = |c: &Cluster| {
+        evaluator::direction_verdict(c, &opts(), &b, true, ip("10.0.0.1"), PROTO_TCP, 80)
+    };
+    // Labels alone: denied, and explained as a want of identity.
+    assert!(!allowed(&c, &b, DIR_INGRESS, "10.0.0.1", PROTO_TCP, 80));
+    assert!(
+        matches!(verdict(&c), evaluator::DirVerdict::NoIdentity { .. }),
+        "{:?}",
+        verdict(&c)
+    );
+    // Verified as another service account: denied, not for want of identity.
+    let sa = |name: &str| {
+        std::collections::BTreeMap::from([(
+            "enforcer.dev/serviceaccount".to_string(),
+            name.to_string(),
+        )])
+    };
+    c.verified.insert(ip("10.0.0.1"), sa("sa-other"));
+    assert!(!allowed(&c, &b, DIR_INGRESS, "10.0.0.1", PROTO_TCP, 80));
+    assert!(matches!(verdict(&c), evaluator::DirVerdict::Denied { .. }));
+    // Verified as sa-a, only at the verified address (v4), not at its other one (v6).
+    c.verified.insert(ip("10.0.0.1"), sa("sa-a"));
+    assert!(allowed(&c, &b, DIR_INGRESS, "10.0.0.1", PROTO_TCP, 80));
+    assert!(!allowed(&c, &b, DIR_INGRESS, "fd00::1", PROTO_TCP, 80));
+    // Without the annotation the reserved label still has to match, but --require-identity
+    // makes every policy require it.
+    np.metadata.annotations = None;
+    let mut c2 = base(vec![np]);
+    c2.verified.insert(ip("10.0.0.1"), sa("sa-a"));
+    assert!(allowed(&c2, &b, DIR_INGRESS, "10.0.0.1", PROTO_TCP, 80));
+    let strict = CompileOptions {
+        require_identity: true,
+        ..opts()
+    };
+    let compiled = compile(&c2, &strict, &mut Allocations::new());
+    assert!(
+        !decision::decide(
+            &compiled.state,
+            &b,
+            DIR_INGRESS,
+            ip("fd00::1"),
+            PROTO_TCP,
+            80
+        )
+        .allowed
+    );
+    assert!(
+        !evaluator::direction_verdict(&c2, &strict, &b, true, ip("fd00::1"), PROTO_TCP, 80)
+            .allowed()
+    );
+}
+
+/// An agent restarted after a history of changes numbers the same cluster as the pinned maps
+/// do, once it restores from them: a fresh numbering would differ, and a number the maps use for
+/// another identity would lend that identity's policy entries to new addresses mid-update.
+#[test]
+fn restart_restores_identity_and_rule_numbers() {
+    let from = |name: &str, app: &str, port: i32| {
+        policy(
+            "x",
+            name,
+            Some(sel(&[("app", "a")])),
+            None,
+            Some(vec![(
+                Some(vec![pods_peer(Some(sel(&[])), Some(sel(&[("app", app)])))]),
+                Some(vec![tcp(port)]),
+            )]),
+            None,
+        )
+    };
+    let block = policy(
+        "x",
+        "blk",
+        Some(sel(&[("app", "b")])),
+        None,
+        Some(vec![(Some(vec![block_peer("10.0.9.0/24", &[])]), None)]),
+        None,
+    );
+    let c = base(vec![
+        from("from-b", "b", 80),
+        from("from-a", "a", 81),
+        block.clone(),
+    ]);
+    // Earlier: a pod and a policy that sort first, since gone; identities and rules were
+    // numbered around them.
+    let mut early = base(vec![from("aaa", "zzz", 90), block, from("from-a", "a", 81)]);
+    early.pods.push(Arc::new(pod(
+        "x",
+        "old",
+        &[("app", "0")],
+        &["10.0.0.7"],
+        "n",
+        &[],
+    )));
+    let mut running = Allocations::new();
+    compile(&early, &opts(), &mut running);
+    compile(&c, &opts(), &mut running);
+    let pinned = compile(&c, &opts(), &mut running).state;
+    let fresh = compile(&c, &opts(), &mut Allocations::new()).state;
+    assert_ne!(
+        fresh.peers_v4, pinned.peers_v4,
+        "the history must have moved the numbers"
+    );
+    assert_ne!(
+        fresh.policy, pinned.policy,
+        "the history must have moved the rule ids"
+    );
+
+    let mut restarted = Allocations::new();
+    for (pod, ep) in &pinned.endpoints {
+        assert!(restarted.reserve_endpoint(pod, ep.info.id));
+    }
+    let (identities, rules) = restarted.restore(&c, &opts(), &pinned);
+    assert!(
+        identities >= 4 && rules >= 3,
+        "restored {identities} identities, {rules} rules"
+    );
+    let again = compile(&c, &opts(), &mut restarted).state;
+    assert_eq!(again.peers_v4, pinned.peers_v4);
+    assert_eq!(again.peers_v6, pinned.peers_v6);
+    assert_eq!(again.cidrs_v4, pinned.cidrs_v4);
+    assert_eq!(again.policy, pinned.policy);
+    assert_eq!(again.rules, pinned.rules);
+
+    // A new pod of a known identity shares its number.
+    let mut more = c.clone();
+    more.pods.push(Arc::new(pod(
+        "x",
+        "new",
+        &[("app", "b")],
+        &["10.0.0.9"],
+        "n",
+        &[("http", "TCP", 8080)],
+    )));
+    let next = compile(&more, &opts(), &mut restarted).state;
+    assert_eq!(
+        next.peers_v4[&"10.0.0.9".parse().unwrap()],
+        pinned.peers_v4[&"10.0.0.2".parse().unwrap()]
+    );
+
+    // Restarted into a cluster without y/a (the highest pinned number): nothing new takes its
+    // number, which the pinned maps still use until the first reconcile removes it.
+    let max_pinned = pinned.peers_v4.values().map(|p| p.identity).max().unwrap();
+    assert_eq!(
+        pinned.peers_v4[&"10.0.1.1".parse().unwrap()].identity,
+        max_pinned
+    );
+    let mut without = c.clone();
+    without
+        .pods
+        .retain(|p| p.metadata.namespace.as_deref() != Some("y"));
+    without.pods.push(Arc::new(pod(
+        "x",
+        "q",
+        &[("app", "q")],
+        &["10.0.0.8"],
+        "n",
+        &[],
+    )));
+    let mut restarted = Allocations::new();
+    for (pod, ep) in &pinned.endpoints {
+        restarted.reserve_endpoint(pod, ep.info.id);
+    }
+    restarted.restore(&without, &opts(), &pinned);
+    let after = compile(&without, &opts(), &mut restarted).state;
+    assert_eq!(
+        after.peers_v4[&"10.0.0.2".parse().unwrap()],
+        pinned.peers_v4[&"10.0.0.2".parse().unwrap()]
+    );
+    assert!(after.peers_v4[&"10.0.0.8".parse().unwrap()].identity > max_pinned);
+}
+
+/// Only unambiguous renumberings are restored.
+#[test]
+fn restore_skips_ambiguous_numbers() {
+    let r = super::compile::renumbering_for_tests;
+    assert_eq!(r(&[(300, 400), (301, 401)]), vec![(300, 400), (301, 401)]);
+    // One fresh number, two pinned ones: the addresses were split; neither is kept.
+    assert_eq!(r(&[(300, 400), (300, 401), (301, 402)]), vec![(301, 402)]);
+    // Two fresh numbers claim one pinned number: neither gets it.
+    assert_eq!(r(&[(300, 400), (301, 400), (302, 402)]), vec![(302, 402)]);
+    // Reserved numbers (host, world) are never renumbered.
+    assert_eq!(r(&[(2, 400), (300, 1)]), vec![]);
+}

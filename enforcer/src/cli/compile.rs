@@ -1,0 +1,148 @@
+//! `enforcer compile`: a folder of manifests in, what each pod gets (and every map entry) out.
+//! Same loader and compiler as the agent.
+
+use std::{collections::BTreeMap, fmt::Write as _, path::Path};
+
+use anyhow::Result;
+use enforcer_common::{DIR_EGRESS, DIR_INGRESS};
+use enforcer_policy::{
+    compile::{Allocations, CompileOptions, compile},
+    explain::protocol_label,
+    model::Cluster,
+};
+
+use crate::source::{manifests, watch::LastGoodPolicies};
+
+/// Loads a folder for the offline tools: problems are printed to stderr, invalid policies left
+/// out (there is no last good version offline).
+pub(crate) fn load(dir: &Path) -> Result<Cluster> {
+    let loaded = manifests::load_dir(dir)?;
+    for e in &loaded.errors {
+        eprintln!("warning: {e}");
+    }
+    let mut cluster = loaded.cluster;
+    for p in LastGoodPolicies::default().apply(&mut cluster) {
+        eprintln!("warning: {p}");
+    }
+    Ok(cluster)
+}
+
+/// `enforcer compile DIR`: per pod, what is enforced; with `entries`, every map entry.
+pub fn compile_report(dir: &Path, node_name: Option<String>, entries: bool) -> Result<String> {
+    let cluster = load(dir)?;
+    let opts = CompileOptions {
+        node_name,
+        ..CompileOptions::default()
+    };
+    let compiled = compile(&cluster, &opts, &mut Allocations::new());
+    for e in &compiled.errors {
+        eprintln!("warning: {e}");
+    }
+    let s = &compiled.state;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "{} pods enforced, {} policies, {} identities, {} policy entries, {} pod addresses, {} CIDR regions",
+        s.endpoints.len(),
+        cluster.policies.len(),
+        compiled.identities.len(),
+        s.policy.len(),
+        s.peers_v4.len() + s.peers_v6.len(),
+        s.cidrs_v4.len() + s.cidrs_v6.len()
+    );
+    for (pod, ep) in &s.endpoints {
+        let ips: Vec<String> = ep.ips.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            o,
+            "\n{pod} ({}) endpoint {} identity {}",
+            ips.join(", "),
+            ep.info.id,
+            ep.info.identity
+        );
+        for dir in [DIR_INGRESS, DIR_EGRESS] {
+            let name = if dir == DIR_INGRESS {
+                "ingress"
+            } else {
+                "egress"
+            };
+            if !ep.info.isolated(dir) {
+                let _ = writeln!(
+                    o,
+                    "  {name}: not isolated (no policy selects it for {name})"
+                );
+                continue;
+            }
+            let mut rules: BTreeMap<String, usize> = BTreeMap::new();
+            for (k, v) in s
+                .policy
+                .iter()
+                .filter(|(k, _)| k.endpoint == ep.info.id && k.direction == dir)
+            {
+                let _ = k;
+                let r = s
+                    .rules
+                    .get(&v.rule)
+                    .map_or_else(|| format!("rule {}", v.rule), ToString::to_string);
+                *rules.entry(r).or_default() += 1;
+            }
+            if rules.is_empty() {
+                let _ = writeln!(o, "  {name}: isolated, nothing allowed");
+            } else {
+                let _ = writeln!(o, "  {name}: isolated, allowed by:");
+                for (r, n) in rules {
+                    let _ = writeln!(o, "    {r} ({n} entries)");
+                }
+            }
+        }
+    }
+    if entries {
+        let _ = writeln!(o, "\nidentities:");
+        for (id, key) in compiled.identities.iter() {
+            let _ = writeln!(o, "  {id}: {key:?}");
+        }
+        let _ = writeln!(o, "\naddresses:");
+        for (a, p) in &s.peers_v4 {
+            let _ = writeln!(o, "  {a} -> identity {}", p.identity);
+        }
+        for (a, p) in &s.peers_v6 {
+            let _ = writeln!(o, "  {a} -> identity {}", p.identity);
+        }
+        for (c, p) in &s.cidrs_v4 {
+            let _ = writeln!(o, "  {}/{} -> identity {}", c.addr, c.len, p.identity);
+        }
+        for (c, p) in &s.cidrs_v6 {
+            let _ = writeln!(o, "  {}/{} -> identity {}", c.addr, c.len, p.identity);
+        }
+        let _ = writeln!(
+            o,
+            "\npolicy entries (endpoint, direction, peer identity, protocol, port/prefix -> rule):"
+        );
+        for (k, v) in &s.policy {
+            let dir = if k.direction == DIR_INGRESS {
+                "ingress"
+            } else {
+                "egress"
+            };
+            let peer = if k.identity == 0 {
+                "any".to_string()
+            } else {
+                k.identity.to_string()
+            };
+            let proto = if k.protocol == 0 {
+                "any".to_string()
+            } else {
+                protocol_label(k.protocol)
+            };
+            let rule = s
+                .rules
+                .get(&v.rule)
+                .map_or_else(|| v.rule.to_string(), ToString::to_string);
+            let _ = writeln!(
+                o,
+                "  {} {dir} {peer} {proto} {}/{} -> {rule}",
+                k.endpoint, k.port, k.port_prefix_len
+            );
+        }
+    }
+    Ok(o)
+}

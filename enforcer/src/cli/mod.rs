@@ -1,0 +1,117 @@
+//! The `enforcer` command line, one file per subcommand: the node agent ([`run`]), the offline
+//! tools on the same compiler ([`compile`], [`explain`]), [`status`] of a running agent and
+//! [`cleanup`].
+
+pub mod cleanup;
+pub mod compile;
+pub mod explain;
+pub mod run;
+pub mod status;
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+
+use crate::datapath::DEFAULT_PIN_PATH;
+
+#[derive(Parser)]
+#[command(
+    name = "enforcer",
+    version,
+    about = "eBPF Kubernetes NetworkPolicy enforcer"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent: watch the objects, compile them, program the datapath.
+    Run(run::RunArgs),
+    /// Compile a folder of manifests and print what each pod gets (offline, no root).
+    Compile {
+        /// Folder of Namespace, Pod and NetworkPolicy manifests.
+        dir: PathBuf,
+        /// Also print every map entry.
+        #[arg(long)]
+        entries: bool,
+        /// Compile for this node only (pods with `spec.nodeName`); default: every pod.
+        #[arg(long)]
+        node_name: Option<String>,
+    },
+    /// Explain the verdict of one flow: which policy and rule decided it (offline, no root).
+    Explain {
+        /// Folder of manifests.
+        dir: PathBuf,
+        /// Source: `NAMESPACE/POD` or an IP address.
+        #[arg(long)]
+        from: String,
+        /// Destination: `NAMESPACE/POD` or an IP address.
+        #[arg(long)]
+        to: String,
+        /// Destination port.
+        #[arg(long)]
+        port: u16,
+        /// tcp, udp or sctp.
+        #[arg(long, default_value = "tcp")]
+        protocol: String,
+        /// As the agent's --require-identity: pod and namespace peers must be verified
+        /// (offline, no address is verified).
+        #[arg(long)]
+        require_identity: bool,
+    },
+    /// The running agent at a glance: readiness, pods, packets by verdict and reason, map fill,
+    /// identity verifications (read from its /metrics).
+    Status {
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        health_addr: SocketAddr,
+    },
+    /// Detach every program and remove every pin under --pin-path.
+    Cleanup {
+        #[arg(long, default_value = DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+    },
+}
+
+/// Parses the command line and runs the subcommand.
+pub fn main() -> Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .target(env_logger::Target::Stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Compile {
+            dir,
+            entries,
+            node_name,
+        } => {
+            print!("{}", compile::compile_report(&dir, node_name, entries)?);
+            Ok(())
+        }
+        Command::Explain {
+            dir,
+            from,
+            to,
+            port,
+            protocol,
+            require_identity,
+        } => {
+            print!(
+                "{}",
+                explain::explain_report(&dir, &from, &to, port, &protocol, require_identity)?
+            );
+            Ok(())
+        }
+        Command::Status { health_addr } => {
+            let (_, metrics) = status::http_get(health_addr, "/metrics").with_context(|| {
+                format!("reading http://{health_addr}/metrics: is the agent running?")
+            })?;
+            print!("{}", status::status_report(&metrics));
+            Ok(())
+        }
+        Command::Cleanup { pin_path } => cleanup::cleanup(&pin_path),
+    }
+}

@@ -1,0 +1,272 @@
+//! `enforcer run`: the node agent. Sources feed the control loop, which compiles and reconciles
+//! into the datapath; the health, attestation and flow-log tasks run beside it.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use enforcer_common::{
+    DEFAULT_CONNTRACK_SIZE, DEFAULT_EVENTS_BYTES, DEFAULT_FRAGMENTS_SIZE, DEFAULT_MAX_ENDPOINTS,
+    DEFAULT_PEERS_SIZE, DEFAULT_POLICY_SIZE,
+};
+use enforcer_policy::compile::CompileOptions;
+
+use crate::{
+    agent::{Agent, View},
+    datapath::{AttachMode, DEFAULT_PIN_PATH, Datapath, DatapathOptions, routes::local_addresses},
+    identity::attestation::{Identity, LivePods},
+    observe::{
+        flowlog::{FlowLog, FlowLogStats},
+        health::{self, Status},
+    },
+    source::{Source, watch::ManifestsSource},
+};
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Standalone: read and watch the manifests in this folder instead of the API server.
+    #[arg(long)]
+    manifests: Option<PathBuf>,
+    /// This node's name (pods with this `spec.nodeName` are enforced here).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// bpffs folder for pinned maps and links (mounted when absent under /sys/fs/bpf).
+    #[arg(long, default_value = DEFAULT_PIN_PATH)]
+    pin_path: PathBuf,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, default_value = "127.0.0.1:9901")]
+    health_addr: SocketAddr,
+    /// The node's own addresses (always allowed to and from its pods); default: every address
+    /// on the node's interfaces.
+    #[arg(long = "node-ip")]
+    node_ips: Vec<IpAddr>,
+    /// Log allowed new flows too, not only drops.
+    #[arg(long)]
+    log_allowed: bool,
+    /// Flow log lines per second at most; the rest are counted as rate-limited.
+    #[arg(long, default_value_t = 1000)]
+    flow_log_rate: u32,
+    /// Export packet counters per pod on /metrics.
+    #[arg(long)]
+    per_pod_metrics: bool,
+    /// Pods this node can enforce (ENDPOINTS map size).
+    #[arg(long, default_value_t = DEFAULT_MAX_ENDPOINTS)]
+    max_endpoints: u32,
+    /// Entries of the pod/node address maps; also the buckets of `PEER_SLOTS`, their IPv4
+    /// cache (16 bytes each, two addresses a bucket).
+    #[arg(long, default_value_t = DEFAULT_PEERS_SIZE)]
+    peers_map_size: u32,
+    /// Entries of the policy map.
+    #[arg(long, default_value_t = DEFAULT_POLICY_SIZE)]
+    policy_map_size: u32,
+    /// How the programs hook each pod's veth: `tcx` links (kernel 6.6+), `tc` (clsact +
+    /// cls_bpf filters, for older kernels), or `auto` (TCX where the kernel has it). Switching
+    /// modes across a restart moves every hook to the new kind without a gap.
+    #[arg(long, default_value_t = AttachMode::Auto)]
+    attach_mode: AttachMode,
+    /// Entries of each LRU conntrack map (one for IPv4 flows, one for IPv6 flows); on x86-64
+    /// also the flows of the IPv4 flow table in front of the IPv4 map (half as many buckets of
+    /// two flows, 64 bytes each), which then holds only the flows of full buckets.
+    #[arg(long, default_value_t = DEFAULT_CONNTRACK_SIZE)]
+    conntrack_map_size: u32,
+    /// Entries of the fragments map.
+    #[arg(long, default_value_t = DEFAULT_FRAGMENTS_SIZE)]
+    fragments_map_size: u32,
+    /// Bytes of the verdict event ring buffer.
+    #[arg(long, default_value_t = DEFAULT_EVENTS_BYTES)]
+    events_bytes: u32,
+    /// Every policy's pod and namespace peers must be verified workloads (see also the
+    /// `enforcer.dev/require-identity: "true"` policy annotation).
+    #[arg(long)]
+    require_identity: bool,
+    /// Address of the attestation endpoint (`POST /v1/attest`), served when keys are given.
+    #[arg(long, default_value = "0.0.0.0:9902")]
+    attest_addr: SocketAddr,
+    /// JWKS file with the service-account token signing keys (re-read on change). Without it,
+    /// in a cluster, keys come from the API server's OIDC discovery.
+    #[arg(long)]
+    jwks: Option<PathBuf>,
+    /// Accepted token issuers (the API server's --service-account-issuer values). Giving one
+    /// (or --jwks) turns the attestation endpoint on.
+    #[arg(long = "issuer")]
+    issuers: Vec<String>,
+    /// Accepted token audience.
+    #[arg(long, default_value = "enforcer")]
+    audience: String,
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    // Standalone reads a folder; otherwise the kube watchers feed the same compiler.
+    let mut kube_client = None;
+    let (source, kube_task) = match args.manifests.clone() {
+        Some(dir) => (Source::Manifests(ManifestsSource::new(dir)), None),
+        None => {
+            let node = args
+                .node_name
+                .clone()
+                .context("in-cluster mode needs --node-name or NODE_NAME")?;
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let client = rt
+                .block_on(kube::Client::try_default())
+                .context("kube client (in-cluster config or KUBECONFIG)")?;
+            let (tx, rx) = tokio::sync::watch::channel(None);
+            kube_client = Some(client.clone());
+            let task = rt.spawn(async move {
+                if let Err(e) = crate::source::kube::run(client, node, tx).await {
+                    log::error!("kube watchers stopped: {e:#}");
+                }
+            });
+            (Source::Kube(rx), Some(task))
+        }
+    };
+    let node_ips = if args.node_ips.is_empty() {
+        local_addresses()?
+    } else {
+        args.node_ips.clone()
+    };
+    log::info!("node addresses: {node_ips:?}");
+    let options = DatapathOptions {
+        pin_path: args.pin_path.clone(),
+        max_endpoints: args.max_endpoints,
+        peers_size: args.peers_map_size,
+        policy_size: args.policy_map_size,
+        conntrack_size: args.conntrack_map_size,
+        fragments_size: args.fragments_map_size,
+        events_bytes: args.events_bytes,
+        log_allowed: args.log_allowed,
+        attach: args.attach_mode,
+        ..DatapathOptions::default()
+    };
+    let mut datapath = Datapath::open(options).context("opening the datapath")?;
+    let events = datapath.take_events();
+    let datapath = Arc::new(Mutex::new(datapath));
+    let status = Arc::new(Status::default());
+    let view = Arc::new(Mutex::new(View::default()));
+    let flow_stats = Arc::new(FlowLogStats::default());
+    {
+        let s = flow_stats.clone();
+        status.add_renderer(Arc::new(move |o: &mut String| s.render(o)));
+    }
+
+    let identity = if args.jwks.is_some() || !args.issuers.is_empty() {
+        Some(identity_setup(&args, kube_client.clone(), &status)?)
+    } else {
+        None
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let agent = Agent {
+        source,
+        compile_options: CompileOptions {
+            node_name: args.node_name.clone(),
+            node_ips,
+            max_endpoints: args.max_endpoints,
+            require_identity: args.require_identity,
+        },
+        datapath,
+        status: status.clone(),
+        view: view.clone(),
+        per_pod_metrics: args.per_pod_metrics,
+        identity: identity.as_ref().map(|(id, _)| id.clone()),
+    };
+    let loop_stop = stop.clone();
+    let control = std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || agent.run(loop_stop))?;
+
+    rt.block_on(async move {
+        let health = tokio::spawn(health::serve(args.health_addr, status.clone()));
+        if let Some((_, attest)) = identity {
+            attest.keys.clone().spawn_refresher(Duration::from_secs(5));
+            if let Err(e) = attest.keys.refresh().await {
+                log::warn!("loading the token signing keys: {e}");
+            }
+            let addr = args.attest_addr;
+            log::info!("attestation endpoint on http://{addr}/v1/attest");
+            tokio::spawn(async move {
+                if let Err(e) = crate::identity::serve(addr, attest).await {
+                    log::error!("attestation endpoint {addr}: {e}");
+                }
+            });
+        }
+        if let Some(events) = events {
+            let mut log = FlowLog::new(view, flow_stats, args.flow_log_rate);
+            match events.into_async() {
+                Ok(mut ev) => {
+                    tokio::spawn(async move {
+                        while let Ok(batch) = ev.next_batch().await {
+                            log.log(&batch);
+                        }
+                    });
+                }
+                Err(e) => log::warn!("flow log disabled: {e:#}"),
+            }
+        }
+        log::info!("enforcing; health on http://{}", args.health_addr);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = health => { r.context("health task")??; }
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        anyhow::Ok(())
+    })?;
+    stop.store(true, Ordering::Relaxed);
+    if let Some(t) = kube_task {
+        t.abort();
+    }
+    let _ = control.join();
+    std::thread::sleep(Duration::from_millis(10));
+    log::info!("stopped; programs stay attached and pinned (`enforcer cleanup` removes them)");
+    Ok(())
+}
+
+/// The attestation endpoint's parts: keys from `--jwks`, the verifier, the bindings and the
+/// live-pod directory shared with the control loop.
+fn identity_setup(
+    args: &RunArgs,
+    kube_client: Option<kube::Client>,
+    status: &Arc<Status>,
+) -> Result<(Identity, crate::identity::AttestState)> {
+    use crate::identity::{
+        AttestState, Bindings, FileKeySource, IdentityMetrics, KeySource, KeyStore, OidcKeySource,
+        Verifier, VerifierConfig,
+    };
+    if args.issuers.is_empty() {
+        bail!(
+            "attestation needs at least one --issuer (the API server's --service-account-issuer)"
+        );
+    }
+    let source: Arc<dyn KeySource> = match (&args.jwks, kube_client) {
+        (Some(path), _) => Arc::new(FileKeySource::new(path)),
+        (None, Some(client)) => Arc::new(OidcKeySource::new(client)),
+        (None, None) => bail!("standalone attestation needs --jwks FILE"),
+    };
+    let mut config = VerifierConfig::new(args.issuers.clone());
+    config.audiences = vec![args.audience.clone()];
+    let verifier = Arc::new(Verifier::new(config).context("identity configuration")?);
+    let metrics = Arc::new(IdentityMetrics::default());
+    let keys = Arc::new(
+        KeyStore::new(source)
+            .with_min_refresh_interval(Duration::from_secs(1))
+            .with_metrics(metrics.clone()),
+    );
+    let bindings = Arc::new(Bindings::new());
+    let pods = Arc::new(LivePods::default());
+    {
+        let m = metrics.clone();
+        status.add_renderer(Arc::new(move |o: &mut String| m.render_prometheus(o)));
+    }
+    let attest = AttestState::new(verifier, keys, pods.clone(), bindings.clone(), metrics);
+    Ok((Identity { bindings, pods }, attest))
+}

@@ -1,0 +1,163 @@
+//! `enforcer status`: the running agent at a glance, read from its `/metrics`.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+
+/// `enforcer status`: the agent's Prometheus text turned into a short summary.
+pub fn status_report(metrics: &str) -> String {
+    let mut values: Vec<(String, BTreeMap<String, String>, f64)> = Vec::new();
+    for line in metrics
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        let Some((head, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let (name, labels) = match head.split_once('{') {
+            Some((n, rest)) => {
+                let labels = rest
+                    .trim_end_matches('}')
+                    .split("\",")
+                    .filter_map(|kv| kv.split_once("=\""))
+                    .map(|(k, v)| (k.to_string(), v.trim_end_matches('"').to_string()))
+                    .collect();
+                (n.to_string(), labels)
+            }
+            None => (head.to_string(), BTreeMap::new()),
+        };
+        values.push((name, labels, value));
+    }
+    let one = |name: &str| {
+        values
+            .iter()
+            .find(|(n, l, _)| n == name && l.is_empty())
+            .map_or(0.0, |v| v.2)
+    };
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "ready: {}   pods enforced: {}   pending: {}   input problems: {}   reconciles: {} ({} failed)",
+        if one("enforcer_ready") > 0.0 {
+            "yes"
+        } else {
+            "NO"
+        },
+        one("enforcer_pods_enforced"),
+        one("enforcer_pods_pending"),
+        one("enforcer_input_problems"),
+        one("enforcer_reconciles_total"),
+        one("enforcer_reconcile_errors_total"),
+    );
+    let mean_ms = |h: &str| {
+        let n = one(&format!("{h}_count"));
+        (n > 0.0).then(|| one(&format!("{h}_sum")) / n * 1e3)
+    };
+    if let Some(all) = mean_ms("enforcer_reconcile_seconds") {
+        let _ = writeln!(
+            o,
+            "per change, mean: {all:.1} ms to compile and program, of which {:.1} ms compiling",
+            mean_ms("enforcer_compile_seconds").unwrap_or(f64::NAN)
+        );
+    }
+    let _ = writeln!(o, "\npackets by verdict and reason:");
+    for (n, l, v) in values
+        .iter()
+        .filter(|(n, _, v)| n == "enforcer_packets_total" && *v > 0.0)
+    {
+        let _ = n;
+        let _ = writeln!(
+            o,
+            "  {:<8} {:<14} {v:>12}",
+            l.get("verdict").map_or("", String::as_str),
+            l.get("reason").map_or("", String::as_str)
+        );
+    }
+    let _ = writeln!(o, "\nmaps (entries, fill):");
+    for (_, l, v) in values
+        .iter()
+        .filter(|(n, _, _)| n == "enforcer_map_entries")
+    {
+        let map = l.get("map").cloned().unwrap_or_default();
+        let fill = values
+            .iter()
+            .find(|(n, l2, _)| n == "enforcer_map_fill_ratio" && l2.get("map") == Some(&map))
+            .map_or(0.0, |x| x.2);
+        let _ = writeln!(o, "  {map:<12} {v:>10}  {:>6.2}%", fill * 100.0);
+    }
+    let ids: Vec<_> = values
+        .iter()
+        .filter(|(n, _, v)| n == "enforcer_identity_attestations_total" && *v > 0.0)
+        .collect();
+    if !ids.is_empty() {
+        let _ = writeln!(o, "\nattestations:");
+        for (_, l, v) in ids {
+            let _ = writeln!(
+                o,
+                "  {:<9} {:<18} {v:>8}",
+                l.get("outcome").map_or("", String::as_str),
+                l.get("reason").map_or("", String::as_str)
+            );
+        }
+    }
+    let _ = writeln!(
+        o,
+        "\nflow events lost: {}",
+        one("enforcer_events_lost_total")
+    );
+    o
+}
+
+/// Minimal HTTP/1.0 GET: (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("bad HTTP response")?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_summarises_metrics() {
+        let m = "enforcer_ready 1\nenforcer_pods_enforced 3\nenforcer_packets_total{verdict=\"dropped\",reason=\"policy-denied\"} 7\nenforcer_map_entries{map=\"POLICY\"} 5\nenforcer_map_fill_ratio{map=\"POLICY\"} 0.5\nenforcer_reconcile_seconds_sum 0.04\nenforcer_reconcile_seconds_count 4\nenforcer_compile_seconds_sum 0.012\nenforcer_compile_seconds_count 4\n";
+        let s = status_report(m);
+        assert!(
+            s.contains(
+                "per change, mean: 10.0 ms to compile and program, of which 3.0 ms compiling"
+            ),
+            "{s}"
+        );
+        assert!(
+            s.contains("ready: yes") && s.contains("pods enforced: 3"),
+            "{s}"
+        );
+        assert!(
+            s.contains("dropped") && s.contains("policy-denied") && s.contains('7'),
+            "{s}"
+        );
+        assert!(s.contains("POLICY") && s.contains("50.00%"), "{s}");
+    }
+}

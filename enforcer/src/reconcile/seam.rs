@@ -1,0 +1,48 @@
+//! The seam between the reconciler and the kernel: the datapath as the reconciler sees it
+//! ([`DatapathMaps`]: each map a [`MapTable`], and the attach points) and the node's routes to
+//! pods ([`Routes`]). `crate::datapath` implements them over pinned aya maps and links;
+//! `super::fake` over in-memory maps, for tests of everything above the kernel.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use anyhow::Result;
+use enforcer_common::{EndpointInfo, PeerInfo, PolicyKey, PolicyValue};
+use enforcer_policy::state::Prefix;
+
+/// One key/value map of the datapath.
+pub trait MapTable<K, V> {
+    /// Current value of `key`, if any.
+    fn get(&self, key: &K) -> Result<Option<V>>;
+    /// Insert or replace one entry (atomic per entry in the kernel).
+    fn set(&mut self, key: &K, value: &V) -> Result<()>;
+    /// Remove one entry; removing an absent key is not an error.
+    fn remove(&mut self, key: &K) -> Result<()>;
+    /// All keys present now.
+    fn keys(&self) -> Result<Vec<K>>;
+}
+
+/// The datapath as the reconciler needs it.
+pub trait DatapathMaps {
+    fn endpoints(&mut self) -> &mut dyn MapTable<u32, EndpointInfo>;
+    /// Keyed by the address bytes in network order, as the program looks them up.
+    fn peers_v4(&mut self) -> &mut dyn MapTable<[u8; 4], PeerInfo>;
+    fn peers_v6(&mut self) -> &mut dyn MapTable<[u8; 16], PeerInfo>;
+    fn cidrs_v4(&mut self) -> &mut dyn MapTable<Prefix<Ipv4Addr>, PeerInfo>;
+    fn cidrs_v6(&mut self) -> &mut dyn MapTable<Prefix<Ipv6Addr>, PeerInfo>;
+    fn policy(&mut self) -> &mut dyn MapTable<PolicyKey, PolicyValue>;
+    /// Attach both programs to `ifindex` (replacing older programs atomically).
+    fn attach(&mut self, ifindex: u32) -> Result<()>;
+    /// Detach both programs from `ifindex` (the interface may be gone already).
+    fn detach(&mut self, ifindex: u32) -> Result<()>;
+    /// Interfaces with our programs attached.
+    fn attached(&mut self) -> Result<BTreeSet<u32>>;
+    /// Drop the conntrack and fragment entries of an endpoint id that is going away.
+    fn forget_flows(&mut self, endpoint_id: u32) -> Result<()>;
+}
+/// Resolves an address to the ifindex of the interface the node routes it to.
+pub trait Routes {
+    fn ifindex_for(&self, ip: IpAddr) -> Result<Option<u32>>;
+}

@@ -1,0 +1,1290 @@
+//! The in-cluster source: kube-rs reflectors on Namespaces, NetworkPolicies and Pods, turned into
+//! [`Cluster`] snapshots on a `tokio::sync::watch` channel that the agent compiles.
+//!
+//! # What is watched, and why all pods
+//!
+//! - **Namespaces**, all of them (namespaceSelector peers need every namespace's labels).
+//! - **NetworkPolicies**, all of them (a policy in one namespace can name peers in any other).
+//! - **Pods: one reflector on all pods of the cluster, no field selector.** A pod on this node
+//!   is an endpoint, but a `podSelector` peer may run on any node, and the datapath needs that
+//!   peer's address to give it the right identity. A node-local reflector
+//!   (`spec.nodeName=<node>`) alone would leave every remote peer unresolved, i.e. cross-node
+//!   traffic allowed by a podSelector would be dropped. A second, node-local reflector next to
+//!   the all-pods one would add nothing: the trimmed all-pods objects keep every field the
+//!   compiler reads (labels, `spec.nodeName`, `hostNetwork`, container ports for named ports,
+//!   `status.podIPs`, phase), and two stores of the same pods could briefly disagree. So the
+//!   [`Cluster`] holds every pod, and the compiler's `CompileOptions { node_name: Some(node) }`
+//!   picks this node's pods as endpoints. (DESIGN §4 says "Pods of this node": this is the
+//!   superset it needs; RBAC is the same cluster-wide list/watch on pods either way.)
+//!
+//! Every object is trimmed by `.modify()` before it reaches its Store ([`trim_pod`],
+//! [`trim_namespace`], [`trim_policy`]): managed fields, `resourceVersion`, most annotations and
+//! every pod field the compiler does not read are dropped. That keeps the agent's memory small
+//! on large clusters (every node holds every pod), and it makes a pod status update that only
+//! touched dropped fields (conditions, container statuses) produce an identical snapshot, which
+//! is then not published again, so the agent does not recompile for it.
+//!
+//! # When a snapshot is published
+//!
+//! - Nothing is published until all three Stores have completed their first list
+//!   ([`Store::wait_until_ready`]): an empty Store would compile to "no policies" and open
+//!   every pod, so until then the agent keeps enforcing what is pinned.
+//! - After that, every change (an applied or deleted object, or a completed relist) marks the
+//!   view dirty; [`DEBOUNCE`] later a full [`snapshot`] is taken from the Stores, level-triggered,
+//!   never from the events themselves. A relist after a watch gap (`410 Gone`) swaps the Store
+//!   at `InitDone`, so objects deleted during the gap are simply absent from the next snapshot.
+//! - A snapshot equal to the one published last is not published again.
+//!
+//! # Errors
+//!
+//! Every watch has kube's `default_backoff()` (exponential from 0.8 s to 30 s, with jitter).
+//! Errors are logged and the watch resumes (re-watch from the last resourceVersion, or relist
+//! when that is too old); meanwhile the last snapshot stays published, so the agent keeps
+//! enforcing the last known state while the API server is unreachable.
+
+use std::{fmt::Debug, hash::Hash, sync::Arc, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use futures::{Stream, StreamExt as _};
+use k8s_openapi::{
+    api::{
+        core::v1::{Container, Namespace, Pod, PodSpec, PodStatus},
+        networking::v1::NetworkPolicy,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::{
+    Api, Client, Resource,
+    runtime::{
+        WatchStreamExt as _,
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+
+use enforcer_policy::model::{Cluster, pod_node};
+
+/// How long changes are gathered before one snapshot is taken.
+pub const DEBOUNCE: Duration = Duration::from_millis(50);
+
+/// Annotations with this prefix survive trimming (the project's own, e.g. identity settings).
+pub const KEPT_ANNOTATION_PREFIX: &str = "enforcer.dev/";
+
+/// What `kubectl apply` stores on each object: a second copy of it, dropped from policies.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// The Stores the reflectors fill.
+#[derive(Clone)]
+struct Stores {
+    namespaces: Store<Namespace>,
+    pods: Store<Pod>,
+    policies: Store<NetworkPolicy>,
+}
+
+/// Watches the cluster and publishes a [`Cluster`] on `tx` after every change (see the module
+/// doc). Runs until cancelled (drop the future / abort its task); returns `Err` only when a
+/// watch stream ends, which kube's watchers never do on their own.
+///
+/// `node_name` is this node: it is only logged here (the snapshot holds every pod; the
+/// compiler picks this node's pods by `CompileOptions::node_name`).
+pub async fn run(
+    client: Client,
+    node_name: String,
+    tx: watch::Sender<Option<Arc<Cluster>>>,
+) -> Result<()> {
+    let (namespaces, ns_stream) = reflect(Api::<Namespace>::all(client.clone()), trim_namespace);
+    let (pods, pod_stream) = reflect(Api::<Pod>::all(client.clone()), trim_pod);
+    let (policies, pol_stream) = reflect(Api::<NetworkPolicy>::all(client), trim_policy);
+    let stores = Stores {
+        namespaces,
+        pods,
+        policies,
+    };
+    let (dirty_tx, dirty_rx) = watch::channel(());
+    tokio::select! {
+        r = drive("namespaces", ns_stream, &dirty_tx) => r,
+        r = drive("pods", pod_stream, &dirty_tx) => r,
+        r = drive("networkpolicies", pol_stream, &dirty_tx) => r,
+        r = publish(&stores, dirty_rx, &tx, &node_name) => r,
+    }
+}
+
+/// A Store and the stream that fills it: a watcher with default backoff, trimmed objects.
+fn reflect<K>(
+    api: Api<K>,
+    trim: fn(&mut K),
+) -> (
+    Store<K>,
+    impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
+)
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+{
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .modify(trim)
+        .reflect(writer);
+    (reader, stream)
+}
+
+/// Polls one reflector stream forever: changes mark the view dirty, errors are logged (the
+/// stream itself backs off before it retries).
+async fn drive<K>(
+    what: &str,
+    stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    dirty: &watch::Sender<()>,
+) -> Result<()> {
+    let mut stream = std::pin::pin!(stream);
+    while let Some(item) = stream.next().await {
+        match item {
+            // The Store changed (InitDone: a (re)list was swapped in).
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => {
+                dirty.send_replace(());
+            }
+            // Buffered by the Store until InitDone.
+            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+            Err(e) => log::warn!(
+                "watching {what}: {e}; retrying with backoff, enforcing the last known state"
+            ),
+        }
+    }
+    bail!("the {what} watch ended")
+}
+
+/// Waits for every Store's first list, then publishes a snapshot after each (debounced) change.
+async fn publish(
+    stores: &Stores,
+    mut dirty: watch::Receiver<()>,
+    tx: &watch::Sender<Option<Arc<Cluster>>>,
+    node_name: &str,
+) -> Result<()> {
+    tokio::try_join!(
+        stores.namespaces.wait_until_ready(),
+        stores.pods.wait_until_ready(),
+        stores.policies.wait_until_ready(),
+    )
+    .context("a reflector stopped before its first list")?;
+    log::info!(
+        "listed namespaces, pods and network policies; publishing the cluster state for node {node_name}"
+    );
+    loop {
+        dirty.borrow_and_update();
+        let next = snapshot(&stores.namespaces, &stores.pods, &stores.policies);
+        let (namespaces, pods, policies) =
+            (next.namespaces.len(), next.pods.len(), next.policies.len());
+        let local = next
+            .pods
+            .iter()
+            .filter(|p| pod_node(p) == Some(node_name))
+            .count();
+        let published = tx.send_if_modified(|current| {
+            if current.as_deref().is_some_and(|c| same_cluster(c, &next)) {
+                return false;
+            }
+            *current = Some(Arc::new(next));
+            true
+        });
+        if published {
+            log::debug!(
+                "cluster state: {namespaces} namespaces, {pods} pods ({local} on {node_name}), {policies} network policies"
+            );
+        }
+        dirty.changed().await.context("the reflectors stopped")?;
+        tokio::time::sleep(DEBOUNCE).await;
+    }
+}
+
+fn same_cluster(a: &Cluster, b: &Cluster) -> bool {
+    a.namespaces == b.namespaces && a.pods == b.pods && a.policies == b.policies
+}
+
+/// The Stores' contents as a [`Cluster`], each list sorted by (namespace, name) so that the
+/// same Stores always give the same value.
+pub fn snapshot(ns: &Store<Namespace>, pods: &Store<Pod>, pols: &Store<NetworkPolicy>) -> Cluster {
+    Cluster {
+        namespaces: sorted(ns),
+        pods: sorted(pods),
+        policies: sorted(pols),
+        ..Default::default()
+    }
+}
+
+/// The Store's objects, shared with it (no copy of each object per snapshot).
+fn sorted<K>(store: &Store<K>) -> Vec<Arc<K>>
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    let mut objects: Vec<Arc<K>> = store.state();
+    objects.sort_by(|a, b| sort_key(a.meta()).cmp(&sort_key(b.meta())));
+    objects
+}
+
+fn sort_key(meta: &ObjectMeta) -> (&str, &str) {
+    (
+        meta.namespace.as_deref().unwrap_or_default(),
+        meta.name.as_deref().unwrap_or_default(),
+    )
+}
+
+/// Metadata every trimmed object keeps: name, namespace, uid, labels, creation and deletion
+/// timestamps, and annotations under [`KEPT_ANNOTATION_PREFIX`]. `resourceVersion` goes too (the
+/// watcher has read it before `.modify()` runs; the Store keys on namespace/name), so an update
+/// that only touched dropped fields leaves the object equal to its last version.
+fn trim_meta(meta: &mut ObjectMeta) {
+    let annotations = meta.annotations.take().map(|a| {
+        a.into_iter()
+            .filter(|(k, _)| k.starts_with(KEPT_ANNOTATION_PREFIX))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    });
+    *meta = ObjectMeta {
+        name: meta.name.take(),
+        namespace: meta.namespace.take(),
+        uid: meta.uid.take(),
+        labels: meta.labels.take(),
+        annotations: annotations.filter(|a| !a.is_empty()),
+        creation_timestamp: meta.creation_timestamp.take(),
+        deletion_timestamp: meta.deletion_timestamp.take(),
+        ..ObjectMeta::default()
+    };
+}
+
+/// Keeps what the compiler and the identity code read of a pod: [`trim_meta`]; `spec.nodeName`,
+/// `hostNetwork`, `serviceAccountName`, each (init) container's name and ports (named ports);
+/// `status.phase`, `podIP`, `podIPs`.
+pub fn trim_pod(pod: &mut Pod) {
+    trim_meta(&mut pod.metadata);
+    let ports_only = |c: Container| Container {
+        name: c.name,
+        ports: c.ports,
+        ..Container::default()
+    };
+    pod.spec = pod.spec.take().map(|s| PodSpec {
+        node_name: s.node_name,
+        host_network: s.host_network,
+        service_account_name: s.service_account_name,
+        containers: s.containers.into_iter().map(ports_only).collect(),
+        init_containers: s
+            .init_containers
+            .map(|cs| cs.into_iter().map(ports_only).collect()),
+        ..PodSpec::default()
+    });
+    pod.status = pod.status.take().map(|s| PodStatus {
+        phase: s.phase,
+        pod_ip: s.pod_ip,
+        pod_ips: s.pod_ips,
+        ..PodStatus::default()
+    });
+}
+
+/// A namespace is its name and labels ([`trim_meta`]); spec and status go.
+pub fn trim_namespace(ns: &mut Namespace) {
+    trim_meta(&mut ns.metadata);
+    ns.spec = None;
+    ns.status = None;
+}
+
+/// A policy keeps its spec and its annotations except `kubectl`'s last-applied copy; managed
+/// fields, `resourceVersion` and generation go.
+pub fn trim_policy(policy: &mut NetworkPolicy) {
+    let meta = &mut policy.metadata;
+    meta.managed_fields = None;
+    meta.resource_version = None;
+    meta.generation = None;
+    if let Some(a) = &mut meta.annotations {
+        a.remove(LAST_APPLIED);
+        if a.is_empty() {
+            meta.annotations = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The source against kube-rs's mocked API service (`tower_test::mock::pair`), as in kube's
+    //! own `mock_tests.rs` and controller-rs's fixtures: a router task hands each request to the
+    //! queue of its resource, and each test plays the API server for each resource in turn,
+    //! asserting the request URL and answering it. Every wait has a timeout, so a missing
+    //! request fails the test instead of hanging it.
+
+    use std::collections::BTreeMap;
+
+    use enforcer_policy::model::shared;
+
+    use http::{Request, Response, StatusCode};
+    use kube::client::Body;
+    use serde_json::{Value, json};
+    use tokio::{sync::mpsc, task::JoinHandle, time::timeout};
+    use tower_test::mock::SendResponse;
+
+    use super::*;
+    use enforcer_policy::compile::{Allocations, CompileOptions, compile};
+
+    /// Wait for a request or a snapshot.
+    const WAIT: Duration = Duration::from_secs(2);
+    /// Wait for a request that comes after an error: `default_backoff` first waits 0.8 to 1.6 s.
+    const AFTER_BACKOFF: Duration = Duration::from_millis(2600);
+    const NODE: &str = "node-a";
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+    enum Res {
+        Namespaces,
+        Pods,
+        Policies,
+    }
+
+    impl Res {
+        const ALL: [Self; 3] = [Self::Namespaces, Self::Pods, Self::Policies];
+
+        fn path(self) -> &'static str {
+            match self {
+                Self::Namespaces => "/api/v1/namespaces",
+                Self::Pods => "/api/v1/pods",
+                Self::Policies => "/apis/networking.k8s.io/v1/networkpolicies",
+            }
+        }
+
+        fn list_kind(self) -> (&'static str, &'static str) {
+            match self {
+                Self::Namespaces => ("v1", "NamespaceList"),
+                Self::Pods => ("v1", "PodList"),
+                Self::Policies => ("networking.k8s.io/v1", "NetworkPolicyList"),
+            }
+        }
+
+        fn kind(self) -> (&'static str, &'static str) {
+            match self {
+                Self::Namespaces => ("v1", "Namespace"),
+                Self::Pods => ("v1", "Pod"),
+                Self::Policies => ("networking.k8s.io/v1", "NetworkPolicy"),
+            }
+        }
+    }
+
+    type Query = BTreeMap<String, String>;
+    type Reply = SendResponse<Response<Body>>;
+
+    /// The mocked API server: one queue of pending requests per resource.
+    struct FakeApi {
+        queues: BTreeMap<Res, mpsc::UnboundedReceiver<(Query, Reply)>>,
+        unexpected: mpsc::UnboundedReceiver<String>,
+        router: JoinHandle<()>,
+    }
+
+    impl Drop for FakeApi {
+        fn drop(&mut self) {
+            self.router.abort();
+        }
+    }
+
+    fn start() -> (Client, FakeApi) {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let mut senders = BTreeMap::new();
+        let mut queues = BTreeMap::new();
+        for r in Res::ALL {
+            let (tx, rx) = mpsc::unbounded_channel();
+            senders.insert(r, tx);
+            queues.insert(r, rx);
+        }
+        let (bad_tx, unexpected) = mpsc::unbounded_channel();
+        let router = tokio::spawn(async move {
+            while let Some((req, reply)) = handle.next_request().await {
+                let uri = req.uri().clone();
+                let res = Res::ALL.into_iter().find(|r| uri.path() == r.path());
+                match res {
+                    Some(r) if req.method() == http::Method::GET => {
+                        let query = uri
+                            .query()
+                            .unwrap_or_default()
+                            .split('&')
+                            .filter(|kv| !kv.is_empty())
+                            .map(|kv| {
+                                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                                (k.to_string(), v.replace("%3D", "=").replace("%2C", ","))
+                            })
+                            .collect();
+                        let _ = senders[&r].send((query, reply));
+                    }
+                    _ => {
+                        let _ = bad_tx.send(format!("{} {uri}", req.method()));
+                    }
+                }
+            }
+        });
+        (
+            client,
+            FakeApi {
+                queues,
+                unexpected,
+                router,
+            },
+        )
+    }
+
+    fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
+        Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(Body::from(serde_json::to_vec(body).unwrap()))
+            .unwrap()
+    }
+
+    fn status_body(code: u16, reason: &str) -> Value {
+        json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": format!("mock {reason}"), "reason": reason, "code": code,
+        })
+    }
+
+    impl FakeApi {
+        async fn next(&mut self, r: Res, wait: Duration) -> (Query, Reply) {
+            let q = self.queues.get_mut(&r).unwrap();
+            timeout(wait, q.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no request for {r:?} within {wait:?}"))
+                .expect("router stopped")
+        }
+
+        /// Expects a LIST of `r` (not a watch), answers it with `items` at `rv`.
+        async fn list(&mut self, r: Res, rv: &str, items: Vec<Value>) -> Query {
+            self.list_within(r, rv, items, WAIT).await
+        }
+
+        async fn list_within(
+            &mut self,
+            r: Res,
+            rv: &str,
+            items: Vec<Value>,
+            wait: Duration,
+        ) -> Query {
+            let (q, reply) = self.next(r, wait).await;
+            assert_list_query(r, &q);
+            let (api_version, kind) = r.list_kind();
+            let body = json!({"apiVersion": api_version, "kind": kind, "metadata": {"resourceVersion": rv}, "items": items});
+            reply.send_response(json_response(StatusCode::OK, &body));
+            q
+        }
+
+        /// Expects a WATCH of `r` from `from_rv`, answers it with `events` and ends the body
+        /// (the watcher then watches again from the last resourceVersion it saw).
+        async fn watch(&mut self, r: Res, from_rv: &str, events: &[Value]) -> Query {
+            self.watch_within(r, from_rv, events, WAIT).await
+        }
+
+        async fn watch_within(
+            &mut self,
+            r: Res,
+            from_rv: &str,
+            events: &[Value],
+            wait: Duration,
+        ) -> Query {
+            let (q, reply) = self.next(r, wait).await;
+            assert_watch_query(r, &q, from_rv);
+            let mut body = Vec::new();
+            for e in events {
+                serde_json::to_writer(&mut body, e).unwrap();
+                body.push(b'\n');
+            }
+            reply.send_response(
+                Response::builder()
+                    .status(StatusCode::OK)
+                    .body(Body::from(body))
+                    .unwrap(),
+            );
+            q
+        }
+
+        /// Answers the next request of `r` (list or watch) with an HTTP error.
+        async fn fail(&mut self, r: Res, code: u16, reason: &str) -> Query {
+            self.fail_within(r, code, reason, WAIT).await
+        }
+
+        async fn fail_within(&mut self, r: Res, code: u16, reason: &str, wait: Duration) -> Query {
+            let (q, reply) = self.next(r, wait).await;
+            reply.send_response(json_response(
+                StatusCode::from_u16(code).unwrap(),
+                &status_body(code, reason),
+            ));
+            q
+        }
+
+        /// The first lists of all three resources.
+        async fn initial_lists(
+            &mut self,
+            namespaces: Vec<Value>,
+            pods: Vec<Value>,
+            policies: Vec<Value>,
+        ) {
+            self.list(Res::Namespaces, "100", namespaces).await;
+            self.list(Res::Pods, "200", pods).await;
+            self.list(Res::Policies, "300", policies).await;
+        }
+
+        fn assert_nothing_unexpected(&mut self) {
+            if let Ok(u) = self.unexpected.try_recv() {
+                panic!("unexpected request: {u}");
+            }
+        }
+    }
+
+    fn assert_list_query(r: Res, q: &Query) {
+        assert!(
+            !q.contains_key("watch"),
+            "{r:?}: expected a list, got a watch: {q:?}"
+        );
+        assert_eq!(
+            q.get("limit").map(String::as_str),
+            Some("500"),
+            "{r:?}: {q:?}"
+        );
+        // All pods (see the module doc), all namespaces, all policies: no selectors.
+        assert!(
+            !q.contains_key("fieldSelector") && !q.contains_key("labelSelector"),
+            "{r:?}: {q:?}"
+        );
+        // A fresh (quorum) list: no resourceVersion, no continue token on the first page.
+        assert!(
+            !q.contains_key("resourceVersion") && !q.contains_key("continue"),
+            "{r:?}: {q:?}"
+        );
+    }
+
+    fn assert_watch_query(r: Res, q: &Query, from_rv: &str) {
+        assert_eq!(
+            q.get("watch").map(String::as_str),
+            Some("true"),
+            "{r:?}: expected a watch: {q:?}"
+        );
+        assert_eq!(
+            q.get("resourceVersion").map(String::as_str),
+            Some(from_rv),
+            "{r:?}: {q:?}"
+        );
+        assert_eq!(
+            q.get("allowWatchBookmarks").map(String::as_str),
+            Some("true"),
+            "{r:?}: {q:?}"
+        );
+        assert_eq!(
+            q.get("timeoutSeconds").map(String::as_str),
+            Some("290"),
+            "{r:?}: {q:?}"
+        );
+        assert!(
+            !q.contains_key("fieldSelector") && !q.contains_key("labelSelector"),
+            "{r:?}: {q:?}"
+        );
+        assert!(!q.contains_key("sendInitialEvents"), "{r:?}: {q:?}");
+    }
+
+    // ---- fixtures ----
+
+    fn namespace(name: &str, labels: Value, rv: &str) -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {
+                "name": name, "uid": format!("uid-ns-{name}"), "resourceVersion": rv, "labels": labels,
+                "managedFields": [{"manager": "kubectl", "operation": "Update", "apiVersion": "v1"}],
+            },
+            "spec": {"finalizers": ["kubernetes"]},
+            "status": {"phase": "Active"},
+        })
+    }
+
+    fn pod(ns: &str, name: &str, node: &str, ip: &str, labels: Value, rv: &str) -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "namespace": ns, "name": name, "uid": format!("uid-{ns}-{name}"), "resourceVersion": rv,
+                "labels": labels,
+                "annotations": {"kubectl.kubernetes.io/restartedAt": "now", "enforcer.dev/keep": "yes"},
+                "managedFields": [{"manager": "kubelet", "operation": "Update", "apiVersion": "v1"}],
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "rs", "uid": "u"}],
+            },
+            "spec": {
+                "nodeName": node,
+                "serviceAccountName": "default",
+                "containers": [{
+                    "name": "app", "image": "registry.example/app:1",
+                    "env": [{"name": "A", "value": "b"}],
+                    "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}],
+                }],
+                "volumes": [{"name": "v", "emptyDir": {}}],
+            },
+            "status": {
+                "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": "172.18.0.2",
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
+        })
+    }
+
+    fn policy(ns: &str, name: &str, spec: Value, rv: &str) -> Value {
+        json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {
+                "namespace": ns, "name": name, "resourceVersion": rv, "generation": 1,
+                "annotations": {LAST_APPLIED: "{...}", "enforcer.dev/require-identity": "true"},
+                "managedFields": [{"manager": "kubectl", "operation": "Update", "apiVersion": "networking.k8s.io/v1"}],
+            },
+            "spec": spec,
+        })
+    }
+
+    fn deny_all() -> Value {
+        json!({"podSelector": {}, "policyTypes": ["Ingress"]})
+    }
+
+    fn event(kind: &str, object: &Value) -> Value {
+        json!({"type": kind, "object": object})
+    }
+
+    fn bookmark(r: Res, rv: &str) -> Value {
+        let (api_version, kind) = r.kind();
+        json!({"type": "BOOKMARK", "object": {"apiVersion": api_version, "kind": kind, "metadata": {"resourceVersion": rv}}})
+    }
+
+    fn gone() -> Value {
+        json!({"type": "ERROR", "object": status_body(410, "Expired")})
+    }
+
+    // ---- helpers on the published value ----
+
+    type Rx = watch::Receiver<Option<Arc<Cluster>>>;
+
+    fn spawn_source(client: Client) -> (JoinHandle<Result<()>>, Rx) {
+        let (tx, rx) = watch::channel(None);
+        (tokio::spawn(run(client, NODE.to_string(), tx)), rx)
+    }
+
+    /// Waits (at most `WAIT`) until the published cluster satisfies `pred`.
+    async fn until(rx: &mut Rx, what: &str, pred: impl Fn(&Cluster) -> bool) -> Arc<Cluster> {
+        let got = timeout(WAIT, rx.wait_for(|c| c.as_deref().is_some_and(&pred)))
+            .await
+            .map(|r| r.map(|c| c.clone()));
+        match got {
+            Ok(Ok(Some(c))) => c,
+            _ => panic!(
+                "{what}: not published within {WAIT:?}; last: {:?}",
+                rx.borrow().as_deref().map(names)
+            ),
+        }
+    }
+
+    fn pod_names(c: &Cluster) -> Vec<String> {
+        c.pods
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}/{}",
+                    p.metadata.namespace.as_deref().unwrap(),
+                    p.metadata.name.as_deref().unwrap()
+                )
+            })
+            .collect()
+    }
+
+    fn names(c: &Cluster) -> (Vec<String>, Vec<String>, Vec<String>) {
+        let ns = c
+            .namespaces
+            .iter()
+            .map(|n| n.metadata.name.clone().unwrap())
+            .collect();
+        let pols = c
+            .policies
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}/{}",
+                    p.metadata.namespace.as_deref().unwrap(),
+                    p.metadata.name.as_deref().unwrap()
+                )
+            })
+            .collect();
+        (ns, pod_names(c), pols)
+    }
+
+    fn labels_of(c: &Cluster, pod: &str) -> BTreeMap<String, String> {
+        let p = c
+            .pods
+            .iter()
+            .find(|p| p.metadata.name.as_deref() == Some(pod))
+            .unwrap();
+        p.metadata.labels.clone().unwrap_or_default()
+    }
+
+    /// Lets the source run (the debounce and a little more) without expecting a change.
+    async fn settle() {
+        tokio::time::sleep(DEBOUNCE * 4).await;
+    }
+
+    // ---- tests ----
+
+    #[tokio::test]
+    async fn initial_lists_publish_one_sorted_trimmed_snapshot_once_all_are_ready() {
+        let (client, mut api) = start();
+        let (task, mut rx) = spawn_source(client);
+
+        api.list(
+            Res::Namespaces,
+            "100",
+            vec![
+                namespace("prod", json!({"env": "prod"}), "5"),
+                namespace("default", json!({}), "4"),
+            ],
+        )
+        .await;
+        api.list(
+            Res::Policies,
+            "300",
+            vec![policy("prod", "deny", deny_all(), "7")],
+        )
+        .await;
+        // Pods not listed yet: nothing may be published (the agent keeps enforcing its pins).
+        settle().await;
+        assert!(
+            rx.borrow().is_none(),
+            "published before every Store was ready"
+        );
+
+        api.list(
+            Res::Pods,
+            "200",
+            vec![
+                pod(
+                    "prod",
+                    "web",
+                    "node-b",
+                    "10.244.2.5",
+                    json!({"app": "web"}),
+                    "9",
+                ),
+                pod(
+                    "prod",
+                    "api",
+                    NODE,
+                    "10.244.1.7",
+                    json!({"app": "api"}),
+                    "8",
+                ),
+                pod(
+                    "default",
+                    "client",
+                    NODE,
+                    "10.244.1.9",
+                    json!({"app": "client"}),
+                    "6",
+                ),
+            ],
+        )
+        .await;
+        let c = until(&mut rx, "first snapshot", |c| c.pods.len() == 3).await;
+        assert_eq!(
+            names(&c),
+            (
+                vec!["default".into(), "prod".into()],
+                vec![
+                    "default/client".into(),
+                    "prod/api".into(),
+                    "prod/web".into()
+                ],
+                vec!["prod/deny".into()],
+            )
+        );
+
+        // Trimmed: what the compiler reads stays, the rest is gone.
+        let api_pod = &c.pods[1];
+        assert!(
+            api_pod.metadata.managed_fields.is_none()
+                && api_pod.metadata.resource_version.is_none()
+        );
+        assert!(api_pod.metadata.owner_references.is_none());
+        assert_eq!(
+            api_pod.metadata.annotations,
+            Some([("enforcer.dev/keep".to_string(), "yes".to_string())].into())
+        );
+        assert_eq!(api_pod.metadata.uid.as_deref(), Some("uid-prod-api"));
+        let spec = api_pod.spec.as_ref().unwrap();
+        assert_eq!(spec.node_name.as_deref(), Some(NODE));
+        assert_eq!(spec.service_account_name.as_deref(), Some("default"));
+        assert!(spec.volumes.is_none());
+        let container = &spec.containers[0];
+        assert_eq!(container.name, "app");
+        assert!(container.image.is_none() && container.env.is_none());
+        assert_eq!(
+            container.ports.as_ref().unwrap()[0].name.as_deref(),
+            Some("http")
+        );
+        let status = api_pod.status.as_ref().unwrap();
+        assert_eq!(status.pod_ip.as_deref(), Some("10.244.1.7"));
+        assert_eq!(status.pod_ips.as_ref().unwrap()[0].ip, "10.244.1.7");
+        assert_eq!(status.phase.as_deref(), Some("Running"));
+        assert!(status.conditions.is_none() && status.host_ip.is_none());
+        let prod = &c.namespaces[1];
+        assert_eq!(
+            prod.metadata.labels,
+            Some([("env".to_string(), "prod".to_string())].into())
+        );
+        assert!(
+            prod.spec.is_none() && prod.status.is_none() && prod.metadata.managed_fields.is_none()
+        );
+        let deny = &c.policies[0];
+        assert!(deny.metadata.managed_fields.is_none());
+        assert_eq!(
+            deny.metadata.annotations,
+            Some(
+                [(
+                    "enforcer.dev/require-identity".to_string(),
+                    "true".to_string()
+                )]
+                .into()
+            )
+        );
+        assert!(deny.spec.is_some());
+
+        // Then each resource is watched from its list's resourceVersion, with bookmarks.
+        for (r, rv) in [
+            (Res::Namespaces, "100"),
+            (Res::Pods, "200"),
+            (Res::Policies, "300"),
+        ] {
+            let (q, _reply) = api.next(r, WAIT).await;
+            assert_watch_query(r, &q, rv);
+        }
+        api.assert_nothing_unexpected();
+        assert!(!task.is_finished());
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn watch_events_added_modified_deleted_and_bookmarks_update_the_snapshot() {
+        let (client, mut api) = start();
+        let (task, mut rx) = spawn_source(client);
+        api.initial_lists(
+            vec![namespace("prod", json!({"env": "prod"}), "5")],
+            vec![
+                pod("prod", "a", NODE, "10.244.1.2", json!({"app": "a"}), "10"),
+                pod("prod", "b", NODE, "10.244.1.3", json!({"app": "b"}), "11"),
+            ],
+            vec![],
+        )
+        .await;
+        let first = until(&mut rx, "first snapshot", |c| c.pods.len() == 2).await;
+        assert!(first.policies.is_empty());
+
+        // One watch answer carrying every kind of event, then a bookmark; the body ends.
+        api.watch(
+            Res::Pods,
+            "200",
+            &[
+                event(
+                    "ADDED",
+                    &pod(
+                        "prod",
+                        "c",
+                        "node-b",
+                        "10.244.2.4",
+                        json!({"app": "c"}),
+                        "201",
+                    ),
+                ),
+                event(
+                    "MODIFIED",
+                    &pod(
+                        "prod",
+                        "a",
+                        NODE,
+                        "10.244.1.2",
+                        json!({"app": "a", "tier": "front"}),
+                        "202",
+                    ),
+                ),
+                event(
+                    "DELETED",
+                    &pod("prod", "b", NODE, "10.244.1.3", json!({"app": "b"}), "203"),
+                ),
+                bookmark(Res::Pods, "250"),
+            ],
+        )
+        .await;
+        let c = until(&mut rx, "pod events", |c| {
+            pod_names(c) == ["prod/a", "prod/c"]
+        })
+        .await;
+        assert_eq!(
+            labels_of(&c, "a").get("tier").map(String::as_str),
+            Some("front")
+        );
+        // The re-watch resumes from the bookmark's resourceVersion, not the last event's.
+        let (q, _pods_watch) = api.next(Res::Pods, WAIT).await;
+        assert_watch_query(Res::Pods, &q, "250");
+
+        api.watch(
+            Res::Namespaces,
+            "100",
+            &[
+                event(
+                    "MODIFIED",
+                    &namespace("prod", json!({"env": "staging"}), "101"),
+                ),
+                event("ADDED", &namespace("dev", json!({}), "102")),
+            ],
+        )
+        .await;
+        api.watch(
+            Res::Policies,
+            "300",
+            &[event("ADDED", &policy("prod", "deny", deny_all(), "301"))],
+        )
+        .await;
+        let c = until(&mut rx, "namespace and policy events", |c| {
+            c.namespaces.len() == 2 && c.policies.len() == 1
+        })
+        .await;
+        assert_eq!(names(&c).0, ["dev", "prod"]);
+        assert_eq!(
+            c.namespace_labels("prod").get("env").map(String::as_str),
+            Some("staging")
+        );
+        let (q, _ns_watch) = api.next(Res::Namespaces, WAIT).await;
+        assert_watch_query(Res::Namespaces, &q, "102");
+        let (q, _pol_watch) = api.next(Res::Policies, WAIT).await;
+        assert_watch_query(Res::Policies, &q, "301");
+
+        // A pod update that only touches trimmed fields (status conditions, resourceVersion)
+        // publishes nothing new: the agent does not recompile for it.
+        drop(_pods_watch);
+        let published = rx.borrow_and_update().clone().unwrap();
+        let mut noise = pod(
+            "prod",
+            "a",
+            NODE,
+            "10.244.1.2",
+            json!({"app": "a", "tier": "front"}),
+            "260",
+        );
+        noise["status"]["conditions"] = json!([{"type": "Ready", "status": "False"}]);
+        // The dropped reply made that watch fail; after the backoff it is retried from 250.
+        api.watch_within(
+            Res::Pods,
+            "250",
+            &[event("MODIFIED", &noise)],
+            AFTER_BACKOFF,
+        )
+        .await;
+        let (q, _pods_watch) = api.next(Res::Pods, WAIT).await;
+        assert_watch_query(Res::Pods, &q, "260");
+        settle().await;
+        assert!(
+            !rx.has_changed().unwrap(),
+            "an update of trimmed fields was published"
+        );
+        assert!(Arc::ptr_eq(rx.borrow().as_ref().unwrap(), &published));
+
+        api.assert_nothing_unexpected();
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn gone_leads_to_a_relist_that_drops_objects_deleted_during_the_gap() {
+        let (client, mut api) = start();
+        let (task, mut rx) = spawn_source(client);
+        api.initial_lists(
+            vec![namespace("prod", json!({}), "5")],
+            vec![
+                pod("prod", "a", NODE, "10.244.1.2", json!({"app": "a"}), "10"),
+                pod(
+                    "prod",
+                    "b",
+                    "node-b",
+                    "10.244.2.3",
+                    json!({"app": "b"}),
+                    "11",
+                ),
+            ],
+            vec![policy("prod", "deny", deny_all(), "7")],
+        )
+        .await;
+        until(&mut rx, "first snapshot", |c| c.pods.len() == 2).await;
+
+        // The watch window expired: 410 Gone inside the watch stream.
+        api.watch(Res::Pods, "200", &[gone()]).await;
+        // Until the relist completes, the last snapshot stays.
+        settle().await;
+        assert_eq!(
+            pod_names(rx.borrow().as_ref().unwrap()),
+            ["prod/a", "prod/b"]
+        );
+
+        // The relist (after the backoff): b was deleted and d created during the gap; no
+        // DELETED event ever arrives for b.
+        api.list_within(
+            Res::Pods,
+            "400",
+            vec![
+                pod("prod", "a", NODE, "10.244.1.2", json!({"app": "a"}), "10"),
+                pod(
+                    "prod",
+                    "d",
+                    "node-b",
+                    "10.244.2.9",
+                    json!({"app": "d"}),
+                    "390",
+                ),
+            ],
+            AFTER_BACKOFF,
+        )
+        .await;
+        let c = until(&mut rx, "after the relist", |c| {
+            pod_names(c) == ["prod/a", "prod/d"]
+        })
+        .await;
+        assert_eq!(c.policies.len(), 1);
+        let (q, _w) = api.next(Res::Pods, WAIT).await;
+        assert_watch_query(Res::Pods, &q, "400");
+
+        // The same for policies: a policy deleted during the gap is gone after the relist
+        // (this is what keeps a deleted deny-all from staying enforced).
+        api.watch(Res::Policies, "300", &[gone()]).await;
+        api.list_within(Res::Policies, "500", vec![], AFTER_BACKOFF)
+            .await;
+        until(&mut rx, "policy gone after relist", |c| {
+            c.policies.is_empty()
+        })
+        .await;
+
+        api.assert_nothing_unexpected();
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn api_errors_back_off_and_the_last_snapshot_stays_until_recovery() {
+        let (client, mut api) = start();
+        let (task, mut rx) = spawn_source(client);
+
+        // The first pods list fails: nothing is published, the list is retried after a backoff.
+        api.list(
+            Res::Namespaces,
+            "100",
+            vec![namespace("prod", json!({}), "5")],
+        )
+        .await;
+        api.list(
+            Res::Policies,
+            "300",
+            vec![policy("prod", "deny", deny_all(), "7")],
+        )
+        .await;
+        let q = api.fail(Res::Pods, 500, "InternalError").await;
+        assert_list_query(Res::Pods, &q);
+        settle().await;
+        assert!(rx.borrow().is_none(), "published without a pods list");
+        api.list_within(
+            Res::Pods,
+            "200",
+            vec![pod(
+                "prod",
+                "a",
+                NODE,
+                "10.244.1.2",
+                json!({"app": "a"}),
+                "10",
+            )],
+            AFTER_BACKOFF,
+        )
+        .await;
+        let before = until(&mut rx, "first snapshot after the failed list", |c| {
+            c.pods.len() == 1
+        })
+        .await;
+
+        // The API server goes away: the watches of pods and policies fail to start (500, 503).
+        let q = api.fail(Res::Pods, 500, "InternalError").await;
+        assert_watch_query(Res::Pods, &q, "200");
+        let q = api.fail(Res::Policies, 503, "ServiceUnavailable").await;
+        assert_watch_query(Res::Policies, &q, "300");
+        settle().await;
+        // Still the same snapshot: the agent keeps enforcing it.
+        assert!(Arc::ptr_eq(rx.borrow().as_ref().unwrap(), &before));
+
+        // Recovery: the watches are retried from the same resourceVersions, no relist needed.
+        api.watch_within(
+            Res::Pods,
+            "200",
+            &[event(
+                "ADDED",
+                &pod(
+                    "prod",
+                    "b",
+                    "node-b",
+                    "10.244.2.3",
+                    json!({"app": "b"}),
+                    "210",
+                ),
+            )],
+            AFTER_BACKOFF,
+        )
+        .await;
+        api.watch_within(
+            Res::Policies,
+            "300",
+            &[event("DELETED", &policy("prod", "deny", deny_all(), "310"))],
+            AFTER_BACKOFF,
+        )
+        .await;
+        let c = until(&mut rx, "after recovery", |c| {
+            c.pods.len() == 2 && c.policies.is_empty()
+        })
+        .await;
+        assert_eq!(pod_names(&c), ["prod/a", "prod/b"]);
+
+        api.assert_nothing_unexpected();
+        assert!(!task.is_finished());
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn pods_on_other_nodes_are_peers_and_only_local_pods_are_endpoints() {
+        let (client, mut api) = start();
+        let (task, mut rx) = spawn_source(client);
+        let allow_frontend = json!({
+            "podSelector": {"matchLabels": {"app": "backend"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "frontend"}}}], "ports": [{"port": 8080}]}],
+        });
+        api.initial_lists(
+            vec![namespace("shop", json!({}), "5")],
+            vec![
+                pod(
+                    "shop",
+                    "backend",
+                    NODE,
+                    "10.244.1.10",
+                    json!({"app": "backend"}),
+                    "10",
+                ),
+                pod(
+                    "shop",
+                    "frontend",
+                    "node-b",
+                    "10.244.2.20",
+                    json!({"app": "frontend"}),
+                    "11",
+                ),
+            ],
+            vec![policy("shop", "allow-frontend", allow_frontend, "7")],
+        )
+        .await;
+        let c = until(&mut rx, "snapshot", |c| c.pods.len() == 2).await;
+        // Both pods are in the cluster: the remote one too.
+        assert_eq!(pod_names(&c), ["shop/backend", "shop/frontend"]);
+
+        let opts = CompileOptions {
+            node_name: Some(NODE.to_string()),
+            ..CompileOptions::default()
+        };
+        let compiled = compile(&c, &opts, &mut Allocations::new());
+        assert!(compiled.errors.is_empty(), "{:?}", compiled.errors);
+        // Only the local pod is an endpoint of this node...
+        let endpoints: Vec<String> = compiled
+            .state
+            .endpoints
+            .keys()
+            .map(|p| format!("{}/{}", p.namespace, p.name))
+            .collect();
+        assert_eq!(endpoints, ["shop/backend"]);
+        // ...and the remote frontend's address resolves to an identity, so the podSelector peer
+        // on another node is recognised.
+        let frontend: std::net::Ipv4Addr = "10.244.2.20".parse().unwrap();
+        assert!(
+            compiled.state.peers_v4.contains_key(&frontend),
+            "remote peer not resolved"
+        );
+
+        // With a node-local view only, the peer would be unknown: the all-pods reflector is
+        // what makes cross-node podSelector peers work.
+        let local_only = Cluster {
+            pods: c
+                .pods
+                .iter()
+                .filter(|p| pod_node(p) == Some(NODE))
+                .cloned()
+                .collect(),
+            ..Cluster::clone(&c)
+        };
+        let compiled = compile(&local_only, &opts, &mut Allocations::new());
+        assert!(!compiled.state.peers_v4.contains_key(&frontend));
+
+        api.assert_nothing_unexpected();
+        task.abort();
+    }
+
+    #[test]
+    fn snapshot_is_sorted_whatever_the_store_order() {
+        let (ns_store, mut ns_w) = reflector::store::<Namespace>();
+        let (pod_store, mut pod_w) = reflector::store::<Pod>();
+        let (pol_store, mut pol_w) = reflector::store::<NetworkPolicy>();
+        for n in ["zeta", "alpha", "mid"] {
+            let obj: Namespace = serde_json::from_value(namespace(n, json!({}), "1")).unwrap();
+            ns_w.apply_watcher_event(&watcher::Event::Apply(obj));
+        }
+        for (ns, name) in [("b", "x"), ("a", "y"), ("a", "x"), ("b", "a")] {
+            let obj: Pod =
+                serde_json::from_value(pod(ns, name, NODE, "10.0.0.1", json!({}), "1")).unwrap();
+            pod_w.apply_watcher_event(&watcher::Event::Apply(obj));
+            let obj: NetworkPolicy =
+                serde_json::from_value(policy(ns, name, deny_all(), "1")).unwrap();
+            pol_w.apply_watcher_event(&watcher::Event::Apply(obj));
+        }
+        let c = snapshot(&ns_store, &pod_store, &pol_store);
+        let (ns, pods, pols) = names(&c);
+        assert_eq!(ns, ["alpha", "mid", "zeta"]);
+        assert_eq!(pods, ["a/x", "a/y", "b/a", "b/x"]);
+        assert_eq!(pols, pods);
+        // Deterministic: the same Stores give an equal value.
+        assert!(same_cluster(
+            &c,
+            &snapshot(&ns_store, &pod_store, &pol_store)
+        ));
+    }
+
+    #[test]
+    fn trimming_keeps_what_the_compiler_reads() {
+        let mut p: Pod = serde_json::from_value(pod(
+            "prod",
+            "a",
+            NODE,
+            "10.244.1.2",
+            json!({"app": "a"}),
+            "1",
+        ))
+        .unwrap();
+        let mut host: Pod = p.clone();
+        host.spec.as_mut().unwrap().host_network = Some(true);
+        trim_pod(&mut p);
+        trim_pod(&mut host);
+        let cluster = Cluster {
+            pods: shared(vec![p.clone(), host]),
+            ..Cluster::default()
+        };
+        // The host-network pod stays out of policy after trimming, the other stays in.
+        let policy_pods: Vec<_> = cluster
+            .policy_pods()
+            .into_iter()
+            .map(|(r, _)| r.name)
+            .collect();
+        assert_eq!(policy_pods, ["a"]);
+        assert_eq!(
+            enforcer_policy::model::pod_ips(&p),
+            ["10.244.1.2".parse::<std::net::IpAddr>().unwrap()]
+        );
+        // Idempotent.
+        let mut again = p.clone();
+        trim_pod(&mut again);
+        assert_eq!(again, p);
+    }
+}

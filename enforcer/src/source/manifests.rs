@@ -1,0 +1,510 @@
+//! The manifests folder (standalone mode and the offline tools): every `*.yaml`, `*.yml` and
+//! `*.json` file in a directory, multi-document YAML, `kind: List` (and `*List`) items, with
+//! Namespace, Pod and NetworkPolicy objects. A bad file or document is reported with the file,
+//! the document index, the object and the field, and everything else still loads.
+
+use std::{
+    collections::BTreeSet,
+    fmt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::Context as _;
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod},
+    networking::v1::NetworkPolicy,
+};
+use serde::Deserialize as _;
+use serde_json::Value;
+
+use enforcer_policy::model::{Cluster, NAMESPACE_NAME_LABEL};
+
+/// A problem with one file, document or object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileError {
+    pub file: PathBuf,
+    /// Index of the YAML document in the file (0-based); `None` for the whole file.
+    pub document: Option<usize>,
+    /// `Kind namespace/name` when known, with `items[i]` inside a List.
+    pub object: Option<String>,
+    /// What is wrong, starting with the field path when there is one.
+    pub message: String,
+}
+
+impl fmt::Display for FileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(d) = self.document {
+            write!(f, " document {d}")?;
+        }
+        if let Some(o) = &self.object {
+            write!(f, " {o}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for FileError {}
+
+/// What a folder holds.
+#[derive(Clone, Debug, Default)]
+pub struct Loaded {
+    pub cluster: Cluster,
+    pub errors: Vec<FileError>,
+    /// Objects of other kinds, left out (`file: Kind ns/name`).
+    pub ignored: Vec<String>,
+    /// (kind, namespace, name) of the objects loaded so far.
+    seen: BTreeSet<(String, String, String)>,
+}
+
+impl Loaded {
+    /// Drops the bookkeeping of names seen, once nothing more is loaded into this `Loaded` (a
+    /// file kept for later merges holds only its objects).
+    pub fn forget_seen(&mut self) {
+        self.seen = BTreeSet::new();
+    }
+}
+
+fn is_manifest(path: &Path) -> bool {
+    let hidden = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_none_or(|n| n.starts_with('.'));
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default();
+    !hidden && matches!(ext, "yaml" | "yml" | "json") && path.is_file()
+}
+
+/// Loads every manifest file of `dir` (not recursive), in file name order. `Err` only when the
+/// folder itself cannot be read; problems with files are in [`Loaded::errors`].
+pub fn load_dir(dir: &Path) -> anyhow::Result<Loaded> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading manifests folder {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| is_manifest(p))
+        .collect();
+    files.sort();
+    let mut loaded = Loaded::default();
+    for file in files {
+        match std::fs::read_to_string(&file) {
+            Ok(text) => load_text(&file, &text, &mut loaded),
+            Err(e) => loaded.errors.push(FileError {
+                file,
+                document: None,
+                object: None,
+                message: format!("cannot read: {e}"),
+            }),
+        }
+    }
+    finish(&mut loaded);
+    Ok(loaded)
+}
+
+/// Loads the objects of one file's text into `loaded` (JSON when the name ends in `.json`,
+/// YAML otherwise). Call [`finish`] after the last file.
+pub fn load_text(file: &Path, text: &str, loaded: &mut Loaded) {
+    let err = |document, object, message| FileError {
+        file: file.to_path_buf(),
+        document,
+        object,
+        message,
+    };
+    if file.extension().and_then(|e| e.to_str()) == Some("json") {
+        match serde_json::from_str::<Value>(text) {
+            Ok(v) => load_value(file, None, v, None, loaded),
+            Err(e) => loaded
+                .errors
+                .push(err(None, None, format!("invalid JSON: {e}"))),
+        }
+        return;
+    }
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value = match serde_yaml::Value::deserialize(doc) {
+            Ok(v) => v,
+            Err(e) => {
+                loaded
+                    .errors
+                    .push(err(Some(i), None, format!("invalid YAML: {e}")));
+                // A syntax error ends the stream: the parser cannot resynchronise.
+                break;
+            }
+        };
+        if value.is_null() {
+            continue;
+        }
+        match serde_json::to_value(&value) {
+            Ok(v) => load_value(file, Some(i), v, None, loaded),
+            Err(e) => loaded
+                .errors
+                .push(err(Some(i), None, format!("unsupported YAML: {e}"))),
+        }
+    }
+}
+
+fn describe(v: &Value, kind: &str) -> String {
+    let meta = v.get("metadata");
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or("<no name>");
+    match meta
+        .and_then(|m| m.get("namespace"))
+        .and_then(Value::as_str)
+    {
+        Some(ns) if kind != "Namespace" => format!("{kind} {ns}/{name}"),
+        _ => format!("{kind} {name}"),
+    }
+}
+
+fn typed<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, String> {
+    serde_path_to_error::deserialize::<_, T>(v).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            e.into_inner().to_string()
+        } else {
+            format!("{path}: {}", e.into_inner())
+        }
+    })
+}
+
+fn load_value(
+    file: &Path,
+    document: Option<usize>,
+    v: Value,
+    item: Option<String>,
+    loaded: &mut Loaded,
+) {
+    let Some(kind) = v.get("kind").and_then(Value::as_str).map(str::to_string) else {
+        loaded.errors.push(FileError {
+            file: file.to_path_buf(),
+            document,
+            object: item,
+            message: "kind: missing (not a Kubernetes object)".into(),
+        });
+        return;
+    };
+    let object = match &item {
+        Some(i) => format!("{i} {}", describe(&v, &kind)),
+        None => describe(&v, &kind),
+    };
+    let fail = |loaded: &mut Loaded, message: String| {
+        loaded.errors.push(FileError {
+            file: file.to_path_buf(),
+            document,
+            object: Some(object.clone()),
+            message,
+        });
+    };
+    let first =
+        |loaded: &mut Loaded, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+            let ns = if kind == "Namespace" {
+                String::new()
+            } else {
+                enforcer_policy::validate::namespace_of(meta)
+            };
+            let key = (kind.clone(), ns, meta.name.clone().unwrap_or_default());
+            loaded.seen.insert(key) || {
+                fail(
+                    loaded,
+                    "defined more than once; the first definition is used".into(),
+                );
+                false
+            }
+        };
+    match kind.as_str() {
+        "Namespace" => match typed::<Namespace>(v) {
+            Ok(mut o) => {
+                label_namespace(&mut o);
+                if first(loaded, &o.metadata) {
+                    loaded.cluster.namespaces.push(Arc::new(o));
+                }
+            }
+            Err(m) => fail(loaded, m),
+        },
+        "Pod" => match typed::<Pod>(v) {
+            Ok(mut o) => {
+                o.metadata.namespace.get_or_insert_with(|| "default".into());
+                if first(loaded, &o.metadata) {
+                    loaded.cluster.pods.push(Arc::new(o));
+                }
+            }
+            Err(m) => fail(loaded, m),
+        },
+        "NetworkPolicy" => match typed::<NetworkPolicy>(v) {
+            Ok(mut o) => {
+                o.metadata.namespace.get_or_insert_with(|| "default".into());
+                if first(loaded, &o.metadata) {
+                    loaded.cluster.policies.push(Arc::new(o));
+                }
+            }
+            Err(m) => fail(loaded, m),
+        },
+        k if k == "List" || k.ends_with("List") => match v.get("items") {
+            Some(Value::Array(items)) => {
+                for (i, it) in items.iter().enumerate() {
+                    let at = match &item {
+                        Some(outer) => format!("{outer}.items[{i}]"),
+                        None => format!("items[{i}]"),
+                    };
+                    load_value(file, document, it.clone(), Some(at), loaded);
+                }
+            }
+            Some(Value::Null) | None => {}
+            Some(_) => fail(loaded, "items: must be a list".into()),
+        },
+        _ => loaded
+            .ignored
+            .push(format!("{}: {object} (kind not used)", file.display())),
+    }
+}
+
+/// Merges files loaded on their own, in order, as if they had been loaded into one [`Loaded`]:
+/// an object already defined by an earlier file is reported and left out. Call [`finish`] after.
+///
+/// Runs for every object on every change of any file, so names are compared borrowed, and the
+/// objects themselves are shared, not copied.
+pub fn merge_all<'a>(parts: impl IntoIterator<Item = (&'a Path, &'a Loaded)>) -> Loaded {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    let mut into = Loaded::default();
+    let mut seen: std::collections::HashSet<(&str, &str, &str)> = std::collections::HashSet::new();
+    for (file, part) in parts {
+        into.errors.extend(part.errors.iter().cloned());
+        into.ignored.extend(part.ignored.iter().cloned());
+        let mut first = |errors: &mut Vec<FileError>, kind: &'static str, meta: &'a ObjectMeta| {
+            let ns = if kind == "Namespace" {
+                ""
+            } else {
+                meta.namespace
+                    .as_deref()
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or("default")
+            };
+            let name = meta.name.as_deref().unwrap_or_default();
+            if seen.insert((kind, ns, name)) {
+                return true;
+            }
+            errors.push(FileError {
+                file: file.to_path_buf(),
+                document: None,
+                object: Some(if ns.is_empty() {
+                    format!("{kind} {name}")
+                } else {
+                    format!("{kind} {ns}/{name}")
+                }),
+                message: "defined more than once; the first definition is used".into(),
+            });
+            false
+        };
+        let c = &mut into.cluster;
+        for o in &part.cluster.namespaces {
+            if first(&mut into.errors, "Namespace", &o.metadata) {
+                c.namespaces.push(Arc::clone(o));
+            }
+        }
+        for o in &part.cluster.pods {
+            if first(&mut into.errors, "Pod", &o.metadata) {
+                c.pods.push(Arc::clone(o));
+            }
+        }
+        for o in &part.cluster.policies {
+            if first(&mut into.errors, "NetworkPolicy", &o.metadata) {
+                c.policies.push(Arc::clone(o));
+            }
+        }
+    }
+    into
+}
+
+/// After loading: default namespaces to `default`, give every namespace the API server's
+/// `kubernetes.io/metadata.name` label, and create the namespaces that are used but not declared.
+pub fn finish(loaded: &mut Loaded) {
+    let c = &mut loaded.cluster;
+    // Objects are normalised as they load; these only touch (and so copy) one that is not.
+    for p in &mut c.pods {
+        if p.metadata.namespace.is_none() {
+            Arc::make_mut(p).metadata.namespace = Some("default".into());
+        }
+    }
+    for p in &mut c.policies {
+        if p.metadata.namespace.is_none() {
+            Arc::make_mut(p).metadata.namespace = Some("default".into());
+        }
+    }
+    let declared: BTreeSet<String> = c
+        .namespaces
+        .iter()
+        .filter_map(|n| n.metadata.name.clone())
+        .collect();
+    let used: BTreeSet<String> = c
+        .pods
+        .iter()
+        .map(|p| &p.metadata)
+        .chain(c.policies.iter().map(|p| &p.metadata))
+        .filter_map(|m| m.namespace.clone())
+        .collect();
+    for ns in used.difference(&declared) {
+        let mut n = Namespace {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some(ns.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        label_namespace(&mut n);
+        c.namespaces.push(Arc::new(n));
+    }
+    for n in &mut c.namespaces {
+        let name = n.metadata.name.as_deref().unwrap_or_default();
+        let labelled = n
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(NAMESPACE_NAME_LABEL))
+            .map(String::as_str);
+        if labelled != Some(name) {
+            label_namespace(Arc::make_mut(n));
+        }
+    }
+}
+
+/// Gives a namespace the `kubernetes.io/metadata.name` label the API server sets.
+fn label_namespace(n: &mut Namespace) {
+    let name = n.metadata.name.clone().unwrap_or_default();
+    n.metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert(NAMESPACE_NAME_LABEL.into(), name);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: x
+  labels: {team: blue}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: x, labels: {pod: a}}
+spec:
+  containers:
+  - name: c
+    image: agnhost
+    ports: [{name: serve-80-tcp, containerPort: 80}]
+status:
+  podIP: 10.0.0.1
+  podIPs: [{ip: 10.0.0.1}, {ip: "fd00::1"}]
+---
+# an empty document
+---
+apiVersion: v1
+kind: Service
+metadata: {name: s, namespace: x}
+spec: {}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny, namespace: y}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress]
+"#;
+
+    #[test]
+    fn loads_a_folder_and_reports_bad_documents() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
+        std::fs::write(
+            dir.path().join("b.yml"),
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: bad, namespace: x}\nspec:\n  containers:\n  - name: c\n    ports: [{containerPort: eighty}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: b}\nspec: {containers: []}\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("c.json"),
+            r#"{"apiVersion":"v1","kind":"List","items":[{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"z"}},{"apiVersion":"networking.k8s.io/v1","kind":"NetworkPolicy","metadata":{"name":"p","namespace":"z"},"spec":{"ingress":"nope"}}]}"#,
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("d.yaml"), "kind: [unclosed").unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "ignored").unwrap();
+        let loaded = load_dir(dir.path()).unwrap();
+        let c = &loaded.cluster;
+        let pods: Vec<_> = c
+            .pods
+            .iter()
+            .map(|p| enforcer_policy::model::pod_ref(p).to_string())
+            .collect();
+        assert_eq!(pods, ["x/a", "default/b"]);
+        assert_eq!(c.policies.len(), 1);
+        let mut names: Vec<_> = c
+            .namespaces
+            .iter()
+            .map(|n| n.metadata.name.clone().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["default", "x", "y", "z"],
+            "undeclared namespaces exist implicitly"
+        );
+        assert_eq!(
+            c.namespace_labels("x").get("team").map(String::as_str),
+            Some("blue")
+        );
+        for n in &c.namespaces {
+            let l = n.metadata.labels.as_ref().unwrap();
+            assert_eq!(l.get(NAMESPACE_NAME_LABEL), n.metadata.name.as_ref());
+        }
+        assert_eq!(loaded.ignored.len(), 1, "{:?}", loaded.ignored);
+        assert_eq!(loaded.errors.len(), 3, "{:#?}", loaded.errors);
+        let e = &loaded.errors[0];
+        assert!(e.file.ends_with("b.yml") && e.document == Some(0));
+        assert_eq!(e.object.as_deref(), Some("Pod x/bad"));
+        assert!(
+            e.message
+                .starts_with("spec.containers[0].ports[0].containerPort"),
+            "{e}"
+        );
+        let e = &loaded.errors[1];
+        assert!(e.file.ends_with("c.json") && e.document.is_none());
+        assert_eq!(e.object.as_deref(), Some("items[1] NetworkPolicy z/p"));
+        assert!(e.message.starts_with("spec.ingress"), "{e}");
+        let e = &loaded.errors[2];
+        assert!(
+            e.file.ends_with("d.yaml") && e.message.contains("invalid YAML"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("d.yaml"), "{e}");
+        assert!(load_dir(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn duplicates_and_missing_kind() {
+        let mut loaded = Loaded::default();
+        let p = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x}\n";
+        load_text(
+            Path::new("one.yaml"),
+            &format!("{p}---\n{p}---\nfoo: bar\n"),
+            &mut loaded,
+        );
+        finish(&mut loaded);
+        assert_eq!(loaded.cluster.pods.len(), 1);
+        assert_eq!(loaded.errors.len(), 2, "{:#?}", loaded.errors);
+        assert!(loaded.errors[0].message.contains("more than once"));
+        assert_eq!(
+            (
+                loaded.errors[0].document,
+                loaded.errors[0].object.as_deref()
+            ),
+            (Some(1), Some("Pod x/a"))
+        );
+        assert!(loaded.errors[1].message.contains("kind"));
+        assert_eq!(loaded.errors[1].document, Some(2));
+    }
+}
