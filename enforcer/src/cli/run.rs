@@ -19,12 +19,14 @@ use enforcer_common::{
 use enforcer_policy::compile::CompileOptions;
 
 use crate::{
-    agent::{Agent, View},
+    agent::Agent,
     datapath::{AttachMode, DEFAULT_PIN_PATH, Datapath, DatapathOptions, routes::local_addresses},
     identity::attestation::{Identity, LivePods},
     observe::{
+        View,
         flowlog::{FlowLog, FlowLogStats},
-        health::{self, Status},
+        health,
+        metrics::Status,
     },
     source::{Source, watch::ManifestsSource},
 };

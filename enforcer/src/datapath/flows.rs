@@ -9,10 +9,10 @@
 
 use std::{
     os::fd::{AsFd, BorrowedFd, OwnedFd},
-    ptr::NonNull,
     sync::atomic::{AtomicU32, AtomicU64, Ordering},
 };
 
+use super::{mapping::SharedMemory, syscall::BATCH};
 use anyhow::{Context as _, Result};
 use enforcer_common::{
     CtKeyV4, CtValue, FLOW_LOCK, FLOW_OVERFLOW, FLOW_PROTO_MASK, FLOW_SEQ_MASK, FLOW_SEQ_SHIFT,
@@ -68,7 +68,7 @@ impl FlowTable {
         let mut values = vec![0u8; per * size_of::<FlowBucket>()];
         let mut resume = None;
         loop {
-            let (n, next) = super::tables::lookup_batch_raw(
+            let (n, next) = super::syscall::lookup_batch(
                 self.fd.as_fd(),
                 resume,
                 &mut keys,
@@ -111,7 +111,7 @@ impl FlowTable {
     pub fn get(&self, key: &CtKeyV4, now_ns: u64) -> Result<Option<CtValue>> {
         let index = flow_bucket(key, self.buckets);
         let mut bucket = FlowBucket::default();
-        super::tables::lookup_raw(self.fd.as_fd(), &index, &mut bucket)
+        super::syscall::lookup_raw(self.fd.as_fd(), &index, &mut bucket)
             .with_context(|| format!("reading bucket {index} of {MAP_FLOWS_V4}"))?;
         Ok(bucket
             .live()
@@ -149,35 +149,10 @@ fn normalized(key: &CtKeyV4) -> CtKeyV4 {
     }
 }
 
-/// Buckets per `BPF_MAP_LOOKUP_BATCH` call (256 KiB of values).
-const BATCH: u32 = 4096;
-
-/// Where the buckets live: the map's pages, or plain memory in tests.
-enum Backing {
-    Mmap(usize),
-    Heap(#[allow(dead_code, reason = "owns the memory `ptr` points into")] Box<[u64]>),
-}
-
 /// The table as memory the agent writes under the buckets' locks.
 pub struct FlowMemory {
-    ptr: NonNull<FlowBucket>,
+    mem: SharedMemory,
     buckets: u32,
-    backing: Backing,
-}
-
-// SAFETY: the memory is owned by this value (heap) or by the mapping it unmaps on drop; shared
-// access is atomic loads, stores and compare-and-swaps under the buckets' locks.
-unsafe impl Send for FlowMemory {}
-// SAFETY: as above.
-unsafe impl Sync for FlowMemory {}
-
-impl Drop for FlowMemory {
-    fn drop(&mut self) {
-        if let Backing::Mmap(len) = self.backing {
-            // SAFETY: the mapping made in `map`, of `len` bytes, unused from here on.
-            unsafe { libc::munmap(self.ptr.as_ptr().cast(), len) };
-        }
-    }
 }
 
 /// Spins at a bucket a program holds before yielding the CPU (it holds it for a few stores).
@@ -186,22 +161,17 @@ const SPINS: u32 = 1_000;
 impl FlowMemory {
     /// Maps `buckets` buckets of the (mmapable) map behind `fd`.
     pub fn map(fd: BorrowedFd<'_>, buckets: u32) -> Result<Self> {
-        let len = (buckets as usize * size_of::<FlowBucket>()).next_multiple_of(page_size());
         Ok(Self {
-            ptr: super::map_shared(fd, len, MAP_FLOWS_V4)?.cast(),
+            mem: SharedMemory::map(fd, buckets as usize * size_of::<FlowBucket>(), MAP_FLOWS_V4)?,
             buckets,
-            backing: Backing::Mmap(len),
         })
     }
 
     /// `buckets` empty buckets in plain memory, for tests.
     pub fn heap(buckets: u32) -> Self {
-        let mut b = vec![0u64; buckets as usize * size_of::<FlowBucket>() / 8].into_boxed_slice();
-        let ptr = NonNull::new(b.as_mut_ptr().cast()).expect("a box is non-null");
         Self {
-            ptr,
+            mem: SharedMemory::heap(buckets as usize * size_of::<FlowBucket>()),
             buckets,
-            backing: Backing::Heap(b),
         }
     }
 
@@ -209,8 +179,8 @@ impl FlowMemory {
         assert!(bucket < self.buckets && way < FLOW_WAYS);
         // SAFETY: in bounds (asserted) of the memory this value maps or owns.
         unsafe {
-            self.ptr
-                .as_ptr()
+            self.mem
+                .base::<FlowBucket>()
                 .add(bucket as usize)
                 .cast::<FlowWay>()
                 .add(way)
@@ -388,11 +358,6 @@ impl FlowMemory {
 fn next_seq(m0: u32) -> u32 {
     let seq = (m0 & FLOW_SEQ_MASK).wrapping_add(1 << FLOW_SEQ_SHIFT) & FLOW_SEQ_MASK;
     (m0 & !FLOW_SEQ_MASK) | seq
-}
-
-fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
 }
 
 /// The programs' clock (`bpf_ktime_get_coarse_ns`: CLOCK_MONOTONIC at tick resolution).

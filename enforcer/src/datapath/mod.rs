@@ -8,12 +8,18 @@
 
 mod attach;
 mod bpffs;
+mod conntrack;
+mod counters;
+mod events;
 pub mod flows;
+mod hash;
+mod lpm;
+mod mapping;
 pub mod peer_slots;
 pub mod routes;
 mod seam;
 pub mod slots;
-mod tables;
+mod syscall;
 
 use std::{
     io,
@@ -31,6 +37,8 @@ use aya::{
         tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
     },
 };
+pub use conntrack::{Conntrack, ConntrackCounter, CtCount};
+pub use counters::{CounterKey, CounterReader, Counters};
 use enforcer_common::{
     CONFIG_CT_LRU_ALL, CONFIG_LOG_ALLOWED, Config, DEFAULT_CIDRS_SIZE, DEFAULT_CONNTRACK_SIZE,
     DEFAULT_CT_TIMEOUT_OTHER_NS, DEFAULT_CT_TIMEOUT_TCP_NS, DEFAULT_EVENTS_BYTES,
@@ -40,10 +48,9 @@ use enforcer_common::{
     MAP_PEERS_V4, MAP_PEERS_V6, MAP_POLICY, PROG_FROM_POD, PROG_TO_POD, PeerInfo, PolicyKey,
     PolicyValue, SCHEMA_VERSION, counter_slots, peer_buckets_for,
 };
-pub use tables::{
-    AsyncEvents, Conntrack, ConntrackCounter, CounterKey, CounterReader, Counters, CtCount,
-    EndpointTable, EventReader, HashTable, LpmAddr, LpmTable, PeerTable,
-};
+pub use events::{AsyncEvents, EventReader};
+pub use hash::{EndpointTable, HashTable, PeerTable};
+pub use lpm::{LpmAddr, LpmTable};
 
 pub use self::attach::AttachMode;
 pub use self::bpffs::{ensure_bpffs, is_bpffs, mount_bpffs};
@@ -201,35 +208,6 @@ pub struct Datapath {
     /// [`Datapath::reattach_all`] has replaced every program that might have recorded flows
     /// there without marking their buckets.
     lru_all: bool,
-}
-
-/// A shared, writable mapping of the first `len` bytes of the mmapable map `name` behind `fd`
-/// (the agent's way to write what the programs read under a lock or sequence); the caller
-/// unmaps it.
-fn map_shared(
-    fd: std::os::fd::BorrowedFd<'_>,
-    len: usize,
-    name: &str,
-) -> Result<std::ptr::NonNull<u8>> {
-    use std::os::fd::AsRawFd as _;
-    // SAFETY: a fresh shared mapping of `len` bytes of the map; checked below.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd.as_raw_fd(),
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        bail!(
-            "mapping {name} into memory: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    std::ptr::NonNull::new(p.cast()).context("mmap returned null")
 }
 
 /// A second descriptor of `map`, for the raw batch calls aya does not offer.

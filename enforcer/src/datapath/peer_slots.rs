@@ -12,31 +12,18 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    ptr::NonNull,
     sync::atomic::{AtomicU64, Ordering},
 };
 
+use super::mapping::SharedMemory;
 use anyhow::{Result, bail};
 use enforcer_common::{PeerBucket, PeerInfo, peer_bucket, peer_way};
 
-/// Where the buckets live: the map's pages, or plain memory in tests.
-enum Backing {
-    Mmap,
-    Heap(#[allow(dead_code, reason = "owns the memory `ptr` points into")] Box<[u64]>),
-}
-
 /// The bucket array as memory the agent writes with atomic stores.
 pub struct PeerSlotMemory {
-    ptr: NonNull<PeerBucket>,
+    mem: SharedMemory,
     buckets: u32,
-    backing: Backing,
 }
-
-// SAFETY: the memory is owned by this value (heap) or by the mapping it unmaps on drop; all
-// access goes through atomics.
-unsafe impl Send for PeerSlotMemory {}
-// SAFETY: as above: shared access is atomic loads and stores only.
-unsafe impl Sync for PeerSlotMemory {}
 
 impl PeerSlotMemory {
     fn len(buckets: u32) -> usize {
@@ -48,22 +35,17 @@ impl PeerSlotMemory {
         if buckets == 0 {
             bail!("{} has no buckets", enforcer_common::MAP_PEER_SLOTS);
         }
-        let p = super::map_shared(fd, Self::len(buckets), enforcer_common::MAP_PEER_SLOTS)?;
         Ok(Self {
-            ptr: p.cast(),
+            mem: SharedMemory::map(fd, Self::len(buckets), enforcer_common::MAP_PEER_SLOTS)?,
             buckets,
-            backing: Backing::Mmap,
         })
     }
 
     /// Zeroed buckets in plain memory, for tests of the writer.
     pub fn heap(buckets: u32) -> Self {
-        let mut b = vec![0u64; Self::len(buckets.max(1)) / 8].into_boxed_slice();
-        let ptr = NonNull::new(b.as_mut_ptr().cast()).expect("a box is non-null");
         Self {
-            ptr,
+            mem: SharedMemory::heap(Self::len(buckets.max(1))),
             buckets: buckets.max(1),
-            backing: Backing::Heap(b),
         }
     }
 
@@ -77,8 +59,8 @@ impl PeerSlotMemory {
         // maps (page- or u64-aligned base, 16-byte buckets).
         unsafe {
             AtomicU64::from_ptr(
-                self.ptr
-                    .as_ptr()
+                self.mem
+                    .base::<PeerBucket>()
                     .add(bucket as usize)
                     .cast::<u64>()
                     .add(way),
@@ -94,15 +76,6 @@ impl PeerSlotMemory {
     /// Stores one way word (one atomic store: the programs see the old word or the new one).
     pub fn write(&self, bucket: u32, way: usize, word: u64) {
         self.way(bucket, way).store(word, Ordering::Release);
-    }
-}
-
-impl Drop for PeerSlotMemory {
-    fn drop(&mut self) {
-        if let Backing::Mmap = self.backing {
-            // SAFETY: the mapping made in `map`, unmapped once.
-            unsafe { libc::munmap(self.ptr.as_ptr().cast(), Self::len(self.buckets)) };
-        }
     }
 }
 

@@ -15,10 +15,10 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    ptr::NonNull,
     sync::atomic::{AtomicU32, AtomicU64, Ordering, fence},
 };
 
+use super::mapping::SharedMemory;
 use anyhow::Result;
 use enforcer_common::{ENDPOINT_SLOT_COUNT, EndpointInfo, EndpointSlot, endpoint_slot};
 
@@ -27,48 +27,30 @@ pub const SLOTS_SUPPORTED: bool = cfg!(target_arch = "x86_64");
 
 const LEN: usize = ENDPOINT_SLOT_COUNT as usize * size_of::<EndpointSlot>();
 
-/// Where the slots live: the map's pages, or plain memory in tests.
-enum Backing {
-    Mmap,
-    Heap(#[allow(dead_code, reason = "owns the memory `ptr` points into")] Box<[u64]>),
-}
-
 /// The slot array as memory the agent writes with atomic stores.
 pub struct SlotMemory {
-    ptr: NonNull<EndpointSlot>,
-    backing: Backing,
+    mem: SharedMemory,
 }
-
-// SAFETY: the memory is owned by this value (heap) or by the mapping it unmaps on drop; all
-// access goes through atomics.
-unsafe impl Send for SlotMemory {}
-// SAFETY: as above: shared access is atomic loads and stores only.
-unsafe impl Sync for SlotMemory {}
 
 impl SlotMemory {
     /// Maps the array behind `fd` (an `ENDPOINT_SLOTS` map created `BPF_F_MMAPABLE`).
     pub fn map(fd: std::os::fd::BorrowedFd<'_>) -> Result<Self> {
-        let p = super::map_shared(fd, LEN, enforcer_common::MAP_ENDPOINT_SLOTS)?;
         Ok(Self {
-            ptr: p.cast(),
-            backing: Backing::Mmap,
+            mem: SharedMemory::map(fd, LEN, enforcer_common::MAP_ENDPOINT_SLOTS)?,
         })
     }
 
     /// Zeroed slots in plain memory, for tests of the writer.
     pub fn heap() -> Self {
-        let mut b = vec![0u64; LEN / 8].into_boxed_slice();
-        let ptr = NonNull::new(b.as_mut_ptr().cast()).expect("a box is non-null");
         Self {
-            ptr,
-            backing: Backing::Heap(b),
+            mem: SharedMemory::heap(LEN),
         }
     }
 
     fn slot(&self, index: u32) -> *mut EndpointSlot {
         assert!(index < ENDPOINT_SLOT_COUNT);
         // SAFETY: in bounds (asserted), inside the LEN bytes this value owns or maps.
-        unsafe { self.ptr.as_ptr().add(index as usize) }
+        unsafe { self.mem.base::<EndpointSlot>().add(index as usize) }
     }
 
     fn head(&self, index: u32) -> &AtomicU64 {
@@ -145,15 +127,6 @@ impl SlotMemory {
     pub fn write_head(&self, index: u32, ifindex: u32, seq: u32) {
         self.head(index)
             .store(ifindex as u64 | (seq as u64) << 32, Ordering::Release);
-    }
-}
-
-impl Drop for SlotMemory {
-    fn drop(&mut self) {
-        if let Backing::Mmap = self.backing {
-            // SAFETY: the mapping made in `map`, unmapped once.
-            unsafe { libc::munmap(self.ptr.as_ptr().cast(), LEN) };
-        }
     }
 }
 

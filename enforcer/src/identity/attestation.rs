@@ -20,7 +20,7 @@ pub struct LivePods {
 
 #[derive(Default)]
 struct Inner {
-    by_ip: BTreeMap<IpAddr, identity::PodRef>,
+    by_ip: BTreeMap<IpAddr, identity::LivePod>,
     uid: BTreeMap<(String, String), String>,
 }
 
@@ -34,7 +34,7 @@ impl LivePods {
             if uid.is_empty() {
                 continue;
             }
-            let id = identity::PodRef {
+            let id = identity::LivePod {
                 namespace: r.namespace.clone(),
                 name: r.name.clone(),
                 uid: uid.clone(),
@@ -51,7 +51,7 @@ impl LivePods {
 }
 
 impl PodDirectory for LivePods {
-    fn pod_by_ip(&self, ip: IpAddr) -> Option<identity::PodRef> {
+    fn pod_by_ip(&self, ip: IpAddr) -> Option<identity::LivePod> {
         self.inner.read().ok()?.by_ip.get(&ip).cloned()
     }
     fn pod_uid(&self, namespace: &str, name: &str) -> Option<String> {

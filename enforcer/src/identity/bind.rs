@@ -10,7 +10,7 @@ use super::{LABEL_NAMESPACE, LABEL_SERVICE_ACCOUNT, Reason, VerifiedIdentity};
 
 /// A pod as the agent's cluster state knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct PodRef {
+pub struct LivePod {
     pub namespace: String,
     pub name: String,
     pub uid: String,
@@ -23,7 +23,7 @@ pub struct PodRef {
 /// would give every host process the pod's identity.
 pub trait PodDirectory: Send + Sync {
     /// The pod currently owning `ip`.
-    fn pod_by_ip(&self, ip: IpAddr) -> Option<PodRef>;
+    fn pod_by_ip(&self, ip: IpAddr) -> Option<LivePod>;
     /// The uid of the live pod `namespace/name`, if it exists.
     fn pod_uid(&self, namespace: &str, name: &str) -> Option<String>;
 }

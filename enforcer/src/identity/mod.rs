@@ -31,7 +31,7 @@ pub mod verify;
 #[cfg(test)]
 mod tests;
 
-pub use bind::{Bindings, PodDirectory, PodRef, check_binding, identity_labels};
+pub use bind::{Bindings, PodDirectory, LivePod, check_binding, identity_labels};
 pub use jwks::{
     ApiGet, FileKeySource, Jwks, JwksError, KeySource, KeySourceError, KeyStore, OidcKeySource,
     Refresh,

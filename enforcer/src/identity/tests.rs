@@ -80,7 +80,7 @@ fn segments(t: &str) -> Vec<String> {
 
 #[derive(Default)]
 struct FakePods {
-    by_ip: Mutex<HashMap<IpAddr, PodRef>>,
+    by_ip: Mutex<HashMap<IpAddr, LivePod>>,
 }
 
 impl FakePods {
@@ -95,7 +95,7 @@ impl FakePods {
     fn add(&self, ip: IpAddr, ns: &str, name: &str, uid: &str) {
         self.by_ip.lock().unwrap().insert(
             ip,
-            PodRef {
+            LivePod {
                 namespace: ns.into(),
                 name: name.into(),
                 uid: uid.into(),
@@ -109,7 +109,7 @@ impl FakePods {
 }
 
 impl PodDirectory for FakePods {
-    fn pod_by_ip(&self, ip: IpAddr) -> Option<PodRef> {
+    fn pod_by_ip(&self, ip: IpAddr) -> Option<LivePod> {
         self.by_ip.lock().unwrap().get(&ip).cloned()
     }
 

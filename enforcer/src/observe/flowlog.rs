@@ -16,7 +16,7 @@ use serde_json::json;
 
 use enforcer_policy::explain::protocol_label;
 
-use crate::agent::View;
+use super::View;
 
 /// Events logged and suppressed, for /metrics.
 #[derive(Debug, Default)]
