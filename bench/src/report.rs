@@ -1122,7 +1122,7 @@ impl Report {
                         );
                         let _ = write!(
                             out,
-                            "The kernel's LRU hash, where DESIGN.md's conntrack (and this datapath before the flow table) keeps every flow, took {} ns for its miss and insert of the same keys alone (a cold hash bucket and a cold LRU node, its locks and lists){}; a preallocated plain hash of the same shape {} ns. ",
+                            "The kernel's LRU hash, where an LRU conntrack (this datapath's before the flow table) keeps every flow, took {} ns for its miss and insert of the same keys alone (a cold hash bucket and a cold LRU node, its locks and lists){}; a preallocated plain hash of the same shape {} ns. ",
                             f(kernel, 0),
                             if kernel > 250.0 {
                                 ", above the target on its own"

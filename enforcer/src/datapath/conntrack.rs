@@ -212,8 +212,8 @@ impl Conntrack {
 }
 
 /// Counts the IPv4 and IPv6 conntrack maps through `BPF_MAP_LOOKUP_BATCH`: a few calls of
-/// thousands of entries each, about half the time of the key walk (a `get_next_key` call per
-/// entry; ~0.27 s at a full 262k-flow map here), and usable from a thread of its own.
+/// thousands of entries each rather than a `get_next_key` call per entry, and usable from a
+/// thread of its own.
 pub struct ConntrackCounter {
     pub(crate) flows: Option<FlowTable>,
     pub(crate) v4: std::os::fd::OwnedFd,

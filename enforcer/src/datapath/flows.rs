@@ -21,8 +21,8 @@ use enforcer_common::{
 
 /// Buckets of a table for `flows` flows: two per bucket. The table is kept as small as its
 /// capacity allows (32 bytes a flow, 8 MiB at the default 262,144): a new flow's bucket is a
-/// random line of it, and with twice the buckets a new flow measured ~15 ns slower in the
-/// bench (page-table walks: more of a larger table falls outside the TLB's reach).
+/// random line of it, and the larger the table, the more of it falls outside the TLB's reach
+/// (a page-table walk on top of the cache miss; see bench/HISTORY.md).
 pub fn buckets_for(flows: u32) -> u32 {
     flows.div_ceil(FLOW_WAYS as u32).max(1)
 }
