@@ -32,7 +32,8 @@ use super::{
     model::{Cluster, pod_node},
     selector::Labels,
     validate::{
-        Block, NamespaceMatch, ParsedPolicy, Peer, PolicyError, Port, Rule, protocol_number,
+        Block, NamespaceMatch, ParsedPolicy, Peer, PolicyError, Port, Refusal, Rule,
+        protocol_number,
     },
 };
 use crate::state::{DesiredState, EndpointState, PodRef, Prefix, RuleRef};
@@ -401,7 +402,8 @@ fn renumbering(pairs: impl Iterator<Item = (u32, u32)>, first: u32) -> BTreeMap<
 /// A problem found while compiling; the rest of the input still compiles.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CompileError {
-    /// The policy is invalid and was left out.
+    /// The policy does not validate: it is refused, and isolates the pods it selects in the
+    /// directions it names, allowing nothing ([`Compiled::refused`]).
     Policy(PolicyError),
     /// A second NetworkPolicy with the same namespace and name was left out.
     DuplicatePolicy { namespace: String, name: String },
@@ -418,7 +420,10 @@ pub enum CompileError {
 impl fmt::Display for CompileError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Policy(e) => write!(f, "{e} (policy skipped)"),
+            Self::Policy(e) => write!(
+                f,
+                "{e} (policy refused: the pods it selects are isolated until it is fixed)"
+            ),
             Self::DuplicatePolicy { namespace, name } => {
                 write!(
                     f,
@@ -448,11 +453,22 @@ pub struct Compiled {
     pub errors: Vec<CompileError>,
     /// What each identity used in `state` stands for.
     pub identities: Arc<BTreeMap<u32, IdentityKey>>,
+    /// The policies refused by validation, by namespace/name: each isolates what it selects
+    /// (fail closed). Their errors are in `errors` too.
+    pub refused: Vec<RefusedPolicy>,
+}
+
+/// A refused policy, as this compile enforces it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefusedPolicy {
+    pub refusal: Refusal,
+    /// The local endpoints it isolates (in the directions of `refusal`), in pod order.
+    pub pods: Vec<PodRef>,
 }
 
 /// Policies deduplicated by namespace/name (first wins) and sorted by it, each parsed once per
-/// object ([`Memo`]), with the errors of the invalid and duplicate ones. The evaluator counts the
-/// same objects. Only [`PolicyFacts::Valid`] ones are returned.
+/// object ([`Memo`]), with the errors of the refused and duplicate ones. The evaluator counts the
+/// same objects. Refused ones are returned too: they are enforced as their stand-in.
 fn parsed_policies(
     cluster: &Cluster,
     memo: &mut Memo,
@@ -476,12 +492,10 @@ fn parsed_policies(
             });
             continue;
         }
-        match &**f {
-            PolicyFacts::Valid(_) => out.push(Arc::clone(f)),
-            PolicyFacts::Invalid(_, errs) => {
-                errors.extend(errs.iter().cloned().map(CompileError::Policy));
-            }
+        if let Some(r) = f.refusal() {
+            errors.extend(r.errors.iter().cloned().map(CompileError::Policy));
         }
+        out.push(Arc::clone(f));
     }
     (out, errors)
 }
@@ -969,8 +983,8 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
     alloc.generation += 1;
     let generation = alloc.generation;
     alloc.endpoints.last = opts.max_endpoints;
-    let (valid, mut errors) = parsed_policies(cluster, &mut alloc.memo, generation);
-    let policies: Vec<&ParsedPolicy> = valid.iter().filter_map(|f| f.valid()).collect();
+    let (enforced, mut errors) = parsed_policies(cluster, &mut alloc.memo, generation);
+    let policies: Vec<&ParsedPolicy> = enforced.iter().map(|f| f.enforced()).collect();
 
     // ipBlocks: the only input of the identity stage that comes from policies.
     let blocks: BTreeSet<Block> = policies
@@ -1069,10 +1083,12 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
     });
     let mut resolver: Option<PeerResolver<'_>> = None;
     let mut masks = vec![[0u32; 2]; locals.len()];
+    let mut refused = Vec::new();
     // Policies in order, so the first policy's rule wins a key two policies give (as the
     // evaluator's "first allowing rule" does); numbering a rule only when it gives an entry.
-    for facts in &valid {
-        let Some(p) = facts.valid() else { continue };
+    // A refused policy's stand-in has no rules: it only isolates.
+    for facts in &enforced {
+        let p = facts.enforced();
         let out = alloc.memo.output(facts, generation, |_| {
             contributions(
                 p,
@@ -1089,6 +1105,18 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
                     EP_EGRESS_ISOLATED
                 };
             }
+        }
+        if let Some(r) = facts.refusal() {
+            let mut pods: Vec<PodRef> = out
+                .isolates
+                .iter()
+                .filter_map(|&(li, _)| locals.get(li as usize).map(|l| l.r.clone()))
+                .collect();
+            pods.dedup();
+            refused.push(RefusedPolicy {
+                refusal: r.clone(),
+                pods,
+            });
         }
         let mut rule_ids: Vec<((u8, u32), Option<u32>)> = Vec::new();
         for e in &out.entries {
@@ -1148,6 +1176,7 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
         state,
         errors,
         identities: Arc::clone(&stage.identities),
+        refused,
     }
 }
 

@@ -4,7 +4,8 @@
 //!
 //! Shared with the compiler, on purpose, are only the object-level facts: which objects are
 //! valid ([`validate_policy`]), which pods take part ([`Cluster::policy_pods`]), the pod that
-//! owns an address and a namespace's labels. Everything about what a rule means is here.
+//! owns an address and a namespace's labels. Everything about what a rule means is here, and so
+//! is what a refused (invalid) policy means: it isolates what it selects and allows nothing.
 
 use std::net::IpAddr;
 
@@ -21,7 +22,7 @@ use super::{
     compile::CompileOptions,
     model::{Cluster, pod_ips},
     selector,
-    validate::{RawRule, namespace_of, parse_cidr, validate_policy},
+    validate::{PolicyError, RawRule, namespace_of, parse_cidr, validate_policy},
 };
 use crate::state::PodRef;
 
@@ -50,7 +51,11 @@ pub enum DirVerdict {
         index: usize,
     },
     /// Policies (names) isolate the pod for this direction and none of their rules allows it.
-    Denied { policies: Vec<String> },
+    Denied {
+        policies: Vec<String>,
+        /// Why those of `policies` that are refused were refused: they isolate with no rules.
+        refused: Vec<PolicyError>,
+    },
     /// Denied, but a rule of these isolating policies would allow it if the peer's address
     /// were bound to a verified identity (they require identity).
     NoIdentity { policies: Vec<String> },
@@ -71,10 +76,11 @@ fn protocol_name(protocol: u8) -> Option<&'static str> {
     }
 }
 
-/// The valid policies, first object of each namespace/name, ordered by namespace/name.
-fn policies(cluster: &Cluster) -> Vec<&NetworkPolicy> {
+/// The policies, first object of each namespace/name, ordered by namespace/name, each with what
+/// makes it refused (empty when it is valid).
+fn policies(cluster: &Cluster) -> Vec<(&NetworkPolicy, Vec<PolicyError>)> {
     let mut seen = std::collections::BTreeSet::new();
-    let mut out: Vec<&NetworkPolicy> = cluster
+    let mut out: Vec<(&NetworkPolicy, Vec<PolicyError>)> = cluster
         .policies
         .iter()
         .map(|p| &**p)
@@ -84,15 +90,35 @@ fn policies(cluster: &Cluster) -> Vec<&NetworkPolicy> {
                 p.metadata.name.clone().unwrap_or_default(),
             ))
         })
-        .filter(|p| validate_policy(p).is_ok())
+        .map(|p| (p, validate_policy(p).err().unwrap_or_default()))
         .collect();
-    out.sort_by_key(|p| {
+    out.sort_by_key(|(p, _)| {
         (
             namespace_of(&p.metadata),
             p.metadata.name.clone().unwrap_or_default(),
         )
     });
     out
+}
+
+/// Fail closed: a policy the agent refuses still isolates the pods it selects in the directions
+/// it names, so that what its author meant to restrict is not left open. A podSelector that
+/// cannot be read selects every pod of the policy's namespace; `policyTypes` that cannot be
+/// read (or no spec at all) name both directions.
+fn refused_isolates(policy: &NetworkPolicy, labels: &selector::Labels, ingress: bool) -> bool {
+    let Some(spec) = &policy.spec else {
+        return true;
+    };
+    let selects = spec
+        .pod_selector
+        .as_ref()
+        .is_none_or(|s| selector::Selector::parse(s).map_or(true, |s| s.matches(labels)));
+    let types_readable = spec
+        .policy_types
+        .iter()
+        .flatten()
+        .all(|t| t == "Ingress" || t == "Egress");
+    selects && (!types_readable || affects(policy, ingress))
 }
 
 /// "policyTypes ... If this field is not specified, it will default based on the existence of
@@ -265,12 +291,25 @@ pub fn direction_verdict(
     let peer_pod = cluster.pod_at(peer_ip, &opts.node_ips);
     let labels = this.metadata.labels.clone().unwrap_or_default();
     let mut isolating = Vec::new();
+    let mut refused = Vec::new();
     let mut wants_identity = false;
-    for policy in policies(cluster) {
+    for (policy, errors) in policies(cluster) {
         let ns = namespace_of(&policy.metadata);
+        if ns != pod.namespace {
+            continue;
+        }
+        if !errors.is_empty() {
+            // Isolates, and has no rule to allow anything.
+            if refused_isolates(policy, &labels, ingress) {
+                let name = policy.metadata.name.clone().unwrap_or_default();
+                isolating.push(format!("{ns}/{name}"));
+                refused.extend(errors);
+            }
+            continue;
+        }
         let Some(spec) = &policy.spec else { continue };
         // A policy applies to the pods its podSelector selects in its own namespace.
-        if ns != pod.namespace || !affects(policy, ingress) {
+        if !affects(policy, ingress) {
             continue;
         }
         if !spec
@@ -342,6 +381,7 @@ pub fn direction_verdict(
     } else {
         DirVerdict::Denied {
             policies: isolating,
+            refused,
         }
     }
 }

@@ -132,12 +132,50 @@ impl fmt::Display for DirVerdict {
                 policy,
                 index,
             } => write!(f, "allowed by {namespace}/{policy} rule [{index}]"),
-            Self::Denied { policies } => {
-                write!(
-                    f,
-                    "denied: isolated by policies [{}] and no rule allows it",
-                    policies.join(", ")
-                )
+            Self::Denied { policies, refused } => {
+                // Refused policies are named with what is wrong (object and field): the fix
+                // is there, not in a rule.
+                let mut refused_names: Vec<&str> = Vec::new();
+                for e in refused {
+                    if !refused_names.contains(&e.policy.as_str()) {
+                        refused_names.push(&e.policy);
+                    }
+                }
+                let others: Vec<&str> = policies
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|p| !refused_names.contains(p))
+                    .collect();
+                f.write_str("denied: ")?;
+                let mut sep = "";
+                if !others.is_empty() {
+                    write!(
+                        f,
+                        "isolated by policies [{}] and no rule allows it",
+                        others.join(", ")
+                    )?;
+                    sep = "; ";
+                }
+                for name in &refused_names {
+                    let why: Vec<String> = refused
+                        .iter()
+                        .filter(|e| e.policy == *name)
+                        .map(|e| format!("{}: {}", e.field, e.message))
+                        .collect();
+                    write!(
+                        f,
+                        "{sep}isolated by refused policy {name}: {}",
+                        why.join("; ")
+                    )?;
+                    sep = "; ";
+                }
+                if !refused_names.is_empty() {
+                    f.write_str(
+                        " (a policy the agent cannot understand isolates the pods it selects, \
+                         allowing nothing, until it is fixed)",
+                    )?;
+                }
+                Ok(())
             }
             Self::NoIdentity { policies } => {
                 write!(

@@ -19,4 +19,6 @@ pub mod validate;
 #[cfg(test)]
 mod tests;
 
-pub use compile::{Allocations, CompileError, CompileOptions, Compiled, IdentityKey, compile};
+pub use compile::{
+    Allocations, CompileError, CompileOptions, Compiled, IdentityKey, RefusedPolicy, compile,
+};

@@ -22,31 +22,38 @@ use k8s_openapi::api::{core::v1::Pod, networking::v1::NetworkPolicy};
 use super::{
     compile::{IdentityStage, OutputsKey, PolicyOut, StageInput, named_ports},
     model::{pod_ips, pod_is_policy_pod, pod_ref},
-    validate::{ParsedPolicy, PolicyError, namespace_of, parse_policy},
+    validate::{ParsedPolicy, Refusal, parse_policy, refusal},
 };
 use crate::state::PodRef;
 
 /// A policy's parse result.
 pub(super) enum PolicyFacts {
     Valid(ParsedPolicy),
-    /// `(namespace, name)` and what is wrong.
-    Invalid((String, String), Vec<PolicyError>),
+    /// Refused by validation: what it still says, and the isolating stand-in enforced for it
+    /// (fail closed).
+    Refused(Refusal, ParsedPolicy),
 }
 
 impl PolicyFacts {
-    pub fn valid(&self) -> Option<&ParsedPolicy> {
+    /// The policy the compiler enforces: the parsed one, or a refused one's stand-in.
+    pub fn enforced(&self) -> &ParsedPolicy {
         match self {
-            Self::Valid(p) => Some(p),
-            Self::Invalid(..) => None,
+            Self::Valid(p) | Self::Refused(_, p) => p,
+        }
+    }
+
+    /// Why it is refused, and what it still says, when it is.
+    pub fn refusal(&self) -> Option<&Refusal> {
+        match self {
+            Self::Valid(_) => None,
+            Self::Refused(r, _) => Some(r),
         }
     }
 
     /// `(namespace, name)`: duplicates are found by it.
     pub fn key(&self) -> (&str, &str) {
-        match self {
-            Self::Valid(p) => (&p.namespace, &p.name),
-            Self::Invalid((ns, name), _) => (ns, name),
-        }
+        let p = self.enforced();
+        (&p.namespace, &p.name)
     }
 }
 
@@ -72,7 +79,7 @@ pub(super) struct Memo {
     pods: HashMap<usize, Entry<Pod, PodDerived>>,
     /// The last compile's identity stage, its input and generation.
     pub stage: Option<(StageInput, Arc<IdentityStage>, u64)>,
-    /// Each valid policy's contribution to the local endpoints (keyed by its parse result,
+    /// Each policy's contribution to the local endpoints (keyed by its parse result,
     /// which is per object), valid for `outputs_key`.
     outputs: HashMap<usize, Entry<PolicyFacts, PolicyOut>>,
     outputs_key: Option<OutputsKey>,
@@ -117,13 +124,11 @@ impl Memo {
         derive(&mut self.policies, p, generation, |p| {
             match parse_policy(p) {
                 Ok(parsed) => PolicyFacts::Valid(parsed),
-                Err(errors) => PolicyFacts::Invalid(
-                    (
-                        namespace_of(&p.metadata),
-                        p.metadata.name.clone().unwrap_or_default(),
-                    ),
-                    errors,
-                ),
+                Err(errors) => {
+                    let r = refusal(p, errors);
+                    let stand_in = r.stand_in();
+                    PolicyFacts::Refused(r, stand_in)
+                }
             }
         })
     }

@@ -306,7 +306,7 @@ mod strategies {
         })
     }
 
-    /// A selector that is rarely invalid (an unknown operator), to exercise skipping.
+    /// A selector that is rarely invalid (an unknown operator): its policy is refused.
     pub fn maybe_bad_selector() -> impl Strategy<Value = LabelSelector> {
         prop_oneof![
             20 => selector(),
@@ -340,7 +340,9 @@ mod strategies {
 
     pub fn peer() -> impl Strategy<Value = NetworkPolicyPeer> {
         prop_oneof![
-            (select(&CIDRS[..]), vec(select(&EXCEPTS[..]), 0..3)).prop_map(|(c, ex)| {
+            // Rarely a CIDR that does not parse: the policy is refused.
+            1 => select(&["10.0.0.0/33", "nonsense"][..]).prop_map(|c| block_peer(c, &[])),
+            20 => (select(&CIDRS[..]), vec(select(&EXCEPTS[..]), 0..3)).prop_map(|(c, ex)| {
                 let cidr = super::super::validate::parse_cidr(c).unwrap();
                 let ex: Vec<&str> = ex
                     .into_iter()
@@ -351,7 +353,7 @@ mod strategies {
                     .collect();
                 block_peer(c, &ex)
             }),
-            (option::of(maybe_bad_selector()), option::of(selector())).prop_map(
+            20 => (option::of(maybe_bad_selector()), option::of(selector())).prop_map(
                 |(ns, pods)| match (ns, pods) {
                     (None, None) => pods_peer(None, Some(LabelSelector::default())),
                     (ns, pods) => pods_peer(ns, pods),
@@ -370,7 +372,18 @@ mod strategies {
             select(&["http", "dns", "web", "nope"][..])
                 .prop_map(|s| (Some(IntOrString::String(s.into())), None)),
         ];
-        (proto, spec).prop_map(|(proto, (port, end))| super::fixtures::port(proto, port, end))
+        let good =
+            (proto, spec).prop_map(|(proto, (port, end))| super::fixtures::port(proto, port, end));
+        // Rarely an unknown protocol or an endPort below its port: the policy is refused.
+        let bad = prop_oneof![
+            Just(super::fixtures::port(Some("ICMP"), None, None)),
+            Just(super::fixtures::port(
+                None,
+                Some(IntOrString::Int(80)),
+                Some(70)
+            )),
+        ];
+        prop_oneof![30 => good, 1 => bad]
     }
 
     pub fn rule() -> impl Strategy<Value = RuleSpec> {
@@ -379,15 +392,23 @@ mod strategies {
 
     pub fn policy_strategy(i: usize) -> impl Strategy<Value = NetworkPolicy> {
         let types = prop_oneof![
-            Just(None),
-            Just(Some(vec!["Ingress"])),
-            Just(Some(vec!["Egress"])),
-            Just(Some(vec!["Ingress", "Egress"])),
-            Just(Some(vec![])),
+            5 => Just(None),
+            5 => Just(Some(vec!["Ingress"])),
+            5 => Just(Some(vec!["Egress"])),
+            5 => Just(Some(vec!["Ingress", "Egress"])),
+            5 => Just(Some(vec![])),
+            // Unreadable: refused, isolating both directions.
+            1 => Just(Some(vec!["Ingress", "Sideways"])),
+        ];
+        // An unreadable podSelector more often than elsewhere: its refused policy isolates
+        // every pod of the namespace.
+        let pod_selector = prop_oneof![
+            7 => selector(),
+            1 => Just(sel_expr("a", "Bogus", &["1"])),
         ];
         (
             select(&["x", "y", "z"][..]),
-            option::of(maybe_bad_selector()),
+            option::of(pod_selector),
             types,
             option::of(vec(rule(), 0..3)),
             option::of(vec(rule(), 0..3)),
@@ -1173,7 +1194,7 @@ fn policy_types_and_union() {
 }
 
 #[test]
-fn skipped_pods_and_invalid_policies() {
+fn skipped_pods_and_refused_policies() {
     let mut c = base(vec![
         policy("x", "deny", None, Some(&["Ingress", "Egress"]), None, None),
         policy(
@@ -1200,6 +1221,11 @@ fn skipped_pods_and_invalid_policies() {
     assert!(
         matches!(&compiled.errors[..], [CompileError::Policy(e)] if e.field == "spec.ingress[0].ports[0].protocol")
     );
+    // The refused policy has no podSelector and no policyTypes: it isolates every local pod of
+    // x for ingress.
+    assert_eq!(compiled.refused.len(), 1);
+    assert_eq!(compiled.refused[0].pods, [pr("x", "a"), pr("x", "b")]);
+    assert!(compiled.errors[0].to_string().contains("isolated"));
     assert!(
         !compiled
             .state
@@ -1222,6 +1248,221 @@ fn skipped_pods_and_invalid_policies() {
         PROTO_TCP,
         80
     ));
+}
+
+/// A policy whose ports say `endPort: 70` below `port: 80`.
+fn bad_end_port(
+    name: &str,
+    selector: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+    types: Option<&[&str]>,
+) -> NetworkPolicy {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    policy(
+        "x",
+        name,
+        selector,
+        types,
+        Some(vec![(
+            None,
+            Some(vec![port(None, Some(IntOrString::Int(80)), Some(70))]),
+        )]),
+        None,
+    )
+}
+
+/// Fail closed: a policy the agent refuses isolates the pods it selects in the directions it
+/// names, with no rule of its own; other policies' rules still allow what they allow.
+#[test]
+fn refused_ingress_policy_isolates_its_pods_ingress_only() {
+    let c = base(vec![bad_end_port("p", Some(sel(&[("app", "a")])), None)]);
+    let (a, b) = (pr("x", "a"), pr("x", "b"));
+    assert!(!allowed(&c, &a, DIR_INGRESS, "10.0.0.2", PROTO_TCP, 80));
+    assert!(
+        !allowed(&c, &a, DIR_INGRESS, "8.8.8.8", PROTO_TCP, 75),
+        "its own rule allows nothing"
+    );
+    assert!(
+        allowed(&c, &a, DIR_INGRESS, "10.0.9.1", PROTO_TCP, 80),
+        "host"
+    );
+    assert!(
+        allowed(&c, &a, DIR_EGRESS, "8.8.8.8", PROTO_TCP, 80),
+        "egress not named"
+    );
+    assert!(
+        allowed(&c, &b, DIR_INGRESS, "8.8.8.8", PROTO_TCP, 80),
+        "not selected"
+    );
+    let compiled = compile(&c, &opts(), &mut Allocations::new());
+    assert_eq!(compiled.refused.len(), 1);
+    let r = &compiled.refused[0];
+    assert_eq!((r.refusal.ingress, r.refusal.egress), (true, false));
+    assert_eq!(r.pods, std::slice::from_ref(&a));
+    assert_eq!(
+        r.refusal.errors[0].field,
+        "spec.ingress[0].ports[0].endPort"
+    );
+    assert!(compiled.state.policy.is_empty() && compiled.state.rules.is_empty());
+    assert_eq!(
+        r.refusal.consequence(),
+        "isolating the pods it selects (ingress) until it is fixed"
+    );
+    // `explain` names the object and the field.
+    let e = super::explain::explain(
+        &c,
+        &opts(),
+        &Endpoint::Pod(b.clone()),
+        &Endpoint::Pod(a.clone()),
+        PROTO_TCP,
+        80,
+    );
+    let text = e.to_string();
+    assert!(
+        text.contains(
+            "isolated by refused policy x/p: spec.ingress[0].ports[0].endPort: 70 must be"
+        ),
+        "{text}"
+    );
+    // A valid policy selecting the same pod still allows what it allows.
+    let c = base(vec![
+        bad_end_port("p", Some(sel(&[("app", "a")])), None),
+        policy(
+            "x",
+            "q",
+            Some(sel(&[("app", "a")])),
+            None,
+            Some(vec![(None, Some(vec![tcp(80)]))]),
+            None,
+        ),
+    ]);
+    assert!(allowed(&c, &a, DIR_INGRESS, "10.0.0.2", PROTO_TCP, 80));
+    assert!(!allowed(&c, &a, DIR_INGRESS, "10.0.0.2", PROTO_TCP, 81));
+    let v = evaluator::direction_verdict(&c, &opts(), &a, true, ip("10.0.0.2"), PROTO_TCP, 81);
+    let text = v.to_string();
+    assert!(
+        text.contains("isolated by policies [x/q] and no rule allows it; isolated by refused policy x/p: spec.ingress[0]"),
+        "{text}"
+    );
+}
+
+#[test]
+fn refused_policy_with_unreadable_pod_selector_isolates_every_pod_of_its_namespace() {
+    // The selector would pick app=b if it could be read; both x pods are isolated for egress.
+    let mut p = policy(
+        "x",
+        "p",
+        Some(sel_expr("app", "Equals", &["b"])),
+        Some(&["Egress"]),
+        None,
+        Some(vec![(None, None)]),
+    );
+    let c = base(vec![p.clone()]);
+    for pod in [pr("x", "a"), pr("x", "b")] {
+        assert!(
+            !allowed(&c, &pod, DIR_EGRESS, "10.0.1.1", PROTO_TCP, 80),
+            "{pod}"
+        );
+        assert!(
+            !allowed(&c, &pod, DIR_EGRESS, "8.8.8.8", PROTO_UDP, 53),
+            "{pod}"
+        );
+        assert!(
+            allowed(&c, &pod, DIR_INGRESS, "8.8.8.8", PROTO_TCP, 80),
+            "{pod}"
+        );
+    }
+    let standalone = CompileOptions {
+        node_name: None,
+        ..opts()
+    };
+    assert!(
+        evaluator::egress_allows(&c, &standalone, &pr("y", "a"), ip("8.8.8.8"), PROTO_TCP, 80),
+        "another namespace"
+    );
+    let compiled = compile(&c, &standalone, &mut Allocations::new());
+    let r = &compiled.refused[0];
+    assert_eq!(r.refusal.pod_selector, None);
+    assert_eq!(r.pods, [pr("x", "a"), pr("x", "b")]);
+    assert!(
+        r.refusal.consequence().contains("every pod of namespace x"),
+        "{}",
+        r.refusal.consequence()
+    );
+    assert!(
+        !compiled.state.endpoints[&pr("y", "a")]
+            .info
+            .isolated(DIR_EGRESS)
+    );
+    // No spec at all: nothing can be read, every pod of the namespace both ways.
+    p.spec = None;
+    let c = base(vec![p]);
+    for pod in [pr("x", "a"), pr("x", "b")] {
+        assert!(!allowed(&c, &pod, DIR_EGRESS, "8.8.8.8", PROTO_TCP, 80));
+        assert!(!allowed(&c, &pod, DIR_INGRESS, "8.8.8.8", PROTO_TCP, 80));
+    }
+}
+
+#[test]
+fn refused_policy_with_unreadable_policy_types_isolates_both_directions() {
+    let c = base(vec![bad_end_port(
+        "p",
+        Some(sel(&[("app", "a")])),
+        Some(&["Ingress", "Sideways"]),
+    )]);
+    let a = pr("x", "a");
+    assert!(!allowed(&c, &a, DIR_INGRESS, "10.0.0.2", PROTO_TCP, 80));
+    assert!(!allowed(&c, &a, DIR_EGRESS, "10.0.0.2", PROTO_TCP, 80));
+    assert!(allowed(
+        &c,
+        &pr("x", "b"),
+        DIR_EGRESS,
+        "10.0.0.1",
+        PROTO_TCP,
+        80
+    ));
+    let compiled = compile(&c, &opts(), &mut Allocations::new());
+    assert_eq!(compiled.refused[0].refusal.directions(), "ingress, egress");
+    // Readable types are followed: Egress only.
+    let c = base(vec![bad_end_port(
+        "p",
+        Some(sel(&[("app", "a")])),
+        Some(&["Egress"]),
+    )]);
+    assert!(allowed(&c, &a, DIR_INGRESS, "10.0.0.2", PROTO_TCP, 80));
+    assert!(!allowed(&c, &a, DIR_EGRESS, "10.0.0.2", PROTO_TCP, 80));
+}
+
+/// The fix of a refused policy takes effect like any change, in a compile carrying the last
+/// one's allocations (and memo).
+#[test]
+fn a_refused_policy_that_becomes_valid_takes_effect_normally() {
+    let a = pr("x", "a");
+    let refused = base(vec![bad_end_port("p", Some(sel(&[("app", "a")])), None)]);
+    let fixed = base(vec![policy(
+        "x",
+        "p",
+        Some(sel(&[("app", "a")])),
+        None,
+        Some(vec![(None, Some(vec![tcp(80)]))]),
+        None,
+    )]);
+    let mut alloc = Allocations::new();
+    let first = compile(&refused, &opts(), &mut alloc);
+    assert_eq!(first.refused.len(), 1);
+    check_compiled(&first, &refused, &opts(), &flow_peers(), &[(PROTO_TCP, 80)]);
+    let second = compile(&fixed, &opts(), &mut alloc);
+    assert!(second.refused.is_empty() && second.errors.is_empty());
+    check_compiled(
+        &second,
+        &fixed,
+        &opts(),
+        &flow_peers(),
+        &[(PROTO_TCP, 80), (PROTO_TCP, 81)],
+    );
+    let d = decision::decide(&second.state, &a, DIR_INGRESS, ip("8.8.8.8"), PROTO_TCP, 80);
+    assert!(d.allowed && d.reason == Reason::Policy);
+    assert!(allowed(&fixed, &a, DIR_INGRESS, "8.8.8.8", PROTO_TCP, 80));
+    assert!(!allowed(&fixed, &a, DIR_INGRESS, "8.8.8.8", PROTO_TCP, 81));
 }
 
 #[test]

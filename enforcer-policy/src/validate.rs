@@ -93,7 +93,7 @@ pub struct Rule {
     pub ports: Option<Vec<Port>>,
 }
 
-/// A valid policy in the form the compiler uses.
+/// A valid policy in the form the compiler uses (or a refused one's [`Refusal::stand_in`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParsedPolicy {
     pub namespace: String,
@@ -105,6 +105,103 @@ pub struct ParsedPolicy {
     pub egress: Option<Vec<Rule>>,
     /// Pod and namespace peers must be verified workloads (the policy's annotation).
     pub require_identity: bool,
+}
+
+/// What a policy that does not validate still says, read as far as it can be: the agent fails
+/// closed on it. It isolates the pods it selects in the directions it names and allows nothing,
+/// because ignoring it would leave open what its author meant to restrict.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub namespace: String,
+    pub name: String,
+    /// The pods it isolates; `None` when the podSelector itself cannot be read (or there is no
+    /// spec): then every pod of its namespace.
+    pub pod_selector: Option<Selector>,
+    /// The directions it isolates: those of `policyTypes` (absent: Ingress, and Egress when it
+    /// has egress rules), both when `policyTypes` cannot be read.
+    pub ingress: bool,
+    pub egress: bool,
+    /// Why it was refused: each names the object and the field.
+    pub errors: Vec<PolicyError>,
+}
+
+impl Refusal {
+    /// `ingress`, `egress` or `ingress, egress`.
+    pub fn directions(&self) -> &'static str {
+        match (self.ingress, self.egress) {
+            (true, true) => "ingress, egress",
+            (false, true) => "egress",
+            _ => "ingress",
+        }
+    }
+
+    /// What the agent does about it, for messages: "isolating the pods it selects (ingress)
+    /// until it is fixed".
+    pub fn consequence(&self) -> String {
+        let whom = match self.pod_selector {
+            Some(_) => "the pods it selects".to_string(),
+            None => format!(
+                "every pod of namespace {} (its podSelector cannot be read)",
+                self.namespace
+            ),
+        };
+        format!("isolating {whom} ({}) until it is fixed", self.directions())
+    }
+
+    /// The policy the compiler enforces in its place: the same pods and directions, no rules
+    /// (a default deny).
+    pub fn stand_in(&self) -> ParsedPolicy {
+        ParsedPolicy {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            pod_selector: self
+                .pod_selector
+                .clone()
+                .unwrap_or_else(Selector::everything),
+            ingress: self.ingress.then(Vec::new),
+            egress: self.egress.then(Vec::new),
+            require_identity: false,
+        }
+    }
+}
+
+/// Reads what a refused policy (one `parse_policy` refused with `errors`) still says.
+pub fn refusal(policy: &NetworkPolicy, errors: Vec<PolicyError>) -> Refusal {
+    let namespace = namespace_of(&policy.metadata);
+    let name = policy.metadata.name.clone().unwrap_or_default();
+    let Some(spec) = &policy.spec else {
+        // Nothing to read: every pod of the namespace, both ways.
+        return Refusal {
+            namespace,
+            name,
+            pod_selector: None,
+            ingress: true,
+            egress: true,
+            errors,
+        };
+    };
+    let pod_selector = match &spec.pod_selector {
+        Some(s) => Selector::parse(s).ok(),
+        None => Some(Selector::everything()),
+    };
+    let (ingress, egress) = match spec.policy_types.as_deref() {
+        // The v1 default, as in `parse_policy`.
+        None | Some([]) => (true, spec.egress.as_ref().is_some_and(|e| !e.is_empty())),
+        Some(types) if types.iter().all(|t| t == "Ingress" || t == "Egress") => (
+            types.iter().any(|t| t == "Ingress"),
+            types.iter().any(|t| t == "Egress"),
+        ),
+        // A type we cannot read may mean either direction.
+        Some(_) => (true, true),
+    };
+    Refusal {
+        namespace,
+        name,
+        pod_selector,
+        ingress,
+        egress,
+        errors,
+    }
 }
 
 /// Namespace of an object: `metadata.namespace`, or `default`.

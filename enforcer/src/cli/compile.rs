@@ -13,8 +13,9 @@ use enforcer_policy::{
 
 use crate::source::{manifests, watch::LastGoodPolicies};
 
-/// Loads a folder for the offline tools: problems are printed to stderr, invalid policies left
-/// out (there is no last good version offline).
+/// Loads a folder for the offline tools: problems are printed to stderr. There is no last good
+/// version offline, so an invalid policy stays in, refused: it isolates what it selects, as the
+/// agent would enforce it.
 pub(crate) fn load(dir: &Path) -> Result<Cluster> {
     let loaded = manifests::load_dir(dir)?;
     for e in &loaded.errors {
@@ -42,14 +43,30 @@ pub fn compile_report(dir: &Path, node_name: Option<String>, entries: bool) -> R
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "{} pods enforced, {} policies, {} identities, {} policy entries, {} pod addresses, {} CIDR regions",
+        "{} pods enforced, {} policies ({} refused), {} identities, {} policy entries, {} pod addresses, {} CIDR regions",
         s.endpoints.len(),
         cluster.policies.len(),
+        compiled.refused.len(),
         compiled.identities.len(),
         s.policy.len(),
         s.peers_v4.len() + s.peers_v6.len(),
         s.cidrs_v4.len() + s.cidrs_v6.len()
     );
+    for r in &compiled.refused {
+        let f = &r.refusal;
+        let pods: Vec<String> = r.pods.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            o,
+            "\nrefused policy {}/{}: {}; isolates [{}]",
+            f.namespace,
+            f.name,
+            f.consequence(),
+            pods.join(", ")
+        );
+        for e in &f.errors {
+            let _ = writeln!(o, "  {}: {}", e.field, e.message);
+        }
+    }
     for (pod, ep) in &s.endpoints {
         let ips: Vec<String> = ep.ips.iter().map(ToString::to_string).collect();
         let _ = writeln!(
@@ -72,6 +89,25 @@ pub fn compile_report(dir: &Path, node_name: Option<String>, entries: bool) -> R
                 );
                 continue;
             }
+            // The refused policies isolating it: the isolation (or part of it) is theirs.
+            let refused: Vec<String> = compiled
+                .refused
+                .iter()
+                .filter(|r| {
+                    let f = &r.refusal;
+                    (if dir == DIR_INGRESS {
+                        f.ingress
+                    } else {
+                        f.egress
+                    }) && r.pods.contains(pod)
+                })
+                .map(|r| format!("{}/{}", r.refusal.namespace, r.refusal.name))
+                .collect();
+            let by_refused = if refused.is_empty() {
+                String::new()
+            } else {
+                format!(" (isolated by refused policy {})", refused.join(", "))
+            };
             let mut rules: BTreeMap<String, usize> = BTreeMap::new();
             for (k, v) in s
                 .policy
@@ -86,9 +122,9 @@ pub fn compile_report(dir: &Path, node_name: Option<String>, entries: bool) -> R
                 *rules.entry(r).or_default() += 1;
             }
             if rules.is_empty() {
-                let _ = writeln!(o, "  {name}: isolated, nothing allowed");
+                let _ = writeln!(o, "  {name}: isolated, nothing allowed{by_refused}");
             } else {
-                let _ = writeln!(o, "  {name}: isolated, allowed by:");
+                let _ = writeln!(o, "  {name}: isolated{by_refused}, allowed by:");
                 for (r, n) in rules {
                     let _ = writeln!(o, "    {r} ({n} entries)");
                 }
@@ -145,4 +181,49 @@ pub fn compile_report(dir: &Path, node_name: Option<String>, entries: bool) -> R
         }
     }
     Ok(o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The report names a refused policy, why, and the pods it isolates, and each pod's summary
+    /// says its isolation comes from it.
+    #[test]
+    fn the_report_shows_refused_policies_and_what_they_isolate() {
+        let dir = tempfile::tempdir().unwrap();
+        let pod = |name: &str, app: &str, ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: x\n  labels:\n    app: {app}\nspec:\n  containers: []\nstatus:\n  phase: Running\n  podIP: {ip}\n"
+            )
+        };
+        let bad = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: p\n  namespace: x\nspec:\n  podSelector:\n    matchLabels:\n      app: a\n  ingress:\n  - ports:\n    - port: 80\n      endPort: 70\n";
+        std::fs::write(
+            dir.path().join("all.yaml"),
+            format!(
+                "{}---\n{}---\n{bad}",
+                pod("a", "a", "10.0.0.1"),
+                pod("b", "b", "10.0.0.2")
+            ),
+        )
+        .unwrap();
+        let report = compile_report(dir.path(), None, false).unwrap();
+        assert!(report.contains("1 policies (1 refused)"), "{report}");
+        assert!(
+            report.contains(
+                "refused policy x/p: isolating the pods it selects (ingress) until it is fixed; isolates [x/a]"
+            ),
+            "{report}"
+        );
+        assert!(
+            report.contains("spec.ingress[0].ports[0].endPort: 70 must be"),
+            "{report}"
+        );
+        assert!(
+            report.contains("ingress: isolated, nothing allowed (isolated by refused policy x/p)"),
+            "{report}"
+        );
+        let b = report.split("x/b (").nth(1).unwrap();
+        assert!(b.contains("ingress: not isolated"), "{report}");
+    }
 }

@@ -1252,6 +1252,64 @@ mod tests {
         ));
     }
 
+    /// A policy the API server accepted but this agent's validation refuses (here: a named
+    /// port that is not an IANA service name) is in the snapshot as listed, and once through
+    /// the agent's last-good step it isolates the local pods it selects in the directions it
+    /// names, allowing nothing: fail closed, not ignored.
+    #[test]
+    fn a_policy_the_agent_refuses_isolates_the_pods_it_selects() {
+        use enforcer_common::{DIR_EGRESS, DIR_INGRESS};
+        let (ns_store, mut ns_w) = reflector::store::<Namespace>();
+        let (pod_store, mut pod_w) = reflector::store::<Pod>();
+        let (pol_store, mut pol_w) = reflector::store::<NetworkPolicy>();
+        let obj: Namespace = serde_json::from_value(namespace("shop", json!({}), "1")).unwrap();
+        ns_w.apply_watcher_event(&watcher::Event::Apply(obj));
+        for (name, app, ip) in [
+            ("backend", "backend", "10.244.1.10"),
+            ("other", "x", "10.244.1.11"),
+        ] {
+            let mut obj: Pod =
+                serde_json::from_value(pod("shop", name, NODE, ip, json!({"app": app}), "2"))
+                    .unwrap();
+            trim_pod(&mut obj);
+            pod_w.apply_watcher_event(&watcher::Event::Apply(obj));
+        }
+        let spec = json!({
+            "podSelector": {"matchLabels": {"app": "backend"}},
+            "ingress": [{"ports": [{"port": "Not_A_Name"}]}],
+        });
+        let mut obj: NetworkPolicy =
+            serde_json::from_value(policy("shop", "odd", spec, "3")).unwrap();
+        trim_policy(&mut obj);
+        pol_w.apply_watcher_event(&watcher::Event::Apply(obj));
+        let mut c = snapshot(&ns_store, &pod_store, &pol_store);
+        let problems = crate::source::watch::LastGoodPolicies::default().apply(&mut c);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("shop/odd") && p.contains("spec.ingress[0].ports[0].port")),
+            "{problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("isolating the pods it selects (ingress)")),
+            "{problems:?}"
+        );
+        let opts = CompileOptions {
+            node_name: Some(NODE.to_string()),
+            ..CompileOptions::default()
+        };
+        let compiled = compile(&c, &opts, &mut Allocations::new());
+        assert_eq!(compiled.refused.len(), 1);
+        let info = |name: &str| {
+            compiled.state.endpoints[&enforcer_policy::state::PodRef::new("shop", name)].info
+        };
+        assert!(info("backend").isolated(DIR_INGRESS) && !info("backend").isolated(DIR_EGRESS));
+        assert!(!info("other").isolated(DIR_INGRESS), "not selected");
+        assert!(compiled.state.policy.is_empty(), "nothing allowed");
+    }
+
     #[test]
     fn trimming_keeps_what_the_compiler_reads() {
         let mut p: Pod = serde_json::from_value(pod(

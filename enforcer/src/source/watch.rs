@@ -3,7 +3,9 @@
 //!
 //! Both keep the last good version of what breaks: a file that no longer parses keeps its last
 //! parsed objects, and a policy that no longer validates keeps its last valid version, so a
-//! broken edit never opens or closes traffic it does not name.
+//! broken edit never opens or closes traffic it does not name. A policy that never validated
+//! has no such version: it is passed on refused, and the compiler isolates the pods it selects
+//! in the directions it names (fail closed), rather than ignoring it.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -14,7 +16,10 @@ use std::{
 use anyhow::{Context as _, Result};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
-use enforcer_policy::{model::Cluster, validate::validate_policy};
+use enforcer_policy::{
+    model::Cluster,
+    validate::{refusal, validate_policy},
+};
 
 use super::manifests::{self, FileError, Loaded};
 
@@ -422,8 +427,9 @@ fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Replaces every policy that does not validate by its last valid version (or drops it when it
-/// never was valid), and remembers valid ones. Returns the problems.
+/// Replaces every policy that does not validate by its last valid version, and remembers valid
+/// ones. One that never was valid is kept as it is: the compiler refuses it, which isolates
+/// the pods it selects (fail closed). Returns the problems.
 #[derive(Debug, Default)]
 pub struct LastGoodPolicies {
     /// namespace -> name -> (last valid version, the apply that last saw the name). Nested so
@@ -439,7 +445,12 @@ impl LastGoodPolicies {
         let mut problems = Vec::new();
         let mut out = Vec::with_capacity(cluster.policies.len());
         for p in cluster.policies.drain(..) {
-            let ns = p.metadata.namespace.as_deref().unwrap_or("default");
+            let ns = p
+                .metadata
+                .namespace
+                .as_deref()
+                .filter(|n| !n.is_empty())
+                .unwrap_or("default");
             let name = p.metadata.name.as_deref().unwrap_or_default();
             let known = self.good.get_mut(ns).and_then(|names| names.get_mut(name));
             if let Some((old, seen)) = known {
@@ -467,7 +478,12 @@ impl LastGoodPolicies {
                             ));
                             out.push(old.clone());
                         }
-                        None => problems.push(format!("NetworkPolicy {ns}/{name}: not applied")),
+                        None => {
+                            let consequence = refusal(&p, errors).consequence();
+                            problems
+                                .push(format!("NetworkPolicy {ns}/{name}: refused, {consequence}"));
+                            out.push(p);
+                        }
                     }
                 }
             }
@@ -607,6 +623,73 @@ mod tests {
         assert!(
             c.policies[0].spec.as_ref().unwrap().ingress.is_none(),
             "the old version is enforced"
+        );
+    }
+
+    const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: a\n  namespace: x\nspec:\n  containers: []\nstatus:\n  phase: Running\n  podIP: 10.0.0.1\n";
+
+    fn load(dir: &Path, text: &str) -> Cluster {
+        let mut l = Loaded::default();
+        manifests::load_text(
+            &dir.join("p.yaml"),
+            &format!("{NS}---\n{POD}---\n{text}"),
+            &mut l,
+        );
+        manifests::finish(&mut l);
+        assert!(l.errors.is_empty(), "{:?}", l.errors);
+        l.cluster
+    }
+
+    /// Fail closed: a policy with no valid version is passed on, and compiles to isolation of
+    /// the pods it selects in the directions it names; the problem says so.
+    #[test]
+    fn a_policy_that_never_validated_isolates_what_it_selects() {
+        use enforcer_common::{DIR_EGRESS, DIR_INGRESS};
+        use enforcer_policy::compile::{Allocations, CompileOptions, compile};
+        let dir = tempfile::tempdir().unwrap();
+        let mut lg = LastGoodPolicies::default();
+        let mut c = load(dir.path(), BAD_FIELD);
+        let problems = lg.apply(&mut c);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("x/deny") && p.contains("spec.ingress[0].ports[0].endPort")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p
+                == "NetworkPolicy x/deny: refused, isolating the pods it selects (ingress) until it is fixed"),
+            "{problems:?}"
+        );
+        assert_eq!(c.policies.len(), 1, "passed on, refused");
+        let compiled = compile(&c, &CompileOptions::default(), &mut Allocations::new());
+        assert_eq!(compiled.refused.len(), 1);
+        let ep = &compiled.state.endpoints[&enforcer_policy::state::PodRef::new("x", "a")];
+        assert!(ep.info.isolated(DIR_INGRESS) && !ep.info.isolated(DIR_EGRESS));
+        assert!(compiled.state.policy.is_empty(), "nothing allowed");
+
+        // Fixed: it takes effect and becomes the last good version; a bad edit then keeps it.
+        let mut c = load(dir.path(), GOOD);
+        assert!(lg.apply(&mut c).is_empty());
+        let compiled = compile(&c, &CompileOptions::default(), &mut Allocations::new());
+        assert!(compiled.refused.is_empty());
+        let mut c = load(dir.path(), BAD_FIELD);
+        let problems = lg.apply(&mut c);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("keeping its last valid version")),
+            "{problems:?}"
+        );
+        assert!(c.policies[0].spec.as_ref().unwrap().ingress.is_none());
+        // Deleted, then back broken: no last good version any more, refused again.
+        let mut c = load(dir.path(), "");
+        assert!(lg.apply(&mut c).is_empty());
+        let mut c = load(dir.path(), BAD_FIELD);
+        let problems = lg.apply(&mut c);
+        assert!(
+            problems.iter().any(|p| p.contains("refused")),
+            "{problems:?}"
         );
     }
 }
