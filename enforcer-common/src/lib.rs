@@ -642,7 +642,8 @@ pub mod reason {
     pub const ALLOW_NOT_ISOLATED: u8 = 4;
     /// Traffic between the pod and its node, or the pod and itself.
     pub const ALLOW_HOST: u8 = 5;
-    /// ARP, IPv6 neighbour discovery and other non-policy traffic.
+    /// ARP with the pod's own sender address, IPv6 neighbour discovery and MLD scoped to the
+    /// link, and non-IP frames a pod receives.
     pub const ALLOW_NON_IP: u8 = 6;
     /// A later fragment whose first fragment was allowed.
     pub const ALLOW_FRAGMENT: u8 = 7;
@@ -650,7 +651,9 @@ pub mod reason {
     pub const ALLOW_UNMANAGED: u8 = 8;
     /// No policy entry allows the new flow (the direction is isolated).
     pub const DROP_POLICY: u8 = 9;
-    /// The pod sent a packet with a source address that is not its own.
+    /// The pod sent a packet (or an ARP message) with a source address that is not its own, or
+    /// a packet for the pod came with the pod's own address as its source (only a forger sends
+    /// that: a pod's traffic to itself never leaves its namespace).
     pub const DROP_SPOOFED: u8 = 10;
     /// A later fragment with no allowed first fragment.
     pub const DROP_FRAGMENT: u8 = 11;
@@ -662,9 +665,18 @@ pub mod reason {
     pub const DROP_NO_IDENTITY: u8 = 14;
     /// An established flow that the current policy no longer allows.
     pub const DROP_REVOKED: u8 = 15;
+    /// A pod sent a frame that is neither IP nor ARP.
+    pub const DROP_NON_IP: u8 = 16;
+    /// A VLAN-tagged frame (the kernel may untag it after TC judged it, and deliver what is
+    /// inside as IP).
+    pub const DROP_VLAN: u8 = 17;
+    /// The interface carries the programs but has no endpoint entry: a pod the agent could not
+    /// program (no room in ENDPOINTS, or more local pods than endpoint ids). Denied both ways
+    /// until it is programmed; the agent names it in its log and on `/readyz`.
+    pub const DROP_UNPROGRAMMED: u8 = 18;
 }
 pub const REASON_FIRST_DROP: u8 = reason::DROP_POLICY;
-pub const REASON_COUNT: u32 = 16;
+pub const REASON_COUNT: u32 = 19;
 
 /// Short, stable names of the reasons (metrics labels, flow log).
 pub const REASON_NAMES: [&str; REASON_COUNT as usize] = [
@@ -684,6 +696,9 @@ pub const REASON_NAMES: [&str; REASON_COUNT as usize] = [
     "map-full",
     "no-identity",
     "revoked",
+    "non-ip-denied",
+    "vlan",
+    "unprogrammed",
 ];
 
 /// Packets and bytes, per CPU.

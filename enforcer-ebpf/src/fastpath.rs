@@ -152,6 +152,10 @@ pub fn established_v4(
     if ep.flags & EP_HAS_V4 == 0 || ep.flags & (EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED) == 0 {
         return Fast::Other;
     }
+    // A tagged frame is the full path's to drop.
+    if crate::parse::vlan_tagged(ctx) {
+        return Fast::Other;
+    }
     let (data, end) = (ctx.data(), ctx.data_end());
     if data + MIN_LINEAR > end {
         return Fast::Other;

@@ -47,7 +47,11 @@ use crate::{
     fastpath::{Fast, FastEp, Known, established_v4, slot_endpoint},
     lookup::{peer_identity, policy_lookup},
     maps::{CONFIG, ENDPOINTS, FRAGMENTS, SCRATCH, Scratch},
-    parse::{FRAG_FIRST, FRAG_LATER, L4_ICMP_ERROR, PARSED_IP, Packet, parse, parse_inner},
+    parse::Inner,
+    parse::{
+        FRAG_FIRST, FRAG_LATER, L4_ICMP_ERROR, PARSED_ARP, PARSED_IP, PARSED_ND, PARSED_VLAN,
+        Packet, parse, parse_inner, vlan_tagged,
+    },
     verdict::{Verdict, count, emit},
 };
 
@@ -91,12 +95,16 @@ fn process(ctx: &TcContext, direction: u8) -> i32 {
     let cfg = CONFIG.get(0);
     let now = clock();
     // The endpoint from its slot when it has one (the common case), else from ENDPOINTS.
+    // Programs on an interface without an entry: a pod the agent attached but could not program
+    // (the agent writes an entry before attaching and detaches before removing it, so nothing
+    // else gets here). Denied, counted on endpoint 0; no event (there is no parsed packet to
+    // name), the agent names the pod instead.
     let (fast, mut entry) = match slot_endpoint(ifindex) {
         Some(f) => (f, None),
         None => {
             let Some(ep) = ENDPOINTS.get_ptr(&ifindex) else {
-                count(0, direction, reason::ALLOW_UNMANAGED, bytes);
-                return TC_ACT_OK;
+                count(0, direction, reason::DROP_UNPROGRAMMED, bytes);
+                return TC_ACT_SHOT;
             };
             (FastEp::of(unsafe { &*ep }), Some(ep))
         }
@@ -112,8 +120,9 @@ fn process(ctx: &TcContext, direction: u8) -> i32 {
         entry = ENDPOINTS.get_ptr(&ifindex);
     }
     let Some(ep) = entry else {
-        count(0, direction, reason::ALLOW_UNMANAGED, bytes);
-        return TC_ACT_OK;
+        // The slot outlived its entry by an agent write: the entry wins.
+        count(0, direction, reason::DROP_UNPROGRAMMED, bytes);
+        return TC_ACT_SHOT;
     };
     let ep = unsafe { &*ep };
     // What the fast path found holds only if the slot decides as the entry does.
@@ -161,6 +170,21 @@ fn is_pod_addr(ep: &EndpointInfo, family: u8, addr: &[u8; 16]) -> bool {
     }
 }
 
+/// An ND/MLD message that stays on the link: from a link-local or unspecified address (or, sent
+/// by the pod, its own), to a link-local or multicast one (or, sent to the pod, its own: the
+/// node's unreachability probes are unicast from its link-local address).
+#[inline(always)]
+fn nd_scoped(ep: &EndpointInfo, pkt: &Packet, dir: u8) -> bool {
+    let link_local = |a: &[u8; 16]| a[0] == 0xfe && a[1] & 0xc0 == 0x80;
+    let src_ok = link_local(&pkt.src)
+        || addr_eq(&pkt.src, &[0; 16])
+        || (dir == DIR_EGRESS && is_pod_addr(ep, pkt.family, &pkt.src));
+    let dst_ok = link_local(&pkt.dst)
+        || pkt.dst[0] == 0xff
+        || (dir == DIR_INGRESS && is_pod_addr(ep, pkt.family, &pkt.dst));
+    src_ok && dst_ok
+}
+
 /// The peer's address: the destination of what the pod sends, the source of what it receives.
 #[inline(always)]
 fn peer_addr(pkt: &Packet, dir: u8) -> &[u8; 16] {
@@ -188,12 +212,46 @@ fn decide(
     now: u64,
     known: Known,
 ) -> Result<Verdict, Error> {
-    if parse(ctx, &mut s.pkt)? != PARSED_IP {
-        return Ok(Verdict::new(reason::ALLOW_NON_IP));
+    // A tagged frame is judged by what the kernel will deliver after untagging it, which TC
+    // never sees whole: drop it, whatever it carries.
+    if vlan_tagged(ctx) {
+        return Ok(Verdict::new(reason::DROP_VLAN));
+    }
+    match parse(ctx, &mut s.pkt)? {
+        PARSED_IP => {}
+        PARSED_VLAN => return Ok(Verdict::new(reason::DROP_VLAN)),
+        PARSED_ARP => {
+            // A pod answers and asks only for its own address (no ARP spoofing of others).
+            let own = is_pod_addr(ep, FAMILY_V4, &s.pkt.src);
+            return Ok(Verdict::new(if dir == DIR_INGRESS || own {
+                reason::ALLOW_NON_IP
+            } else {
+                reason::DROP_SPOOFED
+            }));
+        }
+        PARSED_ND => {
+            // Neighbour discovery and MLD stay on the link; anything else shaped like them is
+            // judged as the IPv6 packet it is.
+            if nd_scoped(ep, &s.pkt, dir) {
+                return Ok(Verdict::new(reason::ALLOW_NON_IP));
+            }
+        }
+        _ => {
+            return Ok(Verdict::new(if dir == DIR_EGRESS {
+                reason::DROP_NON_IP
+            } else {
+                reason::ALLOW_NON_IP
+            }));
+        }
     }
     let pkt = &s.pkt;
-    // Anti-spoofing: the pod may only send from its own address.
+    // Anti-spoofing: the pod may only send from its own address, and nothing may reach it from
+    // its own address (a pod's traffic to itself never crosses its veth; hairpin traffic
+    // through a Service arrives masqueraded).
     if dir == DIR_EGRESS && !is_pod_addr(ep, pkt.family, &pkt.src) {
+        return Ok(Verdict::new(reason::DROP_SPOOFED));
+    }
+    if dir == DIR_INGRESS && is_pod_addr(ep, pkt.family, &pkt.src) {
         return Ok(Verdict::new(reason::DROP_SPOOFED));
     }
     if is_pod_addr(ep, pkt.family, peer_addr(pkt, dir)) {
@@ -244,6 +302,16 @@ fn decide(
     Ok(v)
 }
 
+/// Whether an ICMP error travels between the ends of the flow it names: it goes back to the
+/// sender of the packet that caused it (outer destination = inner source), and one the pod sends
+/// comes from the end it reports about (outer source = inner destination). Errors the pod
+/// receives may come from a router on the path. Without this, naming a tracked flow inside
+/// would carry any payload to any host.
+#[inline(always)]
+fn error_between_endpoints(pkt: &Packet, inner: &Inner, dir: u8) -> bool {
+    addr_eq(&pkt.dst, &inner.src) && (dir == DIR_INGRESS || addr_eq(&pkt.src, &inner.dst))
+}
+
 /// Conntrack, then policy for new flows. `v` carries the verdict out, and the peer identity in
 /// when `!fast` (on the fast path it is looked up here when needed).
 #[inline(always)]
@@ -259,7 +327,10 @@ fn track(
     cfg: Option<&Config>,
     known: Known,
 ) -> Result<(), Error> {
-    if s.pkt.l4 == L4_ICMP_ERROR && parse_inner(ctx, &s.pkt, &mut s.inner) {
+    if s.pkt.l4 == L4_ICMP_ERROR
+        && parse_inner(ctx, &s.pkt, &mut s.inner)
+        && error_between_endpoints(&s.pkt, &s.inner, dir)
+    {
         let i = &s.inner;
         ct_key(
             &mut s.ct,

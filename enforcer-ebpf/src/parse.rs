@@ -19,6 +19,11 @@ pub struct Malformed;
 const ETH_HLEN: u32 = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_ARP: u16 = 0x0806;
+/// 802.1Q, 802.1ad, and the pre-standard QinQ tag.
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const ETH_P_QINQ: u16 = 0x9100;
 
 /// Most IPv6 extension headers we walk before calling the chain malformed.
 pub const MAX_EXT_HEADERS: usize = 8;
@@ -41,10 +46,14 @@ pub const L4_ICMP_ERROR: u8 = 3;
 
 /// What [`parse`] found.
 pub const PARSED_IP: u8 = 0;
-/// ARP and any other non-IP ethertype.
+/// Any ethertype other than IP, ARP and the VLAN tags.
 pub const PARSED_NON_IP: u8 = 1;
 /// IPv6 neighbour discovery, router solicitation/advertisement, redirect, MLD.
 pub const PARSED_ND: u8 = 2;
+/// Ethernet/IPv4 ARP: the sender's protocol address is in `src`.
+pub const PARSED_ARP: u8 = 3;
+/// A VLAN tag in the frame.
+pub const PARSED_VLAN: u8 = 4;
 
 /// The facts of one packet the decision needs. IPv4 addresses use the first 4 bytes. Aligned so
 /// that the addresses move by words ([`crate::mem`]) and the whole zeroes in 6 stores.
@@ -165,8 +174,34 @@ pub fn parse(ctx: &TcContext, pkt: &mut Packet) -> Result<u8, Malformed> {
     match proto {
         ETH_P_IP => parse_v4(ctx, pkt, len),
         ETH_P_IPV6 => parse_v6(ctx, pkt, len),
+        ETH_P_ARP => parse_arp(ctx, pkt),
+        ETH_P_8021Q | ETH_P_8021AD | ETH_P_QINQ => Ok(PARSED_VLAN),
         _ => Ok(PARSED_NON_IP),
     }
+}
+
+/// An ARP message for IPv4 over Ethernet; its sender protocol address goes to `pkt.src`. Any
+/// other hardware or protocol type is a non-IP frame like any other.
+#[inline(always)]
+fn parse_arp(ctx: &TcContext, pkt: &mut Packet) -> Result<u8, Malformed> {
+    let mut buf = MaybeUninit::<[u8; 28]>::uninit();
+    let a = header(ctx, ETH_HLEN, &mut buf)?;
+    if a.be16(0) != 1 || a.be16(2) != ETH_P_IP || a.u8(4) != 6 || a.u8(5) != 4 {
+        return Ok(PARSED_NON_IP);
+    }
+    pkt.family = FAMILY_V4;
+    pkt.src[0] = a.u8(14);
+    pkt.src[1] = a.u8(15);
+    pkt.src[2] = a.u8(16);
+    pkt.src[3] = a.u8(17);
+    Ok(PARSED_ARP)
+}
+
+/// Whether the skb carries a VLAN tag outside its data: the receive path moves a frame's outer
+/// tag there before TC sees it, so a tagged frame shows only its inner ethertype at offset 12.
+#[inline(always)]
+pub fn vlan_tagged(ctx: &TcContext) -> bool {
+    unsafe { (*ctx.skb.skb).vlan_present != 0 }
 }
 
 #[inline(always)]

@@ -97,6 +97,7 @@ fn within(timeout: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration>
 }
 
 #[test]
+#[ignore = "needs root"]
 fn standalone_health_edits_bad_files_and_pod_lifecycle() {
     let s = setup("e2e-sa", &["a", "b", "c"]);
     let (a, b, c) = (&s.pods[0], &s.pods[1], &s.pods[2]);
@@ -270,6 +271,7 @@ impl Drop for Conn {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn policy_change_revokes_established_flows_it_no_longer_allows() {
     let s = setup("e2e-rv", &["a", "b"]);
     let (a, b) = (&s.pods[0], &s.pods[1]);
@@ -336,6 +338,7 @@ impl Drop for BpfMount {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn sigkill_restart_and_upgrade_keep_enforcing_without_a_wrong_verdict() {
     crash_restart_upgrade("rs", "auto", "auto");
 }
@@ -343,6 +346,7 @@ fn sigkill_restart_and_upgrade_keep_enforcing_without_a_wrong_verdict() {
 /// The same with tc (clsact) filters, as on kernels without TCX; the upgrade switches to TCX
 /// links under traffic.
 #[test]
+#[ignore = "needs root"]
 fn tc_filters_through_crash_restart_and_an_upgrade_to_tcx() {
     crash_restart_upgrade("rt", "tc", "tcx");
 }

@@ -17,19 +17,26 @@
 //! current namespace label; each is named after its `ginkgo.It` text. Policies that mention SCTP
 //! are applied as written, but only TCP and UDP are probed (no sctp module here).
 //!
-//! Runs as root. `CONFORMANCE_FILTER=text` runs only the cases whose name contains `text`.
+//! Each case is a test of its own, named after its `ginkgo.It` text in snake case (e.g.
+//! `should_support_a_default_deny_ingress_policy`); `--list` lists them. They need root and are
+//! ignored unless asked for: `cargo test -p enforcer --test conformance -- --include-ignored
+//! endport` runs the cases whose name contains `endport`. The model is built once, by the first
+//! case that runs, and torn down (agent, namespaces, folder) when the last has run, also after a
+//! failure. A test that needs no root checks the case table itself.
 
 use std::{
     collections::BTreeSet,
     fmt::Write as _,
     net::{IpAddr, Ipv4Addr},
     path::PathBuf,
-    process::Command,
+    process::{Command, ExitCode},
+    sync::{Mutex, PoisonError},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
 use enforcer_testkit::netns::{AgentProcess, Proto, Servers, Testbed, agent_binary, probe_all};
+use libtest_mimic::{Arguments, Failed, Trial};
 use serde_json::{Map, Value, json};
 
 const TAG: &str = "npc";
@@ -669,6 +676,7 @@ fn trim_error(e: anyhow::Error) -> anyhow::Error {
 // The cases, in upstream's order, named after their `ginkgo.It` text. Expectations are upstream's
 // truth tables, built with upstream's operators on the full 9x9 model.
 
+#[derive(Clone, Copy)]
 struct Case {
     name: &'static str,
     run: fn(&mut Suite) -> R,
@@ -1532,60 +1540,102 @@ fn baseline(s: &mut Suite) -> R {
     Ok(())
 }
 
-#[test]
-fn upstream_netpol_conformance() {
+// ---------------------------------------------------------------------------------------------
+// The harness: one test per case, named after it, sharing one model.
+
+/// The model, built by the first case that runs and torn down when every case has run.
+static SUITE: Mutex<Shared> = Mutex::new(Shared {
+    suite: None,
+    broken: None,
+});
+
+struct Shared {
+    suite: Option<Suite>,
+    /// Why the model could not be built (then every case fails with it, without a retry).
+    broken: Option<String>,
+}
+
+/// The test name of a case: its `ginkgo.It` text in snake case (`'` dropped, every other run of
+/// non-alphanumerics an underscore), e.g. `should_support_a_default_deny_ingress_policy`.
+fn slug(name: &str) -> String {
+    let mut out = String::new();
+    for c in name.chars().filter(|&c| c != '\'') {
+        if c.is_ascii_alphanumeric() {
+            out.push(c.to_ascii_lowercase());
+        } else if !out.is_empty() && !out.ends_with('_') {
+            out.push('_');
+        }
+    }
+    out.trim_end_matches('_').to_string()
+}
+
+/// Runs `f` on the model, building it first if no case has yet.
+fn with_suite(f: impl FnOnce(&mut Suite) -> Result<(), Failed>) -> Result<(), Failed> {
+    // After libtest's `test NAME ... `: this test's output on lines of its own.
+    println!();
+    let mut shared = SUITE.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(e) = &shared.broken {
+        return Err(format!("the model could not be built: {e}").into());
+    }
+    if shared.suite.is_none() {
+        match build_suite() {
+            Ok(s) => shared.suite = Some(s),
+            Err(e) => {
+                let e = format!("{e:#}");
+                shared.broken = Some(e.clone());
+                return Err(format!("setting up the model: {e}").into());
+            }
+        }
+    }
+    f(shared.suite.as_mut().expect("built above"))
+}
+
+fn build_suite() -> Result<Suite> {
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
+    anyhow::ensure!(
+        unsafe { libc::geteuid() } == 0,
         "the conformance suite builds network namespaces: run it as root"
     );
-    if std::env::var_os("ENFORCER_BIN").is_none() {
-        // The agent built with this test (cargo builds the package's binary for integration
-        // tests). SAFETY: this binary has a single test and no other thread reads the environment
-        // yet.
-        unsafe { std::env::set_var("ENFORCER_BIN", env!("CARGO_BIN_EXE_enforcer")) };
-    }
-    let all = cases();
-    let names: BTreeSet<&str> = all.iter().map(|c| c.name).collect();
-    assert_eq!(names.len(), all.len(), "case names must be unique");
-    assert!(all.len() >= MIN_CASES, "only {} upstream cases", all.len());
-    let filter = std::env::var("CONFORMANCE_FILTER").unwrap_or_default();
-    let selected: Vec<&Case> = all.iter().filter(|c| c.name.contains(&filter)).collect();
-    assert!(
-        !selected.is_empty(),
-        "no case matches CONFORMANCE_FILTER={filter:?}"
-    );
-
     let started = Instant::now();
-    let mut s = Suite::new().unwrap_or_else(|e| panic!("setting up the model: {e:#}"));
+    let s = Suite::new()?;
     println!(
         "model ready in {:.1} s: 9 pods, agent {} ready",
         started.elapsed().as_secs_f64(),
         s.agent.pid()
     );
+    Ok(s)
+}
 
-    println!("--- baseline: no policies, everything connects");
-    if let Err(e) = baseline(&mut s) {
-        s.failures.push(format!("{e:#}"));
-    }
-    if !s.failures.is_empty() {
-        panic!(
+/// The model before any policy: every pair connects on every port and protocol.
+fn baseline_trial() -> Result<(), Failed> {
+    with_suite(|s| {
+        println!("--- baseline: no policies, everything connects");
+        s.failures.clear();
+        if let Err(e) = baseline(s) {
+            s.failures.push(format!("{e:#}"));
+        }
+        if s.failures.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
             "baseline failed, the model or the agent is broken:\n{}\nagent log:\n{}",
             s.failures.join("\n"),
             s.log_tail(80)
-        );
-    }
+        )
+        .into())
+    })
+}
 
-    let mut results: Vec<(&str, bool, Duration)> = Vec::new();
-    let mut report = String::new();
-    for (k, case) in selected.iter().enumerate() {
-        println!("--- [{}/{}] {}", k + 1, selected.len(), case.name);
+/// One upstream case: the baseline (nothing left from an earlier case), the case, then the
+/// model back as it was.
+fn case_trial(case: Case) -> Result<(), Failed> {
+    with_suite(|s| {
+        println!("--- {}", case.name);
         let t = Instant::now();
         s.failures.clear();
-        if let Err(e) = baseline(&mut s).and_then(|()| {
+        if let Err(e) = baseline(s).and_then(|()| {
             if s.failures.is_empty() {
-                (case.run)(&mut s)
+                (case.run)(s)
             } else {
                 s.failures.push(
                     "baseline before the case failed: state left over from an earlier case?".into(),
@@ -1600,38 +1650,78 @@ fn upstream_netpol_conformance() {
             s.failures
                 .push(format!("cleaning up after the case: {e:#}"));
         }
-        let ok = s.failures.is_empty();
-        if !ok {
-            let _ = writeln!(
-                report,
-                "\n=== FAILED: {}\n{}",
-                case.name,
-                s.failures.join("\n")
-            );
-            let _ = writeln!(report, "agent log (tail):\n{}", indent(&s.log_tail(25)));
+        println!("    {:.1} s", t.elapsed().as_secs_f64());
+        if s.failures.is_empty() {
+            return Ok(());
         }
-        results.push((case.name, ok, t.elapsed()));
-    }
+        Err(format!(
+            "{}\n{}\nagent log (tail):\n{}",
+            case.name,
+            s.failures.join("\n"),
+            indent(&s.log_tail(25))
+        )
+        .into())
+    })
+}
 
-    let failed = results.iter().filter(|r| !r.1).count();
-    println!(
-        "\n=== summary: {} case(s), {} passed, {failed} failed, {} probes, {:.1} s",
-        results.len(),
-        results.len() - failed,
-        s.probes_run,
-        started.elapsed().as_secs_f64()
+/// The case table itself (no root needed): unique names and test names, enough cases.
+fn case_table_trial() -> Result<(), Failed> {
+    let all = cases();
+    let names: BTreeSet<&str> = all.iter().map(|c| c.name).collect();
+    if names.len() != all.len() {
+        return Err("case names must be unique".into());
+    }
+    let slugs: BTreeSet<String> = all.iter().map(|c| slug(c.name)).collect();
+    if slugs.len() != all.len() {
+        return Err("case test names (slugs of the names) must be unique".into());
+    }
+    if all.len() < MIN_CASES {
+        return Err(format!(
+            "only {} upstream cases, want at least {MIN_CASES}",
+            all.len()
+        )
+        .into());
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    if std::env::var_os("ENFORCER_BIN").is_none() {
+        // The agent built with this test (cargo builds the package's binary for integration
+        // tests). SAFETY: no other thread runs yet.
+        unsafe { std::env::set_var("ENFORCER_BIN", env!("CARGO_BIN_EXE_enforcer")) };
+    }
+    let mut args = Arguments::from_args();
+    // The cases share one model: one at a time.
+    args.test_threads = Some(1);
+    let needs_root = |t: Trial| t.with_ignored_flag(true);
+    let mut trials = vec![
+        Trial::test("upstream_case_table_is_complete", case_table_trial),
+        needs_root(Trial::test(
+            "baseline_every_pair_connects_without_policies",
+            baseline_trial,
+        )),
+    ];
+    trials.extend(
+        cases()
+            .into_iter()
+            .map(|case| needs_root(Trial::test(slug(case.name), move || case_trial(case)))),
     );
-    for (name, ok, d) in &results {
+    let started = Instant::now();
+    let conclusion = libtest_mimic::run(&args, trials);
+    // Tear the model down (agent, servers, namespaces, folder), whatever the outcome.
+    let suite = SUITE
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .suite
+        .take();
+    if let Some(s) = suite {
         println!(
-            "  {} {:5.1} s  {name}",
-            if *ok { "PASS" } else { "FAIL" },
-            d.as_secs_f64()
+            "model: {} probes in {:.1} s; tearing it down",
+            s.probes_run,
+            started.elapsed().as_secs_f64()
         );
+        drop(s);
     }
-    if failed > 0 {
-        panic!(
-            "{failed} of {} conformance case(s) failed:\n{report}",
-            results.len()
-        );
-    }
+    conclusion.exit_code()
 }

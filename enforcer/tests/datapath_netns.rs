@@ -128,12 +128,14 @@ fn hooks_of(pin: &std::path::Path, netns: &str, dev: &str, ifindex: u32) -> (boo
 }
 
 #[test]
+#[ignore = "needs root"]
 fn enforced_between_routed_veth_pods() {
     enforced_with(AttachMode::Tcx, AttachMode::Tc, "dpn");
 }
 
 /// The same with tc (clsact) filters, as on kernels without TCX; the restart moves to TCX links.
 #[test]
+#[ignore = "needs root"]
 fn enforced_with_tc_filters() {
     enforced_with(AttachMode::Tc, AttachMode::Tcx, "dpt");
 }

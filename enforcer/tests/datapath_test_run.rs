@@ -3,16 +3,29 @@
 //! expected reason moved. Runs as root: a private network namespace (for the ifindexes the
 //! kernel requires in `ctx_in`) and a private bpffs mounted under a temp dir, both removed at
 //! the end.
+//!
+//! One test per case group (a behaviour), named for it; `--list` lists them. They need root and
+//! are ignored unless asked for: `cargo test -p enforcer --test datapath_test_run --
+//! --include-ignored fragments` runs the groups whose name contains `fragments`. The groups
+//! share one load of the programs (see `Shared`) and each starts from the same state (`reset`),
+//! so any of them runs alone or in any order.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, Ipv6Addr},
+    panic::AssertUnwindSafe,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, ExitCode},
+    sync::{
+        Mutex, PoisonError,
+        atomic::{AtomicUsize, Ordering},
+        mpsc,
+    },
+    thread::JoinHandle,
 };
 
 use enforcer::{
-    datapath::{CtCount, Datapath, DatapathOptions, Hook, mount_bpffs},
+    datapath::{CtCount, Datapath, DatapathOptions, EventReader, Hook, mount_bpffs},
     reconcile::MapTable,
 };
 use enforcer_common::{
@@ -24,6 +37,7 @@ use enforcer_common::{
     reason::*,
 };
 use enforcer_policy::state::Prefix;
+use libtest_mimic::{Arguments, Completion, Failed, Trial};
 
 const OK: i32 = 0; // TC_ACT_OK
 const SHOT: i32 = 2; // TC_ACT_SHOT
@@ -269,11 +283,20 @@ struct Harness {
     dp: Datapath,
     ifs: BTreeMap<&'static str, u32>,
     eps: BTreeMap<u32, EndpointInfo>,
+    /// The verdict-event reader (the datapath hands it out once), taken when first needed.
+    events: Option<EventReader>,
     cases: usize,
     failures: Vec<String>,
 }
 
 impl Harness {
+    fn events(&mut self) -> &mut EventReader {
+        if self.events.is_none() {
+            self.events = self.dp.take_events();
+        }
+        self.events.as_mut().expect("the event reader")
+    }
+
     /// Runs `frame` through `hook` of interface `iface` and checks the action and the counter.
     fn case(
         &mut self,
@@ -384,7 +407,24 @@ fn setup(pin: &Path) -> Harness {
         ..Default::default()
     };
     let mut dp = Datapath::open(opts).expect("loading the programs");
+    let eps = program_baseline(&mut dp, &ifs);
+    Harness {
+        dp,
+        ifs,
+        eps,
+        events: None,
+        cases: 0,
+        failures: Vec::new(),
+    }
+}
 
+/// The state every case group starts from: endpoints A (isolated both ways, v4 and v6), B (not
+/// isolated) and C (ingress isolated, v4 only); the peers, the ipBlocks and the policy entries
+/// below. Returns the endpoints by ifindex.
+fn program_baseline(
+    dp: &mut Datapath,
+    ifs: &BTreeMap<&'static str, u32>,
+) -> BTreeMap<u32, EndpointInfo> {
     let both = EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED;
     let any = PORT_MASK_ANY_PROTO;
     let a = endpoint(
@@ -453,56 +493,86 @@ fn setup(pin: &Path) -> Harness {
         .unwrap();
 
     // Pod A, ingress.
-    allow(&mut dp, EP_A, ID_B, DIR_INGRESS, PROTO_TCP, 80, 16, 10);
-    allow(&mut dp, EP_A, ID_B, DIR_INGRESS, PROTO_UDP, 53, 16, 11);
-    allow(&mut dp, EP_A, ID_B, DIR_INGRESS, PROTO_SCTP, 9000, 16, 12);
+    allow(dp, EP_A, ID_B, DIR_INGRESS, PROTO_TCP, 80, 16, 10);
+    allow(dp, EP_A, ID_B, DIR_INGRESS, PROTO_UDP, 53, 16, 11);
+    allow(dp, EP_A, ID_B, DIR_INGRESS, PROTO_SCTP, 9000, 16, 12);
     // port 8000, endPort 8015: one /12 block.
-    allow(
-        &mut dp,
-        EP_A,
-        IDENTITY_ANY,
-        DIR_INGRESS,
-        PROTO_TCP,
-        8000,
-        12,
-        13,
-    );
-    allow(&mut dp, EP_A, ID_CIDR, DIR_INGRESS, PROTO_TCP, 443, 16, 14);
-    allow(&mut dp, EP_A, ID_P9, DIR_INGRESS, PROTO_ANY, 0, 0, 15);
+    allow(dp, EP_A, IDENTITY_ANY, DIR_INGRESS, PROTO_TCP, 8000, 12, 13);
+    allow(dp, EP_A, ID_CIDR, DIR_INGRESS, PROTO_TCP, 443, 16, 14);
+    allow(dp, EP_A, ID_P9, DIR_INGRESS, PROTO_ANY, 0, 0, 15);
     // Pod A, egress.
-    allow(&mut dp, EP_A, ID_B, DIR_EGRESS, PROTO_TCP, 5432, 16, 20);
-    allow(&mut dp, EP_A, ID_P9, DIR_EGRESS, PROTO_ANY, 0, 0, 21);
-    allow(&mut dp, EP_A, ID_CIDR, DIR_EGRESS, PROTO_UDP, 123, 16, 22);
+    allow(dp, EP_A, ID_B, DIR_EGRESS, PROTO_TCP, 5432, 16, 20);
+    allow(dp, EP_A, ID_P9, DIR_EGRESS, PROTO_ANY, 0, 0, 21);
+    allow(dp, EP_A, ID_CIDR, DIR_EGRESS, PROTO_UDP, 123, 16, 22);
     // Pod C, ingress only.
-    allow(&mut dp, EP_C, ID_B, DIR_INGRESS, PROTO_TCP, 80, 16, 30);
-    Harness {
-        dp,
-        ifs,
-        eps,
-        cases: 0,
-        failures: Vec::new(),
-    }
+    allow(dp, EP_C, ID_B, DIR_INGRESS, PROTO_TCP, 80, 16, 30);
+    eps
 }
 
-fn run_cases(h: &mut Harness) {
-    let i = Hook::Egress; // to_pod: traffic into the pod
-    let e = Hook::Ingress; // from_pod: traffic out of the pod
+/// Back to the baseline after a case group: no flow (table and maps), default CONFIG, exactly
+/// the baseline's endpoints, peers and policy (which rewrites their slots and cache ways), no
+/// pending event, no extra link.
+fn reset(h: &mut Harness) {
+    if h.ifs.remove("d").is_some() {
+        let _ = Command::new("ip").args(["link", "del", "epd"]).output();
+    }
+    let defaults = h.dp.options().config();
+    h.dp.set_config(&defaults).unwrap();
+    if let Some(table) = h.dp.conntrack.flow_table() {
+        table.remove_where(|_| true).unwrap();
+    }
+    for (k, _) in h.dp.conntrack.entries().unwrap() {
+        h.dp.conntrack.remove(&k).unwrap();
+    }
+    let baseline: BTreeSet<u32> = ["a", "b", "c"].iter().map(|n| h.ifs[n]).collect();
+    for ifindex in h.dp.endpoints.keys().unwrap() {
+        if !baseline.contains(&ifindex) {
+            h.dp.endpoints.remove(&ifindex).unwrap();
+        }
+    }
+    for addr in MapTable::<[u8; 4], PeerInfo>::keys(&h.dp.peers_v4).unwrap() {
+        MapTable::<[u8; 4], PeerInfo>::remove(&mut h.dp.peers_v4, &addr).unwrap();
+    }
+    for addr in MapTable::<[u8; 16], PeerInfo>::keys(&h.dp.peers_v6).unwrap() {
+        MapTable::<[u8; 16], PeerInfo>::remove(&mut h.dp.peers_v6, &addr).unwrap();
+    }
+    for key in h.dp.policy.keys().unwrap() {
+        h.dp.policy.remove(&key).unwrap();
+    }
+    h.eps = program_baseline(&mut h.dp, &h.ifs);
+    if let Some(events) = &mut h.events {
+        let _ = events.drain();
+    }
+    h.cases = 0;
+    h.failures.clear();
+}
 
-    // --- Unmanaged, non-IP, ND ---
+// Every trial starts from `setup`'s state (see `reset`). Hooks: `Hook::Egress` of the host-side
+// veth (`i` below) is traffic into the pod, `Hook::Ingress` (`e`) traffic out of it.
+
+/// Frames of an interface that is no endpoint, non-IP frames and IPv6 neighbour discovery
+/// and MLD pass without a policy lookup.
+fn arp_link_scoped_neighbour_discovery_pass_and_unprogrammed_interfaces_drop(h: &mut Harness) {
+    let (i, e) = (Hook::Egress, Hook::Ingress);
     h.case(
-        "unmanaged ifindex",
+        "programs on an interface without an endpoint entry",
         "u",
         e,
         &ipv4(A4, B4, PROTO_TCP, &tcp(1, 2)),
-        OK,
-        ALLOW_UNMANAGED,
+        SHOT,
+        DROP_UNPROGRAMMED,
     );
     h.case("arp", "a", e, &arp(), OK, ALLOW_NON_IP);
     h.case(
         "nd neighbour solicitation from link-local",
         "a",
         e,
-        &ipv6(LINK_LOCAL6, B6, 58, &icmp_error(135, 0, &[0; 16])),
+        &ipv6(
+            LINK_LOCAL6,
+            "ff02::1:ff00:2".parse().unwrap(),
+            58,
+            &icmp_error(135, 0, &[0; 16]),
+        ),
         OK,
         ALLOW_NON_IP,
     );
@@ -527,8 +597,11 @@ fn run_cases(h: &mut Harness) {
         OK,
         ALLOW_NON_IP,
     );
+}
 
-    // --- Anti-spoofing, host, self ---
+/// A pod sending from an address that is not its own is dropped, isolated or not.
+fn spoofed_sources_are_dropped(h: &mut Harness) {
+    let e = Hook::Ingress;
     h.case(
         "spoofed v4 source",
         "a",
@@ -553,6 +626,11 @@ fn run_cases(h: &mut Harness) {
         SHOT,
         DROP_SPOOFED,
     );
+}
+
+/// Traffic to and from the host identity and to the pod itself is allowed, and not tracked.
+fn host_and_self_traffic_is_allowed_and_never_tracked(h: &mut Harness) {
+    let (i, e) = (Hook::Egress, Hook::Ingress);
     h.case(
         "to host identity",
         "a",
@@ -593,8 +671,12 @@ fn run_cases(h: &mut Harness) {
         OK,
         ALLOW_HOST,
     );
+}
 
-    // --- TCP v4: pod peer exact hit, conntrack ---
+/// TCP over IPv4 from a pod peer: an exact policy hit opens a flow whose replies and
+/// further packets pass; other ports, unrelated reverse packets and the world are denied.
+fn tcp_v4_flows_follow_policy_and_conntrack(h: &mut Harness) {
+    let (i, e) = (Hook::Egress, Hook::Ingress);
     h.case(
         "tcp v4 in from pod B allowed port",
         "a",
@@ -667,8 +749,11 @@ fn run_cases(h: &mut Harness) {
         SHOT,
         DROP_POLICY,
     );
+}
 
-    // --- UDP, SCTP ---
+/// UDP over IPv4: allowed port and reply, denied port, a CIDR peer and its except.
+fn udp_v4_flows_follow_policy_and_conntrack(h: &mut Harness) {
+    let (i, e) = (Hook::Egress, Hook::Ingress);
     h.case(
         "udp v4 allowed",
         "a",
@@ -709,6 +794,11 @@ fn run_cases(h: &mut Harness) {
         SHOT,
         DROP_POLICY,
     );
+}
+
+/// SCTP over IPv4 and IPv6: allowed port and reply, denied port.
+fn sctp_flows_follow_policy_and_conntrack(h: &mut Harness) {
+    let (i, e) = (Hook::Egress, Hook::Ingress);
     h.case(
         "sctp v4 allowed",
         "a",
@@ -741,8 +831,12 @@ fn run_cases(h: &mut Harness) {
         OK,
         ALLOW_POLICY,
     );
+}
 
-    // --- Port ranges (endPort as a prefix), wildcard peer ---
+/// A port range (endPort, a prefix of the port) matches its first, inner and last port,
+/// not its neighbours nor another protocol; on IPv6 too; from any peer.
+fn end_port_ranges_cover_exactly_their_ports(h: &mut Harness) {
+    let i = Hook::Egress;
     h.case(
         "endPort range start, any peer",
         "a",
@@ -799,8 +893,11 @@ fn run_cases(h: &mut Harness) {
         OK,
         ALLOW_POLICY,
     );
+}
 
-    // --- CIDR with except ---
+/// An ipBlock peer: inside the CIDR allowed, inside its except or outside denied (v4, v6).
+fn ip_blocks_allow_their_cidr_but_not_its_except(h: &mut Harness) {
+    let i = Hook::Egress;
     h.case(
         "cidr v4 allowed",
         "a",
@@ -841,8 +938,11 @@ fn run_cases(h: &mut Harness) {
         SHOT,
         DROP_POLICY,
     );
+}
 
-    // --- TCP v6 ---
+/// TCP over IPv6: allowed port and reply, denied port, an allowed flow out.
+fn tcp_v6_flows_follow_policy_and_conntrack(h: &mut Harness) {
+    let (i, e) = (Hook::Egress, Hook::Ingress);
     h.case(
         "tcp v6 in allowed",
         "a",
@@ -875,9 +975,12 @@ fn run_cases(h: &mut Harness) {
         OK,
         ALLOW_POLICY,
     );
-    ct_key_layout(h);
+}
 
-    // --- ICMP echo ---
+/// ICMP and ICMPv6 echo: allowed from a peer with an any-protocol rule (and its reply), denied
+/// from a peer allowed on ports only.
+fn icmp_echo_needs_an_any_protocol_rule_and_its_reply_passes(h: &mut Harness) {
+    let (i, e) = (Hook::Egress, Hook::Ingress);
     h.case(
         "icmp echo in from any-proto peer",
         "a",
@@ -934,7 +1037,29 @@ fn run_cases(h: &mut Harness) {
         SHOT,
         DROP_POLICY,
     );
+}
 
+/// ICMP and ICMPv6 errors about a tracked flow pass as related; about an unknown flow,
+/// they are judged (and denied) as their own packets.
+fn icmp_errors_pass_only_for_tracked_flows(h: &mut Harness) {
+    let (i, e) = (Hook::Egress, Hook::Ingress);
+    // The tracked flows the errors below are about.
+    h.case(
+        "tcp v4 out allowed",
+        "a",
+        e,
+        &ipv4(A4, B4, PROTO_TCP, &tcp(41000, 5432)),
+        OK,
+        ALLOW_POLICY,
+    );
+    h.case(
+        "tcp v6 out allowed",
+        "a",
+        e,
+        &ipv6(A6, B6, PROTO_TCP, &tcp(42000, 5432)),
+        OK,
+        ALLOW_POLICY,
+    );
     // --- ICMP errors ---
     // The flow A:41000 -> B:5432 is tracked (above); B's side answers with unreachable.
     let inner = strip_eth(&ipv4(A4, B4, PROTO_TCP, &tcp(41000, 5432)));
@@ -987,8 +1112,12 @@ fn run_cases(h: &mut Harness) {
         SHOT,
         DROP_POLICY,
     );
+}
 
-    // --- Not isolated ---
+/// A pod not isolated in a direction lets it pass; flows it opens that way are tracked, so
+/// their replies pass an isolated other direction.
+fn not_isolated_directions_pass_and_track_flows(h: &mut Harness) {
+    let (i, e) = (Hook::Egress, Hook::Ingress);
     h.case(
         "not isolated pod, in",
         "b",
@@ -1037,8 +1166,12 @@ fn run_cases(h: &mut Harness) {
         OK,
         ALLOW_POLICY,
     );
+}
 
-    // --- Fragments ---
+/// IPv4 and IPv6 fragments: a later fragment passes when its first fragment was allowed, is
+/// dropped without one or after a denied one, and passes on a not-isolated pod.
+fn fragments_follow_the_verdict_of_their_first_fragment(h: &mut Harness) {
+    let i = Hook::Egress;
     let first = V4 {
         id: 0x4242,
         more_fragments: true,
@@ -1171,6 +1304,12 @@ fn run_cases(h: &mut Harness) {
         SHOT,
         DROP_FRAGMENT,
     );
+}
+
+/// IPv6 extension headers (hop-by-hop, routing, destination options, fragment) are walked to
+/// the transport header, up to a chain of eight; a longer chain is dropped as malformed.
+fn ipv6_extension_header_chains_are_walked_up_to_eight(h: &mut Harness) {
+    let i = Hook::Egress;
     let mut p = ext8(43);
     p.extend([PROTO_TCP, 0, 0, 0, 0, 0, 0, 0]); // routing header, type 0, segments left 0
     p[8] = 44;
@@ -1225,8 +1364,16 @@ fn run_cases(h: &mut Harness) {
         SHOT,
         DROP_MALFORMED,
     );
+}
 
-    // --- Malformed and truncated ---
+/// Bad IPv4/IPv6 headers and truncated transport or extension headers are dropped as malformed.
+fn malformed_and_truncated_packets_are_dropped(h: &mut Harness) {
+    let i = Hook::Egress;
+    let first = V4 {
+        id: 0x4242,
+        more_fragments: true,
+        ..V4::default()
+    };
     h.case(
         "ipv4 ihl < 5",
         "a",
@@ -1361,9 +1508,11 @@ fn run_cases(h: &mut Harness) {
     );
 }
 
-fn epoch_cases(h: &mut Harness) {
-    let i = Hook::Egress;
-    let e = Hook::Ingress;
+/// A policy change bumps the endpoint's epoch: a tracked flow the policy no longer allows is
+/// dropped as revoked (and stays a tombstone, whichever side sends), one still allowed goes on
+/// with its entry updated, and one allowed again resumes.
+fn epoch_bump_revokes_flows_the_policy_no_longer_allows(h: &mut Harness) {
+    let (i, e) = (Hook::Egress, Hook::Ingress);
     // Two flows into A from B: TCP 80 (rule 10) and UDP 53 (rule 11).
     h.case(
         "epoch: tcp flow opens",
@@ -1451,7 +1600,7 @@ fn epoch_cases(h: &mut Harness) {
         OK,
         ALLOW_ESTABLISHED,
     );
-    // Put the rule back for later cases.
+    // The rule back.
     allow(&mut h.dp, EP_A, ID_B, DIR_INGRESS, PROTO_TCP, 80, 16, 10);
     h.set_epoch("a", 3);
     h.case(
@@ -1470,23 +1619,80 @@ fn epoch_cases(h: &mut Harness) {
         OK,
         ALLOW_POLICY,
     );
+}
+
+/// `Conntrack::remove_endpoint` (a pod gone) forgets that endpoint's flows and no other's.
+fn removing_an_endpoint_forgets_its_flows_only(h: &mut Harness) {
+    let (i, e) = (Hook::Egress, Hook::Ingress);
+    h.case(
+        "C opens a flow out",
+        "c",
+        e,
+        &ipv4(C4, WORLD4, PROTO_UDP, &udp(5000, 5000, b"x")),
+        OK,
+        ALLOW_NOT_ISOLATED,
+    );
+    h.case(
+        "a flow into C",
+        "c",
+        i,
+        &ipv4(B4, C4, PROTO_TCP, &tcp(5001, 80)),
+        OK,
+        ALLOW_POLICY,
+    );
+    h.case(
+        "a flow into A",
+        "a",
+        i,
+        &ipv4(B4, A4, PROTO_TCP, &tcp(5002, 80)),
+        OK,
+        ALLOW_POLICY,
+    );
     let n = h.dp.conntrack.remove_endpoint(EP_C).unwrap();
-    if n == 0 {
-        h.failures
-            .push("conntrack.remove_endpoint(C) removed nothing".into());
+    if n != 2 {
+        h.failures.push(format!(
+            "conntrack.remove_endpoint(C) removed {n} flows, want C's 2"
+        ));
     }
+    let left = |h: &Harness, ep| {
+        h.dp.conntrack
+            .entries()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.endpoint == ep)
+            .count()
+    };
+    if left(h, EP_C) != 0 || left(h, EP_A) != 1 {
+        h.failures.push(format!(
+            "after remove_endpoint(C): {} flows of C, {} of A (want 0 and 1)",
+            left(h, EP_C),
+            left(h, EP_A)
+        ));
+    }
+    h.case(
+        "C's forgotten flow: the reply is new, denied",
+        "c",
+        i,
+        &ipv4(WORLD4, C4, PROTO_UDP, &udp(5000, 5000, b"y")),
+        SHOT,
+        DROP_POLICY,
+    );
+    h.case(
+        "A's flow goes on",
+        "a",
+        i,
+        &ipv4(B4, A4, PROTO_TCP, &tcp(5002, 80)),
+        OK,
+        ALLOW_ESTABLISHED,
+    );
 }
 
 /// The established path reads an endpoint from its slot of ENDPOINT_SLOTS: a stale slot with
 /// an even sequence is believed (which shows the programs use it), a half-written one or one
-/// that names another ifindex is not (ENDPOINTS decides), and an endpoint whose slot another
-/// ifindex owns is judged through ENDPOINTS.
-fn slot_cases(h: &mut Harness) {
-    use enforcer::datapath::slots::SLOTS_SUPPORTED;
+/// that names another ifindex is not (ENDPOINTS decides); the agent's next write puts the slot
+/// right.
+fn a_stale_slot_is_read_but_not_a_half_written_or_foreign_one(h: &mut Harness) {
     use enforcer_common::{ENDPOINT_SLOT_COUNT, endpoint_slot};
-    if !SLOTS_SUPPORTED {
-        return;
-    }
     let (i, a) = (Hook::Egress, h.ifs["a"]);
     let flow = |sport| ipv4(B4, A4, PROTO_TCP, &tcp(sport, 80));
     for sport in [45200, 45201] {
@@ -1572,9 +1778,16 @@ fn slot_cases(h: &mut Harness) {
         OK,
         ALLOW_ESTABLISHED,
     );
+}
 
-    // New flows too are judged from the slot: with the policy keys it lists (the entry, written
-    // a moment later, lists none), the slot's probe finds the rule and the flow opens.
+/// New flows too are judged from the slot: with the policy keys it lists (the entry, written a
+/// moment later, lists none), the slot's probe finds the rule and the flow opens; a slot listing
+/// none (as an older agent wrote them) is not taken for a denial.
+fn new_flows_are_judged_from_the_slots_policy_keys(h: &mut Harness) {
+    use enforcer_common::endpoint_slot;
+    let (i, a) = (Hook::Egress, h.ifs["a"]);
+    let flow = |sport| ipv4(B4, A4, PROTO_TCP, &tcp(sport, 80));
+    let slot = endpoint_slot(a);
     let with = h.dp.endpoints.slots().slot_of(a);
     let entry = h.eps[&a];
     let mut bare = entry;
@@ -1612,8 +1825,22 @@ fn slot_cases(h: &mut Harness) {
         ALLOW_ESTABLISHED,
     );
     h.dp.endpoints.slots().memory().write(slot, &with);
+}
 
-    // A veth whose ifindex shares A's slot: A keeps the slot, D is judged through ENDPOINTS.
+/// A veth whose ifindex shares A's slot: A keeps the slot, D is judged through ENDPOINTS; when
+/// A goes, D takes the slot and keeps its flow.
+fn an_endpoint_sharing_a_slot_is_judged_through_endpoints(h: &mut Harness) {
+    use enforcer_common::ENDPOINT_SLOT_COUNT;
+    let (i, a) = (Hook::Egress, h.ifs["a"]);
+    let flow = |sport| ipv4(B4, A4, PROTO_TCP, &tcp(sport, 80));
+    h.case(
+        "slot: the slot owner's flow opens",
+        "a",
+        i,
+        &flow(45202),
+        OK,
+        ALLOW_POLICY,
+    );
     const EP_D: u32 = 4;
     const D4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 4);
     let d = a + ENDPOINT_SLOT_COUNT;
@@ -1698,10 +1925,10 @@ fn slot_cases(h: &mut Harness) {
 /// `PEER_SLOTS`, the cache of PEERS_V4: the programs take a peer's identity from its way,
 /// only for the address the way names, and ask PEERS_V4 for an address in no way; the agent's
 /// writes and removals keep the ways equal to PEERS_V4.
-fn peer_cache_cases(h: &mut Harness) {
+fn peer_cache_ways_mirror_peers_v4(h: &mut Harness) {
     use enforcer_common::{peer_bucket, peer_way};
     let i = Hook::Egress;
-    // A allows ID_B on TCP 80 (slot_cases re-allowed it); every case is a new flow.
+    // A allows ID_B on TCP 80; every case is a new flow.
     let from = |src: Ipv4Addr, sport| ipv4(src, A4, PROTO_TCP, &tcp(sport, 80));
     let cached = |h: &Harness, addr: Ipv4Addr| {
         h.dp.peers_v4
@@ -1831,7 +2058,7 @@ fn peer_cache_cases(h: &mut Harness) {
 /// Idle timeouts from CONFIG: a flow seen within its timeout stays established (and its stamp
 /// moves on), one idle longer is judged as a new flow again (a reply of it is then dropped by
 /// policy).
-fn idle_cases(h: &mut Harness) {
+fn idle_flows_time_out_and_are_judged_anew(h: &mut Harness) {
     use std::time::Duration;
     let (i, e) = (Hook::Egress, Hook::Ingress);
     let timeout = Duration::from_secs(1);
@@ -1897,7 +2124,32 @@ fn idle_cases(h: &mut Harness) {
 
 /// The flows just allowed sit in their family's conntrack map under exactly the key the agent
 /// builds (ends ordered by address, then port): the programs and `Conntrack` agree byte for byte.
-fn ct_key_layout(h: &mut Harness) {
+fn conntrack_keys_are_laid_out_as_the_agent_builds_them(h: &mut Harness) {
+    let (i, e) = (Hook::Egress, Hook::Ingress);
+    h.case(
+        "tcp v4 in from pod B allowed port",
+        "a",
+        i,
+        &ipv4(B4, A4, PROTO_TCP, &tcp(40000, 80)),
+        OK,
+        ALLOW_POLICY,
+    );
+    h.case(
+        "tcp v6 in allowed",
+        "a",
+        i,
+        &ipv6(B6, A6, PROTO_TCP, &tcp(40000, 80)),
+        OK,
+        ALLOW_POLICY,
+    );
+    h.case(
+        "tcp v6 out allowed",
+        "a",
+        e,
+        &ipv6(A6, B6, PROTO_TCP, &tcp(42000, 5432)),
+        OK,
+        ALLOW_POLICY,
+    );
     fn key(family: u8, proto: u8, a: &[u8], pa: u16, b: &[u8], pb: u16) -> CtKey {
         let (mut addr_a, mut addr_b) = ([0u8; 16], [0u8; 16]);
         addr_a[..a.len()].copy_from_slice(a);
@@ -1964,9 +2216,10 @@ fn ct_key_layout(h: &mut Harness) {
     }
 }
 
-fn event_cases(h: &mut Harness) {
-    let mut events = h.dp.take_events().expect("event reader");
-    let _ = events.drain();
+/// Verdict events: one per drop with the flow's fields; allowed flows only with
+/// CONFIG_LOG_ALLOWED, and only their first packet.
+fn verdict_events_report_drops_and_only_logged_allows(h: &mut Harness) {
+    let _ = h.events().drain();
     h.case(
         "event: drop",
         "a",
@@ -1975,7 +2228,7 @@ fn event_cases(h: &mut Harness) {
         SHOT,
         DROP_POLICY,
     );
-    let got = events.drain();
+    let got = h.events().drain();
     let ok = got.len() == 1 && {
         let ev = got[0];
         ev.endpoint == EP_A
@@ -2002,7 +2255,7 @@ fn event_cases(h: &mut Harness) {
         OK,
         ALLOW_POLICY,
     );
-    let got = events.drain();
+    let got = h.events().drain();
     if !got.is_empty() {
         h.failures
             .push(format!("allow event without CONFIG_LOG_ALLOWED: {got:?}"));
@@ -2026,7 +2279,7 @@ fn event_cases(h: &mut Harness) {
         OK,
         ALLOW_ESTABLISHED,
     );
-    let got = events.drain();
+    let got = h.events().drain();
     if !(got.len() == 1
         && got[0].reason == ALLOW_POLICY
         && got[0].rule == 13
@@ -2040,7 +2293,20 @@ fn event_cases(h: &mut Harness) {
 }
 
 /// Restart: a second load reuses the pinned maps (policy and conntrack survive).
-fn restart_cases(h: &mut Harness, pin: &Path) {
+fn a_restart_reuses_pinned_maps_and_moves_legacy_ipv4_flows(h: &mut Harness, pin: &Path) {
+    for (what, act, reason) in [
+        ("restart: a flow opens", OK, ALLOW_POLICY),
+        ("restart: and is established", OK, ALLOW_ESTABLISHED),
+    ] {
+        h.case(
+            what,
+            "a",
+            Hook::Egress,
+            &ipv4(B4, A4, PROTO_TCP, &tcp(45000, 80)),
+            act,
+            reason,
+        );
+    }
     // An older agent kept IPv4 flows in `CONNTRACK` beside the IPv6 ones: move the established
     // flow there, as its programs would have recorded it. The new load must move it back to
     // `CONNTRACK_V4`, where the programs look for it (checked by the packet below).
@@ -2104,8 +2370,10 @@ fn restart_cases(h: &mut Harness, pin: &Path) {
 /// there, in no `FLOWS_V4` bucket, must stay established through the new load (the programs
 /// look there on every miss until the agent settles), and after it (its bucket marked
 /// overflowed), never taken for a new flow.
-fn upgrade_cases(h: &mut Harness, pin: &Path) {
+fn an_upgrade_keeps_flows_left_in_conntrack_v4(h: &mut Harness, pin: &Path) {
     if h.dp.conntrack.flow_table().is_none() {
+        h.failures
+            .push("upgrade: the flow table is off (it is on wherever slots are)".into());
         return;
     }
     let fwd = ipv4(WORLD4, A4, PROTO_TCP, &tcp(46500, 8001));
@@ -2194,7 +2462,7 @@ fn upgrade_cases(h: &mut Harness, pin: &Path) {
 
 /// The agent counts conntrack in batches (on a thread of its own): the batched count must equal
 /// a walk of the keys, across several batches of both maps.
-fn conntrack_count_cases(h: &mut Harness, pin: &Path) {
+fn batched_conntrack_count_equals_a_walk(h: &mut Harness, pin: &Path) {
     let open = |name: &str| {
         let path = pin.join(format!("v{SCHEMA_VERSION}/maps/{name}"));
         aya::maps::MapData::from_pin(&path).unwrap_or_else(|e| panic!("pinned {name}: {e}"))
@@ -2288,22 +2556,138 @@ fn conntrack_count_cases(h: &mut Harness, pin: &Path) {
     }
 }
 
-/// Runs `body` on a harness in a private network namespace with a private bpffs (both go away
-/// with the thread, as the dummy links in it do), after `prepare` saw the pin folder; cleans the
-/// pins up and fails the test with every failed case. Returns the number of cases.
+// ---------------------------------------------------------------------------------------------
+// The harness: one test per case group. Loading the programs costs seconds (the verifier), so
+// the groups share one load: a thread in a private network namespace with a private bpffs holds
+// it and runs the groups one at a time, each from the baseline (`reset`). The two tests that
+// pin maps of their own before the load get their own (`in_private_netns`).
+
+type Group = fn(&mut Harness, &Path);
+/// (cases run, failures) of a group, or its panic.
+type Reply = std::result::Result<(usize, Vec<String>), String>;
+
+struct Shared {
+    jobs: Option<mpsc::Sender<(Group, mpsc::Sender<Reply>)>>,
+    thread: Option<JoinHandle<()>>,
+    /// Why the thread ended early (it panicked setting up or tearing down).
+    died: Option<String>,
+}
+
+static SHARED: Mutex<Option<Shared>> = Mutex::new(None);
+/// Cases run by the tests of this process, for the closing line.
+static CASES_RUN: AtomicUsize = AtomicUsize::new(0);
+
+impl Shared {
+    fn start() -> Self {
+        let (tx, rx) = mpsc::channel::<(Group, mpsc::Sender<Reply>)>();
+        let thread = std::thread::Builder::new()
+            .name("shared-datapath".into())
+            .spawn(move || {
+                let mount = private_netns_and_bpffs("shared");
+                let pin = mount.0.join("enforcer");
+                let mut h = setup(&pin);
+                for (group, reply) in rx {
+                    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        reset(&mut h);
+                        group(&mut h, &pin);
+                    }));
+                    let _ = reply.send(match outcome {
+                        Ok(()) => Ok((h.cases, std::mem::take(&mut h.failures))),
+                        Err(p) => Err(panic_text(&*p)),
+                    });
+                }
+                drop(h);
+                Datapath::cleanup(&pin).unwrap();
+                assert!(!pin.exists(), "cleanup left {}", pin.display());
+                drop(mount);
+            })
+            .expect("spawning the datapath thread");
+        Self {
+            jobs: Some(tx),
+            thread: Some(thread),
+            died: None,
+        }
+    }
+
+    fn run(&mut self, group: Group) -> Option<Reply> {
+        let (tx, rx) = mpsc::channel();
+        self.jobs.as_ref()?.send((group, tx)).ok()?;
+        rx.recv().ok()
+    }
+
+    /// Waits for the thread to end (it does once `jobs` is dropped, or has already): its panic.
+    fn join(&mut self) -> Option<String> {
+        self.jobs = None;
+        if let Some(t) = self.thread.take()
+            && let Err(p) = t.join()
+        {
+            self.died = Some(panic_text(&*p));
+        }
+        self.died.clone()
+    }
+}
+
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic".into())
+}
+
+/// Moves the calling thread into a new network namespace (it goes away with the thread, and the
+/// links made in it with it) and mounts a private bpffs, unmounted when the result drops.
+fn private_netns_and_bpffs(tag: &str) -> BpfMount {
+    // SAFETY: unshare on the calling thread (and the `ip` it spawns).
+    assert_eq!(
+        unsafe { libc::unshare(libc::CLONE_NEWNET) },
+        0,
+        "unshare(CLONE_NEWNET): run as root"
+    );
+    BpfMount::new(tag)
+}
+
+/// A test's outcome from its cases.
+fn verdict(cases: usize, failures: Vec<String>) -> Result<(), Failed> {
+    CASES_RUN.fetch_add(cases, Ordering::Relaxed);
+    if !failures.is_empty() {
+        return Err(format!(
+            "{} of {cases} cases failed:\n{}",
+            failures.len(),
+            failures.join("\n")
+        )
+        .into());
+    }
+    if cases == 0 {
+        return Err("no case ran".into());
+    }
+    Ok(())
+}
+
+/// Runs a case group on the shared datapath, loading it first if no group has yet.
+fn on_shared(group: Group) -> Result<(), Failed> {
+    let mut shared = SHARED.lock().unwrap_or_else(PoisonError::into_inner);
+    let shared = shared.get_or_insert_with(Shared::start);
+    match shared.run(group) {
+        Some(Ok((cases, failures))) => verdict(cases, failures),
+        Some(Err(panic)) => Err(format!("panicked: {panic}").into()),
+        None => Err(format!(
+            "the shared datapath is gone: {}",
+            shared.join().unwrap_or_default()
+        )
+        .into()),
+    }
+}
+
+/// Runs `body` on a harness of its own, in a private network namespace with a private bpffs
+/// (both go away with the thread, as the links in it do), after `prepare` saw the pin folder;
+/// cleans the pins up. Returns the number of cases and the failed ones.
 fn in_private_netns(
     tag: &'static str,
     prepare: impl FnOnce(&Path) + Send + 'static,
     body: impl FnOnce(&mut Harness, &Path) + Send + 'static,
-) -> usize {
+) -> (usize, Vec<String>) {
     let handle = std::thread::spawn(move || {
-        // SAFETY: unshare on the calling thread (and the `ip` it spawns).
-        assert_eq!(
-            unsafe { libc::unshare(libc::CLONE_NEWNET) },
-            0,
-            "unshare(CLONE_NEWNET): run as root"
-        );
-        let mount = BpfMount::new(tag);
+        let mount = private_netns_and_bpffs(tag);
         let pin = mount.0.join("enforcer");
         prepare(&pin);
         let mut h = setup(&pin);
@@ -2315,50 +2699,470 @@ fn in_private_netns(
         drop(mount);
         result
     });
-    let (cases, failures) = handle.join().expect("test thread panicked");
-    assert!(
-        failures.is_empty(),
-        "{} of {cases} cases failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
-    cases
+    handle
+        .join()
+        .unwrap_or_else(|p| panic!("{}", panic_text(&*p)))
 }
 
-#[test]
-fn datapath_verdicts_by_test_run() {
-    let cases = in_private_netns(
-        "verdicts",
-        |_| {},
-        |h, pin| {
-            run_cases(h);
-            epoch_cases(h);
-            slot_cases(h);
-            peer_cache_cases(h);
-            idle_cases(h);
-            event_cases(h);
-            restart_cases(h, pin);
-            upgrade_cases(h, pin);
-            conntrack_count_cases(h, pin);
-            // The agent reads the counters in batches; they must equal a slot-by-slot read.
-            let batched =
-                h.dp.counters
-                    .read_batched()
-                    .expect("BPF_MAP_LOOKUP_BATCH on COUNTERS");
-            let each = h.dp.counters.read_each().unwrap();
-            assert_eq!(batched.len(), each.len());
-            assert!(
-                batched == each,
-                "batched counter read differs from a slot-by-slot read"
-            );
-            assert!(
-                each.iter().filter(|c| c.packets > 0).count() > 5,
-                "the cases moved counters"
-            );
-        },
+/// The agent reads the counters in batches; they must equal a slot-by-slot read.
+fn batched_counter_read_equals_a_slot_by_slot_read(h: &mut Harness) {
+    // Cases that move counters of several endpoints, directions and reasons.
+    spoofed_sources_are_dropped(h);
+    host_and_self_traffic_is_allowed_and_never_tracked(h);
+    tcp_v4_flows_follow_policy_and_conntrack(h);
+    let batched =
+        h.dp.counters
+            .read_batched()
+            .expect("BPF_MAP_LOOKUP_BATCH on COUNTERS");
+    let each = h.dp.counters.read_each().unwrap();
+    h.cases += 1;
+    if batched.len() != each.len() || batched != each {
+        h.failures
+            .push("batched counter read differs from a slot-by-slot read".into());
+    }
+    let moved = each.iter().filter(|c| c.packets > 0).count();
+    if moved <= 5 {
+        h.failures.push(format!(
+            "the cases moved {moved} counters, want more than 5"
+        ));
+    }
+}
+
+/// A frame with a VLAN tag: dropped in both directions whatever it carries (the kernel may
+/// untag it after the programs judged it, and deliver the packet inside).
+fn vlan_tagged_frames_are_dropped_whatever_they_carry(h: &mut Harness) {
+    let (i, e) = (Hook::Egress, Hook::Ingress);
+    let inside = strip_eth(&ipv4(A4, B4, PROTO_TCP, &tcp(43000, 5432)));
+    for (name, tpid) in [
+        ("802.1Q", 0x8100u16),
+        ("802.1ad", 0x88a8),
+        ("QinQ 0x9100", 0x9100),
+    ] {
+        let mut tagged = vec![0x00, 0x00, 0x08, 0x00];
+        tagged.extend_from_slice(&inside);
+        h.case(
+            &format!("{name} tag on an allowed flow's packet from a pod"),
+            "a",
+            e,
+            &eth(tpid, &tagged),
+            SHOT,
+            DROP_VLAN,
+        );
+    }
+    let mut double = vec![0x00, 0x00, 0x81, 0x00, 0x00, 0x00, 0x08, 0x00];
+    double.extend_from_slice(&inside);
+    h.case(
+        "two VLAN-0 tags from a pod",
+        "a",
+        e,
+        &eth(0x8100, &double),
+        SHOT,
+        DROP_VLAN,
     );
-    assert!(cases >= 40, "only {cases} cases");
-    eprintln!("{cases} cases passed");
+    let mut to_pod = vec![0x00, 0x00, 0x08, 0x00];
+    to_pod.extend_from_slice(&strip_eth(&ipv4(B4, A4, PROTO_TCP, &tcp(1000, 80))));
+    h.case(
+        "a tagged frame to a pod",
+        "a",
+        i,
+        &eth(0x8100, &to_pod),
+        SHOT,
+        DROP_VLAN,
+    );
+}
+
+/// From a pod only IP and ARP for its own address leave; other ethertypes are dropped as
+/// `non-ip-denied`. A pod may receive them.
+fn a_pod_sends_only_ip_and_arp_for_its_own_address(h: &mut Harness) {
+    let (i, e) = (Hook::Egress, Hook::Ingress);
+    let lldp = eth(0x88cc, &[0; 46]);
+    h.case(
+        "another ethertype from a pod",
+        "a",
+        e,
+        &lldp,
+        SHOT,
+        DROP_NON_IP,
+    );
+    h.case(
+        "another ethertype to a pod",
+        "a",
+        i,
+        &lldp,
+        OK,
+        ALLOW_NON_IP,
+    );
+    h.case(
+        "arp for the pod's own address",
+        "a",
+        e,
+        &arp(),
+        OK,
+        ALLOW_NON_IP,
+    );
+    let mut claim = vec![0, 1, 8, 0, 6, 4, 0, 2];
+    claim.extend_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+    claim.extend_from_slice(&B4.octets());
+    claim.extend_from_slice(&[0; 6]);
+    claim.extend_from_slice(&HOST4.octets());
+    h.case(
+        "arp reply claiming another pod's address",
+        "a",
+        e,
+        &eth(ETH_ARP, &claim),
+        SHOT,
+        DROP_SPOOFED,
+    );
+    h.case(
+        "arp claiming another address, to the pod",
+        "a",
+        i,
+        &eth(ETH_ARP, &claim),
+        OK,
+        ALLOW_NON_IP,
+    );
+    let mut short = vec![0, 1, 8, 0, 6, 4, 0, 1];
+    short.extend_from_slice(&[0x02, 0, 0, 0]);
+    h.case(
+        "truncated arp from a pod",
+        "a",
+        e,
+        &eth(ETH_ARP, &short),
+        SHOT,
+        DROP_MALFORMED,
+    );
+}
+
+/// Neighbour discovery and MLD pass as `non-ip` only while they stay on the link; shaped like
+/// them but addressed off the link, they are judged as the IPv6 packets they are.
+fn neighbour_discovery_passes_only_on_the_link(h: &mut Harness) {
+    let (i, e) = (Hook::Egress, Hook::Ingress);
+    let solicited: Ipv6Addr = "ff02::1:ff00:2".parse().unwrap();
+    let ns = |src: Ipv6Addr, dst: Ipv6Addr| ipv6(src, dst, 58, &icmp_error(135, 0, &[0; 16]));
+    h.case(
+        "ns link-local to solicited-node",
+        "a",
+        e,
+        &ns(LINK_LOCAL6, solicited),
+        OK,
+        ALLOW_NON_IP,
+    );
+    h.case(
+        "dad ns from the unspecified address",
+        "a",
+        e,
+        &ns(Ipv6Addr::UNSPECIFIED, solicited),
+        OK,
+        ALLOW_NON_IP,
+    );
+    h.case(
+        "na from the pod's own address to link-local",
+        "a",
+        e,
+        &ipv6(A6, LINK_LOCAL6, 58, &icmp_error(136, 0, &[0; 16])),
+        OK,
+        ALLOW_NON_IP,
+    );
+    h.case(
+        "unreachability probe from the node's link-local to the pod",
+        "a",
+        i,
+        &ns(LINK_LOCAL6, A6),
+        OK,
+        ALLOW_NON_IP,
+    );
+    // Off the link: a link-local source may not leave for a global address (anti-spoofing),
+    // another global source is spoofed, and one from the world meets the pod's policy.
+    h.case(
+        "ns link-local to a global address",
+        "a",
+        e,
+        &ns(LINK_LOCAL6, B6),
+        SHOT,
+        DROP_SPOOFED,
+    );
+    h.case(
+        "ns from another global address",
+        "a",
+        e,
+        &ns("fd00::77".parse().unwrap(), solicited),
+        SHOT,
+        DROP_SPOOFED,
+    );
+    h.case(
+        "ns from the world to the pod",
+        "a",
+        i,
+        &ns("2001:db8:99::1".parse().unwrap(), A6),
+        SHOT,
+        DROP_POLICY,
+    );
+    h.case(
+        "ns into the pod from its own address",
+        "a",
+        i,
+        &ns(A6, solicited),
+        SHOT,
+        DROP_SPOOFED,
+    );
+}
+
+/// An ICMP error is `related` only between the ends of the flow it names: naming a tracked flow
+/// inside does not carry it to another host, nor in from one to the wrong address.
+fn icmp_errors_are_related_only_between_the_flows_ends(h: &mut Harness) {
+    let (i, e) = (Hook::Egress, Hook::Ingress);
+    h.case(
+        "tcp out allowed",
+        "a",
+        e,
+        &ipv4(A4, B4, PROTO_TCP, &tcp(44000, 5432)),
+        OK,
+        ALLOW_POLICY,
+    );
+    // What the pod received of that flow, reported back by the pod.
+    let reply = strip_eth(&ipv4(B4, A4, PROTO_TCP, &tcp(5432, 44000)));
+    h.case(
+        "the pod's error about the flow, to its peer",
+        "a",
+        e,
+        &ipv4(A4, B4, 1, &icmp_error(3, 3, &reply)),
+        OK,
+        ALLOW_RELATED,
+    );
+    h.case(
+        "the pod's error about the flow, to another host",
+        "a",
+        e,
+        &ipv4(A4, WORLD4, 1, &icmp_error(3, 3, &reply)),
+        SHOT,
+        DROP_POLICY,
+    );
+    let sent = strip_eth(&ipv4(A4, B4, PROTO_TCP, &tcp(44000, 5432)));
+    h.case(
+        "a router's error about what the pod sent",
+        "a",
+        i,
+        &ipv4(WORLD4, A4, 1, &icmp_error(11, 0, &sent)),
+        OK,
+        ALLOW_RELATED,
+    );
+    h.case(
+        "an error naming the flow backwards, from the world",
+        "a",
+        i,
+        &ipv4(WORLD4, A4, 1, &icmp_error(3, 3, &reply)),
+        SHOT,
+        DROP_POLICY,
+    );
+}
+
+/// Nothing reaches a pod from the pod's own address: only a forger sends that.
+fn packets_for_a_pod_from_its_own_address_are_spoofed(h: &mut Harness) {
+    let i = Hook::Egress;
+    h.case(
+        "v4 from the pod's own address",
+        "a",
+        i,
+        &ipv4(A4, A4, PROTO_TCP, &tcp(1000, 80)),
+        SHOT,
+        DROP_SPOOFED,
+    );
+    h.case(
+        "v6 from the pod's own address",
+        "a",
+        i,
+        &ipv6(A6, A6, PROTO_TCP, &tcp(1000, 80)),
+        SHOT,
+        DROP_SPOOFED,
+    );
+    h.case(
+        "to a not-isolated pod from its own address",
+        "b",
+        i,
+        &ipv4(B4, B4, PROTO_UDP, &udp(1, 2, b"x")),
+        SHOT,
+        DROP_SPOOFED,
+    );
+}
+
+/// Every test of this file: they load BPF programs, so they need root and are ignored unless
+/// asked for (`--include-ignored`, as `cargo xtask test` does).
+fn trials() -> Vec<Trial> {
+    use enforcer::datapath::slots::SLOTS_SUPPORTED;
+    let shared = |name: &'static str, group: Group| Trial::test(name, move || on_shared(group));
+    // Slots and the flow table exist on x86-64 only.
+    let with_slots = |t: Trial| {
+        if SLOTS_SUPPORTED {
+            t
+        } else {
+            let name = t.name().to_string();
+            Trial::ignorable_test(name, || {
+                Ok(Completion::ignored_with("no slots on this architecture"))
+            })
+        }
+    };
+    let mut trials = vec![
+        shared(
+            "arp_link_scoped_neighbour_discovery_pass_and_unprogrammed_interfaces_drop",
+            |h, _| arp_link_scoped_neighbour_discovery_pass_and_unprogrammed_interfaces_drop(h),
+        ),
+        shared("spoofed_sources_are_dropped", |h, _| {
+            spoofed_sources_are_dropped(h)
+        }),
+        shared(
+            "vlan_tagged_frames_are_dropped_whatever_they_carry",
+            |h, _| vlan_tagged_frames_are_dropped_whatever_they_carry(h),
+        ),
+        shared("a_pod_sends_only_ip_and_arp_for_its_own_address", |h, _| {
+            a_pod_sends_only_ip_and_arp_for_its_own_address(h)
+        }),
+        shared("neighbour_discovery_passes_only_on_the_link", |h, _| {
+            neighbour_discovery_passes_only_on_the_link(h)
+        }),
+        shared(
+            "icmp_errors_are_related_only_between_the_flows_ends",
+            |h, _| icmp_errors_are_related_only_between_the_flows_ends(h),
+        ),
+        shared(
+            "packets_for_a_pod_from_its_own_address_are_spoofed",
+            |h, _| packets_for_a_pod_from_its_own_address_are_spoofed(h),
+        ),
+        shared(
+            "host_and_self_traffic_is_allowed_and_never_tracked",
+            |h, _| host_and_self_traffic_is_allowed_and_never_tracked(h),
+        ),
+        shared("tcp_v4_flows_follow_policy_and_conntrack", |h, _| {
+            tcp_v4_flows_follow_policy_and_conntrack(h)
+        }),
+        shared("udp_v4_flows_follow_policy_and_conntrack", |h, _| {
+            udp_v4_flows_follow_policy_and_conntrack(h)
+        }),
+        shared("sctp_flows_follow_policy_and_conntrack", |h, _| {
+            sctp_flows_follow_policy_and_conntrack(h)
+        }),
+        shared("end_port_ranges_cover_exactly_their_ports", |h, _| {
+            end_port_ranges_cover_exactly_their_ports(h)
+        }),
+        shared("ip_blocks_allow_their_cidr_but_not_its_except", |h, _| {
+            ip_blocks_allow_their_cidr_but_not_its_except(h)
+        }),
+        shared("tcp_v6_flows_follow_policy_and_conntrack", |h, _| {
+            tcp_v6_flows_follow_policy_and_conntrack(h)
+        }),
+        shared(
+            "conntrack_keys_are_laid_out_as_the_agent_builds_them",
+            |h, _| conntrack_keys_are_laid_out_as_the_agent_builds_them(h),
+        ),
+        shared(
+            "icmp_echo_needs_an_any_protocol_rule_and_its_reply_passes",
+            |h, _| icmp_echo_needs_an_any_protocol_rule_and_its_reply_passes(h),
+        ),
+        shared("icmp_errors_pass_only_for_tracked_flows", |h, _| {
+            icmp_errors_pass_only_for_tracked_flows(h)
+        }),
+        shared("not_isolated_directions_pass_and_track_flows", |h, _| {
+            not_isolated_directions_pass_and_track_flows(h)
+        }),
+        shared(
+            "fragments_follow_the_verdict_of_their_first_fragment",
+            |h, _| fragments_follow_the_verdict_of_their_first_fragment(h),
+        ),
+        shared(
+            "ipv6_extension_header_chains_are_walked_up_to_eight",
+            |h, _| ipv6_extension_header_chains_are_walked_up_to_eight(h),
+        ),
+        shared("malformed_and_truncated_packets_are_dropped", |h, _| {
+            malformed_and_truncated_packets_are_dropped(h)
+        }),
+        shared(
+            "epoch_bump_revokes_flows_the_policy_no_longer_allows",
+            |h, _| epoch_bump_revokes_flows_the_policy_no_longer_allows(h),
+        ),
+        shared("removing_an_endpoint_forgets_its_flows_only", |h, _| {
+            removing_an_endpoint_forgets_its_flows_only(h)
+        }),
+        with_slots(shared(
+            "a_stale_slot_is_read_but_not_a_half_written_or_foreign_one",
+            |h, _| a_stale_slot_is_read_but_not_a_half_written_or_foreign_one(h),
+        )),
+        with_slots(shared(
+            "new_flows_are_judged_from_the_slots_policy_keys",
+            |h, _| new_flows_are_judged_from_the_slots_policy_keys(h),
+        )),
+        with_slots(shared(
+            "an_endpoint_sharing_a_slot_is_judged_through_endpoints",
+            |h, _| an_endpoint_sharing_a_slot_is_judged_through_endpoints(h),
+        )),
+        shared("peer_cache_ways_mirror_peers_v4", |h, _| {
+            peer_cache_ways_mirror_peers_v4(h)
+        }),
+        shared("idle_flows_time_out_and_are_judged_anew", |h, _| {
+            idle_flows_time_out_and_are_judged_anew(h)
+        }),
+        shared(
+            "verdict_events_report_drops_and_only_logged_allows",
+            |h, _| verdict_events_report_drops_and_only_logged_allows(h),
+        ),
+        shared(
+            "a_restart_reuses_pinned_maps_and_moves_legacy_ipv4_flows",
+            a_restart_reuses_pinned_maps_and_moves_legacy_ipv4_flows,
+        ),
+        with_slots(shared(
+            "an_upgrade_keeps_flows_left_in_conntrack_v4",
+            an_upgrade_keeps_flows_left_in_conntrack_v4,
+        )),
+        shared(
+            "batched_conntrack_count_equals_a_walk",
+            batched_conntrack_count_equals_a_walk,
+        ),
+        shared("batched_counter_read_equals_a_slot_by_slot_read", |h, _| {
+            batched_counter_read_equals_a_slot_by_slot_read(h)
+        }),
+        Trial::test(
+            "a_full_conntrack_refuses_new_flows_and_keeps_tracked_ones",
+            || {
+                let (cases, failures) = a_full_conntrack_refuses_new_flows_and_keeps_tracked_ones();
+                verdict(cases, failures)
+            },
+        ),
+        with_slots(Trial::test(
+            "concurrent_writers_of_one_bucket_lose_and_duplicate_nothing",
+            || {
+                let (cases, failures) =
+                    concurrent_writers_of_one_bucket_lose_and_duplicate_nothing();
+                verdict(cases, failures)
+            },
+        )),
+    ];
+    trials = trials
+        .into_iter()
+        .map(|t| t.with_ignored_flag(true))
+        .collect();
+    trials
+}
+
+fn main() -> ExitCode {
+    let mut args = Arguments::from_args();
+    // The groups share one datapath: one at a time.
+    args.test_threads = Some(1);
+    let conclusion = libtest_mimic::run(&args, trials());
+    // Unload the shared datapath: pins, bpffs and namespace go, whatever the outcome.
+    let shared = SHARED.lock().unwrap_or_else(PoisonError::into_inner).take();
+    if let Some(mut shared) = shared {
+        // A thread that died setting up failed the tests that ran on it already.
+        let died_before = shared.died.is_some();
+        if let Some(died) = shared.join()
+            && !died_before
+        {
+            eprintln!("tearing the shared datapath down failed: {died}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let cases = CASES_RUN.load(Ordering::Relaxed);
+    if cases > 0 {
+        eprintln!("{cases} cases run");
+    }
+    conclusion.exit_code()
 }
 
 /// Creates a preallocated plain hash (`BPF_MAP_TYPE_HASH`) of `entries` and pins it at `path`.
@@ -2485,8 +3289,7 @@ fn pin_map(
 /// load (the loader reuses a pinned map as it finds it): the same programs, whose insert fails.
 /// With the flow table on, a one-bucket `FLOWS_V4` is pinned too: its two ways fill first,
 /// then the bucket overflows into the hash, whose flows are found through the overflow mark.
-#[test]
-fn a_full_conntrack_refuses_new_flows_and_keeps_tracked_ones() {
+fn a_full_conntrack_refuses_new_flows_and_keeps_tracked_ones() -> (usize, Vec<String>) {
     const ENTRIES: u16 = 4;
     let prepare = |pin: &Path| {
         let maps = pin.join(format!("v{SCHEMA_VERSION}/maps"));
@@ -2500,8 +3303,7 @@ fn a_full_conntrack_refuses_new_flows_and_keeps_tracked_ones() {
         pin_one_bucket_flow_table(&maps);
     };
     in_private_netns("map-full", prepare, |h, pin| {
-        let mut events = h.dp.take_events().expect("event reader");
-        let _ = events.drain();
+        let _ = h.events().drain();
         let new = |port: u16| ipv4(WORLD4, A4, PROTO_TCP, &tcp(port, 8001));
         let ways = match h.dp.conntrack.flow_table() {
             Some(t) => t.capacity() as u16,
@@ -2525,7 +3327,7 @@ fn a_full_conntrack_refuses_new_flows_and_keeps_tracked_ones() {
             SHOT,
             DROP_MAP_FULL,
         );
-        let got = events.drain();
+        let got = h.events().drain();
         if !(got.len() == 1
             && got[0].reason == DROP_MAP_FULL
             && got[0].endpoint == EP_A
@@ -2585,7 +3387,7 @@ fn a_full_conntrack_refuses_new_flows_and_keeps_tracked_ones() {
                 OK,
                 ALLOW_ESTABLISHED,
             );
-            let _ = events.drain();
+            let _ = h.events().drain();
         }
         let c = h.dp.conntrack.count_by_map().unwrap();
         h.cases += 1;
@@ -2611,7 +3413,7 @@ fn a_full_conntrack_refuses_new_flows_and_keeps_tracked_ones() {
             OK,
             ALLOW_POLICY,
         );
-    });
+    })
 }
 
 /// Two CPUs opening flows into one `FLOWS_V4` bucket at once, while the agent forgets flows of
@@ -2619,8 +3421,7 @@ fn a_full_conntrack_refuses_new_flows_and_keeps_tracked_ones() {
 /// lock): every flow a program allowed is recorded exactly once (in the bucket or, the bucket
 /// full, behind it) unless the agent forgot it, none is recorded twice, and a flow a program
 /// could not record (the lock held too long) was dropped, not let through untracked.
-#[test]
-fn concurrent_writers_of_one_bucket_lose_and_duplicate_nothing() {
+fn concurrent_writers_of_one_bucket_lose_and_duplicate_nothing() -> (usize, Vec<String>) {
     const PER_THREAD: u16 = 2_000;
     let prepare = |pin: &Path| {
         let maps = pin.join(format!("v{SCHEMA_VERSION}/maps"));
@@ -2629,6 +3430,8 @@ fn concurrent_writers_of_one_bucket_lose_and_duplicate_nothing() {
     };
     in_private_netns("flows-race", prepare, |h, _| {
         let Some(table) = h.dp.conntrack.flow_table() else {
+            h.failures
+                .push("the flow table is off (it is on wherever slots are)".into());
             return;
         };
         let ifindex = h.ifs["a"];
@@ -2732,5 +3535,5 @@ fn concurrent_writers_of_one_bucket_lose_and_duplicate_nothing() {
             h.failures
                 .push(format!("concurrent writers: {}", bad.join("; ")));
         }
-    });
+    })
 }

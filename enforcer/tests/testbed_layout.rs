@@ -6,6 +6,7 @@ use std::{net::IpAddr, time::Duration};
 use enforcer_testkit::netns::{NODE_V4, Proto, Servers, Testbed, probe};
 
 #[test]
+#[ignore = "needs root"]
 fn routed_veth_pods_reach_each_other_and_clean_up() {
     let node;
     let names;

@@ -25,9 +25,10 @@ enum Task {
     /// Build the agent (release, eBPF object embedded).
     Build,
     /// Run every test: unit and property tests, BPF_PROG_TEST_RUN suites, netns end-to-end
-    /// suites (needs root).
+    /// suites (needs root). The tests that need root are ignored by a plain `cargo test`; this
+    /// task passes `--include-ignored` to the test binaries so they run too.
     Test {
-        /// Extra arguments for `cargo test` (e.g. a test name filter after `--`).
+        /// Extra arguments for `cargo test` (e.g. a test name filter, or `-p enforcer -- NAME`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -53,7 +54,9 @@ fn main() -> Result<()> {
         Task::Test { args } => {
             build()?;
             let mut cmd = cargo();
-            cmd.args(["test", "--release"]).args(&args);
+            // Every test binary runs, also after one failed: the report names all that broke.
+            cmd.args(["test", "--release", "--no-fail-fast"])
+                .args(test_args(&args));
             status(cmd, "cargo test")
         }
         Task::KindE2e => kind_e2e::kind_e2e(),
@@ -73,6 +76,25 @@ fn main() -> Result<()> {
             status(cmd, "demo")
         }
     }
+}
+
+/// `cargo test` arguments: the user's, with `--include-ignored` added to the test binaries' own
+/// (after the `--`, which is added if the user gave none), unless they already ask for ignored
+/// tests (`--ignored` runs only those).
+fn test_args(args: &[String]) -> Vec<String> {
+    let mut out = args.to_vec();
+    match out.iter().position(|a| a == "--") {
+        Some(sep) => {
+            if !out[sep + 1..]
+                .iter()
+                .any(|a| a == "--ignored" || a == "--include-ignored")
+            {
+                out.push("--include-ignored".into());
+            }
+        }
+        None => out.extend(["--".into(), "--include-ignored".into()]),
+    }
+    out
 }
 
 fn build() -> Result<()> {
@@ -101,4 +123,56 @@ fn status(mut cmd: Command, what: &str) -> Result<()> {
         bail!("{what} failed ({st})");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The arguments `cargo xtask test ARGS` hands to `cargo test --release`.
+    fn cargo_test_args(cli: &[&str]) -> Vec<String> {
+        let cli = Cli::try_parse_from(["xtask", "test"].iter().chain(cli)).unwrap();
+        let Task::Test { args } = cli.task else {
+            panic!("not the test task");
+        };
+        test_args(&args)
+    }
+
+    #[test]
+    fn test_task_runs_the_ignored_root_tests_too() {
+        assert_eq!(cargo_test_args(&[]), ["--", "--include-ignored"]);
+    }
+
+    #[test]
+    fn test_task_keeps_a_name_filter_and_the_users_test_binary_arguments() {
+        assert_eq!(
+            cargo_test_args(&["--", "endport"]),
+            ["endport", "--", "--include-ignored"]
+        );
+        assert_eq!(
+            cargo_test_args(&[
+                "-p",
+                "enforcer",
+                "--test",
+                "conformance",
+                "--",
+                "--exact",
+                "x"
+            ]),
+            [
+                "-p",
+                "enforcer",
+                "--test",
+                "conformance",
+                "--",
+                "--exact",
+                "x",
+                "--include-ignored"
+            ]
+        );
+        assert_eq!(
+            cargo_test_args(&["--", "-p", "enforcer", "--", "--ignored"]),
+            ["-p", "enforcer", "--", "--ignored"]
+        );
+    }
 }

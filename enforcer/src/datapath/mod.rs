@@ -263,6 +263,19 @@ impl Datapath {
         };
         let peer_buckets = pinned_entries(&maps_dir, MAP_PEER_SLOTS)?
             .unwrap_or_else(|| peer_buckets_for(options.peers_size));
+        // Counters are indexed by (endpoint, direction, reason): a pinned array of another
+        // layout (another reason count or endpoint limit) would misfile every count. Counters
+        // are statistics, not state: start them over.
+        let counters = counter_slots(options.max_endpoints);
+        if let Some(n) = pinned_entries(&maps_dir, MAP_COUNTERS)?
+            && n != counters
+        {
+            log::warn!(
+                "pinned {MAP_COUNTERS} has {n} slots, this build counts into {counters}: starting the counters over"
+            );
+            std::fs::remove_file(maps_dir.join(MAP_COUNTERS))
+                .with_context(|| format!("removing the pinned {MAP_COUNTERS}"))?;
+        }
         let mut loader = EbpfLoader::new();
         for name in PINNED_MAPS {
             loader.map_pin_path(name, maps_dir.join(name));
@@ -281,7 +294,7 @@ impl Datapath {
             .map_max_entries(MAP_CONNTRACK_V4, options.conntrack_size)
             .map_max_entries(MAP_CONNTRACK_V6, options.conntrack_size)
             .map_max_entries(MAP_FRAGMENTS, options.fragments_size)
-            .map_max_entries(MAP_COUNTERS, counter_slots(options.max_endpoints))
+            .map_max_entries(MAP_COUNTERS, counters)
             .map_max_entries(MAP_EVENTS, options.events_bytes);
         let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
 

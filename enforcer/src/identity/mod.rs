@@ -1,4 +1,4 @@
-//! Workload identity from projected service-account tokens (DESIGN.md section 5).
+//! Workload identity from projected service-account tokens (docs/identity.md).
 //!
 //! A pod presents its projected service-account JWT (audience default `enforcer`) to the node-local
 //! attestation endpoint (`POST /v1/attest`, [`server`]). The agent
@@ -31,7 +31,7 @@ pub mod verify;
 #[cfg(test)]
 mod tests;
 
-pub use bind::{Bindings, PodDirectory, LivePod, check_binding, identity_labels};
+pub use bind::{Bindings, LivePod, PodDirectory, check_binding, identity_labels};
 pub use jwks::{
     ApiGet, FileKeySource, Jwks, JwksError, KeySource, KeySourceError, KeyStore, OidcKeySource,
     Refresh,
