@@ -1110,8 +1110,8 @@ fn load(
     expect(
         reason_of(&dp, fd, &est, &ctx_unmanaged)?,
         0,
-        reason::ALLOW_UNMANAGED,
-        "unmanaged",
+        reason::DROP_UNPROGRAMMED,
+        "unmanaged (programs without an endpoint entry: dropped as unprogrammed)",
     )?;
     let probe_new = tcp_frame(CLIENT, POD, 1, PORT, SYN);
     expect(

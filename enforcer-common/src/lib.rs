@@ -647,7 +647,8 @@ pub mod reason {
     pub const ALLOW_NON_IP: u8 = 6;
     /// A later fragment whose first fragment was allowed.
     pub const ALLOW_FRAGMENT: u8 = 7;
-    /// The interface has no endpoint entry (being set up or torn down).
+    /// Reserved: interfaces without an endpoint entry were once allowed; they are now dropped as
+    /// [`DROP_UNPROGRAMMED`]. Kept so that the numbers of the other reasons do not move.
     pub const ALLOW_UNMANAGED: u8 = 8;
     /// No policy entry allows the new flow (the direction is isolated).
     pub const DROP_POLICY: u8 = 9;

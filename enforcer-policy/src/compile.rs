@@ -407,7 +407,8 @@ pub enum CompileError {
     Policy(PolicyError),
     /// A second NetworkPolicy with the same namespace and name was left out.
     DuplicatePolicy { namespace: String, name: String },
-    /// More local pods than endpoint ids: this pod is not enforced.
+    /// More local pods than endpoint ids: this pod gets no endpoint entry (the agent attaches
+    /// its programs anyway, which then deny it both ways).
     TooManyEndpoints { pod: PodRef, max: u32 },
     /// Two pods claim one address: it resolves to `kept`.
     DuplicateAddress {
@@ -433,7 +434,7 @@ impl fmt::Display for CompileError {
             Self::TooManyEndpoints { pod, max } => {
                 write!(
                     f,
-                    "pod {pod}: not enforced, more than {max} local pods (raise the endpoint limit)"
+                    "pod {pod}: no endpoint id, more than {max} local pods: denied both ways until one is free (raise --max-endpoints)"
                 )
             }
             Self::DuplicateAddress { ip, kept, dropped } => {

@@ -16,7 +16,7 @@ use super::{Agent, COUNT_CONNTRACK, POLL, RESYNC};
 use crate::{
     datapath::{ConntrackCounter, CounterKey, CounterReader, CtCount},
     observe::{View, metrics::Status},
-    reconcile::Reconciler,
+    reconcile::{MapName, Reconciler},
 };
 
 impl Agent {
@@ -77,18 +77,21 @@ impl Agent {
             self.status.events_lost.store(lost, Ordering::Relaxed);
         }
         let o = dp.options();
-        let capacity = |name: &str| match name {
-            "ENDPOINTS" => o.max_endpoints,
-            "POLICY" => o.policy_size,
-            "CIDRS_V4" | "CIDRS_V6" => o.cidrs_size,
-            _ => o.peers_size,
+        let flag = |m: MapName| match m {
+            MapName::Endpoints => o.max_endpoints,
+            MapName::Policy => o.policy_size,
+            MapName::CidrsV4 | MapName::CidrsV6 => o.cidrs_size,
+            MapName::PeersV4 | MapName::PeersV6 => o.peers_size,
         };
-        // What the reconciler wrote is what the maps hold: no walk over 100k entries a second.
+        // What the reconciler holds is what the maps hold: no walk over 100k entries a second.
+        // Capacities are the pinned maps' own (a reused map keeps its size).
         let mut maps: Vec<(String, u64, u64)> = reconciler
-            .written_sizes()
-            .unwrap_or_default()
+            .fill()
             .into_iter()
-            .map(|(name, n)| (name.to_string(), n as u64, u64::from(capacity(name))))
+            .map(|(m, n, cap)| {
+                let cap = cap.map_or(u64::from(flag(m)), |c| c as u64);
+                (m.to_string(), n as u64, cap)
+            })
             .collect();
         // Endpoints in ENDPOINTS but not here share a slot: their packets take the hash path.
         maps.push((

@@ -6,6 +6,7 @@
 
 use std::{
     collections::BTreeMap,
+    net::IpAddr,
     sync::{Arc, Mutex, atomic::Ordering},
     time::{Duration, Instant},
 };
@@ -13,19 +14,21 @@ use std::{
 mod counters;
 use counters::CtCounts;
 mod numbering;
+mod programming;
+use programming::Shown;
 
 use anyhow::Result;
 
 use enforcer_policy::{
-    compile::{Allocations, CompileOptions, compile},
-    model::Cluster,
-    state::DesiredState,
+    compile::{Allocations, CompileError, CompileOptions, compile},
+    model::{Cluster, pod_ips, pod_ref},
+    state::{DesiredState, PodRef},
 };
 
 use crate::{
     datapath::{Datapath, routes::KernelRoutes},
     observe::{View, metrics::Status},
-    reconcile::Reconciler,
+    reconcile::{MapName, Reconciler},
     source::{Source, watch::LastGoodPolicies},
 };
 
@@ -64,6 +67,9 @@ impl Agent {
         let mut cluster: Option<Cluster> = None;
         let mut bindings_seen = u64::MAX;
         let mut desired = Arc::new(DesiredState::default());
+        // Local pods the compile gave no endpoint id: attached without an entry (denied).
+        let mut unnumbered: Vec<(PodRef, Vec<IpAddr>)> = Vec::new();
+        let mut shown = Shown::default();
         let mut last_sync = Instant::now() - RESYNC;
         let mut dirty = false;
         let mut last_counters = Instant::now() - RESYNC;
@@ -134,6 +140,15 @@ impl Agent {
                     }
                 }
             }
+            // Pods without an endpoint id get one only from a compile: while there are any, each
+            // resync compiles again (an id freed by a pod that left is handed out then); its
+            // errors were logged the first time.
+            let retry_ids = !dirty && !unnumbered.is_empty() && last_sync.elapsed() >= RESYNC;
+            if retry_ids && last_verify.elapsed() >= VERIFY_KERNEL {
+                reconciler.verify_kernel();
+                last_verify = Instant::now();
+            }
+            dirty |= retry_ids;
             if dirty {
                 if let Some(c) = &mut cluster {
                     if let Some(id) = &self.identity {
@@ -142,12 +157,40 @@ impl Agent {
                     let started = Instant::now();
                     let compiled = compile(c, &self.compile_options, &mut alloc);
                     self.status.observe_compile(started.elapsed());
+                    unnumbered = without_ids(c, &compiled.errors);
                     for e in &compiled.errors {
-                        log::warn!("{e}");
+                        // A refused policy's errors were logged with the input's problems.
+                        let logged = matches!(
+                            e,
+                            CompileError::TooManyEndpoints { .. } | CompileError::Policy(_)
+                        );
+                        if !retry_ids && !logged {
+                            log::warn!("{e}");
+                        }
                     }
+                    self.status.set_refused(
+                        compiled
+                            .refused
+                            .iter()
+                            .map(|r| {
+                                format!(
+                                    "{}/{}: {}",
+                                    r.refusal.namespace,
+                                    r.refusal.name,
+                                    r.refusal.consequence()
+                                )
+                            })
+                            .collect(),
+                    );
                     desired = Arc::new(compiled.state);
                     self.publish_view(&desired);
-                    self.reconcile(&mut reconciler, &desired, started);
+                    let turn = Turn {
+                        desired: &desired,
+                        unnumbered: &unnumbered,
+                        cluster: Some(c),
+                        started,
+                    };
+                    self.reconcile(&mut reconciler, &turn, &mut shown);
                     last_sync = Instant::now();
                     release_free_memory();
                 }
@@ -157,7 +200,13 @@ impl Agent {
                     reconciler.verify_kernel();
                     last_verify = Instant::now();
                 }
-                self.reconcile(&mut reconciler, &desired, Instant::now());
+                let turn = Turn {
+                    desired: &desired,
+                    unnumbered: &unnumbered,
+                    cluster: cluster.as_ref(),
+                    started: Instant::now(),
+                };
+                self.reconcile(&mut reconciler, &turn, &mut shown);
                 last_sync = Instant::now();
             }
             if last_counters.elapsed() >= RESYNC {
@@ -179,9 +228,17 @@ impl Agent {
         Ok(())
     }
 
-    fn reconcile(&self, reconciler: &mut Reconciler, desired: &DesiredState, started: Instant) {
+    fn reconcile(&self, reconciler: &mut Reconciler, turn: &Turn<'_>, shown: &mut Shown) {
+        let Turn {
+            desired,
+            unnumbered,
+            cluster,
+            started,
+        } = *turn;
         let result = match (KernelRoutes::read(), self.datapath.lock()) {
-            (Ok(routes), Ok(mut dp)) => reconciler.apply(desired, &mut *dp, &routes),
+            (Ok(routes), Ok(mut dp)) => {
+                reconciler.apply_with(desired, unnumbered, &mut *dp, &routes)
+            }
             (Err(e), _) => Err(e),
             (_, Err(_)) => return,
         };
@@ -207,11 +264,25 @@ impl Agent {
                         report.pending.len()
                     );
                 }
-                let total = desired.endpoints.len() as u64;
+                // Not ready, and said so, while anything is not programmed: the pods named are
+                // denied beyond their policies (never allowed more).
+                let programming = shown.report(&report, &reconciler.fill(), cluster);
+                self.status.set_programming(programming);
+                // Enforced: the pods with an endpoint entry and programs (not those without an
+                // endpoint id, or without room, which are attached only to be denied).
                 let pending = (report.pending.len() + report.failed.len()) as u64;
-                self.status
-                    .pods_enforced
-                    .store(total.saturating_sub(pending), Ordering::Relaxed);
+                let numbered = |p: &PodRef| desired.endpoints.contains_key(p);
+                let not_enforced = report.pending.iter().filter(|p| numbered(p)).count()
+                    + report.failed.iter().filter(|(p, _)| numbered(p)).count()
+                    + report
+                        .unprogrammed
+                        .iter()
+                        .filter(|u| u.map == MapName::Endpoints && numbered(&u.pod))
+                        .count();
+                self.status.pods_enforced.store(
+                    desired.endpoints.len().saturating_sub(not_enforced) as u64,
+                    Ordering::Relaxed,
+                );
                 self.status.pods_pending.store(pending, Ordering::Relaxed);
                 if report.complete() {
                     let observed = self.status.observed.load(Ordering::Relaxed);
@@ -244,6 +315,43 @@ impl Agent {
             v.pods_by_ip = pods_by_ip;
         }
     }
+}
+
+/// One reconcile's inputs.
+#[derive(Clone, Copy)]
+struct Turn<'a> {
+    desired: &'a DesiredState,
+    unnumbered: &'a [(PodRef, Vec<IpAddr>)],
+    /// Names the pods behind addresses the maps had no room for.
+    cluster: Option<&'a Cluster>,
+    started: Instant,
+}
+
+/// The pods the compile gave no endpoint id (more local pods than ids), with their addresses:
+/// the reconciler attaches the programs to them all the same, without an entry, so they are
+/// denied both ways rather than left open.
+fn without_ids(cluster: &Cluster, errors: &[CompileError]) -> Vec<(PodRef, Vec<IpAddr>)> {
+    let mut out = Vec::new();
+    for e in errors {
+        if let CompileError::TooManyEndpoints { pod, max } = e {
+            // Said once, with the others not programmed (see `programming`).
+            log::debug!("pod {pod}: no endpoint id left (more than {max} local pods)");
+            out.push((pod.clone(), Vec::new()));
+        }
+    }
+    if !out.is_empty() {
+        let index: BTreeMap<PodRef, usize> = out
+            .iter()
+            .enumerate()
+            .map(|(i, (p, _))| (p.clone(), i))
+            .collect();
+        for pod in &cluster.pods {
+            if let Some(i) = index.get(&pod_ref(pod)) {
+                out[*i].1 = pod_ips(pod);
+            }
+        }
+    }
+    out
 }
 
 /// Hands the heap pages freed by a parse and compile back to the kernel. glibc keeps freed

@@ -94,6 +94,43 @@ pub fn status_report(metrics: &str) -> String {
             .map_or(0.0, |x| x.2);
         let _ = writeln!(o, "  {map:<12} {v:>10}  {:>6.2}%", fill * 100.0);
     }
+    let unprogrammed: Vec<_> = values
+        .iter()
+        .filter(|(n, _, v)| n == "enforcer_pod_unprogrammed" && *v > 0.0)
+        .collect();
+    let missing: Vec<_> = values
+        .iter()
+        .filter(|(n, _, v)| n == "enforcer_map_entries_missing" && *v > 0.0)
+        .collect();
+    if !unprogrammed.is_empty() || !missing.is_empty() {
+        let _ = writeln!(
+            o,
+            "\nNOT PROGRAMMED (a map is full; denied beyond their policies until there is room):"
+        );
+        for (_, l, _) in unprogrammed {
+            let _ = writeln!(
+                o,
+                "  {:<30} {:<10} {}",
+                l.get("pod").map_or("", String::as_str),
+                l.get("map").map_or("", String::as_str),
+                l.get("direction").map_or("", String::as_str)
+            );
+        }
+        for (_, l, v) in missing {
+            let map = l.get("map").map_or("", String::as_str);
+            let pods = values
+                .iter()
+                .find(|(n, l2, _)| {
+                    n == "enforcer_endpoints_unprogrammed"
+                        && l2.get("map").map(String::as_str) == Some(map)
+                })
+                .map_or(0.0, |x| x.2);
+            let _ = writeln!(
+                o,
+                "  {map}: {v} entries missing, {pods} pods (or addresses) affected"
+            );
+        }
+    }
     let ids: Vec<_> = values
         .iter()
         .filter(|(n, _, v)| n == "enforcer_identity_attestations_total" && *v > 0.0)
@@ -159,5 +196,22 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("POLICY") && s.contains("50.00%"), "{s}");
+        assert!(!s.contains("NOT PROGRAMMED"), "{s}");
+        let m = "enforcer_ready 0\nenforcer_pod_unprogrammed{pod=\"x/c\",map=\"POLICY\",direction=\"ingress\"} 1\nenforcer_map_entries_missing{map=\"POLICY\"} 2\nenforcer_map_entries_missing{map=\"ENDPOINTS\"} 0\nenforcer_endpoints_unprogrammed{map=\"POLICY\"} 1\n";
+        let s = status_report(m);
+        assert!(
+            s.contains("ready: NO") && s.contains("NOT PROGRAMMED"),
+            "{s}"
+        );
+        assert!(
+            s.lines()
+                .any(|l| l.contains("x/c") && l.contains("POLICY") && l.contains("ingress")),
+            "{s}"
+        );
+        assert!(
+            s.contains("POLICY: 2 entries missing, 1 pods (or addresses) affected")
+                && !s.contains("ENDPOINTS:"),
+            "{s}"
+        );
     }
 }

@@ -12,10 +12,24 @@ use enforcer_policy::state::Prefix;
 
 use crate::{
     datapath::Datapath,
-    reconcile::{DatapathMaps, MapTable},
+    reconcile::{DatapathMaps, MapTable, seam::MapName},
 };
 
 impl DatapathMaps for Datapath {
+    /// From the pinned map itself: a map reused across a restart keeps the size it was made
+    /// with, whatever the flags say now. The flag's value where the pin cannot be read.
+    fn capacity(&mut self, map: MapName) -> Option<usize> {
+        let maps = self.root().join("maps");
+        let pinned = super::pinned_entries(&maps, map.as_str()).ok().flatten();
+        let o = self.options();
+        let flag = match map {
+            MapName::Endpoints => o.max_endpoints,
+            MapName::Policy => o.policy_size,
+            MapName::PeersV4 | MapName::PeersV6 => o.peers_size,
+            MapName::CidrsV4 | MapName::CidrsV6 => o.cidrs_size,
+        };
+        Some(pinned.unwrap_or(flag) as usize)
+    }
     fn endpoints(&mut self) -> &mut dyn MapTable<u32, EndpointInfo> {
         &mut self.endpoints
     }

@@ -16,16 +16,32 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(s): State<Arc<Status>>) -> impl IntoResponse {
-    // The body names the input version programmed, so a client that just changed the input
-    // can wait for exactly its change.
+    readiness(&s)
+}
+
+/// `/readyz`: the body names the input version programmed, so a client that just changed the
+/// input can wait for exactly its change. Lines before it name the refused policies (enforced as
+/// isolation: ready all the same) and, when not ready, what is not programmed (pods denied for
+/// want of room in a map); the `generation=` line stays last.
+fn readiness(s: &Status) -> (StatusCode, String) {
     let generation = s.programmed.load(Ordering::Relaxed);
+    let mut body = String::new();
+    for line in s.refused() {
+        body.push_str("refused policy ");
+        body.push_str(&line);
+        body.push('\n');
+    }
     if s.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, format!("ready generation={generation}\n"))
+        body.push_str(&format!("ready generation={generation}\n"));
+        (StatusCode::OK, body)
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready generation={generation}\n"),
-        )
+        for line in s.not_programmed() {
+            body.push_str("not programmed: ");
+            body.push_str(&line);
+            body.push('\n');
+        }
+        body.push_str(&format!("not ready generation={generation}\n"));
+        (StatusCode::SERVICE_UNAVAILABLE, body)
     }
 }
 
@@ -50,4 +66,59 @@ pub async fn serve(addr: SocketAddr, status: Arc<Status>) -> Result<()> {
     axum::serve(listener, router(status))
         .await
         .context("health server")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observe::metrics::Programming;
+
+    #[test]
+    fn readyz_names_what_is_not_programmed_and_keeps_the_generation_last() {
+        let s = Status::default();
+        s.programmed.store(4, Ordering::Relaxed);
+        s.ready.store(true, Ordering::Relaxed);
+        assert_eq!(
+            readiness(&s),
+            (StatusCode::OK, "ready generation=4\n".into())
+        );
+        s.ready.store(false, Ordering::Relaxed);
+        s.set_programming(Programming {
+            lines: vec!["x/b ingress denied (allow rules not written: POLICY full)".into()],
+            ..Programming::default()
+        });
+        let (code, body) = readiness(&s);
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            body,
+            "not programmed: x/b ingress denied (allow rules not written: POLICY full)\nnot ready generation=4\n"
+        );
+        let generation = body.split("generation=").nth(1).map(str::trim);
+        assert_eq!(
+            generation,
+            Some("4"),
+            "clients parse what follows generation="
+        );
+    }
+
+    #[test]
+    fn readyz_and_metrics_name_refused_policies_while_ready() {
+        let s = Status::default();
+        s.programmed.store(7, Ordering::Relaxed);
+        s.ready.store(true, Ordering::Relaxed);
+        s.set_refused(vec![
+            "x/p: isolating the pods it selects (ingress) until it is fixed".into(),
+        ]);
+        assert_eq!(
+            readiness(&s),
+            (
+                StatusCode::OK,
+                "refused policy x/p: isolating the pods it selects (ingress) until it is fixed\nready generation=7\n"
+                    .into()
+            )
+        );
+        assert!(s.render().contains("enforcer_policies_refused 1\n"));
+        s.set_refused(Vec::new());
+        assert!(s.render().contains("enforcer_policies_refused 0\n"));
+    }
 }

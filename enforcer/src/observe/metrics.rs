@@ -47,6 +47,33 @@ impl Histogram {
     }
 }
 
+/// The maps the reconciler writes, as labelled on /metrics (every one rendered, 0 when fine).
+pub const RECONCILED_MAPS: [&str; 6] = [
+    "ENDPOINTS",
+    "POLICY",
+    "PEERS_V4",
+    "PEERS_V6",
+    "CIDRS_V4",
+    "CIDRS_V6",
+];
+
+/// Most pods named on /metrics and /readyz as not programmed; the rest are counted.
+pub const NAMED_UNPROGRAMMED: usize = 100;
+
+/// What the latest reconcile could not program, for `/readyz`, `/metrics` and the log.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Programming {
+    /// One line per pod (or peer address) and map, e.g. `x/b ingress denied (allow rules not
+    /// written: POLICY full)`.
+    pub lines: Vec<String>,
+    /// (pod, map, directions) of the pods not programmed, at most [`NAMED_UNPROGRAMMED`].
+    pub pods: Vec<(String, String, String)>,
+    /// Per map: pods (for the peer maps, addresses) not programmed because of it.
+    pub unprogrammed: BTreeMap<String, u64>,
+    /// Per map: entries needed that it does not hold.
+    pub missing: BTreeMap<String, u64>,
+}
+
 /// Appends more metrics to a /metrics page.
 pub type Renderer = Arc<dyn Fn(&mut String) + Send + Sync>;
 
@@ -82,6 +109,13 @@ struct Inner {
     per_pod: BTreeMap<(String, u8), (u64, u64)>,
     /// (map, entries, capacity).
     maps: Vec<(String, u64, u64)>,
+    /// What the latest reconcile could not program (see [`Programming`]).
+    programming: Programming,
+    /// Per map: reconciles that found it too small for what they had to write.
+    map_full: BTreeMap<String, u64>,
+    /// Policies the agent refuses, each as "ns/name: what it isolates": enforced as isolation
+    /// with nothing allowed, so the state is programmed, but it is not what their authors wrote.
+    refused: Vec<String>,
     /// Extra text appended to /metrics (e.g. identity verifications).
     extra: Vec<Renderer>,
 }
@@ -127,6 +161,42 @@ impl Status {
         if let Ok(mut i) = self.inner.lock() {
             i.maps = maps;
         }
+    }
+
+    /// Replaces what is not programmed; every map with missing entries counts one more
+    /// reconcile that found it full.
+    pub fn set_programming(&self, p: Programming) {
+        if let Ok(mut i) = self.inner.lock() {
+            for (map, n) in &p.missing {
+                if *n > 0 {
+                    *i.map_full.entry(map.clone()).or_default() += 1;
+                }
+            }
+            i.programming = p;
+        }
+    }
+
+    /// What the latest reconcile could not program, one line each (for `/readyz`).
+    /// Sets the refused policies (see [`Inner::refused`]).
+    pub fn set_refused(&self, refused: Vec<String>) {
+        if let Ok(mut i) = self.inner.lock() {
+            i.refused = refused;
+        }
+    }
+
+    /// The refused policies, for `/readyz`.
+    pub fn refused(&self) -> Vec<String> {
+        self.inner
+            .lock()
+            .map(|i| i.refused.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn not_programmed(&self) -> Vec<String> {
+        self.inner
+            .lock()
+            .map(|i| i.programming.lines.clone())
+            .unwrap_or_default()
     }
 
     /// Adds a renderer of more metrics.
@@ -192,6 +262,13 @@ impl Status {
             self.input_problems.load(Ordering::Relaxed),
         );
         let Ok(i) = self.inner.lock() else { return o };
+        g(
+            &mut o,
+            "enforcer_policies_refused",
+            "Policies the agent refuses: each isolates the pods it selects, allowing nothing",
+            "gauge",
+            i.refused.len() as u64,
+        );
         i.reconcile.render(
             &mut o,
             "enforcer_reconcile_seconds",
@@ -269,6 +346,47 @@ impl Status {
             };
             let _ = writeln!(o, "enforcer_map_fill_ratio{{map=\"{m}\"}} {ratio}");
         }
+        let per_map =
+            |o: &mut String, name: &str, help: &str, kind: &str, v: &BTreeMap<String, u64>| {
+                let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+                for m in RECONCILED_MAPS {
+                    let n = v.get(m).copied().unwrap_or(0);
+                    let _ = writeln!(o, "{name}{{map=\"{m}\"}} {n}");
+                }
+            };
+        per_map(
+            &mut o,
+            "enforcer_endpoints_unprogrammed",
+            "Local pods (for PEERS_*, pod addresses) not fully programmed because the map is full: denied beyond their policies",
+            "gauge",
+            &i.programming.unprogrammed,
+        );
+        per_map(
+            &mut o,
+            "enforcer_map_entries_missing",
+            "Entries the desired state needs that the map does not hold",
+            "gauge",
+            &i.programming.missing,
+        );
+        per_map(
+            &mut o,
+            "enforcer_map_full_total",
+            "Reconciles that could not write every entry a map needed",
+            "counter",
+            &i.map_full,
+        );
+        if !i.programming.pods.is_empty() {
+            let _ = writeln!(
+                o,
+                "# HELP enforcer_pod_unprogrammed Pods not fully programmed, by the map that is full and the directions denied\n# TYPE enforcer_pod_unprogrammed gauge"
+            );
+            for (pod, map, dirs) in &i.programming.pods {
+                let _ = writeln!(
+                    o,
+                    "enforcer_pod_unprogrammed{{pod=\"{pod}\",map=\"{map}\",direction=\"{dirs}\"}} 1"
+                );
+            }
+        }
         for f in &i.extra {
             f(&mut o);
         }
@@ -314,5 +432,38 @@ mod tests {
             t.contains("enforcer_map_fill_ratio{map=\"POLICY\"} 0.5"),
             "{t}"
         );
+        assert!(
+            t.contains("enforcer_map_full_total{map=\"POLICY\"} 0")
+                && t.contains("enforcer_endpoints_unprogrammed{map=\"ENDPOINTS\"} 0")
+                && !t.contains("enforcer_pod_unprogrammed"),
+            "every map has its series, at 0: {t}"
+        );
+    }
+
+    #[test]
+    fn renders_what_is_not_programmed() {
+        let s = Status::default();
+        let p = Programming {
+            lines: vec!["x/c ingress denied (allow rules not written: POLICY full)".into()],
+            pods: vec![("x/c".into(), "POLICY".into(), "ingress".into())],
+            unprogrammed: BTreeMap::from([("POLICY".into(), 1)]),
+            missing: BTreeMap::from([("POLICY".into(), 2)]),
+        };
+        s.set_programming(p.clone());
+        s.set_programming(p);
+        let t = s.render();
+        for line in [
+            "enforcer_endpoints_unprogrammed{map=\"POLICY\"} 1",
+            "enforcer_map_entries_missing{map=\"POLICY\"} 2",
+            "enforcer_map_full_total{map=\"POLICY\"} 2",
+            "enforcer_map_full_total{map=\"ENDPOINTS\"} 0",
+            "enforcer_pod_unprogrammed{pod=\"x/c\",map=\"POLICY\",direction=\"ingress\"} 1",
+            "enforcer_packets_total{verdict=\"dropped\",reason=\"unprogrammed\"} 0",
+        ] {
+            assert!(t.lines().any(|l| l == line), "{line} in {t}");
+        }
+        assert_eq!(s.not_programmed().len(), 1);
+        s.set_programming(Programming::default());
+        assert!(s.not_programmed().is_empty());
     }
 }

@@ -10,7 +10,7 @@ use anyhow::Result;
 use enforcer_common::{EndpointInfo, PeerInfo, PolicyKey, PolicyValue};
 use enforcer_policy::state::Prefix;
 
-use super::seam::{DatapathMaps, MapTable, Routes};
+use super::seam::{DatapathMaps, MapName, MapTable, Routes};
 
 /// In-memory map, for tests of everything above the kernel.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -18,6 +18,9 @@ pub struct FakeTable<K: Ord, V> {
     pub entries: BTreeMap<K, V>,
     /// Make every `set` fail (a full map, a kernel error), to test what a failure leaves behind.
     pub fail_writes: bool,
+    /// Most entries, as a kernel map's `max_entries`: a `set` of a new key beyond it fails
+    /// (`None`: unbounded). Reported by [`DatapathMaps::capacity`].
+    pub capacity: Option<usize>,
     /// `get` + `keys` calls so far: what a kernel would have been asked.
     pub reads: std::cell::Cell<usize>,
     /// When set, every write is logged here, stamped from the clock: tables sharing one clock
@@ -45,6 +48,7 @@ impl<K: Ord, V> Default for FakeTable<K, V> {
         Self {
             entries: BTreeMap::new(),
             fail_writes: false,
+            capacity: None,
             reads: std::cell::Cell::new(0),
             journal: None,
         }
@@ -58,6 +62,10 @@ impl<K: Ord + Clone, V: Clone> MapTable<K, V> for FakeTable<K, V> {
     }
     fn set(&mut self, key: &K, value: &V) -> Result<()> {
         anyhow::ensure!(!self.fail_writes, "write refused");
+        anyhow::ensure!(
+            self.entries.contains_key(key) || self.capacity.is_none_or(|c| self.entries.len() < c),
+            "map full"
+        );
         self.entries.insert(key.clone(), value.clone());
         if let Some(j) = &mut self.journal {
             j.log(key.clone(), Some(value.clone()));
@@ -109,9 +117,31 @@ impl FakeDatapath {
         on(&mut self.cidrs_v6, &clock);
         on(&mut self.policy, &clock);
     }
+
+    /// Sets the capacity of one map (`None`: unbounded).
+    pub fn set_capacity(&mut self, map: MapName, capacity: Option<usize>) {
+        match map {
+            MapName::Endpoints => self.endpoints.capacity = capacity,
+            MapName::PeersV4 => self.peers_v4.capacity = capacity,
+            MapName::PeersV6 => self.peers_v6.capacity = capacity,
+            MapName::CidrsV4 => self.cidrs_v4.capacity = capacity,
+            MapName::CidrsV6 => self.cidrs_v6.capacity = capacity,
+            MapName::Policy => self.policy.capacity = capacity,
+        }
+    }
 }
 
 impl DatapathMaps for FakeDatapath {
+    fn capacity(&mut self, map: MapName) -> Option<usize> {
+        match map {
+            MapName::Endpoints => self.endpoints.capacity,
+            MapName::PeersV4 => self.peers_v4.capacity,
+            MapName::PeersV6 => self.peers_v6.capacity,
+            MapName::CidrsV4 => self.cidrs_v4.capacity,
+            MapName::CidrsV6 => self.cidrs_v6.capacity,
+            MapName::Policy => self.policy.capacity,
+        }
+    }
     fn endpoints(&mut self) -> &mut dyn MapTable<u32, EndpointInfo> {
         &mut self.endpoints
     }

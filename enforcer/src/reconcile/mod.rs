@@ -1,36 +1,101 @@
 //! Writes a [`DesiredState`] into the datapath without a window: every new or changed entry of
 //! every map first (policy before the peers and CIDRs that resolve addresses to its identities,
 //! all before the endpoint entries that turn isolation on, endpoint entries before their
-//! programs are attached), then stale entries go in the reverse order. It starts from what the maps hold, so after a restart it adopts the pinned state and
-//! changes only what differs.
+//! programs are attached), then stale entries go in the reverse order. It starts from what the
+//! maps hold, so after a restart it adopts the pinned state and changes only what differs.
 //!
 //! After one full comparison with the kernel it keeps a shadow of what it wrote and diffs the
 //! next desired state against that, in memory: a policy change costs syscalls for the entries
-//! that change, not for the 100k that do not. Any failed write drops the shadow (the next apply
-//! compares with the kernel again), and [`Reconciler::verify_kernel`] forces such a comparison
-//! now and then, to repair drift made behind the agent's back.
+//! that change, not for the 100k that do not. A write the kernel refused drops the shadow (the
+//! next apply compares with the kernel again), and [`Reconciler::verify_kernel`] forces such a
+//! comparison now and then, to repair drift made behind the agent's back.
+//!
+//! **A full map does not stop the job.** Each map's writes are planned within its capacity
+//! ([`DatapathMaps::capacity`]; entries already there count once) and everything that fits is
+//! written; what does not fit is left out so that it can only deny, never allow, and is
+//! reported ([`Report::unprogrammed`], [`Report::unresolved`], [`Report::missing`]):
+//! - `POLICY`: an endpoint's new entries go in whole or not at all (one endpoint fully
+//!   programmed rather than every endpoint half); its endpoint entry is still written with its
+//!   isolation flags, so a missing allow entry only denies, in the directions it concerns.
+//! - `PEERS_V4`/`PEERS_V6`: an address without an entry resolves through the CIDR tries, i.e.
+//!   to its region, whose identity has the same ipBlocks as the pod's (the compiler gives pod
+//!   identities the ipBlocks their address is in), and no pod labels: only what an ipBlock or
+//!   an any-peer rule allows it still is. A refused identity change removes the old entry
+//!   rather than keep an identity the address lost.
+//! - `CIDRS_V4`/`CIDRS_V6`: the addresses of a missing prefix would resolve to its nearest
+//!   written ancestor, which may be allowed where the prefix is not (an ipBlock `except`): the
+//!   policy entries of that ancestor's identity are left out (removed) too.
+//! - `ENDPOINTS`: a pod without an entry (no room, or no endpoint id: `unnumbered`) still gets
+//!   its programs attached; the programs drop everything on an interface without an entry
+//!   (`DROP_UNPROGRAMMED`), so it is denied both ways rather than left open.
+//!
+//! Removals still run for everything stale (they need no room and free some); when they freed
+//! room for what was left out, the apply runs once more at once, and every later apply retries:
+//! when room comes back, the maps converge.
 
-pub mod diff;
 #[cfg(any(test, feature = "testkit"))]
 pub mod fake;
 pub mod restore;
 pub mod seam;
 
 pub use restore::read_pinned;
-pub use seam::{DatapathMaps, MapTable, Routes};
+pub use seam::{DatapathMaps, MapName, MapTable, Routes};
 
 use std::{
     collections::{BTreeMap, BTreeSet, hash_map::DefaultHasher},
+    fmt,
     hash::{Hash, Hasher},
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use anyhow::{Context as _, Result};
-use enforcer_common::{EndpointInfo, PeerInfo, PolicyKey, PolicyValue};
+use enforcer_common::{
+    DIR_EGRESS, DIR_INGRESS, EndpointInfo, IDENTITY_HOST, PeerInfo, PolicyKey, PolicyValue,
+};
 
 use enforcer_policy::state::{DesiredState, PodRef, Prefix};
 
-use crate::reconcile::diff::{diff_removals, diff_upserts, sync_removals, sync_upserts};
+/// A pod the reconciler could not fully program, and what that denies.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Unprogrammed {
+    pub pod: PodRef,
+    /// The map that could not take its entries.
+    pub map: MapName,
+    /// Traffic into the pod is denied beyond what its policies say (some of its allow entries
+    /// are missing, or it has no endpoint entry at all).
+    pub ingress: bool,
+    /// The same for traffic out of the pod.
+    pub egress: bool,
+}
+
+impl Unprogrammed {
+    /// "ingress", "egress" or "ingress and egress".
+    pub fn directions(&self) -> &'static str {
+        match (self.ingress, self.egress) {
+            (true, true) => "ingress and egress",
+            (true, false) => "ingress",
+            (false, true) => "egress",
+            (false, false) => "no direction",
+        }
+    }
+}
+
+impl fmt::Display for Unprogrammed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.map {
+            MapName::Endpoints => "no endpoint entry",
+            MapName::Policy => "allow rules not written",
+            _ => "rules of a missing region left out",
+        };
+        write!(
+            f,
+            "{} {} denied ({what}: {} full)",
+            self.pod,
+            self.directions(),
+            self.map
+        )
+    }
+}
 
 /// What one reconcile did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -43,14 +108,67 @@ pub struct Report {
     pub detached: Vec<u32>,
     pub written: usize,
     pub removed: usize,
+    /// Pods not fully programmed for want of room in a map (or a write the kernel refused):
+    /// denied in the directions named, beyond what their policies say, until room comes back.
+    /// One per pod and map.
+    pub unprogrammed: Vec<Unprogrammed>,
+    /// Pod addresses with no entry of their own in `PEERS_V4`/`PEERS_V6`: every policy judges
+    /// them by the ipBlocks they are in (else as world), so pod selectors do not match them.
+    pub unresolved: Vec<IpAddr>,
+    /// Per map: entries the desired state needs that the map does not hold after this
+    /// reconcile (left out for want of room, refused by the kernel, or left out because a
+    /// region they depend on is missing), and for `ENDPOINTS` the pods without an endpoint id.
+    pub missing: BTreeMap<MapName, usize>,
+    /// Per map: the first error of a write the kernel refused, if any.
+    pub refused: BTreeMap<MapName, String>,
 }
 
 impl Report {
     /// Everything desired is in the kernel.
     pub fn complete(&self) -> bool {
-        self.pending.is_empty() && self.failed.is_empty()
+        self.pending.is_empty()
+            && self.failed.is_empty()
+            && self.unprogrammed.is_empty()
+            && self.unresolved.is_empty()
+            && self.missing.is_empty()
+    }
+
+    /// Folds a second pass of the same apply into this one.
+    fn then(mut self, next: Report) -> Report {
+        self.attached.extend(next.attached);
+        self.detached.extend(next.detached);
+        Report {
+            attached: self.attached,
+            detached: self.detached,
+            written: self.written + next.written,
+            removed: self.removed + next.removed,
+            ..next
+        }
+    }
+
+    fn unprogrammed(&mut self, pod: &PodRef, map: MapName, dir: u8) {
+        let (ingress, egress) = (dir != DIR_EGRESS, dir != DIR_INGRESS);
+        match self
+            .unprogrammed
+            .iter_mut()
+            .find(|u| u.pod == *pod && u.map == map)
+        {
+            Some(u) => {
+                u.ingress |= ingress;
+                u.egress |= egress;
+            }
+            None => self.unprogrammed.push(Unprogrammed {
+                pod: pod.clone(),
+                map,
+                ingress,
+                egress,
+            }),
+        }
     }
 }
+
+/// Both directions, for [`Report::unprogrammed`].
+const BOTH: u8 = u8::MAX;
 
 /// Keeps what must survive between reconciles: the epoch of each endpoint id and the hash of
 /// what it was computed from, so that only endpoints whose policy changed re-check their flows.
@@ -58,9 +176,11 @@ impl Report {
 pub struct Reconciler {
     epochs: BTreeMap<u32, (u32, u64)>,
     adopted: bool,
-    /// What the maps hold, as of the last apply that succeeded; `None` until the first one, after
-    /// a failure and after [`Reconciler::verify_kernel`].
+    /// What the maps hold, as of the last apply whose every write the kernel took; `None` until
+    /// the first one, after a refused write and after [`Reconciler::verify_kernel`].
     shadow: Option<Shadow>,
+    /// Per map: entries held and capacity, as of the last apply.
+    fill: BTreeMap<MapName, (usize, Option<usize>)>,
 }
 
 /// The map contents this process last wrote, keyed as in the kernel.
@@ -74,26 +194,324 @@ struct Shadow {
     policy: BTreeMap<PolicyKey, PolicyValue>,
 }
 
-/// Phase 1 for one map: against the shadow when there is one, else against the kernel.
-macro_rules! upserts {
-    ($shadow:expr, $field:ident, $desired:expr, $table:expr, $name:literal) => {
-        match &$shadow {
-            Some(s) => diff_upserts($desired, &s.$field, $table),
-            None => sync_upserts($desired, $table),
+impl Shadow {
+    /// What the kernel maps hold now.
+    fn read(dp: &mut dyn DatapathMaps) -> Result<Self> {
+        Ok(Self {
+            endpoints: read_all(dp.endpoints(), MapName::Endpoints)?,
+            peers_v4: read_all(dp.peers_v4(), MapName::PeersV4)?,
+            peers_v6: read_all(dp.peers_v6(), MapName::PeersV6)?,
+            cidrs_v4: read_all(dp.cidrs_v4(), MapName::CidrsV4)?,
+            cidrs_v6: read_all(dp.cidrs_v6(), MapName::CidrsV6)?,
+            policy: read_all(dp.policy(), MapName::Policy)?,
+        })
+    }
+
+    fn len(&self, map: MapName) -> usize {
+        match map {
+            MapName::Endpoints => self.endpoints.len(),
+            MapName::PeersV4 => self.peers_v4.len(),
+            MapName::PeersV6 => self.peers_v6.len(),
+            MapName::CidrsV4 => self.cidrs_v4.len(),
+            MapName::CidrsV6 => self.cidrs_v6.len(),
+            MapName::Policy => self.policy.len(),
         }
-        .context(concat!("writing ", $name))?
-    };
+    }
 }
 
-/// Phase 3 for one map, the same way.
-macro_rules! removals {
-    ($shadow:expr, $field:ident, $desired:expr, $table:expr, $name:literal) => {
-        match &$shadow {
-            Some(s) => diff_removals($desired, &s.$field, $table),
-            None => sync_removals($desired, $table),
+/// Every entry of `t`.
+fn read_all<K: Ord + Clone, V>(t: &dyn MapTable<K, V>, map: MapName) -> Result<BTreeMap<K, V>> {
+    let mut out = BTreeMap::new();
+    for k in t.keys().with_context(|| format!("listing {map}"))? {
+        // An entry removed between the listing and the read is simply not there.
+        if let Some(v) = t.get(&k).with_context(|| format!("reading {map}"))? {
+            out.insert(k, v);
         }
-        .context(concat!("removing from ", $name))?
+    }
+    Ok(out)
+}
+
+/// The writes that bring a map holding `held` to `desired` within `capacity` entries: every
+/// changed entry (a replacement needs no room), then the new keys while there is room, those
+/// `first` says first. Stale entries still hold room (they go after the writes).
+#[derive(Debug)]
+struct Plan<K> {
+    writes: Vec<K>,
+    left_out: Vec<K>,
+}
+
+fn plan<K: Ord + Clone, V: PartialEq>(
+    desired: &BTreeMap<K, V>,
+    held: &BTreeMap<K, V>,
+    capacity: Option<usize>,
+    first: impl Fn(&V) -> bool,
+) -> Plan<K> {
+    let mut room = capacity.map(|c| c.saturating_sub(held.len()));
+    let mut p = Plan {
+        writes: Vec::new(),
+        left_out: Vec::new(),
     };
+    let mut later = Vec::new();
+    for (k, v) in desired {
+        match held.get(k) {
+            Some(h) if h == v => {}
+            Some(_) => p.writes.push(k.clone()),
+            None if room.is_none() => p.writes.push(k.clone()),
+            None if first(v) => take_room(&mut room, k, &mut p),
+            None => later.push(k),
+        }
+    }
+    for k in later {
+        take_room(&mut room, k, &mut p);
+    }
+    p
+}
+
+fn take_room<K: Clone>(room: &mut Option<usize>, k: &K, p: &mut Plan<K>) {
+    match room {
+        Some(0) => p.left_out.push(k.clone()),
+        Some(r) => {
+            *r -= 1;
+            p.writes.push(k.clone());
+        }
+        None => p.writes.push(k.clone()),
+    }
+}
+
+/// The policy writes within `capacity`: changed entries, then each endpoint's new entries whole
+/// or not at all, endpoints in `live` first (those with an endpoint entry), by id. Desired
+/// entries of an identity in `suppressed` are neither written nor kept.
+struct PolicyPlan {
+    writes: Vec<PolicyKey>,
+    left_out: Vec<PolicyKey>,
+    /// Desired entries that must not be in the map (their identity is in `suppressed`).
+    suppressed: Vec<PolicyKey>,
+}
+
+fn plan_policy(
+    desired: &BTreeMap<PolicyKey, PolicyValue>,
+    held: &BTreeMap<PolicyKey, PolicyValue>,
+    capacity: Option<usize>,
+    suppressed: &BTreeMap<u32, MapName>,
+    live: &BTreeSet<u32>,
+) -> PolicyPlan {
+    let mut p = PolicyPlan {
+        writes: Vec::new(),
+        left_out: Vec::new(),
+        suppressed: Vec::new(),
+    };
+    let mut groups: BTreeMap<(bool, u32), Vec<PolicyKey>> = BTreeMap::new();
+    let mut freed = 0;
+    for (k, v) in desired {
+        if suppressed.contains_key(&k.identity) {
+            freed += usize::from(held.contains_key(k));
+            p.suppressed.push(*k);
+            continue;
+        }
+        match held.get(k) {
+            Some(h) if h == v => {}
+            Some(_) => p.writes.push(*k),
+            None => groups
+                .entry((!live.contains(&k.endpoint), k.endpoint))
+                .or_default()
+                .push(*k),
+        }
+    }
+    let mut room = capacity.map(|c| c.saturating_sub(held.len() - freed));
+    for keys in groups.into_values() {
+        match &mut room {
+            Some(r) if *r < keys.len() => p.left_out.extend(keys),
+            Some(r) => {
+                *r -= keys.len();
+                p.writes.extend(keys);
+            }
+            None => p.writes.extend(keys),
+        }
+    }
+    p
+}
+
+/// An address type of the CIDR tries.
+trait RegionAddr: Copy + Ord {
+    const BITS: u8;
+    fn bits(self) -> u128;
+    fn from_bits(b: u128) -> Self;
+}
+
+impl RegionAddr for Ipv4Addr {
+    const BITS: u8 = 32;
+    fn bits(self) -> u128 {
+        u128::from(u32::from(self))
+    }
+    fn from_bits(b: u128) -> Self {
+        #[expect(clippy::cast_possible_truncation, reason = "an IPv4 address's 32 bits")]
+        Self::from(b as u32)
+    }
+}
+
+impl RegionAddr for Ipv6Addr {
+    const BITS: u8 = 128;
+    fn bits(self) -> u128 {
+        u128::from(self)
+    }
+    fn from_bits(b: u128) -> Self {
+        Self::from(b)
+    }
+}
+
+/// `p` cut to its first `len` bits.
+fn ancestor<A: RegionAddr>(p: &Prefix<A>, len: u8) -> Prefix<A> {
+    let host = u32::from(A::BITS - len);
+    let mask = if host >= 128 {
+        0
+    } else {
+        !((1u128 << host) - 1)
+    };
+    Prefix {
+        addr: A::from_bits(p.addr.bits() & mask),
+        len,
+    }
+}
+
+/// The identities whose policy entries must not be in the map while the regions in `missing`
+/// are: the addresses of a missing region resolve to its nearest ancestor that is there, which
+/// may be allowed where the region is not (an ipBlock `except`). Without such an ancestor they
+/// resolve to world, which no entry but an any-peer one allows, and the region's identity
+/// has those too.
+fn region_suppression<A: RegionAddr>(
+    desired: &BTreeMap<Prefix<A>, PeerInfo>,
+    missing: &BTreeSet<Prefix<A>>,
+) -> BTreeSet<u32> {
+    let mut out = BTreeSet::new();
+    for p in missing {
+        let Some(want) = desired.get(p) else { continue };
+        let nearest = (0..p.len).rev().find_map(|len| {
+            let q = ancestor(p, len);
+            (!missing.contains(&q)).then(|| desired.get(&q)).flatten()
+        });
+        if let Some(q) = nearest
+            && q.identity != want.identity
+        {
+            out.insert(q.identity);
+        }
+    }
+    out
+}
+
+/// Writes and removals, counted; what the kernel refused, noted.
+#[derive(Default)]
+struct Tally {
+    written: usize,
+    removed: usize,
+    refused: BTreeMap<MapName, String>,
+}
+
+impl Tally {
+    /// Writes `keys` with their desired values into `table`, keeping `held` up to date. A write
+    /// the kernel refuses leaves the key out: what it held before is removed, so an old value
+    /// never stands in for the new one (an address keeping an identity it lost). Returns the
+    /// keys refused.
+    fn write<K: Ord + Clone, V: Clone>(
+        &mut self,
+        map: MapName,
+        keys: impl IntoIterator<Item = K>,
+        desired: &BTreeMap<K, V>,
+        table: &mut dyn MapTable<K, V>,
+        held: &mut BTreeMap<K, V>,
+    ) -> Result<Vec<K>> {
+        let mut refused = Vec::new();
+        for k in keys {
+            let Some(v) = desired.get(&k) else { continue };
+            match table.set(&k, v) {
+                Ok(()) => {
+                    held.insert(k, v.clone());
+                    self.written += 1;
+                }
+                Err(e) => {
+                    self.refused.entry(map).or_insert_with(|| format!("{e:#}"));
+                    if held.contains_key(&k) {
+                        table.remove(&k).with_context(|| {
+                            format!("removing from {map} after a refused write")
+                        })?;
+                        held.remove(&k);
+                        self.removed += 1;
+                    }
+                    refused.push(k);
+                }
+            }
+        }
+        Ok(refused)
+    }
+
+    /// Removes `keys` from `table` and `held` (those `held` has).
+    fn remove<K: Ord, V>(
+        &mut self,
+        map: MapName,
+        keys: impl IntoIterator<Item = K>,
+        table: &mut dyn MapTable<K, V>,
+        held: &mut BTreeMap<K, V>,
+    ) -> Result<()> {
+        for k in keys {
+            if held.contains_key(&k) {
+                table
+                    .remove(&k)
+                    .with_context(|| format!("removing from {map}"))?;
+                held.remove(&k);
+                self.removed += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes what `held` has and `desired` does not.
+    fn remove_stale<K: Ord + Clone, V, W>(
+        &mut self,
+        map: MapName,
+        desired: &BTreeMap<K, W>,
+        table: &mut dyn MapTable<K, V>,
+        held: &mut BTreeMap<K, V>,
+    ) -> Result<()> {
+        let stale: Vec<K> = held
+            .keys()
+            .filter(|k| !desired.contains_key(k))
+            .cloned()
+            .collect();
+        self.remove(map, stale, table, held)
+    }
+}
+
+/// Finds the interface of a pod by its addresses and claims it in `owner`: `None` (and the pod
+/// pending or failed in `report`) when it has none yet or another pod has it.
+fn locate(
+    routes: &dyn Routes,
+    pod: &PodRef,
+    ips: &[IpAddr],
+    owner: &mut BTreeMap<u32, PodRef>,
+    report: &mut Report,
+) -> Result<Option<u32>> {
+    let mut ifindex = None;
+    for ip in ips {
+        if let Some(i) = routes
+            .ifindex_for(*ip)
+            .with_context(|| format!("route to {ip} of {pod}"))?
+        {
+            ifindex = Some(i);
+            break;
+        }
+    }
+    let Some(ifindex) = ifindex else {
+        report.pending.push(pod.clone());
+        return Ok(None);
+    };
+    if let Some(other) = owner.get(&ifindex) {
+        report.failed.push((
+            pod.clone(),
+            format!("interface {ifindex} is also the route of {other}"),
+        ));
+        return Ok(None);
+    }
+    owner.insert(ifindex, pod.clone());
+    Ok(Some(ifindex))
 }
 
 impl Reconciler {
@@ -106,18 +524,10 @@ impl Reconciler {
         self.shadow = None;
     }
 
-    /// Entries per map as last written (name, entries), once an apply has succeeded: the map
-    /// fill the metrics report, without walking the kernel maps.
-    pub fn written_sizes(&self) -> Option<Vec<(&'static str, usize)>> {
-        let s = self.shadow.as_ref()?;
-        Some(vec![
-            ("ENDPOINTS", s.endpoints.len()),
-            ("POLICY", s.policy.len()),
-            ("PEERS_V4", s.peers_v4.len()),
-            ("PEERS_V6", s.peers_v6.len()),
-            ("CIDRS_V4", s.cidrs_v4.len()),
-            ("CIDRS_V6", s.cidrs_v6.len()),
-        ])
+    /// Per map: entries held and capacity (`None`: unknown), as of the last apply: the map fill
+    /// the metrics report, without walking the kernel maps. Empty before the first apply.
+    pub fn fill(&self) -> Vec<(MapName, usize, Option<usize>)> {
+        self.fill.iter().map(|(m, (n, c))| (*m, *n, *c)).collect()
     }
 
     /// Programs `desired` into `dp`.
@@ -127,47 +537,62 @@ impl Reconciler {
         dp: &mut dyn DatapathMaps,
         routes: &dyn Routes,
     ) -> Result<Report> {
+        self.apply_with(desired, &[], dp, routes)
+    }
+
+    /// [`Reconciler::apply`], also attaching the programs to the interfaces of `unnumbered`
+    /// (pod, addresses): local pods the compiler gave no endpoint id (more local pods than
+    /// ids). They get no endpoint entry, so their programs drop everything, both ways, and they
+    /// are reported as not programmed.
+    pub fn apply_with(
+        &mut self,
+        desired: &DesiredState,
+        unnumbered: &[(PodRef, Vec<IpAddr>)],
+        dp: &mut dyn DatapathMaps,
+        routes: &dyn Routes,
+    ) -> Result<Report> {
+        let first = self.apply_once(desired, unnumbered, dp, routes)?;
+        if first.missing.is_empty() || first.removed == 0 {
+            return Ok(first);
+        }
+        // The removals freed room: what was left out may fit now.
+        let second = self.apply_once(desired, unnumbered, dp, routes)?;
+        Ok(first.then(second))
+    }
+
+    fn apply_once(
+        &mut self,
+        desired: &DesiredState,
+        unnumbered: &[(PodRef, Vec<IpAddr>)],
+        dp: &mut dyn DatapathMaps,
+        routes: &dyn Routes,
+    ) -> Result<Report> {
         let mut report = Report::default();
         if !self.adopted {
             self.adopt(dp)?;
         }
 
-        // Where each endpoint lives.
-        let mut endpoints: BTreeMap<u32, EndpointInfo> = BTreeMap::new();
+        // Where each endpoint lives; the interfaces that get programs but no entry.
+        let mut wanted: BTreeMap<u32, (&PodRef, EndpointInfo)> = BTreeMap::new();
         let mut owner: BTreeMap<u32, PodRef> = BTreeMap::new();
-        // Endpoints whose epoch moves in this apply.
-        let mut moved: Vec<u32> = Vec::new();
-        let shared = shared_fingerprint(desired);
+        let mut bare: BTreeMap<u32, PodRef> = BTreeMap::new();
+        let mut missing: BTreeMap<MapName, usize> = BTreeMap::new();
         for (pod, ep) in &desired.endpoints {
-            let mut ifindex = None;
-            for ip in &ep.ips {
-                if let Some(i) = routes
-                    .ifindex_for(*ip)
-                    .with_context(|| format!("route to {ip} of {pod}"))?
-                {
-                    ifindex = Some(i);
-                    break;
-                }
+            if let Some(i) = locate(routes, pod, &ep.ips, &mut owner, &mut report)? {
+                wanted.insert(i, (pod, ep.info));
             }
-            let Some(ifindex) = ifindex else {
-                report.pending.push(pod.clone());
-                continue;
-            };
-            let mut info = ep.info;
-            let before = self.epochs.get(&info.id).map(|e| e.0);
-            info.epoch = self.epoch_for(desired, &info, shared);
-            if let Some(other) = owner.insert(ifindex, pod.clone()) {
-                report.failed.push((
-                    pod.clone(),
-                    format!("interface {ifindex} is also the route of {other}"),
-                ));
-                continue;
-            }
-            if before != Some(info.epoch) {
-                moved.push(ifindex);
-            }
-            endpoints.insert(ifindex, info);
         }
+        for (pod, ips) in unnumbered {
+            *missing.entry(MapName::Endpoints).or_default() += 1;
+            if let Some(i) = locate(routes, pod, ips, &mut owner, &mut report)? {
+                bare.insert(i, pod.clone());
+                report.unprogrammed(pod, MapName::Endpoints, BOTH);
+            }
+        }
+
+        let caps: BTreeMap<MapName, Option<usize>> =
+            MapName::ALL.iter().map(|m| (*m, dp.capacity(*m))).collect();
+        let cap = |m: MapName| caps.get(&m).copied().flatten();
 
         let peers_v4: BTreeMap<[u8; 4], PeerInfo> = desired
             .peers_v4
@@ -182,34 +607,240 @@ impl Reconciler {
 
         // Taken out while writing: an error below leaves it `None`, so the next apply compares
         // with the kernel.
-        let shadow = self.shadow.take();
+        let mut held = match self.shadow.take() {
+            Some(s) => s,
+            None => Shadow::read(dp)?,
+        };
+
+        // Plans, within each map's room, before any write. ENDPOINTS first: a pod left out
+        // there gets no policy room either.
+        let mut room = cap(MapName::Endpoints).map(|c| c.saturating_sub(held.endpoints.len()));
+        let mut no_room = Vec::new();
+        for ifindex in wanted.keys() {
+            if held.endpoints.contains_key(ifindex) {
+                continue;
+            }
+            match &mut room {
+                Some(0) => no_room.push(*ifindex),
+                Some(r) => *r -= 1,
+                None => {}
+            }
+        }
+        for ifindex in no_room {
+            if let Some((pod, _)) = wanted.remove(&ifindex) {
+                *missing.entry(MapName::Endpoints).or_default() += 1;
+                bare.insert(ifindex, pod.clone());
+                report.unprogrammed(pod, MapName::Endpoints, BOTH);
+            }
+        }
+        let live: BTreeSet<u32> = wanted.values().map(|(_, info)| info.id).collect();
+        // The node's addresses first: without them the node's probes would be judged as world.
+        let host = |p: &PeerInfo| p.identity == IDENTITY_HOST;
+        let p4 = plan(&peers_v4, &held.peers_v4, cap(MapName::PeersV4), host);
+        let p6 = plan(&peers_v6, &held.peers_v6, cap(MapName::PeersV6), host);
+        let c4 = plan(
+            &desired.cidrs_v4,
+            &held.cidrs_v4,
+            cap(MapName::CidrsV4),
+            |_| false,
+        );
+        let c6 = plan(
+            &desired.cidrs_v6,
+            &held.cidrs_v6,
+            cap(MapName::CidrsV6),
+            |_| false,
+        );
+        let mut c4_missing: BTreeSet<Prefix<Ipv4Addr>> = c4.left_out.iter().copied().collect();
+        let mut c6_missing: BTreeSet<Prefix<Ipv6Addr>> = c6.left_out.iter().copied().collect();
+        let mut suppressed: BTreeMap<u32, MapName> = BTreeMap::new();
+        for id in region_suppression(&desired.cidrs_v4, &c4_missing) {
+            suppressed.entry(id).or_insert(MapName::CidrsV4);
+        }
+        for id in region_suppression(&desired.cidrs_v6, &c6_missing) {
+            suppressed.entry(id).or_insert(MapName::CidrsV6);
+        }
+        let pp = plan_policy(
+            &desired.policy,
+            &held.policy,
+            cap(MapName::Policy),
+            &suppressed,
+            &live,
+        );
+
+        let mut t = Tally::default();
+        // 0. Entries that would allow more than the desired state while a region is missing go
+        //    first (a removal only denies).
+        let mut suppressed_keys = pp.suppressed;
+        t.remove(
+            MapName::Policy,
+            suppressed_keys.iter().copied(),
+            dp.policy(),
+            &mut held.policy,
+        )?;
 
         // 1. Additions and changes: the policy entries of an identity before any address
         //    resolves to it (a relabeled pod never meets its new identity without its rules),
         //    all before the endpoint entries that turn isolation on.
-        report.written += upserts!(shadow, policy, &desired.policy, dp.policy(), "POLICY");
-        report.written += upserts!(shadow, peers_v4, &peers_v4, dp.peers_v4(), "PEERS_V4");
-        report.written += upserts!(shadow, peers_v6, &peers_v6, dp.peers_v6(), "PEERS_V6");
-        report.written += upserts!(
-            shadow,
-            cidrs_v4,
+        let mut policy_missing: BTreeSet<PolicyKey> = pp.left_out.into_iter().collect();
+        policy_missing.extend(t.write(
+            MapName::Policy,
+            pp.writes,
+            &desired.policy,
+            dp.policy(),
+            &mut held.policy,
+        )?);
+        let mut p4_missing = p4.left_out;
+        p4_missing.extend(t.write(
+            MapName::PeersV4,
+            p4.writes,
+            &peers_v4,
+            dp.peers_v4(),
+            &mut held.peers_v4,
+        )?);
+        let mut p6_missing = p6.left_out;
+        p6_missing.extend(t.write(
+            MapName::PeersV6,
+            p6.writes,
+            &peers_v6,
+            dp.peers_v6(),
+            &mut held.peers_v6,
+        )?);
+        c4_missing.extend(t.write(
+            MapName::CidrsV4,
+            c4.writes,
             &desired.cidrs_v4,
             dp.cidrs_v4(),
-            "CIDRS_V4"
-        );
-        report.written += upserts!(
-            shadow,
-            cidrs_v6,
+            &mut held.cidrs_v4,
+        )?);
+        c6_missing.extend(t.write(
+            MapName::CidrsV6,
+            c6.writes,
             &desired.cidrs_v6,
             dp.cidrs_v6(),
-            "CIDRS_V6"
-        );
-        report.written += upserts!(shadow, endpoints, &endpoints, dp.endpoints(), "ENDPOINTS");
+            &mut held.cidrs_v6,
+        )?);
+        // A region the kernel refused: the rules of its nearest ancestor's identity go now.
+        let mut more = BTreeSet::new();
+        for id in region_suppression(&desired.cidrs_v4, &c4_missing) {
+            if let std::collections::btree_map::Entry::Vacant(e) = suppressed.entry(id) {
+                e.insert(MapName::CidrsV4);
+                more.insert(id);
+            }
+        }
+        for id in region_suppression(&desired.cidrs_v6, &c6_missing) {
+            if let std::collections::btree_map::Entry::Vacant(e) = suppressed.entry(id) {
+                e.insert(MapName::CidrsV6);
+                more.insert(id);
+            }
+        }
+        if !more.is_empty() {
+            let keys: Vec<PolicyKey> = desired
+                .policy
+                .keys()
+                .filter(|k| more.contains(&k.identity))
+                .copied()
+                .collect();
+            t.remove(
+                MapName::Policy,
+                keys.iter().copied(),
+                dp.policy(),
+                &mut held.policy,
+            )?;
+            for k in keys {
+                policy_missing.remove(&k);
+                suppressed_keys.push(k);
+            }
+        }
 
-        // 2. Programs on new interfaces (their endpoint entry exists now).
+        // Epochs, from what the maps hold now: an endpoint whose entries are only partly there
+        // moves again when the rest arrives, so the flows it denied meanwhile are re-checked.
+        let mut dropped: BTreeSet<PolicyKey> = policy_missing.clone();
+        dropped.extend(suppressed_keys.iter().copied());
+        let shared =
+            shared_fingerprint(desired, &p4_missing, &p6_missing, &c4_missing, &c6_missing);
+        let mut endpoints: BTreeMap<u32, EndpointInfo> = BTreeMap::new();
+        // Endpoints whose epoch moves in this apply.
+        let mut moved: Vec<u32> = Vec::new();
+        for (ifindex, (_, info)) in &wanted {
+            let mut info = *info;
+            let before = self.epochs.get(&info.id).map(|e| e.0);
+            info.epoch = self.epoch_for(desired, &info, shared, &dropped);
+            if before != Some(info.epoch) {
+                moved.push(*ifindex);
+            }
+            endpoints.insert(*ifindex, info);
+        }
+        // An entry on the interface of a pod that gets none is an earlier pod's: out before
+        // the programs judge by it.
+        let earlier: Vec<u32> = bare
+            .keys()
+            .filter(|i| held.endpoints.contains_key(i))
+            .copied()
+            .collect();
+        t.remove(
+            MapName::Endpoints,
+            earlier,
+            dp.endpoints(),
+            &mut held.endpoints,
+        )?;
+        let writes: Vec<u32> = endpoints
+            .iter()
+            .filter(|(i, info)| held.endpoints.get(i) != Some(info))
+            .map(|(i, _)| *i)
+            .collect();
+        for ifindex in t.write(
+            MapName::Endpoints,
+            writes,
+            &endpoints,
+            dp.endpoints(),
+            &mut held.endpoints,
+        )? {
+            // Refused: the pod has no entry now (an older one was removed): denied both ways.
+            endpoints.remove(&ifindex);
+            if let Some((pod, _)) = wanted.remove(&ifindex) {
+                *missing.entry(MapName::Endpoints).or_default() += 1;
+                bare.insert(ifindex, pod.clone());
+                report.unprogrammed(pod, MapName::Endpoints, BOTH);
+            }
+        }
+
+        // What is missing, by pod: allow entries not written deny in their direction.
+        let pod_of: BTreeMap<u32, &PodRef> =
+            wanted.values().map(|(pod, info)| (info.id, *pod)).collect();
+        for k in &policy_missing {
+            if let Some(pod) = pod_of.get(&k.endpoint) {
+                report.unprogrammed(pod, MapName::Policy, k.direction);
+            }
+        }
+        for k in &suppressed_keys {
+            if let (Some(pod), Some(map)) = (pod_of.get(&k.endpoint), suppressed.get(&k.identity)) {
+                report.unprogrammed(pod, *map, k.direction);
+            }
+        }
+        let mut count = |m: MapName, n: usize| {
+            if n > 0 {
+                *missing.entry(m).or_default() += n;
+            }
+        };
+        count(
+            MapName::Policy,
+            policy_missing.len() + suppressed_keys.len(),
+        );
+        count(MapName::PeersV4, p4_missing.len());
+        count(MapName::PeersV6, p6_missing.len());
+        count(MapName::CidrsV4, c4_missing.len());
+        count(MapName::CidrsV6, c6_missing.len());
+        report.unresolved = p4_missing
+            .iter()
+            .map(|a| IpAddr::from(Ipv4Addr::from(*a)))
+            .chain(p6_missing.iter().map(|a| IpAddr::from(Ipv6Addr::from(*a))))
+            .collect();
+
+        // 2. Programs on new interfaces (their endpoint entry exists now, or they get none and
+        //    drop everything).
         let attached = dp.attached().context("listing attached interfaces")?;
         for (ifindex, pod) in &owner {
-            if !endpoints.contains_key(ifindex) || attached.contains(ifindex) {
+            if attached.contains(ifindex) {
                 continue;
             }
             match dp.attach(*ifindex) {
@@ -222,7 +853,7 @@ impl Reconciler {
         }
 
         // 3. Removals, in reverse: programs off interfaces that are no longer pods, then entries.
-        for ifindex in attached.iter().filter(|i| !endpoints.contains_key(i)) {
+        for ifindex in attached.iter().filter(|i| !owner.contains_key(i)) {
             dp.detach(*ifindex)
                 .with_context(|| format!("detaching from interface {ifindex}"))?;
             report.detached.push(*ifindex);
@@ -234,36 +865,54 @@ impl Reconciler {
             .copied()
             .filter(|id| !live_ids.contains(id))
             .collect();
-        report.removed += removals!(shadow, endpoints, &endpoints, dp.endpoints(), "ENDPOINTS");
+        t.remove_stale(
+            MapName::Endpoints,
+            &endpoints,
+            dp.endpoints(),
+            &mut held.endpoints,
+        )?;
         for id in gone_ids {
             dp.forget_flows(id)
                 .with_context(|| format!("forgetting flows of endpoint {id}"))?;
             self.epochs.remove(&id);
         }
         // Addresses leave an identity before its rules go.
-        let removed_before = report.removed;
-        report.removed += removals!(
-            shadow,
-            cidrs_v6,
+        let removed_before = t.removed;
+        t.remove_stale(
+            MapName::CidrsV6,
             &desired.cidrs_v6,
             dp.cidrs_v6(),
-            "CIDRS_V6"
-        );
-        report.removed += removals!(
-            shadow,
-            cidrs_v4,
+            &mut held.cidrs_v6,
+        )?;
+        t.remove_stale(
+            MapName::CidrsV4,
             &desired.cidrs_v4,
             dp.cidrs_v4(),
-            "CIDRS_V4"
-        );
-        report.removed += removals!(shadow, peers_v6, &peers_v6, dp.peers_v6(), "PEERS_V6");
-        report.removed += removals!(shadow, peers_v4, &peers_v4, dp.peers_v4(), "PEERS_V4");
-        report.removed += removals!(shadow, policy, &desired.policy, dp.policy(), "POLICY");
+            &mut held.cidrs_v4,
+        )?;
+        t.remove_stale(
+            MapName::PeersV6,
+            &peers_v6,
+            dp.peers_v6(),
+            &mut held.peers_v6,
+        )?;
+        t.remove_stale(
+            MapName::PeersV4,
+            &peers_v4,
+            dp.peers_v4(),
+            &mut held.peers_v4,
+        )?;
+        t.remove_stale(
+            MapName::Policy,
+            &desired.policy,
+            dp.policy(),
+            &mut held.policy,
+        )?;
 
         // 4. A flow judged between the endpoint writes and the removals may have met an entry
         //    that is gone now, and carries the new epoch: when anything was removed, the moved
         //    epochs move once more, so such flows are re-checked against what is left.
-        if report.removed > removed_before {
+        if t.removed > removed_before {
             for ifindex in &moved {
                 let Some(info) = endpoints.get_mut(ifindex) else {
                     continue;
@@ -275,17 +924,22 @@ impl Reconciler {
                 dp.endpoints()
                     .set(ifindex, info)
                     .with_context(|| format!("writing ENDPOINTS {ifindex} after the removals"))?;
-                report.written += 1;
+                held.endpoints.insert(*ifindex, *info);
+                t.written += 1;
             }
         }
-        self.shadow = Some(Shadow {
-            endpoints,
-            peers_v4,
-            peers_v6,
-            cidrs_v4: desired.cidrs_v4.clone(),
-            cidrs_v6: desired.cidrs_v6.clone(),
-            policy: desired.policy.clone(),
-        });
+
+        report.written = t.written;
+        report.removed = t.removed;
+        report.missing = missing;
+        report.unprogrammed.sort();
+        self.fill = MapName::ALL
+            .iter()
+            .map(|m| (*m, (held.len(*m), cap(*m))))
+            .collect();
+        // After a refused write the next apply compares with the kernel.
+        report.refused = t.refused;
+        self.shadow = report.refused.is_empty().then_some(held);
         Ok(report)
     }
 
@@ -303,8 +957,15 @@ impl Reconciler {
     }
 
     /// The epoch an endpoint entry gets: unchanged while what decides its verdicts is unchanged,
-    /// one higher when anything of it changed.
-    fn epoch_for(&mut self, desired: &DesiredState, info: &EndpointInfo, shared: u64) -> u32 {
+    /// one higher when anything of it changed. `dropped`: desired policy entries the map does
+    /// not hold (no room).
+    fn epoch_for(
+        &mut self,
+        desired: &DesiredState,
+        info: &EndpointInfo,
+        shared: u64,
+        dropped: &BTreeSet<PolicyKey>,
+    ) -> u32 {
         let mut h = DefaultHasher::new();
         shared.hash(&mut h);
         let mut bare = *info;
@@ -322,6 +983,9 @@ impl Reconciler {
             k.hash(&mut h);
             v.hash(&mut h);
         }
+        for k in dropped.range(lo..hi) {
+            k.hash(&mut h);
+        }
         let fp = h.finish();
         let entry = self.epochs.entry(info.id).or_insert((0, 0));
         if entry.1 != fp {
@@ -331,13 +995,30 @@ impl Reconciler {
     }
 }
 
-/// Hash of the maps every endpoint's verdicts depend on (what an address resolves to).
-fn shared_fingerprint(desired: &DesiredState) -> u64 {
+/// Hash of what every endpoint's verdicts depend on (what an address resolves to): the desired
+/// peer and region entries, and those of them the maps do not hold.
+fn shared_fingerprint(
+    desired: &DesiredState,
+    p4_missing: &[[u8; 4]],
+    p6_missing: &[[u8; 16]],
+    c4_missing: &BTreeSet<Prefix<Ipv4Addr>>,
+    c6_missing: &BTreeSet<Prefix<Ipv6Addr>>,
+) -> u64 {
     let mut h = DefaultHasher::new();
     desired.peers_v4.hash(&mut h);
     desired.peers_v6.hash(&mut h);
     desired.cidrs_v4.hash(&mut h);
     desired.cidrs_v6.hash(&mut h);
+    if !(p4_missing.is_empty()
+        && p6_missing.is_empty()
+        && c4_missing.is_empty()
+        && c6_missing.is_empty())
+    {
+        p4_missing.hash(&mut h);
+        p6_missing.hash(&mut h);
+        c4_missing.hash(&mut h);
+        c6_missing.hash(&mut h);
+    }
     h.finish()
 }
 
@@ -687,23 +1368,575 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_write_makes_the_next_apply_compare_with_the_kernel() {
+    fn a_refused_write_is_left_out_and_the_next_apply_compares_with_the_kernel() {
         let mut dp = FakeDatapath::default();
         let mut r = Reconciler::new();
         r.apply(&state(80, true), &mut dp, &routes()).unwrap();
         dp.policy.fail_writes = true;
-        assert!(r.apply(&state(81, true), &mut dp, &routes()).is_err());
-        assert!(
-            dp.policy
-                .entries
-                .contains_key(&PolicyKey::new(1, 301, DIR_INGRESS, PROTO_TCP, 80, 16)),
-            "nothing removed"
+        let rep = r.apply(&state(81, true), &mut dp, &routes()).unwrap();
+        assert!(!rep.complete());
+        assert_eq!(
+            rep.unprogrammed,
+            [Unprogrammed {
+                pod: PodRef::new("x", "a"),
+                map: MapName::Policy,
+                ingress: true,
+                egress: false,
+            }]
         );
-        assert!(r.written_sizes().is_none(), "shadow dropped");
+        assert!(rep.refused.contains_key(&MapName::Policy));
+        assert!(
+            dp.policy.entries.is_empty(),
+            "the stale port-80 entry is removed all the same, the new one is not there"
+        );
+        assert_eq!(
+            dp.endpoints.entries[&11].flags & EP_INGRESS_ISOLATED,
+            EP_INGRESS_ISOLATED,
+            "x/a stays isolated: denied, not open"
+        );
         dp.policy.fail_writes = false;
         let reads = dp.policy.reads.get();
-        r.apply(&state(81, true), &mut dp, &routes()).unwrap();
+        let rep = r.apply(&state(81, true), &mut dp, &routes()).unwrap();
+        assert!(rep.complete(), "{rep:?}");
         assert!(dp.policy.reads.get() > reads, "compared with the kernel");
         assert_eq!(dp.policy.entries, state(81, true).policy);
+    }
+
+    // A full map: what does not fit is left out so that it only denies, is reported, and
+    // converges when room comes back.
+
+    /// Pod `i`: x/p{i} at 10.0.1.{i} on interface 100 + i, endpoint id i, identity 300 + i.
+    fn pod_ip(i: u32) -> Ipv4Addr {
+        Ipv4Addr::new(10, 0, 1, u8::try_from(i).unwrap())
+    }
+
+    fn pod_ref(i: u32) -> PodRef {
+        PodRef::new("x", format!("p{i}"))
+    }
+
+    const NODE: Ipv4Addr = Ipv4Addr::new(10, 250, 255, 1);
+
+    /// Pods `pods`, each isolated both ways; `allow` = (endpoint, peer identity, direction, TCP
+    /// port) entries; `regions` = (prefix, length, identity).
+    fn cluster(
+        pods: &[u32],
+        allow: &[(u32, u32, u8, u16)],
+        regions: &[(&str, u8, u32)],
+    ) -> DesiredState {
+        use enforcer_common::EP_EGRESS_ISOLATED;
+        let mut s = DesiredState::default();
+        for &i in pods {
+            let ip = pod_ip(i);
+            s.endpoints.insert(
+                pod_ref(i),
+                EndpointState {
+                    info: EndpointInfo {
+                        id: i,
+                        flags: EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED | EP_HAS_V4,
+                        identity: 300 + i,
+                        ipv4: ip.octets(),
+                        port_masks: [1 << 16, 1 << 16],
+                        ..Default::default()
+                    },
+                    ips: vec![ip.into()],
+                },
+            );
+            s.peers_v4.insert(
+                ip,
+                PeerInfo {
+                    identity: 300 + i,
+                    flags: 0,
+                },
+            );
+        }
+        s.peers_v4.insert(
+            NODE,
+            PeerInfo {
+                identity: enforcer_common::IDENTITY_HOST,
+                flags: 0,
+            },
+        );
+        for &(ep, id, dir, port) in allow {
+            s.policy.insert(
+                PolicyKey::new(ep, id, dir, PROTO_TCP, port, 16),
+                PolicyValue { rule: ep, _pad: 0 },
+            );
+        }
+        for (a, len, id) in regions {
+            s.cidrs_v4.insert(
+                Prefix {
+                    addr: a.parse().unwrap(),
+                    len: *len,
+                },
+                PeerInfo {
+                    identity: *id,
+                    flags: 0,
+                },
+            );
+        }
+        s
+    }
+
+    fn pod_routes(pods: impl IntoIterator<Item = u32>) -> FakeRoutes {
+        FakeRoutes(
+            pods.into_iter()
+                .map(|i| (pod_ip(i).into(), 100 + i))
+                .collect(),
+        )
+    }
+
+    /// Whether the datapath as `dp` holds it lets a new TCP flow to `port` through at pod `i`
+    /// in `dir` with `peer`: a pod without programs is not filtered at all, one with programs
+    /// and no entry drops everything (`DROP_UNPROGRAMMED`), else as the program decides.
+    fn kernel_allows(dp: &FakeDatapath, i: u32, dir: u8, peer: Ipv4Addr, port: u16) -> bool {
+        use enforcer_policy::decision::decide;
+        let ifindex = 100 + i;
+        if !dp.links.contains(&ifindex) {
+            return true;
+        }
+        let Some(info) = dp.endpoints.entries.get(&ifindex) else {
+            return false;
+        };
+        let mut s = DesiredState::default();
+        s.endpoints.insert(
+            pod_ref(i),
+            EndpointState {
+                info: *info,
+                ips: vec![Ipv4Addr::from(info.ipv4).into()],
+            },
+        );
+        for (a, p) in &dp.peers_v4.entries {
+            s.peers_v4.insert(Ipv4Addr::from(*a), *p);
+        }
+        s.cidrs_v4 = dp.cidrs_v4.entries.clone();
+        s.policy = dp.policy.entries.clone();
+        decide(&s, &pod_ref(i), dir, peer.into(), PROTO_TCP, port).allowed
+    }
+
+    fn desired_allows(s: &DesiredState, i: u32, dir: u8, peer: Ipv4Addr, port: u16) -> bool {
+        enforcer_policy::decision::decide(s, &pod_ref(i), dir, peer.into(), PROTO_TCP, port).allowed
+    }
+
+    /// Every flow the datapath lets through, the desired state lets through too (fail closed),
+    /// over every pod, direction, peer in `peers` and port in `ports`; returns the flows the
+    /// desired state allows and the datapath denies.
+    fn denies_only(
+        dp: &FakeDatapath,
+        s: &DesiredState,
+        pods: &[u32],
+        peers: &[Ipv4Addr],
+        ports: &[u16],
+    ) -> Vec<(u32, u8, Ipv4Addr, u16)> {
+        let mut denied = Vec::new();
+        for &i in pods {
+            for dir in [DIR_INGRESS, enforcer_common::DIR_EGRESS] {
+                for &peer in peers {
+                    for &port in ports {
+                        let (k, d) = (
+                            kernel_allows(dp, i, dir, peer, port),
+                            desired_allows(s, i, dir, peer, port),
+                        );
+                        assert!(
+                            !k || d,
+                            "pod {i} dir {dir} peer {peer} port {port}: allowed by the datapath, denied by the policy"
+                        );
+                        if d && !k {
+                            denied.push((i, dir, peer, port));
+                        }
+                    }
+                }
+            }
+        }
+        denied
+    }
+
+    #[test]
+    fn a_small_policy_map_programs_whole_endpoints_and_denies_the_rest() {
+        use enforcer_common::DIR_EGRESS;
+        let mut dp = FakeDatapath::default();
+        let mut r = Reconciler::new();
+        // Before: p1 admits p2 on 79 (an entry that goes stale).
+        let before = cluster(&[1, 2, 3], &[(1, 302, DIR_INGRESS, 79)], &[]);
+        r.apply(&before, &mut dp, &pod_routes(1..=4)).unwrap();
+        dp.set_capacity(MapName::Policy, Some(3));
+        // After: p1 admits p2 on 80 and 81; p2 admits p1 on 80 and may reach p3 on 80; p3 may
+        // reach p1 on 80; p4 is new, isolated, without rules.
+        let allow = [
+            (1, 302, DIR_INGRESS, 80),
+            (1, 302, DIR_INGRESS, 81),
+            (2, 301, DIR_INGRESS, 80),
+            (2, 303, DIR_EGRESS, 80),
+            (3, 301, DIR_EGRESS, 80),
+        ];
+        let after = cluster(&[1, 2, 3, 4], &allow, &[]);
+        let rep = r.apply(&after, &mut dp, &pod_routes(1..=4)).unwrap();
+        assert!(!rep.complete());
+        assert_eq!(
+            rep.unprogrammed,
+            [Unprogrammed {
+                pod: pod_ref(2),
+                map: MapName::Policy,
+                ingress: true,
+                egress: true,
+            }],
+            "p1 (2 entries) and p3 (1) fit in 3, p2's pair is left out whole"
+        );
+        assert_eq!(rep.missing, BTreeMap::from([(MapName::Policy, 2)]));
+        assert!(rep.pending.is_empty() && rep.failed.is_empty());
+        assert_eq!(
+            dp.links,
+            BTreeSet::from([101, 102, 103, 104]),
+            "p4 attached"
+        );
+        assert_eq!(
+            dp.endpoints.entries.len(),
+            4,
+            "every endpoint has its entry"
+        );
+        for info in dp.endpoints.entries.values() {
+            assert!(info.isolated(DIR_INGRESS) && info.isolated(DIR_EGRESS));
+        }
+        assert!(
+            !dp.policy.entries.contains_key(&PolicyKey::new(
+                1,
+                302,
+                DIR_INGRESS,
+                PROTO_TCP,
+                79,
+                16
+            )),
+            "the stale entry is removed"
+        );
+        assert_eq!(dp.policy.entries.len(), 3);
+        let peers: Vec<Ipv4Addr> = (1..=4).map(pod_ip).chain([NODE]).collect();
+        let denied = denies_only(&dp, &after, &[1, 2, 3, 4], &peers, &[79, 80, 81]);
+        assert_eq!(
+            denied,
+            [
+                (2, DIR_INGRESS, pod_ip(1), 80),
+                (2, DIR_EGRESS, pod_ip(3), 80)
+            ],
+            "only p2's rules are missing"
+        );
+
+        // Room comes back: everything converges, and p2's epoch moves (its flows re-checked).
+        let epoch = dp.endpoints.entries[&102].epoch;
+        dp.set_capacity(MapName::Policy, Some(5));
+        let rep = r.apply(&after, &mut dp, &pod_routes(1..=4)).unwrap();
+        assert!(rep.complete(), "{rep:?}");
+        assert_eq!(dp.policy.entries, after.policy);
+        assert_ne!(dp.endpoints.entries[&102].epoch, epoch);
+        assert!(denies_only(&dp, &after, &[1, 2, 3, 4], &peers, &[79, 80, 81]).is_empty());
+        let rep = r.apply(&after, &mut dp, &pod_routes(1..=4)).unwrap();
+        assert_eq!((rep.written, rep.removed), (0, 0), "settled");
+    }
+
+    #[test]
+    fn removals_make_room_in_the_same_apply() {
+        let mut dp = FakeDatapath::default();
+        dp.set_capacity(MapName::Policy, Some(2));
+        let mut r = Reconciler::new();
+        let old = cluster(
+            &[1],
+            &[(1, 302, DIR_INGRESS, 79), (1, 302, DIR_INGRESS, 78)],
+            &[],
+        );
+        assert!(r.apply(&old, &mut dp, &pod_routes([1])).unwrap().complete());
+        // Both entries replaced: no room until the old ones go, then all in one apply.
+        let new = cluster(
+            &[1],
+            &[(1, 302, DIR_INGRESS, 80), (1, 302, DIR_INGRESS, 81)],
+            &[],
+        );
+        let rep = r.apply(&new, &mut dp, &pod_routes([1])).unwrap();
+        assert!(rep.complete(), "{rep:?}");
+        assert_eq!(dp.policy.entries, new.policy);
+    }
+
+    #[test]
+    fn a_full_endpoints_map_attaches_the_extra_pods_without_an_entry() {
+        let mut dp = FakeDatapath::default();
+        dp.set_capacity(MapName::Endpoints, Some(2));
+        let mut r = Reconciler::new();
+        let s = cluster(&[1, 2, 3], &[(1, 302, DIR_INGRESS, 80)], &[]);
+        // p5 got no endpoint id from the compiler (more pods than ids); p6 has no interface.
+        let unnumbered = [
+            (pod_ref(5), vec![IpAddr::from(pod_ip(5))]),
+            (pod_ref(6), vec![IpAddr::from(pod_ip(6))]),
+        ];
+        let rep = r
+            .apply_with(&s, &unnumbered, &mut dp, &pod_routes([1, 2, 3, 5]))
+            .unwrap();
+        let both = |i, map| Unprogrammed {
+            pod: pod_ref(i),
+            map,
+            ingress: true,
+            egress: true,
+        };
+        assert_eq!(
+            rep.unprogrammed,
+            [both(3, MapName::Endpoints), both(5, MapName::Endpoints)]
+        );
+        assert_eq!(rep.pending, [pod_ref(6)]);
+        assert_eq!(rep.missing, BTreeMap::from([(MapName::Endpoints, 3)]));
+        assert_eq!(
+            dp.links,
+            BTreeSet::from([101, 102, 103, 105]),
+            "all attached"
+        );
+        assert_eq!(
+            dp.endpoints.entries.keys().copied().collect::<Vec<_>>(),
+            [101, 102]
+        );
+        let peers: Vec<Ipv4Addr> = (1..=3).map(pod_ip).chain([NODE]).collect();
+        let denied = denies_only(&dp, &s, &[1, 2, 3], &peers, &[80]);
+        assert!(
+            denied.iter().all(|d| d.0 == 3) && !denied.is_empty(),
+            "only p3 denied beyond its policy: {denied:?}"
+        );
+        for peer in &peers {
+            for dir in [DIR_INGRESS, enforcer_common::DIR_EGRESS] {
+                assert!(
+                    !kernel_allows(&dp, 5, dir, *peer, 80),
+                    "p5 denied both ways"
+                );
+            }
+        }
+
+        // p2 goes: its entry makes room for p3.
+        let s = cluster(&[1, 3], &[(1, 302, DIR_INGRESS, 80)], &[]);
+        let rep = r
+            .apply_with(&s, &unnumbered[..1], &mut dp, &pod_routes([1, 3, 5]))
+            .unwrap();
+        assert_eq!(rep.unprogrammed, [both(5, MapName::Endpoints)]);
+        assert_eq!(
+            dp.endpoints.entries.keys().copied().collect::<Vec<_>>(),
+            [101, 103]
+        );
+        assert_eq!(dp.links, BTreeSet::from([101, 103, 105]), "p2 detached");
+        assert_eq!(rep.detached, [102]);
+        // p5 gets an id: programmed.
+        let s = cluster(&[1, 3, 5], &[(1, 302, DIR_INGRESS, 80)], &[]);
+        dp.set_capacity(MapName::Endpoints, Some(3));
+        let rep = r.apply(&s, &mut dp, &pod_routes([1, 3, 5])).unwrap();
+        assert!(rep.complete(), "{rep:?}");
+        assert!(dp.endpoints.entries.contains_key(&105));
+    }
+
+    #[test]
+    fn a_refused_identity_change_leaves_no_stale_identity() {
+        let mut dp = FakeDatapath::default();
+        let mut r = Reconciler::new();
+        // p1 admits identity 302 (p2).
+        let s = cluster(&[1, 2], &[(1, 302, DIR_INGRESS, 80)], &[]);
+        r.apply(&s, &mut dp, &pod_routes([1, 2])).unwrap();
+        assert!(kernel_allows(&dp, 1, DIR_INGRESS, pod_ip(2), 80));
+        // p2 is relabeled: its address now has identity 399, which p1 does not admit; the
+        // write is refused.
+        let mut relabeled = s.clone();
+        relabeled.peers_v4.get_mut(&pod_ip(2)).unwrap().identity = 399;
+        dp.peers_v4.fail_writes = true;
+        let rep = r.apply(&relabeled, &mut dp, &pod_routes([1, 2])).unwrap();
+        assert_eq!(rep.unresolved, [IpAddr::from(pod_ip(2))]);
+        assert!(rep.refused.contains_key(&MapName::PeersV4));
+        assert!(
+            !dp.peers_v4.entries.contains_key(&pod_ip(2).octets()),
+            "the old identity is removed, not kept"
+        );
+        assert!(
+            !kernel_allows(&dp, 1, DIR_INGRESS, pod_ip(2), 80),
+            "p2 no longer passes as its old identity"
+        );
+        dp.peers_v4.fail_writes = false;
+        let rep = r.apply(&relabeled, &mut dp, &pod_routes([1, 2])).unwrap();
+        assert!(rep.complete(), "{rep:?}");
+        assert_eq!(dp.peers_v4.entries[&pod_ip(2).octets()].identity, 399);
+    }
+
+    #[test]
+    fn a_full_peer_map_keeps_the_node_and_resolves_the_rest_by_region() {
+        let mut dp = FakeDatapath::default();
+        dp.set_capacity(MapName::PeersV4, Some(2));
+        let mut r = Reconciler::new();
+        // p1 admits p2 by pod identity, and 10.0.0.0/16 by an ipBlock: the region's identity
+        // 400, and (as the compiler gives pod identities the ipBlocks their address is in) the
+        // pod identities inside it, 302 and 303.
+        let s = cluster(
+            &[1, 2, 3],
+            &[
+                (1, 302, DIR_INGRESS, 80),
+                (1, 400, DIR_INGRESS, 81),
+                (1, 302, DIR_INGRESS, 81),
+                (1, 303, DIR_INGRESS, 81),
+            ],
+            &[("10.0.0.0", 16, 400)],
+        );
+        let rep = r.apply(&s, &mut dp, &pod_routes([1, 2, 3])).unwrap();
+        assert!(
+            dp.peers_v4.entries.contains_key(&NODE.octets()),
+            "the node's address first"
+        );
+        assert_eq!(rep.unresolved.len(), 2, "{rep:?}");
+        assert_eq!(rep.missing, BTreeMap::from([(MapName::PeersV4, 2)]));
+        let peers: Vec<Ipv4Addr> = (1..=3).map(pod_ip).chain([NODE]).collect();
+        denies_only(&dp, &s, &[1, 2, 3], &peers, &[80, 81]);
+        dp.set_capacity(MapName::PeersV4, None);
+        assert!(
+            r.apply(&s, &mut dp, &pod_routes([1, 2, 3]))
+                .unwrap()
+                .complete()
+        );
+    }
+
+    #[test]
+    fn a_missing_region_takes_the_rules_of_its_ancestor_out() {
+        let mut dp = FakeDatapath::default();
+        let mut r = Reconciler::new();
+        // p1 admits the ipBlock 10.9.0.0/16 (region identity 400) on 80.
+        let s = cluster(&[1], &[(1, 400, DIR_INGRESS, 80)], &[("10.9.0.0", 16, 400)]);
+        r.apply(&s, &mut dp, &pod_routes([1])).unwrap();
+        let inside: Ipv4Addr = "10.9.1.1".parse().unwrap();
+        let except: Ipv4Addr = "10.9.200.1".parse().unwrap();
+        assert!(kernel_allows(&dp, 1, DIR_INGRESS, except, 80));
+        // The block gains `except: 10.9.200.0/24` (region identity 401, not admitted), and the
+        // trie has no room for it: its addresses would resolve to 400 and be allowed.
+        dp.set_capacity(MapName::CidrsV4, Some(1));
+        let s2 = cluster(
+            &[1],
+            &[(1, 400, DIR_INGRESS, 80)],
+            &[("10.9.0.0", 16, 400), ("10.9.200.0", 24, 401)],
+        );
+        let rep = r.apply(&s2, &mut dp, &pod_routes([1])).unwrap();
+        assert_eq!(
+            rep.unprogrammed,
+            [Unprogrammed {
+                pod: pod_ref(1),
+                map: MapName::CidrsV4,
+                ingress: true,
+                egress: false,
+            }]
+        );
+        assert!(
+            !kernel_allows(&dp, 1, DIR_INGRESS, except, 80),
+            "the except holds"
+        );
+        assert!(
+            !kernel_allows(&dp, 1, DIR_INGRESS, inside, 80),
+            "denied: fail closed"
+        );
+        denies_only(&dp, &s2, &[1], &[inside, except, pod_ip(1), NODE], &[80]);
+        dp.set_capacity(MapName::CidrsV4, Some(2));
+        assert!(r.apply(&s2, &mut dp, &pod_routes([1])).unwrap().complete());
+        assert!(kernel_allows(&dp, 1, DIR_INGRESS, inside, 80));
+        assert!(!kernel_allows(&dp, 1, DIR_INGRESS, except, 80));
+    }
+
+    #[test]
+    fn region_ancestors() {
+        let p = Prefix {
+            addr: "10.9.200.0".parse::<Ipv4Addr>().unwrap(),
+            len: 24,
+        };
+        assert_eq!(
+            ancestor(&p, 16),
+            Prefix {
+                addr: "10.9.0.0".parse().unwrap(),
+                len: 16
+            }
+        );
+        assert_eq!(ancestor(&p, 0).addr, Ipv4Addr::UNSPECIFIED);
+        let p6 = Prefix {
+            addr: "fd00:1:2::".parse::<Ipv6Addr>().unwrap(),
+            len: 48,
+        };
+        assert_eq!(
+            ancestor(&p6, 32).addr,
+            "fd00:1::".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(ancestor(&p6, 0).addr, Ipv6Addr::UNSPECIFIED);
+    }
+
+    /// The state the compiler makes of `yaml` (node address [`NODE`]).
+    fn compiled(yaml: &str) -> DesiredState {
+        use crate::source::manifests::{Loaded, finish, load_text};
+        use enforcer_policy::compile::{Allocations, CompileOptions, compile};
+        let mut loaded = Loaded::default();
+        load_text(std::path::Path::new("t.yaml"), yaml, &mut loaded);
+        finish(&mut loaded);
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        let opts = CompileOptions {
+            node_ips: vec![NODE.into()],
+            ..CompileOptions::default()
+        };
+        let out = compile(&loaded.cluster, &opts, &mut Allocations::new());
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        out.state
+    }
+
+    /// Compiled states, every combination of small maps: whatever is left out, the datapath
+    /// never allows what the policy denies, and with room back it converges.
+    #[test]
+    fn compiled_states_in_small_maps_deny_only() {
+        let mut yaml = String::new();
+        for (i, role) in [(1, "server"), (2, "client"), (3, "client"), (4, "none")] {
+            yaml.push_str(&format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p{i}\n  namespace: x\n  labels:\n    role: {role}\nspec:\n  containers:\n  - name: c\n    image: i\nstatus:\n  podIP: {ip}\n  podIPs:\n  - ip: {ip}\n---\n",
+                ip = pod_ip(i)
+            ));
+        }
+        yaml.push_str(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: server\n  namespace: x\nspec:\n  podSelector:\n    matchLabels:\n      role: server\n  policyTypes: [Ingress]\n  ingress:\n  - from:\n    - podSelector:\n        matchLabels:\n          role: client\n    ports:\n    - port: 80\n  - from:\n    - ipBlock:\n        cidr: 10.0.0.0/16\n        except: [10.0.1.3/32, 10.0.9.0/24]\n    ports:\n    - port: 81\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: client\n  namespace: x\nspec:\n  podSelector:\n    matchLabels:\n      role: client\n  policyTypes: [Egress]\n  egress:\n  - to:\n    - ipBlock:\n        cidr: 10.0.0.0/8\n        except: [10.0.1.0/24]\n    ports:\n    - port: 80\n  - to:\n    - podSelector:\n        matchLabels:\n          role: server\n    ports:\n    - port: 81\n",
+        );
+        let s = compiled(&yaml);
+        assert!(!s.cidrs_v4.is_empty() && s.policy.len() > 4, "{s:?}");
+        let pods = [1, 2, 3, 4];
+        let peers: Vec<Ipv4Addr> = (1..=4)
+            .map(pod_ip)
+            .chain([NODE])
+            .chain(["10.0.9.9", "10.0.1.77", "10.9.9.9", "192.168.1.1"].map(|a| a.parse().unwrap()))
+            .collect();
+        let ports = [80, 81];
+        let all_allowed = denies_only(&FakeDatapath::default(), &s, &[], &peers, &ports);
+        assert!(all_allowed.is_empty());
+        let mut cases = 0;
+        for peers_cap in [Some(1), Some(3), None] {
+            for cidrs_cap in [Some(0), Some(1), Some(2), None] {
+                for policy_cap in [Some(0), Some(2), Some(5), None] {
+                    for endpoints_cap in [Some(2), None] {
+                        let mut dp = FakeDatapath::default();
+                        dp.set_capacity(MapName::PeersV4, peers_cap);
+                        dp.set_capacity(MapName::CidrsV4, cidrs_cap);
+                        dp.set_capacity(MapName::Policy, policy_cap);
+                        dp.set_capacity(MapName::Endpoints, endpoints_cap);
+                        let mut r = Reconciler::new();
+                        let rep = r.apply(&s, &mut dp, &pod_routes(pods)).unwrap();
+                        assert_eq!(dp.links.len(), 4, "every pod attached");
+                        let denied = denies_only(&dp, &s, &pods, &peers, &ports);
+                        let full = [peers_cap, cidrs_cap, policy_cap, endpoints_cap] != [None; 4];
+                        assert_eq!(
+                            rep.complete(),
+                            denied.is_empty() && rep.missing.is_empty(),
+                            "{rep:?}"
+                        );
+                        if !full {
+                            assert!(rep.complete());
+                        }
+                        for cap in [
+                            MapName::PeersV4,
+                            MapName::CidrsV4,
+                            MapName::Policy,
+                            MapName::Endpoints,
+                        ] {
+                            dp.set_capacity(cap, None);
+                        }
+                        let rep = r.apply(&s, &mut dp, &pod_routes(pods)).unwrap();
+                        assert!(rep.complete(), "{rep:?}");
+                        assert!(denies_only(&dp, &s, &pods, &peers, &ports).is_empty());
+                        cases += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(cases, 96);
     }
 }

@@ -24,8 +24,54 @@ pub trait MapTable<K, V> {
     fn keys(&self) -> Result<Vec<K>>;
 }
 
+/// A map the reconciler writes, in the order it writes additions (removals go in reverse).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MapName {
+    Policy,
+    PeersV4,
+    PeersV6,
+    CidrsV4,
+    CidrsV6,
+    Endpoints,
+}
+
+impl MapName {
+    pub const ALL: [Self; 6] = [
+        Self::Policy,
+        Self::PeersV4,
+        Self::PeersV6,
+        Self::CidrsV4,
+        Self::CidrsV6,
+        Self::Endpoints,
+    ];
+
+    /// The map's name, as pinned and as the metrics label it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Policy => enforcer_common::MAP_POLICY,
+            Self::PeersV4 => enforcer_common::MAP_PEERS_V4,
+            Self::PeersV6 => enforcer_common::MAP_PEERS_V6,
+            Self::CidrsV4 => enforcer_common::MAP_CIDRS_V4,
+            Self::CidrsV6 => enforcer_common::MAP_CIDRS_V6,
+            Self::Endpoints => enforcer_common::MAP_ENDPOINTS,
+        }
+    }
+}
+
+impl std::fmt::Display for MapName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The datapath as the reconciler needs it.
 pub trait DatapathMaps {
+    /// Most entries `map` can hold (its `max_entries`), `None` when unknown: the reconciler
+    /// plans its writes within it, so a full map costs what does not fit, not the whole job.
+    fn capacity(&mut self, map: MapName) -> Option<usize> {
+        let _ = map;
+        None
+    }
     fn endpoints(&mut self) -> &mut dyn MapTable<u32, EndpointInfo>;
     /// Keyed by the address bytes in network order, as the program looks them up.
     fn peers_v4(&mut self) -> &mut dyn MapTable<[u8; 4], PeerInfo>;
