@@ -780,13 +780,13 @@ impl Report {
                     };
                     let _ = writeln!(
                         s,
-                        "Paths that leave it elsewhere (step: the fast path's from \"unmanaged ifindex\", the full path's from \"pod to itself\"):\n\n| path | ns/packet | step |\n|---|---|---|"
+                        "Paths that leave it elsewhere (step: the fast path's from \"unmanaged ifindex\", the full path's from \"from the pod's own address\"):\n\n| path | ns/packet | step |\n|---|---|---|"
                     );
                     for (name, v) in &r.other_paths {
                         let base = if name.contains("fast path:") {
                             step_of("unmanaged")
                         } else {
-                            step_of("pod to itself")
+                            step_of("from the pod's own address")
                         };
                         let _ = writeln!(s, "| {} | {} | +{} |", name, f(*v, 0), f(v - base, 0));
                     }

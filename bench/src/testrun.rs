@@ -1109,7 +1109,7 @@ fn load(
     )?;
     expect(
         reason_of(&dp, fd, &est, &ctx_unmanaged)?,
-        0,
+        2,
         reason::DROP_UNPROGRAMMED,
         "unmanaged (programs without an endpoint entry: dropped as unprogrammed)",
     )?;
@@ -1188,8 +1188,8 @@ fn scenario(
         )?;
         expect(
             reason_of(&dp, fd, &selfp, &ctx)?,
-            0,
-            reason::ALLOW_HOST,
+            2,
+            reason::DROP_SPOOFED,
             "self",
         )?;
         expect(
@@ -1219,7 +1219,7 @@ fn scenario(
                 &ctx,
             ),
             (
-                "pod to itself: + fast-path IPv4 checks, then the full IPv4/TCP parse, address checks",
+                "from the pod's own address: + fast-path IPv4 checks, then the full IPv4/TCP parse, address checks (dropped as spoofed, with its event)",
                 &selfp,
                 &ctx,
             ),
@@ -1233,7 +1233,7 @@ fn scenario(
             parts.push((name.to_string(), v));
         }
         // Paths that leave it elsewhere: the fast path before the parse (compared with the
-        // unmanaged path), the others after it (compared with "pod to itself").
+        // unmanaged path), the others after it (compared with "from the pod's own address").
         let others: [(&str, &[u8], &[u8]); 3] = [
             (
                 "established, fast path: endpoint slot, clock, IPv4/TCP header words in place, conntrack (flow table) lookup",

@@ -686,3 +686,29 @@ pub fn pod_manifest(
     }
     y
 }
+
+/// A private bpffs on a temporary folder (pins of a test's own, so suites run side by side): on
+/// drop, whatever the loader pinned under `<folder>/enforcer` is cleaned up, the bpffs unmounted
+/// and the folder removed, also when a test panics.
+pub struct BpfMount(pub std::path::PathBuf);
+
+impl BpfMount {
+    /// Mounts a bpffs on a new folder named after `tag` and this process (root).
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("enforcer-test-{tag}-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        enforcer::datapath::mount_bpffs(&dir).expect("mounting a bpffs (run as root)");
+        Self(dir)
+    }
+}
+
+impl Drop for BpfMount {
+    fn drop(&mut self) {
+        let _ = enforcer::datapath::Datapath::cleanup(&self.0.join("enforcer"));
+        if let Ok(c) = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()) {
+            // SAFETY: a valid NUL-terminated path.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

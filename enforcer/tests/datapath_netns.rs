@@ -3,10 +3,10 @@
 //! traffic between pods. Runs as root. Namespaces, links and the private bpffs are removed even
 //! when an assertion fails (RAII guards).
 
-use std::{net::IpAddr, path::PathBuf, time::Duration};
+use std::{net::IpAddr, time::Duration};
 
 use enforcer::{
-    datapath::{AttachMode, Datapath, DatapathOptions, Hook, link_pin, mount_bpffs},
+    datapath::{AttachMode, Datapath, DatapathOptions, Hook, link_pin},
     reconcile::MapTable,
 };
 use enforcer_common::{
@@ -14,35 +14,12 @@ use enforcer_common::{
     EndpointInfo, IDENTITY_HOST, PROTO_TCP, PROTO_UDP, PeerInfo, PolicyKey, PolicyValue, reason,
 };
 use enforcer_testkit::netns::{
-    NODE_V4, NODE_V6, Proto, Servers, TestPod, Testbed, enter_netns, in_netns, probe_all,
+    BpfMount, NODE_V4, NODE_V6, Proto, Servers, TestPod, Testbed, enter_netns, in_netns, probe_all,
 };
 
 const ID_A: u32 = 1000;
 const ID_B: u32 = 1001;
 const ID_C: u32 = 1002;
-
-/// A bpffs on a temp dir, unmounted and removed on drop.
-struct BpfMount(PathBuf);
-
-impl BpfMount {
-    fn new(tag: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("enforcer-netns-test-{tag}-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        mount_bpffs(&dir).expect("mounting a bpffs (run as root)");
-        Self(dir)
-    }
-}
-
-impl Drop for BpfMount {
-    fn drop(&mut self) {
-        let _ = Datapath::cleanup(&self.0.join("enforcer"));
-        let c = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: valid path.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn ifindex_in(netns: &str, name: &str) -> u32 {
     let name = std::ffi::CString::new(name).unwrap();

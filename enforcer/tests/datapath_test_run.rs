@@ -14,7 +14,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, Ipv6Addr},
     panic::AssertUnwindSafe,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, ExitCode},
     sync::{
         Mutex, PoisonError,
@@ -25,7 +25,7 @@ use std::{
 };
 
 use enforcer::{
-    datapath::{CtCount, Datapath, DatapathOptions, EventReader, Hook, mount_bpffs},
+    datapath::{CtCount, Datapath, DatapathOptions, EventReader, Hook},
     reconcile::MapTable,
 };
 use enforcer_common::{
@@ -37,6 +37,7 @@ use enforcer_common::{
     reason::*,
 };
 use enforcer_policy::state::Prefix;
+use enforcer_testkit::netns::BpfMount;
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
 
 const OK: i32 = 0; // TC_ACT_OK
@@ -239,28 +240,6 @@ const ID_EXCEPT: u32 = 501;
 const EP_A: u32 = 1;
 const EP_B: u32 = 2;
 const EP_C: u32 = 3;
-
-/// A bpffs mounted on a temp dir; unmounted and removed on drop.
-struct BpfMount(PathBuf);
-
-impl BpfMount {
-    fn new(tag: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("enforcer-dp-test-{tag}-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        mount_bpffs(&dir).expect("mounting a bpffs (run as root)");
-        Self(dir)
-    }
-}
-
-impl Drop for BpfMount {
-    fn drop(&mut self) {
-        let c = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: valid path.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("running ip");
@@ -3001,108 +2980,46 @@ fn trials() -> Vec<Trial> {
             })
         }
     };
+    // A group named after the function that runs it on the shared harness.
+    macro_rules! group {
+        ($f:ident) => {
+            shared(stringify!($f), |h, _| $f(h))
+        };
+    }
     let mut trials = vec![
-        shared(
-            "arp_link_scoped_neighbour_discovery_pass_and_unprogrammed_interfaces_drop",
-            |h, _| arp_link_scoped_neighbour_discovery_pass_and_unprogrammed_interfaces_drop(h),
-        ),
-        shared("spoofed_sources_are_dropped", |h, _| {
-            spoofed_sources_are_dropped(h)
-        }),
-        shared(
-            "vlan_tagged_frames_are_dropped_whatever_they_carry",
-            |h, _| vlan_tagged_frames_are_dropped_whatever_they_carry(h),
-        ),
-        shared("a_pod_sends_only_ip_and_arp_for_its_own_address", |h, _| {
-            a_pod_sends_only_ip_and_arp_for_its_own_address(h)
-        }),
-        shared("neighbour_discovery_passes_only_on_the_link", |h, _| {
-            neighbour_discovery_passes_only_on_the_link(h)
-        }),
-        shared(
-            "icmp_errors_are_related_only_between_the_flows_ends",
-            |h, _| icmp_errors_are_related_only_between_the_flows_ends(h),
-        ),
-        shared(
-            "packets_for_a_pod_from_its_own_address_are_spoofed",
-            |h, _| packets_for_a_pod_from_its_own_address_are_spoofed(h),
-        ),
-        shared(
-            "host_and_self_traffic_is_allowed_and_never_tracked",
-            |h, _| host_and_self_traffic_is_allowed_and_never_tracked(h),
-        ),
-        shared("tcp_v4_flows_follow_policy_and_conntrack", |h, _| {
-            tcp_v4_flows_follow_policy_and_conntrack(h)
-        }),
-        shared("udp_v4_flows_follow_policy_and_conntrack", |h, _| {
-            udp_v4_flows_follow_policy_and_conntrack(h)
-        }),
-        shared("sctp_flows_follow_policy_and_conntrack", |h, _| {
-            sctp_flows_follow_policy_and_conntrack(h)
-        }),
-        shared("end_port_ranges_cover_exactly_their_ports", |h, _| {
-            end_port_ranges_cover_exactly_their_ports(h)
-        }),
-        shared("ip_blocks_allow_their_cidr_but_not_its_except", |h, _| {
-            ip_blocks_allow_their_cidr_but_not_its_except(h)
-        }),
-        shared("tcp_v6_flows_follow_policy_and_conntrack", |h, _| {
-            tcp_v6_flows_follow_policy_and_conntrack(h)
-        }),
-        shared(
-            "conntrack_keys_are_laid_out_as_the_agent_builds_them",
-            |h, _| conntrack_keys_are_laid_out_as_the_agent_builds_them(h),
-        ),
-        shared(
-            "icmp_echo_needs_an_any_protocol_rule_and_its_reply_passes",
-            |h, _| icmp_echo_needs_an_any_protocol_rule_and_its_reply_passes(h),
-        ),
-        shared("icmp_errors_pass_only_for_tracked_flows", |h, _| {
-            icmp_errors_pass_only_for_tracked_flows(h)
-        }),
-        shared("not_isolated_directions_pass_and_track_flows", |h, _| {
-            not_isolated_directions_pass_and_track_flows(h)
-        }),
-        shared(
-            "fragments_follow_the_verdict_of_their_first_fragment",
-            |h, _| fragments_follow_the_verdict_of_their_first_fragment(h),
-        ),
-        shared(
-            "ipv6_extension_header_chains_are_walked_up_to_eight",
-            |h, _| ipv6_extension_header_chains_are_walked_up_to_eight(h),
-        ),
-        shared("malformed_and_truncated_packets_are_dropped", |h, _| {
-            malformed_and_truncated_packets_are_dropped(h)
-        }),
-        shared(
-            "epoch_bump_revokes_flows_the_policy_no_longer_allows",
-            |h, _| epoch_bump_revokes_flows_the_policy_no_longer_allows(h),
-        ),
-        shared("removing_an_endpoint_forgets_its_flows_only", |h, _| {
-            removing_an_endpoint_forgets_its_flows_only(h)
-        }),
-        with_slots(shared(
-            "a_stale_slot_is_read_but_not_a_half_written_or_foreign_one",
-            |h, _| a_stale_slot_is_read_but_not_a_half_written_or_foreign_one(h),
+        group!(arp_link_scoped_neighbour_discovery_pass_and_unprogrammed_interfaces_drop),
+        group!(spoofed_sources_are_dropped),
+        group!(vlan_tagged_frames_are_dropped_whatever_they_carry),
+        group!(a_pod_sends_only_ip_and_arp_for_its_own_address),
+        group!(neighbour_discovery_passes_only_on_the_link),
+        group!(icmp_errors_are_related_only_between_the_flows_ends),
+        group!(packets_for_a_pod_from_its_own_address_are_spoofed),
+        group!(host_and_self_traffic_is_allowed_and_never_tracked),
+        group!(tcp_v4_flows_follow_policy_and_conntrack),
+        group!(udp_v4_flows_follow_policy_and_conntrack),
+        group!(sctp_flows_follow_policy_and_conntrack),
+        group!(end_port_ranges_cover_exactly_their_ports),
+        group!(ip_blocks_allow_their_cidr_but_not_its_except),
+        group!(tcp_v6_flows_follow_policy_and_conntrack),
+        group!(conntrack_keys_are_laid_out_as_the_agent_builds_them),
+        group!(icmp_echo_needs_an_any_protocol_rule_and_its_reply_passes),
+        group!(icmp_errors_pass_only_for_tracked_flows),
+        group!(not_isolated_directions_pass_and_track_flows),
+        group!(fragments_follow_the_verdict_of_their_first_fragment),
+        group!(ipv6_extension_header_chains_are_walked_up_to_eight),
+        group!(malformed_and_truncated_packets_are_dropped),
+        group!(epoch_bump_revokes_flows_the_policy_no_longer_allows),
+        group!(removing_an_endpoint_forgets_its_flows_only),
+        with_slots(group!(
+            a_stale_slot_is_read_but_not_a_half_written_or_foreign_one
         )),
-        with_slots(shared(
-            "new_flows_are_judged_from_the_slots_policy_keys",
-            |h, _| new_flows_are_judged_from_the_slots_policy_keys(h),
+        with_slots(group!(new_flows_are_judged_from_the_slots_policy_keys)),
+        with_slots(group!(
+            an_endpoint_sharing_a_slot_is_judged_through_endpoints
         )),
-        with_slots(shared(
-            "an_endpoint_sharing_a_slot_is_judged_through_endpoints",
-            |h, _| an_endpoint_sharing_a_slot_is_judged_through_endpoints(h),
-        )),
-        shared("peer_cache_ways_mirror_peers_v4", |h, _| {
-            peer_cache_ways_mirror_peers_v4(h)
-        }),
-        shared("idle_flows_time_out_and_are_judged_anew", |h, _| {
-            idle_flows_time_out_and_are_judged_anew(h)
-        }),
-        shared(
-            "verdict_events_report_drops_and_only_logged_allows",
-            |h, _| verdict_events_report_drops_and_only_logged_allows(h),
-        ),
+        group!(peer_cache_ways_mirror_peers_v4),
+        group!(idle_flows_time_out_and_are_judged_anew),
+        group!(verdict_events_report_drops_and_only_logged_allows),
         shared(
             "a_restart_reuses_pinned_maps_and_moves_legacy_ipv4_flows",
             a_restart_reuses_pinned_maps_and_moves_legacy_ipv4_flows,
@@ -3115,9 +3032,7 @@ fn trials() -> Vec<Trial> {
             "batched_conntrack_count_equals_a_walk",
             batched_conntrack_count_equals_a_walk,
         ),
-        shared("batched_counter_read_equals_a_slot_by_slot_read", |h, _| {
-            batched_counter_read_equals_a_slot_by_slot_read(h)
-        }),
+        group!(batched_counter_read_equals_a_slot_by_slot_read),
         Trial::test(
             "a_full_conntrack_refuses_new_flows_and_keeps_tracked_ones",
             || {

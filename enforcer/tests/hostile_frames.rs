@@ -5,47 +5,23 @@
 
 use std::{
     net::{Ipv4Addr, UdpSocket},
-    path::PathBuf,
     time::Duration,
 };
 
 use enforcer::{
-    datapath::{Datapath, DatapathOptions, mount_bpffs},
+    datapath::{Datapath, DatapathOptions},
     reconcile::MapTable,
 };
 use enforcer_common::{
     DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EndpointInfo, IDENTITY_HOST, PeerInfo,
     reason,
 };
-use enforcer_testkit::netns::{NODE_V4, TestPod, Testbed, enter_netns, in_netns};
+use enforcer_testkit::netns::{BpfMount, NODE_V4, TestPod, Testbed, enter_netns, in_netns};
 
 const ID_A: u32 = 1000;
 const ID_B: u32 = 1001;
 const PORT: u16 = 9000;
 const PAYLOAD: &[u8] = b"smuggled";
-
-/// A bpffs on a temp dir, unmounted and removed on drop.
-struct BpfMount(PathBuf);
-
-impl BpfMount {
-    fn new(tag: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("enforcer-hostile-{tag}-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        mount_bpffs(&dir).expect("mounting a bpffs (run as root)");
-        Self(dir)
-    }
-}
-
-impl Drop for BpfMount {
-    fn drop(&mut self) {
-        let _ = Datapath::cleanup(&self.0.join("enforcer"));
-        let c = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: valid path.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Two pods `a` (egress isolated: it may send nothing but to its node) and `b` (not isolated),
 /// with the programs attached to both veths.

@@ -26,11 +26,15 @@ pub fn bench(args: &[String]) -> Result<()> {
             "enforcer",
             "-p",
             "enforcer-bench",
+            "--bin",
+            "enforcer-bench",
         ])
         .status()
         .context("running cargo build")?;
     if !st.success() {
-        bail!("cargo build --release -p enforcer --bin enforcer -p enforcer-bench failed ({st})");
+        bail!(
+            "cargo build --release -p enforcer --bin enforcer -p enforcer-bench --bin enforcer-bench failed ({st})"
+        );
     }
     let st = Command::new(root.join("target/release/enforcer-bench"))
         .current_dir(&root)
