@@ -1025,9 +1025,13 @@ fn load(
         peers_size: 131_072,
         policy_size: 262_144,
         conntrack_size: enforcer_common::DEFAULT_CONNTRACK_SIZE,
+        // New flows pay the per-pod flow limit's check and count as under a sweeping agent,
+        // with a limit no run reaches.
+        max_flows_per_endpoint: u32::MAX,
         ..Default::default()
     };
     let mut dp = Datapath::open(opts).context("loading the programs")?;
+    dp.conntrack.flow_counts().keep_until(u64::MAX);
     let mut events = dp.take_events();
 
     // Endpoints: the measured one on the real device, the others on ifindexes with no device

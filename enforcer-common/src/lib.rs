@@ -3,7 +3,9 @@
 //! Every type here is `#[repr(C)]` with explicit padding fields, so user space and the kernel
 //! agree byte for byte (implicit padding makes hash keys differ and is unsound for `aya::Pod`).
 //! The `const` asserts at the bottom pin each size; change a struct and you must bump
-//! [`SCHEMA_VERSION`], because pinned maps of the old layout cannot be reused.
+//! [`SCHEMA_VERSION`], because pinned maps of the old layout cannot be reused. The exceptions
+//! hold no state the programs made: [`Config`] (written whole by every agent at start) and the
+//! counter maps, which the loader creates again when their pinned size differs.
 #![no_std]
 
 /// Version of the map layout. Pins live under `<pin-path>/v{SCHEMA_VERSION}/`.
@@ -53,6 +55,8 @@ pub const MAP_FLOWS_V4: &str = "FLOWS_V4";
 /// Mmapable array of [`PeerBucket`]s: a cache of [`MAP_PEERS_V4`] the programs read with one
 /// load instead of a hash lookup (see [`PeerBucket`]). `PEERS_V4` stays authoritative.
 pub const MAP_PEER_SLOTS: &str = "PEER_SLOTS";
+/// Mmapable array of [`FlowCount`], indexed by endpoint id: the flows each endpoint holds.
+pub const MAP_FLOW_COUNTS: &str = "FLOW_COUNTS";
 
 /// Name of the program attached to the TC ingress hook of a host-side veth, i.e. what the pod
 /// sends (pod egress).
@@ -433,6 +437,48 @@ pub const CT_ORIGIN_EGRESS: u32 = 1 << 1;
 /// allows it again), so neither a retransmission nor the other side's packets can re-open it
 /// as a new flow of a direction that is not isolated.
 pub const CT_REVOKED: u32 = 1 << 2;
+/// TCP: a packet of the other end (the flow's reply direction) was allowed: the handshake was
+/// answered. Until then the flow lives for [`Config::ct_timeout_tcp_syn_ns`] of silence.
+pub const CT_REPLIED: u32 = 1 << 3;
+/// TCP: end `a` of the key sent a FIN.
+pub const CT_FIN_A: u32 = 1 << 4;
+/// TCP: end `b` of the key sent a FIN.
+pub const CT_FIN_B: u32 = 1 << 5;
+/// TCP: either end sent a RST.
+pub const CT_RST: u32 = 1 << 6;
+/// The TCP state bits, cleared when the originator opens the flow again with a SYN (a new
+/// connection on the same ports).
+pub const CT_TCP_STATE: u32 = CT_REPLIED | CT_FIN_A | CT_FIN_B | CT_RST;
+
+/// TCP header flags, as in byte 13 of the header.
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// The flags of a TCP flow with `flags` after a packet with header flags `tcp` from end `a`
+/// (`from_a`) was allowed, originated from end `a` when `origin_a`: the state its timeout
+/// follows. Anything but a SYN from the originator only adds bits; that SYN (without ACK) on a
+/// flow that saw a FIN or a RST opens a new connection on the same ports, so the state starts
+/// over.
+#[inline(always)]
+pub const fn tcp_flags_after(flags: u32, tcp: u8, from_a: bool, origin_a: bool) -> u32 {
+    let forward = from_a == origin_a;
+    let mut f = flags;
+    if forward && tcp & (TCP_SYN | TCP_ACK) == TCP_SYN && f & (CT_FIN_A | CT_FIN_B | CT_RST) != 0 {
+        f &= !CT_TCP_STATE;
+    }
+    if !forward {
+        f |= CT_REPLIED;
+    }
+    if tcp & TCP_FIN != 0 {
+        f |= if from_a { CT_FIN_A } else { CT_FIN_B };
+    }
+    if tcp & TCP_RST != 0 {
+        f |= CT_RST;
+    }
+    f
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -578,13 +624,51 @@ pub const fn flow_stamp_ns(stamp: u32, now_ns: u64) -> u64 {
     }
 }
 
+/// The key of the flow table's bucket hash: four random words, all zero for the unkeyed hash
+/// of tables created before it existed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowSeed {
+    pub k: [u32; 4],
+}
+
+impl FlowSeed {
+    pub const UNKEYED: FlowSeed = FlowSeed { k: [0; 4] };
+
+    pub const fn is_unkeyed(&self) -> bool {
+        self.k[0] | self.k[1] | self.k[2] | self.k[3] == 0
+    }
+}
+
 /// The bucket of `key` in a table of `buckets`, computed the same way by the programs and the
-/// agent: each word multiplied by its own odd constant (independent multiplies, so the
-/// bucket's address is ready a few cycles after the key: it gates the one cold load of a new
-/// flow), folded, then a xorshift-multiply finalizer so that every input bit moves the high
-/// bits, which a multiply-and-shift maps onto `0..buckets` (no division).
+/// agent. Keyed (the table's [`FlowSeed`]): an NH hash (the UMAC construction: pairs of words,
+/// each plus its own key word, multiplied to 64 bits and summed), whose collisions between
+/// tuples a pod picks depend on a key it cannot read, then a xorshift-multiply finalizer so
+/// that every bit of the sum moves the high bits, which a multiply-and-shift maps onto
+/// `0..buckets` (no division). Two independent multiplies: the bucket's address, which gates
+/// the one cold load of a new flow, is ready a few cycles after the key. An unkeyed seed
+/// selects the hash of older tables.
 #[inline(always)]
-pub const fn flow_bucket(key: &CtKeyV4, buckets: u32) -> u32 {
+pub const fn flow_bucket(key: &CtKeyV4, buckets: u32, seed: &FlowSeed) -> u32 {
+    if seed.is_unkeyed() {
+        return flow_bucket_unkeyed(key, buckets);
+    }
+    let a = u32::from_le_bytes(key.addr_a).wrapping_add(seed.k[0]) as u64;
+    let b = u32::from_le_bytes(key.addr_b).wrapping_add(seed.k[1]) as u64;
+    let p = ((key.port_a as u32) << 16 | key.port_b as u32).wrapping_add(seed.k[2]) as u64;
+    let e = (key.endpoint ^ (key.protocol as u32) << 24).wrapping_add(seed.k[3]) as u64;
+    let nh = (a * b).wrapping_add(p * e);
+    let mut h = (nh >> 32) as u32 ^ nh as u32;
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x2c1b_3c6d);
+    h ^= h >> 12;
+    ((h as u64 * buckets as u64) >> 32) as u32
+}
+
+/// The unkeyed bucket hash of tables an older build created: each word multiplied by its own
+/// odd constant, folded, then the same finalizer.
+#[inline(always)]
+const fn flow_bucket_unkeyed(key: &CtKeyV4, buckets: u32) -> u32 {
     let a = u32::from_le_bytes(key.addr_a).wrapping_mul(0x9e37_79b1);
     let b = u32::from_le_bytes(key.addr_b).wrapping_mul(0x85eb_ca77);
     let p = ((key.port_a as u32) << 16 | key.port_b as u32).wrapping_mul(0xc2b2_ae3d);
@@ -675,9 +759,13 @@ pub mod reason {
     /// program (no room in ENDPOINTS, or more local pods than endpoint ids). Denied both ways
     /// until it is programmed; the agent names it in its log and on `/readyz`.
     pub const DROP_UNPROGRAMMED: u8 = 18;
+    /// A new flow of an endpoint that already holds its limit of flows in that direction
+    /// (`--ct-max-flows-per-endpoint`): one pod's flood cannot take the conntrack room the
+    /// other pods' flows need.
+    pub const DROP_FLOW_LIMIT: u8 = 19;
 }
 pub const REASON_FIRST_DROP: u8 = reason::DROP_POLICY;
-pub const REASON_COUNT: u32 = 19;
+pub const REASON_COUNT: u32 = 20;
 
 /// Short, stable names of the reasons (metrics labels, flow log).
 pub const REASON_NAMES: [&str; REASON_COUNT as usize] = [
@@ -700,6 +788,7 @@ pub const REASON_NAMES: [&str; REASON_COUNT as usize] = [
     "non-ip-denied",
     "vlan",
     "unprogrammed",
+    "flow-limit",
 ];
 
 /// Packets and bytes, per CPU.
@@ -749,20 +838,68 @@ pub const CONFIG_LOG_ALLOWED: u32 = 1 << 0;
 /// (an upgrade), cleared once every such flow's bucket is marked [`FLOW_OVERFLOW`].
 pub const CONFIG_CT_LRU_ALL: u32 = 1 << 1;
 
-/// Global settings, index 0 of [`MAP_CONFIG`].
+/// Global settings, index 0 of [`MAP_CONFIG`]. A zero timeout means its default.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
     pub flags: u32,
-    pub _pad: u32,
-    /// Idle time after which a TCP conntrack entry no longer counts (ns).
+    /// Flows an endpoint may hold per direction of origin (0: no limit); a new flow past it is
+    /// dropped as [`reason::DROP_FLOW_LIMIT`]. Counted in [`MAP_FLOW_COUNTS`].
+    pub max_flows_per_endpoint: u32,
+    /// Idle time after which an established TCP conntrack entry no longer counts (ns).
     pub ct_timeout_tcp_ns: u64,
-    /// Idle time for UDP, SCTP and ICMP entries (ns).
+    /// Idle time for UDP, SCTP and ICMP entries, and for tombstones (ns).
     pub ct_timeout_other_ns: u64,
+    /// Idle time of a TCP flow whose other end never answered (ns).
+    pub ct_timeout_tcp_syn_ns: u64,
+    /// Idle time of a TCP flow closed by a RST or a FIN from each end (ns).
+    pub ct_timeout_tcp_closed_ns: u64,
+    /// The key of the flow table's bucket hash ([`flow_bucket`]), drawn at random when the
+    /// table is created and kept with it; all zero for a table an older build created (its
+    /// unkeyed hash stays until the pins go).
+    pub flow_seed: FlowSeed,
 }
 
 pub const DEFAULT_CT_TIMEOUT_TCP_NS: u64 = 6 * 3600 * 1_000_000_000;
 pub const DEFAULT_CT_TIMEOUT_OTHER_NS: u64 = 120 * 1_000_000_000;
+pub const DEFAULT_CT_TIMEOUT_TCP_SYN_NS: u64 = 60 * 1_000_000_000;
+pub const DEFAULT_CT_TIMEOUT_TCP_CLOSED_NS: u64 = 10 * 1_000_000_000;
+
+/// Idle timeout (ns) of a flow of `proto` with `CT_*` `flags` under `cfg` (zeros: defaults). A
+/// tombstone ([`CT_REVOKED`]) lives for the non-TCP timeout whatever its protocol.
+#[inline(always)]
+pub const fn ct_timeout(cfg: &Config, proto: u8, flags: u32) -> u64 {
+    const fn or(v: u64, default: u64) -> u64 {
+        if v == 0 { default } else { v }
+    }
+    if proto != PROTO_TCP || flags & CT_REVOKED != 0 {
+        or(cfg.ct_timeout_other_ns, DEFAULT_CT_TIMEOUT_OTHER_NS)
+    } else if flags & CT_RST != 0 || flags & (CT_FIN_A | CT_FIN_B) == CT_FIN_A | CT_FIN_B {
+        or(cfg.ct_timeout_tcp_closed_ns, DEFAULT_CT_TIMEOUT_TCP_CLOSED_NS)
+    } else if flags & CT_REPLIED == 0 {
+        or(cfg.ct_timeout_tcp_syn_ns, DEFAULT_CT_TIMEOUT_TCP_SYN_NS)
+    } else {
+        or(cfg.ct_timeout_tcp_ns, DEFAULT_CT_TIMEOUT_TCP_NS)
+    }
+}
+
+/// Flows of one endpoint, by the direction that opened them (index [`DIR_INGRESS`] /
+/// [`DIR_EGRESS`]): the element of [`MAP_FLOW_COUNTS`] at the endpoint's id. The programs add
+/// one for each flow they record; the agent's conntrack sweep sets them to the live flows it
+/// counted (give or take the flows made during the sweep) and says until when they hold.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCount {
+    /// Signed in effect: a count a race took below zero reads as negative (no limit reached),
+    /// never as a huge one.
+    pub by_origin: [u64; 2],
+    /// Coarse-clock time (ns) until which the counts hold: a few sweep intervals after the
+    /// last sweep. Past it (no agent sweeps: it is down, or never ran) the programs read them
+    /// as zero (no limit), since counts that only grow would end up denying a busy pod's
+    /// flows; the next sweep counts from scratch.
+    pub valid_until_ns: u64,
+    pub _pad: u64,
+}
 
 const _: () = {
     use core::mem::size_of;
@@ -777,7 +914,8 @@ const _: () = {
     assert!(size_of::<FragValue>() == 16);
     assert!(size_of::<Counter>() == 16);
     assert!(size_of::<VerdictEvent>() == 64);
-    assert!(size_of::<Config>() == 24);
+    assert!(size_of::<Config>() == 56);
+    assert!(size_of::<FlowCount>() == 32);
     // Two slots a cache line, never one across two (the mmapable array is page-aligned).
     assert!(size_of::<EndpointSlot>() == 32);
     // Two ways a cache line; buckets never straddle two (page-aligned values).
@@ -808,6 +946,8 @@ mod pod_impls {
     unsafe impl aya::Pod for EndpointSlot {}
     unsafe impl aya::Pod for FlowBucket {}
     unsafe impl aya::Pod for PeerBucket {}
+    unsafe impl aya::Pod for FlowCount {}
+    unsafe impl aya::Pod for FlowSeed {}
 }
 
 #[cfg(test)]

@@ -1,17 +1,20 @@
 //! Conntrack (the IPv4 flow table of [`crate::flows`] first, then the LRU maps) and fragment
 //! keys, address helpers.
 
-use core::{mem::MaybeUninit, ptr::write_volatile};
+use core::{
+    intrinsics::{AtomicOrdering, atomic_xadd, atomic_xsub},
+    mem::MaybeUninit,
+    ptr::{read_volatile, write_volatile},
+};
 
 use enforcer_common::{
-    CONFIG_CT_LRU_ALL, CT_ORIGIN_A, CT_ORIGIN_EGRESS, Config, CtKey, CtKeyV4, CtValue,
-    DEFAULT_CT_TIMEOUT_OTHER_NS, DEFAULT_CT_TIMEOUT_TCP_NS, DIR_EGRESS, FAMILY_V4, FragKey,
-    PROTO_TCP,
+    CONFIG_CT_LRU_ALL, CT_ORIGIN_A, CT_ORIGIN_EGRESS, Config, CtKey, CtKeyV4, CtValue, DIR_EGRESS,
+    FAMILY_V4, FlowSeed, FragKey, ct_timeout,
 };
 
 use crate::{
     flows::{self, Insert, Lookup, Snap},
-    maps::{CONNTRACK_V4, CONNTRACK_V6},
+    maps::{CONNTRACK_V4, CONNTRACK_V6, FLOW_COUNTS},
     mem::{copy16, word},
     parse::Packet,
 };
@@ -311,7 +314,9 @@ pub fn frag_key(key: &mut FragKey, endpoint: u32, direction: u8, pkt: &Packet) {
 }
 
 /// The entry of a flow allowed now: opened from end `a` of its key when `src_is_a`, in the
-/// endpoint's direction `dir`, under its policy `epoch`, by `rule`.
+/// endpoint's direction `dir`, under its policy `epoch`, by `rule`. A TCP flow starts
+/// unanswered whatever its first packet (a FIN or RST that opens one is rare, and its state
+/// only gets the shorter timeout).
 #[inline(always)]
 pub fn new_entry(src_is_a: bool, dir: u8, now: u64, epoch: u32, rule: u32) -> CtValue {
     let mut flags = 0;
@@ -330,23 +335,69 @@ pub fn new_entry(src_is_a: bool, dir: u8, now: u64, epoch: u32, rule: u32) -> Ct
     }
 }
 
-/// Idle timeout of a flow of `proto` (ns). A CONFIG of zeros means the defaults.
+/// Timeouts and limits when CONFIG cannot be read: the defaults, no limit.
+const NO_CONFIG: Config = Config {
+    flags: 0,
+    max_flows_per_endpoint: 0,
+    ct_timeout_tcp_ns: 0,
+    ct_timeout_other_ns: 0,
+    ct_timeout_tcp_syn_ns: 0,
+    ct_timeout_tcp_closed_ns: 0,
+    flow_seed: FlowSeed::UNKEYED,
+};
+
+/// Idle timeout (ns) of a flow of `proto` in the state `flags` (see [`ct_timeout`]).
 #[inline(always)]
-pub fn timeout(cfg: Option<&Config>, proto: u8) -> u64 {
-    let (tcp, other) = match cfg {
-        Some(c) => (c.ct_timeout_tcp_ns, c.ct_timeout_other_ns),
-        None => (0, 0),
+pub fn timeout(cfg: Option<&Config>, proto: u8, flags: u32) -> u64 {
+    ct_timeout(cfg.unwrap_or(&NO_CONFIG), proto, flags)
+}
+
+/// Takes one of the flows `endpoint` may open in direction `dir` at `now`: false when it holds
+/// its limit already, or a limit is set and its count is out of reach (fail closed). A count a
+/// race took below zero compares as negative. Counts the agent stopped sweeping (past their
+/// `valid_until_ns`) read as zero: no limit while nobody corrects them, and the next sweep
+/// counts from scratch. Branch-free but for the limit itself: each branch here would be
+/// carried by the verifier through the insert that follows.
+#[inline(always)]
+pub fn admit(endpoint: u32, dir: u8, now: u64, cfg: Option<&Config>) -> bool {
+    let limit = match cfg {
+        Some(c) => c.max_flows_per_endpoint,
+        None => 0,
     };
-    if proto == PROTO_TCP {
-        if tcp == 0 {
-            DEFAULT_CT_TIMEOUT_TCP_NS
-        } else {
-            tcp
+    if limit == 0 {
+        return true;
+    }
+    let Some(c) = FLOW_COUNTS.get_ptr_mut(endpoint) else {
+        return false;
+    };
+    // SAFETY: an element of an array map, shared with other CPUs and the agent, which change
+    // the counts with atomic adds only (or stores while the programs do not use them).
+    unsafe {
+        let n = &mut (*c).by_origin[(dir & 1) as usize] as *mut u64;
+        // All ones when `now` is past `valid_until_ns`.
+        let stale = (read_volatile(&(*c).valid_until_ns).wrapping_sub(now) as i64 >> 63) as u64;
+        if (read_volatile(n) & !stale) as i64 >= i64::from(limit) {
+            return false;
         }
-    } else if other == 0 {
-        DEFAULT_CT_TIMEOUT_OTHER_NS
-    } else {
-        other
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(n, 1);
+    }
+    true
+}
+
+/// Gives back a flow of `endpoint` opened in direction `dir` (its entry was never written).
+#[inline(always)]
+pub fn release(endpoint: u32, dir: u8, cfg: Option<&Config>) {
+    if cfg.is_none_or(|c| c.max_flows_per_endpoint == 0) {
+        return;
+    }
+    if let Some(c) = FLOW_COUNTS.get_ptr_mut(endpoint) {
+        // SAFETY: as in `admit`.
+        unsafe {
+            atomic_xsub::<u64, u64, { AtomicOrdering::Relaxed }>(
+                &mut (*c).by_origin[(dir & 1) as usize] as *mut u64,
+                1,
+            );
+        }
     }
 }
 

@@ -20,11 +20,11 @@ use enforcer_common::{
     CONFIG_CT_LRU_ALL, CONFIG_LOG_ALLOWED, CT_ORIGIN_A, CT_REVOKED, Config, CtKeyV4, DIR_EGRESS,
     EP_EGRESS_ISOLATED, EP_HAS_V4, EP_INGRESS_ISOLATED, EndpointInfo, EndpointSlot, IDENTITY_ANY,
     IDENTITY_HOST, PROTO_TCP, PROTO_UDP, endpoint_slot, flow_stamp, flow_stamp_ns, isolated_in,
-    reason,
+    reason, tcp_flags_after,
 };
 
 use crate::{
-    conntrack::{config_flags, ct_key_v4, fresh, new_entry, timeout},
+    conntrack::{admit, config_flags, ct_key_v4, fresh, new_entry, release, timeout},
     flows::{self, Insert, Lookup, Snap},
     lookup::{peer_identity_v4, policy_lookup},
     maps::{CONNTRACK_V4, ENDPOINT_SLOTS},
@@ -134,6 +134,8 @@ impl Known {
 const ETH_HLEN: usize = 14;
 /// Ethernet, a 20-byte IPv4 header and the 4 port bytes.
 const MIN_LINEAR: usize = ETH_HLEN + 20 + 4;
+/// A TCP header's flags byte.
+const TCP_FLAGS_OFF: usize = 13;
 
 #[inline(always)]
 fn be16(p: *const u8, i: usize) -> u16 {
@@ -181,11 +183,15 @@ pub fn established_v4(
     if total < need {
         return Fast::Other;
     }
+    // The TCP flags (0 for UDP), for the flow's state.
+    let mut tcp = 0;
     if proto == PROTO_TCP {
-        // Data offset below 5 words is malformed there; it sits past MIN_LINEAR.
-        if data + ETH_HLEN + 20 + 13 > end || unsafe { *ip.add(20 + 12) } >> 4 < 5 {
+        // Data offset below 5 words is malformed there; it and the flags sit past MIN_LINEAR.
+        if data + ETH_HLEN + 20 + TCP_FLAGS_OFF + 1 > end || unsafe { *ip.add(20 + 12) } >> 4 < 5
+        {
             return Fast::Other;
         }
+        tcp = unsafe { *ip.add(20 + TCP_FLAGS_OFF) };
     }
     let word = |i: usize| unsafe { core::ptr::read_unaligned(ip.add(i) as *const u32) };
     let (src, dst) = (word(12), word(16));
@@ -205,13 +211,16 @@ pub fn established_v4(
     let in_lru = if n != 0 {
         match flows::lookup(key, n, &mut snap) {
             Lookup::Found => {
-                if snap.flags & CT_REVOKED != 0 || snap.epoch != ep.epoch {
+                if snap.flags & CT_REVOKED != 0
+                    || snap.epoch != ep.epoch
+                    || moves_state(proto, tcp, snap.flags, src_is_a)
+                {
                     return Fast::Other;
                 }
                 // As below: within the tick of the last packet, no timeouts and no store.
                 if flow_stamp(now) != snap.last_seen {
                     let seen = flow_stamp_ns(snap.last_seen, now);
-                    if !fresh(now, seen, timeout(cfg, proto)) {
+                    if !fresh(now, seen, timeout(cfg, proto, snap.flags)) {
                         return Fast::Other;
                     }
                     snap.touch(now);
@@ -241,14 +250,15 @@ pub fn established_v4(
         );
     };
     let e = unsafe { &mut *e };
-    if e.flags & CT_REVOKED != 0 || e.epoch != ep.epoch {
+    if e.flags & CT_REVOKED != 0 || e.epoch != ep.epoch || moves_state(proto, tcp, e.flags, src_is_a)
+    {
         return Fast::Other;
     }
     // The coarse clock moves once a tick: most packets come in the tick of the flow's last one,
     // which cannot be idle too long, and need neither CONFIG's timeouts (a cache line) nor a
     // write to the entry.
     if now > e.last_seen_ns {
-        if !fresh(now, e.last_seen_ns, timeout(cfg, proto)) {
+        if !fresh(now, e.last_seen_ns, timeout(cfg, proto, e.flags)) {
             return Fast::Other;
         }
         e.last_seen_ns = now;
@@ -258,6 +268,14 @@ pub fn established_v4(
     } else {
         reason::ALLOW_REPLY
     })
+}
+
+/// Whether a TCP packet with flags `tcp`, from end `a` when `src_is_a`, changes the state of
+/// its flow (the first reply, a FIN, a RST, a SYN opening a closed flow again): the full path
+/// writes the change. A few packets a connection.
+#[inline(always)]
+fn moves_state(proto: u8, tcp: u8, flags: u32, src_is_a: bool) -> bool {
+    proto == PROTO_TCP && tcp_flags_after(flags, tcp, src_is_a, flags & CT_ORIGIN_A != 0) != flags
 }
 
 /// A flow conntrack does not hold: a peer on the node is allowed here, untracked (kubelet
@@ -292,18 +310,26 @@ fn new_v4(
         known.denied = true;
         return Fast::Missed;
     };
+    // Over its flow limit: the full path drops it, with the event.
+    if !admit(ep.id, dir, now, cfg) {
+        return Fast::Missed;
+    }
     let value = new_entry(src_is_a, dir, now, ep.epoch, rule);
     let n = flows::buckets();
     if n != 0 {
         match flows::insert_missing(key, snap, n, &value, now, cfg) {
             Insert::Stored => return Fast::Allowed(reason::ALLOW_POLICY),
             // The full path tries again.
-            Insert::Busy => return Fast::Missed,
+            Insert::Busy => {
+                release(ep.id, dir, cfg);
+                return Fast::Missed;
+            }
             Insert::Spill => {}
         }
     }
     if CONNTRACK_V4.insert(key, &value, 0).is_err() {
         // The full path tries again and fails closed, with the event.
+        release(ep.id, dir, cfg);
         return Fast::Missed;
     }
     Fast::Allowed(reason::ALLOW_POLICY)

@@ -11,9 +11,9 @@ use core::{
 };
 
 use enforcer_common::{
-    CT_REVOKED, Config, CtKeyV4, CtValue, FLOW_CONTROL, FLOW_FLAGS_SHIFT, FLOW_LIVE0, FLOW_LIVE1,
-    FLOW_LOCK, FLOW_OVERFLOW, FLOW_PROTO_MASK, FLOW_SEQ_MASK, FLOW_SEQ_SHIFT, FlowBucket, FlowWay,
-    PROTO_UDP, flow_bucket, flow_stamp, flow_stamp_ns,
+    Config, CtKeyV4, CtValue, FLOW_CONTROL, FLOW_FLAGS_SHIFT, FLOW_LIVE0, FLOW_LIVE1, FLOW_LOCK,
+    FLOW_OVERFLOW, FLOW_PROTO_MASK, FLOW_SEQ_MASK, FLOW_SEQ_SHIFT, FlowBucket, FlowSeed, FlowWay,
+    flow_bucket, flow_stamp, flow_stamp_ns,
 };
 
 use crate::{
@@ -26,11 +26,28 @@ use crate::{
 #[unsafe(no_mangle)]
 static FLOW_BUCKETS: u32 = 0;
 
+/// The key of the bucket hash, set by the loader (`.rodata`: the verifier sees a constant and
+/// drops the unkeyed hash's code when it is keyed). The loader always sets it; the placeholder
+/// is not all zeros because LLVM merges identical constants: an anonymous 16-byte zero (an
+/// address compared with `::`) would become this global, and take the seed's value.
+#[unsafe(no_mangle)]
+static FLOW_SEED: FlowSeed = FlowSeed {
+    k: [0x5eed_0001, 0x5eed_0002, 0x5eed_0003, 0x5eed_0004],
+};
+
 /// The table's bucket count, 0 when off.
 #[inline(always)]
 pub fn buckets() -> u32 {
     // SAFETY: a plain read of a global the loader fills in.
     unsafe { read_volatile(&FLOW_BUCKETS) }
+}
+
+/// The bucket of `key` in a table of `n` buckets.
+#[inline(always)]
+fn bucket_of(key: &CtKeyV4, n: u32) -> u32 {
+    // SAFETY: plain reads of a global the loader fills in.
+    let seed = unsafe { read_volatile(&FLOW_SEED) };
+    flow_bucket(key, n, &seed)
 }
 
 /// Tries at the bucket lock before giving up (a holder keeps it for a few stores).
@@ -114,7 +131,7 @@ impl Snap {
 /// Way 0 of the bucket of `key`.
 #[inline(always)]
 fn bucket(key: &CtKeyV4, n: u32) -> Option<*mut FlowWay> {
-    bucket_at(flow_bucket(key, n))
+    bucket_at(bucket_of(key, n))
 }
 
 /// Way 0 of bucket `index`.
@@ -263,7 +280,7 @@ fn unlock(w0: *mut FlowWay, m0: u32, extra: u32, changed: bool) {
 /// Looks `key` up in a table of `n` buckets, without a lock unless the bucket is being written.
 #[inline(always)]
 pub fn lookup(key: &CtKeyV4, n: u32, snap: &mut Snap) -> Lookup {
-    let index = flow_bucket(key, n);
+    let index = bucket_of(key, n);
     let Some(w0) = bucket_at(index) else {
         return Lookup::Overflowed;
     };
@@ -332,20 +349,17 @@ fn find_locked(w0: *mut FlowWay, key: &CtKeyV4) -> u64 {
 }
 
 /// Whether way `w` (with `meta`, live when `live`) may be given to a new flow: free, or idle
-/// past its timeout (a tombstone's being the non-TCP one, as in the full path).
+/// past the timeout of its protocol and state, as in the full path. (An expired flow no longer
+/// counts for its endpoint from the next sweep on: the count is not touched here.)
 #[inline(always)]
 fn reusable(w: *mut FlowWay, meta: u32, live: bool, now: u64, cfg: Option<&Config>) -> bool {
     if !live {
         return true;
     }
     let proto = (meta & FLOW_PROTO_MASK) as u8;
-    let revoked = (meta >> FLOW_FLAGS_SHIFT) & CT_REVOKED != 0;
+    let flags = (meta >> FLOW_FLAGS_SHIFT) & 0xff;
     let stamp = unsafe { read_volatile(&(*w).last_seen) };
-    !fresh(
-        now,
-        flow_stamp_ns(stamp, now),
-        timeout(cfg, if revoked { PROTO_UDP } else { proto }),
-    )
+    !fresh(now, flow_stamp_ns(stamp, now), timeout(cfg, proto, flags))
 }
 
 /// Writes `key` and `v` into way `w` (lock held); returns the way's new low `meta` bits.

@@ -36,13 +36,13 @@ use aya_ebpf::{
 use enforcer_common::{
     CONFIG_LOG_ALLOWED, CT_ORIGIN_A, CT_ORIGIN_EGRESS, CT_REVOKED, Config, DIR_EGRESS, DIR_INGRESS,
     EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6, EP_INGRESS_ISOLATED, EndpointInfo, FAMILY_V4,
-    FragValue, IDENTITY_ANY, IDENTITY_HOST, PROTO_UDP, reason,
+    FragValue, IDENTITY_ANY, IDENTITY_HOST, PROTO_TCP, reason, tcp_flags_after,
 };
 
 use crate::{
     conntrack::{
-        CtFound, CtHit, addr_eq, config_flags, ct_insert, ct_key, ct_lookup, ct_remove, frag_key,
-        fresh, new_entry, timeout,
+        CtFound, CtHit, addr_eq, admit, config_flags, ct_insert, ct_key, ct_lookup, ct_remove,
+        frag_key, fresh, new_entry, release, timeout,
     },
     fastpath::{Fast, FastEp, Known, established_v4, slot_endpoint},
     lookup::{peer_identity, policy_lookup},
@@ -312,6 +312,17 @@ fn error_between_endpoints(pkt: &Packet, inner: &Inner, dir: u8) -> bool {
     addr_eq(&pkt.dst, &inner.src) && (dir == DIR_INGRESS || addr_eq(&pkt.src, &inner.dst))
 }
 
+/// The `CT_*` flags of a tracked flow (`flags`) once this packet (from end `a` when
+/// `src_is_a`) passes: its TCP state moved on (see [`tcp_flags_after`]), or unchanged.
+#[inline(always)]
+fn tcp_state(pkt: &Packet, flags: u32, src_is_a: bool) -> u32 {
+    if pkt.proto == PROTO_TCP {
+        tcp_flags_after(flags, pkt.tcp_flags, src_is_a, flags & CT_ORIGIN_A != 0)
+    } else {
+        flags
+    }
+}
+
 /// Conntrack, then policy for new flows. `v` carries the verdict out, and the peer identity in
 /// when `!fast` (on the fast path it is looked up here when needed).
 #[inline(always)]
@@ -345,7 +356,9 @@ fn track(
         let mut hit = CtHit::new();
         if ct_lookup(&s.ct, now, cfg, &mut hit) == CtFound::Yes {
             let e = &hit.value;
-            if e.flags & CT_REVOKED == 0 && fresh(now, e.last_seen_ns, timeout(cfg, i.proto)) {
+            if e.flags & CT_REVOKED == 0
+                && fresh(now, e.last_seen_ns, timeout(cfg, i.proto, e.flags))
+            {
                 v.reason = reason::ALLOW_RELATED;
                 v.rule = e.rule;
                 return Ok(());
@@ -369,10 +382,7 @@ fn track(
     }
     if found == CtFound::Yes {
         let e = &mut hit.value;
-        // A tombstone lives for the non-TCP timeout of silence, whatever the protocol.
-        let revoked = e.flags & CT_REVOKED != 0;
-        let limit = timeout(cfg, if revoked { PROTO_UDP } else { pkt.proto });
-        if fresh(now, e.last_seen_ns, limit) {
+        if fresh(now, e.last_seen_ns, timeout(cfg, pkt.proto, e.flags)) {
             let forward = src_is_a == (e.flags & CT_ORIGIN_A != 0);
             v.reason = if forward {
                 reason::ALLOW_ESTABLISHED
@@ -435,9 +445,13 @@ fn track(
                 } else {
                     0
                 };
-                e.flags &= !CT_REVOKED;
+                e.flags = tcp_state(pkt, e.flags, src_is_a) & !CT_REVOKED;
                 e.epoch = ep.epoch;
                 e.rule = rule;
+                e.last_seen_ns = now;
+                hit.store(&s.ct);
+            } else if e.flags & CT_REVOKED == 0 && tcp_state(pkt, e.flags, src_is_a) != e.flags {
+                e.flags = tcp_state(pkt, e.flags, src_is_a);
                 e.last_seen_ns = now;
                 hit.store(&s.ct);
             } else {
@@ -491,8 +505,14 @@ fn track(
     } else {
         v.reason = reason::ALLOW_NOT_ISOLATED;
     }
+    if !admit(ep.id, dir, now, cfg) {
+        v.reason = reason::DROP_FLOW_LIMIT;
+        v.rule = 0;
+        return Ok(());
+    }
     let value = new_entry(src_is_a, dir, now, ep.epoch, v.rule);
     if ct_insert(&s.ct, &value, now, cfg).is_err() {
+        release(ep.id, dir, cfg);
         return Err(Error::MapFull);
     }
     v.new_flow = true;

@@ -8,7 +8,8 @@ use aya_ebpf::{
 use enforcer_common::{
     Config, Counter, CtKey, CtKeyV4, CtValue, DEFAULT_CIDRS_SIZE, DEFAULT_CONNTRACK_SIZE,
     DEFAULT_EVENTS_BYTES, DEFAULT_FRAGMENTS_SIZE, DEFAULT_MAX_ENDPOINTS, DEFAULT_PEERS_SIZE,
-    DEFAULT_POLICY_SIZE, ENDPOINT_SLOT_COUNT, EndpointInfo, EndpointSlot, FlowBucket, FragKey,
+    DEFAULT_POLICY_SIZE, ENDPOINT_SLOT_COUNT, EndpointInfo, EndpointSlot, FlowBucket, FlowCount,
+    FragKey,
     FragValue, PeerBucket, PeerInfo, PolicyKey, PolicyValue, counter_slots,
 };
 
@@ -62,6 +63,12 @@ pub static FLOWS_V4: Array<FlowBucket> =
 #[map]
 pub static CONNTRACK_V4: LruHashMap<CtKeyV4, CtValue> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+
+/// Flows each endpoint holds, by direction of origin, indexed by endpoint id; mmapable, so the
+/// agent's sweep corrects them with atomic adds beside the programs' own.
+#[map]
+pub static FLOW_COUNTS: Array<FlowCount> =
+    Array::with_max_entries(DEFAULT_MAX_ENDPOINTS + 1, BPF_F_MMAPABLE);
 
 #[map(name = "CONNTRACK")]
 pub static CONNTRACK_V6: LruHashMap<CtKey, CtValue> =

@@ -71,6 +71,9 @@ pub struct Packet {
     pub proto: u8,
     pub frag: u8,
     pub l4: u8,
+    /// TCP header flags (byte 13), 0 for other protocols.
+    pub tcp_flags: u8,
+    pub _pad: [u8; 7],
 }
 
 impl Packet {
@@ -335,6 +338,7 @@ fn parse_l4(ctx: &TcContext, pkt: &mut Packet, off: u32, end: u32) -> Result<boo
             }
             pkt.sport = t.be16(0);
             pkt.dport = t.be16(2);
+            pkt.tcp_flags = t.u8(13);
             pkt.l4 = L4_PORTS;
         }
         PROTO_UDP | PROTO_SCTP => {

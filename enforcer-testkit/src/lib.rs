@@ -3,9 +3,11 @@
 //!
 //! - [`netns`]: a node and its pods built from network namespaces, servers, probes, the agent
 //!   process;
+//! - [`forge`]: packets a hostile pod or node crafts, and the raw sockets that send them;
 //! - the in-memory fakes of the kernel seam and the test token issuer come from the agent crate's
 //!   `testkit` feature, re-exported here as [`fake`] and [`issuer`].
 
+pub mod forge;
 pub mod netns;
 
 pub use enforcer::identity::testing as issuer;

@@ -1,10 +1,22 @@
-//! A node and its pods built from network namespaces, in the pod-network layout of kindnet (ptp)
-//! and Calico: each pod is an `ip netns` whose `eth0` holds its /32 (/128) address and a default
-//! route via a link-local gateway; the host side of its veth lives in a "node" namespace with a
-//! /32 (/128) route to the pod, proxy ARP and forwarding on. The agent runs inside the node
-//! namespace, so the machine's own network is never touched and cleanup is deleting namespaces.
+//! Nodes and their pods built from network namespaces. A node ([`Testbed`]) is an `ip netns`
+//! holding the host side of its pods' veths, their routes and a node address; each pod is an
+//! `ip netns` whose `eth0` holds its address. Two pod-network layouts ([`Layout`]):
 //!
-//! Used by the end-to-end tests, the demo and the benchmarks.
+//! - **routed** (kindnet's ptp plugin, Calico): the pod's `eth0` holds its /32 (/128) address
+//!   and a default route via a link-local gateway; the node has a /32 (/128) route to the pod
+//!   through the host end of its veth, proxy ARP and forwarding on;
+//! - **bridge** (flannel's `cni0`, kubenet's `cbr0`): the host ends of the veths are ports of a
+//!   bridge `cni0` that holds the pod CIDR's gateway address; the pod's `eth0` holds its address
+//!   in that CIDR with a default route via the gateway; the node has no route per pod, only the
+//!   CIDR's on the bridge.
+//!
+//! A [`Cluster`] is several nodes joined by an underlay: a bridge in a namespace of its own, one
+//! veth from each node (`ul0`, with the node's underlay address), and on every node a route to
+//! each other node's pod CIDR via that node's underlay address, as kindnet lays them out. Each
+//! node has its own name, health port and pin folder for its agent ([`AgentProcess::start`]).
+//!
+//! The agent runs inside the node namespace, so the machine's own network is never touched and
+//! cleanup is deleting namespaces. Used by the end-to-end tests, the demo and the benchmarks.
 
 use std::{
     io::{Read, Write},
@@ -71,6 +83,23 @@ impl TestPod {
     }
 }
 
+/// How a node lays out its pods' network (see the top of this module).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// One routed veth per pod with a /32 (/128) route to it: kindnet (ptp), Calico.
+    Routed,
+    /// The pods' veths are ports of the bridge [`BRIDGE`], which holds `gateway/prefix_len`:
+    /// flannel, kubenet. IPv4 only.
+    Bridge { gateway: Ipv4Addr, prefix_len: u8 },
+}
+
+/// The bridge of the bridge layout, in the node namespace.
+pub const BRIDGE: &str = "cni0";
+/// A cluster node's underlay interface, in the node namespace.
+pub const UPLINK: &str = "ul0";
+/// Health port of the first node's agent; node `i` of a cluster gets `HEALTH_PORT + i`.
+pub const HEALTH_PORT: u16 = 9901;
+
 /// A node namespace with pods. Dropping it deletes every namespace it made (and with them the
 /// veths), also when a test panics.
 pub struct Testbed {
@@ -79,13 +108,31 @@ pub struct Testbed {
     /// The node namespace (`ip netns` name).
     pub node: String,
     pub pods: Vec<TestPod>,
+    pub layout: Layout,
+    /// The node's name in a [`Cluster`] (its agent's `--node-name`, the pods' `spec.nodeName`);
+    /// `None` for a lone node, whose agent takes every pod as local.
+    pub node_name: Option<String>,
+    /// Where this node's agent serves `/healthz`, `/readyz`, `/metrics` (on 127.0.0.1 of the node
+    /// namespace).
+    pub health_port: u16,
+    /// The node's address on the underlay of a [`Cluster`].
+    pub underlay_v4: Option<Ipv4Addr>,
     next_if: u32,
 }
 
 impl Testbed {
-    /// Creates the node namespace. `tag` should be short (namespace names are `<tag>-<pid>-..`).
+    /// Creates a node namespace in the routed layout. `tag` should be short (namespace names are
+    /// `<tag>-<pid>-..`).
     pub fn new(tag: &str) -> Result<Self> {
-        let prefix = format!("{tag}-{}", std::process::id());
+        Self::with_layout(tag, Layout::Routed)
+    }
+
+    /// Creates a node namespace in `layout`.
+    pub fn with_layout(tag: &str, layout: Layout) -> Result<Self> {
+        Self::create(format!("{tag}-{}", std::process::id()), layout)
+    }
+
+    fn create(prefix: String, layout: Layout) -> Result<Self> {
         let node = format!("{prefix}-node");
         let _ = ip(&["netns", "del", &node]);
         ip(&["netns", "add", &node]).context("creating the node namespace")?;
@@ -93,6 +140,10 @@ impl Testbed {
             prefix,
             node,
             pods: Vec::new(),
+            layout,
+            node_name: None,
+            health_port: HEALTH_PORT,
+            underlay_v4: None,
             next_if: 0,
         };
         tb.node_exec(&["ip", "link", "set", "lo", "up"])?;
@@ -125,6 +176,22 @@ impl Testbed {
         ] {
             tb.node_exec(&["sysctl", "-qw", &format!("{k}={v}")])?;
         }
+        if let Layout::Bridge {
+            gateway,
+            prefix_len,
+        } = layout
+        {
+            tb.node_exec(&["ip", "link", "add", BRIDGE, "type", "bridge"])?;
+            tb.node_exec(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("{gateway}/{prefix_len}"),
+                "dev",
+                BRIDGE,
+            ])?;
+            tb.node_exec(&["ip", "link", "set", BRIDGE, "up"])?;
+        }
         Ok(tb)
     }
 
@@ -135,11 +202,25 @@ impl Testbed {
         ip(&full)
     }
 
-    /// Adds a pod with `v4` (and `v6`) in the layout described at the top of this module.
+    /// Adds a pod with `v4` (and `v6`, routed layout only) in the node's layout.
     pub fn add_pod(&mut self, name: &str, v4: Ipv4Addr, v6: Option<Ipv6Addr>) -> Result<TestPod> {
         let netns = format!("{}-{}", self.prefix, name);
         let host_if = format!("veth{}", self.next_if);
         self.next_if += 1;
+        if let Layout::Bridge {
+            gateway,
+            prefix_len,
+        } = self.layout
+        {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(prefix_len))
+                .unwrap_or(0);
+            if u32::from(v4) & mask != u32::from(gateway) & mask || v6.is_some() {
+                bail!(
+                    "pod {name}: the bridge layout takes an IPv4 address in {gateway}/{prefix_len}, no IPv6"
+                );
+            }
+        }
         let _ = ip(&["netns", "del", &netns]);
         ip(&["netns", "add", &netns]).with_context(|| format!("creating pod namespace {netns}"))?;
         let pod = TestPod {
@@ -162,6 +243,32 @@ impl Testbed {
         ])?;
         pexec(&["ip", "link", "set", "lo", "up"])?;
         pexec(&["ip", "link", "set", "eth0", "up"])?;
+        if let Layout::Bridge {
+            gateway,
+            prefix_len,
+        } = self.layout
+        {
+            pexec(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("{v4}/{prefix_len}"),
+                "dev",
+                "eth0",
+            ])?;
+            pexec(&[
+                "ip",
+                "route",
+                "add",
+                "default",
+                "via",
+                &gateway.to_string(),
+                "dev",
+                "eth0",
+            ])?;
+            self.node_exec(&["ip", "link", "set", &host_if, "master", BRIDGE, "up"])?;
+            return Ok(pod);
+        }
         pexec(&["ip", "addr", "add", &format!("{v4}/32"), "dev", "eth0"])?;
         pexec(&[
             "ip", "route", "add", GATEWAY_V4, "dev", "eth0", "scope", "link",
@@ -230,7 +337,8 @@ impl Testbed {
         let _ = ip(&["netns", "del", &self.node]);
     }
 
-    /// Deletes namespaces left by earlier testbeds with `tag` whose process is gone.
+    /// Deletes namespaces left by earlier testbeds (and clusters) with `tag` whose process is
+    /// gone.
     pub fn cleanup_stale(tag: &str) {
         let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
             return;
@@ -252,6 +360,177 @@ impl Testbed {
 }
 
 impl Drop for Testbed {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+/// A node of a [`Cluster`] to build.
+#[derive(Clone, Debug)]
+pub struct NodeSpec {
+    /// The node's name (`spec.nodeName`, its agent's `--node-name`).
+    pub name: String,
+    /// The node's pod CIDR: the other nodes route it to this node's underlay address.
+    pub pod_cidr: (Ipv4Addr, u8),
+    /// Its pods on the bridge `cni0` (holding the CIDR's first address) rather than routed.
+    pub bridge: bool,
+}
+
+impl NodeSpec {
+    pub fn routed(name: &str, cidr: Ipv4Addr, prefix_len: u8) -> Self {
+        Self {
+            name: name.into(),
+            pod_cidr: (cidr, prefix_len),
+            bridge: false,
+        }
+    }
+
+    pub fn bridged(name: &str, cidr: Ipv4Addr, prefix_len: u8) -> Self {
+        Self {
+            bridge: true,
+            ..Self::routed(name, cidr, prefix_len)
+        }
+    }
+
+    /// The layout of the node; a bridge holds the CIDR's first address.
+    pub fn layout(&self) -> Layout {
+        let (cidr, len) = self.pod_cidr;
+        if self.bridge {
+            Layout::Bridge {
+                gateway: Ipv4Addr::from(u32::from(cidr) + 1),
+                prefix_len: len,
+            }
+        } else {
+            Layout::Routed
+        }
+    }
+}
+
+/// Several nodes joined by an underlay (see the top of this module). Dropping it deletes every
+/// namespace of every node and the underlay's, also when a test panics.
+pub struct Cluster {
+    pub prefix: String,
+    /// The namespace of the underlay bridge.
+    pub underlay: String,
+    pub nodes: Vec<Testbed>,
+    pub specs: Vec<NodeSpec>,
+}
+
+impl Cluster {
+    /// Node `i`'s address on the underlay (192.168.255.0/24).
+    pub fn underlay_address(i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(192, 168, 255, 1 + i as u8)
+    }
+
+    /// Builds the nodes of `specs`, the underlay and the routes between them.
+    pub fn new(tag: &str, specs: &[NodeSpec]) -> Result<Self> {
+        let prefix = format!("{tag}-{}", std::process::id());
+        let underlay = format!("{prefix}-ul");
+        let _ = ip(&["netns", "del", &underlay]);
+        ip(&["netns", "add", &underlay]).context("creating the underlay namespace")?;
+        let mut cluster = Self {
+            prefix: prefix.clone(),
+            underlay: underlay.clone(),
+            nodes: Vec::new(),
+            specs: specs.to_vec(),
+        };
+        let uexec = |args: &[&str]| -> Result<()> {
+            let mut full = vec!["netns", "exec", underlay.as_str()];
+            full.extend_from_slice(args);
+            ip(&full)
+        };
+        uexec(&["ip", "link", "set", "lo", "up"])?;
+        uexec(&["ip", "link", "add", "br0", "type", "bridge"])?;
+        uexec(&["ip", "link", "set", "br0", "up"])?;
+        for (i, spec) in specs.iter().enumerate() {
+            let mut tb = Testbed::create(format!("{prefix}-n{i}"), spec.layout())?;
+            tb.node_name = Some(spec.name.clone());
+            tb.health_port = HEALTH_PORT + i as u16;
+            let addr = Self::underlay_address(i);
+            tb.underlay_v4 = Some(addr);
+            cluster.nodes.push(tb);
+            let tb = &cluster.nodes[i];
+            let port = format!("n{i}");
+            tb.node_exec(&[
+                "ip", "link", "add", UPLINK, "type", "veth", "peer", "name", &port, "netns",
+                &underlay,
+            ])?;
+            tb.node_exec(&["ip", "addr", "add", &format!("{addr}/24"), "dev", UPLINK])?;
+            tb.node_exec(&["ip", "link", "set", UPLINK, "up"])?;
+            uexec(&["ip", "link", "set", &port, "master", "br0", "up"])?;
+        }
+        for (i, tb) in cluster.nodes.iter().enumerate() {
+            for (j, other) in specs.iter().enumerate() {
+                if i == j {
+                    continue;
+                }
+                let (cidr, len) = other.pod_cidr;
+                tb.node_exec(&[
+                    "ip",
+                    "route",
+                    "add",
+                    &format!("{cidr}/{len}"),
+                    "via",
+                    &Self::underlay_address(j).to_string(),
+                    "dev",
+                    UPLINK,
+                ])?;
+            }
+        }
+        Ok(cluster)
+    }
+
+    /// Adds a pod on node `node`, at `v4` (which should be in the node's pod CIDR).
+    pub fn add_pod(&mut self, node: usize, name: &str, v4: Ipv4Addr) -> Result<TestPod> {
+        self.nodes
+            .get_mut(node)
+            .with_context(|| format!("no node {node}"))?
+            .add_pod(name, v4, None)
+    }
+
+    /// The node index and pod named `name`.
+    pub fn pod(&self, name: &str) -> Option<(usize, &TestPod)> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .find_map(|(i, n)| n.pod(name).map(|p| (i, p)))
+    }
+
+    /// Starts one agent (`bin`) per node, all reading `manifests`, each with its node's name,
+    /// health port and pin folder, and waits until each is ready.
+    pub fn start_agents(
+        &self,
+        bin: &std::path::Path,
+        manifests: &std::path::Path,
+        extra: &[&str],
+        ready: Duration,
+    ) -> Result<Vec<AgentProcess>> {
+        let mut agents = self
+            .nodes
+            .iter()
+            .map(|tb| AgentProcess::start_binary(bin, tb, manifests, extra))
+            .collect::<Result<Vec<_>>>()?;
+        for a in &mut agents {
+            a.wait_ready(ready)?;
+        }
+        Ok(agents)
+    }
+
+    /// Deletes namespaces left by earlier clusters with `tag` whose process is gone.
+    pub fn cleanup_stale(tag: &str) {
+        Testbed::cleanup_stale(tag);
+    }
+
+    /// Deletes every namespace of the cluster.
+    pub fn cleanup(&mut self) {
+        for mut n in self.nodes.drain(..) {
+            n.cleanup();
+        }
+        let _ = ip(&["netns", "del", &self.underlay]);
+    }
+}
+
+impl Drop for Cluster {
     fn drop(&mut self) {
         self.cleanup();
     }
@@ -515,9 +794,11 @@ pub struct AgentProcess {
 }
 
 impl AgentProcess {
-    /// Starts `enforcer run --manifests DIR` inside the node namespace with `extra` arguments.
-    /// The pins live under `/sys/fs/bpf/enforcer` of the private mount namespace `ip netns exec`
-    /// makes, so they go away with the process.
+    /// Starts `enforcer run --manifests DIR` inside the node namespace with `extra` arguments,
+    /// serving health on the node's [`Testbed::health_port`]. The pins live under
+    /// `/sys/fs/bpf/enforcer` of the private mount namespace `ip netns exec` makes, so they go
+    /// away with the process. A cluster node's agent also gets `--node-name` and a pin folder
+    /// named after the node (`/sys/fs/bpf/enforcer-<node>`, unless `extra` names one).
     pub fn start(tb: &Testbed, manifests: &std::path::Path, extra: &[&str]) -> Result<Self> {
         Self::start_binary(&agent_binary()?, tb, manifests, extra)
     }
@@ -529,7 +810,14 @@ impl AgentProcess {
         manifests: &std::path::Path,
         extra: &[&str],
     ) -> Result<Self> {
-        let health: SocketAddr = (Ipv4Addr::LOCALHOST, 9901).into();
+        let health: SocketAddr = (Ipv4Addr::LOCALHOST, tb.health_port).into();
+        let mut node_args = Vec::new();
+        if let Some(name) = &tb.node_name {
+            node_args.extend(["--node-name".to_string(), name.clone()]);
+            if !extra.contains(&"--pin-path") {
+                node_args.extend(["--pin-path".into(), format!("/sys/fs/bpf/enforcer-{name}")]);
+            }
+        }
         static STARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = STARTS.fetch_add(1, Ordering::SeqCst);
         let log = std::env::temp_dir().join(format!("{}-agent-{n}.log", tb.prefix));
@@ -541,6 +829,7 @@ impl AgentProcess {
             .args(["run", "--manifests"])
             .arg(manifests)
             .args(["--health-addr", &health.to_string()])
+            .args(&node_args)
             .args(extra)
             .env(
                 "RUST_LOG",
@@ -655,6 +944,17 @@ pub fn pod_manifest(
     labels: &[(&str, &str)],
     ports: &[u16],
 ) -> String {
+    pod_manifest_on(None, namespace, pod, labels, ports)
+}
+
+/// [`pod_manifest`] with `spec.nodeName` set to `node` (a [`Cluster`] node's name), when given.
+pub fn pod_manifest_on(
+    node: Option<&str>,
+    namespace: &str,
+    pod: &TestPod,
+    labels: &[(&str, &str)],
+    ports: &[u16],
+) -> String {
     let mut y = format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {namespace}\n  uid: uid-{namespace}-{}\n  labels:\n",
         pod.name, pod.name
@@ -665,7 +965,11 @@ pub fn pod_manifest(
     for (k, v) in labels {
         y.push_str(&format!("    {k}: \"{v}\"\n"));
     }
-    y.push_str("spec:\n  containers:\n");
+    y.push_str("spec:\n");
+    if let Some(node) = node {
+        y.push_str(&format!("  nodeName: {node}\n"));
+    }
+    y.push_str("  containers:\n");
     for p in ports {
         for proto in ["tcp", "udp"] {
             y.push_str(&format!(

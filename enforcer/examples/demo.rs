@@ -1,6 +1,8 @@
-//! The demo (`cargo xtask demo`): a node and four pods made of network namespaces, the real
-//! agent in standalone mode, real NetworkPolicy objects applied in steps, and after each step
-//! the reachability matrix measured with real TCP connections beside what the policies say.
+//! The demo (`cargo xtask demo`): two nodes and five pods made of network namespaces (the
+//! nodes joined by an underlay, each routing the other's pod CIDR as kindnet does), the real
+//! agent on each node in standalone mode, real NetworkPolicy objects applied in steps, and after
+//! each step the reachability matrix measured with real TCP connections beside what the
+//! policies say.
 
 use std::{
     collections::BTreeMap,
@@ -20,18 +22,22 @@ use enforcer_policy::{
 };
 use enforcer_testkit::{
     issuer::TestIssuer,
-    netns::{AgentProcess, NODE_V4, Proto, Servers, TestPod, Testbed, in_netns, probe_all},
+    netns::{
+        AgentProcess, Cluster, NODE_V4, NodeSpec, Proto, Servers, TestPod, in_netns, probe_all,
+    },
 };
 
-/// (pod, namespace, labels, serving port)
-const PODS: &[(&str, &str, &str, u16)] = &[
-    ("frontend", "shop", "app: frontend", 80),
-    ("backend", "shop", "app: backend", 8080),
-    ("database", "shop", "app: database", 5432),
-    ("client", "other", "app: client", 80),
+/// (pod, namespace, labels, serving port, node)
+const PODS: &[(&str, &str, &str, u16, usize)] = &[
+    ("frontend", "shop", "app: frontend", 80, 0),
+    ("backend", "shop", "app: backend", 8080, 0),
+    ("database", "shop", "app: database", 5432, 1),
+    ("client", "other", "app: client", 80, 1),
     // Same labels as the frontend, but no token for it: labels are not proof of who talks.
-    ("impostor", "shop", "app: frontend", 80),
+    ("impostor", "shop", "app: frontend", 80, 0),
 ];
+
+const NODES: [&str; 2] = ["node-0", "node-1"];
 
 const DEFAULT_DENY: &str = "\
 apiVersion: networking.k8s.io/v1
@@ -91,20 +97,36 @@ spec:
 ";
 
 fn main() -> Result<()> {
-    Testbed::cleanup_stale("demo");
-    let mut tb = Testbed::new("demo")?;
+    Cluster::cleanup_stale("demo");
+    let mut cluster = Cluster::new(
+        "demo",
+        &[
+            NodeSpec::routed(NODES[0], Ipv4Addr::new(10, 244, 1, 0), 24),
+            NodeSpec::routed(NODES[1], Ipv4Addr::new(10, 244, 2, 0), 24),
+        ],
+    )?;
     let dir = tempdir()?;
-    println!("== enforcer demo: 4 pods in network namespaces, the real agent, real policy ==\n");
+    println!(
+        "== enforcer demo: 2 nodes, 5 pods in network namespaces, the real agent on each node, real policy ==\n"
+    );
+    for (k, name) in NODES.iter().enumerate() {
+        println!(
+            "  node {name}: pod CIDR 10.244.{}.0/24, underlay address {}",
+            k + 1,
+            Cluster::underlay_address(k)
+        );
+    }
     let mut pods = Vec::new();
-    for (i, (name, ns, labels, port)) in PODS.iter().enumerate() {
-        let pod = tb.add_pod(name, Ipv4Addr::new(10, 244, 1, 10 + i as u8), None)?;
+    for (i, (name, ns, labels, port, node)) in PODS.iter().enumerate() {
+        let ip = Ipv4Addr::new(10, 244, 1 + *node as u8, 10 + i as u8);
+        let pod = cluster.add_pod(*node, name, ip)?;
         std::fs::write(
             dir.join(format!("pod-{name}.yaml")),
-            pod_yaml(ns, &pod, labels, *port),
+            pod_yaml(ns, &pod, labels, *port, NODES[*node]),
         )?;
         println!(
-            "  pod {ns}/{name:<9} {}  serves TCP {port}  ({labels})",
-            pod.v4
+            "  pod {ns}/{name:<9} {}  on {}  serves TCP {port}  ({labels})",
+            pod.v4, NODES[*node]
         );
         pods.push((pod, *ns, *port));
     }
@@ -123,24 +145,25 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(jwks.parent().context("keys dir")?)?;
     std::fs::write(&jwks, issuer.jwks_json())?;
     let jwks_arg = jwks.display().to_string();
-    let mut agent = AgentProcess::start(
-        &tb,
-        &dir,
-        &["--jwks", &jwks_arg, "--issuer", issuer.issuer()],
-    )?;
-    agent
-        .wait_ready(Duration::from_secs(30))
-        .context("starting the agent")?;
+    let bin = enforcer_testkit::netns::agent_binary()?;
+    let mut agents = cluster
+        .start_agents(
+            &bin,
+            &dir,
+            &["--jwks", &jwks_arg, "--issuer", issuer.issuer()],
+            Duration::from_secs(30),
+        )
+        .context("starting the agents")?;
     println!(
-        "\nagent running in the node namespace (standalone, --manifests {})",
+        "\nan agent running in each node's namespace (standalone, --node-name, one --manifests {}): \
+         each enforces its own pods, what a pod sends on its node, what it receives on the receiver's",
         dir.display()
     );
 
     let mut failures = 0;
     let mut verified = BTreeMap::new();
     failures += step(
-        &tb,
-        &mut agent,
+        &mut agents,
         &dir,
         &pods,
         &verified,
@@ -148,8 +171,7 @@ fn main() -> Result<()> {
         None,
     )?;
     failures += step(
-        &tb,
-        &mut agent,
+        &mut agents,
         &dir,
         &pods,
         &verified,
@@ -157,8 +179,7 @@ fn main() -> Result<()> {
         Some(("default-deny.yaml", DEFAULT_DENY)),
     )?;
     failures += step(
-        &tb,
-        &mut agent,
+        &mut agents,
         &dir,
         &pods,
         &verified,
@@ -167,8 +188,7 @@ fn main() -> Result<()> {
         Some(("allow-frontend-to-backend.yaml", ALLOW_FRONTEND_TO_BACKEND)),
     )?;
     failures += step(
-        &tb,
-        &mut agent,
+        &mut agents,
         &dir,
         &pods,
         &verified,
@@ -205,8 +225,7 @@ fn main() -> Result<()> {
     );
     std::thread::sleep(Duration::from_millis(500));
     failures += step(
-        &tb,
-        &mut agent,
+        &mut agents,
         &dir,
         &pods,
         &verified,
@@ -215,8 +234,7 @@ fn main() -> Result<()> {
     )?;
 
     println!("\n-- why is impostor -> backend:8080 dropped? (`enforcer explain`)");
-    let bin = enforcer_testkit::netns::agent_binary()?;
-    let out = std::process::Command::new(bin)
+    let out = std::process::Command::new(&bin)
         .args(["explain"])
         .arg(&dir)
         .args([
@@ -230,25 +248,29 @@ fn main() -> Result<()> {
         .output()?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
 
-    println!("\n-- flow log (drops, from the agent's ring buffer), last lines:");
-    let log = agent.log_text();
-    let drops: Vec<&str> = log
-        .lines()
-        .filter(|l| l.starts_with('{') && l.contains("\"dropped\""))
-        .collect();
-    for l in drops.iter().rev().take(3).rev() {
-        println!("  {l}");
-    }
-    let (_, metrics) = agent.get("/metrics")?;
-    println!("\n-- /metrics (drops by reason):");
-    for l in metrics.lines().filter(|l| {
-        l.starts_with("enforcer_packets_total") && l.contains("dropped") && !l.ends_with(" 0")
-    }) {
-        println!("  {l}");
+    for (agent, node) in agents.iter().zip(NODES) {
+        println!("\n-- {node}: flow log (drops, from its agent's ring buffer), last lines:");
+        let log = agent.log_text();
+        let drops: Vec<&str> = log
+            .lines()
+            .filter(|l| l.starts_with('{') && l.contains("\"dropped\""))
+            .collect();
+        for l in drops.iter().rev().take(3).rev() {
+            println!("  {l}");
+        }
+        let (_, metrics) = agent.get("/metrics")?;
+        println!("-- {node}: /metrics (drops by reason):");
+        for l in metrics.lines().filter(|l| {
+            l.starts_with("enforcer_packets_total") && l.contains("dropped") && !l.ends_with(" 0")
+        }) {
+            println!("  {l}");
+        }
     }
 
-    agent.stop()?;
-    drop(tb);
+    for agent in agents {
+        agent.stop()?;
+    }
+    drop(cluster);
     let _ = std::fs::remove_dir_all(&dir);
     println!("\nremoved every namespace, veth and pin the demo made");
     if failures > 0 {
@@ -261,8 +283,7 @@ fn main() -> Result<()> {
 /// Applies `file` (if any), waits until the agent has programmed it, measures and prints the
 /// matrix. Returns the number of disagreements.
 fn step(
-    _tb: &Testbed,
-    agent: &mut AgentProcess,
+    agents: &mut [AgentProcess],
     dir: &Path,
     pods: &[(TestPod, &str, u16)],
     verified: &BTreeMap<IpAddr, BTreeMap<String, String>>,
@@ -271,7 +292,9 @@ fn step(
 ) -> Result<usize> {
     if let Some((name, text)) = file {
         std::fs::write(dir.join(name), text)?;
-        agent.wait_applied(Duration::from_secs(10))?;
+        for agent in agents.iter_mut() {
+            agent.wait_applied(Duration::from_secs(10))?;
+        }
     }
     let mut loaded = manifests::load_dir(dir)?;
     loaded.cluster.verified = verified.clone();
@@ -325,9 +348,9 @@ fn step(
     Ok(bad)
 }
 
-fn pod_yaml(ns: &str, pod: &TestPod, labels: &str, port: u16) -> String {
+fn pod_yaml(ns: &str, pod: &TestPod, labels: &str, port: u16, node: &str) -> String {
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  uid: uid-{ns}-{name}\n  labels:\n    {labels}\nspec:\n  containers:\n  - name: main\n    image: demo\n    ports:\n    - containerPort: {port}\n      name: serve\nstatus:\n  phase: Running\n  podIP: {ip}\n  podIPs:\n  - ip: {ip}\n",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  uid: uid-{ns}-{name}\n  labels:\n    {labels}\nspec:\n  nodeName: {node}\n  containers:\n  - name: main\n    image: demo\n    ports:\n    - containerPort: {port}\n      name: serve\nstatus:\n  phase: Running\n  podIP: {ip}\n  podIPs:\n  - ip: {ip}\n",
         name = pod.name,
         ip = pod.v4
     )

@@ -3,26 +3,32 @@
 //!
 //! The model is upstream's: namespaces `x`, `y`, `z` (label `kubernetes.io/metadata.name`), pods
 //! `a`, `b`, `c` in each (label `pod: <name>`), every pod serving TCP and UDP on ports 80 and 81
-//! with container ports named `serve-<port>-<proto>`. The pods are routed-veth network namespaces
-//! on one testbed node built once; the agent runs in the node namespace and watches a manifests
-//! folder. Each case writes its policies (and relabels pods or namespaces) in that folder, waits
-//! for the agent to report the state programmed, probes all 72 ordered pairs (loopback is ignored,
-//! as upstream does) in parallel, and compares the observed matrix with the expected one built by
-//! upstream's operators (`ExpectPeer`, `ExpectAllIngress`, `ExpectAllEgress`, `Expect`) from the
-//! same truth tables. Pairs that disagree are probed again (upstream retries too) before a case
-//! fails; a failure prints upstream-style expected / observed / comparison tables, what the offline
-//! compiler (`enforcer explain`) says about the wrong pairs, and the agent's log.
+//! with container ports named `serve-<port>-<proto>`. The suite runs three times, on three
+//! clusters of network namespaces (`Layout`): one node with routed veths; two nodes joined by an
+//! underlay with routed veths; two such nodes with their pods on a bridge `cni0` (flannel in
+//! host-gw mode). On two nodes, pod i lives on node i % 2, so every namespace and every pod
+//! name has pods on both, and each node runs its own agent (`--node-name`), all reading one
+//! manifests folder. Each case writes its policies (and relabels pods or namespaces) in that
+//! folder, waits for every agent to report the state programmed, probes all 72 ordered pairs
+//! (loopback is ignored, as upstream does) in parallel, and compares the observed matrix with the
+//! expected one built by upstream's operators (`ExpectPeer`, `ExpectAllIngress`,
+//! `ExpectAllEgress`, `Expect`) from the same truth tables. Pairs that disagree are probed again
+//! (upstream retries too) before a case fails; a failure prints upstream-style expected /
+//! observed / comparison tables, what the offline compiler (`enforcer explain`) says about the
+//! wrong pairs, and the agents' logs.
 //!
 //! Cases follow the classic upstream revision (all 9 pods, full 9x9 matrix), with upstream's
 //! current namespace label; each is named after its `ginkgo.It` text. Policies that mention SCTP
 //! are applied as written, but only TCP and UDP are probed (no sctp module here).
 //!
 //! Each case is a test of its own, named after its `ginkgo.It` text in snake case (e.g.
-//! `should_support_a_default_deny_ingress_policy`); `--list` lists them. They need root and are
+//! `should_support_a_default_deny_ingress_policy`), prefixed by `two_nodes::` or
+//! `two_bridge_nodes::` on the other layouts; `--list` lists them. They need root and are
 //! ignored unless asked for: `cargo test -p enforcer --test conformance -- --include-ignored
-//! endport` runs the cases whose name contains `endport`. The model is built once, by the first
-//! case that runs, and torn down (agent, namespaces, folder) when the last has run, also after a
-//! failure. A test that needs no root checks the case table itself.
+//! endport` runs the cases whose name contains `endport` (on every layout), `-- --include-ignored
+//! two_nodes::` the second run. A layout's model is built by its first case that runs and torn
+//! down (agents, namespaces, folder) before the next layout's, and after the last case, also
+//! after a failure. A test that needs no root checks the case table itself.
 
 use std::{
     collections::BTreeSet,
@@ -35,7 +41,9 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use enforcer_testkit::netns::{AgentProcess, Proto, Servers, Testbed, agent_binary, probe_all};
+use enforcer_testkit::netns::{
+    AgentProcess, Cluster, NodeSpec, Proto, Servers, Testbed, agent_binary, probe_all,
+};
 use libtest_mimic::{Arguments, Failed, Trial};
 use serde_json::{Map, Value, json};
 
@@ -81,9 +89,69 @@ fn pod_index(pod: &str) -> usize {
     n * 3 + p
 }
 
-/// Pod addresses: 10.1.<ns>.<pod>, so that upstream's `<x/a ip>/4` (host bits kept) holds them all.
+// ---------------------------------------------------------------------------------------------
+// Where the nine pods live: the suite runs once per layout, each a test of its own per case.
+
+/// The cluster a run of the suite builds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    /// One node, routed veths (kindnet, Calico).
+    OneNode,
+    /// Two nodes joined by an underlay, routed veths; pod i on node i % 2.
+    TwoNodes,
+    /// Two nodes joined by an underlay, each with its pods on a bridge `cni0` (flannel in
+    /// host-gw mode); pod i on node i % 2.
+    TwoBridgeNodes,
+}
+
+impl Layout {
+    const ALL: [Self; 3] = [Self::OneNode, Self::TwoNodes, Self::TwoBridgeNodes];
+
+    /// The prefix of its tests' names (none for the first run, whose names are upstream's).
+    fn prefix(self) -> &'static str {
+        match self {
+            Self::OneNode => "",
+            Self::TwoNodes => "two_nodes::",
+            Self::TwoBridgeNodes => "two_bridge_nodes::",
+        }
+    }
+
+    fn nodes(self) -> usize {
+        match self {
+            Self::OneNode => 1,
+            _ => 2,
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Self::OneNode => "one node, routed veths",
+            Self::TwoNodes => "two nodes, routed veths",
+            Self::TwoBridgeNodes => "two nodes, pods on a bridge (cni0)",
+        }
+    }
+}
+
+/// The layout of the suite built last (its addresses are what `pod_ip` gives).
+static LAYOUT: Mutex<Layout> = Mutex::new(Layout::OneNode);
+
+fn layout() -> Layout {
+    *LAYOUT.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The node of pod `i` in the current layout.
+fn node_of(i: usize) -> usize {
+    i % layout().nodes()
+}
+
+/// Pod addresses, so that upstream's `<x/a ip>/4` (host bits kept) holds them all: one node,
+/// 10.1.<ns>.<pod>; two nodes, 10.<10 + node>.<ns>.<pod> in node's pod CIDR 10.<10 + node>.0.0/16.
 fn pod_ip(i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(10, 1, (i / 3 + 1) as u8, (i % 3 + 1) as u8)
+    let (ns, pod) = ((i / 3 + 1) as u8, (i % 3 + 1) as u8);
+    match layout() {
+        Layout::OneNode => Ipv4Addr::new(10, 1, ns, pod),
+        _ => Ipv4Addr::new(10, 10 + node_of(i) as u8, ns, pod),
+    }
 }
 
 fn ip_of(pod: &str) -> Ipv4Addr {
@@ -323,23 +391,38 @@ fn pod_manifest(i: usize, labels: &[(String, String)]) -> Value {
     }
     let labels: Map<String, Value> = labels.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
     let ip = pod_ip(i).to_string();
+    let mut spec = json!({ "containers": containers });
+    if layout().nodes() > 1 {
+        spec["nodeName"] = json!(node_name(node_of(i)));
+    }
     json!({
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": { "name": name, "namespace": namespace, "uid": format!("uid-{namespace}-{name}"), "labels": labels },
-        "spec": { "containers": containers },
+        "spec": spec,
         "status": { "phase": "Running", "podIP": ip, "podIPs": [{ "ip": ip }] },
     })
 }
 
+fn node_name(node: usize) -> String {
+    format!("node-{node}")
+}
+
 // ---------------------------------------------------------------------------------------------
-// The suite: one node, nine pods, their servers, the agent and its manifests folder.
+// The suite: its nodes, nine pods, their servers, one agent per node and the manifests folder.
+
+/// The namespaces of a run, deleted on drop.
+enum Net {
+    One(#[allow(dead_code)] Testbed),
+    Cluster(#[allow(dead_code)] Cluster),
+}
 
 struct Suite {
-    // Field order is drop order: the agent goes before the servers, the namespaces and the folder.
-    agent: AgentProcess,
+    // Field order is drop order: the agents go before the servers, the namespaces and the folder.
+    agents: Vec<AgentProcess>,
     _servers: Vec<Servers>,
-    _tb: Testbed,
+    _net: Net,
+    layout: Layout,
     dir: tempfile::TempDir,
     netns: Vec<String>,
     policy_files: BTreeSet<PathBuf>,
@@ -352,15 +435,34 @@ struct Suite {
 }
 
 impl Suite {
-    fn new() -> Result<Self> {
+    fn new(layout: Layout) -> Result<Self> {
+        *LAYOUT.lock().unwrap_or_else(PoisonError::into_inner) = layout;
         Testbed::cleanup_stale(TAG);
-        let mut tb = Testbed::new(TAG)?;
         let dir = tempfile::tempdir()?;
         let mut servers = Vec::new();
         let mut netns = Vec::new();
+        let mut net = match layout {
+            Layout::OneNode => Net::One(Testbed::new(TAG)?),
+            Layout::TwoNodes | Layout::TwoBridgeNodes => {
+                let specs: Vec<NodeSpec> = (0..2)
+                    .map(|k| {
+                        let cidr = Ipv4Addr::new(10, 10 + k as u8, 0, 0);
+                        if layout == Layout::TwoBridgeNodes {
+                            NodeSpec::bridged(&node_name(k), cidr, 16)
+                        } else {
+                            NodeSpec::routed(&node_name(k), cidr, 16)
+                        }
+                    })
+                    .collect();
+                Net::Cluster(Cluster::new(TAG, &specs)?)
+            }
+        };
         for i in 0..N {
             let name = pod_name(i).replace('/', "-");
-            let p = tb.add_pod(&name, pod_ip(i), None)?;
+            let p = match &mut net {
+                Net::One(tb) => tb.add_pod(&name, pod_ip(i), None)?,
+                Net::Cluster(c) => c.add_pod(node_of(i), &name, pod_ip(i))?,
+            };
             servers.push(Servers::start(&p, &PORTS, &pod_name(i))?);
             netns.push(p.netns.clone());
         }
@@ -379,14 +481,24 @@ impl Suite {
                 )?;
             }
         }
-        let mut agent = AgentProcess::start(&tb, dir.path(), &[])?;
-        agent
-            .wait_ready(Duration::from_secs(60))
-            .map_err(trim_error)?;
+        let bin = agent_binary()?;
+        let agents = match &net {
+            Net::One(tb) => {
+                let mut agent = AgentProcess::start_binary(&bin, tb, dir.path(), &[])?;
+                agent
+                    .wait_ready(Duration::from_secs(60))
+                    .map_err(trim_error)?;
+                vec![agent]
+            }
+            Net::Cluster(c) => c
+                .start_agents(&bin, dir.path(), &[], Duration::from_secs(60))
+                .map_err(trim_error)?,
+        };
         Ok(Self {
-            agent,
+            agents,
             _servers: servers,
-            _tb: tb,
+            _net: net,
+            layout,
             dir,
             netns,
             policy_files: BTreeSet::new(),
@@ -476,7 +588,9 @@ impl Suite {
     /// Waits until the agent has programmed what the folder holds now.
     fn sync(&mut self) -> R {
         if self.dirty {
-            self.agent.wait_applied(APPLY_TIMEOUT).map_err(trim_error)?;
+            for agent in &mut self.agents {
+                agent.wait_applied(APPLY_TIMEOUT).map_err(trim_error)?;
+            }
             self.dirty = false;
         }
         Ok(())
@@ -628,10 +742,22 @@ impl Suite {
         }
     }
 
+    /// The end of each agent's log (named by node when there are several).
     fn log_tail(&self, lines: usize) -> String {
-        let log = self.agent.log_text();
-        let all: Vec<&str> = log.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        let mut out = Vec::new();
+        for (k, agent) in self.agents.iter().enumerate() {
+            let log = agent.log_text();
+            let all: Vec<&str> = log.lines().collect();
+            if self.agents.len() > 1 {
+                out.push(format!("--- {}:", node_name(k)));
+            }
+            out.extend(
+                all[all.len().saturating_sub(lines)..]
+                    .iter()
+                    .map(|l| l.to_string()),
+            );
+        }
+        out.join("\n")
     }
 }
 
@@ -1546,11 +1672,14 @@ fn baseline(s: &mut Suite) -> R {
 /// The model, built by the first case that runs and torn down when every case has run.
 static SUITE: Mutex<Shared> = Mutex::new(Shared {
     suite: None,
+    layout: None,
     broken: None,
 });
 
 struct Shared {
     suite: Option<Suite>,
+    /// The layout of `suite` (or of the failed attempt to build it).
+    layout: Option<Layout>,
     /// Why the model could not be built (then every case fails with it, without a retry).
     broken: Option<String>,
 }
@@ -1569,16 +1698,32 @@ fn slug(name: &str) -> String {
     out.trim_end_matches('_').to_string()
 }
 
-/// Runs `f` on the model, building it first if no case has yet.
-fn with_suite(f: impl FnOnce(&mut Suite) -> Result<(), Failed>) -> Result<(), Failed> {
+/// Runs `f` on the model in `layout`, building it first if no case of that layout has yet (and
+/// tearing down the model of another layout).
+fn with_suite(
+    layout: Layout,
+    f: impl FnOnce(&mut Suite) -> Result<(), Failed>,
+) -> Result<(), Failed> {
     // After libtest's `test NAME ... `: this test's output on lines of its own.
     println!();
     let mut shared = SUITE.lock().unwrap_or_else(PoisonError::into_inner);
+    if shared.layout != Some(layout) {
+        if let Some(old) = shared.suite.take() {
+            println!(
+                "model ({}): {} probes; tearing it down",
+                old.layout.describe(),
+                old.probes_run
+            );
+            drop(old);
+        }
+        shared.broken = None;
+        shared.layout = Some(layout);
+    }
     if let Some(e) = &shared.broken {
         return Err(format!("the model could not be built: {e}").into());
     }
     if shared.suite.is_none() {
-        match build_suite() {
+        match build_suite(layout) {
             Ok(s) => shared.suite = Some(s),
             Err(e) => {
                 let e = format!("{e:#}");
@@ -1590,25 +1735,26 @@ fn with_suite(f: impl FnOnce(&mut Suite) -> Result<(), Failed>) -> Result<(), Fa
     f(shared.suite.as_mut().expect("built above"))
 }
 
-fn build_suite() -> Result<Suite> {
+fn build_suite(layout: Layout) -> Result<Suite> {
     // SAFETY: geteuid has no preconditions.
     anyhow::ensure!(
         unsafe { libc::geteuid() } == 0,
         "the conformance suite builds network namespaces: run it as root"
     );
     let started = Instant::now();
-    let s = Suite::new()?;
+    let s = Suite::new(layout)?;
     println!(
-        "model ready in {:.1} s: 9 pods, agent {} ready",
+        "model ready in {:.1} s ({}): 9 pods, agent(s) {:?} ready",
         started.elapsed().as_secs_f64(),
-        s.agent.pid()
+        layout.describe(),
+        s.agents.iter().map(AgentProcess::pid).collect::<Vec<_>>()
     );
     Ok(s)
 }
 
 /// The model before any policy: every pair connects on every port and protocol.
-fn baseline_trial() -> Result<(), Failed> {
-    with_suite(|s| {
+fn baseline_trial(layout: Layout) -> Result<(), Failed> {
+    with_suite(layout, |s| {
         println!("--- baseline: no policies, everything connects");
         s.failures.clear();
         if let Err(e) = baseline(s) {
@@ -1628,8 +1774,8 @@ fn baseline_trial() -> Result<(), Failed> {
 
 /// One upstream case: the baseline (nothing left from an earlier case), the case, then the
 /// model back as it was.
-fn case_trial(case: Case) -> Result<(), Failed> {
-    with_suite(|s| {
+fn case_trial(layout: Layout, case: Case) -> Result<(), Failed> {
+    with_suite(layout, |s| {
         println!("--- {}", case.name);
         let t = Instant::now();
         s.failures.clear();
@@ -1695,21 +1841,28 @@ fn main() -> ExitCode {
     // The cases share one model: one at a time.
     args.test_threads = Some(1);
     let needs_root = |t: Trial| t.with_ignored_flag(true);
-    let mut trials = vec![
-        Trial::test("upstream_case_table_is_complete", case_table_trial),
-        needs_root(Trial::test(
-            "baseline_every_pair_connects_without_policies",
-            baseline_trial,
-        )),
-    ];
-    trials.extend(
-        cases()
-            .into_iter()
-            .map(|case| needs_root(Trial::test(slug(case.name), move || case_trial(case)))),
-    );
+    let mut trials = vec![Trial::test(
+        "upstream_case_table_is_complete",
+        case_table_trial,
+    )];
+    // Layout by layout (one model at a time, built by its first case): the cases in upstream's
+    // order, each named after its `It` text, prefixed by the layout past the first.
+    for layout in Layout::ALL {
+        let prefix = layout.prefix();
+        trials.push(needs_root(Trial::test(
+            format!("{prefix}baseline_every_pair_connects_without_policies"),
+            move || baseline_trial(layout),
+        )));
+        trials.extend(cases().into_iter().map(|case| {
+            needs_root(Trial::test(
+                format!("{prefix}{}", slug(case.name)),
+                move || case_trial(layout, case),
+            ))
+        }));
+    }
     let started = Instant::now();
     let conclusion = libtest_mimic::run(&args, trials);
-    // Tear the model down (agent, servers, namespaces, folder), whatever the outcome.
+    // Tear the model down (agents, servers, namespaces, folder), whatever the outcome.
     let suite = SUITE
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
@@ -1717,7 +1870,8 @@ fn main() -> ExitCode {
         .take();
     if let Some(s) = suite {
         println!(
-            "model: {} probes in {:.1} s; tearing it down",
+            "model ({}): {} probes; {:.1} s in all; tearing it down",
+            s.layout.describe(),
             s.probes_run,
             started.elapsed().as_secs_f64()
         );

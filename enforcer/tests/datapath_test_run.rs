@@ -31,7 +31,7 @@ use enforcer::{
 use enforcer_common::{
     CONFIG_CT_LRU_ALL, CONFIG_LOG_ALLOWED, CT_REVOKED, CtKey, CtKeyV4, CtValue, DIR_EGRESS,
     DIR_INGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6, EP_INGRESS_ISOLATED, EndpointInfo,
-    FAMILY_V4, FAMILY_V6, FLOW_LOCK, FlowBucket, FlowWay, IDENTITY_ANY, IDENTITY_HOST,
+    FAMILY_V4, FAMILY_V6, FLOW_LOCK, FlowBucket, FlowWay, IDENTITY_ANY, IDENTITY_HOST, MAP_CONFIG,
     MAP_CONNTRACK_V4, MAP_CONNTRACK_V6, MAP_FLOWS_V4, PORT_MASK_ANY_PROTO, PROTO_ANY, PROTO_SCTP,
     PROTO_TCP, PROTO_UDP, PeerInfo, PolicyKey, PolicyValue, REASON_NAMES, SCHEMA_VERSION,
     reason::*,
@@ -151,6 +151,13 @@ mod frames {
         h.extend_from_slice(&fo.to_be_bytes());
         h.extend_from_slice(&id.to_be_bytes());
         h
+    }
+
+    /// A TCP header with the given flags (byte 13).
+    pub fn tcp_flags(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+        let mut t = tcp(sport, dport);
+        t[13] = flags;
+        t
     }
 
     pub fn tcp(sport: u16, dport: u16) -> Vec<u8> {
@@ -518,6 +525,9 @@ fn reset(h: &mut Harness) {
     for key in h.dp.policy.keys().unwrap() {
         h.dp.policy.remove(&key).unwrap();
     }
+    let counts = h.dp.conntrack.flow_counts();
+    (0..counts.slots()).for_each(|e| counts.clear(e));
+    counts.keep_until(0);
     h.eps = program_baseline(&mut h.dp, &h.ifs);
     if let Some(events) = &mut h.events {
         let _ = events.drain();
@@ -2101,6 +2111,316 @@ fn idle_flows_time_out_and_are_judged_anew(h: &mut Harness) {
     h.dp.set_config(&defaults).unwrap();
 }
 
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+/// TCP flows age by their state: one never answered and one closed (a RST, or a FIN from each
+/// end) are forgotten after their short timeouts, so their replies are judged as new flows
+/// (denied); an answered one, half-closed too, lasts the established timeout; a SYN from the
+/// originator opens a closed flow again, as a new connection on the same ports.
+fn tcp_flows_age_by_their_state(h: &mut Harness) {
+    use std::time::Duration;
+    let (i, e) = (Hook::Egress, Hook::Ingress);
+    let short = Duration::from_secs(1);
+    let mut cfg = h.dp.config().unwrap();
+    cfg.ct_timeout_tcp_syn_ns = short.as_nanos() as u64;
+    cfg.ct_timeout_tcp_closed_ns = short.as_nanos() as u64;
+    h.dp.set_config(&cfg).unwrap();
+    // B opens flows to A:80 (allowed); A's replies go to B's port, which A's egress does not
+    // allow as a new flow.
+    let from_b = |p: u16, f: u8| ipv4(B4, A4, PROTO_TCP, &tcp_flags(p, 80, f));
+    let from_a = |p: u16, f: u8| ipv4(A4, B4, PROTO_TCP, &tcp_flags(80, p, f));
+    let (unanswered, answered, half_closed, fins, reset, reopened) =
+        (41001, 41002, 41003, 41004, 41005, 41006);
+    h.case(
+        "state: a SYN never answered",
+        "a",
+        i,
+        &from_b(unanswered, TCP_SYN),
+        OK,
+        ALLOW_POLICY,
+    );
+    for p in [answered, half_closed, fins, reset, reopened] {
+        h.case(
+            "state: a SYN",
+            "a",
+            i,
+            &from_b(p, TCP_SYN),
+            OK,
+            ALLOW_POLICY,
+        );
+        h.case(
+            "state: its SYN-ACK",
+            "a",
+            e,
+            &from_a(p, TCP_SYN | TCP_ACK),
+            OK,
+            ALLOW_REPLY,
+        );
+    }
+    h.case(
+        "state: B half-closes",
+        "a",
+        i,
+        &from_b(half_closed, TCP_FIN | TCP_ACK),
+        OK,
+        ALLOW_ESTABLISHED,
+    );
+    for p in [fins, reopened] {
+        h.case(
+            "state: B's FIN",
+            "a",
+            i,
+            &from_b(p, TCP_FIN | TCP_ACK),
+            OK,
+            ALLOW_ESTABLISHED,
+        );
+        h.case(
+            "state: A's FIN",
+            "a",
+            e,
+            &from_a(p, TCP_FIN | TCP_ACK),
+            OK,
+            ALLOW_REPLY,
+        );
+    }
+    h.case(
+        "state: B resets",
+        "a",
+        i,
+        &from_b(reset, TCP_RST),
+        OK,
+        ALLOW_ESTABLISHED,
+    );
+    h.case(
+        "state: a new SYN on the closed ports",
+        "a",
+        i,
+        &from_b(reopened, TCP_SYN),
+        OK,
+        ALLOW_ESTABLISHED,
+    );
+    h.case(
+        "state: answered again",
+        "a",
+        e,
+        &from_a(reopened, TCP_SYN | TCP_ACK),
+        OK,
+        ALLOW_REPLY,
+    );
+    std::thread::sleep(short + Duration::from_millis(600));
+    for (what, p, act, why) in [
+        (
+            "state: the unanswered flow is forgotten",
+            unanswered,
+            SHOT,
+            DROP_POLICY,
+        ),
+        ("state: the answered flow stays", answered, OK, ALLOW_REPLY),
+        (
+            "state: the half-closed flow stays",
+            half_closed,
+            OK,
+            ALLOW_REPLY,
+        ),
+        (
+            "state: the flow closed by FINs is forgotten",
+            fins,
+            SHOT,
+            DROP_POLICY,
+        ),
+        (
+            "state: the reset flow is forgotten",
+            reset,
+            SHOT,
+            DROP_POLICY,
+        ),
+        ("state: the reopened flow stays", reopened, OK, ALLOW_REPLY),
+    ] {
+        h.case(what, "a", e, &from_a(p, TCP_ACK), act, why);
+    }
+    let defaults = h.dp.options().config();
+    h.dp.set_config(&defaults).unwrap();
+}
+
+/// An endpoint holds at most `max_flows_per_endpoint` flows per direction of origin: the next
+/// new flow is dropped (`flow-limit`) while its tracked flows go on, the other direction and
+/// other endpoints open flows as before, and a sweep after its flows expired gives the room
+/// back.
+fn an_endpoint_at_its_flow_limit_opens_no_new_flow(h: &mut Harness) {
+    use std::time::Duration;
+    let (i, e) = (Hook::Egress, Hook::Ingress);
+    let short = Duration::from_secs(1);
+    let mut cfg = h.dp.config().unwrap();
+    cfg.max_flows_per_endpoint = 3;
+    cfg.ct_timeout_tcp_syn_ns = short.as_nanos() as u64;
+    h.dp.set_config(&cfg).unwrap();
+    // Counts are kept while the agent sweeps: a first sweep.
+    let counter = h.dp.conntrack.counter().expect("batched conntrack reads");
+    let kept = Duration::from_secs(60);
+    counter.sweep(kept).unwrap();
+    let from_b = |p: u16| ipv4(B4, A4, PROTO_TCP, &tcp_flags(p, 80, TCP_SYN));
+    for p in 42001..42004 {
+        h.case(
+            "limit: flows into A up to the limit",
+            "a",
+            i,
+            &from_b(p),
+            OK,
+            ALLOW_POLICY,
+        );
+    }
+    h.case(
+        "limit: one more into A",
+        "a",
+        i,
+        &from_b(42004),
+        SHOT,
+        DROP_FLOW_LIMIT,
+    );
+    h.case(
+        "limit: A's tracked flows go on",
+        "a",
+        e,
+        &ipv4(A4, B4, PROTO_TCP, &tcp_flags(80, 42001, TCP_SYN | TCP_ACK)),
+        OK,
+        ALLOW_REPLY,
+    );
+    h.case(
+        "limit: A opens a flow out (counted apart)",
+        "a",
+        e,
+        &ipv4(A4, B4, PROTO_TCP, &tcp_flags(43000, 5432, TCP_SYN)),
+        OK,
+        ALLOW_POLICY,
+    );
+    h.case(
+        "limit: another endpoint opens flows",
+        "c",
+        i,
+        &ipv4(B4, C4, PROTO_TCP, &tcp_flags(42001, 80, TCP_SYN)),
+        OK,
+        ALLOW_POLICY,
+    );
+    // The direction no policy isolates of an endpoint isolated in the other (tracked, so that
+    // its replies pass the isolated one) is held to the same limit.
+    for p in 44001..44004 {
+        h.case(
+            "limit: flows out of C (egress not isolated)",
+            "c",
+            e,
+            &ipv4(C4, WORLD4, PROTO_UDP, &udp(p, 53, b"q")),
+            OK,
+            ALLOW_NOT_ISOLATED,
+        );
+    }
+    h.case(
+        "limit: one more out of C",
+        "c",
+        e,
+        &ipv4(C4, WORLD4, PROTO_UDP, &udp(44004, 53, b"q")),
+        SHOT,
+        DROP_FLOW_LIMIT,
+    );
+    let count = |h: &Harness| h.dp.conntrack.flow_counts().get(EP_A, DIR_INGRESS);
+    if count(h) != 3 {
+        h.failures
+            .push(format!("limit: A holds {} flows in, want 3", count(h)));
+    }
+    // A's unanswered flows expire (the answered one, 42001, stays); the sweep counts what is
+    // live, and A may open flows again.
+    std::thread::sleep(short + Duration::from_millis(600));
+    counter.sweep(kept).unwrap();
+    if count(h) != 1 {
+        h.failures.push(format!(
+            "limit: after the sweep A holds {} flows in, want 1",
+            count(h)
+        ));
+    }
+    for p in 42005..42007 {
+        h.case(
+            "limit: room again after the sweep",
+            "a",
+            i,
+            &from_b(p),
+            OK,
+            ALLOW_POLICY,
+        );
+    }
+    h.case(
+        "limit: and the limit again",
+        "a",
+        i,
+        &from_b(42007),
+        SHOT,
+        DROP_FLOW_LIMIT,
+    );
+    // No sweep for longer than they are kept (the agent is down): no count, no limit.
+    h.dp.conntrack.flow_counts().keep_until(0);
+    h.case(
+        "limit: counts not kept without sweeps",
+        "a",
+        i,
+        &from_b(42008),
+        OK,
+        ALLOW_POLICY,
+    );
+    let defaults = h.dp.options().config();
+    h.dp.set_config(&defaults).unwrap();
+}
+
+/// A flow table an older build created (pinned `FLOWS_V4`, pinned 24-byte `CONFIG`) keeps its
+/// unkeyed bucket hash: the programs and the agent agree on it (a flow the programs record is
+/// where the agent looks), and the old CONFIG is replaced by this build's.
+fn a_flow_table_from_an_older_build_keeps_its_unkeyed_hash() -> (usize, Vec<String>) {
+    let prepare = |pin: &Path| {
+        let maps = pin.join(format!("v{SCHEMA_VERSION}/maps"));
+        std::fs::create_dir_all(&maps).unwrap();
+        pin_map(
+            &maps.join(MAP_FLOWS_V4),
+            BPF_MAP_TYPE_ARRAY,
+            4,
+            std::mem::size_of::<FlowBucket>(),
+            4096,
+            BPF_F_MMAPABLE,
+        );
+        pin_map(&maps.join(MAP_CONFIG), BPF_MAP_TYPE_ARRAY, 4, 24, 1, 0);
+    };
+    in_private_netns("unkeyed", prepare, |h, _| {
+        h.cases += 1;
+        let Some(table) = h.dp.conntrack.flow_table() else {
+            return;
+        };
+        if !table.seed().is_unkeyed() {
+            h.failures.push("the older table got a keyed hash".into());
+        }
+        h.case(
+            "unkeyed: a flow opens",
+            "a",
+            Hook::Egress,
+            &ipv4(B4, A4, PROTO_TCP, &tcp(45100, 80)),
+            OK,
+            ALLOW_POLICY,
+        );
+        let key = CtKeyV4 {
+            endpoint: EP_A,
+            protocol: PROTO_TCP,
+            _pad: [0; 3],
+            addr_a: A4.octets(),
+            addr_b: B4.octets(),
+            port_a: 80,
+            port_b: 45100,
+        };
+        let found = h.dp.conntrack.flow_table().unwrap().get(&key, 0).unwrap();
+        if found.is_none() {
+            h.failures
+                .push("unkeyed: the agent does not find the flow where the programs put it".into());
+        }
+    })
+}
+
 /// The flows just allowed sit in their family's conntrack map under exactly the key the agent
 /// builds (ends ordered by address, then port): the programs and `Conntrack` agree byte for byte.
 fn conntrack_keys_are_laid_out_as_the_agent_builds_them(h: &mut Harness) {
@@ -2310,6 +2630,15 @@ fn a_restart_reuses_pinned_maps_and_moves_legacy_ipv4_flows(h: &mut Harness, pin
         ..Default::default()
     };
     let dp2 = Datapath::open(opts).expect("second load");
+    let seeds = (
+        h.dp.conntrack.flow_table().map(|t| t.seed()),
+        dp2.conntrack.flow_table().map(|t| t.seed()),
+    );
+    if seeds.0 != seeds.1 || seeds.0.is_some_and(|s| s.is_unkeyed()) {
+        h.failures.push(format!(
+            "restart: the flow table's hash key changed or is unkeyed: {seeds:?}"
+        ));
+    }
     let after = dp2.conntrack.count().unwrap();
     let ifindex = h.ifs["a"];
     if before == 0
@@ -3019,6 +3348,15 @@ fn trials() -> Vec<Trial> {
         )),
         group!(peer_cache_ways_mirror_peers_v4),
         group!(idle_flows_time_out_and_are_judged_anew),
+        group!(tcp_flows_age_by_their_state),
+        group!(an_endpoint_at_its_flow_limit_opens_no_new_flow),
+        with_slots(Trial::test(
+            "a_flow_table_from_an_older_build_keeps_its_unkeyed_hash",
+            || {
+                let (cases, failures) = a_flow_table_from_an_older_build_keeps_its_unkeyed_hash();
+                verdict(cases, failures)
+            },
+        )),
         group!(verdict_events_report_drops_and_only_logged_allows),
         shared(
             "a_restart_reuses_pinned_maps_and_moves_legacy_ipv4_flows",

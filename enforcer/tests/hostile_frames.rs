@@ -3,10 +3,7 @@
 //! reason, and what it carries must not arrive. Runs as root; namespaces, links and the private
 //! bpffs go away even when an assertion fails (RAII guards).
 
-use std::{
-    net::{Ipv4Addr, UdpSocket},
-    time::Duration,
-};
+use std::{net::Ipv4Addr, time::Duration};
 
 use enforcer::{
     datapath::{Datapath, DatapathOptions},
@@ -16,6 +13,7 @@ use enforcer_common::{
     DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EndpointInfo, IDENTITY_HOST, PeerInfo,
     reason,
 };
+use enforcer_testkit::forge::{ipv4_udp, send_raw_ipv4, udp_arrives};
 use enforcer_testkit::netns::{BpfMount, NODE_V4, TestPod, Testbed, enter_netns, in_netns};
 
 const ID_A: u32 = 1000;
@@ -114,29 +112,6 @@ fn ifindex_in(tb: &Testbed, pod: &TestPod) -> u32 {
     .unwrap()
 }
 
-/// An IPv4 header (valid checksum) and a UDP header (no checksum) around `payload`.
-fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let total = (20 + 8 + payload.len()) as u16;
-    let mut p = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 17, 0, 0];
-    p[2..4].copy_from_slice(&total.to_be_bytes());
-    p.extend(src.octets());
-    p.extend(dst.octets());
-    let mut sum: u32 = p
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    p[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-    p.extend(40000u16.to_be_bytes());
-    p.extend(dport.to_be_bytes());
-    p.extend((8 + payload.len() as u16).to_be_bytes());
-    p.extend([0, 0]);
-    p.extend(payload);
-    p
-}
-
 /// Sends `frame` (from its destination MAC on) out of `pod`'s `eth0` through an `AF_PACKET`
 /// socket, as a pod with `CAP_NET_RAW` can.
 fn send_raw(pod: &TestPod, frame: Vec<u8>) {
@@ -177,28 +152,7 @@ fn send_raw(pod: &TestPod, frame: Vec<u8>) {
 
 /// Whether `pod` receives a UDP datagram carrying [`PAYLOAD`] on [`PORT`] while `send` runs.
 fn arrives(pod: &TestPod, send: impl FnOnce()) -> bool {
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let netns = pod.netns.clone();
-    let listener = std::thread::spawn(move || {
-        in_netns(&netns, move || {
-            let sock = UdpSocket::bind(("0.0.0.0", PORT)).unwrap();
-            sock.set_read_timeout(Some(Duration::from_millis(1500)))
-                .unwrap();
-            ready_tx.send(()).unwrap();
-            let mut buf = [0u8; 64];
-            loop {
-                match sock.recv(&mut buf) {
-                    Ok(n) if &buf[..n] == PAYLOAD => return true,
-                    Ok(_) => {}
-                    Err(_) => return false,
-                }
-            }
-        })
-        .unwrap()
-    });
-    ready_rx.recv().unwrap();
-    send();
-    listener.join().unwrap()
+    udp_arrives(pod, PORT, PAYLOAD, send)
 }
 
 /// The frame `a` sends to its node for `b`: Ethernet to the host veth, `tags` VLAN tags of id
@@ -295,39 +249,7 @@ fn non_ip_frames_and_foreign_arp_from_a_pod_are_dropped() {
 fn a_packet_for_a_pod_from_its_own_address_is_dropped_as_spoofed() {
     let bed = Bed::new("hfo");
     let packet = ipv4_udp(bed.b.v4, bed.b.v4, PORT, PAYLOAD);
-    let dst = bed.b.v4;
-    in_netns(&bed.tb.node, move || {
-        // SAFETY: a raw IPv4 socket (header included) we own and close; the buffers outlive
-        // the calls.
-        unsafe {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
-            assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
-            let addr = libc::sockaddr_in {
-                sin_family: libc::AF_INET as u16,
-                sin_port: 0,
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(dst.octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            let n = libc::sendto(
-                fd,
-                packet.as_ptr().cast(),
-                packet.len(),
-                0,
-                (&raw const addr).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as u32,
-            );
-            assert_eq!(
-                n,
-                packet.len() as isize,
-                "sendto: {}",
-                std::io::Error::last_os_error()
-            );
-            libc::close(fd);
-        }
-    })
-    .unwrap();
+    in_netns(&bed.tb.node, move || send_raw_ipv4(&packet)).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(bed.count(2, DIR_INGRESS, reason::DROP_SPOOFED), 1);
     assert_eq!(bed.count(2, DIR_INGRESS, reason::ALLOW_HOST), 0);

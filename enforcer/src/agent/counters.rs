@@ -7,12 +7,12 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use enforcer_common::REASON_COUNT;
 
-use super::{Agent, COUNT_CONNTRACK, POLL, RESYNC};
+use super::{Agent, POLL, RESYNC};
 use crate::{
     datapath::{ConntrackCounter, CounterKey, CounterReader, CtCount},
     observe::{View, metrics::Status},
@@ -181,12 +181,14 @@ impl CtCounts {
         }
     }
 
-    /// Counts every `COUNT_CONNTRACK` on a thread of its own, through its own descriptors: a
-    /// count of a full map never holds the datapath lock, so it never delays a policy change.
+    /// Sweeps conntrack every `every` on a thread of its own, through its own descriptors
+    /// (counts the maps' fill and resets the per-endpoint flow counts to the live flows): a
+    /// sweep of a full map never holds the datapath lock, so it never delays a policy change.
     /// Stops with the agent, or at the first failure (the loop then walks the keys).
     pub(super) fn spawn(
         counts: &Arc<Self>,
         counter: ConntrackCounter,
+        every: Duration,
         stop: &Arc<AtomicBool>,
     ) -> Option<std::thread::JoinHandle<()>> {
         let (counts, stop) = (Arc::clone(counts), Arc::clone(stop));
@@ -195,7 +197,7 @@ impl CtCounts {
             let counts = Arc::clone(&counts);
             move || {
                 while !stop.load(Ordering::Relaxed) {
-                    match counter.count() {
+                    match counter.sweep(every * 3) {
                         Ok(c) => counts.store(c),
                         Err(e) => {
                             log::warn!("counting conntrack in batches: {e:#}; walking it instead");
@@ -203,7 +205,7 @@ impl CtCounts {
                             return;
                         }
                     }
-                    let next = Instant::now() + COUNT_CONNTRACK;
+                    let next = Instant::now() + every;
                     while !stop.load(Ordering::Relaxed) && Instant::now() < next {
                         std::thread::sleep(POLL);
                     }

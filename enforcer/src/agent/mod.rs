@@ -40,10 +40,6 @@ const RESYNC: Duration = Duration::from_secs(1);
 /// How often a resync compares every map entry with the kernel rather than with what this
 /// process wrote (repairs drift made behind the agent's back).
 const VERIFY_KERNEL: Duration = Duration::from_secs(60);
-/// How often conntrack is counted for its fill ratio: a batched read of the whole LRU map (about
-/// 0.1 s when full) on a thread of its own, or a key walk on the loop's thread where batches are
-/// missing.
-const COUNT_CONNTRACK: Duration = Duration::from_secs(10);
 
 /// Everything the loop needs.
 pub struct Agent {
@@ -56,6 +52,11 @@ pub struct Agent {
     pub per_pod_metrics: bool,
     /// Verified workload identities, when attestation is on.
     pub identity: Option<crate::identity::attestation::Identity>,
+    /// Pace of conntrack sweeps (`--ct-sweep-interval`): each reads every flow (a batched read
+    /// of the whole map) on a thread of its own, or walks the keys on the loop's thread where
+    /// batches are missing; it counts the maps' fill and sets the per-endpoint flow counts to
+    /// the live flows.
+    pub ct_sweep: Duration,
 }
 
 impl Agent {
@@ -81,7 +82,7 @@ impl Agent {
             .lock()
             .ok()
             .and_then(|dp| dp.conntrack.counter());
-        let _counting = counter.map(|c| CtCounts::spawn(&ct_counts, c, &stop));
+        let _counting = counter.map(|c| CtCounts::spawn(&ct_counts, c, self.ct_sweep, &stop));
         // Packet counters are read on a thread of their own where the kernel has batch lookups.
         let reader = self
             .datapath
@@ -183,7 +184,7 @@ impl Agent {
                             .collect(),
                     );
                     desired = Arc::new(compiled.state);
-                    self.publish_view(&desired);
+                    self.publish_view(&desired, c);
                     let turn = Turn {
                         desired: &desired,
                         unnumbered: &unnumbered,
@@ -212,10 +213,16 @@ impl Agent {
             if last_counters.elapsed() >= RESYNC {
                 // Without batch lookups (before Linux 5.6) the count is a key walk on this thread.
                 if !ct_counts.batched.load(Ordering::Relaxed)
-                    && last_ct_count.is_none_or(|t| t.elapsed() >= COUNT_CONNTRACK)
+                    && last_ct_count.is_none_or(|t| t.elapsed() >= self.ct_sweep)
                 {
                     if let Ok(dp) = self.datapath.lock() {
-                        ct_counts.store(dp.conntrack.count_by_map().unwrap_or_default());
+                        let swept = dp
+                            .config()
+                            .and_then(|cfg| dp.conntrack.sweep(&cfg, self.ct_sweep * 3));
+                        match swept {
+                            Ok(c) => ct_counts.store(c),
+                            Err(e) => log::warn!("sweeping conntrack: {e:#}"),
+                        }
                     }
                     last_ct_count = Some(Instant::now());
                 }
@@ -245,12 +252,6 @@ impl Agent {
         match result {
             Ok(report) => {
                 self.status.observe_reconcile(started.elapsed());
-                for pod in &report.pending {
-                    log::debug!("{pod}: no route to its address yet; retrying");
-                }
-                for (pod, err) in &report.failed {
-                    log::warn!("{pod}: {err}");
-                }
                 if !report.attached.is_empty()
                     || !report.detached.is_empty()
                     || report.written + report.removed > 0
@@ -272,7 +273,7 @@ impl Agent {
                 // endpoint id, or without room, which are attached only to be denied).
                 let pending = (report.pending.len() + report.failed.len()) as u64;
                 let numbered = |p: &PodRef| desired.endpoints.contains_key(p);
-                let not_enforced = report.pending.iter().filter(|p| numbered(p)).count()
+                let not_enforced = report.pending.iter().filter(|(p, _)| numbered(p)).count()
                     + report.failed.iter().filter(|(p, _)| numbered(p)).count()
                     + report
                         .unprogrammed
@@ -300,13 +301,21 @@ impl Agent {
         }
     }
 
-    fn publish_view(&self, desired: &Arc<DesiredState>) {
+    fn publish_view(&self, desired: &Arc<DesiredState>, cluster: &Cluster) {
         let mut pods_by_endpoint = BTreeMap::new();
         let mut pods_by_ip = BTreeMap::new();
         for (pod, ep) in &desired.endpoints {
             pods_by_endpoint.insert(ep.info.id, pod.to_string());
             for ip in &ep.ips {
                 pods_by_ip.insert(*ip, pod.to_string());
+            }
+        }
+        // Pods of other nodes too: the flow log names a remote peer.
+        for pod in &cluster.pods {
+            for ip in pod_ips(pod) {
+                pods_by_ip
+                    .entry(ip)
+                    .or_insert_with(|| pod_ref(pod).to_string());
             }
         }
         if let Ok(mut v) = self.view.lock() {

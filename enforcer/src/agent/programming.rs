@@ -1,10 +1,13 @@
 //! What the reconciler could not program, said once per change: one log line per map naming
 //! the pods it leaves denied, the gauges and counters of `/metrics`, the lines of `/readyz`; and
-//! a warning when a map passes 90 % full.
+//! a warning when a map passes 90 % full. Also the pods it could not enforce at all (their own
+//! interface not found, or found where programs must not go), named in a warning, on
+//! `/metrics` and on `/readyz`, and the pods kept on their interface while their route is gone.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    time::{Duration, Instant},
 };
 
 use enforcer_policy::{
@@ -23,6 +26,22 @@ const NAMED_IN_LOG: usize = 20;
 const NEARLY_FULL: f64 = 0.9;
 /// ...until it is back below this.
 const ROOMY_AGAIN: f64 = 0.85;
+/// A new pod's interface usually shows up within a reconcile or two of the pod: it is warned
+/// about when not found for this long (it is named on `/readyz` and `/metrics` at once).
+const NOT_FOUND_GRACE: Duration = Duration::from_secs(5);
+
+/// Why a pod is not enforced, as `/metrics` labels it.
+pub(super) const NO_INTERFACE: &str = "no-interface";
+pub(super) const NOT_OWN_VETH: &str = "not-own-veth";
+pub(super) const ATTACH_FAILED: &str = "attach-failed";
+
+/// A pod not enforced, as last said.
+struct NotEnforced {
+    kind: &'static str,
+    why: String,
+    since: Instant,
+    warned: bool,
+}
 
 /// What was said last, so that only changes are logged.
 #[derive(Default)]
@@ -33,6 +52,10 @@ pub(super) struct Shown {
     refused: BTreeMap<MapName, String>,
     /// Maps warned about as nearly full.
     nearly_full: BTreeSet<MapName>,
+    /// Local pods without programs.
+    not_enforced: BTreeMap<PodRef, NotEnforced>,
+    /// Pods kept on their interface though it was not found, with the reason said.
+    kept: BTreeMap<PodRef, String>,
 }
 
 /// The flag that sizes `map`.
@@ -69,6 +92,7 @@ impl Shown {
         cluster: Option<&Cluster>,
     ) -> Programming {
         let mut out = Programming::default();
+        self.interfaces(report, &mut out);
         let mut by_map: BTreeMap<MapName, Vec<String>> = BTreeMap::new();
         for u in &report.unprogrammed {
             by_map
@@ -192,6 +216,81 @@ impl Shown {
     }
 }
 
+impl Shown {
+    /// The pods without programs and the pods kept on their interface: logged once per change
+    /// (a pod not found yet only after [`NOT_FOUND_GRACE`]), and named for `/readyz` and
+    /// `/metrics`.
+    fn interfaces(&mut self, report: &Report, out: &mut Programming) {
+        let now = Instant::now();
+        let mut current: BTreeMap<&PodRef, (&'static str, &str)> = BTreeMap::new();
+        for (pod, why) in &report.pending {
+            current.insert(pod, (NO_INTERFACE, why));
+        }
+        for (pod, why) in &report.failed {
+            let kind = if why.starts_with("attaching to interface") {
+                ATTACH_FAILED
+            } else {
+                NOT_OWN_VETH
+            };
+            current.insert(pod, (kind, why));
+        }
+        for (pod, (kind, why)) in &current {
+            let entry = self
+                .not_enforced
+                .entry((*pod).clone())
+                .or_insert_with(|| NotEnforced {
+                    kind,
+                    why: why.to_string(),
+                    since: now,
+                    warned: false,
+                });
+            if entry.kind != *kind || entry.why != *why {
+                entry.kind = kind;
+                entry.why = why.to_string();
+                entry.warned = false;
+            }
+            let due = *kind != NO_INTERFACE || now.duration_since(entry.since) >= NOT_FOUND_GRACE;
+            if !entry.warned && due {
+                log::warn!(
+                    "{pod} is NOT ENFORCED: {why}; no programs are attached for it, so its traffic is not filtered on this node (retried every second)"
+                );
+                entry.warned = true;
+            } else if !entry.warned {
+                log::debug!("{pod}: {why}; retrying");
+            }
+            *out.not_enforced_by_reason
+                .entry(kind.to_string())
+                .or_default() += 1;
+            if out.not_enforced.len() < NAMED_UNPROGRAMMED {
+                out.not_enforced
+                    .push((pod.to_string(), kind.to_string(), why.to_string()));
+            }
+        }
+        self.not_enforced.retain(|pod, e| {
+            let still = current.contains_key(pod);
+            if !still && e.warned {
+                log::info!("{pod} is enforced now (was: {})", e.why);
+            }
+            still
+        });
+        let mut kept = BTreeMap::new();
+        for (pod, ifindex, why) in &report.kept {
+            if self.kept.get(pod) != Some(why) {
+                log::warn!(
+                    "{pod}: {why}; keeping its programs and entries on interface {ifindex} (still enforced) while that interface exists and the pod is in the cluster"
+                );
+            }
+            kept.insert(pod.clone(), why.clone());
+        }
+        for pod in self.kept.keys().filter(|p| !kept.contains_key(*p)) {
+            if !current.contains_key(pod) {
+                log::info!("{pod}: its interface is found again");
+            }
+        }
+        self.kept = kept;
+    }
+}
+
 /// The pods owning `ips`, from the cluster.
 fn owners(cluster: Option<&Cluster>, ips: &[IpAddr]) -> BTreeMap<IpAddr, PodRef> {
     let wanted: BTreeSet<&IpAddr> = ips.iter().collect();
@@ -210,6 +309,53 @@ fn owners(cluster: Option<&Cluster>, ips: &[IpAddr]) -> BTreeMap<IpAddr, PodRef>
 mod tests {
     use super::*;
     use crate::reconcile::Unprogrammed;
+
+    #[test]
+    fn names_the_pods_without_programs_by_reason() {
+        let mut shown = Shown::default();
+        let mut r = Report::default();
+        r.pending
+            .push((PodRef::new("x", "a"), "no device route to 10.0.0.1".into()));
+        r.failed
+            .push((PodRef::new("x", "b"), "the route leads to cni0".into()));
+        r.failed.push((
+            PodRef::new("x", "c"),
+            "attaching to interface 7: busy".into(),
+        ));
+        r.kept
+            .push((PodRef::new("x", "d"), 9, "no device route".into()));
+        let p = shown.report(&r, &[], None);
+        assert_eq!(
+            p.not_enforced,
+            [
+                (
+                    "x/a".to_string(),
+                    NO_INTERFACE.to_string(),
+                    "no device route to 10.0.0.1".to_string()
+                ),
+                (
+                    "x/b".to_string(),
+                    NOT_OWN_VETH.to_string(),
+                    "the route leads to cni0".to_string()
+                ),
+                (
+                    "x/c".to_string(),
+                    ATTACH_FAILED.to_string(),
+                    "attaching to interface 7: busy".to_string()
+                ),
+            ]
+        );
+        assert_eq!(p.not_enforced_by_reason.values().sum::<u64>(), 3);
+        assert!(shown.not_enforced[&PodRef::new("x", "b")].warned, "at once");
+        assert!(
+            !shown.not_enforced[&PodRef::new("x", "a")].warned,
+            "not found yet: after the grace"
+        );
+        assert!(shown.kept.contains_key(&PodRef::new("x", "d")));
+        let p = shown.report(&Report::default(), &[], None);
+        assert!(p.not_enforced.is_empty() && p.not_enforced_by_reason.is_empty());
+        assert!(shown.not_enforced.is_empty() && shown.kept.is_empty());
+    }
 
     #[test]
     fn names_the_pods_once_per_change() {

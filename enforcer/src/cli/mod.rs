@@ -29,7 +29,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the node agent: watch the objects, compile them, program the datapath.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Compile a folder of manifests and print what each pod gets (offline, no root).
     Compile {
         /// Folder of Namespace, Pod and NetworkPolicy manifests.
@@ -82,7 +82,7 @@ pub fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => run::run(args),
+        Command::Run(args) => run::run(*args),
         Command::Compile {
             dir,
             entries,

@@ -20,7 +20,10 @@ use enforcer_policy::compile::CompileOptions;
 
 use crate::{
     agent::Agent,
-    datapath::{AttachMode, DEFAULT_PIN_PATH, Datapath, DatapathOptions, routes::local_addresses},
+    datapath::{
+        AttachMode, DEFAULT_PIN_PATH, Datapath, DatapathOptions, default_flow_limit,
+        routes::local_addresses,
+    },
     identity::attestation::{Identity, LivePods},
     observe::{
         View,
@@ -78,6 +81,28 @@ pub struct RunArgs {
     /// two flows, 64 bytes each), which then holds only the flows of full buckets.
     #[arg(long, default_value_t = DEFAULT_CONNTRACK_SIZE)]
     conntrack_map_size: u32,
+    /// Flows one pod may hold in conntrack per direction of origin (its own connections; those
+    /// others open to it); a new flow past it is dropped (reason `flow-limit`), so one pod's
+    /// flood cannot take the room the other pods' flows need. Default: half of
+    /// --conntrack-map-size. 0: no limit.
+    #[arg(long)]
+    ct_max_flows_per_endpoint: Option<u32>,
+    /// Idle time after which an established TCP flow is forgotten (e.g. `6h`, `30m`).
+    #[arg(long, default_value = "6h", value_parser = parse_duration)]
+    ct_timeout_tcp: Duration,
+    /// Idle time of a TCP flow whose other end has not answered (a half-open connection).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    ct_timeout_tcp_syn: Duration,
+    /// Idle time of a TCP flow closed by a RST or a FIN from each end.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    ct_timeout_tcp_closed: Duration,
+    /// Idle time of a UDP, SCTP or ICMP flow (and of a revoked flow's tombstone).
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    ct_timeout_other: Duration,
+    /// How often conntrack is swept: the per-pod flow counts are set to the live flows (they
+    /// err high by the flows that ended since), and the maps' fill is counted for /metrics.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    ct_sweep_interval: Duration,
     /// Entries of the fragments map.
     #[arg(long, default_value_t = DEFAULT_FRAGMENTS_SIZE)]
     fragments_map_size: u32,
@@ -148,6 +173,13 @@ pub fn run(args: RunArgs) -> Result<()> {
         events_bytes: args.events_bytes,
         log_allowed: args.log_allowed,
         attach: args.attach_mode,
+        ct_timeout_tcp: args.ct_timeout_tcp,
+        ct_timeout_tcp_syn: args.ct_timeout_tcp_syn,
+        ct_timeout_tcp_closed: args.ct_timeout_tcp_closed,
+        ct_timeout_other: args.ct_timeout_other,
+        max_flows_per_endpoint: args
+            .ct_max_flows_per_endpoint
+            .unwrap_or_else(|| default_flow_limit(args.conntrack_map_size)),
         ..DatapathOptions::default()
     };
     let mut datapath = Datapath::open(options).context("opening the datapath")?;
@@ -180,6 +212,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         view: view.clone(),
         per_pod_metrics: args.per_pod_metrics,
         identity: identity.as_ref().map(|(id, _)| id.clone()),
+        ct_sweep: args.ct_sweep_interval,
     };
     let loop_stop = stop.clone();
     let control = std::thread::Builder::new()
@@ -271,4 +304,40 @@ fn identity_setup(
     }
     let attest = AttestState::new(verifier, keys, pods.clone(), bindings.clone(), metrics);
     Ok((Identity { bindings, pods }, attest))
+}
+
+/// A duration flag: a whole number with a unit (`ms`, `s`, `m`, `h`), e.g. `500ms`, `60s`, `6h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(digits);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("`{s}`: expected a number and a unit, e.g. 60s"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("`{s}`: the unit must be ms, s, m or h")),
+    };
+    if d.is_zero() {
+        return Err(format!("`{s}`: must be more than zero"));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn duration_flags_take_a_number_and_a_unit() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("6h"), Ok(Duration::from_secs(6 * 3600)));
+        for bad in ["60", "s", "1.5s", "-1s", "0s", "10d"] {
+            assert!(parse_duration(bad).is_err(), "{bad} accepted");
+        }
+    }
 }

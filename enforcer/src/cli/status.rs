@@ -94,6 +94,29 @@ pub fn status_report(metrics: &str) -> String {
             .map_or(0.0, |x| x.2);
         let _ = writeln!(o, "  {map:<12} {v:>10}  {:>6.2}%", fill * 100.0);
     }
+    let not_enforced: Vec<_> = values
+        .iter()
+        .filter(|(n, _, v)| n == "enforcer_pod_not_enforced" && *v > 0.0)
+        .collect();
+    let not_enforced_total: f64 = values
+        .iter()
+        .filter(|(n, _, _)| n == "enforcer_pods_not_enforced")
+        .map(|x| x.2)
+        .sum();
+    if not_enforced_total > 0.0 {
+        let _ = writeln!(
+            o,
+            "\nNOT ENFORCED ({not_enforced_total} pods without programs: their traffic is not filtered; /readyz says why):"
+        );
+        for (_, l, _) in not_enforced {
+            let _ = writeln!(
+                o,
+                "  {:<30} {}",
+                l.get("pod").map_or("", String::as_str),
+                l.get("reason").map_or("", String::as_str)
+            );
+        }
+    }
     let unprogrammed: Vec<_> = values
         .iter()
         .filter(|(n, _, v)| n == "enforcer_pod_unprogrammed" && *v > 0.0)
@@ -197,6 +220,13 @@ mod tests {
         );
         assert!(s.contains("POLICY") && s.contains("50.00%"), "{s}");
         assert!(!s.contains("NOT PROGRAMMED"), "{s}");
+        assert!(!s.contains("NOT ENFORCED"), "{s}");
+        let m = "enforcer_ready 0\nenforcer_pods_not_enforced{reason=\"no-interface\"} 0\nenforcer_pods_not_enforced{reason=\"not-own-veth\"} 1\nenforcer_pod_not_enforced{pod=\"x/a\",reason=\"not-own-veth\"} 1\n";
+        let s = status_report(m);
+        assert!(
+            s.contains("NOT ENFORCED (1 pods") && s.contains("x/a") && s.contains("not-own-veth"),
+            "{s}"
+        );
         let m = "enforcer_ready 0\nenforcer_pod_unprogrammed{pod=\"x/c\",map=\"POLICY\",direction=\"ingress\"} 1\nenforcer_map_entries_missing{map=\"POLICY\"} 2\nenforcer_map_entries_missing{map=\"ENDPOINTS\"} 0\nenforcer_endpoints_unprogrammed{map=\"POLICY\"} 1\n";
         let s = status_report(m);
         assert!(

@@ -16,7 +16,7 @@ use super::{mapping::SharedMemory, syscall::BATCH};
 use anyhow::{Context as _, Result};
 use enforcer_common::{
     CtKeyV4, CtValue, FLOW_LOCK, FLOW_OVERFLOW, FLOW_PROTO_MASK, FLOW_SEQ_MASK, FLOW_SEQ_SHIFT,
-    FLOW_WAYS, FlowBucket, FlowWay, MAP_FLOWS_V4, flow_bucket, flow_live,
+    FLOW_WAYS, FlowBucket, FlowSeed, FlowWay, MAP_FLOWS_V4, flow_bucket, flow_live,
 };
 
 /// Buckets of a table for `flows` flows: two per bucket. The table is kept as small as its
@@ -27,15 +27,21 @@ pub fn buckets_for(flows: u32) -> u32 {
     flows.div_ceil(FLOW_WAYS as u32).max(1)
 }
 
-/// The table: a descriptor of the map and its bucket count.
+/// The table: a descriptor of the map, its bucket count and the key of its bucket hash.
 pub struct FlowTable {
     fd: OwnedFd,
     buckets: u32,
+    seed: FlowSeed,
 }
 
 impl FlowTable {
-    pub fn new(fd: OwnedFd, buckets: u32) -> Self {
-        Self { fd, buckets }
+    pub fn new(fd: OwnedFd, buckets: u32, seed: FlowSeed) -> Self {
+        Self { fd, buckets, seed }
+    }
+
+    /// The key of the bucket hash.
+    pub fn seed(&self) -> FlowSeed {
+        self.seed
     }
 
     pub fn buckets(&self) -> u32 {
@@ -55,6 +61,7 @@ impl FlowTable {
                 .try_clone()
                 .context("duplicating the FLOWS_V4 descriptor")?,
             buckets: self.buckets,
+            seed: self.seed,
         })
     }
 
@@ -109,7 +116,7 @@ impl FlowTable {
 
     /// The flow of `key`, if the table holds it.
     pub fn get(&self, key: &CtKeyV4, now_ns: u64) -> Result<Option<CtValue>> {
-        let index = flow_bucket(key, self.buckets);
+        let index = flow_bucket(key, self.buckets, &self.seed);
         let mut bucket = FlowBucket::default();
         super::syscall::lookup_raw(self.fd.as_fd(), &index, &mut bucket)
             .with_context(|| format!("reading bucket {index} of {MAP_FLOWS_V4}"))?;
@@ -136,7 +143,7 @@ impl FlowTable {
 
     /// Runs `f` on the table's memory, mapped for the call.
     pub fn with_memory<R>(&self, f: impl FnOnce(&FlowMemory) -> R) -> Result<R> {
-        let mem = FlowMemory::map(self.fd.as_fd(), self.buckets)?;
+        let mem = FlowMemory::map(self.fd.as_fd(), self.buckets, self.seed)?;
         Ok(f(&mem))
     }
 }
@@ -153,6 +160,7 @@ fn normalized(key: &CtKeyV4) -> CtKeyV4 {
 pub struct FlowMemory {
     mem: SharedMemory,
     buckets: u32,
+    seed: FlowSeed,
 }
 
 /// Spins at a bucket a program holds before yielding the CPU (it holds it for a few stores).
@@ -160,18 +168,20 @@ const SPINS: u32 = 1_000;
 
 impl FlowMemory {
     /// Maps `buckets` buckets of the (mmapable) map behind `fd`.
-    pub fn map(fd: BorrowedFd<'_>, buckets: u32) -> Result<Self> {
+    pub fn map(fd: BorrowedFd<'_>, buckets: u32, seed: FlowSeed) -> Result<Self> {
         Ok(Self {
             mem: SharedMemory::map(fd, buckets as usize * size_of::<FlowBucket>(), MAP_FLOWS_V4)?,
             buckets,
+            seed,
         })
     }
 
     /// `buckets` empty buckets in plain memory, for tests.
-    pub fn heap(buckets: u32) -> Self {
+    pub fn heap(buckets: u32, seed: FlowSeed) -> Self {
         Self {
             mem: SharedMemory::heap(buckets as usize * size_of::<FlowBucket>()),
             buckets,
+            seed,
         }
     }
 
@@ -277,13 +287,13 @@ impl FlowMemory {
     /// Forgets the flow of `key`; returns whether the table held it.
     pub fn remove(&self, key: &CtKeyV4) -> bool {
         let key = normalized(key);
-        self.free_in(flow_bucket(&key, self.buckets), &|k| *k == key) > 0
+        self.free_in(flow_bucket(&key, self.buckets, &self.seed), &|k| *k == key) > 0
     }
 
     /// Marks the bucket of `key` overflowed: a program that misses there looks in
     /// `CONNTRACK_V4` too (where `key` lives).
     pub fn mark_overflow(&self, key: &CtKeyV4) {
-        let b = flow_bucket(key, self.buckets);
+        let b = flow_bucket(key, self.buckets, &self.seed);
         self.swap_control(b, |m0| {
             (m0 & FLOW_OVERFLOW == 0).then_some(m0 | FLOW_OVERFLOW)
         });
@@ -376,6 +386,14 @@ mod tests {
     use super::*;
     use enforcer_common::{CT_ORIGIN_A, PROTO_TCP, PROTO_UDP, flow_stamp};
 
+    const SEED: FlowSeed = FlowSeed {
+        k: [0x1234_5678, 0x9abc_def0, 0x0fed_cba9, 0x8765_4321],
+    };
+
+    fn bucket_of(k: &CtKeyV4, buckets: u32) -> u32 {
+        flow_bucket(k, buckets, &SEED)
+    }
+
     fn key(endpoint: u32, port: u16) -> CtKeyV4 {
         CtKeyV4 {
             endpoint,
@@ -407,16 +425,16 @@ mod tests {
         let a = key(1, 1000);
         let b = (1001..u16::MAX)
             .map(|p| key(1, p))
-            .find(|k| flow_bucket(k, buckets) == flow_bucket(&a, buckets))
+            .find(|k| bucket_of(k, buckets) == bucket_of(&a, buckets))
             .expect("a colliding port");
         (a, b)
     }
 
     #[test]
     fn the_agent_keeps_the_control_bits_and_moves_the_sequence_when_it_frees() {
-        let mem = FlowMemory::heap(8);
+        let mem = FlowMemory::heap(8, SEED);
         let (a, b) = colliding(8);
-        let bucket = flow_bucket(&a, 8);
+        let bucket = bucket_of(&a, 8);
         mem.write(bucket, 0, &way_of(&a, CT_ORIGIN_A));
         mem.write(bucket, 1, &way_of(&b, 0));
         mem.mark_overflow(&a);
@@ -438,9 +456,9 @@ mod tests {
 
     #[test]
     fn remove_frees_only_its_flow() {
-        let mem = FlowMemory::heap(8);
+        let mem = FlowMemory::heap(8, SEED);
         let (a, b) = colliding(8);
-        let bucket = flow_bucket(&a, 8);
+        let bucket = bucket_of(&a, 8);
         mem.write(bucket, 0, &way_of(&a, 0));
         mem.write(bucket, 1, &way_of(&b, 0));
         let mut other = a;
@@ -457,9 +475,9 @@ mod tests {
 
     #[test]
     fn the_agent_waits_for_a_program_holding_the_lock_and_keeps_its_write() {
-        let mem = FlowMemory::heap(4);
+        let mem = FlowMemory::heap(4, SEED);
         let (a, b) = colliding(4);
-        let bucket = flow_bucket(&a, 4);
+        let bucket = bucket_of(&a, 4);
         mem.write(bucket, 0, &way_of(&a, 0));
         // A program holds the bucket: the agent's change waits, then lands on top of what the
         // program wrote (way 1), never over it.
@@ -485,12 +503,40 @@ mod tests {
 
     #[test]
     fn buckets_spread_flows() {
-        // A port scan from one client: no bucket may take much more than its share.
+        // A port scan from one client: no bucket may take much more than its share, keyed or
+        // with the unkeyed hash of older tables.
         let n = 1 << 12;
-        let mut load = vec![0u32; n as usize];
-        for p in 0..(4 * n) {
-            load[flow_bucket(&key(3, p as u16), n) as usize] += 1;
+        for seed in [SEED, FlowSeed::UNKEYED] {
+            let mut load = vec![0u32; n as usize];
+            for p in 0..(4 * n) {
+                load[flow_bucket(&key(3, p as u16), n, &seed) as usize] += 1;
+            }
+            assert!(load.iter().all(|&l| l <= 16), "max {:?}", load.iter().max());
         }
-        assert!(load.iter().all(|&l| l <= 16), "max {:?}", load.iter().max());
+    }
+
+    #[test]
+    fn flows_aimed_at_one_bucket_under_one_key_spread_under_another() {
+        // What a pod that knew the hash key could do: pick 64 tuples of one bucket. Under the
+        // key the table really has, they land all over it.
+        let n = 1 << 16;
+        let target = bucket_of(&key(5, 0), n);
+        let aimed: Vec<CtKeyV4> = (0..=u16::MAX)
+            .flat_map(|p| (0..64u8).map(move |h| (p, h)))
+            .map(|(p, h)| {
+                let mut k = key(5, p);
+                k.addr_b = [10, 9, 0, h];
+                k
+            })
+            .filter(|k| bucket_of(k, n) == target)
+            .take(64)
+            .collect();
+        assert_eq!(aimed.len(), 64, "enough tuples of one bucket");
+        let other = FlowSeed {
+            k: [0xdead_beef, 0x0bad_f00d, 0x1357_9bdf, 0x2468_ace0],
+        };
+        let buckets: std::collections::BTreeSet<u32> =
+            aimed.iter().map(|k| flow_bucket(k, n, &other)).collect();
+        assert!(buckets.len() >= 60, "{} buckets", buckets.len());
     }
 }

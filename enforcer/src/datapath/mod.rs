@@ -37,16 +37,17 @@ use aya::{
         tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
     },
 };
-pub use conntrack::{Conntrack, ConntrackCounter, CtCount};
+pub use conntrack::{Conntrack, ConntrackCounter, CtCount, FlowCounts, FlowTally};
 pub use counters::{CounterKey, CounterReader, Counters};
 use enforcer_common::{
     CONFIG_CT_LRU_ALL, CONFIG_LOG_ALLOWED, Config, DEFAULT_CIDRS_SIZE, DEFAULT_CONNTRACK_SIZE,
-    DEFAULT_CT_TIMEOUT_OTHER_NS, DEFAULT_CT_TIMEOUT_TCP_NS, DEFAULT_EVENTS_BYTES,
-    DEFAULT_FRAGMENTS_SIZE, DEFAULT_MAX_ENDPOINTS, DEFAULT_PEERS_SIZE, DEFAULT_POLICY_SIZE,
+    DEFAULT_CT_TIMEOUT_OTHER_NS, DEFAULT_CT_TIMEOUT_TCP_CLOSED_NS, DEFAULT_CT_TIMEOUT_TCP_NS,
+    DEFAULT_CT_TIMEOUT_TCP_SYN_NS, DEFAULT_EVENTS_BYTES, DEFAULT_FRAGMENTS_SIZE,
+    DEFAULT_MAX_ENDPOINTS, DEFAULT_PEERS_SIZE, DEFAULT_POLICY_SIZE, FlowSeed,
     MAP_CIDRS_V4, MAP_CIDRS_V6, MAP_CONFIG, MAP_CONNTRACK_V4, MAP_CONNTRACK_V6, MAP_COUNTERS,
-    MAP_ENDPOINT_SLOTS, MAP_ENDPOINTS, MAP_EVENTS, MAP_FLOWS_V4, MAP_FRAGMENTS, MAP_PEER_SLOTS,
-    MAP_PEERS_V4, MAP_PEERS_V6, MAP_POLICY, PROG_FROM_POD, PROG_TO_POD, PeerInfo, PolicyKey,
-    PolicyValue, SCHEMA_VERSION, counter_slots, peer_buckets_for,
+    MAP_ENDPOINT_SLOTS, MAP_ENDPOINTS, MAP_EVENTS, MAP_FLOW_COUNTS, MAP_FLOWS_V4, MAP_FRAGMENTS,
+    MAP_PEER_SLOTS, MAP_PEERS_V4, MAP_PEERS_V6, MAP_POLICY, PROG_FROM_POD, PROG_TO_POD, PeerInfo,
+    PolicyKey, PolicyValue, SCHEMA_VERSION, counter_slots, peer_buckets_for,
 };
 pub use events::{AsyncEvents, EventReader};
 pub use hash::{EndpointTable, HashTable, PeerTable};
@@ -59,7 +60,7 @@ pub use self::bpffs::{ensure_bpffs, is_bpffs, mount_bpffs};
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/enforcer";
 
 /// Every pinned map.
-const PINNED_MAPS: [&str; 15] = [
+const PINNED_MAPS: [&str; 16] = [
     MAP_ENDPOINTS,
     MAP_ENDPOINT_SLOTS,
     MAP_PEERS_V4,
@@ -71,6 +72,7 @@ const PINNED_MAPS: [&str; 15] = [
     MAP_FLOWS_V4,
     MAP_CONNTRACK_V4,
     MAP_CONNTRACK_V6,
+    MAP_FLOW_COUNTS,
     MAP_FRAGMENTS,
     MAP_COUNTERS,
     MAP_EVENTS,
@@ -96,8 +98,13 @@ pub struct DatapathOptions {
     pub events_bytes: u32,
     /// Send an event for every new allowed flow too.
     pub log_allowed: bool,
+    /// Idle timeouts: an established TCP flow, one never answered, one closed; other protocols.
     pub ct_timeout_tcp: Duration,
+    pub ct_timeout_tcp_syn: Duration,
+    pub ct_timeout_tcp_closed: Duration,
     pub ct_timeout_other: Duration,
+    /// Flows an endpoint may hold per direction of origin (0: no limit).
+    pub max_flows_per_endpoint: u32,
     /// TCX links or tc (clsact) filters (`--attach-mode`).
     pub attach: AttachMode,
     /// Keep IPv4 flows in the `FLOWS_V4` table (`conntrack_size` flows, two per bucket) in front
@@ -120,24 +127,56 @@ impl Default for DatapathOptions {
             attach: AttachMode::Auto,
             flow_table: slots::SLOTS_SUPPORTED,
             ct_timeout_tcp: Duration::from_nanos(DEFAULT_CT_TIMEOUT_TCP_NS),
+            ct_timeout_tcp_syn: Duration::from_nanos(DEFAULT_CT_TIMEOUT_TCP_SYN_NS),
+            ct_timeout_tcp_closed: Duration::from_nanos(DEFAULT_CT_TIMEOUT_TCP_CLOSED_NS),
             ct_timeout_other: Duration::from_nanos(DEFAULT_CT_TIMEOUT_OTHER_NS),
+            max_flows_per_endpoint: default_flow_limit(DEFAULT_CONNTRACK_SIZE),
         }
     }
 }
 
 impl DatapathOptions {
-    /// The [`Config`] these options write into CONFIG.
+    /// The [`Config`] these options write into CONFIG (the loader adds the table's seed).
     pub fn config(&self) -> Config {
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1);
         Config {
             flags: if self.log_allowed {
                 CONFIG_LOG_ALLOWED
             } else {
                 0
             },
-            _pad: 0,
-            ct_timeout_tcp_ns: u64::try_from(self.ct_timeout_tcp.as_nanos()).unwrap_or(u64::MAX),
-            ct_timeout_other_ns: u64::try_from(self.ct_timeout_other.as_nanos())
-                .unwrap_or(u64::MAX),
+            max_flows_per_endpoint: self.max_flows_per_endpoint,
+            ct_timeout_tcp_ns: ns(self.ct_timeout_tcp),
+            ct_timeout_other_ns: ns(self.ct_timeout_other),
+            ct_timeout_tcp_syn_ns: ns(self.ct_timeout_tcp_syn),
+            ct_timeout_tcp_closed_ns: ns(self.ct_timeout_tcp_closed),
+            flow_seed: FlowSeed::UNKEYED,
+        }
+    }
+}
+
+/// The default flows per endpoint and direction for conntrack maps of `conntrack_size`: half
+/// of one map, so that one pod flooding in one direction holds at most a quarter of the IPv4
+/// room (table and LRU map) or half of the IPv6 map, and the others keep the rest.
+pub const fn default_flow_limit(conntrack_size: u32) -> u32 {
+    let n = conntrack_size / 2;
+    if n == 0 { 1 } else { n }
+}
+
+/// A fresh key for the flow table's bucket hash (never the unkeyed one).
+fn random_seed() -> Result<FlowSeed> {
+    let mut seed = FlowSeed::default();
+    loop {
+        // SAFETY: writes at most the 16 bytes of `seed.k`.
+        let n = unsafe { libc::getrandom(seed.k.as_mut_ptr().cast(), size_of::<FlowSeed>(), 0) };
+        if n != size_of::<FlowSeed>() as isize {
+            bail!(
+                "getrandom for the flow table's hash key: {}",
+                io::Error::last_os_error()
+            );
+        }
+        if !seed.is_unkeyed() {
+            return Ok(seed);
         }
     }
 }
@@ -204,6 +243,8 @@ pub struct Datapath {
     pub counters: Counters,
     events: Option<EventReader>,
     config: Array<MapData, Config>,
+    /// The flow table's bucket hash key, written into CONFIG with every config.
+    seed: FlowSeed,
     /// Programs look in `CONNTRACK_V4` on every `FLOWS_V4` miss ([`CONFIG_CT_LRU_ALL`]): until
     /// [`Datapath::reattach_all`] has replaced every program that might have recorded flows
     /// there without marking their buckets.
@@ -232,6 +273,42 @@ fn pinned_entries(maps_dir: &Path, name: &str) -> Result<Option<u32>> {
         )),
         Err(_) => Ok(None),
     }
+}
+
+/// The [`Config`] pinned in `maps_dir`, if one of this layout is. A pinned CONFIG of another
+/// size (an older build's) is unpinned, for the loader to create this build's: it holds only
+/// what the agent writes at start.
+fn pinned_config(maps_dir: &Path) -> Result<Option<Config>> {
+    let pin = maps_dir.join(MAP_CONFIG);
+    let Ok(m) = MapData::from_pin(&pin) else {
+        return Ok(None);
+    };
+    let info = m.info().with_context(|| format!("reading {}", pin.display()))?;
+    if info.value_size() as usize != size_of::<Config>() {
+        log::info!(
+            "pinned {MAP_CONFIG} has {}-byte values, this build writes {}: replacing it",
+            info.value_size(),
+            size_of::<Config>()
+        );
+        std::fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+        return Ok(None);
+    }
+    let mut config = Config::default();
+    syscall::lookup_raw(std::os::fd::AsFd::as_fd(m.fd()), &0u32, &mut config)
+        .with_context(|| format!("reading {}", pin.display()))?;
+    Ok(Some(config))
+}
+
+/// Unpins the map `name` when its pinned size is not `want` (counts the loader may start over).
+fn unpin_if_resized(maps_dir: &Path, name: &str, want: u32) -> Result<()> {
+    if let Some(n) = pinned_entries(maps_dir, name)?
+        && n != want
+    {
+        log::warn!("pinned {name} has {n} slots, this build uses {want}: starting it over");
+        std::fs::remove_file(maps_dir.join(name))
+            .with_context(|| format!("removing the pinned {name}"))?;
+    }
+    Ok(())
 }
 
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
@@ -267,15 +344,24 @@ impl Datapath {
         // layout (another reason count or endpoint limit) would misfile every count. Counters
         // are statistics, not state: start them over.
         let counters = counter_slots(options.max_endpoints);
-        if let Some(n) = pinned_entries(&maps_dir, MAP_COUNTERS)?
-            && n != counters
-        {
-            log::warn!(
-                "pinned {MAP_COUNTERS} has {n} slots, this build counts into {counters}: starting the counters over"
-            );
-            std::fs::remove_file(maps_dir.join(MAP_COUNTERS))
-                .with_context(|| format!("removing the pinned {MAP_COUNTERS}"))?;
-        }
+        unpin_if_resized(&maps_dir, MAP_COUNTERS, counters)?;
+        // Flow counts by endpoint id: the conntrack sweep recounts them.
+        let flow_counts = options.max_endpoints + 1;
+        unpin_if_resized(&maps_dir, MAP_FLOW_COUNTS, flow_counts)?;
+        // The bucket hash's key lives as long as the table: kept in CONFIG beside it, drawn
+        // anew with a new table. A table an older build created keeps its unkeyed hash (its
+        // flows sit in the buckets that hash picked) until its pins are removed.
+        let flows_pinned = pinned_entries(&maps_dir, MAP_FLOWS_V4)?.is_some();
+        let seed = match (flows_pinned, pinned_config(&maps_dir)?) {
+            (true, Some(c)) => c.flow_seed,
+            (true, None) => {
+                log::warn!(
+                    "the pinned {MAP_FLOWS_V4} was created by an earlier build: its bucket hash stays unkeyed until `enforcer cleanup` or a reboot"
+                );
+                FlowSeed::UNKEYED
+            }
+            (false, _) => random_seed()?,
+        };
         let mut loader = EbpfLoader::new();
         for name in PINNED_MAPS {
             loader.map_pin_path(name, maps_dir.join(name));
@@ -283,6 +369,8 @@ impl Datapath {
         loader
             .override_global("FLOW_BUCKETS", &buckets, true)
             .override_global("PEER_BUCKETS", &peer_buckets, true)
+            .override_global("FLOW_SEED", &seed, true)
+            .map_max_entries(MAP_FLOW_COUNTS, flow_counts)
             .map_max_entries(MAP_PEER_SLOTS, peer_buckets)
             .map_max_entries(MAP_FLOWS_V4, buckets.max(1))
             .map_max_entries(MAP_ENDPOINTS, options.max_endpoints)
@@ -372,9 +460,24 @@ impl Datapath {
             let fd = std::os::fd::AsFd::as_fd(data.fd())
                 .try_clone_to_owned()
                 .with_context(|| format!("duplicating the descriptor of {MAP_FLOWS_V4}"))?;
-            Some(flows::FlowTable::new(fd, buckets))
+            Some(flows::FlowTable::new(fd, buckets, seed))
         } else {
             None
+        };
+        let counts_map = take(&mut ebpf, MAP_FLOW_COUNTS)?;
+        let Map::Array(counts_data) = &counts_map else {
+            bail!("map {MAP_FLOW_COUNTS} is not an array");
+        };
+        let counts = std::sync::Arc::new(conntrack::FlowCounts::map(
+            std::os::fd::AsFd::as_fd(counts_data.fd()),
+            flow_counts,
+        )?);
+        let config_map = take(&mut ebpf, MAP_CONFIG)?;
+        let config_fd = match &config_map {
+            Map::Array(d) => std::os::fd::AsFd::as_fd(d.fd())
+                .try_clone_to_owned()
+                .with_context(|| format!("duplicating the descriptor of {MAP_CONFIG}"))?,
+            _ => bail!("map {MAP_CONFIG} is not an array"),
         };
         let counter = match (second_fd(&ct_v4), second_fd(&ct_v6)) {
             (Some(v4), Some(v6)) => Some(ConntrackCounter {
@@ -384,10 +487,13 @@ impl Datapath {
                 },
                 v4,
                 v6,
+                config: config_fd,
+                counts: std::sync::Arc::clone(&counts),
             }),
             _ => None,
         };
         let conntrack = Conntrack {
+            counts,
             flows,
             v4: HashTable::new(MAP_CONNTRACK_V4, HashMap::try_from(ct_v4)?),
             v6: HashTable::new(MAP_CONNTRACK_V6, HashMap::try_from(ct_v6)?),
@@ -403,7 +509,7 @@ impl Datapath {
         let events = EventReader {
             ring: RingBuf::try_from(take(&mut ebpf, MAP_EVENTS)?).context("map EVENTS")?,
         };
-        let config = Array::try_from(take(&mut ebpf, MAP_CONFIG)?).context("map CONFIG")?;
+        let config = Array::try_from(config_map).context("map CONFIG")?;
 
         let tcx = options.attach.uses_tcx();
         log::debug!(
@@ -436,6 +542,7 @@ impl Datapath {
             counters,
             events: Some(events),
             config,
+            seed,
         };
         let cfg = dp.options.config();
         dp.set_config(&cfg)?;
@@ -455,6 +562,7 @@ impl Datapath {
     /// Writes the global settings (with [`CONFIG_CT_LRU_ALL`] while it is due).
     pub fn set_config(&mut self, config: &Config) -> Result<()> {
         let mut config = *config;
+        config.flow_seed = self.seed;
         if self.lru_all {
             config.flags |= CONFIG_CT_LRU_ALL;
         }

@@ -116,13 +116,14 @@ pub(super) fn not_found(e: &MapError) -> bool {
     matches!(e, MapError::KeyNotFound | MapError::ElementNotFound)
 }
 
-/// Entries of the hash map `fd` (keys of `key_size`, values of `value_size` bytes), read in
-/// batches. A snapshot only in the loose sense of any walk: entries may come and go meanwhile.
-pub(super) fn count_batched(
+/// Runs `f` on every entry of the hash map `fd` (keys `K`, values `V` of the map's sizes), read
+/// in batches; returns how many. A snapshot only in the loose sense of any walk: entries may
+/// come and go meanwhile.
+pub(super) fn for_each_batched<K: aya::Pod, V: aya::Pod>(
     fd: std::os::fd::BorrowedFd<'_>,
-    key_size: usize,
-    value_size: usize,
+    mut f: impl FnMut(&K, &V),
 ) -> std::io::Result<usize> {
+    let (key_size, value_size) = (size_of::<K>(), size_of::<V>());
     let mut batch = BATCH as usize;
     let mut keys = vec![0u8; batch * key_size];
     let mut values = vec![0u8; batch * value_size];
@@ -132,6 +133,19 @@ pub(super) fn count_batched(
         match lookup_batch(fd, resume, &mut keys, key_size, &mut values, value_size) {
             Ok((n, next)) => {
                 total += n;
+                let found = keys
+                    .chunks_exact(key_size)
+                    .zip(values.chunks_exact(value_size));
+                for (k, v) in found.take(n) {
+                    // SAFETY: K and V are plain old data of exactly these sizes.
+                    let (k, v): (K, V) = unsafe {
+                        (
+                            std::ptr::read_unaligned(k.as_ptr().cast()),
+                            std::ptr::read_unaligned(v.as_ptr().cast()),
+                        )
+                    };
+                    f(&k, &v);
+                }
                 match next {
                     Some(at) => resume = Some(at),
                     None => return Ok(total),

@@ -21,8 +21,9 @@ async fn readyz(State(s): State<Arc<Status>>) -> impl IntoResponse {
 
 /// `/readyz`: the body names the input version programmed, so a client that just changed the
 /// input can wait for exactly its change. Lines before it name the refused policies (enforced as
-/// isolation: ready all the same) and, when not ready, what is not programmed (pods denied for
-/// want of room in a map); the `generation=` line stays last.
+/// isolation: ready all the same) and, when not ready, the pods not enforced at all (their own
+/// interface not found) and what is not programmed (pods denied for want of room in a map); the
+/// `generation=` line stays last.
 fn readiness(s: &Status) -> (StatusCode, String) {
     let generation = s.programmed.load(Ordering::Relaxed);
     let mut body = String::new();
@@ -35,6 +36,11 @@ fn readiness(s: &Status) -> (StatusCode, String) {
         body.push_str(&format!("ready generation={generation}\n"));
         (StatusCode::OK, body)
     } else {
+        for line in s.not_enforced() {
+            body.push_str("not enforced: ");
+            body.push_str(&line);
+            body.push('\n');
+        }
         for line in s.not_programmed() {
             body.push_str("not programmed: ");
             body.push_str(&line);

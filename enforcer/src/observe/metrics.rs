@@ -72,7 +72,18 @@ pub struct Programming {
     pub unprogrammed: BTreeMap<String, u64>,
     /// Per map: entries needed that it does not hold.
     pub missing: BTreeMap<String, u64>,
+    /// (pod, reason, why) of the local pods without programs (their own interface not found, or
+    /// found where programs must not go), at most [`NAMED_UNPROGRAMMED`]; reason is one of
+    /// [`NOT_ENFORCED_REASONS`].
+    pub not_enforced: Vec<(String, String, String)>,
+    /// Per reason: local pods without programs.
+    pub not_enforced_by_reason: BTreeMap<String, u64>,
 }
+
+/// Why a local pod has no programs, as `/metrics` labels it: its own interface is not found
+/// (yet); its address leads to an interface that is not its own veth (a bridge, an uplink, a
+/// device shared by several pods); the attach failed.
+pub const NOT_ENFORCED_REASONS: [&str; 3] = ["no-interface", "not-own-veth", "attach-failed"];
 
 /// Appends more metrics to a /metrics page.
 pub type Renderer = Arc<dyn Fn(&mut String) + Send + Sync>;
@@ -189,6 +200,20 @@ impl Status {
         self.inner
             .lock()
             .map(|i| i.refused.clone())
+            .unwrap_or_default()
+    }
+
+    /// The local pods without programs, one line each (for `/readyz`).
+    pub fn not_enforced(&self) -> Vec<String> {
+        self.inner
+            .lock()
+            .map(|i| {
+                i.programming
+                    .not_enforced
+                    .iter()
+                    .map(|(pod, _, why)| format!("{pod}: {why}"))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -375,6 +400,31 @@ impl Status {
             "counter",
             &i.map_full,
         );
+        let _ = writeln!(
+            o,
+            "# HELP enforcer_pods_not_enforced Local pods without programs, by reason: their traffic is not filtered on this node\n# TYPE enforcer_pods_not_enforced gauge"
+        );
+        for r in NOT_ENFORCED_REASONS {
+            let n = i
+                .programming
+                .not_enforced_by_reason
+                .get(r)
+                .copied()
+                .unwrap_or(0);
+            let _ = writeln!(o, "enforcer_pods_not_enforced{{reason=\"{r}\"}} {n}");
+        }
+        if !i.programming.not_enforced.is_empty() {
+            let _ = writeln!(
+                o,
+                "# HELP enforcer_pod_not_enforced Local pods without programs (see /readyz for why)\n# TYPE enforcer_pod_not_enforced gauge"
+            );
+            for (pod, reason, _) in &i.programming.not_enforced {
+                let _ = writeln!(
+                    o,
+                    "enforcer_pod_not_enforced{{pod=\"{pod}\",reason=\"{reason}\"}} 1"
+                );
+            }
+        }
         if !i.programming.pods.is_empty() {
             let _ = writeln!(
                 o,
@@ -448,6 +498,8 @@ mod tests {
             pods: vec![("x/c".into(), "POLICY".into(), "ingress".into())],
             unprogrammed: BTreeMap::from([("POLICY".into(), 1)]),
             missing: BTreeMap::from([("POLICY".into(), 2)]),
+            not_enforced: vec![("x/d".into(), "not-own-veth".into(), "cni0".into())],
+            not_enforced_by_reason: BTreeMap::from([("not-own-veth".into(), 1)]),
         };
         s.set_programming(p.clone());
         s.set_programming(p);
@@ -458,6 +510,9 @@ mod tests {
             "enforcer_map_full_total{map=\"POLICY\"} 2",
             "enforcer_map_full_total{map=\"ENDPOINTS\"} 0",
             "enforcer_pod_unprogrammed{pod=\"x/c\",map=\"POLICY\",direction=\"ingress\"} 1",
+            "enforcer_pod_not_enforced{pod=\"x/d\",reason=\"not-own-veth\"} 1",
+            "enforcer_pods_not_enforced{reason=\"not-own-veth\"} 1",
+            "enforcer_pods_not_enforced{reason=\"no-interface\"} 0",
             "enforcer_packets_total{verdict=\"dropped\",reason=\"unprogrammed\"} 0",
         ] {
             assert!(t.lines().any(|l| l == line), "{line} in {t}");

@@ -185,4 +185,8 @@ impl Routes for FakeRoutes {
     fn ifindex_for(&self, ip: IpAddr) -> Result<Option<u32>> {
         Ok(self.0.get(&ip).copied())
     }
+    /// The interfaces of the table exist; no other does.
+    fn exists(&self, ifindex: u32) -> bool {
+        self.0.values().any(|i| *i == ifindex)
+    }
 }

@@ -39,7 +39,7 @@ pub mod restore;
 pub mod seam;
 
 pub use restore::read_pinned;
-pub use seam::{DatapathMaps, MapName, MapTable, Routes};
+pub use seam::{DatapathMaps, Located, MapName, MapTable, Routes};
 
 use std::{
     collections::{BTreeMap, BTreeSet, hash_map::DefaultHasher},
@@ -50,7 +50,8 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use enforcer_common::{
-    DIR_EGRESS, DIR_INGRESS, EndpointInfo, IDENTITY_HOST, PeerInfo, PolicyKey, PolicyValue,
+    DIR_EGRESS, DIR_INGRESS, EP_HAS_V4, EP_HAS_V6, EndpointInfo, IDENTITY_HOST, PeerInfo,
+    PolicyKey, PolicyValue,
 };
 
 use enforcer_policy::state::{DesiredState, PodRef, Prefix};
@@ -100,10 +101,17 @@ impl fmt::Display for Unprogrammed {
 /// What one reconcile did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Report {
-    /// Pods whose host interface was not found (yet): retried on the next reconcile.
-    pub pending: Vec<PodRef>,
-    /// Pods that could not be attached, with the error.
+    /// Pods whose own host interface was not found (yet), and why: not enforced, retried on
+    /// the next reconcile.
+    pub pending: Vec<(PodRef, String)>,
+    /// Pods that could not be attached, with the error: their address leads to an interface
+    /// that is not their own veth (never attached to), an interface another pod has, or the
+    /// attach failed. Not enforced; retried on the next reconcile.
     pub failed: Vec<(PodRef, String)>,
+    /// Pods whose interface could not be found now but which keep the interface they were
+    /// attached to (it still exists): their programs and entries stay (a route gone for a
+    /// moment, as during a CNI restart, must not open them). With the interface and why.
+    pub kept: Vec<(PodRef, u32, String)>,
     pub attached: Vec<u32>,
     pub detached: Vec<u32>,
     pub written: usize,
@@ -181,6 +189,12 @@ pub struct Reconciler {
     shadow: Option<Shadow>,
     /// Per map: entries held and capacity, as of the last apply.
     fill: BTreeMap<MapName, (usize, Option<usize>)>,
+    /// The interface each pod had programs on after the last apply: it keeps it while the
+    /// interface exists, even when its route is gone for a moment.
+    bound: BTreeMap<PodRef, u32>,
+    /// After a restart, until the first apply: the interface of each address the pinned
+    /// `ENDPOINTS` entries name (what `bound` was in the previous process).
+    pinned_at: BTreeMap<IpAddr, u32>,
 }
 
 /// The map contents this process last wrote, keyed as in the kernel.
@@ -480,43 +494,108 @@ impl Tally {
     }
 }
 
-/// Finds the interface of a pod by its addresses and claims it in `owner`: `None` (and the pod
-/// pending or failed in `report`) when it has none yet or another pod has it.
-fn locate(
-    routes: &dyn Routes,
-    pod: &PodRef,
-    ips: &[IpAddr],
-    owner: &mut BTreeMap<u32, PodRef>,
-    report: &mut Report,
-) -> Result<Option<u32>> {
-    let mut ifindex = None;
+/// Why a pod has no interface this time: not found (yet), or found somewhere it must not be
+/// attached (`refused`).
+struct Unplaced {
+    why: String,
+    refused: bool,
+}
+
+/// Finds the own interface of a pod from its addresses (the first address that leads to one).
+fn locate(routes: &dyn Routes, pod: &PodRef, ips: &[IpAddr]) -> Result<Result<u32, Unplaced>> {
+    let mut why: Option<Unplaced> = None;
     for ip in ips {
-        if let Some(i) = routes
-            .ifindex_for(*ip)
-            .with_context(|| format!("route to {ip} of {pod}"))?
+        match routes
+            .locate(*ip)
+            .with_context(|| format!("the interface of {ip} of {pod}"))?
         {
-            ifindex = Some(i);
-            break;
+            Located::Found(i) => return Ok(Ok(i)),
+            Located::Unsupported(w) if why.as_ref().is_none_or(|u| !u.refused) => {
+                why = Some(Unplaced {
+                    why: w,
+                    refused: true,
+                });
+            }
+            Located::NotYet(w) if why.is_none() => {
+                why = Some(Unplaced {
+                    why: w,
+                    refused: false,
+                });
+            }
+            _ => {}
         }
     }
-    let Some(ifindex) = ifindex else {
-        report.pending.push(pod.clone());
-        return Ok(None);
-    };
-    if let Some(other) = owner.get(&ifindex) {
-        report.failed.push((
-            pod.clone(),
-            format!("interface {ifindex} is also the route of {other}"),
-        ));
-        return Ok(None);
-    }
-    owner.insert(ifindex, pod.clone());
-    Ok(Some(ifindex))
+    Ok(Err(why.unwrap_or(Unplaced {
+        why: "no address".into(),
+        refused: false,
+    })))
 }
 
 impl Reconciler {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The interface of each of `pods` (pod, addresses) whose own interface is found, or which
+    /// keeps the one it had: a pod is placed on the interface its addresses lead to
+    /// ([`Routes::locate`]) when no other pod's do; an interface several pods' addresses lead
+    /// to goes to none of them (a shared device), except to the pod that had it already. A pod
+    /// not placed so keeps the interface it had programs on while that still exists and no
+    /// other pod was placed there ([`Report::kept`]); else it is reported pending (not found
+    /// yet) or failed (found where it must not be attached).
+    fn place<'a>(
+        &self,
+        routes: &dyn Routes,
+        pods: impl Iterator<Item = (&'a PodRef, &'a [IpAddr])>,
+        report: &mut Report,
+    ) -> Result<BTreeMap<PodRef, u32>> {
+        let mut claims: BTreeMap<u32, Vec<(PodRef, &'a [IpAddr])>> = BTreeMap::new();
+        let mut lost: Vec<(PodRef, &'a [IpAddr], Unplaced)> = Vec::new();
+        for (pod, ips) in pods {
+            match locate(routes, pod, ips)? {
+                Ok(i) => claims.entry(i).or_default().push((pod.clone(), ips)),
+                Err(u) => lost.push((pod.clone(), ips, u)),
+            }
+        }
+        let mut placed: BTreeMap<PodRef, u32> = BTreeMap::new();
+        for (i, pods) in claims {
+            if let [(pod, _)] = pods.as_slice() {
+                placed.insert(pod.clone(), i);
+                continue;
+            }
+            let keeper = pods.iter().position(|(p, _)| self.bound.get(p) == Some(&i));
+            let names: Vec<String> = pods.iter().map(|(p, _)| p.to_string()).collect();
+            for (k, (pod, ips)) in pods.into_iter().enumerate() {
+                if Some(k) == keeper {
+                    placed.insert(pod, i);
+                } else {
+                    let why = format!(
+                        "interface {i} is where the addresses of several pods lead ({}): a shared device, not a pod's own veth",
+                        names.join(", ")
+                    );
+                    lost.push((pod, ips, Unplaced { why, refused: true }));
+                }
+            }
+        }
+        for (pod, ips, u) in lost {
+            let prior = self
+                .bound
+                .get(&pod)
+                .or_else(|| ips.iter().find_map(|ip| self.pinned_at.get(ip)))
+                .copied();
+            if let Some(i) = prior
+                && routes.exists(i)
+                && !placed.values().any(|p| *p == i)
+            {
+                placed.insert(pod.clone(), i);
+                report.kept.push((pod, i, u.why));
+            } else if u.refused {
+                report.failed.push((pod, u.why));
+            } else {
+                report.pending.push((pod, u.why));
+            }
+        }
+        Ok(placed)
     }
 
     /// Makes the next apply compare every entry with the kernel instead of the shadow.
@@ -577,15 +656,23 @@ impl Reconciler {
         let mut owner: BTreeMap<u32, PodRef> = BTreeMap::new();
         let mut bare: BTreeMap<u32, PodRef> = BTreeMap::new();
         let mut missing: BTreeMap<MapName, usize> = BTreeMap::new();
+        let pods = desired
+            .endpoints
+            .iter()
+            .map(|(pod, ep)| (pod, ep.ips.as_slice()))
+            .chain(unnumbered.iter().map(|(pod, ips)| (pod, ips.as_slice())));
+        let placed = self.place(routes, pods, &mut report)?;
         for (pod, ep) in &desired.endpoints {
-            if let Some(i) = locate(routes, pod, &ep.ips, &mut owner, &mut report)? {
-                wanted.insert(i, (pod, ep.info));
+            if let Some(i) = placed.get(pod) {
+                wanted.insert(*i, (pod, ep.info));
+                owner.insert(*i, pod.clone());
             }
         }
-        for (pod, ips) in unnumbered {
+        for (pod, _) in unnumbered {
             *missing.entry(MapName::Endpoints).or_default() += 1;
-            if let Some(i) = locate(routes, pod, ips, &mut owner, &mut report)? {
-                bare.insert(i, pod.clone());
+            if let Some(i) = placed.get(pod) {
+                bare.insert(*i, pod.clone());
+                owner.insert(*i, pod.clone());
                 report.unprogrammed(pod, MapName::Endpoints, BOTH);
             }
         }
@@ -839,18 +926,25 @@ impl Reconciler {
         // 2. Programs on new interfaces (their endpoint entry exists now, or they get none and
         //    drop everything).
         let attached = dp.attached().context("listing attached interfaces")?;
+        let mut bound = BTreeMap::new();
         for (ifindex, pod) in &owner {
             if attached.contains(ifindex) {
+                bound.insert(pod.clone(), *ifindex);
                 continue;
             }
             match dp.attach(*ifindex) {
-                Ok(()) => report.attached.push(*ifindex),
+                Ok(()) => {
+                    report.attached.push(*ifindex);
+                    bound.insert(pod.clone(), *ifindex);
+                }
                 Err(e) => report.failed.push((
                     pod.clone(),
                     format!("attaching to interface {ifindex}: {e:#}"),
                 )),
             }
         }
+        self.bound = bound;
+        self.pinned_at.clear();
 
         // 3. Removals, in reverse: programs off interfaces that are no longer pods, then entries.
         for ifindex in attached.iter().filter(|i| !owner.contains_key(i)) {
@@ -950,6 +1044,14 @@ impl Reconciler {
         for ifindex in table.keys().context("reading pinned ENDPOINTS")? {
             if let Some(info) = table.get(&ifindex)? {
                 self.epochs.insert(info.id, (info.epoch, 0));
+                if info.flags & EP_HAS_V4 != 0 {
+                    self.pinned_at
+                        .insert(IpAddr::from(Ipv4Addr::from(info.ipv4)), ifindex);
+                }
+                if info.flags & EP_HAS_V6 != 0 {
+                    self.pinned_at
+                        .insert(IpAddr::from(Ipv6Addr::from(info.ipv6)), ifindex);
+                }
             }
         }
         self.adopted = true;
@@ -1131,6 +1233,105 @@ mod tests {
             .unwrap();
         assert_eq!(rep.pending.len(), 2);
         assert!(!rep.complete());
+    }
+
+    /// Routes whose table changes under the reconciler, with interfaces that outlive their
+    /// routes.
+    struct Flaky {
+        routes: BTreeMap<IpAddr, u32>,
+        interfaces: BTreeSet<u32>,
+        refused: BTreeMap<IpAddr, String>,
+    }
+
+    impl Routes for Flaky {
+        fn ifindex_for(&self, ip: IpAddr) -> Result<Option<u32>> {
+            Ok(self.routes.get(&ip).copied())
+        }
+        fn locate(&self, ip: IpAddr) -> Result<Located> {
+            Ok(match (self.routes.get(&ip), self.refused.get(&ip)) {
+                (Some(i), _) => Located::Found(*i),
+                (None, Some(why)) => Located::Unsupported(why.clone()),
+                (None, None) => Located::NotYet(format!("no route to {ip}")),
+            })
+        }
+        fn exists(&self, ifindex: u32) -> bool {
+            self.interfaces.contains(&ifindex)
+        }
+    }
+
+    #[test]
+    fn a_pod_whose_route_is_gone_keeps_its_interface_while_it_exists() {
+        let mut dp = FakeDatapath::default();
+        let mut r = Reconciler::new();
+        let mut net = Flaky {
+            routes: routes().0,
+            interfaces: BTreeSet::from([11, 12]),
+            refused: BTreeMap::new(),
+        };
+        r.apply(&state(80, true), &mut dp, &net).unwrap();
+        let before = dp.endpoints.entries.clone();
+        // The route of pod 1 goes (a CNI restart): programs and entries stay, said as kept.
+        net.routes.remove(&"10.0.0.1".parse().unwrap());
+        let rep = r.apply(&state(80, true), &mut dp, &net).unwrap();
+        assert!(rep.complete(), "{rep:?}");
+        assert_eq!(rep.kept.len(), 1);
+        assert_eq!(rep.kept[0].1, 11);
+        assert!(rep.detached.is_empty());
+        assert_eq!(dp.links, BTreeSet::from([11, 12]));
+        assert_eq!(dp.endpoints.entries, before, "entries and epochs unchanged");
+        // A restarted agent keeps it too (from the pinned entry's address).
+        let mut r = Reconciler::new();
+        let rep = r.apply(&state(80, true), &mut dp, &net).unwrap();
+        assert_eq!((rep.kept.len(), rep.detached.len()), (1, 0));
+        // Back: found again, nothing written.
+        net.routes = routes().0;
+        let rep = r.apply(&state(80, true), &mut dp, &net).unwrap();
+        assert!(rep.kept.is_empty() && rep.written == 0);
+        // The interface goes too: detached, pending.
+        net.routes.remove(&"10.0.0.1".parse().unwrap());
+        net.interfaces.remove(&11);
+        let rep = r.apply(&state(80, true), &mut dp, &net).unwrap();
+        assert_eq!(rep.detached, [11]);
+        assert_eq!(rep.pending.len(), 1);
+        assert!(!rep.complete());
+    }
+
+    #[test]
+    fn an_interface_several_pods_lead_to_goes_to_none_and_refusals_are_failures() {
+        let mut dp = FakeDatapath::default();
+        let mut r = Reconciler::new();
+        let mut net = Flaky {
+            routes: BTreeMap::from([
+                ("10.0.0.1".parse().unwrap(), 11),
+                ("10.0.0.2".parse().unwrap(), 11),
+            ]),
+            interfaces: BTreeSet::from([11]),
+            refused: BTreeMap::new(),
+        };
+        let rep = r.apply(&state(80, true), &mut dp, &net).unwrap();
+        assert!(
+            dp.links.is_empty(),
+            "a shared device gets no pod's programs"
+        );
+        assert_eq!(rep.failed.len(), 2);
+        assert!(rep.failed[0].1.contains("shared device"), "{rep:?}");
+        // A refused layout is a failure with its reason, not a pending pod.
+        net.routes.clear();
+        net.refused
+            .insert("10.0.0.1".parse().unwrap(), "cni0 (a bridge)".into());
+        let rep = r.apply(&state(80, true), &mut dp, &net).unwrap();
+        assert_eq!(rep.failed.len(), 1);
+        assert_eq!(rep.failed[0].1, "cni0 (a bridge)");
+        assert_eq!(rep.pending.len(), 1);
+        // Once a pod has its interface, another pod's address leading there does not take it.
+        net.refused.clear();
+        net.routes = routes().0;
+        r.apply(&state(80, true), &mut dp, &net).unwrap();
+        net.routes.insert("10.0.0.2".parse().unwrap(), 11);
+        net.interfaces.insert(12);
+        let rep = r.apply(&state(80, true), &mut dp, &net).unwrap();
+        assert_eq!(dp.links, BTreeSet::from([11, 12]), "{rep:?}");
+        assert!(rep.failed.is_empty() && rep.kept.len() == 1, "{rep:?}");
     }
 
     /// One write the reconciler made, as the program would see it take effect.
@@ -1677,7 +1878,13 @@ mod tests {
             rep.unprogrammed,
             [both(3, MapName::Endpoints), both(5, MapName::Endpoints)]
         );
-        assert_eq!(rep.pending, [pod_ref(6)]);
+        assert_eq!(
+            rep.pending
+                .iter()
+                .map(|(p, _)| p.clone())
+                .collect::<Vec<_>>(),
+            [pod_ref(6)]
+        );
         assert_eq!(rep.missing, BTreeMap::from([(MapName::Endpoints, 3)]));
         assert_eq!(
             dp.links,

@@ -88,7 +88,33 @@ pub trait DatapathMaps {
     /// Drop the conntrack and fragment entries of an endpoint id that is going away.
     fn forget_flows(&mut self, endpoint_id: u32) -> Result<()>;
 }
-/// Resolves an address to the ifindex of the interface the node routes it to.
+/// Where a pod's own host-side interface is, as the node's network says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Located {
+    /// The pod's own veth.
+    Found(u32),
+    /// Not found yet (no route yet, a MAC address not resolved yet); retried.
+    NotYet(String),
+    /// The address leads to an interface that is not a pod's own veth (a bridge, an uplink, a
+    /// device of another kind, a route shared by several addresses): never attached to; retried.
+    Unsupported(String),
+}
+
+/// Resolves a pod's address to its own host-side interface.
 pub trait Routes {
+    /// The ifindex of the interface the node routes `ip` to.
     fn ifindex_for(&self, ip: IpAddr) -> Result<Option<u32>>;
+    /// The pod's own interface for `ip`, or why there is none.
+    fn locate(&self, ip: IpAddr) -> Result<Located> {
+        Ok(match self.ifindex_for(ip)? {
+            Some(i) => Located::Found(i),
+            None => Located::NotYet(format!("no route to {ip}")),
+        })
+    }
+    /// Whether `ifindex` still exists as a pod's veth: a pod keeps the interface it was attached
+    /// to while its route (or neighbour entry) is briefly gone, as during a CNI restart.
+    fn exists(&self, ifindex: u32) -> bool {
+        let _ = ifindex;
+        false
+    }
 }
