@@ -2,6 +2,7 @@
 //! clone needs no manual step.
 
 mod bench;
+mod fuzz;
 mod kind_e2e;
 mod setup;
 
@@ -32,6 +33,19 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The frame property test, longer than CI runs it (needs root): random and mutated frames
+    /// through the real programs against the model of what policy allows (docs/testing.md).
+    Fuzz {
+        /// How many cases (sequences of frames).
+        #[arg(long, default_value_t = 200_000)]
+        cases: u64,
+        /// The seed (default: from the clock; printed, and a failure names it).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Do not tolerate the programs' known deviations from the model.
+        #[arg(long)]
+        strict: bool,
+    },
     /// The demo: pods in network namespaces, the real agent, real policy, real drops.
     Demo,
     /// Build the image, deploy to a kind cluster and check enforcement there (needs Docker,
@@ -59,6 +73,11 @@ fn main() -> Result<()> {
                 .args(test_args(&args));
             status(cmd, "cargo test")
         }
+        Task::Fuzz {
+            cases,
+            seed,
+            strict,
+        } => fuzz::fuzz(cases, seed, strict),
         Task::KindE2e => kind_e2e::kind_e2e(),
         Task::Bench { args } => bench::bench(&args),
         Task::Demo => {
