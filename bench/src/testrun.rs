@@ -24,6 +24,7 @@ use enforcer_common::{
     PeerInfo, PolicyKey, PolicyValue, REASON_NAMES, reason,
 };
 use enforcer_policy::state::Prefix;
+use enforcer_testkit::netns::ifindex;
 use serde::Serialize;
 
 /// Settings of this part.
@@ -652,16 +653,6 @@ fn ip(args: &[&str]) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn ifindex(name: &str) -> Result<u32> {
-    let c = std::ffi::CString::new(name)?;
-    // SAFETY: valid NUL-terminated name.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if i == 0 {
-        bail!("no interface {name}");
-    }
-    Ok(i)
 }
 
 fn median(v: &mut [f64]) -> f64 {

@@ -45,6 +45,17 @@ pub fn ip(args: &[&str]) -> Result<()> {
     run("ip", args)
 }
 
+/// The ifindex of the interface `name` in the calling thread's network namespace.
+pub fn ifindex(name: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(name)?;
+    // SAFETY: a valid NUL-terminated name.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if i == 0 {
+        bail!("no interface {name}");
+    }
+    Ok(i)
+}
+
 /// Runs a command, failing with its stderr.
 pub fn run(cmd: &str, args: &[&str]) -> Result<()> {
     let out = Command::new(cmd)

@@ -249,20 +249,11 @@ const EP_B: u32 = 2;
 const EP_C: u32 = 3;
 
 fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("running ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    enforcer_testkit::netns::ip(args).unwrap();
 }
 
 fn ifindex(name: &str) -> u32 {
-    let c = std::ffi::CString::new(name).unwrap();
-    // SAFETY: valid NUL-terminated name.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    assert!(i > 1, "no interface {name}");
-    i
+    enforcer_testkit::netns::ifindex(name).unwrap()
 }
 
 struct Harness {

@@ -34,7 +34,6 @@ use std::{
     fmt::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
-    process::Command,
     time::Instant,
 };
 
@@ -2477,20 +2476,11 @@ struct Bed {
 }
 
 fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("running ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    enforcer_testkit::netns::ip(args).unwrap();
 }
 
 fn ifindex(name: &str) -> u32 {
-    let c = std::ffi::CString::new(name).unwrap();
-    // SAFETY: a valid NUL-terminated name.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    assert!(i > 1, "no interface {name}");
-    i
+    enforcer_testkit::netns::ifindex(name).unwrap()
 }
 
 impl Bed {
