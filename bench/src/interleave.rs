@@ -50,7 +50,7 @@ impl Switch {
                 let prog = linked_prog(&link_pin(pin, v, hook))?;
                 let attach_type = match hook {
                     Hook::Ingress => BPF_TCX_INGRESS,
-                    Hook::Egress => BPF_TCX_EGRESS,
+                    Hook::Egress | Hook::Exit => BPF_TCX_EGRESS,
                 };
                 ours.push((v, attach_type, prog));
             }

@@ -58,12 +58,41 @@ pub const MAP_PEER_SLOTS: &str = "PEER_SLOTS";
 /// Mmapable array of [`FlowCount`], indexed by endpoint id: the flows each endpoint holds.
 pub const MAP_FLOW_COUNTS: &str = "FLOW_COUNTS";
 
+/// [`NodePortKey`] -> u32 (1): the node ports of the cluster's Services. A pod's new flow to a
+/// node address on one of them is deferred like one to a Service frontend (kube-proxy DNATs
+/// it to a backend after `from_pod`).
+pub const MAP_NODE_PORTS: &str = "NODE_PORTS";
+/// Array of [`DEFERRED_SLOTS`] [`Deferred`]: the original tuple of each packet `from_pod`
+/// deferred to a Service's backend, indexed by the slot number the packet carries in the bits
+/// [`SERVICE_MARK_MASK`] of its mark, for the program that judges it after kube-proxy's
+/// translation.
+pub const MAP_DEFERRED: &str = "DEFERRED";
+/// LRU [`CtKey`] -> [`ServiceBackend`]: the backend kube-proxy chose for each Service flow a
+/// pod opened, as the program that judged it after translation saw it; the epoch re-check of
+/// a reply (which arrives un-NATed, from the frontend) judges the flow against it.
+pub const MAP_SERVICE_FLOWS: &str = "SERVICE_FLOWS";
+/// Program array: [`SVC_PROG_JUDGE`] and [`SVC_PROG_TO_POD`], for the tail calls between
+/// `to_pod` and the program that judges a deferred packet.
+pub const MAP_SVC_PROGS: &str = "SVC_PROGS";
+/// Index of `svc_pod` in [`MAP_SVC_PROGS`].
+pub const SVC_PROG_JUDGE: u32 = 0;
+/// Index of `to_pod` in [`MAP_SVC_PROGS`].
+pub const SVC_PROG_TO_POD: u32 = 1;
+
 /// Name of the program attached to the TC ingress hook of a host-side veth, i.e. what the pod
 /// sends (pod egress).
 pub const PROG_FROM_POD: &str = "from_pod";
 /// Name of the program attached to the TC egress hook of a host-side veth, i.e. what the pod
 /// receives (pod ingress).
 pub const PROG_TO_POD: &str = "to_pod";
+/// Name of the program `to_pod` tail-calls for a packet `from_pod` deferred (see
+/// [`MAP_DEFERRED`]): it judges the sending pod's egress on the translated destination, then
+/// tail-calls `to_pod` for the receiving pod's ingress.
+pub const PROG_SVC_POD: &str = "svc_pod";
+/// Name of the program attached to the TC egress hook of the node's other interfaces (uplinks,
+/// tunnels, bridges): it judges a deferred packet that leaves the node (a Service backend on
+/// another node) and lets every other packet through untouched.
+pub const PROG_SVC_EXIT: &str = "svc_exit";
 
 // ---------------------------------------------------------------------------------------------
 // Default sizes (the agent's flags override them at load time).
@@ -76,6 +105,18 @@ pub const DEFAULT_POLICY_SIZE: u32 = 262_144;
 pub const DEFAULT_CONNTRACK_SIZE: u32 = 262_144;
 pub const DEFAULT_FRAGMENTS_SIZE: u32 = 8_192;
 pub const DEFAULT_EVENTS_BYTES: u32 = 1 << 20;
+pub const DEFAULT_NODE_PORTS_SIZE: u32 = 16_384;
+pub const DEFAULT_SERVICE_FLOWS_SIZE: u32 = 65_536;
+/// Slots of [`MAP_DEFERRED`]: every value of the 16 mark bits (0 = nothing deferred).
+pub const DEFERRED_SLOTS: u32 = 1 << 16;
+/// The bits of the packet mark (`skb->mark`) that carry a deferred packet's slot from
+/// `from_pod` to the judge after the translation: the mark is the one field the kernel keeps
+/// from a veth's TC ingress through netfilter and routing to the TC egress of the device the
+/// packet leaves by (`tc_index` is not kept), and nothing a pod sets reaches past its veth
+/// (the mark is cleared when a packet changes network namespace). kube-proxy uses bits 14 and
+/// 15 (0x4000 masquerade, 0x8000 drop); these must not be used by other software on the node.
+pub const SERVICE_MARK_MASK: u32 = 0xffff_0000;
+pub const SERVICE_MARK_SHIFT: u32 = 16;
 
 // ---------------------------------------------------------------------------------------------
 // Directions, families, protocols.
@@ -106,6 +147,11 @@ pub const IDENTITY_ANY: u32 = 0;
 pub const IDENTITY_HOST: u32 = 1;
 /// An address that is neither a known pod nor inside any ipBlock of any policy.
 pub const IDENTITY_WORLD: u32 = 2;
+/// A Service frontend address (ClusterIP, external IP, load-balancer IP). kube-proxy DNATs what
+/// a pod sends there after `from_pod` has seen it, so a new egress flow of an egress-isolated
+/// pod to it is deferred: judged on the backend by the program on the interface it leaves by
+/// (see [`MAP_DEFERRED`]). No policy entry names this identity.
+pub const IDENTITY_SERVICE: u32 = 3;
 /// First identity the compiler hands out.
 pub const IDENTITY_FIRST_ALLOCATED: u32 = 256;
 
@@ -449,6 +495,15 @@ pub const CT_RST: u32 = 1 << 6;
 /// The TCP state bits, cleared when the originator opens the flow again with a SYN (a new
 /// connection on the same ports).
 pub const CT_TCP_STATE: u32 = CT_REPLIED | CT_FIN_A | CT_FIN_B | CT_RST;
+/// An egress flow of the pod to a Service frontend (or a node port), keyed by its original
+/// (untranslated) tuple. Until the program after kube-proxy's translation judged it, its rule
+/// is 0: each packet the pod sends is deferred again, and what comes back is allowed (a
+/// backend on the node itself is never judged there: traffic to the node is allowed). Judged,
+/// it holds the allowing rule ([`RULE_IMPLICIT`] when none was needed) or is revoked.
+pub const CT_SERVICE: u32 = 1 << 7;
+/// The rule of a Service flow allowed without a policy rule (its backend is the pod itself or
+/// a node): marks the flow as judged.
+pub const RULE_IMPLICIT: u32 = u32::MAX;
 
 /// TCP header flags, as in byte 13 of the header.
 pub const TCP_FIN: u8 = 0x01;
@@ -709,6 +764,64 @@ pub struct FragValue {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Services: egress judged after kube-proxy's translation.
+// ---------------------------------------------------------------------------------------------
+
+/// A node port of a Service ([`MAP_NODE_PORTS`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodePortKey {
+    pub protocol: u8,
+    pub _pad: u8,
+    /// Host byte order.
+    pub port: u16,
+}
+
+/// What `from_pod` knew of a packet it deferred ([`MAP_DEFERRED`]): the original tuple (ports
+/// in host order, IPv4 in the first 4 bytes), the sending pod's veth and when. The judging
+/// program trusts a slot only for a packet of the same protocol, from the same source address
+/// and port (or from a node address: kube-proxy masquerades hairpin and node-port traffic),
+/// written within [`DEFERRED_TTL_NS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Deferred {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u8,
+    pub protocol: u8,
+    pub _pad: u16,
+    /// ifindex of the sending pod's host-side veth (its [`MAP_ENDPOINTS`] key).
+    pub ifindex: u32,
+    pub _pad2: u32,
+    /// `bpf_ktime_get_coarse_ns` when written.
+    pub stamp_ns: u64,
+}
+
+/// How long a [`Deferred`] slot stays valid: the packet crosses the node's stack in
+/// microseconds, unless it waits for its next hop's address resolution (up to about a second
+/// per probe on the kernel's defaults).
+pub const DEFERRED_TTL_NS: u64 = 3_000_000_000;
+
+/// The slot of [`MAP_DEFERRED`] (1..=65535, never 0) for a packet's original tuple: a keyed hash, so that
+/// a pod cannot aim its packets at another pod's slots.
+#[inline(always)]
+pub const fn deferred_slot(h: u32) -> u32 {
+    (h % (DEFERRED_SLOTS - 1)) + 1
+}
+
+/// The backend a Service flow was translated to ([`MAP_SERVICE_FLOWS`]); port in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceBackend {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub _pad: u16,
+    pub _pad2: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
 // Verdicts, counters and events.
 // ---------------------------------------------------------------------------------------------
 
@@ -763,9 +876,23 @@ pub mod reason {
     /// (`--ct-max-flows-per-endpoint`): one pod's flood cannot take the conntrack room the
     /// other pods' flows need.
     pub const DROP_FLOW_LIMIT: u8 = 19;
+    /// A packet of an egress-isolated pod to a Service frontend (or a node port), let on to
+    /// kube-proxy's translation: the program on the interface it leaves by judges it on its
+    /// backend (counted there as allowed or dropped by policy). An allow (numbered after the
+    /// drops because reasons never move).
+    pub const ALLOW_SERVICE: u8 = 20;
+    /// A deferred packet whose original destination could not be found again after the
+    /// translation (its slot was taken by another packet meanwhile): fail closed.
+    pub const DROP_UNRESOLVED: u8 = 21;
 }
 pub const REASON_FIRST_DROP: u8 = reason::DROP_POLICY;
-pub const REASON_COUNT: u32 = 20;
+pub const REASON_COUNT: u32 = 22;
+
+/// Whether `reason` drops the packet.
+#[inline(always)]
+pub const fn is_drop_reason(reason: u8) -> bool {
+    reason >= REASON_FIRST_DROP && reason != reason::ALLOW_SERVICE
+}
 
 /// Short, stable names of the reasons (metrics labels, flow log).
 pub const REASON_NAMES: [&str; REASON_COUNT as usize] = [
@@ -789,6 +916,8 @@ pub const REASON_NAMES: [&str; REASON_COUNT as usize] = [
     "vlan",
     "unprogrammed",
     "flow-limit",
+    "service",
+    "unresolved",
 ];
 
 /// Packets and bytes, per CPU.
@@ -875,7 +1004,10 @@ pub const fn ct_timeout(cfg: &Config, proto: u8, flags: u32) -> u64 {
     if proto != PROTO_TCP || flags & CT_REVOKED != 0 {
         or(cfg.ct_timeout_other_ns, DEFAULT_CT_TIMEOUT_OTHER_NS)
     } else if flags & CT_RST != 0 || flags & (CT_FIN_A | CT_FIN_B) == CT_FIN_A | CT_FIN_B {
-        or(cfg.ct_timeout_tcp_closed_ns, DEFAULT_CT_TIMEOUT_TCP_CLOSED_NS)
+        or(
+            cfg.ct_timeout_tcp_closed_ns,
+            DEFAULT_CT_TIMEOUT_TCP_CLOSED_NS,
+        )
     } else if flags & CT_REPLIED == 0 {
         or(cfg.ct_timeout_tcp_syn_ns, DEFAULT_CT_TIMEOUT_TCP_SYN_NS)
     } else {
@@ -912,6 +1044,9 @@ const _: () = {
     assert!(size_of::<CtValue>() == 24);
     assert!(size_of::<FragKey>() == 44);
     assert!(size_of::<FragValue>() == 16);
+    assert!(size_of::<NodePortKey>() == 4);
+    assert!(size_of::<Deferred>() == 56);
+    assert!(size_of::<ServiceBackend>() == 24);
     assert!(size_of::<Counter>() == 16);
     assert!(size_of::<VerdictEvent>() == 64);
     assert!(size_of::<Config>() == 56);
@@ -940,6 +1075,9 @@ mod pod_impls {
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragValue {}
+    unsafe impl aya::Pod for NodePortKey {}
+    unsafe impl aya::Pod for Deferred {}
+    unsafe impl aya::Pod for ServiceBackend {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for VerdictEvent {}
     unsafe impl aya::Pod for Config {}

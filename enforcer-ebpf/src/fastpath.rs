@@ -17,10 +17,10 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::programs::TcContext;
 use enforcer_common::{
-    CONFIG_CT_LRU_ALL, CONFIG_LOG_ALLOWED, CT_ORIGIN_A, CT_REVOKED, Config, CtKeyV4, DIR_EGRESS,
-    EP_EGRESS_ISOLATED, EP_HAS_V4, EP_INGRESS_ISOLATED, EndpointInfo, EndpointSlot, IDENTITY_ANY,
-    IDENTITY_HOST, PROTO_TCP, PROTO_UDP, endpoint_slot, flow_stamp, flow_stamp_ns, isolated_in,
-    reason, tcp_flags_after,
+    CONFIG_CT_LRU_ALL, CONFIG_LOG_ALLOWED, CT_ORIGIN_A, CT_REVOKED, CT_SERVICE, Config, CtKeyV4,
+    DIR_EGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_INGRESS_ISOLATED, EndpointInfo, EndpointSlot,
+    IDENTITY_ANY, IDENTITY_HOST, PROTO_TCP, PROTO_UDP, endpoint_slot, flow_stamp, flow_stamp_ns,
+    isolated_in, reason, tcp_flags_after,
 };
 
 use crate::{
@@ -187,8 +187,7 @@ pub fn established_v4(
     let mut tcp = 0;
     if proto == PROTO_TCP {
         // Data offset below 5 words is malformed there; it and the flags sit past MIN_LINEAR.
-        if data + ETH_HLEN + 20 + TCP_FLAGS_OFF + 1 > end || unsafe { *ip.add(20 + 12) } >> 4 < 5
-        {
+        if data + ETH_HLEN + 20 + TCP_FLAGS_OFF + 1 > end || unsafe { *ip.add(20 + 12) } >> 4 < 5 {
             return Fast::Other;
         }
         tcp = unsafe { *ip.add(20 + TCP_FLAGS_OFF) };
@@ -214,6 +213,7 @@ pub fn established_v4(
                 if snap.flags & CT_REVOKED != 0
                     || snap.epoch != ep.epoch
                     || moves_state(proto, tcp, snap.flags, src_is_a)
+                    || pending_service(dir, snap.flags, snap.rule)
                 {
                     return Fast::Other;
                 }
@@ -250,7 +250,10 @@ pub fn established_v4(
         );
     };
     let e = unsafe { &mut *e };
-    if e.flags & CT_REVOKED != 0 || e.epoch != ep.epoch || moves_state(proto, tcp, e.flags, src_is_a)
+    if e.flags & CT_REVOKED != 0
+        || e.epoch != ep.epoch
+        || moves_state(proto, tcp, e.flags, src_is_a)
+        || pending_service(dir, e.flags, e.rule)
     {
         return Fast::Other;
     }
@@ -268,6 +271,12 @@ pub fn established_v4(
     } else {
         reason::ALLOW_REPLY
     })
+}
+
+/// A packet the pod sends on a Service flow not judged yet: the full path defers it again.
+#[inline(always)]
+fn pending_service(dir: u8, flags: u32, rule: u32) -> bool {
+    dir == DIR_EGRESS && flags & CT_SERVICE != 0 && rule == 0
 }
 
 /// Whether a TCP packet with flags `tcp`, from end `a` when `src_is_a`, changes the state of
@@ -300,7 +309,15 @@ fn new_v4(
 ) -> Fast {
     known.ct_miss = true;
     known.peer = peer_identity_v4(peer.to_ne_bytes());
+    // A node port from an egress-isolated pod: the full path defers it (as a Service
+    // frontend, whose identity no policy entry names: denied here, deferred there).
     if known.peer == IDENTITY_HOST {
+        if dir == DIR_EGRESS
+            && isolated_in(ep.flags, DIR_EGRESS)
+            && crate::service::node_port(proto, dport)
+        {
+            return Fast::Missed;
+        }
         return Fast::Allowed(reason::ALLOW_HOST);
     }
     if !isolated_in(ep.flags, dir) || config_flags(cfg) & CONFIG_LOG_ALLOWED != 0 {

@@ -42,6 +42,13 @@ pub fn buckets() -> u32 {
     unsafe { read_volatile(&FLOW_BUCKETS) }
 }
 
+/// The key of the table's bucket hash (also keys the Service deferral slots).
+#[inline(always)]
+pub fn seed() -> FlowSeed {
+    // SAFETY: plain reads of a global the loader fills in.
+    unsafe { read_volatile(&FLOW_SEED) }
+}
+
 /// The bucket of `key` in a table of `n` buckets.
 #[inline(always)]
 fn bucket_of(key: &CtKeyV4, n: u32) -> u32 {

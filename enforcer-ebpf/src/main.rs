@@ -25,6 +25,7 @@ mod lookup;
 mod maps;
 mod mem;
 mod parse;
+mod service;
 mod verdict;
 
 use aya_ebpf::{
@@ -34,9 +35,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use enforcer_common::{
-    CONFIG_LOG_ALLOWED, CT_ORIGIN_A, CT_ORIGIN_EGRESS, CT_REVOKED, Config, DIR_EGRESS, DIR_INGRESS,
-    EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6, EP_INGRESS_ISOLATED, EndpointInfo, FAMILY_V4,
-    FragValue, IDENTITY_ANY, IDENTITY_HOST, PROTO_TCP, reason, tcp_flags_after,
+    CONFIG_LOG_ALLOWED, CT_ORIGIN_A, CT_ORIGIN_EGRESS, CT_REVOKED, CT_SERVICE, Config, DIR_EGRESS,
+    DIR_INGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6, EP_INGRESS_ISOLATED, EndpointInfo,
+    FAMILY_V4, FragValue, IDENTITY_ANY, IDENTITY_HOST, PROTO_TCP, RULE_IMPLICIT, SERVICE_MARK_MASK,
+    SVC_PROG_JUDGE, SVC_PROG_TO_POD, reason, tcp_flags_after,
 };
 
 use crate::{
@@ -46,12 +48,13 @@ use crate::{
     },
     fastpath::{Fast, FastEp, Known, established_v4, slot_endpoint},
     lookup::{peer_identity, policy_lookup},
-    maps::{CONFIG, ENDPOINTS, FRAGMENTS, SCRATCH, Scratch},
+    maps::{CONFIG, ENDPOINTS, FRAGMENTS, SCRATCH, SERVICE_FLOWS, SVC_PROGS, Scratch},
     parse::Inner,
     parse::{
         FRAG_FIRST, FRAG_LATER, L4_ICMP_ERROR, PARSED_ARP, PARSED_IP, PARSED_ND, PARSED_VLAN,
         Packet, parse, parse_inner, vlan_tagged,
     },
+    service::{Judged, defer, deferrable, service_key},
     verdict::{Verdict, count, emit},
 };
 
@@ -62,7 +65,36 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
+    // A packet `from_pod` deferred to a Service: its sender's egress is judged first.
+    if unsafe { (*ctx.skb.skb).mark } & SERVICE_MARK_MASK != 0 {
+        unsafe { SVC_PROGS.tail_call(&ctx, SVC_PROG_JUDGE) };
+        // No judge loaded: fail closed.
+        count(0, DIR_EGRESS, reason::DROP_UNRESOLVED, ctx.len());
+        return TC_ACT_SHOT;
+    }
     process(&ctx, DIR_INGRESS)
+}
+
+/// Tail-called by `to_pod` for a deferred packet: judges the sender's egress on the backend
+/// (this pod), then hands the packet back to `to_pod` for the pod's own ingress.
+#[classifier]
+pub fn svc_pod(ctx: TcContext) -> i32 {
+    if let Judged::Dropped = service::judge(&ctx) {
+        return TC_ACT_SHOT;
+    }
+    unsafe { SVC_PROGS.tail_call(&ctx, SVC_PROG_TO_POD) };
+    count(0, DIR_INGRESS, reason::DROP_UNRESOLVED, ctx.len());
+    TC_ACT_SHOT
+}
+
+/// On the node's other interfaces (TC egress): judges a deferred packet leaving the node (a
+/// backend elsewhere); every other packet goes on to the hook's next program untouched.
+#[classifier]
+pub fn svc_exit(ctx: TcContext) -> i32 {
+    match service::judge(&ctx) {
+        Judged::Dropped => TC_ACT_SHOT,
+        Judged::Allowed | Judged::NotDeferred => service::TC_ACT_UNSPEC,
+    }
 }
 
 /// Why a packet could not be judged normally; each maps to a drop reason.
@@ -153,7 +185,7 @@ fn process(ctx: &TcContext, direction: u8) -> i32 {
 /// plenty for idle timeouts of seconds to hours and cheaper than `bpf_ktime_get_ns` (no clock
 /// source read). Verdict events keep the precise clock.
 #[inline(always)]
-fn clock() -> u64 {
+pub(crate) fn clock() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
@@ -288,7 +320,13 @@ fn decide(
     }
 
     track(ctx, ep, s, dir, &mut v, now, fast, cfg, known)?;
-    if s.pkt.frag == FRAG_FIRST && !v.is_drop() && v.reason != reason::ALLOW_HOST {
+    // A deferred first fragment is judged after the translation, which reassembles: its later
+    // fragments find no entry and drop (fail closed).
+    if s.pkt.frag == FRAG_FIRST
+        && !v.is_drop()
+        && v.reason != reason::ALLOW_HOST
+        && v.reason != reason::ALLOW_SERVICE
+    {
         frag_key(&mut s.frag, ep.id, dir, &s.pkt);
         let value = FragValue {
             last_seen_ns: now,
@@ -389,6 +427,7 @@ fn track(
             } else {
                 reason::ALLOW_REPLY
             };
+            let service = e.flags & CT_SERVICE != 0;
             if e.epoch != ep.epoch {
                 // The policy changed since the flow was last allowed: re-check its original
                 // direction, peer and destination port.
@@ -412,12 +451,32 @@ fn track(
                 } else {
                     (pkt.dport, pkt.sport)
                 };
-                let oport = if odir == DIR_EGRESS {
+                let mut oport = if odir == DIR_EGRESS {
                     peer_port
                 } else {
                     pod_port
                 };
-                let rule = if ep.isolated(odir) {
+                // A Service flow is judged on its backend: a reply (from the frontend) by the
+                // backend the judge recorded; the pod's own packets, or a reply whose backend
+                // is not known, make the flow pending again (the pod's next packet is judged
+                // anew after the translation).
+                let mut judge = !service && ep.isolated(odir);
+                let mut pending = service && ep.isolated(DIR_EGRESS);
+                if pending && dir == DIR_INGRESS {
+                    service_key(
+                        &mut s.svc, ep.id, pkt.family, pkt.proto, &pkt.dst, pkt.dport, &pkt.src,
+                        pkt.sport,
+                    );
+                    if let Some(b) = SERVICE_FLOWS.get_ptr(&s.svc) {
+                        let b = unsafe { &*b };
+                        v.peer_identity = peer_identity(pkt.family, &b.addr);
+                        oport = b.port;
+                        pending = false;
+                        judge = v.peer_identity != IDENTITY_HOST
+                            && !is_pod_addr(ep, pkt.family, &b.addr);
+                    }
+                }
+                let rule = if judge {
                     match policy_lookup(
                         ep.id,
                         &ep.port_masks,
@@ -442,6 +501,10 @@ fn track(
                             return Ok(());
                         }
                     }
+                } else if pending {
+                    0
+                } else if service {
+                    RULE_IMPLICIT
                 } else {
                     0
                 };
@@ -463,7 +526,13 @@ fn track(
                 v.reason = reason::DROP_REVOKED;
                 return Ok(());
             }
-            v.rule = e.rule;
+            if service && dir == DIR_EGRESS && e.rule == 0 {
+                // Not judged yet: on to the translation again.
+                defer(ctx, pkt, unsafe { (*ctx.skb.skb).ifindex }, now);
+                v.reason = reason::ALLOW_SERVICE;
+                return Ok(());
+            }
+            v.rule = if e.rule == RULE_IMPLICIT { 0 } else { e.rule };
             return Ok(());
         }
     }
@@ -475,11 +544,18 @@ fn track(
         } else {
             peer_identity(pkt.family, peer_addr(pkt, dir))
         };
-        if v.peer_identity == IDENTITY_HOST {
-            return Ok(());
-        }
     }
-    if ep.isolated(dir) {
+    // To a Service frontend or a node port: tracked as a pending Service flow, judged on the
+    // backend after the translation.
+    let service = dir == DIR_EGRESS
+        && ep.isolated(DIR_EGRESS)
+        && deferrable(v.peer_identity, pkt.proto, pkt.dport);
+    if v.peer_identity == IDENTITY_HOST && !service {
+        return Ok(());
+    }
+    if service {
+        v.reason = reason::ALLOW_SERVICE;
+    } else if ep.isolated(dir) {
         let rule = if known.denied {
             None
         } else {
@@ -510,10 +586,14 @@ fn track(
         v.rule = 0;
         return Ok(());
     }
-    let value = new_entry(src_is_a, dir, now, ep.epoch, v.rule);
+    let mut value = new_entry(src_is_a, dir, now, ep.epoch, v.rule);
+    value.flags |= (service as u32) * CT_SERVICE;
     if ct_insert(&s.ct, &value, now, cfg).is_err() {
         release(ep.id, dir, cfg);
         return Err(Error::MapFull);
+    }
+    if service {
+        defer(ctx, pkt, unsafe { (*ctx.skb.skb).ifindex }, now);
     }
     v.new_flow = true;
     Ok(())

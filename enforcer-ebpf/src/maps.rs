@@ -3,14 +3,14 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use enforcer_common::{
     Config, Counter, CtKey, CtKeyV4, CtValue, DEFAULT_CIDRS_SIZE, DEFAULT_CONNTRACK_SIZE,
-    DEFAULT_EVENTS_BYTES, DEFAULT_FRAGMENTS_SIZE, DEFAULT_MAX_ENDPOINTS, DEFAULT_PEERS_SIZE,
-    DEFAULT_POLICY_SIZE, ENDPOINT_SLOT_COUNT, EndpointInfo, EndpointSlot, FlowBucket, FlowCount,
-    FragKey,
-    FragValue, PeerBucket, PeerInfo, PolicyKey, PolicyValue, counter_slots,
+    DEFAULT_EVENTS_BYTES, DEFAULT_FRAGMENTS_SIZE, DEFAULT_MAX_ENDPOINTS, DEFAULT_NODE_PORTS_SIZE,
+    DEFAULT_PEERS_SIZE, DEFAULT_POLICY_SIZE, DEFAULT_SERVICE_FLOWS_SIZE, DEFERRED_SLOTS, Deferred,
+    ENDPOINT_SLOT_COUNT, EndpointInfo, EndpointSlot, FlowBucket, FlowCount, FragKey, FragValue,
+    NodePortKey, PeerBucket, PeerInfo, PolicyKey, PolicyValue, ServiceBackend, counter_slots,
 };
 
 use crate::{
@@ -88,6 +88,23 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_EVENTS_BYTES, 0);
 #[map]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
+#[map]
+pub static NODE_PORTS: HashMap<NodePortKey, u32> =
+    HashMap::with_max_entries(DEFAULT_NODE_PORTS_SIZE, 0);
+
+/// Not pinned: a slot lives for one packet's way through the node's stack.
+#[map]
+pub static DEFERRED: Array<Deferred> = Array::with_max_entries(DEFERRED_SLOTS, 0);
+
+#[map]
+pub static SERVICE_FLOWS: LruHashMap<CtKey, ServiceBackend> =
+    LruHashMap::with_max_entries(DEFAULT_SERVICE_FLOWS_SIZE, 0);
+
+/// `svc_pod` and `to_pod` (indices `SVC_PROG_JUDGE`, `SVC_PROG_TO_POD`), filled by the loader.
+/// Not pinned: it holds this object's programs.
+#[map]
+pub static SVC_PROGS: ProgramArray = ProgramArray::with_max_entries(2, 0);
+
 /// Events lost to a full ring buffer (per CPU, index 0).
 #[map]
 pub static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
@@ -101,6 +118,8 @@ pub struct Scratch {
     pub ct: CtKeys,
     pub frag: FragKey,
     pub inner: Inner,
+    /// A `SERVICE_FLOWS` key.
+    pub svc: CtKey,
 }
 
 #[map]

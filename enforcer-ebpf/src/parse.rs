@@ -41,7 +41,7 @@ pub const L4_OTHER: u8 = 0;
 pub const L4_PORTS: u8 = 1;
 /// ICMP/ICMPv6 echo request or reply: `sport` = `dport` = identifier.
 pub const L4_ECHO: u8 = 2;
-/// ICMP/ICMPv6 error: an inner header starts at `l4_off + 8`.
+/// ICMP/ICMPv6 error: an inner header starts at `l4_off + 8` and ends by `ip_end`.
 pub const L4_ICMP_ERROR: u8 = 3;
 
 /// What [`parse`] found.
@@ -73,7 +73,10 @@ pub struct Packet {
     pub l4: u8,
     /// TCP header flags (byte 13), 0 for other protocols.
     pub tcp_flags: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
+    /// End of the IP packet in the frame; set for an ICMP error only (its quote ends there,
+    /// whatever the frame carries after it).
+    pub ip_end: u32,
 }
 
 impl Packet {
@@ -239,7 +242,7 @@ fn parse_v4(ctx: &TcContext, pkt: &mut Packet, len: u32) -> Result<u8, Malformed
         pkt.frag = FRAG_FIRST;
     }
     let l4_off = ETH_HLEN + hlen;
-    parse_l4(ctx, pkt, l4_off, ETH_HLEN + total)?;
+    parse_l4::<false>(ctx, pkt, l4_off, ETH_HLEN + total)?;
     Ok(PARSED_IP)
 }
 
@@ -314,18 +317,26 @@ fn parse_v6(ctx: &TcContext, pkt: &mut Packet, len: u32) -> Result<u8, Malformed
         return Err(Malformed);
     }
     pkt.proto = nh;
-    if parse_l4(ctx, pkt, off, end)? {
+    if parse_l4::<true>(ctx, pkt, off, end)? {
         return Ok(PARSED_ND);
     }
     Ok(PARSED_IP)
 }
 
-/// Reads the L4 header at `off` (the IP datagram ends at `end`). `true` for an ICMPv6 neighbour
-/// discovery, router or MLD message.
+/// Reads the L4 header at `off` (the IP datagram ends at `end`) of an IPv6 (`V6`) or IPv4
+/// packet. `true` for an ICMPv6 neighbour discovery, router or MLD message.
 #[inline(always)]
-fn parse_l4(ctx: &TcContext, pkt: &mut Packet, off: u32, end: u32) -> Result<bool, Malformed> {
+fn parse_l4<const V6: bool>(
+    ctx: &TcContext,
+    pkt: &mut Packet,
+    off: u32,
+    end: u32,
+) -> Result<bool, Malformed> {
     pkt.l4_off = off;
     let avail = end - off;
+    // ICMP is protocol 1 in IPv4 and ICMPv6 58 in IPv6; the other family's number is an
+    // unknown protocol like any other (judged by policy, never `related`).
+    let icmp = if V6 { PROTO_ICMPV6 } else { PROTO_ICMP };
     match pkt.proto {
         PROTO_TCP => {
             if avail < 20 {
@@ -352,20 +363,19 @@ fn parse_l4(ctx: &TcContext, pkt: &mut Packet, off: u32, end: u32) -> Result<boo
             pkt.dport = t.be16(2);
             pkt.l4 = L4_PORTS;
         }
-        PROTO_ICMP | PROTO_ICMPV6 => {
+        p if p == icmp => {
             if avail < 8 {
                 return Err(Malformed);
             }
             let mut buf = MaybeUninit::<[u8; 8]>::uninit();
             let t = header(ctx, off, &mut buf)?;
             let ty = t.u8(0);
-            let v6 = pkt.proto == PROTO_ICMPV6;
-            let echo = if v6 {
+            let echo = if V6 {
                 matches!(ty, 128 | 129)
             } else {
                 matches!(ty, 0 | 8)
             };
-            let error = if v6 {
+            let error = if V6 {
                 matches!(ty, 1..=4)
             } else {
                 matches!(ty, 3 | 11 | 12)
@@ -377,8 +387,9 @@ fn parse_l4(ctx: &TcContext, pkt: &mut Packet, off: u32, end: u32) -> Result<boo
                 pkt.l4 = L4_ECHO;
             } else if error {
                 pkt.l4 = L4_ICMP_ERROR;
+                pkt.ip_end = end;
             }
-            return Ok(v6 && matches!(ty, 130..=137 | 143));
+            return Ok(V6 && matches!(ty, 130..=137 | 143));
         }
         _ => {}
     }
@@ -397,8 +408,8 @@ pub struct Inner {
     pub proto: u8,
 }
 
-/// Parses the inner header of an ICMP error into `inner`. `false` when it is cut short or not a
-/// flow we track.
+/// Parses the inner header of an ICMP error into `inner`. `false` when it is cut short (within
+/// the error's IP packet), a later fragment, or not a flow we track.
 #[inline(always)]
 pub fn parse_inner(ctx: &TcContext, pkt: &Packet, inner: &mut Inner) -> bool {
     parse_inner_impl(ctx, pkt, inner).is_ok()
@@ -409,17 +420,19 @@ fn parse_inner_impl(ctx: &TcContext, pkt: &Packet, inner: &mut Inner) -> Result<
     let off = pkt.l4_off + 8;
     zero16(&mut inner.src);
     zero16(&mut inner.dst);
-    let l4_off;
+    let (l4_off, icmp);
     if pkt.family == FAMILY_V4 {
         let mut buf = MaybeUninit::<[u8; 20]>::uninit();
         let h = header(ctx, off, &mut buf)?;
         let b0 = h.u8(0);
-        if b0 >> 4 != 4 || b0 & 0x0f < 5 {
+        // A later fragment carries no L4 header: where its ports would be is payload.
+        if b0 >> 4 != 4 || b0 & 0x0f < 5 || h.be16(6) & 0x1fff != 0 {
             return Err(Malformed);
         }
         inner.proto = h.u8(9);
         v4_addrs(h, &mut inner.src, &mut inner.dst);
         l4_off = off + ((b0 & 0x0f) as u32) * 4;
+        icmp = PROTO_ICMP;
     } else {
         let mut buf = MaybeUninit::<[u8; 40]>::uninit();
         let h = header(ctx, off, &mut buf)?;
@@ -430,6 +443,12 @@ fn parse_inner_impl(ctx: &TcContext, pkt: &Packet, inner: &mut Inner) -> Result<
         h.addr16(8, &mut inner.src);
         h.addr16(24, &mut inner.dst);
         l4_off = off + 40;
+        icmp = PROTO_ICMPV6;
+    }
+    // The quote is what the error's IP packet holds, not the frame's bytes after it. The L4
+    // header follows the quoted IP header, so this one check bounds both.
+    if l4_off + 8 > pkt.ip_end {
+        return Err(Malformed);
     }
     let mut buf = MaybeUninit::<[u8; 8]>::uninit();
     let t = header(ctx, l4_off, &mut buf)?;
@@ -438,9 +457,10 @@ fn parse_inner_impl(ctx: &TcContext, pkt: &Packet, inner: &mut Inner) -> Result<
             inner.sport = t.be16(0);
             inner.dport = t.be16(2);
         }
-        PROTO_ICMP | PROTO_ICMPV6 => {
+        // As in `parse_l4`: the ICMP of the quote's family only.
+        p if p == icmp => {
             let ty = t.u8(0);
-            let echo = if inner.proto == PROTO_ICMPV6 {
+            let echo = if icmp == PROTO_ICMPV6 {
                 matches!(ty, 128 | 129)
             } else {
                 matches!(ty, 0 | 8)

@@ -2,7 +2,7 @@
 //! (and new allowed flows when asked).
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use enforcer_common::{REASON_FIRST_DROP, VerdictEvent, counter_index};
+use enforcer_common::{VerdictEvent, counter_index, is_drop_reason};
 
 use crate::{
     maps::{COUNTERS, EVENTS, EVENTS_LOST},
@@ -33,7 +33,7 @@ impl Verdict {
 
     #[inline(always)]
     pub const fn is_drop(&self) -> bool {
-        self.reason >= REASON_FIRST_DROP
+        is_drop_reason(self.reason)
     }
 }
 

@@ -8,7 +8,10 @@
 //! address, the set of ipBlocks (cidr minus excepts) it is in. Membership in every ipBlock is a
 //! function of an address's longest matching prefix among all ipBlock cidrs and excepts, so one
 //! LPM entry per such prefix (its "region") carries it exactly. Pod addresses get exact
-//! entries; node addresses get [`IDENTITY_HOST`]; everything else is [`IDENTITY_WORLD`].
+//! entries; node addresses get [`IDENTITY_HOST`]; Service frontend addresses get
+//! [`IDENTITY_SERVICE`] (kube-proxy translates them after the egress program has seen the
+//! packet, so a new egress flow to one is judged later, on its backend); everything else is
+//! [`IDENTITY_WORLD`].
 //! Policy entries then say which identities each local endpoint may talk to, per direction,
 //! protocol and port block.
 
@@ -23,13 +26,14 @@ use crate::cidr::Cidr;
 use enforcer_common::{
     DEFAULT_MAX_ENDPOINTS, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6,
     EP_INGRESS_ISOLATED, EndpointInfo, IDENTITY_ANY, IDENTITY_FIRST_ALLOCATED, IDENTITY_HOST,
-    IDENTITY_WORLD, PORT_MASK_ANY_PROTO, PROTO_ANY, PeerInfo, PolicyKey, PolicyValue,
+    IDENTITY_SERVICE, IDENTITY_WORLD, NodePortKey, PORT_MASK_ANY_PROTO, PROTO_ANY, PeerInfo,
+    PolicyKey, PolicyValue,
 };
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
 use super::{
     memo::{Memo, PodDerived, PolicyFacts},
-    model::{Cluster, pod_node},
+    model::{Cluster, Frontend, ServiceError, parse_service, pod_node},
     selector::Labels,
     validate::{
         Block, NamespaceMatch, ParsedPolicy, Peer, PolicyError, Port, Refusal, Rule,
@@ -416,6 +420,18 @@ pub enum CompileError {
         kept: PodRef,
         dropped: PodRef,
     },
+    /// A field of a Service that cannot be read: left out (an address left out is judged as
+    /// the address it is, not as a Service frontend; a port left out is not a node port).
+    Service(ServiceError),
+    /// A Service frontend address that is also a pod's or the node's: it resolves to the pod
+    /// (the node). Should never happen: the cluster allocates them from separate ranges.
+    ServiceAddress {
+        ip: IpAddr,
+        service: String,
+        frontend: Frontend,
+        /// "pod x/a" or "the node".
+        owner: String,
+    },
 }
 
 impl fmt::Display for CompileError {
@@ -443,6 +459,16 @@ impl fmt::Display for CompileError {
                     "address {ip} is claimed by pods {kept} and {dropped}; it resolves to {kept}"
                 )
             }
+            Self::Service(e) => write!(f, "{e} (left out)"),
+            Self::ServiceAddress {
+                ip,
+                service,
+                frontend,
+                owner,
+            } => write!(
+                f,
+                "Service {service}: {frontend} {ip} is also the address of {owner}; it resolves to {owner}, not to the Service"
+            ),
         }
     }
 }
@@ -616,6 +642,8 @@ impl PartialEq for StageInput {
 #[derive(Default)]
 pub(super) struct IdentityStage {
     facts: BTreeMap<PodRef, PodFacts>,
+    /// The pod that owns each pod address.
+    owners: BTreeMap<IpAddr, PodRef>,
     /// The identity of each pod address.
     addr_ids: BTreeMap<IpAddr, u32>,
     /// Every identity in use but world and host, with what it stands for.
@@ -791,7 +819,63 @@ fn identity_stage(
     }
 
     stage.identities = Arc::new(ids.into_iter().map(|(k, id)| (id, k.clone())).collect());
+    stage.owners = owner;
     stage
+}
+
+/// The Services' share of the state: every frontend address resolves to [`IDENTITY_SERVICE`]
+/// unless a pod or the node has it, and every node port goes to `node_ports`. Apart from the
+/// identity stage: no selector or ipBlock asks about a Service, so Services change no identity.
+fn add_services(
+    cluster: &Cluster,
+    stage: &IdentityStage,
+    node_ips: &[IpAddr],
+    state: &mut DesiredState,
+) -> Vec<CompileError> {
+    let mut errors = Vec::new();
+    let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
+    for svc in &cluster.services {
+        let (parsed, errs) = parse_service(svc);
+        // The first object of a namespace/name, as for every other kind.
+        if !seen.insert((parsed.namespace.clone(), parsed.name.clone())) {
+            continue;
+        }
+        errors.extend(errs.into_iter().map(CompileError::Service));
+        for &(ip, frontend) in &parsed.addresses {
+            let owner = if node_ips.contains(&ip) {
+                Some("the node".to_string())
+            } else {
+                stage.owners.get(&ip).map(|p| format!("pod {p}"))
+            };
+            if let Some(owner) = owner {
+                errors.push(CompileError::ServiceAddress {
+                    ip,
+                    service: parsed.key(),
+                    frontend,
+                    owner,
+                });
+                continue;
+            }
+            let info = PeerInfo {
+                identity: IDENTITY_SERVICE,
+                flags: 0,
+            };
+            match ip {
+                IpAddr::V4(a) => state.peers_v4.insert(a, info),
+                IpAddr::V6(a) => state.peers_v6.insert(a, info),
+            };
+        }
+        for p in &parsed.ports {
+            if let Some(port) = p.node_port {
+                state.node_ports.insert(NodePortKey {
+                    protocol: p.protocol,
+                    _pad: 0,
+                    port,
+                });
+            }
+        }
+    }
+    errors
 }
 
 /// A local endpoint of one compile.
@@ -1030,6 +1114,7 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
         cidrs_v6: stage.cidrs_v6.clone(),
         ..DesiredState::default()
     };
+    errors.extend(add_services(cluster, &stage, &opts.node_ips, &mut state));
     let id_of_addr = |ip: &IpAddr| stage.addr_ids.get(ip).copied();
 
     // Local endpoints, in pod order.
@@ -1217,6 +1302,7 @@ mod tests {
                 pod("x", "b", &[("app", "b")], &["10.0.0.2"], "n", &[]),
             ]),
             policies: shared([allow("p", pods_peer(None, Some(sel(&[("app", "b")]))))]),
+            services: Vec::new(),
             verified: BTreeMap::new(),
         };
         let mut a = Allocations::new();

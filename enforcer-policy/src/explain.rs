@@ -2,12 +2,12 @@
 //! that decided it. Built on the reference evaluator, so it states the API's answer; the
 //! compiled maps are tested to agree with it.
 
-use std::{fmt, net::IpAddr};
+use std::{collections::BTreeSet, fmt, net::IpAddr};
 
 use super::{
     compile::CompileOptions,
-    evaluator::{DirVerdict, Endpoint, direction_verdict, resolve_flow},
-    model::Cluster,
+    evaluator::{DirVerdict, Endpoint, ResolvedFlow, direction_verdict, resolve_flow},
+    model::{Cluster, Frontend, ServicePortSpec, TargetPort, parse_service, pod_ips},
 };
 use crate::state::PodRef;
 
@@ -51,12 +51,33 @@ pub fn explain(
     protocol: u8,
     port: u16,
 ) -> Explanation {
+    judge(
+        cluster,
+        opts,
+        from,
+        to,
+        resolve_flow(cluster, opts, from, to),
+        protocol,
+        port,
+    )
+}
+
+/// Both sides of a flow whose ends are resolved (`None`: they could not be).
+fn judge(
+    cluster: &Cluster,
+    opts: &CompileOptions,
+    from: &Endpoint,
+    to: &Endpoint,
+    flow: Option<ResolvedFlow>,
+    protocol: u8,
+    port: u16,
+) -> Explanation {
     let not_a_pod = || Side {
         pod: None,
         local: false,
         verdict: DirVerdict::NotEnforced,
     };
-    let Some(flow) = resolve_flow(cluster, opts, from, to) else {
+    let Some(flow) = flow else {
         return Explanation {
             from: from.clone(),
             to: to.clone(),
@@ -95,6 +116,246 @@ pub fn explain(
         ingress,
         allowed,
     }
+}
+
+/// How a flow's destination reaches a Service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// One of the Service's frontend addresses, on one of its ports.
+    Frontend(Frontend),
+    /// A node's address on one of the Service's node ports.
+    NodePort,
+}
+
+/// One pod a Service's selector picks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backend {
+    pub pod: PodRef,
+    pub outcome: BackendOutcome,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackendOutcome {
+    /// The flow as kube-proxy forwards it to this backend (its address, the target port).
+    Judged(Box<Explanation>),
+    /// Not an endpoint of the Service port, and why (a named target port it does not declare,
+    /// no address of the flow's family).
+    NotABackend(String),
+}
+
+/// The backends of a Service port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backends {
+    /// The Service has no selector: its endpoints are managed by someone else.
+    Unknown,
+    /// The pods its selector picks (running, with an address), in pod order.
+    Pods(Vec<Backend>),
+}
+
+/// A flow to a Service frontend or node port: kube-proxy translates it to one backend per
+/// connection, and that flow is what the policies judge (egress at the source towards the
+/// backend, ingress at the backend).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceFlow {
+    pub from: Endpoint,
+    pub to: IpAddr,
+    pub protocol: u8,
+    pub port: u16,
+    /// `namespace/name`.
+    pub service: String,
+    pub via: Via,
+    /// The Service port the flow arrives on; `None`: none has this port and protocol, so
+    /// kube-proxy does not forward it.
+    pub service_port: Option<ServicePortSpec>,
+    pub backends: Backends,
+}
+
+/// The verdict of a Service flow over its backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServiceVerdict {
+    /// Allowed to every backend.
+    Allowed,
+    /// Denied to every backend, or there is none (or no such port).
+    Denied,
+    /// Allowed to `allowed` of `of` backends: it depends on the one kube-proxy picks.
+    Some { allowed: usize, of: usize },
+    /// The backends are unknown (no selector).
+    Unknown,
+}
+
+impl ServiceFlow {
+    pub fn verdict(&self) -> ServiceVerdict {
+        if self.service_port.is_none() {
+            return ServiceVerdict::Denied;
+        }
+        let Backends::Pods(pods) = &self.backends else {
+            return ServiceVerdict::Unknown;
+        };
+        let judged: Vec<bool> = pods
+            .iter()
+            .filter_map(|b| match &b.outcome {
+                BackendOutcome::Judged(e) => Some(e.allowed),
+                BackendOutcome::NotABackend(_) => None,
+            })
+            .collect();
+        let allowed = judged.iter().filter(|a| **a).count();
+        if allowed == 0 {
+            ServiceVerdict::Denied
+        } else if allowed == judged.len() {
+            ServiceVerdict::Allowed
+        } else {
+            ServiceVerdict::Some {
+                allowed,
+                of: judged.len(),
+            }
+        }
+    }
+}
+
+/// The node addresses `explain` knows: the options' and, offline, the `status.hostIP(s)` the
+/// pods of the folder name.
+fn node_addresses(cluster: &Cluster, opts: &CompileOptions) -> BTreeSet<IpAddr> {
+    let mut out: BTreeSet<IpAddr> = opts.node_ips.iter().copied().collect();
+    for pod in &cluster.pods {
+        let Some(st) = &pod.status else { continue };
+        let ips = st
+            .host_ips
+            .iter()
+            .flatten()
+            .map(|h| h.ip.as_str())
+            .chain(st.host_ip.as_deref());
+        out.extend(ips.filter_map(|ip| ip.trim().parse::<IpAddr>().ok()));
+    }
+    out
+}
+
+/// `Some` when `to` is a Service frontend address (not also a pod's), or a node address on a
+/// Service's node port: the flow judged for each backend. `None`: an ordinary flow
+/// ([`explain`]).
+pub fn explain_service(
+    cluster: &Cluster,
+    opts: &CompileOptions,
+    from: &Endpoint,
+    to: &Endpoint,
+    protocol: u8,
+    port: u16,
+) -> Option<ServiceFlow> {
+    let Endpoint::Ip(dst) = to else { return None };
+    let dst = *dst;
+    // A pod's address is the pod's, as in the compiled state.
+    if cluster.pod_at(dst, &opts.node_ips).is_some() {
+        return None;
+    }
+    let mut seen = BTreeSet::new();
+    let services: Vec<_> = cluster
+        .services
+        .iter()
+        .map(|s| parse_service(s).0)
+        .filter(|s| seen.insert(s.key()))
+        .collect();
+    let frontend = services.iter().find_map(|s| {
+        let (_, kind) = s.addresses.iter().find(|(a, _)| *a == dst)?;
+        let p = s
+            .ports
+            .iter()
+            .find(|p| p.protocol == protocol && p.port == port);
+        Some((s, Via::Frontend(*kind), p.cloned()))
+    });
+    let (svc, via, service_port) = match frontend {
+        Some(f) => f,
+        None if node_addresses(cluster, opts).contains(&dst) => services.iter().find_map(|s| {
+            let p = s
+                .ports
+                .iter()
+                .find(|p| p.protocol == protocol && p.node_port == Some(port))?;
+            Some((s, Via::NodePort, Some(p.clone())))
+        })?,
+        None => return None,
+    };
+    let mut out = ServiceFlow {
+        from: from.clone(),
+        to: dst,
+        protocol,
+        port,
+        service: svc.key(),
+        via,
+        service_port: service_port.clone(),
+        backends: Backends::Unknown,
+    };
+    let (Some(sp), Some(selector)) = (service_port, &svc.selector) else {
+        return Some(out);
+    };
+    // The source, by the address of the destination's family.
+    let pods = cluster.policy_pods();
+    let source: Option<(Option<PodRef>, IpAddr)> = match from {
+        Endpoint::Ip(ip) => (ip.is_ipv4() == dst.is_ipv4())
+            .then(|| (cluster.pod_at(*ip, &opts.node_ips).map(|(r, _)| r), *ip)),
+        Endpoint::Pod(r) => pods.iter().find(|(p, _)| p == r).and_then(|(_, p)| {
+            let ip = pod_ips(p)
+                .into_iter()
+                .find(|a| a.is_ipv4() == dst.is_ipv4())?;
+            Some((Some(r.clone()), ip))
+        }),
+    };
+    let mut backends = Vec::new();
+    for (r, pod) in &pods {
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        if r.namespace != svc.namespace || !selector.iter().all(|(k, v)| labels.get(k) == Some(v)) {
+            continue;
+        }
+        let target = match &sp.target {
+            TargetPort::Number(n) => Some(*n),
+            TargetPort::Named(name) => crate::compile::named_ports(pod)
+                .into_iter()
+                .find(|(n, p, _)| n == name && *p == protocol)
+                .map(|(_, _, num)| num),
+        };
+        let Some(target) = target else {
+            backends.push(Backend {
+                pod: r.clone(),
+                outcome: BackendOutcome::NotABackend(format!(
+                    "it declares no {} container port named {}",
+                    protocol_label(protocol),
+                    sp.target
+                )),
+            });
+            continue;
+        };
+        let Some(ip) = pod_ips(pod)
+            .into_iter()
+            .find(|a| a.is_ipv4() == dst.is_ipv4())
+        else {
+            backends.push(Backend {
+                pod: r.clone(),
+                outcome: BackendOutcome::NotABackend(format!(
+                    "it has no {} address",
+                    if dst.is_ipv4() { "IPv4" } else { "IPv6" }
+                )),
+            });
+            continue;
+        };
+        let flow = source.clone().map(|(src_pod, src)| ResolvedFlow {
+            src_pod,
+            src,
+            dst_pod: Some(r.clone()),
+            dst: ip,
+        });
+        let e = judge(
+            cluster,
+            opts,
+            from,
+            &Endpoint::Pod(r.clone()),
+            flow,
+            protocol,
+            target,
+        );
+        backends.push(Backend {
+            pod: r.clone(),
+            outcome: BackendOutcome::Judged(Box::new(e)),
+        });
+    }
+    out.backends = Backends::Pods(backends);
+    Some(out)
 }
 
 impl fmt::Display for Endpoint {
@@ -208,6 +469,18 @@ impl fmt::Display for Explanation {
             );
         };
         writeln!(f, "addresses: {src} -> {dst}")?;
+        self.write_sides(f, "")?;
+        writeln!(
+            f,
+            "verdict: {}",
+            if self.allowed { "ALLOWED" } else { "DENIED" }
+        )
+    }
+}
+
+impl Explanation {
+    /// The egress and ingress lines, each after `indent`.
+    fn write_sides(&self, f: &mut fmt::Formatter<'_>, indent: &str) -> fmt::Result {
         for (name, side) in [("egress ", &self.egress), ("ingress", &self.ingress)] {
             match &side.pod {
                 Some(p) => {
@@ -216,16 +489,108 @@ impl fmt::Display for Explanation {
                     } else {
                         " (not enforced on this node)"
                     };
-                    writeln!(f, "{name} at {p}{note}: {}", side.verdict)?;
+                    writeln!(f, "{indent}{name} at {p}{note}: {}", side.verdict)?;
                 }
-                None => writeln!(f, "{name}: allowed: that end is not a pod")?,
+                None => writeln!(f, "{indent}{name}: allowed: that end is not a pod")?,
             }
         }
+        Ok(())
+    }
+}
+
+impl fmt::Display for ServiceFlow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let proto = protocol_label(self.protocol);
         writeln!(
             f,
-            "verdict: {}",
-            if self.allowed { "ALLOWED" } else { "DENIED" }
-        )
+            "flow {} -> {} {proto} port {}",
+            self.from, self.to, self.port
+        )?;
+        let via = match self.via {
+            Via::Frontend(kind) => format!("{kind} {}", self.to),
+            Via::NodePort => format!("node port {} on node address {}", self.port, self.to),
+        };
+        writeln!(
+            f,
+            "destination: Service {} ({via}): kube-proxy translates it to one of the Service's backends, and the policies judge the flow to that backend",
+            self.service
+        )?;
+        let Some(sp) = &self.service_port else {
+            writeln!(
+                f,
+                "no port of the Service is {} {proto}: kube-proxy does not forward it",
+                self.port
+            )?;
+            return writeln!(f, "verdict: DENIED (not forwarded)");
+        };
+        let name = sp
+            .name
+            .as_deref()
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default();
+        writeln!(
+            f,
+            "Service port {}{name} {proto} -> target port {}",
+            sp.port, sp.target
+        )?;
+        if self.via == Via::NodePort {
+            writeln!(
+                f,
+                "note: kube-proxy masquerades node-port traffic unless externalTrafficPolicy is Local; the backend then sees its node as the source, which its ingress always allows (judged below with the original source)"
+            )?;
+        }
+        let Backends::Pods(pods) = &self.backends else {
+            writeln!(
+                f,
+                "the Service has no selector: its endpoints are managed outside it, so its backends are unknown to explain (explain the flow to each backend's address)"
+            )?;
+            return writeln!(f, "verdict: UNKNOWN (backends unknown)");
+        };
+        if pods.is_empty() {
+            writeln!(
+                f,
+                "no running pod with an address matches the Service's selector: no backend"
+            )?;
+        }
+        for b in pods {
+            match &b.outcome {
+                BackendOutcome::NotABackend(why) => {
+                    writeln!(f, "backend {}: not a backend of this port: {why}", b.pod)?;
+                }
+                BackendOutcome::Judged(e) => {
+                    match e.addresses {
+                        Some((src, dst)) => {
+                            writeln!(f, "backend {} ({src} -> {dst} port {}):", b.pod, e.port)?
+                        }
+                        None => writeln!(
+                            f,
+                            "backend {} (port {}): the source has no address of the destination's family",
+                            b.pod, e.port
+                        )?,
+                    }
+                    if e.addresses.is_some() {
+                        e.write_sides(f, "  ")?;
+                    }
+                    writeln!(f, "  -> {}", if e.allowed { "ALLOWED" } else { "DENIED" })?;
+                }
+            }
+        }
+        match self.verdict() {
+            ServiceVerdict::Allowed => writeln!(f, "verdict: ALLOWED (to every backend)"),
+            ServiceVerdict::Denied
+                if !pods
+                    .iter()
+                    .any(|b| matches!(b.outcome, BackendOutcome::Judged(_))) =>
+            {
+                writeln!(f, "verdict: DENIED (no backend)")
+            }
+            ServiceVerdict::Denied => writeln!(f, "verdict: DENIED (to every backend)"),
+            ServiceVerdict::Some { allowed, of } => writeln!(
+                f,
+                "verdict: ALLOWED to {allowed} of {of} backends, DENIED to the others (kube-proxy picks one per connection)"
+            ),
+            ServiceVerdict::Unknown => writeln!(f, "verdict: UNKNOWN (backends unknown)"),
+        }
     }
 }
 
@@ -307,5 +672,278 @@ mod tests {
             80,
         );
         assert!(!e.allowed && e.addresses.is_none());
+    }
+
+    /// x/client, and two backends of Service shop/web (app=web): b1 declares port "http" as
+    /// 8080, b2 as 9090; a policy lets only b1 receive from the client on 8080. b3 (app=web)
+    /// declares no "http"; other/b4 (app=web) is in another namespace.
+    fn shop() -> Cluster {
+        use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+        let mut client = pod(
+            "x",
+            "client",
+            &[("app", "client")],
+            &["10.0.0.1"],
+            "n1",
+            &[],
+        );
+        client.status.as_mut().unwrap().host_ip = Some("172.18.0.2".into());
+        Cluster {
+            namespaces: shared(vec![
+                namespace("x", &[]),
+                namespace("shop", &[]),
+                namespace("other", &[]),
+            ]),
+            pods: shared(vec![
+                client,
+                pod(
+                    "shop",
+                    "b1",
+                    &[("app", "web")],
+                    &["10.0.1.1"],
+                    "n1",
+                    &[("http", "TCP", 8080)],
+                ),
+                pod(
+                    "shop",
+                    "b2",
+                    &[("app", "web")],
+                    &["10.0.1.2"],
+                    "n2",
+                    &[("http", "TCP", 9090)],
+                ),
+                pod("shop", "b3", &[("app", "web")], &["10.0.1.3"], "n2", &[]),
+                pod(
+                    "other",
+                    "b4",
+                    &[("app", "web")],
+                    &["10.0.2.4"],
+                    "n2",
+                    &[("http", "TCP", 8080)],
+                ),
+            ]),
+            policies: shared(vec![policy(
+                "shop",
+                "web-from-client",
+                Some(sel(&[("app", "web")])),
+                None,
+                Some(vec![(
+                    Some(vec![pods_peer(
+                        Some(sel(&[])),
+                        Some(sel(&[("app", "client")])),
+                    )]),
+                    Some(vec![tcp(8080)]),
+                )]),
+                None,
+            )]),
+            services: shared(vec![
+                service(
+                    "shop",
+                    "web",
+                    "NodePort",
+                    &["10.96.0.10"],
+                    &[("app", "web")],
+                    vec![service_port(
+                        None,
+                        80,
+                        Some(IntOrString::String("http".into())),
+                        Some(30080),
+                    )],
+                ),
+                service(
+                    "shop",
+                    "manual",
+                    "ClusterIP",
+                    &["10.96.0.11"],
+                    &[],
+                    vec![service_port(None, 80, None, None)],
+                ),
+            ]),
+            ..Default::default()
+        }
+    }
+
+    fn client() -> Endpoint {
+        Endpoint::Pod(PodRef::new("x", "client"))
+    }
+
+    fn ip(s: &str) -> Endpoint {
+        Endpoint::Ip(s.parse().unwrap())
+    }
+
+    fn judged(s: &ServiceFlow) -> Vec<(String, Option<bool>)> {
+        let Backends::Pods(pods) = &s.backends else {
+            panic!("backends unknown")
+        };
+        pods.iter()
+            .map(|b| {
+                let allowed = match &b.outcome {
+                    BackendOutcome::Judged(e) => Some(e.allowed),
+                    BackendOutcome::NotABackend(_) => None,
+                };
+                (b.pod.to_string(), allowed)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_flow_to_a_cluster_ip_is_judged_for_each_backend_on_its_target_port() {
+        let c = shop();
+        let opts = CompileOptions::default();
+        let s = explain_service(&c, &opts, &client(), &ip("10.96.0.10"), PROTO_TCP, 80)
+            .expect("a Service frontend");
+        assert_eq!(s.service, "shop/web");
+        assert_eq!(s.via, Via::Frontend(Frontend::ClusterIp));
+        assert_eq!(
+            judged(&s),
+            [
+                ("shop/b1".to_string(), Some(true)),
+                ("shop/b2".to_string(), Some(false)),
+                ("shop/b3".to_string(), None),
+            ],
+            "the selector picks pods of the Service's namespace only"
+        );
+        let Backends::Pods(pods) = &s.backends else {
+            unreachable!()
+        };
+        let BackendOutcome::Judged(b2) = &pods[1].outcome else {
+            unreachable!()
+        };
+        assert_eq!(b2.port, 9090, "the named target port, resolved on b2");
+        assert_eq!(s.verdict(), ServiceVerdict::Some { allowed: 1, of: 2 });
+        let text = s.to_string();
+        for line in [
+            "destination: Service shop/web (cluster IP 10.96.0.10)",
+            "Service port 80 TCP -> target port \"http\"",
+            "backend shop/b1 (10.0.0.1 -> 10.0.1.1 port 8080):",
+            "  ingress at shop/b1: allowed by shop/web-from-client rule [0]",
+            "backend shop/b2 (10.0.0.1 -> 10.0.1.2 port 9090):",
+            "  ingress at shop/b2: denied: isolated by policies [shop/web-from-client] and no rule allows it",
+            "backend shop/b3: not a backend of this port: it declares no TCP container port named \"http\"",
+            "verdict: ALLOWED to 1 of 2 backends, DENIED to the others",
+        ] {
+            assert!(text.contains(line), "{line:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_flow_to_a_node_address_on_a_node_port_is_a_service_flow() {
+        let c = shop();
+        // The node's address, known from a pod's status.hostIP offline.
+        let s = explain_service(
+            &c,
+            &CompileOptions::default(),
+            &client(),
+            &ip("172.18.0.2"),
+            PROTO_TCP,
+            30080,
+        )
+        .expect("a node port");
+        assert_eq!((s.via, s.service.as_str()), (Via::NodePort, "shop/web"));
+        assert_eq!(s.service_port.as_ref().map(|p| p.port), Some(80));
+        assert!(
+            s.to_string()
+                .contains("node port 30080 on node address 172.18.0.2")
+        );
+        // Another port of the node is the node, not a Service.
+        assert!(
+            explain_service(
+                &c,
+                &CompileOptions::default(),
+                &client(),
+                &ip("172.18.0.2"),
+                PROTO_TCP,
+                30081
+            )
+            .is_none()
+        );
+        // A node port is not one on an address that is no node's.
+        assert!(
+            explain_service(
+                &c,
+                &CompileOptions::default(),
+                &client(),
+                &ip("172.18.0.9"),
+                PROTO_TCP,
+                30080
+            )
+            .is_none()
+        );
+    }
+
+    #[test]
+    fn a_service_without_selector_has_backends_unknown_to_explain() {
+        let c = shop();
+        let s = explain_service(
+            &c,
+            &CompileOptions::default(),
+            &client(),
+            &ip("10.96.0.11"),
+            PROTO_TCP,
+            80,
+        )
+        .unwrap();
+        assert_eq!(s.backends, Backends::Unknown);
+        assert_eq!(s.verdict(), ServiceVerdict::Unknown);
+        let text = s.to_string();
+        assert!(text.contains("backends are unknown to explain"), "{text}");
+        assert!(text.contains("verdict: UNKNOWN"), "{text}");
+    }
+
+    #[test]
+    fn a_port_the_service_does_not_have_is_not_forwarded() {
+        let c = shop();
+        let s = explain_service(
+            &c,
+            &CompileOptions::default(),
+            &client(),
+            &ip("10.96.0.10"),
+            PROTO_UDP,
+            80,
+        )
+        .unwrap();
+        assert_eq!(s.service_port, None);
+        assert_eq!(s.verdict(), ServiceVerdict::Denied);
+        assert!(
+            s.to_string().contains("no port of the Service is 80 UDP"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn a_service_whose_selector_picks_no_running_pod_has_no_backend() {
+        let mut c = shop();
+        c.pods
+            .retain(|p| p.metadata.namespace.as_deref() != Some("shop"));
+        let s = explain_service(
+            &c,
+            &CompileOptions::default(),
+            &client(),
+            &ip("10.96.0.10"),
+            PROTO_TCP,
+            80,
+        )
+        .unwrap();
+        assert_eq!(s.verdict(), ServiceVerdict::Denied);
+        assert!(
+            s.to_string().contains("verdict: DENIED (no backend)"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn an_address_that_is_no_frontend_is_an_ordinary_flow() {
+        let c = shop();
+        let o = CompileOptions::default();
+        for to in [
+            ip("10.0.1.1"),
+            ip("8.8.8.8"),
+            Endpoint::Pod(PodRef::new("shop", "b1")),
+        ] {
+            assert!(
+                explain_service(&c, &o, &client(), &to, PROTO_TCP, 80).is_none(),
+                "{to}"
+            );
+        }
     }
 }

@@ -6,12 +6,15 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Namespace, Pod},
-    networking::v1::NetworkPolicy,
+use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, Pod, Service},
+        networking::v1::NetworkPolicy,
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
 };
 
-use crate::state::PodRef;
+use crate::{state::PodRef, validate::protocol_number};
 
 /// Every object the compiler reads. Sources (the manifests folder, the kube watchers) produce
 /// one of these per change; the compiler never does IO.
@@ -24,6 +27,9 @@ pub struct Cluster {
     pub namespaces: Vec<Arc<Namespace>>,
     pub pods: Vec<Arc<Pod>>,
     pub policies: Vec<Arc<NetworkPolicy>>,
+    /// The Services: their frontend addresses and node ports, where kube-proxy translates a
+    /// pod's packet to a backend after the egress program has seen it.
+    pub services: Vec<Arc<Service>>,
     /// Addresses bound to a verified workload identity (the attestation endpoint), with the
     /// reserved labels the identity adds to the pod's labels when it is matched as a peer.
     pub verified: BTreeMap<IpAddr, BTreeMap<String, String>>,
@@ -140,5 +146,258 @@ impl Cluster {
         self.policy_pods()
             .into_iter()
             .find(|(_, p)| pod_ips(p).contains(&ip))
+    }
+}
+
+/// How a Service frontend address is reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Frontend {
+    /// `spec.clusterIPs` / `spec.clusterIP`.
+    ClusterIp,
+    /// `spec.externalIPs`.
+    ExternalIp,
+    /// `status.loadBalancer.ingress[].ip`.
+    LoadBalancer,
+}
+
+impl std::fmt::Display for Frontend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::ClusterIp => "cluster IP",
+            Self::ExternalIp => "external IP",
+            Self::LoadBalancer => "load-balancer IP",
+        })
+    }
+}
+
+/// A Service port's target on the backends.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum TargetPort {
+    Number(u16),
+    /// A container port name, resolved per backend pod.
+    Named(String),
+}
+
+impl std::fmt::Display for TargetPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Number(n) => write!(f, "{n}"),
+            Self::Named(n) => write!(f, "{n:?}"),
+        }
+    }
+}
+
+/// One element of `spec.ports`, parsed.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ServicePortSpec {
+    pub name: Option<String>,
+    pub protocol: u8,
+    pub port: u16,
+    /// Only for type NodePort and LoadBalancer (another type's is not opened by kube-proxy).
+    pub node_port: Option<u16>,
+    pub target: TargetPort,
+}
+
+/// A Service as the compiler and `explain` read it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ParsedService {
+    pub namespace: String,
+    pub name: String,
+    /// Frontend addresses, in field order, each once.
+    pub addresses: Vec<(IpAddr, Frontend)>,
+    pub ports: Vec<ServicePortSpec>,
+    /// `spec.selector`; `None` when absent or empty: the Service's endpoints are managed by
+    /// someone else, so its backends are not known from the objects.
+    pub selector: Option<BTreeMap<String, String>>,
+}
+
+impl ParsedService {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One problem in one Service: the object (`namespace/name`), the field path and what is wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceError {
+    pub service: String,
+    pub field: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ServiceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Service {}: {}: {}",
+            self.service, self.field, self.message
+        )
+    }
+}
+
+impl std::error::Error for ServiceError {}
+
+/// Parses a Service; what cannot be read is left out of the result and named in the errors
+/// (a frontend left out is judged as the address it is, never deferred to a backend).
+pub fn parse_service(svc: &Service) -> (ParsedService, Vec<ServiceError>) {
+    let namespace = crate::validate::namespace_of(&svc.metadata);
+    let name = svc.metadata.name.clone().unwrap_or_default();
+    let mut out = ParsedService {
+        namespace,
+        name,
+        ..ParsedService::default()
+    };
+    let mut errors = Vec::new();
+    let key = out.key();
+    let mut err = |field: String, message: String| {
+        errors.push(ServiceError {
+            service: key.clone(),
+            field,
+            message,
+        });
+    };
+    let add = |out: &mut ParsedService, ip: IpAddr, kind: Frontend| {
+        if !out.addresses.iter().any(|(a, _)| *a == ip) {
+            out.addresses.push((ip, kind));
+        }
+    };
+    let spec = svc.spec.as_ref();
+    // "clusterIPs ... If this field is not specified, it will be initialized from the
+    // clusterIP field"; "None" (headless) and "" (ExternalName, not allocated) are no address.
+    let cluster_ips: Vec<(String, &str)> = match spec.and_then(|s| s.cluster_ips.as_ref()) {
+        Some(ips) if !ips.is_empty() => ips
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| (format!("spec.clusterIPs[{i}]"), ip.as_str()))
+            .collect(),
+        _ => spec
+            .and_then(|s| s.cluster_ip.as_deref())
+            .map(|ip| ("spec.clusterIP".to_string(), ip))
+            .into_iter()
+            .collect(),
+    };
+    for (field, ip) in cluster_ips {
+        let ip = ip.trim();
+        if ip.is_empty() || ip == "None" {
+            continue;
+        }
+        match ip.parse::<IpAddr>() {
+            Ok(a) => add(&mut out, a, Frontend::ClusterIp),
+            Err(_) => err(field, format!("{ip:?} is not an IP address (nor \"None\")")),
+        }
+    }
+    for (i, ip) in spec
+        .and_then(|s| s.external_ips.as_ref())
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        match ip.trim().parse::<IpAddr>() {
+            Ok(a) => add(&mut out, a, Frontend::ExternalIp),
+            Err(_) => err(
+                format!("spec.externalIPs[{i}]"),
+                format!("{ip:?} is not an IP address"),
+            ),
+        }
+    }
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|l| l.ingress.as_ref());
+    for (i, lb) in ingress.into_iter().flatten().enumerate() {
+        // "Proxy": the load balancer itself forwards to the nodes and kube-proxy does not
+        // translate the address, so a packet to it leaves the node as sent: judged as that
+        // address, not deferred.
+        if lb.ip_mode.as_deref() == Some("Proxy") {
+            continue;
+        }
+        let Some(ip) = &lb.ip else { continue };
+        match ip.trim().parse::<IpAddr>() {
+            Ok(a) => add(&mut out, a, Frontend::LoadBalancer),
+            Err(_) => err(
+                format!("status.loadBalancer.ingress[{i}].ip"),
+                format!("{ip:?} is not an IP address"),
+            ),
+        }
+    }
+    let with_node_ports = matches!(
+        spec.and_then(|s| s.type_.as_deref()),
+        Some("NodePort" | "LoadBalancer")
+    );
+    for (i, p) in spec
+        .and_then(|s| s.ports.as_ref())
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let at = format!("spec.ports[{i}]");
+        let number = |field: &str, n: i32, err: &mut dyn FnMut(String, String)| {
+            let ok = u16::try_from(n).ok().filter(|n| *n != 0);
+            if ok.is_none() {
+                err(
+                    format!("{at}.{field}"),
+                    format!("{n} is not a port number (1-65535)"),
+                );
+            }
+            ok
+        };
+        let Some(protocol) = protocol_number(p.protocol.as_deref()) else {
+            err(
+                format!("{at}.protocol"),
+                format!(
+                    "{:?} is not a protocol (TCP, UDP or SCTP)",
+                    p.protocol.as_deref().unwrap_or_default()
+                ),
+            );
+            continue;
+        };
+        let Some(port) = number("port", p.port, &mut err) else {
+            continue;
+        };
+        // 0 is "allocate one": nothing allocates in a manifests folder, so no node port.
+        let node_port = match p.node_port.filter(|n| with_node_ports && *n != 0) {
+            Some(n) => match number("nodePort", n, &mut err) {
+                Some(n) => Some(n),
+                None => continue,
+            },
+            None => None,
+        };
+        // "If this is not specified, the value of the 'port' field is used."
+        let target = match &p.target_port {
+            None => TargetPort::Number(port),
+            Some(IntOrString::Int(0)) => TargetPort::Number(port),
+            Some(IntOrString::Int(n)) => match number("targetPort", *n, &mut err) {
+                Some(n) => TargetPort::Number(n),
+                None => continue,
+            },
+            Some(IntOrString::String(s)) if s.trim().is_empty() => {
+                err(format!("{at}.targetPort"), "an empty port name".to_string());
+                continue;
+            }
+            Some(IntOrString::String(s)) => TargetPort::Named(s.clone()),
+        };
+        out.ports.push(ServicePortSpec {
+            name: p.name.clone(),
+            protocol,
+            port,
+            node_port,
+            target,
+        });
+    }
+    out.selector = spec
+        .and_then(|s| s.selector.clone())
+        .filter(|s| !s.is_empty());
+    (out, errors)
+}
+
+/// Validates a Service; `Err` lists every problem found.
+pub fn validate_service(svc: &Service) -> Result<(), Vec<ServiceError>> {
+    let (_, errors) = parse_service(svc);
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
     }
 }

@@ -3,12 +3,12 @@
 //! diffed, printed and looked up without any kernel.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use enforcer_common::{EndpointInfo, PeerInfo, PolicyKey, PolicyValue};
+use enforcer_common::{EndpointInfo, NodePortKey, PeerInfo, PolicyKey, PolicyValue};
 
 /// A pod, by namespace and name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -85,4 +85,7 @@ pub struct DesiredState {
     pub policy: BTreeMap<PolicyKey, PolicyValue>,
     /// Rule ids used in `policy` values.
     pub rules: BTreeMap<u32, RuleRef>,
+    /// The Services' node ports (`NODE_PORTS`, value 1): a pod's new flow to a node address on
+    /// one of them is judged after kube-proxy's translation, on its backend.
+    pub node_ports: BTreeSet<NodePortKey>,
 }

@@ -5,10 +5,12 @@ use crate::model::shared;
 use std::{net::IpAddr, sync::Arc};
 
 use enforcer_common::{
-    DIR_EGRESS, DIR_INGRESS, IDENTITY_HOST, IDENTITY_WORLD, PROTO_ICMP, PROTO_SCTP, PROTO_TCP,
-    PROTO_UDP,
+    DIR_EGRESS, DIR_INGRESS, IDENTITY_HOST, IDENTITY_SERVICE, IDENTITY_WORLD, NodePortKey,
+    PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
 };
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::{
+    api::networking::v1::NetworkPolicy, apimachinery::pkg::util::intstr::IntOrString,
+};
 use proptest::prelude::*;
 
 use super::{
@@ -25,7 +27,10 @@ pub(crate) mod fixtures {
 
     use k8s_openapi::{
         api::{
-            core::v1::{Container, ContainerPort, Namespace, Pod, PodIP, PodSpec, PodStatus},
+            core::v1::{
+                Container, ContainerPort, Namespace, Pod, PodIP, PodSpec, PodStatus, Service,
+                ServicePort, ServiceSpec,
+            },
             networking::v1::{
                 IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule,
                 NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
@@ -96,6 +101,48 @@ pub(crate) mod fixtures {
                 pod_ips: Some(ips.iter().map(|s| PodIP { ip: s.to_string() }).collect()),
                 ..Default::default()
             }),
+        }
+    }
+
+    /// A Service of `type_` with `cluster_ips` (`spec.clusterIPs`), `selector` and `ports`.
+    pub fn service(
+        ns: &str,
+        name: &str,
+        type_: &str,
+        cluster_ips: &[&str],
+        selector: &[(&str, &str)],
+        ports: Vec<ServicePort>,
+    ) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(ns.into()),
+                ..Default::default()
+            },
+            spec: Some(ServiceSpec {
+                type_: Some(type_.into()),
+                cluster_ips: Some(cluster_ips.iter().map(|s| s.to_string()).collect()),
+                selector: (!selector.is_empty()).then(|| labels(selector)),
+                ports: Some(ports),
+                ..Default::default()
+            }),
+            status: None,
+        }
+    }
+
+    /// A Service port: protocol (`None`: TCP), port, target port and node port.
+    pub fn service_port(
+        proto: Option<&str>,
+        port: i32,
+        target: Option<IntOrString>,
+        node_port: Option<i32>,
+    ) -> ServicePort {
+        ServicePort {
+            protocol: proto.map(Into::into),
+            port,
+            target_port: target,
+            node_port,
+            ..Default::default()
         }
     }
 
@@ -233,6 +280,11 @@ fn check_compiled(
     for ep in compiled.state.endpoints.keys() {
         for &dir in &[DIR_INGRESS, DIR_EGRESS] {
             for &peer in peers {
+                // A Service frontend is judged after kube-proxy's translation, on its
+                // backend: the evaluator (pod-to-pod) has no verdict for it.
+                if decision::resolve_peer(&compiled.state, peer) == IDENTITY_SERVICE {
+                    continue;
+                }
                 for &(proto, port) in flows {
                     let d = decision::decide(&compiled.state, ep, dir, peer, proto, port);
                     let v = evaluator::direction_verdict(
@@ -550,6 +602,7 @@ fn cluster_strategy() -> impl Strategy<Value = Cluster> {
                     namespaces: shared(namespaces),
                     pods: shared(pods),
                     policies: shared(policies),
+                    services: Vec::new(),
                     verified,
                 }
             },
@@ -581,8 +634,111 @@ fn flows_strategy() -> impl Strategy<Value = Vec<(u8, u16)>> {
     })
 }
 
+/// Up to three Services in x, their frontends drawn from the flow peers (pod, node and other
+/// addresses: some collide) and a few addresses of their own, of every type, with a node port.
+fn services_strategy() -> impl Strategy<Value = Vec<k8s_openapi::api::core::v1::Service>> {
+    let mut pool: Vec<String> = flow_peers().iter().map(ToString::to_string).collect();
+    pool.extend(["10.96.0.1", "10.96.0.2", "fd00:96::1"].map(String::from));
+    proptest::collection::vec(
+        (
+            proptest::sample::subsequence(pool, 0..3),
+            proptest::sample::select(&["ClusterIP", "NodePort", "LoadBalancer"][..]),
+            proptest::sample::select(&[None, Some("UDP"), Some("SCTP")][..]),
+            30000..30004i32,
+        ),
+        0..4,
+    )
+    .prop_map(|v| {
+        v.into_iter()
+            .enumerate()
+            .map(|(i, (ips, ty, proto, node_port))| {
+                let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+                service(
+                    "x",
+                    &format!("s{i}"),
+                    ty,
+                    &ips,
+                    &[("a", "1")],
+                    vec![service_port(proto, 80, None, Some(node_port))],
+                )
+            })
+            .collect()
+    })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    /// Services change nothing but their own entries: each frontend no pod or node has
+    /// resolves to IDENTITY_SERVICE, every other address as without them, every other map is
+    /// the same, the node ports of NodePort and LoadBalancer Services are collected, and the
+    /// compiled verdicts still agree with the evaluator's wherever a peer is not a frontend.
+    #[test]
+    fn services_add_only_their_frontends_and_node_ports(
+        cluster in cluster_strategy(),
+        services in services_strategy(),
+        flows in flows_strategy(),
+    ) {
+        let o = opts();
+        let without = compile(&cluster, &o, &mut Allocations::new());
+        let with_services = Cluster { services: shared(services.clone()), ..cluster.clone() };
+        let with = compile(&with_services, &o, &mut Allocations::new());
+        prop_assert_eq!(&with.state.endpoints, &without.state.endpoints);
+        prop_assert_eq!(&with.state.policy, &without.state.policy);
+        prop_assert_eq!(&with.state.cidrs_v4, &without.state.cidrs_v4);
+        prop_assert_eq!(&with.state.cidrs_v6, &without.state.cidrs_v6);
+        prop_assert_eq!(&with.identities, &without.identities);
+        let frontends: std::collections::BTreeSet<IpAddr> = services
+            .iter()
+            .flat_map(|s| crate::model::parse_service(s).0.addresses)
+            .map(|(a, _)| a)
+            .collect();
+        let peers = |s: &crate::state::DesiredState| -> std::collections::BTreeMap<IpAddr, u32> {
+            s.peers_v4
+                .iter()
+                .map(|(a, p)| (IpAddr::from(*a), p.identity))
+                .chain(s.peers_v6.iter().map(|(a, p)| (IpAddr::from(*a), p.identity)))
+                .collect()
+        };
+        let (before, after) = (peers(&without.state), peers(&with.state));
+        for (a, id) in &before {
+            prop_assert_eq!(after.get(a), Some(id), "{} changed", a);
+        }
+        for (a, id) in &after {
+            if !before.contains_key(a) {
+                prop_assert!(frontends.contains(a) && *id == IDENTITY_SERVICE, "{} -> {}", a, id);
+            }
+        }
+        for a in &frontends {
+            prop_assert!(after.contains_key(a), "frontend {} has no entry", a);
+        }
+        let taken = with
+            .errors
+            .iter()
+            .filter(|e| matches!(e, CompileError::ServiceAddress { .. }))
+            .count();
+        // One per Service and address a pod or the node has.
+        let collisions = services
+            .iter()
+            .flat_map(|s| crate::model::parse_service(s).0.addresses)
+            .filter(|(a, _)| before.contains_key(a))
+            .count();
+        prop_assert_eq!(taken, collisions);
+        let node_ports: std::collections::BTreeSet<NodePortKey> = services
+            .iter()
+            .filter(|s| s.spec.as_ref().unwrap().type_.as_deref() != Some("ClusterIP"))
+            .map(|s| {
+                let p = &s.spec.as_ref().unwrap().ports.as_ref().unwrap()[0];
+                NodePortKey {
+                    protocol: super::validate::protocol_number(p.protocol.as_deref()).unwrap(),
+                    _pad: 0,
+                    port: p.node_port.unwrap() as u16,
+                }
+            })
+            .collect();
+        prop_assert_eq!(&with.state.node_ports, &node_ports);
+        check_compiled(&with, &with_services, &o, &flow_peers(), &flows);
+    }
 
     #[test]
     fn compiled_lookup_equals_evaluator(cluster in cluster_strategy(), flows in flows_strategy(), standalone in any::<bool>()) {
@@ -1791,4 +1947,225 @@ fn restore_skips_ambiguous_numbers() {
     assert_eq!(r(&[(300, 400), (301, 400), (302, 402)]), vec![(302, 402)]);
     // Reserved numbers (host, world) are never renumbered.
     assert_eq!(r(&[(2, 400), (300, 1)]), vec![]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Services.
+// ---------------------------------------------------------------------------------------------
+
+fn v4(s: &str) -> std::net::Ipv4Addr {
+    s.parse().unwrap()
+}
+
+fn v6(s: &str) -> std::net::Ipv6Addr {
+    s.parse().unwrap()
+}
+
+fn with_services(services: Vec<k8s_openapi::api::core::v1::Service>) -> super::Compiled {
+    let mut c = base(vec![]);
+    c.services = shared(services);
+    compile(&c, &opts(), &mut Allocations::new())
+}
+
+#[test]
+fn service_frontends_resolve_to_the_service_identity() {
+    use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
+    let mut s = service(
+        "x",
+        "web",
+        "LoadBalancer",
+        &["10.96.0.10", "fd00:96::10"],
+        &[("app", "a")],
+        vec![service_port(None, 80, None, Some(30080))],
+    );
+    // clusterIPs wins over clusterIP (it is initialised from it).
+    s.spec.as_mut().unwrap().cluster_ip = Some("10.96.0.99".into());
+    s.spec.as_mut().unwrap().external_ips = Some(vec!["192.0.2.7".into()]);
+    let lb = |ip: &str, mode: Option<&str>| LoadBalancerIngress {
+        ip: Some(ip.into()),
+        ip_mode: mode.map(Into::into),
+        ..Default::default()
+    };
+    s.status = Some(ServiceStatus {
+        load_balancer: Some(LoadBalancerStatus {
+            ingress: Some(vec![
+                lb("198.51.100.1", Some("VIP")),
+                lb("2001:db8::1", None),
+                lb("198.51.100.2", Some("Proxy")),
+            ]),
+        }),
+        ..Default::default()
+    });
+    let compiled = with_services(vec![s]);
+    assert!(compiled.errors.is_empty(), "{:?}", compiled.errors);
+    let st = &compiled.state;
+    for a in ["10.96.0.10", "192.0.2.7", "198.51.100.1"] {
+        assert_eq!(st.peers_v4[&v4(a)].identity, IDENTITY_SERVICE, "{a}");
+    }
+    for a in ["fd00:96::10", "2001:db8::1"] {
+        assert_eq!(st.peers_v6[&v6(a)].identity, IDENTITY_SERVICE, "{a}");
+    }
+    assert!(
+        !st.peers_v4.contains_key(&v4("10.96.0.99")),
+        "clusterIPs wins"
+    );
+    assert!(
+        !st.peers_v4.contains_key(&v4("198.51.100.2")),
+        "a Proxy-mode load balancer is not translated by kube-proxy"
+    );
+    // The pods and the node keep theirs; no identity is made for a Service.
+    let plain = with_services(vec![]);
+    assert_eq!(compiled.identities, plain.identities);
+    assert_eq!(st.peers_v4.len(), plain.state.peers_v4.len() + 3);
+    assert_eq!(st.peers_v6.len(), plain.state.peers_v6.len() + 2);
+}
+
+#[test]
+fn a_service_with_only_a_cluster_ip_uses_it() {
+    let mut s = service("x", "web", "ClusterIP", &[], &[], vec![]);
+    let spec = s.spec.as_mut().unwrap();
+    spec.cluster_ips = None;
+    spec.cluster_ip = Some("10.96.0.11".into());
+    let compiled = with_services(vec![s]);
+    assert_eq!(
+        compiled.state.peers_v4[&v4("10.96.0.11")].identity,
+        IDENTITY_SERVICE
+    );
+}
+
+#[test]
+fn headless_and_external_name_services_have_no_frontend() {
+    let headless = service("x", "h", "ClusterIP", &["None"], &[("app", "a")], vec![]);
+    let mut external = service("x", "e", "ExternalName", &[], &[], vec![]);
+    external.spec.as_mut().unwrap().external_name = Some("example.com".into());
+    let mut empty = service("x", "z", "ClusterIP", &[], &[], vec![]);
+    empty.spec.as_mut().unwrap().cluster_ip = Some(String::new());
+    let compiled = with_services(vec![headless, external, empty]);
+    assert!(compiled.errors.is_empty(), "{:?}", compiled.errors);
+    assert_eq!(compiled.state, with_services(vec![]).state);
+}
+
+#[test]
+fn node_ports_are_collected_with_their_protocol() {
+    let ports = || {
+        vec![
+            service_port(None, 80, Some(IntOrString::Int(8080)), Some(30080)),
+            service_port(Some("UDP"), 53, None, Some(30053)),
+            service_port(Some("SCTP"), 90, None, Some(30090)),
+            service_port(None, 81, None, None),
+        ]
+    };
+    let node_port = service("x", "n", "NodePort", &["10.96.0.20"], &[], ports());
+    let lb = service(
+        "x",
+        "l",
+        "LoadBalancer",
+        &["10.96.0.21"],
+        &[],
+        vec![service_port(None, 443, None, Some(30443))],
+    );
+    // A ClusterIP Service opens no node port, whatever the field says.
+    let cluster_ip = service(
+        "x",
+        "c",
+        "ClusterIP",
+        &["10.96.0.22"],
+        &[],
+        vec![service_port(None, 80, None, Some(30999))],
+    );
+    let compiled = with_services(vec![node_port, lb, cluster_ip]);
+    let key = |protocol, port| NodePortKey {
+        protocol,
+        _pad: 0,
+        port,
+    };
+    assert_eq!(
+        compiled.state.node_ports,
+        [
+            key(PROTO_TCP, 30080),
+            key(PROTO_UDP, 30053),
+            key(PROTO_SCTP, 30090),
+            key(PROTO_TCP, 30443),
+        ]
+        .into_iter()
+        .collect()
+    );
+}
+
+/// Should never happen (separate ranges), but a pod's or the node's address keeps resolving to
+/// the pod (the node), and the compile says so.
+#[test]
+fn a_pod_or_node_address_wins_over_a_service_address() {
+    let s = service(
+        "x",
+        "odd",
+        "ClusterIP",
+        &["10.0.0.1", "10.0.9.1", "10.96.0.30"],
+        &[],
+        vec![],
+    );
+    let compiled = with_services(vec![s]);
+    let plain = with_services(vec![]);
+    let st = &compiled.state;
+    assert_eq!(
+        st.peers_v4[&v4("10.0.0.1")],
+        plain.state.peers_v4[&v4("10.0.0.1")]
+    );
+    assert_eq!(st.peers_v4[&v4("10.0.9.1")].identity, IDENTITY_HOST);
+    assert_eq!(st.peers_v4[&v4("10.96.0.30")].identity, IDENTITY_SERVICE);
+    let text: Vec<String> = compiled.errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        text,
+        [
+            "Service x/odd: cluster IP 10.0.0.1 is also the address of pod x/a; it resolves to pod x/a, not to the Service",
+            "Service x/odd: cluster IP 10.0.9.1 is also the address of the node; it resolves to the node, not to the Service",
+        ]
+    );
+}
+
+#[test]
+fn an_unreadable_service_field_is_named_and_left_out() {
+    let mut s = service(
+        "x",
+        "bad",
+        "NodePort",
+        &["banana"],
+        &[],
+        vec![
+            service_port(Some("ICMP"), 80, None, Some(30001)),
+            service_port(None, 81, None, Some(70000)),
+            service_port(None, 82, None, Some(30002)),
+        ],
+    );
+    s.spec.as_mut().unwrap().external_ips = Some(vec!["192.0.2.8".into()]);
+    let compiled = with_services(vec![s.clone()]);
+    let text: Vec<String> = compiled.errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        text,
+        [
+            "Service x/bad: spec.clusterIPs[0]: \"banana\" is not an IP address (nor \"None\") (left out)",
+            "Service x/bad: spec.ports[0].protocol: \"ICMP\" is not a protocol (TCP, UDP or SCTP) (left out)",
+            "Service x/bad: spec.ports[1].nodePort: 70000 is not a port number (1-65535) (left out)",
+        ]
+    );
+    // What can be read still counts.
+    assert_eq!(
+        compiled.state.peers_v4[&v4("192.0.2.8")].identity,
+        IDENTITY_SERVICE
+    );
+    assert_eq!(
+        compiled.state.node_ports,
+        [NodePortKey {
+            protocol: PROTO_TCP,
+            _pad: 0,
+            port: 30002
+        }]
+        .into_iter()
+        .collect()
+    );
+    assert_eq!(
+        crate::model::validate_service(&s).unwrap_err().len(),
+        3,
+        "the manifests loader refuses it"
+    );
 }

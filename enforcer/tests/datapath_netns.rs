@@ -83,7 +83,7 @@ fn in_node<T: Send>(path: &str, f: impl FnOnce() -> T + Send) -> T {
 fn tc_filters(netns: &str, dev: &str, hook: Hook) -> String {
     let dir = match hook {
         Hook::Ingress => "ingress",
-        Hook::Egress => "egress",
+        Hook::Egress | Hook::Exit => "egress",
     };
     let out = std::process::Command::new("ip")
         .args([

@@ -516,6 +516,9 @@ fn reset(h: &mut Harness) {
     for key in h.dp.policy.keys().unwrap() {
         h.dp.policy.remove(&key).unwrap();
     }
+    for key in h.dp.node_ports.keys().unwrap() {
+        h.dp.node_ports.remove(&key).unwrap();
+    }
     let counts = h.dp.conntrack.flow_counts();
     (0..counts.slots()).for_each(|e| counts.clear(e));
     counts.keep_until(0);
@@ -3255,6 +3258,163 @@ fn icmp_errors_are_related_only_between_the_flows_ends(h: &mut Harness) {
     );
 }
 
+/// An ICMP error is `related` only by an L4 header it really quotes, under its own family's
+/// ICMP: a quoted later fragment has no L4 header (its bytes there are payload), the quote ends
+/// with the error's IP packet (not the frame's bytes after it), and protocol 58 in IPv4 or 1 in
+/// IPv6 is no ICMP at all. Each such error is judged as its own packet (denied here); the same
+/// error quoting the flow properly passes as `related`.
+fn icmp_errors_are_related_only_by_a_real_quote_of_their_family(h: &mut Harness) {
+    let (i, e) = (Hook::Egress, Hook::Ingress);
+    // A quoted later fragment whose payload reads like the flow's UDP header.
+    h.case(
+        "udp in allowed",
+        "a",
+        i,
+        &ipv4(B4, A4, PROTO_UDP, &udp(40000, 53, b"query")),
+        OK,
+        ALLOW_POLICY,
+    );
+    let quoted = |o: V4| strip_eth(&ipv4_with(B4, A4, PROTO_UDP, &udp(40000, 53, b"x"), o));
+    let later = quoted(V4 {
+        frag_offset: 0x80,
+        ..V4::default()
+    });
+    h.case(
+        "an error quoting a later fragment",
+        "a",
+        e,
+        &ipv4(A4, B4, 1, &icmp_error(3, 2, &later)),
+        SHOT,
+        DROP_POLICY,
+    );
+    let first = quoted(V4 {
+        more_fragments: true,
+        ..V4::default()
+    });
+    h.case(
+        "an error quoting the first fragment",
+        "a",
+        e,
+        &ipv4(A4, B4, 1, &icmp_error(3, 2, &first)),
+        OK,
+        ALLOW_RELATED,
+    );
+    // The quoted L4 header in the frame's bytes past the IP total length / payload length.
+    h.case(
+        "udp out allowed",
+        "a",
+        e,
+        &ipv4(A4, CIDR_IN4, PROTO_UDP, &udp(5000, 123, b"ntp")),
+        OK,
+        ALLOW_POLICY,
+    );
+    let err = icmp_error(
+        3,
+        3,
+        &strip_eth(&ipv4(A4, CIDR_IN4, PROTO_UDP, &udp(5000, 123, b"ntp"))),
+    );
+    let cut = V4 {
+        total_len: Some(20 + 8 + 20),
+        ..V4::default()
+    };
+    h.case(
+        "an error whose quote ends before the ports",
+        "a",
+        i,
+        &ipv4_with(CIDR_IN4, A4, 1, &err, cut),
+        SHOT,
+        DROP_POLICY,
+    );
+    h.case(
+        "the whole error",
+        "a",
+        i,
+        &ipv4(CIDR_IN4, A4, 1, &err),
+        OK,
+        ALLOW_RELATED,
+    );
+    h.case(
+        "tcp v6 out allowed",
+        "a",
+        e,
+        &ipv6(A6, B6, PROTO_TCP, &tcp(42500, 5432)),
+        OK,
+        ALLOW_POLICY,
+    );
+    let err6 = icmp_error(
+        1,
+        4,
+        &strip_eth(&ipv6(A6, B6, PROTO_TCP, &tcp(42500, 5432))),
+    );
+    h.case(
+        "an icmpv6 error whose quote ends before the ports",
+        "a",
+        i,
+        &ipv6_with(B6, A6, 58, &err6, Some(8 + 40)),
+        SHOT,
+        DROP_POLICY,
+    );
+    h.case(
+        "the whole icmpv6 error",
+        "a",
+        i,
+        &ipv6(B6, A6, 58, &err6),
+        OK,
+        ALLOW_RELATED,
+    );
+    // The other family's ICMP protocol number.
+    h.case(
+        "tcp in allowed",
+        "a",
+        i,
+        &ipv4(B4, A4, PROTO_TCP, &tcp(40001, 80)),
+        OK,
+        ALLOW_POLICY,
+    );
+    let syn = strip_eth(&ipv4(B4, A4, PROTO_TCP, &tcp(40001, 80)));
+    h.case(
+        "an icmpv6 error in ipv4",
+        "a",
+        e,
+        &ipv4(A4, B4, 58, &icmp_error(1, 4, &syn)),
+        SHOT,
+        DROP_POLICY,
+    );
+    h.case(
+        "the icmp error",
+        "a",
+        e,
+        &ipv4(A4, B4, 1, &icmp_error(3, 3, &syn)),
+        OK,
+        ALLOW_RELATED,
+    );
+    h.case(
+        "tcp v6 in allowed",
+        "a",
+        i,
+        &ipv6(B6, A6, PROTO_TCP, &tcp(40002, 80)),
+        OK,
+        ALLOW_POLICY,
+    );
+    let syn6 = strip_eth(&ipv6(B6, A6, PROTO_TCP, &tcp(40002, 80)));
+    h.case(
+        "an icmp error in ipv6",
+        "a",
+        e,
+        &ipv6(A6, B6, 1, &icmp_error(3, 3, &syn6)),
+        SHOT,
+        DROP_POLICY,
+    );
+    h.case(
+        "the icmpv6 error",
+        "a",
+        e,
+        &ipv6(A6, B6, 58, &icmp_error(1, 4, &syn6)),
+        OK,
+        ALLOW_RELATED,
+    );
+}
+
 /// Nothing reaches a pod from the pod's own address: only a forger sends that.
 fn packets_for_a_pod_from_its_own_address_are_spoofed(h: &mut Harness) {
     let i = Hook::Egress;
@@ -3313,6 +3473,7 @@ fn trials() -> Vec<Trial> {
         group!(a_pod_sends_only_ip_and_arp_for_its_own_address),
         group!(neighbour_discovery_passes_only_on_the_link),
         group!(icmp_errors_are_related_only_between_the_flows_ends),
+        group!(icmp_errors_are_related_only_by_a_real_quote_of_their_family),
         group!(packets_for_a_pod_from_its_own_address_are_spoofed),
         group!(host_and_self_traffic_is_allowed_and_never_tracked),
         group!(tcp_v4_flows_follow_policy_and_conntrack),
@@ -3341,6 +3502,7 @@ fn trials() -> Vec<Trial> {
         group!(idle_flows_time_out_and_are_judged_anew),
         group!(tcp_flows_age_by_their_state),
         group!(an_endpoint_at_its_flow_limit_opens_no_new_flow),
+        group!(service_flows_are_judged_after_the_translation),
         with_slots(Trial::test(
             "a_flow_table_from_an_older_build_keeps_its_unkeyed_hash",
             || {
@@ -3383,6 +3545,311 @@ fn trials() -> Vec<Trial> {
         .map(|t| t.with_ignored_flag(true))
         .collect();
     trials
+}
+
+impl Harness {
+    /// Runs `frame`, carrying `mark`, through `hook` of `iface`; checks the action and exactly
+    /// the counters `want` moved ((endpoint, direction, reason) each). Returns the mark the
+    /// programs left.
+    fn marked(
+        &mut self,
+        name: &str,
+        iface: &str,
+        hook: Hook,
+        frame: &[u8],
+        mark: u32,
+        want_act: i32,
+        want: &[(u32, u8, u8)],
+    ) -> u32 {
+        self.cases += 1;
+        let before = self.dp.counters.read().unwrap();
+        let (act, out) = match self.dp.test_run_marked(hook, self.ifs[iface], frame, mark) {
+            Ok(r) => r,
+            Err(err) => {
+                self.failures.push(format!("{name}: {err:#}"));
+                return 0;
+            }
+        };
+        let after = self.dp.counters.read().unwrap();
+        let mut moved: Vec<(u32, u8, u8)> = after
+            .iter()
+            .filter(|(k, v)| before.get(k).map_or(0, |b| b.packets) != v.packets)
+            .map(|(k, _)| *k)
+            .collect();
+        moved.sort_unstable();
+        let mut want = want.to_vec();
+        want.sort_unstable();
+        if act != want_act || moved != want {
+            let names = |l: &[(u32, u8, u8)]| -> Vec<String> {
+                l.iter()
+                    .map(|(e, d, r)| format!("ep{e}/dir{d}/{}", REASON_NAMES[*r as usize]))
+                    .collect()
+            };
+            self.failures.push(format!(
+                "{name}: action {act} (want {want_act}), counters moved {:?} (want {:?})",
+                names(&moved),
+                names(&want)
+            ));
+        }
+        out
+    }
+}
+
+const VIP4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// The mark bits that carry a deferred packet's slot.
+const SLOT_BITS: u32 = enforcer_common::SERVICE_MARK_MASK;
+/// TC_ACT_UNSPEC: the exit program leaves the packet to the hook's next program.
+const NEXT: i32 = -1;
+
+/// A new flow of an egress-isolated pod to a Service frontend (or a node port) is deferred with
+/// its slot in the mark, and judged on the backend the translation chose: by `to_pod`'s judge
+/// for a backend on the node, by the exit program for one elsewhere. Replies come back from the
+/// frontend; a denied backend revokes the flow; a slot that does not describe the packet drops
+/// it; hairpin and the node are allowed; a policy change re-judges a reply on its backend.
+fn service_flows_are_judged_after_the_translation(h: &mut Harness) {
+    let (i, e) = (Hook::Egress, Hook::Ingress);
+    let service = PeerInfo {
+        identity: enforcer_common::IDENTITY_SERVICE,
+        flags: 0,
+    };
+    h.dp.peers_v4.set(&VIP4, &service).unwrap();
+    let syn = |s, d| tcp_flags(s, d, TCP_SYN);
+    let (eg, ing) = (DIR_EGRESS, DIR_INGRESS);
+
+    // Allowed backend: B on TCP 5432 (rule 20).
+    let m = h.marked(
+        "to a ClusterIP: deferred",
+        "a",
+        e,
+        &ipv4(A4, VIP4, PROTO_TCP, &syn(40000, 80)),
+        0,
+        OK,
+        &[(EP_A, eg, ALLOW_SERVICE)],
+    );
+    if m & SLOT_BITS == 0 {
+        h.failures
+            .push(format!("deferred packet without a slot: mark {m:#x}"));
+    }
+    let out = h.marked(
+        "translated to an allowed backend: judged, then the backend's ingress",
+        "b",
+        i,
+        &ipv4(A4, B4, PROTO_TCP, &syn(40000, 5432)),
+        m,
+        OK,
+        &[(EP_A, eg, ALLOW_POLICY), (EP_B, ing, ALLOW_NOT_ISOLATED)],
+    );
+    if out & SLOT_BITS != 0 {
+        h.failures
+            .push(format!("the judge left the slot in the mark: {out:#x}"));
+    }
+    h.marked(
+        "the backend's reply (B is isolated in no direction)",
+        "b",
+        e,
+        &ipv4(
+            B4,
+            A4,
+            PROTO_TCP,
+            &tcp_flags(5432, 40000, TCP_SYN | TCP_ACK),
+        ),
+        0,
+        OK,
+        &[(EP_B, eg, ALLOW_NOT_ISOLATED)],
+    );
+    h.marked(
+        "the reply, un-NATed, from the frontend",
+        "a",
+        i,
+        &ipv4(
+            VIP4,
+            A4,
+            PROTO_TCP,
+            &tcp_flags(80, 40000, TCP_SYN | TCP_ACK),
+        ),
+        0,
+        OK,
+        &[(EP_A, ing, ALLOW_REPLY)],
+    );
+    let m = h.marked(
+        "the judged flow's next packet is not deferred",
+        "a",
+        e,
+        &ipv4(A4, VIP4, PROTO_TCP, &tcp_flags(40000, 80, TCP_ACK)),
+        0,
+        OK,
+        &[(EP_A, eg, ALLOW_ESTABLISHED)],
+    );
+    if m != 0 {
+        h.failures
+            .push(format!("an established packet got mark {m:#x}"));
+    }
+
+    // Denied backend: C (no rule for it).
+    let m = h.marked(
+        "to the ClusterIP again: deferred",
+        "a",
+        e,
+        &ipv4(A4, VIP4, PROTO_TCP, &syn(40001, 80)),
+        0,
+        OK,
+        &[(EP_A, eg, ALLOW_SERVICE)],
+    );
+    h.marked(
+        "translated to a backend the policy does not allow",
+        "c",
+        i,
+        &ipv4(A4, C4, PROTO_TCP, &syn(40001, 80)),
+        m,
+        SHOT,
+        &[(EP_A, eg, DROP_POLICY)],
+    );
+    h.marked(
+        "the denied flow's retransmission",
+        "a",
+        e,
+        &ipv4(A4, VIP4, PROTO_TCP, &syn(40001, 80)),
+        0,
+        SHOT,
+        &[(EP_A, eg, DROP_REVOKED)],
+    );
+
+    // A slot that does not describe the packet (another source port).
+    let m = h.marked(
+        "deferred",
+        "a",
+        e,
+        &ipv4(A4, VIP4, PROTO_TCP, &syn(40002, 80)),
+        0,
+        OK,
+        &[(EP_A, eg, ALLOW_SERVICE)],
+    );
+    h.marked(
+        "a packet whose slot describes another packet",
+        "b",
+        i,
+        &ipv4(A4, B4, PROTO_TCP, &syn(49999, 5432)),
+        m,
+        SHOT,
+        &[(0, eg, DROP_UNRESOLVED)],
+    );
+
+    // Hairpin: the Service picked A itself; kube-proxy masquerades it to a node address.
+    let m = h.marked(
+        "to its own Service: deferred",
+        "a",
+        e,
+        &ipv4(A4, VIP4, PROTO_TCP, &syn(40003, 80)),
+        0,
+        OK,
+        &[(EP_A, eg, ALLOW_SERVICE)],
+    );
+    h.marked(
+        "hairpin, masqueraded: the pod itself is allowed",
+        "a",
+        i,
+        &ipv4(HOST4, A4, PROTO_TCP, &syn(40003, 80)),
+        m,
+        OK,
+        &[(EP_A, eg, ALLOW_HOST), (EP_A, ing, ALLOW_HOST)],
+    );
+
+    // A backend on another node: judged by the exit program on the way out.
+    let m = h.marked(
+        "deferred",
+        "a",
+        e,
+        &ipv4(A4, VIP4, PROTO_TCP, &syn(40005, 80)),
+        0,
+        OK,
+        &[(EP_A, eg, ALLOW_SERVICE)],
+    );
+    h.marked(
+        "leaving the node to an allowed remote backend",
+        "u",
+        Hook::Exit,
+        &ipv4(A4, P9_4, PROTO_TCP, &syn(40005, 80)),
+        m,
+        NEXT,
+        &[(EP_A, eg, ALLOW_POLICY)],
+    );
+    h.marked(
+        "any other packet through the exit program",
+        "u",
+        Hook::Exit,
+        &ipv4(B4, P9_4, PROTO_TCP, &syn(40006, 80)),
+        0,
+        NEXT,
+        &[],
+    );
+
+    // Node ports: only the Services' ports of a node address are deferred.
+    h.dp.node_ports
+        .set(
+            &enforcer_common::NodePortKey {
+                protocol: PROTO_TCP,
+                _pad: 0,
+                port: 30080,
+            },
+            &1,
+        )
+        .unwrap();
+    h.marked(
+        "to a node port: deferred",
+        "a",
+        e,
+        &ipv4(A4, HOST4, PROTO_TCP, &syn(40007, 30080)),
+        0,
+        OK,
+        &[(EP_A, eg, ALLOW_SERVICE)],
+    );
+    h.marked(
+        "to another port of the node: the node",
+        "a",
+        e,
+        &ipv4(A4, HOST4, PROTO_TCP, &syn(40007, 30081)),
+        0,
+        OK,
+        &[(EP_A, eg, ALLOW_HOST)],
+    );
+
+    // A pod whose egress no policy isolates is never deferred.
+    h.marked(
+        "not egress-isolated: not deferred",
+        "b",
+        e,
+        &ipv4(B4, VIP4, PROTO_TCP, &syn(40008, 80)),
+        0,
+        OK,
+        &[(EP_B, eg, ALLOW_NOT_ISOLATED)],
+    );
+
+    // A policy change: B on 5432 no longer allowed. The judged flow's reply is re-checked on
+    // its recorded backend.
+    allow_none(&mut h.dp, EP_A, ID_B, DIR_EGRESS, PROTO_TCP, 5432, 16);
+    h.set_epoch("a", 2);
+    h.marked(
+        "a reply after the policy no longer allows its backend",
+        "a",
+        i,
+        &ipv4(VIP4, A4, PROTO_TCP, &tcp_flags(80, 40000, TCP_ACK)),
+        0,
+        SHOT,
+        &[(EP_A, ing, DROP_REVOKED)],
+    );
+    h.dp.node_ports
+        .remove(&enforcer_common::NodePortKey {
+            protocol: PROTO_TCP,
+            _pad: 0,
+            port: 30080,
+        })
+        .unwrap();
+}
+
+fn allow_none(dp: &mut Datapath, ep: u32, id: u32, dir: u8, proto: u8, port: u16, len: u8) {
+    dp.policy
+        .remove(&PolicyKey::new(ep, id, dir, proto, port, len))
+        .unwrap();
 }
 
 fn main() -> ExitCode {

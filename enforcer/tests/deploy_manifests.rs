@@ -1,7 +1,7 @@
 //! The deployment manifests under `manifests/`: every document parses into its k8s-openapi type
 //! without losing a field (a misspelt field would be silently dropped by the API server too),
-//! and the properties the agent relies on hold: read-only RBAC on exactly pods, namespaces and
-//! network policies; probes; the documented capability set and no privileged container; the
+//! and the properties the agent relies on hold: read-only RBAC on exactly pods, namespaces,
+//! services and network policies; probes; the documented capability set and no privileged container; the
 //! bpffs mount; NODE_NAME; tolerations; the rolling update. The example policies validate,
 //! compile, and give the verdicts their comments promise.
 
@@ -155,7 +155,7 @@ fn every_manifest_parses_into_its_type() {
 }
 
 #[test]
-fn rbac_is_read_only_on_exactly_pods_namespaces_and_networkpolicies() {
+fn rbac_is_read_only_on_exactly_pods_namespaces_services_and_networkpolicies() {
     let o = load();
     let role = &o.cluster_roles[0];
     let mut granted = BTreeSet::new();
@@ -180,6 +180,7 @@ fn rbac_is_read_only_on_exactly_pods_namespaces_and_networkpolicies() {
         BTreeSet::from([
             ("", "namespaces"),
             ("", "pods"),
+            ("", "services"),
             ("networking.k8s.io", "networkpolicies")
         ])
     );

@@ -82,6 +82,7 @@ impl Agent {
             MapName::Policy => o.policy_size,
             MapName::CidrsV4 | MapName::CidrsV6 => o.cidrs_size,
             MapName::PeersV4 | MapName::PeersV6 => o.peers_size,
+            MapName::NodePorts => o.node_ports_size,
         };
         // What the reconciler holds is what the maps hold: no walk over 100k entries a second.
         // Capacities are the pinned maps' own (a reused map keeps its size).

@@ -265,6 +265,13 @@ impl Agent {
                         report.pending.len()
                     );
                 }
+                if !report.exit_attached.is_empty() || !report.exit_detached.is_empty() {
+                    log::info!(
+                        "exit program: attached to interfaces {:?}, detached from {:?}",
+                        report.exit_attached,
+                        report.exit_detached
+                    );
+                }
                 // Not ready, and said so, while anything is not programmed: the pods named are
                 // denied beyond their policies (never allowed more).
                 let programming = shown.report(&report, &reconciler.fill(), cluster);

@@ -2,7 +2,8 @@
 //! the pods it leaves denied, the gauges and counters of `/metrics`, the lines of `/readyz`; and
 //! a warning when a map passes 90 % full. Also the pods it could not enforce at all (their own
 //! interface not found, or found where programs must not go), named in a warning, on
-//! `/metrics` and on `/readyz`, and the pods kept on their interface while their route is gone.
+//! `/metrics` and on `/readyz`, and the pods kept on their interface while their route is gone;
+//! and the interfaces the exit program could not be attached to.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -56,6 +57,8 @@ pub(super) struct Shown {
     not_enforced: BTreeMap<PodRef, NotEnforced>,
     /// Pods kept on their interface though it was not found, with the reason said.
     kept: BTreeMap<PodRef, String>,
+    /// Interfaces without the exit program, with the error said.
+    exits: BTreeMap<String, String>,
 }
 
 /// The flag that sizes `map`.
@@ -65,6 +68,7 @@ fn flag(map: MapName) -> &'static str {
         MapName::Policy => "--policy-map-size",
         MapName::PeersV4 | MapName::PeersV6 => "--peers-map-size",
         MapName::CidrsV4 | MapName::CidrsV6 => "the CIDR map size",
+        MapName::NodePorts => "the NODE_PORTS map size",
     }
 }
 
@@ -93,6 +97,7 @@ impl Shown {
     ) -> Programming {
         let mut out = Programming::default();
         self.interfaces(report, &mut out);
+        self.exits(report, &mut out);
         let mut by_map: BTreeMap<MapName, Vec<String>> = BTreeMap::new();
         for u in &report.unprogrammed {
             by_map
@@ -127,6 +132,21 @@ impl Shown {
                 *out.unprogrammed.entry(map.to_string()).or_default() += 1;
                 by_map.entry(map).or_default().push(who);
             }
+        }
+        for k in &report.node_ports_missing {
+            let port = format!(
+                "node port {}/{}",
+                k.port,
+                enforcer_policy::explain::protocol_label(k.protocol)
+            );
+            out.lines.push(format!(
+                "{port} has no entry: a pod's flow to a node address on it is allowed as traffic to the node, not judged on its Service's backend ({} full)",
+                MapName::NodePorts
+            ));
+            *out.unprogrammed
+                .entry(MapName::NodePorts.to_string())
+                .or_default() += 1;
+            by_map.entry(MapName::NodePorts).or_default().push(port);
         }
         if out.lines.len() > NAMED_UNPROGRAMMED {
             let more = out.lines.len() - NAMED_UNPROGRAMMED;
@@ -170,6 +190,9 @@ impl Shown {
                 }
                 MapName::PeersV4 | MapName::PeersV6 => {
                     "no peer entry: every policy judges these addresses by their ipBlocks only, pod selectors do not match them"
+                }
+                MapName::NodePorts => {
+                    "no entry: pods' flows to a node address on these ports are allowed as traffic to the node, not judged on their Service's backends"
                 }
             };
             log::warn!(
@@ -217,6 +240,24 @@ impl Shown {
 }
 
 impl Shown {
+    /// The interfaces the exit program could not be attached to: logged once per change, and
+    /// named for `/readyz` and `/metrics`.
+    fn exits(&mut self, report: &Report, out: &mut Programming) {
+        let now: BTreeMap<String, String> = report.exit_failed.iter().cloned().collect();
+        for (ifname, why) in &now {
+            if self.exits.get(ifname) != Some(why) {
+                log::warn!(
+                    "exit program not attached to {ifname}: {why}; Service packets pods send that leave the node by {ifname} are not judged on their backend (retried every second)"
+                );
+            }
+        }
+        for ifname in self.exits.keys().filter(|i| !now.contains_key(*i)) {
+            log::info!("exit program attached to {ifname} now (or {ifname} is gone)");
+        }
+        out.exits_not_attached = now.iter().map(|(i, w)| (i.clone(), w.clone())).collect();
+        self.exits = now;
+    }
+
     /// The pods without programs and the pods kept on their interface: logged once per change
     /// (a pod not found yet only after [`NOT_FOUND_GRACE`]), and named for `/readyz` and
     /// `/metrics`.
@@ -355,6 +396,35 @@ mod tests {
         let p = shown.report(&Report::default(), &[], None);
         assert!(p.not_enforced.is_empty() && p.not_enforced_by_reason.is_empty());
         assert!(shown.not_enforced.is_empty() && shown.kept.is_empty());
+    }
+
+    #[test]
+    fn names_the_interfaces_without_the_exit_program_and_the_node_ports_left_out() {
+        let mut shown = Shown::default();
+        let mut r = Report::default();
+        r.exit_failed.push(("eth1".into(), "busy".into()));
+        r.node_ports_missing.push(enforcer_common::NodePortKey {
+            protocol: enforcer_common::PROTO_UDP,
+            _pad: 0,
+            port: 30053,
+        });
+        r.missing.insert(MapName::NodePorts, 1);
+        let p = shown.report(&r, &[], None);
+        assert_eq!(
+            p.exits_not_attached,
+            [("eth1".to_string(), "busy".to_string())]
+        );
+        assert_eq!(
+            p.lines,
+            [
+                "node port 30053/UDP has no entry: a pod's flow to a node address on it is allowed as traffic to the node, not judged on its Service's backend (NODE_PORTS full)"
+            ]
+        );
+        assert_eq!(p.unprogrammed.get("NODE_PORTS"), Some(&1));
+        assert_eq!(p.missing.get("NODE_PORTS"), Some(&1));
+        let p = shown.report(&Report::default(), &[], None);
+        assert!(p.exits_not_attached.is_empty() && p.lines.is_empty());
+        assert!(shown.exits.is_empty());
     }
 
     #[test]

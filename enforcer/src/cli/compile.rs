@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 
 use anyhow::Result;
-use enforcer_common::{DIR_EGRESS, DIR_INGRESS};
+use enforcer_common::{DIR_EGRESS, DIR_INGRESS, IDENTITY_SERVICE};
 use enforcer_policy::{
     compile::{Allocations, CompileOptions, compile},
     explain::protocol_label,
@@ -41,16 +41,24 @@ pub fn compile_report(dir: &Path, node_name: Option<String>, entries: bool) -> R
     }
     let s = &compiled.state;
     let mut o = String::new();
+    let frontends = s
+        .peers_v4
+        .values()
+        .chain(s.peers_v6.values())
+        .filter(|p| p.identity == IDENTITY_SERVICE)
+        .count();
     let _ = writeln!(
         o,
-        "{} pods enforced, {} policies ({} refused), {} identities, {} policy entries, {} pod addresses, {} CIDR regions",
+        "{} pods enforced, {} policies ({} refused), {} identities, {} policy entries, {} pod addresses, {} CIDR regions, {} Service frontends, {} node ports",
         s.endpoints.len(),
         cluster.policies.len(),
         compiled.refused.len(),
         compiled.identities.len(),
         s.policy.len(),
-        s.peers_v4.len() + s.peers_v6.len(),
-        s.cidrs_v4.len() + s.cidrs_v6.len()
+        s.peers_v4.len() + s.peers_v6.len() - frontends,
+        s.cidrs_v4.len() + s.cidrs_v6.len(),
+        frontends,
+        s.node_ports.len()
     );
     for r in &compiled.refused {
         let f = &r.refusal;
@@ -148,6 +156,13 @@ pub fn compile_report(dir: &Path, node_name: Option<String>, entries: bool) -> R
         }
         for (c, p) in &s.cidrs_v6 {
             let _ = writeln!(o, "  {}/{} -> identity {}", c.addr, c.len, p.identity);
+        }
+        let _ = writeln!(
+            o,
+            "\nnode ports (judged on their Service's backend, as identity {IDENTITY_SERVICE} is):"
+        );
+        for k in &s.node_ports {
+            let _ = writeln!(o, "  {}/{}", k.port, protocol_label(k.protocol));
         }
         let _ = writeln!(
             o,

@@ -1,11 +1,16 @@
-//! `enforcer explain`: one flow's verdict and the policy and rule that decided it (offline).
+//! `enforcer explain`: one flow's verdict and the policy and rule that decided it (offline). A
+//! flow to a Service frontend (or to a node address on a node port) is judged once per backend,
+//! as kube-proxy sends it to one of them.
 
 use std::{net::IpAddr, path::Path};
 
 use anyhow::{Context as _, Result, bail};
 use enforcer_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 use enforcer_policy::{
-    compile::CompileOptions, evaluator::Endpoint, explain::explain, state::PodRef,
+    compile::CompileOptions,
+    evaluator::Endpoint,
+    explain::{explain, explain_service},
+    state::PodRef,
 };
 
 use super::compile::load;
@@ -50,6 +55,9 @@ pub fn explain_report(
         require_identity,
         ..CompileOptions::default()
     };
+    if let Some(s) = explain_service(&cluster, &opts, &from, &to, protocol, port) {
+        return Ok(format!("{s}\n"));
+    }
     let e = explain(&cluster, &opts, &from, &to, protocol, port);
     Ok(format!("{e}\n"))
 }
@@ -70,5 +78,39 @@ mod tests {
         assert!(parse_endpoint("nope").is_err());
         assert_eq!(parse_protocol("UDP").unwrap(), PROTO_UDP);
         assert!(parse_protocol("icmp").is_err());
+    }
+
+    #[test]
+    fn a_flow_to_a_service_is_explained_for_each_backend() {
+        let dir = tempfile::tempdir().unwrap();
+        let pod = |name: &str, app: &str, ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: x\n  labels:\n    app: {app}\nspec:\n  containers:\n  - name: c\n    ports: [{{name: http, containerPort: 8080}}]\nstatus:\n  phase: Running\n  podIP: {ip}\n"
+            )
+        };
+        let svc = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: x\nspec:\n  clusterIP: 10.96.0.10\n  selector: {app: web}\n  ports:\n  - {port: 80, targetPort: http}\n";
+        let deny = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: deny\n  namespace: x\nspec:\n  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Ingress]\n";
+        std::fs::write(
+            dir.path().join("all.yaml"),
+            format!(
+                "{}---\n{}---\n{svc}---\n{deny}",
+                pod("client", "client", "10.0.0.1"),
+                pod("web", "web", "10.0.0.2")
+            ),
+        )
+        .unwrap();
+        let report =
+            explain_report(dir.path(), "x/client", "10.96.0.10", 80, "tcp", false).unwrap();
+        for line in [
+            "destination: Service x/web (cluster IP 10.96.0.10)",
+            "backend x/web (10.0.0.1 -> 10.0.0.2 port 8080):",
+            "  ingress at x/web: denied: isolated by policies [x/deny] and no rule allows it",
+            "verdict: DENIED (to every backend)",
+        ] {
+            assert!(report.contains(line), "{line:?} in\n{report}");
+        }
+        // Any other address is an ordinary flow, as before.
+        let report = explain_report(dir.path(), "x/client", "x/web", 8080, "tcp", false).unwrap();
+        assert!(report.contains("verdict: DENIED\n"), "{report}");
     }
 }

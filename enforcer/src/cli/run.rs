@@ -106,6 +106,10 @@ pub struct RunArgs {
     /// Entries of the fragments map.
     #[arg(long, default_value_t = DEFAULT_FRAGMENTS_SIZE)]
     fragments_map_size: u32,
+    /// Entries of the map of the Services' node ports (a node port that does not fit is let
+    /// through as traffic to the node, and reported on /readyz).
+    #[arg(long, default_value_t = enforcer_common::DEFAULT_NODE_PORTS_SIZE)]
+    node_ports_map_size: u32,
     /// Bytes of the verdict event ring buffer.
     #[arg(long, default_value_t = DEFAULT_EVENTS_BYTES)]
     events_bytes: u32,
@@ -170,6 +174,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         policy_size: args.policy_map_size,
         conntrack_size: args.conntrack_map_size,
         fragments_size: args.fragments_map_size,
+        node_ports_size: args.node_ports_map_size,
         events_bytes: args.events_bytes,
         log_allowed: args.log_allowed,
         attach: args.attach_mode,

@@ -72,7 +72,7 @@ pub fn tc_marker(pin_path: &Path, ifindex: u32, hook: Hook) -> PathBuf {
 pub fn parse_tc_marker(name: &str) -> Option<(u32, Hook)> {
     let (index, rest) = name.split_once('-')?;
     let suffix = rest.strip_suffix("-tc")?;
-    let hook = Hook::ALL.into_iter().find(|h| h.suffix() == suffix)?;
+    let hook = Hook::EVERY.into_iter().find(|h| h.suffix() == suffix)?;
     Some((index.parse().ok()?, hook))
 }
 

@@ -30,7 +30,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, ProgramArray, RingBuf},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -43,11 +43,13 @@ use enforcer_common::{
     CONFIG_CT_LRU_ALL, CONFIG_LOG_ALLOWED, Config, DEFAULT_CIDRS_SIZE, DEFAULT_CONNTRACK_SIZE,
     DEFAULT_CT_TIMEOUT_OTHER_NS, DEFAULT_CT_TIMEOUT_TCP_CLOSED_NS, DEFAULT_CT_TIMEOUT_TCP_NS,
     DEFAULT_CT_TIMEOUT_TCP_SYN_NS, DEFAULT_EVENTS_BYTES, DEFAULT_FRAGMENTS_SIZE,
-    DEFAULT_MAX_ENDPOINTS, DEFAULT_PEERS_SIZE, DEFAULT_POLICY_SIZE, FlowSeed,
-    MAP_CIDRS_V4, MAP_CIDRS_V6, MAP_CONFIG, MAP_CONNTRACK_V4, MAP_CONNTRACK_V6, MAP_COUNTERS,
-    MAP_ENDPOINT_SLOTS, MAP_ENDPOINTS, MAP_EVENTS, MAP_FLOW_COUNTS, MAP_FLOWS_V4, MAP_FRAGMENTS,
-    MAP_PEER_SLOTS, MAP_PEERS_V4, MAP_PEERS_V6, MAP_POLICY, PROG_FROM_POD, PROG_TO_POD, PeerInfo,
-    PolicyKey, PolicyValue, SCHEMA_VERSION, counter_slots, peer_buckets_for,
+    DEFAULT_MAX_ENDPOINTS, DEFAULT_NODE_PORTS_SIZE, DEFAULT_PEERS_SIZE, DEFAULT_POLICY_SIZE,
+    FlowSeed, MAP_CIDRS_V4, MAP_CIDRS_V6, MAP_CONFIG, MAP_CONNTRACK_V4, MAP_CONNTRACK_V6,
+    MAP_COUNTERS, MAP_DEFERRED, MAP_ENDPOINT_SLOTS, MAP_ENDPOINTS, MAP_EVENTS, MAP_FLOW_COUNTS,
+    MAP_FLOWS_V4, MAP_FRAGMENTS, MAP_NODE_PORTS, MAP_PEER_SLOTS, MAP_PEERS_V4, MAP_PEERS_V6,
+    MAP_POLICY, MAP_SERVICE_FLOWS, MAP_SVC_PROGS, NodePortKey, PROG_FROM_POD, PROG_SVC_EXIT,
+    PROG_SVC_POD, PROG_TO_POD, PeerInfo, PolicyKey, PolicyValue, SCHEMA_VERSION, SVC_PROG_JUDGE,
+    SVC_PROG_TO_POD, counter_slots, peer_buckets_for,
 };
 pub use events::{AsyncEvents, EventReader};
 pub use hash::{EndpointTable, HashTable, PeerTable};
@@ -60,7 +62,7 @@ pub use self::bpffs::{ensure_bpffs, is_bpffs, mount_bpffs};
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/enforcer";
 
 /// Every pinned map.
-const PINNED_MAPS: [&str; 16] = [
+const PINNED_MAPS: [&str; 20] = [
     MAP_ENDPOINTS,
     MAP_ENDPOINT_SLOTS,
     MAP_PEERS_V4,
@@ -77,6 +79,13 @@ const PINNED_MAPS: [&str; 16] = [
     MAP_COUNTERS,
     MAP_EVENTS,
     MAP_CONFIG,
+    MAP_NODE_PORTS,
+    // Deferred packets cross from one object's programs to another's during an upgrade.
+    MAP_DEFERRED,
+    MAP_SERVICE_FLOWS,
+    // Pinned so that its entries outlive the agent (a program array empties when its last
+    // user-space reference goes): running programs keep reaching the judge.
+    MAP_SVC_PROGS,
 ];
 
 /// The eBPF object built by `build.rs`.
@@ -94,6 +103,8 @@ pub struct DatapathOptions {
     pub policy_size: u32,
     pub conntrack_size: u32,
     pub fragments_size: u32,
+    /// NODE_PORTS size (`--node-ports-map-size`).
+    pub node_ports_size: u32,
     /// Ring buffer size in bytes (a power of two, a multiple of the page size).
     pub events_bytes: u32,
     /// Send an event for every new allowed flow too.
@@ -122,6 +133,7 @@ impl Default for DatapathOptions {
             policy_size: DEFAULT_POLICY_SIZE,
             conntrack_size: DEFAULT_CONNTRACK_SIZE,
             fragments_size: DEFAULT_FRAGMENTS_SIZE,
+            node_ports_size: DEFAULT_NODE_PORTS_SIZE,
             events_bytes: DEFAULT_EVENTS_BYTES,
             log_allowed: false,
             attach: AttachMode::Auto,
@@ -155,6 +167,14 @@ impl DatapathOptions {
     }
 }
 
+/// Entries of SERVICE_FLOWS for conntrack maps of `conntrack_size`: Service flows are some of
+/// the flows; an evicted entry only makes its flow's replies wait for the pod's next packet
+/// after a policy change.
+pub const fn service_flows_size(conntrack_size: u32) -> u32 {
+    let n = conntrack_size / 4;
+    if n < 1024 { 1024 } else { n }
+}
+
 /// The default flows per endpoint and direction for conntrack maps of `conntrack_size`: half
 /// of one map, so that one pod flooding in one direction holds at most a quarter of the IPv4
 /// room (table and LRU map) or half of the IPv6 map, and the others keep the rest.
@@ -181,29 +201,36 @@ fn random_seed() -> Result<FlowSeed> {
     }
 }
 
-/// One hook of a host-side veth.
+/// One hook of a host-side veth, or of one of the node's other interfaces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
-    /// TC ingress: what the pod sends; runs `from_pod`.
+    /// TC ingress of a pod's veth: what the pod sends; runs `from_pod`.
     Ingress,
-    /// TC egress: what the pod receives; runs `to_pod`.
+    /// TC egress of a pod's veth: what the pod receives; runs `to_pod`.
     Egress,
+    /// TC egress of another interface (uplink, tunnel, bridge): runs `svc_exit`, which judges
+    /// deferred Service packets leaving the node by it.
+    Exit,
 }
 
 impl Hook {
+    /// The hooks of a pod's veth.
     pub const ALL: [Self; 2] = [Self::Ingress, Self::Egress];
+    /// Every kind of hook.
+    pub const EVERY: [Self; 3] = [Self::Ingress, Self::Egress, Self::Exit];
 
     const fn program(self) -> &'static str {
         match self {
             Self::Ingress => PROG_FROM_POD,
             Self::Egress => PROG_TO_POD,
+            Self::Exit => PROG_SVC_EXIT,
         }
     }
 
     const fn attach_type(self) -> TcAttachType {
         match self {
             Self::Ingress => TcAttachType::Ingress,
-            Self::Egress => TcAttachType::Egress,
+            Self::Egress | Self::Exit => TcAttachType::Egress,
         }
     }
 
@@ -211,6 +238,16 @@ impl Hook {
         match self {
             Self::Ingress => "ingress",
             Self::Egress => "egress",
+            Self::Exit => "exit",
+        }
+    }
+
+    /// The tc (netlink) filter handle: the exit program shares a device with filters of
+    /// other software, under a handle of its own.
+    const fn tc_handle(self) -> TcHandle {
+        match self {
+            Self::Ingress | Self::Egress => TcHandle::new(0, 1),
+            Self::Exit => TcHandle::new(0, 0xe1),
         }
     }
 }
@@ -239,6 +276,9 @@ pub struct Datapath {
     pub cidrs_v4: LpmTable<std::net::Ipv4Addr>,
     pub cidrs_v6: LpmTable<std::net::Ipv6Addr>,
     pub policy: HashTable<PolicyKey, PolicyValue>,
+    pub node_ports: HashTable<NodePortKey, u32>,
+    /// Held for the life of the agent (the pin keeps it beyond).
+    _svc_progs: ProgramArray<MapData>,
     pub conntrack: Conntrack,
     pub counters: Counters,
     events: Option<EventReader>,
@@ -283,7 +323,9 @@ fn pinned_config(maps_dir: &Path) -> Result<Option<Config>> {
     let Ok(m) = MapData::from_pin(&pin) else {
         return Ok(None);
     };
-    let info = m.info().with_context(|| format!("reading {}", pin.display()))?;
+    let info = m
+        .info()
+        .with_context(|| format!("reading {}", pin.display()))?;
     if info.value_size() as usize != size_of::<Config>() {
         log::info!(
             "pinned {MAP_CONFIG} has {}-byte values, this build writes {}: replacing it",
@@ -382,18 +424,39 @@ impl Datapath {
             .map_max_entries(MAP_CONNTRACK_V4, options.conntrack_size)
             .map_max_entries(MAP_CONNTRACK_V6, options.conntrack_size)
             .map_max_entries(MAP_FRAGMENTS, options.fragments_size)
+            .map_max_entries(MAP_NODE_PORTS, options.node_ports_size)
+            .map_max_entries(
+                MAP_SERVICE_FLOWS,
+                service_flows_size(options.conntrack_size),
+            )
             .map_max_entries(MAP_COUNTERS, counters)
             .map_max_entries(MAP_EVENTS, options.events_bytes);
         let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
 
-        for hook in Hook::ALL {
+        for name in [PROG_FROM_POD, PROG_TO_POD, PROG_SVC_POD, PROG_SVC_EXIT] {
             let prog: &mut SchedClassifier = ebpf
-                .program_mut(hook.program())
-                .ok_or_else(|| anyhow!("program {} missing from the eBPF object", hook.program()))?
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
                 .try_into()
-                .with_context(|| format!("program {} is not a classifier", hook.program()))?;
+                .with_context(|| format!("program {name} is not a classifier"))?;
             prog.load()
-                .with_context(|| format!("loading program {} (verifier)", hook.program()))?;
+                .with_context(|| format!("loading program {name} (verifier)"))?;
+        }
+        // The tail calls between `to_pod` and the judge of deferred Service packets. A pinned
+        // array of an earlier agent now points at this object's programs.
+        let mut svc_progs = ProgramArray::try_from(take(&mut ebpf, MAP_SVC_PROGS)?)
+            .with_context(|| format!("map {MAP_SVC_PROGS}"))?;
+        for (index, name) in [
+            (SVC_PROG_JUDGE, PROG_SVC_POD),
+            (SVC_PROG_TO_POD, PROG_TO_POD),
+        ] {
+            let prog: &SchedClassifier = ebpf
+                .program(name)
+                .ok_or_else(|| anyhow!("program {name} missing"))?
+                .try_into()?;
+            svc_progs
+                .set(index, prog.fd()?, 0)
+                .with_context(|| format!("setting {name} in {MAP_SVC_PROGS}"))?;
         }
 
         let endpoints_hash = HashTable::new(
@@ -448,6 +511,10 @@ impl Datapath {
             LpmTrie::try_from(take(&mut ebpf, MAP_CIDRS_V6)?)?,
         )?;
         let policy = HashTable::new(MAP_POLICY, HashMap::try_from(take(&mut ebpf, MAP_POLICY)?)?);
+        let node_ports = HashTable::new(
+            MAP_NODE_PORTS,
+            HashMap::try_from(take(&mut ebpf, MAP_NODE_PORTS)?)?,
+        );
         let (ct_v4, ct_v6) = (
             take(&mut ebpf, MAP_CONNTRACK_V4)?,
             take(&mut ebpf, MAP_CONNTRACK_V6)?,
@@ -538,6 +605,8 @@ impl Datapath {
             cidrs_v4,
             cidrs_v6,
             policy,
+            node_ports,
+            _svc_progs: svc_progs,
             conntrack,
             counters,
             events: Some(events),
@@ -613,6 +682,32 @@ impl Datapath {
             .with_context(|| format!("BPF_PROG_TEST_RUN of {}", hook.program()))?;
         #[expect(clippy::cast_possible_wrap, reason = "TC actions are small")]
         Ok(r.return_value as i32)
+    }
+
+    /// [`Datapath::test_run`] of a packet carrying `mark` (`skb->mark`); returns the TC action
+    /// and the mark the programs left (a deferred Service packet carries its slot there).
+    pub fn test_run_marked(
+        &self,
+        hook: Hook,
+        ifindex: u32,
+        frame: &[u8],
+        mark: u32,
+    ) -> Result<(i32, u32)> {
+        let mut ctx = sk_buff_ctx(ifindex);
+        ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
+        let mut ctx_out = vec![0u8; ctx.len()];
+        let opts = aya::programs::TestRunOptions {
+            data_in: Some(frame),
+            ctx_in: Some(&ctx),
+            ctx_out: Some(&mut ctx_out),
+            repeat: 1,
+            ..Default::default()
+        };
+        let r = aya::programs::TestRun::test_run(self.program(hook)?, opts)
+            .with_context(|| format!("BPF_PROG_TEST_RUN of {}", hook.program()))?;
+        let mark = u32::from_ne_bytes([ctx_out[8], ctx_out[9], ctx_out[10], ctx_out[11]]);
+        #[expect(clippy::cast_possible_wrap, reason = "TC actions are small")]
+        Ok((r.return_value as i32, mark))
     }
 
     /// Attaches both programs to the host-side veth `ifindex` (in the calling thread's network
@@ -707,14 +802,14 @@ impl Datapath {
         }
         let opts = NlOptions {
             priority: 1,
-            handle: TcHandle::new(0, 1),
+            handle: hook.tc_handle(),
             classid: None,
         };
         let id = match SchedClassifierLink::attached(
             &ifname,
             hook.attach_type(),
             1,
-            TcHandle::new(0, 1),
+            hook.tc_handle(),
             None,
         ) {
             Ok(existing) => prog.attach_to_link(existing).or_else(|_| {
@@ -766,6 +861,18 @@ impl Datapath {
                 self.detach(ifindex)?;
             }
         }
+        for ifindex in self.exits_attached()? {
+            let hook = Hook::Exit;
+            let live = bpffs::tcx_link_ifindex(&link_pin(&self.pin_path, ifindex, hook))
+                .is_ok_and(|i| i == ifindex)
+                || (attach::tc_marker(&self.pin_path, ifindex, hook).exists()
+                    && ifname(ifindex).is_ok());
+            if live {
+                self.attach_exit(ifindex)?;
+            } else {
+                self.detach_exit(ifindex)?;
+            }
+        }
         self.migrate_conntrack();
         self.settle_conntrack()?;
         Ok(done)
@@ -799,31 +906,58 @@ impl Datapath {
         Self::attached_at(&self.pin_path)
     }
 
-    /// ifindexes with a pinned link under `pin_path`.
-    pub fn attached_at(pin_path: &Path) -> Result<Vec<u32>> {
-        let dir = versioned_root(pin_path).join("links");
-        let mut out = Vec::new();
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
-        };
-        for entry in entries {
-            let name = entry
-                .with_context(|| format!("listing {}", dir.display()))?
-                .file_name();
-            let name = name.to_string_lossy();
-            if let Some((index, _)) = name.split_once('-')
-                && let Ok(index) = index.parse::<u32>()
-                && !out.contains(&index)
-            {
-                out.push(index);
-            }
-        }
-        out.sort_unstable();
-        Ok(out)
+    /// Attaches the exit program to the TC egress of `ifindex`, one of the node's interfaces
+    /// that is not a pod's veth (re-pointing a pinned link, like [`Datapath::attach`]).
+    pub fn attach_exit(&mut self, ifindex: u32) -> Result<()> {
+        self.attach_hook(ifindex, Hook::Exit)
+            .with_context(|| format!("attaching {PROG_SVC_EXIT} to ifindex {ifindex}"))
     }
 
+    /// Detaches the exit program from `ifindex`.
+    pub fn detach_exit(&mut self, ifindex: u32) -> Result<()> {
+        detach_hook_at(&self.pin_path, ifindex, Hook::Exit)
+    }
+
+    /// ifindexes with the exit program attached, from the pins.
+    pub fn exits_attached(&self) -> Result<Vec<u32>> {
+        links_at(&self.pin_path, &[Hook::Exit])
+    }
+
+    /// ifindexes with a pod's programs pinned under `pin_path`.
+    pub fn attached_at(pin_path: &Path) -> Result<Vec<u32>> {
+        links_at(pin_path, &Hook::ALL)
+    }
+}
+
+/// ifindexes with a link (or tc record) of one of `hooks` under `pin_path`.
+fn links_at(pin_path: &Path, hooks: &[Hook]) -> Result<Vec<u32>> {
+    let dir = versioned_root(pin_path).join("links");
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+    };
+    for entry in entries {
+        let name = entry
+            .with_context(|| format!("listing {}", dir.display()))?
+            .file_name();
+        let name = name.to_string_lossy();
+        if let Some((index, rest)) = name.split_once('-')
+            && let Ok(index) = index.parse::<u32>()
+            && hooks
+                .iter()
+                .any(|h| rest.strip_suffix("-tc").unwrap_or(rest) == h.suffix())
+            && !out.contains(&index)
+        {
+            out.push(index);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+impl Datapath {
     /// Removes everything under `pin_path`: unpins the links (which detaches the programs),
     /// removes the recorded tc filters (from the calling thread's network namespace) and the
     /// maps of every schema version. Works without loading anything.
@@ -872,12 +1006,18 @@ impl Datapath {
 /// filters (from the calling thread's network namespace) and their records.
 pub fn detach_at(pin_path: &Path, ifindex: u32) -> Result<()> {
     for hook in Hook::ALL {
-        let pin = link_pin(pin_path, ifindex, hook);
-        bpffs::detach_pinned_link(&pin).with_context(|| format!("detaching {}", pin.display()))?;
-        let marker = attach::tc_marker(pin_path, ifindex, hook);
-        if marker.exists() {
-            attach::tc_detach(&marker, ifindex, hook)?;
-        }
+        detach_hook_at(pin_path, ifindex, hook)?;
+    }
+    Ok(())
+}
+
+/// Detaches one hook of `ifindex` under `pin_path`.
+fn detach_hook_at(pin_path: &Path, ifindex: u32, hook: Hook) -> Result<()> {
+    let pin = link_pin(pin_path, ifindex, hook);
+    bpffs::detach_pinned_link(&pin).with_context(|| format!("detaching {}", pin.display()))?;
+    let marker = attach::tc_marker(pin_path, ifindex, hook);
+    if marker.exists() {
+        attach::tc_detach(&marker, ifindex, hook)?;
     }
     Ok(())
 }

@@ -182,7 +182,9 @@ impl PeerSlotSync {
         for (w, (&c, &n)) in cur.iter().zip(&want).enumerate() {
             if c != n {
                 self.mem.write(b, w, n);
-                self.filled = self.filled + usize::from(n != 0) - usize::from(c != 0);
+                // Wrapping: while `new` clears an earlier agent's leftover ways the count
+                // starts at 0 (it is counted afresh once they are cleared).
+                self.filled = (self.filled + usize::from(n != 0)).wrapping_sub(usize::from(c != 0));
             }
         }
     }

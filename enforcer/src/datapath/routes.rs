@@ -40,6 +40,8 @@ pub struct Link {
     pub master: Option<u32>,
     /// The other end (of a veth) is in another network namespace (`IFLA_LINK_NETNSID`).
     pub peer_elsewhere: bool,
+    /// Administratively up (`IFF_UP`).
+    pub up: bool,
 }
 
 impl Link {
@@ -206,6 +208,16 @@ impl Routes for KernelRoutes {
 
     fn exists(&self, ifindex: u32) -> bool {
         self.links.get(&ifindex).is_some_and(Link::is_pod_veth)
+    }
+
+    /// From the same link dump as the lookups: a reconcile sees one snapshot.
+    fn interfaces(&self) -> Result<Vec<(u32, String)>> {
+        Ok(self
+            .links
+            .values()
+            .filter(|l| l.up && l.name != "lo")
+            .map(|l| (l.index, l.name.clone()))
+            .collect())
     }
 }
 
@@ -458,6 +470,7 @@ mod netlink {
             }
             let mut link = Link {
                 index: u32_of(&m[4..8]).unwrap_or(0),
+                up: u32_of(&m[8..12]).is_some_and(|f| f & libc::IFF_UP as u32 != 0),
                 ..Link::default()
             };
             for (ty, data) in attributes(&m[16..]) {
@@ -658,6 +671,7 @@ mod tests {
                     kind: kind.into(),
                     master,
                     peer_elsewhere,
+                    up: true,
                 },
             )
         };
@@ -728,5 +742,25 @@ mod tests {
         for i in [2, 20, 22, 30] {
             assert!(!node().exists(i), "{i} is no pod's veth");
         }
+    }
+
+    #[test]
+    fn interfaces_are_those_up_but_loopback() {
+        let mut n = node();
+        let lo = Link {
+            index: 1,
+            name: "lo".into(),
+            up: true,
+            ..Link::default()
+        };
+        n.links.insert(1, lo);
+        n.links.get_mut(&30).unwrap().up = false;
+        let names: Vec<String> = n
+            .interfaces()
+            .unwrap()
+            .into_iter()
+            .map(|(_, n)| n)
+            .collect();
+        assert_eq!(names, ["eth0", "veth0", "cni0", "veth1", "vx0", "veth5"]);
     }
 }

@@ -6,7 +6,7 @@ use std::{
 };
 
 use anyhow::Result;
-use enforcer_common::{EndpointInfo, PeerInfo, PolicyKey, PolicyValue};
+use enforcer_common::{EndpointInfo, NodePortKey, PeerInfo, PolicyKey, PolicyValue};
 
 use enforcer_policy::state::Prefix;
 
@@ -27,6 +27,7 @@ impl DatapathMaps for Datapath {
             MapName::Policy => o.policy_size,
             MapName::PeersV4 | MapName::PeersV6 => o.peers_size,
             MapName::CidrsV4 | MapName::CidrsV6 => o.cidrs_size,
+            MapName::NodePorts => o.node_ports_size,
         };
         Some(pinned.unwrap_or(flag) as usize)
     }
@@ -47,6 +48,18 @@ impl DatapathMaps for Datapath {
     }
     fn policy(&mut self) -> &mut dyn MapTable<PolicyKey, PolicyValue> {
         &mut self.policy
+    }
+    fn node_ports(&mut self) -> &mut dyn MapTable<NodePortKey, u32> {
+        &mut self.node_ports
+    }
+    fn attach_exit(&mut self, ifindex: u32) -> Result<()> {
+        Datapath::attach_exit(self, ifindex)
+    }
+    fn detach_exit(&mut self, ifindex: u32) -> Result<()> {
+        Datapath::detach_exit(self, ifindex)
+    }
+    fn exits_attached(&mut self) -> Result<BTreeSet<u32>> {
+        Ok(Datapath::exits_attached(self)?.into_iter().collect())
     }
     fn attach(&mut self, ifindex: u32) -> Result<()> {
         Datapath::attach(self, ifindex)

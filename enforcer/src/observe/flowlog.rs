@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use enforcer_common::{DIR_INGRESS, FAMILY_V4, REASON_FIRST_DROP, REASON_NAMES, VerdictEvent};
+use enforcer_common::{DIR_INGRESS, FAMILY_V4, REASON_NAMES, VerdictEvent};
 use serde_json::json;
 
 use enforcer_policy::explain::protocol_label;
@@ -94,7 +94,7 @@ impl FlowLog {
             .unwrap_or_default();
         json!({
             "time": time,
-            "verdict": if e.reason >= REASON_FIRST_DROP { "dropped" } else { "allowed" },
+            "verdict": if enforcer_common::is_drop_reason(e.reason) { "dropped" } else { "allowed" },
             "reason": reason,
             "direction": if e.direction == DIR_INGRESS { "ingress" } else { "egress" },
             "src": src.to_string(),

@@ -22,8 +22,8 @@ async fn readyz(State(s): State<Arc<Status>>) -> impl IntoResponse {
 /// `/readyz`: the body names the input version programmed, so a client that just changed the
 /// input can wait for exactly its change. Lines before it name the refused policies (enforced as
 /// isolation: ready all the same) and, when not ready, the pods not enforced at all (their own
-/// interface not found) and what is not programmed (pods denied for want of room in a map); the
-/// `generation=` line stays last.
+/// interface not found), the interfaces without the exit program and what is not programmed
+/// (pods denied for want of room in a map); the `generation=` line stays last.
 fn readiness(s: &Status) -> (StatusCode, String) {
     let generation = s.programmed.load(Ordering::Relaxed);
     let mut body = String::new();
@@ -38,6 +38,10 @@ fn readiness(s: &Status) -> (StatusCode, String) {
     } else {
         for line in s.not_enforced() {
             body.push_str("not enforced: ");
+            body.push_str(&line);
+            body.push('\n');
+        }
+        for line in s.exits_not_attached() {
             body.push_str(&line);
             body.push('\n');
         }
@@ -104,6 +108,21 @@ mod tests {
             generation,
             Some("4"),
             "clients parse what follows generation="
+        );
+    }
+
+    #[test]
+    fn readyz_names_the_interfaces_without_the_exit_program() {
+        let s = Status::default();
+        s.set_programming(Programming {
+            exits_not_attached: vec![("eth1".into(), "attaching svc_exit: busy".into())],
+            ..Programming::default()
+        });
+        let (code, body) = readiness(&s);
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            body,
+            "exit eth1 not attached: attaching svc_exit: busy\nnot ready generation=0\n"
         );
     }
 

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use enforcer_common::{REASON_COUNT, REASON_FIRST_DROP, REASON_NAMES};
+use enforcer_common::{REASON_COUNT, REASON_NAMES, is_drop_reason};
 
 /// Upper bounds (seconds) of the latency histograms.
 const BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
@@ -48,13 +48,14 @@ impl Histogram {
 }
 
 /// The maps the reconciler writes, as labelled on /metrics (every one rendered, 0 when fine).
-pub const RECONCILED_MAPS: [&str; 6] = [
+pub const RECONCILED_MAPS: [&str; 7] = [
     "ENDPOINTS",
     "POLICY",
     "PEERS_V4",
     "PEERS_V6",
     "CIDRS_V4",
     "CIDRS_V6",
+    "NODE_PORTS",
 ];
 
 /// Most pods named on /metrics and /readyz as not programmed; the rest are counted.
@@ -78,6 +79,9 @@ pub struct Programming {
     pub not_enforced: Vec<(String, String, String)>,
     /// Per reason: local pods without programs.
     pub not_enforced_by_reason: BTreeMap<String, u64>,
+    /// (interface, why) of the node's interfaces the exit program could not be attached to:
+    /// deferred Service packets leaving by them go unjudged.
+    pub exits_not_attached: Vec<(String, String)>,
 }
 
 /// Why a local pod has no programs, as `/metrics` labels it: its own interface is not found
@@ -217,6 +221,20 @@ impl Status {
             .unwrap_or_default()
     }
 
+    /// The interfaces without the exit program, one line each (for `/readyz`).
+    pub fn exits_not_attached(&self) -> Vec<String> {
+        self.inner
+            .lock()
+            .map(|i| {
+                i.programming
+                    .exits_not_attached
+                    .iter()
+                    .map(|(ifname, why)| format!("exit {ifname} not attached: {why}"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     pub fn not_programmed(&self) -> Vec<String> {
         self.inner
             .lock()
@@ -311,7 +329,7 @@ impl Status {
         let mut bytes = String::new();
         for reason in 0..REASON_COUNT as u8 {
             let (p, b) = i.packets.get(reason as usize).copied().unwrap_or_default();
-            let verdict = if reason >= REASON_FIRST_DROP {
+            let verdict = if is_drop_reason(reason) {
                 "dropped"
             } else {
                 "allowed"
@@ -337,7 +355,7 @@ impl Status {
                 "# HELP enforcer_pod_packets_total Packets by pod, verdict and reason\n# TYPE enforcer_pod_packets_total counter"
             );
             for ((pod, reason), (p, _)) in &i.per_pod {
-                let verdict = if *reason >= REASON_FIRST_DROP {
+                let verdict = if is_drop_reason(*reason) {
                     "dropped"
                 } else {
                     "allowed"
@@ -425,6 +443,22 @@ impl Status {
                 );
             }
         }
+        g(
+            &mut o,
+            "enforcer_exits_not_attached",
+            "Interfaces of the node the exit program could not be attached to: deferred Service packets leaving by them go unjudged",
+            "gauge",
+            i.programming.exits_not_attached.len() as u64,
+        );
+        if !i.programming.exits_not_attached.is_empty() {
+            let _ = writeln!(
+                o,
+                "# HELP enforcer_exit_not_attached Interfaces without the exit program (see /readyz for why)\n# TYPE enforcer_exit_not_attached gauge"
+            );
+            for (ifname, _) in &i.programming.exits_not_attached {
+                let _ = writeln!(o, "enforcer_exit_not_attached{{interface=\"{ifname}\"}} 1");
+            }
+        }
         if !i.programming.pods.is_empty() {
             let _ = writeln!(
                 o,
@@ -500,6 +534,7 @@ mod tests {
             missing: BTreeMap::from([("POLICY".into(), 2)]),
             not_enforced: vec![("x/d".into(), "not-own-veth".into(), "cni0".into())],
             not_enforced_by_reason: BTreeMap::from([("not-own-veth".into(), 1)]),
+            exits_not_attached: vec![("eth1".into(), "busy".into())],
         };
         s.set_programming(p.clone());
         s.set_programming(p);
@@ -514,11 +549,16 @@ mod tests {
             "enforcer_pods_not_enforced{reason=\"not-own-veth\"} 1",
             "enforcer_pods_not_enforced{reason=\"no-interface\"} 0",
             "enforcer_packets_total{verdict=\"dropped\",reason=\"unprogrammed\"} 0",
+            "enforcer_map_full_total{map=\"NODE_PORTS\"} 0",
+            "enforcer_exits_not_attached 1",
+            "enforcer_exit_not_attached{interface=\"eth1\"} 1",
         ] {
             assert!(t.lines().any(|l| l == line), "{line} in {t}");
         }
         assert_eq!(s.not_programmed().len(), 1);
+        assert_eq!(s.exits_not_attached(), ["exit eth1 not attached: busy"]);
         s.set_programming(Programming::default());
         assert!(s.not_programmed().is_empty());
+        assert!(s.render().contains("enforcer_exits_not_attached 0\n"));
     }
 }

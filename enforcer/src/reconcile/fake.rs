@@ -7,7 +7,7 @@ use std::{
 };
 
 use anyhow::Result;
-use enforcer_common::{EndpointInfo, PeerInfo, PolicyKey, PolicyValue};
+use enforcer_common::{EndpointInfo, NodePortKey, PeerInfo, PolicyKey, PolicyValue};
 use enforcer_policy::state::Prefix;
 
 use super::seam::{DatapathMaps, MapName, MapTable, Routes};
@@ -93,7 +93,12 @@ pub struct FakeDatapath {
     pub cidrs_v4: FakeTable<Prefix<Ipv4Addr>, PeerInfo>,
     pub cidrs_v6: FakeTable<Prefix<Ipv6Addr>, PeerInfo>,
     pub policy: FakeTable<PolicyKey, PolicyValue>,
+    pub node_ports: FakeTable<NodePortKey, u32>,
     pub links: BTreeSet<u32>,
+    /// Interfaces with the exit program.
+    pub exits: BTreeSet<u32>,
+    /// Interfaces whose exit attach fails (a kernel error), with the error.
+    pub exit_failures: BTreeMap<u32, String>,
     pub forgotten: Vec<u32>,
 }
 
@@ -116,6 +121,7 @@ impl FakeDatapath {
         on(&mut self.cidrs_v4, &clock);
         on(&mut self.cidrs_v6, &clock);
         on(&mut self.policy, &clock);
+        on(&mut self.node_ports, &clock);
     }
 
     /// Sets the capacity of one map (`None`: unbounded).
@@ -127,6 +133,7 @@ impl FakeDatapath {
             MapName::CidrsV4 => self.cidrs_v4.capacity = capacity,
             MapName::CidrsV6 => self.cidrs_v6.capacity = capacity,
             MapName::Policy => self.policy.capacity = capacity,
+            MapName::NodePorts => self.node_ports.capacity = capacity,
         }
     }
 }
@@ -140,6 +147,7 @@ impl DatapathMaps for FakeDatapath {
             MapName::CidrsV4 => self.cidrs_v4.capacity,
             MapName::CidrsV6 => self.cidrs_v6.capacity,
             MapName::Policy => self.policy.capacity,
+            MapName::NodePorts => self.node_ports.capacity,
         }
     }
     fn endpoints(&mut self) -> &mut dyn MapTable<u32, EndpointInfo> {
@@ -160,6 +168,23 @@ impl DatapathMaps for FakeDatapath {
     fn policy(&mut self) -> &mut dyn MapTable<PolicyKey, PolicyValue> {
         &mut self.policy
     }
+    fn node_ports(&mut self) -> &mut dyn MapTable<NodePortKey, u32> {
+        &mut self.node_ports
+    }
+    fn attach_exit(&mut self, ifindex: u32) -> Result<()> {
+        if let Some(e) = self.exit_failures.get(&ifindex) {
+            anyhow::bail!("{e}");
+        }
+        self.exits.insert(ifindex);
+        Ok(())
+    }
+    fn detach_exit(&mut self, ifindex: u32) -> Result<()> {
+        self.exits.remove(&ifindex);
+        Ok(())
+    }
+    fn exits_attached(&mut self) -> Result<BTreeSet<u32>> {
+        Ok(self.exits.clone())
+    }
     fn attach(&mut self, ifindex: u32) -> Result<()> {
         self.links.insert(ifindex);
         Ok(())
@@ -179,14 +204,39 @@ impl DatapathMaps for FakeDatapath {
 
 /// Routes from a fixed table, for tests.
 #[derive(Debug, Default)]
-pub struct FakeRoutes(pub BTreeMap<IpAddr, u32>);
+pub struct FakeRoutes {
+    /// Pod address -> the ifindex of its veth (named `veth<ifindex>`).
+    pub routes: BTreeMap<IpAddr, u32>,
+    /// The node's other interfaces that are up (uplinks, tunnels, bridges): ifindex -> name.
+    pub others: BTreeMap<u32, String>,
+}
+
+impl FakeRoutes {
+    /// Pods' veths only.
+    pub fn new(routes: BTreeMap<IpAddr, u32>) -> Self {
+        Self {
+            routes,
+            others: BTreeMap::new(),
+        }
+    }
+}
 
 impl Routes for FakeRoutes {
     fn ifindex_for(&self, ip: IpAddr) -> Result<Option<u32>> {
-        Ok(self.0.get(&ip).copied())
+        Ok(self.routes.get(&ip).copied())
     }
     /// The interfaces of the table exist; no other does.
     fn exists(&self, ifindex: u32) -> bool {
-        self.0.values().any(|i| *i == ifindex)
+        self.routes.values().any(|i| *i == ifindex)
+    }
+    /// The pods' veths and the other interfaces, by ifindex.
+    fn interfaces(&self) -> Result<Vec<(u32, String)>> {
+        let mut all: BTreeMap<u32, String> = self
+            .routes
+            .values()
+            .map(|i| (*i, format!("veth{i}")))
+            .collect();
+        all.extend(self.others.iter().map(|(i, n)| (*i, n.clone())));
+        Ok(all.into_iter().collect())
     }
 }

@@ -29,9 +29,20 @@
 //!   its programs attached; the programs drop everything on an interface without an entry
 //!   (`DROP_UNPROGRAMMED`), so it is denied both ways rather than left open.
 //!
+//! - `NODE_PORTS`: a node port without an entry is judged as traffic to the node (allowed), not
+//!   on its Service's backend: the one map whose missing entries allow more, so they are named
+//!   ([`Report::node_ports_missing`]) and keep the agent not ready.
+//!
 //! Removals still run for everything stale (they need no room and free some); when they freed
 //! room for what was left out, the apply runs once more at once, and every later apply retries:
 //! when room comes back, the maps converge.
+//!
+//! **Exit interfaces.** Every interface of the node that is up, is not `lo` and is not a pod's
+//! veth (one the pod programs are on, or go on in this apply) gets the exit program, which
+//! judges the Service packets `from_pod` deferred when they leave the node by it; it comes off
+//! an interface that is gone or became a pod's veth. The interfaces are listed on every apply,
+//! so a new uplink is covered within a resync; an attach that fails is reported
+//! ([`Report::exit_failed`]): deferred packets leaving by that interface would go unjudged.
 
 #[cfg(any(test, feature = "testkit"))]
 pub mod fake;
@@ -50,8 +61,8 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use enforcer_common::{
-    DIR_EGRESS, DIR_INGRESS, EP_HAS_V4, EP_HAS_V6, EndpointInfo, IDENTITY_HOST, PeerInfo,
-    PolicyKey, PolicyValue,
+    DIR_EGRESS, DIR_INGRESS, EP_HAS_V4, EP_HAS_V6, EndpointInfo, IDENTITY_HOST, NodePortKey,
+    PeerInfo, PolicyKey, PolicyValue,
 };
 
 use enforcer_policy::state::{DesiredState, PodRef, Prefix};
@@ -129,6 +140,16 @@ pub struct Report {
     pub missing: BTreeMap<MapName, usize>,
     /// Per map: the first error of a write the kernel refused, if any.
     pub refused: BTreeMap<MapName, String>,
+    /// Node ports without a `NODE_PORTS` entry (no room, or refused): a pod's flow to a node
+    /// address on one is judged as traffic to the node (allowed), not on the Service's backend.
+    pub node_ports_missing: Vec<NodePortKey>,
+    /// Interfaces the exit program was attached to in this apply.
+    pub exit_attached: Vec<u32>,
+    /// Interfaces it came off (gone, or a pod's veth now).
+    pub exit_detached: Vec<u32>,
+    /// Interfaces (name) the exit program could not be attached to, with the error: deferred
+    /// Service packets leaving the node by them go unjudged. Retried on the next apply.
+    pub exit_failed: Vec<(String, String)>,
 }
 
 impl Report {
@@ -139,15 +160,20 @@ impl Report {
             && self.unprogrammed.is_empty()
             && self.unresolved.is_empty()
             && self.missing.is_empty()
+            && self.exit_failed.is_empty()
     }
 
     /// Folds a second pass of the same apply into this one.
     fn then(mut self, next: Report) -> Report {
         self.attached.extend(next.attached);
         self.detached.extend(next.detached);
+        self.exit_attached.extend(next.exit_attached);
+        self.exit_detached.extend(next.exit_detached);
         Report {
             attached: self.attached,
             detached: self.detached,
+            exit_attached: self.exit_attached,
+            exit_detached: self.exit_detached,
             written: self.written + next.written,
             removed: self.removed + next.removed,
             ..next
@@ -206,6 +232,7 @@ struct Shadow {
     cidrs_v4: BTreeMap<Prefix<Ipv4Addr>, PeerInfo>,
     cidrs_v6: BTreeMap<Prefix<Ipv6Addr>, PeerInfo>,
     policy: BTreeMap<PolicyKey, PolicyValue>,
+    node_ports: BTreeMap<NodePortKey, u32>,
 }
 
 impl Shadow {
@@ -218,6 +245,7 @@ impl Shadow {
             cidrs_v4: read_all(dp.cidrs_v4(), MapName::CidrsV4)?,
             cidrs_v6: read_all(dp.cidrs_v6(), MapName::CidrsV6)?,
             policy: read_all(dp.policy(), MapName::Policy)?,
+            node_ports: read_all(dp.node_ports(), MapName::NodePorts)?,
         })
     }
 
@@ -229,6 +257,7 @@ impl Shadow {
             MapName::CidrsV4 => self.cidrs_v4.len(),
             MapName::CidrsV6 => self.cidrs_v6.len(),
             MapName::Policy => self.policy.len(),
+            MapName::NodePorts => self.node_ports.len(),
         }
     }
 }
@@ -677,6 +706,11 @@ impl Reconciler {
             }
         }
 
+        // 0. The exit program on every other interface, before anything that defers a packet
+        //    to it (a Service frontend's peer entry, a node port) is written.
+        let attached = dp.attached().context("listing attached interfaces")?;
+        self.place_exits(dp, routes, &owner, &attached, &mut report)?;
+
         let caps: BTreeMap<MapName, Option<usize>> =
             MapName::ALL.iter().map(|m| (*m, dp.capacity(*m))).collect();
         let cap = |m: MapName| caps.get(&m).copied().flatten();
@@ -691,6 +725,8 @@ impl Reconciler {
             .iter()
             .map(|(a, p)| (a.octets(), *p))
             .collect();
+        let node_ports: BTreeMap<NodePortKey, u32> =
+            desired.node_ports.iter().map(|k| (*k, 1)).collect();
 
         // Taken out while writing: an error below leaves it `None`, so the next apply compares
         // with the kernel.
@@ -735,6 +771,12 @@ impl Reconciler {
             &desired.cidrs_v6,
             &held.cidrs_v6,
             cap(MapName::CidrsV6),
+            |_| false,
+        );
+        let np = plan(
+            &node_ports,
+            &held.node_ports,
+            cap(MapName::NodePorts),
             |_| false,
         );
         let mut c4_missing: BTreeSet<Prefix<Ipv4Addr>> = c4.left_out.iter().copied().collect();
@@ -806,6 +848,14 @@ impl Reconciler {
             dp.cidrs_v6(),
             &mut held.cidrs_v6,
         )?);
+        let mut np_missing = np.left_out;
+        np_missing.extend(t.write(
+            MapName::NodePorts,
+            np.writes,
+            &node_ports,
+            dp.node_ports(),
+            &mut held.node_ports,
+        )?);
         // A region the kernel refused: the rules of its nearest ancestor's identity go now.
         let mut more = BTreeSet::new();
         for id in region_suppression(&desired.cidrs_v4, &c4_missing) {
@@ -843,8 +893,14 @@ impl Reconciler {
         // moves again when the rest arrives, so the flows it denied meanwhile are re-checked.
         let mut dropped: BTreeSet<PolicyKey> = policy_missing.clone();
         dropped.extend(suppressed_keys.iter().copied());
-        let shared =
-            shared_fingerprint(desired, &p4_missing, &p6_missing, &c4_missing, &c6_missing);
+        let shared = shared_fingerprint(
+            desired,
+            &p4_missing,
+            &p6_missing,
+            &c4_missing,
+            &c6_missing,
+            &np_missing,
+        );
         let mut endpoints: BTreeMap<u32, EndpointInfo> = BTreeMap::new();
         // Endpoints whose epoch moves in this apply.
         let mut moved: Vec<u32> = Vec::new();
@@ -917,6 +973,8 @@ impl Reconciler {
         count(MapName::PeersV6, p6_missing.len());
         count(MapName::CidrsV4, c4_missing.len());
         count(MapName::CidrsV6, c6_missing.len());
+        count(MapName::NodePorts, np_missing.len());
+        report.node_ports_missing = np_missing;
         report.unresolved = p4_missing
             .iter()
             .map(|a| IpAddr::from(Ipv4Addr::from(*a)))
@@ -925,7 +983,6 @@ impl Reconciler {
 
         // 2. Programs on new interfaces (their endpoint entry exists now, or they get none and
         //    drop everything).
-        let attached = dp.attached().context("listing attached interfaces")?;
         let mut bound = BTreeMap::new();
         for (ifindex, pod) in &owner {
             if attached.contains(ifindex) {
@@ -997,6 +1054,12 @@ impl Reconciler {
             &mut held.peers_v4,
         )?;
         t.remove_stale(
+            MapName::NodePorts,
+            &node_ports,
+            dp.node_ports(),
+            &mut held.node_ports,
+        )?;
+        t.remove_stale(
             MapName::Policy,
             &desired.policy,
             dp.policy(),
@@ -1035,6 +1098,42 @@ impl Reconciler {
         report.refused = t.refused;
         self.shadow = report.refused.is_empty().then_some(held);
         Ok(report)
+    }
+
+    /// Keeps the exit program on every interface that is up, not `lo` and not a pod's veth
+    /// (`owner`: the interfaces the pod programs go on in this apply; `attached`: those they
+    /// are on): off the interfaces that are gone or a pod's now first, so an interface never
+    /// holds both, then on the new ones. A failed attach is reported, not fatal: the other
+    /// interfaces and the maps are still programmed.
+    fn place_exits(
+        &self,
+        dp: &mut dyn DatapathMaps,
+        routes: &dyn Routes,
+        owner: &BTreeMap<u32, PodRef>,
+        attached: &BTreeSet<u32>,
+        report: &mut Report,
+    ) -> Result<()> {
+        let wanted: BTreeMap<u32, String> = routes
+            .interfaces()
+            .context("listing the node's interfaces")?
+            .into_iter()
+            .filter(|(i, name)| name != "lo" && !owner.contains_key(i) && !attached.contains(i))
+            .collect();
+        let exits = dp
+            .exits_attached()
+            .context("listing the interfaces with the exit program")?;
+        for ifindex in exits.iter().filter(|i| !wanted.contains_key(i)) {
+            dp.detach_exit(*ifindex)
+                .with_context(|| format!("detaching the exit program from interface {ifindex}"))?;
+            report.exit_detached.push(*ifindex);
+        }
+        for (ifindex, name) in wanted.iter().filter(|(i, _)| !exits.contains(i)) {
+            match dp.attach_exit(*ifindex) {
+                Ok(()) => report.exit_attached.push(*ifindex),
+                Err(e) => report.exit_failed.push((name.clone(), format!("{e:#}"))),
+            }
+        }
+        Ok(())
     }
 
     /// After a restart: continue from the epochs in the pinned endpoint entries, one higher, so
@@ -1097,29 +1196,34 @@ impl Reconciler {
     }
 }
 
-/// Hash of what every endpoint's verdicts depend on (what an address resolves to): the desired
-/// peer and region entries, and those of them the maps do not hold.
+/// Hash of what every endpoint's verdicts depend on (what an address resolves to, and which
+/// node ports are judged on a Service's backend): the desired peer, region and node-port
+/// entries, and those of them the maps do not hold.
 fn shared_fingerprint(
     desired: &DesiredState,
     p4_missing: &[[u8; 4]],
     p6_missing: &[[u8; 16]],
     c4_missing: &BTreeSet<Prefix<Ipv4Addr>>,
     c6_missing: &BTreeSet<Prefix<Ipv6Addr>>,
+    np_missing: &[NodePortKey],
 ) -> u64 {
     let mut h = DefaultHasher::new();
     desired.peers_v4.hash(&mut h);
     desired.peers_v6.hash(&mut h);
     desired.cidrs_v4.hash(&mut h);
     desired.cidrs_v6.hash(&mut h);
+    desired.node_ports.hash(&mut h);
     if !(p4_missing.is_empty()
         && p6_missing.is_empty()
         && c4_missing.is_empty()
-        && c6_missing.is_empty())
+        && c6_missing.is_empty()
+        && np_missing.is_empty())
     {
         p4_missing.hash(&mut h);
         p6_missing.hash(&mut h);
         c4_missing.hash(&mut h);
         c6_missing.hash(&mut h);
+        np_missing.hash(&mut h);
     }
     h.finish()
 }
@@ -1188,7 +1292,7 @@ mod tests {
     }
 
     fn routes() -> FakeRoutes {
-        FakeRoutes(BTreeMap::from([
+        FakeRoutes::new(BTreeMap::from([
             ("10.0.0.1".parse().unwrap(), 11),
             ("10.0.0.2".parse().unwrap(), 12),
         ]))
@@ -1229,7 +1333,7 @@ mod tests {
         assert_eq!(dp.forgotten, vec![2]);
         assert!(!dp.endpoints.entries.contains_key(&12));
         let rep = r
-            .apply(&state(80, true), &mut dp, &FakeRoutes(BTreeMap::new()))
+            .apply(&state(80, true), &mut dp, &FakeRoutes::default())
             .unwrap();
         assert_eq!(rep.pending.len(), 2);
         assert!(!rep.complete());
@@ -1257,6 +1361,13 @@ mod tests {
         fn exists(&self, ifindex: u32) -> bool {
             self.interfaces.contains(&ifindex)
         }
+        fn interfaces(&self) -> Result<Vec<(u32, String)>> {
+            Ok(self
+                .interfaces
+                .iter()
+                .map(|i| (*i, format!("veth{i}")))
+                .collect())
+        }
     }
 
     #[test]
@@ -1264,7 +1375,7 @@ mod tests {
         let mut dp = FakeDatapath::default();
         let mut r = Reconciler::new();
         let mut net = Flaky {
-            routes: routes().0,
+            routes: routes().routes,
             interfaces: BTreeSet::from([11, 12]),
             refused: BTreeMap::new(),
         };
@@ -1284,7 +1395,7 @@ mod tests {
         let rep = r.apply(&state(80, true), &mut dp, &net).unwrap();
         assert_eq!((rep.kept.len(), rep.detached.len()), (1, 0));
         // Back: found again, nothing written.
-        net.routes = routes().0;
+        net.routes = routes().routes;
         let rep = r.apply(&state(80, true), &mut dp, &net).unwrap();
         assert!(rep.kept.is_empty() && rep.written == 0);
         // The interface goes too: detached, pending.
@@ -1325,7 +1436,7 @@ mod tests {
         assert_eq!(rep.pending.len(), 1);
         // Once a pod has its interface, another pod's address leading there does not take it.
         net.refused.clear();
-        net.routes = routes().0;
+        net.routes = routes().routes;
         r.apply(&state(80, true), &mut dp, &net).unwrap();
         net.routes.insert("10.0.0.2".parse().unwrap(), 11);
         net.interfaces.insert(12);
@@ -1679,7 +1790,7 @@ mod tests {
     }
 
     fn pod_routes(pods: impl IntoIterator<Item = u32>) -> FakeRoutes {
-        FakeRoutes(
+        FakeRoutes::new(
             pods.into_iter()
                 .map(|i| (pod_ip(i).into(), 100 + i))
                 .collect(),
@@ -2145,5 +2256,169 @@ mod tests {
             }
         }
         assert_eq!(cases, 96);
+    }
+
+    /// Pods a (interface 11) and b (12), with an uplink, a tunnel and a bridge.
+    fn node_routes() -> FakeRoutes {
+        let mut r = routes();
+        r.others = BTreeMap::from([
+            (2, "eth0".to_string()),
+            (3, "vxlan0".to_string()),
+            (20, "cni0".to_string()),
+        ]);
+        r
+    }
+
+    #[test]
+    fn exits_go_on_every_interface_but_the_pods_veths() {
+        let mut dp = FakeDatapath::default();
+        let mut r = Reconciler::new();
+        let rep = r.apply(&state(80, true), &mut dp, &node_routes()).unwrap();
+        assert!(rep.complete(), "{rep:?}");
+        assert_eq!(dp.exits, BTreeSet::from([2, 3, 20]));
+        assert_eq!(dp.links, BTreeSet::from([11, 12]));
+        assert_eq!(rep.exit_attached, [2, 3, 20]);
+        // Listed again on every apply; nothing to do while nothing changed.
+        let rep = r.apply(&state(80, true), &mut dp, &node_routes()).unwrap();
+        assert!(rep.exit_attached.is_empty() && rep.exit_detached.is_empty());
+        // A new uplink is covered at the next apply.
+        let mut net = node_routes();
+        net.others.insert(4, "eth1".into());
+        let rep = r.apply(&state(80, true), &mut dp, &net).unwrap();
+        assert_eq!(rep.exit_attached, [4]);
+        assert_eq!(dp.exits, BTreeSet::from([2, 3, 4, 20]));
+    }
+
+    #[test]
+    fn an_exit_comes_off_an_interface_that_goes_or_becomes_a_pods_veth() {
+        let mut dp = FakeDatapath::default();
+        let mut r = Reconciler::new();
+        // b's veth (30) is up before its route is there: not a pod's veth yet, so it gets the
+        // exit program.
+        let mut net = node_routes();
+        net.routes.remove(&"10.0.0.2".parse().unwrap());
+        net.others.insert(30, "veth30".into());
+        let rep = r.apply(&state(80, true), &mut dp, &net).unwrap();
+        assert_eq!(rep.pending.len(), 1);
+        assert!(dp.exits.contains(&30));
+        // b's route appears: its programs go there, the exit program comes off.
+        net.routes.insert("10.0.0.2".parse().unwrap(), 30);
+        net.others.remove(&30);
+        let rep = r.apply(&state(80, true), &mut dp, &net).unwrap();
+        assert_eq!(rep.exit_detached, [30]);
+        assert_eq!(rep.attached, [30]);
+        assert!(!dp.exits.contains(&30) && dp.links.contains(&30));
+        // The uplink goes.
+        net.others.remove(&2);
+        let rep = r.apply(&state(80, true), &mut dp, &net).unwrap();
+        assert_eq!(rep.exit_detached, [2]);
+        assert_eq!(dp.exits, BTreeSet::from([3, 20]));
+        // A pod's veth whose pod left keeps no pod programs, and gets the exit program at the
+        // next apply if it is still up.
+        net.others.insert(30, "veth30".into());
+        net.routes.remove(&"10.0.0.2".parse().unwrap());
+        let rep = r.apply(&state(80, false), &mut dp, &net).unwrap();
+        assert_eq!(rep.detached, [30]);
+        let rep = r.apply(&state(80, false), &mut dp, &net).unwrap();
+        assert_eq!(rep.exit_attached, [30]);
+    }
+
+    #[test]
+    fn an_exit_that_cannot_be_attached_is_reported_and_retried() {
+        let mut dp = FakeDatapath::default();
+        dp.exit_failures.insert(2, "busy".into());
+        let mut r = Reconciler::new();
+        let rep = r.apply(&state(80, true), &mut dp, &node_routes()).unwrap();
+        assert_eq!(rep.exit_failed, [("eth0".to_string(), "busy".to_string())]);
+        assert!(
+            !rep.complete(),
+            "not ready while an interface has no exit program"
+        );
+        assert_eq!(dp.exits, BTreeSet::from([3, 20]), "the others still get it");
+        assert_eq!(
+            dp.links,
+            BTreeSet::from([11, 12]),
+            "the pods are still programmed"
+        );
+        dp.exit_failures.clear();
+        let rep = r.apply(&state(80, true), &mut dp, &node_routes()).unwrap();
+        assert!(rep.complete(), "{rep:?}");
+        assert_eq!(rep.exit_attached, [2]);
+    }
+
+    fn node_port(protocol: u8, port: u16) -> NodePortKey {
+        NodePortKey {
+            protocol,
+            _pad: 0,
+            port,
+        }
+    }
+
+    #[test]
+    fn node_ports_are_diffed_into_their_map() {
+        use enforcer_common::{PROTO_SCTP, PROTO_UDP};
+        let mut dp = FakeDatapath::default();
+        let mut r = Reconciler::new();
+        let mut s = state(80, true);
+        s.node_ports = BTreeSet::from([node_port(PROTO_TCP, 30080), node_port(PROTO_UDP, 30053)]);
+        let rep = r.apply(&s, &mut dp, &routes()).unwrap();
+        assert!(rep.complete(), "{rep:?}");
+        assert_eq!(
+            dp.node_ports.entries,
+            BTreeMap::from([
+                (node_port(PROTO_TCP, 30080), 1),
+                (node_port(PROTO_UDP, 30053), 1)
+            ])
+        );
+        let epoch = dp.endpoints.entries[&11].epoch;
+        // One goes, one comes: one write, one removal; the epochs move (a node port changes
+        // which flows are judged on a backend).
+        s.node_ports = BTreeSet::from([node_port(PROTO_TCP, 30080), node_port(PROTO_SCTP, 30090)]);
+        let before = dp.node_ports.reads.get();
+        let rep = r.apply(&s, &mut dp, &routes()).unwrap();
+        assert_eq!(
+            dp.node_ports.entries.keys().copied().collect::<Vec<_>>(),
+            [node_port(PROTO_TCP, 30080), node_port(PROTO_SCTP, 30090)]
+        );
+        assert_eq!(
+            dp.node_ports.reads.get(),
+            before,
+            "diffed against the shadow"
+        );
+        assert_eq!(rep.removed, 1);
+        assert!(dp.endpoints.entries[&11].epoch > epoch);
+        // Written before the endpoint entries (the order of additions), removed after them.
+        dp.start_journal();
+        s.node_ports.insert(node_port(PROTO_TCP, 30443));
+        let mut s2 = s.clone();
+        s2.policy.clear();
+        r.apply(&s2, &mut dp, &routes()).unwrap();
+        let port_write = dp.node_ports.journal.as_ref().unwrap().writes[0].0;
+        let first_endpoint = dp.endpoints.journal.as_ref().unwrap().writes[0].0;
+        assert!(port_write < first_endpoint);
+    }
+
+    /// A node port left out is judged as traffic to the node (allowed): it is named, counted as
+    /// missing and keeps the agent not ready, until there is room.
+    #[test]
+    fn a_full_node_ports_map_names_the_ports_it_left_out() {
+        let mut dp = FakeDatapath::default();
+        dp.set_capacity(MapName::NodePorts, Some(1));
+        let mut r = Reconciler::new();
+        let mut s = state(80, true);
+        s.node_ports = BTreeSet::from([node_port(PROTO_TCP, 30080), node_port(PROTO_TCP, 30081)]);
+        let rep = r.apply(&s, &mut dp, &routes()).unwrap();
+        assert!(!rep.complete());
+        assert_eq!(rep.node_ports_missing, [node_port(PROTO_TCP, 30081)]);
+        assert_eq!(rep.missing.get(&MapName::NodePorts), Some(&1));
+        assert!(rep.unprogrammed.is_empty(), "no pod is denied more for it");
+        assert_eq!(
+            r.fill().iter().find(|f| f.0 == MapName::NodePorts),
+            Some(&(MapName::NodePorts, 1, Some(1)))
+        );
+        dp.set_capacity(MapName::NodePorts, None);
+        let rep = r.apply(&s, &mut dp, &routes()).unwrap();
+        assert!(rep.complete(), "{rep:?}");
+        assert_eq!(dp.node_ports.entries.len(), 2);
     }
 }

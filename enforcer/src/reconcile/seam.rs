@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::Result;
-use enforcer_common::{EndpointInfo, PeerInfo, PolicyKey, PolicyValue};
+use enforcer_common::{EndpointInfo, NodePortKey, PeerInfo, PolicyKey, PolicyValue};
 use enforcer_policy::state::Prefix;
 
 /// One key/value map of the datapath.
@@ -32,16 +32,18 @@ pub enum MapName {
     PeersV6,
     CidrsV4,
     CidrsV6,
+    NodePorts,
     Endpoints,
 }
 
 impl MapName {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Policy,
         Self::PeersV4,
         Self::PeersV6,
         Self::CidrsV4,
         Self::CidrsV6,
+        Self::NodePorts,
         Self::Endpoints,
     ];
 
@@ -53,6 +55,7 @@ impl MapName {
             Self::PeersV6 => enforcer_common::MAP_PEERS_V6,
             Self::CidrsV4 => enforcer_common::MAP_CIDRS_V4,
             Self::CidrsV6 => enforcer_common::MAP_CIDRS_V6,
+            Self::NodePorts => enforcer_common::MAP_NODE_PORTS,
             Self::Endpoints => enforcer_common::MAP_ENDPOINTS,
         }
     }
@@ -79,6 +82,15 @@ pub trait DatapathMaps {
     fn cidrs_v4(&mut self) -> &mut dyn MapTable<Prefix<Ipv4Addr>, PeerInfo>;
     fn cidrs_v6(&mut self) -> &mut dyn MapTable<Prefix<Ipv6Addr>, PeerInfo>;
     fn policy(&mut self) -> &mut dyn MapTable<PolicyKey, PolicyValue>;
+    /// The Services' node ports (value 1).
+    fn node_ports(&mut self) -> &mut dyn MapTable<NodePortKey, u32>;
+    /// Attach the exit program (`svc_exit`, TC egress) to one of the node's other interfaces
+    /// (uplink, tunnel, bridge), where it judges deferred Service packets that leave by it.
+    fn attach_exit(&mut self, ifindex: u32) -> Result<()>;
+    /// Detach the exit program from `ifindex` (the interface may be gone already).
+    fn detach_exit(&mut self, ifindex: u32) -> Result<()>;
+    /// Interfaces with the exit program attached.
+    fn exits_attached(&mut self) -> Result<BTreeSet<u32>>;
     /// Attach both programs to `ifindex` (replacing older programs atomically).
     fn attach(&mut self, ifindex: u32) -> Result<()>;
     /// Detach both programs from `ifindex` (the interface may be gone already).
@@ -100,7 +112,7 @@ pub enum Located {
     Unsupported(String),
 }
 
-/// Resolves a pod's address to its own host-side interface.
+/// Resolves a pod's address to its own host-side interface, and lists the node's interfaces.
 pub trait Routes {
     /// The ifindex of the interface the node routes `ip` to.
     fn ifindex_for(&self, ip: IpAddr) -> Result<Option<u32>>;
@@ -117,4 +129,7 @@ pub trait Routes {
         let _ = ifindex;
         false
     }
+    /// The interfaces of the agent's network namespace that are up, but `lo`: (ifindex, name).
+    /// The exit program goes on every one that is not a pod's veth.
+    fn interfaces(&self) -> Result<Vec<(u32, String)>>;
 }

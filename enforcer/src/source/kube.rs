@@ -1,5 +1,5 @@
-//! The in-cluster source: kube-rs reflectors on Namespaces, NetworkPolicies and Pods, turned into
-//! [`Cluster`] snapshots on a `tokio::sync::watch` channel that the agent compiles.
+//! The in-cluster source: kube-rs reflectors on Namespaces, NetworkPolicies, Pods and Services,
+//! turned into [`Cluster`] snapshots on a `tokio::sync::watch` channel that the agent compiles.
 //!
 //! # What is watched, and why all pods
 //!
@@ -16,9 +16,13 @@
 //!   [`Cluster`] holds every pod, and the compiler's `CompileOptions { node_name: Some(node) }`
 //!   picks this node's pods as endpoints. (DESIGN §4 says "Pods of this node": this is the
 //!   superset it needs; RBAC is the same cluster-wide list/watch on pods either way.)
+//! - **Services**, all of them: kube-proxy translates a pod's packet to a Service frontend (a
+//!   cluster, external or load-balancer IP) or to a node port after the egress program has seen
+//!   it, so the datapath defers such flows and judges them on the backend; it needs every
+//!   frontend address and node port for that.
 //!
 //! Every object is trimmed by `.modify()` before it reaches its Store ([`trim_pod`],
-//! [`trim_namespace`], [`trim_policy`]): managed fields, `resourceVersion`, most annotations and
+//! [`trim_namespace`], [`trim_policy`], [`trim_service`]): managed fields, `resourceVersion`, most annotations and
 //! every pod field the compiler does not read are dropped. That keeps the agent's memory small
 //! on large clusters (every node holds every pod), and it makes a pod status update that only
 //! touched dropped fields (conditions, container statuses) produce an identical snapshot, which
@@ -26,7 +30,7 @@
 //!
 //! # When a snapshot is published
 //!
-//! - Nothing is published until all three Stores have completed their first list
+//! - Nothing is published until every Store has completed its first list
 //!   ([`Store::wait_until_ready`]): an empty Store would compile to "no policies" and open
 //!   every pod, so until then the agent keeps enforcing what is pinned.
 //! - After that, every change (an applied or deleted object, or a completed relist) marks the
@@ -48,7 +52,10 @@ use anyhow::{Context as _, Result, bail};
 use futures::{Stream, StreamExt as _};
 use k8s_openapi::{
     api::{
-        core::v1::{Container, Namespace, Pod, PodSpec, PodStatus},
+        core::v1::{
+            Container, LoadBalancerIngress, LoadBalancerStatus, Namespace, Pod, PodSpec, PodStatus,
+            Service, ServicePort, ServiceSpec, ServiceStatus,
+        },
         networking::v1::NetworkPolicy,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -81,6 +88,7 @@ struct Stores {
     namespaces: Store<Namespace>,
     pods: Store<Pod>,
     policies: Store<NetworkPolicy>,
+    services: Store<Service>,
 }
 
 /// Watches the cluster and publishes a [`Cluster`] on `tx` after every change (see the module
@@ -96,17 +104,20 @@ pub async fn run(
 ) -> Result<()> {
     let (namespaces, ns_stream) = reflect(Api::<Namespace>::all(client.clone()), trim_namespace);
     let (pods, pod_stream) = reflect(Api::<Pod>::all(client.clone()), trim_pod);
-    let (policies, pol_stream) = reflect(Api::<NetworkPolicy>::all(client), trim_policy);
+    let (policies, pol_stream) = reflect(Api::<NetworkPolicy>::all(client.clone()), trim_policy);
+    let (services, svc_stream) = reflect(Api::<Service>::all(client), trim_service);
     let stores = Stores {
         namespaces,
         pods,
         policies,
+        services,
     };
     let (dirty_tx, dirty_rx) = watch::channel(());
     tokio::select! {
         r = drive("namespaces", ns_stream, &dirty_tx) => r,
         r = drive("pods", pod_stream, &dirty_tx) => r,
         r = drive("networkpolicies", pol_stream, &dirty_tx) => r,
+        r = drive("services", svc_stream, &dirty_tx) => r,
         r = publish(&stores, dirty_rx, &tx, &node_name) => r,
     }
 }
@@ -166,16 +177,26 @@ async fn publish(
         stores.namespaces.wait_until_ready(),
         stores.pods.wait_until_ready(),
         stores.policies.wait_until_ready(),
+        stores.services.wait_until_ready(),
     )
     .context("a reflector stopped before its first list")?;
     log::info!(
-        "listed namespaces, pods and network policies; publishing the cluster state for node {node_name}"
+        "listed namespaces, pods, network policies and services; publishing the cluster state for node {node_name}"
     );
     loop {
         dirty.borrow_and_update();
-        let next = snapshot(&stores.namespaces, &stores.pods, &stores.policies);
-        let (namespaces, pods, policies) =
-            (next.namespaces.len(), next.pods.len(), next.policies.len());
+        let next = snapshot(
+            &stores.namespaces,
+            &stores.pods,
+            &stores.policies,
+            &stores.services,
+        );
+        let (namespaces, pods, policies, services) = (
+            next.namespaces.len(),
+            next.pods.len(),
+            next.policies.len(),
+            next.services.len(),
+        );
         let local = next
             .pods
             .iter()
@@ -190,7 +211,7 @@ async fn publish(
         });
         if published {
             log::debug!(
-                "cluster state: {namespaces} namespaces, {pods} pods ({local} on {node_name}), {policies} network policies"
+                "cluster state: {namespaces} namespaces, {pods} pods ({local} on {node_name}), {policies} network policies, {services} services"
             );
         }
         dirty.changed().await.context("the reflectors stopped")?;
@@ -199,16 +220,25 @@ async fn publish(
 }
 
 fn same_cluster(a: &Cluster, b: &Cluster) -> bool {
-    a.namespaces == b.namespaces && a.pods == b.pods && a.policies == b.policies
+    a.namespaces == b.namespaces
+        && a.pods == b.pods
+        && a.policies == b.policies
+        && a.services == b.services
 }
 
 /// The Stores' contents as a [`Cluster`], each list sorted by (namespace, name) so that the
 /// same Stores always give the same value.
-pub fn snapshot(ns: &Store<Namespace>, pods: &Store<Pod>, pols: &Store<NetworkPolicy>) -> Cluster {
+pub fn snapshot(
+    ns: &Store<Namespace>,
+    pods: &Store<Pod>,
+    pols: &Store<NetworkPolicy>,
+    services: &Store<Service>,
+) -> Cluster {
     Cluster {
         namespaces: sorted(ns),
         pods: sorted(pods),
         policies: sorted(pols),
+        services: sorted(services),
         ..Default::default()
     }
 }
@@ -288,6 +318,52 @@ pub fn trim_namespace(ns: &mut Namespace) {
     ns.status = None;
 }
 
+/// Keeps what the compiler reads of a Service: [`trim_meta`]; `spec.type`, `clusterIP(s)`,
+/// `externalIPs`, `selector` (for `explain`) and each port's name, protocol, port, target port
+/// and node port; `status.loadBalancer.ingress[]`'s `ip` and `ipMode`. Session affinity,
+/// traffic policies, conditions and the rest go, so an update of them publishes nothing.
+pub fn trim_service(svc: &mut Service) {
+    trim_meta(&mut svc.metadata);
+    let port = |p: ServicePort| ServicePort {
+        name: p.name,
+        protocol: p.protocol,
+        port: p.port,
+        target_port: p.target_port,
+        node_port: p.node_port,
+        ..ServicePort::default()
+    };
+    svc.spec = svc.spec.take().map(|s| ServiceSpec {
+        type_: s.type_,
+        cluster_ip: s.cluster_ip,
+        cluster_ips: s.cluster_ips,
+        external_ips: s.external_ips,
+        selector: s.selector,
+        ports: s.ports.map(|ps| ps.into_iter().map(port).collect()),
+        ..ServiceSpec::default()
+    });
+    let ingress = svc
+        .status
+        .take()
+        .and_then(|s| s.load_balancer)
+        .and_then(|l| l.ingress)
+        .filter(|i| !i.is_empty());
+    svc.status = ingress.map(|ingress| ServiceStatus {
+        load_balancer: Some(LoadBalancerStatus {
+            ingress: Some(
+                ingress
+                    .into_iter()
+                    .map(|i| LoadBalancerIngress {
+                        ip: i.ip,
+                        ip_mode: i.ip_mode,
+                        ..LoadBalancerIngress::default()
+                    })
+                    .collect(),
+            ),
+        }),
+        ..ServiceStatus::default()
+    });
+}
+
 /// A policy keeps its spec and its annotations except `kubectl`'s last-applied copy; managed
 /// fields, `resourceVersion` and generation go.
 pub fn trim_policy(policy: &mut NetworkPolicy) {
@@ -335,16 +411,18 @@ mod tests {
         Namespaces,
         Pods,
         Policies,
+        Services,
     }
 
     impl Res {
-        const ALL: [Self; 3] = [Self::Namespaces, Self::Pods, Self::Policies];
+        const ALL: [Self; 4] = [Self::Namespaces, Self::Pods, Self::Policies, Self::Services];
 
         fn path(self) -> &'static str {
             match self {
                 Self::Namespaces => "/api/v1/namespaces",
                 Self::Pods => "/api/v1/pods",
                 Self::Policies => "/apis/networking.k8s.io/v1/networkpolicies",
+                Self::Services => "/api/v1/services",
             }
         }
 
@@ -353,6 +431,7 @@ mod tests {
                 Self::Namespaces => ("v1", "NamespaceList"),
                 Self::Pods => ("v1", "PodList"),
                 Self::Policies => ("networking.k8s.io/v1", "NetworkPolicyList"),
+                Self::Services => ("v1", "ServiceList"),
             }
         }
 
@@ -361,6 +440,7 @@ mod tests {
                 Self::Namespaces => ("v1", "Namespace"),
                 Self::Pods => ("v1", "Pod"),
                 Self::Policies => ("networking.k8s.io/v1", "NetworkPolicy"),
+                Self::Services => ("v1", "Service"),
             }
         }
     }
@@ -513,7 +593,7 @@ mod tests {
             q
         }
 
-        /// The first lists of all three resources.
+        /// The first lists of every resource (no Services).
         async fn initial_lists(
             &mut self,
             namespaces: Vec<Value>,
@@ -523,6 +603,7 @@ mod tests {
             self.list(Res::Namespaces, "100", namespaces).await;
             self.list(Res::Pods, "200", pods).await;
             self.list(Res::Policies, "300", policies).await;
+            self.list(Res::Services, "400", vec![]).await;
         }
 
         fn assert_nothing_unexpected(&mut self) {
@@ -635,6 +716,42 @@ mod tests {
         })
     }
 
+    /// A NodePort Service at `cluster_ip` selecting `selector`, with the fields the API server
+    /// fills in (and the agent drops).
+    fn service(ns: &str, name: &str, cluster_ip: &str, selector: Value, rv: &str) -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {
+                "namespace": ns, "name": name, "uid": format!("uid-svc-{ns}-{name}"), "resourceVersion": rv,
+                "annotations": {LAST_APPLIED: "{...}"},
+                "managedFields": [{"manager": "kubectl", "operation": "Update", "apiVersion": "v1"}],
+            },
+            "spec": {
+                "type": "NodePort",
+                "clusterIP": cluster_ip, "clusterIPs": [cluster_ip],
+                "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack",
+                "externalIPs": ["192.0.2.7"],
+                "selector": selector,
+                "sessionAffinity": "None", "externalTrafficPolicy": "Cluster",
+                "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": "http", "nodePort": 30080, "appProtocol": "http"}],
+            },
+            "status": {"loadBalancer": {}},
+        })
+    }
+
+    fn service_names(c: &Cluster) -> Vec<String> {
+        c.services
+            .iter()
+            .map(|s| {
+                format!(
+                    "{}/{}",
+                    s.metadata.namespace.as_deref().unwrap(),
+                    s.metadata.name.as_deref().unwrap()
+                )
+            })
+            .collect()
+    }
+
     fn deny_all() -> Value {
         json!({"podSelector": {}, "policyTypes": ["Ingress"]})
     }
@@ -744,6 +861,7 @@ mod tests {
             vec![policy("prod", "deny", deny_all(), "7")],
         )
         .await;
+        api.list(Res::Services, "400", vec![]).await;
         // Pods not listed yet: nothing may be published (the agent keeps enforcing its pins).
         settle().await;
         assert!(
@@ -851,6 +969,7 @@ mod tests {
             (Res::Namespaces, "100"),
             (Res::Pods, "200"),
             (Res::Policies, "300"),
+            (Res::Services, "400"),
         ] {
             let (q, _reply) = api.next(r, WAIT).await;
             assert_watch_query(r, &q, rv);
@@ -1073,6 +1192,7 @@ mod tests {
             vec![namespace("prod", json!({}), "5")],
         )
         .await;
+        api.list(Res::Services, "400", vec![]).await;
         api.list(
             Res::Policies,
             "300",
@@ -1223,11 +1343,133 @@ mod tests {
         task.abort();
     }
 
+    #[tokio::test]
+    async fn services_are_listed_trimmed_watched_and_compiled_to_frontends_and_node_ports() {
+        let (client, mut api) = start();
+        let (task, mut rx) = spawn_source(client);
+        api.list(
+            Res::Namespaces,
+            "100",
+            vec![namespace("shop", json!({}), "5")],
+        )
+        .await;
+        api.list(Res::Pods, "200", vec![]).await;
+        api.list(Res::Policies, "300", vec![]).await;
+        // Services not listed yet: nothing is published (a snapshot without them would stop
+        // deferring Service traffic).
+        settle().await;
+        assert!(rx.borrow().is_none(), "published before the services list");
+        api.list(
+            Res::Services,
+            "400",
+            vec![service(
+                "shop",
+                "web",
+                "10.96.0.10",
+                json!({"app": "web"}),
+                "9",
+            )],
+        )
+        .await;
+        let c = until(&mut rx, "services listed", |c| c.services.len() == 1).await;
+        let web = &c.services[0];
+        assert!(web.metadata.managed_fields.is_none() && web.metadata.annotations.is_none());
+        let spec = web.spec.as_ref().unwrap();
+        assert_eq!(spec.type_.as_deref(), Some("NodePort"));
+        assert_eq!(
+            spec.cluster_ips.as_deref(),
+            Some(&["10.96.0.10".to_string()][..])
+        );
+        assert!(spec.session_affinity.is_none() && spec.ip_families.is_none());
+        assert!(spec.external_traffic_policy.is_none());
+        let port = &spec.ports.as_ref().unwrap()[0];
+        assert_eq!((port.port, port.node_port), (80, Some(30080)));
+        assert!(port.app_protocol.is_none());
+        assert!(web.status.is_none(), "an empty load-balancer status goes");
+        // Trimming is idempotent.
+        let mut again = Service::clone(web);
+        trim_service(&mut again);
+        assert_eq!(&again, &**web);
+
+        let compiled = compile(
+            &c,
+            &CompileOptions {
+                node_name: Some(NODE.to_string()),
+                ..CompileOptions::default()
+            },
+            &mut Allocations::new(),
+        );
+        for ip in ["10.96.0.10", "192.0.2.7"] {
+            assert_eq!(
+                compiled.state.peers_v4[&ip.parse().unwrap()].identity,
+                enforcer_common::IDENTITY_SERVICE
+            );
+        }
+        assert_eq!(
+            compiled
+                .state
+                .node_ports
+                .iter()
+                .map(|k| k.port)
+                .collect::<Vec<_>>(),
+            [30080]
+        );
+
+        // Watched: a load-balancer IP appears, another Service comes, the first goes.
+        let mut lb = service("shop", "web", "10.96.0.10", json!({"app": "web"}), "401");
+        lb["status"] = json!({"loadBalancer": {"ingress": [{"ip": "198.51.100.1", "ipMode": "VIP", "ports": [{"port": 80, "protocol": "TCP"}]}]}});
+        api.watch(
+            Res::Services,
+            "400",
+            &[
+                event("MODIFIED", &lb),
+                event(
+                    "ADDED",
+                    &service("shop", "api", "10.96.0.11", json!({"app": "api"}), "402"),
+                ),
+            ],
+        )
+        .await;
+        let c = until(&mut rx, "service events", |c| c.services.len() == 2).await;
+        assert_eq!(service_names(&c), ["shop/api", "shop/web"]);
+        let ingress = &c.services[1]
+            .status
+            .as_ref()
+            .unwrap()
+            .load_balancer
+            .as_ref()
+            .unwrap()
+            .ingress
+            .as_ref()
+            .unwrap()[0];
+        assert_eq!(ingress.ip.as_deref(), Some("198.51.100.1"));
+        assert_eq!(ingress.ip_mode.as_deref(), Some("VIP"));
+        assert!(ingress.ports.is_none());
+        let (q, _w) = api.next(Res::Services, WAIT).await;
+        assert_watch_query(Res::Services, &q, "402");
+        drop(_w);
+        api.watch_within(
+            Res::Services,
+            "402",
+            &[event("DELETED", &lb)],
+            AFTER_BACKOFF,
+        )
+        .await;
+        until(&mut rx, "service deleted", |c| {
+            service_names(c) == ["shop/api"]
+        })
+        .await;
+
+        api.assert_nothing_unexpected();
+        task.abort();
+    }
+
     #[test]
     fn snapshot_is_sorted_whatever_the_store_order() {
         let (ns_store, mut ns_w) = reflector::store::<Namespace>();
         let (pod_store, mut pod_w) = reflector::store::<Pod>();
         let (pol_store, mut pol_w) = reflector::store::<NetworkPolicy>();
+        let (svc_store, mut svc_w) = reflector::store::<Service>();
         for n in ["zeta", "alpha", "mid"] {
             let obj: Namespace = serde_json::from_value(namespace(n, json!({}), "1")).unwrap();
             ns_w.apply_watcher_event(&watcher::Event::Apply(obj));
@@ -1239,16 +1481,20 @@ mod tests {
             let obj: NetworkPolicy =
                 serde_json::from_value(policy(ns, name, deny_all(), "1")).unwrap();
             pol_w.apply_watcher_event(&watcher::Event::Apply(obj));
+            let obj: Service =
+                serde_json::from_value(service(ns, name, "10.96.0.1", json!({}), "1")).unwrap();
+            svc_w.apply_watcher_event(&watcher::Event::Apply(obj));
         }
-        let c = snapshot(&ns_store, &pod_store, &pol_store);
+        let c = snapshot(&ns_store, &pod_store, &pol_store, &svc_store);
         let (ns, pods, pols) = names(&c);
         assert_eq!(ns, ["alpha", "mid", "zeta"]);
         assert_eq!(pods, ["a/x", "a/y", "b/a", "b/x"]);
         assert_eq!(pols, pods);
+        assert_eq!(service_names(&c), pods);
         // Deterministic: the same Stores give an equal value.
         assert!(same_cluster(
             &c,
-            &snapshot(&ns_store, &pod_store, &pol_store)
+            &snapshot(&ns_store, &pod_store, &pol_store, &svc_store)
         ));
     }
 
@@ -1262,6 +1508,7 @@ mod tests {
         let (ns_store, mut ns_w) = reflector::store::<Namespace>();
         let (pod_store, mut pod_w) = reflector::store::<Pod>();
         let (pol_store, mut pol_w) = reflector::store::<NetworkPolicy>();
+        let (svc_store, _) = reflector::store::<Service>();
         let obj: Namespace = serde_json::from_value(namespace("shop", json!({}), "1")).unwrap();
         ns_w.apply_watcher_event(&watcher::Event::Apply(obj));
         for (name, app, ip) in [
@@ -1282,7 +1529,7 @@ mod tests {
             serde_json::from_value(policy("shop", "odd", spec, "3")).unwrap();
         trim_policy(&mut obj);
         pol_w.apply_watcher_event(&watcher::Event::Apply(obj));
-        let mut c = snapshot(&ns_store, &pod_store, &pol_store);
+        let mut c = snapshot(&ns_store, &pod_store, &pol_store, &svc_store);
         let problems = crate::source::watch::LastGoodPolicies::default().apply(&mut c);
         assert!(
             problems

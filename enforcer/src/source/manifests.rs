@@ -1,7 +1,8 @@
 //! The manifests folder (standalone mode and the offline tools): every `*.yaml`, `*.yml` and
 //! `*.json` file in a directory, multi-document YAML, `kind: List` (and `*List`) items, with
-//! Namespace, Pod and NetworkPolicy objects. A bad file or document is reported with the file,
-//! the document index, the object and the field, and everything else still loads.
+//! Namespace, Pod, Service (v1) and NetworkPolicy objects. A bad file or document is reported
+//! with the file, the document index, the object and the field, and everything else still
+//! loads.
 
 use std::{
     collections::BTreeSet,
@@ -12,7 +13,7 @@ use std::{
 
 use anyhow::Context as _;
 use k8s_openapi::api::{
-    core::v1::{Namespace, Pod},
+    core::v1::{Namespace, Pod, Service},
     networking::v1::NetworkPolicy,
 };
 use serde::Deserialize as _;
@@ -233,6 +234,28 @@ fn load_value(
             }
             Err(m) => fail(loaded, m),
         },
+        // A Service the compiler could only read in part (an address that is not one, an
+        // unknown protocol) is refused with its file, so the file's last good version stays.
+        "Service" if v.get("apiVersion").and_then(Value::as_str) == Some("v1") => {
+            match typed::<Service>(v) {
+                Ok(mut o) => {
+                    o.metadata.namespace.get_or_insert_with(|| "default".into());
+                    match enforcer_policy::model::validate_service(&o) {
+                        Ok(()) => {
+                            if first(loaded, &o.metadata) {
+                                loaded.cluster.services.push(Arc::new(o));
+                            }
+                        }
+                        Err(errors) => {
+                            for e in errors {
+                                fail(loaded, format!("{}: {}", e.field, e.message));
+                            }
+                        }
+                    }
+                }
+                Err(m) => fail(loaded, m),
+            }
+        }
         "NetworkPolicy" => match typed::<NetworkPolicy>(v) {
             Ok(mut o) => {
                 o.metadata.namespace.get_or_insert_with(|| "default".into());
@@ -314,6 +337,11 @@ pub fn merge_all<'a>(parts: impl IntoIterator<Item = (&'a Path, &'a Loaded)>) ->
                 c.policies.push(Arc::clone(o));
             }
         }
+        for o in &part.cluster.services {
+            if first(&mut into.errors, "Service", &o.metadata) {
+                c.services.push(Arc::clone(o));
+            }
+        }
     }
     into
 }
@@ -331,6 +359,11 @@ pub fn finish(loaded: &mut Loaded) {
     for p in &mut c.policies {
         if p.metadata.namespace.is_none() {
             Arc::make_mut(p).metadata.namespace = Some("default".into());
+        }
+    }
+    for s in &mut c.services {
+        if s.metadata.namespace.is_none() {
+            Arc::make_mut(s).metadata.namespace = Some("default".into());
         }
     }
     let declared: BTreeSet<String> = c
@@ -405,9 +438,9 @@ status:
 # an empty document
 ---
 apiVersion: v1
-kind: Service
+kind: ConfigMap
 metadata: {name: s, namespace: x}
-spec: {}
+data: {}
 ---
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
@@ -506,5 +539,78 @@ spec:
         );
         assert!(loaded.errors[1].message.contains("kind"));
         assert_eq!(loaded.errors[1].document, Some(2));
+    }
+
+    const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: x}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, \"fd00:96::10\"]\n  selector: {app: web}\n  ports:\n  - {name: http, port: 80, targetPort: http, nodePort: 30080}\n";
+
+    #[test]
+    fn services_are_loaded() {
+        let mut loaded = Loaded::default();
+        load_text(Path::new("s.yaml"), SERVICE, &mut loaded);
+        load_text(
+            Path::new("t.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: other}\nspec: {clusterIP: None}\n",
+            &mut loaded,
+        );
+        finish(&mut loaded);
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        let names: Vec<String> = loaded
+            .cluster
+            .services
+            .iter()
+            .map(|s| enforcer_policy::model::parse_service(s).0.key())
+            .collect();
+        assert_eq!(names, ["x/web", "default/other"]);
+        let web = enforcer_policy::model::parse_service(&loaded.cluster.services[0]).0;
+        assert_eq!(web.addresses.len(), 2);
+        assert_eq!(web.ports[0].node_port, Some(30080));
+        let merged = merge_all([
+            (Path::new("a.yaml"), &loaded),
+            (Path::new("b.yaml"), &loaded),
+        ]);
+        assert_eq!(merged.cluster.services.len(), 2);
+        assert!(
+            merged
+                .errors
+                .iter()
+                .any(|e| e.object.as_deref() == Some("Service x/web")
+                    && e.message.contains("more than once")),
+            "{:?}",
+            merged.errors
+        );
+    }
+
+    #[test]
+    fn a_bad_service_is_named_with_its_file_object_and_field() {
+        let mut loaded = Loaded::default();
+        let bad = SERVICE
+            .replace(
+                "clusterIPs: [10.96.0.10, \"fd00:96::10\"]",
+                "clusterIPs: [10.96.0.300]",
+            )
+            .replace("nodePort: 30080", "nodePort: 30080, protocol: ICMP");
+        load_text(Path::new("s.yaml"), &bad, &mut loaded);
+        load_text(
+            Path::new("t.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: typo, namespace: x}\nspec: {ports: [{port: eighty}]}\n",
+            &mut loaded,
+        );
+        assert!(loaded.cluster.services.is_empty());
+        let errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            errors,
+            [
+                "s.yaml document 0 Service x/web: spec.clusterIPs[0]: \"10.96.0.300\" is not an IP address (nor \"None\")",
+                "s.yaml document 0 Service x/web: spec.ports[0].protocol: \"ICMP\" is not a protocol (TCP, UDP or SCTP)",
+            ]
+            .iter()
+            .map(ToString::to_string)
+            .chain(std::iter::once(errors[2].clone()))
+            .collect::<Vec<_>>()
+        );
+        assert!(
+            errors[2].starts_with("t.yaml document 0 Service x/typo: spec.ports[0].port"),
+            "{errors:?}"
+        );
     }
 }

@@ -539,6 +539,42 @@ mod tests {
         assert!(c.policies.is_empty(), "a deleted file is deleted");
     }
 
+    /// A Service that stops validating leaves its file's last good objects enforced: its
+    /// frontends keep being judged on their backends.
+    #[test]
+    fn a_broken_service_keeps_its_files_last_good_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: x\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{port: 80}]\n";
+        std::fs::write(dir.path().join("s.yaml"), format!("{NS}---\n{svc}")).unwrap();
+        let mut src = ManifestsSource::new(dir.path());
+        let (c, problems) = next(&mut src);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(c.services.len(), 1);
+        std::fs::write(
+            dir.path().join("s.yaml"),
+            format!("{NS}---\n{}", svc.replace("10.96.0.10", "10.96.0.x")),
+        )
+        .unwrap();
+        let (c, problems) = next(&mut src);
+        assert_eq!(c.services.len(), 1, "the last good version stays");
+        assert_eq!(
+            c.services[0].spec.as_ref().unwrap().cluster_ip.as_deref(),
+            Some("10.96.0.10")
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("Service x/web: spec.clusterIP: \"10.96.0.x\"")),
+            "{problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("keeping its last good version")),
+            "{problems:?}"
+        );
+    }
+
     #[test]
     fn a_file_is_read_when_closed_or_renamed_in_and_not_while_open() {
         use std::io::Write as _;
