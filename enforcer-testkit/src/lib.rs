@@ -4,10 +4,13 @@
 //! - [`netns`]: a node and its pods built from network namespaces, servers, probes, the agent
 //!   process;
 //! - [`forge`]: packets a hostile pod or node crafts, and the raw sockets that send them;
+//! - [`kube_proxy`]: kube-proxy's Service rules (nftables or iptables-legacy) in a node namespace,
+//!   and the matching `kind: Service` manifests;
 //! - the in-memory fakes of the kernel seam and the test token issuer come from the agent crate's
 //!   `testkit` feature, re-exported here as [`fake`] and [`issuer`].
 
 pub mod forge;
+pub mod kube_proxy;
 pub mod netns;
 
 pub use enforcer::identity::testing as issuer;

@@ -499,6 +499,21 @@ impl Cluster {
             .add_pod(name, v4, None)
     }
 
+    /// [`Cluster::add_pod`] with an IPv6 address too (a routed node only). IPv6 stays on its
+    /// node: the underlay routes IPv4 only.
+    pub fn add_dual_stack_pod(
+        &mut self,
+        node: usize,
+        name: &str,
+        v4: Ipv4Addr,
+        v6: Ipv6Addr,
+    ) -> Result<TestPod> {
+        self.nodes
+            .get_mut(node)
+            .with_context(|| format!("no node {node}"))?
+            .add_pod(name, v4, Some(v6))
+    }
+
     /// The node index and pod named `name`.
     pub fn pod(&self, name: &str) -> Option<(usize, &TestPod)> {
         self.nodes

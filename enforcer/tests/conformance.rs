@@ -3,16 +3,22 @@
 //!
 //! The model is upstream's: namespaces `x`, `y`, `z` (label `kubernetes.io/metadata.name`), pods
 //! `a`, `b`, `c` in each (label `pod: <name>`), every pod serving TCP and UDP on ports 80 and 81
-//! with container ports named `serve-<port>-<proto>`. The suite runs three times, on three
+//! with container ports named `serve-<port>-<proto>`. The suite runs four times, on four
 //! clusters of network namespaces (`Layout`): one node with routed veths; two nodes joined by an
 //! underlay with routed veths; two such nodes with their pods on a bridge `cni0` (flannel in
-//! host-gw mode). On two nodes, pod i lives on node i % 2, so every namespace and every pod
-//! name has pods on both, and each node runs its own agent (`--node-name`), all reading one
-//! manifests folder. Each case writes its policies (and relabels pods or namespaces) in that
-//! folder, waits for every agent to report the state programmed, probes all 72 ordered pairs
-//! (loopback is ignored, as upstream does) in parallel, and compares the observed matrix with the
-//! expected one built by upstream's operators (`ExpectPeer`, `ExpectAllIngress`,
-//! `ExpectAllEgress`, `Expect`) from the same truth tables. Pairs that disagree are probed again
+//! host-gw mode); and the two routed nodes again with every probe sent through the target pod's
+//! Service, as upstream probes: one ClusterIP Service per pod (`s-<ns>-<pod>`, selecting it,
+//! ports 80 and 81 on TCP and UDP), translated by kube-proxy's nftables rules in both node
+//! namespaces (`enforcer_testkit::kube_proxy`), the Service manifests in the agents' folder. On
+//! two nodes, pod i lives on node i % 2, so every namespace and every pod name has pods on both
+//! (the Services run reaches backends on the sender's node and on the other), and each node runs
+//! its own agent (`--node-name`), all reading one manifests folder. Expectations do not depend
+//! on the layout: through a Service, the backend the ClusterIP is translated to decides. Each
+//! case writes its policies (and relabels pods or namespaces) in that folder, waits for every
+//! agent to report the state programmed, probes all 72 ordered pairs (loopback is ignored, as
+//! upstream does) in parallel, and compares the observed matrix with the expected one built by
+//! upstream's operators (`ExpectPeer`, `ExpectAllIngress`, `ExpectAllEgress`, `Expect`) from the
+//! same truth tables. Pairs that disagree are probed again
 //! (upstream retries too) before a case fails; a failure prints upstream-style expected /
 //! observed / comparison tables, what the offline compiler (`enforcer explain`) says about the
 //! wrong pairs, and the agents' logs.
@@ -22,11 +28,12 @@
 //! are applied as written, but only TCP and UDP are probed (no sctp module here).
 //!
 //! Each case is a test of its own, named after its `ginkgo.It` text in snake case (e.g.
-//! `should_support_a_default_deny_ingress_policy`), prefixed by `two_nodes::` or
-//! `two_bridge_nodes::` on the other layouts; `--list` lists them. They need root and are
-//! ignored unless asked for: `cargo test -p enforcer --test conformance -- --include-ignored
-//! endport` runs the cases whose name contains `endport` (on every layout), `-- --include-ignored
-//! two_nodes::` the second run. A layout's model is built by its first case that runs and torn
+//! `should_support_a_default_deny_ingress_policy`), prefixed by `two_nodes::`,
+//! `two_bridge_nodes::` or `services::` on the other layouts; `--list` lists them. They need
+//! root and are ignored unless asked for: `cargo test -p enforcer --test conformance --
+//! --include-ignored endport` runs the cases whose name contains `endport` (on every layout),
+//! `-- --include-ignored two_nodes::` the second run, `-- --include-ignored services::` the run
+//! through Services. A layout's model is built by its first case that runs and torn
 //! down (agents, namespaces, folder) before the next layout's, and after the last case, also
 //! after a failure. A test that needs no root checks the case table itself.
 
@@ -41,6 +48,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+use enforcer_testkit::kube_proxy::{self, KubeProxies, ServiceSpec};
 use enforcer_testkit::netns::{
     AgentProcess, Cluster, NodeSpec, Proto, Servers, Testbed, agent_binary, probe_all,
 };
@@ -102,10 +110,18 @@ enum Layout {
     /// Two nodes joined by an underlay, each with its pods on a bridge `cni0` (flannel in
     /// host-gw mode); pod i on node i % 2.
     TwoBridgeNodes,
+    /// [`Layout::TwoNodes`], every probe to the target pod's ClusterIP, translated by kube-proxy
+    /// (nftables mode) on the sender's node.
+    Services,
 }
 
 impl Layout {
-    const ALL: [Self; 3] = [Self::OneNode, Self::TwoNodes, Self::TwoBridgeNodes];
+    const ALL: [Self; 4] = [
+        Self::OneNode,
+        Self::TwoNodes,
+        Self::TwoBridgeNodes,
+        Self::Services,
+    ];
 
     /// The prefix of its tests' names (none for the first run, whose names are upstream's).
     fn prefix(self) -> &'static str {
@@ -113,6 +129,7 @@ impl Layout {
             Self::OneNode => "",
             Self::TwoNodes => "two_nodes::",
             Self::TwoBridgeNodes => "two_bridge_nodes::",
+            Self::Services => "services::",
         }
     }
 
@@ -128,6 +145,9 @@ impl Layout {
             Self::OneNode => "one node, routed veths",
             Self::TwoNodes => "two nodes, routed veths",
             Self::TwoBridgeNodes => "two nodes, pods on a bridge (cni0)",
+            Self::Services => {
+                "two nodes, routed veths, probes through each pod's ClusterIP (kube-proxy nftables)"
+            }
         }
     }
 }
@@ -156,6 +176,36 @@ fn pod_ip(i: usize) -> Ipv4Addr {
 
 fn ip_of(pod: &str) -> Ipv4Addr {
     pod_ip(pod_index(pod))
+}
+
+/// The ClusterIP of pod i's Service in the Services run: 10.96.<ns>.<pod>.
+fn service_ip(i: usize) -> Ipv4Addr {
+    kube_proxy::cluster_ip(((i / 3 + 1) as u16) << 8 | (i % 3 + 1) as u16)
+}
+
+/// Where a probe to pod i goes: its ClusterIP in the Services run, else its own address.
+fn probe_target(i: usize) -> Ipv4Addr {
+    match layout() {
+        Layout::Services => service_ip(i),
+        _ => pod_ip(i),
+    }
+}
+
+/// Upstream's Service of a model pod (`Pod.Service()`): named `s-<ns>-<pod>`, selecting the
+/// pod's labels, one port per served port and protocol (`service-port-<proto>-<port>`, the
+/// target port the same); SCTP, never probed here, is left out.
+fn service_of(i: usize) -> ServiceSpec {
+    let (namespace, name) = (NAMESPACES[i / 3], PODS[i % 3]);
+    let mut s = ServiceSpec::new(namespace, &format!("s-{namespace}-{name}"), service_ip(i));
+    for port in PORTS {
+        for proto in [Proto::Tcp, Proto::Udp] {
+            s = s.port(proto, port, port);
+        }
+    }
+    for (k, v) in default_pod_labels(i) {
+        s = s.selector(&k, &v);
+    }
+    s.backend(pod_ip(i))
 }
 
 fn proto_name(p: Proto) -> &'static str {
@@ -418,9 +468,12 @@ enum Net {
 }
 
 struct Suite {
-    // Field order is drop order: the agents go before the servers, the namespaces and the folder.
+    // Field order is drop order: the agents go before the servers, kube-proxy's rules, the
+    // namespaces and the folder.
     agents: Vec<AgentProcess>,
     _servers: Vec<Servers>,
+    /// kube-proxy's rules on every node (the Services run only).
+    kube_proxy: Option<KubeProxies>,
     _net: Net,
     layout: Layout,
     dir: tempfile::TempDir,
@@ -443,7 +496,7 @@ impl Suite {
         let mut netns = Vec::new();
         let mut net = match layout {
             Layout::OneNode => Net::One(Testbed::new(TAG)?),
-            Layout::TwoNodes | Layout::TwoBridgeNodes => {
+            Layout::TwoNodes | Layout::TwoBridgeNodes | Layout::Services => {
                 let specs: Vec<NodeSpec> = (0..2)
                     .map(|k| {
                         let cidr = Ipv4Addr::new(10, 10 + k as u8, 0, 0);
@@ -465,6 +518,16 @@ impl Suite {
             };
             servers.push(Servers::start(&p, &PORTS, &pod_name(i))?);
             netns.push(p.netns.clone());
+        }
+        let mut kube_proxy = None;
+        if layout == Layout::Services {
+            let services: Vec<ServiceSpec> = (0..N).map(service_of).collect();
+            for s in &services {
+                s.write_manifest(dir.path())?;
+            }
+            if let Net::Cluster(c) = &net {
+                kube_proxy = Some(c.install_kube_proxy(kube_proxy::Mode::Nftables, &services)?);
+            }
         }
         for (n, ns) in NAMESPACES.iter().enumerate() {
             write_manifest(
@@ -497,6 +560,7 @@ impl Suite {
         Ok(Self {
             agents,
             _servers: servers,
+            kube_proxy,
             _net: net,
             layout,
             dir,
@@ -606,7 +670,14 @@ impl Suite {
     ) -> Result<Vec<bool>> {
         let list: Vec<(String, IpAddr, u16, Proto)> = pairs
             .iter()
-            .map(|&(f, t)| (self.netns[f].clone(), IpAddr::V4(pod_ip(t)), port, proto))
+            .map(|&(f, t)| {
+                (
+                    self.netns[f].clone(),
+                    IpAddr::V4(probe_target(t)),
+                    port,
+                    proto,
+                )
+            })
             .collect();
         self.probes_run += list.len();
         probe_all(&list, timeout, PARALLEL)
@@ -651,10 +722,27 @@ impl Suite {
             let note = if first_wrong.is_empty() {
                 String::new()
             } else {
+                let (allowed, blocked): (Vec<_>, Vec<_>) = first_wrong
+                    .iter()
+                    .copied()
+                    .partition(|&(f, t)| r.expected[f][t]);
+                let mut parts = Vec::new();
+                if !allowed.is_empty() {
+                    parts.push(format!(
+                        "expected allowed, first blocked: {}",
+                        pairs_text(&allowed)
+                    ));
+                }
+                if !blocked.is_empty() {
+                    parts.push(format!(
+                        "expected blocked, first allowed: {}",
+                        pairs_text(&blocked)
+                    ));
+                }
                 format!(
                     " (after a retry: {} pair(s) first disagreed: {})",
                     first_wrong.len(),
-                    pairs_text(&first_wrong)
+                    parts.join("; ")
                 )
             };
             println!(
@@ -686,6 +774,11 @@ impl Suite {
             still.len(),
             listed.join(", ")
         );
+        if self.layout == Layout::Services {
+            msg.push_str(
+                "(each probe to pod <ns>/<pod> went to the ClusterIP 10.96.<ns>.<pod> of its Service s-<ns>-<pod>, x=1 y=2 z=3, a=1 b=2 c=3)\n",
+            );
+        }
         msg.push_str(&table("expected", |f, t| dot(r.expected[f][t])));
         msg.push_str(&table("observed", |f, t| {
             if f == t { '-' } else { dot(observed[f][t]) }
@@ -1764,9 +1857,13 @@ fn baseline_trial(layout: Layout) -> Result<(), Failed> {
             return Ok(());
         }
         Err(format!(
-            "baseline failed, the model or the agent is broken:\n{}\nagent log:\n{}",
+            "baseline failed, the model or the agent is broken:\n{}\nagent log:\n{}{}",
             s.failures.join("\n"),
-            s.log_tail(80)
+            s.log_tail(80),
+            s.kube_proxy
+                .as_ref()
+                .map(|k| format!("\nkube-proxy rules:\n{}", k.ruleset()))
+                .unwrap_or_default()
         )
         .into())
     })

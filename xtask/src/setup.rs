@@ -16,6 +16,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("mount", "mount"),
     ("iperf3", "iperf3"),
     ("nft", "nftables"),
+    // kube-proxy's iptables mode on the legacy backend (tests/services.rs)
+    ("iptables-legacy", "iptables"),
 ];
 
 pub fn setup() -> Result<()> {
