@@ -178,3 +178,54 @@ pub fn nft_ruleset(n: usize, remote: usize, client: Ipv4Addr, server: Ipv4Addr) 
     s.push_str("}\n");
     s
 }
+
+/// The ClusterIP of the bench's Service (kube-proxy's default range, apart from every pod and
+/// node address of the testbed).
+pub const SERVICE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// The server pod's ports behind the Service: servers of their own, so that a connection
+/// translated to the pod never takes the conntrack tuple of a direct one from the same client
+/// port (conntrack would give it another source port, and the judge drops a deferred packet
+/// whose source port changed).
+pub const PORT_SVC_CRR: u16 = 7011;
+pub const PORT_SVC_RR: u16 = 7012;
+/// The Service's ports and their target ports: the connection-rate and request/response
+/// servers.
+pub const SERVICE_PORTS: [(u16, u16); 2] = [(PORT_CRR, PORT_SVC_CRR), (PORT_RR, PORT_SVC_RR)];
+/// The nft table standing in for kube-proxy's translation.
+pub const NFT_KUBE_PROXY: &str = "bench-kube-proxy";
+
+/// The Service in front of the server pod: the agent gives its ClusterIP the Service identity,
+/// so the client's new flows to it are judged after the translation.
+pub fn service() -> String {
+    let ports: Vec<String> = SERVICE_PORTS
+        .iter()
+        .map(|(p, t)| format!("  - {{name: p{p}, protocol: TCP, port: {p}, targetPort: {t}}}\n"))
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: srv, namespace: {NS}}}\nspec:\n  type: ClusterIP\n  clusterIP: {SERVICE_VIP}\n  clusterIPs: [{SERVICE_VIP}]\n  selector: {{role: srv}}\n  ports:\n{}",
+        ports.concat()
+    )
+}
+
+/// The policies of the Service's target ports, as [`base_policies`] has them for the others:
+/// the server admits the client, the client's isolated egress is allowed to the server.
+pub fn service_policies() -> String {
+    let targets = ports_yaml(&SERVICE_PORTS.map(|(_, t)| t));
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: allow-client-svc, namespace: {NS}}}\nspec:\n  podSelector: {{matchLabels: {{role: srv}}}}\n  policyTypes: [Ingress]\n  ingress:\n  - from: [{{podSelector: {{matchLabels: {{role: client}}}}}}]\n    ports: {targets}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: client-egress-svc, namespace: {NS}}}\nspec:\n  podSelector: {{matchLabels: {{role: client}}}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{{podSelector: {{matchLabels: {{role: srv}}}}}}]\n    ports: {targets}\n"
+    )
+}
+
+/// kube-proxy's translation of [`service`]: one DNAT rule per port in a `prerouting` chain at
+/// priority `dstnat`, and a `postrouting` one at `srcnat` (empty here; kube-proxy masquerades
+/// there), as kube-proxy's nftables mode lays them out.
+pub fn kube_proxy_ruleset(backend: Ipv4Addr) -> String {
+    let rules: Vec<String> = SERVICE_PORTS
+        .iter()
+        .map(|(p, t)| format!("    ip daddr {SERVICE_VIP} tcp dport {p} dnat to {backend}:{t}\n"))
+        .collect();
+    format!(
+        "table ip {NFT_KUBE_PROXY} {{\n  chain pre {{\n    type nat hook prerouting priority dstnat; policy accept;\n{}  }}\n  chain post {{\n    type nat hook postrouting priority srcnat; policy accept;\n  }}\n}}\n",
+        rules.concat()
+    )
+}

@@ -83,7 +83,7 @@ impl Switch {
 }
 
 /// Window lengths and counts.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct Windows {
     /// Length of one window, s.
     pub window_secs: f64,
@@ -121,27 +121,54 @@ pub fn cycles(
     count: &dyn Fn() -> Result<u64>,
     alive: &dyn Fn() -> Result<()>,
 ) -> Result<Vec<Cycle>> {
+    let windows = windows::<3>(
+        w,
+        offset,
+        &mut |i| switch.set(STATES[i]),
+        &|i| format!("{:?}", STATES[i]),
+        count,
+        alive,
+    )?;
+    Ok(windows
+        .into_iter()
+        .map(|(rate, steal)| Cycle { rate, steal })
+        .collect())
+}
+
+/// The windows of [`cycles`] over `N` states that `set` puts in place (by index): per cycle,
+/// each state's rate and the share of CPU time stolen during its window.
+pub fn windows<const N: usize>(
+    w: &Windows,
+    offset: usize,
+    set: &mut dyn FnMut(usize) -> Result<()>,
+    name: &dyn Fn(usize) -> String,
+    count: &dyn Fn() -> Result<u64>,
+    alive: &dyn Fn() -> Result<()>,
+) -> Result<Vec<([f64; N], [f64; N])>> {
     let window = Duration::from_secs_f64(w.window_secs);
     let settle = Duration::from_secs_f64(w.settle_secs);
     std::thread::sleep(Duration::from_secs_f64(w.warmup_secs));
     let mut out = Vec::with_capacity(w.cycles);
     for c in 0..w.cycles {
-        let mut cycle = Cycle::default();
-        for k in 0..STATES.len() {
-            let state = STATES[(c + k + offset) % STATES.len()];
-            switch.set(state)?;
+        let (mut rate, mut steal) = ([0.0; N], [0.0; N]);
+        for k in 0..N {
+            let state = (c + k + offset) % N;
+            set(state)?;
             std::thread::sleep(settle);
             let (n0, t0, cpu) = (count()?, Instant::now(), CpuTimes::now());
             std::thread::sleep(window);
             let (n1, t1) = (count()?, Instant::now());
             alive()?;
             if n1 <= n0 {
-                bail!("the load made no progress in a {state:?} window (cycle {c})");
+                bail!(
+                    "the load made no progress in a {} window (cycle {c})",
+                    name(state)
+                );
             }
-            cycle.rate[state as usize] = (n1 - n0) as f64 / (t1 - t0).as_secs_f64();
-            cycle.steal[state as usize] = CpuTimes::now().stolen_since(&cpu);
+            rate[state] = (n1 - n0) as f64 / (t1 - t0).as_secs_f64();
+            steal[state] = CpuTimes::now().stolen_since(&cpu);
         }
-        out.push(cycle);
+        out.push((rate, steal));
     }
     Ok(out)
 }

@@ -7,7 +7,7 @@ use std::{
     os::fd::AsRawFd,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -249,31 +249,44 @@ pub enum Kind {
 pub struct Background {
     count: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+    /// Which of the targets the transactions go to.
+    target: Arc<AtomicUsize>,
     thread: Option<JoinHandle<Result<u64>>>,
 }
 
 impl Background {
     pub fn start(kind: Kind, netns: &str, to: SocketAddr) -> Result<Self> {
-        let (count, stop) = (
+        Self::start_to(kind, netns, vec![to])
+    }
+
+    /// A load that sends to one of `targets` at a time, the first until [`Background::aim`]
+    /// says otherwise (TCP_RR: a connection to each, opened at the start).
+    pub fn start_to(kind: Kind, netns: &str, targets: Vec<SocketAddr>) -> Result<Self> {
+        let (count, stop, target) = (
             Arc::new(AtomicU64::new(0)),
             Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicUsize::new(0)),
         );
         let path = Testbed::netns_path(netns);
-        let (c, st) = (count.clone(), stop.clone());
+        let (c, st, t) = (count.clone(), stop.clone(), target.clone());
         let thread = std::thread::spawn(move || -> Result<u64> {
             enter_netns(&path)?;
             let mut errors = 0u64;
             match kind {
                 Kind::Rr => {
-                    let mut s = rr_connect(to)?;
+                    let mut conns = targets
+                        .iter()
+                        .map(|to| rr_connect(*to))
+                        .collect::<Result<Vec<_>>>()?;
                     while !st.load(Ordering::Relaxed) {
-                        rr_once(&mut s).context("TCP_RR transaction")?;
+                        rr_once(&mut conns[t.load(Ordering::Relaxed)])
+                            .context("TCP_RR transaction")?;
                         c.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 Kind::Crr => {
                     while !st.load(Ordering::Relaxed) {
-                        if crr_once(to) {
+                        if crr_once(targets[t.load(Ordering::Relaxed)]) {
                             c.fetch_add(1, Ordering::Relaxed);
                         } else {
                             errors += 1;
@@ -286,8 +299,14 @@ impl Background {
         Ok(Self {
             count,
             stop,
+            target,
             thread: Some(thread),
         })
+    }
+
+    /// Sends the next transactions to target `i` of [`Background::start_to`].
+    pub fn aim(&self, i: usize) {
+        self.target.store(i, Ordering::Relaxed);
     }
 
     /// Transactions completed so far.

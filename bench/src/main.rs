@@ -9,6 +9,9 @@
 //!   programs; policy-change latency; agent memory; connection rate vs the same policies as an
 //!   nftables ruleset (iptables-enforcer layout) at growing rule counts.
 //! - `compile`: the pure compiler on 10k policies.
+//! - `service`: the Service path beside the direct one: the first packet of a new flow and an
+//!   established packet through both hooks (`BPF_PROG_TEST_RUN`), and TCP_CRR / TCP_RR through a
+//!   ClusterIP (an nftables DNAT, as kube-proxy's) with our programs and with none.
 //!
 //! Needs root. Cleans up every netns, mount and nft table it creates (guards), also on failure.
 
@@ -35,7 +38,8 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Only these parts (comma-separated): testrun, compile, net (= traffic, latency, sweep),
-    /// or one section of net: traffic, latency (with agent memory), sweep.
+    /// or one section of net: traffic, latency (with agent memory), sweep; service (the Service
+    /// path, per packet and on pods).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Output folder (default: `bench/` in the workspace).
@@ -88,6 +92,29 @@ fn main() -> Result<()> {
         rep.write(&out, started)?;
     }
 
+    if want("service") {
+        eprintln!("[bench] Service path, BPF_PROG_TEST_RUN");
+        let cpu = CpuTimes::now();
+        let settings = testrun::ServiceSettings {
+            repeat: if quick { 200_000 } else { 1_000_000 },
+            runs: if quick { 3 } else { 5 },
+            // Four calls of new flows per round: half the scenarios' runs keeps the flow
+            // table's fill at theirs.
+            new_repeat: if quick { 2_500 } else { 5_000 },
+            passes: if quick { 1 } else { 3 },
+            entries: 100_000,
+        };
+        match testrun::run_service(settings) {
+            Ok(r) => rep.service = Some(r),
+            Err(e) => rep.errors.push(format!("service (test run): {e:#}")),
+        }
+        rep.steal_by_part.push((
+            "Service path, test run".into(),
+            CpuTimes::now().stolen_since(&cpu),
+        ));
+        rep.write(&out, started)?;
+    }
+
     if want("compile") {
         eprintln!("[bench] compile");
         match net::compile_bench(10_000, 1_000, if quick { 1 } else { 3 }) {
@@ -104,7 +131,7 @@ fn main() -> Result<()> {
     }
 
     let net_part = |p: &str| want("net") || args.only.iter().any(|o| o == p);
-    if net_part("traffic") || net_part("latency") || net_part("sweep") {
+    if net_part("traffic") || net_part("latency") || net_part("sweep") || want("service") {
         eprintln!("[bench] pods in netns");
         let cpu = CpuTimes::now();
         let settings = net::Settings {
@@ -119,6 +146,8 @@ fn main() -> Result<()> {
             traffic: net_part("traffic"),
             latency: net_part("latency"),
             sweep: net_part("sweep"),
+            service: want("service"),
+            service_cycles: if quick { 6 } else { 24 },
             pairs: args.pairs.unwrap_or(if quick { 1 } else { 4 }),
             windows: interleave::Windows {
                 window_secs: 0.25,

@@ -41,6 +41,10 @@ pub struct Settings {
     pub traffic: bool,
     pub latency: bool,
     pub sweep: bool,
+    /// The Service path (TCP_CRR and TCP_RR through a ClusterIP beside directly), and its
+    /// cycles of four windows per load.
+    pub service: bool,
+    pub service_cycles: usize,
     /// Interleaved runs per round (see [`Pair`]), and their windows.
     pub pairs: usize,
     pub windows: Windows,
@@ -95,14 +99,24 @@ pub const MIN_QUIET: usize = 12;
 
 impl CycleRatio {
     fn of(cycles: &[&Cycle], state: Hooks) -> Self {
-        let ratios = |v: &[&&Cycle]| v.iter().map(|c| c.ratio(state)).collect::<Vec<f64>>();
-        let all: Vec<&&Cycle> = cycles.iter().collect();
-        let quiet: Vec<&&Cycle> = cycles
+        let ratios: Vec<f64> = cycles.iter().map(|c| c.ratio(state)).collect();
+        let quiet: Vec<bool> = cycles
             .iter()
-            .filter(|c| c.steal.iter().all(|s| *s == 0.0))
+            .map(|c| c.steal.iter().all(|s| *s == 0.0))
+            .collect();
+        Self::over(&ratios, &quiet)
+    }
+
+    /// Over the cycles' `ratios`, each cycle `quiet` or not.
+    fn over(ratios: &[f64], quiet: &[bool]) -> Self {
+        let quiet: Vec<f64> = ratios
+            .iter()
+            .zip(quiet)
+            .filter(|(_, q)| **q)
+            .map(|(r, _)| *r)
             .collect();
         let is_quiet = quiet.len() >= MIN_QUIET;
-        let r = ratios(if is_quiet { &quiet } else { &all });
+        let r = if is_quiet { quiet } else { ratios.to_vec() };
         let n = r.len() as f64;
         let mean = r.iter().sum::<f64>() / n;
         let sd = (r.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0)).sqrt();
@@ -111,7 +125,7 @@ impl CycleRatio {
             se: 1.25 * sd / n.sqrt(),
             n: r.len(),
             quiet: is_quiet,
-            all: median(&ratios(&all)),
+            all: median(ratios),
         }
     }
 }
@@ -234,7 +248,90 @@ pub struct Results {
     pub sweep: Vec<SweepRow>,
     pub latency: Option<Latency>,
     pub memory: Vec<Memory>,
+    pub service: Option<ServiceRates>,
     pub notes: Vec<String>,
+}
+
+/// Where the Service windows send the load: the server pod's address, or the ClusterIP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Target {
+    Direct = 0,
+    Service = 1,
+}
+
+/// The states of the Service windows, by index.
+pub const SERVICE_STATES: [(Hooks, Target); 4] = [
+    (Hooks::None, Target::Direct),
+    (Hooks::None, Target::Service),
+    (Hooks::Ours, Target::Direct),
+    (Hooks::Ours, Target::Service),
+];
+
+/// One load of the Service path: the rates of the four states of [`SERVICE_STATES`] and their
+/// ratios, cycle by cycle (see [`CycleRatio`]).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ServiceLoad {
+    /// Means over the cycles, per state, per second.
+    pub means: [f64; 4],
+    /// Ours through the ClusterIP / ours to the pod's address.
+    pub service_over_direct: CycleRatio,
+    /// Ours / no programs, through the ClusterIP and directly.
+    pub ours_service: CycleRatio,
+    pub ours_direct: CycleRatio,
+    /// The first over the second, cycle by cycle: what ours cost through the ClusterIP
+    /// against what they cost directly, the translation's own cost taken out.
+    pub ours_service_over_ours_direct: CycleRatio,
+    /// The translation alone: no programs, through the ClusterIP / directly.
+    pub dnat: CycleRatio,
+    /// Every cycle: per state, the rate and the share of CPU time stolen.
+    pub cycles: Vec<([f64; 4], [f64; 4])>,
+}
+
+impl ServiceLoad {
+    fn of(cycles: Vec<([f64; 4], [f64; 4])>) -> Self {
+        let quiet: Vec<bool> = cycles
+            .iter()
+            .map(|(_, st)| st.iter().all(|x| *x == 0.0))
+            .collect();
+        let ratio = |a: usize, b: usize| {
+            let r: Vec<f64> = cycles.iter().map(|(r, _)| r[a] / r[b]).collect();
+            CycleRatio::over(&r, &quiet)
+        };
+        let own: Vec<f64> = cycles
+            .iter()
+            .map(|(r, _)| (r[3] / r[1]) / (r[2] / r[0]))
+            .collect();
+        let n = cycles.len().max(1) as f64;
+        Self {
+            means: std::array::from_fn(|i| cycles.iter().map(|(r, _)| r[i]).sum::<f64>() / n),
+            service_over_direct: ratio(3, 2),
+            ours_service: ratio(3, 1),
+            ours_direct: ratio(2, 0),
+            ours_service_over_ours_direct: CycleRatio::over(&own, &quiet),
+            dnat: ratio(1, 0),
+            cycles,
+        }
+    }
+}
+
+/// The Service path on the real path: TCP_CRR and TCP_RR from the client pod (its egress
+/// isolated, allowed to the server) through a ClusterIP that an nftables DNAT translates to the
+/// server pod, as kube-proxy does, beside the same to the pod's address, with our programs (the
+/// agent's, on its maps) and with none, in interleaved windows.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ServiceRates {
+    pub vip: String,
+    pub windows: Windows,
+    pub crr: ServiceLoad,
+    pub rr: ServiceLoad,
+    /// In a second of TCP_CRR through the ClusterIP with ours after the windows, the
+    /// connections completed and the packets our programs deferred (one per connection judged
+    /// after the translation).
+    pub crr_service_connections: u64,
+    pub deferred: u64,
+    /// Deferred packets dropped as unresolved over the section (their slot did not describe
+    /// them): none when every translated packet kept its source.
+    pub unresolved: u64,
 }
 
 /// A bpffs mounted on a temp dir in the bench's own mount namespace, for the agent's pins: they
@@ -312,24 +409,26 @@ impl Drop for TempDir {
     }
 }
 
-/// Deletes the nft table in the node namespace on drop.
-struct NftGuard(String);
+/// Deletes an nft table (node namespace, family, name) on drop.
+struct NftGuard(String, &'static str, &'static str);
 
 impl Drop for NftGuard {
     fn drop(&mut self) {
         let _ = Command::new("ip")
             .args([
-                "netns",
-                "exec",
-                &self.0,
-                "nft",
-                "delete",
-                "table",
-                "inet",
-                inputs::NFT_TABLE,
+                "netns", "exec", &self.0, "nft", "delete", "table", self.1, self.2,
             ])
             .stderr(Stdio::null())
             .status();
+    }
+}
+
+/// Removes a file on drop.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -376,7 +475,11 @@ impl Bed {
     }
 
     fn reach(&self, port: u16) -> Result<bool> {
-        load::reachable_from(&self.cli, self.addr(port), Duration::from_millis(300))
+        self.reach_to(self.addr(port))
+    }
+
+    fn reach_to(&self, to: SocketAddr) -> Result<bool> {
+        load::reachable_from(&self.cli, to, Duration::from_millis(300))
     }
 
     /// Writes the manifests for `policies` filler policies (plus the base ones).
@@ -399,13 +502,16 @@ impl Bed {
     /// Starts the agent and waits until it is ready and enforcing (bench ports open, the
     /// denied port closed).
     fn start_agent(&self) -> Result<(AgentProcess, f64)> {
+        self.start_agent_with(&[])
+    }
+
+    /// [`Bed::start_agent`] with more arguments for the agent.
+    fn start_agent_with(&self, extra: &[&str]) -> Result<(AgentProcess, f64)> {
         let t = Instant::now();
         let pin = self.pins.pin().to_string_lossy().to_string();
-        let mut a = AgentProcess::start(
-            &self.tb,
-            &self.manifests.0,
-            &["--node-name", NODE, "--pin-path", &pin],
-        )?;
+        let mut args = vec!["--node-name", NODE, "--pin-path", &pin];
+        args.extend_from_slice(extra);
+        let mut a = AgentProcess::start(&self.tb, &self.manifests.0, &args)?;
         a.wait_ready(Duration::from_secs(300))?;
         let ready = t.elapsed().as_secs_f64();
         let ok = self.reach(PORT_CRR)?;
@@ -585,6 +691,8 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
             (PORT_RR, Mode::Threaded),
             (PORT_DENIED, Mode::Inline),
             (PORT_TOGGLE, Mode::Handshake),
+            (inputs::PORT_SVC_CRR, Mode::Inline),
+            (inputs::PORT_SVC_RR, Mode::Threaded),
         ],
     )?;
     let iperf_guard = iperf_server(&srv)?;
@@ -811,7 +919,7 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
         let text = inputs::nft_ruleset(n, s.remote_pods, cli_ip, srv_ip);
         let file = bed.manifests.0.join(".ruleset.nft");
         std::fs::write(&file, &text)?;
-        let guard = NftGuard(bed.tb.node.clone());
+        let guard = NftGuard(bed.tb.node.clone(), "inet", inputs::NFT_TABLE);
         let t = Instant::now();
         bed.tb
             .node_exec(&["nft", "-f", &file.to_string_lossy()])
@@ -859,7 +967,185 @@ pub fn run(s: &Settings, log: &mut dyn FnMut(&Results)) -> Result<Results> {
         res.sweep.push(row);
         log(&res);
     }
+
+    // 4. The Service path: through a ClusterIP beside directly, ours and no programs.
+    if s.service {
+        bed.expect_no_programs()?;
+        eprintln!(
+            "  Service path: TCP_CRR and TCP_RR through {} and directly, {} cycles each",
+            inputs::SERVICE_VIP,
+            s.service_cycles
+        );
+        let r = service_path(&bed, s)?;
+        eprintln!(
+            "    CRR/s none {:.0} / {:.0}, ours {:.0} / {:.0} (direct / ClusterIP): ours ClusterIP / direct {:.3}x (ours / none through it over directly {:.3}x); RR/s none {:.0} / {:.0}, ours {:.0} / {:.0}: {:.3}x ({:.3}x); {} packets deferred for {} connections through the ClusterIP",
+            r.crr.means[0],
+            r.crr.means[1],
+            r.crr.means[2],
+            r.crr.means[3],
+            r.crr.service_over_direct.median,
+            r.crr.ours_service_over_ours_direct.median,
+            r.rr.means[0],
+            r.rr.means[1],
+            r.rr.means[2],
+            r.rr.means[3],
+            r.rr.service_over_direct.median,
+            r.rr.ours_service_over_ours_direct.median,
+            r.deferred,
+            r.crr_service_connections
+        );
+        res.service = Some(r);
+        log(&res);
+    }
     Ok(res)
+}
+
+/// The Service path (see [`ServiceRates`]). Adds the Service manifest and kube-proxy's DNAT,
+/// both removed on return, as the agent and its programs are.
+fn service_path(bed: &Bed, s: &Settings) -> Result<ServiceRates> {
+    use crate::testrun::pinned_counter_sum;
+    let vip = |port| SocketAddr::new(IpAddr::V4(inputs::SERVICE_VIP), port);
+    bed.write_manifests(s.policies, s.remote_pods)?;
+    let manifest = RemoveOnDrop(bed.manifests.0.join("12-service.yaml"));
+    std::fs::write(&manifest.0, inputs::service())?;
+    let policies = RemoveOnDrop(bed.manifests.0.join("22-service-policies.yaml"));
+    std::fs::write(&policies.0, inputs::service_policies())?;
+    let rules = bed.manifests.0.join(".kube-proxy.nft");
+    std::fs::write(&rules, inputs::kube_proxy_ruleset(bed.srv_ip))?;
+    let _nft = NftGuard(bed.tb.node.clone(), "ip", inputs::NFT_KUBE_PROXY);
+    bed.tb
+        .node_exec(&["nft", "-f", &rules.to_string_lossy()])
+        .context("loading the DNAT rules")?;
+    // Short TIME_WAIT tracking, so the conntrack table does not fill during the runs.
+    let _ = bed.tb.node_exec(&[
+        "sysctl",
+        "-qw",
+        "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1",
+    ]);
+    if !bed.reach_to(vip(PORT_CRR))? {
+        bail!(
+            "without programs, the ClusterIP does not reach the server: the DNAT does not translate"
+        );
+    }
+    let maps = enforcer::datapath::versioned_root(&bed.pins.pin()).join("maps");
+    let deferred = || {
+        pinned_counter_sum(
+            &maps,
+            enforcer_common::DIR_EGRESS,
+            enforcer_common::reason::ALLOW_SERVICE,
+        )
+    };
+    // A connection-rate loop takes a client port again seconds after its last connection there
+    // (tcp_tw_reuse, a second at the earliest), and a SYN that reopens a closed flow ours still
+    // hold is no new flow. Closed flows kept half a second make every connection a new flow for
+    // ours, through the ClusterIP (deferred and judged) as directly, as at a lower rate.
+    let (agent, _) = bed.start_agent_with(&["--ct-timeout-tcp-closed", "500ms"])?;
+    // The agent gave the ClusterIP the Service identity: each new connection through it is
+    // deferred, then judged after the translation (it connects: the judge allowed it).
+    let before = deferred()?;
+    for _ in 0..10 {
+        if !bed.reach_to(vip(PORT_CRR))? {
+            bail!(
+                "the agent drops connections through the ClusterIP:\n{}",
+                tail(&agent.log_text(), 30)
+            );
+        }
+    }
+    let n = deferred()? - before;
+    if n != 10 {
+        bail!(
+            "{n} packets deferred for 10 connections through the ClusterIP (want one each):\n{}",
+            tail(&agent.log_text(), 30)
+        );
+    }
+    bed.kill_agent_keep_programs(agent)?;
+
+    let pin = bed.pins.pin();
+    let veths = enforcer::datapath::Datapath::attached_at(&pin)?;
+    if veths.len() != 2 {
+        bail!("expected our programs on the 2 pod veths, found them on {veths:?}");
+    }
+    let w = Windows {
+        cycles: s.service_cycles,
+        ..s.windows
+    };
+    let mut out = std::thread::scope(|scope| {
+        scope
+            .spawn(|| -> Result<ServiceRates> {
+                enter_netns(&Testbed::netns_path(&bed.tb.node))?;
+                let mut sw = Switch::take_over(&pin, &veths)?;
+                for hooks in [Hooks::None, Hooks::Ours] {
+                    sw.set(hooks)?;
+                    let denied = bed.reach(PORT_DENIED)?;
+                    let open = bed.reach(PORT_CRR)? && bed.reach_to(vip(PORT_CRR))?;
+                    if !open || denied == (hooks == Hooks::Ours) {
+                        bail!(
+                            "{hooks:?} hooks: the allowed port (directly and through the ClusterIP) is {}, the denied one {}",
+                            if open { "open" } else { "closed" },
+                            if denied { "open" } else { "closed" }
+                        );
+                    }
+                }
+                let mut out = ServiceRates::default();
+                for (kind, port, offset) in [(load::Kind::Crr, PORT_CRR, 0), (load::Kind::Rr, PORT_RR, 1)] {
+                    let bg = load::Background::start_to(kind, &bed.cli, vec![bed.addr(port), vip(port)])?;
+                    let alive = || {
+                        if bg.ended() {
+                            bail!("the {kind:?} load ended before it was stopped");
+                        }
+                        Ok(())
+                    };
+                    let cycles = interleave::windows::<4>(
+                        &w,
+                        offset,
+                        &mut |i| {
+                            sw.set(SERVICE_STATES[i].0)?;
+                            bg.aim(SERVICE_STATES[i].1 as usize);
+                            Ok(())
+                        },
+                        &|i| format!("{:?}", SERVICE_STATES[i]),
+                        &|| Ok(bg.count()),
+                        &alive,
+                    )
+                    .with_context(|| {
+                        format!(
+                            "{kind:?} through the ClusterIP and directly; {:?} packets dropped as unresolved (a deferred packet whose slot did not describe it)",
+                            pinned_counter_sum(&maps, enforcer_common::DIR_EGRESS, enforcer_common::reason::DROP_UNRESOLVED)
+                        )
+                    })?;
+                    bg.finish()?;
+                    match kind {
+                        load::Kind::Crr => out.crr = ServiceLoad::of(cycles),
+                        load::Kind::Rr => out.rr = ServiceLoad::of(cycles),
+                    }
+                }
+                // Every connection through the ClusterIP was a new flow for ours, deferred and
+                // judged: counted apart from the windows, whose switches (a hook at a time)
+                // defer some packets of the connections they cut through more than once.
+                sw.set(Hooks::Ours)?;
+                let bg = load::Background::start_to(load::Kind::Crr, &bed.cli, vec![vip(PORT_CRR)])?;
+                std::thread::sleep(Duration::from_secs_f64(w.warmup_secs));
+                let (c0, d0) = (bg.count(), deferred()?);
+                std::thread::sleep(Duration::from_secs(1));
+                let (c1, d1) = (bg.count(), deferred()?);
+                bg.finish()?;
+                out.crr_service_connections = c1 - c0;
+                out.deferred = d1 - d0;
+                out.unresolved = pinned_counter_sum(
+                    &maps,
+                    enforcer_common::DIR_EGRESS,
+                    enforcer_common::reason::DROP_UNRESOLVED,
+                )?;
+                Ok(out)
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the Service windows' thread panicked"))?
+    })?;
+    out.vip = inputs::SERVICE_VIP.to_string();
+    out.windows = w;
+    enforcer::datapath::Datapath::cleanup(&pin)?;
+    bed.expect_no_programs()?;
+    Ok(out)
 }
 
 /// One interleaved run (see [`Pair`]); `offset` rotates the order of the states. On entry the

@@ -50,6 +50,8 @@ pub struct Report {
     pub machine: Machine,
     pub figures: Vec<Figure>,
     pub testrun: Option<testrun::Results>,
+    /// The Service path's per-packet part (its real-path part is in `net`).
+    pub service: Option<testrun::ServicePath>,
     pub compile: Option<CompileResult>,
     pub net_settings: Option<net::Settings>,
     pub net: Option<net::Results>,
@@ -158,6 +160,7 @@ impl Report {
             machine: machine(),
             figures: Vec::new(),
             testrun: None,
+            service: None,
             compile: None,
             net_settings: None,
             net: None,
@@ -798,43 +801,46 @@ impl Report {
             }
         }
         if let Some(n) = &self.net {
-            let _ = writeln!(
-                s,
-                "## 2. Throughput and request rates through two routed-veth pods\n"
-            );
-            let _ = writeln!(
-                s,
-                "*none* = no programs; *agent* = the agent running and enforcing; *programs* = the agent killed, its pinned programs still attached and enforcing (no agent process on the CPUs).\n\n| round | iperf3 Gbit/s none / agent / programs | TCP_RR/s none / agent / programs | TCP_CRR/s none / agent / programs | agent CPU % of a core | segments per RR / CRR |\n|---|---|---|---|---|---|"
-            );
-            for (i, r) in n.rounds.iter().enumerate() {
+            // A run of other parts only (the Service path) has no rounds.
+            if !n.rounds.is_empty() {
                 let _ = writeln!(
                     s,
-                    "| {} | {} / {} / {} | {} / {} / {} | {} / {} / {} | {} | {} / {} |",
-                    i + 1,
-                    f(r.baseline_gbps, 2),
-                    f(r.enforced_gbps, 2),
-                    f(r.programs_only_gbps, 2),
-                    f(r.baseline_rr.per_sec, 0),
-                    f(r.enforced_rr.per_sec, 0),
-                    f(r.programs_only_rr.per_sec, 0),
-                    f(r.baseline_crr.per_sec, 0),
-                    f(r.enforced_crr.per_sec, 0),
-                    f(r.programs_only_crr.per_sec, 0),
-                    f(r.agent_cpu_pct, 1),
-                    f(r.enforced_rr.segments_per_op, 1),
-                    f(r.enforced_crr.segments_per_op, 1)
+                    "## 2. Throughput and request rates through two routed-veth pods\n"
+                );
+                let _ = writeln!(
+                    s,
+                    "*none* = no programs; *agent* = the agent running and enforcing; *programs* = the agent killed, its pinned programs still attached and enforcing (no agent process on the CPUs).\n\n| round | iperf3 Gbit/s none / agent / programs | TCP_RR/s none / agent / programs | TCP_CRR/s none / agent / programs | agent CPU % of a core | segments per RR / CRR |\n|---|---|---|---|---|---|"
+                );
+                for (i, r) in n.rounds.iter().enumerate() {
+                    let _ = writeln!(
+                        s,
+                        "| {} | {} / {} / {} | {} / {} / {} | {} / {} / {} | {} | {} / {} |",
+                        i + 1,
+                        f(r.baseline_gbps, 2),
+                        f(r.enforced_gbps, 2),
+                        f(r.programs_only_gbps, 2),
+                        f(r.baseline_rr.per_sec, 0),
+                        f(r.enforced_rr.per_sec, 0),
+                        f(r.programs_only_rr.per_sec, 0),
+                        f(r.baseline_crr.per_sec, 0),
+                        f(r.enforced_crr.per_sec, 0),
+                        f(r.programs_only_crr.per_sec, 0),
+                        f(r.agent_cpu_pct, 1),
+                        f(r.enforced_rr.segments_per_op, 1),
+                        f(r.enforced_crr.segments_per_op, 1)
+                    );
+                }
+                let _ = writeln!(
+                    s,
+                    "\nMedians over rounds, agent running: throughput {}×, TCP_RR {}×, TCP_CRR {}× of no programs. Programs only: throughput {}×, TCP_RR {}×, TCP_CRR {}×.\n",
+                    f(n.throughput.ratio, 3),
+                    f(n.rr.ratio, 3),
+                    f(n.crr.ratio, 3),
+                    f(n.throughput.programs_only_ratio, 3),
+                    f(n.rr.programs_only_ratio, 3),
+                    f(n.crr.programs_only_ratio, 3)
                 );
             }
-            let _ = writeln!(
-                s,
-                "\nMedians over rounds, agent running: throughput {}×, TCP_RR {}×, TCP_CRR {}× of no programs. Programs only: throughput {}×, TCP_RR {}×, TCP_CRR {}×.\n",
-                f(n.throughput.ratio, 3),
-                f(n.rr.ratio, 3),
-                f(n.crr.ratio, 3),
-                f(n.throughput.programs_only_ratio, 3),
-                f(n.rr.programs_only_ratio, 3),
-                f(n.crr.programs_only_ratio, 3)
-            );
             if let (Some(p), Some(w)) = (&n.paired, self.net_settings.as_ref().map(|x| x.windows)) {
                 let _ = writeln!(
                     s,
@@ -985,7 +991,117 @@ impl Report {
                 c.all_local_endpoints
             );
         }
+        s.push_str(&self.service_section());
         s.push_str(&self.diagnosis());
+        s
+    }
+
+    /// The Service path beside the direct one: per packet and on pods.
+    fn service_section(&self) -> String {
+        let rates = self.net.as_ref().and_then(|n| n.service.as_ref());
+        if self.service.is_none() && rates.is_none() {
+            return String::new();
+        }
+        let mut s = String::from("## 7. The Service path\n\n");
+        s.push_str("A new flow of an egress-isolated pod to a Service frontend is deferred by `from_pod` (a pending flow, a `DEFERRED` slot, its number in the mark) and judged after kube-proxy's DNAT on the backend's `to_pod` (`svc_pod`, then the backend's own ingress); established packets take the fast path. Each figure below stands beside the same traffic sent to the backend's address directly, measured the same way in the same run.\n\n");
+        if let Some(p) = &self.service {
+            let t = &p.settings;
+            let _ = writeln!(
+                s,
+                "**Per packet** (`BPF_PROG_TEST_RUN`, {} policy entries; each figure the lowest of {} passes' medians): the client pod's `from_pod` and the backend pod's `to_pod` on one flow, sent to the ClusterIP (the frame translated between the two hooks, with the mark `from_pod` left) or to the backend directly. *New flow*: {} calls of {} runs through the *chain harness* (the fresh-port harness with the next source port and the packet's mark taken from a table, so every run is a new flow and a translated packet carries its own flow's slot; {} % of the deferred flows kept their slot until the judge's call, the rest lost it to a later flow of the same call and are left out), each call moving the counters by exactly its runs, net of the harness floor ({} ns) at each hook. *Established*: {} calls of {} runs, net of the empty program ({} ns). ns per packet:\n",
+                t.entries,
+                t.passes,
+                t.runs,
+                t.new_repeat,
+                f(p.judged_share * 100.0, 1),
+                f(p.harness_floor_ns, 0),
+                t.runs,
+                t.repeat,
+                f(p.floor_ns, 0)
+            );
+            s.push_str("| packet | hook | through the ClusterIP | directly | ClusterIP / direct |\n|---|---|---|---|---|\n");
+            let (hf, ef) = (p.harness_floor_ns, p.floor_ns);
+            let (new_svc, new_direct) = p.new_flow_ns();
+            let (est_svc, est_direct) = p.established_ns();
+            for (packet, hook, svc, direct) in [
+                (
+                    "first of a new flow",
+                    "`from_pod` (client: deferred / judged)",
+                    p.new_from_pod_service_ns - hf,
+                    p.new_from_pod_direct_ns - hf,
+                ),
+                (
+                    "",
+                    "`to_pod` (backend: `svc_pod` judges, then its ingress / its ingress)",
+                    p.new_to_pod_service_ns - hf,
+                    p.new_to_pod_direct_ns - hf,
+                ),
+                ("", "**both**", new_svc, new_direct),
+                (
+                    "established",
+                    "`from_pod`",
+                    p.est_from_pod_service_ns - ef,
+                    p.est_from_pod_direct_ns - ef,
+                ),
+                (
+                    "",
+                    "`to_pod`",
+                    p.est_to_pod_service_ns - ef,
+                    p.est_to_pod_direct_ns - ef,
+                ),
+                ("", "**both**", est_svc, est_direct),
+            ] {
+                let _ = writeln!(
+                    s,
+                    "| {packet} | {hook} | {} | {} | {}× |",
+                    f(svc, 0),
+                    f(direct, 0),
+                    f(svc / direct, 2)
+                );
+            }
+            s.push('\n');
+        }
+        if let Some(r) = rates {
+            let w = r.windows;
+            let _ = writeln!(
+                s,
+                "**On pods**: TCP_CRR and TCP_RR from the client pod (its egress isolated, allowed to the server) to the server pod through the ClusterIP {} (an nftables DNAT at `prerouting`, priority `dstnat`, in the node netns, as kube-proxy's nftables mode translates; the Service's target ports are served by servers of their own, so a translated connection never takes the conntrack tuple of a direct one from the same client port) and to the pod's address, with our programs (the agent's, on its maps, the agent gone; started with `--ct-timeout-tcp-closed 500ms`, so a connection that takes a client port again, seconds after the last one there, is a new flow for ours rather than the reopening of a closed one, through the ClusterIP as directly) and with none. One continuous load per measure whose target and hooks switch in cycles of four {} s windows ({} s after each switch), the order rotated every cycle, {} cycles; each ratio is the median of the cycles' ratios ± its standard error, over the quiet cycles as in section 2. Both paths run with the node's conntrack on (the NAT table loads it). Means of the windows, per second:\n",
+                r.vip,
+                f(w.window_secs, 2),
+                f(w.settle_secs, 2),
+                w.cycles
+            );
+            s.push_str("| load | none, direct | none, ClusterIP | ours, direct | ours, ClusterIP | **ours: ClusterIP / direct** | ours / none, ClusterIP | ours / none, direct | **the two over each other** (ours' cost through the ClusterIP against directly, the DNAT's taken out) | the DNAT alone: none, ClusterIP / direct |\n|---|---|---|---|---|---|---|---|---|---|\n");
+            for (name, l) in [
+                ("TCP_CRR (connections)", &r.crr),
+                ("TCP_RR (transactions)", &r.rr),
+            ] {
+                let _ = writeln!(
+                    s,
+                    "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    f(l.means[0], 0),
+                    f(l.means[1], 0),
+                    f(l.means[2], 0),
+                    f(l.means[3], 0),
+                    ratio_pm(&l.service_over_direct),
+                    ratio_pm(&l.ours_service),
+                    ratio_pm(&l.ours_direct),
+                    ratio_pm(&l.ours_service_over_ours_direct),
+                    ratio_pm(&l.dnat)
+                );
+            }
+            let _ = writeln!(
+                s,
+                "\nConnections through the ClusterIP deferred and judged: in a second of TCP_CRR through it alone with ours, after the windows, {} packets deferred for {} connections ({} %; one per connection judged after the translation). Packets dropped as unresolved over the section: {}.\n",
+                r.deferred,
+                r.crr_service_connections,
+                f(
+                    100.0 * r.deferred as f64 / r.crr_service_connections.max(1) as f64,
+                    1
+                ),
+                r.unresolved
+            );
+        }
         s
     }
 
