@@ -10,10 +10,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -333,25 +330,27 @@ fn sidecar_keeps_the_binding_alive_across_token_rotations() {
     // Tokens living 8 s, rotated at 80% of their lifetime as the kubelet does.
     let ttl = 8;
     let file = n.write_token("a", &n.token("a", ttl));
+    let issued = Instant::now();
     let mut client = n.attest(&n.a, &file, NODE, &[]);
     assert!(
         within(Duration::from_secs(5), || n.reach(&n.a, b)),
         "{}",
         client.stderr()
     );
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = AtomicBool::new(false);
     let kubelet = {
-        let (stop, n) = (stop.clone(), &n);
+        let (stop, n) = (&stop, &n);
         std::thread::scope(|s| {
             let h = s.spawn(move || {
-                let mut rotated = 0;
+                let (mut rotated, mut issued) = (0, issued);
                 while !stop.load(Ordering::SeqCst) {
-                    let until = Instant::now() + Duration::from_millis(ttl * 800);
+                    let until = issued + Duration::from_millis(ttl * 800);
                     while Instant::now() < until && !stop.load(Ordering::SeqCst) {
                         std::thread::sleep(Duration::from_millis(50));
                     }
                     if !stop.load(Ordering::SeqCst) {
                         n.write_token("a", &n.token("a", ttl));
+                        issued = Instant::now();
                         rotated += 1;
                     }
                 }
