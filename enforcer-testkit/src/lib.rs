@@ -15,3 +15,15 @@ pub mod netns;
 
 pub use enforcer::identity::testing as issuer;
 pub use enforcer::reconcile::fake;
+
+/// Whether `cond` holds within `timeout`, checked every 50 ms.
+pub fn within(timeout: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < timeout {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    false
+}

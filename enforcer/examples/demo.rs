@@ -2,12 +2,12 @@
 //! nodes joined by an underlay, each routing the other's pod CIDR as kindnet does), the real
 //! agent on each node in standalone mode, real NetworkPolicy objects applied in steps, and after
 //! each step the reachability matrix measured with real TCP connections beside what the
-//! policies say.
+//! policies say. Identity is proven with the real client, `enforcer attest --once`, run inside
+//! the pod's network namespace with a token file, as an init container would.
 
 use std::{
     collections::BTreeMap,
-    io::{Read, Write},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr},
     path::Path,
     time::Duration,
 };
@@ -22,9 +22,7 @@ use enforcer_policy::{
 };
 use enforcer_testkit::{
     issuer::TestIssuer,
-    netns::{
-        AgentProcess, Cluster, NODE_V4, NodeSpec, Proto, Servers, TestPod, in_netns, probe_all,
-    },
+    netns::{AgentProcess, Cluster, NODE_V4, NodeSpec, Proto, Servers, TestPod, probe_all},
 };
 
 /// (pod, namespace, labels, serving port, node)
@@ -202,17 +200,27 @@ fn main() -> Result<()> {
         .service_account("frontend", "sa-uid-frontend")
         .pod("frontend", "uid-shop-frontend")
         .sign();
-    let (code, body) = attest(frontend, &token)?;
+    // The kubelet's part: the token in the pod's projected volume (a file here).
+    let token_file = jwks.with_file_name("frontend-token");
+    std::fs::write(&token_file, &token)?;
+    let (code, log) = attest(&bin, frontend, &token_file)?;
     println!(
-        "\n-- the frontend presents its service-account token to the node's attestation endpoint: {code} {}",
-        body.trim()
+        "\n-- the frontend proves who it is: `enforcer attest --once` in its namespace, with its \
+         service-account token, to its node's agent: exit {code}\n{log}"
     );
+    if code != 0 {
+        bail!("the frontend's attestation failed");
+    }
     let impostor = &pods[4].0;
-    let (code, body) = attest(impostor, &token)?;
+    let (code, log) = attest(&bin, impostor, &token_file)?;
     println!(
-        "-- the impostor replays the frontend's token from its own address: {code} {}",
-        body.trim()
+        "-- the impostor runs it with the frontend's token (a replay from its own address): \
+         exit {code}\n{log}"
     );
+    if code != 1 {
+        failures += 1;
+        println!("  (!) the replayed token was not refused");
+    }
     verified.insert(
         IpAddr::V4(frontend.v4),
         BTreeMap::from([
@@ -274,7 +282,7 @@ fn main() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     println!("\nremoved every namespace, veth and pin the demo made");
     if failures > 0 {
-        bail!("{failures} probe(s) disagreed with the policies");
+        bail!("{failures} check(s) disagreed with the policies");
     }
     println!("every measured connection matched what the policies say");
     Ok(())
@@ -362,28 +370,24 @@ fn tempdir() -> Result<std::path::PathBuf> {
     Ok(d)
 }
 
-/// POSTs `token` to the node's attestation endpoint from inside `pod`: (status, body).
-fn attest(pod: &TestPod, token: &str) -> Result<(u16, String)> {
-    let token = token.to_string();
-    in_netns(&pod.netns, move || -> Result<(u16, String)> {
-        let addr: SocketAddr = (NODE_V4, 9902).into();
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(3)))?;
-        write!(
-            s,
-            "POST /v1/attest HTTP/1.1\r\nHost: node\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut text = String::new();
-        let _ = s.read_to_string(&mut text);
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((status, body))
-    })?
+/// Runs `enforcer attest --once` (the real client) inside `pod`'s namespace with the token in
+/// `token_file`, the agent's address from NODE_IP as the downward API gives it: (exit code, -1
+/// when a signal ended it; its log lines without their prefixes).
+fn attest(bin: &Path, pod: &TestPod, token_file: &Path) -> Result<(i32, String)> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &pod.netns])
+        .arg(bin)
+        .args(["attest", "--once", "--grace", "2s", "--timeout", "20s"])
+        .arg("--token-file")
+        .arg(token_file)
+        .env("NODE_IP", NODE_V4.to_string())
+        .env("RUST_LOG", "info")
+        .output()
+        .context("running enforcer attest")?;
+    let log = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(|l| format!("   {}", l.split_once("] ").map_or(l, |(_, m)| m)))
+        .collect::<Vec<_>>()
+        .join("\n");
+    Ok((out.status.code().unwrap_or(-1), log))
 }

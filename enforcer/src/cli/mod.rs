@@ -1,7 +1,8 @@
 //! The `enforcer` command line, one file per subcommand: the node agent ([`run`]), the offline
-//! tools on the same compiler ([`compile`], [`explain`]), [`status`] of a running agent and
-//! [`cleanup`].
+//! tools on the same compiler ([`compile`], [`explain`]), [`status`] of a running agent,
+//! [`cleanup`], and the workload's side of identity ([`attest`]).
 
+pub mod attest;
 pub mod cleanup;
 pub mod compile;
 pub mod explain;
@@ -68,6 +69,10 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9901")]
         health_addr: SocketAddr,
     },
+    /// Prove this pod's identity to its node's agent with the pod's projected service-account
+    /// token, and keep the binding alive (a sidecar; `--once` for an init container). Exit
+    /// codes: 0 bound (--once) or stopped, 1 refused, 2 bad configuration, 3 gave up (--once).
+    Attest(Box<attest::AttestArgs>),
     /// Detach every program and remove every pin under --pin-path.
     Cleanup {
         #[arg(long, default_value = DEFAULT_PIN_PATH)]
@@ -112,6 +117,7 @@ pub fn main() -> Result<()> {
             print!("{}", status::status_report(&metrics));
             Ok(())
         }
+        Command::Attest(args) => std::process::exit(attest::run(&args)),
         Command::Cleanup { pin_path } => cleanup::cleanup(&pin_path),
     }
 }
