@@ -7,7 +7,7 @@
 //! owns an address and a namespace's labels. Everything about what a rule means is here, and so
 //! is what a refused (invalid) policy means: it isolates what it selects and allows nothing.
 
-use std::net::IpAddr;
+use std::{collections::BTreeSet, net::IpAddr};
 
 use enforcer_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 use k8s_openapi::{
@@ -211,6 +211,17 @@ fn peer_matches(
     ns_ok && pod_ok
 }
 
+/// The label keys a selector asks about.
+fn selector_keys(
+    s: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+) -> impl Iterator<Item = &str> {
+    s.into_iter().flat_map(|s| {
+        let labels = s.match_labels.iter().flatten().map(|(k, _)| k.as_str());
+        let exprs = s.match_expressions.iter().flatten().map(|e| e.key.as_str());
+        labels.chain(exprs)
+    })
+}
+
 /// How a peer's verified identity counts when matching it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum IdentityCheck {
@@ -315,7 +326,9 @@ pub fn direction_verdict(
     let mut isolating = Vec::new();
     let mut refused = Vec::new();
     let mut wants_identity = false;
-    let mut self_labelled = false;
+    // The keys asked for by the rules that the objects' own reserved labels would have matched.
+    let mut asked_pod: BTreeSet<&str> = BTreeSet::new();
+    let mut asked_ns: BTreeSet<&str> = BTreeSet::new();
     for (policy, errors) in policies(cluster) {
         let ns = namespace_of(&policy.metadata);
         if ns != pod.namespace {
@@ -389,7 +402,10 @@ pub fn direction_verdict(
                 if peer_ok_with(IdentityCheck::TrustingObjects)
                     && !peer_ok_with(IdentityCheck::Optional)
                 {
-                    self_labelled = true;
+                    for p in peers.into_iter().flatten() {
+                        asked_pod.extend(selector_keys(p.pod_selector.as_ref()));
+                        asked_ns.extend(selector_keys(p.namespace_selector.as_ref()));
+                    }
                 }
             }
             if peer_ok && ports_match(ports, protocol, port, named_on) {
@@ -403,12 +419,17 @@ pub fn direction_verdict(
     }
     // Only when counting them would have allowed it (so they are what denied it).
     let ignored = match &peer_pod {
-        Some((r, pod)) if self_labelled => {
+        Some((r, pod)) => {
             let mut v = namespace_self_set_labels(cluster, &r.namespace);
-            v.extend(pod_self_set_labels(pod));
+            v.retain(|l| asked_ns.contains(l.key.as_str()));
+            v.extend(
+                pod_self_set_labels(pod)
+                    .into_iter()
+                    .filter(|l| asked_pod.contains(l.key.as_str())),
+            );
             v
         }
-        _ => Vec::new(),
+        None => Vec::new(),
     };
     if isolating.is_empty() {
         DirVerdict::NotIsolated
