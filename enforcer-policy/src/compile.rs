@@ -33,7 +33,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 
 use super::{
     memo::{Memo, PodDerived, PolicyFacts},
-    model::{Cluster, Frontend, ServiceError, parse_service, pod_node},
+    model::{Cluster, Frontend, ServiceError, parse_service, pod_labels, pod_node},
     selector::Labels,
     validate::{
         Block, NamespaceMatch, ParsedPolicy, Peer, PolicyError, Port, Refusal, Rule,
@@ -683,7 +683,9 @@ fn identity_stage(
             PodFacts {
                 namespace: r.namespace.clone(),
                 namespace_labels: nsl,
-                labels: pod.metadata.labels.clone().unwrap_or_default(),
+                // Without the reserved labels the object sets itself: those come only from
+                // verification (added per verified address below).
+                labels: pod_labels(pod),
                 named_ports: d.named_ports.clone(),
                 verified: false,
             },

@@ -7,7 +7,7 @@
 //! owns an address and a namespace's labels. Everything about what a rule means is here, and so
 //! is what a refused (invalid) policy means: it isolates what it selects and allows nothing.
 
-use std::net::IpAddr;
+use std::{collections::BTreeSet, net::IpAddr};
 
 use enforcer_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 use k8s_openapi::{
@@ -20,7 +20,10 @@ use k8s_openapi::{
 
 use super::{
     compile::CompileOptions,
-    model::{Cluster, pod_ips},
+    model::{
+        Cluster, SelfSetLabel, is_reserved_label, namespace_self_set_labels, pod_ips, pod_labels,
+        pod_self_set_labels,
+    },
     selector,
     validate::{PolicyError, RawRule, namespace_of, parse_cidr, validate_policy},
 };
@@ -55,10 +58,17 @@ pub enum DirVerdict {
         policies: Vec<String>,
         /// Why those of `policies` that are refused were refused: they isolate with no rules.
         refused: Vec<PolicyError>,
+        /// The reserved labels the peer's pod and namespace objects set themselves, when a rule
+        /// would allow the flow if they counted: ignored, they come only from verification.
+        ignored: Vec<SelfSetLabel>,
     },
     /// Denied, but a rule of these isolating policies would allow it if the peer's address
     /// were bound to a verified identity (they require identity).
-    NoIdentity { policies: Vec<String> },
+    NoIdentity {
+        policies: Vec<String>,
+        /// As for `Denied`.
+        ignored: Vec<SelfSetLabel>,
+    },
 }
 
 impl DirVerdict {
@@ -162,12 +172,18 @@ fn peer_matches(
         return false;
     };
     // enforcer's identity: a policy that requires it matches pod and namespace peers only at
-    // addresses bound to a verified identity, whose reserved labels join the pod's labels.
+    // addresses bound to a verified identity, whose reserved labels join the pod's labels. The
+    // reserved labels the pod and namespace objects set themselves are never seen.
     let verified = cluster.verified.get(&ip);
     if identity == IdentityCheck::Required && verified.is_none() {
         return false;
     }
-    let mut labels = pod.metadata.labels.clone().unwrap_or_default();
+    let trusting = identity == IdentityCheck::TrustingObjects;
+    let mut labels = if trusting {
+        pod.metadata.labels.clone().unwrap_or_default()
+    } else {
+        pod_labels(pod)
+    };
     labels.extend(
         verified
             .into_iter()
@@ -181,6 +197,7 @@ fn peer_matches(
     // "podSelector ... If namespaceSelector is also set, then [AND]. Otherwise it selects the
     // pods matching podSelector in the policy's own namespace."
     let ns_ok = match &peer.namespace_selector {
+        Some(s) if trusting => selector::matches(s, &cluster.namespace_labels_as_set(&r.namespace)),
         Some(s) => selector::matches(s, &cluster.namespace_labels(&r.namespace)),
         None => r.namespace == policy_ns,
     };
@@ -194,6 +211,17 @@ fn peer_matches(
     ns_ok && pod_ok
 }
 
+/// The label keys a selector asks about.
+fn selector_keys(
+    s: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+) -> impl Iterator<Item = &str> {
+    s.into_iter().flat_map(|s| {
+        let labels = s.match_labels.iter().flatten().map(|(k, _)| k.as_str());
+        let exprs = s.match_expressions.iter().flatten().map(|e| e.key.as_str());
+        labels.chain(exprs)
+    })
+}
+
 /// How a peer's verified identity counts when matching it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum IdentityCheck {
@@ -204,19 +232,21 @@ enum IdentityCheck {
     /// As if the address were verified as whatever the selector asks (for explaining a denial
     /// for want of identity): requirements on reserved labels are left out.
     AsIfVerified,
+    /// As if the reserved labels the pod and namespace objects set themselves counted, and
+    /// identity were not required (for explaining what ignoring them denied).
+    TrustingObjects,
 }
 
 /// `s` without its requirements on the reserved `enforcer.dev/` labels.
 fn without_reserved(
     s: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
 ) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
-    let reserved = |k: &str| k.starts_with("enforcer.dev/");
     let mut s = s.clone();
     if let Some(m) = &mut s.match_labels {
-        m.retain(|k, _| !reserved(k));
+        m.retain(|k, _| !is_reserved_label(k));
     }
     if let Some(e) = &mut s.match_expressions {
-        e.retain(|r| !reserved(&r.key));
+        e.retain(|r| !is_reserved_label(&r.key));
     }
     s
 }
@@ -289,10 +319,16 @@ pub fn direction_verdict(
         return DirVerdict::Host;
     }
     let peer_pod = cluster.pod_at(peer_ip, &opts.node_ips);
-    let labels = this.metadata.labels.clone().unwrap_or_default();
+    // The pods a policy applies to are chosen without reserved labels: those describe verified
+    // peers, and the object's own are never seen (so a pod cannot escape a NotIn or
+    // DoesNotExist podSelector by setting them).
+    let labels = pod_labels(this);
     let mut isolating = Vec::new();
     let mut refused = Vec::new();
     let mut wants_identity = false;
+    // The keys asked for by the rules that the objects' own reserved labels would have matched.
+    let mut asked_pod: BTreeSet<&str> = BTreeSet::new();
+    let mut asked_ns: BTreeSet<&str> = BTreeSet::new();
     for (policy, errors) in policies(cluster) {
         let ns = namespace_of(&policy.metadata);
         if ns != pod.namespace {
@@ -355,13 +391,22 @@ pub fn direction_verdict(
             } else {
                 peer_pod.as_ref().map(|(_, p)| *p)
             };
-            if !peer_ok
-                && need
-                && !cluster.verified.contains_key(&peer_ip)
-                && peer_ok_with(IdentityCheck::AsIfVerified)
-                && ports_match(ports, protocol, port, named_on)
-            {
-                wants_identity = true;
+            if !peer_ok && ports_match(ports, protocol, port, named_on) {
+                if need
+                    && !cluster.verified.contains_key(&peer_ip)
+                    && peer_ok_with(IdentityCheck::AsIfVerified)
+                {
+                    wants_identity = true;
+                }
+                // The objects' own reserved labels made the difference (identity aside).
+                if peer_ok_with(IdentityCheck::TrustingObjects)
+                    && !peer_ok_with(IdentityCheck::Optional)
+                {
+                    for p in peers.into_iter().flatten() {
+                        asked_pod.extend(selector_keys(p.pod_selector.as_ref()));
+                        asked_ns.extend(selector_keys(p.namespace_selector.as_ref()));
+                    }
+                }
             }
             if peer_ok && ports_match(ports, protocol, port, named_on) {
                 return DirVerdict::Allowed {
@@ -372,16 +417,32 @@ pub fn direction_verdict(
             }
         }
     }
+    // Only when counting them would have allowed it (so they are what denied it).
+    let ignored = match &peer_pod {
+        Some((r, pod)) => {
+            let mut v = namespace_self_set_labels(cluster, &r.namespace);
+            v.retain(|l| asked_ns.contains(l.key.as_str()));
+            v.extend(
+                pod_self_set_labels(pod)
+                    .into_iter()
+                    .filter(|l| asked_pod.contains(l.key.as_str())),
+            );
+            v
+        }
+        None => Vec::new(),
+    };
     if isolating.is_empty() {
         DirVerdict::NotIsolated
     } else if wants_identity {
         DirVerdict::NoIdentity {
             policies: isolating,
+            ignored,
         }
     } else {
         DirVerdict::Denied {
             policies: isolating,
             refused,
+            ignored,
         }
     }
 }

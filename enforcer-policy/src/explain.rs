@@ -7,7 +7,10 @@ use std::{collections::BTreeSet, fmt, net::IpAddr};
 use super::{
     compile::CompileOptions,
     evaluator::{DirVerdict, Endpoint, ResolvedFlow, direction_verdict, resolve_flow},
-    model::{Cluster, Frontend, ServicePortSpec, TargetPort, parse_service, pod_ips},
+    model::{
+        Cluster, Frontend, LABEL_NAMESPACE, LABEL_SERVICE_ACCOUNT, RESERVED_LABEL_PREFIX,
+        SelfSetLabel, ServicePortSpec, TargetPort, parse_service, pod_ips,
+    },
 };
 use crate::state::PodRef;
 
@@ -40,6 +43,29 @@ pub struct Explanation {
     /// Ingress at the destination.
     pub ingress: Side,
     pub allowed: bool,
+    /// The verified identity of the source's address, if it is bound to one.
+    pub src_identity: Option<VerifiedAs>,
+    /// The verified identity of the destination's address, if it is bound to one.
+    pub dst_identity: Option<VerifiedAs>,
+}
+
+/// A verified identity, as the reserved labels of a verified address name it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifiedAs {
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl VerifiedAs {
+    /// The identity `ip` is verified as in `cluster`, if any.
+    pub fn of(cluster: &Cluster, ip: IpAddr) -> Option<Self> {
+        let labels = cluster.verified.get(&ip)?;
+        let get = |k: &str| labels.get(k).cloned().unwrap_or_default();
+        Some(Self {
+            namespace: get(LABEL_NAMESPACE),
+            service_account: get(LABEL_SERVICE_ACCOUNT),
+        })
+    }
 }
 
 /// Explains the verdict for a flow `from` -> `to` on `protocol`/`port`.
@@ -87,6 +113,8 @@ fn judge(
             egress: not_a_pod(),
             ingress: not_a_pod(),
             allowed: false,
+            src_identity: None,
+            dst_identity: None,
         };
     };
     let is_local = |r: &PodRef| {
@@ -115,6 +143,8 @@ fn judge(
         egress,
         ingress,
         allowed,
+        src_identity: VerifiedAs::of(cluster, flow.src),
+        dst_identity: VerifiedAs::of(cluster, flow.dst),
     }
 }
 
@@ -393,7 +423,11 @@ impl fmt::Display for DirVerdict {
                 policy,
                 index,
             } => write!(f, "allowed by {namespace}/{policy} rule [{index}]"),
-            Self::Denied { policies, refused } => {
+            Self::Denied {
+                policies,
+                refused,
+                ignored,
+            } => {
                 // Refused policies are named with what is wrong (object and field): the fix
                 // is there, not in a rule.
                 let mut refused_names: Vec<&str> = Vec::new();
@@ -436,17 +470,57 @@ impl fmt::Display for DirVerdict {
                          allowing nothing, until it is fixed)",
                     )?;
                 }
-                Ok(())
+                write_ignored(f, ignored)
             }
-            Self::NoIdentity { policies } => {
+            Self::NoIdentity { policies, ignored } => {
                 write!(
                     f,
                     "denied for want of identity: isolated by policies [{}], which require a \
                      verified peer; the peer's address is not bound to a verified identity",
                     policies.join(", ")
-                )
+                )?;
+                write_ignored(f, ignored)
             }
         }
+    }
+}
+
+/// The peer's self-set reserved labels that a rule would have matched, if any.
+fn write_ignored(f: &mut fmt::Formatter<'_>, ignored: &[SelfSetLabel]) -> fmt::Result {
+    if ignored.is_empty() {
+        return Ok(());
+    }
+    let labels: Vec<String> = ignored
+        .iter()
+        .map(|l| format!("{}={:?} on {} {}", l.key, l.value, l.kind, l.object))
+        .collect();
+    write!(
+        f,
+        "; a rule would match the peer's own label(s) {}, but labels under {RESERVED_LABEL_PREFIX} \
+         are never taken from the object: they come only from a verified identity",
+        labels.join(", ")
+    )
+}
+
+/// What an end of a flow is, identity-wise, for the explanation.
+fn write_identity(
+    f: &mut fmt::Formatter<'_>,
+    end: &str,
+    who: &str,
+    identity: Option<&VerifiedAs>,
+) -> fmt::Result {
+    match identity {
+        Some(id) => writeln!(f, "{end} {who}: verified as {id}"),
+        None => writeln!(
+            f,
+            "{end} {who}: not verified (its address is bound to no verified identity)"
+        ),
+    }
+}
+
+impl fmt::Display for VerifiedAs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.service_account)
     }
 }
 
@@ -469,6 +543,24 @@ impl fmt::Display for Explanation {
             );
         };
         writeln!(f, "addresses: {src} -> {dst}")?;
+        // Only the ends that are pods (or verified): an address outside the cluster has no
+        // identity to speak of.
+        for (end, pod, given, id) in [
+            ("source", &self.egress.pod, &self.from, &self.src_identity),
+            (
+                "destination",
+                &self.ingress.pod,
+                &self.to,
+                &self.dst_identity,
+            ),
+        ] {
+            let who = pod
+                .as_ref()
+                .map_or_else(|| given.to_string(), ToString::to_string);
+            if pod.is_some() || id.is_some() {
+                write_identity(f, end, &who, id.as_ref())?;
+            }
+        }
         self.write_sides(f, "")?;
         writeln!(
             f,
@@ -672,6 +764,102 @@ mod tests {
             80,
         );
         assert!(!e.allowed && e.addresses.is_none());
+    }
+
+    /// x/b admits `enforcer.dev/serviceaccount: frontend`; x/a sets that label on itself, x/c
+    /// is verified as x/frontend.
+    fn impostor_and_verified() -> Cluster {
+        let mut c = Cluster {
+            namespaces: shared(vec![namespace("x", &[])]),
+            pods: shared(vec![
+                pod(
+                    "x",
+                    "a",
+                    &[("enforcer.dev/serviceaccount", "frontend")],
+                    &["10.0.0.1"],
+                    "n1",
+                    &[],
+                ),
+                pod("x", "b", &[("app", "b")], &["10.0.0.2"], "n1", &[]),
+                pod("x", "c", &[], &["10.0.0.3"], "n1", &[]),
+            ]),
+            policies: shared(vec![policy(
+                "x",
+                "b-from-frontend",
+                Some(sel(&[("app", "b")])),
+                None,
+                Some(vec![(
+                    Some(vec![pods_peer(
+                        None,
+                        Some(sel(&[("enforcer.dev/serviceaccount", "frontend")])),
+                    )]),
+                    None,
+                )]),
+                None,
+            )]),
+            ..Default::default()
+        };
+        c.verified.insert(
+            "10.0.0.3".parse().unwrap(),
+            [
+                (
+                    "enforcer.dev/serviceaccount".to_string(),
+                    "frontend".to_string(),
+                ),
+                ("enforcer.dev/namespace".to_string(), "x".to_string()),
+            ]
+            .into(),
+        );
+        c
+    }
+
+    #[test]
+    fn explain_tells_verified_from_unverified_and_names_the_ignored_self_set_label() {
+        let c = impostor_and_verified();
+        let pod = |n: &str| Endpoint::Pod(PodRef::new("x", n));
+        let opts = CompileOptions::default();
+        let text = explain(&c, &opts, &pod("a"), &pod("b"), PROTO_TCP, 80).to_string();
+        for line in [
+            "source x/a: not verified (its address is bound to no verified identity)",
+            "destination x/b: not verified",
+            "ingress at x/b: denied: isolated by policies [x/b-from-frontend] and no rule allows it; a rule would match the peer's own label(s) enforcer.dev/serviceaccount=\"frontend\" on Pod x/a, but labels under enforcer.dev/ are never taken from the object: they come only from a verified identity",
+            "verdict: DENIED",
+        ] {
+            assert!(text.contains(line), "{line:?} in\n{text}");
+        }
+        let text = explain(&c, &opts, &pod("c"), &pod("b"), PROTO_TCP, 80).to_string();
+        for line in [
+            "source x/c: verified as x/frontend",
+            "ingress at x/b: allowed by x/b-from-frontend rule [0]",
+            "verdict: ALLOWED",
+        ] {
+            assert!(text.contains(line), "{line:?} in\n{text}");
+        }
+        // Requiring identity: the impostor is denied for want of it, and its own label is
+        // still named; the verified pod passes.
+        let strict = CompileOptions {
+            require_identity: true,
+            ..CompileOptions::default()
+        };
+        let text = explain(&c, &strict, &pod("a"), &pod("b"), PROTO_TCP, 80).to_string();
+        assert!(
+            text.contains("denied for want of identity")
+                && text.contains("the peer's own label(s) enforcer.dev/serviceaccount"),
+            "{text}"
+        );
+        assert!(explain(&c, &strict, &pod("c"), &pod("b"), PROTO_TCP, 80).allowed);
+        // An address outside the cluster has no identity line.
+        let text = explain(
+            &c,
+            &opts,
+            &Endpoint::Ip("8.8.8.8".parse().unwrap()),
+            &pod("b"),
+            PROTO_TCP,
+            80,
+        )
+        .to_string();
+        assert!(!text.contains("source 8.8.8.8"), "{text}");
+        assert!(!text.contains("peer's own label"), "{text}");
     }
 
     /// x/client, and two backends of Service shop/web (app=web): b1 declares port "http" as

@@ -2,7 +2,9 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    fmt,
     net::IpAddr,
+    ops::Bound,
     sync::Arc,
 };
 
@@ -11,10 +13,10 @@ use k8s_openapi::{
         core::v1::{Namespace, Pod, Service},
         networking::v1::NetworkPolicy,
     },
-    apimachinery::pkg::util::intstr::IntOrString,
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 
-use crate::{state::PodRef, validate::protocol_number};
+use crate::{selector::Labels, state::PodRef, validate::protocol_number};
 
 /// Every object the compiler reads. Sources (the manifests folder, the kube watchers) produce
 /// one of these per change; the compiler never does IO.
@@ -32,6 +34,7 @@ pub struct Cluster {
     pub services: Vec<Arc<Service>>,
     /// Addresses bound to a verified workload identity (the attestation endpoint), with the
     /// reserved labels the identity adds to the pod's labels when it is matched as a peer.
+    /// The only source of reserved labels: an object's own are ignored ([`selectable_labels`]).
     pub verified: BTreeMap<IpAddr, BTreeMap<String, String>>,
 }
 
@@ -57,6 +60,113 @@ pub fn requires_identity(policy: &NetworkPolicy, require_all: bool) -> bool {
 
 /// The label the API server puts on every namespace.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// Labels under this prefix are reserved for verified identity: they come only from
+/// [`Cluster::verified`], never from the Pod or Namespace object that carries them, so a pod
+/// cannot claim an identity by labelling itself (nor shed one: its own value is never seen).
+pub const RESERVED_LABEL_PREFIX: &str = "enforcer.dev/";
+/// The reserved label of a verified address naming its service account (as the agent's
+/// identity module sets it).
+pub const LABEL_SERVICE_ACCOUNT: &str = "enforcer.dev/serviceaccount";
+/// The reserved label of a verified address naming its namespace.
+pub const LABEL_NAMESPACE: &str = "enforcer.dev/namespace";
+
+/// Whether `key` is a reserved label key.
+pub fn is_reserved_label(key: &str) -> bool {
+    key.starts_with(RESERVED_LABEL_PREFIX)
+}
+
+/// The reserved labels an object carries itself (ignored for selection), in key order. A range
+/// of the sorted map, so an object without any costs one lookup.
+pub fn own_reserved_labels(
+    labels: Option<&BTreeMap<String, String>>,
+) -> impl Iterator<Item = (&str, &str)> {
+    labels.into_iter().flat_map(|l| {
+        l.range::<str, _>((Bound::Included(RESERVED_LABEL_PREFIX), Bound::Unbounded))
+            .take_while(|(k, _)| is_reserved_label(k))
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+    })
+}
+
+/// An object's labels as selectors see them: without the reserved ones it carries itself.
+/// Compiler and evaluator both read pod and namespace labels through this.
+pub fn selectable_labels(labels: Option<&BTreeMap<String, String>>) -> Labels {
+    let mut out = labels.cloned().unwrap_or_default();
+    if own_reserved_labels(labels).next().is_some() {
+        out.retain(|k, _| !is_reserved_label(k));
+    }
+    out
+}
+
+/// A pod's labels as selectors see them ([`selectable_labels`]); a verified address adds the
+/// reserved labels of its identity when the pod is matched as a peer.
+pub fn pod_labels(pod: &Pod) -> Labels {
+    selectable_labels(pod.metadata.labels.as_ref())
+}
+
+/// A reserved label that a Pod or Namespace object carries itself: ignored for selection.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SelfSetLabel {
+    /// `Pod` or `Namespace`.
+    pub kind: &'static str,
+    /// `namespace/name` of a pod, the name of a namespace.
+    pub object: String,
+    pub key: String,
+    pub value: String,
+}
+
+impl fmt::Display for SelfSetLabel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {}: label {}={:?} ignored: labels under {RESERVED_LABEL_PREFIX} come only from a verified identity, never from the object",
+            self.kind, self.object, self.key, self.value
+        )
+    }
+}
+
+/// The self-set reserved labels of one object.
+fn self_set(kind: &'static str, object: String, meta: &ObjectMeta) -> Vec<SelfSetLabel> {
+    own_reserved_labels(meta.labels.as_ref())
+        .map(|(k, v)| SelfSetLabel {
+            kind,
+            object: object.clone(),
+            key: k.to_string(),
+            value: v.to_string(),
+        })
+        .collect()
+}
+
+/// The reserved labels of a pod's own object ([`SelfSetLabel`]).
+pub fn pod_self_set_labels(pod: &Pod) -> Vec<SelfSetLabel> {
+    if own_reserved_labels(pod.metadata.labels.as_ref())
+        .next()
+        .is_none()
+    {
+        return Vec::new();
+    }
+    self_set("Pod", pod_ref(pod).to_string(), &pod.metadata)
+}
+
+/// The reserved labels of a namespace's own object ([`SelfSetLabel`]), of the first object of
+/// that name.
+pub fn namespace_self_set_labels(cluster: &Cluster, namespace: &str) -> Vec<SelfSetLabel> {
+    cluster
+        .namespace_object(namespace)
+        .map(|n| self_set("Namespace", namespace.to_string(), &n.metadata))
+        .unwrap_or_default()
+}
+
+/// Every reserved label that a Pod or Namespace object of `cluster` carries itself, namespaces
+/// first: what `compile` and `explain` warn about and the agent logs.
+pub fn self_set_labels(cluster: &Cluster) -> Vec<SelfSetLabel> {
+    let namespaces = cluster.namespaces.iter().flat_map(|n| {
+        let name = n.metadata.name.clone().unwrap_or_default();
+        self_set("Namespace", name, &n.metadata)
+    });
+    let pods = cluster.pods.iter().flat_map(|p| pod_self_set_labels(p));
+    namespaces.chain(pods).collect()
+}
 
 /// `PodRef` of a pod (namespace `default` when unset).
 pub fn pod_ref(pod: &Pod) -> PodRef {
@@ -108,14 +218,31 @@ pub fn pod_node(pod: &Pod) -> Option<&str> {
 }
 
 impl Cluster {
-    /// Labels of a namespace as the API server has them: the declared labels (of the first
-    /// object of that name) plus `kubernetes.io/metadata.name`. Undeclared namespaces have only
-    /// that label.
-    pub fn namespace_labels(&self, namespace: &str) -> BTreeMap<String, String> {
-        let mut labels = self
-            .namespaces
+    /// The first Namespace object named `namespace`.
+    fn namespace_object(&self, namespace: &str) -> Option<&Namespace> {
+        self.namespaces
             .iter()
             .find(|n| n.metadata.name.as_deref() == Some(namespace))
+            .map(|n| &**n)
+    }
+
+    /// Labels of a namespace as selectors see them: the declared labels (of the first object of
+    /// that name) without the reserved ones it sets itself ([`selectable_labels`]), plus
+    /// `kubernetes.io/metadata.name`. Undeclared namespaces have only that label.
+    pub fn namespace_labels(&self, namespace: &str) -> BTreeMap<String, String> {
+        let mut labels = selectable_labels(
+            self.namespace_object(namespace)
+                .and_then(|n| n.metadata.labels.as_ref()),
+        );
+        labels.insert(NAMESPACE_NAME_LABEL.to_string(), namespace.to_string());
+        labels
+    }
+
+    /// [`Cluster::namespace_labels`] with the object's own reserved labels kept: only for
+    /// explaining what ignoring them changed.
+    pub fn namespace_labels_as_set(&self, namespace: &str) -> BTreeMap<String, String> {
+        let mut labels = self
+            .namespace_object(namespace)
             .and_then(|n| n.metadata.labels.clone())
             .unwrap_or_default();
         labels.insert(NAMESPACE_NAME_LABEL.to_string(), namespace.to_string());

@@ -312,7 +312,9 @@ fn check_compiled(
 // Property tests.
 // ---------------------------------------------------------------------------------------------
 
-const KEYS: [&str; 3] = ["a", "b", "c"];
+/// Label keys of objects and selectors: the reserved one too, so that pods and namespaces
+/// label themselves with it and selectors ask for it (only verification may give it).
+const KEYS: [&str; 4] = ["a", "b", "c", "enforcer.dev/serviceaccount"];
 const VALUES: [&str; 2] = ["1", "2"];
 
 mod strategies {
@@ -593,7 +595,8 @@ fn cluster_strategy() -> impl Strategy<Value = Cluster> {
                             ip,
                             std::collections::BTreeMap::from([(
                                 "enforcer.dev/serviceaccount".to_string(),
-                                "sa".to_string(),
+                                // A value selectors ask for, like the self-set ones.
+                                "1".to_string(),
                             )]),
                         )
                     })
@@ -777,6 +780,45 @@ proptest! {
             prop_assert_eq!(&compiled.errors, &fresh.errors);
             prop_assert_eq!(compiled.state.endpoints.len(), fresh.state.endpoints.len());
             prop_assert_eq!(compiled.state.policy.len(), fresh.state.policy.len());
+        }
+    }
+
+    /// The reserved labels pods and namespaces set themselves change nothing: the cluster with
+    /// them compiles to the very state of the cluster without them, and the evaluator gives
+    /// every flow the same verdict (a self-labelled pod neither gains a peer nor escapes a
+    /// NotIn / DoesNotExist selector).
+    #[test]
+    fn self_set_reserved_labels_change_no_verdict(cluster in cluster_strategy(), flows in flows_strategy()) {
+        let o = opts();
+        let mut clean = cluster.clone();
+        let strip = |labels: &mut Option<std::collections::BTreeMap<String, String>>| {
+            if let Some(l) = labels {
+                l.retain(|k, _| !k.starts_with("enforcer.dev/"));
+            }
+        };
+        clean.pods = clean.pods.iter().map(|p| {
+            let mut p = (**p).clone();
+            strip(&mut p.metadata.labels);
+            Arc::new(p)
+        }).collect();
+        clean.namespaces = clean.namespaces.iter().map(|n| {
+            let mut n = (**n).clone();
+            strip(&mut n.metadata.labels);
+            Arc::new(n)
+        }).collect();
+        let with = compile(&cluster, &o, &mut Allocations::new());
+        let without = compile(&clean, &o, &mut Allocations::new());
+        prop_assert_eq!(&with.state, &without.state);
+        for ep in with.state.endpoints.keys() {
+            for ingress in [true, false] {
+                for &peer in &flow_peers() {
+                    for &(proto, port) in &flows {
+                        let a = evaluator::direction_verdict(&cluster, &o, ep, ingress, peer, proto, port);
+                        let b = evaluator::direction_verdict(&clean, &o, ep, ingress, peer, proto, port);
+                        prop_assert_eq!(a.allowed(), b.allowed(), "{} {} {} {}/{}: {:?} vs {:?}", ep, ingress, peer, proto, port, a, b);
+                    }
+                }
+            }
         }
     }
 
@@ -1813,6 +1855,169 @@ fn identity_required_peers_match_only_verified_addresses() {
     assert!(
         !evaluator::direction_verdict(&c2, &strict, &b, true, ip("fd00::1"), PROTO_TCP, 80)
             .allowed()
+    );
+}
+
+/// The reserved labels a verified address gets, as the agent's identity module makes them.
+fn verified_as(ns: &str, sa: &str) -> std::collections::BTreeMap<String, String> {
+    std::collections::BTreeMap::from([
+        ("enforcer.dev/serviceaccount".to_string(), sa.to_string()),
+        ("enforcer.dev/namespace".to_string(), ns.to_string()),
+    ])
+}
+
+/// [`base`] with a policy letting x/b receive from the pods of x that `peers` selects (no
+/// identity required), and x/a labelled `enforcer.dev/serviceaccount: <sa>` by its own object.
+fn b_from(
+    peers: k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+    sa: &str,
+) -> Cluster {
+    let np = policy(
+        "x",
+        "b-from",
+        Some(sel(&[("app", "b")])),
+        None,
+        Some(vec![(Some(vec![pods_peer(None, Some(peers))]), None)]),
+        None,
+    );
+    let mut c = base(vec![np]);
+    label_self(&mut c, 0, "enforcer.dev/serviceaccount", sa);
+    c
+}
+
+/// Sets `key: value` on the object of pod `i` of `c`.
+fn label_self(c: &mut Cluster, i: usize, key: &str, value: &str) {
+    let mut p = (*c.pods[i]).clone();
+    p.metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert(key.into(), value.into());
+    c.pods[i] = Arc::new(p);
+}
+
+#[test]
+fn a_self_labelled_pod_gets_nothing_a_verified_one_does() {
+    let mut c = b_from(sel(&[("enforcer.dev/serviceaccount", "sa-a")]), "sa-a");
+    let b = pr("x", "b");
+    assert!(
+        !allowed(&c, &b, DIR_INGRESS, "10.0.0.1", PROTO_TCP, 80),
+        "its own reserved label does not match"
+    );
+    let v = evaluator::direction_verdict(&c, &opts(), &b, true, ip("10.0.0.1"), PROTO_TCP, 80);
+    let evaluator::DirVerdict::Denied { ignored, .. } = &v else {
+        panic!("{v:?}")
+    };
+    assert_eq!(
+        ignored
+            .iter()
+            .map(|l| (l.kind, l.object.as_str(), l.key.as_str(), l.value.as_str()))
+            .collect::<Vec<_>>(),
+        [("Pod", "x/a", "enforcer.dev/serviceaccount", "sa-a")],
+        "the denial names the ignored label"
+    );
+    // Verified as sa-a: allowed; verified as another account, its own label still counts for
+    // nothing (the verified value is the one seen).
+    c.verified.insert(ip("10.0.0.1"), verified_as("x", "sa-a"));
+    assert!(allowed(&c, &b, DIR_INGRESS, "10.0.0.1", PROTO_TCP, 80));
+    c.verified
+        .insert(ip("10.0.0.1"), verified_as("x", "sa-other"));
+    assert!(!allowed(&c, &b, DIR_INGRESS, "10.0.0.1", PROTO_TCP, 80));
+    // A pod without the label, denied, is not said to be self-labelled.
+    c.verified.clear();
+    let v = evaluator::direction_verdict(&c, &opts(), &b, true, ip("10.0.1.1"), PROTO_TCP, 80);
+    assert!(
+        matches!(&v, evaluator::DirVerdict::Denied { ignored, .. } if ignored.is_empty()),
+        "{v:?}"
+    );
+}
+
+/// A pod cannot escape a policy whose podSelector is NotIn / DoesNotExist on a reserved key by
+/// setting that key on itself, nor shed a verified peer's identity: the object's own value is
+/// never seen.
+#[test]
+fn self_set_reserved_labels_escape_no_not_in_or_does_not_exist() {
+    let deny_all_but =
+        |name: &str, selector| policy("x", name, Some(selector), Some(&["Ingress"]), None, None);
+    for selector in [
+        sel_expr("enforcer.dev/serviceaccount", "NotIn", &["trusted"]),
+        sel_expr("enforcer.dev/serviceaccount", "DoesNotExist", &[]),
+    ] {
+        let mut c = base(vec![deny_all_but("isolate-untrusted", selector.clone())]);
+        label_self(&mut c, 0, "enforcer.dev/serviceaccount", "trusted");
+        let compiled = compile(&c, &opts(), &mut Allocations::new());
+        assert!(
+            compiled.state.endpoints[&pr("x", "a")]
+                .info
+                .isolated(DIR_INGRESS),
+            "{selector:?}: the self-labelled pod is still isolated"
+        );
+        assert!(!allowed(
+            &c,
+            &pr("x", "a"),
+            DIR_INGRESS,
+            "10.0.0.2",
+            PROTO_TCP,
+            80
+        ));
+    }
+    // As a peer: admitted unless verified as `evil`; x/a labels itself `good` but is verified
+    // as `evil`: denied.
+    let mut c = b_from(
+        sel_expr("enforcer.dev/serviceaccount", "NotIn", &["evil"]),
+        "good",
+    );
+    let b = pr("x", "b");
+    assert!(allowed(&c, &b, DIR_INGRESS, "10.0.0.1", PROTO_TCP, 80));
+    c.verified.insert(ip("10.0.0.1"), verified_as("x", "evil"));
+    assert!(!allowed(&c, &b, DIR_INGRESS, "10.0.0.1", PROTO_TCP, 80));
+    // Unverified and labelled `evil` by itself: its own value is not seen either way.
+    let c = b_from(
+        sel_expr("enforcer.dev/serviceaccount", "NotIn", &["evil"]),
+        "evil",
+    );
+    assert!(allowed(&c, &b, DIR_INGRESS, "10.0.0.1", PROTO_TCP, 80));
+}
+
+/// A Namespace object's reserved labels are ignored by namespaceSelectors too.
+#[test]
+fn a_namespace_s_own_reserved_labels_are_ignored() {
+    let np = policy(
+        "x",
+        "from-blessed-namespaces",
+        Some(sel(&[("app", "b")])),
+        None,
+        Some(vec![(
+            Some(vec![pods_peer(
+                Some(sel(&[("enforcer.dev/blessed", "yes")])),
+                None,
+            )]),
+            None,
+        )]),
+        None,
+    );
+    let mut c = base(vec![np]);
+    c.namespaces = shared(vec![
+        namespace("x", &[("team", "blue")]),
+        namespace("y", &[("team", "red"), ("enforcer.dev/blessed", "yes")]),
+    ]);
+    let b = pr("x", "b");
+    assert!(!allowed(&c, &b, DIR_INGRESS, "10.0.1.1", PROTO_TCP, 80));
+    assert!(!c.namespace_labels("y").contains_key("enforcer.dev/blessed"));
+    let v = evaluator::direction_verdict(&c, &opts(), &b, true, ip("10.0.1.1"), PROTO_TCP, 80);
+    assert!(
+        matches!(&v, evaluator::DirVerdict::Denied { ignored, .. }
+            if ignored.iter().any(|l| l.kind == "Namespace" && l.object == "y")),
+        "{v:?}"
+    );
+    let listed: Vec<String> = crate::model::self_set_labels(&c)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            "Namespace y: label enforcer.dev/blessed=\"yes\" ignored: labels under enforcer.dev/ come only from a verified identity, never from the object"
+        ]
     );
 }
 

@@ -309,26 +309,18 @@ impl Agent {
     }
 
     fn publish_view(&self, desired: &Arc<DesiredState>, cluster: &Cluster) {
-        let mut pods_by_endpoint = BTreeMap::new();
-        let mut pods_by_ip = BTreeMap::new();
-        for (pod, ep) in &desired.endpoints {
-            pods_by_endpoint.insert(ep.info.id, pod.to_string());
-            for ip in &ep.ips {
-                pods_by_ip.insert(*ip, pod.to_string());
-            }
-        }
-        // Pods of other nodes too: the flow log names a remote peer.
-        for pod in &cluster.pods {
-            for ip in pod_ips(pod) {
-                pods_by_ip
-                    .entry(ip)
-                    .or_insert_with(|| pod_ref(pod).to_string());
-            }
+        let view = View::build(desired, cluster, &self.compile_options.node_ips);
+        self.status.set_verified(view.verified_pods());
+        // Reserved labels an object sets itself are ignored for selection: said once per
+        // object and label (again only if it goes and comes back), and counted on /metrics.
+        for l in self
+            .status
+            .set_self_set_labels(enforcer_policy::model::self_set_labels(cluster))
+        {
+            log::warn!("{l}");
         }
         if let Ok(mut v) = self.view.lock() {
-            v.state = Arc::clone(desired);
-            v.pods_by_endpoint = pods_by_endpoint;
-            v.pods_by_ip = pods_by_ip;
+            *v = view;
         }
     }
 }

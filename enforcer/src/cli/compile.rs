@@ -8,24 +8,31 @@ use enforcer_common::{DIR_EGRESS, DIR_INGRESS, IDENTITY_SERVICE};
 use enforcer_policy::{
     compile::{Allocations, CompileOptions, compile},
     explain::protocol_label,
-    model::Cluster,
+    model::{Cluster, self_set_labels},
 };
 
 use crate::source::{manifests, watch::LastGoodPolicies};
 
-/// Loads a folder for the offline tools: problems are printed to stderr. There is no last good
-/// version offline, so an invalid policy stays in, refused: it isolates what it selects, as the
-/// agent would enforce it.
+/// Loads a folder for the offline tools: problems are printed to stderr ([`load_warned`]).
 pub(crate) fn load(dir: &Path) -> Result<Cluster> {
-    let loaded = manifests::load_dir(dir)?;
-    for e in &loaded.errors {
-        eprintln!("warning: {e}");
-    }
-    let mut cluster = loaded.cluster;
-    for p in LastGoodPolicies::default().apply(&mut cluster) {
-        eprintln!("warning: {p}");
+    let (cluster, warnings) = load_warned(dir)?;
+    for w in &warnings {
+        eprintln!("warning: {w}");
     }
     Ok(cluster)
+}
+
+/// Loads a folder for the offline tools, with its problems: unreadable objects, invalid
+/// policies and the reserved labels objects set themselves (ignored, as the agent ignores
+/// them). There is no last good version offline, so an invalid policy stays in, refused: it
+/// isolates what it selects, as the agent would enforce it.
+pub(crate) fn load_warned(dir: &Path) -> Result<(Cluster, Vec<String>)> {
+    let loaded = manifests::load_dir(dir)?;
+    let mut warnings: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
+    let mut cluster = loaded.cluster;
+    warnings.extend(LastGoodPolicies::default().apply(&mut cluster));
+    warnings.extend(self_set_labels(&cluster).iter().map(ToString::to_string));
+    Ok((cluster, warnings))
 }
 
 /// `enforcer compile DIR`: per pod, what is enforced; with `entries`, every map entry.
@@ -201,6 +208,37 @@ pub fn compile_report(dir: &Path, node_name: Option<String>, entries: bool) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pod and a namespace that set reserved labels themselves are named with each key, and
+    /// what they set does not count: the pod is denied by a rule that asks for the label.
+    #[test]
+    fn self_set_reserved_labels_are_warned_about_and_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: x\n  labels:\n    enforcer.dev/trusted: \"yes\"\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: impostor\n  namespace: x\n  labels:\n    enforcer.dev/serviceaccount: frontend\nspec:\n  containers: []\nstatus:\n  phase: Running\n  podIP: 10.0.0.1\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: b\n  namespace: x\n  labels:\n    app: b\nspec:\n  containers: []\nstatus:\n  phase: Running\n  podIP: 10.0.0.2\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: b-from-frontend\n  namespace: x\nspec:\n  podSelector:\n    matchLabels:\n      app: b\n  ingress:\n  - from:\n    - podSelector:\n        matchLabels:\n          enforcer.dev/serviceaccount: frontend\n";
+        std::fs::write(dir.path().join("all.yaml"), text).unwrap();
+        let (_, warnings) = load_warned(dir.path()).unwrap();
+        for w in [
+            "Namespace x: label enforcer.dev/trusted=\"yes\" ignored",
+            "Pod x/impostor: label enforcer.dev/serviceaccount=\"frontend\" ignored",
+        ] {
+            assert!(
+                warnings.iter().any(|l| l.starts_with(w)),
+                "{w:?} in {warnings:?}"
+            );
+        }
+        let report = compile_report(dir.path(), None, false).unwrap();
+        let b = report.split("x/b (").nth(1).unwrap();
+        assert!(b.contains("ingress: isolated, nothing allowed"), "{report}");
+        let why =
+            crate::cli::explain::explain_report(dir.path(), "x/impostor", "x/b", 80, "tcp", false)
+                .unwrap();
+        assert!(
+            why.contains("source x/impostor: not verified")
+                && why.contains("the peer's own label(s) enforcer.dev/serviceaccount=\"frontend\" on Pod x/impostor")
+                && why.contains("verdict: DENIED"),
+            "{why}"
+        );
+    }
 
     /// The report names a refused policy, why, and the pods it isolates, and each pod's summary
     /// says its isolation comes from it.

@@ -169,6 +169,42 @@ pub fn status_report(metrics: &str) -> String {
             );
         }
     }
+    let scope = |s: &str| {
+        values
+            .iter()
+            .find(|(n, l, _)| {
+                n == "enforcer_identity_verified_pods"
+                    && l.get("scope").map(String::as_str) == Some(s)
+            })
+            .map_or(0.0, |x| x.2)
+    };
+    let (local, remote) = (scope("local"), scope("remote"));
+    if local + remote > 0.0 {
+        let _ = writeln!(
+            o,
+            "\nverified identities ({local} pods on this node, {remote} on others):"
+        );
+        for (_, l, _) in values
+            .iter()
+            .filter(|(n, _, v)| n == "enforcer_identity_verified" && *v > 0.0)
+        {
+            let get = |k: &str| l.get(k).map_or("", String::as_str);
+            let _ = writeln!(
+                o,
+                "  {:<30} service account {}/{}",
+                format!("{}/{}", get("namespace"), get("pod")),
+                get("namespace"),
+                get("service_account")
+            );
+        }
+    }
+    let ignored = one("enforcer_reserved_labels_ignored");
+    if ignored > 0.0 {
+        let _ = writeln!(
+            o,
+            "\nreserved labels ignored: {ignored} pods or namespaces set enforcer.dev/ labels themselves; only a verified identity gives them (the log names each)"
+        );
+    }
     let _ = writeln!(
         o,
         "\nflow events lost: {}",
@@ -199,6 +235,33 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_lists_verified_identities() {
+        let m = "enforcer_ready 1\nenforcer_identity_verified_pods{scope=\"local\"} 1\nenforcer_identity_verified_pods{scope=\"remote\"} 4\nenforcer_identity_verified{namespace=\"x\",pod=\"a\",service_account=\"frontend\"} 1\nenforcer_reserved_labels_ignored 2\n";
+        let s = status_report(m);
+        assert!(
+            s.contains("verified identities (1 pods on this node, 4 on others):"),
+            "{s}"
+        );
+        assert!(
+            s.lines()
+                .any(|l| l.trim_start().starts_with("x/a ")
+                    && l.ends_with("service account x/frontend")),
+            "{s}"
+        );
+        assert!(
+            s.contains("reserved labels ignored: 2 pods or namespaces"),
+            "{s}"
+        );
+        let s = status_report(
+            "enforcer_ready 1\nenforcer_identity_verified_pods{scope=\"local\"} 0\nenforcer_reserved_labels_ignored 0\n",
+        );
+        assert!(
+            !s.contains("verified identities") && !s.contains("reserved labels"),
+            "{s}"
+        );
+    }
 
     #[test]
     fn status_summarises_metrics() {

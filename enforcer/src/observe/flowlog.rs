@@ -80,7 +80,18 @@ impl FlowLog {
     pub fn line(&self, e: &VerdictEvent) -> serde_json::Value {
         let (src, dst) = addrs(e);
         let view = self.view.lock().ok();
-        let name = |ip: IpAddr| view.as_ref().and_then(|v| v.pods_by_ip.get(&ip).cloned());
+        let name = |ip: IpAddr| view.as_ref().and_then(|v| v.pod_name(ip));
+        // Who each end is: verified now, or only as its pod object claims (`verified: false`);
+        // null for an address that is no pod's.
+        let identity = |ip: IpAddr| {
+            view.as_ref().and_then(|v| v.identity(ip)).map(|id| {
+                json!({
+                    "namespace": id.namespace,
+                    "serviceAccount": id.service_account,
+                    "verified": id.verified,
+                })
+            })
+        };
         let rule = view
             .as_ref()
             .and_then(|v| v.state.rules.get(&e.rule).map(ToString::to_string));
@@ -99,8 +110,10 @@ impl FlowLog {
             "direction": if e.direction == DIR_INGRESS { "ingress" } else { "egress" },
             "src": src.to_string(),
             "src_pod": name(src),
+            "src_identity": identity(src),
             "dst": dst.to_string(),
             "dst_pod": name(dst),
+            "dst_identity": identity(dst),
             "protocol": protocol_label(e.protocol),
             "sport": e.sport,
             "dport": e.dport,
@@ -126,18 +139,25 @@ fn addrs(e: &VerdictEvent) -> (IpAddr, IpAddr) {
 #[cfg(test)]
 mod tests {
     use enforcer_common::{DIR_EGRESS, PROTO_TCP, reason};
+    use enforcer_policy::{
+        compile::{Allocations, CompileOptions, compile},
+        model::{Cluster, shared},
+    };
+    use k8s_openapi::api::core::v1::Pod;
 
-    use super::*;
+    use super::{super::VerifiedPods, *};
 
-    #[test]
-    fn a_drop_becomes_a_json_line_and_floods_are_limited() {
-        let view = Arc::new(Mutex::new(View::default()));
-        view.lock()
-            .unwrap()
-            .pods_by_ip
-            .insert("10.0.0.1".parse().unwrap(), "x/a".into());
-        let stats = Arc::new(FlowLogStats::default());
-        let mut log = FlowLog::new(view, stats.clone(), 2);
+    /// A running pod `ns/name` at `ip` on `node`, running as `sa` (none: unset).
+    fn pod(ns: &str, name: &str, ip: &str, node: &str, sa: Option<&str>) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"nodeName": node, "serviceAccountName": sa, "containers": []},
+            "status": {"phase": "Running", "podIP": ip},
+        }))
+        .unwrap()
+    }
+
+    fn event(src: [u8; 4], dst: [u8; 4]) -> VerdictEvent {
         let mut e = VerdictEvent {
             family: FAMILY_V4,
             protocol: PROTO_TCP,
@@ -147,8 +167,100 @@ mod tests {
             dport: 80,
             ..Default::default()
         };
-        e.src[..4].copy_from_slice(&[10, 0, 0, 1]);
-        e.dst[..4].copy_from_slice(&[10, 0, 0, 2]);
+        e.src[..4].copy_from_slice(&src);
+        e.dst[..4].copy_from_slice(&dst);
+        e
+    }
+
+    /// The view of a node-a agent: x/a local and verified as x/frontend, y/b on node-b
+    /// claiming service account `backend` and not verified, 10.0.0.9 no pod's.
+    fn view() -> View {
+        let cluster = Cluster {
+            pods: shared([
+                pod("x", "a", "10.0.0.1", "node-a", Some("frontend")),
+                pod("y", "b", "10.0.1.2", "node-b", Some("backend")),
+                pod("y", "c", "10.0.1.3", "node-b", None),
+            ]),
+            // The reserved labels as the identity module gives them: the view reads the same
+            // keys.
+            verified: [(
+                "10.0.0.1".parse().unwrap(),
+                crate::identity::identity_labels(&crate::identity::VerifiedIdentity {
+                    namespace: "x".into(),
+                    service_account: "frontend".into(),
+                    pod_name: "a".into(),
+                    pod_uid: "uid-a".into(),
+                    expires_at: u64::MAX,
+                }),
+            )]
+            .into(),
+            ..Cluster::default()
+        };
+        let opts = CompileOptions {
+            node_name: Some("node-a".into()),
+            ..CompileOptions::default()
+        };
+        let state = Arc::new(compile(&cluster, &opts, &mut Allocations::new()).state);
+        View::build(&state, &cluster, &[])
+    }
+
+    #[test]
+    fn each_end_is_named_with_its_pod_and_identity() {
+        let log = FlowLog::new(
+            Arc::new(Mutex::new(view())),
+            Arc::new(FlowLogStats::default()),
+            10,
+        );
+        let l = log.line(&event([10, 0, 0, 1], [10, 0, 1, 2]));
+        assert_eq!(l["src_pod"], "x/a");
+        assert_eq!(
+            l["src_identity"],
+            json!({"namespace": "x", "serviceAccount": "frontend", "verified": true})
+        );
+        assert_eq!(l["dst_pod"], "y/b", "a remote pod is named too");
+        assert_eq!(
+            l["dst_identity"],
+            json!({"namespace": "y", "serviceAccount": "backend", "verified": false})
+        );
+        let l = log.line(&event([10, 0, 1, 3], [10, 0, 0, 9]));
+        assert_eq!(
+            l["src_identity"],
+            json!({"namespace": "y", "serviceAccount": "default", "verified": false}),
+            "no serviceAccountName: the default account, unverified"
+        );
+        assert_eq!(l["dst_pod"], serde_json::Value::Null);
+        assert_eq!(
+            l["dst_identity"],
+            serde_json::Value::Null,
+            "no pod's address"
+        );
+    }
+
+    #[test]
+    fn the_view_names_local_verified_pods_and_counts_remote_ones() {
+        let mut v = view();
+        let want = VerifiedPods {
+            local: [("x".into(), "a".into(), "frontend".into())].into(),
+            remote: 0,
+        };
+        assert_eq!(v.verified_pods(), want);
+        v.verified.insert(
+            "10.0.1.2".parse().unwrap(),
+            super::super::Verified {
+                namespace: "y".into(),
+                service_account: "backend".into(),
+            },
+        );
+        assert_eq!(v.verified_pods().remote, 1);
+        assert_eq!(v.verified_pods().local, want.local);
+    }
+
+    #[test]
+    fn a_drop_becomes_a_json_line_and_floods_are_limited() {
+        let view = Arc::new(Mutex::new(view()));
+        let stats = Arc::new(FlowLogStats::default());
+        let mut log = FlowLog::new(view, stats.clone(), 2);
+        let e = event([10, 0, 0, 1], [10, 0, 0, 2]);
         let l = log.line(&e);
         assert_eq!(l["verdict"], "dropped");
         assert_eq!(l["reason"], "policy-denied");

@@ -3,7 +3,7 @@
 //! kernel or the compiler.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     sync::{
         Arc, Mutex,
@@ -13,6 +13,9 @@ use std::{
 };
 
 use enforcer_common::{REASON_COUNT, REASON_NAMES, is_drop_reason};
+use enforcer_policy::model::SelfSetLabel;
+
+use super::VerifiedPods;
 
 /// Upper bounds (seconds) of the latency histograms.
 const BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
@@ -133,6 +136,12 @@ struct Inner {
     refused: Vec<String>,
     /// Extra text appended to /metrics (e.g. identity verifications).
     extra: Vec<Renderer>,
+    /// The pods with a verified address (see [`VerifiedPods`]).
+    verified: VerifiedPods,
+    /// The reserved labels objects set themselves, as logged (`SelfSetLabel`'s text), and the
+    /// number of objects carrying them.
+    self_set: BTreeSet<String>,
+    self_set_objects: u64,
 }
 
 impl std::fmt::Debug for Status {
@@ -240,6 +249,31 @@ impl Status {
             .lock()
             .map(|i| i.programming.lines.clone())
             .unwrap_or_default()
+    }
+
+    /// Replaces the verified pods.
+    pub fn set_verified(&self, v: VerifiedPods) {
+        if let Ok(mut i) = self.inner.lock() {
+            i.verified = v;
+        }
+    }
+
+    /// Replaces the reserved labels that Pod and Namespace objects set themselves (ignored for
+    /// selection); returns those not there last time, for the log to name once per object.
+    pub fn set_self_set_labels(&self, labels: Vec<SelfSetLabel>) -> Vec<SelfSetLabel> {
+        let Ok(mut i) = self.inner.lock() else {
+            return Vec::new();
+        };
+        let objects: BTreeSet<(&str, &str)> =
+            labels.iter().map(|l| (l.kind, l.object.as_str())).collect();
+        i.self_set_objects = objects.len() as u64;
+        let now: BTreeSet<String> = labels.iter().map(ToString::to_string).collect();
+        let new = labels
+            .into_iter()
+            .filter(|l| !i.self_set.contains(&l.to_string()))
+            .collect();
+        i.self_set = now;
+        new
     }
 
     /// Adds a renderer of more metrics.
@@ -471,11 +505,48 @@ impl Status {
                 );
             }
         }
+        let _ = writeln!(
+            o,
+            "# HELP enforcer_identity_verified_pods Pods with an address bound to a verified identity: on this node (local) and on others (remote)\n# TYPE enforcer_identity_verified_pods gauge\nenforcer_identity_verified_pods{{scope=\"local\"}} {}\nenforcer_identity_verified_pods{{scope=\"remote\"}} {}",
+            i.verified.local.len(),
+            i.verified.remote
+        );
+        // One series per local verified pod only: a node has at most its own pods, while the
+        // cluster's may be 100k.
+        if !i.verified.local.is_empty() {
+            let _ = writeln!(
+                o,
+                "# HELP enforcer_identity_verified Local pods bound to a verified identity\n# TYPE enforcer_identity_verified gauge"
+            );
+            for (ns, pod, sa) in &i.verified.local {
+                let _ = writeln!(
+                    o,
+                    "enforcer_identity_verified{{namespace=\"{}\",pod=\"{}\",service_account=\"{}\"}} 1",
+                    escape(ns),
+                    escape(pod),
+                    escape(sa)
+                );
+            }
+        }
+        g(
+            &mut o,
+            "enforcer_reserved_labels_ignored",
+            "Pod and Namespace objects that set reserved enforcer.dev/ labels themselves: ignored for selection (the log names each)",
+            "gauge",
+            i.self_set_objects,
+        );
         for f in &i.extra {
             f(&mut o);
         }
         o
     }
+}
+
+/// A Prometheus label value: backslash, double quote and newline escaped.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -522,6 +593,54 @@ mod tests {
                 && !t.contains("enforcer_pod_unprogrammed"),
             "every map has its series, at 0: {t}"
         );
+    }
+
+    #[test]
+    fn renders_verified_pods_and_self_set_labels() {
+        let s = Status::default();
+        let t = s.render();
+        for line in [
+            "enforcer_identity_verified_pods{scope=\"local\"} 0",
+            "enforcer_identity_verified_pods{scope=\"remote\"} 0",
+            "enforcer_reserved_labels_ignored 0",
+        ] {
+            assert!(t.lines().any(|l| l == line), "{line} in {t}");
+        }
+        assert!(!t.contains("enforcer_identity_verified{"), "{t}");
+        s.set_verified(VerifiedPods {
+            local: [("x".into(), "a".into(), "frontend".into())].into(),
+            remote: 3,
+        });
+        let label = |object: &str, key: &str| SelfSetLabel {
+            kind: "Pod",
+            object: object.into(),
+            key: key.into(),
+            value: "v".into(),
+        };
+        let first = vec![
+            label("x/c", "enforcer.dev/serviceaccount"),
+            label("x/c", "enforcer.dev/namespace"),
+        ];
+        assert_eq!(s.set_self_set_labels(first.clone()), first, "new: logged");
+        let mut second = first.clone();
+        second.push(label("x/d", "enforcer.dev/serviceaccount"));
+        assert_eq!(
+            s.set_self_set_labels(second),
+            [label("x/d", "enforcer.dev/serviceaccount")],
+            "only what is new is logged again"
+        );
+        let t = s.render();
+        for line in [
+            "enforcer_identity_verified_pods{scope=\"local\"} 1",
+            "enforcer_identity_verified_pods{scope=\"remote\"} 3",
+            "enforcer_identity_verified{namespace=\"x\",pod=\"a\",service_account=\"frontend\"} 1",
+            "enforcer_reserved_labels_ignored 2",
+        ] {
+            assert!(t.lines().any(|l| l == line), "{line} in {t}");
+        }
+        // Gone, then back: said again.
+        assert!(s.set_self_set_labels(Vec::new()).is_empty());
+        assert_eq!(s.set_self_set_labels(first.clone()), first);
     }
 
     #[test]
