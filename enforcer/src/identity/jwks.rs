@@ -1137,6 +1137,46 @@ mod url_tests {
         );
     }
 
+    /// `--issuer-from-cluster` through a real `kube::Client` against kube-rs's mocked API
+    /// service: the first answer is an error (asked again after the back-off), the second the
+    /// discovery document.
+    #[tokio::test(start_paused = true)]
+    async fn the_cluster_issuer_is_read_through_the_kube_client_until_it_answers() {
+        use axum::http::{Request, Response};
+        use kube::client::Body;
+        let (mock, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(mock, "default");
+        let server = tokio::spawn(async move {
+            let (req, send) = handle.next_request().await.expect("first request");
+            assert_eq!(req.uri().path(), DISCOVERY_PATH);
+            send.send_response(
+                Response::builder()
+                    .status(503)
+                    .body(Body::from(b"unavailable".to_vec()))
+                    .unwrap(),
+            );
+            let (req, send) = handle.next_request().await.expect("second request");
+            assert_eq!(
+                (req.method().as_str(), req.uri().path()),
+                ("GET", DISCOVERY_PATH)
+            );
+            let doc = serde_json::json!({
+                "issuer": "https://kubernetes.default.svc.cluster.local",
+                "jwks_uri": "https://172.18.0.2:6443/openid/v1/jwks",
+            });
+            send.send_response(Response::new(Body::from(doc.to_string().into_bytes())));
+        });
+        let started = tokio::time::Instant::now();
+        let issuer =
+            cluster_issuer_retrying(&client, RefreshSchedule::every(Duration::from_secs(60))).await;
+        assert_eq!(issuer, "https://kubernetes.default.svc.cluster.local");
+        assert!(
+            started.elapsed() >= Duration::from_millis(900),
+            "backed off"
+        );
+        server.await.unwrap();
+    }
+
     #[tokio::test]
     async fn the_cluster_issuer_must_be_a_plain_https_url() {
         for (issuer, ok) in [
