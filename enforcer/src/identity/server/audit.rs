@@ -45,7 +45,7 @@ impl AuditLog {
             Arc::new(|line: &str| {
                 // Unit tests: through the test harness's capture.
                 #[cfg(test)]
-                print!("{line}\n");
+                println!("{line}");
                 #[cfg(not(test))]
                 {
                     let mut out = std::io::stdout().lock();
