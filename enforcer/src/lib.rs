@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod cli;
 pub mod datapath;
+pub mod httpd;
 pub mod identity;
 pub mod observe;
 pub mod reconcile;

@@ -118,12 +118,33 @@ pub struct RunArgs {
     #[arg(long)]
     require_identity: bool,
     /// Address of the attestation endpoint (`POST /v1/attest`), served when keys are given.
-    #[arg(long, default_value = "0.0.0.0:9902")]
+    /// `[::]:PORT` serves IPv6 and IPv4 callers alike (IPv4 only on a host without IPv6).
+    #[arg(long, default_value = "[::]:9902")]
     attest_addr: SocketAddr,
+    /// Connections one source address may hold open at once on the attestation port (256 in
+    /// all); one more is answered 429 and closed.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+    attest_max_connections_per_source: u32,
     /// JWKS file with the service-account token signing keys (re-read on change). Without it,
     /// in a cluster, keys come from the API server's OIDC discovery.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "issuer_discovery")]
     jwks: Option<PathBuf>,
+    /// How often the signing keys are fetched again (±10 %), and the longest back-off after a
+    /// failure (then 1 s, doubling, at most 5 min); also on a token naming an unknown key.
+    /// Default: 10m for keys fetched by discovery, 5s for --jwks FILE.
+    #[arg(long, value_parser = parse_duration)]
+    jwks_refresh: Option<Duration>,
+    /// Accept the cluster's own service-account issuer, read from the API server's OIDC
+    /// discovery document (`issuer`, an https URL); cluster mode only. Adds to --issuer.
+    #[arg(long, conflicts_with = "issuer_discovery")]
+    issuer_from_cluster: bool,
+    /// Fetch the signing keys by OIDC discovery at the first --issuer, over HTTPS, rather than
+    /// through the API server: for an issuer outside the cluster, and in standalone mode.
+    #[arg(long)]
+    issuer_discovery: bool,
+    /// PEM bundle of CA certificates to trust for --issuer-discovery, besides the system's.
+    #[arg(long, requires = "issuer_discovery")]
+    issuer_ca_file: Option<PathBuf>,
     /// Accepted token issuers (the API server's --service-account-issuer values). Giving one
     /// (or --jwks) turns the attestation endpoint on.
     #[arg(long = "issuer")]
@@ -198,11 +219,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         status.add_renderer(Arc::new(move |o: &mut String| s.render(o)));
     }
 
-    let identity = if args.jwks.is_some() || !args.issuers.is_empty() {
-        Some(identity_setup(&args, kube_client.clone(), &status)?)
-    } else {
-        None
-    };
+    let identity = identity_flags(&args)?
+        .map(|flags| identity_setup(&args, flags, kube_client.clone(), &status))
+        .transpose()?;
     let stop = Arc::new(AtomicBool::new(false));
     let agent = Agent {
         source,
@@ -226,16 +245,11 @@ pub fn run(args: RunArgs) -> Result<()> {
 
     rt.block_on(async move {
         let health = tokio::spawn(health::serve(args.health_addr, status.clone()));
-        if let Some((_, attest)) = identity {
-            attest.keys.clone().spawn_refresher(Duration::from_secs(5));
-            if let Err(e) = attest.keys.refresh().await {
-                log::warn!("loading the token signing keys: {e}");
-            }
-            let addr = args.attest_addr;
-            log::info!("attestation endpoint on http://{addr}/v1/attest");
+        if let Some((_, attestation)) = identity {
             tokio::spawn(async move {
-                if let Err(e) = crate::identity::serve(addr, attest).await {
-                    log::error!("attestation endpoint {addr}: {e}");
+                let addr = attestation.addr;
+                if let Err(e) = attestation.start().await {
+                    log::error!("attestation endpoint {addr}: {e:#}");
                 }
             });
         }
@@ -271,34 +285,164 @@ pub fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// The attestation endpoint's parts: keys from `--jwks`, the verifier, the bindings and the
-/// live-pod directory shared with the control loop.
-fn identity_setup(
-    args: &RunArgs,
-    kube_client: Option<kube::Client>,
-    status: &Arc<Status>,
-) -> Result<(Identity, crate::identity::AttestState)> {
-    use crate::identity::{
-        AttestState, Bindings, FileKeySource, IdentityMetrics, KeySource, KeyStore, OidcKeySource,
-        Verifier, VerifierConfig,
-    };
-    if args.issuers.is_empty() {
+/// Where the token signing keys come from.
+#[derive(Debug, Clone, PartialEq)]
+enum KeysFrom {
+    /// `--jwks FILE`.
+    File(PathBuf),
+    /// `--issuer-discovery`: OIDC discovery at the issuer, over HTTPS.
+    Issuer {
+        issuer: String,
+        ca_file: Option<PathBuf>,
+    },
+    /// OIDC discovery through the API server (cluster mode).
+    ApiServer,
+}
+
+/// The identity flags, checked together.
+#[derive(Debug, Clone, PartialEq)]
+struct IdentityFlags {
+    keys: KeysFrom,
+    issuers: Vec<String>,
+    issuer_from_cluster: bool,
+    refresh: Duration,
+}
+
+/// Whether attestation is on (an issuer, `--issuer-from-cluster`, `--issuer-discovery` or
+/// `--jwks` given), and from where its keys and issuers come; an error names the flag at fault.
+fn identity_flags(args: &RunArgs) -> Result<Option<IdentityFlags>> {
+    if args.jwks.is_none()
+        && args.issuers.is_empty()
+        && !args.issuer_from_cluster
+        && !args.issuer_discovery
+    {
+        return Ok(None);
+    }
+    let standalone = args.manifests.is_some();
+    if args.issuer_from_cluster && standalone {
         bail!(
-            "attestation needs at least one --issuer (the API server's --service-account-issuer)"
+            "--issuer-from-cluster reads the issuer from the API server, so it needs cluster mode, \
+             not --manifests: name the issuer with --issuer"
         );
     }
-    let source: Arc<dyn KeySource> = match (&args.jwks, kube_client) {
-        (Some(path), _) => Arc::new(FileKeySource::new(path)),
-        (None, Some(client)) => Arc::new(OidcKeySource::new(client)),
-        (None, None) => bail!("standalone attestation needs --jwks FILE"),
+    if args.issuers.is_empty() && !args.issuer_from_cluster {
+        bail!(
+            "attestation needs at least one --issuer (the API server's --service-account-issuer), \
+             or --issuer-from-cluster"
+        );
+    }
+    let keys = if let Some(path) = &args.jwks {
+        KeysFrom::File(path.clone())
+    } else if args.issuer_discovery {
+        // Not empty: --issuer-from-cluster, the other way to name an issuer, conflicts with it.
+        let issuer = args.issuers[0].clone();
+        crate::identity::jwks::https_url("--issuer", &issuer, true)?;
+        KeysFrom::Issuer {
+            issuer,
+            ca_file: args.issuer_ca_file.clone(),
+        }
+    } else if standalone {
+        bail!(
+            "standalone attestation needs --jwks FILE, or --issuer-discovery to fetch the keys \
+             from the issuer"
+        );
+    } else {
+        KeysFrom::ApiServer
     };
-    let mut config = VerifierConfig::new(args.issuers.clone());
+    let refresh = args.jwks_refresh.unwrap_or(match keys {
+        KeysFrom::File(_) => crate::identity::jwks::DEFAULT_FILE_REFRESH_INTERVAL,
+        _ => crate::identity::jwks::DEFAULT_REFRESH_INTERVAL,
+    });
+    Ok(Some(IdentityFlags {
+        keys,
+        issuers: args.issuers.clone(),
+        issuer_from_cluster: args.issuer_from_cluster,
+        refresh,
+    }))
+}
+
+/// The attestation endpoint, ready to start: the keys, the bindings and the live-pod directory
+/// shared with the control loop, and the verifier's settings (its issuer may still have to be
+/// read from the API server).
+struct Attestation {
+    addr: SocketAddr,
+    config: crate::identity::VerifierConfig,
+    issuer_from: Option<kube::Client>,
+    keys: Arc<crate::identity::KeyStore>,
+    pods: Arc<LivePods>,
+    bindings: Arc<crate::identity::Bindings>,
+    metrics: Arc<crate::identity::IdentityMetrics>,
+    limits: crate::httpd::Limits,
+    node: Option<String>,
+}
+
+impl Attestation {
+    /// Loads the keys (refreshed from then on), learns the cluster's issuer when asked to
+    /// (asking again, with back-off, until the API server tells it: the endpoint is not served
+    /// before), and serves.
+    async fn start(self) -> Result<()> {
+        use crate::identity::{AttestState, Verifier, jwks, server::audit::AuditLog};
+        if let Err(e) = self.keys.refresh().await {
+            log::warn!("loading the token signing keys: {e}");
+        }
+        self.keys.clone().spawn_refresher();
+        let mut config = self.config;
+        if let Some(client) = &self.issuer_from {
+            let issuer = jwks::cluster_issuer_retrying(
+                client,
+                jwks::RefreshSchedule::every(Duration::from_secs(60)),
+            )
+            .await;
+            log::info!("accepting tokens of the cluster's issuer {issuer} (--issuer-from-cluster)");
+            if !config.issuers.contains(&issuer) {
+                config.issuers.push(issuer);
+            }
+        }
+        let verifier = Arc::new(Verifier::new(config).context("identity configuration")?);
+        let state = AttestState::new(verifier, self.keys, self.pods, self.bindings, self.metrics)
+            .with_limits(self.limits)
+            .with_audit(AuditLog::stdout(self.node));
+        log::info!("attestation endpoint on http://{}/v1/attest", self.addr);
+        crate::identity::serve(self.addr, state)
+            .await
+            .with_context(|| format!("serving on {}", self.addr))
+    }
+}
+
+/// The attestation endpoint's parts, from the checked [`IdentityFlags`].
+fn identity_setup(
+    args: &RunArgs,
+    flags: IdentityFlags,
+    kube_client: Option<kube::Client>,
+    status: &Arc<Status>,
+) -> Result<(Identity, Attestation)> {
+    use crate::identity::{
+        Bindings, FileKeySource, IdentityMetrics, KeySource, KeyStore, OidcKeySource, Verifier,
+        VerifierConfig,
+        jwks::{IssuerKeySource, RefreshSchedule},
+    };
+    let source: Arc<dyn KeySource> = match &flags.keys {
+        KeysFrom::File(path) => Arc::new(FileKeySource::new(path)),
+        KeysFrom::Issuer { issuer, ca_file } => Arc::new(
+            IssuerKeySource::new(issuer, ca_file.as_deref()).context("--issuer-discovery")?,
+        ),
+        KeysFrom::ApiServer => Arc::new(OidcKeySource::new(
+            kube_client
+                .clone()
+                .context("keys through the API server need cluster mode")?,
+        )),
+    };
+    let mut config = VerifierConfig::new(flags.issuers.clone());
     config.audiences = vec![args.audience.clone()];
-    let verifier = Arc::new(Verifier::new(config).context("identity configuration")?);
+    if !flags.issuer_from_cluster {
+        // Checked now, so a bad flag stops the agent at once.
+        Verifier::new(config.clone()).context("identity configuration")?;
+    }
     let metrics = Arc::new(IdentityMetrics::default());
     let keys = Arc::new(
         KeyStore::new(source)
             .with_min_refresh_interval(Duration::from_secs(1))
+            .with_schedule(RefreshSchedule::every(flags.refresh))
             .with_metrics(metrics.clone()),
     );
     let bindings = Arc::new(Bindings::new());
@@ -307,8 +451,21 @@ fn identity_setup(
         let m = metrics.clone();
         status.add_renderer(Arc::new(move |o: &mut String| m.render_prometheus(o)));
     }
-    let attest = AttestState::new(verifier, keys, pods.clone(), bindings.clone(), metrics);
-    Ok((Identity { bindings, pods }, attest))
+    let attestation = Attestation {
+        addr: args.attest_addr,
+        config,
+        issuer_from: kube_client.filter(|_| flags.issuer_from_cluster),
+        keys,
+        pods: pods.clone(),
+        bindings: bindings.clone(),
+        metrics,
+        limits: crate::httpd::Limits {
+            max_per_source: args.attest_max_connections_per_source as usize,
+            ..crate::httpd::Limits::default()
+        },
+        node: args.node_name.clone(),
+    };
+    Ok((Identity { bindings, pods }, attestation))
 }
 
 /// A duration flag: a whole number with a unit (`ms`, `s`, `m`, `h`), e.g. `500ms`, `60s`, `6h`.
@@ -333,7 +490,117 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser as _;
+
     use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn flags(argv: &[&str]) -> Result<Option<IdentityFlags>> {
+        let cli = Cli::try_parse_from(std::iter::once("enforcer").chain(argv.iter().copied()))?;
+        identity_flags(&cli.run)
+    }
+
+    fn error(argv: &[&str]) -> String {
+        format!("{:#}", flags(argv).expect_err("refused"))
+    }
+
+    #[test]
+    fn issuer_from_cluster_is_refused_in_standalone_mode() {
+        let e = error(&["--manifests", "/m", "--issuer-from-cluster"]);
+        assert!(
+            e.contains("--issuer-from-cluster") && e.contains("cluster mode"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn issuer_from_cluster_turns_identity_on_with_keys_through_the_api_server() {
+        let f = flags(&["--issuer-from-cluster"]).unwrap().expect("on");
+        assert_eq!(f.keys, KeysFrom::ApiServer);
+        assert!(f.issuer_from_cluster && f.issuers.is_empty());
+        assert_eq!(f.refresh, Duration::from_secs(600));
+        assert_eq!(flags(&[]).unwrap(), None, "off by default");
+    }
+
+    #[test]
+    fn key_sources_and_their_refresh_intervals() {
+        let f = flags(&["--manifests", "/m", "--issuer", "https://i", "--jwks", "/k"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (f.keys, f.refresh),
+            (KeysFrom::File("/k".into()), Duration::from_secs(5))
+        );
+        let f = flags(&[
+            "--manifests",
+            "/m",
+            "--issuer",
+            "https://oidc.example.com/id/1",
+            "--issuer-discovery",
+            "--issuer-ca-file",
+            "/ca.pem",
+            "--jwks-refresh",
+            "30m",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (f.keys, f.refresh),
+            (
+                KeysFrom::Issuer {
+                    issuer: "https://oidc.example.com/id/1".into(),
+                    ca_file: Some("/ca.pem".into())
+                },
+                Duration::from_secs(1800)
+            )
+        );
+    }
+
+    #[test]
+    fn identity_flags_that_cannot_work_are_refused_by_name() {
+        let e = error(&["--manifests", "/m", "--issuer", "https://i"]);
+        assert!(
+            e.contains("--jwks FILE") && e.contains("--issuer-discovery"),
+            "{e}"
+        );
+        let e = error(&["--issuer", "http://i.example", "--issuer-discovery"]);
+        assert!(
+            e.contains("\"http://i.example\"") && e.contains("https"),
+            "{e}"
+        );
+        assert!(error(&["--jwks", "/k"]).contains("--issuer"));
+        for clash in [
+            &["--issuer", "https://i", "--issuer-ca-file", "/ca.pem"][..],
+            &["--issuer-from-cluster", "--issuer-discovery"],
+            &[
+                "--issuer",
+                "https://i",
+                "--jwks",
+                "/k",
+                "--issuer-discovery",
+            ],
+            &[
+                "--issuer",
+                "https://i",
+                "--attest-max-connections-per-source",
+                "0",
+            ],
+        ] {
+            assert!(flags(clash).is_err(), "{clash:?} accepted");
+        }
+    }
+
+    #[test]
+    fn the_attestation_port_serves_ipv6_and_ipv4_by_default() {
+        let cli = Cli::try_parse_from(["enforcer"]).unwrap();
+        assert_eq!(cli.run.attest_addr, "[::]:9902".parse().unwrap());
+        assert_eq!(cli.run.attest_max_connections_per_source, 8);
+    }
 
     #[test]
     fn duration_flags_take_a_number_and_a_unit() {

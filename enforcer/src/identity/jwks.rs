@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -280,6 +280,48 @@ pub enum KeySourceError {
     Api { path: String, message: String },
     #[error("OIDC discovery document invalid: {0}")]
     Discovery(String),
+    /// A URL keys would be fetched from (or an issuer taken from a document) that is refused.
+    #[error("{what} {value:?}: {why}")]
+    BadUrl {
+        what: &'static str,
+        value: String,
+        why: &'static str,
+    },
+    #[error("--issuer-ca-file {path}: {message}")]
+    CaFile { path: String, message: String },
+    #[error("GET {url}: {message}")]
+    Http { url: String, message: String },
+    #[error(
+        "no CA certificate to trust: the system has none; give the issuer's CA with --issuer-ca-file"
+    )]
+    NoTrustedCa,
+}
+
+const NOT_HTTPS: &str = "not an https:// URL (keys are fetched over TLS only)";
+
+/// An `https://` URL with a host, as an issuer or a key URL must be; a query or fragment is
+/// refused too when `plain` (an issuer URL has neither: OpenID Connect Discovery 1.0, 3).
+pub fn https_url(
+    what: &'static str,
+    value: &str,
+    plain: bool,
+) -> Result<axum::http::Uri, KeySourceError> {
+    let bad = |why| KeySourceError::BadUrl {
+        what,
+        value: value.to_string(),
+        why,
+    };
+    let Some(rest) = value.strip_prefix("https://") else {
+        return Err(bad(NOT_HTTPS));
+    };
+    if plain && rest.contains(['?', '#']) {
+        return Err(bad("has a query or a fragment"));
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.is_empty() || authority.contains('@') {
+        return Err(bad("has no host (or has user information)"));
+    }
+    value.parse().map_err(|_| bad("not a valid URL"))
 }
 
 /// Where the JWKS comes from.
@@ -402,15 +444,14 @@ impl<G: ApiGet> OidcKeySource<G> {
         self.issuer.lock().ok().and_then(|g| g.clone())
     }
 
-    /// Fetch the discovery document only, returning its issuer.
+    /// Fetch the discovery document only, returning its issuer (checked as [`cluster_issuer`]
+    /// checks it).
     pub async fn discover_issuer(&self) -> Result<String, KeySourceError> {
-        Ok(self.discover().await?.issuer)
+        checked_cluster_issuer(self.discover().await?.issuer)
     }
 
     async fn discover(&self) -> Result<Discovery, KeySourceError> {
-        let doc = self.api.get(DISCOVERY_PATH).await?;
-        let d: Discovery =
-            serde_json::from_slice(&doc).map_err(|e| KeySourceError::Discovery(e.to_string()))?;
+        let d = discovery(&self.api).await?;
         if let Ok(mut g) = self.issuer.lock() {
             *g = Some(d.issuer.clone());
         }
@@ -418,12 +459,53 @@ impl<G: ApiGet> OidcKeySource<G> {
     }
 }
 
-/// The path (no query or fragment) of a `jwks_uri`; only plain path characters, no `..`.
+async fn discovery<G: ApiGet>(api: &G) -> Result<Discovery, KeySourceError> {
+    let doc = api.get(DISCOVERY_PATH).await?;
+    serde_json::from_slice(&doc).map_err(|e| KeySourceError::Discovery(e.to_string()))
+}
+
+/// The cluster's service-account issuer (`--issuer-from-cluster`): the `issuer` of the API
+/// server's discovery document, which must be an `https://` URL without query or fragment (as
+/// kube-apiserver requires of an issuer it serves discovery for).
+pub async fn cluster_issuer<G: ApiGet>(api: &G) -> Result<String, KeySourceError> {
+    checked_cluster_issuer(discovery(api).await?.issuer)
+}
+
+/// [`cluster_issuer`], asked again after each failure with the back-off of `schedule` until the
+/// API server answers with a usable issuer; each failure is logged.
+pub async fn cluster_issuer_retrying<G: ApiGet>(api: &G, schedule: RefreshSchedule) -> String {
+    let mut failures = 0;
+    loop {
+        match cluster_issuer(api).await {
+            Ok(issuer) => return issuer,
+            Err(e) => {
+                failures += 1;
+                let wait = schedule.delay(failures, jitter_unit());
+                tracing::warn!(
+                    error = %e,
+                    retry_in = ?wait,
+                    "identity: the cluster's issuer is not known yet (--issuer-from-cluster); \
+                     the attestation endpoint waits for it"
+                );
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+fn checked_cluster_issuer(issuer: String) -> Result<String, KeySourceError> {
+    https_url(
+        "the API server's discovery document names the issuer",
+        &issuer,
+        true,
+    )?;
+    Ok(issuer)
+}
+
+/// The path (no query or fragment) of an `https://` `jwks_uri`, or of a bare path; only plain
+/// path characters, no `..`.
 pub fn jwks_path(jwks_uri: &str) -> Option<String> {
-    let rest = if let Some(r) = jwks_uri
-        .strip_prefix("https://")
-        .or_else(|| jwks_uri.strip_prefix("http://"))
-    {
+    let rest = if let Some(r) = jwks_uri.strip_prefix("https://") {
         &r[r.find('/')?..]
     } else if jwks_uri.starts_with('/') {
         jwks_uri
@@ -444,6 +526,13 @@ impl<G: ApiGet> KeySource for OidcKeySource<G> {
     fn fetch(&self) -> BoxFuture<'_, Result<Vec<u8>, KeySourceError>> {
         Box::pin(async move {
             let d = self.discover().await?;
+            if d.jwks_uri.starts_with("http://") {
+                return Err(KeySourceError::BadUrl {
+                    what: "the API server's discovery document has jwks_uri",
+                    value: d.jwks_uri,
+                    why: NOT_HTTPS,
+                });
+            }
             let path = jwks_path(&d.jwks_uri).ok_or_else(|| {
                 KeySourceError::Discovery(format!("unusable jwks_uri {:?}", d.jwks_uri))
             })?;
@@ -456,6 +545,153 @@ impl<G: ApiGet> KeySource for OidcKeySource<G> {
     }
 }
 
+/// Timeout of one HTTPS request of [`IssuerKeySource`] (connect, TLS, response, body).
+pub const ISSUER_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+type HttpsClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Empty<axum::body::Bytes>,
+>;
+
+/// OIDC discovery at an issuer outside the cluster (`--issuer-discovery`): `GET
+/// <issuer>/.well-known/openid-configuration`, then its `jwks_uri`, both over HTTPS only
+/// (`http://` is refused, redirects are not followed), trusting the system's CA certificates
+/// and those of `--issuer-ca-file`. The document must name the same issuer (OpenID Connect
+/// Discovery 1.0, 4.3), so a document served for another issuer is refused.
+pub struct IssuerKeySource {
+    issuer: String,
+    discovery: axum::http::Uri,
+    client: HttpsClient,
+}
+
+impl IssuerKeySource {
+    /// A source for `issuer` (an `https://` URL without query or fragment); `ca_file` is a PEM
+    /// bundle of CA certificates trusted besides the system's.
+    pub fn new(issuer: &str, ca_file: Option<&std::path::Path>) -> Result<Self, KeySourceError> {
+        https_url("--issuer", issuer, true)?;
+        let discovery = https_url(
+            "--issuer",
+            &format!("{}{DISCOVERY_PATH}", issuer.trim_end_matches('/')),
+            true,
+        )?;
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| KeySourceError::Http {
+            url: issuer.to_string(),
+            message: format!("TLS configuration: {e}"),
+        })?
+        .with_root_certificates(trust_roots(ca_file)?)
+        .with_no_client_auth();
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .build();
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build(https);
+        Ok(IssuerKeySource {
+            issuer: issuer.to_string(),
+            discovery,
+            client,
+        })
+    }
+
+    /// GET `url`: 200 and at most [`MAX_DOCUMENT_BYTES`], within [`ISSUER_REQUEST_TIMEOUT`].
+    async fn get(&self, url: &axum::http::Uri) -> Result<Vec<u8>, KeySourceError> {
+        use http_body_util::BodyExt as _;
+        let err = |message: String| KeySourceError::Http {
+            url: url.to_string(),
+            message,
+        };
+        let request = axum::http::Request::get(url.clone())
+            .header(axum::http::header::ACCEPT, "application/json")
+            .body(http_body_util::Empty::new())
+            .map_err(|e| err(e.to_string()))?;
+        let fetch = async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| err(format!("{e:#}")))?;
+            if response.status() != axum::http::StatusCode::OK {
+                return Err(err(format!("answered {}", response.status())));
+            }
+            let body = http_body_util::Limited::new(response.into_body(), MAX_DOCUMENT_BYTES)
+                .collect()
+                .await
+                .map_err(|e| err(format!("reading the body: {e}")))?;
+            Ok(body.to_bytes().to_vec())
+        };
+        tokio::time::timeout(ISSUER_REQUEST_TIMEOUT, fetch)
+            .await
+            .map_err(|_| err(format!("no answer within {ISSUER_REQUEST_TIMEOUT:?}")))?
+    }
+}
+
+/// The system's CA certificates and those of `ca_file`; an error names the file and what is
+/// wrong with it, or says that no CA certificate is trusted at all.
+fn trust_roots(ca_file: Option<&std::path::Path>) -> Result<rustls::RootCertStore, KeySourceError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for e in &native.errors {
+        tracing::warn!(error = %e, "identity: reading the system's CA certificates");
+    }
+    roots.add_parsable_certificates(native.certs);
+    if let Some(path) = ca_file {
+        let ca_err = |message: String| KeySourceError::CaFile {
+            path: path.display().to_string(),
+            message,
+        };
+        let pem = read_capped(path)?;
+        let certs = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ca_err(format!("not a PEM bundle: {e:?}")))?;
+        if certs.is_empty() {
+            return Err(ca_err("no CERTIFICATE in it".into()));
+        }
+        for (n, cert) in certs.into_iter().enumerate() {
+            roots
+                .add(cert)
+                .map_err(|e| ca_err(format!("certificate {}: {e}", n + 1)))?;
+        }
+    }
+    if roots.is_empty() {
+        return Err(KeySourceError::NoTrustedCa);
+    }
+    Ok(roots)
+}
+
+impl KeySource for IssuerKeySource {
+    fn fetch(&self) -> BoxFuture<'_, Result<Vec<u8>, KeySourceError>> {
+        Box::pin(async move {
+            let doc = self.get(&self.discovery).await?;
+            let d: Discovery = serde_json::from_slice(&doc)
+                .map_err(|e| KeySourceError::Discovery(e.to_string()))?;
+            if d.issuer != self.issuer {
+                return Err(KeySourceError::Discovery(format!(
+                    "{} names the issuer {:?}, not {:?}",
+                    self.discovery, d.issuer, self.issuer
+                )));
+            }
+            let jwks = https_url(
+                "the issuer's discovery document has jwks_uri",
+                &d.jwks_uri,
+                false,
+            )?;
+            self.get(&jwks).await
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("OIDC discovery at {}", self.discovery)
+    }
+}
+
 /// What a refresh did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refresh {
@@ -465,9 +701,70 @@ pub enum Refresh {
     Unchanged,
 }
 
+/// When a [`KeyStore`] refreshes by itself: every `interval` after a success; after a failure
+/// (the previous keys are kept), first after `min_backoff`, then twice as long each time, up to
+/// `max_backoff`. Each delay is moved by up to ±`jitter` of itself at random, so the agents of a
+/// cluster, started together, do not ask together.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RefreshSchedule {
+    pub interval: Duration,
+    pub jitter: f64,
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+/// Default refresh interval of keys fetched over the network.
+pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(600);
+/// Default refresh interval of a `--jwks` file (a local read).
+pub const DEFAULT_FILE_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
+
+impl RefreshSchedule {
+    /// `interval` with ±10 % jitter, back-off from 1 s up to `interval` or 5 min, whichever is
+    /// shorter.
+    pub fn every(interval: Duration) -> RefreshSchedule {
+        RefreshSchedule {
+            interval,
+            jitter: 0.1,
+            min_backoff: Duration::from_secs(1).min(interval),
+            max_backoff: interval.min(Duration::from_secs(300)),
+        }
+    }
+
+    /// The delay before the next refresh after `failures` consecutive failures (0: the last
+    /// refresh succeeded); `unit` in [0, 1] places it in the jitter (0.5: none).
+    pub fn delay(&self, failures: u32, unit: f64) -> Duration {
+        let base = if failures == 0 {
+            self.interval
+        } else {
+            let doublings = (failures - 1).min(20);
+            self.min_backoff
+                .saturating_mul(1 << doublings)
+                .min(self.max_backoff)
+        };
+        let jitter = self.jitter.clamp(0.0, 1.0) * (2.0 * unit.clamp(0.0, 1.0) - 1.0);
+        base.mul_f64(1.0 + jitter)
+    }
+}
+
+impl Default for RefreshSchedule {
+    fn default() -> Self {
+        RefreshSchedule::every(DEFAULT_REFRESH_INTERVAL)
+    }
+}
+
+/// A number in [0, 1) that differs between calls and between processes, for jitter (std's
+/// randomly keyed hasher; no randomness crate needed for this).
+fn jitter_unit() -> f64 {
+    use std::hash::BuildHasher as _;
+    let r = std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now());
+    (r >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// The current key set, refreshed from a [`KeySource`]. A successful refresh replaces the whole
 /// set: a key removed from the JWKS stops verifying at once. A failed refresh keeps the previous
-/// set. An unknown kid may trigger one refresh, at most once per `min_refresh_interval`.
+/// set. Refreshes happen on the [`RefreshSchedule`] ([`KeyStore::spawn_refresher`]), and when a
+/// token names an unknown kid: at most once per `min_refresh_interval`, and, while refreshes
+/// fail, no sooner than the schedule's back-off.
 pub struct KeyStore {
     source: Arc<dyn KeySource>,
     current: RwLock<Arc<Jwks>>,
@@ -475,7 +772,10 @@ pub struct KeyStore {
     /// Last document, also serializing refreshes.
     last_doc: tokio::sync::Mutex<Option<Vec<u8>>>,
     last_attempt: Mutex<Option<Instant>>,
+    /// Consecutive failed refreshes.
+    failures: AtomicU32,
     min_refresh_interval: Duration,
+    schedule: RefreshSchedule,
     metrics: Option<Arc<IdentityMetrics>>,
 }
 
@@ -492,13 +792,20 @@ impl KeyStore {
             loaded: AtomicBool::new(false),
             last_doc: tokio::sync::Mutex::new(None),
             last_attempt: Mutex::new(None),
+            failures: AtomicU32::new(0),
             min_refresh_interval: DEFAULT_MIN_REFRESH_INTERVAL,
+            schedule: RefreshSchedule::default(),
             metrics: None,
         }
     }
 
     pub fn with_min_refresh_interval(mut self, interval: Duration) -> Self {
         self.min_refresh_interval = interval;
+        self
+    }
+
+    pub fn with_schedule(mut self, schedule: RefreshSchedule) -> Self {
+        self.schedule = schedule;
         self
     }
 
@@ -520,6 +827,18 @@ impl KeyStore {
         self.loaded.load(Ordering::Acquire)
     }
 
+    /// Consecutive failed refreshes (0 after a success).
+    pub fn failures(&self) -> u32 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    fn last_attempt(&self) -> Option<Instant> {
+        match self.last_attempt.lock() {
+            Ok(g) => *g,
+            Err(p) => *p.into_inner(),
+        }
+    }
+
     /// Fetch and install the current document (unconditionally; not rate limited).
     pub async fn refresh(&self) -> Result<Refresh, KeySourceError> {
         let mut last = self.last_doc.lock().await;
@@ -527,6 +846,11 @@ impl KeyStore {
             *g = Some(Instant::now());
         }
         let result = self.refresh_locked(&mut last).await;
+        if result.is_ok() {
+            self.failures.store(0, Ordering::Relaxed);
+        } else {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
         if let Some(m) = &self.metrics {
             m.record_key_refresh(result.is_ok(), self.keys().len());
         }
@@ -553,14 +877,22 @@ impl KeyStore {
     }
 
     /// Refresh because a token named an unknown kid, unless a refresh happened (or was tried)
-    /// less than `min_refresh_interval` ago. Returns whether a refresh installed a new key set.
+    /// less than `min_refresh_interval` ago, or, while refreshes fail, less than the schedule's
+    /// back-off ago. Returns whether a refresh installed a new key set.
     pub async fn refresh_for_unknown_kid(&self) -> bool {
         {
             let Ok(mut g) = self.last_attempt.lock() else {
                 return false;
             };
+            let failures = self.failures();
+            let wait = if failures == 0 {
+                self.min_refresh_interval
+            } else {
+                self.min_refresh_interval
+                    .max(self.schedule.delay(failures, 0.5))
+            };
             if let Some(t) = *g
-                && t.elapsed() < self.min_refresh_interval
+                && t.elapsed() < wait
             {
                 return false;
             }
@@ -577,15 +909,24 @@ impl KeyStore {
         }
     }
 
-    /// Refresh every `every` in the background (logs failures, keeps the old keys on failure).
-    pub fn spawn_refresher(self: Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+    /// Refresh in the background on the store's [`RefreshSchedule`], counted from the last
+    /// attempt (one for an unknown kid included); failures are logged and keep the old keys.
+    pub fn spawn_refresher(self: Arc<Self>) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
+                let last = self.last_attempt();
+                let delay = self.schedule.delay(self.failures(), jitter_unit());
+                tokio::time::sleep_until(last.map_or_else(Instant::now, |t| t + delay)).await;
+                if self.last_attempt() != last {
+                    continue;
+                }
                 if let Err(e) = self.refresh().await {
-                    tracing::warn!(error = %e, source = %self.source.describe(), "identity: key refresh failed");
+                    tracing::warn!(
+                        error = %e,
+                        failures = self.failures(),
+                        source = %self.source.describe(),
+                        "identity: key refresh failed; keeping the previous keys"
+                    );
                 }
             }
         })
@@ -594,3 +935,263 @@ impl KeyStore {
 
 /// base64url without padding, as used in JWS.
 pub(crate) const B64URL: GeneralPurpose = general_purpose::URL_SAFE_NO_PAD;
+
+#[cfg(test)]
+mod refresh_tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::identity::testing::TestIssuer;
+
+    /// Counts fetches; fails while `failing` is set.
+    struct Counting {
+        doc: Vec<u8>,
+        calls: AtomicUsize,
+        failing: AtomicBool,
+    }
+
+    impl Counting {
+        fn new(failing: bool) -> Arc<Counting> {
+            Arc::new(Counting {
+                doc: TestIssuer::new().jwks_json().into_bytes(),
+                calls: AtomicUsize::new(0),
+                failing: AtomicBool::new(failing),
+            })
+        }
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+    }
+
+    impl KeySource for Counting {
+        fn fetch(&self) -> BoxFuture<'_, Result<Vec<u8>, KeySourceError>> {
+            Box::pin(async move {
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                if self.failing.load(Ordering::SeqCst) {
+                    return Err(KeySourceError::Http {
+                        url: "https://issuer.test/keys".into(),
+                        message: "down".into(),
+                    });
+                }
+                Ok(self.doc.clone())
+            })
+        }
+        fn describe(&self) -> String {
+            "counting".into()
+        }
+    }
+
+    #[test]
+    fn the_schedule_backs_off_doubling_to_its_cap_and_jitters_both_ways() {
+        let s = RefreshSchedule::every(Duration::from_secs(600));
+        assert_eq!(s.delay(0, 0.5), Duration::from_secs(600));
+        assert_eq!(s.delay(0, 0.0), Duration::from_secs(540));
+        assert_eq!(s.delay(0, 1.0), Duration::from_secs(660));
+        let backoff: Vec<u64> = (1..=12).map(|f| s.delay(f, 0.5).as_secs()).collect();
+        assert_eq!(
+            backoff,
+            [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300],
+            "1 s doubling, capped at 5 min"
+        );
+        assert_eq!(s.delay(u32::MAX, 0.5), Duration::from_secs(300));
+        // A short interval caps the back-off at itself.
+        let file = RefreshSchedule::every(Duration::from_secs(5));
+        assert_eq!(file.delay(10, 0.5), Duration::from_secs(5));
+        let a = jitter_unit();
+        assert!((0.0..1.0).contains(&a));
+    }
+
+    /// No jitter, so the times are exact.
+    fn steady(interval: u64) -> RefreshSchedule {
+        RefreshSchedule {
+            jitter: 0.0,
+            ..RefreshSchedule::every(Duration::from_secs(interval))
+        }
+    }
+
+    /// Virtual time: the refresher asks every interval; when the source fails it retries with
+    /// back-off, keeping the keys it has, and once the source answers again it goes back to
+    /// the interval.
+    #[tokio::test(start_paused = true)]
+    async fn the_refresher_backs_off_on_failure_then_asks_every_interval() {
+        let source = Counting::new(false);
+        let store = Arc::new(KeyStore::new(source.clone()).with_schedule(steady(600)));
+        store.refresh().await.unwrap();
+        let keys = store.keys().len();
+        source.failing.store(true, Ordering::SeqCst);
+        let task = store.clone().spawn_refresher();
+        let at = |secs: f64| tokio::time::sleep(Duration::from_secs_f64(secs));
+        at(599.5).await;
+        assert_eq!(source.calls(), 1, "nothing before the interval");
+        at(1.0).await;
+        assert_eq!(source.calls(), 2, "one refresh at 600 s");
+        // It failed: again at 601, 603, 607, 615 s.
+        at(15.0).await;
+        assert_eq!((source.calls(), store.failures()), (6, 5));
+        assert_eq!(store.keys().len(), keys, "the previous keys are kept");
+        source.failing.store(false, Ordering::SeqCst);
+        // 16 s later (631 s) it succeeds; then every 600 s: 1231, 1831, ..., 4231 s.
+        at(16.0).await;
+        assert_eq!((source.calls(), store.failures()), (7, 0));
+        at(3600.0).await;
+        assert_eq!(source.calls(), 13);
+        task.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unknown_kids_do_not_refresh_faster_than_the_failure_back_off() {
+        let source = Counting::new(true);
+        let store = KeyStore::new(source.clone())
+            .with_min_refresh_interval(Duration::from_secs(1))
+            .with_schedule(steady(600));
+        // A flood of tokens naming unknown kids, one every 100 ms for 60 s, while the source
+        // is down: refreshes at 0, 1, 3, 7, 15 and 31 s (back-off), not every second.
+        for _ in 0..600 {
+            store.refresh_for_unknown_kid().await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(source.calls(), 6);
+        // Once the source answers, an unknown kid may refresh again once a second.
+        source.failing.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(300)).await;
+        assert!(store.refresh_for_unknown_kid().await);
+        let before = source.calls();
+        store.refresh_for_unknown_kid().await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        store.refresh_for_unknown_kid().await;
+        assert_eq!(source.calls(), before + 1);
+    }
+}
+
+#[cfg(test)]
+mod url_tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    #[test]
+    fn issuers_and_key_urls_must_be_https() {
+        for (value, why) in [
+            ("http://issuer.example", NOT_HTTPS),
+            ("issuer.example", NOT_HTTPS),
+            ("https://issuer.example/?a=1", "has a query or a fragment"),
+            ("https://issuer.example/#f", "has a query or a fragment"),
+            ("https:///path", "has no host (or has user information)"),
+            (
+                "https://user@issuer.example",
+                "has no host (or has user information)",
+            ),
+        ] {
+            let e = https_url("--issuer", value, true).unwrap_err();
+            assert_eq!(e.to_string(), format!("--issuer {value:?}: {why}"));
+        }
+        assert!(https_url("--issuer", "https://issuer.example/id/1", true).is_ok());
+        assert!(https_url("jwks_uri", "https://issuer.example/keys?v=2", false).is_ok());
+        assert_eq!(
+            jwks_path("http://kubernetes.default.svc/openid/v1/jwks"),
+            None
+        );
+        let e = IssuerKeySource::new("http://issuer.example", None)
+            .err()
+            .expect("http issuer refused");
+        assert!(e.to_string().contains("\"http://issuer.example\""), "{e}");
+    }
+
+    /// An API server whose documents are given by path.
+    struct Docs(HashMap<&'static str, String>);
+
+    impl ApiGet for Docs {
+        fn get<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Vec<u8>, KeySourceError>> {
+            let doc = self.0.get(path).cloned();
+            Box::pin(async move {
+                doc.map(String::into_bytes).ok_or(KeySourceError::Api {
+                    path: path.into(),
+                    message: "404".into(),
+                })
+            })
+        }
+    }
+
+    fn discovery(issuer: &str, jwks_uri: &str) -> Docs {
+        Docs(HashMap::from([
+            (
+                DISCOVERY_PATH,
+                serde_json::json!({"issuer": issuer, "jwks_uri": jwks_uri}).to_string(),
+            ),
+            ("/openid/v1/jwks", r#"{"keys": []}"#.to_string()),
+        ]))
+    }
+
+    #[tokio::test]
+    async fn the_api_server_s_jwks_uri_must_be_https() {
+        let source = OidcKeySource::new(discovery(
+            "https://kubernetes.default.svc",
+            "http://kubernetes.default.svc/openid/v1/jwks",
+        ));
+        let e = source.fetch().await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "the API server's discovery document has jwks_uri \"http://kubernetes.default.svc/openid/v1/jwks\": {NOT_HTTPS}"
+            )
+        );
+    }
+
+    /// `--issuer-from-cluster` through a real `kube::Client` against kube-rs's mocked API
+    /// service: the first answer is an error (asked again after the back-off), the second the
+    /// discovery document.
+    #[tokio::test(start_paused = true)]
+    async fn the_cluster_issuer_is_read_through_the_kube_client_until_it_answers() {
+        use axum::http::{Request, Response};
+        use kube::client::Body;
+        let (mock, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(mock, "default");
+        let server = tokio::spawn(async move {
+            let (req, send) = handle.next_request().await.expect("first request");
+            assert_eq!(req.uri().path(), DISCOVERY_PATH);
+            send.send_response(
+                Response::builder()
+                    .status(503)
+                    .body(Body::from(b"unavailable".to_vec()))
+                    .unwrap(),
+            );
+            let (req, send) = handle.next_request().await.expect("second request");
+            assert_eq!(
+                (req.method().as_str(), req.uri().path()),
+                ("GET", DISCOVERY_PATH)
+            );
+            let doc = serde_json::json!({
+                "issuer": "https://kubernetes.default.svc.cluster.local",
+                "jwks_uri": "https://172.18.0.2:6443/openid/v1/jwks",
+            });
+            send.send_response(Response::new(Body::from(doc.to_string().into_bytes())));
+        });
+        let started = tokio::time::Instant::now();
+        let issuer =
+            cluster_issuer_retrying(&client, RefreshSchedule::every(Duration::from_secs(60))).await;
+        assert_eq!(issuer, "https://kubernetes.default.svc.cluster.local");
+        assert!(
+            started.elapsed() >= Duration::from_millis(900),
+            "backed off"
+        );
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_cluster_issuer_must_be_a_plain_https_url() {
+        for (issuer, ok) in [
+            ("https://kubernetes.default.svc.cluster.local", true),
+            ("https://oidc.example.com/id/ABC", true),
+            ("http://kubernetes.default.svc", false),
+            ("https://kubernetes.default.svc?x=1", false),
+            ("kubernetes/serviceaccount", false),
+        ] {
+            let api = discovery(issuer, "https://x/openid/v1/jwks");
+            let got = cluster_issuer(&api).await;
+            assert_eq!(got.is_ok(), ok, "{issuer}: {got:?}");
+            if let Err(e) = got {
+                assert!(e.to_string().contains(issuer), "{e}");
+            }
+        }
+    }
+}

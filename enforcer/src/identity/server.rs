@@ -12,9 +12,14 @@
 //! - 503 `{"error": "keys-unavailable" | "timeout"}`.
 //!
 //! The caller IP is taken from the TCP connection only, never from headers. The token is never
-//! logged or echoed. Limits: headers at most 24 KiB in total (431 beyond), the token at most
-//! [`VerifierConfig::max_token_bytes`](super::VerifierConfig), bodies are never read, header read
-//! timeout 5 s, request timeout (default 5 s), connection lifetime 30 s, at most 256 connections.
+//! logged or echoed: each attestation is one audit line ([`audit`]) with the verified claims only.
+//! Limits: headers at most 24 KiB in total (431 beyond), the token at most
+//! [`VerifierConfig::max_token_bytes`](super::VerifierConfig), bodies are never read, one request
+//! per connection, the connection caps and timeouts of [`httpd::Limits`] (by default 256
+//! connections, 8 per source address, headers within 5 s, the connection closed after 15 s),
+//! request timeout (default 5 s).
+
+pub mod audit;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -24,27 +29,23 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
-use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde::Serialize;
 use tokio::net::TcpListener;
 
+use self::audit::AuditLog;
 use super::bind::{canonical_ip, check_binding};
-use super::{Bindings, IdentityMetrics, KeyStore, PodDirectory, Reason, Verifier};
+use super::{Bindings, IdentityMetrics, KeyStore, PodDirectory, Reason, VerifiedToken, Verifier};
+use crate::httpd;
 
 /// Path of the attestation endpoint.
 pub const ATTEST_PATH: &str = "/v1/attest";
 /// Default request timeout.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
-const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
-const MAX_HEADER_BYTES: usize = 24 * 1024;
-const MAX_BUF_BYTES: usize = 64 * 1024;
-const MAX_HEADERS: usize = 32;
-const MAX_CONNECTIONS: usize = 256;
-/// Buckets kept by the rate limiter before idle ones are pruned.
-const MAX_BUCKETS: usize = 4096;
+/// Sources the rate limiter keeps a budget for at once.
+pub const DEFAULT_RATE_LIMITER_SOURCES: usize = 4096;
 
 /// Per-source-IP token bucket: `burst` requests at once, refilled at `per_second`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -69,18 +70,53 @@ struct Bucket {
     last: Instant,
 }
 
-/// Token-bucket rate limiter keyed by source IP, with bounded memory.
+/// What the rate limiter says of one request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Decision {
+    Allowed,
+    /// The source spent its budget; it has a token again after `retry_after`.
+    Limited {
+        retry_after: Duration,
+    },
+    /// A new source while every place in the table holds a budget still being refilled: it is
+    /// refused rather than have another source's budget forgotten.
+    TableFull {
+        retry_after: Duration,
+    },
+}
+
+#[derive(Debug)]
+struct Table {
+    buckets: HashMap<IpAddr, Bucket>,
+    /// While the table is full, the earliest time a bucket may have refilled (no scan before).
+    full_until: Option<Instant>,
+}
+
+/// Token-bucket rate limiter keyed by source IP, in bounded memory. When its table is full, only
+/// the buckets that have refilled completely are forgotten (they carry no information: a new
+/// bucket starts full); if there are none, a new source is refused until one has. So filling
+/// the table never gives a source that spent its budget a fresh one.
 #[derive(Debug)]
 pub struct RateLimiter {
     cfg: RateLimit,
-    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+    capacity: usize,
+    table: Mutex<Table>,
 }
 
 impl RateLimiter {
     pub fn new(cfg: RateLimit) -> Self {
+        RateLimiter::with_capacity(cfg, DEFAULT_RATE_LIMITER_SOURCES)
+    }
+
+    /// A limiter keeping at most `capacity` sources (at least 1).
+    pub fn with_capacity(cfg: RateLimit, capacity: usize) -> Self {
         RateLimiter {
             cfg,
-            buckets: Mutex::new(HashMap::new()),
+            capacity: capacity.max(1),
+            table: Mutex::new(Table {
+                buckets: HashMap::new(),
+                full_until: None,
+            }),
         }
     }
 
@@ -90,47 +126,93 @@ impl RateLimiter {
     }
 
     pub fn check_at(&self, ip: IpAddr, now: Instant) -> bool {
-        let burst = f64::from(self.cfg.burst.max(1));
-        let rate = if self.cfg.per_second.is_finite() {
+        self.decide_at(ip, now) == Decision::Allowed
+    }
+
+    /// Sources with a budget in the table now.
+    pub fn sources(&self) -> usize {
+        self.table.lock().map(|t| t.buckets.len()).unwrap_or(0)
+    }
+
+    fn burst(&self) -> f64 {
+        f64::from(self.cfg.burst.max(1))
+    }
+
+    fn rate(&self) -> f64 {
+        if self.cfg.per_second.is_finite() {
             self.cfg.per_second.max(0.0)
         } else {
             0.0
-        };
-        let Ok(mut buckets) = self.buckets.lock() else {
-            return false;
-        };
-        let refill = |b: &Bucket| {
-            (b.tokens + now.saturating_duration_since(b.last).as_secs_f64() * rate).min(burst)
-        };
-        if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(&ip) {
-            buckets.retain(|_, b| refill(b) < burst);
-            if buckets.len() >= MAX_BUCKETS {
-                // Everyone is active: forget the state rather than grow without bound.
-                buckets.clear();
-            }
-        }
-        let b = buckets.entry(ip).or_insert(Bucket {
-            tokens: burst,
-            last: now,
-        });
-        b.tokens = refill(b);
-        b.last = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            true
-        } else {
-            false
         }
     }
 
-    /// Seconds until `ip` has a token again (for `Retry-After`).
-    fn retry_after_secs(&self) -> u64 {
-        if self.cfg.per_second > 0.0 && self.cfg.per_second.is_finite() {
-            (1.0 / self.cfg.per_second).ceil().clamp(1.0, 3600.0) as u64
+    fn refill(&self, b: &Bucket, now: Instant) -> f64 {
+        (b.tokens + now.saturating_duration_since(b.last).as_secs_f64() * self.rate())
+            .min(self.burst())
+    }
+
+    /// Time until `tokens` grow to `want` (None: never, at rate 0).
+    fn time_to(&self, tokens: f64, want: f64) -> Option<Duration> {
+        let rate = self.rate();
+        if tokens >= want {
+            Some(Duration::ZERO)
+        } else if rate > 0.0 {
+            Duration::try_from_secs_f64((want - tokens) / rate).ok()
         } else {
-            60
+            None
         }
     }
+
+    /// Take one token for `ip` at `now`.
+    pub fn decide_at(&self, ip: IpAddr, now: Instant) -> Decision {
+        const NEVER: Duration = Duration::from_secs(3600);
+        let burst = self.burst();
+        let Ok(mut table) = self.table.lock() else {
+            return Decision::TableFull { retry_after: NEVER };
+        };
+        if !table.buckets.contains_key(&ip) && table.buckets.len() >= self.capacity {
+            if let Some(until) = table.full_until
+                && now < until
+            {
+                return Decision::TableFull {
+                    retry_after: until - now,
+                };
+            }
+            table.buckets.retain(|_, b| self.refill(b, now) < burst);
+            if table.buckets.len() >= self.capacity {
+                let next = table
+                    .buckets
+                    .values()
+                    .filter_map(|b| self.time_to(self.refill(b, now), burst))
+                    .min();
+                table.full_until = next.map(|d| now + d);
+                return Decision::TableFull {
+                    retry_after: next.unwrap_or(NEVER),
+                };
+            }
+            table.full_until = None;
+        }
+        let b = table.buckets.entry(ip).or_insert(Bucket {
+            tokens: burst,
+            last: now,
+        });
+        let tokens = self.refill(b, now);
+        b.tokens = tokens;
+        b.last = now;
+        if tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Decision::Allowed
+        } else {
+            Decision::Limited {
+                retry_after: self.time_to(tokens, 1.0).unwrap_or(NEVER),
+            }
+        }
+    }
+}
+
+/// Whole seconds for `Retry-After`, at least 1.
+fn retry_after_secs(d: Duration) -> u64 {
+    d.as_secs_f64().ceil().clamp(1.0, 3600.0) as u64
 }
 
 type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
@@ -146,10 +228,13 @@ pub struct AttestState {
     pub(super) limiter: Arc<RateLimiter>,
     pub(super) clock: Clock,
     pub(super) request_timeout: Duration,
+    pub(super) limits: httpd::Limits,
+    pub(super) audit: Arc<AuditLog>,
 }
 
 impl AttestState {
-    /// Defaults: [`RateLimit::default`], system clock, [`DEFAULT_REQUEST_TIMEOUT`].
+    /// Defaults: [`RateLimit::default`], system clock, [`DEFAULT_REQUEST_TIMEOUT`], the default
+    /// [`httpd::Limits`], audit lines on stdout without a node name.
     pub fn new(
         verifier: Arc<Verifier>,
         keys: Arc<KeyStore>,
@@ -166,11 +251,18 @@ impl AttestState {
             limiter: Arc::new(RateLimiter::new(RateLimit::default())),
             clock: Arc::new(super::unix_now),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            limits: httpd::Limits::default(),
+            audit: Arc::new(AuditLog::stdout(None)),
         }
     }
 
     pub fn with_rate_limit(mut self, limit: RateLimit) -> Self {
         self.limiter = Arc::new(RateLimiter::new(limit));
+        self
+    }
+
+    pub fn with_rate_limiter(mut self, limiter: RateLimiter) -> Self {
+        self.limiter = Arc::new(limiter);
         self
     }
 
@@ -182,6 +274,17 @@ impl AttestState {
 
     pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
+        self
+    }
+
+    /// Connection caps and timeouts of the port (see [`serve_listener`]).
+    pub fn with_limits(mut self, limits: httpd::Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    pub fn with_audit(mut self, audit: AuditLog) -> Self {
+        self.audit = Arc::new(audit);
         self
     }
 }
@@ -254,49 +357,46 @@ async fn attest(
     headers: HeaderMap,
 ) -> Response {
     let ip = canonical_ip(peer.ip());
-    if !st.limiter.check(ip) {
-        st.metrics.record_reject(Reason::RateLimited);
-        tracing::debug!(peer = %ip, reason = Reason::RateLimited.as_str(), "identity: attestation rejected");
-        return reject_response(Reason::RateLimited, Some(st.limiter.retry_after_secs()));
-    }
-    let work = async {
-        let token = bearer(&headers, st.verifier.config().max_token_bytes)?;
-        let now = (st.clock)();
-        let verified = st.verifier.verify_with_store(token, &st.keys, now).await?;
-        if let Err(r) = check_binding(st.pods.as_ref(), &verified.identity, ip) {
-            let v = &verified;
-            tracing::info!(
-                peer = %ip,
-                reason = r.as_str(),
-                namespace = %v.identity.namespace,
-                pod = %v.identity.pod_name,
-                service_account = %v.identity.service_account,
-                jti = ?v.jti,
-                "identity: valid token refused for this caller"
-            );
-            return Err(r);
+    let retry_after = match st.limiter.decide_at(ip, Instant::now()) {
+        Decision::Allowed => None,
+        Decision::Limited { retry_after } => Some(retry_after),
+        Decision::TableFull { retry_after } => {
+            st.metrics.record_rate_limiter_full();
+            Some(retry_after)
         }
-        Ok::<_, Reason>(verified)
     };
-    let result = match tokio::time::timeout(st.request_timeout, work).await {
-        Ok(r) => r,
-        Err(_) => Err(Reason::Timeout),
+    if let Some(wait) = retry_after {
+        st.metrics.record_reject(Reason::RateLimited);
+        st.audit
+            .refused(ip, Reason::RateLimited, None, st.metrics.as_ref());
+        return reject_response(Reason::RateLimited, Some(retry_after_secs(wait)));
+    }
+    // A refusal after verification keeps the verified token, for the audit line.
+    let work = async {
+        let token =
+            bearer(&headers, st.verifier.config().max_token_bytes).map_err(|r| (r, None))?;
+        let now = (st.clock)();
+        let verified = st
+            .verifier
+            .verify_with_store(token, &st.keys, now)
+            .await
+            .map_err(|r| (r, None))?;
+        match check_binding(st.pods.as_ref(), &verified.identity, ip) {
+            Ok(()) => Ok(verified),
+            Err(r) => Err((r, Some(verified))),
+        }
     };
+    let result: Result<VerifiedToken, (Reason, Option<VerifiedToken>)> =
+        match tokio::time::timeout(st.request_timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err((Reason::Timeout, None)),
+        };
     match result {
         Ok(v) => {
             let id = &v.identity;
             st.bindings.bind(ip, id.clone());
             st.metrics.record_accept();
-            tracing::info!(
-                peer = %ip,
-                namespace = %id.namespace,
-                service_account = %id.service_account,
-                pod = %id.pod_name,
-                expires_at = id.expires_at,
-                jti = ?v.jti,
-                kid = %v.kid,
-                "identity: attested"
-            );
+            st.audit.accepted(ip, &v);
             let mut resp = axum::Json(Attested {
                 namespace: &id.namespace,
                 service_account: &id.service_account,
@@ -309,9 +409,10 @@ async fn attest(
                 .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
             resp
         }
-        Err(reason) => {
+        Err((reason, verified)) => {
             st.metrics.record_reject(reason);
-            tracing::info!(peer = %ip, reason = reason.as_str(), "identity: attestation rejected");
+            st.audit
+                .refused(ip, reason, verified.as_ref(), st.metrics.as_ref());
             reject_response(reason, None)
         }
     }
@@ -327,63 +428,114 @@ pub fn router(state: AttestState) -> Router {
         .with_state(state)
 }
 
-/// Serve the attestation endpoint on `addr` until the task is dropped.
+/// Serve the attestation endpoint on `addr` until the task is dropped. `[::]:P` serves IPv4 and
+/// IPv6 callers ([`httpd::bind`]).
 pub async fn serve(addr: SocketAddr, state: AttestState) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
+    let listener = httpd::bind(addr)?;
     serve_listener(listener, state, std::future::pending()).await
 }
 
-/// Serve on an already bound listener until `shutdown` completes. Each connection gets hyper's
-/// HTTP/1 limits (header size/count, header read timeout) and a lifetime cap.
+/// Serve on an already bound listener until `shutdown` completes, within the state's
+/// [`httpd::Limits`]: one request per connection, connections capped in all and per source
+/// address, the headers read within a timeout and every connection closed by a deadline.
 pub async fn serve_listener(
     listener: TcpListener,
     state: AttestState,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
-    let app = router(state);
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_BUF_BYTES)
-        .max_header_size(MAX_HEADER_BYTES)
-        .max_headers(MAX_HEADERS)
-        .keep_alive(true);
-    let builder = Arc::new(builder);
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "identity: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
+    let limits = state.limits;
+    let stats = state.metrics.connections.clone();
+    httpd::serve(
+        listener,
+        router(state),
+        limits,
+        stats,
+        "attestation endpoint",
+        shutdown,
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(n: u8) -> IpAddr {
+        IpAddr::from([10, 0, 0, n])
+    }
+
+    /// burst 2, one token every 2 s, room for 3 sources.
+    fn limiter() -> RateLimiter {
+        RateLimiter::with_capacity(
+            RateLimit {
+                burst: 2,
+                per_second: 0.5,
             },
-            () = &mut shutdown => return Ok(()),
-        };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            drop(stream);
-            continue;
-        };
-        let app = app.clone();
-        let builder = builder.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let svc = tower::ServiceExt::map_request(
-                app,
-                move |mut req: Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(ConnectInfo(peer));
-                    req
-                },
-            );
-            let conn = builder.serve_connection(
-                hyper_util::rt::TokioIo::new(stream),
-                hyper_util::service::TowerToHyperService::new(svc),
-            );
-            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
-        });
+            3,
+        )
+    }
+
+    #[test]
+    fn filling_the_table_never_gives_an_exhausted_source_a_fresh_budget() {
+        let l = limiter();
+        let t0 = Instant::now();
+        let attacker = ip(1);
+        assert_eq!(l.decide_at(attacker, t0), Decision::Allowed);
+        assert_eq!(l.decide_at(attacker, t0), Decision::Allowed);
+        assert!(matches!(
+            l.decide_at(attacker, t0),
+            Decision::Limited { .. }
+        ));
+        // The attacker fills the table from other addresses, each spending a token...
+        assert_eq!(l.decide_at(ip(2), t0), Decision::Allowed);
+        assert_eq!(l.decide_at(ip(3), t0), Decision::Allowed);
+        // ... and a new source now finds no place: refused, not a reason to forget budgets.
+        let d = l.decide_at(ip(4), t0);
+        assert!(
+            matches!(d, Decision::TableFull { retry_after } if retry_after == Duration::from_secs(2)),
+            "{d:?}"
+        );
+        assert_eq!(l.sources(), 3);
+        // The exhausted source is still exhausted.
+        assert!(matches!(
+            l.decide_at(attacker, t0 + Duration::from_millis(100)),
+            Decision::Limited { .. }
+        ));
+    }
+
+    #[test]
+    fn only_sources_whose_bucket_refilled_are_forgotten() {
+        let l = limiter();
+        let t0 = Instant::now();
+        for n in 1..=3 {
+            assert_eq!(l.decide_at(ip(n), t0), Decision::Allowed);
+        }
+        // Source 1 spends its whole budget later than the others.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(l.decide_at(ip(1), t1), Decision::Allowed);
+        assert!(matches!(l.decide_at(ip(1), t1), Decision::Limited { .. }));
+        // At t0 + 2 s sources 2 and 3 are full again (they carry nothing); source 1 is not.
+        let t2 = t0 + Duration::from_secs(2);
+        assert_eq!(l.decide_at(ip(4), t2), Decision::Allowed);
+        assert_eq!(l.sources(), 2, "2 and 3 forgotten, 1 and 4 kept");
+        // Source 1 has the one token it earned since, not a fresh budget of two.
+        assert_eq!(l.decide_at(ip(1), t2), Decision::Allowed);
+        assert!(matches!(l.decide_at(ip(1), t2), Decision::Limited { .. }));
+    }
+
+    #[test]
+    fn retry_after_says_when_the_source_has_a_token_again() {
+        let l = limiter();
+        let t0 = Instant::now();
+        l.decide_at(ip(1), t0);
+        l.decide_at(ip(1), t0);
+        assert_eq!(
+            l.decide_at(ip(1), t0 + Duration::from_millis(500)),
+            Decision::Limited {
+                retry_after: Duration::from_millis(1500)
+            }
+        );
+        assert_eq!(retry_after_secs(Duration::from_millis(1500)), 2);
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
     }
 }

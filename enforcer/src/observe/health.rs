@@ -1,15 +1,29 @@
 //! `/healthz`, `/readyz` and `/metrics` on `--health-addr`, served from the [`Status`] the control
-//! loop publishes.
+//! loop publishes, within [`LIMITS`]: a client that connects and sends nothing, or trickles,
+//! cannot hold the port the kubelet's probes and the metrics scraper need.
 
 use std::{
     net::SocketAddr,
     sync::{Arc, atomic::Ordering},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result};
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 
 use super::metrics::Status;
+use crate::httpd::{self, ConnStats, Limits};
+
+/// The health port's limits: 64 connections at once, 16 from one address, the request headers
+/// within 5 s, every connection closed after 30 s (a large `/metrics` to a slow scraper).
+pub const LIMITS: Limits = Limits {
+    max_connections: 64,
+    max_per_source: 16,
+    header_read_timeout: Duration::from_secs(5),
+    deadline: Duration::from_secs(30),
+    max_header_bytes: 16 * 1024,
+    max_headers: 64,
+};
 
 async fn healthz() -> &'static str {
     "ok\n"
@@ -68,12 +82,32 @@ pub fn router(status: Arc<Status>) -> Router {
         .with_state(status)
 }
 
-/// Serves the health endpoints until the task is dropped.
+/// Serves the health endpoints until the task is dropped; its connections are counted on
+/// `/metrics` (`enforcer_health_connections_total`).
 pub async fn serve(addr: SocketAddr, status: Arc<Status>) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding --health-addr {addr}"))?;
-    axum::serve(listener, router(status))
+    let listener = httpd::bind(addr).with_context(|| format!("binding --health-addr {addr}"))?;
+    serve_listener(listener, status, LIMITS, std::future::pending()).await
+}
+
+/// Serves on a bound listener within `limits` until `shutdown` completes.
+pub async fn serve_listener(
+    listener: tokio::net::TcpListener,
+    status: Arc<Status>,
+    limits: Limits,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<()> {
+    let stats = Arc::new(ConnStats::default());
+    {
+        let stats = stats.clone();
+        status.add_renderer(Arc::new(move |o: &mut String| {
+            stats.render(
+                "enforcer_health_connections_total",
+                "Connections to the health port by what became of them.",
+                o,
+            )
+        }));
+    }
+    httpd::serve(listener, router(status), limits, stats, "health", shutdown)
         .await
         .context("health server")
 }
