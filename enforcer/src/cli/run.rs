@@ -24,14 +24,21 @@ use crate::{
         AttachMode, DEFAULT_PIN_PATH, Datapath, DatapathOptions, default_flow_limit,
         routes::local_addresses,
     },
-    identity::attestation::{Identity, LivePods},
+    identity::{
+        attestation::{Identity, LivePods, RecordStore, RecordWriter, RecordsView},
+        records,
+    },
     observe::{
         View,
         flowlog::{FlowLog, FlowLogStats},
         health,
         metrics::Status,
     },
-    source::{Source, watch::ManifestsSource},
+    source::{
+        Source,
+        records::{RecordsFolder, RecordsRx, RecordsSource},
+        watch::ManifestsSource,
+    },
 };
 
 #[derive(clap::Args)]
@@ -140,6 +147,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         .build()?;
     // Standalone reads a folder; otherwise the kube watchers feed the same compiler.
     let mut kube_client = None;
+    let identity_on = args.jwks.is_some() || !args.issuers.is_empty();
+    // In a cluster the identity records come with the other watches.
+    let mut records_rx = None;
     let (source, kube_task) = match args.manifests.clone() {
         Some(dir) => (Source::Manifests(ManifestsSource::new(dir)), None),
         None => {
@@ -153,8 +163,15 @@ pub fn run(args: RunArgs) -> Result<()> {
                 .context("kube client (in-cluster config or KUBECONFIG)")?;
             let (tx, rx) = tokio::sync::watch::channel(None);
             kube_client = Some(client.clone());
+            let records_tx = identity_on.then(|| {
+                let (tx, rx) = tokio::sync::watch::channel(None);
+                records_rx = Some(rx);
+                tx
+            });
             let task = rt.spawn(async move {
-                if let Err(e) = crate::source::kube::run(client, node, tx).await {
+                if let Err(e) =
+                    crate::source::kube::run_with_records(client, node, tx, records_tx).await
+                {
                     log::error!("kube watchers stopped: {e:#}");
                 }
             });
@@ -198,8 +215,13 @@ pub fn run(args: RunArgs) -> Result<()> {
         status.add_renderer(Arc::new(move |o: &mut String| s.render(o)));
     }
 
-    let identity = if args.jwks.is_some() || !args.issuers.is_empty() {
-        Some(identity_setup(&args, kube_client.clone(), &status)?)
+    let identity = if identity_on {
+        Some(identity_setup(
+            &args,
+            kube_client.clone(),
+            records_rx,
+            &status,
+        )?)
     } else {
         None
     };
@@ -216,7 +238,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         status: status.clone(),
         view: view.clone(),
         per_pod_metrics: args.per_pod_metrics,
-        identity: identity.as_ref().map(|(id, _)| id.clone()),
+        identity: identity.as_ref().map(|(id, _, _)| id.clone()),
         ct_sweep: args.ct_sweep_interval,
     };
     let loop_stop = stop.clone();
@@ -226,7 +248,10 @@ pub fn run(args: RunArgs) -> Result<()> {
 
     rt.block_on(async move {
         let health = tokio::spawn(health::serve(args.health_addr, status.clone()));
-        if let Some((_, attest)) = identity {
+        if let Some((_, attest, writer)) = identity {
+            if let Some(w) = writer {
+                tokio::spawn(w.run());
+            }
             attest.keys.clone().spawn_refresher(Duration::from_secs(5));
             if let Err(e) = attest.keys.refresh().await {
                 log::warn!("loading the token signing keys: {e}");
@@ -272,12 +297,15 @@ pub fn run(args: RunArgs) -> Result<()> {
 }
 
 /// The attestation endpoint's parts: keys from `--jwks`, the verifier, the bindings and the
-/// live-pod directory shared with the control loop.
+/// live-pod directory shared with the control loop; and, when the node has a name, the
+/// identity records (read from the API server or the manifests folder's `identity/`
+/// subfolder) and the writer publishing this agent's attestations there.
 fn identity_setup(
     args: &RunArgs,
     kube_client: Option<kube::Client>,
+    records_rx: Option<RecordsRx>,
     status: &Arc<Status>,
-) -> Result<(Identity, crate::identity::AttestState)> {
+) -> Result<(Identity, crate::identity::AttestState, Option<RecordWriter>)> {
     use crate::identity::{
         AttestState, Bindings, FileKeySource, IdentityMetrics, KeySource, KeyStore, OidcKeySource,
         Verifier, VerifierConfig,
@@ -287,7 +315,7 @@ fn identity_setup(
             "attestation needs at least one --issuer (the API server's --service-account-issuer)"
         );
     }
-    let source: Arc<dyn KeySource> = match (&args.jwks, kube_client) {
+    let source: Arc<dyn KeySource> = match (&args.jwks, kube_client.clone()) {
         (Some(path), _) => Arc::new(FileKeySource::new(path)),
         (None, Some(client)) => Arc::new(OidcKeySource::new(client)),
         (None, None) => bail!("standalone attestation needs --jwks FILE"),
@@ -308,7 +336,45 @@ fn identity_setup(
         status.add_renderer(Arc::new(move |o: &mut String| m.render_prometheus(o)));
     }
     let attest = AttestState::new(verifier, keys, pods.clone(), bindings.clone(), metrics);
-    Ok((Identity { bindings, pods }, attest))
+    let mut identity = Identity::local(bindings.clone(), pods.clone());
+    {
+        let m = identity.record_metrics.clone();
+        status.add_renderer(Arc::new(move |o: &mut String| m.render_prometheus(o)));
+    }
+    // Records name the node that verified them: an agent without a node name (one standalone
+    // agent taking every pod as its own) keeps its bindings to itself.
+    let (records, store) = match (&args.node_name, &args.manifests, kube_client, records_rx) {
+        (None, _, _, _) => {
+            log::warn!(
+                "identity records off: no --node-name; bindings are this agent's only and do not survive a restart"
+            );
+            return Ok((identity, attest, None));
+        }
+        (Some(_), Some(dir), _, _) => {
+            let folder = dir.join(records::FOLDER);
+            (
+                RecordsSource::Folder(RecordsFolder::new(&folder)),
+                RecordStore::Folder(folder),
+            )
+        }
+        (Some(_), None, Some(client), Some(rx)) => (
+            RecordsSource::Kube(rx.clone()),
+            RecordStore::Kube {
+                client,
+                records: rx,
+            },
+        ),
+        (Some(_), None, _, _) => bail!("identity records need the kube source"),
+    };
+    identity.records = Some(Arc::new(Mutex::new(RecordsView::new(records))));
+    let writer = RecordWriter::new(
+        store,
+        bindings,
+        pods,
+        args.node_name.clone().unwrap_or_default(),
+        identity.record_metrics.clone(),
+    );
+    Ok((identity, attest, Some(writer)))
 }
 
 /// A duration flag: a whole number with a unit (`ms`, `s`, `m`, `h`), e.g. `500ms`, `60s`, `6h`.

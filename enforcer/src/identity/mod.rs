@@ -23,6 +23,7 @@ pub mod attestation;
 pub mod bind;
 pub mod jwks;
 pub mod metrics;
+pub mod records;
 pub mod server;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testing;

@@ -3,6 +3,7 @@
 //! [`Cluster`] snapshot, which the pure compiler takes.
 
 pub mod kube;
+pub mod records;
 pub mod manifests;
 pub mod watch;
 
