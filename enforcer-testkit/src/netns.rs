@@ -456,7 +456,8 @@ impl Cluster {
         for (i, spec) in specs.iter().enumerate() {
             let mut tb = Testbed::create(format!("{prefix}-n{i}"), spec.layout())?;
             tb.node_name = Some(spec.name.clone());
-            tb.health_port = HEALTH_PORT + i as u16;
+            // Steps of 10 keep clear of the attestation endpoint's port (9902) in the node.
+            tb.health_port = HEALTH_PORT + 10 * i as u16;
             let addr = Self::underlay_address(i);
             tb.underlay_v4 = Some(addr);
             cluster.nodes.push(tb);
@@ -1104,4 +1105,3 @@ impl Drop for Conn {
         let _ = self.0.shutdown(Shutdown::Both);
     }
 }
-

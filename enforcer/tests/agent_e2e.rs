@@ -6,8 +6,7 @@
 //! Needs root and `target/release/enforcer` (`cargo xtask test` builds it).
 
 use std::{
-    io::{BufRead, BufReader, Write},
-    net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -17,8 +16,7 @@ use std::{
 };
 
 use enforcer_testkit::netns::{
-    AgentProcess, Conn, Proto, Servers, TestPod, Testbed, echo_server, in_netns, pod_manifest,
-    probe, run,
+    AgentProcess, Conn, Proto, Servers, TestPod, Testbed, echo_server, pod_manifest, probe, run,
 };
 
 const T: Duration = Duration::from_millis(600);

@@ -564,9 +564,8 @@ fn identity_record_crd_matches_the_agents_record() {
         "node-0",
     );
     let written = serde_json::to_value(&record).unwrap();
-    let written_keys = |v: &Value| -> BTreeSet<String> {
-        v.as_object().unwrap().keys().cloned().collect()
-    };
+    let written_keys =
+        |v: &Value| -> BTreeSet<String> { v.as_object().unwrap().keys().cloned().collect() };
     assert_eq!(props(spec_schema), written_keys(&written["spec"]));
     let required: BTreeSet<String> = spec_schema.required.iter().flatten().cloned().collect();
     assert_eq!(required, written_keys(&written["spec"]));
@@ -574,7 +573,10 @@ fn identity_record_crd_matches_the_agents_record() {
     assert_eq!(props(pod_schema), written_keys(&written["spec"]["pod"]));
     // The record names its owner, the Pod, so the garbage collector removes it with the pod.
     let owner = &record.metadata.owner_references.as_ref().unwrap()[0];
-    assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("Pod", "uid-x-a"));
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str()),
+        ("Pod", "uid-x-a")
+    );
     assert_eq!(owner.block_owner_deletion, Some(false));
 }
 
@@ -587,7 +589,10 @@ fn identity_record_admission_policy_is_bound_to_the_agents_writes() {
     let binding = &o.admission_bindings[0];
     let spec = binding.spec.as_ref().unwrap();
     assert_eq!(spec.policy_name, policy.metadata.name);
-    assert_eq!(spec.validation_actions.as_deref(), Some(&["Deny".to_string()][..]));
+    assert_eq!(
+        spec.validation_actions.as_deref(),
+        Some(&["Deny".to_string()][..])
+    );
     let pspec = policy.spec.as_ref().unwrap();
     assert_eq!(pspec.failure_policy.as_deref(), Some("Fail"));
     let rules = pspec
@@ -599,9 +604,20 @@ fn identity_record_admission_policy_is_bound_to_the_agents_writes() {
         .unwrap();
     assert_eq!(rules.len(), 1);
     let rule = &rules[0];
-    assert_eq!(rule.api_groups.as_deref(), Some(&["enforcer.dev".to_string()][..]));
-    assert_eq!(rule.resources.as_deref(), Some(&["identitybindings".to_string()][..]));
-    let ops: BTreeSet<&str> = rule.operations.iter().flatten().map(String::as_str).collect();
+    assert_eq!(
+        rule.api_groups.as_deref(),
+        Some(&["enforcer.dev".to_string()][..])
+    );
+    assert_eq!(
+        rule.resources.as_deref(),
+        Some(&["identitybindings".to_string()][..])
+    );
+    let ops: BTreeSet<&str> = rule
+        .operations
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
     assert_eq!(ops, BTreeSet::from(["CREATE", "UPDATE", "DELETE"]));
     let sa = &o.service_accounts[0].metadata;
     let username = format!(
@@ -611,7 +627,9 @@ fn identity_record_admission_policy_is_bound_to_the_agents_writes() {
     );
     let conditions = pspec.match_conditions.as_deref().unwrap_or_default();
     assert!(
-        conditions.iter().any(|c| c.expression.contains(&format!("'{username}'"))),
+        conditions
+            .iter()
+            .any(|c| c.expression.contains(&format!("'{username}'"))),
         "{conditions:?}"
     );
 }

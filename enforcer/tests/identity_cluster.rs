@@ -174,7 +174,9 @@ fn a_record_naming_the_wrong_node_is_rejected() {
             agent.log_text()
         );
         assert!(
-            agent.log_text().contains("identity record x/d: rejected (wrong-node)"),
+            agent
+                .log_text()
+                .contains("identity record x/d: rejected (wrong-node)"),
             "{}",
             agent.log_text()
         );
@@ -221,7 +223,8 @@ fn sigkill_restarts_under_traffic_keep_the_identity_gated_flow() {
             s.bed.pod("b").v4,
         );
         std::thread::spawn(move || {
-            let reach = |from: &TestPod| probe(&from.netns, b.into(), 80, Proto::Tcp, PROBE).unwrap();
+            let reach =
+                |from: &TestPod| probe(&from.netns, b.into(), 80, Proto::Tcp, PROBE).unwrap();
             while !stop.load(Ordering::Relaxed) {
                 if !reach(&a) {
                     wrong.fetch_add(1, Ordering::Relaxed);
@@ -239,7 +242,10 @@ fn sigkill_restarts_under_traffic_keep_the_identity_gated_flow() {
     for node in [1, 0] {
         s.bed.agents.remove(node).kill();
         for _ in 0..3 {
-            assert!(conn.ping(), "the established flow works while node-{node}'s agent is down");
+            assert!(
+                conn.ping(),
+                "the established flow works while node-{node}'s agent is down"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         let mut args: Vec<&str> = s.args.iter().map(String::as_str).collect();
@@ -249,7 +255,10 @@ fn sigkill_restarts_under_traffic_keep_the_identity_gated_flow() {
         let log = agent.log_text();
         assert!(log.contains("took over"), "{log}");
         s.bed.agents.insert(node, agent);
-        assert!(conn.ping(), "the established flow survives node-{node}'s restart");
+        assert!(
+            conn.ping(),
+            "the established flow survives node-{node}'s restart"
+        );
         std::thread::sleep(Duration::from_millis(1000));
     }
     stop.store(true, Ordering::Relaxed);

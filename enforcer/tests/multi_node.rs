@@ -5,7 +5,7 @@
 //! by the pod's node. Needs root; namespaces, agents and the folder go away even when an
 //! assertion fails.
 
-use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{net::Ipv4Addr, path::PathBuf};
 
 use enforcer_testkit::forge::{ipv4_udp, send_raw_ipv4, udp_arrives};
 use enforcer_testkit::netns::{TestPod, in_netns};

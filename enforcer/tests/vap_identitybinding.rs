@@ -74,7 +74,14 @@ enum Verdict {
 }
 
 impl Policy {
-    fn admit(&self, operation: &str, user: &str, node_claim: Option<&[&str]>, object: Value, old: Value) -> Verdict {
+    fn admit(
+        &self,
+        operation: &str,
+        user: &str,
+        node_claim: Option<&[&str]>,
+        object: Value,
+        old: Value,
+    ) -> Verdict {
         let mut extra = Map::new();
         if let Some(nodes) = node_claim {
             extra.insert(NODE_CLAIM.into(), json!(nodes));
@@ -92,8 +99,9 @@ impl Policy {
         let mut variables = Map::new();
         for (name, expr) in &self.variables {
             vars.insert("variables".into(), Value::Object(variables.clone()));
-            match eval(expr, &vars).map(|v| v.json()) {
-                Ok(Ok(v)) => {
+            let value = eval(expr, &vars).ok().and_then(|v| v.json().ok());
+            match value {
+                Some(v) => {
                     variables.insert(name.clone(), v);
                 }
                 // A variable that fails to evaluate fails the validations that use it: deny.
@@ -131,21 +139,141 @@ fn the_admission_policy_confines_each_agent_to_its_own_nodes_records() {
     let own = Some(&["node-0"][..]);
     let other = Some(&["node-1"][..]);
     let rows: Vec<(&str, Verdict, &str, &str, Option<&[&str]>, Value, Value)> = vec![
-        ("create own node", Allowed, "CREATE", AGENT, own, record("node-0", "u1", T1), Value::Null),
-        ("create for another node", Denied, "CREATE", AGENT, other, record("node-0", "u1", T1), Value::Null),
-        ("create without the node claim", Denied, "CREATE", AGENT, None, record("node-0", "u1", T1), Value::Null),
-        ("create with two node claims", Denied, "CREATE", AGENT, Some(&["node-0", "node-1"][..]), record("node-0", "u1", T1), Value::Null),
-        ("create with an empty node claim", Denied, "CREATE", AGENT, Some(&[][..]), record("node-0", "u1", T1), Value::Null),
-        ("another user (RBAC governs it)", NotMatched, "CREATE", "system:serviceaccount:kube-system:other", other, record("node-0", "u1", T1), Value::Null),
-        ("an admin", NotMatched, "DELETE", "kubernetes-admin", None, Value::Null, record("node-0", "u1", T1)),
-        ("re-attest extends own record", Allowed, "UPDATE", AGENT, own, record("node-0", "u1", T2), record("node-0", "u1", T1)),
-        ("update another node's record", Denied, "UPDATE", AGENT, other, record("node-0", "u1", T2), record("node-0", "u1", T1)),
-        ("update moving a record to own node", Denied, "UPDATE", AGENT, own, record("node-0", "u1", T2), record("node-1", "u1", T1)),
-        ("update moving own record away", Denied, "UPDATE", AGENT, own, record("node-1", "u1", T2), record("node-0", "u1", T1)),
-        ("update changing the pod uid", Denied, "UPDATE", AGENT, own, record("node-0", "u2", T2), record("node-0", "u1", T1)),
-        ("delete own record", Allowed, "DELETE", AGENT, own, Value::Null, record("node-0", "u1", T1)),
-        ("delete another node's record", Denied, "DELETE", AGENT, other, Value::Null, record("node-0", "u1", T1)),
-        ("delete without the node claim", Denied, "DELETE", AGENT, None, Value::Null, record("node-0", "u1", T1)),
+        (
+            "create own node",
+            Allowed,
+            "CREATE",
+            AGENT,
+            own,
+            record("node-0", "u1", T1),
+            Value::Null,
+        ),
+        (
+            "create for another node",
+            Denied,
+            "CREATE",
+            AGENT,
+            other,
+            record("node-0", "u1", T1),
+            Value::Null,
+        ),
+        (
+            "create without the node claim",
+            Denied,
+            "CREATE",
+            AGENT,
+            None,
+            record("node-0", "u1", T1),
+            Value::Null,
+        ),
+        (
+            "create with two node claims",
+            Denied,
+            "CREATE",
+            AGENT,
+            Some(&["node-0", "node-1"][..]),
+            record("node-0", "u1", T1),
+            Value::Null,
+        ),
+        (
+            "create with an empty node claim",
+            Denied,
+            "CREATE",
+            AGENT,
+            Some(&[][..]),
+            record("node-0", "u1", T1),
+            Value::Null,
+        ),
+        (
+            "another user (RBAC governs it)",
+            NotMatched,
+            "CREATE",
+            "system:serviceaccount:kube-system:other",
+            other,
+            record("node-0", "u1", T1),
+            Value::Null,
+        ),
+        (
+            "an admin",
+            NotMatched,
+            "DELETE",
+            "kubernetes-admin",
+            None,
+            Value::Null,
+            record("node-0", "u1", T1),
+        ),
+        (
+            "re-attest extends own record",
+            Allowed,
+            "UPDATE",
+            AGENT,
+            own,
+            record("node-0", "u1", T2),
+            record("node-0", "u1", T1),
+        ),
+        (
+            "update another node's record",
+            Denied,
+            "UPDATE",
+            AGENT,
+            other,
+            record("node-0", "u1", T2),
+            record("node-0", "u1", T1),
+        ),
+        (
+            "update moving a record to own node",
+            Denied,
+            "UPDATE",
+            AGENT,
+            own,
+            record("node-0", "u1", T2),
+            record("node-1", "u1", T1),
+        ),
+        (
+            "update moving own record away",
+            Denied,
+            "UPDATE",
+            AGENT,
+            own,
+            record("node-1", "u1", T2),
+            record("node-0", "u1", T1),
+        ),
+        (
+            "update changing the pod uid",
+            Denied,
+            "UPDATE",
+            AGENT,
+            own,
+            record("node-0", "u2", T2),
+            record("node-0", "u1", T1),
+        ),
+        (
+            "delete own record",
+            Allowed,
+            "DELETE",
+            AGENT,
+            own,
+            Value::Null,
+            record("node-0", "u1", T1),
+        ),
+        (
+            "delete another node's record",
+            Denied,
+            "DELETE",
+            AGENT,
+            other,
+            Value::Null,
+            record("node-0", "u1", T1),
+        ),
+        (
+            "delete without the node claim",
+            Denied,
+            "DELETE",
+            AGENT,
+            None,
+            Value::Null,
+            record("node-0", "u1", T1),
+        ),
     ];
     let mut wrong = Vec::new();
     for (name, want, op, user, claim, object, old) in rows {

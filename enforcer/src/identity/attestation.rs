@@ -62,7 +62,9 @@ impl LivePods {
                 next.by_ip.insert(ip, id.clone());
             }
             let node = pod_node(pod).unwrap_or_default().to_string();
-            next.by_name.entry((r.namespace, r.name)).or_insert((uid, node));
+            next.by_name
+                .entry((r.namespace, r.name))
+                .or_insert((uid, node));
         }
         if let Ok(mut g) = self.inner.write() {
             *g = next;
@@ -222,9 +224,7 @@ impl RecordStore {
         match self {
             Self::Folder(dir) => {
                 let mut out = Vec::new();
-                for f in record_files(dir)
-                    .with_context(|| format!("listing {}", dir.display()))?
-                {
+                for f in record_files(dir).with_context(|| format!("listing {}", dir.display()))? {
                     // A file that does not parse is the readers' to report.
                     if let Ok(r) = std::fs::read_to_string(&f)
                         .map_err(|e| e.to_string())
@@ -258,7 +258,8 @@ impl RecordStore {
                 let name = record.metadata.name.as_deref().unwrap_or_default();
                 let api: Api<IdentityBinding> = Api::namespaced(client.clone(), ns);
                 if let Some(old) = existing
-                    && (old.spec.pod.uid != record.spec.pod.uid || old.spec.node != record.spec.node)
+                    && (old.spec.pod.uid != record.spec.pod.uid
+                        || old.spec.node != record.spec.node)
                 {
                     self.delete(old).await?;
                 }
@@ -301,7 +302,9 @@ impl RecordStore {
                 match api.delete(name, &params).await {
                     Ok(_) => Ok(()),
                     Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-                    Err(e) => Err(e).with_context(|| format!("deleting IdentityBinding {ns}/{name}")),
+                    Err(e) => {
+                        Err(e).with_context(|| format!("deleting IdentityBinding {ns}/{name}"))
+                    }
                 }
             }
         }
@@ -378,8 +381,9 @@ impl RecordWriter {
                     ips.insert(ip);
                 }
                 // Bindings of an older pod of that name go with the sweep; the live uid wins.
-                Some(_) if self.pods.pod_uid(&id.namespace, &id.pod_name).as_deref()
-                    != Some(&id.pod_uid) => {}
+                Some(_)
+                    if self.pods.pod_uid(&id.namespace, &id.pod_name).as_deref()
+                        != Some(&id.pod_uid) => {}
                 _ => {
                     pods.insert(key, (id, BTreeSet::from([ip])));
                 }
@@ -474,7 +478,10 @@ impl RecordWriter {
                 }
                 Err(e) => {
                     self.metrics.delete(false);
-                    self.failed(&what, &format!("identity record {}: {e:#}; retrying", r.key()));
+                    self.failed(
+                        &what,
+                        &format!("identity record {}: {e:#}; retrying", r.key()),
+                    );
                 }
             }
         }
@@ -615,7 +622,11 @@ mod tests {
         assert_eq!(r.expires_at(), Some(now + 600));
         bindings.bind(ip("10.0.0.1"), id("a", "uid-a", now + 1200));
         w.turn(now).await;
-        assert_eq!(read("x.a.yaml").expires_at(), Some(now + 1200), "re-attest extends");
+        assert_eq!(
+            read("x.a.yaml").expires_at(),
+            Some(now + 1200),
+            "re-attest extends"
+        );
 
         // Restart: a new writer with no bindings deletes nothing that is still valid.
         let (w2, _, pods2) = writer(dir.path(), "node-0");
@@ -635,9 +646,15 @@ mod tests {
         bindings.bind(ip("10.0.0.1"), id("a", "uid-a", now + 600));
         w.turn(now).await;
         assert_eq!(files(dir.path()), ["x.a.yaml"]);
-        pods2.update(&cluster(vec![pod("a", "uid-a2", "node-0", "10.0.0.1")]), &[]);
+        pods2.update(
+            &cluster(vec![pod("a", "uid-a2", "node-0", "10.0.0.1")]),
+            &[],
+        );
         w2.turn(now).await;
-        assert!(files(dir.path()).is_empty(), "a re-created pod's old record goes");
+        assert!(
+            files(dir.path()).is_empty(),
+            "a re-created pod's old record goes"
+        );
         assert_eq!(w2.metrics.writes_failed(), 0);
     }
 
@@ -657,7 +674,10 @@ mod tests {
         w.turn(now).await;
         assert_eq!(w.metrics.writes_failed(), 1);
         let identity = Identity::local(bindings, pods);
-        assert!(identity.verified().contains_key(&ip("10.0.0.1")), "the local binding holds");
+        assert!(
+            identity.verified().contains_key(&ip("10.0.0.1")),
+            "the local binding holds"
+        );
         std::fs::remove_dir(missing.join("x.a.yaml")).unwrap();
         w.turn(now).await;
         assert_eq!(files(&missing), ["x.a.yaml"]);
@@ -687,24 +707,28 @@ mod tests {
             pod("b", "uid-b", "node-0", "10.0.0.2"),
             c_pod,
         ]);
-        let mut identity = Identity::local(Arc::new(Bindings::new()), Arc::new(LivePods::default()));
-        identity.records = Some(Arc::new(Mutex::new(RecordsView::new(RecordsSource::Folder(
-            RecordsFolder::new(dir.path()),
-        )))));
+        let mut identity =
+            Identity::local(Arc::new(Bindings::new()), Arc::new(LivePods::default()));
+        identity.records = Some(Arc::new(Mutex::new(RecordsView::new(
+            RecordsSource::Folder(RecordsFolder::new(dir.path())),
+        ))));
         assert!(!identity.update_records(None, false, &[]), "no cluster yet");
         assert!(identity.update_records(Some(&c), true, &[]));
         let verified = identity.verified();
         assert_eq!(verified.keys().collect::<Vec<_>>(), [&ip("10.0.0.1")]);
-        assert_eq!(
-            verified[&ip("10.0.0.1")][LABEL_SERVICE_ACCOUNT],
-            "frontend"
+        assert_eq!(verified[&ip("10.0.0.1")][LABEL_SERVICE_ACCOUNT], "frontend");
+        assert!(
+            !identity.update_records(Some(&c), false, &[]),
+            "nothing new"
         );
-        assert!(!identity.update_records(Some(&c), false, &[]), "nothing new");
         // The record goes: so does the binding.
         std::fs::remove_file(dir.path().join("x.a.yaml")).unwrap();
         let start = std::time::Instant::now();
         while !identity.update_records(Some(&c), false, &[]) {
-            assert!(start.elapsed() < Duration::from_secs(3), "deletion not seen");
+            assert!(
+                start.elapsed() < Duration::from_secs(3),
+                "deletion not seen"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(identity.verified().is_empty());
@@ -722,7 +746,8 @@ mod tests {
         let client = kube::Client::new(service, "default");
         let now = identity::unix_now();
         let old = |name: &str, uid: &str, node: &str, exp: u64| {
-            let mut r = IdentityBinding::new(&id(name, uid, exp), &BTreeSet::from([ip("10.0.0.1")]), node);
+            let mut r =
+                IdentityBinding::new(&id(name, uid, exp), &BTreeSet::from([ip("10.0.0.1")]), node);
             r.metadata.uid = Some(format!("uid-record-{name}"));
             Arc::new(r)
         };
@@ -795,7 +820,10 @@ mod tests {
         assert_eq!(seen[0].3["preconditions"], json!({"uid": "uid-record-a"}));
         // 2: the record, applied.
         assert_eq!(seen[1].0, "PATCH");
-        assert_eq!(seen[1].1, format!("{path}/a?&force=true&fieldManager=enforcer-agent"));
+        assert_eq!(
+            seen[1].1,
+            format!("{path}/a?&force=true&fieldManager=enforcer-agent")
+        );
         assert_eq!(seen[1].2.as_deref(), Some("application/apply-patch+yaml"));
         let body = &seen[1].3;
         assert_eq!(
@@ -805,7 +833,10 @@ mod tests {
                 "addresses": ["10.0.0.1"], "expiresAt": records::rfc3339(now + 600), "node": "node-0",
             })
         );
-        assert_eq!((body["apiVersion"].as_str(), body["kind"].as_str()), (Some("enforcer.dev/v1alpha1"), Some("IdentityBinding")));
+        assert_eq!(
+            (body["apiVersion"].as_str(), body["kind"].as_str()),
+            (Some("enforcer.dev/v1alpha1"), Some("IdentityBinding"))
+        );
         assert_eq!(
             body["metadata"]["ownerReferences"],
             json!([{"apiVersion": "v1", "kind": "Pod", "name": "a", "uid": "uid-a", "blockOwnerDeletion": false, "controller": false}])

@@ -182,7 +182,11 @@ impl IdentityBinding {
     /// Whether two records say the same thing (addresses compared as sets).
     pub fn same_spec(&self, other: &IdentityBinding) -> bool {
         let set = |r: &IdentityBinding| -> BTreeSet<String> {
-            r.spec.addresses.iter().map(|a| a.trim().to_string()).collect()
+            r.spec
+                .addresses
+                .iter()
+                .map(|a| a.trim().to_string())
+                .collect()
         };
         self.metadata.namespace == other.metadata.namespace
             && self.metadata.name == other.metadata.name
@@ -309,7 +313,11 @@ impl<'a> PodIndex<'a> {
 }
 
 /// Checks `record` against the pods as seen now (see the module doc).
-pub fn check(record: &IdentityBinding, pods: &PodIndex<'_>, now: u64) -> Result<Accepted, Rejected> {
+pub fn check(
+    record: &IdentityBinding,
+    pods: &PodIndex<'_>,
+    now: u64,
+) -> Result<Accepted, Rejected> {
     let spec = &record.spec;
     let namespace = record
         .metadata
@@ -341,7 +349,10 @@ pub fn check(record: &IdentityBinding, pods: &PodIndex<'_>, now: u64) -> Result<
     let expires_at = record.expires_at().ok_or_else(|| {
         reject(
             Rejection::Malformed,
-            format!("spec.expiresAt: {:?} is not an RFC 3339 time", spec.expires_at),
+            format!(
+                "spec.expiresAt: {:?} is not an RFC 3339 time",
+                spec.expires_at
+            ),
         )
     })?;
     let mut addresses = Vec::new();
@@ -469,7 +480,11 @@ impl RecordMetrics {
     }
 
     pub fn write(&self, ok: bool) {
-        let c = if ok { &self.writes_ok } else { &self.writes_failed };
+        let c = if ok {
+            &self.writes_ok
+        } else {
+            &self.writes_failed
+        };
         c.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -508,7 +523,10 @@ impl RecordMetrics {
             out,
             "# HELP enforcer_identity_records_rejected_total Identity records rejected, by reason (once per record and reason)."
         );
-        let _ = writeln!(out, "# TYPE enforcer_identity_records_rejected_total counter");
+        let _ = writeln!(
+            out,
+            "# TYPE enforcer_identity_records_rejected_total counter"
+        );
         for r in Rejection::ALL {
             let _ = writeln!(
                 out,
@@ -592,9 +610,17 @@ impl Evaluated {
                     if !again {
                         metrics.count_rejected(e.reason);
                         if e.reason == Rejection::Expired {
-                            log::info!("identity record {key}: not bound ({}): {}", e.reason.as_str(), e.detail);
+                            log::info!(
+                                "identity record {key}: not bound ({}): {}",
+                                e.reason.as_str(),
+                                e.detail
+                            );
                         } else {
-                            log::warn!("identity record {key}: rejected ({}): {}", e.reason.as_str(), e.detail);
+                            log::warn!(
+                                "identity record {key}: rejected ({}): {}",
+                                e.reason.as_str(),
+                                e.detail
+                            );
                         }
                     }
                     rejected.insert(key, (e.reason, e.detail));
@@ -708,7 +734,10 @@ mod tests {
         let good = record("a", "uid-a", "node-0", &["10.0.0.1", "fd00::1"], NOW + 60);
         assert_eq!(
             checked(&good, &c),
-            Ok(vec!["10.0.0.1".parse().unwrap(), "fd00::1".parse().unwrap()])
+            Ok(vec![
+                "10.0.0.1".parse().unwrap(),
+                "fd00::1".parse().unwrap()
+            ])
         );
         let accepted = check(&good, &PodIndex::new(&c, &[]), NOW).unwrap();
         assert_eq!(accepted.identity, identity("a", "uid-a", NOW + 60));
@@ -749,13 +778,22 @@ mod tests {
         terminating.metadata.deletion_timestamp = Some(
             k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Utc::now()),
         );
-        assert_eq!(rejected(&good, &cluster(vec![terminating])), Rejection::Terminating);
+        assert_eq!(
+            rejected(&good, &cluster(vec![terminating])),
+            Rejection::Terminating
+        );
         let mut done = a.clone();
         done.status.as_mut().unwrap().phase = Some("Succeeded".into());
-        assert_eq!(rejected(&good, &cluster(vec![done])), Rejection::Terminating);
+        assert_eq!(
+            rejected(&good, &cluster(vec![done])),
+            Rejection::Terminating
+        );
         let mut host = a.clone();
         host.spec.as_mut().unwrap().host_network = Some(true);
-        assert_eq!(rejected(&good, &cluster(vec![host])), Rejection::HostNetwork);
+        assert_eq!(
+            rejected(&good, &cluster(vec![host])),
+            Rejection::HostNetwork
+        );
     }
 
     /// A pod re-created under the same name, or a new pod given an old pod's address, never
@@ -787,7 +825,10 @@ mod tests {
             e.detail
         };
         assert!(detail(&|r| r.spec.expires_at = "tomorrow".into()).starts_with("spec.expiresAt"));
-        assert!(detail(&|r| r.spec.addresses = vec!["10.0.0.300".into()]).starts_with("spec.addresses[0]"));
+        assert!(
+            detail(&|r| r.spec.addresses = vec!["10.0.0.300".into()])
+                .starts_with("spec.addresses[0]")
+        );
         assert!(detail(&|r| r.spec.node.clear()).starts_with("spec.node"));
         assert!(detail(&|r| r.spec.pod.uid.clear()).starts_with("spec.pod.uid"));
         assert!(detail(&|r| r.metadata.name = Some("b".into())).starts_with("spec.pod.name"));
@@ -824,12 +865,21 @@ mod tests {
             [&"10.0.0.1".parse::<IpAddr>().unwrap()]
         );
         assert_eq!(e.next_expiry, Some(NOW + 60));
-        assert!(!e.update(&records, &c, &[], NOW + 1, &metrics), "nothing changed");
+        assert!(
+            !e.update(&records, &c, &[], NOW + 1, &metrics),
+            "nothing changed"
+        );
         assert_eq!(metrics.rejected(Rejection::WrongNode), 1, "counted once");
         let mut text = String::new();
         metrics.render_prometheus(&mut text);
-        assert!(text.contains("enforcer_identity_records{state=\"accepted\"} 1"), "{text}");
-        assert!(text.contains("enforcer_identity_records{state=\"rejected\"} 1"), "{text}");
+        assert!(
+            text.contains("enforcer_identity_records{state=\"accepted\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("enforcer_identity_records{state=\"rejected\"} 1"),
+            "{text}"
+        );
         assert!(
             text.contains("enforcer_identity_records_rejected_total{reason=\"wrong-node\"} 1"),
             "{text}"
@@ -858,8 +908,16 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["x.a.b.yaml"]);
-        assert!(parse_file("kind: Pod\napiVersion: v1\n").unwrap_err().contains("not an"));
-        assert!(parse_file("spec: [").unwrap_err().starts_with("invalid YAML"));
+        assert!(
+            parse_file("kind: Pod\napiVersion: v1\n")
+                .unwrap_err()
+                .contains("not an")
+        );
+        assert!(
+            parse_file("spec: [")
+                .unwrap_err()
+                .starts_with("invalid YAML")
+        );
         assert_eq!(parse_rfc3339("2030-03-17T17:47:40Z"), Some(NOW + 60));
         assert_eq!(parse_rfc3339("2030-03-17T18:47:40+01:00"), Some(NOW + 60));
         assert_eq!(rfc3339(NOW + 60), "2030-03-17T17:47:40Z");

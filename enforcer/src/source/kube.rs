@@ -139,7 +139,10 @@ pub async fn run_with_records(
                 futures::future::Either::Left(drive("identitybindings", stream, &dirty_tx)),
             )
         }
-        None => (None, futures::future::Either::Right(futures::future::pending())),
+        None => (
+            None,
+            futures::future::Either::Right(futures::future::pending()),
+        ),
     };
     let published_records = record_store.as_ref().zip(records.as_ref());
     tokio::select! {
@@ -1693,7 +1696,14 @@ mod tests {
             vec![namespace("shop", json!({}), "5")],
             vec![
                 pod("shop", "a", NODE, "10.244.1.10", json!({"app": "a"}), "10"),
-                pod("shop", "b", "node-b", "10.244.2.20", json!({"app": "b"}), "11"),
+                pod(
+                    "shop",
+                    "b",
+                    "node-b",
+                    "10.244.2.20",
+                    json!({"app": "b"}),
+                    "11",
+                ),
             ],
             vec![],
         )
@@ -1714,9 +1724,15 @@ mod tests {
         )
         .await;
         let c = until(&mut rx, "first snapshot", |c| c.pods.len() == 2).await;
-        let records = rrx.borrow_and_update().clone().expect("records published first");
+        let records = rrx
+            .borrow_and_update()
+            .clone()
+            .expect("records published first");
         assert_eq!(records.len(), 3);
-        assert!(records[0].metadata.managed_fields.is_none() && records[0].metadata.resource_version.is_none());
+        assert!(
+            records[0].metadata.managed_fields.is_none()
+                && records[0].metadata.resource_version.is_none()
+        );
         assert_eq!(records[0].metadata.uid.as_deref(), Some("uid-record-a"));
         let metrics = RecordMetrics::default();
         let mut evaluated = Evaluated::default();
@@ -1733,15 +1749,27 @@ mod tests {
             Res::Records,
             "500",
             &[
-                event("DELETED", &record("a", "uid-shop-a", NODE, "10.244.1.10", "30")),
-                event("MODIFIED", &record("b", "uid-shop-b", "node-b", "10.244.2.20", "31")),
+                event(
+                    "DELETED",
+                    &record("a", "uid-shop-a", NODE, "10.244.1.10", "30"),
+                ),
+                event(
+                    "MODIFIED",
+                    &record("b", "uid-shop-b", "node-b", "10.244.2.20", "31"),
+                ),
             ],
         )
         .await;
-        timeout(WAIT, rrx.wait_for(|r| r.as_ref().is_some_and(|r| r.len() == 2 && r.iter().any(|r| r.spec.node == "node-b"))))
-            .await
-            .expect("record events published")
-            .unwrap();
+        timeout(
+            WAIT,
+            rrx.wait_for(|r| {
+                r.as_ref()
+                    .is_some_and(|r| r.len() == 2 && r.iter().any(|r| r.spec.node == "node-b"))
+            }),
+        )
+        .await
+        .expect("record events published")
+        .unwrap();
         let records = rrx.borrow().clone().unwrap();
         assert!(evaluated.update(&records, &c, &[], now, &metrics));
         let bound: Vec<String> = evaluated.bound.keys().map(ToString::to_string).collect();

@@ -3,8 +3,8 @@
 //! [`Cluster`] snapshot, which the pure compiler takes.
 
 pub mod kube;
-pub mod records;
 pub mod manifests;
+pub mod records;
 pub mod watch;
 
 use std::time::Duration;

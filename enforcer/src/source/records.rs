@@ -64,7 +64,10 @@ impl RecordsFolder {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         let dir = dir.into();
         if let Err(e) = std::fs::create_dir_all(&dir) {
-            log::warn!("creating the identity records folder {}: {e}", dir.display());
+            log::warn!(
+                "creating the identity records folder {}: {e}",
+                dir.display()
+            );
         }
         let watch = DirWatch::new(&dir)
             .map_err(|e| {
