@@ -23,7 +23,7 @@ use enforcer::identity::{
 use enforcer_testkit::{
     issuer::TestIssuer,
     netns::{AgentProcess, BpfMount, Conn, Proto, TestPod, echo_server, probe},
-    two_nodes::{PROBE, READY, TwoNodes, attest, metric, within},
+    two_nodes::{PROBE, PodSpec, READY, TwoNodes, attest, metric, within},
 };
 
 /// The agent built with these tests, unless `ENFORCER_BIN` names another.
@@ -40,7 +40,7 @@ const FRONTEND: &[(&str, &str)] = &[("app", "frontend")];
 
 /// a: the attesting frontend on node-0; c: an impostor beside it; b: the server on node-1;
 /// d: an impostor beside b.
-const PODS: &[(&str, usize, &[(&str, &str)])] = &[
+const PODS: &[PodSpec<'static>] = &[
     ("a", 0, FRONTEND),
     ("c", 0, FRONTEND),
     ("b", 1, &[]),

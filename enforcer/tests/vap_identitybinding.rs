@@ -65,6 +65,17 @@ fn truth(expr: &str, vars: &Map<String, Value>) -> bool {
     matches!(eval(expr, vars), Ok(Cel::Bool(true)))
 }
 
+/// A request of the table: name, expected verdict, operation, user, node claim, object, old object.
+type Row<'a> = (
+    &'a str,
+    Verdict,
+    &'a str,
+    &'a str,
+    Option<&'a [&'a str]>,
+    Value,
+    Value,
+);
+
 #[derive(Debug, PartialEq)]
 enum Verdict {
     /// The policy does not apply (not the agent's request).
@@ -138,7 +149,7 @@ fn the_admission_policy_confines_each_agent_to_its_own_nodes_records() {
     assert!(!p.match_conditions.is_empty() && p.validations.len() >= 3);
     let own = Some(&["node-0"][..]);
     let other = Some(&["node-1"][..]);
-    let rows: Vec<(&str, Verdict, &str, &str, Option<&[&str]>, Value, Value)> = vec![
+    let rows: Vec<Row<'_>> = vec![
         (
             "create own node",
             Allowed,
