@@ -4,6 +4,8 @@
 //! - [`netns`]: a node and its pods built from network namespaces, servers, probes, the agent
 //!   process;
 //! - [`forge`]: packets a hostile pod or node crafts, and the raw sockets that send them;
+//! - [`two_nodes`]: two nodes with an agent each on one manifests folder, and a pod attesting
+//!   to its node;
 //! - [`kube_proxy`]: kube-proxy's Service rules (nftables or iptables-legacy) in a node namespace,
 //!   and the matching `kind: Service` manifests;
 //! - the in-memory fakes of the kernel seam and the test token issuer come from the agent crate's
@@ -12,6 +14,7 @@
 pub mod forge;
 pub mod kube_proxy;
 pub mod netns;
+pub mod two_nodes;
 
 pub use enforcer::identity::testing as issuer;
 pub use enforcer::reconcile::fake;

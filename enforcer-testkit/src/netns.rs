@@ -19,7 +19,7 @@
 //! cleanup is deleting namespaces. Used by the end-to-end tests, the demo and the benchmarks.
 
 use std::{
-    io::{Read, Write},
+    io::{BufRead as _, Read, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd,
     process::{Command, Stdio},
@@ -456,7 +456,8 @@ impl Cluster {
         for (i, spec) in specs.iter().enumerate() {
             let mut tb = Testbed::create(format!("{prefix}-n{i}"), spec.layout())?;
             tb.node_name = Some(spec.name.clone());
-            tb.health_port = HEALTH_PORT + i as u16;
+            // Steps of 10 keep clear of the attestation endpoint's port (9902) in the node.
+            tb.health_port = HEALTH_PORT + 10 * i as u16;
             let addr = Self::underlay_address(i);
             tb.underlay_v4 = Some(addr);
             cluster.nodes.push(tb);
@@ -1040,5 +1041,67 @@ impl Drop for BpfMount {
             unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         }
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// How long a [`Conn`] waits to connect and for each reply.
+const CONN_TIMEOUT: Duration = Duration::from_millis(600);
+
+/// A line-echo server that keeps connections open (for established flows).
+pub fn echo_server(pod: &TestPod, port: u16, stop: Arc<AtomicBool>) {
+    let path = Testbed::netns_path(&pod.netns);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        enter_netns(&path).unwrap();
+        let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap();
+        l.set_nonblocking(true).unwrap();
+        tx.send(()).unwrap();
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok((s, _)) = l.accept() {
+                std::thread::spawn(move || {
+                    s.set_nonblocking(false).unwrap();
+                    let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+                    let mut w = s;
+                    let mut line = String::new();
+                    while r.read_line(&mut line).is_ok_and(|n| n > 0) {
+                        if w.write_all(line.as_bytes()).is_err() {
+                            break;
+                        }
+                        line.clear();
+                    }
+                });
+            } else {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    });
+    rx.recv().unwrap();
+}
+
+/// A long-lived connection from inside `from`'s namespace.
+pub struct Conn(TcpStream, std::io::BufReader<TcpStream>);
+
+impl Conn {
+    pub fn open(from: &TestPod, to: SocketAddr) -> Option<Conn> {
+        in_netns(&from.netns, move || {
+            let s = TcpStream::connect_timeout(&to, CONN_TIMEOUT).ok()?;
+            s.set_read_timeout(Some(CONN_TIMEOUT)).ok()?;
+            Some(Conn(s.try_clone().ok()?, std::io::BufReader::new(s)))
+        })
+        .unwrap()
+    }
+    /// One request/response round trip.
+    pub fn ping(&mut self) -> bool {
+        if self.0.write_all(b"ping\n").is_err() {
+            return false;
+        }
+        let mut line = String::new();
+        matches!(self.1.read_line(&mut line), Ok(n) if n > 0)
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        let _ = self.0.shutdown(Shutdown::Both);
     }
 }

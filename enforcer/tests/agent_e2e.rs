@@ -6,8 +6,7 @@
 //! Needs root and `target/release/enforcer` (`cargo xtask test` builds it).
 
 use std::{
-    io::{BufRead, BufReader, Write},
-    net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -17,7 +16,7 @@ use std::{
 };
 
 use enforcer_testkit::netns::{
-    AgentProcess, Proto, Servers, TestPod, Testbed, enter_netns, in_netns, pod_manifest, probe, run,
+    AgentProcess, Conn, Proto, Servers, TestPod, Testbed, echo_server, pod_manifest, probe, run,
 };
 
 const T: Duration = Duration::from_millis(600);
@@ -209,65 +208,6 @@ fn standalone_health_edits_bad_files_and_pod_lifecycle() {
         .is_some()
     );
     agent.stop().unwrap();
-}
-
-/// A line-echo server that keeps connections open (for established flows).
-fn echo_server(pod: &TestPod, port: u16, stop: Arc<AtomicBool>) {
-    let path = Testbed::netns_path(&pod.netns);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        enter_netns(&path).unwrap();
-        let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap();
-        l.set_nonblocking(true).unwrap();
-        tx.send(()).unwrap();
-        while !stop.load(Ordering::Relaxed) {
-            if let Ok((s, _)) = l.accept() {
-                std::thread::spawn(move || {
-                    s.set_nonblocking(false).unwrap();
-                    let mut r = BufReader::new(s.try_clone().unwrap());
-                    let mut w = s;
-                    let mut line = String::new();
-                    while r.read_line(&mut line).is_ok_and(|n| n > 0) {
-                        if w.write_all(line.as_bytes()).is_err() {
-                            break;
-                        }
-                        line.clear();
-                    }
-                });
-            } else {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-    });
-    rx.recv().unwrap();
-}
-
-/// A long-lived connection from inside `from`'s namespace.
-struct Conn(TcpStream, BufReader<TcpStream>);
-
-impl Conn {
-    fn open(from: &TestPod, to: SocketAddr) -> Option<Conn> {
-        in_netns(&from.netns, move || {
-            let s = TcpStream::connect_timeout(&to, T).ok()?;
-            s.set_read_timeout(Some(T)).ok()?;
-            Some(Conn(s.try_clone().ok()?, BufReader::new(s)))
-        })
-        .unwrap()
-    }
-    /// One request/response round trip.
-    fn ping(&mut self) -> bool {
-        if self.0.write_all(b"ping\n").is_err() {
-            return false;
-        }
-        let mut line = String::new();
-        matches!(self.1.read_line(&mut line), Ok(n) if n > 0)
-    }
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        let _ = self.0.shutdown(Shutdown::Both);
-    }
 }
 
 #[test]

@@ -1,11 +1,13 @@
 //! The deployment manifests under `manifests/`: every document parses into its k8s-openapi type
 //! without losing a field (a misspelt field would be silently dropped by the API server too),
 //! and the properties the agent relies on hold: read-only RBAC on exactly pods, namespaces,
-//! services and network policies; probes; the documented capability set and no privileged container; the
-//! bpffs mount; NODE_NAME; tolerations; the rolling update; identity on, from the cluster's
-//! issuer, on the attestation port. The example policies validate, compile, and give the
-//! verdicts their comments promise; the example workload's `enforcer attest` sidecar parses
-//! with the real command line and presents a token of the agent's audience to the agent's port.
+//! services and network policies, and writes only of identity records, whose CRD matches the
+//! agent's type and whose admission policy binds to the agent's service account; probes; the
+//! documented capability set and no privileged container; the bpffs mount; NODE_NAME;
+//! tolerations; the rolling update; identity on, from the cluster's issuer, on the attestation
+//! port. The example policies validate, compile, and give the verdicts their comments promise;
+//! the example workload's `enforcer attest` sidecar parses with the real command line and
+//! presents a token of the agent's audience to the agent's port.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -24,11 +26,13 @@ use enforcer_policy::{
 };
 use k8s_openapi::{
     api::{
+        admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding},
         apps::v1::{DaemonSet, Deployment},
         core::v1::{Container, Namespace, Pod, PodIP, PodStatus, ServiceAccount},
         networking::v1::NetworkPolicy,
         rbac::v1::{ClusterRole, ClusterRoleBinding},
     },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
     apimachinery::pkg::util::intstr::IntOrString,
 };
 use serde::{Serialize, de::DeserializeOwned};
@@ -62,6 +66,9 @@ struct Objects {
     deployments: Vec<Deployment>,
     pods: Vec<Pod>,
     policies: Vec<NetworkPolicy>,
+    crds: Vec<CustomResourceDefinition>,
+    admission_policies: Vec<ValidatingAdmissionPolicy>,
+    admission_bindings: Vec<ValidatingAdmissionPolicyBinding>,
     /// (file, the kind cluster config)
     kind_configs: Vec<(PathBuf, Value)>,
     /// Which file each (kind, namespace/name) came from.
@@ -123,6 +130,15 @@ fn load() -> Objects {
                 ("apps/v1", "Deployment") => o.deployments.push(typed(&file, &doc)),
                 ("networking.k8s.io/v1", "NetworkPolicy") => o.policies.push(typed(&file, &doc)),
                 ("kind.x-k8s.io/v1alpha4", "Cluster") => o.kind_configs.push((file.clone(), doc)),
+                ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
+                    o.crds.push(typed(&file, &doc))
+                }
+                ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy") => {
+                    o.admission_policies.push(typed(&file, &doc))
+                }
+                ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicyBinding") => {
+                    o.admission_bindings.push(typed(&file, &doc))
+                }
                 other => panic!("{}: unexpected object {other:?}", file.display()),
             }
         }
@@ -218,6 +234,9 @@ fn every_manifest_parses_into_its_type() {
     assert_eq!(o.bindings.len(), 1);
     assert_eq!(o.daemonsets.len(), 1);
     assert_eq!(o.kind_configs.len(), 1);
+    assert_eq!(o.crds.len(), 1);
+    assert_eq!(o.admission_policies.len(), 1);
+    assert_eq!(o.admission_bindings.len(), 1);
     // Everything of the agent lives in its namespace.
     for meta in [
         &agent_service_account(&o).metadata,
@@ -227,34 +246,44 @@ fn every_manifest_parses_into_its_type() {
     }
 }
 
-#[test]
-fn rbac_is_read_only_on_exactly_pods_namespaces_services_and_networkpolicies() {
-    let o = load();
-    let role = &o.cluster_roles[0];
-    let mut granted = BTreeSet::new();
+/// The verbs of each (group, resource) the agent's ClusterRole grants.
+fn granted(role: &ClusterRole) -> BTreeMap<(String, String), BTreeSet<String>> {
+    let mut granted = BTreeMap::new();
     for rule in role.rules.as_deref().unwrap_or_default() {
-        let verbs: BTreeSet<&str> = rule.verbs.iter().map(String::as_str).collect();
-        assert_eq!(verbs, BTreeSet::from(["get", "list", "watch"]), "{rule:?}");
         assert!(
             rule.non_resource_urls.is_none() && rule.resource_names.is_none(),
             "{rule:?}"
         );
         for group in rule.api_groups.as_deref().unwrap_or_default() {
             for resource in rule.resources.as_deref().unwrap_or_default() {
-                assert!(
-                    granted.insert((group.as_str(), resource.as_str())),
-                    "{group}/{resource} granted twice"
-                );
+                let verbs = rule.verbs.iter().cloned().collect();
+                let previous = granted.insert((group.clone(), resource.clone()), verbs);
+                assert!(previous.is_none(), "{group}/{resource} granted twice");
             }
         }
     }
+    granted
+}
+
+#[test]
+fn rbac_reads_pods_namespaces_services_and_networkpolicies_and_writes_only_identity_records() {
+    let o = load();
+    let role = &o.cluster_roles[0];
+    let read: BTreeSet<String> = ["get", "list", "watch"].map(String::from).into();
+    let write: BTreeSet<String> = [
+        "get", "list", "watch", "create", "patch", "update", "delete",
+    ]
+    .map(String::from)
+    .into();
+    let key = |g: &str, r: &str| (g.to_string(), r.to_string());
     assert_eq!(
-        granted,
-        BTreeSet::from([
-            ("", "namespaces"),
-            ("", "pods"),
-            ("", "services"),
-            ("networking.k8s.io", "networkpolicies")
+        granted(role),
+        BTreeMap::from([
+            (key("", "namespaces"), read.clone()),
+            (key("", "pods"), read.clone()),
+            (key("", "services"), read.clone()),
+            (key("networking.k8s.io", "networkpolicies"), read),
+            (key("enforcer.dev", "identitybindings"), write),
         ])
     );
     assert!(role.aggregation_rule.is_none());
@@ -808,4 +837,117 @@ fn example_identity_policy_admits_only_verified_checkout_pods() {
     assert!(!allowed("10.244.9.10", 9090), "TCP 8080 only");
     assert!(!allowed("10.244.9.11", 8080), "checkout-2 has not attested");
     assert!(!allowed("10.244.9.12", 8080), "labels are not identity");
+}
+
+/// The CRD serves the agent's record type: group, version, kind and plural as the agent asks
+/// for them, namespaced, and its schema declares exactly the fields the agent writes, all
+/// required.
+#[test]
+fn identity_record_crd_matches_the_agents_record() {
+    use enforcer::identity::{VerifiedIdentity, records};
+    let o = load();
+    let crd = &o.crds[0];
+    let spec = &crd.spec;
+    assert_eq!(spec.group, records::GROUP);
+    assert_eq!(spec.names.kind, records::KIND);
+    assert_eq!(spec.names.plural, records::PLURAL);
+    assert_eq!(spec.scope, "Namespaced");
+    assert_eq!(
+        crd.metadata.name.as_deref(),
+        Some(format!("{}.{}", records::PLURAL, records::GROUP).as_str())
+    );
+    assert_eq!(spec.versions.len(), 1);
+    let version = &spec.versions[0];
+    assert_eq!(version.name, records::VERSION);
+    assert!(version.served && version.storage);
+    let schema = version
+        .schema
+        .as_ref()
+        .and_then(|s| s.open_api_v3_schema.as_ref())
+        .unwrap();
+    let props = |s: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps| -> BTreeSet<String> {
+        s.properties.as_ref().map(|p| p.keys().cloned().collect()).unwrap_or_default()
+    };
+    let spec_schema = &schema.properties.as_ref().unwrap()["spec"];
+    let id = VerifiedIdentity {
+        namespace: "x".into(),
+        service_account: "frontend".into(),
+        pod_name: "a".into(),
+        pod_uid: "uid-x-a".into(),
+        expires_at: 4_000_000_000,
+    };
+    let record = records::IdentityBinding::new(
+        &id,
+        &BTreeSet::from(["10.0.0.1".parse().unwrap()]),
+        "node-0",
+    );
+    let written = serde_json::to_value(&record).unwrap();
+    let written_keys =
+        |v: &Value| -> BTreeSet<String> { v.as_object().unwrap().keys().cloned().collect() };
+    assert_eq!(props(spec_schema), written_keys(&written["spec"]));
+    let required: BTreeSet<String> = spec_schema.required.iter().flatten().cloned().collect();
+    assert_eq!(required, written_keys(&written["spec"]));
+    let pod_schema = &spec_schema.properties.as_ref().unwrap()["pod"];
+    assert_eq!(props(pod_schema), written_keys(&written["spec"]["pod"]));
+    // The record names its owner, the Pod, so the garbage collector removes it with the pod.
+    let owner = &record.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str()),
+        ("Pod", "uid-x-a")
+    );
+    assert_eq!(owner.block_owner_deletion, Some(false));
+}
+
+/// The admission policy is bound (denying), matches every write of the records, and applies
+/// to the agent's own service account.
+#[test]
+fn identity_record_admission_policy_is_bound_to_the_agents_writes() {
+    let o = load();
+    let policy = &o.admission_policies[0];
+    let binding = &o.admission_bindings[0];
+    let spec = binding.spec.as_ref().unwrap();
+    assert_eq!(spec.policy_name, policy.metadata.name);
+    assert_eq!(
+        spec.validation_actions.as_deref(),
+        Some(&["Deny".to_string()][..])
+    );
+    let pspec = policy.spec.as_ref().unwrap();
+    assert_eq!(pspec.failure_policy.as_deref(), Some("Fail"));
+    let rules = pspec
+        .match_constraints
+        .as_ref()
+        .unwrap()
+        .resource_rules
+        .as_ref()
+        .unwrap();
+    assert_eq!(rules.len(), 1);
+    let rule = &rules[0];
+    assert_eq!(
+        rule.api_groups.as_deref(),
+        Some(&["enforcer.dev".to_string()][..])
+    );
+    assert_eq!(
+        rule.resources.as_deref(),
+        Some(&["identitybindings".to_string()][..])
+    );
+    let ops: BTreeSet<&str> = rule
+        .operations
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(ops, BTreeSet::from(["CREATE", "UPDATE", "DELETE"]));
+    let sa = &agent_service_account(&o).metadata;
+    let username = format!(
+        "system:serviceaccount:{}:{}",
+        sa.namespace.as_deref().unwrap(),
+        sa.name.as_deref().unwrap()
+    );
+    let conditions = pspec.match_conditions.as_deref().unwrap_or_default();
+    assert!(
+        conditions
+            .iter()
+            .any(|c| c.expression.contains(&format!("'{username}'"))),
+        "{conditions:?}"
+    );
 }

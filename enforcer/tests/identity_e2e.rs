@@ -5,53 +5,23 @@
 //! cuts the pod off; a key rotation keeps attesting pods working.
 
 use std::{
-    io::{Read, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use enforcer::identity::unix_now;
 use enforcer_testkit::{
     issuer::{TestIssuer, TestKey},
-    netns::{
-        AgentProcess, NODE_V4, Proto, Servers, TestPod, Testbed, in_netns, pod_manifest, probe, run,
-    },
+    netns::{AgentProcess, Proto, Servers, TestPod, Testbed, in_netns, pod_manifest, probe, run},
+    two_nodes::{attest, within},
 };
 
 const T: Duration = Duration::from_millis(600);
 
 const POLICY: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: b-from-frontend\n  namespace: x\nspec:\n  podSelector:\n    matchLabels:\n      pod: b\n  policyTypes: [Ingress]\n  ingress:\n  - from:\n    - podSelector:\n        matchLabels:\n          app: frontend\n          enforcer.dev/serviceaccount: frontend\n";
 
-/// POSTs a token to the attestation endpoint from inside `pod`'s namespace: (status, body).
-fn attest(pod: &TestPod, token: &str) -> (u16, String) {
-    let token = token.to_string();
-    in_netns(&pod.netns, move || {
-        let addr: SocketAddr = (NODE_V4, 9902).into();
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("attestation endpoint reachable");
-        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        write!(s, "POST /v1/attest HTTP/1.1\r\nHost: node\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
-        let mut text = String::new();
-        let _ = s.read_to_string(&mut text);
-        let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-        (status, body)
-    })
-    .unwrap()
-}
-
 fn reach(from: &TestPod, to: &TestPod) -> bool {
     probe(&from.netns, IpAddr::V4(to.v4), 80, Proto::Tcp, T).unwrap()
-}
-
-fn within(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
 }
 
 /// Pods a, b and c (10.242.0.10-12) of namespace x with their labels, a server on b's port 80

@@ -5,19 +5,12 @@
 //! by the pod's node. Needs root; namespaces, agents and the folder go away even when an
 //! assertion fails.
 
-use std::{
-    net::{IpAddr, Ipv4Addr},
-    path::PathBuf,
-    time::Duration,
-};
+use std::{net::Ipv4Addr, path::PathBuf};
 
 use enforcer_testkit::forge::{ipv4_udp, send_raw_ipv4, udp_arrives};
-use enforcer_testkit::netns::{
-    AgentProcess, Cluster, NodeSpec, Proto, Servers, TestPod, in_netns, pod_manifest_on, probe,
-};
+use enforcer_testkit::netns::{TestPod, in_netns};
+use enforcer_testkit::two_nodes::TwoNodes;
 
-const T: Duration = Duration::from_millis(600);
-const READY: Duration = Duration::from_secs(30);
 const PORT: u16 = 9000;
 const PAYLOAD: &[u8] = b"forged";
 
@@ -28,91 +21,9 @@ fn agent_bin() -> PathBuf {
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_enforcer").into())
 }
 
-/// Field order is drop order: agents, then servers, then the namespaces and the folder.
-struct Bed {
-    agents: Vec<AgentProcess>,
-    _servers: Vec<Servers>,
-    cluster: Cluster,
-    dir: tempfile::TempDir,
-}
-
-impl Bed {
-    /// Nodes `node-0` (10.244.1.0/24) and `node-1` (10.244.2.0/24); `pods` are (name, node), all
-    /// in namespace `x` with label `pod: <name>`, serving TCP and UDP on 80.
-    fn new(tag: &str, pods: &[(&str, usize)]) -> Self {
-        Cluster::cleanup_stale(tag);
-        let mut cluster = Cluster::new(
-            tag,
-            &[
-                NodeSpec::routed("node-0", Ipv4Addr::new(10, 244, 1, 0), 24),
-                NodeSpec::routed("node-1", Ipv4Addr::new(10, 244, 2, 0), 24),
-            ],
-        )
-        .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("ns.yaml"),
-            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: x\n",
-        )
-        .unwrap();
-        let mut servers = Vec::new();
-        for (k, (name, node)) in pods.iter().enumerate() {
-            let ip = Ipv4Addr::new(10, 244, 1 + *node as u8, 10 + k as u8);
-            let pod = cluster.add_pod(*node, name, ip).unwrap();
-            let node_name = cluster.specs[*node].name.clone();
-            std::fs::write(
-                dir.path().join(format!("pod-{name}.yaml")),
-                pod_manifest_on(Some(&node_name), "x", &pod, &[("pod", name)], &[80]),
-            )
-            .unwrap();
-            servers.push(Servers::start(&pod, &[80], name).unwrap());
-        }
-        let agents = cluster
-            .start_agents(&agent_bin(), dir.path(), &[], READY)
-            .unwrap();
-        Self {
-            agents,
-            _servers: servers,
-            cluster,
-            dir,
-        }
-    }
-
-    fn pod(&self, name: &str) -> &TestPod {
-        self.cluster.pod(name).expect("a pod of the bed").1
-    }
-
-    fn reach(&self, from: &str, to: &str) -> bool {
-        let to = IpAddr::V4(self.pod(to).v4);
-        probe(&self.pod(from).netns, to, 80, Proto::Tcp, T).unwrap()
-    }
-
-    /// Writes a policy and waits until every agent has programmed it.
-    fn apply(&mut self, file: &str, yaml: &str) {
-        let tmp = self.dir.path().join(format!(".{file}.tmp"));
-        std::fs::write(&tmp, yaml).unwrap();
-        std::fs::rename(&tmp, self.dir.path().join(file)).unwrap();
-        for a in &mut self.agents {
-            a.wait_applied(READY).unwrap();
-        }
-    }
-
-    /// Packets dropped for `reason`, as node `node`'s agent counts them, once it counts at least
-    /// `min` (packet counters are published once a second).
-    fn dropped(&self, node: usize, reason: &str, min: u64) -> u64 {
-        let text = self.agents[node]
-            .metrics_until(Duration::from_secs(3), |t| dropped_in(t, reason) >= min);
-        dropped_in(&text, reason)
-    }
-}
-
-fn dropped_in(metrics: &str, reason: &str) -> u64 {
-    let key = format!("enforcer_packets_total{{verdict=\"dropped\",reason=\"{reason}\"}} ");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+/// The two nodes with `pods` (name, node) and an agent on each.
+fn bed(tag: &str, pods: &[(&str, usize)]) -> TwoNodes {
+    TwoNodes::new(tag, &agent_bin(), pods)
 }
 
 fn policy(name: &str, selected: &str, kind: &str, peer: &str) -> String {
@@ -131,7 +42,7 @@ fn policy(name: &str, selected: &str, kind: &str, peer: &str) -> String {
 #[test]
 #[ignore = "needs root"]
 fn cross_node_egress_is_enforced_on_the_senders_node() {
-    let mut bed = Bed::new("mne", &[("a", 0), ("b", 1), ("c", 1)]);
+    let mut bed = bed("mne", &[("a", 0), ("b", 1), ("c", 1)]);
     assert!(bed.reach("a", "b") && bed.reach("a", "c"), "no policy yet");
     bed.apply("np.yaml", &policy("a-to-c", "a", "Egress", "c"));
     assert!(bed.reach("a", "c"), "a -> c (node-1) allowed by label");
@@ -153,7 +64,7 @@ fn cross_node_egress_is_enforced_on_the_senders_node() {
 #[test]
 #[ignore = "needs root"]
 fn cross_node_ingress_is_enforced_on_the_receivers_node() {
-    let mut bed = Bed::new("mni", &[("a", 0), ("d", 0), ("b", 1), ("c", 1)]);
+    let mut bed = bed("mni", &[("a", 0), ("d", 0), ("b", 1), ("c", 1)]);
     assert!(bed.reach("d", "b") && bed.reach("c", "b"), "no policy yet");
     bed.apply("np.yaml", &policy("only-a", "b", "Ingress", "a"));
     assert!(bed.reach("a", "b"), "a (node-0) -> b allowed by label");
@@ -193,7 +104,7 @@ fn arrives(pod: &TestPod, send: impl FnOnce()) -> bool {
 #[test]
 #[ignore = "needs root"]
 fn a_packet_forged_on_another_node_with_the_pods_own_source_is_dropped_as_spoofed() {
-    let bed = Bed::new("mns", &[("a", 0), ("b", 1)]);
+    let bed = bed("mns", &[("a", 0), ("b", 1)]);
     let (a, b) = (bed.pod("a").v4, bed.pod("b").v4);
     let node0 = bed.cluster.nodes[0].node.clone();
     let from = |src: Ipv4Addr| {

@@ -102,6 +102,7 @@ impl Agent {
             }
         }
         while !stop.load(Ordering::Relaxed) {
+            let mut cluster_changed = false;
             match self.source.poll() {
                 Ok(Some((mut c, mut problems))) => {
                     problems.extend(last_good.apply(&mut c));
@@ -115,12 +116,16 @@ impl Agent {
                         id.pods.update(&c, &self.compile_options.node_ips);
                     }
                     if cluster.is_none() {
+                        // The first compile after a restart has every identity the records
+                        // hold, so the pinned maps are never reprogrammed without them.
                         if let Some(id) = &self.identity {
+                            id.update_records(Some(&c), true, &self.compile_options.node_ips);
                             c.verified = id.verified();
                         }
                         self.restore_numbers(&c, &mut alloc);
                     }
                     cluster = Some(c);
+                    cluster_changed = true;
                     self.status.ready.store(false, Ordering::Relaxed);
                     self.status.observed.fetch_add(1, Ordering::Relaxed);
                     dirty = true;
@@ -128,12 +133,18 @@ impl Agent {
                 Ok(None) => {}
                 Err(e) => log::warn!("{e:#}"),
             }
-            // Identity: expired tokens and gone pods lose their binding; any change of the
-            // bindings recompiles (the flows they allowed are re-checked through the epoch).
+            // Identity: expired tokens and gone pods lose their binding, records are read and
+            // checked against the pods again; any change of the bindings recompiles (the flows
+            // they allowed are re-checked through the epoch).
             if let Some(id) = &self.identity {
                 id.sweep();
+                let records_changed = id.update_records(
+                    cluster.as_ref(),
+                    cluster_changed,
+                    &self.compile_options.node_ips,
+                );
                 let generation = id.bindings.generation();
-                if generation != bindings_seen {
+                if generation != bindings_seen || records_changed {
                     bindings_seen = generation;
                     if let Some(c) = &mut cluster {
                         c.verified = id.verified();

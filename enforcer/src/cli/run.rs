@@ -24,14 +24,21 @@ use crate::{
         AttachMode, DEFAULT_PIN_PATH, Datapath, DatapathOptions, default_flow_limit,
         routes::local_addresses,
     },
-    identity::attestation::{Identity, LivePods},
+    identity::{
+        attestation::{Identity, LivePods, RecordStore, RecordWriter, RecordsView},
+        records,
+    },
     observe::{
         View,
         flowlog::{FlowLog, FlowLogStats},
         health,
         metrics::Status,
     },
-    source::{Source, watch::ManifestsSource},
+    source::{
+        Source,
+        records::{RecordsFolder, RecordsRx, RecordsSource},
+        watch::ManifestsSource,
+    },
 };
 
 #[derive(clap::Args)]
@@ -161,6 +168,10 @@ pub fn run(args: RunArgs) -> Result<()> {
         .build()?;
     // Standalone reads a folder; otherwise the kube watchers feed the same compiler.
     let mut kube_client = None;
+    let id_flags = identity_flags(&args)?;
+    let identity_on = id_flags.is_some();
+    // In a cluster the identity records come with the other watches.
+    let mut records_rx = None;
     let (source, kube_task) = match args.manifests.clone() {
         Some(dir) => (Source::Manifests(ManifestsSource::new(dir)), None),
         None => {
@@ -174,8 +185,15 @@ pub fn run(args: RunArgs) -> Result<()> {
                 .context("kube client (in-cluster config or KUBECONFIG)")?;
             let (tx, rx) = tokio::sync::watch::channel(None);
             kube_client = Some(client.clone());
+            let records_tx = identity_on.then(|| {
+                let (tx, rx) = tokio::sync::watch::channel(None);
+                records_rx = Some(rx);
+                tx
+            });
             let task = rt.spawn(async move {
-                if let Err(e) = crate::source::kube::run(client, node, tx).await {
+                if let Err(e) =
+                    crate::source::kube::run_with_records(client, node, tx, records_tx).await
+                {
                     log::error!("kube watchers stopped: {e:#}");
                 }
             });
@@ -219,8 +237,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         status.add_renderer(Arc::new(move |o: &mut String| s.render(o)));
     }
 
-    let identity = identity_flags(&args)?
-        .map(|flags| identity_setup(&args, flags, kube_client.clone(), &status))
+    let identity = id_flags
+        .map(|flags| identity_setup(&args, flags, kube_client.clone(), records_rx, &status))
         .transpose()?;
     let stop = Arc::new(AtomicBool::new(false));
     let agent = Agent {
@@ -235,7 +253,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         status: status.clone(),
         view: view.clone(),
         per_pod_metrics: args.per_pod_metrics,
-        identity: identity.as_ref().map(|(id, _)| id.clone()),
+        identity: identity.as_ref().map(|(id, _, _)| id.clone()),
         ct_sweep: args.ct_sweep_interval,
     };
     let loop_stop = stop.clone();
@@ -245,7 +263,10 @@ pub fn run(args: RunArgs) -> Result<()> {
 
     rt.block_on(async move {
         let health = tokio::spawn(health::serve(args.health_addr, status.clone()));
-        if let Some((_, attestation)) = identity {
+        if let Some((_, attestation, writer)) = identity {
+            if let Some(w) = writer {
+                tokio::spawn(w.run());
+            }
             tokio::spawn(async move {
                 let addr = attestation.addr;
                 if let Err(e) = attestation.start().await {
@@ -409,13 +430,16 @@ impl Attestation {
     }
 }
 
-/// The attestation endpoint's parts, from the checked [`IdentityFlags`].
+/// The attestation endpoint's parts, from the checked [`IdentityFlags`]; and, when the node has
+/// a name, the identity records (from the API server or the manifests folder's `identity/`
+/// subfolder) and the writer publishing this agent's attestations there.
 fn identity_setup(
     args: &RunArgs,
     flags: IdentityFlags,
     kube_client: Option<kube::Client>,
+    records_rx: Option<RecordsRx>,
     status: &Arc<Status>,
-) -> Result<(Identity, Attestation)> {
+) -> Result<(Identity, Attestation, Option<RecordWriter>)> {
     use crate::identity::{
         Bindings, FileKeySource, IdentityMetrics, KeySource, KeyStore, OidcKeySource, Verifier,
         VerifierConfig,
@@ -454,7 +478,7 @@ fn identity_setup(
     let attestation = Attestation {
         addr: args.attest_addr,
         config,
-        issuer_from: kube_client.filter(|_| flags.issuer_from_cluster),
+        issuer_from: kube_client.clone().filter(|_| flags.issuer_from_cluster),
         keys,
         pods: pods.clone(),
         bindings: bindings.clone(),
@@ -465,7 +489,45 @@ fn identity_setup(
         },
         node: args.node_name.clone(),
     };
-    Ok((Identity { bindings, pods }, attestation))
+    let mut identity = Identity::local(bindings.clone(), pods.clone());
+    {
+        let m = identity.record_metrics.clone();
+        status.add_renderer(Arc::new(move |o: &mut String| m.render_prometheus(o)));
+    }
+    // Records name the node that verified them: an agent without a node name (one standalone
+    // agent taking every pod as its own) keeps its bindings to itself.
+    let (records, store) = match (&args.node_name, &args.manifests, kube_client, records_rx) {
+        (None, _, _, _) => {
+            log::warn!(
+                "identity records off: no --node-name; bindings are this agent's only and do not survive a restart"
+            );
+            return Ok((identity, attestation, None));
+        }
+        (Some(_), Some(dir), _, _) => {
+            let folder = dir.join(records::FOLDER);
+            (
+                RecordsSource::Folder(RecordsFolder::new(&folder)),
+                RecordStore::Folder(folder),
+            )
+        }
+        (Some(_), None, Some(client), Some(rx)) => (
+            RecordsSource::Kube(rx.clone()),
+            RecordStore::Kube {
+                client,
+                records: rx,
+            },
+        ),
+        (Some(_), None, _, _) => bail!("identity records need the kube source"),
+    };
+    identity.records = Some(Arc::new(Mutex::new(RecordsView::new(records))));
+    let writer = RecordWriter::new(
+        store,
+        bindings,
+        pods,
+        args.node_name.clone().unwrap_or_default(),
+        identity.record_metrics.clone(),
+    );
+    Ok((identity, attestation, Some(writer)))
 }
 
 /// A duration flag: a whole number with a unit (`ms`, `s`, `m`, `h`), e.g. `500ms`, `60s`, `6h`.

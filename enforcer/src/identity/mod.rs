@@ -23,6 +23,7 @@ pub mod attestation;
 pub mod bind;
 pub mod jwks;
 pub mod metrics;
+pub mod records;
 pub mod server;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testing;
@@ -42,10 +43,8 @@ pub use verify::{ConfigError, VerifiedToken, Verifier, VerifierConfig};
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Reserved label carrying the verified service account name.
-pub const LABEL_SERVICE_ACCOUNT: &str = "enforcer.dev/serviceaccount";
-/// Reserved label carrying the verified namespace.
-pub const LABEL_NAMESPACE: &str = "enforcer.dev/namespace";
+/// The reserved labels a binding gives its address (one definition, in the model the compiler reads).
+pub use enforcer_policy::model::{LABEL_NAMESPACE, LABEL_SERVICE_ACCOUNT};
 
 /// The identity a pod proved with a verified, pod-bound service-account token.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

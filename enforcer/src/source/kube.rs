@@ -73,6 +73,8 @@ use tokio::sync::watch;
 
 use enforcer_policy::model::{Cluster, pod_node};
 
+use crate::identity::records::IdentityBinding;
+
 /// How long changes are gathered before one snapshot is taken.
 pub const DEBOUNCE: Duration = Duration::from_millis(50);
 
@@ -102,10 +104,26 @@ pub async fn run(
     node_name: String,
     tx: watch::Sender<Option<Arc<Cluster>>>,
 ) -> Result<()> {
+    run_with_records(client, node_name, tx, None).await
+}
+
+/// The identity records as published: every `IdentityBinding` of the cluster, trimmed, sorted.
+pub type RecordsTx = watch::Sender<Option<Arc<Vec<Arc<IdentityBinding>>>>>;
+
+/// [`run`], and with `records` also a reflector on the `IdentityBinding` records of every
+/// namespace: nothing is published until they are listed too (the first compile has them, so
+/// a restarted agent keeps every identity), and each change of the records is published on
+/// `records` before the cluster it goes with.
+pub async fn run_with_records(
+    client: Client,
+    node_name: String,
+    tx: watch::Sender<Option<Arc<Cluster>>>,
+    records: Option<RecordsTx>,
+) -> Result<()> {
     let (namespaces, ns_stream) = reflect(Api::<Namespace>::all(client.clone()), trim_namespace);
     let (pods, pod_stream) = reflect(Api::<Pod>::all(client.clone()), trim_pod);
     let (policies, pol_stream) = reflect(Api::<NetworkPolicy>::all(client.clone()), trim_policy);
-    let (services, svc_stream) = reflect(Api::<Service>::all(client), trim_service);
+    let (services, svc_stream) = reflect(Api::<Service>::all(client.clone()), trim_service);
     let stores = Stores {
         namespaces,
         pods,
@@ -113,13 +131,33 @@ pub async fn run(
         services,
     };
     let (dirty_tx, dirty_rx) = watch::channel(());
+    let (record_store, record_drive) = match &records {
+        Some(_) => {
+            let (store, stream) = reflect(Api::<IdentityBinding>::all(client), trim_record);
+            (
+                Some(store),
+                futures::future::Either::Left(drive("identitybindings", stream, &dirty_tx)),
+            )
+        }
+        None => (
+            None,
+            futures::future::Either::Right(futures::future::pending()),
+        ),
+    };
+    let published_records = record_store.as_ref().zip(records.as_ref());
     tokio::select! {
         r = drive("namespaces", ns_stream, &dirty_tx) => r,
         r = drive("pods", pod_stream, &dirty_tx) => r,
         r = drive("networkpolicies", pol_stream, &dirty_tx) => r,
         r = drive("services", svc_stream, &dirty_tx) => r,
-        r = publish(&stores, dirty_rx, &tx, &node_name) => r,
+        r = record_drive => r,
+        r = publish(&stores, published_records, dirty_rx, &tx, &node_name) => r,
     }
+}
+
+/// A record keeps what readers check ([`IdentityBinding::trim`]).
+pub fn trim_record(record: &mut IdentityBinding) {
+    record.trim();
 }
 
 /// A Store and the stream that fills it: a watcher with default backoff, trimmed objects.
@@ -158,9 +196,16 @@ async fn drive<K>(
             }
             // Buffered by the Store until InitDone.
             Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
-            Err(e) => log::warn!(
-                "watching {what}: {e}; retrying with backoff, enforcing the last known state"
-            ),
+            Err(e) => {
+                let hint = if what == "identitybindings" {
+                    " (is manifests/crd-identitybinding.yaml applied, and may the agent list them?)"
+                } else {
+                    ""
+                };
+                log::warn!(
+                    "watching {what}: {e}{hint}; retrying with backoff, enforcing the last known state"
+                )
+            }
         }
     }
     bail!("the {what} watch ended")
@@ -169,6 +214,7 @@ async fn drive<K>(
 /// Waits for every Store's first list, then publishes a snapshot after each (debounced) change.
 async fn publish(
     stores: &Stores,
+    records: Option<(&Store<IdentityBinding>, &RecordsTx)>,
     mut dirty: watch::Receiver<()>,
     tx: &watch::Sender<Option<Arc<Cluster>>>,
     node_name: &str,
@@ -178,6 +224,12 @@ async fn publish(
         stores.pods.wait_until_ready(),
         stores.policies.wait_until_ready(),
         stores.services.wait_until_ready(),
+        async {
+            match records {
+                Some((store, _)) => store.wait_until_ready().await,
+                None => Ok(()),
+            }
+        },
     )
     .context("a reflector stopped before its first list")?;
     log::info!(
@@ -185,6 +237,16 @@ async fn publish(
     );
     loop {
         dirty.borrow_and_update();
+        if let Some((store, rtx)) = records {
+            let next = sorted(store);
+            rtx.send_if_modified(|current| {
+                if current.as_deref().is_some_and(|c| *c == next) {
+                    return false;
+                }
+                *current = Some(Arc::new(next));
+                true
+            });
+        }
         let next = snapshot(
             &stores.namespaces,
             &stores.pods,
@@ -412,10 +474,17 @@ mod tests {
         Pods,
         Policies,
         Services,
+        Records,
     }
 
     impl Res {
-        const ALL: [Self; 4] = [Self::Namespaces, Self::Pods, Self::Policies, Self::Services];
+        const ALL: [Self; 5] = [
+            Self::Namespaces,
+            Self::Pods,
+            Self::Policies,
+            Self::Services,
+            Self::Records,
+        ];
 
         fn path(self) -> &'static str {
             match self {
@@ -423,6 +492,7 @@ mod tests {
                 Self::Pods => "/api/v1/pods",
                 Self::Policies => "/apis/networking.k8s.io/v1/networkpolicies",
                 Self::Services => "/api/v1/services",
+                Self::Records => "/apis/enforcer.dev/v1alpha1/identitybindings",
             }
         }
 
@@ -432,6 +502,7 @@ mod tests {
                 Self::Pods => ("v1", "PodList"),
                 Self::Policies => ("networking.k8s.io/v1", "NetworkPolicyList"),
                 Self::Services => ("v1", "ServiceList"),
+                Self::Records => ("enforcer.dev/v1alpha1", "IdentityBindingList"),
             }
         }
 
@@ -441,6 +512,7 @@ mod tests {
                 Self::Pods => ("v1", "Pod"),
                 Self::Policies => ("networking.k8s.io/v1", "NetworkPolicy"),
                 Self::Services => ("v1", "Service"),
+                Self::Records => ("enforcer.dev/v1alpha1", "IdentityBinding"),
             }
         }
     }
@@ -1591,5 +1663,118 @@ mod tests {
         let mut again = p.clone();
         trim_pod(&mut again);
         assert_eq!(again, p);
+    }
+
+    /// An identity record as an agent writes it, with what the API server adds.
+    fn record(name: &str, uid: &str, node: &str, ip: &str, rv: &str) -> Value {
+        json!({
+            "apiVersion": "enforcer.dev/v1alpha1", "kind": "IdentityBinding",
+            "metadata": {
+                "namespace": "shop", "name": name, "uid": format!("uid-record-{name}"),
+                "resourceVersion": rv,
+                "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid, "blockOwnerDeletion": false}],
+                "managedFields": [{"manager": "enforcer-agent", "operation": "Apply", "apiVersion": "enforcer.dev/v1alpha1"}],
+            },
+            "spec": {
+                "serviceAccount": "default", "pod": {"name": name, "uid": uid},
+                "addresses": [ip], "expiresAt": "2099-01-01T00:00:00Z", "node": node,
+            },
+        })
+    }
+
+    /// With identity on, the records of every namespace are listed before anything is
+    /// published (a restarted agent's first compile has them), then watched; each agent
+    /// accepts only those that agree with the pods it sees: the right uid, node and address.
+    #[tokio::test]
+    async fn identity_records_are_listed_first_watched_and_checked_against_the_pods() {
+        use crate::identity::records::{Evaluated, RecordMetrics, Rejection};
+        let (client, mut api) = start();
+        let (tx, mut rx) = watch::channel(None);
+        let (rtx, mut rrx) = watch::channel(None);
+        let task = tokio::spawn(run_with_records(client, NODE.to_string(), tx, Some(rtx)));
+        api.initial_lists(
+            vec![namespace("shop", json!({}), "5")],
+            vec![
+                pod("shop", "a", NODE, "10.244.1.10", json!({"app": "a"}), "10"),
+                pod(
+                    "shop",
+                    "b",
+                    "node-b",
+                    "10.244.2.20",
+                    json!({"app": "b"}),
+                    "11",
+                ),
+            ],
+            vec![],
+        )
+        .await;
+        settle().await;
+        assert!(rx.borrow().is_none(), "published before the records list");
+        api.list(
+            Res::Records,
+            "500",
+            vec![
+                // a, verified by its own node's agent: accepted.
+                record("a", "uid-shop-a", NODE, "10.244.1.10", "20"),
+                // b, claimed by this node's agent although b runs on node-b: rejected.
+                record("b", "uid-shop-b", NODE, "10.244.2.20", "21"),
+                // a pod that is gone: rejected.
+                record("c", "uid-shop-c", NODE, "10.244.1.30", "22"),
+            ],
+        )
+        .await;
+        let c = until(&mut rx, "first snapshot", |c| c.pods.len() == 2).await;
+        let records = rrx
+            .borrow_and_update()
+            .clone()
+            .expect("records published first");
+        assert_eq!(records.len(), 3);
+        assert!(
+            records[0].metadata.managed_fields.is_none()
+                && records[0].metadata.resource_version.is_none()
+        );
+        assert_eq!(records[0].metadata.uid.as_deref(), Some("uid-record-a"));
+        let metrics = RecordMetrics::default();
+        let mut evaluated = Evaluated::default();
+        let now = crate::identity::unix_now();
+        assert!(evaluated.update(&records, &c, &[], now, &metrics));
+        let bound: Vec<String> = evaluated.bound.keys().map(ToString::to_string).collect();
+        assert_eq!(bound, ["10.244.1.10"]);
+        assert_eq!(metrics.rejected(Rejection::WrongNode), 1);
+        assert_eq!(metrics.rejected(Rejection::UnknownPod), 1);
+
+        // Watched: a's record is deleted (its pod went: the garbage collector), b's node
+        // agent publishes b's.
+        api.watch(
+            Res::Records,
+            "500",
+            &[
+                event(
+                    "DELETED",
+                    &record("a", "uid-shop-a", NODE, "10.244.1.10", "30"),
+                ),
+                event(
+                    "MODIFIED",
+                    &record("b", "uid-shop-b", "node-b", "10.244.2.20", "31"),
+                ),
+            ],
+        )
+        .await;
+        timeout(
+            WAIT,
+            rrx.wait_for(|r| {
+                r.as_ref()
+                    .is_some_and(|r| r.len() == 2 && r.iter().any(|r| r.spec.node == "node-b"))
+            }),
+        )
+        .await
+        .expect("record events published")
+        .unwrap();
+        let records = rrx.borrow().clone().unwrap();
+        assert!(evaluated.update(&records, &c, &[], now, &metrics));
+        let bound: Vec<String> = evaluated.bound.keys().map(ToString::to_string).collect();
+        assert_eq!(bound, ["10.244.2.20"], "a's binding went, b's came");
+        api.assert_nothing_unexpected();
+        task.abort();
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod kube;
 pub mod manifests;
+pub mod records;
 pub mod watch;
 
 use std::time::Duration;

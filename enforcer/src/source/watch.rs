@@ -35,9 +35,9 @@ const SCAN_WITHOUT_EVENTS: Duration = Duration::from_secs(1);
 const SETTLE_OPEN_WRITER: Duration = Duration::from_secs(2);
 
 /// What identifies one version of a file: inode, size, change and modification times.
-type Fingerprint = (u64, u64, i64, i64, i64, i64);
+pub(super) type Fingerprint = (u64, u64, i64, i64, i64, i64);
 
-fn fingerprint(path: &Path) -> Option<Fingerprint> {
+pub(super) fn fingerprint(path: &Path) -> Option<Fingerprint> {
     use std::os::unix::fs::MetadataExt as _;
     let m = std::fs::metadata(path).ok()?;
     Some((
@@ -294,7 +294,7 @@ impl ManifestsSource {
 
 /// What an inotify event says about one name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum WatchEvent {
+pub(super) enum WatchEvent {
     /// Created or modified: being written.
     Writing,
     /// Closed after writing, or renamed into the folder.
@@ -307,12 +307,12 @@ enum WatchEvent {
 
 /// An inotify watch on one folder.
 #[derive(Debug)]
-struct DirWatch {
+pub(super) struct DirWatch {
     fd: std::os::fd::OwnedFd,
 }
 
 impl DirWatch {
-    fn new(dir: &Path) -> std::io::Result<Self> {
+    pub(super) fn new(dir: &Path) -> std::io::Result<Self> {
         use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
         // SAFETY: plain syscall; the fd is owned below.
         let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
@@ -341,7 +341,7 @@ impl DirWatch {
     }
 
     /// Waits up to `timeout` for events and returns them (name, what happened).
-    fn wait(
+    pub(super) fn wait(
         &self,
         timeout: Duration,
     ) -> std::io::Result<Vec<(Option<std::ffi::OsString>, WatchEvent)>> {
