@@ -194,6 +194,8 @@ fn in_cluster() -> Result<()> {
         "namespace.yaml",
         "serviceaccount.yaml",
         "rbac.yaml",
+        "crd-identitybinding.yaml",
+        "vap-identitybinding.yaml",
         "daemonset.yaml",
     ] {
         kubectl(&["apply", "-f", &format!("manifests/{m}")])?;
