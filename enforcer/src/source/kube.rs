@@ -211,6 +211,9 @@ async fn drive<K>(
     bail!("the {what} watch ended")
 }
 
+/// How long the first publication waits for the identity records' first list.
+const RECORDS_FIRST_LIST: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Waits for every Store's first list, then publishes a snapshot after each (debounced) change.
 async fn publish(
     stores: &Stores,
@@ -226,7 +229,25 @@ async fn publish(
         stores.services.wait_until_ready(),
         async {
             match records {
-                Some((store, _)) => store.wait_until_ready().await,
+                // Bounded: without the CRD (or the right to list it) the records never come,
+                // and an agent that waited for them would enforce nothing at all. Past the
+                // bound it enforces without them, which only denies more (a peer verified on
+                // another node is not matched until its record arrives) and says so.
+                Some((store, _)) => {
+                    match tokio::time::timeout(RECORDS_FIRST_LIST, store.wait_until_ready()).await
+                    {
+                        Ok(r) => r,
+                        Err(_) => {
+                            log::error!(
+                                "identity records (IdentityBinding) not listed after {RECORDS_FIRST_LIST:?}: \
+                                 enforcing without them, so pods verified on other nodes (and, after a \
+                                 restart, on this one until they attest again) are not matched by \
+                                 identity-requiring rules; is manifests/crd-identitybinding.yaml applied?"
+                            );
+                            Ok(())
+                        }
+                    }
+                }
                 None => Ok(()),
             }
         },
@@ -1680,6 +1701,42 @@ mod tests {
                 "addresses": [ip], "expiresAt": "2099-01-01T00:00:00Z", "node": node,
             },
         })
+    }
+
+    /// Records that never list (no CRD) hold the first publication back only for a bound:
+    /// then the cluster is enforced without them, rather than not at all.
+    #[tokio::test(start_paused = true)]
+    async fn records_that_never_list_delay_the_first_publication_only_for_a_bound() {
+        let (client, mut api) = start();
+        let (tx, mut rx) = watch::channel(None);
+        let (rtx, rrx) = watch::channel(None);
+        let task = tokio::spawn(run_with_records(client, NODE.to_string(), tx, Some(rtx)));
+        let started = tokio::time::Instant::now();
+        api.initial_lists(
+            vec![namespace("shop", json!({}), "5")],
+            vec![pod(
+                "shop",
+                "a",
+                NODE,
+                "10.244.1.10",
+                json!({"app": "a"}),
+                "10",
+            )],
+            vec![],
+        )
+        .await;
+        settle().await;
+        assert!(rx.borrow().is_none(), "published before the records' bound");
+        // The records' list request is never answered.
+        tokio::time::sleep(RECORDS_FIRST_LIST).await;
+        let c = until(&mut rx, "snapshot after the bound", |c| c.pods.len() == 1).await;
+        assert!(started.elapsed() >= RECORDS_FIRST_LIST);
+        assert_eq!(c.pods.len(), 1);
+        assert!(
+            rrx.borrow().as_ref().is_none_or(|r| r.is_empty()),
+            "no records"
+        );
+        task.abort();
     }
 
     /// With identity on, the records of every namespace are listed before anything is
