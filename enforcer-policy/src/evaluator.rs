@@ -11,17 +11,14 @@ use std::{collections::BTreeSet, net::IpAddr};
 
 use enforcer_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 use k8s_openapi::{
-    api::{
-        core::v1::Pod,
-        networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort},
-    },
+    api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort},
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
 use super::{
     compile::CompileOptions,
     model::{
-        Cluster, SelfSetLabel, is_reserved_label, namespace_self_set_labels, pod_ips, pod_labels,
+        Cluster, PodInfo, SelfSetLabel, is_reserved_label, namespace_self_set_labels, pod_ips, pod_labels,
         pod_self_set_labels,
     },
     selector,
@@ -154,7 +151,7 @@ fn peer_matches(
     policy_ns: &str,
     peer: &NetworkPolicyPeer,
     ip: IpAddr,
-    peer_pod: Option<&(PodRef, &Pod)>,
+    peer_pod: Option<&(PodRef, &PodInfo)>,
     identity: IdentityCheck,
 ) -> bool {
     // "ipBlock defines policy on a particular IPBlock. If this field is set then neither of the
@@ -180,7 +177,7 @@ fn peer_matches(
     }
     let trusting = identity == IdentityCheck::TrustingObjects;
     let mut labels = if trusting {
-        pod.metadata.labels.clone().unwrap_or_default()
+        pod.labels_as_set()
     } else {
         pod_labels(pod)
     };
@@ -259,7 +256,7 @@ fn ports_match(
     ports: Option<&Vec<NetworkPolicyPort>>,
     protocol: u8,
     port: u16,
-    named_on: Option<&Pod>,
+    named_on: Option<&PodInfo>,
 ) -> bool {
     let Some(ports) = ports.filter(|p| !p.is_empty()) else {
         return true;
@@ -284,15 +281,9 @@ fn ports_match(
             }
             // "port ... This can either be a numerical or named port on a pod."
             Some(IntOrString::String(name)) => named_on.is_some_and(|pod| {
-                pod.spec
-                    .iter()
-                    .flat_map(|s| &s.containers)
-                    .flat_map(|c| c.ports.iter().flatten())
-                    .any(|cp| {
-                        cp.name.as_deref() == Some(name.as_str())
-                            && cp.protocol.as_deref().unwrap_or("TCP") == proto
-                            && cp.container_port == i32::from(port)
-                    })
+                pod.named_ports.iter().any(|(n, pr, num)| {
+                    n == name && protocol_name(*pr) == Some(proto) && *num == port
+                })
             }),
         }
     })

@@ -247,14 +247,7 @@ impl ServiceFlow {
 fn node_addresses(cluster: &Cluster, opts: &CompileOptions) -> BTreeSet<IpAddr> {
     let mut out: BTreeSet<IpAddr> = opts.node_ips.iter().copied().collect();
     for pod in &cluster.pods {
-        let Some(st) = &pod.status else { continue };
-        let ips = st
-            .host_ips
-            .iter()
-            .flatten()
-            .map(|h| h.ip.as_str())
-            .chain(st.host_ip.as_deref());
-        out.extend(ips.filter_map(|ip| ip.trim().parse::<IpAddr>().ok()));
+        out.extend(pod.host_ips.iter().copied());
     }
     out
 }
@@ -329,16 +322,17 @@ pub fn explain_service(
     };
     let mut backends = Vec::new();
     for (r, pod) in &pods {
-        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        let labels = pod.labels_as_set();
         if r.namespace != svc.namespace || !selector.iter().all(|(k, v)| labels.get(k) == Some(v)) {
             continue;
         }
         let target = match &sp.target {
             TargetPort::Number(n) => Some(*n),
-            TargetPort::Named(name) => crate::compile::named_ports(pod)
-                .into_iter()
+            TargetPort::Named(name) => pod
+                .named_ports
+                .iter()
                 .find(|(n, p, _)| n == name && *p == protocol)
-                .map(|(_, _, num)| num),
+                .map(|(_, _, num)| *num),
         };
         let Some(target) = target else {
             backends.push(Backend {
@@ -1102,7 +1096,7 @@ mod tests {
     fn a_service_whose_selector_picks_no_running_pod_has_no_backend() {
         let mut c = shop();
         c.pods
-            .retain(|p| p.metadata.namespace.as_deref() != Some("shop"));
+            .retain(|p| &*p.namespace != "shop");
         let s = explain_service(
             &c,
             &CompileOptions::default(),

@@ -798,7 +798,7 @@ proptest! {
         };
         clean.pods = clean.pods.iter().map(|p| {
             let mut p = (**p).clone();
-            strip(&mut p.metadata.labels);
+            p.own_reserved = Box::default();
             Arc::new(p)
         }).collect();
         clean.namespaces = clean.namespaces.iter().map(|n| {
@@ -1888,10 +1888,14 @@ fn b_from(
 /// Sets `key: value` on the object of pod `i` of `c`.
 fn label_self(c: &mut Cluster, i: usize, key: &str, value: &str) {
     let mut p = (*c.pods[i]).clone();
-    p.metadata
-        .labels
-        .get_or_insert_with(Default::default)
-        .insert(key.into(), value.into());
+    if crate::model::is_reserved_label(key) {
+        let mut own = p.own_reserved.to_vec();
+        own.push((key.into(), value.into()));
+        own.sort();
+        p.own_reserved = own.into();
+    } else {
+        Arc::make_mut(&mut p.labels).insert(key.into(), value.into());
+    }
     c.pods[i] = Arc::new(p);
 }
 
@@ -2055,14 +2059,14 @@ fn restart_restores_identity_and_rule_numbers() {
     // Earlier: a pod and a policy that sort first, since gone; identities and rules were
     // numbered around them.
     let mut early = base(vec![from("aaa", "zzz", 90), block, from("from-a", "a", 81)]);
-    early.pods.push(Arc::new(pod(
+    early.pods.push(Arc::new(crate::model::PodInfo::from(pod(
         "x",
         "old",
         &[("app", "0")],
         &["10.0.0.7"],
         "n",
         &[],
-    )));
+    ))));
     let mut running = Allocations::new();
     compile(&early, &opts(), &mut running);
     compile(&c, &opts(), &mut running);
@@ -2095,14 +2099,14 @@ fn restart_restores_identity_and_rule_numbers() {
 
     // A new pod of a known identity shares its number.
     let mut more = c.clone();
-    more.pods.push(Arc::new(pod(
+    more.pods.push(Arc::new(crate::model::PodInfo::from(pod(
         "x",
         "new",
         &[("app", "b")],
         &["10.0.0.9"],
         "n",
         &[("http", "TCP", 8080)],
-    )));
+    ))));
     let next = compile(&more, &opts(), &mut restarted).state;
     assert_eq!(
         next.peers_v4[&"10.0.0.9".parse().unwrap()],
@@ -2119,15 +2123,15 @@ fn restart_restores_identity_and_rule_numbers() {
     let mut without = c.clone();
     without
         .pods
-        .retain(|p| p.metadata.namespace.as_deref() != Some("y"));
-    without.pods.push(Arc::new(pod(
+        .retain(|p| &*p.namespace != "y");
+    without.pods.push(Arc::new(crate::model::PodInfo::from(pod(
         "x",
         "q",
         &[("app", "q")],
         &["10.0.0.8"],
         "n",
         &[],
-    )));
+    ))));
     let mut restarted = Allocations::new();
     for (pod, ep) in &pinned.endpoints {
         restarted.reserve_endpoint(pod, ep.info.id);

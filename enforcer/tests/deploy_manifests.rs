@@ -539,7 +539,7 @@ fn ip_of(c: &Cluster, name: &str) -> IpAddr {
     let p = c
         .pods
         .iter()
-        .find(|p| p.metadata.name.as_deref() == Some(name))
+        .find(|p| &*p.name == name)
         .unwrap();
     enforcer_policy::model::pod_ips(p)[0]
 }

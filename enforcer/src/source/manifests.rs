@@ -19,7 +19,7 @@ use k8s_openapi::api::{
 use serde::Deserialize as _;
 use serde_json::Value;
 
-use enforcer_policy::model::{Cluster, NAMESPACE_NAME_LABEL};
+use enforcer_policy::model::{Cluster, NAMESPACE_NAME_LABEL, PodInfo};
 
 /// A problem with one file, document or object.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -229,7 +229,9 @@ fn load_value(
             Ok(mut o) => {
                 o.metadata.namespace.get_or_insert_with(|| "default".into());
                 if first(loaded, &o.metadata) {
-                    loaded.cluster.pods.push(Arc::new(o));
+                    // Only the compact form is kept (a folder of 100k pods would otherwise
+                    // hold 100k API objects).
+                    loaded.cluster.pods.push(Arc::new(PodInfo::from(o)));
                 }
             }
             Err(m) => fail(loaded, m),
@@ -290,22 +292,21 @@ fn load_value(
 /// Runs for every object on every change of any file, so names are compared borrowed, and the
 /// objects themselves are shared, not copied.
 pub fn merge_all<'a>(parts: impl IntoIterator<Item = (&'a Path, &'a Loaded)>) -> Loaded {
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     let mut into = Loaded::default();
     let mut seen: std::collections::HashSet<(&str, &str, &str)> = std::collections::HashSet::new();
     for (file, part) in parts {
         into.errors.extend(part.errors.iter().cloned());
         into.ignored.extend(part.ignored.iter().cloned());
-        let mut first = |errors: &mut Vec<FileError>, kind: &'static str, meta: &'a ObjectMeta| {
+        let mut first = |errors: &mut Vec<FileError>,
+                         kind: &'static str,
+                         namespace: Option<&'a str>,
+                         name: Option<&'a str>| {
             let ns = if kind == "Namespace" {
                 ""
             } else {
-                meta.namespace
-                    .as_deref()
-                    .filter(|n| !n.is_empty())
-                    .unwrap_or("default")
+                namespace.filter(|n| !n.is_empty()).unwrap_or("default")
             };
-            let name = meta.name.as_deref().unwrap_or_default();
+            let name = name.unwrap_or_default();
             if seen.insert((kind, ns, name)) {
                 return true;
             }
@@ -323,22 +324,22 @@ pub fn merge_all<'a>(parts: impl IntoIterator<Item = (&'a Path, &'a Loaded)>) ->
         };
         let c = &mut into.cluster;
         for o in &part.cluster.namespaces {
-            if first(&mut into.errors, "Namespace", &o.metadata) {
+            if first(&mut into.errors, "Namespace", o.metadata.namespace.as_deref(), o.metadata.name.as_deref()) {
                 c.namespaces.push(Arc::clone(o));
             }
         }
         for o in &part.cluster.pods {
-            if first(&mut into.errors, "Pod", &o.metadata) {
+            if first(&mut into.errors, "Pod", Some(&o.namespace), Some(&o.name)) {
                 c.pods.push(Arc::clone(o));
             }
         }
         for o in &part.cluster.policies {
-            if first(&mut into.errors, "NetworkPolicy", &o.metadata) {
+            if first(&mut into.errors, "NetworkPolicy", o.metadata.namespace.as_deref(), o.metadata.name.as_deref()) {
                 c.policies.push(Arc::clone(o));
             }
         }
         for o in &part.cluster.services {
-            if first(&mut into.errors, "Service", &o.metadata) {
+            if first(&mut into.errors, "Service", o.metadata.namespace.as_deref(), o.metadata.name.as_deref()) {
                 c.services.push(Arc::clone(o));
             }
         }
@@ -351,11 +352,6 @@ pub fn merge_all<'a>(parts: impl IntoIterator<Item = (&'a Path, &'a Loaded)>) ->
 pub fn finish(loaded: &mut Loaded) {
     let c = &mut loaded.cluster;
     // Objects are normalised as they load; these only touch (and so copy) one that is not.
-    for p in &mut c.pods {
-        if p.metadata.namespace.is_none() {
-            Arc::make_mut(p).metadata.namespace = Some("default".into());
-        }
-    }
     for p in &mut c.policies {
         if p.metadata.namespace.is_none() {
             Arc::make_mut(p).metadata.namespace = Some("default".into());
@@ -374,9 +370,12 @@ pub fn finish(loaded: &mut Loaded) {
     let used: BTreeSet<String> = c
         .pods
         .iter()
-        .map(|p| &p.metadata)
-        .chain(c.policies.iter().map(|p| &p.metadata))
-        .filter_map(|m| m.namespace.clone())
+        .map(|p| p.namespace.to_string())
+        .chain(
+            c.policies
+                .iter()
+                .filter_map(|p| p.metadata.namespace.clone()),
+        )
         .collect();
     for ns in used.difference(&declared) {
         let mut n = Namespace {
