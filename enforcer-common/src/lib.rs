@@ -99,7 +99,20 @@ pub const PROG_SVC_EXIT: &str = "svc_exit";
 // ---------------------------------------------------------------------------------------------
 
 pub const DEFAULT_MAX_ENDPOINTS: u32 = 1024;
-pub const DEFAULT_PEERS_SIZE: u32 = 65_536;
+/// Entries of each of `PEERS_V4` and `PEERS_V6` at first: every pod address of a 100k-pod
+/// cluster (dual-stack: one in each), the nodes' addresses and the Services' frontends fit with
+/// room. The agent grows both (new maps, filled, then swapped in) when they pass
+/// [`PEERS_GROW_AT`] percent, up to `--peers-map-max`.
+pub const DEFAULT_PEERS_SIZE: u32 = 262_144;
+/// The ceiling of the peers maps' growth (`--peers-map-max`).
+pub const DEFAULT_PEERS_MAX: u32 = 1 << 22;
+/// Percent of a peers map's entries past which the agent grows it.
+pub const PEERS_GROW_AT: u32 = 80;
+/// `BPF_F_NO_PREALLOC` (uapi `bpf.h`): a hash map whose elements are allocated as they are
+/// written, so its capacity costs kernel memory only for its bucket array, not for every entry.
+pub const BPF_F_NO_PREALLOC: u32 = 1;
+/// Flags of `PEERS_V4` and `PEERS_V6`: sized for the cluster, mostly empty on a small one.
+pub const PEERS_MAP_FLAGS: u32 = BPF_F_NO_PREALLOC;
 pub const DEFAULT_CIDRS_SIZE: u32 = 16_384;
 pub const DEFAULT_POLICY_SIZE: u32 = 262_144;
 pub const DEFAULT_CONNTRACK_SIZE: u32 = 262_144;

@@ -71,10 +71,16 @@ pub struct RunArgs {
     /// Pods this node can enforce (ENDPOINTS map size).
     #[arg(long, default_value_t = DEFAULT_MAX_ENDPOINTS)]
     max_endpoints: u32,
-    /// Entries of the pod/node address maps; also the buckets of `PEER_SLOTS`, their IPv4
-    /// cache (16 bytes each, two addresses a bucket).
+    /// Entries of each pod/node address map (`PEERS_V4`, `PEERS_V6`) to start with; also the
+    /// buckets of `PEER_SLOTS`, their IPv4 cache (16 bytes each, two addresses a bucket). The
+    /// maps grow (new maps filled, then swapped in without a gap) when the cluster's addresses
+    /// pass 80 % of them, up to --peers-map-max.
     #[arg(long, default_value_t = DEFAULT_PEERS_SIZE)]
     peers_map_size: u32,
+    /// The most entries the address maps may grow to. At or below --peers-map-size they keep
+    /// --peers-map-size exactly (maps pinned at another size are replaced, without a gap).
+    #[arg(long, default_value_t = enforcer_common::DEFAULT_PEERS_MAX)]
+    peers_map_max: u32,
     /// Entries of the policy map.
     #[arg(long, default_value_t = DEFAULT_POLICY_SIZE)]
     policy_map_size: u32,
@@ -210,6 +216,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         pin_path: args.pin_path.clone(),
         max_endpoints: args.max_endpoints,
         peers_size: args.peers_map_size,
+        peers_max: args.peers_map_max,
         policy_size: args.policy_map_size,
         conntrack_size: args.conntrack_map_size,
         fragments_size: args.fragments_map_size,

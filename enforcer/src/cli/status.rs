@@ -82,17 +82,34 @@ pub fn status_report(metrics: &str) -> String {
             l.get("reason").map_or("", String::as_str)
         );
     }
-    let _ = writeln!(o, "\nmaps (entries, fill):");
+    let _ = writeln!(o, "\nmaps (entries, capacity, fill):");
     for (_, l, v) in values
         .iter()
         .filter(|(n, _, _)| n == "enforcer_map_entries")
     {
         let map = l.get("map").cloned().unwrap_or_default();
-        let fill = values
-            .iter()
-            .find(|(n, l2, _)| n == "enforcer_map_fill_ratio" && l2.get("map") == Some(&map))
-            .map_or(0.0, |x| x.2);
-        let _ = writeln!(o, "  {map:<12} {v:>10}  {:>6.2}%", fill * 100.0);
+        let of = |metric: &str| {
+            values
+                .iter()
+                .find(|(n, l2, _)| n == metric && l2.get("map") == Some(&map))
+                .map(|x| x.2)
+        };
+        let fill = of("enforcer_map_fill_ratio").unwrap_or(0.0);
+        let capacity =
+            of("enforcer_map_capacity").map_or_else(|| "?".to_string(), |c| c.to_string());
+        // The agent warns from the same fill on (and grows the peers maps there).
+        let note = if fill >= 0.9 {
+            "  NEARLY FULL"
+        } else if fill >= 0.8 {
+            "  filling up"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            o,
+            "  {map:<12} {v:>10} {capacity:>10}  {:>6.2}%{note}",
+            fill * 100.0
+        );
     }
     let not_enforced: Vec<_> = values
         .iter()
@@ -261,6 +278,27 @@ mod tests {
             !s.contains("verified identities") && !s.contains("reserved labels"),
             "{s}"
         );
+    }
+
+    #[test]
+    fn status_shows_capacity_and_a_nearly_full_map() {
+        let m = "enforcer_ready 1\nenforcer_map_entries{map=\"PEERS_V4\"} 230000\nenforcer_map_capacity{map=\"PEERS_V4\"} 262144\nenforcer_map_fill_ratio{map=\"PEERS_V4\"} 0.8774\nenforcer_map_entries{map=\"POLICY\"} 10\nenforcer_map_capacity{map=\"POLICY\"} 100\nenforcer_map_fill_ratio{map=\"POLICY\"} 0.1\n";
+        let s = status_report(m);
+        let line = |map: &str| {
+            s.lines()
+                .find(|l| l.trim_start().starts_with(map))
+                .unwrap_or_else(|| panic!("no {map} line in {s}"))
+                .to_string()
+        };
+        let peers = line("PEERS_V4");
+        assert!(
+            peers.contains("230000") && peers.contains("262144") && peers.contains("87.74%"),
+            "{peers}"
+        );
+        assert!(peers.ends_with("filling up"), "{peers}");
+        assert!(line("POLICY").ends_with("10.00%"), "{s}");
+        let s = status_report(&m.replace("0.8774", "0.95"));
+        assert!(s.contains("NEARLY FULL"), "{s}");
     }
 
     #[test]

@@ -104,6 +104,8 @@ pub struct Status {
     pub pods_pending: AtomicU64,
     pub reconciles: AtomicU64,
     pub reconcile_errors: AtomicU64,
+    /// Times the peers maps were grown (new, larger maps swapped in).
+    pub peers_grown: AtomicU64,
     /// Problems in the latest observed input (bad files, invalid policies).
     pub input_problems: AtomicU64,
     /// Input versions seen (each change of the folder or of the watched objects).
@@ -326,6 +328,13 @@ impl Status {
         );
         g(
             &mut o,
+            "enforcer_peers_maps_grown_total",
+            "Times PEERS_V4 and PEERS_V6 were replaced by larger maps",
+            "counter",
+            self.peers_grown.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
             "enforcer_events_lost_total",
             "Verdict events lost to a full ring buffer",
             "counter",
@@ -410,6 +419,13 @@ impl Status {
         );
         for (m, n, _) in &i.maps {
             let _ = writeln!(o, "enforcer_map_entries{{map=\"{m}\"}} {n}");
+        }
+        let _ = writeln!(
+            o,
+            "# HELP enforcer_map_capacity Entries a datapath map has room for\n# TYPE enforcer_map_capacity gauge"
+        );
+        for (m, _, cap) in &i.maps {
+            let _ = writeln!(o, "enforcer_map_capacity{{map=\"{m}\"}} {cap}");
         }
         let _ = writeln!(
             o,
@@ -584,7 +600,8 @@ mod tests {
             "{t}"
         );
         assert!(
-            t.contains("enforcer_map_fill_ratio{map=\"POLICY\"} 0.5"),
+            t.contains("enforcer_map_fill_ratio{map=\"POLICY\"} 0.5")
+                && t.contains("enforcer_map_capacity{map=\"POLICY\"} 10"),
             "{t}"
         );
         assert!(
