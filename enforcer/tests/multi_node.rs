@@ -113,9 +113,11 @@ fn flow_log_file_names_the_node_and_each_ends_namespace_and_pod() {
     let path = flows.path().join("flows.log");
     let target = format!("file:{}", path.display());
     let mut bed = TwoNodes::without_agents("mnf", &[("a", 0, &[]), ("d", 0, &[]), ("b", 1, &[])]);
-    bed.agents.push(bed.start_agent(&agent_bin(), 0, &[]).unwrap());
-    bed.agents
-        .push(bed.start_agent(&agent_bin(), 1, &["--flow-log", &target]).unwrap());
+    let node0 = bed.start_agent(&agent_bin(), 0, &[]).unwrap();
+    let node1 = bed
+        .start_agent(&agent_bin(), 1, &["--flow-log", &target])
+        .unwrap();
+    bed.agents.extend([node0, node1]);
     for a in &mut bed.agents {
         a.wait_ready(READY).unwrap();
     }
@@ -146,10 +148,10 @@ fn flow_log_file_names_the_node_and_each_ends_namespace_and_pod() {
 #[ignore = "needs root"]
 fn json_logs_carry_timestamp_level_target_and_fields_and_a_live_agent_is_healthy() {
     let mut bed = TwoNodes::without_agents("mnj", &[("a", 0, &[])]);
-    bed.agents.push(
-        bed.start_agent(&agent_bin(), 0, &["--log-format", "json", "--flow-log", "off"])
-            .unwrap(),
-    );
+    let agent = bed
+        .start_agent(&agent_bin(), 0, &["--log-format", "json", "--flow-log", "off"])
+        .unwrap();
+    bed.agents.push(agent);
     bed.agents[0].wait_ready(READY).unwrap();
     // Idle for longer than a resync: the loop keeps beating.
     std::thread::sleep(std::time::Duration::from_secs(2));
