@@ -59,6 +59,8 @@ pub struct Agent {
     /// batches are missing; it counts the maps' fill and sets the per-endpoint flow counts to
     /// the live flows.
     pub ct_sweep: Duration,
+    /// `/healthz` fails when a turn of the loop takes longer (`--loop-stall-timeout`).
+    pub loop_stall_timeout: Duration,
 }
 
 impl Agent {
@@ -103,7 +105,14 @@ impl Agent {
                 Err(e) => log::warn!("taking over pinned links: {e:#}"),
             }
         }
+        // Beaten on every turn, idle or not: only a turn that hangs (a kernel call, a lock, a
+        // compile past the bound) makes it stale.
+        let heartbeat = self
+            .status
+            .heartbeats
+            .register("control loop", self.loop_stall_timeout);
         while !stop.load(Ordering::Relaxed) {
+            heartbeat.beat();
             let mut cluster_changed = false;
             match self.source.poll() {
                 Ok(Some((mut c, mut problems))) => {

@@ -6,6 +6,7 @@ pub mod attest;
 pub mod cleanup;
 pub mod compile;
 pub mod explain;
+pub mod logging;
 pub mod run;
 pub mod status;
 
@@ -23,6 +24,10 @@ use crate::datapath::DEFAULT_PIN_PATH;
     about = "eBPF Kubernetes NetworkPolicy enforcer"
 )]
 pub struct Cli {
+    /// How the program's own log lines are written on stderr (the level: `RUST_LOG`, default
+    /// `info`); the flow log is separate (`run --flow-log`).
+    #[arg(long, global = true, value_enum, default_value_t = logging::LogFormat::Text)]
+    log_format: logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -82,10 +87,8 @@ enum Command {
 
 /// Parses the command line and runs the subcommand.
 pub fn main() -> Result<()> {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .target(env_logger::Target::Stderr)
-        .init();
     let cli = Cli::parse();
+    logging::init(cli.log_format)?;
     match cli.command {
         Command::Run(args) => run::run(*args),
         Command::Compile {

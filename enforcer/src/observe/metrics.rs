@@ -114,6 +114,8 @@ pub struct Status {
     pub programmed: AtomicU64,
     /// Verdict events the datapath could not queue (ring buffer full).
     pub events_lost: AtomicU64,
+    /// The control loop's and the watchers' signs of life (`/healthz`).
+    pub heartbeats: super::heartbeat::Heartbeats,
     inner: Mutex<Inner>,
 }
 

@@ -3,6 +3,7 @@
 
 pub mod flowlog;
 pub mod health;
+pub mod heartbeat;
 pub mod metrics;
 
 use std::{

@@ -74,6 +74,7 @@ use tokio::sync::watch;
 
 use enforcer_policy::model::{Cluster, PodInfo, pod_node};
 
+use super::liveness::WatchBeats;
 use crate::identity::records::IdentityBinding;
 
 /// How long changes are gathered before one snapshot is taken.
@@ -121,6 +122,18 @@ pub async fn run_with_records(
     tx: watch::Sender<Option<Arc<Cluster>>>,
     records: Option<RecordsTx>,
 ) -> Result<()> {
+    run_watching(client, node_name, tx, records, &WatchBeats::default()).await
+}
+
+/// [`run_with_records`], each watch stream beating its resource's heartbeat in `beats` on every
+/// event and error (the client beats them on every chunk: see [`super::liveness`]).
+pub async fn run_watching(
+    client: Client,
+    node_name: String,
+    tx: watch::Sender<Option<Arc<Cluster>>>,
+    records: Option<RecordsTx>,
+    beats: &WatchBeats,
+) -> Result<()> {
     let (namespaces, ns_stream) = reflect(Api::<Namespace>::all(client.clone()), trim_namespace);
     let pods = PodStore::default();
     let pod_stream = {
@@ -148,7 +161,7 @@ pub async fn run_with_records(
             let (store, stream) = reflect(Api::<IdentityBinding>::all(client), trim_record);
             (
                 Some(store),
-                futures::future::Either::Left(drive("identitybindings", stream, &dirty_tx)),
+                futures::future::Either::Left(drive("identitybindings", stream, &dirty_tx, beats)),
             )
         }
         None => (
@@ -158,10 +171,10 @@ pub async fn run_with_records(
     };
     let published_records = record_store.as_ref().zip(records.as_ref());
     tokio::select! {
-        r = drive("namespaces", ns_stream, &dirty_tx) => r,
-        r = drive("pods", pod_stream, &dirty_tx) => r,
-        r = drive("networkpolicies", pol_stream, &dirty_tx) => r,
-        r = drive("services", svc_stream, &dirty_tx) => r,
+        r = drive("namespaces", ns_stream, &dirty_tx, beats) => r,
+        r = drive("pods", pod_stream, &dirty_tx, beats) => r,
+        r = drive("networkpolicies", pol_stream, &dirty_tx, beats) => r,
+        r = drive("services", svc_stream, &dirty_tx, beats) => r,
         r = record_drive => r,
         r = publish(&stores, published_records, dirty_rx, &tx, &node_name) => r,
     }
@@ -198,9 +211,11 @@ async fn drive<K>(
     what: &str,
     stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
     dirty: &watch::Sender<()>,
+    beats: &WatchBeats,
 ) -> Result<()> {
     let mut stream = std::pin::pin!(stream);
     while let Some(item) = stream.next().await {
+        beats.beat(what);
         match item {
             // The Store changed (InitDone: a (re)list was swapped in).
             Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => {
@@ -633,8 +648,13 @@ mod tests {
     }
 
     fn start() -> (Client, FakeApi) {
+        start_beating(WatchBeats::default())
+    }
+
+    /// The mocked API server behind a client beating `beats` (as the agent's does).
+    fn start_beating(beats: WatchBeats) -> (Client, FakeApi) {
         let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(service, "default");
+        let client = Client::new(super::super::liveness::Beating::new(service, beats), "default");
         let mut senders = BTreeMap::new();
         let mut queues = BTreeMap::new();
         for r in Res::ALL {
@@ -1007,6 +1027,42 @@ mod tests {
     }
 
     // ---- tests ----
+
+    /// A quiet watch (no object changes, only the API server's bookmark) keeps its heartbeat
+    /// alive: the client beats on the watch's response and its chunks, which kube's watcher
+    /// never shows as events.
+    #[tokio::test]
+    async fn a_quiet_watch_beats_its_heartbeat_with_a_bookmark() {
+        use crate::observe::heartbeat::Heartbeats;
+        let heartbeats = Heartbeats::default();
+        let beats = WatchBeats::register(&heartbeats, &["pods"], Duration::from_secs(600));
+        let (client, mut api) = start_beating(beats.clone());
+        let (tx, mut rx) = watch::channel(None);
+        let task = tokio::spawn({
+            let beats = beats.clone();
+            async move { run_watching(client, NODE.to_string(), tx, None, &beats).await }
+        });
+        api.initial_lists(vec![], vec![], vec![]).await;
+        until(&mut rx, "the first snapshot", |_| true).await;
+        let frozen = std::time::Instant::now()
+            .checked_sub(Duration::from_secs(700))
+            .expect("the clock is past 700 s");
+        beats.heartbeat("pods").unwrap().beat_at(frozen);
+        assert_eq!(
+            heartbeats.stale(std::time::Instant::now()).len(),
+            1,
+            "frozen: stale"
+        );
+        api.watch(Res::Pods, "200", &[bookmark(Res::Pods, "250")]).await;
+        let alive = timeout(WAIT, async {
+            while !heartbeats.stale(std::time::Instant::now()).is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(alive.is_ok(), "{:?}", heartbeats.stale(std::time::Instant::now()));
+        task.abort();
+    }
 
     #[tokio::test]
     async fn initial_lists_publish_one_sorted_trimmed_snapshot_once_all_are_ready() {
