@@ -4,6 +4,7 @@
 pub mod flowlog;
 pub mod health;
 pub mod metrics;
+pub mod report;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
