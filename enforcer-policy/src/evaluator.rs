@@ -150,13 +150,15 @@ fn peer_matches(
     cluster: &Cluster,
     policy_ns: &str,
     peer: &NetworkPolicyPeer,
-    ip: IpAddr,
+    ip: Option<IpAddr>,
     peer_pod: Option<&(PodRef, &PodInfo)>,
     identity: IdentityCheck,
 ) -> bool {
     // "ipBlock defines policy on a particular IPBlock. If this field is set then neither of the
-    // other fields can be." Any address in the cidr and in no except, pods included.
+    // other fields can be." Any address in the cidr and in no except, pods included. A pod
+    // with no known address (offline, as written) is in no block.
     if let Some(block) = &peer.ip_block {
+        let Some(ip) = ip else { return false };
         let in_cidr = parse_cidr(&block.cidr).is_ok_and(|c| c.contains(ip));
         let in_except = block
             .except
@@ -171,7 +173,7 @@ fn peer_matches(
     // enforcer's identity: a policy that requires it matches pod and namespace peers only at
     // addresses bound to a verified identity, whose reserved labels join the pod's labels. The
     // reserved labels the pod and namespace objects set themselves are never seen.
-    let verified = cluster.verified.get(&ip);
+    let verified = ip.and_then(|ip| cluster.verified.get(&ip));
     if identity == IdentityCheck::Required && verified.is_none() {
         return false;
     }
@@ -303,13 +305,87 @@ pub fn direction_verdict(
     let Some((_, this)) = pods.iter().find(|(r, _)| r == pod) else {
         return DirVerdict::NotEnforced;
     };
-    if pod_ips(this).contains(&peer_ip) {
-        return DirVerdict::SelfTraffic;
-    }
-    if opts.node_ips.contains(&peer_ip) {
-        return DirVerdict::Host;
-    }
-    let peer_pod = cluster.pod_at(peer_ip, &opts.node_ips);
+    verdict_at(
+        cluster,
+        opts,
+        (pod, this),
+        ingress,
+        &Peer::Addr(peer_ip),
+        protocol,
+        port,
+    )
+}
+
+/// The other end of a direction: an address (and the pod owning it, if any), or a pod known
+/// only by its object, without an address (a workload as written, for the offline tools).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Peer {
+    Addr(IpAddr),
+    Pod(PodRef),
+}
+
+/// The pods the offline tools judge: those in policy, and those not known to have an address
+/// (a Pod without status, a workload's template), judged by labels, namespace and ports. One
+/// per `PodRef` (the first object of a name), ordered by `PodRef`.
+pub fn pods_as_written(cluster: &Cluster) -> Vec<(PodRef, &PodInfo)> {
+    let mut seen = BTreeSet::new();
+    let mut out: Vec<(PodRef, &PodInfo)> = cluster
+        .pods
+        .iter()
+        .map(|p| (crate::model::pod_ref(p), &**p))
+        .filter(|(r, _)| seen.insert(r.clone()))
+        .filter(|(_, p)| !p.host_network && !p.terminated)
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// [`direction_verdict`] for the offline tools: `pod` may have no address, and so may the peer
+/// ([`Peer::Pod`]); such a pod is judged by its labels, namespace and ports, and matches no
+/// ipBlock.
+pub fn direction_verdict_as_written(
+    cluster: &Cluster,
+    opts: &CompileOptions,
+    pod: &PodRef,
+    ingress: bool,
+    peer: &Peer,
+    protocol: u8,
+    port: u16,
+) -> DirVerdict {
+    let pods = pods_as_written(cluster);
+    let Some((_, this)) = pods.iter().find(|(r, _)| r == pod) else {
+        return DirVerdict::NotEnforced;
+    };
+    verdict_at(cluster, opts, (pod, this), ingress, peer, protocol, port)
+}
+
+fn verdict_at(
+    cluster: &Cluster,
+    opts: &CompileOptions,
+    (pod, this): (&PodRef, &PodInfo),
+    ingress: bool,
+    peer: &Peer,
+    protocol: u8,
+    port: u16,
+) -> DirVerdict {
+    let (peer_ip, peer_pod) = match peer {
+        Peer::Addr(ip) => {
+            if pod_ips(this).contains(ip) {
+                return DirVerdict::SelfTraffic;
+            }
+            if opts.node_ips.contains(ip) {
+                return DirVerdict::Host;
+            }
+            (Some(*ip), cluster.pod_at(*ip, &opts.node_ips))
+        }
+        Peer::Pod(r) => {
+            if r == pod {
+                return DirVerdict::SelfTraffic;
+            }
+            let found = pods_as_written(cluster).into_iter().find(|(p, _)| p == r);
+            (None, found)
+        }
+    };
     // The pods a policy applies to are chosen without reserved labels: those describe verified
     // peers, and the object's own are never seen (so a pod cannot escape a NotIn or
     // DoesNotExist podSelector by setting them).
@@ -378,13 +454,13 @@ pub fn direction_verdict(
             });
             // Named ports are the destination's: this pod on ingress, the peer pod on egress.
             let named_on = if ingress {
-                Some(*this)
+                Some(this)
             } else {
                 peer_pod.as_ref().map(|(_, p)| *p)
             };
             if !peer_ok && ports_match(ports, protocol, port, named_on) {
                 if need
-                    && !cluster.verified.contains_key(&peer_ip)
+                    && peer_ip.is_none_or(|ip| !cluster.verified.contains_key(&ip))
                     && peer_ok_with(IdentityCheck::AsIfVerified)
                 {
                     wants_identity = true;

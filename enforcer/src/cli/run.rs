@@ -108,7 +108,7 @@ pub struct RunArgs {
     /// How the programs hook each pod's veth: `tcx` links (kernel 6.6+), `tc` (clsact +
     /// cls_bpf filters, for older kernels), or `auto` (TCX where the kernel has it). Switching
     /// modes across a restart moves every hook to the new kind without a gap.
-    #[arg(long, default_value_t = AttachMode::Auto)]
+    #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
     attach_mode: AttachMode,
     /// Entries of each LRU conntrack map (one for IPv4 flows, one for IPv6 flows); on x86-64
     /// also the flows of the IPv4 flow table in front of the IPv4 map (half as many buckets of

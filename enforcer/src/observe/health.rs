@@ -1,4 +1,4 @@
-//! `/healthz`, `/readyz` and `/metrics` on `--health-addr`, served from the [`Status`] the control
+//! `/healthz`, `/readyz`, `/metrics` and `/status` (JSON) on `--health-addr`, served from the [`Status`] the control
 //! loop publishes, within [`LIMITS`]: a client that connects and sends nothing, or trickles,
 //! cannot hold the port the kubelet's probes and the metrics scraper need.
 
@@ -82,6 +82,12 @@ fn readiness(s: &Status) -> (StatusCode, String) {
     }
 }
 
+/// `/status`: the state as JSON ([`super::report::StatusReport`]); 200 whether ready or not
+/// (the document says), so a client reads it either way.
+async fn status_json(State(s): State<Arc<Status>>) -> impl IntoResponse {
+    axum::Json(s.report())
+}
+
 async fn metrics(State(s): State<Arc<Status>>) -> impl IntoResponse {
     ([("content-type", "text/plain; version=0.0.4")], s.render())
 }
@@ -92,6 +98,7 @@ pub fn router(status: Arc<Status>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/status", get(status_json))
         .with_state(status)
 }
 

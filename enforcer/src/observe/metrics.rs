@@ -15,7 +15,7 @@ use std::{
 use enforcer_common::{REASON_COUNT, REASON_NAMES, is_drop_reason};
 use enforcer_policy::model::SelfSetLabel;
 
-use super::VerifiedPods;
+use super::{VerifiedPods, report};
 
 /// Upper bounds (seconds) of the latency histograms.
 const BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
@@ -287,9 +287,114 @@ impl Status {
         }
     }
 
+    /// The state as `/status` serves it.
+    pub fn report(&self) -> report::StatusReport {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut out = report::StatusReport {
+            ready: self.ready.load(Ordering::Relaxed),
+            generation: report::Generation {
+                observed: load(&self.observed),
+                programmed: load(&self.programmed),
+            },
+            pods_enforced: load(&self.pods_enforced),
+            pods_pending: load(&self.pods_pending),
+            input_problems: load(&self.input_problems),
+            events_lost: load(&self.events_lost),
+            build: report::BuildInfo::current(),
+            ..report::StatusReport::default()
+        };
+        let Ok(i) = self.inner.lock() else { return out };
+        let mean = |h: &Histogram| (h.count > 0).then(|| h.sum / h.count as f64);
+        out.reconciles = report::Reconciles {
+            total: load(&self.reconciles),
+            failed: load(&self.reconcile_errors),
+            mean_seconds: mean(&i.reconcile),
+            mean_compile_seconds: mean(&i.compile),
+        };
+        for reason in 0..REASON_COUNT as u8 {
+            let (packets, bytes) = i.packets.get(reason as usize).copied().unwrap_or_default();
+            out.packets.push(report::PacketCount {
+                verdict: if is_drop_reason(reason) {
+                    "dropped"
+                } else {
+                    "allowed"
+                }
+                .into(),
+                reason: REASON_NAMES[reason as usize].into(),
+                packets,
+                bytes,
+            });
+        }
+        out.maps = i
+            .maps
+            .iter()
+            .map(|(map, entries, capacity)| report::MapFill {
+                map: map.clone(),
+                entries: *entries,
+                capacity: *capacity,
+                fill: if *capacity == 0 {
+                    0.0
+                } else {
+                    *entries as f64 / *capacity as f64
+                },
+            })
+            .collect();
+        out.refused_policies = i.refused.clone();
+        out.not_enforced = i
+            .programming
+            .not_enforced
+            .iter()
+            .map(|(pod, reason, why)| report::NotEnforced {
+                pod: pod.clone(),
+                reason: reason.clone(),
+                why: why.clone(),
+            })
+            .collect();
+        out.not_programmed = i.programming.lines.clone();
+        out.entries_missing = i
+            .programming
+            .missing
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(m, n)| (m.clone(), *n))
+            .collect();
+        out.exits_not_attached = i
+            .programming
+            .exits_not_attached
+            .iter()
+            .map(|(interface, why)| report::ExitNotAttached {
+                interface: interface.clone(),
+                why: why.clone(),
+            })
+            .collect();
+        out.verified = report::Verified {
+            local: i
+                .verified
+                .local
+                .iter()
+                .map(|(namespace, pod, service_account)| report::VerifiedPod {
+                    namespace: namespace.clone(),
+                    pod: pod.clone(),
+                    service_account: service_account.clone(),
+                })
+                .collect(),
+            remote: i.verified.remote,
+        };
+        out.reserved_labels_ignored = i.self_set_objects;
+        out
+    }
+
     /// Prometheus text format.
     pub fn render(&self) -> String {
         let mut o = String::new();
+        let build = report::BuildInfo::current();
+        let _ = writeln!(
+            o,
+            "# HELP enforcer_build_info The running binary: version, git revision and compiler (always 1)\n# TYPE enforcer_build_info gauge\nenforcer_build_info{{version=\"{}\",revision=\"{}\",rustc=\"{}\"}} 1",
+            escape(&build.version),
+            escape(&build.revision),
+            escape(&build.rustc)
+        );
         let g = |o: &mut String, name: &str, help: &str, kind: &str, v: u64| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
         };

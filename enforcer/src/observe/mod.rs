@@ -5,6 +5,7 @@ pub mod flowlog;
 pub mod health;
 pub mod heartbeat;
 pub mod metrics;
+pub mod report;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},

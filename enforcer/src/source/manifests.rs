@@ -1,8 +1,9 @@
 //! The manifests folder (standalone mode and the offline tools): every `*.yaml`, `*.yml` and
 //! `*.json` file in a directory, multi-document YAML, `kind: List` (and `*List`) items, with
-//! Namespace, Pod, Service (v1) and NetworkPolicy objects. A bad file or document is reported
-//! with the file, the document index, the object and the field, and everything else still
-//! loads.
+//! Namespace, Pod, Service (v1) and NetworkPolicy objects, and the pod templates of workloads
+//! ([`Workload`], for the offline tools only: the agent enforces real pods). A bad file or
+//! document is reported with the file, the document index, the object and the field, and
+//! everything else still loads.
 
 use std::{
     collections::BTreeSet,
@@ -12,9 +13,12 @@ use std::{
 };
 
 use anyhow::Context as _;
-use k8s_openapi::api::{
-    core::v1::{Namespace, Pod, Service},
-    networking::v1::NetworkPolicy,
+use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, Pod, PodTemplateSpec, Service},
+        networking::v1::NetworkPolicy,
+    },
+    apimachinery::pkg::apis::meta::v1::LabelSelector,
 };
 use serde::Deserialize as _;
 use serde_json::Value;
@@ -55,6 +59,10 @@ pub struct Loaded {
     pub errors: Vec<FileError>,
     /// Objects of other kinds, left out (`file: Kind ns/name`).
     pub ignored: Vec<String>,
+    /// The workloads' pod templates, in load order (not part of [`Loaded::cluster`]).
+    pub workloads: Vec<Workload>,
+    /// The file each object came from, by `Kind namespace/name` (`Kind name` for a Namespace).
+    pub origins: std::collections::BTreeMap<String, PathBuf>,
     /// (kind, namespace, name) of the objects loaded so far.
     seen: BTreeSet<(String, String, String)>,
 }
@@ -64,6 +72,69 @@ impl Loaded {
     /// file kept for later merges holds only its objects).
     pub fn forget_seen(&mut self) {
         self.seen = BTreeSet::new();
+    }
+}
+
+/// The kinds whose pod template the offline tools judge as one pod.
+pub const WORKLOAD_KINDS: [&str; 6] = [
+    "Deployment",
+    "StatefulSet",
+    "DaemonSet",
+    "ReplicaSet",
+    "Job",
+    "CronJob",
+];
+
+/// A workload as written: its kind, name and pod template (for a CronJob, its job's).
+#[derive(Clone, Debug)]
+pub struct Workload {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    /// `spec.selector`: the pods it manages, when it says.
+    pub selector: Option<LabelSelector>,
+    pub template: PodTemplateSpec,
+    /// Managed by another object (a Deployment's ReplicaSet, a CronJob's Job): that object
+    /// stands for it.
+    pub owned: bool,
+}
+
+impl Workload {
+    /// Reads a workload object (one of [`WORKLOAD_KINDS`]); `Err` names the field.
+    pub fn from_value(kind: &str, v: &Value) -> Result<Self, String> {
+        let meta: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta =
+            typed(v.get("metadata").cloned().unwrap_or(Value::Null))
+                .map_err(|e| format!("metadata.{e}"))?;
+        let (path, template) = if kind == "CronJob" {
+            (
+                "spec.jobTemplate.spec.template",
+                v.pointer("/spec/jobTemplate/spec/template"),
+            )
+        } else {
+            ("spec.template", v.pointer("/spec/template"))
+        };
+        let template: PodTemplateSpec = match template {
+            Some(t) => typed(t.clone()).map_err(|e| format!("{path}.{e}"))?,
+            None => return Err(format!("{path}: missing")),
+        };
+        let selector = match v.pointer("/spec/selector") {
+            Some(s) if !s.is_null() => {
+                Some(typed(s.clone()).map_err(|e| format!("spec.selector.{e}"))?)
+            }
+            _ => None,
+        };
+        Ok(Self {
+            kind: kind.to_string(),
+            namespace: enforcer_policy::validate::namespace_of(&meta),
+            name: meta.name.clone().unwrap_or_default(),
+            selector,
+            template,
+            owned: meta
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| o.controller == Some(true)),
+        })
     }
 }
 
@@ -206,14 +277,22 @@ fn load_value(
             } else {
                 enforcer_policy::validate::namespace_of(meta)
             };
-            let key = (kind.clone(), ns, meta.name.clone().unwrap_or_default());
-            loaded.seen.insert(key) || {
-                fail(
-                    loaded,
-                    "defined more than once; the first definition is used".into(),
-                );
-                false
+            let name = meta.name.clone().unwrap_or_default();
+            let origin = if kind == "Namespace" {
+                format!("{kind} {name}")
+            } else {
+                format!("{kind} {ns}/{name}")
+            };
+            let key = (kind.clone(), ns, name);
+            if loaded.seen.insert(key) {
+                loaded.origins.insert(origin, file.to_path_buf());
+                return true;
             }
+            fail(
+                loaded,
+                "defined more than once; the first definition is used".into(),
+            );
+            false
         };
     match kind.as_str() {
         "Namespace" => match typed::<Namespace>(v) {
@@ -263,6 +342,19 @@ fn load_value(
                 o.metadata.namespace.get_or_insert_with(|| "default".into());
                 if first(loaded, &o.metadata) {
                     loaded.cluster.policies.push(Arc::new(o));
+                }
+            }
+            Err(m) => fail(loaded, m),
+        },
+        k if WORKLOAD_KINDS.contains(&k) => match Workload::from_value(k, &v) {
+            Ok(w) => {
+                let meta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                    name: Some(w.name.clone()),
+                    namespace: Some(w.namespace.clone()),
+                    ..Default::default()
+                };
+                if first(loaded, &meta) {
+                    loaded.workloads.push(w);
                 }
             }
             Err(m) => fail(loaded, m),
@@ -376,6 +468,7 @@ pub fn finish(loaded: &mut Loaded) {
                 .iter()
                 .filter_map(|p| p.metadata.namespace.clone()),
         )
+        .chain(loaded.workloads.iter().map(|w| w.namespace.clone()))
         .collect();
     for ns in used.difference(&declared) {
         let mut n = Namespace {
@@ -538,6 +631,48 @@ spec:
         );
         assert!(loaded.errors[1].message.contains("kind"));
         assert_eq!(loaded.errors[1].document, Some(2));
+    }
+
+    /// Workloads load apart from the cluster (the agent never sees them), each kind's template
+    /// from its field (a CronJob's from its job's), a bad one named with its field.
+    #[test]
+    fn workloads_load_as_templates_and_bad_ones_name_the_field() {
+        let mut loaded = Loaded::default();
+        let text = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: x}\nspec:\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: c}]}\n---\napiVersion: batch/v1\nkind: CronJob\nmetadata: {name: nightly}\nspec:\n  jobTemplate:\n    spec:\n      template:\n        metadata: {labels: {app: nightly}}\n        spec: {containers: [{name: c}]}\n---\napiVersion: apps/v1\nkind: StatefulSet\nmetadata: {name: db, namespace: x}\nspec:\n  template:\n    spec: {containers: [{name: c, ports: [{containerPort: eighty}]}]}\n";
+        load_text(Path::new("w.yaml"), text, &mut loaded);
+        finish(&mut loaded);
+        assert!(loaded.cluster.pods.is_empty());
+        let names: Vec<String> = loaded
+            .workloads
+            .iter()
+            .map(|w| format!("{} {}/{}", w.kind, w.namespace, w.name))
+            .collect();
+        assert_eq!(names, ["Deployment x/web", "CronJob default/nightly"]);
+        let labels = loaded.workloads[1]
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .as_ref();
+        assert_eq!(
+            labels.unwrap().get("app").map(String::as_str),
+            Some("nightly")
+        );
+        assert_eq!(loaded.errors.len(), 1, "{:?}", loaded.errors);
+        let e = loaded.errors[0].to_string();
+        assert!(
+            e.starts_with("w.yaml document 2 StatefulSet x/db: spec.template.spec.containers[0].ports[0].containerPort"),
+            "{e}"
+        );
+        assert_eq!(
+            loaded
+                .origins
+                .get("Deployment x/web")
+                .map(|p| p.display().to_string())
+                .as_deref(),
+            Some("w.yaml")
+        );
     }
 
     const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: x}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, \"fd00:96::10\"]\n  selector: {app: web}\n  ports:\n  - {name: http, port: 80, targetPort: http, nodePort: 30080}\n";
