@@ -1132,13 +1132,8 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
             stage
         }
         prev => {
-            let mut stage = identity_stage(
-                cluster,
-                &pods,
-                &input,
-                &mut alloc.identities,
-                generation,
-            );
+            let mut stage =
+                identity_stage(cluster, &pods, &input, &mut alloc.identities, generation);
             // The same identities as before (a pod joined or left an existing one): keep the
             // old value, so what is keyed by it is found equal by address.
             if let Some((_, old, _)) = &prev

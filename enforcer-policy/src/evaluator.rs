@@ -18,8 +18,8 @@ use k8s_openapi::{
 use super::{
     compile::CompileOptions,
     model::{
-        Cluster, PodInfo, SelfSetLabel, is_reserved_label, namespace_self_set_labels, pod_ips, pod_labels,
-        pod_self_set_labels,
+        Cluster, PodInfo, SelfSetLabel, is_reserved_label, namespace_self_set_labels, pod_ips,
+        pod_labels, pod_self_set_labels,
     },
     selector,
     validate::{PolicyError, RawRule, namespace_of, parse_cidr, validate_policy},

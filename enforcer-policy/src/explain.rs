@@ -1244,8 +1244,7 @@ mod tests {
     #[test]
     fn a_service_whose_selector_picks_no_running_pod_has_no_backend() {
         let mut c = shop();
-        c.pods
-            .retain(|p| &*p.namespace != "shop");
+        c.pods.retain(|p| &*p.namespace != "shop");
         let s = explain_service(
             &c,
             &CompileOptions::default(),

@@ -2121,9 +2121,7 @@ fn restart_restores_identity_and_rule_numbers() {
         max_pinned
     );
     let mut without = c.clone();
-    without
-        .pods
-        .retain(|p| &*p.namespace != "y");
+    without.pods.retain(|p| &*p.namespace != "y");
     without.pods.push(Arc::new(crate::model::PodInfo::from(pod(
         "x",
         "q",

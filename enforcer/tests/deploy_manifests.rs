@@ -550,11 +550,7 @@ fn example_cluster(o: &Objects) -> Cluster {
 }
 
 fn ip_of(c: &Cluster, name: &str) -> IpAddr {
-    let p = c
-        .pods
-        .iter()
-        .find(|p| &*p.name == name)
-        .unwrap();
+    let p = c.pods.iter().find(|p| &*p.name == name).unwrap();
     enforcer_policy::model::pod_ips(p)[0]
 }
 
@@ -975,9 +971,7 @@ fn read(path: &Path) -> String {
 /// The non-empty YAML documents of `text`.
 fn documents(text: &str, what: &str) -> Vec<Value> {
     serde_yaml::Deserializer::from_str(text)
-        .map(|d| {
-            serde::Deserialize::deserialize(d).unwrap_or_else(|e| panic!("{what}: {e}"))
-        })
+        .map(|d| serde::Deserialize::deserialize(d).unwrap_or_else(|e| panic!("{what}: {e}")))
         .filter(|v: &Value| !v.is_null())
         .collect()
 }
@@ -1001,7 +995,8 @@ fn by_name(docs: Vec<Value>) -> BTreeMap<(String, String), Value> {
 
 /// The files `manifests/kustomization.yaml` lists.
 fn kustomization_resources() -> Vec<String> {
-    let k: Value = serde_yaml::from_str(&read(&manifests_dir().join("kustomization.yaml"))).unwrap();
+    let k: Value =
+        serde_yaml::from_str(&read(&manifests_dir().join("kustomization.yaml"))).unwrap();
     assert_eq!(k["kind"], "Kustomization");
     k["resources"]
         .as_array()
@@ -1021,7 +1016,10 @@ fn install_yaml() -> String {
     );
     for r in kustomization_resources() {
         let text = read(&manifests_dir().join(&r));
-        out.push_str(&format!("---\n# Source: manifests/{r}\n{}", text.trim_end()));
+        out.push_str(&format!(
+            "---\n# Source: manifests/{r}\n{}",
+            text.trim_end()
+        ));
         out.push('\n');
     }
     out
@@ -1080,7 +1078,10 @@ fn kubectl_kustomize_renders_the_objects_of_install_yaml() {
         "kubectl kustomize: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let rendered = by_name(documents(&String::from_utf8(out.stdout).unwrap(), "kustomize"));
+    let rendered = by_name(documents(
+        &String::from_utf8(out.stdout).unwrap(),
+        "kustomize",
+    ));
     let install = by_name(documents(&install_yaml(), "install.yaml"));
     assert_eq!(rendered, install);
 }
@@ -1098,7 +1099,12 @@ fn chart_templates() -> Vec<(String, String)> {
     yaml_files(&chart_dir().join("templates"), &mut files);
     files
         .iter()
-        .map(|f| (f.file_name().unwrap().to_string_lossy().into_owned(), read(f)))
+        .map(|f| {
+            (
+                f.file_name().unwrap().to_string_lossy().into_owned(),
+                read(f),
+            )
+        })
         .collect()
 }
 
@@ -1266,7 +1272,11 @@ fn chart_values_are_all_used_and_every_templated_flag_is_a_run_flag() {
         match v {
             Value::Object(m) => {
                 for (k, v) in m {
-                    let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    let p = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
                     leaves(v, p, out);
                 }
             }
@@ -1277,7 +1287,9 @@ fn chart_values_are_all_used_and_every_templated_flag_is_a_run_flag() {
     leaves(&values, String::new(), &mut all);
     for leaf in all {
         assert!(
-            referenced.iter().any(|r| leaf == *r || leaf.starts_with(&format!("{r}."))),
+            referenced
+                .iter()
+                .any(|r| leaf == *r || leaf.starts_with(&format!("{r}."))),
             "values.yaml's {leaf} is used by no template"
         );
     }
@@ -1310,12 +1322,20 @@ fn chart_with_identity_off_serves_no_attestation_port() {
     let objects = render_chart(&values);
     let args = rendered_args(&objects);
     assert!(
-        !args.iter().any(|a| a == "--issuer-from-cluster" || a == "--attest-addr"),
+        !args
+            .iter()
+            .any(|a| a == "--issuer-from-cluster" || a == "--attest-addr"),
         "{args:?}"
     );
     cli_matches(&args);
-    let ds = objects.iter().find(|((k, _), _)| k == "DaemonSet").unwrap().1;
-    let ports = ds["spec"]["template"]["spec"]["containers"][0]["ports"].as_array().unwrap();
+    let ds = objects
+        .iter()
+        .find(|((k, _), _)| k == "DaemonSet")
+        .unwrap()
+        .1;
+    let ports = ds["spec"]["template"]["spec"]["containers"][0]["ports"]
+        .as_array()
+        .unwrap();
     assert_eq!(ports.len(), 1, "only health: {ports:?}");
     // And off by the namespace too: a chart installed into an existing namespace.
     values["namespace"]["create"] = false.into();
@@ -1326,24 +1346,68 @@ fn chart_with_identity_off_serves_no_attestation_port() {
 fn monitoring_example_scrapes_the_agents_health_port() {
     let o = load();
     let (ds, c) = agent(&o);
-    let pod_labels = ds.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().labels.clone().unwrap();
+    let pod_labels = ds
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .clone()
+        .unwrap();
     let selects = |selector: &Value, labels: &BTreeMap<String, String>| {
         let m = selector["matchLabels"].as_object().expect("matchLabels");
-        !m.is_empty() && m.iter().all(|(k, v)| labels.get(k).map(String::as_str) == v.as_str())
+        !m.is_empty()
+            && m.iter()
+                .all(|(k, v)| labels.get(k).map(String::as_str) == v.as_str())
     };
-    let health = c.ports.iter().flatten().find(|p| p.name.as_deref() == Some("health")).unwrap();
-    let pm = o.monitors.iter().find(|m| m["kind"] == "PodMonitor").expect("a PodMonitor");
+    let health = c
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some("health"))
+        .unwrap();
+    let pm = o
+        .monitors
+        .iter()
+        .find(|m| m["kind"] == "PodMonitor")
+        .expect("a PodMonitor");
     assert!(selects(&pm["spec"]["selector"], &pod_labels));
     let ep = &pm["spec"]["podMetricsEndpoints"][0];
-    assert_eq!((ep["port"].as_str(), ep["path"].as_str()), (Some("health"), Some("/metrics")));
+    assert_eq!(
+        (ep["port"].as_str(), ep["path"].as_str()),
+        (Some("health"), Some("/metrics"))
+    );
 
-    let svc = o.services.iter().find(|s| s.metadata.namespace.as_deref() == Some("enforcer-system")).expect("the metrics Service");
+    let svc = o
+        .services
+        .iter()
+        .find(|s| s.metadata.namespace.as_deref() == Some("enforcer-system"))
+        .expect("the metrics Service");
     let spec = svc.spec.as_ref().unwrap();
-    assert!(spec.selector.as_ref().unwrap().iter().all(|(k, v)| pod_labels.get(k) == Some(v)));
+    assert!(
+        spec.selector
+            .as_ref()
+            .unwrap()
+            .iter()
+            .all(|(k, v)| pod_labels.get(k) == Some(v))
+    );
     let port = &spec.ports.as_ref().unwrap()[0];
     assert_eq!(port.target_port, Some(IntOrString::String("health".into())));
     assert_eq!(port.port, health.container_port);
-    let sm = o.monitors.iter().find(|m| m["kind"] == "ServiceMonitor").expect("a ServiceMonitor");
-    assert!(selects(&sm["spec"]["selector"], svc.metadata.labels.as_ref().unwrap()));
-    assert_eq!(sm["spec"]["endpoints"][0]["port"].as_str(), port.name.as_deref());
+    let sm = o
+        .monitors
+        .iter()
+        .find(|m| m["kind"] == "ServiceMonitor")
+        .expect("a ServiceMonitor");
+    assert!(selects(
+        &sm["spec"]["selector"],
+        svc.metadata.labels.as_ref().unwrap()
+    ));
+    assert_eq!(
+        sm["spec"]["endpoints"][0]["port"].as_str(),
+        port.name.as_deref()
+    );
 }

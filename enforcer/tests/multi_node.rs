@@ -88,7 +88,10 @@ fn cross_node_ingress_is_enforced_on_the_receivers_node() {
 }
 
 /// The lines of `path` (JSON objects) once one satisfies `holds`, or all of them after 5 s.
-fn json_lines_until(path: &std::path::Path, holds: impl Fn(&serde_json::Value) -> bool) -> Vec<serde_json::Value> {
+fn json_lines_until(
+    path: &std::path::Path,
+    holds: impl Fn(&serde_json::Value) -> bool,
+) -> Vec<serde_json::Value> {
     let start = std::time::Instant::now();
     loop {
         let lines: Vec<serde_json::Value> = std::fs::read_to_string(path)
@@ -130,8 +133,14 @@ fn flow_log_file_names_the_node_and_each_ends_namespace_and_pod() {
         .find(|l| is_drop(l))
         .unwrap_or_else(|| panic!("no drop of d in {}: {lines:?}", path.display()));
     assert_eq!(l["node"], "node-1");
-    assert_eq!((&l["src_namespace"], &l["src_pod_name"]), (&"x".into(), &"d".into()));
-    assert_eq!((&l["dst_namespace"], &l["dst_pod_name"]), (&"x".into(), &"b".into()));
+    assert_eq!(
+        (&l["src_namespace"], &l["src_pod_name"]),
+        (&"x".into(), &"d".into())
+    );
+    assert_eq!(
+        (&l["dst_namespace"], &l["dst_pod_name"]),
+        (&"x".into(), &"b".into())
+    );
     assert_eq!(l["dport"], 80);
     let time = l["time"].as_str().unwrap();
     assert!(chrono::DateTime::parse_from_rfc3339(time).is_ok(), "{time}");
@@ -149,13 +158,20 @@ fn flow_log_file_names_the_node_and_each_ends_namespace_and_pod() {
 fn json_logs_carry_timestamp_level_target_and_fields_and_a_live_agent_is_healthy() {
     let mut bed = TwoNodes::without_agents("mnj", &[("a", 0, &[])]);
     let agent = bed
-        .start_agent(&agent_bin(), 0, &["--log-format", "json", "--flow-log", "off"])
+        .start_agent(
+            &agent_bin(),
+            0,
+            &["--log-format", "json", "--flow-log", "off"],
+        )
         .unwrap();
     bed.agents.push(agent);
     bed.agents[0].wait_ready(READY).unwrap();
     // Idle for longer than a resync: the loop keeps beating.
     std::thread::sleep(std::time::Duration::from_secs(2));
-    assert_eq!(bed.agents[0].get("/healthz").unwrap(), (200, "ok\n".to_string()));
+    assert_eq!(
+        bed.agents[0].get("/healthz").unwrap(),
+        (200, "ok\n".to_string())
+    );
     let metrics = bed.agents[0].get("/metrics").unwrap().1;
     assert!(
         metrics.contains("enforcer_heartbeat_age_seconds{component=\"control loop\"}"),

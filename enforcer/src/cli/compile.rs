@@ -17,7 +17,6 @@ use enforcer_policy::{
     explain::protocol_label,
     model::{Cluster, pod_ips},
 };
-use k8s_openapi::api::core::v1::{PodIP, PodStatus};
 use serde::Serialize;
 
 use super::{
@@ -176,10 +175,7 @@ fn with_stand_ins(cluster: &mut Cluster) -> BTreeMap<IpAddr, String> {
             continue;
         }
         let ip = IpAddr::V6(Ipv6Addr::from(STAND_IN_PREFIX + i as u128 + 1));
-        let p = Arc::make_mut(pod);
-        let status = p.status.get_or_insert_with(PodStatus::default);
-        status.pod_ip = Some(ip.to_string());
-        status.pod_ips = Some(vec![PodIP { ip: ip.to_string() }]);
+        Arc::make_mut(pod).ips = Box::new([ip]);
         out.insert(ip, r.to_string());
     }
     out

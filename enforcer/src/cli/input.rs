@@ -26,7 +26,7 @@ use k8s_openapi::{
 use serde::Serialize;
 
 use enforcer_policy::{
-    model::{Cluster, pod_labels, pod_ref, self_set_labels, validate_service},
+    model::{Cluster, PodInfo, pod_labels, pod_ref, self_set_labels, validate_service},
     selector,
     state::PodRef,
 };
@@ -176,7 +176,9 @@ fn add_workloads(
             ));
             continue;
         }
-        raw.cluster.pods.push(Arc::new(template_pod(w)));
+        raw.cluster
+            .pods
+            .push(Arc::new(PodInfo::from(template_pod(w))));
         out.insert(r, w.kind.clone());
     }
     out
@@ -249,7 +251,7 @@ pub async fn list_all(client: kube::Client) -> Result<manifests::Loaded> {
         .await
         .context("Pods")?
         .into_iter()
-        .map(Arc::new)
+        .map(|p| Arc::new(PodInfo::from(p)))
         .collect();
     c.policies = list::<NetworkPolicy>(&client)
         .await

@@ -23,9 +23,7 @@ pub fn init(format: LogFormat) -> Result<()> {
     let filter = EnvFilter::builder()
         .with_default_directive(tracing::Level::INFO.into())
         .from_env_lossy();
-    let builder = fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     // `try_init` also installs the `log` -> tracing bridge (feature `tracing-log`).
     match format {
         LogFormat::Text => builder

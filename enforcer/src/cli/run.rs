@@ -216,7 +216,8 @@ pub fn run(args: RunArgs) -> Result<()> {
             if identity_on {
                 watched.push("identitybindings");
             }
-            let beats = WatchBeats::register(&status.heartbeats, &watched, args.watch_stall_timeout);
+            let beats =
+                WatchBeats::register(&status.heartbeats, &watched, args.watch_stall_timeout);
             let client = rt.block_on(liveness::client(beats.clone()))?;
             let (tx, rx) = tokio::sync::watch::channel(None);
             kube_client = Some(client.clone());

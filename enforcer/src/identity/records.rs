@@ -674,8 +674,8 @@ pub fn parse_file(text: &str) -> Result<IdentityBinding, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::Pod;
     use enforcer_policy::model::shared;
+    use k8s_openapi::api::core::v1::Pod;
     use serde_json::json;
 
     const NOW: u64 = 1_900_000_000;

@@ -284,12 +284,10 @@ impl FlowLog {
         let (src, dst) = addrs(e);
         let view = self.view.lock().ok();
         let pod = |ip: IpAddr| {
-            view.as_ref()
-                .and_then(|v| v.pods_by_ip.get(&ip))
-                .map(|p| {
-                    let r = pod_ref(p);
-                    (r.namespace, r.name)
-                })
+            view.as_ref().and_then(|v| v.pods_by_ip.get(&ip)).map(|p| {
+                let r = pod_ref(p);
+                (r.namespace, r.name)
+            })
         };
         // Who each end is: verified now, or only as its pod object claims (`verified: false`);
         // null for an address that is no pod's.
@@ -312,7 +310,9 @@ impl FlowLog {
         let (src_ns, src_name) = pod(src).unzip();
         let (dst_ns, dst_name) = pod(dst).unzip();
         let joined = |ns: &Option<String>, name: &Option<String>| {
-            ns.as_ref().zip(name.as_ref()).map(|(n, p)| format!("{n}/{p}"))
+            ns.as_ref()
+                .zip(name.as_ref())
+                .map(|(n, p)| format!("{n}/{p}"))
         };
         FlowRecord {
             time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
@@ -444,8 +444,14 @@ mod tests {
         );
         let l = log.line(&event([10, 0, 0, 1], [10, 0, 1, 2]));
         assert_eq!(l["src_pod"], "x/a");
-        assert_eq!((&l["src_namespace"], &l["src_pod_name"]), (&json!("x"), &json!("a")));
-        assert_eq!((&l["dst_namespace"], &l["dst_pod_name"]), (&json!("y"), &json!("b")));
+        assert_eq!(
+            (&l["src_namespace"], &l["src_pod_name"]),
+            (&json!("x"), &json!("a"))
+        );
+        assert_eq!(
+            (&l["dst_namespace"], &l["dst_pod_name"]),
+            (&json!("y"), &json!("b"))
+        );
         assert_eq!(
             l["src_identity"],
             json!({"namespace": "x", "serviceAccount": "frontend", "verified": true})
@@ -559,7 +565,10 @@ mod tests {
                 .unwrap_or(0)
         };
         log.log(&[e; 4]);
-        assert_eq!((count(&path), count(&dir.path().join("sub/flows.log.1"))), (1, 3));
+        assert_eq!(
+            (count(&path), count(&dir.path().join("sub/flows.log.1"))),
+            (1, 3)
+        );
         log.log(&[e; 9]);
         assert_eq!(
             (

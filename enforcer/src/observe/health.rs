@@ -144,7 +144,9 @@ mod tests {
             .unwrap();
         let res = router.oneshot(req).await.unwrap();
         let code = res.status();
-        let body = axum::body::to_bytes(res.into_body(), 1 << 20).await.unwrap();
+        let body = axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .unwrap();
         (code, String::from_utf8(body.to_vec()).unwrap())
     }
 
@@ -154,7 +156,9 @@ mod tests {
         let control = s
             .heartbeats
             .register("control loop", Duration::from_secs(30));
-        let pods = s.heartbeats.register("watch pods", Duration::from_secs(600));
+        let pods = s
+            .heartbeats
+            .register("watch pods", Duration::from_secs(600));
         assert_eq!(
             get(router(s.clone()), "/healthz").await,
             (StatusCode::OK, "ok\n".into())
@@ -172,7 +176,11 @@ mod tests {
         );
         pods.beat_at(past);
         let (_, body) = get(router(s.clone()), "/healthz").await;
-        assert_eq!(body.lines().count(), 1, "within its bound, pods is alive: {body}");
+        assert_eq!(
+            body.lines().count(),
+            1,
+            "within its bound, pods is alive: {body}"
+        );
         control.beat();
         assert_eq!(
             get(router(s), "/healthz").await,

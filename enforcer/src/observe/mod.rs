@@ -14,7 +14,10 @@ use std::{
 };
 
 use enforcer_policy::{
-    model::{Cluster, PodInfo, LABEL_NAMESPACE, LABEL_SERVICE_ACCOUNT, pod_ips, pod_is_policy_pod, pod_ref},
+    model::{
+        Cluster, LABEL_NAMESPACE, LABEL_SERVICE_ACCOUNT, PodInfo, pod_ips, pod_is_policy_pod,
+        pod_ref,
+    },
     state::DesiredState,
 };
 
@@ -87,7 +90,8 @@ impl View {
             .iter()
             .map(|(pod, ep)| (ep.info.id, pod.to_string()))
             .collect();
-        let mut pods_by_ip: HashMap<IpAddr, Arc<PodInfo>> = HashMap::with_capacity(cluster.pods.len());
+        let mut pods_by_ip: HashMap<IpAddr, Arc<PodInfo>> =
+            HashMap::with_capacity(cluster.pods.len());
         for pod in cluster.pods.iter().filter(|p| pod_is_policy_pod(p)) {
             for ip in pod_ips(pod) {
                 if node_ips.contains(&ip) {

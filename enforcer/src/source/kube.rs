@@ -54,8 +54,8 @@ use futures::{Stream, StreamExt as _};
 use k8s_openapi::{
     api::{
         core::v1::{
-            LoadBalancerIngress, LoadBalancerStatus, Namespace, Pod,
-            Service, ServicePort, ServiceSpec, ServiceStatus,
+            LoadBalancerIngress, LoadBalancerStatus, Namespace, Pod, Service, ServicePort,
+            ServiceSpec, ServiceStatus,
         },
         networking::v1::NetworkPolicy,
     },
@@ -566,7 +566,6 @@ mod tests {
 
     use std::collections::BTreeMap;
 
-
     use http::{Request, Response, StatusCode};
     use kube::client::Body;
     use serde_json::{Value, json};
@@ -654,7 +653,10 @@ mod tests {
     /// The mocked API server behind a client beating `beats` (as the agent's does).
     fn start_beating(beats: WatchBeats) -> (Client, FakeApi) {
         let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(super::super::liveness::Beating::new(service, beats), "default");
+        let client = Client::new(
+            super::super::liveness::Beating::new(service, beats),
+            "default",
+        );
         let mut senders = BTreeMap::new();
         let mut queues = BTreeMap::new();
         for r in Res::ALL {
@@ -986,9 +988,7 @@ mod tests {
     fn pod_names(c: &Cluster) -> Vec<String> {
         c.pods
             .iter()
-            .map(|p| {
-                format!("{}/{}", p.namespace, p.name)
-            })
+            .map(|p| format!("{}/{}", p.namespace, p.name))
             .collect()
     }
 
@@ -1013,11 +1013,7 @@ mod tests {
     }
 
     fn labels_of(c: &Cluster, pod: &str) -> BTreeMap<String, String> {
-        let p = c
-            .pods
-            .iter()
-            .find(|p| &*p.name == pod)
-            .unwrap();
+        let p = c.pods.iter().find(|p| &*p.name == pod).unwrap();
         p.labels_as_set()
     }
 
@@ -1053,14 +1049,19 @@ mod tests {
             1,
             "frozen: stale"
         );
-        api.watch(Res::Pods, "200", &[bookmark(Res::Pods, "250")]).await;
+        api.watch(Res::Pods, "200", &[bookmark(Res::Pods, "250")])
+            .await;
         let alive = timeout(WAIT, async {
             while !heartbeats.stale(std::time::Instant::now()).is_empty() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })
         .await;
-        assert!(alive.is_ok(), "{:?}", heartbeats.stale(std::time::Instant::now()));
+        assert!(
+            alive.is_ok(),
+            "{:?}",
+            heartbeats.stale(std::time::Instant::now())
+        );
         task.abort();
     }
 
@@ -1793,13 +1794,19 @@ mod tests {
         assert_eq!((&*a.namespace, &*a.name), ("prod", "a"));
         assert_eq!(a.uid.as_deref(), Some("uid-prod-a"));
         assert_eq!(a.node_name.as_deref(), Some(NODE));
-        assert_eq!(*a.labels, BTreeMap::from([("app".to_string(), "a".to_string())]));
+        assert_eq!(
+            *a.labels,
+            BTreeMap::from([("app".to_string(), "a".to_string())])
+        );
         assert_eq!(
             a.named_ports.iter().cloned().collect::<Vec<_>>(),
             [("http".to_string(), enforcer_common::PROTO_TCP, 8080)]
         );
         assert_eq!(&*a.ips, ["10.244.1.2".parse::<std::net::IpAddr>().unwrap()]);
-        assert!(Arc::ptr_eq(&a.labels, &pods[1].labels), "replicas share one label set");
+        assert!(
+            Arc::ptr_eq(&a.labels, &pods[1].labels),
+            "replicas share one label set"
+        );
         let cluster = Cluster {
             pods: pods.clone(),
             ..Cluster::default()
@@ -1809,7 +1816,11 @@ mod tests {
             .into_iter()
             .map(|(r, _)| r.name)
             .collect();
-        assert_eq!(policy_pods, ["a", "b"], "the host-network pod takes no part");
+        assert_eq!(
+            policy_pods,
+            ["a", "b"],
+            "the host-network pod takes no part"
+        );
 
         // Only unkept fields changed: the same value, nothing to publish.
         let mut noisy = full("a", "10.244.1.2");
@@ -1822,7 +1833,10 @@ mod tests {
         let mut moved = full("a", "10.244.1.2");
         moved.metadata.labels = Some(BTreeMap::from([("app".into(), "z".into())]));
         assert!(store.apply(&watcher::Event::Apply(moved)));
-        assert_eq!(store.state()[0].labels.get("app").map(String::as_str), Some("z"));
+        assert_eq!(
+            store.state()[0].labels.get("app").map(String::as_str),
+            Some("z")
+        );
         assert!(store.apply(&watcher::Event::Delete(full("b", "10.244.1.3"))));
         assert_eq!(store.state().len(), 2);
     }

@@ -416,7 +416,12 @@ pub fn merge_all<'a>(parts: impl IntoIterator<Item = (&'a Path, &'a Loaded)>) ->
         };
         let c = &mut into.cluster;
         for o in &part.cluster.namespaces {
-            if first(&mut into.errors, "Namespace", o.metadata.namespace.as_deref(), o.metadata.name.as_deref()) {
+            if first(
+                &mut into.errors,
+                "Namespace",
+                o.metadata.namespace.as_deref(),
+                o.metadata.name.as_deref(),
+            ) {
                 c.namespaces.push(Arc::clone(o));
             }
         }
@@ -426,12 +431,22 @@ pub fn merge_all<'a>(parts: impl IntoIterator<Item = (&'a Path, &'a Loaded)>) ->
             }
         }
         for o in &part.cluster.policies {
-            if first(&mut into.errors, "NetworkPolicy", o.metadata.namespace.as_deref(), o.metadata.name.as_deref()) {
+            if first(
+                &mut into.errors,
+                "NetworkPolicy",
+                o.metadata.namespace.as_deref(),
+                o.metadata.name.as_deref(),
+            ) {
                 c.policies.push(Arc::clone(o));
             }
         }
         for o in &part.cluster.services {
-            if first(&mut into.errors, "Service", o.metadata.namespace.as_deref(), o.metadata.name.as_deref()) {
+            if first(
+                &mut into.errors,
+                "Service",
+                o.metadata.namespace.as_deref(),
+                o.metadata.name.as_deref(),
+            ) {
                 c.services.push(Arc::clone(o));
             }
         }
