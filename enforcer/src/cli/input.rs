@@ -26,7 +26,7 @@ use k8s_openapi::{
 use serde::Serialize;
 
 use enforcer_policy::{
-    model::{Cluster, pod_labels, pod_ref, self_set_labels, validate_service},
+    model::{Cluster, pod_labels, pod_ref, self_set_labels, shared, validate_service},
     selector,
     state::PodRef,
 };
@@ -239,24 +239,13 @@ pub async fn list_all(client: kube::Client) -> Result<manifests::Loaded> {
     }
     let mut out = manifests::Loaded::default();
     let c = &mut out.cluster;
-    c.namespaces = list::<Namespace>(&client)
-        .await
-        .context("Namespaces")?
-        .into_iter()
-        .map(Arc::new)
-        .collect();
-    c.pods = list::<Pod>(&client)
-        .await
-        .context("Pods")?
-        .into_iter()
-        .map(Arc::new)
-        .collect();
-    c.policies = list::<NetworkPolicy>(&client)
-        .await
-        .context("NetworkPolicies")?
-        .into_iter()
-        .map(Arc::new)
-        .collect();
+    c.namespaces = shared(list::<Namespace>(&client).await.context("Namespaces")?);
+    c.pods = shared(list::<Pod>(&client).await.context("Pods")?);
+    c.policies = shared(
+        list::<NetworkPolicy>(&client)
+            .await
+            .context("NetworkPolicies")?,
+    );
     for s in list::<Service>(&client).await.context("Services")? {
         match validate_service(&s) {
             Ok(()) => c.services.push(Arc::new(s)),
