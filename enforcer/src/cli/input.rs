@@ -26,7 +26,7 @@ use k8s_openapi::{
 use serde::Serialize;
 
 use enforcer_policy::{
-    model::{Cluster, PodInfo, pod_labels, pod_ref, self_set_labels, validate_service},
+    model::{Cluster, PodInfo, pod_labels, pod_ref, self_set_labels, shared, validate_service},
     selector,
     state::PodRef,
 };
@@ -176,9 +176,7 @@ fn add_workloads(
             ));
             continue;
         }
-        raw.cluster
-            .pods
-            .push(Arc::new(PodInfo::from(template_pod(w))));
+        raw.cluster.pods.push(Arc::new(PodInfo::from(template_pod(w))));
         out.insert(r, w.kind.clone());
     }
     out
@@ -241,24 +239,13 @@ pub async fn list_all(client: kube::Client) -> Result<manifests::Loaded> {
     }
     let mut out = manifests::Loaded::default();
     let c = &mut out.cluster;
-    c.namespaces = list::<Namespace>(&client)
-        .await
-        .context("Namespaces")?
-        .into_iter()
-        .map(Arc::new)
-        .collect();
-    c.pods = list::<Pod>(&client)
-        .await
-        .context("Pods")?
-        .into_iter()
-        .map(|p| Arc::new(PodInfo::from(p)))
-        .collect();
-    c.policies = list::<NetworkPolicy>(&client)
-        .await
-        .context("NetworkPolicies")?
-        .into_iter()
-        .map(Arc::new)
-        .collect();
+    c.namespaces = shared(list::<Namespace>(&client).await.context("Namespaces")?);
+    c.pods = shared(list::<Pod>(&client).await.context("Pods")?);
+    c.policies = shared(
+        list::<NetworkPolicy>(&client)
+            .await
+            .context("NetworkPolicies")?,
+    );
     for s in list::<Service>(&client).await.context("Services")? {
         match validate_service(&s) {
             Ok(()) => c.services.push(Arc::new(s)),

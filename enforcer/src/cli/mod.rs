@@ -83,7 +83,7 @@ enum Command {
         /// Destination port.
         #[arg(long)]
         port: u16,
-        #[arg(long, value_enum, default_value_t)]
+        #[arg(long, value_enum, default_value_t, ignore_case = true)]
         protocol: explain::Protocol,
         /// As the agent's --require-identity: pod and namespace peers must be verified
         /// (offline, no address is verified).
