@@ -1695,6 +1695,15 @@ impl Report {
                 churn
             );
         }
+        let planned = st.points.len() * st.modes.len();
+        if sc.points.len() < planned {
+            let _ = writeln!(
+                s,
+                "\nThis run measured {} of the {} points it was set for; the others were not reached.",
+                sc.points.len(),
+                planned
+            );
+        }
         s.push('\n');
         let failed: Vec<&scale::Point> = sc.points.iter().filter(|p| p.error.is_some()).collect();
         if !failed.is_empty() {
@@ -1735,7 +1744,7 @@ impl Report {
         }
         let _ = writeln!(
             s,
-            "{} of {} points missed at least one target. Per point, from the agent's own `/metrics` over the single events (mean per change: compile; reconcile = compile + programming the maps) and the start-up split (start → the health server answering, i.e. programs loaded, then → ready: the input loaded, compiled and programmed):\n",
+            "{} of {} points missed at least one target. Per point, from the agent's own `/metrics` over the single events (mean per change: compile; reconcile = compile + programming the maps, its mean lowered by the periodic resyncs it also counts) and the start-up split (start → the health server answering, i.e. programs loaded, then → ready: the input loaded, compiled and programmed):\n",
             misses.len(),
             sc.points.len()
         );
