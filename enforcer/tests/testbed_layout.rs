@@ -57,7 +57,7 @@ fn scale_cluster_folder_loads_as_its_values_and_compiles_without_problems() {
     let c = small_cluster();
     let dir = tempfile::tempdir().unwrap();
     c.write_dir(dir.path(), 50).unwrap();
-    let mut from_yaml = Vec::new();
+    let mut from_yaml: Vec<Value> = Vec::new();
     for e in std::fs::read_dir(dir.path()).unwrap() {
         let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
         for doc in serde_yaml::Deserializer::from_str(&text) {
