@@ -26,9 +26,9 @@ use serde_json::{Value, json};
 
 use crate::apiserver::ApiServer;
 
-/// Agent flags every point needs beyond the defaults: today's default peers map (65,536
-/// entries) does not hold a 100k-pod cluster. The one place to drop it once the defaults fit.
-pub const AGENT_FLAGS: &[&str] = &["--peers-map-size", "262144"];
+/// Agent flags every point adds to the defaults (none: the default peers maps hold a 100k-pod
+/// cluster and grow past it).
+pub const AGENT_FLAGS: &[&str] = &[];
 
 /// The targets (issue: cluster scale).
 pub const RSS_TARGET_MIB: f64 = 256.0;
