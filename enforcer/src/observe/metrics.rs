@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use enforcer_common::{REASON_COUNT, REASON_NAMES, is_drop_reason};
+use enforcer_common::{REASON_COUNT, REASON_NAMES, verdict_name};
 use enforcer_policy::model::SelfSetLabel;
 
 use super::VerifiedPods;
@@ -363,11 +363,7 @@ impl Status {
         let mut bytes = String::new();
         for reason in 0..REASON_COUNT as u8 {
             let (p, b) = i.packets.get(reason as usize).copied().unwrap_or_default();
-            let verdict = if is_drop_reason(reason) {
-                "dropped"
-            } else {
-                "allowed"
-            };
+            let verdict = verdict_name(reason);
             let name = REASON_NAMES[reason as usize];
             let _ = writeln!(
                 o,
@@ -389,11 +385,7 @@ impl Status {
                 "# HELP enforcer_pod_packets_total Packets by pod, verdict and reason\n# TYPE enforcer_pod_packets_total counter"
             );
             for ((pod, reason), (p, _)) in &i.per_pod {
-                let verdict = if is_drop_reason(*reason) {
-                    "dropped"
-                } else {
-                    "allowed"
-                };
+                let verdict = verdict_name(*reason);
                 let name = REASON_NAMES
                     .get(*reason as usize)
                     .copied()
