@@ -524,6 +524,11 @@ pub const CT_SERVICE: u32 = 1 << 7;
 /// The rule of a Service flow allowed without a policy rule (its backend is the pod itself or
 /// a node): marks the flow as judged.
 pub const RULE_IMPLICIT: u32 = u32::MAX;
+/// The rule of a flow no policy entry allows, let through because only audit policies isolate
+/// its direction (`EP_*_AUDIT`): the would-drop mark of its conntrack entry. Its first packet
+/// is counted and reported as [`reason::ALLOW_AUDIT`]; once an enforcing policy isolates the
+/// direction, the endpoint's epoch moves and the re-check revokes the flow like any other.
+pub const RULE_AUDIT: u32 = u32::MAX - 1;
 
 /// TCP header flags, as in byte 13 of the header.
 pub const TCP_FIN: u8 = 0x01;

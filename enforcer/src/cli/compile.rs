@@ -118,11 +118,18 @@ pub fn compile_report(dir: &Path, node_name: Option<String>, entries: bool) -> R
                 })
                 .map(|r| format!("{}/{}", r.refusal.namespace, r.refusal.name))
                 .collect();
-            let by_refused = if refused.is_empty() {
+            let mut by_refused = if refused.is_empty() {
                 String::new()
             } else {
                 format!(" (isolated by refused policy {})", refused.join(", "))
             };
+            // Only audit policies isolate it: what they deny passes as would-drop.
+            if let Some(audit) = s.audited.get(&(ep.info.id, dir)) {
+                by_refused.push_str(&format!(
+                    " (audit only, by {}: denials pass as would-drop)",
+                    audit.join(", ")
+                ));
+            }
             let mut rules: BTreeMap<String, usize> = BTreeMap::new();
             for (k, v) in s
                 .policy

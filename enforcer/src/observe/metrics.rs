@@ -552,12 +552,17 @@ mod tests {
         s.observe_compile(Duration::from_millis(30));
         let mut packets = vec![(0, 0); REASON_COUNT as usize];
         packets[enforcer_common::reason::DROP_POLICY as usize] = (7, 700);
+        packets[enforcer_common::reason::ALLOW_AUDIT as usize] = (3, 300);
         s.set_packets(packets, BTreeMap::new());
         s.set_maps(vec![("POLICY".into(), 5, 10)]);
         let t = s.render();
         assert!(
             t.contains("enforcer_packets_total{verdict=\"dropped\",reason=\"policy-denied\"} 7"),
             "{t}"
+        );
+        assert!(
+            t.contains("enforcer_packets_total{verdict=\"would-drop\",reason=\"audit\"} 3"),
+            "audit mode's would-drop apart from drops: {t}"
         );
         assert!(
             t.contains("enforcer_reconcile_seconds_bucket{le=\"0.005\"} 1"),
