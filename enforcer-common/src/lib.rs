@@ -167,11 +167,10 @@ pub const EP_EGRESS_ISOLATED: u32 = 1 << 1;
 pub const EP_HAS_V4: u32 = 1 << 2;
 /// `ipv6` holds the pod's IPv6 address.
 pub const EP_HAS_V6: u32 = 1 << 3;
-/// Ingress is isolated by audit policies only (with [`EP_INGRESS_ISOLATED`]): a new inbound
-/// flow no policy entry allows is let through as [`reason::ALLOW_AUDIT`] (would-drop), and the
-/// entries are the audit policies' own. No enforcing policy isolates this direction (when one
-/// does, the entries are the enforcing policies' and this flag is clear): enforcement is
-/// exactly as if the audit policies did not exist.
+/// Ingress is isolated by audit policies only: no enforcing policy isolates it, so it is not
+/// [`EP_INGRESS_ISOLATED`] and enforcement is exactly as if the audit policies did not exist.
+/// The programs do not act on it yet (see `docs/audit.md`); [`reason::ALLOW_AUDIT`] is where
+/// their would-drop verdict will be counted.
 pub const EP_INGRESS_AUDIT: u32 = 1 << 4;
 /// Egress is isolated by audit policies only (see [`EP_INGRESS_AUDIT`]).
 pub const EP_EGRESS_AUDIT: u32 = 1 << 5;
@@ -524,11 +523,6 @@ pub const CT_SERVICE: u32 = 1 << 7;
 /// The rule of a Service flow allowed without a policy rule (its backend is the pod itself or
 /// a node): marks the flow as judged.
 pub const RULE_IMPLICIT: u32 = u32::MAX;
-/// The rule of a flow no policy entry allows, let through because only audit policies isolate
-/// its direction (`EP_*_AUDIT`): the would-drop mark of its conntrack entry. Its first packet
-/// is counted and reported as [`reason::ALLOW_AUDIT`]; once an enforcing policy isolates the
-/// direction, the endpoint's epoch moves and the re-check revokes the flow like any other.
-pub const RULE_AUDIT: u32 = u32::MAX - 1;
 
 /// TCP header flags, as in byte 13 of the header.
 pub const TCP_FIN: u8 = 0x01;
@@ -909,9 +903,9 @@ pub mod reason {
     /// A deferred packet whose original destination could not be found again after the
     /// translation (its slot was taken by another packet meanwhile): fail closed.
     pub const DROP_UNRESOLVED: u8 = 21;
-    /// A new flow (or an established one re-checked after a policy change) that no policy
-    /// entry allows, in a direction isolated by audit policies only: allowed, and reported as
-    /// `would-drop`. An allow.
+    /// A new flow that no policy entry allows, in a direction isolated by audit policies only:
+    /// allowed, and reported as `would-drop`. An allow. Reserved: the programs do not emit it
+    /// yet.
     pub const ALLOW_AUDIT: u8 = 22;
 }
 pub const REASON_FIRST_DROP: u8 = reason::DROP_POLICY;

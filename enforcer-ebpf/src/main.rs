@@ -37,8 +37,8 @@ use aya_ebpf::{
 use enforcer_common::{
     CONFIG_LOG_ALLOWED, CT_ORIGIN_A, CT_ORIGIN_EGRESS, CT_REVOKED, CT_SERVICE, Config, DIR_EGRESS,
     DIR_INGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6, EP_INGRESS_ISOLATED, EndpointInfo,
-    FAMILY_V4, FragValue, IDENTITY_ANY, IDENTITY_HOST, PROTO_TCP, RULE_AUDIT, RULE_IMPLICIT,
-    SERVICE_MARK_MASK, SVC_PROG_JUDGE, SVC_PROG_TO_POD, audit_only_in, reason, tcp_flags_after,
+    FAMILY_V4, FragValue, IDENTITY_ANY, IDENTITY_HOST, PROTO_TCP, RULE_IMPLICIT, SERVICE_MARK_MASK,
+    SVC_PROG_JUDGE, SVC_PROG_TO_POD, reason, tcp_flags_after,
 };
 
 use crate::{
@@ -170,23 +170,12 @@ fn process(ctx: &TcContext, direction: u8) -> i32 {
     };
     let s = unsafe { &mut *s };
     s.pkt.clear();
-    let mut v = match decide(ctx, ep, s, direction, cfg, now, known) {
+    let v = match decide(ctx, ep, s, direction, cfg, now, known) {
         Ok(v) => v,
         Err(e) => Verdict::new(e.reason()),
     };
-    // A would-drop flow is decided as one a policy allows, with the audit mark for its rule
-    // (one path through tracking for both); its first packet is counted and reported as such.
-    if v.rule == RULE_AUDIT {
-        v.rule = 0;
-        if v.reason == reason::ALLOW_POLICY {
-            v.reason = reason::ALLOW_AUDIT;
-        }
-    }
     count(ep.id, direction, v.reason, bytes);
-    if v.is_drop()
-        || v.reason == reason::ALLOW_AUDIT
-        || (v.new_flow && config_flags(cfg) & CONFIG_LOG_ALLOWED != 0)
-    {
+    if v.is_drop() || (v.new_flow && config_flags(cfg) & CONFIG_LOG_ALLOWED != 0) {
         emit(ep.id, direction, &s.pkt, &v, bytes);
     }
     if v.is_drop() { TC_ACT_SHOT } else { TC_ACT_OK }
@@ -319,7 +308,7 @@ fn decide(
             v.rule = f.rule;
             s.pkt.sport = f.sport;
             s.pkt.dport = f.dport;
-        } else if !ep.isolated(dir) || audit_only_in(ep.flags, dir) {
+        } else if !ep.isolated(dir) {
             // Any first fragment would be allowed here as a new flow: nothing to bypass.
             v.reason = reason::ALLOW_NOT_ISOLATED;
         }
@@ -497,9 +486,6 @@ fn track(
                         oport,
                     ) {
                         Some(rule) => rule,
-                        // Only audit policies isolate it: kept, marked would-drop (enforcing
-                        // them would cut it here).
-                        None if audit_only_in(ep.flags, odir) => RULE_AUDIT,
                         None => {
                             // Keep a tombstone rather than forget the flow: forgotten, a
                             // packet from a side that is not isolated (a retransmission) would
@@ -586,13 +572,6 @@ fn track(
             Some(rule) => {
                 v.reason = reason::ALLOW_POLICY;
                 v.rule = rule;
-            }
-            // Only audit policies isolate this direction: allowed and tracked, marked
-            // would-drop. Once an enforcing policy isolates it, the endpoint's epoch moves and
-            // the re-check above revokes the flow like any other.
-            None if audit_only_in(ep.flags, dir) => {
-                v.reason = reason::ALLOW_POLICY;
-                v.rule = RULE_AUDIT;
             }
             None => {
                 v.reason = reason::DROP_POLICY;

@@ -21,7 +21,7 @@ use aya_ebpf::programs::TcContext;
 use enforcer_common::{
     CONFIG_LOG_ALLOWED, CT_REVOKED, CT_SERVICE, CtKey, DEFERRED_TTL_NS, DIR_EGRESS, Deferred,
     EndpointInfo, FAMILY_V4, IDENTITY_HOST, NodePortKey, RULE_IMPLICIT, SERVICE_MARK_MASK,
-    SERVICE_MARK_SHIFT, ServiceBackend, audit_only_in, deferred_slot, reason,
+    SERVICE_MARK_SHIFT, ServiceBackend, deferred_slot, reason,
 };
 
 use crate::{
@@ -233,11 +233,6 @@ pub fn judge(ctx: &TcContext) -> Judged {
                 pkt.dport,
             ) {
                 Some(r) => r,
-                // Only audit policies isolate its egress: allowed as would-drop.
-                None if audit_only_in(a.flags, DIR_EGRESS) => {
-                    v.reason = reason::ALLOW_AUDIT;
-                    RULE_IMPLICIT
-                }
                 None => 0,
             }
         }
@@ -292,8 +287,7 @@ pub fn judge(ctx: &TcContext) -> Judged {
         let _ = SERVICE_FLOWS.insert(&s.ct.v6, &backend, 0);
     }
     count(a.id, DIR_EGRESS, v.reason, bytes);
-    if v.is_drop() || v.reason == reason::ALLOW_AUDIT || config_flags(cfg) & CONFIG_LOG_ALLOWED != 0
-    {
+    if v.is_drop() || config_flags(cfg) & CONFIG_LOG_ALLOWED != 0 {
         emit(a.id, DIR_EGRESS, &s.pkt, &v, bytes);
     }
     if rule == 0 {
