@@ -180,6 +180,13 @@ pub const EP_EGRESS_ISOLATED: u32 = 1 << 1;
 pub const EP_HAS_V4: u32 = 1 << 2;
 /// `ipv6` holds the pod's IPv6 address.
 pub const EP_HAS_V6: u32 = 1 << 3;
+/// Ingress is isolated by audit policies only: no enforcing policy isolates it, so it is not
+/// [`EP_INGRESS_ISOLATED`] and enforcement is exactly as if the audit policies did not exist.
+/// The programs do not act on it yet (see `docs/audit.md`); [`reason::ALLOW_AUDIT`] is where
+/// their would-drop verdict will be counted.
+pub const EP_INGRESS_AUDIT: u32 = 1 << 4;
+/// Egress is isolated by audit policies only (see [`EP_INGRESS_AUDIT`]).
+pub const EP_EGRESS_AUDIT: u32 = 1 << 5;
 
 /// Bit of [`EndpointInfo::port_masks`] that says entries with protocol [`PROTO_ANY`] exist.
 pub const PORT_MASK_ANY_PROTO: u32 = 1 << 17;
@@ -219,6 +226,18 @@ pub const fn isolated_in(flags: u32, direction: u8) -> bool {
         EP_INGRESS_ISOLATED
     } else {
         EP_EGRESS_ISOLATED
+    };
+    flags & bit != 0
+}
+
+/// Whether endpoint `flags` isolate `direction` by audit policies only: a miss there is a
+/// would-drop, not a drop.
+#[inline(always)]
+pub const fn audit_only_in(flags: u32, direction: u8) -> bool {
+    let bit = if direction == DIR_INGRESS {
+        EP_INGRESS_AUDIT
+    } else {
+        EP_EGRESS_AUDIT
     };
     flags & bit != 0
 }
@@ -897,14 +916,30 @@ pub mod reason {
     /// A deferred packet whose original destination could not be found again after the
     /// translation (its slot was taken by another packet meanwhile): fail closed.
     pub const DROP_UNRESOLVED: u8 = 21;
+    /// A new flow that no policy entry allows, in a direction isolated by audit policies only:
+    /// allowed, and reported as `would-drop`. An allow. Reserved: the programs do not emit it
+    /// yet.
+    pub const ALLOW_AUDIT: u8 = 22;
 }
 pub const REASON_FIRST_DROP: u8 = reason::DROP_POLICY;
-pub const REASON_COUNT: u32 = 22;
+pub const REASON_COUNT: u32 = 23;
 
 /// Whether `reason` drops the packet.
 #[inline(always)]
 pub const fn is_drop_reason(reason: u8) -> bool {
-    reason >= REASON_FIRST_DROP && reason != reason::ALLOW_SERVICE
+    reason >= REASON_FIRST_DROP && reason != reason::ALLOW_SERVICE && reason != reason::ALLOW_AUDIT
+}
+
+/// The verdict label of `reason` (metrics, flow log): `dropped`, `would-drop` (allowed, but an
+/// audit policy would have dropped it) or `allowed`.
+pub const fn verdict_name(reason: u8) -> &'static str {
+    if is_drop_reason(reason) {
+        "dropped"
+    } else if reason == reason::ALLOW_AUDIT {
+        "would-drop"
+    } else {
+        "allowed"
+    }
 }
 
 /// Short, stable names of the reasons (metrics labels, flow log).
@@ -931,6 +966,7 @@ pub const REASON_NAMES: [&str; REASON_COUNT as usize] = [
     "flow-limit",
     "service",
     "unresolved",
+    "audit",
 ];
 
 /// Packets and bytes, per CPU.

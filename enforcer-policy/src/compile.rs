@@ -24,10 +24,10 @@ use std::{
 
 use crate::cidr::Cidr;
 use enforcer_common::{
-    DEFAULT_MAX_ENDPOINTS, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6,
-    EP_INGRESS_ISOLATED, EndpointInfo, IDENTITY_ANY, IDENTITY_FIRST_ALLOCATED, IDENTITY_HOST,
-    IDENTITY_SERVICE, IDENTITY_WORLD, NodePortKey, PORT_MASK_ANY_PROTO, PROTO_ANY, PeerInfo,
-    PolicyKey, PolicyValue,
+    DEFAULT_MAX_ENDPOINTS, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_AUDIT, EP_EGRESS_ISOLATED, EP_HAS_V4,
+    EP_HAS_V6, EP_INGRESS_AUDIT, EP_INGRESS_ISOLATED, EndpointInfo, IDENTITY_ANY,
+    IDENTITY_FIRST_ALLOCATED, IDENTITY_HOST, IDENTITY_SERVICE, IDENTITY_WORLD, NodePortKey,
+    PORT_MASK_ANY_PROTO, PROTO_ANY, PeerInfo, PolicyKey, PolicyValue,
 };
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
@@ -57,6 +57,8 @@ pub struct CompileOptions {
     /// Every policy's pod and namespace peers must be verified workloads
     /// (`--require-identity`), as if each carried the require-identity annotation.
     pub require_identity: bool,
+    /// Every policy audits (`--audit`), as if each carried the audit annotation.
+    pub audit: bool,
 }
 
 impl Default for CompileOptions {
@@ -66,6 +68,7 @@ impl Default for CompileOptions {
             node_ips: Vec::new(),
             max_endpoints: DEFAULT_MAX_ENDPOINTS,
             require_identity: false,
+            audit: false,
         }
     }
 }
@@ -1098,6 +1101,39 @@ fn contributions(
     }
 }
 
+/// `(namespace, name)` of the policies that audit ([`Cluster::policy_audits`]): of each
+/// namespace/name its first object, as [`parsed_policies`] keeps.
+fn audited_policies(cluster: &Cluster, audit_all: bool) -> BTreeSet<(&str, &str)> {
+    // Of each namespace name its first object decides, as `Cluster::namespace_object` reads.
+    let mut namespaces: HashMap<&str, bool> = HashMap::new();
+    for n in &cluster.namespaces {
+        if let Some(name) = n.metadata.name.as_deref() {
+            namespaces
+                .entry(name)
+                .or_insert_with(|| crate::model::audit_annotated(&n.metadata));
+        }
+    }
+    let mut seen = BTreeSet::new();
+    let mut out = BTreeSet::new();
+    for p in &cluster.policies {
+        let ns = p
+            .metadata
+            .namespace
+            .as_deref()
+            .filter(|n| !n.is_empty())
+            .unwrap_or("default");
+        let key = (ns, p.metadata.name.as_deref().unwrap_or_default());
+        if seen.insert(key)
+            && (audit_all
+                || crate::model::audit_annotated(&p.metadata)
+                || namespaces.get(ns).copied().unwrap_or(false))
+        {
+            out.insert(key);
+        }
+    }
+    out
+}
+
 /// Compiles the cluster for one node. Never panics; problems are in `errors`.
 pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations) -> Compiled {
     alloc.generation += 1;
@@ -1215,9 +1251,10 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
     let mut resolver: Option<PeerResolver<'_>> = None;
     let mut masks = vec![[0u32; 2]; locals.len()];
     let mut refused = Vec::new();
-    // Policies in order, so the first policy's rule wins a key two policies give (as the
-    // evaluator's "first allowing rule" does); numbering a rule only when it gives an entry.
-    // A refused policy's stand-in has no rules: it only isolates.
+    let audited = audited_policies(cluster, opts.audit);
+    // Per local endpoint, the directions (bit = direction) enforcing and audit policies isolate.
+    let mut isolated_by = vec![[0u8; 2]; locals.len()];
+    let mut outs: Vec<(Arc<PolicyOut>, bool)> = Vec::with_capacity(enforced.len());
     for facts in &enforced {
         let p = facts.enforced();
         let out = alloc.memo.output(facts, generation, |_| {
@@ -1228,13 +1265,10 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
                 p.require_identity || opts.require_identity,
             )
         });
+        let audit = audited.contains(&(p.namespace.as_str(), p.name.as_str()));
         for &(li, dir) in &out.isolates {
-            if let Some(l) = locals.get_mut(li as usize) {
-                l.info.flags |= if dir == DIR_INGRESS {
-                    EP_INGRESS_ISOLATED
-                } else {
-                    EP_EGRESS_ISOLATED
-                };
+            if let Some(by) = isolated_by.get_mut(li as usize) {
+                by[usize::from(audit)] |= 1 << dir;
             }
         }
         if let Some(r) = facts.refusal() {
@@ -1249,9 +1283,53 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
                 pods,
             });
         }
+        outs.push((out, audit));
+    }
+    // Enforcement is exactly as if no audit policy existed: only enforcing policies isolate and
+    // give entries. A direction only audit policies isolate is flagged `EP_*_AUDIT` and its
+    // audit policies are named in `state.audited`; the programs do not judge it yet.
+    let audit_only = |li: u32, dir: u8| {
+        isolated_by
+            .get(li as usize)
+            .is_some_and(|[e, a]| (e & 1 << dir) == 0 && (a & 1 << dir) != 0)
+    };
+    for (l, [e, a]) in locals.iter_mut().zip(&isolated_by) {
+        for (dir, iso, aud) in [
+            (DIR_INGRESS, EP_INGRESS_ISOLATED, EP_INGRESS_AUDIT),
+            (DIR_EGRESS, EP_EGRESS_ISOLATED, EP_EGRESS_AUDIT),
+        ] {
+            // The programs do not judge audit-only directions yet: not isolated, so enforcement
+            // is exactly as if the audit policies did not exist.
+            if e & 1 << dir != 0 {
+                l.info.flags |= iso;
+            }
+            if e & 1 << dir == 0 && a & 1 << dir != 0 {
+                l.info.flags |= aud;
+            }
+        }
+    }
+    // Policies in order, so the first policy's rule wins a key two policies give (as the
+    // evaluator's "first allowing rule" does); numbering a rule only when it gives an entry.
+    // A refused policy's stand-in has no rules: it only isolates.
+    for ((out, audit), facts) in outs.iter().zip(&enforced) {
+        let p = facts.enforced();
+        if *audit {
+            for &(li, dir) in &out.isolates {
+                if let (true, Some(l)) = (audit_only(li, dir), locals.get(li as usize)) {
+                    state
+                        .audited
+                        .entry((l.info.id, dir))
+                        .or_default()
+                        .push(format!("{}/{}", p.namespace, p.name));
+                }
+            }
+        }
         let mut rule_ids: Vec<((u8, u32), Option<u32>)> = Vec::new();
         for e in &out.entries {
             let (dir, ri) = (e.key.direction, e.rule);
+            if *audit {
+                continue;
+            }
             let rule_id = match rule_ids.iter().find(|(k, _)| *k == (dir, ri)) {
                 Some((_, id)) => *id,
                 None => {

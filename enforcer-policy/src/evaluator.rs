@@ -66,6 +66,9 @@ pub enum DirVerdict {
         /// As for `Denied`.
         ignored: Vec<SelfSetLabel>,
     },
+    /// Allowed: no enforcing policy isolates the pod for this direction, and these audit
+    /// policies isolate it with no rule that allows it. Enforcing them would drop it.
+    WouldDrop { policies: Vec<String> },
 }
 
 impl DirVerdict {
@@ -292,6 +295,12 @@ fn ports_match(
 }
 
 /// The verdict for traffic at `pod` in one direction with the peer at `peer_ip`.
+///
+/// enforcer's audit mode: the policies that audit ([`Cluster::policy_audits`]) take no part
+/// in what is enforced, which is the verdict of the enforcing policies alone. Only where those
+/// do not isolate the pod do the audit policies count, as if they enforced: what they would
+/// deny is [`DirVerdict::WouldDrop`] (allowed). Where enforcing policies isolate it, audit
+/// policies could only add allows, so they change nothing.
 pub fn direction_verdict(
     cluster: &Cluster,
     opts: &CompileOptions,
@@ -300,6 +309,26 @@ pub fn direction_verdict(
     peer_ip: IpAddr,
     protocol: u8,
     port: u16,
+) -> DirVerdict {
+    let flow = (pod, ingress, peer_ip, protocol, port);
+    let enforced = verdict_of(cluster, opts, false, flow);
+    if enforced != DirVerdict::NotIsolated {
+        return enforced;
+    }
+    match verdict_of(cluster, opts, true, flow) {
+        DirVerdict::Denied { policies, .. } | DirVerdict::NoIdentity { policies, .. } => {
+            DirVerdict::WouldDrop { policies }
+        }
+        v => v,
+    }
+}
+
+/// [`direction_verdict`] by the enforcing policies, or also by the audit ones (`with_audit`).
+fn verdict_of(
+    cluster: &Cluster,
+    opts: &CompileOptions,
+    with_audit: bool,
+    (pod, ingress, peer_ip, protocol, port): (&PodRef, bool, IpAddr, u8, u16),
 ) -> DirVerdict {
     let pods = cluster.policy_pods();
     let Some((_, this)) = pods.iter().find(|(r, _)| r == pod) else {
@@ -398,7 +427,7 @@ fn verdict_at(
     let mut asked_ns: BTreeSet<&str> = BTreeSet::new();
     for (policy, errors) in policies(cluster) {
         let ns = namespace_of(&policy.metadata);
-        if ns != pod.namespace {
+        if ns != pod.namespace || (!with_audit && cluster.policy_audits(policy, opts.audit)) {
             continue;
         }
         if !errors.is_empty() {

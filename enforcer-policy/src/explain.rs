@@ -552,6 +552,12 @@ impl fmt::Display for DirVerdict {
                 )?;
                 write_ignored(f, ignored)
             }
+            Self::WouldDrop { policies } => write!(
+                f,
+                "allowed, but would be dropped by {} (audit): only audit policies isolate the \
+                 pod for this direction, and no rule of theirs allows it",
+                policies.join(", ")
+            ),
         }
     }
 }
@@ -647,6 +653,14 @@ impl fmt::Display for Explanation {
             }
         }
         self.write_sides(f, "")?;
+        let audit = self.would_drop_by();
+        if self.allowed && !audit.is_empty() {
+            return writeln!(
+                f,
+                "verdict: ALLOWED (would be dropped by {} (audit))",
+                audit.join(", ")
+            );
+        }
         writeln!(
             f,
             "verdict: {}",
@@ -656,6 +670,17 @@ impl fmt::Display for Explanation {
 }
 
 impl Explanation {
+    /// The audit policies that would drop the flow if they enforced (either side), in order.
+    pub fn would_drop_by(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for side in [&self.egress, &self.ingress] {
+            if let DirVerdict::WouldDrop { policies } = &side.verdict {
+                out.extend(policies.iter().map(String::as_str));
+            }
+        }
+        out
+    }
+
     /// The egress and ingress lines, each after `indent`.
     fn write_sides(&self, f: &mut fmt::Formatter<'_>, indent: &str) -> fmt::Result {
         for (name, side) in [("egress ", &self.egress), ("ingress", &self.ingress)] {

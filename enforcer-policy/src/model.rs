@@ -163,6 +163,31 @@ pub fn requires_identity(policy: &NetworkPolicy, require_all: bool) -> bool {
             .is_some_and(|v| v.eq_ignore_ascii_case("true"))
 }
 
+/// A NetworkPolicy annotated `enforcer.dev/audit: "true"`, or any policy of a Namespace so
+/// annotated, audits: what it alone would deny is allowed and reported as would-drop, and
+/// enforcement is exactly as if it did not exist.
+pub const ANNOTATION_AUDIT: &str = "enforcer.dev/audit";
+
+/// Whether `meta` carries [`ANNOTATION_AUDIT`] set to `true`.
+pub fn audit_annotated(meta: &ObjectMeta) -> bool {
+    meta.annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_AUDIT))
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+}
+
+impl Cluster {
+    /// Whether `policy` audits rather than enforces: every policy does with `--audit`
+    /// (`audit_all`), else the policy's own annotation or its namespace's.
+    pub fn policy_audits(&self, policy: &NetworkPolicy, audit_all: bool) -> bool {
+        audit_all
+            || audit_annotated(&policy.metadata)
+            || self
+                .namespace_object(&crate::validate::namespace_of(&policy.metadata))
+                .is_some_and(|n| audit_annotated(&n.metadata))
+    }
+}
+
 /// The label the API server puts on every namespace.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 

@@ -107,6 +107,9 @@ pub struct DirectionReport {
     pub refused_by: Vec<String>,
     /// The rules allowing something, with their map entries.
     pub allowed_by: Vec<RuleEntries>,
+    /// When only audit policies select the pod for this direction: those policies (what they
+    /// deny passes, reported as would-drop).
+    pub audited_by: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -235,6 +238,7 @@ pub fn compile_loaded(loaded: &Loaded, node_name: Option<String>, entries: bool)
                     isolated: false,
                     refused_by: Vec::new(),
                     allowed_by: Vec::new(),
+                    audited_by: s.audited.get(&(ep.info.id, dir)).cloned().unwrap_or_default(),
                 };
             }
             // The refused policies isolating it: the isolation (or part of it) is theirs.
@@ -265,6 +269,7 @@ pub fn compile_loaded(loaded: &Loaded, node_name: Option<String>, entries: bool)
             }
             DirectionReport {
                 isolated: true,
+                audited_by: Vec::new(),
                 refused_by,
                 allowed_by: rules
                     .into_iter()
@@ -416,6 +421,14 @@ impl CompileReport {
                 p.pod, p.endpoint, p.identity
             );
             for (name, d) in [("ingress", &p.ingress), ("egress", &p.egress)] {
+                if !d.isolated && !d.audited_by.is_empty() {
+                    let _ = writeln!(
+                        o,
+                        "  {name}: not isolated (audit only, by {}: denials pass as would-drop)",
+                        d.audited_by.join(", ")
+                    );
+                    continue;
+                }
                 if !d.isolated {
                     let _ = writeln!(
                         o,

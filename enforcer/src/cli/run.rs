@@ -151,6 +151,10 @@ pub struct RunArgs {
     /// `enforcer.dev/require-identity: "true"` policy annotation).
     #[arg(long)]
     require_identity: bool,
+    /// Every policy audits: it enforces nothing, and `explain` says what it would drop (see
+    /// also the `enforcer.dev/audit: "true"` annotation on a policy or a Namespace).
+    #[arg(long)]
+    audit: bool,
     /// Address of the attestation endpoint (`POST /v1/attest`), served when keys are given.
     /// `[::]:PORT` serves IPv6 and IPv4 callers alike (IPv4 only on a host without IPv6).
     #[arg(long, default_value = "[::]:9902")]
@@ -284,6 +288,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             node_ips,
             max_endpoints: args.max_endpoints,
             require_identity: args.require_identity,
+            audit: args.audit,
         },
         datapath,
         status: status.clone(),

@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use enforcer_common::{DIR_INGRESS, FAMILY_V4, REASON_NAMES, VerdictEvent};
+use enforcer_common::{DIR_INGRESS, FAMILY_V4, REASON_NAMES, VerdictEvent, reason};
 use serde::Serialize;
 
 use enforcer_policy::{explain::protocol_label, model::pod_ref};
@@ -300,9 +300,17 @@ impl FlowLog {
                     verified: id.verified,
                 })
         };
-        let policy = view
-            .as_ref()
-            .and_then(|v| v.state.rules.get(&e.rule).map(ToString::to_string));
+        let policy = view.as_ref().and_then(|v| {
+            if e.reason == reason::ALLOW_AUDIT {
+                // No rule decided a would-drop: the audit policies isolating that direction did.
+                v.state
+                    .audited
+                    .get(&(e.endpoint, e.direction))
+                    .map(|p| p.join(", "))
+            } else {
+                v.state.rules.get(&e.rule).map(ToString::to_string)
+            }
+        });
         let reason = REASON_NAMES
             .get(e.reason as usize)
             .copied()
@@ -317,12 +325,7 @@ impl FlowLog {
         FlowRecord {
             time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
             node: self.node.clone(),
-            verdict: if enforcer_common::is_drop_reason(e.reason) {
-                "dropped"
-            } else {
-                "allowed"
-            }
-            .into(),
+            verdict: enforcer_common::verdict_name(e.reason).into(),
             reason: reason.into(),
             direction: if e.direction == DIR_INGRESS {
                 "ingress"
@@ -368,7 +371,7 @@ fn addrs(e: &VerdictEvent) -> (IpAddr, IpAddr) {
 
 #[cfg(test)]
 mod tests {
-    use enforcer_common::{DIR_EGRESS, PROTO_TCP, reason};
+    use enforcer_common::{DIR_EGRESS, PROTO_TCP};
     use enforcer_policy::{
         compile::{Allocations, CompileOptions, compile},
         model::{Cluster, shared},
@@ -603,5 +606,29 @@ mod tests {
         for bad in ["file:", "stderr", "/var/log/x"] {
             assert!(bad.parse::<FlowLogTarget>().is_err(), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn a_would_drop_names_the_audit_policies_that_isolate() {
+        let mut v = view();
+        let mut state = (*v.state).clone();
+        let ep = state.endpoints.values().next().unwrap().info.id;
+        state.audited.insert(
+            (ep, DIR_EGRESS),
+            vec!["x/lockdown".into(), "x/other".into()],
+        );
+        v.state = Arc::new(state);
+        let log = FlowLog::new(
+            Arc::new(Mutex::new(v)),
+            Arc::new(FlowLogStats::default()),
+            10,
+        );
+        let mut e = event([10, 0, 0, 1], [10, 0, 1, 2]);
+        e.endpoint = ep;
+        e.reason = reason::ALLOW_AUDIT;
+        let l = log.line(&e);
+        assert_eq!(l["verdict"], "would-drop");
+        assert_eq!(l["reason"], "audit");
+        assert_eq!(l["policy"], "x/lockdown, x/other");
     }
 }

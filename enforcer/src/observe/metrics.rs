@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use enforcer_common::{REASON_COUNT, REASON_NAMES, is_drop_reason};
+use enforcer_common::{REASON_COUNT, REASON_NAMES, verdict_name};
 use enforcer_policy::model::SelfSetLabel;
 
 use super::{VerifiedPods, report};
@@ -479,11 +479,7 @@ impl Status {
         let mut bytes = String::new();
         for reason in 0..REASON_COUNT as u8 {
             let (p, b) = i.packets.get(reason as usize).copied().unwrap_or_default();
-            let verdict = if is_drop_reason(reason) {
-                "dropped"
-            } else {
-                "allowed"
-            };
+            let verdict = verdict_name(reason);
             let name = REASON_NAMES[reason as usize];
             let _ = writeln!(
                 o,
@@ -505,11 +501,7 @@ impl Status {
                 "# HELP enforcer_pod_packets_total Packets by pod, verdict and reason\n# TYPE enforcer_pod_packets_total counter"
             );
             for ((pod, reason), (p, _)) in &i.per_pod {
-                let verdict = if is_drop_reason(*reason) {
-                    "dropped"
-                } else {
-                    "allowed"
-                };
+                let verdict = verdict_name(*reason);
                 let name = REASON_NAMES
                     .get(*reason as usize)
                     .copied()
@@ -683,12 +675,17 @@ mod tests {
         s.observe_compile(Duration::from_millis(30));
         let mut packets = vec![(0, 0); REASON_COUNT as usize];
         packets[enforcer_common::reason::DROP_POLICY as usize] = (7, 700);
+        packets[enforcer_common::reason::ALLOW_AUDIT as usize] = (3, 300);
         s.set_packets(packets, BTreeMap::new());
         s.set_maps(vec![("POLICY".into(), 5, 10)]);
         let t = s.render();
         assert!(
             t.contains("enforcer_packets_total{verdict=\"dropped\",reason=\"policy-denied\"} 7"),
             "{t}"
+        );
+        assert!(
+            t.contains("enforcer_packets_total{verdict=\"would-drop\",reason=\"audit\"} 3"),
+            "audit mode's would-drop apart from drops: {t}"
         );
         assert!(
             t.contains("enforcer_reconcile_seconds_bucket{le=\"0.005\"} 1"),
