@@ -12,7 +12,10 @@ use std::{
     str::FromStr,
 };
 
-use k8s_openapi::api::{core::v1::Pod, networking::v1::NetworkPolicy};
+use k8s_openapi::{
+    api::{core::v1::Pod, networking::v1::NetworkPolicy},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 
 use crate::{
     cidr::Cidr,
@@ -274,14 +277,12 @@ fn lint_pods(cluster: &Cluster) -> Vec<LintPod<'_>> {
     let mut out = Vec::new();
     for pod in &cluster.pods {
         let r = pod_ref(pod);
-        let host_network = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.host_network)
-            .unwrap_or(false);
-        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-        if !seen.insert(r.clone()) || host_network || matches!(phase, Some("Succeeded" | "Failed"))
-        {
+        let host_network = pod.spec.as_ref().and_then(|s| s.host_network) == Some(true);
+        let terminated = matches!(
+            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        );
+        if !seen.insert(r.clone()) || host_network || terminated {
             continue;
         }
         let labels = pod_labels(pod);
@@ -364,33 +365,17 @@ pub fn lint(cluster: &Cluster, opts: &LintOptions) -> LintReport {
 fn ignored_by_annotation(cluster: &Cluster, f: &Finding) -> bool {
     let o = &f.object;
     let ns = o.namespace.as_deref().unwrap_or_default();
-    let same = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-                namespaced: bool| {
+    let same = |m: &ObjectMeta, namespaced: bool| {
         m.name.as_deref() == Some(o.name.as_str()) && (!namespaced || namespace_of(m) == ns)
     };
-    let meta = match o.kind.as_str() {
-        "NetworkPolicy" => cluster
-            .policies
-            .iter()
-            .map(|p| &p.metadata)
-            .find(|m| same(m, true)),
-        "Pod" => cluster
-            .pods
-            .iter()
-            .map(|p| &p.metadata)
-            .find(|m| same(m, true)),
-        "Service" => cluster
-            .services
-            .iter()
-            .map(|p| &p.metadata)
-            .find(|m| same(m, true)),
-        "Namespace" => cluster
-            .namespaces
-            .iter()
-            .map(|p| &p.metadata)
-            .find(|m| same(m, false)),
-        _ => None,
+    let metas: Vec<&ObjectMeta> = match o.kind.as_str() {
+        "NetworkPolicy" => cluster.policies.iter().map(|p| &p.metadata).collect(),
+        "Pod" => cluster.pods.iter().map(|p| &p.metadata).collect(),
+        "Service" => cluster.services.iter().map(|p| &p.metadata).collect(),
+        "Namespace" => cluster.namespaces.iter().map(|p| &p.metadata).collect(),
+        _ => Vec::new(),
     };
+    let meta = metas.into_iter().find(|m| same(m, o.kind != "Namespace"));
     meta.and_then(|m| m.annotations.as_ref())
         .and_then(|a| a.get(ANNOTATION_LINT_IGNORE))
         .is_some_and(|v| {

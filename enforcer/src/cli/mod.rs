@@ -1,11 +1,13 @@
 //! The `enforcer` command line, one file per subcommand: the node agent ([`run`]), the offline
-//! tools on the same compiler ([`compile`], [`explain`]), [`status`] of a running agent,
+//! tools on the same compiler ([`compile`], [`explain`], [`lint`]), [`status`] of a running agent,
 //! [`cleanup`], and the workload's side of identity ([`attest`]).
 
 pub mod attest;
 pub mod cleanup;
 pub mod compile;
 pub mod explain;
+pub mod lint;
+mod live;
 pub mod run;
 pub mod status;
 
@@ -63,6 +65,11 @@ enum Command {
         #[arg(long)]
         require_identity: bool,
     },
+    /// Lint policies for CI: policies and peers that select nothing, unmatched named ports,
+    /// ipBlocks over pods, disguised allow-alls, shadowed rules, missing default denies,
+    /// unprovable identities, self-set reserved labels, refused objects (offline, no root).
+    /// Exit codes: 0 clean, 1 a finding at or above --fail-on, 2 unreadable input.
+    Lint(Box<lint::LintArgs>),
     /// The running agent at a glance: readiness, pods, packets by verdict and reason, map fill,
     /// identity verifications (read from its /metrics).
     Status {
@@ -110,6 +117,7 @@ pub fn main() -> Result<()> {
             );
             Ok(())
         }
+        Command::Lint(args) => std::process::exit(lint::run(&args)),
         Command::Status { health_addr } => {
             let (_, metrics) = status::http_get(health_addr, "/metrics").with_context(|| {
                 format!("reading http://{health_addr}/metrics: is the agent running?")
