@@ -11,6 +11,7 @@ pub mod decision;
 pub mod evaluator;
 pub mod explain;
 pub mod intern;
+pub mod lint;
 mod memo;
 pub mod model;
 pub mod selector;

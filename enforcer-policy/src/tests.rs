@@ -260,7 +260,7 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-fn opts() -> CompileOptions {
+pub(crate) fn opts() -> CompileOptions {
     CompileOptions {
         node_name: Some("node-a".into()),
         node_ips: vec![ip("10.0.9.1"), ip("fd00::9:1")],
@@ -568,7 +568,7 @@ mod strategies {
     }
 }
 
-fn flow_peers() -> Vec<IpAddr> {
+pub(crate) fn flow_peers() -> Vec<IpAddr> {
     let mut v: Vec<IpAddr> = (0..7)
         .map(|i| ip(&format!("10.0.{}.{}", i % 3, 10 + i)))
         .collect();
@@ -596,7 +596,7 @@ fn flow_peers() -> Vec<IpAddr> {
     v
 }
 
-fn cluster_strategy() -> impl Strategy<Value = Cluster> {
+pub(crate) fn cluster_strategy() -> impl Strategy<Value = Cluster> {
     let pods = (0..7usize)
         .map(strategies::pod_strategy)
         .collect::<Vec<_>>();
@@ -657,7 +657,7 @@ fn cluster_strategy() -> impl Strategy<Value = Cluster> {
         )
 }
 
-fn flows_strategy() -> impl Strategy<Value = Vec<(u8, u16)>> {
+pub(crate) fn flows_strategy() -> impl Strategy<Value = Vec<(u8, u16)>> {
     proptest::collection::vec(
         (
             proptest::sample::select(

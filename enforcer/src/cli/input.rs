@@ -138,7 +138,18 @@ pub fn load(input: &Input) -> Result<Loaded> {
     Ok(Loaded {
         cluster,
         warnings,
-        files: raw.origins,
+        files: raw
+            .origins
+            .into_iter()
+            .map(|((kind, ns, name), o)| {
+                let key = if kind == "Namespace" {
+                    format!("{kind} {name}")
+                } else {
+                    format!("{kind} {ns}/{name}")
+                };
+                (key, o.file)
+            })
+            .collect(),
         workloads,
     })
 }

@@ -1,5 +1,5 @@
 //! The `enforcer` command line, one file per subcommand: the node agent ([`run`]), the offline
-//! tools on the same compiler ([`compile`], [`explain`]), [`status`] of a running agent,
+//! tools on the same compiler ([`compile`], [`explain`], [`lint`]), [`status`] of a running agent,
 //! [`cleanup`], and the workload's side of identity ([`attest`]).
 
 pub mod attest;
@@ -7,6 +7,8 @@ pub mod cleanup;
 pub mod compile;
 pub mod explain;
 pub mod input;
+pub mod lint;
+mod live;
 pub mod logging;
 pub mod output;
 pub mod run;
@@ -92,6 +94,11 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },
+    /// Lint policies for CI: policies and peers that select nothing, unmatched named ports,
+    /// ipBlocks over pods, disguised allow-alls, shadowed rules, missing default denies,
+    /// unprovable identities, self-set reserved labels, refused objects (offline, no root).
+    /// Exit codes: 0 clean, 1 a finding at or above --fail-on, 2 unreadable input.
+    Lint(Box<lint::LintArgs>),
     /// The running agent at a glance (its /status): readiness, pods, packets by verdict and
     /// reason, map fill, refused policies, verified identities. Exit 0 ready, 1 not ready.
     Status {
@@ -176,6 +183,8 @@ fn dispatch(command: Command) -> Result<Exit> {
                 require_identity,
             };
             Ok(print(explain::run(&input.input(), &q, output)?))
+        }
+        Command::Lint(args) => Ok(Exit::from_code(lint::run(&args))),
         }
         Command::Status {
             health_addr,

@@ -6,7 +6,7 @@
 //! everything else still loads.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fmt,
     path::{Path, PathBuf},
     sync::Arc,
@@ -61,10 +61,26 @@ pub struct Loaded {
     pub ignored: Vec<String>,
     /// The workloads' pod templates, in load order (not part of [`Loaded::cluster`]).
     pub workloads: Vec<Workload>,
-    /// The file each object came from, by `Kind namespace/name` (`Kind name` for a Namespace).
-    pub origins: std::collections::BTreeMap<String, PathBuf>,
     /// (kind, namespace, name) of the objects loaded so far.
     seen: BTreeSet<(String, String, String)>,
+    /// Where each object loaded came from, by (kind, namespace or `""`, name): for the tools
+    /// that point at a line (`lint`). Kept by [`load_text`], not by [`merge_all`].
+    pub origins: BTreeMap<(String, String, String), Origin>,
+    /// `(namespace, name)` of the ServiceAccount objects: which identities a workload can
+    /// prove (`lint`); the agent reads no ServiceAccount.
+    pub service_accounts: BTreeSet<(String, String)>,
+}
+
+/// Where an object was read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub file: PathBuf,
+    /// Index of the YAML document in the file (0-based); `None` for JSON.
+    pub document: Option<usize>,
+    /// 1-based line where the object's document starts; `None` for JSON.
+    pub line: Option<usize>,
+    /// `items[i]` inside a List.
+    pub item: Option<String>,
 }
 
 impl Loaded {
@@ -186,13 +202,14 @@ pub fn load_text(file: &Path, text: &str, loaded: &mut Loaded) {
     };
     if file.extension().and_then(|e| e.to_str()) == Some("json") {
         match serde_json::from_str::<Value>(text) {
-            Ok(v) => load_value(file, None, v, None, loaded),
+            Ok(v) => load_value(file, (None, None), v, None, loaded),
             Err(e) => loaded
                 .errors
                 .push(err(None, None, format!("invalid JSON: {e}"))),
         }
         return;
     }
+    let lines = document_lines(text);
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let value = match serde_yaml::Value::deserialize(doc) {
             Ok(v) => v,
@@ -208,12 +225,34 @@ pub fn load_text(file: &Path, text: &str, loaded: &mut Loaded) {
             continue;
         }
         match serde_json::to_value(&value) {
-            Ok(v) => load_value(file, Some(i), v, None, loaded),
+            Ok(v) => load_value(file, (Some(i), lines.get(i).copied()), v, None, loaded),
             Err(e) => loaded
                 .errors
                 .push(err(Some(i), None, format!("unsupported YAML: {e}"))),
         }
     }
+}
+
+/// The 1-based line where each YAML document of `text` starts, in the order the parser yields
+/// them: a `---` line starts a document, and text before the first one (other than comments and
+/// blank lines) is a document too.
+pub fn document_lines(text: &str) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut content_before_marker = None;
+    for (n, line) in text.lines().enumerate() {
+        if line == "---" || line.starts_with("--- ") {
+            out.push(n + 2);
+        } else if out.is_empty() && content_before_marker.is_none() {
+            let t = line.trim_start();
+            if !t.is_empty() && !t.starts_with('#') {
+                content_before_marker = Some(n + 1);
+            }
+        }
+    }
+    if let Some(first) = content_before_marker {
+        out.insert(0, first);
+    }
+    out
 }
 
 fn describe(v: &Value, kind: &str) -> String {
@@ -244,7 +283,7 @@ fn typed<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, String> {
 
 fn load_value(
     file: &Path,
-    document: Option<usize>,
+    (document, line): (Option<usize>, Option<usize>),
     v: Value,
     item: Option<String>,
     loaded: &mut Loaded,
@@ -277,15 +316,17 @@ fn load_value(
             } else {
                 enforcer_policy::validate::namespace_of(meta)
             };
-            let name = meta.name.clone().unwrap_or_default();
-            let origin = if kind == "Namespace" {
-                format!("{kind} {name}")
-            } else {
-                format!("{kind} {ns}/{name}")
-            };
-            let key = (kind.clone(), ns, name);
-            if loaded.seen.insert(key) {
-                loaded.origins.insert(origin, file.to_path_buf());
+            let key = (kind.clone(), ns, meta.name.clone().unwrap_or_default());
+            if loaded.seen.insert(key.clone()) {
+                loaded.origins.insert(
+                    key,
+                    Origin {
+                        file: file.to_path_buf(),
+                        document,
+                        line,
+                        item: item.clone(),
+                    },
+                );
                 return true;
             }
             fail(
@@ -359,6 +400,16 @@ fn load_value(
             }
             Err(m) => fail(loaded, m),
         },
+        "ServiceAccount" => match typed::<k8s_openapi::api::core::v1::ServiceAccount>(v) {
+            Ok(o) => {
+                let ns = enforcer_policy::validate::namespace_of(&o.metadata);
+                if first(loaded, &o.metadata) {
+                    let name = o.metadata.name.unwrap_or_default();
+                    loaded.service_accounts.insert((ns, name));
+                }
+            }
+            Err(m) => fail(loaded, m),
+        },
         k if k == "List" || k.ends_with("List") => match v.get("items") {
             Some(Value::Array(items)) => {
                 for (i, it) in items.iter().enumerate() {
@@ -366,7 +417,7 @@ fn load_value(
                         Some(outer) => format!("{outer}.items[{i}]"),
                         None => format!("items[{i}]"),
                     };
-                    load_value(file, document, it.clone(), Some(at), loaded);
+                    load_value(file, (document, line), it.clone(), Some(at), loaded);
                 }
             }
             Some(Value::Null) | None => {}
@@ -683,11 +734,39 @@ spec:
         assert_eq!(
             loaded
                 .origins
-                .get("Deployment x/web")
-                .map(|p| p.display().to_string())
+                .get(&("Deployment".to_string(), "x".to_string(), "web".to_string()))
+                .map(|o| o.file.display().to_string())
                 .as_deref(),
             Some("w.yaml")
         );
+    }
+
+    /// Each object's file, document and first line are kept, ServiceAccounts are collected, and
+    /// a leading comment or `---` does not shift the document count.
+    #[test]
+    fn origins_and_service_accounts_are_kept() {
+        let text = "# a comment\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: sa, namespace: x}\n---\n---\napiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: Pod, metadata: {name: a, namespace: x}}\n";
+        assert_eq!(document_lines(text), [3, 7, 8]);
+        assert_eq!(document_lines("a: 1\n---\nb: 2\n"), [1, 3]);
+        let mut loaded = Loaded::default();
+        load_text(Path::new("f.yaml"), text, &mut loaded);
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        assert_eq!(
+            loaded.service_accounts,
+            BTreeSet::from([("x".to_string(), "sa".to_string())])
+        );
+        let key = |k: &str| (k.to_string(), "x".to_string(), "a".to_string());
+        let o = &loaded.origins[&key("Pod")];
+        assert_eq!(
+            (o.file.as_path(), o.document, o.line, o.item.as_deref()),
+            (Path::new("f.yaml"), Some(2), Some(8), Some("items[0]"))
+        );
+        let sa = &loaded.origins[&(
+            "ServiceAccount".to_string(),
+            "x".to_string(),
+            "sa".to_string(),
+        )];
+        assert_eq!((sa.document, sa.line), (Some(0), Some(3)));
     }
 
     const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: x}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, \"fd00:96::10\"]\n  selector: {app: web}\n  ports:\n  - {name: http, port: 80, targetPort: http, nodePort: 30080}\n";
