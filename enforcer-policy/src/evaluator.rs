@@ -311,11 +311,17 @@ pub fn direction_verdict(
     port: u16,
 ) -> DirVerdict {
     let flow = (pod, ingress, peer_ip, protocol, port);
-    let enforced = verdict_of(cluster, opts, false, flow);
+    audited(|with_audit| verdict_of(cluster, opts, with_audit, flow))
+}
+
+/// The enforcing policies' verdict (`verdict(false)`); where they do not isolate, the audit
+/// policies' would-drop (`verdict(true)`, a denial turned into [`DirVerdict::WouldDrop`]).
+fn audited(verdict: impl Fn(bool) -> DirVerdict) -> DirVerdict {
+    let enforced = verdict(false);
     if enforced != DirVerdict::NotIsolated {
         return enforced;
     }
-    match verdict_of(cluster, opts, true, flow) {
+    match verdict(true) {
         DirVerdict::Denied { policies, .. } | DirVerdict::NoIdentity { policies, .. } => {
             DirVerdict::WouldDrop { policies }
         }
@@ -337,6 +343,7 @@ fn verdict_of(
     verdict_at(
         cluster,
         opts,
+        with_audit,
         (pod, this),
         ingress,
         &Peer::Addr(peer_ip),
@@ -385,12 +392,25 @@ pub fn direction_verdict_as_written(
     let Some((_, this)) = pods.iter().find(|(r, _)| r == pod) else {
         return DirVerdict::NotEnforced;
     };
-    verdict_at(cluster, opts, (pod, this), ingress, peer, protocol, port)
+    audited(|with_audit| {
+        verdict_at(
+            cluster,
+            opts,
+            with_audit,
+            (pod, this),
+            ingress,
+            peer,
+            protocol,
+            port,
+        )
+    })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn verdict_at(
     cluster: &Cluster,
     opts: &CompileOptions,
+    with_audit: bool,
     (pod, this): (&PodRef, &PodInfo),
     ingress: bool,
     peer: &Peer,

@@ -13,15 +13,14 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::{core::v1::Pod, networking::v1::NetworkPolicy},
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    api::networking::v1::NetworkPolicy, apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
 use crate::{
     cidr::Cidr,
-    compile::{Allocations, CompileError, CompileOptions, compile, named_ports},
+    compile::{Allocations, CompileError, CompileOptions, compile},
     model::{
-        Cluster, LABEL_NAMESPACE, LABEL_SERVICE_ACCOUNT, pod_ips, pod_labels, pod_ref,
+        Cluster, LABEL_NAMESPACE, LABEL_SERVICE_ACCOUNT, PodInfo, pod_ips, pod_labels, pod_ref,
         requires_identity, self_set_labels,
     },
     selector::{Labels, Requirement, Selector},
@@ -242,7 +241,7 @@ pub struct LintReport {
 /// A pod as the linter reads it.
 struct LintPod<'c> {
     r: PodRef,
-    pod: &'c Pod,
+    pod: &'c PodInfo,
     /// Its labels as a policy's podSelector sees them (own reserved labels left out).
     labels: Labels,
     /// Its labels as a peer selector sees them once it is verified: plus the reserved labels
@@ -262,12 +261,11 @@ struct Cx<'c> {
 }
 
 /// `spec.serviceAccountName` (or the deprecated `spec.serviceAccount`), else `default`.
-fn service_account(pod: &Pod) -> String {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.service_account_name.clone().or(s.service_account.clone()))
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "default".to_string())
+fn service_account(pod: &PodInfo) -> String {
+    pod.service_account
+        .as_deref()
+        .unwrap_or("default")
+        .to_string()
 }
 
 /// Pods that policies apply to, address or not: one per name (the first), not host-network
@@ -277,12 +275,7 @@ fn lint_pods(cluster: &Cluster) -> Vec<LintPod<'_>> {
     let mut out = Vec::new();
     for pod in &cluster.pods {
         let r = pod_ref(pod);
-        let host_network = pod.spec.as_ref().and_then(|s| s.host_network) == Some(true);
-        let terminated = matches!(
-            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-            Some("Succeeded" | "Failed")
-        );
-        if !seen.insert(r.clone()) || host_network || terminated {
+        if !seen.insert(r.clone()) || pod.host_network || pod.terminated {
             continue;
         }
         let labels = pod_labels(pod);
@@ -291,7 +284,7 @@ fn lint_pods(cluster: &Cluster) -> Vec<LintPod<'_>> {
         verified.insert(LABEL_NAMESPACE.to_string(), r.namespace.clone());
         out.push(LintPod {
             r,
-            pod,
+            pod: &**pod,
             labels,
             verified,
         });
@@ -370,7 +363,7 @@ fn ignored_by_annotation(cluster: &Cluster, f: &Finding) -> bool {
     };
     let metas: Vec<&ObjectMeta> = match o.kind.as_str() {
         "NetworkPolicy" => cluster.policies.iter().map(|p| &p.metadata).collect(),
-        "Pod" => cluster.pods.iter().map(|p| &p.metadata).collect(),
+        // The compact pods keep no annotations: a Pod's finding is silenced by --disable.
         "Service" => cluster.services.iter().map(|p| &p.metadata).collect(),
         "Namespace" => cluster.namespaces.iter().map(|p| &p.metadata).collect(),
         _ => Vec::new(),
@@ -756,13 +749,7 @@ impl<'c> Cx<'c> {
             .collect();
         let mut nodes: BTreeSet<IpAddr> = self.opts.node_ips.iter().copied().collect();
         for p in &self.cluster.pods {
-            let Some(s) = &p.status else { continue };
-            let host = s.host_ips.iter().flatten().map(|h| h.ip.as_str());
-            for ip in host.chain(s.host_ip.as_deref()) {
-                if let Ok(ip) = ip.trim().parse() {
-                    nodes.insert(ip);
-                }
-            }
+            nodes.extend(p.host_ips.iter().copied());
         }
         let nodes: Vec<String> = nodes
             .into_iter()
@@ -837,7 +824,7 @@ impl<'c> Cx<'c> {
             };
             let declared: Vec<u8> = candidates
                 .iter()
-                .flat_map(|c| named_ports(c.pod))
+                .flat_map(|c| c.pod.named_ports.iter().cloned())
                 .filter(|(n, _, _)| n == name)
                 .map(|(_, pr, _)| pr)
                 .collect();

@@ -238,7 +238,11 @@ pub fn compile_loaded(loaded: &Loaded, node_name: Option<String>, entries: bool)
                     isolated: false,
                     refused_by: Vec::new(),
                     allowed_by: Vec::new(),
-                    audited_by: s.audited.get(&(ep.info.id, dir)).cloned().unwrap_or_default(),
+                    audited_by: s
+                        .audited
+                        .get(&(ep.info.id, dir))
+                        .cloned()
+                        .unwrap_or_default(),
                 };
             }
             // The refused policies isolating it: the isolation (or part of it) is theirs.

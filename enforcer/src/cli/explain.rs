@@ -168,6 +168,7 @@ fn side_report(side: &Side) -> SideReport {
         DirVerdict::NoIdentity { policies, .. } => {
             ("denied-no-identity", None, None, policies.clone())
         }
+        DirVerdict::WouldDrop { policies } => ("would-drop", None, None, policies.clone()),
     };
     SideReport {
         pod: side.pod.as_ref().map(ToString::to_string),

@@ -118,10 +118,10 @@ impl Loaded {
     }
 }
 
-/// Loads the input. `Err` only when it cannot be read at all (no such folder, no cluster);
-/// problems with objects are in [`Loaded::warnings`]. There is no last good version offline, so
-/// an invalid policy stays in, refused: it isolates what it selects, as the agent enforces it.
-pub fn load(input: &Input) -> Result<Loaded> {
+/// Reads the input as the loader left it (with its object errors and origins: `lint` wants
+/// them apart), the workloads' templates already added as pods; with those pods' workload
+/// kinds and the warnings about objects. `Err` only when it cannot be read at all.
+pub fn read(input: &Input) -> Result<(manifests::Loaded, BTreeMap<PodRef, String>, Vec<String>)> {
     let mut raw = match input {
         Input::Dir(dir) => manifests::load_dir(dir)?,
         Input::Cluster {
@@ -132,6 +132,14 @@ pub fn load(input: &Input) -> Result<Loaded> {
     let mut warnings: Vec<String> = raw.errors.iter().map(ToString::to_string).collect();
     let workloads = add_workloads(&mut raw, &mut warnings);
     manifests::finish(&mut raw);
+    Ok((raw, workloads, warnings))
+}
+
+/// Loads the input. `Err` only when it cannot be read at all (no such folder, no cluster);
+/// problems with objects are in [`Loaded::warnings`]. There is no last good version offline, so
+/// an invalid policy stays in, refused: it isolates what it selects, as the agent enforces it.
+pub fn load(input: &Input) -> Result<Loaded> {
+    let (raw, workloads, mut warnings) = read(input)?;
     let mut cluster = raw.cluster;
     warnings.extend(LastGoodPolicies::default().apply(&mut cluster));
     warnings.extend(self_set_labels(&cluster).iter().map(ToString::to_string));
@@ -187,7 +195,9 @@ fn add_workloads(
             ));
             continue;
         }
-        raw.cluster.pods.push(Arc::new(PodInfo::from(template_pod(w))));
+        raw.cluster
+            .pods
+            .push(Arc::new(PodInfo::from(template_pod(w))));
         out.insert(r, w.kind.clone());
     }
     out
@@ -308,6 +318,18 @@ pub async fn list_all(client: kube::Client) -> Result<manifests::Loaded> {
             }),
         }
         Ok(())
+    }
+    // Optional: which service accounts exist (`lint`'s identity rule); pods name theirs too.
+    match list::<k8s_openapi::api::core::v1::ServiceAccount>(&client).await {
+        Ok(sas) => {
+            out.service_accounts = sas
+                .iter()
+                .map(|sa| (sa.namespace().unwrap_or_default(), sa.name_any()))
+                .collect();
+        }
+        Err(e) => {
+            tracing::warn!("ServiceAccounts not listed ({e}): only pods name service accounts")
+        }
     }
     values::<Deployment>(&client, &mut out, "Deployment").await?;
     values::<StatefulSet>(&client, &mut out, "StatefulSet").await?;

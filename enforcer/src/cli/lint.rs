@@ -109,7 +109,13 @@ pub struct Input {
 
 /// Reads a manifests folder. `Err` when the folder itself cannot be read.
 pub fn load_folder(dir: &Path) -> anyhow::Result<Input> {
-    let loaded = manifests::load_dir(dir)?;
+    load(&super::input::Input::Dir(dir.to_path_buf()))
+}
+
+/// Reads a folder or a live cluster (the offline tools' one loader: workload templates judged
+/// as pods). `Err` when it cannot be read at all.
+pub fn load(from: &super::input::Input) -> anyhow::Result<Input> {
+    let (loaded, _, _) = super::input::read(from)?;
     let mut input = Input {
         cluster: loaded.cluster,
         origins: loaded.origins,
@@ -452,11 +458,13 @@ fn sarif(located: &[Located<'_>], unreadable: &[String]) -> Value {
 
 /// `enforcer lint`: prints the report, returns the exit code.
 pub fn run(args: &LintArgs) -> i32 {
-    let input = match (&args.dir, &args.kubeconfig) {
-        (Some(dir), _) => load_folder(dir),
-        (None, Some(kubeconfig)) => super::live::load(kubeconfig, args.context.as_deref()),
-        (None, None) => Err(anyhow::anyhow!("give a folder or --kubeconfig")),
-    };
+    let input = load(&match &args.dir {
+        Some(dir) => super::input::Input::Dir(dir.clone()),
+        None => super::input::Input::Cluster {
+            kubeconfig: args.kubeconfig.clone(),
+            context: args.context.clone(),
+        },
+    });
     let input = match input {
         Ok(i) => i,
         Err(e) => {

@@ -8,7 +8,6 @@ pub mod compile;
 pub mod explain;
 pub mod input;
 pub mod lint;
-mod live;
 pub mod logging;
 pub mod output;
 pub mod run;
@@ -184,8 +183,11 @@ fn dispatch(command: Command) -> Result<Exit> {
             };
             Ok(print(explain::run(&input.input(), &q, output)?))
         }
-        Command::Lint(args) => Ok(Exit::from_code(lint::run(&args))),
-        }
+        Command::Lint(args) => Ok(match lint::run(&args) {
+            0 => Exit::Yes,
+            1 => Exit::No,
+            _ => Exit::Error,
+        }),
         Command::Status {
             health_addr,
             wait,

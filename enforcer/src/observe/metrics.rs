@@ -314,12 +314,7 @@ impl Status {
         for reason in 0..REASON_COUNT as u8 {
             let (packets, bytes) = i.packets.get(reason as usize).copied().unwrap_or_default();
             out.packets.push(report::PacketCount {
-                verdict: if is_drop_reason(reason) {
-                    "dropped"
-                } else {
-                    "allowed"
-                }
-                .into(),
+                verdict: enforcer_common::verdict_name(reason).into(),
                 reason: REASON_NAMES[reason as usize].into(),
                 packets,
                 bytes,
