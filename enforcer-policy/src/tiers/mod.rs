@@ -1052,4 +1052,6 @@ impl<T> Tiered<'_, T> {
 }
 
 #[cfg(test)]
+mod conformance;
+#[cfg(test)]
 mod tests;
