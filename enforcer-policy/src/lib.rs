@@ -16,6 +16,7 @@ mod memo;
 pub mod model;
 pub mod selector;
 pub mod state;
+pub mod tiers;
 pub mod validate;
 
 #[cfg(test)]
