@@ -1,5 +1,6 @@
-//! A stand-in Kubernetes API server on loopback, enough for the agent's watches: list and watch
-//! (chunked, one JSON event a line, from a resourceVersion) of namespaces, pods, network policies
+//! A stand-in Kubernetes API server on loopback, enough for the agent's watches: list (paged by
+//! `limit` and `continue`, as the API server pages it) and watch (chunked, one JSON event a
+//! line, from a resourceVersion) of namespaces, pods, network policies
 //! and services, over plain HTTP. The real agent binary connects to it through a kubeconfig, so
 //! the scale bench measures the agent's own kube client, reflectors and compile.
 
@@ -192,25 +193,7 @@ fn serve(conn: TcpStream, st: &State) -> Result<()> {
                 .unwrap_or(0);
             return watch(out, st, i, from);
         }
-        let (body, _) = {
-            let inner = st.inner.lock().expect("lock");
-            let (_, api_version, kind) = KINDS[i];
-            let items = &inner.collections[i].items;
-            let mut body =
-                String::with_capacity(items.values().map(|s| s.len() + 1).sum::<usize>() + 200);
-            body.push_str(&format!(
-                "{{\"apiVersion\":\"{api_version}\",\"kind\":\"{kind}\",\"metadata\":{{\"resourceVersion\":\"{}\"}},\"items\":[",
-                inner.rv
-            ));
-            for (n, item) in items.values().enumerate() {
-                if n > 0 {
-                    body.push(',');
-                }
-                body.push_str(item);
-            }
-            body.push_str("]}");
-            (body, inner.rv)
-        };
+        let body = list_page(st, i, query);
         write!(
             out,
             "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
@@ -218,6 +201,43 @@ fn serve(conn: TcpStream, st: &State) -> Result<()> {
         )?;
         out.write_all(body.as_bytes())?;
     }
+}
+
+/// One page of the list of collection `i`, as the API server pages it: at most `limit` items
+/// (all when unset), and a `continue` token while more remain, the list's resourceVersion that
+/// of its first page. The token is `RV-OFFSET` (nothing here changes objects while a list is
+/// being paged, so an offset into the sorted items names the same place on every page).
+fn list_page(st: &State, i: usize, query: &str) -> String {
+    let inner = st.inner.lock().expect("lock");
+    let (_, api_version, kind) = KINDS[i];
+    let items = &inner.collections[i].items;
+    let (rv, from) = query_param(query, "continue")
+        .and_then(|t| t.split_once('-'))
+        .and_then(|(rv, at)| Some((rv.parse().ok()?, at.parse().ok()?)))
+        .unwrap_or((inner.rv, 0usize));
+    let limit = query_param(query, "limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|l| *l > 0)
+        .unwrap_or(usize::MAX);
+    let page: Vec<&String> = items.values().skip(from).take(limit).collect();
+    let next = from + page.len();
+    let token = if next < items.len() {
+        format!("{rv}-{next}")
+    } else {
+        String::new()
+    };
+    let mut body = String::with_capacity(page.iter().map(|s| s.len() + 1).sum::<usize>() + 200);
+    body.push_str(&format!(
+        "{{\"apiVersion\":\"{api_version}\",\"kind\":\"{kind}\",\"metadata\":{{\"resourceVersion\":\"{rv}\",\"continue\":\"{token}\"}},\"items\":["
+    ));
+    for (n, item) in page.into_iter().enumerate() {
+        if n > 0 {
+            body.push(',');
+        }
+        body.push_str(item);
+    }
+    body.push_str("]}");
+    body
 }
 
 /// Streams the changes of collection `i` after resourceVersion `from`, as they come, until the

@@ -1193,6 +1193,55 @@ mod tests {
         task.abort();
     }
 
+    /// The pod list is read in pages (`limit` and `continue`, as the API server serves a large
+    /// list), so a cluster's Pod objects are never in memory at once: nothing is published
+    /// before the last page, and then the pods of every page are.
+    #[tokio::test]
+    async fn the_pod_list_is_read_page_by_page_and_published_whole() {
+        let (client, mut api) = start();
+        let (task, mut rx) = spawn_source(client);
+        api.list(Res::Namespaces, "100", vec![]).await;
+        api.list(Res::Policies, "300", vec![]).await;
+        api.list(Res::Services, "400", vec![]).await;
+        let page = |pods: std::ops::Range<usize>, next: &str| {
+            let items: Vec<Value> = pods
+                .map(|i| {
+                    let ip = format!("10.244.2.{i}");
+                    pod(
+                        "prod",
+                        &format!("p{i}"),
+                        "node-b",
+                        &ip,
+                        json!({"app": "web"}),
+                        "9",
+                    )
+                })
+                .collect();
+            json!({"apiVersion": "v1", "kind": "PodList",
+                   "metadata": {"resourceVersion": "200", "continue": next}, "items": items})
+        };
+        let (q, reply) = api.next(Res::Pods, WAIT).await;
+        assert_list_query(Res::Pods, &q);
+        reply.send_response(json_response(StatusCode::OK, &page(0..3, "page-2")));
+        let (q, reply) = api.next(Res::Pods, WAIT).await;
+        assert_eq!(
+            q.get("continue").map(String::as_str),
+            Some("page-2"),
+            "{q:?}"
+        );
+        assert_eq!(q.get("limit").map(String::as_str), Some("500"), "{q:?}");
+        assert!(!q.contains_key("watch"), "{q:?}");
+        assert!(rx.borrow().is_none(), "published before the last page");
+        reply.send_response(json_response(StatusCode::OK, &page(3..5, "")));
+        let c = until(&mut rx, "every page", |c| c.pods.len() == 5).await;
+        assert_eq!(
+            pod_names(&c),
+            ["prod/p0", "prod/p1", "prod/p2", "prod/p3", "prod/p4"]
+        );
+        api.assert_nothing_unexpected();
+        task.abort();
+    }
+
     #[tokio::test]
     async fn watch_events_added_modified_deleted_and_bookmarks_update_the_snapshot() {
         let (client, mut api) = start();

@@ -84,10 +84,12 @@ pub struct Origin {
 }
 
 impl Loaded {
-    /// Drops the bookkeeping of names seen, once nothing more is loaded into this `Loaded` (a
-    /// file kept for later merges holds only its objects).
+    /// Drops the bookkeeping of names seen and where each object came from, once nothing more
+    /// is loaded into this `Loaded` (a file kept for later merges holds only its objects: at
+    /// 100k pods the names and origins would cost more than the pods themselves).
     pub fn forget_seen(&mut self) {
         self.seen = BTreeSet::new();
+        self.origins = BTreeMap::new();
     }
 }
 

@@ -541,6 +541,32 @@ mod tests {
 
     /// A Service that stops validating leaves its file's last good objects enforced: its
     /// frontends keep being judged on their backends.
+    /// A file kept for later merges holds its objects and nothing of the loader's bookkeeping
+    /// (names seen, origins): per pod of a large folder that would cost more than the pod.
+    #[test]
+    fn a_kept_file_holds_only_its_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x}\nspec: {containers: []}\nstatus: {podIP: 10.0.0.1}\n";
+        std::fs::write(
+            dir.path().join("all.yaml"),
+            format!("{NS}---\n{GOOD}---\n{pod}"),
+        )
+        .unwrap();
+        let mut src = ManifestsSource::new(dir.path());
+        let (c, problems) = next(&mut src);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            (c.namespaces.len(), c.policies.len(), c.pods.len()),
+            (1, 1, 1)
+        );
+        let kept = src.files[&dir.path().join("all.yaml")]
+            .good
+            .as_ref()
+            .unwrap();
+        assert_eq!(kept.cluster.pods.len(), 1);
+        assert!(kept.origins.is_empty(), "{:?}", kept.origins);
+    }
+
     #[test]
     fn a_broken_service_keeps_its_files_last_good_objects() {
         let dir = tempfile::tempdir().unwrap();
