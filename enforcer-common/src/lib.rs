@@ -72,12 +72,33 @@ pub const MAP_DEFERRED: &str = "DEFERRED";
 /// a reply (which arrives un-NATed, from the frontend) judges the flow against it.
 pub const MAP_SERVICE_FLOWS: &str = "SERVICE_FLOWS";
 /// Program array: [`SVC_PROG_JUDGE`] and [`SVC_PROG_TO_POD`], for the tail calls between
-/// `to_pod` and the program that judges a deferred packet.
+/// `to_pod` and the program that judges a deferred packet, and [`SVC_PROG_AUDIT`] (with the
+/// empty [`SVC_PROG_NONE`]).
 pub const MAP_SVC_PROGS: &str = "SVC_PROGS";
 /// Index of `svc_pod` in [`MAP_SVC_PROGS`].
 pub const SVC_PROG_JUDGE: u32 = 0;
 /// Index of `to_pod` in [`MAP_SVC_PROGS`].
 pub const SVC_PROG_TO_POD: u32 = 1;
+/// Index of `audit_pod` in [`MAP_SVC_PROGS`].
+pub const SVC_PROG_AUDIT: u32 = 2;
+/// An index of [`MAP_SVC_PROGS`] that stays empty: a tail call there fails.
+pub const SVC_PROG_NONE: u32 = 3;
+/// Entries of [`MAP_SVC_PROGS`].
+pub const SVC_PROG_COUNT: u32 = 4;
+
+/// The [`MAP_SVC_PROGS`] index a new flow no policy entry allows goes to: [`SVC_PROG_AUDIT`]
+/// when only audit policies isolate `direction` (see [`audit_only_in`]), else the empty
+/// [`SVC_PROG_NONE`]. Arithmetic, not a branch, for the programs' verifier budget.
+#[inline(always)]
+pub const fn audit_slot(flags: u32, direction: u8) -> u32 {
+    let shift = if direction == DIR_INGRESS {
+        EP_INGRESS_AUDIT.trailing_zeros()
+    } else {
+        EP_EGRESS_AUDIT.trailing_zeros()
+    };
+    SVC_PROG_NONE - ((flags >> shift) & 1)
+}
+const _: () = assert!(SVC_PROG_AUDIT + 1 == SVC_PROG_NONE && SVC_PROG_NONE < SVC_PROG_COUNT);
 
 /// Name of the program attached to the TC ingress hook of a host-side veth, i.e. what the pod
 /// sends (pod egress).
@@ -93,6 +114,11 @@ pub const PROG_SVC_POD: &str = "svc_pod";
 /// tunnels, bridges): it judges a deferred packet that leaves the node (a Service backend on
 /// another node) and lets every other packet through untouched.
 pub const PROG_SVC_EXIT: &str = "svc_exit";
+/// Name of the program `from_pod` and `to_pod` tail-call for a new flow no policy entry allows
+/// in a direction only audit policies isolate (`EP_*_AUDIT`): it tracks the flow and lets it
+/// through as [`reason::ALLOW_AUDIT`] (would-drop). Out of line, so it is verified on its own
+/// budget rather than on theirs.
+pub const PROG_AUDIT_POD: &str = "audit_pod";
 
 // ---------------------------------------------------------------------------------------------
 // Default sizes (the agent's flags override them at load time).
@@ -180,10 +206,11 @@ pub const EP_EGRESS_ISOLATED: u32 = 1 << 1;
 pub const EP_HAS_V4: u32 = 1 << 2;
 /// `ipv6` holds the pod's IPv6 address.
 pub const EP_HAS_V6: u32 = 1 << 3;
-/// Ingress is isolated by audit policies only: no enforcing policy isolates it, so it is not
-/// [`EP_INGRESS_ISOLATED`] and enforcement is exactly as if the audit policies did not exist.
-/// The programs do not act on it yet (see `docs/audit.md`); [`reason::ALLOW_AUDIT`] is where
-/// their would-drop verdict will be counted.
+/// Ingress is isolated by audit policies only (with [`EP_INGRESS_ISOLATED`]): a new inbound
+/// flow no policy entry allows is let through as [`reason::ALLOW_AUDIT`] (would-drop), and the
+/// entries are the audit policies' own. No enforcing policy isolates this direction (when one
+/// does, the entries are the enforcing policies' and this flag is clear): enforcement is
+/// exactly as if the audit policies did not exist.
 pub const EP_INGRESS_AUDIT: u32 = 1 << 4;
 /// Egress is isolated by audit policies only (see [`EP_INGRESS_AUDIT`]).
 pub const EP_EGRESS_AUDIT: u32 = 1 << 5;
@@ -218,6 +245,11 @@ impl EndpointInfo {
     pub const fn isolated(&self, direction: u8) -> bool {
         isolated_in(self.flags, direction)
     }
+
+    /// Isolated by an enforcing policy (see [`enforced_in`]).
+    pub const fn enforced(&self, direction: u8) -> bool {
+        enforced_in(self.flags, direction)
+    }
 }
 
 /// Whether endpoint `flags` isolate `direction` (a policy selects the pod for it).
@@ -228,6 +260,18 @@ pub const fn isolated_in(flags: u32, direction: u8) -> bool {
         EP_EGRESS_ISOLATED
     };
     flags & bit != 0
+}
+
+/// Whether endpoint `flags` isolate `direction` and enforce it: isolated by an enforcing
+/// policy, not by audit policies only (see [`EP_INGRESS_AUDIT`]).
+#[inline(always)]
+pub const fn enforced_in(flags: u32, direction: u8) -> bool {
+    let (iso, audit) = if direction == DIR_INGRESS {
+        (EP_INGRESS_ISOLATED, EP_INGRESS_AUDIT)
+    } else {
+        (EP_EGRESS_ISOLATED, EP_EGRESS_AUDIT)
+    };
+    flags & (iso | audit) == iso
 }
 
 /// Whether endpoint `flags` isolate `direction` by audit policies only: a miss there is a
@@ -536,6 +580,11 @@ pub const CT_SERVICE: u32 = 1 << 7;
 /// The rule of a Service flow allowed without a policy rule (its backend is the pod itself or
 /// a node): marks the flow as judged.
 pub const RULE_IMPLICIT: u32 = u32::MAX;
+/// The rule of a flow no policy entry allows, let through because only audit policies isolate
+/// its direction (`EP_*_AUDIT`): the would-drop mark of its conntrack entry. Its first packet
+/// is counted and reported as [`reason::ALLOW_AUDIT`]; once an enforcing policy isolates the
+/// direction, the endpoint's epoch moves and the re-check revokes the flow like any other.
+pub const RULE_AUDIT: u32 = u32::MAX - 1;
 
 /// TCP header flags, as in byte 13 of the header.
 pub const TCP_FIN: u8 = 0x01;
@@ -917,16 +966,16 @@ pub mod reason {
     /// translation (its slot was taken by another packet meanwhile): fail closed.
     pub const DROP_UNRESOLVED: u8 = 21;
     /// A new flow that no policy entry allows, in a direction isolated by audit policies only:
-    /// allowed, and reported as `would-drop`. An allow. Reserved: the programs do not emit it
-    /// yet.
+    /// allowed, and reported as `would-drop`. An allow (given by `audit_pod` alone).
     pub const ALLOW_AUDIT: u8 = 22;
 }
 pub const REASON_FIRST_DROP: u8 = reason::DROP_POLICY;
 pub const REASON_COUNT: u32 = 23;
 
-/// Whether `reason` drops the packet, for the reasons the programs give: they never give
-/// [`reason::ALLOW_AUDIT`] yet, and the programs' verifier budget has no room for one more
-/// test on this path (so it is left out here; [`verdict_name`] tells it apart).
+/// Whether `reason` drops the packet, for the reasons `from_pod` and `to_pod` give: they never
+/// give [`reason::ALLOW_AUDIT`] (`audit_pod` does, and returns its own verdict), and their
+/// verifier budget has no room for one more test on this path (so it is left out here;
+/// [`verdict_name`] tells it apart).
 #[inline(always)]
 pub const fn is_drop_reason(reason: u8) -> bool {
     reason >= REASON_FIRST_DROP && reason != reason::ALLOW_SERVICE

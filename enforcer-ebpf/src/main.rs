@@ -18,6 +18,7 @@
 )]
 #![no_main]
 
+mod audit;
 mod conntrack;
 mod fastpath;
 mod flows;
@@ -38,7 +39,7 @@ use enforcer_common::{
     CONFIG_LOG_ALLOWED, CT_ORIGIN_A, CT_ORIGIN_EGRESS, CT_REVOKED, CT_SERVICE, Config, DIR_EGRESS,
     DIR_INGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6, EP_INGRESS_ISOLATED, EndpointInfo,
     FAMILY_V4, FragValue, IDENTITY_ANY, IDENTITY_HOST, PROTO_TCP, RULE_IMPLICIT, SERVICE_MARK_MASK,
-    SVC_PROG_JUDGE, SVC_PROG_TO_POD, reason, tcp_flags_after,
+    SVC_PROG_JUDGE, SVC_PROG_TO_POD, audit_slot, reason, tcp_flags_after,
 };
 
 use crate::{
@@ -48,7 +49,7 @@ use crate::{
     },
     fastpath::{Fast, FastEp, Known, established_v4, slot_endpoint},
     lookup::{peer_identity, policy_lookup},
-    maps::{CONFIG, ENDPOINTS, FRAGMENTS, SCRATCH, SERVICE_FLOWS, SVC_PROGS, Scratch},
+    maps::{AuditFlow, CONFIG, ENDPOINTS, FRAGMENTS, SCRATCH, SERVICE_FLOWS, SVC_PROGS, Scratch},
     parse::Inner,
     parse::{
         FRAG_FIRST, FRAG_LATER, L4_ICMP_ERROR, PARSED_ARP, PARSED_IP, PARSED_ND, PARSED_VLAN,
@@ -85,6 +86,13 @@ pub fn svc_pod(ctx: TcContext) -> i32 {
     unsafe { SVC_PROGS.tail_call(&ctx, SVC_PROG_TO_POD) };
     count(0, DIR_INGRESS, reason::DROP_UNRESOLVED, ctx.len());
     TC_ACT_SHOT
+}
+
+/// Tail-called by `from_pod` or `to_pod` for a new flow only audit policies would drop: lets it
+/// through as a would-drop (see [`audit`]).
+#[classifier]
+pub fn audit_pod(ctx: TcContext) -> i32 {
+    audit::audit(&ctx)
 }
 
 /// On the node's other interfaces (TC egress): judges a deferred packet leaving the node (a
@@ -308,7 +316,7 @@ fn decide(
             v.rule = f.rule;
             s.pkt.sport = f.sport;
             s.pkt.dport = f.dport;
-        } else if !ep.isolated(dir) {
+        } else if !ep.enforced(dir) {
             // Any first fragment would be allowed here as a new flow: nothing to bypass.
             v.reason = reason::ALLOW_NOT_ISOLATED;
         }
@@ -459,9 +467,10 @@ fn track(
                 // A Service flow is judged on its backend: a reply (from the frontend) by the
                 // backend the judge recorded; the pod's own packets, or a reply whose backend
                 // is not known, make the flow pending again (the pod's next packet is judged
-                // anew after the translation).
-                let mut judge = !service && ep.isolated(odir);
-                let mut pending = service && ep.isolated(DIR_EGRESS);
+                // anew after the translation). A direction only audit policies isolate is not
+                // enforced: its flows stay (and are revoked here once a policy enforces it).
+                let mut judge = !service && ep.enforced(odir);
+                let mut pending = service && ep.enforced(DIR_EGRESS);
                 if pending && dir == DIR_INGRESS {
                     service_key(
                         &mut s.svc, ep.id, pkt.family, pkt.proto, &pkt.dst, pkt.dport, &pkt.src,
@@ -575,6 +584,20 @@ fn track(
             }
             None => {
                 v.reason = reason::DROP_POLICY;
+                // Only audit policies isolate it: `audit_pod` lets it through as a would-drop,
+                // with what it needs in this CPU's scratch. Otherwise the call goes to an empty
+                // slot and fails, and the packet drops (as it does when `audit_pod` is not
+                // loaded: fail closed). No branch here: one more would cost `from_pod` more of
+                // the verifier's budget than it has.
+                s.audit = AuditFlow {
+                    endpoint: ep.id,
+                    epoch: ep.epoch,
+                    peer_identity: v.peer_identity,
+                    direction: dir,
+                    src_is_a: src_is_a as u8,
+                    _pad: [0; 2],
+                };
+                unsafe { SVC_PROGS.tail_call(ctx, audit_slot(ep.flags, dir)) };
                 return Ok(());
             }
         }

@@ -10,8 +10,8 @@ use enforcer_common::{
     DEFAULT_EVENTS_BYTES, DEFAULT_FRAGMENTS_SIZE, DEFAULT_MAX_ENDPOINTS, DEFAULT_NODE_PORTS_SIZE,
     DEFAULT_PEERS_SIZE, DEFAULT_POLICY_SIZE, DEFAULT_SERVICE_FLOWS_SIZE, DEFERRED_SLOTS, Deferred,
     ENDPOINT_SLOT_COUNT, EndpointInfo, EndpointSlot, FlowBucket, FlowCount, FragKey, FragValue,
-    NodePortKey, PEERS_MAP_FLAGS, PeerBucket, PeerInfo, PolicyKey, PolicyValue, ServiceBackend,
-    counter_slots,
+    NodePortKey, PEERS_MAP_FLAGS, PeerBucket, PeerInfo, PolicyKey, PolicyValue, SVC_PROG_COUNT,
+    ServiceBackend, counter_slots,
 };
 
 use crate::{
@@ -104,10 +104,10 @@ pub static DEFERRED: Array<Deferred> = Array::with_max_entries(DEFERRED_SLOTS, 0
 pub static SERVICE_FLOWS: LruHashMap<CtKey, ServiceBackend> =
     LruHashMap::with_max_entries(DEFAULT_SERVICE_FLOWS_SIZE, 0);
 
-/// `svc_pod` and `to_pod` (indices `SVC_PROG_JUDGE`, `SVC_PROG_TO_POD`), filled by the loader.
-/// Not pinned: it holds this object's programs.
+/// `svc_pod`, `to_pod` and `audit_pod` (indices `SVC_PROG_JUDGE`, `SVC_PROG_TO_POD`,
+/// `SVC_PROG_AUDIT`), filled by the loader.
 #[map]
-pub static SVC_PROGS: ProgramArray = ProgramArray::with_max_entries(2, 0);
+pub static SVC_PROGS: ProgramArray = ProgramArray::with_max_entries(SVC_PROG_COUNT, 0);
 
 /// Events lost to a full ring buffer (per CPU, index 0).
 #[map]
@@ -124,6 +124,21 @@ pub struct Scratch {
     pub inner: Inner,
     /// A `SERVICE_FLOWS` key.
     pub svc: CtKey,
+    /// The flow `audit_pod` is handed (with `pkt` and `ct`).
+    pub audit: AuditFlow,
+}
+
+/// What `from_pod` or `to_pod` knew of a new flow they hand `audit_pod` (a tail call keeps
+/// only the packet; this CPU's scratch carries the rest).
+#[repr(C)]
+pub struct AuditFlow {
+    pub endpoint: u32,
+    pub epoch: u32,
+    pub peer_identity: u32,
+    pub direction: u8,
+    /// The packet's source is the flow key's end `a` (see `ct_key`).
+    pub src_is_a: u8,
+    pub _pad: [u8; 2],
 }
 
 #[map]

@@ -20,8 +20,8 @@ use core::ptr::{read_volatile, write_volatile};
 use aya_ebpf::programs::TcContext;
 use enforcer_common::{
     CONFIG_LOG_ALLOWED, CT_REVOKED, CT_SERVICE, CtKey, DEFERRED_TTL_NS, DIR_EGRESS, Deferred,
-    EndpointInfo, FAMILY_V4, IDENTITY_HOST, NodePortKey, RULE_IMPLICIT, SERVICE_MARK_MASK,
-    SERVICE_MARK_SHIFT, ServiceBackend, deferred_slot, reason,
+    EndpointInfo, FAMILY_V4, IDENTITY_HOST, NodePortKey, RULE_AUDIT, RULE_IMPLICIT,
+    SERVICE_MARK_MASK, SERVICE_MARK_SHIFT, ServiceBackend, audit_only_in, deferred_slot, reason,
 };
 
 use crate::{
@@ -233,6 +233,11 @@ pub fn judge(ctx: &TcContext) -> Judged {
                 pkt.dport,
             ) {
                 Some(r) => r,
+                // Only audit policies isolate its egress: allowed as would-drop, judged.
+                None if audit_only_in(a.flags, DIR_EGRESS) => {
+                    v.reason = reason::ALLOW_AUDIT;
+                    RULE_AUDIT
+                }
                 None => 0,
             }
         }
@@ -287,6 +292,7 @@ pub fn judge(ctx: &TcContext) -> Judged {
         let _ = SERVICE_FLOWS.insert(&s.ct.v6, &backend, 0);
     }
     count(a.id, DIR_EGRESS, v.reason, bytes);
+    // `is_drop` holds for `ALLOW_AUDIT` too (see `is_drop_reason`): a would-drop is reported.
     if v.is_drop() || config_flags(cfg) & CONFIG_LOG_ALLOWED != 0 {
         emit(a.id, DIR_EGRESS, &s.pkt, &v, bytes);
     }

@@ -1285,9 +1285,10 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
         }
         outs.push((out, audit));
     }
-    // Enforcement is exactly as if no audit policy existed: only enforcing policies isolate and
-    // give entries. A direction only audit policies isolate is flagged `EP_*_AUDIT` and its
-    // audit policies are named in `state.audited`; the programs do not judge it yet.
+    // A direction an enforcing policy isolates holds the enforcing policies' entries only, as
+    // if no audit policy existed (they could only add allows). One only audit policies isolate
+    // holds theirs, flagged `EP_*_AUDIT` with the audit policies named in `state.audited`: a
+    // miss there is a would-drop, let through.
     let audit_only = |li: u32, dir: u8| {
         isolated_by
             .get(li as usize)
@@ -1298,9 +1299,7 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
             (DIR_INGRESS, EP_INGRESS_ISOLATED, EP_INGRESS_AUDIT),
             (DIR_EGRESS, EP_EGRESS_ISOLATED, EP_EGRESS_AUDIT),
         ] {
-            // The programs do not judge audit-only directions yet: not isolated, so enforcement
-            // is exactly as if the audit policies did not exist.
-            if e & 1 << dir != 0 {
+            if (e | a) & 1 << dir != 0 {
                 l.info.flags |= iso;
             }
             if e & 1 << dir == 0 && a & 1 << dir != 0 {
@@ -1327,7 +1326,7 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
         let mut rule_ids: Vec<((u8, u32), Option<u32>)> = Vec::new();
         for e in &out.entries {
             let (dir, ri) = (e.key.direction, e.rule);
-            if *audit {
+            if *audit && !audit_only(e.endpoint, dir) {
                 continue;
             }
             let rule_id = match rule_ids.iter().find(|(k, _)| *k == (dir, ri)) {

@@ -26,6 +26,9 @@ pub enum Reason {
     Policy,
     /// Isolated, and no policy entry allows it.
     Denied,
+    /// Isolated by audit policies only, and no policy entry allows it: allowed, reported as
+    /// would-drop.
+    WouldDrop,
 }
 
 impl fmt::Display for Reason {
@@ -37,6 +40,7 @@ impl fmt::Display for Reason {
             Self::NotIsolated => "not-isolated",
             Self::Policy => "policy",
             Self::Denied => "policy-denied",
+            Self::WouldDrop => "would-drop",
         })
     }
 }
@@ -150,6 +154,9 @@ pub fn decide(
                 return done(true, Reason::Policy, Some(v.rule));
             }
         }
+    }
+    if enforcer_common::audit_only_in(info.flags, direction) {
+        return done(true, Reason::WouldDrop, None);
     }
     done(false, Reason::Denied, None)
 }

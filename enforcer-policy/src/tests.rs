@@ -316,14 +316,19 @@ fn check_compiled(
                         "endpoint {ep} dir {dir} peer {peer} proto {proto} port {port}: lookup {d:?} evaluator {v:?}\nstate: {:#?}",
                         compiled.state
                     );
-                    // The audit outcome: the compiler names the evaluator's audit policies.
+                    // The audit outcome too, naming the same audit policies.
                     let audited = compiled.state.endpoints[ep].info.id;
                     let named = compiled.state.audited.get(&(audited, dir));
-                    if let evaluator::DirVerdict::WouldDrop { policies } = &v {
-                        assert!(
-                            d.allowed && named == Some(policies),
+                    match &v {
+                        evaluator::DirVerdict::WouldDrop { policies } => assert!(
+                            d.reason == decision::Reason::WouldDrop && named == Some(policies),
                             "endpoint {ep} dir {dir} peer {peer} proto {proto} port {port}: lookup {d:?} (audited {named:?}) evaluator {v:?}"
-                        );
+                        ),
+                        _ => assert_ne!(
+                            d.reason,
+                            decision::Reason::WouldDrop,
+                            "endpoint {ep} dir {dir} peer {peer} proto {proto} port {port}: evaluator {v:?}"
+                        ),
                     }
                 }
             }
@@ -2498,7 +2503,7 @@ fn an_audit_policy_allows_what_it_would_deny_and_names_itself() {
     let a = pr("x", "a");
     let (d, v) = both(&c, &opts(), &a, DIR_INGRESS, "8.8.8.8", 80);
     assert!(
-        d.allowed && d.reason == decision::Reason::NotIsolated,
+        d.allowed && d.reason == decision::Reason::WouldDrop,
         "{d:?}"
     );
     assert_eq!(
@@ -2507,9 +2512,9 @@ fn an_audit_policy_allows_what_it_would_deny_and_names_itself() {
             policies: vec!["x/only-b".into()]
         }
     );
-    // What it allows is allowed by its rule.
+    // What it allows is allowed by its rule, not reported.
     let (d, v) = both(&c, &opts(), &a, DIR_INGRESS, "10.0.0.2", 80);
-    assert!(d.allowed, "{d:?}");
+    assert!(d.allowed && d.reason == decision::Reason::Policy, "{d:?}");
     assert!(matches!(v, evaluator::DirVerdict::Allowed { ref policy, .. } if policy == "only-b"));
     // Egress, which it does not isolate, is untouched.
     let (d, _) = both(&c, &opts(), &a, DIR_EGRESS, "8.8.8.8", 80);
@@ -2519,7 +2524,7 @@ fn an_audit_policy_allows_what_it_would_deny_and_names_itself() {
     assert_eq!(
         info.flags
             & (EP_INGRESS_ISOLATED | EP_INGRESS_AUDIT | EP_EGRESS_ISOLATED | EP_EGRESS_AUDIT),
-        EP_INGRESS_AUDIT
+        EP_INGRESS_ISOLATED | EP_INGRESS_AUDIT
     );
     assert_eq!(
         compiled.state.audited.get(&(info.id, DIR_INGRESS)),
@@ -2586,7 +2591,7 @@ fn a_namespace_annotation_or_the_audit_flag_make_every_policy_audit() {
     };
     let (d, v) = both(&c, &global, &a, DIR_INGRESS, "8.8.8.8", 80);
     assert!(
-        d.allowed && matches!(v, evaluator::DirVerdict::WouldDrop { .. }),
+        d.reason == decision::Reason::WouldDrop && v.allowed(),
         "{d:?} {v:?}"
     );
     let mut x = namespace("x", &[("team", "blue")]);
@@ -2599,7 +2604,7 @@ fn a_namespace_annotation_or_the_audit_flag_make_every_policy_audit() {
     );
     c.namespaces = shared(vec![x, namespace("y", &[("team", "red")])]);
     let (d, v) = both(&c, &opts(), &a, DIR_INGRESS, "8.8.8.8", 80);
-    assert!(d.allowed, "{d:?}");
+    assert!(d.reason == decision::Reason::WouldDrop, "{d:?}");
     assert!(
         matches!(v, evaluator::DirVerdict::WouldDrop { .. }),
         "{v:?}"
@@ -2619,7 +2624,7 @@ fn a_refused_audit_policy_audits_too() {
         None,
     ))]);
     let (d, v) = both(&c, &opts(), &pr("x", "a"), DIR_EGRESS, "8.8.8.8", 80);
-    assert!(d.allowed, "{d:?}");
+    assert!(d.reason == decision::Reason::WouldDrop, "{d:?}");
     assert!(
         matches!(v, evaluator::DirVerdict::WouldDrop { .. }),
         "{v:?}"

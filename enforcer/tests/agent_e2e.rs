@@ -255,6 +255,126 @@ fn policy_change_revokes_established_flows_it_no_longer_allows() {
     agent.stop().unwrap();
 }
 
+/// Ingress of `pod: c` isolated with no rule: an audit policy when `audit`.
+fn lock_c(audit: bool) -> String {
+    let annotation = if audit {
+        "  annotations:\n    enforcer.dev/audit: \"true\"\n"
+    } else {
+        ""
+    };
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: lock-c\n  namespace: x\n{annotation}spec:\n  podSelector:\n    matchLabels:\n      pod: c\n  policyTypes: [Ingress]\n"
+    )
+}
+
+/// The flow log's would-drop lines naming `policy`, for traffic to `dst`.
+fn would_drop_logged(log: &str, policy: &str, dst: Ipv4Addr) -> bool {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .any(|v| {
+            v["verdict"] == "would-drop"
+                && v["reason"] == "audit"
+                && v["policy"] == policy
+                && v["dst"] == dst.to_string()
+        })
+}
+
+/// `enforcer_packets_total{verdict="would-drop",...}` above zero.
+fn would_drop_counted(m: &str) -> bool {
+    m.lines().any(|l| {
+        l.starts_with("enforcer_packets_total{verdict=\"would-drop\"") && !l.ends_with(" 0")
+    })
+}
+
+#[test]
+#[ignore = "needs root"]
+fn an_audit_policy_lets_traffic_through_and_switching_it_to_enforce_cuts_its_flows() {
+    let s = setup("e2e-au", &["a", "b", "c"]);
+    let (a, b, c) = (&s.pods[0], &s.pods[1], &s.pods[2]);
+    let stop = Arc::new(AtomicBool::new(false));
+    echo_server(c, 7000, stop.clone());
+    std::fs::write(s.dir.path().join("policy.yaml"), allow_a_to_b(80)).unwrap();
+    std::fs::write(s.dir.path().join("lock-c.yaml"), lock_c(true)).unwrap();
+    let mut agent = AgentProcess::start(&s.tb, s.dir.path(), &[]).unwrap();
+    agent.wait_ready(READY).unwrap();
+    // The audit policy denies nothing: what it would deny passes, logged and counted as
+    // would-drop naming it.
+    assert!(reach(b, c, 80), "b -> c allowed under audit");
+    let mut conn = Conn::open(a, (c.v4, 7000).into()).expect("a -> c:7000 allowed under audit");
+    assert!(conn.ping());
+    assert!(
+        within(Duration::from_secs(3), || would_drop_logged(
+            &agent.log_text(),
+            "x/lock-c",
+            c.v4
+        ))
+        .is_some(),
+        "a would-drop line names the audit policy:\n{}",
+        agent.log_text()
+    );
+    let m = agent.metrics_until(Duration::from_secs(3), would_drop_counted);
+    assert!(would_drop_counted(&m), "{m}");
+    // The enforcing policy beside it still drops, as drops.
+    assert!(!reach(c, b, 80), "c -> b denied by the enforcing policy");
+    assert!(reach(a, b, 80), "a -> b allowed by it");
+    // Switched to enforce: the established would-drop flow is cut, new ones are denied.
+    std::fs::write(s.dir.path().join("lock-c.yaml"), lock_c(false)).unwrap();
+    agent.wait_applied(READY).unwrap();
+    assert!(
+        !conn.ping(),
+        "the would-drop flow stops once its policy enforces:\n{}",
+        agent.log_text()
+    );
+    assert!(
+        Conn::open(a, (c.v4, 7000).into()).is_none(),
+        "and no new one opens"
+    );
+    assert!(!reach(b, c, 80), "b -> c denied");
+    stop.store(true, Ordering::Relaxed);
+    agent.stop().unwrap();
+}
+
+#[test]
+#[ignore = "needs root"]
+fn a_namespace_annotation_or_the_audit_flag_make_every_policy_audit() {
+    let s = setup("e2e-an", &["a", "b", "c"]);
+    let (b, c) = (&s.pods[1], &s.pods[2]);
+    let audited_ns = format!(
+        "{}metadata:\n  name: x\n  annotations:\n    enforcer.dev/audit: \"true\"\n",
+        ns_yaml().split("metadata:").next().unwrap()
+    );
+    std::fs::write(s.dir.path().join("ns.yaml"), &audited_ns).unwrap();
+    std::fs::write(s.dir.path().join("policy.yaml"), allow_a_to_b(80)).unwrap();
+    let mut agent = AgentProcess::start(&s.tb, s.dir.path(), &[]).unwrap();
+    agent.wait_ready(READY).unwrap();
+    assert!(reach(c, b, 80), "c -> b allowed: its namespace audits");
+    assert!(
+        within(Duration::from_secs(3), || would_drop_logged(
+            &agent.log_text(),
+            "x/allow-a-to-b",
+            b.v4
+        ))
+        .is_some(),
+        "{}",
+        agent.log_text()
+    );
+    // The annotation gone, the policy enforces.
+    std::fs::write(s.dir.path().join("ns.yaml"), ns_yaml()).unwrap();
+    agent.wait_applied(READY).unwrap();
+    assert!(
+        !reach(c, b, 80),
+        "c -> b denied once the namespace enforces"
+    );
+    agent.stop().unwrap();
+    // `--audit`: every policy audits.
+    let mut agent = AgentProcess::start(&s.tb, s.dir.path(), &["--audit"]).unwrap();
+    agent.wait_ready(READY).unwrap();
+    assert!(reach(c, b, 80), "c -> b allowed with --audit");
+    let m = agent.metrics_until(Duration::from_secs(3), would_drop_counted);
+    assert!(would_drop_counted(&m), "{m}");
+    agent.stop().unwrap();
+}
+
 /// A bpffs mounted outside /sys (which `ip netns exec` remounts), so pins outlive the agent.
 struct BpfMount(PathBuf);
 

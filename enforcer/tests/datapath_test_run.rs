@@ -30,11 +30,11 @@ use enforcer::{
 };
 use enforcer_common::{
     CONFIG_CT_LRU_ALL, CONFIG_LOG_ALLOWED, CT_REVOKED, CtKey, CtKeyV4, CtValue, DIR_EGRESS,
-    DIR_INGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6, EP_INGRESS_ISOLATED, EndpointInfo,
-    FAMILY_V4, FAMILY_V6, FLOW_LOCK, FlowBucket, FlowWay, IDENTITY_ANY, IDENTITY_HOST, MAP_CONFIG,
-    MAP_CONNTRACK_V4, MAP_CONNTRACK_V6, MAP_FLOWS_V4, PORT_MASK_ANY_PROTO, PROTO_ANY, PROTO_SCTP,
-    PROTO_TCP, PROTO_UDP, PeerInfo, PolicyKey, PolicyValue, REASON_NAMES, SCHEMA_VERSION,
-    reason::*,
+    DIR_INGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6, EP_INGRESS_AUDIT, EP_INGRESS_ISOLATED,
+    EndpointInfo, FAMILY_V4, FAMILY_V6, FLOW_LOCK, FlowBucket, FlowWay, IDENTITY_ANY,
+    IDENTITY_HOST, MAP_CONFIG, MAP_CONNTRACK_V4, MAP_CONNTRACK_V6, MAP_FLOWS_V4,
+    PORT_MASK_ANY_PROTO, PROTO_ANY, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerInfo, PolicyKey,
+    PolicyValue, REASON_NAMES, RULE_AUDIT, SCHEMA_VERSION, reason::*,
 };
 use enforcer_policy::state::Prefix;
 use enforcer_testkit::netns::BpfMount;
@@ -318,6 +318,16 @@ impl Harness {
                 REASON_NAMES[want_reason as usize]
             ));
         }
+    }
+
+    /// Sets the endpoint's flags and epoch at once, as the agent does when policy changes.
+    fn set_flags_epoch(&mut self, iface: &str, flags: u32, epoch: u32) {
+        let ifindex = self.ifs[iface];
+        let mut e = self.dp.endpoints.get(&ifindex).unwrap().unwrap();
+        e.flags = flags;
+        e.epoch = epoch;
+        self.dp.endpoints.set(&ifindex, &e).unwrap();
+        self.eps.insert(ifindex, e);
     }
 
     fn set_epoch(&mut self, iface: &str, epoch: u32) {
@@ -2509,6 +2519,150 @@ fn conntrack_keys_are_laid_out_as_the_agent_builds_them(h: &mut Harness) {
     }
 }
 
+/// C's ingress (isolated, TCP 80 from B allowed) as if only audit policies isolated it: what no
+/// entry allows passes as would-drop (through `audit_pod`), reported once and marked; switched
+/// to enforce (flag cleared, epoch moved), the would-drop flow is revoked and new ones drop.
+fn audit_only_directions_allow_and_report_would_drop(h: &mut Harness) {
+    let c = h.dp.endpoints.get(&h.ifs["c"]).unwrap().unwrap();
+    let (i, e) = (Hook::Egress, Hook::Ingress);
+    h.set_flags_epoch("c", c.flags | EP_INGRESS_AUDIT, 2);
+    let _ = h.events().drain();
+    h.case(
+        "audit: an entry still allows",
+        "c",
+        i,
+        &ipv4(B4, C4, PROTO_TCP, &tcp(46000, 80)),
+        OK,
+        ALLOW_POLICY,
+    );
+    h.case(
+        "audit: no entry: would-drop",
+        "c",
+        i,
+        &ipv4(WORLD4, C4, PROTO_TCP, &tcp(46001, 22)),
+        OK,
+        ALLOW_AUDIT,
+    );
+    let got = h.events().drain();
+    if !(got.len() == 1
+        && got[0].reason == ALLOW_AUDIT
+        && got[0].endpoint == EP_C
+        && got[0].direction == DIR_INGRESS
+        && got[0].rule == 0
+        && got[0].dport == 22)
+    {
+        h.failures
+            .push(format!("audit: one would-drop event expected, got {got:?}"));
+    }
+    let marked = |h: &Harness, port: u16| {
+        h.dp.conntrack.entries().unwrap().into_iter().any(|(k, v)| {
+            k.endpoint == EP_C && (k.port_a == port || k.port_b == port) && v.rule == RULE_AUDIT
+        })
+    };
+    if !marked(h, 46001) {
+        h.failures
+            .push("audit: the would-drop flow is not marked in conntrack".into());
+    }
+    h.case(
+        "audit: the would-drop flow's reply passes",
+        "c",
+        e,
+        &ipv4(C4, WORLD4, PROTO_TCP, &tcp(22, 46001)),
+        OK,
+        ALLOW_REPLY,
+    );
+    h.case(
+        "audit: the would-drop flow is established",
+        "c",
+        i,
+        &ipv4(WORLD4, C4, PROTO_TCP, &tcp(46001, 22)),
+        OK,
+        ALLOW_ESTABLISHED,
+    );
+    if !h.events().drain().is_empty() {
+        h.failures
+            .push("audit: an established flow was reported again".into());
+    }
+    // A later fragment whose first is unknown passes as where nothing isolates.
+    h.case(
+        "audit: a lone later fragment passes",
+        "c",
+        i,
+        &ipv4_with(
+            WORLD4,
+            C4,
+            PROTO_UDP,
+            &[7; 16],
+            V4 {
+                id: 0x4343,
+                frag_offset: 185,
+                ..V4::default()
+            },
+        ),
+        OK,
+        ALLOW_NOT_ISOLATED,
+    );
+    // Switched to enforce: the flag goes, the epoch moves.
+    h.set_flags_epoch("c", c.flags, 3);
+    h.case(
+        "audit->enforce: the would-drop flow is revoked",
+        "c",
+        i,
+        &ipv4(WORLD4, C4, PROTO_TCP, &tcp(46001, 22)),
+        SHOT,
+        DROP_REVOKED,
+    );
+    h.case(
+        "audit->enforce: its replies too",
+        "c",
+        e,
+        &ipv4(C4, WORLD4, PROTO_TCP, &tcp(22, 46001)),
+        SHOT,
+        DROP_REVOKED,
+    );
+    h.case(
+        "audit->enforce: a new flow drops",
+        "c",
+        i,
+        &ipv4(WORLD4, C4, PROTO_TCP, &tcp(46002, 22)),
+        SHOT,
+        DROP_POLICY,
+    );
+    h.case(
+        "audit->enforce: the allowed flow continues",
+        "c",
+        i,
+        &ipv4(B4, C4, PROTO_TCP, &tcp(46000, 80)),
+        OK,
+        ALLOW_ESTABLISHED,
+    );
+    // Back to audit: a flow that was allowed and loses its entry is kept (not enforced).
+    h.set_flags_epoch("c", c.flags | EP_INGRESS_AUDIT, 4);
+    h.dp.policy
+        .remove(&PolicyKey::new(EP_C, ID_B, DIR_INGRESS, PROTO_TCP, 80, 16))
+        .unwrap();
+    h.set_flags_epoch("c", c.flags | EP_INGRESS_AUDIT, 5);
+    let _ = h.events().drain();
+    h.case(
+        "audit: a re-checked flow no entry allows is kept",
+        "c",
+        i,
+        &ipv4(B4, C4, PROTO_TCP, &tcp(46000, 80)),
+        OK,
+        ALLOW_ESTABLISHED,
+    );
+    // Enforcing again, the re-check revokes it.
+    h.set_flags_epoch("c", c.flags, 6);
+    h.case(
+        "audit->enforce: the re-checked flow is revoked",
+        "c",
+        i,
+        &ipv4(B4, C4, PROTO_TCP, &tcp(46000, 80)),
+        SHOT,
+        DROP_REVOKED,
+    );
+}
+
 /// Verdict events: one per drop with the flow's fields; allowed flows only with
 /// CONFIG_LOG_ALLOWED, and only their first packet.
 fn verdict_events_report_drops_and_only_logged_allows(h: &mut Harness) {
@@ -3511,6 +3665,7 @@ fn trials() -> Vec<Trial> {
             },
         )),
         group!(verdict_events_report_drops_and_only_logged_allows),
+        group!(audit_only_directions_allow_and_report_would_drop),
         shared(
             "a_restart_reuses_pinned_maps_and_moves_legacy_ipv4_flows",
             a_restart_reuses_pinned_maps_and_moves_legacy_ipv4_flows,

@@ -1233,6 +1233,7 @@ fn every_value_set() -> Value {
     v["identity"]["issuer"] = "https://oidc.example.com".into();
     v["logFormat"] = "json".into();
     v["flowLog"] = "file:/var/log/enforcer/flows.log".into();
+    v["audit"] = true.into();
     v
 }
 
@@ -1309,6 +1310,7 @@ fn chart_values_are_all_used_and_every_templated_flag_is_a_run_flag() {
     let m = cli_matches(&args);
     let (_, run) = m.subcommand().unwrap();
     assert_eq!(run.get_one::<u32>("max_endpoints"), Some(&512));
+    assert!(run.get_flag("audit"), "audit: true renders --audit");
     assert_eq!(
         run.get_one::<std::time::Duration>("watch_stall_timeout"),
         Some(&std::time::Duration::from_secs(900))

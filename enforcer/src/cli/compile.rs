@@ -233,7 +233,8 @@ pub fn compile_loaded(loaded: &Loaded, node_name: Option<String>, entries: bool)
     let mut pods = Vec::new();
     for (pod, ep) in &s.endpoints {
         let direction = |dir: u8| {
-            if !ep.info.isolated(dir) {
+            // Audit only: enforced as not isolated, so reported that way, naming the audit.
+            if !ep.info.isolated(dir) || enforcer_common::audit_only_in(ep.info.flags, dir) {
                 return DirectionReport {
                     isolated: false,
                     refused_by: Vec::new(),

@@ -151,8 +151,9 @@ pub struct RunArgs {
     /// `enforcer.dev/require-identity: "true"` policy annotation).
     #[arg(long)]
     require_identity: bool,
-    /// Every policy audits: it enforces nothing, and `explain` says what it would drop (see
-    /// also the `enforcer.dev/audit: "true"` annotation on a policy or a Namespace).
+    /// Every policy audits: what policy would deny is allowed, counted and logged as
+    /// `would-drop` (see also the `enforcer.dev/audit: "true"` annotation on a policy or a
+    /// Namespace).
     #[arg(long)]
     audit: bool,
     /// Address of the attestation endpoint (`POST /v1/attest`), served when keys are given.

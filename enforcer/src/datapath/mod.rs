@@ -48,8 +48,9 @@ use enforcer_common::{
     MAP_CONNTRACK_V6, MAP_COUNTERS, MAP_DEFERRED, MAP_ENDPOINT_SLOTS, MAP_ENDPOINTS, MAP_EVENTS,
     MAP_FLOW_COUNTS, MAP_FLOWS_V4, MAP_FRAGMENTS, MAP_NODE_PORTS, MAP_PEER_SLOTS, MAP_PEERS_V4,
     MAP_PEERS_V6, MAP_POLICY, MAP_SERVICE_FLOWS, MAP_SVC_PROGS, NodePortKey, PEERS_GROW_AT,
-    PEERS_MAP_FLAGS, PROG_FROM_POD, PROG_SVC_EXIT, PROG_SVC_POD, PROG_TO_POD, PeerInfo, PolicyKey,
-    PolicyValue, SCHEMA_VERSION, SVC_PROG_JUDGE, SVC_PROG_TO_POD, counter_slots, peer_buckets_for,
+    PEERS_MAP_FLAGS, PROG_AUDIT_POD, PROG_FROM_POD, PROG_SVC_EXIT, PROG_SVC_POD, PROG_TO_POD,
+    PeerInfo, PolicyKey, PolicyValue, SCHEMA_VERSION, SVC_PROG_AUDIT, SVC_PROG_COUNT,
+    SVC_PROG_JUDGE, SVC_PROG_TO_POD, counter_slots, peer_buckets_for,
 };
 pub use events::{AsyncEvents, EventReader};
 pub use hash::{EndpointTable, HashTable, PeerTable};
@@ -488,6 +489,9 @@ impl Datapath {
         // Flow counts by endpoint id: the conntrack sweep recounts them.
         let flow_counts = options.max_endpoints + 1;
         unpin_if_resized(&maps_dir, MAP_FLOW_COUNTS, flow_counts)?;
+        // A program array of an earlier build with fewer slots (no audit program): a new one.
+        // The programs still attached keep the old one until `reattach_all` replaces them.
+        unpin_if_resized(&maps_dir, MAP_SVC_PROGS, SVC_PROG_COUNT)?;
         // The bucket hash's key lives as long as the table: kept in CONFIG beside it, drawn
         // anew with a new table. A table an older build created keeps its unkeyed hash (its
         // flows sit in the buckets that hash picked) until its pins are removed.
@@ -542,7 +546,13 @@ impl Datapath {
             .map_max_entries(MAP_EVENTS, options.events_bytes);
         let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
 
-        for name in [PROG_FROM_POD, PROG_TO_POD, PROG_SVC_POD, PROG_SVC_EXIT] {
+        for name in [
+            PROG_FROM_POD,
+            PROG_TO_POD,
+            PROG_SVC_POD,
+            PROG_SVC_EXIT,
+            PROG_AUDIT_POD,
+        ] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
@@ -551,13 +561,15 @@ impl Datapath {
             prog.load()
                 .with_context(|| format!("loading program {name} (verifier)"))?;
         }
-        // The tail calls between `to_pod` and the judge of deferred Service packets. A pinned
-        // array of an earlier agent now points at this object's programs.
+        // The tail calls between `to_pod` and the judge of deferred Service packets, and to the
+        // program that lets audit mode's would-drop flows through (without it they drop, as
+        // enforcing would).
         let mut svc_progs = ProgramArray::try_from(take(&mut ebpf, MAP_SVC_PROGS)?)
             .with_context(|| format!("map {MAP_SVC_PROGS}"))?;
         for (index, name) in [
             (SVC_PROG_JUDGE, PROG_SVC_POD),
             (SVC_PROG_TO_POD, PROG_TO_POD),
+            (SVC_PROG_AUDIT, PROG_AUDIT_POD),
         ] {
             let prog: &SchedClassifier = ebpf
                 .program(name)
