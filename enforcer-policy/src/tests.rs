@@ -652,6 +652,7 @@ pub(crate) fn cluster_strategy() -> impl Strategy<Value = Cluster> {
                     policies: shared(policies),
                     services: Vec::new(),
                     verified,
+                    ..Default::default()
                 }
             },
         )
