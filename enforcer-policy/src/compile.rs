@@ -1426,6 +1426,7 @@ mod tests {
             policies: shared([allow("p", pods_peer(None, Some(sel(&[("app", "b")]))))]),
             services: Vec::new(),
             verified: BTreeMap::new(),
+            ..Cluster::default()
         };
         let mut a = Allocations::new();
         let first = compile(&c, &opts, &mut a);

@@ -22,6 +22,10 @@ use super::{
         pod_labels, pod_self_set_labels,
     },
     selector,
+    tiers::{
+        self, Action, ClusterPolicy, Direction, NetworkPolicyOutcome, PeerFacts, Service, Tier,
+        TierError, TierMatch, Tiered,
+    },
     validate::{PolicyError, RawRule, namespace_of, parse_cidr, validate_policy},
 };
 use crate::state::PodRef;
@@ -69,11 +73,62 @@ pub enum DirVerdict {
     /// Allowed: no enforcing policy isolates the pod for this direction, and these audit
     /// policies isolate it with no rule that allows it. Enforcing them would drop it.
     WouldDrop { policies: Vec<String> },
+    /// An Admin or Baseline tier rule accepted it (v1alpha1: Allow).
+    TierAccepted(TierRuleRef),
+    /// An Admin or Baseline tier rule denied it.
+    TierDenied(TierRuleRef),
+    /// An Admin tier rule passed it on: `then` is what NetworkPolicy, the Baseline tier or the
+    /// default decided.
+    Passed {
+        by: TierRuleRef,
+        then: Box<DirVerdict>,
+    },
 }
 
 impl DirVerdict {
     pub fn allowed(&self) -> bool {
-        !matches!(self, Self::Denied { .. } | Self::NoIdentity { .. })
+        match self {
+            Self::Denied { .. } | Self::NoIdentity { .. } | Self::TierDenied(_) => false,
+            Self::Passed { then, .. } => then.allowed(),
+            _ => true,
+        }
+    }
+
+    /// The verdict without the Admin rule that passed it on, if one did.
+    pub fn after_pass(&self) -> &DirVerdict {
+        match self {
+            Self::Passed { then, .. } => then,
+            v => v,
+        }
+    }
+}
+
+/// The cluster policy rule that decided (or passed on) a direction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TierRuleRef {
+    pub tier: Tier,
+    /// `Kind/name`.
+    pub policy: String,
+    /// The rule's `name`, or `ingress[i]`/`egress[i]` when it has none.
+    pub rule: String,
+    /// Index of the rule in its direction's list.
+    pub index: usize,
+    /// The rule's action as the policy's API version names it (`Accept`/`Allow`, `Deny`, `Pass`).
+    pub action: &'static str,
+    /// Why the policy was refused, when it was: the rule is then its fail-closed stand-in.
+    pub refused: Vec<TierError>,
+}
+
+impl TierRuleRef {
+    fn of(m: &TierMatch<'_>) -> Self {
+        Self {
+            tier: m.policy.tier,
+            policy: m.policy.display_name(),
+            rule: m.rule.name.clone(),
+            index: m.index,
+            action: m.rule.action.name_in(m.policy.kind),
+            refused: m.policy.refused.clone(),
+        }
     }
 }
 
@@ -296,6 +351,12 @@ fn ports_match(
 
 /// The verdict for traffic at `pod` in one direction with the peer at `peer_ip`.
 ///
+/// Cluster policies first, as their API orders it: the Admin tier's first matching rule
+/// decides (Accept, Deny) or passes on (Pass); then NetworkPolicy, where it isolates the pod;
+/// then the Baseline tier; then the default (allowed). Traffic of a pod to itself never leaves
+/// it and is judged by no tier. Traffic with the node is judged by the tiers (a `nodes` peer
+/// may match it) and, as before, never by NetworkPolicy.
+///
 /// enforcer's audit mode: the policies that audit ([`Cluster::policy_audits`]) take no part
 /// in what is enforced, which is the verdict of the enforcing policies alone. Only where those
 /// do not isolate the pod do the audit policies count, as if they enforced: what they would
@@ -310,18 +371,39 @@ pub fn direction_verdict(
     protocol: u8,
     port: u16,
 ) -> DirVerdict {
-    let flow = (pod, ingress, peer_ip, protocol, port);
-    audited(|with_audit| verdict_of(cluster, opts, with_audit, flow))
+    let pods = cluster.policy_pods();
+    let Some((_, this)) = pods.iter().find(|(r, _)| r == pod) else {
+        return DirVerdict::NotEnforced;
+    };
+    let flow = Flow {
+        pod,
+        this,
+        ingress,
+        peer: &Peer::Addr(peer_ip),
+        protocol,
+        port,
+    };
+    tiered(cluster, opts, &flow)
 }
 
-/// The enforcing policies' verdict (`verdict(false)`); where they do not isolate, the audit
-/// policies' would-drop (`verdict(true)`, a denial turned into [`DirVerdict::WouldDrop`]).
-fn audited(verdict: impl Fn(bool) -> DirVerdict) -> DirVerdict {
-    let enforced = verdict(false);
+/// One direction of a flow, as the evaluator judges it.
+#[derive(Clone, Copy)]
+struct Flow<'a> {
+    pod: &'a PodRef,
+    this: &'a PodInfo,
+    ingress: bool,
+    peer: &'a Peer,
+    protocol: u8,
+    port: u16,
+}
+
+/// The enforcing policies' verdict (`enforced`); where they do not isolate, the audit
+/// policies' would-drop (`with_audit()`, a denial turned into [`DirVerdict::WouldDrop`]).
+fn audited(enforced: DirVerdict, with_audit: impl FnOnce() -> DirVerdict) -> DirVerdict {
     if enforced != DirVerdict::NotIsolated {
         return enforced;
     }
-    match verdict(true) {
+    match with_audit() {
         DirVerdict::Denied { policies, .. } | DirVerdict::NoIdentity { policies, .. } => {
             DirVerdict::WouldDrop { policies }
         }
@@ -329,27 +411,108 @@ fn audited(verdict: impl Fn(bool) -> DirVerdict) -> DirVerdict {
     }
 }
 
-/// [`direction_verdict`] by the enforcing policies, or also by the audit ones (`with_audit`).
-fn verdict_of(
-    cluster: &Cluster,
-    opts: &CompileOptions,
-    with_audit: bool,
-    (pod, ingress, peer_ip, protocol, port): (&PodRef, bool, IpAddr, u8, u16),
-) -> DirVerdict {
-    let pods = cluster.policy_pods();
-    let Some((_, this)) = pods.iter().find(|(r, _)| r == pod) else {
-        return DirVerdict::NotEnforced;
-    };
-    verdict_at(
-        cluster,
-        opts,
-        with_audit,
-        (pod, this),
+/// The cluster policies in evaluation order ([`tiers::sort`]), whatever order the source kept.
+fn cluster_policies(cluster: &Cluster) -> Vec<&ClusterPolicy> {
+    let mut out: Vec<&ClusterPolicy> = cluster.cluster_policies.iter().map(|p| &**p).collect();
+    out.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
+    out
+}
+
+/// [`direction_verdict`] of `flow`: the tiers around NetworkPolicy (see there).
+fn tiered(cluster: &Cluster, opts: &CompileOptions, flow: &Flow<'_>) -> DirVerdict {
+    let network_policy = |with_audit: bool| verdict_at(cluster, opts, with_audit, flow);
+    if cluster.cluster_policies.is_empty() {
+        // No tier: NetworkPolicy alone, exactly as without cluster policies.
+        return audited(network_policy(false), || network_policy(true));
+    }
+    let Flow {
+        pod,
+        this,
         ingress,
-        &Peer::Addr(peer_ip),
+        peer,
         protocol,
         port,
-    )
+    } = *flow;
+    let (peer_ip, peer_pod) = match peer {
+        Peer::Addr(ip) => {
+            if pod_ips(this).contains(ip) {
+                return DirVerdict::SelfTraffic;
+            }
+            (Some(*ip), cluster.pod_at(*ip, &opts.node_ips))
+        }
+        Peer::Pod(r) => {
+            if r == pod {
+                return DirVerdict::SelfTraffic;
+            }
+            let found = pods_as_written(cluster).into_iter().find(|(p, _)| p == r);
+            (None, found)
+        }
+    };
+    let subject_ns = cluster.namespace_labels(&pod.namespace);
+    let peer_ns = peer_pod
+        .as_ref()
+        .map(|(r, _)| cluster.namespace_labels(&r.namespace));
+    let facts = PeerFacts {
+        pod: peer_pod.as_ref().map(|(_, p)| *p).zip(peer_ns.as_ref()),
+        node: peer_ip.and_then(|ip| cluster.node_labels_at(ip)),
+        addr: peer_ip,
+    };
+    // Named ports are the destination's: this pod on ingress, the peer pod on egress.
+    let svc = Service {
+        protocol,
+        port,
+        destination_pod: if ingress {
+            Some(this)
+        } else {
+            peer_pod.as_ref().map(|(_, p)| *p)
+        },
+    };
+    let direction = if ingress {
+        Direction::Ingress
+    } else {
+        Direction::Egress
+    };
+    let policies = cluster_policies(cluster);
+    let first = |tier: Tier| {
+        tiers::first_match(
+            policies.iter().copied(),
+            tier,
+            direction,
+            (this, &subject_ns),
+            &facts,
+            &svc,
+        )
+    };
+    // NetworkPolicy decides where the enforcing policies isolate the pod; the node's traffic
+    // is never theirs to judge.
+    let enforced = network_policy(false);
+    let decided = match &enforced {
+        DirVerdict::NotIsolated | DirVerdict::Host => NetworkPolicyOutcome::NotIsolated,
+        v => NetworkPolicyOutcome::Decided(v.clone()),
+    };
+    let decision = tiers::combine(first(Tier::Admin), || decided, || first(Tier::Baseline));
+    let (passed, verdict) = match decision {
+        Tiered::Admin(m) => return tier_verdict(&m),
+        Tiered::NetworkPolicy { decided, passed } => (passed, decided),
+        Tiered::Baseline { rule, passed } => (passed, tier_verdict(&rule)),
+        // Where nothing decides, audit policies report what they would drop.
+        Tiered::Default { passed } => (passed, audited(enforced, || network_policy(true))),
+    };
+    match passed {
+        Some(m) => DirVerdict::Passed {
+            by: TierRuleRef::of(&m),
+            then: Box::new(verdict),
+        },
+        None => verdict,
+    }
+}
+
+/// The verdict of a tier rule that accepted or denied.
+fn tier_verdict(m: &TierMatch<'_>) -> DirVerdict {
+    match m.rule.action {
+        Action::Accept => DirVerdict::TierAccepted(TierRuleRef::of(m)),
+        Action::Deny | Action::Pass => DirVerdict::TierDenied(TierRuleRef::of(m)),
+    }
 }
 
 /// The other end of a direction: an address (and the pod owning it, if any), or a pod known
@@ -392,31 +555,33 @@ pub fn direction_verdict_as_written(
     let Some((_, this)) = pods.iter().find(|(r, _)| r == pod) else {
         return DirVerdict::NotEnforced;
     };
-    audited(|with_audit| {
-        verdict_at(
-            cluster,
-            opts,
-            with_audit,
-            (pod, this),
-            ingress,
-            peer,
-            protocol,
-            port,
-        )
-    })
+    let flow = Flow {
+        pod,
+        this,
+        ingress,
+        peer,
+        protocol,
+        port,
+    };
+    tiered(cluster, opts, &flow)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// NetworkPolicy's verdict of `flow`: by the enforcing policies, or also by the audit ones
+/// (`with_audit`).
 fn verdict_at(
     cluster: &Cluster,
     opts: &CompileOptions,
     with_audit: bool,
-    (pod, this): (&PodRef, &PodInfo),
-    ingress: bool,
-    peer: &Peer,
-    protocol: u8,
-    port: u16,
+    flow: &Flow<'_>,
 ) -> DirVerdict {
+    let Flow {
+        pod,
+        this,
+        ingress,
+        peer,
+        protocol,
+        port,
+    } = *flow;
     let (peer_ip, peer_pod) = match peer {
         Peer::Addr(ip) => {
             if pod_ips(this).contains(ip) {

@@ -7,8 +7,8 @@ use std::{collections::BTreeSet, fmt, net::IpAddr};
 use super::{
     compile::CompileOptions,
     evaluator::{
-        DirVerdict, Endpoint, Peer, ResolvedFlow, direction_verdict, direction_verdict_as_written,
-        pods_as_written, resolve_flow,
+        DirVerdict, Endpoint, Peer, ResolvedFlow, TierRuleRef, direction_verdict,
+        direction_verdict_as_written, pods_as_written, resolve_flow,
     },
     model::{
         Cluster, Frontend, LABEL_NAMESPACE, LABEL_SERVICE_ACCOUNT, RESERVED_LABEL_PREFIX,
@@ -558,7 +558,34 @@ impl fmt::Display for DirVerdict {
                  pod for this direction, and no rule of theirs allows it",
                 policies.join(", ")
             ),
+            Self::TierAccepted(r) => write!(f, "allowed by {r}"),
+            Self::TierDenied(r) => write!(f, "denied by {r}"),
+            Self::Passed { by, then } => write!(f, "passed by {by}; then {then}"),
         }
+    }
+}
+
+impl fmt::Display for TierRuleRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} tier {} rule {} [{}] ({})",
+            self.tier, self.policy, self.rule, self.index, self.action
+        )?;
+        if !self.refused.is_empty() {
+            let why: Vec<String> = self
+                .refused
+                .iter()
+                .map(|e| format!("{}: {}", e.field, e.message))
+                .collect();
+            write!(
+                f,
+                ", standing in for the refused policy ({}): a cluster policy the agent cannot \
+                 read denies what it concerns until it is fixed",
+                why.join("; ")
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -674,7 +701,7 @@ impl Explanation {
     pub fn would_drop_by(&self) -> Vec<&str> {
         let mut out: Vec<&str> = Vec::new();
         for side in [&self.egress, &self.ingress] {
-            if let DirVerdict::WouldDrop { policies } = &side.verdict {
+            if let DirVerdict::WouldDrop { policies } = side.verdict.after_pass() {
                 out.extend(policies.iter().map(String::as_str));
             }
         }

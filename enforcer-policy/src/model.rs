@@ -37,6 +37,21 @@ pub struct Cluster {
     /// reserved labels the identity adds to the pod's labels when it is matched as a peer.
     /// The only source of reserved labels: an object's own are ignored ([`selectable_labels`]).
     pub verified: BTreeMap<IpAddr, BTreeMap<String, String>>,
+    /// The cluster-wide policies (Admin and Baseline tiers), in evaluation order
+    /// ([`crate::tiers::sort`]).
+    pub cluster_policies: Vec<Arc<crate::tiers::ClusterPolicy>>,
+    /// The nodes, as far as a `nodes` peer of a cluster policy needs them.
+    pub nodes: Vec<Arc<NodeInfo>>,
+}
+
+/// What a cluster policy's `nodes` peer reads of a Node: an address of the node is matched by
+/// the node's labels.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct NodeInfo {
+    pub name: String,
+    pub labels: Labels,
+    /// `status.addresses` that parse as IP addresses.
+    pub addresses: Vec<IpAddr>,
 }
 
 /// Wraps objects for a [`Cluster`] list, converting them to the form it holds (a `Pod` to a
@@ -394,6 +409,14 @@ impl Cluster {
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
+    }
+
+    /// The labels of the node that owns `ip` (the first node listing it), if any.
+    pub fn node_labels_at(&self, ip: IpAddr) -> Option<&Labels> {
+        self.nodes
+            .iter()
+            .find(|n| n.addresses.contains(&ip))
+            .map(|n| &n.labels)
     }
 
     /// The pod that owns `ip`, if any: the first by `PodRef` among policy pods listing it.

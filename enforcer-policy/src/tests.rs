@@ -657,6 +657,7 @@ pub(crate) fn cluster_strategy() -> impl Strategy<Value = Cluster> {
                     policies: shared(policies),
                     services: Vec::new(),
                     verified,
+                    ..Default::default()
                 }
             },
         )

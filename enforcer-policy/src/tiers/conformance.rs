@@ -1,8 +1,8 @@
 //! The upstream conformance scenarios for cluster policies (`network-policy-api`'s Go suite,
-//! re-expressed as data in `tests/data/cluster-policy-conformance/`), judged by the tier model:
-//! per direction the Admin tier ([`first_match`]), then NetworkPolicy (the reference evaluator),
-//! then the Baseline tier ([`combine`]); a flow is allowed when egress at the source and
-//! ingress at the destination both allow it. One test per upstream test file.
+//! re-expressed as data in `tests/data/cluster-policy-conformance/`), judged by the reference
+//! evaluator ([`direction_verdict`], which applies the tiers around NetworkPolicy): a flow is
+//! allowed when egress at the source and ingress at the destination both allow it. One test
+//! per upstream file.
 
 use std::{
     collections::BTreeMap,
@@ -20,8 +20,8 @@ use serde_json::Value;
 use super::*;
 use crate::{
     compile::CompileOptions,
-    evaluator::{DirVerdict, direction_verdict},
-    model::Cluster,
+    evaluator::direction_verdict,
+    model::{Cluster, NodeInfo, shared},
     state::PodRef,
     tests::fixtures,
 };
@@ -178,16 +178,12 @@ fn resolve(v: &mut Value, ips: &BTreeMap<String, Placement>) {
 
 /// The cluster as one step sees it.
 struct World {
-    namespaces: BTreeMap<String, Labels>,
     pods: BTreeMap<String, Arc<PodInfo>>,
-    nodes: BTreeMap<IpAddr, Labels>,
     cluster: Cluster,
-    policies: Vec<ClusterPolicy>,
 }
 
 impl World {
     fn build(objects: &BTreeMap<String, Value>, data: &ClusterData) -> Self {
-        let mut namespaces = BTreeMap::new();
         let mut ns_objects = Vec::new();
         let mut pods = BTreeMap::new();
         let mut nps = Vec::new();
@@ -197,13 +193,7 @@ impl World {
             let api_version = v["apiVersion"].as_str().unwrap_or("");
             match kind {
                 "Namespace" => {
-                    let mut ns: Namespace = serde_json::from_value(v.clone()).expect("Namespace");
-                    let name = ns.metadata.name.clone().expect("named");
-                    // The API server keeps this label on every namespace, whatever a patch sets.
-                    let labels = ns.metadata.labels.get_or_insert_default();
-                    labels.insert("kubernetes.io/metadata.name".into(), name.clone());
-                    namespaces.insert(name, labels.clone());
-                    ns_objects.push(ns);
+                    ns_objects.push(serde_json::from_value::<Namespace>(v.clone()).expect("NS"))
                 }
                 "StatefulSet" => pods.extend(statefulset_pods(v, data)),
                 "NetworkPolicy" => {
@@ -219,24 +209,24 @@ impl World {
             }
         }
         sort(&mut policies);
-        let nodes = data
+        let nodes: Vec<NodeInfo> = data
             .nodes
             .iter()
-            .flat_map(|n| n.addresses.iter().map(|a| (*a, n.labels.clone())))
+            .map(|n| NodeInfo {
+                name: n.name.clone(),
+                labels: n.labels.clone(),
+                addresses: n.addresses.clone(),
+            })
             .collect();
         let cluster = Cluster {
             namespaces: ns_objects.into_iter().map(Arc::new).collect(),
             pods: pods.values().cloned().collect(),
             policies: nps.into_iter().map(Arc::new).collect(),
+            cluster_policies: policies.into_iter().map(Arc::new).collect(),
+            nodes: shared(nodes),
             ..Default::default()
         };
-        Self {
-            namespaces,
-            pods,
-            nodes,
-            cluster,
-            policies,
-        }
+        Self { pods, cluster }
     }
 
     fn pod(&self, name: &str) -> &Arc<PodInfo> {
@@ -245,52 +235,22 @@ impl World {
             .unwrap_or_else(|| panic!("no pod {name}"))
     }
 
-    fn ns_labels(&self, pod: &PodInfo) -> &Labels {
-        &self.namespaces[&*pod.namespace]
-    }
-
-    /// What a rule sees of `pod` as a peer: a host-network pod is its node's address.
-    fn facts<'a>(&'a self, pod: &'a PodInfo) -> PeerFacts<'a> {
-        let addr = pod.ips[0];
-        PeerFacts {
-            pod: (!pod.host_network).then(|| (pod, self.ns_labels(pod))),
-            node: self.nodes.get(&addr),
-            addr: Some(addr),
-        }
-    }
-
-    /// One direction at `subject` (egress: the source, ingress: the destination).
-    fn direction(&self, dir: Direction, subject: &PodInfo, peer: &PodInfo, svc: &Service) -> bool {
-        if subject.host_network {
-            // Neither tier nor NetworkPolicy selects host-network pods.
-            return true;
-        }
-        let at = (subject, self.ns_labels(subject));
-        let facts = self.facts(peer);
-        let admin = first_match(&self.policies, Tier::Admin, dir, at, &facts, svc);
-        let network_policy = || {
-            let pod = PodRef::new(subject.namespace.to_string(), subject.name.to_string());
-            let opts = CompileOptions::default();
-            let ingress = dir == Direction::Ingress;
-            let (proto, port) = (svc.protocol, svc.port);
-            match direction_verdict(
-                &self.cluster,
-                &opts,
-                &pod,
-                ingress,
-                peer.ips[0],
-                proto,
-                port,
-            ) {
-                DirVerdict::Allowed { .. } => NetworkPolicyOutcome::Decided(true),
-                DirVerdict::Denied { .. } | DirVerdict::NoIdentity { .. } => {
-                    NetworkPolicyOutcome::Decided(false)
-                }
-                _ => NetworkPolicyOutcome::NotIsolated,
-            }
-        };
-        let baseline = || first_match(&self.policies, Tier::Baseline, dir, at, &facts, svc);
-        combine(admin, network_policy, baseline).allowed(|a| *a)
+    /// One direction at `subject` (egress: the source, ingress: the destination), by the
+    /// reference evaluator. A host-network pod takes part in no policy: allowed.
+    fn direction(&self, ingress: bool, subject: &PodInfo, peer: &PodInfo, svc: (u8, u16)) -> bool {
+        let pod = PodRef::new(subject.namespace.to_string(), subject.name.to_string());
+        let opts = CompileOptions::default();
+        let (proto, port) = svc;
+        direction_verdict(
+            &self.cluster,
+            &opts,
+            &pod,
+            ingress,
+            peer.ips[0],
+            proto,
+            port,
+        )
+        .allowed()
     }
 
     fn allowed(&self, p: &Probe) -> bool {
@@ -301,13 +261,8 @@ impl World {
             "sctp" => PROTO_SCTP,
             other => panic!("protocol {other}"),
         };
-        let svc = Service {
-            protocol,
-            port: p.port,
-            destination_pod: (!to.host_network).then_some(&**to),
-        };
-        self.direction(Direction::Egress, from, to, &svc)
-            && self.direction(Direction::Ingress, to, from, &svc)
+        let svc = (protocol, p.port);
+        self.direction(false, from, to, svc) && self.direction(true, to, from, svc)
     }
 }
 

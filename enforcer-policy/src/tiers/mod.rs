@@ -967,7 +967,7 @@ pub fn sort(policies: &mut [ClusterPolicy]) {
 /// The first rule of `tier` (policies in evaluation order: [`sort`]) whose policy selects
 /// `subject` and which matches the peer and the service, in `direction`.
 pub fn first_match<'p>(
-    policies: &'p [ClusterPolicy],
+    policies: impl IntoIterator<Item = &'p ClusterPolicy>,
     tier: Tier,
     direction: Direction,
     subject: (&PodInfo, &Labels),
@@ -975,7 +975,7 @@ pub fn first_match<'p>(
     svc: &Service,
 ) -> Option<TierMatch<'p>> {
     policies
-        .iter()
+        .into_iter()
         .filter(|p| p.tier == tier && p.subject.selects(subject.0, subject.1))
         .find_map(|policy| {
             policy
@@ -1055,3 +1055,5 @@ impl<T> Tiered<'_, T> {
 mod conformance;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod verdicts;

@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result, bail};
 use enforcer_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 use enforcer_policy::{
     compile::CompileOptions,
-    evaluator::{DirVerdict, Endpoint},
+    evaluator::{DirVerdict, Endpoint, TierRuleRef},
     explain::{
         BackendOutcome, Backends, Explanation, ServiceFlow, ServiceVerdict, Side, Via, explain,
         explain_service, protocol_label,
@@ -111,13 +111,20 @@ pub struct SideReport {
     pub pod: Option<String>,
     pub allowed: bool,
     /// `not-a-pod`, `self`, `host`, `not-isolated`, `allowed-by-rule`, `denied`,
-    /// `denied-no-identity`.
+    /// `denied-no-identity`, `would-drop`, `accepted-by-tier`, `denied-by-tier`.
     pub decision: &'static str,
-    /// The deciding policy (`namespace/name`) and rule index, for `allowed-by-rule`.
+    /// The deciding policy (`namespace/name`, or `Kind/name` for a cluster policy) and rule
+    /// index, for `allowed-by-rule`, `accepted-by-tier` and `denied-by-tier`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rule: Option<usize>,
+    /// The deciding cluster policy rule, for `accepted-by-tier` and `denied-by-tier`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tier_rule: Option<TierRuleReport>,
+    /// The Admin tier rule that passed the flow on to NetworkPolicy and the Baseline tier.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub passed_by: Option<TierRuleReport>,
     /// The policies isolating the pod, for a denial.
     pub isolated_by: Vec<String>,
     /// The text explanation of this side.
@@ -147,8 +154,41 @@ pub struct BackendReport {
     pub flow: Option<FlowReport>,
 }
 
+/// A cluster policy rule, as `explain` names it.
+#[derive(Clone, Debug, Serialize)]
+pub struct TierRuleReport {
+    /// `Admin` or `Baseline`.
+    pub tier: String,
+    /// `Kind/name`.
+    pub policy: String,
+    /// The rule's name (`ingress[i]`/`egress[i]` when unnamed) and index.
+    pub name: String,
+    pub index: usize,
+    /// As the policy's API version names it: `Accept`/`Allow`, `Deny` or `Pass`.
+    pub action: &'static str,
+}
+
+fn tier_rule_report(r: &TierRuleRef) -> TierRuleReport {
+    TierRuleReport {
+        tier: r.tier.to_string(),
+        policy: r.policy.clone(),
+        name: r.rule.clone(),
+        index: r.index,
+        action: r.action,
+    }
+}
+
 fn side_report(side: &Side) -> SideReport {
-    let (decision, policy, rule, isolated_by) = match &side.verdict {
+    let passed_by = match &side.verdict {
+        DirVerdict::Passed { by, .. } => Some(tier_rule_report(by)),
+        _ => None,
+    };
+    let decided = side.verdict.after_pass();
+    let tier_rule = match decided {
+        DirVerdict::TierAccepted(r) | DirVerdict::TierDenied(r) => Some(tier_rule_report(r)),
+        _ => None,
+    };
+    let (decision, policy, rule, isolated_by) = match decided {
         _ if side.pod.is_none() => ("not-a-pod", None, None, Vec::new()),
         DirVerdict::NotEnforced => ("not-a-pod", None, None, Vec::new()),
         DirVerdict::SelfTraffic => ("self", None, None, Vec::new()),
@@ -169,6 +209,20 @@ fn side_report(side: &Side) -> SideReport {
             ("denied-no-identity", None, None, policies.clone())
         }
         DirVerdict::WouldDrop { policies } => ("would-drop", None, None, policies.clone()),
+        DirVerdict::TierAccepted(r) => (
+            "accepted-by-tier",
+            Some(r.policy.clone()),
+            Some(r.index),
+            Vec::new(),
+        ),
+        DirVerdict::TierDenied(r) => (
+            "denied-by-tier",
+            Some(r.policy.clone()),
+            Some(r.index),
+            Vec::new(),
+        ),
+        // Not reached: only the Admin tier passes, once (`after_pass` took it off).
+        DirVerdict::Passed { .. } => ("passed", None, None, Vec::new()),
     };
     SideReport {
         pod: side.pod.as_ref().map(ToString::to_string),
@@ -176,6 +230,8 @@ fn side_report(side: &Side) -> SideReport {
         decision,
         policy,
         rule,
+        tier_rule,
+        passed_by,
         isolated_by,
         reason: if side.pod.is_some() {
             side.verdict.to_string()
