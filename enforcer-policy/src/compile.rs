@@ -103,7 +103,71 @@ pub struct IdentityKey {
     pub pod: Option<Arc<PodFacts>>,
     /// The ipBlocks the address is in (inside the cidr, outside every except), shared by every
     /// address of one region.
-    pub blocks: Arc<BTreeSet<Block>>,
+    pub blocks: BlockSet,
+}
+
+/// A set of ipBlocks, with a digest of its contents made once. A region's set holds nearly
+/// every ipBlock of the cluster (an address is in all but the few whose except holds it), and
+/// identity keys are hashed and ordered per address: by the digest they cost one word, and
+/// the sets are compared whole only when their digests are equal (nearly always the same
+/// set, found equal by address).
+#[derive(Clone, Debug, Default)]
+pub struct BlockSet {
+    digest: u64,
+    blocks: Arc<BTreeSet<Block>>,
+}
+
+impl BlockSet {
+    pub fn new(blocks: BTreeSet<Block>) -> Self {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        blocks.hash(&mut h);
+        Self {
+            digest: h.finish(),
+            blocks: Arc::new(blocks),
+        }
+    }
+}
+
+impl std::ops::Deref for BlockSet {
+    type Target = BTreeSet<Block>;
+    fn deref(&self) -> &BTreeSet<Block> {
+        &self.blocks
+    }
+}
+
+impl PartialEq for BlockSet {
+    fn eq(&self, o: &Self) -> bool {
+        self.digest == o.digest && (Arc::ptr_eq(&self.blocks, &o.blocks) || self.blocks == o.blocks)
+    }
+}
+
+impl Eq for BlockSet {}
+
+impl std::hash::Hash for BlockSet {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.digest.hash(h);
+    }
+}
+
+impl PartialOrd for BlockSet {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+
+/// By digest, then contents: a total order consistent with equality (the order itself means
+/// nothing).
+impl Ord for BlockSet {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        self.digest.cmp(&o.digest).then_with(|| {
+            if Arc::ptr_eq(&self.blocks, &o.blocks) {
+                std::cmp::Ordering::Equal
+            } else {
+                self.blocks.cmp(&o.blocks)
+            }
+        })
+    }
 }
 
 impl IdentityKey {
@@ -715,13 +779,13 @@ fn identity_stage(
                 *net,
                 IdentityKey {
                     pod: None,
-                    blocks: Arc::new(bs),
+                    blocks: BlockSet::new(bs),
                 },
             )
         })
         .collect();
     let regions = Regions::new(&region_keys);
-    let no_blocks: Arc<BTreeSet<Block>> = Arc::default();
+    let no_blocks = BlockSet::new(BTreeSet::new());
 
     // Pods: facts (one shared value per distinct facts) and the addresses they own.
     let mut ns_labels: HashMap<&str, Arc<Labels>> = HashMap::new();
@@ -786,7 +850,7 @@ fn identity_stage(
             };
             let blocks = regions
                 .key_of(*ip)
-                .map_or_else(|| Arc::clone(&no_blocks), |k| Arc::clone(&k.blocks));
+                .map_or_else(|| no_blocks.clone(), |k| k.blocks.clone());
             (
                 *ip,
                 IdentityKey {
