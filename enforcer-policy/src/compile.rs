@@ -762,6 +762,10 @@ pub(super) struct IdentityStage {
     addr_ids: BTreeMap<IpAddr, u32>,
     /// Every identity in use but world and host, with what it stands for.
     identities: Arc<BTreeMap<u32, IdentityKey>>,
+    /// The generation of the compile that last changed `identities`: what is derived from
+    /// them is kept while it stays (not the map itself, which a kept value would make
+    /// shared, and so copied on its next change).
+    identities_made: u64,
     peers_v4: BTreeMap<std::net::Ipv4Addr, PeerInfo>,
     peers_v6: BTreeMap<std::net::Ipv6Addr, PeerInfo>,
     cidrs_v4: BTreeMap<Prefix<std::net::Ipv4Addr>, PeerInfo>,
@@ -1012,7 +1016,11 @@ fn update_stage(
     // Sources keep their pods in a stable order: the objects before and after the change are
     // the same ones, found by address without hashing them.
     let (o, n) = (&old.pods[..], &new.pods[..]);
-    let head = o.iter().zip(n).take_while(|(a, b)| Arc::ptr_eq(a, b)).count();
+    let head = o
+        .iter()
+        .zip(n)
+        .take_while(|(a, b)| Arc::ptr_eq(a, b))
+        .count();
     let (o, n) = (&o[head..], &n[head..]);
     let tail = o
         .iter()
@@ -1153,6 +1161,7 @@ fn update_stage(
     // Identities left without an address, and not given one again.
     emptied.retain(|id| stage.members.get(id) == Some(&0));
     if !emptied.is_empty() || !made.is_empty() {
+        stage.identities_made = generation;
         let ids = Arc::make_mut(&mut stage.identities);
         for id in emptied {
             stage.members.remove(&id);
@@ -1264,13 +1273,13 @@ struct OutEntry {
 }
 
 /// The input [`PolicyOut`]s depend on besides their policy: compared with the last compile's
-/// to reuse them. The stage is held, so its address cannot be reused meanwhile.
+/// to reuse them.
 /// Not the identity stage itself: a pod that joins an existing identity, or changes address,
 /// makes a new stage with the same identities, and every contribution stays valid.
 #[derive(PartialEq)]
 pub(super) struct OutputsKey {
-    /// Compared by address first ([`Arc`]'s equality does), then by content.
-    identities: Arc<BTreeMap<u32, IdentityKey>>,
+    /// The compile that last changed the set of identities ([`IdentityStage::identities_made`]).
+    identities: u64,
     /// Each local endpoint, its id and the facts its policies select it by.
     endpoints: Vec<(PodRef, u32, Arc<PodFacts>)>,
     require_identity: bool,
@@ -1517,10 +1526,12 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
             stage.twice = twice;
             // The same identities as before (a pod joined or left an existing one): keep the
             // old value, so what is keyed by it is found equal by address.
+            stage.identities_made = generation;
             if let Some((_, old, _)) = &prev
                 && old.identities == stage.identities
             {
                 stage.identities = Arc::clone(&old.identities);
+                stage.identities_made = old.identities_made;
             }
             let stage = Arc::new(stage);
             // Dropped after the new one is made: a new stage never has the old one's address.
@@ -1584,7 +1595,7 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
     // Each policy's contribution depends on the policy, the identity stage and the local
     // endpoints only: the last compile's are reused while the latter two are unchanged.
     alloc.memo.outputs_for(OutputsKey {
-        identities: Arc::clone(&stage.identities),
+        identities: stage.identities_made,
         endpoints: locals
             .iter()
             .map(|l| (l.r.clone(), l.info.id, Arc::clone(l.facts)))
