@@ -103,7 +103,71 @@ pub struct IdentityKey {
     pub pod: Option<Arc<PodFacts>>,
     /// The ipBlocks the address is in (inside the cidr, outside every except), shared by every
     /// address of one region.
-    pub blocks: Arc<BTreeSet<Block>>,
+    pub blocks: BlockSet,
+}
+
+/// A set of ipBlocks, with a digest of its contents made once. A region's set holds nearly
+/// every ipBlock of the cluster (an address is in all but the few whose except holds it), and
+/// identity keys are hashed and ordered per address: by the digest they cost one word, and
+/// the sets are compared whole only when their digests are equal (nearly always the same
+/// set, found equal by address).
+#[derive(Clone, Debug, Default)]
+pub struct BlockSet {
+    digest: u64,
+    blocks: Arc<BTreeSet<Block>>,
+}
+
+impl BlockSet {
+    pub fn new(blocks: BTreeSet<Block>) -> Self {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        blocks.hash(&mut h);
+        Self {
+            digest: h.finish(),
+            blocks: Arc::new(blocks),
+        }
+    }
+}
+
+impl std::ops::Deref for BlockSet {
+    type Target = BTreeSet<Block>;
+    fn deref(&self) -> &BTreeSet<Block> {
+        &self.blocks
+    }
+}
+
+impl PartialEq for BlockSet {
+    fn eq(&self, o: &Self) -> bool {
+        self.digest == o.digest && (Arc::ptr_eq(&self.blocks, &o.blocks) || self.blocks == o.blocks)
+    }
+}
+
+impl Eq for BlockSet {}
+
+impl std::hash::Hash for BlockSet {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.digest.hash(h);
+    }
+}
+
+impl PartialOrd for BlockSet {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+
+/// By digest, then contents: a total order consistent with equality (the order itself means
+/// nothing).
+impl Ord for BlockSet {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        self.digest.cmp(&o.digest).then_with(|| {
+            if Arc::ptr_eq(&self.blocks, &o.blocks) {
+                std::cmp::Ordering::Equal
+            } else {
+                self.blocks.cmp(&o.blocks)
+            }
+        })
+    }
 }
 
 impl IdentityKey {
@@ -178,6 +242,13 @@ impl<K: Ord + Clone> Pool<K> {
             if let Some((id, _)) = self.live.remove(&k) {
                 self.free.insert(id, generation);
             }
+        }
+    }
+
+    /// Frees `key`'s number now (its last user left in `generation`).
+    fn release(&mut self, key: &K, generation: u64) {
+        if let Some((id, _)) = self.live.remove(key) {
+            self.free.insert(id, generation);
         }
     }
 
@@ -536,18 +607,29 @@ fn parsed_policies(
 
 /// The pods that take part in policy, one per `PodRef` (the first object of a name wins),
 /// ordered by `PodRef`: [`Cluster::policy_pods`], from the memo.
-fn policy_pods(cluster: &Cluster) -> Vec<(PodRef, &PodInfo)> {
-    let mut all: Vec<(PodRef, &PodInfo)> = cluster
+/// Also the names of the other pods (kept by name, not in policy), and whether any name was
+/// given twice.
+fn policy_pods(cluster: &Cluster) -> (Vec<(PodRef, &Arc<PodInfo>)>, BTreeSet<PodRef>, bool) {
+    let mut all: Vec<(PodRef, &Arc<PodInfo>)> = cluster
         .pods
         .iter()
-        .map(|p| (crate::model::pod_ref(p), &**p))
+        .map(|p| (crate::model::pod_ref(p), p))
         .collect();
     // Stable: among pods of one name the first object stays first. Sources give pods sorted
     // by name, which makes this a linear pass.
     all.sort_by(|a, b| a.0.cmp(&b.0));
+    let named = all.len();
     all.dedup_by(|later, first| later.0 == first.0);
-    all.retain(|(_, p)| crate::model::pod_is_policy_pod(p));
-    all
+    let twice = all.len() != named;
+    let mut others = BTreeSet::new();
+    all.retain(|(r, p)| {
+        let policy = crate::model::pod_is_policy_pod(p);
+        if !policy {
+            others.insert(r.clone());
+        }
+        policy
+    });
+    (all, others, twice)
 }
 
 /// `(name, protocol, port)` of a pod's named container ports (`spec.containers[].ports[]`);
@@ -624,6 +706,24 @@ pub(super) struct StageInput {
     verified: BTreeMap<IpAddr, BTreeMap<String, String>>,
     blocks: BTreeSet<Block>,
     node_ips: Vec<IpAddr>,
+    /// Which pods are local.
+    node_name: Option<String>,
+}
+
+impl StageInput {
+    /// Equal but for the pods.
+    fn same_but_pods(&self, o: &Self) -> bool {
+        self.namespaces.len() == o.namespaces.len()
+            && self
+                .namespaces
+                .iter()
+                .zip(&o.namespaces)
+                .all(|(x, y)| Arc::ptr_eq(x, y) || x == y)
+            && self.verified == o.verified
+            && self.blocks == o.blocks
+            && self.node_ips == o.node_ips
+            && self.node_name == o.node_name
+    }
 }
 
 impl PartialEq for StageInput {
@@ -633,26 +733,39 @@ impl PartialEq for StageInput {
         fn same<T: PartialEq>(a: &[Arc<T>], b: &[Arc<T>]) -> bool {
             a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y) || x == y)
         }
-        same(&self.pods, &o.pods)
-            && same(&self.namespaces, &o.namespaces)
-            && self.verified == o.verified
-            && self.blocks == o.blocks
-            && self.node_ips == o.node_ips
+        same(&self.pods, &o.pods) && self.same_but_pods(o)
     }
 }
 
 /// Everything known about addresses: which pod owns each, the identity each resolves to, and
 /// the peer and region entries. It depends on pods, namespaces, verified addresses, ipBlocks and
 /// node addresses only, so a change to policies alone reuses it (most of a compile at 1k pods).
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub(super) struct IdentityStage {
-    facts: BTreeMap<PodRef, Arc<PodFacts>>,
+    /// The policy pods (the first object of each name), with their facts.
+    pods: BTreeMap<PodRef, (Arc<PodInfo>, Arc<PodFacts>)>,
+    /// The policy pods this node enforces.
+    locals: BTreeSet<PodRef>,
+    /// Labels of each namespace a pod is in.
+    ns_labels: HashMap<Arc<str>, Arc<Labels>>,
+    /// Each ipBlock cidr and except, with the identity key of its region.
+    region_keys: BTreeMap<Cidr, IdentityKey>,
+    /// How many pod addresses resolve to each pod identity: one that drops to none is freed.
+    members: HashMap<u32, u32>,
+    /// The names of the pods that take no part in policy (no address, host network, ended).
+    others: BTreeSet<PodRef>,
+    /// Some name was given by two pod objects (the first wins).
+    twice: bool,
     /// The pod that owns each pod address.
     owners: BTreeMap<IpAddr, PodRef>,
     /// The identity of each pod address.
     addr_ids: BTreeMap<IpAddr, u32>,
     /// Every identity in use but world and host, with what it stands for.
     identities: Arc<BTreeMap<u32, IdentityKey>>,
+    /// The generation of the compile that last changed `identities`: what is derived from
+    /// them is kept while it stays (not the map itself, which a kept value would make
+    /// shared, and so copied on its next change).
+    identities_made: u64,
     peers_v4: BTreeMap<std::net::Ipv4Addr, PeerInfo>,
     peers_v6: BTreeMap<std::net::Ipv6Addr, PeerInfo>,
     cidrs_v4: BTreeMap<Prefix<std::net::Ipv4Addr>, PeerInfo>,
@@ -691,7 +804,7 @@ impl<'k> Regions<'k> {
 
 fn identity_stage(
     cluster: &Cluster,
-    pods: &[(PodRef, &PodInfo)],
+    pods: &[(PodRef, &Arc<PodInfo>)],
     input: &StageInput,
     identities: &mut Pool<IdentityKey>,
     generation: u64,
@@ -715,16 +828,16 @@ fn identity_stage(
                 *net,
                 IdentityKey {
                     pod: None,
-                    blocks: Arc::new(bs),
+                    blocks: BlockSet::new(bs),
                 },
             )
         })
         .collect();
     let regions = Regions::new(&region_keys);
-    let no_blocks: Arc<BTreeSet<Block>> = Arc::default();
+    let no_blocks = BlockSet::new(BTreeSet::new());
 
     // Pods: facts (one shared value per distinct facts) and the addresses they own.
-    let mut ns_labels: HashMap<&str, Arc<Labels>> = HashMap::new();
+    let mut ns_labels: HashMap<Arc<str>, Arc<Labels>> = HashMap::new();
     let mut shared_facts: HashMap<Arc<PodFacts>, ()> = HashMap::new();
     let mut intern = |f: PodFacts| -> Arc<PodFacts> {
         if let Some((k, ())) = shared_facts.get_key_value(&f) {
@@ -738,7 +851,7 @@ fn identity_stage(
     for (r, pod) in pods {
         let nsl = Arc::clone(
             ns_labels
-                .entry(&pod.namespace)
+                .entry(Arc::clone(&pod.namespace))
                 .or_insert_with(|| Arc::new(cluster.namespace_labels(&pod.namespace))),
         );
         // Without the reserved labels the object sets itself: those come only from
@@ -750,7 +863,12 @@ fn identity_stage(
             named_ports: Arc::clone(&pod.named_ports),
             verified: false,
         });
-        stage.facts.insert(r.clone(), Arc::clone(&facts));
+        stage
+            .pods
+            .insert(r.clone(), (Arc::clone(pod), Arc::clone(&facts)));
+        if is_local(input, pod) {
+            stage.locals.insert(r.clone());
+        }
         for &ip in &pod.ips {
             if input.node_ips.contains(&ip) {
                 continue;
@@ -786,7 +904,7 @@ fn identity_stage(
             };
             let blocks = regions
                 .key_of(*ip)
-                .map_or_else(|| Arc::clone(&no_blocks), |k| Arc::clone(&k.blocks));
+                .map_or_else(|| no_blocks.clone(), |k| k.blocks.clone());
             (
                 *ip,
                 IdentityKey {
@@ -818,6 +936,7 @@ fn identity_stage(
             identity: id_of(k),
             flags: 0,
         };
+        *stage.members.entry(info.identity).or_default() += 1;
         stage.addr_ids.insert(*ip, info.identity);
         match ip {
             IpAddr::V4(a) => stage.peers_v4.insert(*a, info),
@@ -861,7 +980,217 @@ fn identity_stage(
 
     stage.identities = Arc::new(ids.into_iter().map(|(k, id)| (id, k.clone())).collect());
     stage.owners = owner.into_iter().map(|(ip, (r, _))| (ip, r)).collect();
+    stage.ns_labels = ns_labels;
+    stage.region_keys = region_keys;
     stage
+}
+
+fn is_local(input: &StageInput, pod: &PodInfo) -> bool {
+    input
+        .node_name
+        .as_deref()
+        .is_none_or(|n| pod_node(pod) == Some(n))
+}
+
+/// Most changes above a few thousand pods are a few pods: updated in place (see
+/// [`update_stage`]) rather than rebuilt, while they are at most this share of the pods.
+const UPDATE_SHARE: usize = 8;
+
+/// Brings `stage`, made from `old`, up to `new`, which differs from it in pods only: each pod
+/// gone or replaced loses its addresses (an identity left without one is freed), each pod new
+/// or replaced gets its facts and the identity of each address (a new one only when no other
+/// address has it). Costs what changed, not the cluster. `false`, with nothing touched, when
+/// the change is one a rebuild must judge: many pods, a name or an address two pods claim
+/// (the first pod in name order keeps it), or duplicates already there.
+fn update_stage(
+    cluster: &Cluster,
+    stage: &mut IdentityStage,
+    old: &StageInput,
+    new: &StageInput,
+    identities: &mut Pool<IdentityKey>,
+    generation: u64,
+) -> bool {
+    if !stage.errors.is_empty() || stage.twice || !old.same_but_pods(new) {
+        return false;
+    }
+    // Sources keep their pods in a stable order: the objects before and after the change are
+    // the same ones, found by address without hashing them.
+    let (o, n) = (&old.pods[..], &new.pods[..]);
+    let head = o
+        .iter()
+        .zip(n)
+        .take_while(|(a, b)| Arc::ptr_eq(a, b))
+        .count();
+    let (o, n) = (&o[head..], &n[head..]);
+    let tail = o
+        .iter()
+        .rev()
+        .zip(n.iter().rev())
+        .take_while(|(a, b)| Arc::ptr_eq(a, b))
+        .count();
+    let (o, n) = (&o[..o.len() - tail], &n[..n.len() - tail]);
+    let ptr = |p: &Arc<PodInfo>| Arc::as_ptr(p) as usize;
+    let before: std::collections::HashSet<usize> = o.iter().map(ptr).collect();
+    let after: std::collections::HashSet<usize> = n.iter().map(ptr).collect();
+    let gone: Vec<&Arc<PodInfo>> = o.iter().filter(|p| !after.contains(&ptr(p))).collect();
+    let came: Vec<&Arc<PodInfo>> = n.iter().filter(|p| !before.contains(&ptr(p))).collect();
+    if (gone.len() + came.len()) * UPDATE_SHARE > new.pods.len().max(64) {
+        return false;
+    }
+    // Checked before anything changes. No name was given twice (`twice`), so every object
+    // gone is the one its name stands for.
+    let mut gone_refs = BTreeSet::new();
+    for p in &gone {
+        let r = crate::model::pod_ref(p);
+        let known = if crate::model::pod_is_policy_pod(p) {
+            stage
+                .pods
+                .get(&r)
+                .is_some_and(|(kept, _)| Arc::ptr_eq(kept, p))
+        } else {
+            stage.others.contains(&r)
+        };
+        if !known || !gone_refs.insert(r) {
+            return false;
+        }
+    }
+    let mut came_refs = BTreeSet::new();
+    let mut came_ips = BTreeSet::new();
+    for p in &came {
+        let r = crate::model::pod_ref(p);
+        let named = stage.pods.contains_key(&r) || stage.others.contains(&r);
+        if (named && !gone_refs.contains(&r)) || !came_refs.insert(r) {
+            return false;
+        }
+        if !crate::model::pod_is_policy_pod(p) {
+            continue;
+        }
+        for ip in p.ips.iter().filter(|ip| !new.node_ips.contains(ip)) {
+            let taken = stage
+                .owners
+                .get(ip)
+                .is_some_and(|owner| !gone_refs.contains(owner));
+            if taken || !came_ips.insert(*ip) {
+                return false;
+            }
+        }
+    }
+
+    identities.touch_all(generation);
+    let mut emptied: Vec<u32> = Vec::new();
+    for r in &gone_refs {
+        stage.locals.remove(r);
+        stage.others.remove(r);
+        let Some((pod, _)) = stage.pods.remove(r) else {
+            continue;
+        };
+        for ip in pod.ips.iter() {
+            if stage.owners.get(ip) != Some(r) {
+                continue;
+            }
+            stage.owners.remove(ip);
+            match ip {
+                IpAddr::V4(a) => stage.peers_v4.remove(a),
+                IpAddr::V6(a) => stage.peers_v6.remove(a),
+            };
+            let Some(id) = stage.addr_ids.remove(ip) else {
+                continue;
+            };
+            if let Some(n) = stage.members.get_mut(&id) {
+                *n -= 1;
+                if *n == 0 {
+                    emptied.push(id);
+                }
+            }
+        }
+    }
+    let regions = Regions::new(&stage.region_keys);
+    let no_blocks = BlockSet::new(BTreeSet::new());
+    let mut made: Vec<(u32, IdentityKey)> = Vec::new();
+    for pod in &came {
+        let r = crate::model::pod_ref(pod);
+        if !crate::model::pod_is_policy_pod(pod) {
+            stage.others.insert(r);
+            continue;
+        }
+        let nsl = Arc::clone(
+            stage
+                .ns_labels
+                .entry(Arc::clone(&pod.namespace))
+                .or_insert_with(|| Arc::new(cluster.namespace_labels(&pod.namespace))),
+        );
+        let facts = Arc::new(PodFacts {
+            namespace: Arc::clone(&pod.namespace),
+            namespace_labels: nsl,
+            labels: Arc::clone(&pod.labels),
+            named_ports: Arc::clone(&pod.named_ports),
+            verified: false,
+        });
+        if is_local(new, pod) {
+            stage.locals.insert(r.clone());
+        }
+        for &ip in pod.ips.iter() {
+            if new.node_ips.contains(&ip) {
+                continue;
+            }
+            let key = IdentityKey {
+                pod: Some(address_facts(&facts, new.verified.get(&ip))),
+                blocks: regions
+                    .key_of(ip)
+                    .map_or_else(|| no_blocks.clone(), |k| k.blocks.clone()),
+            };
+            let id = identities.get(&key, generation).unwrap_or(IDENTITY_WORLD);
+            let n = stage.members.entry(id).or_default();
+            if *n == 0 && !stage.identities.contains_key(&id) {
+                made.push((id, key));
+            }
+            *n += 1;
+            let info = PeerInfo {
+                identity: id,
+                flags: 0,
+            };
+            stage.owners.insert(ip, r.clone());
+            stage.addr_ids.insert(ip, id);
+            match ip {
+                IpAddr::V4(a) => stage.peers_v4.insert(a, info),
+                IpAddr::V6(a) => stage.peers_v6.insert(a, info),
+            };
+        }
+        stage.pods.insert(r, (Arc::clone(pod), facts));
+    }
+    // Identities left without an address, and not given one again.
+    emptied.retain(|id| stage.members.get(id) == Some(&0));
+    if !emptied.is_empty() || !made.is_empty() {
+        stage.identities_made = generation;
+        let ids = Arc::make_mut(&mut stage.identities);
+        for id in emptied {
+            stage.members.remove(&id);
+            if let Some(key) = ids.remove(&id) {
+                identities.release(&key, generation);
+            }
+        }
+        ids.extend(made);
+    }
+    true
+}
+
+/// The facts of one address of a pod: a verified address adds its identity's reserved labels
+/// to the pod's.
+fn address_facts(
+    facts: &Arc<PodFacts>,
+    verified: Option<&BTreeMap<String, String>>,
+) -> Arc<PodFacts> {
+    match verified {
+        Some(extra) => {
+            let mut f = (**facts).clone();
+            let mut labels = (*f.labels).clone();
+            labels.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+            f.labels = Arc::new(labels);
+            f.verified = true;
+            Arc::new(f)
+        }
+        None => Arc::clone(facts),
+    }
 }
 
 /// The Services' share of the state: every frontend address resolves to [`IDENTITY_SERVICE`]
@@ -944,13 +1273,13 @@ struct OutEntry {
 }
 
 /// The input [`PolicyOut`]s depend on besides their policy: compared with the last compile's
-/// to reuse them. The stage is held, so its address cannot be reused meanwhile.
+/// to reuse them.
 /// Not the identity stage itself: a pod that joins an existing identity, or changes address,
 /// makes a new stage with the same identities, and every contribution stays valid.
 #[derive(PartialEq)]
 pub(super) struct OutputsKey {
-    /// Compared by address first ([`Arc`]'s equality does), then by content.
-    identities: Arc<BTreeMap<u32, IdentityKey>>,
+    /// The compile that last changed the set of identities ([`IdentityStage::identities_made`]).
+    identities: u64,
     /// Each local endpoint, its id and the facts its policies select it by.
     endpoints: Vec<(PodRef, u32, Arc<PodFacts>)>,
     require_identity: bool,
@@ -1152,30 +1481,57 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
             Peer::Pods { .. } => None,
         })
         .collect();
-    let pods = policy_pods(cluster);
     let input = StageInput {
         pods: cluster.pods.clone(),
         namespaces: cluster.namespaces.clone(),
         verified: cluster.verified.clone(),
         blocks,
         node_ips: opts.node_ips.clone(),
+        node_name: opts.node_name.clone(),
     };
-    // Reusable only straight after the compile that made it: then the identity pool holds
-    // exactly its keys, with its numbers.
-    let stage = match alloc.memo.stage.take() {
-        Some((prev, stage, made)) if made + 1 == generation && prev == input => {
+    // Reusable, or updated for a change of pods, only straight after the compile that made
+    // it: then the identity pool holds exactly its keys, with its numbers.
+    let mut prev = alloc.memo.stage.take();
+    let mut updated = None;
+    if let Some((old, stage, made)) = prev.take() {
+        if made + 1 == generation && old == input {
             alloc.identities.touch_all(generation);
-            stage
+            updated = Some(stage);
+        } else if made + 1 == generation {
+            // Unshared once taken from the memo (the compile that made it has returned).
+            let mut s = Arc::try_unwrap(stage).unwrap_or_else(|a| (*a).clone());
+            if update_stage(
+                cluster,
+                &mut s,
+                &old,
+                &input,
+                &mut alloc.identities,
+                generation,
+            ) {
+                updated = Some(Arc::new(s));
+            } else {
+                prev = Some((old, Arc::new(s), made));
+            }
+        } else {
+            prev = Some((old, stage, made));
         }
-        prev => {
+    }
+    let stage = match updated {
+        Some(stage) => stage,
+        None => {
+            let (pods, others, twice) = policy_pods(cluster);
             let mut stage =
                 identity_stage(cluster, &pods, &input, &mut alloc.identities, generation);
+            stage.others = others;
+            stage.twice = twice;
             // The same identities as before (a pod joined or left an existing one): keep the
             // old value, so what is keyed by it is found equal by address.
+            stage.identities_made = generation;
             if let Some((_, old, _)) = &prev
                 && old.identities == stage.identities
             {
                 stage.identities = Arc::clone(&old.identities);
+                stage.identities_made = old.identities_made;
             }
             let stage = Arc::new(stage);
             // Dropped after the new one is made: a new stage never has the old one's address.
@@ -1185,7 +1541,6 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
     };
     alloc.memo.stage = Some((input, Arc::clone(&stage), generation));
     errors.extend(stage.errors.iter().cloned());
-    let facts = &stage.facts;
     let mut state = DesiredState {
         peers_v4: stage.peers_v4.clone(),
         peers_v6: stage.peers_v6.clone(),
@@ -1198,10 +1553,10 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
 
     // Local endpoints, in pod order.
     let mut locals: Vec<Local<'_>> = Vec::new();
-    for (r, pod) in &pods {
-        if !opts.is_local(pod) {
+    for r in &stage.locals {
+        let Some((pod, f)) = stage.pods.get(r) else {
             continue;
-        }
+        };
         let Some(eid) = alloc.endpoints.get(r, generation) else {
             errors.push(CompileError::TooManyEndpoints {
                 pod: r.clone(),
@@ -1209,7 +1564,6 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
             });
             continue;
         };
-        let Some(f) = facts.get(r) else { continue };
         let ips = pod.ips.to_vec();
         let mut info = EndpointInfo {
             id: eid,
@@ -1241,7 +1595,7 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
     // Each policy's contribution depends on the policy, the identity stage and the local
     // endpoints only: the last compile's are reused while the latter two are unchanged.
     alloc.memo.outputs_for(OutputsKey {
-        identities: Arc::clone(&stage.identities),
+        identities: stage.identities_made,
         endpoints: locals
             .iter()
             .map(|l| (l.r.clone(), l.info.id, Arc::clone(l.facts)))
@@ -1459,10 +1813,10 @@ mod tests {
         assert_eq!(second.identities, first.identities);
         assert!(second.state.policy.len() > first.state.policy.len());
 
-        // A pod relabelled (a new object): the stage is rebuilt, identities follow the labels.
+        // A pod relabelled (a new object): the stage is updated in place, identities follow
+        // the labels.
         c.pods[1] = Arc::new(pod("x", "b", &[("app", "c")], &["10.0.0.2"], "n", &[]).into());
         let third = compile(&c, &opts, &mut a);
-        assert_ne!(stage_of(&a), stage, "pod change rebuilds the stage");
         assert!(
             !Arc::ptr_eq(&output(&mut a, &c.policies[0]), &out),
             "a new stage makes every contribution again"

@@ -397,6 +397,44 @@ mod tests {
     }
 
     #[test]
+    fn json_names_the_admin_rule_that_passed_a_flow_and_the_deciding_tier_rule() {
+        let rule = |tier, policy: &str, name: &str, index, action| TierRuleRef {
+            tier,
+            policy: policy.into(),
+            rule: name.into(),
+            index,
+            action,
+            refused: Vec::new(),
+        };
+        use enforcer_policy::tiers::Tier;
+        let side = Side {
+            pod: Some(PodRef::new("y", "b")),
+            local: true,
+            verdict: DirVerdict::Passed {
+                by: rule(Tier::Admin, "ClusterNetworkPolicy/guard", "rest", 1, "Pass"),
+                then: Box::new(DirVerdict::TierDenied(rule(
+                    Tier::Baseline,
+                    "ClusterNetworkPolicy/baseline",
+                    "default-deny",
+                    0,
+                    "Deny",
+                ))),
+            },
+        };
+        let v = serde_json::to_value(side_report(&side)).unwrap();
+        assert_eq!(v["allowed"], false);
+        assert_eq!(v["decision"], "denied-by-tier");
+        assert_eq!(v["policy"], "ClusterNetworkPolicy/baseline");
+        assert_eq!(v["rule"], 0);
+        assert_eq!(v["tier_rule"]["tier"], "Baseline");
+        assert_eq!(v["tier_rule"]["name"], "default-deny");
+        assert_eq!(v["passed_by"]["policy"], "ClusterNetworkPolicy/guard");
+        assert_eq!(v["passed_by"]["name"], "rest");
+        assert_eq!(v["passed_by"]["index"], 1);
+        assert_eq!(v["passed_by"]["action"], "Pass");
+    }
+
+    #[test]
     fn a_flow_to_a_service_is_explained_for_each_backend() {
         let dir = tempfile::tempdir().unwrap();
         let pod = |name: &str, app: &str, ip: &str| {
