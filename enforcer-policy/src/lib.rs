@@ -10,6 +10,7 @@ pub mod compile;
 pub mod decision;
 pub mod evaluator;
 pub mod explain;
+pub mod matrix;
 mod memo;
 pub mod model;
 pub mod selector;

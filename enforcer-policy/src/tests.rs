@@ -317,7 +317,7 @@ fn check_compiled(
 const KEYS: [&str; 4] = ["a", "b", "c", "enforcer.dev/serviceaccount"];
 const VALUES: [&str; 2] = ["1", "2"];
 
-mod strategies {
+pub(crate) mod strategies {
     use k8s_openapi::{
         api::{
             core::v1::{Namespace, Pod},
@@ -557,7 +557,7 @@ fn flow_peers() -> Vec<IpAddr> {
     v
 }
 
-fn cluster_strategy() -> impl Strategy<Value = Cluster> {
+pub(crate) fn cluster_strategy() -> impl Strategy<Value = Cluster> {
     let pods = (0..7usize)
         .map(strategies::pod_strategy)
         .collect::<Vec<_>>();
@@ -612,7 +612,7 @@ fn cluster_strategy() -> impl Strategy<Value = Cluster> {
         )
 }
 
-fn flows_strategy() -> impl Strategy<Value = Vec<(u8, u16)>> {
+pub(crate) fn flows_strategy() -> impl Strategy<Value = Vec<(u8, u16)>> {
     proptest::collection::vec(
         (
             proptest::sample::select(
