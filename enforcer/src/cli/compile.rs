@@ -230,7 +230,15 @@ mod tests {
         let b = report.split("x/b (").nth(1).unwrap();
         assert!(b.contains("ingress: isolated, nothing allowed"), "{report}");
         let why =
-            crate::cli::explain::explain_report(dir.path(), "x/impostor", "x/b", 80, "tcp", false)
+            crate::cli::explain::explain_report(
+                dir.path(),
+                "x/impostor",
+                "x/b",
+                80,
+                "tcp",
+                false,
+                crate::cli::explain::ExplainFormat::Text,
+            )
                 .unwrap();
         assert!(
             why.contains("source x/impostor: not verified")

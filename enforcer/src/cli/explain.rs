@@ -6,14 +6,28 @@ use std::{net::IpAddr, path::Path};
 
 use anyhow::{Context as _, Result, bail};
 use enforcer_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+use std::fmt::Write as _;
+
+use clap::ValueEnum;
 use enforcer_policy::{
     compile::CompileOptions,
-    evaluator::Endpoint,
-    explain::{explain, explain_service},
+    evaluator::{DirVerdict, Endpoint},
+    explain::{Explanation, explain, explain_service, protocol_label},
     state::PodRef,
 };
 
-use super::compile::load;
+use super::{
+    compile::load,
+    matrix::{Verdict, color, dot_str},
+};
+
+/// `enforcer explain -o`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ExplainFormat {
+    Text,
+    /// One flow's decision as a Graphviz graph.
+    Dot,
+}
 
 /// Parses `NAMESPACE/POD` or an IP address.
 pub fn parse_endpoint(s: &str) -> Result<Endpoint> {
@@ -46,6 +60,7 @@ pub fn explain_report(
     port: u16,
     protocol: &str,
     require_identity: bool,
+    format: ExplainFormat,
 ) -> Result<String> {
     let cluster = load(dir)?;
     let from = parse_endpoint(from).context("--from")?;
@@ -56,10 +71,121 @@ pub fn explain_report(
         ..CompileOptions::default()
     };
     if let Some(s) = explain_service(&cluster, &opts, &from, &to, protocol, port) {
+        if format == ExplainFormat::Dot {
+            bail!("-o dot draws a flow between pods or addresses; a flow to a Service is explained per backend with -o text");
+        }
         return Ok(format!("{s}\n"));
     }
     let e = explain(&cluster, &opts, &from, &to, protocol, port);
-    Ok(format!("{e}\n"))
+    Ok(match format {
+        ExplainFormat::Text => format!("{e}\n"),
+        ExplainFormat::Dot => explain_dot(&e),
+    })
+}
+
+/// One side's verdict in a few words, and the policies that selected the pod for it with what
+/// each did (`allows` by a rule, or `isolates`).
+fn side_summary(dir: &str, v: &DirVerdict) -> (String, Vec<(String, &'static str)>) {
+    match v {
+        DirVerdict::NotEnforced => (format!("{dir}: no policy applies"), Vec::new()),
+        DirVerdict::SelfTraffic => (format!("{dir}: allowed (itself)"), Vec::new()),
+        DirVerdict::Host => (format!("{dir}: allowed (its node)"), Vec::new()),
+        DirVerdict::NotIsolated => (format!("{dir}: allowed (not isolated)"), Vec::new()),
+        DirVerdict::Allowed {
+            namespace,
+            policy,
+            index,
+        } => (
+            format!("{dir}: allowed by {namespace}/{policy} {dir}[{index}]"),
+            vec![(format!("{namespace}/{policy}\n{dir}[{index}]"), "allows")],
+        ),
+        DirVerdict::Denied { policies, .. } => (
+            format!("{dir}: denied, no rule allows it"),
+            policies.iter().map(|p| (p.clone(), "isolates")).collect(),
+        ),
+        DirVerdict::NoIdentity { policies, .. } => (
+            format!("{dir}: denied, a rule asks for a verified identity"),
+            policies.iter().map(|p| (p.clone(), "isolates")).collect(),
+        ),
+    }
+}
+
+/// One flow's decision as a Graphviz graph: the source and the destination, the arrow between
+/// them coloured by the verdict (denied: red and dashed), and on each side the policies that
+/// selected that pod, the deciding rule among them.
+pub fn explain_dot(e: &Explanation) -> String {
+    let verdict = if e.allowed {
+        Verdict::Allowed
+    } else {
+        Verdict::Denied
+    };
+    let mut o = String::from(
+        "digraph explain {\n  rankdir=LR;\n  node [shape=box, style=rounded, fontname=\"Helvetica\"];\n  edge [fontname=\"Helvetica\", fontsize=10];\n",
+    );
+    let end = |given: &Endpoint, pod: &Option<PodRef>, ip: Option<std::net::IpAddr>| {
+        let name = pod
+            .as_ref()
+            .map_or_else(|| given.to_string(), ToString::to_string);
+        match ip {
+            Some(ip) if name != ip.to_string() => format!("{name}\n{ip}"),
+            _ => name,
+        }
+    };
+    let (src_ip, dst_ip) = e.addresses.map_or((None, None), |(s, d)| (Some(s), Some(d)));
+    let (egress, egress_policies) = side_summary("egress", &e.egress.verdict);
+    let (ingress, ingress_policies) = side_summary("ingress", &e.ingress.verdict);
+    let _ = writeln!(
+        o,
+        "  src [label={}];",
+        dot_str(&format!("{}\n{egress}", end(&e.from, &e.egress.pod, src_ip)))
+    );
+    let _ = writeln!(
+        o,
+        "  dst [label={}];",
+        dot_str(&format!("{}\n{ingress}", end(&e.to, &e.ingress.pod, dst_ip)))
+    );
+    for (side, node, policies) in [
+        ("e", "src", egress_policies),
+        ("i", "dst", ingress_policies),
+    ] {
+        for (i, (policy, what)) in policies.iter().enumerate() {
+            let c = if *what == "allows" {
+                color(Verdict::Allowed)
+            } else {
+                color(Verdict::Denied)
+            };
+            let _ = writeln!(
+                o,
+                "  {side}{i} [label={}, shape=note, color={}];\n  {side}{i} -> {node} [label={}, style=dotted, color={}, fontcolor={}, arrowhead=none];",
+                dot_str(&format!("policy {policy}")),
+                dot_str(c),
+                dot_str(what),
+                dot_str(c),
+                dot_str(c)
+            );
+        }
+    }
+    let port = if matches!(e.protocol, PROTO_TCP | PROTO_UDP | PROTO_SCTP) {
+        format!("{}/{}", e.port, protocol_label(e.protocol))
+    } else {
+        protocol_label(e.protocol)
+    };
+    let word = if e.addresses.is_none() {
+        "DENIED (no common address family, or a pod is unknown)"
+    } else if e.allowed {
+        "ALLOWED"
+    } else {
+        "DENIED"
+    };
+    let style = if e.allowed { "solid" } else { "dashed" };
+    let _ = writeln!(
+        o,
+        "  src -> dst [label={}, color={}, fontcolor={}, style={style}, penwidth=2];\n}}",
+        dot_str(&format!("{port}\n{word}")),
+        dot_str(color(verdict)),
+        dot_str(color(verdict))
+    );
+    o
 }
 
 #[cfg(test)]
@@ -100,7 +226,7 @@ mod tests {
         )
         .unwrap();
         let report =
-            explain_report(dir.path(), "x/client", "10.96.0.10", 80, "tcp", false).unwrap();
+            explain_report(dir.path(), "x/client", "10.96.0.10", 80, "tcp", false, ExplainFormat::Text).unwrap();
         for line in [
             "destination: Service x/web (cluster IP 10.96.0.10)",
             "backend x/web (10.0.0.1 -> 10.0.0.2 port 8080):",
@@ -110,7 +236,46 @@ mod tests {
             assert!(report.contains(line), "{line:?} in\n{report}");
         }
         // Any other address is an ordinary flow, as before.
-        let report = explain_report(dir.path(), "x/client", "x/web", 8080, "tcp", false).unwrap();
+        let report = explain_report(dir.path(), "x/client", "x/web", 8080, "tcp", false, ExplainFormat::Text).unwrap();
         assert!(report.contains("verdict: DENIED\n"), "{report}");
+    }
+
+    /// `-o dot` draws the two ends, the verdict on the arrow between them, and the policies
+    /// that decided each side: the allowing rule, or the isolating policies of a denial.
+    #[test]
+    fn dot_draws_the_flow_and_the_policies_that_decided_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let pod = |name: &str, ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: x\n  labels:\n    app: {name}\nspec:\n  containers: []\nstatus:\n  phase: Running\n  podIP: {ip}\n"
+            )
+        };
+        let allow = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: web-from-client\n  namespace: x\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: client}}}]\n    ports: [{port: 80}]\n";
+        std::fs::write(
+            dir.path().join("all.yaml"),
+            format!("{}---\n{}---\n{allow}", pod("client", "10.0.0.1"), pod("web", "10.0.0.2")),
+        )
+        .unwrap();
+        let dot = |port| {
+            explain_report(dir.path(), "x/client", "x/web", port, "tcp", false, ExplainFormat::Dot)
+                .unwrap()
+        };
+        let allowed = dot(80);
+        for line in [
+            "src [label=\"x/client\\n10.0.0.1\\negress: allowed (not isolated)\"];",
+            "dst [label=\"x/web\\n10.0.0.2\\ningress: allowed by x/web-from-client ingress[0]\"];",
+            "i0 [label=\"policy x/web-from-client\\ningress[0]\", shape=note, color=\"#1a7f37\"];",
+            "src -> dst [label=\"80/TCP\\nALLOWED\", color=\"#1a7f37\", fontcolor=\"#1a7f37\", style=solid, penwidth=2];",
+        ] {
+            assert!(allowed.contains(line), "{line} in\n{allowed}");
+        }
+        let denied = dot(443);
+        for line in [
+            "i0 [label=\"policy x/web-from-client\", shape=note, color=\"#cf222e\"];",
+            "i0 -> dst [label=\"isolates\"",
+            "src -> dst [label=\"443/TCP\\nDENIED\", color=\"#cf222e\", fontcolor=\"#cf222e\", style=dashed, penwidth=2];",
+        ] {
+            assert!(denied.contains(line), "{line} in\n{denied}");
+        }
     }
 }

@@ -6,6 +6,7 @@ pub mod attest;
 pub mod cleanup;
 pub mod compile;
 pub mod explain;
+pub mod matrix;
 pub mod run;
 pub mod status;
 
@@ -62,7 +63,12 @@ enum Command {
         /// (offline, no address is verified).
         #[arg(long)]
         require_identity: bool,
+        #[arg(long, short = 'o', value_enum, default_value_t = explain::ExplainFormat::Text)]
+        output: explain::ExplainFormat,
     },
+    /// Who can talk to whom: every pod (or workload) to every other on chosen ports, as a table,
+    /// CSV, JSON or a picture (offline, no root; from the same compiler as the agent).
+    Matrix(Box<matrix::MatrixArgs>),
     /// The running agent at a glance: readiness, pods, packets by verdict and reason, map fill,
     /// identity verifications (read from its /metrics).
     Status {
@@ -103,13 +109,15 @@ pub fn main() -> Result<()> {
             port,
             protocol,
             require_identity,
+            output,
         } => {
             print!(
                 "{}",
-                explain::explain_report(&dir, &from, &to, port, &protocol, require_identity)?
+                explain::explain_report(&dir, &from, &to, port, &protocol, require_identity, output)?
             );
             Ok(())
         }
+        Command::Matrix(args) => matrix::run(&args),
         Command::Status { health_addr } => {
             let (_, metrics) = status::http_get(health_addr, "/metrics").with_context(|| {
                 format!("reading http://{health_addr}/metrics: is the agent running?")
