@@ -12,14 +12,19 @@
 //! - `service`: the Service path beside the direct one: the first packet of a new flow and an
 //!   established packet through both hooks (`BPF_PROG_TEST_RUN`), and TCP_CRR / TCP_RR through a
 //!   ClusterIP (an nftables DNAT, as kube-proxy's) with our programs and with none.
+//! - `scale`: the agent on a node with none of the pods of a 10k / 50k / 100k-pod synthetic
+//!   cluster, standalone and through its kube watches (a stand-in API server): ready, memory,
+//!   event → programmed, churn; written to `SCALE.md` and `scale.json`.
 //!
 //! Needs root. Cleans up every netns, mount and nft table it creates (guards), also on failure.
 
+mod apiserver;
 mod inputs;
 mod interleave;
 mod load;
 mod net;
 mod report;
+mod scale;
 mod steal;
 mod svg;
 mod testrun;
@@ -39,7 +44,8 @@ struct Args {
     quick: bool,
     /// Only these parts (comma-separated): testrun, compile, net (= traffic, latency, sweep),
     /// or one section of net: traffic, latency (with agent memory), sweep; service (the Service
-    /// path, per packet and on pods).
+    /// path, per packet and on pods); scale (the agent on large clusters, written to SCALE.md;
+    /// alone, it leaves REPORT.md as it was).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Output folder (default: `bench/` in the workspace).
@@ -51,6 +57,18 @@ struct Args {
     /// Interleaved runs per traffic round (default 4, 1 with --quick).
     #[arg(long)]
     pairs: Option<usize>,
+    /// The scale part's cluster sizes, as PODSxPOLICIES (default 10000x1000, 10000x10000,
+    /// 50000x1000, 50000x10000, 100000x1000, 100000x10000).
+    #[arg(long, value_delimiter = ',', value_parser = parse_point)]
+    scale_points: Vec<(usize, usize)>,
+}
+
+fn parse_point(s: &str) -> Result<(usize, usize), String> {
+    let (pods, policies) = s
+        .split_once('x')
+        .ok_or_else(|| format!("{s:?}: expected PODSxPOLICIES, e.g. 10000x1000"))?;
+    let n = |v: &str| v.parse::<usize>().map_err(|e| format!("{s:?}: {e}"));
+    Ok((n(pods)?, n(policies)?))
 }
 
 fn main() -> Result<()> {
@@ -68,6 +86,7 @@ fn main() -> Result<()> {
     let quick = args.quick;
     let started = Instant::now();
     let mut rep = report::Report::new(quick);
+    rep.only_scale = args.only.iter().all(|o| o == "scale") && !args.only.is_empty();
 
     if want("testrun") {
         eprintln!("[bench] BPF_PROG_TEST_RUN");
@@ -178,6 +197,45 @@ fn main() -> Result<()> {
         }
         rep.steal_by_part
             .push(("pods in netns".into(), CpuTimes::now().stolen_since(&cpu)));
+        rep.write(&out, started)?;
+    }
+    if want("scale") {
+        eprintln!("[bench] cluster scale");
+        let cpu = CpuTimes::now();
+        let settings = scale::Settings {
+            points: if !args.scale_points.is_empty() {
+                args.scale_points.clone()
+            } else if quick {
+                vec![(10_000, 1_000), (100_000, 10_000)]
+            } else {
+                vec![
+                    (10_000, 1_000),
+                    (10_000, 10_000),
+                    (50_000, 1_000),
+                    (50_000, 10_000),
+                    (100_000, 1_000),
+                    (100_000, 10_000),
+                ]
+            },
+            modes: vec![scale::Mode::Standalone, scale::Mode::Kube],
+            max_rounds: if quick { 2 } else { 10 },
+            event_budget_secs: if quick { 5.0 } else { 12.0 },
+            event_timeout_secs: 30.0,
+            churn_rate: 100.0,
+            churn_secs: if quick { 5.0 } else { 10.0 },
+            ready_timeout_secs: 120.0,
+            seed: 26,
+        };
+        let out2 = out.clone();
+        let base = rep.clone();
+        let result = scale::run(&settings, &mut |r| {
+            let mut tmp = base.clone();
+            tmp.scale = Some(r.clone());
+            let _ = tmp.write(&out2, started);
+        });
+        rep.scale = Some(result);
+        rep.steal_by_part
+            .push(("cluster scale".into(), CpuTimes::now().stolen_since(&cpu)));
         rep.write(&out, started)?;
     }
     eprintln!(

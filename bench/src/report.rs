@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::{
     net::{self, CompileResult},
+    scale,
     steal::CpuTimes,
     svg::{Chart, Series},
     testrun,
@@ -58,6 +59,12 @@ pub struct Report {
     pub errors: Vec<String>,
     /// Share of CPU time stolen by the hypervisor during each part of the run.
     pub steal_by_part: Vec<(String, f64)>,
+    /// The scale part: written to `SCALE.md` and `scale.json` of its own.
+    #[serde(skip)]
+    pub scale: Option<scale::Results>,
+    /// Only the scale part ran: `REPORT.md` and `report.json` keep the last full run's figures.
+    #[serde(skip)]
+    pub only_scale: bool,
 }
 
 fn sh(cmd: &str, args: &[&str]) -> String {
@@ -166,6 +173,8 @@ impl Report {
             net: None,
             errors: Vec::new(),
             steal_by_part: Vec::new(),
+            scale: None,
+            only_scale: false,
         }
     }
 
@@ -416,6 +425,9 @@ impl Report {
                 Some(c.compile_secs < 1.0),
             );
         }
+        if let Some(sc) = &self.scale {
+            out.extend(scale_figures(sc));
+        }
         out
     }
 
@@ -424,6 +436,17 @@ impl Report {
         self.machine.loadavg_end = loadavg();
         self.machine.steal_share = CpuTimes::now().stolen_since(&self.machine.cpu_start);
         self.figures = self.figures();
+        if let Some(sc) = &self.scale {
+            let charts = scale_charts(sc);
+            for (name, svg) in &charts {
+                std::fs::write(dir.join(name), svg)?;
+            }
+            std::fs::write(dir.join("scale.json"), serde_json::to_string_pretty(sc)?)?;
+            std::fs::write(dir.join("SCALE.md"), self.scale_markdown(sc, &charts))?;
+        }
+        if self.only_scale {
+            return Ok(());
+        }
         let charts = self.charts();
         for (name, svg) in &charts {
             std::fs::write(dir.join(name), svg)?;
@@ -992,6 +1015,13 @@ impl Report {
             );
         }
         s.push_str(&self.service_section());
+        if let Some(sc) = &self.scale {
+            let _ = writeln!(
+                s,
+                "## 8. Cluster scale\n\nThe agent on a node with none of the pods, every pod of a synthetic cluster a peer, {} points in standalone mode and through its kube watches: per point start → ready, memory, event → programmed and churn, in [`SCALE.md`](SCALE.md); the largest point's figures are in the table above.\n",
+                sc.points.len()
+            );
+        }
         s.push_str(&self.diagnosis());
         s
     }
@@ -1384,4 +1414,371 @@ fn real_cost_text(c: &net::RealCost, warm: Option<f64>) -> String {
         warm,
         c.ours_jited_bytes
     )
+}
+
+fn met(pass: bool) -> &'static str {
+    if pass { "met" } else { "**MISSED**" }
+}
+
+fn mib(kib: u64) -> String {
+    f(kib as f64 / 1024.0, 0)
+}
+
+/// The largest point of each mode, beside the targets.
+fn scale_figures(sc: &scale::Results) -> Vec<Figure> {
+    let mut out = Vec::new();
+    for mode in &sc.settings.modes {
+        let Some(p) = sc
+            .points
+            .iter()
+            .filter(|p| p.mode == *mode)
+            .max_by_key(|p| (p.pods, p.policies))
+        else {
+            continue;
+        };
+        let at = format!(
+            "{} pods / {} policies, {}",
+            p.pods,
+            p.policies,
+            mode.label()
+        );
+        let peak = p.hwm_kib.max(p.hwm_end_kib);
+        out.push(Figure {
+            name: format!("Agent RSS, peak included, {at}"),
+            measured: format!(
+                "{} MiB after ready (peak {} MiB)",
+                mib(p.rss_kib),
+                mib(peak)
+            ),
+            value: peak as f64 / 1024.0,
+            target: format!("≤ {} MiB", scale::RSS_TARGET_MIB),
+            pass: Some(p.rss_pass()),
+        });
+        out.push(Figure {
+            name: format!("Start → ready, {at}"),
+            measured: p
+                .ready_secs
+                .map_or_else(|| "never".into(), |r| format!("{} s", f(r, 1))),
+            value: p.ready_secs.unwrap_or(f64::NAN),
+            target: format!("≤ {} s", scale::READY_TARGET_SECS),
+            pass: Some(p.ready_pass()),
+        });
+        let worst = p.worst_p99();
+        out.push(Figure {
+            name: format!("Event → programmed, worst p99 over pod added / relabelled / re-addressed / removed and policy change, {at}"),
+            measured: if p.events.is_empty() {
+                "not measured".into()
+            } else {
+                p.events
+                    .iter()
+                    .map(|e| format!("{} {} ms", e.kind, f(e.p(99.0), 0)))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            },
+            value: worst,
+            target: format!("≤ {} ms", scale::EVENT_P99_TARGET_MS),
+            pass: (!p.events.is_empty()).then(|| p.events.iter().all(scale::Events::pass)),
+        });
+        if let Some(c) = &p.churn {
+            out.push(Figure {
+                name: format!(
+                    "Sustained churn, {} pod events/s for {} s, {at}",
+                    c.rate, c.secs
+                ),
+                measured: churn_text(c),
+                value: c.cpu_cores,
+                target: format!("< {} core, no growing lag", scale::CHURN_CPU_TARGET_CORES),
+                pass: Some(c.pass()),
+            });
+        }
+    }
+    out
+}
+
+fn churn_text(c: &scale::Churn) -> String {
+    format!(
+        "{} cores; lag {} → {} ms (first → last quarter){}; drained {}",
+        f(c.cpu_cores, 2),
+        f(c.first_quarter_ms, 0),
+        f(c.last_quarter_ms, 0),
+        if c.growing { ", growing" } else { "" },
+        c.drain_ms.map_or_else(
+            || "not within the timeout".into(),
+            |d| format!("{} ms after the last event", f(d, 0))
+        )
+    )
+}
+
+const SCALE_COLORS: [&str; 4] = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"];
+
+/// RSS and event latency against cluster size, one series per mode and policy count.
+fn scale_charts(sc: &scale::Results) -> Vec<(String, String)> {
+    let mut groups: Vec<(scale::Mode, usize)> =
+        sc.points.iter().map(|p| (p.mode, p.policies)).collect();
+    groups.dedup();
+    groups.sort_by_key(|(m, n)| (*m as u8, *n));
+    groups.dedup();
+    let series = |get: &dyn Fn(&scale::Point) -> Option<f64>| -> Vec<Series> {
+        groups
+            .iter()
+            .enumerate()
+            .map(|(i, (mode, policies))| Series {
+                name: format!("{}, {policies} policies", mode.label()),
+                color: SCALE_COLORS[i % SCALE_COLORS.len()],
+                points: sc
+                    .points
+                    .iter()
+                    .filter(|p| p.mode == *mode && p.policies == *policies)
+                    .filter_map(|p| get(p).map(|y| (p.pods as f64, y)))
+                    .filter(|(_, y)| y.is_finite())
+                    .collect(),
+                dashed: *mode == scale::Mode::Kube,
+            })
+            .collect()
+    };
+    let mut rss =
+        series(&|p| (p.hwm_kib > 0).then(|| p.hwm_kib.max(p.hwm_end_kib) as f64 / 1024.0));
+    rss.push(Series {
+        name: "target".into(),
+        color: "#7f7f7f",
+        points: sc
+            .points
+            .iter()
+            .map(|p| (p.pods as f64, scale::RSS_TARGET_MIB))
+            .collect(),
+        dashed: true,
+    });
+    let mut lat = series(&|p| {
+        let w = p.worst_p99();
+        w.is_finite().then_some(w)
+    });
+    lat.push(Series {
+        name: "target".into(),
+        color: "#7f7f7f",
+        points: sc
+            .points
+            .iter()
+            .map(|p| (p.pods as f64, scale::EVENT_P99_TARGET_MS))
+            .collect(),
+        dashed: true,
+    });
+    vec![
+        (
+            "chart_scale_rss.svg".to_string(),
+            Chart {
+                title: "Agent peak RSS (VmHWM) vs cluster size",
+                x_label: "pods in the cluster (none on the agent's node)",
+                y_label: "MiB",
+                log_x: false,
+                log_y: false,
+                x_ticks: None,
+                series: rss,
+            }
+            .render(),
+        ),
+        (
+            "chart_scale_latency.svg".to_string(),
+            Chart {
+                title: "Event → programmed, worst p99 over the kinds, vs cluster size",
+                x_label: "pods in the cluster",
+                y_label: "ms (log)",
+                log_x: false,
+                log_y: true,
+                x_ticks: None,
+                series: lat,
+            }
+            .render(),
+        ),
+    ]
+}
+
+impl Report {
+    fn scale_markdown(&self, sc: &scale::Results, charts: &[(String, String)]) -> String {
+        let st = &sc.settings;
+        let m = &self.machine;
+        let mut s = String::from("# enforcer benchmark report: cluster scale\n\n");
+        let _ = writeln!(
+            s,
+            "Written by `cargo xtask bench{}` (the `scale` part) on {}. Every figure below was measured by that run. Raw data: [`scale.json`](scale.json). The other parts: [`REPORT.md`](REPORT.md).\n",
+            if self.quick { " --quick" } else { "" },
+            self.generated
+        );
+        let _ = writeln!(
+            s,
+            "**Machine:** kernel `{}`, CPU `{}`, {} cores, {} MiB RAM, shared with other work: `/proc/loadavg` at the start `{}`, at the end `{}`; the hypervisor stole {:.1} % of the CPU time. Absolute times move with the machine's load.\n",
+            m.kernel,
+            m.cpu,
+            m.cores,
+            m.memory_mib,
+            m.loadavg_start,
+            m.loadavg_end,
+            m.steal_share * 100.0
+        );
+        s.push_str("## Method\n\n");
+        let _ = writeln!(
+            s,
+            "- **Cluster**: generated by `enforcer_testkit::scale` (seed {}): pods spread over {} nodes, none on the agent's node (so every pod is a peer and none an endpoint), {} namespaces, three labels and one named port per pod, unique IPv4 addresses in 10.0.0.0/8; policies: a default-deny per namespace, then app → app on the named port, from the namespaces of a team, from an app in the namespaces of an environment (both selectors in one peer), and egress to 10.0.0.0/8 with an `except`.\n- **Standalone**: the real agent binary, `enforcer run --manifests DIR --node-name {} {}`, in a network namespace of its own with pins on a bpffs of its own; the folder holds the namespaces, pods and policies in one YAML file per namespace and kind, and {} pods in files of their own. A change is a file renamed into the folder (or removed).\n- **Kube watch**: the same binary without `--manifests`, with a kubeconfig naming a stand-in API server on the namespace's loopback (plain HTTP) that serves the same objects as lists and then streams watch events (chunked JSON lines from the list's resourceVersion), so the agent's own kube client, reflectors and compile do the work.\n- **Start → ready**: from starting the process to `/readyz` answering 200 with a programmed generation. **RSS**: `VmRSS` 1.5 s after ready; the peak is `VmHWM`, the highest of after ready and at the end of the point (events and churn included).\n- **Event → programmed**: one change at a time: a pod added (a new address), relabelled (app and track changed), re-addressed (its address changed) and removed, and a policy added or removed; each timed from the write (or the watch event) until `/readyz` reports ready at a newer generation than before the change (the agent bumps it only once a reconcile has programmed the maps from the new input) and, for pods, the pinned `PEERS_V4` map (read with the agent's map types) holds the new address and no longer the old one. Up to {} rounds, no new round after {} s; {} s without it counts as a timeout. With few samples the p99 is the slowest of them (n is shown).\n- **Churn**: {} pod events per second for {} s (a new pod added, a generated pod removed, alternately); the agent's CPU time from `/proc/PID/stat` over that time; every 50 ms the lag, the age of the oldest added pod whose address is not yet in `PEERS_V4`. The lag *grows* when its mean over the last quarter is over 1.5× that of the first quarter plus 100 ms; *drained* is when every added pod was in the map after the last event.\n- Agent flags beyond the defaults: `{}` (today's default map sizes do not hold 100k pods).\n",
+            st.seed,
+            enforcer_testkit::scale::NODES,
+            enforcer_testkit::scale::NAMESPACES,
+            enforcer_testkit::scale::MEASURED_NODE,
+            scale::AGENT_FLAGS.join(" "),
+            "1,000",
+            st.max_rounds,
+            f(st.event_budget_secs, 0),
+            f(st.event_timeout_secs, 0),
+            f(st.churn_rate, 0),
+            f(st.churn_secs, 0),
+            scale::AGENT_FLAGS.join(" ")
+        );
+        s.push_str("## Results\n\n");
+        let _ = writeln!(
+            s,
+            "Targets: ready ≤ {} s; RSS ≤ {} MiB, peak included; every event kind p99 ≤ {} ms; churn under {} core with no growing lag. Events: p50 / p99 ms (n).\n",
+            scale::READY_TARGET_SECS,
+            scale::RSS_TARGET_MIB,
+            scale::EVENT_P99_TARGET_MS,
+            scale::CHURN_CPU_TARGET_CORES
+        );
+        s.push_str("| mode | pods | policies | start → ready | RSS after ready (peak), MiB | pod added | pod relabelled | pod re-addressed | pod removed | policy added / removed | churn |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
+        for p in &sc.points {
+            let ready = p.ready_secs.map_or_else(
+                || "never, **MISSED**".into(),
+                |r| format!("{} s, {}", f(r, 1), met(p.ready_pass())),
+            );
+            let rss = if p.hwm_kib == 0 {
+                "n/a".into()
+            } else {
+                format!(
+                    "{} ({}), {}",
+                    mib(p.rss_kib),
+                    mib(p.hwm_kib.max(p.hwm_end_kib)),
+                    met(p.rss_pass())
+                )
+            };
+            let ev = |kind: &str| {
+                p.events.iter().find(|e| e.kind == kind).map_or_else(
+                    || "-".into(),
+                    |e| {
+                        format!(
+                            "{} / {} ({}{}), {}",
+                            f(e.p(50.0), 0),
+                            f(e.p(99.0), 0),
+                            e.ms.len(),
+                            if e.timeouts > 0 {
+                                format!(", {} timeouts", e.timeouts)
+                            } else {
+                                String::new()
+                            },
+                            met(e.pass())
+                        )
+                    },
+                )
+            };
+            let churn = p.churn.as_ref().map_or_else(
+                || "-".into(),
+                |c| format!("{}, {}", churn_text(c), met(c.pass())),
+            );
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                p.mode.label(),
+                p.pods,
+                p.policies,
+                ready,
+                rss,
+                ev("pod added"),
+                ev("pod relabelled"),
+                ev("pod re-addressed"),
+                ev("pod removed"),
+                ev("policy added / removed"),
+                churn
+            );
+        }
+        let planned = st.points.len() * st.modes.len();
+        if sc.points.len() < planned {
+            let _ = writeln!(
+                s,
+                "\nThis run measured {} of the {} points it was set for; the others were not reached.",
+                sc.points.len(),
+                planned
+            );
+        }
+        s.push('\n');
+        let failed: Vec<&scale::Point> = sc.points.iter().filter(|p| p.error.is_some()).collect();
+        if !failed.is_empty() {
+            s.push_str("Points that did not finish:\n\n");
+            for p in failed {
+                let _ = writeln!(
+                    s,
+                    "- {} pods, {} policies, {}: `{}`",
+                    p.pods,
+                    p.policies,
+                    p.mode.label(),
+                    p.error
+                        .as_deref()
+                        .unwrap_or_default()
+                        .replace('\n', " ")
+                        .replace('`', "'")
+                );
+            }
+            s.push('\n');
+        }
+        for (name, _) in charts {
+            let _ = writeln!(s, "![{name}]({name})\n");
+        }
+        let misses: Vec<&scale::Point> = sc
+            .points
+            .iter()
+            .filter(|p| {
+                !p.rss_pass()
+                    || !p.ready_pass()
+                    || !p.events.iter().all(scale::Events::pass)
+                    || p.churn.as_ref().is_some_and(|c| !c.pass())
+            })
+            .collect();
+        s.push_str("## Misses and where the time goes\n\n");
+        if misses.is_empty() {
+            s.push_str("Every point met every target in this run.\n");
+            return s;
+        }
+        let _ = writeln!(
+            s,
+            "{} of {} points missed at least one target. Per point, from the agent's own `/metrics` over the single events (mean per change: compile; reconcile = compile + programming the maps, its mean lowered by the periodic resyncs it also counts) and the start-up split (start → the health server answering, i.e. programs loaded, then → ready: the input loaded, compiled and programmed):\n",
+            misses.len(),
+            sc.points.len()
+        );
+        for p in misses {
+            let _ = writeln!(
+                s,
+                "- {} pods, {} policies, {}: compile {} ms, reconcile {} ms per change (event p50 {} ms); start {} s to health, {} s more to ready; peak RSS {} MiB, {} KiB per pod.",
+                p.pods,
+                p.policies,
+                p.mode.label(),
+                f(p.compile_mean_ms, 0),
+                f(p.reconcile_mean_ms, 0),
+                f(
+                    crate::net::median(
+                        &p.events
+                            .iter()
+                            .flat_map(|e| e.ms.iter().copied())
+                            .collect::<Vec<_>>()
+                    ),
+                    0
+                ),
+                f(p.health_secs.unwrap_or(f64::NAN), 1),
+                f(
+                    p.ready_secs.unwrap_or(f64::NAN) - p.health_secs.unwrap_or(f64::NAN),
+                    1
+                ),
+                mib(p.hwm_kib.max(p.hwm_end_kib)),
+                f(
+                    p.hwm_kib.max(p.hwm_end_kib) as f64 / p.pods.max(1) as f64,
+                    1
+                )
+            );
+        }
+        s.push_str("\nWhen the compile per change grows with the cluster, so do the event latency and the CPU under churn: each event costs a compile of the whole cluster rather than of what it changed. Under churn the agent folds the events that arrive during one compile into the next, so the lag stands near one compile time, and grows when compiles take longer than the churn gives them.\n");
+        s
+    }
 }

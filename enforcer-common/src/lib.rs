@@ -99,7 +99,20 @@ pub const PROG_SVC_EXIT: &str = "svc_exit";
 // ---------------------------------------------------------------------------------------------
 
 pub const DEFAULT_MAX_ENDPOINTS: u32 = 1024;
-pub const DEFAULT_PEERS_SIZE: u32 = 65_536;
+/// Entries of each of `PEERS_V4` and `PEERS_V6` at first: every pod address of a 100k-pod
+/// cluster (dual-stack: one in each), the nodes' addresses and the Services' frontends fit with
+/// room. The agent grows both (new maps, filled, then swapped in) when they pass
+/// [`PEERS_GROW_AT`] percent, up to `--peers-map-max`.
+pub const DEFAULT_PEERS_SIZE: u32 = 262_144;
+/// The ceiling of the peers maps' growth (`--peers-map-max`).
+pub const DEFAULT_PEERS_MAX: u32 = 1 << 22;
+/// Percent of a peers map's entries past which the agent grows it.
+pub const PEERS_GROW_AT: u32 = 80;
+/// `BPF_F_NO_PREALLOC` (uapi `bpf.h`): a hash map whose elements are allocated as they are
+/// written, so its capacity costs kernel memory only for its bucket array, not for every entry.
+pub const BPF_F_NO_PREALLOC: u32 = 1;
+/// Flags of `PEERS_V4` and `PEERS_V6`: sized for the cluster, mostly empty on a small one.
+pub const PEERS_MAP_FLAGS: u32 = BPF_F_NO_PREALLOC;
 pub const DEFAULT_CIDRS_SIZE: u32 = 16_384;
 pub const DEFAULT_POLICY_SIZE: u32 = 262_144;
 pub const DEFAULT_CONNTRACK_SIZE: u32 = 262_144;
@@ -167,6 +180,13 @@ pub const EP_EGRESS_ISOLATED: u32 = 1 << 1;
 pub const EP_HAS_V4: u32 = 1 << 2;
 /// `ipv6` holds the pod's IPv6 address.
 pub const EP_HAS_V6: u32 = 1 << 3;
+/// Ingress is isolated by audit policies only: no enforcing policy isolates it, so it is not
+/// [`EP_INGRESS_ISOLATED`] and enforcement is exactly as if the audit policies did not exist.
+/// The programs do not act on it yet (see `docs/audit.md`); [`reason::ALLOW_AUDIT`] is where
+/// their would-drop verdict will be counted.
+pub const EP_INGRESS_AUDIT: u32 = 1 << 4;
+/// Egress is isolated by audit policies only (see [`EP_INGRESS_AUDIT`]).
+pub const EP_EGRESS_AUDIT: u32 = 1 << 5;
 
 /// Bit of [`EndpointInfo::port_masks`] that says entries with protocol [`PROTO_ANY`] exist.
 pub const PORT_MASK_ANY_PROTO: u32 = 1 << 17;
@@ -206,6 +226,18 @@ pub const fn isolated_in(flags: u32, direction: u8) -> bool {
         EP_INGRESS_ISOLATED
     } else {
         EP_EGRESS_ISOLATED
+    };
+    flags & bit != 0
+}
+
+/// Whether endpoint `flags` isolate `direction` by audit policies only: a miss there is a
+/// would-drop, not a drop.
+#[inline(always)]
+pub const fn audit_only_in(flags: u32, direction: u8) -> bool {
+    let bit = if direction == DIR_INGRESS {
+        EP_INGRESS_AUDIT
+    } else {
+        EP_EGRESS_AUDIT
     };
     flags & bit != 0
 }
@@ -884,14 +916,32 @@ pub mod reason {
     /// A deferred packet whose original destination could not be found again after the
     /// translation (its slot was taken by another packet meanwhile): fail closed.
     pub const DROP_UNRESOLVED: u8 = 21;
+    /// A new flow that no policy entry allows, in a direction isolated by audit policies only:
+    /// allowed, and reported as `would-drop`. An allow. Reserved: the programs do not emit it
+    /// yet.
+    pub const ALLOW_AUDIT: u8 = 22;
 }
 pub const REASON_FIRST_DROP: u8 = reason::DROP_POLICY;
-pub const REASON_COUNT: u32 = 22;
+pub const REASON_COUNT: u32 = 23;
 
-/// Whether `reason` drops the packet.
+/// Whether `reason` drops the packet, for the reasons the programs give: they never give
+/// [`reason::ALLOW_AUDIT`] yet, and the programs' verifier budget has no room for one more
+/// test on this path (so it is left out here; [`verdict_name`] tells it apart).
 #[inline(always)]
 pub const fn is_drop_reason(reason: u8) -> bool {
     reason >= REASON_FIRST_DROP && reason != reason::ALLOW_SERVICE
+}
+
+/// The verdict label of `reason` (metrics, flow log): `dropped`, `would-drop` (allowed, but an
+/// audit policy would have dropped it) or `allowed`.
+pub const fn verdict_name(reason: u8) -> &'static str {
+    if reason == reason::ALLOW_AUDIT {
+        "would-drop"
+    } else if is_drop_reason(reason) {
+        "dropped"
+    } else {
+        "allowed"
+    }
 }
 
 /// Short, stable names of the reasons (metrics labels, flow log).
@@ -918,6 +968,7 @@ pub const REASON_NAMES: [&str; REASON_COUNT as usize] = [
     "flow-limit",
     "service",
     "unresolved",
+    "audit",
 ];
 
 /// Packets and bytes, per CPU.

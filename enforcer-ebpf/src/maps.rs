@@ -10,7 +10,8 @@ use enforcer_common::{
     DEFAULT_EVENTS_BYTES, DEFAULT_FRAGMENTS_SIZE, DEFAULT_MAX_ENDPOINTS, DEFAULT_NODE_PORTS_SIZE,
     DEFAULT_PEERS_SIZE, DEFAULT_POLICY_SIZE, DEFAULT_SERVICE_FLOWS_SIZE, DEFERRED_SLOTS, Deferred,
     ENDPOINT_SLOT_COUNT, EndpointInfo, EndpointSlot, FlowBucket, FlowCount, FragKey, FragValue,
-    NodePortKey, PeerBucket, PeerInfo, PolicyKey, PolicyValue, ServiceBackend, counter_slots,
+    NodePortKey, PEERS_MAP_FLAGS, PeerBucket, PeerInfo, PolicyKey, PolicyValue, ServiceBackend,
+    counter_slots,
 };
 
 use crate::{
@@ -31,8 +32,10 @@ pub static ENDPOINT_SLOTS: Array<EndpointSlot> =
 /// `BPF_F_MMAPABLE` (uapi `bpf.h`).
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
+/// Allocated as written ([`PEERS_MAP_FLAGS`]): sized for a large cluster, paid for by use.
 #[map]
-pub static PEERS_V4: HashMap<[u8; 4], PeerInfo> = HashMap::with_max_entries(DEFAULT_PEERS_SIZE, 0);
+pub static PEERS_V4: HashMap<[u8; 4], PeerInfo> =
+    HashMap::with_max_entries(DEFAULT_PEERS_SIZE, PEERS_MAP_FLAGS);
 
 /// A cache of PEERS_V4 (see `PeerBucket`): one load per address instead of a hash lookup.
 /// Mmapable: the agent writes its ways through a shared mapping.
@@ -41,7 +44,8 @@ pub static PEER_SLOTS: Array<PeerBucket> =
     Array::with_max_entries(DEFAULT_PEERS_SIZE, BPF_F_MMAPABLE);
 
 #[map]
-pub static PEERS_V6: HashMap<[u8; 16], PeerInfo> = HashMap::with_max_entries(DEFAULT_PEERS_SIZE, 0);
+pub static PEERS_V6: HashMap<[u8; 16], PeerInfo> =
+    HashMap::with_max_entries(DEFAULT_PEERS_SIZE, PEERS_MAP_FLAGS);
 
 #[map]
 pub static CIDRS_V4: LpmTrie<[u8; 4], PeerInfo> = LpmTrie::with_max_entries(DEFAULT_CIDRS_SIZE, 0);

@@ -24,16 +24,18 @@ use std::{
 
 use crate::cidr::Cidr;
 use enforcer_common::{
-    DEFAULT_MAX_ENDPOINTS, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6,
-    EP_INGRESS_ISOLATED, EndpointInfo, IDENTITY_ANY, IDENTITY_FIRST_ALLOCATED, IDENTITY_HOST,
-    IDENTITY_SERVICE, IDENTITY_WORLD, NodePortKey, PORT_MASK_ANY_PROTO, PROTO_ANY, PeerInfo,
-    PolicyKey, PolicyValue,
+    DEFAULT_MAX_ENDPOINTS, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_AUDIT, EP_EGRESS_ISOLATED, EP_HAS_V4,
+    EP_HAS_V6, EP_INGRESS_AUDIT, EP_INGRESS_ISOLATED, EndpointInfo, IDENTITY_ANY,
+    IDENTITY_FIRST_ALLOCATED, IDENTITY_HOST, IDENTITY_SERVICE, IDENTITY_WORLD, NodePortKey,
+    PORT_MASK_ANY_PROTO, PROTO_ANY, PeerInfo, PolicyKey, PolicyValue,
 };
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
+use crate::{intern::NamedPorts, model::PodInfo};
+
 use super::{
-    memo::{Memo, PodDerived, PolicyFacts},
-    model::{Cluster, Frontend, ServiceError, parse_service, pod_labels, pod_node},
+    memo::{Memo, PolicyFacts},
+    model::{Cluster, Frontend, ServiceError, parse_service, pod_node},
     selector::Labels,
     validate::{
         Block, NamespaceMatch, ParsedPolicy, Peer, PolicyError, Port, Refusal, Rule,
@@ -55,6 +57,8 @@ pub struct CompileOptions {
     /// Every policy's pod and namespace peers must be verified workloads
     /// (`--require-identity`), as if each carried the require-identity annotation.
     pub require_identity: bool,
+    /// Every policy audits (`--audit`), as if each carried the audit annotation.
+    pub audit: bool,
 }
 
 impl Default for CompileOptions {
@@ -64,28 +68,30 @@ impl Default for CompileOptions {
             node_ips: Vec::new(),
             max_endpoints: DEFAULT_MAX_ENDPOINTS,
             require_identity: false,
+            audit: false,
         }
     }
 }
 
 impl CompileOptions {
     /// Whether the pod is enforced by this node.
-    pub fn is_local(&self, pod: &Pod) -> bool {
+    pub fn is_local(&self, pod: &PodInfo) -> bool {
         self.node_name
             .as_deref()
             .is_none_or(|n| pod_node(pod) == Some(n))
     }
 }
 
-/// The facts about a pod that selectors and named ports can ask about.
+/// The facts about a pod that selectors and named ports can ask about. Shared (`Arc`) by every
+/// pod and address with the same facts: a workload's replicas are one value.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PodFacts {
-    pub namespace: String,
+    pub namespace: Arc<str>,
     /// Including `kubernetes.io/metadata.name`.
-    pub namespace_labels: Labels,
-    pub labels: Labels,
+    pub namespace_labels: Arc<Labels>,
+    pub labels: Arc<Labels>,
     /// `(name, protocol, port)` of the named container ports.
-    pub named_ports: BTreeSet<(String, u8, u16)>,
+    pub named_ports: Arc<NamedPorts>,
     /// The address is bound to a verified identity (its reserved labels are in `labels`).
     pub verified: bool,
 }
@@ -94,9 +100,10 @@ pub struct PodFacts {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IdentityKey {
     /// The pod facts, for pod addresses.
-    pub pod: Option<PodFacts>,
-    /// The ipBlocks the address is in (inside the cidr, outside every except).
-    pub blocks: BTreeSet<Block>,
+    pub pod: Option<Arc<PodFacts>>,
+    /// The ipBlocks the address is in (inside the cidr, outside every except), shared by every
+    /// address of one region.
+    pub blocks: Arc<BTreeSet<Block>>,
 }
 
 impl IdentityKey {
@@ -529,19 +536,17 @@ fn parsed_policies(
 
 /// The pods that take part in policy, one per `PodRef` (the first object of a name wins),
 /// ordered by `PodRef`: [`Cluster::policy_pods`], from the memo.
-fn policy_pods<'c>(
-    cluster: &'c Cluster,
-    memo: &mut Memo,
-    generation: u64,
-) -> Vec<(Arc<PodDerived>, &'c Pod)> {
-    let mut all: Vec<(Arc<PodDerived>, &Pod)> = cluster
+fn policy_pods(cluster: &Cluster) -> Vec<(PodRef, &PodInfo)> {
+    let mut all: Vec<(PodRef, &PodInfo)> = cluster
         .pods
         .iter()
-        .map(|p| (memo.pod(p, generation), &**p))
+        .map(|p| (crate::model::pod_ref(p), &**p))
         .collect();
-    all.sort_by(|a, b| a.0.r.cmp(&b.0.r));
-    all.dedup_by(|later, first| later.0.r == first.0.r);
-    all.retain(|(d, _)| d.policy_pod);
+    // Stable: among pods of one name the first object stays first. Sources give pods sorted
+    // by name, which makes this a linear pass.
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    all.dedup_by(|later, first| later.0 == first.0);
+    all.retain(|(_, p)| crate::model::pod_is_policy_pod(p));
     all
 }
 
@@ -600,7 +605,7 @@ fn peer_matches(peer: &Peer, key: &IdentityKey, require_identity: bool) -> bool 
                 return false;
             }
             let ns_ok = match namespaces {
-                NamespaceMatch::Own(ns) => f.namespace == *ns,
+                NamespaceMatch::Own(ns) => *f.namespace == **ns,
                 NamespaceMatch::Selector(s) => s.matches(&f.namespace_labels),
             };
             ns_ok && pods.as_ref().is_none_or(|s| s.matches(&f.labels))
@@ -614,7 +619,7 @@ type PeerIds = Option<Vec<u32>>;
 /// What the identity stage reads: compared with the previous compile's to reuse its result.
 /// The objects are held, so an address cannot be reused by another object meanwhile.
 pub(super) struct StageInput {
-    pods: Vec<Arc<Pod>>,
+    pods: Vec<Arc<PodInfo>>,
     namespaces: Vec<Arc<Namespace>>,
     verified: BTreeMap<IpAddr, BTreeMap<String, String>>,
     blocks: BTreeSet<Block>,
@@ -641,7 +646,7 @@ impl PartialEq for StageInput {
 /// node addresses only, so a change to policies alone reuses it (most of a compile at 1k pods).
 #[derive(Default)]
 pub(super) struct IdentityStage {
-    facts: BTreeMap<PodRef, PodFacts>,
+    facts: BTreeMap<PodRef, Arc<PodFacts>>,
     /// The pod that owns each pod address.
     owners: BTreeMap<IpAddr, PodRef>,
     /// The identity of each pod address.
@@ -655,9 +660,38 @@ pub(super) struct IdentityStage {
     errors: Vec<CompileError>,
 }
 
+/// The longest-prefix match over the ipBlock cidrs and excepts: which region an address is in.
+/// An address's ipBlocks are a function of its region (see the module doc), so each address
+/// costs one lookup per distinct prefix length, not one test per ipBlock.
+struct Regions<'k> {
+    /// Prefix lengths in use, longest first, per family (v4, v6).
+    lens: [Vec<u8>; 2],
+    keys: &'k BTreeMap<Cidr, IdentityKey>,
+}
+
+impl<'k> Regions<'k> {
+    fn new(keys: &'k BTreeMap<Cidr, IdentityKey>) -> Self {
+        let mut lens: [Vec<u8>; 2] = Default::default();
+        for net in keys.keys() {
+            lens[usize::from(net.network().is_ipv6())].push(net.prefix_len());
+        }
+        for l in &mut lens {
+            l.sort_unstable_by(|a, b| b.cmp(a));
+            l.dedup();
+        }
+        Self { lens, keys }
+    }
+
+    fn key_of(&self, ip: IpAddr) -> Option<&'k IdentityKey> {
+        self.lens[usize::from(ip.is_ipv6())]
+            .iter()
+            .find_map(|len| self.keys.get(&Cidr::new(ip, *len)?))
+    }
+}
+
 fn identity_stage(
     cluster: &Cluster,
-    pods: &[(Arc<PodDerived>, &Pod)],
+    pods: &[(PodRef, &PodInfo)],
     input: &StageInput,
     identities: &mut Pool<IdentityKey>,
     generation: u64,
@@ -667,75 +701,6 @@ fn identity_stage(
         .blocks
         .iter()
         .flat_map(|b| std::iter::once(b.cidr).chain(b.except.iter().copied()))
-        .collect();
-
-    // Pods: facts and the addresses they own.
-    let mut ns_labels: HashMap<String, Labels> = HashMap::new();
-    let mut owner: BTreeMap<IpAddr, PodRef> = BTreeMap::new();
-    for (d, pod) in pods {
-        let r = &d.r;
-        let nsl = ns_labels
-            .entry(r.namespace.clone())
-            .or_insert_with(|| cluster.namespace_labels(&r.namespace))
-            .clone();
-        stage.facts.insert(
-            r.clone(),
-            PodFacts {
-                namespace: r.namespace.clone(),
-                namespace_labels: nsl,
-                // Without the reserved labels the object sets itself: those come only from
-                // verification (added per verified address below).
-                labels: pod_labels(pod),
-                named_ports: d.named_ports.clone(),
-                verified: false,
-            },
-        );
-        for &ip in &d.ips {
-            if input.node_ips.contains(&ip) {
-                continue;
-            }
-            match owner.get(&ip) {
-                Some(kept) => stage.errors.push(CompileError::DuplicateAddress {
-                    ip,
-                    kept: kept.clone(),
-                    dropped: r.clone(),
-                }),
-                None => {
-                    owner.insert(ip, r.clone());
-                }
-            }
-        }
-    }
-
-    // Identity keys of every pod address and every region.
-    let blocks_of_ip = |ip: IpAddr| -> BTreeSet<Block> {
-        input
-            .blocks
-            .iter()
-            .filter(|b| b.contains(ip))
-            .cloned()
-            .collect()
-    };
-    let addr_keys: BTreeMap<IpAddr, IdentityKey> = owner
-        .iter()
-        .map(|(ip, r)| {
-            // A verified address adds its identity's reserved labels to the pod's.
-            let pod = stage.facts.get(r).cloned().map(|mut f| {
-                if let Some(extra) = input.verified.get(ip) {
-                    f.labels
-                        .extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
-                    f.verified = true;
-                }
-                f
-            });
-            (
-                *ip,
-                IdentityKey {
-                    pod,
-                    blocks: blocks_of_ip(*ip),
-                },
-            )
-        })
         .collect();
     let region_keys: BTreeMap<Cidr, IdentityKey> = prefixes
         .iter()
@@ -750,18 +715,92 @@ fn identity_stage(
                 *net,
                 IdentityKey {
                     pod: None,
-                    blocks: bs,
+                    blocks: Arc::new(bs),
                 },
             )
         })
         .collect();
-    let all_keys: BTreeSet<&IdentityKey> = addr_keys
-        .values()
-        .chain(region_keys.values())
-        .filter(|k| !k.is_world())
+    let regions = Regions::new(&region_keys);
+    let no_blocks: Arc<BTreeSet<Block>> = Arc::default();
+
+    // Pods: facts (one shared value per distinct facts) and the addresses they own.
+    let mut ns_labels: HashMap<&str, Arc<Labels>> = HashMap::new();
+    let mut shared_facts: HashMap<Arc<PodFacts>, ()> = HashMap::new();
+    let mut intern = |f: PodFacts| -> Arc<PodFacts> {
+        if let Some((k, ())) = shared_facts.get_key_value(&f) {
+            return Arc::clone(k);
+        }
+        let f = Arc::new(f);
+        shared_facts.insert(Arc::clone(&f), ());
+        f
+    };
+    let mut owner: BTreeMap<IpAddr, (PodRef, Arc<PodFacts>)> = BTreeMap::new();
+    for (r, pod) in pods {
+        let nsl = Arc::clone(
+            ns_labels
+                .entry(&pod.namespace)
+                .or_insert_with(|| Arc::new(cluster.namespace_labels(&pod.namespace))),
+        );
+        // Without the reserved labels the object sets itself: those come only from
+        // verification (added per verified address below).
+        let facts = intern(PodFacts {
+            namespace: Arc::clone(&pod.namespace),
+            namespace_labels: nsl,
+            labels: Arc::clone(&pod.labels),
+            named_ports: Arc::clone(&pod.named_ports),
+            verified: false,
+        });
+        stage.facts.insert(r.clone(), Arc::clone(&facts));
+        for &ip in &pod.ips {
+            if input.node_ips.contains(&ip) {
+                continue;
+            }
+            match owner.get(&ip) {
+                Some((kept, _)) => stage.errors.push(CompileError::DuplicateAddress {
+                    ip,
+                    kept: kept.clone(),
+                    dropped: r.clone(),
+                }),
+                None => {
+                    owner.insert(ip, (r.clone(), Arc::clone(&facts)));
+                }
+            }
+        }
+    }
+
+    // Identity keys of every pod address and every region.
+    let addr_keys: BTreeMap<IpAddr, IdentityKey> = owner
+        .iter()
+        .map(|(ip, (_, facts))| {
+            // A verified address adds its identity's reserved labels to the pod's.
+            let pod = match input.verified.get(ip) {
+                Some(extra) => {
+                    let mut f = (**facts).clone();
+                    let mut labels = (*f.labels).clone();
+                    labels.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+                    f.labels = Arc::new(labels);
+                    f.verified = true;
+                    intern(f)
+                }
+                None => Arc::clone(facts),
+            };
+            let blocks = regions
+                .key_of(*ip)
+                .map_or_else(|| Arc::clone(&no_blocks), |k| Arc::clone(&k.blocks));
+            (
+                *ip,
+                IdentityKey {
+                    pod: Some(pod),
+                    blocks,
+                },
+            )
+        })
         .collect();
-    let mut ids: BTreeMap<&IdentityKey, u32> = BTreeMap::new();
-    for k in all_keys {
+    let mut ids: HashMap<&IdentityKey, u32> = HashMap::new();
+    for k in addr_keys.values().chain(region_keys.values()) {
+        if k.is_world() || ids.contains_key(k) {
+            continue;
+        }
         // The pool cannot run dry: it has ~4e9 numbers.
         let id = identities.get(k, generation).unwrap_or(IDENTITY_WORLD);
         ids.insert(k, id);
@@ -821,7 +860,7 @@ fn identity_stage(
     }
 
     stage.identities = Arc::new(ids.into_iter().map(|(k, id)| (id, k.clone())).collect());
-    stage.owners = owner;
+    stage.owners = owner.into_iter().map(|(ip, (r, _))| (ip, r)).collect();
     stage
 }
 
@@ -883,7 +922,7 @@ fn add_services(
 /// A local endpoint of one compile.
 struct Local<'a> {
     r: &'a PodRef,
-    facts: &'a PodFacts,
+    facts: &'a Arc<PodFacts>,
     info: EndpointInfo,
     ips: Vec<IpAddr>,
 }
@@ -906,18 +945,15 @@ struct OutEntry {
 
 /// The input [`PolicyOut`]s depend on besides their policy: compared with the last compile's
 /// to reuse them. The stage is held, so its address cannot be reused meanwhile.
+/// Not the identity stage itself: a pod that joins an existing identity, or changes address,
+/// makes a new stage with the same identities, and every contribution stays valid.
+#[derive(PartialEq)]
 pub(super) struct OutputsKey {
-    stage: Arc<IdentityStage>,
-    endpoints: Vec<(PodRef, u32)>,
+    /// Compared by address first ([`Arc`]'s equality does), then by content.
+    identities: Arc<BTreeMap<u32, IdentityKey>>,
+    /// Each local endpoint, its id and the facts its policies select it by.
+    endpoints: Vec<(PodRef, u32, Arc<PodFacts>)>,
     require_identity: bool,
-}
-
-impl PartialEq for OutputsKey {
-    fn eq(&self, o: &Self) -> bool {
-        Arc::ptr_eq(&self.stage, &o.stage)
-            && self.endpoints == o.endpoints
-            && self.require_identity == o.require_identity
-    }
 }
 
 /// Resolves rule peers to identities. Each distinct peer is matched against the identities
@@ -936,7 +972,7 @@ impl<'s> PeerResolver<'s> {
         let known: Vec<(u32, &IdentityKey)> = identities.iter().map(|(id, k)| (*id, k)).collect();
         let pods = known
             .iter()
-            .filter_map(|(id, k)| k.pod.as_ref().map(|f| (*id, f)))
+            .filter_map(|(id, k)| k.pod.as_deref().map(|f| (*id, f)))
             .collect();
         Self {
             known,
@@ -1026,7 +1062,7 @@ fn contributions(
                                 }
                                 // Ingress: the port of the destination, i.e. this pod.
                                 Port::Named(proto, name) if dir == DIR_INGRESS => {
-                                    for (n, pr, num) in &l.facts.named_ports {
+                                    for (n, pr, num) in l.facts.named_ports.iter() {
                                         if n == name && pr == proto {
                                             push_all(*proto, *num, 16, &mut keys);
                                         }
@@ -1038,7 +1074,7 @@ fn contributions(
                                         if peers.as_ref().is_some_and(|ps| !ps.contains(id)) {
                                             continue;
                                         }
-                                        for (n, pr, num) in &pf.named_ports {
+                                        for (n, pr, num) in pf.named_ports.iter() {
                                             if n == name && pr == proto {
                                                 keys.push(PolicyKey::new(
                                                     eid, *id, dir, *proto, *num, 16,
@@ -1065,6 +1101,39 @@ fn contributions(
     }
 }
 
+/// `(namespace, name)` of the policies that audit ([`Cluster::policy_audits`]): of each
+/// namespace/name its first object, as [`parsed_policies`] keeps.
+fn audited_policies(cluster: &Cluster, audit_all: bool) -> BTreeSet<(&str, &str)> {
+    // Of each namespace name its first object decides, as `Cluster::namespace_object` reads.
+    let mut namespaces: HashMap<&str, bool> = HashMap::new();
+    for n in &cluster.namespaces {
+        if let Some(name) = n.metadata.name.as_deref() {
+            namespaces
+                .entry(name)
+                .or_insert_with(|| crate::model::audit_annotated(&n.metadata));
+        }
+    }
+    let mut seen = BTreeSet::new();
+    let mut out = BTreeSet::new();
+    for p in &cluster.policies {
+        let ns = p
+            .metadata
+            .namespace
+            .as_deref()
+            .filter(|n| !n.is_empty())
+            .unwrap_or("default");
+        let key = (ns, p.metadata.name.as_deref().unwrap_or_default());
+        if seen.insert(key)
+            && (audit_all
+                || crate::model::audit_annotated(&p.metadata)
+                || namespaces.get(ns).copied().unwrap_or(false))
+        {
+            out.insert(key);
+        }
+    }
+    out
+}
+
 /// Compiles the cluster for one node. Never panics; problems are in `errors`.
 pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations) -> Compiled {
     alloc.generation += 1;
@@ -1083,7 +1152,7 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
             Peer::Pods { .. } => None,
         })
         .collect();
-    let pods = policy_pods(cluster, &mut alloc.memo, generation);
+    let pods = policy_pods(cluster);
     let input = StageInput {
         pods: cluster.pods.clone(),
         namespaces: cluster.namespaces.clone(),
@@ -1098,13 +1167,21 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
             alloc.identities.touch_all(generation);
             stage
         }
-        _ => Arc::new(identity_stage(
-            cluster,
-            &pods,
-            &input,
-            &mut alloc.identities,
-            generation,
-        )),
+        prev => {
+            let mut stage =
+                identity_stage(cluster, &pods, &input, &mut alloc.identities, generation);
+            // The same identities as before (a pod joined or left an existing one): keep the
+            // old value, so what is keyed by it is found equal by address.
+            if let Some((_, old, _)) = &prev
+                && old.identities == stage.identities
+            {
+                stage.identities = Arc::clone(&old.identities);
+            }
+            let stage = Arc::new(stage);
+            // Dropped after the new one is made: a new stage never has the old one's address.
+            drop(prev);
+            stage
+        }
     };
     alloc.memo.stage = Some((input, Arc::clone(&stage), generation));
     errors.extend(stage.errors.iter().cloned());
@@ -1121,8 +1198,7 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
 
     // Local endpoints, in pod order.
     let mut locals: Vec<Local<'_>> = Vec::new();
-    for (d, pod) in &pods {
-        let r = &d.r;
+    for (r, pod) in &pods {
         if !opts.is_local(pod) {
             continue;
         }
@@ -1134,7 +1210,7 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
             continue;
         };
         let Some(f) = facts.get(r) else { continue };
-        let ips = d.ips.clone();
+        let ips = pod.ips.to_vec();
         let mut info = EndpointInfo {
             id: eid,
             ..Default::default()
@@ -1165,16 +1241,20 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
     // Each policy's contribution depends on the policy, the identity stage and the local
     // endpoints only: the last compile's are reused while the latter two are unchanged.
     alloc.memo.outputs_for(OutputsKey {
-        stage: Arc::clone(&stage),
-        endpoints: locals.iter().map(|l| (l.r.clone(), l.info.id)).collect(),
+        identities: Arc::clone(&stage.identities),
+        endpoints: locals
+            .iter()
+            .map(|l| (l.r.clone(), l.info.id, Arc::clone(l.facts)))
+            .collect(),
         require_identity: opts.require_identity,
     });
     let mut resolver: Option<PeerResolver<'_>> = None;
     let mut masks = vec![[0u32; 2]; locals.len()];
     let mut refused = Vec::new();
-    // Policies in order, so the first policy's rule wins a key two policies give (as the
-    // evaluator's "first allowing rule" does); numbering a rule only when it gives an entry.
-    // A refused policy's stand-in has no rules: it only isolates.
+    let audited = audited_policies(cluster, opts.audit);
+    // Per local endpoint, the directions (bit = direction) enforcing and audit policies isolate.
+    let mut isolated_by = vec![[0u8; 2]; locals.len()];
+    let mut outs: Vec<(Arc<PolicyOut>, bool)> = Vec::with_capacity(enforced.len());
     for facts in &enforced {
         let p = facts.enforced();
         let out = alloc.memo.output(facts, generation, |_| {
@@ -1185,13 +1265,10 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
                 p.require_identity || opts.require_identity,
             )
         });
+        let audit = audited.contains(&(p.namespace.as_str(), p.name.as_str()));
         for &(li, dir) in &out.isolates {
-            if let Some(l) = locals.get_mut(li as usize) {
-                l.info.flags |= if dir == DIR_INGRESS {
-                    EP_INGRESS_ISOLATED
-                } else {
-                    EP_EGRESS_ISOLATED
-                };
+            if let Some(by) = isolated_by.get_mut(li as usize) {
+                by[usize::from(audit)] |= 1 << dir;
             }
         }
         if let Some(r) = facts.refusal() {
@@ -1206,9 +1283,53 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
                 pods,
             });
         }
+        outs.push((out, audit));
+    }
+    // Enforcement is exactly as if no audit policy existed: only enforcing policies isolate and
+    // give entries. A direction only audit policies isolate is flagged `EP_*_AUDIT` and its
+    // audit policies are named in `state.audited`; the programs do not judge it yet.
+    let audit_only = |li: u32, dir: u8| {
+        isolated_by
+            .get(li as usize)
+            .is_some_and(|[e, a]| (e & 1 << dir) == 0 && (a & 1 << dir) != 0)
+    };
+    for (l, [e, a]) in locals.iter_mut().zip(&isolated_by) {
+        for (dir, iso, aud) in [
+            (DIR_INGRESS, EP_INGRESS_ISOLATED, EP_INGRESS_AUDIT),
+            (DIR_EGRESS, EP_EGRESS_ISOLATED, EP_EGRESS_AUDIT),
+        ] {
+            // The programs do not judge audit-only directions yet: not isolated, so enforcement
+            // is exactly as if the audit policies did not exist.
+            if e & 1 << dir != 0 {
+                l.info.flags |= iso;
+            }
+            if e & 1 << dir == 0 && a & 1 << dir != 0 {
+                l.info.flags |= aud;
+            }
+        }
+    }
+    // Policies in order, so the first policy's rule wins a key two policies give (as the
+    // evaluator's "first allowing rule" does); numbering a rule only when it gives an entry.
+    // A refused policy's stand-in has no rules: it only isolates.
+    for ((out, audit), facts) in outs.iter().zip(&enforced) {
+        let p = facts.enforced();
+        if *audit {
+            for &(li, dir) in &out.isolates {
+                if let (true, Some(l)) = (audit_only(li, dir), locals.get(li as usize)) {
+                    state
+                        .audited
+                        .entry((l.info.id, dir))
+                        .or_default()
+                        .push(format!("{}/{}", p.namespace, p.name));
+                }
+            }
+        }
         let mut rule_ids: Vec<((u8, u32), Option<u32>)> = Vec::new();
         for e in &out.entries {
             let (dir, ri) = (e.key.direction, e.rule);
+            if *audit {
+                continue;
+            }
             let rule_id = match rule_ids.iter().find(|(k, _)| *k == (dir, ri)) {
                 Some((_, id)) => *id,
                 None => {
@@ -1339,7 +1460,7 @@ mod tests {
         assert!(second.state.policy.len() > first.state.policy.len());
 
         // A pod relabelled (a new object): the stage is rebuilt, identities follow the labels.
-        c.pods[1] = Arc::new(pod("x", "b", &[("app", "c")], &["10.0.0.2"], "n", &[]));
+        c.pods[1] = Arc::new(pod("x", "b", &[("app", "c")], &["10.0.0.2"], "n", &[]).into());
         let third = compile(&c, &opts, &mut a);
         assert_ne!(stage_of(&a), stage, "pod change rebuilds the stage");
         assert!(
@@ -1390,9 +1511,6 @@ mod tests {
         c.policies.truncate(1);
         compile(&c, &opts, &mut a);
         assert_eq!(a.memo.policies_len(), 1);
-        c.pods.truncate(1);
-        compile(&c, &opts, &mut a);
-        assert_eq!(a.memo.pods_len(), 1);
 
         // A compile skipped in between (allocations cloned from an older state): never reused.
         let stage = stage_of(&a);

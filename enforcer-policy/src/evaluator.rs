@@ -11,18 +11,15 @@ use std::{collections::BTreeSet, net::IpAddr};
 
 use enforcer_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 use k8s_openapi::{
-    api::{
-        core::v1::Pod,
-        networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort},
-    },
+    api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort},
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
 use super::{
     compile::CompileOptions,
     model::{
-        Cluster, SelfSetLabel, is_reserved_label, namespace_self_set_labels, pod_ips, pod_labels,
-        pod_self_set_labels,
+        Cluster, PodInfo, SelfSetLabel, is_reserved_label, namespace_self_set_labels, pod_ips,
+        pod_labels, pod_self_set_labels,
     },
     selector,
     validate::{PolicyError, RawRule, namespace_of, parse_cidr, validate_policy},
@@ -69,6 +66,9 @@ pub enum DirVerdict {
         /// As for `Denied`.
         ignored: Vec<SelfSetLabel>,
     },
+    /// Allowed: no enforcing policy isolates the pod for this direction, and these audit
+    /// policies isolate it with no rule that allows it. Enforcing them would drop it.
+    WouldDrop { policies: Vec<String> },
 }
 
 impl DirVerdict {
@@ -153,13 +153,15 @@ fn peer_matches(
     cluster: &Cluster,
     policy_ns: &str,
     peer: &NetworkPolicyPeer,
-    ip: IpAddr,
-    peer_pod: Option<&(PodRef, &Pod)>,
+    ip: Option<IpAddr>,
+    peer_pod: Option<&(PodRef, &PodInfo)>,
     identity: IdentityCheck,
 ) -> bool {
     // "ipBlock defines policy on a particular IPBlock. If this field is set then neither of the
-    // other fields can be." Any address in the cidr and in no except, pods included.
+    // other fields can be." Any address in the cidr and in no except, pods included. A pod
+    // with no known address (offline, as written) is in no block.
     if let Some(block) = &peer.ip_block {
+        let Some(ip) = ip else { return false };
         let in_cidr = parse_cidr(&block.cidr).is_ok_and(|c| c.contains(ip));
         let in_except = block
             .except
@@ -174,13 +176,13 @@ fn peer_matches(
     // enforcer's identity: a policy that requires it matches pod and namespace peers only at
     // addresses bound to a verified identity, whose reserved labels join the pod's labels. The
     // reserved labels the pod and namespace objects set themselves are never seen.
-    let verified = cluster.verified.get(&ip);
+    let verified = ip.and_then(|ip| cluster.verified.get(&ip));
     if identity == IdentityCheck::Required && verified.is_none() {
         return false;
     }
     let trusting = identity == IdentityCheck::TrustingObjects;
     let mut labels = if trusting {
-        pod.metadata.labels.clone().unwrap_or_default()
+        pod.labels_as_set()
     } else {
         pod_labels(pod)
     };
@@ -259,7 +261,7 @@ fn ports_match(
     ports: Option<&Vec<NetworkPolicyPort>>,
     protocol: u8,
     port: u16,
-    named_on: Option<&Pod>,
+    named_on: Option<&PodInfo>,
 ) -> bool {
     let Some(ports) = ports.filter(|p| !p.is_empty()) else {
         return true;
@@ -284,21 +286,21 @@ fn ports_match(
             }
             // "port ... This can either be a numerical or named port on a pod."
             Some(IntOrString::String(name)) => named_on.is_some_and(|pod| {
-                pod.spec
-                    .iter()
-                    .flat_map(|s| &s.containers)
-                    .flat_map(|c| c.ports.iter().flatten())
-                    .any(|cp| {
-                        cp.name.as_deref() == Some(name.as_str())
-                            && cp.protocol.as_deref().unwrap_or("TCP") == proto
-                            && cp.container_port == i32::from(port)
-                    })
+                pod.named_ports.iter().any(|(n, pr, num)| {
+                    n == name && protocol_name(*pr) == Some(proto) && *num == port
+                })
             }),
         }
     })
 }
 
 /// The verdict for traffic at `pod` in one direction with the peer at `peer_ip`.
+///
+/// enforcer's audit mode: the policies that audit ([`Cluster::policy_audits`]) take no part
+/// in what is enforced, which is the verdict of the enforcing policies alone. Only where those
+/// do not isolate the pod do the audit policies count, as if they enforced: what they would
+/// deny is [`DirVerdict::WouldDrop`] (allowed). Where enforcing policies isolate it, audit
+/// policies could only add allows, so they change nothing.
 pub fn direction_verdict(
     cluster: &Cluster,
     opts: &CompileOptions,
@@ -308,17 +310,131 @@ pub fn direction_verdict(
     protocol: u8,
     port: u16,
 ) -> DirVerdict {
+    let flow = (pod, ingress, peer_ip, protocol, port);
+    audited(|with_audit| verdict_of(cluster, opts, with_audit, flow))
+}
+
+/// The enforcing policies' verdict (`verdict(false)`); where they do not isolate, the audit
+/// policies' would-drop (`verdict(true)`, a denial turned into [`DirVerdict::WouldDrop`]).
+fn audited(verdict: impl Fn(bool) -> DirVerdict) -> DirVerdict {
+    let enforced = verdict(false);
+    if enforced != DirVerdict::NotIsolated {
+        return enforced;
+    }
+    match verdict(true) {
+        DirVerdict::Denied { policies, .. } | DirVerdict::NoIdentity { policies, .. } => {
+            DirVerdict::WouldDrop { policies }
+        }
+        v => v,
+    }
+}
+
+/// [`direction_verdict`] by the enforcing policies, or also by the audit ones (`with_audit`).
+fn verdict_of(
+    cluster: &Cluster,
+    opts: &CompileOptions,
+    with_audit: bool,
+    (pod, ingress, peer_ip, protocol, port): (&PodRef, bool, IpAddr, u8, u16),
+) -> DirVerdict {
     let pods = cluster.policy_pods();
     let Some((_, this)) = pods.iter().find(|(r, _)| r == pod) else {
         return DirVerdict::NotEnforced;
     };
-    if pod_ips(this).contains(&peer_ip) {
-        return DirVerdict::SelfTraffic;
-    }
-    if opts.node_ips.contains(&peer_ip) {
-        return DirVerdict::Host;
-    }
-    let peer_pod = cluster.pod_at(peer_ip, &opts.node_ips);
+    verdict_at(
+        cluster,
+        opts,
+        with_audit,
+        (pod, this),
+        ingress,
+        &Peer::Addr(peer_ip),
+        protocol,
+        port,
+    )
+}
+
+/// The other end of a direction: an address (and the pod owning it, if any), or a pod known
+/// only by its object, without an address (a workload as written, for the offline tools).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Peer {
+    Addr(IpAddr),
+    Pod(PodRef),
+}
+
+/// The pods the offline tools judge: those in policy, and those not known to have an address
+/// (a Pod without status, a workload's template), judged by labels, namespace and ports. One
+/// per `PodRef` (the first object of a name), ordered by `PodRef`.
+pub fn pods_as_written(cluster: &Cluster) -> Vec<(PodRef, &PodInfo)> {
+    let mut seen = BTreeSet::new();
+    let mut out: Vec<(PodRef, &PodInfo)> = cluster
+        .pods
+        .iter()
+        .map(|p| (crate::model::pod_ref(p), &**p))
+        .filter(|(r, _)| seen.insert(r.clone()))
+        .filter(|(_, p)| !p.host_network && !p.terminated)
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// [`direction_verdict`] for the offline tools: `pod` may have no address, and so may the peer
+/// ([`Peer::Pod`]); such a pod is judged by its labels, namespace and ports, and matches no
+/// ipBlock.
+pub fn direction_verdict_as_written(
+    cluster: &Cluster,
+    opts: &CompileOptions,
+    pod: &PodRef,
+    ingress: bool,
+    peer: &Peer,
+    protocol: u8,
+    port: u16,
+) -> DirVerdict {
+    let pods = pods_as_written(cluster);
+    let Some((_, this)) = pods.iter().find(|(r, _)| r == pod) else {
+        return DirVerdict::NotEnforced;
+    };
+    audited(|with_audit| {
+        verdict_at(
+            cluster,
+            opts,
+            with_audit,
+            (pod, this),
+            ingress,
+            peer,
+            protocol,
+            port,
+        )
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn verdict_at(
+    cluster: &Cluster,
+    opts: &CompileOptions,
+    with_audit: bool,
+    (pod, this): (&PodRef, &PodInfo),
+    ingress: bool,
+    peer: &Peer,
+    protocol: u8,
+    port: u16,
+) -> DirVerdict {
+    let (peer_ip, peer_pod) = match peer {
+        Peer::Addr(ip) => {
+            if pod_ips(this).contains(ip) {
+                return DirVerdict::SelfTraffic;
+            }
+            if opts.node_ips.contains(ip) {
+                return DirVerdict::Host;
+            }
+            (Some(*ip), cluster.pod_at(*ip, &opts.node_ips))
+        }
+        Peer::Pod(r) => {
+            if r == pod {
+                return DirVerdict::SelfTraffic;
+            }
+            let found = pods_as_written(cluster).into_iter().find(|(p, _)| p == r);
+            (None, found)
+        }
+    };
     // The pods a policy applies to are chosen without reserved labels: those describe verified
     // peers, and the object's own are never seen (so a pod cannot escape a NotIn or
     // DoesNotExist podSelector by setting them).
@@ -331,7 +447,7 @@ pub fn direction_verdict(
     let mut asked_ns: BTreeSet<&str> = BTreeSet::new();
     for (policy, errors) in policies(cluster) {
         let ns = namespace_of(&policy.metadata);
-        if ns != pod.namespace {
+        if ns != pod.namespace || (!with_audit && cluster.policy_audits(policy, opts.audit)) {
             continue;
         }
         if !errors.is_empty() {
@@ -387,13 +503,13 @@ pub fn direction_verdict(
             });
             // Named ports are the destination's: this pod on ingress, the peer pod on egress.
             let named_on = if ingress {
-                Some(*this)
+                Some(this)
             } else {
                 peer_pod.as_ref().map(|(_, p)| *p)
             };
             if !peer_ok && ports_match(ports, protocol, port, named_on) {
                 if need
-                    && !cluster.verified.contains_key(&peer_ip)
+                    && peer_ip.is_none_or(|ip| !cluster.verified.contains_key(&ip))
                     && peer_ok_with(IdentityCheck::AsIfVerified)
                 {
                     wants_identity = true;

@@ -6,7 +6,10 @@ use std::{collections::BTreeSet, fmt, net::IpAddr};
 
 use super::{
     compile::CompileOptions,
-    evaluator::{DirVerdict, Endpoint, ResolvedFlow, direction_verdict, resolve_flow},
+    evaluator::{
+        DirVerdict, Endpoint, Peer, ResolvedFlow, direction_verdict, direction_verdict_as_written,
+        pods_as_written, resolve_flow,
+    },
     model::{
         Cluster, Frontend, LABEL_NAMESPACE, LABEL_SERVICE_ACCOUNT, RESERVED_LABEL_PREFIX,
         SelfSetLabel, ServicePortSpec, TargetPort, parse_service, pod_ips,
@@ -47,6 +50,9 @@ pub struct Explanation {
     pub src_identity: Option<VerifiedAs>,
     /// The verified identity of the destination's address, if it is bound to one.
     pub dst_identity: Option<VerifiedAs>,
+    /// The ends that are pods with no known address (as written, offline): judged by labels,
+    /// namespace and ports, matching no ipBlock. Empty when both ends have addresses.
+    pub unaddressed: Vec<PodRef>,
 }
 
 /// A verified identity, as the reserved labels of a verified address name it.
@@ -77,15 +83,84 @@ pub fn explain(
     protocol: u8,
     port: u16,
 ) -> Explanation {
-    judge(
-        cluster,
-        opts,
-        from,
-        to,
-        resolve_flow(cluster, opts, from, to),
+    let flow = resolve_flow(cluster, opts, from, to);
+    if flow.is_none()
+        && let Some(e) = as_written(cluster, opts, from, to, protocol, port)
+    {
+        return e;
+    }
+    judge(cluster, opts, from, to, flow, protocol, port)
+}
+
+/// A flow with a pod end that has no known address (a Pod without status, a workload's
+/// template): judged by labels, namespace and ports. `None` when every pod end has an address
+/// (the ends then share no family) or a pod is unknown.
+fn as_written(
+    cluster: &Cluster,
+    opts: &CompileOptions,
+    from: &Endpoint,
+    to: &Endpoint,
+    protocol: u8,
+    port: u16,
+) -> Option<Explanation> {
+    let pods = pods_as_written(cluster);
+    let mut unaddressed = Vec::new();
+    // Each end as the other side's peer, and the pod whose policies apply to it.
+    let mut end = |e: &Endpoint| -> Option<(Peer, Option<PodRef>)> {
+        match e {
+            Endpoint::Ip(ip) => Some((
+                Peer::Addr(*ip),
+                cluster.pod_at(*ip, &opts.node_ips).map(|(r, _)| r),
+            )),
+            Endpoint::Pod(r) => {
+                let (_, pod) = pods.iter().find(|(p, _)| p == r)?;
+                match pod_ips(pod).first() {
+                    Some(ip) => Some((Peer::Addr(*ip), Some(r.clone()))),
+                    None => {
+                        unaddressed.push(r.clone());
+                        Some((Peer::Pod(r.clone()), Some(r.clone())))
+                    }
+                }
+            }
+        }
+    };
+    let (src_peer, src_pod) = end(from)?;
+    let (dst_peer, dst_pod) = end(to)?;
+    if unaddressed.is_empty() {
+        return None;
+    }
+    let side = |pod: &Option<PodRef>, ingress: bool, peer: &Peer| match pod {
+        Some(r) => Side {
+            pod: Some(r.clone()),
+            local: pods.iter().any(|(p, pod)| p == r && opts.is_local(pod)),
+            verdict: direction_verdict_as_written(cluster, opts, r, ingress, peer, protocol, port),
+        },
+        None => Side {
+            pod: None,
+            local: false,
+            verdict: DirVerdict::NotEnforced,
+        },
+    };
+    let egress = side(&src_pod, false, &dst_peer);
+    let ingress = side(&dst_pod, true, &src_peer);
+    let allowed = egress.allowed() && ingress.allowed();
+    let identity = |p: &Peer| match p {
+        Peer::Addr(ip) => VerifiedAs::of(cluster, *ip),
+        Peer::Pod(_) => None,
+    };
+    Some(Explanation {
+        from: from.clone(),
+        to: to.clone(),
         protocol,
         port,
-    )
+        addresses: None,
+        egress,
+        ingress,
+        allowed,
+        src_identity: identity(&src_peer),
+        dst_identity: identity(&dst_peer),
+        unaddressed,
+    })
 }
 
 /// Both sides of a flow whose ends are resolved (`None`: they could not be).
@@ -115,6 +190,7 @@ fn judge(
             allowed: false,
             src_identity: None,
             dst_identity: None,
+            unaddressed: Vec::new(),
         };
     };
     let is_local = |r: &PodRef| {
@@ -145,6 +221,7 @@ fn judge(
         allowed,
         src_identity: VerifiedAs::of(cluster, flow.src),
         dst_identity: VerifiedAs::of(cluster, flow.dst),
+        unaddressed: Vec::new(),
     }
 }
 
@@ -247,14 +324,7 @@ impl ServiceFlow {
 fn node_addresses(cluster: &Cluster, opts: &CompileOptions) -> BTreeSet<IpAddr> {
     let mut out: BTreeSet<IpAddr> = opts.node_ips.iter().copied().collect();
     for pod in &cluster.pods {
-        let Some(st) = &pod.status else { continue };
-        let ips = st
-            .host_ips
-            .iter()
-            .flatten()
-            .map(|h| h.ip.as_str())
-            .chain(st.host_ip.as_deref());
-        out.extend(ips.filter_map(|ip| ip.trim().parse::<IpAddr>().ok()));
+        out.extend(pod.host_ips.iter().copied());
     }
     out
 }
@@ -329,16 +399,17 @@ pub fn explain_service(
     };
     let mut backends = Vec::new();
     for (r, pod) in &pods {
-        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        let labels = pod.labels_as_set();
         if r.namespace != svc.namespace || !selector.iter().all(|(k, v)| labels.get(k) == Some(v)) {
             continue;
         }
         let target = match &sp.target {
             TargetPort::Number(n) => Some(*n),
-            TargetPort::Named(name) => crate::compile::named_ports(pod)
-                .into_iter()
+            TargetPort::Named(name) => pod
+                .named_ports
+                .iter()
                 .find(|(n, p, _)| n == name && *p == protocol)
-                .map(|(_, _, num)| num),
+                .map(|(_, _, num)| *num),
         };
         let Some(target) = target else {
             backends.push(Backend {
@@ -481,6 +552,12 @@ impl fmt::Display for DirVerdict {
                 )?;
                 write_ignored(f, ignored)
             }
+            Self::WouldDrop { policies } => write!(
+                f,
+                "allowed, but would be dropped by {} (audit): only audit policies isolate the \
+                 pod for this direction, and no rule of theirs allows it",
+                policies.join(", ")
+            ),
         }
     }
 }
@@ -536,6 +613,20 @@ impl fmt::Display for Explanation {
             String::new()
         };
         writeln!(f, "flow {} -> {} {proto}{port}", self.from, self.to)?;
+        if !self.unaddressed.is_empty() {
+            let names: Vec<String> = self.unaddressed.iter().map(ToString::to_string).collect();
+            writeln!(
+                f,
+                "addresses: none known for {}: judged by labels, namespace and ports (an ipBlock peer never matches a pod without a known address)",
+                names.join(", ")
+            )?;
+            self.write_sides(f, "")?;
+            return writeln!(
+                f,
+                "verdict: {}",
+                if self.allowed { "ALLOWED" } else { "DENIED" }
+            );
+        }
         let Some((src, dst)) = self.addresses else {
             return writeln!(
                 f,
@@ -562,6 +653,14 @@ impl fmt::Display for Explanation {
             }
         }
         self.write_sides(f, "")?;
+        let audit = self.would_drop_by();
+        if self.allowed && !audit.is_empty() {
+            return writeln!(
+                f,
+                "verdict: ALLOWED (would be dropped by {} (audit))",
+                audit.join(", ")
+            );
+        }
         writeln!(
             f,
             "verdict: {}",
@@ -571,6 +670,17 @@ impl fmt::Display for Explanation {
 }
 
 impl Explanation {
+    /// The audit policies that would drop the flow if they enforced (either side), in order.
+    pub fn would_drop_by(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for side in [&self.egress, &self.ingress] {
+            if let DirVerdict::WouldDrop { policies } = &side.verdict {
+                out.extend(policies.iter().map(String::as_str));
+            }
+        }
+        out
+    }
+
     /// The egress and ingress lines, each after `indent`.
     fn write_sides(&self, f: &mut fmt::Formatter<'_>, indent: &str) -> fmt::Result {
         for (name, side) in [("egress ", &self.egress), ("ingress", &self.ingress)] {
@@ -693,6 +803,64 @@ mod tests {
 
     use super::*;
     use crate::tests::fixtures::*;
+
+    /// A pod with no address (as written) is judged by labels, namespace and named ports, on
+    /// either side, and matches no ipBlock, even one covering everything.
+    #[test]
+    fn a_pod_without_an_address_is_judged_by_labels_and_matches_no_ip_block() {
+        let cluster = Cluster {
+            namespaces: shared(vec![namespace("x", &[])]),
+            pods: shared(vec![
+                pod("x", "a", &[("app", "a")], &[], "n1", &[]),
+                pod(
+                    "x",
+                    "b",
+                    &[("app", "b")],
+                    &[],
+                    "n1",
+                    &[("http", "TCP", 8080)],
+                ),
+                pod("x", "c", &[("app", "c")], &["10.0.0.3"], "n1", &[]),
+            ]),
+            policies: shared(vec![policy(
+                "x",
+                "b",
+                Some(sel(&[("app", "b")])),
+                None,
+                Some(vec![
+                    (
+                        Some(vec![pods_peer(None, Some(sel(&[("app", "a")])))]),
+                        Some(vec![named(None, "http")]),
+                    ),
+                    (
+                        Some(vec![block_peer("0.0.0.0/0", &[])]),
+                        Some(vec![tcp(9999)]),
+                    ),
+                ]),
+                None,
+            )]),
+            ..Default::default()
+        };
+        let opts = CompileOptions::default();
+        let ep = |n: &str| Endpoint::Pod(PodRef::new("x", n));
+        let e = explain(&cluster, &opts, &ep("a"), &ep("b"), PROTO_TCP, 8080);
+        assert!(e.allowed, "{e}");
+        assert_eq!(
+            e.unaddressed,
+            [PodRef::new("x", "a"), PodRef::new("x", "b")]
+        );
+        assert!(
+            e.to_string()
+                .contains("an ipBlock peer never matches a pod without a known address"),
+            "{e}"
+        );
+        assert!(!explain(&cluster, &opts, &ep("a"), &ep("b"), PROTO_TCP, 8081).allowed);
+        assert!(!explain(&cluster, &opts, &ep("a"), &ep("b"), PROTO_TCP, 9999).allowed);
+        // A peer with an address is matched by the ipBlock as usual.
+        let e = explain(&cluster, &opts, &ep("c"), &ep("b"), PROTO_TCP, 9999);
+        assert!(e.allowed, "{e}");
+        assert_eq!(e.unaddressed, [PodRef::new("x", "b")]);
+    }
 
     #[test]
     fn explains_each_side() {
@@ -1101,8 +1269,7 @@ mod tests {
     #[test]
     fn a_service_whose_selector_picks_no_running_pod_has_no_backend() {
         let mut c = shop();
-        c.pods
-            .retain(|p| p.metadata.namespace.as_deref() != Some("shop"));
+        c.pods.retain(|p| &*p.namespace != "shop");
         let s = explain_service(
             &c,
             &CompileOptions::default(),

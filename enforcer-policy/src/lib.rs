@@ -10,6 +10,8 @@ pub mod compile;
 pub mod decision;
 pub mod evaluator;
 pub mod explain;
+pub mod intern;
+pub mod lint;
 pub mod matrix;
 mod memo;
 pub mod model;

@@ -11,20 +11,14 @@
 //! while that stage and the local endpoints are unchanged. The memo only saves work: a compile gives the same result with it
 //! as without it (tested against fresh compiles and the reference evaluator).
 
-use std::{
-    collections::{BTreeSet, HashMap},
-    net::IpAddr,
-    sync::Arc,
-};
+use std::{collections::HashMap, sync::Arc};
 
-use k8s_openapi::api::{core::v1::Pod, networking::v1::NetworkPolicy};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use super::{
-    compile::{IdentityStage, OutputsKey, PolicyOut, StageInput, named_ports},
-    model::{pod_ips, pod_is_policy_pod, pod_ref},
+    compile::{IdentityStage, OutputsKey, PolicyOut, StageInput},
     validate::{ParsedPolicy, Refusal, parse_policy, refusal},
 };
-use crate::state::PodRef;
 
 /// A policy's parse result.
 pub(super) enum PolicyFacts {
@@ -57,14 +51,6 @@ impl PolicyFacts {
     }
 }
 
-/// What the compiler reads of a pod, apart from its labels and node.
-pub(super) struct PodDerived {
-    pub r: PodRef,
-    pub policy_pod: bool,
-    pub ips: Vec<IpAddr>,
-    pub named_ports: BTreeSet<(String, u8, u16)>,
-}
-
 struct Entry<O, D> {
     /// Keeps the object alive, and with it the address the entry is keyed by.
     _object: Arc<O>,
@@ -76,7 +62,6 @@ struct Entry<O, D> {
 #[derive(Default)]
 pub(super) struct Memo {
     policies: HashMap<usize, Entry<NetworkPolicy, PolicyFacts>>,
-    pods: HashMap<usize, Entry<Pod, PodDerived>>,
     /// The last compile's identity stage, its input and generation.
     pub stage: Option<(StageInput, Arc<IdentityStage>, u64)>,
     /// Each policy's contribution to the local endpoints (keyed by its parse result,
@@ -96,7 +81,6 @@ impl std::fmt::Debug for Memo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Memo")
             .field("policies", &self.policies.len())
-            .field("pods", &self.pods.len())
             .field("outputs", &self.outputs.len())
             .finish()
     }
@@ -133,15 +117,6 @@ impl Memo {
         })
     }
 
-    pub fn pod(&mut self, p: &Arc<Pod>, generation: u64) -> Arc<PodDerived> {
-        derive(&mut self.pods, p, generation, |p| PodDerived {
-            r: pod_ref(p),
-            policy_pod: pod_is_policy_pod(p),
-            ips: pod_ips(p),
-            named_ports: named_ports(p),
-        })
-    }
-
     /// Keeps the policy contributions only if they were made for `key`.
     pub fn outputs_for(&mut self, key: OutputsKey) {
         if self.outputs_key.as_ref() != Some(&key) {
@@ -173,15 +148,9 @@ impl Memo {
         self.policies.len()
     }
 
-    #[cfg(test)]
-    pub fn pods_len(&self) -> usize {
-        self.pods.len()
-    }
-
     /// Drops the entries of objects that were not in the compile of `generation`.
     pub fn sweep(&mut self, generation: u64) {
         self.policies.retain(|_, e| e.used == generation);
-        self.pods.retain(|_, e| e.used == generation);
         self.outputs.retain(|_, e| e.used == generation);
     }
 }

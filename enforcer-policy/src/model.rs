@@ -27,7 +27,8 @@ use crate::{selector::Labels, state::PodRef, validate::protocol_number};
 #[derive(Clone, Debug, Default)]
 pub struct Cluster {
     pub namespaces: Vec<Arc<Namespace>>,
-    pub pods: Vec<Arc<Pod>>,
+    /// Every pod of the cluster (remote ones are peers), held compactly ([`PodInfo`]).
+    pub pods: Vec<Arc<PodInfo>>,
     pub policies: Vec<Arc<NetworkPolicy>>,
     /// The Services: their frontend addresses and node ports, where kube-proxy translates a
     /// pod's packet to a backend after the egress program has seen it.
@@ -38,9 +39,113 @@ pub struct Cluster {
     pub verified: BTreeMap<IpAddr, BTreeMap<String, String>>,
 }
 
-/// Wraps objects for a [`Cluster`] list.
-pub fn shared<T>(objects: impl IntoIterator<Item = T>) -> Vec<Arc<T>> {
-    objects.into_iter().map(Arc::new).collect()
+/// Wraps objects for a [`Cluster`] list, converting them to the form it holds (a `Pod` to a
+/// [`PodInfo`]).
+pub fn shared<T, U: From<T>>(objects: impl IntoIterator<Item = T>) -> Vec<Arc<U>> {
+    objects.into_iter().map(|o| Arc::new(U::from(o))).collect()
+}
+
+/// What the compiler, the evaluator, `explain` and the identity code read of a pod, and nothing
+/// more: every node holds every pod of the cluster, so a pod must cost a few hundred bytes,
+/// not a whole API object. Values many pods share (namespace, node name, label set, named
+/// ports) are interned ([`crate::intern`]): pods with the same labels point at one copy.
+/// Sources convert at the edge (`From<Pod>`); no full Pod is kept.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PodInfo {
+    /// `metadata.namespace`, `default` when unset.
+    pub namespace: Arc<str>,
+    pub name: Box<str>,
+    /// `metadata.uid`, when set.
+    pub uid: Option<Box<str>>,
+    /// `spec.nodeName`.
+    pub node_name: Option<Arc<str>>,
+    /// `spec.serviceAccountName` (or the deprecated `serviceAccount`), when set and not empty:
+    /// identity records are checked against it.
+    pub service_account: Option<Arc<str>>,
+    /// The labels as selectors see them: without the reserved ones the pod sets itself.
+    pub labels: Arc<Labels>,
+    /// The reserved labels the pod sets itself (ignored for selection, reported), usually none.
+    pub own_reserved: Box<[(String, String)]>,
+    /// Named container ports ([`crate::compile::named_ports`]).
+    pub named_ports: Arc<crate::intern::NamedPorts>,
+    /// [`pod_ips`]: `status.podIPs`, then `status.podIP`, deduplicated, parsable ones.
+    pub ips: Box<[IpAddr]>,
+    /// `status.hostIP(s)`: addresses of its node (what `explain` offline knows of nodes).
+    pub host_ips: Box<[IpAddr]>,
+    /// `spec.hostNetwork`.
+    pub host_network: bool,
+    /// `status.phase` is Succeeded or Failed.
+    pub terminated: bool,
+    /// `metadata.deletionTimestamp` is set.
+    pub terminating: bool,
+}
+
+impl From<&Pod> for PodInfo {
+    fn from(pod: &Pod) -> Self {
+        let meta = &pod.metadata;
+        let own_reserved: Box<[(String, String)]> = own_reserved_labels(meta.labels.as_ref())
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        Self {
+            namespace: crate::intern::str(&super::validate::namespace_of(meta)),
+            name: meta.name.as_deref().unwrap_or_default().into(),
+            uid: meta.uid.as_deref().map(Into::into),
+            node_name: pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_name.as_deref())
+                .map(crate::intern::str),
+            service_account: pod
+                .spec
+                .as_ref()
+                .and_then(|s| {
+                    s.service_account_name
+                        .as_deref()
+                        .or(s.service_account.as_deref())
+                })
+                .filter(|s| !s.is_empty())
+                .map(crate::intern::str),
+            labels: crate::intern::labels(selectable_labels(meta.labels.as_ref())),
+            own_reserved,
+            named_ports: crate::intern::named_ports(crate::compile::named_ports(pod)),
+            ips: status_ips(pod).into_boxed_slice(),
+            host_ips: pod
+                .status
+                .iter()
+                .flat_map(|st| {
+                    st.host_ips
+                        .iter()
+                        .flatten()
+                        .map(|h| h.ip.as_str())
+                        .chain(st.host_ip.as_deref())
+                })
+                .filter_map(|ip| ip.trim().parse::<IpAddr>().ok())
+                .collect(),
+            host_network: pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.host_network)
+                .unwrap_or(false),
+            terminated: matches!(phase, Some("Succeeded" | "Failed")),
+            terminating: meta.deletion_timestamp.is_some(),
+        }
+    }
+}
+
+impl From<Pod> for PodInfo {
+    fn from(pod: Pod) -> Self {
+        Self::from(&pod)
+    }
+}
+
+impl PodInfo {
+    /// The labels as the object sets them: the selectable ones and its own reserved ones.
+    pub fn labels_as_set(&self) -> Labels {
+        let mut l = (*self.labels).clone();
+        l.extend(self.own_reserved.iter().cloned());
+        l
+    }
 }
 
 /// A NetworkPolicy annotated `enforcer.dev/require-identity: "true"` matches a pod or namespace
@@ -56,6 +161,31 @@ pub fn requires_identity(policy: &NetworkPolicy, require_all: bool) -> bool {
             .as_ref()
             .and_then(|a| a.get(ANNOTATION_REQUIRE_IDENTITY))
             .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+}
+
+/// A NetworkPolicy annotated `enforcer.dev/audit: "true"`, or any policy of a Namespace so
+/// annotated, audits: what it alone would deny is allowed and reported as would-drop, and
+/// enforcement is exactly as if it did not exist.
+pub const ANNOTATION_AUDIT: &str = "enforcer.dev/audit";
+
+/// Whether `meta` carries [`ANNOTATION_AUDIT`] set to `true`.
+pub fn audit_annotated(meta: &ObjectMeta) -> bool {
+    meta.annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_AUDIT))
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+}
+
+impl Cluster {
+    /// Whether `policy` audits rather than enforces: every policy does with `--audit`
+    /// (`audit_all`), else the policy's own annotation or its namespace's.
+    pub fn policy_audits(&self, policy: &NetworkPolicy, audit_all: bool) -> bool {
+        audit_all
+            || audit_annotated(&policy.metadata)
+            || self
+                .namespace_object(&crate::validate::namespace_of(&policy.metadata))
+                .is_some_and(|n| audit_annotated(&n.metadata))
+    }
 }
 
 /// The label the API server puts on every namespace.
@@ -100,8 +230,8 @@ pub fn selectable_labels(labels: Option<&BTreeMap<String, String>>) -> Labels {
 
 /// A pod's labels as selectors see them ([`selectable_labels`]); a verified address adds the
 /// reserved labels of its identity when the pod is matched as a peer.
-pub fn pod_labels(pod: &Pod) -> Labels {
-    selectable_labels(pod.metadata.labels.as_ref())
+pub fn pod_labels(pod: &PodInfo) -> Labels {
+    (*pod.labels).clone()
 }
 
 /// A reserved label that a Pod or Namespace object carries itself: ignored for selection.
@@ -138,14 +268,20 @@ fn self_set(kind: &'static str, object: String, meta: &ObjectMeta) -> Vec<SelfSe
 }
 
 /// The reserved labels of a pod's own object ([`SelfSetLabel`]).
-pub fn pod_self_set_labels(pod: &Pod) -> Vec<SelfSetLabel> {
-    if own_reserved_labels(pod.metadata.labels.as_ref())
-        .next()
-        .is_none()
-    {
+pub fn pod_self_set_labels(pod: &PodInfo) -> Vec<SelfSetLabel> {
+    if pod.own_reserved.is_empty() {
         return Vec::new();
     }
-    self_set("Pod", pod_ref(pod).to_string(), &pod.metadata)
+    let object = pod_ref(pod).to_string();
+    pod.own_reserved
+        .iter()
+        .map(|(k, v)| SelfSetLabel {
+            kind: "Pod",
+            object: object.clone(),
+            key: k.clone(),
+            value: v.clone(),
+        })
+        .collect()
 }
 
 /// The reserved labels of a namespace's own object ([`SelfSetLabel`]), of the first object of
@@ -169,16 +305,18 @@ pub fn self_set_labels(cluster: &Cluster) -> Vec<SelfSetLabel> {
 }
 
 /// `PodRef` of a pod (namespace `default` when unset).
-pub fn pod_ref(pod: &Pod) -> PodRef {
-    PodRef::new(
-        super::validate::namespace_of(&pod.metadata),
-        pod.metadata.name.clone().unwrap_or_default(),
-    )
+pub fn pod_ref(pod: &PodInfo) -> PodRef {
+    PodRef::new(pod.namespace.to_string(), pod.name.to_string())
 }
 
 /// The pod's addresses: `status.podIPs`, then `status.podIP`, deduplicated, unparsable ones
 /// left out.
-pub fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+pub fn pod_ips(pod: &PodInfo) -> Vec<IpAddr> {
+    pod.ips.to_vec()
+}
+
+/// [`pod_ips`] of an API object.
+fn status_ips(pod: &Pod) -> Vec<IpAddr> {
     let Some(status) = &pod.status else {
         return Vec::new();
     };
@@ -202,19 +340,13 @@ pub fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
 /// Whether a pod takes part in policy at all: not host-network (its addresses are the node's),
 /// not terminated (Succeeded / Failed: its address may already belong to another pod), and
 /// with at least one address.
-pub fn pod_is_policy_pod(pod: &Pod) -> bool {
-    let host_network = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.host_network)
-        .unwrap_or(false);
-    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-    !host_network && !matches!(phase, Some("Succeeded" | "Failed")) && !pod_ips(pod).is_empty()
+pub fn pod_is_policy_pod(pod: &PodInfo) -> bool {
+    !pod.host_network && !pod.terminated && !pod.ips.is_empty()
 }
 
 /// `spec.nodeName` of a pod.
-pub fn pod_node(pod: &Pod) -> Option<&str> {
-    pod.spec.as_ref().and_then(|s| s.node_name.as_deref())
+pub fn pod_node(pod: &PodInfo) -> Option<&str> {
+    pod.node_name.as_deref()
 }
 
 impl Cluster {
@@ -251,7 +383,7 @@ impl Cluster {
 
     /// The pods that take part in policy ([`pod_is_policy_pod`]), one per `PodRef` (the first
     /// object of a name wins), ordered by `PodRef`.
-    pub fn policy_pods(&self) -> Vec<(PodRef, &Pod)> {
+    pub fn policy_pods(&self) -> Vec<(PodRef, &PodInfo)> {
         let mut seen = BTreeSet::new();
         let mut out = Vec::new();
         for pod in &self.pods {
@@ -266,13 +398,13 @@ impl Cluster {
 
     /// The pod that owns `ip`, if any: the first by `PodRef` among policy pods listing it.
     /// Node addresses (`node_ips`) belong to no pod.
-    pub fn pod_at(&self, ip: IpAddr, node_ips: &[IpAddr]) -> Option<(PodRef, &Pod)> {
+    pub fn pod_at(&self, ip: IpAddr, node_ips: &[IpAddr]) -> Option<(PodRef, &PodInfo)> {
         if node_ips.contains(&ip) {
             return None;
         }
         self.policy_pods()
             .into_iter()
-            .find(|(_, p)| pod_ips(p).contains(&ip))
+            .find(|(_, p)| p.ips.contains(&ip))
     }
 }
 

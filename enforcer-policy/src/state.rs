@@ -88,4 +88,7 @@ pub struct DesiredState {
     /// The Services' node ports (`NODE_PORTS`, value 1): a pod's new flow to a node address on
     /// one of them is judged after kube-proxy's translation, on its backend.
     pub node_ports: BTreeSet<NodePortKey>,
+    /// By (endpoint id, direction), for a direction only audit policies isolate
+    /// (`EP_*_AUDIT`): those policies, `namespace/name` in order. What a would-drop there names.
+    pub audited: BTreeMap<(u32, u8), Vec<String>>,
 }

@@ -5,8 +5,9 @@ use crate::model::shared;
 use std::{net::IpAddr, sync::Arc};
 
 use enforcer_common::{
-    DIR_EGRESS, DIR_INGRESS, IDENTITY_HOST, IDENTITY_SERVICE, IDENTITY_WORLD, NodePortKey,
-    PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    DIR_EGRESS, DIR_INGRESS, EP_EGRESS_AUDIT, EP_EGRESS_ISOLATED, EP_INGRESS_AUDIT,
+    EP_INGRESS_ISOLATED, IDENTITY_HOST, IDENTITY_SERVICE, IDENTITY_WORLD, NodePortKey, PROTO_ICMP,
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP,
 };
 use k8s_openapi::{
     api::networking::v1::NetworkPolicy, apimachinery::pkg::util::intstr::IntOrString,
@@ -239,6 +240,18 @@ pub(crate) mod fixtures {
             }),
         }
     }
+
+    /// `p` annotated `enforcer.dev/audit: "true"`.
+    pub fn audited(mut p: NetworkPolicy) -> NetworkPolicy {
+        p.metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(
+                crate::model::ANNOTATION_AUDIT.to_string(),
+                "true".to_string(),
+            );
+        p
+    }
 }
 
 use fixtures::*;
@@ -247,12 +260,13 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-fn opts() -> CompileOptions {
+pub(crate) fn opts() -> CompileOptions {
     CompileOptions {
         node_name: Some("node-a".into()),
         node_ips: vec![ip("10.0.9.1"), ip("fd00::9:1")],
         max_endpoints: 64,
         require_identity: false,
+        audit: false,
     }
 }
 
@@ -302,6 +316,15 @@ fn check_compiled(
                         "endpoint {ep} dir {dir} peer {peer} proto {proto} port {port}: lookup {d:?} evaluator {v:?}\nstate: {:#?}",
                         compiled.state
                     );
+                    // The audit outcome: the compiler names the evaluator's audit policies.
+                    let audited = compiled.state.endpoints[ep].info.id;
+                    let named = compiled.state.audited.get(&(audited, dir));
+                    if let evaluator::DirVerdict::WouldDrop { policies } = &v {
+                        assert!(
+                            d.allowed && named == Some(policies),
+                            "endpoint {ep} dir {dir} peer {peer} proto {proto} port {port}: lookup {d:?} (audited {named:?}) evaluator {v:?}"
+                        );
+                    }
                 }
             }
         }
@@ -473,13 +496,29 @@ pub(crate) mod strategies {
     }
 
     pub fn namespaces() -> impl Strategy<Value = Vec<Namespace>> {
-        (label_pairs(), label_pairs(), any::<bool>()).prop_map(|(lx, ly, declare_y)| {
-            let mut v = vec![namespace("x", &lx)];
-            if declare_y {
-                v.push(namespace("y", &ly));
-            }
-            v
-        })
+        (
+            label_pairs(),
+            label_pairs(),
+            any::<bool>(),
+            proptest::bool::weighted(0.2),
+        )
+            .prop_map(|(lx, ly, declare_y, audit_x)| {
+                let mut x = namespace("x", &lx);
+                if audit_x {
+                    x.metadata.annotations = Some(
+                        [(
+                            crate::model::ANNOTATION_AUDIT.to_string(),
+                            "true".to_string(),
+                        )]
+                        .into(),
+                    );
+                }
+                let mut v = vec![x];
+                if declare_y {
+                    v.push(namespace("y", &ly));
+                }
+                v
+            })
     }
 
     const NAMED: [(&str, &str, i32); 6] = [
@@ -529,7 +568,7 @@ pub(crate) mod strategies {
     }
 }
 
-fn flow_peers() -> Vec<IpAddr> {
+pub(crate) fn flow_peers() -> Vec<IpAddr> {
     let mut v: Vec<IpAddr> = (0..7)
         .map(|i| ip(&format!("10.0.{}.{}", i % 3, 10 + i)))
         .collect();
@@ -573,10 +612,16 @@ pub(crate) fn cluster_strategy() -> impl Strategy<Value = Cluster> {
         0..=4usize,
         proptest::collection::vec(proptest::bool::weighted(0.3), 4),
         proptest::sample::subsequence(pod_ips, 0..8),
+        proptest::collection::vec(proptest::bool::weighted(0.3), 4),
     )
         .prop_map(
-            |(namespaces, pods, mut policies, n, require, verified_ips)| {
+            |(namespaces, pods, mut policies, n, require, verified_ips, audit)| {
                 policies.truncate(n);
+                for (p, a) in policies.iter_mut().zip(audit) {
+                    if a {
+                        *p = audited(p.clone());
+                    }
+                }
                 for (p, r) in policies.iter_mut().zip(require) {
                     if r {
                         p.metadata
@@ -744,12 +789,40 @@ proptest! {
     }
 
     #[test]
-    fn compiled_lookup_equals_evaluator(cluster in cluster_strategy(), flows in flows_strategy(), standalone in any::<bool>()) {
+    fn compiled_lookup_equals_evaluator(
+        cluster in cluster_strategy(),
+        flows in flows_strategy(),
+        standalone in any::<bool>(),
+        audit_all in proptest::bool::weighted(0.15),
+    ) {
         let mut o = opts();
         if standalone {
             o.node_name = None;
         }
+        o.audit = audit_all;
         check_agreement(&cluster, &o, &flow_peers(), &flows);
+    }
+
+    /// Audit policies never change what is enforced: every flow is allowed or dropped exactly
+    /// as when they are left out (would-drop is allowed).
+    #[test]
+    fn audit_policies_change_no_enforced_verdict(cluster in cluster_strategy(), flows in flows_strategy()) {
+        let o = opts();
+        let mut without = cluster.clone();
+        without.policies.retain(|p| !cluster.policy_audits(p, false));
+        let with_audit = compile(&cluster, &o, &mut Allocations::new());
+        let enforcing = compile(&without, &o, &mut Allocations::new());
+        for ep in with_audit.state.endpoints.keys() {
+            for dir in [DIR_INGRESS, DIR_EGRESS] {
+                for peer in flow_peers() {
+                    for &(proto, port) in &flows {
+                        let a = decision::decide(&with_audit.state, ep, dir, peer, proto, port);
+                        let e = decision::decide(&enforcing.state, ep, dir, peer, proto, port);
+                        prop_assert_eq!(a.allowed, e.allowed, "{} {} {} {}/{}: {:?} vs {:?}", ep, dir, peer, proto, port, a, e);
+                    }
+                }
+            }
+        }
     }
 
     /// The agent compiles every change with the `Allocations` of the previous compile, which
@@ -798,7 +871,7 @@ proptest! {
         };
         clean.pods = clean.pods.iter().map(|p| {
             let mut p = (**p).clone();
-            strip(&mut p.metadata.labels);
+            p.own_reserved = Box::default();
             Arc::new(p)
         }).collect();
         clean.namespaces = clean.namespaces.iter().map(|n| {
@@ -1888,10 +1961,14 @@ fn b_from(
 /// Sets `key: value` on the object of pod `i` of `c`.
 fn label_self(c: &mut Cluster, i: usize, key: &str, value: &str) {
     let mut p = (*c.pods[i]).clone();
-    p.metadata
-        .labels
-        .get_or_insert_with(Default::default)
-        .insert(key.into(), value.into());
+    if crate::model::is_reserved_label(key) {
+        let mut own = p.own_reserved.to_vec();
+        own.push((key.into(), value.into()));
+        own.sort();
+        p.own_reserved = own.into();
+    } else {
+        Arc::make_mut(&mut p.labels).insert(key.into(), value.into());
+    }
     c.pods[i] = Arc::new(p);
 }
 
@@ -2055,14 +2132,14 @@ fn restart_restores_identity_and_rule_numbers() {
     // Earlier: a pod and a policy that sort first, since gone; identities and rules were
     // numbered around them.
     let mut early = base(vec![from("aaa", "zzz", 90), block, from("from-a", "a", 81)]);
-    early.pods.push(Arc::new(pod(
+    early.pods.push(Arc::new(crate::model::PodInfo::from(pod(
         "x",
         "old",
         &[("app", "0")],
         &["10.0.0.7"],
         "n",
         &[],
-    )));
+    ))));
     let mut running = Allocations::new();
     compile(&early, &opts(), &mut running);
     compile(&c, &opts(), &mut running);
@@ -2095,14 +2172,14 @@ fn restart_restores_identity_and_rule_numbers() {
 
     // A new pod of a known identity shares its number.
     let mut more = c.clone();
-    more.pods.push(Arc::new(pod(
+    more.pods.push(Arc::new(crate::model::PodInfo::from(pod(
         "x",
         "new",
         &[("app", "b")],
         &["10.0.0.9"],
         "n",
         &[("http", "TCP", 8080)],
-    )));
+    ))));
     let next = compile(&more, &opts(), &mut restarted).state;
     assert_eq!(
         next.peers_v4[&"10.0.0.9".parse().unwrap()],
@@ -2117,17 +2194,15 @@ fn restart_restores_identity_and_rule_numbers() {
         max_pinned
     );
     let mut without = c.clone();
-    without
-        .pods
-        .retain(|p| p.metadata.namespace.as_deref() != Some("y"));
-    without.pods.push(Arc::new(pod(
+    without.pods.retain(|p| &*p.namespace != "y");
+    without.pods.push(Arc::new(crate::model::PodInfo::from(pod(
         "x",
         "q",
         &[("app", "q")],
         &["10.0.0.8"],
         "n",
         &[],
-    )));
+    ))));
     let mut restarted = Allocations::new();
     for (pod, ep) in &pinned.endpoints {
         restarted.reserve_endpoint(pod, ep.info.id);
@@ -2372,5 +2447,181 @@ fn an_unreadable_service_field_is_named_and_left_out() {
         crate::model::validate_service(&s).unwrap_err().len(),
         3,
         "the manifests loader refuses it"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Audit mode.
+// ---------------------------------------------------------------------------------------------
+
+/// The compiled decision and the evaluator's verdict for one direction at `pod`.
+fn both(
+    cluster: &Cluster,
+    o: &CompileOptions,
+    pod: &PodRef,
+    dir: u8,
+    peer: &str,
+    port: u16,
+) -> (decision::Decision, evaluator::DirVerdict) {
+    let compiled = compile(cluster, o, &mut Allocations::new());
+    let d = decision::decide(&compiled.state, pod, dir, ip(peer), PROTO_TCP, port);
+    let v = evaluator::direction_verdict(
+        cluster,
+        o,
+        pod,
+        dir == DIR_INGRESS,
+        ip(peer),
+        PROTO_TCP,
+        port,
+    );
+    (d, v)
+}
+
+/// x/a's ingress from app=b on TCP 80 only.
+fn only_b_to_a(name: &str) -> NetworkPolicy {
+    policy(
+        "x",
+        name,
+        Some(sel(&[("app", "a")])),
+        Some(&["Ingress"]),
+        Some(vec![(
+            Some(vec![pods_peer(None, Some(sel(&[("app", "b")])))]),
+            Some(vec![tcp(80)]),
+        )]),
+        None,
+    )
+}
+
+#[test]
+fn an_audit_policy_allows_what_it_would_deny_and_names_itself() {
+    let c = base(vec![audited(only_b_to_a("only-b"))]);
+    let a = pr("x", "a");
+    let (d, v) = both(&c, &opts(), &a, DIR_INGRESS, "8.8.8.8", 80);
+    assert!(
+        d.allowed && d.reason == decision::Reason::NotIsolated,
+        "{d:?}"
+    );
+    assert_eq!(
+        v,
+        evaluator::DirVerdict::WouldDrop {
+            policies: vec!["x/only-b".into()]
+        }
+    );
+    // What it allows is allowed by its rule.
+    let (d, v) = both(&c, &opts(), &a, DIR_INGRESS, "10.0.0.2", 80);
+    assert!(d.allowed, "{d:?}");
+    assert!(matches!(v, evaluator::DirVerdict::Allowed { ref policy, .. } if policy == "only-b"));
+    // Egress, which it does not isolate, is untouched.
+    let (d, _) = both(&c, &opts(), &a, DIR_EGRESS, "8.8.8.8", 80);
+    assert_eq!(d.reason, decision::Reason::NotIsolated);
+    let compiled = compile(&c, &opts(), &mut Allocations::new());
+    let info = compiled.state.endpoints[&a].info;
+    assert_eq!(
+        info.flags
+            & (EP_INGRESS_ISOLATED | EP_INGRESS_AUDIT | EP_EGRESS_ISOLATED | EP_EGRESS_AUDIT),
+        EP_INGRESS_AUDIT
+    );
+    assert_eq!(
+        compiled.state.audited.get(&(info.id, DIR_INGRESS)),
+        Some(&vec!["x/only-b".to_string()])
+    );
+    let text = super::explain::explain(
+        &c,
+        &opts(),
+        &Endpoint::Ip(ip("8.8.8.8")),
+        &Endpoint::Pod(a),
+        PROTO_TCP,
+        80,
+    )
+    .to_string();
+    assert!(
+        text.contains("would be dropped by x/only-b (audit)")
+            && text.contains("verdict: ALLOWED (would be dropped by x/only-b (audit))"),
+        "{text}"
+    );
+}
+
+#[test]
+fn an_enforcing_policy_beside_an_audit_one_decides_alone() {
+    // The audit policy would allow 8.8.8.8 and deny x/b; the enforcing one allows x/b only.
+    let open_to_world = audited(policy(
+        "x",
+        "world",
+        Some(sel(&[("app", "a")])),
+        Some(&["Ingress"]),
+        Some(vec![(Some(vec![block_peer("8.0.0.0/8", &[])]), None)]),
+        None,
+    ));
+    let c = base(vec![open_to_world, only_b_to_a("only-b")]);
+    let a = pr("x", "a");
+    let (d, v) = both(&c, &opts(), &a, DIR_INGRESS, "8.8.8.8", 80);
+    assert!(!d.allowed && d.reason == decision::Reason::Denied, "{d:?}");
+    assert!(
+        matches!(&v, evaluator::DirVerdict::Denied { policies, .. } if policies == &["x/only-b"]),
+        "{v:?}"
+    );
+    let (d, _) = both(&c, &opts(), &a, DIR_INGRESS, "10.0.0.2", 80);
+    assert!(d.allowed && d.reason == decision::Reason::Policy);
+    let compiled = compile(&c, &opts(), &mut Allocations::new());
+    assert_eq!(
+        compiled.state.endpoints[&a].info.flags & EP_INGRESS_AUDIT,
+        0
+    );
+    assert!(
+        compiled.state.rules.values().all(|r| r.policy == "only-b"),
+        "no entry of the audit policy: {:?}",
+        compiled.state.rules
+    );
+    assert!(compiled.state.audited.is_empty());
+}
+
+#[test]
+fn a_namespace_annotation_or_the_audit_flag_make_every_policy_audit() {
+    let mut c = base(vec![only_b_to_a("only-b")]);
+    let a = pr("x", "a");
+    assert!(!both(&c, &opts(), &a, DIR_INGRESS, "8.8.8.8", 80).0.allowed);
+    let global = CompileOptions {
+        audit: true,
+        ..opts()
+    };
+    let (d, v) = both(&c, &global, &a, DIR_INGRESS, "8.8.8.8", 80);
+    assert!(
+        d.allowed && matches!(v, evaluator::DirVerdict::WouldDrop { .. }),
+        "{d:?} {v:?}"
+    );
+    let mut x = namespace("x", &[("team", "blue")]);
+    x.metadata.annotations = Some(
+        [(
+            crate::model::ANNOTATION_AUDIT.to_string(),
+            "true".to_string(),
+        )]
+        .into(),
+    );
+    c.namespaces = shared(vec![x, namespace("y", &[("team", "red")])]);
+    let (d, v) = both(&c, &opts(), &a, DIR_INGRESS, "8.8.8.8", 80);
+    assert!(d.allowed, "{d:?}");
+    assert!(
+        matches!(v, evaluator::DirVerdict::WouldDrop { .. }),
+        "{v:?}"
+    );
+}
+
+#[test]
+fn a_refused_audit_policy_audits_too() {
+    // Unreadable policyTypes: refused, isolating both directions, allowing nothing; as an
+    // audit policy it only reports.
+    let c = base(vec![audited(policy(
+        "x",
+        "broken",
+        None,
+        Some(&["Ingress", "Sideways"]),
+        None,
+        None,
+    ))]);
+    let (d, v) = both(&c, &opts(), &pr("x", "a"), DIR_EGRESS, "8.8.8.8", 80);
+    assert!(d.allowed, "{d:?}");
+    assert!(
+        matches!(v, evaluator::DirVerdict::WouldDrop { .. }),
+        "{v:?}"
     );
 }

@@ -8,12 +8,15 @@
 //!   to its node;
 //! - [`kube_proxy`]: kube-proxy's Service rules (nftables or iptables-legacy) in a node namespace,
 //!   and the matching `kind: Service` manifests;
+//! - [`scale`]: a synthetic cluster of many pods and policies, as API objects and as a
+//!   manifests folder;
 //! - the in-memory fakes of the kernel seam and the test token issuer come from the agent crate's
 //!   `testkit` feature, re-exported here as [`fake`] and [`issuer`].
 
 pub mod forge;
 pub mod kube_proxy;
 pub mod netns;
+pub mod scale;
 pub mod two_nodes;
 
 pub use enforcer::identity::testing as issuer;

@@ -837,6 +837,27 @@ impl AgentProcess {
         manifests: &std::path::Path,
         extra: &[&str],
     ) -> Result<Self> {
+        let source = [std::ffi::OsStr::new("--manifests"), manifests.as_os_str()];
+        Self::spawn(bin, tb, &source, None, extra)
+    }
+
+    /// [`AgentProcess::start`] in cluster mode: the agent watches the API server that
+    /// `kubeconfig` names (`KUBECONFIG`) instead of a manifests folder.
+    pub fn start_in_cluster(
+        tb: &Testbed,
+        kubeconfig: &std::path::Path,
+        extra: &[&str],
+    ) -> Result<Self> {
+        Self::spawn(&agent_binary()?, tb, &[], Some(kubeconfig), extra)
+    }
+
+    fn spawn(
+        bin: &std::path::Path,
+        tb: &Testbed,
+        source: &[&std::ffi::OsStr],
+        kubeconfig: Option<&std::path::Path>,
+        extra: &[&str],
+    ) -> Result<Self> {
         let health: SocketAddr = (Ipv4Addr::LOCALHOST, tb.health_port).into();
         let mut node_args = Vec::new();
         if let Some(name) = &tb.node_name {
@@ -850,11 +871,15 @@ impl AgentProcess {
         let log = std::env::temp_dir().join(format!("{}-agent-{n}.log", tb.prefix));
         let log_file =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let child = Command::new("ip")
+        let mut cmd = Command::new("ip");
+        if let Some(k) = kubeconfig {
+            cmd.env("KUBECONFIG", k);
+        }
+        let child = cmd
             .args(["netns", "exec", &tb.node])
             .arg(bin)
-            .args(["run", "--manifests"])
-            .arg(manifests)
+            .arg("run")
+            .args(source)
             .args(["--health-addr", &health.to_string()])
             .args(&node_args)
             .args(extra)

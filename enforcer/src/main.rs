@@ -1,5 +1,5 @@
 //! The `enforcer` binary: the command line lives in `enforcer::cli`.
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     enforcer::cli::main()
 }

@@ -46,8 +46,15 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
     {
         let path = entry.unwrap().path();
+        // install.yaml repeats the other files, and kustomization.yaml only lists them: both have
+        // tests of their own.
+        let generated = path
+            .file_name()
+            .is_some_and(|n| n == "install.yaml" || n == "kustomization.yaml");
         if path.is_dir() {
             yaml_files(&path, out);
+        } else if generated {
+            continue;
         } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
             out.push(path);
         }
@@ -71,6 +78,9 @@ struct Objects {
     admission_bindings: Vec<ValidatingAdmissionPolicyBinding>,
     /// (file, the kind cluster config)
     kind_configs: Vec<(PathBuf, Value)>,
+    services: Vec<k8s_openapi::api::core::v1::Service>,
+    /// The Prometheus Operator's PodMonitors and ServiceMonitors (no k8s-openapi type).
+    monitors: Vec<Value>,
     /// Which file each (kind, namespace/name) came from.
     files: BTreeMap<(String, String), PathBuf>,
 }
@@ -129,6 +139,10 @@ fn load() -> Objects {
                 ("apps/v1", "DaemonSet") => o.daemonsets.push(typed(&file, &doc)),
                 ("apps/v1", "Deployment") => o.deployments.push(typed(&file, &doc)),
                 ("networking.k8s.io/v1", "NetworkPolicy") => o.policies.push(typed(&file, &doc)),
+                ("v1", "Service") => o.services.push(typed(&file, &doc)),
+                ("monitoring.coreos.com/v1", "PodMonitor" | "ServiceMonitor") => {
+                    o.monitors.push(doc)
+                }
                 ("kind.x-k8s.io/v1alpha4", "Cluster") => o.kind_configs.push((file.clone(), doc)),
                 ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
                     o.crds.push(typed(&file, &doc))
@@ -536,11 +550,7 @@ fn example_cluster(o: &Objects) -> Cluster {
 }
 
 fn ip_of(c: &Cluster, name: &str) -> IpAddr {
-    let p = c
-        .pods
-        .iter()
-        .find(|p| p.metadata.name.as_deref() == Some(name))
-        .unwrap();
+    let p = c.pods.iter().find(|p| &*p.name == name).unwrap();
     enforcer_policy::model::pod_ips(p)[0]
 }
 
@@ -949,5 +959,455 @@ fn identity_record_admission_policy_is_bound_to_the_agents_writes() {
             .iter()
             .any(|c| c.expression.contains(&format!("'{username}'"))),
         "{conditions:?}"
+    );
+}
+
+// ---- install.yaml, the kustomization, the Helm chart, the monitoring example ----
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// The non-empty YAML documents of `text`.
+fn documents(text: &str, what: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap_or_else(|e| panic!("{what}: {e}")))
+        .filter(|v: &Value| !v.is_null())
+        .collect()
+}
+
+/// The documents keyed by kind and namespace/name.
+fn by_name(docs: Vec<Value>) -> BTreeMap<(String, String), Value> {
+    docs.into_iter()
+        .map(|d| {
+            let key = (
+                d["kind"].as_str().unwrap_or_default().to_string(),
+                format!(
+                    "{}/{}",
+                    d["metadata"]["namespace"].as_str().unwrap_or_default(),
+                    d["metadata"]["name"].as_str().unwrap_or_default()
+                ),
+            );
+            (key, d)
+        })
+        .collect()
+}
+
+/// The files `manifests/kustomization.yaml` lists.
+fn kustomization_resources() -> Vec<String> {
+    let k: Value =
+        serde_yaml::from_str(&read(&manifests_dir().join("kustomization.yaml"))).unwrap();
+    assert_eq!(k["kind"], "Kustomization");
+    k["resources"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .map(|r| r.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// install.yaml as generated from the kustomization: its resources in order, each after a
+/// `---` and a line naming its file.
+fn install_yaml() -> String {
+    let mut out = String::from(
+        "# The agent's objects in one file: `kubectl apply --server-side -f install.yaml`.\n\
+         # Generated from manifests/kustomization.yaml's resources (edit those, then\n\
+         # ENFORCER_BLESS=1 cargo test --release --test deploy_manifests install_yaml).\n",
+    );
+    for r in kustomization_resources() {
+        let text = read(&manifests_dir().join(&r));
+        out.push_str(&format!(
+            "---\n# Source: manifests/{r}\n{}",
+            text.trim_end()
+        ));
+        out.push('\n');
+    }
+    out
+}
+
+#[test]
+fn kustomization_lists_every_object_of_the_agent_once() {
+    let resources = kustomization_resources();
+    let want = [
+        "namespace.yaml",
+        "serviceaccount.yaml",
+        "rbac.yaml",
+        "crd-identitybinding.yaml",
+        "vap-identitybinding.yaml",
+        "daemonset.yaml",
+    ];
+    assert_eq!(resources, want, "the namespace first, the DaemonSet last");
+}
+
+#[test]
+fn install_yaml_is_the_kustomizations_resources_in_order() {
+    let path = manifests_dir().join("install.yaml");
+    let want = install_yaml();
+    if std::env::var_os("ENFORCER_BLESS").is_some() {
+        std::fs::write(&path, &want).unwrap();
+    }
+    assert!(
+        read(&path) == want,
+        "manifests/install.yaml is out of date: ENFORCER_BLESS=1 cargo test --release --test deploy_manifests install_yaml"
+    );
+    let docs = documents(&want, "install.yaml");
+    let mut parts = Vec::new();
+    for r in kustomization_resources() {
+        parts.extend(documents(&read(&manifests_dir().join(&r)), &r));
+    }
+    assert_eq!(docs, parts);
+}
+
+/// `kubectl kustomize` (kustomize built into kubectl, offline) renders the objects of
+/// install.yaml. Skipped, and says so, where kubectl is missing.
+#[test]
+fn kubectl_kustomize_renders_the_objects_of_install_yaml() {
+    let out = match std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(manifests_dir())
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("skipped: no kubectl ({e})");
+            return;
+        }
+    };
+    assert!(
+        out.status.success(),
+        "kubectl kustomize: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rendered = by_name(documents(
+        &String::from_utf8(out.stdout).unwrap(),
+        "kustomize",
+    ));
+    let install = by_name(documents(&install_yaml(), "install.yaml"));
+    assert_eq!(rendered, install);
+}
+
+fn chart_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/enforcer")
+}
+
+fn chart_values() -> Value {
+    serde_yaml::from_str(&read(&chart_dir().join("values.yaml"))).unwrap()
+}
+
+fn chart_templates() -> Vec<(String, String)> {
+    let mut files = Vec::new();
+    yaml_files(&chart_dir().join("templates"), &mut files);
+    files
+        .iter()
+        .map(|f| {
+            (
+                f.file_name().unwrap().to_string_lossy().into_owned(),
+                read(f),
+            )
+        })
+        .collect()
+}
+
+/// `.Values.a.b` in `values`.
+fn lookup<'a>(values: &'a Value, expr: &str) -> &'a Value {
+    let path = expr
+        .trim()
+        .strip_prefix(".Values.")
+        .unwrap_or_else(|| panic!("only .Values.* is rendered: {expr}"));
+    path.split('.').fold(values, |v, k| {
+        v.get(k)
+            .unwrap_or_else(|| panic!("{expr}: no such value in values.yaml"))
+    })
+}
+
+fn truthy(v: &Value) -> bool {
+    match v {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64() != Some(0.0),
+        Value::String(s) => !s.is_empty(),
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+    }
+}
+
+fn scalar(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+/// Renders the subset of Go templates the chart keeps to: `{{ .Values.x }}`, `| quote`,
+/// `{{- if .Values.x }}` ... `{{- end }}`, `{{- toYaml .Values.x | nindent N }}`, and the `-`
+/// whitespace trims. A check of the chart's text, not Helm: anything else panics, so the chart
+/// cannot drift outside what this renders.
+fn render(template: &str, values: &Value) -> String {
+    let mut out = String::new();
+    let mut emitting: Vec<bool> = Vec::new();
+    let on = |e: &[bool]| e.iter().all(|b| *b);
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        let text = &rest[..start];
+        let end = start + rest[start..].find("}}").expect("unclosed {{");
+        let mut action = &rest[start + 2..end];
+        let trim_before = action.starts_with('-');
+        if trim_before {
+            action = &action[1..];
+        }
+        let trim_after = action.ends_with('-');
+        if trim_after {
+            action = &action[..action.len() - 1];
+        }
+        if on(&emitting) {
+            out.push_str(if trim_before { text.trim_end() } else { text });
+        }
+        let action = action.trim();
+        if action == "end" {
+            emitting.pop().expect("{{ end }} without {{ if }}");
+        } else if let Some(cond) = action.strip_prefix("if ") {
+            emitting.push(truthy(lookup(values, cond)));
+        } else if let Some(expr) = action.strip_prefix("toYaml ") {
+            let (path, indent) = expr.split_once("| nindent").expect("toYaml X | nindent N");
+            let indent: usize = indent.trim().parse().unwrap();
+            if on(&emitting) {
+                let yaml = serde_yaml::to_string(lookup(values, path)).unwrap();
+                for line in yaml.lines() {
+                    out.push('\n');
+                    out.push_str(&" ".repeat(indent));
+                    out.push_str(line);
+                }
+            }
+        } else if on(&emitting) {
+            match action.split_once('|') {
+                Some((path, "quote")) | Some((path, " quote")) => {
+                    out.push_str(&serde_json::to_string(&scalar(lookup(values, path))).unwrap())
+                }
+                Some((_, f)) => panic!("unsupported function {f}"),
+                None => out.push_str(&scalar(lookup(values, action))),
+            }
+        }
+        rest = &rest[end + 2..];
+        if trim_after {
+            rest = rest.trim_start();
+        }
+    }
+    assert!(emitting.is_empty(), "{{ if }} without {{ end }}");
+    if on(&emitting) {
+        out.push_str(rest);
+    }
+    out
+}
+
+/// Every object of the chart rendered with `values`: its templates, and its CRDs (`crds/`,
+/// installed as they are).
+fn render_chart(values: &Value) -> BTreeMap<(String, String), Value> {
+    let mut docs = Vec::new();
+    for (name, text) in chart_templates() {
+        docs.extend(documents(&render(&text, values), &name));
+    }
+    let mut crds = Vec::new();
+    yaml_files(&chart_dir().join("crds"), &mut crds);
+    for f in crds {
+        docs.extend(documents(&read(&f), &f.display().to_string()));
+    }
+    by_name(docs)
+}
+
+/// The agent's container args in a rendering.
+fn rendered_args(objects: &BTreeMap<(String, String), Value>) -> Vec<String> {
+    let ds = objects
+        .iter()
+        .find(|((kind, _), _)| kind == "DaemonSet")
+        .expect("a DaemonSet")
+        .1;
+    serde_json::from_value(ds["spec"]["template"]["spec"]["containers"][0]["args"].clone()).unwrap()
+}
+
+/// values.yaml with every optional value set.
+fn every_value_set() -> Value {
+    let mut v = chart_values();
+    v["maps"] = serde_json::json!({"maxEndpoints": 512, "policyMapSize": 65536, "conntrackMapSize": 131072, "peersMapSize": 8192});
+    v["stallTimeouts"] = serde_json::json!({"loop": "2m", "watch": "15m"});
+    v["identity"]["issuer"] = "https://oidc.example.com".into();
+    v["logFormat"] = "json".into();
+    v["flowLog"] = "file:/var/log/enforcer/flows.log".into();
+    v
+}
+
+#[test]
+fn chart_default_rendering_is_install_yaml() {
+    let chart = render_chart(&chart_values());
+    let install = by_name(documents(&install_yaml(), "install.yaml"));
+    assert_eq!(
+        chart.keys().collect::<Vec<_>>(),
+        install.keys().collect::<Vec<_>>(),
+        "the same objects"
+    );
+    for (key, want) in &install {
+        assert_eq!(&chart[key], want, "{key:?} differs from install.yaml");
+    }
+}
+
+#[test]
+fn chart_values_are_all_used_and_every_templated_flag_is_a_run_flag() {
+    // Every value the templates name exists (`lookup` panics otherwise) and every value of
+    // values.yaml is named by a template (the whole of `resources` and `tolerations`).
+    let templates: String = chart_templates().into_iter().map(|(_, t)| t).collect();
+    let referenced: BTreeSet<String> = templates
+        .match_indices(".Values.")
+        .map(|(i, _)| {
+            templates[i + 8..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '.' || *c == '_')
+                .collect()
+        })
+        .collect();
+    let values = chart_values();
+    for r in &referenced {
+        lookup(&values, &format!(".Values.{r}"));
+    }
+    fn leaves(v: &Value, prefix: String, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, v) in m {
+                    let p = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    leaves(v, p, out);
+                }
+            }
+            _ => out.push(prefix),
+        }
+    }
+    let mut all = Vec::new();
+    leaves(&values, String::new(), &mut all);
+    for leaf in all {
+        assert!(
+            referenced
+                .iter()
+                .any(|r| leaf == *r || leaf.starts_with(&format!("{r}."))),
+            "values.yaml's {leaf} is used by no template"
+        );
+    }
+    // With every value set, every flag of the templates is rendered, and the real command line
+    // accepts them all with their values.
+    let args = rendered_args(&render_chart(&every_value_set()));
+    let flags: BTreeSet<&str> = templates
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- --"))
+        .collect();
+    for f in &flags {
+        assert!(
+            args.iter().any(|a| a == &format!("--{f}")),
+            "--{f} not rendered with every value set: {args:?}"
+        );
+    }
+    let m = cli_matches(&args);
+    let (_, run) = m.subcommand().unwrap();
+    assert_eq!(run.get_one::<u32>("max_endpoints"), Some(&512));
+    assert_eq!(
+        run.get_one::<std::time::Duration>("watch_stall_timeout"),
+        Some(&std::time::Duration::from_secs(900))
+    );
+}
+
+#[test]
+fn chart_with_identity_off_serves_no_attestation_port() {
+    let mut values = chart_values();
+    values["identity"]["enabled"] = false.into();
+    let objects = render_chart(&values);
+    let args = rendered_args(&objects);
+    assert!(
+        !args
+            .iter()
+            .any(|a| a == "--issuer-from-cluster" || a == "--attest-addr"),
+        "{args:?}"
+    );
+    cli_matches(&args);
+    let ds = objects
+        .iter()
+        .find(|((k, _), _)| k == "DaemonSet")
+        .unwrap()
+        .1;
+    let ports = ds["spec"]["template"]["spec"]["containers"][0]["ports"]
+        .as_array()
+        .unwrap();
+    assert_eq!(ports.len(), 1, "only health: {ports:?}");
+    // And off by the namespace too: a chart installed into an existing namespace.
+    values["namespace"]["create"] = false.into();
+    assert!(!render_chart(&values).keys().any(|(k, _)| k == "Namespace"));
+}
+
+#[test]
+fn monitoring_example_scrapes_the_agents_health_port() {
+    let o = load();
+    let (ds, c) = agent(&o);
+    let pod_labels = ds
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .clone()
+        .unwrap();
+    let selects = |selector: &Value, labels: &BTreeMap<String, String>| {
+        let m = selector["matchLabels"].as_object().expect("matchLabels");
+        !m.is_empty()
+            && m.iter()
+                .all(|(k, v)| labels.get(k).map(String::as_str) == v.as_str())
+    };
+    let health = c
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some("health"))
+        .unwrap();
+    let pm = o
+        .monitors
+        .iter()
+        .find(|m| m["kind"] == "PodMonitor")
+        .expect("a PodMonitor");
+    assert!(selects(&pm["spec"]["selector"], &pod_labels));
+    let ep = &pm["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(
+        (ep["port"].as_str(), ep["path"].as_str()),
+        (Some("health"), Some("/metrics"))
+    );
+
+    let svc = o
+        .services
+        .iter()
+        .find(|s| s.metadata.namespace.as_deref() == Some("enforcer-system"))
+        .expect("the metrics Service");
+    let spec = svc.spec.as_ref().unwrap();
+    assert!(
+        spec.selector
+            .as_ref()
+            .unwrap()
+            .iter()
+            .all(|(k, v)| pod_labels.get(k) == Some(v))
+    );
+    let port = &spec.ports.as_ref().unwrap()[0];
+    assert_eq!(port.target_port, Some(IntOrString::String("health".into())));
+    assert_eq!(port.port, health.container_port);
+    let sm = o
+        .monitors
+        .iter()
+        .find(|m| m["kind"] == "ServiceMonitor")
+        .expect("a ServiceMonitor");
+    assert!(selects(
+        &sm["spec"]["selector"],
+        svc.metadata.labels.as_ref().unwrap()
+    ));
+    assert_eq!(
+        sm["spec"]["endpoints"][0]["port"].as_str(),
+        port.name.as_deref()
     );
 }

@@ -149,10 +149,11 @@ fn only_attested_workloads_match_identity_requiring_policy() {
         "attested a is allowed"
     );
     // `enforcer status` lists it among the verified identities.
-    let status =
-        enforcer::cli::status::status_report(&agent.metrics_until(Duration::from_secs(3), |m| {
-            m.contains("enforcer_identity_verified{")
-        }));
+    agent.metrics_until(Duration::from_secs(3), |m| {
+        m.contains("enforcer_identity_verified{")
+    });
+    let (_, body) = agent.get("/status").unwrap();
+    let status = enforcer::cli::status::status_report(&serde_json::from_str(&body).unwrap());
     assert!(
         status.lines().any(
             |l| l.trim_start().starts_with("x/a ") && l.ends_with("service account x/frontend")

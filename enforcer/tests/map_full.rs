@@ -3,7 +3,10 @@
 //! fit is denied (never open), `/readyz` is 503 and names it, pods that come afterwards are
 //! still enforced, and once policies are deleted so that everything fits it converges; with a
 //! small `--max-endpoints` the pod that gets no endpoint is attached all the same and denied
-//! both ways, until an endpoint frees up.
+//! both ways, until an endpoint frees up. The peers maps grow (new maps filled, then swapped
+//! in) under traffic without a gap, and are replaced by maps of another size across a restart
+//! without one; at their ceiling, the addresses left out are denied what their pod selectors
+//! would allow, while every other pod keeps being programmed.
 //!
 //! Needs root and the agent binary (`cargo test --release` builds it).
 
@@ -13,12 +16,19 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, AtomicUsize, Ordering},
+};
+
 use enforcer_testkit::netns::{
-    AgentProcess, Proto, Servers, TestPod, Testbed, pod_manifest, probe,
+    AgentProcess, BpfMount, Conn, Proto, Servers, TestPod, Testbed, echo_server, pod_manifest_on,
+    probe,
 };
 
 const T: Duration = Duration::from_millis(600);
 const WAIT: Duration = Duration::from_secs(30);
+const GROW_WAIT: Duration = Duration::from_secs(90);
 
 struct Setup {
     tb: Testbed,
@@ -76,10 +86,11 @@ impl Setup {
     }
 }
 
+/// On node `here` (the agent's with `--node-name here`, and every pod's without it).
 fn write_pod(dir: &Path, pod: &TestPod) {
     std::fs::write(
         dir.join(format!("pod-{}.yaml", pod.name)),
-        pod_manifest("x", pod, &[("pod", &pod.name)], &[80, 81]),
+        pod_manifest_on(Some("here"), "x", pod, &[("pod", &pod.name)], &[80, 81]),
     )
     .unwrap();
 }
@@ -330,6 +341,246 @@ fn endpoints_full_denies_the_extra_pod_both_ways_and_converges() {
         Some(0.0),
         "{m}"
     );
+    agent.stop().unwrap();
+    drop(s);
+}
+
+/// `n` pods on another node (peers only), labelled `pod: r<i>`, at 10.<net>.x.y: one manifest.
+fn remote_pods(net: u8, n: u32) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: r{i}\n  namespace: x\n  uid: uid-r{i}\n  labels:\n    pod: r{i}\nspec:\n  nodeName: elsewhere\n  containers:\n  - name: main\n    image: agnhost\nstatus:\n  phase: Running\n  podIP: 10.{net}.{}.{}\n  podIPs:\n  - ip: 10.{net}.{}.{}\n",
+                i / 200,
+                i % 200 + 1,
+                i / 200,
+                i % 200 + 1
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+/// Ingress of `pod: b` from `pod: a` on TCP 80 and 82 (82: a line-echo server).
+const ALLOW_A_TO_B: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: a-to-b\n  namespace: x\nspec:\n  podSelector:\n    matchLabels:\n      pod: b\n  policyTypes: [Ingress]\n  ingress:\n  - from:\n    - podSelector:\n        matchLabels:\n          pod: a\n    ports:\n    - protocol: TCP\n      port: 80\n    - protocol: TCP\n      port: 82\n";
+
+/// Traffic that must keep its verdict all along: a's open connection to b and new ones from a
+/// are answered, new ones from c are not. Counts every probe that got the other verdict.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    wrong: Arc<AtomicUsize>,
+    rounds: Arc<AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(a: &TestPod, b: &TestPod, c: &TestPod) -> Self {
+        let to = std::net::SocketAddr::from((b.v4, 82));
+        let mut conn = Conn::open(a, to).expect("a -> b:82 connects");
+        assert!(conn.ping(), "a -> b:82 answers");
+        let stop = Arc::new(AtomicBool::new(false));
+        let wrong = Arc::new(AtomicUsize::new(0));
+        let rounds = Arc::new(AtomicUsize::new(0));
+        let (a, b, c) = (a.clone(), b.clone(), c.clone());
+        let thread = {
+            let (stop, wrong, rounds) = (stop.clone(), wrong.clone(), rounds.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let bad = usize::from(!conn.ping())
+                        + usize::from(!reach(&a, &b, 80))
+                        + usize::from(reach(&c, &b, 80));
+                    wrong.fetch_add(bad, Ordering::Relaxed);
+                    rounds.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        Self {
+            stop,
+            wrong,
+            rounds,
+            thread: Some(thread),
+        }
+    }
+
+    /// Waits for `n` more rounds.
+    fn rounds(&self, n: usize) {
+        let until = self.rounds.load(Ordering::Relaxed) + n;
+        assert!(
+            within(WAIT, || self.rounds.load(Ordering::Relaxed) >= until),
+            "traffic stalled"
+        );
+    }
+
+    /// Stops; the probes that got the wrong verdict.
+    fn stop(mut self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        self.wrong.load(Ordering::Relaxed)
+    }
+}
+
+#[test]
+#[ignore = "needs root"]
+fn peers_maps_grow_and_change_size_across_a_restart_without_a_gap() {
+    let s = Setup::new("mf-grow", &["a", "b", "c"]);
+    let stop_echo = Arc::new(AtomicBool::new(false));
+    echo_server(s.pod("b"), 82, stop_echo.clone());
+    s.write("a-to-b.yaml", ALLOW_A_TO_B);
+    let bpf = BpfMount::new("mf-grow");
+    let pin = bpf.0.join("enforcer").display().to_string();
+    let agent = AgentProcess::start(
+        &s.tb,
+        s.dir.path(),
+        &[
+            "--node-name",
+            "here",
+            "--pin-path",
+            &pin,
+            "--peers-map-size",
+            "16",
+            "--peers-map-max",
+            "1024",
+        ],
+    )
+    .unwrap();
+    readyz_until(&agent, |code, _| code == 200);
+    let capacity = |agent: &AgentProcess| {
+        let m = agent.metrics_until(Duration::from_secs(5), |m| {
+            metric(m, "enforcer_map_capacity{map=\"PEERS_V4\"}").is_some()
+        });
+        metric(&m, "enforcer_map_capacity{map=\"PEERS_V4\"}").unwrap()
+    };
+    let before = capacity(&agent);
+    let (a, b, c) = (s.pod("a").clone(), s.pod("b").clone(), s.pod("c").clone());
+    let traffic = Traffic::start(&a, &b, &c);
+    traffic.rounds(2);
+
+    // 300 more addresses: past 80 % of the maps, which grow to keep them at most half full.
+    s.write("remote.yaml", &remote_pods(243, 300));
+    // A growth loads the programs once more: seconds, more on a busy machine.
+    let m = agent.metrics_until(GROW_WAIT, |m| {
+        metric(m, "enforcer_peers_maps_grown_total").is_some_and(|n| n >= 1.0)
+            && metric(m, "enforcer_map_entries{map=\"PEERS_V4\"}").is_some_and(|n| n >= 300.0)
+    });
+    let grown = metric(&m, "enforcer_map_capacity{map=\"PEERS_V4\"}").unwrap();
+    assert!(
+        grown >= 1024.0 && grown > before,
+        "{before} -> {grown}\n{m}"
+    );
+    traffic.rounds(3);
+    readyz_until(&agent, |code, _| code == 200);
+    assert!(
+        agent.log_text().contains("peers maps grown from"),
+        "{}",
+        agent.log_text()
+    );
+
+    // A restart asking for a fixed size: the pinned maps are replaced by maps of it, filled
+    // from them, while the pinned programs keep enforcing.
+    agent.stop().unwrap();
+    traffic.rounds(1);
+    let agent = AgentProcess::start(
+        &s.tb,
+        s.dir.path(),
+        &[
+            "--node-name",
+            "here",
+            "--pin-path",
+            &pin,
+            "--peers-map-size",
+            "2048",
+            "--peers-map-max",
+            "2048",
+        ],
+    )
+    .unwrap();
+    readyz_until(&agent, |code, _| code == 200);
+    assert_eq!(capacity(&agent), 2048.0);
+    assert!(
+        agent.log_text().contains("now have 2048 entries"),
+        "{}",
+        agent.log_text()
+    );
+    traffic.rounds(3);
+    let wrong = traffic.stop();
+    assert_eq!(
+        wrong,
+        0,
+        "probes with the wrong verdict during the swaps\n{}",
+        agent.log_text()
+    );
+    agent.stop().unwrap();
+    stop_echo.store(true, Ordering::Relaxed);
+    drop(s);
+    drop(bpf);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn peers_maps_at_their_ceiling_deny_what_pod_selectors_allow_and_the_rest_is_programmed() {
+    let mut s = Setup::new("mf-peer", &["a", "b", "c"]);
+    s.write("a-to-b.yaml", ALLOW_A_TO_B);
+    // Remote pods at lower addresses than the local ones take the room first: a, b and c are
+    // left out of a map of 40 that may not grow.
+    s.write("remote.yaml", &remote_pods(241, 60));
+    let agent = AgentProcess::start(
+        &s.tb,
+        s.dir.path(),
+        &[
+            "--node-name",
+            "here",
+            "--peers-map-size",
+            "40",
+            "--peers-map-max",
+            "40",
+        ],
+    )
+    .unwrap();
+    let (code, body) = readyz_until(&agent, |code, body| {
+        code == 503 && body.contains("has no peer entry")
+    });
+    assert_eq!(code, 503);
+    let a = s.pod("a").clone();
+    assert!(body.contains(&format!("x/a ({})", a.v4)), "{body}");
+    let (b, c) = (s.pod("b").clone(), s.pod("c").clone());
+    // a resolves as world: its pod selector no longer matches, so b denies it (never opens).
+    assert!(
+        !reach(&a, &b, 80),
+        "a -> b denied while a has no peer entry"
+    );
+    assert!(!reach(&c, &b, 80), "c -> b denied by policy");
+    // Nothing selects a or c: open as before.
+    assert!(reach(&b, &a, 80) && reach(&b, &c, 80));
+    let m = agent.metrics_until(Duration::from_secs(5), |m| {
+        metric(m, "enforcer_map_entries_missing{map=\"PEERS_V4\"}").is_some_and(|n| n > 0.0)
+    });
+    assert_eq!(
+        metric(&m, "enforcer_map_capacity{map=\"PEERS_V4\"}"),
+        Some(40.0),
+        "{m}"
+    );
+    let log = agent.log_text();
+    assert!(
+        log.contains("PEERS_V4 full") && log.contains("x/a"),
+        "the log names the map and the pod:\n{log}"
+    );
+
+    // Other pods keep being programmed: d, isolated, is enforced.
+    let d = s.add("d");
+    s.write("isolate-d.yaml", &isolate("d"));
+    assert!(
+        within(WAIT, || !reach(&b, &d, 80)),
+        "d enforced\n{}",
+        agent.log_text()
+    );
+
+    // Room comes back: a has its entry again, and b admits it.
+    s.remove("remote.yaml");
+    readyz_until(&agent, |code, _| code == 200);
+    assert!(within(Duration::from_secs(5), || reach(&a, &b, 80)));
+    assert!(!reach(&c, &b, 80));
     agent.stop().unwrap();
     drop(s);
 }

@@ -9,7 +9,7 @@ use std::{net::Ipv4Addr, path::PathBuf};
 
 use enforcer_testkit::forge::{ipv4_udp, send_raw_ipv4, udp_arrives};
 use enforcer_testkit::netns::{TestPod, in_netns};
-use enforcer_testkit::two_nodes::TwoNodes;
+use enforcer_testkit::two_nodes::{READY, TwoNodes};
 
 const PORT: u16 = 9000;
 const PAYLOAD: &[u8] = b"forged";
@@ -84,6 +84,118 @@ fn cross_node_ingress_is_enforced_on_the_receivers_node() {
         log.lines()
             .any(|l| l.contains("\"src_pod\":\"x/d\"") && l.contains("\"dst_pod\":\"x/b\"")),
         "node-1's flow log names the pod of node-0:\n{log}"
+    );
+}
+
+/// The lines of `path` (JSON objects) once one satisfies `holds`, or all of them after 5 s.
+fn json_lines_until(
+    path: &std::path::Path,
+    holds: impl Fn(&serde_json::Value) -> bool,
+) -> Vec<serde_json::Value> {
+    let start = std::time::Instant::now();
+    loop {
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        if lines.iter().any(&holds) || start.elapsed() > std::time::Duration::from_secs(5) {
+            return lines;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Node-1's agent writes its flow log to a file (`--flow-log file:PATH`): a drop of a flow from
+/// node-0 is one JSON line naming the node, each end's namespace and pod apart, with an RFC 3339
+/// time.
+#[test]
+#[ignore = "needs root"]
+fn flow_log_file_names_the_node_and_each_ends_namespace_and_pod() {
+    let flows = tempfile::tempdir().unwrap();
+    let path = flows.path().join("flows.log");
+    let target = format!("file:{}", path.display());
+    let mut bed = TwoNodes::without_agents("mnf", &[("a", 0, &[]), ("d", 0, &[]), ("b", 1, &[])]);
+    let node0 = bed.start_agent(&agent_bin(), 0, &[]).unwrap();
+    let node1 = bed
+        .start_agent(&agent_bin(), 1, &["--flow-log", &target])
+        .unwrap();
+    bed.agents.extend([node0, node1]);
+    for a in &mut bed.agents {
+        a.wait_ready(READY).unwrap();
+    }
+    bed.apply("np.yaml", &policy("only-a", "b", "Ingress", "a"));
+    assert!(!bed.reach("d", "b"), "d (node-0) -> b denied");
+    let is_drop = |l: &serde_json::Value| l["src_pod_name"] == "d" && l["verdict"] == "dropped";
+    let lines = json_lines_until(&path, is_drop);
+    let l = lines
+        .iter()
+        .find(|l| is_drop(l))
+        .unwrap_or_else(|| panic!("no drop of d in {}: {lines:?}", path.display()));
+    assert_eq!(l["node"], "node-1");
+    assert_eq!(
+        (&l["src_namespace"], &l["src_pod_name"]),
+        (&"x".into(), &"d".into())
+    );
+    assert_eq!(
+        (&l["dst_namespace"], &l["dst_pod_name"]),
+        (&"x".into(), &"b".into())
+    );
+    assert_eq!(l["dport"], 80);
+    let time = l["time"].as_str().unwrap();
+    assert!(chrono::DateTime::parse_from_rfc3339(time).is_ok(), "{time}");
+    assert!(
+        !bed.agents[1].log_text().contains("\"verdict\""),
+        "nothing of the flow log on stdout"
+    );
+}
+
+/// `--log-format json`: every line the agent writes on stderr is one JSON object with an RFC 3339
+/// timestamp, level, target and fields, the `log::` records bridged in among them; and its
+/// `/healthz` answers `ok` while its control loop turns (idle, nothing to do).
+#[test]
+#[ignore = "needs root"]
+fn json_logs_carry_timestamp_level_target_and_fields_and_a_live_agent_is_healthy() {
+    let mut bed = TwoNodes::without_agents("mnj", &[("a", 0, &[])]);
+    let agent = bed
+        .start_agent(
+            &agent_bin(),
+            0,
+            &["--log-format", "json", "--flow-log", "off"],
+        )
+        .unwrap();
+    bed.agents.push(agent);
+    bed.agents[0].wait_ready(READY).unwrap();
+    // Idle for longer than a resync: the loop keeps beating.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(
+        bed.agents[0].get("/healthz").unwrap(),
+        (200, "ok\n".to_string())
+    );
+    let metrics = bed.agents[0].get("/metrics").unwrap().1;
+    assert!(
+        metrics.contains("enforcer_heartbeat_age_seconds{component=\"control loop\"}"),
+        "{metrics}"
+    );
+    let text = bed.agents[0].log_text();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(!lines.is_empty());
+    for l in &lines {
+        let ts = l["timestamp"].as_str().unwrap_or_default();
+        assert!(chrono::DateTime::parse_from_rfc3339(ts).is_ok(), "{l}");
+        assert!(l["level"].is_string() && l["target"].is_string(), "{l}");
+        assert!(l["fields"]["message"].is_string(), "{l}");
+    }
+    assert!(
+        lines.iter().any(|l| l["level"] == "INFO"
+            && l["target"] == "enforcer::cli::run"
+            && l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("enforcing; health on"))),
+        "a `log::info!` of the agent, bridged:\n{text}"
     );
 }
 

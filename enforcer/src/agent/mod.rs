@@ -26,9 +26,9 @@ use enforcer_policy::{
 };
 
 use crate::{
-    datapath::{Datapath, routes::KernelRoutes},
+    datapath::{Datapath, peers_growth, routes::KernelRoutes},
     observe::{View, metrics::Status},
-    reconcile::{MapName, Reconciler},
+    reconcile::{DatapathMaps, MapName, Reconciler},
     source::{Source, watch::LastGoodPolicies},
 };
 
@@ -40,6 +40,8 @@ const RESYNC: Duration = Duration::from_secs(1);
 /// How often a resync compares every map entry with the kernel rather than with what this
 /// process wrote (repairs drift made behind the agent's back).
 const VERIFY_KERNEL: Duration = Duration::from_secs(60);
+/// Wait before a failed growth of the peers maps is tried again (each try loads the programs).
+const GROW_RETRY: Duration = Duration::from_secs(60);
 
 /// Everything the loop needs.
 pub struct Agent {
@@ -57,6 +59,8 @@ pub struct Agent {
     /// batches are missing; it counts the maps' fill and sets the per-endpoint flow counts to
     /// the live flows.
     pub ct_sweep: Duration,
+    /// `/healthz` fails when a turn of the loop takes longer (`--loop-stall-timeout`).
+    pub loop_stall_timeout: Duration,
 }
 
 impl Agent {
@@ -101,7 +105,14 @@ impl Agent {
                 Err(e) => log::warn!("taking over pinned links: {e:#}"),
             }
         }
+        // Beaten on every turn, idle or not: only a turn that hangs (a kernel call, a lock, a
+        // compile past the bound) makes it stale.
+        let heartbeat = self
+            .status
+            .heartbeats
+            .register("control loop", self.loop_stall_timeout);
         while !stop.load(Ordering::Relaxed) {
+            heartbeat.beat();
             let mut cluster_changed = false;
             match self.source.poll() {
                 Ok(Some((mut c, mut problems))) => {
@@ -255,6 +266,7 @@ impl Agent {
         } = *turn;
         let result = match (KernelRoutes::read(), self.datapath.lock()) {
             (Ok(routes), Ok(mut dp)) => {
+                self.grow_peers(&mut dp, desired, reconciler, shown);
                 reconciler.apply_with(desired, unnumbered, &mut *dp, &routes)
             }
             (Err(e), _) => Err(e),
@@ -315,6 +327,49 @@ impl Agent {
                 self.status.reconcile_errors.fetch_add(1, Ordering::Relaxed);
                 self.status.ready.store(false, Ordering::Relaxed);
                 log::error!("reconcile failed: {e:#}");
+            }
+        }
+    }
+
+    /// Grows the peers maps before the cluster's addresses outgrow them (see
+    /// [`Datapath::grow_peers`]: new maps, filled, swapped in without a gap). A failed growth
+    /// is logged and tried again after [`GROW_RETRY`]; meanwhile what does not fit is left out
+    /// and reported like any full map (denied, never allowed).
+    fn grow_peers(
+        &self,
+        dp: &mut Datapath,
+        desired: &DesiredState,
+        reconciler: &mut Reconciler,
+        shown: &mut Shown,
+    ) {
+        if shown.peers_retry.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        let needed = desired.peers_v4.len().max(desired.peers_v6.len());
+        let capacity = DatapathMaps::capacity(dp, MapName::PeersV4).unwrap_or(0);
+        let max = dp.options().peers_max;
+        let Some(size) = peers_growth(needed, u32::try_from(capacity).unwrap_or(u32::MAX), max)
+        else {
+            return;
+        };
+        let started = Instant::now();
+        match dp.grow_peers(size) {
+            Ok(()) => {
+                shown.peers_retry = None;
+                log::info!(
+                    "peers maps grown from {capacity} to {size} entries each for {needed} addresses ({:.1} s, no gap: the links were re-pointed at programs reading the new maps)",
+                    started.elapsed().as_secs_f64()
+                );
+                self.status.peers_grown.fetch_add(1, Ordering::Relaxed);
+                // The new maps were filled from the old ones; compare with them once.
+                reconciler.verify_kernel();
+            }
+            Err(e) => {
+                shown.peers_retry = Some(Instant::now() + GROW_RETRY);
+                log::error!(
+                    "growing the peers maps from {capacity} to {size} entries failed: {e:#}; they keep {capacity} (what does not fit is denied and reported); retried in {} s",
+                    GROW_RETRY.as_secs()
+                );
             }
         }
     }

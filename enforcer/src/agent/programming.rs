@@ -1,7 +1,7 @@
 //! What the reconciler could not program, said once per change: one log line per map naming
 //! the pods it leaves denied, the gauges and counters of `/metrics`, the lines of `/readyz`; and
-//! a warning when a map passes 90 % full. Also the pods it could not enforce at all (their own
-//! interface not found, or found where programs must not go), named in a warning, on
+//! a warning as a map passes 80 % and 90 % full. Also the pods it could not enforce at all
+//! (their own interface not found, or found where programs must not go), named in a warning, on
 //! `/metrics` and on `/readyz`, and the pods kept on their interface while their route is gone;
 //! and the interfaces the exit program could not be attached to.
 
@@ -23,10 +23,10 @@ use crate::{
 
 /// Most names in one log line; the rest are counted.
 const NAMED_IN_LOG: usize = 20;
-/// A map this full is warned about once...
-const NEARLY_FULL: f64 = 0.9;
+/// A map is warned about once as it passes each of these fills...
+const NEARLY_FULL: [f64; 2] = [0.8, 0.9];
 /// ...until it is back below this.
-const ROOMY_AGAIN: f64 = 0.85;
+const ROOMY_AGAIN: f64 = 0.75;
 /// A new pod's interface usually shows up within a reconcile or two of the pod: it is warned
 /// about when not found for this long (it is named on `/readyz` and `/metrics` at once).
 const NOT_FOUND_GRACE: Duration = Duration::from_secs(5);
@@ -51,8 +51,10 @@ pub(super) struct Shown {
     by_map: BTreeMap<MapName, Vec<String>>,
     /// Per map: the last refused write logged.
     refused: BTreeMap<MapName, String>,
-    /// Maps warned about as nearly full.
-    nearly_full: BTreeSet<MapName>,
+    /// Maps warned about as nearly full, with the highest fill of [`NEARLY_FULL`] they passed.
+    nearly_full: BTreeMap<MapName, usize>,
+    /// The peers maps' growth failed: not tried again before this.
+    pub(super) peers_retry: Option<Instant>,
     /// Local pods without programs.
     not_enforced: BTreeMap<PodRef, NotEnforced>,
     /// Pods kept on their interface though it was not found, with the reason said.
@@ -66,7 +68,7 @@ fn flag(map: MapName) -> &'static str {
     match map {
         MapName::Endpoints => "--max-endpoints",
         MapName::Policy => "--policy-map-size",
-        MapName::PeersV4 | MapName::PeersV6 => "--peers-map-size",
+        MapName::PeersV4 | MapName::PeersV6 => "--peers-map-max (they grow up to it)",
         MapName::CidrsV4 | MapName::CidrsV6 => "the CIDR map size",
         MapName::NodePorts => "the NODE_PORTS map size",
     }
@@ -222,13 +224,16 @@ impl Shown {
                 continue;
             };
             let ratio = *n as f64 / cap as f64;
-            if ratio >= NEARLY_FULL && self.nearly_full.insert(*m) {
+            let level = NEARLY_FULL.iter().filter(|l| ratio >= **l).count();
+            let before = self.nearly_full.get(m).copied().unwrap_or(0);
+            if level > before {
                 log::warn!(
                     "{m} is {:.0}% full ({n} of {cap} entries): raise {} before it fills; what does not fit is denied",
                     ratio * 100.0,
                     flag(*m)
                 );
-            } else if ratio < ROOMY_AGAIN && self.nearly_full.remove(m) {
+                self.nearly_full.insert(*m, level);
+            } else if ratio < ROOMY_AGAIN && self.nearly_full.remove(m).is_some() {
                 log::info!(
                     "{m} is {:.0}% full again ({n} of {cap} entries)",
                     ratio * 100.0
@@ -465,9 +470,28 @@ mod tests {
             Some(1),
             "remembered, so the next reconcile logs nothing"
         );
-        assert!(shown.nearly_full.contains(&MapName::Policy));
+        // Full: past both fills at once.
+        assert_eq!(shown.nearly_full.get(&MapName::Policy), Some(&2));
         let p = shown.report(&Report::default(), &[(MapName::Policy, 1, Some(4))], None);
         assert!(p.lines.is_empty() && p.unprogrammed.is_empty());
         assert!(shown.by_map.is_empty() && shown.nearly_full.is_empty());
+    }
+
+    #[test]
+    fn a_filling_map_is_warned_about_at_eighty_and_ninety_percent_once_each() {
+        let mut shown = Shown::default();
+        let r = Report::default();
+        let at = |shown: &mut Shown, n: usize| {
+            shown.report(&r, &[(MapName::Policy, n, Some(100))], None);
+            shown.nearly_full.get(&MapName::Policy).copied()
+        };
+        assert_eq!(at(&mut shown, 79), None);
+        assert_eq!(at(&mut shown, 80), Some(1));
+        assert_eq!(at(&mut shown, 85), Some(1), "said once");
+        assert_eq!(at(&mut shown, 90), Some(2));
+        // Back under 75 %: said again from the start.
+        assert_eq!(at(&mut shown, 80), Some(2));
+        assert_eq!(at(&mut shown, 74), None);
+        assert_eq!(at(&mut shown, 81), Some(1));
     }
 }

@@ -30,12 +30,13 @@ use crate::{
     },
     observe::{
         View,
-        flowlog::{FlowLog, FlowLogStats},
+        flowlog::{FlowLog, FlowLogStats, FlowLogTarget, Rotation},
         health,
         metrics::Status,
     },
     source::{
         Source,
+        liveness::{self, WatchBeats},
         records::{RecordsFolder, RecordsRx, RecordsSource},
         watch::ManifestsSource,
     },
@@ -62,26 +63,52 @@ pub struct RunArgs {
     /// Log allowed new flows too, not only drops.
     #[arg(long)]
     log_allowed: bool,
+    /// Where the flow log goes: `stdout`, `file:PATH` (appended; rotated by size, see
+    /// --flow-log-max-mib) or `off`.
+    #[arg(long, default_value = "stdout")]
+    flow_log: FlowLogTarget,
+    /// A flow log file past this size (MiB) is renamed PATH.1 (PATH.1 to PATH.2, ...) and a new
+    /// one begun.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    flow_log_max_mib: u64,
+    /// Rotated flow log files kept besides the current one; older ones are removed.
+    #[arg(long, default_value_t = 5)]
+    flow_log_keep: u32,
     /// Flow log lines per second at most; the rest are counted as rate-limited.
     #[arg(long, default_value_t = 1000)]
     flow_log_rate: u32,
+    /// /healthz fails when the control loop has not turned for this long (it turns at least
+    /// every 100 ms, idle or not; a compile of a large cluster holds it).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    loop_stall_timeout: Duration,
+    /// /healthz fails when a watch of the API server has shown no sign of life (an event, a
+    /// bookmark, a restart, an error) for this long; the API server sends a bookmark about once
+    /// a minute on a quiet watch.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    watch_stall_timeout: Duration,
     /// Export packet counters per pod on /metrics.
     #[arg(long)]
     per_pod_metrics: bool,
     /// Pods this node can enforce (ENDPOINTS map size).
     #[arg(long, default_value_t = DEFAULT_MAX_ENDPOINTS)]
     max_endpoints: u32,
-    /// Entries of the pod/node address maps; also the buckets of `PEER_SLOTS`, their IPv4
-    /// cache (16 bytes each, two addresses a bucket).
+    /// Entries of each pod/node address map (`PEERS_V4`, `PEERS_V6`) to start with; also the
+    /// buckets of `PEER_SLOTS`, their IPv4 cache (16 bytes each, two addresses a bucket). The
+    /// maps grow (new maps filled, then swapped in without a gap) when the cluster's addresses
+    /// pass 80 % of them, up to --peers-map-max.
     #[arg(long, default_value_t = DEFAULT_PEERS_SIZE)]
     peers_map_size: u32,
+    /// The most entries the address maps may grow to. At or below --peers-map-size they keep
+    /// --peers-map-size exactly (maps pinned at another size are replaced, without a gap).
+    #[arg(long, default_value_t = enforcer_common::DEFAULT_PEERS_MAX)]
+    peers_map_max: u32,
     /// Entries of the policy map.
     #[arg(long, default_value_t = DEFAULT_POLICY_SIZE)]
     policy_map_size: u32,
     /// How the programs hook each pod's veth: `tcx` links (kernel 6.6+), `tc` (clsact +
     /// cls_bpf filters, for older kernels), or `auto` (TCX where the kernel has it). Switching
     /// modes across a restart moves every hook to the new kind without a gap.
-    #[arg(long, default_value_t = AttachMode::Auto)]
+    #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
     attach_mode: AttachMode,
     /// Entries of each LRU conntrack map (one for IPv4 flows, one for IPv6 flows); on x86-64
     /// also the flows of the IPv4 flow table in front of the IPv4 map (half as many buckets of
@@ -124,6 +151,10 @@ pub struct RunArgs {
     /// `enforcer.dev/require-identity: "true"` policy annotation).
     #[arg(long)]
     require_identity: bool,
+    /// Every policy audits: it enforces nothing, and `explain` says what it would drop (see
+    /// also the `enforcer.dev/audit: "true"` annotation on a policy or a Namespace).
+    #[arg(long)]
+    audit: bool,
     /// Address of the attestation endpoint (`POST /v1/attest`), served when keys are given.
     /// `[::]:PORT` serves IPv6 and IPv4 callers alike (IPv4 only on a host without IPv6).
     #[arg(long, default_value = "[::]:9902")]
@@ -172,6 +203,11 @@ pub fn run(args: RunArgs) -> Result<()> {
     let identity_on = id_flags.is_some();
     // In a cluster the identity records come with the other watches.
     let mut records_rx = None;
+    let status = Arc::new(Status::default());
+    {
+        let s = status.clone();
+        status.add_renderer(Arc::new(move |o: &mut String| s.heartbeats.render(o)));
+    }
     let (source, kube_task) = match args.manifests.clone() {
         Some(dir) => (Source::Manifests(ManifestsSource::new(dir)), None),
         None => {
@@ -180,9 +216,13 @@ pub fn run(args: RunArgs) -> Result<()> {
                 .clone()
                 .context("in-cluster mode needs --node-name or NODE_NAME")?;
             let _ = rustls::crypto::ring::default_provider().install_default();
-            let client = rt
-                .block_on(kube::Client::try_default())
-                .context("kube client (in-cluster config or KUBECONFIG)")?;
+            let mut watched = vec!["namespaces", "pods", "networkpolicies", "services"];
+            if identity_on {
+                watched.push("identitybindings");
+            }
+            let beats =
+                WatchBeats::register(&status.heartbeats, &watched, args.watch_stall_timeout);
+            let client = rt.block_on(liveness::client(beats.clone()))?;
             let (tx, rx) = tokio::sync::watch::channel(None);
             kube_client = Some(client.clone());
             let records_tx = identity_on.then(|| {
@@ -192,7 +232,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             });
             let task = rt.spawn(async move {
                 if let Err(e) =
-                    crate::source::kube::run_with_records(client, node, tx, records_tx).await
+                    crate::source::kube::run_watching(client, node, tx, records_tx, &beats).await
                 {
                     log::error!("kube watchers stopped: {e:#}");
                 }
@@ -210,6 +250,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         pin_path: args.pin_path.clone(),
         max_endpoints: args.max_endpoints,
         peers_size: args.peers_map_size,
+        peers_max: args.peers_map_max,
         policy_size: args.policy_map_size,
         conntrack_size: args.conntrack_map_size,
         fragments_size: args.fragments_map_size,
@@ -229,7 +270,6 @@ pub fn run(args: RunArgs) -> Result<()> {
     let mut datapath = Datapath::open(options).context("opening the datapath")?;
     let events = datapath.take_events();
     let datapath = Arc::new(Mutex::new(datapath));
-    let status = Arc::new(Status::default());
     let view = Arc::new(Mutex::new(View::default()));
     let flow_stats = Arc::new(FlowLogStats::default());
     {
@@ -248,6 +288,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             node_ips,
             max_endpoints: args.max_endpoints,
             require_identity: args.require_identity,
+            audit: args.audit,
         },
         datapath,
         status: status.clone(),
@@ -255,6 +296,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         per_pod_metrics: args.per_pod_metrics,
         identity: identity.as_ref().map(|(id, _, _)| id.clone()),
         ct_sweep: args.ct_sweep_interval,
+        loop_stall_timeout: args.loop_stall_timeout,
     };
     let loop_stop = stop.clone();
     let control = std::thread::Builder::new()
@@ -275,7 +317,14 @@ pub fn run(args: RunArgs) -> Result<()> {
             });
         }
         if let Some(events) = events {
-            let mut log = FlowLog::new(view, flow_stats, args.flow_log_rate);
+            let rotation = Rotation {
+                max_bytes: args.flow_log_max_mib.saturating_mul(1 << 20),
+                keep: args.flow_log_keep,
+            };
+            let mut log = FlowLog::new(view, flow_stats, args.flow_log_rate)
+                .on_node(args.node_name.clone())
+                .to(&args.flow_log, rotation)
+                .with_context(|| format!("opening the flow log {:?}", args.flow_log))?;
             match events.into_async() {
                 Ok(mut ev) => {
                     tokio::spawn(async move {

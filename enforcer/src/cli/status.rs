@@ -1,215 +1,154 @@
-//! `enforcer status`: the running agent at a glance, read from its `/metrics`.
+//! `enforcer status`: the running agent at a glance, read from its `/status` (JSON), as a short
+//! summary, JSON or YAML; exit 0 when ready, 1 when not, 2 when the agent cannot be read.
+//! `--wait` waits for ready.
 
 use std::{
-    collections::BTreeMap,
     fmt::Write as _,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
 
-/// `enforcer status`: the agent's Prometheus text turned into a short summary.
-pub fn status_report(metrics: &str) -> String {
-    let mut values: Vec<(String, BTreeMap<String, String>, f64)> = Vec::new();
-    for line in metrics
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-    {
-        let Some((head, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let Ok(value) = value.parse::<f64>() else {
-            continue;
-        };
-        let (name, labels) = match head.split_once('{') {
-            Some((n, rest)) => {
-                let labels = rest
-                    .trim_end_matches('}')
-                    .split("\",")
-                    .filter_map(|kv| kv.split_once("=\""))
-                    .map(|(k, v)| (k.to_string(), v.trim_end_matches('"').to_string()))
-                    .collect();
-                (n.to_string(), labels)
-            }
-            None => (head.to_string(), BTreeMap::new()),
-        };
-        values.push((name, labels, value));
-    }
-    let one = |name: &str| {
-        values
-            .iter()
-            .find(|(n, l, _)| n == name && l.is_empty())
-            .map_or(0.0, |v| v.2)
+use super::output::{Exit, OutputFormat};
+use crate::observe::report::StatusReport;
+
+/// Reads the agent's `/status`.
+pub fn fetch(addr: SocketAddr) -> Result<StatusReport> {
+    let (code, body) = http_get(addr, "/status")
+        .with_context(|| format!("reading http://{addr}/status: is the agent running?"))?;
+    anyhow::ensure!(code == 200, "http://{addr}/status answered {code}");
+    serde_json::from_str(&body).with_context(|| format!("reading http://{addr}/status"))
+}
+
+/// `enforcer status`: the report in `format`; with `wait`, polls until the agent is ready
+/// (or the time is up, then reports as it is: not ready, exit 1). An agent not answering yet
+/// is waited for too.
+pub fn run(
+    addr: SocketAddr,
+    wait: Option<Duration>,
+    format: OutputFormat,
+) -> Result<(String, Exit)> {
+    let deadline = wait.map(|w| Instant::now() + w);
+    let report = loop {
+        let got = fetch(addr);
+        match (&got, deadline) {
+            (Ok(r), Some(d)) if !r.ready && Instant::now() < d => {}
+            (Err(_), Some(d)) if Instant::now() < d => {}
+            _ => break got?,
+        }
+        std::thread::sleep(Duration::from_millis(250));
     };
+    let exit = Exit::from_bool(report.ready);
+    Ok((format.render(&report, || status_report(&report))?, exit))
+}
+
+/// The summary for people.
+pub fn status_report(r: &StatusReport) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "ready: {}   pods enforced: {}   pending: {}   input problems: {}   reconciles: {} ({} failed)",
-        if one("enforcer_ready") > 0.0 {
-            "yes"
-        } else {
-            "NO"
-        },
-        one("enforcer_pods_enforced"),
-        one("enforcer_pods_pending"),
-        one("enforcer_input_problems"),
-        one("enforcer_reconciles_total"),
-        one("enforcer_reconcile_errors_total"),
+        "ready: {}   generation: {} ({} observed)   pods enforced: {}   pending: {}   input problems: {}   reconciles: {} ({} failed)",
+        if r.ready { "yes" } else { "NO" },
+        r.generation.programmed,
+        r.generation.observed,
+        r.pods_enforced,
+        r.pods_pending,
+        r.input_problems,
+        r.reconciles.total,
+        r.reconciles.failed,
     );
-    let mean_ms = |h: &str| {
-        let n = one(&format!("{h}_count"));
-        (n > 0.0).then(|| one(&format!("{h}_sum")) / n * 1e3)
-    };
-    if let Some(all) = mean_ms("enforcer_reconcile_seconds") {
+    let _ = writeln!(
+        o,
+        "build: {} (revision {})",
+        r.build.version, r.build.revision
+    );
+    if let Some(all) = r.reconciles.mean_seconds {
         let _ = writeln!(
             o,
-            "per change, mean: {all:.1} ms to compile and program, of which {:.1} ms compiling",
-            mean_ms("enforcer_compile_seconds").unwrap_or(f64::NAN)
+            "per change, mean: {:.1} ms to compile and program, of which {:.1} ms compiling",
+            all * 1e3,
+            r.reconciles.mean_compile_seconds.unwrap_or(f64::NAN) * 1e3
         );
+    }
+    for p in &r.refused_policies {
+        let _ = writeln!(o, "refused policy {p}");
     }
     let _ = writeln!(o, "\npackets by verdict and reason:");
-    for (n, l, v) in values
-        .iter()
-        .filter(|(n, _, v)| n == "enforcer_packets_total" && *v > 0.0)
-    {
-        let _ = n;
+    for p in r.packets.iter().filter(|p| p.packets > 0) {
+        let _ = writeln!(o, "  {:<8} {:<14} {:>12}", p.verdict, p.reason, p.packets);
+    }
+    let _ = writeln!(o, "\nmaps (entries, capacity, fill):");
+    for m in &r.maps {
+        // The agent warns from the same fill on (and grows the peers maps there).
+        let note = if m.fill >= 0.9 {
+            "  NEARLY FULL"
+        } else if m.fill >= 0.8 {
+            "  filling up"
+        } else {
+            ""
+        };
         let _ = writeln!(
             o,
-            "  {:<8} {:<14} {v:>12}",
-            l.get("verdict").map_or("", String::as_str),
-            l.get("reason").map_or("", String::as_str)
+            "  {:<12} {:>10} {:>10}  {:>6.2}%{note}",
+            m.map,
+            m.entries,
+            m.capacity,
+            m.fill * 100.0
         );
     }
-    let _ = writeln!(o, "\nmaps (entries, fill):");
-    for (_, l, v) in values
-        .iter()
-        .filter(|(n, _, _)| n == "enforcer_map_entries")
-    {
-        let map = l.get("map").cloned().unwrap_or_default();
-        let fill = values
-            .iter()
-            .find(|(n, l2, _)| n == "enforcer_map_fill_ratio" && l2.get("map") == Some(&map))
-            .map_or(0.0, |x| x.2);
-        let _ = writeln!(o, "  {map:<12} {v:>10}  {:>6.2}%", fill * 100.0);
-    }
-    let not_enforced: Vec<_> = values
-        .iter()
-        .filter(|(n, _, v)| n == "enforcer_pod_not_enforced" && *v > 0.0)
-        .collect();
-    let not_enforced_total: f64 = values
-        .iter()
-        .filter(|(n, _, _)| n == "enforcer_pods_not_enforced")
-        .map(|x| x.2)
-        .sum();
-    if not_enforced_total > 0.0 {
+    if !r.not_enforced.is_empty() {
         let _ = writeln!(
             o,
-            "\nNOT ENFORCED ({not_enforced_total} pods without programs: their traffic is not filtered; /readyz says why):"
+            "\nNOT ENFORCED ({} pods without programs: their traffic is not filtered):",
+            r.not_enforced.len()
         );
-        for (_, l, _) in not_enforced {
-            let _ = writeln!(
-                o,
-                "  {:<30} {}",
-                l.get("pod").map_or("", String::as_str),
-                l.get("reason").map_or("", String::as_str)
-            );
+        for n in &r.not_enforced {
+            let _ = writeln!(o, "  {:<30} {:<14} {}", n.pod, n.reason, n.why);
         }
     }
-    let unprogrammed: Vec<_> = values
-        .iter()
-        .filter(|(n, _, v)| n == "enforcer_pod_unprogrammed" && *v > 0.0)
-        .collect();
-    let missing: Vec<_> = values
-        .iter()
-        .filter(|(n, _, v)| n == "enforcer_map_entries_missing" && *v > 0.0)
-        .collect();
-    if !unprogrammed.is_empty() || !missing.is_empty() {
+    if !r.not_programmed.is_empty() || !r.entries_missing.is_empty() {
         let _ = writeln!(
             o,
             "\nNOT PROGRAMMED (a map is full; denied beyond their policies until there is room):"
         );
-        for (_, l, _) in unprogrammed {
-            let _ = writeln!(
-                o,
-                "  {:<30} {:<10} {}",
-                l.get("pod").map_or("", String::as_str),
-                l.get("map").map_or("", String::as_str),
-                l.get("direction").map_or("", String::as_str)
-            );
+        for l in &r.not_programmed {
+            let _ = writeln!(o, "  {l}");
         }
-        for (_, l, v) in missing {
-            let map = l.get("map").map_or("", String::as_str);
-            let pods = values
-                .iter()
-                .find(|(n, l2, _)| {
-                    n == "enforcer_endpoints_unprogrammed"
-                        && l2.get("map").map(String::as_str) == Some(map)
-                })
-                .map_or(0.0, |x| x.2);
-            let _ = writeln!(
-                o,
-                "  {map}: {v} entries missing, {pods} pods (or addresses) affected"
-            );
+        for (map, n) in &r.entries_missing {
+            let _ = writeln!(o, "  {map}: {n} entries missing");
         }
     }
-    let ids: Vec<_> = values
-        .iter()
-        .filter(|(n, _, v)| n == "enforcer_identity_attestations_total" && *v > 0.0)
-        .collect();
-    if !ids.is_empty() {
-        let _ = writeln!(o, "\nattestations:");
-        for (_, l, v) in ids {
-            let _ = writeln!(
-                o,
-                "  {:<9} {:<18} {v:>8}",
-                l.get("outcome").map_or("", String::as_str),
-                l.get("reason").map_or("", String::as_str)
-            );
-        }
+    for e in &r.exits_not_attached {
+        let _ = writeln!(o, "\nexit {} not attached: {}", e.interface, e.why);
     }
-    let scope = |s: &str| {
-        values
-            .iter()
-            .find(|(n, l, _)| {
-                n == "enforcer_identity_verified_pods"
-                    && l.get("scope").map(String::as_str) == Some(s)
-            })
-            .map_or(0.0, |x| x.2)
-    };
-    let (local, remote) = (scope("local"), scope("remote"));
-    if local + remote > 0.0 {
+    let v = &r.verified;
+    if !v.local.is_empty() || v.remote > 0 {
         let _ = writeln!(
             o,
-            "\nverified identities ({local} pods on this node, {remote} on others):"
+            "\nverified identities ({} pods on this node, {} on others):",
+            v.local.len(),
+            v.remote
         );
-        for (_, l, _) in values
-            .iter()
-            .filter(|(n, _, v)| n == "enforcer_identity_verified" && *v > 0.0)
-        {
-            let get = |k: &str| l.get(k).map_or("", String::as_str);
+        for p in &v.local {
             let _ = writeln!(
                 o,
                 "  {:<30} service account {}/{}",
-                format!("{}/{}", get("namespace"), get("pod")),
-                get("namespace"),
-                get("service_account")
+                format!("{}/{}", p.namespace, p.pod),
+                p.namespace,
+                p.service_account
             );
         }
     }
-    let ignored = one("enforcer_reserved_labels_ignored");
-    if ignored > 0.0 {
+    if r.reserved_labels_ignored > 0 {
         let _ = writeln!(
             o,
-            "\nreserved labels ignored: {ignored} pods or namespaces set enforcer.dev/ labels themselves; only a verified identity gives them (the log names each)"
+            "\nreserved labels ignored: {} pods or namespaces set enforcer.dev/ labels themselves; only a verified identity gives them (the log names each)",
+            r.reserved_labels_ignored
         );
     }
-    let _ = writeln!(
-        o,
-        "\nflow events lost: {}",
-        one("enforcer_events_lost_total")
-    );
+    let _ = writeln!(o, "\nflow events lost: {}", r.events_lost);
     o
 }
 
@@ -235,76 +174,94 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::observe::{
+        VerifiedPods, health,
+        metrics::{Programming, Status},
+    };
+    use std::sync::{Arc, atomic::Ordering};
 
-    #[test]
-    fn status_lists_verified_identities() {
-        let m = "enforcer_ready 1\nenforcer_identity_verified_pods{scope=\"local\"} 1\nenforcer_identity_verified_pods{scope=\"remote\"} 4\nenforcer_identity_verified{namespace=\"x\",pod=\"a\",service_account=\"frontend\"} 1\nenforcer_reserved_labels_ignored 2\n";
-        let s = status_report(m);
-        assert!(
-            s.contains("verified identities (1 pods on this node, 4 on others):"),
-            "{s}"
-        );
-        assert!(
-            s.lines()
-                .any(|l| l.trim_start().starts_with("x/a ")
-                    && l.ends_with("service account x/frontend")),
-            "{s}"
-        );
-        assert!(
-            s.contains("reserved labels ignored: 2 pods or namespaces"),
-            "{s}"
-        );
-        let s = status_report(
-            "enforcer_ready 1\nenforcer_identity_verified_pods{scope=\"local\"} 0\nenforcer_reserved_labels_ignored 0\n",
-        );
-        assert!(
-            !s.contains("verified identities") && !s.contains("reserved labels"),
-            "{s}"
-        );
+    /// The agent's router serving `/status` on a loopback port, for `run` to read.
+    fn serve(status: Arc<Status>) -> SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                health::serve_listener(listener, status, health::LIMITS, std::future::pending())
+                    .await
+                    .unwrap();
+            });
+        });
+        addr
     }
 
+    /// `/status` carries what the summary shows; `run` exits 1 while not ready, `--wait`
+    /// returns 0 once the agent becomes ready, and JSON is the served document.
     #[test]
-    fn status_summarises_metrics() {
-        let m = "enforcer_ready 1\nenforcer_pods_enforced 3\nenforcer_packets_total{verdict=\"dropped\",reason=\"policy-denied\"} 7\nenforcer_map_entries{map=\"POLICY\"} 5\nenforcer_map_fill_ratio{map=\"POLICY\"} 0.5\nenforcer_reconcile_seconds_sum 0.04\nenforcer_reconcile_seconds_count 4\nenforcer_compile_seconds_sum 0.012\nenforcer_compile_seconds_count 4\n";
-        let s = status_report(m);
+    fn status_reads_the_agents_json_and_waits_for_ready() {
+        let s = Arc::new(Status::default());
+        s.pods_enforced.store(3, Ordering::Relaxed);
+        s.programmed.store(5, Ordering::Relaxed);
+        s.set_maps(vec![("POLICY".into(), 5, 10)]);
+        s.set_refused(vec![
+            "x/p: isolating the pods it selects (ingress) until it is fixed".into(),
+        ]);
+        s.set_programming(Programming {
+            lines: vec!["x/c ingress denied (allow rules not written: POLICY full)".into()],
+            missing: [("POLICY".to_string(), 2)].into(),
+            ..Programming::default()
+        });
+        s.set_verified(VerifiedPods {
+            local: [("x".into(), "a".into(), "frontend".into())].into(),
+            remote: 4,
+        });
+        let addr = serve(s.clone());
+        let (text, exit) = run(addr, None, OutputFormat::Text).unwrap();
+        assert_eq!(exit, Exit::No, "{text}");
+        for line in [
+            "ready: NO   generation: 5",
+            "pods enforced: 3",
+            "refused policy x/p: isolating",
+            "POLICY: 2 entries missing",
+            "x/c ingress denied",
+            "verified identities (1 pods on this node, 4 on others):",
+            "50.00%",
+        ] {
+            assert!(text.contains(line), "{line:?} in\n{text}");
+        }
         assert!(
-            s.contains(
-                "per change, mean: 10.0 ms to compile and program, of which 3.0 ms compiling"
-            ),
-            "{s}"
+            text.contains(&format!("revision {}", env!("ENFORCER_GIT_REVISION"))),
+            "{text}"
         );
-        assert!(
-            s.contains("ready: yes") && s.contains("pods enforced: 3"),
-            "{s}"
-        );
-        assert!(
-            s.contains("dropped") && s.contains("policy-denied") && s.contains('7'),
-            "{s}"
-        );
-        assert!(s.contains("POLICY") && s.contains("50.00%"), "{s}");
-        assert!(!s.contains("NOT PROGRAMMED"), "{s}");
-        assert!(!s.contains("NOT ENFORCED"), "{s}");
-        let m = "enforcer_ready 0\nenforcer_pods_not_enforced{reason=\"no-interface\"} 0\nenforcer_pods_not_enforced{reason=\"not-own-veth\"} 1\nenforcer_pod_not_enforced{pod=\"x/a\",reason=\"not-own-veth\"} 1\n";
-        let s = status_report(m);
-        assert!(
-            s.contains("NOT ENFORCED (1 pods") && s.contains("x/a") && s.contains("not-own-veth"),
-            "{s}"
-        );
-        let m = "enforcer_ready 0\nenforcer_pod_unprogrammed{pod=\"x/c\",map=\"POLICY\",direction=\"ingress\"} 1\nenforcer_map_entries_missing{map=\"POLICY\"} 2\nenforcer_map_entries_missing{map=\"ENDPOINTS\"} 0\nenforcer_endpoints_unprogrammed{map=\"POLICY\"} 1\n";
-        let s = status_report(m);
-        assert!(
-            s.contains("ready: NO") && s.contains("NOT PROGRAMMED"),
-            "{s}"
-        );
-        assert!(
-            s.lines()
-                .any(|l| l.contains("x/c") && l.contains("POLICY") && l.contains("ingress")),
-            "{s}"
-        );
-        assert!(
-            s.contains("POLICY: 2 entries missing, 1 pods (or addresses) affected")
-                && !s.contains("ENDPOINTS:"),
-            "{s}"
-        );
+        let s2 = s.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(400));
+            s2.ready.store(true, Ordering::Relaxed);
+        });
+        let (json, exit) = run(addr, Some(Duration::from_secs(10)), OutputFormat::Json).unwrap();
+        assert_eq!(exit, Exit::Yes);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["ready"], true);
+        assert_eq!(v["pods_enforced"], 3);
+        assert_eq!(v["generation"]["programmed"], 5);
+        assert_eq!(v["maps"][0]["fill"], 0.5);
+        assert_eq!(v["verified"]["local"][0]["service_account"], "frontend");
+        assert_eq!(v["build"]["revision"], env!("ENFORCER_GIT_REVISION"));
+    }
+
+    /// No agent: an error (exit 2 from `main`), even with a short `--wait`.
+    #[test]
+    fn status_without_an_agent_is_an_error() {
+        let addr: SocketAddr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let e = run(addr, Some(Duration::from_millis(300)), OutputFormat::Text).unwrap_err();
+        assert!(format!("{e:#}").contains("is the agent running?"), "{e:#}");
     }
 }

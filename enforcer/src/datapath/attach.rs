@@ -16,7 +16,7 @@ use aya::{
 use super::{Hook, ifname, versioned_root};
 
 /// `--attach-mode`: which kind of hook the programs get.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum AttachMode {
     /// TCX where the kernel has it (6.6+), tc (clsact) otherwise.
     #[default]

@@ -43,13 +43,13 @@ use enforcer_common::{
     CONFIG_CT_LRU_ALL, CONFIG_LOG_ALLOWED, Config, DEFAULT_CIDRS_SIZE, DEFAULT_CONNTRACK_SIZE,
     DEFAULT_CT_TIMEOUT_OTHER_NS, DEFAULT_CT_TIMEOUT_TCP_CLOSED_NS, DEFAULT_CT_TIMEOUT_TCP_NS,
     DEFAULT_CT_TIMEOUT_TCP_SYN_NS, DEFAULT_EVENTS_BYTES, DEFAULT_FRAGMENTS_SIZE,
-    DEFAULT_MAX_ENDPOINTS, DEFAULT_NODE_PORTS_SIZE, DEFAULT_PEERS_SIZE, DEFAULT_POLICY_SIZE,
-    FlowSeed, MAP_CIDRS_V4, MAP_CIDRS_V6, MAP_CONFIG, MAP_CONNTRACK_V4, MAP_CONNTRACK_V6,
-    MAP_COUNTERS, MAP_DEFERRED, MAP_ENDPOINT_SLOTS, MAP_ENDPOINTS, MAP_EVENTS, MAP_FLOW_COUNTS,
-    MAP_FLOWS_V4, MAP_FRAGMENTS, MAP_NODE_PORTS, MAP_PEER_SLOTS, MAP_PEERS_V4, MAP_PEERS_V6,
-    MAP_POLICY, MAP_SERVICE_FLOWS, MAP_SVC_PROGS, NodePortKey, PROG_FROM_POD, PROG_SVC_EXIT,
-    PROG_SVC_POD, PROG_TO_POD, PeerInfo, PolicyKey, PolicyValue, SCHEMA_VERSION, SVC_PROG_JUDGE,
-    SVC_PROG_TO_POD, counter_slots, peer_buckets_for,
+    DEFAULT_MAX_ENDPOINTS, DEFAULT_NODE_PORTS_SIZE, DEFAULT_PEERS_MAX, DEFAULT_PEERS_SIZE,
+    DEFAULT_POLICY_SIZE, FlowSeed, MAP_CIDRS_V4, MAP_CIDRS_V6, MAP_CONFIG, MAP_CONNTRACK_V4,
+    MAP_CONNTRACK_V6, MAP_COUNTERS, MAP_DEFERRED, MAP_ENDPOINT_SLOTS, MAP_ENDPOINTS, MAP_EVENTS,
+    MAP_FLOW_COUNTS, MAP_FLOWS_V4, MAP_FRAGMENTS, MAP_NODE_PORTS, MAP_PEER_SLOTS, MAP_PEERS_V4,
+    MAP_PEERS_V6, MAP_POLICY, MAP_SERVICE_FLOWS, MAP_SVC_PROGS, NodePortKey, PEERS_GROW_AT,
+    PEERS_MAP_FLAGS, PROG_FROM_POD, PROG_SVC_EXIT, PROG_SVC_POD, PROG_TO_POD, PeerInfo, PolicyKey,
+    PolicyValue, SCHEMA_VERSION, SVC_PROG_JUDGE, SVC_PROG_TO_POD, counter_slots, peer_buckets_for,
 };
 pub use events::{AsyncEvents, EventReader};
 pub use hash::{EndpointTable, HashTable, PeerTable};
@@ -98,7 +98,12 @@ pub struct DatapathOptions {
     pub pin_path: PathBuf,
     /// Endpoint slots (ENDPOINTS size; COUNTERS gets `counter_slots(max_endpoints)`).
     pub max_endpoints: u32,
+    /// Entries of `PEERS_V4` and `PEERS_V6` (`--peers-map-size`): the size they start at, or
+    /// keep when `peers_max` is not above it.
     pub peers_size: u32,
+    /// How far the agent may grow them (`--peers-map-max`); at or below `peers_size`, they
+    /// keep `peers_size` (a pinned map of another size is replaced by one of it).
+    pub peers_max: u32,
     pub cidrs_size: u32,
     pub policy_size: u32,
     pub conntrack_size: u32,
@@ -129,6 +134,7 @@ impl Default for DatapathOptions {
             pin_path: PathBuf::from(DEFAULT_PIN_PATH),
             max_endpoints: DEFAULT_MAX_ENDPOINTS,
             peers_size: DEFAULT_PEERS_SIZE,
+            peers_max: DEFAULT_PEERS_MAX,
             cidrs_size: DEFAULT_CIDRS_SIZE,
             policy_size: DEFAULT_POLICY_SIZE,
             conntrack_size: DEFAULT_CONNTRACK_SIZE,
@@ -148,6 +154,11 @@ impl Default for DatapathOptions {
 }
 
 impl DatapathOptions {
+    /// The peers maps keep `peers_size`: no growth.
+    pub fn peers_fixed(&self) -> bool {
+        self.peers_max <= self.peers_size
+    }
+
     /// The [`Config`] these options write into CONFIG (the loader adds the table's seed).
     pub fn config(&self) -> Config {
         let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1);
@@ -353,6 +364,85 @@ fn unpin_if_resized(maps_dir: &Path, name: &str, want: u32) -> Result<()> {
     Ok(())
 }
 
+/// The size to grow the peers maps to when `needed` addresses (the larger family) pass
+/// [`PEERS_GROW_AT`] percent of `capacity`: the power of two that leaves them at most half
+/// full, up to `max`. `None`: no growth (room enough, or already at `max`).
+pub fn peers_growth(needed: usize, capacity: u32, max: u32) -> Option<u32> {
+    let needed = u64::try_from(needed).unwrap_or(u64::MAX);
+    if needed.saturating_mul(100) <= u64::from(capacity) * u64::from(PEERS_GROW_AT)
+        || capacity >= max
+    {
+        return None;
+    }
+    let size = (needed.saturating_mul(2))
+        .checked_next_power_of_two()
+        .unwrap_or(u64::MAX)
+        .min(u64::from(max));
+    u32::try_from(size).ok().filter(|s| *s > capacity)
+}
+
+/// The maps that hold the cluster's addresses, replaced together when their size changes
+/// (`PEER_SLOTS` is sized from `PEERS_V4`).
+const PEER_MAPS: [&str; 3] = [MAP_PEERS_V4, MAP_PEERS_V6, MAP_PEER_SLOTS];
+
+/// Where a replacement of `name` is created and filled before it takes the pin of `name`
+/// (bpffs refuses names with a dot).
+fn staging_pin(maps_dir: &Path, name: &str) -> PathBuf {
+    maps_dir.join(format!("{name}_NEXT"))
+}
+
+/// The size of the peers maps for this load, and whether the pinned ones (if any) must be
+/// replaced by new ones of it: a size given to keep (`peers_max` not above `peers_size`) or
+/// grown to that the pinned maps do not have, or pinned maps created with other flags (an
+/// earlier build's, preallocated).
+fn peers_plan(maps_dir: &Path, options: &DatapathOptions) -> Result<(u32, bool)> {
+    let pin = maps_dir.join(MAP_PEERS_V4);
+    let Ok(m) = MapData::from_pin(&pin) else {
+        return Ok((options.peers_size, false));
+    };
+    let info = m
+        .info()
+        .with_context(|| format!("reading {}", pin.display()))?;
+    let pinned = info.max_entries();
+    let want = if options.peers_fixed() {
+        options.peers_size
+    } else {
+        pinned.max(options.peers_size)
+    };
+    let v6 = pinned_entries(maps_dir, MAP_PEERS_V6)?;
+    Ok((
+        want,
+        want != pinned || info.map_flags() != PEERS_MAP_FLAGS || v6.is_some_and(|n| n != want),
+    ))
+}
+
+/// Copies every entry of the pinned map `name` (the one being replaced, still what the
+/// attached programs read) into `to`; returns the entries copied and those that did not fit.
+fn copy_pinned<K: aya::Pod, V: aya::Pod>(
+    maps_dir: &Path,
+    name: &str,
+    to: &mut HashMap<MapData, K, V>,
+) -> Result<(usize, usize)> {
+    let pin = maps_dir.join(name);
+    let Ok(data) = MapData::from_pin(&pin) else {
+        return Ok((0, 0));
+    };
+    let from: HashMap<MapData, K, V> = HashMap::try_from(Map::HashMap(data))
+        .with_context(|| format!("opening the pinned {name}"))?;
+    let (mut copied, mut left) = (0, 0);
+    for kv in from.iter() {
+        match kv {
+            Ok((k, v)) => match to.insert(k, v, 0) {
+                Ok(()) => copied += 1,
+                Err(_) => left += 1,
+            },
+            Err(e) if syscall::not_found(&e) => {}
+            Err(e) => return Err(e).with_context(|| format!("reading the pinned {name}")),
+        }
+    }
+    Ok((copied, left))
+}
+
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
     ebpf.take_map(name)
         .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
@@ -380,8 +470,16 @@ impl Datapath {
         } else {
             0
         };
-        let peer_buckets = pinned_entries(&maps_dir, MAP_PEER_SLOTS)?
-            .unwrap_or_else(|| peer_buckets_for(options.peers_size));
+        // Peers maps of another size are new maps, created under a staging pin and filled
+        // from the pinned ones before they take their pins; the programs attached until
+        // `reattach_all` keep reading the old ones meanwhile, so there is no gap.
+        let (peers_size, replace_peers) = peers_plan(&maps_dir, &options)?;
+        let peer_buckets = if replace_peers {
+            peer_buckets_for(peers_size)
+        } else {
+            pinned_entries(&maps_dir, MAP_PEER_SLOTS)?
+                .unwrap_or_else(|| peer_buckets_for(peers_size))
+        };
         // Counters are indexed by (endpoint, direction, reason): a pinned array of another
         // layout (another reason count or endpoint limit) would misfile every count. Counters
         // are statistics, not state: start them over.
@@ -408,6 +506,17 @@ impl Datapath {
         for name in PINNED_MAPS {
             loader.map_pin_path(name, maps_dir.join(name));
         }
+        for name in PEER_MAPS {
+            // A staging map an agent left when it stopped halfway: never used, start it over.
+            let stage = staging_pin(&maps_dir, name);
+            if stage.exists() {
+                std::fs::remove_file(&stage)
+                    .with_context(|| format!("removing {}", stage.display()))?;
+            }
+            if replace_peers {
+                loader.map_pin_path(name, stage);
+            }
+        }
         loader
             .override_global("FLOW_BUCKETS", &buckets, true)
             .override_global("PEER_BUCKETS", &peer_buckets, true)
@@ -416,8 +525,8 @@ impl Datapath {
             .map_max_entries(MAP_PEER_SLOTS, peer_buckets)
             .map_max_entries(MAP_FLOWS_V4, buckets.max(1))
             .map_max_entries(MAP_ENDPOINTS, options.max_endpoints)
-            .map_max_entries(MAP_PEERS_V4, options.peers_size)
-            .map_max_entries(MAP_PEERS_V6, options.peers_size)
+            .map_max_entries(MAP_PEERS_V4, peers_size)
+            .map_max_entries(MAP_PEERS_V6, peers_size)
             .map_max_entries(MAP_CIDRS_V4, options.cidrs_size)
             .map_max_entries(MAP_CIDRS_V6, options.cidrs_size)
             .map_max_entries(MAP_POLICY, options.policy_size)
@@ -478,10 +587,22 @@ impl Datapath {
             ),
             hash: endpoints_hash,
         };
-        let peers_hash = HashTable::new(
-            MAP_PEERS_V4,
-            HashMap::try_from(take(&mut ebpf, MAP_PEERS_V4)?)?,
-        );
+        let mut peers_v4_map = HashMap::try_from(take(&mut ebpf, MAP_PEERS_V4)?)?;
+        let mut peers_v6_map = HashMap::try_from(take(&mut ebpf, MAP_PEERS_V6)?)?;
+        if replace_peers {
+            let (v4, left4) = copy_pinned(&maps_dir, MAP_PEERS_V4, &mut peers_v4_map)?;
+            let (v6, left6) = copy_pinned(&maps_dir, MAP_PEERS_V6, &mut peers_v6_map)?;
+            log::info!(
+                "{MAP_PEERS_V4} and {MAP_PEERS_V6} now have {peers_size} entries each: {v4} and {v6} addresses carried over"
+            );
+            if left4 + left6 > 0 {
+                log::warn!(
+                    "{} addresses did not fit the new peers maps: policies judge them by their ipBlocks until the next reconcile reports them",
+                    left4 + left6
+                );
+            }
+        }
+        let peers_hash = HashTable::new(MAP_PEERS_V4, peers_v4_map);
         let peer_slots_map = take(&mut ebpf, MAP_PEER_SLOTS)?;
         let Map::Array(peer_slots_data) = &peer_slots_map else {
             bail!("map {MAP_PEER_SLOTS} is not an array");
@@ -498,10 +619,16 @@ impl Datapath {
             ),
             hash: peers_hash,
         };
-        let peers_v6 = HashTable::new(
-            MAP_PEERS_V6,
-            HashMap::try_from(take(&mut ebpf, MAP_PEERS_V6)?)?,
-        );
+        let peers_v6 = HashTable::new(MAP_PEERS_V6, peers_v6_map);
+        if replace_peers {
+            // Filled (PEER_SLOTS from PEERS_V4 just above): they take the pins. Until the
+            // links run this object's programs, the old maps stay what they read.
+            for name in PEER_MAPS {
+                let (stage, pin) = (staging_pin(&maps_dir, name), maps_dir.join(name));
+                std::fs::rename(&stage, &pin)
+                    .with_context(|| format!("moving {} to {}", stage.display(), pin.display()))?;
+            }
+        }
         let cidrs_v4 = LpmTable::new(
             MAP_CIDRS_V4,
             LpmTrie::try_from(take(&mut ebpf, MAP_CIDRS_V4)?)?,
@@ -621,6 +748,23 @@ impl Datapath {
 
     pub fn options(&self) -> &DatapathOptions {
         &self.options
+    }
+
+    /// Replaces `PEERS_V4`, `PEERS_V6` and their cache by maps of `size` entries without a
+    /// gap: this object's programs are loaded again against new maps filled from the current
+    /// ones, then every pinned link is re-pointed at them atomically (until then, and for a
+    /// packet already under way, the old programs read the old maps, which hold the same).
+    /// The verdict-event reader taken from this datapath keeps reading the same ring.
+    pub fn grow_peers(&mut self, size: u32) -> Result<()> {
+        let mut options = self.options.clone();
+        options.peers_size = size;
+        let mut next =
+            Self::open(options).context("loading the programs against larger peers maps")?;
+        next.reattach_all()
+            .context("re-pointing the links at the programs of the larger peers maps")?;
+        next.events = self.events.take();
+        *self = next;
+        Ok(())
     }
 
     /// `<pin>/v{SCHEMA_VERSION}`.
@@ -1065,4 +1209,27 @@ fn bump_memlock_rlimit() {
     };
     // SAFETY: valid pointer to a rlimit.
     let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_grow_past_eighty_percent_to_half_full_up_to_the_ceiling() {
+        let max = DEFAULT_PEERS_MAX;
+        // Room enough: 80 % exactly stays.
+        assert_eq!(peers_growth(0, 1024, max), None);
+        assert_eq!(peers_growth(819, 1024, max), None);
+        // Past it: the power of two that leaves them at most half full.
+        assert_eq!(peers_growth(820, 1024, max), Some(2048));
+        assert_eq!(peers_growth(230_000, 262_144, max), Some(524_288));
+        // A jump (a cluster listed at once) goes there in one growth.
+        assert_eq!(peers_growth(100_000, 1024, max), Some(262_144));
+        // The ceiling caps it; at the ceiling (or a fixed size) there is no growth.
+        assert_eq!(peers_growth(3_500_000, 4_000_000, max), Some(max));
+        assert_eq!(peers_growth(4_000_000, max, max), None);
+        assert_eq!(peers_growth(900, 1024, 1024), None);
+        assert_eq!(peers_growth(900, 1024, 512), None);
+    }
 }

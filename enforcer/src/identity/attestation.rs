@@ -45,11 +45,11 @@ impl LivePods {
     pub fn update(&self, cluster: &Cluster, node_ips: &[IpAddr]) {
         let mut next = Inner::default();
         for pod in cluster.pods.iter().filter(|p| pod_is_policy_pod(p)) {
-            if pod.metadata.deletion_timestamp.is_some() {
+            if pod.terminating {
                 continue;
             }
             let r = pod_ref(pod);
-            let uid = pod.metadata.uid.clone().unwrap_or_default();
+            let uid = pod.uid.as_deref().unwrap_or_default().to_string();
             if uid.is_empty() {
                 continue;
             }

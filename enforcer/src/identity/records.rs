@@ -27,13 +27,12 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::core::v1::Pod,
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
     chrono::{DateTime, SecondsFormat, Utc},
 };
 use serde::{Deserialize, Serialize};
 
-use enforcer_policy::model::{Cluster, pod_ips, pod_node};
+use enforcer_policy::model::{Cluster, PodInfo, pod_ips, pod_node};
 
 use super::VerifiedIdentity;
 
@@ -290,7 +289,7 @@ pub struct Accepted {
 
 /// The pods of a cluster by `(namespace, name)` (the first object of a name, as the compiler).
 pub struct PodIndex<'a> {
-    pods: HashMap<(&'a str, &'a str), &'a Pod>,
+    pods: HashMap<(&'a str, &'a str), &'a PodInfo>,
     node_ips: &'a [IpAddr],
 }
 
@@ -299,14 +298,7 @@ impl<'a> PodIndex<'a> {
     pub fn new(cluster: &'a Cluster, node_ips: &'a [IpAddr]) -> Self {
         let mut pods = HashMap::new();
         for p in &cluster.pods {
-            let ns = p
-                .metadata
-                .namespace
-                .as_deref()
-                .filter(|n| !n.is_empty())
-                .unwrap_or("default");
-            let name = p.metadata.name.as_deref().unwrap_or_default();
-            pods.entry((ns, name)).or_insert(&**p);
+            pods.entry((&*p.namespace, &*p.name)).or_insert(&**p);
         }
         PodIndex { pods, node_ips }
     }
@@ -377,19 +369,17 @@ pub fn check(
         .pods
         .get(&(namespace, spec.pod.name.as_str()))
         .ok_or_else(|| reject(Rejection::UnknownPod, "no such pod"))?;
-    let uid = pod.metadata.uid.as_deref().unwrap_or_default();
+    let uid = pod.uid.as_deref().unwrap_or_default();
     if uid != spec.pod.uid {
         return Err(reject(
             Rejection::PodUidMismatch,
             format!("the pod's uid is {uid:?}, the record's {:?}", spec.pod.uid),
         ));
     }
-    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-    if pod.metadata.deletion_timestamp.is_some() || matches!(phase, Some("Succeeded" | "Failed")) {
+    if pod.terminating || pod.terminated {
         return Err(reject(Rejection::Terminating, "the pod is terminating"));
     }
-    let pod_spec = pod.spec.as_ref();
-    if pod_spec.and_then(|s| s.host_network).unwrap_or(false) {
+    if pod.host_network {
         return Err(reject(Rejection::HostNetwork, "the pod is host-network"));
     }
     let node = pod_node(pod).unwrap_or_default();
@@ -403,7 +393,7 @@ pub fn check(
         ));
     }
     // The API server always sets it; a hand-written standalone pod may leave it out.
-    if let Some(sa) = pod_spec.and_then(|s| s.service_account_name.as_deref())
+    if let Some(sa) = pod.service_account.as_deref()
         && !sa.is_empty()
         && sa != spec.service_account
     {
@@ -685,6 +675,7 @@ pub fn parse_file(text: &str) -> Result<IdentityBinding, String> {
 mod tests {
     use super::*;
     use enforcer_policy::model::shared;
+    use k8s_openapi::api::core::v1::Pod;
     use serde_json::json;
 
     const NOW: u64 = 1_900_000_000;

@@ -1,4 +1,4 @@
-//! `/healthz`, `/readyz` and `/metrics` on `--health-addr`, served from the [`Status`] the control
+//! `/healthz`, `/readyz`, `/metrics` and `/status` (JSON) on `--health-addr`, served from the [`Status`] the control
 //! loop publishes, within [`LIMITS`]: a client that connects and sends nothing, or trickles,
 //! cannot hold the port the kubelet's probes and the metrics scraper need.
 
@@ -25,8 +25,21 @@ pub const LIMITS: Limits = Limits {
     max_headers: 64,
 };
 
-async fn healthz() -> &'static str {
-    "ok\n"
+async fn healthz(State(s): State<Arc<Status>>) -> impl IntoResponse {
+    liveness(&s, std::time::Instant::now())
+}
+
+/// `/healthz`: 200 `ok` while every heartbeat is within its bound; else 503 naming each part
+/// that is stuck, so the kubelet restarts an agent whose control loop or watchers hang (its
+/// pins keep enforcing meanwhile).
+fn liveness(s: &Status, now: std::time::Instant) -> (StatusCode, String) {
+    let stale = s.heartbeats.stale(now);
+    if stale.is_empty() {
+        return (StatusCode::OK, "ok\n".into());
+    }
+    let mut body = stale.join("\n");
+    body.push('\n');
+    (StatusCode::SERVICE_UNAVAILABLE, body)
 }
 
 async fn readyz(State(s): State<Arc<Status>>) -> impl IntoResponse {
@@ -69,6 +82,12 @@ fn readiness(s: &Status) -> (StatusCode, String) {
     }
 }
 
+/// `/status`: the state as JSON ([`super::report::StatusReport`]); 200 whether ready or not
+/// (the document says), so a client reads it either way.
+async fn status_json(State(s): State<Arc<Status>>) -> impl IntoResponse {
+    axum::Json(s.report())
+}
+
 async fn metrics(State(s): State<Arc<Status>>) -> impl IntoResponse {
     ([("content-type", "text/plain; version=0.0.4")], s.render())
 }
@@ -79,6 +98,7 @@ pub fn router(status: Arc<Status>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/status", get(status_json))
         .with_state(status)
 }
 
@@ -116,6 +136,57 @@ pub async fn serve_listener(
 mod tests {
     use super::*;
     use crate::observe::metrics::Programming;
+
+    async fn get(router: Router, path: &str) -> (StatusCode, String) {
+        use tower::ServiceExt as _;
+        let req = axum::http::Request::get(path)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let res = router.oneshot(req).await.unwrap();
+        let code = res.status();
+        let body = axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (code, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn healthz_fails_naming_a_frozen_heartbeat_and_recovers_when_it_beats() {
+        let s = Arc::new(Status::default());
+        let control = s
+            .heartbeats
+            .register("control loop", Duration::from_secs(30));
+        let pods = s
+            .heartbeats
+            .register("watch pods", Duration::from_secs(600));
+        assert_eq!(
+            get(router(s.clone()), "/healthz").await,
+            (StatusCode::OK, "ok\n".into())
+        );
+        // Frozen: the last beat is older than the bound.
+        let past = std::time::Instant::now()
+            .checked_sub(Duration::from_secs(45))
+            .expect("the clock is past 45 s");
+        control.beat_at(past);
+        let (code, body) = get(router(s.clone()), "/healthz").await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            body.starts_with("control loop stuck: no progress for 45s (bound 30s)"),
+            "{body}"
+        );
+        pods.beat_at(past);
+        let (_, body) = get(router(s.clone()), "/healthz").await;
+        assert_eq!(
+            body.lines().count(),
+            1,
+            "within its bound, pods is alive: {body}"
+        );
+        control.beat();
+        assert_eq!(
+            get(router(s), "/healthz").await,
+            (StatusCode::OK, "ok\n".into())
+        );
+    }
 
     #[test]
     fn readyz_names_what_is_not_programmed_and_keeps_the_generation_last() {

@@ -12,10 +12,10 @@ use std::{
     time::Duration,
 };
 
-use enforcer_common::{REASON_COUNT, REASON_NAMES, is_drop_reason};
+use enforcer_common::{REASON_COUNT, REASON_NAMES, verdict_name};
 use enforcer_policy::model::SelfSetLabel;
 
-use super::VerifiedPods;
+use super::{VerifiedPods, report};
 
 /// Upper bounds (seconds) of the latency histograms.
 const BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
@@ -104,6 +104,8 @@ pub struct Status {
     pub pods_pending: AtomicU64,
     pub reconciles: AtomicU64,
     pub reconcile_errors: AtomicU64,
+    /// Times the peers maps were grown (new, larger maps swapped in).
+    pub peers_grown: AtomicU64,
     /// Problems in the latest observed input (bad files, invalid policies).
     pub input_problems: AtomicU64,
     /// Input versions seen (each change of the folder or of the watched objects).
@@ -112,6 +114,8 @@ pub struct Status {
     pub programmed: AtomicU64,
     /// Verdict events the datapath could not queue (ring buffer full).
     pub events_lost: AtomicU64,
+    /// The control loop's and the watchers' signs of life (`/healthz`).
+    pub heartbeats: super::heartbeat::Heartbeats,
     inner: Mutex<Inner>,
 }
 
@@ -283,9 +287,109 @@ impl Status {
         }
     }
 
+    /// The state as `/status` serves it.
+    pub fn report(&self) -> report::StatusReport {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut out = report::StatusReport {
+            ready: self.ready.load(Ordering::Relaxed),
+            generation: report::Generation {
+                observed: load(&self.observed),
+                programmed: load(&self.programmed),
+            },
+            pods_enforced: load(&self.pods_enforced),
+            pods_pending: load(&self.pods_pending),
+            input_problems: load(&self.input_problems),
+            events_lost: load(&self.events_lost),
+            build: report::BuildInfo::current(),
+            ..report::StatusReport::default()
+        };
+        let Ok(i) = self.inner.lock() else { return out };
+        let mean = |h: &Histogram| (h.count > 0).then(|| h.sum / h.count as f64);
+        out.reconciles = report::Reconciles {
+            total: load(&self.reconciles),
+            failed: load(&self.reconcile_errors),
+            mean_seconds: mean(&i.reconcile),
+            mean_compile_seconds: mean(&i.compile),
+        };
+        for reason in 0..REASON_COUNT as u8 {
+            let (packets, bytes) = i.packets.get(reason as usize).copied().unwrap_or_default();
+            out.packets.push(report::PacketCount {
+                verdict: enforcer_common::verdict_name(reason).into(),
+                reason: REASON_NAMES[reason as usize].into(),
+                packets,
+                bytes,
+            });
+        }
+        out.maps = i
+            .maps
+            .iter()
+            .map(|(map, entries, capacity)| report::MapFill {
+                map: map.clone(),
+                entries: *entries,
+                capacity: *capacity,
+                fill: if *capacity == 0 {
+                    0.0
+                } else {
+                    *entries as f64 / *capacity as f64
+                },
+            })
+            .collect();
+        out.refused_policies = i.refused.clone();
+        out.not_enforced = i
+            .programming
+            .not_enforced
+            .iter()
+            .map(|(pod, reason, why)| report::NotEnforced {
+                pod: pod.clone(),
+                reason: reason.clone(),
+                why: why.clone(),
+            })
+            .collect();
+        out.not_programmed = i.programming.lines.clone();
+        out.entries_missing = i
+            .programming
+            .missing
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(m, n)| (m.clone(), *n))
+            .collect();
+        out.exits_not_attached = i
+            .programming
+            .exits_not_attached
+            .iter()
+            .map(|(interface, why)| report::ExitNotAttached {
+                interface: interface.clone(),
+                why: why.clone(),
+            })
+            .collect();
+        out.verified = report::Verified {
+            local: i
+                .verified
+                .local
+                .iter()
+                .map(|(namespace, pod, service_account)| report::VerifiedPod {
+                    namespace: namespace.clone(),
+                    pod: pod.clone(),
+                    service_account: service_account.clone(),
+                })
+                .collect(),
+            remote: i.verified.remote,
+        };
+        out.reserved_labels_ignored = i.self_set_objects;
+        out
+    }
+
     /// Prometheus text format.
     pub fn render(&self) -> String {
         let mut o = String::new();
+        let build = report::BuildInfo::current();
+        let _ = writeln!(
+            o,
+            "# HELP enforcer_build_info The running binary: version, git revision and compiler (always 1)\n# TYPE enforcer_build_info gauge\nenforcer_build_info{{version=\"{}\",revision=\"{}\",rustc=\"{}\"}} 1",
+            escape(&build.version),
+            escape(&build.revision),
+            escape(&build.rustc)
+        );
         let g = |o: &mut String, name: &str, help: &str, kind: &str, v: u64| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
         };
@@ -326,6 +430,13 @@ impl Status {
         );
         g(
             &mut o,
+            "enforcer_peers_maps_grown_total",
+            "Times PEERS_V4 and PEERS_V6 were replaced by larger maps",
+            "counter",
+            self.peers_grown.load(Ordering::Relaxed),
+        );
+        g(
+            &mut o,
             "enforcer_events_lost_total",
             "Verdict events lost to a full ring buffer",
             "counter",
@@ -363,11 +474,7 @@ impl Status {
         let mut bytes = String::new();
         for reason in 0..REASON_COUNT as u8 {
             let (p, b) = i.packets.get(reason as usize).copied().unwrap_or_default();
-            let verdict = if is_drop_reason(reason) {
-                "dropped"
-            } else {
-                "allowed"
-            };
+            let verdict = verdict_name(reason);
             let name = REASON_NAMES[reason as usize];
             let _ = writeln!(
                 o,
@@ -389,11 +496,7 @@ impl Status {
                 "# HELP enforcer_pod_packets_total Packets by pod, verdict and reason\n# TYPE enforcer_pod_packets_total counter"
             );
             for ((pod, reason), (p, _)) in &i.per_pod {
-                let verdict = if is_drop_reason(*reason) {
-                    "dropped"
-                } else {
-                    "allowed"
-                };
+                let verdict = verdict_name(*reason);
                 let name = REASON_NAMES
                     .get(*reason as usize)
                     .copied()
@@ -410,6 +513,13 @@ impl Status {
         );
         for (m, n, _) in &i.maps {
             let _ = writeln!(o, "enforcer_map_entries{{map=\"{m}\"}} {n}");
+        }
+        let _ = writeln!(
+            o,
+            "# HELP enforcer_map_capacity Entries a datapath map has room for\n# TYPE enforcer_map_capacity gauge"
+        );
+        for (m, _, cap) in &i.maps {
+            let _ = writeln!(o, "enforcer_map_capacity{{map=\"{m}\"}} {cap}");
         }
         let _ = writeln!(
             o,
@@ -560,12 +670,17 @@ mod tests {
         s.observe_compile(Duration::from_millis(30));
         let mut packets = vec![(0, 0); REASON_COUNT as usize];
         packets[enforcer_common::reason::DROP_POLICY as usize] = (7, 700);
+        packets[enforcer_common::reason::ALLOW_AUDIT as usize] = (3, 300);
         s.set_packets(packets, BTreeMap::new());
         s.set_maps(vec![("POLICY".into(), 5, 10)]);
         let t = s.render();
         assert!(
             t.contains("enforcer_packets_total{verdict=\"dropped\",reason=\"policy-denied\"} 7"),
             "{t}"
+        );
+        assert!(
+            t.contains("enforcer_packets_total{verdict=\"would-drop\",reason=\"audit\"} 3"),
+            "audit mode's would-drop apart from drops: {t}"
         );
         assert!(
             t.contains("enforcer_reconcile_seconds_bucket{le=\"0.005\"} 1"),
@@ -584,7 +699,8 @@ mod tests {
             "{t}"
         );
         assert!(
-            t.contains("enforcer_map_fill_ratio{map=\"POLICY\"} 0.5"),
+            t.contains("enforcer_map_fill_ratio{map=\"POLICY\"} 0.5")
+                && t.contains("enforcer_map_capacity{map=\"POLICY\"} 10"),
             "{t}"
         );
         assert!(

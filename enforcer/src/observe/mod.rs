@@ -3,7 +3,9 @@
 
 pub mod flowlog;
 pub mod health;
+pub mod heartbeat;
 pub mod metrics;
+pub mod report;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -12,10 +14,12 @@ use std::{
 };
 
 use enforcer_policy::{
-    model::{Cluster, LABEL_NAMESPACE, LABEL_SERVICE_ACCOUNT, pod_ips, pod_is_policy_pod, pod_ref},
+    model::{
+        Cluster, LABEL_NAMESPACE, LABEL_SERVICE_ACCOUNT, PodInfo, pod_ips, pod_is_policy_pod,
+        pod_ref,
+    },
     state::DesiredState,
 };
-use k8s_openapi::api::core::v1::Pod;
 
 /// What the observers name things with: the state enforced now, the pods behind endpoint ids
 /// and addresses, and the verified identities. The control loop publishes it after each
@@ -32,7 +36,7 @@ pub struct View {
     pub pods_by_endpoint: BTreeMap<u32, String>,
     /// Address -> the pod that owns it, local or on another node (the compiler's owner: the
     /// first by namespace/name among pods in policy; never a node address).
-    pub pods_by_ip: HashMap<IpAddr, Arc<Pod>>,
+    pub pods_by_ip: HashMap<IpAddr, Arc<PodInfo>>,
     /// Addresses bound to a verified identity now.
     pub verified: HashMap<IpAddr, Verified>,
 }
@@ -64,16 +68,8 @@ pub struct VerifiedPods {
 
 /// `spec.serviceAccountName` as the pod object claims it: `default` when unset, as the API
 /// server's ServiceAccount admission sets it (a manifests folder skips admission).
-fn claimed_service_account(pod: &Pod) -> &str {
-    pod.spec
-        .as_ref()
-        .and_then(|s| {
-            s.service_account_name
-                .as_deref()
-                .or(s.service_account.as_deref())
-        })
-        .filter(|s| !s.is_empty())
-        .unwrap_or("default")
+fn claimed_service_account(pod: &PodInfo) -> &str {
+    pod.service_account.as_deref().unwrap_or("default")
 }
 
 /// The one `Arc<str>` of `s` in `names`.
@@ -81,21 +77,9 @@ fn intern<'a>(names: &mut HashMap<&'a str, Arc<str>>, s: &'a str) -> Arc<str> {
     Arc::clone(names.entry(s).or_insert_with(|| s.into()))
 }
 
-/// A pod's namespace (`default` when unset), borrowed.
-fn namespace(pod: &Pod) -> &str {
-    pod.metadata
-        .namespace
-        .as_deref()
-        .filter(|n| !n.is_empty())
-        .unwrap_or("default")
-}
-
 /// Whether `a` sorts before `b` by namespace/name, without building either name.
-fn before(a: &Pod, b: &Pod) -> bool {
-    fn key(p: &Pod) -> (&str, &str) {
-        (namespace(p), p.metadata.name.as_deref().unwrap_or_default())
-    }
-    key(a) < key(b)
+fn before(a: &PodInfo, b: &PodInfo) -> bool {
+    (&*a.namespace, &*a.name) < (&*b.namespace, &*b.name)
 }
 
 impl View {
@@ -106,7 +90,8 @@ impl View {
             .iter()
             .map(|(pod, ep)| (ep.info.id, pod.to_string()))
             .collect();
-        let mut pods_by_ip: HashMap<IpAddr, Arc<Pod>> = HashMap::with_capacity(cluster.pods.len());
+        let mut pods_by_ip: HashMap<IpAddr, Arc<PodInfo>> =
+            HashMap::with_capacity(cluster.pods.len());
         for pod in cluster.pods.iter().filter(|p| pod_is_policy_pod(p)) {
             for ip in pod_ips(pod) {
                 if node_ips.contains(&ip) {
@@ -164,7 +149,7 @@ impl View {
         }
         let pod = self.pods_by_ip.get(&ip)?;
         Some(EndIdentity {
-            namespace: namespace(pod),
+            namespace: &pod.namespace,
             service_account: claimed_service_account(pod),
             verified: false,
         })
@@ -180,15 +165,15 @@ impl View {
             .flat_map(|ep| ep.ips.iter().copied())
             .collect();
         let mut out = VerifiedPods::default();
-        let mut remote: BTreeSet<*const Pod> = BTreeSet::new();
+        let mut remote: BTreeSet<*const PodInfo> = BTreeSet::new();
         for (ip, v) in &self.verified {
             let Some(pod) = self.pods_by_ip.get(ip) else {
                 continue;
             };
             if local_ips.contains(ip) {
                 out.local.insert((
-                    namespace(pod).to_string(),
-                    pod.metadata.name.clone().unwrap_or_default(),
+                    pod.namespace.to_string(),
+                    pod.name.to_string(),
                     v.service_account.to_string(),
                 ));
             } else {

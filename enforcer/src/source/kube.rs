@@ -10,7 +10,7 @@
 //!   peer's address to give it the right identity. A node-local reflector
 //!   (`spec.nodeName=<node>`) alone would leave every remote peer unresolved, i.e. cross-node
 //!   traffic allowed by a podSelector would be dropped. A second, node-local reflector next to
-//!   the all-pods one would add nothing: the trimmed all-pods objects keep every field the
+//!   the all-pods one would add nothing: the compact all-pods values keep every field the
 //!   compiler reads (labels, `spec.nodeName`, `hostNetwork`, container ports for named ports,
 //!   `status.podIPs`, phase), and two stores of the same pods could briefly disagree. So the
 //!   [`Cluster`] holds every pod, and the compiler's `CompileOptions { node_name: Some(node) }`
@@ -21,12 +21,13 @@
 //!   it, so the datapath defers such flows and judges them on the backend; it needs every
 //!   frontend address and node port for that.
 //!
-//! Every object is trimmed by `.modify()` before it reaches its Store ([`trim_pod`],
-//! [`trim_namespace`], [`trim_policy`], [`trim_service`]): managed fields, `resourceVersion`, most annotations and
-//! every pod field the compiler does not read are dropped. That keeps the agent's memory small
-//! on large clusters (every node holds every pod), and it makes a pod status update that only
-//! touched dropped fields (conditions, container statuses) produce an identical snapshot, which
-//! is then not published again, so the agent does not recompile for it.
+//! Pods are converted at the watch to their compact form ([`PodStore`], [`PodInfo`]): no Pod
+//! object is stored, and a pod update that only touched fields not kept (conditions, container
+//! statuses) changes nothing and publishes nothing, so the agent does not recompile for it.
+//! Every other object is trimmed by `.modify()` before it reaches its Store
+//! ([`trim_namespace`], [`trim_policy`], [`trim_service`]): managed fields, `resourceVersion`,
+//! most annotations and what the compiler does not read are dropped. That keeps the agent's
+//! memory small on large clusters (every node holds every pod).
 //!
 //! # When a snapshot is published
 //!
@@ -53,8 +54,8 @@ use futures::{Stream, StreamExt as _};
 use k8s_openapi::{
     api::{
         core::v1::{
-            Container, LoadBalancerIngress, LoadBalancerStatus, Namespace, Pod, PodSpec, PodStatus,
-            Service, ServicePort, ServiceSpec, ServiceStatus,
+            LoadBalancerIngress, LoadBalancerStatus, Namespace, Pod, Service, ServicePort,
+            ServiceSpec, ServiceStatus,
         },
         networking::v1::NetworkPolicy,
     },
@@ -71,8 +72,9 @@ use kube::{
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
-use enforcer_policy::model::{Cluster, pod_node};
+use enforcer_policy::model::{Cluster, PodInfo, pod_node};
 
+use super::liveness::WatchBeats;
 use crate::identity::records::IdentityBinding;
 
 /// How long changes are gathered before one snapshot is taken.
@@ -88,7 +90,7 @@ const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 #[derive(Clone)]
 struct Stores {
     namespaces: Store<Namespace>,
-    pods: Store<Pod>,
+    pods: PodStore,
     policies: Store<NetworkPolicy>,
     services: Store<Service>,
 }
@@ -120,8 +122,31 @@ pub async fn run_with_records(
     tx: watch::Sender<Option<Arc<Cluster>>>,
     records: Option<RecordsTx>,
 ) -> Result<()> {
+    run_watching(client, node_name, tx, records, &WatchBeats::default()).await
+}
+
+/// [`run_with_records`], each watch stream beating its resource's heartbeat in `beats` on every
+/// event and error (the client beats them on every chunk: see [`super::liveness`]).
+pub async fn run_watching(
+    client: Client,
+    node_name: String,
+    tx: watch::Sender<Option<Arc<Cluster>>>,
+    records: Option<RecordsTx>,
+    beats: &WatchBeats,
+) -> Result<()> {
     let (namespaces, ns_stream) = reflect(Api::<Namespace>::all(client.clone()), trim_namespace);
-    let (pods, pod_stream) = reflect(Api::<Pod>::all(client.clone()), trim_pod);
+    let pods = PodStore::default();
+    let pod_stream = {
+        let store = pods.clone();
+        watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
+            .default_backoff()
+            .filter(move |event| {
+                std::future::ready(match event {
+                    Ok(e) => store.apply(e),
+                    Err(_) => true,
+                })
+            })
+    };
     let (policies, pol_stream) = reflect(Api::<NetworkPolicy>::all(client.clone()), trim_policy);
     let (services, svc_stream) = reflect(Api::<Service>::all(client.clone()), trim_service);
     let stores = Stores {
@@ -136,7 +161,7 @@ pub async fn run_with_records(
             let (store, stream) = reflect(Api::<IdentityBinding>::all(client), trim_record);
             (
                 Some(store),
-                futures::future::Either::Left(drive("identitybindings", stream, &dirty_tx)),
+                futures::future::Either::Left(drive("identitybindings", stream, &dirty_tx, beats)),
             )
         }
         None => (
@@ -146,10 +171,10 @@ pub async fn run_with_records(
     };
     let published_records = record_store.as_ref().zip(records.as_ref());
     tokio::select! {
-        r = drive("namespaces", ns_stream, &dirty_tx) => r,
-        r = drive("pods", pod_stream, &dirty_tx) => r,
-        r = drive("networkpolicies", pol_stream, &dirty_tx) => r,
-        r = drive("services", svc_stream, &dirty_tx) => r,
+        r = drive("namespaces", ns_stream, &dirty_tx, beats) => r,
+        r = drive("pods", pod_stream, &dirty_tx, beats) => r,
+        r = drive("networkpolicies", pol_stream, &dirty_tx, beats) => r,
+        r = drive("services", svc_stream, &dirty_tx, beats) => r,
         r = record_drive => r,
         r = publish(&stores, published_records, dirty_rx, &tx, &node_name) => r,
     }
@@ -186,9 +211,11 @@ async fn drive<K>(
     what: &str,
     stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
     dirty: &watch::Sender<()>,
+    beats: &WatchBeats,
 ) -> Result<()> {
     let mut stream = std::pin::pin!(stream);
     while let Some(item) = stream.next().await {
+        beats.beat(what);
         match item {
             // The Store changed (InitDone: a (re)list was swapped in).
             Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => {
@@ -224,7 +251,10 @@ async fn publish(
 ) -> Result<()> {
     tokio::try_join!(
         stores.namespaces.wait_until_ready(),
-        stores.pods.wait_until_ready(),
+        async {
+            stores.pods.wait_until_ready().await;
+            Ok(())
+        },
         stores.policies.wait_until_ready(),
         stores.services.wait_until_ready(),
         async {
@@ -313,16 +343,108 @@ fn same_cluster(a: &Cluster, b: &Cluster) -> bool {
 /// same Stores always give the same value.
 pub fn snapshot(
     ns: &Store<Namespace>,
-    pods: &Store<Pod>,
+    pods: &PodStore,
     pols: &Store<NetworkPolicy>,
     services: &Store<Service>,
 ) -> Cluster {
     Cluster {
         namespaces: sorted(ns),
-        pods: sorted(pods),
+        pods: pods.state(),
         policies: sorted(pols),
         services: sorted(services),
         ..Default::default()
+    }
+}
+
+/// The pods of the cluster, held compactly ([`PodInfo`]): the pod watch converts each object as
+/// it arrives, so no Pod object outlives its event. (A reflector Store would keep every Pod:
+/// even trimmed, its many unset fields cost kilobytes, and every node holds every pod.)
+/// Keyed by namespace/name like a Store; a relist is gathered apart and swapped in whole.
+#[derive(Clone)]
+pub struct PodStore {
+    inner: Arc<std::sync::Mutex<PodStoreInner>>,
+    ready: Arc<watch::Sender<bool>>,
+}
+
+type PodKey = (Arc<str>, Box<str>);
+
+#[derive(Default)]
+struct PodStoreInner {
+    live: std::collections::BTreeMap<PodKey, Arc<PodInfo>>,
+    /// A (re)list in progress.
+    listing: Option<std::collections::BTreeMap<PodKey, Arc<PodInfo>>>,
+}
+
+impl Default for PodStore {
+    fn default() -> Self {
+        Self {
+            inner: Arc::default(),
+            ready: Arc::new(watch::channel(false).0),
+        }
+    }
+}
+
+impl PodStore {
+    /// Applies one watch event; `false` when it changed nothing the compiler reads (an update
+    /// of a field not kept, e.g. a condition), so nothing is published for it.
+    pub fn apply(&self, event: &watcher::Event<Pod>) -> bool {
+        let Ok(mut g) = self.inner.lock() else {
+            return true;
+        };
+        let info = |p: &Pod| {
+            let info = PodInfo::from(p);
+            ((Arc::clone(&info.namespace), info.name.clone()), info)
+        };
+        match event {
+            watcher::Event::Init => {
+                g.listing = Some(Default::default());
+                false
+            }
+            watcher::Event::InitApply(p) => {
+                let (k, v) = info(p);
+                // Unchanged pods keep their value: the compiler finds them equal by address.
+                let v = match g.live.get(&k) {
+                    Some(old) if **old == v => Arc::clone(old),
+                    _ => Arc::new(v),
+                };
+                g.listing.get_or_insert_with(Default::default).insert(k, v);
+                false
+            }
+            watcher::Event::InitDone => {
+                let listed = g.listing.take().unwrap_or_default();
+                g.live = listed;
+                drop(g);
+                self.ready.send_replace(true);
+                true
+            }
+            watcher::Event::Apply(p) => {
+                let (k, v) = info(p);
+                if g.live.get(&k).is_some_and(|old| **old == v) {
+                    return false;
+                }
+                g.live.insert(k, Arc::new(v));
+                true
+            }
+            watcher::Event::Delete(p) => {
+                let (k, _) = info(p);
+                g.live.remove(&k).is_some()
+            }
+        }
+    }
+
+    /// Every pod, sorted by namespace/name.
+    pub fn state(&self) -> Vec<Arc<PodInfo>> {
+        self.inner
+            .lock()
+            .map(|g| g.live.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Returns once the first list is in.
+    async fn wait_until_ready(&self) {
+        let mut rx = self.ready.subscribe();
+        // The sender lives as long as `self`: this cannot fail.
+        let _ = rx.wait_for(|ready| *ready).await;
     }
 }
 
@@ -364,34 +486,6 @@ fn trim_meta(meta: &mut ObjectMeta) {
         deletion_timestamp: meta.deletion_timestamp.take(),
         ..ObjectMeta::default()
     };
-}
-
-/// Keeps what the compiler and the identity code read of a pod: [`trim_meta`]; `spec.nodeName`,
-/// `hostNetwork`, `serviceAccountName`, each (init) container's name and ports (named ports);
-/// `status.phase`, `podIP`, `podIPs`.
-pub fn trim_pod(pod: &mut Pod) {
-    trim_meta(&mut pod.metadata);
-    let ports_only = |c: Container| Container {
-        name: c.name,
-        ports: c.ports,
-        ..Container::default()
-    };
-    pod.spec = pod.spec.take().map(|s| PodSpec {
-        node_name: s.node_name,
-        host_network: s.host_network,
-        service_account_name: s.service_account_name,
-        containers: s.containers.into_iter().map(ports_only).collect(),
-        init_containers: s
-            .init_containers
-            .map(|cs| cs.into_iter().map(ports_only).collect()),
-        ..PodSpec::default()
-    });
-    pod.status = pod.status.take().map(|s| PodStatus {
-        phase: s.phase,
-        pod_ip: s.pod_ip,
-        pod_ips: s.pod_ips,
-        ..PodStatus::default()
-    });
 }
 
 /// A namespace is its name and labels ([`trim_meta`]); spec and status go.
@@ -471,8 +565,6 @@ mod tests {
     //! request fails the test instead of hanging it.
 
     use std::collections::BTreeMap;
-
-    use enforcer_policy::model::shared;
 
     use http::{Request, Response, StatusCode};
     use kube::client::Body;
@@ -555,8 +647,16 @@ mod tests {
     }
 
     fn start() -> (Client, FakeApi) {
+        start_beating(WatchBeats::default())
+    }
+
+    /// The mocked API server behind a client beating `beats` (as the agent's does).
+    fn start_beating(beats: WatchBeats) -> (Client, FakeApi) {
         let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(service, "default");
+        let client = Client::new(
+            super::super::liveness::Beating::new(service, beats),
+            "default",
+        );
         let mut senders = BTreeMap::new();
         let mut queues = BTreeMap::new();
         for r in Res::ALL {
@@ -888,13 +988,7 @@ mod tests {
     fn pod_names(c: &Cluster) -> Vec<String> {
         c.pods
             .iter()
-            .map(|p| {
-                format!(
-                    "{}/{}",
-                    p.metadata.namespace.as_deref().unwrap(),
-                    p.metadata.name.as_deref().unwrap()
-                )
-            })
+            .map(|p| format!("{}/{}", p.namespace, p.name))
             .collect()
     }
 
@@ -919,12 +1013,8 @@ mod tests {
     }
 
     fn labels_of(c: &Cluster, pod: &str) -> BTreeMap<String, String> {
-        let p = c
-            .pods
-            .iter()
-            .find(|p| p.metadata.name.as_deref() == Some(pod))
-            .unwrap();
-        p.metadata.labels.clone().unwrap_or_default()
+        let p = c.pods.iter().find(|p| &*p.name == pod).unwrap();
+        p.labels_as_set()
     }
 
     /// Lets the source run (the debounce and a little more) without expecting a change.
@@ -933,6 +1023,47 @@ mod tests {
     }
 
     // ---- tests ----
+
+    /// A quiet watch (no object changes, only the API server's bookmark) keeps its heartbeat
+    /// alive: the client beats on the watch's response and its chunks, which kube's watcher
+    /// never shows as events.
+    #[tokio::test]
+    async fn a_quiet_watch_beats_its_heartbeat_with_a_bookmark() {
+        use crate::observe::heartbeat::Heartbeats;
+        let heartbeats = Heartbeats::default();
+        let beats = WatchBeats::register(&heartbeats, &["pods"], Duration::from_secs(600));
+        let (client, mut api) = start_beating(beats.clone());
+        let (tx, mut rx) = watch::channel(None);
+        let task = tokio::spawn({
+            let beats = beats.clone();
+            async move { run_watching(client, NODE.to_string(), tx, None, &beats).await }
+        });
+        api.initial_lists(vec![], vec![], vec![]).await;
+        until(&mut rx, "the first snapshot", |_| true).await;
+        let frozen = std::time::Instant::now()
+            .checked_sub(Duration::from_secs(700))
+            .expect("the clock is past 700 s");
+        beats.heartbeat("pods").unwrap().beat_at(frozen);
+        assert_eq!(
+            heartbeats.stale(std::time::Instant::now()).len(),
+            1,
+            "frozen: stale"
+        );
+        api.watch(Res::Pods, "200", &[bookmark(Res::Pods, "250")])
+            .await;
+        let alive = timeout(WAIT, async {
+            while !heartbeats.stale(std::time::Instant::now()).is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(
+            alive.is_ok(),
+            "{:?}",
+            heartbeats.stale(std::time::Instant::now())
+        );
+        task.abort();
+    }
 
     #[tokio::test]
     async fn initial_lists_publish_one_sorted_trimmed_snapshot_once_all_are_ready() {
@@ -1007,34 +1138,24 @@ mod tests {
             )
         );
 
-        // Trimmed: what the compiler reads stays, the rest is gone.
+        // Held compactly: what the compiler and the identity checks read stays.
         let api_pod = &c.pods[1];
-        assert!(
-            api_pod.metadata.managed_fields.is_none()
-                && api_pod.metadata.resource_version.is_none()
-        );
-        assert!(api_pod.metadata.owner_references.is_none());
+        assert_eq!(api_pod.uid.as_deref(), Some("uid-prod-api"));
+        assert_eq!(api_pod.node_name.as_deref(), Some(NODE));
+        assert_eq!(api_pod.service_account.as_deref(), Some("default"));
         assert_eq!(
-            api_pod.metadata.annotations,
-            Some([("enforcer.dev/keep".to_string(), "yes".to_string())].into())
+            api_pod
+                .named_ports
+                .iter()
+                .map(|(n, _, port)| (n.as_str(), *port))
+                .collect::<Vec<_>>(),
+            [("http", 8080)]
         );
-        assert_eq!(api_pod.metadata.uid.as_deref(), Some("uid-prod-api"));
-        let spec = api_pod.spec.as_ref().unwrap();
-        assert_eq!(spec.node_name.as_deref(), Some(NODE));
-        assert_eq!(spec.service_account_name.as_deref(), Some("default"));
-        assert!(spec.volumes.is_none());
-        let container = &spec.containers[0];
-        assert_eq!(container.name, "app");
-        assert!(container.image.is_none() && container.env.is_none());
         assert_eq!(
-            container.ports.as_ref().unwrap()[0].name.as_deref(),
-            Some("http")
+            &*api_pod.ips,
+            ["10.244.1.7".parse::<std::net::IpAddr>().unwrap()]
         );
-        let status = api_pod.status.as_ref().unwrap();
-        assert_eq!(status.pod_ip.as_deref(), Some("10.244.1.7"));
-        assert_eq!(status.pod_ips.as_ref().unwrap()[0].ip, "10.244.1.7");
-        assert_eq!(status.phase.as_deref(), Some("Running"));
-        assert!(status.conditions.is_none() && status.host_ip.is_none());
+        assert!(!api_pod.terminated && !api_pod.terminating && !api_pod.host_network);
         let prod = &c.namespaces[1];
         assert_eq!(
             prod.metadata.labels,
@@ -1560,7 +1681,7 @@ mod tests {
     #[test]
     fn snapshot_is_sorted_whatever_the_store_order() {
         let (ns_store, mut ns_w) = reflector::store::<Namespace>();
-        let (pod_store, mut pod_w) = reflector::store::<Pod>();
+        let pod_store = PodStore::default();
         let (pol_store, mut pol_w) = reflector::store::<NetworkPolicy>();
         let (svc_store, mut svc_w) = reflector::store::<Service>();
         for n in ["zeta", "alpha", "mid"] {
@@ -1570,7 +1691,7 @@ mod tests {
         for (ns, name) in [("b", "x"), ("a", "y"), ("a", "x"), ("b", "a")] {
             let obj: Pod =
                 serde_json::from_value(pod(ns, name, NODE, "10.0.0.1", json!({}), "1")).unwrap();
-            pod_w.apply_watcher_event(&watcher::Event::Apply(obj));
+            pod_store.apply(&watcher::Event::Apply(obj));
             let obj: NetworkPolicy =
                 serde_json::from_value(policy(ns, name, deny_all(), "1")).unwrap();
             pol_w.apply_watcher_event(&watcher::Event::Apply(obj));
@@ -1599,7 +1720,7 @@ mod tests {
     fn a_policy_the_agent_refuses_isolates_the_pods_it_selects() {
         use enforcer_common::{DIR_EGRESS, DIR_INGRESS};
         let (ns_store, mut ns_w) = reflector::store::<Namespace>();
-        let (pod_store, mut pod_w) = reflector::store::<Pod>();
+        let pod_store = PodStore::default();
         let (pol_store, mut pol_w) = reflector::store::<NetworkPolicy>();
         let (svc_store, _) = reflector::store::<Service>();
         let obj: Namespace = serde_json::from_value(namespace("shop", json!({}), "1")).unwrap();
@@ -1608,11 +1729,10 @@ mod tests {
             ("backend", "backend", "10.244.1.10"),
             ("other", "x", "10.244.1.11"),
         ] {
-            let mut obj: Pod =
+            let obj: Pod =
                 serde_json::from_value(pod("shop", name, NODE, ip, json!({"app": app}), "2"))
                     .unwrap();
-            trim_pod(&mut obj);
-            pod_w.apply_watcher_event(&watcher::Event::Apply(obj));
+            pod_store.apply(&watcher::Event::Apply(obj));
         }
         let spec = json!({
             "podSelector": {"matchLabels": {"app": "backend"}},
@@ -1650,40 +1770,75 @@ mod tests {
         assert!(compiled.state.policy.is_empty(), "nothing allowed");
     }
 
+    /// Full Pod objects are not kept: the watch holds each pod as its compact form, with what
+    /// the compiler reads (host-network pods stay out of policy), replicas share their label
+    /// set, and an update of a field not kept (a condition, the image, managed fields) changes
+    /// nothing and publishes nothing.
     #[test]
-    fn trimming_keeps_what_the_compiler_reads() {
-        let mut p: Pod = serde_json::from_value(pod(
-            "prod",
-            "a",
-            NODE,
-            "10.244.1.2",
-            json!({"app": "a"}),
-            "1",
-        ))
-        .unwrap();
-        let mut host: Pod = p.clone();
+    fn pods_are_held_compactly_at_the_watch() {
+        let full = |name: &str, ip: &str| -> Pod {
+            serde_json::from_value(pod("prod", name, NODE, ip, json!({"app": "a"}), "1")).unwrap()
+        };
+        let store = PodStore::default();
+        let mut host = full("host", "172.18.0.2");
         host.spec.as_mut().unwrap().host_network = Some(true);
-        trim_pod(&mut p);
-        trim_pod(&mut host);
+        store.apply(&watcher::Event::Init);
+        for p in [full("a", "10.244.1.2"), full("b", "10.244.1.3"), host] {
+            store.apply(&watcher::Event::InitApply(p));
+        }
+        assert!(store.state().is_empty(), "a list is swapped in whole");
+        assert!(store.apply(&watcher::Event::InitDone));
+        let pods = store.state();
+        assert_eq!(pods.len(), 3);
+        let a = &pods[0];
+        assert_eq!((&*a.namespace, &*a.name), ("prod", "a"));
+        assert_eq!(a.uid.as_deref(), Some("uid-prod-a"));
+        assert_eq!(a.node_name.as_deref(), Some(NODE));
+        assert_eq!(
+            *a.labels,
+            BTreeMap::from([("app".to_string(), "a".to_string())])
+        );
+        assert_eq!(
+            a.named_ports.iter().cloned().collect::<Vec<_>>(),
+            [("http".to_string(), enforcer_common::PROTO_TCP, 8080)]
+        );
+        assert_eq!(&*a.ips, ["10.244.1.2".parse::<std::net::IpAddr>().unwrap()]);
+        assert!(
+            Arc::ptr_eq(&a.labels, &pods[1].labels),
+            "replicas share one label set"
+        );
         let cluster = Cluster {
-            pods: shared(vec![p.clone(), host]),
+            pods: pods.clone(),
             ..Cluster::default()
         };
-        // The host-network pod stays out of policy after trimming, the other stays in.
         let policy_pods: Vec<_> = cluster
             .policy_pods()
             .into_iter()
             .map(|(r, _)| r.name)
             .collect();
-        assert_eq!(policy_pods, ["a"]);
         assert_eq!(
-            enforcer_policy::model::pod_ips(&p),
-            ["10.244.1.2".parse::<std::net::IpAddr>().unwrap()]
+            policy_pods,
+            ["a", "b"],
+            "the host-network pod takes no part"
         );
-        // Idempotent.
-        let mut again = p.clone();
-        trim_pod(&mut again);
-        assert_eq!(again, p);
+
+        // Only unkept fields changed: the same value, nothing to publish.
+        let mut noisy = full("a", "10.244.1.2");
+        noisy.metadata.resource_version = Some("9".into());
+        noisy.spec.as_mut().unwrap().containers[0].image = Some("registry.example/app:2".into());
+        noisy.status.as_mut().unwrap().conditions = None;
+        assert!(!store.apply(&watcher::Event::Apply(noisy)));
+        assert!(Arc::ptr_eq(&store.state()[0], a));
+        // A kept field changed: published.
+        let mut moved = full("a", "10.244.1.2");
+        moved.metadata.labels = Some(BTreeMap::from([("app".into(), "z".into())]));
+        assert!(store.apply(&watcher::Event::Apply(moved)));
+        assert_eq!(
+            store.state()[0].labels.get("app").map(String::as_str),
+            Some("z")
+        );
+        assert!(store.apply(&watcher::Event::Delete(full("b", "10.244.1.3"))));
+        assert_eq!(store.state().len(), 2);
     }
 
     /// An identity record as an agent writes it, with what the API server adds.

@@ -1,25 +1,29 @@
 //! The manifests folder (standalone mode and the offline tools): every `*.yaml`, `*.yml` and
 //! `*.json` file in a directory, multi-document YAML, `kind: List` (and `*List`) items, with
-//! Namespace, Pod, Service (v1) and NetworkPolicy objects. A bad file or document is reported
-//! with the file, the document index, the object and the field, and everything else still
-//! loads.
+//! Namespace, Pod, Service (v1) and NetworkPolicy objects, and the pod templates of workloads
+//! ([`Workload`], for the offline tools only: the agent enforces real pods). A bad file or
+//! document is reported with the file, the document index, the object and the field, and
+//! everything else still loads.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fmt,
     path::{Path, PathBuf},
     sync::Arc,
 };
 
 use anyhow::Context as _;
-use k8s_openapi::api::{
-    core::v1::{Namespace, Pod, Service},
-    networking::v1::NetworkPolicy,
+use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, Pod, PodTemplateSpec, Service},
+        networking::v1::NetworkPolicy,
+    },
+    apimachinery::pkg::apis::meta::v1::LabelSelector,
 };
 use serde::Deserialize as _;
 use serde_json::Value;
 
-use enforcer_policy::model::{Cluster, NAMESPACE_NAME_LABEL};
+use enforcer_policy::model::{Cluster, NAMESPACE_NAME_LABEL, PodInfo};
 
 /// A problem with one file, document or object.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,8 +59,28 @@ pub struct Loaded {
     pub errors: Vec<FileError>,
     /// Objects of other kinds, left out (`file: Kind ns/name`).
     pub ignored: Vec<String>,
+    /// The workloads' pod templates, in load order (not part of [`Loaded::cluster`]).
+    pub workloads: Vec<Workload>,
     /// (kind, namespace, name) of the objects loaded so far.
     seen: BTreeSet<(String, String, String)>,
+    /// Where each object loaded came from, by (kind, namespace or `""`, name): for the tools
+    /// that point at a line (`lint`). Kept by [`load_text`], not by [`merge_all`].
+    pub origins: BTreeMap<(String, String, String), Origin>,
+    /// `(namespace, name)` of the ServiceAccount objects: which identities a workload can
+    /// prove (`lint`); the agent reads no ServiceAccount.
+    pub service_accounts: BTreeSet<(String, String)>,
+}
+
+/// Where an object was read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub file: PathBuf,
+    /// Index of the YAML document in the file (0-based); `None` for JSON.
+    pub document: Option<usize>,
+    /// 1-based line where the object's document starts; `None` for JSON.
+    pub line: Option<usize>,
+    /// `items[i]` inside a List.
+    pub item: Option<String>,
 }
 
 impl Loaded {
@@ -64,6 +88,69 @@ impl Loaded {
     /// file kept for later merges holds only its objects).
     pub fn forget_seen(&mut self) {
         self.seen = BTreeSet::new();
+    }
+}
+
+/// The kinds whose pod template the offline tools judge as one pod.
+pub const WORKLOAD_KINDS: [&str; 6] = [
+    "Deployment",
+    "StatefulSet",
+    "DaemonSet",
+    "ReplicaSet",
+    "Job",
+    "CronJob",
+];
+
+/// A workload as written: its kind, name and pod template (for a CronJob, its job's).
+#[derive(Clone, Debug)]
+pub struct Workload {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    /// `spec.selector`: the pods it manages, when it says.
+    pub selector: Option<LabelSelector>,
+    pub template: PodTemplateSpec,
+    /// Managed by another object (a Deployment's ReplicaSet, a CronJob's Job): that object
+    /// stands for it.
+    pub owned: bool,
+}
+
+impl Workload {
+    /// Reads a workload object (one of [`WORKLOAD_KINDS`]); `Err` names the field.
+    pub fn from_value(kind: &str, v: &Value) -> Result<Self, String> {
+        let meta: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta =
+            typed(v.get("metadata").cloned().unwrap_or(Value::Null))
+                .map_err(|e| format!("metadata.{e}"))?;
+        let (path, template) = if kind == "CronJob" {
+            (
+                "spec.jobTemplate.spec.template",
+                v.pointer("/spec/jobTemplate/spec/template"),
+            )
+        } else {
+            ("spec.template", v.pointer("/spec/template"))
+        };
+        let template: PodTemplateSpec = match template {
+            Some(t) => typed(t.clone()).map_err(|e| format!("{path}.{e}"))?,
+            None => return Err(format!("{path}: missing")),
+        };
+        let selector = match v.pointer("/spec/selector") {
+            Some(s) if !s.is_null() => {
+                Some(typed(s.clone()).map_err(|e| format!("spec.selector.{e}"))?)
+            }
+            _ => None,
+        };
+        Ok(Self {
+            kind: kind.to_string(),
+            namespace: enforcer_policy::validate::namespace_of(&meta),
+            name: meta.name.clone().unwrap_or_default(),
+            selector,
+            template,
+            owned: meta
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| o.controller == Some(true)),
+        })
     }
 }
 
@@ -115,13 +202,14 @@ pub fn load_text(file: &Path, text: &str, loaded: &mut Loaded) {
     };
     if file.extension().and_then(|e| e.to_str()) == Some("json") {
         match serde_json::from_str::<Value>(text) {
-            Ok(v) => load_value(file, None, v, None, loaded),
+            Ok(v) => load_value(file, (None, None), v, None, loaded),
             Err(e) => loaded
                 .errors
                 .push(err(None, None, format!("invalid JSON: {e}"))),
         }
         return;
     }
+    let lines = document_lines(text);
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let value = match serde_yaml::Value::deserialize(doc) {
             Ok(v) => v,
@@ -137,12 +225,34 @@ pub fn load_text(file: &Path, text: &str, loaded: &mut Loaded) {
             continue;
         }
         match serde_json::to_value(&value) {
-            Ok(v) => load_value(file, Some(i), v, None, loaded),
+            Ok(v) => load_value(file, (Some(i), lines.get(i).copied()), v, None, loaded),
             Err(e) => loaded
                 .errors
                 .push(err(Some(i), None, format!("unsupported YAML: {e}"))),
         }
     }
+}
+
+/// The 1-based line where each YAML document of `text` starts, in the order the parser yields
+/// them: a `---` line starts a document, and text before the first one (other than comments and
+/// blank lines) is a document too.
+pub fn document_lines(text: &str) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut content_before_marker = None;
+    for (n, line) in text.lines().enumerate() {
+        if line == "---" || line.starts_with("--- ") {
+            out.push(n + 2);
+        } else if out.is_empty() && content_before_marker.is_none() {
+            let t = line.trim_start();
+            if !t.is_empty() && !t.starts_with('#') {
+                content_before_marker = Some(n + 1);
+            }
+        }
+    }
+    if let Some(first) = content_before_marker {
+        out.insert(0, first);
+    }
+    out
 }
 
 fn describe(v: &Value, kind: &str) -> String {
@@ -173,7 +283,7 @@ fn typed<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, String> {
 
 fn load_value(
     file: &Path,
-    document: Option<usize>,
+    (document, line): (Option<usize>, Option<usize>),
     v: Value,
     item: Option<String>,
     loaded: &mut Loaded,
@@ -207,13 +317,23 @@ fn load_value(
                 enforcer_policy::validate::namespace_of(meta)
             };
             let key = (kind.clone(), ns, meta.name.clone().unwrap_or_default());
-            loaded.seen.insert(key) || {
-                fail(
-                    loaded,
-                    "defined more than once; the first definition is used".into(),
+            if loaded.seen.insert(key.clone()) {
+                loaded.origins.insert(
+                    key,
+                    Origin {
+                        file: file.to_path_buf(),
+                        document,
+                        line,
+                        item: item.clone(),
+                    },
                 );
-                false
+                return true;
             }
+            fail(
+                loaded,
+                "defined more than once; the first definition is used".into(),
+            );
+            false
         };
     match kind.as_str() {
         "Namespace" => match typed::<Namespace>(v) {
@@ -229,7 +349,9 @@ fn load_value(
             Ok(mut o) => {
                 o.metadata.namespace.get_or_insert_with(|| "default".into());
                 if first(loaded, &o.metadata) {
-                    loaded.cluster.pods.push(Arc::new(o));
+                    // Only the compact form is kept (a folder of 100k pods would otherwise
+                    // hold 100k API objects).
+                    loaded.cluster.pods.push(Arc::new(PodInfo::from(o)));
                 }
             }
             Err(m) => fail(loaded, m),
@@ -265,6 +387,29 @@ fn load_value(
             }
             Err(m) => fail(loaded, m),
         },
+        k if WORKLOAD_KINDS.contains(&k) => match Workload::from_value(k, &v) {
+            Ok(w) => {
+                let meta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                    name: Some(w.name.clone()),
+                    namespace: Some(w.namespace.clone()),
+                    ..Default::default()
+                };
+                if first(loaded, &meta) {
+                    loaded.workloads.push(w);
+                }
+            }
+            Err(m) => fail(loaded, m),
+        },
+        "ServiceAccount" => match typed::<k8s_openapi::api::core::v1::ServiceAccount>(v) {
+            Ok(o) => {
+                let ns = enforcer_policy::validate::namespace_of(&o.metadata);
+                if first(loaded, &o.metadata) {
+                    let name = o.metadata.name.unwrap_or_default();
+                    loaded.service_accounts.insert((ns, name));
+                }
+            }
+            Err(m) => fail(loaded, m),
+        },
         k if k == "List" || k.ends_with("List") => match v.get("items") {
             Some(Value::Array(items)) => {
                 for (i, it) in items.iter().enumerate() {
@@ -272,7 +417,7 @@ fn load_value(
                         Some(outer) => format!("{outer}.items[{i}]"),
                         None => format!("items[{i}]"),
                     };
-                    load_value(file, document, it.clone(), Some(at), loaded);
+                    load_value(file, (document, line), it.clone(), Some(at), loaded);
                 }
             }
             Some(Value::Null) | None => {}
@@ -290,22 +435,21 @@ fn load_value(
 /// Runs for every object on every change of any file, so names are compared borrowed, and the
 /// objects themselves are shared, not copied.
 pub fn merge_all<'a>(parts: impl IntoIterator<Item = (&'a Path, &'a Loaded)>) -> Loaded {
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     let mut into = Loaded::default();
     let mut seen: std::collections::HashSet<(&str, &str, &str)> = std::collections::HashSet::new();
     for (file, part) in parts {
         into.errors.extend(part.errors.iter().cloned());
         into.ignored.extend(part.ignored.iter().cloned());
-        let mut first = |errors: &mut Vec<FileError>, kind: &'static str, meta: &'a ObjectMeta| {
+        let mut first = |errors: &mut Vec<FileError>,
+                         kind: &'static str,
+                         namespace: Option<&'a str>,
+                         name: Option<&'a str>| {
             let ns = if kind == "Namespace" {
                 ""
             } else {
-                meta.namespace
-                    .as_deref()
-                    .filter(|n| !n.is_empty())
-                    .unwrap_or("default")
+                namespace.filter(|n| !n.is_empty()).unwrap_or("default")
             };
-            let name = meta.name.as_deref().unwrap_or_default();
+            let name = name.unwrap_or_default();
             if seen.insert((kind, ns, name)) {
                 return true;
             }
@@ -323,22 +467,37 @@ pub fn merge_all<'a>(parts: impl IntoIterator<Item = (&'a Path, &'a Loaded)>) ->
         };
         let c = &mut into.cluster;
         for o in &part.cluster.namespaces {
-            if first(&mut into.errors, "Namespace", &o.metadata) {
+            if first(
+                &mut into.errors,
+                "Namespace",
+                o.metadata.namespace.as_deref(),
+                o.metadata.name.as_deref(),
+            ) {
                 c.namespaces.push(Arc::clone(o));
             }
         }
         for o in &part.cluster.pods {
-            if first(&mut into.errors, "Pod", &o.metadata) {
+            if first(&mut into.errors, "Pod", Some(&o.namespace), Some(&o.name)) {
                 c.pods.push(Arc::clone(o));
             }
         }
         for o in &part.cluster.policies {
-            if first(&mut into.errors, "NetworkPolicy", &o.metadata) {
+            if first(
+                &mut into.errors,
+                "NetworkPolicy",
+                o.metadata.namespace.as_deref(),
+                o.metadata.name.as_deref(),
+            ) {
                 c.policies.push(Arc::clone(o));
             }
         }
         for o in &part.cluster.services {
-            if first(&mut into.errors, "Service", &o.metadata) {
+            if first(
+                &mut into.errors,
+                "Service",
+                o.metadata.namespace.as_deref(),
+                o.metadata.name.as_deref(),
+            ) {
                 c.services.push(Arc::clone(o));
             }
         }
@@ -351,11 +510,6 @@ pub fn merge_all<'a>(parts: impl IntoIterator<Item = (&'a Path, &'a Loaded)>) ->
 pub fn finish(loaded: &mut Loaded) {
     let c = &mut loaded.cluster;
     // Objects are normalised as they load; these only touch (and so copy) one that is not.
-    for p in &mut c.pods {
-        if p.metadata.namespace.is_none() {
-            Arc::make_mut(p).metadata.namespace = Some("default".into());
-        }
-    }
     for p in &mut c.policies {
         if p.metadata.namespace.is_none() {
             Arc::make_mut(p).metadata.namespace = Some("default".into());
@@ -374,9 +528,13 @@ pub fn finish(loaded: &mut Loaded) {
     let used: BTreeSet<String> = c
         .pods
         .iter()
-        .map(|p| &p.metadata)
-        .chain(c.policies.iter().map(|p| &p.metadata))
-        .filter_map(|m| m.namespace.clone())
+        .map(|p| p.namespace.to_string())
+        .chain(
+            c.policies
+                .iter()
+                .filter_map(|p| p.metadata.namespace.clone()),
+        )
+        .chain(loaded.workloads.iter().map(|w| w.namespace.clone()))
         .collect();
     for ns in used.difference(&declared) {
         let mut n = Namespace {
@@ -539,6 +697,76 @@ spec:
         );
         assert!(loaded.errors[1].message.contains("kind"));
         assert_eq!(loaded.errors[1].document, Some(2));
+    }
+
+    /// Workloads load apart from the cluster (the agent never sees them), each kind's template
+    /// from its field (a CronJob's from its job's), a bad one named with its field.
+    #[test]
+    fn workloads_load_as_templates_and_bad_ones_name_the_field() {
+        let mut loaded = Loaded::default();
+        let text = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: x}\nspec:\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: c}]}\n---\napiVersion: batch/v1\nkind: CronJob\nmetadata: {name: nightly}\nspec:\n  jobTemplate:\n    spec:\n      template:\n        metadata: {labels: {app: nightly}}\n        spec: {containers: [{name: c}]}\n---\napiVersion: apps/v1\nkind: StatefulSet\nmetadata: {name: db, namespace: x}\nspec:\n  template:\n    spec: {containers: [{name: c, ports: [{containerPort: eighty}]}]}\n";
+        load_text(Path::new("w.yaml"), text, &mut loaded);
+        finish(&mut loaded);
+        assert!(loaded.cluster.pods.is_empty());
+        let names: Vec<String> = loaded
+            .workloads
+            .iter()
+            .map(|w| format!("{} {}/{}", w.kind, w.namespace, w.name))
+            .collect();
+        assert_eq!(names, ["Deployment x/web", "CronJob default/nightly"]);
+        let labels = loaded.workloads[1]
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .as_ref();
+        assert_eq!(
+            labels.unwrap().get("app").map(String::as_str),
+            Some("nightly")
+        );
+        assert_eq!(loaded.errors.len(), 1, "{:?}", loaded.errors);
+        let e = loaded.errors[0].to_string();
+        assert!(
+            e.starts_with("w.yaml document 2 StatefulSet x/db: spec.template.spec.containers[0].ports[0].containerPort"),
+            "{e}"
+        );
+        assert_eq!(
+            loaded
+                .origins
+                .get(&("Deployment".to_string(), "x".to_string(), "web".to_string()))
+                .map(|o| o.file.display().to_string())
+                .as_deref(),
+            Some("w.yaml")
+        );
+    }
+
+    /// Each object's file, document and first line are kept, ServiceAccounts are collected, and
+    /// a leading comment or `---` does not shift the document count.
+    #[test]
+    fn origins_and_service_accounts_are_kept() {
+        let text = "# a comment\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: sa, namespace: x}\n---\n---\napiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: Pod, metadata: {name: a, namespace: x}}\n";
+        assert_eq!(document_lines(text), [3, 7, 8]);
+        assert_eq!(document_lines("a: 1\n---\nb: 2\n"), [1, 3]);
+        let mut loaded = Loaded::default();
+        load_text(Path::new("f.yaml"), text, &mut loaded);
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        assert_eq!(
+            loaded.service_accounts,
+            BTreeSet::from([("x".to_string(), "sa".to_string())])
+        );
+        let key = |k: &str| (k.to_string(), "x".to_string(), "a".to_string());
+        let o = &loaded.origins[&key("Pod")];
+        assert_eq!(
+            (o.file.as_path(), o.document, o.line, o.item.as_deref()),
+            (Path::new("f.yaml"), Some(2), Some(8), Some("items[0]"))
+        );
+        let sa = &loaded.origins[&(
+            "ServiceAccount".to_string(),
+            "x".to_string(),
+            "sa".to_string(),
+        )];
+        assert_eq!((sa.document, sa.line), (Some(0), Some(3)));
     }
 
     const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: x}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, \"fd00:96::10\"]\n  selector: {app: web}\n  ports:\n  - {name: http, port: 80, targetPort: http, nodePort: 30080}\n";

@@ -3,6 +3,7 @@
 //! [`Cluster`] snapshot, which the pure compiler takes.
 
 pub mod kube;
+pub mod liveness;
 pub mod manifests;
 pub mod records;
 pub mod watch;

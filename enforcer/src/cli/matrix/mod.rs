@@ -1,5 +1,5 @@
 //! `enforcer matrix`: who can talk to whom, pod to pod (or workload to workload) on chosen
-//! ports, as tables (text, markdown, CSV), JSON, and pictures (DOT for Graphviz, and a
+//! ports, as tables (text, markdown, CSV), JSON or YAML, and pictures (DOT for Graphviz, and a
 //! self-contained SVG / HTML laid out here). The verdicts come from the compiled state
 //! ([`enforcer_policy::matrix`]), checked against the reference evaluator.
 
@@ -16,21 +16,27 @@ use clap::{Args, ValueEnum};
 use enforcer_policy::{
     explain::protocol_label,
     matrix::{Flow, Matrix, MatrixOptions, SYNTHETIC_V4, SYNTHETIC_V6, Why, default_ports, matrix},
+    state::PodRef,
 };
-pub use picture::{html, svg};
+pub use picture::{html, svg, svg_size};
+use serde::Serialize;
 
-use super::{compile::load, explain::parse_protocol};
+use super::{
+    explain::Protocol,
+    input::{Input, InputArgs, Loaded, load},
+    output::Exit,
+};
 
 #[derive(Args)]
 pub struct MatrixArgs {
-    /// Folder of manifests.
-    pub dir: PathBuf,
+    #[command(flatten)]
+    pub input: InputArgs,
     /// Ports to judge, e.g. `80,443/tcp,53/udp` (TCP when no protocol is given). Default: the
-    /// ports the policies name and the pods' container ports, at most 12.
+    /// ports the policies name and the pods' named container ports, at most 12.
     #[arg(long, value_delimiter = ',')]
     pub ports: Vec<String>,
-    /// One row per pod, or per workload (pods grouped by their owner, else their
-    /// `app.kubernetes.io/name` or `app` label).
+    /// One row per pod, or per workload (a controller's pods, by the labels it sets; else the
+    /// `app.kubernetes.io/name` or `app` label; a workload's template is its own).
     #[arg(long, value_enum, default_value_t = Group::Pod)]
     pub group: Group,
     /// Only the pods of this namespace (repeatable); default: every namespace.
@@ -52,73 +58,123 @@ pub enum Group {
     Workload,
 }
 
+/// `-o`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Format {
+    /// The table, for a terminal.
     Text,
+    /// The table, for a pull request or a wiki.
     Markdown,
+    /// One row per source, destination and port.
     Csv,
     Json,
+    Yaml,
+    /// Graphviz: namespaces as clusters.
     Dot,
+    /// The picture, laid out by enforcer (no Graphviz needed).
     Svg,
+    /// The picture and the table in one page.
     Html,
 }
 
-/// `enforcer matrix`.
-pub fn run(args: &MatrixArgs) -> Result<()> {
-    let cluster = load(&args.dir)?;
+/// `enforcer matrix`: the rendering (empty when written to `--out`) and the exit code (0; 2 is
+/// an error: unreadable input, an unknown namespace, a disagreement with the evaluator).
+pub fn run(args: &MatrixArgs) -> Result<(String, Exit)> {
+    let input = args.input.input();
+    let loaded = load(&input)?;
+    for w in &loaded.warnings {
+        eprintln!("warning: {w}");
+    }
     let ports = parse_ports(&args.ports)?;
+    let options = MatrixOptions {
+        namespaces: args.namespaces.clone(),
+        ports,
+        require_identity: args.require_identity,
+    };
+    let view = view_of(&loaded, &options, args.group, &source(&input))?;
+    let out = render(&view, args.output)?;
+    match &args.out {
+        Some(path) => {
+            std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))?;
+            Ok((String::new(), Exit::Yes))
+        }
+        None => Ok((out, Exit::Yes)),
+    }
+}
+
+/// What the title names as the input.
+fn source(input: &Input) -> String {
+    match input {
+        Input::Dir(d) => d.display().to_string(),
+        Input::Cluster {
+            context: Some(c), ..
+        } => format!("cluster (context {c})"),
+        Input::Cluster { .. } => "cluster".into(),
+    }
+}
+
+/// The matrix of the loaded input, grouped. `Err` for a namespace with no pod in the input, and
+/// when the compiled state and the evaluator disagree (a bug).
+pub fn view_of(loaded: &Loaded, options: &MatrixOptions, group: Group, source: &str) -> Result<View> {
+    let cluster = &loaded.cluster;
+    for ns in &options.namespaces {
+        if !cluster.pods.iter().any(|p| *p.namespace == **ns) {
+            bail!("--namespace {ns}: no pod or workload in that namespace in the input");
+        }
+    }
     let mut notes = Vec::new();
-    if ports.is_empty() && default_ports(&cluster).1 {
+    if options.ports.is_empty() && default_ports(cluster).1 {
         notes.push(format!(
             "more ports than {} are named: the first are shown (choose with --ports)",
             enforcer_policy::matrix::DEFAULT_PORTS_CAP
         ));
     }
-    let m = matrix(
-        &cluster,
-        &MatrixOptions {
-            namespaces: args.namespaces.clone(),
-            ports,
-            require_identity: args.require_identity,
-        },
-    );
+    let mut m = matrix(cluster, options);
     if !m.disagreements.is_empty() {
         bail!(
             "the compiled state and the reference evaluator disagree (a bug, please report it):\n{}",
             m.disagreements.join("\n")
         );
     }
-    let view = View::new(&m, args.group, notes, &args.dir.display().to_string());
-    let text = render(&view, args.output);
-    match &args.out {
-        Some(path) => std::fs::write(path, text).with_context(|| format!("writing {}", path.display())),
-        None => {
-            print!("{text}");
-            Ok(())
+    // A workload's template stands for the workload: it is its own group.
+    let mut kinds = BTreeMap::new();
+    for p in &mut m.pods {
+        if let Some(kind) = loaded.workloads.get(&p.pod) {
+            p.workload.clone_from(&p.pod.name);
+            kinds.insert(p.pod.clone(), kind.clone());
         }
     }
+    let mut view = View::new(&m, group, notes, source);
+    for node in &mut view.nodes {
+        let template = node
+            .pods
+            .first()
+            .and_then(|p| kinds.get(&PodRef::new(&node.namespace, p)));
+        if let Some(kind) = template {
+            node.kind.clone_from(kind);
+        }
+    }
+    Ok(view)
 }
 
 /// Renders `view` in `format`.
-pub fn render(view: &View, format: Format) -> String {
-    match format {
+pub fn render(view: &View, format: Format) -> Result<String> {
+    Ok(match format {
         Format::Text => text(view),
         Format::Markdown => markdown(view),
         Format::Csv => csv(view),
-        Format::Json => json(view),
+        Format::Json => serde_json::to_string_pretty(&report(view))? + "\n",
+        Format::Yaml => serde_yaml::to_string(&report(view))?,
         Format::Dot => dot(view),
         Format::Svg => svg(view),
         Format::Html => html(view),
-    }
+    })
 }
 
-/// The matrix of a folder, grouped, with no notes: for tests and the screenshot.
+/// The matrix of a folder, every namespace and the default ports: for tests and the picture.
 pub fn view_of_dir(dir: &Path, group: Group) -> Result<View> {
-    let m = matrix(&load(dir)?, &MatrixOptions::default());
-    if !m.disagreements.is_empty() {
-        bail!("disagreements: {:?}", m.disagreements);
-    }
-    Ok(View::new(&m, group, Vec::new(), &dir.display().to_string()))
+    let input = Input::Dir(dir.to_path_buf());
+    view_of(&load(&input)?, &MatrixOptions::default(), group, &source(&input))
 }
 
 /// Parses `80,443/tcp,53/udp`.
@@ -131,7 +187,9 @@ pub fn parse_ports(items: &[String]) -> Result<Vec<(u8, u16)>> {
             .ok()
             .filter(|p| *p != 0)
             .with_context(|| format!("--ports: {item:?}: the port must be 1-65535"))?;
-        let proto = parse_protocol(proto).with_context(|| format!("--ports: {item:?}"))?;
+        let proto = Protocol::from_str(proto, true)
+            .map_err(|_| anyhow::anyhow!("--ports: {item:?}: the protocol must be tcp, udp or sctp"))?
+            .number();
         if !out.contains(&(proto, port)) {
             out.push((proto, port));
         }
@@ -144,6 +202,8 @@ pub fn parse_ports(items: &[String]) -> Result<Vec<(u8, u16)>> {
 pub struct Node {
     pub namespace: String,
     pub name: String,
+    /// `Pod`, or the kind of the workload whose template it is.
+    pub kind: String,
     pub pods: Vec<String>,
     /// False when no pod of it has a known address (judged by labels, namespace and ports).
     pub address_known: bool,
@@ -159,14 +219,20 @@ impl Node {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Verdict {
     Allowed,
-    /// Some pod pairs of the two workloads allowed, some denied.
+    /// Allowed, but audit policies would drop it (for some pod pairs at least) once they
+    /// enforce.
+    WouldDrop,
+    /// Some pod pairs of the two workloads allowed, some denied (or, for a whole cell, some
+    /// ports).
     Partial,
     Denied,
 }
 
 impl Verdict {
-    fn of(allowed: usize, pairs: usize) -> Self {
-        if allowed == pairs {
+    fn of(allowed: usize, would_drop: usize, pairs: usize) -> Self {
+        if allowed == pairs && would_drop > 0 {
+            Self::WouldDrop
+        } else if allowed == pairs {
             Self::Allowed
         } else if allowed == 0 {
             Self::Denied
@@ -178,6 +244,7 @@ impl Verdict {
     pub fn word(self) -> &'static str {
         match self {
             Self::Allowed => "allowed",
+            Self::WouldDrop => "would-drop",
             Self::Partial => "partial",
             Self::Denied => "denied",
         }
@@ -186,6 +253,7 @@ impl Verdict {
     pub fn mark(self) -> &'static str {
         match self {
             Self::Allowed => "✓",
+            Self::WouldDrop => "!",
             Self::Partial => "~",
             Self::Denied => "✗",
         }
@@ -199,6 +267,8 @@ pub struct PortCell {
     pub port: u16,
     /// Pod pairs allowed, of `pairs`.
     pub allowed: usize,
+    /// Pod pairs allowed that audit policies would drop once they enforce.
+    pub would_drop: usize,
     pub pairs: usize,
     /// Why egress at the source and ingress at the destination decided, over the pairs.
     pub egress: BTreeSet<String>,
@@ -210,7 +280,7 @@ pub struct PortCell {
 
 impl PortCell {
     pub fn verdict(&self) -> Verdict {
-        Verdict::of(self.allowed, self.pairs)
+        Verdict::of(self.allowed, self.would_drop, self.pairs)
     }
 
     pub fn port_label(&self) -> String {
@@ -231,6 +301,10 @@ impl Edge {
         let v: BTreeSet<Verdict> = self.ports.iter().map(PortCell::verdict).collect();
         match (v.len(), v.first()) {
             (1, Some(only)) => *only,
+            // Every port allowed now, some would be dropped.
+            _ if v.iter().all(|v| matches!(v, Verdict::Allowed | Verdict::WouldDrop)) => {
+                Verdict::WouldDrop
+            }
             _ => Verdict::Partial,
         }
     }
@@ -266,7 +340,7 @@ fn deciding(side: &enforcer_policy::matrix::Side, flow_allowed: bool) -> Option<
     match (&side.why, flow_allowed) {
         (Why::Rule(r), true) => Some(r.to_string()),
         (Why::Denied { policies, .. }, false) => Some(policies.join(", ")),
-        (Why::NoCommonFamily, _) => Some(side.why.label()),
+        (Why::NoCommonFamily, _) | (Why::WouldDrop(_), true) => Some(side.why.label()),
         _ => None,
     }
 }
@@ -290,6 +364,7 @@ impl View {
                 nodes.push(Node {
                     namespace: k.0.clone(),
                     name: k.1.clone(),
+                    kind: "Pod".into(),
                     pods: Vec::new(),
                     address_known: false,
                 });
@@ -314,6 +389,7 @@ impl View {
                         protocol,
                         port,
                         allowed: 0,
+                        would_drop: 0,
                         pairs: 0,
                         egress: BTreeSet::new(),
                         ingress: BTreeSet::new(),
@@ -350,7 +426,10 @@ impl View {
         if n.pods.len() > 1 || n.pods.first() != Some(&n.name) {
             let _ = write!(s, " ({} pods)", n.pods.len());
         }
-        if !n.address_known {
+        if n.kind != "Pod" {
+            // A template: it has no address by nature.
+            let _ = write!(s, " ({})", n.kind);
+        } else if !n.address_known {
             s.push_str(" (no address)");
         }
         s
@@ -365,34 +444,29 @@ impl View {
         format!("ports: {}", ports.join(", "))
     }
 
-    /// A cell of the tables: `✓` every port allowed, `✗` none, else the ports allowed
-    /// (`~` before a port some pod pairs are allowed on).
+    /// A cell of the tables: `✓` every port allowed, `✗` none, `!` every port allowed and
+    /// would-drop, else the ports allowed, each with its mark (`~`: some pod pairs only).
     fn cell(&self, from: usize, to: usize) -> String {
         let Some(e) = self.edge(from, to) else {
             return "-".into();
         };
-        match e.verdict() {
-            Verdict::Allowed => "✓".into(),
-            Verdict::Denied => "✗".into(),
-            Verdict::Partial => {
-                let open: Vec<String> = e
-                    .ports
-                    .iter()
-                    .filter(|p| p.verdict() != Verdict::Denied)
-                    .map(|p| {
-                        let mark = if p.verdict() == Verdict::Partial { "~" } else { "✓" };
-                        format!("{mark}{}", p.port_label())
-                    })
-                    .collect();
-                open.join(" ")
-            }
+        let v = e.verdict();
+        if e.ports.iter().all(|p| p.verdict() == v) {
+            return v.mark().into();
         }
+        let open: Vec<String> = e
+            .ports
+            .iter()
+            .filter(|p| p.verdict() != Verdict::Denied)
+            .map(|p| format!("{}{}", p.verdict().mark(), p.port_label()))
+            .collect();
+        open.join(" ")
     }
 
     fn legend(&self) -> Vec<String> {
         let mut v = vec![
             self.ports_line(),
-            "rows: from; columns: to. ✓ allowed on every port, ✗ denied on every port, otherwise the ports allowed (~ : for some of the pods only); - : nothing to judge".into(),
+            "rows: from; columns: to. ✓ allowed on every port, ✗ denied on every port, otherwise the ports allowed (~ : for some of the pods only); ! : allowed, but audit policies would drop it once they enforce; - : nothing to judge".into(),
             "verdicts from the compiled state (egress at the source and ingress at the destination), checked against the reference evaluator".into(),
         ];
         v.extend(self.notes.iter().cloned());
@@ -404,6 +478,12 @@ fn add(cell: &mut PortCell, f: &Flow) {
     let allowed = f.allowed();
     cell.pairs += 1;
     cell.allowed += usize::from(allowed);
+    cell.would_drop += usize::from(
+        allowed
+            && [&f.egress, &f.ingress]
+                .iter()
+                .any(|s| matches!(s.why, Why::WouldDrop(_))),
+    );
     cell.egress.insert(f.egress.why.label());
     cell.ingress.insert(f.ingress.why.label());
     let mut why: Vec<String> = [&f.egress, &f.ingress]
@@ -492,7 +572,7 @@ fn csv(view: &View) -> String {
     };
     let join = |s: &BTreeSet<String>| s.iter().cloned().collect::<Vec<_>>().join("; ");
     let mut o = String::from(
-        "from,to,protocol,port,verdict,allowed_pairs,pairs,egress,ingress,deciding\n",
+        "from,to,protocol,port,verdict,allowed_pairs,would_drop_pairs,pairs,egress,ingress,deciding\n",
     );
     for e in &view.edges {
         for p in &e.ports {
@@ -503,6 +583,7 @@ fn csv(view: &View) -> String {
                 p.port.to_string(),
                 p.verdict().word().to_string(),
                 p.allowed.to_string(),
+                p.would_drop.to_string(),
                 p.pairs.to_string(),
                 join(&p.egress),
                 join(&p.ingress),
@@ -515,52 +596,94 @@ fn csv(view: &View) -> String {
     o
 }
 
-fn json(view: &View) -> String {
-    let nodes: Vec<serde_json::Value> = view
+/// `enforcer matrix -o json|yaml`: the documented shape (docs/matrix.md).
+#[derive(Clone, Debug, Serialize)]
+pub struct MatrixReport {
+    pub title: String,
+    /// `port/PROTOCOL`, in order.
+    pub ports: Vec<String>,
+    pub nodes: Vec<NodeReport>,
+    /// One per source, destination and port.
+    pub edges: Vec<EdgeReport>,
+    pub notes: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeReport {
+    /// `namespace/name`.
+    pub id: String,
+    pub namespace: String,
+    pub name: String,
+    /// `Pod`, or the workload kind whose template it is.
+    pub kind: String,
+    pub pods: Vec<String>,
+    /// False when no pod of it has a known address (judged by labels, namespace and ports).
+    pub address_known: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EdgeReport {
+    pub from: String,
+    pub to: String,
+    pub protocol: String,
+    pub port: u16,
+    /// `allowed`, `would-drop`, `partial` or `denied`.
+    pub verdict: &'static str,
+    pub allowed_pairs: usize,
+    pub would_drop_pairs: usize,
+    pub pairs: usize,
+    /// Why egress at the source decided, over the pod pairs.
+    pub egress: BTreeSet<String>,
+    /// Why ingress at the destination decided, over the pod pairs.
+    pub ingress: BTreeSet<String>,
+    /// What decided: the allowing rules, or the denying policies.
+    pub deciding: BTreeSet<String>,
+}
+
+/// The view as [`MatrixReport`].
+pub fn report(view: &View) -> MatrixReport {
+    let nodes = view
         .nodes
         .iter()
-        .map(|n| {
-            serde_json::json!({
-                "id": n.id(),
-                "namespace": n.namespace,
-                "name": n.name,
-                "pods": n.pods,
-                "addressKnown": n.address_known,
-            })
+        .map(|n| NodeReport {
+            id: n.id(),
+            namespace: n.namespace.clone(),
+            name: n.name.clone(),
+            kind: n.kind.clone(),
+            pods: n.pods.clone(),
+            address_known: n.address_known,
         })
         .collect();
-    let edges: Vec<serde_json::Value> = view
+    let edges = view
         .edges
         .iter()
         .flat_map(|e| {
-            e.ports.iter().map(|p| {
-                serde_json::json!({
-                    "from": view.nodes[e.from].id(),
-                    "to": view.nodes[e.to].id(),
-                    "protocol": protocol_label(p.protocol),
-                    "port": p.port,
-                    "verdict": p.verdict().word(),
-                    "allowedPairs": p.allowed,
-                    "pairs": p.pairs,
-                    "egress": p.egress,
-                    "ingress": p.ingress,
-                    "deciding": p.deciding,
-                })
+            e.ports.iter().map(|p| EdgeReport {
+                from: view.nodes[e.from].id(),
+                to: view.nodes[e.to].id(),
+                protocol: protocol_label(p.protocol),
+                port: p.port,
+                verdict: p.verdict().word(),
+                allowed_pairs: p.allowed,
+                would_drop_pairs: p.would_drop,
+                pairs: p.pairs,
+                egress: p.egress.clone(),
+                ingress: p.ingress.clone(),
+                deciding: p.deciding.clone(),
             })
         })
         .collect();
-    let ports: Vec<String> = view
-        .ports
-        .iter()
-        .map(|(proto, port)| format!("{port}/{}", protocol_label(*proto)))
-        .collect();
-    let doc = serde_json::json!({
-        "nodes": nodes,
-        "ports": ports,
-        "edges": edges,
-        "notes": view.notes,
-    });
-    format!("{}\n", serde_json::to_string_pretty(&doc).unwrap_or_default())
+    MatrixReport {
+        title: view.title.clone(),
+        ports: view
+            .ports
+            .iter()
+            .map(|(proto, port)| format!("{port}/{}", protocol_label(*proto)))
+            .collect(),
+        nodes,
+        edges,
+        notes: view.notes.clone(),
+    }
 }
 
 /// A DOT string literal.
@@ -568,10 +691,12 @@ pub(crate) fn dot_str(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n"))
 }
 
-/// Edge colours, shared by DOT and the SVG: allowed green, denied red, partial amber.
+/// Edge colours, shared by DOT and the SVG: allowed green, would-drop purple, partial amber,
+/// denied red.
 pub fn color(v: Verdict) -> &'static str {
     match v {
         Verdict::Allowed => "#1a7f37",
+        Verdict::WouldDrop => "#8250df",
         Verdict::Partial => "#b35900",
         Verdict::Denied => "#cf222e",
     }
@@ -606,6 +731,7 @@ fn dot(view: &View) -> String {
         let label: Vec<String> = e.label_lines().into_iter().map(|(_, l)| l).collect();
         let style = match v {
             Verdict::Allowed => "solid",
+            Verdict::WouldDrop => "bold",
             Verdict::Partial => "dotted",
             Verdict::Denied => "dashed",
         };
@@ -664,7 +790,7 @@ mod tests {
 
     #[test]
     fn the_text_table_marks_each_pair_with_its_allowed_ports() {
-        let t = render(&view(Group::Pod), Format::Text);
+        let t = render(&view(Group::Pod), Format::Text).unwrap();
         let row = |name: &str| {
             t.lines()
                 .find(|l| l.starts_with(name))
@@ -684,22 +810,23 @@ mod tests {
     #[test]
     fn csv_and_json_name_the_deciding_rule_and_policy_per_port() {
         let v = view(Group::Pod);
-        let csv = render(&v, Format::Csv);
+        let csv = render(&v, Format::Csv).unwrap();
         for line in [
-            "x/client,x/web,TCP,80,allowed,1,1,not isolated,x/web-from-client ingress[0],x/web-from-client ingress[0]",
-            "x/client,x/web,TCP,9090,denied,0,1,not isolated,denied by x/web-from-client,x/web-from-client",
-            "x/web,x/client,TCP,80,allowed,1,1,not isolated,not isolated,not isolated",
+            "x/client,x/web,TCP,80,allowed,1,0,1,not isolated,x/web-from-client ingress[0],x/web-from-client ingress[0]",
+            "x/client,x/web,TCP,9090,denied,0,0,1,not isolated,denied by x/web-from-client,x/web-from-client",
+            "x/web,x/client,TCP,80,allowed,1,0,1,not isolated,not isolated,not isolated",
         ] {
             assert!(csv.lines().any(|l| l == line), "{line} in\n{csv}");
         }
-        let json: serde_json::Value = serde_json::from_str(&render(&v, Format::Json)).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&render(&v, Format::Json).unwrap()).unwrap();
         let tmpl = json["nodes"]
             .as_array()
             .unwrap()
             .iter()
             .find(|n| n["id"] == "x/tmpl")
             .unwrap();
-        assert_eq!(tmpl["addressKnown"], false);
+        assert_eq!(tmpl["address_known"], false);
+        assert_eq!(tmpl["kind"], "Pod");
         let edge = json["edges"]
             .as_array()
             .unwrap()
@@ -714,7 +841,7 @@ mod tests {
     #[test]
     fn dot_and_svg_draw_namespaces_and_edges_by_verdict() {
         let v = view(Group::Pod);
-        let dot = render(&v, Format::Dot);
+        let dot = render(&v, Format::Dot).unwrap();
         assert!(dot.contains("subgraph cluster_0 {\n    label=\"x\";"), "{dot}");
         assert!(dot.contains("[label=\"tmpl\", style=\"rounded,dashed\"];"), "{dot}");
         assert!(
@@ -725,18 +852,18 @@ mod tests {
             dot.contains("style=dotted, label=\"✓ 80/TCP: x/web-from-client ingress[0]\\n✗ 9090/TCP: x/web-from-client\"];"),
             "{dot}"
         );
-        let svg = render(&v, Format::Svg);
+        let svg = render(&v, Format::Svg).unwrap();
         assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""), "{svg}");
         assert!(!svg.contains("href"), "self-contained: {svg}");
         assert!(svg.contains(">namespace x</text>"), "{svg}");
         assert!(svg.contains("class=\"pod noaddr\""), "{svg}");
         // 4 pods: 12 ordered pairs, each an arrow; the three kinds are each drawn.
         let arrows = svg.matches("marker-end=\"url(#arrow-").count();
-        assert_eq!(arrows, 12 + 3, "12 edges and 3 in the legend");
+        assert_eq!(arrows, 12 + 4, "12 edges and 4 in the legend");
         for kind in ["allowed", "denied", "partial"] {
             assert!(svg.matches(&format!("url(#arrow-{kind})")).count() > 1, "{kind}");
         }
-        let html = render(&v, Format::Html);
+        let html = render(&v, Format::Html).unwrap();
         assert!(html.contains("<svg") && html.contains("<table>") && !html.contains("<script"));
     }
 
@@ -768,6 +895,54 @@ mod tests {
         assert_eq!((web_db.ports[0].allowed, web_db.ports[0].pairs), (0, 2));
         let web_web = v.edges.iter().find(|e| e.from == 1 && e.to == 1).unwrap();
         assert_eq!((web_web.ports[0].allowed, web_web.ports[0].pairs), (2, 2));
+    }
+
+    /// An audit policy's denials pass, and are shown apart: `!` in the table, `would-drop` with
+    /// the audit policy in CSV, purple in the picture.
+    #[test]
+    fn audit_policies_show_as_would_drop_cells() {
+        let dir = tempfile::tempdir().unwrap();
+        let pod = |name: &str, ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: x\n  labels:\n    app: {name}\nspec:\n  containers: []\nstatus:\n  phase: Running\n  podIP: {ip}\n"
+            )
+        };
+        let audit = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: trial\n  namespace: x\n  annotations:\n    enforcer.dev/audit: \"true\"\nspec:\n  podSelector: {matchLabels: {app: b}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: nobody}}}]\n    ports: [{port: 80}]\n";
+        std::fs::write(
+            dir.path().join("all.yaml"),
+            [pod("a", "10.0.0.1"), pod("b", "10.0.0.2"), audit.to_string()].join("---\n"),
+        )
+        .unwrap();
+        let v = view_of_dir(dir.path(), Group::Pod).unwrap();
+        let t = render(&v, Format::Text).unwrap();
+        let row = t.lines().find(|l| l.starts_with("x/a ")).unwrap();
+        assert_eq!(row.split_whitespace().collect::<Vec<_>>(), ["x/a", "-", "!"], "{t}");
+        let csv = render(&v, Format::Csv).unwrap();
+        let line = "x/a,x/b,TCP,80,would-drop,1,1,1,not isolated,would be dropped by x/trial (audit),would be dropped by x/trial (audit)";
+        assert!(csv.lines().any(|l| l == line), "{line} in\n{csv}");
+        let svg = render(&v, Format::Svg).unwrap();
+        let drawn = format!("stroke=\"{}\"", color(Verdict::WouldDrop));
+        assert!(
+            svg.lines().any(|l| l.starts_with("<path") && l.contains(&drawn)),
+            "{svg}"
+        );
+    }
+
+    /// A workload's template is a node of its own, named after the workload, with its kind.
+    #[test]
+    fn workload_templates_are_nodes_with_their_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("all.yaml"),
+            "apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {name: db, namespace: x}\nspec:\n  selector: {matchLabels: {app: db}}\n  template:\n    metadata: {labels: {app: db}}\n    spec: {containers: [{name: c, ports: [{name: pg, containerPort: 5432}]}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: client, namespace: x}\nspec: {containers: []}\n",
+        )
+        .unwrap();
+        let v = view_of_dir(dir.path(), Group::Workload).unwrap();
+        let nodes: Vec<(String, &str)> = v.nodes.iter().map(|n| (n.id(), n.kind.as_str())).collect();
+        assert_eq!(nodes, [("x/client".to_string(), "Pod"), ("x/db".to_string(), "StatefulSet")]);
+        assert_eq!(v.ports, [(enforcer_common::PROTO_TCP, 5432)]);
+        let t = render(&v, Format::Text).unwrap();
+        assert!(t.contains("x/db (StatefulSet)"), "{t}");
     }
 
     #[test]
