@@ -771,7 +771,7 @@ mod tests {
             [
                 pod("client", Some("10.0.0.1"), ""),
                 pod("other", Some("10.0.0.3"), ""),
-                pod("web", Some("10.0.0.2"), "{containerPort: 80}, {containerPort: 9090}"),
+                pod("web", Some("10.0.0.2"), "{name: http, containerPort: 80}, {name: metrics, containerPort: 9090}"),
                 pod("tmpl", None, ""),
                 policy.to_string(),
             ]
