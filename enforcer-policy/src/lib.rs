@@ -12,6 +12,7 @@ pub mod evaluator;
 pub mod explain;
 pub mod intern;
 pub mod lint;
+pub mod matrix;
 mod memo;
 pub mod model;
 pub mod selector;

@@ -345,7 +345,7 @@ fn check_compiled(
 const KEYS: [&str; 4] = ["a", "b", "c", "enforcer.dev/serviceaccount"];
 const VALUES: [&str; 2] = ["1", "2"];
 
-mod strategies {
+pub(crate) mod strategies {
     use k8s_openapi::{
         api::{
             core::v1::{Namespace, Pod},

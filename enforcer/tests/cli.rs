@@ -156,6 +156,74 @@ fn compile_on_the_examples_enforces_every_workload() {
     }
 }
 
+/// `matrix` on the examples as written: every pod and the Deployment's template, the one
+/// allowed flow among denials, in the table and as JSON and YAML of one shape; `explain -o dot`
+/// draws one flow and keeps the exit code; an unknown namespace is an error.
+#[test]
+fn matrix_on_the_examples_shows_who_can_talk_to_whom() {
+    let dir = examples();
+    let o = enforcer(&["matrix", &dir]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let text = stdout(&o);
+    let row = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} in\n{text}"))
+            .split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .collect::<Vec<_>>()
+    };
+    // Columns: backend, checkout, frontend, other.
+    assert_eq!(
+        row("shop/frontend"),
+        ["shop/frontend (no address)", "✓8080/TCP", "✗", "-", "✗"],
+        "{text}"
+    );
+    assert_eq!(
+        row("shop/checkout"),
+        ["shop/checkout (Deployment)", "✗", "-", "✗", "✗"],
+        "{text}"
+    );
+    for format in ["json", "yaml"] {
+        let o = enforcer(&["matrix", &dir, "-o", format, "--ports", "8080"]);
+        assert_eq!(code(&o), 0, "{}", stderr(&o));
+        let v: Value = if format == "json" {
+            serde_json::from_str(&stdout(&o)).unwrap()
+        } else {
+            serde_yaml::from_str(&stdout(&o)).unwrap()
+        };
+        assert_eq!(v["ports"], serde_json::json!(["8080/TCP"]));
+        let checkout = v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"] == "shop/checkout")
+            .unwrap();
+        assert_eq!(checkout["kind"], "Deployment", "{v}");
+        let edges = v["edges"].as_array().unwrap();
+        assert_eq!(edges.len(), 12, "4 nodes, every ordered pair, one port");
+        let allowed: Vec<(&str, &str)> = edges
+            .iter()
+            .filter(|e| e["verdict"] == "allowed")
+            .map(|e| (e["from"].as_str().unwrap(), e["to"].as_str().unwrap()))
+            .collect();
+        assert_eq!(allowed, [("shop/frontend", "shop/backend")]);
+    }
+    let o = enforcer(&["matrix", &dir, "-n", "shpo"]);
+    assert_eq!(code(&o), 2);
+    assert!(stderr(&o).contains("--namespace shpo"), "{}", stderr(&o));
+    let o = enforcer(&["matrix", &dir, "--ports", "80/icmp"]);
+    assert_eq!(code(&o), 2);
+    let o = explain(&dir, "shop/frontend", "shop/backend", "9090", &["-o", "dot"]);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(
+        stdout(&o).starts_with("digraph explain {") && stdout(&o).contains("9090/TCP\\nDENIED"),
+        "{}",
+        stdout(&o)
+    );
+}
+
 fn write(dir: &Path, name: &str, text: &str) {
     std::fs::write(dir.join(name), text).unwrap();
 }
@@ -277,7 +345,7 @@ fn version_and_help_say_what_is_accepted() {
     let help = stdout(&o);
     assert!(
         help.contains("[possible values: tcp, udp, sctp]")
-            && help.contains("[possible values: text, json, yaml]"),
+            && help.contains("[possible values: text, json, yaml, dot]"),
         "{help}"
     );
     let o = enforcer(&["run", "--help"]);
@@ -404,6 +472,14 @@ fn a_live_cluster_is_read_with_a_kubeconfig() {
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["summary"]["pods_enforced"], 2, "{v}");
+    // The matrix of the live cluster: the Deployment's template reaches the database.
+    let o = enforcer(&["matrix", "--kubeconfig", kc, "-o", "csv", "--ports", "5432"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("x/api,x/db,TCP,5432,allowed,1,0,1,not isolated,x/db ingress[0],x/db ingress[0]\n"),
+        "{}",
+        stdout(&o)
+    );
     let o = enforcer(&["compile", "--kubeconfig", kc, "--context", "nope"]);
     assert_eq!(code(&o), 2, "{}", stderr(&o));
 }

@@ -18,6 +18,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nft", "nftables"),
     // kube-proxy's iptables mode on the legacy backend (tests/services.rs)
     ("iptables-legacy", "iptables"),
+    // the matrix picture looked at in a browser (enforcer/tests/matrix_picture.rs)
+    ("chromium", "chromium"),
 ];
 
 pub fn setup() -> Result<()> {

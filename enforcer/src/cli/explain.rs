@@ -3,7 +3,7 @@
 //! `kubectl auth can-i`. A flow to a Service frontend (or to a node address on a node port) is
 //! judged once per backend, as kube-proxy sends it to one of them.
 
-use std::{net::IpAddr, path::Path};
+use std::{fmt::Write as _, net::IpAddr, path::Path};
 
 use anyhow::{Context as _, Result, bail};
 use enforcer_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
@@ -20,8 +20,20 @@ use serde::Serialize;
 
 use super::{
     input::{Input, load, require_pod},
+    matrix::{Verdict, color, dot_str},
     output::{Exit, OutputFormat},
 };
+
+/// `enforcer explain -o`: text, JSON or YAML as every subcommand, or the flow drawn.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExplainFormat {
+    #[default]
+    Text,
+    Json,
+    Yaml,
+    /// One flow's decision as a Graphviz graph (not for a flow to a Service).
+    Dot,
+}
 
 /// `--protocol`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -83,6 +95,9 @@ pub struct ExplainReport {
     pub service: Option<ServiceReport>,
     #[serde(skip)]
     text: String,
+    /// `-o dot`, for an ordinary flow.
+    #[serde(skip)]
+    dot: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -328,6 +343,7 @@ pub fn explain_loaded(loaded: &super::input::Loaded, q: &Query) -> Result<Explai
         flow: None,
         service: None,
         text: String::new(),
+        dot: None,
     };
     if let Some(s) = explain_service(cluster, &opts, &from, &to, protocol, q.port) {
         report.verdict = match s.verdict() {
@@ -344,16 +360,30 @@ pub fn explain_loaded(loaded: &super::input::Loaded, q: &Query) -> Result<Explai
     report.verdict = if e.allowed { "allowed" } else { "denied" };
     report.flow = Some(flow_report(&e));
     report.text = format!("{e}\n");
+    report.dot = Some(explain_dot(&e));
     Ok(report)
 }
 
 /// `enforcer explain`: the report in `format` and the answer as an exit code.
-pub fn run(input: &Input, q: &Query, format: OutputFormat) -> Result<(String, Exit)> {
+pub fn run(input: &Input, q: &Query, format: ExplainFormat) -> Result<(String, Exit)> {
     let loaded = load(input)?;
     for w in &loaded.warnings {
         eprintln!("warning: {w}");
     }
     let report = explain_loaded(&loaded, q)?;
+    let format = match format {
+        ExplainFormat::Dot => {
+            let Some(dot) = &report.dot else {
+                bail!(
+                    "-o dot draws a flow between pods or addresses; a flow to a Service is judged per backend: use -o text, json or yaml"
+                );
+            };
+            return Ok((dot.clone(), report.exit()));
+        }
+        ExplainFormat::Text => OutputFormat::Text,
+        ExplainFormat::Json => OutputFormat::Json,
+        ExplainFormat::Yaml => OutputFormat::Yaml,
+    };
     Ok((
         format.render(&report, || report.text.clone())?,
         report.exit(),
@@ -378,6 +408,122 @@ pub fn explain_report(
         require_identity,
     };
     Ok(explain_loaded(&loaded, &q)?.text)
+}
+
+/// One side's verdict in a few words, and the policies that selected the pod for it with what
+/// each did (`allows` by a rule, `isolates`, or `would drop (audit)`).
+fn side_summary(dir: &str, v: &DirVerdict) -> (String, Vec<(String, &'static str)>) {
+    match v {
+        DirVerdict::NotEnforced => (format!("{dir}: no policy applies"), Vec::new()),
+        DirVerdict::SelfTraffic => (format!("{dir}: allowed (itself)"), Vec::new()),
+        DirVerdict::Host => (format!("{dir}: allowed (its node)"), Vec::new()),
+        DirVerdict::NotIsolated => (format!("{dir}: allowed (not isolated)"), Vec::new()),
+        DirVerdict::Allowed {
+            namespace,
+            policy,
+            index,
+        } => (
+            format!("{dir}: allowed by {namespace}/{policy} {dir}[{index}]"),
+            vec![(format!("{namespace}/{policy}\n{dir}[{index}]"), "allows")],
+        ),
+        DirVerdict::Denied { policies, .. } => (
+            format!("{dir}: denied, no rule allows it"),
+            policies.iter().map(|p| (p.clone(), "isolates")).collect(),
+        ),
+        DirVerdict::NoIdentity { policies, .. } => (
+            format!("{dir}: denied, a rule asks for a verified identity"),
+            policies.iter().map(|p| (p.clone(), "isolates")).collect(),
+        ),
+        DirVerdict::WouldDrop { policies } => (
+            format!("{dir}: allowed, would be dropped by audit policies"),
+            policies.iter().map(|p| (p.clone(), "would drop (audit)")).collect(),
+        ),
+    }
+}
+
+/// One flow's decision as a Graphviz graph: the source and the destination, the arrow between
+/// them coloured by the verdict (denied: red and dashed), and on each side the policies that
+/// selected that pod, the deciding rule among them.
+pub fn explain_dot(e: &Explanation) -> String {
+    let would_drop = [&e.egress, &e.ingress]
+        .iter()
+        .any(|s| matches!(s.verdict, DirVerdict::WouldDrop { .. }));
+    let verdict = match (e.allowed, would_drop) {
+        (true, false) => Verdict::Allowed,
+        (true, true) => Verdict::WouldDrop,
+        (false, _) => Verdict::Denied,
+    };
+    let mut o = String::from(
+        "digraph explain {\n  rankdir=LR;\n  node [shape=box, style=rounded, fontname=\"Helvetica\"];\n  edge [fontname=\"Helvetica\", fontsize=10];\n",
+    );
+    let end = |given: &Endpoint, pod: &Option<PodRef>, ip: Option<std::net::IpAddr>| {
+        let name = pod
+            .as_ref()
+            .map_or_else(|| given.to_string(), ToString::to_string);
+        match ip {
+            Some(ip) if name != ip.to_string() => format!("{name}\n{ip}"),
+            _ if pod.as_ref().is_some_and(|p| e.unaddressed.contains(p)) => {
+                format!("{name}\n(no address)")
+            }
+            _ => name,
+        }
+    };
+    let (src_ip, dst_ip) = e.addresses.map_or((None, None), |(s, d)| (Some(s), Some(d)));
+    let (egress, egress_policies) = side_summary("egress", &e.egress.verdict);
+    let (ingress, ingress_policies) = side_summary("ingress", &e.ingress.verdict);
+    let _ = writeln!(
+        o,
+        "  src [label={}];",
+        dot_str(&format!("{}\n{egress}", end(&e.from, &e.egress.pod, src_ip)))
+    );
+    let _ = writeln!(
+        o,
+        "  dst [label={}];",
+        dot_str(&format!("{}\n{ingress}", end(&e.to, &e.ingress.pod, dst_ip)))
+    );
+    for (side, node, policies) in [
+        ("e", "src", egress_policies),
+        ("i", "dst", ingress_policies),
+    ] {
+        for (i, (policy, what)) in policies.iter().enumerate() {
+            let c = color(match *what {
+                "allows" => Verdict::Allowed,
+                "isolates" => Verdict::Denied,
+                _ => Verdict::WouldDrop,
+            });
+            let _ = writeln!(
+                o,
+                "  {side}{i} [label={}, shape=note, color={}];\n  {side}{i} -> {node} [label={}, style=dotted, color={}, fontcolor={}, arrowhead=none];",
+                dot_str(&format!("policy {policy}")),
+                dot_str(c),
+                dot_str(what),
+                dot_str(c),
+                dot_str(c)
+            );
+        }
+    }
+    let port = if matches!(e.protocol, PROTO_TCP | PROTO_UDP | PROTO_SCTP) {
+        format!("{}/{}", e.port, protocol_label(e.protocol))
+    } else {
+        protocol_label(e.protocol)
+    };
+    let word = match verdict {
+        _ if e.addresses.is_none() && e.unaddressed.is_empty() => {
+            "DENIED (no common address family)"
+        }
+        Verdict::Allowed => "ALLOWED",
+        Verdict::WouldDrop => "ALLOWED (would drop once the audit policies enforce)",
+        _ => "DENIED",
+    };
+    let style = if e.allowed { "solid" } else { "dashed" };
+    let _ = writeln!(
+        o,
+        "  src -> dst [label={}, color={}, fontcolor={}, style={style}, penwidth=2];\n}}",
+        dot_str(&format!("{port}\n{word}")),
+        dot_str(color(verdict)),
+        dot_str(color(verdict))
+    );
+    o
 }
 
 #[cfg(test)]
@@ -474,5 +620,51 @@ mod tests {
         let report =
             explain_report(dir.path(), "x/client", "x/web", 8080, Protocol::Tcp, false).unwrap();
         assert!(report.contains("verdict: DENIED\n"), "{report}");
+    }
+
+    /// `-o dot` draws the two ends, the verdict on the arrow between them, and the policies
+    /// that decided each side: the allowing rule, or the isolating policies of a denial.
+    #[test]
+    fn dot_draws_the_flow_and_the_policies_that_decided_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let pod = |name: &str, ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: x\n  labels:\n    app: {name}\nspec:\n  containers: []\nstatus:\n  phase: Running\n  podIP: {ip}\n"
+            )
+        };
+        let allow = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: web-from-client\n  namespace: x\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: client}}}]\n    ports: [{port: 80}]\n";
+        std::fs::write(
+            dir.path().join("all.yaml"),
+            format!("{}---\n{}---\n{allow}", pod("client", "10.0.0.1"), pod("web", "10.0.0.2")),
+        )
+        .unwrap();
+        let loaded = load(&Input::Dir(dir.path().to_path_buf())).unwrap();
+        let dot = |port| {
+            let q = Query {
+                from: "x/client".into(),
+                to: "x/web".into(),
+                port,
+                protocol: Protocol::Tcp,
+                require_identity: false,
+            };
+            explain_loaded(&loaded, &q).unwrap().dot.unwrap()
+        };
+        let allowed = dot(80);
+        for line in [
+            "src [label=\"x/client\\n10.0.0.1\\negress: allowed (not isolated)\"];",
+            "dst [label=\"x/web\\n10.0.0.2\\ningress: allowed by x/web-from-client ingress[0]\"];",
+            "i0 [label=\"policy x/web-from-client\\ningress[0]\", shape=note, color=\"#1a7f37\"];",
+            "src -> dst [label=\"80/TCP\\nALLOWED\", color=\"#1a7f37\", fontcolor=\"#1a7f37\", style=solid, penwidth=2];",
+        ] {
+            assert!(allowed.contains(line), "{line} in\n{allowed}");
+        }
+        let denied = dot(443);
+        for line in [
+            "i0 [label=\"policy x/web-from-client\", shape=note, color=\"#cf222e\"];",
+            "i0 -> dst [label=\"isolates\"",
+            "src -> dst [label=\"443/TCP\\nDENIED\", color=\"#cf222e\", fontcolor=\"#cf222e\", style=dashed, penwidth=2];",
+        ] {
+            assert!(denied.contains(line), "{line} in\n{denied}");
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! The `enforcer` command line, one file per subcommand: the node agent ([`run`]), the offline
-//! tools on the same compiler ([`compile`], [`explain`], [`lint`]), [`status`] of a running agent,
+//! tools on the same compiler ([`compile`], [`explain`], [`lint`], [`matrix`]), [`status`] of a
+//! running agent,
 //! [`cleanup`], and the workload's side of identity ([`attest`]).
 
 pub mod attest;
@@ -9,6 +10,7 @@ pub mod explain;
 pub mod input;
 pub mod lint;
 pub mod logging;
+pub mod matrix;
 pub mod output;
 pub mod run;
 pub mod status;
@@ -91,8 +93,12 @@ enum Command {
         #[arg(long)]
         require_identity: bool,
         #[arg(short, long, value_enum, default_value_t)]
-        output: OutputFormat,
+        output: explain::ExplainFormat,
     },
+    /// Who can talk to whom: every pod (or workload) to every other on chosen ports, as a
+    /// table, CSV, JSON, YAML or a picture (offline, no root; the agent's compiler). Exit 0, 2 on
+    /// an error.
+    Matrix(Box<matrix::MatrixArgs>),
     /// Lint policies for CI: policies and peers that select nothing, unmatched named ports,
     /// ipBlocks over pods, disguised allow-alls, shadowed rules, missing default denies,
     /// unprovable identities, self-set reserved labels, refused objects (offline, no root).
@@ -183,6 +189,7 @@ fn dispatch(command: Command) -> Result<Exit> {
             };
             Ok(print(explain::run(&input.input(), &q, output)?))
         }
+        Command::Matrix(args) => Ok(print(matrix::run(&args)?)),
         Command::Lint(args) => Ok(match lint::run(&args) {
             0 => Exit::Yes,
             1 => Exit::No,
