@@ -82,7 +82,9 @@ impl Why {
                 "denied by {} (a rule asks for a verified identity)",
                 policies.join(", ")
             ),
-            Self::WouldDrop(policies) => format!("would be dropped by {} (audit)", policies.join(", ")),
+            Self::WouldDrop(policies) => {
+                format!("would be dropped by {} (audit)", policies.join(", "))
+            }
             Self::NoCommonFamily => "no common address family".into(),
             Self::Other(s) => s.clone(),
         }
@@ -262,10 +264,11 @@ pub fn with_synthetic_addresses(cluster: &Cluster) -> (Cluster, BTreeSet<PodRef>
             };
             for r in &ranges {
                 if cidr.covers(r) && r.prefix_len() > cidr.prefix_len() {
-                    block
-                        .except
-                        .get_or_insert_with(Vec::new)
-                        .push(format!("{}/{}", r.network(), r.prefix_len()));
+                    block.except.get_or_insert_with(Vec::new).push(format!(
+                        "{}/{}",
+                        r.network(),
+                        r.prefix_len()
+                    ));
                     changed = true;
                 }
             }
@@ -346,9 +349,10 @@ pub fn matrix(cluster: &Cluster, options: &MatrixOptions) -> Matrix {
                         ));
                     }
                     let why = match (c.reason, &v) {
-                        (Reason::NotIsolated, DirVerdict::WouldDrop { policies }) => {
-                            Why::WouldDrop(policies.clone())
-                        }
+                        (
+                            Reason::NotIsolated | Reason::WouldDrop,
+                            DirVerdict::WouldDrop { policies },
+                        ) => Why::WouldDrop(policies.clone()),
                         (Reason::Policy, _) => c
                             .rule
                             .and_then(|r| state.rules.get(&r).cloned())
@@ -545,7 +549,10 @@ mod tests {
                 "p",
                 None,
                 None,
-                Some(vec![(None, Some(vec![tcp(443), named(Some("UDP"), "dns")]))]),
+                Some(vec![(
+                    None,
+                    Some(vec![tcp(443), named(Some("UDP"), "dns")]),
+                )]),
                 None,
             )]),
             ..Cluster::default()
@@ -564,11 +571,28 @@ mod tests {
     /// them is its `app` label's, else its own.
     #[test]
     fn workloads_are_controllers_then_app_labels_then_pods() {
-        let w = |name: &str, l: &[(&str, &str)]| workload_of(&PodInfo::from(&pod("x", name, l, &[], "n", &[])));
-        assert_eq!(w("web-5d8f9-abcde", &[("pod-template-hash", "5d8f9"), ("app", "shop")]), "web");
-        assert_eq!(w("db-12", &[("statefulset.kubernetes.io/pod-name", "db-12")]), "db");
-        assert_eq!(w("agent-x7k2p", &[("pod-template-generation", "3")]), "agent");
-        assert_eq!(w("backup-29000-q2", &[("job-name", "backup-29000")]), "backup-29000");
+        let w = |name: &str, l: &[(&str, &str)]| {
+            workload_of(&PodInfo::from(&pod("x", name, l, &[], "n", &[])))
+        };
+        assert_eq!(
+            w(
+                "web-5d8f9-abcde",
+                &[("pod-template-hash", "5d8f9"), ("app", "shop")]
+            ),
+            "web"
+        );
+        assert_eq!(
+            w("db-12", &[("statefulset.kubernetes.io/pod-name", "db-12")]),
+            "db"
+        );
+        assert_eq!(
+            w("agent-x7k2p", &[("pod-template-generation", "3")]),
+            "agent"
+        );
+        assert_eq!(
+            w("backup-29000-q2", &[("job-name", "backup-29000")]),
+            "backup-29000"
+        );
         assert_eq!(w("a-1", &[("app", "api")]), "api");
         assert_eq!(w("lonely", &[]), "lonely");
     }

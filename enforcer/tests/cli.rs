@@ -215,7 +215,13 @@ fn matrix_on_the_examples_shows_who_can_talk_to_whom() {
     assert!(stderr(&o).contains("--namespace shpo"), "{}", stderr(&o));
     let o = enforcer(&["matrix", &dir, "--ports", "80/icmp"]);
     assert_eq!(code(&o), 2);
-    let o = explain(&dir, "shop/frontend", "shop/backend", "9090", &["-o", "dot"]);
+    let o = explain(
+        &dir,
+        "shop/frontend",
+        "shop/backend",
+        "9090",
+        &["-o", "dot"],
+    );
     assert_eq!(code(&o), 1, "{}", stderr(&o));
     assert!(
         stdout(&o).starts_with("digraph explain {") && stdout(&o).contains("9090/TCP\\nDENIED"),
@@ -476,7 +482,9 @@ fn a_live_cluster_is_read_with_a_kubeconfig() {
     let o = enforcer(&["matrix", "--kubeconfig", kc, "-o", "csv", "--ports", "5432"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert!(
-        stdout(&o).contains("x/api,x/db,TCP,5432,allowed,1,0,1,not isolated,x/db ingress[0],x/db ingress[0]\n"),
+        stdout(&o).contains(
+            "x/api,x/db,TCP,5432,allowed,1,0,1,not isolated,x/db ingress[0],x/db ingress[0]\n"
+        ),
         "{}",
         stdout(&o)
     );

@@ -31,7 +31,7 @@ pub enum ExplainFormat {
     Text,
     Json,
     Yaml,
-    /// One flow's decision as a Graphviz graph (not for a flow to a Service).
+    // A doc comment here would make clap list every value on a line of its own.
     Dot,
 }
 
@@ -436,8 +436,27 @@ fn side_summary(dir: &str, v: &DirVerdict) -> (String, Vec<(String, &'static str
         ),
         DirVerdict::WouldDrop { policies } => (
             format!("{dir}: allowed, would be dropped by audit policies"),
-            policies.iter().map(|p| (p.clone(), "would drop (audit)")).collect(),
+            policies
+                .iter()
+                .map(|p| (p.clone(), "would drop (audit)"))
+                .collect(),
         ),
+        DirVerdict::TierAccepted(r) => (
+            format!("{dir}: allowed by {} tier {} {}", r.tier, r.policy, r.rule),
+            vec![(format!("{}\n{}", r.policy, r.rule), "accepts")],
+        ),
+        DirVerdict::TierDenied(r) => (
+            format!("{dir}: denied by {} tier {} {}", r.tier, r.policy, r.rule),
+            vec![(format!("{}\n{}", r.policy, r.rule), "denies")],
+        ),
+        DirVerdict::Passed { by, then } => {
+            let (summary, mut policies) = side_summary(dir, then);
+            policies.insert(0, (format!("{}\n{}", by.policy, by.rule), "passes"));
+            (
+                format!("{summary} (passed by {} {})", by.policy, by.rule),
+                policies,
+            )
+        }
     }
 }
 
@@ -447,7 +466,7 @@ fn side_summary(dir: &str, v: &DirVerdict) -> (String, Vec<(String, &'static str
 pub fn explain_dot(e: &Explanation) -> String {
     let would_drop = [&e.egress, &e.ingress]
         .iter()
-        .any(|s| matches!(s.verdict, DirVerdict::WouldDrop { .. }));
+        .any(|s| matches!(s.verdict.after_pass(), DirVerdict::WouldDrop { .. }));
     let verdict = match (e.allowed, would_drop) {
         (true, false) => Verdict::Allowed,
         (true, true) => Verdict::WouldDrop,
@@ -468,18 +487,26 @@ pub fn explain_dot(e: &Explanation) -> String {
             _ => name,
         }
     };
-    let (src_ip, dst_ip) = e.addresses.map_or((None, None), |(s, d)| (Some(s), Some(d)));
+    let (src_ip, dst_ip) = e
+        .addresses
+        .map_or((None, None), |(s, d)| (Some(s), Some(d)));
     let (egress, egress_policies) = side_summary("egress", &e.egress.verdict);
     let (ingress, ingress_policies) = side_summary("ingress", &e.ingress.verdict);
     let _ = writeln!(
         o,
         "  src [label={}];",
-        dot_str(&format!("{}\n{egress}", end(&e.from, &e.egress.pod, src_ip)))
+        dot_str(&format!(
+            "{}\n{egress}",
+            end(&e.from, &e.egress.pod, src_ip)
+        ))
     );
     let _ = writeln!(
         o,
         "  dst [label={}];",
-        dot_str(&format!("{}\n{ingress}", end(&e.to, &e.ingress.pod, dst_ip)))
+        dot_str(&format!(
+            "{}\n{ingress}",
+            end(&e.to, &e.ingress.pod, dst_ip)
+        ))
     );
     for (side, node, policies) in [
         ("e", "src", egress_policies),
@@ -487,8 +514,8 @@ pub fn explain_dot(e: &Explanation) -> String {
     ] {
         for (i, (policy, what)) in policies.iter().enumerate() {
             let c = color(match *what {
-                "allows" => Verdict::Allowed,
-                "isolates" => Verdict::Denied,
+                "allows" | "accepts" | "passes" => Verdict::Allowed,
+                "isolates" | "denies" => Verdict::Denied,
                 _ => Verdict::WouldDrop,
             });
             let _ = writeln!(
@@ -635,7 +662,11 @@ mod tests {
         let allow = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: web-from-client\n  namespace: x\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: client}}}]\n    ports: [{port: 80}]\n";
         std::fs::write(
             dir.path().join("all.yaml"),
-            format!("{}---\n{}---\n{allow}", pod("client", "10.0.0.1"), pod("web", "10.0.0.2")),
+            format!(
+                "{}---\n{}---\n{allow}",
+                pod("client", "10.0.0.1"),
+                pod("web", "10.0.0.2")
+            ),
         )
         .unwrap();
         let loaded = load(&Input::Dir(dir.path().to_path_buf())).unwrap();

@@ -92,6 +92,7 @@ enum Command {
         /// (offline, no address is verified).
         #[arg(long)]
         require_identity: bool,
+        /// `dot`: the flow's decision as a Graphviz graph (not for a flow to a Service).
         #[arg(short, long, value_enum, default_value_t)]
         output: explain::ExplainFormat,
     },

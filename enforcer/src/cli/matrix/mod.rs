@@ -115,7 +115,12 @@ fn source(input: &Input) -> String {
 
 /// The matrix of the loaded input, grouped. `Err` for a namespace with no pod in the input, and
 /// when the compiled state and the evaluator disagree (a bug).
-pub fn view_of(loaded: &Loaded, options: &MatrixOptions, group: Group, source: &str) -> Result<View> {
+pub fn view_of(
+    loaded: &Loaded,
+    options: &MatrixOptions,
+    group: Group,
+    source: &str,
+) -> Result<View> {
     let cluster = &loaded.cluster;
     for ns in &options.namespaces {
         if !cluster.pods.iter().any(|p| *p.namespace == **ns) {
@@ -174,7 +179,12 @@ pub fn render(view: &View, format: Format) -> Result<String> {
 /// The matrix of a folder, every namespace and the default ports: for tests and the picture.
 pub fn view_of_dir(dir: &Path, group: Group) -> Result<View> {
     let input = Input::Dir(dir.to_path_buf());
-    view_of(&load(&input)?, &MatrixOptions::default(), group, &source(&input))
+    view_of(
+        &load(&input)?,
+        &MatrixOptions::default(),
+        group,
+        &source(&input),
+    )
 }
 
 /// Parses `80,443/tcp,53/udp`.
@@ -188,7 +198,9 @@ pub fn parse_ports(items: &[String]) -> Result<Vec<(u8, u16)>> {
             .filter(|p| *p != 0)
             .with_context(|| format!("--ports: {item:?}: the port must be 1-65535"))?;
         let proto = Protocol::from_str(proto, true)
-            .map_err(|_| anyhow::anyhow!("--ports: {item:?}: the protocol must be tcp, udp or sctp"))?
+            .map_err(|_| {
+                anyhow::anyhow!("--ports: {item:?}: the protocol must be tcp, udp or sctp")
+            })?
             .number();
         if !out.contains(&(proto, port)) {
             out.push((proto, port));
@@ -302,7 +314,10 @@ impl Edge {
         match (v.len(), v.first()) {
             (1, Some(only)) => *only,
             // Every port allowed now, some would be dropped.
-            _ if v.iter().all(|v| matches!(v, Verdict::Allowed | Verdict::WouldDrop)) => {
+            _ if v
+                .iter()
+                .all(|v| matches!(v, Verdict::Allowed | Verdict::WouldDrop)) =>
+            {
                 Verdict::WouldDrop
             }
             _ => Verdict::Partial,
@@ -688,7 +703,12 @@ pub fn report(view: &View) -> MatrixReport {
 
 /// A DOT string literal.
 pub(crate) fn dot_str(s: &str) -> String {
-    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n"))
+    format!(
+        "\"{}\"",
+        s.replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+    )
 }
 
 /// Edge colours, shared by DOT and the SVG: allowed green, would-drop purple, partial amber,
@@ -703,7 +723,9 @@ pub fn color(v: Verdict) -> &'static str {
 }
 
 fn dot(view: &View) -> String {
-    let mut o = String::from("digraph matrix {\n  rankdir=LR;\n  node [shape=box, style=rounded, fontname=\"Helvetica\"];\n  edge [fontname=\"Helvetica\", fontsize=10];\n");
+    let mut o = String::from(
+        "digraph matrix {\n  rankdir=LR;\n  node [shape=box, style=rounded, fontname=\"Helvetica\"];\n  edge [fontname=\"Helvetica\", fontsize=10];\n",
+    );
     let _ = writeln!(o, "  label={};", dot_str(&view.title));
     let mut by_ns: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, n) in view.nodes.iter().enumerate() {
@@ -718,11 +740,7 @@ fn dot(view: &View) -> String {
             } else {
                 "\"rounded,dashed\""
             };
-            let _ = writeln!(
-                o,
-                "    n{i} [label={}, style={style}];",
-                dot_str(&n.name)
-            );
+            let _ = writeln!(o, "    n{i} [label={}, style={style}];", dot_str(&n.name));
         }
         o.push_str("  }\n");
     }
@@ -771,7 +789,11 @@ mod tests {
             [
                 pod("client", Some("10.0.0.1"), ""),
                 pod("other", Some("10.0.0.3"), ""),
-                pod("web", Some("10.0.0.2"), "{name: http, containerPort: 80}, {name: metrics, containerPort: 9090}"),
+                pod(
+                    "web",
+                    Some("10.0.0.2"),
+                    "{name: http, containerPort: 80}, {name: metrics, containerPort: 9090}",
+                ),
                 pod("tmpl", None, ""),
                 policy.to_string(),
             ]
@@ -803,7 +825,11 @@ mod tests {
         // Columns: client, other, tmpl (no address), web.
         assert_eq!(row("x/client "), "x/client - ✓ ✓ ✓80/TCP", "{t}");
         assert_eq!(row("x/other "), "x/other ✓ - ✓ ✗", "{t}");
-        assert_eq!(row("x/tmpl (no address)"), "x/tmpl (no address) ✓ ✓ - ✓80/TCP", "{t}");
+        assert_eq!(
+            row("x/tmpl (no address)"),
+            "x/tmpl (no address) ✓ ✓ - ✓80/TCP",
+            "{t}"
+        );
         assert!(t.contains("which no ipBlock matches"), "{t}");
     }
 
@@ -818,7 +844,8 @@ mod tests {
         ] {
             assert!(csv.lines().any(|l| l == line), "{line} in\n{csv}");
         }
-        let json: serde_json::Value = serde_json::from_str(&render(&v, Format::Json).unwrap()).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&render(&v, Format::Json).unwrap()).unwrap();
         let tmpl = json["nodes"]
             .as_array()
             .unwrap()
@@ -842,8 +869,14 @@ mod tests {
     fn dot_and_svg_draw_namespaces_and_edges_by_verdict() {
         let v = view(Group::Pod);
         let dot = render(&v, Format::Dot).unwrap();
-        assert!(dot.contains("subgraph cluster_0 {\n    label=\"x\";"), "{dot}");
-        assert!(dot.contains("[label=\"tmpl\", style=\"rounded,dashed\"];"), "{dot}");
+        assert!(
+            dot.contains("subgraph cluster_0 {\n    label=\"x\";"),
+            "{dot}"
+        );
+        assert!(
+            dot.contains("[label=\"tmpl\", style=\"rounded,dashed\"];"),
+            "{dot}"
+        );
         assert!(
             dot.contains("color=\"#cf222e\", fontcolor=\"#cf222e\", style=dashed, label=\"✗ 80/TCP,9090/TCP: x/web-from-client\"];"),
             "{dot}"
@@ -853,7 +886,10 @@ mod tests {
             "{dot}"
         );
         let svg = render(&v, Format::Svg).unwrap();
-        assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""), "{svg}");
+        assert!(
+            svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""),
+            "{svg}"
+        );
         assert!(!svg.contains("href"), "self-contained: {svg}");
         assert!(svg.contains(">namespace x</text>"), "{svg}");
         assert!(svg.contains("class=\"pod noaddr\""), "{svg}");
@@ -861,7 +897,10 @@ mod tests {
         let arrows = svg.matches("marker-end=\"url(#arrow-").count();
         assert_eq!(arrows, 12 + 4, "12 edges and 4 in the legend");
         for kind in ["allowed", "denied", "partial"] {
-            assert!(svg.matches(&format!("url(#arrow-{kind})")).count() > 1, "{kind}");
+            assert!(
+                svg.matches(&format!("url(#arrow-{kind})")).count() > 1,
+                "{kind}"
+            );
         }
         let html = render(&v, Format::Html).unwrap();
         assert!(html.contains("<svg") && html.contains("<table>") && !html.contains("<script"));
@@ -910,20 +949,30 @@ mod tests {
         let audit = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: trial\n  namespace: x\n  annotations:\n    enforcer.dev/audit: \"true\"\nspec:\n  podSelector: {matchLabels: {app: b}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: nobody}}}]\n    ports: [{port: 80}]\n";
         std::fs::write(
             dir.path().join("all.yaml"),
-            [pod("a", "10.0.0.1"), pod("b", "10.0.0.2"), audit.to_string()].join("---\n"),
+            [
+                pod("a", "10.0.0.1"),
+                pod("b", "10.0.0.2"),
+                audit.to_string(),
+            ]
+            .join("---\n"),
         )
         .unwrap();
         let v = view_of_dir(dir.path(), Group::Pod).unwrap();
         let t = render(&v, Format::Text).unwrap();
         let row = t.lines().find(|l| l.starts_with("x/a ")).unwrap();
-        assert_eq!(row.split_whitespace().collect::<Vec<_>>(), ["x/a", "-", "!"], "{t}");
+        assert_eq!(
+            row.split_whitespace().collect::<Vec<_>>(),
+            ["x/a", "-", "!"],
+            "{t}"
+        );
         let csv = render(&v, Format::Csv).unwrap();
         let line = "x/a,x/b,TCP,80,would-drop,1,1,1,not isolated,would be dropped by x/trial (audit),would be dropped by x/trial (audit)";
         assert!(csv.lines().any(|l| l == line), "{line} in\n{csv}");
         let svg = render(&v, Format::Svg).unwrap();
         let drawn = format!("stroke=\"{}\"", color(Verdict::WouldDrop));
         assert!(
-            svg.lines().any(|l| l.starts_with("<path") && l.contains(&drawn)),
+            svg.lines()
+                .any(|l| l.starts_with("<path") && l.contains(&drawn)),
             "{svg}"
         );
     }
@@ -938,8 +987,15 @@ mod tests {
         )
         .unwrap();
         let v = view_of_dir(dir.path(), Group::Workload).unwrap();
-        let nodes: Vec<(String, &str)> = v.nodes.iter().map(|n| (n.id(), n.kind.as_str())).collect();
-        assert_eq!(nodes, [("x/client".to_string(), "Pod"), ("x/db".to_string(), "StatefulSet")]);
+        let nodes: Vec<(String, &str)> =
+            v.nodes.iter().map(|n| (n.id(), n.kind.as_str())).collect();
+        assert_eq!(
+            nodes,
+            [
+                ("x/client".to_string(), "Pod"),
+                ("x/db".to_string(), "StatefulSet")
+            ]
+        );
         assert_eq!(v.ports, [(enforcer_common::PROTO_TCP, 5432)]);
         let t = render(&v, Format::Text).unwrap();
         assert!(t.contains("x/db (StatefulSet)"), "{t}");
@@ -949,7 +1005,10 @@ mod tests {
     fn ports_parse_with_tcp_by_default() {
         assert_eq!(
             parse_ports(&["80".into(), "53/udp".into(), "80/TCP".into()]).unwrap(),
-            [(enforcer_common::PROTO_TCP, 80), (enforcer_common::PROTO_UDP, 53)]
+            [
+                (enforcer_common::PROTO_TCP, 80),
+                (enforcer_common::PROTO_UDP, 53)
+            ]
         );
         assert!(parse_ports(&["0".into()]).is_err());
         assert!(parse_ports(&["80/icmp".into()]).is_err());

@@ -258,7 +258,11 @@ pub fn svg(view: &View) -> String {
         let kind = if n.kind == "Pod" {
             String::new()
         } else {
-            format!("<text class=\"pod-kind\" x=\"{cx:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>", cy + 14.0, esc(&n.kind))
+            format!(
+                "<text class=\"pod-kind\" x=\"{cx:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
+                cy + 14.0,
+                esc(&n.kind)
+            )
         };
         let name_y = if kind.is_empty() { cy + 4.5 } else { cy - 1.0 };
         let _ = writeln!(
