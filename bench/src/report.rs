@@ -1778,7 +1778,7 @@ impl Report {
                 )
             );
         }
-        s.push_str("\nWhen the compile per change grows with the cluster, so do the event latency and the CPU under churn: each event costs a compile of the whole cluster rather than of what it changed. Under churn the agent folds the events that arrive during one compile into the next, so the lag stands near one compile time, and grows when compiles take longer than the churn gives them.\n");
+        s.push_str("\nAn event's latency is its compile, then programming the maps (the reconcile, which still diffs the whole desired state), then the rest of a loop turn (reading the change, the status view): where the event p50 is well above the reconcile, that rest is the cost. Under churn the agent folds the events that arrive during one turn into the next, so the lag stands near one turn, and grows when turns take longer than the churn gives them.\n");
         s
     }
 }
