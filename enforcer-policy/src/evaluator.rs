@@ -418,6 +418,25 @@ fn cluster_policies(cluster: &Cluster) -> Vec<&ClusterPolicy> {
     out
 }
 
+/// The other end of `flow`: its address (when given) and the pod that owns it, if any;
+/// `Err(SelfTraffic)` when that is the pod itself.
+#[allow(clippy::type_complexity)]
+fn peer_of<'c>(
+    cluster: &'c Cluster,
+    opts: &CompileOptions,
+    flow: &Flow<'_>,
+) -> Result<(Option<IpAddr>, Option<(PodRef, &'c PodInfo)>), DirVerdict> {
+    match flow.peer {
+        Peer::Addr(ip) if pod_ips(flow.this).contains(ip) => Err(DirVerdict::SelfTraffic),
+        Peer::Addr(ip) => Ok((Some(*ip), cluster.pod_at(*ip, &opts.node_ips))),
+        Peer::Pod(r) if r == flow.pod => Err(DirVerdict::SelfTraffic),
+        Peer::Pod(r) => Ok((
+            None,
+            pods_as_written(cluster).into_iter().find(|(p, _)| p == r),
+        )),
+    }
+}
+
 /// [`direction_verdict`] of `flow`: the tiers around NetworkPolicy (see there).
 fn tiered(cluster: &Cluster, opts: &CompileOptions, flow: &Flow<'_>) -> DirVerdict {
     let network_policy = |with_audit: bool| verdict_at(cluster, opts, with_audit, flow);
@@ -429,24 +448,13 @@ fn tiered(cluster: &Cluster, opts: &CompileOptions, flow: &Flow<'_>) -> DirVerdi
         pod,
         this,
         ingress,
-        peer,
+        peer: _,
         protocol,
         port,
     } = *flow;
-    let (peer_ip, peer_pod) = match peer {
-        Peer::Addr(ip) => {
-            if pod_ips(this).contains(ip) {
-                return DirVerdict::SelfTraffic;
-            }
-            (Some(*ip), cluster.pod_at(*ip, &opts.node_ips))
-        }
-        Peer::Pod(r) => {
-            if r == pod {
-                return DirVerdict::SelfTraffic;
-            }
-            let found = pods_as_written(cluster).into_iter().find(|(p, _)| p == r);
-            (None, found)
-        }
+    let (peer_ip, peer_pod) = match peer_of(cluster, opts, flow) {
+        Ok(p) => p,
+        Err(v) => return v,
     };
     let subject_ns = cluster.namespace_labels(&pod.namespace);
     let peer_ns = peer_pod
@@ -578,28 +586,17 @@ fn verdict_at(
         pod,
         this,
         ingress,
-        peer,
+        peer: _,
         protocol,
         port,
     } = *flow;
-    let (peer_ip, peer_pod) = match peer {
-        Peer::Addr(ip) => {
-            if pod_ips(this).contains(ip) {
-                return DirVerdict::SelfTraffic;
-            }
-            if opts.node_ips.contains(ip) {
-                return DirVerdict::Host;
-            }
-            (Some(*ip), cluster.pod_at(*ip, &opts.node_ips))
-        }
-        Peer::Pod(r) => {
-            if r == pod {
-                return DirVerdict::SelfTraffic;
-            }
-            let found = pods_as_written(cluster).into_iter().find(|(p, _)| p == r);
-            (None, found)
-        }
+    let (peer_ip, peer_pod) = match peer_of(cluster, opts, flow) {
+        Ok(p) => p,
+        Err(v) => return v,
     };
+    if peer_ip.is_some_and(|ip| opts.node_ips.contains(&ip)) {
+        return DirVerdict::Host;
+    }
     // The pods a policy applies to are chosen without reserved labels: those describe verified
     // peers, and the object's own are never seen (so a pod cannot escape a NotIn or
     // DoesNotExist podSelector by setting them).

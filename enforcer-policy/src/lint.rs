@@ -859,9 +859,9 @@ impl<'c> Cx<'c> {
     }
 
     /// [`Rule::ShadowedRule`]: within a policy, and across policies of one namespace with the
-    /// same podSelector (and the same identity requirement).
+    /// same podSelector (and the same identity requirement and audit mode).
     fn shadowed(&mut self, parsed: &[(&NetworkPolicy, ParsedPolicy)]) {
-        for (pi, (_, p)) in parsed.iter().enumerate() {
+        for (pi, (p_raw, p)) in parsed.iter().enumerate() {
             for ingress in [true, false] {
                 let (dir, _) = direction(ingress);
                 let rules_of = |q: &ParsedPolicy| -> Vec<PolicyRule> {
@@ -883,11 +883,16 @@ impl<'c> Cx<'c> {
                         }
                     }
                     if by.is_none() {
-                        for (qi, (_, q)) in parsed.iter().enumerate() {
+                        for (qi, (q_raw, q)) in parsed.iter().enumerate() {
+                            // An audit policy's rule allows nothing that is enforced, and an
+                            // enforced rule decides what an audit policy would: neither shadows
+                            // the other.
                             if qi == pi
                                 || q.namespace != p.namespace
                                 || q.pod_selector != p.pod_selector
                                 || q.require_identity != p.require_identity
+                                || self.cluster.policy_audits(q_raw, false)
+                                    != self.cluster.policy_audits(p_raw, false)
                             {
                                 continue;
                             }
