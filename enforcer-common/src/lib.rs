@@ -585,6 +585,10 @@ pub const RULE_IMPLICIT: u32 = u32::MAX;
 /// is counted and reported as [`reason::ALLOW_AUDIT`]; once an enforcing policy isolates the
 /// direction, the endpoint's epoch moves and the re-check revokes the flow like any other.
 pub const RULE_AUDIT: u32 = u32::MAX - 1;
+/// In a POLICY entry's rule: the entry denies. A new flow whose lookup hits it first is
+/// dropped (an established one is revoked by the re-check); the rest is the rule id (the
+/// compiler hands out ids below `RULE_DENY - 2`).
+pub const RULE_DENY: u32 = 1 << 31;
 
 /// TCP header flags, as in byte 13 of the header.
 pub const TCP_FIN: u8 = 0x01;

@@ -27,7 +27,7 @@ use enforcer_common::{
     DEFAULT_MAX_ENDPOINTS, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_AUDIT, EP_EGRESS_ISOLATED, EP_HAS_V4,
     EP_HAS_V6, EP_INGRESS_AUDIT, EP_INGRESS_ISOLATED, EndpointInfo, IDENTITY_ANY,
     IDENTITY_FIRST_ALLOCATED, IDENTITY_HOST, IDENTITY_SERVICE, IDENTITY_WORLD, NodePortKey,
-    PORT_MASK_ANY_PROTO, PROTO_ANY, PeerInfo, PolicyKey, PolicyValue,
+    PORT_MASK_ANY_PROTO, PROTO_ANY, PeerInfo, PolicyKey, PolicyValue, RULE_DENY,
 };
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
@@ -42,7 +42,11 @@ use super::{
         protocol_number,
     },
 };
-use crate::state::{DesiredState, EndpointState, PodRef, Prefix, RuleRef};
+use crate::{
+    compile_tiers,
+    state::{DesiredState, EndpointState, PodRef, Prefix, RuleRef},
+    tiers::{ClusterPolicy, PeerSelector},
+};
 
 /// What the compiler needs to know about the node it compiles for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -102,8 +106,11 @@ pub struct IdentityKey {
     /// The pod facts, for pod addresses.
     pub pod: Option<Arc<PodFacts>>,
     /// The ipBlocks the address is in (inside the cidr, outside every except), shared by every
-    /// address of one region.
+    /// address of one region. A cluster policy's `networks` CIDRs are blocks too.
     pub blocks: BlockSet,
+    /// The labels of the node that owns the address, when a cluster policy has a `nodes` peer
+    /// (node addresses then have identities of their own).
+    pub node: Option<Arc<Labels>>,
 }
 
 /// A set of ipBlocks, with a digest of its contents made once. A region's set holds nearly
@@ -172,7 +179,16 @@ impl Ord for BlockSet {
 
 impl IdentityKey {
     fn is_world(&self) -> bool {
-        self.pod.is_none() && self.blocks.is_empty()
+        self.pod.is_none() && self.blocks.is_empty() && self.node.is_none()
+    }
+
+    /// An address nothing names.
+    pub fn world() -> Self {
+        Self {
+            pod: None,
+            blocks: BlockSet::new(BTreeSet::new()),
+            node: None,
+        }
     }
 }
 
@@ -350,7 +366,8 @@ impl Allocations {
             generation: 0,
             identities: Pool::new(IDENTITY_FIRST_ALLOCATED, u32::MAX - 1, true),
             endpoints: Pool::new(1, u32::MAX - 1, false),
-            rules: Pool::new(1, u32::MAX - 1, true),
+            // Below RULE_DENY, which marks deny entries, and the reserved ids next to it.
+            rules: Pool::new(1, RULE_DENY - 3, true),
             memo: Memo::default(),
         }
     }
@@ -431,14 +448,17 @@ impl Allocations {
         let rule_pairs = fresh
             .policy
             .iter()
-            .filter_map(|(k, v)| Some((v.rule, pinned.policy.get(&as_pinned(k)?)?.rule)));
+            .filter_map(|(k, v)| {
+                let pinned = pinned.policy.get(&as_pinned(k)?)?.rule;
+                Some((v.rule & !RULE_DENY, pinned & !RULE_DENY))
+            });
         let keys = trial.rules.by_number();
         let rules = self.rules.reserve_all(
             renumbering(rule_pairs, 1)
                 .into_iter()
                 .filter_map(|(new, old)| Some((keys.get(&new)?.clone(), old))),
         );
-        if let Some(max) = pinned.policy.values().map(|v| v.rule).max() {
+        if let Some(max) = pinned.policy.values().map(|v| v.rule & !RULE_DENY).max() {
             self.rules.skip_past(max);
         }
         (identities, rules)
@@ -708,6 +728,9 @@ pub(super) struct StageInput {
     node_ips: Vec<IpAddr>,
     /// Which pods are local.
     node_name: Option<String>,
+    /// The nodes, when a cluster policy has a `nodes` peer (else none: their addresses are
+    /// then plain addresses, as without cluster policies).
+    nodes: Vec<Arc<crate::model::NodeInfo>>,
 }
 
 impl StageInput {
@@ -723,6 +746,12 @@ impl StageInput {
             && self.blocks == o.blocks
             && self.node_ips == o.node_ips
             && self.node_name == o.node_name
+            && self.nodes.len() == o.nodes.len()
+            && self
+                .nodes
+                .iter()
+                .zip(&o.nodes)
+                .all(|(x, y)| Arc::ptr_eq(x, y) || x == y)
     }
 }
 
@@ -758,6 +787,8 @@ pub(super) struct IdentityStage {
     twice: bool,
     /// The pod that owns each pod address.
     owners: BTreeMap<IpAddr, PodRef>,
+    /// The labels of the node that owns each node address ([`StageInput::nodes`]).
+    node_labels: BTreeMap<IpAddr, Arc<Labels>>,
     /// The identity of each pod address.
     addr_ids: BTreeMap<IpAddr, u32>,
     /// Every identity in use but world and host, with what it stands for.
@@ -829,12 +860,14 @@ fn identity_stage(
                 IdentityKey {
                     pod: None,
                     blocks: BlockSet::new(bs),
+                    node: None,
                 },
             )
         })
         .collect();
     let regions = Regions::new(&region_keys);
     let no_blocks = BlockSet::new(BTreeSet::new());
+    stage.node_labels = node_labels(input);
 
     // Pods: facts (one shared value per distinct facts) and the addresses they own.
     let mut ns_labels: HashMap<Arc<str>, Arc<Labels>> = HashMap::new();
@@ -910,12 +943,36 @@ fn identity_stage(
                 IdentityKey {
                     pod: Some(pod),
                     blocks,
+                    node: stage.node_labels.get(ip).cloned(),
+                },
+            )
+        })
+        .collect();
+    // Node addresses no pod owns, for `nodes` peers; the node's own stay IDENTITY_HOST.
+    let node_keys: BTreeMap<IpAddr, IdentityKey> = stage
+        .node_labels
+        .iter()
+        .filter(|(ip, _)| !owner.contains_key(ip) && !input.node_ips.contains(ip))
+        .map(|(ip, labels)| {
+            let blocks = regions
+                .key_of(*ip)
+                .map_or_else(|| no_blocks.clone(), |k| k.blocks.clone());
+            (
+                *ip,
+                IdentityKey {
+                    pod: None,
+                    blocks,
+                    node: Some(Arc::clone(labels)),
                 },
             )
         })
         .collect();
     let mut ids: HashMap<&IdentityKey, u32> = HashMap::new();
-    for k in addr_keys.values().chain(region_keys.values()) {
+    for k in addr_keys
+        .values()
+        .chain(region_keys.values())
+        .chain(node_keys.values())
+    {
         if k.is_world() || ids.contains_key(k) {
             continue;
         }
@@ -938,6 +995,16 @@ fn identity_stage(
         };
         *stage.members.entry(info.identity).or_default() += 1;
         stage.addr_ids.insert(*ip, info.identity);
+        match ip {
+            IpAddr::V4(a) => stage.peers_v4.insert(*a, info),
+            IpAddr::V6(a) => stage.peers_v6.insert(*a, info),
+        };
+    }
+    for (ip, k) in &node_keys {
+        let info = PeerInfo {
+            identity: id_of(k),
+            flags: 0,
+        };
         match ip {
             IpAddr::V4(a) => stage.peers_v4.insert(*a, info),
             IpAddr::V6(a) => stage.peers_v6.insert(*a, info),
@@ -983,6 +1050,19 @@ fn identity_stage(
     stage.ns_labels = ns_labels;
     stage.region_keys = region_keys;
     stage
+}
+
+/// The labels of the node owning each node address: the first node that lists it, as the
+/// evaluator finds it.
+fn node_labels(input: &StageInput) -> BTreeMap<IpAddr, Arc<Labels>> {
+    let mut out = BTreeMap::new();
+    for n in &input.nodes {
+        let labels = Arc::new(n.labels.clone());
+        for ip in &n.addresses {
+            out.entry(*ip).or_insert_with(|| Arc::clone(&labels));
+        }
+    }
+    out
 }
 
 fn is_local(input: &StageInput, pod: &PodInfo) -> bool {
@@ -1041,6 +1121,9 @@ fn update_stage(
     // gone is the one its name stands for.
     let mut gone_refs = BTreeSet::new();
     for p in &gone {
+        if p.ips.iter().any(|ip| stage.node_labels.contains_key(ip)) {
+            return false;
+        }
         let r = crate::model::pod_ref(p);
         let known = if crate::model::pod_is_policy_pod(p) {
             stage
@@ -1066,6 +1149,10 @@ fn update_stage(
             continue;
         }
         for ip in p.ips.iter().filter(|ip| !new.node_ips.contains(ip)) {
+            // A node address changes hands: a rebuild judges it.
+            if stage.node_labels.contains_key(ip) {
+                return false;
+            }
             let taken = stage
                 .owners
                 .get(ip)
@@ -1138,6 +1225,7 @@ fn update_stage(
                 blocks: regions
                     .key_of(ip)
                     .map_or_else(|| no_blocks.clone(), |k| k.blocks.clone()),
+                node: stage.node_labels.get(&ip).cloned(),
             };
             let id = identities.get(&key, generation).unwrap_or(IDENTITY_WORLD);
             let n = stage.members.entry(id).or_default();
@@ -1430,6 +1518,16 @@ fn contributions(
     }
 }
 
+/// The reference of a NetworkPolicy rule.
+fn np_rule(p: &ParsedPolicy, direction: u8, index: u32) -> RuleRef {
+    RuleRef::NetworkPolicy {
+        namespace: p.namespace.clone(),
+        policy: p.name.clone(),
+        direction,
+        index,
+    }
+}
+
 /// `(namespace, name)` of the policies that audit ([`Cluster::policy_audits`]): of each
 /// namespace/name its first object, as [`parsed_policies`] keeps.
 fn audited_policies(cluster: &Cluster, audit_all: bool) -> BTreeSet<(&str, &str)> {
@@ -1481,6 +1579,28 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
             Peer::Pods { .. } => None,
         })
         .collect();
+    // Cluster policies, in evaluation order: their `networks` join the ipBlocks, their
+    // `nodes` peers give node addresses identities.
+    let mut tier_policies: Vec<&ClusterPolicy> =
+        cluster.cluster_policies.iter().map(|p| &**p).collect();
+    tier_policies.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
+    let tier_peers = || {
+        tier_policies
+            .iter()
+            .flat_map(|p| p.ingress.iter().chain(&p.egress))
+            .flat_map(|r| &r.peers)
+    };
+    let mut blocks = blocks;
+    for peer in tier_peers() {
+        if let PeerSelector::Networks(cidrs) = peer {
+            blocks.extend(cidrs.iter().map(|c| Block::network(*c)));
+        }
+    }
+    let nodes = if tier_peers().any(|p| matches!(p, PeerSelector::Nodes(_))) {
+        cluster.nodes.clone()
+    } else {
+        Vec::new()
+    };
     let input = StageInput {
         pods: cluster.pods.clone(),
         namespaces: cluster.namespaces.clone(),
@@ -1488,6 +1608,7 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
         blocks,
         node_ips: opts.node_ips.clone(),
         node_name: opts.node_name.clone(),
+        nodes,
     };
     // Reusable, or updated for a change of pods, only straight after the compile that made
     // it: then the identity pool holds exactly its keys, with its numbers.
@@ -1643,24 +1764,54 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
     // if no audit policy existed (they could only add allows). One only audit policies isolate
     // holds theirs, flagged `EP_*_AUDIT` with the audit policies named in `state.audited`: a
     // miss there is a would-drop, let through.
+    //
+    // A direction cluster policies manage (`compile_tiers`) is isolated, its entries all
+    // written there: the enforcing policies' entries are its input, and audit policies take
+    // no part (what they would drop is allowed by the tiers' default anyway).
+    let managed: Vec<u8> = locals
+        .iter()
+        .map(|l| {
+            if tier_policies.is_empty() {
+                return 0;
+            }
+            let pod = stage.pods.get(l.r).map(|(p, _)| &**p);
+            [DIR_INGRESS, DIR_EGRESS]
+                .into_iter()
+                .filter(|dir| {
+                    pod.is_some_and(|pod| {
+                        compile_tiers::manages(
+                            &tier_policies,
+                            *dir,
+                            pod,
+                            &l.facts.namespace_labels,
+                        )
+                    })
+                })
+                .fold(0, |m, dir| m | 1 << dir)
+        })
+        .collect();
+    let is_managed = |li: u32, dir: u8| managed.get(li as usize).is_some_and(|m| m & 1 << dir != 0);
     let audit_only = |li: u32, dir: u8| {
-        isolated_by
-            .get(li as usize)
-            .is_some_and(|[e, a]| (e & 1 << dir) == 0 && (a & 1 << dir) != 0)
+        !is_managed(li, dir)
+            && isolated_by
+                .get(li as usize)
+                .is_some_and(|[e, a]| (e & 1 << dir) == 0 && (a & 1 << dir) != 0)
     };
-    for (l, [e, a]) in locals.iter_mut().zip(&isolated_by) {
+    for ((l, [e, a]), m) in locals.iter_mut().zip(&isolated_by).zip(&managed) {
         for (dir, iso, aud) in [
             (DIR_INGRESS, EP_INGRESS_ISOLATED, EP_INGRESS_AUDIT),
             (DIR_EGRESS, EP_EGRESS_ISOLATED, EP_EGRESS_AUDIT),
         ] {
-            if (e | a) & 1 << dir != 0 {
+            if (e | a | m) & 1 << dir != 0 {
                 l.info.flags |= iso;
             }
-            if e & 1 << dir == 0 && a & 1 << dir != 0 {
+            if m & 1 << dir == 0 && e & 1 << dir == 0 && a & 1 << dir != 0 {
                 l.info.flags |= aud;
             }
         }
     }
+    // The enforcing NetworkPolicy entries of each managed direction, first rule first.
+    let mut managed_np: HashMap<(u32, u8), Vec<(PolicyKey, RuleRef)>> = HashMap::new();
     // Policies in order, so the first policy's rule wins a key two policies give (as the
     // evaluator's "first allowing rule" does); numbering a rule only when it gives an entry.
     // A refused policy's stand-in has no rules: it only isolates.
@@ -1683,15 +1834,17 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
             if *audit && !audit_only(e.endpoint, dir) {
                 continue;
             }
+            if is_managed(e.endpoint, dir) {
+                managed_np
+                    .entry((e.endpoint, dir))
+                    .or_default()
+                    .push((e.key, np_rule(p, dir, ri)));
+                continue;
+            }
             let rule_id = match rule_ids.iter().find(|(k, _)| *k == (dir, ri)) {
                 Some((_, id)) => *id,
                 None => {
-                    let rule_ref = RuleRef {
-                        namespace: p.namespace.clone(),
-                        policy: p.name.clone(),
-                        direction: dir,
-                        index: ri,
-                    };
+                    let rule_ref = np_rule(p, dir, ri);
                     let id = alloc.rules.get(&rule_ref, generation);
                     if let Some(id) = id {
                         state.rules.insert(id, rule_ref);
@@ -1717,6 +1870,41 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
                 rule: rule_id,
                 _pad: 0,
             });
+        }
+    }
+    for (li, l) in locals.iter().enumerate() {
+        let li32 = u32::try_from(li).unwrap_or(u32::MAX);
+        let Some((pod, _)) = stage.pods.get(l.r) else {
+            continue;
+        };
+        for dir in [DIR_INGRESS, DIR_EGRESS] {
+            if !is_managed(li32, dir) {
+                continue;
+            }
+            let d = compile_tiers::ManagedDirection {
+                endpoint: l.info.id,
+                dir,
+                pod,
+                namespace_labels: &l.facts.namespace_labels,
+                named_ports: &l.facts.named_ports,
+                np_isolated: isolated_by[li][0] & 1 << dir != 0,
+                np: managed_np.remove(&(li32, dir)).unwrap_or_default(),
+            };
+            for (key, rule_ref, deny) in
+                compile_tiers::compile_direction(&tier_policies, &stage.identities, &d)
+            {
+                let Some(id) = alloc.rules.get(&rule_ref, generation) else {
+                    continue;
+                };
+                state.rules.insert(id, rule_ref);
+                masks[li][usize::from(dir)] |= if key.protocol == PROTO_ANY {
+                    PORT_MASK_ANY_PROTO
+                } else {
+                    1 << key.port_prefix_len
+                };
+                let rule = if deny { id | RULE_DENY } else { id };
+                state.policy.insert(key, PolicyValue { rule, _pad: 0 });
+            }
         }
     }
     for (mut l, m) in locals.into_iter().zip(masks) {

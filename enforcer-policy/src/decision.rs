@@ -6,7 +6,7 @@ use std::{fmt, net::IpAddr};
 
 use enforcer_common::{
     IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, PORT_MASK_ANY_PROTO, PROTO_ANY, PROTO_SCTP,
-    PROTO_TCP, PROTO_UDP, PolicyKey,
+    PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, RULE_DENY,
 };
 
 use crate::state::{DesiredState, PodRef, Prefix};
@@ -24,7 +24,8 @@ pub enum Reason {
     NotIsolated,
     /// A policy entry allows it.
     Policy,
-    /// Isolated, and no policy entry allows it.
+    /// Isolated, and no policy entry allows it, or the first entry found denies it
+    /// ([`RULE_DENY`]).
     Denied,
     /// Isolated by audit policies only, and no policy entry allows it: allowed, reported as
     /// would-drop.
@@ -48,7 +49,7 @@ impl fmt::Display for Reason {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Decision {
     pub allowed: bool,
-    /// The rule id of the entry that allowed it.
+    /// The rule id (without [`RULE_DENY`]) of the entry that decided: the first one found.
     pub rule: Option<u32>,
     pub reason: Reason,
     /// The identity the peer address resolved to.
@@ -135,6 +136,14 @@ pub fn decide(
         .get(usize::from(direction))
         .copied()
         .unwrap_or(0);
+    // The first entry found decides, allowing or denying.
+    let hit = |v: &PolicyValue| {
+        if v.rule & RULE_DENY != 0 {
+            done(false, Reason::Denied, Some(v.rule & !RULE_DENY))
+        } else {
+            done(true, Reason::Policy, Some(v.rule))
+        }
+    };
     let ported = matches!(protocol, PROTO_TCP | PROTO_UDP | PROTO_SCTP);
     for id in [identity, IDENTITY_ANY] {
         if ported {
@@ -144,14 +153,14 @@ pub fn decide(
                 }
                 let key = PolicyKey::new(info.id, id, direction, protocol, port, len);
                 if let Some(v) = state.policy.get(&key) {
-                    return done(true, Reason::Policy, Some(v.rule));
+                    return hit(v);
                 }
             }
         }
         if masks & PORT_MASK_ANY_PROTO != 0 {
             let key = PolicyKey::new(info.id, id, direction, PROTO_ANY, 0, 0);
             if let Some(v) = state.policy.get(&key) {
-                return done(true, Reason::Policy, Some(v.rule));
+                return hit(v);
             }
         }
     }

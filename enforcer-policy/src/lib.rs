@@ -7,6 +7,7 @@
 //! cannot reach a file, a socket or the kernel.
 pub mod cidr;
 pub mod compile;
+mod compile_tiers;
 pub mod decision;
 pub mod evaluator;
 pub mod explain;

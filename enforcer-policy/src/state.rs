@@ -10,6 +10,8 @@ use std::{
 
 use enforcer_common::{EndpointInfo, NodePortKey, PeerInfo, PolicyKey, PolicyValue};
 
+use crate::tiers::Tier;
+
 /// A pod, by namespace and name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PodRef {
@@ -48,29 +50,85 @@ pub struct Prefix<A> {
     pub len: u8,
 }
 
-/// What a rule id stands for: the policy and rule that allowed a flow (for `explain`, events).
+/// What a rule id stands for: the rule that decided a flow (for `explain`, events, the flow
+/// log). A NetworkPolicy rule only ever allows; in a direction cluster policies manage
+/// (`compile.rs`), entries also name the tier rule that accepted or denied, NetworkPolicy's
+/// isolation where none of its rules allows, and the default allow.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RuleRef {
-    pub namespace: String,
-    pub policy: String,
-    /// `DIR_INGRESS` or `DIR_EGRESS`.
-    pub direction: u8,
-    /// Index of the rule in the policy's `ingress` or `egress` list.
-    pub index: u32,
+pub enum RuleRef {
+    NetworkPolicy {
+        namespace: String,
+        policy: String,
+        /// `DIR_INGRESS` or `DIR_EGRESS`.
+        direction: u8,
+        /// Index of the rule in the policy's `ingress` or `egress` list.
+        index: u32,
+    },
+    /// A rule of an Admin or Baseline cluster policy.
+    Tier {
+        tier: Tier,
+        /// `Kind/name`.
+        policy: String,
+        direction: u8,
+        /// The rule's `name`, or `ingress[i]`/`egress[i]` when it has none.
+        rule: String,
+        index: u32,
+        /// As the policy's API version names it (`Accept`/`Allow`, `Deny`).
+        action: &'static str,
+    },
+    /// NetworkPolicy isolates the pod and none of its rules allows (a deny entry where it must
+    /// shadow an allow of another peer).
+    Isolated { direction: u8 },
+    /// No tier and no NetworkPolicy decides: allowed by default.
+    DefaultAllow { direction: u8 },
+}
+
+fn direction_name(direction: u8) -> &'static str {
+    if direction == enforcer_common::DIR_INGRESS {
+        "ingress"
+    } else {
+        "egress"
+    }
 }
 
 impl fmt::Display for RuleRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let dir = if self.direction == enforcer_common::DIR_INGRESS {
-            "ingress"
-        } else {
-            "egress"
-        };
-        write!(
-            f,
-            "{}/{} {}[{}]",
-            self.namespace, self.policy, dir, self.index
-        )
+        match self {
+            Self::NetworkPolicy {
+                namespace,
+                policy,
+                direction,
+                index,
+            } => write!(
+                f,
+                "{namespace}/{policy} {}[{index}]",
+                direction_name(*direction)
+            ),
+            Self::Tier {
+                tier,
+                policy,
+                direction,
+                rule,
+                index,
+                action,
+            } => {
+                let at = format!("{}[{index}]", direction_name(*direction));
+                write!(f, "{policy} {at}")?;
+                // An unnamed rule's name is its place, already printed.
+                if *rule != at {
+                    write!(f, " {rule:?}")?;
+                }
+                write!(f, " ({tier}, {action})")
+            }
+            Self::Isolated { direction } => write!(
+                f,
+                "NetworkPolicy isolation {}: no rule allows",
+                direction_name(*direction)
+            ),
+            Self::DefaultAllow { direction } => {
+                write!(f, "default allow {}", direction_name(*direction))
+            }
+        }
     }
 }
 
@@ -91,4 +149,12 @@ pub struct DesiredState {
     /// By (endpoint id, direction), for a direction only audit policies isolate
     /// (`EP_*_AUDIT`): those policies, `namespace/name` in order. What a would-drop there names.
     pub audited: BTreeMap<(u32, u8), Vec<String>>,
+}
+
+impl DesiredState {
+    /// What the rule of a POLICY entry (or of an event) names, its deny bit
+    /// ([`enforcer_common::RULE_DENY`]) aside.
+    pub fn rule(&self, rule: u32) -> Option<&RuleRef> {
+        self.rules.get(&(rule & !enforcer_common::RULE_DENY))
+    }
 }

@@ -20,7 +20,7 @@ use super::{
     evaluator::{self, Endpoint},
     model::Cluster,
 };
-use crate::state::PodRef;
+use crate::state::{PodRef, RuleRef};
 
 /// Builders for test objects.
 pub(crate) mod fixtures {
@@ -296,7 +296,13 @@ fn check_compiled(
             for &peer in peers {
                 // A Service frontend is judged after kube-proxy's translation, on its
                 // backend: the evaluator (pod-to-pod) has no verdict for it.
-                if decision::resolve_peer(&compiled.state, peer) == IDENTITY_SERVICE {
+                let identity = decision::resolve_peer(&compiled.state, peer);
+                if identity == IDENTITY_SERVICE {
+                    continue;
+                }
+                // The node's own traffic is always allowed by the programs; the evaluator
+                // lets the tiers judge it (not compiled: the programs do not ask).
+                if identity == IDENTITY_HOST && !cluster.cluster_policies.is_empty() {
                     continue;
                 }
                 for &(proto, port) in flows {
@@ -316,10 +322,13 @@ fn check_compiled(
                         "endpoint {ep} dir {dir} peer {peer} proto {proto} port {port}: lookup {d:?} evaluator {v:?}\nstate: {:#?}",
                         compiled.state
                     );
+                    check_rule(compiled, cluster, opts, ep, dir, &d, &v);
                     // The audit outcome too, naming the same audit policies.
                     let audited = compiled.state.endpoints[ep].info.id;
                     let named = compiled.state.audited.get(&(audited, dir));
+                    let managed = tier_managed(cluster, ep, dir);
                     match &v {
+                        evaluator::DirVerdict::WouldDrop { .. } if managed => {}
                         evaluator::DirVerdict::WouldDrop { policies } => assert!(
                             d.reason == decision::Reason::WouldDrop && named == Some(policies),
                             "endpoint {ep} dir {dir} peer {peer} proto {proto} port {port}: lookup {d:?} (audited {named:?}) evaluator {v:?}"
@@ -333,6 +342,93 @@ fn check_compiled(
                 }
             }
         }
+    }
+}
+
+/// Whether cluster policies manage `ep`'s direction (then its entries are the tiers').
+fn tier_managed(cluster: &Cluster, ep: &PodRef, dir: u8) -> bool {
+    let policies: Vec<&crate::tiers::ClusterPolicy> =
+        cluster.cluster_policies.iter().map(|p| &**p).collect();
+    cluster
+        .policy_pods()
+        .into_iter()
+        .find(|(r, _)| r == ep)
+        .is_some_and(|(_, pod)| {
+            crate::compile_tiers::manages(
+                &policies,
+                dir,
+                pod,
+                &cluster.namespace_labels(&ep.namespace),
+            )
+        })
+}
+
+/// Asserts that the entry that decided names the rule the evaluator names: the tier rule that
+/// accepted or denied, after a Pass what decided next; in a tier-managed direction also the
+/// first NetworkPolicy rule that allows, and the default allow.
+fn check_rule(
+    compiled: &super::Compiled,
+    cluster: &Cluster,
+    opts: &CompileOptions,
+    ep: &PodRef,
+    dir: u8,
+    d: &decision::Decision,
+    v: &evaluator::DirVerdict,
+) {
+    use evaluator::DirVerdict as V;
+    let audits = |namespace: &str, name: &str| {
+        cluster.policies.iter().any(|p| {
+            p.metadata.namespace.as_deref() == Some(namespace)
+                && p.metadata.name.as_deref() == Some(name)
+                && cluster.policy_audits(p, opts.audit)
+        })
+    };
+    let named = d.rule.and_then(|r| compiled.state.rules.get(&r));
+    let managed = tier_managed(cluster, ep, dir);
+    let expected = match v.after_pass() {
+        V::TierAccepted(r) | V::TierDenied(r) => Some(RuleRef::Tier {
+            tier: r.tier,
+            policy: r.policy.clone(),
+            direction: dir,
+            rule: r.rule.clone(),
+            index: u32::try_from(r.index).unwrap(),
+            action: r.action,
+        }),
+        // Where the tiers leave it to the default, an audit policy's allow is reported (the
+        // evaluator's would-drop check): the default allow decided.
+        V::Allowed {
+            namespace, policy, ..
+        } if managed && audits(namespace, policy) => {
+            Some(RuleRef::DefaultAllow { direction: dir })
+        }
+        V::Allowed {
+            namespace,
+            policy,
+            index,
+        } if managed => Some(RuleRef::NetworkPolicy {
+            namespace: namespace.clone(),
+            policy: policy.clone(),
+            direction: dir,
+            index: u32::try_from(*index).unwrap(),
+        }),
+        V::NotIsolated | V::WouldDrop { .. } if managed => {
+            Some(RuleRef::DefaultAllow { direction: dir })
+        }
+        V::Denied { .. } | V::NoIdentity { .. } => {
+            assert!(
+                named.is_none_or(|r| *r == RuleRef::Isolated { direction: dir }),
+                "{ep} dir {dir}: NetworkPolicy denies, the entry names {named:?}"
+            );
+            None
+        }
+        _ => None,
+    };
+    if let Some(e) = expected {
+        assert_eq!(
+            named,
+            Some(&e),
+            "{ep} dir {dir}: decision {d:?}, evaluator {v:?}"
+        );
     }
 }
 
@@ -865,10 +961,11 @@ proptest! {
     /// Pods added, removed, relabelled and re-addressed one small batch at a time update the
     /// identity stage in place (`update_stage`) instead of rebuilding it: after each step the
     /// carried compile is exactly a fresh compile's state (numbers aside: every entry names the
-    /// same identity key, endpoint and rule) and agrees with the evaluator.
+    /// same identity key, endpoint and rule) and agrees with the evaluator. With cluster
+    /// policies too (their directions are compiled afresh each time).
     #[test]
     fn pod_changes_compiled_in_place_equal_fresh_compiles(
-        a in cluster_strategy(),
+        a in tiered_cluster_strategy(),
         b in cluster_strategy(),
         flows in flows_strategy(),
         steps in proptest::collection::vec((0..8usize, 0..8usize, any::<bool>()), 1..6),
@@ -2616,7 +2713,11 @@ fn an_enforcing_policy_beside_an_audit_one_decides_alone() {
         0
     );
     assert!(
-        compiled.state.rules.values().all(|r| r.policy == "only-b"),
+        compiled
+            .state
+            .rules
+            .values()
+            .all(|r| matches!(r, RuleRef::NetworkPolicy { policy, .. } if policy == "only-b")),
         "no entry of the audit policy: {:?}",
         compiled.state.rules
     );
@@ -2710,7 +2811,7 @@ fn canonical(c: &super::Compiled) -> String {
     }
     for (k, v) in &c.state.policy {
         lines.push(format!(
-            "policy {} {} {} {} {}/{} {}",
+            "policy {} {} {} {} {}/{} {} {}",
             eps.get(&k.endpoint)
                 .map_or_else(|| "?".into(), |r| r.to_string()),
             id(k.identity),
@@ -2719,9 +2820,13 @@ fn canonical(c: &super::Compiled) -> String {
             k.port,
             k.port_prefix_len,
             c.state
-                .rules
-                .get(&v.rule)
+                .rule(v.rule)
                 .map_or_else(|| "?".into(), ToString::to_string),
+            if v.rule & enforcer_common::RULE_DENY == 0 {
+                "allow"
+            } else {
+                "deny"
+            },
         ));
     }
     lines.sort();
@@ -2730,4 +2835,203 @@ fn canonical(c: &super::Compiled) -> String {
         let _ = writeln!(out, "{l}");
     }
     out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cluster policies (Admin and Baseline tiers), compiled.
+// ---------------------------------------------------------------------------------------------
+
+pub(crate) mod tier_strategies {
+    use std::sync::Arc;
+
+    use enforcer_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+    use proptest::{collection::vec, option, prelude::*, sample::select};
+
+    use super::{fixtures::labels, strategies};
+    use crate::{
+        model::NodeInfo,
+        selector::Selector,
+        tiers::{
+            Action, ClusterPolicy, Kind, PeerSelector, PortSelector, Subject, Tier, TierRule, sort,
+        },
+        validate::parse_cidr,
+    };
+
+    fn selector() -> impl Strategy<Value = Selector> {
+        strategies::selector()
+            .prop_map(|s| Selector::parse(&s).unwrap_or_else(|_| Selector::everything()))
+    }
+
+    const NETWORKS: [&str; 9] = [
+        "10.0.0.0/16",
+        "10.0.1.0/24",
+        "10.0.2.0/25",
+        "10.0.9.0/24",
+        "10.0.1.11/32",
+        "0.0.0.0/0",
+        "fd00::/64",
+        "192.168.0.0/16",
+        "::/0",
+    ];
+
+    fn peer(egress: bool) -> impl Strategy<Value = PeerSelector> {
+        let pods = prop_oneof![
+            4 => selector().prop_map(PeerSelector::Namespaces),
+            6 => (selector(), selector())
+                .prop_map(|(namespaces, pods)| PeerSelector::Pods { namespaces, pods }),
+            1 => Just(PeerSelector::Everything),
+            1 => Just(PeerSelector::Nothing),
+        ];
+        let others = prop_oneof![
+            4 => vec(select(&NETWORKS[..]), 1..3).prop_map(|n| {
+                PeerSelector::Networks(n.iter().map(|c| parse_cidr(c).unwrap()).collect())
+            }),
+            2 => selector().prop_map(PeerSelector::Nodes),
+        ];
+        if egress {
+            prop_oneof![3 => pods, 2 => others].boxed()
+        } else {
+            pods.boxed()
+        }
+    }
+
+    fn port() -> impl Strategy<Value = PortSelector> {
+        prop_oneof![
+            4 => select(
+                &[
+                    (PROTO_TCP, 80, 80),
+                    (PROTO_TCP, 80, 81),
+                    (PROTO_TCP, 1000, 2000),
+                    (PROTO_TCP, 0, 65535),
+                    (PROTO_TCP, 8000, 8100),
+                    (PROTO_UDP, 53, 53),
+                    (PROTO_UDP, 1, 65535),
+                    (PROTO_SCTP, 80, 80),
+                ][..]
+            )
+            .prop_map(|(protocol, start, end)| PortSelector::Range { protocol, start, end }),
+            1 => select(&["http", "dns", "web", "nope"][..])
+                .prop_map(|n| PortSelector::Named(n.to_string())),
+        ]
+    }
+
+    fn rule(egress: bool, index: usize) -> impl Strategy<Value = TierRule> {
+        (
+            select(&[Action::Accept, Action::Deny, Action::Pass][..]),
+            vec(peer(egress), 1..3),
+            option::weighted(0.6, vec(port(), 1..3)),
+            any::<bool>(),
+        )
+            .prop_map(move |(action, peers, ports, named)| TierRule {
+                name: if named {
+                    format!("r{index}")
+                } else {
+                    format!("{}[{index}]", if egress { "egress" } else { "ingress" })
+                },
+                action,
+                peers,
+                ports,
+            })
+    }
+
+    fn rules(egress: bool) -> impl Strategy<Value = Vec<TierRule>> {
+        (0..3usize).prop_flat_map(move |n| (0..n).map(|i| rule(egress, i)).collect::<Vec<_>>())
+    }
+
+    /// Cluster policy `i`: either tier, either API version, priorities 0..3 (ties happen).
+    fn policy(i: usize) -> impl Strategy<Value = ClusterPolicy> {
+        (
+            select(
+                &[
+                    (Kind::ClusterNetworkPolicy, Tier::Admin),
+                    (Kind::ClusterNetworkPolicy, Tier::Baseline),
+                    (Kind::AdminNetworkPolicy, Tier::Admin),
+                    (Kind::BaselineAdminNetworkPolicy, Tier::Baseline),
+                ][..],
+            ),
+            0..3u32,
+            prop_oneof![
+                selector().prop_map(Subject::Namespaces),
+                (selector(), selector())
+                    .prop_map(|(namespaces, pods)| Subject::Pods { namespaces, pods }),
+            ],
+            rules(false),
+            rules(true),
+        )
+            .prop_map(move |((kind, tier), priority, subject, ingress, egress)| {
+                ClusterPolicy {
+                    kind,
+                    name: format!("cp{}", i % 3),
+                    tier,
+                    priority,
+                    subject,
+                    ingress,
+                    egress,
+                    refused: Vec::new(),
+                }
+            })
+    }
+
+    /// Up to four cluster policies, in evaluation order.
+    pub fn cluster_policies() -> impl Strategy<Value = Vec<Arc<ClusterPolicy>>> {
+        ((0..4usize).map(policy).collect::<Vec<_>>(), 0..=4usize).prop_map(|(mut ps, n)| {
+            ps.truncate(n);
+            sort(&mut ps);
+            // One object per kind and name.
+            ps.dedup_by(|a, b| a.kind == b.kind && a.name == b.name);
+            ps.into_iter().map(Arc::new).collect()
+        })
+    }
+
+    /// This node (`node-a`, the compile options' node address) and `node-b`, a flow peer.
+    pub fn nodes() -> impl Strategy<Value = Vec<Arc<NodeInfo>>> {
+        (strategies::label_pairs(), strategies::label_pairs()).prop_map(|(a, b)| {
+            vec![
+                Arc::new(NodeInfo {
+                    name: "node-a".into(),
+                    labels: labels(&a),
+                    addresses: vec!["10.0.9.1".parse().unwrap()],
+                }),
+                Arc::new(NodeInfo {
+                    name: "node-b".into(),
+                    labels: labels(&b),
+                    addresses: vec!["10.0.9.7".parse().unwrap(), "10.0.2.200".parse().unwrap()],
+                }),
+            ]
+        })
+    }
+}
+
+/// [`cluster_strategy`] with cluster policies (none now and then) and nodes.
+pub(crate) fn tiered_cluster_strategy() -> impl Strategy<Value = Cluster> {
+    (
+        cluster_strategy(),
+        tier_strategies::cluster_policies(),
+        tier_strategies::nodes(),
+    )
+        .prop_map(|(mut c, cluster_policies, nodes)| {
+            c.cluster_policies = cluster_policies;
+            c.nodes = nodes;
+            c
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 160, ..ProptestConfig::default() })]
+
+    /// The compiled lookup (the first entry found decides, allowing or denying) gives every
+    /// flow the evaluator's verdict with cluster policies of both tiers around NetworkPolicy,
+    /// and names the rule that decided.
+    #[test]
+    fn compiled_tiers_equal_evaluator(
+        cluster in tiered_cluster_strategy(),
+        flows in flows_strategy(),
+        standalone in any::<bool>(),
+    ) {
+        let mut o = opts();
+        if standalone {
+            o.node_name = None;
+        }
+        check_agreement(&cluster, &o, &flow_peers(), &flows);
+    }
 }

@@ -52,6 +52,14 @@ impl Block {
     pub fn contains(&self, ip: IpAddr) -> bool {
         self.cidr.contains(ip) && !self.except.iter().any(|e| e.contains(ip))
     }
+
+    /// The block of a whole network (a cluster policy's `networks` CIDR).
+    pub fn network(cidr: Cidr) -> Self {
+        Self {
+            cidr,
+            except: Vec::new(),
+        }
+    }
 }
 
 /// Which namespaces a selector peer looks in.

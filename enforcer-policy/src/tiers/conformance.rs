@@ -1,8 +1,9 @@
 //! The upstream conformance scenarios for cluster policies (`network-policy-api`'s Go suite,
 //! re-expressed as data in `tests/data/cluster-policy-conformance/`), judged by the reference
 //! evaluator ([`direction_verdict`], which applies the tiers around NetworkPolicy): a flow is
-//! allowed when egress at the source and ingress at the destination both allow it. One test
-//! per upstream file.
+//! allowed when egress at the source and ingress at the destination both allow it. Every probe
+//! is judged a second time through the compiler: the compiled state, looked up as the
+//! programs do ([`decide`]), must give upstream's verdict too. One test per upstream file.
 
 use std::{
     collections::BTreeMap,
@@ -19,7 +20,8 @@ use serde_json::Value;
 
 use super::*;
 use crate::{
-    compile::CompileOptions,
+    compile::{Allocations, CompileOptions, Compiled, compile},
+    decision::decide,
     evaluator::direction_verdict,
     model::{Cluster, NodeInfo, shared},
     state::PodRef,
@@ -180,6 +182,15 @@ fn resolve(v: &mut Value, ips: &BTreeMap<String, Placement>) {
 struct World {
     pods: BTreeMap<String, Arc<PodInfo>>,
     cluster: Cluster,
+    /// The cluster compiled for one node enforcing every pod.
+    compiled: Compiled,
+}
+
+/// Which judge a verdict is from.
+#[derive(Clone, Copy, Debug)]
+enum Judge {
+    Evaluator,
+    Compiled,
 }
 
 impl World {
@@ -226,7 +237,12 @@ impl World {
             nodes: shared(nodes),
             ..Default::default()
         };
-        Self { pods, cluster }
+        let compiled = compile(&cluster, &CompileOptions::default(), &mut Allocations::new());
+        Self {
+            pods,
+            cluster,
+            compiled,
+        }
     }
 
     fn pod(&self, name: &str) -> &Arc<PodInfo> {
@@ -236,24 +252,42 @@ impl World {
     }
 
     /// One direction at `subject` (egress: the source, ingress: the destination), by the
-    /// reference evaluator. A host-network pod takes part in no policy: allowed.
-    fn direction(&self, ingress: bool, subject: &PodInfo, peer: &PodInfo, svc: (u8, u16)) -> bool {
+    /// reference evaluator or the compiled lookup. A host-network pod takes part in no
+    /// policy: allowed.
+    fn direction(
+        &self,
+        judge: Judge,
+        ingress: bool,
+        subject: &PodInfo,
+        peer: &PodInfo,
+        svc: (u8, u16),
+    ) -> bool {
         let pod = PodRef::new(subject.namespace.to_string(), subject.name.to_string());
         let opts = CompileOptions::default();
         let (proto, port) = svc;
-        direction_verdict(
-            &self.cluster,
-            &opts,
-            &pod,
-            ingress,
-            peer.ips[0],
-            proto,
-            port,
-        )
-        .allowed()
+        match judge {
+            Judge::Evaluator => direction_verdict(
+                &self.cluster,
+                &opts,
+                &pod,
+                ingress,
+                peer.ips[0],
+                proto,
+                port,
+            )
+            .allowed(),
+            Judge::Compiled => {
+                let dir = if ingress {
+                    enforcer_common::DIR_INGRESS
+                } else {
+                    enforcer_common::DIR_EGRESS
+                };
+                decide(&self.compiled.state, &pod, dir, peer.ips[0], proto, port).allowed
+            }
+        }
     }
 
-    fn allowed(&self, p: &Probe) -> bool {
+    fn allowed(&self, judge: Judge, p: &Probe) -> bool {
         let (from, to) = (self.pod(&p.from), self.pod(&p.to));
         let protocol = match p.protocol.as_str() {
             "tcp" => PROTO_TCP,
@@ -262,7 +296,7 @@ impl World {
             other => panic!("protocol {other}"),
         };
         let svc = (protocol, p.port);
-        self.direction(false, from, to, svc) && self.direction(true, to, from, svc)
+        self.direction(judge, false, from, to, svc) && self.direction(judge, true, to, from, svc)
     }
 }
 
@@ -379,19 +413,21 @@ fn run(file: &str) {
             let world = World::build(&objects, &data);
             for p in &step.probes {
                 probes += 1;
-                let got = world.allowed(p);
-                if got != p.allowed {
-                    failures.push(format!(
-                        "{} / {:?}: {} -> {} {}/{}: upstream expects {}, the model says {}",
-                        test.name,
-                        step.name,
-                        p.from,
-                        p.to,
-                        p.protocol,
-                        p.port,
-                        verdict(p.allowed),
-                        verdict(got)
-                    ));
+                for judge in [Judge::Evaluator, Judge::Compiled] {
+                    let got = world.allowed(judge, p);
+                    if got != p.allowed {
+                        failures.push(format!(
+                            "{} / {:?}: {} -> {} {}/{}: upstream expects {}, {judge:?} says {}",
+                            test.name,
+                            step.name,
+                            p.from,
+                            p.to,
+                            p.protocol,
+                            p.port,
+                            verdict(p.allowed),
+                            verdict(got)
+                        ));
+                    }
                 }
             }
         }

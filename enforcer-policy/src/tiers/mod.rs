@@ -1052,6 +1052,8 @@ impl<T> Tiered<'_, T> {
 }
 
 #[cfg(test)]
+mod compiled;
+#[cfg(test)]
 mod conformance;
 #[cfg(test)]
 mod tests;

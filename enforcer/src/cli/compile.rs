@@ -267,8 +267,7 @@ pub fn compile_loaded(loaded: &Loaded, node_name: Option<String>, entries: bool)
                 .filter(|(k, _)| k.endpoint == ep.info.id && k.direction == dir)
             {
                 let r = s
-                    .rules
-                    .get(&v.rule)
+                    .rule(v.rule)
                     .map_or_else(|| format!("rule {}", v.rule), ToString::to_string);
                 *rules.entry(r).or_default() += 1;
             }
@@ -360,8 +359,7 @@ pub fn compile_loaded(loaded: &Loaded, node_name: Option<String>, entries: bool)
                     port: k.port,
                     port_prefix_len: k.port_prefix_len,
                     rule: s
-                        .rules
-                        .get(&v.rule)
+                        .rule(v.rule)
                         .map_or_else(|| v.rule.to_string(), ToString::to_string),
                 })
                 .collect(),

@@ -308,7 +308,7 @@ impl FlowLog {
                     .get(&(e.endpoint, e.direction))
                     .map(|p| p.join(", "))
             } else {
-                v.state.rules.get(&e.rule).map(ToString::to_string)
+                v.state.rule(e.rule).map(ToString::to_string)
             }
         });
         let reason = REASON_NAMES
