@@ -1518,6 +1518,20 @@ fn contributions(
     }
 }
 
+/// What the entries of a tier-managed direction depend on besides the identities: the same
+/// for two endpoints, the same entries (but for the endpoint id).
+#[derive(PartialEq, Eq, Hash)]
+struct ManagedInput {
+    dir: u8,
+    /// Indexes of the cluster policies that select the pod.
+    policies: Vec<usize>,
+    /// The NetworkPolicy entries, without the endpoint.
+    np: Vec<(u32, u8, u16, u8, RuleRef)>,
+    np_isolated: bool,
+    /// The pod's named ports, for ingress.
+    named_ports: Option<Arc<crate::intern::NamedPorts>>,
+}
+
 /// The reference of a NetworkPolicy rule.
 fn np_rule(p: &ParsedPolicy, direction: u8, index: u32) -> RuleRef {
     RuleRef::NetworkPolicy {
@@ -1872,27 +1886,56 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
             });
         }
     }
+    // Endpoints whose managed direction has the same input (a workload's replicas) share its
+    // entries: made once, given each endpoint's id.
+    let mut made: HashMap<ManagedInput, Vec<compile_tiers::Entry>> = HashMap::new();
     for (li, l) in locals.iter().enumerate() {
         let li32 = u32::try_from(li).unwrap_or(u32::MAX);
         let Some((pod, _)) = stage.pods.get(l.r) else {
             continue;
         };
+        let selecting: Vec<usize> = tier_policies
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.subject.selects(pod, &l.facts.namespace_labels))
+            .map(|(i, _)| i)
+            .collect();
         for dir in [DIR_INGRESS, DIR_EGRESS] {
             if !is_managed(li32, dir) {
                 continue;
             }
-            let d = compile_tiers::ManagedDirection {
-                endpoint: l.info.id,
+            let np = managed_np.remove(&(li32, dir)).unwrap_or_default();
+            let np_isolated = isolated_by[li][0] & 1 << dir != 0;
+            let input = ManagedInput {
                 dir,
-                pod,
-                namespace_labels: &l.facts.namespace_labels,
-                named_ports: &l.facts.named_ports,
-                np_isolated: isolated_by[li][0] & 1 << dir != 0,
-                np: managed_np.remove(&(li32, dir)).unwrap_or_default(),
+                policies: selecting.clone(),
+                np: np
+                    .iter()
+                    .map(|(k, r)| (k.identity, k.protocol, k.port, k.port_prefix_len, r.clone()))
+                    .collect(),
+                np_isolated,
+                named_ports: (dir == DIR_INGRESS).then(|| Arc::clone(&l.facts.named_ports)),
             };
-            for (key, rule_ref, deny) in
-                compile_tiers::compile_direction(&tier_policies, &stage.identities, &d)
-            {
+            let entries = made.entry(input).or_insert_with(|| {
+                let policies: Vec<&ClusterPolicy> =
+                    selecting.iter().map(|i| tier_policies[*i]).collect();
+                compile_tiers::compile_direction(
+                    &stage.identities,
+                    &compile_tiers::ManagedDirection {
+                        endpoint: l.info.id,
+                        dir,
+                        policies: &policies,
+                        named_ports: &l.facts.named_ports,
+                        np_isolated,
+                        np,
+                    },
+                )
+            });
+            for (key, rule_ref, deny) in entries.iter().cloned() {
+                let key = PolicyKey {
+                    endpoint: l.info.id,
+                    ..key
+                };
                 let Some(id) = alloc.rules.get(&rule_ref, generation) else {
                     continue;
                 };

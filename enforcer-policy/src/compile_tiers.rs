@@ -58,8 +58,8 @@ fn direction(dir: u8) -> Direction {
 pub(crate) struct ManagedDirection<'a> {
     pub endpoint: u32,
     pub dir: u8,
-    pub pod: &'a PodInfo,
-    pub namespace_labels: &'a Labels,
+    /// The cluster policies that select the pod, in evaluation order.
+    pub policies: &'a [&'a ClusterPolicy],
     /// The endpoint's named ports (a rule's named port on ingress).
     pub named_ports: &'a NamedPorts,
     /// Whether an enforcing NetworkPolicy isolates the direction.
@@ -146,7 +146,6 @@ struct Function {
 
 /// The entries of a tier-managed direction (see the module text).
 pub(crate) fn compile_direction(
-    policies: &[&ClusterPolicy],
     identities: &BTreeMap<u32, IdentityKey>,
     d: &ManagedDirection<'_>,
 ) -> Vec<Entry> {
@@ -154,10 +153,7 @@ pub(crate) fn compile_direction(
     let mut rules = Rules::default();
     // The rules of the policies that select the pod, in evaluation order, per tier.
     let mut tier_rules: [Vec<(&ClusterPolicy, usize, &TierRule, usize)>; 2] = Default::default();
-    for p in policies {
-        if !p.subject.selects(d.pod, d.namespace_labels) {
-            continue;
-        }
+    for p in d.policies {
         for (i, r) in p.rules(dir).iter().enumerate() {
             let id = rules.of(RuleRef::Tier {
                 tier: p.tier,
