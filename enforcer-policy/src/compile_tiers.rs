@@ -274,8 +274,44 @@ pub(crate) fn compile_direction(
             }
         }
     }
+    // An identity's function depends only on the tier rules its peers match, its own
+    // NetworkPolicy entries and, on egress with a named port in a rule, its named ports: one
+    // with the world's signature is the world's, and equal signatures share a function.
+    let any_named = tier_rules.iter().flatten().any(|(_, _, r, _)| {
+        r.ports
+            .iter()
+            .flatten()
+            .any(|p| matches!(p, PortSelector::Named(_)))
+    });
+    let signature = |key: &IdentityKey, id: u32| {
+        let matched: Vec<usize> = tier_rules
+            .iter()
+            .flatten()
+            .enumerate()
+            .filter(|(_, (_, _, r, _))| r.peers.iter().any(|p| peer_matches(p, key)))
+            .map(|(i, _)| i)
+            .collect();
+        let own: Vec<usize> = np
+            .iter()
+            .enumerate()
+            .filter(|(_, (k, _))| k.identity == id)
+            .map(|(i, _)| i)
+            .collect();
+        let ports = (d.dir != DIR_INGRESS && any_named)
+            .then(|| key.pod.as_ref().map(|f| std::sync::Arc::clone(&f.named_ports)));
+        (matched, own, ports)
+    };
+    let world_signature = signature(&world, IDENTITY_WORLD);
+    let mut functions = HashMap::new();
     for (id, key) in identities {
-        let f = function(key, *id);
+        let sig = signature(key, *id);
+        if sig == world_signature {
+            continue;
+        }
+        let f = functions
+            .entry(sig)
+            .or_insert_with(|| function(key, *id))
+            .clone();
         if f == any {
             continue;
         }
