@@ -445,13 +445,10 @@ impl Allocations {
             }
             Some(k)
         };
-        let rule_pairs = fresh
-            .policy
-            .iter()
-            .filter_map(|(k, v)| {
-                let pinned = pinned.policy.get(&as_pinned(k)?)?.rule;
-                Some((v.rule & !RULE_DENY, pinned & !RULE_DENY))
-            });
+        let rule_pairs = fresh.policy.iter().filter_map(|(k, v)| {
+            let pinned = pinned.policy.get(&as_pinned(k)?)?.rule;
+            Some((v.rule & !RULE_DENY, pinned & !RULE_DENY))
+        });
         let keys = trial.rules.by_number();
         let rules = self.rules.reserve_all(
             renumbering(rule_pairs, 1)
@@ -1793,12 +1790,7 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
                 .into_iter()
                 .filter(|dir| {
                     pod.is_some_and(|pod| {
-                        compile_tiers::manages(
-                            &tier_policies,
-                            *dir,
-                            pod,
-                            &l.facts.namespace_labels,
-                        )
+                        compile_tiers::manages(&tier_policies, *dir, pod, &l.facts.namespace_labels)
                     })
                 })
                 .fold(0, |m, dir| m | 1 << dir)

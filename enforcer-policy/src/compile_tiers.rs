@@ -166,11 +166,10 @@ pub(crate) fn compile_direction(
             tier_rules[usize::from(p.tier == Tier::Baseline)].push((p, i, r, id));
         }
     }
-    let np: Vec<(PolicyKey, usize)> = d
-        .np
-        .iter()
-        .map(|(k, r)| (*k, rules.of(r.clone())))
-        .collect();
+    let np: Vec<(PolicyKey, usize)> =
+        d.np.iter()
+            .map(|(k, r)| (*k, rules.of(r.clone())))
+            .collect();
     let default = rules.of(RuleRef::DefaultAllow { direction: d.dir });
 
     let world = IdentityKey::world();
@@ -297,8 +296,11 @@ pub(crate) fn compile_direction(
             .filter(|(_, (k, _))| k.identity == id)
             .map(|(i, _)| i)
             .collect();
-        let ports = (d.dir != DIR_INGRESS && any_named)
-            .then(|| key.pod.as_ref().map(|f| std::sync::Arc::clone(&f.named_ports)));
+        let ports = (d.dir != DIR_INGRESS && any_named).then(|| {
+            key.pod
+                .as_ref()
+                .map(|f| std::sync::Arc::clone(&f.named_ports))
+        });
         (matched, own, ports)
     };
     let world_signature = signature(&world, IDENTITY_WORLD);
@@ -321,11 +323,7 @@ pub(crate) fn compile_direction(
         }
         for (pi, protocol) in PORTED.iter().enumerate() {
             let other = [(0, u16::MAX, f.other)];
-            let base: &[(u16, u16, Verdict)] = if own_other {
-                &other
-            } else {
-                &any.ported[pi]
-            };
+            let base: &[(u16, u16, Verdict)] = if own_other { &other } else { &any.ported[pi] };
             for (lo, hi, v) in differences(&f.ported[pi], base) {
                 for (start, len) in port_blocks(lo, hi) {
                     emit(&mut out, *id, *protocol, start, len, v);

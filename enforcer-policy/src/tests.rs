@@ -398,9 +398,7 @@ fn check_rule(
         // evaluator's would-drop check): the default allow decided.
         V::Allowed {
             namespace, policy, ..
-        } if managed && audits(namespace, policy) => {
-            Some(RuleRef::DefaultAllow { direction: dir })
-        }
+        } if managed && audits(namespace, policy) => Some(RuleRef::DefaultAllow { direction: dir }),
         V::Allowed {
             namespace,
             policy,

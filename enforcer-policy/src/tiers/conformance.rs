@@ -237,7 +237,11 @@ impl World {
             nodes: shared(nodes),
             ..Default::default()
         };
-        let compiled = compile(&cluster, &CompileOptions::default(), &mut Allocations::new());
+        let compiled = compile(
+            &cluster,
+            &CompileOptions::default(),
+            &mut Allocations::new(),
+        );
         Self {
             pods,
             cluster,
