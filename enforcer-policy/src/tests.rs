@@ -3015,7 +3015,7 @@ pub(crate) fn tiered_cluster_strategy() -> impl Strategy<Value = Cluster> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 160, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
     /// The compiled lookup (the first entry found decides, allowing or denying) gives every
     /// flow the evaluator's verdict with cluster policies of both tiers around NetworkPolicy,
