@@ -1,9 +1,12 @@
 //! The manifests folder (standalone mode and the offline tools): every `*.yaml`, `*.yml` and
 //! `*.json` file in a directory, multi-document YAML, `kind: List` (and `*List`) items, with
-//! Namespace, Pod, Service (v1) and NetworkPolicy objects, and the pod templates of workloads
-//! ([`Workload`], for the offline tools only: the agent enforces real pods). A bad file or
-//! document is reported with the file, the document index, the object and the field, and
-//! everything else still loads.
+//! Namespace, Pod, Service, Node (v1) and NetworkPolicy objects, the cluster-wide policies
+//! (ClusterNetworkPolicy v1alpha2, AdminNetworkPolicy and BaselineAdminNetworkPolicy v1alpha1:
+//! [`enforcer_policy::tiers`]), and the pod templates of workloads ([`Workload`], for the
+//! offline tools only: the agent enforces real pods). A bad file or document is reported with
+//! the file, the document index, the object and the field, and everything else still loads.
+//! A cluster-wide policy with a bad field is not left out: it loads as its fail-closed
+//! stand-in ([`enforcer_policy::tiers::ClusterPolicy::refused`] says why).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -15,7 +18,7 @@ use std::{
 use anyhow::Context as _;
 use k8s_openapi::{
     api::{
-        core::v1::{Namespace, Pod, PodTemplateSpec, Service},
+        core::v1::{Namespace, Node, Pod, PodTemplateSpec, Service},
         networking::v1::NetworkPolicy,
     },
     apimachinery::pkg::apis::meta::v1::LabelSelector,
@@ -23,7 +26,19 @@ use k8s_openapi::{
 use serde::Deserialize as _;
 use serde_json::Value;
 
-use enforcer_policy::model::{Cluster, NAMESPACE_NAME_LABEL, PodInfo};
+use enforcer_policy::{
+    model::{Cluster, NAMESPACE_NAME_LABEL, NodeInfo, PodInfo},
+    tiers::{self, TierError},
+};
+
+/// The kinds read without a namespace: the key of their objects has `""` for it.
+const CLUSTER_SCOPED: [&str; 5] = [
+    "Namespace",
+    "Node",
+    tiers::api::KIND_CNP,
+    tiers::api::KIND_ANP,
+    tiers::api::KIND_BANP,
+];
 
 /// A problem with one file, document or object.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,6 +84,9 @@ pub struct Loaded {
     /// `(namespace, name)` of the ServiceAccount objects: which identities a workload can
     /// prove (`lint`); the agent reads no ServiceAccount.
     pub service_accounts: BTreeSet<(String, String)>,
+    /// Peers of the cluster-wide policies loaded that fail closed (`domainNames`, a field this
+    /// version does not know), by object and field: reported, the policy is enforced.
+    pub cluster_policy_warnings: Vec<TierError>,
 }
 
 /// Where an object was read.
@@ -313,7 +331,7 @@ fn load_value(
     };
     let first =
         |loaded: &mut Loaded, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
-            let ns = if kind == "Namespace" {
+            let ns = if CLUSTER_SCOPED.contains(&kind.as_str()) {
                 String::new()
             } else {
                 enforcer_policy::validate::namespace_of(meta)
@@ -375,6 +393,49 @@ fn load_value(
                                 fail(loaded, format!("{}: {}", e.field, e.message));
                             }
                         }
+                    }
+                }
+                Err(m) => fail(loaded, m),
+            }
+        }
+        "Node" if v.get("apiVersion").and_then(Value::as_str) == Some("v1") => {
+            match typed::<Node>(v) {
+                Ok(o) => {
+                    if first(loaded, &o.metadata) {
+                        loaded.cluster.nodes.push(Arc::new(NodeInfo::from(&o)));
+                    }
+                }
+                Err(m) => fail(loaded, m),
+            }
+        }
+        k @ (tiers::api::KIND_CNP | tiers::api::KIND_ANP | tiers::api::KIND_BANP)
+            if v.get("apiVersion")
+                .and_then(Value::as_str)
+                .is_some_and(|a| a.starts_with(tiers::api::GROUP)) =>
+        {
+            let api_version = v.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+            if !tiers::is_tier_kind(api_version, k) {
+                // Another version of a guardrail would otherwise be silently left out.
+                let read = if k == tiers::api::KIND_CNP {
+                    tiers::api::V1ALPHA2
+                } else {
+                    tiers::api::V1ALPHA1
+                };
+                fail(
+                    loaded,
+                    format!("apiVersion: {api_version} is not read; {k} is read as {read}"),
+                );
+                return;
+            }
+            match tiers::parse(&v) {
+                Ok(parsed) => {
+                    let meta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                        name: Some(parsed.policy.name.clone()),
+                        ..Default::default()
+                    };
+                    if first(loaded, &meta) {
+                        loaded.cluster_policy_warnings.extend(parsed.warnings);
+                        loaded.cluster.cluster_policies.push(Arc::new(parsed.policy));
                     }
                 }
                 Err(m) => fail(loaded, m),
@@ -442,11 +503,13 @@ pub fn merge_all<'a>(parts: impl IntoIterator<Item = (&'a Path, &'a Loaded)>) ->
     for (file, part) in parts {
         into.errors.extend(part.errors.iter().cloned());
         into.ignored.extend(part.ignored.iter().cloned());
+        into.cluster_policy_warnings
+            .extend(part.cluster_policy_warnings.iter().cloned());
         let mut first = |errors: &mut Vec<FileError>,
                          kind: &'static str,
                          namespace: Option<&'a str>,
                          name: Option<&'a str>| {
-            let ns = if kind == "Namespace" {
+            let ns = if CLUSTER_SCOPED.contains(&kind) {
                 ""
             } else {
                 namespace.filter(|n| !n.is_empty()).unwrap_or("default")
@@ -503,14 +566,27 @@ pub fn merge_all<'a>(parts: impl IntoIterator<Item = (&'a Path, &'a Loaded)>) ->
                 c.services.push(Arc::clone(o));
             }
         }
+        for o in &part.cluster.cluster_policies {
+            if first(&mut into.errors, o.kind.as_str(), None, Some(&o.name)) {
+                c.cluster_policies.push(Arc::clone(o));
+            }
+        }
+        for o in &part.cluster.nodes {
+            if first(&mut into.errors, "Node", None, Some(&o.name)) {
+                c.nodes.push(Arc::clone(o));
+            }
+        }
     }
     into
 }
 
-/// After loading: default namespaces to `default`, give every namespace the API server's
+/// After loading: sort the cluster-wide policies into evaluation order, default namespaces to `default`, give every namespace the API server's
 /// `kubernetes.io/metadata.name` label, and create the namespaces that are used but not declared.
 pub fn finish(loaded: &mut Loaded) {
     let c = &mut loaded.cluster;
+    // The order the tiers are evaluated in (priority, then name).
+    c.cluster_policies
+        .sort_by(|a, b| a.order_key().cmp(&b.order_key()));
     // Objects are normalised as they load; these only touch (and so copy) one that is not.
     for p in &mut c.policies {
         if p.metadata.namespace.is_none() {
