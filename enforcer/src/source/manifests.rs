@@ -580,6 +580,33 @@ pub fn merge_all<'a>(parts: impl IntoIterator<Item = (&'a Path, &'a Loaded)>) ->
     into
 }
 
+/// The cluster-wide policies of `loaded` enforced otherwise than written, one line each naming
+/// the file (`file`, else where [`Loaded::origins`] says the object came from), the object and
+/// the field: refused ones (enforced as their fail-closed stand-in) and peers that fail closed.
+pub fn cluster_policy_problems(loaded: &Loaded, file: Option<&Path>) -> Vec<String> {
+    let at = |object: &str| {
+        let (kind, name) = object.split_once('/').unwrap_or((object, ""));
+        let key = (kind.to_string(), String::new(), name.to_string());
+        file.or_else(|| loaded.origins.get(&key).map(|o| o.file.as_path()))
+            .map(|f| format!("{}: ", f.display()))
+            .unwrap_or_default()
+    };
+    let refused = loaded.cluster.cluster_policies.iter().flat_map(|p| {
+        p.refused.iter().map(move |e| {
+            format!(
+                "{}{e}; {} is refused: enforcing its fail-closed stand-in",
+                at(&e.object),
+                p.display_name()
+            )
+        })
+    });
+    let degraded = loaded
+        .cluster_policy_warnings
+        .iter()
+        .map(|w| format!("{}{w}", at(&w.object)));
+    refused.chain(degraded).collect()
+}
+
 /// After loading: sort the cluster-wide policies into evaluation order, default namespaces to `default`, give every namespace the API server's
 /// `kubernetes.io/metadata.name` label, and create the namespaces that are used but not declared.
 pub fn finish(loaded: &mut Loaded) {
@@ -917,6 +944,95 @@ spec:
         assert!(
             errors[2].starts_with("t.yaml document 0 Service x/typo: spec.ports[0].port"),
             "{errors:?}"
+        );
+    }
+
+    const CLUSTER_WIDE: &str = "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: z-guard}\nspec:\n  tier: Admin\n  priority: 10\n  subject: {namespaces: {}}\n  egress:\n  - {action: Deny, to: [{networks: [169.254.169.254/32]}]}\n  - {name: dns, action: Accept, to: [{domainNames: [example.com]}]}\n---\napiVersion: policy.networking.k8s.io/v1alpha1\nkind: AdminNetworkPolicy\nmetadata: {name: a-first}\nspec:\n  priority: 5\n  subject: {namespaces: {}}\n  ingress: [{action: Pass, from: [{namespaces: {}}]}]\n---\napiVersion: policy.networking.k8s.io/v1alpha1\nkind: BaselineAdminNetworkPolicy\nmetadata: {name: default}\nspec:\n  subject: {namespaces: {}}\n  ingress: [{action: Deny, from: [{namespaces: {}}]}]\n---\napiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: broken}\nspec:\n  tier: Admin\n  priority: 1001\n  subject: {namespaces: {}}\n  ingress: [{action: Accept, from: [{namespaces: {}}]}]\n---\napiVersion: v1\nkind: Node\nmetadata: {name: n1, labels: {zone: a}}\nstatus:\n  addresses: [{type: InternalIP, address: 172.18.0.2}, {type: Hostname, address: n1}]\n";
+
+    /// The three cluster-wide kinds load into `cluster_policies` in evaluation order (a refused
+    /// one as its stand-in, a fail-closed peer kept), Nodes into `nodes`; each is reported with
+    /// its file and field without leaving the file out.
+    #[test]
+    fn cluster_wide_policies_and_nodes_load_and_their_problems_name_file_and_field() {
+        let mut loaded = Loaded::default();
+        load_text(Path::new("guard.yaml"), CLUSTER_WIDE, &mut loaded);
+        finish(&mut loaded);
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        let names: Vec<String> = loaded
+            .cluster
+            .cluster_policies
+            .iter()
+            .map(|p| p.display_name())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "ClusterNetworkPolicy/broken",
+                "AdminNetworkPolicy/a-first",
+                "ClusterNetworkPolicy/z-guard",
+                "BaselineAdminNetworkPolicy/default",
+            ]
+        );
+        let broken = &loaded.cluster.cluster_policies[0];
+        assert_eq!(broken.refused.len(), 1);
+        let node = &loaded.cluster.nodes[0];
+        assert_eq!(
+            (node.name.as_str(), node.addresses.len()),
+            ("n1", 1),
+            "the host name is no address"
+        );
+        let origin = &loaded.origins[&(
+            "ClusterNetworkPolicy".to_string(),
+            String::new(),
+            "z-guard".to_string(),
+        )];
+        assert_eq!((origin.document, origin.line), (Some(0), Some(1)));
+        let problems = cluster_policy_problems(&loaded, None);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].starts_with(
+                "guard.yaml: ClusterNetworkPolicy/broken: spec.priority: 1001 is not in 0..=1000"
+            ) && problems[0].ends_with("enforcing its fail-closed stand-in"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].starts_with(
+                "guard.yaml: ClusterNetworkPolicy/z-guard: spec.egress[1].to[0]: domainNames"
+            ),
+            "{problems:?}"
+        );
+        // Merged files keep them, a second definition is reported.
+        let merged = merge_all([
+            (Path::new("a.yaml"), &loaded),
+            (Path::new("b.yaml"), &loaded),
+        ]);
+        assert_eq!(merged.cluster.cluster_policies.len(), 4);
+        assert_eq!(merged.cluster.nodes.len(), 1);
+        assert_eq!(merged.cluster_policy_warnings.len(), 2);
+        assert!(
+            merged.errors.iter().any(|e| e.object.as_deref()
+                == Some("ClusterNetworkPolicy z-guard")
+                && e.message.contains("more than once")),
+            "{:?}",
+            merged.errors
+        );
+    }
+
+    /// A cluster-wide kind of another version is an error naming the version read, not an
+    /// object silently left out.
+    #[test]
+    fn a_cluster_wide_kind_of_another_version_is_reported() {
+        let mut loaded = Loaded::default();
+        load_text(
+            Path::new("v.yaml"),
+            "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: ClusterNetworkPolicy\nmetadata: {name: old}\nspec: {}\n",
+            &mut loaded,
+        );
+        assert!(loaded.cluster.cluster_policies.is_empty());
+        let errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            errors,
+            ["v.yaml document 0 ClusterNetworkPolicy old: apiVersion: policy.networking.k8s.io/v1alpha1 is not read; ClusterNetworkPolicy is read as policy.networking.k8s.io/v1alpha2"]
         );
     }
 }
