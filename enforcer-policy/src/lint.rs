@@ -118,6 +118,10 @@ rules! {
         "an object the agent refuses (an invalid policy isolates the pods it selects, allowing nothing)";
     AddressConflict = "L012", "address-conflict", Error,
         "two pods, or a pod and a Service, claim one address";
+    TierPriorityTie = "L013", "tier-priority-tie", Warning,
+        "two cluster-wide policies of one tier with the same priority whose subjects overlap: the API leaves their order undefined";
+    PeerFailsClosed = "L014", "peer-fails-closed", Error,
+        "a cluster-wide policy's peer the agent cannot match (`domainNames`, a field this version does not know): an Accept rule's peer matches nothing, a Deny or Pass rule denies everything";
 }
 
 impl fmt::Display for Rule {
@@ -227,6 +231,9 @@ pub struct LintOptions {
     pub require_identity: bool,
     /// Rules not to report.
     pub disabled: BTreeSet<Rule>,
+    /// The peers of the cluster-wide policies that fail closed, as [`crate::tiers::parse`]
+    /// reported them ([`Rule::PeerFailsClosed`]).
+    pub cluster_policy_warnings: Vec<crate::tiers::TierError>,
 }
 
 /// What a lint found, and what it could not judge.
@@ -346,6 +353,7 @@ pub fn lint(cluster: &Cluster, opts: &LintOptions) -> LintReport {
     cx.default_deny(&parsed);
     cx.reserved_labels();
     cx.compile_errors();
+    cx.cluster_policies(judge_selectors);
     let mut findings = std::mem::take(&mut cx.findings);
     findings.retain(|f| !opts.disabled.contains(&f.rule) && !ignored_by_annotation(cluster, f));
     findings.sort();
@@ -987,6 +995,93 @@ impl<'c> Cx<'c> {
     }
 
     /// What the compiler refuses besides invalid policies (reported with their fields already).
+    /// The cluster-wide policies: refused ones (L011, enforced as their stand-in), peers that
+    /// fail closed (L014), and same-priority ties of overlapping subjects (L013).
+    fn cluster_policies(&mut self, judge_selectors: bool) {
+        let object = |kind: &str, name: &str| ObjectRef::new(kind, None, name);
+        let (cluster, opts) = (self.cluster, self.opts);
+        for p in &cluster.cluster_policies {
+            for e in &p.refused {
+                self.push(
+                    Rule::InvalidObject,
+                    object(p.kind.as_str(), &p.name),
+                    Some(e.field.clone()),
+                    format!(
+                        "{}; refused: enforced as its fail-closed stand-in, which denies every direction it has rules for, for its subject",
+                        e.message
+                    ),
+                );
+            }
+        }
+        for w in &opts.cluster_policy_warnings {
+            let (kind, name) = w.object.split_once('/').unwrap_or((&w.object, ""));
+            self.push(
+                Rule::PeerFailsClosed,
+                object(kind, name),
+                Some(w.field.clone()),
+                w.message.clone(),
+            );
+        }
+        let mut policies: Vec<&crate::tiers::ClusterPolicy> =
+            cluster.cluster_policies.iter().map(|p| &**p).collect();
+        policies.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
+        let selected = |p: &crate::tiers::ClusterPolicy, pods: &[LintPod<'_>]| -> Vec<String> {
+            pods.iter()
+                .filter(|lp| {
+                    let ns = self
+                        .namespaces
+                        .get(&lp.r.namespace)
+                        .cloned()
+                        .unwrap_or_default();
+                    p.subject.selects(lp.pod, &ns)
+                })
+                .map(|lp| lp.r.to_string())
+                .collect()
+        };
+        let mut ties = Vec::new();
+        for (i, later) in policies.iter().enumerate() {
+            // Every earlier policy at the same place in the order (it sorts by name first).
+            for first in policies[..i]
+                .iter()
+                .filter(|f| (f.tier, f.priority) == (later.tier, later.priority))
+            {
+                let both = if judge_selectors {
+                    let of_first = selected(first, &self.pods);
+                    let of_later = selected(later, &self.pods);
+                    let shared: Vec<String> = of_first
+                        .into_iter()
+                        .filter(|r| of_later.contains(r))
+                        .collect();
+                    if shared.is_empty() {
+                        continue;
+                    }
+                    format!("both select {}", list(&shared, 3))
+                } else {
+                    "the input has no pods to tell whether their subjects overlap".to_string()
+                };
+                ties.push((
+                    object(later.kind.as_str(), &later.name),
+                    format!(
+                        "{} and {} both have priority {} in the {} tier ({both}): the API leaves their order undefined; this agent applies {} first (by name)",
+                        first.display_name(),
+                        later.display_name(),
+                        later.priority,
+                        later.tier,
+                        first.display_name()
+                    ),
+                ));
+            }
+        }
+        for (o, message) in ties {
+            self.push(
+                Rule::TierPriorityTie,
+                o,
+                Some("spec.priority".into()),
+                message,
+            );
+        }
+    }
+
     fn compile_errors(&mut self) {
         let opts = CompileOptions {
             node_ips: self.opts.node_ips.clone(),
@@ -1368,5 +1463,90 @@ mod tests {
                 prop_assert_eq!(f.severity, f.rule.severity());
             }
         }
+    }
+
+    fn cluster_policy(v: serde_json::Value) -> (crate::tiers::ClusterPolicy, Vec<crate::tiers::TierError>) {
+        let parsed = crate::tiers::parse(&v).unwrap();
+        (parsed.policy, parsed.warnings)
+    }
+
+    fn cnp(name: &str, tier: &str, priority: u32, subject: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": name},
+            "spec": {"tier": tier, "priority": priority, "subject": subject,
+                     "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}]},
+        })
+    }
+
+    fn with_cluster_policies(values: Vec<serde_json::Value>) -> (Cluster, LintOptions) {
+        let mut c = cluster(Vec::new());
+        let mut opts = LintOptions::default();
+        for v in values {
+            let (p, w) = cluster_policy(v);
+            c.cluster_policies.push(std::sync::Arc::new(p));
+            opts.cluster_policy_warnings.extend(w);
+        }
+        (c, opts)
+    }
+
+    fn only(report: &LintReport, rule: Rule) -> Vec<&Finding> {
+        report.findings.iter().filter(|f| f.rule == rule).collect()
+    }
+
+    /// Two policies of one tier at one priority that select a pod in common are a tie: the
+    /// later by name is reported, naming the one applied first; disjoint subjects, another
+    /// tier or another priority are not.
+    #[test]
+    fn same_priority_ties_with_overlapping_subjects_are_reported() {
+        let app = |a: &str| serde_json::json!({"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": a}}}});
+        let (c, opts) = with_cluster_policies(vec![
+            cnp("b-all", "Admin", 10, serde_json::json!({"namespaces": {}})),
+            cnp("a-web", "Admin", 10, app("a")),
+            cnp("c-other", "Admin", 10, app("none")),
+            cnp("d-base", "Baseline", 10, app("a")),
+            cnp("e-later", "Admin", 11, app("a")),
+        ]);
+        let r = lint(&c, &opts);
+        let ties = only(&r, Rule::TierPriorityTie);
+        assert_eq!(ties.len(), 1, "{ties:?}");
+        assert_eq!(ties[0].object, ObjectRef::new("ClusterNetworkPolicy", None, "b-all"));
+        assert_eq!(ties[0].field.as_deref(), Some("spec.priority"));
+        assert!(
+            ties[0].message.contains("both select x/a")
+                && ties[0].message.contains("applies ClusterNetworkPolicy/a-web first"),
+            "{}",
+            ties[0].message
+        );
+    }
+
+    /// A `domainNames` peer is said to match nothing (an error: the rule is not enforced as
+    /// written), with its field.
+    #[test]
+    fn a_domain_names_peer_is_reported_as_failing_closed() {
+        let mut v = cnp("dns", "Admin", 1, serde_json::json!({"namespaces": {}}));
+        v["spec"]["egress"] = serde_json::json!([{"action": "Accept", "to": [{"domainNames": ["example.com"]}]}]);
+        let (c, opts) = with_cluster_policies(vec![v]);
+        let r = lint(&c, &opts);
+        let found = only(&r, Rule::PeerFailsClosed);
+        assert_eq!(found.len(), 1, "{:?}", r.findings);
+        assert_eq!(found[0].severity, Severity::Error);
+        assert_eq!(found[0].object.to_string(), "ClusterNetworkPolicy dns");
+        assert_eq!(found[0].field.as_deref(), Some("spec.egress[0].to[0]"));
+        assert!(found[0].message.contains("matches nothing"), "{}", found[0].message);
+    }
+
+    /// A cluster-wide policy that does not read is an invalid object (an error), naming the
+    /// field and that its fail-closed stand-in is enforced.
+    #[test]
+    fn a_refused_cluster_policy_is_an_invalid_object() {
+        let mut v = cnp("bad", "Admin", 1, serde_json::json!({"namespaces": {}}));
+        v["spec"]["ingress"][0]["action"] = "Allow".into();
+        let (c, opts) = with_cluster_policies(vec![v]);
+        let r = lint(&c, &opts);
+        let found = only(&r, Rule::InvalidObject);
+        assert_eq!(found.len(), 1, "{:?}", r.findings);
+        assert_eq!(found[0].field.as_deref(), Some("spec.ingress[0].action"));
+        assert!(found[0].message.contains("fail-closed stand-in"), "{}", found[0].message);
     }
 }

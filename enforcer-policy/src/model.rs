@@ -10,7 +10,7 @@ use std::{
 
 use k8s_openapi::{
     api::{
-        core::v1::{Namespace, Pod, Service},
+        core::v1::{Namespace, Node, Pod, Service},
         networking::v1::NetworkPolicy,
     },
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
@@ -52,6 +52,30 @@ pub struct NodeInfo {
     pub labels: Labels,
     /// `status.addresses` that parse as IP addresses.
     pub addresses: Vec<IpAddr>,
+}
+
+impl From<&Node> for NodeInfo {
+    /// Name, labels, and the `InternalIP` and `ExternalIP` addresses (host names and DNS names
+    /// are not addresses a packet carries), deduplicated in the order listed.
+    fn from(node: &Node) -> Self {
+        let mut addresses: Vec<IpAddr> = Vec::new();
+        let listed = node
+            .status
+            .iter()
+            .flat_map(|s| s.addresses.iter().flatten())
+            .filter(|a| matches!(a.type_.as_str(), "InternalIP" | "ExternalIP"))
+            .filter_map(|a| a.address.parse::<IpAddr>().ok());
+        for ip in listed {
+            if !addresses.contains(&ip) {
+                addresses.push(ip);
+            }
+        }
+        Self {
+            name: node.metadata.name.clone().unwrap_or_default(),
+            labels: node.metadata.labels.clone().unwrap_or_default(),
+            addresses,
+        }
+    }
 }
 
 /// Wraps objects for a [`Cluster`] list, converting them to the form it holds (a `Pod` to a

@@ -1,7 +1,8 @@
 //! The deployment manifests under `manifests/`: every document parses into its k8s-openapi type
 //! without losing a field (a misspelt field would be silently dropped by the API server too),
 //! and the properties the agent relies on hold: read-only RBAC on exactly pods, namespaces,
-//! services and network policies, and writes only of identity records, whose CRD matches the
+//! services, nodes, network policies and the cluster-wide policy kinds (whose upstream CRDs
+//! serve the versions the agent watches), and writes only of identity records, whose CRD matches the
 //! agent's type and whose admission policy binds to the agent's service account; probes; the
 //! documented capability set and no privileged container; the bpffs mount; NODE_NAME;
 //! tolerations; the rolling update; identity on, from the cluster's issuer, on the attestation
@@ -248,7 +249,21 @@ fn every_manifest_parses_into_its_type() {
     assert_eq!(o.bindings.len(), 1);
     assert_eq!(o.daemonsets.len(), 1);
     assert_eq!(o.kind_configs.len(), 1);
-    assert_eq!(o.crds.len(), 1);
+    // The identity records', and the three upstream policy.networking.k8s.io kinds.
+    let crds: BTreeSet<&str> = o
+        .crds
+        .iter()
+        .map(|c| c.metadata.name.as_deref().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        crds,
+        BTreeSet::from([
+            "identitybindings.enforcer.dev",
+            "clusternetworkpolicies.policy.networking.k8s.io",
+            "adminnetworkpolicies.policy.networking.k8s.io",
+            "baselineadminnetworkpolicies.policy.networking.k8s.io",
+        ])
+    );
     assert_eq!(o.admission_policies.len(), 1);
     assert_eq!(o.admission_bindings.len(), 1);
     // Everything of the agent lives in its namespace.
@@ -280,7 +295,7 @@ fn granted(role: &ClusterRole) -> BTreeMap<(String, String), BTreeSet<String>> {
 }
 
 #[test]
-fn rbac_reads_pods_namespaces_services_and_networkpolicies_and_writes_only_identity_records() {
+fn rbac_reads_pods_namespaces_services_nodes_and_policies_and_writes_only_identity_records() {
     let o = load();
     let role = &o.cluster_roles[0];
     let read: BTreeSet<String> = ["get", "list", "watch"].map(String::from).into();
@@ -296,7 +311,20 @@ fn rbac_reads_pods_namespaces_services_and_networkpolicies_and_writes_only_ident
             (key("", "namespaces"), read.clone()),
             (key("", "pods"), read.clone()),
             (key("", "services"), read.clone()),
-            (key("networking.k8s.io", "networkpolicies"), read),
+            (key("", "nodes"), read.clone()),
+            (key("networking.k8s.io", "networkpolicies"), read.clone()),
+            (
+                key("policy.networking.k8s.io", "clusternetworkpolicies"),
+                read.clone(),
+            ),
+            (
+                key("policy.networking.k8s.io", "adminnetworkpolicies"),
+                read.clone(),
+            ),
+            (
+                key("policy.networking.k8s.io", "baselineadminnetworkpolicies"),
+                read,
+            ),
             (key("enforcer.dev", "identitybindings"), write),
         ])
     );
@@ -856,9 +884,12 @@ fn example_identity_policy_admits_only_verified_checkout_pods() {
 fn identity_record_crd_matches_the_agents_record() {
     use enforcer::identity::{VerifiedIdentity, records};
     let o = load();
-    let crd = &o.crds[0];
+    let crd = o
+        .crds
+        .iter()
+        .find(|c| c.spec.group == records::GROUP)
+        .expect("the identity record CRD");
     let spec = &crd.spec;
-    assert_eq!(spec.group, records::GROUP);
     assert_eq!(spec.names.kind, records::KIND);
     assert_eq!(spec.names.plural, records::PLURAL);
     assert_eq!(spec.scope, "Namespaced");
@@ -1033,6 +1064,9 @@ fn kustomization_lists_every_object_of_the_agent_once() {
         "serviceaccount.yaml",
         "rbac.yaml",
         "crd-identitybinding.yaml",
+        "crds/policy.networking.k8s.io_clusternetworkpolicies.yaml",
+        "crds/policy.networking.k8s.io_adminnetworkpolicies.yaml",
+        "crds/policy.networking.k8s.io_baselineadminnetworkpolicies.yaml",
         "vap-identitybinding.yaml",
         "daemonset.yaml",
     ];

@@ -58,6 +58,11 @@ pub struct Summary {
     pub pods_enforced: usize,
     pub policies: usize,
     pub policies_refused: usize,
+    /// ClusterNetworkPolicies, AdminNetworkPolicies and BaselineAdminNetworkPolicies.
+    pub cluster_policies: usize,
+    /// Of those, the ones enforced as their fail-closed stand-in.
+    pub cluster_policies_refused: usize,
+    pub nodes: usize,
     pub identities: usize,
     pub policy_entries: usize,
     pub pod_addresses: usize,
@@ -204,6 +209,13 @@ pub fn compile_loaded(loaded: &Loaded, node_name: Option<String>, entries: bool)
         pods_enforced: s.endpoints.len(),
         policies: cluster.policies.len(),
         policies_refused: compiled.refused.len(),
+        cluster_policies: cluster.cluster_policies.len(),
+        cluster_policies_refused: cluster
+            .cluster_policies
+            .iter()
+            .filter(|p| !p.refused.is_empty())
+            .count(),
+        nodes: cluster.nodes.len(),
         identities: compiled.identities.len(),
         policy_entries: s.policy.len(),
         pod_addresses: s.peers_v4.len() + s.peers_v6.len() - frontends - stand_ins.len(),
@@ -387,10 +399,13 @@ impl CompileReport {
         let m = &self.summary;
         let _ = writeln!(
             o,
-            "{} pods enforced, {} policies ({} refused), {} identities, {} policy entries, {} pod addresses, {} CIDR regions, {} Service frontends, {} node ports",
+            "{} pods enforced, {} policies ({} refused), {} cluster-wide policies ({} refused), {} nodes, {} identities, {} policy entries, {} pod addresses, {} CIDR regions, {} Service frontends, {} node ports",
             m.pods_enforced,
             m.policies,
             m.policies_refused,
+            m.cluster_policies,
+            m.cluster_policies_refused,
+            m.nodes,
             m.identities,
             m.policy_entries,
             m.pod_addresses,

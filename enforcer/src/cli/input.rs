@@ -39,8 +39,9 @@ use crate::source::{
 /// Where the objects come from: a folder, or a live cluster.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct InputArgs {
-    /// Folder of manifests: Namespaces, Pods, Services, NetworkPolicies and workloads
-    /// (Deployments, StatefulSets, DaemonSets, ReplicaSets, Jobs, CronJobs).
+    /// Folder of manifests: Namespaces, Pods, Services, Nodes, NetworkPolicies, cluster-wide
+    /// policies (ClusterNetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy) and
+    /// workloads (Deployments, StatefulSets, DaemonSets, ReplicaSets, Jobs, CronJobs).
     #[arg(required_unless_present_any = ["kubeconfig", "context"])]
     pub dir: Option<PathBuf>,
     /// Read a live cluster with this kubeconfig instead of a folder.
@@ -130,6 +131,7 @@ pub fn read(input: &Input) -> Result<(manifests::Loaded, BTreeMap<PodRef, String
         } => list_cluster(kubeconfig.as_deref(), context.clone())?,
     };
     let mut warnings: Vec<String> = raw.errors.iter().map(ToString::to_string).collect();
+    warnings.extend(manifests::cluster_policy_problems(&raw, None));
     let workloads = add_workloads(&mut raw, &mut warnings);
     manifests::finish(&mut raw);
     Ok((raw, workloads, warnings))
@@ -318,6 +320,33 @@ pub async fn list_all(client: kube::Client) -> Result<manifests::Loaded> {
             }),
         }
         Ok(())
+    }
+    // The cluster-wide policies (a kind whose CRD is not installed has none) and the nodes.
+    for (kind, plural) in crate::source::cluster_wide::POLICY_RESOURCES {
+        let resource = crate::source::cluster_wide::api_resource(kind, plural);
+        let api = Api::<kube::api::DynamicObject>::all_with(client.clone(), &resource);
+        match api.list(&ListParams::default()).await {
+            Ok(list) => {
+                for o in &list.items {
+                    if let Some(e) = crate::source::cluster_wide::read_policy(kind, o) {
+                        out.cluster_policy_warnings.extend(e.warnings);
+                        out.cluster.cluster_policies.push(e.policy);
+                    }
+                }
+            }
+            Err(kube::Error::Api(r)) if r.code == 404 => {}
+            Err(e) => return Err(e).with_context(|| format!("{}s", kind.as_str())),
+        }
+    }
+    match list::<k8s_openapi::api::core::v1::Node>(&client).await {
+        Ok(nodes) => out.cluster.nodes = nodes.iter().map(|n| Arc::new(n.into())).collect(),
+        // Without them a `nodes` peer matches no address; the rest is judged.
+        Err(e) => out.errors.push(manifests::FileError {
+            file: PathBuf::from("cluster"),
+            document: None,
+            object: Some("Nodes".into()),
+            message: format!("not listed ({e}): `nodes` peers match no address"),
+        }),
     }
     // Optional: which service accounts exist (`lint`'s identity rule); pods name theirs too.
     match list::<k8s_openapi::api::core::v1::ServiceAccount>(&client).await {

@@ -101,6 +101,8 @@ pub struct Input {
     pub origins: BTreeMap<(String, String, String), Origin>,
     pub service_accounts: BTreeSet<(String, String)>,
     pub node_ips: Vec<IpAddr>,
+    /// Peers of the cluster-wide policies that fail closed (rule L014).
+    pub cluster_policy_warnings: Vec<enforcer_policy::tiers::TierError>,
     /// Objects that were read but refused (a field that does not parse, a duplicate): findings.
     pub refused: Vec<FileError>,
     /// Files or documents that could not be read at all: exit 2.
@@ -120,6 +122,7 @@ pub fn load(from: &super::input::Input) -> anyhow::Result<Input> {
         cluster: loaded.cluster,
         origins: loaded.origins,
         service_accounts: loaded.service_accounts,
+        cluster_policy_warnings: loaded.cluster_policy_warnings,
         ..Input::default()
     };
     for e in loaded.errors {
@@ -206,6 +209,7 @@ pub fn report(input: &Input, args: &LintArgs) -> Result<(String, i32), String> {
         service_accounts: input.service_accounts.clone(),
         require_identity: args.require_identity,
         disabled: disabled.clone(),
+        cluster_policy_warnings: input.cluster_policy_warnings.clone(),
     };
     let LintReport {
         mut findings,

@@ -231,6 +231,7 @@ pub fn run(args: RunArgs) -> Result<()> {
                 .context("in-cluster mode needs --node-name or NODE_NAME")?;
             let _ = rustls::crypto::ring::default_provider().install_default();
             let mut watched = vec!["namespaces", "pods", "networkpolicies", "services"];
+            watched.extend(crate::source::cluster_wide::WATCHED);
             if identity_on {
                 watched.push("identitybindings");
             }

@@ -16,6 +16,9 @@
 //!   [`Cluster`] holds every pod, and the compiler's `CompileOptions { node_name: Some(node) }`
 //!   picks this node's pods as endpoints. (DESIGN §4 says "Pods of this node": this is the
 //!   superset it needs; RBAC is the same cluster-wide list/watch on pods either way.)
+//! - **The cluster-wide policies** (ClusterNetworkPolicy, AdminNetworkPolicy,
+//!   BaselineAdminNetworkPolicy) and **Nodes**, all of them: see [`super::cluster_wide`] (a kind
+//!   whose CRD is not installed counts as listed, with no objects).
 //! - **Services**, all of them: kube-proxy translates a pod's packet to a Service frontend (a
 //!   cluster, external or load-balancer IP) or to a node port after the egress program has seen
 //!   it, so the datapath defers such flows and judges them on the backend; it needs every
@@ -74,7 +77,7 @@ use tokio::sync::watch;
 
 use enforcer_policy::model::{Cluster, PodInfo, pod_node};
 
-use super::liveness::WatchBeats;
+use super::{cluster_wide::ClusterWide, liveness::WatchBeats};
 use crate::identity::records::IdentityBinding;
 
 /// How long changes are gathered before one snapshot is taken.
@@ -93,6 +96,7 @@ struct Stores {
     pods: PodStore,
     policies: Store<NetworkPolicy>,
     services: Store<Service>,
+    cluster_wide: ClusterWide,
 }
 
 /// Watches the cluster and publishes a [`Cluster`] on `tx` after every change (see the module
@@ -154,8 +158,10 @@ pub async fn run_watching(
         pods,
         policies,
         services,
+        cluster_wide: ClusterWide::default(),
     };
     let (dirty_tx, dirty_rx) = watch::channel(());
+    let cluster_wide = stores.cluster_wide.run(client.clone(), &dirty_tx, beats);
     let (record_store, record_drive) = match &records {
         Some(_) => {
             let (store, stream) = reflect(Api::<IdentityBinding>::all(client), trim_record);
@@ -176,6 +182,7 @@ pub async fn run_watching(
         r = drive("networkpolicies", pol_stream, &dirty_tx, beats) => r,
         r = drive("services", svc_stream, &dirty_tx, beats) => r,
         r = record_drive => r,
+        r = cluster_wide => r,
         r = publish(&stores, published_records, dirty_rx, &tx, &node_name) => r,
     }
 }
@@ -258,6 +265,10 @@ async fn publish(
         stores.policies.wait_until_ready(),
         stores.services.wait_until_ready(),
         async {
+            stores.cluster_wide.wait_until_ready().await;
+            Ok(())
+        },
+        async {
             match records {
                 // Bounded: without the CRD (or the right to list it) the records never come,
                 // and an agent that waited for them would enforce nothing at all. Past the
@@ -284,7 +295,7 @@ async fn publish(
     )
     .context("a reflector stopped before its first list")?;
     log::info!(
-        "listed namespaces, pods, network policies and services; publishing the cluster state for node {node_name}"
+        "listed namespaces, pods, network policies, services, cluster-wide policies and nodes; publishing the cluster state for node {node_name}"
     );
     loop {
         dirty.borrow_and_update();
@@ -298,18 +309,20 @@ async fn publish(
                 true
             });
         }
-        let next = snapshot(
+        let mut next = snapshot(
             &stores.namespaces,
             &stores.pods,
             &stores.policies,
             &stores.services,
         );
+        stores.cluster_wide.fill(&mut next);
         let (namespaces, pods, policies, services) = (
             next.namespaces.len(),
             next.pods.len(),
             next.policies.len(),
             next.services.len(),
         );
+        let (cluster_policies, nodes) = (next.cluster_policies.len(), next.nodes.len());
         let local = next
             .pods
             .iter()
@@ -324,7 +337,7 @@ async fn publish(
         });
         if published {
             log::debug!(
-                "cluster state: {namespaces} namespaces, {pods} pods ({local} on {node_name}), {policies} network policies, {services} services"
+                "cluster state: {namespaces} namespaces, {pods} pods ({local} on {node_name}), {policies} network policies, {services} services, {cluster_policies} cluster-wide policies, {nodes} nodes"
             );
         }
         dirty.changed().await.context("the reflectors stopped")?;
@@ -337,6 +350,8 @@ fn same_cluster(a: &Cluster, b: &Cluster) -> bool {
         && a.pods == b.pods
         && a.policies == b.policies
         && a.services == b.services
+        && a.cluster_policies == b.cluster_policies
+        && a.nodes == b.nodes
 }
 
 /// The Stores' contents as a [`Cluster`], each list sorted by (namespace, name) so that the
@@ -588,15 +603,23 @@ mod tests {
         Policies,
         Services,
         Records,
+        Nodes,
+        Cnp,
+        Anp,
+        Banp,
     }
 
     impl Res {
-        const ALL: [Self; 5] = [
+        const ALL: [Self; 9] = [
             Self::Namespaces,
             Self::Pods,
             Self::Policies,
             Self::Services,
             Self::Records,
+            Self::Nodes,
+            Self::Cnp,
+            Self::Anp,
+            Self::Banp,
         ];
 
         fn path(self) -> &'static str {
@@ -606,6 +629,12 @@ mod tests {
                 Self::Policies => "/apis/networking.k8s.io/v1/networkpolicies",
                 Self::Services => "/api/v1/services",
                 Self::Records => "/apis/enforcer.dev/v1alpha1/identitybindings",
+                Self::Nodes => "/api/v1/nodes",
+                Self::Cnp => "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies",
+                Self::Anp => "/apis/policy.networking.k8s.io/v1alpha1/adminnetworkpolicies",
+                Self::Banp => {
+                    "/apis/policy.networking.k8s.io/v1alpha1/baselineadminnetworkpolicies"
+                }
             }
         }
 
@@ -616,6 +645,13 @@ mod tests {
                 Self::Policies => ("networking.k8s.io/v1", "NetworkPolicyList"),
                 Self::Services => ("v1", "ServiceList"),
                 Self::Records => ("enforcer.dev/v1alpha1", "IdentityBindingList"),
+                Self::Nodes => ("v1", "NodeList"),
+                Self::Cnp => ("policy.networking.k8s.io/v1alpha2", "ClusterNetworkPolicyList"),
+                Self::Anp => ("policy.networking.k8s.io/v1alpha1", "AdminNetworkPolicyList"),
+                Self::Banp => (
+                    "policy.networking.k8s.io/v1alpha1",
+                    "BaselineAdminNetworkPolicyList",
+                ),
             }
         }
 
@@ -626,6 +662,10 @@ mod tests {
                 Self::Policies => ("networking.k8s.io/v1", "NetworkPolicy"),
                 Self::Services => ("v1", "Service"),
                 Self::Records => ("enforcer.dev/v1alpha1", "IdentityBinding"),
+                Self::Nodes => ("v1", "Node"),
+                Self::Cnp => ("policy.networking.k8s.io/v1alpha2", "ClusterNetworkPolicy"),
+                Self::Anp => ("policy.networking.k8s.io/v1alpha1", "AdminNetworkPolicy"),
+                Self::Banp => ("policy.networking.k8s.io/v1alpha1", "BaselineAdminNetworkPolicy"),
             }
         }
     }
@@ -797,6 +837,15 @@ mod tests {
             self.list(Res::Pods, "200", pods).await;
             self.list(Res::Policies, "300", policies).await;
             self.list(Res::Services, "400", vec![]).await;
+            self.cluster_wide_absent().await;
+        }
+
+        /// The first lists of the cluster-wide kinds: no nodes, and no policy CRD installed.
+        async fn cluster_wide_absent(&mut self) {
+            self.list(Res::Nodes, "500", vec![]).await;
+            for r in [Res::Cnp, Res::Anp, Res::Banp] {
+                self.fail(r, 404, "NotFound").await;
+            }
         }
 
         fn assert_nothing_unexpected(&mut self) {
@@ -1086,6 +1135,7 @@ mod tests {
         )
         .await;
         api.list(Res::Services, "400", vec![]).await;
+        api.cluster_wide_absent().await;
         // Pods not listed yet: nothing may be published (the agent keeps enforcing its pins).
         settle().await;
         assert!(
@@ -1203,6 +1253,7 @@ mod tests {
         api.list(Res::Namespaces, "100", vec![]).await;
         api.list(Res::Policies, "300", vec![]).await;
         api.list(Res::Services, "400", vec![]).await;
+        api.cluster_wide_absent().await;
         let page = |pods: std::ops::Range<usize>, next: &str| {
             let items: Vec<Value> = pods
                 .map(|i| {
@@ -1462,6 +1513,7 @@ mod tests {
             vec![policy("prod", "deny", deny_all(), "7")],
         )
         .await;
+        api.cluster_wide_absent().await;
         let q = api.fail(Res::Pods, 500, "InternalError").await;
         assert_list_query(Res::Pods, &q);
         settle().await;
@@ -1618,6 +1670,7 @@ mod tests {
         .await;
         api.list(Res::Pods, "200", vec![]).await;
         api.list(Res::Policies, "300", vec![]).await;
+        api.cluster_wide_absent().await;
         // Services not listed yet: nothing is published (a snapshot without them would stop
         // deferring Service traffic).
         settle().await;
@@ -2036,6 +2089,205 @@ mod tests {
         let bound: Vec<String> = evaluated.bound.keys().map(ToString::to_string).collect();
         assert_eq!(bound, ["10.244.2.20"], "a's binding went, b's came");
         api.assert_nothing_unexpected();
+        task.abort();
+    }
+
+    // ---- cluster-wide policies and nodes ----
+
+    fn cnp(name: &str, tier: &str, priority: Option<u32>, rv: &str) -> Value {
+        let mut spec = json!({
+            "tier": tier,
+            "subject": {"namespaces": {}},
+            "egress": [{"name": "metadata", "action": "Deny", "to": [{"networks": ["169.254.169.254/32"]}]}],
+        });
+        if let Some(p) = priority {
+            spec["priority"] = p.into();
+        }
+        json!({
+            "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": name, "resourceVersion": rv, "generation": 1},
+            "spec": spec,
+            "status": {"conditions": []},
+        })
+    }
+
+    fn anp(name: &str, priority: u32, rv: &str) -> Value {
+        json!({
+            "apiVersion": "policy.networking.k8s.io/v1alpha1", "kind": "AdminNetworkPolicy",
+            "metadata": {"name": name, "resourceVersion": rv},
+            "spec": {
+                "priority": priority,
+                "subject": {"namespaces": {"matchLabels": {"env": "prod"}}},
+                "ingress": [{"action": "Pass", "from": [{"namespaces": {}}]}],
+            },
+        })
+    }
+
+    fn node(name: &str, zone: &str, ip: &str, rv: &str) -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "resourceVersion": rv, "labels": {"zone": zone}},
+            "spec": {"podCIDR": "10.244.0.0/24"},
+            "status": {
+                "addresses": [
+                    {"type": "InternalIP", "address": ip},
+                    {"type": "Hostname", "address": name},
+                    {"type": "ExternalIP", "address": "203.0.113.9"},
+                ],
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
+        })
+    }
+
+    fn cluster_policy_names(c: &Cluster) -> Vec<String> {
+        c.cluster_policies
+            .iter()
+            .map(|p| p.display_name())
+            .collect()
+    }
+
+    /// The first lists of everything but the cluster-wide kinds, empty.
+    async fn core_lists(api: &mut FakeApi) {
+        api.list(Res::Namespaces, "100", vec![]).await;
+        api.list(Res::Pods, "200", vec![]).await;
+        api.list(Res::Policies, "300", vec![]).await;
+        api.list(Res::Services, "400", vec![]).await;
+    }
+
+    /// A cluster without the policy CRDs (404 on their lists) is published (the agent is ready)
+    /// with no cluster-wide policies, and a CRD installed later is found at the next look.
+    #[tokio::test(start_paused = true)]
+    async fn policy_kinds_without_a_crd_do_not_hold_the_snapshot_and_are_looked_for_again() {
+        use super::super::cluster_wide::ABSENT_RECHECK;
+        let (client, mut api) = start();
+        let (task, mut rx) = spawn_source(client);
+        api.initial_lists(vec![], vec![], vec![]).await;
+        let c = until(&mut rx, "the first snapshot", |_| true).await;
+        assert!(c.cluster_policies.is_empty() && c.nodes.is_empty());
+        api.list_within(
+            Res::Cnp,
+            "600",
+            vec![cnp("guard", "Admin", Some(10), "601")],
+            ABSENT_RECHECK + WAIT,
+        )
+        .await;
+        let c = until(&mut rx, "the policy of the CRD installed later", |c| {
+            c.cluster_policies.len() == 1
+        })
+        .await;
+        assert_eq!(cluster_policy_names(&c), ["ClusterNetworkPolicy/guard"]);
+        api.assert_nothing_unexpected();
+        task.abort();
+    }
+
+    /// The three kinds and the nodes are listed into the snapshot (policies in evaluation
+    /// order: tier, priority, then name), and watch events update them; an object that does not
+    /// read is there as its fail-closed stand-in, naming the field.
+    #[tokio::test]
+    async fn cluster_wide_policies_and_nodes_are_listed_in_order_and_watched() {
+        let (client, mut api) = start();
+        let (task, mut rx) = spawn_source(client);
+        core_lists(&mut api).await;
+        api.list(
+            Res::Nodes,
+            "500",
+            vec![node("n1", "a", "172.18.0.2", "5")],
+        )
+        .await;
+        api.list(
+            Res::Cnp,
+            "600",
+            vec![
+                cnp("base", "Baseline", Some(0), "61"),
+                cnp("b-guard", "Admin", Some(10), "62"),
+                cnp("a-guard", "Admin", Some(10), "63"),
+            ],
+        )
+        .await;
+        api.list(Res::Anp, "700", vec![anp("first", 5, "71")]).await;
+        api.fail(Res::Banp, 404, "NotFound").await;
+        let c = until(&mut rx, "the cluster-wide policies", |c| {
+            c.cluster_policies.len() == 4
+        })
+        .await;
+        assert_eq!(
+            cluster_policy_names(&c),
+            [
+                "AdminNetworkPolicy/first",
+                "ClusterNetworkPolicy/a-guard",
+                "ClusterNetworkPolicy/b-guard",
+                "ClusterNetworkPolicy/base",
+            ]
+        );
+        assert!(c.cluster_policies.iter().all(|p| p.refused.is_empty()));
+        let n = &c.nodes[..];
+        assert_eq!(n.len(), 1);
+        assert_eq!(
+            (n[0].name.as_str(), n[0].labels.get("zone").map(String::as_str)),
+            ("n1", Some("a"))
+        );
+        let want: Vec<std::net::IpAddr> = vec![
+            "172.18.0.2".parse().unwrap(),
+            "203.0.113.9".parse().unwrap(),
+        ];
+        assert_eq!(n[0].addresses, want, "InternalIP and ExternalIP, no host name");
+
+        api.watch(
+            Res::Cnp,
+            "600",
+            &[
+                event("MODIFIED", &cnp("a-guard", "Admin", Some(20), "64")),
+                event("ADDED", &cnp("broken", "Admin", None, "65")),
+            ],
+        )
+        .await;
+        let c = until(&mut rx, "the watched changes", |c| {
+            c.cluster_policies.len() == 5
+        })
+        .await;
+        assert_eq!(
+            cluster_policy_names(&c),
+            [
+                "ClusterNetworkPolicy/broken",
+                "AdminNetworkPolicy/first",
+                "ClusterNetworkPolicy/b-guard",
+                "ClusterNetworkPolicy/a-guard",
+                "ClusterNetworkPolicy/base",
+            ],
+            "a-guard moved after b-guard; the refused one stands in at the first priority"
+        );
+        let broken = &c.cluster_policies[0];
+        assert_eq!(broken.refused[0].field, "spec.priority", "{broken:?}");
+
+        api.watch(
+            Res::Nodes,
+            "500",
+            &[event("MODIFIED", &node("n1", "b", "172.18.0.2", "6"))],
+        )
+        .await;
+        until(&mut rx, "the node's new label", |c| {
+            c.nodes[0].labels.get("zone").map(String::as_str) == Some("b")
+        })
+        .await;
+        api.assert_nothing_unexpected();
+        task.abort();
+    }
+
+    /// A policy kind that is installed but may not be listed (403) holds the first snapshot,
+    /// as every other watch does: the agent keeps enforcing what is pinned until it lists.
+    #[tokio::test]
+    async fn a_forbidden_policy_kind_holds_the_first_snapshot_until_it_lists() {
+        let (client, mut api) = start();
+        let (task, mut rx) = spawn_source(client);
+        core_lists(&mut api).await;
+        api.list(Res::Nodes, "500", vec![]).await;
+        api.fail(Res::Anp, 404, "NotFound").await;
+        api.fail(Res::Banp, 404, "NotFound").await;
+        api.fail(Res::Cnp, 403, "Forbidden").await;
+        settle().await;
+        assert!(rx.borrow().is_none(), "published without the forbidden kind");
+        api.list_within(Res::Cnp, "600", vec![], AFTER_BACKOFF).await;
+        until(&mut rx, "the first snapshot", |_| true).await;
         task.abort();
     }
 }

@@ -1,9 +1,12 @@
 //! The manifests folder (standalone mode and the offline tools): every `*.yaml`, `*.yml` and
 //! `*.json` file in a directory, multi-document YAML, `kind: List` (and `*List`) items, with
-//! Namespace, Pod, Service (v1) and NetworkPolicy objects, and the pod templates of workloads
-//! ([`Workload`], for the offline tools only: the agent enforces real pods). A bad file or
-//! document is reported with the file, the document index, the object and the field, and
-//! everything else still loads.
+//! Namespace, Pod, Service, Node (v1) and NetworkPolicy objects, the cluster-wide policies
+//! (ClusterNetworkPolicy v1alpha2, AdminNetworkPolicy and BaselineAdminNetworkPolicy v1alpha1:
+//! [`enforcer_policy::tiers`]), and the pod templates of workloads ([`Workload`], for the
+//! offline tools only: the agent enforces real pods). A bad file or document is reported with
+//! the file, the document index, the object and the field, and everything else still loads.
+//! A cluster-wide policy with a bad field is not left out: it loads as its fail-closed
+//! stand-in ([`enforcer_policy::tiers::ClusterPolicy::refused`] says why).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -15,7 +18,7 @@ use std::{
 use anyhow::Context as _;
 use k8s_openapi::{
     api::{
-        core::v1::{Namespace, Pod, PodTemplateSpec, Service},
+        core::v1::{Namespace, Node, Pod, PodTemplateSpec, Service},
         networking::v1::NetworkPolicy,
     },
     apimachinery::pkg::apis::meta::v1::LabelSelector,
@@ -23,7 +26,19 @@ use k8s_openapi::{
 use serde::Deserialize as _;
 use serde_json::Value;
 
-use enforcer_policy::model::{Cluster, NAMESPACE_NAME_LABEL, PodInfo};
+use enforcer_policy::{
+    model::{Cluster, NAMESPACE_NAME_LABEL, NodeInfo, PodInfo},
+    tiers::{self, TierError},
+};
+
+/// The kinds read without a namespace: the key of their objects has `""` for it.
+const CLUSTER_SCOPED: [&str; 5] = [
+    "Namespace",
+    "Node",
+    tiers::api::KIND_CNP,
+    tiers::api::KIND_ANP,
+    tiers::api::KIND_BANP,
+];
 
 /// A problem with one file, document or object.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,6 +84,9 @@ pub struct Loaded {
     /// `(namespace, name)` of the ServiceAccount objects: which identities a workload can
     /// prove (`lint`); the agent reads no ServiceAccount.
     pub service_accounts: BTreeSet<(String, String)>,
+    /// Peers of the cluster-wide policies loaded that fail closed (`domainNames`, a field this
+    /// version does not know), by object and field: reported, the policy is enforced.
+    pub cluster_policy_warnings: Vec<TierError>,
 }
 
 /// Where an object was read.
@@ -313,7 +331,7 @@ fn load_value(
     };
     let first =
         |loaded: &mut Loaded, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
-            let ns = if kind == "Namespace" {
+            let ns = if CLUSTER_SCOPED.contains(&kind.as_str()) {
                 String::new()
             } else {
                 enforcer_policy::validate::namespace_of(meta)
@@ -375,6 +393,49 @@ fn load_value(
                                 fail(loaded, format!("{}: {}", e.field, e.message));
                             }
                         }
+                    }
+                }
+                Err(m) => fail(loaded, m),
+            }
+        }
+        "Node" if v.get("apiVersion").and_then(Value::as_str) == Some("v1") => {
+            match typed::<Node>(v) {
+                Ok(o) => {
+                    if first(loaded, &o.metadata) {
+                        loaded.cluster.nodes.push(Arc::new(NodeInfo::from(&o)));
+                    }
+                }
+                Err(m) => fail(loaded, m),
+            }
+        }
+        k @ (tiers::api::KIND_CNP | tiers::api::KIND_ANP | tiers::api::KIND_BANP)
+            if v.get("apiVersion")
+                .and_then(Value::as_str)
+                .is_some_and(|a| a.starts_with(tiers::api::GROUP)) =>
+        {
+            let api_version = v.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+            if !tiers::is_tier_kind(api_version, k) {
+                // Another version of a guardrail would otherwise be silently left out.
+                let read = if k == tiers::api::KIND_CNP {
+                    tiers::api::V1ALPHA2
+                } else {
+                    tiers::api::V1ALPHA1
+                };
+                fail(
+                    loaded,
+                    format!("apiVersion: {api_version} is not read; {k} is read as {read}"),
+                );
+                return;
+            }
+            match tiers::parse(&v) {
+                Ok(parsed) => {
+                    let meta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                        name: Some(parsed.policy.name.clone()),
+                        ..Default::default()
+                    };
+                    if first(loaded, &meta) {
+                        loaded.cluster_policy_warnings.extend(parsed.warnings);
+                        loaded.cluster.cluster_policies.push(Arc::new(parsed.policy));
                     }
                 }
                 Err(m) => fail(loaded, m),
@@ -442,11 +503,13 @@ pub fn merge_all<'a>(parts: impl IntoIterator<Item = (&'a Path, &'a Loaded)>) ->
     for (file, part) in parts {
         into.errors.extend(part.errors.iter().cloned());
         into.ignored.extend(part.ignored.iter().cloned());
+        into.cluster_policy_warnings
+            .extend(part.cluster_policy_warnings.iter().cloned());
         let mut first = |errors: &mut Vec<FileError>,
                          kind: &'static str,
                          namespace: Option<&'a str>,
                          name: Option<&'a str>| {
-            let ns = if kind == "Namespace" {
+            let ns = if CLUSTER_SCOPED.contains(&kind) {
                 ""
             } else {
                 namespace.filter(|n| !n.is_empty()).unwrap_or("default")
@@ -503,14 +566,54 @@ pub fn merge_all<'a>(parts: impl IntoIterator<Item = (&'a Path, &'a Loaded)>) ->
                 c.services.push(Arc::clone(o));
             }
         }
+        for o in &part.cluster.cluster_policies {
+            if first(&mut into.errors, o.kind.as_str(), None, Some(&o.name)) {
+                c.cluster_policies.push(Arc::clone(o));
+            }
+        }
+        for o in &part.cluster.nodes {
+            if first(&mut into.errors, "Node", None, Some(&o.name)) {
+                c.nodes.push(Arc::clone(o));
+            }
+        }
     }
     into
 }
 
-/// After loading: default namespaces to `default`, give every namespace the API server's
+/// The cluster-wide policies of `loaded` enforced otherwise than written, one line each naming
+/// the file (`file`, else where [`Loaded::origins`] says the object came from), the object and
+/// the field: refused ones (enforced as their fail-closed stand-in) and peers that fail closed.
+pub fn cluster_policy_problems(loaded: &Loaded, file: Option<&Path>) -> Vec<String> {
+    let at = |object: &str| {
+        let (kind, name) = object.split_once('/').unwrap_or((object, ""));
+        let key = (kind.to_string(), String::new(), name.to_string());
+        file.or_else(|| loaded.origins.get(&key).map(|o| o.file.as_path()))
+            .map(|f| format!("{}: ", f.display()))
+            .unwrap_or_default()
+    };
+    let refused = loaded.cluster.cluster_policies.iter().flat_map(|p| {
+        p.refused.iter().map(move |e| {
+            format!(
+                "{}{e}; {} is refused: enforcing its fail-closed stand-in",
+                at(&e.object),
+                p.display_name()
+            )
+        })
+    });
+    let degraded = loaded
+        .cluster_policy_warnings
+        .iter()
+        .map(|w| format!("{}{w}", at(&w.object)));
+    refused.chain(degraded).collect()
+}
+
+/// After loading: sort the cluster-wide policies into evaluation order, default namespaces to `default`, give every namespace the API server's
 /// `kubernetes.io/metadata.name` label, and create the namespaces that are used but not declared.
 pub fn finish(loaded: &mut Loaded) {
     let c = &mut loaded.cluster;
+    // The order the tiers are evaluated in (priority, then name).
+    c.cluster_policies
+        .sort_by(|a, b| a.order_key().cmp(&b.order_key()));
     // Objects are normalised as they load; these only touch (and so copy) one that is not.
     for p in &mut c.policies {
         if p.metadata.namespace.is_none() {
@@ -841,6 +944,95 @@ spec:
         assert!(
             errors[2].starts_with("t.yaml document 0 Service x/typo: spec.ports[0].port"),
             "{errors:?}"
+        );
+    }
+
+    const CLUSTER_WIDE: &str = "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: z-guard}\nspec:\n  tier: Admin\n  priority: 10\n  subject: {namespaces: {}}\n  egress:\n  - {action: Deny, to: [{networks: [169.254.169.254/32]}]}\n  - {name: dns, action: Accept, to: [{domainNames: [example.com]}]}\n---\napiVersion: policy.networking.k8s.io/v1alpha1\nkind: AdminNetworkPolicy\nmetadata: {name: a-first}\nspec:\n  priority: 5\n  subject: {namespaces: {}}\n  ingress: [{action: Pass, from: [{namespaces: {}}]}]\n---\napiVersion: policy.networking.k8s.io/v1alpha1\nkind: BaselineAdminNetworkPolicy\nmetadata: {name: default}\nspec:\n  subject: {namespaces: {}}\n  ingress: [{action: Deny, from: [{namespaces: {}}]}]\n---\napiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: broken}\nspec:\n  tier: Admin\n  priority: 1001\n  subject: {namespaces: {}}\n  ingress: [{action: Accept, from: [{namespaces: {}}]}]\n---\napiVersion: v1\nkind: Node\nmetadata: {name: n1, labels: {zone: a}}\nstatus:\n  addresses: [{type: InternalIP, address: 172.18.0.2}, {type: Hostname, address: n1}]\n";
+
+    /// The three cluster-wide kinds load into `cluster_policies` in evaluation order (a refused
+    /// one as its stand-in, a fail-closed peer kept), Nodes into `nodes`; each is reported with
+    /// its file and field without leaving the file out.
+    #[test]
+    fn cluster_wide_policies_and_nodes_load_and_their_problems_name_file_and_field() {
+        let mut loaded = Loaded::default();
+        load_text(Path::new("guard.yaml"), CLUSTER_WIDE, &mut loaded);
+        finish(&mut loaded);
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        let names: Vec<String> = loaded
+            .cluster
+            .cluster_policies
+            .iter()
+            .map(|p| p.display_name())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "ClusterNetworkPolicy/broken",
+                "AdminNetworkPolicy/a-first",
+                "ClusterNetworkPolicy/z-guard",
+                "BaselineAdminNetworkPolicy/default",
+            ]
+        );
+        let broken = &loaded.cluster.cluster_policies[0];
+        assert_eq!(broken.refused.len(), 1);
+        let node = &loaded.cluster.nodes[0];
+        assert_eq!(
+            (node.name.as_str(), node.addresses.len()),
+            ("n1", 1),
+            "the host name is no address"
+        );
+        let origin = &loaded.origins[&(
+            "ClusterNetworkPolicy".to_string(),
+            String::new(),
+            "z-guard".to_string(),
+        )];
+        assert_eq!((origin.document, origin.line), (Some(0), Some(1)));
+        let problems = cluster_policy_problems(&loaded, None);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].starts_with(
+                "guard.yaml: ClusterNetworkPolicy/broken: spec.priority: 1001 is not in 0..=1000"
+            ) && problems[0].ends_with("enforcing its fail-closed stand-in"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].starts_with(
+                "guard.yaml: ClusterNetworkPolicy/z-guard: spec.egress[1].to[0]: domainNames"
+            ),
+            "{problems:?}"
+        );
+        // Merged files keep them, a second definition is reported.
+        let merged = merge_all([
+            (Path::new("a.yaml"), &loaded),
+            (Path::new("b.yaml"), &loaded),
+        ]);
+        assert_eq!(merged.cluster.cluster_policies.len(), 4);
+        assert_eq!(merged.cluster.nodes.len(), 1);
+        assert_eq!(merged.cluster_policy_warnings.len(), 2);
+        assert!(
+            merged.errors.iter().any(|e| e.object.as_deref()
+                == Some("ClusterNetworkPolicy z-guard")
+                && e.message.contains("more than once")),
+            "{:?}",
+            merged.errors
+        );
+    }
+
+    /// A cluster-wide kind of another version is an error naming the version read, not an
+    /// object silently left out.
+    #[test]
+    fn a_cluster_wide_kind_of_another_version_is_reported() {
+        let mut loaded = Loaded::default();
+        load_text(
+            Path::new("v.yaml"),
+            "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: ClusterNetworkPolicy\nmetadata: {name: old}\nspec: {}\n",
+            &mut loaded,
+        );
+        assert!(loaded.cluster.cluster_policies.is_empty());
+        let errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            errors,
+            ["v.yaml document 0 ClusterNetworkPolicy old: apiVersion: policy.networking.k8s.io/v1alpha1 is not read; ClusterNetworkPolicy is read as policy.networking.k8s.io/v1alpha2"]
         );
     }
 }

@@ -2,6 +2,7 @@
 //! [`watch`] watches it), or the API server ([`kube`]'s reflectors). Both yield the same
 //! [`Cluster`] snapshot, which the pure compiler takes.
 
+pub mod cluster_wide;
 pub mod kube;
 pub mod liveness;
 pub mod manifests;

@@ -288,6 +288,11 @@ impl ManifestsSource {
                 ));
             }
         }
+        // A cluster-wide policy enforced otherwise than written (refused: its fail-closed
+        // stand-in) is said for as long as it is enforced so.
+        if let Some(good) = &state.good {
+            problems.extend(manifests::cluster_policy_problems(good, Some(file)));
+        }
         state.problems = problems;
     }
 }
