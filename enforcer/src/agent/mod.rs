@@ -116,7 +116,15 @@ impl Agent {
             let mut cluster_changed = false;
             match self.source.poll() {
                 Ok(Some((mut c, mut problems))) => {
+                    let started = Instant::now();
                     problems.extend(last_good.apply(&mut c));
+                    log::debug!(
+                        "input: {} pods, {} policies, {} problems; policies validated in {:.3} s",
+                        c.pods.len(),
+                        c.policies.len(),
+                        problems.len(),
+                        started.elapsed().as_secs_f64()
+                    );
                     for p in &problems {
                         log::warn!("{p}");
                     }
@@ -133,7 +141,12 @@ impl Agent {
                             id.update_records(Some(&c), true, &self.compile_options.node_ips);
                             c.verified = id.verified();
                         }
+                        let started = Instant::now();
                         self.restore_numbers(&c, &mut alloc);
+                        log::debug!(
+                            "pinned numbering read in {:.3} s",
+                            started.elapsed().as_secs_f64()
+                        );
                     }
                     cluster = Some(c);
                     cluster_changed = true;
@@ -180,6 +193,7 @@ impl Agent {
                     let started = Instant::now();
                     let compiled = compile(c, &self.compile_options, &mut alloc);
                     self.status.observe_compile(started.elapsed());
+                    log::debug!("compiled in {:.3} s", started.elapsed().as_secs_f64());
                     unnumbered = without_ids(c, &compiled.errors);
                     for e in &compiled.errors {
                         // A refused policy's errors were logged with the input's problems.
@@ -206,7 +220,12 @@ impl Agent {
                             .collect(),
                     );
                     desired = Arc::new(compiled.state);
+                    let viewing = Instant::now();
                     self.publish_view(&desired, c);
+                    log::debug!(
+                        "status view built in {:.3} s",
+                        viewing.elapsed().as_secs_f64()
+                    );
                     let turn = Turn {
                         desired: &desired,
                         unnumbered: &unnumbered,
@@ -264,6 +283,7 @@ impl Agent {
             cluster,
             started,
         } = *turn;
+        let programming = Instant::now();
         let result = match (KernelRoutes::read(), self.datapath.lock()) {
             (Ok(routes), Ok(mut dp)) => {
                 self.grow_peers(&mut dp, desired, reconciler, shown);
@@ -275,6 +295,12 @@ impl Agent {
         match result {
             Ok(report) => {
                 self.status.observe_reconcile(started.elapsed());
+                if report.written + report.removed > 0 {
+                    log::debug!(
+                        "maps programmed in {:.3} s",
+                        programming.elapsed().as_secs_f64()
+                    );
+                }
                 if !report.attached.is_empty()
                     || !report.detached.is_empty()
                     || report.written + report.removed > 0

@@ -282,7 +282,34 @@ pub fn run(args: RunArgs) -> Result<()> {
             .unwrap_or_else(|| default_flow_limit(args.conntrack_map_size)),
         ..DatapathOptions::default()
     };
-    let mut datapath = Datapath::open(options).context("opening the datapath")?;
+    // The folder is read and parsed while the programs load: both take seconds at scale.
+    enum Starting {
+        Ready(Source),
+        Preloading(std::thread::JoinHandle<ManifestsSource>),
+    }
+    let programs_loaded = Arc::new(AtomicBool::new(false));
+    let starting = match source {
+        Source::Manifests(mut m) => {
+            let loaded = programs_loaded.clone();
+            Starting::Preloading(std::thread::Builder::new().name("preload".into()).spawn(
+                move || {
+                    m.preload(&loaded);
+                    m
+                },
+            )?)
+        }
+        other => Starting::Ready(other),
+    };
+    let opened = Datapath::open(options).context("opening the datapath");
+    programs_loaded.store(true, Ordering::Relaxed);
+    let mut datapath = opened?;
+    let source = match starting {
+        Starting::Ready(s) => s,
+        Starting::Preloading(p) => Source::Manifests(
+            p.join()
+                .map_err(|_| anyhow::anyhow!("reading the manifests folder panicked"))?,
+        ),
+    };
     let events = datapath.take_events();
     let datapath = Arc::new(Mutex::new(datapath));
     let view = Arc::new(Mutex::new(View::default()));

@@ -21,7 +21,7 @@ use k8s_openapi::{
         core::v1::{Namespace, Node, Pod, PodTemplateSpec, Service},
         networking::v1::NetworkPolicy,
     },
-    apimachinery::pkg::apis::meta::v1::LabelSelector,
+    apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta},
 };
 use serde::Deserialize as _;
 use serde_json::Value;
@@ -230,6 +230,9 @@ pub fn load_text(file: &Path, text: &str, loaded: &mut Loaded) {
         return;
     }
     let lines = document_lines(text);
+    // A tag (`!name`) is read differently from a YAML tree than through JSON: a file that may
+    // hold one takes the path through JSON for every object.
+    let untagged = !text.contains('!');
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let value = match serde_yaml::Value::deserialize(doc) {
             Ok(v) => v,
@@ -244,8 +247,16 @@ pub fn load_text(file: &Path, text: &str, loaded: &mut Loaded) {
         if value.is_null() {
             continue;
         }
+        let at = (Some(i), lines.get(i).copied());
+        let value = match untagged {
+            true => match load_bulk(file, at, value, loaded) {
+                Some(v) => v,
+                None => continue,
+            },
+            false => value,
+        };
         match serde_json::to_value(&value) {
-            Ok(v) => load_value(file, (Some(i), lines.get(i).copied()), v, None, loaded),
+            Ok(v) => load_value(file, at, v, None, loaded),
             Err(e) => loaded
                 .errors
                 .push(err(Some(i), None, format!("unsupported YAML: {e}"))),
@@ -301,6 +312,115 @@ fn typed<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, String> {
     })
 }
 
+/// Where a document is, for its errors and [`Loaded::origins`].
+struct Place<'a> {
+    file: &'a Path,
+    document: Option<usize>,
+    line: Option<usize>,
+    item: Option<String>,
+    /// `Kind namespace/name` as written, with `items[i]` inside a List.
+    object: String,
+}
+
+impl Place<'_> {
+    fn fail(&self, loaded: &mut Loaded, message: String) {
+        loaded.errors.push(FileError {
+            file: self.file.to_path_buf(),
+            document: self.document,
+            object: Some(self.object.clone()),
+            message,
+        });
+    }
+
+    /// Records the object as loaded from here; `false`, and an error, when an earlier one had
+    /// its kind and name.
+    fn first(&self, loaded: &mut Loaded, kind: &str, meta: &ObjectMeta) -> bool {
+        let ns = if CLUSTER_SCOPED.contains(&kind) {
+            String::new()
+        } else {
+            enforcer_policy::validate::namespace_of(meta)
+        };
+        let key = (kind.to_string(), ns, meta.name.clone().unwrap_or_default());
+        if loaded.seen.insert(key.clone()) {
+            loaded.origins.insert(
+                key,
+                Origin {
+                    file: self.file.to_path_buf(),
+                    document: self.document,
+                    line: self.line,
+                    item: self.item.clone(),
+                },
+            );
+            return true;
+        }
+        self.fail(
+            loaded,
+            "defined more than once; the first definition is used".into(),
+        );
+        false
+    }
+}
+
+fn add_pod(loaded: &mut Loaded, place: &Place<'_>, mut o: Pod) {
+    o.metadata.namespace.get_or_insert_with(|| "default".into());
+    if place.first(loaded, "Pod", &o.metadata) {
+        // Only the compact form is kept (a folder of 100k pods would otherwise hold 100k API
+        // objects).
+        loaded.cluster.pods.push(Arc::new(PodInfo::from(o)));
+    }
+}
+
+fn add_policy(loaded: &mut Loaded, place: &Place<'_>, mut o: NetworkPolicy) {
+    o.metadata.namespace.get_or_insert_with(|| "default".into());
+    if place.first(loaded, "NetworkPolicy", &o.metadata) {
+        loaded.cluster.policies.push(Arc::new(o));
+    }
+}
+
+/// Pods and NetworkPolicies, which a folder holds by the thousand, deserialised straight from
+/// the YAML tree (the round trip through JSON is most of a large folder's load). `Some` gives
+/// the document back for [`load_value`]: another kind, or one that does not deserialise, whose
+/// error the path through JSON words as for any other document.
+fn load_bulk(
+    file: &Path,
+    (document, line): (Option<usize>, Option<usize>),
+    v: serde_yaml::Value,
+    loaded: &mut Loaded,
+) -> Option<serde_yaml::Value> {
+    let Some(kind @ ("Pod" | "NetworkPolicy")) = v.get("kind").and_then(serde_yaml::Value::as_str)
+    else {
+        return Some(v);
+    };
+    let meta = v.get("metadata");
+    let field = |f: &str| {
+        meta.and_then(|m| m.get(f))
+            .and_then(serde_yaml::Value::as_str)
+    };
+    let name = field("name").unwrap_or("<no name>");
+    let place = Place {
+        file,
+        document,
+        line,
+        item: None,
+        object: match field("namespace") {
+            Some(ns) => format!("{kind} {ns}/{name}"),
+            None => format!("{kind} {name}"),
+        },
+    };
+    if kind == "Pod" {
+        match Pod::deserialize(&v) {
+            Ok(o) => add_pod(loaded, &place, o),
+            Err(_) => return Some(v),
+        }
+    } else {
+        match NetworkPolicy::deserialize(&v) {
+            Ok(o) => add_policy(loaded, &place, o),
+            Err(_) => return Some(v),
+        }
+    }
+    None
+}
+
 fn load_value(
     file: &Path,
     (document, line): (Option<usize>, Option<usize>),
@@ -321,40 +441,15 @@ fn load_value(
         Some(i) => format!("{i} {}", describe(&v, &kind)),
         None => describe(&v, &kind),
     };
-    let fail = |loaded: &mut Loaded, message: String| {
-        loaded.errors.push(FileError {
-            file: file.to_path_buf(),
-            document,
-            object: Some(object.clone()),
-            message,
-        });
+    let place = Place {
+        file,
+        document,
+        line,
+        item: item.clone(),
+        object,
     };
-    let first =
-        |loaded: &mut Loaded, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
-            let ns = if CLUSTER_SCOPED.contains(&kind.as_str()) {
-                String::new()
-            } else {
-                enforcer_policy::validate::namespace_of(meta)
-            };
-            let key = (kind.clone(), ns, meta.name.clone().unwrap_or_default());
-            if loaded.seen.insert(key.clone()) {
-                loaded.origins.insert(
-                    key,
-                    Origin {
-                        file: file.to_path_buf(),
-                        document,
-                        line,
-                        item: item.clone(),
-                    },
-                );
-                return true;
-            }
-            fail(
-                loaded,
-                "defined more than once; the first definition is used".into(),
-            );
-            false
-        };
+    let fail = |loaded: &mut Loaded, message: String| place.fail(loaded, message);
+    let first = |loaded: &mut Loaded, meta: &ObjectMeta| place.first(loaded, &kind, meta);
     match kind.as_str() {
         "Namespace" => match typed::<Namespace>(v) {
             Ok(mut o) => {
@@ -366,14 +461,7 @@ fn load_value(
             Err(m) => fail(loaded, m),
         },
         "Pod" => match typed::<Pod>(v) {
-            Ok(mut o) => {
-                o.metadata.namespace.get_or_insert_with(|| "default".into());
-                if first(loaded, &o.metadata) {
-                    // Only the compact form is kept (a folder of 100k pods would otherwise
-                    // hold 100k API objects).
-                    loaded.cluster.pods.push(Arc::new(PodInfo::from(o)));
-                }
-            }
+            Ok(o) => add_pod(loaded, &place, o),
             Err(m) => fail(loaded, m),
         },
         // A Service the compiler could only read in part (an address that is not one, an
@@ -429,7 +517,7 @@ fn load_value(
             }
             match tiers::parse(&v) {
                 Ok(parsed) => {
-                    let meta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                    let meta = ObjectMeta {
                         name: Some(parsed.policy.name.clone()),
                         ..Default::default()
                     };
@@ -442,17 +530,12 @@ fn load_value(
             }
         }
         "NetworkPolicy" => match typed::<NetworkPolicy>(v) {
-            Ok(mut o) => {
-                o.metadata.namespace.get_or_insert_with(|| "default".into());
-                if first(loaded, &o.metadata) {
-                    loaded.cluster.policies.push(Arc::new(o));
-                }
-            }
+            Ok(o) => add_policy(loaded, &place, o),
             Err(m) => fail(loaded, m),
         },
         k if WORKLOAD_KINDS.contains(&k) => match Workload::from_value(k, &v) {
             Ok(w) => {
-                let meta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                let meta = ObjectMeta {
                     name: Some(w.name.clone()),
                     namespace: Some(w.namespace.clone()),
                     ..Default::default()
@@ -486,9 +569,11 @@ fn load_value(
             Some(Value::Null) | None => {}
             Some(_) => fail(loaded, "items: must be a list".into()),
         },
-        _ => loaded
-            .ignored
-            .push(format!("{}: {object} (kind not used)", file.display())),
+        _ => loaded.ignored.push(format!(
+            "{}: {} (kind not used)",
+            file.display(),
+            place.object
+        )),
     }
 }
 
@@ -872,6 +957,49 @@ spec:
             "sa".to_string(),
         )];
         assert_eq!((sa.document, sa.line), (Some(0), Some(3)));
+    }
+
+    /// Pods and policies load straight from the YAML tree, and are refused for what the path
+    /// through JSON refuses (a number where a string belongs), with the same field; a tagged file
+    /// goes through JSON whole.
+    #[test]
+    fn bulk_kinds_are_as_strict_as_any_other_document() {
+        let mut loaded = Loaded::default();
+        let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x, labels: {version: 1}}\nspec: {containers: []}\n";
+        let policy = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec: {podSelector: {matchLabels: {on: true}}}\n";
+        let tagged = "apiVersion: v1\nkind: Pod\nmetadata: {name: t, namespace: x, labels: {app: !custom web}}\n";
+        let good = "apiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: x, labels: {version: \"1\"}}\n";
+        load_text(
+            Path::new("f.yaml"),
+            &format!("{pod}---\n{policy}---\n{good}"),
+            &mut loaded,
+        );
+        load_text(Path::new("t.yaml"), tagged, &mut loaded);
+        let errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(
+            errors[0].starts_with(
+                "f.yaml document 0 Pod x/a: metadata.labels.version: invalid type: integer"
+            ),
+            "{errors:?}"
+        );
+        assert!(
+            errors[1].starts_with(
+                "f.yaml document 1 NetworkPolicy x/p: spec.podSelector.matchLabels.on: invalid type: boolean"
+            ),
+            "{errors:?}"
+        );
+        assert!(
+            errors[2].starts_with("t.yaml document 0 Pod x/t: metadata.labels.app"),
+            "{errors:?}"
+        );
+        let pods: Vec<String> = loaded
+            .cluster
+            .pods
+            .iter()
+            .map(|p| enforcer_policy::model::pod_ref(p).to_string())
+            .collect();
+        assert_eq!(pods, ["x/b"]);
     }
 
     const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: x}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, \"fd00:96::10\"]\n  selector: {app: web}\n  ports:\n  - {name: http, port: 80, targetPort: http, nodePort: 30080}\n";

@@ -34,6 +34,9 @@ const SCAN_WITHOUT_EVENTS: Duration = Duration::from_secs(1);
 /// content held still this long (a writer that never closes it still gets applied).
 const SETTLE_OPEN_WRITER: Duration = Duration::from_secs(2);
 
+/// How long [`ManifestsSource::preload`] waits between scans for files to hold still.
+const PRELOAD_WAIT: Duration = Duration::from_millis(50);
+
 /// What identifies one version of a file: inode, size, change and modification times.
 pub(super) type Fingerprint = (u64, u64, i64, i64, i64, i64);
 
@@ -81,6 +84,9 @@ pub struct ManifestsSource {
     rescan: bool,
     last_scan: Option<Instant>,
     read_once: bool,
+    /// The first version of the folder, read by [`ManifestsSource::preload`] and not yet
+    /// returned by [`ManifestsSource::poll`].
+    preloaded: Option<(Cluster, Vec<Problem>)>,
 }
 
 impl ManifestsSource {
@@ -106,6 +112,27 @@ impl ManifestsSource {
             rescan: true,
             last_scan: None,
             read_once: false,
+            preloaded: None,
+        }
+    }
+
+    /// Reads the folder until its first complete version is in, or `stop` is set: a cold start
+    /// does this while the programs load. The next [`ManifestsSource::poll`] returns it.
+    pub fn preload(&mut self, stop: &std::sync::atomic::AtomicBool) {
+        let started = Instant::now();
+        while self.preloaded.is_none() && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            match self.poll() {
+                Ok(Some(read)) => self.preloaded = Some(read),
+                // The control loop's poll reports it.
+                Err(_) => return,
+                Ok(None) => self.wait(PRELOAD_WAIT),
+            }
+        }
+        if self.preloaded.is_some() {
+            log::debug!(
+                "manifests folder read ahead in {:.3} s",
+                started.elapsed().as_secs_f64()
+            );
         }
     }
 
@@ -163,6 +190,9 @@ impl ManifestsSource {
     /// `Some` when the folder changed since the last read (or on the first read): the cluster
     /// to enforce and the problems found. `Err` only when the folder cannot be listed.
     pub fn poll(&mut self) -> Result<Option<(Cluster, Vec<Problem>)>> {
+        if let Some(read) = self.preloaded.take() {
+            return Ok(Some(read));
+        }
         let due = self.rescan
             || self.watch.is_none()
             || self
@@ -185,7 +215,7 @@ impl ManifestsSource {
         }
         // Events up to this moment: a write that began since the last wait is seen here.
         self.take_events(Duration::ZERO);
-        let mut changed = false;
+        let mut due: Vec<(&PathBuf, Option<Fingerprint>, bool)> = Vec::new();
         for (file, (fp, since)) in &scan {
             if self.files.get(file).is_some_and(|s| s.fingerprint == *fp) {
                 continue;
@@ -208,19 +238,30 @@ impl ManifestsSource {
                     "held still"
                 }
             );
-            let was_writing = self.writing.contains(file);
-            let text = std::fs::read_to_string(file);
-            // A write that began while we read would leave us half a file: the events and the
-            // fingerprint after the read say so, and the file is read again once complete.
-            self.take_events(Duration::ZERO);
-            if (!was_writing && self.writing.contains(file)) || fingerprint(file) != *fp {
+            due.push((file, *fp, self.writing.contains(file)));
+        }
+        let started = Instant::now();
+        let parsed = read_all(due.iter().map(|(file, _, _)| file.as_path()));
+        // A write that began while we read would leave us half a file: the events and the
+        // fingerprint after the read say so, and the file is read again once complete.
+        self.take_events(Duration::ZERO);
+        let mut changed = false;
+        let count = due.len();
+        for ((file, fp, was_writing), parsed) in due.into_iter().zip(parsed) {
+            if (!was_writing && self.writing.contains(file)) || fingerprint(file) != fp {
                 self.rescan = true;
                 continue;
             }
             self.complete.remove(file);
             self.writing.remove(file);
-            self.load_file(file, *fp, text);
+            self.store(file, fp, parsed);
             changed = true;
+        }
+        if count > 0 {
+            log::debug!(
+                "read and parsed {count} manifest files in {:.3} s",
+                started.elapsed().as_secs_f64()
+            );
         }
         // Files that were deleted are deleted, not kept.
         let before = self.files.len();
@@ -250,34 +291,21 @@ impl ManifestsSource {
         Ok(Some((loaded.cluster, problems)))
     }
 
-    /// Parses one file's text; a version that does not load keeps the last good one.
-    fn load_file(
-        &mut self,
-        file: &Path,
-        fingerprint: Option<Fingerprint>,
-        text: std::io::Result<String>,
-    ) {
+    /// Stores one file as parsed; a version that does not load keeps the last good one.
+    fn store(&mut self, file: &Path, fingerprint: Option<Fingerprint>, parsed: Parsed) {
         let state = self.files.entry(file.to_path_buf()).or_insert(FileState {
             fingerprint: None,
             good: None,
             problems: Vec::new(),
         });
         state.fingerprint = fingerprint;
-        state.problems.clear();
-        let mut problems = Vec::new();
-        match text {
-            Ok(text) => {
-                let mut part = Loaded::default();
-                manifests::load_text(file, &text, &mut part);
-                if part.errors.is_empty() {
-                    part.forget_seen();
-                    state.good = Some(part);
-                } else {
-                    problems.extend(part.errors.iter().map(FileError::to_string));
-                }
+        let mut problems = match parsed {
+            Ok(part) => {
+                state.good = Some(part);
+                Vec::new()
             }
-            Err(e) => problems.push(format!("{}: cannot read: {e}", file.display())),
-        }
+            Err(problems) => problems,
+        };
         if !problems.is_empty() {
             if state.good.is_some() {
                 problems.push(format!("{}: keeping its last good version", file.display()));
@@ -295,6 +323,60 @@ impl ManifestsSource {
         }
         state.problems = problems;
     }
+}
+
+/// One file read and parsed: its objects, or the problems that keep it from loading.
+type Parsed = std::result::Result<Loaded, Vec<Problem>>;
+
+fn read_and_parse(file: &Path) -> Parsed {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| vec![format!("{}: cannot read: {e}", file.display())])?;
+    let mut part = Loaded::default();
+    manifests::load_text(file, &text, &mut part);
+    if part.errors.is_empty() {
+        part.forget_seen();
+        Ok(part)
+    } else {
+        Err(part.errors.iter().map(FileError::to_string).collect())
+    }
+}
+
+/// Reads and parses files on every core (a cold start reads the whole folder), returning the
+/// results in the order given.
+fn read_all<'a>(files: impl ExactSizeIterator<Item = &'a Path>) -> Vec<Parsed> {
+    let files: Vec<&Path> = files.collect();
+    let workers = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .min(files.len());
+    if workers <= 1 {
+        return files.into_iter().map(read_and_parse).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut out: Vec<Option<Parsed>> = std::iter::repeat_with(|| None).take(files.len()).collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(file) = files.get(i) else { break };
+                        done.push((i, read_and_parse(file)));
+                    }
+                    done
+                })
+            })
+            .collect();
+        for h in handles {
+            // A worker that panicked re-raises here, as the same parse on this thread would.
+            for (i, p) in h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)) {
+                out[i] = Some(p);
+            }
+        }
+    });
+    out.into_iter()
+        .map(|p| p.expect("every file is parsed by one worker"))
+        .collect()
 }
 
 /// What an inotify event says about one name.
@@ -666,6 +748,37 @@ mod tests {
                 .any(|p| p.contains("b.yaml") && p.contains("more than once")),
             "{problems:?}"
         );
+    }
+
+    /// Files parsed side by side still merge in name order: the first file's definition wins
+    /// and the later ones are named; a folder read ahead is what the first poll returns.
+    #[test]
+    fn a_folder_read_ahead_on_every_core_merges_in_file_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let pod = |ip: usize| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: a, namespace: x}}\nspec: {{containers: []}}\nstatus: {{podIP: 10.0.0.{ip}}}\n"
+            )
+        };
+        for i in 0..24 {
+            std::fs::write(dir.path().join(format!("{i:02}.yaml")), pod(i + 1)).unwrap();
+        }
+        let mut src = ManifestsSource::new(dir.path());
+        src.preload(&std::sync::atomic::AtomicBool::new(false));
+        let (c, problems) = src.poll().unwrap().expect("the folder read ahead");
+        assert_eq!(c.pods.len(), 1);
+        assert_eq!(
+            enforcer_policy::model::pod_ips(&c.pods[0]),
+            ["10.0.0.1".parse::<std::net::IpAddr>().unwrap()]
+        );
+        let named: Vec<&str> = problems
+            .iter()
+            .filter(|p| p.contains("more than once"))
+            .map(|p| p.split(' ').next().unwrap().rsplit('/').next().unwrap())
+            .collect();
+        let expected: Vec<String> = (1..24).map(|i| format!("{i:02}.yaml")).collect();
+        assert_eq!(named, expected, "{problems:?}");
+        assert!(src.poll().unwrap().is_none(), "returned once");
     }
 
     #[test]
