@@ -267,7 +267,7 @@ impl Agent {
         let result = match (KernelRoutes::read(), self.datapath.lock()) {
             (Ok(routes), Ok(mut dp)) => {
                 self.grow_peers(&mut dp, desired, reconciler, shown);
-                reconciler.apply_with(desired, unnumbered, &mut *dp, &routes)
+                reconciler.apply_shared(desired, unnumbered, &mut *dp, &routes)
             }
             (Err(e), _) => Err(e),
             (_, Err(_)) => return,
