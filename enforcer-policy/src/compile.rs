@@ -1090,27 +1090,7 @@ fn update_stage(
     if !stage.errors.is_empty() || stage.twice || !old.same_but_pods(new) {
         return false;
     }
-    // Sources keep their pods in a stable order: the objects before and after the change are
-    // the same ones, found by address without hashing them.
-    let (o, n) = (&old.pods[..], &new.pods[..]);
-    let head = o
-        .iter()
-        .zip(n)
-        .take_while(|(a, b)| Arc::ptr_eq(a, b))
-        .count();
-    let (o, n) = (&o[head..], &n[head..]);
-    let tail = o
-        .iter()
-        .rev()
-        .zip(n.iter().rev())
-        .take_while(|(a, b)| Arc::ptr_eq(a, b))
-        .count();
-    let (o, n) = (&o[..o.len() - tail], &n[..n.len() - tail]);
-    let ptr = |p: &Arc<PodInfo>| Arc::as_ptr(p) as usize;
-    let before: std::collections::HashSet<usize> = o.iter().map(ptr).collect();
-    let after: std::collections::HashSet<usize> = n.iter().map(ptr).collect();
-    let gone: Vec<&Arc<PodInfo>> = o.iter().filter(|p| !after.contains(&ptr(p))).collect();
-    let came: Vec<&Arc<PodInfo>> = n.iter().filter(|p| !before.contains(&ptr(p))).collect();
+    let (gone, came) = crate::model::pods_changed(&old.pods, &new.pods);
     if (gone.len() + came.len()) * UPDATE_SHARE > new.pods.len().max(64) {
         return false;
     }

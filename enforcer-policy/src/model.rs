@@ -343,6 +343,34 @@ pub fn self_set_labels(cluster: &Cluster) -> Vec<SelfSetLabel> {
     namespaces.chain(pods).collect()
 }
 
+/// The pods of `old` not in `new` (gone) and those of `new` not in `old` (came), as objects.
+/// Sources keep their pods in a stable order and unchanged pods as the same shared objects, so
+/// they are found by address without hashing them, past the common head and tail at once.
+pub fn pods_changed<'a>(
+    old: &'a [Arc<PodInfo>],
+    new: &'a [Arc<PodInfo>],
+) -> (Vec<&'a Arc<PodInfo>>, Vec<&'a Arc<PodInfo>>) {
+    let head = old
+        .iter()
+        .zip(new)
+        .take_while(|(a, b)| Arc::ptr_eq(a, b))
+        .count();
+    let (o, n) = (&old[head..], &new[head..]);
+    let tail = o
+        .iter()
+        .rev()
+        .zip(n.iter().rev())
+        .take_while(|(a, b)| Arc::ptr_eq(a, b))
+        .count();
+    let (o, n) = (&o[..o.len() - tail], &n[..n.len() - tail]);
+    let ptr = |p: &Arc<PodInfo>| Arc::as_ptr(p) as usize;
+    let before: std::collections::HashSet<usize> = o.iter().map(ptr).collect();
+    let after: std::collections::HashSet<usize> = n.iter().map(ptr).collect();
+    let gone = o.iter().filter(|p| !after.contains(&ptr(p))).collect();
+    let came = n.iter().filter(|p| !before.contains(&ptr(p))).collect();
+    (gone, came)
+}
+
 /// `PodRef` of a pod (namespace `default` when unset).
 pub fn pod_ref(pod: &PodInfo) -> PodRef {
     PodRef::new(pod.namespace.to_string(), pod.name.to_string())

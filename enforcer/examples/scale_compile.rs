@@ -1,9 +1,18 @@
 //! Times compiles of the scale benchmark's generated cluster, without an agent or root:
 //! `scale_compile [PODS] [POLICIES]` (defaults 10000 and 1000). The folder is written once
 //! under the temporary directory and reused; the cluster is loaded as the agent loads it.
+//! Each pod added is also taken through the rest of the agent's turn on in-memory maps: the
+//! observers' view, then the reconcile, each both whole and as the agent does it.
 use std::{sync::Arc, time::Instant};
 
-use enforcer::source::manifests::load_dir;
+use enforcer::{
+    observe::View,
+    reconcile::{
+        Reconciler,
+        fake::{FakeDatapath, FakeRoutes},
+    },
+    source::manifests::load_dir,
+};
 use enforcer_policy::compile::{Allocations, CompileOptions, compile};
 use enforcer_testkit::scale::{Cluster, MEASURED_NODE, Spec};
 
@@ -38,17 +47,45 @@ fn main() -> anyhow::Result<()> {
         out.state.peers_v4.len(),
         out.identities.len()
     );
+    // Each pod added goes through the turn twice, on maps of its own: as the whole state (the
+    // view built anew, every entry compared) and as the agent takes it (the view updated, the
+    // peers diffed against the last state).
+    let (mut whole_dp, mut dp) = (FakeDatapath::default(), FakeDatapath::default());
+    let routes = FakeRoutes::default();
+    let (mut whole, mut reconciler) = (Reconciler::new(), Reconciler::new());
+    let mut state = Arc::new(out.state);
+    let mut view = View::build(&state, &cluster, &opts.node_ips);
+    whole.apply(&state, &mut whole_dp, &routes)?;
+    let t = Instant::now();
+    reconciler.apply_shared(&state, &[], &mut dp, &routes)?;
+    println!("first reconcile {:?}", t.elapsed());
     for n in 0..5 {
         let pod: k8s_openapi::api::core::v1::Pod =
             serde_json::from_value(generated.extra_pod(n).object())?;
         cluster.pods.push(Arc::new(pod.into()));
         let t = Instant::now();
         let out = compile(&cluster, &opts, &mut alloc);
+        let compiled = t.elapsed();
+        let peers = out.state.peers_v4.len();
+        state = Arc::new(out.state);
+        let t = Instant::now();
+        let built = View::build(&state, &cluster, &opts.node_ips);
+        let build = t.elapsed();
+        drop(built);
+        let t = Instant::now();
+        whole.apply(&state, &mut whole_dp, &routes)?;
+        let compared = t.elapsed();
+        let t = Instant::now();
+        view.update(&state, &cluster, &opts.node_ips);
+        let updated = t.elapsed();
+        let t = Instant::now();
+        let report = reconciler.apply_shared(&state, &[], &mut dp, &routes)?;
         println!(
-            "one pod added: compile {:?}, {} peers",
+            "one pod added, {peers} peers: compile {compiled:?}; view built {build:?}, updated {updated:?}; reconcile of every entry {compared:?}, of the changes {:?} ({} written)",
             t.elapsed(),
-            out.state.peers_v4.len()
+            report.written
         );
     }
+    drop(view);
     Ok(())
 }

@@ -287,7 +287,7 @@ impl Agent {
         let result = match (KernelRoutes::read(), self.datapath.lock()) {
             (Ok(routes), Ok(mut dp)) => {
                 self.grow_peers(&mut dp, desired, reconciler, shown);
-                reconciler.apply_with(desired, unnumbered, &mut *dp, &routes)
+                reconciler.apply_shared(desired, unnumbered, &mut *dp, &routes)
             }
             (Err(e), _) => Err(e),
             (_, Err(_)) => return,
@@ -401,8 +401,13 @@ impl Agent {
     }
 
     fn publish_view(&self, desired: &Arc<DesiredState>, cluster: &Cluster) {
-        let view = View::build(desired, cluster, &self.compile_options.node_ips);
-        self.status.set_verified(view.verified_pods());
+        let verified = self.view.lock().ok().map(|mut v| {
+            v.update(desired, cluster, &self.compile_options.node_ips);
+            v.verified_pods()
+        });
+        if let Some(verified) = verified {
+            self.status.set_verified(verified);
+        }
         // Reserved labels an object sets itself are ignored for selection: said once per
         // object and label (again only if it goes and comes back), and counted on /metrics.
         for l in self
@@ -411,16 +416,13 @@ impl Agent {
         {
             log::warn!("{l}");
         }
-        if let Ok(mut v) = self.view.lock() {
-            *v = view;
-        }
     }
 }
 
 /// One reconcile's inputs.
 #[derive(Clone, Copy)]
 struct Turn<'a> {
-    desired: &'a DesiredState,
+    desired: &'a Arc<DesiredState>,
     unnumbered: &'a [(PodRef, Vec<IpAddr>)],
     /// Names the pods behind addresses the maps had no room for.
     cluster: Option<&'a Cluster>,

@@ -252,7 +252,11 @@ pub fn run(args: RunArgs) -> Result<()> {
                     log::error!("kube watchers stopped: {e:#}");
                 }
             });
-            (Source::Kube(rx), Some(task))
+            let source = crate::source::KubeSource {
+                rx,
+                runtime: rt.handle().clone(),
+            };
+            (Source::Kube(source), Some(task))
         }
     };
     let node_ips = if args.node_ips.is_empty() {

@@ -57,6 +57,7 @@ use std::{
     fmt,
     hash::{Hash, Hasher},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
 };
 
 use anyhow::{Context as _, Result};
@@ -221,6 +222,11 @@ pub struct Reconciler {
     /// After a restart, until the first apply: the interface of each address the pinned
     /// `ENDPOINTS` entries name (what `bound` was in the previous process).
     pinned_at: BTreeMap<IpAddr, u32>,
+    /// The state of the last [`Reconciler::apply_shared`], while the shadow holds each of its
+    /// peer entries: what the next one diffs its peers against.
+    last: Option<Arc<DesiredState>>,
+    /// [`peers_fingerprint`] of the last apply's state, kept up to date change by change.
+    peers_fp: u64,
 }
 
 /// The map contents this process last wrote, keyed as in the kernel.
@@ -441,6 +447,125 @@ fn region_suppression<A: RegionAddr>(
     out
 }
 
+/// The peer entries of one family an apply writes and removes.
+struct PeerChanges<K> {
+    /// The values of the keys to write: every desired entry, or only those that changed.
+    values: BTreeMap<K, PeerInfo>,
+    plan: Plan<K>,
+    /// Held keys no longer desired.
+    stale: Vec<K>,
+    /// What the change adds to [`peers_fingerprint`] (wrapping).
+    fp_delta: u64,
+}
+
+/// Of the desired peer entries, a fingerprint that one change updates without the others: the
+/// wrapping sum of a hash of each entry.
+fn peers_fingerprint(desired: &DesiredState) -> u64 {
+    let v4 = desired.peers_v4.iter().map(|(a, p)| peer_hash(a, p));
+    let v6 = desired.peers_v6.iter().map(|(a, p)| peer_hash(a, p));
+    v4.chain(v6).fold(0, u64::wrapping_add)
+}
+
+fn peer_hash<A: Hash>(addr: &A, peer: &PeerInfo) -> u64 {
+    let mut h = DefaultHasher::new();
+    addr.hash(&mut h);
+    peer.hash(&mut h);
+    h.finish()
+}
+
+/// Every desired peer entry compared with what the maps hold. The node's addresses go first
+/// when room is short: without them the node's probes would be judged as world.
+fn peer_changes_full<A, K: Ord + Clone>(
+    desired: &BTreeMap<A, PeerInfo>,
+    held: &BTreeMap<K, PeerInfo>,
+    capacity: Option<usize>,
+    key: impl Fn(&A) -> K,
+) -> PeerChanges<K> {
+    let values: BTreeMap<K, PeerInfo> = desired.iter().map(|(a, p)| (key(a), *p)).collect();
+    let plan = plan(&values, held, capacity, |p| p.identity == IDENTITY_HOST);
+    let stale = held
+        .keys()
+        .filter(|k| !values.contains_key(k))
+        .cloned()
+        .collect();
+    PeerChanges {
+        values,
+        plan,
+        stale,
+        fp_delta: 0,
+    }
+}
+
+/// The changes from `last` (whose every entry the maps hold, `held` of them in all) to
+/// `desired`, from one walk of both in order; `None` when the new keys might not all fit in
+/// `capacity` (then [`peer_changes_full`] chooses which go in).
+fn peer_changes_since<A: Ord + Hash, K: Ord + Clone>(
+    last: &BTreeMap<A, PeerInfo>,
+    desired: &BTreeMap<A, PeerInfo>,
+    held: usize,
+    capacity: Option<usize>,
+    key: impl Fn(&A) -> K,
+) -> Option<PeerChanges<K>> {
+    let mut values = BTreeMap::new();
+    let mut stale = Vec::new();
+    let mut added = 0usize;
+    let mut fp_delta = 0u64;
+    let gone = |a: &A, p: &PeerInfo, fp: &mut u64| *fp = fp.wrapping_sub(peer_hash(a, p));
+    let came = |a: &A, p: &PeerInfo, fp: &mut u64| *fp = fp.wrapping_add(peer_hash(a, p));
+    let (mut old, mut new) = (last.iter().peekable(), desired.iter().peekable());
+    loop {
+        match (old.peek(), new.peek()) {
+            (None, None) => break,
+            (Some((a, p)), None) => {
+                gone(a, p, &mut fp_delta);
+                stale.push(key(a));
+                old.next();
+            }
+            (None, Some((a, p))) => {
+                came(a, p, &mut fp_delta);
+                values.insert(key(a), **p);
+                added += 1;
+                new.next();
+            }
+            (Some((oa, op)), Some((na, np))) => match oa.cmp(na) {
+                std::cmp::Ordering::Less => {
+                    gone(oa, op, &mut fp_delta);
+                    stale.push(key(oa));
+                    old.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    came(na, np, &mut fp_delta);
+                    values.insert(key(na), **np);
+                    added += 1;
+                    new.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if op != np {
+                        gone(oa, op, &mut fp_delta);
+                        came(na, np, &mut fp_delta);
+                        values.insert(key(na), **np);
+                    }
+                    old.next();
+                    new.next();
+                }
+            },
+        }
+    }
+    if capacity.is_some_and(|c| held + added > c) {
+        return None;
+    }
+    let plan = Plan {
+        writes: values.keys().cloned().collect(),
+        left_out: Vec::new(),
+    };
+    Some(PeerChanges {
+        values,
+        plan,
+        stale,
+        fp_delta,
+    })
+}
+
 /// Writes and removals, counted; what the kernel refused, noted.
 #[derive(Default)]
 struct Tally {
@@ -630,6 +755,7 @@ impl Reconciler {
     /// Makes the next apply compare every entry with the kernel instead of the shadow.
     pub fn verify_kernel(&mut self) {
         self.shadow = None;
+        self.last = None;
     }
 
     /// Per map: entries held and capacity (`None`: unknown), as of the last apply: the map fill
@@ -659,18 +785,43 @@ impl Reconciler {
         dp: &mut dyn DatapathMaps,
         routes: &dyn Routes,
     ) -> Result<Report> {
-        let first = self.apply_once(desired, unnumbered, dp, routes)?;
+        self.apply_twice(desired, None, unnumbered, dp, routes)
+    }
+
+    /// [`Reconciler::apply_with`] of a state the caller shares: kept, so that the next apply of
+    /// a shared state finds the peer entries that changed in one ordered walk of both states
+    /// rather than a lookup of each of them in what the maps hold.
+    pub fn apply_shared(
+        &mut self,
+        desired: &Arc<DesiredState>,
+        unnumbered: &[(PodRef, Vec<IpAddr>)],
+        dp: &mut dyn DatapathMaps,
+        routes: &dyn Routes,
+    ) -> Result<Report> {
+        self.apply_twice(desired, Some(desired), unnumbered, dp, routes)
+    }
+
+    fn apply_twice(
+        &mut self,
+        desired: &DesiredState,
+        shared: Option<&Arc<DesiredState>>,
+        unnumbered: &[(PodRef, Vec<IpAddr>)],
+        dp: &mut dyn DatapathMaps,
+        routes: &dyn Routes,
+    ) -> Result<Report> {
+        let first = self.apply_once(desired, shared, unnumbered, dp, routes)?;
         if first.missing.is_empty() || first.removed == 0 {
             return Ok(first);
         }
         // The removals freed room: what was left out may fit now.
-        let second = self.apply_once(desired, unnumbered, dp, routes)?;
+        let second = self.apply_once(desired, shared, unnumbered, dp, routes)?;
         Ok(first.then(second))
     }
 
     fn apply_once(
         &mut self,
         desired: &DesiredState,
+        shared_state: Option<&Arc<DesiredState>>,
         unnumbered: &[(PodRef, Vec<IpAddr>)],
         dp: &mut dyn DatapathMaps,
         routes: &dyn Routes,
@@ -715,21 +866,12 @@ impl Reconciler {
             MapName::ALL.iter().map(|m| (*m, dp.capacity(*m))).collect();
         let cap = |m: MapName| caps.get(&m).copied().flatten();
 
-        let peers_v4: BTreeMap<[u8; 4], PeerInfo> = desired
-            .peers_v4
-            .iter()
-            .map(|(a, p)| (a.octets(), *p))
-            .collect();
-        let peers_v6: BTreeMap<[u8; 16], PeerInfo> = desired
-            .peers_v6
-            .iter()
-            .map(|(a, p)| (a.octets(), *p))
-            .collect();
         let node_ports: BTreeMap<NodePortKey, u32> =
             desired.node_ports.iter().map(|k| (*k, 1)).collect();
 
         // Taken out while writing: an error below leaves it `None`, so the next apply compares
         // with the kernel.
+        let last = self.last.take().filter(|_| self.shadow.is_some());
         let mut held = match self.shadow.take() {
             Some(s) => s,
             None => Shadow::read(dp)?,
@@ -757,10 +899,47 @@ impl Reconciler {
             }
         }
         let live: BTreeSet<u32> = wanted.values().map(|(_, info)| info.id).collect();
-        // The node's addresses first: without them the node's probes would be judged as world.
-        let host = |p: &PeerInfo| p.identity == IDENTITY_HOST;
-        let p4 = plan(&peers_v4, &held.peers_v4, cap(MapName::PeersV4), host);
-        let p6 = plan(&peers_v6, &held.peers_v6, cap(MapName::PeersV6), host);
+        // Since the last apply of a shared state, whose every peer entry the maps hold: the
+        // entries that differ, in one ordered walk of both states (a pod event touches a few
+        // of 100k addresses). Otherwise, or when the new ones may not fit: every entry.
+        let since = last.as_ref().and_then(|l| {
+            let v4 = peer_changes_since(
+                &l.peers_v4,
+                &desired.peers_v4,
+                held.peers_v4.len(),
+                cap(MapName::PeersV4),
+                Ipv4Addr::octets,
+            )?;
+            let v6 = peer_changes_since(
+                &l.peers_v6,
+                &desired.peers_v6,
+                held.peers_v6.len(),
+                cap(MapName::PeersV6),
+                Ipv6Addr::octets,
+            )?;
+            Some((v4, v6))
+        });
+        let (p4, p6, peers_fp) = match since {
+            Some((v4, v6)) => {
+                let fp = self.peers_fp.wrapping_add(v4.fp_delta).wrapping_add(v6.fp_delta);
+                (v4, v6, fp)
+            }
+            None => (
+                peer_changes_full(
+                    &desired.peers_v4,
+                    &held.peers_v4,
+                    cap(MapName::PeersV4),
+                    Ipv4Addr::octets,
+                ),
+                peer_changes_full(
+                    &desired.peers_v6,
+                    &held.peers_v6,
+                    cap(MapName::PeersV6),
+                    Ipv6Addr::octets,
+                ),
+                peers_fingerprint(desired),
+            ),
+        };
         let c4 = plan(
             &desired.cidrs_v4,
             &held.cidrs_v4,
@@ -818,19 +997,19 @@ impl Reconciler {
             dp.policy(),
             &mut held.policy,
         )?);
-        let mut p4_missing = p4.left_out;
+        let mut p4_missing = p4.plan.left_out;
         p4_missing.extend(t.write(
             MapName::PeersV4,
-            p4.writes,
-            &peers_v4,
+            p4.plan.writes,
+            &p4.values,
             dp.peers_v4(),
             &mut held.peers_v4,
         )?);
-        let mut p6_missing = p6.left_out;
+        let mut p6_missing = p6.plan.left_out;
         p6_missing.extend(t.write(
             MapName::PeersV6,
-            p6.writes,
-            &peers_v6,
+            p6.plan.writes,
+            &p6.values,
             dp.peers_v6(),
             &mut held.peers_v6,
         )?);
@@ -895,6 +1074,7 @@ impl Reconciler {
         dropped.extend(suppressed_keys.iter().copied());
         let shared = shared_fingerprint(
             desired,
+            peers_fp,
             &p4_missing,
             &p6_missing,
             &c4_missing,
@@ -1041,18 +1221,8 @@ impl Reconciler {
             dp.cidrs_v4(),
             &mut held.cidrs_v4,
         )?;
-        t.remove_stale(
-            MapName::PeersV6,
-            &peers_v6,
-            dp.peers_v6(),
-            &mut held.peers_v6,
-        )?;
-        t.remove_stale(
-            MapName::PeersV4,
-            &peers_v4,
-            dp.peers_v4(),
-            &mut held.peers_v4,
-        )?;
+        t.remove(MapName::PeersV6, p6.stale, dp.peers_v6(), &mut held.peers_v6)?;
+        t.remove(MapName::PeersV4, p4.stale, dp.peers_v4(), &mut held.peers_v4)?;
         t.remove_stale(
             MapName::NodePorts,
             &node_ports,
@@ -1096,6 +1266,12 @@ impl Reconciler {
             .collect();
         // After a refused write the next apply compares with the kernel.
         report.refused = t.refused;
+        self.peers_fp = peers_fp;
+        // The next apply of a shared state diffs the peers against this one only while the
+        // maps hold each of its peer entries (nothing refused or left out).
+        if report.refused.is_empty() && report.unresolved.is_empty() {
+            self.last = shared_state.cloned();
+        }
         self.shadow = report.refused.is_empty().then_some(held);
         Ok(report)
     }
@@ -1197,10 +1373,12 @@ impl Reconciler {
 }
 
 /// Hash of what every endpoint's verdicts depend on (what an address resolves to, and which
-/// node ports are judged on a Service's backend): the desired peer, region and node-port
-/// entries, and those of them the maps do not hold.
+/// node ports are judged on a Service's backend): the desired peer entries (`peers`, their
+/// [`peers_fingerprint`]), region and node-port entries, and those of them
+/// the maps do not hold.
 fn shared_fingerprint(
     desired: &DesiredState,
+    peers: u64,
     p4_missing: &[[u8; 4]],
     p6_missing: &[[u8; 16]],
     c4_missing: &BTreeSet<Prefix<Ipv4Addr>>,
@@ -1208,8 +1386,7 @@ fn shared_fingerprint(
     np_missing: &[NodePortKey],
 ) -> u64 {
     let mut h = DefaultHasher::new();
-    desired.peers_v4.hash(&mut h);
-    desired.peers_v6.hash(&mut h);
+    peers.hash(&mut h);
     desired.cidrs_v4.hash(&mut h);
     desired.cidrs_v6.hash(&mut h);
     desired.node_ports.hash(&mut h);
@@ -1296,6 +1473,73 @@ mod tests {
             ("10.0.0.1".parse().unwrap(), 11),
             ("10.0.0.2".parse().unwrap(), 12),
         ]))
+    }
+
+    /// A state with the peers of `state(80, true)` and `v4`/`v6` (address index -> identity,
+    /// 0 standing for the node's identity).
+    fn with_peers(v4: &BTreeMap<u8, u32>, v6: &BTreeMap<u8, u32>) -> DesiredState {
+        let mut s = state(80, true);
+        let peer = |id: u32| PeerInfo {
+            identity: if id == 0 { IDENTITY_HOST } else { 400 + id },
+            flags: 0,
+        };
+        for (i, id) in v4 {
+            s.peers_v4.insert(Ipv4Addr::new(10, 1, 0, *i), peer(*id));
+        }
+        for (i, id) in v6 {
+            s.peers_v6
+                .insert(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, (*i).into()), peer(*id));
+        }
+        s
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 128,
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        /// Applied one after another, shared states (whose peers are diffed against the last
+        /// one) leave the maps, epochs and reports exactly as full comparisons do, with or
+        /// without room for every peer.
+        #[test]
+        fn applying_the_peer_changes_equals_the_full_diff(
+            steps in proptest::collection::vec(
+                (
+                    proptest::collection::btree_map(0u8..24, 0u32..4, 0..20),
+                    proptest::collection::btree_map(0u8..8, 0u32..3, 0..6),
+                    proptest::bool::weighted(0.1),
+                ),
+                1..10,
+            ),
+            capacity in proptest::option::weighted(0.3, 8usize..24),
+        ) {
+            let mut full_dp = FakeDatapath::default();
+            let mut shared_dp = FakeDatapath::default();
+            for dp in [&mut full_dp, &mut shared_dp] {
+                dp.set_capacity(MapName::PeersV4, capacity);
+            }
+            let (mut full, mut shared) = (Reconciler::new(), Reconciler::new());
+            for (v4, v6, verify) in steps {
+                if verify {
+                    full.verify_kernel();
+                    shared.verify_kernel();
+                }
+                let s = Arc::new(with_peers(&v4, &v6));
+                let a = full.apply(&s, &mut full_dp, &routes()).unwrap();
+                let b = shared.apply_shared(&s, &[], &mut shared_dp, &routes()).unwrap();
+                proptest::prop_assert_eq!(&full_dp.peers_v4.entries, &shared_dp.peers_v4.entries);
+                proptest::prop_assert_eq!(&full_dp.peers_v6.entries, &shared_dp.peers_v6.entries);
+                proptest::prop_assert_eq!(&full_dp.endpoints.entries, &shared_dp.endpoints.entries);
+                proptest::prop_assert_eq!(&full_dp.policy.entries, &shared_dp.policy.entries);
+                proptest::prop_assert_eq!(
+                    (a.written, a.removed, &a.unresolved, &a.missing),
+                    (b.written, b.removed, &b.unresolved, &b.missing)
+                );
+                // The next apply takes the short way whenever every peer entry is held.
+                proptest::prop_assert_eq!(shared.last.is_some(), b.unresolved.is_empty());
+            }
+        }
     }
 
     #[test]

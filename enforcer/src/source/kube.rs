@@ -38,8 +38,9 @@
 //!   ([`Store::wait_until_ready`]): an empty Store would compile to "no policies" and open
 //!   every pod, so until then the agent keeps enforcing what is pinned.
 //! - After that, every change (an applied or deleted object, or a completed relist) marks the
-//!   view dirty; [`DEBOUNCE`] later a full [`snapshot`] is taken from the Stores, level-triggered,
-//!   never from the events themselves. A relist after a watch gap (`410 Gone`) swaps the Store
+//!   view dirty and a full [`snapshot`] is taken from the Stores, level-triggered, never from
+//!   the events themselves: at once after a quiet spell, else [`DEBOUNCE`] after the last one
+//!   (a burst of changes is gathered). A relist after a watch gap (`410 Gone`) swaps the Store
 //!   at `InitDone`, so objects deleted during the gap are simply absent from the next snapshot.
 //! - A snapshot equal to the one published last is not published again.
 //!
@@ -80,7 +81,8 @@ use enforcer_policy::model::{Cluster, PodInfo, pod_node};
 use super::{cluster_wide::ClusterWide, liveness::WatchBeats};
 use crate::identity::records::IdentityBinding;
 
-/// How long changes are gathered before one snapshot is taken.
+/// Least time between two snapshots: a change after a quiet spell is published at once; the
+/// changes that follow within this time are gathered into the next one.
 pub const DEBOUNCE: Duration = Duration::from_millis(50);
 
 /// Annotations with this prefix survive trimming (the project's own, e.g. identity settings).
@@ -340,8 +342,9 @@ async fn publish(
                 "cluster state: {namespaces} namespaces, {pods} pods ({local} on {node_name}), {policies} network policies, {services} services, {cluster_policies} cluster-wide policies, {nodes} nodes"
             );
         }
+        let taken = tokio::time::Instant::now();
         dirty.changed().await.context("the reflectors stopped")?;
-        tokio::time::sleep(DEBOUNCE).await;
+        tokio::time::sleep_until(taken + DEBOUNCE).await;
     }
 }
 

@@ -21,7 +21,14 @@ pub use watch::{ManifestsSource, Problem};
 /// pinned state keeps enforcing).
 pub enum Source {
     Manifests(ManifestsSource),
-    Kube(tokio::sync::watch::Receiver<Option<std::sync::Arc<Cluster>>>),
+    Kube(KubeSource),
+}
+
+/// The kube watchers' snapshots, and the runtime that drives their channel (the control loop
+/// runs on a thread of its own and waits on the channel through it).
+pub struct KubeSource {
+    pub rx: tokio::sync::watch::Receiver<Option<std::sync::Arc<Cluster>>>,
+    pub runtime: tokio::runtime::Handle,
 }
 
 impl Source {
@@ -29,7 +36,19 @@ impl Source {
     pub fn wait(&mut self, timeout: Duration) {
         match self {
             Self::Manifests(m) => m.wait(timeout),
-            Self::Kube(_) => std::thread::sleep(timeout),
+            // Woken by a new snapshot: an event is compiled as soon as it is published, not
+            // at the next tick. A clone waits, so the loop's own receiver still sees the
+            // change as new in `poll`.
+            Self::Kube(k) => {
+                let mut rx = k.rx.clone();
+                let changed = k
+                    .runtime
+                    .block_on(async { tokio::time::timeout(timeout, rx.changed()).await });
+                if let Ok(Err(_)) = changed {
+                    // The watchers stopped (logged where they run): no busy loop meanwhile.
+                    std::thread::sleep(timeout);
+                }
+            }
         }
     }
 
@@ -37,7 +56,7 @@ impl Source {
     pub fn poll(&mut self) -> Result<Option<(Cluster, Vec<Problem>)>> {
         match self {
             Self::Manifests(m) => m.poll(),
-            Self::Kube(rx) => {
+            Self::Kube(KubeSource { rx, .. }) => {
                 if !rx.has_changed().unwrap_or(false) {
                     return Ok(None);
                 }
