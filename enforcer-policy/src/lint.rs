@@ -1465,7 +1465,9 @@ mod tests {
         }
     }
 
-    fn cluster_policy(v: serde_json::Value) -> (crate::tiers::ClusterPolicy, Vec<crate::tiers::TierError>) {
+    fn cluster_policy(
+        v: serde_json::Value,
+    ) -> (crate::tiers::ClusterPolicy, Vec<crate::tiers::TierError>) {
         let parsed = crate::tiers::parse(&v).unwrap();
         (parsed.policy, parsed.warnings)
     }
@@ -1510,11 +1512,16 @@ mod tests {
         let r = lint(&c, &opts);
         let ties = only(&r, Rule::TierPriorityTie);
         assert_eq!(ties.len(), 1, "{ties:?}");
-        assert_eq!(ties[0].object, ObjectRef::new("ClusterNetworkPolicy", None, "b-all"));
+        assert_eq!(
+            ties[0].object,
+            ObjectRef::new("ClusterNetworkPolicy", None, "b-all")
+        );
         assert_eq!(ties[0].field.as_deref(), Some("spec.priority"));
         assert!(
             ties[0].message.contains("both select x/a")
-                && ties[0].message.contains("applies ClusterNetworkPolicy/a-web first"),
+                && ties[0]
+                    .message
+                    .contains("applies ClusterNetworkPolicy/a-web first"),
             "{}",
             ties[0].message
         );
@@ -1525,7 +1532,8 @@ mod tests {
     #[test]
     fn a_domain_names_peer_is_reported_as_failing_closed() {
         let mut v = cnp("dns", "Admin", 1, serde_json::json!({"namespaces": {}}));
-        v["spec"]["egress"] = serde_json::json!([{"action": "Accept", "to": [{"domainNames": ["example.com"]}]}]);
+        v["spec"]["egress"] =
+            serde_json::json!([{"action": "Accept", "to": [{"domainNames": ["example.com"]}]}]);
         let (c, opts) = with_cluster_policies(vec![v]);
         let r = lint(&c, &opts);
         let found = only(&r, Rule::PeerFailsClosed);
@@ -1533,7 +1541,11 @@ mod tests {
         assert_eq!(found[0].severity, Severity::Error);
         assert_eq!(found[0].object.to_string(), "ClusterNetworkPolicy dns");
         assert_eq!(found[0].field.as_deref(), Some("spec.egress[0].to[0]"));
-        assert!(found[0].message.contains("matches nothing"), "{}", found[0].message);
+        assert!(
+            found[0].message.contains("matches nothing"),
+            "{}",
+            found[0].message
+        );
     }
 
     /// A cluster-wide policy that does not read is an invalid object (an error), naming the
@@ -1547,6 +1559,10 @@ mod tests {
         let found = only(&r, Rule::InvalidObject);
         assert_eq!(found.len(), 1, "{:?}", r.findings);
         assert_eq!(found[0].field.as_deref(), Some("spec.ingress[0].action"));
-        assert!(found[0].message.contains("fail-closed stand-in"), "{}", found[0].message);
+        assert!(
+            found[0].message.contains("fail-closed stand-in"),
+            "{}",
+            found[0].message
+        );
     }
 }

@@ -301,9 +301,8 @@ mod tests {
         // Few addresses, so that pods often share one (the tie the index must keep).
         let ip = proptest::option::weighted(0.9, 0u8..12);
         prop_oneof![
-            (0u8..40, ip.clone(), proptest::bool::weighted(0.1)).prop_map(|(n, i, h)| Step::Add(
-                n, i, h
-            )),
+            (0u8..40, ip.clone(), proptest::bool::weighted(0.1))
+                .prop_map(|(n, i, h)| Step::Add(n, i, h)),
             any::<usize>().prop_map(Step::Remove),
             (any::<usize>(), ip).prop_map(|(at, i)| Step::Replace(at, i)),
         ]

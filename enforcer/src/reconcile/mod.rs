@@ -921,7 +921,10 @@ impl Reconciler {
         });
         let (p4, p6, peers_fp) = match since {
             Some((v4, v6)) => {
-                let fp = self.peers_fp.wrapping_add(v4.fp_delta).wrapping_add(v6.fp_delta);
+                let fp = self
+                    .peers_fp
+                    .wrapping_add(v4.fp_delta)
+                    .wrapping_add(v6.fp_delta);
                 (v4, v6, fp)
             }
             None => (
@@ -1221,8 +1224,18 @@ impl Reconciler {
             dp.cidrs_v4(),
             &mut held.cidrs_v4,
         )?;
-        t.remove(MapName::PeersV6, p6.stale, dp.peers_v6(), &mut held.peers_v6)?;
-        t.remove(MapName::PeersV4, p4.stale, dp.peers_v4(), &mut held.peers_v4)?;
+        t.remove(
+            MapName::PeersV6,
+            p6.stale,
+            dp.peers_v6(),
+            &mut held.peers_v6,
+        )?;
+        t.remove(
+            MapName::PeersV4,
+            p4.stale,
+            dp.peers_v4(),
+            &mut held.peers_v4,
+        )?;
         t.remove_stale(
             MapName::NodePorts,
             &node_ports,
@@ -1487,8 +1500,10 @@ mod tests {
             s.peers_v4.insert(Ipv4Addr::new(10, 1, 0, *i), peer(*id));
         }
         for (i, id) in v6 {
-            s.peers_v6
-                .insert(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, (*i).into()), peer(*id));
+            s.peers_v6.insert(
+                Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, (*i).into()),
+                peer(*id),
+            );
         }
         s
     }

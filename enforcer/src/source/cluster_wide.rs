@@ -43,7 +43,10 @@ pub const ABSENT_RECHECK: Duration = Duration::from_secs(60);
 pub const POLICY_RESOURCES: [(Kind, &str); 3] = [
     (Kind::ClusterNetworkPolicy, "clusternetworkpolicies"),
     (Kind::AdminNetworkPolicy, "adminnetworkpolicies"),
-    (Kind::BaselineAdminNetworkPolicy, "baselineadminnetworkpolicies"),
+    (
+        Kind::BaselineAdminNetworkPolicy,
+        "baselineadminnetworkpolicies",
+    ),
 ];
 
 /// The resources this module watches, by the names their heartbeats have.

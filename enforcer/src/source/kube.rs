@@ -649,8 +649,14 @@ mod tests {
                 Self::Services => ("v1", "ServiceList"),
                 Self::Records => ("enforcer.dev/v1alpha1", "IdentityBindingList"),
                 Self::Nodes => ("v1", "NodeList"),
-                Self::Cnp => ("policy.networking.k8s.io/v1alpha2", "ClusterNetworkPolicyList"),
-                Self::Anp => ("policy.networking.k8s.io/v1alpha1", "AdminNetworkPolicyList"),
+                Self::Cnp => (
+                    "policy.networking.k8s.io/v1alpha2",
+                    "ClusterNetworkPolicyList",
+                ),
+                Self::Anp => (
+                    "policy.networking.k8s.io/v1alpha1",
+                    "AdminNetworkPolicyList",
+                ),
                 Self::Banp => (
                     "policy.networking.k8s.io/v1alpha1",
                     "BaselineAdminNetworkPolicyList",
@@ -668,7 +674,10 @@ mod tests {
                 Self::Nodes => ("v1", "Node"),
                 Self::Cnp => ("policy.networking.k8s.io/v1alpha2", "ClusterNetworkPolicy"),
                 Self::Anp => ("policy.networking.k8s.io/v1alpha1", "AdminNetworkPolicy"),
-                Self::Banp => ("policy.networking.k8s.io/v1alpha1", "BaselineAdminNetworkPolicy"),
+                Self::Banp => (
+                    "policy.networking.k8s.io/v1alpha1",
+                    "BaselineAdminNetworkPolicy",
+                ),
             }
         }
     }
@@ -2191,12 +2200,8 @@ mod tests {
         let (client, mut api) = start();
         let (task, mut rx) = spawn_source(client);
         core_lists(&mut api).await;
-        api.list(
-            Res::Nodes,
-            "500",
-            vec![node("n1", "a", "172.18.0.2", "5")],
-        )
-        .await;
+        api.list(Res::Nodes, "500", vec![node("n1", "a", "172.18.0.2", "5")])
+            .await;
         api.list(
             Res::Cnp,
             "600",
@@ -2226,14 +2231,20 @@ mod tests {
         let n = &c.nodes[..];
         assert_eq!(n.len(), 1);
         assert_eq!(
-            (n[0].name.as_str(), n[0].labels.get("zone").map(String::as_str)),
+            (
+                n[0].name.as_str(),
+                n[0].labels.get("zone").map(String::as_str)
+            ),
             ("n1", Some("a"))
         );
         let want: Vec<std::net::IpAddr> = vec![
             "172.18.0.2".parse().unwrap(),
             "203.0.113.9".parse().unwrap(),
         ];
-        assert_eq!(n[0].addresses, want, "InternalIP and ExternalIP, no host name");
+        assert_eq!(
+            n[0].addresses, want,
+            "InternalIP and ExternalIP, no host name"
+        );
 
         api.watch(
             Res::Cnp,
@@ -2288,8 +2299,12 @@ mod tests {
         api.fail(Res::Banp, 404, "NotFound").await;
         api.fail(Res::Cnp, 403, "Forbidden").await;
         settle().await;
-        assert!(rx.borrow().is_none(), "published without the forbidden kind");
-        api.list_within(Res::Cnp, "600", vec![], AFTER_BACKOFF).await;
+        assert!(
+            rx.borrow().is_none(),
+            "published without the forbidden kind"
+        );
+        api.list_within(Res::Cnp, "600", vec![], AFTER_BACKOFF)
+            .await;
         until(&mut rx, "the first snapshot", |_| true).await;
         task.abort();
     }

@@ -523,7 +523,10 @@ fn load_value(
                     };
                     if first(loaded, &meta) {
                         loaded.cluster_policy_warnings.extend(parsed.warnings);
-                        loaded.cluster.cluster_policies.push(Arc::new(parsed.policy));
+                        loaded
+                            .cluster
+                            .cluster_policies
+                            .push(Arc::new(parsed.policy));
                     }
                 }
                 Err(m) => fail(loaded, m),
@@ -1160,7 +1163,9 @@ spec:
         let errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
         assert_eq!(
             errors,
-            ["v.yaml document 0 ClusterNetworkPolicy old: apiVersion: policy.networking.k8s.io/v1alpha1 is not read; ClusterNetworkPolicy is read as policy.networking.k8s.io/v1alpha2"]
+            [
+                "v.yaml document 0 ClusterNetworkPolicy old: apiVersion: policy.networking.k8s.io/v1alpha1 is not read; ClusterNetworkPolicy is read as policy.networking.k8s.io/v1alpha2"
+            ]
         );
     }
 }
