@@ -19,8 +19,9 @@ use std::{
 use anyhow::{Context as _, Result};
 use serde_json::{Value, json};
 
-/// The kinds the agent watches, by collection path.
-const KINDS: [(&str, &str, &str); 4] = [
+/// The kinds the agent watches, by collection path (nodes empty: every pod is remote). The
+/// cluster-wide policy kinds are left out: answered 404, as when their CRDs are not installed.
+const KINDS: [(&str, &str, &str); 5] = [
     ("/api/v1/namespaces", "v1", "NamespaceList"),
     ("/api/v1/pods", "v1", "PodList"),
     (
@@ -29,6 +30,7 @@ const KINDS: [(&str, &str, &str); 4] = [
         "NetworkPolicyList",
     ),
     ("/api/v1/services", "v1", "ServiceList"),
+    ("/api/v1/nodes", "v1", "NodeList"),
 ];
 
 #[derive(Default)]
@@ -42,7 +44,7 @@ struct Collection {
 #[derive(Default)]
 struct Inner {
     rv: u64,
-    collections: [Collection; 4],
+    collections: [Collection; 5],
 }
 
 #[derive(Default)]

@@ -1778,7 +1778,7 @@ impl Report {
                 )
             );
         }
-        s.push_str("\nAn event's latency is its compile, then programming the maps (the reconcile, which still diffs the whole desired state), then the rest of a loop turn (reading the change, the status view): where the event p50 is well above the reconcile, that rest is the cost. Under churn the agent folds the events that arrive during one turn into the next, so the lag stands near one turn, and grows when turns take longer than the churn gives them.\n");
+        s.push_str("\nAn event's latency is its compile, then programming the maps (the reconcile: the peers diffed against the last state it applied, the rest of the desired state whole), then the rest of a loop turn (reading the change, which in standalone mode is the folder's poll and merge, and the status view): where the event p50 is well above the reconcile, that rest is the cost. Under churn the agent folds the events that arrive during one turn into the next, so the lag stands near one turn, and grows when turns take longer than the churn gives them.\n");
         s
     }
 }
