@@ -214,6 +214,12 @@ pub const EP_HAS_V6: u32 = 1 << 3;
 pub const EP_INGRESS_AUDIT: u32 = 1 << 4;
 /// Egress is isolated by audit policies only (see [`EP_INGRESS_AUDIT`]).
 pub const EP_EGRESS_AUDIT: u32 = 1 << 5;
+/// Egress to the node's own addresses ([`IDENTITY_HOST`]) is judged by the policy entries like
+/// any other peer, instead of always allowed: a cluster policy (Admin/Baseline tier) manages
+/// this endpoint's egress, and its `nodes` or `networks` peers can match this node. The
+/// compiler then writes the node's verdicts under [`IDENTITY_HOST`] where they differ from the
+/// world's ([`IDENTITY_ANY`] entries).
+pub const EP_EGRESS_HOST_JUDGED: u32 = 1 << 6;
 
 /// Bit of [`EndpointInfo::port_masks`] that says entries with protocol [`PROTO_ANY`] exist.
 pub const PORT_MASK_ANY_PROTO: u32 = 1 << 17;
@@ -589,6 +595,18 @@ pub const RULE_AUDIT: u32 = u32::MAX - 1;
 /// dropped (an established one is revoked by the re-check); the rest is the rule id (the
 /// compiler hands out ids below `RULE_DENY - 2`).
 pub const RULE_DENY: u32 = 1 << 31;
+
+/// Whether a POLICY entry's `rule` denies ([`RULE_DENY`]).
+#[inline(always)]
+pub const fn is_deny_rule(rule: u32) -> bool {
+    rule & RULE_DENY != 0
+}
+
+/// The rule id of a POLICY entry's `rule`, the deny mark ([`RULE_DENY`]) aside.
+#[inline(always)]
+pub const fn rule_id(rule: u32) -> u32 {
+    rule & !RULE_DENY
+}
 
 /// TCP header flags, as in byte 13 of the header.
 pub const TCP_FIN: u8 = 0x01;
@@ -972,9 +990,12 @@ pub mod reason {
     /// A new flow that no policy entry allows, in a direction isolated by audit policies only:
     /// allowed, and reported as `would-drop`. An allow (given by `audit_pod` alone).
     pub const ALLOW_AUDIT: u8 = 22;
+    /// A new flow whose policy lookup found a deny entry ([`RULE_DENY`](super::RULE_DENY)) of a
+    /// cluster policy first (an Admin or Baseline tier `Deny`): dropped, the rule named.
+    pub const DROP_DENY_RULE: u8 = 23;
 }
 pub const REASON_FIRST_DROP: u8 = reason::DROP_POLICY;
-pub const REASON_COUNT: u32 = 23;
+pub const REASON_COUNT: u32 = 24;
 
 /// Whether `reason` drops the packet, for the reasons `from_pod` and `to_pod` give: they never
 /// give [`reason::ALLOW_AUDIT`] (`audit_pod` does, and returns its own verdict), and their
@@ -1022,6 +1043,7 @@ pub const REASON_NAMES: [&str; REASON_COUNT as usize] = [
     "service",
     "unresolved",
     "audit",
+    "rule-denied",
 ];
 
 /// Packets and bytes, per CPU.
