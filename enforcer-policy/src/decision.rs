@@ -5,8 +5,9 @@
 use std::{fmt, net::IpAddr};
 
 use enforcer_common::{
-    IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, PORT_MASK_ANY_PROTO, PROTO_ANY, PROTO_SCTP,
-    PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, RULE_DENY,
+    DIR_EGRESS, EP_EGRESS_HOST_JUDGED, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD,
+    PORT_MASK_ANY_PROTO, PROTO_ANY, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue,
+    RULE_DENY,
 };
 
 use crate::state::{DesiredState, PodRef, Prefix};
@@ -125,7 +126,11 @@ pub fn decide(
     if own || ep.ips.contains(&peer) {
         return done(true, Reason::SelfTraffic, None);
     }
-    if identity == IDENTITY_HOST {
+    // The node: always allowed, but for egress the endpoint has judged by its entries
+    // (`EP_EGRESS_HOST_JUDGED`), looked up as any identity.
+    if identity == IDENTITY_HOST
+        && !(direction == DIR_EGRESS && info.flags & EP_EGRESS_HOST_JUDGED != 0)
+    {
         return done(true, Reason::Host, None);
     }
     if !info.isolated(direction) {
@@ -136,9 +141,13 @@ pub fn decide(
         .get(usize::from(direction))
         .copied()
         .unwrap_or(0);
-    // The first entry found decides, allowing or denying.
+    let audit_only = enforcer_common::audit_only_in(info.flags, direction);
+    // The first entry found decides, allowing or denying (a would-drop where only audit
+    // policies isolate, as a miss there).
     let hit = |v: &PolicyValue| {
-        if v.rule & RULE_DENY != 0 {
+        if v.rule & RULE_DENY != 0 && audit_only {
+            done(true, Reason::WouldDrop, None)
+        } else if v.rule & RULE_DENY != 0 {
             done(false, Reason::Denied, Some(v.rule & !RULE_DENY))
         } else {
             done(true, Reason::Policy, Some(v.rule))
@@ -164,7 +173,7 @@ pub fn decide(
             }
         }
     }
-    if enforcer_common::audit_only_in(info.flags, direction) {
+    if audit_only {
         return done(true, Reason::WouldDrop, None);
     }
     done(false, Reason::Denied, None)
