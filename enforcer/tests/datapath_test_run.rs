@@ -4016,6 +4016,9 @@ fn deny(dp: &mut Datapath, ep: u32, id: u32, dir: u8, proto: u8, port: u16, len:
     allow(dp, ep, id, dir, proto, port, len, rule | RULE_DENY);
 }
 
+/// One row of [`Harness::cases`]: name, interface, hook, frame, action, reason.
+type Case<'a> = (&'a str, &'a str, Hook, Vec<u8>, i32, u8);
+
 /// The node's IPv6 address (a peer of `IDENTITY_HOST`), for the groups that need it.
 const HOST6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0xfe);
 
@@ -4033,8 +4036,8 @@ impl Harness {
         }
     }
 
-    /// [`Harness::case`] for each of `cases`: name, interface, hook, frame, action, reason.
-    fn cases(&mut self, cases: &[(&str, &str, Hook, Vec<u8>, i32, u8)]) {
+    /// [`Harness::case`] for each of `cases`.
+    fn cases(&mut self, cases: &[Case]) {
         for (name, iface, hook, frame, act, reason) in cases {
             self.case(name, iface, *hook, frame, *act, *reason);
         }
