@@ -63,11 +63,6 @@ pub struct CompileOptions {
     pub require_identity: bool,
     /// Every policy audits (`--audit`), as if each carried the audit annotation.
     pub audit: bool,
-    /// Cluster-wide policies (Admin/Baseline tiers) compile into entries, deny entries
-    /// ([`enforcer_common::RULE_DENY`]) among them. Off, they are left out of the state
-    /// entirely: for a datapath that does not drop on a deny entry, which would read one as
-    /// an allow.
-    pub cluster_policies: bool,
 }
 
 impl Default for CompileOptions {
@@ -78,7 +73,6 @@ impl Default for CompileOptions {
             max_endpoints: DEFAULT_MAX_ENDPOINTS,
             require_identity: false,
             audit: false,
-            cluster_policies: true,
         }
     }
 }
@@ -1578,11 +1572,8 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
         .collect();
     // Cluster policies, in evaluation order: their `networks` join the ipBlocks, their
     // `nodes` peers give node addresses identities.
-    let mut tier_policies: Vec<&ClusterPolicy> = if opts.cluster_policies {
-        cluster.cluster_policies.iter().map(|p| &**p).collect()
-    } else {
-        Vec::new()
-    };
+    let mut tier_policies: Vec<&ClusterPolicy> =
+        cluster.cluster_policies.iter().map(|p| &**p).collect();
     tier_policies.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
     let tier_peers = || {
         tier_policies

@@ -267,7 +267,6 @@ pub(crate) fn opts() -> CompileOptions {
         max_endpoints: 64,
         require_identity: false,
         audit: false,
-        cluster_policies: true,
     }
 }
 

@@ -311,27 +311,3 @@ spec:
     let c = compiled(&cluster(&[elsewhere], &[NP_B_FROM_X]));
     assert_eq!(c.state, a.state);
 }
-
-#[test]
-fn cluster_policies_turned_off_leave_them_out_of_the_state() {
-    // An agent whose programs cannot drop on a deny entry compiles as if there were none:
-    // a deny entry would read there as an allow.
-    let with = cluster(&[ADMIN_DENY_X_TO_Y_8080, BASELINE_DENY_Y], &[NP_B_FROM_X]);
-    let without = cluster(&[], &[NP_B_FROM_X]);
-    let off = CompileOptions {
-        cluster_policies: false,
-        ..Default::default()
-    };
-    let a = compile(&with, &off, &mut Allocations::new());
-    let b = compile(&without, &off, &mut Allocations::new());
-    assert_eq!(a.state, b.state);
-    assert!(a.state.policy.values().all(|v| v.rule & RULE_DENY == 0));
-    assert!(
-        compiled(&with)
-            .state
-            .policy
-            .values()
-            .any(|v| v.rule & RULE_DENY != 0),
-        "on, the Admin deny is an entry"
-    );
-}
