@@ -1130,3 +1130,21 @@ impl Drop for Conn {
         let _ = self.0.shutdown(Shutdown::Both);
     }
 }
+
+/// Writes a manifest into an agent's folder atomically (a hidden temporary file, which the
+/// agent ignores, then a rename), so the agent never reads half a file.
+pub fn write_manifest(dir: &std::path::Path, file: &str, value: &serde_json::Value) -> Result<()> {
+    let text = serde_yaml::to_string(value)?;
+    let tmp = dir.join(format!(".{file}.tmp"));
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, dir.join(file)).with_context(|| format!("renaming to {file}"))?;
+    Ok(())
+}
+
+/// An error from [`AgentProcess`] carries the agent's whole log: keeps its last 6000
+/// characters.
+pub fn trim_error(e: anyhow::Error) -> anyhow::Error {
+    let s = format!("{e:#}");
+    let keep = s.char_indices().rev().nth(6000).map_or(0, |(i, _)| i);
+    anyhow::anyhow!("{}", &s[keep..])
+}
