@@ -790,6 +790,16 @@ pub fn probe_all(
     Ok(r)
 }
 
+/// Makes [`agent_binary`] the agent cargo built with the calling test (`built`: its
+/// `env!("CARGO_BIN_EXE_enforcer")`) unless `ENFORCER_BIN` names one. Call it first in a test
+/// harness's `main`, before any thread starts.
+pub fn use_built_agent(built: &str) {
+    if std::env::var_os("ENFORCER_BIN").is_none() {
+        // SAFETY: called before the harness starts any thread.
+        unsafe { std::env::set_var("ENFORCER_BIN", built) };
+    }
+}
+
 /// The agent binary (`target/release/enforcer`, built by `cargo xtask build`), overridable with
 /// `ENFORCER_BIN`.
 pub fn agent_binary() -> Result<std::path::PathBuf> {

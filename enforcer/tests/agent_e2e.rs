@@ -98,6 +98,26 @@ fn within(timeout: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration>
     None
 }
 
+/// After a policy change: the established `conn` from `from` to `to` stops (its packets
+/// dropped, retransmitted, never re-opening it) and no new connection opens.
+fn assert_cut(
+    agent: &AgentProcess,
+    conn: &mut Conn,
+    from: &TestPod,
+    to: (Ipv4Addr, u16),
+    why: &str,
+) {
+    assert!(
+        !conn.ping(),
+        "{why}: the established flow stops:\n{}",
+        agent.log_text()
+    );
+    assert!(
+        Conn::open(from, to.into()).is_none(),
+        "{why}: and no new one opens"
+    );
+}
+
 #[test]
 #[ignore = "needs root"]
 fn standalone_health_edits_bad_files_and_pod_lifecycle() {
@@ -239,15 +259,7 @@ fn policy_change_revokes_established_flows_it_no_longer_allows() {
     // The ping is dropped and retransmitted; b retransmits its unacknowledged last reply too.
     // Neither may re-open the flow (b's egress is not isolated: a forgotten flow would be
     // re-tracked from b's side, and a's packets would pass as its replies).
-    assert!(
-        !conn.ping(),
-        "the revoked flow stops:\n{}",
-        agent.log_text()
-    );
-    assert!(
-        Conn::open(a, (b.v4, 7000).into()).is_none(),
-        "and no new one opens"
-    );
+    assert_cut(&agent, &mut conn, a, (b.v4, 7000), "revoked");
     let revoked_counted = |m: &str| {
         m.lines()
             .any(|l| l.contains("reason=\"revoked\"") && !l.ends_with(" 0"))
@@ -323,15 +335,7 @@ fn an_audit_policy_lets_traffic_through_and_switching_it_to_enforce_cuts_its_flo
     // Switched to enforce: the established would-drop flow is cut, new ones are denied.
     std::fs::write(s.dir.path().join("lock-c.yaml"), lock_c(false)).unwrap();
     agent.wait_applied(READY).unwrap();
-    assert!(
-        !conn.ping(),
-        "the would-drop flow stops once its policy enforces:\n{}",
-        agent.log_text()
-    );
-    assert!(
-        Conn::open(a, (c.v4, 7000).into()).is_none(),
-        "and no new one opens"
-    );
+    assert_cut(&agent, &mut conn, a, (c.v4, 7000), "its policy enforces");
     assert!(!reach(b, c, 80), "b -> c denied");
     stop.store(true, Ordering::Relaxed);
     agent.stop().unwrap();
@@ -619,15 +623,8 @@ fn an_admin_deny_cuts_an_established_flow_and_a_network_policy_cannot_loosen_it(
     // The guardrail written into the folder: the Admin tier decides before NetworkPolicy.
     std::fs::write(s.dir.path().join("guard.yaml"), guard(7000)).unwrap();
     agent.wait_applied(READY).unwrap();
-    assert!(
-        !conn.ping(),
-        "the established flow is cut by the Admin deny:\n{}",
-        agent.log_text()
-    );
-    assert!(
-        Conn::open(a, (b.v4, 7000).into()).is_none(),
-        "the NetworkPolicy's allow does not reopen it"
-    );
+    // The NetworkPolicy's allow does not keep it, nor let a new one open.
+    assert_cut(&agent, &mut conn, a, (b.v4, 7000), "Admin deny");
     assert!(!reach6(a, b, 7000), "nor over IPv6");
     assert!(reach(b, a, 80), "what the guard does not name still passes");
     assert!(

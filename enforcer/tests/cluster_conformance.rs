@@ -8,22 +8,23 @@
 //! underlay (routed veths, `enforcer_testkit::netns::Cluster`), each holding its data address
 //! (172.18.0.2, 172.18.0.3) beside its underlay one and running its own agent
 //! (`--node-name`); the StatefulSets' replicas are pods at the data's addresses on the data's
-//! nodes, serving TCP and UDP on 80, 8080, 53 and 5353. The host-network pods
+//! nodes, serving TCP and UDP on 80, 8080, 53, 5353 and the ports their containers declare. The host-network pods
 //! (`forbidden-forrest/centaur-N`) are their node's namespace itself: servers there, probes
 //! from there. The agents read one manifests folder holding the Namespaces, the Pods (from the
 //! StatefulSets), the Node objects with their addresses, the NetworkPolicies and the cluster
-//! policies of the step. The model is built once, by the first test; each step rewrites the
-//! folder (only the files that change), waits until both agents report it programmed, and runs
-//! the step's probes in parallel; a probe that disagrees with upstream is probed again with a
-//! longer timeout before it counts as a failure. The model is torn down (agents, namespaces,
+//! policies of the step, all in one `List` file replaced whole at each step (the agents never see
+//! half a step). The model is built once, by the first test; each step rewrites that file,
+//! waits until both agents report it programmed, and runs the step's probes in parallel; a
+//! probe that disagrees with upstream is probed again with a longer timeout before it counts as
+//! a failure. The model is torn down (agents, namespaces,
 //! folder) after the last test, also after a failure.
 //!
 //! One test per upstream file, named after it (as the offline tests are), e.g.
 //! `admin_network_policy_standard_priority`; `cargo test --release -p enforcer --test
 //! cluster_conformance -- --include-ignored priority` runs one. Not probed here: SCTP (no sctp
 //! module on the test machines; the SCTP files' TCP and UDP probes run, and the
-//! `*-sctp-rules` files, whose probes are all SCTP, check that their objects are programmed
-//! and that nothing else is left to probe). Every upstream scenario runs; none is left out.
+//! `*-sctp-rules` files, whose probes are all SCTP, check only that both agents program their
+//! objects, none refused). Every upstream scenario runs; none is left out.
 
 use std::{
     collections::BTreeMap,
@@ -44,11 +45,11 @@ use enforcer_testkit::netns::{
 };
 use libtest_mimic::{Arguments, Failed, Trial};
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const TAG: &str = "cpc";
-/// The ports the scenarios' pods serve (TCP and UDP on each; the probes use TCP 80/8080 and
-/// UDP 53/5353).
+/// The ports agnhost serves in every scenario pod (TCP and UDP on each; the probes use TCP
+/// 80/8080 and UDP 53/5353), besides the ports its containers declare.
 const PORTS: [u16; 4] = [80, 8080, 53, 5353];
 const PROBE_TIMEOUT: Duration = Duration::from_millis(600);
 const RETRY_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -97,14 +98,9 @@ struct Model {
     dir: tempfile::TempDir,
     data: ClusterData,
     pods: BTreeMap<String, Place>,
-    /// File name to content, as the folder holds now.
-    written: BTreeMap<String, Value>,
+    /// What the folder holds now.
+    written: Option<Value>,
     probes_run: usize,
-}
-
-/// The file an object is written to, named after its key.
-fn file_of(key: &str) -> String {
-    format!("{}.yaml", key.replace('/', "_"))
 }
 
 fn v4(ip: IpAddr) -> Result<Ipv4Addr> {
@@ -178,7 +174,20 @@ impl Model {
                     let short = format!("p{}", pods.len());
                     cluster.add_pod(node, &short, ip)?
                 };
-                servers.push(Servers::start(&tp, &PORTS, &at)?);
+                // The agnhost ports, and the ports the containers declare (the host-network
+                // pods' own).
+                let mut ports = PORTS.to_vec();
+                ports.extend(
+                    pod.pointer("/spec/containers/0/ports")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|p| p["containerPort"].as_u64())
+                        .map(|p| p as u16),
+                );
+                ports.sort_unstable();
+                ports.dedup();
+                servers.push(Servers::start(&tp, &ports, &at)?);
                 pods.insert(
                     at,
                     Place {
@@ -195,7 +204,7 @@ impl Model {
             dir,
             data,
             pods,
-            written: BTreeMap::new(),
+            written: None,
             probes_run: 0,
         };
         model.write(&base)?;
@@ -211,45 +220,35 @@ impl Model {
         Ok(model)
     }
 
-    /// The folder for `objects`: Pods for StatefulSets, the nodes beside them. Returns whether
-    /// anything changed.
+    /// The folder for `objects`: one `List` (Pods for StatefulSets, the Nodes beside them) in
+    /// one file replaced whole, so a step is one change the agents apply at once, never half.
+    /// Returns whether anything changed.
     fn write(&mut self, objects: &Objects) -> Result<bool> {
-        let mut want: BTreeMap<String, Value> = node_objects(&self.data)
-            .into_iter()
-            .map(|n| (file_of(&key(&n)), n))
-            .collect();
-        for (k, v) in objects {
+        let mut items = node_objects(&self.data);
+        for v in objects.values() {
             if v["kind"] == "StatefulSet" {
-                for (at, pod) in statefulset_pods(v, &self.data) {
-                    want.insert(file_of(&format!("Pod/{at}")), pod);
-                }
+                items.extend(statefulset_pods(v, &self.data).into_iter().map(|(_, p)| p));
             } else {
-                want.insert(file_of(k), v.clone());
+                items.push(v.clone());
             }
         }
-        let mut changed = false;
-        for f in self.written.keys() {
-            if !want.contains_key(f) {
-                std::fs::remove_file(self.dir.path().join(f))
-                    .with_context(|| format!("removing {f}"))?;
-                changed = true;
-            }
+        let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
+        if self.written.as_ref() == Some(&list) {
+            return Ok(false);
         }
-        for (f, v) in &want {
-            if self.written.get(f) != Some(v) {
-                write_manifest(self.dir.path(), f, v)?;
-                changed = true;
-            }
-        }
-        self.written = want;
-        Ok(changed)
+        write_manifest(self.dir.path(), "objects.yaml", &list)?;
+        self.written = Some(list);
+        Ok(true)
     }
 
-    /// Writes the step's objects and waits until every agent has programmed them.
+    /// Writes the step's objects and waits until every agent has programmed them, none refused.
     fn apply(&mut self, objects: &Objects) -> Result<()> {
         if self.write(objects)? {
             for a in &mut self.agents {
                 a.wait_applied(APPLY_TIMEOUT).map_err(trim_error)?;
+                // Upstream's objects are all valid: none may be refused (run as a stand-in).
+                let (_, ready) = a.get("/readyz")?;
+                anyhow::ensure!(!ready.contains("refused"), "{ready}");
             }
         }
         Ok(())
@@ -429,10 +428,8 @@ fn file_table_trial() -> Result<(), Failed> {
 }
 
 fn main() -> ExitCode {
-    if std::env::var_os("ENFORCER_BIN").is_none() {
-        // The agent built with this test. SAFETY: no other thread runs yet.
-        unsafe { std::env::set_var("ENFORCER_BIN", env!("CARGO_BIN_EXE_enforcer")) };
-    }
+    // The agent built with this test.
+    enforcer_testkit::netns::use_built_agent(env!("CARGO_BIN_EXE_enforcer"));
     let mut args = Arguments::from_args();
     // The files share one model: one at a time.
     args.test_threads = Some(1);

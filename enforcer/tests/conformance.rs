@@ -1913,11 +1913,8 @@ fn case_table_trial() -> Result<(), Failed> {
 }
 
 fn main() -> ExitCode {
-    if std::env::var_os("ENFORCER_BIN").is_none() {
-        // The agent built with this test (cargo builds the package's binary for integration
-        // tests). SAFETY: no other thread runs yet.
-        unsafe { std::env::set_var("ENFORCER_BIN", env!("CARGO_BIN_EXE_enforcer")) };
-    }
+    // The agent built with this test (cargo builds the package's binary for integration tests).
+    enforcer_testkit::netns::use_built_agent(env!("CARGO_BIN_EXE_enforcer"));
     let mut args = Arguments::from_args();
     // The cases share one model: one at a time.
     args.test_threads = Some(1);
