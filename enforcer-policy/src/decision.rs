@@ -5,8 +5,9 @@
 use std::{fmt, net::IpAddr};
 
 use enforcer_common::{
-    IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, PORT_MASK_ANY_PROTO, PROTO_ANY, PROTO_SCTP,
-    PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, RULE_DENY,
+    DIR_EGRESS, EP_EGRESS_HOST_JUDGED, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD,
+    PORT_MASK_ANY_PROTO, PROTO_ANY, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue,
+    RULE_DENY,
 };
 
 use crate::state::{DesiredState, PodRef, Prefix};
@@ -125,7 +126,10 @@ pub fn decide(
     if own || ep.ips.contains(&peer) {
         return done(true, Reason::SelfTraffic, None);
     }
-    if identity == IDENTITY_HOST {
+    // The node is allowed, but where the tiers judge this endpoint's egress to it: then it is
+    // looked up like any identity.
+    let judged = direction == DIR_EGRESS && info.flags & EP_EGRESS_HOST_JUDGED != 0;
+    if identity == IDENTITY_HOST && !judged {
         return done(true, Reason::Host, None);
     }
     if !info.isolated(direction) {
