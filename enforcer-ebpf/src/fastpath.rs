@@ -10,8 +10,9 @@
 //! when the full path would give the same answer for the same packet: anything else (IPv6, IP
 //! options, fragments, other protocols, a header the full parser would call malformed, a spoofed
 //! or self-addressed packet, a stale, revoked or re-check-due entry, a new flow of a direction
-//! no policy isolates, denied, logged, or whose insert failed) goes to the full path
-//! unchanged, with what was already looked up ([`Known`]), so no lookup is made twice.
+//! no policy isolates, denied (no entry, or a deny entry), to the node where policy judges it,
+//! logged, or whose insert failed) goes to the full path unchanged, with what was already
+//! looked up ([`Known`]), so no lookup is made twice.
 
 use core::ptr::read_volatile;
 
@@ -20,13 +21,13 @@ use enforcer_common::{
     CONFIG_CT_LRU_ALL, CONFIG_LOG_ALLOWED, CT_ORIGIN_A, CT_REVOKED, CT_SERVICE, Config, CtKeyV4,
     DIR_EGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_INGRESS_ISOLATED, EndpointInfo, EndpointSlot,
     IDENTITY_ANY, IDENTITY_HOST, PROTO_TCP, PROTO_UDP, endpoint_slot, flow_stamp, flow_stamp_ns,
-    isolated_in, reason, tcp_flags_after,
+    is_deny_rule, isolated_in, reason, tcp_flags_after,
 };
 
 use crate::{
     conntrack::{admit, config_flags, ct_key_v4, fresh, new_entry, release, timeout},
     flows::{self, Insert, Lookup, Snap},
-    lookup::{peer_identity_v4, policy_lookup},
+    lookup::{host_judged, peer_identity_v4, policy_lookup},
     maps::{CONNTRACK_V4, ENDPOINT_SLOTS},
 };
 
@@ -119,15 +120,16 @@ pub struct Known {
     pub ct_miss: bool,
     /// The peer's identity, [`IDENTITY_ANY`] when not looked up.
     pub peer: u32,
-    /// The policy lookup for the peer found no rule.
-    pub denied: bool,
+    /// The policy lookup for the peer denied the flow: its `rule` ([`policy_lookup`]:
+    /// [`RULE_DENY`](enforcer_common::RULE_DENY) set, never 0); 0 when not looked up or allowed.
+    pub denied: u32,
 }
 
 impl Known {
     pub const NOTHING: Known = Known {
         ct_miss: false,
         peer: IDENTITY_ANY,
-        denied: false,
+        denied: 0,
     };
 }
 
@@ -310,11 +312,13 @@ fn new_v4(
     known.ct_miss = true;
     known.peer = peer_identity_v4(peer.to_ne_bytes());
     // A node port from an egress-isolated pod: the full path defers it (as a Service
-    // frontend, whose identity no policy entry names: denied here, deferred there).
+    // frontend, whose identity no policy entry names: denied here, deferred there). Egress to
+    // the node that policy judges (EP_EGRESS_HOST_JUDGED): the full path judges and tracks it.
     if known.peer == IDENTITY_HOST {
-        if dir == DIR_EGRESS
-            && isolated_in(ep.flags, DIR_EGRESS)
-            && crate::service::node_port(proto, dport)
+        if host_judged(ep.flags, dir)
+            || (dir == DIR_EGRESS
+                && isolated_in(ep.flags, DIR_EGRESS)
+                && crate::service::node_port(proto, dport))
         {
             return Fast::Missed;
         }
@@ -323,10 +327,12 @@ fn new_v4(
     if !isolated_in(ep.flags, dir) || config_flags(cfg) & CONFIG_LOG_ALLOWED != 0 {
         return Fast::Missed;
     }
-    let Some(rule) = policy_lookup(ep.id, &ep.port_masks, known.peer, dir, proto, dport) else {
-        known.denied = true;
+    // Denied (no entry, or a deny entry): the full path drops it, with the event.
+    let rule = policy_lookup(ep.id, &ep.port_masks, known.peer, dir, proto, dport);
+    if is_deny_rule(rule) {
+        known.denied = rule;
         return Fast::Missed;
-    };
+    }
     // Over its flow limit: the full path drops it, with the event.
     if !admit(ep.id, dir, now, cfg) {
         return Fast::Missed;

@@ -9,8 +9,9 @@ use core::{
 
 use aya_ebpf::maps::lpm_trie::Key;
 use enforcer_common::{
-    FAMILY_V4, IDENTITY_ANY, IDENTITY_WORLD, PORT_MASK_ANY_PROTO, PROTO_ANY, PROTO_SCTP, PROTO_TCP,
-    PROTO_UDP, PolicyKey, peer_bucket, peer_way_identity, port_mask,
+    DIR_EGRESS, EP_EGRESS_HOST_JUDGED, FAMILY_V4, IDENTITY_ANY, IDENTITY_WORLD,
+    PORT_MASK_ANY_PROTO, PROTO_ANY, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyKey, RULE_DENY,
+    peer_bucket, peer_way_identity, port_mask, reason,
 };
 
 use crate::maps::{CIDRS_V4, CIDRS_V6, PEER_SLOTS, PEERS_V4, PEERS_V6, POLICY};
@@ -100,9 +101,15 @@ const fn has_ports(proto: u8) -> bool {
     matches!(proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP)
 }
 
-/// The rule allowing a new flow of `proto` to destination `port` with a peer of `identity`
-/// in `direction` at endpoint `endpoint`, whose `port_masks` are given, if any. Rule 0 is a
-/// valid rule id only as "allowed, unnamed".
+/// The `rule` of the first POLICY entry found for a new flow of `proto` to destination `port`
+/// with a peer of `identity` in `direction` at endpoint `endpoint`, whose `port_masks` are
+/// given: the peer's identity first, then [`IDENTITY_ANY`]. [`RULE_DENY`] set denies (a deny
+/// entry of a cluster policy, or [`RULE_DENY`] alone: no entry found, denied unnamed, as the
+/// compiler's rule ids start at 1); clear, it allows (rule 0: allowed, unnamed).
+///
+/// One value for both denials, so callers test one bit once, after the lookup: a test inside
+/// the unrolled probes, or a second path for the miss, would cost `from_pod` verifier budget
+/// it does not have.
 #[inline(always)]
 pub fn policy_lookup(
     endpoint: u32,
@@ -111,7 +118,7 @@ pub fn policy_lookup(
     direction: u8,
     proto: u8,
     port: u16,
-) -> Option<u32> {
+) -> u32 {
     let masks = if direction == 0 {
         port_masks[0]
     } else {
@@ -128,7 +135,7 @@ pub fn policy_lookup(
                     let mut key = MaybeUninit::uninit();
                     let key = policy_key(&mut key, endpoint, id, direction, proto, port, n as u8);
                     if let Some(v) = POLICY.get_ptr(key) {
-                        return Some(unsafe { (*v).rule });
+                        return unsafe { (*v).rule };
                     }
                 }
             }
@@ -137,10 +144,38 @@ pub fn policy_lookup(
             let mut key = MaybeUninit::uninit();
             let key = policy_key(&mut key, endpoint, id, direction, PROTO_ANY, 0, 0);
             if let Some(v) = POLICY.get_ptr(key) {
-                return Some(unsafe { (*v).rule });
+                return unsafe { (*v).rule };
             }
         }
         i += 1;
     }
-    None
+    RULE_DENY
+}
+
+/// The drop reason of a new flow [`policy_lookup`] denied with `rule`: a deny entry names its
+/// rule ([`reason::DROP_DENY_RULE`]), a miss does not ([`reason::DROP_POLICY`]). Arithmetic,
+/// not a branch: the drop path stays one path for the verifier.
+#[inline(always)]
+pub fn denial_reason(rule: u32) -> u8 {
+    reason::DROP_POLICY + (rule != RULE_DENY) as u8 * (reason::DROP_DENY_RULE - reason::DROP_POLICY)
+}
+
+/// What a peer's identity is compared with to let it through as the node, untracked, for
+/// endpoint `flags` in `dir`: [`enforcer_common::IDENTITY_HOST`], or, when policy judges that
+/// direction's flows to the node ([`host_judged`]), [`IDENTITY_ANY`], which no peer resolves
+/// to, so the node goes on to the policy lookup like any peer. Arithmetic, not a branch: a
+/// branch gives the verifier a second walk of the new-flow path with the node's identity, which
+/// `from_pod` has no budget for; compared with this, the node and the other peers go on as one.
+#[inline(always)]
+pub fn host_exempt(flags: u32, dir: u8) -> u32 {
+    let judged = (flags >> EP_EGRESS_HOST_JUDGED.trailing_zeros()) & (dir == DIR_EGRESS) as u32;
+    enforcer_common::IDENTITY_HOST ^ (judged & 1)
+}
+
+/// Whether endpoint `flags` have new flows to the node ([`enforcer_common::IDENTITY_HOST`]) in
+/// `dir` judged by the policy entries rather than always allowed: egress with
+/// [`EP_EGRESS_HOST_JUDGED`] only (the node's probes into a pod always pass).
+#[inline(always)]
+pub fn host_judged(flags: u32, dir: u8) -> bool {
+    dir == DIR_EGRESS && flags & EP_EGRESS_HOST_JUDGED != 0
 }

@@ -39,7 +39,7 @@ use enforcer_common::{
     CONFIG_LOG_ALLOWED, CT_ORIGIN_A, CT_ORIGIN_EGRESS, CT_REVOKED, CT_SERVICE, Config, DIR_EGRESS,
     DIR_INGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6, EP_INGRESS_ISOLATED, EndpointInfo,
     FAMILY_V4, FragValue, IDENTITY_ANY, IDENTITY_HOST, PROTO_TCP, RULE_IMPLICIT, SERVICE_MARK_MASK,
-    SVC_PROG_JUDGE, SVC_PROG_TO_POD, audit_slot, reason, tcp_flags_after,
+    SVC_PROG_JUDGE, SVC_PROG_TO_POD, audit_slot, is_deny_rule, reason, rule_id, tcp_flags_after,
 };
 
 use crate::{
@@ -48,7 +48,7 @@ use crate::{
         frag_key, fresh, new_entry, release, timeout,
     },
     fastpath::{Fast, FastEp, Known, established_v4, slot_endpoint},
-    lookup::{peer_identity, policy_lookup},
+    lookup::{denial_reason, host_exempt, host_judged, peer_identity, policy_lookup},
     maps::{AuditFlow, CONFIG, ENDPOINTS, FRAGMENTS, SCRATCH, SERVICE_FLOWS, SVC_PROGS, Scratch},
     parse::Inner,
     parse::{
@@ -302,7 +302,7 @@ fn decide(
     let fast = isolated && pkt.frag != FRAG_LATER && pkt.l4 != L4_ICMP_ERROR;
     if !fast {
         v.peer_identity = peer_identity(pkt.family, peer_addr(pkt, dir));
-        if v.peer_identity == IDENTITY_HOST {
+        if v.peer_identity == IDENTITY_HOST && !host_judged(ep.flags, dir) {
             return Ok(v);
         }
     }
@@ -439,9 +439,14 @@ fn track(
             if e.epoch != ep.epoch {
                 // The policy changed since the flow was last allowed: re-check its original
                 // direction, peer and destination port.
+                let odir = if e.flags & CT_ORIGIN_EGRESS != 0 {
+                    DIR_EGRESS
+                } else {
+                    DIR_INGRESS
+                };
                 if fast {
                     v.peer_identity = peer_identity(pkt.family, peer_addr(pkt, dir));
-                    if v.peer_identity == IDENTITY_HOST {
+                    if v.peer_identity == IDENTITY_HOST && !host_judged(ep.flags, odir) {
                         // Became the node's address: allowed, and no longer tracked.
                         ct_remove(&s.ct);
                         v.reason = reason::ALLOW_HOST;
@@ -449,11 +454,6 @@ fn track(
                         return Ok(());
                     }
                 }
-                let odir = if e.flags & CT_ORIGIN_EGRESS != 0 {
-                    DIR_EGRESS
-                } else {
-                    DIR_INGRESS
-                };
                 let (pod_port, peer_port) = if dir == DIR_EGRESS {
                     (pkt.sport, pkt.dport)
                 } else {
@@ -481,7 +481,8 @@ fn track(
                         v.peer_identity = peer_identity(pkt.family, &b.addr);
                         oport = b.port;
                         pending = false;
-                        judge = v.peer_identity != IDENTITY_HOST
+                        judge = (v.peer_identity != IDENTITY_HOST
+                            || host_judged(ep.flags, DIR_EGRESS))
                             && !is_pod_addr(ep, pkt.family, &b.addr);
                     }
                 }
@@ -494,8 +495,9 @@ fn track(
                         pkt.proto,
                         oport,
                     ) {
-                        Some(rule) => rule,
-                        None => {
+                        rule if !is_deny_rule(rule) => rule,
+                        // No entry, or a deny entry (an Admin Deny added while it was open).
+                        _ => {
                             // Keep a tombstone rather than forget the flow: forgotten, a
                             // packet from a side that is not isolated (a retransmission) would
                             // open it again as a new flow, and the other side's packets would
@@ -559,14 +561,15 @@ fn track(
     let service = dir == DIR_EGRESS
         && ep.isolated(DIR_EGRESS)
         && deferrable(v.peer_identity, pkt.proto, pkt.dport);
-    if v.peer_identity == IDENTITY_HOST && !service {
+    // The node: allowed untracked, unless policy judges this endpoint's egress to it.
+    if v.peer_identity == host_exempt(ep.flags, dir) && !service {
         return Ok(());
     }
     if service {
         v.reason = reason::ALLOW_SERVICE;
     } else if ep.isolated(dir) {
-        let rule = if known.denied {
-            None
+        let rule = if known.denied != 0 {
+            known.denied
         } else {
             policy_lookup(
                 ep.id,
@@ -577,29 +580,28 @@ fn track(
                 pkt.dport,
             )
         };
-        match rule {
-            Some(rule) => {
-                v.reason = reason::ALLOW_POLICY;
-                v.rule = rule;
-            }
-            None => {
-                v.reason = reason::DROP_POLICY;
-                // Only audit policies isolate it: `audit_pod` lets it through as a would-drop,
-                // with what it needs in this CPU's scratch. Otherwise the call goes to an empty
-                // slot and fails, and the packet drops (as it does when `audit_pod` is not
-                // loaded: fail closed). No branch here: one more would cost `from_pod` more of
-                // the verifier's budget than it has.
-                s.audit = AuditFlow {
-                    endpoint: ep.id,
-                    epoch: ep.epoch,
-                    peer_identity: v.peer_identity,
-                    direction: dir,
-                    src_is_a: src_is_a as u8,
-                    _pad: [0; 2],
-                };
-                unsafe { SVC_PROGS.tail_call(ctx, audit_slot(ep.flags, dir)) };
-                return Ok(());
-            }
+        if !is_deny_rule(rule) {
+            v.reason = reason::ALLOW_POLICY;
+            v.rule = rule;
+        } else {
+            // No entry, or a deny entry first (a miss with a name): one drop path.
+            v.reason = denial_reason(rule);
+            v.rule = rule_id(rule);
+            // Only audit policies isolate it: `audit_pod` lets it through as a would-drop,
+            // with what it needs in this CPU's scratch. Otherwise the call goes to an empty
+            // slot and fails, and the packet drops (as it does when `audit_pod` is not
+            // loaded: fail closed). No branch here: one more would cost `from_pod` more of
+            // the verifier's budget than it has.
+            s.audit = AuditFlow {
+                endpoint: ep.id,
+                epoch: ep.epoch,
+                peer_identity: v.peer_identity,
+                direction: dir,
+                src_is_a: src_is_a as u8,
+                _pad: [0; 2],
+            };
+            unsafe { SVC_PROGS.tail_call(ctx, audit_slot(ep.flags, dir)) };
+            return Ok(());
         }
     } else {
         v.reason = reason::ALLOW_NOT_ISOLATED;

@@ -14,6 +14,10 @@
 //!
 //! A backend on the node itself (a host-network pod) is delivered locally and never reaches a
 //! TC egress hook; the flow stays pending and its replies pass, as traffic to the node does.
+//! When one is judged (a backend with the node's identity seen on the way out), it is allowed
+//! as the node is, unless the pod's egress to the node is judged by policy
+//! ([`EP_EGRESS_HOST_JUDGED`](enforcer_common::EP_EGRESS_HOST_JUDGED)): then its entries decide,
+//! as for any backend.
 
 use core::ptr::{read_volatile, write_volatile};
 
@@ -21,13 +25,14 @@ use aya_ebpf::programs::TcContext;
 use enforcer_common::{
     CONFIG_LOG_ALLOWED, CT_REVOKED, CT_SERVICE, CtKey, DEFERRED_TTL_NS, DIR_EGRESS, Deferred,
     EndpointInfo, FAMILY_V4, IDENTITY_HOST, NodePortKey, RULE_AUDIT, RULE_IMPLICIT,
-    SERVICE_MARK_MASK, SERVICE_MARK_SHIFT, ServiceBackend, audit_only_in, deferred_slot, reason,
+    SERVICE_MARK_MASK, SERVICE_MARK_SHIFT, ServiceBackend, audit_only_in, deferred_slot,
+    is_deny_rule, reason, rule_id,
 };
 
 use crate::{
     conntrack::{CtFound, CtHit, addr_eq, config_flags, ct_insert, ct_key, ct_lookup, new_entry},
     flows,
-    lookup::{peer_identity, policy_lookup},
+    lookup::{denial_reason, host_judged, peer_identity, policy_lookup},
     maps::{CONFIG, DEFERRED, ENDPOINTS, NODE_PORTS, SCRATCH, SERVICE_FLOWS},
     mem::copy16,
     parse::{PARSED_IP, Packet, parse},
@@ -210,14 +215,15 @@ pub fn judge(ctx: &TcContext) -> Judged {
     // SAFETY: a hash map value, valid for the run.
     let a = unsafe { &*a };
     let mut v = Verdict::new(reason::ALLOW_POLICY);
-    // A pod may always reach itself (hairpin), and the node; otherwise its egress policy on
-    // the backend and the backend's port decides.
+    // A pod may always reach itself (hairpin), and the node unless its policy judges the node
+    // (EP_EGRESS_HOST_JUDGED); otherwise its egress policy on the backend and the backend's
+    // port decides. 0: denied (`v` says why).
     let rule = if own_addr(a, pkt.family, &pkt.dst) {
         v.reason = reason::ALLOW_HOST;
         RULE_IMPLICIT
     } else {
         v.peer_identity = peer_identity(pkt.family, &pkt.dst);
-        if v.peer_identity == IDENTITY_HOST {
+        if v.peer_identity == IDENTITY_HOST && !host_judged(a.flags, DIR_EGRESS) {
             v.reason = reason::ALLOW_HOST;
             RULE_IMPLICIT
         } else if !a.isolated(DIR_EGRESS) {
@@ -232,20 +238,28 @@ pub fn judge(ctx: &TcContext) -> Judged {
                 pkt.proto,
                 pkt.dport,
             ) {
-                Some(r) => r,
+                r if !is_deny_rule(r) => r,
                 // Only audit policies isolate its egress: allowed as would-drop, judged.
-                None if audit_only_in(a.flags, DIR_EGRESS) => {
+                _ if audit_only_in(a.flags, DIR_EGRESS) => {
                     v.reason = reason::ALLOW_AUDIT;
                     RULE_AUDIT
                 }
-                None => 0,
+                // No entry, or a deny entry (the rule named).
+                r => {
+                    v.reason = denial_reason(r);
+                    v.rule = rule_id(r);
+                    0
+                }
             }
         }
     };
-    if rule == 0 {
+    if rule != 0 {
+        v.rule = if rule == RULE_IMPLICIT { 0 } else { rule };
+    } else if !v.is_drop() {
+        // An entry allowing with rule 0 ("allowed, unnamed"): the judge records 0 as pending,
+        // so it cannot allow it.
         v.reason = reason::DROP_POLICY;
     }
-    v.rule = if rule == RULE_IMPLICIT { 0 } else { rule };
     // The pod's flow under its original tuple: judged now.
     let src_is_a = ct_key(
         &mut s.ct, a.id, d_family, d_proto, &d.src, d_sport, &d.dst, d_dport,

@@ -140,9 +140,13 @@ pub fn decide(
         .get(usize::from(direction))
         .copied()
         .unwrap_or(0);
-    // The first entry found decides, allowing or denying.
+    let audit_only = enforcer_common::audit_only_in(info.flags, direction);
+    // The first entry found decides, allowing or denying (a would-drop where only audit
+    // policies isolate, as a miss there).
     let hit = |v: &PolicyValue| {
-        if v.rule & RULE_DENY != 0 {
+        if v.rule & RULE_DENY != 0 && audit_only {
+            done(true, Reason::WouldDrop, None)
+        } else if v.rule & RULE_DENY != 0 {
             done(false, Reason::Denied, Some(v.rule & !RULE_DENY))
         } else {
             done(true, Reason::Policy, Some(v.rule))
@@ -168,7 +172,7 @@ pub fn decide(
             }
         }
     }
-    if enforcer_common::audit_only_in(info.flags, direction) {
+    if audit_only {
         return done(true, Reason::WouldDrop, None);
     }
     done(false, Reason::Denied, None)

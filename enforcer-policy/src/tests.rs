@@ -1227,6 +1227,51 @@ fn deny_all_ingress_but_self_and_host() {
     assert_eq!(d.reason, Reason::Denied);
 }
 
+/// The decision reads entries as the programs do: the node is allowed untouched unless the
+/// endpoint's egress to it is judged (`EP_EGRESS_HOST_JUDGED`); then its entries (or their
+/// absence) decide, a deny entry naming its rule; ingress from the node stays allowed.
+#[test]
+fn the_decision_judges_egress_to_the_node_only_when_the_endpoint_says_so() {
+    let c = base(vec![policy(
+        "x",
+        "deny-egress",
+        Some(sel(&[])),
+        Some(&["Egress"]),
+        None,
+        None,
+    )]);
+    let a = pr("x", "a");
+    let mut state = compile(&c, &opts(), &mut Allocations::new()).state;
+    let node = ip("10.0.9.1");
+    let decide = |state: &crate::state::DesiredState, dir| {
+        decision::decide(state, &a, dir, node, PROTO_TCP, 22)
+    };
+    assert_eq!(decide(&state, DIR_EGRESS).reason, Reason::Host);
+    let ep = state.endpoints.get_mut(&a).unwrap();
+    ep.info.flags |= enforcer_common::EP_EGRESS_HOST_JUDGED | EP_INGRESS_ISOLATED;
+    ep.info.port_masks[usize::from(DIR_EGRESS)] |= 1 << 16;
+    let id = ep.info.id;
+    let d = decide(&state, DIR_EGRESS);
+    assert_eq!((d.allowed, d.reason, d.rule), (false, Reason::Denied, None));
+    let key = enforcer_common::PolicyKey::new(id, IDENTITY_HOST, DIR_EGRESS, PROTO_TCP, 22, 16);
+    let value = |rule| enforcer_common::PolicyValue { rule, _pad: 0 };
+    state.policy.insert(key, value(7));
+    let d = decide(&state, DIR_EGRESS);
+    assert_eq!(
+        (d.allowed, d.reason, d.rule),
+        (true, Reason::Policy, Some(7))
+    );
+    state
+        .policy
+        .insert(key, value(7 | enforcer_common::RULE_DENY));
+    let d = decide(&state, DIR_EGRESS);
+    assert_eq!(
+        (d.allowed, d.reason, d.rule),
+        (false, Reason::Denied, Some(7))
+    );
+    assert_eq!(decide(&state, DIR_INGRESS).reason, Reason::Host);
+}
+
 #[test]
 fn pod_selector_alone_is_own_namespace() {
     let c = base(vec![policy(

@@ -30,11 +30,11 @@ use enforcer::{
 };
 use enforcer_common::{
     CONFIG_CT_LRU_ALL, CONFIG_LOG_ALLOWED, CT_REVOKED, CtKey, CtKeyV4, CtValue, DIR_EGRESS,
-    DIR_INGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6, EP_INGRESS_AUDIT, EP_INGRESS_ISOLATED,
-    EndpointInfo, FAMILY_V4, FAMILY_V6, FLOW_LOCK, FlowBucket, FlowWay, IDENTITY_ANY,
-    IDENTITY_HOST, MAP_CONFIG, MAP_CONNTRACK_V4, MAP_CONNTRACK_V6, MAP_FLOWS_V4,
+    DIR_INGRESS, EP_EGRESS_HOST_JUDGED, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6, EP_INGRESS_AUDIT,
+    EP_INGRESS_ISOLATED, EndpointInfo, FAMILY_V4, FAMILY_V6, FLOW_LOCK, FlowBucket, FlowWay,
+    IDENTITY_ANY, IDENTITY_HOST, MAP_CONFIG, MAP_CONNTRACK_V4, MAP_CONNTRACK_V6, MAP_FLOWS_V4,
     PORT_MASK_ANY_PROTO, PROTO_ANY, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerInfo, PolicyKey,
-    PolicyValue, REASON_NAMES, RULE_AUDIT, SCHEMA_VERSION, reason::*,
+    PolicyValue, REASON_NAMES, RULE_AUDIT, RULE_DENY, SCHEMA_VERSION, reason::*,
 };
 use enforcer_policy::state::Prefix;
 use enforcer_testkit::netns::BpfMount;
@@ -3666,6 +3666,15 @@ fn trials() -> Vec<Trial> {
         )),
         group!(verdict_events_report_drops_and_only_logged_allows),
         group!(audit_only_directions_allow_and_report_would_drop),
+        group!(a_deny_entry_drops_a_new_flow_and_names_its_rule),
+        group!(a_deny_entry_for_the_peers_identity_beats_the_any_allow),
+        group!(an_established_flow_is_revoked_when_a_deny_entry_replaces_its_allow),
+        group!(a_service_flow_to_a_denied_backend_is_dropped_by_the_judge),
+        group!(egress_to_the_node_is_judged_when_the_endpoint_says_so),
+        group!(egress_to_the_node_is_allowed_without_the_host_judged_flag),
+        group!(ingress_from_the_node_stays_allowed_with_the_host_judged_flag),
+        group!(a_host_judged_endpoint_without_entries_fails_closed),
+        group!(a_deny_entry_in_an_audit_only_direction_is_a_would_drop),
         shared(
             "a_restart_reuses_pinned_maps_and_moves_legacy_ipv4_flows",
             a_restart_reuses_pinned_maps_and_moves_legacy_ipv4_flows,
@@ -3999,6 +4008,615 @@ fn service_flows_are_judged_after_the_translation(h: &mut Harness) {
             port: 30080,
         })
         .unwrap();
+}
+
+/// A POLICY entry that denies (a cluster policy's `Deny`): `rule` with [`RULE_DENY`].
+#[expect(clippy::too_many_arguments, reason = "one policy entry")]
+fn deny(dp: &mut Datapath, ep: u32, id: u32, dir: u8, proto: u8, port: u16, len: u8, rule: u32) {
+    allow(dp, ep, id, dir, proto, port, len, rule | RULE_DENY);
+}
+
+/// Checks that the events sent since the last drain are exactly one, of `reason` naming `rule`
+/// (without the deny bit) for a packet to destination port `dport`.
+fn one_event(h: &mut Harness, what: &str, reason: u8, rule: u32, dport: u16) {
+    let got = h.events().drain();
+    if !(got.len() == 1 && got[0].reason == reason && got[0].rule == rule && got[0].dport == dport)
+    {
+        h.failures.push(format!(
+            "{what}: one {} event naming rule {rule} expected, got {got:?}",
+            REASON_NAMES[reason as usize]
+        ));
+    }
+}
+
+/// The node's IPv6 address (a peer of `IDENTITY_HOST`), for the groups that need it.
+const HOST6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0xfe);
+
+/// A new flow whose lookup finds a deny entry first is dropped as `rule-denied`, and its event
+/// names the rule without the deny bit: in both directions, IPv6 (the full path) and IPv4 (the
+/// fast path hands the denial to the full path), a port entry and an any-protocol one.
+fn a_deny_entry_drops_a_new_flow_and_names_its_rule(h: &mut Harness) {
+    let (i, e) = (Hook::Egress, Hook::Ingress);
+    deny(&mut h.dp, EP_A, ID_B, DIR_INGRESS, PROTO_TCP, 81, 16, 40);
+    deny(&mut h.dp, EP_A, ID_B, DIR_EGRESS, PROTO_ANY, 0, 0, 41);
+    let _ = h.events().drain();
+    h.case(
+        "deny: v6 in",
+        "a",
+        i,
+        &ipv6(B6, A6, PROTO_TCP, &tcp(40000, 81)),
+        SHOT,
+        DROP_DENY_RULE,
+    );
+    one_event(h, "deny: v6 in", DROP_DENY_RULE, 40, 81);
+    h.case(
+        "deny: v4 in (fast path first)",
+        "a",
+        i,
+        &ipv4(B4, A4, PROTO_TCP, &tcp(40000, 81)),
+        SHOT,
+        DROP_DENY_RULE,
+    );
+    one_event(h, "deny: v4 in", DROP_DENY_RULE, 40, 81);
+    h.case(
+        "deny: v4 out, any protocol",
+        "a",
+        e,
+        &ipv4(A4, B4, PROTO_UDP, &udp(40001, 53, b"q")),
+        SHOT,
+        DROP_DENY_RULE,
+    );
+    one_event(h, "deny: v4 out", DROP_DENY_RULE, 41, 53);
+    h.case(
+        "deny: v4 out, icmp (full path only)",
+        "a",
+        e,
+        &ipv4(A4, B4, 1, &echo(8, 79, 1)),
+        SHOT,
+        DROP_DENY_RULE,
+    );
+    let got = h.events().drain();
+    if !(got.len() == 1 && got[0].reason == DROP_DENY_RULE && got[0].rule == 41) {
+        h.failures.push(format!(
+            "deny: icmp: one rule-denied event of rule 41, got {got:?}"
+        ));
+    }
+    // Not tracked: the next packet is judged (and denied) anew.
+    h.case(
+        "deny: the denied flow's next packet",
+        "a",
+        i,
+        &ipv4(B4, A4, PROTO_TCP, &tcp(40000, 81)),
+        SHOT,
+        DROP_DENY_RULE,
+    );
+    // A miss is still a plain policy drop, unnamed.
+    h.case(
+        "deny: no entry",
+        "a",
+        i,
+        &ipv4(B4, A4, PROTO_TCP, &tcp(40000, 82)),
+        SHOT,
+        DROP_POLICY,
+    );
+    let _ = h.events().drain();
+    // The denial holds with allowed flows logged (the fast path then leaves every new flow to
+    // the full path, which looks the policy up itself).
+    let mut cfg = h.dp.config().unwrap();
+    cfg.flags |= CONFIG_LOG_ALLOWED;
+    h.dp.set_config(&cfg).unwrap();
+    h.case(
+        "deny: v4 in, allowed flows logged",
+        "a",
+        i,
+        &ipv4(B4, A4, PROTO_TCP, &tcp(40002, 81)),
+        SHOT,
+        DROP_DENY_RULE,
+    );
+    one_event(h, "deny: logged", DROP_DENY_RULE, 40, 81);
+}
+
+/// The peer's identity is looked up before `IDENTITY_ANY`, whatever the entries say: a deny
+/// entry for the peer beats an allow for any peer, and an allow for the peer beats a deny for
+/// any peer (which still denies everyone else, naming its rule).
+fn a_deny_entry_for_the_peers_identity_beats_the_any_allow(h: &mut Harness) {
+    let i = Hook::Egress;
+    // IDENTITY_ANY allows TCP 8000-8015 (rule 13); B is denied 8001.
+    deny(&mut h.dp, EP_A, ID_B, DIR_INGRESS, PROTO_TCP, 8001, 16, 42);
+    // B is allowed TCP 80 (rule 10); everyone else is denied it.
+    deny(
+        &mut h.dp,
+        EP_A,
+        IDENTITY_ANY,
+        DIR_INGRESS,
+        PROTO_TCP,
+        80,
+        16,
+        43,
+    );
+    let _ = h.events().drain();
+    h.case(
+        "identity deny over any allow",
+        "a",
+        i,
+        &ipv4(B4, A4, PROTO_TCP, &tcp(41000, 8001)),
+        SHOT,
+        DROP_DENY_RULE,
+    );
+    one_event(h, "identity deny over any allow", DROP_DENY_RULE, 42, 8001);
+    h.case(
+        "the any allow for another peer",
+        "a",
+        i,
+        &ipv4(WORLD4, A4, PROTO_TCP, &tcp(41000, 8001)),
+        OK,
+        ALLOW_POLICY,
+    );
+    h.case(
+        "identity allow over any deny",
+        "a",
+        i,
+        &ipv6(B6, A6, PROTO_TCP, &tcp(41001, 80)),
+        OK,
+        ALLOW_POLICY,
+    );
+    h.case(
+        "the any deny for another peer",
+        "a",
+        i,
+        &ipv4(WORLD4, A4, PROTO_TCP, &tcp(41002, 80)),
+        SHOT,
+        DROP_DENY_RULE,
+    );
+    one_event(h, "the any deny", DROP_DENY_RULE, 43, 80);
+}
+
+/// An Admin Deny added while a flow is open cuts it: after the epoch moves, the re-check finds
+/// the deny entry and revokes the flow in both directions, IPv4 and IPv6.
+fn an_established_flow_is_revoked_when_a_deny_entry_replaces_its_allow(h: &mut Harness) {
+    let (i, e) = (Hook::Egress, Hook::Ingress);
+    h.case(
+        "v4 flow opens (rule 20)",
+        "a",
+        e,
+        &ipv4(A4, B4, PROTO_TCP, &tcp(42000, 5432)),
+        OK,
+        ALLOW_POLICY,
+    );
+    h.case(
+        "v6 flow opens (rule 20)",
+        "a",
+        e,
+        &ipv6(A6, B6, PROTO_TCP, &tcp(42001, 5432)),
+        OK,
+        ALLOW_POLICY,
+    );
+    h.case(
+        "v4 reply",
+        "a",
+        i,
+        &ipv4(
+            B4,
+            A4,
+            PROTO_TCP,
+            &tcp_flags(5432, 42000, TCP_SYN | TCP_ACK),
+        ),
+        OK,
+        ALLOW_REPLY,
+    );
+    deny(&mut h.dp, EP_A, ID_B, DIR_EGRESS, PROTO_TCP, 5432, 16, 44);
+    // Same epoch: the flows are not re-checked yet.
+    h.case(
+        "before the epoch moves",
+        "a",
+        e,
+        &ipv4(A4, B4, PROTO_TCP, &tcp_flags(42000, 5432, TCP_ACK)),
+        OK,
+        ALLOW_ESTABLISHED,
+    );
+    h.set_epoch("a", 2);
+    h.case(
+        "v4 reply after the deny",
+        "a",
+        i,
+        &ipv4(B4, A4, PROTO_TCP, &tcp_flags(5432, 42000, TCP_ACK)),
+        SHOT,
+        DROP_REVOKED,
+    );
+    h.case(
+        "v4 flow's own packet after the deny",
+        "a",
+        e,
+        &ipv4(A4, B4, PROTO_TCP, &tcp_flags(42000, 5432, TCP_ACK)),
+        SHOT,
+        DROP_REVOKED,
+    );
+    h.case(
+        "v6 flow after the deny",
+        "a",
+        e,
+        &ipv6(A6, B6, PROTO_TCP, &tcp_flags(42001, 5432, TCP_ACK)),
+        SHOT,
+        DROP_REVOKED,
+    );
+}
+
+/// A Service flow whose backend a deny entry denies is dropped by the judge, named, and its
+/// flow revoked; the same for a backend on the node when the pod's egress to the node is
+/// judged (`EP_EGRESS_HOST_JUDGED`), which without the flag is allowed as the node.
+fn a_service_flow_to_a_denied_backend_is_dropped_by_the_judge(h: &mut Harness) {
+    let (i, e) = (Hook::Egress, Hook::Ingress);
+    let service = PeerInfo {
+        identity: enforcer_common::IDENTITY_SERVICE,
+        flags: 0,
+    };
+    h.dp.peers_v4.set(&VIP4, &service).unwrap();
+    let syn = |s, d| tcp_flags(s, d, TCP_SYN);
+    let eg = DIR_EGRESS;
+    // B on TCP 5432 was allowed (rule 20): now denied.
+    deny(&mut h.dp, EP_A, ID_B, DIR_EGRESS, PROTO_TCP, 5432, 16, 45);
+    let m = h.marked(
+        "to a ClusterIP: deferred",
+        "a",
+        e,
+        &ipv4(A4, VIP4, PROTO_TCP, &syn(43000, 80)),
+        0,
+        OK,
+        &[(EP_A, eg, ALLOW_SERVICE)],
+    );
+    let _ = h.events().drain();
+    h.marked(
+        "translated to a denied backend",
+        "b",
+        i,
+        &ipv4(A4, B4, PROTO_TCP, &syn(43000, 5432)),
+        m,
+        SHOT,
+        &[(EP_A, eg, DROP_DENY_RULE)],
+    );
+    one_event(h, "judge: denied backend", DROP_DENY_RULE, 45, 5432);
+    h.marked(
+        "the denied flow's retransmission",
+        "a",
+        e,
+        &ipv4(A4, VIP4, PROTO_TCP, &syn(43000, 80)),
+        0,
+        SHOT,
+        &[(EP_A, eg, DROP_REVOKED)],
+    );
+
+    // A backend with the node's identity, seen leaving the node.
+    deny(
+        &mut h.dp,
+        EP_A,
+        IDENTITY_HOST,
+        DIR_EGRESS,
+        PROTO_TCP,
+        8443,
+        16,
+        46,
+    );
+    let to_node = |h: &mut Harness, sport: u16, want: u8| {
+        let m = h.marked(
+            "to a ClusterIP: deferred",
+            "a",
+            e,
+            &ipv4(A4, VIP4, PROTO_TCP, &syn(sport, 443)),
+            0,
+            OK,
+            &[(EP_A, eg, ALLOW_SERVICE)],
+        );
+        let act = if want == ALLOW_HOST { NEXT } else { SHOT };
+        h.marked(
+            "translated to a backend on the node",
+            "u",
+            Hook::Exit,
+            &ipv4(A4, HOST4, PROTO_TCP, &syn(sport, 8443)),
+            m,
+            act,
+            &[(EP_A, eg, want)],
+        );
+    };
+    to_node(h, 43001, ALLOW_HOST);
+    let a = h.dp.endpoints.get(&h.ifs["a"]).unwrap().unwrap();
+    h.set_flags_epoch("a", a.flags | EP_EGRESS_HOST_JUDGED, 2);
+    let _ = h.events().drain();
+    to_node(h, 43002, DROP_DENY_RULE);
+    one_event(h, "judge: denied node backend", DROP_DENY_RULE, 46, 8443);
+}
+
+/// Sets `EP_EGRESS_HOST_JUDGED` on A (a new epoch, as the agent writes it).
+fn judge_host_egress(h: &mut Harness, epoch: u32) {
+    let a = h.dp.endpoints.get(&h.ifs["a"]).unwrap().unwrap();
+    h.set_flags_epoch("a", a.flags | EP_EGRESS_HOST_JUDGED, epoch);
+}
+
+/// With `EP_EGRESS_HOST_JUDGED`, a new egress flow to the node is judged by the entries under
+/// `IDENTITY_HOST`, then those under `IDENTITY_ANY`: denied by a deny entry (named), by no
+/// entry, allowed and tracked by an allow (its replies pass as replies), in IPv4 (the fast
+/// path hands it over) and IPv6; the re-check after a policy change revokes it instead of
+/// letting it go as the node's.
+fn egress_to_the_node_is_judged_when_the_endpoint_says_so(h: &mut Harness) {
+    let (i, e) = (Hook::Egress, Hook::Ingress);
+    let host = PeerInfo {
+        identity: IDENTITY_HOST,
+        flags: 0,
+    };
+    h.dp.peers_v6.set(&HOST6, &host).unwrap();
+    deny(
+        &mut h.dp,
+        EP_A,
+        IDENTITY_HOST,
+        DIR_EGRESS,
+        PROTO_TCP,
+        22,
+        16,
+        50,
+    );
+    allow(
+        &mut h.dp,
+        EP_A,
+        IDENTITY_HOST,
+        DIR_EGRESS,
+        PROTO_TCP,
+        10250,
+        16,
+        51,
+    );
+    // IDENTITY_ANY: UDP 53 allowed to anyone (the world's verdict), the node included.
+    allow(
+        &mut h.dp,
+        EP_A,
+        IDENTITY_ANY,
+        DIR_EGRESS,
+        PROTO_UDP,
+        53,
+        16,
+        52,
+    );
+    judge_host_egress(h, 2);
+    let _ = h.events().drain();
+    h.case(
+        "node: denied (v4)",
+        "a",
+        e,
+        &ipv4(A4, HOST4, PROTO_TCP, &tcp(44000, 22)),
+        SHOT,
+        DROP_DENY_RULE,
+    );
+    one_event(h, "node: denied", DROP_DENY_RULE, 50, 22);
+    h.case(
+        "node: denied (v6)",
+        "a",
+        e,
+        &ipv6(A6, HOST6, PROTO_TCP, &tcp(44000, 22)),
+        SHOT,
+        DROP_DENY_RULE,
+    );
+    h.case(
+        "node: no entry",
+        "a",
+        e,
+        &ipv4(A4, HOST4, PROTO_TCP, &tcp(44001, 23)),
+        SHOT,
+        DROP_POLICY,
+    );
+    h.case(
+        "node: a non-first fragment of no known flow",
+        "a",
+        e,
+        &ipv4_with(
+            A4,
+            HOST4,
+            PROTO_UDP,
+            &[7; 16],
+            V4 {
+                id: 0x4444,
+                frag_offset: 185,
+                ..V4::default()
+            },
+        ),
+        SHOT,
+        DROP_FRAGMENT,
+    );
+    h.case(
+        "node: allowed by its entry",
+        "a",
+        e,
+        &ipv4(A4, HOST4, PROTO_TCP, &tcp(44002, 10250)),
+        OK,
+        ALLOW_POLICY,
+    );
+    h.case(
+        "node: the reply passes as the flow's",
+        "a",
+        i,
+        &ipv4(
+            HOST4,
+            A4,
+            PROTO_TCP,
+            &tcp_flags(10250, 44002, TCP_SYN | TCP_ACK),
+        ),
+        OK,
+        ALLOW_REPLY,
+    );
+    h.case(
+        "node: the flow is tracked",
+        "a",
+        e,
+        &ipv4(A4, HOST4, PROTO_TCP, &tcp_flags(44002, 10250, TCP_ACK)),
+        OK,
+        ALLOW_ESTABLISHED,
+    );
+    h.case(
+        "node: allowed by the any entry",
+        "a",
+        e,
+        &ipv6(A6, HOST6, PROTO_UDP, &udp(44003, 53, b"q")),
+        OK,
+        ALLOW_POLICY,
+    );
+    // The node's entry turns to a deny: the open flow is cut, not let go as the node's.
+    deny(
+        &mut h.dp,
+        EP_A,
+        IDENTITY_HOST,
+        DIR_EGRESS,
+        PROTO_TCP,
+        10250,
+        16,
+        53,
+    );
+    h.set_epoch("a", 3);
+    h.case(
+        "node: the flow after the deny",
+        "a",
+        e,
+        &ipv4(A4, HOST4, PROTO_TCP, &tcp_flags(44002, 10250, TCP_ACK)),
+        SHOT,
+        DROP_REVOKED,
+    );
+    h.case(
+        "node: its reply after the deny",
+        "a",
+        i,
+        &ipv4(HOST4, A4, PROTO_TCP, &tcp_flags(10250, 44002, TCP_ACK)),
+        SHOT,
+        DROP_REVOKED,
+    );
+}
+
+/// Without `EP_EGRESS_HOST_JUDGED` the node stays allowed and untracked, whatever entries name
+/// `IDENTITY_HOST` or `IDENTITY_ANY`.
+fn egress_to_the_node_is_allowed_without_the_host_judged_flag(h: &mut Harness) {
+    let e = Hook::Ingress;
+    deny(
+        &mut h.dp,
+        EP_A,
+        IDENTITY_HOST,
+        DIR_EGRESS,
+        PROTO_TCP,
+        22,
+        16,
+        54,
+    );
+    deny(
+        &mut h.dp,
+        EP_A,
+        IDENTITY_ANY,
+        DIR_EGRESS,
+        PROTO_TCP,
+        22,
+        16,
+        55,
+    );
+    for (what, frame) in [
+        ("v4", ipv4(A4, HOST4, PROTO_TCP, &tcp(44100, 22))),
+        (
+            "v4 again: untracked",
+            ipv4(A4, HOST4, PROTO_TCP, &tcp(44100, 22)),
+        ),
+        ("icmp", ipv4(A4, HOST4, 1, &echo(8, 80, 1))),
+    ] {
+        h.case(what, "a", e, &frame, OK, ALLOW_HOST);
+    }
+    if h.dp
+        .conntrack
+        .entries()
+        .unwrap()
+        .into_iter()
+        .any(|(k, _)| k.endpoint == EP_A)
+    {
+        h.failures
+            .push("no flag: a flow to the node was tracked".into());
+    }
+}
+
+/// The node's own packets into a pod (kubelet probes) stay allowed and untracked with
+/// `EP_EGRESS_HOST_JUDGED` set, even where entries deny the node or anyone in ingress.
+fn ingress_from_the_node_stays_allowed_with_the_host_judged_flag(h: &mut Harness) {
+    let i = Hook::Egress;
+    deny(
+        &mut h.dp,
+        EP_A,
+        IDENTITY_HOST,
+        DIR_INGRESS,
+        PROTO_TCP,
+        8080,
+        16,
+        56,
+    );
+    deny(
+        &mut h.dp,
+        EP_A,
+        IDENTITY_ANY,
+        DIR_INGRESS,
+        PROTO_TCP,
+        8080,
+        16,
+        57,
+    );
+    judge_host_egress(h, 2);
+    for what in ["probe", "probe again: untracked"] {
+        h.case(
+            what,
+            "a",
+            i,
+            &ipv4(HOST4, A4, PROTO_TCP, &tcp(44200, 8080)),
+            OK,
+            ALLOW_HOST,
+        );
+    }
+    if h.dp
+        .conntrack
+        .entries()
+        .unwrap()
+        .into_iter()
+        .any(|(k, _)| k.endpoint == EP_A)
+    {
+        h.failures.push("flag: a probe was tracked".into());
+    }
+}
+
+/// An endpoint whose egress to the node is judged but which has no policy entries at all
+/// (its policy not found, or not programmed): egress to the node is denied, as everything
+/// else in an isolated direction.
+fn a_host_judged_endpoint_without_entries_fails_closed(h: &mut Harness) {
+    let e = Hook::Ingress;
+    let c = h.dp.endpoints.get(&h.ifs["c"]).unwrap().unwrap();
+    h.set_flags_epoch("c", c.flags | EP_EGRESS_ISOLATED | EP_EGRESS_HOST_JUDGED, 2);
+    for (what, frame) in [
+        (
+            "tcp to the node",
+            ipv4(C4, HOST4, PROTO_TCP, &tcp(44300, 10250)),
+        ),
+        (
+            "udp to the node",
+            ipv4(C4, HOST4, PROTO_UDP, &udp(44301, 53, b"q")),
+        ),
+        ("icmp to the node", ipv4(C4, HOST4, 1, &echo(8, 81, 1))),
+        (
+            "to the world",
+            ipv4(C4, WORLD4, PROTO_TCP, &tcp(44302, 443)),
+        ),
+    ] {
+        h.case(what, "c", e, &frame, SHOT, DROP_POLICY);
+    }
+}
+
+/// In a direction only audit policies isolate, a deny entry is a would-drop, as a miss is.
+fn a_deny_entry_in_an_audit_only_direction_is_a_would_drop(h: &mut Harness) {
+    let c = h.dp.endpoints.get(&h.ifs["c"]).unwrap().unwrap();
+    h.set_flags_epoch("c", c.flags | EP_INGRESS_AUDIT, 2);
+    deny(&mut h.dp, EP_C, ID_B, DIR_INGRESS, PROTO_TCP, 80, 16, 58);
+    h.case(
+        "audit: a deny entry",
+        "c",
+        Hook::Egress,
+        &ipv4(B4, C4, PROTO_TCP, &tcp(44400, 80)),
+        OK,
+        ALLOW_AUDIT,
+    );
 }
 
 fn allow_none(dp: &mut Datapath, ep: u32, id: u32, dir: u8, proto: u8, port: u16, len: u8) {

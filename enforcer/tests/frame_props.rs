@@ -6,9 +6,11 @@
 //! - **The world** (fixed): five local endpoints isolated in both directions, egress only,
 //!   ingress only, neither, and both with no rule at all, plus an interface without an endpoint
 //!   entry; two remote pods, the node, an ipBlock with an except (IPv4 and IPv6); port rules
-//!   (single ports, ranges, all ports), TCP, UDP, SCTP and any protocol. The rules are written
-//!   as NetworkPolicy semantics (peer pods, ipBlocks, protocol, port range); [`program`] turns
-//!   them into map entries by hand (identities, port blocks, masks).
+//!   (single ports, ranges, all ports), TCP, UDP, SCTP and any protocol, a few of them deny
+//!   rules (a cluster policy's `Deny`), and one endpoint whose egress to the node the rules
+//!   judge (`EP_EGRESS_HOST_JUDGED`). The rules are written as policy semantics (peer pods,
+//!   ipBlocks, the node, protocol, port range, allow or deny); [`program`] turns them into map
+//!   entries by hand (identities, port blocks, masks, the deny bit).
 //! - **The model** ([`model`]) is written from the documented semantics (docs/architecture.md,
 //!   "How a packet is judged"; the README's security model), not from the programs' code: it
 //!   parses frames itself and says whether a frame may pass, tracking the flows and first
@@ -43,10 +45,10 @@ use enforcer::{
     reconcile::MapTable,
 };
 use enforcer_common::{
-    DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6, EP_INGRESS_ISOLATED,
-    EndpointInfo, FragKey, FragValue, IDENTITY_ANY, IDENTITY_HOST, MAP_FRAGMENTS,
-    PORT_MASK_ANY_PROTO, PROTO_ANY, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerInfo, PolicyKey,
-    PolicyValue, REASON_NAMES,
+    DIR_EGRESS, DIR_INGRESS, EP_EGRESS_HOST_JUDGED, EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6,
+    EP_INGRESS_ISOLATED, EndpointInfo, FragKey, FragValue, IDENTITY_ANY, IDENTITY_HOST,
+    MAP_FRAGMENTS, PORT_MASK_ANY_PROTO, PROTO_ANY, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PeerInfo,
+    PolicyKey, PolicyValue, REASON_NAMES, RULE_DENY,
 };
 use enforcer_policy::state::Prefix;
 use enforcer_testkit::netns::BpfMount;
@@ -259,6 +261,9 @@ struct Local {
     id: u32,
     iso_in: bool,
     iso_out: bool,
+    /// Egress to the node is judged by the rules (`EP_EGRESS_HOST_JUDGED`), not always
+    /// allowed.
+    host_judged: bool,
 }
 
 impl Local {
@@ -284,6 +289,7 @@ const IFACES: &[Iface] = &[
             id: 1,
             iso_in: true,
             iso_out: true,
+            host_judged: false,
         }),
     },
     Iface {
@@ -293,6 +299,7 @@ const IFACES: &[Iface] = &[
             id: 2,
             iso_in: false,
             iso_out: true,
+            host_judged: true,
         }),
     },
     Iface {
@@ -302,6 +309,7 @@ const IFACES: &[Iface] = &[
             id: 3,
             iso_in: true,
             iso_out: false,
+            host_judged: false,
         }),
     },
     Iface {
@@ -311,6 +319,7 @@ const IFACES: &[Iface] = &[
             id: 4,
             iso_in: false,
             iso_out: false,
+            host_judged: false,
         }),
     },
     Iface {
@@ -320,6 +329,7 @@ const IFACES: &[Iface] = &[
             id: 5,
             iso_in: true,
             iso_out: true,
+            host_judged: false,
         }),
     },
     Iface {
@@ -336,6 +346,8 @@ enum Peers {
     Pods(&'static [&'static str]),
     /// The ipBlock (both families), minus its except.
     Block,
+    /// The node's own addresses (a cluster policy's `nodes` peer matching this node).
+    Node,
 }
 
 #[derive(Clone, Copy)]
@@ -351,6 +363,8 @@ struct Rule {
     dir: Dir,
     peers: Peers,
     ports: Ports,
+    /// A cluster policy's `Deny` (entries with `RULE_DENY`).
+    deny: bool,
 }
 
 const fn rule(ep: &'static str, dir: Dir, peers: Peers, ports: Ports) -> Rule {
@@ -359,6 +373,20 @@ const fn rule(ep: &'static str, dir: Dir, peers: Peers, ports: Ports) -> Rule {
         dir,
         peers,
         ports,
+        deny: false,
+    }
+}
+
+/// A deny rule. The programs take the first entry found (the peer's identity before
+/// `IDENTITY_ANY`, longer port prefixes first), the model lets any matching deny rule win: the
+/// deny rules below are chosen so both agree (no allow of the same identity is more specific).
+const fn deny_rule(ep: &'static str, dir: Dir, peers: Peers, ports: Ports) -> Rule {
+    Rule {
+        ep,
+        dir,
+        peers,
+        ports,
+        deny: true,
     }
 }
 
@@ -396,6 +424,19 @@ const RULES: &[Rule] = &[
         Ports::Range(PROTO_TCP, 443, 443),
     ),
     rule("a", Dir::In, Peers::Pods(&["p9"]), Ports::AnyProto),
+    // b is denied TCP 81 and, over the any-peer allow above, 8001.
+    deny_rule(
+        "a",
+        Dir::In,
+        Peers::Pods(&["b"]),
+        Ports::Range(PROTO_TCP, 81, 81),
+    ),
+    deny_rule(
+        "a",
+        Dir::In,
+        Peers::Pods(&["b"]),
+        Ports::Range(PROTO_TCP, 8001, 8001),
+    ),
     rule(
         "a",
         Dir::Out,
@@ -435,6 +476,16 @@ const RULES: &[Rule] = &[
         Ports::Range(PROTO_UDP, 0, 65535),
     ),
     rule("e", Dir::Out, Peers::Any, Ports::Range(PROTO_UDP, 53, 53)),
+    // e's egress to the node is judged: TCP 10250 allowed, TCP 22 denied (as is anything
+    // else but UDP 53, allowed to any peer above); TCP 25 denied to anyone.
+    rule(
+        "e",
+        Dir::Out,
+        Peers::Node,
+        Ports::Range(PROTO_TCP, 10250, 10250),
+    ),
+    deny_rule("e", Dir::Out, Peers::Node, Ports::Range(PROTO_TCP, 22, 22)),
+    deny_rule("e", Dir::Out, Peers::Any, Ports::Range(PROTO_TCP, 25, 25)),
     // i: ingress isolated.
     rule(
         "i",
@@ -500,6 +551,7 @@ impl Peers {
                 p.v4.map(IpAddr::V4) == Some(addr) || p.v6.map(IpAddr::V6) == Some(addr)
             }),
             Peers::Block => in_prefix(addr, BLOCK4, BLOCK6) && !in_prefix(addr, EXCEPT4, EXCEPT6),
+            Peers::Node => is_node(addr),
         }
     }
 }
@@ -564,6 +616,7 @@ fn program(dp: &mut Datapath, ifindex: &[u32]) {
             Peers::Any => vec![IDENTITY_ANY],
             Peers::Pods(names) => names.iter().map(|n| pod(n).identity).collect(),
             Peers::Block => vec![ID_BLOCK],
+            Peers::Node => vec![IDENTITY_HOST],
         };
         let keys: Vec<(u8, u16, u8)> = match r.ports {
             Ports::AnyProto => vec![(PROTO_ANY, 0, 0)],
@@ -579,7 +632,7 @@ fn program(dp: &mut Datapath, ifindex: &[u32]) {
                     .set(
                         &PolicyKey::new(ep.id, id, r.dir.num(), proto, port, len),
                         &PolicyValue {
-                            rule: 100 + n as u32,
+                            rule: (100 + n as u32) | if r.deny { RULE_DENY } else { 0 },
                             _pad: 0,
                         },
                     )
@@ -600,7 +653,12 @@ fn program(dp: &mut Datapath, ifindex: &[u32]) {
             flags: (if l.iso_in { EP_INGRESS_ISOLATED } else { 0 })
                 | (if l.iso_out { EP_EGRESS_ISOLATED } else { 0 })
                 | (if p.v4.is_some() { EP_HAS_V4 } else { 0 })
-                | (if p.v6.is_some() { EP_HAS_V6 } else { 0 }),
+                | (if p.v6.is_some() { EP_HAS_V6 } else { 0 })
+                | (if l.host_judged {
+                    EP_EGRESS_HOST_JUDGED
+                } else {
+                    0
+                }),
             epoch: 1,
             identity: p.identity,
             port_masks: masks.get(l.pod).copied().unwrap_or_default(),
@@ -1395,11 +1453,19 @@ mod model {
         matches!(a, IpAddr::V6(a) if a.segments()[0] & 0xffc0 == 0xfe80)
     }
 
-    /// Whether a new flow from (`Out`) or to (`In`) the pod of `ep` with `peer` may start.
+    /// Whether a new flow from (`Out`) or to (`In`) the pod of `ep` with `peer` may start: a
+    /// rule allows it and no deny rule matches it.
     pub fn policy_allows(ep: &str, dir: Dir, peer: IpAddr, proto: u8, dport: Option<u16>) -> bool {
-        RULES.iter().any(|r| {
-            r.ep == ep && r.dir == dir && r.peers.contains(peer) && r.ports.allows(proto, dport)
-        })
+        let matching = |deny: bool| {
+            RULES.iter().any(|r| {
+                r.deny == deny
+                    && r.ep == ep
+                    && r.dir == dir
+                    && r.peers.contains(peer)
+                    && r.ports.allows(proto, dport)
+            })
+        };
+        matching(false) && !matching(true)
     }
 
     impl Model {
@@ -1476,7 +1542,7 @@ mod model {
                 Dir::Out => ip.dst,
                 Dir::In => ip.src,
             };
-            if is_node(peer) {
+            if is_node(peer) && !(dir == Dir::Out && local.host_judged) {
                 return allow("the node");
             }
             if let Frag::Later(id) = ip.frag {
@@ -1702,6 +1768,13 @@ impl Gen {
                     (true, 0) => IpAddr::V6(ip6(0x2001, 0xdb8, u16::from(b) << 8 | 0x11, c.into())),
                     (true, 1) => IpAddr::V6(ip6(0x2001, 0xdb8, 5, c.into())),
                     (true, _) => IpAddr::V6(ip6(0x2001, 0xdb9, b.into(), c.into())),
+                }
+            }
+            Peers::Node => {
+                if v6 {
+                    IpAddr::V6(NODE6)
+                } else {
+                    IpAddr::V4(NODE4)
                 }
             }
         }

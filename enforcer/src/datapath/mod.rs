@@ -560,6 +560,15 @@ impl Datapath {
                 .with_context(|| format!("program {name} is not a classifier"))?;
             prog.load()
                 .with_context(|| format!("loading program {name} (verifier)"))?;
+            // How much of the verifier's budget (1M instructions processed) each program takes:
+            // `from_pod` runs close to it.
+            if let Some(n) = prog
+                .info()
+                .ok()
+                .and_then(|i| i.verified_instruction_count())
+            {
+                log::debug!("program {name}: {n} instructions processed by the verifier");
+            }
         }
         // The tail calls between `to_pod` and the judge of deferred Service packets, and to the
         // program that lets audit mode's would-drop flows through (without it they drop, as

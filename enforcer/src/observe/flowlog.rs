@@ -631,4 +631,40 @@ mod tests {
         assert_eq!(l["reason"], "audit");
         assert_eq!(l["policy"], "x/lockdown, x/other");
     }
+
+    #[test]
+    fn a_rule_denied_drop_names_the_deny_rule() {
+        let mut v = view();
+        let mut state = (*v.state).clone();
+        let ep = state.endpoints.values().next().unwrap().info.id;
+        state.rules.insert(
+            7,
+            enforcer_policy::state::RuleRef::Tier {
+                tier: enforcer_policy::tiers::Tier::Admin,
+                policy: "AdminNetworkPolicy/lockdown".into(),
+                direction: DIR_EGRESS,
+                rule: "no-db".into(),
+                index: 0,
+                action: "Deny",
+            },
+        );
+        v.state = Arc::new(state);
+        let log = FlowLog::new(
+            Arc::new(Mutex::new(v)),
+            Arc::new(FlowLogStats::default()),
+            10,
+        );
+        let mut e = event([10, 0, 0, 1], [10, 0, 1, 2]);
+        e.endpoint = ep;
+        e.reason = reason::DROP_DENY_RULE;
+        let want = "AdminNetworkPolicy/lockdown egress[0] \"no-db\" (Admin, Deny)";
+        // The programs report the rule id without the deny bit; one carrying it names the same.
+        for rule in [7, 7 | enforcer_common::RULE_DENY] {
+            e.rule = rule;
+            let l = log.line(&e);
+            assert_eq!(l["verdict"], "dropped");
+            assert_eq!(l["reason"], "rule-denied");
+            assert_eq!(l["policy"], want);
+        }
+    }
 }
