@@ -4016,104 +4016,76 @@ fn deny(dp: &mut Datapath, ep: u32, id: u32, dir: u8, proto: u8, port: u16, len:
     allow(dp, ep, id, dir, proto, port, len, rule | RULE_DENY);
 }
 
-/// Checks that the events sent since the last drain are exactly one, of `reason` naming `rule`
-/// (without the deny bit) for a packet to destination port `dport`.
-fn one_event(h: &mut Harness, what: &str, reason: u8, rule: u32, dport: u16) {
-    let got = h.events().drain();
-    if !(got.len() == 1 && got[0].reason == reason && got[0].rule == rule && got[0].dport == dport)
-    {
-        h.failures.push(format!(
-            "{what}: one {} event naming rule {rule} expected, got {got:?}",
-            REASON_NAMES[reason as usize]
-        ));
-    }
-}
-
 /// The node's IPv6 address (a peer of `IDENTITY_HOST`), for the groups that need it.
 const HOST6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0xfe);
 
+impl Harness {
+    /// Runs `frame` as [`Harness::case`] expecting a drop as `rule-denied`, then checks that it
+    /// sent exactly one event, of that reason, naming `rule` (without the deny bit).
+    fn rule_denied(&mut self, name: &str, iface: &str, hook: Hook, frame: &[u8], rule: u32) {
+        let _ = self.events().drain();
+        self.case(name, iface, hook, frame, SHOT, DROP_DENY_RULE);
+        let got = self.events().drain();
+        if !(got.len() == 1 && got[0].reason == DROP_DENY_RULE && got[0].rule == rule) {
+            self.failures.push(format!(
+                "{name}: one rule-denied event naming rule {rule} expected, got {got:?}"
+            ));
+        }
+    }
+
+    /// [`Harness::case`] for each of `cases`: name, interface, hook, frame, action, reason.
+    fn cases(&mut self, cases: &[(&str, &str, Hook, Vec<u8>, i32, u8)]) {
+        for (name, iface, hook, frame, act, reason) in cases {
+            self.case(name, iface, *hook, frame, *act, *reason);
+        }
+    }
+
+    /// Sets `flags` on endpoint `iface` besides its own (a new epoch, as the agent writes it).
+    fn add_flags(&mut self, iface: &str, flags: u32, epoch: u32) {
+        let e = self.dp.endpoints.get(&self.ifs[iface]).unwrap().unwrap();
+        self.set_flags_epoch(iface, e.flags | flags, epoch);
+    }
+
+    /// Fails when conntrack holds a flow of endpoint `ep`.
+    fn no_flow_of(&mut self, ep: u32, what: &str) {
+        let entries = self.dp.conntrack.entries().unwrap();
+        if entries.into_iter().any(|(k, _)| k.endpoint == ep) {
+            self.failures.push(format!("{what}: tracked"));
+        }
+    }
+}
+
 /// A new flow whose lookup finds a deny entry first is dropped as `rule-denied`, and its event
 /// names the rule without the deny bit: in both directions, IPv6 (the full path) and IPv4 (the
-/// fast path hands the denial to the full path), a port entry and an any-protocol one.
+/// fast path hands the denial to the full path, which reports it), a port entry and an
+/// any-protocol one, untracked; a miss stays `policy-denied`.
 fn a_deny_entry_drops_a_new_flow_and_names_its_rule(h: &mut Harness) {
     let (i, e) = (Hook::Egress, Hook::Ingress);
     deny(&mut h.dp, EP_A, ID_B, DIR_INGRESS, PROTO_TCP, 81, 16, 40);
     deny(&mut h.dp, EP_A, ID_B, DIR_EGRESS, PROTO_ANY, 0, 0, 41);
-    let _ = h.events().drain();
-    h.case(
-        "deny: v6 in",
+    let b_in = ipv4(B4, A4, PROTO_TCP, &tcp(40000, 81));
+    h.rule_denied(
+        "v6 in",
         "a",
         i,
         &ipv6(B6, A6, PROTO_TCP, &tcp(40000, 81)),
-        SHOT,
-        DROP_DENY_RULE,
+        40,
     );
-    one_event(h, "deny: v6 in", DROP_DENY_RULE, 40, 81);
-    h.case(
-        "deny: v4 in (fast path first)",
-        "a",
-        i,
-        &ipv4(B4, A4, PROTO_TCP, &tcp(40000, 81)),
-        SHOT,
-        DROP_DENY_RULE,
-    );
-    one_event(h, "deny: v4 in", DROP_DENY_RULE, 40, 81);
-    h.case(
-        "deny: v4 out, any protocol",
-        "a",
-        e,
-        &ipv4(A4, B4, PROTO_UDP, &udp(40001, 53, b"q")),
-        SHOT,
-        DROP_DENY_RULE,
-    );
-    one_event(h, "deny: v4 out", DROP_DENY_RULE, 41, 53);
-    h.case(
-        "deny: v4 out, icmp (full path only)",
-        "a",
-        e,
-        &ipv4(A4, B4, 1, &echo(8, 79, 1)),
-        SHOT,
-        DROP_DENY_RULE,
-    );
-    let got = h.events().drain();
-    if !(got.len() == 1 && got[0].reason == DROP_DENY_RULE && got[0].rule == 41) {
-        h.failures.push(format!(
-            "deny: icmp: one rule-denied event of rule 41, got {got:?}"
-        ));
-    }
-    // Not tracked: the next packet is judged (and denied) anew.
-    h.case(
-        "deny: the denied flow's next packet",
-        "a",
-        i,
-        &ipv4(B4, A4, PROTO_TCP, &tcp(40000, 81)),
-        SHOT,
-        DROP_DENY_RULE,
-    );
-    // A miss is still a plain policy drop, unnamed.
-    h.case(
-        "deny: no entry",
-        "a",
-        i,
-        &ipv4(B4, A4, PROTO_TCP, &tcp(40000, 82)),
-        SHOT,
-        DROP_POLICY,
-    );
-    let _ = h.events().drain();
-    // The denial holds with allowed flows logged (the fast path then leaves every new flow to
-    // the full path, which looks the policy up itself).
+    h.rule_denied("v4 in (fast path first)", "a", i, &b_in, 40);
+    h.rule_denied("v4 in again: untracked", "a", i, &b_in, 40);
+    let udp_out = ipv4(A4, B4, PROTO_UDP, &udp(40001, 53, b"q"));
+    h.rule_denied("v4 out, any protocol", "a", e, &udp_out, 41);
+    let echo_out = ipv4(A4, B4, 1, &echo(8, 79, 1));
+    h.rule_denied("icmp out (full path only)", "a", e, &echo_out, 41);
+    let miss = ipv4(B4, A4, PROTO_TCP, &tcp(40000, 82));
+    h.case("no entry", "a", i, &miss, SHOT, DROP_POLICY);
+    // With allowed flows logged the fast path leaves every new flow to the full path, which
+    // then looks the policy up itself.
     let mut cfg = h.dp.config().unwrap();
     cfg.flags |= CONFIG_LOG_ALLOWED;
     h.dp.set_config(&cfg).unwrap();
-    h.case(
-        "deny: v4 in, allowed flows logged",
-        "a",
-        i,
-        &ipv4(B4, A4, PROTO_TCP, &tcp(40002, 81)),
-        SHOT,
-        DROP_DENY_RULE,
-    );
-    one_event(h, "deny: logged", DROP_DENY_RULE, 40, 81);
+    let b_in = ipv4(B4, A4, PROTO_TCP, &tcp(40002, 81));
+    h.rule_denied("v4 in, allowed flows logged", "a", i, &b_in, 40);
 }
 
 /// The peer's identity is looked up before `IDENTITY_ANY`, whatever the entries say: a deny
@@ -4134,158 +4106,86 @@ fn a_deny_entry_for_the_peers_identity_beats_the_any_allow(h: &mut Harness) {
         16,
         43,
     );
-    let _ = h.events().drain();
-    h.case(
-        "identity deny over any allow",
-        "a",
-        i,
-        &ipv4(B4, A4, PROTO_TCP, &tcp(41000, 8001)),
-        SHOT,
-        DROP_DENY_RULE,
-    );
-    one_event(h, "identity deny over any allow", DROP_DENY_RULE, 42, 8001);
-    h.case(
-        "the any allow for another peer",
-        "a",
-        i,
-        &ipv4(WORLD4, A4, PROTO_TCP, &tcp(41000, 8001)),
-        OK,
-        ALLOW_POLICY,
-    );
-    h.case(
-        "identity allow over any deny",
-        "a",
-        i,
-        &ipv6(B6, A6, PROTO_TCP, &tcp(41001, 80)),
-        OK,
-        ALLOW_POLICY,
-    );
-    h.case(
-        "the any deny for another peer",
-        "a",
-        i,
-        &ipv4(WORLD4, A4, PROTO_TCP, &tcp(41002, 80)),
-        SHOT,
-        DROP_DENY_RULE,
-    );
-    one_event(h, "the any deny", DROP_DENY_RULE, 43, 80);
+    let b = ipv4(B4, A4, PROTO_TCP, &tcp(41000, 8001));
+    h.rule_denied("identity deny over any allow", "a", i, &b, 42);
+    let world = ipv4(WORLD4, A4, PROTO_TCP, &tcp(41002, 80));
+    h.rule_denied("the any deny for another peer", "a", i, &world, 43);
+    h.cases(&[
+        (
+            "the any allow for another peer",
+            "a",
+            i,
+            ipv4(WORLD4, A4, PROTO_TCP, &tcp(41000, 8001)),
+            OK,
+            ALLOW_POLICY,
+        ),
+        (
+            "identity allow over any deny",
+            "a",
+            i,
+            ipv6(B6, A6, PROTO_TCP, &tcp(41001, 80)),
+            OK,
+            ALLOW_POLICY,
+        ),
+    ]);
 }
 
 /// An Admin Deny added while a flow is open cuts it: after the epoch moves, the re-check finds
 /// the deny entry and revokes the flow in both directions, IPv4 and IPv6.
 fn an_established_flow_is_revoked_when_a_deny_entry_replaces_its_allow(h: &mut Harness) {
     let (i, e) = (Hook::Egress, Hook::Ingress);
-    h.case(
-        "v4 flow opens (rule 20)",
-        "a",
-        e,
-        &ipv4(A4, B4, PROTO_TCP, &tcp(42000, 5432)),
-        OK,
-        ALLOW_POLICY,
-    );
-    h.case(
-        "v6 flow opens (rule 20)",
-        "a",
-        e,
-        &ipv6(A6, B6, PROTO_TCP, &tcp(42001, 5432)),
-        OK,
-        ALLOW_POLICY,
-    );
-    h.case(
-        "v4 reply",
-        "a",
-        i,
-        &ipv4(
-            B4,
-            A4,
-            PROTO_TCP,
-            &tcp_flags(5432, 42000, TCP_SYN | TCP_ACK),
+    let v4 = |s, d, f| ipv4(A4, B4, PROTO_TCP, &tcp_flags(s, d, f));
+    let v4_reply = ipv4(B4, A4, PROTO_TCP, &tcp_flags(5432, 42000, TCP_ACK));
+    let v6 = |f| ipv6(A6, B6, PROTO_TCP, &tcp_flags(42001, 5432, f));
+    h.cases(&[
+        (
+            "v4 opens",
+            "a",
+            e,
+            v4(42000, 5432, TCP_SYN),
+            OK,
+            ALLOW_POLICY,
         ),
-        OK,
-        ALLOW_REPLY,
-    );
+        ("v6 opens", "a", e, v6(TCP_SYN), OK, ALLOW_POLICY),
+        ("v4 reply", "a", i, v4_reply.clone(), OK, ALLOW_REPLY),
+    ]);
     deny(&mut h.dp, EP_A, ID_B, DIR_EGRESS, PROTO_TCP, 5432, 16, 44);
-    // Same epoch: the flows are not re-checked yet.
+    let ack = v4(42000, 5432, TCP_ACK);
     h.case(
-        "before the epoch moves",
+        "same epoch: not re-checked",
         "a",
         e,
-        &ipv4(A4, B4, PROTO_TCP, &tcp_flags(42000, 5432, TCP_ACK)),
+        &ack,
         OK,
         ALLOW_ESTABLISHED,
     );
     h.set_epoch("a", 2);
-    h.case(
-        "v4 reply after the deny",
-        "a",
-        i,
-        &ipv4(B4, A4, PROTO_TCP, &tcp_flags(5432, 42000, TCP_ACK)),
-        SHOT,
-        DROP_REVOKED,
-    );
-    h.case(
-        "v4 flow's own packet after the deny",
-        "a",
-        e,
-        &ipv4(A4, B4, PROTO_TCP, &tcp_flags(42000, 5432, TCP_ACK)),
-        SHOT,
-        DROP_REVOKED,
-    );
-    h.case(
-        "v6 flow after the deny",
-        "a",
-        e,
-        &ipv6(A6, B6, PROTO_TCP, &tcp_flags(42001, 5432, TCP_ACK)),
-        SHOT,
-        DROP_REVOKED,
-    );
+    h.cases(&[
+        (
+            "v4 reply after the deny",
+            "a",
+            i,
+            v4_reply,
+            SHOT,
+            DROP_REVOKED,
+        ),
+        ("v4 after the deny", "a", e, ack, SHOT, DROP_REVOKED),
+        ("v6 after the deny", "a", e, v6(TCP_ACK), SHOT, DROP_REVOKED),
+    ]);
 }
 
 /// A Service flow whose backend a deny entry denies is dropped by the judge, named, and its
 /// flow revoked; the same for a backend on the node when the pod's egress to the node is
 /// judged (`EP_EGRESS_HOST_JUDGED`), which without the flag is allowed as the node.
 fn a_service_flow_to_a_denied_backend_is_dropped_by_the_judge(h: &mut Harness) {
-    let (i, e) = (Hook::Egress, Hook::Ingress);
     let service = PeerInfo {
         identity: enforcer_common::IDENTITY_SERVICE,
         flags: 0,
     };
     h.dp.peers_v4.set(&VIP4, &service).unwrap();
-    let syn = |s, d| tcp_flags(s, d, TCP_SYN);
     let eg = DIR_EGRESS;
-    // B on TCP 5432 was allowed (rule 20): now denied.
+    // B on TCP 5432 was allowed (rule 20): now denied. The node denied on 8443.
     deny(&mut h.dp, EP_A, ID_B, DIR_EGRESS, PROTO_TCP, 5432, 16, 45);
-    let m = h.marked(
-        "to a ClusterIP: deferred",
-        "a",
-        e,
-        &ipv4(A4, VIP4, PROTO_TCP, &syn(43000, 80)),
-        0,
-        OK,
-        &[(EP_A, eg, ALLOW_SERVICE)],
-    );
-    let _ = h.events().drain();
-    h.marked(
-        "translated to a denied backend",
-        "b",
-        i,
-        &ipv4(A4, B4, PROTO_TCP, &syn(43000, 5432)),
-        m,
-        SHOT,
-        &[(EP_A, eg, DROP_DENY_RULE)],
-    );
-    one_event(h, "judge: denied backend", DROP_DENY_RULE, 45, 5432);
-    h.marked(
-        "the denied flow's retransmission",
-        "a",
-        e,
-        &ipv4(A4, VIP4, PROTO_TCP, &syn(43000, 80)),
-        0,
-        SHOT,
-        &[(EP_A, eg, DROP_REVOKED)],
-    );
-
-    // A backend with the node's identity, seen leaving the node.
     deny(
         &mut h.dp,
         EP_A,
@@ -4296,46 +4196,65 @@ fn a_service_flow_to_a_denied_backend_is_dropped_by_the_judge(h: &mut Harness) {
         16,
         46,
     );
-    let to_node = |h: &mut Harness, sport: u16, want: u8| {
+    // Deferred, then translated to `backend`:`port` and judged on `iface`/`hook`.
+    let judged = |h: &mut Harness, sport: u16, to: (Ipv4Addr, u16, &str, Hook), want: (i32, u8)| {
+        let syn = |d: Ipv4Addr, port| ipv4(A4, d, PROTO_TCP, &tcp_flags(sport, port, TCP_SYN));
         let m = h.marked(
-            "to a ClusterIP: deferred",
+            "deferred",
             "a",
-            e,
-            &ipv4(A4, VIP4, PROTO_TCP, &syn(sport, 443)),
+            Hook::Ingress,
+            &syn(VIP4, 80),
             0,
             OK,
             &[(EP_A, eg, ALLOW_SERVICE)],
         );
-        let act = if want == ALLOW_HOST { NEXT } else { SHOT };
+        let _ = h.events().drain();
         h.marked(
-            "translated to a backend on the node",
-            "u",
-            Hook::Exit,
-            &ipv4(A4, HOST4, PROTO_TCP, &syn(sport, 8443)),
+            "judged",
+            to.2,
+            to.3,
+            &syn(to.0, to.1),
             m,
-            act,
-            &[(EP_A, eg, want)],
+            want.0,
+            &[(EP_A, eg, want.1)],
         );
+        h.events().drain()
     };
-    to_node(h, 43001, ALLOW_HOST);
-    let a = h.dp.endpoints.get(&h.ifs["a"]).unwrap().unwrap();
-    h.set_flags_epoch("a", a.flags | EP_EGRESS_HOST_JUDGED, 2);
-    let _ = h.events().drain();
-    to_node(h, 43002, DROP_DENY_RULE);
-    one_event(h, "judge: denied node backend", DROP_DENY_RULE, 46, 8443);
-}
-
-/// Sets `EP_EGRESS_HOST_JUDGED` on A (a new epoch, as the agent writes it).
-fn judge_host_egress(h: &mut Harness, epoch: u32) {
-    let a = h.dp.endpoints.get(&h.ifs["a"]).unwrap().unwrap();
-    h.set_flags_epoch("a", a.flags | EP_EGRESS_HOST_JUDGED, epoch);
+    let got = judged(
+        h,
+        43000,
+        (B4, 5432, "b", Hook::Egress),
+        (SHOT, DROP_DENY_RULE),
+    );
+    if !(got.len() == 1 && got[0].reason == DROP_DENY_RULE && got[0].rule == 45) {
+        h.failures
+            .push(format!("denied backend: one event of rule 45, got {got:?}"));
+    }
+    let retransmission = ipv4(A4, VIP4, PROTO_TCP, &tcp_flags(43000, 80, TCP_SYN));
+    h.case(
+        "the denied flow's retransmission",
+        "a",
+        Hook::Ingress,
+        &retransmission,
+        SHOT,
+        DROP_REVOKED,
+    );
+    // A backend with the node's identity, seen leaving the node.
+    let node = (HOST4, 8443, "u", Hook::Exit);
+    judged(h, 43001, node, (NEXT, ALLOW_HOST));
+    h.add_flags("a", EP_EGRESS_HOST_JUDGED, 2);
+    let got = judged(h, 43002, node, (SHOT, DROP_DENY_RULE));
+    if !(got.len() == 1 && got[0].reason == DROP_DENY_RULE && got[0].rule == 46) {
+        h.failures
+            .push(format!("node backend: one event of rule 46, got {got:?}"));
+    }
 }
 
 /// With `EP_EGRESS_HOST_JUDGED`, a new egress flow to the node is judged by the entries under
 /// `IDENTITY_HOST`, then those under `IDENTITY_ANY`: denied by a deny entry (named), by no
 /// entry, allowed and tracked by an allow (its replies pass as replies), in IPv4 (the fast
-/// path hands it over) and IPv6; the re-check after a policy change revokes it instead of
-/// letting it go as the node's.
+/// path hands it over) and IPv6; a later fragment needs its first; the re-check after a policy
+/// change revokes the flow instead of letting it go as the node's.
 fn egress_to_the_node_is_judged_when_the_endpoint_says_so(h: &mut Harness) {
     let (i, e) = (Hook::Egress, Hook::Ingress);
     let host = PeerInfo {
@@ -4374,88 +4293,71 @@ fn egress_to_the_node_is_judged_when_the_endpoint_says_so(h: &mut Harness) {
         16,
         52,
     );
-    judge_host_egress(h, 2);
-    let _ = h.events().drain();
-    h.case(
-        "node: denied (v4)",
+    h.add_flags("a", EP_EGRESS_HOST_JUDGED, 2);
+    h.rule_denied(
+        "v4",
         "a",
         e,
         &ipv4(A4, HOST4, PROTO_TCP, &tcp(44000, 22)),
-        SHOT,
-        DROP_DENY_RULE,
+        50,
     );
-    one_event(h, "node: denied", DROP_DENY_RULE, 50, 22);
-    h.case(
-        "node: denied (v6)",
+    h.rule_denied(
+        "v6",
         "a",
         e,
         &ipv6(A6, HOST6, PROTO_TCP, &tcp(44000, 22)),
-        SHOT,
-        DROP_DENY_RULE,
+        50,
     );
-    h.case(
-        "node: no entry",
-        "a",
-        e,
-        &ipv4(A4, HOST4, PROTO_TCP, &tcp(44001, 23)),
-        SHOT,
-        DROP_POLICY,
-    );
-    h.case(
-        "node: a non-first fragment of no known flow",
-        "a",
-        e,
-        &ipv4_with(
-            A4,
-            HOST4,
-            PROTO_UDP,
-            &[7; 16],
-            V4 {
-                id: 0x4444,
-                frag_offset: 185,
-                ..V4::default()
-            },
+    let later = V4 {
+        id: 0x4444,
+        frag_offset: 185,
+        ..V4::default()
+    };
+    let out = |f| ipv4(A4, HOST4, PROTO_TCP, &tcp_flags(44002, 10250, f));
+    let back = |f| ipv4(HOST4, A4, PROTO_TCP, &tcp_flags(10250, 44002, f));
+    h.cases(&[
+        (
+            "no entry",
+            "a",
+            e,
+            ipv4(A4, HOST4, PROTO_TCP, &tcp(44001, 23)),
+            SHOT,
+            DROP_POLICY,
         ),
-        SHOT,
-        DROP_FRAGMENT,
-    );
-    h.case(
-        "node: allowed by its entry",
-        "a",
-        e,
-        &ipv4(A4, HOST4, PROTO_TCP, &tcp(44002, 10250)),
-        OK,
-        ALLOW_POLICY,
-    );
-    h.case(
-        "node: the reply passes as the flow's",
-        "a",
-        i,
-        &ipv4(
-            HOST4,
-            A4,
-            PROTO_TCP,
-            &tcp_flags(10250, 44002, TCP_SYN | TCP_ACK),
+        (
+            "a later fragment of no known flow",
+            "a",
+            e,
+            ipv4_with(A4, HOST4, PROTO_UDP, &[7; 16], later),
+            SHOT,
+            DROP_FRAGMENT,
         ),
-        OK,
-        ALLOW_REPLY,
-    );
-    h.case(
-        "node: the flow is tracked",
-        "a",
-        e,
-        &ipv4(A4, HOST4, PROTO_TCP, &tcp_flags(44002, 10250, TCP_ACK)),
-        OK,
-        ALLOW_ESTABLISHED,
-    );
-    h.case(
-        "node: allowed by the any entry",
-        "a",
-        e,
-        &ipv6(A6, HOST6, PROTO_UDP, &udp(44003, 53, b"q")),
-        OK,
-        ALLOW_POLICY,
-    );
+        (
+            "allowed by its entry",
+            "a",
+            e,
+            out(TCP_SYN),
+            OK,
+            ALLOW_POLICY,
+        ),
+        (
+            "its reply",
+            "a",
+            i,
+            back(TCP_SYN | TCP_ACK),
+            OK,
+            ALLOW_REPLY,
+        ),
+        ("tracked", "a", e, out(TCP_ACK), OK, ALLOW_ESTABLISHED),
+        (
+            "allowed by the any entry",
+            "a",
+            e,
+            ipv6(A6, HOST6, PROTO_UDP, &udp(44003, 53, b"q")),
+            OK,
+            ALLOW_POLICY,
+        ),
+    ]);
     // The node's entry turns to a deny: the open flow is cut, not let go as the node's.
     deny(
         &mut h.dp,
@@ -4468,22 +4370,24 @@ fn egress_to_the_node_is_judged_when_the_endpoint_says_so(h: &mut Harness) {
         53,
     );
     h.set_epoch("a", 3);
-    h.case(
-        "node: the flow after the deny",
-        "a",
-        e,
-        &ipv4(A4, HOST4, PROTO_TCP, &tcp_flags(44002, 10250, TCP_ACK)),
-        SHOT,
-        DROP_REVOKED,
-    );
-    h.case(
-        "node: its reply after the deny",
-        "a",
-        i,
-        &ipv4(HOST4, A4, PROTO_TCP, &tcp_flags(10250, 44002, TCP_ACK)),
-        SHOT,
-        DROP_REVOKED,
-    );
+    h.cases(&[
+        (
+            "the flow after the deny",
+            "a",
+            e,
+            out(TCP_ACK),
+            SHOT,
+            DROP_REVOKED,
+        ),
+        (
+            "its reply after the deny",
+            "a",
+            i,
+            back(TCP_ACK),
+            SHOT,
+            DROP_REVOKED,
+        ),
+    ]);
 }
 
 /// Without `EP_EGRESS_HOST_JUDGED` the node stays allowed and untracked, whatever entries name
@@ -4510,26 +4414,20 @@ fn egress_to_the_node_is_allowed_without_the_host_judged_flag(h: &mut Harness) {
         16,
         55,
     );
-    for (what, frame) in [
-        ("v4", ipv4(A4, HOST4, PROTO_TCP, &tcp(44100, 22))),
+    let ssh = ipv4(A4, HOST4, PROTO_TCP, &tcp(44100, 22));
+    h.cases(&[
+        ("v4", "a", e, ssh.clone(), OK, ALLOW_HOST),
+        ("v4 again", "a", e, ssh, OK, ALLOW_HOST),
         (
-            "v4 again: untracked",
-            ipv4(A4, HOST4, PROTO_TCP, &tcp(44100, 22)),
+            "icmp",
+            "a",
+            e,
+            ipv4(A4, HOST4, 1, &echo(8, 80, 1)),
+            OK,
+            ALLOW_HOST,
         ),
-        ("icmp", ipv4(A4, HOST4, 1, &echo(8, 80, 1))),
-    ] {
-        h.case(what, "a", e, &frame, OK, ALLOW_HOST);
-    }
-    if h.dp
-        .conntrack
-        .entries()
-        .unwrap()
-        .into_iter()
-        .any(|(k, _)| k.endpoint == EP_A)
-    {
-        h.failures
-            .push("no flag: a flow to the node was tracked".into());
-    }
+    ]);
+    h.no_flow_of(EP_A, "no flag: a flow to the node");
 }
 
 /// The node's own packets into a pod (kubelet probes) stay allowed and untracked with
@@ -4556,26 +4454,13 @@ fn ingress_from_the_node_stays_allowed_with_the_host_judged_flag(h: &mut Harness
         16,
         57,
     );
-    judge_host_egress(h, 2);
-    for what in ["probe", "probe again: untracked"] {
-        h.case(
-            what,
-            "a",
-            i,
-            &ipv4(HOST4, A4, PROTO_TCP, &tcp(44200, 8080)),
-            OK,
-            ALLOW_HOST,
-        );
-    }
-    if h.dp
-        .conntrack
-        .entries()
-        .unwrap()
-        .into_iter()
-        .any(|(k, _)| k.endpoint == EP_A)
-    {
-        h.failures.push("flag: a probe was tracked".into());
-    }
+    h.add_flags("a", EP_EGRESS_HOST_JUDGED, 2);
+    let probe = ipv4(HOST4, A4, PROTO_TCP, &tcp(44200, 8080));
+    h.cases(&[
+        ("probe", "a", i, probe.clone(), OK, ALLOW_HOST),
+        ("probe again", "a", i, probe, OK, ALLOW_HOST),
+    ]);
+    h.no_flow_of(EP_A, "flag: a probe");
 }
 
 /// An endpoint whose egress to the node is judged but which has no policy entries at all
@@ -4583,37 +4468,53 @@ fn ingress_from_the_node_stays_allowed_with_the_host_judged_flag(h: &mut Harness
 /// else in an isolated direction.
 fn a_host_judged_endpoint_without_entries_fails_closed(h: &mut Harness) {
     let e = Hook::Ingress;
-    let c = h.dp.endpoints.get(&h.ifs["c"]).unwrap().unwrap();
-    h.set_flags_epoch("c", c.flags | EP_EGRESS_ISOLATED | EP_EGRESS_HOST_JUDGED, 2);
-    for (what, frame) in [
+    h.add_flags("c", EP_EGRESS_ISOLATED | EP_EGRESS_HOST_JUDGED, 2);
+    h.cases(&[
         (
             "tcp to the node",
+            "c",
+            e,
             ipv4(C4, HOST4, PROTO_TCP, &tcp(44300, 10250)),
+            SHOT,
+            DROP_POLICY,
         ),
         (
             "udp to the node",
+            "c",
+            e,
             ipv4(C4, HOST4, PROTO_UDP, &udp(44301, 53, b"q")),
+            SHOT,
+            DROP_POLICY,
         ),
-        ("icmp to the node", ipv4(C4, HOST4, 1, &echo(8, 81, 1))),
+        (
+            "icmp to the node",
+            "c",
+            e,
+            ipv4(C4, HOST4, 1, &echo(8, 81, 1)),
+            SHOT,
+            DROP_POLICY,
+        ),
         (
             "to the world",
+            "c",
+            e,
             ipv4(C4, WORLD4, PROTO_TCP, &tcp(44302, 443)),
+            SHOT,
+            DROP_POLICY,
         ),
-    ] {
-        h.case(what, "c", e, &frame, SHOT, DROP_POLICY);
-    }
+    ]);
 }
 
 /// In a direction only audit policies isolate, a deny entry is a would-drop, as a miss is.
 fn a_deny_entry_in_an_audit_only_direction_is_a_would_drop(h: &mut Harness) {
-    let c = h.dp.endpoints.get(&h.ifs["c"]).unwrap().unwrap();
-    h.set_flags_epoch("c", c.flags | EP_INGRESS_AUDIT, 2);
+    h.add_flags("c", EP_INGRESS_AUDIT, 2);
     deny(&mut h.dp, EP_C, ID_B, DIR_INGRESS, PROTO_TCP, 80, 16, 58);
+    let b = ipv4(B4, C4, PROTO_TCP, &tcp(44400, 80));
     h.case(
         "audit: a deny entry",
         "c",
         Hook::Egress,
-        &ipv4(B4, C4, PROTO_TCP, &tcp(44400, 80)),
+        &b,
         OK,
         ALLOW_AUDIT,
     );
