@@ -80,6 +80,58 @@ pub fn policies(n: usize) -> String {
     s
 }
 
+/// `n` cluster policies (ClusterNetworkPolicy v1alpha2) of the kinds an administrator writes:
+/// two thirds Admin (guardrails: deny a group or a network on a port range, accept monitoring,
+/// pass the rest down to the namespace owners), one third Baseline (defaults: deny a group,
+/// accept the namespace). Subjects are the bench namespace, the server's pods, or namespaces
+/// of other teams that have no pod here (most of a real cluster's policies select other
+/// namespaces); priorities spread over the API's range, with ties.
+pub fn cluster_policies(n: usize) -> String {
+    let mut s = String::with_capacity(n * 700);
+    for i in 0..n {
+        let admin = i % 3 != 2;
+        let subject = match i % 4 {
+            0 => format!(
+                "pods: {{namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {NS}}}}}, podSelector: {{matchLabels: {{role: srv}}}}}}"
+            ),
+            1 => format!("namespaces: {{matchLabels: {{kubernetes.io/metadata.name: {NS}}}}}"),
+            _ => format!("namespaces: {{matchLabels: {{team: t{}}}}}", i % 50),
+        };
+        let group = format!(
+            "{{pods: {{namespaceSelector: {{}}, podSelector: {{matchLabels: {{grp: g{}}}}}}}}}",
+            i % GROUPS
+        );
+        let lo = 20_000 + (i % 400) as u16 * 100;
+        let (ingress, egress) = if admin {
+            (
+                format!(
+                    "  - name: deny-g\n    action: Deny\n    from: [{group}]\n    protocols: [{{tcp: {{destinationPort: {{range: {{start: {lo}, end: {}}}}}}}}}]\n  - name: monitoring\n    action: Accept\n    from: [{{namespaces: {{matchLabels: {{kubernetes.io/metadata.name: monitoring}}}}}}]\n    protocols: [{{tcp: {{destinationPort: {{number: 9090}}}}}}]\n  - name: rest\n    action: Pass\n    from: [{{namespaces: {{}}}}]\n",
+                    lo + 99
+                ),
+                format!(
+                    "  - name: no-net\n    action: Deny\n    to: [{{networks: [192.168.{}.0/24, 172.16.{}.0/24]}}]\n  - name: pass-pods\n    action: Pass\n    to: [{{namespaces: {{}}}}]\n",
+                    i % 256,
+                    (i / 256) % 256
+                ),
+            )
+        } else {
+            (
+                format!(
+                    "  - name: deny-g\n    action: Deny\n    from: [{group}]\n  - name: same-ns\n    action: Accept\n    from: [{{namespaces: {{matchLabels: {{kubernetes.io/metadata.name: {NS}}}}}}}]\n"
+                ),
+                "  - name: dns\n    action: Accept\n    to: [{namespaces: {matchLabels: {kubernetes.io/metadata.name: kube-system}}}]\n    protocols: [{udp: {destinationPort: {number: 53}}}, {tcp: {destinationPort: {number: 53}}}]\n".to_string(),
+            )
+        };
+        let _ = write!(
+            s,
+            "---\napiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: cnp-{i}}}\nspec:\n  tier: {}\n  priority: {}\n  subject:\n    {subject}\n  ingress:\n{ingress}  egress:\n{egress}",
+            if admin { "Admin" } else { "Baseline" },
+            (i * 7) % 1000,
+        );
+    }
+    s
+}
+
 fn ports_yaml(ports: &[u16]) -> String {
     let p: Vec<String> = ports
         .iter()

@@ -136,12 +136,18 @@ fn main() -> Result<()> {
 
     if want("compile") {
         eprintln!("[bench] compile");
-        match net::compile_bench(10_000, 1_000, if quick { 1 } else { 3 }) {
+        match net::compile_bench(10_000, 1_000, 1_000, if quick { 1 } else { 3 }) {
             Ok(r) => {
                 eprintln!(
                     "    10k policies: parse {:.3} s, compile {:.3} s, {} entries",
                     r.parse_secs, r.compile_secs, r.policy_entries
                 );
+                if let Some(t) = &r.tiers {
+                    eprintln!(
+                        "    + {} cluster policies: compile {:.3} s, {} entries ({} deny)",
+                        t.cluster_policies, t.compile_secs, t.policy_entries, t.deny_entries
+                    );
+                }
                 rep.compile = Some(r);
             }
             Err(e) => rep.errors.push(format!("compile: {e:#}")),

@@ -1471,9 +1471,33 @@ pub struct CompileResult {
     pub all_local_compile_secs: f64,
     pub all_local_policy_entries: usize,
     pub all_local_endpoints: usize,
+    /// The same input with cluster policies (Admin and Baseline tiers) added.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tiers: Option<TiersCompileResult>,
 }
 
-pub fn compile_bench(policies: usize, remote: usize, runs: usize) -> Result<CompileResult> {
+/// [`CompileResult`]'s input with cluster policies beside the NetworkPolicies.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TiersCompileResult {
+    pub cluster_policies: usize,
+    /// Median of the runs, fresh allocations each.
+    pub compile_secs: f64,
+    pub compile_runs: Vec<f64>,
+    pub policy_entries: usize,
+    /// Entries that deny (`RULE_DENY`).
+    pub deny_entries: usize,
+    pub errors: usize,
+    pub all_local_compile_secs: f64,
+    pub all_local_policy_entries: usize,
+    pub all_local_deny_entries: usize,
+}
+
+pub fn compile_bench(
+    policies: usize,
+    cluster_policies: usize,
+    remote: usize,
+    runs: usize,
+) -> Result<CompileResult> {
     use enforcer::source::manifests;
     use enforcer_policy::{Allocations, CompileOptions, compile};
     let text = format!(
@@ -1520,7 +1544,64 @@ pub fn compile_bench(policies: usize, remote: usize, runs: usize) -> Result<Comp
     let t = Instant::now();
     let all = compile(&loaded.cluster, &all_opts, &mut alloc);
     let all_local_compile_secs = t.elapsed().as_secs_f64();
+
+    // The same input with cluster policies beside the NetworkPolicies.
+    let tiers = if cluster_policies > 0 {
+        let mut loaded = loaded.clone();
+        manifests::load_text(
+            Path::new("cluster-policies.yaml"),
+            &inputs::cluster_policies(cluster_policies),
+            &mut loaded,
+        );
+        manifests::finish(&mut loaded);
+        if !loaded.errors.is_empty() {
+            bail!(
+                "generated cluster policies do not load: {}",
+                loaded.errors[0]
+            );
+        }
+        if loaded.cluster.cluster_policies.len() != cluster_policies {
+            bail!(
+                "{} of {cluster_policies} generated cluster policies loaded",
+                loaded.cluster.cluster_policies.len()
+            );
+        }
+        let mut times = Vec::new();
+        let mut last = None;
+        for _ in 0..runs.max(1) {
+            let mut alloc = Allocations::new();
+            let t = Instant::now();
+            let c = compile(&loaded.cluster, &opts, &mut alloc);
+            times.push(t.elapsed().as_secs_f64());
+            last = Some(c);
+        }
+        let tc = last.expect("one run");
+        let t = Instant::now();
+        let all = compile(&loaded.cluster, &all_opts, &mut Allocations::new());
+        let all_local_compile_secs = t.elapsed().as_secs_f64();
+        let denies = |c: &enforcer_policy::Compiled| {
+            c.state
+                .policy
+                .values()
+                .filter(|v| v.rule & enforcer_common::RULE_DENY != 0)
+                .count()
+        };
+        Some(TiersCompileResult {
+            cluster_policies,
+            compile_secs: median(&times),
+            compile_runs: times,
+            policy_entries: tc.state.policy.len(),
+            deny_entries: denies(&tc),
+            errors: tc.errors.len(),
+            all_local_compile_secs,
+            all_local_policy_entries: all.state.policy.len(),
+            all_local_deny_entries: denies(&all),
+        })
+    } else {
+        None
+    };
     Ok(CompileResult {
+        tiers,
         policies: policies + 2,
         pods: remote + 2,
         parse_secs,

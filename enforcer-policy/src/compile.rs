@@ -24,10 +24,10 @@ use std::{
 
 use crate::cidr::Cidr;
 use enforcer_common::{
-    DEFAULT_MAX_ENDPOINTS, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_AUDIT, EP_EGRESS_ISOLATED, EP_HAS_V4,
-    EP_HAS_V6, EP_INGRESS_AUDIT, EP_INGRESS_ISOLATED, EndpointInfo, IDENTITY_ANY,
-    IDENTITY_FIRST_ALLOCATED, IDENTITY_HOST, IDENTITY_SERVICE, IDENTITY_WORLD, NodePortKey,
-    PORT_MASK_ANY_PROTO, PROTO_ANY, PeerInfo, PolicyKey, PolicyValue, RULE_DENY,
+    DEFAULT_MAX_ENDPOINTS, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_AUDIT, EP_EGRESS_HOST_JUDGED,
+    EP_EGRESS_ISOLATED, EP_HAS_V4, EP_HAS_V6, EP_INGRESS_AUDIT, EP_INGRESS_ISOLATED, EndpointInfo,
+    IDENTITY_ANY, IDENTITY_FIRST_ALLOCATED, IDENTITY_HOST, IDENTITY_SERVICE, IDENTITY_WORLD,
+    NodePortKey, PORT_MASK_ANY_PROTO, PROTO_ANY, PeerInfo, PolicyKey, PolicyValue, RULE_DENY,
 };
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
@@ -63,11 +63,6 @@ pub struct CompileOptions {
     pub require_identity: bool,
     /// Every policy audits (`--audit`), as if each carried the audit annotation.
     pub audit: bool,
-    /// Cluster-wide policies (Admin/Baseline tiers) compile into entries, deny entries
-    /// ([`enforcer_common::RULE_DENY`]) among them. Off, they are left out of the state
-    /// entirely: for a datapath that does not drop on a deny entry, which would read one as
-    /// an allow.
-    pub cluster_policies: bool,
 }
 
 impl Default for CompileOptions {
@@ -78,7 +73,6 @@ impl Default for CompileOptions {
             max_endpoints: DEFAULT_MAX_ENDPOINTS,
             require_identity: false,
             audit: false,
-            cluster_policies: true,
         }
     }
 }
@@ -524,6 +518,13 @@ pub enum CompileError {
     /// A field of a Service that cannot be read: left out (an address left out is judged as
     /// the address it is, not as a Service frontend; a port left out is not a node port).
     Service(ServiceError),
+    /// Cluster policies judge the node's own addresses differently on the egress of these
+    /// pods (an IPv4-only `networks` CIDR, say): the programs know the node by one identity,
+    /// so each address is denied wherever one is (fail closed).
+    NodeJudgedApart {
+        addresses: Vec<IpAddr>,
+        pods: Vec<PodRef>,
+    },
     /// A Service frontend address that is also a pod's or the node's: it resolves to the pod
     /// (the node). Should never happen: the cluster allocates them from separate ranges.
     ServiceAddress {
@@ -561,6 +562,16 @@ impl fmt::Display for CompileError {
                 )
             }
             Self::Service(e) => write!(f, "{e} (left out)"),
+            Self::NodeJudgedApart { addresses, pods } => {
+                let list = |v: Vec<String>| v.join(", ");
+                write!(
+                    f,
+                    "cluster policies judge this node's addresses ({}) differently for the egress of {} pod(s) ({}): the node has one identity, so each address is denied wherever one is",
+                    list(addresses.iter().map(ToString::to_string).collect()),
+                    pods.len(),
+                    list(pods.iter().take(5).map(ToString::to_string).collect()),
+                )
+            }
             Self::ServiceAddress {
                 ip,
                 service,
@@ -1578,11 +1589,8 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
         .collect();
     // Cluster policies, in evaluation order: their `networks` join the ipBlocks, their
     // `nodes` peers give node addresses identities.
-    let mut tier_policies: Vec<&ClusterPolicy> = if opts.cluster_policies {
-        cluster.cluster_policies.iter().map(|p| &**p).collect()
-    } else {
-        Vec::new()
-    };
+    let mut tier_policies: Vec<&ClusterPolicy> =
+        cluster.cluster_policies.iter().map(|p| &**p).collect();
     tier_policies.sort_by(|a, b| a.order_key().cmp(&b.order_key()));
     let tier_peers = || {
         tier_policies
@@ -1869,7 +1877,39 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
     }
     // Endpoints whose managed direction has the same input (a workload's replicas) share its
     // entries: made once, given each endpoint's id.
-    let mut made: HashMap<ManagedInput, Vec<compile_tiers::Entry>> = HashMap::new();
+    let mut made: HashMap<ManagedInput, compile_tiers::DirectionEntries> = HashMap::new();
+    // What the node's own addresses stand for to the tiers' peers on egress (`nodes` by this
+    // node's labels, `networks` by each address), one key per distinct one.
+    let mut host_keys: Vec<IdentityKey> = Vec::new();
+    if !tier_policies.is_empty() {
+        let regions = Regions::new(&stage.region_keys);
+        let node_peers = tier_policies
+            .iter()
+            .flat_map(|p| &p.egress)
+            .flat_map(|r| &r.peers)
+            .any(|p| matches!(p, PeerSelector::Nodes(_)));
+        for ip in &opts.node_ips {
+            let key = IdentityKey {
+                pod: None,
+                blocks: regions
+                    .key_of(*ip)
+                    .map_or_else(|| BlockSet::new(BTreeSet::new()), |k| k.blocks.clone()),
+                node: node_peers
+                    .then(|| {
+                        cluster.node_labels_seen(*ip, opts.node_name.as_deref(), &opts.node_ips)
+                    })
+                    .flatten()
+                    .map(|l| Arc::new(l.clone())),
+            };
+            if !host_keys.contains(&key) {
+                host_keys.push(key);
+            }
+        }
+    }
+    // Local endpoints whose egress to the node the tiers judge; those that judge the node's
+    // addresses apart.
+    let mut host_judged = vec![false; locals.len()];
+    let mut host_apart: Vec<PodRef> = Vec::new();
     for (li, l) in locals.iter().enumerate() {
         let li32 = u32::try_from(li).unwrap_or(u32::MAX);
         let Some((pod, _)) = stage.pods.get(l.r) else {
@@ -1909,10 +1949,17 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
                         named_ports: &l.facts.named_ports,
                         np_isolated,
                         np,
+                        host: if dir == DIR_EGRESS { &host_keys } else { &[] },
                     },
                 )
             });
-            for (key, rule_ref, deny) in entries.iter().cloned() {
+            if entries.host_judged {
+                host_judged[li] = true;
+            }
+            if entries.host_apart {
+                host_apart.push(l.r.clone());
+            }
+            for (key, rule_ref, deny) in entries.entries.iter().cloned() {
                 let key = PolicyKey {
                     endpoint: l.info.id,
                     ..key
@@ -1931,8 +1978,17 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
             }
         }
     }
-    for (mut l, m) in locals.into_iter().zip(masks) {
+    if !host_apart.is_empty() {
+        errors.push(CompileError::NodeJudgedApart {
+            addresses: opts.node_ips.clone(),
+            pods: host_apart,
+        });
+    }
+    for ((mut l, m), judged) in locals.into_iter().zip(masks).zip(host_judged) {
         l.info.port_masks = m;
+        if judged {
+            l.info.flags |= EP_EGRESS_HOST_JUDGED;
+        }
         state.endpoints.insert(
             l.r.clone(),
             EndpointState {

@@ -13,12 +13,19 @@
 //! function differs, so no entry of it shadows an `IDENTITY_ANY` entry it agrees with. An
 //! identity whose other-protocol verdict differs has its own `PROTO_ANY` entry, which shadows
 //! every `IDENTITY_ANY` entry: its ports are then written against that verdict.
+//!
+//! The node's own addresses resolve to `IDENTITY_HOST`, which the programs allow unless the
+//! endpoint's egress is flagged [`EP_EGRESS_HOST_JUDGED`](enforcer_common::EP_EGRESS_HOST_JUDGED).
+//! On egress the node's function is the tiers' alone (NetworkPolicy never judges the node: the
+//! Admin tier, then the Baseline tier, then the default allow); the flag is set, and the
+//! function written under `IDENTITY_HOST` like any identity's, only where it denies somewhere,
+//! so that an endpoint whose tiers never deny the node costs node traffic no lookup.
 
 use std::collections::{BTreeMap, HashMap};
 
 use enforcer_common::{
-    DIR_INGRESS, IDENTITY_ANY, IDENTITY_WORLD, PROTO_ANY, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
-    PolicyKey, port_mask,
+    DIR_INGRESS, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, PROTO_ANY, PROTO_SCTP, PROTO_TCP,
+    PROTO_UDP, PolicyKey, port_mask,
 };
 
 use crate::{
@@ -67,10 +74,25 @@ pub(crate) struct ManagedDirection<'a> {
     /// The enforcing NetworkPolicies' entries of the direction, first allowing rule first
     /// (policies by namespace/name, rules in order), with their rule.
     pub np: Vec<(PolicyKey, RuleRef)>,
+    /// On egress, what the node's own addresses stand for (one key per distinct one); empty
+    /// on ingress, where the node is always allowed.
+    pub host: &'a [IdentityKey],
 }
 
 /// One entry to write: its key, its rule and whether it denies.
 pub(crate) type Entry = (PolicyKey, RuleRef, bool);
+
+/// The entries of a managed direction, and how the node fares there.
+#[derive(Clone, Default)]
+pub(crate) struct DirectionEntries {
+    pub entries: Vec<Entry>,
+    /// The tiers deny egress to the node somewhere: the endpoint is flagged
+    /// `EP_EGRESS_HOST_JUDGED` and the node's entries are among `entries`.
+    pub host_judged: bool,
+    /// The node's addresses are judged differently (say an IPv4 `networks` CIDR): under one
+    /// identity, each is denied wherever one is.
+    pub host_apart: bool,
+}
 
 /// A verdict at one point: allowed or denied by the rule at this index of [`Rules`], or
 /// NetworkPolicy isolation (a miss, or where an entry must deny, [`RuleRef::Isolated`]).
@@ -148,7 +170,7 @@ struct Function {
 pub(crate) fn compile_direction(
     identities: &BTreeMap<u32, IdentityKey>,
     d: &ManagedDirection<'_>,
-) -> Vec<Entry> {
+) -> DirectionEntries {
     let dir = direction(d.dir);
     let mut rules = Rules::default();
     // The rules of the policies that select the pod, in evaluation order, per tier.
@@ -173,7 +195,8 @@ pub(crate) fn compile_direction(
     let default = rules.of(RuleRef::DefaultAllow { direction: d.dir });
 
     let world = IdentityKey::world();
-    let function = |key: &IdentityKey, id: u32| {
+    // `host`: the node, which NetworkPolicy never judges.
+    let function = |key: &IdentityKey, id: u32, host: bool| {
         // Named ports are the destination's: this pod on ingress, the peer pod on egress.
         let dest_ports = if d.dir == DIR_INGRESS {
             Some(d.named_ports)
@@ -194,6 +217,7 @@ pub(crate) fn compile_direction(
         let (admin, baseline) = (applied(0), applied(1));
         let np: Vec<(Cover, usize)> = np
             .iter()
+            .filter(|_| !host)
             .filter(|(k, _)| k.identity == id || k.identity == IDENTITY_ANY)
             .map(|(k, r)| (entry_cover(k), *r))
             .collect();
@@ -208,7 +232,7 @@ pub(crate) fn compile_direction(
                 Some((Action::Deny, r)) => return Verdict::Deny(r),
                 _ => {}
             }
-            if d.np_isolated {
+            if d.np_isolated && !host {
                 return np
                     .iter()
                     .find(|(c, _)| c.covers(protocol, port))
@@ -248,7 +272,7 @@ pub(crate) fn compile_direction(
     };
 
     let mut out: Vec<Entry> = Vec::new();
-    let any = function(&world, IDENTITY_WORLD);
+    let any = function(&world, IDENTITY_WORLD, false);
     let emit = |out: &mut Vec<Entry>, identity: u32, protocol: u8, port: u16, len: u8, v| {
         let (rule, deny) = match v {
             Verdict::Allow(r) => (rules.list[r].clone(), false),
@@ -304,6 +328,25 @@ pub(crate) fn compile_direction(
         (matched, own, ports)
     };
     let world_signature = signature(&world, IDENTITY_WORLD);
+    // An identity's entries: where its function differs from the world's.
+    let write = |out: &mut Vec<Entry>, id: u32, f: &Function| {
+        if *f == any {
+            return;
+        }
+        let own_other = f.other != any.other;
+        if own_other {
+            emit(out, id, PROTO_ANY, 0, 0, f.other);
+        }
+        for (pi, protocol) in PORTED.iter().enumerate() {
+            let other = [(0, u16::MAX, f.other)];
+            let base: &[(u16, u16, Verdict)] = if own_other { &other } else { &any.ported[pi] };
+            for (lo, hi, v) in differences(&f.ported[pi], base) {
+                for (start, len) in port_blocks(lo, hi) {
+                    emit(out, id, *protocol, start, len, v);
+                }
+            }
+        }
+    };
     let mut functions = HashMap::new();
     for (id, key) in identities {
         let sig = signature(key, *id);
@@ -312,26 +355,72 @@ pub(crate) fn compile_direction(
         }
         let f = functions
             .entry(sig)
-            .or_insert_with(|| function(key, *id))
+            .or_insert_with(|| function(key, *id, false))
             .clone();
-        if f == any {
-            continue;
-        }
-        let own_other = f.other != any.other;
-        if own_other {
-            emit(&mut out, *id, PROTO_ANY, 0, 0, f.other);
-        }
-        for (pi, protocol) in PORTED.iter().enumerate() {
-            let other = [(0, u16::MAX, f.other)];
-            let base: &[(u16, u16, Verdict)] = if own_other { &other } else { &any.ported[pi] };
-            for (lo, hi, v) in differences(&f.ported[pi], base) {
-                for (start, len) in port_blocks(lo, hi) {
-                    emit(&mut out, *id, *protocol, start, len, v);
-                }
+        write(&mut out, *id, &f);
+    }
+    // The node: its addresses' functions, one deny-wins function when they differ.
+    let host: Vec<Function> = d
+        .host
+        .iter()
+        .map(|k| function(k, IDENTITY_HOST, true))
+        .collect();
+    let host_apart = host.windows(2).any(|w| w[0] != w[1]);
+    let host = host.into_iter().reduce(|a, b| stricter(&a, &b));
+    let host_judged = host.as_ref().is_some_and(Function::denies);
+    if let (true, Some(f)) = (host_judged, &host) {
+        write(&mut out, IDENTITY_HOST, f);
+    }
+    DirectionEntries {
+        entries: out,
+        host_judged,
+        host_apart: host_apart && host_judged,
+    }
+}
+
+impl Function {
+    fn denies(&self) -> bool {
+        let deny = |v: &Verdict| !matches!(v, Verdict::Allow(_));
+        deny(&self.other) || self.ported.iter().flatten().any(|(_, _, v)| deny(v))
+    }
+}
+
+/// `a` where `b` allows as well, else `b`'s deny: what one identity can say for two addresses
+/// judged differently, failing closed.
+fn stricter(a: &Function, b: &Function) -> Function {
+    let pick = |x: Verdict, y: Verdict| match (x, y) {
+        (Verdict::Allow(_), Verdict::Deny(_) | Verdict::Isolated) => y,
+        _ => x,
+    };
+    let ported = std::array::from_fn(|pi| {
+        let mut bounds: Vec<u32> = a.ported[pi]
+            .iter()
+            .chain(&b.ported[pi])
+            .flat_map(|(lo, hi, _)| [u32::from(*lo), u32::from(*hi) + 1])
+            .collect();
+        bounds.sort_unstable();
+        bounds.dedup();
+        let at = |pieces: &[(u16, u16, Verdict)], port: u16| {
+            pieces
+                .iter()
+                .find(|(lo, hi, _)| (*lo..=*hi).contains(&port))
+                .map_or(Verdict::Isolated, |(_, _, v)| *v)
+        };
+        let mut pieces: Vec<(u16, u16, Verdict)> = Vec::new();
+        for w in bounds.windows(2) {
+            let (lo, hi) = (port16(w[0]), port16(w[1] - 1));
+            let v = pick(at(&a.ported[pi], lo), at(&b.ported[pi], lo));
+            match pieces.last_mut() {
+                Some(last) if last.2 == v => last.1 = hi,
+                _ => pieces.push((lo, hi, v)),
             }
         }
+        pieces
+    });
+    Function {
+        ported,
+        other: pick(a.other, b.other),
     }
-    out
 }
 
 fn port16(p: u32) -> u16 {

@@ -126,11 +126,10 @@ pub fn decide(
     if own || ep.ips.contains(&peer) {
         return done(true, Reason::SelfTraffic, None);
     }
-    // The node: always allowed, but for egress the endpoint has judged by its entries
-    // (`EP_EGRESS_HOST_JUDGED`), looked up as any identity.
-    if identity == IDENTITY_HOST
-        && !(direction == DIR_EGRESS && info.flags & EP_EGRESS_HOST_JUDGED != 0)
-    {
+    // The node is allowed, but where the tiers judge this endpoint's egress to it: then it is
+    // looked up like any identity.
+    let judged = direction == DIR_EGRESS && info.flags & EP_EGRESS_HOST_JUDGED != 0;
+    if identity == IDENTITY_HOST && !judged {
         return done(true, Reason::Host, None);
     }
     if !info.isolated(direction) {

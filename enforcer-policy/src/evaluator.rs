@@ -354,8 +354,9 @@ fn ports_match(
 /// Cluster policies first, as their API orders it: the Admin tier's first matching rule
 /// decides (Accept, Deny) or passes on (Pass); then NetworkPolicy, where it isolates the pod;
 /// then the Baseline tier; then the default (allowed). Traffic of a pod to itself never leaves
-/// it and is judged by no tier. Traffic with the node is judged by the tiers (a `nodes` peer
-/// may match it) and, as before, never by NetworkPolicy.
+/// it and is judged by no tier. Traffic to the node is judged by the tiers (a `nodes` or
+/// `networks` peer may match it) and, as before, never by NetworkPolicy; traffic from the node
+/// is always allowed.
 ///
 /// enforcer's audit mode: the policies that audit ([`Cluster::policy_audits`]) take no part
 /// in what is enforced, which is the verdict of the enforcing policies alone. Only where those
@@ -456,13 +457,19 @@ fn tiered(cluster: &Cluster, opts: &CompileOptions, flow: &Flow<'_>) -> DirVerdi
         Ok(p) => p,
         Err(v) => return v,
     };
+    // Traffic from the node (kubelet probes) is always let in: ingress peers cannot name
+    // nodes, and a refused policy's fail-closed Deny must not cut the node off its pods.
+    if ingress && peer_ip.is_some_and(|ip| opts.node_ips.contains(&ip)) {
+        return DirVerdict::Host;
+    }
     let subject_ns = cluster.namespace_labels(&pod.namespace);
     let peer_ns = peer_pod
         .as_ref()
         .map(|(r, _)| cluster.namespace_labels(&r.namespace));
     let facts = PeerFacts {
         pod: peer_pod.as_ref().map(|(_, p)| *p).zip(peer_ns.as_ref()),
-        node: peer_ip.and_then(|ip| cluster.node_labels_at(ip)),
+        node: peer_ip
+            .and_then(|ip| cluster.node_labels_seen(ip, opts.node_name.as_deref(), &opts.node_ips)),
         addr: peer_ip,
     };
     // Named ports are the destination's: this pod on ingress, the peer pod on egress.

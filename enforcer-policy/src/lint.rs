@@ -1091,7 +1091,10 @@ impl<'c> Cx<'c> {
         let compiled = compile(self.cluster, &opts, &mut Allocations::new());
         for e in compiled.errors {
             match e {
-                CompileError::Policy(_) | CompileError::TooManyEndpoints { .. } => {}
+                // Of one node's addresses and capacity, not of the manifests.
+                CompileError::Policy(_)
+                | CompileError::TooManyEndpoints { .. }
+                | CompileError::NodeJudgedApart { .. } => {}
                 CompileError::DuplicatePolicy { namespace, name } => self.push(
                     Rule::InvalidObject,
                     ObjectRef::new("NetworkPolicy", Some(&namespace), &name),

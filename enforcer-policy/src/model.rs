@@ -471,6 +471,22 @@ impl Cluster {
             .map(|n| &n.labels)
     }
 
+    /// The labels a `nodes` peer sees at `ip`. The node's own addresses (`node_ips`) are this
+    /// node's, the Node named `node_name`, whether or not its object lists them (the agent's
+    /// addresses come from its interfaces); without that Node, and for every other address,
+    /// the first node listing the address.
+    pub fn node_labels_seen(
+        &self,
+        ip: IpAddr,
+        node_name: Option<&str>,
+        node_ips: &[IpAddr],
+    ) -> Option<&Labels> {
+        let own = node_name
+            .filter(|_| node_ips.contains(&ip))
+            .and_then(|name| self.nodes.iter().find(|n| n.name == name));
+        own.map(|n| &n.labels).or_else(|| self.node_labels_at(ip))
+    }
+
     /// The pod that owns `ip`, if any: the first by `PodRef` among policy pods listing it.
     /// Node addresses (`node_ips`) belong to no pod.
     pub fn pod_at(&self, ip: IpAddr, node_ips: &[IpAddr]) -> Option<(PodRef, &PodInfo)> {

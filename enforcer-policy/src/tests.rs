@@ -267,7 +267,6 @@ pub(crate) fn opts() -> CompileOptions {
         max_endpoints: 64,
         require_identity: false,
         audit: false,
-        cluster_policies: true,
     }
 }
 
@@ -301,11 +300,6 @@ fn check_compiled(
                 if identity == IDENTITY_SERVICE {
                     continue;
                 }
-                // The node's own traffic is always allowed by the programs; the evaluator
-                // lets the tiers judge it (not compiled: the programs do not ask).
-                if identity == IDENTITY_HOST && !cluster.cluster_policies.is_empty() {
-                    continue;
-                }
                 for &(proto, port) in flows {
                     let d = decision::decide(&compiled.state, ep, dir, peer, proto, port);
                     let v = evaluator::direction_verdict(
@@ -317,6 +311,11 @@ fn check_compiled(
                         proto,
                         port,
                     );
+                    if identity == IDENTITY_HOST
+                        && check_host(compiled, cluster, opts, ep, dir, &d, &v, (proto, port))
+                    {
+                        continue;
+                    }
                     assert_eq!(
                         d.allowed,
                         v.allowed(),
@@ -344,6 +343,49 @@ fn check_compiled(
             }
         }
     }
+}
+
+/// The node's own addresses, one identity for all: checked here when the evaluator judges them
+/// apart (then each is denied wherever one is: the lookup allows exactly where every address
+/// is allowed) or when the endpoint's egress to the node is not looked up (then the evaluator
+/// allows it). Returns false when the common check applies (`v` is every address's verdict).
+#[allow(clippy::too_many_arguments)]
+fn check_host(
+    compiled: &super::Compiled,
+    cluster: &Cluster,
+    opts: &CompileOptions,
+    ep: &PodRef,
+    dir: u8,
+    d: &decision::Decision,
+    v: &evaluator::DirVerdict,
+    (proto, port): (u8, u16),
+) -> bool {
+    let all: Vec<evaluator::DirVerdict> = opts
+        .node_ips
+        .iter()
+        .map(|ip| {
+            evaluator::direction_verdict(cluster, opts, ep, dir == DIR_INGRESS, *ip, proto, port)
+        })
+        .collect();
+    let allowed = all.iter().all(evaluator::DirVerdict::allowed);
+    let msg =
+        || format!("{ep} dir {dir} node proto {proto} port {port}: lookup {d:?} evaluator {all:?}");
+    if d.reason == decision::Reason::Host {
+        assert!(allowed, "{}", msg());
+        return true;
+    }
+    if all.iter().any(|a| a.after_pass() != v.after_pass()) {
+        assert_eq!(d.allowed, allowed, "{}", msg());
+        // An address denied for another's sake is said.
+        if !allowed && all.iter().any(evaluator::DirVerdict::allowed) {
+            let reported = compiled.errors.iter().any(|e| {
+                matches!(e, super::CompileError::NodeJudgedApart { pods, .. } if pods.contains(ep))
+            });
+            assert!(reported, "{}: not reported", msg());
+        }
+        return true;
+    }
+    false
 }
 
 /// Whether cluster policies manage `ep`'s direction (then its entries are the tiers').

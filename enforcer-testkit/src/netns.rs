@@ -790,6 +790,16 @@ pub fn probe_all(
     Ok(r)
 }
 
+/// Makes [`agent_binary`] the agent cargo built with the calling test (`built`: its
+/// `env!("CARGO_BIN_EXE_enforcer")`) unless `ENFORCER_BIN` names one. Call it first in a test
+/// harness's `main`, before any thread starts.
+pub fn use_built_agent(built: &str) {
+    if std::env::var_os("ENFORCER_BIN").is_none() {
+        // SAFETY: called before the harness starts any thread.
+        unsafe { std::env::set_var("ENFORCER_BIN", built) };
+    }
+}
+
 /// The agent binary (`target/release/enforcer`, built by `cargo xtask build`), overridable with
 /// `ENFORCER_BIN`.
 pub fn agent_binary() -> Result<std::path::PathBuf> {
@@ -1129,4 +1139,22 @@ impl Drop for Conn {
     fn drop(&mut self) {
         let _ = self.0.shutdown(Shutdown::Both);
     }
+}
+
+/// Writes a manifest into an agent's folder atomically (a hidden temporary file, which the
+/// agent ignores, then a rename), so the agent never reads half a file.
+pub fn write_manifest(dir: &std::path::Path, file: &str, value: &serde_json::Value) -> Result<()> {
+    let text = serde_yaml::to_string(value)?;
+    let tmp = dir.join(format!(".{file}.tmp"));
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, dir.join(file)).with_context(|| format!("renaming to {file}"))?;
+    Ok(())
+}
+
+/// An error from [`AgentProcess`] carries the agent's whole log: keeps its last 6000
+/// characters.
+pub fn trim_error(e: anyhow::Error) -> anyhow::Error {
+    let s = format!("{e:#}");
+    let keep = s.char_indices().rev().nth(6000).map_or(0, |(i, _)| i);
+    anyhow::anyhow!("{}", &s[keep..])
 }

@@ -1,7 +1,10 @@
 //! The agent binary end to end in standalone mode, over routed-veth pods in network namespaces:
 //! health endpoints, edits applied within a second, a bad edit keeping the last good state,
 //! pods coming and going, flows revoked by a policy change, and a SIGKILL + restart + upgrade
-//! under traffic without a wrong verdict (with TCX links, and with tc filters upgraded to TCX).
+//! under traffic without a wrong verdict (with TCX links, and with tc filters upgraded to TCX),
+//! and cluster-wide policy: an Admin deny that cuts an established flow and that NetworkPolicy
+//! cannot loosen, an Admin pass, a Baseline deny, a deny kept across a restart, and the flow log
+//! and metrics of a rule-denied drop.
 //!
 //! Needs root and `target/release/enforcer` (`cargo xtask test` builds it).
 
@@ -93,6 +96,26 @@ fn within(timeout: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration>
         std::thread::sleep(Duration::from_millis(20));
     }
     None
+}
+
+/// After a policy change: the established `conn` from `from` to `to` stops (its packets
+/// dropped, retransmitted, never re-opening it) and no new connection opens.
+fn assert_cut(
+    agent: &AgentProcess,
+    conn: &mut Conn,
+    from: &TestPod,
+    to: (Ipv4Addr, u16),
+    why: &str,
+) {
+    assert!(
+        !conn.ping(),
+        "{why}: the established flow stops:\n{}",
+        agent.log_text()
+    );
+    assert!(
+        Conn::open(from, to.into()).is_none(),
+        "{why}: and no new one opens"
+    );
 }
 
 #[test]
@@ -236,15 +259,7 @@ fn policy_change_revokes_established_flows_it_no_longer_allows() {
     // The ping is dropped and retransmitted; b retransmits its unacknowledged last reply too.
     // Neither may re-open the flow (b's egress is not isolated: a forgotten flow would be
     // re-tracked from b's side, and a's packets would pass as its replies).
-    assert!(
-        !conn.ping(),
-        "the revoked flow stops:\n{}",
-        agent.log_text()
-    );
-    assert!(
-        Conn::open(a, (b.v4, 7000).into()).is_none(),
-        "and no new one opens"
-    );
+    assert_cut(&agent, &mut conn, a, (b.v4, 7000), "revoked");
     let revoked_counted = |m: &str| {
         m.lines()
             .any(|l| l.contains("reason=\"revoked\"") && !l.ends_with(" 0"))
@@ -320,15 +335,7 @@ fn an_audit_policy_lets_traffic_through_and_switching_it_to_enforce_cuts_its_flo
     // Switched to enforce: the established would-drop flow is cut, new ones are denied.
     std::fs::write(s.dir.path().join("lock-c.yaml"), lock_c(false)).unwrap();
     agent.wait_applied(READY).unwrap();
-    assert!(
-        !conn.ping(),
-        "the would-drop flow stops once its policy enforces:\n{}",
-        agent.log_text()
-    );
-    assert!(
-        Conn::open(a, (c.v4, 7000).into()).is_none(),
-        "and no new one opens"
-    );
+    assert_cut(&agent, &mut conn, a, (c.v4, 7000), "its policy enforces");
     assert!(!reach(b, c, 80), "b -> c denied");
     stop.store(true, Ordering::Relaxed);
     agent.stop().unwrap();
@@ -567,4 +574,206 @@ fn crash_restart_upgrade(tag: &str, mode: &str, upgrade_mode: &str) {
         std::fs::read_dir(&pin).map_or(true, |mut d| d.next().is_none()),
         "pins removed"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cluster-wide policy (docs/cluster-policy.md): the Admin tier before NetworkPolicy, the
+// Baseline tier after it.
+
+/// An Admin-tier ClusterNetworkPolicy at `priority` on the ingress of `pod: to`: one rule
+/// named `rule` with `action` from `pod: from` (any namespace), on TCP `port` or every port.
+fn admin_rule(
+    name: &str,
+    priority: u32,
+    rule: &str,
+    action: &str,
+    (from, to): (&str, &str),
+    port: Option<u16>,
+) -> String {
+    let protocols = port
+        .map(|p| format!("    protocols: [{{tcp: {{destinationPort: {{number: {p}}}}}}}]\n"))
+        .unwrap_or_default();
+    format!(
+        "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: {name}}}\nspec:\n  tier: Admin\n  priority: {priority}\n  subject: {{pods: {{namespaceSelector: {{}}, podSelector: {{matchLabels: {{pod: {to}}}}}}}}}\n  ingress:\n  - name: {rule}\n    action: {action}\n    from: [{{pods: {{namespaceSelector: {{}}, podSelector: {{matchLabels: {{pod: {from}}}}}}}}}]\n{protocols}"
+    )
+}
+
+/// The guardrail of these tests: `ClusterNetworkPolicy/guard` denies `pod: a` to `pod: b`
+/// on TCP `port`.
+fn guard(port: u16) -> String {
+    admin_rule("guard", 10, "no-a-to-b", "Deny", ("a", "b"), Some(port))
+}
+
+/// What the flow log prints for the guard's rule.
+const GUARD_RULE: &str = r#"ClusterNetworkPolicy/guard ingress[0] "no-a-to-b" (Admin, Deny)"#;
+
+#[test]
+#[ignore = "needs root"]
+fn an_admin_deny_cuts_an_established_flow_and_a_network_policy_cannot_loosen_it() {
+    let s = setup("e2e-ad", &["a", "b", "c"]);
+    let (a, b, c) = (&s.pods[0], &s.pods[1], &s.pods[2]);
+    let stop = Arc::new(AtomicBool::new(false));
+    echo_server(b, 7000, stop.clone());
+    // The NetworkPolicy allows a -> b:7000 (and isolates b to that).
+    std::fs::write(s.dir.path().join("policy.yaml"), allow_a_to_b(7000)).unwrap();
+    let mut agent = AgentProcess::start(&s.tb, s.dir.path(), &[]).unwrap();
+    agent.wait_ready(READY).unwrap();
+    let mut conn = Conn::open(a, (b.v4, 7000).into()).expect("a -> b:7000 allowed");
+    assert!(conn.ping());
+    // The guardrail written into the folder: the Admin tier decides before NetworkPolicy.
+    std::fs::write(s.dir.path().join("guard.yaml"), guard(7000)).unwrap();
+    agent.wait_applied(READY).unwrap();
+    // The NetworkPolicy's allow does not keep it, nor let a new one open.
+    assert_cut(&agent, &mut conn, a, (b.v4, 7000), "Admin deny");
+    assert!(!reach6(a, b, 7000), "nor over IPv6");
+    assert!(reach(b, a, 80), "what the guard does not name still passes");
+    assert!(
+        !reach(c, b, 7000),
+        "c -> b stays denied by the NetworkPolicy"
+    );
+    let (_, status) = agent.get("/readyz").unwrap();
+    assert!(
+        !status.contains("refused"),
+        "the guard is enforced: {status}"
+    );
+    stop.store(true, Ordering::Relaxed);
+    agent.stop().unwrap();
+}
+
+#[test]
+#[ignore = "needs root"]
+fn an_admin_pass_hands_the_decision_to_network_policy() {
+    let s = setup("e2e-ap", &["a", "b", "c"]);
+    let (a, b, c) = (&s.pods[0], &s.pods[1], &s.pods[2]);
+    std::fs::write(s.dir.path().join("policy.yaml"), allow_a_to_b(80)).unwrap();
+    // A later Admin rule denies every port of a -> b.
+    std::fs::write(
+        s.dir.path().join("deny.yaml"),
+        admin_rule("deny-a", 20, "all", "Deny", ("a", "b"), None),
+    )
+    .unwrap();
+    let mut agent = AgentProcess::start(&s.tb, s.dir.path(), &[]).unwrap();
+    agent.wait_ready(READY).unwrap();
+    assert!(!reach(a, b, 80), "the Admin deny beats the NetworkPolicy");
+    // An earlier Pass skips the rest of the Admin tier: NetworkPolicy decides.
+    std::fs::write(
+        s.dir.path().join("pass.yaml"),
+        admin_rule("pass-a", 5, "to-np", "Pass", ("a", "b"), None),
+    )
+    .unwrap();
+    agent.wait_applied(READY).unwrap();
+    assert!(
+        reach(a, b, 80),
+        "passed: the NetworkPolicy allows a -> b:80"
+    );
+    assert!(
+        !reach(a, b, 81),
+        "passed: the NetworkPolicy isolates b to port 80"
+    );
+    assert!(
+        !reach(c, b, 80),
+        "c is not passed, nor allowed by the NetworkPolicy"
+    );
+    agent.stop().unwrap();
+}
+
+#[test]
+#[ignore = "needs root"]
+fn a_baseline_deny_denies_where_no_network_policy_isolates() {
+    let s = setup("e2e-bd", &["a", "b", "c"]);
+    let (a, b, c) = (&s.pods[0], &s.pods[1], &s.pods[2]);
+    std::fs::write(s.dir.path().join("policy.yaml"), allow_a_to_b(80)).unwrap();
+    let mut agent = AgentProcess::start(&s.tb, s.dir.path(), &[]).unwrap();
+    agent.wait_ready(READY).unwrap();
+    assert!(reach(b, c, 80), "c is not isolated: allowed by default");
+    // Baseline: deny every ingress from pods.
+    std::fs::write(
+        s.dir.path().join("baseline.yaml"),
+        "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: BaselineAdminNetworkPolicy\nmetadata: {name: default}\nspec:\n  subject: {namespaces: {}}\n  ingress:\n  - name: default-deny\n    action: Deny\n    from: [{namespaces: {}}]\n",
+    )
+    .unwrap();
+    agent.wait_applied(READY).unwrap();
+    assert!(
+        !reach(b, c, 80),
+        "no NetworkPolicy isolates c: the Baseline deny decides"
+    );
+    assert!(!reach(a, c, 81), "for every pod and port");
+    assert!(
+        reach(a, b, 80),
+        "b is isolated by a NetworkPolicy, which decides before the Baseline"
+    );
+    assert!(!reach(c, b, 80), "and denies what it does not allow");
+    agent.stop().unwrap();
+}
+
+#[test]
+#[ignore = "needs root"]
+fn an_admin_deny_keeps_holding_after_an_agent_restart() {
+    let s = setup("e2e-ar", &["a", "b", "c"]);
+    let (a, b, c) = (&s.pods[0], &s.pods[1], &s.pods[2]);
+    let bpf = BpfMount::new("ar");
+    let pin = bpf.pin_path();
+    let args = ["--pin-path", pin.as_str()];
+    std::fs::write(s.dir.path().join("guard.yaml"), guard(80)).unwrap();
+    let mut agent = AgentProcess::start(&s.tb, s.dir.path(), &args).unwrap();
+    agent.wait_ready(READY).unwrap();
+    assert!(!reach(a, b, 80), "the guard denies a -> b:80");
+    assert!(reach(a, b, 81) && reach(c, b, 80), "and nothing else");
+    agent.kill();
+    assert!(
+        !reach(a, b, 80),
+        "the pinned programs deny while the agent is down"
+    );
+    let mut agent = AgentProcess::start(&s.tb, s.dir.path(), &args).unwrap();
+    agent.wait_ready(READY).unwrap();
+    assert!(
+        !reach(a, b, 80),
+        "the deny holds after the restart:\n{}",
+        agent.log_text()
+    );
+    assert!(reach(a, b, 81) && reach(c, b, 80), "nothing else is denied");
+    // The pins go with the bpffs mount, the links with the namespaces (also on a failure).
+    agent.stop().unwrap();
+}
+
+/// The flow log's lines of a drop by a deny rule, for traffic to `dst`.
+fn rule_denied_logged(log: &str, rule: &str, dst: Ipv4Addr) -> bool {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .any(|v| {
+            v["verdict"] == "dropped"
+                && v["reason"] == "rule-denied"
+                && v["policy"] == rule
+                && v["dst"] == dst.to_string()
+        })
+}
+
+#[test]
+#[ignore = "needs root"]
+fn the_flow_log_and_metrics_name_a_drop_by_a_tier_deny_rule() {
+    let s = setup("e2e-fl", &["a", "b"]);
+    let (a, b) = (&s.pods[0], &s.pods[1]);
+    std::fs::write(s.dir.path().join("guard.yaml"), guard(80)).unwrap();
+    let mut agent = AgentProcess::start(&s.tb, s.dir.path(), &["--flow-log", "stdout"]).unwrap();
+    agent.wait_ready(READY).unwrap();
+    assert!(!reach(a, b, 80), "the guard denies a -> b:80");
+    assert!(
+        within(Duration::from_secs(3), || rule_denied_logged(
+            &agent.log_text(),
+            GUARD_RULE,
+            b.v4
+        ))
+        .is_some(),
+        "a dropped/rule-denied line names the tier rule:\n{}",
+        agent.log_text()
+    );
+    let counted = |m: &str| {
+        m.lines().any(|l| {
+            l.starts_with("enforcer_packets_total{verdict=\"dropped\",reason=\"rule-denied\"}")
+                && !l.ends_with(" 0")
+        })
+    };
+    let m = agent.metrics_until(Duration::from_secs(3), counted);
+    assert!(counted(&m), "{m}");
+    agent.stop().unwrap();
 }

@@ -491,3 +491,43 @@ fn a_live_cluster_is_read_with_a_kubeconfig() {
     let o = enforcer(&["compile", "--kubeconfig", kc, "--context", "nope"]);
     assert_eq!(code(&o), 2, "{}", stderr(&o));
 }
+
+/// The README's `enforcer explain` examples on `manifests/examples/cluster-policy` are what the
+/// CLI prints: each ```text block starting `$ enforcer explain manifests/examples/...` is run
+/// and its output compared line for line.
+#[test]
+fn readme_cluster_policy_explain_output_is_what_the_cli_prints() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+    let mut blocks = 0;
+    for block in readme.split("```text\n").skip(1) {
+        let block = block.split("```").next().unwrap_or_default();
+        let mut lines = block.lines();
+        let Some(command) = lines
+            .next()
+            .and_then(|l| l.strip_prefix("$ enforcer explain manifests/examples/cluster-policy"))
+        else {
+            continue;
+        };
+        let dir = root.join("manifests/examples/cluster-policy");
+        let mut args = vec!["explain".to_string(), dir.display().to_string()];
+        args.extend(command.split_whitespace().map(String::from));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = enforcer(&args);
+        let expected: Vec<&str> = lines.collect();
+        let printed = stdout(&o);
+        assert_eq!(
+            printed.trim_end().lines().collect::<Vec<_>>(),
+            expected,
+            "README: `enforcer explain manifests/examples/cluster-policy{command}`\n{}",
+            stderr(&o)
+        );
+        let denied = printed.contains("verdict: DENIED");
+        assert_eq!(code(&o), i32::from(denied), "{printed}");
+        blocks += 1;
+    }
+    assert!(
+        blocks >= 2,
+        "the README's cluster-policy explain examples: {blocks}"
+    );
+}

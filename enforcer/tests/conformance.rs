@@ -50,7 +50,8 @@ use std::{
 use anyhow::{Context as _, Result};
 use enforcer_testkit::kube_proxy::{self, KubeProxies, ServiceSpec};
 use enforcer_testkit::netns::{
-    AgentProcess, Cluster, NodeSpec, Proto, Servers, Testbed, agent_binary, probe_all,
+    AgentProcess, Cluster, NodeSpec, Proto, Servers, Testbed, agent_binary, probe_all, trim_error,
+    write_manifest,
 };
 use libtest_mimic::{Arguments, Failed, Trial};
 use serde_json::{Map, Value, json};
@@ -872,23 +873,6 @@ fn indent(s: &str) -> String {
 
 fn pod_file(i: usize) -> String {
     format!("pod-{}.yaml", pod_name(i).replace('/', "-"))
-}
-
-/// Writes a manifest atomically (a hidden temporary file, which the agent ignores, then a
-/// rename), so the agent never reads half a file.
-fn write_manifest(dir: &std::path::Path, file: &str, value: &Value) -> R {
-    let text = serde_yaml::to_string(value)?;
-    let tmp = dir.join(format!(".{file}.tmp"));
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, dir.join(file)).with_context(|| format!("renaming to {file}"))?;
-    Ok(())
-}
-
-/// The agent's errors carry its whole log; keep the end.
-fn trim_error(e: anyhow::Error) -> anyhow::Error {
-    let s = format!("{e:#}");
-    let keep = s.char_indices().rev().nth(6000).map_or(0, |(i, _)| i);
-    anyhow::anyhow!("{}", &s[keep..])
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1929,11 +1913,8 @@ fn case_table_trial() -> Result<(), Failed> {
 }
 
 fn main() -> ExitCode {
-    if std::env::var_os("ENFORCER_BIN").is_none() {
-        // The agent built with this test (cargo builds the package's binary for integration
-        // tests). SAFETY: no other thread runs yet.
-        unsafe { std::env::set_var("ENFORCER_BIN", env!("CARGO_BIN_EXE_enforcer")) };
-    }
+    // The agent built with this test (cargo builds the package's binary for integration tests).
+    enforcer_testkit::netns::use_built_agent(env!("CARGO_BIN_EXE_enforcer"));
     let mut args = Arguments::from_args();
     // The cases share one model: one at a time.
     args.test_threads = Some(1);

@@ -3,13 +3,15 @@
 
 use std::{net::IpAddr, sync::Arc};
 
-use enforcer_common::{DIR_EGRESS, DIR_INGRESS, PROTO_TCP, PROTO_UDP, RULE_DENY};
+use enforcer_common::{
+    DIR_EGRESS, DIR_INGRESS, EP_EGRESS_HOST_JUDGED, PROTO_TCP, PROTO_UDP, RULE_DENY,
+};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use super::*;
 use crate::{
     compile::{Allocations, CompileOptions, Compiled, compile},
-    decision::{Decision, decide},
+    decision::{Decision, Reason, decide},
     model::{Cluster, NodeInfo, shared},
     state::PodRef,
     tests::fixtures,
@@ -312,26 +314,215 @@ spec:
     assert_eq!(c.state, a.state);
 }
 
-#[test]
-fn cluster_policies_turned_off_leave_them_out_of_the_state() {
-    // An agent whose programs cannot drop on a deny entry compiles as if there were none:
-    // a deny entry would read there as an allow.
-    let with = cluster(&[ADMIN_DENY_X_TO_Y_8080, BASELINE_DENY_Y], &[NP_B_FROM_X]);
-    let without = cluster(&[], &[NP_B_FROM_X]);
-    let off = CompileOptions {
-        cluster_policies: false,
+/// This node: `n` (`role: worker`) at `NODE` and `NODE6`, the compile's node addresses.
+const NODE: &str = "10.1.0.9";
+const NODE6: &str = "fd00::1:9";
+
+fn on_node(c: &mut Cluster) -> CompileOptions {
+    c.nodes = shared([NodeInfo {
+        name: "n".into(),
+        labels: fixtures::labels(&[("role", "worker")]),
+        addresses: vec![ip(NODE), ip(NODE6)],
+    }]);
+    CompileOptions {
+        node_name: Some("n".into()),
+        node_ips: vec![ip(NODE), ip(NODE6)],
         ..Default::default()
-    };
-    let a = compile(&with, &off, &mut Allocations::new());
-    let b = compile(&without, &off, &mut Allocations::new());
-    assert_eq!(a.state, b.state);
-    assert!(a.state.policy.values().all(|v| v.rule & RULE_DENY == 0));
+    }
+}
+
+fn host_judged(c: &Compiled, pod: (&str, &str)) -> bool {
+    c.state.endpoints[&PodRef::new(pod.0, pod.1)].info.flags & EP_EGRESS_HOST_JUDGED != 0
+}
+
+#[test]
+fn egress_to_the_own_node_is_denied_by_a_nodes_deny() {
+    let anp = r#"
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: AdminNetworkPolicy
+metadata: {name: no-nodes}
+spec:
+  priority: 1
+  subject: {namespaces: {matchLabels: {kubernetes.io/metadata.name: x}}}
+  egress:
+  - name: workers
+    action: Deny
+    to: [{nodes: {matchLabels: {role: worker}}}]
+"#;
+    let mut c = cluster(&[anp], &[]);
+    let opts = on_node(&mut c);
+    let c = compile(&c, &opts, &mut Allocations::new());
+    assert!(host_judged(&c, ("x", "a")));
+    for node in [NODE, NODE6] {
+        let d = at(&c, ("x", "a"), DIR_EGRESS, node, PROTO_TCP, 10250);
+        assert!(!d.allowed, "{node}: {d:?}");
+        assert_eq!(
+            named(&c, &d),
+            r#"AdminNetworkPolicy/no-nodes egress[0] "workers" (Admin, Deny)"#
+        );
+    }
+    // `y/b` is no subject: its egress to the node is not looked up.
+    assert!(!host_judged(&c, ("y", "b")));
+    assert_eq!(
+        at(&c, ("y", "b"), DIR_EGRESS, NODE, PROTO_TCP, 10250).reason,
+        Reason::Host
+    );
+    // The node's traffic in is always let in.
+    assert!(at(&c, ("x", "a"), DIR_INGRESS, NODE, PROTO_TCP, 80).allowed);
+}
+
+#[test]
+fn egress_to_the_own_node_is_denied_by_a_networks_deny() {
+    let cnp = r#"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: no-infra}
+spec:
+  tier: Admin
+  priority: 1
+  subject: {namespaces: {}}
+  egress:
+  - name: infra
+    action: Deny
+    to: [{networks: [10.1.0.0/16, "fd00::1:0/112"]}]
+    protocols: [{tcp: {destinationPort: {range: {start: 10000, end: 10999}}}}]
+"#;
+    let mut c = cluster(&[cnp], &[]);
+    let opts = on_node(&mut c);
+    let c = compile(&c, &opts, &mut Allocations::new());
+    assert!(host_judged(&c, ("x", "a")));
+    assert!(c.errors.is_empty(), "{:?}", c.errors);
+    for node in [NODE, NODE6] {
+        let d = at(&c, ("x", "a"), DIR_EGRESS, node, PROTO_TCP, 10250);
+        assert!(!d.allowed, "{node}: {d:?}");
+        assert_eq!(
+            named(&c, &d),
+            r#"ClusterNetworkPolicy/no-infra egress[0] "infra" (Admin, Deny)"#
+        );
+        assert!(at(&c, ("x", "a"), DIR_EGRESS, node, PROTO_TCP, 443).allowed);
+    }
+}
+
+#[test]
+fn egress_to_the_own_node_passed_by_admin_is_judged_by_baseline_not_network_policy() {
+    // Admin passes the node on; NetworkPolicy isolates `a`'s egress and allows no node (it
+    // never judges the node); the Baseline tier accepts it.
+    let admin = r#"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: nodes-later}
+spec:
+  tier: Admin
+  priority: 1
+  subject: {namespaces: {}}
+  egress:
+  - {name: nodes, action: Pass, to: [{nodes: {}}]}
+  - {name: rest, action: Deny, to: [{networks: [0.0.0.0/0]}]}
+"#;
+    let baseline = r#"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: nodes-ok}
+spec:
+  tier: Baseline
+  priority: 1
+  subject: {namespaces: {}}
+  egress:
+  - name: kubelet
+    action: Accept
+    to: [{nodes: {matchLabels: {role: worker}}}]
+    protocols: [{tcp: {destinationPort: {number: 10250}}}]
+  - {name: other, action: Deny, to: [{nodes: {}}]}
+"#;
+    let np = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {namespace: x, name: no-egress}
+spec:
+  podSelector: {}
+  policyTypes: [Egress]
+"#;
+    let mut c = cluster(&[admin, baseline], &[np]);
+    let opts = on_node(&mut c);
+    let c = compile(&c, &opts, &mut Allocations::new());
+    // The node is denied but on the kubelet's port: looked up, NetworkPolicy's isolation
+    // left out.
+    assert!(host_judged(&c, ("x", "a")));
+    for node in [NODE, NODE6] {
+        let d = at(&c, ("x", "a"), DIR_EGRESS, node, PROTO_TCP, 10250);
+        assert!(d.allowed, "{node}: {d:?}");
+        assert_eq!(
+            named(&c, &d),
+            r#"ClusterNetworkPolicy/nodes-ok egress[0] "kubelet" (Baseline, Accept)"#
+        );
+        let d = at(&c, ("x", "a"), DIR_EGRESS, node, PROTO_TCP, 22);
+        assert!(!d.allowed, "{node}: {d:?}");
+        assert_eq!(
+            named(&c, &d),
+            r#"ClusterNetworkPolicy/nodes-ok egress[1] "other" (Baseline, Deny)"#
+        );
+    }
+    assert!(!at(&c, ("x", "a"), DIR_EGRESS, "192.0.2.1", PROTO_TCP, 80).allowed);
+}
+
+#[test]
+fn no_host_flag_where_the_tiers_do_not_manage_egress_or_never_deny_the_node() {
+    let mut c = cluster(&[ADMIN_DENY_X_TO_Y_8080, BASELINE_DENY_Y], &[NP_B_FROM_X]);
+    let opts = on_node(&mut c);
+    let out = compile(&c, &opts, &mut Allocations::new());
+    // Ingress-only cluster policies: no egress is theirs.
+    for pod in [("x", "a"), ("y", "b")] {
+        assert!(!host_judged(&out, pod));
+        assert_eq!(
+            at(&out, pod, DIR_EGRESS, NODE, PROTO_TCP, 10250).reason,
+            Reason::Host
+        );
+    }
+    // Egress managed, but nothing denies the node: not looked up either.
+    let world_only = r#"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: no-lab}
+spec:
+  tier: Admin
+  priority: 1
+  subject: {namespaces: {}}
+  egress:
+  - {name: lab, action: Deny, to: [{networks: [192.168.7.0/24]}]}
+"#;
+    let mut c = cluster(&[world_only], &[]);
+    let opts = on_node(&mut c);
+    let out = compile(&c, &opts, &mut Allocations::new());
+    assert!(!at(&out, ("x", "a"), DIR_EGRESS, "192.168.7.7", PROTO_TCP, 80).allowed);
+    assert!(!host_judged(&out, ("x", "a")));
+}
+
+#[test]
+fn the_own_node_judged_apart_by_family_is_denied_at_both_and_reported() {
+    let cnp = r#"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: v4-infra}
+spec:
+  tier: Admin
+  priority: 1
+  subject: {namespaces: {}}
+  egress:
+  - {name: infra, action: Deny, to: [{networks: [10.1.0.0/16]}]}
+"#;
+    let mut c = cluster(&[cnp], &[]);
+    let opts = on_node(&mut c);
+    let c = compile(&c, &opts, &mut Allocations::new());
+    // One identity for the node: the IPv6 address is denied too, failing closed, and said.
+    assert!(!at(&c, ("x", "a"), DIR_EGRESS, NODE, PROTO_TCP, 80).allowed);
+    assert!(!at(&c, ("x", "a"), DIR_EGRESS, NODE6, PROTO_TCP, 80).allowed);
     assert!(
-        compiled(&with)
-            .state
-            .policy
-            .values()
-            .any(|v| v.rule & RULE_DENY != 0),
-        "on, the Admin deny is an entry"
+        c.errors.iter().any(|e| matches!(
+            e,
+            crate::compile::CompileError::NodeJudgedApart { pods, .. }
+                if pods.contains(&PodRef::new("x", "a"))
+        )),
+        "{:?}",
+        c.errors
     );
 }

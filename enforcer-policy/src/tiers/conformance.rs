@@ -8,16 +8,19 @@
 use std::{
     collections::BTreeMap,
     fs,
-    net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
 };
 
 use enforcer_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
-use k8s_openapi::api::{core::v1::Namespace, networking::v1::NetworkPolicy};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod},
+    networking::v1::NetworkPolicy,
+};
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::scenario::{ClusterData, Probe, TestFile, key, mutate, statefulset_pods};
 use super::*;
 use crate::{
     compile::{Allocations, CompileOptions, Compiled, compile},
@@ -25,7 +28,6 @@ use crate::{
     evaluator::direction_verdict,
     model::{Cluster, NodeInfo, shared},
     state::PodRef,
-    tests::fixtures,
 };
 
 fn data_dir() -> PathBuf {
@@ -38,144 +40,6 @@ fn yaml_docs(path: &Path) -> Vec<Value> {
         .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
         .filter(|v| !v.is_null())
         .collect()
-}
-
-#[derive(Deserialize)]
-struct ClusterData {
-    nodes: Vec<Node>,
-    pods: BTreeMap<String, Placement>,
-}
-
-#[derive(Deserialize)]
-struct Node {
-    name: String,
-    labels: Labels,
-    addresses: Vec<IpAddr>,
-}
-
-#[derive(Deserialize)]
-struct Placement {
-    node: String,
-    ip: IpAddr,
-}
-
-#[derive(Deserialize)]
-struct TestFile {
-    tests: Vec<Test>,
-}
-
-#[derive(Deserialize)]
-struct Test {
-    name: String,
-    manifests: Vec<String>,
-    steps: Vec<Step>,
-}
-
-#[derive(Deserialize)]
-struct Step {
-    name: String,
-    #[serde(default)]
-    mutations: Vec<Mutation>,
-    probes: Vec<Probe>,
-}
-
-/// A JSON Patch on a live object, or an object deleted or applied whole.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Mutation {
-    Patch { object: String, patch: Vec<PatchOp> },
-    Delete { delete: String },
-    Apply { apply: Value },
-}
-
-/// An RFC 6902 operation (the ones the scenarios need).
-#[derive(Deserialize)]
-#[serde(tag = "op", rename_all = "lowercase")]
-enum PatchOp {
-    Add { path: String, value: Value },
-    Remove { path: String },
-    Replace { path: String, value: Value },
-    Move { from: String, path: String },
-}
-
-#[derive(Deserialize)]
-struct Probe {
-    from: String,
-    to: String,
-    protocol: String,
-    port: u16,
-    allowed: bool,
-}
-
-/// `Kind/name` for cluster-scoped objects, `Kind/namespace/name` for namespaced ones.
-fn key(v: &Value) -> String {
-    let s = |p: &str| v.pointer(p).and_then(Value::as_str).map(str::to_string);
-    let kind = s("/kind").expect("an object has a kind");
-    let name = s("/metadata/name").expect("an object has a name");
-    match s("/metadata/namespace") {
-        Some(ns) => format!("{kind}/{ns}/{name}"),
-        None => format!("{kind}/{name}"),
-    }
-}
-
-fn split_pointer(path: &str) -> (&str, String) {
-    let (parent, last) = path.rsplit_once('/').expect("a JSON pointer");
-    (parent, last.replace("~1", "/").replace("~0", "~"))
-}
-
-fn remove(doc: &mut Value, path: &str) -> Value {
-    let (parent, last) = split_pointer(path);
-    match doc.pointer_mut(parent) {
-        Some(Value::Array(a)) => a.remove(last.parse::<usize>().expect("an index")),
-        Some(Value::Object(o)) => o.remove(&last).unwrap_or_else(|| panic!("no {path}")),
-        _ => panic!("no {path}"),
-    }
-}
-
-fn add(doc: &mut Value, path: &str, value: Value) {
-    let (parent, last) = split_pointer(path);
-    match doc.pointer_mut(parent) {
-        Some(Value::Array(a)) if last == "-" => a.push(value),
-        Some(Value::Array(a)) => a.insert(last.parse::<usize>().expect("an index"), value),
-        Some(Value::Object(o)) => {
-            o.insert(last, value);
-        }
-        _ => panic!("no parent of {path}"),
-    }
-}
-
-fn patch(doc: &mut Value, op: PatchOp) {
-    match op {
-        PatchOp::Add { path, value } => add(doc, &path, value),
-        PatchOp::Remove { path } => {
-            remove(doc, &path);
-        }
-        PatchOp::Replace { path, value } => {
-            *doc.pointer_mut(&path)
-                .unwrap_or_else(|| panic!("no {path} to replace")) = value;
-        }
-        PatchOp::Move { from, path } => {
-            let v = remove(doc, &from);
-            add(doc, &path, v);
-        }
-    }
-}
-
-/// Replaces `${ip:NAMESPACE/POD}` in every string of `v` with the pod's address.
-fn resolve(v: &mut Value, ips: &BTreeMap<String, Placement>) {
-    match v {
-        Value::String(s) => {
-            while let Some(start) = s.find("${ip:") {
-                let end = start + s[start..].find('}').expect("a closed placeholder");
-                let pod = &s[start + 5..end];
-                let ip = ips.get(pod).unwrap_or_else(|| panic!("no pod {pod}")).ip;
-                s.replace_range(start..=end, &ip.to_string());
-            }
-        }
-        Value::Array(a) => a.iter_mut().for_each(|v| resolve(v, ips)),
-        Value::Object(o) => o.values_mut().for_each(|v| resolve(v, ips)),
-        _ => {}
-    }
 }
 
 /// The cluster as one step sees it.
@@ -206,7 +70,12 @@ impl World {
                 "Namespace" => {
                     ns_objects.push(serde_json::from_value::<Namespace>(v.clone()).expect("NS"))
                 }
-                "StatefulSet" => pods.extend(statefulset_pods(v, data)),
+                "StatefulSet" => {
+                    pods.extend(statefulset_pods(v, data).into_iter().map(|(at, pod)| {
+                        let pod = serde_json::from_value::<Pod>(pod).expect("Pod");
+                        (at, Arc::new(PodInfo::from(pod)))
+                    }))
+                }
                 "NetworkPolicy" => {
                     nps.push(serde_json::from_value::<NetworkPolicy>(v.clone()).expect("NP"))
                 }
@@ -304,65 +173,6 @@ impl World {
     }
 }
 
-/// The pods of a StatefulSet: `NAME-N` for each replica, placed and addressed by `data`.
-fn statefulset_pods(v: &Value, data: &ClusterData) -> Vec<(String, Arc<PodInfo>)> {
-    let ns = v["metadata"]["namespace"].as_str().expect("namespaced");
-    let name = v["metadata"]["name"].as_str().expect("named");
-    let template = &v["spec"]["template"];
-    let labels: Vec<(String, String)> = template["metadata"]["labels"]
-        .as_object()
-        .map(|o| {
-            o.iter()
-                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string()))
-                .collect()
-        })
-        .unwrap_or_default();
-    let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (&**k, &**v)).collect();
-    let mut ports = Vec::new();
-    for c in template["spec"]["containers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-    {
-        for p in c["ports"].as_array().into_iter().flatten() {
-            if let Some(n) = p["name"].as_str() {
-                let proto = p["protocol"].as_str().unwrap_or("TCP").to_string();
-                let port = p["containerPort"].as_i64().expect("containerPort") as i32;
-                ports.push((n.to_string(), proto, port));
-            }
-        }
-    }
-    let ports: Vec<(&str, &str, i32)> = ports.iter().map(|(n, p, x)| (&**n, &**p, *x)).collect();
-    let host_network = template["spec"]["hostNetwork"].as_bool().unwrap_or(false);
-    (0..v["spec"]["replicas"].as_u64().unwrap_or(1))
-        .map(|i| {
-            let pod = format!("{name}-{i}");
-            let at = format!("{ns}/{pod}");
-            let place = data
-                .pods
-                .get(&at)
-                .unwrap_or_else(|| panic!("no place for {at}"));
-            let node = data.nodes.iter().find(|n| n.name == place.node);
-            let node = node.unwrap_or_else(|| panic!("{at}: no node {}", place.node));
-            assert!(
-                !host_network || node.addresses.contains(&place.ip),
-                "{at}: a host-network pod has its node's address"
-            );
-            let ip = place.ip.to_string();
-            let mut info = PodInfo::from(fixtures::pod(
-                ns,
-                &pod,
-                &labels,
-                &[&ip],
-                &place.node,
-                &ports,
-            ));
-            info.host_network = host_network;
-            (at, Arc::new(info))
-        })
-        .collect()
-}
-
 /// Runs every test of one upstream file: its steps in order, mutations cumulative, every
 /// probe judged; fails with each probe whose verdict differs from upstream's.
 fn run(file: &str) {
@@ -388,32 +198,7 @@ fn run(file: &str) {
             objects.extend(load(m));
         }
         for step in test.steps {
-            for m in step.mutations {
-                match m {
-                    Mutation::Patch { object, patch: ops } => {
-                        let doc = objects
-                            .get_mut(&object)
-                            .unwrap_or_else(|| panic!("{}: no {object}", test.name));
-                        for mut op in ops {
-                            if let PatchOp::Add { value, .. } | PatchOp::Replace { value, .. } =
-                                &mut op
-                            {
-                                resolve(value, &data.pods);
-                            }
-                            patch(doc, op);
-                        }
-                    }
-                    Mutation::Delete { delete } => {
-                        objects
-                            .remove(&delete)
-                            .unwrap_or_else(|| panic!("{}: no {delete}", test.name));
-                    }
-                    Mutation::Apply { mut apply } => {
-                        resolve(&mut apply, &data.pods);
-                        objects.insert(key(&apply), apply);
-                    }
-                }
-            }
+            mutate(&mut objects, &step.mutations, &data, &test.name);
             let world = World::build(&objects, &data);
             for p in &step.probes {
                 probes += 1;

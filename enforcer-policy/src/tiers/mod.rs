@@ -18,6 +18,7 @@
 //! (every pod, when that is unreadable), and says so.
 
 pub mod api;
+pub mod scenario;
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 

@@ -413,3 +413,53 @@ fn explain_names_the_admin_rule_that_passed_a_flow_before_the_network_policy_dec
         "{text}"
     );
 }
+
+#[test]
+fn explain_names_the_tier_rule_that_decided_a_flow_to_the_own_node() {
+    // `x/a` runs on `control`; an Admin rule passes nodes on, a Baseline rule denies them.
+    let admin = r#"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: nodes-later}
+spec:
+  tier: Admin
+  priority: 1
+  subject: {namespaces: {}}
+  egress: [{name: nodes, action: Pass, to: [{nodes: {}}]}]
+"#;
+    let baseline = r#"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: no-control}
+spec:
+  tier: Baseline
+  priority: 1
+  subject: {namespaces: {}}
+  egress: [{name: control, action: Deny, to: [{nodes: {matchLabels: {role: control}}}]}]
+"#;
+    let c = cluster(&[admin, baseline], &[]);
+    let opts = CompileOptions {
+        node_name: Some("control".into()),
+        node_ips: vec![ip(CONTROL_NODE)],
+        ..CompileOptions::default()
+    };
+    let from = Endpoint::Pod(pod_ref("x", "a"));
+    let e = explain(
+        &c,
+        &opts,
+        &from,
+        &Endpoint::Ip(ip(CONTROL_NODE)),
+        PROTO_TCP,
+        10250,
+    );
+    let text = e.to_string();
+    assert!(
+        text.contains(
+            "egress  at x/a: passed by Admin tier ClusterNetworkPolicy/nodes-later rule nodes [0] \
+             (Pass); then denied by Baseline tier ClusterNetworkPolicy/no-control rule control [0] \
+             (Deny)"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("verdict: DENIED"), "{text}");
+}

@@ -75,8 +75,6 @@ impl Agent {
         // Local pods the compile gave no endpoint id: attached without an entry (denied).
         let mut unnumbered: Vec<(PodRef, Vec<IpAddr>)> = Vec::new();
         let mut shown = Shown::default();
-        // The cluster policies last reported as not enforced (logged again when they change).
-        let mut tiers_reported: Vec<String> = Vec::new();
         let mut last_sync = Instant::now() - RESYNC;
         let mut dirty = false;
         let mut last_counters = Instant::now() - RESYNC;
@@ -207,29 +205,25 @@ impl Agent {
                             log::warn!("{e}");
                         }
                     }
-                    let mut refused: Vec<String> = compiled
-                        .refused
-                        .iter()
-                        .map(|r| {
-                            format!(
-                                "{}/{}: {}",
-                                r.refusal.namespace,
-                                r.refusal.name,
-                                r.refusal.consequence()
-                            )
-                        })
-                        .collect();
-                    if !self.compile_options.cluster_policies {
-                        let left_out = not_enforced(c);
-                        if cluster_changed && left_out != tiers_reported {
-                            for p in &left_out {
-                                log::warn!("{p}");
-                            }
-                            tiers_reported = left_out.clone();
-                        }
-                        refused.extend(left_out);
-                    }
-                    self.status.set_refused(refused);
+                    let refused = compiled.refused.iter().map(|r| {
+                        format!(
+                            "{}/{}: {}",
+                            r.refusal.namespace,
+                            r.refusal.name,
+                            r.refusal.consequence()
+                        )
+                    });
+                    // Invalid cluster policies run as their fail-closed stand-in (logged by
+                    // the source); listed as refused like invalid NetworkPolicies.
+                    let tier_refused = c.cluster_policies.iter().filter_map(|p| {
+                        let first = p.refused.first()?;
+                        Some(format!(
+                            "{}: refused ({first}): enforcing its fail-closed stand-in",
+                            p.display_name()
+                        ))
+                    });
+                    self.status
+                        .set_refused(refused.chain(tier_refused).collect());
                     desired = Arc::new(compiled.state);
                     let viewing = Instant::now();
                     self.publish_view(&desired, c);
@@ -443,21 +437,6 @@ struct Turn<'a> {
 /// The pods the compile gave no endpoint id (more local pods than ids), with their addresses:
 /// the reconciler attaches the programs to them all the same, without an entry, so they are
 /// denied both ways rather than left open.
-/// The cluster-wide policies an agent that does not compile them leaves out, as `/status`
-/// lists refused objects.
-fn not_enforced(cluster: &Cluster) -> Vec<String> {
-    cluster
-        .cluster_policies
-        .iter()
-        .map(|p| {
-            format!(
-                "{}: read but not enforced: this agent's programs do not drop on deny entries yet",
-                p.display_name()
-            )
-        })
-        .collect()
-}
-
 fn without_ids(cluster: &Cluster, errors: &[CompileError]) -> Vec<(PodRef, Vec<IpAddr>)> {
     let mut out = Vec::new();
     for e in errors {

@@ -335,9 +335,6 @@ pub fn run(args: RunArgs) -> Result<()> {
             max_endpoints: args.max_endpoints,
             require_identity: args.require_identity,
             audit: args.audit,
-            // Not yet: the programs do not drop on a deny entry (they would read it as an
-            // allow). The agent reports the cluster policies it leaves out.
-            cluster_policies: false,
         },
         datapath,
         status: status.clone(),
