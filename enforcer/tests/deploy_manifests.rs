@@ -316,10 +316,10 @@ fn schema_error(
     doc: &Value,
     path: &str,
 ) -> Option<String> {
-    if let Some(e) = schema.enum_.as_ref().filter(|e| !e.is_empty()) {
-        if !e.iter().any(|v| v.0 == *doc) {
-            return Some(format!("{path}: {doc} is not one of {e:?}"));
-        }
+    if let Some(e) = schema.enum_.as_ref().filter(|e| !e.is_empty())
+        && !e.iter().any(|v| v.0 == *doc)
+    {
+        return Some(format!("{path}: {doc} is not one of {e:?}"));
     }
     let int_or_string = schema.x_kubernetes_int_or_string == Some(true);
     let type_ok = match schema.type_.as_deref() {
