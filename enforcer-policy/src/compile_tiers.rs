@@ -252,18 +252,7 @@ pub(crate) fn compile_direction(
             for (c, _) in &np {
                 c.bounds(protocol, &mut bounds);
             }
-            bounds.sort_unstable();
-            bounds.dedup();
-            let mut pieces: Vec<(u16, u16, Verdict)> = Vec::new();
-            for w in bounds.windows(2) {
-                let (lo, hi) = (port16(w[0]), port16(w[1] - 1));
-                let v = at(Some(protocol), lo);
-                match pieces.last_mut() {
-                    Some(last) if last.2 == v => last.1 = hi,
-                    _ => pieces.push((lo, hi, v)),
-                }
-            }
-            pieces
+            pieces(bounds, |port| at(Some(protocol), port))
         });
         Function {
             ported,
@@ -393,29 +382,14 @@ fn stricter(a: &Function, b: &Function) -> Function {
         _ => x,
     };
     let ported = std::array::from_fn(|pi| {
-        let mut bounds: Vec<u32> = a.ported[pi]
+        let (a, b) = (&a.ported[pi], &b.ported[pi]);
+        let bounds = a
             .iter()
-            .chain(&b.ported[pi])
+            .chain(b)
             .flat_map(|(lo, hi, _)| [u32::from(*lo), u32::from(*hi) + 1])
             .collect();
-        bounds.sort_unstable();
-        bounds.dedup();
-        let at = |pieces: &[(u16, u16, Verdict)], port: u16| {
-            pieces
-                .iter()
-                .find(|(lo, hi, _)| (*lo..=*hi).contains(&port))
-                .map_or(Verdict::Isolated, |(_, _, v)| *v)
-        };
-        let mut pieces: Vec<(u16, u16, Verdict)> = Vec::new();
-        for w in bounds.windows(2) {
-            let (lo, hi) = (port16(w[0]), port16(w[1] - 1));
-            let v = pick(at(&a.ported[pi], lo), at(&b.ported[pi], lo));
-            match pieces.last_mut() {
-                Some(last) if last.2 == v => last.1 = hi,
-                _ => pieces.push((lo, hi, v)),
-            }
-        }
-        pieces
+        let at = |f: &[(u16, u16, Verdict)], port| piece_at(f, port).unwrap_or(Verdict::Isolated);
+        pieces(bounds, |port| pick(at(a, port), at(b, port)))
     });
     Function {
         ported,
@@ -425,6 +399,31 @@ fn stricter(a: &Function, b: &Function) -> Function {
 
 fn port16(p: u32) -> u16 {
     u16::try_from(p).unwrap_or(u16::MAX)
+}
+
+/// The pieces between `bounds` (ports where the verdict may change, 0 and 65536 among them),
+/// each with `at`'s verdict at its first port, neighbours of one verdict merged.
+fn pieces(mut bounds: Vec<u32>, at: impl Fn(u16) -> Verdict) -> Vec<(u16, u16, Verdict)> {
+    bounds.sort_unstable();
+    bounds.dedup();
+    let mut out: Vec<(u16, u16, Verdict)> = Vec::new();
+    for w in bounds.windows(2) {
+        let (lo, hi) = (port16(w[0]), port16(w[1] - 1));
+        let v = at(lo);
+        match out.last_mut() {
+            Some(last) if last.2 == v => last.1 = hi,
+            _ => out.push((lo, hi, v)),
+        }
+    }
+    out
+}
+
+/// The verdict of the piece holding `port`.
+fn piece_at(pieces: &[(u16, u16, Verdict)], port: u16) -> Option<Verdict> {
+    pieces
+        .iter()
+        .find(|(lo, hi, _)| (*lo..=*hi).contains(&port))
+        .map(|(_, _, v)| *v)
 }
 
 /// The runs of `f` where it differs from `base` (both cover 0..=65535 in order), merged, with
@@ -440,16 +439,10 @@ fn differences(
         .collect();
     bounds.sort_unstable();
     bounds.dedup();
-    let at = |pieces: &[(u16, u16, Verdict)], port: u16| {
-        pieces
-            .iter()
-            .find(|(lo, hi, _)| (*lo..=*hi).contains(&port))
-            .map(|(_, _, v)| *v)
-    };
     let mut out: Vec<(u16, u16, Verdict)> = Vec::new();
     for w in bounds.windows(2) {
         let (lo, hi) = (port16(w[0]), port16(w[1] - 1));
-        let (mine, theirs) = (at(f, lo), at(base, lo));
+        let (mine, theirs) = (piece_at(f, lo), piece_at(base, lo));
         let Some(v) = mine.filter(|m| Some(*m) != theirs) else {
             continue;
         };

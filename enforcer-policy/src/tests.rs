@@ -312,7 +312,7 @@ fn check_compiled(
                         port,
                     );
                     if identity == IDENTITY_HOST
-                        && check_host(compiled, cluster, opts, ep, dir, &d, &v, (proto, port))
+                        && check_host((compiled, cluster, opts), (ep, dir, &d), (proto, port))
                     {
                         continue;
                     }
@@ -348,16 +348,10 @@ fn check_compiled(
 /// The node's own addresses, one identity for all: checked here when the evaluator judges them
 /// apart (then each is denied wherever one is: the lookup allows exactly where every address
 /// is allowed) or when the endpoint's egress to the node is not looked up (then the evaluator
-/// allows it). Returns false when the common check applies (`v` is every address's verdict).
-#[allow(clippy::too_many_arguments)]
+/// allows it). Returns false when the common check applies (every address has one verdict).
 fn check_host(
-    compiled: &super::Compiled,
-    cluster: &Cluster,
-    opts: &CompileOptions,
-    ep: &PodRef,
-    dir: u8,
-    d: &decision::Decision,
-    v: &evaluator::DirVerdict,
+    (compiled, cluster, opts): (&super::Compiled, &Cluster, &CompileOptions),
+    (ep, dir, d): (&PodRef, u8, &decision::Decision),
     (proto, port): (u8, u16),
 ) -> bool {
     let all: Vec<evaluator::DirVerdict> = opts
@@ -374,7 +368,10 @@ fn check_host(
         assert!(allowed, "{}", msg());
         return true;
     }
-    if all.iter().any(|a| a.after_pass() != v.after_pass()) {
+    if all
+        .windows(2)
+        .any(|w| w[0].after_pass() != w[1].after_pass())
+    {
         assert_eq!(d.allowed, allowed, "{}", msg());
         // An address denied for another's sake is said.
         if !allowed && all.iter().any(evaluator::DirVerdict::allowed) {

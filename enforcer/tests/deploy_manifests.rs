@@ -84,6 +84,10 @@ struct Objects {
     monitors: Vec<Value>,
     /// Which file each (kind, namespace/name) came from.
     files: BTreeMap<(String, String), PathBuf>,
+    /// The cluster-wide policy example (`examples/cluster-policy/`), a cluster of its own:
+    /// its core objects are typed, its policy.networking.k8s.io objects checked against their
+    /// CRD's schema.
+    cluster_policy_example: Vec<(PathBuf, Value)>,
 }
 
 /// Deserializes into `T` and checks that serializing it back gives the same document: a field
@@ -127,6 +131,25 @@ fn load() -> Objects {
                 "{kind} {name} defined twice ({})",
                 file.display()
             );
+            if file
+                .parent()
+                .is_some_and(|d| d.ends_with("examples/cluster-policy"))
+            {
+                match (api_version.as_str(), kind.as_str()) {
+                    ("v1", "Namespace") => drop(typed::<Namespace>(&file, &doc)),
+                    ("v1", "Pod") => drop(typed::<Pod>(&file, &doc)),
+                    ("networking.k8s.io/v1", "NetworkPolicy") => {
+                        drop(typed::<NetworkPolicy>(&file, &doc))
+                    }
+                    (
+                        "policy.networking.k8s.io/v1alpha1" | "policy.networking.k8s.io/v1alpha2",
+                        _,
+                    ) => {}
+                    other => panic!("{}: unexpected object {other:?}", file.display()),
+                }
+                o.cluster_policy_example.push((file.clone(), doc));
+                continue;
+            }
             match (api_version.as_str(), kind.as_str()) {
                 ("v1", "Namespace") => o.namespaces.push(typed(&file, &doc)),
                 ("v1", "ServiceAccount") => o.service_accounts.push(typed(&file, &doc)),
@@ -283,6 +306,130 @@ fn every_manifest_parses_into_its_type() {
     ] {
         assert_eq!(meta.namespace.as_deref(), Some("enforcer-system"));
     }
+}
+
+/// `doc` against a CRD's structural schema at `path`: every field it sets is a property of its
+/// object (or the object keeps unknown fields), every value has the schema's type and is one of
+/// its enum, and every required field is there. `None`: it conforms.
+fn schema_error(
+    schema: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps,
+    doc: &Value,
+    path: &str,
+) -> Option<String> {
+    if let Some(e) = schema.enum_.as_ref().filter(|e| !e.is_empty())
+        && !e.iter().any(|v| v.0 == *doc)
+    {
+        return Some(format!("{path}: {doc} is not one of {e:?}"));
+    }
+    let int_or_string = schema.x_kubernetes_int_or_string == Some(true);
+    let type_ok = match schema.type_.as_deref() {
+        _ if int_or_string => doc.is_i64() || doc.is_string(),
+        Some("object") => doc.is_object(),
+        Some("array") => doc.is_array(),
+        Some("string") => doc.is_string(),
+        Some("integer") => doc.is_i64() || doc.is_u64(),
+        Some("number") => doc.is_number(),
+        Some("boolean") => doc.is_boolean(),
+        _ => true,
+    };
+    if !type_ok {
+        return Some(format!("{path}: {doc} is not of type {:?}", schema.type_));
+    }
+    match doc {
+        Value::Object(fields) => {
+            for r in schema.required.iter().flatten() {
+                if !fields.contains_key(r) {
+                    return Some(format!("{path}: required field {r} is missing"));
+                }
+            }
+            let preserve = schema.x_kubernetes_preserve_unknown_fields == Some(true);
+            for (k, v) in fields {
+                // `metadata` is the API server's ObjectMeta, not the CRD's to describe.
+                if path.is_empty() && k == "metadata" {
+                    continue;
+                }
+                let field = format!("{path}.{k}");
+                let sub = schema.properties.as_ref().and_then(|p| p.get(k));
+                let sub = sub.or(match &schema.additional_properties {
+                    Some(k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrBool::Schema(s)) => Some(&**s),
+                    _ => None,
+                });
+                match sub {
+                    Some(sub) => {
+                        if let Some(e) = schema_error(sub, v, &field) {
+                            return Some(e);
+                        }
+                    }
+                    None if preserve => {}
+                    None => return Some(format!("{field}: no such field in the schema")),
+                }
+            }
+            None
+        }
+        Value::Array(items) => {
+            let item = match &schema.items {
+                Some(k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schema(s)) => Some(&**s),
+                _ => None,
+            };
+            items.iter().enumerate().find_map(|(i, v)| {
+                item.and_then(|sub| schema_error(sub, v, &format!("{path}[{i}]")))
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Each object of the cluster-wide policy example conforms to the schema of its vendored CRD,
+/// at its version (the checks the API server's structural schema makes of fields and types), and
+/// the checker itself refuses a misspelt field and a wrong enum value.
+#[test]
+fn cluster_policy_examples_conform_to_their_crds_schema() {
+    let o = load();
+    let mut checked = 0;
+    for (file, doc) in &o.cluster_policy_example {
+        let api_version = doc["apiVersion"].as_str().unwrap();
+        let Some(("policy.networking.k8s.io", version)) = api_version.split_once('/') else {
+            continue;
+        };
+        let kind = doc["kind"].as_str().unwrap();
+        let crd = o
+            .crds
+            .iter()
+            .find(|c| c.spec.group == "policy.networking.k8s.io" && c.spec.names.kind == kind)
+            .unwrap_or_else(|| panic!("{}: no CRD for {kind}", file.display()));
+        let v = crd
+            .spec
+            .versions
+            .iter()
+            .find(|v| v.name == version && v.served)
+            .unwrap_or_else(|| panic!("{}: {kind} {version} is not served", file.display()));
+        let schema = v
+            .schema
+            .as_ref()
+            .and_then(|s| s.open_api_v3_schema.as_ref())
+            .expect("a schema");
+        if let Some(e) = schema_error(schema, doc, "") {
+            panic!(
+                "{}: {kind} {}: {e}",
+                file.display(),
+                doc["metadata"]["name"]
+            );
+        }
+        let mut typo = doc.clone();
+        typo["spec"]["tier"] = "Admn".into();
+        assert!(
+            schema_error(schema, &typo, "").is_some(),
+            "an enum is checked"
+        );
+        let mut typo = doc.clone();
+        typo["spec"]["priorty"] = 1.into();
+        assert!(
+            schema_error(schema, &typo, "").is_some(),
+            "a field is checked"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 3, "the example's cluster policies: {checked}");
 }
 
 /// The verbs of each (group, resource) the agent's ClusterRole grants.

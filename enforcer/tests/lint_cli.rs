@@ -90,3 +90,59 @@ fn sarif_output_is_sarif_2_1_0() {
     assert_eq!(v["version"], "2.1.0");
     assert_eq!(v["runs"][0]["results"][0]["ruleId"], "L001");
 }
+
+/// Two Admin policies at one priority selecting `shop/web`, and one whose `domainNames` peer
+/// fails closed.
+const CLUSTER_POLICIES: &str = "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: b-all}\nspec:\n  tier: Admin\n  priority: 10\n  subject: {namespaces: {}}\n  ingress: [{name: pass, action: Pass, from: [{namespaces: {}}]}]\n---\napiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: a-shop}\nspec:\n  tier: Admin\n  priority: 10\n  subject: {namespaces: {matchLabels: {kubernetes.io/metadata.name: shop}}}\n  ingress: [{name: deny, action: Deny, from: [{namespaces: {}}]}]\n---\napiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: dns}\nspec:\n  tier: Admin\n  priority: 20\n  subject: {namespaces: {}}\n  egress: [{name: example, action: Accept, to: [{domainNames: [example.com]}]}]\n";
+
+#[test]
+fn cluster_policy_ties_and_peers_that_fail_closed_exit_1_naming_file_object_and_field() {
+    let dir = folder(&[("a.yaml", NS), ("cluster.yaml", CLUSTER_POLICIES)]);
+    let (code, out, err) = lint(dir.path(), &["-o", "json"]);
+    assert_eq!(code, 1, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let findings = v["findings"].as_array().unwrap();
+    let find = |rule: &str| {
+        findings
+            .iter()
+            .find(|f| f["rule"] == rule)
+            .unwrap_or_else(|| panic!("no {rule} in {out}"))
+    };
+    let tie = find("L013");
+    assert_eq!(tie["name"], "tier-priority-tie");
+    assert!(
+        tie["file"].as_str().unwrap().ends_with("cluster.yaml"),
+        "{tie}"
+    );
+    assert_eq!(
+        tie["object"],
+        serde_json::json!({"kind": "ClusterNetworkPolicy", "namespace": null, "name": "b-all"})
+    );
+    assert_eq!(tie["field"], "spec.priority");
+    assert!(
+        tie["message"]
+            .as_str()
+            .unwrap()
+            .contains("both select shop/web"),
+        "{tie}"
+    );
+    let closed = find("L014");
+    assert_eq!(closed["name"], "peer-fails-closed");
+    assert_eq!(closed["severity"], "error");
+    assert!(
+        closed["file"].as_str().unwrap().ends_with("cluster.yaml"),
+        "{closed}"
+    );
+    assert_eq!(
+        closed["object"],
+        serde_json::json!({"kind": "ClusterNetworkPolicy", "namespace": null, "name": "dns"})
+    );
+    assert_eq!(closed["field"], "spec.egress[0].to[0]");
+    // Text too: each finding names its file and object.
+    let (code, text, _) = lint(dir.path(), &[]);
+    assert_eq!(code, 1);
+    assert!(
+        text.contains("L013") && text.contains("L014") && text.contains("cluster.yaml"),
+        "{text}"
+    );
+}
