@@ -225,19 +225,22 @@ impl<K: Ord + Clone> Pool<K> {
         }
         // A number freed in the previous compile may still be in the maps the reconciler has not
         // finished replacing: reuse it only after one more compile, unless nothing else is left.
-        let settled = self
-            .free
-            .iter()
-            .find(|(_, freed)| **freed + 1 < generation)
-            .map(|(id, _)| *id);
+        // Looked for only when wanted: the free list of a pool that prefers fresh numbers grows
+        // with churn, and this runs per key.
+        let settled = || {
+            self.free
+                .iter()
+                .find(|(_, freed)| **freed + 1 < generation)
+                .map(|(id, _)| *id)
+        };
         let fresh = (self.next <= self.last && self.next >= self.first).then_some(self.next);
-        let any_free = self.free.keys().next().copied();
+        let any_free = || self.free.keys().next().copied();
         let id = if self.prefer_fresh {
-            fresh.or(settled)
+            fresh.or_else(settled)
         } else {
-            settled.or(fresh)
+            settled().or(fresh)
         }
-        .or(any_free)?;
+        .or_else(any_free)?;
         if Some(id) == fresh {
             self.next = self.next.saturating_add(1);
         } else {
@@ -327,14 +330,6 @@ impl<K: Ord + Clone> Pool<K> {
             .iter()
             .map(|(k, (id, _))| (*id, k.clone()))
             .collect()
-    }
-
-    /// Marks every live number used in `generation` (a compile that reuses the previous one's
-    /// keys).
-    fn touch_all(&mut self, generation: u64) {
-        for (_, used) in self.live.values_mut() {
-            *used = generation;
-        }
     }
 
     fn lookup(&self, key: &K) -> Option<u32> {
@@ -639,6 +634,80 @@ fn parsed_policies(
     (out, errors)
 }
 
+/// What the compiler derives from the policies (and namespaces, for audit) alone, before it
+/// looks at pods: kept in the memo and reused while those inputs are the same objects, so a
+/// pod event does not walk 10k policies to find them unchanged.
+pub(super) struct Prelude {
+    /// The inputs, held: compared by address (namespaces by content too, see [`StageInput`]).
+    policies: Vec<Arc<k8s_openapi::api::networking::v1::NetworkPolicy>>,
+    namespaces: Vec<Arc<Namespace>>,
+    audit_all: bool,
+    /// [`parsed_policies`].
+    enforced: Vec<Arc<PolicyFacts>>,
+    errors: Vec<CompileError>,
+    /// The NetworkPolicies' ipBlocks.
+    blocks: Arc<BTreeSet<Block>>,
+    /// Per `enforced` policy: whether it audits ([`audited_policies`]).
+    audited: Vec<bool>,
+}
+
+impl Prelude {
+    fn made_of(&self, cluster: &Cluster, audit_all: bool) -> bool {
+        fn same<T: PartialEq>(a: &[Arc<T>], b: &[Arc<T>], by_content: bool) -> bool {
+            a.len() == b.len()
+                && a.iter()
+                    .zip(b)
+                    .all(|(x, y)| Arc::ptr_eq(x, y) || (by_content && x == y))
+        }
+        self.audit_all == audit_all
+            && same(&self.policies, &cluster.policies, false)
+            && same(&self.namespaces, &cluster.namespaces, true)
+    }
+}
+
+/// The [`Prelude`] of `cluster`: the last compile's when its inputs are the same, else made.
+fn prelude(cluster: &Cluster, audit_all: bool, memo: &mut Memo, generation: u64) -> Arc<Prelude> {
+    if let Some(p) = memo
+        .prelude
+        .as_ref()
+        .filter(|p| p.made_of(cluster, audit_all))
+    {
+        memo.prelude_reused = true;
+        return Arc::clone(p);
+    }
+    memo.prelude_reused = false;
+    let (enforced, errors) = parsed_policies(cluster, memo, generation);
+    let blocks: BTreeSet<Block> = enforced
+        .iter()
+        .map(|f| f.enforced())
+        .flat_map(|p| p.ingress.iter().chain(p.egress.iter()).flatten())
+        .flat_map(|r| r.peers.iter().flatten())
+        .filter_map(|peer| match peer {
+            Peer::Block(b) => Some(b.clone()),
+            Peer::Pods { .. } => None,
+        })
+        .collect();
+    let audits = audited_policies(cluster, audit_all);
+    let audited = enforced
+        .iter()
+        .map(|f| {
+            let p = f.enforced();
+            audits.contains(&(p.namespace.as_str(), p.name.as_str()))
+        })
+        .collect();
+    let made = Arc::new(Prelude {
+        policies: cluster.policies.clone(),
+        namespaces: cluster.namespaces.clone(),
+        audit_all,
+        enforced,
+        errors,
+        blocks: Arc::new(blocks),
+        audited,
+    });
+    memo.prelude = Some(Arc::clone(&made));
+    made
+}
+
 /// The pods that take part in policy, one per `PodRef` (the first object of a name wins),
 /// ordered by `PodRef`: [`Cluster::policy_pods`], from the memo.
 /// Also the names of the other pods (kept by name, not in policy), and whether any name was
@@ -738,7 +807,9 @@ pub(super) struct StageInput {
     pods: Vec<Arc<PodInfo>>,
     namespaces: Vec<Arc<Namespace>>,
     verified: BTreeMap<IpAddr, BTreeMap<String, String>>,
-    blocks: BTreeSet<Block>,
+    /// Shared with the policy prelude ([`Prelude`]) while no cluster policy adds networks: a
+    /// pod event compares it by address, not its 10k blocks.
+    blocks: Arc<BTreeSet<Block>>,
     node_ips: Vec<IpAddr>,
     /// Which pods are local.
     node_name: Option<String>,
@@ -757,7 +828,7 @@ impl StageInput {
                 .zip(&o.namespaces)
                 .all(|(x, y)| Arc::ptr_eq(x, y) || x == y)
             && self.verified == o.verified
-            && self.blocks == o.blocks
+            && (Arc::ptr_eq(&self.blocks, &o.blocks) || self.blocks == o.blocks)
             && self.node_ips == o.node_ips
             && self.node_name == o.node_name
             && self.nodes.len() == o.nodes.len()
@@ -1157,7 +1228,7 @@ fn update_stage(
         }
     }
 
-    identities.touch_all(generation);
+    // The pool is not swept after this compile (see `compile`): what leaves is released below.
     let mut emptied: Vec<u32> = Vec::new();
     for r in &gone_refs {
         stage.locals.remove(r);
@@ -1347,6 +1418,14 @@ pub(super) struct PolicyOut {
     entries: Box<[OutEntry]>,
 }
 
+impl PolicyOut {
+    /// The policy isolates no local endpoint, so it has no entries either, whatever the
+    /// identities are.
+    pub fn selects_nothing(&self) -> bool {
+        self.isolates.is_empty() && self.entries.is_empty()
+    }
+}
+
 #[derive(Debug)]
 struct OutEntry {
     endpoint: u32,
@@ -1365,6 +1444,12 @@ pub(super) struct OutputsKey {
     /// Each local endpoint, its id and the facts its policies select it by.
     endpoints: Vec<(PodRef, u32, Arc<PodFacts>)>,
     require_identity: bool,
+}
+
+impl OutputsKey {
+    pub fn same_but_identities(&self, o: &Self) -> bool {
+        self.endpoints == o.endpoints && self.require_identity == o.require_identity
+    }
 }
 
 /// Resolves rule peers to identities. Each distinct peer is matched against the identities
@@ -1574,19 +1659,11 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
     alloc.generation += 1;
     let generation = alloc.generation;
     alloc.endpoints.last = opts.max_endpoints;
-    let (enforced, mut errors) = parsed_policies(cluster, &mut alloc.memo, generation);
-    let policies: Vec<&ParsedPolicy> = enforced.iter().map(|f| f.enforced()).collect();
-
+    let prelude = prelude(cluster, opts.audit, &mut alloc.memo, generation);
+    let enforced = &prelude.enforced;
+    let mut errors = prelude.errors.clone();
     // ipBlocks: the only input of the identity stage that comes from policies.
-    let blocks: BTreeSet<Block> = policies
-        .iter()
-        .flat_map(|p| p.ingress.iter().chain(p.egress.iter()).flatten())
-        .flat_map(|r| r.peers.iter().flatten())
-        .filter_map(|peer| match peer {
-            Peer::Block(b) => Some(b.clone()),
-            Peer::Pods { .. } => None,
-        })
-        .collect();
+    let blocks = Arc::clone(&prelude.blocks);
     // Cluster policies, in evaluation order: their `networks` join the ipBlocks, their
     // `nodes` peers give node addresses identities.
     let mut tier_policies: Vec<&ClusterPolicy> =
@@ -1601,7 +1678,7 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
     let mut blocks = blocks;
     for peer in tier_peers() {
         if let PeerSelector::Networks(cidrs) = peer {
-            blocks.extend(cidrs.iter().map(|c| Block::network(*c)));
+            Arc::make_mut(&mut blocks).extend(cidrs.iter().map(|c| Block::network(*c)));
         }
     }
     let nodes = if tier_peers().any(|p| matches!(p, PeerSelector::Nodes(_))) {
@@ -1624,7 +1701,6 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
     let mut updated = None;
     if let Some((old, stage, made)) = prev.take() {
         if made + 1 == generation && old == input {
-            alloc.identities.touch_all(generation);
             updated = Some(stage);
         } else if made + 1 == generation {
             // Unshared once taken from the memo (the compile that made it has returned).
@@ -1645,6 +1721,11 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
             prev = Some((old, stage, made));
         }
     }
+    // A stage reused or updated leaves the identity pool holding exactly its keys (an update
+    // releases what it empties): no sweep over every identity, which would cost the cluster's
+    // size on every pod event. A rebuilt stage asks the pool for each key it uses; the rest
+    // are swept.
+    let pool_exact = updated.is_some();
     let stage = match updated {
         Some(stage) => stage,
         None => {
@@ -1734,11 +1815,10 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
     let mut resolver: Option<PeerResolver<'_>> = None;
     let mut masks = vec![[0u32; 2]; locals.len()];
     let mut refused = Vec::new();
-    let audited = audited_policies(cluster, opts.audit);
     // Per local endpoint, the directions (bit = direction) enforcing and audit policies isolate.
     let mut isolated_by = vec![[0u8; 2]; locals.len()];
     let mut outs: Vec<(Arc<PolicyOut>, bool)> = Vec::with_capacity(enforced.len());
-    for facts in &enforced {
+    for (facts, audit) in enforced.iter().zip(&prelude.audited) {
         let p = facts.enforced();
         let out = alloc.memo.output(facts, generation, |_| {
             contributions(
@@ -1748,7 +1828,7 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
                 p.require_identity || opts.require_identity,
             )
         });
-        let audit = audited.contains(&(p.namespace.as_str(), p.name.as_str()));
+        let audit = *audit;
         for &(li, dir) in &out.isolates {
             if let Some(by) = isolated_by.get_mut(li as usize) {
                 by[usize::from(audit)] |= 1 << dir;
@@ -1818,7 +1898,7 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
     // Policies in order, so the first policy's rule wins a key two policies give (as the
     // evaluator's "first allowing rule" does); numbering a rule only when it gives an entry.
     // A refused policy's stand-in has no rules: it only isolates.
-    for ((out, audit), facts) in outs.iter().zip(&enforced) {
+    for ((out, audit), facts) in outs.iter().zip(enforced) {
         let p = facts.enforced();
         if *audit {
             for &(li, dir) in &out.isolates {
@@ -1998,7 +2078,9 @@ pub fn compile(cluster: &Cluster, opts: &CompileOptions, alloc: &mut Allocations
         );
     }
 
-    alloc.identities.sweep(generation);
+    if !pool_exact {
+        alloc.identities.sweep(generation);
+    }
     alloc.endpoints.sweep(generation);
     alloc.rules.sweep(generation);
     alloc.memo.sweep(generation);

@@ -16,7 +16,7 @@ use std::{collections::HashMap, sync::Arc};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use super::{
-    compile::{IdentityStage, OutputsKey, PolicyOut, StageInput},
+    compile::{IdentityStage, OutputsKey, PolicyOut, Prelude, StageInput},
     validate::{ParsedPolicy, Refusal, parse_policy, refusal},
 };
 
@@ -68,6 +68,11 @@ pub(super) struct Memo {
     /// which is per object), valid for `outputs_key`.
     outputs: HashMap<usize, Entry<PolicyFacts, PolicyOut>>,
     outputs_key: Option<OutputsKey>,
+    /// What the last compile derived from the policies alone.
+    pub prelude: Option<Arc<Prelude>>,
+    /// This compile reused `prelude`: it parsed nothing, so the parse entries, all still in
+    /// the input, are kept without being marked.
+    pub prelude_reused: bool,
 }
 
 impl Clone for Memo {
@@ -117,10 +122,17 @@ impl Memo {
         })
     }
 
-    /// Keeps the policy contributions only if they were made for `key`.
+    /// Keeps the policy contributions made for `key`. When only the identities changed, those
+    /// that select no local endpoint are kept too: they hold nothing an identity could change
+    /// (an entry comes only with an endpoint it isolates), and at 10k policies a new identity
+    /// (a pod of new labels anywhere) must not make every policy's contribution again.
     pub fn outputs_for(&mut self, key: OutputsKey) {
-        if self.outputs_key.as_ref() != Some(&key) {
-            self.outputs.clear();
+        match &self.outputs_key {
+            Some(k) if *k == key => {}
+            Some(k) if k.same_but_identities(&key) => {
+                self.outputs.retain(|_, e| e.derived.selects_nothing());
+            }
+            _ => self.outputs.clear(),
         }
         self.outputs_key = Some(key);
     }
@@ -150,7 +162,9 @@ impl Memo {
 
     /// Drops the entries of objects that were not in the compile of `generation`.
     pub fn sweep(&mut self, generation: u64) {
-        self.policies.retain(|_, e| e.used == generation);
+        if !self.prelude_reused {
+            self.policies.retain(|_, e| e.used == generation);
+        }
         self.outputs.retain(|_, e| e.used == generation);
     }
 }

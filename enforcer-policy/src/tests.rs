@@ -1039,6 +1039,71 @@ proptest! {
         }
     }
 
+    /// Pod events between policy and namespace changes and audit toggles: a compile reuses the
+    /// policy prelude while policies and namespaces are the same objects, and keeps the
+    /// contributions of policies that select no local endpoint when only the identities
+    /// changed. After each step the carried compile is exactly a fresh compile's state and
+    /// agrees with the evaluator.
+    #[test]
+    fn policy_and_pod_changes_compiled_incrementally_equal_fresh_compiles(
+        a in tiered_cluster_strategy(),
+        b in cluster_strategy(),
+        flows in flows_strategy(),
+        steps in proptest::collection::vec((0..6u8, 0..8usize), 1..8),
+    ) {
+        let mut o = opts();
+        let mut alloc = Allocations::new();
+        let mut c = a.clone();
+        compile(&c, &o, &mut alloc);
+        for (n, (kind, i)) in steps.into_iter().enumerate() {
+            match kind {
+                // A pod of b's joins (often of new labels: a new identity).
+                0 => if let Some(p) = b.pods.get(i % b.pods.len().max(1)) {
+                    let mut p = (**p).clone();
+                    p.name = format!("{}-{n}", p.name).into();
+                    c.pods.push(Arc::new(p));
+                },
+                1 => if !c.pods.is_empty() {
+                    c.pods.remove(i % c.pods.len());
+                },
+                // A policy of b's added, or replacing one (a new object of the same name).
+                2 => if let Some(p) = b.policies.get(i % b.policies.len().max(1)) {
+                    let mut p = (**p).clone();
+                    match c.policies.get(i) {
+                        Some(old) => {
+                            p.metadata.namespace.clone_from(&old.metadata.namespace);
+                            p.metadata.name.clone_from(&old.metadata.name);
+                            c.policies[i] = Arc::new(p);
+                        }
+                        None => {
+                            p.metadata.name = Some(format!("added-{n}"));
+                            c.policies.push(Arc::new(p));
+                        }
+                    }
+                },
+                3 => if !c.policies.is_empty() {
+                    c.policies.remove(i % c.policies.len());
+                },
+                // The namespaces relabelled (new objects).
+                4 => c.namespaces = b.namespaces.clone(),
+                _ => o.audit = !o.audit,
+            }
+            let carried = compile(&c, &o, &mut alloc);
+            let fresh = compile(&c, &o, &mut Allocations::new());
+            prop_assert_eq!(canonical(&carried), canonical(&fresh));
+            prop_assert_eq!(&carried.errors, &fresh.errors);
+            // What each audited direction names, by pod (endpoint numbers may differ).
+            let audited = |c: &crate::compile::Compiled| {
+                c.state.audited.iter().map(|((id, dir), names)| {
+                    let pod = c.state.endpoints.iter().find(|(_, e)| e.info.id == *id).map(|(r, _)| r.clone());
+                    (pod, *dir, names.clone())
+                }).collect::<std::collections::BTreeSet<_>>()
+            };
+            prop_assert_eq!(audited(&carried), audited(&fresh));
+            check_compiled(&carried, &c, &o, &flow_peers(), &flows);
+        }
+    }
+
     /// The reserved labels pods and namespaces set themselves change nothing: the cluster with
     /// them compiles to the very state of the cluster without them, and the evaluator gives
     /// every flow the same verdict (a self-labelled pod neither gains a peer nor escapes a

@@ -1,5 +1,5 @@
 //! Times compiles of the scale benchmark's generated cluster, without an agent or root:
-//! `scale_compile [PODS] [POLICIES]` (defaults 10000 and 1000). The folder is written once
+//! `scale_compile [PODS] [POLICIES] [EVENTS]` (defaults 10000, 1000 and 5). The folder is written once
 //! under the temporary directory and reused; the cluster is loaded as the agent loads it.
 //! Each pod added is also taken through the rest of the agent's turn on in-memory maps: the
 //! observers' view, then the reconcile, each both whole and as the agent does it.
@@ -20,6 +20,7 @@ fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1).map(|a| a.parse::<usize>());
     let pods = args.next().transpose()?.unwrap_or(10_000);
     let policies = args.next().transpose()?.unwrap_or(1_000);
+    let events = args.next().transpose()?.unwrap_or(5);
     let generated = Cluster::generate(Spec {
         pods,
         policies,
@@ -59,7 +60,7 @@ fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     reconciler.apply_shared(&state, &[], &mut dp, &routes)?;
     println!("first reconcile {:?}", t.elapsed());
-    for n in 0..5 {
+    for n in 0..events {
         let pod: k8s_openapi::api::core::v1::Pod =
             serde_json::from_value(generated.extra_pod(n).object())?;
         cluster.pods.push(Arc::new(pod.into()));
