@@ -580,11 +580,115 @@ fn load_value(
     }
 }
 
+/// The key [`merge_all`] tells objects apart by, for each object of `part` in the order it merges
+/// them: (where in the part, kind, namespace or `""` for cluster-scoped kinds, name).
+fn merge_keys(part: &Loaded) -> impl Iterator<Item = (Slot, &'static str, &str, &str)> {
+    let c = &part.cluster;
+    let namespaces = c.namespaces.iter().enumerate().map(move |(i, o)| {
+        let kind = "Namespace";
+        let name = o.metadata.name.as_deref().unwrap_or_default();
+        (
+            (0, i),
+            kind,
+            ns_key(kind, o.metadata.namespace.as_deref()),
+            name,
+        )
+    });
+    let pods = c
+        .pods
+        .iter()
+        .enumerate()
+        .map(move |(i, o)| ((1, i), "Pod", ns_key("Pod", Some(&o.namespace)), &*o.name));
+    let policies = c.policies.iter().enumerate().map(move |(i, o)| {
+        let kind = "NetworkPolicy";
+        let name = o.metadata.name.as_deref().unwrap_or_default();
+        (
+            (2, i),
+            kind,
+            ns_key(kind, o.metadata.namespace.as_deref()),
+            name,
+        )
+    });
+    let services = c.services.iter().enumerate().map(move |(i, o)| {
+        let kind = "Service";
+        let name = o.metadata.name.as_deref().unwrap_or_default();
+        (
+            (3, i),
+            kind,
+            ns_key(kind, o.metadata.namespace.as_deref()),
+            name,
+        )
+    });
+    let cluster_policies = c
+        .cluster_policies
+        .iter()
+        .enumerate()
+        .map(move |(i, o)| ((4, i), o.kind.as_str(), "", o.name.as_str()));
+    let nodes = c
+        .nodes
+        .iter()
+        .enumerate()
+        .map(move |(i, o)| ((5, i), "Node", "", o.name.as_str()));
+    namespaces
+        .chain(pods)
+        .chain(policies)
+        .chain(services)
+        .chain(cluster_policies)
+        .chain(nodes)
+}
+
+/// An object's place in a [`Loaded`]: (which list, index), in the order [`merge_all`] takes
+/// the lists.
+type Slot = (u8, usize);
+
+fn ns_key<'a>(kind: &str, namespace: Option<&'a str>) -> &'a str {
+    if CLUSTER_SCOPED.contains(&kind) {
+        ""
+    } else {
+        namespace.filter(|n| !n.is_empty()).unwrap_or("default")
+    }
+}
+
+/// The error for an object a file defines after an earlier file did.
+fn duplicate(file: &Path, kind: &str, ns: &str, name: &str) -> FileError {
+    FileError {
+        file: file.to_path_buf(),
+        document: None,
+        object: Some(if ns.is_empty() {
+            format!("{kind} {name}")
+        } else {
+            format!("{kind} {ns}/{name}")
+        }),
+        message: "defined more than once; the first definition is used".into(),
+    }
+}
+
+/// Appends the objects of `part` not at `left_out` to `into`, as [`merge_all`] orders them.
+fn extend_kept(into: &mut Cluster, part: &Cluster, left_out: &BTreeSet<Slot>) {
+    fn kept<'a, T>(
+        list: &'a [Arc<T>],
+        slot: u8,
+        left_out: &'a BTreeSet<Slot>,
+    ) -> impl Iterator<Item = Arc<T>> + 'a {
+        list.iter()
+            .enumerate()
+            .filter(move |(i, _)| left_out.is_empty() || !left_out.contains(&(slot, *i)))
+            .map(|(_, o)| Arc::clone(o))
+    }
+    into.namespaces.extend(kept(&part.namespaces, 0, left_out));
+    into.pods.extend(kept(&part.pods, 1, left_out));
+    into.policies.extend(kept(&part.policies, 2, left_out));
+    into.services.extend(kept(&part.services, 3, left_out));
+    into.cluster_policies
+        .extend(kept(&part.cluster_policies, 4, left_out));
+    into.nodes.extend(kept(&part.nodes, 5, left_out));
+}
+
 /// Merges files loaded on their own, in order, as if they had been loaded into one [`Loaded`]:
 /// an object already defined by an earlier file is reported and left out. Call [`finish`] after.
 ///
-/// Runs for every object on every change of any file, so names are compared borrowed, and the
-/// objects themselves are shared, not copied.
+/// Names are compared borrowed, and the objects themselves are shared, not copied. The agent
+/// keeps a [`Merge`] instead, which gives the same result for the work of the files changed.
 pub fn merge_all<'a>(parts: impl IntoIterator<Item = (&'a Path, &'a Loaded)>) -> Loaded {
     let mut into = Loaded::default();
     let mut seen: std::collections::HashSet<(&str, &str, &str)> = std::collections::HashSet::new();
@@ -593,79 +697,131 @@ pub fn merge_all<'a>(parts: impl IntoIterator<Item = (&'a Path, &'a Loaded)>) ->
         into.ignored.extend(part.ignored.iter().cloned());
         into.cluster_policy_warnings
             .extend(part.cluster_policy_warnings.iter().cloned());
-        let mut first = |errors: &mut Vec<FileError>,
-                         kind: &'static str,
-                         namespace: Option<&'a str>,
-                         name: Option<&'a str>| {
-            let ns = if CLUSTER_SCOPED.contains(&kind) {
-                ""
-            } else {
-                namespace.filter(|n| !n.is_empty()).unwrap_or("default")
-            };
-            let name = name.unwrap_or_default();
-            if seen.insert((kind, ns, name)) {
-                return true;
-            }
-            errors.push(FileError {
-                file: file.to_path_buf(),
-                document: None,
-                object: Some(if ns.is_empty() {
-                    format!("{kind} {name}")
-                } else {
-                    format!("{kind} {ns}/{name}")
-                }),
-                message: "defined more than once; the first definition is used".into(),
-            });
-            false
-        };
-        let c = &mut into.cluster;
-        for o in &part.cluster.namespaces {
-            if first(
-                &mut into.errors,
-                "Namespace",
-                o.metadata.namespace.as_deref(),
-                o.metadata.name.as_deref(),
-            ) {
-                c.namespaces.push(Arc::clone(o));
+        let mut left_out = BTreeSet::new();
+        for (slot, kind, ns, name) in merge_keys(part) {
+            if !seen.insert((kind, ns, name)) {
+                into.errors.push(duplicate(file, kind, ns, name));
+                left_out.insert(slot);
             }
         }
-        for o in &part.cluster.pods {
-            if first(&mut into.errors, "Pod", Some(&o.namespace), Some(&o.name)) {
-                c.pods.push(Arc::clone(o));
-            }
-        }
-        for o in &part.cluster.policies {
-            if first(
-                &mut into.errors,
-                "NetworkPolicy",
-                o.metadata.namespace.as_deref(),
-                o.metadata.name.as_deref(),
-            ) {
-                c.policies.push(Arc::clone(o));
-            }
-        }
-        for o in &part.cluster.services {
-            if first(
-                &mut into.errors,
-                "Service",
-                o.metadata.namespace.as_deref(),
-                o.metadata.name.as_deref(),
-            ) {
-                c.services.push(Arc::clone(o));
-            }
-        }
-        for o in &part.cluster.cluster_policies {
-            if first(&mut into.errors, o.kind.as_str(), None, Some(&o.name)) {
-                c.cluster_policies.push(Arc::clone(o));
-            }
-        }
-        for o in &part.cluster.nodes {
-            if first(&mut into.errors, "Node", None, Some(&o.name)) {
-                c.nodes.push(Arc::clone(o));
-            }
-        }
+        extend_kept(&mut into.cluster, &part.cluster, &left_out);
     }
     into
+}
+
+/// [`merge_all`] kept up to date file by file: which file defines each object first, and which
+/// later files define it again. A changed file costs the work of its own objects (and of the
+/// objects whose first definition it adds or takes away), not of the whole folder's: at 100k
+/// pods, hashing every name on every change was most of an event's time.
+#[derive(Debug, Default)]
+pub struct Merge {
+    /// `kind/namespace/name` → the file defining it first, and where in that file.
+    first: std::collections::HashMap<Box<str>, (Arc<Path>, Slot)>,
+    /// The same key → the later files defining it too (only keys defined more than once).
+    again: std::collections::HashMap<Box<str>, BTreeMap<Arc<Path>, Slot>>,
+    /// Per file, its objects left out because an earlier file defines them.
+    left_out: BTreeMap<Arc<Path>, BTreeSet<Slot>>,
+}
+
+fn merge_key(kind: &str, ns: &str, name: &str) -> Box<str> {
+    // Lengths first, so no two different triples give one key whatever their characters.
+    format!("{}:{}:{kind}{ns}{name}", kind.len(), ns.len()).into_boxed_str()
+}
+
+impl Merge {
+    /// `file`'s loaded objects go from `old` (`None`: not in the merge) to `new`.
+    pub fn replace(&mut self, file: &Path, old: Option<&Loaded>, new: Option<&Loaded>) {
+        if let Some(old) = old {
+            self.remove(file, old);
+        }
+        if let Some(new) = new {
+            self.add(file, new);
+        }
+    }
+
+    fn remove(&mut self, file: &Path, part: &Loaded) {
+        for (_, kind, ns, name) in merge_keys(part) {
+            let key = merge_key(kind, ns, name);
+            let is_first = self.first.get(&key).is_some_and(|(f, _)| **f == *file);
+            if is_first {
+                // The next file defining it, if any, becomes its first definition.
+                let next = self.again.get_mut(&key).and_then(|later| later.pop_first());
+                match next {
+                    Some((f, slot)) => {
+                        if let Some(l) = self.left_out.get_mut(&f) {
+                            l.remove(&slot);
+                        }
+                        if self.again.get(&key).is_some_and(BTreeMap::is_empty) {
+                            self.again.remove(&key);
+                        }
+                        self.first.insert(key, (f, slot));
+                    }
+                    None => {
+                        self.first.remove(&key);
+                    }
+                }
+            } else if let Some(later) = self.again.get_mut(&key) {
+                later.remove(file);
+                if later.is_empty() {
+                    self.again.remove(&key);
+                }
+            }
+        }
+        self.left_out.remove(file);
+    }
+
+    fn add(&mut self, file: &Path, part: &Loaded) {
+        let file: Arc<Path> = Arc::from(file);
+        let mut own_left_out = BTreeSet::new();
+        for (slot, kind, ns, name) in merge_keys(part) {
+            let key = merge_key(kind, ns, name);
+            match self.first.get_mut(&key) {
+                None => {
+                    self.first.insert(key, (Arc::clone(&file), slot));
+                }
+                Some(first) if file < first.0 => {
+                    // Defined earlier now: the file that had it first is left out for it.
+                    let (was, was_slot) = std::mem::replace(first, (Arc::clone(&file), slot));
+                    self.left_out
+                        .entry(Arc::clone(&was))
+                        .or_default()
+                        .insert(was_slot);
+                    self.again.entry(key).or_default().insert(was, was_slot);
+                }
+                Some(_) => {
+                    own_left_out.insert(slot);
+                    self.again
+                        .entry(key)
+                        .or_default()
+                        .insert(Arc::clone(&file), slot);
+                }
+            }
+        }
+        self.left_out.entry(file).or_default().extend(own_left_out);
+    }
+
+    /// What [`merge_all`] gives for `parts`, which must be the files given to
+    /// [`Merge::replace`], in order. Shares the objects; call [`finish`] after.
+    pub fn merged<'a>(&self, parts: impl IntoIterator<Item = (&'a Path, &'a Loaded)>) -> Loaded {
+        let mut into = Loaded::default();
+        let none = BTreeSet::new();
+        for (file, part) in parts {
+            into.errors.extend(part.errors.iter().cloned());
+            into.ignored.extend(part.ignored.iter().cloned());
+            into.cluster_policy_warnings
+                .extend(part.cluster_policy_warnings.iter().cloned());
+            let left_out = self.left_out.get(file).unwrap_or(&none);
+            if !left_out.is_empty() {
+                for (slot, kind, ns, name) in merge_keys(part) {
+                    if left_out.contains(&slot) {
+                        into.errors.push(duplicate(file, kind, ns, name));
+                    }
+                }
+            }
+            extend_kept(&mut into.cluster, &part.cluster, left_out);
+        }
+        into
+    }
 }
 
 /// The cluster-wide policies of `loaded` enforced otherwise than written, one line each naming
@@ -713,26 +869,38 @@ pub fn finish(loaded: &mut Loaded) {
             Arc::make_mut(s).metadata.namespace = Some("default".into());
         }
     }
-    let declared: BTreeSet<String> = c
+    // Borrowed, and a run of pods of one namespace counted once: this runs on every change.
+    let declared: BTreeSet<&str> = c
         .namespaces
         .iter()
-        .filter_map(|n| n.metadata.name.clone())
+        .filter_map(|n| n.metadata.name.as_deref())
         .collect();
-    let used: BTreeSet<String> = c
+    let mut used: BTreeSet<&str> = BTreeSet::new();
+    let mut last: Option<&str> = None;
+    for ns in c
         .pods
         .iter()
-        .map(|p| p.namespace.to_string())
+        .map(|p| &*p.namespace)
         .chain(
             c.policies
                 .iter()
-                .filter_map(|p| p.metadata.namespace.clone()),
+                .filter_map(|p| p.metadata.namespace.as_deref()),
         )
-        .chain(loaded.workloads.iter().map(|w| w.namespace.clone()))
+        .chain(loaded.workloads.iter().map(|w| w.namespace.as_str()))
+    {
+        if last != Some(ns) {
+            used.insert(ns);
+            last = Some(ns);
+        }
+    }
+    let missing: Vec<String> = used
+        .difference(&declared)
+        .map(|ns| (*ns).to_string())
         .collect();
-    for ns in used.difference(&declared) {
+    for ns in missing {
         let mut n = Namespace {
             metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-                name: Some(ns.clone()),
+                name: Some(ns),
                 ..Default::default()
             },
             ..Default::default()
@@ -1167,5 +1335,106 @@ spec:
                 "v.yaml document 0 ClusterNetworkPolicy old: apiVersion: policy.networking.k8s.io/v1alpha1 is not read; ClusterNetworkPolicy is read as policy.networking.k8s.io/v1alpha2"
             ]
         );
+    }
+
+    /// The pool the merge property draws files from: objects of every kind the merge keys,
+    /// with names that collide across files (and a pod and a policy of one name).
+    fn pool_object(i: usize, variant: u8) -> String {
+        let meta = |ns: &str, name: &str| {
+            format!("metadata: {{name: {name}, namespace: {ns}, labels: {{v: \"{variant}\"}}}}")
+        };
+        match i {
+            0 => format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: x, labels: {{v: \"{variant}\"}}}}\n"
+            ),
+            1 => format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: y, labels: {{v: \"{variant}\"}}}}\n"
+            ),
+            2 | 3 | 4 => {
+                let (ns, name) = [("x", "a"), ("x", "b"), ("y", "a")][i - 2];
+                format!(
+                    "apiVersion: v1\nkind: Pod\n{}\nspec: {{containers: []}}\nstatus: {{podIP: 10.0.0.{i}}}\n",
+                    meta(ns, name)
+                )
+            }
+            5 | 6 => {
+                let ns = ["x", "y"][i - 5];
+                format!(
+                    "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n{}\nspec: {{podSelector: {{}}}}\n",
+                    meta(ns, "a")
+                )
+            }
+            _ => format!(
+                "apiVersion: v1\nkind: Node\nmetadata: {{name: n1, labels: {{v: \"{variant}\"}}}}\n"
+            ),
+        }
+    }
+
+    fn same_merge(a: &Loaded, b: &Loaded) -> Result<(), String> {
+        fn same<T>(what: &str, a: &[Arc<T>], b: &[Arc<T>]) -> Result<(), String> {
+            if a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y)) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{what}: {} against {} objects, or others",
+                    a.len(),
+                    b.len()
+                ))
+            }
+        }
+        let (x, y) = (&a.cluster, &b.cluster);
+        same("namespaces", &x.namespaces, &y.namespaces)?;
+        same("pods", &x.pods, &y.pods)?;
+        same("policies", &x.policies, &y.policies)?;
+        same("services", &x.services, &y.services)?;
+        same("cluster policies", &x.cluster_policies, &y.cluster_policies)?;
+        same("nodes", &x.nodes, &y.nodes)?;
+        if a.errors != b.errors {
+            return Err(format!("errors: {:?} against {:?}", a.errors, b.errors));
+        }
+        if a.ignored != b.ignored {
+            return Err(format!("ignored: {:?} against {:?}", a.ignored, b.ignored));
+        }
+        Ok(())
+    }
+
+    proptest::proptest! {
+        /// The merge the agent keeps file by file gives what merging every file again gives
+        /// (objects, their order, the duplicates named and in which order), over any sequence
+        /// of files written, rewritten and removed.
+        #[test]
+        fn the_kept_merge_equals_merging_every_file(
+            steps in proptest::collection::vec(
+                (0usize..5, proptest::option::weighted(0.8, (1u8..=255, 0u8..3))),
+                1..40,
+            )
+        ) {
+            let dir = Path::new("/m");
+            let mut files: BTreeMap<PathBuf, Loaded> = BTreeMap::new();
+            let mut merge = Merge::default();
+            for (f, write) in steps {
+                let file = dir.join(format!("f{f}.yaml"));
+                let new = write.map(|(mask, variant)| {
+                    let text: Vec<String> = (0..8)
+                        .filter(|i| mask & (1 << i) != 0)
+                        .map(|i| pool_object(i, variant))
+                        .collect();
+                    let mut part = Loaded::default();
+                    load_text(&file, &text.join("---\n"), &mut part);
+                    assert!(part.errors.is_empty(), "{:?}", part.errors);
+                    part.forget_seen();
+                    part
+                });
+                let old = files.remove(&file);
+                merge.replace(&file, old.as_ref(), new.as_ref());
+                if let Some(new) = new {
+                    files.insert(file, new);
+                }
+                let parts = || files.iter().map(|(f, l)| (f.as_path(), l));
+                let kept = merge.merged(parts());
+                let all = merge_all(parts());
+                proptest::prop_assert!(same_merge(&kept, &all).is_ok(), "{:?}", same_merge(&kept, &all));
+            }
+        }
     }
 }
